@@ -1,0 +1,44 @@
+# The README's two commands: `make demo` (the main job) and `make test`.
+# Both bootstrap a local virtualenv (.venv) and install what they need. On a machine without an
+# NVIDIA GPU, torch is pinned to the local CPU build (TORCH_CPU_SPEC) so pip never pulls the CUDA
+# wheels; with a GPU, an already installed torch is used (the venv sees system site-packages).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_CPU_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.6.0
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: venv demo test test-gpu bench info clean
+
+$(VENV)/.ready: setup.py pyproject.toml
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	@if ! $(PY) -c "import torch" >/dev/null 2>&1; then \
+	  if [ "$(HAS_GPU)" = "1" ]; then $(PIP) torch; else $(PIP) "$(TORCH_CPU_SPEC)"; fi; \
+	fi
+	@if [ "$$(uname -s)" = "Linux" ] && ! $(PY) -c "import triton" >/dev/null 2>&1; then \
+	  $(PIP) "$(TRITON_SPEC)"; fi
+	$(PIP) pytest hypothesis numpy
+	$(PIP) --no-build-isolation --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.ready
+
+demo: $(VENV)/.ready
+	$(PY) -m pyencoder demo
+
+test: $(VENV)/.ready
+	$(PY) -m pytest -q tests
+
+test-gpu: $(VENV)/.ready
+	$(PY) -m pytest -q -m gpu tests
+
+bench: $(VENV)/.ready
+	$(PY) -m benchmarks
+
+info: $(VENV)/.ready
+	$(PY) -m pyencoder info
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,177 @@
+"""Backend registry and selection (DESIGN.md, "Backends").
+
+Order of precedence: the per-call ``backend=`` argument, then the innermost
+``pyencoder.use_backend(...)`` context, then the ``PYENCODER_BACKEND`` environment variable, then
+auto. Auto picks the fastest available backend that supports the case and never a different
+function: every backend computes the same op. A forced backend that cannot run the case raises
+``RuntimeError`` saying why.
+
+Each op family has, per backend, an implementation module (imported lazily, so ``import
+pyencoder`` stays light) that exposes ``supports_<entry>(**args) -> str | None`` (None: supported;
+otherwise the reason) next to the entry points themselves.
+"""
+import contextlib
+import contextvars
+import importlib
+import os
+
+BACKENDS = ("reference", "triton", "cuda")
+
+# (family, backend) -> implementation module
+_IMPL_MODULES = {
+    ("attention", "reference"): "pyencoder.reference.attention",
+    ("attention", "triton"): "pyencoder.ops._attention_triton",
+    ("conv", "reference"): "pyencoder.reference.conv",
+    ("conv", "cuda"): "pyencoder.ops._conv_cuda",
+    ("conv", "triton"): "pyencoder.ops._conv_triton",
+}
+
+# Auto preference, fastest first, for CUDA tensors. CPU tensors always use the reference in auto
+# mode: the Triton interpreter is a correctness tool, not a production path.
+_AUTO_ORDER = {
+    "attention": ("triton", "cuda", "reference"),
+    "conv": ("cuda", "triton", "reference"),
+}
+FAMILIES = tuple(_AUTO_ORDER)
+
+_ctx = contextvars.ContextVar("pyencoder_backend", default=None)
+
+
+def _check_name(name, what):
+    if name is None or name == "auto":
+        return name
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"{what} must be one of {BACKENDS + ('auto',)} or None; got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name=None, **per_family):
+    """Force a backend inside a ``with`` block: ``use_backend("triton")`` for every op family, or
+    ``use_backend(attention="triton", conv="cuda")`` per family. ``"auto"`` restores auto."""
+    for fam, val in per_family.items():
+        if fam not in FAMILIES:
+            raise ValueError(f"use_backend: unknown op family {fam!r}; expected one of {FAMILIES}")
+        _check_name(val, f"use_backend({fam}=...)")
+    _check_name(name, "use_backend(name)")
+    outer = _ctx.get() or {}
+    new = dict(outer)
+    if name is not None:
+        for fam in FAMILIES:
+            new[fam] = name
+    new.update(per_family)
+    token = _ctx.set(new)
+    try:
+        yield
+    finally:
+        _ctx.reset(token)
+
+
+def _interpret():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _global_reason(backend):
+    """None if the backend can run at all on this machine, else why not."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:
+            return f"triton is not installed ({e}); pip install triton (Linux only)"
+        import torch
+        if not torch.cuda.is_available() and not _interpret():
+            return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
+        return None
+    if backend == "cuda":
+        from . import _ext
+        if _ext.load() is None:
+            return _ext.reason()
+        import torch
+        if not torch.cuda.is_available():
+            return "pyencoder._C is built but no CUDA device is available"
+        return None
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def backend_info():
+    """{backend: (available, reason_or_None)} for this machine."""
+    out = {}
+    for b in BACKENDS:
+        r = _global_reason(b)
+        out[b] = (r is None, r)
+    return out
+
+
+def available_backends():
+    return tuple(b for b, (ok, _) in backend_info().items() if ok)
+
+
+_module_cache = {}
+
+
+def impl_module(family, backend):
+    key = (family, backend)
+    if key not in _module_cache:
+        path = _IMPL_MODULES.get(key)
+        if path is None:
+            _module_cache[key] = (None, f"there is no {backend} implementation of the {family} ops")
+        else:
+            try:
+                _module_cache[key] = (importlib.import_module(path), None)
+            except ImportError as e:
+                _module_cache[key] = (None, f"the {backend} {family} backend failed to import: {e}")
+    return _module_cache[key]
+
+
+def requested_backend(family, backend=None):
+    if backend is not None:
+        return _check_name(backend, "backend")
+    ctx = _ctx.get()
+    if ctx and ctx.get(family) is not None:
+        return ctx[family]
+    env = os.environ.get("PYENCODER_BACKEND")
+    if env:
+        return _check_name(env.strip().lower(), "PYENCODER_BACKEND")
+    return None
+
+
+def _reason_for(family, backend, entry, device_type, args):
+    r = _global_reason(backend)
+    if r is not None:
+        return r
+    if backend == "triton" and device_type != "cuda" and not (device_type == "cpu" and _interpret()):
+        return f"triton runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); got {device_type}"
+    if backend == "cuda" and device_type != "cuda":
+        return f"the cuda backend needs CUDA tensors; got {device_type} tensors"
+    mod, r = impl_module(family, backend)
+    if mod is None:
+        return r
+    fn = getattr(mod, f"supports_{entry}", None)
+    if fn is None:
+        return f"the {backend} {family} backend has no {entry} entry point"
+    return fn(**args)
+
+
+def select(family, entry, device_type, args, backend=None):
+    """Resolve the backend name for one call. ``args`` are the keyword arguments the entry point
+    will receive; they are passed to the backend's ``supports_<entry>``."""
+    req = requested_backend(family, backend)
+    if req is not None and req != "auto":
+        r = _reason_for(family, req, entry, device_type, args)
+        if r is not None:
+            raise RuntimeError(f"pyencoder: backend {req!r} cannot run {family}.{entry} here: {r}")
+        return req
+    if device_type == "cuda":
+        for b in _AUTO_ORDER[family]:
+            if _reason_for(family, b, entry, device_type, args) is None:
+                return b
+    return "reference"
+
+
+def get_entry(family, backend, entry):
+    mod, r = impl_module(family, backend)
+    if mod is None:
+        raise RuntimeError(f"pyencoder: {r}")
+    return getattr(mod, entry)

@@ -1,0 +1,178 @@
+"""Interval attention: banded (left, right) and chunked (chunk_size, left_chunks, lookahead) masks,
+with RoPE applied inside the kernels (DESIGN.md, "One attention: interval attention").
+
+One registered op, ``pyencoder::interval_attention`` (forward, returns out and log-sum-exp) with its
+backward ``pyencoder::interval_attention_backward``, serves both public functions. The mask is
+described by three ints (block, lo_off, hi_off):
+
+    base(p) = (p // block) * block;  lo(p) = base(p) - lo_off (lo_off < 0: -inf);  hi(p) = base(p) + hi_off
+
+band(left, right) = (1, left, right); chunked(c, lc, la) = (c, lc*c, c - 1 + la).
+"""
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ..rope import Rope
+from ._checks import (check_float_dtype, check_int, check_lengths, check_same, check_scale,
+                      check_tensor)
+
+__all__ = ["banded_attention", "chunked_attention", "interval_attention", "band_params",
+           "chunked_params"]
+
+
+@torch.library.custom_op("pyencoder::interval_attention", mutates_args=())
+def _interval_attention_op(q: Tensor, k: Tensor, v: Tensor, inv_freq: Optional[Tensor],
+                           key_lengths: Optional[Tensor], block: int, lo_off: int, hi_off: int,
+                           q_offset: int, k_offset: int, scale: float, interleaved: bool,
+                           backend: str) -> Tuple[Tensor, Tensor]:
+    fwd = _backend.get_entry("attention", backend, "forward")
+    out, lse = fwd(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
+                   scale, interleaved)
+    return out, lse
+
+
+@_interval_attention_op.register_fake
+def _(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
+      interleaved, backend):
+    B, Hq, Nq, _ = q.shape
+    lse_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(B, Hq, Nq, v.shape[-1]), q.new_empty(B, Hq, Nq, dtype=lse_dt)
+
+
+@torch.library.custom_op("pyencoder::interval_attention_backward", mutates_args=())
+def _interval_attention_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                               lse: Tensor, inv_freq: Optional[Tensor],
+                               key_lengths: Optional[Tensor], block: int, lo_off: int,
+                               hi_off: int, q_offset: int, k_offset: int, scale: float,
+                               interleaved: bool, backend: str,
+                               deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    bwd = _backend.get_entry("attention", backend, "backward")
+    return bwd(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
+               k_offset, scale, interleaved, deterministic)
+
+
+@_interval_attention_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
+      scale, interleaved, backend, deterministic):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
+     interleaved, backend) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, inv_freq, key_lengths)
+    ctx.params = (block, lo_off, hi_off, q_offset, k_offset, scale, interleaved, backend)
+
+
+def deterministic_backward():
+    """Deterministic backward when torch asks for deterministic algorithms or
+    PYENCODER_DETERMINISTIC=1."""
+    return (torch.are_deterministic_algorithms_enabled()
+            or os.environ.get("PYENCODER_DETERMINISTIC", "0") == "1")
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, inv_freq, key_lengths = ctx.saved_tensors
+    block, lo_off, hi_off, q_offset, k_offset, scale, interleaved, backend = ctx.params
+    dq, dk, dv = _interval_attention_bwd_op(dout.contiguous(), q, k, v, out, lse, inv_freq,
+                                            key_lengths, block, lo_off, hi_off, q_offset,
+                                            k_offset, scale, interleaved, backend,
+                                            deterministic_backward())
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+
+
+_interval_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def band_params(left, right):
+    check_int("left", left, min_value=0, allow_none=True)
+    check_int("right", right, min_value=0)
+    return 1, (-1 if left is None else left), right
+
+
+def chunked_params(chunk_size, left_chunks, lookahead):
+    check_int("chunk_size", chunk_size, min_value=1)
+    check_int("left_chunks", left_chunks, min_value=0, allow_none=True)
+    check_int("lookahead", lookahead, min_value=0)
+    lo = -1 if left_chunks is None else left_chunks * chunk_size
+    return chunk_size, lo, chunk_size - 1 + lookahead
+
+
+def _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale):
+    check_tensor("q", q, 4)
+    check_tensor("k", k, 4)
+    check_tensor("v", v, 4)
+    check_float_dtype("q", q)
+    check_same("k", k, "q", q)
+    check_same("v", v, "q", q)
+    B, Hq, Nq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"q, k and v must share the batch size; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must share heads and length (B, Hk, Nk, D); got k "
+                         f"{tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[3] != D or v.shape[3] != D:
+        raise ValueError(f"q, k and v must share head_dim; got q {D}, k {k.shape[3]}, "
+                         f"v {v.shape[3]}")
+    Hk = k.shape[1]
+    if Hk == 0 or Hq % Hk:
+        raise ValueError(f"q heads must be a multiple of k/v heads (GQA); got Hq={Hq}, Hk={Hk}")
+    if D == 0:
+        raise ValueError("head_dim must be >= 1; got 0")
+    if rope is not None:
+        if not isinstance(rope, Rope):
+            raise TypeError(f"rope must be a pyencoder.Rope or None; got {type(rope).__name__}")
+        if rope.dim > D:
+            raise ValueError(f"rope.dim must be <= head_dim ({D}); got {rope.dim}")
+    check_lengths("key_lengths", key_lengths, B, k.shape[2], q.device)
+    check_int("q_offset", q_offset, min_value=0)
+    check_int("k_offset", k_offset, min_value=0)
+    check_scale(scale)
+
+
+def interval_attention(q, k, v, *, block, lo_off, hi_off, rope=None, key_lengths=None,
+                       q_offset=0, k_offset=0, scale=None, backend=None, return_lse=False):
+    """The general op: see the module docstring for (block, lo_off, hi_off)."""
+    _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    inv_freq = None if rope is None else rope.inv_freq(q.device)
+    interleaved = False if rope is None else rope.interleaved
+    args = dict(q=q, k=k, v=v, inv_freq=inv_freq, key_lengths=key_lengths, block=block,
+                lo_off=lo_off, hi_off=hi_off, q_offset=q_offset, k_offset=k_offset, scale=scale,
+                interleaved=interleaved)
+    name = _backend.select("attention", "forward", q.device.type, args, backend)
+    if key_lengths is not None and key_lengths.dtype != torch.int32:
+        key_lengths = key_lengths.to(torch.int32)
+    out, lse = _interval_attention_op(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off,
+                                      q_offset, k_offset, scale, interleaved, name)
+    return (out, lse) if return_lse else out
+
+
+def banded_attention(q, k, v, *, left, right, rope=None, key_lengths=None, q_offset=0,
+                     k_offset=0, scale=None, backend=None):
+    """Attention where query at position p sees keys at positions [p - left, p + right].
+
+    q (B, Hq, Nq, D), k and v (B, Hk, Nk, D); left=None means unbounded history. ``rope``: a
+    pyencoder.Rope applied to q and k at absolute positions q_offset + i and k_offset + j.
+    ``key_lengths`` (B,) int: keys j >= key_lengths[b] are padding. A query that sees no key
+    outputs zeros. Returns (B, Hq, Nq, D) in q's dtype."""
+    block, lo, hi = band_params(left, right)
+    return interval_attention(q, k, v, block=block, lo_off=lo, hi_off=hi, rope=rope,
+                              key_lengths=key_lengths, q_offset=q_offset, k_offset=k_offset,
+                              scale=scale, backend=backend)
+
+
+def chunked_attention(q, k, v, *, chunk_size, left_chunks, lookahead=0, rope=None,
+                      key_lengths=None, q_offset=0, k_offset=0, scale=None, backend=None):
+    """Chunked attention: a query in chunk c = p // chunk_size sees keys from the start of chunk
+    c - left_chunks (None: from the beginning) to the end of chunk c plus ``lookahead`` frames."""
+    block, lo, hi = chunked_params(chunk_size, left_chunks, lookahead)
+    return interval_attention(q, k, v, block=block, lo_off=lo, hi_off=hi, rope=rope,
+                              key_lengths=key_lengths, q_offset=q_offset, k_offset=k_offset,
+                              scale=scale, backend=backend)

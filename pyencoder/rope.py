@@ -1,0 +1,87 @@
+"""Rotary position embedding description, applied inside the attention kernels.
+
+``Rope(dim, base, interleaved)`` rotates the first ``dim`` features of each head (partial rotary
+when dim < head_dim). Frequencies are ``inv_freq[i] = base ** (-2i / dim)`` in float32; the angle of
+absolute position p is ``p * inv_freq[i]`` in float32, and cos/sin are taken in float32.
+
+Layouts: half-split / NeoX (default) pairs feature i with i + dim/2; interleaved / GPT-J pairs 2i
+with 2i + 1.
+"""
+import math
+
+import torch
+
+
+class Rope:
+    def __init__(self, dim, base=10000.0, interleaved=False):
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2 or dim % 2:
+            raise ValueError(f"Rope: dim must be a positive even int; got {dim!r}")
+        base = float(base)
+        if not math.isfinite(base) or base <= 1.0:
+            raise ValueError(f"Rope: base must be a finite float > 1; got {base!r}")
+        self.dim = dim
+        self.base = base
+        self.interleaved = bool(interleaved)
+        self._inv_freq = (1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))).float()
+        self._cache = {}
+
+    def inv_freq(self, device=None):
+        """float32 tensor (dim // 2,) on ``device``, cached per device."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        key = str(device)
+        t = self._cache.get(key)
+        if t is None:
+            t = self._inv_freq.to(device)
+            self._cache[key] = t
+        return t
+
+    def __repr__(self):
+        return f"Rope(dim={self.dim}, base={self.base}, interleaved={self.interleaved})"
+
+    def __eq__(self, other):
+        return (isinstance(other, Rope) and other.dim == self.dim and other.base == self.base
+                and other.interleaved == self.interleaved)
+
+    def __hash__(self):
+        return hash((self.dim, self.base, self.interleaved))
+
+    def rotate(self, x, positions, inverse=False):
+        """Plain-torch rotation of x (..., N, D) at integer ``positions`` (N,) or (B, N)."""
+        return apply_rope(x, positions, self.inv_freq(x.device), self.interleaved, inverse)
+
+
+def rope_cos_sin(positions, inv_freq):
+    """cos, sin in float32 of shape positions.shape + (R/2,)."""
+    ang = positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(torch.float32)
+    return torch.cos(ang), torch.sin(ang)
+
+
+def apply_rope(x, positions, inv_freq, interleaved=False, inverse=False):
+    """Rotate the first 2*len(inv_freq) features of x (B, H, N, D) at absolute ``positions``.
+
+    positions: (N,) shared by the batch, or (B, N). Computed in float32 (float64 stays float64),
+    returned in x's dtype. ``inverse=True`` applies the transpose rotation (used for gradients).
+    """
+    half = inv_freq.numel()
+    r = 2 * half
+    if half == 0:
+        return x
+    cos, sin = rope_cos_sin(positions, inv_freq)
+    if positions.dim() == 2:  # (B, N, R/2) -> (B, 1, N, R/2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    if inverse:
+        sin = -sin
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cos, sin = cos.to(cdt), sin.to(cdt)
+    xr = x[..., :r].to(cdt)
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        o1 = x1 * cos - x2 * sin
+        o2 = x2 * cos + x1 * sin
+        rot = torch.stack((o1, o2), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr[..., :half], xr[..., half:]
+        rot = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    if r == x.shape[-1]:
+        return rot.to(x.dtype)
+    return torch.cat((rot.to(x.dtype), x[..., r:]), dim=-1)

@@ -1,0 +1,115 @@
+"""Build script for pyencoder.
+
+Pure-Python install always works. The CUDA extension ``pyencoder._C`` is built only when a CUDA
+toolkit and a CUDA build of torch are present:
+
+    PYENCODER_BUILD_CUDA=auto|0|1   (default auto: build when possible; 1: fail if impossible)
+    MAX_JOBS, TORCH_CUDA_ARCH_LIST  honoured by torch.utils.cpp_extension
+    pip install --no-build-isolation .   (so the build sees the installed torch)
+
+Build metadata (torch and CUDA versions the extension was compiled against) is written to
+``pyencoder/_build_info.py`` and checked when the extension is loaded.
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VERSION = "0.1.0"
+
+
+def _want_cuda():
+    mode = os.environ.get("PYENCODER_BUILD_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"PYENCODER_BUILD_CUDA must be auto, 0 or 1; got {mode!r}")
+    if mode == "0":
+        return False, "PYENCODER_BUILD_CUDA=0"
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME
+    except Exception as e:  # torch absent (e.g. isolated build): pure-Python install
+        reason = f"torch not importable in the build environment ({e.__class__.__name__})"
+        if mode == "1":
+            raise SystemExit("PYENCODER_BUILD_CUDA=1 but " + reason + "; use --no-build-isolation")
+        return False, reason
+    if torch.version.cuda is None:
+        reason = f"torch {torch.__version__} is a CPU build"
+    elif CUDA_HOME is None:
+        reason = "no CUDA toolkit found (set CUDA_HOME)"
+    else:
+        return True, ""
+    if mode == "1":
+        raise SystemExit("PYENCODER_BUILD_CUDA=1 but " + reason)
+    return False, reason
+
+
+def _write_build_info(built, reason):
+    info = {"version": VERSION, "cuda_built": built, "reason": reason,
+            "torch": None, "cuda": None}
+    if built:
+        import torch
+        info["torch"] = torch.__version__
+        info["cuda"] = torch.version.cuda
+    with open(os.path.join(HERE, "pyencoder", "_build_info.py"), "w") as f:
+        f.write("# Written by setup.py: what pyencoder._C was built against.\n")
+        f.write(f"BUILD_INFO = {info!r}\n")
+
+
+def _extensions():
+    built, reason = _want_cuda()
+    _write_build_info(built, reason)
+    if not built:
+        print(f"pyencoder: building without the CUDA extension ({reason})", file=sys.stderr)
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    sources += sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    ext = CUDAExtension(
+        name="pyencoder._C",
+        sources=sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                     "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
+                     "-U__CUDA_NO_HALF2_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"],
+        },
+        py_limited_api=False,
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="pyencoder",
+    version=VERSION,
+    description="Fused Triton and CUDA kernels for streaming audio encoders and decoders",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(
+        os.path.join(HERE, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=[
+        "pyencoder", "pyencoder.ops", "pyencoder.reference", "pyencoder.nn",
+        "pyencoder.streaming", "pyencoder.models", "pyencoder.hf",
+        "pyencoder.triton_kernels",
+    ],
+    # Triton kernels live in the top-level folder triton_kernels/ but install as the subpackage
+    # pyencoder.triton_kernels: the top-level import name `triton_kernels` belongs to others.
+    package_dir={"pyencoder.triton_kernels": "triton_kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        'triton>=3.0; platform_system == "Linux"',
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis"],
+        "hf": ["transformers>=5.0"],
+        "bench": ["matplotlib", "tqdm"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)

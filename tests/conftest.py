@@ -1,0 +1,41 @@
+"""Test configuration. On a machine without CUDA the Triton kernels run in the interpreter
+(TRITON_INTERPRET must be set before any kernel module is imported)."""
+import os
+
+import pytest
+
+try:
+    import torch
+    _HAS_CUDA = torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if _HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    # Fresh random inputs every run, but reproducible from the printed seed when a test fails.
+    import random
+    seed = int(os.environ.get("PYENCODER_TEST_SEED", random.randrange(2**31)))
+    torch.manual_seed(seed)
+    random.seed(seed)
+    yield seed
+
+
+def has_triton():
+    try:
+        import triton  # noqa: F401
+        return True
+    except ImportError:
+        return False
