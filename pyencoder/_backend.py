@@ -11,9 +11,9 @@ pyencoder`` stays light) that exposes ``supports_<entry>(**args) -> str | None``
 otherwise the reason) next to the entry points themselves.
 """
 import contextlib
-import contextvars
 import importlib
 import os
+import threading
 
 BACKENDS = ("reference", "triton", "cuda")
 
@@ -34,7 +34,11 @@ _AUTO_ORDER = {
 }
 FAMILIES = tuple(_AUTO_ORDER)
 
-_ctx = contextvars.ContextVar("pyencoder_backend", default=None)
+# Forced backends of the innermost use_backend() block. A plain module-level dict (not a
+# ContextVar) so torch.compile can trace the selection without a graph break; use_backend blocks
+# nest and restore on exit, and are meant to be entered from one thread at a time.
+_forced = {}
+_forced_lock = threading.Lock()
 
 
 def _check_name(name, what):
@@ -54,25 +58,37 @@ def use_backend(name=None, **per_family):
             raise ValueError(f"use_backend: unknown op family {fam!r}; expected one of {FAMILIES}")
         _check_name(val, f"use_backend({fam}=...)")
     _check_name(name, "use_backend(name)")
-    outer = _ctx.get() or {}
-    new = dict(outer)
-    if name is not None:
-        for fam in FAMILIES:
-            new[fam] = name
-    new.update(per_family)
-    token = _ctx.set(new)
+    with _forced_lock:
+        saved = dict(_forced)
+        if name is not None:
+            for fam in FAMILIES:
+                _forced[fam] = name
+        _forced.update(per_family)
     try:
         yield
     finally:
-        _ctx.reset(token)
+        with _forced_lock:
+            _forced.clear()
+            _forced.update(saved)
 
 
 def _interpret():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_global_cache = {}
+
+
 def _global_reason(backend):
-    """None if the backend can run at all on this machine, else why not."""
+    """None if the backend can run at all on this machine, else why not (cached per process and
+    TRITON_INTERPRET setting)."""
+    key = (backend, _interpret())
+    if key not in _global_cache:
+        _global_cache[key] = _compute_global_reason(backend)
+    return _global_cache[key]
+
+
+def _compute_global_reason(backend):
     if backend == "reference":
         return None
     if backend == "triton":
@@ -128,9 +144,9 @@ def impl_module(family, backend):
 def requested_backend(family, backend=None):
     if backend is not None:
         return _check_name(backend, "backend")
-    ctx = _ctx.get()
-    if ctx and ctx.get(family) is not None:
-        return ctx[family]
+    forced = _forced.get(family)
+    if forced is not None:
+        return forced
     env = os.environ.get("PYENCODER_BACKEND")
     if env:
         return _check_name(env.strip().lower(), "PYENCODER_BACKEND")

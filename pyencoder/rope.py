@@ -50,9 +50,10 @@ class Rope:
         return apply_rope(x, positions, self.inv_freq(x.device), self.interleaved, inverse)
 
 
-def rope_cos_sin(positions, inv_freq):
-    """cos, sin in float32 of shape positions.shape + (R/2,)."""
-    ang = positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(torch.float32)
+def rope_cos_sin(positions, inv_freq, dtype=torch.float32):
+    """cos, sin of shape positions.shape + (R/2,). The angle is always float32(pos) * inv_freq in
+    float32; cos/sin are taken in float32, or in float64 when dtype is float64 (the oracle)."""
+    ang = (positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(torch.float32)).to(dtype)
     return torch.cos(ang), torch.sin(ang)
 
 
@@ -66,13 +67,12 @@ def apply_rope(x, positions, inv_freq, interleaved=False, inverse=False):
     r = 2 * half
     if half == 0:
         return x
-    cos, sin = rope_cos_sin(positions, inv_freq)
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cos, sin = rope_cos_sin(positions, inv_freq, cdt)
     if positions.dim() == 2:  # (B, N, R/2) -> (B, 1, N, R/2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     if inverse:
         sin = -sin
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    cos, sin = cos.to(cdt), sin.to(cdt)
     xr = x[..., :r].to(cdt)
     if interleaved:
         x1, x2 = xr[..., 0::2], xr[..., 1::2]
