@@ -1,0 +1,244 @@
+"""Triton backend of the causal conv ops (kernels: pyencoder.triton_kernels.causal_conv1d).
+
+Entry points have the signatures and semantics of pyencoder.reference.conv. Depthwise convs
+(groups == C_in == C_out) use the elementwise tap-loop kernel; every other grouping (grouped,
+dense, channel multipliers) the implicit-GEMM kernel. Both take x/y strides, so channel-last
+inputs are read in place. Half/bfloat16 accumulate in fp32 and round once; float64 is not
+supported here (the reference backend runs it).
+
+Backward: the activation derivative is applied on the host to grad_y (the pre-activation is
+recomputed by the forward kernel with the activation off); dx comes from a transposed-conv kernel
+over the padded input, dweight from per-split partial sums added in a fixed order
+(deterministic), dbias from a torch reduction.
+
+Update: the conv reads the state (optionally through ``state_indices``) in one kernel, the new
+state is gathered into a scratch buffer by a second kernel and scattered back into the pool by a
+third, so no kernel reads state that another of its programs writes.
+"""
+import torch
+
+from ..reference.conv import _act_grad
+
+_ACT = {None: 0, "silu": 1, "gelu": 2}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _kernels():
+    from ..triton_kernels import causal_conv1d as k
+    return k
+
+
+def _next_pow2(n):
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _is_depthwise(x, weight, groups):
+    return groups == x.shape[1] and weight.shape[0] == x.shape[1]
+
+
+def _reason(x, weight):
+    if x.dtype not in _DTYPES:
+        return (f"the triton conv backend supports float16, bfloat16 and float32; got {x.dtype} "
+                "(use backend='reference')")
+    if weight.shape[-1] > 4096:
+        return f"kernel size {weight.shape[-1]} is above the triton backend's limit 4096"
+    return None
+
+
+def supports_forward(x=None, weight=None, **_):
+    return _reason(x, weight)
+
+
+def supports_backward(x=None, weight=None, **_):
+    return _reason(x, weight)
+
+
+def supports_update(x=None, weight=None, **_):
+    return _reason(x, weight)
+
+
+def _grid_dims(n):
+    return max(1, n)
+
+
+def _strides3(t):
+    return (t.stride(0), t.stride(1), t.stride(2)) if t is not None else (0, 0, 0)
+
+
+def _launch_forward(x, weight, bias, state, state_indices, stride, groups, activation, y):
+    k = _kernels()
+    B, C, L = x.shape
+    Cout, CG, K = weight.shape
+    pad = K - stride
+    T = L // stride
+    if T == 0 or B == 0:
+        return
+    has_state = state is not None and pad > 0
+    s_arg = state if has_state else x
+    ss = _strides3(state) if has_state else (0, 0, 0)
+    idx = state_indices if state_indices is not None else x
+    common = dict(STRIDE=stride, HAS_BIAS=bias is not None, HAS_STATE=has_state,
+                  HAS_IDX=state_indices is not None, ACT=_ACT[activation])
+    bias_arg = bias if bias is not None else weight
+    if _is_depthwise(x, weight, groups):
+        BLOCK_C = min(16, _next_pow2(C))
+        BLOCK_T = min(128, max(16, _next_pow2(T)))
+        grid = (triton_cdiv(T, BLOCK_T), triton_cdiv(C, BLOCK_C), B)
+        k._causal_conv1d_dw_fwd_kernel[grid](
+            x, weight, bias_arg, s_arg, idx, y, C, L, T, K, pad,
+            *_strides3(x), weight.stride(0), weight.stride(2), *ss, *_strides3(y),
+            BLOCK_C=BLOCK_C, BLOCK_T=BLOCK_T, **common)
+    else:
+        COG = Cout // groups
+        BLOCK_CO = min(64, max(16, _next_pow2(COG)))
+        BLOCK_T = min(64, max(16, _next_pow2(T)))
+        BLOCK_R = min(64, max(16, _next_pow2(CG * K)))
+        NCO = triton_cdiv(COG, BLOCK_CO)
+        grid = (triton_cdiv(T, BLOCK_T), groups * NCO, B)
+        k._causal_conv1d_grp_fwd_kernel[grid](
+            x, weight, bias_arg, s_arg, idx, y, CG, COG, L, T, K, pad, NCO,
+            *_strides3(x), *_strides3(weight), *ss, *_strides3(y),
+            IEEE=x.dtype == torch.float32, BLOCK_CO=BLOCK_CO, BLOCK_T=BLOCK_T, BLOCK_R=BLOCK_R,
+            **common)
+
+
+def _launch_state(x, state, state_indices, stride, K, out):
+    k = _kernels()
+    B, C, L = x.shape
+    pad = K - stride
+    if pad == 0 or B == 0 or C == 0:
+        return
+    has_state = state is not None
+    BLOCK_C = min(16, _next_pow2(C))
+    BLOCK_P = min(64, _next_pow2(pad))
+    grid = (triton_cdiv(pad, BLOCK_P), triton_cdiv(C, BLOCK_C), B)
+    k._causal_conv1d_state_fwd_kernel[grid](
+        x, state if has_state else x, state_indices if state_indices is not None else x, out,
+        C, L, L // stride, pad, *_strides3(x),
+        *(_strides3(state) if has_state else (0, 0, 0)), *_strides3(out),
+        STRIDE=stride, HAS_STATE=has_state, HAS_IDX=state_indices is not None,
+        BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P)
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _out_like(x, C, T):
+    """y in x's memory format: channel-last x (stride(1) == 1) gets a channel-last y."""
+    B = x.shape[0]
+    if x.stride(1) == 1 and x.shape[2] > 1:
+        return torch.empty(B, T, C, dtype=x.dtype, device=x.device).transpose(1, 2)
+    return torch.empty(B, C, T, dtype=x.dtype, device=x.device)
+
+
+def forward(x, weight, bias, initial_state, stride, groups, activation):
+    B, C, L = x.shape
+    Cout, _, K = weight.shape
+    T = L // stride
+    y = _out_like(x, Cout, T)
+    _launch_forward(x, weight, bias, initial_state, None, stride, groups, activation, y)
+    final = torch.empty(B, C, K - stride, dtype=x.dtype, device=x.device)
+    _launch_state(x, initial_state, None, stride, K, final)
+    return y, final
+
+
+def backward(grad_y, grad_final_state, x, weight, bias, initial_state, stride, groups, activation):
+    k = _kernels()
+    B, C, L = x.shape
+    Cout, CG, K = weight.shape
+    pad = K - stride
+    T = L // stride
+    LP = pad + L
+    g = grad_y
+    if activation is not None and T > 0:
+        pre = torch.empty(B, Cout, T, dtype=torch.float32, device=x.device)
+        _launch_forward(x, weight, bias, initial_state, None, stride, groups, None, pre)
+        g = grad_y.float() * _act_grad(pre, activation)
+    dxp = torch.zeros(B, C, LP, dtype=torch.float32, device=x.device)
+    has_state = initial_state is not None and pad > 0
+    s_arg = initial_state if has_state else x
+    ss = _strides3(initial_state) if has_state else (0, 0, 0)
+    nsplit = 1
+    if T > 0 and B > 0:
+        ieee = x.dtype == torch.float32 or g.dtype == torch.float32
+        if _is_depthwise(x, weight, groups):
+            BLOCK_C = min(16, _next_pow2(C))
+            BLOCK_S = min(128, max(16, _next_pow2(LP)))
+            grid = (triton_cdiv(LP, BLOCK_S), triton_cdiv(C, BLOCK_C), B)
+            k._causal_conv1d_dw_bwd_dx_kernel[grid](
+                g, weight, dxp, C, T, K, LP, *_strides3(g), weight.stride(0), weight.stride(2),
+                *_strides3(dxp), STRIDE=stride, BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S)
+            BLOCK_J = min(16, _next_pow2(K))
+            BLOCK_T = min(32, max(16, _next_pow2(T)))
+            ntb = triton_cdiv(T, BLOCK_T)
+            nsplit = max(1, min(B * ntb, 64))
+            per = triton_cdiv(B * ntb, nsplit)
+            nsplit = triton_cdiv(B * ntb, per)
+            part = torch.empty(nsplit, C, K, dtype=torch.float32, device=x.device)
+            grid = (triton_cdiv(K, BLOCK_J), triton_cdiv(C, BLOCK_C), nsplit)
+            k._causal_conv1d_dw_bwd_dw_kernel[grid](
+                g, x, s_arg, part, C, L, T, K, pad, B, ntb, per, *_strides3(g), *_strides3(x),
+                *ss, STRIDE=stride, HAS_STATE=has_state, BLOCK_C=BLOCK_C, BLOCK_J=BLOCK_J,
+                BLOCK_T=BLOCK_T)
+            dw = part.sum(0).view(C, 1, K)
+        else:
+            COG = Cout // groups
+            BLOCK_CI = min(64, max(16, _next_pow2(CG)))
+            BLOCK_S = min(64, max(16, _next_pow2(LP)))
+            BLOCK_R = min(64, max(16, _next_pow2(COG * K)))
+            NCI = triton_cdiv(CG, BLOCK_CI)
+            grid = (triton_cdiv(LP, BLOCK_S), groups * NCI, B)
+            k._causal_conv1d_grp_bwd_dx_kernel[grid](
+                g, weight, dxp, CG, COG, T, K, LP, NCI, *_strides3(g), *_strides3(weight),
+                *_strides3(dxp), STRIDE=stride, IEEE=ieee, BLOCK_CI=BLOCK_CI, BLOCK_S=BLOCK_S,
+                BLOCK_R=BLOCK_R)
+            BLOCK_CO = min(64, max(16, _next_pow2(COG)))
+            BLOCK_R = min(64, max(16, _next_pow2(CG * K)))
+            BLOCK_T = min(64, max(16, _next_pow2(T)))
+            NCO = triton_cdiv(COG, BLOCK_CO)
+            ntb = triton_cdiv(T, BLOCK_T)
+            nsplit = max(1, min(B * ntb, 16))
+            per = triton_cdiv(B * ntb, nsplit)
+            nsplit = triton_cdiv(B * ntb, per)
+            part = torch.empty(nsplit, Cout, CG * K, dtype=torch.float32, device=x.device)
+            grid = (triton_cdiv(CG * K, BLOCK_R), groups * NCO, nsplit)
+            k._causal_conv1d_grp_bwd_dw_kernel[grid](
+                g, x, s_arg, part, CG, COG, L, T, K, pad, B, ntb, per, NCO, Cout,
+                *_strides3(g), *_strides3(x), *ss, STRIDE=stride, HAS_STATE=has_state,
+                IEEE=ieee, BLOCK_CO=BLOCK_CO, BLOCK_R=BLOCK_R, BLOCK_T=BLOCK_T)
+            dw = part.sum(0).view(Cout, CG, K)
+    else:
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+    if grad_final_state is not None and pad > 0:
+        dxp[..., T * stride: T * stride + pad] += grad_final_state.float()
+    db = None
+    if bias is not None:
+        db = (g.float().sum(dim=(0, 2)) if T > 0 else torch.zeros_like(bias, dtype=torch.float32))
+        db = db.to(bias.dtype)
+    ds = None if initial_state is None else dxp[..., :pad].to(initial_state.dtype).contiguous()
+    return dxp[..., pad:].to(x.dtype).contiguous(), dw.to(weight.dtype), db, ds
+
+
+def update(x, state, weight, bias, state_indices, groups, activation):
+    k = _kernels()
+    B, C, t = x.shape
+    Cout, _, K = weight.shape
+    y = _out_like(x, Cout, t)
+    idx = None if state_indices is None else state_indices.to(torch.int32)
+    _launch_forward(x, weight, bias, state, idx, 1, groups, activation, y)
+    if K > 1 and B > 0:
+        new = torch.empty(B, C, K - 1, dtype=state.dtype, device=x.device)
+        _launch_state(x, state, idx, 1, K, new)
+        n = C * (K - 1)
+        if state.stride(2) == 1 and state.stride(1) == K - 1:
+            BLOCK = min(1024, _next_pow2(n))
+            k._causal_conv1d_state_scatter_kernel[(triton_cdiv(n, BLOCK), B)](
+                new, idx if idx is not None else x, state, n, new.stride(0), state.stride(0),
+                HAS_IDX=idx is not None, BLOCK=BLOCK)
+        elif idx is None:
+            state.copy_(new)
+        else:
+            valid = (idx >= 0).nonzero().squeeze(-1)
+            state.index_copy_(0, idx[valid].long(), new[valid])
+    return y

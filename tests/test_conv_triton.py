@@ -1,0 +1,157 @@
+"""Triton conv backend vs the plain-torch reference (CPU: TRITON_INTERPRET=1, tiny shapes).
+
+Tolerances: both sides accumulate in fp32 from the same inputs, so fp32 differs only by
+summation order (a few ulp of the K*CG-term sums: 1e-5 with O(1) data). fp16 outputs are rounded
+once from fp32 on both sides; order differences can flip a rounding, so 1 fp16 ulp (~1e-3
+relative) plus a small absolute term. bf16 is only tested on GPU (the interpreter's bf16 dot is
+wrong)."""
+import pytest
+import torch
+
+from conftest import has_triton
+
+pytestmark = pytest.mark.skipif(not has_triton(), reason="triton is not installed")
+
+from pyencoder.reference import conv as R  # noqa: E402
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3)}
+
+
+def _tr():
+    from pyencoder.ops import _conv_triton
+    return _conv_triton
+
+
+def _inputs(B, C, Cout, L, K, stride, groups, dtype, state, bias, channel_last):
+    x = torch.randn(B, C, L, dtype=dtype)
+    if channel_last:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    w = (torch.randn(Cout, C // groups, K) / (C // groups * K) ** 0.5).to(dtype)
+    b = torch.randn(Cout, dtype=dtype) if bias else None
+    s = torch.randn(B, C, K - stride, dtype=dtype) if state else None
+    return x, w, b, s
+
+
+CASES = [
+    # B, C, Cout, L, K, stride, groups
+    (2, 5, 5, 11, 1, 1, 5),
+    (2, 5, 5, 11, 2, 1, 5),
+    (1, 3, 3, 9, 4, 1, 3),
+    (2, 6, 6, 7, 9, 1, 6),     # L < K
+    (2, 4, 4, 1, 3, 1, 4),     # L == 1
+    (2, 6, 6, 13, 6, 3, 6),    # strided depthwise
+    (2, 8, 8, 11, 5, 1, 2),    # grouped
+    (1, 6, 12, 9, 7, 1, 3),    # grouped, channel multiplier 2
+    (2, 4, 6, 23, 10, 5, 1),   # dense strided (feature-extractor-like)
+    (1, 4, 4, 3, 4, 4, 1),     # T == 0
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}C{}O{}L{}K{}s{}g{}".format(*c))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_forward_backward(case, dtype):
+    B, C, Cout, L, K, stride, groups = case
+    act = (None, "silu", "gelu")[(L + K) % 3]
+    state = (L + C) % 2 == 0
+    x, w, b, s = _inputs(B, C, Cout, L, K, stride, groups, dtype, state, bias=K % 2 == 1,
+                         channel_last=C % 2 == 0)
+    y0, f0 = R.forward(x, w, b, s, stride, groups, act)
+    y1, f1 = _tr().forward(x, w, b, s, stride, groups, act)
+    assert y1.shape == y0.shape and f1.shape == f0.shape and y1.dtype == dtype
+    torch.testing.assert_close(y1, y0, **TOL[dtype])
+    torch.testing.assert_close(f1, f0, atol=0, rtol=0)
+    gy = torch.randn_like(y0)
+    gf = torch.randn_like(f0) if f0.shape[-1] > 0 else None
+    r0 = R.backward(gy, gf, x, w, b, s, stride, groups, act)
+    r1 = _tr().backward(gy, gf, x, w, b, s, stride, groups, act)
+    for name, a, c in zip(("dx", "dweight", "dbias", "dinitial_state"), r1, r0):
+        assert (a is None) == (c is None), name
+        if a is not None:
+            assert a.shape == c.shape and a.dtype == c.dtype, name
+            scale = max(1.0, float(c.abs().max())) if c.numel() else 1.0
+            tol = TOL[dtype]
+            torch.testing.assert_close(a, c, atol=tol["atol"] * scale, rtol=tol["rtol"],
+                                       msg=lambda m: f"{name}: {m}")
+
+
+def test_backward_deterministic():
+    x, w, b, s = _inputs(3, 4, 4, 37, 5, 1, 4, torch.float32, True, True, False)
+    gy = torch.randn(3, 4, 37)
+    a = _tr().backward(gy, None, x, w, b, s, 1, 4, "silu")
+    c = _tr().backward(gy, None, x, w, b, s, 1, 4, "silu")
+    assert torch.equal(a[1], c[1]) and torch.equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("groups", [4, 2])
+def test_chunked_equals_offline(groups):
+    from pyencoder.ops import causal_conv1d
+    B, C, L, K = 2, 4, 23, 6
+    x = torch.randn(B, C, L)
+    w = torch.randn(C, C // groups, K) * 0.3
+    b = torch.randn(C)
+    y_full = causal_conv1d(x, w, b, groups=groups, activation="gelu", backend="triton")
+    state, ys = None, []
+    for lo, hi in ((0, 1), (1, 4), (4, 5), (5, 16), (16, 23)):
+        y, state = causal_conv1d(x[..., lo:hi], w, b, groups=groups, activation="gelu",
+                                 initial_state=state, return_final_state=True, backend="triton")
+        ys.append(y)
+    torch.testing.assert_close(torch.cat(ys, -1), y_full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [6, 3])
+@pytest.mark.parametrize("pool", [False, True])
+def test_update_sequence(groups, pool):
+    B, C, K = 3, 6, 5
+    w = torch.randn(C, C // groups, K) * 0.3
+    b = torch.randn(C)
+    steps = [torch.randn(B, C, t) for t in (1, 2, 1, 3)]
+    if pool:
+        S = 5
+        idx = torch.tensor([3, -1, 0], dtype=torch.int32)
+        st1 = torch.randn(S, C, K - 1)
+    else:
+        idx = None
+        st1 = torch.randn(B, C, K - 1)
+    st0 = st1.clone()
+    untouched = st1[[1, 2, 4]].clone() if pool else None
+    for xs in steps:
+        y0 = R.update(xs, st0, w, b, idx, groups, "silu")
+        y1 = _tr().update(xs, st1, w, b, idx, groups, "silu")
+        torch.testing.assert_close(y1, y0, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(st1, st0, atol=0, rtol=0)
+    if pool:
+        assert torch.equal(y1[1], torch.zeros_like(y1[1]))
+        assert torch.equal(st1[[1, 2, 4]], untouched)
+
+
+def test_update_equals_offline():
+    B, C, K = 2, 4, 4
+    w = torch.randn(C, 1, K) * 0.4
+    x = torch.randn(B, C, 9)
+    y_off = R.forward(x, w, None, None, 1, C, None)[0]
+    st = torch.zeros(B, C, K - 1)
+    ys = [_tr().update(x[..., lo:hi], st, w, None, None, C, None)
+          for lo, hi in ((0, 1), (1, 3), (3, 4), (4, 9))]
+    torch.testing.assert_close(torch.cat(ys, -1), y_off, atol=2e-5, rtol=1e-5)
+
+
+def test_public_autograd_triton():
+    from pyencoder.ops import causal_conv1d
+    x = torch.randn(2, 4, 10, requires_grad=True)
+    w = (torch.randn(4, 1, 3) * 0.5).requires_grad_()
+    b = torch.randn(4, requires_grad=True)
+    s = torch.randn(2, 4, 2, requires_grad=True)
+    outs = []
+    for backend in ("triton", "reference"):
+        y, f = causal_conv1d(x, w, b, groups=4, activation="silu", initial_state=s,
+                             return_final_state=True, backend=backend)
+        grads = torch.autograd.grad((y * y).sum() + (f * 3).sum(), (x, w, b, s))
+        outs.append((y.detach(), f.detach()) + grads)
+    for a, c in zip(*outs):
+        torch.testing.assert_close(a, c, atol=2e-5, rtol=1e-5)
+
+
+def test_unsupported_dtype_reason():
+    x = torch.randn(1, 2, 4, dtype=torch.float64)
+    w = torch.randn(2, 1, 3, dtype=torch.float64)
+    assert "float64" in _tr().supports_forward(x=x, weight=w)
