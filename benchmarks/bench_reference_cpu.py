@@ -1,0 +1,100 @@
+"""Offline banded attention on CPU: the reference path vs SDPA with a dense boolean mask.
+
+Shape (issue 2): B=1, H=12, D=64, left=250, right=3, fp32, RoPE on both sides (the SDPA path
+rotates q and k in a separate pass). N=3000 (60 s of 50 Hz frames) and N=30000 (10 min; the dense
+path is skipped there unless --dense-30k: its N x N mask and scores need ~4 GB per head).
+
+Each provider runs in a fresh subprocess so that its peak memory (max RSS above the baseline taken
+after the inputs exist) is its own. Writes JSON lines to
+benchmarks/results/<device-slug>/reference_cpu.jsonl.
+
+    python -m benchmarks.bench_reference_cpu [--quick] [--threads N]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+CHILD = r"""
+import json, resource, sys, time, torch
+import pyencoder
+from pyencoder.ops import banded_attention
+cfg = json.loads(sys.argv[1])
+torch.set_num_threads(cfg["threads"])
+torch.manual_seed(0)
+B, H, N, D, left, right = 1, 12, cfg["n"], 64, 250, 3
+q, k, v = (torch.randn(B, H, N, D) for _ in range(3))
+rope = pyencoder.Rope(D)
+pos = torch.arange(N)
+if cfg["provider"] == "reference":
+    def run():
+        return banded_attention(q, k, v, left=left, right=right, rope=rope, backend="reference")
+else:
+    def run():
+        i = torch.arange(N)
+        mask = (i[None, :] >= i[:, None] - left) & (i[None, :] <= i[:, None] + right)
+        qr, kr = rope.rotate(q, pos), rope.rotate(k, pos)
+        return torch.nn.functional.scaled_dot_product_attention(qr, kr, v, attn_mask=mask)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = run()
+times = []
+for _ in range(cfg["reps"]):
+    t0 = time.perf_counter(); out = run(); times.append(time.perf_counter() - t0)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+times.sort()
+print(json.dumps({"median_ms": 1e3 * times[len(times) // 2], "min_ms": 1e3 * times[0],
+                  "max_ms": 1e3 * times[-1], "peak_mem_mb": max(0, peak - base) / 1024,
+                  "checksum": float(out.double().abs().sum())}))
+"""
+
+
+def run_child(provider, n, reps, threads):
+    cfg = json.dumps({"provider": provider, "n": n, "reps": reps, "threads": threads})
+    out = subprocess.run([sys.executable, "-c", CHILD, cfg], capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    from benchmarks._common import env_info, write_jsonl
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--dense-30k", action="store_true")
+    args = p.parse_args(argv)
+    reps = 3 if args.quick else 7
+    env = env_info()
+    records = []
+    sizes = [3000] if args.quick else [3000, 30000]
+    print(f"{'N':>6} {'provider':<22} {'median ms':>10} {'peak MB':>9}")
+    for n in sizes:
+        res = {}
+        for provider in ("reference", "sdpa_dense_mask+rope"):
+            if provider != "reference" and n > 3000 and not args.dense_30k:
+                res[provider] = {"skipped": "dense N x N mask: ~%.1f GB of mask+scores per head"
+                                 % (n * n * 5 / 1e9)}
+            else:
+                res[provider] = run_child("reference" if provider == "reference" else "sdpa", n,
+                                          reps if n <= 3000 else 2, args.threads)
+            r = res[provider]
+            shown = (f"{r['median_ms']:10.1f} {r['peak_mem_mb']:9.1f}" if "median_ms" in r
+                     else "  " + (r.get("skipped") or r.get("error")))
+            print(f"{n:>6} {provider:<22} {shown}")
+            records.append(dict(env, bench="reference_cpu", op="banded_attention", provider=provider,
+                                B=1, H=12, N=n, D=64, left=250, right=3, dtype="float32", rope=True,
+                                threads=args.threads, **r))
+        a, b = res["reference"], res["sdpa_dense_mask+rope"]
+        if "median_ms" in a and "median_ms" in b:
+            speed = b["median_ms"] / a["median_ms"]
+            mem = b["peak_mem_mb"] / max(a["peak_mem_mb"], 1e-3)
+            print(f"{'':>6} reference speedup {speed:.2f}x, peak memory ratio {mem:.1f}x")
+            records.append(dict(env, bench="reference_cpu", op="banded_attention", N=n,
+                                provider="ratio", speedup=speed, memory_ratio=mem))
+    path = write_jsonl("reference_cpu", records)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
