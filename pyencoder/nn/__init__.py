@@ -1,0 +1,19 @@
+"""Drop-in modules, usable offline as ordinary nn.Modules and online through
+init_state / step / flush (see pyencoder.streaming)."""
+from .rotary import RotaryEmbedding
+from .attention import AttentionState, BandedSelfAttention, ChunkedSelfAttention
+from .conv import CausalConv1d, ConvState
+from .refiner import Refiner, RefinerState
+from .layer import FeedForward, LayerState, TransformerLayer
+from .misc import Transpose
+
+__all__ = ["RotaryEmbedding", "BandedSelfAttention", "ChunkedSelfAttention", "AttentionState",
+           "CausalConv1d", "ConvState", "Refiner", "RefinerState", "TransformerLayer",
+           "FeedForward", "LayerState", "Transpose", "StreamingSequential"]
+
+
+def __getattr__(name):
+    if name == "StreamingSequential":
+        from ..streaming.sequential import StreamingSequential
+        return StreamingSequential
+    raise AttributeError(name)

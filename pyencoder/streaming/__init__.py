@@ -1,0 +1,62 @@
+"""Streaming: explicit state objects, the ring KV cache, stream drivers and latency accounting
+(DESIGN.md, "Streaming").
+
+Protocol of every streaming module m::
+
+    state = m.init_state(batch_size, device=..., dtype=...)
+    y, state = m.step(x_chunk, state)        # any chunk length >= 1; y may hold fewer frames
+    y, state = m.flush(state)                # end of stream: the held-back frames
+    reset(state, mask)                       # recycle slots (bool (B,)) for new streams
+"""
+from .state import StreamState, reset, state_nbytes
+from .latency import Latency, NotStreamableError, latency
+from .sequential import StreamingSequential, StackState
+from .ring import decode_attention, decode_attention_reference, ring_positions
+
+__all__ = ["StreamState", "reset", "state_nbytes", "latency", "Latency", "NotStreamableError",
+           "StreamingSequential", "StackState", "decode_attention", "decode_attention_reference",
+           "ring_positions", "run_stream"]
+
+
+def run_stream(module, x, chunk_sizes, time_dim=None, **init_kwargs):
+    """Stream ``x`` (batch 1 or more, all slots in lockstep) through ``module`` in chunks of the
+    given sizes (cycled) and return the concatenated step + flush outputs. ``time_dim``: the time
+    axis of x and of the outputs (default: -1 for conv layouts (B, C, T), 1 otherwise)."""
+    import itertools
+    import torch
+    from .sequential import _cat_time
+    if time_dim is None:
+        time_dim = -1 if _time_last(module) else 1
+    T = x.shape[time_dim]
+    state = module.init_state(x.shape[0], device=x.device, dtype=x.dtype, **init_kwargs)
+    outs, counts = [], []
+    t = 0
+    for c in itertools.cycle(chunk_sizes):
+        if t >= T:
+            break
+        c = min(c, T - t)
+        xc = x.narrow(time_dim, t, c)
+        y, state = module.step(xc, state)
+        outs.append(y)
+        counts.append(state.out_lengths.clone())
+        t += c
+    y, state = module.flush(state)
+    if y is not None:
+        outs.append(y)
+        counts.append(state.out_lengths.clone())
+    out_time_last = _out_time_last(module, time_dim)
+    y, _ = _cat_time(outs, counts, state, out_time_last)
+    return y
+
+
+def _time_last(m):
+    from ..nn.conv import CausalConv1d
+    if isinstance(m, StreamingSequential):
+        return m._time_last(0)
+    return isinstance(m, CausalConv1d)
+
+
+def _out_time_last(m, time_dim):
+    if isinstance(m, StreamingSequential):
+        return m._out_time_last()
+    return time_dim == -1

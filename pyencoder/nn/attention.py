@@ -1,0 +1,290 @@
+"""Drop-in self-attention modules with interval masks, offline and streaming.
+
+``BandedSelfAttention`` (query p sees keys [p - left, p + right]) and ``ChunkedSelfAttention``
+(chunked mask with left chunks and lookahead) take and return (B, T, E) tensors. Their parameters
+are wav2vec2's attention (q_proj, k_proj, v_proj, out_proj Linear layers), so a wav2vec2 / HuBERT /
+WavLM attention's state_dict loads as is; the 1/sqrt(head_dim) scaling is applied inside the op.
+
+Offline ``forward`` is one call of pyencoder.ops.interval_attention over the whole sequence, RoPE
+applied inside the op. Streaming (``init_state`` / ``step`` / ``flush``): each new key is rotated
+once at its absolute position and written to a ring buffer (pyencoder.streaming.ring) of capacity
+lo_off + hi_off + max_chunk (band: left + right + max_chunk); queries are kept un-rotated until
+their last visible key hi(p) has arrived, then rotated at p and attended over the ring (Triton
+decode kernel on CUDA, the reference elsewhere). Rotating the cached keys once gives the same
+float32 values the offline op computes for them (same elementwise formula), so a streamed output
+differs from the offline one only by the summation order of the dot products and the softmax sum.
+Steps longer than max_chunk are cut into pieces internally. With unbounded history (left=None /
+left_chunks=None) the cache grows up to ``max_context`` positions and then raises.
+
+Batched streams: every slot has its own position. ``step(x, state, lengths=None)``: x (B, n, E),
+``lengths`` (B,) the valid frames of each slot (default n). The output is (B, m, E) with
+m = max(state.out_lengths); slot b's frames are the first ``state.out_lengths[b]`` rows, the rest
+are zeros.
+"""
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from ..ops.attention import band_params, chunked_params, interval_attention
+from ..rope import Rope, apply_rope
+from ..streaming.ring import decode_attention, ring_write
+from ..streaming.state import StreamState
+from .rotary import RotaryEmbedding
+
+__all__ = ["BandedSelfAttention", "ChunkedSelfAttention", "AttentionState"]
+
+
+@dataclasses.dataclass
+class AttentionState(StreamState):
+    k: torch.Tensor           # (B, H, cap, D) rotated keys, ring-indexed by position % cap
+    v: torch.Tensor           # (B, H, cap, D)
+    q: torch.Tensor           # (B, H, qcap, D) pending (un-rotated) queries, oldest first
+    pos: torch.Tensor         # (B,) int64 keys appended so far
+    pending: torch.Tensor     # (B,) int64 queries held back
+    out_lengths: torch.Tensor  # (B,) int64 frames emitted by the last step / flush
+
+
+def _as_rope(rope, head_dim):
+    if rope is True:
+        return Rope(head_dim)
+    if rope is None or rope is False:
+        return None
+    if isinstance(rope, Rope):
+        return rope
+    if isinstance(rope, RotaryEmbedding):
+        return rope.rope
+    if isinstance(rope, int):
+        return Rope(rope)
+    raise TypeError(f"rope must be True, False, an int rotary dim, a pyencoder.Rope or a "
+                    f"RotaryEmbedding; got {type(rope).__name__}")
+
+
+def _check_lengths(lengths, B, n, device):
+    if lengths is None:
+        return torch.full((B,), n, dtype=torch.int64, device=device)
+    lengths = torch.as_tensor(lengths, device=device).to(torch.int64)
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths must have shape ({B},); got {tuple(lengths.shape)}")
+    if B and (int(lengths.min()) < 0 or int(lengths.max()) > n):
+        raise ValueError(f"lengths must lie in [0, {n}]; got {lengths.tolist()}")
+    return lengths
+
+
+class _IntervalSelfAttention(nn.Module):
+    def __init__(self, embed_dim, num_heads, block, lo_off, hi_off, rope, bias, max_context):
+        super().__init__()
+        if not isinstance(embed_dim, int) or not isinstance(num_heads, int) or num_heads < 1 \
+                or embed_dim < 1 or embed_dim % num_heads:
+            raise ValueError(f"embed_dim must be a positive multiple of num_heads; got "
+                             f"embed_dim={embed_dim!r}, num_heads={num_heads!r}")
+        if not isinstance(max_context, int) or max_context < 1:
+            raise ValueError(f"max_context must be a positive int; got {max_context!r}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.block, self.lo_off, self.hi_off = block, lo_off, hi_off
+        self.rope = _as_rope(rope, self.head_dim)
+        if self.rope is not None and self.rope.dim > self.head_dim:
+            raise ValueError(f"rope dim ({self.rope.dim}) must be <= head_dim ({self.head_dim})")
+        self.max_context = max_context
+        self.decode_backend = None
+        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+
+    # Latency accounting: frames of future context a frame waits for, frames per input frame.
+    @property
+    def lookahead(self):
+        return self.hi_off
+
+    hop = 1
+
+    @property
+    def scale(self):
+        return self.head_dim ** -0.5
+
+    def _heads(self, x, proj):
+        B, T, _ = x.shape
+        return proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x, key_lengths=None):
+        """x (B, T, E) -> (B, T, E). ``key_lengths`` (B,): frames >= key_lengths[b] are padding."""
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must have shape (B, T, {self.embed_dim}); got {tuple(x.shape)}")
+        B, T, E = x.shape
+        q, k, v = self._heads(x, self.q_proj), self._heads(x, self.k_proj), self._heads(x, self.v_proj)
+        o = interval_attention(q, k, v, block=self.block, lo_off=self.lo_off, hi_off=self.hi_off,
+                               rope=self.rope, key_lengths=key_lengths, scale=self.scale)
+        return self.out_proj(o.transpose(1, 2).reshape(B, T, E))
+
+    # ---- streaming -------------------------------------------------------------------------
+    def _caps(self, max_chunk):
+        qcap = self.hi_off + max_chunk
+        if self.lo_off < 0:
+            return None, qcap
+        return self.lo_off + self.hi_off + max_chunk, qcap
+
+    def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
+        """Fresh state for ``batch_size`` streams. ``max_chunk``: frames processed per internal
+        piece (sets the ring capacity lo_off + hi_off + max_chunk; longer steps are split)."""
+        if not isinstance(max_chunk, int) or max_chunk < 1:
+            raise ValueError(f"max_chunk must be a positive int; got {max_chunk!r}")
+        p = self.q_proj.weight
+        device = p.device if device is None else torch.device(device)
+        dtype = p.dtype if dtype is None else dtype
+        cap, qcap = self._caps(max_chunk)
+        if cap is None:
+            cap = min(self.max_context, max(64, 2 * qcap))
+        H, D, B = self.num_heads, self.head_dim, batch_size
+        z = lambda n: torch.zeros(B, H, n, D, device=device, dtype=dtype)  # noqa: E731
+        zi = lambda: torch.zeros(B, dtype=torch.int64, device=device)  # noqa: E731
+        return AttentionState(k=z(cap), v=z(cap), q=z(qcap), pos=zi(), pending=zi(),
+                              out_lengths=zi())
+
+    def _max_chunk(self, state):
+        return state.q.shape[2] - self.hi_off
+
+    def step(self, x, state, lengths=None):
+        """Feed x (B, n, E) (n >= 0); returns (y (B, m, E), state): the queries whose lookahead has
+        arrived. See the module docstring for ``lengths`` and ``state.out_lengths``."""
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must have shape (B, n, {self.embed_dim}); got {tuple(x.shape)}")
+        B, n, _ = x.shape
+        if B != state.pos.shape[0]:
+            raise ValueError(f"x has batch {B} but the state holds {state.pos.shape[0]} slots")
+        lengths = _check_lengths(lengths, B, n, x.device)
+        mc = self._max_chunk(state)
+        if n <= mc:
+            return self._piece(x, lengths, state, final=False)
+        outs, counts = [], []
+        for s in range(0, n, mc):
+            ln = (lengths - s).clamp(0, min(mc, n - s))
+            y, state = self._piece(x[:, s:s + mc], ln, state, final=False)
+            outs.append(y)
+            counts.append(state.out_lengths.clone())
+        return _concat_ragged(outs, counts, state)
+
+    def flush(self, state):
+        """End of stream: emit every held-back query (its window is cut at the last frame)."""
+        B = state.pos.shape[0]
+        x = state.q.new_zeros(B, 0, self.embed_dim)
+        return self._piece(x, torch.zeros(B, dtype=torch.int64, device=x.device), state,
+                           final=True)
+
+    def _grow(self, state, need):
+        cap = state.k.shape[2]
+        if need <= cap:
+            return
+        if need > self.max_context:
+            raise RuntimeError(
+                f"{type(self).__name__}: the stream reached {need} frames, beyond max_context="
+                f"{self.max_context}, and the attention has unbounded history (left=None), so the "
+                f"cache cannot be bounded. Set a finite left/left_chunks or a larger max_context.")
+        new = min(self.max_context, max(need, 2 * cap))
+        pad = lambda t: torch.cat((t, t.new_zeros(*t.shape[:2], new - cap, t.shape[3])), 2)  # noqa
+        state.k, state.v = pad(state.k), pad(state.v)
+
+    def _piece(self, x, lengths, state, final):
+        B, n, E = x.shape
+        H, D = self.num_heads, self.head_dim
+        dev = x.device
+        P0, np0 = state.pos, state.pending
+        P1 = P0 + lengths
+        if n:
+            q, k, v = self._heads(x, self.q_proj), self._heads(x, self.k_proj), self._heads(x, self.v_proj)
+            j = torch.arange(n, device=dev)
+            valid = j[None, :] < lengths[:, None]
+            kpos = P0[:, None] + j[None, :]
+            if self.rope is not None:
+                k = apply_rope(k, kpos, self.rope.inv_freq(dev), self.rope.interleaved)
+            if self.lo_off < 0:
+                self._grow(state, int(P1.max()))
+            ring_write(state.k, k, kpos, valid)
+            ring_write(state.v, v, kpos, valid)
+            bi, ji = valid.nonzero(as_tuple=True)
+            state.q[bi, :, np0[bi] + ji] = q[bi, :, ji].to(state.q.dtype)
+        np1 = np0 + lengths
+        qp0 = P0 - np0
+        qcap = state.q.shape[2]
+        if final:
+            ready = np1
+        else:
+            i = torch.arange(qcap, device=dev)[None, :]
+            p = qp0[:, None] + i
+            hi = torch.div(p, self.block, rounding_mode="floor") * self.block + self.hi_off
+            ready = ((i < np1[:, None]) & (hi <= (P1 - 1)[:, None])).sum(1)
+        m = int(ready.max()) if B else 0
+        if m == 0:
+            y = x.new_zeros(B, 0, E)
+        else:
+            qq = state.q[:, :, :m]
+            qpos = qp0[:, None] + torch.arange(m, device=dev)[None, :]
+            inv = None if self.rope is None else self.rope.inv_freq(dev)
+            o = decode_attention(qq, state.k, state.v, qpos, ready, P1, inv,
+                                 False if self.rope is None else self.rope.interleaved,
+                                 self.block, self.lo_off, self.hi_off, self.scale,
+                                 backend=self.decode_backend)
+            y = self.out_proj(o.to(x.dtype).transpose(1, 2).reshape(B, m, E))
+            rows = torch.arange(m, device=dev)[None, :] < ready[:, None]
+            y = y * rows[:, :, None].to(y.dtype)
+            idx = (torch.arange(qcap, device=dev)[None, :] + ready[:, None]).clamp(max=qcap - 1)
+            state.q = state.q.gather(2, idx[:, None, :, None].expand(B, H, qcap, D))
+        state.pos = P1
+        state.pending = np1 - ready
+        state.out_lengths = ready
+        return y, state
+
+
+def _concat_ragged(outs, counts, state):
+    """Concatenate per-piece outputs (B, m_i, E) whose valid rows are counts_i (B,)."""
+    total = torch.stack(counts, 0).sum(0)
+    B = total.shape[0]
+    M = int(total.max()) if B else 0
+    E = outs[0].shape[-1]
+    if all(bool((c == c[0]).all()) for c in counts):
+        y = torch.cat([o[:, :int(c[0])] if B else o for o, c in zip(outs, counts)], 1)
+    else:
+        y = outs[0].new_zeros(B, M, E)
+        for b in range(B):
+            parts = [o[b, :int(c[b])] for o, c in zip(outs, counts)]
+            cat = torch.cat(parts, 0)
+            y[b, :cat.shape[0]] = cat
+    state.out_lengths = total
+    return y, state
+
+
+class BandedSelfAttention(_IntervalSelfAttention):
+    """Self-attention where frame p sees frames [p - left, p + right] (left=None: all history).
+
+    ``rope``: True (RoPE over the full head dim), False, an int rotary dim, a pyencoder.Rope or a
+    RotaryEmbedding. Latency: ``right`` frames (``lookahead``)."""
+
+    def __init__(self, embed_dim, num_heads, *, left, right, rope=True, bias=True,
+                 max_context=65536):
+        block, lo, hi = band_params(left, right)
+        super().__init__(embed_dim, num_heads, block, lo, hi, rope, bias, max_context)
+        self.left, self.right = left, right
+
+    def extra_repr(self):
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, left={self.left}, "
+                f"right={self.right}, rope={self.rope}")
+
+
+class ChunkedSelfAttention(_IntervalSelfAttention):
+    """Chunked self-attention: frame p in chunk c = p // chunk_size sees from the start of chunk
+    c - left_chunks (None: all history) to the end of chunk c plus ``lookahead`` frames.
+    Latency (worst case, the first frame of a chunk): chunk_size - 1 + lookahead frames."""
+
+    def __init__(self, embed_dim, num_heads, *, chunk_size, left_chunks, lookahead=0, rope=True,
+                 bias=True, max_context=65536):
+        block, lo, hi = chunked_params(chunk_size, left_chunks, lookahead)
+        super().__init__(embed_dim, num_heads, block, lo, hi, rope, bias, max_context)
+        self.chunk_size, self.left_chunks, self.chunk_lookahead = chunk_size, left_chunks, lookahead
+
+    def extra_repr(self):
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, chunk_size="
+                f"{self.chunk_size}, left_chunks={self.left_chunks}, lookahead="
+                f"{self.chunk_lookahead}, rope={self.rope}")

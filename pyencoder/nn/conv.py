@@ -1,0 +1,130 @@
+"""CausalConv1d: a drop-in nn.Conv1d (same parameters and state_dict keys) computing the causal
+convolution of pyencoder.ops.causal_conv1d, offline and streaming.
+
+Offline: x (B, C_in, L) -> (B, C_out, L // stride); the input is left-padded by k - stride zeros, so
+output frame t ends at input sample (t + 1) * stride - 1 (no lookahead).
+
+Streaming: the state keeps the last k - 1 samples of the padded input and the number of samples
+seen. A step concatenates them with the new samples, starts at the first sample of the next
+unproduced frame (offset stride - 1 - seen % stride) and runs the op with that prefix as
+``initial_state``; samples that do not complete a frame stay in the history (chunks of any length
+>= 1, not only multiples of the stride). At stride 1 the step is pyencoder.ops.causal_conv1d_update
+(state updated in place, the CUDA kernel where present). Slots whose lengths or phases differ are
+run one by one; outputs are (B, C_out, m) with slot b's frames in the first
+``state.out_lengths[b]`` columns and zeros after them. ``flush`` emits nothing: an incomplete last
+frame is dropped, as offline.
+"""
+import dataclasses
+
+import torch
+from torch import nn
+
+from ..ops.conv import causal_conv1d, causal_conv1d_update
+from ..streaming.state import StreamState
+
+__all__ = ["CausalConv1d", "ConvState"]
+
+
+@dataclasses.dataclass
+class ConvState(StreamState):
+    hist: torch.Tensor         # (B, C_in, k - 1) last padded-input samples
+    seen: torch.Tensor         # (B,) int64 input samples seen
+    out_lengths: torch.Tensor  # (B,) int64 frames emitted by the last step
+
+
+class CausalConv1d(nn.Conv1d):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, groups=1, bias=True,
+                 activation=None, device=None, dtype=None):
+        if activation not in (None, "silu", "gelu"):
+            raise ValueError(f"activation must be None, 'silu' or 'gelu'; got {activation!r}")
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0,
+                         groups=groups, bias=bias, device=device, dtype=dtype)
+        if self.kernel_size[0] < self.stride[0]:
+            raise ValueError(f"kernel_size ({self.kernel_size[0]}) must be >= stride "
+                             f"({self.stride[0]}) for a causal conv")
+        self.activation = activation
+
+    lookahead = 0
+
+    @property
+    def hop(self):
+        return self.stride[0]
+
+    @property
+    def k(self):
+        return self.kernel_size[0]
+
+    @property
+    def s(self):
+        return self.stride[0]
+
+    def extra_repr(self):
+        return super().extra_repr() + f", causal=True, activation={self.activation}"
+
+    def forward(self, x):
+        if x.dim() != 3 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must have shape (B, {self.in_channels}, L); got {tuple(x.shape)}")
+        return causal_conv1d(x, self.weight, self.bias, stride=self.s, groups=self.groups,
+                             activation=self.activation)
+
+    def init_state(self, batch_size, *, device=None, dtype=None, **_):
+        device = self.weight.device if device is None else torch.device(device)
+        dtype = self.weight.dtype if dtype is None else dtype
+        zi = lambda: torch.zeros(batch_size, dtype=torch.int64, device=device)  # noqa: E731
+        return ConvState(hist=torch.zeros(batch_size, self.in_channels, self.k - 1, device=device,
+                                          dtype=dtype), seen=zi(), out_lengths=zi())
+
+    def _run(self, cat, off):
+        k, s = self.k, self.s
+        return causal_conv1d(cat[..., off + k - s:], self.weight, self.bias, stride=s,
+                             groups=self.groups, activation=self.activation,
+                             initial_state=cat[..., off:off + k - s].contiguous())
+
+    def step(self, x, state, lengths=None):
+        """Feed x (B, C_in, n); returns (y (B, C_out, m), state)."""
+        if x.dim() != 3 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must have shape (B, {self.in_channels}, n); got {tuple(x.shape)}")
+        B, C, n = x.shape
+        if B != state.seen.shape[0]:
+            raise ValueError(f"x has batch {B} but the state holds {state.seen.shape[0]} slots")
+        k, s = self.k, self.s
+        dev = x.device
+        if lengths is None:
+            lengths = torch.full((B,), n, dtype=torch.int64, device=dev)
+        else:
+            lengths = torch.as_tensor(lengths, device=dev).to(torch.int64)
+        x = x.to(state.hist.dtype)
+        phase = torch.remainder(state.seen, s)
+        uniform = B > 0 and bool((lengths == n).all()) and bool((phase == phase[0]).all())
+        if uniform and n == 0:
+            y = x.new_zeros(B, self.out_channels, 0)
+        elif uniform and s == 1 and k > 1:
+            y = causal_conv1d_update(x, state.hist, self.weight, self.bias, groups=self.groups,
+                                     activation=self.activation)
+        elif uniform:
+            cat = torch.cat((state.hist, x), -1)
+            y = self._run(cat, s - 1 - int(phase[0]))
+            if k > 1:
+                state.hist = cat[..., cat.shape[-1] - (k - 1):].contiguous()
+        else:
+            ys, hists = [], []
+            for b in range(B):
+                cat = torch.cat((state.hist[b:b + 1], x[b:b + 1, :, :int(lengths[b])]), -1)
+                yb = self._run(cat, s - 1 - int(phase[b]))
+                ys.append(yb[0])
+                hists.append(cat[0, :, cat.shape[-1] - (k - 1):])
+            m = max(t.shape[-1] for t in ys)
+            y = x.new_zeros(B, self.out_channels, m)
+            for b, yb in enumerate(ys):
+                y[b, :, :yb.shape[-1]] = yb
+            state.hist = torch.stack(hists, 0).contiguous()
+        new_seen = state.seen + lengths
+        state.out_lengths = torch.div(new_seen, s, rounding_mode="floor") - torch.div(
+            state.seen, s, rounding_mode="floor")
+        state.seen = new_seen
+        return y, state
+
+    def flush(self, state):
+        B = state.seen.shape[0]
+        state.out_lengths = torch.zeros_like(state.seen)
+        return state.hist.new_zeros(B, self.out_channels, 0), state

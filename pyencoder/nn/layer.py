@@ -1,0 +1,120 @@
+"""TransformerLayer: a wav2vec2-style encoder layer around a streaming attention module.
+
+y = x + attn(ln1(x)); y = y + ffn(ln2(y))            (norm_first=True, pre-LN like wav2vec2-large)
+y = ln1(x + attn(x)); y = ln2(y + ffn(y))            (norm_first=False, post-LN like wav2vec2-base)
+
+ffn = Linear(E, F) -> GELU -> Linear(F, E). Streaming: the attention holds queries back for
+lookahead; the layer holds the matching residual inputs in a buffer of the same capacity and
+releases them with the attention outputs, so step + flush equal the offline forward.
+"""
+import dataclasses
+
+import torch
+from torch import nn
+
+from ..streaming.state import StreamState
+from .attention import _IntervalSelfAttention
+
+__all__ = ["TransformerLayer", "LayerState", "FeedForward"]
+
+
+class FeedForward(nn.Module):
+    def __init__(self, embed_dim, ffn_dim, bias=True):
+        super().__init__()
+        self.intermediate_dense = nn.Linear(embed_dim, ffn_dim, bias=bias)
+        self.act = nn.GELU()
+        self.output_dense = nn.Linear(ffn_dim, embed_dim, bias=bias)
+
+    def forward(self, x):
+        return self.output_dense(self.act(self.intermediate_dense(x)))
+
+
+@dataclasses.dataclass
+class LayerState(StreamState):
+    attention: StreamState
+    res: torch.Tensor          # (B, qcap, E) residual inputs of the held-back frames
+    count: torch.Tensor        # (B,) int64
+    out_lengths: torch.Tensor  # (B,) int64
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, attention, ffn_dim, *, norm_first=True, layer_norm_eps=1e-5):
+        super().__init__()
+        if not isinstance(attention, _IntervalSelfAttention):
+            raise TypeError(f"attention must be a BandedSelfAttention or ChunkedSelfAttention; got "
+                            f"{type(attention).__name__}")
+        E = attention.embed_dim
+        self.attention = attention
+        self.layer_norm = nn.LayerNorm(E, eps=layer_norm_eps)
+        self.feed_forward = FeedForward(E, ffn_dim)
+        self.final_layer_norm = nn.LayerNorm(E, eps=layer_norm_eps)
+        self.norm_first = norm_first
+
+    @property
+    def lookahead(self):
+        return self.attention.lookahead
+
+    hop = 1
+
+    def _post(self, x, a):
+        if self.norm_first:
+            h = x + a
+            return h + self.feed_forward(self.final_layer_norm(h))
+        h = self.layer_norm(x + a)
+        return self.final_layer_norm(h + self.feed_forward(h))
+
+    def forward(self, x, key_lengths=None):
+        h = self.layer_norm(x) if self.norm_first else x
+        return self._post(x, self.attention(h, key_lengths=key_lengths))
+
+    def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
+        att = self.attention.init_state(batch_size, device=device, dtype=dtype,
+                                        max_chunk=max_chunk)
+        qcap = att.q.shape[2]
+        zi = lambda: torch.zeros(batch_size, dtype=torch.int64, device=att.pos.device)  # noqa
+        return LayerState(attention=att, res=att.q.new_zeros(batch_size, qcap,
+                                                             self.attention.embed_dim),
+                          count=zi(), out_lengths=zi())
+
+    def step(self, x, state, lengths=None):
+        B, n, E = x.shape
+        mc = state.res.shape[1] - self.attention.hi_off
+        if n > mc:
+            from .attention import _concat_ragged
+            outs, counts = [], []
+            L = torch.full((B,), n, dtype=torch.int64, device=x.device) if lengths is None \
+                else torch.as_tensor(lengths, device=x.device).to(torch.int64)
+            for s in range(0, n, mc):
+                y, state = self.step(x[:, s:s + mc], state, (L - s).clamp(0, min(mc, n - s)))
+                outs.append(y)
+                counts.append(state.out_lengths.clone())
+            return _concat_ragged(outs, counts, state)
+        h = self.layer_norm(x) if self.norm_first else x
+        a, state.attention = self.attention.step(h, state.attention, lengths)
+        return self._release(x, a, state, lengths)
+
+    def flush(self, state):
+        a, state.attention = self.attention.flush(state.attention)
+        B = state.res.shape[0]
+        return self._release(state.res.new_zeros(B, 0, state.res.shape[2]), a, state, None)
+
+    def _release(self, x, a, state, lengths):
+        B, n, E = x.shape
+        dev = x.device
+        if n:
+            L = torch.full((B,), n, dtype=torch.int64, device=dev) if lengths is None \
+                else torch.as_tensor(lengths, device=dev).to(torch.int64)
+            j = torch.arange(n, device=dev)
+            bi, ji = (j[None, :] < L[:, None]).nonzero(as_tuple=True)
+            state.res[bi, state.count[bi] + ji] = x[bi, ji].to(state.res.dtype)
+            state.count = state.count + L
+        r = state.attention.out_lengths
+        m = a.shape[1]
+        y = self._post(state.res[:, :m].to(a.dtype), a)
+        if m:
+            cap = state.res.shape[1]
+            idx = (torch.arange(cap, device=dev)[None, :] + r[:, None]).clamp(max=cap - 1)
+            state.res = state.res.gather(1, idx[:, :, None].expand(B, cap, E))
+            state.count = state.count - r
+        state.out_lengths = r
+        return y, state

@@ -1,0 +1,106 @@
+"""Refiner: FocalCodec-Stream's chunk-wise residual feed-forward.
+
+The sequence (B, T, E) is cut into chunks of C frames (the last one zero-padded), each chunk is
+flattened to C * E features and refined by a residual MLP, y = x + W2 act(W1 flat(x) + b1) + b2,
+reshaped back and cropped to T. A frame's output depends on its whole chunk, so the latency is
+C - 1 frames (the first frame of a chunk waits for the last).
+
+Streaming: frames are buffered until a chunk is complete; ``flush`` zero-pads the incomplete last
+chunk exactly as the offline forward does, so step + flush outputs equal forward.
+"""
+import dataclasses
+
+import torch
+from torch import nn
+
+from ..streaming.state import StreamState
+
+__all__ = ["Refiner", "RefinerState"]
+
+
+@dataclasses.dataclass
+class RefinerState(StreamState):
+    buf: torch.Tensor          # (B, C, E) frames of the incomplete chunk
+    count: torch.Tensor        # (B,) int64 frames in buf
+    out_lengths: torch.Tensor  # (B,) int64
+
+
+class Refiner(nn.Module):
+    def __init__(self, embed_dim, chunk_size, hidden_dim=None, activation=None, bias=True):
+        super().__init__()
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+        self.embed_dim, self.chunk_size = embed_dim, chunk_size
+        flat = embed_dim * chunk_size
+        hidden_dim = flat if hidden_dim is None else hidden_dim
+        self.fc1 = nn.Linear(flat, hidden_dim, bias=bias)
+        self.act = nn.GELU() if activation is None else activation
+        self.fc2 = nn.Linear(hidden_dim, flat, bias=bias)
+
+    @property
+    def lookahead(self):
+        return self.chunk_size - 1
+
+    hop = 1
+
+    def _refine(self, chunks):
+        B, N, C, E = chunks.shape
+        flat = chunks.reshape(B, N, C * E)
+        return (flat + self.fc2(self.act(self.fc1(flat)))).view(B, N, C, E)
+
+    def forward(self, x):
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must have shape (B, T, {self.embed_dim}); got {tuple(x.shape)}")
+        B, T, E = x.shape
+        C = self.chunk_size
+        N = -(-T // C)
+        xp = torch.nn.functional.pad(x, (0, 0, 0, N * C - T))
+        return self._refine(xp.view(B, N, C, E)).reshape(B, N * C, E)[:, :T]
+
+    def init_state(self, batch_size, *, device=None, dtype=None, **_):
+        device = self.fc1.weight.device if device is None else torch.device(device)
+        dtype = self.fc1.weight.dtype if dtype is None else dtype
+        zi = lambda: torch.zeros(batch_size, dtype=torch.int64, device=device)  # noqa: E731
+        return RefinerState(buf=torch.zeros(batch_size, self.chunk_size, self.embed_dim,
+                                            device=device, dtype=dtype), count=zi(),
+                            out_lengths=zi())
+
+    def step(self, x, state, lengths=None):
+        return self._run(x, state, lengths, final=False)
+
+    def flush(self, state):
+        B = state.buf.shape[0]
+        return self._run(state.buf.new_zeros(B, 0, self.embed_dim), state, None, final=True)
+
+    def _run(self, x, state, lengths, final):
+        B, n, E = x.shape
+        C = self.chunk_size
+        outs, bufs, counts = [], [], []
+        for b in range(B):
+            ln = n if lengths is None else int(lengths[b])
+            cb = int(state.count[b])
+            seq = torch.cat((state.buf[b, :cb], x[b, :ln].to(state.buf.dtype)), 0)
+            full = seq.shape[0] // C
+            rest = seq[full * C:]
+            if final and rest.shape[0]:
+                pad = torch.cat((rest, rest.new_zeros(C - rest.shape[0], E)), 0)
+                y = torch.cat((self._refine(seq[:full * C].view(1, full, C, E)).view(-1, E),
+                               self._refine(pad.view(1, 1, C, E)).view(C, E)[:rest.shape[0]]), 0)
+                rest = rest[:0]
+            else:
+                y = self._refine(seq[:full * C].view(1, full, C, E)).view(-1, E)
+            outs.append(y)
+            nb = state.buf.new_zeros(C, E)
+            nb[:rest.shape[0]] = rest
+            bufs.append(nb)
+            counts.append(rest.shape[0])
+        m = max((o.shape[0] for o in outs), default=0)
+        yb = x.new_zeros(B, m, E)
+        for b, o in enumerate(outs):
+            yb[b, :o.shape[0]] = o.to(x.dtype)
+        state.out_lengths = torch.tensor([o.shape[0] for o in outs], dtype=torch.int64,
+                                         device=state.count.device)
+        if B:
+            state.buf = torch.stack(bufs, 0)
+        state.count = torch.tensor(counts, dtype=torch.int64, device=state.count.device)
+        return yb, state

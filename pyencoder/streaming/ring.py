@@ -1,0 +1,92 @@
+"""Ring KV cache and decode-step attention over it.
+
+The ring holds, per slot b, the keys (already rotated at their absolute position) and values of the
+last ``cap`` positions of stream b: position s lives at ring index s % cap. With ``n_keys[b]`` keys
+appended so far, ring index i holds position ``kpos = (n - 1) - ((n - 1 - i) mod cap)`` (negative:
+empty). Nothing is ever copied to undo the wrap-around; the attention below (and the Triton kernel
+in pyencoder.triton_kernels.decode_attention) index the ring directly.
+
+``decode_attention(q, k_ring, v_ring, q_pos, q_count, n_keys, ...)``: the M pending queries of each
+slot (un-rotated; rotated here at q_pos, float32 angles) attend to the ring entries whose position
+lies in [lo(p), hi(p)] of the interval mask (block, lo_off, hi_off) of pyencoder.ops.attention.
+Rows i >= q_count[b] are padding and output zeros, like rows with no visible key. The arithmetic
+follows pyencoder.reference.attention.forward step by step (q k^T, times scale, mask, max, exp,
+sum, p v, divide), so a streamed row matches the offline row up to summation order.
+"""
+import torch
+
+from ..rope import apply_rope
+
+__all__ = ["ring_positions", "decode_attention", "decode_attention_reference", "ring_write"]
+
+_NEG_INF = float("-inf")
+
+
+def ring_positions(n_keys, cap):
+    """(B, cap) int64 absolute position held at each ring index (negative: empty)."""
+    last = n_keys.to(torch.int64)[:, None] - 1
+    i = torch.arange(cap, device=n_keys.device)[None, :]
+    return last - torch.remainder(last - i, cap)
+
+
+def ring_write(ring, values, positions, valid):
+    """ring (B, H, cap, D) <- values (B, H, n, D) at ring index positions % cap where valid (B, n)."""
+    bi, ji = valid.nonzero(as_tuple=True)
+    if bi.numel() == 0:
+        return
+    idx = torch.remainder(positions[bi, ji], ring.shape[2])
+    ring[bi, :, idx] = values[bi, :, ji].to(ring.dtype)
+
+
+def decode_attention_reference(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved,
+                               block, lo_off, hi_off, scale):
+    B, H, M, D = q.shape
+    cap = k_ring.shape[2]
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qr = q.to(cdt)
+    if inv_freq is not None and inv_freq.numel():
+        qr = apply_rope(qr, q_pos, inv_freq, interleaved)
+    kpos = ring_positions(n_keys, cap)                       # (B, cap)
+    base = torch.div(q_pos, block, rounding_mode="floor") * block
+    hi = base + hi_off
+    m = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= hi[:, :, None])
+    if lo_off >= 0:
+        m = m & (kpos[:, None, :] >= (base - lo_off)[:, :, None])
+    rows = torch.arange(M, device=q.device)[None, :] < q_count.to(q.device)[:, None]
+    m = (m & rows[:, :, None])[:, None]                      # (B, 1, M, cap)
+    s = torch.matmul(qr, k_ring.to(cdt).transpose(-1, -2))
+    s.mul_(scale)
+    s.masked_fill_(~m, _NEG_INF)
+    mx = s.amax(dim=-1, keepdim=True)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    p = torch.exp(s - mx)
+    l = p.sum(dim=-1, keepdim=True)
+    o = torch.matmul(p, v_ring.to(cdt))
+    nz = l > 0
+    o = torch.where(nz, o / torch.where(nz, l, torch.ones_like(l)), torch.zeros_like(o))
+    return o.to(q.dtype)
+
+
+def decode_attention(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved, block,
+                     lo_off, hi_off, scale, backend=None):
+    """Dispatch: the Triton kernel for CUDA tensors (or ``backend="triton"``), else the reference.
+    ``backend`` in {None, "reference", "triton"}."""
+    if backend is None:
+        backend = "triton" if q.is_cuda and _triton_ok() else "reference"
+    if backend == "triton":
+        from ._decode_triton import decode_attention_triton
+        return decode_attention_triton(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq,
+                                       interleaved, block, lo_off, hi_off, scale)
+    if backend != "reference":
+        raise ValueError(f"decode_attention: backend must be None, 'reference' or 'triton'; got "
+                         f"{backend!r}")
+    return decode_attention_reference(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq,
+                                      interleaved, block, lo_off, hi_off, scale)
+
+
+def _triton_ok():
+    try:
+        import triton  # noqa: F401
+        return True
+    except ImportError:
+        return False

@@ -1,0 +1,148 @@
+"""StreamingSequential: nn.Sequential whose children stream in turn.
+
+Children are streaming modules (``init_state`` / ``step`` / ``flush``, e.g. CausalConv1d,
+BandedSelfAttention, TransformerLayer, Refiner, a nested StreamingSequential) or stateless
+per-frame modules (nn.Linear, nn.LayerNorm over features, activations, dropout, identity,
+pyencoder.nn.Transpose) that are applied to each chunk as is. The per-slot valid lengths travel
+down the chain with the frames: each step's output is (B, ..., m) with slot b's frames first,
+``state.out_lengths[b]`` of them; what follows them is padding. ``flush`` flushes the children in
+order, each flush output passed through the rest of the chain before that child is flushed.
+"""
+import dataclasses
+from typing import List
+
+import torch
+from torch import nn
+
+from .state import StreamState
+
+__all__ = ["StreamingSequential", "StackState", "PassState", "is_pointwise"]
+
+
+@dataclasses.dataclass
+class PassState(StreamState):
+    out_lengths: torch.Tensor
+
+
+@dataclasses.dataclass
+class StackState(StreamState):
+    layers: List[StreamState]
+    out_lengths: torch.Tensor
+
+
+_POINTWISE = (nn.Linear, nn.LayerNorm, nn.Dropout, nn.Identity, nn.GELU, nn.ReLU, nn.SiLU,
+              nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Mish, nn.Hardtanh,
+              nn.PReLU)
+
+
+def is_pointwise(m):
+    from ..nn.misc import Transpose
+    return isinstance(m, _POINTWISE + (Transpose,))
+
+
+def _streams(m):
+    return all(hasattr(m, a) for a in ("init_state", "step", "flush"))
+
+
+class StreamingSequential(nn.Sequential):
+    lookahead = None  # composed by pyencoder.streaming.latency from the children
+
+    def __init__(self, *modules):
+        super().__init__(*modules)
+        for i, m in enumerate(self):
+            if not (_streams(m) or is_pointwise(m)):
+                raise TypeError(f"StreamingSequential: child {i} ({type(m).__name__}) is neither a "
+                                f"streaming module (init_state/step/flush) nor a per-frame module")
+
+    def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
+        p = next(self.parameters(), None)
+        device = (p.device if p is not None else torch.device("cpu")) if device is None \
+            else torch.device(device)
+        dtype = (p.dtype if p is not None else torch.float32) if dtype is None else dtype
+        layers = []
+        for m in self:
+            if _streams(m):
+                layers.append(m.init_state(batch_size, device=device, dtype=dtype,
+                                           max_chunk=max_chunk))
+            else:
+                layers.append(PassState(out_lengths=torch.zeros(batch_size, dtype=torch.int64,
+                                                                device=device)))
+        return StackState(layers=layers, out_lengths=torch.zeros(batch_size, dtype=torch.int64,
+                                                                 device=device))
+
+    def _from(self, start, x, lengths, state):
+        for i in range(start, len(self)):
+            m, st = self[i], state.layers[i]
+            if _streams(m):
+                x, st = m.step(x, st, lengths)
+                state.layers[i] = st
+                lengths = st.out_lengths
+            else:
+                x = m(x)
+                st.out_lengths = lengths.clone()
+        return x, lengths
+
+    def step(self, x, state, lengths=None):
+        B = x.shape[0]
+        if lengths is None:
+            lengths = torch.full((B,), x.shape[-1] if self._time_last(0) else x.shape[1],
+                                 dtype=torch.int64, device=x.device)
+        y, lengths = self._from(0, x, lengths, state)
+        state.out_lengths = lengths
+        return y, state
+
+    def _time_last(self, i):
+        from ..nn.conv import CausalConv1d
+        m = self[i]
+        if isinstance(m, CausalConv1d):
+            return True
+        if isinstance(m, StreamingSequential):
+            return m._time_last(0)
+        return False
+
+    def flush(self, state):
+        outs, counts = [], []
+        for i, m in enumerate(self):
+            if not _streams(m):
+                continue
+            y, st = m.flush(state.layers[i])
+            state.layers[i] = st
+            y, lengths = self._from(i + 1, y, st.out_lengths, state)
+            outs.append(y)
+            counts.append(lengths)
+        return _cat_time(outs, counts, state, time_last=self._out_time_last())
+
+    def _out_time_last(self):
+        from ..nn.misc import Transpose
+        t = self._time_last(0)
+        for m in self:
+            if isinstance(m, Transpose):
+                t = not t
+        return t
+
+
+def _cat_time(outs, counts, state, time_last):
+    if not outs:
+        state.out_lengths = torch.zeros_like(state.out_lengths)
+        return None, state
+    tdim = -1 if time_last else 1
+    total = torch.stack(counts, 0).sum(0)
+    B = total.shape[0]
+    M = int(total.max()) if B else 0
+    ref = outs[-1]
+    shape = list(ref.shape)
+    shape[tdim] = M
+    y = ref.new_zeros(shape)
+    for b in range(B):
+        t = 0
+        for o, c in zip(outs, counts):
+            cb = int(c[b])
+            if cb:
+                src = o[b, ..., :cb] if time_last else o[b, :cb]
+                if time_last:
+                    y[b, ..., t:t + cb] = src
+                else:
+                    y[b, t:t + cb] = src
+                t += cb
+    state.out_lengths = total
+    return y, state
