@@ -1,0 +1,30 @@
+"""Hugging Face transformers integration: make a wav2vec2 / HuBERT / WavLM model a causal,
+streamable encoder in one call.
+
+    import pyencoder.hf
+    model = Wav2Vec2Model.from_pretrained(name, attn_implementation="pyencoder")  # optional
+    pyencoder.hf.apply_pyencoder_to_wav2vec2(model, lookahead_frames=3, left_frames=250)
+    enc = pyencoder.hf.StreamingEncoder(model.eval())
+    state = enc.init_state(batch_size=1)
+    y, state = enc.step(audio_chunk, state)   # any number of 16 kHz samples
+    y, state = enc.flush(state)
+
+Tested with transformers >=5.23,<5.24 (see pyencoder.hf._compat); the patches check what they rely
+on when applied and raise PatchError naming the installed version if something is missing.
+Importing this module registers the "pyencoder" attention implementation with transformers.
+"""
+from ._compat import TESTED_SPEC, PatchError
+from .attention import LayerSpec, register
+from .patch import apply_pyencoder_to_wav2vec2, latency, patch_record, revert_pyencoder
+
+__all__ = ["apply_pyencoder_to_wav2vec2", "revert_pyencoder", "StreamingEncoder", "latency",
+           "register", "patch_record", "LayerSpec", "PatchError", "TESTED_SPEC"]
+
+register()
+
+
+def __getattr__(name):
+    if name in ("StreamingEncoder", "EncoderStreamState"):
+        from . import streaming
+        return getattr(streaming, name)
+    raise AttributeError(f"module 'pyencoder.hf' has no attribute {name!r}")

@@ -1,0 +1,150 @@
+"""transformers attention-registry entry "pyencoder": interval attention for HF encoders.
+
+``register()`` adds two functions under the name "pyencoder":
+
+- to ``AttentionInterface``: ``pyencoder_attention_forward(module, query, key, value,
+  attention_mask, scaling, dropout, **kwargs)``, called by Wav2Vec2Attention / HubertAttention with
+  q, k, v of shape (B, H, N, D). It reads the per-layer ``LayerSpec`` that
+  ``apply_pyencoder_to_wav2vec2`` stores on the attention module (``module._pyencoder_attn``) and
+  calls ``pyencoder.ops.interval_attention`` (band or chunked mask, RoPE inside the kernel). A module
+  without a spec gets full bidirectional attention, so ``from_pretrained(...,
+  attn_implementation="pyencoder")`` alone computes the same function as "eager"/"sdpa".
+- to ``AttentionMaskInterface``: ``pyencoder_mask(...)``, which turns HF's 2-D right-padding
+  mask into ``key_lengths`` (int32 (B,)) once per forward; no (B, 1, N, N) mask is ever built.
+
+Limits: only bidirectional (encoder) masks; attention-probability dropout is not implemented (a
+training forward with dropout > 0 raises); output_attentions yields None weights; a 4-D custom
+mask is refused.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..ops.attention import interval_attention
+from ..rope import Rope
+
+NAME = "pyencoder"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer's interval mask (see pyencoder.ops.attention) and rotary.
+
+    ``lookahead`` is how many frames past the query's own block this layer reads (the band's right
+    context, or the chunk's extra lookahead); ``left`` is None for unbounded history."""
+    block: int
+    lo_off: int
+    hi_off: int
+    lookahead: int
+    left: Optional[int]
+    rope: Optional[Rope]
+
+    @property
+    def chunked(self):
+        return self.block > 1
+
+    def hi(self, p):
+        """Last absolute key position visible to query position p."""
+        return (p // self.block) * self.block + self.hi_off
+
+    def lo(self, p):
+        """First visible key position of query p (0 when unbounded)."""
+        if self.lo_off < 0:
+            return 0
+        return max(0, (p // self.block) * self.block - self.lo_off)
+
+
+def key_lengths_from_mask(attention_mask, batch_size, kv_length):
+    """HF padding mask -> int32 key_lengths (B,) or None (no padding). Accepts the 1-D lengths made
+    by ``pyencoder_mask``, a 2-D (B, N) 0/1 or bool right-padding mask, or None."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"pyencoder attention: attention_mask must be a tensor or None; got "
+                        f"{type(attention_mask).__name__}")
+    if attention_mask.dim() == 1 and not attention_mask.is_floating_point():
+        return attention_mask.to(torch.int32)
+    if attention_mask.dim() == 2:
+        if attention_mask.shape != (batch_size, kv_length):
+            raise ValueError(f"pyencoder attention: 2-D attention_mask must be (batch, keys) = "
+                             f"({batch_size}, {kv_length}); got {tuple(attention_mask.shape)}")
+        m = attention_mask.to(torch.bool)
+        lengths = m.sum(-1, dtype=torch.int32)
+        if not _compiling():
+            ref = torch.arange(kv_length, device=m.device)[None, :] < lengths[:, None]
+            if not torch.equal(ref, m):
+                raise ValueError("pyencoder attention: attention_mask must be a right-padding "
+                                 "mask (ones then zeros in every row); got another pattern")
+        return lengths
+    raise ValueError(f"pyencoder attention supports a 2-D padding mask (batch, keys) only; got a "
+                     f"{attention_mask.dim()}-D attention_mask of shape "
+                     f"{tuple(attention_mask.shape)}")
+
+
+def _compiling():
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover
+        return False
+
+
+def check_no_dropout(module, dropout):
+    if dropout and module.training:
+        raise NotImplementedError(
+            f"pyencoder attention has no attention-probability dropout; {type(module).__name__} "
+            f"asks for dropout={dropout} in training mode. Set config.attention_dropout=0.0 (and "
+            f"module.dropout=0.0) or train in eval mode.")
+
+
+def run_spec(spec, q, k, v, key_lengths, scaling):
+    """(B, H, N, D) interval attention of one layer; full attention when spec is None."""
+    if spec is None:
+        block, lo_off, hi_off, rope = 1, -1, max(k.shape[2], 1), None
+    else:
+        block, lo_off, hi_off, rope = spec.block, spec.lo_off, spec.hi_off, spec.rope
+    return interval_attention(q, k, v, block=block, lo_off=lo_off, hi_off=hi_off, rope=rope,
+                              key_lengths=key_lengths, scale=scaling)
+
+
+def pyencoder_attention_forward(module, query, key, value, attention_mask, scaling=None,
+                                dropout=0.0, **kwargs):
+    """AttentionInterface entry: returns (attn_output (B, N, H, D), None)."""
+    check_no_dropout(module, dropout)
+    B, _, _, _ = query.shape
+    key_lengths = key_lengths_from_mask(attention_mask, B, key.shape[2])
+    spec = getattr(module, "_pyencoder_attn", None)
+    out = run_spec(spec, query, key, value, key_lengths, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def pyencoder_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                   attention_mask=None, **kwargs):
+    """AttentionMaskInterface entry: the padding mask as int32 key_lengths (B,), or None."""
+    from transformers.masking_utils import bidirectional_mask_function
+    if mask_function is not None and mask_function is not bidirectional_mask_function:
+        raise NotImplementedError(
+            "the 'pyencoder' attention implementation serves bidirectional encoders (wav2vec2, "
+            "HuBERT); it got a causal/sliding/custom mask function. Use it only with audio "
+            "encoders patched by pyencoder.hf.apply_pyencoder_to_wav2vec2.")
+    if not isinstance(q_offset, int) or not isinstance(kv_offset, int) or q_offset or kv_offset:
+        raise NotImplementedError("the 'pyencoder' attention implementation does not support a "
+                                  "KV cache (q_offset/kv_offset must be 0)")
+    if attention_mask is None:
+        return None
+    return key_lengths_from_mask(attention_mask, batch_size, kv_length)
+
+
+def register():
+    """Register "pyencoder" with transformers' attention and mask registries (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface.register(NAME, pyencoder_attention_forward)
+    AttentionMaskInterface.register(NAME, pyencoder_mask)
+
+
+def is_registered():
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    return (ALL_ATTENTION_FUNCTIONS._global_mapping.get(NAME) is pyencoder_attention_forward
+            and ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(NAME) is pyencoder_mask)

@@ -1,0 +1,78 @@
+"""Streamable replacements for the two non-causal pieces of wav2vec2-style front ends.
+
+running_group_norm: wav2vec2-base's conv layer 0 ends in GroupNorm(C, C), i.e. per-channel
+normalisation over the whole utterance. "running" replaces the utterance statistics by causal
+cumulative ones: for frame t (counting from the start of the stream, n_t = t + 1)
+
+    mean_t = sum_{u<=t} x_u / n_t,   var_t = max(sum_{u<=t} x_u^2 / n_t - mean_t^2, 0)
+    y_t = (x_t - mean_t) / sqrt(var_t + eps) * weight + bias
+
+Sums are float64 and carried as a state (count, sum, sum of squares), computed as one sequential
+cumulative sum seeded with the carried value, so the offline pass (time blocks of BLOCK frames) and
+any chunked stream add the same numbers in the same order. Memory: O(B * C * BLOCK) extra.
+
+causal_pos_conv: the symmetric positional conv (k taps, padding k // 2, last frame dropped for even
+k) becomes causal with the same weights: output t reads inputs t - k + 1 .. t (zero history, or the
+streaming state of the last k - 1 inputs). Uses pyencoder.ops.causal_conv1d.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from ..ops.conv import causal_conv1d
+
+BLOCK = 4096
+
+
+@dataclass
+class RunningNormState:
+    count: int
+    total: torch.Tensor    # (B, C) float64
+    total_sq: torch.Tensor  # (B, C) float64
+
+
+def init_running_norm_state(batch_size, channels, device=None):
+    z = torch.zeros(batch_size, channels, dtype=torch.float64, device=device)
+    return RunningNormState(0, z, z.clone())
+
+
+def running_group_norm(x, weight, bias, eps, state=None):
+    """x (B, C, T) -> (y (B, C, T), new state). ``state`` None starts a fresh stream."""
+    B, C, T = x.shape
+    if state is None:
+        state = init_running_norm_state(B, C, x.device)
+    count, tot, tot_sq = state.count, state.total, state.total_sq
+    ys = []
+    for t0 in range(0, T, BLOCK):
+        t1 = min(T, t0 + BLOCK)
+        xd = x[..., t0:t1].to(torch.float64)
+        s = torch.cumsum(torch.cat((tot[..., None], xd), -1), -1)[..., 1:]
+        ss = torch.cumsum(torch.cat((tot_sq[..., None], xd * xd), -1), -1)[..., 1:]
+        n = torch.arange(count + 1, count + 1 + (t1 - t0), device=x.device, dtype=torch.float64)
+        mean = s / n
+        var = (ss / n - mean * mean).clamp_min(0.0)
+        y = ((xd - mean) * torch.rsqrt(var + eps)).to(x.dtype)
+        if weight is not None:
+            y = y * weight[:, None] + bias[:, None]
+        ys.append(y)
+        count, tot, tot_sq = count + (t1 - t0), s[..., -1], ss[..., -1]
+    y = torch.cat(ys, -1) if ys else x.new_empty(B, C, 0)
+    return y, RunningNormState(count, tot.detach(), tot_sq.detach())
+
+
+def pos_conv_parts(pc):
+    """(weight, bias, groups, kernel) of a Wav2Vec2/Hubert/WavLM PositionalConvEmbedding."""
+    conv = pc.conv
+    return conv.weight, conv.bias, conv.groups, conv.kernel_size[0]
+
+
+def causal_pos_conv(pc, hidden_states, initial_state=None, return_state=False):
+    """hidden_states (B, N, C) -> positional embeddings (B, N, C), causal, same weights as ``pc``."""
+    x = hidden_states.transpose(1, 2)
+    if getattr(pc, "batch_norm", None) is not None:
+        x = pc.batch_norm(x)
+    weight, bias, groups, _ = pos_conv_parts(pc)
+    y, final = causal_conv1d(x.contiguous(), weight, bias, groups=groups,
+                             initial_state=initial_state, return_final_state=True)
+    y = pc.activation(y).transpose(1, 2)
+    return (y, final) if return_state else y

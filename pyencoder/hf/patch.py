@@ -1,0 +1,343 @@
+"""apply_pyencoder_to_wav2vec2 / revert_pyencoder: make a transformers wav2vec2-family model a
+causal (banded or chunked) encoder with a few frames of lookahead, in place.
+
+What is patched (and restored exactly by revert_pyencoder):
+- attention: Wav2Vec2 and HuBERT go through transformers' attention registry: every
+  attention module gets a ``_pyencoder_attn`` LayerSpec and ``config._attn_implementation`` becomes
+  "pyencoder" (see pyencoder.hf.attention). WavLM bypasses the registry: each WavLMAttention gets
+  an instance ``forward`` computing the gated relative position bias inside a blocked interval
+  attention (pyencoder.hf.wavlm).
+- positional conv (``encoder.pos_conv_embed``): "drop" (its output becomes 0), "causal" (same
+  weights, causal padding) or "keep"; patched by an instance ``forward``, so parameters and
+  state_dict keys are unchanged and a patched model's checkpoint loads into an unpatched one.
+- GroupNorm of conv layer 0 (``feat_extract_norm == "group"``): "running" (causal cumulative
+  statistics, pyencoder.hf.frontend) or "keep".
+
+Patching a patched model raises (call revert_pyencoder first); the patch is not idempotent by
+design, so a second call with other settings can never be silently ignored. A forward pre-hook
+refuses to run a patched Wav2Vec2/HuBERT whose ``config._attn_implementation`` was changed away
+from "pyencoder" afterwards (its attention would silently become full again).
+"""
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from ..ops._checks import check_int
+from ..rope import Rope
+from . import _compat
+from .attention import NAME, LayerSpec, is_registered, register
+from .frontend import causal_pos_conv, running_group_norm
+from .wavlm import patched_forward
+
+POS_CONV_MODES = ("drop", "causal", "keep")
+GROUP_NORM_MODES = ("running", "keep")
+SAMPLE_RATE = 16000
+
+
+@dataclass
+class PatchRecord:
+    family: str
+    specs: List[LayerSpec]
+    options: dict
+    pos_conv: str
+    group_norm: Optional[str]
+    orig_attn_impl: Optional[str] = None
+    instance_forwards: list = field(default_factory=list)
+    hook: object = None
+
+    @property
+    def per_layer_lookahead(self):
+        return [s.lookahead for s in self.specs]
+
+
+def _families():
+    from transformers import HubertModel, Wav2Vec2Model, WavLMModel
+    return {"wav2vec2": Wav2Vec2Model, "hubert": HubertModel, "wavlm": WavLMModel}
+
+
+def base_model(model):
+    """The Wav2Vec2Model / HubertModel / WavLMModel inside ``model`` (itself, or a head's base)."""
+    for fam, cls in _families().items():
+        if isinstance(model, cls):
+            return model, fam
+    prefix = getattr(model, "base_model_prefix", None)
+    inner = getattr(model, prefix, None) if isinstance(prefix, str) else None
+    for fam, cls in _families().items():
+        if isinstance(inner, cls):
+            return inner, fam
+    raise TypeError(f"apply_pyencoder_to_wav2vec2 supports Wav2Vec2Model, HubertModel, WavLMModel "
+                    f"and their heads (ForCTC, ForSequenceClassification, ...); got "
+                    f"{type(model).__name__}")
+
+
+def _check_model(base, family):
+    _compat.require_attrs(base, ["feature_extractor", "encoder", "config"], f"{family} base model")
+    enc = base.encoder
+    _compat.require_attrs(enc, ["layers", "pos_conv_embed"], f"{family} encoder")
+    pc = enc.pos_conv_embed
+    _compat.require_attrs(pc, ["conv", "activation"], f"{family} positional conv embedding")
+    if not isinstance(pc.conv, nn.Conv1d):
+        _compat.fail(f"{family} pos_conv_embed.conv is {type(pc.conv).__name__}, not nn.Conv1d")
+    _compat.require_attrs(base.feature_extractor, ["conv_layers"], f"{family} feature extractor")
+    for i, layer in enumerate(enc.layers):
+        _compat.require_attrs(layer, ["attention"], f"{family} encoder layer {i}")
+        att = layer.attention
+        _compat.require_attrs(att, ["q_proj", "k_proj", "v_proj", "out_proj", "num_heads",
+                                    "head_dim", "scaling", "dropout"],
+                              f"{family} attention (layer {i})")
+    if family == "wavlm":
+        for i, layer in enumerate(enc.layers):
+            att = layer.attention
+            _compat.require_attrs(att, ["gru_rel_pos_linear", "gru_rel_pos_const",
+                                        "_relative_positions_bucket", "num_buckets"],
+                                  f"WavLM attention (layer {i})")
+            _compat.require_params(type(att).forward, ["attention_mask", "position_bias"],
+                                   "WavLMAttention.forward")
+        if getattr(enc.layers[0].attention, "rel_attn_embed", None) is None:
+            _compat.fail("WavLM layer 0 has no rel_attn_embed")
+    else:
+        cls = type(enc.layers[0].attention)
+        _compat.require_source(cls, "ALL_ATTENTION_FUNCTIONS.get_interface(",
+                               f"{cls.__name__} (attention registry dispatch)")
+        _compat.require_source(type(enc), "create_bidirectional_mask(",
+                               f"{type(enc).__name__} (padding mask through the mask registry)")
+        _compat.require_attrs(base.config, ["_attn_implementation_internal"], "model config")
+    if base.config.feat_extract_norm == "group":
+        gn = getattr(base.feature_extractor.conv_layers[0], "layer_norm", None)
+        if not isinstance(gn, nn.GroupNorm) or gn.num_groups != gn.num_channels:
+            _compat.fail("conv layer 0 of a feat_extract_norm='group' model has no per-channel "
+                         "nn.GroupNorm named layer_norm")
+    if getattr(base.config, "add_adapter", False):
+        raise NotImplementedError("models with an adapter (config.add_adapter=True) are not "
+                                  "supported by pyencoder.hf yet")
+
+
+def _layer_lookaheads(lookahead_frames, lookahead_layers, n_layers):
+    if isinstance(lookahead_layers, str):
+        if lookahead_layers == "first":
+            return [lookahead_frames] + [0] * (n_layers - 1)
+        if lookahead_layers == "all":
+            return [lookahead_frames] * n_layers
+        raise ValueError(f"lookahead_layers must be 'first', 'all' or a list of {n_layers} ints; "
+                         f"got {lookahead_layers!r}")
+    if not isinstance(lookahead_layers, (list, tuple)) or len(lookahead_layers) != n_layers:
+        raise ValueError(f"lookahead_layers must be 'first', 'all' or a list of {n_layers} ints "
+                         f"(one per layer); got {lookahead_layers!r}")
+    for i, r in enumerate(lookahead_layers):
+        check_int(f"lookahead_layers[{i}]", r, min_value=0)
+    return list(lookahead_layers)
+
+
+def _make_rope(rope, head_dim):
+    if rope is True:
+        return Rope(head_dim)
+    if rope is False or rope is None:
+        return None
+    if isinstance(rope, Rope):
+        if rope.dim > head_dim:
+            raise ValueError(f"rope.dim must be <= head_dim ({head_dim}); got {rope.dim}")
+        return rope
+    raise TypeError(f"rope must be a bool or a pyencoder.Rope; got {type(rope).__name__}")
+
+
+def build_specs(n_layers, head_dim, lookahead_frames, left_frames, lookahead_layers, rope,
+                chunk_size, left_chunks):
+    check_int("lookahead_frames", lookahead_frames, min_value=0)
+    check_int("left_frames", left_frames, min_value=0, allow_none=True)
+    check_int("chunk_size", chunk_size, min_value=1, allow_none=True)
+    check_int("left_chunks", left_chunks, min_value=0, allow_none=True)
+    if chunk_size is None and left_chunks is not None:
+        raise ValueError("left_chunks needs chunk_size (chunked attention); got chunk_size=None")
+    if chunk_size is not None and left_frames is not None:
+        raise ValueError("left_frames is for the band mask; with chunk_size give left_chunks "
+                         f"instead (got left_frames={left_frames})")
+    r_list = _layer_lookaheads(lookahead_frames, lookahead_layers, n_layers)
+    rp = _make_rope(rope, head_dim)
+    specs = []
+    for r in r_list:
+        if chunk_size is None:
+            specs.append(LayerSpec(1, -1 if left_frames is None else left_frames, r, r,
+                                   left_frames, rp))
+        else:
+            lo = -1 if left_chunks is None else left_chunks * chunk_size
+            specs.append(LayerSpec(chunk_size, lo, chunk_size - 1 + r, r,
+                                   None if left_chunks is None else lo, rp))
+    return specs
+
+
+def _set_forward(record, module, fn):
+    module.forward = fn
+    record.instance_forwards.append(module)
+
+
+def _impl_guard(record):
+    def hook(module, args, kwargs):
+        impl = module.config._attn_implementation
+        if impl != NAME:
+            raise RuntimeError(f"this model was patched by pyencoder (banded/chunked attention) "
+                               f"but config._attn_implementation is now {impl!r}; call "
+                               f"pyencoder.hf.revert_pyencoder(model) first, or "
+                               f"model.set_attn_implementation({NAME!r})")
+    return hook
+
+
+def apply_pyencoder_to_wav2vec2(model, *, lookahead_frames=3, left_frames=None,
+                                lookahead_layers="first", rope=True, pos_conv="drop",
+                                group_norm="running", chunk_size=None, left_chunks=None):
+    """Patch a Wav2Vec2 / HuBERT / WavLM model (base or head) in place; returns the same object.
+
+    Attention becomes band(left_frames, r_l) (or chunked(chunk_size, left_chunks, r_l) when
+    ``chunk_size`` is given) with per-layer lookahead r_l from ``lookahead_layers``: "first" puts
+    all ``lookahead_frames`` in layer 0 (total lookahead = lookahead_frames), "all" gives every
+    layer ``lookahead_frames`` (total = layers x lookahead_frames), or a list gives one value per
+    layer. ``rope``: True for RoPE over the whole head (a pyencoder.Rope for other settings), False
+    for none. ``pos_conv``: "drop", "causal" or "keep" (offline only). ``group_norm``: "running"
+    or "keep" (offline only); ignored by models without GroupNorm (feat_extract_norm="layer").
+    Raises PatchError if the installed transformers lacks what the patch relies on, and
+    ValueError if ``model`` is already patched."""
+    base, family = base_model(model)
+    if getattr(base, "_pyencoder_patch", None) is not None:
+        raise ValueError("this model is already patched by pyencoder; call "
+                         "pyencoder.hf.revert_pyencoder(model) before patching it again")
+    if pos_conv not in POS_CONV_MODES:
+        raise ValueError(f"pos_conv must be one of {POS_CONV_MODES}; got {pos_conv!r}")
+    if group_norm not in GROUP_NORM_MODES:
+        raise ValueError(f"group_norm must be one of {GROUP_NORM_MODES}; got {group_norm!r}")
+    if not _compat.in_tested_range():
+        warnings.warn(f"pyencoder.hf is tested with transformers {_compat.TESTED_SPEC}; you have "
+                      f"{_compat.transformers_version()}. The patch checks what it relies on, but "
+                      f"verify outputs on your model.", stacklevel=2)
+    _check_model(base, family)
+    cfg = base.config
+    att0 = base.encoder.layers[0].attention
+    specs = build_specs(len(base.encoder.layers), att0.head_dim, lookahead_frames, left_frames,
+                        lookahead_layers, rope, chunk_size, left_chunks)
+    if lookahead_layers == "all" and lookahead_frames and len(specs) > 1:
+        warnings.warn(f"lookahead_layers='all': lookahead compounds over {len(specs)} layers, "
+                      f"total lookahead = {len(specs)} x {lookahead_frames} = "
+                      f"{len(specs) * lookahead_frames} frames "
+                      f"({len(specs) * lookahead_frames * frame_ms(base):g} ms)", stacklevel=2)
+    gn_mode = group_norm if cfg.feat_extract_norm == "group" else None
+    record = PatchRecord(family=family, specs=specs, pos_conv=pos_conv, group_norm=gn_mode,
+                         options=dict(lookahead_frames=lookahead_frames, left_frames=left_frames,
+                                      lookahead_layers=lookahead_layers, rope=rope,
+                                      pos_conv=pos_conv, group_norm=group_norm,
+                                      chunk_size=chunk_size, left_chunks=left_chunks))
+    if family != "wavlm":
+        if not is_registered():
+            register()
+        record.orig_attn_impl = cfg._attn_implementation_internal
+    try:
+        for layer, spec in zip(base.encoder.layers, specs):
+            layer.attention._pyencoder_attn = spec
+            if family == "wavlm":
+                _set_forward(record, layer.attention, patched_forward(layer.attention))
+        pc = base.encoder.pos_conv_embed
+        if pos_conv == "drop":
+            _set_forward(record, pc, lambda hidden_states: hidden_states.new_zeros(()))
+        elif pos_conv == "causal":
+            _set_forward(record, pc, lambda hidden_states: causal_pos_conv(pc, hidden_states))
+        if gn_mode == "running":
+            gn = base.feature_extractor.conv_layers[0].layer_norm
+            _set_forward(record, gn,
+                         lambda x: running_group_norm(x, gn.weight, gn.bias, gn.eps)[0])
+        if family != "wavlm":
+            if cfg._attn_implementation != NAME:
+                model.set_attn_implementation(NAME)
+                if base.config._attn_implementation != NAME:
+                    _compat.fail(f"set_attn_implementation({NAME!r}) did not take effect on "
+                                 f"{type(base).__name__}")
+            record.hook = base.register_forward_pre_hook(_impl_guard(record), with_kwargs=True)
+    except BaseException:
+        _undo(base, record)
+        raise
+    base._pyencoder_patch = record
+    return model
+
+
+def _undo(base, record):
+    for m in record.instance_forwards:
+        if "forward" in m.__dict__:
+            del m.forward
+    record.instance_forwards.clear()
+    for layer in base.encoder.layers:
+        if "_pyencoder_attn" in layer.attention.__dict__:
+            del layer.attention._pyencoder_attn
+    if record.hook is not None:
+        record.hook.remove()
+        record.hook = None
+    if record.family != "wavlm" and record.orig_attn_impl is not None:
+        base.config._attn_implementation_internal = record.orig_attn_impl
+
+
+def revert_pyencoder(model):
+    """Undo apply_pyencoder_to_wav2vec2 exactly; returns the same model. Raises ValueError when
+    the model is not patched."""
+    base, _ = base_model(model)
+    record = getattr(base, "_pyencoder_patch", None)
+    if record is None:
+        raise ValueError("this model is not patched by pyencoder")
+    _undo(base, record)
+    del base._pyencoder_patch
+    return model
+
+
+def patch_record(model):
+    base, _ = base_model(model)
+    return getattr(base, "_pyencoder_patch", None)
+
+
+def frontend_geometry(base):
+    """(hop, receptive_field) in samples of the conv feature extractor."""
+    hop, rf = 1, 1
+    for k, s in zip(base.config.conv_kernel, base.config.conv_stride):
+        rf += (k - 1) * hop
+        hop *= s
+    return hop, rf
+
+
+def frame_ms(base):
+    return frontend_geometry(base)[0] * 1000.0 / SAMPLE_RATE
+
+
+def lookahead_frames_total(specs, horizon=None):
+    """max over t of (last input frame needed by output frame t) - t through all layers."""
+    if not specs:
+        return 0
+    blocks = [s.block for s in specs]
+    period = 1
+    for b in blocks:
+        period = period * b // math.gcd(period, b)
+    horizon = horizon or min(2 * period + 1, 100000)
+    worst = 0
+    for t in range(horizon):
+        p = t
+        for s in reversed(specs):
+            p = s.hi(p)
+        worst = max(worst, p - t)
+    return worst
+
+
+def latency(model):
+    """Algorithmic latency of a patched model: attention lookahead plus the feature extractor's.
+
+    Returns a dict: lookahead_frames (through all layers), per_layer_lookahead, hop_samples,
+    frontend_lookahead_samples (receptive field - hop), samples, and ms versions at 16 kHz."""
+    base, _ = base_model(model)
+    record = getattr(base, "_pyencoder_patch", None)
+    if record is None:
+        raise ValueError("latency: the model is not patched by pyencoder (full attention has "
+                         "unbounded lookahead)")
+    hop, rf = frontend_geometry(base)
+    frames = lookahead_frames_total(record.specs)
+    fe = rf - hop
+    samples = frames * hop + fe
+    return dict(lookahead_frames=frames, per_layer_lookahead=record.per_layer_lookahead,
+                hop_samples=hop, frontend_lookahead_samples=fe, samples=samples,
+                attention_ms=frames * hop * 1000.0 / SAMPLE_RATE,
+                frontend_ms=fe * 1000.0 / SAMPLE_RATE, ms=samples * 1000.0 / SAMPLE_RATE,
+                sample_rate=SAMPLE_RATE)
