@@ -1,0 +1,120 @@
+"""Triton decode-step attention over a ring KV cache (semantics:
+pyencoder.streaming.ring.decode_attention_reference).
+
+For slot b, head h and pending query row i < q_count[b] at absolute position p = q_pos[b, i]:
+
+    q' = RoPE(q[b, h, i], p)           (rotated here; float32 angles p * inv_freq; NeoX or
+                                        interleaved pairs; partial rotary: first R features)
+    keys: positions s in [max(lo(p), n - CAP, 0), min(hi(p), n - 1)], n = n_keys[b],
+          read at ring index s % CAP (keys already rotated when they were appended)
+    out = softmax(scale * q' k^T) v    over those keys; 0 for rows i >= q_count[b] or no key
+
+with base(p) = (p // BLOCK) * BLOCK, lo = base - LO_OFF (no lower bound when HAS_LO is false),
+hi = base + HI_OFF — the interval mask of pyencoder.ops.attention.
+
+Algorithm: one program per (slot, head, tile of BLOCK_M query rows). The tile walks logical key
+positions from lo(first row) to hi(last row) in BLOCK_N steps; the wrap-around of the ring is
+handled by indexing (position % CAP), never by copying. The partner feature of each q feature
+(i +- R/2, or i ^ 1 interleaved) is loaded with a second gather so RoPE needs no shuffles.
+Online softmax in fp32 with the -inf-safe rescaling; fp32 inputs use ``input_precision="ieee"``.
+
+Limits: head_dim <= 256; positions must fit in int32 (about 12 days of 20 ms frames).
+"""
+import os
+
+import triton
+import triton.language as tl
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    try:
+        from .causal_conv1d import _fix_interpreter_index
+        _fix_interpreter_index()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@triton.jit
+def _decode_attention_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, qpos_ptr, qcnt_ptr, nk_ptr, freq_ptr,
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+        spb, spm,
+        H, M, CAP, D, R, BLK, LO_OFF, HI_OFF, scale,
+        HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_LO: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    cnt = tl.load(qcnt_ptr + b).to(tl.int32)
+    n = tl.load(nk_ptr + b).to(tl.int32)
+    row_ok = (rows < cnt) & (rows < M)
+    col_ok = cols < D
+    pos = tl.load(qpos_ptr + b * spb + rows * spm, mask=row_ok, other=0).to(tl.int32)
+
+    qb = q_ptr + b * sqb + h * sqh
+    m2 = row_ok[:, None] & col_ok[None, :]
+    q = tl.load(qb + rows[:, None] * sqm + cols[None, :] * sqd, mask=m2, other=0.0).to(tl.float32)
+    if HAS_ROPE:
+        half = R // 2
+        in_rot = cols < R
+        if INTERLEAVED:
+            partner = tl.where(in_rot, cols ^ 1, cols)
+            sign = tl.where((cols % 2) == 0, -1.0, 1.0)
+            fidx = cols // 2
+        else:
+            partner = tl.where(cols < half, cols + half, tl.where(in_rot, cols - half, cols))
+            sign = tl.where(cols < half, -1.0, 1.0)
+            fidx = tl.where(cols < half, cols, cols - half)
+        freq = tl.load(freq_ptr + fidx, mask=in_rot, other=0.0)
+        ang = pos.to(tl.float32)[:, None] * freq[None, :]
+        qp = tl.load(qb + rows[:, None] * sqm + partner[None, :] * sqd, mask=m2,
+                     other=0.0).to(tl.float32)
+        rot = q * tl.cos(ang) + (sign[None, :] * qp) * tl.sin(ang)
+        q = tl.where(in_rot[None, :], rot, q)
+
+    big = 2147483647
+    p_first = tl.min(tl.where(row_ok, pos, big), axis=0)
+    p_last = tl.max(tl.where(row_ok, pos, -1), axis=0)
+    lo_row = (pos // BLK) * BLK - LO_OFF
+    hi_row = (pos // BLK) * BLK + HI_OFF
+    start = tl.maximum(n - CAP, 0)
+    if HAS_LO:
+        start = tl.maximum(start, (p_first // BLK) * BLK - LO_OFF)
+    end = tl.minimum((p_last // BLK) * BLK + HI_OFF, n - 1)
+    end = tl.where(p_last >= 0, end, start - 1)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    qd = q.to(k_ptr.dtype.element_ty)
+    kb = k_ptr + b * skb + h * skh
+    vb = v_ptr + b * svb + h * svh
+    for s0 in range(start, end + 1, BLOCK_N):
+        kp = s0 + tl.arange(0, BLOCK_N)
+        k_ok = kp <= end
+        slot = kp % CAP
+        k = tl.load(kb + slot[:, None] * skn + cols[None, :] * skd,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        s = tl.dot(qd, tl.trans(k), input_precision=PRECISION) * scale
+        vis = row_ok[:, None] & k_ok[None, :] & (kp[None, :] <= hi_row[:, None])
+        if HAS_LO:
+            vis = vis & (kp[None, :] >= lo_row[:, None])
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(vb + slot[:, None] * svn + cols[None, :] * svd,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v_ptr.dtype.element_ty), v,
+                                            input_precision=PRECISION)
+        m_i = m_new
+    ok = l_i > 0
+    out = tl.where(ok[:, None], acc / tl.where(ok, l_i, 1.0)[:, None], 0.0)
+    ob = o_ptr + b * sob + h * soh
+    tl.store(ob + rows[:, None] * som + cols[None, :] * sod, out.to(o_ptr.dtype.element_ty),
+             mask=(rows < M)[:, None] & col_ok[None, :])
