@@ -1,0 +1,240 @@
+"""Triton backend of the interval attention ops (``backend="triton"``).
+
+Launchers for the kernels in pyencoder.triton_kernels.interval_attention, with the signatures of
+pyencoder.reference.attention (``forward``, ``backward``, ``supports_forward``,
+``supports_backward``). The kernels apply RoPE themselves, so q and k go to the kernels as given
+(any strides).
+
+Tiles: under TRITON_INTERPRET=1 one fixed small config; on a GPU a small autotune space keyed by
+head dim, rotary split, window width and dtype (``PYENCODER_TRITON_AUTOTUNE=0`` pins the first
+config). The backward never uses atomics, so dq/dk/dv are bitwise reproducible for a fixed config;
+``deterministic=True`` additionally pins the config so that reproducibility holds across processes.
+
+Limits: float16, bfloat16, float32 (float64: use the reference); head_dim <= 256; absolute
+positions below 2**24 (exact in float32).
+"""
+import os
+
+import torch
+
+from .._backend import _interpret
+
+_MAX_HEAD_DIM = 256
+_MAX_POSITION = 1 << 24
+_LOG2E = 1.4426950408889634
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Set to True (tests) to fill outputs with NaN before the kernels write them.
+POISON_OUTPUTS = False
+
+_kernels = None
+
+
+def _next_pow2(n):
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _window_key(block, lo_off, hi_off):
+    if lo_off < 0:
+        return 4096
+    return min(_next_pow2(lo_off + hi_off + block), 4096)
+
+
+def _autotune_enabled():
+    return os.environ.get("PYENCODER_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _prune_n(configs, named_args, **_):
+    win = named_args["WIN_KEY"]
+    keep = [c for c in configs if c.kwargs["BLOCK_N"] <= max(32, win)]
+    return keep or configs[:1]
+
+
+def _prune_m(configs, named_args, **_):
+    win = named_args["WIN_KEY"]
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, win)]
+    return keep or configs[:1]
+
+
+def _build_kernels():
+    """(name -> (fixed_kernel, fixed_config, tuned_kernel_or_None)) built once, lazily."""
+    import triton
+
+    from pyencoder.triton_kernels import interval_attention as ia
+
+    def cfg(m, n, w, s):
+        return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+
+    key = ["D", "HALF", "WIN_KEY"]
+    if _interpret():
+        small = cfg(16, 16, 4, 1)
+        return {
+            "fwd": (ia._interval_attention_fwd_kernel, small, None),
+            "dq": (ia._interval_attention_bwd_dq_kernel, small, None),
+            "dkdv": (ia._interval_attention_bwd_dkdv_kernel, small, None),
+            "pre": (ia._interval_attention_bwd_preprocess_kernel, small, None),
+        }
+    fwd_cfgs = [cfg(128, 64, 4, 3), cfg(128, 128, 8, 3), cfg(64, 64, 4, 3), cfg(128, 32, 4, 3),
+                cfg(64, 32, 4, 2)]
+    dq_cfgs = [cfg(128, 64, 8, 3), cfg(64, 64, 4, 3), cfg(128, 32, 4, 3), cfg(64, 32, 4, 2)]
+    dkdv_cfgs = [cfg(64, 128, 8, 3), cfg(64, 64, 4, 3), cfg(32, 128, 4, 3), cfg(32, 64, 4, 2),
+                 cfg(16, 64, 4, 2)]
+    tune = triton.autotune
+    return {
+        "fwd": (ia._interval_attention_fwd_kernel, fwd_cfgs[0],
+                tune(fwd_cfgs, key=key, prune_configs_by={"early_config_prune": _prune_n})(
+                    ia._interval_attention_fwd_kernel)),
+        "dq": (ia._interval_attention_bwd_dq_kernel, dq_cfgs[0],
+               tune(dq_cfgs, key=key, prune_configs_by={"early_config_prune": _prune_n})(
+                   ia._interval_attention_bwd_dq_kernel)),
+        "dkdv": (ia._interval_attention_bwd_dkdv_kernel, dkdv_cfgs[0],
+                 tune(dkdv_cfgs, key=key, prune_configs_by={"early_config_prune": _prune_m})(
+                     ia._interval_attention_bwd_dkdv_kernel)),
+        "pre": (ia._interval_attention_bwd_preprocess_kernel, cfg(64, 64, 4, 2), None),
+    }
+
+
+def _kernel(name):
+    global _kernels
+    if _kernels is None:
+        _kernels = _build_kernels()
+    return _kernels[name]
+
+
+def _launch(name, grid_fn, args, consts, pinned=False):
+    fixed, config, tuned = _kernel(name)
+    if tuned is not None and not pinned and _autotune_enabled():
+        tuned[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
+        return
+    kw = dict(config.kwargs)
+    grid = grid_fn(kw["BLOCK_M"], kw["BLOCK_N"])
+    fixed[grid](*args, **consts, **kw, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _rope_split(inv_freq, D):
+    half = 0 if inv_freq is None else int(inv_freq.numel())
+    rot = 2 * half
+    npass = D - rot
+    return half, rot, npass
+
+
+def _consts(q, D, half, npass, lo_off, key_lengths, interleaved):
+    return dict(
+        BLOCK_R=max(16, _next_pow2(half)), BLOCK_C=max(16, _next_pow2(npass)),
+        BLOCK_DV=max(16, _next_pow2(D)), HAS_ROPE=half > 0, HAS_PASS=npass > 0,
+        INTERLEAVED=bool(interleaved) and half > 0, LO_BOUNDED=lo_off >= 0,
+        HAS_KLEN=key_lengths is not None,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _aux(q, inv_freq, key_lengths):
+    dummy = torch.empty(1, dtype=torch.float32, device=q.device)
+    freq = dummy if inv_freq is None or inv_freq.numel() == 0 else \
+        inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
+    klen = torch.empty(1, dtype=torch.int32, device=q.device) if key_lengths is None else \
+        key_lengths.to(device=q.device, dtype=torch.int32).contiguous()
+    return freq, klen
+
+
+def _new(shape, like, dtype=None):
+    t = torch.empty(shape, dtype=like.dtype if dtype is None else dtype, device=like.device)
+    if POISON_OUTPUTS:
+        t.fill_(float("nan"))
+    return t
+
+
+def _common_reason(q, k, v, inv_freq, q_offset, k_offset):
+    if q.dtype not in _DTYPES:
+        return (f"the triton attention kernels support float16, bfloat16 and float32; got "
+                f"{q.dtype} (use backend='reference' for float64)")
+    D = q.shape[-1]
+    if D > _MAX_HEAD_DIM:
+        return f"head_dim must be <= {_MAX_HEAD_DIM} for the triton kernels; got {D}"
+    if k.shape[-1] != D or v.shape[-1] != D:
+        return f"the triton kernels need q, k and v to share head_dim; got {D}, {k.shape[-1]}, {v.shape[-1]}"
+    if inv_freq is not None and inv_freq.numel() * 2 > D:
+        return f"rotary dim {2 * inv_freq.numel()} exceeds head_dim {D}"
+    last = max(q_offset + q.shape[2], k_offset + k.shape[2])
+    if last >= _MAX_POSITION:
+        return (f"absolute positions must be < 2**24 (exact in float32) for the triton kernels; "
+                f"got up to {last}")
+    return None
+
+
+def supports_forward(q, k, v, inv_freq=None, key_lengths=None, block=1, lo_off=-1, hi_off=0,
+                     q_offset=0, k_offset=0, scale=1.0, interleaved=False, **_):
+    return _common_reason(q, k, v, inv_freq, q_offset, k_offset)
+
+
+def supports_backward(dout=None, q=None, k=None, v=None, out=None, lse=None, inv_freq=None,
+                      key_lengths=None, block=1, lo_off=-1, hi_off=0, q_offset=0, k_offset=0,
+                      scale=1.0, interleaved=False, deterministic=False, **_):
+    return _common_reason(q, k, v, inv_freq, q_offset, k_offset)
+
+
+def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
+            interleaved):
+    """Returns (out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32)."""
+    reason = _common_reason(q, k, v, inv_freq, q_offset, k_offset)
+    if reason is not None:
+        raise ValueError(f"pyencoder triton attention: {reason}")
+    B, Hq, Nq, D = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    out = _new((B, Hq, Nq, D), q)
+    lse = _new((B, Hq, Nq), q, torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    half, rot, npass = _rope_split(inv_freq, D)
+    freq, klen = _aux(q, inv_freq, key_lengths)
+    consts = _consts(q, D, half, npass, lo_off, key_lengths, interleaved)
+    args = (q, k, v, out, lse, freq, klen,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            Hq, Hq // Hk, Nq, Nk, D, half, rot, npass,
+            block, lo_off, hi_off, q_offset, k_offset, float(scale) * _LOG2E,
+            _window_key(block, lo_off, hi_off))
+    _launch("fwd", lambda bm, bn: (_cdiv(Nq, bm), B * Hq), args, consts)
+    return out, lse
+
+
+def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
+             k_offset, scale, interleaved, deterministic=True):
+    """Returns (dq, dk, dv) in the dtypes of q, k, v. Always deterministic (no atomics);
+    ``deterministic=True`` also pins the tile config (no autotuning)."""
+    reason = _common_reason(q, k, v, inv_freq, q_offset, k_offset)
+    if reason is not None:
+        raise ValueError(f"pyencoder triton attention: {reason}")
+    B, Hq, Nq, D = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    dq = _new(q.shape, q)
+    dk = _new(k.shape, k)
+    dv = _new(v.shape, v)
+    if B == 0 or Hq == 0:
+        return dq, dk, dv
+    if Nq == 0 or Nk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    lse = lse.to(torch.float32).contiguous()
+    dout = dout.to(q.dtype)
+    half, rot, npass = _rope_split(inv_freq, D)
+    freq, klen = _aux(q, inv_freq, key_lengths)
+    consts = _consts(q, D, half, npass, lo_off, key_lengths, interleaved)
+    delta = _new((B, Hq, Nq), q, torch.float32)
+    pre, pre_cfg, _ = _kernel("pre")
+    bm = pre_cfg.kwargs["BLOCK_M"]
+    pre[(_cdiv(Nq, bm), B * Hq)](out, dout, delta, *out.stride(), *dout.stride(), Hq, Nq, D,
+                                 BLOCK_M=bm, BLOCK_DV=max(16, _next_pow2(D)), num_warps=4)
+    win = _window_key(block, lo_off, hi_off)
+    common = (Nq, Nk, D, half, rot, npass, block, lo_off, hi_off, q_offset, k_offset,
+              float(scale), float(scale) * _LOG2E, win)
+    args = (q, k, v, dout, dq, lse, delta, freq, klen,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+            Hq, Hq // Hk, *common)
+    _launch("dq", lambda bm, bn: (_cdiv(Nq, bm), B * Hq), args, consts, pinned=deterministic)
+    args = (q, k, v, dout, dk, dv, lse, delta, freq, klen,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+            Hq, Hk, Hq // Hk, *common)
+    _launch("dkdv", lambda bm, bn: (_cdiv(Nk, bn), B * Hk), args, consts, pinned=deterministic)
+    return dq, dk, dv

@@ -1,0 +1,544 @@
+"""Triton interval attention with RoPE fused on q and k: forward and backward.
+
+Computes, for query i (absolute position p = q_offset + i) and key j (s = k_offset + j),
+
+    base(p) = (p // block) * block,  lo(p) = base(p) - lo_off (lo_off < 0: -inf),  hi(p) = base(p) + hi_off
+    visible(i, j) = lo(p) <= s <= hi(p)  and  j < key_lengths[b]
+    out_i = softmax_j(scale * rope(q_i, p) . rope(k_j, s))  @ v        (visible j only)
+
+which covers band(left, right) (block 1) and chunked(chunk, left_chunks, lookahead) masks; see
+pyencoder/reference/attention.py for the oracle. A query row with no visible key outputs zeros,
+has lse = -inf and gets zero gradient.
+
+Algorithm (FlashAttention-2 style, one program per (query tile, batch * query head)):
+- lo and hi are non-decreasing in p, so a query tile [i0, i1) only visits key blocks intersecting
+  [lo(p(i0)), hi(p(i1 - 1))]; blocks that every row of the tile sees entirely (interior blocks)
+  run without an elementwise mask, only the boundary blocks on either side are masked. Cost is
+  O(N * W) for a window of width W.
+- RoPE is applied in registers. The head dimension is split into three feature groups: the first
+  and second members of each rotary pair (NeoX: i and i + R/2; interleaved: 2i and 2i + 1) and
+  the R..D-1 pass-through features. q . k is the sum of the three group dot products, so rotation
+  is an elementwise operation on the two pair tiles and needs no shuffles; cos/sin of
+  float32(pos) * inv_freq are computed in float32 in the kernel. Gradients of the rotated q and k
+  are un-rotated (angle -theta) in registers before they are stored. There is no rotary pass over
+  q or k outside the kernels.
+- Online softmax in base 2 (scale * log2(e) folded into the scores); the forward saves the natural
+  log-sum-exp. Backward: a preprocess kernel computes delta = rowsum(dO * O); the dk/dv kernel runs
+  one program per (key block, batch * kv head), loops over the query heads of its GQA group and
+  over the query blocks whose interval can contain the block (found by inverting the monotone
+  bounds); the dq kernel runs per query tile like the forward. No atomics: the backward is
+  deterministic by construction.
+
+Limits: head_dim <= 256 (tiles are padded to powers of two with masks, so any D works; 32, 64, 80,
+96, 128 are the tuned cases); fp16, bf16, fp32 (fp32 dots use IEEE precision); positions < 2**24
+(exact in float32). key_lengths, offsets and lengths are runtime values (no recompiles).
+"""
+import os
+
+import triton
+import triton.language as tl
+
+
+def _patch_interpreter_scalar_index():
+    """Triton 3.6's interpreter stores scalars as 1-element arrays and converts loop bounds with
+    int(array), which NumPy >= 2.3 rejects. Convert through the single element instead (the
+    marker attribute is shared with the other kernel modules, so the patch is applied once)."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    base = interpreter._patch_lang_tensor
+    if getattr(base, "_pyencoder_fixed", False):
+        return
+
+    def _patch(tensor, scope):
+        base(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.ravel()[0]))
+
+    _patch._pyencoder_fixed = True
+    interpreter._patch_lang_tensor = _patch
+
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    _patch_interpreter_scalar_index()
+
+@triton.jit
+def _feature_index(r, HALF, INTERLEAVED: tl.constexpr):
+    if INTERLEAVED:
+        ia = 2 * r
+        ib = 2 * r + 1
+    else:
+        ia = r
+        ib = r + HALF
+    return ia, ib
+
+
+@triton.jit
+def _rope_cos_sin(pos, INV_FREQ, r, HALF):
+    freq = tl.load(INV_FREQ + r, mask=r < HALF, other=0.0)
+    ang = pos.to(tl.float32)[:, None] * freq[None, :]
+    return tl.cos(ang), tl.sin(ang)
+
+
+@triton.jit
+def _load_qk(base, rows, row_mask, stride_n, stride_d, pos, INV_FREQ, HALF, ROT, NPASS,
+             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_ROPE: tl.constexpr,
+             HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Rotated (pair-first, pair-second, pass-through) tiles of q or k rows, in the input dtype."""
+    rp = base + rows[:, None] * stride_n
+    xc = tl.zeros([16, 16], dtype=tl.float32)
+    xa = xc
+    xb = xc
+    if HAS_PASS:
+        c = tl.arange(0, BLOCK_C)
+        xc = tl.load(rp + (ROT + c)[None, :] * stride_d,
+                     mask=row_mask[:, None] & (c < NPASS)[None, :], other=0.0)
+    if HAS_ROPE:
+        r = tl.arange(0, BLOCK_R)
+        ia, ib = _feature_index(r, HALF, INTERLEAVED)
+        m = row_mask[:, None] & (r < HALF)[None, :]
+        x1 = tl.load(rp + ia[None, :] * stride_d, mask=m, other=0.0)
+        x2 = tl.load(rp + ib[None, :] * stride_d, mask=m, other=0.0)
+        cos, sin = _rope_cos_sin(pos, INV_FREQ, r, HALF)
+        x1f = x1.to(tl.float32)
+        x2f = x2.to(tl.float32)
+        xa = (x1f * cos - x2f * sin).to(x1.dtype)
+        xb = (x2f * cos + x1f * sin).to(x1.dtype)
+    return xa, xb, xc
+
+
+@triton.jit
+def _store_grad(base, rows, row_mask, stride_n, stride_d, ga, gb, gc, pos, INV_FREQ, HALF, ROT,
+                NPASS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_ROPE: tl.constexpr,
+                HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Un-rotate (angle -theta) the gradient groups of rotated q or k and store them."""
+    rp = base + rows[:, None] * stride_n
+    if HAS_PASS:
+        c = tl.arange(0, BLOCK_C)
+        tl.store(rp + (ROT + c)[None, :] * stride_d, gc.to(base.dtype.element_ty),
+                 mask=row_mask[:, None] & (c < NPASS)[None, :])
+    if HAS_ROPE:
+        r = tl.arange(0, BLOCK_R)
+        ia, ib = _feature_index(r, HALF, INTERLEAVED)
+        m = row_mask[:, None] & (r < HALF)[None, :]
+        cos, sin = _rope_cos_sin(pos, INV_FREQ, r, HALF)
+        g1 = ga * cos + gb * sin
+        g2 = gb * cos - ga * sin
+        tl.store(rp + ia[None, :] * stride_d, g1.to(base.dtype.element_ty), mask=m)
+        tl.store(rp + ib[None, :] * stride_d, g2.to(base.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _scores(xa, xb, xc, ya, yb, yc, acc, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
+            DOT_PREC: tl.constexpr):
+    """acc + x . y^T summed over the three feature groups."""
+    if HAS_PASS:
+        acc = tl.dot(xc, tl.trans(yc), acc, input_precision=DOT_PREC)
+    if HAS_ROPE:
+        acc = tl.dot(xa, tl.trans(ya), acc, input_precision=DOT_PREC)
+        acc = tl.dot(xb, tl.trans(yb), acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _visible(rows_pos, cols, cols_pos, nk_b, block, lo_off, hi_off, LO_BOUNDED: tl.constexpr):
+    """Elementwise (rows, cols) visibility."""
+    base = (rows_pos // block) * block
+    vis = (cols_pos[None, :] <= (base + hi_off)[:, None]) & (cols < nk_b)[None, :]
+    if LO_BOUNDED:
+        vis = vis & (cols_pos[None, :] >= (base - lo_off)[:, None])
+    return vis
+
+
+@triton.jit
+def _block_ranges(first, last_valid, lo_full, hi_full, end, BLOCK: tl.constexpr):
+    """Split [first, end) into masked [start, a), unmasked [a, b) and masked [b, end) ranges of
+    BLOCK-aligned blocks; [lo_full, hi_full) are the indices fully inside for every row."""
+    start = (first // BLOCK) * BLOCK
+    end_r = start + tl.cdiv(tl.maximum(end - start, 0), BLOCK) * BLOCK
+    a = start + tl.cdiv(tl.maximum(lo_full - start, 0), BLOCK) * BLOCK
+    b = start + (tl.maximum(tl.minimum(hi_full, last_valid) - start, 0) // BLOCK) * BLOCK
+    keep = (b > a).to(tl.int32)
+    a = a * keep + end_r * (1 - keep)
+    b = b * keep + end_r * (1 - keep)
+    return start, a, b, end_r
+
+
+@triton.jit
+def _fwd_block(acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
+               stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, HALF, ROT, NPASS, D,
+               block, lo_off, hi_off, qk_scale,
+               BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+               BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
+               INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    cols = j0 + tl.arange(0, BLOCK_N)
+    cmask = cols < nk_b
+    k_pos = k_offset + cols
+    ka, kb, kc = _load_qk(k_base, cols, cmask, stride_kn, stride_kd, k_pos, INV_FREQ, HALF, ROT,
+                          NPASS, BLOCK_R, BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED)
+    dv = tl.arange(0, BLOCK_DV)
+    v = tl.load(v_base + cols[:, None] * stride_vn + dv[None, :] * stride_vd,
+                mask=cmask[:, None] & (dv < D)[None, :], other=0.0)
+    s = _scores(qa, qb, qc, ka, kb, kc, tl.zeros([acc.shape[0], BLOCK_N], dtype=tl.float32),
+                HAS_ROPE, HAS_PASS, DOT_PREC) * qk_scale
+    if MASKED:
+        vis = _visible(q_pos, cols, k_pos, nk_b, block, lo_off, hi_off, LO_BOUNDED)
+        s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _interval_attention_fwd_kernel(
+        Q, K, V, O, LSE, INV_FREQ, KLEN,
+        stride_qb, stride_qh, stride_qn, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_ob, stride_oh, stride_on, stride_od,
+        Hq, GROUP, Nq, Nk, D, HALF, ROT, NPASS,
+        block, lo_off, hi_off, q_offset, k_offset, qk_scale, WIN_KEY,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr,
+        HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
+        HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // GROUP
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+
+    i0 = pid_m * BLOCK_M
+    rows = i0 + tl.arange(0, BLOCK_M)
+    rmask = rows < Nq
+    q_pos = q_offset + rows
+    nk_b = Nk
+    if HAS_KLEN:
+        nk_b = tl.minimum(tl.load(KLEN + b), Nk)
+
+    p_first = q_offset + i0
+    p_last = q_offset + tl.minimum(i0 + BLOCK_M, Nq) - 1
+    base_first = (p_first // block) * block
+    base_last = (p_last // block) * block
+    end = tl.minimum(nk_b, base_last + hi_off - k_offset + 1)
+    hi_full = base_first + hi_off - k_offset + 1
+    first = 0
+    lo_full = 0
+    if LO_BOUNDED:
+        first = tl.maximum(base_first - lo_off - k_offset, 0)
+        lo_full = tl.maximum(base_last - lo_off - k_offset, 0)
+    start, a, bb, end_r = _block_ranges(first, nk_b, lo_full, hi_full, end, BLOCK_N)
+
+    qa, qb, qc = _load_qk(q_base, rows, rmask, stride_qn, stride_qd, q_pos, INV_FREQ, HALF, ROT,
+                          NPASS, BLOCK_R, BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for j0 in range(start, a, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b,
+                                   k_offset, stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ,
+                                   HALF, ROT, NPASS, D, block, lo_off, hi_off, qk_scale,
+                                   BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS,
+                                   INTERLEAVED, LO_BOUNDED, True, DOT_PREC)
+    for j0 in range(a, bb, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b,
+                                   k_offset, stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ,
+                                   HALF, ROT, NPASS, D, block, lo_off, hi_off, qk_scale,
+                                   BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS,
+                                   INTERLEAVED, LO_BOUNDED, False, DOT_PREC)
+    for j0 in range(bb, end_r, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b,
+                                   k_offset, stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ,
+                                   HALF, ROT, NPASS, D, block, lo_off, hi_off, qk_scale,
+                                   BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS,
+                                   INTERLEAVED, LO_BOUNDED, True, DOT_PREC)
+
+    nz = l_i > 0.0
+    l_safe = tl.where(nz, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(nz, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    dv = tl.arange(0, BLOCK_DV)
+    tl.store(o_base + rows[:, None] * stride_on + dv[None, :] * stride_od,
+             out.to(O.dtype.element_ty), mask=rmask[:, None] & (dv < D)[None, :])
+    tl.store(LSE + bh.to(tl.int64) * Nq + rows, lse, mask=rmask)
+
+
+@triton.jit
+def _interval_attention_bwd_preprocess_kernel(
+        O, DO, DELTA,
+        stride_ob, stride_oh, stride_on, stride_od,
+        stride_dob, stride_doh, stride_don, stride_dod,
+        Hq, Nq, D, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dv = tl.arange(0, BLOCK_DV)
+    m = (rows < Nq)[:, None] & (dv < D)[None, :]
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                + rows[:, None] * stride_on + dv[None, :] * stride_od, mask=m, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                 + rows[:, None] * stride_don + dv[None, :] * stride_dod, mask=m, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * Nq + rows, delta, mask=rows < Nq)
+
+
+@triton.jit
+def _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0, q_pos, nk_b,
+              k_offset, stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, HALF, ROT, NPASS,
+              D, block, lo_off, hi_off, qk_scale,
+              BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+              BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
+              INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    cols = j0 + tl.arange(0, BLOCK_N)
+    cmask = cols < nk_b
+    k_pos = k_offset + cols
+    ka, kb, kc = _load_qk(k_base, cols, cmask, stride_kn, stride_kd, k_pos, INV_FREQ, HALF, ROT,
+                          NPASS, BLOCK_R, BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED)
+    dv = tl.arange(0, BLOCK_DV)
+    v = tl.load(v_base + cols[:, None] * stride_vn + dv[None, :] * stride_vd,
+                mask=cmask[:, None] & (dv < D)[None, :], other=0.0)
+    s = _scores(qa, qb, qc, ka, kb, kc, tl.zeros([do.shape[0], BLOCK_N], dtype=tl.float32),
+                HAS_ROPE, HAS_PASS, DOT_PREC) * qk_scale
+    p = tl.math.exp2(s - lse2[:, None])
+    if MASKED:
+        vis = _visible(q_pos, cols, k_pos, nk_b, block, lo_off, hi_off, LO_BOUNDED)
+        p = tl.where(vis, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = (p * (dp - delta[:, None])).to(v.dtype)
+    if HAS_PASS:
+        dqc = tl.dot(ds, kc, dqc, input_precision=DOT_PREC)
+    if HAS_ROPE:
+        dqa = tl.dot(ds, ka, dqa, input_precision=DOT_PREC)
+        dqb = tl.dot(ds, kb, dqb, input_precision=DOT_PREC)
+    return dqa, dqb, dqc
+
+
+@triton.jit
+def _interval_attention_bwd_dq_kernel(
+        Q, K, V, DO, DQ, LSE, DELTA, INV_FREQ, KLEN,
+        stride_qb, stride_qh, stride_qn, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_dob, stride_doh, stride_don, stride_dod,
+        stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+        Hq, GROUP, Nq, Nk, D, HALF, ROT, NPASS,
+        block, lo_off, hi_off, q_offset, k_offset, scale, qk_scale, WIN_KEY,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr,
+        HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
+        HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // GROUP
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    dq_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+
+    i0 = pid_m * BLOCK_M
+    rows = i0 + tl.arange(0, BLOCK_M)
+    rmask = rows < Nq
+    q_pos = q_offset + rows
+    nk_b = Nk
+    if HAS_KLEN:
+        nk_b = tl.minimum(tl.load(KLEN + b), Nk)
+
+    p_first = q_offset + i0
+    p_last = q_offset + tl.minimum(i0 + BLOCK_M, Nq) - 1
+    base_first = (p_first // block) * block
+    base_last = (p_last // block) * block
+    end = tl.minimum(nk_b, base_last + hi_off - k_offset + 1)
+    hi_full = base_first + hi_off - k_offset + 1
+    first = 0
+    lo_full = 0
+    if LO_BOUNDED:
+        first = tl.maximum(base_first - lo_off - k_offset, 0)
+        lo_full = tl.maximum(base_last - lo_off - k_offset, 0)
+    start, a, bb, end_r = _block_ranges(first, nk_b, lo_full, hi_full, end, BLOCK_N)
+
+    qa, qb, qc = _load_qk(q_base, rows, rmask, stride_qn, stride_qd, q_pos, INV_FREQ, HALF, ROT,
+                          NPASS, BLOCK_R, BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED)
+    dvi = tl.arange(0, BLOCK_DV)
+    do = tl.load(do_base + rows[:, None] * stride_don + dvi[None, :] * stride_dod,
+                 mask=rmask[:, None] & (dvi < D)[None, :], other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * Nq + rows, mask=rmask, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    delta = tl.load(DELTA + bh.to(tl.int64) * Nq + rows, mask=rmask, other=0.0)
+    dqc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    dqa = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    dqb = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for j0 in range(start, a, BLOCK_N):
+        dqa, dqb, dqc = _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0,
+                                  q_pos, nk_b, k_offset, stride_kn, stride_kd, stride_vn,
+                                  stride_vd, INV_FREQ, HALF, ROT, NPASS, D, block, lo_off, hi_off,
+                                  qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
+                                  HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC)
+    for j0 in range(a, bb, BLOCK_N):
+        dqa, dqb, dqc = _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0,
+                                  q_pos, nk_b, k_offset, stride_kn, stride_kd, stride_vn,
+                                  stride_vd, INV_FREQ, HALF, ROT, NPASS, D, block, lo_off, hi_off,
+                                  qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
+                                  HAS_PASS, INTERLEAVED, LO_BOUNDED, False, DOT_PREC)
+    for j0 in range(bb, end_r, BLOCK_N):
+        dqa, dqb, dqc = _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0,
+                                  q_pos, nk_b, k_offset, stride_kn, stride_kd, stride_vn,
+                                  stride_vd, INV_FREQ, HALF, ROT, NPASS, D, block, lo_off, hi_off,
+                                  qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
+                                  HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC)
+    _store_grad(dq_base, rows, rmask, stride_dqn, stride_dqd, dqa * scale, dqb * scale,
+                dqc * scale, q_pos, INV_FREQ, HALF, ROT, NPASS, BLOCK_R, BLOCK_C, HAS_ROPE,
+                HAS_PASS, INTERLEAVED)
+
+
+@triton.jit
+def _visible_t(k_pos, kmask, q_pos, qmask, block, lo_off, hi_off, LO_BOUNDED: tl.constexpr):
+    """Elementwise (keys, queries) visibility (transposed mask of the dk/dv kernel)."""
+    base = (q_pos // block) * block
+    vis = (k_pos[:, None] <= (base + hi_off)[None, :]) & kmask[:, None] & qmask[None, :]
+    if LO_BOUNDED:
+        vis = vis & (k_pos[:, None] >= (base - lo_off)[None, :])
+    return vis
+
+
+@triton.jit
+def _dkdv_block_t(dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_base, LSE, DELTA,
+                  i0, Nq, q_offset, stride_qn, stride_qd, stride_don, stride_dod, INV_FREQ, HALF,
+                  ROT, NPASS, D, block, lo_off, hi_off, qk_scale,
+                  BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                  BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
+                  INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
+    rows = i0 + tl.arange(0, BLOCK_M)
+    rmask = rows < Nq
+    q_pos = q_offset + rows
+    qa, qb, qc = _load_qk(q_base, rows, rmask, stride_qn, stride_qd, q_pos, INV_FREQ, HALF, ROT,
+                          NPASS, BLOCK_R, BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED)
+    dvi = tl.arange(0, BLOCK_DV)
+    do = tl.load(do_base + rows[:, None] * stride_don + dvi[None, :] * stride_dod,
+                 mask=rmask[:, None] & (dvi < D)[None, :], other=0.0)
+    lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    delta = tl.load(DELTA + rows, mask=rmask, other=0.0)
+    st = _scores(ka, kb, kc, qa, qb, qc, tl.zeros([v.shape[0], BLOCK_M], dtype=tl.float32),
+                 HAS_ROPE, HAS_PASS, DOT_PREC) * qk_scale
+    pt = tl.math.exp2(st - lse2[None, :])
+    if MASKED:
+        vis = _visible_t(k_pos, kmask, q_pos, rmask, block, lo_off, hi_off, LO_BOUNDED)
+        pt = tl.where(vis, pt, 0.0)
+    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
+    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    dst = (pt * (dpt - delta[None, :])).to(do.dtype)
+    if HAS_PASS:
+        dkc = tl.dot(dst, qc, dkc, input_precision=DOT_PREC)
+    if HAS_ROPE:
+        dka = tl.dot(dst, qa, dka, input_precision=DOT_PREC)
+        dkb = tl.dot(dst, qb, dkb, input_precision=DOT_PREC)
+    return dka, dkb, dkc, dv
+
+
+@triton.jit
+def _interval_attention_bwd_dkdv_kernel(
+        Q, K, V, DO, DK, DV, LSE, DELTA, INV_FREQ, KLEN,
+        stride_qb, stride_qh, stride_qn, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_dob, stride_doh, stride_don, stride_dod,
+        stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+        stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+        Hq, Hk, GROUP, Nq, Nk, D, HALF, ROT, NPASS,
+        block, lo_off, hi_off, q_offset, k_offset, scale, qk_scale, WIN_KEY,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr,
+        HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
+        HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // Hk
+    hk = bhk % Hk
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    nk_b = Nk
+    if HAS_KLEN:
+        nk_b = tl.minimum(tl.load(KLEN + b), Nk)
+
+    j0 = pid_n * BLOCK_N
+    cols = j0 + tl.arange(0, BLOCK_N)
+    kmask = cols < nk_b
+    k_pos = k_offset + cols
+    j_last = tl.minimum(j0 + BLOCK_N, nk_b) - 1
+    s0 = k_offset + j0
+    s1 = k_offset + j_last
+    # queries p with hi(p) >= s0 and lo(p) <= s1 can see a key of the block; every key of the
+    # block is visible to p when hi(p) >= s0 + BLOCK_N - 1 and lo(p) <= s0 (and the block is full)
+    p_first = tl.cdiv(tl.maximum(s0 - hi_off, 0), block) * block
+    p_full_first = tl.cdiv(tl.maximum(s0 + BLOCK_N - 1 - hi_off, 0), block) * block
+    i_end = Nq
+    i_full_end = Nq
+    if LO_BOUNDED:
+        i_end = tl.minimum(((s1 + lo_off) // block) * block + block - q_offset, Nq)
+        i_full_end = tl.minimum(((s0 + lo_off) // block) * block + block - q_offset, Nq)
+    i_end = i_end * (j_last >= j0).to(tl.int32)
+    i_full_end = i_full_end * (j0 + BLOCK_N <= nk_b).to(tl.int32)
+    i_first = tl.maximum(p_first - q_offset, 0)
+    i_full_first = tl.maximum(p_full_first - q_offset, 0)
+    start, a, bb, end_r = _block_ranges(i_first, Nq, i_full_first, i_full_end, i_end, BLOCK_M)
+
+    ka, kb, kc = _load_qk(k_base, cols, kmask, stride_kn, stride_kd, k_pos, INV_FREQ, HALF, ROT,
+                          NPASS, BLOCK_R, BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED)
+    dvi = tl.arange(0, BLOCK_DV)
+    v = tl.load(v_base + cols[:, None] * stride_vn + dvi[None, :] * stride_vd,
+                mask=kmask[:, None] & (dvi < D)[None, :], other=0.0)
+    dkc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    dka = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
+    dkb = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * Hq + h
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        lse_base = LSE + bh.to(tl.int64) * Nq
+        delta_base = DELTA + bh.to(tl.int64) * Nq
+        for i0 in range(start, a, BLOCK_M):
+            dka, dkb, dkc, dv = _dkdv_block_t(
+                dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_base, lse_base,
+                delta_base, i0, Nq, q_offset, stride_qn, stride_qd, stride_don, stride_dod,
+                INV_FREQ, HALF, ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_M, BLOCK_R,
+                BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC)
+        for i0 in range(a, bb, BLOCK_M):
+            dka, dkb, dkc, dv = _dkdv_block_t(
+                dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_base, lse_base,
+                delta_base, i0, Nq, q_offset, stride_qn, stride_qd, stride_don, stride_dod,
+                INV_FREQ, HALF, ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_M, BLOCK_R,
+                BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, False, DOT_PREC)
+        for i0 in range(bb, end_r, BLOCK_M):
+            dka, dkb, dkc, dv = _dkdv_block_t(
+                dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_base, lse_base,
+                delta_base, i0, Nq, q_offset, stride_qn, stride_qd, stride_don, stride_dod,
+                INV_FREQ, HALF, ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_M, BLOCK_R,
+                BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC)
+
+    smask = cols < Nk
+    dk_base = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
+    dv_base = DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
+    _store_grad(dk_base, cols, smask, stride_dkn, stride_dkd, dka * scale, dkb * scale,
+                dkc * scale, k_pos, INV_FREQ, HALF, ROT, NPASS, BLOCK_R, BLOCK_C, HAS_ROPE,
+                HAS_PASS, INTERLEAVED)
+    tl.store(dv_base + cols[:, None] * stride_dvn + dvi[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=smask[:, None] & (dvi < D)[None, :])
