@@ -35,6 +35,7 @@ test-gpu: $(VENV)/.ready
 	$(PY) -m pytest -q -m gpu tests
 
 bench: $(VENV)/.ready
+	$(PIP) matplotlib
 	$(PY) -m benchmarks
 
 info: $(VENV)/.ready

@@ -1,0 +1,188 @@
+"""Markdown summary and PNG plots generated from the JSON lines of one results folder.
+
+    python -m benchmarks.summarize benchmarks/results/<device-slug> [--compare OLD_DIR]
+
+Writes <dir>/summary.md (one table per benchmark file, columns chosen from the fields that vary)
+and <dir>/*.png (matplotlib, when installed). Nothing here is measured: it only reformats.
+"""
+import argparse
+import glob
+import json
+import os
+
+ENV_KEYS = {"device", "device_name", "torch", "triton", "cuda", "commit", "date", "time",
+            "timestamp", "python", "platform", "bench", "hostname", "cpu", "cuda_version",
+            "triton_version", "torch_version", "peak_bw_gbs", "copy_bw_gbs", "git_commit",
+            "cudnn", "driver", "error", "skipped", "checksum"}
+
+
+def load(path):
+    recs = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    recs.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+    return recs
+
+
+def _latest_run(recs):
+    """Keep the records of the newest commit/date present (files are appended across runs)."""
+    key = next((k for k in ("run_id", "date", "timestamp", "time") if recs and k in recs[-1]), None)
+    if key is None:
+        return recs
+    last = recs[-1][key]
+    if key in ("date", "timestamp", "time"):
+        return recs  # no run id: show everything
+    return [r for r in recs if r.get(key) == last]
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        if abs(v) >= 100:
+            return f"{v:.0f}"
+        if abs(v) >= 1:
+            return f"{v:.2f}"
+        return f"{v:.3g}"
+    if isinstance(v, (list, tuple)):
+        return "x".join(str(x) for x in v)
+    return "" if v is None else str(v)
+
+
+def table(recs, max_cols=12):
+    recs = [r for r in recs if isinstance(r, dict)]
+    if not recs:
+        return "(no records)\n"
+    keys = []
+    for r in recs:
+        for k in r:
+            if k not in keys and k not in ENV_KEYS and not isinstance(r[k], dict):
+                keys.append(k)
+    varying = [k for k in keys if len({json.dumps(r.get(k), sort_keys=True) for r in recs}) > 1
+               or not isinstance(recs[0].get(k), (int, float, str))]
+    cfg = [k for k in varying if all(not isinstance(r.get(k), float) for r in recs)]
+    met = [k for k in varying if k not in cfg]
+    cols = (cfg + met)[:max_cols]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in recs:
+        lines.append("| " + " | ".join(_fmt(r.get(k)) for k in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _env_line(recs):
+    r = recs[0]
+    parts = [f"{k} {r[k]}" for k in ("device", "device_name", "torch", "triton", "cuda", "commit",
+                                      "date") if r.get(k)]
+    return ", ".join(parts)
+
+
+def plots(results_dir):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    path = os.path.join(results_dir, "attention.jsonl")
+    if os.path.exists(path):
+        recs = [r for r in load(path) if "N" in r and "provider" in r]
+        ms_key = next((k for k in ("fwd_ms", "fwd_median_ms", "median_ms") if recs
+                       and k in recs[0]), None)
+        if recs and ms_key:
+            masks = sorted({str(r.get("mask")) for r in recs})
+            fig, axes = plt.subplots(1, len(masks), figsize=(4 * len(masks), 3.5), squeeze=False)
+            for ax, m in zip(axes[0], masks):
+                for prov in sorted({r["provider"] for r in recs}):
+                    pts = sorted((r["N"], r[ms_key]) for r in recs if str(r.get("mask")) == m
+                                 and r["provider"] == prov and isinstance(r.get(ms_key), float))
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", label=prov)
+                ax.set_title(m, fontsize=9)
+                ax.set_xlabel("N")
+                ax.set_ylabel(ms_key)
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+            axes[0][0].legend(fontsize=7)
+            fig.tight_layout()
+            out = os.path.join(results_dir, "attention_time_vs_n.png")
+            fig.savefig(out, dpi=100)
+            plt.close(fig)
+            made.append(out)
+    path = os.path.join(results_dir, "conv.jsonl")
+    if os.path.exists(path):
+        recs = [r for r in load(path) if "width" in r and "provider" in r]
+        gb = next((k for k in ("gbs", "GB/s", "gb_s") if recs and k in recs[0]), None)
+        if recs and gb:
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            for prov in sorted({r["provider"] for r in recs}):
+                pts = {}
+                for r in recs:
+                    if r["provider"] == prov and isinstance(r.get(gb), float):
+                        pts[r["width"]] = max(pts.get(r["width"], 0.0), r[gb])
+                if pts:
+                    ax.plot(*zip(*sorted(pts.items())), marker="o", label=prov)
+            ax.set_xlabel("width")
+            ax.set_ylabel("best GB/s")
+            ax.set_xscale("log")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            out = os.path.join(results_dir, "conv_gbs_vs_width.png")
+            fig.savefig(out, dpi=100)
+            plt.close(fig)
+            made.append(out)
+    path = os.path.join(results_dir, "streaming.jsonl")
+    if os.path.exists(path):
+        recs = [r for r in load(path) if isinstance(r.get("step_ms_all"), list)]
+        if recs:
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            for r in recs:
+                ax.hist(r["step_ms_all"], bins=50, alpha=0.6,
+                        label=f"{r.get('chunk_ms', '?')} ms chunks")
+            ax.set_xlabel("per-step latency (ms)")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            out = os.path.join(results_dir, "streaming_latency_hist.png")
+            fig.savefig(out, dpi=100)
+            plt.close(fig)
+            made.append(out)
+    return made
+
+
+def summarize(results_dir, compare=None):
+    os.makedirs(results_dir, exist_ok=True)
+    parts = [f"# Benchmark summary: {os.path.basename(os.path.normpath(results_dir))}\n",
+             "Generated by `python -m benchmarks.summarize` from the JSON lines in this folder.\n"]
+    for path in sorted(glob.glob(os.path.join(results_dir, "*.jsonl"))):
+        recs = _latest_run(load(path))
+        if not recs:
+            continue
+        name = os.path.basename(path)[:-len(".jsonl")]
+        parts.append(f"## {name}\n\n{_env_line(recs)}\n\n{table(recs)}")
+        if compare:
+            old = os.path.join(compare, os.path.basename(path))
+            if os.path.exists(old):
+                parts.append(f"### {name}: previous run ({compare})\n\n{table(_latest_run(load(old)))}")
+    for png in plots(results_dir):
+        parts.append(f"![{os.path.basename(png)}]({os.path.basename(png)})\n")
+    out = os.path.join(results_dir, "summary.md")
+    with open(out, "w") as f:
+        f.write("\n".join(parts))
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("results_dir")
+    p.add_argument("--compare", default=None)
+    a = p.parse_args(argv)
+    print(summarize(a.results_dir, a.compare))
+
+
+if __name__ == "__main__":
+    main()
