@@ -92,13 +92,15 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=[
-        "pyencoder", "pyencoder.ops", "pyencoder.reference", "pyencoder.nn",
+        "pyencoder", "pyencoder.data", "pyencoder.ops", "pyencoder.reference", "pyencoder.nn",
         "pyencoder.streaming", "pyencoder.models", "pyencoder.hf",
         "pyencoder.triton_kernels",
     ],
     # Triton kernels live in the top-level folder triton_kernels/ but install as the subpackage
     # pyencoder.triton_kernels: the top-level import name `triton_kernels` belongs to others.
     package_dir={"pyencoder.triton_kernels": "triton_kernels"},
+    package_data={"pyencoder": ["data/*.wav"]},
+    include_package_data=True,
     install_requires=[
         "torch>=2.4",
         "numpy",
