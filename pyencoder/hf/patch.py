@@ -19,6 +19,7 @@ refuses to run a patched Wav2Vec2/HuBERT whose ``config._attn_implementation`` w
 from "pyencoder" afterwards (its attention would silently become full again).
 """
 import math
+import types
 import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -31,7 +32,7 @@ from ..rope import Rope
 from . import _compat
 from .attention import NAME, LayerSpec, is_registered, register
 from .frontend import causal_pos_conv, running_group_norm
-from .wavlm import patched_forward
+from .wavlm import wavlm_forward
 
 POS_CONV_MODES = ("drop", "causal", "keep")
 GROUP_NORM_MODES = ("running", "keep")
@@ -170,8 +171,21 @@ def build_specs(n_layers, head_dim, lookahead_frames, left_frames, lookahead_lay
 
 
 def _set_forward(record, module, fn):
-    module.forward = fn
+    # A bound method (not a closure) so that copy.deepcopy(model) rebinds it to the copied module.
+    module.forward = types.MethodType(fn, module)
     record.instance_forwards.append(module)
+
+
+def _pos_conv_drop(self, hidden_states):
+    return hidden_states.new_zeros(())
+
+
+def _pos_conv_causal(self, hidden_states):
+    return causal_pos_conv(self, hidden_states)
+
+
+def _running_norm_forward(self, x):
+    return running_group_norm(x, self.weight, self.bias, self.eps)[0]
 
 
 def _impl_guard(record):
@@ -235,16 +249,15 @@ def apply_pyencoder_to_wav2vec2(model, *, lookahead_frames=3, left_frames=None,
         for layer, spec in zip(base.encoder.layers, specs):
             layer.attention._pyencoder_attn = spec
             if family == "wavlm":
-                _set_forward(record, layer.attention, patched_forward(layer.attention))
+                _set_forward(record, layer.attention, wavlm_forward)
         pc = base.encoder.pos_conv_embed
         if pos_conv == "drop":
-            _set_forward(record, pc, lambda hidden_states: hidden_states.new_zeros(()))
+            _set_forward(record, pc, _pos_conv_drop)
         elif pos_conv == "causal":
-            _set_forward(record, pc, lambda hidden_states: causal_pos_conv(pc, hidden_states))
+            _set_forward(record, pc, _pos_conv_causal)
         if gn_mode == "running":
-            gn = base.feature_extractor.conv_layers[0].layer_norm
-            _set_forward(record, gn,
-                         lambda x: running_group_norm(x, gn.weight, gn.bias, gn.eps)[0])
+            _set_forward(record, base.feature_extractor.conv_layers[0].layer_norm,
+                         _running_norm_forward)
         if family != "wavlm":
             if cfg._attn_implementation != NAME:
                 model.set_attn_implementation(NAME)

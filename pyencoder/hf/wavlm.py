@@ -115,30 +115,29 @@ def project_qkv(module, x):
     return q, k, v
 
 
-def patched_forward(module):
-    """A forward for one WavLMAttention instance; ``position_bias`` carries layer 0's bucket table
-    (num_buckets, H) from layer to layer instead of a dense (B*H, N, N) bias."""
-
-    def forward(hidden_states, attention_mask=None, position_bias=None, index=0, **kwargs):
-        check_no_dropout(module, module.dropout)
-        B, N, E = hidden_states.shape
-        if position_bias is None:
-            if getattr(module, "rel_attn_embed", None) is None:
-                raise RuntimeError("pyencoder WavLM attention: the first layer must carry "
-                                   "rel_attn_embed (the relative position bucket table)")
-            table = module.rel_attn_embed.weight
-        else:
-            table = position_bias
-        if table.dim() != 2 or table.shape[1] != module.num_heads:
-            raise RuntimeError(f"pyencoder WavLM attention: position_bias must be the bucket table "
-                               f"(num_buckets, {module.num_heads}) passed by a patched layer 0; got "
-                               f"shape {tuple(table.shape)} (is every layer patched?)")
-        q, k, v = project_qkv(module, hidden_states)
-        gate = wavlm_gate(module, hidden_states)
-        key_lengths = key_lengths_from_mask(attention_mask, B, N)
-        out = biased_interval_attention(q, k, v, gate, table, module._relative_positions_bucket,
-                                        module._pyencoder_attn, key_lengths, module.scaling)
-        out = module.out_proj(out.transpose(1, 2).reshape(B, N, E))
-        return out, None, table
-
-    return forward
+def wavlm_forward(module, hidden_states, attention_mask=None, position_bias=None, index=0,
+                  **kwargs):
+    """Forward of a patched WavLMAttention (bound to the instance). ``position_bias`` carries
+    layer 0's bucket table (num_buckets, H) from layer to layer instead of a dense (B*H, N, N)
+    bias; returns (out, None, table)."""
+    check_no_dropout(module, module.dropout)
+    B, N, E = hidden_states.shape
+    if position_bias is None:
+        if getattr(module, "rel_attn_embed", None) is None:
+            raise RuntimeError("pyencoder WavLM attention: the first layer must carry "
+                               "rel_attn_embed (the relative position bucket table)")
+        table = module.rel_attn_embed.weight
+    else:
+        table = position_bias
+    if table.dim() != 2 or table.shape[1] != module.num_heads:
+        raise RuntimeError(f"pyencoder WavLM attention: position_bias must be the bucket table "
+                           f"(num_buckets, {module.num_heads}) passed by a patched layer 0; got "
+                           f"shape {tuple(table.shape)} (is every layer patched?)")
+    q, k, v = project_qkv(module, hidden_states)
+    gate = wavlm_gate(module, hidden_states)
+    key_lengths = key_lengths_from_mask(attention_mask, B, N)
+    out = biased_interval_attention(q, k, v, gate, table, module._relative_positions_bucket,
+                                    getattr(module, "_pyencoder_attn", None), key_lengths,
+                                    module.scaling)
+    out = module.out_proj(out.transpose(1, 2).reshape(B, N, E))
+    return out, None, table
