@@ -1,0 +1,325 @@
+"""Streamable wav2vec2-style convolutional feature extractor.
+
+``FeatureConv1d`` is wav2vec2's unpadded ("valid") strided conv: output t reads input samples
+[t*s, t*s + k - 1], so L samples give (L - k) // s + 1 frames. It runs on
+pyencoder.ops.causal_conv1d: the valid conv of a sequence equals the causal conv of its samples
+from k - s on, with its first k - s samples as ``initial_state``. ``causal=True`` instead left-pads
+the input with k - s zeros (the Moshi/EnCodec convention of pyencoder.nn.CausalConv1d:
+L // s frames, no lookahead). Streaming keeps, per slot, the samples of the next unfinished
+window (at most k - 1); a chunk of any length >= 0 may be fed.
+
+``RunningGroupNorm`` replaces wav2vec2-base's GroupNorm(C, C) over the whole utterance (conv layer
+0, not streamable) by causal cumulative statistics: frame t is normalised by the float64 mean and
+variance of frames 0..t of its stream (the same formula as pyencoder.hf's "running" group norm).
+
+``ConvFeatureExtractor`` stacks ``FeatureConvLayer`` s (conv -> optional norm -> GELU); with no norm
+the GELU is fused into the conv op. Streaming state: per-layer ``FeatureConvState`` and an optional
+``RunningNormState``. Slots whose phase or chunk length differ are processed one by one.
+"""
+import dataclasses
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from ..ops.conv import causal_conv1d
+from ..streaming.state import StreamState
+
+__all__ = ["FeatureConv1d", "RunningGroupNorm", "FeatureConvLayer", "ConvFeatureExtractor",
+           "FeatureConvState", "RunningNormState", "FrontendState"]
+
+
+@dataclasses.dataclass
+class FeatureConvState(StreamState):
+    buf: torch.Tensor          # (B, C_in, k - 1) last samples of the padded input, right-aligned
+    seen: torch.Tensor         # (B,) int64 input samples fed so far
+    out_lengths: torch.Tensor  # (B,) int64
+
+
+@dataclasses.dataclass
+class RunningNormState(StreamState):
+    count: torch.Tensor        # (B,) int64 frames seen
+    total: torch.Tensor        # (B, C) float64 sum of x
+    total_sq: torch.Tensor     # (B, C) float64 sum of x^2
+
+
+@dataclasses.dataclass
+class FrontendState(StreamState):
+    convs: List[StreamState]
+    norm: Optional[StreamState]
+    out_lengths: torch.Tensor
+
+
+def _full(B, n, device):
+    return torch.full((B,), n, dtype=torch.int64, device=device)
+
+
+class FeatureConv1d(nn.Conv1d):
+    def __init__(self, in_channels, out_channels, kernel_size, stride, bias=True, activation=None,
+                 causal=False):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, bias=bias)
+        if kernel_size < stride:
+            raise ValueError(f"kernel_size ({kernel_size}) must be >= stride ({stride})")
+        if activation not in (None, "gelu", "silu"):
+            raise ValueError(f"activation must be None, 'gelu' or 'silu'; got {activation!r}")
+        self.activation = activation
+        self.causal = causal
+
+    @property
+    def k(self):
+        return self.kernel_size[0]
+
+    @property
+    def s(self):
+        return self.stride[0]
+
+    @property
+    def pad(self):
+        return self.k - self.s if self.causal else 0
+
+    @property
+    def hop(self):
+        return self.s
+
+    @property
+    def lookahead(self):
+        return 0 if self.causal else self.k - self.s
+
+    def extra_repr(self):
+        return super().extra_repr() + f", causal={self.causal}, activation={self.activation}"
+
+    def out_length(self, n):
+        n = n + self.pad
+        if isinstance(n, torch.Tensor):
+            return torch.where(n >= self.k, torch.div(n - self.k, self.s, rounding_mode="floor")
+                               + 1, torch.zeros_like(n))
+        return (n - self.k) // self.s + 1 if n >= self.k else 0
+
+    def _valid(self, x):
+        k, s = self.k, self.s
+        B, C, L = x.shape
+        n = (L - k) // s + 1 if L >= k else 0
+        if n == 0:
+            return x.new_zeros(B, self.out_channels, 0)
+        x = x[..., :(n - 1) * s + k]
+        init = x[..., :k - s].contiguous() if k > s else None
+        return causal_conv1d(x[..., k - s:], self.weight, self.bias, stride=s, groups=self.groups,
+                             activation=self.activation, initial_state=init)
+
+    def forward(self, x):
+        if x.dim() != 3 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must have shape (B, {self.in_channels}, L); got {tuple(x.shape)}")
+        if self.causal:
+            return causal_conv1d(x, self.weight, self.bias, stride=self.s, groups=self.groups,
+                                 activation=self.activation)
+        return self._valid(x)
+
+    def init_state(self, batch_size, *, device=None, dtype=None, **_):
+        device = self.weight.device if device is None else torch.device(device)
+        dtype = self.weight.dtype if dtype is None else dtype
+        return FeatureConvState(
+            buf=torch.zeros(batch_size, self.in_channels, self.k - 1, device=device, dtype=dtype),
+            seen=torch.zeros(batch_size, dtype=torch.int64, device=device),
+            out_lengths=torch.zeros(batch_size, dtype=torch.int64, device=device))
+
+    def _held(self, seen):
+        """Samples of the padded stream kept in the buffer after ``seen`` input samples."""
+        P = seen + self.pad
+        done = self.out_length(seen)
+        return P - done * self.s
+
+    def step(self, x, state, lengths=None):
+        """Feed x (B, C_in, n); returns (y (B, C_out, m), state)."""
+        B, C, n = x.shape
+        k, s = self.k, self.s
+        dev = x.device
+        lengths = _full(B, n, dev) if lengths is None else lengths.to(torch.int64)
+        x = x.to(state.buf.dtype)
+        held = self._held(state.seen)
+        uniform = B > 0 and bool((lengths == n).all()) and bool((held == held[0]).all())
+        if uniform:
+            c = int(held[0])
+            cat = torch.cat((state.buf[..., k - 1 - c:], x), -1)
+            y = self._valid(cat)
+            rest = cat[..., y.shape[-1] * s:]
+            state.buf = torch.nn.functional.pad(rest, (k - 1 - rest.shape[-1], 0))
+        else:
+            ys, bufs = [], []
+            for b in range(B):
+                c = int(held[b])
+                cat = torch.cat((state.buf[b:b + 1, :, k - 1 - c:], x[b:b + 1, :, :int(lengths[b])]),
+                                -1)
+                yb = self._valid(cat)
+                rest = cat[..., yb.shape[-1] * s:]
+                ys.append(yb[0])
+                bufs.append(torch.nn.functional.pad(rest, (k - 1 - rest.shape[-1], 0))[0])
+            m = max(t.shape[-1] for t in ys)
+            y = x.new_zeros(B, self.out_channels, m)
+            for b, yb in enumerate(ys):
+                y[b, :, :yb.shape[-1]] = yb
+            state.buf = torch.stack(bufs, 0)
+        new_seen = state.seen + lengths
+        state.out_lengths = self.out_length(new_seen) - self.out_length(state.seen)
+        state.seen = new_seen
+        return y, state
+
+    def flush(self, state):
+        state.out_lengths = torch.zeros_like(state.seen)
+        return state.buf.new_zeros(state.buf.shape[0], self.out_channels, 0), state
+
+
+def _running_norm(x, weight, bias, eps, count, total, total_sq):
+    """x (B, C, T), count (B,) int64, total / total_sq (B, C) float64 -> (y, total, total_sq)."""
+    xd = x.to(torch.float64)
+    s = torch.cumsum(torch.cat((total[..., None], xd), -1), -1)[..., 1:]
+    ss = torch.cumsum(torch.cat((total_sq[..., None], xd * xd), -1), -1)[..., 1:]
+    n = (count[:, None] + 1 + torch.arange(x.shape[-1], device=x.device)[None, :]).to(
+        torch.float64)[:, None, :]
+    mean = s / n
+    var = (ss / n - mean * mean).clamp_min(0.0)
+    y = ((xd - mean) * torch.rsqrt(var + eps)).to(x.dtype)
+    if weight is not None:
+        y = y * weight[:, None] + bias[:, None]
+    if x.shape[-1]:
+        total, total_sq = s[..., -1], ss[..., -1]
+    return y, total, total_sq
+
+
+class RunningGroupNorm(nn.Module):
+    """Per-channel causal normalisation with cumulative float64 statistics (see module doc)."""
+
+    hop = 1
+    lookahead = 0
+
+    def __init__(self, num_channels, eps=1e-5, affine=True):
+        super().__init__()
+        self.num_channels, self.eps = num_channels, eps
+        self.weight = nn.Parameter(torch.ones(num_channels)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_channels)) if affine else None
+
+    def forward(self, x):
+        B, C, T = x.shape
+        z = x.new_zeros(B, C, dtype=torch.float64)
+        return _running_norm(x, self.weight, self.bias, self.eps,
+                             torch.zeros(B, dtype=torch.int64, device=x.device), z, z)[0]
+
+    def init_state(self, batch_size, *, device=None, **_):
+        device = (self.weight.device if self.weight is not None else None) if device is None \
+            else device
+        z = torch.zeros(batch_size, self.num_channels, dtype=torch.float64, device=device)
+        return RunningNormState(count=torch.zeros(batch_size, dtype=torch.int64, device=device),
+                                total=z, total_sq=z.clone())
+
+    def step(self, x, state, lengths):
+        B, C, n = x.shape
+        if bool((lengths == n).all()):
+            y, state.total, state.total_sq = _running_norm(x, self.weight, self.bias, self.eps,
+                                                           state.count, state.total,
+                                                           state.total_sq)
+        else:
+            y = torch.zeros_like(x)
+            tot, tsq = state.total.clone(), state.total_sq.clone()
+            for b in range(B):
+                L = int(lengths[b])
+                yb, t1, t2 = _running_norm(x[b:b + 1, :, :L], self.weight, self.bias, self.eps,
+                                           state.count[b:b + 1], state.total[b:b + 1],
+                                           state.total_sq[b:b + 1])
+                y[b, :, :L] = yb[0]
+                tot[b], tsq[b] = t1[0], t2[0]
+            state.total, state.total_sq = tot, tsq
+        state.count = state.count + lengths
+        return y, state
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, T) tensor."""
+
+    def forward(self, x):
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class FeatureConvLayer(nn.Module):
+    """conv -> norm ("layer": LayerNorm over channels, "group": RunningGroupNorm, None) -> GELU."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, bias, norm, causal,
+                 eps=1e-5):
+        super().__init__()
+        if norm not in (None, "layer", "group"):
+            raise ValueError(f"norm must be None, 'layer' or 'group'; got {norm!r}")
+        self.conv = FeatureConv1d(in_channels, out_channels, kernel_size, stride, bias=bias,
+                                  activation="gelu" if norm is None else None, causal=causal)
+        if norm == "layer":
+            self.layer_norm = ChannelLayerNorm(out_channels, eps=eps)
+        elif norm == "group":
+            self.layer_norm = RunningGroupNorm(out_channels, eps=eps)
+        else:
+            self.layer_norm = None
+        self.activation = nn.GELU() if norm is not None else nn.Identity()
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.layer_norm is None:
+            return y
+        return self.activation(self.layer_norm(y))
+
+
+class ConvFeatureExtractor(nn.Module):
+    def __init__(self, conv_dim, conv_kernel, conv_stride, conv_bias=False, norm="layer",
+                 causal=False, eps=1e-5):
+        super().__init__()
+        if not (len(conv_dim) == len(conv_kernel) == len(conv_stride)) or not conv_dim:
+            raise ValueError(f"conv_dim, conv_kernel and conv_stride must be non-empty and of equal "
+                             f"length; got {len(conv_dim)}, {len(conv_kernel)}, {len(conv_stride)}")
+        if norm not in ("layer", "group", None):
+            raise ValueError(f"feat_extract_norm must be 'layer', 'group' or None; got {norm!r}")
+        layers = []
+        cin = 1
+        for i, (c, k, s) in enumerate(zip(conv_dim, conv_kernel, conv_stride)):
+            ln = "layer" if norm == "layer" else ("group" if norm == "group" and i == 0 else None)
+            layers.append(FeatureConvLayer(cin, c, k, s, conv_bias, ln, causal, eps))
+            cin = c
+        self.conv_layers = nn.ModuleList(layers)
+
+    @property
+    def hop(self):
+        h = 1
+        for layer in self.conv_layers:
+            h *= layer.conv.s
+        return h
+
+    def out_length(self, n):
+        for layer in self.conv_layers:
+            n = layer.conv.out_length(n)
+        return n
+
+    def forward(self, wav):
+        """wav (B, L) or (B, 1, L) -> features (B, C, T)."""
+        x = wav[:, None] if wav.dim() == 2 else wav
+        for layer in self.conv_layers:
+            x = layer(x)
+        return x
+
+    def init_state(self, batch_size, *, device=None, dtype=None, **_):
+        convs = [layer.conv.init_state(batch_size, device=device, dtype=dtype)
+                 for layer in self.conv_layers]
+        ln0 = self.conv_layers[0].layer_norm
+        norm = ln0.init_state(batch_size, device=convs[0].seen.device) \
+            if isinstance(ln0, RunningGroupNorm) else None
+        return FrontendState(convs=convs, norm=norm, out_lengths=torch.zeros_like(convs[0].seen))
+
+    def step(self, wav, state, lengths=None):
+        x = wav[:, None] if wav.dim() == 2 else wav
+        B = x.shape[0]
+        lengths = _full(B, x.shape[-1], x.device) if lengths is None else \
+            torch.as_tensor(lengths, device=x.device).to(torch.int64)
+        for i, layer in enumerate(self.conv_layers):
+            x, st = layer.conv.step(x, state.convs[i], lengths)
+            state.convs[i] = st
+            lengths = st.out_lengths
+            if isinstance(layer.layer_norm, RunningGroupNorm):
+                x, state.norm = layer.layer_norm.step(x, state.norm, lengths)
+                x = layer.activation(x)
+            elif layer.layer_norm is not None:
+                x = layer.activation(layer.layer_norm(x))
+        state.out_lengths = lengths
+        return x, state
