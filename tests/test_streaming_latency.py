@@ -1,0 +1,70 @@
+"""pyencoder.streaming.latency: exact composition and the non-streamable cases."""
+import pytest
+from torch import nn
+
+from pyencoder.nn import (BandedSelfAttention, CausalConv1d, ChunkedSelfAttention, Refiner,
+                          TransformerLayer, Transpose)
+from pyencoder.streaming import NotStreamableError, StreamingSequential, latency
+
+
+def _extractor():
+    convs = [CausalConv1d(1, 8, 10, 5, activation="gelu")]
+    convs += [CausalConv1d(8, 8, 3, 2, activation="gelu") for _ in range(4)]
+    convs += [CausalConv1d(8, 8, 2, 2, activation="gelu") for _ in range(2)]
+    return convs
+
+
+def test_wav2vec2_extractor_hop_and_per_layer_lookahead():
+    layers = _extractor() + [Transpose(), nn.LayerNorm(8), nn.Linear(8, 16)]
+    layers += [TransformerLayer(BandedSelfAttention(16, 2, left=50, right=3 if i == 0 else 0), 32)
+               for i in range(12)]
+    lat = latency(StreamingSequential(*layers))
+    assert lat.hop == 320
+    assert lat.lookahead_samples == 3 * 320
+    assert lat.samples == 320 + 960 and lat.ms == pytest.approx(80.0)
+
+
+def test_lookahead_compounds_over_layers():
+    L, r = 4, 2
+    model = nn.Sequential(CausalConv1d(1, 4, 4, 4), Transpose(),
+                          *[BandedSelfAttention(4, 1, left=3, right=r) for _ in range(L)])
+    lat = latency(model, sample_rate=8000)
+    assert lat.lookahead_samples == L * r * 4
+    assert lat.ms == pytest.approx(1000 * (4 + L * r * 4) / 8000)
+    assert [row[3] for row in lat.breakdown] == [0, 0] + [r] * L
+
+
+def test_chunked_and_refiner_worst_case():
+    lat = latency([ChunkedSelfAttention(4, 1, chunk_size=4, left_chunks=1, lookahead=2),
+                   Refiner(4, 3)])
+    assert lat.lookahead_samples == (4 - 1 + 2) + (3 - 1)
+
+
+def test_strided_lookahead_is_scaled_by_upstream_hop():
+    lat = latency(nn.Sequential(CausalConv1d(1, 2, 2, 2), CausalConv1d(2, 2, 3, 3), Transpose(),
+                                BandedSelfAttention(2, 1, left=1, right=1)))
+    assert lat.hop == 6 and lat.lookahead_samples == 6
+
+
+def test_groupnorm_over_time_raises():
+    model = nn.Sequential(nn.Conv1d(1, 4, 10, 5, bias=False), nn.GroupNorm(4, 4))
+    with pytest.raises(NotStreamableError, match="normalises over time"):
+        latency(model)
+
+
+def test_symmetric_conv_raises():
+    with pytest.raises(NotStreamableError, match="padded .non-causal. conv"):
+        latency(nn.Sequential(nn.Conv1d(32, 32, 128, padding=64, groups=16)))
+
+
+def test_valid_conv_reports_its_lookahead():
+    lat = latency(nn.Conv1d(1, 2, 10, stride=5))
+    assert lat.hop == 5 and lat.lookahead_samples == 5
+
+
+def test_unknown_leaf_raises():
+    class Odd(nn.Module):
+        def forward(self, x):
+            return x.flip(-1)
+    with pytest.raises(NotStreamableError, match="unknown module"):
+        latency(Odd())
