@@ -1,0 +1,134 @@
+"""Shared helpers of the benchmark scripts: device naming, environment record, timing, JSON lines,
+and a measured memory-bandwidth roofline.
+
+API (keep it small):
+    device_slug() -> str             "nvidia-h100-80gb-hbm3", "cpu-x86_64", ...: results folder name
+    env_info() -> dict               device, device_name, torch, triton, cuda, python, commit, date,
+                                     run_id (one per process: records of one run share it)
+    bench(fn, warmup=25, rep=100) -> dict(median_ms, p20_ms, p80_ms)
+                                     warmup/rep are milliseconds of running fn (as in
+                                     triton.testing.do_bench, which is used on CUDA; on CPU a
+                                     perf_counter loop with the same budget, at least 3 runs)
+    write_jsonl(name, records) -> path
+                                     appends records (env_info() merged in, record keys win) to
+                                     benchmarks/results/<device-slug>/<name>.jsonl
+    copy_bandwidth_gbs() -> float    measured device copy bandwidth, GB/s of (read + write) bytes;
+                                     the roofline for memory-bound kernels (cached per process)
+"""
+import datetime
+import functools
+import json
+import os
+import platform
+import re
+import subprocess
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def _slug(s):
+    return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")
+
+
+def device_slug():
+    if torch.cuda.is_available():
+        return _slug(torch.cuda.get_device_name(0))
+    return _slug(f"cpu-{platform.machine() or 'unknown'}")
+
+
+def _commit():
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) or None
+    except Exception:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def env_info():
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cuda = torch.cuda.is_available()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    commit = _commit()
+    return {
+        "device": device_slug(),
+        "device_name": torch.cuda.get_device_name(0) if cuda else (platform.processor()
+                                                                   or platform.machine()),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda if cuda else None,
+        "python": platform.python_version(),
+        "commit": commit,
+        "date": now.isoformat(timespec="seconds"),
+        "run_id": f"{now.strftime('%Y%m%dT%H%M%S')}-{commit or 'nocommit'}",
+    }
+
+
+def _quantile(sorted_vals, q):
+    if not sorted_vals:
+        return float("nan")
+    pos = q * (len(sorted_vals) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_vals) - 1)
+    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
+
+
+def bench(fn, warmup=25, rep=100):
+    """Median and 20/80 % quantiles of fn's run time in ms."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+        med, p20, p80 = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
+        return {"median_ms": float(med), "p20_ms": float(p20), "p80_ms": float(p80)}
+    t_end = time.perf_counter() + warmup / 1e3
+    fn()
+    while time.perf_counter() < t_end:
+        fn()
+    times = []
+    t_end = time.perf_counter() + rep / 1e3
+    while len(times) < 3 or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {"median_ms": _quantile(times, 0.5), "p20_ms": _quantile(times, 0.2),
+            "p80_ms": _quantile(times, 0.8)}
+
+
+def write_jsonl(name, records):
+    folder = os.path.join(HERE, "results", device_slug())
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name}.jsonl")
+    env = env_info()
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps({**env, **r}, sort_keys=False) + "\n")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def copy_bandwidth_gbs():
+    """Device-to-device copy of a large buffer; bytes moved = 2 x size (read + write)."""
+    if torch.cuda.is_available():
+        n = 1 << 28  # 1 GiB of float32
+        src = torch.empty(n, dtype=torch.float32, device="cuda").uniform_()
+        dst = torch.empty_like(src)
+        t = bench(lambda: dst.copy_(src), warmup=50, rep=200)["median_ms"]
+        del src, dst
+        torch.cuda.empty_cache()
+    else:
+        n = 1 << 25  # 128 MiB
+        src = torch.rand(n)
+        dst = torch.empty_like(src)
+        t = bench(lambda: dst.copy_(src), warmup=20, rep=200)["median_ms"]
+    return 2 * n * 4 / (t * 1e-3) / 1e9
