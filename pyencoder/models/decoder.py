@@ -1,0 +1,175 @@
+"""StreamingDecoder: a Vocos-style causal ConvNeXt decoder that emits K waveform samples per frame
+(FocalCodec-Stream's replacement for the iSTFT head), offline and streaming.
+
+    x (B, T, input_dim) -> causal conv embed (k) -> LayerNorm -> [Refiner] -> N x ConvNeXtBlock
+    -> [M x TransformerLayer (banded causal attention, optional lookahead)] -> LayerNorm
+    -> Linear(dim, K) -> (B, T, K) -> flattened waveform (B, T * K)
+
+ConvNeXtBlock: y = x + gamma * W2 GELU(W1 LN(dwconv(x))) with dwconv a depthwise causal conv
+(pyencoder.nn.CausalConv1d, width k, no lookahead) and gamma a per-channel layer scale.
+
+Exact latency: frame f's K samples need input frames up to f + R in the worst case, R = (refiner
+chunk - 1) + the attention lookaheads (the first frame of a Refiner chunk waits for the whole
+chunk); counted from the first output sample of frame f, that is (R + 1) * K samples
+(``latency()``). In a stream they are emitted by the step that delivers the last input frame they
+need (at the latest input frame f + R); without a Refiner every frame waits exactly R frames.
+
+Streaming: ``init_state`` / ``step(x_chunk)`` / ``flush``: a StreamingSequential over the same
+modules; for any chunking step + flush outputs concatenate to the offline waveform.
+"""
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..nn.attention import BandedSelfAttention
+from ..nn.conv import CausalConv1d
+from ..nn.layer import TransformerLayer
+from ..nn.misc import Transpose
+from ..nn.refiner import Refiner
+from ..streaming.sequential import StreamingSequential
+from ..streaming.state import StreamState
+
+__all__ = ["DecoderConfig", "ConvNeXtBlock", "StreamingDecoder", "DecoderState"]
+
+
+@dataclasses.dataclass
+class DecoderConfig:
+    input_dim: int = 1024
+    dim: int = 512
+    intermediate_dim: int = 1536
+    num_blocks: int = 8
+    kernel_size: int = 7
+    embed_kernel_size: int = 7
+    layer_scale_init: Optional[float] = None   # None: 1 / num_blocks (Vocos)
+    samples_per_frame: int = 320               # K
+    num_attention_layers: int = 0
+    num_heads: int = 8
+    attention_left: Optional[int] = 64
+    attention_lookahead: int = 0
+    refiner_chunk: Optional[int] = None        # frames per Refiner chunk (None: no Refiner)
+    refiner_hidden: Optional[int] = None
+    layer_norm_eps: float = 1e-6
+
+
+@dataclasses.dataclass
+class DecoderState(StreamState):
+    net: StreamState
+    out_lengths: torch.Tensor   # (B,) int64 waveform samples emitted by the last step / flush
+
+
+class ConvNeXtBlock(nn.Module):
+    """Causal ConvNeXt block on (B, T, C): depthwise causal conv -> LayerNorm -> Linear -> GELU
+    -> Linear -> layer scale -> residual."""
+
+    lookahead = 0
+    hop = 1
+
+    def __init__(self, dim, intermediate_dim, kernel_size=7, layer_scale_init=None, eps=1e-6):
+        super().__init__()
+        self.dwconv = CausalConv1d(dim, dim, kernel_size, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.pwconv1 = nn.Linear(dim, intermediate_dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(intermediate_dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), layer_scale_init)) \
+            if layer_scale_init is not None else None
+
+    def _mlp(self, x, h):
+        h = self.pwconv2(self.act(self.pwconv1(self.norm(h))))
+        if self.gamma is not None:
+            h = h * self.gamma
+        return x + h
+
+    def forward(self, x):
+        h = self.dwconv(x.transpose(1, 2)).transpose(1, 2)
+        return self._mlp(x, h)
+
+    def init_state(self, batch_size, *, device=None, dtype=None, **_):
+        return self.dwconv.init_state(batch_size, device=device, dtype=dtype)
+
+    def step(self, x, state, lengths=None):
+        h, state = self.dwconv.step(x.transpose(1, 2), state, lengths)
+        return self._mlp(x, h.transpose(1, 2)), state
+
+    def flush(self, state):
+        B = state.seen.shape[0]
+        state.out_lengths = torch.zeros_like(state.seen)
+        return state.hist.new_zeros(B, 0, self.dwconv.in_channels), state
+
+
+class StreamingDecoder(nn.Module):
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        c = config
+        self.config = c
+        ls = 1.0 / c.num_blocks if c.layer_scale_init is None and c.num_blocks else \
+            c.layer_scale_init
+        mods = [Transpose(1, 2), CausalConv1d(c.input_dim, c.dim, c.embed_kernel_size),
+                Transpose(1, 2), nn.LayerNorm(c.dim, eps=c.layer_norm_eps)]
+        if c.refiner_chunk is not None:
+            mods.append(Refiner(c.dim, c.refiner_chunk, hidden_dim=c.refiner_hidden))
+        mods += [ConvNeXtBlock(c.dim, c.intermediate_dim, c.kernel_size, ls, c.layer_norm_eps)
+                 for _ in range(c.num_blocks)]
+        for _ in range(c.num_attention_layers):
+            att = BandedSelfAttention(c.dim, c.num_heads, left=c.attention_left,
+                                      right=c.attention_lookahead, rope=True)
+            mods.append(TransformerLayer(att, c.intermediate_dim, norm_first=True,
+                                         layer_norm_eps=c.layer_norm_eps))
+        mods += [nn.LayerNorm(c.dim, eps=c.layer_norm_eps), nn.Linear(c.dim, c.samples_per_frame)]
+        self.net = StreamingSequential(*mods)
+
+    @property
+    def samples_per_frame(self):
+        return self.config.samples_per_frame
+
+    @property
+    def lookahead_frames(self):
+        c = self.config
+        r = 0 if c.refiner_chunk is None else c.refiner_chunk - 1
+        return r + c.num_attention_layers * c.attention_lookahead
+
+    def latency(self, sample_rate=16000):
+        """Exact worst-case algorithmic latency: dict(lookahead_frames, samples_per_frame, samples, ms)."""
+        K = self.samples_per_frame
+        samples = (self.lookahead_frames + 1) * K
+        return dict(lookahead_frames=self.lookahead_frames, samples_per_frame=K, samples=samples,
+                    ms=1000.0 * samples / sample_rate)
+
+    def forward_frames(self, x):
+        """x (B, T, input_dim) -> (B, T, K) samples per frame."""
+        if x.dim() != 3 or x.shape[-1] != self.config.input_dim:
+            raise ValueError(f"x must have shape (B, T, {self.config.input_dim}); got "
+                             f"{tuple(x.shape)}")
+        return self.net(x)
+
+    def forward(self, x):
+        """x (B, T, input_dim) -> waveform (B, T * K)."""
+        y = self.forward_frames(x)
+        return y.reshape(y.shape[0], -1)
+
+    def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
+        net = self.net.init_state(batch_size, device=device, dtype=dtype, max_chunk=max_chunk)
+        return DecoderState(net=net, out_lengths=torch.zeros_like(net.out_lengths))
+
+    def _wave(self, y, state):
+        K = self.samples_per_frame
+        B = state.out_lengths.shape[0]
+        if y is None:
+            y = state.out_lengths.new_zeros(B, 0, K, dtype=torch.float32)
+        state.out_lengths = state.net.out_lengths * K
+        return y.reshape(B, -1), state
+
+    def step(self, x, state, lengths=None):
+        """Feed x (B, n, input_dim) frames; returns (wav (B, m * K), state). Slot b's new samples
+        are the first ``state.out_lengths[b]``."""
+        if x.dim() != 3 or x.shape[-1] != self.config.input_dim:
+            raise ValueError(f"x must have shape (B, n, {self.config.input_dim}); got "
+                             f"{tuple(x.shape)}")
+        y, state.net = self.net.step(x, state.net, lengths)
+        return self._wave(y, state)
+
+    def flush(self, state):
+        y, state.net = self.net.flush(state.net)
+        return self._wave(y, state)
