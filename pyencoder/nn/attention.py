@@ -167,6 +167,36 @@ class _IntervalSelfAttention(nn.Module):
             counts.append(state.out_lengths.clone())
         return _concat_ragged(outs, counts, state)
 
+    def step_fixed(self, x, state):
+        """Steady-state step without host synchronisation, for CUDA graphs: every slot gets the
+        same n = x.shape[1] <= max_chunk frames, the mask is banded (block 1) and every slot has
+        already seen >= right frames (so exactly n queries become ready). The state is updated in
+        place (same tensors), so a captured graph can be replayed. Returns y (B, n, E)."""
+        if self.block != 1 or self.lo_off < 0:
+            raise ValueError("step_fixed needs a banded mask with a finite left")
+        B, n, E = x.shape
+        R, dev = self.hi_off, x.device
+        q, k, v = self._heads(x, self.q_proj), self._heads(x, self.k_proj), self._heads(x, self.v_proj)
+        P = state.pos
+        ar = torch.arange(n, device=dev)
+        kpos = P[:, None] + ar[None, :]
+        inv = None if self.rope is None else self.rope.inv_freq(dev)
+        if inv is not None:
+            k = apply_rope(k, kpos, inv, self.rope.interleaved)
+        slot = torch.remainder(kpos, state.k.shape[2])
+        bidx = torch.arange(B, device=dev)[:, None].expand(B, n)
+        state.k[bidx, :, slot] = k.transpose(1, 2).to(state.k.dtype)
+        state.v[bidx, :, slot] = v.transpose(1, 2).to(state.v.dtype)
+        allq = torch.cat((state.q[:, :, :R], q.to(state.q.dtype)), 2)
+        qpos = (P - R)[:, None] + ar[None, :]
+        o = decode_attention(allq[:, :, :n], state.k, state.v, qpos, state.out_lengths.fill_(n),
+                             P + n, inv, False if self.rope is None else self.rope.interleaved,
+                             1, self.lo_off, R, self.scale, backend=self.decode_backend)
+        if R:
+            state.q[:, :, :R].copy_(allq[:, :, n:])
+        state.pos.add_(n)
+        return self.out_proj(o.to(x.dtype).transpose(1, 2).reshape(B, n, E))
+
     def flush(self, state):
         """End of stream: emit every held-back query (its window is cut at the last frame)."""
         B = state.pos.shape[0]

@@ -124,6 +124,18 @@ class CausalConv1d(nn.Conv1d):
         state.seen = new_seen
         return y, state
 
+    def step_fixed(self, x, state):
+        """CUDA-graph friendly step: every slot gets the same n samples, n a multiple of the
+        stride, and every slot has seen a multiple of the stride. State updated in place."""
+        k, s = self.k, self.s
+        cat = torch.cat((state.hist, x.to(state.hist.dtype)), -1)
+        y = self._run(cat, s - 1)
+        if k > 1:
+            state.hist.copy_(cat[..., cat.shape[-1] - (k - 1):])
+        state.seen.add_(x.shape[-1])
+        state.out_lengths.fill_(x.shape[-1] // s)
+        return y
+
     def flush(self, state):
         B = state.seen.shape[0]
         state.out_lengths = torch.zeros_like(state.seen)

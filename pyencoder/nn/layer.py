@@ -93,6 +93,19 @@ class TransformerLayer(nn.Module):
         a, state.attention = self.attention.step(h, state.attention, lengths)
         return self._release(x, a, state, lengths)
 
+    def step_fixed(self, x, state):
+        """CUDA-graph friendly steady-state step (see the attention's ``step_fixed``)."""
+        B, n, E = x.shape
+        R = self.attention.hi_off
+        h = self.layer_norm(x) if self.norm_first else x
+        a = self.attention.step_fixed(h, state.attention)
+        allr = torch.cat((state.res[:, :R], x.to(state.res.dtype)), 1)
+        y = self._post(allr[:, :n].to(a.dtype), a)
+        if R:
+            state.res[:, :R].copy_(allr[:, n:])
+        state.out_lengths.fill_(n)
+        return y
+
     def flush(self, state):
         a, state.attention = self.attention.flush(state.attention)
         B = state.res.shape[0]

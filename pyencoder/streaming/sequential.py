@@ -91,6 +91,19 @@ class StreamingSequential(nn.Sequential):
         state.out_lengths = lengths
         return y, state
 
+    def step_fixed(self, x, state):
+        """CUDA-graph friendly steady-state step: every child's ``step_fixed`` (see
+        BandedSelfAttention.step_fixed for the preconditions); per-frame children as is. No host
+        synchronisation; the state is updated in place. Returns y."""
+        for m, st in zip(self, state.layers):
+            if hasattr(m, "step_fixed"):
+                x = m.step_fixed(x, st)
+            elif _streams(m):
+                raise TypeError(f"{type(m).__name__} has no step_fixed")
+            else:
+                x = m(x)
+        return x
+
     def _time_last(self, i):
         from ..nn.conv import CausalConv1d
         m = self[i]
