@@ -112,6 +112,10 @@ def _check_model(base, family):
         if not isinstance(gn, nn.GroupNorm) or gn.num_groups != gn.num_channels:
             _compat.fail("conv layer 0 of a feat_extract_norm='group' model has no per-channel "
                          "nn.GroupNorm named layer_norm")
+    for name in ("hop", "lookahead"):
+        if hasattr(base, name):
+            _compat.fail(f"{type(base).__name__} already has an attribute {name!r}, which the "
+                         f"patch uses for pyencoder.streaming.latency")
     if getattr(base.config, "add_adapter", False):
         raise NotImplementedError("models with an adapter (config.add_adapter=True) are not "
                                   "supported by pyencoder.hf yet")
@@ -269,6 +273,10 @@ def apply_pyencoder_to_wav2vec2(model, *, lookahead_frames=3, left_frames=None,
         _undo(base, record)
         raise
     base._pyencoder_patch = record
+    # pyencoder.streaming.latency(model) reads `hop` / `lookahead` (input samples) on the base.
+    lat = latency(base)
+    base.hop = lat["hop_samples"]
+    base.lookahead = lat["samples"]
     return model
 
 
@@ -285,6 +293,9 @@ def _undo(base, record):
         record.hook = None
     if record.family != "wavlm" and record.orig_attn_impl is not None:
         base.config._attn_implementation_internal = record.orig_attn_impl
+    for name in ("hop", "lookahead"):
+        if name in base.__dict__:
+            delattr(base, name)
 
 
 def revert_pyencoder(model):

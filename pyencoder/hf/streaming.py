@@ -1,0 +1,326 @@
+"""StreamingEncoder: run a patched Wav2Vec2 / HuBERT / WavLM model on raw 16 kHz audio chunk by
+chunk, with outputs equal to the patched model's offline forward.
+
+Per stage, what the state carries (a pyencoder.streaming.StreamState, so state_dict() round-trips):
+
+- conv feature extractor ("valid" strided convs): per conv layer the input frames not consumed yet
+  (fewer than kernel + stride), so any chunk length works, down to 1 sample; the running GroupNorm
+  of conv layer 0 carries (count, sum, sum of squares) in float64 (pyencoder.hf.frontend).
+- positional conv: "drop" has no state; "causal" carries its last k - 1 inputs
+  (pyencoder.ops.causal_conv1d with initial_state).
+- attention layers: Wav2Vec2 / HuBERT layers use pyencoder.nn.BandedSelfAttention /
+  ChunkedSelfAttention sharing the HF module's projections (ring KV cache of rotated keys, held-back
+  queries, the Triton decode kernel on CUDA). WavLM layers keep a plain key/value window (unrotated
+  keys, trimmed to the oldest key a pending query can still see) and run
+  pyencoder.hf.wavlm.biased_interval_attention with absolute q/k offsets (no kernel path yet).
+  Each layer also keeps the inputs of its held-back frames for the residual path.
+
+Streams in a batch run in lockstep (same chunk length for every slot). Lookahead: frames are
+emitted as soon as the last key they see has arrived; ``flush`` emits the rest (their windows are
+cut at the end of the stream, as offline). Leftover audio shorter than one frame at the end is
+dropped, as the offline conv does. Settings that cannot stream (pos_conv="keep", group_norm="keep",
+training mode, adapters) raise ValueError at construction.
+"""
+import dataclasses
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from ..nn.attention import BandedSelfAttention, ChunkedSelfAttention
+from ..streaming.state import StreamState
+from .frontend import RunningNormState, causal_pos_conv, running_group_norm
+from .patch import base_model, latency as _latency
+from .wavlm import biased_interval_attention, project_qkv, wavlm_gate
+
+__all__ = ["StreamingEncoder", "EncoderStreamState"]
+
+
+@dataclasses.dataclass
+class BufState(StreamState):
+    buf: torch.Tensor                      # (B, C, n) inputs not consumed yet
+
+
+@dataclasses.dataclass
+class NormState(StreamState):
+    count: torch.Tensor                    # (B,) int64
+    total: torch.Tensor                    # (B, C) float64
+    total_sq: torch.Tensor                 # (B, C) float64
+
+
+@dataclasses.dataclass
+class WavLMAttnState(StreamState):
+    k: torch.Tensor                        # (B, H, n, D) unrotated keys from position k_start
+    v: torch.Tensor
+    k_start: torch.Tensor                  # (B,) int64
+    received: torch.Tensor                 # (B,) int64 frames appended so far
+    emitted: torch.Tensor                  # (B,) int64 queries emitted so far
+
+
+@dataclasses.dataclass
+class LayerState(StreamState):
+    attn: StreamState
+    pending: torch.Tensor                  # (B, n, E) inputs of held-back frames (residual)
+    pending_attn: Optional[torch.Tensor]   # WavLM: their attention inputs (queries and gates)
+
+
+@dataclasses.dataclass
+class EncoderStreamState(StreamState):
+    convs: List[BufState]
+    norm: Optional[NormState]
+    pos: Optional[BufState]
+    layers: List[LayerState]
+    out_lengths: torch.Tensor              # (B,) frames emitted by the last step / flush
+
+
+class StreamingEncoder(nn.Module):
+    """Streams a model patched by ``apply_pyencoder_to_wav2vec2`` (base model or a head; the head
+    is not applied: outputs are the base model's hidden states).
+
+    ``step(audio (B, n) float, state) -> (last_hidden_state (B, m, E), state)``; with
+    ``output_hidden_states=True`` it returns ``((last_hidden_state, hidden_states), state)`` where
+    hidden_states[0] is the input of layer 0 and hidden_states[i + 1] the output of layer i (as in
+    transformers), each holding the frames that depth emitted in this step (counts differ between
+    depths while frames are held back; concatenated over the stream they equal the offline ones).
+    """
+
+    def __init__(self, model, *, max_context=65536, output_hidden_states=False):
+        super().__init__()
+        base, family = base_model(model)
+        rec = getattr(base, "_pyencoder_patch", None)
+        if rec is None:
+            raise ValueError("StreamingEncoder needs a model patched by "
+                             "pyencoder.hf.apply_pyencoder_to_wav2vec2")
+        if rec.pos_conv == "keep":
+            raise ValueError("pos_conv='keep' cannot stream: the symmetric positional conv looks "
+                             "half its kernel (e.g. 64 frames = 1.28 s) into the future. Patch "
+                             "with pos_conv='drop' or 'causal'.")
+        if rec.group_norm == "keep":
+            raise ValueError("group_norm='keep' cannot stream: conv layer 0's GroupNorm normalises "
+                             "over the whole utterance. Patch with group_norm='running'.")
+        if base.training:
+            raise ValueError("StreamingEncoder runs the model in eval mode (dropout, SpecAugment "
+                             "and batch statistics are not streamable); call model.eval() first")
+        self.base = base
+        self.family = family
+        self.record = rec
+        self.stable = bool(base.config.do_stable_layer_norm)
+        self.output_hidden_states = output_hidden_states
+        self.max_context = max_context
+        self.attn = nn.ModuleList()
+        for layer, spec in zip(base.encoder.layers, rec.specs):
+            hf = layer.attention
+            if family == "wavlm":
+                self.attn.append(nn.Identity())
+                continue
+            E, H = hf.embed_dim, hf.num_heads
+            if spec.block == 1:
+                sa = BandedSelfAttention(E, H, left=spec.left, right=spec.lookahead,
+                                         rope=spec.rope or False, max_context=max_context)
+            else:
+                lc = None if spec.lo_off < 0 else spec.lo_off // spec.block
+                sa = ChunkedSelfAttention(E, H, chunk_size=spec.block, left_chunks=lc,
+                                          lookahead=spec.lookahead, rope=spec.rope or False,
+                                          max_context=max_context)
+            for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                setattr(sa, name, getattr(hf, name))
+            if abs(sa.scale - hf.scaling) > 1e-12:
+                raise ValueError(f"attention scaling {hf.scaling} is not 1/sqrt(head_dim)")
+            self.attn.append(sa)
+
+    @property
+    def hop(self):
+        """Input samples per output frame (pyencoder.streaming.latency protocol)."""
+        return _latency(self.base)["hop_samples"]
+
+    @property
+    def lookahead(self):
+        """Input samples past a frame's own hop that its output needs: attention lookahead frames
+        times the hop plus the feature extractor's receptive field minus its hop."""
+        return _latency(self.base)["samples"]
+
+    # ------------------------------------------------------------------ state
+    def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
+        p = next(self.base.parameters())
+        device = p.device if device is None else torch.device(device)
+        dtype = p.dtype if dtype is None else dtype
+        B = batch_size
+        convs = []
+        for i, cl in enumerate(self.base.feature_extractor.conv_layers):
+            convs.append(BufState(torch.zeros(B, cl.conv.in_channels, 0, device=device,
+                                              dtype=dtype)))
+        norm = None
+        if self.record.group_norm == "running":
+            C = self.base.feature_extractor.conv_layers[0].conv.out_channels
+            z = torch.zeros(B, C, dtype=torch.float64, device=device)
+            norm = NormState(torch.zeros(B, dtype=torch.int64, device=device), z, z.clone())
+        pos = None
+        if self.record.pos_conv == "causal":
+            pc = self.base.encoder.pos_conv_embed
+            k = pc.conv.kernel_size[0]
+            pos = BufState(torch.zeros(B, pc.conv.in_channels, k - 1, device=device, dtype=dtype))
+        E = self.base.config.hidden_size
+        layers = []
+        for layer, sa in zip(self.base.encoder.layers, self.attn):
+            if self.family == "wavlm":
+                hf = layer.attention
+                zk = torch.zeros(B, hf.num_heads, 0, hf.head_dim, device=device, dtype=dtype)
+                zi = torch.zeros(B, dtype=torch.int64, device=device)
+                st = WavLMAttnState(zk, zk.clone(), zi, zi.clone(), zi.clone())
+            else:
+                st = sa.init_state(B, device=device, dtype=dtype, max_chunk=max_chunk)
+            z = torch.zeros(B, 0, E, device=device, dtype=dtype)
+            layers.append(LayerState(st, z, z.clone() if self.family == "wavlm" else None))
+        return EncoderStreamState(convs, norm, pos, layers,
+                                  torch.zeros(B, dtype=torch.int64, device=device))
+
+    # ------------------------------------------------------------------ stages
+    def _frontend(self, audio, state):
+        x = audio[:, None]
+        for i, cl in enumerate(self.base.feature_extractor.conv_layers):
+            st = state.convs[i]
+            buf = torch.cat((st.buf, x.to(st.buf.dtype)), -1)
+            k, s = cl.conv.kernel_size[0], cl.conv.stride[0]
+            n_out = (buf.shape[-1] - k) // s + 1 if buf.shape[-1] >= k else 0
+            if n_out == 0:
+                st.buf = buf
+                return None
+            y = cl.conv(buf[..., :(n_out - 1) * s + k])
+            st.buf = buf[..., n_out * s:]
+            if i == 0 and state.norm is not None:
+                ns = state.norm
+                y, new = running_group_norm(
+                    y, cl.layer_norm.weight, cl.layer_norm.bias, cl.layer_norm.eps,
+                    RunningNormState(int(ns.count[0]), ns.total, ns.total_sq))
+                ns.count = torch.full_like(ns.count, new.count)
+                ns.total, ns.total_sq = new.total, new.total_sq
+            elif isinstance(getattr(cl, "layer_norm", None), nn.LayerNorm):
+                y = cl.layer_norm(y.transpose(-2, -1)).transpose(-2, -1)
+            x = cl.activation(y)
+        feats = self.base.feature_projection(x.transpose(1, 2))
+        return feats[0] if isinstance(feats, tuple) else feats
+
+    def _pre_layers(self, h, state):
+        enc = self.base.encoder
+        if state.pos is not None:
+            pe, state.pos.buf = causal_pos_conv(enc.pos_conv_embed, h, state.pos.buf,
+                                                return_state=True)
+            h = h + pe
+        if not self.stable:
+            h = enc.layer_norm(h)
+        return h
+
+    def _attend(self, i, a_new, st, final):
+        """New attention inputs a_new (B, n, E) -> outputs of the frames ready now (B, m, E)."""
+        layer = self.base.encoder.layers[i]
+        if self.family != "wavlm":
+            sa = self.attn[i]
+            y, st.attn = sa.step(a_new, st.attn) if a_new.shape[1] else (a_new, st.attn)
+            if final:
+                y2, st.attn = sa.flush(st.attn)
+                y = torch.cat((y, y2), 1)
+            return y
+        return self._wavlm_attend(layer.attention, self.record.specs[i], a_new, st, final)
+
+    def _wavlm_attend(self, hf, spec, a_new, st, final):
+        s = st.attn
+        B, n, E = a_new.shape
+        if n:
+            q, k, v = project_qkv(hf, a_new)
+            s.k, s.v = torch.cat((s.k, k), 2), torch.cat((s.v, v), 2)
+            s.received = s.received + n
+        received, emitted, k0 = int(s.received[0]), int(s.emitted[0]), int(s.k_start[0])
+        if spec.lo_off < 0 and received > self.max_context:
+            raise RuntimeError(f"StreamingEncoder: the stream reached {received} frames, beyond "
+                               f"max_context={self.max_context}, with unbounded left context")
+        ready = received
+        if not final:
+            while ready > emitted and spec.hi(ready - 1) > received - 1:
+                ready -= 1
+        m = ready - emitted
+        if m <= 0:
+            return a_new.new_zeros(B, 0, E)
+        a = st.pending_attn[:, :m]
+        q = hf.q_proj(a).view(B, m, hf.num_heads, hf.head_dim).transpose(1, 2)
+        gate = wavlm_gate(hf, a)
+        table = self.base.encoder.layers[0].attention.rel_attn_embed.weight
+        o = biased_interval_attention(q, s.k, s.v, gate, table, hf._relative_positions_bucket,
+                                      spec, None, hf.scaling, q_offset=emitted, k_offset=k0)
+        y = hf.out_proj(o.transpose(1, 2).reshape(B, m, E))
+        s.emitted = s.emitted + m
+        keep_from = spec.lo(ready) if spec.lo_off >= 0 else 0
+        if keep_from > k0:
+            s.k, s.v = s.k[:, :, keep_from - k0:], s.v[:, :, keep_from - k0:]
+            s.k_start = torch.full_like(s.k_start, keep_from)
+        return y
+
+    def _layer(self, i, h_new, st, final):
+        layer = self.base.encoder.layers[i]
+        a_new = layer.layer_norm(h_new) if self.stable else h_new
+        if self.family == "wavlm":
+            st.pending_attn = torch.cat((st.pending_attn, a_new), 1)
+        st.pending = torch.cat((st.pending, h_new), 1)
+        y = self._attend(i, a_new, st, final)
+        m = y.shape[1]
+        res, st.pending = st.pending[:, :m], st.pending[:, m:]
+        if self.family == "wavlm":
+            st.pending_attn = st.pending_attn[:, m:]
+        h = res + layer.dropout(y)
+        if self.stable:
+            h = h + layer.feed_forward(layer.final_layer_norm(h))
+            if getattr(layer, "adapter_layer", None) is not None:
+                h = h + layer.adapter_layer(h)
+        else:
+            h = layer.layer_norm(h)
+            h = h + layer.feed_forward(h)
+            h = layer.final_layer_norm(h)
+        return h
+
+    def _run(self, audio, state, final):
+        B = state.out_lengths.shape[0]
+        E = self.base.config.hidden_size
+        dt = state.layers[0].pending.dtype
+        dev = state.layers[0].pending.device
+        h = self._frontend(audio, state) if audio is not None and audio.shape[-1] else None
+        h = self._pre_layers(h, state) if h is not None else torch.zeros(B, 0, E, device=dev,
+                                                                          dtype=dt)
+        hidden = [h]
+        for i, st in enumerate(state.layers):
+            h = self._layer(i, h, st, final)
+            hidden.append(h)
+        last = self.base.encoder.layer_norm(h) if self.stable else h
+        state.out_lengths = torch.full((B,), last.shape[1], dtype=torch.int64, device=dev)
+        if self.output_hidden_states:
+            return (last, tuple(hidden)), state
+        return last, state
+
+    # ------------------------------------------------------------------ protocol
+    def step(self, audio, state):
+        """audio (B, n) raw 16 kHz samples (any n >= 0) -> (frames ready now, state)."""
+        if not isinstance(audio, torch.Tensor) or audio.dim() != 2:
+            raise ValueError(f"audio must be a (batch, samples) tensor; got "
+                             f"{getattr(audio, 'shape', type(audio).__name__)}")
+        if audio.shape[0] != state.out_lengths.shape[0]:
+            raise ValueError(f"audio has batch {audio.shape[0]} but the state holds "
+                             f"{state.out_lengths.shape[0]} streams")
+        return self._run(audio, state, final=False)
+
+    def flush(self, state):
+        """End of stream: emit every held-back frame."""
+        return self._run(None, state, final=True)
+
+    def forward(self, audio, chunk_sizes=(3200,)):
+        """Convenience: stream ``audio`` (B, n) in the given chunk sizes (cycled) and return the
+        concatenated last hidden state."""
+        import itertools
+        state = self.init_state(audio.shape[0], device=audio.device)
+        outs, t = [], 0
+        for c in itertools.cycle(chunk_sizes):
+            if t >= audio.shape[1]:
+                break
+            y, state = self.step(audio[:, t:t + c], state)
+            outs.append(y[0] if self.output_hidden_states else y)
+            t += c
+        y, state = self.flush(state)
+        outs.append(y[0] if self.output_hidden_states else y)
+        return torch.cat(outs, 1)
