@@ -188,10 +188,17 @@ class CausalEncoder(nn.Module):
         h, ext = self.feature_projection(feats.transpose(1, 2))
         return h, ext
 
+    def positional_embedding(self, h):
+        """The causal positional conv's output for projected features h (B, T, E) (zeros when the
+        encoder has none): what causal positional-embedding distillation trains."""
+        if self.pos_conv is None:
+            return torch.zeros_like(h)
+        return self.pos_conv(h.transpose(1, 2)).transpose(1, 2)
+
     def _pos(self, h):
         if self.pos_conv is None:
             return h
-        return h + self.pos_conv(h.transpose(1, 2)).transpose(1, 2)
+        return h + self.positional_embedding(h)
 
     def forward(self, wav, lengths=None, output_hidden_states=False):
         """wav (B, L) (or (B, 1, L)); ``lengths`` (B,) valid samples (right padding). Returns an

@@ -1,0 +1,234 @@
+"""Causal distillation: train a causal student with a few frames of lookahead to reproduce a
+full-context teacher's hidden states (DyStream's Rope-Wav2vec2, FocalCodec-Stream's multi-stage
+causal distillation of WavLM).
+
+- ``layer_weights(n, schedule)``: per-layer weights: "uniform" (1/n each), "linear" (w_i ∝ i + 1,
+  deeper layers count more) or "reversed_linear" (w_i ∝ n - i: the first distilled layer counts
+  most, the last least; our reading of FocalCodec-Stream's reversed linear schedule), or explicit
+  numbers. Weights are normalised to sum to 1.
+- ``hidden_state_loss``: weighted sum over layer pairs of the mean squared error between student
+  and teacher hidden states (B, T, E), over the valid frames only (``lengths``).
+- ``positional_embedding_loss``: causal positional-embedding distillation: the student's causal
+  positional conv (CausalEncoder.positional_embedding) is trained to reproduce the teacher's
+  symmetric one (e.g. transformers' ``encoder.pos_conv_embed``) on the same input.
+- ``distill(student, teacher, data, optimizer, ...)``: the training loop. It works unchanged with
+  a student wrapped in DistributedDataParallel or FSDP: the loss is divided by the *global* number
+  of valid frames (one all-reduce of a count per step) and multiplied by the world size, so the
+  averaged gradient equals the gradient of one process on the concatenated batch, even when ranks
+  hold different numbers of valid frames.
+"""
+import math
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = ["layer_weights", "hidden_state_loss", "positional_embedding_loss", "distill",
+           "frame_mask", "hidden_states", "global_count"]
+
+SCHEDULES = ("uniform", "linear", "reversed_linear")
+
+
+def layer_weights(n, schedule="uniform"):
+    """List of n floats summing to 1."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int; got {n!r}")
+    if isinstance(schedule, str):
+        if schedule == "uniform":
+            w = [1.0] * n
+        elif schedule == "linear":
+            w = [float(i + 1) for i in range(n)]
+        elif schedule == "reversed_linear":
+            w = [float(n - i) for i in range(n)]
+        else:
+            raise ValueError(f"schedule must be one of {SCHEDULES} or a sequence of {n} numbers; "
+                             f"got {schedule!r}")
+    else:
+        w = [float(x) for x in schedule]
+        if len(w) != n or any(x < 0 or not math.isfinite(x) for x in w) or sum(w) <= 0:
+            raise ValueError(f"schedule must hold {n} non-negative finite numbers with a positive "
+                             f"sum; got {schedule!r}")
+    s = sum(w)
+    return [x / s for x in w]
+
+
+def frame_mask(lengths, T, device):
+    """(B, T) bool: frame t of slot b is valid (all True when lengths is None)."""
+    if lengths is None:
+        return None
+    lengths = torch.as_tensor(lengths, device=device)
+    return torch.arange(T, device=device)[None, :] < lengths[:, None]
+
+
+def _is_dist():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def global_count(count):
+    """Sum of a local count over all ranks (the count itself outside torch.distributed)."""
+    c = torch.as_tensor(count, dtype=torch.float64)
+    if _is_dist() and torch.distributed.get_world_size() > 1:
+        backend = torch.distributed.get_backend()
+        dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+        c = c.to(dev)
+        torch.distributed.all_reduce(c)
+    return c.cpu()
+
+
+def _world():
+    return torch.distributed.get_world_size() if _is_dist() else 1
+
+
+def hidden_state_loss(student_hidden, teacher_hidden, weights="uniform", lengths=None,
+                      normalizer=None):
+    """Weighted layer-wise L2 distance.
+
+    ``student_hidden`` / ``teacher_hidden``: equal-length sequences of (B, T, E) tensors (pair i
+    with i; the teacher's are detached). ``weights``: a schedule name or numbers (layer_weights).
+    ``lengths`` (B,) valid frames (None: all). ``normalizer``: the number of valid frames to divide
+    by (default: this batch's); pass a global count under data parallelism.
+
+    Returns (loss, per_layer): loss = sum_i w_i * sum_valid ||s_i - t_i||^2 / (normalizer * E),
+    per_layer the detached per-layer mean squared errors (list of floats is left to the caller)."""
+    if len(student_hidden) != len(teacher_hidden) or not len(student_hidden):
+        raise ValueError(f"student and teacher must give the same non-zero number of hidden states; "
+                         f"got {len(student_hidden)} and {len(teacher_hidden)}")
+    n = len(student_hidden)
+    w = layer_weights(n, weights)
+    ref = student_hidden[0]
+    B, T, E = ref.shape
+    mask = frame_mask(lengths, T, ref.device)
+    count = float(B * T) if mask is None else float(mask.sum())
+    norm = count if normalizer is None else float(normalizer)
+    total = ref.new_zeros(())
+    per_layer = []
+    for wi, s, t in zip(w, student_hidden, teacher_hidden):
+        if s.shape != t.shape:
+            raise ValueError(f"student and teacher hidden states differ in shape: "
+                             f"{tuple(s.shape)} vs {tuple(t.shape)}")
+        d = (s - t.detach().to(s.dtype)).pow(2).sum(-1)
+        if mask is not None:
+            d = d * mask.to(d.dtype)
+        sq = d.sum()
+        total = total + wi * sq / (max(norm, 1.0) * E)
+        per_layer.append(sq.detach() / (max(count, 1.0) * E))
+    return total, torch.stack(per_layer)
+
+
+def positional_embedding_loss(student_pos, teacher_pos, hidden, lengths=None, normalizer=None):
+    """Causal positional-embedding distillation: mean squared error between
+    ``student_pos(hidden)`` and ``teacher_pos(hidden)`` (callables (B, T, E) -> (B, T, E), e.g.
+    ``student.positional_embedding`` and ``hf_model.encoder.pos_conv_embed``) on valid frames."""
+    with torch.no_grad():
+        t = teacher_pos(hidden)
+    s = student_pos(hidden)
+    loss, _ = hidden_state_loss([s], [t], lengths=lengths, normalizer=normalizer)
+    return loss
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+def hidden_states(model, wav, lengths=None):
+    """(hidden states tuple, frame lengths or None) of a CausalEncoder (possibly wrapped in
+    DDP/FSDP: called through the wrapper) or a transformers wav2vec2-family model."""
+    from .models.encoder import CausalEncoder
+    if isinstance(_unwrap(model), CausalEncoder):
+        out = model(wav, lengths=lengths, output_hidden_states=True)
+        return out.hidden_states, out.lengths
+    mask = None
+    if lengths is not None:
+        mask = frame_mask(lengths, wav.shape[-1], wav.device).to(torch.long)
+    out = model(wav, attention_mask=mask, output_hidden_states=True)
+    frames = None
+    if lengths is not None:
+        base = _unwrap(model)
+        base = getattr(base, getattr(base, "base_model_prefix", ""), base) or base
+        frames = base._get_feat_extract_output_lengths(torch.as_tensor(lengths, device=wav.device))
+    return out.hidden_states, frames
+
+
+def _batch(item, device):
+    if isinstance(item, dict):
+        wav, lengths = item["wav"], item.get("lengths")
+    elif isinstance(item, (tuple, list)):
+        wav, lengths = item[0], (item[1] if len(item) > 1 else None)
+    else:
+        wav, lengths = item, None
+    wav = wav.to(device) if device is not None else wav
+    if lengths is not None:
+        lengths = torch.as_tensor(lengths, device=wav.device)
+    return wav, lengths
+
+
+def distill(student, teacher, data: Iterable, optimizer, *, steps=None, weights="uniform",
+            layers: Optional[Sequence[Tuple[int, int]]] = None, pos_weight=0.0,
+            teacher_pos: Optional[Callable] = None, scheduler=None, grad_clip=None,
+            device=None, callback=None):
+    """Distil ``teacher`` into ``student`` for ``steps`` batches of ``data`` (or until it ends).
+
+    ``data`` yields wav (B, L) tensors, (wav, lengths) pairs or {"wav", "lengths"} dicts.
+    ``student``: a CausalEncoder, or one wrapped in DDP / FSDP (called through the wrapper so
+    gradients are synchronised). ``teacher``: a CausalEncoder or a transformers
+    Wav2Vec2/HuBERT/WavLM model; run in eval mode under no_grad. ``layers``: (student index,
+    teacher index) pairs into the hidden-state tuples (default: every layer output, 1..L, which
+    requires equal depths). ``pos_weight`` > 0 adds the positional-embedding loss against
+    ``teacher_pos`` (default: the teacher's ``encoder.pos_conv_embed``) on the student's projected
+    features. ``callback(step, record)`` is called after every step.
+
+    Returns the list of per-step records {step, loss, per_layer, frames} (loss reduced over ranks).
+    """
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student.train()
+    history = []
+    world = _world()
+    for step, item in enumerate(data):
+        if steps is not None and step >= steps:
+            break
+        wav, lengths = _batch(item, device)
+        with torch.no_grad():
+            t_hs, t_frames = hidden_states(teacher, wav, lengths)
+        s_hs, s_frames = hidden_states(student, wav, lengths)
+        if layers is None:
+            if len(s_hs) != len(t_hs):
+                raise ValueError(f"student has {len(s_hs) - 1} layers and teacher {len(t_hs) - 1}; "
+                                 f"give layers=[(student_index, teacher_index), ...]")
+            pairs = [(i, i) for i in range(1, len(s_hs))]
+        else:
+            pairs = list(layers)
+        S = [s_hs[i] for i, _ in pairs]
+        Tt = [t_hs[j] for _, j in pairs]
+        T = min(S[0].shape[1], Tt[0].shape[1])
+        S, Tt = [s[:, :T] for s in S], [t[:, :T] for t in Tt]
+        frames = s_frames if s_frames is not None else t_frames
+        B = S[0].shape[0]
+        local = float(B * T) if frames is None else float(frames.clamp(max=T).sum())
+        norm = float(global_count(local)) / world
+        loss, per_layer = hidden_state_loss(S, Tt, weights, frames, normalizer=norm)
+        if pos_weight:
+            smod = _unwrap(student)
+            tp = teacher_pos if teacher_pos is not None else _unwrap(teacher).encoder.pos_conv_embed
+            feats = smod.feature_extractor(wav)
+            h, _ = smod._embed(feats)
+            T2 = h.shape[1]
+            loss = loss + pos_weight * positional_embedding_loss(
+                smod.positional_embedding, tp, h, lengths=None if frames is None else
+                frames.clamp(max=T2), normalizer=norm)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        logged = loss.detach().to(torch.float64).cpu() / world
+        if world > 1:
+            logged = global_count(logged)
+        rec = dict(step=step, loss=float(logged), per_layer=per_layer.cpu().tolist(),
+                   frames=local)
+        history.append(rec)
+        if callback is not None:
+            callback(step, rec)
+    return history
