@@ -189,7 +189,9 @@ __device__ __forceinline__ void store_vec_or_elem(T* base, int64_t stride, int n
     for (int e = 0; e < kN; ++e) tmp[e] = from_f<T>(v[e]);
     *reinterpret_cast<uint4*>(base) = *reinterpret_cast<const uint4*>(tmp);
   } else {
-    for (int e = 0; e < valid; ++e) base[e * stride] = from_f<T>(v[e]);
+#pragma unroll
+    for (int e = 0; e < kN; ++e)
+      if (e < valid) base[e * stride] = from_f<T>(v[e]);
   }
 }
 
@@ -287,7 +289,9 @@ __global__ void __launch_bounds__(kThreads) dw_conv_tile_kernel(DwConvParams p) 
                     (int64_t)pos0 * out.sl;
         store_vec_or_elem<TOut>(dst, out.sl, kN, valid, v, vec);
       } else {
-        for (int e = 0; e < valid; ++e) {
+#pragma unroll
+        for (int e = 0; e < kN; ++e) {
+          if (e >= valid) break;
           const int pos = pos0 + e;
           if (pos < K - 1) {
             if (p.out_state.ptr != nullptr)
