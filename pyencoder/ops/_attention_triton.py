@@ -101,14 +101,34 @@ def _kernel(name):
     return _kernels[name]
 
 
-def _launch(name, grid_fn, args, consts, pinned=False):
+# Pinned (non-autotuned) tiles on a GPU: (BLOCK_M, BLOCK_N, num_warps, num_stages), small enough
+# for the shared memory of fp32 tiles at head_dim 128; the fallback fits anything up to 256.
+_PINNED = {
+    "fwd": {"small": (128, 64, 4, 3), "big": (64, 64, 4, 2)},
+    "dq": {"small": (128, 64, 8, 3), "big": (64, 64, 4, 2)},
+    "dkdv": {"small": (64, 64, 4, 3), "big": (32, 64, 4, 2)},
+}
+_FALLBACK = (32, 32, 4, 1)
+
+
+def _launch(name, grid_fn, args, consts, pinned=False, big=False):
     fixed, config, tuned = _kernel(name)
     if tuned is not None and not pinned and _autotune_enabled():
         tuned[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
         return
-    kw = dict(config.kwargs)
-    grid = grid_fn(kw["BLOCK_M"], kw["BLOCK_N"])
-    fixed[grid](*args, **consts, **kw, num_warps=config.num_warps, num_stages=config.num_stages)
+    if tuned is None:
+        tiles = [(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps,
+                  config.num_stages)]
+    else:
+        tiles = [_PINNED[name]["big" if big else "small"], _FALLBACK]
+    for i, (bm, bn, warps, stages) in enumerate(tiles):
+        try:
+            fixed[grid_fn(bm, bn)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                   num_stages=stages)
+            return
+        except Exception as e:
+            if i + 1 == len(tiles) or "OutOfResources" not in type(e).__name__:
+                raise
 
 
 def _cdiv(a, b):
@@ -128,7 +148,7 @@ def _consts(q, D, half, npass, lo_off, key_lengths, interleaved):
         BLOCK_DV=max(16, _next_pow2(D)), HAS_ROPE=half > 0, HAS_PASS=npass > 0,
         INTERLEAVED=bool(interleaved) and half > 0, LO_BOUNDED=lo_off >= 0,
         HAS_KLEN=key_lengths is not None,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+        DOT_PREC="ieee" if q.dtype == torch.float32 else None)
 
 
 def _aux(q, inv_freq, key_lengths):
@@ -196,7 +216,8 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
             Hq, Hq // Hk, Nq, Nk, D, half, rot, npass,
             block, lo_off, hi_off, q_offset, k_offset, float(scale) * _LOG2E,
             _window_key(block, lo_off, hi_off))
-    _launch("fwd", lambda bm, bn: (_cdiv(Nq, bm), B * Hq), args, consts)
+    _launch("fwd", lambda bm, bn: (_cdiv(Nq, bm), B * Hq), args, consts,
+            big=q.dtype == torch.float32 or D > 64)
     return out, lse
 
 
@@ -232,9 +253,12 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
     args = (q, k, v, dout, dq, lse, delta, freq, klen,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
             Hq, Hq // Hk, *common)
-    _launch("dq", lambda bm, bn: (_cdiv(Nq, bm), B * Hq), args, consts, pinned=deterministic)
+    big = q.dtype == torch.float32 or D > 64
+    _launch("dq", lambda bm, bn: (_cdiv(Nq, bm), B * Hq), args, consts, pinned=deterministic,
+            big=big)
     args = (q, k, v, dout, dk, dv, lse, delta, freq, klen,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             Hq, Hk, Hq // Hk, *common)
-    _launch("dkdv", lambda bm, bn: (_cdiv(Nk, bn), B * Hk), args, consts, pinned=deterministic)
+    _launch("dkdv", lambda bm, bn: (_cdiv(Nk, bn), B * Hk), args, consts, pinned=deterministic,
+            big=big)
     return dq, dk, dv
