@@ -1,0 +1,222 @@
+"""Causal conv1d benchmark: pyencoder backends against cuDNN, causal-conv1d and the reference.
+
+    python -m benchmarks.bench_conv [--quick] [--providers NAME ...] [--suites NAME ...] [--no-write]
+
+Suites
+- depthwise: B=8, C in {512, 768, 1024, 2048}, L in {256, 2048, 16384}, widths {2, 4, 7, 31, 128},
+  forward, fp16 (bf16 with --dtype). Providers: pyencoder-cuda, pyencoder-triton, cudnn
+  (F.conv1d with left padding, groups=C), causal-conv1d (widths 2..4, when installed),
+  reference.
+- grouped: wav2vec2 positional conv, B=8, L in {512, 2048}, (C, groups, k) = (768, 16, 128) and
+  (1024, 16, 128); forward and forward+backward. Providers: pyencoder-triton, cudnn, reference.
+- strided: feature-extractor convs, C=512, (k, stride) in {(10, 5), (3, 2), (2, 2)}, forward.
+- update: one new frame for B in {1, 64, 512} streams, C=1024, widths {4, 31}.
+
+Records: median/p20/p80 ms and GB/s of compulsory traffic (x read + y written + weights) against
+the measured device-to-device copy bandwidth (``copy_bw_gbs``, ``frac_of_copy``). JSON lines go
+to benchmarks/results/<device>/conv.jsonl. On CPU only the reference and F.conv1d run, on small
+shapes.
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._common import bench, copy_bandwidth_gbs, device_slug, env_info, write_jsonl  # noqa: E402
+
+PROVIDERS = ("pyencoder-cuda", "pyencoder-triton", "cudnn", "causal-conv1d", "reference")
+SUITES = ("depthwise", "grouped", "strided", "update")
+
+
+def _cudnn_fwd(x, w, b, stride, groups):
+    return F.conv1d(F.pad(x, (w.shape[-1] - stride, 0)), w, b, stride=stride, groups=groups)
+
+
+def _causal_conv1d_fn():
+    try:
+        from causal_conv1d import causal_conv1d_fn
+        return causal_conv1d_fn
+    except Exception:
+        return None
+
+
+def _provider_fn(name, x, w, b, stride, groups, bwd=False):
+    """A zero-argument callable, or a string saying why the provider cannot run."""
+    from pyencoder.ops import causal_conv1d
+    if name in ("pyencoder-cuda", "pyencoder-triton", "reference"):
+        backend = {"pyencoder-cuda": "cuda", "pyencoder-triton": "triton"}.get(name, "reference")
+        from pyencoder import _backend
+        args = dict(x=x, weight=w, bias=b, initial_state=None, stride=stride, groups=groups,
+                    activation=None)
+        r = _backend._reason_for("conv", backend, "backward" if bwd else "forward",
+                                 x.device.type, args)
+        if r is not None:
+            return r
+        fwd = lambda: causal_conv1d(x, w, b, stride=stride, groups=groups, backend=backend)  # noqa: E731
+    elif name == "cudnn":
+        fwd = lambda: _cudnn_fwd(x, w, b, stride, groups)  # noqa: E731
+    elif name == "causal-conv1d":
+        fn = _causal_conv1d_fn()
+        if fn is None:
+            return "causal-conv1d is not installed"
+        if x.device.type != "cuda" or groups != x.shape[1] or stride != 1 or not 2 <= w.shape[-1] <= 4:
+            return "causal-conv1d runs depthwise widths 2..4 on CUDA"
+        w2 = w[:, 0, :].contiguous()
+        fwd = lambda: fn(x, w2, b)  # noqa: E731
+    else:
+        return f"unknown provider {name}"
+    if not bwd:
+        return fwd
+    xs = x.detach().requires_grad_()
+    ws = w.detach().requires_grad_()
+    if name == "cudnn":
+        return lambda: _cudnn_fwd(xs, ws, b, stride, groups).sum().backward()
+    if name in ("pyencoder-cuda", "pyencoder-triton", "reference"):
+        backend = {"pyencoder-cuda": "cuda", "pyencoder-triton": "triton"}.get(name, "reference")
+        return lambda: causal_conv1d(xs, ws, b, stride=stride, groups=groups,
+                                     backend=backend).sum().backward()
+    return "no backward for this provider"
+
+
+def _bytes(x, w, y_numel):
+    es = x.element_size()
+    return (x.numel() + y_numel + w.numel()) * es
+
+
+def _record(suite, provider, shape, dtype, fn, nbytes, copy_bw, warmup, rep, extra=None):
+    rec = dict(bench="conv", suite=suite, provider=provider, dtype=str(dtype).replace("torch.", ""),
+               **shape, **(extra or {}))
+    if isinstance(fn, str):
+        rec["skipped"] = fn
+        return rec
+    try:
+        t = bench(fn, warmup=warmup, rep=rep)
+    except Exception as e:  # one failing provider must not stop the sweep
+        rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return rec
+    rec.update(t)
+    gbs = nbytes / (t["median_ms"] * 1e-3) / 1e9
+    rec.update(gb_per_s=gbs, bytes=nbytes, copy_bw_gbs=copy_bw,
+               frac_of_copy=(gbs / copy_bw) if copy_bw else None)
+    return rec
+
+
+def run(args):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = dev == "cuda"
+    dtype = getattr(torch, args.dtype) if gpu else torch.float32
+    providers = args.providers or (PROVIDERS if gpu else ("cudnn", "reference"))
+    suites = args.suites or SUITES
+    copy_bw = copy_bandwidth_gbs()
+    warmup, rep = (10, 30) if (args.quick or not gpu) else (25, 100)
+    records = []
+
+    def emit(rec):
+        records.append(rec)
+        ms = rec.get("median_ms")
+        tail = rec.get("skipped") or rec.get("error") or (
+            f"{ms:.4f} ms  {rec['gb_per_s']:.0f} GB/s ({100 * (rec['frac_of_copy'] or 0):.0f}% copy)")
+        shape = " ".join(f"{k}={rec[k]}" for k in ("B", "C", "L", "k", "groups", "stride", "mode")
+                         if k in rec)
+        print(f"{rec['suite']:9s} {rec['provider']:17s} {shape:50s} {tail}", flush=True)
+
+    if "depthwise" in suites:
+        if gpu:
+            Cs, Ls, ks = (512, 768, 1024, 2048), (256, 2048, 16384), (2, 4, 7, 31, 128)
+            if args.quick:
+                Cs, Ls, ks = (768,), (2048,), (4, 31)
+        else:
+            Cs, Ls, ks = (64,), (256,), (4, 31)
+        B = 8 if gpu else 2
+        for C in Cs:
+            for L in Ls:
+                for k in ks:
+                    x = torch.randn(B, C, L, device=dev, dtype=dtype)
+                    w = torch.randn(C, 1, k, device=dev, dtype=dtype) / k ** 0.5
+                    b = torch.randn(C, device=dev, dtype=dtype)
+                    nbytes = _bytes(x, w, B * C * L)
+                    for prov in providers:
+                        fn = _provider_fn(prov, x, w, b, 1, C)
+                        emit(_record("depthwise", prov, dict(B=B, C=C, L=L, k=k, groups=C,
+                                                             stride=1, mode="fwd"),
+                                     dtype, fn, nbytes, copy_bw, warmup, rep))
+    if "grouped" in suites:
+        cfgs = ((768, 16, 128), (1024, 16, 128)) if gpu else ((64, 4, 16),)
+        Ls = ((512, 2048) if not args.quick else (2048,)) if gpu else (64,)
+        B = 8 if gpu else 2
+        for C, G, k in cfgs:
+            for L in Ls:
+                x = torch.randn(B, C, L, device=dev, dtype=dtype)
+                w = torch.randn(C, C // G, k, device=dev, dtype=dtype) / (C // G * k) ** 0.5
+                b = torch.randn(C, device=dev, dtype=dtype)
+                flops = 2 * B * C * L * (C // G) * k
+                for mode in ("fwd", "fwd+bwd"):
+                    for prov in providers:
+                        fn = _provider_fn(prov, x, w, b, 1, G, bwd=mode != "fwd")
+                        rec = _record("grouped", prov, dict(B=B, C=C, L=L, k=k, groups=G,
+                                                            stride=1, mode=mode),
+                                      dtype, fn, _bytes(x, w, B * C * L), copy_bw, warmup, rep)
+                        if "median_ms" in rec:
+                            mult = 1 if mode == "fwd" else 3
+                            rec["tflops"] = mult * flops / (rec["median_ms"] * 1e-3) / 1e12
+                        emit(rec)
+    if "strided" in suites:
+        B, L = (8, 16000 * 4) if gpu else (2, 3200)
+        for k, s in ((10, 5), (3, 2), (2, 2)):
+            C = 512 if gpu else 32
+            Cin = 1 if (k == 10 and not gpu) else C
+            x = torch.randn(B, Cin, L, device=dev, dtype=dtype)
+            w = torch.randn(C, Cin, k, device=dev, dtype=dtype) / (Cin * k) ** 0.5
+            for prov in providers:
+                fn = _provider_fn(prov, x, w, None, s, 1)
+                emit(_record("strided", prov, dict(B=B, C=C, L=L, k=k, groups=1, stride=s,
+                                                   mode="fwd"),
+                             dtype, fn, _bytes(x, w, B * C * (L // s)), copy_bw, warmup, rep))
+    if "update" in suites:
+        from pyencoder.ops import causal_conv1d_update
+        C = 1024 if gpu else 64
+        for nb in ((1, 64, 512) if gpu else (1, 8)):
+            for k in (4, 31):
+                x = torch.randn(nb, C, 1, device=dev, dtype=dtype)
+                w = torch.randn(C, 1, k, device=dev, dtype=dtype) / k ** 0.5
+                st = torch.randn(nb, C, k - 1, device=dev, dtype=dtype)
+                nbytes = (x.numel() * 2 + 2 * st.numel() + w.numel()) * x.element_size()
+                for prov in providers:
+                    backend = {"pyencoder-cuda": "cuda", "pyencoder-triton": "triton",
+                               "reference": "reference"}.get(prov)
+                    if backend is None:
+                        fn = f"{prov} has no update step"
+                    else:
+                        from pyencoder import _backend
+                        r = _backend._reason_for("conv", backend, "update", dev,
+                                                 dict(x=x, state=st, weight=w, bias=None,
+                                                      state_indices=None, groups=C,
+                                                      activation=None))
+                        fn = r if r is not None else (
+                            lambda x=x, st=st, w=w, backend=backend: causal_conv1d_update(
+                                x, st, w, groups=C, backend=backend))
+                    emit(_record("update", prov, dict(B=nb, C=C, L=1, k=k, groups=C, stride=1,
+                                                      mode="update"),
+                                 dtype, fn, nbytes, copy_bw, warmup, rep))
+    return records
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="a small subset")
+    p.add_argument("--providers", nargs="*", default=None, choices=PROVIDERS)
+    p.add_argument("--suites", nargs="*", default=None, choices=SUITES)
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    p.add_argument("--no-write", action="store_true", help="print only")
+    args = p.parse_args(argv)
+    print(f"device: {device_slug()}  env: {env_info().get('device_name')}")
+    records = run(args)
+    if not args.no_write:
+        print(f"wrote {write_jsonl('conv', records)}")
+
+
+if __name__ == "__main__":
+    main()
