@@ -7,6 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_CPU_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.6.0
+HF_SPEC ?= transformers==5.23.0
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
@@ -19,7 +20,7 @@ $(VENV)/.ready: setup.py pyproject.toml
 	fi
 	@if [ "$$(uname -s)" = "Linux" ] && ! $(PY) -c "import triton" >/dev/null 2>&1; then \
 	  $(PIP) "$(TRITON_SPEC)"; fi
-	$(PIP) pytest hypothesis numpy
+	$(PIP) pytest hypothesis numpy "$(HF_SPEC)"
 	$(PIP) --no-build-isolation --no-deps -e .
 	touch $@
 
