@@ -72,7 +72,11 @@ def decode_attention(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interl
     """Dispatch: the Triton kernel for CUDA tensors (or ``backend="triton"``), else the reference.
     ``backend`` in {None, "reference", "triton"}."""
     if backend is None:
-        backend = "triton" if q.is_cuda and _triton_ok() else "reference"
+        backend = "reference"
+        if q.is_cuda and _triton_ok():
+            from ._decode_triton import supports
+            if supports(q, k_ring) is None:
+                backend = "triton"
     if backend == "triton":
         from ._decode_triton import decode_attention_triton
         return decode_attention_triton(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq,
