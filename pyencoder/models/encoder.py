@@ -86,7 +86,7 @@ class EncoderConfig:
 @dataclasses.dataclass
 class EncoderOutput:
     last_hidden_state: torch.Tensor              # (B, T, E)
-    hidden_states: Optional[Tuple[torch.Tensor, ...]]  # L + 1 tensors (B, T, E), HF's convention
+    hidden_states: Optional[Tuple[torch.Tensor, ...]]  # L + 1 tensors (B, T, E), see forward
     extract_features: torch.Tensor               # (B, T, C) normalised conv features
     lengths: Optional[torch.Tensor]              # (B,) valid frames, or None
 
@@ -202,8 +202,9 @@ class CausalEncoder(nn.Module):
 
     def forward(self, wav, lengths=None, output_hidden_states=False):
         """wav (B, L) (or (B, 1, L)); ``lengths`` (B,) valid samples (right padding). Returns an
-        EncoderOutput; ``hidden_states`` (with output_hidden_states) follows transformers: the
-        input of each layer, then the last output (after the final LayerNorm for pre-LN)."""
+        EncoderOutput; ``hidden_states`` (with output_hidden_states) follows transformers 5: the
+        input of layer 0, then every layer's output (before a pre-LN model's final LayerNorm,
+        which only ``last_hidden_state`` gets)."""
         if wav.dim() == 3 and wav.shape[1] == 1:
             wav = wav[:, 0]
         if wav.dim() != 2:
@@ -228,8 +229,6 @@ class CausalEncoder(nn.Module):
                 hs.append(h)
         if self.config.norm_first:
             h = self.layer_norm(h)
-            if hs is not None:
-                hs[-1] = h
         return EncoderOutput(h, tuple(hs) if hs is not None else None, ext, frames)
 
     # ---- streaming ---------------------------------------------------------------------------
