@@ -136,27 +136,12 @@ def _stream_conv(conv, x):
     return torch.cat(outs, -1)
 
 
-def _grad_graph_names(t):
-    names, seen, stack = set(), set(), [t.grad_fn]
-    while stack:
-        f = stack.pop()
-        if f is None or f in seen:
-            continue
-        seen.add(f)
-        names.add(type(f).__name__)
-        stack.extend(g for g, _ in f.next_functions)
-    return names
-
-
 def test_encoder_gradients_through_kernels():
     torch.manual_seed(random.randrange(2**31))
     m = CausalEncoder(tiny_encoder_config(hidden_size=8, ffn_dim=8, conv_dim=(4, 4, 4),
                                           pos_conv_kernel=4)).double()
     wav = torch.randn(1, 130, dtype=torch.float64, requires_grad=True)
     out = m(wav).last_hidden_state
-    names = " ".join(_grad_graph_names(out)).lower()
-    assert "interval_attention" in names or "intervalattention" in names or \
-        "custom" in names or "backward" in names
     out.pow(2).sum().backward()
     for n, p in m.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), n
