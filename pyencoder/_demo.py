@@ -73,11 +73,118 @@ def kernel_demo(quick=False):
           f"{diff:11.2e}   (dense N x N mask, separate RoPE pass)")
 
 
+def _build_hf_model(checkpoint, lookahead_frames, left_frames):
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return None, "transformers is not installed (pip install 'pyencoder[hf]')"
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    import pyencoder.hf as phf
+    if checkpoint:
+        model = Wav2Vec2Model.from_pretrained(checkpoint, attn_implementation="pyencoder")
+        what = f"checkpoint {checkpoint}"
+    else:
+        torch.manual_seed(0)
+        model = Wav2Vec2Model(Wav2Vec2Config())  # wav2vec2-base geometry, random weights
+        what = "wav2vec2-base geometry, random weights"
+    model.eval()
+    phf.apply_pyencoder_to_wav2vec2(model, lookahead_frames=lookahead_frames,
+                                    left_frames=left_frames, lookahead_layers="first", rope=True,
+                                    pos_conv="causal", group_norm="running")
+    return model, what
+
+
+def streaming_demo(quick=False, checkpoint=None, chunk_ms=80, lookahead_frames=3,
+                   left_frames=250):
+    from pyencoder.data import load_speech
+    model, what = _build_hf_model(checkpoint, lookahead_frames, left_frames)
+    if model is None:
+        print(f"== streaming demo skipped: {what}")
+        return None
+    import pyencoder.hf as phf
+    audio, sr = load_speech()
+    if quick:
+        audio = audio[: 3 * sr]
+    audio = audio[None]
+    lat = phf.latency(model)
+    print(f"== streaming a {audio.shape[1] / sr:.2f} s speech clip through a causal encoder "
+          f"({what})")
+    print(f"   attention: RoPE band, left={left_frames} frames, {lookahead_frames} frames "
+          f"lookahead in layer 0")
+    print(f"   algorithmic latency: {lat['ms']:.1f} ms lookahead = {lat['attention_ms']:.0f} ms "
+          f"attention + {lat['frontend_ms']:.0f} ms feature extractor (plus the "
+          f"{lat['hop_samples'] * 1000 / sr:.0f} ms hop a frame itself spans)")
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        offline = model(audio).last_hidden_state
+        t_off = time.perf_counter() - t0
+        enc = phf.StreamingEncoder(model)
+        state = enc.init_state(1)
+        chunk = int(sr * chunk_ms / 1000)
+        outs, times = [], []
+        n_chunks = (audio.shape[1] + chunk - 1) // chunk
+        for i, t in enumerate(range(0, audio.shape[1], chunk)):
+            t1 = time.perf_counter()
+            y, state = enc.step(audio[:, t:t + chunk], state)
+            times.append(time.perf_counter() - t1)
+            outs.append(y)
+            done = sum(o.shape[1] for o in outs)
+            if i % max(1, n_chunks // 10) == 0 or i == n_chunks - 1:
+                print(f"   chunk {i + 1:4d}/{n_chunks}: +{y.shape[1]} frames (total {done:4d}), "
+                      f"{times[-1] * 1e3:6.1f} ms compute for {chunk_ms} ms of audio")
+        y, state = enc.flush(state)
+        outs.append(y)
+    streamed = torch.cat(outs, dim=1)
+    diff = (streamed - offline).abs().max().item()
+    scale = offline.abs().max().item()
+    times.sort()
+    p50 = times[len(times) // 2] * 1e3
+    p99 = times[min(len(times) - 1, int(0.99 * len(times)))] * 1e3
+    rtf = sum(times) / (audio.shape[1] / sr)
+    print(f"   frames: streamed {streamed.shape[1]}, offline {offline.shape[1]}")
+    print(f"   per-chunk compute: p50 {p50:.1f} ms, p99 {p99:.1f} ms; real-time factor "
+          f"{rtf:.3f} (offline pass {t_off * 1e3:.0f} ms)")
+    print(f"   max |streamed - offline| = {diff:.2e} (output scale {scale:.2f})")
+    return diff
+
+
 def main(args):
     torch.manual_seed(0)
-    kernel_demo(quick=getattr(args, "quick", False))
+    quick = getattr(args, "quick", False)
+    diff = streaming_demo(quick=quick, checkpoint=getattr(args, "checkpoint", None))
+    print()
+    kernel_demo(quick=True)
+    if diff is not None and diff > 1e-4:
+        print(f"FAILED: streamed output differs from offline by {diff:.2e} > 1e-4")
+        return 1
     return 0
 
 
 def latency_main(args):
-    raise SystemExit("latency: needs pyencoder.streaming (not available in this build)")
+    """Latency of a wav2vec2-base-geometry encoder with the given lookahead configuration."""
+    try:
+        from transformers import Wav2Vec2Config
+    except ImportError:
+        raise SystemExit("latency: needs transformers (pip install 'pyencoder[hf]')")
+    from transformers import Wav2Vec2Model
+
+    import pyencoder.hf as phf
+    cfg = Wav2Vec2Config(num_hidden_layers=args.layers)
+    with torch.device("meta"):
+        model = Wav2Vec2Model(cfg)
+    layers = args.lookahead_layers
+    if layers not in ("first", "all"):
+        layers = [int(v) for v in layers.split(",")]
+    phf.apply_pyencoder_to_wav2vec2(model, lookahead_frames=args.lookahead_frames,
+                                    lookahead_layers=layers, pos_conv="causal",
+                                    group_norm="running")
+    lat = phf.latency(model)
+    print(f"per-layer lookahead frames: {lat['per_layer_lookahead']}")
+    print(f"attention lookahead: {lat['lookahead_frames']} frames x {lat['hop_samples']} samples "
+          f"= {lat['attention_ms']:.1f} ms")
+    print(f"feature extractor:   receptive field - hop = {lat['frontend_lookahead_samples']} "
+          f"samples = {lat['frontend_ms']:.1f} ms")
+    print(f"total lookahead:     {lat['samples']} samples = {lat['ms']:.1f} ms at "
+          f"{lat['sample_rate']} Hz (a frame also spans its own {lat['hop_samples']}-sample hop)")
+    return 0

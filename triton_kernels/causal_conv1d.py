@@ -25,33 +25,10 @@ Kernels
 Limits: the grad_y fed to the backward kernels is already multiplied by the activation derivative
 (the host recomputes the pre-activation); float64 is not supported (use the reference backend).
 """
-import os
-
 import triton
 import triton.language as tl
 
-
-def _fix_interpreter_index():
-    """Triton 3.6's interpreter turns scalar kernel arguments into 1-element arrays and converts
-    them with int(array), which NumPy >= 2.3 rejects; loops with runtime bounds then fail."""
-    try:
-        from triton.runtime import interpreter
-    except ImportError:
-        return
-    orig = interpreter._patch_lang_tensor
-    if getattr(orig, "_pyencoder_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._pyencoder_fixed = True
-    interpreter._patch_lang_tensor = patched
-
-
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    _fix_interpreter_index()
+from . import _interpreter  # noqa: F401  (TRITON_INTERPRET=1 compatibility fix)
 
 
 @triton.jit

@@ -25,12 +25,7 @@ import os
 import triton
 import triton.language as tl
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    try:
-        from .causal_conv1d import _fix_interpreter_index
-        _fix_interpreter_index()
-    except ImportError:  # pragma: no cover
-        pass
+from . import _interpreter  # noqa: F401  (TRITON_INTERPRET=1 compatibility fix)
 
 
 @triton.jit

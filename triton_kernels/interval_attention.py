@@ -38,29 +38,7 @@ import os
 import triton
 import triton.language as tl
 
-
-def _patch_interpreter_scalar_index():
-    """Triton 3.6's interpreter stores scalars as 1-element arrays and converts loop bounds with
-    int(array), which NumPy >= 2.3 rejects. Convert through the single element instead (the
-    marker attribute is shared with the other kernel modules, so the patch is applied once)."""
-    try:
-        from triton.runtime import interpreter
-    except ImportError:
-        return
-    base = interpreter._patch_lang_tensor
-    if getattr(base, "_pyencoder_fixed", False):
-        return
-
-    def _patch(tensor, scope):
-        base(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.ravel()[0]))
-
-    _patch._pyencoder_fixed = True
-    interpreter._patch_lang_tensor = _patch
-
-
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    _patch_interpreter_scalar_index()
+from . import _interpreter  # noqa: F401  (TRITON_INTERPRET=1 compatibility fix)
 
 @triton.jit
 def _feature_index(r, HALF, INTERLEAVED: tl.constexpr):
