@@ -20,7 +20,6 @@ Online softmax in fp32 with the -inf-safe rescaling; fp32 inputs use ``input_pre
 
 Limits: head_dim <= 256; positions must fit in int32 (about 12 days of 20 ms frames).
 """
-import os
 
 import triton
 import triton.language as tl

@@ -33,7 +33,6 @@ Limits: head_dim <= 256 (tiles are padded to powers of two with masks, so any D 
 96, 128 are the tuned cases); fp16, bf16, fp32 (fp32 dots use IEEE precision); positions < 2**24
 (exact in float32). key_lengths, offsets and lengths are runtime values (no recompiles).
 """
-import os
 
 import triton
 import triton.language as tl

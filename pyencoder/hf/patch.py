@@ -24,7 +24,6 @@ import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-import torch
 from torch import nn
 
 from ..ops._checks import check_int

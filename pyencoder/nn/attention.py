@@ -22,7 +22,6 @@ m = max(state.out_lengths); slot b's frames are the first ``state.out_lengths[b]
 are zeros.
 """
 import dataclasses
-import math
 
 import torch
 from torch import nn

@@ -23,7 +23,6 @@ def run_stream(module, x, chunk_sizes, time_dim=None, **init_kwargs):
     given sizes (cycled) and return the concatenated step + flush outputs. ``time_dim``: the time
     axis of x and of the outputs (default: -1 for conv layouts (B, C, T), 1 otherwise)."""
     import itertools
-    import torch
     from .sequential import _cat_time
     if time_dim is None:
         time_dim = -1 if _time_last(module) else 1
