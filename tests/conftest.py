@@ -30,6 +30,7 @@ def _seed():
     seed = int(os.environ.get("PYENCODER_TEST_SEED", random.randrange(2**31)))
     torch.manual_seed(seed)
     random.seed(seed)
+    print(f"PYENCODER_TEST_SEED={seed}")  # shown with the captured output of a failing test
     yield seed
 
 
