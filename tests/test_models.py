@@ -315,3 +315,39 @@ def test_encoder_decoder_cuda_matches_reference(dtype):
         assert p.grad is not None and torch.isfinite(p.grad).all(), n
     y, _ = _stream(m, wav.to(dtype), _rand_chunks(900), max_chunk=32)
     torch.testing.assert_close(y.float(), out, rtol=tol, atol=tol)
+
+
+def test_encoder_reset_slot_starts_fresh_stream():
+    from pyencoder.streaming import reset
+    m = CausalEncoder(tiny_encoder_config(feat_extract_norm="group")).double().eval()
+    a, b, c = (torch.randn(n, dtype=torch.float64) for n in (300, 250, 270))
+    st = m.init_state(2, max_chunk=8)
+    got0 = []
+    y, st = m.step(torch.stack((a[:250], b)), st)      # slot 0: a (partly), slot 1: b
+    got0.append(y[0, :int(st.out_lengths[0])])
+    reset(st, torch.tensor([False, True]))              # slot 1 now starts stream c
+    x = torch.zeros(2, 270, dtype=torch.float64)
+    x[0, :50], x[1] = a[250:], c
+    y, st = m.step(x, st, lengths=torch.tensor([50, 270]))
+    got0.append(y[0, :int(st.out_lengths[0])])
+    got1 = [y[1, :int(st.out_lengths[1])]]
+    y, st = m.flush(st)
+    got0.append(y[0, :int(st.out_lengths[0])])
+    got1.append(y[1, :int(st.out_lengths[1])])
+    torch.testing.assert_close(torch.cat(got0), m(a[None]).last_hidden_state[0], rtol=0,
+                               atol=F64_TOL)
+    torch.testing.assert_close(torch.cat(got1), m(c[None]).last_hidden_state[0], rtol=0,
+                               atol=F64_TOL)
+
+
+def test_from_hf_keeps_first_layers():
+    hf = _hf_model("w2v2_post").double()
+    import pyencoder.hf as H
+    enc = CausalEncoder.from_hf(hf, lookahead=2, num_layers=1, pos_conv="causal")
+    assert len(enc.layers) == 1
+    H.apply_pyencoder_to_wav2vec2(hf, lookahead_frames=2, pos_conv="causal")
+    wav = torch.randn(1, 500, dtype=torch.float64)
+    with torch.no_grad():
+        ref = hf(wav, output_hidden_states=True).hidden_states
+        out = enc(wav, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(out[1], ref[1], rtol=0, atol=1e-9)
