@@ -141,16 +141,59 @@ def _min_len(key_lengths, nk):
     return int(key_lengths.min().item()) if key_lengths.numel() else 0
 
 
+class _RotatedKeys:
+    """Keys rotated lazily in blocks of KB and dropped once no later tile can need them: tiles
+    read monotone key ranges, so at most ceil((W + tq) / KB) + 1 blocks are alive at a time and
+    every key is rotated exactly once."""
+
+    KB = 256
+
+    def __init__(self, k, k_offset, inv_freq, interleaved, cdt):
+        B, Hk, Nk, D = k.shape
+        self.k, self.k_offset, self.inv_freq, self.interleaved, self.cdt = (
+            k, k_offset, inv_freq, interleaved, cdt)
+        self.flat = B * Hk
+        self.plain = None
+        if inv_freq is None or inv_freq.numel() == 0:
+            self.plain = k.to(cdt).reshape(B * Hk, Nk, D)
+        self.blocks = {}
+
+    def _block(self, b):
+        t = self.blocks.get(b)
+        if t is None:
+            a = b * self.KB
+            e = min(self.k.shape[2], a + self.KB)
+            t = _rotate(self.k[:, :, a:e], self.k_offset + a, self.inv_freq, self.interleaved,
+                        self.cdt).reshape(self.flat, e - a, self.k.shape[3])
+            self.blocks[b] = t
+        return t
+
+    def get(self, j0, j1):
+        if self.plain is not None:
+            return self.plain[:, j0:j1]
+        b0, b1 = j0 // self.KB, (j1 - 1) // self.KB
+        for b in [b for b in self.blocks if b < b0]:
+            del self.blocks[b]
+        parts = [self._block(b)[:, max(j0, b * self.KB) - b * self.KB:
+                                min(j1, (b + 1) * self.KB) - b * self.KB]
+                 for b in range(b0, b1 + 1)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
             interleaved):
-    """Returns (out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32/float64)."""
+    """Returns (out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32/float64).
+
+    Working memory beyond the output is O(tile * W): q is rotated tile by tile and k block by
+    block (each exactly once), never as whole rotated copies."""
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     Dv = v.shape[-1]
     g = Hq // Hk
-    qr, kr, cdt = _prepare(q, k, inv_freq, q_offset, k_offset, scale, interleaved)
+    cdt = _cdtype(q.dtype)
+    keys = _RotatedKeys(k, k_offset, inv_freq, interleaved, cdt)
     vc = v.to(cdt).reshape(B * Hk, Nk, Dv)
-    out = torch.zeros(B, Hk, g, Nq, Dv, dtype=cdt, device=q.device)
+    out = torch.zeros(B, Hk, g, Nq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.full((B, Hk, g, Nq), _NEG_INF, dtype=cdt, device=q.device)
     nk_eff = _key_limit(key_lengths, Nk)
     min_len = _min_len(key_lengths, Nk)
@@ -158,17 +201,18 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
         if j1 <= j0:
             continue
         tq = i1 - i0
+        qt = _rotate(q[:, :, i0:i1], q_offset + i0, inv_freq, interleaved, cdt) * scale
+        qt = qt.reshape(B * Hk, g * tq, D)
         bias = _tile_bias(i0, i1, j0, j1, block, lo_off, hi_off, q_offset, k_offset, g, cdt,
                           q.device)
-        s = _tile_scores(_q_tile(qr, i0, i1, B, Hk, g, D), kr[:, j0:j1], bias, key_lengths,
-                         min_len, j0, j1, B, Hk)
+        s = _tile_scores(qt, keys.get(j0, j1), bias, key_lengths, min_len, j0, j1, B, Hk)
         m = torch.logsumexp(s, dim=-1, keepdim=True)
         m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = s.sub_(m_safe).exp_()
         o = torch.bmm(p, vc[:, j0:j1])
         out[:, :, :, i0:i1] = o.view(B, Hk, g, tq, Dv)
         lse[:, :, :, i0:i1] = m.view(B, Hk, g, tq)
-    return out.view(B, Hq, Nq, Dv).to(q.dtype), lse.view(B, Hq, Nq).to(
+    return out.view(B, Hq, Nq, Dv), lse.view(B, Hq, Nq).to(
         torch.float64 if cdt == torch.float64 else torch.float32)
 
 
