@@ -257,6 +257,7 @@ HF_CASES = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:lookahead_layers='all'")
 @pytest.mark.parametrize("case", sorted(HF_CASES))
 def test_from_hf_matches_patched_model(case):
     pytest.importorskip("transformers")
