@@ -17,14 +17,16 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-# (module, runs on CPU, runs on GPU, extra args for --quick)
+# (module, runs on CPU, runs on GPU)
 BENCHES = [
     ("bench_reference_cpu", True, False),
     ("bench_attention", True, True),
     ("bench_conv", True, True),
     ("bench_streaming", True, True),
     ("bench_hf", True, True),
+    ("distill_lookahead", True, False),   # minutes of CPU training: not in --quick
 ]
+NOT_QUICK = {"distill_lookahead"}
 
 
 def _bar(i, n, name, width=30):
@@ -45,7 +47,8 @@ def main(argv=None):
     gpu = torch.cuda.is_available()
     todo = [m for m, cpu_ok, gpu_ok in BENCHES if (gpu_ok if gpu else cpu_ok)
             and os.path.exists(os.path.join(HERE, m + ".py"))
-            and (args.only is None or m in args.only)]
+            and (args.only is None or m in args.only)
+            and not (args.quick and m in NOT_QUICK and args.only is None)]
     failed = []
     if not args.no_run:
         print(f"device: {device_slug()}  ({len(todo)} benchmarks{', quick' if args.quick else ''})")

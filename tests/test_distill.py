@@ -116,6 +116,7 @@ def _ddp_worker(rank, world, path, init_file):
         if rank == 0:
             torch.save({"grads": {n: p.grad for n, p in student.named_parameters()},
                         "loss": hist[0]["loss"]}, path)
+        torch.distributed.barrier()   # both ranks tear down together (gloo aborts otherwise)
     finally:
         torch.distributed.destroy_process_group()
 
