@@ -214,11 +214,17 @@ def main():
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--gpu", action="store_true", help="GPU benchmark (default when CUDA is present)")
+    ap.add_argument("--cpu", action="store_true", help="CPU benchmark even when CUDA is present")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--max-batch", type=int, default=16384)
+    ap.add_argument("--quick", action="store_true", help="4 s of audio, 1 rep, 300 GPU steps")
     args = ap.parse_args()
-    recs = bench_gpu(args) if args.gpu else bench_cpu(args)
+    if args.quick:
+        args.seconds, args.reps, args.steps = min(args.seconds, 4.0), 1, min(args.steps, 300)
+    import torch
+    gpu = args.gpu or (torch.cuda.is_available() and not args.cpu)
+    recs = bench_gpu(args) if gpu else bench_cpu(args)
     print(write_jsonl("streaming", recs))
 
 
