@@ -19,10 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..nn.norm import running_norm
 from ..ops.conv import causal_conv1d
-
-BLOCK = 4096
-
 
 @dataclass
 class RunningNormState:
@@ -37,27 +35,14 @@ def init_running_norm_state(batch_size, channels, device=None):
 
 
 def running_group_norm(x, weight, bias, eps, state=None):
-    """x (B, C, T) -> (y (B, C, T), new state). ``state`` None starts a fresh stream."""
+    """x (B, C, T) -> (y (B, C, T), new state); ``state`` None starts a fresh stream. All streams of
+    the batch are at the same frame count (pyencoder.nn.norm.running_norm does the math)."""
     B, C, T = x.shape
     if state is None:
         state = init_running_norm_state(B, C, x.device)
-    count, tot, tot_sq = state.count, state.total, state.total_sq
-    ys = []
-    for t0 in range(0, T, BLOCK):
-        t1 = min(T, t0 + BLOCK)
-        xd = x[..., t0:t1].to(torch.float64)
-        s = torch.cumsum(torch.cat((tot[..., None], xd), -1), -1)[..., 1:]
-        ss = torch.cumsum(torch.cat((tot_sq[..., None], xd * xd), -1), -1)[..., 1:]
-        n = torch.arange(count + 1, count + 1 + (t1 - t0), device=x.device, dtype=torch.float64)
-        mean = s / n
-        var = (ss / n - mean * mean).clamp_min(0.0)
-        y = ((xd - mean) * torch.rsqrt(var + eps)).to(x.dtype)
-        if weight is not None:
-            y = y * weight[:, None] + bias[:, None]
-        ys.append(y)
-        count, tot, tot_sq = count + (t1 - t0), s[..., -1], ss[..., -1]
-    y = torch.cat(ys, -1) if ys else x.new_empty(B, C, 0)
-    return y, RunningNormState(count, tot.detach(), tot_sq.detach())
+    count = torch.full((B,), state.count, dtype=torch.int64, device=x.device)
+    y, tot, tot_sq = running_norm(x, weight, bias, eps, count, state.total, state.total_sq)
+    return y, RunningNormState(state.count + T, tot.detach(), tot_sq.detach())
 
 
 def pos_conv_parts(pc):

@@ -10,7 +10,8 @@ window (at most k - 1); a chunk of any length >= 0 may be fed.
 
 ``RunningGroupNorm`` replaces wav2vec2-base's GroupNorm(C, C) over the whole utterance (conv layer
 0, not streamable) by causal cumulative statistics: frame t is normalised by the float64 mean and
-variance of frames 0..t of its stream (the same formula as pyencoder.hf's "running" group norm).
+variance of frames 0..t of its stream (pyencoder.nn.norm, shared with pyencoder.hf's "running"
+group norm).
 
 ``ConvFeatureExtractor`` stacks ``FeatureConvLayer`` s (conv -> optional norm -> GELU); with no norm
 the GELU is fused into the conv op. Streaming state: per-layer ``FeatureConvState`` and an optional
@@ -22,6 +23,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from ..nn.norm import RunningGroupNorm, RunningNormState
 from ..ops.conv import causal_conv1d
 from ..streaming.state import StreamState
 
@@ -34,13 +36,6 @@ class FeatureConvState(StreamState):
     buf: torch.Tensor          # (B, C_in, k - 1) last samples of the padded input, right-aligned
     seen: torch.Tensor         # (B,) int64 input samples fed so far
     out_lengths: torch.Tensor  # (B,) int64
-
-
-@dataclasses.dataclass
-class RunningNormState(StreamState):
-    count: torch.Tensor        # (B,) int64 frames seen
-    total: torch.Tensor        # (B, C) float64 sum of x
-    total_sq: torch.Tensor     # (B, C) float64 sum of x^2
 
 
 @dataclasses.dataclass
@@ -166,69 +161,6 @@ class FeatureConv1d(nn.Conv1d):
     def flush(self, state):
         state.out_lengths = torch.zeros_like(state.seen)
         return state.buf.new_zeros(state.buf.shape[0], self.out_channels, 0), state
-
-
-def _running_norm(x, weight, bias, eps, count, total, total_sq):
-    """x (B, C, T), count (B,) int64, total / total_sq (B, C) float64 -> (y, total, total_sq)."""
-    xd = x.to(torch.float64)
-    s = torch.cumsum(torch.cat((total[..., None], xd), -1), -1)[..., 1:]
-    ss = torch.cumsum(torch.cat((total_sq[..., None], xd * xd), -1), -1)[..., 1:]
-    n = (count[:, None] + 1 + torch.arange(x.shape[-1], device=x.device)[None, :]).to(
-        torch.float64)[:, None, :]
-    mean = s / n
-    var = (ss / n - mean * mean).clamp_min(0.0)
-    y = ((xd - mean) * torch.rsqrt(var + eps)).to(x.dtype)
-    if weight is not None:
-        y = y * weight[:, None] + bias[:, None]
-    if x.shape[-1]:
-        total, total_sq = s[..., -1], ss[..., -1]
-    return y, total, total_sq
-
-
-class RunningGroupNorm(nn.Module):
-    """Per-channel causal normalisation with cumulative float64 statistics (see module doc)."""
-
-    hop = 1
-    lookahead = 0
-
-    def __init__(self, num_channels, eps=1e-5, affine=True):
-        super().__init__()
-        self.num_channels, self.eps = num_channels, eps
-        self.weight = nn.Parameter(torch.ones(num_channels)) if affine else None
-        self.bias = nn.Parameter(torch.zeros(num_channels)) if affine else None
-
-    def forward(self, x):
-        B, C, T = x.shape
-        z = x.new_zeros(B, C, dtype=torch.float64)
-        return _running_norm(x, self.weight, self.bias, self.eps,
-                             torch.zeros(B, dtype=torch.int64, device=x.device), z, z)[0]
-
-    def init_state(self, batch_size, *, device=None, **_):
-        device = (self.weight.device if self.weight is not None else None) if device is None \
-            else device
-        z = torch.zeros(batch_size, self.num_channels, dtype=torch.float64, device=device)
-        return RunningNormState(count=torch.zeros(batch_size, dtype=torch.int64, device=device),
-                                total=z, total_sq=z.clone())
-
-    def step(self, x, state, lengths):
-        B, C, n = x.shape
-        if bool((lengths == n).all()):
-            y, state.total, state.total_sq = _running_norm(x, self.weight, self.bias, self.eps,
-                                                           state.count, state.total,
-                                                           state.total_sq)
-        else:
-            y = torch.zeros_like(x)
-            tot, tsq = state.total.clone(), state.total_sq.clone()
-            for b in range(B):
-                L = int(lengths[b])
-                yb, t1, t2 = _running_norm(x[b:b + 1, :, :L], self.weight, self.bias, self.eps,
-                                           state.count[b:b + 1], state.total[b:b + 1],
-                                           state.total_sq[b:b + 1])
-                y[b, :, :L] = yb[0]
-                tot[b], tsq[b] = t1[0], t2[0]
-            state.total, state.total_sq = tot, tsq
-        state.count = state.count + lengths
-        return y, state
 
 
 class ChannelLayerNorm(nn.LayerNorm):

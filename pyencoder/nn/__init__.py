@@ -6,10 +6,12 @@ from .conv import CausalConv1d, ConvState
 from .refiner import Refiner, RefinerState
 from .layer import FeedForward, LayerState, TransformerLayer
 from .misc import Transpose
+from .norm import RunningGroupNorm, RunningNormState
 
 __all__ = ["RotaryEmbedding", "BandedSelfAttention", "ChunkedSelfAttention", "AttentionState",
            "CausalConv1d", "ConvState", "Refiner", "RefinerState", "TransformerLayer",
-           "FeedForward", "LayerState", "Transpose", "StreamingSequential"]
+           "FeedForward", "LayerState", "Transpose", "RunningGroupNorm", "RunningNormState",
+           "StreamingSequential"]
 
 
 def __getattr__(name):

@@ -1,0 +1,97 @@
+"""Causal ("running") normalisation over time: the streamable replacement for wav2vec2-base's
+GroupNorm(C, C) in conv layer 0, which normalises each channel over the whole utterance.
+
+Frame t of a stream is normalised per channel by the mean and variance of frames 0..t of that
+stream, accumulated in float64 (count, sum, sum of squares): y = (x - mean_t) / sqrt(var_t + eps),
+then the affine weight and bias. Offline and streaming use the same function on the same
+accumulators, so any chunking gives the offline result exactly (on CPU, where cumsum is
+sequential). Time is processed in blocks so the float64 temporaries stay bounded.
+"""
+import dataclasses
+
+import torch
+from torch import nn
+
+from ..streaming.state import StreamState
+
+__all__ = ["running_norm", "RunningGroupNorm", "RunningNormState"]
+
+BLOCK = 4096
+
+
+@dataclasses.dataclass
+class RunningNormState(StreamState):
+    count: torch.Tensor      # (B,) int64 frames seen
+    total: torch.Tensor      # (B, C) float64 sum
+    total_sq: torch.Tensor   # (B, C) float64 sum of squares
+
+
+def running_norm(x, weight, bias, eps, count, total, total_sq):
+    """x (B, C, T), count (B,) int64, total / total_sq (B, C) float64 ->
+    (y (B, C, T) in x's dtype, new total, new total_sq). ``count`` is not advanced here."""
+    ys = []
+    T = x.shape[-1]
+    for t0 in range(0, T, BLOCK):
+        t1 = min(T, t0 + BLOCK)
+        xd = x[..., t0:t1].to(torch.float64)
+        s = torch.cumsum(torch.cat((total[..., None], xd), -1), -1)[..., 1:]
+        ss = torch.cumsum(torch.cat((total_sq[..., None], xd * xd), -1), -1)[..., 1:]
+        n = (count[:, None] + 1 + t0 + torch.arange(t1 - t0, device=x.device)[None, :]).to(
+            torch.float64)[:, None, :]
+        mean = s / n
+        var = (ss / n - mean * mean).clamp_min(0.0)
+        y = ((xd - mean) * torch.rsqrt(var + eps)).to(x.dtype)
+        if weight is not None:
+            y = y * weight[:, None] + bias[:, None]
+        ys.append(y)
+        total, total_sq = s[..., -1], ss[..., -1]
+    if not ys:
+        return x.new_empty(x.shape), total, total_sq
+    return (ys[0] if len(ys) == 1 else torch.cat(ys, -1)), total, total_sq
+
+
+class RunningGroupNorm(nn.Module):
+    """Per-channel causal normalisation with cumulative float64 statistics (see module doc).
+    Streams through init_state / step(x, state, lengths)."""
+
+    hop = 1
+    lookahead = 0
+
+    def __init__(self, num_channels, eps=1e-5, affine=True):
+        super().__init__()
+        self.num_channels, self.eps = num_channels, eps
+        self.weight = nn.Parameter(torch.ones(num_channels)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_channels)) if affine else None
+
+    def forward(self, x):
+        B, C, T = x.shape
+        z = x.new_zeros(B, C, dtype=torch.float64)
+        return running_norm(x, self.weight, self.bias, self.eps,
+                            torch.zeros(B, dtype=torch.int64, device=x.device), z, z)[0]
+
+    def init_state(self, batch_size, *, device=None, **_):
+        device = (self.weight.device if self.weight is not None else None) if device is None \
+            else device
+        z = torch.zeros(batch_size, self.num_channels, dtype=torch.float64, device=device)
+        return RunningNormState(count=torch.zeros(batch_size, dtype=torch.int64, device=device),
+                                total=z, total_sq=z.clone())
+
+    def step(self, x, state, lengths):
+        B, C, n = x.shape
+        if bool((lengths == n).all()):
+            y, state.total, state.total_sq = running_norm(x, self.weight, self.bias, self.eps,
+                                                          state.count, state.total,
+                                                          state.total_sq)
+        else:
+            y = torch.zeros_like(x)
+            tot, tsq = state.total.clone(), state.total_sq.clone()
+            for b in range(B):
+                L = int(lengths[b])
+                yb, t1, t2 = running_norm(x[b:b + 1, :, :L], self.weight, self.bias, self.eps,
+                                          state.count[b:b + 1], state.total[b:b + 1],
+                                          state.total_sq[b:b + 1])
+                y[b, :, :L] = yb[0]
+                tot[b], tsq[b] = t1[0], t2[0]
+            state.total, state.total_sq = tot, tsq
+        state.count = state.count + lengths
+        return y, state
