@@ -85,3 +85,22 @@ def apply_rope(x, positions, inv_freq, interleaved=False, inverse=False):
     if r == x.shape[-1]:
         return rot.to(x.dtype)
     return torch.cat((rot.to(x.dtype), x[..., r:]), dim=-1)
+
+
+def as_rope(rope, head_dim):
+    """Normalise a module's ``rope`` argument: True (rotary over the whole head), False/None (no
+    rotary), an int rotary dim, a Rope, or an object holding one as ``.rope`` (RotaryEmbedding)."""
+    if rope is True:
+        return Rope(head_dim)
+    if rope is None or rope is False:
+        return None
+    if isinstance(rope, int):
+        rope = Rope(rope)
+    elif not isinstance(rope, Rope) and isinstance(getattr(rope, "rope", None), Rope):
+        rope = rope.rope
+    if not isinstance(rope, Rope):
+        raise TypeError(f"rope must be True, False, an int rotary dim, a pyencoder.Rope or a "
+                        f"RotaryEmbedding; got {type(rope).__name__}")
+    if rope.dim > head_dim:
+        raise ValueError(f"rope.dim must be <= head_dim ({head_dim}); got {rope.dim}")
+    return rope

@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pyencoder
+
 transformers = pytest.importorskip("transformers")
 
 import pyencoder.hf as H  # noqa: E402
@@ -256,7 +258,7 @@ ORACLE_SETTINGS = {
     "chunk_left1": dict(chunk_size=4, left_chunks=1, lookahead_frames=1, rope=True,
                         pos_conv="causal"),
     "chunk_unbounded_all": dict(chunk_size=5, left_chunks=None, lookahead_frames=2,
-                                lookahead_layers="all", rope=H.patch.Rope(4, interleaved=True),
+                                lookahead_layers="all", rope=pyencoder.Rope(4, interleaved=True),
                                 pos_conv="drop"),
 }
 

@@ -58,7 +58,7 @@ def test_attention_rope_options():
     r = RotaryEmbedding(4, interleaved=True)
     assert BandedSelfAttention(8, 2, left=1, right=0, rope=r).rope == r.rope
     assert RotaryEmbedding(4).state_dict() == {}
-    with pytest.raises(ValueError, match="rope dim"):
+    with pytest.raises(ValueError, match=r"rope.dim must be <= head_dim \(4\); got 6"):
         BandedSelfAttention(8, 2, left=1, right=0, rope=6)
     with pytest.raises(ValueError, match="multiple of num_heads"):
         BandedSelfAttention(10, 3, left=1, right=0)

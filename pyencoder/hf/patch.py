@@ -27,7 +27,7 @@ from typing import List, Optional
 from torch import nn
 
 from ..ops._checks import check_int
-from ..rope import Rope
+from ..rope import as_rope
 from . import _compat
 from .attention import NAME, LayerSpec, is_registered, register
 from .frontend import causal_pos_conv, running_group_norm
@@ -136,18 +136,6 @@ def _layer_lookaheads(lookahead_frames, lookahead_layers, n_layers):
     return list(lookahead_layers)
 
 
-def _make_rope(rope, head_dim):
-    if rope is True:
-        return Rope(head_dim)
-    if rope is False or rope is None:
-        return None
-    if isinstance(rope, Rope):
-        if rope.dim > head_dim:
-            raise ValueError(f"rope.dim must be <= head_dim ({head_dim}); got {rope.dim}")
-        return rope
-    raise TypeError(f"rope must be a bool or a pyencoder.Rope; got {type(rope).__name__}")
-
-
 def build_specs(n_layers, head_dim, lookahead_frames, left_frames, lookahead_layers, rope,
                 chunk_size, left_chunks):
     check_int("lookahead_frames", lookahead_frames, min_value=0)
@@ -160,7 +148,7 @@ def build_specs(n_layers, head_dim, lookahead_frames, left_frames, lookahead_lay
         raise ValueError("left_frames is for the band mask; with chunk_size give left_chunks "
                          f"instead (got left_frames={left_frames})")
     r_list = _layer_lookaheads(lookahead_frames, lookahead_layers, n_layers)
-    rp = _make_rope(rope, head_dim)
+    rp = as_rope(rope, head_dim)
     specs = []
     for r in r_list:
         if chunk_size is None:

@@ -27,10 +27,9 @@ import torch
 from torch import nn
 
 from ..ops.attention import band_params, chunked_params, interval_attention
-from ..rope import Rope, apply_rope
+from ..rope import apply_rope, as_rope
 from ..streaming.ring import decode_attention, ring_write
 from ..streaming.state import StreamState
-from .rotary import RotaryEmbedding
 
 __all__ = ["BandedSelfAttention", "ChunkedSelfAttention", "AttentionState"]
 
@@ -43,21 +42,6 @@ class AttentionState(StreamState):
     pos: torch.Tensor         # (B,) int64 keys appended so far
     pending: torch.Tensor     # (B,) int64 queries held back
     out_lengths: torch.Tensor  # (B,) int64 frames emitted by the last step / flush
-
-
-def _as_rope(rope, head_dim):
-    if rope is True:
-        return Rope(head_dim)
-    if rope is None or rope is False:
-        return None
-    if isinstance(rope, Rope):
-        return rope
-    if isinstance(rope, RotaryEmbedding):
-        return rope.rope
-    if isinstance(rope, int):
-        return Rope(rope)
-    raise TypeError(f"rope must be True, False, an int rotary dim, a pyencoder.Rope or a "
-                    f"RotaryEmbedding; got {type(rope).__name__}")
 
 
 def _check_lengths(lengths, B, n, device):
@@ -84,9 +68,7 @@ class _IntervalSelfAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
         self.block, self.lo_off, self.hi_off = block, lo_off, hi_off
-        self.rope = _as_rope(rope, self.head_dim)
-        if self.rope is not None and self.rope.dim > self.head_dim:
-            raise ValueError(f"rope dim ({self.rope.dim}) must be <= head_dim ({self.head_dim})")
+        self.rope = as_rope(rope, self.head_dim)
         self.max_context = max_context
         self.decode_backend = None
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
