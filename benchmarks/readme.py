@@ -1,0 +1,174 @@
+"""Render the README's results section from the committed JSON lines.
+
+    python -m benchmarks.readme            # rewrites README.md between the GENERATED markers
+
+Every number shown comes from benchmarks/results/<device>/*.jsonl (newest run of each file), with
+the device, versions, commit and date it was measured with. A device folder only appears if it has
+results: GPU rows exist only where a GPU run was committed.
+"""
+import glob
+import os
+
+from benchmarks.summarize import _latest_run, load
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+BEGIN, END = "<!-- BEGIN GENERATED: results -->", "<!-- END GENERATED: results -->"
+
+
+def _f(v, nd=1):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _meta(recs):
+    r = recs[0]
+    return (f"*{r.get('device_name') or r.get('device')}, torch {r.get('torch')}, "
+            f"triton {r.get('triton')}, commit {r.get('commit')}, {str(r.get('date', ''))[:10]}*")
+
+
+def _table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def reference_cpu(recs):
+    rows = [[str(r["N"]), r["provider"], _f(r.get("median_ms")), _f(r.get("peak_mem_mb")),
+             _f(r.get("output_mb"))] for r in recs if r.get("provider") != "ratio"
+            and "median_ms" in r]
+    rows += [[str(r["N"]), r["provider"], r["skipped"], "", ""] for r in recs if "skipped" in r]
+    ratios = [f"N={r['N']}: reference {r['speedup']:.2f}x faster, {r['memory_ratio']:.1f}x less "
+              f"peak memory ({r['workspace_ratio']:.1f}x less beyond the output)"
+              for r in recs if r.get("provider") == "ratio"]
+    return ("Offline banded attention on CPU, B=1 H=12 D=64 left=250 right=3 fp32, RoPE on both "
+            "sides: the reference path vs SDPA with a dense mask.\n\n"
+            + _table(["N", "provider", "median ms", "peak MB", "output MB"], rows) + "\n\n"
+            + "; ".join(ratios))
+
+
+def attention(recs):
+    rows = [[r.get("shape", ""), str(r["N"]), r["mask"], r["provider"], r.get("dtype", ""),
+             _f(r.get("fwd_ms"), 2), _f(r.get("bwd_ms"), 2), _f(r.get("fwdbwd_ms"), 2),
+             _f(r.get("fwd_tflops"), 3)]
+            for r in recs if "fwd_ms" in r]
+    return ("Banded / chunked attention with RoPE counted in every provider (median ms).\n\n"
+            + _table(["shape", "N", "mask", "provider", "dtype", "fwd", "bwd", "fwd+bwd",
+                      "fwd TFLOP/s"], rows))
+
+
+def conv(recs):
+    rows = [[r.get("suite", ""), r["provider"], r.get("dtype", ""),
+             f"B={r['B']} C={r['C']} L={r['L']} k={r['k']} g={r['groups']} s={r['stride']}",
+             r.get("mode", ""), _f(r.get("median_ms"), 4), _f(r.get("gb_per_s"), 1),
+             _f(100 * r["frac_of_copy"], 0) if isinstance(r.get("frac_of_copy"), float) else "–"]
+            for r in recs if "median_ms" in r]
+    return _table(["suite", "provider", "dtype", "shape", "mode", "median ms", "GB/s",
+                   "% of copy"], rows)
+
+
+def streaming(recs):
+    rows = []
+    for r in recs:
+        m = r.get("mode")
+        if m == "offline":
+            rows.append(["offline", _f(r["compute_s_per_audio_s"] * 1e3, 0), "1.0x", ""])
+        elif m == "streaming":
+            rows.append([f"streaming, {r['chunk_ms']} ms chunks",
+                         _f(r["compute_s_per_audio_s"] * 1e3, 0),
+                         _f(r.get("ratio_vs_offline"), 2) + "x",
+                         f"target <= {r['target_ratio']}x" if r.get("target_ratio") else ""])
+        elif m == "naive_rerun_5s_every_80ms":
+            rows.append(["naive: re-run 5 s every 80 ms", _f(r["compute_s_per_audio_s"] * 1e3, 0),
+                         "", f"{r['ratio_vs_streaming_80ms']:.1f}x streaming at 80 ms "
+                             f"(target >= {r['target_ratio']:.0f}x)"])
+        elif m == "step_latency":
+            rows.append([f"step latency, batch 1", f"p50 {r['p50_ms']:.2f} / p99 {r['p99_ms']:.2f} ms",
+                         "", f"target p99 <= {r.get('target_p99_ms')} ms"])
+        elif m == "realtime_streams":
+            rows.append(["concurrent real-time streams (20 ms steps)", str(r["streams"]), "",
+                         f"target >= {r.get('target_streams')}"])
+    r0 = recs[0]
+    return (f"wav2vec2-base-sized stack ({r0.get('layers')} layers, {r0.get('dim')} dim, "
+            f"{r0.get('heads')} heads, left={r0.get('left')}, {r0.get('lookahead_frames')} frames "
+            f"lookahead in layer 0), {r0.get('dtype')}, {r0.get('threads', '')} threads.\n\n"
+            + _table(["mode", "ms compute per s of audio", "vs offline", "note"], rows))
+
+
+def hf(recs):
+    rows = []
+    for r in recs:
+        if r.get("bench") == "hf_streaming_step":
+            rows.append([r["provider"], f"step, {r['chunk_ms']} ms chunks",
+                         _f(r["median_ms"], 1), "", ""])
+        elif "median_ms" in r:
+            peak = r.get("peak_mem_bytes")
+            rows.append([r["provider"], f"offline, {_f(r.get('seconds'), 0)} s audio",
+                         _f(r["median_ms"], 0), _f(r.get("x_realtime"), 1),
+                         _f(peak / 2**20, 0) if isinstance(peak, (int, float)) else "–"])
+    return ("wav2vec2-base (random weights), left=250, right=3: patched vs unpatched transformers."
+            "\n\n" + _table(["provider", "run", "median ms", "x real time", "peak MB"], rows))
+
+
+def distill(recs):
+    rows = [[f"{r['lookahead_frames']} ({r['lookahead_ms']:.0f} ms)", _f(r["latency_ms"], 1),
+             _f(r["rel_dist_before"], 4), _f(r["rel_dist_after"], 4),
+             _f(r["rel_dist_last_layer_after"], 4)] for r in recs]
+    r0 = recs[0]
+    return (f"Miniature of DyStream's Table 3: students with 0-3 frames of lookahead distilled from a "
+            f"full-context teacher ({r0.get('layers')} layers, dim {r0.get('dim')}, "
+            f"{r0.get('audio')} audio, {r0.get('student_steps')} steps each). Relative "
+            f"student-teacher distance on held-out clips (lower is better).\n\n"
+            + _table(["lookahead frames", "latency ms", "before", "after", "last layer after"],
+                     rows))
+
+
+SECTIONS = [("reference_cpu", "Reference path vs dense SDPA (CPU)", reference_cpu),
+            ("attention", "Attention", attention), ("conv", "Causal convolution", conv),
+            ("streaming", "Streaming engine", streaming), ("hf", "Hugging Face patch", hf),
+            ("distill_lookahead", "Causal distillation vs lookahead", distill)]
+
+
+def render():
+    parts = ["## Measured results\n",
+             "Generated by `python -m benchmarks.readme` from the committed JSON lines in "
+             "`benchmarks/results/`; each table names the machine, versions, commit and date. "
+             "No GPU run has been committed yet: every table below was measured on a 2-core "
+             "x86-64 CPU VM shared with other work, so treat CPU times as indicative.\n"]
+    for dev in sorted(glob.glob(os.path.join(HERE, "results", "*"))):
+        if not os.path.isdir(dev):
+            continue
+        parts.append(f"### Device `{os.path.basename(dev)}`\n")
+        for name, title, fn in SECTIONS:
+            path = os.path.join(dev, name + ".jsonl")
+            if not os.path.exists(path):
+                continue
+            recs = _latest_run(load(path))
+            if not recs:
+                continue
+            try:
+                body = fn(recs)
+            except (KeyError, TypeError) as e:
+                body = f"(could not render: {e!r})"
+            parts.append(f"#### {title}\n\n{_meta(recs)}\n\n{body}\n")
+        for png in sorted(glob.glob(os.path.join(dev, "*.png"))):
+            rel = os.path.relpath(png, ROOT)
+            parts.append(f"![{os.path.basename(png)}]({rel})\n")
+    return "\n".join(parts)
+
+
+def main():
+    path = os.path.join(ROOT, "README.md")
+    text = open(path).read()
+    a, b = text.index(BEGIN), text.index(END)
+    text = text[:a + len(BEGIN)] + "\n" + render() + "\n" + text[b:]
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"updated {path}")
+
+
+if __name__ == "__main__":
+    main()
