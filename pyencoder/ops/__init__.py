@@ -1,6 +1,8 @@
 """Functional API: registered torch ops with autograd, fake kernels and backend choice."""
 from .attention import banded_attention, chunked_attention, interval_attention
+from .attention_dropout import interval_attention_dropout
 from .conv import causal_conv1d, causal_conv1d_update
 
-__all__ = ["banded_attention", "chunked_attention", "interval_attention", "causal_conv1d",
+__all__ = ["banded_attention", "chunked_attention", "interval_attention",
+           "interval_attention_dropout", "causal_conv1d",
            "causal_conv1d_update"]
