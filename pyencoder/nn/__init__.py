@@ -2,6 +2,7 @@
 init_state / step / flush (see pyencoder.streaming)."""
 from .rotary import RotaryEmbedding
 from .attention import AttentionState, BandedSelfAttention, ChunkedSelfAttention
+from .relpos import RelPosAttentionState, WavLMSelfAttention
 from .conv import CausalConv1d, ConvState
 from .refiner import Refiner, RefinerState
 from .layer import FeedForward, LayerState, TransformerLayer
@@ -9,6 +10,7 @@ from .misc import Transpose
 from .norm import RunningGroupNorm, RunningNormState
 
 __all__ = ["RotaryEmbedding", "BandedSelfAttention", "ChunkedSelfAttention", "AttentionState",
+           "WavLMSelfAttention", "RelPosAttentionState",
            "CausalConv1d", "ConvState", "Refiner", "RefinerState", "TransformerLayer",
            "FeedForward", "LayerState", "Transpose", "RunningGroupNorm", "RunningNormState",
            "StreamingSequential"]

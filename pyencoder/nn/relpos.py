@@ -1,0 +1,360 @@
+"""WavLM self-attention: interval attention with WavLM's gated relative position bias, offline and
+streaming, without transformers.
+
+For query i at absolute position p and key j at absolute position s, head h:
+
+    score = scale * <rot(q_i, p), rot(k_j, s)> + gate[b, h, i] * table[bucket(s - p), h]
+    gate  = a * (b * gru_rel_pos_const[h] - 1) + 2,  (a, b) = sigmoid(sum4(gru_rel_pos_linear(x_i,h)))
+
+``table`` is the (num_buckets, H) weight of ``rel_attn_embed``; ``bucket`` is WavLM's T5-style
+log bucketing (``relative_position_bucket``, the same float32 arithmetic as transformers'
+``WavLMAttention._relative_positions_bucket``); x_i is the attention input of frame i split into
+heads. ``gated=False`` uses gate = 1 (a plain T5 relative bias); ``rot`` is optional RoPE.
+Visibility is the interval mask of pyencoder.ops.attention (band or chunked, key_lengths); a row
+with no visible key outputs 0.
+
+Relative-bias table shared across layers: in WavLM only layer 0 owns ``rel_attn_embed``; the other
+layers reuse its bias (transformers passes the dense ``position_bias`` along). The bias of a
+banded/streaming window only depends on (s - p) per head, so every layer recomputes the entries it
+needs from the shared table. A later layer is built with ``has_relative_bias=False,
+rel_attn_embed=<layer 0's nn.Embedding>``: the embedding is referenced, not registered as a
+submodule, so each layer's state_dict keys are exactly transformers' WavLMAttention keys (q_proj,
+k_proj, v_proj, out_proj, gru_rel_pos_const, gru_rel_pos_linear, and rel_attn_embed in layer 0
+only), gradients of every layer reach the one table, and ``copy.deepcopy`` / ``.to()`` of the whole
+model keep the reference pointing at (the copy of) layer 0's embedding.
+
+Algorithm. Offline (``biased_interval_attention``): plain torch, blocked over query tiles; a tile
+reads only keys in [lo(first row), hi(last row)], so time and memory are O(N * W); autograd
+differentiates the tiles. Streaming (``init_state`` / ``step`` / ``flush``, the protocol of
+pyencoder.nn.BandedSelfAttention): new keys are rotated once at their absolute position and
+written to a ring buffer (capacity lo_off + hi_off + max_chunk; unbounded history grows up to
+``max_context``); a query and its gate wait un-rotated until their last visible key has arrived,
+then attend over the ring with the bias of (ring position - query position). Per-slot positions
+and ragged ``lengths`` as in pyencoder.nn.attention.
+
+Limits: plain torch only (no Triton/CUDA kernel: the interval-attention op has no bias input), no
+``step_fixed`` (CUDA-graph step), no attention-probability dropout. Half inputs compute in float32.
+"""
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from ..ops.attention import band_params, chunked_params
+from ..rope import apply_rope
+from ..streaming.ring import ring_positions, ring_write
+from .attention import AttentionState, _IntervalSelfAttention
+
+__all__ = ["WavLMSelfAttention", "RelPosAttentionState", "relative_position_bucket",
+           "relative_bias_gate", "biased_interval_attention"]
+
+_NEG_INF = float("-inf")
+_UNBOUNDED = 1 << 40
+
+
+def relative_position_bucket(rel, num_buckets=320, max_distance=800):
+    """WavLM's bucket index (int64, same shape) of relative positions ``rel`` = key - query:
+    half the buckets for rel > 0; |rel| < num_buckets // 4 exact, then logarithmic up to
+    ``max_distance``, clamped. float32 logarithm, as transformers computes it."""
+    half = num_buckets // 2
+    max_exact = half // 2
+    out = (rel > 0).to(torch.long) * half
+    a = torch.abs(rel)
+    is_small = a < max_exact
+    large = torch.log(a.float() / max_exact)
+    large = large / math.log(max_distance / max_exact)
+    large = large * (half - max_exact)
+    large = (max_exact + large).to(torch.long)
+    large = torch.clamp(large, max=half - 1)
+    return out + torch.where(is_small, a, large)
+
+
+def relative_bias_gate(x, gru_rel_pos_linear, gru_rel_pos_const, num_heads):
+    """WavLM's per-query gate (B, H, N) for attention inputs x (B, N, E)."""
+    B, N, _ = x.shape
+    g = x.reshape(B, N, num_heads, -1).permute(0, 2, 1, 3)
+    proj = gru_rel_pos_linear(g)
+    proj = proj.view(g.shape[:-1] + (2, 4)).sum(-1)
+    gate_a, gate_b = torch.sigmoid(proj).chunk(2, dim=-1)
+    gate = gate_a * (gate_b * gru_rel_pos_const - 1.0) + 2.0
+    return gate.squeeze(-1)
+
+
+def _tile_rows(block, lo_off, hi_off):
+    if lo_off < 0:
+        return 128
+    return int(min(256, max(32, (lo_off + hi_off + block) // 2)))
+
+
+def biased_interval_attention(q, k, v, gate, table, bucket_fn, *, block=1, lo_off=-1,
+                              hi_off=_UNBOUNDED, rope=None, key_lengths=None, scale=None,
+                              q_offset=0, k_offset=0):
+    """Interval attention with a gated relative bias (module docstring), blocked over query tiles.
+
+    q (B, H, Nq, D), k and v (B, H, Nk, D), gate (B, H, Nq) or None (ungated), table
+    (num_buckets, H); ``bucket_fn`` maps int64 relative positions (key - query) to bucket indices.
+    Mask: block, lo_off (< 0: unbounded), hi_off as in pyencoder.ops.attention (the defaults give
+    full attention); ``rope`` a pyencoder.Rope or None; key_lengths (B,) or None; integer absolute
+    offsets of the first query / key. Returns (B, H, Nq, D) in q's dtype.
+    """
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dev = q.device
+    qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
+    if rope is not None:
+        inv = rope.inv_freq(dev)
+        qc = apply_rope(qc, torch.arange(q_offset, q_offset + Nq, device=dev), inv, rope.interleaved)
+        kc = apply_rope(kc, torch.arange(k_offset, k_offset + Nk, device=dev), inv, rope.interleaved)
+    gc = None if gate is None else gate.to(cdt)
+    tc = table.to(cdt)
+    if key_lengths is not None:
+        kl = key_lengths.to(device=dev, dtype=torch.int64)
+        nk_eff = min(Nk, int(kl.max().item())) if kl.numel() else 0
+    else:
+        kl, nk_eff = None, Nk
+    tq = _tile_rows(block, lo_off, hi_off)
+    outs = []
+    for i0 in range(0, Nq, tq):
+        i1 = min(Nq, i0 + tq)
+        p = torch.arange(q_offset + i0, q_offset + i1, device=dev)
+        first = ((q_offset + i0) // block) * block
+        last = ((q_offset + i1 - 1) // block) * block
+        j0 = max(0, first - lo_off - k_offset) if lo_off >= 0 else 0
+        j1 = min(nk_eff, last + hi_off - k_offset + 1)
+        if j1 <= j0:
+            outs.append(qc.new_zeros(B, H, i1 - i0, vc.shape[-1]))
+            continue
+        s = torch.arange(k_offset + j0, k_offset + j1, device=dev)
+        bias = tc[bucket_fn(s[None, :] - p[:, None])].permute(2, 0, 1)  # (H, tq, tk)
+        sc = torch.matmul(qc[:, :, i0:i1], kc[:, :, j0:j1].transpose(-1, -2)) * scale
+        sc = sc + (bias if gc is None else gc[:, :, i0:i1, None] * bias)
+        base = torch.div(p, block, rounding_mode="floor") * block
+        vis = s[None, :] <= (base + hi_off)[:, None]
+        if lo_off >= 0:
+            vis = vis & (s[None, :] >= (base - lo_off)[:, None])
+        vis = vis[None, None]
+        if kl is not None:
+            vis = vis & (torch.arange(j0, j1, device=dev)[None, :] < kl[:, None])[:, None, None, :]
+        sc = sc.masked_fill(~vis, _NEG_INF)
+        m = sc.amax(-1, keepdim=True).detach()
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        pr = torch.exp(sc - m)
+        l = pr.sum(-1, keepdim=True)
+        nz = l > 0
+        o = torch.matmul(pr, vc[:, :, j0:j1]) / torch.where(nz, l, torch.ones_like(l))
+        outs.append(torch.where(nz, o, torch.zeros_like(o)))
+    out = torch.cat(outs, dim=2) if outs else qc.new_zeros(B, H, 0, vc.shape[-1])
+    return out.to(q.dtype)
+
+
+@dataclasses.dataclass
+class RelPosAttentionState(AttentionState):
+    gate: torch.Tensor        # (B, H, qcap) gates of the pending queries, oldest first
+
+
+class WavLMSelfAttention(_IntervalSelfAttention):
+    """WavLM attention (gated relative position bias) with an interval mask, offline and streaming.
+
+    Mask: band (``left``, ``right``; frame p sees [p - left, p + right], left=None: all history)
+    or, with ``chunk_size``, chunked (``left_chunks``, ``lookahead``). Parameters are transformers'
+    WavLMAttention's (q_proj, k_proj, v_proj, out_proj, gru_rel_pos_const (1, H, 1, 1),
+    gru_rel_pos_linear Linear(head_dim, 8), rel_attn_embed Embedding(num_buckets, H)), so its
+    state_dict loads as is. ``has_relative_bias=False`` with ``rel_attn_embed=<layer 0's
+    embedding>`` makes a later layer read layer 0's table (module docstring). ``gated=False``: no
+    gate parameters, gate = 1. ``rope``: as in BandedSelfAttention (default False: WavLM's position
+    information is the relative bias). Latency: ``lookahead`` frames (hi_off), hop 1.
+    """
+
+    def __init__(self, embed_dim, num_heads, *, left=None, right=None, chunk_size=None,
+                 left_chunks=None, lookahead=0, num_buckets=320, max_distance=800, gated=True,
+                 has_relative_bias=True, rel_attn_embed=None, rope=False, bias=True,
+                 max_context=65536):
+        if chunk_size is None:
+            if right is None:
+                raise ValueError("WavLMSelfAttention: give right (band mask) or chunk_size "
+                                 "(chunked mask); got neither")
+            if left_chunks is not None or lookahead:
+                raise ValueError(f"left_chunks / lookahead are for the chunked mask (chunk_size); "
+                                 f"got left_chunks={left_chunks!r}, lookahead={lookahead!r} "
+                                 f"without chunk_size")
+            block, lo, hi = band_params(left, right)
+        else:
+            if left is not None or right is not None:
+                raise ValueError(f"left / right are for the band mask; with chunk_size give "
+                                 f"left_chunks and lookahead (got left={left!r}, right={right!r})")
+            block, lo, hi = chunked_params(chunk_size, left_chunks, lookahead)
+        super().__init__(embed_dim, num_heads, block, lo, hi, rope, bias, max_context)
+        if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or num_buckets < 4:
+            raise ValueError(f"num_buckets must be an int >= 4; got {num_buckets!r}")
+        if not isinstance(max_distance, int) or max_distance <= num_buckets // 4:
+            raise ValueError(f"max_distance must be an int > num_buckets // 4 = "
+                             f"{num_buckets // 4}; got {max_distance!r}")
+        self.left, self.right = left, right
+        self.chunk_size, self.left_chunks, self.chunk_lookahead = chunk_size, left_chunks, lookahead
+        self.num_buckets, self.max_distance = num_buckets, max_distance
+        self.gated = bool(gated)
+        H = num_heads
+        if self.gated:
+            self.gru_rel_pos_const = nn.Parameter(torch.ones(1, H, 1, 1))
+            self.gru_rel_pos_linear = nn.Linear(self.head_dim, 8)
+        if has_relative_bias:
+            if rel_attn_embed is not None:
+                raise ValueError("rel_attn_embed (a shared table) is for has_relative_bias=False; "
+                                 "a module with has_relative_bias=True owns its own table")
+            self.rel_attn_embed = nn.Embedding(num_buckets, H)
+            self._shared_rel_embed = None
+        else:
+            if rel_attn_embed is not None and (
+                    not isinstance(rel_attn_embed, nn.Embedding)
+                    or tuple(rel_attn_embed.weight.shape) != (num_buckets, H)):
+                raise ValueError(f"rel_attn_embed must be an nn.Embedding({num_buckets}, {H}); "
+                                 f"got {rel_attn_embed!r}")
+            self._shared_rel_embed = (rel_attn_embed,) if rel_attn_embed is not None else None
+
+    # ---- bias ----------------------------------------------------------------------------------
+    @property
+    def has_relative_bias(self):
+        return "rel_attn_embed" in self._modules
+
+    def share_relative_bias(self, rel_attn_embed):
+        """Read the bias table from ``rel_attn_embed`` (layer 0's nn.Embedding) from now on."""
+        if self.has_relative_bias:
+            raise ValueError("this module owns its relative-bias table (has_relative_bias=True)")
+        if not isinstance(rel_attn_embed, nn.Embedding) or \
+                tuple(rel_attn_embed.weight.shape) != (self.num_buckets, self.num_heads):
+            raise ValueError(f"rel_attn_embed must be an nn.Embedding({self.num_buckets}, "
+                             f"{self.num_heads}); got {rel_attn_embed!r}")
+        self._shared_rel_embed = (rel_attn_embed,)
+
+    def relative_bias_table(self):
+        """(num_buckets, H) table: this module's own, or the shared one of layer 0."""
+        if self.has_relative_bias:
+            return self.rel_attn_embed.weight
+        if self._shared_rel_embed is None:
+            raise RuntimeError("WavLMSelfAttention: has_relative_bias=False and no shared table; "
+                               "build it with rel_attn_embed=<layer 0's rel_attn_embed> or call "
+                               "share_relative_bias()")
+        return self._shared_rel_embed[0].weight
+
+    def bucket(self, rel):
+        return relative_position_bucket(rel, self.num_buckets, self.max_distance)
+
+    def gate(self, x):
+        """Per-query gate (B, H, N) for attention inputs x (B, N, E); None when ungated."""
+        if not self.gated:
+            return None
+        return relative_bias_gate(x, self.gru_rel_pos_linear, self.gru_rel_pos_const,
+                                  self.num_heads)
+
+    # ---- offline -------------------------------------------------------------------------------
+    def forward(self, x, key_lengths=None):
+        """x (B, T, E) -> (B, T, E). ``key_lengths`` (B,): frames >= key_lengths[b] are padding."""
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must have shape (B, T, {self.embed_dim}); got {tuple(x.shape)}")
+        B, T, E = x.shape
+        q, k, v = self._heads(x, self.q_proj), self._heads(x, self.k_proj), self._heads(x, self.v_proj)
+        o = biased_interval_attention(q, k, v, self.gate(x), self.relative_bias_table(),
+                                      self.bucket, block=self.block, lo_off=self.lo_off,
+                                      hi_off=self.hi_off, rope=self.rope, key_lengths=key_lengths,
+                                      scale=self.scale)
+        return self.out_proj(o.transpose(1, 2).reshape(B, T, E))
+
+    # ---- streaming -----------------------------------------------------------------------------
+    def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
+        st = super().init_state(batch_size, device=device, dtype=dtype, max_chunk=max_chunk)
+        gate = st.q.new_zeros(batch_size, self.num_heads, st.q.shape[2])
+        return RelPosAttentionState(k=st.k, v=st.v, q=st.q, pos=st.pos, pending=st.pending,
+                                    out_lengths=st.out_lengths, gate=gate)
+
+    def step_fixed(self, x, state):
+        raise NotImplementedError("WavLMSelfAttention has no step_fixed (CUDA-graph step): the "
+                                  "relative bias has no kernel path yet; use step()")
+
+    def _decode(self, q, gate, state, q_pos, q_count, n_keys):
+        """Pending queries q (B, H, M, D) with gates (B, H, M) at positions q_pos (B, M) attend
+        over the ring; rows >= q_count[b] output 0."""
+        B, H, M, D = q.shape
+        cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        qr = q.to(cdt)
+        if self.rope is not None:
+            qr = apply_rope(qr, q_pos, self.rope.inv_freq(q.device), self.rope.interleaved)
+        kpos = ring_positions(n_keys, state.k.shape[2])                    # (B, cap)
+        base = torch.div(q_pos, self.block, rounding_mode="floor") * self.block
+        vis = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= (base + self.hi_off)[:, :, None])
+        if self.lo_off >= 0:
+            vis = vis & (kpos[:, None, :] >= (base - self.lo_off)[:, :, None])
+        rows = torch.arange(M, device=q.device)[None, :] < q_count[:, None]
+        vis = (vis & rows[:, :, None])[:, None]                            # (B, 1, M, cap)
+        bias = self.relative_bias_table().to(cdt)[self.bucket(kpos[:, None, :] - q_pos[:, :, None])]
+        bias = bias.permute(0, 3, 1, 2)                                    # (B, H, M, cap)
+        s = torch.matmul(qr, state.k.to(cdt).transpose(-1, -2)) * self.scale
+        s = s + (bias if gate is None else gate.to(cdt)[..., None] * bias)
+        s = s.masked_fill(~vis, _NEG_INF)
+        mx = s.amax(-1, keepdim=True)
+        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+        p = torch.exp(s - mx)
+        l = p.sum(-1, keepdim=True)
+        nz = l > 0
+        o = torch.matmul(p, state.v.to(cdt)) / torch.where(nz, l, torch.ones_like(l))
+        return torch.where(nz, o, torch.zeros_like(o)).to(q.dtype)
+
+    def _piece(self, x, lengths, state, final):
+        B, n, E = x.shape
+        H, D = self.num_heads, self.head_dim
+        dev = x.device
+        P0, np0 = state.pos, state.pending
+        P1 = P0 + lengths
+        if n:
+            q, k, v = self._heads(x, self.q_proj), self._heads(x, self.k_proj), self._heads(x, self.v_proj)
+            g = self.gate(x)
+            j = torch.arange(n, device=dev)
+            valid = j[None, :] < lengths[:, None]
+            kpos = P0[:, None] + j[None, :]
+            if self.rope is not None:
+                k = apply_rope(k, kpos, self.rope.inv_freq(dev), self.rope.interleaved)
+            if self.lo_off < 0:
+                self._grow(state, int(P1.max()))
+            ring_write(state.k, k, kpos, valid)
+            ring_write(state.v, v, kpos, valid)
+            bi, ji = valid.nonzero(as_tuple=True)
+            state.q[bi, :, np0[bi] + ji] = q[bi, :, ji].to(state.q.dtype)
+            if g is not None:
+                state.gate[bi, :, np0[bi] + ji] = g[bi, :, ji].to(state.gate.dtype)
+        np1 = np0 + lengths
+        qp0 = P0 - np0
+        qcap = state.q.shape[2]
+        if final:
+            ready = np1
+        else:
+            i = torch.arange(qcap, device=dev)[None, :]
+            p = qp0[:, None] + i
+            hi = torch.div(p, self.block, rounding_mode="floor") * self.block + self.hi_off
+            ready = ((i < np1[:, None]) & (hi <= (P1 - 1)[:, None])).sum(1)
+        m = int(ready.max()) if B else 0
+        if m == 0:
+            y = x.new_zeros(B, 0, E)
+        else:
+            qpos = qp0[:, None] + torch.arange(m, device=dev)[None, :]
+            o = self._decode(state.q[:, :, :m], state.gate[:, :, :m] if self.gated else None,
+                             state, qpos, ready, P1)
+            y = self.out_proj(o.to(x.dtype).transpose(1, 2).reshape(B, m, E))
+            rows = torch.arange(m, device=dev)[None, :] < ready[:, None]
+            y = y * rows[:, :, None].to(y.dtype)
+            idx = (torch.arange(qcap, device=dev)[None, :] + ready[:, None]).clamp(max=qcap - 1)
+            state.q = state.q.gather(2, idx[:, None, :, None].expand(B, H, qcap, D))
+            state.gate = state.gate.gather(2, idx[:, None, :].expand(B, H, qcap))
+        state.pos = P1
+        state.pending = np1 - ready
+        state.out_lengths = ready
+        return y, state
+
+    def extra_repr(self):
+        mask = (f"left={self.left}, right={self.right}" if self.chunk_size is None else
+                f"chunk_size={self.chunk_size}, left_chunks={self.left_chunks}, "
+                f"lookahead={self.chunk_lookahead}")
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, {mask}, num_buckets="
+                f"{self.num_buckets}, max_distance={self.max_distance}, gated={self.gated}, "
+                f"has_relative_bias={self.has_relative_bias}, rope={self.rope}")
