@@ -7,7 +7,11 @@
     attention with RoPE inside the op, lookahead r_l in layer l) -> [pre-LN: LayerNorm]
 
 Each attention layer is pyencoder.nn.BandedSelfAttention (frame p sees [p - left, p + r_l]) or
-ChunkedSelfAttention (chunk c sees left_chunks chunks back and r_l frames past its end). Lookahead
+ChunkedSelfAttention (chunk c sees left_chunks chunks back and r_l frames past its end); with
+``rel_pos_bias=True`` (the WavLM variant) it is pyencoder.nn.WavLMSelfAttention with the same mask
+plus WavLM's gated relative position bias: layer 0 owns the (num_buckets, H) bucket table
+(``layers.0.attention.rel_attn_embed``) and every later layer reads it by reference, recomputing
+the bias of its own window from (key - query) and its own per-query gate. Lookahead
 compounds: the encoder's total lookahead is the sum of the per-layer values (band) and the
 conv front end adds k - s samples per valid conv. ``lookahead=None`` gives a full-context encoder
 (teacher; offline only).
@@ -16,10 +20,11 @@ Streaming: ``init_state`` / ``step`` / ``flush`` (DESIGN.md "Streaming"); any ch
 waveform gives the offline output (up to summation order). ``from_hf`` converts a transformers
 Wav2Vec2Model / HubertModel (or a head around one) into a CausalEncoder with the same weights, the
 same function as that model patched by ``pyencoder.hf.apply_pyencoder_to_wav2vec2`` with the same
-options. No dropout anywhere (training-time dropout is left to the caller).
+options; a WavLMModel (or head) gives the WavLM variant, its relative-bias table and gates included.
+No dropout anywhere (training-time dropout is left to the caller).
 
-Limits: WavLM's gated relative position bias is not part of CausalEncoder (``from_hf`` refuses a
-WavLM model; pyencoder.hf patches WavLM in place instead); no SpecAugment masking.
+Limits: no SpecAugment masking; the WavLM relative bias runs in plain torch (no Triton/CUDA kernel
+and no ``step_fixed`` CUDA-graph step yet).
 """
 import dataclasses
 from typing import List, Optional, Sequence, Tuple, Union
@@ -30,6 +35,7 @@ from torch import nn
 from ..nn.attention import BandedSelfAttention, ChunkedSelfAttention
 from ..nn.conv import CausalConv1d
 from ..nn.layer import TransformerLayer
+from ..nn.relpos import WavLMSelfAttention
 from ..streaming.latency import NotStreamableError
 from ..streaming.sequential import StreamingSequential
 from ..streaming.state import StreamState
@@ -67,6 +73,10 @@ class EncoderConfig:
     rope: Union[bool, int] = True                # True: RoPE on the whole head; int: rotary dim
     rope_base: float = 10000.0
     max_context: int = 65536
+    rel_pos_bias: bool = False                   # WavLM: gated relative position bias
+    num_buckets: int = 320                       # WavLM: relative-position buckets
+    max_bucket_distance: int = 800               # WavLM: distance of the last (log) bucket
+    gated_rel_pos: bool = True                   # WavLM: per-query gate on the bias
 
     def layer_lookaheads(self):
         """Per-layer lookahead frames (None for full-context layers)."""
@@ -147,9 +157,22 @@ class CausalEncoder(nn.Module):
             from ..rope import Rope
             rope = Rope(int(c.rope), base=c.rope_base)
         layers = []
-        for r in c.layer_lookaheads():
+        table = None
+        for i, r in enumerate(c.layer_lookaheads()):
             full = r is None
-            if c.attention == "band" or full:
+            if c.rel_pos_bias:
+                kw = dict(num_buckets=c.num_buckets, max_distance=c.max_bucket_distance,
+                          gated=c.gated_rel_pos, has_relative_bias=i == 0, rel_attn_embed=table,
+                          rope=rope, max_context=c.max_context)
+                if c.attention == "band" or full:
+                    att = WavLMSelfAttention(E, c.num_heads, left=None if full else c.left,
+                                             right=FULL_CONTEXT if full else r, **kw)
+                else:
+                    att = WavLMSelfAttention(E, c.num_heads, chunk_size=c.chunk_size,
+                                             left_chunks=c.left_chunks, lookahead=r, **kw)
+                if i == 0:
+                    table = att.rel_attn_embed
+            elif c.attention == "band" or full:
                 att = BandedSelfAttention(E, c.num_heads, left=None if full else c.left,
                                           right=FULL_CONTEXT if full else r, rope=rope,
                                           max_context=c.max_context)
@@ -283,18 +306,16 @@ class CausalEncoder(nn.Module):
     @classmethod
     def from_hf(cls, hf_model, *, lookahead=3, lookahead_layers="first", left=None, rope=True,
                 pos_conv="drop", chunk_size=None, left_chunks=None, num_layers=None):
-        """A CausalEncoder with the weights of a transformers Wav2Vec2Model / HubertModel (or a
-        model with one inside, e.g. ...ForCTC). The options mean what they mean in
+        """A CausalEncoder with the weights of a transformers Wav2Vec2Model / HubertModel /
+        WavLMModel (or a model with one inside, e.g. ...ForCTC; the head is not converted). For
+        WavLM the config gets rel_pos_bias=True with the model's num_buckets and
+        max_bucket_distance, and the gates and layer 0's bucket table are copied. The options mean what they mean in
         pyencoder.hf.apply_pyencoder_to_wav2vec2 (lookahead_frames=lookahead, left_frames=left,
         pos_conv "drop" or "causal"); a GroupNorm front end becomes the running GroupNorm.
         ``num_layers``: keep only the first layers (FocalCodec-Stream keeps 6 of WavLM-large's).
         ``lookahead=None`` gives the full-context model (a teacher)."""
         base, family = _hf_base(hf_model)
         hc = base.config
-        if family == "wavlm":
-            raise NotImplementedError(
-                "CausalEncoder.from_hf: WavLM's gated relative position bias is not implemented "
-                "in CausalEncoder; use pyencoder.hf.apply_pyencoder_to_wav2vec2 on the WavLM model")
         if pos_conv not in ("drop", "causal"):
             raise ValueError(f"pos_conv must be 'drop' or 'causal'; got {pos_conv!r}")
         if getattr(hc, "conv_pos_batch_norm", False):
@@ -324,7 +345,10 @@ class CausalEncoder(nn.Module):
             pos_conv_groups=hc.num_conv_pos_embedding_groups,
             attention="band" if chunk_size is None else "chunked", left=left,
             chunk_size=1 if chunk_size is None else chunk_size, left_chunks=left_chunks,
-            lookahead=lookahead, lookahead_layers=lookahead_layers, rope=rope)
+            lookahead=lookahead, lookahead_layers=lookahead_layers, rope=rope,
+            rel_pos_bias=family == "wavlm",
+            num_buckets=int(getattr(hc, "num_buckets", 320)),
+            max_bucket_distance=int(getattr(hc, "max_bucket_distance", 800)))
         model = cls(cfg)
         p = next(base.parameters())
         model.to(device=p.device, dtype=p.dtype)
@@ -339,8 +363,8 @@ def _hf_base(model):
         for fam, kls in fams.items():
             if isinstance(cand, kls):
                 return cand, fam
-    raise TypeError(f"from_hf expects a transformers Wav2Vec2Model / HubertModel (or a model "
-                    f"around one); got {type(model).__name__}")
+    raise TypeError(f"from_hf expects a transformers Wav2Vec2Model / HubertModel / WavLMModel (or "
+                    f"a model around one); got {type(model).__name__}")
 
 
 def _convert_state_dict(base, cfg):
@@ -376,4 +400,11 @@ def _convert_state_dict(base, cfg):
             m = src.get_submodule(n)
             sd[f"layers.{i}.{n}.weight"] = m.weight
             sd[f"layers.{i}.{n}.bias"] = m.bias
+        if cfg.rel_pos_bias:
+            att = src.attention
+            sd[f"layers.{i}.attention.gru_rel_pos_const"] = att.gru_rel_pos_const
+            sd[f"layers.{i}.attention.gru_rel_pos_linear.weight"] = att.gru_rel_pos_linear.weight
+            sd[f"layers.{i}.attention.gru_rel_pos_linear.bias"] = att.gru_rel_pos_linear.bias
+            if i == 0:
+                sd["layers.0.attention.rel_attn_embed.weight"] = att.rel_attn_embed.weight
     return {k: v.detach().clone() for k, v in sd.items()}
