@@ -290,11 +290,12 @@ def test_from_hf_matches_patched_model(case):
     torch.testing.assert_close(out.last_hidden_state[0], ref.last_hidden_state[0], rtol=0, atol=1e-9)
 
 
-def test_from_hf_refuses_wavlm():
+def test_from_hf_converts_wavlm():
+    # equivalence with the patched WavLM model is tested in tests/test_models_wavlm.py
     T = pytest.importorskip("transformers")
     cfg = T.WavLMConfig(num_buckets=8, max_bucket_distance=16, **HF_COMMON)
-    with pytest.raises(NotImplementedError, match="WavLM"):
-        CausalEncoder.from_hf(T.WavLMModel(cfg))
+    enc = CausalEncoder.from_hf(T.WavLMModel(cfg))
+    assert enc.config.rel_pos_bias and enc.config.num_buckets == 8
 
 
 @pytest.mark.gpu
