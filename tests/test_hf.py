@@ -372,15 +372,6 @@ def test_bad_arguments():
     assert model.config._attn_implementation == "eager"
 
 
-def test_dropout_in_training_refused():
-    model = make_model("w2v2_post", attention_dropout=0.1).train()
-    H.apply_pyencoder_to_wav2vec2(model)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        model(audio(1, SAMPLES))
-    model.eval()
-    model(audio(1, SAMPLES))
-
-
 def test_missing_internals_raise_with_version():
     model = make_model("wavlm")
     del model.encoder.layers[1].attention.gru_rel_pos_linear

@@ -12,8 +12,11 @@
 - to ``AttentionMaskInterface``: ``pyencoder_mask(...)``, which turns HF's 2-D right-padding
   mask into ``key_lengths`` (int32 (B,)) once per forward; no (B, 1, N, N) mask is ever built.
 
-Limits: only bidirectional (encoder) masks; attention-probability dropout is not implemented (a
-training forward with dropout > 0 raises); output_attentions yields None weights; a 4-D custom
+In training mode with dropout > 0 (``config.attention_dropout``), the probabilities get eager's
+dropout through ``pyencoder.ops.interval_attention_dropout`` (blocked plain torch on every device,
+autograd backward, torch's default generator); eval mode and dropout == 0 use the registered op.
+
+Limits: only bidirectional (encoder) masks; output_attentions yields None weights; a 4-D custom
 mask is refused.
 """
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ from typing import Optional
 import torch
 
 from ..ops.attention import interval_attention
+from ..ops.attention_dropout import interval_attention_dropout
 from ..rope import Rope
 
 NAME = "pyencoder"
@@ -89,20 +93,23 @@ def _compiling():
         return False
 
 
-def check_no_dropout(module, dropout):
-    if dropout and module.training:
-        raise NotImplementedError(
-            f"pyencoder attention has no attention-probability dropout; {type(module).__name__} "
-            f"asks for dropout={dropout} in training mode. Set config.attention_dropout=0.0 (and "
-            f"module.dropout=0.0) or train in eval mode.")
+def effective_dropout(module, dropout):
+    """Attention-probability dropout of one call: ``dropout`` in training mode, else 0 (eager
+    applies ``F.dropout(P, p=dropout, training=module.training)``)."""
+    return float(dropout) if (dropout and module.training) else 0.0
 
 
-def run_spec(spec, q, k, v, key_lengths, scaling):
-    """(B, H, N, D) interval attention of one layer; full attention when spec is None."""
+def run_spec(spec, q, k, v, key_lengths, scaling, dropout=0.0):
+    """(B, H, N, D) interval attention of one layer; full attention when spec is None. dropout > 0:
+    dropout on the probabilities (the blocked plain-torch training path)."""
     if spec is None:
         block, lo_off, hi_off, rope = 1, -1, max(k.shape[2], 1), None
     else:
         block, lo_off, hi_off, rope = spec.block, spec.lo_off, spec.hi_off, spec.rope
+    if dropout > 0.0:
+        return interval_attention_dropout(q, k, v, block=block, lo_off=lo_off, hi_off=hi_off,
+                                          dropout_p=dropout, rope=rope, key_lengths=key_lengths,
+                                          scale=scaling)
     return interval_attention(q, k, v, block=block, lo_off=lo_off, hi_off=hi_off, rope=rope,
                               key_lengths=key_lengths, scale=scaling)
 
@@ -110,11 +117,11 @@ def run_spec(spec, q, k, v, key_lengths, scaling):
 def pyencoder_attention_forward(module, query, key, value, attention_mask, scaling=None,
                                 dropout=0.0, **kwargs):
     """AttentionInterface entry: returns (attn_output (B, N, H, D), None)."""
-    check_no_dropout(module, dropout)
     B, _, _, _ = query.shape
     key_lengths = key_lengths_from_mask(attention_mask, B, key.shape[2])
     spec = getattr(module, "_pyencoder_attn", None)
-    out = run_spec(spec, query, key, value, key_lengths, scaling)
+    out = run_spec(spec, query, key, value, key_lengths, scaling,
+                   effective_dropout(module, dropout))
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -16,12 +16,12 @@ pyencoder.nn.WavLMSelfAttention and pyencoder.models.CausalEncoder): plain torch
 query tiles; a tile reads only keys in [lo(first), hi(last)], so time and memory are O(N * W)
 (never a dense N x N bias or mask). Autograd differentiates the tiles directly (scores of one tile
 are kept for backward: O(N * W) activations). Half inputs are computed in float32. Limits: no
-Triton/CUDA kernel path yet (the interval-attention op has no bias input); no attention-probability
-dropout.
+Triton/CUDA kernel path yet (the interval-attention op has no bias input). In training mode the
+probabilities get dropout ``module.dropout`` (eager's attention dropout; torch's default generator).
 """
 from ..nn.relpos import biased_interval_attention as _core_attention
 from ..nn.relpos import relative_bias_gate
-from .attention import check_no_dropout, key_lengths_from_mask
+from .attention import effective_dropout, key_lengths_from_mask
 
 
 def wavlm_gate(module, x):
@@ -31,18 +31,21 @@ def wavlm_gate(module, x):
 
 
 def biased_interval_attention(q, k, v, gate, table, bucket_fn, spec, key_lengths=None, scale=None,
-                              q_offset=0, k_offset=0):
+                              q_offset=0, k_offset=0, dropout_p=0.0):
     """q (B, H, Nq, D), k and v (B, H, Nk, D), gate (B, H, Nq), table (num_buckets, H).
 
     ``spec``: a LayerSpec (interval mask and rope) or None for full attention. ``bucket_fn`` maps
-    relative positions (key - query, int64) to bucket indices. Returns (B, H, Nq, D) in q's dtype.
+    relative positions (key - query, int64) to bucket indices. ``dropout_p``: dropout on the
+    probabilities (training). Returns (B, H, Nq, D) in q's dtype.
     """
     if spec is None:
         return _core_attention(q, k, v, gate, table, bucket_fn, key_lengths=key_lengths,
-                               scale=scale, q_offset=q_offset, k_offset=k_offset)
+                               scale=scale, q_offset=q_offset, k_offset=k_offset,
+                               dropout_p=dropout_p)
     return _core_attention(q, k, v, gate, table, bucket_fn, block=spec.block, lo_off=spec.lo_off,
                            hi_off=spec.hi_off, rope=spec.rope, key_lengths=key_lengths,
-                           scale=scale, q_offset=q_offset, k_offset=k_offset)
+                           scale=scale, q_offset=q_offset, k_offset=k_offset,
+                           dropout_p=dropout_p)
 
 
 def project_qkv(module, x):
@@ -59,7 +62,6 @@ def wavlm_forward(module, hidden_states, attention_mask=None, position_bias=None
     """Forward of a patched WavLMAttention (bound to the instance). ``position_bias`` carries
     layer 0's bucket table (num_buckets, H) from layer to layer instead of a dense (B*H, N, N)
     bias; returns (out, None, table)."""
-    check_no_dropout(module, module.dropout)
     B, N, E = hidden_states.shape
     if position_bias is None:
         if getattr(module, "rel_attn_embed", None) is None:
@@ -77,6 +79,7 @@ def wavlm_forward(module, hidden_states, attention_mask=None, position_bias=None
     key_lengths = key_lengths_from_mask(attention_mask, B, N)
     out = biased_interval_attention(q, k, v, gate, table, module._relative_positions_bucket,
                                     getattr(module, "_pyencoder_attn", None), key_lengths,
-                                    module.scaling)
+                                    module.scaling, dropout_p=effective_dropout(module,
+                                                                                module.dropout))
     out = module.out_proj(out.transpose(1, 2).reshape(B, N, E))
     return out, None, table

@@ -33,7 +33,9 @@ then attend over the ring with the bias of (ring position - query position). Per
 and ragged ``lengths`` as in pyencoder.nn.attention.
 
 Limits: plain torch only (no Triton/CUDA kernel: the interval-attention op has no bias input), no
-``step_fixed`` (CUDA-graph step), no attention-probability dropout. Half inputs compute in float32.
+``step_fixed`` (CUDA-graph step); attention-probability dropout only offline
+(``biased_interval_attention(dropout_p=...)``, used by pyencoder.hf in training mode). Half inputs
+compute in float32.
 """
 import dataclasses
 import math
@@ -87,16 +89,25 @@ def _tile_rows(block, lo_off, hi_off):
     return int(min(256, max(32, (lo_off + hi_off + block) // 2)))
 
 
+def _keep_scale(shape, p, generator, dtype, device):
+    if p >= 1:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    noise = torch.empty(shape, dtype=dtype, device=device).bernoulli_(1.0 - p, generator=generator)
+    return noise.div_(1.0 - p)
+
+
 def biased_interval_attention(q, k, v, gate, table, bucket_fn, *, block=1, lo_off=-1,
                               hi_off=_UNBOUNDED, rope=None, key_lengths=None, scale=None,
-                              q_offset=0, k_offset=0):
+                              q_offset=0, k_offset=0, dropout_p=0.0, generator=None):
     """Interval attention with a gated relative bias (module docstring), blocked over query tiles.
 
     q (B, H, Nq, D), k and v (B, H, Nk, D), gate (B, H, Nq) or None (ungated), table
     (num_buckets, H); ``bucket_fn`` maps int64 relative positions (key - query) to bucket indices.
     Mask: block, lo_off (< 0: unbounded), hi_off as in pyencoder.ops.attention (the defaults give
     full attention); ``rope`` a pyencoder.Rope or None; key_lengths (B,) or None; integer absolute
-    offsets of the first query / key. Returns (B, H, Nq, D) in q's dtype.
+    offsets of the first query / key. ``dropout_p`` > 0: dropout on the probabilities as in
+    pyencoder.ops.interval_attention_dropout (keep ~ Bernoulli(1 - p) drawn per tile from
+    ``generator``, scaled by 1 / (1 - p)). Returns (B, H, Nq, D) in q's dtype.
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -144,6 +155,8 @@ def biased_interval_attention(q, k, v, gate, table, bucket_fn, *, block=1, lo_of
         pr = torch.exp(sc - m)
         l = pr.sum(-1, keepdim=True)
         nz = l > 0
+        if dropout_p > 0:
+            pr = pr * _keep_scale(pr.shape, dropout_p, generator, cdt, dev)
         o = torch.matmul(pr, vc[:, :, j0:j1]) / torch.where(nz, l, torch.ones_like(l))
         outs.append(torch.where(nz, o, torch.zeros_like(o)))
     out = torch.cat(outs, dim=2) if outs else qc.new_zeros(B, H, 0, vc.shape[-1])
