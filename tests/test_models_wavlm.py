@@ -421,3 +421,53 @@ def test_from_hf_wavlm_first_layers_and_keys():
     enc2 = CausalEncoder.from_hf(hf, lookahead=2, left=5)
     assert set(enc2.layers[1].attention.state_dict()) == \
         set(hf.encoder.layers[1].attention.state_dict())
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
+def test_from_hf_wavlm_full_context_equals_unpatched_transformers():
+    """lookahead=None, rope=False, no positional conv: the converted encoder is transformers' own
+    eager WavLM (dense position_bias through F.multi_head_attention_forward), padding included."""
+    pytest.importorskip("transformers")
+    hf = _hf_wavlm(True)
+    with torch.no_grad():   # silence the symmetric positional conv: gelu(0 * x + 0) = 0
+        hf.encoder.pos_conv_embed.conv.parametrizations.weight.original0.zero_()
+        hf.encoder.pos_conv_embed.conv.bias.zero_()
+    enc = CausalEncoder.from_hf(hf, lookahead=None, rope=False, pos_conv="drop")
+    wav = torch.randn(2, 700, dtype=torch.float64)
+    mask = torch.ones(2, 700, dtype=torch.long)
+    mask[1, 431:] = 0
+    with torch.no_grad():
+        ref = hf(wav, attention_mask=mask, output_hidden_states=True)
+        out = enc(wav, lengths=mask.sum(1), output_hidden_states=True)
+    n1 = int(out.lengths[1])
+    for a, b in zip(out.hidden_states + (out.last_hidden_state,),
+                    ref.hidden_states + (ref.last_hidden_state,)):
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-9)
+        torch.testing.assert_close(a[1, :n1], b[1, :n1], rtol=0, atol=1e-9)
+
+
+@pytest.mark.gpu
+def test_wavlm_encoder_cuda_matches_cpu_float64():
+    # fp32 on the GPU vs float64 on the CPU: ~10 chained fp32 ops at unit scale -> 1e-4.
+    m = _perturbed_encoder(tiny_wavlm_config(hidden_size=32, num_heads=4, ffn_dim=64))
+    wav = torch.randn(2, 1500, dtype=torch.float64)
+    lengths = torch.tensor([1500, 1111])
+    ref = m(wav, lengths=lengths).last_hidden_state
+    mc = copy.deepcopy(m).float().cuda()
+    assert mc.layers[1].attention.relative_bias_table().is_cuda
+    out = mc(wav.float().cuda(), lengths=lengths.cuda()).last_hidden_state
+    n1 = int(m.frame_lengths(1111))
+    torch.testing.assert_close(out[0].double().cpu(), ref[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[1, :n1].double().cpu(), ref[1, :n1], rtol=1e-4, atol=1e-4)
+    st = mc.init_state(2, max_chunk=32)
+    ys, t = [], 0
+    while t < 1500:
+        c = random.randint(1, 400)
+        y, st = mc.step(wav[:, t:t + c].float().cuda(), st)
+        ys.append(y)
+        t += c
+    ys.append(mc.flush(st)[0])
+    torch.testing.assert_close(torch.cat(ys, 1)[0].double().cpu(), ref[0], rtol=1e-4, atol=1e-4)
+    out.sum().backward()
+    for n, p in mc.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
