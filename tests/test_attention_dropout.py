@@ -27,7 +27,7 @@ CASES = [
 ]
 
 
-def _inputs(B, Hq, Hk, Nq, Nk, D, dtype, key_lengths=None):
+def _inputs(B, Hq, Hk, Nq, Nk, D, dtype):
     q = torch.randn(B, Hq, Nq, D, dtype=dtype)
     k = torch.randn(B, Hk, Nk, D, dtype=dtype)
     v = torch.randn(B, Hk, Nk, D, dtype=dtype)
@@ -197,8 +197,8 @@ def test_statistics(p):
     rate = keep[visible].double().mean().item()
     assert abs(rate - (1 - p)) < 6 * math.sqrt(p * (1 - p) / n)
 
-    ref, P = dense_dropout_attention(q, k, v, visible[:1], torch.ones(1, Hq, N, N, dtype=torch.bool),
-                                     0.0)
+    ref, P = dense_dropout_attention(q, k, v, visible[:1],
+                                     torch.ones(1, Hq, N, N, dtype=torch.bool), 0.0)
     var = p / (1 - p) * (P ** 2) @ (v.double() ** 2)
     z = (out.mean(0, keepdim=True) - ref) / torch.sqrt(var / K)
     assert z.abs().max() < 6
@@ -246,3 +246,27 @@ def test_validation():
     with pytest.raises(ValueError, match="key_lengths"):
         interval_attention_dropout(q, k, v, **kw, dropout_p=0.1,
                                    key_lengths=torch.tensor([9], dtype=torch.int32))
+
+
+def test_memory_is_blocked():
+    """No intermediate of the forward or the backward is N x N: every tensor created stays below
+    N * N / 16 elements at N = 1024 with a 13-key window (a tile holds 32 x 44 scores)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MaxNumel(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor):
+                    MaxNumel.largest = max(MaxNumel.largest, t.numel())
+            return t if not isinstance(out, (tuple, list)) else out
+
+    N = 1024
+    q, k, v = [t.requires_grad_() for t in _inputs(1, 1, 1, N, N, 4, torch.float32)]
+    with MaxNumel():
+        out = interval_attention_dropout(q, k, v, block=1, lo_off=8, hi_off=4, dropout_p=0.2,
+                                         rope=pyencoder.Rope(4))
+        out.sum().backward()
+    assert 0 < MaxNumel.largest < N * N // 16

@@ -159,3 +159,19 @@ def test_distribution(family):
     assert abs(z.var().item() - 1) < 0.25
     assert abs((y1.var(0) / y0.var(0)).median().item() - 1) < 0.1
     assert (y1.var(0) / y0_other.var(0)).median().item() > 1.5
+
+
+def test_eval_and_zero_dropout_use_the_op(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the plain-torch dropout path ran")
+
+    monkeypatch.setattr(HA, "interval_attention_dropout", refuse)
+    model = make_model("w2v2_post", attention_dropout=P)
+    H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=1)
+    _out(model.eval(), audio(1, SAMPLES))
+    for layer in model.encoder.layers:
+        layer.attention.dropout = 0.0
+    _out(model.train(), audio(1, SAMPLES))
+    layer.attention.dropout = P
+    with pytest.raises(AssertionError, match="plain-torch"):
+        _out(model, audio(1, SAMPLES))

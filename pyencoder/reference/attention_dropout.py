@@ -6,8 +6,8 @@ Computes, with the interval mask, RoPE, GQA and zero-row rule of pyencoder.refer
     out = (P * keep / (1 - p)) @ v,   keep ~ Bernoulli(1 - p) i.i.d. per (b, h, i, j)
 
 which is transformers' eager attention (softmax, then ``F.dropout(P, p, training=True)``, then
-``@ v``): inverted scaling, masked keys stay 0 (their probability is 0 before the mask), rows with no
-visible key output 0 with zero gradient. p == 1 drops everything (output 0, nothing drawn), as
+``@ v``): inverted scaling, masked keys stay 0 (their probability is 0 before the mask), rows
+with no visible key output 0 with zero gradient. p == 1 drops everything (output 0, nothing drawn), as
 F.dropout does.
 
 Algorithm: blocked over the query tiles of pyencoder.reference.attention (``_tiles``), so a tile
