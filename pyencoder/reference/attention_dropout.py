@@ -7,8 +7,8 @@ Computes, with the interval mask, RoPE, GQA and zero-row rule of pyencoder.refer
 
 which is transformers' eager attention (softmax, then ``F.dropout(P, p, training=True)``, then
 ``@ v``): inverted scaling, masked keys stay 0 (their probability is 0 before the mask), rows
-with no visible key output 0 with zero gradient. p == 1 drops everything (output 0, nothing drawn), as
-F.dropout does.
+with no visible key output 0 with zero gradient. p == 1 drops everything (output 0, nothing
+drawn), as F.dropout does.
 
 Algorithm: blocked over the query tiles of pyencoder.reference.attention (``_tiles``), so a tile
 reads only the keys in [lo(first query), hi(last query)]; time and memory are O(N * W), never a
