@@ -270,3 +270,30 @@ def test_memory_is_blocked():
                                          rope=pyencoder.Rope(4))
         out.sum().backward()
     assert 0 < MaxNumel.largest < N * N // 16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_cuda_same_mask_dense_oracle(dtype, tol):
+    """The plain-torch path on CUDA with a CUDA generator: same-mask oracle as on CPU (fp32: TF32
+    is off by default for bmm; bf16: input rounding 2^-8 carried through O(1) weights)."""
+    block, lo, hi = chunked(8, 2, 3)
+    B, Hq, Hk, N, D = 2, 4, 2, 300, 32
+    q, k, v = _inputs(B, Hq, Hk, N, N, D, torch.float32)
+    kl = torch.tensor([N, 250], dtype=torch.int32)
+    g = torch.Generator(device="cuda")
+    g.manual_seed(0)
+    x = [t.to("cuda", dtype).requires_grad_() for t in (q, k, v)]
+    out, keeps = interval_attention_dropout(*x, block=block, lo_off=lo, hi_off=hi, dropout_p=0.1,
+                                            rope=pyencoder.Rope(16), key_lengths=kl.cuda(),
+                                            generator=g, return_keep=True)
+    out.float().sum().backward()
+    keep, _ = _dense_keep([(a, b, c, d, m.cpu()) for a, b, c, d, m in keeps], B, Hq, N, N)
+    y = [t.detach().cpu().double().requires_grad_() for t in x]
+    ref, _ = dense_dropout_attention(*y, interval_mask(N, N, block, lo, hi, key_lengths=kl,
+                                                       batch=B), keep, 0.1,
+                                     rope=pyencoder.Rope(16))
+    ref.sum().backward()
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=tol, atol=tol)
+    for a, b in zip(x, y):
+        torch.testing.assert_close(a.grad.double().cpu(), b.grad, rtol=tol, atol=tol)
