@@ -423,6 +423,39 @@ def test_from_hf_wavlm_first_layers_and_keys():
         set(hf.encoder.layers[1].attention.state_dict())
 
 
+@pytest.mark.parametrize("opts", [dict(lookahead_frames=2, left_frames=3, pos_conv="causal"),
+                                  dict(chunk_size=3, left_chunks=None, lookahead_frames=1,
+                                       lookahead_layers=[1, 0], rope=False, pos_conv="drop")])
+def test_hf_streaming_encoder_wavlm_uses_shared_module(opts):
+    """pyencoder.hf.StreamingEncoder streams WavLM through WavLMSelfAttention (sharing the HF
+    parameters and layer 0's table): float64 stream == patched offline model, every depth."""
+    pytest.importorskip("transformers")
+    import pyencoder.hf as H
+    hf = _hf_wavlm(False, "ctc")
+    H.apply_pyencoder_to_wav2vec2(hf, **opts)
+    enc = H.StreamingEncoder(hf, output_hidden_states=True)
+    assert all(isinstance(a, WavLMSelfAttention) for a in enc.attn)
+    assert enc.attn[0].rel_attn_embed is hf.wavlm.encoder.layers[0].attention.rel_attn_embed
+    assert enc.attn[1].relative_bias_table() is enc.attn[0].rel_attn_embed.weight
+    wav = torch.randn(1, 900, dtype=torch.float64)
+    with torch.no_grad():
+        ref = hf.wavlm(wav, output_hidden_states=True)
+        st = enc.init_state(1)
+        outs, t = [], 0
+        while t < 900:
+            c = random.choice([1, 7, 40, 161, 333])
+            outs.append(enc.step(wav[:, t:t + c], st)[0])
+            t += c
+            if len(outs) == 5:
+                st = enc.init_state(1).load_state_dict(st.state_dict())
+        outs.append(enc.flush(st)[0])
+    for d in range(len(ref.hidden_states)):
+        got = torch.cat([o[1][d] for o in outs], 1)
+        torch.testing.assert_close(got, ref.hidden_states[d], rtol=0, atol=1e-9)
+    torch.testing.assert_close(torch.cat([o[0] for o in outs], 1), ref.last_hidden_state, rtol=0,
+                               atol=1e-9)
+
+
 @pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
 def test_from_hf_wavlm_full_context_equals_unpatched_transformers():
     """lookahead=None, rope=False, no positional conv: the converted encoder is transformers' own

@@ -10,10 +10,10 @@ Per stage, what the state carries (a pyencoder.streaming.StreamState, so state_d
   (pyencoder.ops.causal_conv1d with initial_state).
 - attention layers: Wav2Vec2 / HuBERT layers use pyencoder.nn.BandedSelfAttention /
   ChunkedSelfAttention sharing the HF module's projections (ring KV cache of rotated keys, held-back
-  queries, the Triton decode kernel on CUDA). WavLM layers keep a plain key/value window (unrotated
-  keys, trimmed to the oldest key a pending query can still see) and run
-  pyencoder.hf.wavlm.biased_interval_attention with absolute q/k offsets (no kernel path yet).
-  Each layer also keeps the inputs of its held-back frames for the residual path.
+  queries, the Triton decode kernel on CUDA). WavLM layers use pyencoder.nn.WavLMSelfAttention
+  sharing the HF module's projections, gate parameters and layer 0's rel_attn_embed (same ring
+  state plus the gates of held-back queries; plain torch, no kernel path yet). Each layer also
+  keeps the inputs of its held-back frames for the residual path.
 
 Streams in a batch run in lockstep (same chunk length for every slot). Lookahead: frames are
 emitted as soon as the last key they see has arrived; ``flush`` emits the rest (their windows are
@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from ..nn.attention import BandedSelfAttention, ChunkedSelfAttention
+from ..nn.relpos import WavLMSelfAttention
 from ..streaming.state import StreamState
 from .frontend import RunningNormState, causal_pos_conv, running_group_norm
 from .patch import base_model, latency as _latency
-from .wavlm import biased_interval_attention, project_qkv, wavlm_gate
 
 __all__ = ["StreamingEncoder", "EncoderStreamState"]
 
@@ -49,19 +49,9 @@ class NormState(StreamState):
 
 
 @dataclasses.dataclass
-class WavLMAttnState(StreamState):
-    k: torch.Tensor                        # (B, H, n, D) unrotated keys from position k_start
-    v: torch.Tensor
-    k_start: torch.Tensor                  # (B,) int64
-    received: torch.Tensor                 # (B,) int64 frames appended so far
-    emitted: torch.Tensor                  # (B,) int64 queries emitted so far
-
-
-@dataclasses.dataclass
 class LayerState(StreamState):
     attn: StreamState
     pending: torch.Tensor                  # (B, n, E) inputs of held-back frames (residual)
-    pending_attn: Optional[torch.Tensor]   # WavLM: their attention inputs (queries and gates)
 
 
 @dataclasses.dataclass
@@ -108,13 +98,12 @@ class StreamingEncoder(nn.Module):
         self.output_hidden_states = output_hidden_states
         self.max_context = max_context
         self.attn = nn.ModuleList()
-        for layer, spec in zip(base.encoder.layers, rec.specs):
+        for i, (layer, spec) in enumerate(zip(base.encoder.layers, rec.specs)):
             hf = layer.attention
-            if family == "wavlm":
-                self.attn.append(nn.Identity())
-                continue
             E, H = hf.embed_dim, hf.num_heads
-            if spec.block == 1:
+            if family == "wavlm":
+                sa = self._wavlm_attention(hf, spec, i, max_context)
+            elif spec.block == 1:
                 sa = BandedSelfAttention(E, H, left=spec.left, right=spec.lookahead,
                                          rope=spec.rope or False, max_context=max_context)
             else:
@@ -124,9 +113,27 @@ class StreamingEncoder(nn.Module):
                                           max_context=max_context)
             for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
                 setattr(sa, name, getattr(hf, name))
+            if family == "wavlm":
+                sa.gru_rel_pos_linear = hf.gru_rel_pos_linear
+                sa.gru_rel_pos_const = hf.gru_rel_pos_const
             if abs(sa.scale - hf.scaling) > 1e-12:
                 raise ValueError(f"attention scaling {hf.scaling} is not 1/sqrt(head_dim)")
             self.attn.append(sa)
+
+    def _wavlm_attention(self, hf, spec, i, max_context):
+        """A WavLMSelfAttention for HF layer i's mask; layer 0 owns (shares) the HF bucket table,
+        later layers read it by reference."""
+        E, H = hf.embed_dim, hf.num_heads
+        mask = (dict(left=spec.left, right=spec.lookahead) if spec.block == 1 else
+                dict(chunk_size=spec.block, lookahead=spec.lookahead,
+                     left_chunks=None if spec.lo_off < 0 else spec.lo_off // spec.block))
+        table = self.base.encoder.layers[0].attention.rel_attn_embed
+        sa = WavLMSelfAttention(E, H, num_buckets=hf.num_buckets, max_distance=hf.max_distance,
+                                has_relative_bias=i == 0, rel_attn_embed=None if i == 0 else table,
+                                rope=spec.rope or False, max_context=max_context, **mask)
+        if i == 0:
+            sa.rel_attn_embed = table
+        return sa
 
     @property
     def hop(self):
@@ -161,16 +168,9 @@ class StreamingEncoder(nn.Module):
             pos = BufState(torch.zeros(B, pc.conv.in_channels, k - 1, device=device, dtype=dtype))
         E = self.base.config.hidden_size
         layers = []
-        for layer, sa in zip(self.base.encoder.layers, self.attn):
-            if self.family == "wavlm":
-                hf = layer.attention
-                zk = torch.zeros(B, hf.num_heads, 0, hf.head_dim, device=device, dtype=dtype)
-                zi = torch.zeros(B, dtype=torch.int64, device=device)
-                st = WavLMAttnState(zk, zk.clone(), zi, zi.clone(), zi.clone())
-            else:
-                st = sa.init_state(B, device=device, dtype=dtype, max_chunk=max_chunk)
-            z = torch.zeros(B, 0, E, device=device, dtype=dtype)
-            layers.append(LayerState(st, z, z.clone() if self.family == "wavlm" else None))
+        for sa in self.attn:
+            st = sa.init_state(B, device=device, dtype=dtype, max_chunk=max_chunk)
+            layers.append(LayerState(st, torch.zeros(B, 0, E, device=device, dtype=dtype)))
         return EncoderStreamState(convs, norm, pos, layers,
                                   torch.zeros(B, dtype=torch.int64, device=device))
 
@@ -212,59 +212,20 @@ class StreamingEncoder(nn.Module):
 
     def _attend(self, i, a_new, st, final):
         """New attention inputs a_new (B, n, E) -> outputs of the frames ready now (B, m, E)."""
-        layer = self.base.encoder.layers[i]
-        if self.family != "wavlm":
-            sa = self.attn[i]
-            y, st.attn = sa.step(a_new, st.attn) if a_new.shape[1] else (a_new, st.attn)
-            if final:
-                y2, st.attn = sa.flush(st.attn)
-                y = torch.cat((y, y2), 1)
-            return y
-        return self._wavlm_attend(layer.attention, self.record.specs[i], a_new, st, final)
-
-    def _wavlm_attend(self, hf, spec, a_new, st, final):
-        s = st.attn
-        B, n, E = a_new.shape
-        if n:
-            q, k, v = project_qkv(hf, a_new)
-            s.k, s.v = torch.cat((s.k, k), 2), torch.cat((s.v, v), 2)
-            s.received = s.received + n
-        received, emitted, k0 = int(s.received[0]), int(s.emitted[0]), int(s.k_start[0])
-        if spec.lo_off < 0 and received > self.max_context:
-            raise RuntimeError(f"StreamingEncoder: the stream reached {received} frames, beyond "
-                               f"max_context={self.max_context}, with unbounded left context")
-        ready = received
-        if not final:
-            while ready > emitted and spec.hi(ready - 1) > received - 1:
-                ready -= 1
-        m = ready - emitted
-        if m <= 0:
-            return a_new.new_zeros(B, 0, E)
-        a = st.pending_attn[:, :m]
-        q = hf.q_proj(a).view(B, m, hf.num_heads, hf.head_dim).transpose(1, 2)
-        gate = wavlm_gate(hf, a)
-        table = self.base.encoder.layers[0].attention.rel_attn_embed.weight
-        o = biased_interval_attention(q, s.k, s.v, gate, table, hf._relative_positions_bucket,
-                                      spec, None, hf.scaling, q_offset=emitted, k_offset=k0)
-        y = hf.out_proj(o.transpose(1, 2).reshape(B, m, E))
-        s.emitted = s.emitted + m
-        keep_from = spec.lo(ready) if spec.lo_off >= 0 else 0
-        if keep_from > k0:
-            s.k, s.v = s.k[:, :, keep_from - k0:], s.v[:, :, keep_from - k0:]
-            s.k_start = torch.full_like(s.k_start, keep_from)
+        sa = self.attn[i]
+        y, st.attn = sa.step(a_new, st.attn) if a_new.shape[1] else (a_new, st.attn)
+        if final:
+            y2, st.attn = sa.flush(st.attn)
+            y = torch.cat((y, y2), 1)
         return y
 
     def _layer(self, i, h_new, st, final):
         layer = self.base.encoder.layers[i]
         a_new = layer.layer_norm(h_new) if self.stable else h_new
-        if self.family == "wavlm":
-            st.pending_attn = torch.cat((st.pending_attn, a_new), 1)
         st.pending = torch.cat((st.pending, h_new), 1)
         y = self._attend(i, a_new, st, final)
         m = y.shape[1]
         res, st.pending = st.pending[:, :m], st.pending[:, m:]
-        if self.family == "wavlm":
-            st.pending_attn = st.pending_attn[:, m:]
         h = res + layer.dropout(y)
         if self.stable:
             h = h + layer.feed_forward(layer.final_layer_norm(h))
