@@ -171,6 +171,17 @@ def test_module_long_sequence_uses_log_buckets_and_tiles():
     torch.testing.assert_close(out, want[0], rtol=0, atol=F64_TOL)
 
 
+def test_module_float32_stream_equals_offline():
+    # DESIGN.md streaming contract in fp32 (1e-5 relative): same fp32 ops up to summation order.
+    att = _perturb(WavLMSelfAttention(16, 2, chunk_size=3, left_chunks=2, lookahead=2,
+                                      num_buckets=12, max_distance=20, rope=True))
+    x = torch.randn(2, 41, 16)
+    ref = att(x)
+    outs = _stream_ragged(att, x, [41, 41], 5)
+    for b in range(2):
+        torch.testing.assert_close(outs[b], ref[b], rtol=1e-5, atol=1e-5)
+
+
 def test_bucket_matches_transformers():
     T = pytest.importorskip("transformers")
     rel = torch.arange(-3000, 3001)[None, :] - torch.arange(0, 7)[:, None]
