@@ -44,16 +44,49 @@ def _autotune_enabled():
     return os.environ.get("PYENCODER_TRITON_AUTOTUNE", "1") != "0"
 
 
-def _prune_n(configs, named_args, **_):
-    win = named_args["WIN_KEY"]
-    keep = [c for c in configs if c.kwargs["BLOCK_N"] <= max(32, win)]
-    return keep or configs[:1]
+# Tiles measured (tests/test_triton_compile.py) to fit the 163 KiB opt-in shared memory of sm_80
+# at head_dim 128 in float32, the widest case of the tuned lists: (BLOCK_M, BLOCK_N, warps, stages).
+# fp32 tiles take about 4x the shared memory of 16-bit ones (operand layout conversions of the
+# IEEE dots), so float32 from head_dim 64 and 16-bit from head_dim 256 keep only these.
+_WIDE_TILES = {
+    "fwd": {(64, 64, 4, 2), (128, 32, 4, 3), (64, 32, 4, 2)},
+    "dq": {(64, 64, 4, 2), (64, 32, 4, 2)},
+    "dkdv": {(32, 64, 4, 2), (16, 64, 4, 2)},
+}
 
 
-def _prune_m(configs, named_args, **_):
+def _is_wide(named_args, kwargs):
+    fp32 = named_args["Q"].dtype == torch.float32
+    return kwargs["BLOCK_DV"] >= (64 if fp32 else 256)
+
+
+def _prune_size(name, configs, named_args, kwargs):
+    if not _is_wide(named_args, kwargs):
+        return configs
+    return [c for c in configs
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            in _WIDE_TILES[name]]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
     win = named_args["WIN_KEY"]
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, win)]
-    return keep or configs[:1]
+    fit = _prune_size("fwd", configs, named_args, kwargs)
+    keep = [c for c in fit if c.kwargs["BLOCK_N"] <= max(32, win)]
+    return keep or fit[-1:]
+
+
+def _prune_dq(configs, named_args, **kwargs):
+    win = named_args["WIN_KEY"]
+    fit = _prune_size("dq", configs, named_args, kwargs)
+    keep = [c for c in fit if c.kwargs["BLOCK_N"] <= max(32, win)]
+    return keep or fit[-1:]
+
+
+def _prune_dkdv(configs, named_args, **kwargs):
+    win = named_args["WIN_KEY"]
+    fit = _prune_size("dkdv", configs, named_args, kwargs)
+    keep = [c for c in fit if c.kwargs["BLOCK_M"] <= max(32, win)]
+    return keep or fit[-1:]
 
 
 def _build_kernels():
@@ -75,20 +108,21 @@ def _build_kernels():
             "pre": (ia._interval_attention_bwd_preprocess_kernel, small, None),
         }
     fwd_cfgs = [cfg(128, 64, 4, 3), cfg(128, 128, 8, 3), cfg(64, 64, 4, 3), cfg(128, 32, 4, 3),
-                cfg(64, 32, 4, 2)]
-    dq_cfgs = [cfg(128, 64, 8, 3), cfg(64, 64, 4, 3), cfg(128, 32, 4, 3), cfg(64, 32, 4, 2)]
+                cfg(64, 64, 4, 2), cfg(64, 32, 4, 2)]
+    dq_cfgs = [cfg(128, 64, 8, 3), cfg(64, 64, 4, 3), cfg(128, 32, 4, 3), cfg(64, 64, 4, 2),
+               cfg(64, 32, 4, 2)]
     dkdv_cfgs = [cfg(64, 128, 8, 3), cfg(64, 64, 4, 3), cfg(32, 128, 4, 3), cfg(32, 64, 4, 2),
                  cfg(16, 64, 4, 2)]
     tune = triton.autotune
     return {
         "fwd": (ia._interval_attention_fwd_kernel, fwd_cfgs[0],
-                tune(fwd_cfgs, key=key, prune_configs_by={"early_config_prune": _prune_n})(
+                tune(fwd_cfgs, key=key, prune_configs_by={"early_config_prune": _prune_fwd})(
                     ia._interval_attention_fwd_kernel)),
         "dq": (ia._interval_attention_bwd_dq_kernel, dq_cfgs[0],
-               tune(dq_cfgs, key=key, prune_configs_by={"early_config_prune": _prune_n})(
+               tune(dq_cfgs, key=key, prune_configs_by={"early_config_prune": _prune_dq})(
                    ia._interval_attention_bwd_dq_kernel)),
         "dkdv": (ia._interval_attention_bwd_dkdv_kernel, dkdv_cfgs[0],
-                 tune(dkdv_cfgs, key=key, prune_configs_by={"early_config_prune": _prune_m})(
+                 tune(dkdv_cfgs, key=key, prune_configs_by={"early_config_prune": _prune_dkdv})(
                      ia._interval_attention_bwd_dkdv_kernel)),
         "pre": (ia._interval_attention_bwd_preprocess_kernel, cfg(64, 64, 4, 2), None),
     }
