@@ -330,8 +330,10 @@ def compile_job(job, target, smem_only=False):
         src = ASTSource(fn=fn, signature=job["signature"], constexprs=job["constexprs"])
         if smem_only:
             knobs.runtime.add_stages_inspection_hook = _stop_after_llir
-            try:
-                triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(job["options"]))
+            try:  # a kernel already in Triton's cache comes back whole
+                c = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                                   options=dict(job["options"]))
+                res["smem"] = int(c.metadata.shared)
             except _StopAfterLLIR as stop:
                 res["smem"] = int(stop.args[0])
             res["ok"] = True
