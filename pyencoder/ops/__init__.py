@@ -2,7 +2,8 @@
 from .attention import banded_attention, chunked_attention, interval_attention
 from .attention_dropout import interval_attention_dropout
 from .conv import causal_conv1d, causal_conv1d_update
+from .convnext import convnext_dwconv_ln
 
 __all__ = ["banded_attention", "chunked_attention", "interval_attention",
            "interval_attention_dropout", "causal_conv1d",
-           "causal_conv1d_update"]
+           "causal_conv1d_update", "convnext_dwconv_ln"]

@@ -1,0 +1,301 @@
+"""Fused front half of the causal ConvNeXt block: depthwise causal conv + LayerNorm over channels.
+
+    y, final_state = convnext_dwconv_ln(x, conv_weight, conv_bias, ln_weight, ln_bias, eps=...,
+                                        initial_state=state, return_final_state=True)
+
+x (B, C, L) (any strides; the decoder passes a channel-last (B, T, C) tensor transposed),
+conv_weight (C, 1, k) as nn.Conv1d(C, C, k, groups=C), conv_bias / ln_weight / ln_bias (C,) or
+None, initial_state (B, C, k - 1) the previous k - 1 inputs (zeros when None). Returns y
+(B, L, C) = LayerNorm_C(causal_dwconv(x) + conv_bias) * ln_weight + ln_bias, channel-last ready for
+the pointwise MLP, and final_state (B, C, k - 1), the state for the input that follows.
+
+Registered ops: ``pyencoder::convnext_dwconv_ln`` (forward, fake kernel, autograd) and
+``pyencoder::convnext_dwconv_ln_backward``. Backends: ``triton`` (the fused kernel of
+pyencoder.triton_kernels.convnext: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1;
+fp16/bf16/fp32) and ``reference`` (``convnext_dwconv_ln_reference``: pyencoder.ops.causal_conv1d
+on the reference backend + F.layer_norm, computed in fp32, or float64 for float64 inputs).
+Selection: ``backend=`` per call, else a ``pyencoder.use_backend`` / ``PYENCODER_BACKEND`` choice
+of "triton" or "reference" for the conv family, else auto: triton for supported CUDA inputs,
+reference otherwise (CPU tensors use the reference in auto mode, as every other op).
+
+Backward (both backends): no Triton kernel. The backward op recomputes the conv output in fp32
+with the conv family's backend (pyencoder.ops.conv's selection: the Triton/CUDA conv on GPU),
+applies the LayerNorm gradient in plain torch, then the depthwise conv backward entry of that
+backend (dx, dweight, dbias, dstate, plus the final-state gradient).
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _backend
+from ._checks import check_float_dtype, check_same, check_tensor
+
+__all__ = ["convnext_dwconv_ln", "convnext_dwconv_ln_reference"]
+
+_BACKENDS = ("reference", "triton")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_TRITON_KERNEL = 256
+MAX_TRITON_CHANNELS = 16384
+
+
+def _cdtype(dt):
+    return torch.float64 if dt == torch.float64 else torch.float32
+
+
+def convnext_dwconv_ln_reference(x, conv_weight, conv_bias=None, ln_weight=None, ln_bias=None,
+                                 eps=1e-6, initial_state=None):
+    """Plain torch: (y (B, L, C), final_state (B, C, k - 1)) in x's dtype, computed in fp32
+    (float64 for float64) and rounded once."""
+    from .conv import causal_conv1d
+    cdt = _cdtype(x.dtype)
+    C = x.shape[1]
+    up = lambda t: None if t is None else t.to(cdt)  # noqa: E731
+    h, final = causal_conv1d(x.to(cdt), conv_weight.to(cdt), up(conv_bias), groups=C,
+                             initial_state=up(initial_state), return_final_state=True,
+                             backend="reference")
+    y = F.layer_norm(h.transpose(1, 2), (C,), up(ln_weight), up(ln_bias), eps)
+    return y.to(x.dtype), final.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton launcher
+# ------------------------------------------------------------------------------------------------
+
+def _next_pow2(n):
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _triton_reason(x, conv_weight):
+    r = _backend._global_reason("triton")
+    if r is not None:
+        return r
+    dev = x.device.type
+    if dev != "cuda" and not (dev == "cpu" and _backend._interpret()):
+        return f"triton runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); got {dev}"
+    if x.dtype not in _TRITON_DTYPES:
+        return (f"the fused triton kernel supports float16, bfloat16 and float32; got {x.dtype} "
+                "(use backend='reference')")
+    if conv_weight.shape[-1] > MAX_TRITON_KERNEL:
+        return f"kernel size {conv_weight.shape[-1]} is above the fused kernel's limit {MAX_TRITON_KERNEL}"
+    if x.shape[1] > MAX_TRITON_CHANNELS:
+        return f"{x.shape[1]} channels is above the fused kernel's limit {MAX_TRITON_CHANNELS}"
+    return None
+
+
+def _tiles(C, L):
+    """(BLOCK_T, BLOCK_C, NUM_CB, num_warps): the whole channel row in registers up to C = 1024
+    (BLOCK_T * BLOCK_C <= 8192 fp32 per program), channel blocks of 1024 above."""
+    BLOCK_C = min(1024, max(16, _next_pow2(C)))
+    NUM_CB = _cdiv(C, BLOCK_C)
+    BLOCK_T = max(1, min(64, 8192 // BLOCK_C, _next_pow2(max(L, 1))))
+    num_warps = 8 if BLOCK_T * BLOCK_C >= 4096 else 4
+    return BLOCK_T, BLOCK_C, NUM_CB, num_warps
+
+
+def _launch(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps, y, final):
+    """Run the fused kernel: y (B, L, C) and final (B, C, k - 1) are written (any strides)."""
+    from ..triton_kernels import convnext as kern
+    B, C, L = x.shape
+    K = conv_weight.shape[-1]
+    pad = K - 1
+    if B == 0 or C == 0:
+        return
+    if L == 0:
+        if pad:
+            final.copy_(initial_state if initial_state is not None else torch.zeros_like(final))
+        return
+    BLOCK_T, BLOCK_C, NUM_CB, num_warps = _tiles(C, L)
+    has_state = initial_state is not None and pad > 0
+    s = initial_state if has_state else x
+    ss = (s.stride(0), s.stride(1), s.stride(2)) if has_state else (0, 0, 0)
+    fs = (final.stride(0), final.stride(1), final.stride(2)) if pad else (0, 0, 0)
+    grid = (_cdiv(L, BLOCK_T), B)
+    kern._convnext_dwconv_ln_fwd_kernel[grid](
+        x, conv_weight, conv_bias if conv_bias is not None else conv_weight,
+        ln_weight if ln_weight is not None else conv_weight,
+        ln_bias if ln_bias is not None else conv_weight, s, y, final if pad else y,
+        C, L, K, pad, float(eps),
+        x.stride(0), x.stride(1), x.stride(2), conv_weight.stride(0), conv_weight.stride(2),
+        *ss, y.stride(0), y.stride(1), y.stride(2), *fs,
+        HAS_CB=conv_bias is not None, HAS_LNW=ln_weight is not None,
+        HAS_LNB=ln_bias is not None, HAS_STATE=has_state, HAS_FINAL=pad > 0, NUM_CB=NUM_CB,
+        BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, BLOCK_P=max(2, _next_pow2(max(pad, 1))),
+        num_warps=num_warps)
+
+
+def _triton_forward(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps):
+    B, C, L = x.shape
+    K = conv_weight.shape[-1]
+    y = torch.empty(B, L, C, dtype=x.dtype, device=x.device)
+    final = torch.empty(B, C, K - 1, dtype=x.dtype, device=x.device)
+    _launch(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps, y, final)
+    return y, final
+
+
+# ------------------------------------------------------------------------------------------------
+# Registered ops
+# ------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("pyencoder::convnext_dwconv_ln", mutates_args=())
+def _convnext_op(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
+                 ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+                 initial_state: Optional[Tensor], eps: float,
+                 backend: str) -> Tuple[Tensor, Tensor]:
+    if backend == "triton":
+        return _triton_forward(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps)
+    return convnext_dwconv_ln_reference(x, conv_weight, conv_bias, ln_weight, ln_bias, eps,
+                                        initial_state)
+
+
+@_convnext_op.register_fake
+def _(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps, backend):
+    B, C, L = x.shape
+    return x.new_empty(B, L, C), x.new_empty(B, C, conv_weight.shape[-1] - 1)
+
+
+@torch.library.custom_op("pyencoder::convnext_dwconv_ln_backward", mutates_args=())
+def _convnext_bwd_op(grad_y: Tensor, grad_final_state: Optional[Tensor], x: Tensor,
+                     conv_weight: Tensor, conv_bias: Optional[Tensor], ln_weight: Optional[Tensor],
+                     ln_bias: Optional[Tensor], initial_state: Optional[Tensor],
+                     eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _backward_impl(grad_y, grad_final_state, x, conv_weight, conv_bias, ln_weight,
+                           ln_bias, initial_state, eps)
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
+
+
+@_convnext_bwd_op.register_fake
+def _(grad_y, grad_final_state, x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps):
+    like = lambda t: x.new_empty(0) if t is None else torch.empty_like(t)  # noqa: E731
+    return (torch.empty_like(x), torch.empty_like(conv_weight), like(conv_bias), like(ln_weight),
+            like(ln_bias), like(initial_state))
+
+
+def _backward_impl(grad_y, grad_final_state, x, conv_weight, conv_bias, ln_weight, ln_bias,
+                   initial_state, eps):
+    """(dx, dconv_weight, dconv_bias, dln_weight, dln_bias, dinitial_state), None where the input
+    is None. Recomputes h in fp32 (float64 for float64) with the conv family's backend."""
+    cdt = _cdtype(x.dtype)
+    B, C, L = x.shape
+    up = lambda t: None if t is None else t.to(cdt)  # noqa: E731
+    xc, wc, cbc, sc = up(x), up(conv_weight), up(conv_bias), up(initial_state)
+    args = dict(x=xc, weight=wc, bias=cbc, initial_state=sc, stride=1, groups=C, activation=None)
+    conv = _backend.select("conv", "backward", x.device.type, args, None)
+    h, _ = _backend.get_entry("conv", conv, "forward")(xc, wc, cbc, sc, 1, C, None)
+    h = h.transpose(1, 2)
+    mean = h.mean(-1, keepdim=True)
+    hc = h - mean
+    rstd = torch.rsqrt(hc.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = hc * rstd
+    g = grad_y.to(cdt)
+    dlnw = None if ln_weight is None else (g * xhat).sum((0, 1)).to(ln_weight.dtype)
+    dlnb = None if ln_bias is None else g.sum((0, 1)).to(ln_bias.dtype)
+    if ln_weight is not None:
+        g = g * ln_weight.to(cdt)
+    dh = rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    dh = dh.transpose(1, 2).contiguous()
+    gf = None if grad_final_state is None else grad_final_state.to(cdt)
+    dx, dw, dcb, ds = _backend.get_entry("conv", conv, "backward")(dh, gf, xc, wc, cbc, sc, 1, C,
+                                                                   None)
+    return (dx.to(x.dtype), dw.to(conv_weight.dtype),
+            None if conv_bias is None else dcb.to(conv_bias.dtype), dlnw, dlnb,
+            None if initial_state is None else ds.to(initial_state.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps, backend = inputs
+    ctx.save_for_backward(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state)
+    ctx.eps = eps
+
+
+def _backward(ctx, grad_y, grad_final):
+    x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state = ctx.saved_tensors
+    if grad_y is None:
+        grad_y = x.new_zeros(x.shape[0], x.shape[2], x.shape[1])
+    if grad_final is not None and grad_final.numel() == 0:
+        grad_final = None
+    dx, dw, dcb, dlnw, dlnb, ds = _convnext_bwd_op(grad_y, grad_final, x, conv_weight, conv_bias,
+                                                   ln_weight, ln_bias, initial_state, ctx.eps)
+    pick = lambda g, t: None if t is None else g  # noqa: E731
+    return (dx, dw, pick(dcb, conv_bias), pick(dlnw, ln_weight), pick(dlnb, ln_bias),
+            pick(ds, initial_state), None, None)
+
+
+_convnext_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public API
+# ------------------------------------------------------------------------------------------------
+
+def _resolve(backend, x, conv_weight):
+    if backend is not None and backend != "auto" and backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS + ('auto',)} or None; got {backend!r}")
+    req = backend
+    if req is None:
+        req = _backend.requested_backend("conv")
+        if req not in _BACKENDS:
+            req = None
+    if req == "reference":
+        return "reference"
+    if req == "triton":
+        r = _triton_reason(x, conv_weight)
+        if r is not None:
+            raise RuntimeError(f"pyencoder: backend 'triton' cannot run convnext_dwconv_ln here: {r}")
+        return "triton"
+    if x.device.type == "cuda" and _triton_reason(x, conv_weight) is None:
+        return "triton"
+    return "reference"
+
+
+def triton_available(x):
+    """True when the auto mode would run the fused Triton kernel for x (CUDA, triton present)."""
+    return x.device.type == "cuda" and x.dtype in _TRITON_DTYPES and \
+        _backend._global_reason("triton") is None
+
+
+def _check_vec(name, t, C, x):
+    if t is None:
+        return
+    check_tensor(name, t, 1)
+    check_same(name, t, "x", x)
+    if t.shape[0] != C:
+        raise ValueError(f"{name} must have shape ({C},); got {tuple(t.shape)}")
+
+
+def convnext_dwconv_ln(x, conv_weight, conv_bias=None, ln_weight=None, ln_bias=None, *, eps=1e-6,
+                       initial_state=None, return_final_state=False, backend=None):
+    """LayerNorm over channels of a depthwise causal conv, written channel-last.
+
+    x (B, C, L); conv_weight (C, 1, k); conv_bias, ln_weight, ln_bias (C,) or None;
+    initial_state (B, C, k - 1) or None (zeros). Returns y (B, L, C), and with
+    ``return_final_state`` (y, final_state (B, C, k - 1))."""
+    check_tensor("x", x, 3)
+    check_float_dtype("x", x)
+    B, C, L = x.shape
+    check_tensor("conv_weight", conv_weight, 3)
+    check_same("conv_weight", conv_weight, "x", x)
+    if conv_weight.shape[0] != C or conv_weight.shape[1] != 1 or conv_weight.shape[2] < 1:
+        raise ValueError(f"conv_weight must have shape (C, 1, k) = ({C}, 1, k >= 1) (depthwise); "
+                         f"got {tuple(conv_weight.shape)}")
+    _check_vec("conv_bias", conv_bias, C, x)
+    _check_vec("ln_weight", ln_weight, C, x)
+    _check_vec("ln_bias", ln_bias, C, x)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float; got {eps!r}")
+    K = conv_weight.shape[-1]
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, 3)
+        check_same("initial_state", initial_state, "x", x)
+        if tuple(initial_state.shape) != (B, C, K - 1):
+            raise ValueError(f"initial_state must have shape (B, C, k - 1) = ({B}, {C}, {K - 1}); "
+                             f"got {tuple(initial_state.shape)}")
+    name = _resolve(backend, x, conv_weight)
+    y, final = _convnext_op(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state,
+                            float(eps), name)
+    return (y, final) if return_final_state else y
