@@ -148,35 +148,96 @@ class _IntervalSelfAttention(nn.Module):
             counts.append(state.out_lengths.clone())
         return _concat_ragged(outs, counts, state)
 
-    def step_fixed(self, x, state):
-        """Steady-state step without host synchronisation, for CUDA graphs: every slot gets the
-        same n = x.shape[1] <= max_chunk frames, the mask is banded (block 1) and every slot has
-        already seen >= right frames (so exactly n queries become ready). The state is updated in
-        place (same tensors), so a captured graph can be replayed. Returns y (B, n, E)."""
-        if self.block != 1 or self.lo_off < 0:
-            raise ValueError("step_fixed needs a banded mask with a finite left")
+    def step_fixed(self, x, state, check=False):
+        """Steady-state step without host synchronisation, for CUDA graphs. Returns y (B, n, E).
+
+        Every slot gets the same n = x.shape[1] frames and exactly n queries are released per
+        step, so the output has a fixed shape. That holds when (1) the left context is finite
+        (the ring cannot grow inside a graph), (2) n <= max_chunk and n is a multiple of the mask
+        block (1 for banded, chunk_size for chunked), and (3) every slot is in steady state: it
+        has seen at least ``lookahead_frames`` = hi_off - block + 1 frames (band: right; chunked:
+        lookahead) and its pending queries are those the general ``step`` leaves behind (a fresh
+        state, or any state produced by ``step`` / ``step_fixed``; not one after ``flush``).
+        Why (3) suffices: query p is released once hi(p) = (p // block + 1) * block - 1 +
+        lookahead_frames has arrived, so the released count after P frames is
+        block * floor((P - lookahead_frames) / block) (clamped at 0); once P >= lookahead_frames,
+        adding n = m * block frames adds exactly n to it. The number of pending queries
+        (lookahead_frames + (P - lookahead_frames) mod block, in [0, hi_off]) is constant per
+        slot but may differ between slots; it is read on the device from ``state.pending``, so
+        slots at different phases share the step.
+
+        The state is updated in place (same tensors, same data pointers): new keys are rotated
+        and written to the ring at position % cap, new queries are appended behind the pending
+        ones (device-side indices), the first n queued queries are attended and the queue is
+        shifted by n. No ``.item()``, no data-dependent Python branch. ``check=True`` verifies
+        the preconditions of (3) for this state first (a host synchronisation; do it once before
+        capturing, never inside a graph) and raises ValueError if a slot would release fewer
+        than n queries."""
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must have shape (B, n, {self.embed_dim}); got {tuple(x.shape)}")
         B, n, E = x.shape
-        R, dev = self.hi_off, x.device
+        if self.lo_off < 0:
+            raise ValueError(f"{type(self).__name__}.step_fixed needs a finite left context "
+                             f"(left / left_chunks); the unbounded cache grows, which a CUDA graph "
+                             f"cannot do")
+        if B != state.pos.shape[0]:
+            raise ValueError(f"x has batch {B} but the state holds {state.pos.shape[0]} slots")
+        mc = self._max_chunk(state)
+        if n < 1 or n > mc or n % self.block:
+            raise ValueError(f"{type(self).__name__}.step_fixed: the step length n = x.shape[1] "
+                             f"must be a multiple of the mask block ({self.block}) in [1, "
+                             f"max_chunk={mc}]; got n={n}")
+        if check:
+            self.check_step_fixed(state, n)
+        dev = x.device
+        inv = None if self.rope is None else self.rope.inv_freq(dev)
         q, k, v = self._heads(x, self.q_proj), self._heads(x, self.k_proj), self._heads(x, self.v_proj)
-        P = state.pos
+        P, pend = state.pos, state.pending
         ar = torch.arange(n, device=dev)
         kpos = P[:, None] + ar[None, :]
-        inv = None if self.rope is None else self.rope.inv_freq(dev)
         if inv is not None:
             k = apply_rope(k, kpos, inv, self.rope.interleaved)
-        slot = torch.remainder(kpos, state.k.shape[2])
         bidx = torch.arange(B, device=dev)[:, None].expand(B, n)
+        slot = torch.remainder(kpos, state.k.shape[2])
         state.k[bidx, :, slot] = k.transpose(1, 2).to(state.k.dtype)
         state.v[bidx, :, slot] = v.transpose(1, 2).to(state.v.dtype)
-        allq = torch.cat((state.q[:, :, :R], q.to(state.q.dtype)), 2)
-        qpos = (P - R)[:, None] + ar[None, :]
-        o = decode_attention(allq[:, :, :n], state.k, state.v, qpos, state.out_lengths.fill_(n),
+        state.q[bidx, :, pend[:, None] + ar[None, :]] = q.transpose(1, 2).to(state.q.dtype)
+        qpos = (P - pend)[:, None] + ar[None, :]
+        o = decode_attention(state.q[:, :, :n], state.k, state.v, qpos, state.out_lengths.fill_(n),
                              P + n, inv, False if self.rope is None else self.rope.interleaved,
-                             1, self.lo_off, R, self.scale, backend=self.decode_backend)
-        if R:
-            state.q[:, :, :R].copy_(allq[:, :, n:])
+                             self.block, self.lo_off, self.hi_off, self.scale,
+                             backend=self.decode_backend)
+        keep = self.hi_off
+        if keep:
+            state.q[:, :, :keep].copy_(state.q[:, :, n:n + keep].clone())
         state.pos.add_(n)
         return self.out_proj(o.to(x.dtype).transpose(1, 2).reshape(B, n, E))
+
+    @property
+    def lookahead_frames(self):
+        """Frames a query waits for beyond the end of its block (band: right; chunked:
+        lookahead)."""
+        return self.hi_off - self.block + 1
+
+    def check_step_fixed(self, state, n):
+        """Raise ValueError unless ``step_fixed`` with n frames releases exactly n queries in
+        every slot of ``state`` (host synchronisation: call it outside CUDA graph capture)."""
+        P = state.pos.to(torch.int64)
+        pend = state.pending.to(torch.int64)
+        C, La = self.block, self.lookahead_frames
+        expect = torch.where(P >= La, La + torch.remainder(P - La, C), P)
+        bad = (P < La) | (pend != expect)
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"{type(self).__name__}.step_fixed needs every slot in steady state: at least "
+                f"lookahead_frames={La} frames seen and the pending queries the general step "
+                f"leaves (lookahead_frames + (pos - lookahead_frames) % {C}); slot {b} has "
+                f"pos={int(P[b])}, pending={int(pend[b])}. Warm up with step() first (and do not "
+                f"use step_fixed after flush)")
+        if n % C:
+            raise ValueError(f"n={n} must be a multiple of the mask block {C}")
+        return True
 
     def flush(self, state):
         """End of stream: emit every held-back query (its window is cut at the last frame)."""

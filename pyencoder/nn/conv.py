@@ -124,10 +124,17 @@ class CausalConv1d(nn.Conv1d):
         state.seen = new_seen
         return y, state
 
-    def step_fixed(self, x, state):
+    def step_fixed(self, x, state, check=False):
         """CUDA-graph friendly step: every slot gets the same n samples, n a multiple of the
-        stride, and every slot has seen a multiple of the stride. State updated in place."""
+        stride, and every slot has seen a multiple of the stride (``check=True`` verifies that,
+        a host synchronisation). State updated in place."""
         k, s = self.k, self.s
+        if x.shape[-1] % s:
+            raise ValueError(f"CausalConv1d.step_fixed: the step length x.shape[-1] must be a "
+                             f"multiple of the stride {s}; got {x.shape[-1]}")
+        if check and bool((torch.remainder(state.seen, s) != 0).any()):
+            raise ValueError(f"CausalConv1d.step_fixed needs every slot to have seen a multiple "
+                             f"of the stride {s} samples; got seen={state.seen.tolist()}")
         cat = torch.cat((state.hist, x.to(state.hist.dtype)), -1)
         y = self._run(cat, s - 1)
         if k > 1:

@@ -93,16 +93,20 @@ class TransformerLayer(nn.Module):
         a, state.attention = self.attention.step(h, state.attention, lengths)
         return self._release(x, a, state, lengths)
 
-    def step_fixed(self, x, state):
-        """CUDA-graph friendly steady-state step (see the attention's ``step_fixed``)."""
+    def step_fixed(self, x, state, check=False):
+        """CUDA-graph friendly steady-state step (preconditions: the attention's ``step_fixed``).
+        The residual inputs of the held-back frames are queued like the attention's queries:
+        written behind ``state.count`` (device-side index) and shifted by n. State in place."""
         B, n, E = x.shape
-        R = self.attention.hi_off
         h = self.layer_norm(x) if self.norm_first else x
-        a = self.attention.step_fixed(h, state.attention)
-        allr = torch.cat((state.res[:, :R], x.to(state.res.dtype)), 1)
-        y = self._post(allr[:, :n].to(a.dtype), a)
-        if R:
-            state.res[:, :R].copy_(allr[:, n:])
+        a = self.attention.step_fixed(h, state.attention, check=check)
+        ar = torch.arange(n, device=x.device)
+        bidx = torch.arange(B, device=x.device)[:, None].expand(B, n)
+        state.res[bidx, state.count[:, None] + ar[None, :]] = x.to(state.res.dtype)
+        y = self._post(state.res[:, :n].to(a.dtype), a)
+        keep = self.attention.hi_off
+        if keep:
+            state.res[:, :keep].copy_(state.res[:, n:n + keep].clone())
         state.out_lengths.fill_(n)
         return y
 

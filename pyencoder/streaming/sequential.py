@@ -91,13 +91,15 @@ class StreamingSequential(nn.Sequential):
         state.out_lengths = lengths
         return y, state
 
-    def step_fixed(self, x, state):
-        """CUDA-graph friendly steady-state step: every child's ``step_fixed`` (see
-        BandedSelfAttention.step_fixed for the preconditions); per-frame children as is. No host
-        synchronisation; the state is updated in place. Returns y."""
+    def step_fixed(self, x, state, check=False):
+        """CUDA-graph friendly steady-state step: every child's ``step_fixed`` (preconditions:
+        CausalConv1d.step_fixed and BandedSelfAttention / ChunkedSelfAttention.step_fixed);
+        per-frame children as is. No host synchronisation; the state is updated in place.
+        ``check=True`` makes every child verify its preconditions first (host synchronisation:
+        once, outside graph capture). Returns y."""
         for m, st in zip(self, state.layers):
             if hasattr(m, "step_fixed"):
-                x = m.step_fixed(x, st)
+                x = m.step_fixed(x, st, check=True) if check else m.step_fixed(x, st)
             elif _streams(m):
                 raise TypeError(f"{type(m).__name__} has no step_fixed")
             else:
