@@ -28,6 +28,8 @@ from ..nn.conv import CausalConv1d
 from ..nn.layer import TransformerLayer
 from ..nn.misc import Transpose
 from ..nn.refiner import Refiner
+from ..ops.convnext import convnext_dwconv_ln
+from ..ops.convnext import triton_available as convnext_triton_available
 from ..streaming.sequential import StreamingSequential
 from ..streaming.state import StreamState
 
@@ -51,6 +53,7 @@ class DecoderConfig:
     refiner_chunk: Optional[int] = None        # frames per Refiner chunk (None: no Refiner)
     refiner_hidden: Optional[int] = None
     layer_norm_eps: float = 1e-6
+    convnext_fused: Optional[bool] = None   # ConvNeXtBlock.fused (None: auto)
 
 
 @dataclasses.dataclass
@@ -61,12 +64,18 @@ class DecoderState(StreamState):
 
 class ConvNeXtBlock(nn.Module):
     """Causal ConvNeXt block on (B, T, C): depthwise causal conv -> LayerNorm -> Linear -> GELU
-    -> Linear -> layer scale -> residual."""
+    -> Linear -> layer scale -> residual.
+
+    ``fused``: None (auto: the fused conv + LayerNorm op pyencoder.ops.convnext_dwconv_ln with its
+    Triton kernel for CUDA inputs when triton is available, the composed ops otherwise), True
+    (always the fused op, whose own backend choice applies), False (composed ops). Both paths
+    compute the same function (the fused one rounds once after the LayerNorm)."""
 
     lookahead = 0
     hop = 1
 
-    def __init__(self, dim, intermediate_dim, kernel_size=7, layer_scale_init=None, eps=1e-6):
+    def __init__(self, dim, intermediate_dim, kernel_size=7, layer_scale_init=None, eps=1e-6,
+                 fused=None):
         super().__init__()
         self.dwconv = CausalConv1d(dim, dim, kernel_size, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
@@ -75,14 +84,27 @@ class ConvNeXtBlock(nn.Module):
         self.pwconv2 = nn.Linear(intermediate_dim, dim)
         self.gamma = nn.Parameter(torch.full((dim,), layer_scale_init)) \
             if layer_scale_init is not None else None
+        self.fused = fused
 
-    def _mlp(self, x, h):
-        h = self.pwconv2(self.act(self.pwconv1(self.norm(h))))
+    def _use_fused(self, x):
+        if self.fused is None:
+            return convnext_triton_available(x)
+        return bool(self.fused)
+
+    def _fused(self, x, state=None):
+        return convnext_dwconv_ln(x.transpose(1, 2), self.dwconv.weight, self.dwconv.bias,
+                                  self.norm.weight, self.norm.bias, eps=self.norm.eps,
+                                  initial_state=state, return_final_state=state is not None)
+
+    def _mlp(self, x, h, normed=False):
+        h = self.pwconv2(self.act(self.pwconv1(h if normed else self.norm(h))))
         if self.gamma is not None:
             h = h * self.gamma
         return x + h
 
     def forward(self, x):
+        if self._use_fused(x):
+            return self._mlp(x, self._fused(x), normed=True)
         h = self.dwconv(x.transpose(1, 2)).transpose(1, 2)
         return self._mlp(x, h)
 
@@ -90,6 +112,13 @@ class ConvNeXtBlock(nn.Module):
         return self.dwconv.init_state(batch_size, device=device, dtype=dtype)
 
     def step(self, x, state, lengths=None):
+        n = x.shape[1]
+        uniform = lengths is None or bool((torch.as_tensor(lengths) == n).all())
+        if uniform and n > 0 and self.dwconv.k > 1 and self._use_fused(x):
+            h, state.hist = self._fused(x.to(state.hist.dtype), state.hist)
+            state.seen = state.seen + n
+            state.out_lengths = torch.full_like(state.seen, n)
+            return self._mlp(x, h, normed=True), state
         h, state = self.dwconv.step(x.transpose(1, 2), state, lengths)
         return self._mlp(x, h.transpose(1, 2)), state
 
@@ -110,7 +139,8 @@ class StreamingDecoder(nn.Module):
                 Transpose(1, 2), nn.LayerNorm(c.dim, eps=c.layer_norm_eps)]
         if c.refiner_chunk is not None:
             mods.append(Refiner(c.dim, c.refiner_chunk, hidden_dim=c.refiner_hidden))
-        mods += [ConvNeXtBlock(c.dim, c.intermediate_dim, c.kernel_size, ls, c.layer_norm_eps)
+        mods += [ConvNeXtBlock(c.dim, c.intermediate_dim, c.kernel_size, ls, c.layer_norm_eps,
+                               fused=c.convnext_fused)
                  for _ in range(c.num_blocks)]
         for _ in range(c.num_attention_layers):
             att = BandedSelfAttention(c.dim, c.num_heads, left=c.attention_left,

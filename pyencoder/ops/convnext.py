@@ -38,6 +38,7 @@ _BACKENDS = ("reference", "triton")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_KERNEL = 256
 MAX_TRITON_CHANNELS = 16384
+_MAX_BLOCK_C = 1024   # channels one program holds in registers; above, it loops over blocks
 
 
 def _cdtype(dt):
@@ -89,9 +90,9 @@ def _triton_reason(x, conv_weight):
 
 
 def _tiles(C, L):
-    """(BLOCK_T, BLOCK_C, NUM_CB, num_warps): the whole channel row in registers up to C = 1024
-    (BLOCK_T * BLOCK_C <= 8192 fp32 per program), channel blocks of 1024 above."""
-    BLOCK_C = min(1024, max(16, _next_pow2(C)))
+    """(BLOCK_T, BLOCK_C, NUM_CB, num_warps): the whole channel row in registers up to
+    C = _MAX_BLOCK_C (BLOCK_T * BLOCK_C <= 8192 fp32 per program), channel blocks above."""
+    BLOCK_C = min(_MAX_BLOCK_C, max(16, _next_pow2(C)))
     NUM_CB = _cdiv(C, BLOCK_C)
     BLOCK_T = max(1, min(64, 8192 // BLOCK_C, _next_pow2(max(L, 1))))
     num_warps = 8 if BLOCK_T * BLOCK_C >= 4096 else 4
