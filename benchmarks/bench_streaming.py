@@ -11,15 +11,26 @@ CPU (fp32):
     ratio streaming / offline (target <= 1.5 at 80 ms);
   * the naive way: re-run the offline model over the last 5 s at each 80 ms step (per second of
     audio = 12.5 forwards of 5 s); ratio naive / streaming-80ms (target >= 10).
-GPU (bf16, --gpu): steady-state step (``step_fixed``) captured in a CUDA graph:
-  * per-step latency p50 / p99 at batch 1, 20 ms steps (target p99 <= 2 ms on H100);
-  * concurrent real-time streams at 20 ms steps: the largest batch whose graph replay takes
-    <= 20 ms (doubling, then bisection) (target >= 2000 on one H100).
+GPU (bf16, --gpu): the steady-state step (``step_fixed``) captured in a CUDA graph, for two masks
+(--mask banded|chunked|both): the banded stack above with 1-frame (20 ms) steps, and the same stack
+with ChunkedSelfAttention (chunks of 4 frames = 80 ms, 62 chunks of history, no lookahead) with
+one-chunk (80 ms) steps (step_fixed on a chunked mask needs steps that are whole chunks):
+  * per-step latency p50 / p99 at batch 1 (target p99 <= 2 ms on H100): wall clock around
+    (copy the next audio chunk into the static input, replay, synchronize), and the GPU time
+    between CUDA events around the same;
+  * concurrent real-time streams: the largest batch whose step (median GPU time) fits the step's
+    audio duration (20 / 80 ms): doubling from 256, then bisection (target >= 2000 on one H100).
+    Each batch is warmed up with the general step to the steady state, checked
+    (``step_fixed(check=True)``), warmed up on a side stream, then captured.
+--dry-run: the GPU code path on CPU (tiny model, bf16, no CUDA graphs, 3 steps, batches up to 4);
+writes nothing (tests/test_bench_streaming.py runs it).
 
 Writes JSON lines to benchmarks/results/<device>/streaming.jsonl.
-Usage: python benchmarks/bench_streaming.py [--seconds 10] [--gpu] [--layers 12]
+Usage: python -m benchmarks.bench_streaming [--seconds 10] [--gpu] [--layers 12] [--mask both]
+                                            [--quick] [--dry-run]
 """
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -30,7 +41,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pyencoder.nn import BandedSelfAttention, CausalConv1d, TransformerLayer, Transpose  # noqa
+from pyencoder.nn import (BandedSelfAttention, CausalConv1d, ChunkedSelfAttention,  # noqa
+                          TransformerLayer, Transpose)
 from pyencoder.streaming import StreamingSequential, latency  # noqa
 
 try:
@@ -57,7 +69,11 @@ SR = 16000
 HOP = 320
 
 
-def build(layers=12, dim=768, heads=12, ffn=3072, left=250, lookahead=3, conv_dim=512):
+def build(layers=12, dim=768, heads=12, ffn=3072, left=250, lookahead=3, conv_dim=512,
+          mask="banded", chunk=4, left_chunks=62):
+    """``mask="banded"``: frame p sees [p - left, p + right], right = lookahead in layer 0 and 0
+    elsewhere. ``mask="chunked"``: chunks of ``chunk`` frames, ``left_chunks`` chunks of history,
+    ``lookahead`` frames past the chunk in layer 0 (0 elsewhere)."""
     ks, ss = (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2)
     mods, cin = [], 1
     for k, s in zip(ks, ss):
@@ -65,7 +81,14 @@ def build(layers=12, dim=768, heads=12, ffn=3072, left=250, lookahead=3, conv_di
         cin = conv_dim
     mods += [Transpose(), nn.LayerNorm(conv_dim), nn.Linear(conv_dim, dim)]
     for i in range(layers):
-        att = BandedSelfAttention(dim, heads, left=left, right=lookahead if i == 0 else 0)
+        la = lookahead if i == 0 else 0
+        if mask == "banded":
+            att = BandedSelfAttention(dim, heads, left=left, right=la)
+        elif mask == "chunked":
+            att = ChunkedSelfAttention(dim, heads, chunk_size=chunk, left_chunks=left_chunks,
+                                       lookahead=la)
+        else:
+            raise ValueError(f"mask must be 'banded' or 'chunked'; got {mask!r}")
         mods.append(TransformerLayer(att, ffn, norm_first=True))
     return StreamingSequential(*mods).eval()
 
@@ -120,109 +143,209 @@ def bench_cpu(args):
     return recs
 
 
-def _graph_step(model, B, device, dtype, warm_frames=8):
-    st = model.init_state(B, device=device, dtype=dtype, max_chunk=1)
-    x = torch.randn(B, 1, HOP, device=device, dtype=dtype)
-    with torch.inference_mode():
-        for _ in range(warm_frames):
-            model.step(x, st)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                model.step_fixed(x, st)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            model.step_fixed(x, st)
-    return g, st
+# Masks of the GPU benchmark: the step is ``step_frames`` frames (a multiple of the chunk for the
+# chunked mask, so every step releases exactly step_frames frames: see ChunkedSelfAttention.step_fixed).
+GPU_MASKS = {
+    "banded": dict(mask="banded", left=250, lookahead=3, step_frames=1),
+    "chunked": dict(mask="chunked", chunk=4, left_chunks=62, lookahead=0, step_frames=4),
+}
+DRY = dict(layers=2, dim=64, heads=4, ffn=128, conv_dim=32)
+
+
+def _warm_steps(model, step_frames):
+    """General steps that bring every layer to the steady state step_fixed needs."""
+    la = sum(m.attention.lookahead_frames + m.attention.block for m in model
+             if isinstance(m, TransformerLayer))
+    return -(-la // step_frames) + 2
+
+
+class StepRunner:
+    """One batch of B streams at steady state, advanced by ``step_fixed``: captured in a CUDA graph
+    (``graph=True``; static input buffer ``x``, warm-up on a side stream before capture, then only
+    ``replay``) or run eagerly (``--dry-run``: same code path, no graph). Each call first copies
+    the next chunk of a small device-resident pool of audio into ``x`` (what a server does before
+    a replay), then advances every stream by one step."""
+
+    def __init__(self, model, B, device, dtype, step_frames, graph):
+        self.model, self.graph = model, None
+        samples = HOP * step_frames
+        self.pool = torch.randn(4, B, 1, samples, device=device, dtype=dtype)
+        self.x = self.pool[0].clone()
+        self.i = 0
+        with torch.no_grad():
+            st = model.init_state(B, device=device, dtype=dtype, max_chunk=step_frames)
+            for _ in range(_warm_steps(model, step_frames)):
+                model.step(self.x, st)
+            self.y = model.step_fixed(self.x, st, check=True)
+            if graph:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(3):
+                        model.step_fixed(self.x, st)
+                torch.cuda.current_stream().wait_stream(side)
+                torch.cuda.synchronize()
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.y = model.step_fixed(self.x, st)
+        self.state = st
+
+    def __call__(self):
+        self.i = (self.i + 1) % self.pool.shape[0]
+        self.x.copy_(self.pool[self.i])
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            with torch.no_grad():
+                self.y = self.model.step_fixed(self.x, self.state)
+
+
+def _timed(run, steps, cuda):
+    """Per-step times (ms): wall clock around run + synchronize, and CUDA-event GPU time."""
+    wall, gpu = [], []
+    for _ in range(steps):
+        if cuda:
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
+            e0.record()
+            run()
+            e1.record()
+            torch.cuda.synchronize()
+            wall.append((time.perf_counter() - t0) * 1e3)
+            gpu.append(e0.elapsed_time(e1))
+        else:
+            t0 = time.perf_counter()
+            run()
+            wall.append((time.perf_counter() - t0) * 1e3)
+    return wall, gpu
+
+
+def _q(ts, f):
+    ts = sorted(ts)
+    return ts[min(len(ts) - 1, int(f * len(ts)))] if ts else None
+
+
+def search_streams(measure, budget_ms, start=256, max_batch=16384):
+    """Largest batch B <= max_batch with ``measure(B)`` (ms per step; None = does not fit) within
+    ``budget_ms``: doubling from ``start``, then bisection to 1/32 relative resolution (exact
+    below 32). Returns (streams, capped): capped when max_batch itself passed the doubling;
+    streams is 0 when no batch >= 1 fits the budget."""
+    ok = lambda b: (lambda ms: ms is not None and ms <= budget_ms)(measure(b))  # noqa: E731
+    lo, hi, B = 0, None, max(1, min(start, max_batch))
+    while hi is None:
+        if ok(B):
+            lo = B
+            if B == max_batch:
+                return lo, True
+            B = min(2 * B, max_batch)
+        else:
+            hi = B
+    while hi - lo > max(1, lo // 32):
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, False
+
+
+def _fits(model, B, dtype, step_frames):
+    """Rough pre-check on CUDA: the streaming state (sized on the meta device) x 1.5 for
+    activations must fit in free memory, so large batches fail here rather than mid-capture."""
+    st = model.init_state(B, device="meta", dtype=dtype, max_chunk=step_frames)
+    free, _ = torch.cuda.mem_get_info()
+    return 1.5 * st.nbytes() + 64 * 2 ** 20 < free
 
 
 def bench_gpu(args):
-    device, dtype = "cuda", torch.bfloat16
-    torch.manual_seed(0)
-    model = build(layers=args.layers).to(device, dtype)
+    dry = args.dry_run
+    device = "cpu" if dry else "cuda"
+    dtype = torch.bfloat16
+    graph = not dry
+    masks = list(GPU_MASKS) if args.mask == "both" else [args.mask]
+    dims = DRY if dry else dict(layers=args.layers, dim=768, heads=12, ffn=3072, conv_dim=512)
     recs = []
-    base = dict(bench="streaming", dtype="bfloat16", layers=args.layers, dim=768, heads=12,
-                left=250, lookahead_frames=3, step_ms=20, cuda_graph=True)
-    g, _ = _graph_step(model, 1, device, dtype)
-    for _ in range(50):
-        g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(args.steps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        ts.append(e0.elapsed_time(e1))
-    ts.sort()
-    p50, p99 = ts[len(ts) // 2], ts[min(len(ts) - 1, int(0.99 * len(ts)))]
-    recs.append(dict(base, mode="step_latency", batch=1, p50_ms=p50, p99_ms=p99,
-                     target_p99_ms=2.0, steps=args.steps))
-    print(f"batch 1 step latency: p50 {p50:.3f} ms, p99 {p99:.3f} ms")
-    del g
+    for name in masks:
+        cfg = GPU_MASKS[name]
+        sf = cfg["step_frames"]
+        step_ms_audio = sf * HOP * 1000 // SR
+        torch.manual_seed(0)
+        model = build(**dims, **{k: v for k, v in cfg.items() if k != "step_frames"})
+        model = model.to(device, dtype)
+        base = dict(bench="streaming", dtype="bfloat16", **dims, **cfg, chunk_ms=step_ms_audio,
+                    step_ms=step_ms_audio, lookahead_frames=cfg["lookahead"],
+                    latency_ms=latency(model).ms, cuda_graph=graph)
+        run = StepRunner(model, 1, device, dtype, sf, graph)
+        for _ in range(3 if dry else 50):
+            run()
+        if not dry:
+            torch.cuda.synchronize()
+        wall, gpu = _timed(run, args.steps, cuda=not dry)
+        rec = dict(base, mode="step_latency", batch=1, steps=args.steps,
+                   p50_ms=_q(wall, 0.5), p99_ms=_q(wall, 0.99), gpu_p50_ms=_q(gpu, 0.5),
+                   gpu_p99_ms=_q(gpu, 0.99), target_p99_ms=2.0, step_ms_all=wall)
+        recs.append(rec)
+        print(f"[{name}] batch 1, {step_ms_audio} ms steps: wall p50 {rec['p50_ms']:.3f} ms, "
+              f"p99 {rec['p99_ms']:.3f} ms" + ("" if dry else
+                                              f"; GPU p50 {rec['gpu_p50_ms']:.3f} ms, "
+                                              f"p99 {rec['gpu_p99_ms']:.3f} ms"))
+        del run
 
-    def step_ms(B):
-        try:
-            g, st = _graph_step(model, B, device, dtype)
-        except torch.OutOfMemoryError:
-            return None
-        for _ in range(5):
-            g.replay()
-        torch.cuda.synchronize()
-        t = []
-        for _ in range(20):
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            g.replay()
-            e1.record()
-            e1.synchronize()
-            t.append(e0.elapsed_time(e1))
-        del g, st
-        torch.cuda.empty_cache()
-        return statistics.median(t)
-
-    budget = 20.0
-    lo, hi, B = 1, None, 256
-    while hi is None and B <= args.max_batch:
-        ms = step_ms(B)
-        print(f"batch {B}: {ms} ms per 20 ms step")
-        recs.append(dict(base, mode="batch_step", batch=B, median_ms=ms))
-        if ms is not None and ms <= budget:
-            lo, B = B, B * 2
-        else:
-            hi = B
-    if hi is not None:
-        while hi - lo > max(16, lo // 32):
-            mid = (lo + hi) // 2
-            ms = step_ms(mid)
-            recs.append(dict(base, mode="batch_step", batch=mid, median_ms=ms))
-            if ms is not None and ms <= budget:
-                lo = mid
+        def measure(B):
+            if not dry and not _fits(model, B, dtype, sf):
+                ms = None
             else:
-                hi = mid
-    recs.append(dict(base, mode="realtime_streams", streams=lo, target_streams=2000,
-                     capped_at_max_batch=hi is None))
-    print(f"concurrent real-time streams at 20 ms steps: {lo}")
+                try:
+                    r = StepRunner(model, B, device, dtype, sf, graph)
+                    for _ in range(2 if dry else 5):
+                        r()
+                    w, g = _timed(r, 3 if dry else 20, cuda=not dry)
+                    ms = statistics.median(g if g else w)
+                    del r
+                except (torch.OutOfMemoryError, RuntimeError) as e:
+                    if not isinstance(e, torch.OutOfMemoryError) and \
+                            "out of memory" not in str(e).lower():
+                        raise
+                    ms = None
+                if not dry:
+                    gc.collect()
+                    torch.cuda.empty_cache()
+            recs.append(dict(base, mode="batch_step", batch=B, median_ms=ms))
+            print(f"[{name}] batch {B}: {ms} ms per {step_ms_audio} ms step")
+            return ms
+
+        streams, capped = search_streams(measure, float(step_ms_audio),
+                                         start=1 if dry else 256, max_batch=args.max_batch)
+        recs.append(dict(base, mode="realtime_streams", streams=streams, target_streams=2000,
+                         capped_at_max_batch=capped))
+        print(f"[{name}] concurrent real-time streams at {step_ms_audio} ms steps: {streams}"
+              + (" (capped at --max-batch)" if capped else ""))
     return recs
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--gpu", action="store_true", help="GPU benchmark (default when CUDA is present)")
     ap.add_argument("--cpu", action="store_true", help="CPU benchmark even when CUDA is present")
+    ap.add_argument("--mask", choices=("banded", "chunked", "both"), default="both",
+                    help="attention masks of the GPU benchmark")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--max-batch", type=int, default=16384)
     ap.add_argument("--quick", action="store_true", help="4 s of audio, 1 rep, 300 GPU steps")
-    args = ap.parse_args()
+    ap.add_argument("--dry-run", action="store_true",
+                    help="run the GPU benchmark's code path on CPU (tiny model, no CUDA graphs, "
+                         "3 steps, batches up to 4) and write nothing")
+    args = ap.parse_args(argv)
     if args.quick:
         args.seconds, args.reps, args.steps = min(args.seconds, 4.0), 1, min(args.steps, 300)
-    import torch
+    if args.dry_run:
+        args.steps, args.max_batch = 3, min(args.max_batch, 4)
+        bench_gpu(args)
+        print("dry run: nothing written")
+        return
     gpu = args.gpu or (torch.cuda.is_available() and not args.cpu)
     recs = bench_gpu(args) if gpu else bench_cpu(args)
     print(write_jsonl("streaming", recs))
