@@ -3,7 +3,7 @@
 The interpreter tests (TRITON_INTERPRET=1) check semantics but not what the real compiler
 rejects (dot shapes and dtypes, constexpr misuse, type promotion, shared memory). This test runs
 the launchers themselves (pyencoder.ops._attention_triton, pyencoder.ops._conv_triton,
-pyencoder.streaming._decode_triton) in a subprocess without TRITON_INTERPRET, on CPU tensors,
+pyencoder.ops.convnext, pyencoder.streaming._decode_triton) in a subprocess without TRITON_INTERPRET, on CPU tensors,
 with ``JITFunction.run`` replaced by a recorder: each launch becomes a compile job (signature
 derived from the bound arguments the way triton.runtime.jit does, constexprs, num_warps,
 num_stages), and ``Autotuner.run`` records every config of its list instead of benchmarking.
@@ -255,11 +255,36 @@ def _run_decode(rec, matrix):
                                    inv, rope == "interleaved", 4, lo, 3, D ** -0.5)
 
 
+def _run_convnext(rec, matrix):
+    import torch
+
+    import pyencoder.ops.convnext as CX
+    dts = (torch.float16, torch.bfloat16, torch.float32)
+    # (C, K, state, bias/affine, channel_last): one channel block of 16 / 512 / 1024 channels in
+    # registers, and 1536 channels looping over 2 blocks
+    cases = [(1024, 7, True, True, True), (1536, 7, True, True, True),
+             (512, 7, False, False, False), (12, 1, False, True, False)]
+    if matrix == "full":
+        cases += [(C, K, st, a, cl) for C in (768, 2048) for K in (3, 7, 31)
+                  for st in (False, True) for a in (False, True) for cl in (False, True)]
+    for dt in dts:
+        for C, K, st, aff, cl in cases:
+            B, L = 2, 256
+            x = torch.randn(B, L, C, dtype=dt).transpose(1, 2) if cl else \
+                torch.randn(B, C, L, dtype=dt)
+            v = (lambda: torch.randn(C, dtype=dt)) if aff else (lambda: None)
+            s = torch.randn(B, C, K - 1, dtype=dt) if st else None
+            rec.case = (f"{str(dt)[6:]} C{C} K{K} state={st} affine={aff}" +
+                        (" NLC" if cl else ""))
+            CX._triton_forward(x, torch.randn(C, 1, K, dtype=dt), v(), v(), v(), s, 1e-6)
+
+
 def capture(matrix):
     rec = _Recorder()
     rec.install()
     _run_attention(rec, matrix)
     _run_conv(rec, matrix)
+    _run_convnext(rec, matrix)
     _run_decode(rec, matrix)
     return list(rec.jobs.values())
 

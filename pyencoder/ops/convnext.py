@@ -39,6 +39,8 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_KERNEL = 256
 MAX_TRITON_CHANNELS = 16384
 _MAX_BLOCK_C = 1024   # channels one program holds in registers; above, it loops over blocks
+_TILE_ELEMS = 4096    # (time x channel) tile of one program
+_NUM_WARPS = 8
 
 
 def _cdtype(dt):
@@ -91,11 +93,12 @@ def _triton_reason(x, conv_weight):
 
 def _tiles(C, L):
     """(BLOCK_T, BLOCK_C, NUM_CB, num_warps): the whole channel row in registers up to
-    C = _MAX_BLOCK_C (BLOCK_T * BLOCK_C <= 8192 fp32 per program), channel blocks above."""
+    C = _MAX_BLOCK_C, channel blocks above; BLOCK_T * BLOCK_C <= _TILE_ELEMS fp32 per program,
+    spread over _NUM_WARPS warps (16 values a thread at the defaults)."""
     BLOCK_C = min(_MAX_BLOCK_C, max(16, _next_pow2(C)))
     NUM_CB = _cdiv(C, BLOCK_C)
-    BLOCK_T = max(1, min(64, 8192 // BLOCK_C, _next_pow2(max(L, 1))))
-    num_warps = 8 if BLOCK_T * BLOCK_C >= 4096 else 4
+    BLOCK_T = max(1, min(64, _TILE_ELEMS // BLOCK_C, _next_pow2(max(L, 1))))
+    num_warps = max(1, min(_NUM_WARPS, BLOCK_T * BLOCK_C // 512))
     return BLOCK_T, BLOCK_C, NUM_CB, num_warps
 
 
@@ -127,6 +130,7 @@ def _launch(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps, y
         HAS_CB=conv_bias is not None, HAS_LNW=ln_weight is not None,
         HAS_LNB=ln_bias is not None, HAS_STATE=has_state, HAS_FINAL=pad > 0, NUM_CB=NUM_CB,
         BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, BLOCK_P=max(2, _next_pow2(max(pad, 1))),
+        BLOCK_CF=max(16, min(BLOCK_C, 4096 // max(2, _next_pow2(max(pad, 1))))),
         num_warps=num_warps)
 
 
