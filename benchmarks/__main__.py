@@ -22,6 +22,7 @@ BENCHES = [
     ("bench_reference_cpu", True, False),
     ("bench_attention", True, True),
     ("bench_conv", True, True),
+    ("bench_convnext", True, True),
     ("bench_streaming", True, True),
     ("bench_hf", True, True),
     ("distill_lookahead", True, False),   # minutes of CPU training: not in --quick
