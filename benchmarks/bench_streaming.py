@@ -144,7 +144,8 @@ def bench_cpu(args):
 
 
 # Masks of the GPU benchmark: the step is ``step_frames`` frames (a multiple of the chunk for the
-# chunked mask, so every step releases exactly step_frames frames: see ChunkedSelfAttention.step_fixed).
+# chunked mask, so every step releases exactly step_frames frames; see
+# ChunkedSelfAttention.step_fixed).
 GPU_MASKS = {
     "banded": dict(mask="banded", left=250, lookahead=3, step_frames=1),
     "chunked": dict(mask="chunked", chunk=4, left_chunks=62, lookahead=0, step_frames=4),

@@ -253,7 +253,8 @@ def _clone_state(module, st, B, max_chunk, **kw):
 @pytest.mark.parametrize("name,make,n,max_chunk", ATT_CASES, ids=[c[0] for c in ATT_CASES])
 def test_cuda_graph_attention(name, make, n, max_chunk, dtype):
     """Replaying a captured step_fixed equals eager step_fixed on a copy of the state (same
-    kernels, same inputs: identical up to bf16/tf32-free fp32 rounding order, so a tight bound)."""
+    kernels on the same inputs; the bound only allows for a different cuBLAS algorithm choice
+    under capture: fp32 1e-5, bf16 2e-2 = a few bf16 ulps)."""
     torch.manual_seed(4)
     dev = "cuda"
     m = make().to(dev, dtype)
@@ -280,7 +281,11 @@ def test_cuda_graph_attention(name, make, n, max_chunk, dtype):
             tol = 1e-5 if dtype == torch.float32 else 2e-2
             assert rel_err(ybuf.float(), ye.float()) <= tol, (name, i)
         for k, v in st.tensors().items():
-            assert torch.equal(v, eager.tensors()[k]), k
+            e = eager.tensors()[k]
+            if v.is_floating_point():
+                assert rel_err(v.float(), e.float()) <= tol, k
+            else:
+                assert torch.equal(v, e), k
 
 
 @pytest.mark.gpu

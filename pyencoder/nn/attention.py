@@ -20,6 +20,11 @@ Batched streams: every slot has its own position. ``step(x, state, lengths=None)
 ``lengths`` (B,) the valid frames of each slot (default n). The output is (B, m, E) with
 m = max(state.out_lengths); slot b's frames are the first ``state.out_lengths[b]`` rows, the rest
 are zeros.
+
+``step_fixed(x, state)``: the steady-state step for CUDA graphs (banded and chunked masks): a fixed
+n frames per slot, n a multiple of the mask block (chunk_size), exactly n frames out, no host
+synchronisation, state updated in place; preconditions in its docstring (``check=True`` verifies
+them once, outside capture).
 """
 import dataclasses
 
@@ -191,7 +196,8 @@ class _IntervalSelfAttention(nn.Module):
             self.check_step_fixed(state, n)
         dev = x.device
         inv = None if self.rope is None else self.rope.inv_freq(dev)
-        q, k, v = self._heads(x, self.q_proj), self._heads(x, self.k_proj), self._heads(x, self.v_proj)
+        q, k, v = (self._heads(x, self.q_proj), self._heads(x, self.k_proj),
+                   self._heads(x, self.v_proj))
         P, pend = state.pos, state.pending
         ar = torch.arange(n, device=dev)
         kpos = P[:, None] + ar[None, :]
