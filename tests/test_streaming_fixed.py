@@ -327,3 +327,25 @@ def test_cuda_graph_stack_equals_offline(kind):
         torch.cuda.synchronize()
         got = torch.cat(outs, 1)
     assert rel_err(got, ref[:, :got.shape[1]]) <= 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["banded", "chunked"])
+def test_step_fixed_no_sync_cuda(kind):
+    """On CUDA (Triton decode kernel, GPU conv backend) the eager step_fixed of a whole stack makes
+    no synchronising CUDA call (torch.cuda.set_sync_debug_mode raises on one)."""
+    torch.manual_seed(6)
+    model = _stack(kind).to("cuda", torch.bfloat16)
+    x = torch.randn(2, 1, 4 * 24, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        st = model.init_state(2, max_chunk=2)
+        for t in range(0, 64, 8):
+            _, st = model.step(x[..., t:t + 8], st)
+        model.step_fixed(x[..., 64:72], st, check=True)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model.step_fixed(x[..., 72:80], st)
+            model.step_fixed(x[..., 80:88], st)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
