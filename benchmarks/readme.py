@@ -86,10 +86,12 @@ def streaming(recs):
                          "", f"{r['ratio_vs_streaming_80ms']:.1f}x streaming at 80 ms "
                              f"(target >= {r['target_ratio']:.0f}x)"])
         elif m == "step_latency":
-            rows.append([f"step latency, batch 1", f"p50 {r['p50_ms']:.2f} / p99 {r['p99_ms']:.2f} ms",
+            rows.append([f"step latency, batch 1" + (f", {r['mask']} mask" if r.get("mask") else ""),
+                         f"p50 {r['p50_ms']:.2f} / p99 {r['p99_ms']:.2f} ms",
                          "", f"target p99 <= {r.get('target_p99_ms')} ms"])
         elif m == "realtime_streams":
-            rows.append(["concurrent real-time streams (20 ms steps)", str(r["streams"]), "",
+            rows.append([f"concurrent real-time streams ({r.get('step_ms', 20)} ms steps"
+                         + (f", {r['mask']} mask)" if r.get("mask") else ")"), str(r["streams"]), "",
                          f"target >= {r.get('target_streams')}"])
     r0 = recs[0]
     return (f"wav2vec2-base-sized stack ({r0.get('layers')} layers, {r0.get('dim')} dim, "
