@@ -1,7 +1,8 @@
 """pyencoder.distill under FSDP: a 2-process gloo run on CPU of ``distill()`` with the student
 wrapped by FSDP2 (``torch.distributed.fsdp.fully_shard``) gives the same loss and the same
 gradients (sharded DTensor gradients gathered with ``full_tensor()``) as one process on the
-concatenated batch, with ranks holding different numbers of valid frames (float64, 1e-10).
+concatenated batch, with ranks holding different numbers of valid frames and the
+positional-embedding loss on (float64, 1e-10).
 
 FSDP1 (``FullyShardedDataParallel``) refuses CPU-only machines ("FSDP needs a non-CPU accelerator
 device"), so it is covered by a gpu-marked NCCL test that needs at least 2 GPUs.
@@ -23,6 +24,11 @@ def _fully_shard():
         return fully_shard
     except ImportError:
         return None
+
+
+def _kwargs(teacher):
+    # the positional-embedding loss calls the student's submodules outside its root forward
+    return dict(weights="reversed_linear", pos_weight=0.1, teacher_pos=teacher.positional_embedding)
 
 
 def _worker(rank, world, path, init_file, kind):
@@ -48,7 +54,7 @@ def _worker(rank, world, path, init_file, kind):
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         B = wav.shape[0] // world
         part = (wav[rank * B:(rank + 1) * B], lengths[rank * B:(rank + 1) * B])
-        hist = D.distill(model, teacher, [part], opt, weights="reversed_linear")
+        hist = D.distill(model, teacher, [part], opt, **_kwargs(teacher))
         if kind == "fsdp1":
             with FSDP.summon_full_params(model, with_grads=True):
                 grads = {n.replace("_fsdp_wrapped_module.", ""): p.grad.detach().cpu().clone()
@@ -67,7 +73,7 @@ def _worker(rank, world, path, init_file, kind):
 def _check(kind):
     teacher, student, batch = _setup()
     opt = torch.optim.SGD(student.parameters(), lr=0.0)
-    hist = D.distill(student, teacher, [batch], opt, weights="reversed_linear")
+    hist = D.distill(student, teacher, [batch], opt, **_kwargs(teacher))
     ref = {n: p.grad.clone() for n, p in student.named_parameters()}
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "grads.pt")
