@@ -115,7 +115,8 @@ def run(args):
                         except Exception as e:  # one failing provider must not stop the sweep
                             rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                             records.append(rec)
-                            print(f"{name:22s} {mode:8s} C={C} L={L} {rec['dtype']}: {rec['error']}")
+                            print(f"{name:22s} {mode:8s} C={C} L={L} {rec['dtype']}: "
+                                  f"{rec['error']}")
                             continue
                         rec.update(t)
                         if mode == "fwd":
@@ -127,7 +128,8 @@ def run(args):
                         elif base_ms is not None:
                             rec["speedup_vs_composed"] = base_ms / t["median_ms"]
                         records.append(rec)
-                        extra = (f" {rec['gb_per_s']:.0f} GB/s ({100 * rec['frac_of_copy']:.0f}% copy)"
+                        extra = (f" {rec['gb_per_s']:.0f} GB/s "
+                                 f"({100 * rec['frac_of_copy']:.0f}% copy)"
                                  if "gb_per_s" in rec else "")
                         sp = (f"  x{rec['speedup_vs_composed']:.2f}"
                               if "speedup_vs_composed" in rec else "")

@@ -399,3 +399,25 @@ def test_gpu_decoder_auto_fused_equals_composed():
             t += n
         outs.append(auto.flush(st)[0])
         torch.testing.assert_close(torch.cat(outs, 1), auto(x), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_fullgraph(monkeypatch):
+    """The registered op traces whole (fake kernel + autograd) under torch.compile."""
+    force_triton(monkeypatch)
+    a = make(2, 6, 5, 4, torch.float32, grad=True)
+
+    def f(x, w, cb, g, b, s):
+        y, fin = convnext_dwconv_ln(x, w, cb, g, b, eps=EPS, initial_state=s,
+                                    return_final_state=True)
+        return y.sum() + fin.sum()
+
+    args = [a[k] for k in ("x", "conv_weight", "conv_bias", "ln_weight", "ln_bias",
+                           "initial_state")]
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(*args)
+    out.backward()
+    got = [t.grad.clone() for t in args]
+    for t in args:
+        t.grad = None
+    f(*args).backward()
+    for g, t in zip(got, args):
+        torch.testing.assert_close(g, t.grad, rtol=1e-6, atol=1e-6)

@@ -15,7 +15,8 @@ block covers C (NUM_CB == 1) the tile stays in registers: exact two-pass mean/va
 store. Otherwise the first sweep over the channel blocks merges per-block (mean, M2) with Chan's
 parallel formula, and the second sweep recomputes each block's conv (cheap: K FMAs, loads served
 by L1/L2) and writes the normalised values. The program of the last time block also writes the
-final state (channel chunks of BLOCK_CF). Any x / state / y strides (channel-first or channel-last x is read in place).
+final state (channel chunks of BLOCK_CF). Any x / state / y strides (channel-first or
+channel-last x is read in place).
 
 Limits: fp16 / bf16 / fp32 inputs (fp32 statistics, one rounding at the store); float64 goes to
 the reference. No backward kernel: the registered op's backward recomputes in plain torch.

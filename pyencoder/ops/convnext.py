@@ -85,7 +85,8 @@ def _triton_reason(x, conv_weight):
         return (f"the fused triton kernel supports float16, bfloat16 and float32; got {x.dtype} "
                 "(use backend='reference')")
     if conv_weight.shape[-1] > MAX_TRITON_KERNEL:
-        return f"kernel size {conv_weight.shape[-1]} is above the fused kernel's limit {MAX_TRITON_KERNEL}"
+        return (f"kernel size {conv_weight.shape[-1]} is above the fused kernel's limit "
+                f"{MAX_TRITON_KERNEL}")
     if x.shape[1] > MAX_TRITON_CHANNELS:
         return f"{x.shape[1]} channels is above the fused kernel's limit {MAX_TRITON_CHANNELS}"
     return None
@@ -251,7 +252,8 @@ def _resolve(backend, x, conv_weight):
     if req == "triton":
         r = _triton_reason(x, conv_weight)
         if r is not None:
-            raise RuntimeError(f"pyencoder: backend 'triton' cannot run convnext_dwconv_ln here: {r}")
+            raise RuntimeError(f"pyencoder: backend 'triton' cannot run convnext_dwconv_ln here: "
+                               f"{r}")
         return "triton"
     if x.device.type == "cuda" and _triton_reason(x, conv_weight) is None:
         return "triton"
