@@ -86,7 +86,7 @@ def streaming(recs):
                          "", f"{r['ratio_vs_streaming_80ms']:.1f}x streaming at 80 ms "
                              f"(target >= {r['target_ratio']:.0f}x)"])
         elif m == "step_latency":
-            rows.append([f"step latency, batch 1" + (f", {r['mask']} mask" if r.get("mask") else ""),
+            rows.append(["step latency, batch 1" + (f", {r['mask']} mask" if r.get("mask") else ""),
                          f"p50 {r['p50_ms']:.2f} / p99 {r['p99_ms']:.2f} ms",
                          "", f"target p99 <= {r.get('target_p99_ms')} ms"])
         elif m == "realtime_streams":

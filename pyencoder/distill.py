@@ -18,7 +18,7 @@ causal distillation of WavLM).
   hold different numbers of valid frames.
 """
 import math
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
 

@@ -1,5 +1,4 @@
 """Helpers shared by the streaming tests."""
-import torch
 
 
 def rel_err(a, b):

@@ -27,7 +27,7 @@ Limits: no SpecAugment masking; the WavLM relative bias runs in plain torch (no 
 and no ``step_fixed`` CUDA-graph step yet).
 """
 import dataclasses
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
