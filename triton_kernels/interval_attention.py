@@ -18,10 +18,13 @@ Algorithm (FlashAttention-2 style, one program per (query tile, batch * query he
 - RoPE is applied in registers. The head dimension is split into three feature groups: the first
   and second members of each rotary pair (NeoX: i and i + R/2; interleaved: 2i and 2i + 1) and
   the R..D-1 pass-through features. q . k is the sum of the three group dot products, so rotation
-  is an elementwise operation on the two pair tiles and needs no shuffles; cos/sin of
-  float32(pos) * inv_freq are computed in float32 in the kernel. Gradients of the rotated q and k
-  are un-rotated (angle -theta) in registers before they are stored. There is no rotary pass over
-  q or k outside the kernels.
+  is an elementwise operation on the two pair tiles and needs no shuffles. cos/sin come from one
+  of two sources (constexpr ROPE_TABLE): computed in the kernel in float32 from
+  float32(pos) * inv_freq (tl.cos/tl.sin, recomputed on every tile visit), or loaded from float32
+  tables COS_TAB/SIN_TAB of shape (P, HALF), contiguous, row p - tab_base holding position p,
+  built by the launcher with the reference's formula. Gradients of the rotated q and k are
+  un-rotated (angle -theta) in registers before they are stored. There is no rotary pass over q
+  or k outside the kernels.
 - Online softmax in base 2 (scale * log2(e) folded into the scores); the forward saves the natural
   log-sum-exp. Backward: a preprocess kernel computes delta = rowsum(dO * O); the dk/dv kernel runs
   one program per (key block, batch * kv head), loops over the query heads of its GQA group and
@@ -51,16 +54,22 @@ def _feature_index(r, HALF, INTERLEAVED: tl.constexpr):
 
 
 @triton.jit
-def _rope_cos_sin(pos, INV_FREQ, r, HALF):
+def _rope_cos_sin(pos, row_mask, INV_FREQ, COS_TAB, SIN_TAB, tab_base, r, HALF,
+                  ROPE_TABLE: tl.constexpr):
+    if ROPE_TABLE:
+        m = row_mask[:, None] & (r < HALF)[None, :]
+        idx = (pos - tab_base)[:, None] * HALF + r[None, :]
+        return (tl.load(COS_TAB + idx, mask=m, other=0.0),
+                tl.load(SIN_TAB + idx, mask=m, other=0.0))
     freq = tl.load(INV_FREQ + r, mask=r < HALF, other=0.0)
     ang = pos.to(tl.float32)[:, None] * freq[None, :]
     return tl.cos(ang), tl.sin(ang)
 
 
 @triton.jit
-def _load_qk(base, rows, row_mask, stride_n, stride_d, pos, INV_FREQ, HALF, ROT, NPASS,
-             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_ROPE: tl.constexpr,
-             HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr):
+def _load_qk(base, rows, row_mask, stride_n, stride_d, pos, INV_FREQ, COS_TAB, SIN_TAB, tab_base,
+             HALF, ROT, NPASS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_ROPE: tl.constexpr,
+             HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, ROPE_TABLE: tl.constexpr):
     """Rotated (pair-first, pair-second, pass-through) tiles of q or k rows, in the input dtype."""
     rp = base + rows[:, None] * stride_n
     xc = tl.zeros([16, 16], dtype=tl.float32)
@@ -76,7 +85,8 @@ def _load_qk(base, rows, row_mask, stride_n, stride_d, pos, INV_FREQ, HALF, ROT,
         m = row_mask[:, None] & (r < HALF)[None, :]
         x1 = tl.load(rp + ia[None, :] * stride_d, mask=m, other=0.0)
         x2 = tl.load(rp + ib[None, :] * stride_d, mask=m, other=0.0)
-        cos, sin = _rope_cos_sin(pos, INV_FREQ, r, HALF)
+        cos, sin = _rope_cos_sin(pos, row_mask, INV_FREQ, COS_TAB, SIN_TAB, tab_base, r, HALF,
+                                 ROPE_TABLE)
         x1f = x1.to(tl.float32)
         x2f = x2.to(tl.float32)
         xa = (x1f * cos - x2f * sin).to(x1.dtype)
@@ -85,9 +95,10 @@ def _load_qk(base, rows, row_mask, stride_n, stride_d, pos, INV_FREQ, HALF, ROT,
 
 
 @triton.jit
-def _store_grad(base, rows, row_mask, stride_n, stride_d, ga, gb, gc, pos, INV_FREQ, HALF, ROT,
-                NPASS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_ROPE: tl.constexpr,
-                HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr):
+def _store_grad(base, rows, row_mask, stride_n, stride_d, ga, gb, gc, pos, INV_FREQ, COS_TAB,
+                SIN_TAB, tab_base, HALF, ROT, NPASS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr,
+                ROPE_TABLE: tl.constexpr):
     """Un-rotate (angle -theta) the gradient groups of rotated q or k and store them."""
     rp = base + rows[:, None] * stride_n
     if HAS_PASS:
@@ -98,7 +109,8 @@ def _store_grad(base, rows, row_mask, stride_n, stride_d, ga, gb, gc, pos, INV_F
         r = tl.arange(0, BLOCK_R)
         ia, ib = _feature_index(r, HALF, INTERLEAVED)
         m = row_mask[:, None] & (r < HALF)[None, :]
-        cos, sin = _rope_cos_sin(pos, INV_FREQ, r, HALF)
+        cos, sin = _rope_cos_sin(pos, row_mask, INV_FREQ, COS_TAB, SIN_TAB, tab_base, r, HALF,
+                                 ROPE_TABLE)
         g1 = ga * cos + gb * sin
         g2 = gb * cos - ga * sin
         tl.store(rp + ia[None, :] * stride_d, g1.to(base.dtype.element_ty), mask=m)
@@ -143,17 +155,18 @@ def _block_ranges(first, last_valid, lo_full, hi_full, end, BLOCK: tl.constexpr)
 
 @triton.jit
 def _fwd_block(acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
-               stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, HALF, ROT, NPASS, D,
-               block, lo_off, hi_off, qk_scale,
+               stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base,
+               HALF, ROT, NPASS, D, block, lo_off, hi_off, qk_scale,
                BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
                INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
-               DOT_PREC: tl.constexpr):
+               DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
     cols = j0 + tl.arange(0, BLOCK_N)
     cmask = cols < nk_b
     k_pos = k_offset + cols
-    ka, kb, kc = _load_qk(k_base, cols, cmask, stride_kn, stride_kd, k_pos, INV_FREQ, HALF, ROT,
-                          NPASS, BLOCK_R, BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED)
+    ka, kb, kc = _load_qk(k_base, cols, cmask, stride_kn, stride_kd, k_pos, INV_FREQ, COS_TAB,
+                          SIN_TAB, tab_base, HALF, ROT, NPASS, BLOCK_R, BLOCK_C, HAS_ROPE,
+                          HAS_PASS, INTERLEAVED, ROPE_TABLE)
     dv = tl.arange(0, BLOCK_DV)
     v = tl.load(v_base + cols[:, None] * stride_vn + dv[None, :] * stride_vd,
                 mask=cmask[:, None] & (dv < D)[None, :], other=0.0)
@@ -174,17 +187,17 @@ def _fwd_block(acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_off
 
 @triton.jit
 def _interval_attention_fwd_kernel(
-        Q, K, V, O, LSE, INV_FREQ, KLEN,
+        Q, K, V, O, LSE, INV_FREQ, COS_TAB, SIN_TAB, KLEN,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_on, stride_od,
         Hq, GROUP, Nq, Nk, D, HALF, ROT, NPASS,
-        block, lo_off, hi_off, q_offset, k_offset, qk_scale, WIN_KEY,
+        block, lo_off, hi_off, q_offset, k_offset, tab_base, qk_scale, WIN_KEY,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr,
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
-        HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr):
+        HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -216,29 +229,30 @@ def _interval_attention_fwd_kernel(
         lo_full = tl.maximum(base_last - lo_off - k_offset, 0)
     start, a, bb, end_r = _block_ranges(first, nk_b, lo_full, hi_full, end, BLOCK_N)
 
-    qa, qb, qc = _load_qk(q_base, rows, rmask, stride_qn, stride_qd, q_pos, INV_FREQ, HALF, ROT,
-                          NPASS, BLOCK_R, BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED)
+    qa, qb, qc = _load_qk(q_base, rows, rmask, stride_qn, stride_qd, q_pos, INV_FREQ, COS_TAB,
+                          SIN_TAB, tab_base, HALF, ROT, NPASS, BLOCK_R, BLOCK_C, HAS_ROPE,
+                          HAS_PASS, INTERLEAVED, ROPE_TABLE)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     for j0 in range(start, a, BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b,
                                    k_offset, stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ,
-                                   HALF, ROT, NPASS, D, block, lo_off, hi_off, qk_scale,
-                                   BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS,
-                                   INTERLEAVED, LO_BOUNDED, True, DOT_PREC)
+                                   COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off,
+                                   hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
+                                   HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE)
     for j0 in range(a, bb, BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b,
                                    k_offset, stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ,
-                                   HALF, ROT, NPASS, D, block, lo_off, hi_off, qk_scale,
-                                   BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS,
-                                   INTERLEAVED, LO_BOUNDED, False, DOT_PREC)
+                                   COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off,
+                                   hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
+                                   HAS_PASS, INTERLEAVED, LO_BOUNDED, False, DOT_PREC, ROPE_TABLE)
     for j0 in range(bb, end_r, BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b,
                                    k_offset, stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ,
-                                   HALF, ROT, NPASS, D, block, lo_off, hi_off, qk_scale,
-                                   BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS,
-                                   INTERLEAVED, LO_BOUNDED, True, DOT_PREC)
+                                   COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off,
+                                   hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
+                                   HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE)
 
     nz = l_i > 0.0
     l_safe = tl.where(nz, l_i, 1.0)
@@ -273,17 +287,18 @@ def _interval_attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0, q_pos, nk_b,
-              k_offset, stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, HALF, ROT, NPASS,
-              D, block, lo_off, hi_off, qk_scale,
+              k_offset, stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB,
+              tab_base, HALF, ROT, NPASS, D, block, lo_off, hi_off, qk_scale,
               BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
               BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
               INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+              DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
     cols = j0 + tl.arange(0, BLOCK_N)
     cmask = cols < nk_b
     k_pos = k_offset + cols
-    ka, kb, kc = _load_qk(k_base, cols, cmask, stride_kn, stride_kd, k_pos, INV_FREQ, HALF, ROT,
-                          NPASS, BLOCK_R, BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED)
+    ka, kb, kc = _load_qk(k_base, cols, cmask, stride_kn, stride_kd, k_pos, INV_FREQ, COS_TAB,
+                          SIN_TAB, tab_base, HALF, ROT, NPASS, BLOCK_R, BLOCK_C, HAS_ROPE,
+                          HAS_PASS, INTERLEAVED, ROPE_TABLE)
     dv = tl.arange(0, BLOCK_DV)
     v = tl.load(v_base + cols[:, None] * stride_vn + dv[None, :] * stride_vd,
                 mask=cmask[:, None] & (dv < D)[None, :], other=0.0)
@@ -305,18 +320,18 @@ def _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0, q_
 
 @triton.jit
 def _interval_attention_bwd_dq_kernel(
-        Q, K, V, DO, DQ, LSE, DELTA, INV_FREQ, KLEN,
+        Q, K, V, DO, DQ, LSE, DELTA, INV_FREQ, COS_TAB, SIN_TAB, KLEN,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_dob, stride_doh, stride_don, stride_dod,
         stride_dqb, stride_dqh, stride_dqn, stride_dqd,
         Hq, GROUP, Nq, Nk, D, HALF, ROT, NPASS,
-        block, lo_off, hi_off, q_offset, k_offset, scale, qk_scale, WIN_KEY,
+        block, lo_off, hi_off, q_offset, k_offset, tab_base, scale, qk_scale, WIN_KEY,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr,
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
-        HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr):
+        HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -349,8 +364,9 @@ def _interval_attention_bwd_dq_kernel(
         lo_full = tl.maximum(base_last - lo_off - k_offset, 0)
     start, a, bb, end_r = _block_ranges(first, nk_b, lo_full, hi_full, end, BLOCK_N)
 
-    qa, qb, qc = _load_qk(q_base, rows, rmask, stride_qn, stride_qd, q_pos, INV_FREQ, HALF, ROT,
-                          NPASS, BLOCK_R, BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED)
+    qa, qb, qc = _load_qk(q_base, rows, rmask, stride_qn, stride_qd, q_pos, INV_FREQ, COS_TAB,
+                          SIN_TAB, tab_base, HALF, ROT, NPASS, BLOCK_R, BLOCK_C, HAS_ROPE,
+                          HAS_PASS, INTERLEAVED, ROPE_TABLE)
     dvi = tl.arange(0, BLOCK_DV)
     do = tl.load(do_base + rows[:, None] * stride_don + dvi[None, :] * stride_dod,
                  mask=rmask[:, None] & (dvi < D)[None, :], other=0.0)
@@ -363,24 +379,27 @@ def _interval_attention_bwd_dq_kernel(
     for j0 in range(start, a, BLOCK_N):
         dqa, dqb, dqc = _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0,
                                   q_pos, nk_b, k_offset, stride_kn, stride_kd, stride_vn,
-                                  stride_vd, INV_FREQ, HALF, ROT, NPASS, D, block, lo_off, hi_off,
-                                  qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
-                                  HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC)
+                                  stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT,
+                                  NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R,
+                                  BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED,
+                                  True, DOT_PREC, ROPE_TABLE)
     for j0 in range(a, bb, BLOCK_N):
         dqa, dqb, dqc = _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0,
                                   q_pos, nk_b, k_offset, stride_kn, stride_kd, stride_vn,
-                                  stride_vd, INV_FREQ, HALF, ROT, NPASS, D, block, lo_off, hi_off,
-                                  qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
-                                  HAS_PASS, INTERLEAVED, LO_BOUNDED, False, DOT_PREC)
+                                  stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT,
+                                  NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R,
+                                  BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED,
+                                  False, DOT_PREC, ROPE_TABLE)
     for j0 in range(bb, end_r, BLOCK_N):
         dqa, dqb, dqc = _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0,
                                   q_pos, nk_b, k_offset, stride_kn, stride_kd, stride_vn,
-                                  stride_vd, INV_FREQ, HALF, ROT, NPASS, D, block, lo_off, hi_off,
-                                  qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
-                                  HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC)
+                                  stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT,
+                                  NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R,
+                                  BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED,
+                                  True, DOT_PREC, ROPE_TABLE)
     _store_grad(dq_base, rows, rmask, stride_dqn, stride_dqd, dqa * scale, dqb * scale,
-                dqc * scale, q_pos, INV_FREQ, HALF, ROT, NPASS, BLOCK_R, BLOCK_C, HAS_ROPE,
-                HAS_PASS, INTERLEAVED)
+                dqc * scale, q_pos, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS,
+                BLOCK_R, BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED, ROPE_TABLE)
 
 
 @triton.jit
@@ -395,17 +414,18 @@ def _visible_t(k_pos, kmask, q_pos, qmask, block, lo_off, hi_off, LO_BOUNDED: tl
 
 @triton.jit
 def _dkdv_block_t(dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_base, LSE, DELTA,
-                  i0, Nq, q_offset, stride_qn, stride_qd, stride_don, stride_dod, INV_FREQ, HALF,
-                  ROT, NPASS, D, block, lo_off, hi_off, qk_scale,
+                  i0, Nq, q_offset, stride_qn, stride_qd, stride_don, stride_dod, INV_FREQ,
+                  COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off, hi_off, qk_scale,
                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                   BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
                   INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
+                  DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
     rows = i0 + tl.arange(0, BLOCK_M)
     rmask = rows < Nq
     q_pos = q_offset + rows
-    qa, qb, qc = _load_qk(q_base, rows, rmask, stride_qn, stride_qd, q_pos, INV_FREQ, HALF, ROT,
-                          NPASS, BLOCK_R, BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED)
+    qa, qb, qc = _load_qk(q_base, rows, rmask, stride_qn, stride_qd, q_pos, INV_FREQ, COS_TAB,
+                          SIN_TAB, tab_base, HALF, ROT, NPASS, BLOCK_R, BLOCK_C, HAS_ROPE,
+                          HAS_PASS, INTERLEAVED, ROPE_TABLE)
     dvi = tl.arange(0, BLOCK_DV)
     do = tl.load(do_base + rows[:, None] * stride_don + dvi[None, :] * stride_dod,
                  mask=rmask[:, None] & (dvi < D)[None, :], other=0.0)
@@ -431,7 +451,7 @@ def _dkdv_block_t(dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_bas
 
 @triton.jit
 def _interval_attention_bwd_dkdv_kernel(
-        Q, K, V, DO, DK, DV, LSE, DELTA, INV_FREQ, KLEN,
+        Q, K, V, DO, DK, DV, LSE, DELTA, INV_FREQ, COS_TAB, SIN_TAB, KLEN,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -439,11 +459,11 @@ def _interval_attention_bwd_dkdv_kernel(
         stride_dkb, stride_dkh, stride_dkn, stride_dkd,
         stride_dvb, stride_dvh, stride_dvn, stride_dvd,
         Hq, Hk, GROUP, Nq, Nk, D, HALF, ROT, NPASS,
-        block, lo_off, hi_off, q_offset, k_offset, scale, qk_scale, WIN_KEY,
+        block, lo_off, hi_off, q_offset, k_offset, tab_base, scale, qk_scale, WIN_KEY,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr,
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
-        HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr):
+        HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // Hk
@@ -476,8 +496,9 @@ def _interval_attention_bwd_dkdv_kernel(
     i_full_first = tl.maximum(p_full_first - q_offset, 0)
     start, a, bb, end_r = _block_ranges(i_first, Nq, i_full_first, i_full_end, i_end, BLOCK_M)
 
-    ka, kb, kc = _load_qk(k_base, cols, kmask, stride_kn, stride_kd, k_pos, INV_FREQ, HALF, ROT,
-                          NPASS, BLOCK_R, BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED)
+    ka, kb, kc = _load_qk(k_base, cols, kmask, stride_kn, stride_kd, k_pos, INV_FREQ, COS_TAB,
+                          SIN_TAB, tab_base, HALF, ROT, NPASS, BLOCK_R, BLOCK_C, HAS_ROPE,
+                          HAS_PASS, INTERLEAVED, ROPE_TABLE)
     dvi = tl.arange(0, BLOCK_DV)
     v = tl.load(v_base + cols[:, None] * stride_vn + dvi[None, :] * stride_vd,
                 mask=kmask[:, None] & (dvi < D)[None, :], other=0.0)
@@ -496,26 +517,29 @@ def _interval_attention_bwd_dkdv_kernel(
             dka, dkb, dkc, dv = _dkdv_block_t(
                 dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_base, lse_base,
                 delta_base, i0, Nq, q_offset, stride_qn, stride_qd, stride_don, stride_dod,
-                INV_FREQ, HALF, ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_M, BLOCK_R,
-                BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC)
+                INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off, hi_off,
+                qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED,
+                LO_BOUNDED, True, DOT_PREC, ROPE_TABLE)
         for i0 in range(a, bb, BLOCK_M):
             dka, dkb, dkc, dv = _dkdv_block_t(
                 dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_base, lse_base,
                 delta_base, i0, Nq, q_offset, stride_qn, stride_qd, stride_don, stride_dod,
-                INV_FREQ, HALF, ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_M, BLOCK_R,
-                BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, False, DOT_PREC)
+                INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off, hi_off,
+                qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED,
+                LO_BOUNDED, False, DOT_PREC, ROPE_TABLE)
         for i0 in range(bb, end_r, BLOCK_M):
             dka, dkb, dkc, dv = _dkdv_block_t(
                 dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_base, lse_base,
                 delta_base, i0, Nq, q_offset, stride_qn, stride_qd, stride_don, stride_dod,
-                INV_FREQ, HALF, ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_M, BLOCK_R,
-                BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC)
+                INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off, hi_off,
+                qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED,
+                LO_BOUNDED, True, DOT_PREC, ROPE_TABLE)
 
     smask = cols < Nk
     dk_base = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
     dv_base = DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
     _store_grad(dk_base, cols, smask, stride_dkn, stride_dkd, dka * scale, dkb * scale,
-                dkc * scale, k_pos, INV_FREQ, HALF, ROT, NPASS, BLOCK_R, BLOCK_C, HAS_ROPE,
-                HAS_PASS, INTERLEAVED)
+                dkc * scale, k_pos, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS,
+                BLOCK_R, BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED, ROPE_TABLE)
     tl.store(dv_base + cols[:, None] * stride_dvn + dvi[None, :] * stride_dvd,
              dv.to(DV.dtype.element_ty), mask=smask[:, None] & (dvi < D)[None, :])

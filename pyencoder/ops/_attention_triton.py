@@ -10,6 +10,13 @@ head dim, rotary split, window width and dtype (``PYENCODER_TRITON_AUTOTUNE=0`` 
 config). The backward never uses atomics, so dq/dk/dv are bitwise reproducible for a fixed config;
 ``deterministic=True`` additionally pins the config so that reproducibility holds across processes.
 
+RoPE cos/sin source (``PYENCODER_ROPE_TABLE``): ``0`` computes cos/sin in the kernels with
+tl.cos/tl.sin on every tile visit; ``1`` builds float32 cos/sin tables once per call (forward, and
+again in the backward) with pyencoder.rope.rope_cos_sin (the reference's formula) over the
+absolute positions the call touches and the kernels load them; ``auto`` (default) is currently
+the in-kernel mode, as no GPU measurement has compared the two yet (benchmarks/bench_attention.py
+reports both as ``pyencoder-triton`` and ``pyencoder-triton-ropetable``).
+
 Limits: float16, bfloat16, float32 (float64: use the reference); head_dim <= 256; absolute
 positions below 2**24 (exact in float32).
 """
@@ -18,6 +25,7 @@ import os
 import torch
 
 from .._backend import _interpret
+from ..rope import rope_cos_sin
 
 _MAX_HEAD_DIM = 256
 _MAX_POSITION = 1 << 24
@@ -42,6 +50,17 @@ def _window_key(block, lo_off, hi_off):
 
 def _autotune_enabled():
     return os.environ.get("PYENCODER_TRITON_AUTOTUNE", "1") != "0"
+
+
+_ROPE_TABLE_MODES = ("auto", "0", "1")
+
+
+def _rope_table_enabled():
+    mode = os.environ.get("PYENCODER_ROPE_TABLE", "auto").strip().lower() or "auto"
+    if mode not in _ROPE_TABLE_MODES:
+        raise ValueError(f"PYENCODER_ROPE_TABLE must be one of {', '.join(_ROPE_TABLE_MODES)}; "
+                         f"got {mode!r}")
+    return mode == "1"
 
 
 # Tiles measured (tests/test_triton_compile.py) to fit the 163 KiB opt-in shared memory of sm_80
@@ -98,7 +117,7 @@ def _build_kernels():
     def cfg(m, n, w, s):
         return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
 
-    key = ["D", "HALF", "WIN_KEY"]
+    key = ["D", "HALF", "WIN_KEY", "ROPE_TABLE"]
     if _interpret():
         small = cfg(16, 16, 4, 1)
         return {
@@ -176,13 +195,13 @@ def _rope_split(inv_freq, D):
     return half, rot, npass
 
 
-def _consts(q, D, half, npass, lo_off, key_lengths, interleaved):
+def _consts(q, D, half, npass, lo_off, key_lengths, interleaved, table):
     return dict(
         BLOCK_R=max(16, _next_pow2(half)), BLOCK_C=max(16, _next_pow2(npass)),
         BLOCK_DV=max(16, _next_pow2(D)), HAS_ROPE=half > 0, HAS_PASS=npass > 0,
         INTERLEAVED=bool(interleaved) and half > 0, LO_BOUNDED=lo_off >= 0,
         HAS_KLEN=key_lengths is not None,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else None)
+        DOT_PREC="ieee" if q.dtype == torch.float32 else None, ROPE_TABLE=table)
 
 
 def _aux(q, inv_freq, key_lengths):
@@ -192,6 +211,20 @@ def _aux(q, inv_freq, key_lengths):
     klen = torch.empty(1, dtype=torch.int32, device=q.device) if key_lengths is None else \
         key_lengths.to(device=q.device, dtype=torch.int32).contiguous()
     return freq, klen
+
+
+def _rope_tables(q, inv_freq, Nq, Nk, q_offset, k_offset):
+    """(cos, sin, base, enabled): float32 (P, R/2) tables whose row p - base holds absolute
+    position p, for every position of the call, or dummies when the kernels compute cos/sin."""
+    enabled = _rope_table_enabled()
+    if inv_freq is None or inv_freq.numel() == 0 or not enabled:
+        dummy = torch.empty(1, dtype=torch.float32, device=q.device)
+        return dummy, dummy, 0, False
+    base = min(q_offset, k_offset)
+    end = max(q_offset + Nq, k_offset + Nk)
+    pos = torch.arange(base, end, dtype=torch.int64, device=q.device)
+    cos, sin = rope_cos_sin(pos, inv_freq.to(device=q.device, dtype=torch.float32))
+    return cos.contiguous(), sin.contiguous(), base, True
 
 
 def _new(shape, like, dtype=None):
@@ -244,11 +277,12 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
         return out, lse
     half, rot, npass = _rope_split(inv_freq, D)
     freq, klen = _aux(q, inv_freq, key_lengths)
-    consts = _consts(q, D, half, npass, lo_off, key_lengths, interleaved)
-    args = (q, k, v, out, lse, freq, klen,
+    cos, sin, tab_base, table = _rope_tables(q, inv_freq, Nq, Nk, q_offset, k_offset)
+    consts = _consts(q, D, half, npass, lo_off, key_lengths, interleaved, table)
+    args = (q, k, v, out, lse, freq, cos, sin, klen,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             Hq, Hq // Hk, Nq, Nk, D, half, rot, npass,
-            block, lo_off, hi_off, q_offset, k_offset, float(scale) * _LOG2E,
+            block, lo_off, hi_off, q_offset, k_offset, tab_base, float(scale) * _LOG2E,
             _window_key(block, lo_off, hi_off))
     _launch("fwd", lambda bm, bn: (_cdiv(Nq, bm), B * Hq), args, consts,
             big=q.dtype == torch.float32 or D > 64)
@@ -275,22 +309,23 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
     dout = dout.to(q.dtype)
     half, rot, npass = _rope_split(inv_freq, D)
     freq, klen = _aux(q, inv_freq, key_lengths)
-    consts = _consts(q, D, half, npass, lo_off, key_lengths, interleaved)
+    cos, sin, tab_base, table = _rope_tables(q, inv_freq, Nq, Nk, q_offset, k_offset)
+    consts = _consts(q, D, half, npass, lo_off, key_lengths, interleaved, table)
     delta = _new((B, Hq, Nq), q, torch.float32)
     pre, pre_cfg, _ = _kernel("pre")
     bm = pre_cfg.kwargs["BLOCK_M"]
     pre[(_cdiv(Nq, bm), B * Hq)](out, dout, delta, *out.stride(), *dout.stride(), Hq, Nq, D,
                                  BLOCK_M=bm, BLOCK_DV=max(16, _next_pow2(D)), num_warps=4)
     win = _window_key(block, lo_off, hi_off)
-    common = (Nq, Nk, D, half, rot, npass, block, lo_off, hi_off, q_offset, k_offset,
+    common = (Nq, Nk, D, half, rot, npass, block, lo_off, hi_off, q_offset, k_offset, tab_base,
               float(scale), float(scale) * _LOG2E, win)
-    args = (q, k, v, dout, dq, lse, delta, freq, klen,
+    args = (q, k, v, dout, dq, lse, delta, freq, cos, sin, klen,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
             Hq, Hq // Hk, *common)
     big = q.dtype == torch.float32 or D > 64
     _launch("dq", lambda bm, bn: (_cdiv(Nq, bm), B * Hq), args, consts, pinned=deterministic,
             big=big)
-    args = (q, k, v, dout, dk, dv, lse, delta, freq, klen,
+    args = (q, k, v, dout, dk, dv, lse, delta, freq, cos, sin, klen,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             Hq, Hk, Hq // Hk, *common)
     _launch("dkdv", lambda bm, bn: (_cdiv(Nk, bn), B * Hk), args, consts, pinned=deterministic,

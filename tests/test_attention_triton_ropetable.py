@@ -1,0 +1,100 @@
+"""Triton interval attention with the RoPE table mode forced on (PYENCODER_ROPE_TABLE=1).
+
+The kernels then load cos/sin from float32 tables built by the launcher (pyencoder.rope.rope_cos_sin,
+the reference's formula) instead of computing them. Same oracle, cases and tolerances as
+tests/test_attention_triton.py (see its docstring), on a subset covering band and chunked masks,
+NeoX / interleaved / partial rotary, offsets (tables starting at min(q_offset, k_offset)), GQA,
+padding, N = 1, float32 and float16, forward and backward.
+"""
+import pytest
+import torch
+
+from conftest import has_triton
+
+pytestmark = pytest.mark.skipif(not has_triton(), reason="triton is not installed")
+
+if has_triton():
+    from pyencoder.ops import _attention_triton as tri
+    from test_attention_triton import _CASES, _case_id, _close, _do_case, _inputs, _run_pair
+from pyencoder import Rope
+from pyencoder.ops.attention import band_params
+
+_DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+# band GQA + padding (NeoX), offsets (interleaved), GQA + partial interleaved + q_offset only,
+# Nq = 1 at an offset, chunked padding, chunked GQA + offsets (interleaved), chunked with
+# q_offset > k_offset, D = 80 partial NeoX
+_FP32 = (1, 2, 4, 6, 8, 9, 12, 13)
+_FP16 = (1, 12)
+
+
+@pytest.fixture(autouse=True)
+def _table_mode(monkeypatch):
+    if not has_triton():
+        return
+    monkeypatch.setattr(tri, "POISON_OUTPUTS", True)
+    monkeypatch.setenv("PYENCODER_ROPE_TABLE", "1")
+    used = []
+    build = tri._rope_tables
+
+    def spy(*a, **kw):
+        res = build(*a, **kw)
+        used.append(res[3])
+        return res
+    monkeypatch.setattr(tri, "_rope_tables", spy)
+    return used
+
+
+@pytest.mark.parametrize("case", [_CASES[i] for i in _FP32],
+                         ids=[_case_id(_CASES[i]) for i in _FP32])
+def test_table_fp32_forward_backward(case, _table_mode):
+    _do_case(case, torch.float32)
+    assert _table_mode == [True, True]
+
+
+@pytest.mark.parametrize("case", [_CASES[i] for i in _FP16],
+                         ids=[_case_id(_CASES[i]) for i in _FP16])
+def test_table_fp16_forward_backward(case, _table_mode):
+    _do_case(case, torch.float16)
+    assert _table_mode == [True, True]
+
+
+def test_table_zero_rows_and_padding(_table_mode):
+    # keys start at position 12 (table from 0 to 32); queries 0..9 see nothing; batch 1 padded
+    q, k, v = _inputs(2, 2, 2, 20, 20, 32, torch.float32)
+    kl = torch.tensor([20, 0], dtype=torch.int32, device=_DEV)
+    (out, lse, g), (out_r, lse_r, g_r) = _run_pair(q, k, v, Rope(32, interleaved=True), kl,
+                                                   band_params(2, 0), 0, 12, torch.float64)
+    assert torch.isinf(lse[0, :, :10]).all() and torch.isinf(lse[1]).all()
+    assert (out[0, :, :10] == 0).all() and (out[1] == 0).all()
+    _close("out", out, out_r, 1e-4, 1e-5)
+    for name, a, b in zip(("dq", "dk", "dv"), g, g_r):
+        _close(name, a, b, 1e-4, 1e-5)
+    assert _table_mode == [True, True]
+
+
+def test_table_matches_in_kernel_mode(monkeypatch):
+    # both modes take float32 cos/sin of the same float32 angle: they agree to a few ulps of cos/sin
+    q, k, v = _inputs(1, 2, 1, 29, 33, 32, torch.float32)
+    args = (Rope(32).inv_freq(q.device), None, *band_params(6, 2), 5, 1, 32 ** -0.5, False)
+    out_t, lse_t = tri.forward(q, k, v, *args)
+    monkeypatch.setenv("PYENCODER_ROPE_TABLE", "0")
+    out_k, lse_k = tri.forward(q, k, v, *args)
+    torch.testing.assert_close(out_t, out_k, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse_t, lse_k, rtol=1e-5, atol=1e-6)
+
+
+def test_table_tables_and_env(monkeypatch):
+    inv = Rope(16).inv_freq()
+    q = torch.empty(1, 1, 4, 16)
+    cos, sin, base, on = tri._rope_tables(q, inv, 4, 6, 7, 3)
+    assert on and base == 3 and cos.shape == (8, 8) and sin.shape == (8, 8)
+    ang = torch.arange(3, 11, dtype=torch.float32)[:, None] * inv[None, :]
+    assert torch.equal(cos, torch.cos(ang)) and torch.equal(sin, torch.sin(ang))
+    assert not tri._rope_tables(q, None, 4, 6, 7, 3)[3]
+    for mode, want in (("0", False), ("auto", False), ("", False), ("1", True)):
+        monkeypatch.setenv("PYENCODER_ROPE_TABLE", mode)
+        assert tri._rope_tables(q, inv, 4, 6, 0, 0)[3] is want
+    monkeypatch.setenv("PYENCODER_ROPE_TABLE", "yes")
+    with pytest.raises(ValueError, match="PYENCODER_ROPE_TABLE"):
+        tri.forward(q, q, q, inv, None, 1, 2, 0, 0, 0, 1.0, False)
