@@ -1,11 +1,13 @@
 """Interval attention: pyencoder's Triton kernels against the named anchors, forward, backward
 and forward+backward, RoPE counted on every side.
 
-Providers (GPU): pyencoder-triton (RoPE inside the kernels); reference (pyencoder's plain-torch
-path); sdpa-mask (scaled_dot_product_attention with a dense boolean N x N mask, plus a separate
-RoPE pass); flex (torch.nn.attention.flex_attention, compiled, block mask built once outside the
-timing, plus a separate RoPE pass); flash-attn (window_size=(left, right), band masks only, when
-flash_attn is installed, plus a separate RoPE pass).
+Providers (GPU): pyencoder-triton (RoPE inside the kernels, cos/sin source as
+PYENCODER_ROPE_TABLE says: in-kernel by default); pyencoder-triton-ropetable (the same kernels with
+cos/sin loaded from float32 tables built once per call, PYENCODER_ROPE_TABLE=1); reference
+(pyencoder's plain-torch path); sdpa-mask (scaled_dot_product_attention with a dense boolean
+N x N mask, plus a separate RoPE pass); flex (torch.nn.attention.flex_attention, compiled, block
+mask built once outside the timing, plus a separate RoPE pass); flash-attn (window_size=(left,
+right), band masks only, when flash_attn is installed, plus a separate RoPE pass).
 CPU: only reference and sdpa-mask, at small N, float32 (a smoke run).
 
 Shapes: wav2vec2-base (B=8, H=12, D=64) and large (B=8, H=16, D=64); N in {500, 1500, 3000,
@@ -20,6 +22,8 @@ written). Written to benchmarks/results/<device>/attention.jsonl.
     python -m benchmarks.bench_attention [--quick] [--providers P ...] [--n N ...]
 """
 import argparse
+import contextlib
+import os
 import sys
 
 import torch
@@ -30,7 +34,8 @@ SHAPES = {"wav2vec2-base": (8, 12, 64), "wav2vec2-large": (8, 16, 64)}
 NS = (500, 1500, 3000, 12000)
 MASKS = (("band", None, 0), ("band", None, 3), ("band", 250, 3), ("band", 50, 3),
          ("chunked", 4, 128, 3))
-GPU_PROVIDERS = ("pyencoder-triton", "reference", "sdpa-mask", "flex", "flash-attn")
+GPU_PROVIDERS = ("pyencoder-triton", "pyencoder-triton-ropetable", "reference", "sdpa-mask",
+                 "flex", "flash-attn")
 CPU_PROVIDERS = ("reference", "sdpa-mask")
 
 
@@ -74,8 +79,8 @@ def make_provider(name, q, k, v, m, rope):
     import pyencoder
     n = q.shape[2]
     pos = torch.arange(n, device=q.device)
-    if name in ("pyencoder-triton", "reference"):
-        backend = "triton" if name == "pyencoder-triton" else "reference"
+    if name in ("pyencoder-triton", "pyencoder-triton-ropetable", "reference"):
+        backend = "reference" if name == "reference" else "triton"
         block, lo, hi = mask_params(m)
         return lambda: pyencoder.ops.interval_attention(q, k, v, block=block, lo_off=lo,
                                                          hi_off=hi, rope=rope, backend=backend)
@@ -114,7 +119,33 @@ def make_provider(name, q, k, v, m, rope):
     raise ValueError(f"unknown provider {name!r}")
 
 
-def measure(name, shape_name, B, H, D, n, m, dtype, device, warmup, rep, bw):
+@contextlib.contextmanager
+def _rope_table_env(name):
+    """PYENCODER_ROPE_TABLE=1 while the table-mode provider runs (forward and backward)."""
+    if name != "pyencoder-triton-ropetable":
+        yield
+        return
+    old = os.environ.get("PYENCODER_ROPE_TABLE")
+    os.environ["PYENCODER_ROPE_TABLE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYENCODER_ROPE_TABLE", None)
+        else:
+            os.environ["PYENCODER_ROPE_TABLE"] = old
+
+
+def measure(name, *args):
+    with _rope_table_env(name):
+        rec = _measure(name, *args)
+    if name.startswith("pyencoder-triton"):
+        rec["rope_table"] = "1" if name.endswith("ropetable") else \
+            os.environ.get("PYENCODER_ROPE_TABLE", "auto")
+    return rec
+
+
+def _measure(name, shape_name, B, H, D, n, m, dtype, device, warmup, rep, bw):
     import pyencoder
     rec = {"bench": "attention", "provider": name, "shape": shape_name, "B": B, "H": H, "D": D,
            "N": n, "mask": mask_name(m), "dtype": str(dtype).replace("torch.", ""), "rope": True}
@@ -222,7 +253,7 @@ def main(argv=None):
                                 f"{rec['fwd_tflops']:6.1f} TFLOP/s fwd")
                         if "fwd_hbm_pct" in rec:
                             line += f"  {rec['fwd_hbm_pct']:5.1f} % HBM fwd"
-                    print(f"{shape_name:16s} N={n:6d} {mask_name(m):18s} {prov:17s} {line}",
+                    print(f"{shape_name:16s} N={n:6d} {mask_name(m):18s} {prov:26s} {line}",
                           flush=True)
     if not args.no_write:
         print(f"wrote {write_jsonl('attention', records)}")
