@@ -20,8 +20,11 @@ pointers; those variants only add facts for the compiler).
 
 Matrix: ``PYENCODER_COMPILE_MATRIX=quick`` (default) compiles every config of every launcher list
 at the shapes that need the most shared memory and registers (head_dim 128 with partial RoPE for
-attention, widest conv tiles) in each element size, plus one case per remaining code path;
-``full`` adds every dtype x head dim (32, 64, 80, 128) x RoPE (none, NeoX, interleaved, partial)
+attention, widest conv tiles) in each element size, plus one case per remaining code path; the
+attention RoPE table mode (PYENCODER_ROPE_TABLE=1, cases labelled "table") at head_dim 128 with
+full and partial RoPE, every config, and one 16-bit interleaved case;
+``full`` adds every dtype x head dim (32, 64, 80, 128) x RoPE (none, NeoX, interleaved, partial,
+the rotary ones in both RoPE modes)
 and the conv width/grouping/stride/activation grid. Results are cached per job (keyed by the
 kernel's source hash, the job and the Triton version) in ``$PYENCODER_COMPILE_CACHE`` or
 ``<tmp>/pyencoder-triton-compile``, so a rerun only compiles what changed.
@@ -121,15 +124,21 @@ def _attention_cases(matrix):
         for dn in dts:
             for D in (32, 64, 80, 128):
                 for rope in ropes:
-                    yield (dn, D, rope, True, True)
-        yield ("fp16", 64, "none", False, True)
+                    yield (dn, D, rope, True, True, False)
+                    if rope != "none":
+                        yield (dn, D, rope, True, True, True)
+        yield ("fp16", 64, "none", False, True, False)
     else:
         for dn in ("bf16", "fp32"):
-            yield (dn, 128, "partial", True, True)
-        yield ("fp16", 64, "interleaved", False, True)
-        yield ("fp32", 32, "neox", False, True)
-        yield ("bf16", 80, "none", False, True)
-        yield ("fp16", 64, "none", False, False)
+            yield (dn, 128, "partial", True, True, False)
+            # RoPE table mode: the widest cos/sin tiles (full rotary) and the partial split
+            yield (dn, 128, "neox", True, True, True)
+        yield ("bf16", 128, "partial", True, True, True)
+        yield ("fp16", 64, "interleaved", False, True, False)
+        yield ("fp16", 64, "interleaved", False, True, True)
+        yield ("fp32", 32, "neox", False, True, False)
+        yield ("bf16", 80, "none", False, True, False)
+        yield ("fp16", 64, "none", False, False, False)
 
 
 def _run_attention(rec, matrix):
@@ -138,7 +147,7 @@ def _run_attention(rec, matrix):
     import pyencoder.ops._attention_triton as A
     A._interpret = lambda: False
     dts = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-    for dn, D, rope, all_cfgs, bounded in _attention_cases(matrix):
+    for dn, D, rope, all_cfgs, bounded, table in _attention_cases(matrix):
         dt = dts[dn]
         B, Hq, Hk, N = 2, 4, 2, 40
         q = torch.randn(B, Hq, N, D, dtype=dt)
@@ -149,9 +158,12 @@ def _run_attention(rec, matrix):
         klen = torch.tensor([N, N - 3], dtype=torch.int32) if bounded else None
         lo = 4000 if bounded else -1  # a wide window: the window prune keeps every tile
         mask = (klen, 4, lo, 3, 0, 0, D ** -0.5, rope == "interleaved")
-        rec.case = f"{dn} D{D} rope={rope}" + ("" if bounded else " unbounded")
+        rec.case = (f"{dn} D{D} rope={rope}" + ("" if bounded else " unbounded")
+                    + (" table" if table else ""))
         rec.all_configs = all_cfgs
         old = os.environ.get("PYENCODER_TRITON_AUTOTUNE")
+        old_table = os.environ.get("PYENCODER_ROPE_TABLE")
+        os.environ["PYENCODER_ROPE_TABLE"] = "1" if table else "0"
         try:
             for autotune in ("1", "0"):
                 os.environ["PYENCODER_TRITON_AUTOTUNE"] = autotune
@@ -171,10 +183,12 @@ def _run_attention(rec, matrix):
                 finally:
                     A._PINNED = pinned
         finally:
-            if old is None:
-                os.environ.pop("PYENCODER_TRITON_AUTOTUNE", None)
-            else:
-                os.environ["PYENCODER_TRITON_AUTOTUNE"] = old
+            for name, val in (("PYENCODER_TRITON_AUTOTUNE", old),
+                              ("PYENCODER_ROPE_TABLE", old_table)):
+                if val is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = val
 
 
 def _conv_cases(matrix):

@@ -74,17 +74,37 @@ _WIDE_TILES = {
 }
 
 
+# The RoPE table mode adds the cos/sin tiles of K (forward, dq) or Q (dk/dv) to the software
+# pipeline's shared-memory stages: with full rotary at head_dim 128 (BLOCK_R 64) these tiles exceed
+# the 163 KiB of sm_80 (tests/test_triton_compile.py; sm_90 fits them all) and are dropped there.
+_TABLE_DROP = {
+    (True, "fwd"): {(128, 32, 4, 3)}, (True, "dq"): {(64, 64, 4, 2)}, (True, "dkdv"): set(),
+    (False, "fwd"): {(128, 128, 8, 3)}, (False, "dq"): set(), (False, "dkdv"): set(),
+}
+_TABLE_PINNED = {"fwd": (64, 32, 4, 2), "dq": (64, 32, 4, 2), "dkdv": (16, 64, 4, 2)}
+
+
+def _table_drop(name, fp32, kwargs):
+    if not kwargs.get("ROPE_TABLE") or kwargs["BLOCK_R"] < 64:
+        return set()
+    return _TABLE_DROP[(fp32, name)]
+
+
+def _tile(c):
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+
 def _is_wide(named_args, kwargs):
     fp32 = named_args["Q"].dtype == torch.float32
     return kwargs["BLOCK_DV"] >= (64 if fp32 else 256)
 
 
 def _prune_size(name, configs, named_args, kwargs):
+    drop = _table_drop(name, named_args["Q"].dtype == torch.float32, kwargs)
+    configs = [c for c in configs if _tile(c) not in drop]
     if not _is_wide(named_args, kwargs):
         return configs
-    return [c for c in configs
-            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-            in _WIDE_TILES[name]]
+    return [c for c in configs if _tile(c) in _WIDE_TILES[name]]
 
 
 def _prune_fwd(configs, named_args, **kwargs):
@@ -173,7 +193,10 @@ def _launch(name, grid_fn, args, consts, pinned=False, big=False):
         tiles = [(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps,
                   config.num_stages)]
     else:
-        tiles = [_PINNED[name]["big" if big else "small"], _FALLBACK]
+        tile = _PINNED[name]["big" if big else "small"]
+        if tile in _table_drop(name, args[0].dtype == torch.float32, consts):
+            tile = _TABLE_PINNED[name]
+        tiles = [tile, _FALLBACK]
     for i, (bm, bn, warps, stages) in enumerate(tiles):
         try:
             fixed[grid_fn(bm, bn)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
