@@ -1,10 +1,12 @@
 """Triton interval attention with the RoPE table mode forced on (PYENCODER_ROPE_TABLE=1).
 
-The kernels then load cos/sin from float32 tables built by the launcher (pyencoder.rope.rope_cos_sin,
-the reference's formula) instead of computing them. Same oracle, cases and tolerances as
-tests/test_attention_triton.py (see its docstring), on a subset covering band and chunked masks,
-NeoX / interleaved / partial rotary, offsets (tables starting at min(q_offset, k_offset)), GQA,
-padding, N = 1, float32 and float16, forward and backward.
+The kernels then load cos/sin from float32 tables built by the launcher
+(pyencoder.rope.rope_cos_sin, the reference's formula) instead of computing them. Same oracle,
+cases and tolerances as tests/test_attention_triton.py (see its docstring), on a subset covering
+band and chunked masks, NeoX / interleaved / partial rotary, offsets (tables starting at
+min(q_offset, k_offset)), GQA, padding, N = 1, float32 and float16, forward and backward. GPU
+tests (``-m gpu``) run the FlashAttention tolerance rule of tests/test_attention_triton.py in
+table mode, bfloat16 included.
 """
 import pytest
 import torch
@@ -15,7 +17,8 @@ pytestmark = pytest.mark.skipif(not has_triton(), reason="triton is not installe
 
 if has_triton():
     from pyencoder.ops import _attention_triton as tri
-    from test_attention_triton import _CASES, _case_id, _close, _do_case, _inputs, _run_pair
+    from test_attention_triton import (_CASES, _case_id, _close, _do_case, _fa_rule_case, _inputs,
+                                       _run_pair)
 from pyencoder import Rope
 from pyencoder.ops.attention import band_params
 
@@ -98,3 +101,21 @@ def test_table_tables_and_env(monkeypatch):
     monkeypatch.setenv("PYENCODER_ROPE_TABLE", "yes")
     with pytest.raises(ValueError, match="PYENCODER_ROPE_TABLE"):
         tri.forward(q, q, q, inv, None, 1, 2, 0, 0, 0, 1.0, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("kind", [("band", 250, 3, 0), ("chunked", 4, 128, 3)])
+def test_gpu_table_grid(dtype, D, kind, _table_mode):
+    _fa_rule_case(2, 4, 2, 1000, 1000, D, kind, Rope(D), [1000, 613], dtype)
+    assert _table_mode and all(_table_mode)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rope", [(64, True), (32, False)])
+def test_gpu_table_offsets_partial(rope, _table_mode):
+    rope = Rope(rope[0], interleaved=rope[1])
+    _fa_rule_case(1, 4, 1, 517, 520, 64, ("chunked", 4, 2, 3), rope, None, torch.bfloat16, 0, 7)
+    _fa_rule_case(2, 2, 2, 129, 129, 64, ("band", 50, 3, 0), rope, None, torch.float16, 5, 5)
+    assert _table_mode and all(_table_mode)
