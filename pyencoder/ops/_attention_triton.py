@@ -81,6 +81,14 @@ _TABLE_DROP = {
     (True, "fwd"): {(128, 32, 4, 3)}, (True, "dq"): {(64, 64, 4, 2)}, (True, "dkdv"): set(),
     (False, "fwd"): {(128, 128, 8, 3)}, (False, "dq"): set(), (False, "dkdv"): set(),
 }
+# Autotune configs tried in the table mode only: the large tiles with fewer pipeline stages, since
+# the pipelined cos/sin stages cost shared memory and registers (ptxas: more spills at 2-3 stages,
+# none added at 1 stage). The in-kernel mode never sees them.
+_TABLE_ONLY = {
+    "fwd": {(128, 64, 4, 2), (128, 64, 4, 1)},
+    "dq": {(128, 64, 8, 2), (64, 64, 4, 1)},
+    "dkdv": {(64, 128, 8, 2), (64, 128, 8, 1)},
+}
 _TABLE_PINNED = {"fwd": (64, 32, 4, 2), "dq": (64, 32, 4, 2), "dkdv": (16, 64, 4, 2)}
 
 
@@ -101,6 +109,8 @@ def _is_wide(named_args, kwargs):
 
 def _prune_size(name, configs, named_args, kwargs):
     drop = _table_drop(name, named_args["Q"].dtype == torch.float32, kwargs)
+    if not kwargs.get("ROPE_TABLE"):
+        drop = _TABLE_ONLY[name]
     configs = [c for c in configs if _tile(c) not in drop]
     if not _is_wide(named_args, kwargs):
         return configs
@@ -152,6 +162,9 @@ def _build_kernels():
                cfg(64, 32, 4, 2)]
     dkdv_cfgs = [cfg(64, 128, 8, 3), cfg(64, 64, 4, 3), cfg(32, 128, 4, 3), cfg(32, 64, 4, 2),
                  cfg(16, 64, 4, 2)]
+    fwd_cfgs += [cfg(*t) for t in sorted(_TABLE_ONLY["fwd"], reverse=True)]
+    dq_cfgs += [cfg(*t) for t in sorted(_TABLE_ONLY["dq"], reverse=True)]
+    dkdv_cfgs += [cfg(*t) for t in sorted(_TABLE_ONLY["dkdv"], reverse=True)]
     tune = triton.autotune
     return {
         "fwd": (ia._interval_attention_fwd_kernel, fwd_cfgs[0],
