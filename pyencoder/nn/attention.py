@@ -265,6 +265,22 @@ class _IntervalSelfAttention(nn.Module):
         pad = lambda t: torch.cat((t, t.new_zeros(*t.shape[:2], new - cap, t.shape[3])), 2)  # noqa
         state.k, state.v = pad(state.k), pad(state.v)
 
+    # Per-query (B, H, qcap) state tensors queued beside the held-back queries (subclasses with
+    # per-query inputs to the attention, e.g. WavLM's gate, name them here).
+    _queued = ()
+
+    def _query_extras(self, x):
+        """{name in _queued: (B, H, n) values for the new queries of x}."""
+        return {}
+
+    def _decode(self, q, extras, state, q_pos, q_count, n_keys):
+        """Pending queries q (B, H, M, D) at positions q_pos attend over the ring."""
+        inv = None if self.rope is None else self.rope.inv_freq(q.device)
+        return decode_attention(q, state.k, state.v, q_pos, q_count, n_keys, inv,
+                                False if self.rope is None else self.rope.interleaved,
+                                self.block, self.lo_off, self.hi_off, self.scale,
+                                backend=self.decode_backend)
+
     def _piece(self, x, lengths, state, final):
         B, n, E = x.shape
         H, D = self.num_heads, self.head_dim
@@ -284,6 +300,9 @@ class _IntervalSelfAttention(nn.Module):
             ring_write(state.v, v, kpos, valid)
             bi, ji = valid.nonzero(as_tuple=True)
             state.q[bi, :, np0[bi] + ji] = q[bi, :, ji].to(state.q.dtype)
+            for name, t in self._query_extras(x).items():
+                buf = getattr(state, name)
+                buf[bi, :, np0[bi] + ji] = t[bi, :, ji].to(buf.dtype)
         np1 = np0 + lengths
         qp0 = P0 - np0
         qcap = state.q.shape[2]
@@ -298,18 +317,17 @@ class _IntervalSelfAttention(nn.Module):
         if m == 0:
             y = x.new_zeros(B, 0, E)
         else:
-            qq = state.q[:, :, :m]
             qpos = qp0[:, None] + torch.arange(m, device=dev)[None, :]
-            inv = None if self.rope is None else self.rope.inv_freq(dev)
-            o = decode_attention(qq, state.k, state.v, qpos, ready, P1, inv,
-                                 False if self.rope is None else self.rope.interleaved,
-                                 self.block, self.lo_off, self.hi_off, self.scale,
-                                 backend=self.decode_backend)
+            extras = {name: getattr(state, name)[:, :, :m] for name in self._queued}
+            o = self._decode(state.q[:, :, :m], extras, state, qpos, ready, P1)
             y = self.out_proj(o.to(x.dtype).transpose(1, 2).reshape(B, m, E))
             rows = torch.arange(m, device=dev)[None, :] < ready[:, None]
             y = y * rows[:, :, None].to(y.dtype)
             idx = (torch.arange(qcap, device=dev)[None, :] + ready[:, None]).clamp(max=qcap - 1)
             state.q = state.q.gather(2, idx[:, None, :, None].expand(B, H, qcap, D))
+            for name in self._queued:
+                setattr(state, name, getattr(state, name).gather(2, idx[:, None, :].expand(
+                    B, H, qcap)))
         state.pos = P1
         state.pending = np1 - ready
         state.out_lengths = ready

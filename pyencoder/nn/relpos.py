@@ -45,7 +45,7 @@ from torch import nn
 
 from ..ops.attention import band_params, chunked_params
 from ..rope import apply_rope
-from ..streaming.ring import ring_positions, ring_write
+from ..streaming.ring import ring_positions
 from .attention import AttentionState, _IntervalSelfAttention
 
 __all__ = ["WavLMSelfAttention", "RelPosAttentionState", "relative_position_bucket",
@@ -286,9 +286,16 @@ class WavLMSelfAttention(_IntervalSelfAttention):
         raise NotImplementedError("WavLMSelfAttention has no step_fixed (CUDA-graph step): the "
                                   "relative bias has no kernel path yet; use step()")
 
-    def _decode(self, q, gate, state, q_pos, q_count, n_keys):
-        """Pending queries q (B, H, M, D) with gates (B, H, M) at positions q_pos (B, M) attend
-        over the ring; rows >= q_count[b] output 0."""
+    _queued = ("gate",)
+
+    def _query_extras(self, x):
+        g = self.gate(x)
+        return {} if g is None else {"gate": g}
+
+    def _decode(self, q, extras, state, q_pos, q_count, n_keys):
+        """Pending queries q (B, H, M, D) with gates extras["gate"] (B, H, M) at positions q_pos
+        (B, M) attend over the ring; rows >= q_count[b] output 0."""
+        gate = extras["gate"] if self.gated else None
         B, H, M, D = q.shape
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         qr = q.to(cdt)
@@ -313,56 +320,6 @@ class WavLMSelfAttention(_IntervalSelfAttention):
         nz = l > 0
         o = torch.matmul(p, state.v.to(cdt)) / torch.where(nz, l, torch.ones_like(l))
         return torch.where(nz, o, torch.zeros_like(o)).to(q.dtype)
-
-    def _piece(self, x, lengths, state, final):
-        B, n, E = x.shape
-        H, D = self.num_heads, self.head_dim
-        dev = x.device
-        P0, np0 = state.pos, state.pending
-        P1 = P0 + lengths
-        if n:
-            q, k, v = self._heads(x, self.q_proj), self._heads(x, self.k_proj), self._heads(x, self.v_proj)
-            g = self.gate(x)
-            j = torch.arange(n, device=dev)
-            valid = j[None, :] < lengths[:, None]
-            kpos = P0[:, None] + j[None, :]
-            if self.rope is not None:
-                k = apply_rope(k, kpos, self.rope.inv_freq(dev), self.rope.interleaved)
-            if self.lo_off < 0:
-                self._grow(state, int(P1.max()))
-            ring_write(state.k, k, kpos, valid)
-            ring_write(state.v, v, kpos, valid)
-            bi, ji = valid.nonzero(as_tuple=True)
-            state.q[bi, :, np0[bi] + ji] = q[bi, :, ji].to(state.q.dtype)
-            if g is not None:
-                state.gate[bi, :, np0[bi] + ji] = g[bi, :, ji].to(state.gate.dtype)
-        np1 = np0 + lengths
-        qp0 = P0 - np0
-        qcap = state.q.shape[2]
-        if final:
-            ready = np1
-        else:
-            i = torch.arange(qcap, device=dev)[None, :]
-            p = qp0[:, None] + i
-            hi = torch.div(p, self.block, rounding_mode="floor") * self.block + self.hi_off
-            ready = ((i < np1[:, None]) & (hi <= (P1 - 1)[:, None])).sum(1)
-        m = int(ready.max()) if B else 0
-        if m == 0:
-            y = x.new_zeros(B, 0, E)
-        else:
-            qpos = qp0[:, None] + torch.arange(m, device=dev)[None, :]
-            o = self._decode(state.q[:, :, :m], state.gate[:, :, :m] if self.gated else None,
-                             state, qpos, ready, P1)
-            y = self.out_proj(o.to(x.dtype).transpose(1, 2).reshape(B, m, E))
-            rows = torch.arange(m, device=dev)[None, :] < ready[:, None]
-            y = y * rows[:, :, None].to(y.dtype)
-            idx = (torch.arange(qcap, device=dev)[None, :] + ready[:, None]).clamp(max=qcap - 1)
-            state.q = state.q.gather(2, idx[:, None, :, None].expand(B, H, qcap, D))
-            state.gate = state.gate.gather(2, idx[:, None, :].expand(B, H, qcap))
-        state.pos = P1
-        state.pending = np1 - ready
-        state.out_lengths = ready
-        return y, state
 
     def extra_repr(self):
         mask = (f"left={self.left}, right={self.right}" if self.chunk_size is None else
