@@ -42,7 +42,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pyencoder.nn import (BandedSelfAttention, CausalConv1d, ChunkedSelfAttention,  # noqa
-                          TransformerLayer, Transpose)
+                          Linear, TransformerLayer, Transpose)
 from pyencoder.streaming import StreamingSequential, latency  # noqa
 
 try:
@@ -79,7 +79,7 @@ def build(layers=12, dim=768, heads=12, ffn=3072, left=250, lookahead=3, conv_di
     for k, s in zip(ks, ss):
         mods.append(CausalConv1d(cin, conv_dim, k, stride=s, bias=False, activation="gelu"))
         cin = conv_dim
-    mods += [Transpose(), nn.LayerNorm(conv_dim), nn.Linear(conv_dim, dim)]
+    mods += [Transpose(), nn.LayerNorm(conv_dim), Linear(conv_dim, dim)]
     for i in range(layers):
         la = lookahead if i == 0 else 0
         if mask == "banded":

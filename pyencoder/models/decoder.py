@@ -26,6 +26,7 @@ from torch import nn
 from ..nn.attention import BandedSelfAttention
 from ..nn.conv import CausalConv1d
 from ..nn.layer import TransformerLayer
+from ..nn.linear import Linear
 from ..nn.misc import Transpose
 from ..nn.refiner import Refiner
 from ..ops.convnext import convnext_dwconv_ln
@@ -79,9 +80,9 @@ class ConvNeXtBlock(nn.Module):
         super().__init__()
         self.dwconv = CausalConv1d(dim, dim, kernel_size, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
-        self.pwconv1 = nn.Linear(dim, intermediate_dim)
+        self.pwconv1 = Linear(dim, intermediate_dim)
         self.act = nn.GELU()
-        self.pwconv2 = nn.Linear(intermediate_dim, dim)
+        self.pwconv2 = Linear(intermediate_dim, dim)
         self.gamma = nn.Parameter(torch.full((dim,), layer_scale_init)) \
             if layer_scale_init is not None else None
         self.fused = fused
@@ -147,7 +148,7 @@ class StreamingDecoder(nn.Module):
                                       right=c.attention_lookahead, rope=True)
             mods.append(TransformerLayer(att, c.intermediate_dim, norm_first=True,
                                          layer_norm_eps=c.layer_norm_eps))
-        mods += [nn.LayerNorm(c.dim, eps=c.layer_norm_eps), nn.Linear(c.dim, c.samples_per_frame)]
+        mods += [nn.LayerNorm(c.dim, eps=c.layer_norm_eps), Linear(c.dim, c.samples_per_frame)]
         self.net = StreamingSequential(*mods)
 
     @property

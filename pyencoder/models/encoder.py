@@ -35,6 +35,7 @@ from torch import nn
 from ..nn.attention import BandedSelfAttention, ChunkedSelfAttention
 from ..nn.conv import CausalConv1d
 from ..nn.layer import TransformerLayer
+from ..nn.linear import Linear
 from ..nn.relpos import WavLMSelfAttention
 from ..streaming.latency import NotStreamableError
 from ..streaming.sequential import StreamingSequential
@@ -113,7 +114,7 @@ class FeatureProjection(nn.Module):
     def __init__(self, conv_channels, hidden_size, layer_norm, eps):
         super().__init__()
         self.layer_norm = nn.LayerNorm(conv_channels, eps=eps) if layer_norm else None
-        self.projection = nn.Linear(conv_channels, hidden_size)
+        self.projection = Linear(conv_channels, hidden_size)
 
     def forward(self, x):
         n = self.layer_norm(x) if self.layer_norm is not None else x

@@ -35,6 +35,7 @@ from ..ops.attention import band_params, chunked_params, interval_attention
 from ..rope import apply_rope, as_rope
 from ..streaming.ring import decode_attention, ring_write
 from ..streaming.state import StreamState
+from .linear import Linear
 
 __all__ = ["BandedSelfAttention", "ChunkedSelfAttention", "AttentionState"]
 
@@ -76,10 +77,10 @@ class _IntervalSelfAttention(nn.Module):
         self.rope = as_rope(rope, self.head_dim)
         self.max_context = max_context
         self.decode_backend = None
-        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.k_proj = Linear(embed_dim, embed_dim, bias=bias)
+        self.v_proj = Linear(embed_dim, embed_dim, bias=bias)
+        self.q_proj = Linear(embed_dim, embed_dim, bias=bias)
+        self.out_proj = Linear(embed_dim, embed_dim, bias=bias)
 
     # Latency accounting: frames of future context a frame waits for, frames per input frame.
     @property

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..streaming.state import StreamState
 from .attention import _IntervalSelfAttention
+from .linear import Linear
 
 __all__ = ["TransformerLayer", "LayerState", "FeedForward"]
 
@@ -21,9 +22,9 @@ __all__ = ["TransformerLayer", "LayerState", "FeedForward"]
 class FeedForward(nn.Module):
     def __init__(self, embed_dim, ffn_dim, bias=True):
         super().__init__()
-        self.intermediate_dense = nn.Linear(embed_dim, ffn_dim, bias=bias)
+        self.intermediate_dense = Linear(embed_dim, ffn_dim, bias=bias)
         self.act = nn.GELU()
-        self.output_dense = nn.Linear(ffn_dim, embed_dim, bias=bias)
+        self.output_dense = Linear(ffn_dim, embed_dim, bias=bias)
 
     def forward(self, x):
         return self.output_dense(self.act(self.intermediate_dense(x)))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..streaming.state import StreamState
+from .linear import Linear
 
 __all__ = ["Refiner", "RefinerState"]
 
@@ -33,9 +34,9 @@ class Refiner(nn.Module):
         self.embed_dim, self.chunk_size = embed_dim, chunk_size
         flat = embed_dim * chunk_size
         hidden_dim = flat if hidden_dim is None else hidden_dim
-        self.fc1 = nn.Linear(flat, hidden_dim, bias=bias)
+        self.fc1 = Linear(flat, hidden_dim, bias=bias)
         self.act = nn.GELU() if activation is None else activation
-        self.fc2 = nn.Linear(hidden_dim, flat, bias=bias)
+        self.fc2 = Linear(hidden_dim, flat, bias=bias)
 
     @property
     def lookahead(self):

@@ -1,0 +1,116 @@
+"""``Linear``: ``nn.Linear`` (same parameters, init and state_dict keys) with a faster CPU path for
+the few-row inputs that a streaming step feeds it.
+
+A streaming step at 40-80 ms chunks multiplies 2-4 frames by every weight matrix, so on a CPU it
+is bound by how fast the GEMM streams the weights. MKL's ``sgemm`` for ``x @ W^T`` with 2-4 rows
+reads them at about a third of the rate it reaches for the same product computed the other way
+round, ``(W @ x^T)^T`` (many rows, 2-4 columns). Measured on the 2-core AMD EPYC CI machine,
+torch 2.13 + MKL 2024.2, fp32, 2 threads (GB/s of weight read):
+
+    weight     rows  F.linear  W @ x^T
+    768x768      4     11.3     34.1
+    3072x768     4     10.8     38.3
+    768x3072     4     12.3     13.6
+    768x768      8     11.6     15.6        (5-8 rows: mixed, so not taken)
+    768x3072     8     12.8     10.5
+    768x768      1     15.2     30.1        (the row padded to two: one GEMM instead of gemv)
+    3072x768     1     15.8     35.3
+    768x3072     1     21.1     23.9
+
+``linear`` takes the transposed product on CPU for fp32 inputs with 1-4 rows (all leading dims
+flattened; a single row is duplicated into two so MKL runs its GEMM rather than its gemv) and
+``F.linear`` everywhere else (GPU, other dtypes, >= 5 rows, under torch.compile). Both are one fp32 GEMM over the same products; only the summation blocking
+differs, so results agree to fp32 rounding (test_linear.py). ``PYENCODER_CPU_SKINNY_GEMM=0``
+turns the transposed path off.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_MIN_ROWS, _MAX_ROWS = 1, 4
+_K_BLOCK = 1024
+
+
+def _enabled():
+    return os.environ.get("PYENCODER_CPU_SKINNY_GEMM", "1") != "0"
+
+
+def uses_skinny_path(x, weight):
+    """Whether ``linear(x, weight, ...)`` takes the transposed CPU product."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if x.dim() == 0 or x.shape[-1] == 0 or torch.compiler.is_compiling():
+        return False
+    rows = x.numel() // x.shape[-1]
+    return _MIN_ROWS <= rows <= _MAX_ROWS and _enabled()
+
+
+def _k_blocks(k):
+    """Blocks the K (in_features) dim is cut into for the skinny path: 1 up to _K_BLOCK, else the
+    fewest equal blocks of at most _K_BLOCK (None when K has no such divisor within 16 blocks)."""
+    if k <= _K_BLOCK:
+        return 1
+    for nb in range(-(-k // _K_BLOCK), 17):
+        if k % nb == 0:
+            return nb
+    return None
+
+
+def linear(x, weight, bias=None, weight_blocks=None):
+    """``F.linear(x, weight, bias)``; on CPU with 1-4 fp32 rows computed as ``(W @ x^T)^T``.
+
+    ``weight_blocks``: optional (nb, out, in / nb) contiguous copy of ``weight`` cut along its input
+    dim (``Linear`` keeps one for in_features > 1024 in inference); the product is then one
+    batched GEMM over the blocks and a sum."""
+    if not uses_skinny_path(x, weight):
+        return F.linear(x, weight, bias)
+    if x.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"linear: x has {x.shape[-1]} features in its last dim; weight "
+                         f"{tuple(weight.shape)} expects {weight.shape[-1]}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    rows = x2.shape[0]
+    if rows == 1:
+        x2 = x2.expand(2, -1).contiguous()
+    if weight_blocks is not None:
+        nb, _, kb = weight_blocks.shape
+        y = torch.bmm(weight_blocks, x2.view(-1, nb, kb).permute(1, 2, 0)).sum(0)
+        if bias is not None:
+            y = y + bias.unsqueeze(1)
+    elif bias is None:
+        y = torch.mm(weight, x2.t())
+    else:
+        y = torch.addmm(bias.unsqueeze(1), weight, x2.t())
+    return y[:, :rows].t().contiguous().view(*lead, weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose forward is :func:`linear` (see the module docstring).
+
+    For in_features > 1024 the skinny path reads the weight from a copy cut into K blocks (built
+    on first use, rebuilt when the weight changes: keyed by its data pointer and version), only
+    when autograd records nothing (no_grad / inference_mode, or neither x nor the weight needs a
+    gradient). The copy costs the weight's size in memory once; it is not a
+    parameter or buffer (not in state_dict, not moved by ``.to()``: rebuilt instead)."""
+
+    _blocks = None  # (data_ptr, version, device, tensor)
+
+    def _weight_blocks(self, x):
+        w = self.weight
+        if not uses_skinny_path(x, w) or (torch.is_grad_enabled()
+                                           and (w.requires_grad or x.requires_grad)):
+            return None
+        nb = _k_blocks(w.shape[1])
+        if nb is None or nb == 1:
+            return None
+        key = (w.data_ptr(), w._version, w.device)
+        if self._blocks is None or self._blocks[:3] != key:
+            with torch.no_grad():
+                t = w.detach().view(w.shape[0], nb, w.shape[1] // nb).permute(1, 0, 2)
+                self._blocks = key + (t.contiguous(),)
+        return self._blocks[3]
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias, self._weight_blocks(x))
