@@ -171,7 +171,7 @@ def _measure(name, shape_name, B, H, D, n, m, dtype, device, warmup, rep, bw):
             t_f = bench(fwd, warmup, rep)
         t_b = bench(bwd, warmup, rep)
         t_fb = bench(fwdbwd, warmup, rep)
-        del out
+        out = None  # free the graph (bwd closes over it)
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

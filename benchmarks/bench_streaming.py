@@ -9,6 +9,8 @@ CPU (fp32):
   * offline compute per second of audio (one forward over --seconds of audio);
   * streaming compute per second of audio at 20 ms and 80 ms chunks (step over the same audio);
     ratio streaming / offline (target <= 1.5 at 80 ms);
+  * the floor at 80 ms chunks: weight bytes x steps per second / measured read bandwidth, plus the
+    conv extractor streamed alone (batch 1 reads every weight once per step);
   * the naive way: re-run the offline model over the last 5 s at each 80 ms step (per second of
     audio = 12.5 forwards of 5 s); ratio naive / streaming-80ms (target >= 10).
 GPU (bf16, --gpu): the steady-state step (``step_fixed``) captured in a CUDA graph, for two masks
@@ -103,6 +105,30 @@ def _time(fn, reps=3):
     return statistics.median(ts)
 
 
+def _floor(model, x, t_off, chunk_ms=80):
+    """Lower bound of streaming compute at ``chunk_ms`` chunks on this machine: every step reads
+    every weight once (batch 1: no reuse across steps, the weights do not fit in cache), at best at
+    the measured read bandwidth (a 512 MB torch.sum), plus the conv extractor streamed alone
+    (compute-bound, as much work as offline). Ratio to the offline compute."""
+    wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    buf = torch.ones(128 * 2 ** 20)
+    bw = buf.numel() * 4 / _time(buf.sum, 3)
+    del buf
+    steps = 1000 / chunk_ms
+    conv = StreamingSequential(*[m for m in model if isinstance(m, CausalConv1d)])
+    c = chunk_ms * SR // 1000
+
+    def run_conv():
+        st = conv.init_state(1, max_chunk=c // HOP)
+        for t in range(0, x.shape[-1], c):
+            conv.step(x[..., t:t + c], st)
+    t_conv = _time(run_conv, 2) / (x.shape[-1] / SR)
+    t_w = wbytes * steps / bw
+    return dict(chunk_ms=chunk_ms, weight_mb=wbytes / 1e6, read_gb_per_s=bw / 1e9,
+                weights_s_per_audio_s=t_w, conv_s_per_audio_s=t_conv,
+                compute_s_per_audio_s=t_w + t_conv, ratio_vs_offline=(t_w + t_conv) / t_off)
+
+
 def bench_cpu(args):
     torch.manual_seed(0)
     model = build(layers=args.layers)
@@ -133,6 +159,12 @@ def bench_cpu(args):
                              else None))
             print(f"streaming {chunk_ms} ms chunks: {t_s * 1000:.1f} ms per s of audio "
                   f"({t_s / t_off:.2f}x offline)")
+        recs.append(dict(base, mode="floor_80ms", **_floor(model, x, t_off)))
+        fl = recs[-1]
+        print(f"floor at 80 ms chunks: weights {fl['weight_mb']:.0f} MB read per step at "
+              f"{fl['read_gb_per_s']:.1f} GB/s = {fl['weights_s_per_audio_s'] * 1000:.0f} ms per s "
+              f"of audio + conv extractor {fl['conv_s_per_audio_s'] * 1000:.0f} ms = "
+              f"{fl['ratio_vs_offline']:.2f}x offline")
         win = torch.randn(1, 1, 5 * SR)
         t5 = _time(lambda: model(win), args.reps)
         naive = t5 * (1000 / 80)

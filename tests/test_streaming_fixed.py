@@ -6,7 +6,9 @@ order); the state tensors keep their data pointers; the step does no host synchr
 under a TorchDispatchMode that raises on aten._local_scalar_dense, which .item() / int(t) /
 bool(t) dispatch to, and on the ops whose CUDA kernels synchronise: nonzero, masked_select,
 boolean-mask indexing, unique); clear errors on bad step lengths and states that are not in
-steady state. GPU (marked): step_fixed captured in a torch.cuda.CUDAGraph and replayed equals the
+steady state; the general step dispatches to step_fixed in the steady state (same outputs and
+counters as the pure general path, earlier counter tensors left unchanged, not taken for ragged
+lengths / unbounded history / after flush / steps that are not whole blocks). GPU (marked): step_fixed captured in a torch.cuda.CUDAGraph and replayed equals the
 eager step_fixed, for single attention modules and a conv + transformer stack, fp32 and bf16.
 """
 import pytest
@@ -73,6 +75,20 @@ ATT_CASES = [
 ]
 
 
+class _general_only:
+    """Context: the general ``step`` never dispatches to ``step_fixed`` (the pure general path,
+    the oracle the fixed step is compared with)."""
+
+    def __enter__(self):
+        from pyencoder.nn import attention
+        self._mp = pytest.MonkeyPatch()
+        self._mp.setattr(attention._IntervalSelfAttention, "_fixed_ok",
+                         lambda self, n, state, lengths=None: False)
+
+    def __exit__(self, *exc):
+        self._mp.undo()
+
+
 def _run_fixed(module, x, warm_sizes, n, max_chunk):
     """Warm up with step (ragged sizes), then step_fixed in steps of n; return the concatenated
     outputs of the general steps and the fixed steps, and the state."""
@@ -110,10 +126,11 @@ def test_attention_step_fixed_equals_step_and_offline(name, make, n, max_chunk, 
         got, st, t = _run_fixed(m, x, warm, n, max_chunk)
         st2 = m.init_state(2, max_chunk=max_chunk)
         ys, u = [], 0
-        for s in warm + [n] * ((t - sum(warm)) // n):
-            y, st2 = m.step(x[:, u:u + s], st2)
-            ys.append(y[:, :int(st2.out_lengths[0])])
-            u += s
+        with _general_only():
+            for s in warm + [n] * ((t - sum(warm)) // n):
+                y, st2 = m.step(x[:, u:u + s], st2)
+                ys.append(y[:, :int(st2.out_lengths[0])])
+                u += s
         via_step = torch.cat(ys, 1)
     assert got.shape[1] == via_step.shape[1]
     assert rel_err(got, via_step) <= TOL
@@ -349,3 +366,107 @@ def test_step_fixed_no_sync_cuda(kind):
             model.step_fixed(x[..., 80:88], st)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+# ---- the general step runs as step_fixed in the steady state ---------------------------------
+
+def _count_fixed(monkeypatch, cls):
+    calls = []
+    orig = cls.step_fixed
+
+    def spy(self, *a, **k):
+        calls.append(type(self).__name__)
+        return orig(self, *a, **k)
+    monkeypatch.setattr(cls, "step_fixed", spy)
+    return calls
+
+
+def _layer_stack(mask):
+    torch.manual_seed(3)
+    att = (lambda: _banded(right=2)) if mask == "banded" else (lambda: _chunked(chunk=2,
+                                                                                lookahead=1))
+    return StreamingSequential(
+        CausalConv1d(1, 8, 3, stride=2, activation="gelu"), Transpose(), nn.Linear(8, 16),
+        TransformerLayer(att(), 32), TransformerLayer(att(), 32, norm_first=False)).eval()
+
+
+@pytest.mark.parametrize("mask", ["banded", "chunked"])
+def test_general_step_dispatches_to_fixed(monkeypatch, mask):
+    """Uniform steps of a multiple of the block: after the warm-up the general step runs as
+    step_fixed (spied), and the streamed outputs equal the pure general path and the offline
+    forward; the states agree."""
+    model = _layer_stack(mask)
+    chunks = [4] * 3 + [8] * 17          # 8 samples = 4 frames (stride 2): whole chunks of 2
+    x = torch.randn(2, 1, sum(chunks))
+    with torch.no_grad():
+        ref = model(x)
+        with _general_only():
+            st0 = model.init_state(2, max_chunk=4)
+            ys0, t = [], 0
+            for c in chunks:
+                y, st0 = model.step(x[..., t:t + c], st0)
+                ys0.append(y)
+                t += c
+        calls = _count_fixed(monkeypatch, TransformerLayer)
+        st = model.init_state(2, max_chunk=4)
+        ys, t = [], 0
+        for c in chunks:
+            y, st = model.step(x[..., t:t + c], st)
+            ys.append(y)
+            t += c
+        assert len(calls) >= 2 * 10, calls
+        yf, st = model.flush(st)
+        ys.append(yf)
+        yf0, st0 = model.flush(st0)
+        ys0.append(yf0)
+    got, gen = torch.cat(ys, 1), torch.cat(ys0, 1)
+    assert got.shape == gen.shape == ref.shape
+    assert rel_err(got, gen) <= TOL and rel_err(got, ref) <= TOL
+    # Counters, the rings and conv histories agree (the held-back query / residual queues are
+    # compared through the outputs: their slots past the pending count are scratch).
+    t1, t0 = st.tensors(), st0.tensors()
+    assert t1.keys() == t0.keys()
+    for key in t1:
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf in ("pos", "pending", "count", "out_lengths"):
+            assert torch.equal(t1[key], t0[key]), key
+        elif leaf in ("k", "v", "hist"):
+            assert rel_err(t1[key], t0[key]) <= TOL, key
+
+
+def test_dispatch_keeps_counter_values(monkeypatch):
+    """out_lengths / pos returned by an earlier step are not changed by a later step that runs
+    as step_fixed (it updates its counters in place, on fresh tensors)."""
+    m = _banded(right=2)
+    calls = _count_fixed(monkeypatch, BandedSelfAttention)
+    x = torch.randn(1, 20, m.embed_dim)
+    with torch.no_grad():
+        st = m.init_state(1, max_chunk=4)
+        _, st = m.step(x[:, :3], st)
+        seen = (st.out_lengths, st.pos)
+        vals = (st.out_lengths.clone(), st.pos.clone())
+        _, st = m.step(x[:, 3:7], st)
+        assert calls
+        assert torch.equal(seen[0], vals[0]) and torch.equal(seen[1], vals[1])
+        assert int(st.out_lengths) == 4 and int(st.pos) == 7
+
+
+@pytest.mark.parametrize("case", ["ragged", "unbounded", "after_flush", "not_block_multiple"])
+def test_dispatch_not_taken(monkeypatch, case):
+    left = None if case == "unbounded" else 5
+    m = (_chunked(chunk=3, lookahead=1) if case == "not_block_multiple"
+         else BandedSelfAttention(16, 2, left=left, right=1).eval())
+    calls = _count_fixed(monkeypatch, type(m))
+    x = torch.randn(2, 30, 16)
+    with torch.no_grad():
+        st = m.init_state(2, max_chunk=4)
+        _, st = m.step(x[:, :6], st)
+        calls.clear()
+        if case == "ragged":
+            _, st = m.step(x[:, 6:9], st, lengths=torch.tensor([3, 2]))
+        elif case == "after_flush":
+            _, st = m.flush(st)
+            _, st = m.step(x[:, 6:9], st)
+        else:
+            _, st = m.step(x[:, 6:8], st)
+    assert calls == []

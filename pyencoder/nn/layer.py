@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..streaming.state import StreamState
-from .attention import _IntervalSelfAttention
+from .attention import _IntervalSelfAttention, _fresh_counters
 from .linear import Linear
 
 __all__ = ["TransformerLayer", "LayerState", "FeedForward"]
@@ -79,6 +79,10 @@ class TransformerLayer(nn.Module):
 
     def step(self, x, state, lengths=None):
         B, n, E = x.shape
+        if self.attention._fixed_ok(n, state.attention, lengths):
+            _fresh_counters(state.attention)
+            state.out_lengths = torch.empty_like(state.out_lengths)
+            return self.step_fixed(x, state), state
         mc = state.res.shape[1] - self.attention.hi_off
         if n > mc:
             from .attention import _concat_ragged
