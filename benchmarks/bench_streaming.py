@@ -111,7 +111,7 @@ def _floor(model, x, t_off, chunk_ms=80):
     the measured read bandwidth (a 512 MB torch.sum), plus the conv extractor streamed alone
     (compute-bound, as much work as offline). Ratio to the offline compute."""
     wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    buf = torch.ones(128 * 2 ** 20)
+    buf = torch.randn(128 * 2 ** 20)  # distinct pages (a constant buffer reads faster on a VM)
     bw = buf.numel() * 4 / _time(buf.sum, 3)
     del buf
     steps = 1000 / chunk_ms

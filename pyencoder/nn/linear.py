@@ -66,6 +66,10 @@ def linear(x, weight, bias=None, weight_blocks=None):
     batched GEMM over the blocks and a sum."""
     if not uses_skinny_path(x, weight):
         return F.linear(x, weight, bias)
+    return _skinny(x, weight, bias, weight_blocks)
+
+
+def _skinny(x, weight, bias, weight_blocks):
     if x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"linear: x has {x.shape[-1]} features in its last dim; weight "
                          f"{tuple(weight.shape)} expects {weight.shape[-1]}")
@@ -99,8 +103,7 @@ class Linear(nn.Linear):
 
     def _weight_blocks(self, x):
         w = self.weight
-        if not uses_skinny_path(x, w) or (torch.is_grad_enabled()
-                                           and (w.requires_grad or x.requires_grad)):
+        if torch.is_grad_enabled() and (w.requires_grad or x.requires_grad):
             return None
         nb = _k_blocks(w.shape[1])
         if nb is None or nb == 1:
@@ -113,4 +116,6 @@ class Linear(nn.Linear):
         return self._blocks[3]
 
     def forward(self, x):
-        return linear(x, self.weight, self.bias, self._weight_blocks(x))
+        if not uses_skinny_path(x, self.weight):
+            return F.linear(x, self.weight, self.bias)
+        return _skinny(x, self.weight, self.bias, self._weight_blocks(x))
