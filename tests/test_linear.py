@@ -113,3 +113,36 @@ def test_not_taken(monkeypatch):
 def test_shape_error():
     with pytest.raises(ValueError, match="features"):
         L.linear(torch.randn(2, 15), torch.randn(8, 16))
+
+
+@pytest.mark.parametrize("inf,rows", [(32, 3), (2048, 1), (2048, 4), (2048, 7)])
+def test_linear_view(inf, rows):
+    """LinearView runs a foreign nn.Linear through the skinny path, reading its parameters at
+    call time (updates of the wrapped module are seen)."""
+    torch.manual_seed(inf + rows)
+    lin = nn.Linear(inf, 10)
+    view = L.skinny_view(lin)
+    assert isinstance(view, L.LinearView) and view.weight is lin.weight and view.bias is lin.bias
+    assert (view.in_features, view.out_features) == (inf, 10)
+    assert list(view.parameters()) == list(lin.parameters())
+    x = torch.randn(1, rows, inf)
+    with torch.no_grad():
+        _check_close(view(x), x, lin.weight, lin.bias)
+        lin.load_state_dict(nn.Linear(inf, 10).state_dict())
+        _check_close(view(x), x, lin.weight, lin.bias)
+        lin.weight.add_(1.0)
+        _check_close(view(x), x, lin.weight, lin.bias)
+    y = view(x.requires_grad_(True))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, lin.weight.sum(0).expand_as(x), rtol=1e-5, atol=1e-5)
+
+
+def test_skinny_view_leaves_other_modules():
+    class Lora(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    for mod in (Lora(4, 4), Linear(4, 4), nn.Identity()):
+        assert L.skinny_view(mod) is mod
+    with pytest.raises(TypeError, match="nn.Linear"):
+        L.LinearView(nn.Identity())

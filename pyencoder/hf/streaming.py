@@ -13,7 +13,9 @@ Per stage, what the state carries (a pyencoder.streaming.StreamState, so state_d
   queries, the Triton decode kernel on CUDA). WavLM layers use pyencoder.nn.WavLMSelfAttention
   sharing the HF module's projections, gate parameters and layer 0's rel_attn_embed (same ring
   state plus the gates of held-back queries; plain torch, no kernel path yet). Each layer also
-  keeps the inputs of its held-back frames for the residual path.
+  keeps the inputs of its held-back frames for the residual path. The attention projections and
+  the feed-forward's two Linear layers run through pyencoder.nn.LinearView (the HF modules keep
+  their parameters; on a CPU, the 1-4 frames of a step take the faster skinny GEMM path).
 
 Streams in a batch run in lockstep (same chunk length for every slot). Lookahead: frames are
 emitted as soon as the last key they see has arrived; ``flush`` emits the rest (their windows are
@@ -28,12 +30,37 @@ import torch
 from torch import nn
 
 from ..nn.attention import BandedSelfAttention, ChunkedSelfAttention
+from ..nn.linear import skinny_view
 from ..nn.relpos import WavLMSelfAttention
 from ..streaming.state import StreamState
 from .frontend import RunningNormState, causal_pos_conv, running_group_norm
 from .patch import base_model, latency as _latency
 
 __all__ = ["StreamingEncoder", "EncoderStreamState"]
+
+
+class _StreamFeedForward(nn.Module):
+    """An HF Wav2Vec2 / HuBERT / WavLM feed-forward (intermediate_dense -> act -> dropout ->
+    output_dense -> dropout) with its two Linear layers run through pyencoder.nn.LinearView (the
+    few-row CPU GEMM path of a streaming step); the HF module itself where its layout differs."""
+
+    _PARTS = ("intermediate_dense", "intermediate_act_fn", "intermediate_dropout", "output_dense",
+              "output_dropout")
+
+    def __init__(self, ff):
+        super().__init__()
+        self.ff = ff
+        self.split = all(hasattr(ff, p) for p in self._PARTS)
+        if self.split:
+            self.inter = skinny_view(ff.intermediate_dense)
+            self.out = skinny_view(ff.output_dense)
+
+    def forward(self, x):
+        ff = self.ff
+        if not self.split:
+            return ff(x)
+        h = ff.intermediate_dropout(ff.intermediate_act_fn(self.inter(x)))
+        return ff.output_dropout(self.out(h))
 
 
 @dataclasses.dataclass
@@ -98,6 +125,7 @@ class StreamingEncoder(nn.Module):
         self.output_hidden_states = output_hidden_states
         self.max_context = max_context
         self.attn = nn.ModuleList()
+        self.ffn = nn.ModuleList()
         for i, (layer, spec) in enumerate(zip(base.encoder.layers, rec.specs)):
             hf = layer.attention
             E, H = hf.embed_dim, hf.num_heads
@@ -112,13 +140,14 @@ class StreamingEncoder(nn.Module):
                                           lookahead=spec.lookahead, rope=spec.rope or False,
                                           max_context=max_context)
             for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                setattr(sa, name, getattr(hf, name))
+                setattr(sa, name, skinny_view(getattr(hf, name)))
             if family == "wavlm":
                 sa.gru_rel_pos_linear = hf.gru_rel_pos_linear
                 sa.gru_rel_pos_const = hf.gru_rel_pos_const
             if abs(sa.scale - hf.scaling) > 1e-12:
                 raise ValueError(f"attention scaling {hf.scaling} is not 1/sqrt(head_dim)")
             self.attn.append(sa)
+            self.ffn.append(_StreamFeedForward(layer.feed_forward))
 
     def _wavlm_attention(self, hf, spec, i, max_context):
         """A WavLMSelfAttention for HF layer i's mask; layer 0 owns (shares) the HF bucket table,
@@ -228,12 +257,12 @@ class StreamingEncoder(nn.Module):
         res, st.pending = st.pending[:, :m], st.pending[:, m:]
         h = res + layer.dropout(y)
         if self.stable:
-            h = h + layer.feed_forward(layer.final_layer_norm(h))
+            h = h + self.ffn[i](layer.final_layer_norm(h))
             if getattr(layer, "adapter_layer", None) is not None:
                 h = h + layer.adapter_layer(h)
         else:
             h = layer.layer_norm(h)
-            h = h + layer.feed_forward(h)
+            h = h + self.ffn[i](h)
             h = layer.final_layer_norm(h)
         return h
 

@@ -7,13 +7,13 @@ from .conv import CausalConv1d, ConvState
 from .refiner import Refiner, RefinerState
 from .layer import FeedForward, LayerState, TransformerLayer
 from .misc import Transpose
-from .linear import Linear
+from .linear import Linear, LinearView
 from .norm import RunningGroupNorm, RunningNormState
 
 __all__ = ["RotaryEmbedding", "BandedSelfAttention", "ChunkedSelfAttention", "AttentionState",
            "WavLMSelfAttention", "RelPosAttentionState",
            "CausalConv1d", "ConvState", "Refiner", "RefinerState", "TransformerLayer",
-           "FeedForward", "LayerState", "Linear", "Transpose", "RunningGroupNorm", "RunningNormState",
+           "FeedForward", "LayerState", "Linear", "LinearView", "Transpose", "RunningGroupNorm", "RunningNormState",
            "StreamingSequential"]
 
 

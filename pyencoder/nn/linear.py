@@ -90,6 +90,24 @@ def _skinny(x, weight, bias, weight_blocks):
     return y[:, :rows].t().contiguous().view(*lead, weight.shape[0])
 
 
+def _cached_blocks(owner, w, x):
+    """The K-blocked copy of weight ``w`` kept on ``owner`` (``owner._blocks``), or None where the
+    skinny path should read ``w`` itself: K <= 1024 or no equal split, or autograd records (the
+    copy is not differentiable)."""
+    if torch.is_grad_enabled() and (w.requires_grad or x.requires_grad):
+        return None
+    nb = _k_blocks(w.shape[1])
+    if nb is None or nb == 1:
+        return None
+    key = (w.data_ptr(), w._version, w.device)
+    cached = owner._blocks
+    if cached is None or cached[:3] != key:
+        with torch.no_grad():
+            t = w.detach().view(w.shape[0], nb, w.shape[1] // nb).permute(1, 0, 2)
+            cached = owner._blocks = key + (t.contiguous(),)
+    return cached[3]
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` whose forward is :func:`linear` (see the module docstring).
 
@@ -101,21 +119,53 @@ class Linear(nn.Linear):
 
     _blocks = None  # (data_ptr, version, device, tensor)
 
-    def _weight_blocks(self, x):
-        w = self.weight
-        if torch.is_grad_enabled() and (w.requires_grad or x.requires_grad):
-            return None
-        nb = _k_blocks(w.shape[1])
-        if nb is None or nb == 1:
-            return None
-        key = (w.data_ptr(), w._version, w.device)
-        if self._blocks is None or self._blocks[:3] != key:
-            with torch.no_grad():
-                t = w.detach().view(w.shape[0], nb, w.shape[1] // nb).permute(1, 0, 2)
-                self._blocks = key + (t.contiguous(),)
-        return self._blocks[3]
-
     def forward(self, x):
         if not uses_skinny_path(x, self.weight):
             return F.linear(x, self.weight, self.bias)
-        return _skinny(x, self.weight, self.bias, self._weight_blocks(x))
+        return _skinny(x, self.weight, self.bias, _cached_blocks(self, self.weight, x))
+
+
+class LinearView(nn.Module):
+    """Runs someone else's ``nn.Linear`` (e.g. a Hugging Face model's projection) through the
+    skinny path: the wrapped module stays the owner of its parameters, which are read at call
+    time (so ``.to()``, ``load_state_dict`` or in-place updates of the wrapped model are seen).
+    Elsewhere (GPU, >= 5 rows, ...) it calls the wrapped module itself."""
+
+    _blocks = None
+
+    def __init__(self, linear):
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear; got {type(linear).__name__}")
+        self.linear = linear
+
+    @property
+    def weight(self):
+        return self.linear.weight
+
+    @property
+    def bias(self):
+        return self.linear.bias
+
+    @property
+    def in_features(self):
+        return self.linear.in_features
+
+    @property
+    def out_features(self):
+        return self.linear.out_features
+
+    def forward(self, x):
+        w = self.linear.weight
+        if not uses_skinny_path(x, w):
+            return self.linear(x)
+        return _skinny(x, w, self.linear.bias, _cached_blocks(self, w, x))
+
+
+def skinny_view(module):
+    """``module`` run through the skinny CPU path where that is exact: a ``LinearView`` of a plain
+    ``nn.Linear`` (its type exactly: subclasses such as LoRA / quantised layers may compute
+    something else), ``module`` itself otherwise (also when it is already a ``Linear``)."""
+    if type(module) is nn.Linear:
+        return LinearView(module)
+    return module
