@@ -15,7 +15,7 @@ Per stage, what the state carries (a pyencoder.streaming.StreamState, so state_d
   state plus the gates of held-back queries; plain torch, no kernel path yet). Each layer also
   keeps the inputs of its held-back frames for the residual path. The attention projections and
   the feed-forward's two Linear layers run through pyencoder.nn.LinearView (the HF modules keep
-  their parameters; on a CPU, the 1-4 frames of a step take the faster skinny GEMM path).
+  their parameters; on a CPU, the 1-5 frames of a step take the faster skinny GEMM path).
 
 Streams in a batch run in lockstep (same chunk length for every slot). Lookahead: frames are
 emitted as soon as the last key they see has arrived; ``flush`` emits the rest (their windows are

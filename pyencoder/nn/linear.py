@@ -1,25 +1,28 @@
 """``Linear``: ``nn.Linear`` (same parameters, init and state_dict keys) with a faster CPU path for
 the few-row inputs that a streaming step feeds it.
 
-A streaming step at 40-80 ms chunks multiplies 2-4 frames by every weight matrix, so on a CPU it
-is bound by how fast the GEMM streams the weights. MKL's ``sgemm`` for ``x @ W^T`` with 2-4 rows
-reads them at about a third of the rate it reaches for the same product computed the other way
-round, ``(W @ x^T)^T`` (many rows, 2-4 columns). Measured on the 2-core AMD EPYC CI machine,
+A streaming step at 20-100 ms chunks multiplies 1-5 frames by every weight matrix, so on a CPU it
+is bound by how fast the GEMM streams the weights. MKL's ``sgemm`` for ``x @ W^T`` with 2-5 rows
+reads them at a third to two thirds of the rate it reaches for the same product computed the other way
+round, ``(W @ x^T)^T`` (many rows, 2-5 columns). Measured on the 2-core AMD EPYC CI machine,
 torch 2.13 + MKL 2024.2, fp32, 2 threads (GB/s of weight read):
 
     weight     rows  F.linear  W @ x^T
     768x768      4     11.3     34.1
     3072x768     4     10.8     38.3
     768x3072     4     12.3     13.6
-    768x768      8     11.6     15.6        (5-8 rows: mixed, so not taken)
-    768x3072     8     12.8     10.5
+    768x768      5     13.2     16.8
+    3072x768     5     11.8     22.0
+    768x3072     5     13.5     17.5        (K-blocked copy, see Linear)
+    768x3072     6     13.7     12.5        (6+ rows: mixed, so not taken)
+    768x3072     8     13.0      7.8
     768x768      1     15.2     30.1        (the row padded to two: one GEMM instead of gemv)
     3072x768     1     15.8     35.3
     768x3072     1     21.1     23.9
 
-``linear`` takes the transposed product on CPU for fp32 inputs with 1-4 rows (all leading dims
+``linear`` takes the transposed product on CPU for fp32 inputs with 1-5 rows (all leading dims
 flattened; a single row is duplicated into two so MKL runs its GEMM rather than its gemv) and
-``F.linear`` everywhere else (GPU, other dtypes, >= 5 rows, under torch.compile). Both are one fp32 GEMM over the same products; only the summation blocking
+``F.linear`` everywhere else (GPU, other dtypes, >= 6 rows, under torch.compile). Both are one fp32 GEMM over the same products; only the summation blocking
 differs, so results agree to fp32 rounding (test_linear.py). ``PYENCODER_CPU_SKINNY_GEMM=0``
 turns the transposed path off.
 """
@@ -29,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_MIN_ROWS, _MAX_ROWS = 1, 4
+_MIN_ROWS, _MAX_ROWS = 1, 5
 _K_BLOCK = 1024
 
 
@@ -59,7 +62,7 @@ def _k_blocks(k):
 
 
 def linear(x, weight, bias=None, weight_blocks=None):
-    """``F.linear(x, weight, bias)``; on CPU with 1-4 fp32 rows computed as ``(W @ x^T)^T``.
+    """``F.linear(x, weight, bias)``; on CPU with 1-5 fp32 rows computed as ``(W @ x^T)^T``.
 
     ``weight_blocks``: optional (nb, out, in / nb) contiguous copy of ``weight`` cut along its input
     dim (``Linear`` keeps one for in_features > 1024 in inference); the product is then one
@@ -129,7 +132,7 @@ class LinearView(nn.Module):
     """Runs someone else's ``nn.Linear`` (e.g. a Hugging Face model's projection) through the
     skinny path: the wrapped module stays the owner of its parameters, which are read at call
     time (so ``.to()``, ``load_state_dict`` or in-place updates of the wrapped model are seen).
-    Elsewhere (GPU, >= 5 rows, ...) it calls the wrapped module itself."""
+    Elsewhere (GPU, >= 6 rows, ...) it calls the wrapped module itself."""
 
     _blocks = None
 
