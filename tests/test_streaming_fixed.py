@@ -398,27 +398,26 @@ def test_general_step_dispatches_to_fixed(monkeypatch, mask):
     model = _layer_stack(mask)
     chunks = [4] * 3 + [8] * 17          # 8 samples = 4 frames (stride 2): whole chunks of 2
     x = torch.randn(2, 1, sum(chunks))
-    with torch.no_grad():
-        ref = model(x)
-        with _general_only():
-            st0 = model.init_state(2, max_chunk=4)
-            ys0, t = [], 0
-            for c in chunks:
-                y, st0 = model.step(x[..., t:t + c], st0)
-                ys0.append(y)
-                t += c
-        calls = _count_fixed(monkeypatch, TransformerLayer)
+    def stream():
         st = model.init_state(2, max_chunk=4)
         ys, t = [], 0
         for c in chunks:
             y, st = model.step(x[..., t:t + c], st)
             ys.append(y)
             t += c
+        return ys, st
+
+    with torch.no_grad():
+        ref = model(x)
+        with _general_only():
+            ys0, st0 = stream()
+            yf0, st0 = model.flush(st0)
+        calls = _count_fixed(monkeypatch, TransformerLayer)
+        ys, st = stream()
         assert len(calls) >= 2 * 10, calls
         yf, st = model.flush(st)
-        ys.append(yf)
-        yf0, st0 = model.flush(st0)
-        ys0.append(yf0)
+    ys.append(yf)
+    ys0.append(yf0)
     got, gen = torch.cat(ys, 1), torch.cat(ys0, 1)
     assert got.shape == gen.shape == ref.shape
     assert rel_err(got, gen) <= TOL and rel_err(got, ref) <= TOL
