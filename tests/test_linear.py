@@ -146,3 +146,26 @@ def test_skinny_view_leaves_other_modules():
         assert L.skinny_view(mod) is mod
     with pytest.raises(TypeError, match="nn.Linear"):
         L.LinearView(nn.Identity())
+
+
+def test_cache_not_pickled_and_inference_tensor_reuse(tmp_path):
+    """The K-block copy is not saved with the module; a copy built under inference_mode serves
+    later no_grad and grad-enabled (nothing requires grad) calls."""
+    import copy
+    m = Linear(2048, 6).requires_grad_(False)
+    x = torch.randn(2, 2048)
+    with torch.inference_mode():
+        m(x)
+    assert m._blocks is not None
+    _check_close(m(x), x, m.weight, m.bias)          # grad mode on, nothing requires grad
+    with torch.no_grad():
+        _check_close(m(x), x, m.weight, m.bias)
+    assert "_blocks" not in copy.deepcopy(m).__dict__
+    torch.save(m, tmp_path / "m.pt")
+    m2 = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert "_blocks" not in m2.__dict__
+    _check_close(m2(x), x, m.weight, m.bias)
+    v = L.LinearView(nn.Linear(2048, 6))
+    with torch.no_grad():
+        v(x)
+    assert v._blocks is not None and "_blocks" not in copy.deepcopy(v).__dict__

@@ -111,6 +111,13 @@ def _cached_blocks(owner, w, x):
     return cached[3]
 
 
+def _state_without_cache(module):
+    """Pickling (torch.save(module), deepcopy) leaves the K-block cache behind: rebuilt on use."""
+    state = nn.Module.__getstate__(module).copy()
+    state.pop("_blocks", None)
+    return state
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` whose forward is :func:`linear` (see the module docstring).
 
@@ -121,6 +128,9 @@ class Linear(nn.Linear):
     parameter or buffer (not in state_dict, not moved by ``.to()``: rebuilt instead)."""
 
     _blocks = None  # (data_ptr, version, device, tensor)
+
+    def __getstate__(self):
+        return _state_without_cache(self)
 
     def forward(self, x):
         if not uses_skinny_path(x, self.weight):
@@ -135,6 +145,8 @@ class LinearView(nn.Module):
     Elsewhere (GPU, >= 6 rows, ...) it calls the wrapped module itself."""
 
     _blocks = None
+    def __getstate__(self):
+        return _state_without_cache(self)
 
     def __init__(self, linear):
         super().__init__()
