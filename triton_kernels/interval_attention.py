@@ -154,6 +154,35 @@ def _block_ranges(first, last_valid, lo_full, hi_full, end, BLOCK: tl.constexpr)
 
 
 @triton.jit
+def _query_tile(pid_m, b, Nq, Nk, KLEN, block, lo_off, hi_off, q_offset, k_offset,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LO_BOUNDED: tl.constexpr,
+                HAS_KLEN: tl.constexpr):
+    """Query tile pid_m of batch b: its rows, row mask, absolute positions, the batch's key count
+    and the key-block ranges (_block_ranges) of the keys its queries can see."""
+    i0 = pid_m * BLOCK_M
+    rows = i0 + tl.arange(0, BLOCK_M)
+    rmask = rows < Nq
+    q_pos = q_offset + rows
+    nk_b = Nk
+    if HAS_KLEN:
+        nk_b = tl.minimum(tl.load(KLEN + b), Nk)
+
+    p_first = q_offset + i0
+    p_last = q_offset + tl.minimum(i0 + BLOCK_M, Nq) - 1
+    base_first = (p_first // block) * block
+    base_last = (p_last // block) * block
+    end = tl.minimum(nk_b, base_last + hi_off - k_offset + 1)
+    hi_full = base_first + hi_off - k_offset + 1
+    first = 0
+    lo_full = 0
+    if LO_BOUNDED:
+        first = tl.maximum(base_first - lo_off - k_offset, 0)
+        lo_full = tl.maximum(base_last - lo_off - k_offset, 0)
+    start, a, bb, end_r = _block_ranges(first, nk_b, lo_full, hi_full, end, BLOCK_N)
+    return rows, rmask, q_pos, nk_b, start, a, bb, end_r
+
+
+@triton.jit
 def _fwd_block(acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
                stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base,
                HALF, ROT, NPASS, D, block, lo_off, hi_off, qk_scale,
@@ -208,26 +237,9 @@ def _interval_attention_fwd_kernel(
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
 
-    i0 = pid_m * BLOCK_M
-    rows = i0 + tl.arange(0, BLOCK_M)
-    rmask = rows < Nq
-    q_pos = q_offset + rows
-    nk_b = Nk
-    if HAS_KLEN:
-        nk_b = tl.minimum(tl.load(KLEN + b), Nk)
-
-    p_first = q_offset + i0
-    p_last = q_offset + tl.minimum(i0 + BLOCK_M, Nq) - 1
-    base_first = (p_first // block) * block
-    base_last = (p_last // block) * block
-    end = tl.minimum(nk_b, base_last + hi_off - k_offset + 1)
-    hi_full = base_first + hi_off - k_offset + 1
-    first = 0
-    lo_full = 0
-    if LO_BOUNDED:
-        first = tl.maximum(base_first - lo_off - k_offset, 0)
-        lo_full = tl.maximum(base_last - lo_off - k_offset, 0)
-    start, a, bb, end_r = _block_ranges(first, nk_b, lo_full, hi_full, end, BLOCK_N)
+    rows, rmask, q_pos, nk_b, start, a, bb, end_r = _query_tile(
+        pid_m, b, Nq, Nk, KLEN, block, lo_off, hi_off, q_offset, k_offset, BLOCK_M, BLOCK_N,
+        LO_BOUNDED, HAS_KLEN)
 
     qa, qb, qc = _load_qk(q_base, rows, rmask, stride_qn, stride_qd, q_pos, INV_FREQ, COS_TAB,
                           SIN_TAB, tab_base, HALF, ROT, NPASS, BLOCK_R, BLOCK_C, HAS_ROPE,
@@ -343,26 +355,9 @@ def _interval_attention_bwd_dq_kernel(
     do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
     dq_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
 
-    i0 = pid_m * BLOCK_M
-    rows = i0 + tl.arange(0, BLOCK_M)
-    rmask = rows < Nq
-    q_pos = q_offset + rows
-    nk_b = Nk
-    if HAS_KLEN:
-        nk_b = tl.minimum(tl.load(KLEN + b), Nk)
-
-    p_first = q_offset + i0
-    p_last = q_offset + tl.minimum(i0 + BLOCK_M, Nq) - 1
-    base_first = (p_first // block) * block
-    base_last = (p_last // block) * block
-    end = tl.minimum(nk_b, base_last + hi_off - k_offset + 1)
-    hi_full = base_first + hi_off - k_offset + 1
-    first = 0
-    lo_full = 0
-    if LO_BOUNDED:
-        first = tl.maximum(base_first - lo_off - k_offset, 0)
-        lo_full = tl.maximum(base_last - lo_off - k_offset, 0)
-    start, a, bb, end_r = _block_ranges(first, nk_b, lo_full, hi_full, end, BLOCK_N)
+    rows, rmask, q_pos, nk_b, start, a, bb, end_r = _query_tile(
+        pid_m, b, Nq, Nk, KLEN, block, lo_off, hi_off, q_offset, k_offset, BLOCK_M, BLOCK_N,
+        LO_BOUNDED, HAS_KLEN)
 
     qa, qb, qc = _load_qk(q_base, rows, rmask, stride_qn, stride_qd, q_pos, INV_FREQ, COS_TAB,
                           SIN_TAB, tab_base, HALF, ROT, NPASS, BLOCK_R, BLOCK_C, HAS_ROPE,
