@@ -11,6 +11,8 @@ CPU (fp32):
     ratio streaming / offline (target <= 1.5 at 80 ms);
   * the floor at 80 ms chunks: weight bytes x steps per second / measured read bandwidth, plus the
     conv extractor streamed alone (batch 1 reads every weight once per step);
+  * concurrent real-time streams at 80 ms chunks: the largest batch whose steady-state step takes
+    at most 80 ms (doubling from 1, then bisection);
   * the naive way: re-run the offline model over the last 5 s at each 80 ms step (per second of
     audio = 12.5 forwards of 5 s); ratio naive / streaming-80ms (target >= 10).
 GPU (bf16, --gpu): the steady-state step (``step_fixed``) captured in a CUDA graph, for two masks
@@ -129,6 +131,39 @@ def _floor(model, x, t_off, chunk_ms=80):
                 compute_s_per_audio_s=t_w + t_conv, ratio_vs_offline=(t_w + t_conv) / t_off)
 
 
+def _cpu_streams(model, args, chunk_ms=80):
+    """Concurrent real-time streams on this CPU: the largest batch whose steady-state step of
+    ``chunk_ms`` of audio per stream (median of a few steps after a warm-up that fills the left
+    context's ring) takes at most ``chunk_ms``. A batch of B streams reads every weight once per
+    step, so B streams cost far less than B single streams."""
+    c = chunk_ms * SR // 1000
+    frames = c // HOP
+    warm = _warm_steps(model, frames)
+    recs = []
+
+    def measure(B):
+        x = torch.randn(B, 1, c * (warm + args.cpu_steps))
+        st = model.init_state(B, max_chunk=frames)
+        for i in range(warm):
+            model.step(x[..., i * c:(i + 1) * c], st)
+        ts = []
+        for i in range(warm, warm + args.cpu_steps):
+            t0 = time.perf_counter()
+            model.step(x[..., i * c:(i + 1) * c], st)
+            ts.append((time.perf_counter() - t0) * 1e3)
+        ms = statistics.median(ts)
+        recs.append(dict(mode="cpu_batch_step", chunk_ms=chunk_ms, batch=B, median_ms=ms))
+        print(f"  batch {B}: {ms:.1f} ms per {chunk_ms} ms step")
+        return ms
+
+    streams, capped = search_streams(measure, float(chunk_ms), start=1,
+                                     max_batch=args.cpu_max_batch)
+    recs.append(dict(mode="realtime_streams", chunk_ms=chunk_ms, step_ms=chunk_ms,
+                     streams=streams, capped_at_max_batch=capped, target_streams=None))
+    print(f"concurrent real-time streams at {chunk_ms} ms chunks on this CPU: {streams}")
+    return recs
+
+
 def bench_cpu(args):
     torch.manual_seed(0)
     model = build(layers=args.layers)
@@ -165,6 +200,7 @@ def bench_cpu(args):
               f"{fl['read_gb_per_s']:.1f} GB/s = {fl['weights_s_per_audio_s'] * 1000:.0f} ms per s "
               f"of audio + conv extractor {fl['conv_s_per_audio_s'] * 1000:.0f} ms = "
               f"{fl['ratio_vs_offline']:.2f}x offline")
+        recs += [dict(base, **r) for r in _cpu_streams(model, args)]
         win = torch.randn(1, 1, 5 * SR)
         t5 = _time(lambda: model(win), args.reps)
         naive = t5 * (1000 / 80)
@@ -367,6 +403,9 @@ def main(argv=None):
                     help="attention masks of the GPU benchmark")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--max-batch", type=int, default=16384)
+    ap.add_argument("--cpu-steps", type=int, default=5,
+                    help="timed steps per batch in the CPU concurrent-streams search")
+    ap.add_argument("--cpu-max-batch", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="4 s of audio, 1 rep, 300 GPU steps")
     ap.add_argument("--dry-run", action="store_true",
                     help="run the GPU benchmark's code path on CPU (tiny model, no CUDA graphs, "

@@ -97,7 +97,8 @@ def streaming(recs):
         elif m == "realtime_streams":
             rows.append([f"concurrent real-time streams ({r.get('step_ms', 20)} ms steps"
                          + (f", {r['mask']} mask)" if r.get("mask") else ")"), str(r["streams"]), "",
-                         f"target >= {r.get('target_streams')}"])
+                         f"target >= {r['target_streams']}" if r.get("target_streams") else
+                         "largest batch whose step fits the chunk"])
     r0 = recs[0]
     return (f"wav2vec2-base-sized stack ({r0.get('layers')} layers, {r0.get('dim')} dim, "
             f"{r0.get('heads')} heads, left={r0.get('left')}, {r0.get('lookahead_frames')} frames "
