@@ -104,3 +104,32 @@ def test_streaming_latency_dystream():
         assert lat.hop == 320
         assert lat.lookahead_samples == 3 * 320 + 80   # 60 ms attention + 5 ms feature extractor
         assert lat.lookahead_samples * 1000 / 16000 == 65.0
+
+
+@pytest.mark.parametrize("family", ["w2v2_post", "wavlm"])
+def test_stream_step_takes_skinny_cpu_gemm(family, monkeypatch):
+    """The HF projections and feed-forward Linear layers of a CPU streaming step run through
+    pyencoder.nn.LinearView's skinny path (the measured 2-3x weight bandwidth), not F.linear."""
+    from torch import nn
+
+    import pyencoder.nn.linear as L
+    model = make_model(family).eval()
+    H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=1, left_frames=4, pos_conv="causal")
+    enc = H.StreamingEncoder(model)
+    views = [m for m in enc.modules() if isinstance(m, L.LinearView)]
+    n_layers = len(model.base_model.encoder.layers)
+    assert len(views) == 6 * n_layers
+    assert all(type(v.linear) is nn.Linear for v in views)
+    calls = []
+    orig = L._skinny
+    monkeypatch.setattr(L, "_skinny", lambda *a: calls.append(a[1].shape) or orig(*a))
+    hop = model.config.conv_stride
+    samples = 1
+    for s in hop:
+        samples *= s
+    x = audio(1, 12 * samples)
+    with torch.no_grad():
+        state = enc.init_state(1)
+        for t in range(0, x.shape[1], 2 * samples):
+            _, state = enc.step(x[:, t:t + 2 * samples], state)
+    assert len(calls) >= 6 * n_layers

@@ -169,3 +169,18 @@ def test_cache_not_pickled_and_inference_tensor_reuse(tmp_path):
     with torch.no_grad():
         v(x)
     assert v._blocks is not None and "_blocks" not in copy.deepcopy(v).__dict__
+
+
+def test_streaming_step_takes_skinny_path(monkeypatch):
+    """A CPU streaming step of a TransformerLayer (4 frames) runs all six Linear layers through
+    the skinny path."""
+    from pyencoder.nn import BandedSelfAttention, TransformerLayer
+    layer = TransformerLayer(BandedSelfAttention(32, 4, left=8, right=1), 64).eval()
+    calls = []
+    orig = L._skinny
+    monkeypatch.setattr(L, "_skinny", lambda *a: calls.append(a[0].shape) or orig(*a))
+    with torch.no_grad():
+        st = layer.init_state(1, max_chunk=4)
+        for _ in range(3):
+            layer.step(torch.randn(1, 4, 32), st)
+    assert len(calls) == 3 * 6
