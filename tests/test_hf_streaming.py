@@ -133,3 +133,31 @@ def test_stream_step_takes_skinny_cpu_gemm(family, monkeypatch):
         for t in range(0, x.shape[1], 2 * samples):
             _, state = enc.step(x[:, t:t + 2 * samples], state)
     assert len(calls) >= 6 * n_layers
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reset_all_slots_restarts_and_subset_raises(family):
+    """The HF encoder's slots share their leftover-audio / held-frame buffer lengths: a reset of
+    every slot is a full restart (the next stream equals a fresh one), a subset raises instead
+    of silently feeding zeros as audio."""
+    model = make_model(family).eval()
+    H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=1, left_frames=4, pos_conv="causal")
+    enc = H.StreamingEncoder(model)
+    x = audio(2, 1500)
+    sizes = lambda: 150  # noqa: E731
+    with torch.no_grad():
+        state = enc.init_state(2)
+        _, state = enc.step(x[:, :333], state)
+        with pytest.raises(ValueError, match="lockstep"):
+            S.reset(state, torch.tensor([False, True]))
+        S.reset(state, torch.tensor([False, False]))          # no-op
+        _, state = enc.step(x[:, 333:700], state)
+        S.reset(state, torch.tensor([True, True]))
+        outs = []
+        for t in range(0, 900, 150):
+            y, state = enc.step(x[:, 600 + t:750 + t], state)
+            outs.append(y)
+        y, state = enc.flush(state)
+        got = torch.cat(outs + [y], 1)
+        ref, _ = _run(enc, x[:, 600:1500], sizes)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)

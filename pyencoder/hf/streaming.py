@@ -17,7 +17,8 @@ Per stage, what the state carries (a pyencoder.streaming.StreamState, so state_d
   the feed-forward's two Linear layers run through pyencoder.nn.LinearView (the HF modules keep
   their parameters; on a CPU, the 1-5 frames of a step take the faster skinny GEMM path).
 
-Streams in a batch run in lockstep (same chunk length for every slot). Lookahead: frames are
+Streams in a batch run in lockstep (same chunk length for every slot; ``pyencoder.streaming.reset``
+restarts all slots together and refuses a subset). Lookahead: frames are
 emitted as soon as the last key they see has arrived; ``flush`` emits the rest (their windows are
 cut at the end of the stream, as offline). Leftover audio shorter than one frame at the end is
 dropped, as the offline conv does. Settings that cannot stream (pos_conv="keep", group_norm="keep",
@@ -88,6 +89,32 @@ class EncoderStreamState(StreamState):
     pos: Optional[BufState]
     layers: List[LayerState]
     out_lengths: torch.Tensor              # (B,) frames emitted by the last step / flush
+
+    def reset(self, mask):
+        """Restart streams. The slots of this encoder run in lockstep: the leftover audio of the
+        conv layers and the held-back frames of each layer are buffers with one length for the
+        whole batch, so zeroing one slot would feed it zeros as if they were audio (a silently
+        wrong stream). All slots at once is a full restart; a subset raises."""
+        mask = mask.to(self.out_lengths.device)
+        if not bool(mask.any()):
+            return self
+        if not bool(mask.all()):
+            raise ValueError(
+                f"pyencoder.hf.StreamingEncoder runs its {mask.shape[0]} slots in lockstep (one "
+                f"leftover-audio and held-frame length for the whole batch), so slots "
+                f"{mask.nonzero().flatten().tolist()} cannot restart alone. Reset every slot (a "
+                f"fresh state), or convert the model with pyencoder.models.CausalEncoder.from_hf, "
+                f"whose streams keep per-slot positions, lengths and resets")
+        for c in self.convs:
+            c.buf = c.buf[..., :0].clone()
+        for st in (self.norm, self.pos):
+            if st is not None:
+                StreamState.reset(st, mask)
+        for layer in self.layers:
+            layer.attn.reset(mask)
+            layer.pending = layer.pending[:, :0].clone()
+        self.out_lengths = torch.zeros_like(self.out_lengths)
+        return self
 
 
 class StreamingEncoder(nn.Module):
