@@ -118,3 +118,13 @@ def test_key_lengths_padding():
     x = torch.randn(2, 10, 8)
     y = m(x, key_lengths=torch.tensor([10, 6]))
     assert torch.allclose(y[1, :4], m(x[1:2, :6])[0, :4], atol=1e-5)
+
+
+def test_transformer_layer_bad_input():
+    layer = TransformerLayer(BandedSelfAttention(16, 2, left=4, right=1), 32)
+    st = layer.init_state(2)
+    for bad in (torch.randn(2, 4, 15), torch.randn(4, 16)):
+        with pytest.raises(ValueError, match=r"x must have shape \(B, T, 16\)"):
+            layer(bad)
+        with pytest.raises(ValueError, match=r"x must have shape \(B, T, 16\)"):
+            layer.step(bad, st)

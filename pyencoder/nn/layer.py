@@ -64,7 +64,14 @@ class TransformerLayer(nn.Module):
         h = self.layer_norm(x + a)
         return self.final_layer_norm(h + self.feed_forward(h))
 
+    def _check(self, x):
+        E = self.attention.embed_dim
+        if x.dim() != 3 or x.shape[-1] != E:
+            raise ValueError(f"{type(self).__name__}: x must have shape (B, T, {E}); got "
+                             f"{tuple(x.shape)}")
+
     def forward(self, x, key_lengths=None):
+        self._check(x)
         h = self.layer_norm(x) if self.norm_first else x
         return self._post(x, self.attention(h, key_lengths=key_lengths))
 
@@ -78,6 +85,7 @@ class TransformerLayer(nn.Module):
                           count=zi(), out_lengths=zi())
 
     def step(self, x, state, lengths=None):
+        self._check(x)
         B, n, E = x.shape
         if self.attention._fixed_ok(n, state.attention, lengths):
             _fresh_counters(state.attention)
