@@ -161,3 +161,17 @@ def test_reset_all_slots_restarts_and_subset_raises(family):
         got = torch.cat(outs + [y], 1)
         ref, _ = _run(enc, x[:, 600:1500], sizes)
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_training_mode_after_construction_raises():
+    model = make_model("w2v2_post").eval()
+    H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=1, left_frames=4, pos_conv="causal")
+    enc = H.StreamingEncoder(model)
+    state = enc.init_state(1)
+    model.train()
+    with pytest.raises(ValueError, match="eval mode"):
+        enc.step(audio(1, 400), state)
+    with pytest.raises(ValueError, match="eval mode"):
+        enc.flush(state)
+    model.eval()
+    enc.step(audio(1, 400), state)

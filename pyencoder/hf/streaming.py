@@ -320,11 +320,20 @@ class StreamingEncoder(nn.Module):
         if audio.shape[0] != state.out_lengths.shape[0]:
             raise ValueError(f"audio has batch {audio.shape[0]} but the state holds "
                              f"{state.out_lengths.shape[0]} streams")
+        self._check_eval()
         return self._run(audio, state, final=False)
 
     def flush(self, state):
         """End of stream: emit every held-back frame."""
+        self._check_eval()
         return self._run(None, state, final=True)
+
+    def _check_eval(self):
+        # Checked at construction too; a model put back in training mode afterwards would stream
+        # with dropout active (outputs that differ from the offline forward at random).
+        if self.base.training:
+            raise ValueError("StreamingEncoder streams in eval mode only (dropout would make the "
+                             "stream differ from the offline forward); call model.eval()")
 
     def forward(self, audio, chunk_sizes=(3200,)):
         """Convenience: stream ``audio`` (B, n) in the given chunk sizes (cycled) and return the
