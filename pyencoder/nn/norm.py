@@ -5,7 +5,11 @@ Frame t of a stream is normalised per channel by the mean and variance of frames
 stream, accumulated in float64 (count, sum, sum of squares): y = (x - mean_t) / sqrt(var_t + eps),
 then the affine weight and bias. Offline and streaming use the same function on the same
 accumulators, so any chunking gives the offline result exactly (on CPU, where cumsum is
-sequential). Time is processed in blocks so the float64 temporaries stay bounded.
+sequential). Time is processed in blocks sized so each float64 temporary is about 1 MiB
+(B * C * block * 8 bytes, block in [32, 4096]): the ~15 passes per block then run in cache. On the
+2-core CI machine (C=512) that is 3-8x faster than 4096-frame blocks (B=1, T=32000: 380 -> 105 ms;
+B=8, T=8000: 1677 -> 209 ms). The block size does not change the result: the running sums are
+carried across blocks through the same sequential cumsum.
 """
 import dataclasses
 
@@ -16,7 +20,8 @@ from ..streaming.state import StreamState
 
 __all__ = ["running_norm", "RunningGroupNorm", "RunningNormState"]
 
-BLOCK = 4096
+BLOCK = 4096          # the largest block
+_BLOCK_ELEMS = 1 << 17  # float64 elements per temporary (1 MiB)
 
 
 @dataclasses.dataclass
@@ -30,9 +35,10 @@ def running_norm(x, weight, bias, eps, count, total, total_sq):
     """x (B, C, T), count (B,) int64, total / total_sq (B, C) float64 ->
     (y (B, C, T) in x's dtype, new total, new total_sq). ``count`` is not advanced here."""
     ys = []
-    T = x.shape[-1]
-    for t0 in range(0, T, BLOCK):
-        t1 = min(T, t0 + BLOCK)
+    B, C, T = x.shape
+    blk = max(32, min(BLOCK, _BLOCK_ELEMS // max(1, B * C)))
+    for t0 in range(0, T, blk):
+        t1 = min(T, t0 + blk)
         xd = x[..., t0:t1].to(torch.float64)
         s = torch.cumsum(torch.cat((total[..., None], xd), -1), -1)[..., 1:]
         ss = torch.cumsum(torch.cat((total_sq[..., None], xd * xd), -1), -1)[..., 1:]
