@@ -46,24 +46,28 @@ def decode_attention_reference(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_fr
     qr = q.to(cdt)
     if inv_freq is not None and inv_freq.numel():
         qr = apply_rope(qr, q_pos, inv_freq, interleaved)
-    kpos = ring_positions(n_keys, cap)                       # (B, cap)
-    base = torch.div(q_pos, block, rounding_mode="floor") * block
-    hi = base + hi_off
-    m = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= hi[:, :, None])
+    # Visibility (B, 1, M, cap) of ring entry i for query row r: lo(p) <= kpos <= hi(p), the entry
+    # filled (kpos >= 0) and the row valid (r < q_count). One bound tensor per side keeps this at
+    # a handful of ops: a step attends ~12 layers x this function, so per-op overhead matters on
+    # CPU. Rows past q_count get hi = -1 (nothing visible, so they output zeros).
+    kpos = ring_positions(n_keys, cap)[:, None, :]           # (B, 1, cap)
+    base = q_pos if block == 1 else torch.div(q_pos, block, rounding_mode="floor") * block
+    valid = torch.arange(M, device=q.device)[None, :] < q_count.to(q.device)[:, None]
+    hi = torch.where(valid, base + hi_off, -1)[:, :, None]  # (B, M, 1)
+    m = kpos <= hi
     if lo_off >= 0:
-        m = m & (kpos[:, None, :] >= (base - lo_off)[:, :, None])
-    rows = torch.arange(M, device=q.device)[None, :] < q_count.to(q.device)[:, None]
-    m = (m & rows[:, :, None])[:, None]                      # (B, 1, M, cap)
+        m &= kpos >= (base - lo_off).clamp_min_(0)[:, :, None]
+    else:
+        m &= kpos >= 0
     s = torch.matmul(qr, k_ring.to(cdt).transpose(-1, -2))
     s.mul_(scale)
-    s.masked_fill_(~m, _NEG_INF)
-    mx = s.amax(dim=-1, keepdim=True)
-    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    p = torch.exp(s - mx)
+    s.masked_fill_(~m[:, None], _NEG_INF)
+    mx = s.amax(dim=-1, keepdim=True).nan_to_num_(neginf=0.0)   # empty rows: -inf -> 0
+    p = s.sub_(mx).exp_()
     l = p.sum(dim=-1, keepdim=True)
     o = torch.matmul(p, v_ring.to(cdt))
-    nz = l > 0
-    o = torch.where(nz, o / torch.where(nz, l, torch.ones_like(l)), torch.zeros_like(o))
+    # Rows with no visible key have l == 0 and o == 0 (every p is exp(-inf) = 0): 0 / 1 = 0.
+    o.div_(torch.where(l > 0, l, 1.0))
     return o.to(q.dtype)
 
 
