@@ -184,3 +184,13 @@ def test_streaming_step_takes_skinny_path(monkeypatch):
         for _ in range(3):
             layer.step(torch.randn(1, 4, 32), st)
     assert len(calls) == 3 * 6
+
+
+def test_autocast_keeps_f_linear_semantics():
+    """Under CPU autocast the module is exactly F.linear (autocast picks the output dtype)."""
+    m = Linear(2048, 16)
+    x = torch.randn(3, 2048)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not L.uses_skinny_path(x, m.weight)
+        y, r = m(x), F.linear(x, m.weight, m.bias)
+    assert y.dtype == r.dtype == torch.bfloat16 and torch.equal(y, r)

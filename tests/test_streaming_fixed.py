@@ -1,15 +1,15 @@
-"""step_fixed, the CUDA-graph friendly steady-state step, for banded and chunked masks.
-
-CPU: step_fixed sequences (after a warm-up with the general step) equal step sequences and the
-offline forward (float32, 1e-5 relative: the streamed rows differ from offline only in summation
-order); the state tensors keep their data pointers; the step does no host synchronisation (run
-under a TorchDispatchMode that raises on aten._local_scalar_dense, which .item() / int(t) /
-bool(t) dispatch to, and on the ops whose CUDA kernels synchronise: nonzero, masked_select,
-boolean-mask indexing, unique); clear errors on bad step lengths and states that are not in
-steady state; the general step dispatches to step_fixed in the steady state (same outputs and
-counters as the pure general path, earlier counter tensors left unchanged, not taken for ragged
-lengths / unbounded history / after flush / steps that are not whole blocks). GPU (marked): step_fixed captured in a torch.cuda.CUDAGraph and replayed equals the
-eager step_fixed, for single attention modules and a conv + transformer stack, fp32 and bf16.
+"""step_fixed, the CUDA-graph friendly steady-state step, for banded and chunked masks. CPU:
+step_fixed sequences (after a warm-up with the general step) equal step sequences and the offline
+forward (float32, 1e-5 relative: the streamed rows differ from offline only in summation order);
+the state tensors keep their data pointers; the step does no host synchronisation (run under a
+TorchDispatchMode that raises on aten._local_scalar_dense, which .item() / int(t) / bool(t)
+dispatch to, and on the ops whose CUDA kernels synchronise: nonzero, masked_select, boolean-mask
+indexing, unique); clear errors on bad step lengths and states that are not in steady state; the
+general step dispatches to step_fixed in the steady state (same outputs and counters as the pure
+general path, earlier counter tensors left unchanged, not taken for ragged lengths / unbounded
+history / after flush / steps that are not whole blocks). GPU (marked): step_fixed captured in a
+torch.cuda.CUDAGraph and replayed equals the eager step_fixed, for single attention modules and a
+conv + transformer stack, fp32 and bf16.
 """
 import pytest
 import torch

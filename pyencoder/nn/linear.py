@@ -3,8 +3,8 @@ the few-row inputs that a streaming step feeds it.
 
 A streaming step at 20-100 ms chunks multiplies 1-5 frames by every weight matrix, so on a CPU it
 is bound by how fast the GEMM streams the weights. MKL's ``sgemm`` for ``x @ W^T`` with 2-5 rows
-reads them at a third to two thirds of the rate it reaches for the same product computed the other way
-round, ``(W @ x^T)^T`` (many rows, 2-5 columns). Measured on the 2-core AMD EPYC CI machine,
+reads them at a third to two thirds of the rate it reaches for the same product computed the
+other way round, ``(W @ x^T)^T`` (many rows, 2-5 columns). Measured on the 2-core AMD EPYC CI machine,
 torch 2.13 + MKL 2024.2, fp32, 2 threads (GB/s of weight read):
 
     weight     rows  F.linear  W @ x^T
@@ -22,9 +22,10 @@ torch 2.13 + MKL 2024.2, fp32, 2 threads (GB/s of weight read):
 
 ``linear`` takes the transposed product on CPU for fp32 inputs with 1-5 rows (all leading dims
 flattened; a single row is duplicated into two so MKL runs its GEMM rather than its gemv) and
-``F.linear`` everywhere else (GPU, other dtypes, >= 6 rows, under torch.compile). Both are one fp32 GEMM over the same products; only the summation blocking
-differs, so results agree to fp32 rounding (test_linear.py). ``PYENCODER_CPU_SKINNY_GEMM=0``
-turns the transposed path off.
+``F.linear`` everywhere else (GPU, other dtypes, >= 6 rows, under torch.compile or CPU
+autocast). Both are one fp32 GEMM over the same products; only the summation blocking differs,
+so results agree to fp32 rounding (test_linear.py). ``PYENCODER_CPU_SKINNY_GEMM=0`` turns the
+transposed path off.
 """
 import os
 
@@ -44,7 +45,8 @@ def uses_skinny_path(x, weight):
     """Whether ``linear(x, weight, ...)`` takes the transposed CPU product."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
-    if x.dim() == 0 or x.shape[-1] == 0 or torch.compiler.is_compiling():
+    if x.dim() == 0 or x.shape[-1] == 0 or torch.compiler.is_compiling() \
+            or torch.is_autocast_enabled("cpu"):   # autocast decides F.linear's dtype
         return False
     rows = x.numel() // x.shape[-1]
     return _MIN_ROWS <= rows <= _MAX_ROWS and _enabled()
