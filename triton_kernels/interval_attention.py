@@ -154,6 +154,22 @@ def _block_ranges(first, last_valid, lo_full, hi_full, end, BLOCK: tl.constexpr)
 
 
 @triton.jit
+def _query_program(Q, K, V, Hq, GROUP, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb,
+                   stride_vh):
+    """A query-tile program's ids (tiles launched last-first: the longest run first) and the base
+    pointers of its q head and of the k/v head it reads (GQA: Hq // GROUP heads share one)."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // GROUP
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    return pid_m, bh, b, h, q_base, k_base, v_base
+
+
+@triton.jit
 def _query_tile(pid_m, b, Nq, Nk, KLEN, block, lo_off, hi_off, q_offset, k_offset,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LO_BOUNDED: tl.constexpr,
                 HAS_KLEN: tl.constexpr):
@@ -227,14 +243,8 @@ def _interval_attention_fwd_kernel(
         BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr,
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
         HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // GROUP
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    pid_m, bh, b, h, q_base, k_base, v_base = _query_program(
+        Q, K, V, Hq, GROUP, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh)
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
 
     rows, rmask, q_pos, nk_b, start, a, bb, end_r = _query_tile(
@@ -344,14 +354,8 @@ def _interval_attention_bwd_dq_kernel(
         BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr,
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
         HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // GROUP
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    pid_m, bh, b, h, q_base, k_base, v_base = _query_program(
+        Q, K, V, Hq, GROUP, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh)
     do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
     dq_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
 
