@@ -93,7 +93,7 @@ setup(
     python_requires=">=3.9",
     packages=[
         "pyencoder", "pyencoder.data", "pyencoder.ops", "pyencoder.reference", "pyencoder.nn",
-        "pyencoder.streaming", "pyencoder.models", "pyencoder.hf",
+        "pyencoder.streaming", "pyencoder.models", "pyencoder.hf", "pyencoder.compat",
         "pyencoder.triton_kernels",
     ],
     # Triton kernels live in the top-level folder triton_kernels/ but install as the subpackage

@@ -14,6 +14,6 @@ __all__ = ["Rope", "ops", "use_backend", "available_backends", "backend_info", "
 def __getattr__(name):
     # Heavier subpackages load on first use.
     import importlib
-    if name in ("nn", "streaming", "models", "hf", "reference", "distill"):
+    if name in ("nn", "streaming", "models", "hf", "reference", "distill", "compat"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'pyencoder' has no attribute {name!r}")

@@ -40,6 +40,6 @@ def test_triton_kernels_are_a_subpackage(wheel):
 
 def test_package_data_and_subpackages(wheel):
     assert "pyencoder/data/speech_16k.wav" in wheel
-    for sub in ("ops", "reference", "nn", "streaming", "models", "hf"):
+    for sub in ("ops", "reference", "nn", "streaming", "models", "hf", "compat"):
         assert f"pyencoder/{sub}/__init__.py" in wheel, sub
     assert not [n for n in wheel if n.startswith("tests/") or n.startswith("benchmarks/")]
