@@ -345,7 +345,9 @@ def test_registry_from_pretrained_and_round_trip(tmp_path):
     assert torch.equal(_out(model, x, mask), ref)
     H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=3, left_frames=10)
     torch.testing.assert_close(_out(model, x, mask), y, atol=1e-6, rtol=1e-6)
-    model.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="revert_pyencoder"):   # switching a patched model
+        model.set_attn_implementation("sdpa")
+    model.config._attn_implementation = "sdpa"                   # bypassing the method
     with pytest.raises(RuntimeError, match="revert_pyencoder"):
         _out(model, x, mask)
     model.set_attn_implementation("pyencoder")

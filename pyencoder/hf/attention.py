@@ -16,6 +16,10 @@ In training mode with dropout > 0 (``config.attention_dropout``), the probabilit
 dropout through ``pyencoder.ops.interval_attention_dropout`` (blocked plain torch on every device,
 autograd backward, torch's default generator); eval mode and dropout == 0 use the registered op.
 
+WavLM does not call the registry; ``register()`` also installs pyencoder.hf.wavlm's class-level
+dispatch so that WavLM models with ``attn_implementation="pyencoder"`` run pyencoder's WavLM
+attention (full attention until patched).
+
 Limits: only bidirectional (encoder) masks; output_attentions yields None weights; a 4-D custom
 mask is refused.
 """
@@ -148,6 +152,8 @@ def register():
     from transformers.masking_utils import AttentionMaskInterface
     AttentionInterface.register(NAME, pyencoder_attention_forward)
     AttentionMaskInterface.register(NAME, pyencoder_mask)
+    from .wavlm import install_registry_dispatch
+    install_registry_dispatch()
 
 
 def is_registered():

@@ -14,10 +14,19 @@ What is patched (and restored exactly by revert_pyencoder):
   statistics, pyencoder.hf.frontend) or "keep".
 
 Patching a patched model raises (call revert_pyencoder first); the patch is not idempotent by
-design, so a second call with other settings can never be silently ignored. A forward pre-hook
-refuses to run a patched Wav2Vec2/HuBERT whose ``config._attn_implementation`` was changed away
-from "pyencoder" afterwards (its attention would silently become full again).
+design, so a second call with other settings can never be silently ignored.
+
+Switching attention on a patched model is refused: ``model.set_attn_implementation(name)`` with
+any implementation other than "pyencoder" (or the one the config already has) raises ValueError
+naming ``revert_pyencoder`` and changes nothing — eager/SDPA/flash would drop the band/chunk mask
+and RoPE, i.e. compute another function. Names transformers does not know still get
+transformers' own ValueError; unpatched models switch exactly as in transformers (the check sits
+on the Wav2Vec2/HuBERT/WavLM PreTrainedModel classes, installed by the first patch, and only acts
+on patched models). Setting ``config._attn_implementation`` directly bypasses that method; a
+forward pre-hook then refuses to run a patched Wav2Vec2/HuBERT whose implementation is no longer
+"pyencoder" (its attention would silently become full again).
 """
+import functools
 import math
 import types
 import warnings
@@ -190,6 +199,55 @@ def _impl_guard(record):
     return hook
 
 
+def _switch_refusal(model, attn_implementation):
+    """Why ``model.set_attn_implementation(attn_implementation)`` is refused, or None."""
+    try:
+        base, _ = base_model(model)
+    except TypeError:
+        return None
+    if getattr(base, "_pyencoder_patch", None) is None:
+        return None
+    current = model.config._attn_implementation
+    requested = attn_implementation
+    if isinstance(requested, dict):
+        requested = requested.get("", current)
+    if not isinstance(requested, str) or requested in (NAME, current):
+        return None
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    known = (requested == "eager" or requested in ALL_ATTENTION_FUNCTIONS.valid_keys()
+             or "|" in requested or "/" in requested)
+    if not known:
+        return None          # transformers raises its own "not supported" ValueError
+    return (f"set_attn_implementation({requested!r}) on a model patched by pyencoder: its "
+            f"attention is pyencoder's banded/chunked interval attention (with RoPE), which "
+            f"{requested!r} would replace by full attention, silently changing the model. Call "
+            f"pyencoder.hf.revert_pyencoder(model) first to get the original model back, then "
+            f"switch (config._attn_implementation is unchanged: {current!r})")
+
+
+def _guarded_set_attn_implementation(orig):
+    @functools.wraps(orig)
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        why = _switch_refusal(self, attn_implementation)
+        if why is not None:
+            raise ValueError(why)
+        return orig(self, attn_implementation, *args, **kwargs)
+    set_attn_implementation._pyencoder_guard = True
+    return set_attn_implementation
+
+
+def install_switch_guard():
+    """Put the set_attn_implementation check (module docstring) on the PreTrainedModel classes of
+    the three families, once. It acts only on models carrying a pyencoder patch."""
+    import transformers
+    for name in ("Wav2Vec2PreTrainedModel", "HubertPreTrainedModel", "WavLMPreTrainedModel"):
+        cls = getattr(transformers, name, None)
+        fn = getattr(cls, "set_attn_implementation", None)
+        if fn is None or getattr(fn, "_pyencoder_guard", False):
+            continue
+        cls.set_attn_implementation = _guarded_set_attn_implementation(fn)
+
+
 def apply_pyencoder_to_wav2vec2(model, *, lookahead_frames=3, left_frames=None,
                                 lookahead_layers="first", rope=True, pos_conv="drop",
                                 group_norm="running", chunk_size=None, left_chunks=None):
@@ -217,6 +275,7 @@ def apply_pyencoder_to_wav2vec2(model, *, lookahead_frames=3, left_frames=None,
                       f"{_compat.transformers_version()}. The patch checks what it relies on, but "
                       f"verify outputs on your model.", stacklevel=2)
     _check_model(base, family)
+    install_switch_guard()
     cfg = base.config
     att0 = base.encoder.layers[0].attention
     specs = build_specs(len(base.encoder.layers), att0.head_dim, lookahead_frames, left_frames,

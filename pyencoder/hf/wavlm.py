@@ -18,10 +18,20 @@ query tiles; a tile reads only keys in [lo(first), hi(last)], so time and memory
 are kept for backward: O(N * W) activations). Half inputs are computed in float32. Limits: no
 Triton/CUDA kernel path yet (the interval-attention op has no bias input). In training mode the
 probabilities get dropout ``module.dropout`` (eager's attention dropout; torch's default generator).
+
+Registry path (``attn_implementation="pyencoder"`` without a patch): WavLM's attention does not
+consult the registry, so ``install_registry_dispatch()`` (run by ``pyencoder.hf.register()``)
+wraps ``WavLMEncoder.forward`` / ``WavLMEncoderStableLayerNorm.forward`` and
+``WavLMAttention.forward`` once, at class level: when the encoder's
+``config._attn_implementation`` is "pyencoder", every layer's attention runs ``wavlm_forward``
+with no LayerSpec (full attention, the same function as eager); any other value runs transformers'
+code unchanged. Output attention weights are None on this path.
 """
+import functools
+
 from ..nn.relpos import biased_interval_attention as _core_attention
 from ..nn.relpos import relative_bias_gate
-from .attention import effective_dropout, key_lengths_from_mask
+from .attention import NAME, effective_dropout, key_lengths_from_mask
 
 
 def wavlm_gate(module, x):
@@ -83,3 +93,47 @@ def wavlm_forward(module, hidden_states, attention_mask=None, position_bias=None
                                                                                 module.dropout))
     out = module.out_proj(out.transpose(1, 2).reshape(B, N, E))
     return out, None, table
+
+
+_DISPATCH_KWARG = "_pyencoder_wavlm_attention"
+
+
+def _attention_dispatch(orig):
+    @functools.wraps(orig)
+    def forward(self, hidden_states, attention_mask=None, position_bias=None, index=0, **kwargs):
+        if kwargs.pop(_DISPATCH_KWARG, False):
+            return wavlm_forward(self, hidden_states, attention_mask, position_bias, index)
+        return orig(self, hidden_states, attention_mask=attention_mask,
+                    position_bias=position_bias, index=index, **kwargs)
+    forward._pyencoder_dispatch = True
+    return forward
+
+
+def _encoder_dispatch(orig):
+    @functools.wraps(orig)
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        if self.config._attn_implementation == NAME:
+            kwargs[_DISPATCH_KWARG] = True
+        return orig(self, hidden_states, attention_mask=attention_mask, **kwargs)
+    forward._pyencoder_dispatch = True
+    return forward
+
+
+def install_registry_dispatch():
+    """Make ``attn_implementation="pyencoder"`` run ``wavlm_forward`` in WavLM models (see the
+    module docstring). Idempotent; returns False when the installed transformers has no WavLM
+    classes of the expected shape (nothing is changed then)."""
+    try:
+        from transformers.models.wavlm import modeling_wavlm as M
+    except ImportError:  # pragma: no cover
+        return False
+    encoders = [getattr(M, n, None) for n in ("WavLMEncoder", "WavLMEncoderStableLayerNorm")]
+    att = getattr(M, "WavLMAttention", None)
+    if att is None or any(c is None for c in encoders):
+        return False
+    if not getattr(att.forward, "_pyencoder_dispatch", False):
+        att.forward = _attention_dispatch(att.forward)
+    for cls in encoders:
+        if not getattr(cls.forward, "_pyencoder_dispatch", False):
+            cls.forward = _encoder_dispatch(cls.forward)
+    return True
