@@ -125,8 +125,27 @@ def _check_model(base, family):
             _compat.fail(f"{type(base).__name__} already has an attribute {name!r}, which the "
                          f"patch uses for pyencoder.streaming.latency")
     if getattr(base.config, "add_adapter", False):
-        raise NotImplementedError("models with an adapter (config.add_adapter=True) are not "
-                                  "supported by pyencoder.hf yet")
+        _check_adapter(base, family)
+
+
+def _check_adapter(base, family):
+    """The conv adapter after the encoder (config.add_adapter): optional proj + LayerNorm, then
+    layers of Conv1d (zero padding on both sides) + GLU. It is left as is offline; latency() and
+    the stream need its kernel, stride and padding."""
+    ad = getattr(base, "adapter", None)
+    if ad is None:
+        _compat.fail(f"{family}: config.add_adapter=True but the model has no `adapter` module")
+    _compat.require_attrs(ad, ["layers", "proj", "proj_layer_norm"], f"{family} adapter")
+    for i, layer in enumerate(ad.layers):
+        conv = getattr(layer, "conv", None)
+        if not isinstance(conv, nn.Conv1d):
+            _compat.fail(f"{family} adapter layer {i} has no nn.Conv1d named conv")
+        k, p = conv.kernel_size[0], conv.padding
+        if (not isinstance(p, tuple) or conv.dilation[0] != 1 or conv.groups != 1
+                or conv.padding_mode != "zeros" or p[0] > k - 1):
+            _compat.fail(f"{family} adapter layer {i}: expected a zero-padded, undilated, "
+                         f"ungrouped Conv1d with padding <= kernel - 1; got {conv}")
+        _compat.require_source(type(layer), "glu(", f"{type(layer).__name__} (conv + GLU)")
 
 
 def _layer_lookaheads(lookahead_frames, lookahead_layers, n_layers):
@@ -392,22 +411,63 @@ def lookahead_frames_total(specs, horizon=None):
     return worst
 
 
-def latency(model):
-    """Algorithmic latency of a patched model: attention lookahead plus the feature extractor's.
+def adapter_geometry(base):
+    """[(kernel, stride, padding)] of the conv adapter's layers; [] without one."""
+    if not getattr(base.config, "add_adapter", False) or getattr(base, "adapter", None) is None:
+        return []
+    return [(l.conv.kernel_size[0], l.conv.stride[0], l.conv.padding[0])
+            for l in base.adapter.layers]
 
-    Returns a dict: lookahead_frames (through all layers), per_layer_lookahead, hop_samples,
-    frontend_lookahead_samples (receptive field - hop), samples, and ms versions at 16 kHz."""
+
+def _adapter_lookahead_frames(specs, geometry):
+    """max over adapter output frames u of (last encoder-input frame it needs through the
+    adapter convs and every attention layer) - (last encoder frame of its own stride window)."""
+    stride = 1
+    for _, s, _ in geometry:
+        stride *= s
+    period = stride
+    for b in (sp.block for sp in specs):
+        period = period * b // math.gcd(period, b)
+    worst = None
+    for u in range(min(2 * period + 2, 100000)):
+        e = u
+        for k, s, p in reversed(geometry):
+            e = e * s - p + k - 1
+        for sp in reversed(specs):
+            e = sp.hi(e)
+        d = e - ((u + 1) * stride - 1)
+        worst = d if worst is None else max(worst, d)
+    return worst, stride
+
+
+def latency(model):
+    """Algorithmic latency of a patched model: attention lookahead plus the feature extractor's
+    (plus the conv adapter's, config.add_adapter).
+
+    Returns a dict: lookahead_frames (encoder frames past an output frame's own window, through
+    all layers and the adapter), per_layer_lookahead, hop_samples (input samples per output
+    frame: the feature extractor's hop times the adapter's stride), frontend_lookahead_samples
+    (receptive field - hop), samples, and ms versions at 16 kHz; with an adapter also
+    adapter_stride and adapter_lookahead_frames (what the adapter adds to lookahead_frames)."""
     base, _ = base_model(model)
     record = getattr(base, "_pyencoder_patch", None)
     if record is None:
         raise ValueError("latency: the model is not patched by pyencoder (full attention has "
                          "unbounded lookahead)")
     hop, rf = frontend_geometry(base)
-    frames = lookahead_frames_total(record.specs)
+    attn_frames = lookahead_frames_total(record.specs)
+    geometry = adapter_geometry(base)
+    frames, stride = attn_frames, 1
+    if geometry:
+        frames, stride = _adapter_lookahead_frames(record.specs, geometry)
     fe = rf - hop
     samples = frames * hop + fe
-    return dict(lookahead_frames=frames, per_layer_lookahead=record.per_layer_lookahead,
-                hop_samples=hop, frontend_lookahead_samples=fe, samples=samples,
-                attention_ms=frames * hop * 1000.0 / SAMPLE_RATE,
-                frontend_ms=fe * 1000.0 / SAMPLE_RATE, ms=samples * 1000.0 / SAMPLE_RATE,
-                sample_rate=SAMPLE_RATE)
+    out = dict(lookahead_frames=frames, per_layer_lookahead=record.per_layer_lookahead,
+               hop_samples=hop * stride, frontend_lookahead_samples=fe, samples=samples,
+               attention_ms=attn_frames * hop * 1000.0 / SAMPLE_RATE,
+               frontend_ms=fe * 1000.0 / SAMPLE_RATE, ms=samples * 1000.0 / SAMPLE_RATE,
+               sample_rate=SAMPLE_RATE)
+    if geometry:
+        out.update(adapter_stride=stride, adapter_lookahead_frames=frames - attn_frames,
+                   adapter_ms=(frames - attn_frames) * hop * 1000.0 / SAMPLE_RATE)
+    return out

@@ -22,12 +22,20 @@ restarts all slots together and refuses a subset). Lookahead: frames are
 emitted as soon as the last key they see has arrived; ``flush`` emits the rest (their windows are
 cut at the end of the stream, as offline). Leftover audio shorter than one frame at the end is
 dropped, as the offline conv does. Settings that cannot stream (pos_conv="keep", group_norm="keep",
-training mode, adapters) raise ValueError at construction.
+training mode) raise ValueError at construction.
+
+Adapters: attention adapters (``config.adapter_attn_dim``, MMS ``load_adapter``) are per-frame
+and run inside each layer's step, on whatever weights are loaded. The conv adapter after the
+encoder (``config.add_adapter``: proj + LayerNorm, then strided Conv1d + GLU layers with zero
+padding on both sides) carries per layer the inputs of its next window, starting with the left
+padding; flush adds the right padding. It divides the frame rate by its stride (``hop``) and its
+right context is counted in ``lookahead`` (pyencoder.hf.latency).
 """
 import dataclasses
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..nn.attention import BandedSelfAttention, ChunkedSelfAttention
@@ -35,7 +43,7 @@ from ..nn.linear import skinny_view
 from ..nn.relpos import WavLMSelfAttention
 from ..streaming.state import StreamState
 from .frontend import RunningNormState, causal_pos_conv, running_group_norm
-from .patch import base_model, latency as _latency
+from .patch import adapter_geometry, base_model, latency as _latency
 
 __all__ = ["StreamingEncoder", "EncoderStreamState"]
 
@@ -83,12 +91,19 @@ class LayerState(StreamState):
 
 
 @dataclasses.dataclass
+class AdapterBufState(StreamState):
+    buf: torch.Tensor                      # (B, C, n) adapter-conv inputs not consumed yet
+    left: torch.Tensor                     # (B,) int64: zero frames a stream starts with (padding)
+
+
+@dataclasses.dataclass
 class EncoderStreamState(StreamState):
     convs: List[BufState]
     norm: Optional[NormState]
     pos: Optional[BufState]
     layers: List[LayerState]
     out_lengths: torch.Tensor              # (B,) frames emitted by the last step / flush
+    adapter: Optional[List[AdapterBufState]] = None   # conv adapter layers (config.add_adapter)
 
     def reset(self, mask):
         """Restart streams. The slots of this encoder run in lockstep: the leftover audio of the
@@ -113,6 +128,8 @@ class EncoderStreamState(StreamState):
         for layer in self.layers:
             layer.attn.reset(mask)
             layer.pending = layer.pending[:, :0].clone()
+        for a in self.adapter or ():
+            a.buf = a.buf.new_zeros(a.buf.shape[0], a.buf.shape[1], int(a.left[0]))
         self.out_lengths = torch.zeros_like(self.out_lengths)
         return self
 
@@ -151,6 +168,7 @@ class StreamingEncoder(nn.Module):
         self.stable = bool(base.config.do_stable_layer_norm)
         self.output_hidden_states = output_hidden_states
         self.max_context = max_context
+        self.adapter_geometry = adapter_geometry(base)
         self.attn = nn.ModuleList()
         self.ffn = nn.ModuleList()
         for i, (layer, spec) in enumerate(zip(base.encoder.layers, rec.specs)):
@@ -227,8 +245,15 @@ class StreamingEncoder(nn.Module):
         for sa in self.attn:
             st = sa.init_state(B, device=device, dtype=dtype, max_chunk=max_chunk)
             layers.append(LayerState(st, torch.zeros(B, 0, E, device=device, dtype=dtype)))
+        adapter = None
+        if self.adapter_geometry:
+            adapter = []
+            for layer, (_, _, p) in zip(self.base.adapter.layers, self.adapter_geometry):
+                adapter.append(AdapterBufState(
+                    torch.zeros(B, layer.conv.in_channels, p, device=device, dtype=dtype),
+                    torch.full((B,), p, dtype=torch.int64, device=device)))
         return EncoderStreamState(convs, norm, pos, layers,
-                                  torch.zeros(B, dtype=torch.int64, device=device))
+                                  torch.zeros(B, dtype=torch.int64, device=device), adapter)
 
     # ------------------------------------------------------------------ stages
     def _frontend(self, audio, state):
@@ -293,6 +318,29 @@ class StreamingEncoder(nn.Module):
             h = layer.final_layer_norm(h)
         return h
 
+    def _adapter(self, h, state, final):
+        """Conv adapter (config.add_adapter) on the encoder frames ready now: proj + LayerNorm
+        per frame, then per layer a buffer that starts with the conv's left zero padding, emits
+        every complete strided window, and gets the right zero padding at flush: the same
+        windows as the offline zero-padded conv."""
+        ad = self.base.adapter
+        if ad.proj is not None and ad.proj_layer_norm is not None:
+            h = ad.proj_layer_norm(ad.proj(h))
+        x = h.transpose(1, 2)
+        for layer, st, (k, s, p) in zip(ad.layers, state.adapter, self.adapter_geometry):
+            buf = torch.cat((st.buf, x.to(st.buf.dtype)), -1)
+            if final and p:
+                buf = F.pad(buf, (0, p))
+            n = (buf.shape[-1] - k) // s + 1 if buf.shape[-1] >= k else 0
+            conv = layer.conv
+            if n:
+                x = F.glu(F.conv1d(buf[..., :(n - 1) * s + k], conv.weight, conv.bias, stride=s),
+                          dim=1)
+            else:
+                x = buf.new_zeros(buf.shape[0], conv.out_channels // 2, 0)
+            st.buf = buf[..., n * s:]
+        return x.transpose(1, 2)
+
     def _run(self, audio, state, final):
         B = state.out_lengths.shape[0]
         E = self.base.config.hidden_size
@@ -306,6 +354,8 @@ class StreamingEncoder(nn.Module):
             h = self._layer(i, h, st, final)
             hidden.append(h)
         last = self.base.encoder.layer_norm(h) if self.stable else h
+        if self.adapter_geometry:
+            last = self._adapter(last, state, final)
         state.out_lengths = torch.full((B,), last.shape[1], dtype=torch.int64, device=dev)
         if self.output_hidden_states:
             return (last, tuple(hidden)), state
