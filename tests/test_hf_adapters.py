@@ -52,12 +52,13 @@ def _out(model, x, mask=None):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-def _stream(model, x, max_chunk=700):
+def _stream(model, x, sizes=(1, 7, 23, 150, 400)):
+    # ragged chunks: small ones make steps that emit no encoder or no adapter frame
     enc = H.StreamingEncoder(model)
     state = enc.init_state(x.shape[0])
     outs, t = [], 0
     while t < x.shape[1]:
-        n = random.randint(1, max_chunk)
+        n = random.choice(sizes)
         y, state = enc.step(x[:, t:t + n], state)
         outs.append(y)
         t += n
@@ -89,9 +90,7 @@ def test_adapters_stream_equals_offline(stable, adapter):
     H.apply_pyencoder_to_wav2vec2(model, **BAND)
     x = torch.randn(2, SAMPLES + random.randint(0, 400))
     with torch.no_grad():
-        off = _out(model, x)
-        for max_chunk in (700, 37):
-            torch.testing.assert_close(_stream(model, x, max_chunk), off, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_stream(model, x), _out(model, x), atol=1e-5, rtol=1e-5)
 
 
 def test_conv_adapter_state_dict_round_trip_and_reset():
@@ -130,7 +129,7 @@ def test_conv_adapter_latency_is_exact(layers, kernel):
     with torch.no_grad():
         base = _out(model, x)
         n_out = base.shape[1]
-        for u in random.sample(range(n_out - 6), 4):
+        for u in random.sample(range(n_out - 6), 3):
             last = (u + 1) * hop - 1 + look              # last sample output u may depend on
             x2 = x.clone()
             x2[:, last + 1:] += torch.randn_like(x2[:, last + 1:])

@@ -13,6 +13,11 @@ What is patched (and restored exactly by revert_pyencoder):
 - GroupNorm of conv layer 0 (``feat_extract_norm == "group"``): "running" (causal cumulative
   statistics, pyencoder.hf.frontend) or "keep".
 
+Adapters are left as they are: the attention adapters of MMS-style checkpoints
+(``config.adapter_attn_dim``, swapped by ``load_adapter``) are per-frame, and the conv adapter
+after the encoder (``config.add_adapter``) runs on the patched encoder's output; ``latency()``
+counts the conv adapter's stride (output hop) and right context, and StreamingEncoder streams it.
+
 Patching a patched model raises (call revert_pyencoder first); the patch is not idempotent by
 design, so a second call with other settings can never be silently ignored.
 
