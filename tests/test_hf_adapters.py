@@ -31,12 +31,16 @@ BAND = dict(lookahead_frames=2, left_frames=6, pos_conv="causal", group_norm="ru
 SAMPLES = 1000     # 99 encoder frames
 
 
-def _model(stable=False, head=False, **over):
+def _model(stable=False, head=False, wavlm=False, **over):
     import transformers as T
     norm = dict(feat_extract_norm="layer", do_stable_layer_norm=True) if stable else \
         dict(feat_extract_norm="group", do_stable_layer_norm=False)
-    cfg = T.Wav2Vec2Config(**norm, **dict(COMMON, **over))
-    model = (T.Wav2Vec2ForCTC if head else T.Wav2Vec2Model)(cfg)
+    if wavlm:
+        cfg = T.WavLMConfig(num_buckets=32, max_bucket_distance=64, **norm, **dict(COMMON, **over))
+        model = T.WavLMModel(cfg)
+    else:
+        cfg = T.Wav2Vec2Config(**norm, **dict(COMMON, **over))
+        model = (T.Wav2Vec2ForCTC if head else T.Wav2Vec2Model)(cfg)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -82,11 +86,11 @@ def test_adapters_full_context_match_unpatched(stable, head, adapter):
         torch.testing.assert_close(_out(pat, x, m), _out(ref, x, m), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("stable,adapter", [(False, CONV_ADAPTER),
-                                            (True, dict(CONV_ADAPTER, num_adapter_layers=1)),
-                                            (True, dict(adapter_attn_dim=8))])
-def test_adapters_stream_equals_offline(stable, adapter):
-    model = _model(stable, **adapter)
+@pytest.mark.parametrize("stable,wavlm,adapter", [
+    (False, False, CONV_ADAPTER), (True, False, dict(CONV_ADAPTER, num_adapter_layers=1)),
+    (True, False, dict(adapter_attn_dim=8)), (False, True, CONV_ADAPTER)])
+def test_adapters_stream_equals_offline(stable, wavlm, adapter):
+    model = _model(stable, wavlm=wavlm, **adapter)
     H.apply_pyencoder_to_wav2vec2(model, **BAND)
     x = torch.randn(2, SAMPLES + random.randint(0, 400))
     with torch.no_grad():
