@@ -99,18 +99,21 @@ def test_window_key_buckets():
 
 @pytest.mark.parametrize("raw,mode", [(None, "auto"), ("", "auto"), ("auto", "auto"),
                                       ("full", "full"), ("1", "full"), ("0", "0"),
-                                      (" FULL ", "full")])
+                                      (" FULL ", "full"), ("on", "full"), ("off", "0")])
 def test_autotune_mode_values(monkeypatch, raw, mode):
     if raw is None:
         monkeypatch.delenv("PYENCODER_TRITON_AUTOTUNE", raising=False)
     else:
         monkeypatch.setenv("PYENCODER_TRITON_AUTOTUNE", raw)
     assert A._autotune_mode() == mode
+    assert A._autotune_enabled() == (mode != "0")
 
 
-def test_autotune_mode_rejects_bad_value(monkeypatch):
-    monkeypatch.setenv("PYENCODER_TRITON_AUTOTUNE", "yes")
-    with pytest.raises(ValueError, match="PYENCODER_TRITON_AUTOTUNE"):
+@pytest.mark.parametrize("value", ["2", "ture", "-1", "fast"])
+def test_autotune_mode_rejects_bad_value(monkeypatch, value):
+    monkeypatch.setenv("PYENCODER_TRITON_AUTOTUNE", value)
+    with pytest.raises(ValueError, match=f"PYENCODER_TRITON_AUTOTUNE must be one of .*; "
+                                         f"got '{value}'"):
         A._autotune_mode()
 
 

@@ -58,15 +58,24 @@ def _window_key(block, lo_off, hi_off, nk):
 
 
 _AUTOTUNE_MODES = ("auto", "full", "0")
+_AUTOTUNE_ALIASES = {"1": "full", "true": "full", "yes": "full", "on": "full",
+                     "false": "0", "no": "0", "off": "0"}
 
 
 def _autotune_mode():
-    raw = os.environ.get("PYENCODER_TRITON_AUTOTUNE", "auto").strip().lower() or "auto"
-    mode = "full" if raw == "1" else raw
+    """PYENCODER_TRITON_AUTOTUNE: "auto" (default), "full" (also 1/true/yes/on) or "0" (also
+    false/no/off)."""
+    raw = os.environ.get("PYENCODER_TRITON_AUTOTUNE")
+    val = (raw or "").strip().lower() or "auto"
+    mode = _AUTOTUNE_ALIASES.get(val, val)
     if mode not in _AUTOTUNE_MODES:
-        raise ValueError(f"PYENCODER_TRITON_AUTOTUNE must be one of auto, full (or 1), 0; "
-                         f"got {raw!r}")
+        raise ValueError(f"PYENCODER_TRITON_AUTOTUNE must be one of auto, full (or 1), 0 (or "
+                         f"unset); got {raw!r}")
     return mode
+
+
+def _autotune_enabled():
+    return _autotune_mode() != "0"
 
 
 def _arch(device):
