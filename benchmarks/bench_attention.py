@@ -170,6 +170,8 @@ def make_provider(name, q, k, v, m, rope, compiler=None):
         return lambda: fn(q, k, v)
     if name == "flex":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        if q.device.type == "cpu" and q.requires_grad:
+            raise NotImplementedError("FlexAttention has no backward on CPU")
         block, lo_off, hi_off = mask_params(m)
 
         def mask_mod(b, h, qi, kj):

@@ -58,6 +58,13 @@ def test_shared_compiled_function_would_fail(monkeypatch):
 
 
 @needs_flex
+def test_flex_with_gradients_on_cpu_is_skipped():
+    rec = ba.measure("flex", "tiny", 1, 2, 16, 48, ("band", 8, 2), torch.float32, "cpu", 1, 1,
+                     1.0, compile_backend="eager")
+    assert "no backward on CPU" in rec["skipped"]
+
+
+@needs_flex
 def test_flex_matches_reference():
     import pyencoder
     from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
