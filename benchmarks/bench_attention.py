@@ -113,6 +113,8 @@ class _Compiler:
     """torch.compile with a graph counter: one per case, Dynamo's caches reset first."""
 
     def __init__(self, backend="inductor"):
+        if backend not in ("inductor", "eager"):
+            raise ValueError(f"compile_backend must be 'inductor' or 'eager'; got {backend!r}")
         self.backend = backend
         self.graphs = 0
 
@@ -124,9 +126,7 @@ class _Compiler:
         if self.backend == "inductor":
             from torch._inductor.compile_fx import compile_fx
             return compile_fx(gm, example_inputs)
-        if self.backend == "eager":
-            return gm.forward
-        raise ValueError(f"compile backend must be 'inductor' or 'eager'; got {self.backend!r}")
+        return gm.forward
 
     def __call__(self, fn):
         torch._dynamo.reset()

@@ -132,3 +132,8 @@ def test_first_call_record_in_fresh_process():
     for key in ("first_fwd_s", "first_bwd_s", "first_fwdbwd_s", "second_fwd_ms"):
         assert math.isfinite(rec[key]) and rec[key] > 0
     assert rec["first_fwdbwd_s"] >= rec["first_fwd_s"]
+
+
+def test_bad_compile_backend_is_named():
+    with pytest.raises(ValueError, match="compile_backend"):
+        ba._Compiler("cudagraphs")
