@@ -52,7 +52,6 @@ import io
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -366,8 +365,8 @@ def _run_ptxas(ptx, cc):
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        r = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(d, "k.o")],
-                           capture_output=True, text=True)
+        import _subproc   # ptxas dies with this worker
+        r = _subproc.run([ptxas, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(d, "k.o")])
     return r.stdout + r.stderr
 
 
