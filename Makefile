@@ -11,7 +11,7 @@ HF_SPEC ?= transformers==5.23.0
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: venv demo test test-gpu bench info clean
+.PHONY: venv demo test test-gpu test-compile-full bench info clean
 
 $(VENV)/.ready: setup.py pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -34,6 +34,11 @@ test: $(VENV)/.ready
 
 test-gpu: $(VENV)/.ready
 	$(PY) -m pytest -q -m gpu tests
+
+# every config of every Triton launcher over the whole dtype/head-dim/RoPE/conv grid, compiled for
+# sm_80 and sm_90 (make test compiles a sample); PYENCODER_COMPILE_MATRIX=quick for a smaller one
+test-compile-full: $(VENV)/.ready
+	$(PY) -m pytest -q -m compile_full tests/test_triton_compile.py
 
 bench: $(VENV)/.ready
 	$(PIP) matplotlib

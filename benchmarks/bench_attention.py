@@ -1,34 +1,60 @@
 """Interval attention: pyencoder's Triton kernels against the named anchors, forward, backward
-and forward+backward, RoPE counted on every side.
+and forward+backward, with RoPE (on every side) and without it (the attention kernel alone).
 
 Providers (GPU): pyencoder-triton (RoPE inside the kernels, cos/sin source as
 PYENCODER_ROPE_TABLE says: in-kernel by default); pyencoder-triton-ropetable (the same kernels with
 cos/sin loaded from float32 tables built once per call, PYENCODER_ROPE_TABLE=1); reference
 (pyencoder's plain-torch path); sdpa-mask (scaled_dot_product_attention with a dense boolean
-N x N mask, plus a separate RoPE pass); flex (torch.nn.attention.flex_attention, compiled, block
-mask built once outside the timing, plus a separate RoPE pass); flash-attn (window_size=(left,
-right), band masks only, when flash_attn is installed, plus a separate RoPE pass).
+N x N mask); flex (torch.nn.attention.flex_attention, block mask built once per case outside the
+timing); flash-attn (window_size=(left, right), band masks only, when flash_attn is installed).
+The anchors' RoPE is what a competent user writes: sdpa-mask and flex compile RoPE and the
+attention call as one graph (torch.compile, fullgraph, Inductor fuses the rotation into its
+kernels); flash-attn gets a compiled RoPE pass before its kernel.
 CPU: only reference and sdpa-mask, at small N, float32 (a smoke run).
+
+Compiled anchors are checked, not trusted: Dynamo's caches are reset per case (a mask closure's
+Python ints are guarded on, so reusing one compiled function across (N, mask) recompiles every
+case and, past the recompile limit, silently runs Flex unfused with the full score matrix); each
+case may compile at most 2 graphs (inference and training); the timed calls run with
+``error_on_recompile``; and Flex's "called without torch.compile()" warning is an error. Any of
+these raises CompiledAnchorError and stops the run: a number measured against a broken anchor is
+never written.
+
+Rows: ``rope: true`` (q and k rotated, the kernels' fused RoPE vs the anchors' compiled pass) and
+``rope: false`` (no RoPE anywhere, attention only); ``--rope on|off|both`` (GPU default both,
+CPU on).
+
+First call (``--first-call``): for each case and provider, a fresh process with empty Triton and
+Inductor caches times the first forward call and the first forward+backward (compile, autotune
+and run), per PYENCODER_TRITON_AUTOTUNE mode (``--first-call-modes``, default ``auto 0``); records
+have ``bench: "attention-first-call"``. Only these rows are measured with ``--first-call``.
 
 Shapes: wav2vec2-base (B=8, H=12, D=64) and large (B=8, H=16, D=64); N in {500, 1500, 3000,
 12000}; masks band(None,0), band(None,3), band(250,3), band(50,3), chunked(4,128,3). bf16 on GPU.
 
-Each record: provider, shape, B, H, D, N, mask, dtype, fwd/bwd/fwdbwd medians and 20/80 %
+Each record: provider, shape, B, H, D, N, mask, dtype, rope, fwd/bwd/fwdbwd medians and 20/80 %
 quantiles (ms), in-band TFLOP/s (FLOPs over visible (query, key) pairs only: 4*D per pair forward,
 10*D backward), and for windows <= 1024 wide the % of the measured copy bandwidth reached by the
 minimum HBM traffic (q, k, v read, out written; backward: q, k, v, out, dout read, dq, dk, dv
 written). Written to benchmarks/results/<device>/attention.jsonl.
 
     python -m benchmarks.bench_attention [--quick] [--providers P ...] [--n N ...]
+        [--rope on|off|both] [--first-call [--first-call-modes M ...]]
 """
 import argparse
 import contextlib
+import json
 import os
+import signal
+import subprocess
 import sys
+import tempfile
+import time
+import warnings
 
 import torch
 
-from benchmarks._common import bench, copy_bandwidth_gbs, device_slug, env_info, write_jsonl
+from benchmarks._common import ROOT, bench, copy_bandwidth_gbs, device_slug, env_info, write_jsonl
 
 SHAPES = {"wav2vec2-base": (8, 12, 64), "wav2vec2-large": (8, 16, 64)}
 NS = (500, 1500, 3000, 12000)
@@ -74,11 +100,59 @@ def dense_mask(n, m, device):
     return ((s[None, :] >= lo[:, None]) & (s[None, :] <= hi[:, None])).to(device)
 
 
-def make_provider(name, q, k, v, m, rope):
-    """A callable running the forward (returns the output), or raises NotImplementedError."""
+COMPILED = ("sdpa-mask", "flex", "flash-attn")   # providers whose RoPE/attention is compiled
+_MAX_GRAPHS = 2                                   # per case: inference and training graphs
+_UNFUSED_WARNING = r".*flex_attention called without torch\.compile"
+
+
+class CompiledAnchorError(RuntimeError):
+    """A compiled anchor recompiled, broke its graph or ran uncompiled (unfused Flex)."""
+
+
+class _Compiler:
+    """torch.compile with a graph counter: one per case, Dynamo's caches reset first."""
+
+    def __init__(self, backend="inductor"):
+        if backend not in ("inductor", "eager"):
+            raise ValueError(f"compile_backend must be 'inductor' or 'eager'; got {backend!r}")
+        self.backend = backend
+        self.graphs = 0
+
+    def _compile_graph(self, gm, example_inputs):
+        self.graphs += 1
+        if self.graphs > _MAX_GRAPHS:
+            raise CompiledAnchorError(f"{self.graphs} graphs compiled for one case (at most "
+                                      f"{_MAX_GRAPHS}: inference and training)")
+        if self.backend == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+            return compile_fx(gm, example_inputs)
+        return gm.forward
+
+    def __call__(self, fn):
+        torch._dynamo.reset()
+        return torch.compile(fn, backend=self._compile_graph, dynamic=False, fullgraph=True)
+
+
+def _rope_fn(rope, n, device):
+    """The anchors' RoPE pass as plain tensor ops over positions and frequencies computed once,
+    so that torch.compile traces it into the anchor's graph."""
+    if rope is None:
+        return lambda x: x
+    from pyencoder.rope import apply_rope
+    pos = torch.arange(n, device=device)
+    inv = rope.inv_freq(device).to(torch.float32)
+    interleaved = rope.interleaved
+    return lambda x: apply_rope(x, pos, inv, interleaved)
+
+
+def make_provider(name, q, k, v, m, rope, compiler=None):
+    """A callable running the forward (returns the output), or raises NotImplementedError.
+    rope=None: no RoPE on any side. ``compiler`` compiles the anchors (default: a fresh
+    inductor _Compiler)."""
     import pyencoder
     n = q.shape[2]
-    pos = torch.arange(n, device=q.device)
+    compiler = _Compiler() if compiler is None else compiler
+    rot = _rope_fn(rope, n, q.device)
     if name in ("pyencoder-triton", "pyencoder-triton-ropetable", "reference"):
         backend = "reference" if name == "reference" else "triton"
         block, lo, hi = mask_params(m)
@@ -87,9 +161,17 @@ def make_provider(name, q, k, v, m, rope):
     if name == "sdpa-mask":
         mask = dense_mask(n, m, q.device)
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        return lambda: sdpa(rope.rotate(q, pos), rope.rotate(k, pos), v, attn_mask=mask)
+
+        def attn(q, k, v):
+            return sdpa(rot(q), rot(k), v, attn_mask=mask)
+        if rope is None:
+            return lambda: attn(q, k, v)
+        fn = compiler(attn)
+        return lambda: fn(q, k, v)
     if name == "flex":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        if q.device.type == "cpu" and q.requires_grad:
+            raise NotImplementedError("FlexAttention has no backward on CPU")
         block, lo_off, hi_off = mask_params(m)
 
         def mask_mod(b, h, qi, kj):
@@ -100,8 +182,11 @@ def make_provider(name, q, k, v, m, rope):
             return ok
 
         bm = create_block_mask(mask_mod, None, None, n, n, device=q.device)
-        flex = torch.compile(flex_attention, dynamic=False)
-        return lambda: flex(rope.rotate(q, pos), rope.rotate(k, pos), v, block_mask=bm)
+
+        def attn(q, k, v):
+            return flex_attention(rot(q), rot(k), v, block_mask=bm)
+        fn = compiler(attn)
+        return lambda: fn(q, k, v)
     if name == "flash-attn":
         if m[0] != "band":
             raise NotImplementedError("flash-attn has no chunked mask")
@@ -111,12 +196,38 @@ def make_provider(name, q, k, v, m, rope):
             raise NotImplementedError("flash_attn is not installed")
         ws = (-1 if m[1] is None else m[1], m[2])
 
+        def prep(q, k, v):
+            return rot(q).transpose(1, 2), rot(k).transpose(1, 2), v.transpose(1, 2)
+        prep = prep if rope is None else compiler(prep)
+
         def run():
-            qr = rope.rotate(q, pos).transpose(1, 2)
-            kr = rope.rotate(k, pos).transpose(1, 2)
-            return flash_attn_func(qr, kr, v.transpose(1, 2), window_size=ws).transpose(1, 2)
+            return flash_attn_func(*prep(q, k, v), window_size=ws).transpose(1, 2)
         return run
     raise ValueError(f"unknown provider {name!r}")
+
+
+@contextlib.contextmanager
+def _compiled_checks(name):
+    """While a compiled anchor runs: Flex's unfused-path warning raises, and (``strict``) so
+    does any recompile."""
+    if name not in COMPILED:
+        yield lambda: contextlib.nullcontext()
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=_UNFUSED_WARNING)
+        yield lambda: torch._dynamo.config.patch(error_on_recompile=True)
+
+
+def _anchor_failure(name, e):
+    if name not in COMPILED:
+        return None
+    if isinstance(e, CompiledAnchorError):
+        return e
+    if isinstance(e, UserWarning) or isinstance(getattr(e, "inner_exception", None),
+                                                CompiledAnchorError) or \
+            type(e).__name__ in ("RecompileError", "Unsupported", "FailOnRecompileLimitHit"):
+        return CompiledAnchorError(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+    return None
 
 
 @contextlib.contextmanager
@@ -136,43 +247,53 @@ def _rope_table_env(name):
             os.environ["PYENCODER_ROPE_TABLE"] = old
 
 
-def measure(name, *args):
+def measure(name, *args, rope=True, compile_backend="inductor", grad=True):
+    """One record; ``grad=False`` times the forward only (inputs without gradients)."""
     with _rope_table_env(name):
-        rec = _measure(name, *args)
+        rec = _measure(name, *args, rope=rope, compile_backend=compile_backend, grad=grad)
     if name.startswith("pyencoder-triton"):
         rec["rope_table"] = "1" if name.endswith("ropetable") else \
             os.environ.get("PYENCODER_ROPE_TABLE", "auto")
     return rec
 
 
-def _measure(name, shape_name, B, H, D, n, m, dtype, device, warmup, rep, bw):
+def _measure(name, shape_name, B, H, D, n, m, dtype, device, warmup, rep, bw, rope=True,
+             compile_backend="inductor", grad=True):
     import pyencoder
     rec = {"bench": "attention", "provider": name, "shape": shape_name, "B": B, "H": H, "D": D,
-           "N": n, "mask": mask_name(m), "dtype": str(dtype).replace("torch.", ""), "rope": True}
-    rope = pyencoder.Rope(D)
+           "N": n, "mask": mask_name(m), "dtype": str(dtype).replace("torch.", ""),
+           "rope": bool(rope)}
     torch.manual_seed(0)
-    leaves = [torch.randn(B, H, n, D, device=device, dtype=dtype, requires_grad=True)
+    leaves = [torch.randn(B, H, n, D, device=device, dtype=dtype, requires_grad=grad)
               for _ in range(3)]
+    compiler = _Compiler(compile_backend)
     try:
-        fwd = make_provider(name, *leaves, m, rope)
-        with torch.no_grad():
-            fwd()
-        out = fwd()
-        dout = torch.randn_like(out)
+        with _compiled_checks(name) as strict:
+            fwd = make_provider(name, *leaves, m, pyencoder.Rope(D) if rope else None, compiler)
+            with torch.no_grad():
+                fwd()
+            if grad:
+                out = fwd()
+                dout = torch.randn_like(out)
 
-        def bwd():
-            torch.autograd.grad(out, leaves, dout, retain_graph=True)
+                def bwd():
+                    torch.autograd.grad(out, leaves, dout, retain_graph=True)
 
-        def fwdbwd():
-            torch.autograd.grad(fwd(), leaves, dout)
+                def fwdbwd():
+                    torch.autograd.grad(fwd(), leaves, dout)
 
-        bwd()
-        with torch.no_grad():
-            t_f = bench(fwd, warmup, rep)
-        t_b = bench(bwd, warmup, rep)
-        t_fb = bench(fwdbwd, warmup, rep)
+                bwd()
+            with strict():
+                with torch.no_grad():
+                    t_f = bench(fwd, warmup, rep)
+                if grad:
+                    t_b = bench(bwd, warmup, rep)
+                    t_fb = bench(fwdbwd, warmup, rep)
+        if name in COMPILED:
+            rec["graphs"] = compiler.graphs
+            rec["compiled"] = compile_backend if compiler.graphs else None
         out = None  # free the graph (bwd closes over it)
-        if device == "cuda":
+        if device == "cuda" and grad:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -183,17 +304,23 @@ def _measure(name, shape_name, B, H, D, n, m, dtype, device, warmup, rep, bw):
         rec["skipped"] = str(e)
         return rec
     except Exception as e:  # OOM or a provider failing on this shape: record it, keep going
+        broken = _anchor_failure(name, e)
+        if broken is not None:
+            raise broken from e
         rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         if device == "cuda":
             torch.cuda.empty_cache()
         return rec
-    for key, t in (("fwd", t_f), ("bwd", t_b), ("fwdbwd", t_fb)):
+    times = (("fwd", t_f), ("bwd", t_b), ("fwdbwd", t_fb)) if grad else (("fwd", t_f),)
+    for key, t in times:
         rec[f"{key}_ms"] = t["median_ms"]
         rec[f"{key}_p20_ms"] = t["p20_ms"]
         rec[f"{key}_p80_ms"] = t["p80_ms"]
     pairs = visible_pairs(n, m) * B * H
     rec["visible_pairs"] = pairs
     rec["fwd_tflops"] = 4 * D * pairs / (t_f["median_ms"] * 1e-3) / 1e12
+    if not grad:
+        return rec
     rec["bwd_tflops"] = 10 * D * pairs / (t_b["median_ms"] * 1e-3) / 1e12
     rec["fwdbwd_tflops"] = 14 * D * pairs / (t_fb["median_ms"] * 1e-3) / 1e12
     w = window(m)
@@ -206,6 +333,85 @@ def _measure(name, shape_name, B, H, D, n, m, dtype, device, warmup, rep, bw):
     return rec
 
 
+def _first_call_child(spec):
+    """In a fresh process (empty caches): seconds of the first forward, of the backward after it,
+    and ms of a second forward. The forward runs with gradients on (the training graph)."""
+    import pyencoder
+    name, device = spec["provider"], spec["device"]
+    B, H, D, n = spec["B"], spec["H"], spec["D"], spec["N"]
+    dtype = getattr(torch, spec["dtype"])
+    m = tuple(spec["mask"])
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    leaves = [torch.randn(B, H, n, D, device=device, dtype=dtype, requires_grad=True)
+              for _ in range(3)]
+    dout = torch.randn(B, H, n, D, device=device, dtype=dtype)
+    sync()
+    with _rope_table_env(name), _compiled_checks(name):
+        t0 = time.perf_counter()
+        fwd = make_provider(name, *leaves, m, pyencoder.Rope(D) if spec["rope"] else None,
+                            _Compiler(spec["compile_backend"]))
+        out = fwd()
+        sync()
+        t1 = time.perf_counter()
+        torch.autograd.grad(out, leaves, dout)
+        sync()
+        t2 = time.perf_counter()
+        fwd()
+        sync()
+        t3 = time.perf_counter()
+    return {"first_fwd_s": t1 - t0, "first_bwd_s": t2 - t1, "first_fwdbwd_s": t2 - t0,
+            "second_fwd_ms": (t3 - t2) * 1e3}
+
+
+def first_call(name, shape_name, B, H, D, n, m, dtype, device, mode, rope=True,
+               compile_backend="inductor", timeout=600):
+    """A first-call record: the provider's first forward and forward+backward in a fresh process
+    with empty Triton and Inductor caches, PYENCODER_TRITON_AUTOTUNE=mode. The child runs in its
+    own process group, killed whole on timeout or interruption."""
+    rec = {"bench": "attention-first-call", "provider": name, "shape": shape_name, "B": B, "H": H,
+           "D": D, "N": n, "mask": mask_name(m), "dtype": str(dtype).replace("torch.", ""),
+           "rope": bool(rope), "autotune": mode if name.startswith("pyencoder-triton") else None}
+    spec = dict(provider=name, device=device, B=B, H=H, D=D, N=n, mask=list(m),
+                dtype=rec["dtype"], rope=bool(rope), compile_backend=compile_backend)
+    with tempfile.TemporaryDirectory(prefix="pyencoder-first-call-") as tmp:
+        env = dict(os.environ, PYENCODER_TRITON_AUTOTUNE=mode,
+                   TRITON_CACHE_DIR=os.path.join(tmp, "triton"),
+                   TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor"))
+        cmd = [sys.executable, "-m", "benchmarks.bench_attention", "--first-call-child",
+               json.dumps(spec)]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            proc.communicate()
+            rec["error"] = f"no result within {timeout} s"
+            return rec
+        except BaseException:
+            _kill_group(proc)
+            proc.wait()
+            raise
+        _kill_group(proc)
+    lines = [x for x in out.splitlines() if x.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (err.strip().splitlines() or ["?"])[-1][:300]
+        if "CompiledAnchorError" in err:
+            raise CompiledAnchorError(f"{name} first call: {tail}")
+        rec["error"] = f"rc {proc.returncode}: {tail}"
+        return rec
+    rec.update(json.loads(lines[-1]))
+    return rec
+
+
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a small subset (about a minute)")
@@ -213,7 +419,20 @@ def main(argv=None):
     p.add_argument("--n", nargs="*", type=int, default=None)
     p.add_argument("--shapes", nargs="*", default=None, choices=sorted(SHAPES))
     p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("--rope", choices=("on", "off", "both"), default=None,
+                   help="rows with RoPE, attention-only rows, or both (GPU default: both; CPU: on)")
+    p.add_argument("--compile-backend", choices=("inductor", "eager"), default="inductor",
+                   help="torch.compile backend of the anchors (eager: a cheap CPU rehearsal)")
+    p.add_argument("--first-call", action="store_true",
+                   help="measure only the first call per case (fresh process, empty caches)")
+    p.add_argument("--first-call-modes", nargs="*", default=["auto", "0"],
+                   choices=("auto", "full", "0"), help="PYENCODER_TRITON_AUTOTUNE values")
+    p.add_argument("--first-call-timeout", type=float, default=600.0)
+    p.add_argument("--first-call-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.first_call_child:
+        print(json.dumps(_first_call_child(json.loads(args.first_call_child))), flush=True)
+        return 0
 
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
@@ -234,27 +453,58 @@ def main(argv=None):
         ns = tuple(args.n)
     if args.shapes:
         shapes = {k: SHAPES[k] for k in args.shapes}
+    ropes = {"on": (True,), "off": (False,), "both": (True, False)}[
+        args.rope or ("both" if gpu else "on")]
+    if args.first_call:
+        return _main_first_call(args, shapes, ns, masks, providers, ropes, dtype, device)
     bw = copy_bandwidth_gbs()
     print(f"device {device_slug()}  copy bandwidth {bw:.0f} GB/s  "
           f"torch {env_info()['torch']}  triton {env_info()['triton']}", flush=True)
     records = []
     for shape_name, (B, H, D) in shapes.items():
         for n in ns:
+            for rope in ropes:
+                for m in masks:
+                    for prov in providers:
+                        rec = measure(prov, shape_name, B, H, D, n, m, dtype, device, warmup,
+                                      rep, bw, rope=rope, compile_backend=args.compile_backend)
+                        records.append(rec)
+                        status = rec.get("error") or rec.get("skipped")
+                        if status:
+                            line = status
+                        else:
+                            line = (f"fwd {rec['fwd_ms']:8.3f} ms  bwd {rec['bwd_ms']:8.3f} ms  "
+                                    f"fwd+bwd {rec['fwdbwd_ms']:8.3f} ms  "
+                                    f"{rec['fwd_tflops']:6.1f} TFLOP/s fwd")
+                            if "fwd_hbm_pct" in rec:
+                                line += f"  {rec['fwd_hbm_pct']:5.1f} % HBM fwd"
+                        print(f"{shape_name:16s} N={n:6d} {mask_name(m):18s} "
+                              f"{'rope' if rope else 'no-rope':7s} {prov:26s} {line}", flush=True)
+    if not args.no_write:
+        print(f"wrote {write_jsonl('attention', records)}")
+    return 0
+
+
+def _main_first_call(args, shapes, ns, masks, providers, ropes, dtype, device):
+    records = []
+    for shape_name, (B, H, D) in shapes.items():
+        for n in ns:
             for m in masks:
-                for prov in providers:
-                    rec = measure(prov, shape_name, B, H, D, n, m, dtype, device, warmup, rep, bw)
-                    records.append(rec)
-                    status = rec.get("error") or rec.get("skipped")
-                    if status:
-                        line = status
-                    else:
-                        line = (f"fwd {rec['fwd_ms']:8.3f} ms  bwd {rec['bwd_ms']:8.3f} ms  "
-                                f"fwd+bwd {rec['fwdbwd_ms']:8.3f} ms  "
-                                f"{rec['fwd_tflops']:6.1f} TFLOP/s fwd")
-                        if "fwd_hbm_pct" in rec:
-                            line += f"  {rec['fwd_hbm_pct']:5.1f} % HBM fwd"
-                    print(f"{shape_name:16s} N={n:6d} {mask_name(m):18s} {prov:26s} {line}",
-                          flush=True)
+                for rope in ropes:
+                    for prov in providers:
+                        modes = args.first_call_modes if prov.startswith("pyencoder-triton") \
+                            else args.first_call_modes[:1]
+                        for mode in modes:
+                            rec = first_call(prov, shape_name, B, H, D, n, m, dtype, device, mode,
+                                             rope, args.compile_backend, args.first_call_timeout)
+                            records.append(rec)
+                            line = rec.get("error") or (
+                                f"first fwd {rec['first_fwd_s']:7.2f} s  first fwd+bwd "
+                                f"{rec['first_fwdbwd_s']:7.2f} s  then fwd "
+                                f"{rec['second_fwd_ms']:8.3f} ms")
+                            print(f"{shape_name:16s} N={n:6d} {mask_name(m):18s} "
+                                  f"{'rope' if rope else 'no-rope':7s} {prov:26s} "
+                                  f"autotune={rec['autotune']} {line}", flush=True)
     if not args.no_write:
         print(f"wrote {write_jsonl('attention', records)}")
     return 0

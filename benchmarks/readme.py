@@ -51,13 +51,25 @@ def reference_cpu(recs):
 
 
 def attention(recs):
-    rows = [[r.get("shape", ""), str(r["N"]), r["mask"], r["provider"], r.get("dtype", ""),
+    rows = [[r.get("shape", ""), str(r["N"]), r["mask"], "on" if r.get("rope", True) else "off",
+             r["provider"], r.get("dtype", ""),
              _f(r.get("fwd_ms"), 2), _f(r.get("bwd_ms"), 2), _f(r.get("fwdbwd_ms"), 2),
              _f(r.get("fwd_tflops"), 3)]
             for r in recs if "fwd_ms" in r]
-    return ("Banded / chunked attention with RoPE counted in every provider (median ms).\n\n"
-            + _table(["shape", "N", "mask", "provider", "dtype", "fwd", "bwd", "fwd+bwd",
+    first = [[r.get("shape", ""), str(r["N"]), r["mask"], "on" if r.get("rope", True) else "off",
+              r["provider"], str(r.get("autotune") or "–"), _f(r.get("first_fwd_s"), 1),
+              _f(r.get("first_fwdbwd_s"), 1), _f(r.get("second_fwd_ms"), 2)]
+             for r in recs if "first_fwd_s" in r]
+    text = ("Banded / chunked attention (median ms); RoPE on: counted in every provider (fused in "
+            "ours, compiled with the attention call in the anchors); off: attention only.\n\n"
+            + _table(["shape", "N", "mask", "RoPE", "provider", "dtype", "fwd", "bwd", "fwd+bwd",
                       "fwd TFLOP/s"], rows))
+    if first:
+        text += ("\n\nFirst call in a fresh process with empty compile caches (compile, autotune "
+                 "and run), by PYENCODER_TRITON_AUTOTUNE.\n\n"
+                 + _table(["shape", "N", "mask", "RoPE", "provider", "autotune", "first fwd s",
+                           "first fwd+bwd s", "then fwd ms"], first))
+    return text
 
 
 def conv(recs):

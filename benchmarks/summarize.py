@@ -91,7 +91,9 @@ def plots(results_dir):
     made = []
     path = os.path.join(results_dir, "attention.jsonl")
     if os.path.exists(path):
-        recs = [r for r in load(path) if "N" in r and "provider" in r]
+        # the kernel-vs-anchor rows with RoPE (not the attention-only or first-call rows)
+        recs = [r for r in load(path) if "N" in r and "provider" in r
+                and r.get("bench", "attention") == "attention" and r.get("rope", True)]
         ms_key = next((k for k in ("fwd_ms", "fwd_median_ms", "median_ms") if recs
                        and k in recs[0]), None)
         if recs and ms_key:

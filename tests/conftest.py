@@ -15,6 +15,12 @@ if not _HAS_CUDA:
 
 
 def pytest_collection_modifyitems(config, items):
+    if "compile_full" not in (config.getoption("markexpr", "") or ""):
+        full = pytest.mark.skip(reason="the full Triton compile matrix: make test-compile-full "
+                                       "(pytest -m compile_full)")
+        for item in items:
+            if "compile_full" in item.keywords:
+                item.add_marker(full)
     if _HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -1,11 +1,11 @@
 """benchmarks/bench_streaming.py: the GPU path's logic runs on CPU (--dry-run) and writes nothing;
 the concurrent-streams search finds the largest batch within budget."""
 import os
-import subprocess
 import sys
-import time
 
 import pytest
+
+import _subproc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -25,11 +25,9 @@ def test_dry_run_gpu_path_on_cpu():
     before = _listing(results)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_streaming", "--dry-run"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    r = _subproc.run([sys.executable, "-m", "benchmarks.bench_streaming", "--dry-run"],
+                     cwd=ROOT, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert time.time() - t0 < 60
     for mask, ms in (("banded", 20), ("chunked", 80)):
         assert f"[{mask}] batch 1, {ms} ms steps" in r.stdout
         assert f"[{mask}] concurrent real-time streams at {ms} ms steps" in r.stdout

@@ -10,9 +10,10 @@ import hashlib
 import os
 import re
 import shutil
-import subprocess
 
 import pytest
+
+import _subproc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -47,7 +48,7 @@ def _tree_hash():
 def _compile(nvcc, src, arch, outdir):
     out = os.path.join(outdir, f"{os.path.basename(src)}.{arch}.o")
     cmd = [nvcc, *FLAGS, f"-arch={arch}", "-I", CSRC, "-c", src, "-o", out]
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = _subproc.run(cmd)
     return src, arch, p.returncode, p.stdout + p.stderr
 
 

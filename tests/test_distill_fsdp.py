@@ -12,8 +12,8 @@ import tempfile
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+import _subproc
 from pyencoder import distill as D
 from test_distill import _setup
 
@@ -80,7 +80,7 @@ def _check(kind):
     ref = {n: p.grad.clone() for n, p in student.named_parameters()}
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "grads.pt")
-        mp.spawn(_worker, args=(2, path, os.path.join(d, "init"), kind), nprocs=2, join=True)
+        _subproc.spawn(_worker, args=(2, path, os.path.join(d, "init"), kind), nprocs=2)
         got = torch.load(path)
     if kind == "fsdp2":
         assert got["sharded"] == ["DTensor"]    # the parameters really were sharded

@@ -2,11 +2,12 @@
 module), the demo clip ships as package data, and the pure-Python build needs no torch."""
 import os
 import shutil
-import subprocess
 import sys
 import zipfile
 
 import pytest
+
+import _subproc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,9 +22,8 @@ def wheel(tmp_path_factory):
         ".hypothesis", ".whl", ".gl", "results"))
     out = tmp_path_factory.mktemp("wheel")
     env = dict(os.environ, PYENCODER_BUILD_CUDA="0")
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                        "-q", "-w", str(out), str(src)], capture_output=True, text=True, env=env,
-                       timeout=300)
+    r = _subproc.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                      "-q", "-w", str(out), str(src)], env=env)
     if r.returncode != 0:
         pytest.skip(f"could not build a wheel here: {r.stderr.strip()[-300:]}")
     (whl,) = [p for p in os.listdir(out) if p.endswith(".whl")]

@@ -5,10 +5,18 @@ pyencoder.reference.attention (``forward``, ``backward``, ``supports_forward``,
 ``supports_backward``). The kernels apply RoPE themselves, so q and k go to the kernels as given
 (any strides).
 
-Tiles: under TRITON_INTERPRET=1 one fixed small config; on a GPU a small autotune space keyed by
-head dim, rotary split, window width and dtype (``PYENCODER_TRITON_AUTOTUNE=0`` pins the first
-config). The backward never uses atomics, so dq/dk/dv are bitwise reproducible for a fixed config;
-``deterministic=True`` additionally pins the config so that reproducibility holds across processes.
+Tiles: under TRITON_INTERPRET=1 one fixed small config. On a GPU a per-architecture default table
+(``_DEFAULT_TILES``: sm_80 / sm_90 rows, by kernel, dtype class and head-dim class) orders the
+tiles of each kernel's tuned list; the list is first pruned to the tiles that fit the key's shared
+memory and window. ``PYENCODER_TRITON_AUTOTUNE`` says how many are compiled and timed at the first
+call of an autotune key (key: head-dim tile, rotary tiles, RoPE mode, window width bucketed to a
+power of two and capped by the key count, dtypes; not N, offsets or lengths):
+``auto`` (default) the table's first two, ``full`` the whole pruned list, ``0`` none (the table's
+first choice, no timing). Default per key: forward 2, dq 2, dk/dv 2 compiles (before: 6 / 5 / 5).
+The table order follows FlashAttention-2's tile conventions and has not been ranked by GPU
+timings yet. The backward never uses atomics, so dq/dk/dv are bitwise reproducible for a fixed
+config; ``deterministic=True`` additionally pins the table's first choice (no timing), so that
+reproducibility holds across processes on the same architecture.
 
 RoPE cos/sin source (``PYENCODER_ROPE_TABLE``): ``0`` computes cos/sin in the kernels with
 tl.cos/tl.sin on every tile visit; ``1`` builds float32 cos/sin tables once per call (forward, and
@@ -42,14 +50,39 @@ def _next_pow2(n):
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _window_key(block, lo_off, hi_off):
-    if lo_off < 0:
-        return 4096
-    return min(_next_pow2(lo_off + hi_off + block), 4096)
+def _window_key(block, lo_off, hi_off, nk):
+    """The autotune key's window bucket: keys a query tile can see, as a power of two in
+    [16, 4096] (the 16 floor keeps the value 16-divisible: no extra kernel specialisation)."""
+    width = 4096 if lo_off < 0 else lo_off + hi_off + block
+    return max(16, min(_next_pow2(width), _next_pow2(max(1, nk)), 4096))
+
+
+_AUTOTUNE_MODES = ("auto", "full", "0")
+_AUTOTUNE_ALIASES = {"1": "full", "true": "full", "yes": "full", "on": "full",
+                     "false": "0", "no": "0", "off": "0"}
+
+
+def _autotune_mode():
+    """PYENCODER_TRITON_AUTOTUNE: "auto" (default), "full" (also 1/true/yes/on) or "0" (also
+    false/no/off)."""
+    raw = os.environ.get("PYENCODER_TRITON_AUTOTUNE")
+    val = (raw or "").strip().lower() or "auto"
+    mode = _AUTOTUNE_ALIASES.get(val, val)
+    if mode not in _AUTOTUNE_MODES:
+        raise ValueError(f"PYENCODER_TRITON_AUTOTUNE must be one of auto, full (or 1), 0 (or "
+                         f"unset); got {raw!r}")
+    return mode
 
 
 def _autotune_enabled():
-    return os.environ.get("PYENCODER_TRITON_AUTOTUNE", "1") != "0"
+    return _autotune_mode() != "0"
+
+
+def _arch(device):
+    """Row of the default table: "sm90" for compute capability >= 9, else "sm80"."""
+    if device.type != "cuda":
+        return "sm80"
+    return "sm90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm80"
 
 
 _ROPE_TABLE_MODES = ("auto", "0", "1")
@@ -90,11 +123,10 @@ _TABLE_ONLY = {
     "dq": {(128, 64, 8, 2), (64, 64, 4, 1)},
     "dkdv": {(64, 128, 8, 2), (64, 128, 8, 1)},
 }
-_TABLE_PINNED = {"fwd": (64, 32, 4, 2), "dq": (64, 32, 4, 2), "dkdv": (16, 64, 4, 2)}
 
 
-def _table_drop(name, fp32, kwargs):
-    if not kwargs.get("ROPE_TABLE") or kwargs["BLOCK_R"] < 64:
+def _table_drop(name, fp32, kwargs, arch="sm80"):
+    if arch != "sm80" or not kwargs.get("ROPE_TABLE") or kwargs["BLOCK_R"] < 64:
         return set()
     return _TABLE_DROP[(fp32, name)]
 
@@ -109,8 +141,9 @@ def _is_wide(named_args, kwargs):
 
 
 def _prune_size(name, configs, named_args, kwargs):
+    q = named_args["Q"]
     if kwargs.get("ROPE_TABLE"):
-        drop = _table_drop(name, named_args["Q"].dtype == torch.float32, kwargs)
+        drop = _table_drop(name, q.dtype == torch.float32, kwargs, _arch(q.device))
     else:
         drop = _TABLE_ONLY[name]
     configs = [c for c in configs if _tile(c) not in drop]
@@ -119,25 +152,77 @@ def _prune_size(name, configs, named_args, kwargs):
     return [c for c in configs if _tile(c) in _WIDE_TILES[name]]
 
 
-def _prune_fwd(configs, named_args, **kwargs):
+def _prune_full(name, configs, named_args, kwargs):
+    """The tuned list cut to the tiles that fit: shared memory, then the window (a key tile no
+    wider than the window; for dk/dv a query tile)."""
     win = named_args["WIN_KEY"]
-    fit = _prune_size("fwd", configs, named_args, kwargs)
-    keep = [c for c in fit if c.kwargs["BLOCK_N"] <= max(32, win)]
+    fit = _prune_size(name, configs, named_args, kwargs)
+    along = "BLOCK_M" if name == "dkdv" else "BLOCK_N"
+    keep = [c for c in fit if c.kwargs[along] <= max(32, win)]
     return keep or fit[-1:]
 
 
-def _prune_dq(configs, named_args, **kwargs):
-    win = named_args["WIN_KEY"]
-    fit = _prune_size("dq", configs, named_args, kwargs)
-    keep = [c for c in fit if c.kwargs["BLOCK_N"] <= max(32, win)]
-    return keep or fit[-1:]
+# Default table: per (arch, kernel, 16-bit or fp32, head-dim class) the tiles
+# (BLOCK_M, BLOCK_N, warps, stages) in order of preference. A key uses the first entries that
+# survive _prune_full (shared memory and window fit); an empty intersection falls back to the
+# pruned list's order. Ordered by FlashAttention-2 conventions (128-row query tiles and 64-key
+# tiles for 16-bit head_dim <= 64, smaller tiles as head_dim and the element size grow), not yet by
+# GPU timings. sm_90 shares the sm_80 rows: its larger shared memory shows up in the pruning
+# (the RoPE-table tiles dropped on sm_80 stay).
+_T16_D64 = {
+    "fwd": [(128, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+    "dq": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
+    "dkdv": [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3), (32, 64, 4, 2)],
+}
+_T16_D128 = {
+    "fwd": [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2)],
+    "dq": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 2)],
+    "dkdv": [(64, 64, 4, 3), (32, 128, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2)],
+}
+_T_WIDE = {   # fp32 from head_dim 64, any dtype above 128: the _WIDE_TILES
+    "fwd": [(64, 64, 4, 2), (128, 32, 4, 3), (64, 32, 4, 2)],
+    "dq": [(64, 64, 4, 2), (64, 32, 4, 2)],
+    "dkdv": [(32, 64, 4, 2), (16, 64, 4, 2)],
+}
+_T_TABLE_MODE = {  # RoPE-table mode: fewer pipeline stages for the cos/sin tiles (_TABLE_ONLY)
+    "fwd": [(128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 4, 1)],
+    "dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 1)],
+    "dkdv": [(64, 128, 8, 2), (32, 64, 4, 2), (16, 64, 4, 2), (64, 128, 8, 1)],
+}
+_DEFAULT_TILES = {
+    arch: {("16", "d64"): _T16_D64, ("16", "d128"): _T16_D128, ("16", "d256"): _T_WIDE,
+           ("32", "d64"): _T_WIDE, ("32", "d128"): _T_WIDE, ("32", "d256"): _T_WIDE,
+           ("table", "any"): _T_TABLE_MODE}
+    for arch in ("sm80", "sm90")
+}
+_DEFAULT_PICKS = {"auto": 2, "0": 1}
 
 
-def _prune_dkdv(configs, named_args, **kwargs):
-    win = named_args["WIN_KEY"]
-    fit = _prune_size("dkdv", configs, named_args, kwargs)
-    keep = [c for c in fit if c.kwargs["BLOCK_M"] <= max(32, win)]
-    return keep or fit[-1:]
+def _table_row(name, named_args, kwargs):
+    q = named_args["Q"]
+    rows = _DEFAULT_TILES[_arch(q.device)]
+    if kwargs.get("ROPE_TABLE"):
+        return rows[("table", "any")][name]
+    dv = kwargs["BLOCK_DV"]
+    dclass = "d64" if dv <= 64 else ("d128" if dv <= 128 else "d256")
+    return rows[("32" if q.dtype == torch.float32 else "16", dclass)][name]
+
+
+def _default_configs(name, configs, named_args, kwargs, picks):
+    """The first ``picks`` tiles of the default table that the key's pruning keeps."""
+    fit = _prune_full(name, configs, named_args, kwargs)
+    by_tile = {_tile(c): c for c in fit}
+    ranked = [by_tile[t] for t in _table_row(name, named_args, kwargs) if t in by_tile]
+    ranked += [c for c in fit if c not in ranked]
+    return ranked[:picks]
+
+
+def _pruner(name, mode):
+    def prune(configs, named_args, **kwargs):
+        if mode == "full":
+            return _prune_full(name, configs, named_args, kwargs)
+        return _default_configs(name, configs, named_args, kwargs, _DEFAULT_PICKS[mode])
+    return prune
 
 
 def _build_kernels():
@@ -149,7 +234,7 @@ def _build_kernels():
     def cfg(m, n, w, s):
         return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
 
-    key = ["D", "HALF", "WIN_KEY", "ROPE_TABLE"]
+    key = ["BLOCK_DV", "BLOCK_R", "BLOCK_C", "WIN_KEY", "ROPE_TABLE"]
     if _interpret():
         small = cfg(16, 16, 4, 1)
         return {
@@ -158,28 +243,29 @@ def _build_kernels():
             "dkdv": (ia._interval_attention_bwd_dkdv_kernel, small, None),
             "pre": (ia._interval_attention_bwd_preprocess_kernel, small, None),
         }
-    fwd_cfgs = [cfg(128, 64, 4, 3), cfg(128, 128, 8, 3), cfg(64, 64, 4, 3), cfg(128, 32, 4, 3),
-                cfg(64, 64, 4, 2), cfg(64, 32, 4, 2)]
-    dq_cfgs = [cfg(128, 64, 8, 3), cfg(64, 64, 4, 3), cfg(128, 32, 4, 3), cfg(64, 64, 4, 2),
-               cfg(64, 32, 4, 2)]
-    dkdv_cfgs = [cfg(64, 128, 8, 3), cfg(64, 64, 4, 3), cfg(32, 128, 4, 3), cfg(32, 64, 4, 2),
-                 cfg(16, 64, 4, 2)]
-    fwd_cfgs += [cfg(*t) for t in sorted(_TABLE_ONLY["fwd"], reverse=True)]
-    dq_cfgs += [cfg(*t) for t in sorted(_TABLE_ONLY["dq"], reverse=True)]
-    dkdv_cfgs += [cfg(*t) for t in sorted(_TABLE_ONLY["dkdv"], reverse=True)]
-    tune = triton.autotune
-    return {
-        "fwd": (ia._interval_attention_fwd_kernel, fwd_cfgs[0],
-                tune(fwd_cfgs, key=key, prune_configs_by={"early_config_prune": _prune_fwd})(
-                    ia._interval_attention_fwd_kernel)),
-        "dq": (ia._interval_attention_bwd_dq_kernel, dq_cfgs[0],
-               tune(dq_cfgs, key=key, prune_configs_by={"early_config_prune": _prune_dq})(
-                   ia._interval_attention_bwd_dq_kernel)),
-        "dkdv": (ia._interval_attention_bwd_dkdv_kernel, dkdv_cfgs[0],
-                 tune(dkdv_cfgs, key=key, prune_configs_by={"early_config_prune": _prune_dkdv})(
-                     ia._interval_attention_bwd_dkdv_kernel)),
-        "pre": (ia._interval_attention_bwd_preprocess_kernel, cfg(64, 64, 4, 2), None),
-    }
+    fns = {"fwd": ia._interval_attention_fwd_kernel, "dq": ia._interval_attention_bwd_dq_kernel,
+           "dkdv": ia._interval_attention_bwd_dkdv_kernel}
+    lists = {name: [cfg(*t) for t in tiles] for name, tiles in _TUNED.items()}
+    kernels = {}
+    for name, fn in fns.items():
+        tuners = {mode: triton.autotune(lists[name], key=key,
+                                        prune_configs_by={"early_config_prune": _pruner(name, mode)}
+                                        )(fn)
+                  for mode in ("auto", "full")}
+        kernels[name] = (fn, lists[name], tuners)
+    kernels["pre"] = (ia._interval_attention_bwd_preprocess_kernel, cfg(64, 64, 4, 2), None)
+    return kernels
+
+
+# The tuned lists (BLOCK_M, BLOCK_N, warps, stages); the last entries are the table-mode-only tiles.
+_TUNED = {
+    "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 2),
+            (64, 32, 4, 2), *sorted(_TABLE_ONLY["fwd"], reverse=True)],
+    "dq": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2),
+           *sorted(_TABLE_ONLY["dq"], reverse=True)],
+    "dkdv": [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2),
+             *sorted(_TABLE_ONLY["dkdv"], reverse=True)],
+}
 
 
 def _kernel(name):
@@ -189,29 +275,24 @@ def _kernel(name):
     return _kernels[name]
 
 
-# Pinned (non-autotuned) tiles on a GPU: (BLOCK_M, BLOCK_N, num_warps, num_stages), small enough
-# for the shared memory of fp32 tiles at head_dim 128; the fallback fits anything up to 256.
-_PINNED = {
-    "fwd": {"small": (128, 64, 4, 3), "big": (64, 64, 4, 2)},
-    "dq": {"small": (128, 64, 8, 3), "big": (64, 64, 4, 2)},
-    "dkdv": {"small": (64, 64, 4, 3), "big": (32, 64, 4, 2)},
-}
+# Tried when the chosen tile runs out of resources on the device (a 99 KiB consumer GPU): fits
+# anything up to head_dim 256.
 _FALLBACK = (32, 32, 4, 1)
 
 
-def _launch(name, grid_fn, args, consts, pinned=False, big=False):
-    fixed, config, tuned = _kernel(name)
-    if tuned is not None and not pinned and _autotune_enabled():
-        tuned[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
+def _launch(name, grid_fn, args, consts, pinned=False):
+    fixed, configs, tuners = _kernel(name)
+    if tuners is None:
+        bm, bn, warps, stages = _tile(configs)
+        fixed[grid_fn(bm, bn)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                               num_stages=stages)
         return
-    if tuned is None:
-        tiles = [(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps,
-                  config.num_stages)]
-    else:
-        tile = _PINNED[name]["big" if big else "small"]
-        if tile in _table_drop(name, args[0].dtype == torch.float32, consts):
-            tile = _TABLE_PINNED[name]
-        tiles = [tile, _FALLBACK]
+    mode = "0" if pinned else _autotune_mode()
+    if mode != "0":
+        tuners[mode][lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
+        return
+    named = {"Q": args[0], "WIN_KEY": args[-1]}
+    tiles = [_tile(c) for c in _default_configs(name, configs, named, consts, 1)] + [_FALLBACK]
     for i, (bm, bn, warps, stages) in enumerate(tiles):
         try:
             fixed[grid_fn(bm, bn)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
@@ -321,9 +402,8 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             Hq, Hq // Hk, Nq, Nk, D, half, rot, npass,
             block, lo_off, hi_off, q_offset, k_offset, tab_base, float(scale) * _LOG2E,
-            _window_key(block, lo_off, hi_off))
-    _launch("fwd", lambda bm, bn: (_cdiv(Nq, bm), B * Hq), args, consts,
-            big=q.dtype == torch.float32 or D > 64)
+            _window_key(block, lo_off, hi_off, Nk))
+    _launch("fwd", lambda bm, bn: (_cdiv(Nq, bm), B * Hq), args, consts)
     return out, lse
 
 
@@ -354,18 +434,15 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
     bm = pre_cfg.kwargs["BLOCK_M"]
     pre[(_cdiv(Nq, bm), B * Hq)](out, dout, delta, *out.stride(), *dout.stride(), Hq, Nq, D,
                                  BLOCK_M=bm, BLOCK_DV=max(16, _next_pow2(D)), num_warps=4)
-    win = _window_key(block, lo_off, hi_off)
+    win = _window_key(block, lo_off, hi_off, Nk)
     common = (Nq, Nk, D, half, rot, npass, block, lo_off, hi_off, q_offset, k_offset, tab_base,
               float(scale), float(scale) * _LOG2E, win)
     args = (q, k, v, dout, dq, lse, delta, freq, cos, sin, klen,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
             Hq, Hq // Hk, *common)
-    big = q.dtype == torch.float32 or D > 64
-    _launch("dq", lambda bm, bn: (_cdiv(Nq, bm), B * Hq), args, consts, pinned=deterministic,
-            big=big)
+    _launch("dq", lambda bm, bn: (_cdiv(Nq, bm), B * Hq), args, consts, pinned=deterministic)
     args = (q, k, v, dout, dk, dv, lse, delta, freq, cos, sin, klen,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             Hq, Hk, Hq // Hk, *common)
-    _launch("dkdv", lambda bm, bn: (_cdiv(Nk, bn), B * Hk), args, consts, pinned=deterministic,
-            big=big)
+    _launch("dkdv", lambda bm, bn: (_cdiv(Nk, bn), B * Hk), args, consts, pinned=deterministic)
     return dq, dk, dv

@@ -1,0 +1,139 @@
+"""benchmarks/bench_attention.py's anchors on the CPU, tiny shapes, the ``eager`` compile backend
+(Dynamo traces exactly as with Inductor; only the code generation is skipped, so a test costs
+seconds): Flex compiles at most two graphs per case (inference, training) across several
+(N, mask) cases in a row, never recompiles in the timed calls and never takes the unfused path;
+a run that does raises CompiledAnchorError. Also the attention-only rows and the first-call
+record (a fresh process)."""
+import math
+
+import pytest
+import torch
+
+ba = pytest.importorskip("benchmarks.bench_attention")
+
+
+def _flex_available():
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+needs_flex = pytest.mark.skipif(not _flex_available(), reason="no FlexAttention in this torch")
+_CASES = [(48, ("band", 8, 2)), (64, ("chunked", 4, 2, 3)), (40, ("band", None, 0)),
+          (56, ("band", 5, 1))]
+
+
+def _run(name, n, m, rope=True):
+    # FlexAttention has no CPU backward: its rows are forward-only here
+    return ba.measure(name, "tiny", 1, 2, 16, n, m, torch.float32, "cpu", 1, 1, 1.0,
+                      rope=rope, compile_backend="eager", grad=name != "flex")
+
+
+@needs_flex
+def test_flex_compiles_once_per_case_and_never_falls_back():
+    # 4 cases against a recompile limit of 2: only the per-case reset keeps every case compiled
+    old = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = 2
+    try:
+        for n, m in _CASES:
+            rec = _run("flex", n, m)
+            assert "error" not in rec and "skipped" not in rec, rec
+            assert rec["graphs"] == 1, rec      # forward only: the inference graph
+            assert rec["fwd_ms"] > 0 and rec["rope"] is True
+    finally:
+        torch._dynamo.config.recompile_limit = old
+
+
+@needs_flex
+def test_shared_compiled_function_would_fail(monkeypatch):
+    """Without the per-case reset the cases share Dynamo's cache entry: past the recompile limit
+    the run stops with CompiledAnchorError (fullgraph), it does not time a fallback."""
+    monkeypatch.setattr(ba.torch._dynamo, "reset", lambda: None)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    with pytest.raises(ba.CompiledAnchorError):
+        for n, m in _CASES:
+            _run("flex", n, m)
+
+
+@needs_flex
+def test_flex_with_gradients_on_cpu_is_skipped():
+    rec = ba.measure("flex", "tiny", 1, 2, 16, 48, ("band", 8, 2), torch.float32, "cpu", 1, 1,
+                     1.0, compile_backend="eager")
+    assert "no backward on CPU" in rec["skipped"]
+
+
+@needs_flex
+def test_flex_matches_reference():
+    import pyencoder
+    from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    n, m = 48, ("band", 8, 2)
+    q, k, v = (torch.randn(1, 2, n, 16) for _ in range(3))
+    torch._dynamo.reset()
+    rope = pyencoder.Rope(16)
+    want = ba.make_provider("reference", q, k, v, m, rope)()
+    got = ba.make_provider("flex", q, k, v, m, rope, ba._Compiler("eager"))()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_flex
+def test_unfused_flex_raises(monkeypatch):
+    # a "compiler" that does not compile: Flex runs eagerly, i.e. unfused
+    monkeypatch.setattr(ba._Compiler, "__call__", lambda self, fn: fn)
+    with pytest.raises(ba.CompiledAnchorError):
+        _run("flex", 48, ("band", 8, 2))
+
+
+@needs_flex
+def test_recompile_in_timed_region_raises(monkeypatch):
+    # inputs whose shape changes after the warm-up calls: the timed calls would recompile
+    calls = {"n": 0}
+    real = ba.make_provider
+
+    def shifting(name, q, k, v, m, rope, compiler=None):
+        fn = real(name, q, k, v, m, rope, compiler)
+        compiled = compiler(lambda x: x * 2)
+        sizes = iter(range(3, 10**6))
+
+        def run():
+            calls["n"] += 1
+            out = fn()
+            if calls["n"] > 3:
+                compiled(torch.randn(next(sizes)))
+            return out
+        return run
+
+    monkeypatch.setattr(ba, "make_provider", shifting)
+    with pytest.raises(ba.CompiledAnchorError):
+        _run("flex", 48, ("band", 8, 2))
+
+
+def test_sdpa_anchor_compiles_rope_with_attention():
+    rec = _run("sdpa-mask", 40, ("band", 8, 2))
+    assert "error" not in rec, rec
+    assert rec["compiled"] == "eager" and rec["graphs"] == 2   # inference and training
+    assert rec["fwdbwd_ms"] > 0
+
+
+def test_attention_only_rows():
+    for name in ("reference", "sdpa-mask"):
+        rec = _run(name, 40, ("chunked", 4, 2, 3), rope=False)
+        assert rec["rope"] is False and "error" not in rec and rec["fwd_ms"] > 0
+    # without RoPE the sdpa anchor is the plain call: nothing compiled
+    assert rec["graphs"] == 0 and rec["compiled"] is None
+
+
+def test_first_call_record_in_fresh_process():
+    rec = ba.first_call("reference", "tiny", 1, 2, 16, 40, ("band", 8, 2), torch.float32, "cpu",
+                        "auto", rope=True, compile_backend="eager", timeout=600)
+    assert "error" not in rec, rec
+    assert rec["bench"] == "attention-first-call" and rec["autotune"] is None
+    for key in ("first_fwd_s", "first_bwd_s", "first_fwdbwd_s", "second_fwd_ms"):
+        assert math.isfinite(rec[key]) and rec[key] > 0
+    assert rec["first_fwdbwd_s"] >= rec["first_fwd_s"]
+
+
+def test_bad_compile_backend_is_named():
+    with pytest.raises(ValueError, match="compile_backend"):
+        ba._Compiler("cudagraphs")
