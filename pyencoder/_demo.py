@@ -122,6 +122,9 @@ def streaming_demo(quick=False, checkpoint=None, chunk_ms=80, lookahead_frames=3
         enc = phf.StreamingEncoder(model)
         state = enc.init_state(1)
         chunk = int(sr * chunk_ms / 1000)
+        if chunk < 1:
+            raise ValueError(f"chunk_ms must give at least one sample per chunk at {sr} Hz; got "
+                             f"{chunk_ms!r}")
         outs, times = [], []
         n_chunks = (audio.shape[1] + chunk - 1) // chunk
         for i, t in enumerate(range(0, audio.shape[1], chunk)):

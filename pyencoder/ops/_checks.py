@@ -1,6 +1,7 @@
 """Input validation shared by the public ops: errors name the argument, what was expected and what
 was given."""
 import math
+import operator
 
 import torch
 
@@ -19,6 +20,30 @@ def check_int(name, value, *, min_value=None, allow_none=False):
         raise TypeError(f"{name} must be {exp}; got {type(value).__name__} {value!r}")
     if min_value is not None and value < min_value:
         raise ValueError(f"{name} must be >= {min_value}; got {value}")
+
+
+def check_chunk_sizes(name, chunk_sizes):
+    """A non-empty sequence of ints >= 1 (chunk lengths of a stream driver, cycled); returns it as
+    a tuple of Python ints."""
+    if isinstance(chunk_sizes, (str, bytes, torch.Tensor)) or not hasattr(chunk_sizes, "__iter__"):
+        raise TypeError(f"{name} must be a non-empty sequence of ints >= 1 (e.g. [{chunk_sizes!r}]);"
+                        f" got {type(chunk_sizes).__name__} {chunk_sizes!r}")
+    sizes = []
+    for i, c in enumerate(chunk_sizes):
+        if isinstance(c, bool) or isinstance(c, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be an int >= 1; got {type(c).__name__} {c!r}")
+        try:
+            c = operator.index(c)
+        except TypeError:
+            raise TypeError(f"{name}[{i}] must be an int >= 1; got {type(c).__name__} "
+                            f"{c!r}") from None
+        if c < 1:
+            raise ValueError(f"{name}[{i}] must be an int >= 1 (a chunk of at least one frame or "
+                             f"sample); got {c}")
+        sizes.append(c)
+    if not sizes:
+        raise ValueError(f"{name} must hold at least one chunk size; got {chunk_sizes!r}")
+    return tuple(sizes)
 
 
 def check_tensor(name, t, ndim=None, allow_none=False):
