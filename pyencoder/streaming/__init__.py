@@ -20,8 +20,9 @@ __all__ = ["StreamState", "reset", "state_nbytes", "latency", "Latency", "NotStr
 
 def run_stream(module, x, chunk_sizes, time_dim=None, **init_kwargs):
     """Stream ``x`` (batch 1 or more, all slots in lockstep) through ``module`` in chunks of the
-    given sizes (ints >= 1, cycled) and return the concatenated step + flush outputs. ``time_dim``: the time
-    axis of x and of the outputs (default: -1 for conv layouts (B, C, T), 1 otherwise)."""
+    given sizes (ints >= 1, cycled) and return the concatenated step + flush outputs.
+    ``time_dim``: the time axis of x and of the outputs (default: -1 for conv layouts (B, C, T), 1
+    otherwise)."""
     import itertools
     from ..ops._checks import check_chunk_sizes
     from .sequential import _cat_time
