@@ -20,9 +20,11 @@ class Rope:
         if isinstance(dim, bool) or not isinstance(dim, int):
             raise TypeError(f"Rope: dim must be a positive even int; got {type(dim).__name__} "
                             f"{dim!r}")
-        if dim < 2 or dim % 2 or dim > MAX_DIM:
-            raise ValueError(f"Rope: dim must be a positive even int <= {MAX_DIM} (the rotated "
-                             f"features of one head); got {dim!r}")
+        if dim < 2 or dim % 2:
+            raise ValueError(f"Rope: dim must be a positive even int; got {dim!r}")
+        if dim > MAX_DIM:
+            raise ValueError(f"Rope: dim must be <= {MAX_DIM} (the rotated features of one "
+                             f"head); got {dim!r}")
         if isinstance(base, bool) or not isinstance(base, numbers.Real):
             raise TypeError(f"Rope: base must be a finite float > 1; got {type(base).__name__} "
                             f"{base!r}")
@@ -108,9 +110,10 @@ def as_rope(rope, head_dim):
     if rope is None or rope is False:
         return None
     if isinstance(rope, int):
-        if rope < 2 or rope % 2 or rope > head_dim:
-            raise ValueError(f"rope as an int is the rotary dim: an even int in [2, head_dim = "
-                             f"{head_dim}]; got {rope}")
+        if rope > head_dim:
+            raise ValueError(f"rope.dim must be <= head_dim ({head_dim}); got {rope}")
+        if rope < 2 or rope % 2:
+            raise ValueError(f"rope as an int is the rotary dim: a positive even int; got {rope}")
         rope = Rope(rope)
     elif not isinstance(rope, Rope) and isinstance(getattr(rope, "rope", None), Rope):
         rope = rope.rope

@@ -38,6 +38,14 @@ def test_streaming_encoder_forward_rejects_bad_chunk_sizes(sizes):
         enc(audio(1, 700), chunk_sizes=sizes)
 
 
+@pytest.mark.parametrize("audio_in", [[0.1, 0.2], torch.randn(700), torch.randn(1, 1, 700)])
+def test_streaming_encoder_forward_rejects_bad_audio(audio_in):
+    model = make_model("w2v2_post").eval()
+    H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=1, left_frames=4)
+    with pytest.raises(ValueError, match=r"audio must be a \(batch, samples\) tensor"):
+        H.StreamingEncoder(model)(audio_in)
+
+
 @pytest.mark.parametrize("family", ["w2v2_post", "w2v2_pre", "wavlm"])
 def test_patched_model_pickles_and_torch_saves(family):
     model = _fold_weight_norm(make_model(family, head="ctc")).eval()

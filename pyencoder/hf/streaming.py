@@ -357,6 +357,9 @@ class StreamingEncoder(nn.Module):
         cycled) and return the concatenated last hidden state."""
         import itertools
         chunk_sizes = check_chunk_sizes("chunk_sizes", chunk_sizes)
+        if not isinstance(audio, torch.Tensor) or audio.dim() != 2:
+            raise ValueError(f"audio must be a (batch, samples) tensor; got "
+                             f"{getattr(audio, 'shape', type(audio).__name__)}")
         state = self.init_state(audio.shape[0], device=audio.device)
         outs, t = [], 0
         for c in itertools.cycle(chunk_sizes):
