@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 import pyencoder
 from pyencoder import streaming
-from pyencoder.nn import BandedSelfAttention, CausalConv1d, ChunkedSelfAttention
+from pyencoder.nn import (BandedSelfAttention, CausalConv1d, ChunkedSelfAttention,
+                          TransformerLayer)
 from pyencoder.ops import (banded_attention, causal_conv1d, causal_conv1d_update,
                            chunked_attention, interval_attention)
 from oracle import dense_attention, interval_mask, naive_causal_conv
@@ -540,6 +541,8 @@ def test_attention_modules_hostile(data):
         m = call(lambda: cls(**args), [target])
     except Rejected:
         return
+    if data.draw(st.booleans(), label="in_layer"):
+        m = TransformerLayer(m, 16, norm_first=data.draw(st.booleans(), label="norm_first"))
     B, T = 2, data.draw(st.integers(0, 7), label="T")
     x = torch.randn(B, T, 8)
     kl = torch.randint(0, T + 1, (B,))
