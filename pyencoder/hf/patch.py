@@ -12,8 +12,11 @@ What is patched (and restored exactly by revert_pyencoder):
   state_dict keys are unchanged and a patched model's checkpoint loads into an unpatched one.
 - GroupNorm of conv layer 0 (``feat_extract_norm == "group"``): "running" (causal cumulative
   statistics, pyencoder.hf.frontend) or "keep".
+- ``config.pyencoder``: the patch's options (JSON), so that ``save_pretrained`` records them;
+  ``from_pretrained(cls, path)`` / ``reapply_pyencoder(model)`` patch a loaded model with them.
 
-Patching a patched model raises (call revert_pyencoder first); the patch is not idempotent by
+Instance forwards and the pre-hook are module-level callables, so a patched model pickles (and
+deep-copies) as far as the HF model itself does. Patching a patched model raises (call revert_pyencoder first); the patch is not idempotent by
 design, so a second call with other settings can never be silently ignored. A forward pre-hook
 refuses to run a patched Wav2Vec2/HuBERT whose ``config._attn_implementation`` was changed away
 from "pyencoder" afterwards (its attention would silently become full again).
