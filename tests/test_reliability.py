@@ -33,6 +33,13 @@ def test_run_stream_rejects_bad_chunk_sizes(sizes, match, module):
         streaming.run_stream(m, x, sizes)
 
 
+@pytest.mark.parametrize("chunk_ms", [0, -20, 0.01, float("nan"), True, "80"])
+def test_streaming_demo_rejects_chunks_without_samples(chunk_ms):
+    from pyencoder._demo import streaming_demo
+    with pytest.raises(ValueError, match="chunk_ms must be a number"):
+        streaming_demo(quick=True, chunk_ms=chunk_ms)
+
+
 def test_run_stream_accepts_integer_like_sizes():
     m, x = BandedSelfAttention(8, 2, left=3, right=1), torch.randn(2, 9, 8)
     y = streaming.run_stream(m, x, (torch.tensor(2).item(), 3))
