@@ -97,6 +97,10 @@ def _build_hf_model(checkpoint, lookahead_frames, left_frames):
 
 def streaming_demo(quick=False, checkpoint=None, chunk_ms=80, lookahead_frames=3,
                    left_frames=250):
+    if isinstance(chunk_ms, bool) or not isinstance(chunk_ms, (int, float)) or \
+            not chunk_ms * 16 >= 1:
+        raise ValueError(f"chunk_ms must be a number giving at least one 16 kHz sample per chunk "
+                         f"(>= 0.0625); got {chunk_ms!r}")
     from pyencoder.data import load_speech
     model, what = _build_hf_model(checkpoint, lookahead_frames, left_frames)
     if model is None:

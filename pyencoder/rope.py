@@ -8,20 +8,35 @@ Layouts: half-split / NeoX (default) pairs feature i with i + dim/2; interleaved
 with 2i + 1.
 """
 import math
+import numbers
 
 import torch
+
+MAX_DIM = 1 << 16
 
 
 class Rope:
     def __init__(self, dim, base=10000.0, interleaved=False):
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2 or dim % 2:
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"Rope: dim must be a positive even int; got {type(dim).__name__} "
+                            f"{dim!r}")
+        if dim < 2 or dim % 2:
             raise ValueError(f"Rope: dim must be a positive even int; got {dim!r}")
+        if dim > MAX_DIM:
+            raise ValueError(f"Rope: dim must be <= {MAX_DIM} (the rotated features of one "
+                             f"head); got {dim!r}")
+        if isinstance(base, bool) or not isinstance(base, numbers.Real):
+            raise TypeError(f"Rope: base must be a finite float > 1; got {type(base).__name__} "
+                            f"{base!r}")
         base = float(base)
         if not math.isfinite(base) or base <= 1.0:
             raise ValueError(f"Rope: base must be a finite float > 1; got {base!r}")
+        if not isinstance(interleaved, bool):
+            raise TypeError(f"Rope: interleaved must be a bool; got {type(interleaved).__name__} "
+                            f"{interleaved!r}")
         self.dim = dim
         self.base = base
-        self.interleaved = bool(interleaved)
+        self.interleaved = interleaved
         self._inv_freq = (1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))).float()
         self._cache = {}
 
@@ -95,6 +110,10 @@ def as_rope(rope, head_dim):
     if rope is None or rope is False:
         return None
     if isinstance(rope, int):
+        if rope > head_dim:
+            raise ValueError(f"rope.dim must be <= head_dim ({head_dim}); got {rope}")
+        if rope < 2 or rope % 2:
+            raise ValueError(f"rope as an int is the rotary dim: a positive even int; got {rope}")
         rope = Rope(rope)
     elif not isinstance(rope, Rope) and isinstance(getattr(rope, "rope", None), Rope):
         rope = rope.rope

@@ -15,10 +15,12 @@ Importing this module registers the "pyencoder" attention implementation with tr
 """
 from ._compat import TESTED_SPEC, PatchError
 from .attention import LayerSpec, register
-from .patch import apply_pyencoder_to_wav2vec2, latency, patch_record, revert_pyencoder
+from .patch import (apply_pyencoder_to_wav2vec2, from_pretrained, latency, patch_record,
+                    reapply_pyencoder, revert_pyencoder)
 
-__all__ = ["apply_pyencoder_to_wav2vec2", "revert_pyencoder", "StreamingEncoder", "latency",
-           "register", "patch_record", "LayerSpec", "PatchError", "TESTED_SPEC"]
+__all__ = ["apply_pyencoder_to_wav2vec2", "revert_pyencoder", "reapply_pyencoder",
+           "from_pretrained", "StreamingEncoder", "latency", "register", "patch_record",
+           "LayerSpec", "PatchError", "TESTED_SPEC"]
 
 register()
 

@@ -23,6 +23,7 @@ attention (full attention until patched).
 Limits: only bidirectional (encoder) masks; output_attentions yields None weights; a 4-D custom
 mask is refused.
 """
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -124,9 +125,26 @@ def pyencoder_attention_forward(module, query, key, value, attention_mask, scali
     B, _, _, _ = query.shape
     key_lengths = key_lengths_from_mask(attention_mask, B, key.shape[2])
     spec = getattr(module, "_pyencoder_attn", None)
+    if spec is None:
+        _warn_if_unpatched(module)
     out = run_spec(spec, query, key, value, key_lengths, scaling,
                    effective_dropout(module, dropout))
     return out.transpose(1, 2).contiguous(), None
+
+
+_warned_unpatched = [False]
+
+
+def _warn_if_unpatched(module):
+    if _warned_unpatched[0]:
+        return
+    entry = getattr(getattr(module, "config", None), "pyencoder", None)
+    if entry is not None:
+        _warned_unpatched[0] = True
+        warnings.warn("this model's config records a pyencoder patch (config.pyencoder, saved from "
+                      "a patched model) but the model is not patched: it runs full-context "
+                      "attention. Load it with pyencoder.hf.from_pretrained(cls, path) or call "
+                      "pyencoder.hf.reapply_pyencoder(model).", stacklevel=3)
 
 
 def pyencoder_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,

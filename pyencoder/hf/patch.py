@@ -12,6 +12,8 @@ What is patched (and restored exactly by revert_pyencoder):
   state_dict keys are unchanged and a patched model's checkpoint loads into an unpatched one.
 - GroupNorm of conv layer 0 (``feat_extract_norm == "group"``): "running" (causal cumulative
   statistics, pyencoder.hf.frontend) or "keep".
+- ``config.pyencoder``: the patch's options (JSON), so that ``save_pretrained`` records them;
+  ``from_pretrained(cls, path)`` / ``reapply_pyencoder(model)`` patch a loaded model with them.
 
 Adapters are left as they are: the attention adapters of MMS-style checkpoints
 (``config.adapter_attn_dim``, swapped by ``load_adapter``) are per-frame, and the conv adapter
@@ -30,10 +32,12 @@ on the Wav2Vec2/HuBERT/WavLM PreTrainedModel classes, installed by the first pat
 on patched models). Setting ``config._attn_implementation`` directly bypasses that method; a
 forward pre-hook then refuses to run a patched Wav2Vec2/HuBERT whose implementation is no longer
 "pyencoder" (its attention would silently become full again).
+
+Instance forwards and the pre-hook are module-level callables, so a patched model pickles (and
+deep-copies) as far as the HF model itself does.
 """
 import functools
 import math
-import types
 import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -41,12 +45,16 @@ from typing import List, Optional
 from torch import nn
 
 from ..ops._checks import check_int
-from ..rope import as_rope
+from ..rope import Rope, as_rope
 from . import _compat
 from .attention import NAME, LayerSpec, is_registered, register
 from .frontend import causal_pos_conv, running_group_norm
 from .wavlm import wavlm_forward
 
+CONFIG_KEY = "pyencoder"
+CONFIG_FORMAT = 1
+_OPTION_NAMES = ("lookahead_frames", "left_frames", "lookahead_layers", "rope", "pos_conv",
+                 "group_norm", "chunk_size", "left_chunks")
 POS_CONV_MODES = ("drop", "causal", "keep")
 GROUP_NORM_MODES = ("running", "keep")
 SAMPLE_RATE = 16000
@@ -62,6 +70,8 @@ class PatchRecord:
     orig_attn_impl: Optional[str] = None
     instance_forwards: list = field(default_factory=list)
     hook: object = None
+    config_entry_set: bool = False
+    orig_config_entry: object = None
 
     @property
     def per_layer_lookahead(self):
@@ -194,9 +204,24 @@ def build_specs(n_layers, head_dim, lookahead_frames, left_frames, lookahead_lay
     return specs
 
 
+class _InstanceForward:
+    """``fn`` bound to ``module`` as its instance ``forward``. Unlike a bound method (which pickles
+    as ``getattr(module, fn.__name__)``) it pickles and deep-copies with the module: a
+    module-level function and a reference that copy/pickle memos rebind to the copied module."""
+
+    def __init__(self, fn, module):
+        self.fn = fn
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.module, *args, **kwargs)
+
+    def __repr__(self):
+        return f"<pyencoder forward {self.fn.__name__} of {type(self.module).__name__}>"
+
+
 def _set_forward(record, module, fn):
-    # A bound method (not a closure) so that copy.deepcopy(model) rebinds it to the copied module.
-    module.forward = types.MethodType(fn, module)
+    module.forward = _InstanceForward(fn, module)
     record.instance_forwards.append(module)
 
 
@@ -212,15 +237,13 @@ def _running_norm_forward(self, x):
     return running_group_norm(x, self.weight, self.bias, self.eps)[0]
 
 
-def _impl_guard(record):
-    def hook(module, args, kwargs):
-        impl = module.config._attn_implementation
-        if impl != NAME:
-            raise RuntimeError(f"this model was patched by pyencoder (banded/chunked attention) "
-                               f"but config._attn_implementation is now {impl!r}; call "
-                               f"pyencoder.hf.revert_pyencoder(model) first, or "
-                               f"model.set_attn_implementation({NAME!r})")
-    return hook
+def _impl_guard(module, args, kwargs):
+    impl = module.config._attn_implementation
+    if impl != NAME:
+        raise RuntimeError(f"this model was patched by pyencoder (banded/chunked attention) but "
+                           f"config._attn_implementation is now {impl!r}; call "
+                           f"pyencoder.hf.revert_pyencoder(model) first, or "
+                           f"model.set_attn_implementation({NAME!r})")
 
 
 def _switch_refusal(model, attn_implementation):
@@ -315,6 +338,7 @@ def apply_pyencoder_to_wav2vec2(model, *, lookahead_frames=3, left_frames=None,
                                       lookahead_layers=lookahead_layers, rope=rope,
                                       pos_conv=pos_conv, group_norm=group_norm,
                                       chunk_size=chunk_size, left_chunks=left_chunks))
+    entry = config_entry(record.options)
     if family != "wavlm":
         if not is_registered():
             register()
@@ -338,10 +362,13 @@ def apply_pyencoder_to_wav2vec2(model, *, lookahead_frames=3, left_frames=None,
                 if base.config._attn_implementation != NAME:
                     _compat.fail(f"set_attn_implementation({NAME!r}) did not take effect on "
                                  f"{type(base).__name__}")
-            record.hook = base.register_forward_pre_hook(_impl_guard(record), with_kwargs=True)
+            record.hook = base.register_forward_pre_hook(_impl_guard, with_kwargs=True)
     except BaseException:
         _undo(base, record)
         raise
+    record.orig_config_entry = getattr(cfg, CONFIG_KEY, None)
+    setattr(cfg, CONFIG_KEY, entry)
+    record.config_entry_set = True
     base._pyencoder_patch = record
     # pyencoder.streaming.latency(model) reads `hop` / `lookahead` (input samples) on the base.
     lat = latency(base)
@@ -366,6 +393,13 @@ def _undo(base, record):
     for name in ("hop", "lookahead"):
         if name in base.__dict__:
             delattr(base, name)
+    if record.config_entry_set:
+        if record.orig_config_entry is None:
+            if hasattr(base.config, CONFIG_KEY):
+                delattr(base.config, CONFIG_KEY)
+        else:
+            setattr(base.config, CONFIG_KEY, record.orig_config_entry)
+        record.config_entry_set = False
 
 
 def revert_pyencoder(model):
@@ -377,6 +411,66 @@ def revert_pyencoder(model):
         raise ValueError("this model is not patched by pyencoder")
     _undo(base, record)
     del base._pyencoder_patch
+    return model
+
+
+def config_entry(options):
+    """The JSON-serialisable ``config.pyencoder`` entry recording a patch's options."""
+    entry = dict(options)
+    rope = entry["rope"]
+    if isinstance(rope, bool) or rope is None or isinstance(rope, int):
+        pass
+    else:
+        r = rope if isinstance(rope, Rope) else getattr(rope, "rope", None)
+        if not isinstance(r, Rope):
+            raise TypeError(f"rope must be True, False, an int rotary dim, a pyencoder.Rope or a "
+                            f"RotaryEmbedding; got {type(rope).__name__}")
+        entry["rope"] = dict(dim=r.dim, base=r.base, interleaved=r.interleaved)
+    if isinstance(entry["lookahead_layers"], tuple):
+        entry["lookahead_layers"] = list(entry["lookahead_layers"])
+    entry["format"] = CONFIG_FORMAT
+    return entry
+
+
+def options_from_config(model):
+    """The keyword arguments of apply_pyencoder_to_wav2vec2 recorded in ``model.config.pyencoder``
+    (None when the config has no such entry)."""
+    base, _ = base_model(model)
+    entry = getattr(base.config, CONFIG_KEY, None)
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or entry.get("format") != CONFIG_FORMAT:
+        raise ValueError(f"config.{CONFIG_KEY} must be a dict written by this version of "
+                         f"pyencoder (format {CONFIG_FORMAT}); got {entry!r}")
+    opts = {k: v for k, v in entry.items() if k != "format"}
+    unknown = set(opts) - set(_OPTION_NAMES)
+    if unknown:
+        raise ValueError(f"config.{CONFIG_KEY} has unknown options {sorted(unknown)}; expected "
+                         f"a subset of {list(_OPTION_NAMES)}")
+    rope = opts.get("rope", True)
+    if isinstance(rope, dict):
+        opts["rope"] = Rope(**rope)
+    return opts
+
+
+def reapply_pyencoder(model):
+    """Patch ``model`` with the options recorded in its ``config.pyencoder`` (written by
+    apply_pyencoder_to_wav2vec2 and saved by ``save_pretrained``); returns the model. Raises
+    ValueError when the config records no patch or the model is already patched."""
+    opts = options_from_config(model)
+    if opts is None:
+        raise ValueError(f"the model's config has no {CONFIG_KEY!r} entry (it was not saved from "
+                         f"a patched model); call apply_pyencoder_to_wav2vec2 with the options")
+    return apply_pyencoder_to_wav2vec2(model, **opts)
+
+
+def from_pretrained(cls, path, **kwargs):
+    """``cls.from_pretrained(path, **kwargs)``, then re-apply the pyencoder patch its config
+    records (a model saved while patched comes back patched; any other model comes back as
+    transformers loads it)."""
+    model = cls.from_pretrained(path, **kwargs)
+    if options_from_config(model) is not None:
+        reapply_pyencoder(model)
     return model
 
 

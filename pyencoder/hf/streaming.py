@@ -41,6 +41,7 @@ from torch import nn
 from ..nn.attention import BandedSelfAttention, ChunkedSelfAttention
 from ..nn.linear import skinny_view
 from ..nn.relpos import WavLMSelfAttention
+from ..ops._checks import check_chunk_sizes
 from ..streaming.state import StreamState
 from .frontend import RunningNormState, causal_pos_conv, running_group_norm
 from .patch import adapter_geometry, base_model, latency as _latency
@@ -220,8 +221,23 @@ class StreamingEncoder(nn.Module):
         times the hop plus the feature extractor's receptive field minus its hop."""
         return _latency(self.base)["samples"]
 
+    def _check_patch(self):
+        # The layers above were built from the patch record of construction time; a model reverted
+        # (or reverted and patched again, possibly with other options) since then is not the model
+        # this encoder streams.
+        rec = getattr(self.base, "_pyencoder_patch", None)
+        if rec is None:
+            raise RuntimeError("this StreamingEncoder's model was reverted by "
+                               "pyencoder.hf.revert_pyencoder after the encoder was built; patch "
+                               "it again and build a new StreamingEncoder")
+        if rec is not self.record:
+            raise RuntimeError("this StreamingEncoder's model was re-patched after the encoder was "
+                               f"built (now {rec.options}, was {self.record.options}); build a new "
+                               "StreamingEncoder for the current patch")
+
     # ------------------------------------------------------------------ state
     def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
+        self._check_patch()
         p = next(self.base.parameters())
         device = p.device if device is None else torch.device(device)
         dtype = p.dtype if dtype is None else dtype
@@ -381,14 +397,19 @@ class StreamingEncoder(nn.Module):
     def _check_eval(self):
         # Checked at construction too; a model put back in training mode afterwards would stream
         # with dropout active (outputs that differ from the offline forward at random).
+        self._check_patch()
         if self.base.training:
             raise ValueError("StreamingEncoder streams in eval mode only (dropout would make the "
                              "stream differ from the offline forward); call model.eval()")
 
     def forward(self, audio, chunk_sizes=(3200,)):
-        """Convenience: stream ``audio`` (B, n) in the given chunk sizes (cycled) and return the
-        concatenated last hidden state."""
+        """Convenience: stream ``audio`` (B, n) in the given chunk sizes (ints >= 1, in samples,
+        cycled) and return the concatenated last hidden state."""
         import itertools
+        chunk_sizes = check_chunk_sizes("chunk_sizes", chunk_sizes)
+        if not isinstance(audio, torch.Tensor) or audio.dim() != 2:
+            raise ValueError(f"audio must be a (batch, samples) tensor; got "
+                             f"{getattr(audio, 'shape', type(audio).__name__)}")
         state = self.init_state(audio.shape[0], device=audio.device)
         outs, t = [], 0
         for c in itertools.cycle(chunk_sizes):

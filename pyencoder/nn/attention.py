@@ -33,6 +33,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..ops._checks import check_module_input
 from ..ops.attention import band_params, chunked_params, interval_attention
 from ..rope import apply_rope, as_rope
 from ..streaming.ring import decode_attention, ring_write
@@ -101,8 +102,7 @@ class _IntervalSelfAttention(nn.Module):
 
     def forward(self, x, key_lengths=None):
         """x (B, T, E) -> (B, T, E). ``key_lengths`` (B,): frames >= key_lengths[b] are padding."""
-        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must have shape (B, T, {self.embed_dim}); got {tuple(x.shape)}")
+        check_module_input(x, 2, self.embed_dim, f"(B, T, {self.embed_dim})", self.q_proj.weight)
         B, T, E = x.shape
         q, k, v = self._heads(x, self.q_proj), self._heads(x, self.k_proj), self._heads(x, self.v_proj)
         o = interval_attention(q, k, v, block=self.block, lo_off=self.lo_off, hi_off=self.hi_off,
@@ -139,8 +139,7 @@ class _IntervalSelfAttention(nn.Module):
     def step(self, x, state, lengths=None):
         """Feed x (B, n, E) (n >= 0); returns (y (B, m, E), state): the queries whose lookahead has
         arrived. See the module docstring for ``lengths`` and ``state.out_lengths``."""
-        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must have shape (B, n, {self.embed_dim}); got {tuple(x.shape)}")
+        check_module_input(x, 2, self.embed_dim, f"(B, n, {self.embed_dim})", self.q_proj.weight)
         B, n, _ = x.shape
         if B != state.pos.shape[0]:
             raise ValueError(f"x has batch {B} but the state holds {state.pos.shape[0]} slots")
@@ -184,8 +183,7 @@ class _IntervalSelfAttention(nn.Module):
         the preconditions of (3) for this state first (a host synchronisation; do it once before
         capturing, never inside a graph) and raises ValueError if a slot would release fewer
         than n queries."""
-        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must have shape (B, n, {self.embed_dim}); got {tuple(x.shape)}")
+        check_module_input(x, 2, self.embed_dim, f"(B, n, {self.embed_dim})", self.q_proj.weight)
         B, n, E = x.shape
         if self.lo_off < 0:
             raise ValueError(f"{type(self).__name__}.step_fixed needs a finite left context "

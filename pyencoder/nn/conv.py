@@ -19,6 +19,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..ops._checks import check_int, check_module_input
 from ..ops.conv import causal_conv1d, causal_conv1d_update
 from ..streaming.state import StreamState
 
@@ -37,6 +38,16 @@ class CausalConv1d(nn.Conv1d):
                  activation=None, device=None, dtype=None):
         if activation not in (None, "silu", "gelu"):
             raise ValueError(f"activation must be None, 'silu' or 'gelu'; got {activation!r}")
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels),
+                        ("groups", groups)):
+            check_int(name, v, min_value=1)
+        for name, v in (("kernel_size", kernel_size), ("stride", stride)):
+            check_int(name, v[0] if isinstance(v, tuple) and len(v) == 1 else v, min_value=1)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups ({groups}) must divide in_channels ({in_channels}) and "
+                             f"out_channels ({out_channels})")
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool; got {type(bias).__name__} {bias!r}")
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0,
                          groups=groups, bias=bias, device=device, dtype=dtype)
         if self.kernel_size[0] < self.stride[0]:
@@ -62,8 +73,7 @@ class CausalConv1d(nn.Conv1d):
         return super().extra_repr() + f", causal=True, activation={self.activation}"
 
     def forward(self, x):
-        if x.dim() != 3 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must have shape (B, {self.in_channels}, L); got {tuple(x.shape)}")
+        check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, L)", self.weight)
         return causal_conv1d(x, self.weight, self.bias, stride=self.s, groups=self.groups,
                              activation=self.activation)
 
@@ -82,8 +92,7 @@ class CausalConv1d(nn.Conv1d):
 
     def step(self, x, state, lengths=None):
         """Feed x (B, C_in, n); returns (y (B, C_out, m), state)."""
-        if x.dim() != 3 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must have shape (B, {self.in_channels}, n); got {tuple(x.shape)}")
+        check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, n)", self.weight)
         B, C, n = x.shape
         if B != state.seen.shape[0]:
             raise ValueError(f"x has batch {B} but the state holds {state.seen.shape[0]} slots")

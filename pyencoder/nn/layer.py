@@ -12,6 +12,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..ops._checks import check_module_input
 from ..streaming.state import StreamState
 from .attention import _IntervalSelfAttention, _fresh_counters
 from .linear import Linear
@@ -66,9 +67,7 @@ class TransformerLayer(nn.Module):
 
     def _check(self, x):
         E = self.attention.embed_dim
-        if x.dim() != 3 or x.shape[-1] != E:
-            raise ValueError(f"{type(self).__name__}: x must have shape (B, T, {E}); got "
-                             f"{tuple(x.shape)}")
+        check_module_input(x, 2, E, f"(B, T, {E})", self.attention.q_proj.weight)
 
     def forward(self, x, key_lengths=None):
         self._check(x)

@@ -38,7 +38,7 @@ _K_BLOCK = 1024
 
 
 def _enabled():
-    return os.environ.get("PYENCODER_CPU_SKINNY_GEMM", "1") != "0"
+    return __import__("pyencoder._env", fromlist=["_"]).env_flag("PYENCODER_CPU_SKINNY_GEMM", True)
 
 
 def uses_skinny_path(x, weight):

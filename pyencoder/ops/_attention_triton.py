@@ -33,6 +33,7 @@ import os
 import torch
 
 from .._backend import _interpret
+from .._env import env_choice
 from ..rope import rope_cos_sin
 
 _MAX_HEAD_DIM = 256
@@ -89,11 +90,7 @@ _ROPE_TABLE_MODES = ("auto", "0", "1")
 
 
 def _rope_table_enabled():
-    mode = os.environ.get("PYENCODER_ROPE_TABLE", "auto").strip().lower() or "auto"
-    if mode not in _ROPE_TABLE_MODES:
-        raise ValueError(f"PYENCODER_ROPE_TABLE must be one of {', '.join(_ROPE_TABLE_MODES)}; "
-                         f"got {mode!r}")
-    return mode == "1"
+    return env_choice("PYENCODER_ROPE_TABLE", _ROPE_TABLE_MODES, "auto") == "1"
 
 
 # Tiles measured (tests/test_triton_compile.py) to fit the 163 KiB opt-in shared memory of sm_80

@@ -1,6 +1,7 @@
 """Input validation shared by the public ops: errors name the argument, what was expected and what
 was given."""
 import math
+import operator
 
 import torch
 
@@ -21,6 +22,30 @@ def check_int(name, value, *, min_value=None, allow_none=False):
         raise ValueError(f"{name} must be >= {min_value}; got {value}")
 
 
+def check_chunk_sizes(name, chunk_sizes):
+    """A non-empty sequence of ints >= 1 (chunk lengths of a stream driver, cycled); returns it as
+    a tuple of Python ints."""
+    if isinstance(chunk_sizes, (str, bytes, torch.Tensor)) or not hasattr(chunk_sizes, "__iter__"):
+        raise TypeError(f"{name} must be a non-empty sequence of ints >= 1 (e.g. "
+                        f"[{chunk_sizes!r}]); got {type(chunk_sizes).__name__} {chunk_sizes!r}")
+    sizes = []
+    for i, c in enumerate(chunk_sizes):
+        if isinstance(c, bool) or isinstance(c, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be an int >= 1; got {type(c).__name__} {c!r}")
+        try:
+            c = operator.index(c)
+        except TypeError:
+            raise TypeError(f"{name}[{i}] must be an int >= 1; got {type(c).__name__} "
+                            f"{c!r}") from None
+        if c < 1:
+            raise ValueError(f"{name}[{i}] must be an int >= 1 (a chunk of at least one frame or "
+                             f"sample); got {c}")
+        sizes.append(c)
+    if not sizes:
+        raise ValueError(f"{name} must hold at least one chunk size; got {chunk_sizes!r}")
+    return tuple(sizes)
+
+
 def check_tensor(name, t, ndim=None, allow_none=False):
     if t is None and allow_none:
         return
@@ -28,6 +53,32 @@ def check_tensor(name, t, ndim=None, allow_none=False):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D; got shape {tuple(t.shape)}")
+
+
+def check_writable(name, t):
+    """``t`` is written in place: no element may alias another (an expanded / stride-0 view)."""
+    if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)) or (
+            value_checks_enabled() and torch._debug_has_internal_overlap(t) == 1):
+        raise ValueError(f"{name} is updated in place and must not be an expanded or "
+                         f"self-overlapping view (clone() it); got shape {tuple(t.shape)} with "
+                         f"strides {t.stride()}")
+
+
+def check_module_input(x, axis, size, layout, param, same_dtype=True):
+    """A module's input ``x``: a floating tensor of ``layout`` (a string such as "(B, T, 8)") with
+    size ``size`` on ``axis``, on the device of the module's parameter ``param``, and (with
+    ``same_dtype``, outside autocast) of its dtype."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape {layout}; got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[axis] != size:
+        raise ValueError(f"x must have shape {layout}; got {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must have a floating dtype in {[str(d) for d in FLOAT_DTYPES]}; got "
+                        f"{x.dtype}")
+    if x.device != param.device:
+        raise ValueError(f"x must be on the module's device ({param.device}); got {x.device}")
+    if same_dtype and x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"x must have the module's dtype ({param.dtype}); got {x.dtype}")
 
 
 def check_float_dtype(name, t):
@@ -53,11 +104,15 @@ def check_scale(scale):
 
 
 def value_checks_enabled():
+    """Whether checks that read tensor values on the host may run: not under torch.compile, and
+    not while a CUDA graph is being captured (a device-to-host read is illegal there)."""
     try:
         if torch.compiler.is_compiling():
             return False
     except AttributeError:  # pragma: no cover
         pass
+    if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        return False
     return True
 
 

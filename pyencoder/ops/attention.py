@@ -9,14 +9,15 @@ described by three ints (block, lo_off, hi_off):
 
 band(left, right) = (1, left, right); chunked(c, lc, la) = (c, lc*c, c - 1 + la).
 """
-import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import _backend
+from .._env import env_flag
 from ..rope import Rope
+from ._autograd import forbid_double_backward
 from ._checks import (check_float_dtype, check_int, check_lengths, check_same, check_scale,
                       check_tensor)
 
@@ -73,7 +74,7 @@ def deterministic_backward():
     """Deterministic backward when torch asks for deterministic algorithms or
     PYENCODER_DETERMINISTIC=1."""
     return (torch.are_deterministic_algorithms_enabled()
-            or os.environ.get("PYENCODER_DETERMINISTIC", "0") == "1")
+            or env_flag("PYENCODER_DETERMINISTIC", False))
 
 
 def _backward(ctx, dout, dlse):
@@ -87,6 +88,7 @@ def _backward(ctx, dout, dlse):
 
 
 _interval_attention_op.register_autograd(_backward, setup_context=_setup_context)
+forbid_double_backward(_interval_attention_bwd_op, "interval attention")
 
 
 def band_params(left, right):
@@ -138,7 +140,11 @@ def _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale):
 
 def interval_attention(q, k, v, *, block, lo_off, hi_off, rope=None, key_lengths=None,
                        q_offset=0, k_offset=0, scale=None, backend=None, return_lse=False):
-    """The general op: see the module docstring for (block, lo_off, hi_off)."""
+    """The general op: see the module docstring for (block, lo_off, hi_off). ``block`` is an int
+    >= 1, ``lo_off`` an int >= -1 (-1: unbounded history), ``hi_off`` an int."""
+    check_int("block", block, min_value=1)
+    check_int("lo_off", lo_off, min_value=-1)
+    check_int("hi_off", hi_off)
     _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     inv_freq = None if rope is None else rope.inv_freq(q.device)

@@ -10,7 +10,9 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from ._checks import check_float_dtype, check_int, check_same, check_tensor, value_checks_enabled
+from ._autograd import forbid_double_backward
+from ._checks import (check_float_dtype, check_int, check_same, check_tensor, check_writable,
+                      value_checks_enabled)
 
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
 
@@ -81,6 +83,7 @@ def _backward(ctx, grad_y, grad_final):
 
 
 _causal_conv1d_op.register_autograd(_backward, setup_context=_setup_context)
+forbid_double_backward(_causal_conv1d_bwd_op, "causal_conv1d")
 
 
 @torch.library.custom_op("pyencoder::causal_conv1d_update", mutates_args=("state",))
@@ -157,8 +160,10 @@ def causal_conv1d(x, weight, bias=None, *, stride=1, groups=1, activation=None,
 def causal_conv1d_update(x, state, weight, bias=None, *, groups=1, activation=None,
                          state_indices=None, backend=None):
     """One streaming step at stride 1: x (B, C_in, t) new frames, ``state`` (B, C_in, k - 1) the
-    previous k - 1 inputs, updated in place. With ``state_indices`` (B,) int, ``state`` is a pool
-    (S, C_in, k - 1) and row b uses slot state_indices[b] (-1: padding, output zeros). Returns
+    previous k - 1 inputs, updated in place (so not an expanded or self-overlapping view). With
+    ``state_indices`` (B,) int, ``state`` is a pool (S, C_in, k - 1) and row b uses slot
+    state_indices[b] (-1: padding, output zeros; other slots at most once). The index checks read
+    the indices on the host, except under torch.compile and during CUDA graph capture. Returns
     y (B, C_out, t), equal to the offline causal conv over the concatenated stream."""
     check_tensor("x", x, 3)
     check_float_dtype("x", x)
@@ -166,6 +171,7 @@ def causal_conv1d_update(x, state, weight, bias=None, *, groups=1, activation=No
     _check_activation(activation)
     check_tensor("state", state, 3)
     check_same("state", state, "x", x)
+    check_writable("state", state)
     B, C, t = x.shape
     if t < 1:
         raise ValueError(f"x must hold at least one new frame; got shape {tuple(x.shape)}")
@@ -186,10 +192,16 @@ def causal_conv1d_update(x, state, weight, bias=None, *, groups=1, activation=No
             raise ValueError(f"state must have shape (num_slots, C_in, k - 1) = (S, {C}, {k - 1}); "
                              f"got {tuple(state.shape)}")
         if value_checks_enabled() and B:
-            lo, hi = int(state_indices.min()), int(state_indices.max())
+            srt = state_indices.sort().values
+            dup = ((srt[1:] == srt[:-1]) & (srt[1:] >= 0)).sum()
+            lo, hi, n_dup = torch.stack((srt[0], srt[-1], dup.to(srt.dtype))).tolist()
             if lo < -1 or hi >= state.shape[0]:
                 raise ValueError(f"state_indices values must lie in [-1, {state.shape[0] - 1}]; "
                                  f"got min {lo}, max {hi}")
+            if n_dup:
+                raise ValueError(f"state_indices must not repeat a slot (two rows would write one "
+                                 f"state; -1 padding may repeat); got "
+                                 f"{state_indices.tolist()}")
     args = dict(x=x, state=state, weight=weight, bias=bias, state_indices=state_indices,
                 groups=groups, activation=activation)
     name = _backend.select("conv", "update", x.device.type, args, backend)

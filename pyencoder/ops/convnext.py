@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
+from ._autograd import forbid_double_backward
 from ._checks import check_float_dtype, check_same, check_tensor
 
 __all__ = ["convnext_dwconv_ln", "convnext_dwconv_ln_reference"]
@@ -233,6 +234,7 @@ def _backward(ctx, grad_y, grad_final):
 
 
 _convnext_op.register_autograd(_backward, setup_context=_setup_context)
+forbid_double_backward(_convnext_bwd_op, "convnext_dwconv_ln")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,10 +20,13 @@ __all__ = ["StreamState", "reset", "state_nbytes", "latency", "Latency", "NotStr
 
 def run_stream(module, x, chunk_sizes, time_dim=None, **init_kwargs):
     """Stream ``x`` (batch 1 or more, all slots in lockstep) through ``module`` in chunks of the
-    given sizes (cycled) and return the concatenated step + flush outputs. ``time_dim``: the time
-    axis of x and of the outputs (default: -1 for conv layouts (B, C, T), 1 otherwise)."""
+    given sizes (ints >= 1, cycled) and return the concatenated step + flush outputs.
+    ``time_dim``: the time axis of x and of the outputs (default: -1 for conv layouts (B, C, T), 1
+    otherwise)."""
     import itertools
+    from ..ops._checks import check_chunk_sizes
     from .sequential import _cat_time
+    chunk_sizes = check_chunk_sizes("chunk_sizes", chunk_sizes)
     if time_dim is None:
         time_dim = -1 if _time_last(module) else 1
     T = x.shape[time_dim]

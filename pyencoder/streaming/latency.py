@@ -16,6 +16,7 @@ nn.Conv1d (looks `padding` samples into the future; use pyencoder.nn.CausalConv1
 training mode, recurrent layers run bidirectionally, and unknown leaf modules.
 """
 import dataclasses
+import math
 from typing import List, Tuple
 
 from torch import nn
@@ -99,13 +100,20 @@ def latency(model, sample_rate=16000):
     """Exact algorithmic latency of ``model`` (a module, or a list of modules in order) as a
     ``Latency`` (samples, ms, hop, lookahead_samples, per-module breakdown). Containers without
     their own ``hop``/``lookahead`` are taken to run their children in registration order."""
-    if not isinstance(sample_rate, (int, float)) or sample_rate <= 0:
-        raise ValueError(f"sample_rate must be positive; got {sample_rate!r}")
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)):
+        raise TypeError(f"sample_rate must be a positive number; got {type(sample_rate).__name__} "
+                        f"{sample_rate!r}")
+    if not math.isfinite(sample_rate) or sample_rate <= 0:
+        raise ValueError(f"sample_rate must be a positive finite number; got {sample_rate!r}")
     rows = []
     mods = model if isinstance(model, (list, tuple)) else [model]
+    if not mods:
+        raise ValueError("latency: model must be an nn.Module or a non-empty list of them; got "
+                         "an empty list")
     for i, m in enumerate(mods):
         if not isinstance(m, nn.Module):
-            raise TypeError(f"latency: expected an nn.Module; got {type(m).__name__}")
+            where = "model" if mods is not model else f"model[{i}]"
+            raise TypeError(f"latency: {where} must be an nn.Module; got {type(m).__name__}")
         _walk("" if len(mods) == 1 else str(i), m, rows)
     H = 1
     total = 0

@@ -1,0 +1,45 @@
+"""The PYENCODER_* environment variables are read through these helpers: a value outside the
+allowed set raises ValueError naming the variable, the allowed values and the given value (never a
+silent on/off). Unset or empty means the default. Read at each use, so a change takes effect on
+the next call; parsed values are cached per raw string."""
+import os
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_cache = {}
+
+
+def env_choice(name, choices, default):
+    """The value of ``name`` (stripped, lower-cased), one of ``choices``; ``default`` if unset."""
+    raw = os.environ.get(name)
+    key = (name, raw, choices, default)
+    hit = _cache.get(key)
+    if hit is not None:
+        return hit
+    val = default if raw is None else (raw.strip().lower() or default)
+    if val not in choices:
+        raise ValueError(f"environment variable {name} must be one of {', '.join(choices)} (or "
+                         f"unset); got {raw!r}")
+    _cache[key] = val
+    return val
+
+
+def env_flag(name, default):
+    """A boolean variable: 1/true/yes/on or 0/false/no/off; ``default`` (a bool) if unset."""
+    raw = os.environ.get(name)
+    key = (name, raw, None, default)
+    hit = _cache.get(key)
+    if hit is not None:
+        return hit
+    val = default
+    if raw is not None and raw.strip():
+        s = raw.strip().lower()
+        if s in _TRUE:
+            val = True
+        elif s in _FALSE:
+            val = False
+        else:
+            raise ValueError(f"environment variable {name} must be one of "
+                             f"{', '.join(_TRUE + _FALSE)} (or unset); got {raw!r}")
+    _cache[key] = val
+    return val

@@ -1,0 +1,145 @@
+"""pyencoder.hf under misuse: zero/negative chunk sizes, pickling a patched model, a
+StreamingEncoder whose model was reverted or re-patched, and save_pretrained -> from_pretrained of
+a patched model (config.pyencoder records the patch; one call re-applies it)."""
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import pyencoder  # noqa: E402
+import pyencoder.hf as H  # noqa: E402
+from pyencoder.hf import attention as hf_attention  # noqa: E402
+from test_hf import audio, make_model  # noqa: E402
+
+
+def _fold_weight_norm(model):
+    """torch's weight_norm parametrization (HF's positional conv) cannot be pickled whole, patched
+    or not; fold it so that the model itself is picklable."""
+    from torch.nn.utils import parametrize
+    conv = H.patch.base_model(model)[0].encoder.pos_conv_embed.conv
+    if parametrize.is_parametrized(conv):
+        parametrize.remove_parametrizations(conv, "weight")
+    for key, hook in list(conv._load_state_dict_pre_hooks.items()):
+        if "weight_norm" in getattr(getattr(hook, "hook", hook), "__qualname__", ""):
+            del conv._load_state_dict_pre_hooks[key]
+    return model
+
+
+@pytest.mark.parametrize("sizes", [(0,), (3200, 0), (-5,), (2.0,), (True,), (), 5, "12"])
+def test_streaming_encoder_forward_rejects_bad_chunk_sizes(sizes):
+    model = make_model("w2v2_post").eval()
+    H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=1, left_frames=4, pos_conv="causal")
+    enc = H.StreamingEncoder(model)
+    with pytest.raises((ValueError, TypeError), match=r"chunk_sizes"):
+        enc(audio(1, 700), chunk_sizes=sizes)
+
+
+@pytest.mark.parametrize("audio_in", [[0.1, 0.2], torch.randn(700), torch.randn(1, 1, 700)])
+def test_streaming_encoder_forward_rejects_bad_audio(audio_in):
+    model = make_model("w2v2_post").eval()
+    H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=1, left_frames=4)
+    with pytest.raises(ValueError, match=r"audio must be a \(batch, samples\) tensor"):
+        H.StreamingEncoder(model)(audio_in)
+
+
+@pytest.mark.parametrize("family", ["w2v2_post", "w2v2_pre", "wavlm"])
+def test_patched_model_pickles_and_torch_saves(family):
+    model = _fold_weight_norm(make_model(family, head="ctc")).eval()
+    H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=2, left_frames=3, pos_conv="causal")
+    x = audio(2, 900)
+    with torch.no_grad():
+        ref = model(x).logits
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = [pickle.loads(pickle.dumps(model)), torch.load(buf, weights_only=False)]
+    for m in loaded:
+        assert H.patch_record(m) is not None
+        with torch.no_grad():
+            torch.testing.assert_close(m(x).logits, ref, rtol=0, atol=0)
+        H.revert_pyencoder(m)
+        assert H.patch_record(m) is None
+        assert "forward" not in H.patch.base_model(m)[0].encoder.pos_conv_embed.__dict__
+    unpatched = _fold_weight_norm(make_model(family, head="ctc")).eval()
+    unpatched.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded[1](x).logits, unpatched(x).logits, rtol=0, atol=0)
+
+
+def test_streaming_encoder_refuses_reverted_or_repatched_model():
+    model = make_model("w2v2_post").eval()
+    H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=1, left_frames=4, pos_conv="causal")
+    enc = H.StreamingEncoder(model)
+    state = enc.init_state(1)
+    y, state = enc.step(audio(1, 700), state)
+    H.revert_pyencoder(model)
+    for call in (lambda: enc.step(audio(1, 400), state), lambda: enc.flush(state),
+                 lambda: enc.init_state(1), lambda: enc(audio(1, 400))):
+        with pytest.raises(RuntimeError, match="reverted"):
+            call()
+    H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=3, left_frames=2, pos_conv="drop")
+    with pytest.raises(RuntimeError, match="re-patched"):
+        enc.step(audio(1, 400), state)
+    fresh = H.StreamingEncoder(model)
+    fresh.flush(fresh.step(audio(1, 700), fresh.init_state(1))[1])
+
+
+@pytest.mark.parametrize("family, rope", [("w2v2_post", True), ("hubert", 4),
+                                          ("wavlm", "object")])
+def test_save_pretrained_records_patch_and_from_pretrained_reapplies(tmp_path, family, rope):
+    import transformers as T
+    cls = {"w2v2_post": T.Wav2Vec2Model, "hubert": T.HubertModel, "wavlm": T.WavLMModel}[family]
+    rope = pyencoder.Rope(4, base=500.0, interleaved=True) if rope == "object" else rope
+    model = make_model(family).eval()
+    opts = dict(lookahead_frames=2, left_frames=5, lookahead_layers=[2, 1], rope=rope,
+                pos_conv="causal")
+    H.apply_pyencoder_to_wav2vec2(model, **opts)
+    x = audio(1, 1000)
+    with torch.no_grad():
+        ref = model(x).last_hidden_state
+    model.save_pretrained(tmp_path)
+    plain = cls.from_pretrained(tmp_path).eval()
+    assert H.patch_record(plain) is None
+    assert plain.config.pyencoder["lookahead_layers"] == [2, 1]
+    loaded = H.from_pretrained(cls, tmp_path).eval()
+    rec = H.patch_record(loaded)
+    assert rec is not None and rec.specs == H.patch_record(model).specs
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).last_hidden_state, ref, rtol=1e-6, atol=1e-6)
+    H.reapply_pyencoder(plain)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(x).last_hidden_state, ref, rtol=1e-6, atol=1e-6)
+    H.revert_pyencoder(model)
+    assert not hasattr(model.config, "pyencoder")
+    with pytest.raises(ValueError, match="pyencoder"):
+        H.reapply_pyencoder(model)
+
+
+def test_unpatched_model_with_recorded_patch_warns_once(tmp_path):
+    import transformers as T
+    model = make_model("w2v2_post").eval()
+    H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=1, left_frames=4)
+    model.save_pretrained(tmp_path)
+    plain = T.Wav2Vec2Model.from_pretrained(tmp_path, attn_implementation="pyencoder").eval()
+    hf_attention._warned_unpatched[0] = False
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            plain(audio(1, 600))
+            plain(audio(1, 600))
+    msgs = [str(m.message) for m in w if "reapply_pyencoder" in str(m.message)]
+    assert len(msgs) == 1
+
+
+def test_corrupt_config_entry_is_refused():
+    model = make_model("w2v2_post").eval()
+    model.config.pyencoder = {"format": 1, "lookahead_frame": 3}
+    with pytest.raises(ValueError, match="unknown options"):
+        H.reapply_pyencoder(model)
+    model.config.pyencoder = [1, 2]
+    with pytest.raises(ValueError, match="config.pyencoder"):
+        H.reapply_pyencoder(model)
