@@ -23,6 +23,7 @@ saved log-sum-exp (FlashAttention's recurrence) tile by tile, so it also needs O
 """
 import torch
 
+from .._cpu_threads import threads_for
 from ..rope import apply_rope
 
 _NEG_INF = float("-inf")
@@ -181,12 +182,28 @@ class _RotatedKeys:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
+def _flops(q, k, block, lo_off, hi_off):
+    """Rough arithmetic of one pass (q k^T and p v over each query's window)."""
+    B, Hq, Nq, D = q.shape
+    Nk = k.shape[2]
+    w = Nk if lo_off < 0 else min(Nk, lo_off + hi_off + block)
+    return 4.0 * B * Hq * Nq * max(w, 1) * D
+
+
 def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
             interleaved):
     """Returns (out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32/float64).
 
     Working memory beyond the output is O(tile * W): q is rotated tile by tile and k block by
-    block (each exactly once), never as whole rotated copies."""
+    block (each exactly once), never as whole rotated copies. On CPU the call runs with the
+    thread count of pyencoder._cpu_threads (work size and machine load; one thread when busy)."""
+    with threads_for(_flops(q, k, block, lo_off, hi_off), q.device):
+        return _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
+                        scale, interleaved)
+
+
+def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
+             interleaved):
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     Dv = v.shape[-1]
@@ -219,7 +236,14 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
 
 def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
              k_offset, scale, interleaved, deterministic=True):
-    """Returns (dq, dk, dv) in the dtypes of q, k, v."""
+    """Returns (dq, dk, dv) in the dtypes of q, k, v. Thread count as in forward."""
+    with threads_for(2.5 * _flops(q, k, block, lo_off, hi_off), q.device):
+        return _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off,
+                         q_offset, k_offset, scale, interleaved)
+
+
+def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
+              k_offset, scale, interleaved):
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     Dv = v.shape[-1]
