@@ -41,12 +41,12 @@ def _usable_cores():
         return os.cpu_count() or 1
 
 
-def busy_warning(load, cores):
+def busy_warning(load, cores, where="below"):
     """A warning line when the 1-minute load average exceeds the usable cores, else None."""
     if load is None or load <= cores:
         return None
     return (f"WARNING: this machine is busy (1-minute load average {load:.1f} > {cores} usable "
-            f"cores): other processes compete for the CPU, so the times below are slower and "
+            f"cores): other processes compete for the CPU, so the times {where} are slower and "
             f"noisier than on a quiet machine.")
 
 
@@ -73,7 +73,7 @@ def report_machine(when):
                            torch.cuda.is_available()))
     elif load is not None:
         print(f"== load average at the end: {load:.1f} ({cores} usable cores)")
-    warn = busy_warning(load, cores)
+    warn = busy_warning(load, cores, "below" if when == "start" else "above")
     if warn:
         print(warn)
     return warn
@@ -81,10 +81,10 @@ def report_machine(when):
 
 def rtf_text(rtf):
     """The real-time factor with its meaning."""
-    verdict = ("faster than real time" if rtf < 1 else
-               "slower than real time: this machine cannot keep up with live audio")
-    return (f"real-time factor {rtf:.3f} (compute time / audio duration; < 1 keeps up with live "
-            f"audio, > 1 does not: {verdict})")
+    verdict = ("faster than real time: keeps up with live audio" if rtf < 1 else
+               "slower than real time: cannot keep up with live audio here")
+    return (f"real-time factor {rtf:.3f} = compute time / audio duration: {verdict} "
+            f"(below 1 keeps up, above 1 falls behind)")
 
 
 def kernel_demo(quick=False):

@@ -7,7 +7,8 @@ def test_busy_warning_only_above_core_count():
     assert _demo.busy_warning(1.9, 2) is None
     assert _demo.busy_warning(2.0, 2) is None
     w = _demo.busy_warning(11.8, 2)
-    assert "busy" in w and "11.8" in w and "2 usable cores" in w
+    assert "busy" in w and "11.8" in w and "2 usable cores" in w and "times below" in w
+    assert "times above" in _demo.busy_warning(3.0, 2, "above")
 
 
 def test_rtf_text_says_which_side_of_real_time():
