@@ -21,7 +21,8 @@ Policy, set by PYENCODER_CPU_THREADS (read at every call):
   torch           never change torch's thread count (the behaviour before this module).
   an integer N    at most N threads (1: single-threaded), no load estimate.
 Only ever lowers the count, never raises it: a caller that set 1 thread (or code already running
-inside a parallel region, where torch reports 1) is left alone. CUDA tensors: no effect.
+inside a parallel region, where torch reports 1) is left alone. CUDA tensors, and code being
+traced by torch.compile: no effect.
 
 Thread safety: torch.set_num_threads sets the calling thread's OpenMP and MKL counts plus a
 process-wide default that another thread reads once, when it first runs a parallel op. The scope
@@ -118,7 +119,7 @@ class threads_for:
         self.saved = None
 
     def __enter__(self):
-        if self.cpu:
+        if self.cpu and not torch.compiler.is_compiling():
             n = choose(self.flops)
             cur = torch.get_num_threads()
             if n < cur:

@@ -114,3 +114,11 @@ def test_outputs_do_not_depend_on_thread_count(monkeypatch):
                 assert torch.equal(a, b)
     finally:
         torch.set_num_threads(saved)
+
+
+def test_traced_by_torch_compile_without_graph_break():
+    def f(x):
+        with ct.threads_for(1e3, x.device):
+            return x * 2 + 1
+    x = torch.randn(8)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x), x * 2 + 1)
