@@ -4,6 +4,10 @@ Shape (issue 2): B=1, H=12, D=64, left=250, right=3, fp32, RoPE on both sides (t
 rotates q and k in a separate pass). N=3000 (60 s of 50 Hz frames) and N=30000 (10 min; the dense
 path is skipped there unless --dense-30k: its N x N mask and scores need ~4 GB per head).
 
+``--threads`` is torch's thread count; the reference then picks its own per call under
+PYENCODER_CPU_THREADS (auto: fewer on a busy machine), recorded as ``cpu_threads_policy``. Loaded
+vs quiet machine: benchmarks/bench_cpu_contention.py.
+
 Each provider runs in a fresh subprocess. Peak memory is the process's resident high-water mark
 during one call, above the resident size before it (Linux: VmHWM reset through
 /proc/self/clear_refs after a warm-up call), so it counts everything the call allocates, output
@@ -113,7 +117,9 @@ def main(argv=None):
             print(f"{n:>6} {provider:<22} {shown}")
             records.append(dict(env, bench="reference_cpu", op="banded_attention", provider=provider,
                                 B=1, H=12, N=n, D=64, left=250, right=3, dtype="float32", rope=True,
-                                threads=args.threads, **r))
+                                threads=args.threads,
+                                cpu_threads_policy=os.environ.get("PYENCODER_CPU_THREADS", "auto"),
+                                **r))
         a, b = res["reference"], res["sdpa_dense_mask+rope"]
         if "median_ms" in a and "median_ms" in b:
             speed = b["median_ms"] / a["median_ms"]

@@ -1,11 +1,21 @@
-"""`python -m pyencoder demo`: the main job on whatever device is present.
+"""`python -m pyencoder demo`: the main job on whatever device is present, in this order.
 
-1. Kernel check: a wav2vec2-base-sized banded attention problem (12 heads, head_dim 64, 60 s of
-   50 Hz frames, left=250, right=3, RoPE) computed by every available backend, with the maximum
-   difference from the reference and the time each takes.
-2. Streaming (when pyencoder.streaming provides an encoder stack): a short clip streamed chunk by
-   chunk through a causal encoder with 60 ms lookahead, compared with the offline output.
+1. Streaming (needs transformers): a speech clip (3 s with --quick, else the whole 9.3 s bundled clip)
+   streamed in 80 ms chunks through a causal wav2vec2-base-geometry encoder (random weights unless
+   --checkpoint) with RoPE attention, left=250 frames and 3 frames (60 ms) of lookahead in layer 0,
+   compared with the offline output; prints per-chunk compute, the real-time factor (compute time /
+   audio duration: below 1 keeps up with live audio, above 1 is slower than real time) and the
+   algorithmic latency.
+2. Kernel check: a wav2vec2-base-sized banded attention problem (B=1, 12 heads, head_dim 64,
+   N=1500 frames = 30 s at 50 Hz, left=250, right=3, RoPE) computed by every available backend,
+   with the maximum difference from the reference and the median time, against SDPA with a dense
+   N x N mask.
+
+Before and after, it prints the device, torch's thread count and the load average, and warns when
+the machine is busy (1-minute load average above the usable cores): timings are then slower and
+noisier than on a quiet machine, and the CPU path runs with fewer threads (pyencoder._cpu_threads).
 """
+import os
 import time
 
 import torch
@@ -22,6 +32,59 @@ def _time(fn, reps, sync):
         ts.append(time.perf_counter() - t0)
     ts.sort()
     return ts[len(ts) // 2]
+
+
+def _usable_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def busy_warning(load, cores, where="below"):
+    """A warning line when the 1-minute load average exceeds the usable cores, else None."""
+    if load is None or load <= cores:
+        return None
+    return (f"WARNING: this machine is busy (1-minute load average {load:.1f} > {cores} usable "
+            f"cores): other processes compete for the CPU, so the times {where} are slower and "
+            f"noisier than on a quiet machine.")
+
+
+def machine_line(load, cores, threads, policy, cuda):
+    dev = "cuda + cpu" if cuda else "cpu"
+    return (f"== machine: {dev}, {cores} usable cores, torch threads {threads} "
+            f"(PYENCODER_CPU_THREADS={policy}: the CPU path lowers this per call for small work "
+            f"or a busy machine), 1-minute load average "
+            f"{'n/a' if load is None else f'{load:.1f}'}")
+
+
+def _load():
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def report_machine(when):
+    cores, load = _usable_cores(), _load()
+    if when == "start":
+        print(machine_line(load, cores, torch.get_num_threads(),
+                           os.environ.get("PYENCODER_CPU_THREADS", "auto"),
+                           torch.cuda.is_available()))
+    elif load is not None:
+        print(f"== load average at the end: {load:.1f} ({cores} usable cores)")
+    warn = busy_warning(load, cores, "below" if when == "start" else "above")
+    if warn:
+        print(warn)
+    return warn
+
+
+def rtf_text(rtf):
+    """The real-time factor with its meaning."""
+    verdict = ("faster than real time: keeps up with live audio" if rtf < 1 else
+               "slower than real time: cannot keep up with live audio here")
+    return (f"real-time factor {rtf:.3f} = compute time / audio duration: {verdict} "
+            f"(below 1 keeps up, above 1 falls behind)")
 
 
 def kernel_demo(quick=False):
@@ -71,6 +134,11 @@ def kernel_demo(quick=False):
     diff = (out.float() - ref).abs().max().item()
     print(f"  {'sdpa+mask':<10} {'baseline':<12} {t * 1e3:10.2f} {flops / t / 1e9:9.1f} "
           f"{diff:11.2e}   (dense N x N mask, separate RoPE pass)")
+    if not cuda:
+        from pyencoder import _cpu_threads
+        print(f"  (CPU threads: sdpa+mask {torch.get_num_threads()}, reference "
+              f"{_cpu_threads.choose(flops)} per call now: PYENCODER_CPU_THREADS="
+              f"{os.environ.get('PYENCODER_CPU_THREADS', 'auto')})")
 
 
 def _build_hf_model(checkpoint, lookahead_frames, left_frames):
@@ -147,8 +215,9 @@ def streaming_demo(quick=False, checkpoint=None, chunk_ms=80, lookahead_frames=3
     p99 = times[min(len(times) - 1, int(0.99 * len(times)))] * 1e3
     rtf = sum(times) / (audio.shape[1] / sr)
     print(f"   frames: streamed {streamed.shape[1]}, offline {offline.shape[1]}")
-    print(f"   per-chunk compute: p50 {p50:.1f} ms, p99 {p99:.1f} ms; real-time factor "
-          f"{rtf:.3f} (offline pass {t_off * 1e3:.0f} ms)")
+    print(f"   per-chunk compute: p50 {p50:.1f} ms, p99 {p99:.1f} ms for {chunk_ms} ms chunks "
+          f"(offline pass {t_off * 1e3:.0f} ms)")
+    print(f"   {rtf_text(rtf)}")
     print(f"   max |streamed - offline| = {diff:.2e} (output scale {scale:.2f})")
     return diff
 
@@ -156,9 +225,13 @@ def streaming_demo(quick=False, checkpoint=None, chunk_ms=80, lookahead_frames=3
 def main(args):
     torch.manual_seed(0)
     quick = getattr(args, "quick", False)
+    report_machine("start")
+    print()
     diff = streaming_demo(quick=quick, checkpoint=getattr(args, "checkpoint", None))
     print()
     kernel_demo(quick=True)
+    print()
+    report_machine("end")
     if diff is not None and diff > 1e-4:
         print(f"FAILED: streamed output differs from offline by {diff:.2e} > 1e-4")
         return 1

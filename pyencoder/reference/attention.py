@@ -23,6 +23,7 @@ saved log-sum-exp (FlashAttention's recurrence) tile by tile, so it also needs O
 """
 import torch
 
+from .._cpu_threads import threads_for
 from ..rope import apply_rope
 
 _NEG_INF = float("-inf")
@@ -89,6 +90,27 @@ def _tile_bias(i0, i1, j0, j1, block, lo_off, hi_off, q_offset, k_offset, g, dty
     if g > 1:
         bias = bias.unsqueeze(0).expand(g, -1, -1).reshape(g * (i1 - i0), j1 - j0)
     return bias.unsqueeze(0)
+
+
+class _Biases:
+    """_tile_bias memoised by what determines it: the tile's shape (tq, tk), the offset p0 - s0
+    of its first query and key and the first query's phase p0 % block (lo/hi of p0 + a minus
+    s0 depend on nothing else). Interior tiles of a band or chunked mask share one entry; at
+    most 8 are kept."""
+
+    def __init__(self, block, lo_off, hi_off, q_offset, k_offset, g, dtype, device):
+        self.args = (block, lo_off, hi_off, q_offset, k_offset, g, dtype, device)
+        self.memo = {}
+
+    def get(self, i0, i1, j0, j1):
+        block, _, _, q_offset, k_offset = self.args[:5]
+        p0, s0 = q_offset + i0, k_offset + j0
+        key = (i1 - i0, j1 - j0, p0 - s0, p0 % block)
+        if key not in self.memo:
+            if len(self.memo) >= 8:
+                self.memo.clear()
+            self.memo[key] = _tile_bias(i0, i1, j0, j1, *self.args)
+        return self.memo[key]
 
 
 def _tile_scores(qt, kt, bias, key_lengths, min_len, j0, j1, B, Hk):
@@ -181,18 +203,36 @@ class _RotatedKeys:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
+def _flops(q, k, block, lo_off, hi_off):
+    """Rough arithmetic of one pass (q k^T and p v over each query's window)."""
+    B, Hq, Nq, D = q.shape
+    Nk = k.shape[2]
+    w = Nk if lo_off < 0 else min(Nk, lo_off + hi_off + block)
+    return 4.0 * B * Hq * Nq * max(w, 1) * D
+
+
 def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
             interleaved):
     """Returns (out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32/float64).
 
     Working memory beyond the output is O(tile * W): q is rotated tile by tile and k block by
-    block (each exactly once), never as whole rotated copies."""
+    block (each exactly once), never as whole rotated copies. On CPU the call runs with the
+    thread count of pyencoder._cpu_threads (work size and machine load; one thread when busy)."""
+    with threads_for(_flops(q, k, block, lo_off, hi_off), q.device):
+        return _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
+                        scale, interleaved)
+
+
+def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
+             interleaved):
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     Dv = v.shape[-1]
     g = Hq // Hk
     cdt = _cdtype(q.dtype)
     keys = _RotatedKeys(k, k_offset, inv_freq, interleaved, cdt)
+    queries = _RotatedKeys(q, q_offset, inv_freq, interleaved, cdt)   # same lazy blocks for q
+    biases = _Biases(block, lo_off, hi_off, q_offset, k_offset, g, cdt, q.device)
     vc = v.to(cdt).reshape(B * Hk, Nk, Dv)
     out = torch.zeros(B, Hk, g, Nq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.full((B, Hk, g, Nq), _NEG_INF, dtype=cdt, device=q.device)
@@ -202,10 +242,8 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
         if j1 <= j0:
             continue
         tq = i1 - i0
-        qt = _rotate(q[:, :, i0:i1], q_offset + i0, inv_freq, interleaved, cdt) * scale
-        qt = qt.reshape(B * Hk, g * tq, D)
-        bias = _tile_bias(i0, i1, j0, j1, block, lo_off, hi_off, q_offset, k_offset, g, cdt,
-                          q.device)
+        qt = (queries.get(i0, i1) * scale).view(B * Hk, g * tq, D)
+        bias = biases.get(i0, i1, j0, j1)
         s = _tile_scores(qt, keys.get(j0, j1), bias, key_lengths, min_len, j0, j1, B, Hk)
         m = torch.logsumexp(s, dim=-1, keepdim=True)
         m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -219,7 +257,14 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
 
 def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
              k_offset, scale, interleaved, deterministic=True):
-    """Returns (dq, dk, dv) in the dtypes of q, k, v."""
+    """Returns (dq, dk, dv) in the dtypes of q, k, v. Thread count as in forward."""
+    with threads_for(2.5 * _flops(q, k, block, lo_off, hi_off), q.device):
+        return _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off,
+                         q_offset, k_offset, scale, interleaved)
+
+
+def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
+              k_offset, scale, interleaved):
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     Dv = v.shape[-1]
@@ -235,12 +280,12 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
     dv = torch.zeros(B * Hk, Nk, Dv, dtype=cdt, device=q.device)
     nk_eff = _key_limit(key_lengths, Nk)
     min_len = _min_len(key_lengths, Nk)
+    biases = _Biases(block, lo_off, hi_off, q_offset, k_offset, g, cdt, q.device)
     for i0, i1, j0, j1 in _tiles(Nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset):
         if j1 <= j0:
             continue
         tq = i1 - i0
-        bias = _tile_bias(i0, i1, j0, j1, block, lo_off, hi_off, q_offset, k_offset, g, cdt,
-                          q.device)
+        bias = biases.get(i0, i1, j0, j1)
         qt = _q_tile(qr, i0, i1, B, Hk, g, D)
         kt = kr[:, j0:j1]
         s = _tile_scores(qt, kt, bias, key_lengths, min_len, j0, j1, B, Hk)

@@ -18,6 +18,8 @@ The backward uses torch.nn.grad's conv gradients (recomputing the pre-activation
 import torch
 import torch.nn.functional as F
 
+from .._cpu_threads import threads_for
+
 ACTIVATIONS = (None, "silu", "gelu")
 
 
@@ -51,8 +53,18 @@ def num_frames(length, stride):
     return length // stride
 
 
+def _flops(x, weight, stride):
+    return 2.0 * x.shape[0] * weight.numel() * max(1, x.shape[-1] // stride)
+
+
 def forward(x, weight, bias, initial_state, stride, groups, activation):
-    """Returns (y (B, C_out, L // stride), final_state (B, C_in, k - stride)) in x's dtype."""
+    """Returns (y (B, C_out, L // stride), final_state (B, C_in, k - stride)) in x's dtype.
+    On CPU the thread count follows pyencoder._cpu_threads (a small streaming step: 1 thread)."""
+    with threads_for(_flops(x, weight, stride), x.device):
+        return _forward(x, weight, bias, initial_state, stride, groups, activation)
+
+
+def _forward(x, weight, bias, initial_state, stride, groups, activation):
     B, C, L = x.shape
     k = weight.shape[-1]
     pad = k - stride

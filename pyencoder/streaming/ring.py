@@ -15,6 +15,7 @@ sum, p v, divide), so a streamed row matches the offline row up to summation ord
 """
 import torch
 
+from .._cpu_threads import threads_for
 from ..rope import apply_rope
 
 __all__ = ["ring_positions", "decode_attention", "decode_attention_reference", "ring_write"]
@@ -88,8 +89,11 @@ def decode_attention(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interl
     if backend != "reference":
         raise ValueError(f"decode_attention: backend must be None, 'reference' or 'triton'; got "
                          f"{backend!r}")
-    return decode_attention_reference(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq,
-                                      interleaved, block, lo_off, hi_off, scale)
+    # A step is a few MFLOP: on CPU its ~20 small ops run single-threaded (pyencoder._cpu_threads:
+    # each parallel op would pay a thread barrier, 10-25x slower on a busy machine).
+    with threads_for(4.0 * q.numel() * k_ring.shape[2], q.device):
+        return decode_attention_reference(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq,
+                                          interleaved, block, lo_off, hi_off, scale)
 
 
 def _triton_ok():

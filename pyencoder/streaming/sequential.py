@@ -14,6 +14,7 @@ from typing import List
 import torch
 from torch import nn
 
+from .._cpu_threads import threads_for
 from .state import StreamState
 
 __all__ = ["StreamingSequential", "StackState", "PassState", "is_pointwise"]
@@ -87,7 +88,9 @@ class StreamingSequential(nn.Sequential):
         if lengths is None:
             lengths = torch.full((B,), x.shape[-1] if self._time_last(0) else x.shape[1],
                                  dtype=torch.int64, device=x.device)
-        y, lengths = self._from(0, x, lengths, state)
+        # one scoped CPU thread count for the step (pyencoder._cpu_threads: busy machine -> fewer)
+        with threads_for(float("inf"), x.device):
+            y, lengths = self._from(0, x, lengths, state)
         state.out_lengths = lengths
         return y, state
 

@@ -1,0 +1,31 @@
+"""The demo's machine report and real-time-factor text (no timings, no model)."""
+from pyencoder import _demo
+
+
+def test_busy_warning_only_above_core_count():
+    assert _demo.busy_warning(None, 2) is None
+    assert _demo.busy_warning(1.9, 2) is None
+    assert _demo.busy_warning(2.0, 2) is None
+    w = _demo.busy_warning(11.8, 2)
+    assert "busy" in w and "11.8" in w and "2 usable cores" in w and "times below" in w
+    assert "times above" in _demo.busy_warning(3.0, 2, "above")
+
+
+def test_rtf_text_says_which_side_of_real_time():
+    assert "keeps up" in _demo.rtf_text(0.5) and "faster than real time" in _demo.rtf_text(0.5)
+    assert "slower than real time" in _demo.rtf_text(2.2)
+    assert "2.200" in _demo.rtf_text(2.2)
+
+
+def test_machine_line_and_report(capsys, monkeypatch):
+    line = _demo.machine_line(0.4, 2, 2, "auto", False)
+    assert "torch threads 2" in line and "load average 0.4" in line and "cpu" in line
+    assert "n/a" in _demo.machine_line(None, 4, 1, "torch", True)
+    monkeypatch.setattr(_demo, "_load", lambda: 9.0)
+    monkeypatch.setattr(_demo, "_usable_cores", lambda: 2)
+    assert _demo.report_machine("start") is not None
+    assert _demo.report_machine("end") is not None
+    out = capsys.readouterr().out
+    assert "torch threads" in out and "WARNING" in out and "at the end: 9.0" in out
+    monkeypatch.setattr(_demo, "_load", lambda: 0.5)
+    assert _demo.report_machine("end") is None
