@@ -1,0 +1,165 @@
+"""benchmarks/gpu_session.py, the one prepared GPU call, rehearsed on CPU so that the first device
+call cannot fail on a typo.
+
+- the dry run end to end (every stage, the same $OUT layout; stage timeouts scaled up so that a
+  loaded machine does not time a stage out): every stage ok, the $OUT files within the device
+  tool's limits (8 files, 16 MiB each, two folders deep, names [A-Za-z0-9._-]), logs and results
+  archives hold what each stage wrote;
+- a stage command's whole process group is killed on timeout (a grandchild too);
+- the $OUT checker flags every limit; the prebuilt-extension check names each mismatch;
+- the device call in benchmarks/GPU_SESSION.md fits the tool (command <= 2000 characters, at
+  most 8 carried paths, the git-ignored ones the call needs).
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks import gpu_session as gs  # noqa: E402
+
+
+def _run_killing_group(argv, timeout, **kw):
+    p = subprocess.Popen(argv, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, **kw)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        pytest.fail(f"dry run did not finish in {timeout} s:\n{out[-4000:]}")
+    return p.returncode, out
+
+
+def test_dry_run_end_to_end(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    rc, log = _run_killing_group(
+        [sys.executable, "-m", "benchmarks.gpu_session", "--dry-run", "--out", str(out),
+         "--work", str(work), "--budget", "100000", "--timeout-scale", "30"], 3600, env=env)
+    assert rc == 0, log[-6000:]
+    assert gs.check_out(str(out)) == []
+    names = sorted(os.listdir(out))
+    assert {"session.log", "summary.json", "logs.tgz"} <= set(names), names
+    summary = json.load(open(out / "summary.json"))
+    assert [s["name"] for s in summary["stages"]] == [s[0] for s in gs.STAGES]
+    bad = [(s["name"], s["status"], s["commands"]) for s in summary["stages"]
+           if s["status"] != "ok"]
+    assert not bad, bad
+    assert summary["dry_run"] and summary["failed_stages"] == []
+    assert summary["setup"]["copy_bw_gbs"] > 0 and summary["setup"]["torch"]
+    with tarfile.open(out / "logs.tgz") as t:
+        logs = set(t.getnames())
+    for name, *_ in gs.STAGES:
+        assert f"logs/{name}.log" in logs, logs
+    res = [n for n in names if n.startswith("results-")]
+    assert len(res) == 1, names
+    with tarfile.open(out / res[0]) as t:
+        got = {os.path.basename(n) for n in t.getnames()}
+    for f in ("attention.jsonl", "conv.jsonl", "convnext.jsonl", "hf.jsonl"):
+        assert f in got, got
+    text = open(out / "session.log").read()
+    for name, *_ in gs.STAGES:
+        assert f"======== {name} log" in text
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path):
+    child = ("import subprocess, sys, time; "
+             "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+             "print('grandchild', p.pid, flush=True); time.sleep(600)")
+    logpath = tmp_path / "log"
+    with open(logpath, "w") as log:
+        rc, _ = gs.run_group([sys.executable, "-c", child], dict(os.environ), log, 3)
+    assert rc is None
+    text = open(logpath).read()
+    assert "[timeout after" in text
+    m = re.search(r"grandchild (\d+)", text)
+    assert m, text
+    pid = int(m.group(1))
+    for _ in range(100):  # the orphaned grandchild is reaped by init eventually
+        try:
+            state = open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0]
+        except OSError:
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.1)
+    pytest.fail(f"grandchild {pid} still running (state {state})")
+
+
+def test_run_group_returns_exit_code(tmp_path):
+    with open(tmp_path / "log", "w") as log:
+        rc, _ = gs.run_group([sys.executable, "-c", "import sys; print('hi'); sys.exit(3)"],
+                             dict(os.environ), log, 600)
+    assert rc == 3
+    assert "hi" in open(tmp_path / "log").read()
+
+
+def test_check_out_flags_every_limit(tmp_path):
+    ok = tmp_path / "ok"
+    (ok / "a" / "b").mkdir(parents=True)
+    (ok / "summary.json").write_text("{}")
+    (ok / "a" / "b" / "x.log").write_text("x")
+    assert gs.check_out(str(ok)) == []
+    bad = tmp_path / "bad"
+    (bad / "a" / "b" / "c").mkdir(parents=True)
+    (bad / "a" / "b" / "c" / "deep.txt").write_text("x")
+    (bad / "bad name.txt").write_text("x")
+    with open(bad / "big.bin", "wb") as f:
+        f.truncate(17 * 2**20)
+    for i in range(7):
+        (bad / f"f{i}").write_text("x")
+    probs = " | ".join(gs.check_out(str(bad)))
+    for what in ("two folders deep", "bad name", "> 16 MiB", "files > 8"):
+        assert what in probs, probs
+
+
+def test_prebuilt_mismatch_names_the_difference():
+    info = {"cuda_built": True, "torch": "2.11.0+cu130", "cuda": "13.0", "csrc_sha256": "abc"}
+    assert gs.prebuilt_mismatch(info, "2.11.0+cu130", "13.0", "abc") is None
+    assert "torch 2.11.0+cu130" in gs.prebuilt_mismatch(info, "2.11.0+cu128", "12.8", "abc")
+    assert "CUDA 13.0" in gs.prebuilt_mismatch(info, "2.11.0+cu130", "12.8", "abc")
+    assert "csrc/ changed" in gs.prebuilt_mismatch(info, "2.11.0+cu130", "13.0", "abd")
+    assert "no prebuilt" in gs.prebuilt_mismatch(None, "2.11.0+cu130", "13.0", "abc")
+    assert "no prebuilt" in gs.prebuilt_mismatch({"cuda_built": False}, "x", "y", "abc")
+
+
+def test_csrc_hash_sees_content_and_names(tmp_path):
+    (tmp_path / "op").mkdir()
+    (tmp_path / "op" / "k.cu").write_text("a")
+    h1 = gs.csrc_hash(str(tmp_path))
+    (tmp_path / "op" / "k.cu").write_text("b")
+    h2 = gs.csrc_hash(str(tmp_path))
+    os.rename(tmp_path / "op" / "k.cu", tmp_path / "op" / "j.cu")
+    assert len({h1, h2, gs.csrc_hash(str(tmp_path))}) == 3
+
+
+def test_bad_arguments_are_refused():
+    for argv in (["--budget", "0"], ["--timeout-scale", "-1"], ["--workers", "0"]):
+        with pytest.raises(SystemExit) as e:
+            gs.main(argv)
+        assert e.value.code == 2
+
+
+def test_documented_device_call_fits_the_tool():
+    doc = open(os.path.join(ROOT, "benchmarks", "GPU_SESSION.md")).read()
+    m = re.search(r"<!-- device-call -->\s*```json\n(.*?)```", doc, re.S)
+    assert m, "GPU_SESSION.md: no ```json block after <!-- device-call -->"
+    call = json.loads(m.group(1))
+    assert len(call["command"]) <= 2000
+    assert "benchmarks.gpu_session" in call["command"]
+    assert len(call["carry"]) <= 8 and {".prebuilt", ".whl"} <= set(call["carry"])
+    assert call["timeout_s"] <= 600
+    budget = int(re.search(r"--budget (\d+)", call["command"]).group(1))
+    assert budget + 30 <= call["timeout_s"]
+    in_git = subprocess.run(["git", "rev-parse", "--git-dir"], cwd=ROOT,
+                            capture_output=True).returncode == 0
+    for path in call["carry"] if in_git else ():  # carried paths are git-ignored build outputs
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0, path
