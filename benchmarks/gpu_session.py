@@ -10,17 +10,17 @@ Stages, in order of value (name: timeout in s on a GPU):
      pyencoder._C from .prebuilt/ when its build_info.json matches the device's torch, CUDA and
      csrc/ (else build it there with 16 jobs), `python -m pyencoder info`, versions, GPU name and
      measured copy bandwidth;
-  2. attention (150): `pytest -m gpu_quick` on the attention tests, bf16 first (the bf16 ids run
+  2. attention (110): `pytest -m gpu_quick` on the attention tests, bf16 first (the bf16 ids run
      before the rest), with pytest-xdist (-n 16) when installed;
-  3. attention_table (140): bench_attention at wav2vec2-base (B=8, H=12, D=64), bf16, fwd, bwd,
-     fwd+bwd, one process per N in (1500, 3000, 12000) so each N's JSON lines are written when
-     it finishes;
-  4. conv (75): `pytest -m gpu_quick tests/test_conv_gpu.py`, then bench_conv --quick (depthwise vs
+  3. attention_table (130): bench_attention at wav2vec2-base (B=8, H=12, D=64), bf16, fwd, bwd,
+     fwd+bwd, N in (1500, 3000, 12000): pyencoder-triton, then flex (one process per N), then
+     sdpa-mask and flash-attn (each process writes its JSON lines when it ends);
+  4. conv (55): `pytest -m gpu_quick tests/test_conv_gpu.py`, then bench_conv --quick (depthwise vs
      F.conv1d(groups=C), grouped, strided, update);
-  5. streaming (75): `pytest -m gpu_quick` on the decode kernel and CUDA-graph step tests, then
+  5. streaming (55): `pytest -m gpu_quick` on the decode kernel and CUDA-graph step tests, then
      bench_streaming --gpu --quick (step p50/p99 at batch 1 for 20 and 80 ms chunks, concurrent
      real-time streams);
-  6. convnext_hf (75): `pytest -m gpu_quick` on the fused ConvNeXt and model tests, bench_convnext
+  6. convnext_hf (55): `pytest -m gpu_quick` on the fused ConvNeXt and model tests, bench_convnext
      --quick, bench_hf --quick (the HF patch offline vs transformers' SDPA and eager);
   7. rest (what is left): `pytest -m "gpu and not gpu_quick"`.
 A stage runs only while the total budget lasts; each command of a stage runs in its own process
@@ -37,8 +37,8 @@ $OUT (at most 8 files come back, 16 MiB each, names [A-Za-z0-9._-]; this writes 
                                (PYENCODER_RESULTS_DIR=<work>/results for every stage)
 All four are rewritten after every stage. Exit status: 0 when every stage that ran passed.
 
---dry-run rehearses the same stages, time boxes and $OUT layout on a CPU machine in about a
-minute: TRITON_INTERPRET=1, tiny shapes, pytest restricted to collection plus one interpreter test
+--dry-run rehearses the same stages, time boxes and $OUT layout on a CPU machine (~90 CPU-seconds,
+1.5-5 min on a shared 2-core VM; --timeout-scale for slow machines): TRITON_INTERPRET=1, tiny shapes, pytest restricted to collection plus one interpreter test
 per kernel family, benchmarks in their CPU or --dry-run forms; what needs CUDA is logged as
 skipped. tests/test_gpu_session.py runs it in CI.
 """
@@ -101,7 +101,9 @@ def _py(*args):
 
 
 def _pytest(marker, files, ctx, junit, extra=()):
-    cmd = _py("-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "--durations=15",
+    # -v: one line per finished test, so a stage killed at its timeout still logs what passed
+    cmd = _py("-m", "pytest", "-v", "--tb=short", "-p", "no:cacheprovider", "-rfE",
+              "--durations=15",
               "-m", marker, f"--junitxml={os.path.join(ctx['logdir'], junit)}", *extra, *files)
     if ctx["xdist"] and not ctx["dry"]:
         cmd[3:3] = ["-n", str(ctx["workers"])]
@@ -146,10 +148,15 @@ def plan_attention_table(ctx):
     if ctx["dry"]:
         return [("bench-attention", _py("-m", "benchmarks.bench_attention", "--n", "48",
                                         "--providers", "reference", "sdpa-mask"), {})]
-    provs = ["pyencoder-triton", "flex", "sdpa-mask", "flash-attn"]
-    return [(f"bench-attention-N{n}", _py("-m", "benchmarks.bench_attention", "--shapes",
-                                          "wav2vec2-base", "--n", str(n), "--providers", *provs),
-             {}) for n in (1500, 3000, 12000)]
+    # bench_attention writes its JSON lines when it ends: one process per provider (flex, whose
+    # compiles take longest, one per N) so a stage cut at its timeout keeps what finished
+    ns = ["1500", "3000", "12000"]
+    runs = [("triton", ["pyencoder-triton"], ns)]
+    runs += [(f"flex-N{n}", ["flex"], [n]) for n in ns]
+    runs += [("sdpa-flash", ["sdpa-mask", "flash-attn"], ns)]
+    return [(f"bench-attention-{label}", _py("-m", "benchmarks.bench_attention", "--shapes",
+                                             "wav2vec2-base", "--n", *n, "--providers", *provs),
+             {}) for label, provs, n in runs]
 
 
 def plan_conv(ctx):
@@ -180,11 +187,11 @@ def plan_rest(ctx):
 # (name, GPU timeout s, dry-run timeout s, plan)
 STAGES = [
     ("setup", 40, 60, plan_setup),
-    ("attention", 150, 60, plan_attention),
-    ("attention_table", 140, 40, plan_attention_table),
-    ("conv", 75, 40, plan_conv),
-    ("streaming", 75, 40, plan_streaming),
-    ("convnext_hf", 75, 60, plan_convnext_hf),
+    ("attention", 110, 60, plan_attention),
+    ("attention_table", 130, 40, plan_attention_table),
+    ("conv", 55, 40, plan_conv),
+    ("streaming", 55, 40, plan_streaming),
+    ("convnext_hf", 55, 60, plan_convnext_hf),
     ("rest", 10**6, 40, plan_rest),
 ]
 SETUP_BUILD_TIMEOUT = 150

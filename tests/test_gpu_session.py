@@ -163,3 +163,50 @@ def test_documented_device_call_fits_the_tool():
                             capture_output=True).returncode == 0
     for path in call["carry"] if in_git else ():  # carried paths are git-ignored build outputs
         assert subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0, path
+
+
+def test_compile_counter_records_launch_keys():
+    """tests/_count_compiles.py on the decode kernel test (fp16 and bf16: two keys, each launch
+    recorded once per key)."""
+    argv = [sys.executable, os.path.join(ROOT, "tests", "_count_compiles.py"), "--tier", "gpu",
+            "tests/test_streaming_decode_triton.py::test_decode_kernel_half_on_gpu"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    rc, out = _run_killing_group(argv, 1800, env=env)
+    assert rc == 0, out[-4000:]
+    res = json.loads(out[out.index("{"):])
+    assert res["per_kernel"] == {"_decode_attention_fwd_kernel": 2}, res
+    assert res["tests_that_launch"] == 2 and res["compiles"] == 2
+
+
+_SPECIALISATION = r"""
+import json, sys, torch, triton, triton.language as tl
+sys.path.insert(0, sys.argv[1])
+from _count_compiles import _Recorder
+rec = _Recorder(); rec.install()
+
+@triton.jit
+def _k(X, n, m, BLOCK: tl.constexpr):
+    tl.store(X + tl.arange(0, BLOCK), n + m)
+
+x = torch.empty(64)
+for i, (n, m, block) in enumerate([(16, 5, 8), (32, 7, 8), (13, 5, 8), (1, 5, 8), (16, 5, 16)]):
+    rec.test = i
+    _k[(1,)](x, n, m, BLOCK=block)
+rec.test = 5
+_k[(1,)](x[1:], 16, 5, BLOCK=8)
+rec.test = 6
+_k[(1,)](x, 16, 5, BLOCK=8, num_warps=8)
+print(json.dumps([sorted(u) for u in rec.keys.values()]))
+"""
+
+
+def test_compile_counter_models_triton_specialisation(tmp_path):
+    """Integers divisible by 16 share a key, other integers get another, 1 is a constant; a
+    constexpr, a misaligned pointer or num_warps make new keys (Triton's cache key)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = tmp_path / "spec.py"   # @triton.jit needs its source in a file
+    script.write_text(_SPECIALISATION)
+    p = subprocess.run([sys.executable, str(script), os.path.join(ROOT, "tests")],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout.splitlines()[-1]) == [[0, 1], [2], [3], [4], [5], [6]]
