@@ -248,9 +248,10 @@ class Session:
                         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         for d in (self.out, self.work):
             os.makedirs(d, exist_ok=True)
-        for sub in ("logs", "results", "site"):
+        for sub in ("logs", "results"):   # site/ (the wheels) stays for a second call
             shutil.rmtree(os.path.join(self.work, sub), ignore_errors=True)
             os.makedirs(os.path.join(self.work, sub))
+        os.makedirs(os.path.join(self.work, "site"), exist_ok=True)
         self.logdir = os.path.join(self.work, "logs")
         self.session_log = open(os.path.join(self.out, "session.log"), "w")
         self.env = self._env()

@@ -210,3 +210,30 @@ def test_compile_counter_models_triton_specialisation(tmp_path):
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads(p.stdout.splitlines()[-1]) == [[0, 1], [2], [3], [4], [5], [6]]
+
+
+def test_gpu_quick_tier_covers_every_kernel_and_dtype():
+    """The fast GPU tier (conftest's gpu_quick predicates) selects, per stage file, the tests the
+    session relies on: every attention dtype, the CUDA conv widths 1..256 in every dtype, a
+    Triton conv case per dtype, the decode kernel, CUDA graphs, the fused ConvNeXt, the models."""
+    files = gs.ATTENTION_TESTS + ["tests/test_conv_gpu.py"] + gs.STREAMING_TESTS + \
+        gs.CONVNEXT_TESTS
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "--collect-only", "-m", "gpu_quick", *files], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ids = [line for line in p.stdout.splitlines() if "::" in line]
+    for f in files:
+        assert any(i.startswith(f) for i in ids), f
+    grid = [i for i in ids if "test_gpu_grid" in i]
+    for dt in ("float16", "bfloat16", "float32"):
+        assert any(dt in i for i in grid), dt
+    assert any("test_gpu_long_sequences" in i and "16384" in i for i in ids)
+    for dt in ("float16", "bfloat16", "float32"):
+        for k in (1, 4, 7, 31, 128, 256):
+            assert f"tests/test_conv_gpu.py::test_depthwise_widths[torch.{dt}-{k}-cuda]" in ids
+        assert any(f"{dt}" in i and i.endswith("-triton]") for i in ids
+                   if "test_depthwise_widths" in i), dt
+    assert "tests/test_conv_gpu.py::test_update_state_indices[triton]" in ids
+    # the slow grid stays out of the tier
+    assert len(grid) <= 6 and not any("test_gpu_grid" in i and "-128-" in i for i in ids)
