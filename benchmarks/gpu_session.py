@@ -245,6 +245,7 @@ class Session:
         self.t0 = time.monotonic()
         self.deadline = self.t0 + args.budget
         self.summary = {"budget_s": args.budget, "dry_run": self.dry, "stages": [],
+                        "triton_autotune": bool(args.autotune),
                         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         for d in (self.out, self.work):
             os.makedirs(d, exist_ok=True)
