@@ -411,7 +411,8 @@ def setup_extension(work, dry):
         info = json.load(open(os.path.join(pre, "build_info.json")))
     except (OSError, ValueError):
         info = None
-    why = prebuilt_mismatch(info, torch.__version__, torch.version.cuda, csrc_hash())
+    why = prebuilt_mismatch(info, torch.__version__, torch.version.cuda,
+                            csrc_hash(os.path.join(ROOT, "csrc")))
     rep["prebuilt"] = info
     rep["prebuilt_mismatch"] = why
     print(f"prebuilt extension: {'fits' if why is None else why}", flush=True)

@@ -237,3 +237,30 @@ def test_gpu_quick_tier_covers_every_kernel_and_dtype():
     assert "tests/test_conv_gpu.py::test_update_state_indices[triton]" in ids
     # the slow grid stays out of the tier
     assert len(grid) <= 6 and not any("test_gpu_grid" in i and "-128-" in i for i in ids)
+
+
+def test_setup_installs_a_fitting_prebuilt_extension(tmp_path, monkeypatch):
+    """The device path of the setup stage with a prebuilt that fits this torch: the .so lands in
+    pyencoder/ and _build_info.py says what it was built against (loading is faked: no CUDA)."""
+    import torch
+    root = tmp_path / "repo"
+    (root / "csrc").mkdir(parents=True)
+    (root / "csrc" / "k.cu").write_text("__global__ void k() {}")
+    (root / "pyencoder").mkdir()
+    (root / "pyencoder" / "_C.old.so").write_text("stale")
+    (root / ".prebuilt").mkdir()
+    so = "_C.cpython-312-x86_64-linux-gnu.so"
+    (root / ".prebuilt" / so).write_bytes(b"\x7fELF-prebuilt")
+    info = {"version": "0.1.0", "cuda_built": True, "reason": "", "torch": torch.__version__,
+            "cuda": torch.version.cuda, "csrc_sha256": gs.csrc_hash(str(root / "csrc")), "so": so}
+    (root / ".prebuilt" / "build_info.json").write_text(json.dumps(info))
+    monkeypatch.setattr(gs, "ROOT", str(root))
+    monkeypatch.setattr(gs, "_check_extension", lambda rep: rep.update(load="loaded") or 0)
+    assert gs.setup_extension(str(tmp_path), dry=False) == 0
+    assert (root / "pyencoder" / so).read_bytes() == b"\x7fELF-prebuilt"
+    assert not (root / "pyencoder" / "_C.old.so").exists()
+    ns = {}
+    exec((root / "pyencoder" / "_build_info.py").read_text(), ns)
+    assert ns["BUILD_INFO"]["torch"] == torch.__version__ and ns["BUILD_INFO"]["cuda_built"]
+    rep = json.load(open(tmp_path / "extension.json"))
+    assert rep["action"] == "prebuilt" and rep["prebuilt_mismatch"] is None
