@@ -5,8 +5,8 @@ and results into $OUT after every stage so that a call cut short still returns w
                                      [--autotune] [--list]
 
 Stages, in order of value (name: timeout in s on a GPU):
-  1. setup (~20-40 s; capped at 150 to leave room to build the extension there): install the carried wheels from .whl/
-     into <work>/site (PYTHONPATH), install pyencoder editable, load the carried prebuilt
+  1. setup (~20-40 s; capped at 150, room to build the extension there): install the carried
+     wheels from .whl/ into <work>/site (PYTHONPATH), install pyencoder editable, load the carried prebuilt
      pyencoder._C from .prebuilt/ when its build_info.json matches the device's torch, CUDA and
      csrc/ (else build it there with 16 jobs), `python -m pyencoder info`, versions, GPU name and
      measured copy bandwidth;
@@ -37,10 +37,11 @@ $OUT (at most 8 files come back, 16 MiB each, names [A-Za-z0-9._-]; this writes 
                                (PYENCODER_RESULTS_DIR=<work>/results for every stage)
 All four are rewritten after every stage. Exit status: 0 when every stage that ran passed.
 
---dry-run rehearses the same stages, time boxes and $OUT layout on a CPU machine (~90 CPU-seconds,
-1.5-5 min on a shared 2-core VM; --timeout-scale for slow machines): TRITON_INTERPRET=1, tiny shapes, pytest restricted to collection plus one interpreter test
-per kernel family, benchmarks in their CPU or --dry-run forms; what needs CUDA is logged as
-skipped. tests/test_gpu_session.py runs it in CI.
+--dry-run rehearses the same stages, time boxes and $OUT layout on a CPU machine (~90
+CPU-seconds, 1.5-5 min on a shared 2-core VM; --timeout-scale for slow machines):
+TRITON_INTERPRET=1, tiny shapes, the same pytest selections collected only (plus one attention
+test in the interpreter), benchmarks in their CPU or --dry-run forms, the extension's install
+logged as what the device would do. tests/test_gpu_session.py runs it in CI.
 """
 import argparse
 import glob
@@ -328,7 +329,8 @@ class Session:
             info = json.load(open(os.path.join(ROOT, ".prebuilt", "build_info.json")))
         except Exception:
             return True
-        return prebuilt_mismatch(info, torch.__version__, torch.version.cuda, csrc_hash()) is not None
+        why = prebuilt_mismatch(info, torch.__version__, torch.version.cuda, csrc_hash())
+        return why is not None
 
     def _append_log(self, name, path):
         size = os.path.getsize(path)
@@ -522,7 +524,8 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=480, help="total seconds (default 480)")
     p.add_argument("--dry-run", action="store_true", help="rehearse on CPU (TRITON_INTERPRET=1)")
     p.add_argument("--out", default=None, help="result folder (default $OUT)")
-    p.add_argument("--work", default=None, help="scratch folder (default /tmp/pyencoder-gpu-session)")
+    p.add_argument("--work", default=None,
+                   help="scratch folder (default /tmp/pyencoder-gpu-session)")
     p.add_argument("--stages", nargs="*", default=None, choices=[s[0] for s in STAGES])
     p.add_argument("--workers", type=int, default=16, help="pytest-xdist workers (default 16)")
     p.add_argument("--autotune", action="store_true", help="let the Triton autotuner run")

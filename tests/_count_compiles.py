@@ -17,8 +17,8 @@ Nothing is computed: torch.testing.assert_close passes everything and the refere
 the launches before it are counted.
 
 Limits (an estimate, not a measurement): a test with a plain `assert` on values between two
-launches counts only the launches before it; code that reads torch.cuda state beyond is_available (CUDA
-graphs, events, streams, device properties) stops the test where it does; the CUDA extension is
+launches counts only the launches before it; code that reads torch.cuda state beyond
+is_available (CUDA graphs, events, streams, device properties) stops the test where it does; the CUDA extension is
 absent here, so "auto" conv calls that a GPU with pyencoder._C would run in CUDA count as Triton
 launches (an over-count for conv). The attention launches, which dominate the compile time, are
 counted exactly for the tests that call the Triton backend directly or through
