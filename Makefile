@@ -11,7 +11,7 @@ HF_SPEC ?= transformers==5.23.0
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: venv demo test test-gpu test-compile-full bench info clean
+.PHONY: venv demo test test-gpu test-compile-full bench info clean gpu-prep gpu-session-dry
 
 $(VENV)/.ready: setup.py pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -46,6 +46,15 @@ bench: $(VENV)/.ready
 
 info: $(VENV)/.ready
 	$(PY) -m pyencoder info
+
+# What the one GPU call carries (benchmarks/GPU_SESSION.md): pyencoder._C prebuilt for sm_90
+# against the device's torch in .prebuilt/, the wheels the device lacks in .whl/ (both ignored).
+gpu-prep:
+	bash benchmarks/gpu_prep.sh
+
+# The GPU call rehearsed on this CPU (TRITON_INTERPRET=1, tiny shapes, same stages and $$OUT).
+gpu-session-dry: $(VENV)/.ready
+	$(PY) -m benchmarks.gpu_session --dry-run --out /tmp/pyencoder-gpu-out-dry
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -12,6 +12,7 @@ API (keep it small):
     write_jsonl(name, records) -> path
                                      appends records (env_info() merged in, record keys win) to
                                      benchmarks/results/<device-slug>/<name>.jsonl
+                                     ($PYENCODER_RESULTS_DIR/<device-slug>/ when that is set)
     copy_bandwidth_gbs() -> float    measured device copy bandwidth, GB/s of (read + write) bytes;
                                      the roofline for memory-bound kernels (cached per process)
 """
@@ -108,7 +109,8 @@ def bench(fn, warmup=25, rep=100):
 
 
 def write_jsonl(name, records):
-    folder = os.path.join(HERE, "results", device_slug())
+    root = os.environ.get("PYENCODER_RESULTS_DIR") or os.path.join(HERE, "results")
+    folder = os.path.join(root, device_slug())
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{name}.jsonl")
     env = env_info()

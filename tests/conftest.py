@@ -14,7 +14,17 @@ if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    # The fast GPU tier (-m gpu_quick): a gpu test is in it when marked directly or when its
+    # module's gpu_quick(name, params) says so (name without the [id], params of the callspec).
+    # tryfirst: the marks must exist before `-m` deselects.
+    for item in items:
+        pred = getattr(getattr(item, "module", None), "gpu_quick", None)
+        if callable(pred) and "gpu" in item.keywords and "gpu_quick" not in item.keywords:
+            params = item.callspec.params if hasattr(item, "callspec") else {}
+            if pred(item.originalname, params):
+                item.add_marker(pytest.mark.gpu_quick)
     if "compile_full" not in (config.getoption("markexpr", "") or ""):
         full = pytest.mark.skip(reason="the full Triton compile matrix: make test-compile-full "
                                        "(pytest -m compile_full)")

@@ -284,8 +284,24 @@ _GPU_MASKS = [("band", None, 0, 0), ("band", None, 3, 0), ("band", 250, 3, 0), (
               ("chunked", 16, None, 5)]
 
 
+# The fast GPU tier (-m gpu_quick, tests/conftest.py): every dtype at D=64, bf16 on the
+# wav2vec2 masks, RoPE layouts incl. partial and interleaved, GQA, padding, offsets, N=16k.
+_QUICK_GRID = {(torch.bfloat16, ("band", 250, 3, 0)), (torch.bfloat16, ("chunked", 4, 128, 3)),
+               (torch.float16, ("band", None, 0, 0)), (torch.float32, ("chunked", 16, None, 5))}
+
+
+def gpu_quick(name, p):
+    if name == "test_gpu_grid":
+        return p["D"] == 64 and (p["dtype"], p["kind"]) in _QUICK_GRID
+    if name == "test_gpu_rope_and_sizes":
+        return (p["rope"], p["N"]) in (((64, False), 1027), ((32, True), 17))
+    if name == "test_gpu_long_sequences":
+        return p["N"] == 16384
+    return name in ("test_gpu_lengths_do_not_recompile", "test_gpu_deterministic_bitwise")
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("D", [32, 64, 80, 96, 128])
 @pytest.mark.parametrize("kind", _GPU_MASKS)
 def test_gpu_grid(dtype, D, kind):
@@ -302,7 +318,7 @@ def test_gpu_rope_and_sizes(rope, N):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("N", [8192, 32768])
+@pytest.mark.parametrize("N", [8192, 16384, 32768])
 @pytest.mark.parametrize("kind", [("band", 250, 3, 0), ("chunked", 4, 128, 3)])
 def test_gpu_long_sequences(N, kind):
     _fa_rule_case(1, 2, 2, N, N, 64, kind, Rope(64), None, torch.bfloat16)

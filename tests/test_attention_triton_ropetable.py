@@ -103,8 +103,15 @@ def test_table_tables_and_env(monkeypatch):
         tri.forward(q, q, q, inv, None, 1, 2, 0, 0, 0, 1.0, False)
 
 
+def gpu_quick(name, p):
+    """The fast GPU tier (tests/conftest.py): one bf16 table case, one partial-RoPE case."""
+    if name == "test_gpu_table_grid":
+        return p["dtype"] == torch.bfloat16 and p["D"] == 64 and p["kind"][0] == "band"
+    return name == "test_gpu_table_offsets_partial" and p["rope"] == (32, False)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("kind", [("band", 250, 3, 0), ("chunked", 4, 128, 3)])
 def test_gpu_table_grid(dtype, D, kind, _table_mode):

@@ -18,6 +18,28 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 WIDTHS = (1, 2, 3, 4, 5, 6, 7, 8, 31, 127, 128, 256)
 
+# The fast GPU tier (-m gpu_quick, tests/conftest.py). The CUDA backend compiles nothing at run
+# time: every test of it at widths 1, 4, 7, 31, 128, 256 (every dtype, both layouts, state round
+# trips, update with slot indices). Triton: one compile per kernel path and dtype.
+_QUICK_WIDTHS = (1, 2, 4, 7, 31, 128, 256)
+_QUICK_TRITON = {
+    "test_depthwise_widths": lambda p: (p["K"], p["dtype"]) in (
+        (4, torch.bfloat16), (31, torch.float16), (256, torch.float32)),
+    "test_depthwise_shapes": lambda p: (p["C"], p["L"]) == (768, 2049),
+    "test_grouped_triton": lambda p: p["dtype"] == torch.bfloat16 and p["K"] == 128,
+    "test_strided": lambda p: p["k"] == 10,
+    "test_chunked_round_trip": lambda p: (p["K"], p["dtype"]) == (4, torch.bfloat16),
+    "test_update_sequence_vs_offline": lambda p: (p["K"], p["dtype"]) in (
+        (4, torch.bfloat16), (31, torch.float32)),
+    "test_update_state_indices": lambda p: True,
+}
+
+
+def gpu_quick(name, p):
+    if p.get("backend", "cuda") == "cuda" and name != "test_grouped_triton":
+        return "K" not in p or p["K"] in _QUICK_WIDTHS
+    return _QUICK_TRITON.get(name, lambda p: False)(p)
+
 
 def _backend_ok(name):
     from pyencoder import _backend

@@ -339,8 +339,16 @@ def test_decoder_fused_gradients_match_composed(monkeypatch):
 
 # ---- GPU -----------------------------------------------------------------------------------------
 
+def gpu_quick(name, p):
+    """The fast GPU tier (tests/conftest.py): each dtype once forward, backward, state, decoder."""
+    if name == "test_gpu_large_forward":
+        return (p["dtype"], p["C"]) in ((torch.bfloat16, 768), (torch.float16, 512),
+                                        (torch.float32, 1024))
+    return name.startswith("test_gpu_")
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("C", [512, 768, 1024, 1536])
 def test_gpu_large_forward(dtype, C):
     B, L, K = 4, 2053, 7

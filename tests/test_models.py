@@ -299,7 +299,8 @@ def test_from_hf_converts_wavlm():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16,
+                                                               marks=pytest.mark.gpu_quick)])
 def test_encoder_decoder_cuda_matches_reference(dtype):
     # GPU kernels (auto backend) vs the reference backend in float32: bf16 tolerance follows the
     # bf16 rounding of ~20 chained ops at unit scale.

@@ -48,6 +48,7 @@ def test_module_step_with_triton_decode_equals_offline():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
 def test_decode_kernel_half_on_gpu(dtype, tol):
     # Half inputs: the kernel rounds rotated q and p to the input dtype before tl.dot, the

@@ -265,8 +265,17 @@ def _clone_state(module, st, B, max_chunk, **kw):
     return c
 
 
+def gpu_quick(name, p):
+    """The fast GPU tier (tests/conftest.py): graph capture of one banded and one chunked
+    attention case per dtype, the graph-replayed stacks and the no-sync check."""
+    if name == "test_cuda_graph_attention":
+        return (p["name"], p["dtype"]) in (("band_r2", torch.bfloat16),
+                                           ("chunk4_la0", torch.float32))
+    return name in ("test_cuda_graph_stack_equals_offline", "test_step_fixed_no_sync_cuda")
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name,make,n,max_chunk", ATT_CASES, ids=[c[0] for c in ATT_CASES])
 def test_cuda_graph_attention(name, make, n, max_chunk, dtype):
     """Replaying a captured step_fixed equals eager step_fixed on a copy of the state (same

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# `make gpu-prep`: prepare on this CPU machine what the one GPU call (benchmarks/gpu_session.py)
+# carries to the device, so that the device spends none of its minutes on downloads or builds.
+#
+# What it does
+#   1. a build venv (.gpu-prep/venv, Python 3.12) with the device's exact torch
+#      ($GPU_PREP_TORCH, default torch==2.11.0 = 2.11.0+cu130 from PyPI, cp312) and its CUDA
+#      runtime wheels (torch cannot be imported without them);
+#   2. builds pyencoder._C for sm_90 ($TORCH_CUDA_ARCH_LIST, default 9.0) against that torch with
+#      CUDA_HOME=/usr/local/cuda (torch guesses wrong from an nvcc wrapper on PATH), in a copy of
+#      the tree (the worktree's own pyencoder/_build_info.py is left alone), strips debug info,
+#      and stages it as .prebuilt/_C.cpython-312-x86_64-linux-gnu.so with .prebuilt/build_info.json
+#      (torch, CUDA, arch list, sha256 of csrc/: the device checks both before loading it and
+#      builds there when either differs);
+#   3. downloads the wheels the device image lacks into .whl/ (transformers==5.23.0; the device
+#      has 5.17; every other requirement of it is on the device image, see
+#      benchmarks/GPU_SESSION.md) and prints their Requires-Dist.
+# .gpu-prep/, .prebuilt/ and .whl/ are git-ignored; .prebuilt/ and .whl/ are carried.
+#
+# Limits: Linux x86-64 with nvcc 13.x under $CUDA_HOME and network access to PyPI; the first run
+# downloads ~3 GB (torch and its CUDA wheels, cached in .gpu-prep/) and needs ~6 GB of disk; later
+# runs reuse the venv and rebuild only the extension. The build compiles every .cu file once
+# (MAX_JOBS, default 2).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PREP=${GPU_PREP_DIR:-$ROOT/.gpu-prep}
+PY312=${GPU_PREP_PYTHON:-/root/.pyenv/versions/3.12.1/bin/python}
+TORCH_SPEC=${GPU_PREP_TORCH:-torch==2.11.0}
+WHEELS=${GPU_PREP_WHEELS:-transformers==5.23.0}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-2}
+PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
+      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+t0=$(date +%s)
+say() { echo "[gpu-prep $(( $(date +%s) - t0 ))s] $*"; }
+
+[ -x "$PY312" ] || { echo "gpu-prep: no Python 3.12 at $PY312 (set GPU_PREP_PYTHON)" >&2; exit 2; }
+[ -x "$CUDA_HOME/bin/nvcc" ] || { echo "gpu-prep: no nvcc under CUDA_HOME=$CUDA_HOME" >&2; exit 2; }
+mkdir -p "$PREP/dl" .prebuilt .whl
+
+# 1. build venv with the device's torch
+VPY=$PREP/venv/bin/python
+want=${TORCH_SPEC#torch==}
+have=$("$VPY" -c "import torch; print(torch.__version__)" 2>/dev/null || true)
+if [ "${have%%+*}" != "$want" ]; then
+  say "build venv: $TORCH_SPEC (+ its CUDA runtime wheels) into $PREP/venv"
+  [ -x "$VPY" ] || "$PY312" -m venv "$PREP/venv"
+  "$VPY" -m pip download -q --no-deps "${PLAT[@]}" -d "$PREP/dl" "$TORCH_SPEC"
+  "$VPY" -m pip install -q --find-links "$PREP/dl" "$TORCH_SPEC" "setuptools<82" wheel ninja numpy
+fi
+"$VPY" -c "import torch; print('build torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+# 2. build the extension in a copy of the tree
+say "build pyencoder._C for sm_${TORCH_CUDA_ARCH_LIST//./} (MAX_JOBS=$MAX_JOBS)"
+SRC=$PREP/src
+rm -rf "$SRC" && mkdir -p "$SRC"
+cp -r setup.py README.md csrc pyencoder triton_kernels "$SRC"/
+rm -f "$SRC"/pyencoder/_C*.so
+(cd "$SRC" && PYENCODER_BUILD_CUDA=1 "$VPY" setup.py -q build_ext --inplace >build.log 2>&1) \
+  || { tail -40 "$SRC/build.log"; echo "gpu-prep: build failed (log: $SRC/build.log)" >&2; exit 1; }
+so=$(ls "$SRC"/pyencoder/_C*.so)
+raw=$(stat -c %s "$so")
+rm -f .prebuilt/_C*.so
+cp "$so" .prebuilt/
+so=.prebuilt/$(basename "$so")
+strip --strip-debug "$so"
+"$VPY" - "$SRC" "$so" "$raw" <<'EOF'
+import json, os, sys
+src, so, raw = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sys.path.insert(0, os.path.dirname(os.path.abspath(so)) + "/..")
+from benchmarks.gpu_session import csrc_hash
+ns = {}
+exec(open(os.path.join(src, "pyencoder", "_build_info.py")).read(), ns)
+info = dict(ns["BUILD_INFO"], arch_list=os.environ["TORCH_CUDA_ARCH_LIST"],
+            csrc_sha256=csrc_hash(os.path.join(src, "csrc")), so=os.path.basename(so),
+            so_bytes=os.path.getsize(so), so_bytes_unstripped=raw)
+json.dump(info, open(".prebuilt/build_info.json", "w"), indent=1)
+print("prebuilt:", json.dumps(info))
+EOF
+
+# 3. wheels the device lacks
+say "wheels: $WHEELS"
+for spec in $WHEELS; do
+  name=${spec%%==*}
+  rm -f .whl/"${name//-/_}"-*.whl
+  "$VPY" -m pip download -q --no-deps "${PLAT[@]}" -d .whl "$spec"
+done
+for w in .whl/*.whl; do
+  echo "$w requires (the device image has these names; see benchmarks/GPU_SESSION.md):"
+  unzip -p "$w" '*/METADATA' | grep '^Requires-Dist' | grep -v 'extra ==' | sed 's/^/    /'
+done
+say "done: carried paths"
+du -sh .prebuilt .whl

@@ -1,0 +1,561 @@
+"""The one GPU call: validate and measure every kernel inside a fixed time budget, streaming logs
+and results into $OUT after every stage so that a call cut short still returns what finished.
+
+    python -m benchmarks.gpu_session [--budget 480] [--dry-run] [--out DIR] [--stages S ...]
+                                     [--autotune] [--list]
+
+Stages, in order of value (name: timeout in s on a GPU):
+  1. setup (~20-40 s; capped at 150, room to build the extension there): install the carried
+     wheels from .whl/ into <work>/site (PYTHONPATH), install pyencoder editable, load the carried prebuilt
+     pyencoder._C from .prebuilt/ when its build_info.json matches the device's torch, CUDA and
+     csrc/ (else build it there with 16 jobs), `python -m pyencoder info`, versions, GPU name and
+     measured copy bandwidth;
+  2. attention (110): `pytest -m gpu_quick` on the attention tests, bf16 first (the bf16 ids run
+     before the rest), with pytest-xdist (-n 16) when installed;
+  3. attention_table (130): bench_attention at wav2vec2-base (B=8, H=12, D=64), bf16, fwd, bwd,
+     fwd+bwd, N in (1500, 3000, 12000): pyencoder-triton, then flex (one process per N), then
+     sdpa-mask and flash-attn (each process writes its JSON lines when it ends);
+  4. conv (55): `pytest -m gpu_quick tests/test_conv_gpu.py`, then bench_conv --quick (depthwise vs
+     F.conv1d(groups=C), grouped, strided, update);
+  5. streaming (55): `pytest -m gpu_quick` on the decode kernel and CUDA-graph step tests, then
+     bench_streaming --gpu --quick (step p50/p99 at batch 1 for 20 and 80 ms chunks, concurrent
+     real-time streams);
+  6. convnext_hf (55): `pytest -m gpu_quick` on the fused ConvNeXt and model tests, bench_convnext
+     --quick, bench_hf --quick (the HF patch offline vs transformers' SDPA and eager);
+  7. rest (what is left): `pytest -m "gpu and not gpu_quick"`.
+A stage runs only while the total budget lasts; each command of a stage runs in its own process
+group, killed as a group (SIGTERM, then SIGKILL) when the stage's time or the budget runs out.
+The Triton autotuner is pinned (PYENCODER_TRITON_AUTOTUNE=0: one compile per kernel variant)
+unless --autotune.
+
+$OUT (at most 8 files come back, 16 MiB each, names [A-Za-z0-9._-]; this writes 4):
+  session.log                  this driver's log, each stage's log appended (capped per stage)
+  summary.json                 per stage: status (ok, failed, timeout, skipped), rc per command,
+                               seconds; setup facts (versions, GPU, copy bandwidth, extension)
+  logs.tgz                     every stage's full log and pytest junit XML
+  results-<device-slug>.tgz    the benchmark JSON lines, <device-slug>/<name>.jsonl
+                               (PYENCODER_RESULTS_DIR=<work>/results for every stage)
+All four are rewritten after every stage. Exit status: 0 when every stage that ran passed.
+
+--dry-run rehearses the same stages, time boxes and $OUT layout on a CPU machine (~90
+CPU-seconds, 1.5-5 min on a shared 2-core VM; --timeout-scale for slow machines):
+TRITON_INTERPRET=1, tiny shapes, the same pytest selections collected only (plus one attention
+test in the interpreter), benchmarks in their CPU or --dry-run forms, the extension's install
+logged as what the device would do. tests/test_gpu_session.py runs it in CI.
+"""
+import argparse
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+OUT_FILE_LIMIT = 16 * 2**20
+STAGE_LOG_CAP = 2 * 2**20          # per stage, in session.log (the full log is in logs.tgz)
+NAME_OK = re.compile(r"^[A-Za-z0-9._-]+$")
+
+ATTENTION_TESTS = ["tests/test_attention_triton.py", "tests/test_attention_triton_ropetable.py"]
+STREAMING_TESTS = ["tests/test_streaming_decode_triton.py", "tests/test_streaming_fixed.py"]
+CONVNEXT_TESTS = ["tests/test_convnext_fused.py", "tests/test_models.py"]
+BF16_K = "bfloat16 or long_sequences or deterministic_bitwise"   # the attention tests in bf16
+
+
+def csrc_hash(csrc=os.path.join(ROOT, "csrc")):
+    """sha256 over csrc/'s relative file names and contents: which sources a prebuilt .so is of."""
+    h = hashlib.sha256()
+    for f in sorted(glob.glob(os.path.join(csrc, "**", "*"), recursive=True)):
+        if os.path.isfile(f):
+            h.update(os.path.relpath(f, csrc).encode() + b"\0")
+            with open(f, "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+def prebuilt_mismatch(info, torch_version, cuda_version, source_hash):
+    """None when a prebuilt extension described by build_info.json `info` fits this torch, CUDA
+    and csrc/ tree, else the reason (a readable sentence)."""
+    if not info or not info.get("cuda_built"):
+        return "no prebuilt extension (.prebuilt/build_info.json missing or not a CUDA build)"
+    if info.get("torch") != torch_version:
+        return f"prebuilt for torch {info.get('torch')}, this is torch {torch_version}"
+    if info.get("cuda") != cuda_version:
+        return f"prebuilt for CUDA {info.get('cuda')}, this torch has CUDA {cuda_version}"
+    if info.get("csrc_sha256") != source_hash:
+        return "csrc/ changed since the extension was prebuilt (make gpu-prep)"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage plans: lists of (label, argv, extra env)
+# ------------------------------------------------------------------------------------------------
+
+def _py(*args):
+    return [sys.executable, *args]
+
+
+def _pytest(marker, files, ctx, junit, extra=()):
+    # -v: one line per finished test, so a stage killed at its timeout still logs what passed
+    cmd = _py("-m", "pytest", "-v", "--tb=short", "-p", "no:cacheprovider", "-rfE",
+              "--durations=15",
+              "-m", marker, f"--junitxml={os.path.join(ctx['logdir'], junit)}", *extra, *files)
+    if ctx["xdist"] and not ctx["dry"]:
+        cmd[3:3] = ["-n", str(ctx["workers"])]
+    if ctx["dry"]:
+        cmd.append("--collect-only")
+    return cmd
+
+
+def plan_setup(ctx):
+    cmds = []
+    whl = sorted(glob.glob(os.path.join(ROOT, ".whl", "*.whl")))
+    if whl:
+        cmds.append(("wheels", _py("-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                                   "--no-compile", "--no-cache-dir", "--upgrade", "--target",
+                                   ctx["site"], *whl), {}))
+    if not ctx["dry"]:
+        cmds.append(("install", _py("-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                                    "--no-build-isolation", "-e", ROOT),
+                     {"PYENCODER_BUILD_CUDA": "0"}))
+    cmds.append(("extension", _py("-m", "benchmarks.gpu_session", "--_setup-extension",
+                                  "--out", ctx["work"]) + (["--dry-run"] if ctx["dry"] else []),
+                 {}))
+    cmds.append(("info", _py("-m", "pyencoder", "info"), {}))
+    cmds.append(("facts", _py("-m", "benchmarks.gpu_session", "--_facts", "--out", ctx["work"]),
+                 {}))
+    return cmds
+
+
+def plan_attention(ctx):
+    if ctx["dry"]:
+        return [("pytest-collect", _pytest("gpu_quick", ATTENTION_TESTS, ctx, "attention.xml"), {}),
+                ("interpreter", _py("-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+                                    "tests/test_attention_triton.py", "-k",
+                                    "test_fp32_forward_backward and N33x33"), {})]
+    return [("pytest-bf16", _pytest("gpu_quick", ATTENTION_TESTS, ctx, "attention_bf16.xml",
+                                    ("-k", BF16_K)), {}),
+            ("pytest-rest", _pytest("gpu_quick", ATTENTION_TESTS, ctx, "attention_rest.xml",
+                                    ("-k", f"not ({BF16_K})")), {})]
+
+
+def plan_attention_table(ctx):
+    if ctx["dry"]:
+        return [("bench-attention", _py("-m", "benchmarks.bench_attention", "--n", "48",
+                                        "--providers", "reference", "sdpa-mask"), {})]
+    # bench_attention writes its JSON lines when it ends: one process per provider (flex, whose
+    # compiles take longest, one per N) so a stage cut at its timeout keeps what finished
+    ns = ["1500", "3000", "12000"]
+    runs = [("triton", ["pyencoder-triton"], ns)]
+    runs += [(f"flex-N{n}", ["flex"], [n]) for n in ns]
+    runs += [("sdpa-flash", ["sdpa-mask", "flash-attn"], ns)]
+    return [(f"bench-attention-{label}", _py("-m", "benchmarks.bench_attention", "--shapes",
+                                             "wav2vec2-base", "--n", *n, "--providers", *provs),
+             {}) for label, provs, n in runs]
+
+
+def plan_conv(ctx):
+    bench = ["--quick"] if not ctx["dry"] else ["--quick", "--suites", "depthwise", "update"]
+    return [("pytest", _pytest("gpu_quick", ["tests/test_conv_gpu.py"], ctx, "conv.xml"), {}),
+            ("bench-conv", _py("-m", "benchmarks.bench_conv", *bench), {})]
+
+
+def plan_streaming(ctx):
+    bench = ["--dry-run"] if ctx["dry"] else ["--gpu", "--quick"]
+    return [("pytest", _pytest("gpu_quick", STREAMING_TESTS, ctx, "streaming.xml"), {}),
+            ("bench-streaming", _py("-m", "benchmarks.bench_streaming", *bench), {})]
+
+
+def plan_convnext_hf(ctx):
+    hf = ["--quick"] if not ctx["dry"] else ["--seconds", "1", "--steps", "2", "--warm-seconds",
+                                             "0.2", "--providers", "pyencoder"]
+    return [("pytest", _pytest("gpu_quick", CONVNEXT_TESTS, ctx, "convnext.xml"), {}),
+            ("bench-convnext", _py("-m", "benchmarks.bench_convnext", "--quick"), {}),
+            ("bench-hf", _py("-m", "benchmarks.bench_hf", *hf), {})]
+
+
+def plan_rest(ctx):
+    files = ATTENTION_TESTS + ["tests/test_conv_gpu.py"] if ctx["dry"] else ["tests"]
+    return [("pytest", _pytest("gpu and not gpu_quick", files, ctx, "rest.xml"), {})]
+
+
+# (name, GPU timeout s, dry-run timeout s, plan)
+STAGES = [
+    ("setup", 150, 60, plan_setup),     # ~20-40 s with a fitting prebuilt _C
+    ("attention", 110, 60, plan_attention),
+    ("attention_table", 130, 40, plan_attention_table),
+    ("conv", 55, 40, plan_conv),
+    ("streaming", 55, 40, plan_streaming),
+    ("convnext_hf", 55, 60, plan_convnext_hf),
+    ("rest", 10**6, 40, plan_rest),
+]
+MIN_STAGE_S = 10
+
+
+# ------------------------------------------------------------------------------------------------
+# Running with process-group timeouts
+# ------------------------------------------------------------------------------------------------
+
+def run_group(argv, env, log, timeout):
+    """Run argv in its own process group, output appended to the open file `log`; when `timeout`
+    seconds pass, SIGTERM the whole group, then SIGKILL it 5 s later. Whatever the group left
+    running after its leader exits is killed too. Returns (returncode or None on timeout, s)."""
+    t0 = time.monotonic()
+    log.write(f"$ {' '.join(argv)}\n")
+    log.flush()
+    p = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        rc = p.wait(timeout=max(timeout, 0.1))
+    except subprocess.TimeoutExpired:
+        rc = None
+        _killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+    _killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    dt = time.monotonic() - t0
+    log.write(f"[{'timeout' if rc is None else f'exit {rc}'} after {dt:.1f} s]\n")
+    log.flush()
+    return rc, dt
+
+
+def _killpg(pgid, sig):
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class Session:
+    def __init__(self, args):
+        self.args = args
+        self.dry = args.dry_run
+        self.out = os.path.abspath(args.out or os.environ.get("OUT") or "/tmp/pyencoder-gpu-out")
+        self.work = os.path.abspath(args.work or os.path.join(
+            "/tmp", "pyencoder-gpu-session" + ("-dry" if self.dry else "")))
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + args.budget
+        self.summary = {"budget_s": args.budget, "dry_run": self.dry, "stages": [],
+                        "triton_autotune": bool(args.autotune),
+                        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        for d in (self.out, self.work):
+            os.makedirs(d, exist_ok=True)
+        for sub in ("logs", "results"):   # site/ (the wheels) stays for a second call
+            shutil.rmtree(os.path.join(self.work, sub), ignore_errors=True)
+            os.makedirs(os.path.join(self.work, sub))
+        os.makedirs(os.path.join(self.work, "site"), exist_ok=True)
+        self.logdir = os.path.join(self.work, "logs")
+        self.session_log = open(os.path.join(self.out, "session.log"), "w")
+        self.env = self._env()
+        import importlib.util
+        self.ctx = {"dry": self.dry, "work": self.work, "logdir": self.logdir,
+                    "site": os.path.join(self.work, "site"), "workers": args.workers,
+                    "xdist": importlib.util.find_spec("xdist") is not None}
+
+    def _env(self):
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        env["PYENCODER_RESULTS_DIR"] = os.path.join(self.work, "results")
+        site = os.path.join(self.work, "site")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (site, ROOT, env.get("PYTHONPATH")) if p)
+        if not self.args.autotune:
+            env["PYENCODER_TRITON_AUTOTUNE"] = "0"
+        if self.dry:
+            env["TRITON_INTERPRET"] = "1"
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        return env
+
+    def say(self, msg):
+        line = f"[{time.monotonic() - self.t0:6.1f} s] {msg}"
+        print(line, flush=True)
+        self.session_log.write(line + "\n")
+        self.session_log.flush()
+
+    def left(self):
+        return self.deadline - time.monotonic()
+
+    def run_stage(self, name, timeout, plan):
+        rec = {"name": name, "status": "skipped", "seconds": 0.0, "commands": []}
+        self.summary["stages"].append(rec)
+        if name == "setup" and not self.dry:
+            # the 150 s cap leaves room to build _C there when the prebuilt does not fit or load
+            rec["prebuilt_fits"] = not self._needs_build()
+        avail = min(timeout * self.args.timeout_scale, self.left())
+        if avail < MIN_STAGE_S:
+            rec["reason"] = f"budget: {self.left():.0f} s left"
+            self.say(f"stage {name}: skipped ({rec['reason']})")
+            return rec
+        self.say(f"stage {name}: start (up to {avail:.0f} s)")
+        stage_end = time.monotonic() + avail
+        logpath = os.path.join(self.logdir, f"{name}.log")
+        t0 = time.monotonic()
+        status = "ok"
+        with open(logpath, "a") as log:
+            for label, argv, extra in plan(self.ctx):
+                remaining = stage_end - time.monotonic()
+                if remaining < 1:
+                    rec["commands"].append({"label": label, "rc": None, "skipped": "stage time"})
+                    status = "timeout"
+                    continue
+                log.write(f"\n== {name}/{label}\n")
+                rc, dt = run_group(argv, {**self.env, **extra}, log, remaining)
+                rec["commands"].append({"label": label, "rc": rc, "seconds": round(dt, 1)})
+                self.say(f"  {name}/{label}: {'timeout' if rc is None else f'exit {rc}'} "
+                         f"in {dt:.1f} s")
+                if rc is None:
+                    status = "timeout"
+                elif rc != 0 and status == "ok":
+                    status = "failed"
+        rec["status"] = status
+        rec["seconds"] = round(time.monotonic() - t0, 1)
+        self._append_log(name, logpath)
+        if name == "setup":
+            self._load_setup_facts()
+        self.say(f"stage {name}: {status} in {rec['seconds']} s")
+        return rec
+
+    def _needs_build(self):
+        try:
+            import torch
+            info = json.load(open(os.path.join(ROOT, ".prebuilt", "build_info.json")))
+        except Exception:
+            return True
+        why = prebuilt_mismatch(info, torch.__version__, torch.version.cuda, csrc_hash())
+        return why is not None
+
+    def _append_log(self, name, path):
+        size = os.path.getsize(path)
+        self.session_log.write(f"\n======== {name} log ({size} bytes) ========\n")
+        with open(path, errors="replace") as f:
+            if size <= STAGE_LOG_CAP:
+                self.session_log.write(f.read())
+            else:
+                head = f.read(STAGE_LOG_CAP // 4)
+                f.seek(size - 3 * STAGE_LOG_CAP // 4)
+                self.session_log.write(head + f"\n[... {size - STAGE_LOG_CAP} bytes cut: "
+                                       "full log in logs.tgz ...]\n" + f.read())
+        self.session_log.write("\n")
+        self.session_log.flush()
+
+    def _load_setup_facts(self):
+        for fn in ("facts.json", "extension.json"):
+            try:
+                self.summary.setdefault("setup", {}).update(
+                    json.load(open(os.path.join(self.work, fn))))
+            except Exception as e:
+                self.summary.setdefault("setup", {})[fn] = f"not written ({type(e).__name__})"
+
+    def flush_out(self):
+        """Rewrite the $OUT files (each via a temporary name, so a cut write leaves the old one)."""
+        self.summary["elapsed_s"] = round(time.monotonic() - self.t0, 1)
+        _atomic_json(os.path.join(self.out, "summary.json"), self.summary)
+        _atomic_tar(os.path.join(self.out, "logs.tgz"), self.logdir, "logs")
+        res = os.path.join(self.work, "results")
+        for slug in sorted(os.listdir(res)):
+            if NAME_OK.match(slug) and os.path.isdir(os.path.join(res, slug)):
+                _atomic_tar(os.path.join(self.out, f"results-{slug}.tgz"),
+                            os.path.join(res, slug), slug)
+        self.session_log.flush()
+
+    def run(self):
+        selected = set(self.args.stages or [s[0] for s in STAGES])
+        self.say(f"gpu session: budget {self.args.budget} s, out {self.out}, work {self.work}"
+                 f"{', DRY RUN (CPU)' if self.dry else ''}, xdist={self.ctx['xdist']}")
+        for name, t_gpu, t_dry, plan in STAGES:
+            if name not in selected:
+                continue
+            self.run_stage(name, t_dry if self.dry else t_gpu, plan)
+            self.flush_out()
+        bad = [s["name"] for s in self.summary["stages"] if s["status"] in ("failed", "timeout")]
+        self.summary["failed_stages"] = bad
+        self.flush_out()
+        table = " | ".join(f"{s['name']} {s['status']} {s['seconds']:.0f}s"
+                           for s in self.summary["stages"])
+        self.say(f"done in {time.monotonic() - self.t0:.0f} s: {table}")
+        self.session_log.close()
+        return 1 if bad else 0
+
+
+def _atomic_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def _atomic_tar(path, folder, arcname):
+    tmp = path + ".tmp"
+    with tarfile.open(tmp, "w:gz") as t:
+        t.add(folder, arcname=arcname)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers the setup stage runs as subprocesses (they import torch; the driver need not)
+# ------------------------------------------------------------------------------------------------
+
+def setup_extension(work, dry):
+    """Install the carried prebuilt pyencoder._C when it fits, else build it (16 jobs, sm_90);
+    record what happened in <work>/extension.json."""
+    import torch
+    rep = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    pre = os.path.join(ROOT, ".prebuilt")
+    try:
+        info = json.load(open(os.path.join(pre, "build_info.json")))
+    except (OSError, ValueError):
+        info = None
+    why = prebuilt_mismatch(info, torch.__version__, torch.version.cuda,
+                            csrc_hash(os.path.join(ROOT, "csrc")))
+    rep["prebuilt"] = info
+    rep["prebuilt_mismatch"] = why
+    print(f"prebuilt extension: {'fits' if why is None else why}", flush=True)
+    pkg = os.path.join(ROOT, "pyencoder")
+    if why is None and not dry:
+        for f in glob.glob(os.path.join(pkg, "_C*.so")):
+            os.remove(f)
+        shutil.copy(os.path.join(pre, info["so"]), pkg)
+        keep = {k: info[k] for k in ("version", "cuda_built", "reason", "torch", "cuda")}
+        with open(os.path.join(pkg, "_build_info.py"), "w") as f:
+            f.write("# Written by benchmarks/gpu_session.py from .prebuilt/build_info.json.\n")
+            f.write(f"BUILD_INFO = {keep!r}\n")
+        rep["action"] = "prebuilt"
+        rc = _check_extension(rep)
+        if rc == 0:
+            _atomic_json(os.path.join(work, "extension.json"), rep)
+            return 0
+        print("the prebuilt extension does not load; building here", flush=True)
+    if dry:
+        rep["action"] = "none (dry run: no CUDA build here)"
+        print("dry run: the device would " + ("load the prebuilt .so" if why is None else
+              "build pyencoder._C (PYENCODER_BUILD_CUDA=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0)"))
+        _atomic_json(os.path.join(work, "extension.json"), rep)
+        return 0
+    env = dict(os.environ, PYENCODER_BUILD_CUDA="1", MAX_JOBS=os.environ.get("MAX_JOBS", "16"),
+               TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"),
+               CUDA_HOME=os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+    t0 = time.monotonic()
+    # build_ext --inplace: the .so lands in pyencoder/ and setup.py rewrites _build_info.py
+    rc = subprocess.call([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT,
+                         env=env)
+    rep["action"] = "built"
+    rep["build_rc"] = rc
+    rep["build_s"] = round(time.monotonic() - t0, 1)
+    rc = _check_extension(rep) if rc == 0 else rc
+    _atomic_json(os.path.join(work, "extension.json"), rep)
+    return rc
+
+
+def _check_extension(rep):
+    p = subprocess.run([sys.executable, "-c", "import pyencoder._ext as e; m = e.load(); "
+                        "print('loaded' if m is not None else e.reason())"],
+                       cwd=ROOT, capture_output=True, text=True)
+    rep["load"] = (p.stdout + p.stderr).strip()[-500:]
+    print("extension:", rep["load"], flush=True)
+    return 0 if p.returncode == 0 and rep["load"].endswith("loaded") else 1
+
+
+def facts(work):
+    import platform
+
+    import torch
+    from benchmarks._common import copy_bandwidth_gbs, env_info
+    f = dict(env_info())
+    f["platform"] = platform.platform()
+    try:
+        import triton
+        f["triton_cache_dir"] = os.environ.get("TRITON_CACHE_DIR",
+                                               os.path.expanduser("~/.triton/cache"))
+        f["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        import transformers
+        f["transformers"] = transformers.__version__
+    except ImportError as e:
+        f["transformers"] = f"missing ({e})"
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        f.update(gpu=p.name, sm=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
+                 gpu_mem_gib=round(p.total_memory / 2**30, 1))
+    f["copy_bw_gbs"] = round(copy_bandwidth_gbs(), 1)
+    for k, v in sorted(f.items()):
+        print(f"{k:20s} {v}")
+    _atomic_json(os.path.join(work, "facts.json"), f)
+    return 0
+
+
+def check_out(out):
+    """Problems with $OUT against the device tool's limits (8 files, 16 MiB each, 64 MiB in all,
+    at most two folders deep, names [A-Za-z0-9._-]); [] when it fits."""
+    probs, files, total = [], 0, 0
+    for dirpath, dirnames, filenames in os.walk(out):
+        rel = os.path.relpath(dirpath, out)
+        depth = 0 if rel == "." else rel.count(os.sep) + 1
+        for n in dirnames + filenames:
+            if not NAME_OK.match(n):
+                probs.append(f"bad name {os.path.join(rel, n)!r}")
+        for n in filenames:
+            files += 1
+            size = os.path.getsize(os.path.join(dirpath, n))
+            total += size
+            if size > OUT_FILE_LIMIT:
+                probs.append(f"{os.path.join(rel, n)}: {size} bytes > 16 MiB")
+            if depth > 2:
+                probs.append(f"{os.path.join(rel, n)}: more than two folders deep")
+    if files > 8:
+        probs.append(f"{files} files > 8")
+    if total > 64 * 2**20:
+        probs.append(f"{total} bytes in all > 64 MiB")
+    return probs
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_session",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--budget", type=float, default=480, help="total seconds (default 480)")
+    p.add_argument("--dry-run", action="store_true", help="rehearse on CPU (TRITON_INTERPRET=1)")
+    p.add_argument("--out", default=None, help="result folder (default $OUT)")
+    p.add_argument("--work", default=None,
+                   help="scratch folder (default /tmp/pyencoder-gpu-session)")
+    p.add_argument("--stages", nargs="*", default=None, choices=[s[0] for s in STAGES])
+    p.add_argument("--workers", type=int, default=16, help="pytest-xdist workers (default 16)")
+    p.add_argument("--autotune", action="store_true", help="let the Triton autotuner run")
+    p.add_argument("--timeout-scale", type=float, default=1.0,
+                   help="multiply every stage's timeout (slow or loaded machines; CI's dry run)")
+    p.add_argument("--list", action="store_true", help="print the stages' commands and exit")
+    p.add_argument("--_setup-extension", dest="setup_extension", action="store_true",
+                   help=argparse.SUPPRESS)
+    p.add_argument("--_facts", dest="facts", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.budget <= 0:
+        p.error(f"--budget must be positive seconds; got {args.budget}")
+    if args.timeout_scale <= 0:
+        p.error(f"--timeout-scale must be positive; got {args.timeout_scale}")
+    if args.workers < 1:
+        p.error(f"--workers must be >= 1; got {args.workers}")
+    if args.setup_extension:
+        return setup_extension(args.out, args.dry_run)
+    if args.facts:
+        return facts(args.out)
+    if args.list:
+        ctx = {"dry": args.dry_run, "work": "<work>", "logdir": "<work>/logs",
+               "site": "<work>/site", "workers": args.workers, "xdist": True}
+        for name, t_gpu, t_dry, plan in STAGES:
+            print(f"{name} ({t_dry if args.dry_run else t_gpu} s):")
+            for label, argv, extra in plan(ctx):
+                print(f"  {label}: {' '.join(argv)}" + (f"  [{extra}]" if extra else ""))
+        return 0
+    return Session(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

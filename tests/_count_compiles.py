@@ -1,0 +1,198 @@
+"""Count the distinct Triton compiles a GPU test tier needs, on a machine without a GPU.
+
+    python tests/_count_compiles.py [--tier gpu_quick|gpu ...] [--autotune 0|1] [--verbose]
+                                    [pytest selection args, default tests/]
+
+How: runs the tier's tests in this process (pytest.main) with
+- torch.cuda.is_available() -> True (the gpu tests are collected and not skipped) and a
+  TorchFunctionMode that turns device="cuda" / .cuda() / .to("cuda") into CPU tensors; backend
+  selection treats those CPU tensors as CUDA tensors (so "auto" picks what a GPU would pick);
+- triton's JITFunction.run replaced by a recorder: each launch records the key Triton caches
+  compiled kernels by (kernel, its argument specialisation as triton.runtime.jit computes it:
+  dtypes, integers equal to 1 or divisible by 16, 16-byte aligned pointers, constexpr values;
+  num_warps, num_stages) and returns without running; Autotuner.run records every config that
+  survives pruning (PYENCODER_TRITON_AUTOTUNE=1) or the pinned one (=0, the session's setting).
+Nothing is computed: torch.testing.assert_close passes everything and the reference attention
+(the oracle) returns random tensors, so a test runs on to its first plain `assert` on values;
+the launches before it are counted.
+
+Limits (an estimate, not a measurement): a test with a plain `assert` on values between two
+launches counts only the launches before it; code that reads torch.cuda state beyond
+is_available (CUDA graphs, events, streams, device properties) stops the test where it does; the CUDA extension is
+absent here, so "auto" conv calls that a GPU with pyencoder._C would run in CUDA count as Triton
+launches (an over-count for conv). The attention launches, which dominate the compile time, are
+counted exactly for the tests that call the Triton backend directly or through
+pyencoder.ops.interval_attention.
+"""
+import argparse
+import collections
+import contextlib
+import io
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+class _Recorder:
+    def __init__(self):
+        self.keys = collections.OrderedDict()
+        self.test = None
+
+    def install(self):
+        from triton.backends.compiler import BaseBackend
+        from triton.runtime.autotuner import Autotuner
+        from triton.runtime.jit import JITFunction, create_function_from_signature
+
+        rec = self
+        binders = {}
+
+        def run(fn, *args, grid, warmup, **kwargs):
+            binder = binders.get(id(fn))
+            if binder is None:
+                binder = binders[id(fn)] = create_function_from_signature(
+                    fn.signature, fn.params, BaseBackend)
+            options = {"num_warps": 4, "num_stages": 3}
+            options.update({k: v for k, v in kwargs.items() if k not in fn.arg_names})
+            params = {k: v for k, v in kwargs.items() if k in fn.arg_names}
+            _, spec, _ = binder(*args, **params)
+            key = json.dumps([fn.fn.__name__, spec, sorted(options.items())], default=str)
+            rec.keys.setdefault(key, set()).add(rec.test)
+
+        def autotune_run(tuner, *args, **kwargs):
+            tuner.nargs = dict(zip(tuner.arg_names, args))
+            configs = tuner.prune_configs(kwargs)
+            for cfg in configs:
+                tuner.fn.run(*args, **kwargs, **cfg.all_kwargs())
+            tuner.nargs = None
+
+        JITFunction.run = run
+        Autotuner.run = autotune_run
+
+    def per_kernel(self):
+        c = collections.Counter(json.loads(k)[0] for k in self.keys)
+        return dict(sorted(c.items()))
+
+
+def _cuda_to_cpu_mode():
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    def cpu(d):
+        if isinstance(d, (str, torch.device)) and str(d).startswith("cuda"):
+            return "cpu"
+        return d
+
+    class CudaToCpu(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = dict(kwargs or {})
+            if func is torch.Tensor.cuda:
+                return args[0]
+            if "device" in kwargs:
+                kwargs["device"] = cpu(kwargs["device"])
+            if func in (torch.Tensor.to, torch.Tensor.new_empty, torch.Tensor.new_zeros,
+                        torch.Tensor.new_full, torch.Tensor.new_ones, torch.Tensor.new_tensor):
+                args = tuple(cpu(a) for a in args)
+            return func(*args, **kwargs)
+
+    return CudaToCpu()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop(*args, **kwargs):
+    raise _Stop("compile count: the launches of this test are recorded")
+
+
+class _Plugin:
+    def __init__(self, rec):
+        self.rec = rec
+
+    def pytest_runtest_setup(self, item):
+        self.rec.test = item.nodeid
+        # the tests' dense plain-torch yardstick runs after every kernel launch of its case and
+        # is O(N^2) (N up to 32k): stop there
+        for name, mod in list(sys.modules.items()):
+            if name.startswith("test_") and hasattr(mod, "_plain_attention"):
+                mod._plain_attention = _stop
+
+
+def _cheap_reference():
+    """The reference attention returns random tensors of the right shapes (it is the oracle the
+    tests compare with; nothing is compared here, and at N=32k it would take minutes)."""
+    import torch
+
+    from pyencoder.reference import attention as ref
+
+    def forward(q, k, v, *args, **kwargs):
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return (torch.randn(*q.shape[:-1], v.shape[-1], dtype=q.dtype),
+                torch.randn(q.shape[:-1], dtype=lse_dtype))
+
+    def backward(dout, q, k, v, *args, **kwargs):
+        return torch.randn_like(q), torch.randn_like(k), torch.randn_like(v)
+
+    ref.forward, ref.backward = forward, backward
+
+
+def count(tier, autotune, pytest_args, verbose=False):
+    os.environ["TRITON_INTERPRET"] = "0"        # real JITFunctions (recorded, never compiled)
+    os.environ["PYENCODER_TRITON_AUTOTUNE"] = "1" if autotune else "0"
+    sys.path[:0] = [ROOT, HERE]
+    import pytest
+    import torch
+
+    torch.cuda.is_available = lambda: True
+    # decorate every kernel as a JITFunction before TRITON_INTERPRET=1 lets CPU tensors through
+    import pyencoder.triton_kernels.causal_conv1d  # noqa: F401
+    import pyencoder.triton_kernels.convnext  # noqa: F401
+    import pyencoder.triton_kernels.decode_attention  # noqa: F401
+    import pyencoder.triton_kernels.interval_attention  # noqa: F401
+    os.environ["TRITON_INTERPRET"] = "1"
+    from pyencoder import _backend
+    from pyencoder.ops import _attention_triton
+    _attention_triton._interpret = lambda: False  # the GPU tile configs, not the interpreter's
+    select = _backend.select
+
+    def select_as_cuda(family, entry, device_type, args, backend=None):
+        return select(family, entry, "cuda" if device_type == "cpu" else device_type, args,
+                      backend)
+    _backend.select = select_as_cuda
+    reason_for = _backend._reason_for
+    _backend._reason_for = lambda family, backend, entry, device_type, args: reason_for(
+        family, backend, entry, "cuda" if device_type == "cpu" else device_type, args)
+    _cheap_reference()
+    # value checks pass, so a test goes on to its next launch (plain `assert`s still stop it)
+    torch.testing.assert_close = lambda *args, **kwargs: None
+    rec = _Recorder()
+    rec.install()
+    sink = io.StringIO()
+    with _cuda_to_cpu_mode(), contextlib.redirect_stdout(sink):
+        pytest.main(["-q", "-p", "no:cacheprovider", "-m", tier,
+                     "--tb=no", "-o", "addopts=", *pytest_args], plugins=[_Plugin(rec)])
+    tests = {t for users in rec.keys.values() for t in users}
+    if verbose:
+        for k, users in rec.keys.items():
+            print(k, len(users))
+    return {"tier": tier, "autotune": autotune, "compiles": len(rec.keys),
+            "tests_that_launch": len(tests), "per_kernel": rec.per_kernel()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tier", default="gpu_quick", help='pytest -m expression (default gpu_quick)')
+    p.add_argument("--autotune", type=int, choices=(0, 1), default=0,
+                   help="0: pinned tiles, as the GPU session runs (default); 1: every config")
+    p.add_argument("--verbose", action="store_true")
+    args, rest = p.parse_known_args(argv)
+    res = count(args.tier, bool(args.autotune), rest or ["tests"], args.verbose)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""benchmarks/gpu_session.py, the one prepared GPU call, rehearsed on CPU so that the first device
+call cannot fail on a typo.
+
+- the dry run end to end (every stage, the same $OUT layout; stage timeouts scaled up so that a
+  loaded machine does not time a stage out): every stage ok, the $OUT files within the device
+  tool's limits (8 files, 16 MiB each, two folders deep, names [A-Za-z0-9._-]), logs and results
+  archives hold what each stage wrote;
+- a stage command's whole process group is killed on timeout (a grandchild too);
+- the $OUT checker flags every limit; the prebuilt-extension check names each mismatch;
+- the device call in benchmarks/GPU_SESSION.md fits the tool (command <= 2000 characters, at
+  most 8 carried paths, the git-ignored ones the call needs).
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks import gpu_session as gs  # noqa: E402
+
+
+def _run_killing_group(argv, timeout, **kw):
+    p = subprocess.Popen(argv, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, **kw)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        pytest.fail(f"dry run did not finish in {timeout} s:\n{out[-4000:]}")
+    return p.returncode, out
+
+
+def test_dry_run_end_to_end(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    rc, log = _run_killing_group(
+        [sys.executable, "-m", "benchmarks.gpu_session", "--dry-run", "--out", str(out),
+         "--work", str(work), "--budget", "100000", "--timeout-scale", "30"], 3600, env=env)
+    assert rc == 0, log[-6000:]
+    assert gs.check_out(str(out)) == []
+    names = sorted(os.listdir(out))
+    assert {"session.log", "summary.json", "logs.tgz"} <= set(names), names
+    summary = json.load(open(out / "summary.json"))
+    assert [s["name"] for s in summary["stages"]] == [s[0] for s in gs.STAGES]
+    bad = [(s["name"], s["status"], s["commands"]) for s in summary["stages"]
+           if s["status"] != "ok"]
+    assert not bad, bad
+    assert summary["dry_run"] and summary["failed_stages"] == []
+    assert summary["setup"]["copy_bw_gbs"] > 0 and summary["setup"]["torch"]
+    with tarfile.open(out / "logs.tgz") as t:
+        logs = set(t.getnames())
+    for name, *_ in gs.STAGES:
+        assert f"logs/{name}.log" in logs, logs
+    res = [n for n in names if n.startswith("results-")]
+    assert len(res) == 1, names
+    with tarfile.open(out / res[0]) as t:
+        got = {os.path.basename(n) for n in t.getnames()}
+    for f in ("attention.jsonl", "conv.jsonl", "convnext.jsonl", "hf.jsonl"):
+        assert f in got, got
+    text = open(out / "session.log").read()
+    for name, *_ in gs.STAGES:
+        assert f"======== {name} log" in text
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path):
+    child = ("import subprocess, sys, time; "
+             "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+             "print('grandchild', p.pid, flush=True); time.sleep(600)")
+    logpath = tmp_path / "log"
+    with open(logpath, "w") as log:
+        rc, _ = gs.run_group([sys.executable, "-c", child], dict(os.environ), log, 3)
+    assert rc is None
+    text = open(logpath).read()
+    assert "[timeout after" in text
+    m = re.search(r"grandchild (\d+)", text)
+    assert m, text
+    pid = int(m.group(1))
+    for _ in range(100):  # the orphaned grandchild is reaped by init eventually
+        try:
+            state = open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0]
+        except OSError:
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.1)
+    pytest.fail(f"grandchild {pid} still running (state {state})")
+
+
+def test_run_group_returns_exit_code(tmp_path):
+    with open(tmp_path / "log", "w") as log:
+        rc, _ = gs.run_group([sys.executable, "-c", "import sys; print('hi'); sys.exit(3)"],
+                             dict(os.environ), log, 600)
+    assert rc == 3
+    assert "hi" in open(tmp_path / "log").read()
+
+
+def test_check_out_flags_every_limit(tmp_path):
+    ok = tmp_path / "ok"
+    (ok / "a" / "b").mkdir(parents=True)
+    (ok / "summary.json").write_text("{}")
+    (ok / "a" / "b" / "x.log").write_text("x")
+    assert gs.check_out(str(ok)) == []
+    bad = tmp_path / "bad"
+    (bad / "a" / "b" / "c").mkdir(parents=True)
+    (bad / "a" / "b" / "c" / "deep.txt").write_text("x")
+    (bad / "bad name.txt").write_text("x")
+    with open(bad / "big.bin", "wb") as f:
+        f.truncate(17 * 2**20)
+    for i in range(7):
+        (bad / f"f{i}").write_text("x")
+    probs = " | ".join(gs.check_out(str(bad)))
+    for what in ("two folders deep", "bad name", "> 16 MiB", "files > 8"):
+        assert what in probs, probs
+
+
+def test_prebuilt_mismatch_names_the_difference():
+    info = {"cuda_built": True, "torch": "2.11.0+cu130", "cuda": "13.0", "csrc_sha256": "abc"}
+    assert gs.prebuilt_mismatch(info, "2.11.0+cu130", "13.0", "abc") is None
+    assert "torch 2.11.0+cu130" in gs.prebuilt_mismatch(info, "2.11.0+cu128", "12.8", "abc")
+    assert "CUDA 13.0" in gs.prebuilt_mismatch(info, "2.11.0+cu130", "12.8", "abc")
+    assert "csrc/ changed" in gs.prebuilt_mismatch(info, "2.11.0+cu130", "13.0", "abd")
+    assert "no prebuilt" in gs.prebuilt_mismatch(None, "2.11.0+cu130", "13.0", "abc")
+    assert "no prebuilt" in gs.prebuilt_mismatch({"cuda_built": False}, "x", "y", "abc")
+
+
+def test_csrc_hash_sees_content_and_names(tmp_path):
+    (tmp_path / "op").mkdir()
+    (tmp_path / "op" / "k.cu").write_text("a")
+    h1 = gs.csrc_hash(str(tmp_path))
+    (tmp_path / "op" / "k.cu").write_text("b")
+    h2 = gs.csrc_hash(str(tmp_path))
+    os.rename(tmp_path / "op" / "k.cu", tmp_path / "op" / "j.cu")
+    assert len({h1, h2, gs.csrc_hash(str(tmp_path))}) == 3
+
+
+def test_bad_arguments_are_refused():
+    for argv in (["--budget", "0"], ["--timeout-scale", "-1"], ["--workers", "0"]):
+        with pytest.raises(SystemExit) as e:
+            gs.main(argv)
+        assert e.value.code == 2
+
+
+def test_documented_device_call_fits_the_tool():
+    doc = open(os.path.join(ROOT, "benchmarks", "GPU_SESSION.md")).read()
+    m = re.search(r"<!-- device-call -->\s*```json\n(.*?)```", doc, re.S)
+    assert m, "GPU_SESSION.md: no ```json block after <!-- device-call -->"
+    call = json.loads(m.group(1))
+    assert len(call["command"]) <= 2000
+    assert "benchmarks.gpu_session" in call["command"]
+    assert len(call["carry"]) <= 8 and {".prebuilt", ".whl"} <= set(call["carry"])
+    assert call["timeout_s"] <= 600
+    budget = int(re.search(r"--budget (\d+)", call["command"]).group(1))
+    assert budget + 30 <= call["timeout_s"]
+    in_git = subprocess.run(["git", "rev-parse", "--git-dir"], cwd=ROOT,
+                            capture_output=True).returncode == 0
+    for path in call["carry"] if in_git else ():  # carried paths are git-ignored build outputs
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0, path
+
+
+def test_compile_counter_records_launch_keys():
+    """tests/_count_compiles.py on the decode kernel test (fp16 and bf16: two keys, each launch
+    recorded once per key)."""
+    argv = [sys.executable, os.path.join(ROOT, "tests", "_count_compiles.py"), "--tier", "gpu",
+            "tests/test_streaming_decode_triton.py::test_decode_kernel_half_on_gpu"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    rc, out = _run_killing_group(argv, 1800, env=env)
+    assert rc == 0, out[-4000:]
+    res = json.loads(out[out.index("{"):])
+    assert res["per_kernel"] == {"_decode_attention_fwd_kernel": 2}, res
+    assert res["tests_that_launch"] == 2 and res["compiles"] == 2
+
+
+_SPECIALISATION = r"""
+import json, sys, torch, triton, triton.language as tl
+sys.path.insert(0, sys.argv[1])
+from _count_compiles import _Recorder
+rec = _Recorder(); rec.install()
+
+@triton.jit
+def _k(X, n, m, BLOCK: tl.constexpr):
+    tl.store(X + tl.arange(0, BLOCK), n + m)
+
+x = torch.empty(64)
+for i, (n, m, block) in enumerate([(16, 5, 8), (32, 7, 8), (13, 5, 8), (1, 5, 8), (16, 5, 16)]):
+    rec.test = i
+    _k[(1,)](x, n, m, BLOCK=block)
+rec.test = 5
+_k[(1,)](x[1:], 16, 5, BLOCK=8)
+rec.test = 6
+_k[(1,)](x, 16, 5, BLOCK=8, num_warps=8)
+print(json.dumps([sorted(u) for u in rec.keys.values()]))
+"""
+
+
+def test_compile_counter_models_triton_specialisation(tmp_path):
+    """Integers divisible by 16 share a key, other integers get another, 1 is a constant; a
+    constexpr, a misaligned pointer or num_warps make new keys (Triton's cache key)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = tmp_path / "spec.py"   # @triton.jit needs its source in a file
+    script.write_text(_SPECIALISATION)
+    p = subprocess.run([sys.executable, str(script), os.path.join(ROOT, "tests")],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout.splitlines()[-1]) == [[0, 1], [2], [3], [4], [5], [6]]
+
+
+def test_gpu_quick_tier_covers_every_kernel_and_dtype():
+    """The fast GPU tier (conftest's gpu_quick predicates) selects, per stage file, the tests the
+    session relies on: every attention dtype, the CUDA conv widths 1..256 in every dtype, a
+    Triton conv case per dtype, the decode kernel, CUDA graphs, the fused ConvNeXt, the models."""
+    files = gs.ATTENTION_TESTS + ["tests/test_conv_gpu.py"] + gs.STREAMING_TESTS + \
+        gs.CONVNEXT_TESTS
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "--collect-only", "-m", "gpu_quick", *files], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ids = [line for line in p.stdout.splitlines() if "::" in line]
+    for f in files:
+        assert any(i.startswith(f) for i in ids), f
+    grid = [i for i in ids if "test_gpu_grid" in i]
+    for dt in ("float16", "bfloat16", "float32"):
+        assert any(dt in i for i in grid), dt
+    assert any("test_gpu_long_sequences" in i and "16384" in i for i in ids)
+    for dt in ("float16", "bfloat16", "float32"):
+        for k in (1, 4, 7, 31, 128, 256):
+            assert f"tests/test_conv_gpu.py::test_depthwise_widths[torch.{dt}-{k}-cuda]" in ids
+        assert any(f"{dt}" in i and i.endswith("-triton]") for i in ids
+                   if "test_depthwise_widths" in i), dt
+    assert "tests/test_conv_gpu.py::test_update_state_indices[triton]" in ids
+    # the slow grid stays out of the tier
+    assert len(grid) <= 6 and not any("test_gpu_grid" in i and "-128-" in i for i in ids)
+
+
+def test_setup_installs_a_fitting_prebuilt_extension(tmp_path, monkeypatch):
+    """The device path of the setup stage with a prebuilt that fits this torch: the .so lands in
+    pyencoder/ and _build_info.py says what it was built against (loading is faked: no CUDA)."""
+    import torch
+    root = tmp_path / "repo"
+    (root / "csrc").mkdir(parents=True)
+    (root / "csrc" / "k.cu").write_text("__global__ void k() {}")
+    (root / "pyencoder").mkdir()
+    (root / "pyencoder" / "_C.old.so").write_text("stale")
+    (root / ".prebuilt").mkdir()
+    so = "_C.cpython-312-x86_64-linux-gnu.so"
+    (root / ".prebuilt" / so).write_bytes(b"\x7fELF-prebuilt")
+    info = {"version": "0.1.0", "cuda_built": True, "reason": "", "torch": torch.__version__,
+            "cuda": torch.version.cuda, "csrc_sha256": gs.csrc_hash(str(root / "csrc")), "so": so}
+    (root / ".prebuilt" / "build_info.json").write_text(json.dumps(info))
+    monkeypatch.setattr(gs, "ROOT", str(root))
+    monkeypatch.setattr(gs, "_check_extension", lambda rep: rep.update(load="loaded") or 0)
+    assert gs.setup_extension(str(tmp_path), dry=False) == 0
+    assert (root / "pyencoder" / so).read_bytes() == b"\x7fELF-prebuilt"
+    assert not (root / "pyencoder" / "_C.old.so").exists()
+    ns = {}
+    exec((root / "pyencoder" / "_build_info.py").read_text(), ns)
+    assert ns["BUILD_INFO"]["torch"] == torch.__version__ and ns["BUILD_INFO"]["cuda_built"]
+    rep = json.load(open(tmp_path / "extension.json"))
+    assert rep["action"] == "prebuilt" and rep["prebuilt_mismatch"] is None
