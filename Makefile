@@ -11,7 +11,16 @@ HF_SPEC ?= transformers==5.23.0
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: venv demo test test-gpu bench info clean
+# `make test-newest`: the newest releases inside the supported ranges (setup.py's [triton] and [hf]
+# extras) in a second venv: the Triton interpreter tests (conv, convnext, decode, a quick attention
+# subset) and the HF tests. CI runs `make test` (the pinned versions above); run this when a new
+# Triton or transformers release appears, then widen the ranges if it passes.
+NEWEST_VENV ?= .venv-newest
+NEWEST_PY := $(NEWEST_VENV)/bin/python
+TRITON_NEWEST_SPEC ?= triton>=3.6,<3.10
+HF_NEWEST_SPEC ?= transformers>=5.23,<5.25
+
+.PHONY: venv demo test test-gpu test-newest bench info docs clean
 
 $(VENV)/.ready: setup.py pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -35,6 +44,20 @@ test: $(VENV)/.ready
 test-gpu: $(VENV)/.ready
 	$(PY) -m pytest -q -m gpu tests
 
+$(NEWEST_VENV)/.ready: setup.py pyproject.toml
+	$(PYTHON) -m venv $(NEWEST_VENV)
+	$(NEWEST_PY) -m pip install -q --disable-pip-version-check "$(TORCH_CPU_SPEC)" \
+	  "$(TRITON_NEWEST_SPEC)" "$(HF_NEWEST_SPEC)" pytest hypothesis numpy setuptools wheel
+	$(NEWEST_PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+	touch $@
+
+test-newest: $(NEWEST_VENV)/.ready
+	$(NEWEST_PY) -c "import triton, transformers; print('triton', triton.__version__, 'transformers', transformers.__version__)"
+	TRITON_INTERPRET=1 $(NEWEST_PY) -m pytest -q tests/test_conv_triton.py \
+	  tests/test_convnext_fused.py tests/test_streaming_decode_triton.py \
+	  tests/test_attention_triton.py -k "not slow"
+	$(NEWEST_PY) -m pytest -q tests/test_hf.py tests/test_hf_streaming.py
+
 bench: $(VENV)/.ready
 	$(PIP) matplotlib
 	$(PY) -m benchmarks
@@ -43,4 +66,4 @@ info: $(VENV)/.ready
 	$(PY) -m pyencoder info
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(NEWEST_VENV) build *.egg-info

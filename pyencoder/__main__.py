@@ -15,9 +15,12 @@ def _info(_args):
           f"(CUDA build: {torch.version.cuda or 'no'})")
     try:
         import triton
-        print(f"triton {triton.__version__}")
+        note = _backend.triton_version_note(triton.__version__)
+        print(f"triton {triton.__version__}" + (f" (warning: {note})" if note else
+                                                f" (tested range {_backend.TRITON_SPEC})"))
     except ImportError:
-        print("triton: not installed")
+        print("triton: not installed (optional: pip install 'pyencoder[triton]'; a CUDA torch "
+              "brings its own)")
     if torch.cuda.is_available():
         print(f"device: {torch.cuda.get_device_name(0)}")
     else:
