@@ -29,7 +29,7 @@ one-chunk (80 ms) steps (step_fixed on a chunked mask needs steps that are whole
 --dry-run: the GPU code path on CPU (tiny model, bf16, no CUDA graphs, 3 steps, batches up to 4);
 writes nothing (tests/test_bench_streaming.py runs it).
 
-Writes JSON lines to benchmarks/results/<device>/streaming.jsonl.
+Writes JSON lines to <results root>/<device>/streaming.jsonl.
 Usage: python -m benchmarks.bench_streaming [--seconds 10] [--gpu] [--layers 12] [--mask both]
                                             [--quick] [--dry-run]
 """
@@ -60,8 +60,9 @@ except Exception:  # pragma: no cover - minimal local fallbacks
                 "torch": torch.__version__}
 
     def write_jsonl(name, records):
-        d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                         env_info()["device"])
+        d = os.path.join(os.environ.get("PYENCODER_RESULTS_DIR") or os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench-results"),
+            env_info()["device"])
         os.makedirs(d, exist_ok=True)
         path = os.path.join(d, f"{name}.jsonl")
         with open(path, "a") as f:
@@ -201,7 +202,7 @@ def bench_cpu(args):
               f"of audio + conv extractor {fl['conv_s_per_audio_s'] * 1000:.0f} ms = "
               f"{fl['ratio_vs_offline']:.2f}x offline")
         recs += [dict(base, **r) for r in _cpu_streams(model, args)]
-        win = torch.randn(1, 1, 5 * SR)
+        win = torch.randn(1, 1, 5 * SR)   # the naive server's window (also in --quick)
         t5 = _time(lambda: model(win), args.reps)
         naive = t5 * (1000 / 80)
         recs.append(dict(base, mode="naive_rerun_5s_every_80ms", compute_s_per_audio_s=naive,
@@ -406,13 +407,18 @@ def main(argv=None):
     ap.add_argument("--cpu-steps", type=int, default=5,
                     help="timed steps per batch in the CPU concurrent-streams search")
     ap.add_argument("--cpu-max-batch", type=int, default=256)
-    ap.add_argument("--quick", action="store_true", help="4 s of audio, 1 rep, 300 GPU steps")
+    ap.add_argument("--quick", action="store_true",
+                    help="CPU: 4 layers, 2 s of audio, 1 rep, batches up to 2 (seconds, not "
+                         "minutes; records carry quick=true); GPU: 300 steps")
     ap.add_argument("--dry-run", action="store_true",
                     help="run the GPU benchmark's code path on CPU (tiny model, no CUDA graphs, "
                          "3 steps, batches up to 4) and write nothing")
     args = ap.parse_args(argv)
     if args.quick:
         args.seconds, args.reps, args.steps = min(args.seconds, 4.0), 1, min(args.steps, 300)
+        if not (args.gpu or (torch.cuda.is_available() and not args.cpu)):
+            args.seconds, args.layers = min(args.seconds, 2.0), min(args.layers, 4)
+            args.cpu_max_batch, args.cpu_steps = min(args.cpu_max_batch, 2), min(args.cpu_steps, 2)
     if args.dry_run:
         args.steps, args.max_batch = 3, min(args.max_batch, 4)
         bench_gpu(args)
@@ -420,6 +426,8 @@ def main(argv=None):
         return
     gpu = args.gpu or (torch.cuda.is_available() and not args.cpu)
     recs = bench_gpu(args) if gpu else bench_cpu(args)
+    if args.quick:
+        recs = [dict(r, quick=True) for r in recs]
     print(write_jsonl("streaming", recs))
 
 
