@@ -262,8 +262,8 @@ def apply_pyencoder_to_wav2vec2(model, *, lookahead_frames=3, left_frames=None,
     base._pyencoder_patch = record
     # pyencoder.streaming.latency(model) reads `hop` / `lookahead` (input samples) on the base.
     lat = latency(base)
-    base.hop = lat["hop_samples"]
-    base.lookahead = lat["samples"]
+    base.hop = lat.hop
+    base.lookahead = lat.lookahead_samples
     return model
 
 
@@ -333,11 +333,19 @@ def lookahead_frames_total(specs, horizon=None):
     return worst
 
 
-def latency(model):
-    """Algorithmic latency of a patched model: attention lookahead plus the feature extractor's.
+def latency(model, sample_rate=SAMPLE_RATE):
+    """Algorithmic latency of a patched model: attention lookahead plus the feature extractor's,
+    as a ``pyencoder.streaming.Latency`` (the type ``pyencoder.streaming.latency`` returns).
 
-    Returns a dict: lookahead_frames (through all layers), per_layer_lookahead, hop_samples,
-    frontend_lookahead_samples (receptive field - hop), samples, and ms versions at 16 kHz."""
+    ``lookahead_samples`` = lookahead_frames x hop + (receptive field - hop) of the feature
+    extractor (``lookahead_ms``: 60 ms attention + 5 ms for 3 frames in the first layer);
+    ``samples`` / ``ms`` add the frame's own hop. ``attention_ms``, ``frontend_ms``,
+    ``per_layer_lookahead`` give the split. ``sample_rate`` only converts samples to ms (the
+    wav2vec2 family is trained at 16 kHz)."""
+    from ..streaming.latency import Latency
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or \
+            sample_rate <= 0:
+        raise ValueError(f"sample_rate must be a positive number; got {sample_rate!r}")
     base, _ = base_model(model)
     record = getattr(base, "_pyencoder_patch", None)
     if record is None:
@@ -346,9 +354,10 @@ def latency(model):
     hop, rf = frontend_geometry(base)
     frames = lookahead_frames_total(record.specs)
     fe = rf - hop
-    samples = frames * hop + fe
-    return dict(lookahead_frames=frames, per_layer_lookahead=record.per_layer_lookahead,
-                hop_samples=hop, frontend_lookahead_samples=fe, samples=samples,
-                attention_ms=frames * hop * 1000.0 / SAMPLE_RATE,
-                frontend_ms=fe * 1000.0 / SAMPLE_RATE, ms=samples * 1000.0 / SAMPLE_RATE,
-                sample_rate=SAMPLE_RATE)
+    la = frames * hop + fe
+    breakdown = [("feature_extractor", "conv stack", hop, fe, fe),
+                 ("encoder", "attention", 1, frames, frames * hop)]
+    return Latency(samples=hop + la, ms=1000.0 * (hop + la) / sample_rate, hop=hop,
+                   lookahead_samples=la, sample_rate=int(sample_rate), breakdown=breakdown,
+                   lookahead_frames=frames, per_layer_lookahead=list(record.per_layer_lookahead),
+                   frontend_lookahead_samples=fe, _legacy_dict=True)
