@@ -131,8 +131,8 @@ def streaming(args, device, dtype):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="GPU: 10 s audio, fewer steps; CPU: 2 layers, 2 s audio, 5 steps after "
-                        "1 s of warm-up (seconds, not minutes); records carry quick=true")
+                   help="GPU: 10 s audio, fewer steps; CPU: 2 layers, 1 s audio, 3 steps after "
+                        "0.5 s of warm-up (seconds, not minutes); records carry quick=true")
     p.add_argument("--layers", type=int, default=None, help="transformer layers (default 12)")
     p.add_argument("--seconds", type=float, default=None)
     p.add_argument("--batch", type=int, default=1)
@@ -148,11 +148,11 @@ def main(argv=None):
     if args.layers is None:
         args.layers = 2 if cpu_quick else 12
     if args.seconds is None:
-        args.seconds = (2.0 if cpu_quick else 10.0) if args.quick else 60.0
+        args.seconds = (1.0 if cpu_quick else 10.0) if args.quick else 60.0
     if args.steps is None:
-        args.steps = (5 if cpu_quick else 20) if args.quick else (200 if gpu else 50)
+        args.steps = (3 if cpu_quick else 20) if args.quick else (200 if gpu else 50)
     if args.warm_seconds is None:
-        args.warm_seconds = 1.0 if cpu_quick else 6.0
+        args.warm_seconds = 0.5 if cpu_quick else 6.0
     args.warmup_ms = 25 if gpu else 1
     args.rep_ms = 200 if gpu else 1
     print(env_info()["device_name"], dtype, f"{args.seconds} s x {args.batch}")
