@@ -94,7 +94,7 @@ def _latency(args):
           f"samples = {lat.frontend_ms:.1f} ms")
     print(f"total lookahead:     {lat.lookahead_samples} samples = {lat.lookahead_ms:.1f} ms at "
           f"{sr} Hz (a frame also spans its own {hop}-sample hop: "
-          f"{lat.samples} samples = {lat.ms:.1f} ms from a frame's first sample)")
+          f"{lat.samples} samples = {lat.ms:.1f} ms in all)")
     return 0
 
 
