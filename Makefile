@@ -62,6 +62,11 @@ bench: $(VENV)/.ready
 	$(PIP) matplotlib
 	$(PY) -m benchmarks
 
+# API reference from the docstrings (docs/make_api.py: inspect only, no extra package) into
+# docs/api/ (git-ignored); fails if a public name has no docstring.
+docs: $(VENV)/.ready
+	$(PY) docs/make_api.py docs/api
+
 info: $(VENV)/.ready
 	$(PY) -m pyencoder info
 

@@ -142,6 +142,7 @@ def backend_info():
 
 
 def available_backends():
+    """Names of the backends that can run on this machine, e.g. ("reference", "triton")."""
     return tuple(b for b, (ok, _) in backend_info().items() if ok)
 
 

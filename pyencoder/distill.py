@@ -253,7 +253,8 @@ def distill(student, teacher, data: Iterable, optimizer, *, steps=None, weights=
         if callback is not None:
             callback(step, rec)
         now = time.perf_counter()
-        if interval is not None and (step == 0 or now - t_last >= interval):
+        last = total is not None and step + 1 >= total   # the final line follows
+        if interval is not None and not last and (step == 0 or now - t_last >= interval):
             t_last = now
             _progress_line(step + 1, total, now - t_start, rec["loss"])
     if interval is not None and history:

@@ -298,6 +298,8 @@ def revert_pyencoder(model):
 
 
 def patch_record(model):
+    """The record of what ``apply_pyencoder_to_wav2vec2`` changed on ``model`` (None when it is not
+    patched)."""
     base, _ = base_model(model)
     return getattr(base, "_pyencoder_patch", None)
 

@@ -25,6 +25,8 @@ __all__ = ["latency", "Latency", "NotStreamableError"]
 
 
 class NotStreamableError(ValueError):
+    """A module cannot run chunk by chunk with outputs equal to offline; the message says why and
+    what to replace it with."""
     pass
 
 
