@@ -15,7 +15,7 @@ installed package *is* the source tree, writes it there (the file is git-ignored
 Triton is an extra (``pip install ".[triton]"``): a CUDA build of torch already brings the Triton
 it was built with, and on a CPU-only machine Triton runs the kernels only in its interpreter
 (TRITON_INTERPRET=1, for tests). Supported and tested range: TRITON_SPEC below (CI runs 3.6, the
-device's version; ``make test-triton-newest`` runs the Triton tests under the newest release).
+device's version; ``make test-newest`` runs the Triton and HF tests under the newest releases).
 """
 import glob
 import os
