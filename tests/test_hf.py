@@ -392,7 +392,7 @@ def test_latency_dystream():
     assert lat.attention_ms == 60.0 and lat.frontend_ms == 5.0 and lat.lookahead_ms == 65.0
     assert lat.lookahead_samples == 1040 and lat.samples == 1360 and lat.ms == 85.0
     assert S.latency(model).lookahead_samples == lat.lookahead_samples
-    assert "65.0 ms" in str(lat) and "60.0 ms" in str(lat)
+    assert "lookahead 1040 samples = 65.000 ms" in str(lat) and "(60.0 ms)" in str(lat)
     # the dict it used to return still reads: "samples"/"ms" keep their old meaning there
     assert lat["hop_samples"] == 320 and lat["frontend_ms"] == 5.0
     with pytest.warns(DeprecationWarning, match="lookahead_ms"):
