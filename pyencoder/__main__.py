@@ -98,7 +98,8 @@ def _latency(args):
     return 0
 
 
-def main(argv=None):
+def build_parser():
+    """The command line parser: (parser, {subcommand: subparser})."""
     p = argparse.ArgumentParser(prog="python -m pyencoder")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="backends available on this machine and why not")
@@ -121,6 +122,12 @@ def main(argv=None):
                      help="transformer layers (default 12, wav2vec2-base)")
     lat.add_argument("--sample-rate", type=_pos_int, default=16000, metavar="HZ",
                      help="sample rate used to convert samples to ms (default 16000)")
+    return p, {"demo": d, "latency": lat}
+
+
+def main(argv=None):
+    p, subs = build_parser()
+    lat = subs["latency"]
     args = p.parse_args(argv)
     if args.cmd == "info":
         return _info(args)

@@ -48,11 +48,11 @@ def test_bad_values_are_argparse_errors(capsys, argv, option):
     assert option in err and "Traceback" not in err
 
 
-def test_every_option_has_help(capsys):
-    with pytest.raises(SystemExit):
-        main(["latency", "--help"])
-    out = capsys.readouterr().out
-    for opt in ("--lookahead-frames", "--lookahead-layers", "--layers", "--sample-rate"):
-        line = next(ln for ln in out.splitlines() if opt in ln and not ln.startswith("usage"))
-        assert "default" in out and line
-    assert out.count("default") >= 4
+def test_every_option_has_help():
+    from pyencoder.__main__ import build_parser
+    _, subs = build_parser()
+    opts = [a for a in subs["latency"]._actions if a.option_strings and a.dest != "help"]
+    assert {a.dest for a in opts} == {"lookahead_frames", "lookahead_layers", "layers",
+                                      "sample_rate"}
+    for a in opts:
+        assert a.help and len(a.help) > 10, a.option_strings
