@@ -55,7 +55,7 @@ test-newest: $(NEWEST_VENV)/.ready
 	$(NEWEST_PY) -c "import triton, transformers; print('triton', triton.__version__, 'transformers', transformers.__version__)"
 	TRITON_INTERPRET=1 $(NEWEST_PY) -m pytest -q tests/test_conv_triton.py \
 	  tests/test_convnext_fused.py tests/test_streaming_decode_triton.py \
-	  tests/test_attention_triton.py -k "not slow"
+	  tests/test_attention_triton.py -m "not slow"
 	$(NEWEST_PY) -m pytest -q tests/test_hf.py tests/test_hf_streaming.py
 
 bench: $(VENV)/.ready
