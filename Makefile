@@ -11,7 +11,16 @@ HF_SPEC ?= transformers==5.23.0
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: venv demo test test-gpu test-compile-full bench info clean gpu-prep gpu-session-dry
+# `make test-newest`: the newest releases inside the supported ranges (setup.py's [triton] and [hf]
+# extras) in a second venv: the Triton interpreter tests (conv, convnext, decode, a quick attention
+# subset) and the HF tests. CI runs `make test` (the pinned versions above); run this when a new
+# Triton or transformers release appears, then widen the ranges if it passes.
+NEWEST_VENV ?= .venv-newest
+NEWEST_PY := $(NEWEST_VENV)/bin/python
+TRITON_NEWEST_SPEC ?= triton>=3.6,<3.10
+HF_NEWEST_SPEC ?= transformers>=5.23,<5.25
+
+.PHONY: venv demo test test-gpu test-compile-full test-newest bench info docs clean gpu-prep gpu-session-dry
 
 $(VENV)/.ready: setup.py pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -40,9 +49,28 @@ test-gpu: $(VENV)/.ready
 test-compile-full: $(VENV)/.ready
 	$(PY) -m pytest -q -m compile_full tests/test_triton_compile.py
 
+$(NEWEST_VENV)/.ready: setup.py pyproject.toml
+	$(PYTHON) -m venv $(NEWEST_VENV)
+	$(NEWEST_PY) -m pip install -q --disable-pip-version-check "$(TORCH_CPU_SPEC)" \
+	  "$(TRITON_NEWEST_SPEC)" "$(HF_NEWEST_SPEC)" pytest hypothesis numpy setuptools wheel
+	$(NEWEST_PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+	touch $@
+
+test-newest: $(NEWEST_VENV)/.ready
+	$(NEWEST_PY) -c "import triton, transformers; print('triton', triton.__version__, 'transformers', transformers.__version__)"
+	TRITON_INTERPRET=1 $(NEWEST_PY) -m pytest -q tests/test_conv_triton.py \
+	  tests/test_convnext_fused.py tests/test_streaming_decode_triton.py \
+	  tests/test_attention_triton.py -m "not slow"
+	$(NEWEST_PY) -m pytest -q tests/test_hf.py tests/test_hf_streaming.py
+
 bench: $(VENV)/.ready
 	$(PIP) matplotlib
 	$(PY) -m benchmarks
+
+# API reference from the docstrings (docs/make_api.py: inspect only, no extra package) into
+# docs/api/ (git-ignored); fails if a public name has no docstring.
+docs: $(VENV)/.ready
+	$(PY) docs/make_api.py docs/api
 
 info: $(VENV)/.ready
 	$(PY) -m pyencoder info
@@ -57,4 +85,4 @@ gpu-session-dry: $(VENV)/.ready
 	$(PY) -m benchmarks.gpu_session --dry-run --out /tmp/pyencoder-gpu-out-dry
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(NEWEST_VENV) build *.egg-info

@@ -7,17 +7,29 @@ toolkit and a CUDA build of torch are present:
     MAX_JOBS, TORCH_CUDA_ARCH_LIST  honoured by torch.utils.cpp_extension
     pip install --no-build-isolation .   (so the build sees the installed torch)
 
-Build metadata (torch and CUDA versions the extension was compiled against) is written to
-``pyencoder/_build_info.py`` and checked when the extension is loaded.
+Build metadata (torch and CUDA versions the extension was compiled against) is generated as
+``pyencoder/_build_info.py`` in the build directory (``build_py``), never in the source tree, and
+checked when the extension is loaded. Only an editable install (``pip install -e .``), whose
+installed package *is* the source tree, writes it there (the file is git-ignored).
+
+Triton is an extra (``pip install ".[triton]"``): a CUDA build of torch already brings the Triton
+it was built with, and on a CPU-only machine Triton runs the kernels only in its interpreter
+(TRITON_INTERPRET=1, for tests). Supported and tested range: TRITON_SPEC below (CI runs 3.6, the
+device's version; ``make test-newest`` runs the Triton and HF tests under the newest releases).
 """
 import glob
 import os
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py as _build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VERSION = "0.1.0"
+# Keep in sync with pyencoder._backend.TRITON_SPEC and pyencoder.hf._compat.TESTED_SPEC
+# (tests/test_packaging.py checks).
+TRITON_SPEC = "triton>=3.6,<3.10"
+HF_SPEC = "transformers>=5.23,<5.25"
 
 
 def _want_cuda():
@@ -45,21 +57,39 @@ def _want_cuda():
     return False, reason
 
 
-def _write_build_info(built, reason):
+def _build_info_text(built, reason):
     info = {"version": VERSION, "cuda_built": built, "reason": reason,
             "torch": None, "cuda": None}
     if built:
         import torch
         info["torch"] = torch.__version__
         info["cuda"] = torch.version.cuda
-    with open(os.path.join(HERE, "pyencoder", "_build_info.py"), "w") as f:
-        f.write("# Written by setup.py: what pyencoder._C was built against.\n")
-        f.write(f"BUILD_INFO = {info!r}\n")
+    return ("# Generated at build time by setup.py: what pyencoder._C was built against.\n"
+            f"BUILD_INFO = {info!r}\n")
+
+
+class build_py(_build_py):
+    """Copies the packages, then generates pyencoder/_build_info.py in the build directory. An
+    editable install maps the package to the source tree, so there (only) it goes to the source."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            path = os.path.join(HERE, "pyencoder", "_build_info.py")
+        else:
+            path = os.path.join(self.build_lib, "pyencoder", "_build_info.py")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(_build_info_text(*_BUILT))
+
+    def get_outputs(self, include_bytecode=True):
+        outs = super().get_outputs(include_bytecode)
+        gen = os.path.join(self.build_lib, "pyencoder", "_build_info.py")
+        return outs if gen in outs else outs + [gen]
 
 
 def _extensions():
-    built, reason = _want_cuda()
-    _write_build_info(built, reason)
+    built, reason = _BUILT
     if not built:
         print(f"pyencoder: building without the CUDA extension ({reason})", file=sys.stderr)
         return [], {}
@@ -81,7 +111,9 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+_BUILT = _want_cuda()
 ext_modules, cmdclass = _extensions()
+cmdclass["build_py"] = build_py
 
 setup(
     name="pyencoder",
@@ -104,11 +136,11 @@ setup(
     install_requires=[
         "torch>=2.4",
         "numpy",
-        'triton>=3.0; platform_system == "Linux"',
     ],
     extras_require={
+        "triton": [TRITON_SPEC + '; platform_system == "Linux"'],
         "test": ["pytest", "hypothesis"],
-        "hf": ["transformers>=5.0"],
+        "hf": [HF_SPEC],
         "bench": ["matplotlib", "tqdm"],
     },
     ext_modules=ext_modules,

@@ -9,10 +9,15 @@ API (keep it small):
                                      warmup/rep are milliseconds of running fn (as in
                                      triton.testing.do_bench, which is used on CUDA; on CPU a
                                      perf_counter loop with the same budget, at least 3 runs)
+    results_dir() -> str             <results root>/<device-slug>: where this run writes
     write_jsonl(name, records) -> path
                                      appends records (env_info() merged in, record keys win) to
-                                     benchmarks/results/<device-slug>/<name>.jsonl
-                                     ($PYENCODER_RESULTS_DIR/<device-slug>/ when that is set)
+                                     <results root>/<device-slug>/<name>.jsonl
+
+Results root: $PYENCODER_RESULTS_DIR when set, else <repo>/bench-results/ (git-ignored), so a run
+never touches tracked files. Committing measured results is explicit: `python -m benchmarks
+--commit-results` (or PYENCODER_RESULTS_DIR=benchmarks/results) writes into the committed
+benchmarks/results/ that `python -m benchmarks.readme` renders.
     copy_bandwidth_gbs() -> float    measured device copy bandwidth, GB/s of (read + write) bytes;
                                      the roofline for memory-bound kernels (cached per process)
 """
@@ -29,6 +34,16 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+COMMITTED_RESULTS = os.path.join(HERE, "results")
+DEFAULT_RESULTS = os.path.join(ROOT, "bench-results")
+
+
+def results_root():
+    return os.environ.get("PYENCODER_RESULTS_DIR") or DEFAULT_RESULTS
+
+
+def results_dir():
+    return os.path.join(results_root(), device_slug())
 
 
 def _slug(s):
@@ -109,8 +124,7 @@ def bench(fn, warmup=25, rep=100):
 
 
 def write_jsonl(name, records):
-    root = os.environ.get("PYENCODER_RESULTS_DIR") or os.path.join(HERE, "results")
-    folder = os.path.join(root, device_slug())
+    folder = results_dir()
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{name}.jsonl")
     env = env_info()

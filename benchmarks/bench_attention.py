@@ -36,7 +36,7 @@ Each record: provider, shape, B, H, D, N, mask, dtype, rope, fwd/bwd/fwdbwd medi
 quantiles (ms), in-band TFLOP/s (FLOPs over visible (query, key) pairs only: 4*D per pair forward,
 10*D backward), and for windows <= 1024 wide the % of the measured copy bandwidth reached by the
 minimum HBM traffic (q, k, v read, out written; backward: q, k, v, out, dout read, dq, dk, dv
-written). Written to benchmarks/results/<device>/attention.jsonl.
+written). Written to <results root>/<device>/attention.jsonl.
 
     python -m benchmarks.bench_attention [--quick] [--providers P ...] [--n N ...]
         [--rope on|off|both] [--first-call [--first-call-modes M ...]]

@@ -5,7 +5,7 @@
 Suites
 - depthwise: B=8, C in {512, 768, 1024, 2048}, L in {256, 2048, 16384}, widths {2, 4, 7, 31, 128},
   forward, fp16 (bf16 with --dtype). Providers: pyencoder-cuda, pyencoder-triton, cudnn
-  (F.conv1d with left padding, groups=C), causal-conv1d (widths 2..4, when installed),
+  (F.conv1d with left padding, groups=C; labelled torch-conv1d on a CPU, where it is not cuDNN), causal-conv1d (widths 2..4, when installed),
   reference.
 - grouped: wav2vec2 positional conv, B=8, L in {512, 2048}, (C, groups, k) = (768, 16, 128) and
   (1024, 16, 128); forward and forward+backward. Providers: pyencoder-triton, cudnn, reference.
@@ -14,7 +14,7 @@ Suites
 
 Records: median/p20/p80 ms and GB/s of compulsory traffic (x read + y written + weights) against
 the measured device-to-device copy bandwidth (``copy_bw_gbs``, ``frac_of_copy``). JSON lines go
-to benchmarks/results/<device>/conv.jsonl. On CPU only the reference and F.conv1d run, on small
+to <results root>/<device>/conv.jsonl. On CPU only the reference and F.conv1d run, on small
 shapes.
 """
 import argparse
@@ -28,6 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import bench, copy_bandwidth_gbs, device_slug, env_info, write_jsonl  # noqa: E402
 
 PROVIDERS = ("pyencoder-cuda", "pyencoder-triton", "cudnn", "causal-conv1d", "reference")
+# F.conv1d with left padding is cuDNN on a GPU; on a CPU it is torch's own conv (oneDNN/ATen), so
+# the same provider is labelled torch-conv1d there.
+CPU_ALIASES = {"cudnn": "torch-conv1d"}
 SUITES = ("depthwise", "grouped", "strided", "update")
 
 
@@ -56,7 +59,7 @@ def _provider_fn(name, x, w, b, stride, groups, bwd=False):
         if r is not None:
             return r
         fwd = lambda: causal_conv1d(x, w, b, stride=stride, groups=groups, backend=backend)  # noqa: E731
-    elif name == "cudnn":
+    elif name in ("cudnn", "torch-conv1d"):
         fwd = lambda: _cudnn_fwd(x, w, b, stride, groups)  # noqa: E731
     elif name == "causal-conv1d":
         fn = _causal_conv1d_fn()
@@ -72,7 +75,7 @@ def _provider_fn(name, x, w, b, stride, groups, bwd=False):
         return fwd
     xs = x.detach().requires_grad_()
     ws = w.detach().requires_grad_()
-    if name == "cudnn":
+    if name in ("cudnn", "torch-conv1d"):
         return lambda: _cudnn_fwd(xs, ws, b, stride, groups).sum().backward()
     if name in ("pyencoder-cuda", "pyencoder-triton", "reference"):
         backend = {"pyencoder-cuda": "cuda", "pyencoder-triton": "triton"}.get(name, "reference")
@@ -109,6 +112,8 @@ def run(args):
     gpu = dev == "cuda"
     dtype = getattr(torch, args.dtype) if gpu else torch.float32
     providers = args.providers or (PROVIDERS if gpu else ("cudnn", "reference"))
+    if not gpu:
+        providers = [CPU_ALIASES.get(p, p) for p in providers]
     suites = args.suites or SUITES
     copy_bw = copy_bandwidth_gbs()
     warmup, rep = (10, 30) if (args.quick or not gpu) else (25, 100)
@@ -207,7 +212,9 @@ def run(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a small subset")
-    p.add_argument("--providers", nargs="*", default=None, choices=PROVIDERS)
+    p.add_argument("--providers", nargs="*", default=None,
+                   choices=PROVIDERS + tuple(CPU_ALIASES.values()),
+                   help="cudnn = F.conv1d (reported as torch-conv1d on a CPU)")
     p.add_argument("--suites", nargs="*", default=None, choices=SUITES)
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     p.add_argument("--no-write", action="store_true", help="print only")

@@ -9,7 +9,7 @@ memory (torch.cuda.max_memory_allocated above the weights) on GPU; None on CPU.
 Streaming: StreamingEncoder per-step time for 20 ms and 100 ms chunks after ``--warm-seconds`` of
 audio were streamed (so the ring holds the full left context), median and quantiles over steps.
 GPU runs in bf16 (weights cast), CPU in float32. Records go to
-benchmarks/results/<device>/hf.jsonl.
+<results root>/<device>/hf.jsonl.
 
     python -m benchmarks.bench_hf [--quick] [--seconds S] [--batch B]
 """
@@ -25,12 +25,18 @@ SR = 16000
 LEFT, RIGHT = 250, 3
 
 
-def make_model(dtype, device):
+def make_model(dtype, device, layers=12):
     from transformers import Wav2Vec2Config, Wav2Vec2Model
-    cfg = Wav2Vec2Config(attn_implementation="eager")   # the base architecture: 12 x 768, group norm
+    # the base architecture: 12 x 768, group norm (--quick: fewer layers)
+    cfg = Wav2Vec2Config(attn_implementation="eager", num_hidden_layers=layers)
     torch.manual_seed(0)
     model = Wav2Vec2Model(cfg).eval()
     return model.to(device=device, dtype=dtype)
+
+
+def _model_name(args):
+    return "wav2vec2-base (random)" if args.layers == 12 else \
+        f"wav2vec2-base, {args.layers} layers (random)"
 
 
 def _peak(fn, device):
@@ -46,7 +52,7 @@ def _peak(fn, device):
 
 def offline(args, device, dtype):
     import pyencoder.hf as H
-    base = make_model(dtype, device)
+    base = make_model(dtype, device, args.layers)
     x = torch.randn(args.batch, int(args.seconds * SR), device=device, dtype=dtype)
     providers = {}
     for impl in ("eager", "sdpa"):
@@ -74,7 +80,7 @@ def offline(args, device, dtype):
             print(f"{name}: out of memory ({e})")
             t, mem = {"median_ms": None, "p20_ms": None, "p80_ms": None}, "oom"
         frames = m._get_feat_extract_output_lengths(x.shape[1])
-        rec = dict(bench="hf_offline", provider=name, model="wav2vec2-base (random)",
+        rec = dict(bench="hf_offline", provider=name, model=_model_name(args),
                    batch=args.batch, seconds=args.seconds, frames=int(frames),
                    dtype=str(dtype).replace("torch.", ""), left=LEFT, right=RIGHT,
                    peak_mem_bytes=mem, **t)
@@ -88,7 +94,7 @@ def offline(args, device, dtype):
 
 def streaming(args, device, dtype):
     import pyencoder.hf as H
-    model = make_model(dtype, device)
+    model = make_model(dtype, device, args.layers)
     H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=RIGHT, left_frames=LEFT, rope=True,
                                   pos_conv="causal", group_norm="running")
     enc = H.StreamingEncoder(model)
@@ -113,10 +119,10 @@ def streaming(args, device, dtype):
         times.sort()
         q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
         rec = dict(bench="hf_streaming_step", provider="pyencoder-StreamingEncoder",
-                   model="wav2vec2-base (random)", batch=args.batch, chunk_ms=chunk_ms,
+                   model=_model_name(args), batch=args.batch, chunk_ms=chunk_ms,
                    chunk_samples=n, steps=args.steps, dtype=str(dtype).replace("torch.", ""),
                    left=LEFT, right=RIGHT, median_ms=q(0.5), p20_ms=q(0.2), p80_ms=q(0.8),
-                   latency_ms=H.latency(model)["ms"])
+                   latency_ms=H.latency(model).lookahead_ms)
         print(f"stream step {chunk_ms} ms chunk: median {rec['median_ms']:.2f} ms")
         recs.append(rec)
     return recs
@@ -124,7 +130,10 @@ def streaming(args, device, dtype):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="10 s audio, fewer steps")
+    p.add_argument("--quick", action="store_true",
+                   help="GPU: 10 s audio, fewer steps; CPU: 2 layers, 1 s audio, 3 steps after "
+                        "0.5 s of warm-up (seconds, not minutes); records carry quick=true")
+    p.add_argument("--layers", type=int, default=None, help="transformer layers (default 12)")
     p.add_argument("--seconds", type=float, default=None)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=None)
@@ -135,18 +144,23 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gpu = device.type == "cuda"
+    cpu_quick = args.quick and not gpu
+    if args.layers is None:
+        args.layers = 2 if cpu_quick else 12
     if args.seconds is None:
-        args.seconds = 10.0 if args.quick else 60.0
+        args.seconds = (1.0 if cpu_quick else 10.0) if args.quick else 60.0
     if args.steps is None:
-        args.steps = 20 if args.quick else (200 if gpu else 50)
+        args.steps = (3 if cpu_quick else 20) if args.quick else (200 if gpu else 50)
     if args.warm_seconds is None:
-        args.warm_seconds = 6.0
+        args.warm_seconds = 0.5 if cpu_quick else 6.0
     args.warmup_ms = 25 if gpu else 1
     args.rep_ms = 200 if gpu else 1
     print(env_info()["device_name"], dtype, f"{args.seconds} s x {args.batch}")
     recs = offline(args, device, dtype)
     if not args.no_stream:
         recs += streaming(args, device, dtype)
+    if args.quick:
+        recs = [dict(r, quick=True) for r in recs]
     print("wrote", write_jsonl("hf", recs))
 
 

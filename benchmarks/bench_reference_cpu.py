@@ -12,7 +12,7 @@ Each provider runs in a fresh subprocess. Peak memory is the process's resident 
 during one call, above the resident size before it (Linux: VmHWM reset through
 /proc/self/clear_refs after a warm-up call), so it counts everything the call allocates, output
 included, and nothing else. Writes JSON lines to
-benchmarks/results/<device-slug>/reference_cpu.jsonl.
+<results root>/<device-slug>/reference_cpu.jsonl.
 
     python -m benchmarks.bench_reference_cpu [--quick] [--threads N]
 """

@@ -29,7 +29,7 @@ one-chunk (80 ms) steps (step_fixed on a chunked mask needs steps that are whole
 --dry-run: the GPU code path on CPU (tiny model, bf16, no CUDA graphs, 3 steps, batches up to 4);
 writes nothing (tests/test_bench_streaming.py runs it).
 
-Writes JSON lines to benchmarks/results/<device>/streaming.jsonl.
+Writes JSON lines to <results root>/<device>/streaming.jsonl.
 Usage: python -m benchmarks.bench_streaming [--seconds 10] [--gpu] [--layers 12] [--mask both]
                                             [--quick] [--dry-run]
 """
@@ -60,8 +60,9 @@ except Exception:  # pragma: no cover - minimal local fallbacks
                 "torch": torch.__version__}
 
     def write_jsonl(name, records):
-        d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                         env_info()["device"])
+        d = os.path.join(os.environ.get("PYENCODER_RESULTS_DIR") or os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench-results"),
+            env_info()["device"])
         os.makedirs(d, exist_ok=True)
         path = os.path.join(d, f"{name}.jsonl")
         with open(path, "a") as f:
@@ -97,8 +98,9 @@ def build(layers=12, dim=768, heads=12, ffn=3072, left=250, lookahead=3, conv_di
     return StreamingSequential(*mods).eval()
 
 
-def _time(fn, reps=3):
-    fn()
+def _time(fn, reps=3, warm=True):
+    if warm:
+        fn()
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -174,12 +176,13 @@ def bench_cpu(args):
     base = dict(bench="streaming", dtype="float32", layers=args.layers, dim=768, heads=12,
                 left=250, lookahead_frames=3, latency_ms=lat.ms, audio_seconds=args.seconds,
                 threads=torch.get_num_threads())
+    warm = not args.quick     # --quick: one cold run per measurement
     with torch.inference_mode():
-        t_off = _time(lambda: model(x), args.reps) / args.seconds
+        t_off = _time(lambda: model(x), args.reps, warm) / args.seconds
         recs.append(dict(base, mode="offline", compute_s_per_audio_s=t_off))
         print(f"offline: {t_off * 1000:.1f} ms compute per s of audio")
         stream = {}
-        for chunk_ms in (20, 80):
+        for chunk_ms in ((80,) if args.quick else (20, 80)):
             c = chunk_ms * SR // 1000
 
             def run():
@@ -187,7 +190,7 @@ def bench_cpu(args):
                 for t in range(0, n, c):
                     model.step(x[..., t:t + c], st)
                 model.flush(st)
-            t_s = _time(run, args.reps) / args.seconds
+            t_s = _time(run, args.reps, warm) / args.seconds
             stream[chunk_ms] = t_s
             recs.append(dict(base, mode="streaming", chunk_ms=chunk_ms, compute_s_per_audio_s=t_s,
                              ratio_vs_offline=t_s / t_off, target_ratio=1.5 if chunk_ms == 80
@@ -201,12 +204,14 @@ def bench_cpu(args):
               f"of audio + conv extractor {fl['conv_s_per_audio_s'] * 1000:.0f} ms = "
               f"{fl['ratio_vs_offline']:.2f}x offline")
         recs += [dict(base, **r) for r in _cpu_streams(model, args)]
-        win = torch.randn(1, 1, 5 * SR)
-        t5 = _time(lambda: model(win), args.reps)
+        win_s = 2 if args.quick else 5    # the naive server's window
+        win = torch.randn(1, 1, win_s * SR)
+        t5 = _time(lambda: model(win), args.reps, warm)
         naive = t5 * (1000 / 80)
-        recs.append(dict(base, mode="naive_rerun_5s_every_80ms", compute_s_per_audio_s=naive,
+        recs.append(dict(base, mode=f"naive_rerun_{win_s}s_every_80ms",
+                         compute_s_per_audio_s=naive,
                          ratio_vs_streaming_80ms=naive / stream[80], target_ratio=10.0))
-        print(f"naive (5 s re-run every 80 ms): {naive * 1000:.1f} ms per s of audio "
+        print(f"naive ({win_s} s re-run every 80 ms): {naive * 1000:.1f} ms per s of audio "
               f"({naive / stream[80]:.1f}x streaming at 80 ms)")
     return recs
 
@@ -406,13 +411,19 @@ def main(argv=None):
     ap.add_argument("--cpu-steps", type=int, default=5,
                     help="timed steps per batch in the CPU concurrent-streams search")
     ap.add_argument("--cpu-max-batch", type=int, default=256)
-    ap.add_argument("--quick", action="store_true", help="4 s of audio, 1 rep, 300 GPU steps")
+    ap.add_argument("--quick", action="store_true",
+                    help="CPU: 2 layers, 1 s of audio, 80 ms chunks only, one cold run per "
+                         "measurement, batch 1, a 2 s naive window (seconds, not minutes; "
+                         "records carry quick=true); GPU: 300 steps")
     ap.add_argument("--dry-run", action="store_true",
                     help="run the GPU benchmark's code path on CPU (tiny model, no CUDA graphs, "
                          "3 steps, batches up to 4) and write nothing")
     args = ap.parse_args(argv)
     if args.quick:
         args.seconds, args.reps, args.steps = min(args.seconds, 4.0), 1, min(args.steps, 300)
+        if not (args.gpu or (torch.cuda.is_available() and not args.cpu)):
+            args.seconds, args.layers = min(args.seconds, 1.0), min(args.layers, 2)
+            args.cpu_max_batch, args.cpu_steps = min(args.cpu_max_batch, 1), min(args.cpu_steps, 2)
     if args.dry_run:
         args.steps, args.max_batch = 3, min(args.max_batch, 4)
         bench_gpu(args)
@@ -420,6 +431,8 @@ def main(argv=None):
         return
     gpu = args.gpu or (torch.cuda.is_available() and not args.cpu)
     recs = bench_gpu(args) if gpu else bench_cpu(args)
+    if args.quick:
+        recs = [dict(r, quick=True) for r in recs]
     print(write_jsonl("streaming", recs))
 
 

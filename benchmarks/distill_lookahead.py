@@ -18,7 +18,7 @@ a function of its lookahead.
 4. Metric on held-out clips: relative distance ||s_l - t_l||^2 / ||t_l - mean(t_l)||^2 per layer,
    averaged over layers (and the last layer alone), before and after distillation.
 
-Writes benchmarks/results/<device>/distill_lookahead.jsonl and prints a Markdown table.
+Writes <results root>/<device>/distill_lookahead.jsonl and prints a Markdown table.
 CPU, a few minutes.
 """
 import argparse

@@ -72,8 +72,15 @@ def attention(recs):
     return text
 
 
+def _conv_provider(r):
+    """Runs recorded before the CPU label fix call F.conv1d "cudnn" on a CPU too."""
+    if r["provider"] == "cudnn" and str(r.get("device", "")).startswith("cpu"):
+        return "torch-conv1d"
+    return r["provider"]
+
+
 def conv(recs):
-    rows = [[r.get("suite", ""), r["provider"], r.get("dtype", ""),
+    rows = [[r.get("suite", ""), _conv_provider(r), r.get("dtype", ""),
              f"B={r['B']} C={r['C']} L={r['L']} k={r['k']} g={r['groups']} s={r['stride']}",
              r.get("mode", ""), _f(r.get("median_ms"), 4), _f(r.get("gb_per_s"), 1),
              _f(100 * r["frac_of_copy"], 0) if isinstance(r.get("frac_of_copy"), float) else "–"]

@@ -15,9 +15,12 @@ def _info(_args):
           f"(CUDA build: {torch.version.cuda or 'no'})")
     try:
         import triton
-        print(f"triton {triton.__version__}")
+        note = _backend.triton_version_note(triton.__version__)
+        print(f"triton {triton.__version__}" + (f" (warning: {note})" if note else
+                                                f" (tested range {_backend.TRITON_SPEC})"))
     except ImportError:
-        print("triton: not installed")
+        print("triton: not installed (optional: pip install 'pyencoder[triton]'; a CUDA torch "
+              "brings its own)")
     if torch.cuda.is_available():
         print(f"device: {torch.cuda.get_device_name(0)}")
     else:
@@ -29,18 +32,102 @@ def _info(_args):
     return 0
 
 
-def main(argv=None):
+def _pos_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {v}")
+    return v
+
+
+def _nonneg_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {text!r}")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {v}")
+    return v
+
+
+def _lookahead_layers(text):
+    if text in ("first", "all"):
+        return text
+    try:
+        return [_nonneg_int(v) for v in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected 'first', 'all' or a comma list of per-layer lookaheads (ints >= 0, e.g. "
+            f"1,1,1,0); got {text!r}")
+
+
+def _latency(args):
+    """Latency of a wav2vec2-base-geometry encoder with the given lookahead configuration."""
+    try:
+        from transformers import Wav2Vec2Config, Wav2Vec2Model
+    except ImportError:
+        raise SystemExit("latency: needs transformers (pip install 'pyencoder[hf]')")
+    import warnings
+
+    import torch
+
+    import pyencoder.hf as phf
+    cfg = Wav2Vec2Config(num_hidden_layers=args.layers)
+    with torch.device("meta"):
+        model = Wav2Vec2Model(cfg)
+    with warnings.catch_warnings(record=True) as caught:   # 'all' compounds: said below
+        warnings.simplefilter("always")
+        phf.apply_pyencoder_to_wav2vec2(model, lookahead_frames=args.lookahead_frames,
+                                        lookahead_layers=args.lookahead_layers, pos_conv="causal",
+                                        group_norm="running")
+    for w in caught:
+        if "compounds" not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    lat = phf.latency(model, sample_rate=args.sample_rate)
+    sr, hop = lat.sample_rate, lat.hop
+    print(f"per-layer lookahead frames: {lat.per_layer_lookahead}")
+    print(f"attention lookahead: {lat.lookahead_frames} frames x {hop} samples "
+          f"= {lat.attention_ms:.1f} ms")
+    print(f"feature extractor:   receptive field - hop = {lat.frontend_lookahead_samples} "
+          f"samples = {lat.frontend_ms:.1f} ms")
+    print(f"total lookahead:     {lat.lookahead_samples} samples = {lat.lookahead_ms:.1f} ms at "
+          f"{sr} Hz (a frame also spans its own {hop}-sample hop: "
+          f"{lat.samples} samples = {lat.ms:.1f} ms in all)")
+    return 0
+
+
+def build_parser():
+    """The command line parser: (parser, {subcommand: subparser})."""
     p = argparse.ArgumentParser(prog="python -m pyencoder")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="backends available on this machine and why not")
     d = sub.add_parser("demo", help="the main job: stream audio / run the kernels on this device")
     d.add_argument("--quick", action="store_true")
     d.add_argument("--checkpoint", default=None, help="local HF wav2vec2 model directory")
-    lat = sub.add_parser("latency", help="algorithmic latency of an encoder configuration")
-    lat.add_argument("--lookahead-frames", type=int, default=3)
-    lat.add_argument("--lookahead-layers", default="first")
-    lat.add_argument("--layers", type=int, default=12)
-    lat.add_argument("--sample-rate", type=int, default=16000)
+    lat = sub.add_parser(
+        "latency", help="algorithmic latency of an encoder configuration",
+        description="Exact algorithmic latency of a wav2vec2-geometry encoder (conv feature "
+                    "extractor, hop 320 samples) patched by pyencoder.hf with the given lookahead "
+                    "(needs transformers; nothing is downloaded or allocated).")
+    lat.add_argument("--lookahead-frames", type=_nonneg_int, default=3, metavar="R",
+                     help="frames of attention lookahead (default 3 = 60 ms at 16 kHz)")
+    lat.add_argument("--lookahead-layers", type=_lookahead_layers, default="first",
+                     metavar="first|all|R0,R1,...",
+                     help="where the lookahead goes: 'first' layer only (default), 'all' layers "
+                          "(it compounds: layers x R frames), or one lookahead per layer as a "
+                          "comma list of --layers ints")
+    lat.add_argument("--layers", type=_pos_int, default=12, metavar="N",
+                     help="transformer layers (default 12, wav2vec2-base)")
+    lat.add_argument("--sample-rate", type=_pos_int, default=16000, metavar="HZ",
+                     help="sample rate used to convert samples to ms (default 16000)")
+    return p, {"demo": d, "latency": lat}
+
+
+def main(argv=None):
+    p, subs = build_parser()
+    lat = subs["latency"]
     args = p.parse_args(argv)
     if args.cmd == "info":
         return _info(args)
@@ -48,8 +135,11 @@ def main(argv=None):
         from ._demo import main as demo_main
         return demo_main(args)
     if args.cmd == "latency":
-        from ._demo import latency_main
-        return latency_main(args)
+        if isinstance(args.lookahead_layers, list) and len(args.lookahead_layers) != args.layers:
+            lat.error(f"--lookahead-layers: a comma list needs one lookahead per layer "
+                      f"({args.layers} for --layers {args.layers}); got "
+                      f"{len(args.lookahead_layers)} values")
+        return _latency(args)
     return 2
 
 

@@ -17,6 +17,25 @@ import threading
 
 BACKENDS = ("reference", "triton", "cuda")
 
+# The Triton releases the kernels are tested with (setup.py's [triton] extra; CI: 3.6, and
+# `make test-triton-newest`: the newest release). Triton is not a hard dependency: a CUDA torch
+# brings its own, and on CPU it only runs the kernels in its interpreter.
+TRITON_SPEC = ">=3.6,<3.10"
+_TRITON_RANGE = ((3, 6), (3, 10))
+
+
+def triton_version_note(version):
+    """None if ``version`` (a triton.__version__ string) is in TRITON_SPEC, else a warning."""
+    try:
+        v = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+    except ValueError:
+        return f"cannot parse triton version {version!r}; tested: triton{TRITON_SPEC}"
+    lo, hi = _TRITON_RANGE
+    if lo <= v < hi:
+        return None
+    return (f"triton {version} is outside the tested range triton{TRITON_SPEC}; the kernels may "
+            "fail to compile or run")
+
 # (family, backend) -> implementation module
 _IMPL_MODULES = {
     ("attention", "reference"): "pyencoder.reference.attention",
@@ -95,7 +114,9 @@ def _compute_global_reason(backend):
         try:
             import triton  # noqa: F401
         except ImportError as e:
-            return f"triton is not installed ({e}); pip install triton (Linux only)"
+            return (f"triton is not installed ({e}); a CUDA build of torch brings it, or "
+                    f"pip install 'pyencoder[triton]' (triton{TRITON_SPEC}, Linux; without a GPU "
+                    "it runs the kernels only under TRITON_INTERPRET=1)")
         import torch
         if not torch.cuda.is_available() and not _interpret():
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
@@ -121,6 +142,7 @@ def backend_info():
 
 
 def available_backends():
+    """Names of the backends that can run on this machine, e.g. ("reference", "triton")."""
     return tuple(b for b, (ok, _) in backend_info().items() if ok)
 
 

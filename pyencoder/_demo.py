@@ -184,9 +184,9 @@ def streaming_demo(quick=False, checkpoint=None, chunk_ms=80, lookahead_frames=3
           f"({what})")
     print(f"   attention: RoPE band, left={left_frames} frames, {lookahead_frames} frames "
           f"lookahead in layer 0")
-    print(f"   algorithmic latency: {lat['ms']:.1f} ms lookahead = {lat['attention_ms']:.0f} ms "
-          f"attention + {lat['frontend_ms']:.0f} ms feature extractor (plus the "
-          f"{lat['hop_samples'] * 1000 / sr:.0f} ms hop a frame itself spans)")
+    print(f"   algorithmic latency: {lat.lookahead_ms:.1f} ms lookahead = {lat.attention_ms:.0f} ms "
+          f"attention + {lat.frontend_ms:.0f} ms feature extractor (plus the "
+          f"{lat.hop * 1000 / sr:.0f} ms hop a frame itself spans)")
     with torch.no_grad():
         t0 = time.perf_counter()
         offline = model(audio).last_hidden_state
@@ -235,33 +235,4 @@ def main(args):
     if diff is not None and diff > 1e-4:
         print(f"FAILED: streamed output differs from offline by {diff:.2e} > 1e-4")
         return 1
-    return 0
-
-
-def latency_main(args):
-    """Latency of a wav2vec2-base-geometry encoder with the given lookahead configuration."""
-    try:
-        from transformers import Wav2Vec2Config
-    except ImportError:
-        raise SystemExit("latency: needs transformers (pip install 'pyencoder[hf]')")
-    from transformers import Wav2Vec2Model
-
-    import pyencoder.hf as phf
-    cfg = Wav2Vec2Config(num_hidden_layers=args.layers)
-    with torch.device("meta"):
-        model = Wav2Vec2Model(cfg)
-    layers = args.lookahead_layers
-    if layers not in ("first", "all"):
-        layers = [int(v) for v in layers.split(",")]
-    phf.apply_pyencoder_to_wav2vec2(model, lookahead_frames=args.lookahead_frames,
-                                    lookahead_layers=layers, pos_conv="causal",
-                                    group_norm="running")
-    lat = phf.latency(model)
-    print(f"per-layer lookahead frames: {lat['per_layer_lookahead']}")
-    print(f"attention lookahead: {lat['lookahead_frames']} frames x {lat['hop_samples']} samples "
-          f"= {lat['attention_ms']:.1f} ms")
-    print(f"feature extractor:   receptive field - hop = {lat['frontend_lookahead_samples']} "
-          f"samples = {lat['frontend_ms']:.1f} ms")
-    print(f"total lookahead:     {lat['samples']} samples = {lat['ms']:.1f} ms at "
-          f"{lat['sample_rate']} Hz (a frame also spans its own {lat['hop_samples']}-sample hop)")
     return 0

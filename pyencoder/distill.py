@@ -18,6 +18,8 @@ causal distillation of WavLM).
   hold different numbers of valid frames.
 """
 import math
+import sys
+import time
 from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
@@ -164,7 +166,7 @@ def _batch(item, device):
 def distill(student, teacher, data: Iterable, optimizer, *, steps=None, weights="uniform",
             layers: Optional[Sequence[Tuple[int, int]]] = None, pos_weight=0.0,
             teacher_pos: Optional[Callable] = None, scheduler=None, grad_clip=None,
-            device=None, callback=None):
+            device=None, callback=None, progress=True):
     """Distil ``teacher`` into ``student`` for ``steps`` batches of ``data`` (or until it ends).
 
     ``data`` yields wav (B, L) tensors, (wav, lengths) pairs or {"wav", "lengths"} dicts.
@@ -174,7 +176,10 @@ def distill(student, teacher, data: Iterable, optimizer, *, steps=None, weights=
     teacher index) pairs into the hidden-state tuples (default: every layer output, 1..L, which
     requires equal depths). ``pos_weight`` > 0 adds the positional-embedding loss against
     ``teacher_pos`` (default: the teacher's ``encoder.pos_conv_embed``) on the student's projected
-    features. ``callback(step, record)`` is called after every step.
+    features. ``callback(step, record)`` is called after every step. ``progress``: print a loss
+    line to stderr (rank 0 only) after the first step, then at most every 10 s (a number: that
+    many seconds), with s/step and, when ``steps`` or ``len(data)`` is known, an ETA, and a last
+    line at the end; False (or 0) is silent.
 
     Returns the list of per-step records {step, loss, per_layer, frames} (loss reduced over ranks).
     """
@@ -184,6 +189,22 @@ def distill(student, teacher, data: Iterable, optimizer, *, steps=None, weights=
     student.train()
     history = []
     world = _world()
+    if isinstance(progress, bool) or progress is None:
+        interval = 10.0 if progress else None
+    else:
+        if not isinstance(progress, (int, float)) or progress < 0:
+            raise ValueError(f"progress must be True, False or seconds between lines (>= 0); got "
+                             f"{progress!r}")
+        interval = float(progress) or None
+    if interval is not None and _is_dist() and torch.distributed.get_rank() != 0:
+        interval = None
+    total = steps
+    if total is None and hasattr(data, "__len__"):
+        try:
+            total = len(data)
+        except TypeError:
+            total = None
+    t_start = t_last = time.perf_counter()
     for step, item in enumerate(data):
         if steps is not None and step >= steps:
             break
@@ -231,4 +252,22 @@ def distill(student, teacher, data: Iterable, optimizer, *, steps=None, weights=
         history.append(rec)
         if callback is not None:
             callback(step, rec)
+        now = time.perf_counter()
+        last = total is not None and step + 1 >= total   # the final line follows
+        if interval is not None and not last and (step == 0 or now - t_last >= interval):
+            t_last = now
+            _progress_line(step + 1, total, now - t_start, rec["loss"])
+    if interval is not None and history:
+        _progress_line(len(history), total, time.perf_counter() - t_start, history[-1]["loss"],
+                       final=True)
     return history
+
+
+def _progress_line(n, total, elapsed, loss, final=False):
+    per = elapsed / max(n, 1)
+    of = f"/{total}" if total is not None else ""
+    eta = (f", ETA {per * (total - n):.0f} s" if total is not None and not final and total > n
+           else "")
+    head = "distill: finished" if final else "distill: step"
+    print(f"{head} {n}{of}  loss {loss:.4g}  ({per:.2f} s/step{eta})", file=sys.stderr,
+          flush=True)

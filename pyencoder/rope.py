@@ -16,6 +16,8 @@ MAX_DIM = 1 << 16
 
 
 class Rope:
+    """Rotary embedding on the first ``dim`` features of each head, applied inside the attention
+    kernels at absolute positions (see the module docstring for the layouts and precision)."""
     def __init__(self, dim, base=10000.0, interleaved=False):
         if isinstance(dim, bool) or not isinstance(dim, int):
             raise TypeError(f"Rope: dim must be a positive even int; got {type(dim).__name__} "

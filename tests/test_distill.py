@@ -86,6 +86,24 @@ def test_distill_loop_reduces_loss():
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def test_distill_progress_lines(capsys):
+    """Progress: a loss line after the first step and a last one (with the known total); the
+    time-based lines in between are not asserted. progress=False is silent; bad values raise."""
+    torch.manual_seed(0)
+    teacher = CausalEncoder(tiny(lookahead=None))
+    student = CausalEncoder(tiny(lookahead=1))
+    opt = torch.optim.SGD(student.parameters(), lr=1e-3)
+    batches = [torch.randn(2, 400) for _ in range(3)]
+    hist = D.distill(student, teacher, batches, opt)
+    err = capsys.readouterr().err
+    assert "distill: step 1/3  loss" in err
+    assert f"distill: finished 3/3  loss {hist[-1]['loss']:.4g}" in err
+    D.distill(student, teacher, iter(batches), opt, steps=2, progress=False)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ValueError, match="progress"):
+        D.distill(student, teacher, batches, opt, progress=-1)
+
+
 def test_distill_from_hf_teacher():
     T = pytest.importorskip("transformers")
     cfg = T.Wav2Vec2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,

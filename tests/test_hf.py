@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 import pyencoder.hf as H  # noqa: E402
 from pyencoder.hf import frontend  # noqa: E402
+import pyencoder.streaming as S  # noqa: E402
 
 COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
               conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2),
@@ -387,9 +388,24 @@ def test_latency_dystream():
                        conv_stride=(5, 2, 2, 2, 2, 2, 2))
     H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=3)
     lat = H.latency(model)
-    assert lat["hop_samples"] == 320 and lat["frontend_lookahead_samples"] == 80
-    assert lat["lookahead_frames"] == 3
-    assert lat["attention_ms"] == 60.0 and lat["frontend_ms"] == 5.0 and lat["ms"] == 65.0
+    assert isinstance(lat, S.Latency)   # one type for pyencoder.hf and pyencoder.streaming
+    assert lat.hop == 320 and lat.frontend_lookahead_samples == 80
+    assert lat.lookahead_frames == 3 and lat.per_layer_lookahead[0] == 3
+    assert lat.attention_ms == 60.0 and lat.frontend_ms == 5.0 and lat.lookahead_ms == 65.0
+    assert lat.lookahead_samples == 1040 and lat.samples == 1360 and lat.ms == 85.0
+    assert S.latency(model).lookahead_samples == lat.lookahead_samples
+    assert "lookahead 1040 samples = 65.000 ms" in str(lat) and "(60.0 ms)" in str(lat)
+    # the dict it used to return still reads: "samples"/"ms" keep their old meaning there
+    assert lat["hop_samples"] == 320 and lat["frontend_ms"] == 5.0
+    with pytest.warns(DeprecationWarning, match="lookahead_ms"):
+        assert lat["ms"] == 65.0
+    with pytest.warns(DeprecationWarning, match="lookahead_samples"):
+        assert lat["samples"] == 1040
+    with pytest.raises(KeyError):
+        lat["bogus"]
+    assert H.latency(model, sample_rate=8000).lookahead_ms == 130.0
+    with pytest.raises(ValueError, match="sample_rate"):
+        H.latency(model, sample_rate=0)
     H.revert_pyencoder(model)
     with pytest.warns(UserWarning, match="compounds"):
         H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=1, lookahead_layers="all")

@@ -43,3 +43,60 @@ def test_package_data_and_subpackages(wheel):
     for sub in ("ops", "reference", "nn", "streaming", "models", "hf", "compat"):
         assert f"pyencoder/{sub}/__init__.py" in wheel, sub
     assert not [n for n in wheel if n.startswith("tests/") or n.startswith("benchmarks/")]
+
+
+def _setup_constant(name):
+    import re
+    src = open(os.path.join(ROOT, "setup.py")).read()
+    m = re.search(rf'^{name} = "([^"]+)"$', src, re.M)
+    assert m, f"setup.py has no {name}"
+    return m.group(1)
+
+
+def test_supported_ranges_agree():
+    """setup.py's [triton] and [hf] extras state the ranges the runtime checks and reports."""
+    from pyencoder import _backend
+    from pyencoder.hf import _compat
+    assert _setup_constant("TRITON_SPEC") == "triton" + _backend.TRITON_SPEC
+    assert _setup_constant("HF_SPEC") == "transformers" + _compat.TESTED_SPEC
+    src = open(os.path.join(ROOT, "setup.py")).read()
+    start = src.index("install_requires=[")
+    assert "triton" not in src[start:src.index("]", start)], \
+        "triton must be an extra: a CPU-only install cannot run its kernels (a CUDA torch brings it)"
+    assert _backend.triton_version_note("3.6.0") is None
+    assert _backend.triton_version_note("3.9.1") is None
+    assert "outside the tested range" in _backend.triton_version_note("3.5.0")
+    assert "outside the tested range" in _backend.triton_version_note("3.10.0")
+    assert _compat.in_tested_range("5.23.0") and _compat.in_tested_range("5.24.0")
+    assert not _compat.in_tested_range("5.22.9") and not _compat.in_tested_range("5.25.0")
+
+
+def _git_status():
+    r = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    if r.returncode != 0:
+        pytest.skip("not a git checkout")
+    return r.stdout
+
+
+def test_install_does_not_write_into_source_tree(tmp_path):
+    """A non-editable `pip install .` from the checkout generates _build_info.py in the build
+    directory only: the source tree (tracked files and the editable install's own
+    pyencoder/_build_info.py) is left as it was."""
+    info = os.path.join(ROOT, "pyencoder", "_build_info.py")
+    before = (os.stat(info).st_mtime_ns, open(info).read()) if os.path.exists(info) else None
+    status = _git_status()
+    target = tmp_path / "site"
+    env = dict(os.environ, PYENCODER_BUILD_CUDA="0")
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                        "--no-build-isolation", "--disable-pip-version-check", "--target",
+                        str(target), ROOT], capture_output=True, text=True, env=env, timeout=300)
+    if r.returncode != 0:
+        pytest.skip(f"could not pip install here: {r.stderr.strip()[-300:]}")
+    after = (os.stat(info).st_mtime_ns, open(info).read()) if os.path.exists(info) else None
+    assert after == before, "pip install . rewrote pyencoder/_build_info.py in the source tree"
+    assert _git_status() == status
+    ns = {}
+    exec(open(target / "pyencoder" / "_build_info.py").read(), ns)
+    assert ns["BUILD_INFO"]["cuda_built"] is False
+    assert ns["BUILD_INFO"]["reason"] == "PYENCODER_BUILD_CUDA=0"

@@ -68,3 +68,15 @@ def test_unknown_leaf_raises():
             return x.flip(-1)
     with pytest.raises(NotStreamableError, match="unknown module"):
         latency(Odd())
+
+
+def test_latency_dict_style_access_reads_the_fields():
+    lat = latency(nn.Sequential(CausalConv1d(1, 2, 10, 5), Transpose(),
+                                BandedSelfAttention(2, 1, left=3, right=2)))
+    assert lat["samples"] == lat.samples == 5 + 2 * 5   # no legacy meaning here
+    assert lat["ms"] == lat.ms and lat["lookahead_ms"] == lat.lookahead_ms
+    assert lat["hop_samples"] == lat.hop == 5
+    assert lat.lookahead_frames is None and lat.attention_ms is None
+    assert set(["samples", "ms", "hop", "lookahead_samples", "lookahead_ms"]) <= set(lat.keys())
+    with pytest.raises(KeyError):
+        lat["_legacy_dict"]

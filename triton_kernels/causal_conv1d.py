@@ -48,8 +48,10 @@ def _load_xp(x_ptr, s_ptr, b, row, row_ok, c2, s2, m2, L, PAD,
     v = tl.load(x_ptr + b * sxb + c2 * sxc + xs * sxl, mask=m2 & (xs >= 0) & (xs < L),
                 other=0.0).to(tl.float32)
     if HAS_STATE:
-        v += tl.load(s_ptr + row * ssb + c2 * ssc + s2 * ssl, mask=m2 & (s2 >= 0) & (s2 < PAD) & row_ok,
-                     other=0.0).to(tl.float32)
+        # row_ok is a scalar: tl.where, not `&` (Triton 3.9's interpreter rejects the mask of a
+        # scalar bool & a bool tensor: "mask has unsupported dtype")
+        sm = tl.where(row_ok, m2 & (s2 >= 0) & (s2 < PAD), False)
+        v += tl.load(s_ptr + row * ssb + c2 * ssc + s2 * ssl, mask=sm, other=0.0).to(tl.float32)
     return v
 
 
@@ -163,7 +165,7 @@ def _causal_conv1d_state_scatter_kernel(
     b = tl.program_id(1).to(tl.int64)
     row, row_ok = _state_row(idx_ptr, b, HAS_IDX)
     i = pid * BLOCK + tl.arange(0, BLOCK)
-    m = (i < N) & row_ok
+    m = tl.where(row_ok, i < N, False)
     v = tl.load(new_ptr + b * snb + i, mask=m)
     tl.store(pool_ptr + row * spb + i, v, mask=m)
 

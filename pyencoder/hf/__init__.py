@@ -9,7 +9,7 @@ streamable encoder in one call.
     y, state = enc.step(audio_chunk, state)   # any number of 16 kHz samples
     y, state = enc.flush(state)
 
-Tested with transformers >=5.23,<5.24 (see pyencoder.hf._compat); the patches check what they rely
+Tested with transformers >=5.23,<5.25 (see pyencoder.hf._compat); the patches check what they rely
 on when applied and raise PatchError naming the installed version if something is missing.
 Importing this module registers the "pyencoder" attention implementation with transformers.
 """

@@ -7,8 +7,8 @@ release that renames something fails loudly at patch time instead of producing w
 """
 import inspect
 
-TESTED_RANGE = ("5.23.0", "5.23.x")
-TESTED_SPEC = ">=5.23,<5.24"
+TESTED_RANGE = ("5.23.0", "5.24.x")
+TESTED_SPEC = ">=5.23,<5.25"
 
 
 class PatchError(RuntimeError):
@@ -19,7 +19,7 @@ def transformers_version():
     try:
         import transformers
     except ImportError as e:  # pragma: no cover - callers import transformers first
-        raise ImportError("pyencoder.hf needs transformers; pip install 'transformers>=5.23,<5.24'"
+        raise ImportError("pyencoder.hf needs transformers; pip install 'transformers>=5.23,<5.25'"
                           ) from e
     return transformers.__version__
 
@@ -36,7 +36,7 @@ def _parse(v):
 
 def in_tested_range(version=None):
     v = _parse(version or transformers_version())
-    return (5, 23, 0) <= v < (5, 24, 0)
+    return (5, 23, 0) <= v < (5, 25, 0)
 
 
 def fail(what):

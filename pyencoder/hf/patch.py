@@ -372,8 +372,8 @@ def apply_pyencoder_to_wav2vec2(model, *, lookahead_frames=3, left_frames=None,
     base._pyencoder_patch = record
     # pyencoder.streaming.latency(model) reads `hop` / `lookahead` (input samples) on the base.
     lat = latency(base)
-    base.hop = lat["hop_samples"]
-    base.lookahead = lat["samples"]
+    base.hop = lat.hop
+    base.lookahead = lat.lookahead_samples
     return model
 
 
@@ -475,6 +475,8 @@ def from_pretrained(cls, path, **kwargs):
 
 
 def patch_record(model):
+    """The record of what ``apply_pyencoder_to_wav2vec2`` changed on ``model`` (None when it is not
+    patched)."""
     base, _ = base_model(model)
     return getattr(base, "_pyencoder_patch", None)
 
@@ -539,15 +541,22 @@ def _adapter_lookahead_frames(specs, geometry):
     return worst, stride
 
 
-def latency(model):
-    """Algorithmic latency of a patched model: attention lookahead plus the feature extractor's
-    (plus the conv adapter's, config.add_adapter).
+def latency(model, sample_rate=SAMPLE_RATE):
+    """Algorithmic latency of a patched model: attention lookahead plus the feature extractor's,
+    as a ``pyencoder.streaming.Latency`` (the type ``pyencoder.streaming.latency`` returns).
 
-    Returns a dict: lookahead_frames (encoder frames past an output frame's own window, through
-    all layers and the adapter), per_layer_lookahead, hop_samples (input samples per output
-    frame: the feature extractor's hop times the adapter's stride), frontend_lookahead_samples
-    (receptive field - hop), samples, and ms versions at 16 kHz; with an adapter also
-    adapter_stride and adapter_lookahead_frames (what the adapter adds to lookahead_frames)."""
+    ``lookahead_samples`` = lookahead_frames x hop + (receptive field - hop) of the feature
+    extractor (``lookahead_ms``: 60 ms attention + 5 ms for 3 frames in the first layer);
+    ``samples`` / ``ms`` add the frame's own hop. ``attention_ms``, ``frontend_ms``,
+    ``per_layer_lookahead`` give the split. With a conv adapter (``config.add_adapter``), ``hop`` is
+    the output hop (feature-extractor hop x ``adapter_stride``), ``lookahead_frames`` counts
+    encoder frames through every layer and the adapter, ``adapter_lookahead_frames`` /
+    ``adapter_ms`` what the adapter adds. ``sample_rate`` only converts samples to ms (the
+    wav2vec2 family is trained at 16 kHz)."""
+    from ..streaming.latency import Latency
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or \
+            sample_rate <= 0:
+        raise ValueError(f"sample_rate must be a positive number; got {sample_rate!r}")
     base, _ = base_model(model)
     record = getattr(base, "_pyencoder_patch", None)
     if record is None:
@@ -560,13 +569,16 @@ def latency(model):
     if geometry:
         frames, stride = _adapter_lookahead_frames(record.specs, geometry)
     fe = rf - hop
-    samples = frames * hop + fe
-    out = dict(lookahead_frames=frames, per_layer_lookahead=record.per_layer_lookahead,
-               hop_samples=hop * stride, frontend_lookahead_samples=fe, samples=samples,
-               attention_ms=attn_frames * hop * 1000.0 / SAMPLE_RATE,
-               frontend_ms=fe * 1000.0 / SAMPLE_RATE, ms=samples * 1000.0 / SAMPLE_RATE,
-               sample_rate=SAMPLE_RATE)
+    la = frames * hop + fe
+    breakdown = [("feature_extractor", "conv stack", hop, fe, fe),
+                 ("encoder", "attention", 1, attn_frames, attn_frames * hop)]
+    extra = {}
     if geometry:
-        out.update(adapter_stride=stride, adapter_lookahead_frames=frames - attn_frames,
-                   adapter_ms=(frames - attn_frames) * hop * 1000.0 / SAMPLE_RATE)
-    return out
+        breakdown.append(("adapter", "conv adapter", stride, frames - attn_frames,
+                          (frames - attn_frames) * hop))
+        extra = dict(adapter_stride=stride, adapter_lookahead_frames=frames - attn_frames)
+    out_hop = hop * stride
+    return Latency(samples=out_hop + la, ms=1000.0 * (out_hop + la) / sample_rate, hop=out_hop,
+                   lookahead_samples=la, sample_rate=int(sample_rate), breakdown=breakdown,
+                   lookahead_frames=frames, per_layer_lookahead=list(record.per_layer_lookahead),
+                   frontend_lookahead_samples=fe, encoder_hop=hop, _legacy_dict=True, **extra)

@@ -214,13 +214,13 @@ class StreamingEncoder(nn.Module):
     @property
     def hop(self):
         """Input samples per output frame (pyencoder.streaming.latency protocol)."""
-        return _latency(self.base)["hop_samples"]
+        return _latency(self.base).hop
 
     @property
     def lookahead(self):
         """Input samples past a frame's own hop that its output needs: attention lookahead frames
         times the hop plus the feature extractor's receptive field minus its hop."""
-        return _latency(self.base)["samples"]
+        return _latency(self.base).lookahead_samples
 
     def _check_patch(self):
         # The layers above were built from the patch record of construction time; a model reverted

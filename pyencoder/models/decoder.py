@@ -130,6 +130,8 @@ class ConvNeXtBlock(nn.Module):
 
 
 class StreamingDecoder(nn.Module):
+    """Vocos-style causal ConvNeXt decoder (``DecoderConfig``): frames (B, T, input_dim) ->
+    waveform (B, T * samples_per_frame), offline and streaming, with exact ``latency()``."""
     def __init__(self, config: DecoderConfig):
         super().__init__()
         c = config

@@ -122,6 +122,10 @@ class FeatureProjection(nn.Module):
 
 
 class CausalEncoder(nn.Module):
+    """Rope-wav2vec2-style causal encoder: conv feature extractor -> projection -> optional causal
+    positional conv -> interval-attention TransformerLayers, configured by an ``EncoderConfig``
+    (``lookahead=None``: a full-context teacher). Offline ``forward`` and streaming ``init_state`` /
+    ``step`` / ``flush`` with equal outputs; ``from_hf`` converts a Wav2Vec2 / HuBERT / WavLM model."""
     def __init__(self, config: EncoderConfig):
         super().__init__()
         c = config

@@ -50,6 +50,8 @@ def _full(B, n, device):
 
 
 class FeatureConv1d(nn.Conv1d):
+    """wav2vec2's unpadded strided conv (or left-padded with ``causal=True``) on
+    pyencoder.ops.causal_conv1d, streamable (module docstring)."""
     def __init__(self, in_channels, out_channels, kernel_size, stride, bias=True, activation=None,
                  causal=False):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, bias=bias)
@@ -196,6 +198,8 @@ class FeatureConvLayer(nn.Module):
 
 
 class ConvFeatureExtractor(nn.Module):
+    """wav2vec2's convolutional feature extractor: FeatureConvLayers (conv -> optional layer /
+    running group norm -> GELU) for waveforms (B, L) -> features (B, C, T); streamable."""
     def __init__(self, conv_dim, conv_kernel, conv_stride, conv_bias=False, norm="layer",
                  causal=False, eps=1e-5):
         super().__init__()

@@ -34,6 +34,9 @@ class ConvState(StreamState):
 
 
 class CausalConv1d(nn.Conv1d):
+    """Drop-in ``nn.Conv1d`` (same parameters and state_dict keys) computing the causal conv of
+    ``pyencoder.ops.causal_conv1d`` (left padding k - stride, optional fused ``activation``), offline
+    and streaming through ``init_state`` / ``step`` / ``flush`` (module docstring)."""
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, groups=1, bias=True,
                  activation=None, device=None, dtype=None):
         if activation not in (None, "silu", "gelu"):

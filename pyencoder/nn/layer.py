@@ -21,6 +21,8 @@ __all__ = ["TransformerLayer", "LayerState", "FeedForward"]
 
 
 class FeedForward(nn.Module):
+    """wav2vec2's feed-forward block: Linear(embed_dim, ffn_dim) -> GELU -> Linear(ffn_dim,
+    embed_dim), with wav2vec2's parameter names (intermediate_dense, output_dense)."""
     def __init__(self, embed_dim, ffn_dim, bias=True):
         super().__init__()
         self.intermediate_dense = Linear(embed_dim, ffn_dim, bias=bias)
@@ -40,6 +42,9 @@ class LayerState(StreamState):
 
 
 class TransformerLayer(nn.Module):
+    """wav2vec2-style encoder layer (pre-LN with ``norm_first=True``, post-LN otherwise) around a
+    BandedSelfAttention or ChunkedSelfAttention; streams with the attention's lookahead (module
+    docstring)."""
     def __init__(self, attention, ffn_dim, *, norm_first=True, layer_norm_eps=1e-5):
         super().__init__()
         if not isinstance(attention, _IntervalSelfAttention):

@@ -27,6 +27,8 @@ class RefinerState(StreamState):
 
 
 class Refiner(nn.Module):
+    """FocalCodec-Stream's chunk-wise residual MLP over chunks of ``chunk_size`` frames of
+    (B, T, ``embed_dim``) inputs; lookahead chunk_size - 1 frames; streams (module docstring)."""
     def __init__(self, embed_dim, chunk_size, hidden_dim=None, activation=None, bias=True):
         super().__init__()
         if not isinstance(chunk_size, int) or chunk_size < 1:

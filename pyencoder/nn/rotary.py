@@ -13,6 +13,9 @@ __all__ = ["RotaryEmbedding"]
 
 
 class RotaryEmbedding(nn.Module):
+    """nn.Module face of ``pyencoder.Rope(dim, base, interleaved)``: no parameters or buffers;
+    pass it as an attention module's ``rope``; ``forward`` rotates (B, H, N, D) in plain torch."""
+
     def __init__(self, dim, base=10000.0, interleaved=False):
         super().__init__()
         self.rope = Rope(dim, base=base, interleaved=interleaved)

@@ -17,7 +17,8 @@ training mode, recurrent layers run bidirectionally, and unknown leaf modules.
 """
 import dataclasses
 import math
-from typing import List, Tuple
+import warnings
+from typing import List, Optional, Tuple
 
 from torch import nn
 
@@ -25,23 +26,101 @@ __all__ = ["latency", "Latency", "NotStreamableError"]
 
 
 class NotStreamableError(ValueError):
+    """A module cannot run chunk by chunk with outputs equal to offline; the message says why and
+    what to replace it with."""
     pass
+
+
+# Keys of the dict pyencoder.hf.latency returned before it returned a Latency: where the name is a
+# field here with another meaning ("samples", "ms": the total, hop included), the old meaning (the
+# lookahead only) is kept for dict-style access, with a DeprecationWarning naming the attribute.
+_LEGACY_KEYS = {"samples": "lookahead_samples", "ms": "lookahead_ms", "hop_samples": "hop"}
 
 
 @dataclasses.dataclass
 class Latency:
+    """Exact algorithmic latency of a streaming model: what ``pyencoder.streaming.latency``,
+    ``pyencoder.hf.latency`` and ``CausalEncoder.latency`` return.
+
+    ``samples`` = ``hop`` + ``lookahead_samples``: from the first input sample of an output frame's
+    hop to the arrival of the last sample that frame needs (``ms`` the same at ``sample_rate``).
+    ``lookahead_samples`` / ``lookahead_ms``: the part past the frame's own hop (what a lookahead
+    budget such as DyStream's 60 ms counts). ``breakdown``: per module (name, type, hop, lookahead
+    frames, lookahead samples). For a patched HF model the attention / feature-extractor split is
+    filled in too (``lookahead_frames``, ``per_layer_lookahead``, ``frontend_lookahead_samples``,
+    ``attention_ms``, ``frontend_ms``; None elsewhere).
+
+    Dict-style access ``lat["key"]`` reads the same fields (kept for code written against the
+    dict that ``pyencoder.hf.latency`` used to return; there ``"samples"``/``"ms"`` meant the
+    lookahead only, and on such an object they still do, with a DeprecationWarning)."""
     samples: int                 # hop + lookahead_samples
     ms: float
     hop: int                     # input samples per output frame
     lookahead_samples: int
     sample_rate: int
     breakdown: List[Tuple[str, str, int, int, int]]  # (name, type, hop, lookahead frames, samples)
+    lookahead_frames: Optional[int] = None           # HF: attention lookahead through all layers
+    per_layer_lookahead: Optional[List[int]] = None  # HF: per layer
+    frontend_lookahead_samples: Optional[int] = None  # HF: feature extractor (receptive field - hop)
+    encoder_hop: Optional[int] = None                # HF: input samples per encoder frame
+    adapter_stride: Optional[int] = None             # HF conv adapter: output frames per encoder frame
+    adapter_lookahead_frames: Optional[int] = None   # HF conv adapter: encoder frames it adds
+    _legacy_dict: bool = dataclasses.field(default=False, repr=False, compare=False)
+
+    @property
+    def lookahead_ms(self):
+        return 1000.0 * self.lookahead_samples / self.sample_rate
+
+    @property
+    def attention_ms(self):
+        if self.lookahead_frames is None:
+            return None
+        frames = self.lookahead_frames - (self.adapter_lookahead_frames or 0)
+        return 1000.0 * frames * (self.encoder_hop or self.hop) / self.sample_rate
+
+    @property
+    def adapter_ms(self):
+        if self.adapter_lookahead_frames is None:
+            return None
+        return 1000.0 * self.adapter_lookahead_frames * (self.encoder_hop or self.hop) / \
+            self.sample_rate
+
+    @property
+    def frontend_ms(self):
+        if self.frontend_lookahead_samples is None:
+            return None
+        return 1000.0 * self.frontend_lookahead_samples / self.sample_rate
+
+    def __getitem__(self, key):
+        if not isinstance(key, str):
+            raise TypeError(f"Latency keys are field names (str); got {type(key).__name__}")
+        if key in _LEGACY_KEYS and (self._legacy_dict or key == "hop_samples"):
+            attr = _LEGACY_KEYS[key]
+            if key != "hop_samples":
+                warnings.warn(f'Latency["{key}"] is the lookahead only (as in the dict '
+                              f'pyencoder.hf.latency used to return); use .{attr}, or .{key} for '
+                              f'the total latency including the frame\'s own hop',
+                              DeprecationWarning, stacklevel=2)
+            return getattr(self, attr)
+        if key.startswith("_") or not hasattr(self, key):
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def keys(self):
+        return [f.name for f in dataclasses.fields(self) if not f.name.startswith("_")] + [
+            "lookahead_ms", "attention_ms", "frontend_ms", "adapter_ms"]
 
     def __str__(self):
         rows = "\n".join(f"  {n or '<root>'} ({t}): hop {h}, lookahead {la} frames = {s} samples"
                          for n, t, h, la, s in self.breakdown if la or h != 1)
-        return (f"latency {self.samples} samples = {self.ms:.3f} ms at {self.sample_rate} Hz "
-                f"(hop {self.hop} + lookahead {self.lookahead_samples})\n{rows}")
+        head = (f"latency {self.samples} samples = {self.ms:.3f} ms at {self.sample_rate} Hz "
+                f"(hop {self.hop} + lookahead {self.lookahead_samples} samples = "
+                f"{self.lookahead_ms:.3f} ms)")
+        if self.lookahead_frames is not None:
+            head += (f"\n  lookahead = attention {self.lookahead_frames} frames "
+                     f"({self.attention_ms:.1f} ms) + feature extractor "
+                     f"{self.frontend_lookahead_samples} samples ({self.frontend_ms:.1f} ms)")
+        return head + ("\n" + rows if rows else "")
 
 
 _ZERO = (nn.Linear, nn.LayerNorm, nn.Dropout, nn.Identity, nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh,

@@ -41,6 +41,11 @@ def ring_write(ring, values, positions, valid):
 
 def decode_attention_reference(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved,
                                block, lo_off, hi_off, scale):
+    """Plain-torch oracle of the streaming decode attention: queries q (B, H, M, D) at positions
+    ``q_pos`` (the first ``q_count`` rows valid) against a ring buffer of rotated keys / values
+    (B, H, cap, D) holding ``n_keys`` keys; interval mask from ``block``, ``lo_off`` (< 0: unbounded)
+    and ``hi_off``; RoPE on q from ``inv_freq`` (None: none). Rows without a visible key output
+    zeros."""
     B, H, M, D = q.shape
     cap = k_ring.shape[2]
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -46,6 +46,9 @@ def _streams(m):
 
 
 class StreamingSequential(nn.Sequential):
+    """``nn.Sequential`` of streaming and per-frame modules that also streams: ``init_state``,
+    ``step`` and ``flush`` run the children in turn (module docstring); its latency is composed by
+    ``pyencoder.streaming.latency``."""
     lookahead = None  # composed by pyencoder.streaming.latency from the children
 
     def __init__(self, *modules):

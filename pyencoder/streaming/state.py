@@ -15,6 +15,10 @@ __all__ = ["StreamState", "reset", "state_nbytes"]
 
 @dataclasses.dataclass
 class StreamState:
+    """Base of every stream state: a dataclass of tensors (and nested states) with
+    ``state_dict()`` / ``load_state_dict()`` to checkpoint and resume a stream, ``reset(mask)`` to
+    recycle slots, ``batch_size`` and ``nbytes()``."""
+
     def _items(self):
         for f in dataclasses.fields(self):
             yield f.name, getattr(self, f.name)
@@ -92,4 +96,5 @@ def reset(state, mask):
 
 
 def state_nbytes(state):
+    """Bytes held by the tensors of a stream state (nested states included)."""
     return state.nbytes()
