@@ -5,18 +5,18 @@ for real (a few seconds); no timing is asserted."""
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+
+import _subproc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
 def _git_status():
-    r = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+    r = _subproc.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT)
     if r.returncode != 0:
         pytest.skip("not a git checkout")
     return r.stdout
@@ -25,9 +25,8 @@ def _git_status():
 def test_quick_run_leaves_tracked_tree_alone(tmp_path):
     before = _git_status()
     env = dict(os.environ, PYENCODER_RESULTS_DIR=str(tmp_path), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--only", "bench_convnext"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-                       start_new_session=True)
+    r = _subproc.run([sys.executable, "-m", "benchmarks", "--quick", "--only", "bench_convnext"],
+                       cwd=ROOT, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "ETA" in r.stdout
     assert _git_status() == before, "a quick benchmark run changed the git checkout"
@@ -54,8 +53,7 @@ def test_results_root_resolution(monkeypatch, tmp_path):
     assert runner._resolve_results_root(ns(results_dir=str(tmp_path))) == str(tmp_path)
     monkeypatch.setenv("PYENCODER_RESULTS_DIR", str(tmp_path))
     assert _common.results_dir() == os.path.join(str(tmp_path), _common.device_slug())
-    ignored = subprocess.run(["git", "check-ignore", "-q", "bench-results/x.jsonl"], cwd=ROOT,
-                             timeout=60)
+    ignored = _subproc.run(["git", "check-ignore", "-q", "bench-results/x.jsonl"], cwd=ROOT)
     assert ignored.returncode == 0, "bench-results/ must be git-ignored"
 
 

@@ -124,11 +124,12 @@ def test_conv_adapter_latency_is_exact(layers, kernel):
     H.apply_pyencoder_to_wav2vec2(model, **BAND)
     lat = H.latency(model)
     frontend_hop = 10
-    assert lat["adapter_stride"] == 2 ** layers
-    assert lat["hop_samples"] == frontend_hop * 2 ** layers
-    attn = H.latency(model)["lookahead_frames"] - lat["adapter_lookahead_frames"]
+    assert lat.adapter_stride == 2 ** layers
+    assert lat.hop == frontend_hop * 2 ** layers
+    attn = lat.lookahead_frames - lat.adapter_lookahead_frames
     assert attn == BAND["lookahead_frames"]
-    hop, look = lat["hop_samples"], lat["samples"]
+    assert lat.attention_ms == attn * frontend_hop * 1000.0 / lat.sample_rate
+    hop, look = lat.hop, lat.lookahead_samples
     x = torch.randn(1, SAMPLES)
     with torch.no_grad():
         base = _out(model, x)

@@ -72,8 +72,7 @@ def test_supported_ranges_agree():
 
 
 def _git_status():
-    r = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=60)
+    r = _subproc.run(["git", "status", "--porcelain"], cwd=ROOT)
     if r.returncode != 0:
         pytest.skip("not a git checkout")
     return r.stdout
@@ -88,9 +87,9 @@ def test_install_does_not_write_into_source_tree(tmp_path):
     status = _git_status()
     target = tmp_path / "site"
     env = dict(os.environ, PYENCODER_BUILD_CUDA="0")
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                        "--no-build-isolation", "--disable-pip-version-check", "--target",
-                        str(target), ROOT], capture_output=True, text=True, env=env, timeout=300)
+    r = _subproc.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                      "--no-build-isolation", "--disable-pip-version-check", "--target",
+                      str(target), ROOT], env=env)
     if r.returncode != 0:
         pytest.skip(f"could not pip install here: {r.stderr.strip()[-300:]}")
     after = (os.stat(info).st_mtime_ns, open(info).read()) if os.path.exists(info) else None
