@@ -33,7 +33,7 @@ from torch import nn
 from ..nn.attention import BandedSelfAttention, ChunkedSelfAttention
 from ..nn.linear import skinny_view
 from ..nn.relpos import WavLMSelfAttention
-from ..streaming.state import StreamState
+from ..streaming.state import StreamState, check_init_args, check_state, stamp
 from .frontend import RunningNormState, causal_pos_conv, running_group_norm
 from .patch import base_model, latency as _latency
 
@@ -68,6 +68,8 @@ class _StreamFeedForward(nn.Module):
 class BufState(StreamState):
     buf: torch.Tensor                      # (B, C, n) inputs not consumed yet
 
+    _growable = {"buf": 2}
+
 
 @dataclasses.dataclass
 class NormState(StreamState):
@@ -80,6 +82,8 @@ class NormState(StreamState):
 class LayerState(StreamState):
     attn: StreamState
     pending: torch.Tensor                  # (B, n, E) inputs of held-back frames (residual)
+
+    _growable = {"pending": 1}
 
 
 @dataclasses.dataclass
@@ -203,7 +207,16 @@ class StreamingEncoder(nn.Module):
         return _latency(self.base)["samples"]
 
     # ------------------------------------------------------------------ state
+    def _stream_config(self):
+        fe = [(cl.conv.in_channels, cl.conv.out_channels, cl.conv.kernel_size[0],
+               cl.conv.stride[0]) for cl in self.base.feature_extractor.conv_layers]
+        return (f"pyencoder.hf.StreamingEncoder({type(self.base).__name__}, family={self.family}, "
+                f"hidden_size={self.base.config.hidden_size}, convs={fe}, group_norm="
+                f"{self.record.group_norm}, pos_conv={self.record.pos_conv}, stable_layer_norm="
+                f"{self.stable}, layers=[{', '.join(sa.extra_repr() for sa in self.attn)}])")
+
     def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
+        check_init_args(batch_size, dtype)
         p = next(self.base.parameters())
         device = p.device if device is None else torch.device(device)
         dtype = p.dtype if dtype is None else dtype
@@ -227,8 +240,8 @@ class StreamingEncoder(nn.Module):
         for sa in self.attn:
             st = sa.init_state(B, device=device, dtype=dtype, max_chunk=max_chunk)
             layers.append(LayerState(st, torch.zeros(B, 0, E, device=device, dtype=dtype)))
-        return EncoderStreamState(convs, norm, pos, layers,
-                                  torch.zeros(B, dtype=torch.int64, device=device))
+        return stamp(self, EncoderStreamState(convs, norm, pos, layers,
+                                              torch.zeros(B, dtype=torch.int64, device=device)))
 
     # ------------------------------------------------------------------ stages
     def _frontend(self, audio, state):
@@ -317,6 +330,7 @@ class StreamingEncoder(nn.Module):
         if not isinstance(audio, torch.Tensor) or audio.dim() != 2:
             raise ValueError(f"audio must be a (batch, samples) tensor; got "
                              f"{getattr(audio, 'shape', type(audio).__name__)}")
+        check_state(self, state, EncoderStreamState)
         if audio.shape[0] != state.out_lengths.shape[0]:
             raise ValueError(f"audio has batch {audio.shape[0]} but the state holds "
                              f"{state.out_lengths.shape[0]} streams")
@@ -325,6 +339,7 @@ class StreamingEncoder(nn.Module):
 
     def flush(self, state):
         """End of stream: emit every held-back frame."""
+        check_state(self, state, EncoderStreamState)
         self._check_eval()
         return self._run(None, state, final=True)
 

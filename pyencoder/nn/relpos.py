@@ -276,11 +276,10 @@ class WavLMSelfAttention(_IntervalSelfAttention):
         return self.out_proj(o.transpose(1, 2).reshape(B, T, E))
 
     # ---- streaming -----------------------------------------------------------------------------
-    def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
-        st = super().init_state(batch_size, device=device, dtype=dtype, max_chunk=max_chunk)
-        gate = st.q.new_zeros(batch_size, self.num_heads, st.q.shape[2])
-        return RelPosAttentionState(k=st.k, v=st.v, q=st.q, pos=st.pos, pending=st.pending,
-                                    out_lengths=st.out_lengths, gate=gate)
+    _state_cls = RelPosAttentionState
+
+    def _extra_state(self, B, qcap, device, dtype):
+        return {"gate": torch.zeros(B, self.num_heads, qcap, device=device, dtype=dtype)}
 
     def step_fixed(self, x, state):
         raise NotImplementedError("WavLMSelfAttention has no step_fixed (CUDA-graph step): the "
