@@ -129,6 +129,12 @@ class _IntervalSelfAttention(nn.Module):
         device = p.device if device is None else torch.device(device)
         dtype = p.dtype if dtype is None else dtype
         cap, qcap = self._caps(max_chunk)
+        window = self.hi_off + max(self.lo_off, 0)
+        if window > self.max_context:
+            raise ValueError(
+                f"{type(self).__name__}: streaming this mask ({self.extra_repr()}) keeps a window "
+                f"of {window} frames, beyond max_context={self.max_context}; narrow the window "
+                f"(left / right, left_chunks / lookahead) or raise max_context")
         if cap is None:
             cap = min(self.max_context, max(64, 2 * qcap))
         H, D, B = self.num_heads, self.head_dim, batch_size

@@ -17,8 +17,8 @@ from torch import Tensor
 
 from .. import _backend
 from ..rope import Rope
-from ._checks import (check_float_dtype, check_int, check_lengths, check_same, check_scale,
-                      check_tensor)
+from ._checks import (MAX_POSITION, check_float_dtype, check_int, check_lengths, check_same,
+                      check_scale, check_tensor, clamp_window, is_int)
 
 __all__ = ["banded_attention", "chunked_attention", "interval_attention", "band_params",
            "chunked_params"]
@@ -92,15 +92,16 @@ _interval_attention_op.register_autograd(_backward, setup_context=_setup_context
 def band_params(left, right):
     check_int("left", left, min_value=0, allow_none=True)
     check_int("right", right, min_value=0)
-    return 1, (-1 if left is None else left), right
+    return 1, (-1 if left is None else clamp_window(left)), clamp_window(right)
 
 
 def chunked_params(chunk_size, left_chunks, lookahead):
     check_int("chunk_size", chunk_size, min_value=1)
     check_int("left_chunks", left_chunks, min_value=0, allow_none=True)
     check_int("lookahead", lookahead, min_value=0)
-    lo = -1 if left_chunks is None else left_chunks * chunk_size
-    return chunk_size, lo, chunk_size - 1 + lookahead
+    chunk_size = clamp_window(chunk_size)
+    lo = -1 if left_chunks is None else clamp_window(left_chunks * chunk_size)
+    return chunk_size, lo, clamp_window(chunk_size - 1 + clamp_window(lookahead))
 
 
 def _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale):
@@ -131,8 +132,8 @@ def _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale):
         if rope.dim > D:
             raise ValueError(f"rope.dim must be <= head_dim ({D}); got {rope.dim}")
     check_lengths("key_lengths", key_lengths, B, k.shape[2], q.device)
-    check_int("q_offset", q_offset, min_value=0)
-    check_int("k_offset", k_offset, min_value=0)
+    check_int("q_offset", q_offset, min_value=0, max_value=MAX_POSITION)
+    check_int("k_offset", k_offset, min_value=0, max_value=MAX_POSITION)
     check_scale(scale)
 
 
@@ -140,6 +141,9 @@ def interval_attention(q, k, v, *, block, lo_off, hi_off, rope=None, key_lengths
                        q_offset=0, k_offset=0, scale=None, backend=None, return_lse=False):
     """The general op: see the module docstring for (block, lo_off, hi_off)."""
     _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale)
+    if is_int(lo_off) and is_int(hi_off):
+        lo_off = -1 if lo_off < 0 else clamp_window(lo_off)
+        hi_off = clamp_window(hi_off)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     inv_freq = None if rope is None else rope.inv_freq(q.device)
     interleaved = False if rope is None else rope.interleaved
