@@ -252,3 +252,33 @@ def test_huge_window_modules():
         wide.init_state(1)
     with pytest.raises(ValueError, match="max_context"):
         BandedSelfAttention(16, 2, left=2 ** 40, right=1).init_state(1)
+
+
+def test_hf_streaming_encoder_state_of_another_patch_refused():
+    pytest.importorskip("transformers")
+    import pyencoder.hf as H
+    from test_hf import make_model
+    torch.manual_seed(5)
+    encs = []
+    for lookahead in (2, 1):
+        model = make_model("w2v2_pre").eval()
+        H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=lookahead, left_frames=3,
+                                      pos_conv="causal")
+        encs.append(H.StreamingEncoder(model))
+    a, b = encs
+    x = torch.randn(1, 400)
+    with torch.no_grad():
+        _, st = a.step(x, a.init_state(1))
+        with pytest.raises(ValueError, match="state was made by"):
+            b.step(x, st)
+        with pytest.raises(ValueError, match="state was made by"):
+            b.flush(st)
+        with pytest.raises(ValueError, match="does not match"):
+            b.init_state(1).load_state_dict(st.state_dict())
+        with pytest.raises(ValueError, match="shape"):
+            a.init_state(2).load_state_dict(st.state_dict())
+        with pytest.raises(TypeError, match="EncoderStreamState"):
+            a.step(x, a.attn[0].init_state(1))
+        for bad in (0, 1.0, True):
+            with pytest.raises((TypeError, ValueError), match="batch_size"):
+                a.init_state(bad)

@@ -171,11 +171,16 @@ def state_nbytes(state):
 
 def stream_config(module):
     """The configuration string that ``module``'s states record: ``module._stream_config()``
-    where defined, else its class name and ``extra_repr()``."""
+    where defined, else its class name and ``extra_repr()``. Built once per module (a module's
+    mask and dims are fixed at construction) and kept in its ``__dict__``, so the check a step
+    makes is an identity comparison."""
+    cached = module.__dict__.get("_stream_config_str")
+    if cached is not None:
+        return cached
     own = getattr(module, "_stream_config", None)
-    if own is not None:
-        return own()
-    return f"{type(module).__name__}({module.extra_repr()})"
+    cfg = own() if own is not None else f"{type(module).__name__}({module.extra_repr()})"
+    module.__dict__["_stream_config_str"] = cfg
+    return cfg
 
 
 def stamp(module, state):
