@@ -282,3 +282,13 @@ def test_hf_streaming_encoder_state_of_another_patch_refused():
         for bad in (0, 1.0, True):
             with pytest.raises((TypeError, ValueError), match="batch_size"):
                 a.init_state(bad)
+
+
+def test_counters_beyond_their_buffers_refused():
+    ref, layer = Refiner(8, 2), TransformerLayer(_att(), 24)
+    sd = ref.init_state(2).state_dict()
+    with pytest.raises(ValueError, match="count"):
+        ref.init_state(2).load_state_dict({**sd, "count": torch.tensor([0, 3])})
+    sd = layer.init_state(1).state_dict()
+    with pytest.raises(ValueError, match="count"):
+        layer.init_state(1).load_state_dict({**sd, "count": torch.tensor([10 ** 6])})

@@ -38,6 +38,11 @@ class LayerState(StreamState):
     count: torch.Tensor        # (B,) int64
     out_lengths: torch.Tensor  # (B,) int64
 
+    def _invalid(self):
+        if self.count.numel() and int(self.count.max()) > self.res.shape[1]:
+            return f"count {self.count.tolist()} exceeds the residual queue ({self.res.shape[1]})"
+        return None
+
 
 class TransformerLayer(nn.Module):
     def __init__(self, attention, ffn_dim, *, norm_first=True, layer_norm_eps=1e-5):

@@ -26,6 +26,11 @@ class RefinerState(StreamState):
     count: torch.Tensor        # (B,) int64 frames in buf
     out_lengths: torch.Tensor  # (B,) int64
 
+    def _invalid(self):
+        if self.count.numel() and int(self.count.max()) > self.buf.shape[1]:
+            return f"count {self.count.tolist()} exceeds the chunk buffer ({self.buf.shape[1]})"
+        return None
+
 
 class Refiner(nn.Module):
     def __init__(self, embed_dim, chunk_size, hidden_dim=None, activation=None, bias=True):
@@ -75,6 +80,9 @@ class Refiner(nn.Module):
         check_state(self, state, RefinerState)
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must have shape (B, n, {self.embed_dim}); got {tuple(x.shape)}")
+        if x.shape[0] != state.count.shape[0]:
+            raise ValueError(f"x has batch {x.shape[0]} but the state holds "
+                             f"{state.count.shape[0]} slots")
         if lengths is not None:
             lengths = check_step_lengths(lengths, x.shape[0], x.shape[1], x.device)
         return self._run(x, state, lengths, final=False)
