@@ -292,3 +292,22 @@ def test_counters_beyond_their_buffers_refused():
     sd = layer.init_state(1).state_dict()
     with pytest.raises(ValueError, match="count"):
         layer.init_state(1).load_state_dict({**sd, "count": torch.tensor([10 ** 6])})
+
+
+def test_huge_windows_in_biased_and_dropout_attention():
+    from pyencoder.nn.relpos import biased_interval_attention, relative_position_bucket
+    from pyencoder.ops.attention_dropout import interval_attention_dropout
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    table = torch.randn(320, 2)
+    full = biased_interval_attention(q, k, v, None, table, relative_position_bucket,
+                                     hi_off=10 ** 6)
+    big = biased_interval_attention(q, k, v, None, table, relative_position_bucket,
+                                    lo_off=sys.maxsize, hi_off=sys.maxsize)
+    assert torch.equal(big, full)
+    g = torch.Generator().manual_seed(0)
+    a = interval_attention_dropout(q, k, v, block=1, lo_off=-1, hi_off=10 ** 6, dropout_p=0.3,
+                                   generator=g)
+    g.manual_seed(0)
+    b = interval_attention_dropout(q, k, v, block=1, lo_off=2 ** 70, hi_off=sys.maxsize,
+                                   dropout_p=0.3, generator=g)
+    assert torch.equal(a, b)

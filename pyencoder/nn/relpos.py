@@ -43,6 +43,7 @@ import math
 import torch
 from torch import nn
 
+from ..ops._checks import clamp_window
 from ..ops.attention import band_params, chunked_params
 from ..rope import apply_rope
 from ..streaming.ring import ring_positions
@@ -111,6 +112,7 @@ def biased_interval_attention(q, k, v, gate, table, bucket_fn, *, block=1, lo_of
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
+    lo_off, hi_off = (-1 if lo_off < 0 else clamp_window(lo_off)), clamp_window(hi_off)
     scale = D ** -0.5 if scale is None else scale
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     dev = q.device
