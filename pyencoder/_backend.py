@@ -1,10 +1,10 @@
 """Backend registry and selection (DESIGN.md, "Backends").
 
 Order of precedence: the per-call ``backend=`` argument, then the innermost
-``pyencoder.use_backend(...)`` context of the calling thread / asyncio task, then the ``PYENCODER_BACKEND`` environment variable, then
-auto. Auto picks the fastest available backend that supports the case and never a different
-function: every backend computes the same op. A forced backend that cannot run the case raises
-``RuntimeError`` saying why.
+``pyencoder.use_backend(...)`` context of the calling thread / asyncio task, then the
+``PYENCODER_BACKEND`` environment variable, then auto. Auto picks the fastest available backend
+that supports the case and never a different function: every backend computes the same op. A
+forced backend that cannot run the case raises ``RuntimeError`` saying why.
 
 Each op family has, per backend, an implementation module (imported lazily, so ``import
 pyencoder`` stays light) that exposes ``supports_<entry>(**args) -> str | None`` (None: supported;

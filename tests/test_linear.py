@@ -83,7 +83,8 @@ def _update_ema(m, g):
 
 
 def _update_ema_swa(m, g):
-    avg = torch.optim.swa_utils.AveragedModel(m, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.5))
+    swa = torch.optim.swa_utils
+    avg = swa.AveragedModel(m, multi_avg_fn=swa.get_ema_multi_avg_fn(0.5))
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(_fresh(p, g))

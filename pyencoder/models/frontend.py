@@ -240,7 +240,8 @@ class ConvFeatureExtractor(nn.Module):
         return x
 
     def _stream_config(self):
-        return f"ConvFeatureExtractor({', '.join(stream_config(layer.conv) for layer in self.conv_layers)})"
+        convs = ", ".join(stream_config(layer.conv) for layer in self.conv_layers)
+        return f"ConvFeatureExtractor({convs})"
 
     def init_state(self, batch_size, *, device=None, dtype=None, **_):
         check_init_args(batch_size, dtype)

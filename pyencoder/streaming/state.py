@@ -196,6 +196,9 @@ def check_state(module, state, cls, config=None):
         raise TypeError(f"{who}: state must be a {cls.__name__} made by {who}.init_state; got "
                         f"{type(state).__name__}")
     want = stream_config(module) if config is None else config
+    if state.config is None:
+        raise ValueError(f"{who}: this {type(state).__name__} records no configuration (it was "
+                         f"not made by init_state); this module is {want!r}")
     if state.config is not want and state.config != want:
         raise ValueError(f"{who}: state was made by {state.config!r}, not by this module "
                          f"({want!r}); build it with this module's init_state")
@@ -221,7 +224,7 @@ def check_step_lengths(lengths, B, n, device, name="lengths"):
         t = lengths
     elif isinstance(lengths, (list, tuple)) and all(
             isinstance(v, int) and not isinstance(v, bool) for v in lengths):
-        t = torch.tensor(lengths, dtype=torch.int64) if lengths else torch.zeros(0, dtype=torch.int64)
+        t = torch.tensor(list(lengths), dtype=torch.int64).reshape(len(lengths))
     else:
         raise TypeError(f"{name} must be None, an integer tensor or a list of ints; got "
                         f"{type(lengths).__name__} {lengths!r}")
