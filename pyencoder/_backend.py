@@ -1,16 +1,17 @@
 """Backend registry and selection (DESIGN.md, "Backends").
 
 Order of precedence: the per-call ``backend=`` argument, then the innermost
-``pyencoder.use_backend(...)`` context, then the ``PYENCODER_BACKEND`` environment variable, then
-auto. Auto picks the fastest available backend that supports the case and never a different
-function: every backend computes the same op. A forced backend that cannot run the case raises
-``RuntimeError`` saying why.
+``pyencoder.use_backend(...)`` context of the calling thread / asyncio task, then the
+``PYENCODER_BACKEND`` environment variable, then auto. Auto picks the fastest available backend
+that supports the case and never a different function: every backend computes the same op. A
+forced backend that cannot run the case raises ``RuntimeError`` saying why.
 
 Each op family has, per backend, an implementation module (imported lazily, so ``import
 pyencoder`` stays light) that exposes ``supports_<entry>(**args) -> str | None`` (None: supported;
 otherwise the reason) next to the entry points themselves.
 """
 import contextlib
+import contextvars
 import importlib
 import os
 import threading
@@ -53,11 +54,24 @@ _AUTO_ORDER = {
 }
 FAMILIES = tuple(_AUTO_ORDER)
 
-# Forced backends of the innermost use_backend() block. A plain module-level dict (not a
-# ContextVar) so torch.compile can trace the selection without a graph break; use_backend blocks
-# nest and restore on exit, and are meant to be entered from one thread at a time.
-_forced = {}
-_forced_lock = threading.Lock()
+# Forced backends of the innermost use_backend() block, {family: name}: a ContextVar, so each
+# thread and each asyncio task sees its own blocks (a new thread starts with none). torch.compile
+# cannot trace a ContextVar read, so use_backend also mirrors the current thread's setting in a
+# threading.local, which dynamo reads and guards on (a changed setting recompiles); compiled code
+# therefore sees the per-thread setting.
+_forced_var = contextvars.ContextVar("pyencoder_forced_backends", default=None)
+_forced_mirror = threading.local()
+
+
+def _forced():
+    if torch_compiling():
+        return getattr(_forced_mirror, "forced", None) or {}
+    return _forced_var.get() or {}
+
+
+def torch_compiling():
+    import torch
+    return torch.compiler.is_compiling()
 
 
 def _check_name(name, what):
@@ -77,18 +91,17 @@ def use_backend(name=None, **per_family):
             raise ValueError(f"use_backend: unknown op family {fam!r}; expected one of {FAMILIES}")
         _check_name(val, f"use_backend({fam}=...)")
     _check_name(name, "use_backend(name)")
-    with _forced_lock:
-        saved = dict(_forced)
-        if name is not None:
-            for fam in FAMILIES:
-                _forced[fam] = name
-        _forced.update(per_family)
+    forced = dict(_forced_var.get() or {})
+    if name is not None:
+        forced.update((fam, name) for fam in FAMILIES)
+    forced.update(per_family)
+    token = _forced_var.set(forced)
+    _forced_mirror.forced = forced
     try:
         yield
     finally:
-        with _forced_lock:
-            _forced.clear()
-            _forced.update(saved)
+        _forced_var.reset(token)
+        _forced_mirror.forced = _forced_var.get()
 
 
 def _interpret():
@@ -166,7 +179,7 @@ def impl_module(family, backend):
 def requested_backend(family, backend=None):
     if backend is not None:
         return _check_name(backend, "backend")
-    forced = _forced.get(family)
+    forced = _forced().get(family)
     if forced is not None:
         return forced
     env = os.environ.get("PYENCODER_BACKEND")

@@ -43,7 +43,7 @@ from ..nn.attention import BandedSelfAttention, ChunkedSelfAttention
 from ..nn.linear import skinny_view
 from ..nn.relpos import WavLMSelfAttention
 from ..ops._checks import check_chunk_sizes
-from ..streaming.state import StreamState
+from ..streaming.state import StreamState, check_init_args, check_state, stamp
 from .frontend import RunningNormState, causal_pos_conv, running_group_norm
 from .patch import adapter_geometry, base_model, latency as _latency
 
@@ -78,6 +78,8 @@ class _StreamFeedForward(nn.Module):
 class BufState(StreamState):
     buf: torch.Tensor                      # (B, C, n) inputs not consumed yet
 
+    _growable = {"buf": 2}
+
 
 @dataclasses.dataclass
 class NormState(StreamState):
@@ -91,11 +93,14 @@ class LayerState(StreamState):
     attn: StreamState
     pending: torch.Tensor                  # (B, n, E) inputs of held-back frames (residual)
 
+    _growable = {"pending": 1}
+
 
 @dataclasses.dataclass
 class AdapterBufState(StreamState):
     buf: torch.Tensor                      # (B, C, n) adapter-conv inputs not consumed yet
     left: torch.Tensor                     # (B,) int64: zero frames a stream starts with (padding)
+    _growable = {"buf": 2}
 
 
 @dataclasses.dataclass
@@ -237,8 +242,18 @@ class StreamingEncoder(nn.Module):
                                "StreamingEncoder for the current patch")
 
     # ------------------------------------------------------------------ state
+    def _stream_config(self):
+        fe = [(cl.conv.in_channels, cl.conv.out_channels, cl.conv.kernel_size[0],
+               cl.conv.stride[0]) for cl in self.base.feature_extractor.conv_layers]
+        return (f"pyencoder.hf.StreamingEncoder({type(self.base).__name__}, family={self.family}, "
+                f"hidden_size={self.base.config.hidden_size}, convs={fe}, group_norm="
+                f"{self.record.group_norm}, pos_conv={self.record.pos_conv}, stable_layer_norm="
+                f"{self.stable}, adapter={list(self.adapter_geometry or [])}, "
+                f"layers=[{', '.join(sa.extra_repr() for sa in self.attn)}])")
+
     def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
         self._check_patch()
+        check_init_args(batch_size, dtype)
         p = next(self.base.parameters())
         device = p.device if device is None else torch.device(device)
         dtype = p.dtype if dtype is None else dtype
@@ -269,8 +284,9 @@ class StreamingEncoder(nn.Module):
                 adapter.append(AdapterBufState(
                     torch.zeros(B, layer.conv.in_channels, p, device=device, dtype=dtype),
                     torch.full((B,), p, dtype=torch.int64, device=device)))
-        return EncoderStreamState(convs, norm, pos, layers,
-                                  torch.zeros(B, dtype=torch.int64, device=device), adapter)
+        return stamp(self, EncoderStreamState(convs, norm, pos, layers,
+                                              torch.zeros(B, dtype=torch.int64, device=device),
+                                              adapter))
 
     # ------------------------------------------------------------------ stages
     def _frontend(self, audio, state):
@@ -384,6 +400,7 @@ class StreamingEncoder(nn.Module):
         if not isinstance(audio, torch.Tensor) or audio.dim() != 2:
             raise ValueError(f"audio must be a (batch, samples) tensor; got "
                              f"{getattr(audio, 'shape', type(audio).__name__)}")
+        check_state(self, state, EncoderStreamState)
         if audio.shape[0] != state.out_lengths.shape[0]:
             raise ValueError(f"audio has batch {audio.shape[0]} but the state holds "
                              f"{state.out_lengths.shape[0]} streams")
@@ -395,6 +412,7 @@ class StreamingEncoder(nn.Module):
 
     def flush(self, state):
         """End of stream: emit every held-back frame."""
+        check_state(self, state, EncoderStreamState)
         self._check_eval()
         with threads_for(float("inf"), state.layers[0].pending.device):
             return self._run(None, state, final=True)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..nn.attention import BandedSelfAttention
-from ..nn.conv import CausalConv1d
+from ..nn.conv import CausalConv1d, ConvState
 from ..nn.layer import TransformerLayer
 from ..nn.linear import Linear
 from ..nn.misc import Transpose
@@ -32,7 +32,7 @@ from ..nn.refiner import Refiner
 from ..ops.convnext import convnext_dwconv_ln
 from ..ops.convnext import triton_available as convnext_triton_available
 from ..streaming.sequential import StreamingSequential
-from ..streaming.state import StreamState
+from ..streaming.state import StreamState, check_init_args, check_state, check_step_lengths, stamp
 
 __all__ = ["DecoderConfig", "ConvNeXtBlock", "StreamingDecoder", "DecoderState"]
 
@@ -113,8 +113,17 @@ class ConvNeXtBlock(nn.Module):
         return self.dwconv.init_state(batch_size, device=device, dtype=dtype)
 
     def step(self, x, state, lengths=None):
+        check_state(self.dwconv, state, ConvState)
+        if x.dim() != 3 or x.shape[-1] != self.dwconv.in_channels:
+            raise ValueError(f"x must have shape (B, n, {self.dwconv.in_channels}); got "
+                             f"{tuple(x.shape)}")
+        if x.shape[0] != state.seen.shape[0]:
+            raise ValueError(f"x has batch {x.shape[0]} but the state holds "
+                             f"{state.seen.shape[0]} slots")
         n = x.shape[1]
-        uniform = lengths is None or bool((torch.as_tensor(lengths) == n).all())
+        if lengths is not None:
+            lengths = check_step_lengths(lengths, x.shape[0], n, x.device)
+        uniform = lengths is None or bool((lengths == n).all())
         if uniform and n > 0 and self.dwconv.k > 1 and self._use_fused(x):
             h, state.hist = self._fused(x.to(state.hist.dtype), state.hist)
             state.seen = state.seen + n
@@ -124,6 +133,7 @@ class ConvNeXtBlock(nn.Module):
         return self._mlp(x, h.transpose(1, 2)), state
 
     def flush(self, state):
+        check_state(self.dwconv, state, ConvState)
         B = state.seen.shape[0]
         state.out_lengths = torch.zeros_like(state.seen)
         return state.hist.new_zeros(B, 0, self.dwconv.in_channels), state
@@ -182,9 +192,13 @@ class StreamingDecoder(nn.Module):
         y = self.forward_frames(x)
         return y.reshape(y.shape[0], -1)
 
+    def _stream_config(self):
+        return f"StreamingDecoder({self.config!r})"
+
     def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
+        check_init_args(batch_size, dtype)
         net = self.net.init_state(batch_size, device=device, dtype=dtype, max_chunk=max_chunk)
-        return DecoderState(net=net, out_lengths=torch.zeros_like(net.out_lengths))
+        return stamp(self, DecoderState(net=net, out_lengths=torch.zeros_like(net.out_lengths)))
 
     def _wave(self, y, state):
         K = self.samples_per_frame
@@ -200,9 +214,11 @@ class StreamingDecoder(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.config.input_dim:
             raise ValueError(f"x must have shape (B, n, {self.config.input_dim}); got "
                              f"{tuple(x.shape)}")
+        check_state(self, state, DecoderState)
         y, state.net = self.net.step(x, state.net, lengths)
         return self._wave(y, state)
 
     def flush(self, state):
+        check_state(self, state, DecoderState)
         y, state.net = self.net.flush(state.net)
         return self._wave(y, state)

@@ -39,7 +39,7 @@ from ..nn.linear import Linear
 from ..nn.relpos import WavLMSelfAttention
 from ..streaming.latency import NotStreamableError
 from ..streaming.sequential import StreamingSequential
-from ..streaming.state import StreamState
+from ..streaming.state import StreamState, check_init_args, check_state, check_step_lengths, stamp
 from .frontend import ConvFeatureExtractor, FrontendState
 
 __all__ = ["EncoderConfig", "CausalEncoder", "EncoderOutput", "EncoderState"]
@@ -260,7 +260,11 @@ class CausalEncoder(nn.Module):
         return EncoderOutput(h, tuple(hs) if hs is not None else None, ext, frames)
 
     # ---- streaming ---------------------------------------------------------------------------
+    def _stream_config(self):
+        return f"CausalEncoder({self.config!r})"
+
     def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
+        check_init_args(batch_size, dtype)
         if self.full_context:
             raise NotStreamableError("this CausalEncoder has full-context attention "
                                      "(config.lookahead=None): it cannot stream")
@@ -272,8 +276,9 @@ class CausalEncoder(nn.Module):
             batch_size, device=device, dtype=dtype)
         layers = self.layers.init_state(batch_size, device=device, dtype=dtype,
                                         max_chunk=max_chunk)
-        return EncoderState(frontend=fe, pos=pos, layers=layers,
-                            out_lengths=torch.zeros(batch_size, dtype=torch.int64, device=device))
+        return stamp(self, EncoderState(frontend=fe, pos=pos, layers=layers,
+                                        out_lengths=torch.zeros(batch_size, dtype=torch.int64,
+                                                                device=device)))
 
     def step(self, wav, state, lengths=None):
         """Feed wav (B, n) samples (any n >= 0; ``lengths`` (B,) valid samples per slot). Returns
@@ -282,6 +287,12 @@ class CausalEncoder(nn.Module):
             wav = wav[:, 0]
         if wav.dim() != 2:
             raise ValueError(f"wav must have shape (B, n) or (B, 1, n); got {tuple(wav.shape)}")
+        check_state(self, state, EncoderState)
+        B = state.out_lengths.shape[0]
+        if wav.shape[0] != B:
+            raise ValueError(f"wav has batch {wav.shape[0]} but the state holds {B} slots")
+        if lengths is not None:
+            lengths = check_step_lengths(lengths, B, wav.shape[-1], wav.device)
         feats, state.frontend = self.feature_extractor.step(wav, state.frontend, lengths)
         fl = state.frontend.out_lengths
         h, _ = self._embed(feats)
@@ -298,6 +309,7 @@ class CausalEncoder(nn.Module):
 
     def flush(self, state):
         """End of stream: the frames held back for lookahead. Returns (y (B, m, E), state)."""
+        check_state(self, state, EncoderState)
         y, state.layers = self.layers.flush(state.layers)
         B = state.out_lengths.shape[0]
         if y is None:

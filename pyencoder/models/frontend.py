@@ -25,7 +25,8 @@ from torch import nn
 
 from ..nn.norm import RunningGroupNorm, RunningNormState
 from ..ops.conv import causal_conv1d
-from ..streaming.state import StreamState
+from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
+                               stamp, stream_config)
 
 __all__ = ["FeatureConv1d", "RunningGroupNorm", "FeatureConvLayer", "ConvFeatureExtractor",
            "FeatureConvState", "RunningNormState", "FrontendState"]
@@ -112,12 +113,13 @@ class FeatureConv1d(nn.Conv1d):
         return self._valid(x)
 
     def init_state(self, batch_size, *, device=None, dtype=None, **_):
+        check_init_args(batch_size, dtype)
         device = self.weight.device if device is None else torch.device(device)
         dtype = self.weight.dtype if dtype is None else dtype
-        return FeatureConvState(
+        return stamp(self, FeatureConvState(
             buf=torch.zeros(batch_size, self.in_channels, self.k - 1, device=device, dtype=dtype),
             seen=torch.zeros(batch_size, dtype=torch.int64, device=device),
-            out_lengths=torch.zeros(batch_size, dtype=torch.int64, device=device))
+            out_lengths=torch.zeros(batch_size, dtype=torch.int64, device=device)))
 
     def _held(self, seen):
         """Samples of the padded stream kept in the buffer after ``seen`` input samples."""
@@ -127,10 +129,15 @@ class FeatureConv1d(nn.Conv1d):
 
     def step(self, x, state, lengths=None):
         """Feed x (B, C_in, n); returns (y (B, C_out, m), state)."""
+        check_state(self, state, FeatureConvState)
+        if x.dim() != 3 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must have shape (B, {self.in_channels}, n); got {tuple(x.shape)}")
         B, C, n = x.shape
+        if B != state.seen.shape[0]:
+            raise ValueError(f"x has batch {B} but the state holds {state.seen.shape[0]} slots")
         k, s = self.k, self.s
         dev = x.device
-        lengths = _full(B, n, dev) if lengths is None else lengths.to(torch.int64)
+        lengths = check_step_lengths(lengths, B, n, dev)
         x = x.to(state.buf.dtype)
         held = self._held(state.seen)
         uniform = B > 0 and bool((lengths == n).all()) and bool((held == held[0]).all())
@@ -161,6 +168,7 @@ class FeatureConv1d(nn.Conv1d):
         return y, state
 
     def flush(self, state):
+        check_state(self, state, FeatureConvState)
         state.out_lengths = torch.zeros_like(state.seen)
         return state.buf.new_zeros(state.buf.shape[0], self.out_channels, 0), state
 
@@ -235,19 +243,25 @@ class ConvFeatureExtractor(nn.Module):
             x = layer(x)
         return x
 
+    def _stream_config(self):
+        convs = ", ".join(stream_config(layer.conv) for layer in self.conv_layers)
+        return f"ConvFeatureExtractor({convs})"
+
     def init_state(self, batch_size, *, device=None, dtype=None, **_):
+        check_init_args(batch_size, dtype)
         convs = [layer.conv.init_state(batch_size, device=device, dtype=dtype)
                  for layer in self.conv_layers]
         ln0 = self.conv_layers[0].layer_norm
         norm = ln0.init_state(batch_size, device=convs[0].seen.device) \
             if isinstance(ln0, RunningGroupNorm) else None
-        return FrontendState(convs=convs, norm=norm, out_lengths=torch.zeros_like(convs[0].seen))
+        return stamp(self, FrontendState(convs=convs, norm=norm,
+                                         out_lengths=torch.zeros_like(convs[0].seen)))
 
     def step(self, wav, state, lengths=None):
+        check_state(self, state, FrontendState)
         x = wav[:, None] if wav.dim() == 2 else wav
         B = x.shape[0]
-        lengths = _full(B, x.shape[-1], x.device) if lengths is None else \
-            torch.as_tensor(lengths, device=x.device).to(torch.int64)
+        lengths = check_step_lengths(lengths, B, x.shape[-1], x.device)
         for i, layer in enumerate(self.conv_layers):
             x, st = layer.conv.step(x, state.convs[i], lengths)
             state.convs[i] = st

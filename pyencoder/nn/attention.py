@@ -37,7 +37,8 @@ from ..ops._checks import check_module_input
 from ..ops.attention import band_params, chunked_params, interval_attention
 from ..rope import apply_rope, as_rope
 from ..streaming.ring import decode_attention, ring_write
-from ..streaming.state import StreamState
+from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
+                               stamp)
 from .linear import Linear
 
 __all__ = ["BandedSelfAttention", "ChunkedSelfAttention", "AttentionState"]
@@ -52,16 +53,15 @@ class AttentionState(StreamState):
     pending: torch.Tensor     # (B,) int64 queries held back
     out_lengths: torch.Tensor  # (B,) int64 frames emitted by the last step / flush
 
+    _growable = {"k": 2, "v": 2}   # the ring of unbounded history grows up to max_context
 
-def _check_lengths(lengths, B, n, device):
-    if lengths is None:
-        return torch.full((B,), n, dtype=torch.int64, device=device)
-    lengths = torch.as_tensor(lengths, device=device).to(torch.int64)
-    if lengths.shape != (B,):
-        raise ValueError(f"lengths must have shape ({B},); got {tuple(lengths.shape)}")
-    if B and (int(lengths.min()) < 0 or int(lengths.max()) > n):
-        raise ValueError(f"lengths must lie in [0, {n}]; got {lengths.tolist()}")
-    return lengths
+    def _invalid(self):
+        qcap = self.q.shape[2]
+        if self.pending.numel() and int(self.pending.max()) > qcap:
+            return f"pending {self.pending.tolist()} exceeds the query queue ({qcap})"
+        if bool((self.pending > self.pos).any()):
+            return f"pending {self.pending.tolist()} exceeds pos {self.pos.tolist()}"
+        return None
 
 
 class _IntervalSelfAttention(nn.Module):
@@ -71,7 +71,10 @@ class _IntervalSelfAttention(nn.Module):
                 or embed_dim < 1 or embed_dim % num_heads:
             raise ValueError(f"embed_dim must be a positive multiple of num_heads; got "
                              f"embed_dim={embed_dim!r}, num_heads={num_heads!r}")
-        if not isinstance(max_context, int) or max_context < 1:
+        if isinstance(max_context, bool) or not isinstance(max_context, int):
+            raise TypeError(f"max_context must be a positive int; got "
+                            f"{type(max_context).__name__} {max_context!r}")
+        if max_context < 1:
             raise ValueError(f"max_context must be a positive int; got {max_context!r}")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -119,19 +122,35 @@ class _IntervalSelfAttention(nn.Module):
     def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
         """Fresh state for ``batch_size`` streams. ``max_chunk``: frames processed per internal
         piece (sets the ring capacity lo_off + hi_off + max_chunk; longer steps are split)."""
-        if not isinstance(max_chunk, int) or max_chunk < 1:
+        check_init_args(batch_size, dtype)
+        if isinstance(max_chunk, bool) or not isinstance(max_chunk, int) or max_chunk < 1:
             raise ValueError(f"max_chunk must be a positive int; got {max_chunk!r}")
         p = self.q_proj.weight
         device = p.device if device is None else torch.device(device)
         dtype = p.dtype if dtype is None else dtype
         cap, qcap = self._caps(max_chunk)
+        window = self.hi_off + max(self.lo_off, 0)
+        if window > self.max_context:
+            raise ValueError(
+                f"{type(self).__name__}: streaming this mask ({self.extra_repr()}) keeps a window "
+                f"of {window} frames, beyond max_context={self.max_context}; narrow the window "
+                f"(left / right, left_chunks / lookahead) or raise max_context")
         if cap is None:
             cap = min(self.max_context, max(64, 2 * qcap))
         H, D, B = self.num_heads, self.head_dim, batch_size
         z = lambda n: torch.zeros(B, H, n, D, device=device, dtype=dtype)  # noqa: E731
         zi = lambda: torch.zeros(B, dtype=torch.int64, device=device)  # noqa: E731
-        return AttentionState(k=z(cap), v=z(cap), q=z(qcap), pos=zi(), pending=zi(),
-                              out_lengths=zi())
+        return stamp(self, self._state_cls(k=z(cap), v=z(cap), q=z(qcap), pos=zi(), pending=zi(),
+                                           out_lengths=zi(),
+                                           **self._extra_state(B, qcap, device, dtype)))
+
+    _state_cls = AttentionState
+
+    def _extra_state(self, B, qcap, device, dtype):
+        return {}
+
+    def _check_state(self, state):
+        check_state(self, state, self._state_cls)
 
     def _max_chunk(self, state):
         return state.q.shape[2] - self.hi_off
@@ -141,12 +160,15 @@ class _IntervalSelfAttention(nn.Module):
         arrived. See the module docstring for ``lengths`` and ``state.out_lengths``."""
         check_module_input(x, 2, self.embed_dim, f"(B, n, {self.embed_dim})", self.q_proj.weight)
         B, n, _ = x.shape
+        self._check_state(state)
         if B != state.pos.shape[0]:
             raise ValueError(f"x has batch {B} but the state holds {state.pos.shape[0]} slots")
+        if lengths is not None:
+            lengths = check_step_lengths(lengths, B, n, x.device)
         if self._fixed_ok(n, state, lengths):
             _fresh_counters(state)
             return self.step_fixed(x, state), state
-        lengths = _check_lengths(lengths, B, n, x.device)
+        lengths = check_step_lengths(lengths, B, n, x.device)
         mc = self._max_chunk(state)
         if n <= mc:
             return self._piece(x, lengths, state, final=False)
@@ -189,6 +211,7 @@ class _IntervalSelfAttention(nn.Module):
             raise ValueError(f"{type(self).__name__}.step_fixed needs a finite left context "
                              f"(left / left_chunks); the unbounded cache grows, which a CUDA graph "
                              f"cannot do")
+        self._check_state(state)
         if B != state.pos.shape[0]:
             raise ValueError(f"x has batch {B} but the state holds {state.pos.shape[0]} slots")
         mc = self._max_chunk(state)
@@ -274,6 +297,7 @@ class _IntervalSelfAttention(nn.Module):
 
     def flush(self, state):
         """End of stream: emit every held-back query (its window is cut at the last frame)."""
+        self._check_state(state)
         B = state.pos.shape[0]
         x = state.q.new_zeros(B, 0, self.embed_dim)
         return self._piece(x, torch.zeros(B, dtype=torch.int64, device=x.device), state,

@@ -21,7 +21,8 @@ from torch import nn
 
 from ..ops._checks import check_int, check_module_input
 from ..ops.conv import causal_conv1d, causal_conv1d_update
-from ..streaming.state import StreamState
+from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
+                               stamp)
 
 __all__ = ["CausalConv1d", "ConvState"]
 
@@ -81,11 +82,13 @@ class CausalConv1d(nn.Conv1d):
                              activation=self.activation)
 
     def init_state(self, batch_size, *, device=None, dtype=None, **_):
+        check_init_args(batch_size, dtype)
         device = self.weight.device if device is None else torch.device(device)
         dtype = self.weight.dtype if dtype is None else dtype
         zi = lambda: torch.zeros(batch_size, dtype=torch.int64, device=device)  # noqa: E731
-        return ConvState(hist=torch.zeros(batch_size, self.in_channels, self.k - 1, device=device,
-                                          dtype=dtype), seen=zi(), out_lengths=zi())
+        return stamp(self, ConvState(hist=torch.zeros(batch_size, self.in_channels, self.k - 1,
+                                                      device=device, dtype=dtype),
+                                     seen=zi(), out_lengths=zi()))
 
     def _run(self, cat, off):
         k, s = self.k, self.s
@@ -97,14 +100,12 @@ class CausalConv1d(nn.Conv1d):
         """Feed x (B, C_in, n); returns (y (B, C_out, m), state)."""
         check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, n)", self.weight)
         B, C, n = x.shape
+        check_state(self, state, ConvState)
         if B != state.seen.shape[0]:
             raise ValueError(f"x has batch {B} but the state holds {state.seen.shape[0]} slots")
         k, s = self.k, self.s
         dev = x.device
-        if lengths is None:
-            lengths = torch.full((B,), n, dtype=torch.int64, device=dev)
-        else:
-            lengths = torch.as_tensor(lengths, device=dev).to(torch.int64)
+        lengths = check_step_lengths(lengths, B, n, dev)
         x = x.to(state.hist.dtype)
         phase = torch.remainder(state.seen, s)
         uniform = B > 0 and bool((lengths == n).all()) and bool((phase == phase[0]).all())
@@ -141,6 +142,7 @@ class CausalConv1d(nn.Conv1d):
         stride, and every slot has seen a multiple of the stride (``check=True`` verifies that,
         a host synchronisation). State updated in place."""
         k, s = self.k, self.s
+        check_state(self, state, ConvState)
         if x.shape[-1] % s:
             raise ValueError(f"CausalConv1d.step_fixed: the step length x.shape[-1] must be a "
                              f"multiple of the stride {s}; got {x.shape[-1]}")
@@ -156,6 +158,7 @@ class CausalConv1d(nn.Conv1d):
         return y
 
     def flush(self, state):
+        check_state(self, state, ConvState)
         B = state.seen.shape[0]
         state.out_lengths = torch.zeros_like(state.seen)
         return state.hist.new_zeros(B, self.out_channels, 0), state

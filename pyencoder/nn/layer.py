@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from ..ops._checks import check_module_input
-from ..streaming.state import StreamState
+from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
+                               stamp)
 from .attention import _IntervalSelfAttention, _fresh_counters
 from .linear import Linear
 
@@ -39,6 +40,11 @@ class LayerState(StreamState):
     res: torch.Tensor          # (B, qcap, E) residual inputs of the held-back frames
     count: torch.Tensor        # (B,) int64
     out_lengths: torch.Tensor  # (B,) int64
+
+    def _invalid(self):
+        if self.count.numel() and int(self.count.max()) > self.res.shape[1]:
+            return f"count {self.count.tolist()} exceeds the residual queue ({self.res.shape[1]})"
+        return None
 
 
 class TransformerLayer(nn.Module):
@@ -79,18 +85,32 @@ class TransformerLayer(nn.Module):
         h = self.layer_norm(x) if self.norm_first else x
         return self._post(x, self.attention(h, key_lengths=key_lengths))
 
+    def _stream_config(self):
+        ff = self.feed_forward
+        return (f"TransformerLayer(embed_dim={self.attention.embed_dim}, ffn_dim="
+                f"{ff.intermediate_dense.out_features}, norm_first={self.norm_first})")
+
+    def _check_state(self, state):
+        check_state(self, state, LayerState)
+        self.attention._check_state(state.attention)
+
     def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
+        check_init_args(batch_size, dtype)
         att = self.attention.init_state(batch_size, device=device, dtype=dtype,
                                         max_chunk=max_chunk)
         qcap = att.q.shape[2]
         zi = lambda: torch.zeros(batch_size, dtype=torch.int64, device=att.pos.device)  # noqa
-        return LayerState(attention=att, res=att.q.new_zeros(batch_size, qcap,
-                                                             self.attention.embed_dim),
-                          count=zi(), out_lengths=zi())
+        return stamp(self, LayerState(attention=att, res=att.q.new_zeros(
+            batch_size, qcap, self.attention.embed_dim), count=zi(), out_lengths=zi()))
 
     def step(self, x, state, lengths=None):
         self._check(x)
+        self._check_state(state)
         B, n, E = x.shape
+        if B != state.count.shape[0]:
+            raise ValueError(f"x has batch {B} but the state holds {state.count.shape[0]} slots")
+        if lengths is not None:
+            lengths = check_step_lengths(lengths, B, n, x.device)
         if self.attention._fixed_ok(n, state.attention, lengths):
             _fresh_counters(state.attention)
             state.out_lengths = torch.empty_like(state.out_lengths)
@@ -114,6 +134,7 @@ class TransformerLayer(nn.Module):
         """CUDA-graph friendly steady-state step (preconditions: the attention's ``step_fixed``).
         The residual inputs of the held-back frames are queued like the attention's queries:
         written behind ``state.count`` (device-side index) and shifted by n. State in place."""
+        self._check_state(state)
         B, n, E = x.shape
         h = self.layer_norm(x) if self.norm_first else x
         a = self.attention.step_fixed(h, state.attention, check=check)
@@ -128,6 +149,7 @@ class TransformerLayer(nn.Module):
         return y
 
     def flush(self, state):
+        self._check_state(state)
         a, state.attention = self.attention.flush(state.attention)
         B = state.res.shape[0]
         return self._release(state.res.new_zeros(B, 0, state.res.shape[2]), a, state, None)

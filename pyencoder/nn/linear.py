@@ -13,7 +13,7 @@ torch 2.13 + MKL 2024.2, fp32, 2 threads (GB/s of weight read):
     768x3072     4     12.3     13.6
     768x768      5     13.2     16.8
     3072x768     5     11.8     22.0
-    768x3072     5     13.5     17.5        (K-blocked copy, see Linear)
+    768x3072     5     13.5     17.5        (K-blocked copy, no longer used: see below)
     768x3072     6     13.7     12.5        (6+ rows: mixed, so not taken)
     768x3072     8     13.0      7.8
     768x768      1     15.2     30.1        (the row padded to two: one GEMM instead of gemv)
@@ -21,11 +21,21 @@ torch 2.13 + MKL 2024.2, fp32, 2 threads (GB/s of weight read):
     768x3072     1     21.1     23.9
 
 ``linear`` takes the transposed product on CPU for fp32 inputs with 1-5 rows (all leading dims
-flattened; a single row is duplicated into two so MKL runs its GEMM rather than its gemv) and
-``F.linear`` everywhere else (GPU, other dtypes, >= 6 rows, under torch.compile or CPU
-autocast). Both are one fp32 GEMM over the same products; only the summation blocking differs,
+flattened; a single row is duplicated into two so MKL runs its GEMM rather than its gemv) when
+autograd records nothing (no_grad / inference_mode, or neither x nor the weight needs a gradient),
+and ``F.linear`` everywhere else (GPU, other dtypes, >= 6 rows, training, under torch.compile or
+CPU autocast). Both are one fp32 GEMM over the same products; only the summation blocking differs,
 so results agree to fp32 rounding (test_linear.py). ``PYENCODER_CPU_SKINNY_GEMM=0`` turns the
 transposed path off.
+
+The product always reads the weight tensor itself: there is no cached copy of it. (An earlier
+version kept a K-blocked contiguous copy for in_features > 1024, keyed by the weight's data pointer
+and version counter; writes through ``weight.data`` -- EMA updates, weight surgery -- bump another
+version counter, so that copy could silently serve old weights. Only a content check can validate
+such a copy, and that reads the whole weight, which is the cost the copy was meant to save. The
+table's 768x3072 5-row entry was measured with that copy; ``python -m
+benchmarks.bench_linear_skinny`` compares F.linear, the transposed product and the old blocked copy
+on the wav2vec2 shapes.)
 """
 import os
 
@@ -34,7 +44,6 @@ import torch.nn.functional as F
 from torch import nn
 
 _MIN_ROWS, _MAX_ROWS = 1, 5
-_K_BLOCK = 1024
 
 
 def _enabled():
@@ -48,33 +57,21 @@ def uses_skinny_path(x, weight):
     if x.dim() == 0 or x.shape[-1] == 0 or torch.compiler.is_compiling() \
             or torch.is_autocast_enabled("cpu"):   # autocast decides F.linear's dtype
         return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
     rows = x.numel() // x.shape[-1]
     return _MIN_ROWS <= rows <= _MAX_ROWS and _enabled()
 
 
-def _k_blocks(k):
-    """Blocks the K (in_features) dim is cut into for the skinny path: 1 up to _K_BLOCK, else the
-    fewest equal blocks of at most _K_BLOCK (None when K has no such divisor within 16 blocks)."""
-    if k <= _K_BLOCK:
-        return 1
-    for nb in range(-(-k // _K_BLOCK), 17):
-        if k % nb == 0:
-            return nb
-    return None
-
-
-def linear(x, weight, bias=None, weight_blocks=None):
-    """``F.linear(x, weight, bias)``; on CPU with 1-5 fp32 rows computed as ``(W @ x^T)^T``.
-
-    ``weight_blocks``: optional (nb, out, in / nb) contiguous copy of ``weight`` cut along its input
-    dim (``Linear`` keeps one for in_features > 1024 in inference); the product is then one
-    batched GEMM over the blocks and a sum."""
+def linear(x, weight, bias=None):
+    """``F.linear(x, weight, bias)``; on CPU with 1-5 fp32 rows and no autograd recording,
+    computed as ``(W @ x^T)^T``."""
     if not uses_skinny_path(x, weight):
         return F.linear(x, weight, bias)
-    return _skinny(x, weight, bias, weight_blocks)
+    return _skinny(x, weight, bias)
 
 
-def _skinny(x, weight, bias, weight_blocks):
+def _skinny(x, weight, bias):
     if x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"linear: x has {x.shape[-1]} features in its last dim; weight "
                          f"{tuple(weight.shape)} expects {weight.shape[-1]}")
@@ -83,61 +80,21 @@ def _skinny(x, weight, bias, weight_blocks):
     rows = x2.shape[0]
     if rows == 1:
         x2 = x2.expand(2, -1).contiguous()
-    if weight_blocks is not None:
-        nb, _, kb = weight_blocks.shape
-        y = torch.bmm(weight_blocks, x2.view(-1, nb, kb).permute(1, 2, 0)).sum(0)
-        if bias is not None:
-            y = y + bias.unsqueeze(1)
-    elif bias is None:
+    if bias is None:
         y = torch.mm(weight, x2.t())
     else:
         y = torch.addmm(bias.unsqueeze(1), weight, x2.t())
     return y[:, :rows].t().contiguous().view(*lead, weight.shape[0])
 
 
-def _cached_blocks(owner, w, x):
-    """The K-blocked copy of weight ``w`` kept on ``owner`` (``owner._blocks``), or None where the
-    skinny path should read ``w`` itself: K <= 1024 or no equal split, or autograd records (the
-    copy is not differentiable)."""
-    if torch.is_grad_enabled() and (w.requires_grad or x.requires_grad):
-        return None
-    nb = _k_blocks(w.shape[1])
-    if nb is None or nb == 1:
-        return None
-    key = (w.data_ptr(), w._version, w.device)
-    cached = owner._blocks
-    if cached is None or cached[:3] != key:
-        with torch.no_grad():
-            t = w.detach().view(w.shape[0], nb, w.shape[1] // nb).permute(1, 0, 2)
-            cached = owner._blocks = key + (t.contiguous(),)
-    return cached[3]
-
-
-def _state_without_cache(module):
-    """Pickling (torch.save(module), deepcopy) leaves the K-block cache behind: rebuilt on use."""
-    state = nn.Module.__getstate__(module).copy()
-    state.pop("_blocks", None)
-    return state
-
-
 class Linear(nn.Linear):
-    """``nn.Linear`` whose forward is :func:`linear` (see the module docstring).
-
-    For in_features > 1024 the skinny path reads the weight from a copy cut into K blocks (built
-    on first use, rebuilt when the weight changes: keyed by its data pointer and version), only
-    when autograd records nothing (no_grad / inference_mode, or neither x nor the weight needs a
-    gradient). The copy costs the weight's size in memory once; it is not a
-    parameter or buffer (not in state_dict, not moved by ``.to()``: rebuilt instead)."""
-
-    _blocks = None  # (data_ptr, version, device, tensor)
-
-    def __getstate__(self):
-        return _state_without_cache(self)
+    """``nn.Linear`` whose forward is :func:`linear` (see the module docstring). It holds nothing
+    beyond nn.Linear's parameters: every call reads the current weight."""
 
     def forward(self, x):
         if not uses_skinny_path(x, self.weight):
             return F.linear(x, self.weight, self.bias)
-        return _skinny(x, self.weight, self.bias, _cached_blocks(self, self.weight, x))
+        return _skinny(x, self.weight, self.bias)
 
 
 class LinearView(nn.Module):
@@ -145,10 +102,6 @@ class LinearView(nn.Module):
     skinny path: the wrapped module stays the owner of its parameters, which are read at call
     time (so ``.to()``, ``load_state_dict`` or in-place updates of the wrapped model are seen).
     Elsewhere (GPU, >= 6 rows, ...) it calls the wrapped module itself."""
-
-    _blocks = None
-    def __getstate__(self):
-        return _state_without_cache(self)
 
     def __init__(self, linear):
         super().__init__()
@@ -176,7 +129,7 @@ class LinearView(nn.Module):
         w = self.linear.weight
         if not uses_skinny_path(x, w):
             return self.linear(x)
-        return _skinny(x, w, self.linear.bias, _cached_blocks(self, w, x))
+        return _skinny(x, w, self.linear.bias)
 
 
 def skinny_view(module):

@@ -16,7 +16,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..streaming.state import StreamState
+from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
+                               stamp)
 
 __all__ = ["running_norm", "RunningGroupNorm", "RunningNormState"]
 
@@ -75,15 +76,26 @@ class RunningGroupNorm(nn.Module):
         return running_norm(x, self.weight, self.bias, self.eps,
                             torch.zeros(B, dtype=torch.int64, device=x.device), z, z)[0]
 
-    def init_state(self, batch_size, *, device=None, **_):
+    def extra_repr(self):
+        return f"{self.num_channels}, eps={self.eps}, affine={self.weight is not None}"
+
+    def init_state(self, batch_size, *, device=None, dtype=None, **_):
+        check_init_args(batch_size, dtype)
         device = (self.weight.device if self.weight is not None else None) if device is None \
             else device
         z = torch.zeros(batch_size, self.num_channels, dtype=torch.float64, device=device)
-        return RunningNormState(count=torch.zeros(batch_size, dtype=torch.int64, device=device),
-                                total=z, total_sq=z.clone())
+        return stamp(self, RunningNormState(count=torch.zeros(batch_size, dtype=torch.int64,
+                                                              device=device),
+                                            total=z, total_sq=z.clone()))
 
-    def step(self, x, state, lengths):
+    def step(self, x, state, lengths=None):
+        check_state(self, state, RunningNormState)
+        if x.dim() != 3 or x.shape[1] != self.num_channels:
+            raise ValueError(f"x must have shape (B, {self.num_channels}, n); got {tuple(x.shape)}")
         B, C, n = x.shape
+        if B != state.count.shape[0]:
+            raise ValueError(f"x has batch {B} but the state holds {state.count.shape[0]} slots")
+        lengths = check_step_lengths(lengths, B, n, x.device)
         if bool((lengths == n).all()):
             y, state.total, state.total_sq = running_norm(x, self.weight, self.bias, self.eps,
                                                           state.count, state.total,

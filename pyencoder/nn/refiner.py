@@ -13,7 +13,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..streaming.state import StreamState
+from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
+                               stamp)
 from .linear import Linear
 
 __all__ = ["Refiner", "RefinerState"]
@@ -24,6 +25,11 @@ class RefinerState(StreamState):
     buf: torch.Tensor          # (B, C, E) frames of the incomplete chunk
     count: torch.Tensor        # (B,) int64 frames in buf
     out_lengths: torch.Tensor  # (B,) int64
+
+    def _invalid(self):
+        if self.count.numel() and int(self.count.max()) > self.buf.shape[1]:
+            return f"count {self.count.tolist()} exceeds the chunk buffer ({self.buf.shape[1]})"
+        return None
 
 
 class Refiner(nn.Module):
@@ -60,18 +66,31 @@ class Refiner(nn.Module):
         xp = torch.nn.functional.pad(x, (0, 0, 0, N * C - T))
         return self._refine(xp.view(B, N, C, E)).reshape(B, N * C, E)[:, :T]
 
+    def extra_repr(self):
+        return f"embed_dim={self.embed_dim}, chunk_size={self.chunk_size}"
+
     def init_state(self, batch_size, *, device=None, dtype=None, **_):
+        check_init_args(batch_size, dtype)
         device = self.fc1.weight.device if device is None else torch.device(device)
         dtype = self.fc1.weight.dtype if dtype is None else dtype
         zi = lambda: torch.zeros(batch_size, dtype=torch.int64, device=device)  # noqa: E731
-        return RefinerState(buf=torch.zeros(batch_size, self.chunk_size, self.embed_dim,
-                                            device=device, dtype=dtype), count=zi(),
-                            out_lengths=zi())
+        return stamp(self, RefinerState(buf=torch.zeros(batch_size, self.chunk_size, self.embed_dim,
+                                                        device=device, dtype=dtype), count=zi(),
+                                        out_lengths=zi()))
 
     def step(self, x, state, lengths=None):
+        check_state(self, state, RefinerState)
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must have shape (B, n, {self.embed_dim}); got {tuple(x.shape)}")
+        if x.shape[0] != state.count.shape[0]:
+            raise ValueError(f"x has batch {x.shape[0]} but the state holds "
+                             f"{state.count.shape[0]} slots")
+        if lengths is not None:
+            lengths = check_step_lengths(lengths, x.shape[0], x.shape[1], x.device)
         return self._run(x, state, lengths, final=False)
 
     def flush(self, state):
+        check_state(self, state, RefinerState)
         B = state.buf.shape[0]
         return self._run(state.buf.new_zeros(B, 0, self.embed_dim), state, None, final=True)
 

@@ -43,6 +43,7 @@ import math
 import torch
 from torch import nn
 
+from ..ops._checks import clamp_window
 from ..ops.attention import band_params, chunked_params
 from ..rope import apply_rope
 from ..streaming.ring import ring_positions
@@ -111,6 +112,7 @@ def biased_interval_attention(q, k, v, gate, table, bucket_fn, *, block=1, lo_of
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
+    lo_off, hi_off = (-1 if lo_off < 0 else clamp_window(lo_off)), clamp_window(hi_off)
     scale = D ** -0.5 if scale is None else scale
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     dev = q.device
@@ -276,11 +278,10 @@ class WavLMSelfAttention(_IntervalSelfAttention):
         return self.out_proj(o.transpose(1, 2).reshape(B, T, E))
 
     # ---- streaming -----------------------------------------------------------------------------
-    def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
-        st = super().init_state(batch_size, device=device, dtype=dtype, max_chunk=max_chunk)
-        gate = st.q.new_zeros(batch_size, self.num_heads, st.q.shape[2])
-        return RelPosAttentionState(k=st.k, v=st.v, q=st.q, pos=st.pos, pending=st.pending,
-                                    out_lengths=st.out_lengths, gate=gate)
+    _state_cls = RelPosAttentionState
+
+    def _extra_state(self, B, qcap, device, dtype):
+        return {"gate": torch.zeros(B, self.num_heads, qcap, device=device, dtype=dtype)}
 
     def step_fixed(self, x, state):
         raise NotImplementedError("WavLMSelfAttention has no step_fixed (CUDA-graph step): the "

@@ -8,11 +8,20 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+# Absolute positions (q_offset, k_offset) are limited to MAX_POSITION; mask extents (left, right,
+# chunk_size, left_chunks, lookahead and the derived lo_off / hi_off) at or beyond WINDOW_CAP are
+# clamped to it. Two positions of one call then differ by less than WINDOW_CAP (sequence lengths
+# are far below 2**52), so a clamped extent still reaches every key the original reached (the
+# same mask), and every bound computed from them stays far from int64 overflow (2**63).
+MAX_POSITION = 1 << 52
+WINDOW_CAP = 1 << 53
+
+
 def is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def check_int(name, value, *, min_value=None, allow_none=False):
+def check_int(name, value, *, min_value=None, max_value=None, allow_none=False):
     if value is None and allow_none:
         return
     if not is_int(value):
@@ -20,6 +29,13 @@ def check_int(name, value, *, min_value=None, allow_none=False):
         raise TypeError(f"{name} must be {exp}; got {type(value).__name__} {value!r}")
     if min_value is not None and value < min_value:
         raise ValueError(f"{name} must be >= {min_value}; got {value}")
+    if max_value is not None and value > max_value:
+        raise ValueError(f"{name} must be <= {max_value}; got {value}")
+
+
+def clamp_window(value):
+    """A mask extent (an int >= 0) clamped to WINDOW_CAP: the same mask (see above)."""
+    return min(value, WINDOW_CAP)
 
 
 def check_chunk_sizes(name, chunk_sizes):

@@ -18,8 +18,8 @@ from .. import _backend
 from .._env import env_flag
 from ..rope import Rope
 from ._autograd import forbid_double_backward
-from ._checks import (check_float_dtype, check_int, check_lengths, check_same, check_scale,
-                      check_tensor)
+from ._checks import (MAX_POSITION, check_float_dtype, check_int, check_lengths, check_same,
+                      check_scale, check_tensor, clamp_window, is_int)
 
 __all__ = ["banded_attention", "chunked_attention", "interval_attention", "band_params",
            "chunked_params"]
@@ -94,15 +94,16 @@ forbid_double_backward(_interval_attention_bwd_op, "interval attention")
 def band_params(left, right):
     check_int("left", left, min_value=0, allow_none=True)
     check_int("right", right, min_value=0)
-    return 1, (-1 if left is None else left), right
+    return 1, (-1 if left is None else clamp_window(left)), clamp_window(right)
 
 
 def chunked_params(chunk_size, left_chunks, lookahead):
     check_int("chunk_size", chunk_size, min_value=1)
     check_int("left_chunks", left_chunks, min_value=0, allow_none=True)
     check_int("lookahead", lookahead, min_value=0)
-    lo = -1 if left_chunks is None else left_chunks * chunk_size
-    return chunk_size, lo, chunk_size - 1 + lookahead
+    chunk_size = clamp_window(chunk_size)
+    lo = -1 if left_chunks is None else clamp_window(left_chunks * chunk_size)
+    return chunk_size, lo, clamp_window(chunk_size - 1 + clamp_window(lookahead))
 
 
 def _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale):
@@ -133,8 +134,8 @@ def _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale):
         if rope.dim > D:
             raise ValueError(f"rope.dim must be <= head_dim ({D}); got {rope.dim}")
     check_lengths("key_lengths", key_lengths, B, k.shape[2], q.device)
-    check_int("q_offset", q_offset, min_value=0)
-    check_int("k_offset", k_offset, min_value=0)
+    check_int("q_offset", q_offset, min_value=0, max_value=MAX_POSITION)
+    check_int("k_offset", k_offset, min_value=0, max_value=MAX_POSITION)
     check_scale(scale)
 
 
@@ -146,6 +147,9 @@ def interval_attention(q, k, v, *, block, lo_off, hi_off, rope=None, key_lengths
     check_int("lo_off", lo_off, min_value=-1)
     check_int("hi_off", hi_off)
     _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale)
+    if is_int(lo_off) and is_int(hi_off):
+        lo_off = -1 if lo_off < 0 else clamp_window(lo_off)
+        hi_off = clamp_window(hi_off)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     inv_freq = None if rope is None else rope.inv_freq(q.device)
     interleaved = False if rope is None else rope.interleaved

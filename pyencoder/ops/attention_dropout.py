@@ -13,7 +13,7 @@ registered op (kernels included).
 import torch
 
 from ..reference import attention_dropout as _ref
-from ._checks import check_int
+from ._checks import check_int, clamp_window
 from .attention import _validate, interval_attention
 
 __all__ = ["interval_attention_dropout"]
@@ -57,6 +57,7 @@ def interval_attention_dropout(q, k, v, *, block, lo_off, hi_off, dropout_p, rop
     check_int("block", block, min_value=1)
     check_int("lo_off", lo_off, min_value=-1)
     check_int("hi_off", hi_off)
+    lo_off, hi_off = (-1 if lo_off < 0 else clamp_window(lo_off)), clamp_window(hi_off)
     _check_dropout(dropout_p)
     _check_generator(generator, q.device)
     if float(dropout_p) == 0.0 and not return_keep:

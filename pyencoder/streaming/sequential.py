@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .._cpu_threads import threads_for
-from .state import StreamState
+from .state import StreamState, check_init_args, check_state, check_step_lengths, stamp
 
 __all__ = ["StreamingSequential", "StackState", "PassState", "is_pointwise"]
 
@@ -58,7 +58,11 @@ class StreamingSequential(nn.Sequential):
                 raise TypeError(f"StreamingSequential: child {i} ({type(m).__name__}) is neither a "
                                 f"streaming module (init_state/step/flush) nor a per-frame module")
 
+    def _stream_config(self):
+        return f"StreamingSequential({', '.join(type(m).__name__ for m in self)})"
+
     def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
+        check_init_args(batch_size, dtype)
         p = next(self.parameters(), None)
         device = (p.device if p is not None else torch.device("cpu")) if device is None \
             else torch.device(device)
@@ -71,8 +75,14 @@ class StreamingSequential(nn.Sequential):
             else:
                 layers.append(PassState(out_lengths=torch.zeros(batch_size, dtype=torch.int64,
                                                                 device=device)))
-        return StackState(layers=layers, out_lengths=torch.zeros(batch_size, dtype=torch.int64,
-                                                                 device=device))
+        return stamp(self, StackState(layers=layers, out_lengths=torch.zeros(
+            batch_size, dtype=torch.int64, device=device)))
+
+    def _check_state(self, state):
+        check_state(self, state, StackState)
+        if len(state.layers) != len(self):
+            raise ValueError(f"StreamingSequential: state has {len(state.layers)} layer states for "
+                             f"{len(self)} children")
 
     def _from(self, start, x, lengths, state):
         for i in range(start, len(self)):
@@ -87,10 +97,13 @@ class StreamingSequential(nn.Sequential):
         return x, lengths
 
     def step(self, x, state, lengths=None):
+        self._check_state(state)
         B = x.shape[0]
-        if lengths is None:
-            lengths = torch.full((B,), x.shape[-1] if self._time_last(0) else x.shape[1],
-                                 dtype=torch.int64, device=x.device)
+        if B != state.out_lengths.shape[0]:
+            raise ValueError(f"x has batch {B} but the state holds {state.out_lengths.shape[0]} "
+                             f"slots")
+        lengths = check_step_lengths(lengths, B, x.shape[-1] if self._time_last(0) else x.shape[1],
+                                     x.device)
         # one scoped CPU thread count for the step (pyencoder._cpu_threads: busy machine -> fewer)
         with threads_for(float("inf"), x.device):
             y, lengths = self._from(0, x, lengths, state)
@@ -103,6 +116,7 @@ class StreamingSequential(nn.Sequential):
         per-frame children as is. No host synchronisation; the state is updated in place.
         ``check=True`` makes every child verify its preconditions first (host synchronisation:
         once, outside graph capture). Returns y."""
+        self._check_state(state)
         for m, st in zip(self, state.layers):
             if hasattr(m, "step_fixed"):
                 x = m.step_fixed(x, st, check=True) if check else m.step_fixed(x, st)
@@ -122,6 +136,7 @@ class StreamingSequential(nn.Sequential):
         return False
 
     def flush(self, state):
+        self._check_state(state)
         outs, counts = [], []
         for i, m in enumerate(self):
             if not _streams(m):

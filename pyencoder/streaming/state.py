@@ -1,16 +1,25 @@
 """Explicit streaming state (DESIGN.md, "Streaming").
 
 A state is a dataclass whose fields are tensors with the batch (slot) dimension first, nested
-states, or lists of nested states. Nothing else lives in it: a module's configuration stays on the
-module, so ``state_dict()`` / ``load_state_dict()`` round-trip a stream through ``torch.save`` and
-a fresh process. ``reset(mask)`` returns the masked slots to their initial (all-zero) state, which
-is how a batched server recycles a slot for a new stream.
+states, or lists of nested states. ``state_dict()`` / ``load_state_dict()`` round-trip a stream
+through ``torch.save`` and a fresh process. ``reset(mask)`` returns the masked slots to their
+initial (all-zero) state, which is how a batched server recycles a slot for a new stream.
+
+A state records what made it: ``init_state`` stamps it (and each nested state) with its module's
+configuration string, ``config`` (class, mask, dims; the batch, dtype and buffer sizes are the
+tensors' own). ``step`` / ``flush`` refuse a state of another type or configuration
+(``check_state``), and ``state_dict()`` saves the strings beside the tensors (keys ending in
+``__config__``) so ``load_state_dict`` refuses a stream saved from another configuration, another
+batch size or dtype, with a message naming both.
 """
 import dataclasses
 
 import torch
 
-__all__ = ["StreamState", "reset", "state_nbytes"]
+__all__ = ["StreamState", "reset", "state_nbytes", "check_state", "stamp", "stream_config",
+           "check_init_args", "check_step_lengths"]
+
+CONFIG_KEY = "__config__"
 
 
 @dataclasses.dataclass
@@ -18,6 +27,9 @@ class StreamState:
     """Base of every stream state: a dataclass of tensors (and nested states) with
     ``state_dict()`` / ``load_state_dict()`` to checkpoint and resume a stream, ``reset(mask)`` to
     recycle slots, ``batch_size`` and ``nbytes()``."""
+
+    config = None      # configuration string of the module that made it (set by ``stamp``)
+    _growable = {}     # {field: dim} of buffers whose length may differ between two states
 
     def _items(self):
         for f in dataclasses.fields(self):
@@ -43,22 +55,84 @@ class StreamState:
                                 f"a list of them; got {type(v).__name__}")
         return out
 
+    def states(self, prefix=""):
+        """Flat {dotted prefix: state} over this state and its nested states ("" is self)."""
+        out = {prefix: self}
+        for name, v in self._items():
+            if isinstance(v, StreamState):
+                out.update(v.states(f"{prefix}{name}."))
+            elif isinstance(v, (list, tuple)):
+                for i, st in enumerate(v):
+                    if isinstance(st, StreamState):
+                        out.update(st.states(f"{prefix}{name}.{i}."))
+        return out
+
+    def configs(self):
+        """{dotted key ending in ``__config__``: configuration string} of the stamped states."""
+        return {p + CONFIG_KEY: st.config for p, st in self.states().items()
+                if st.config is not None}
+
     def state_dict(self):
-        """{dotted name: tensor (detached clone)}: pass to torch.save."""
-        return {k: v.detach().clone() for k, v in self.tensors().items()}
+        """{dotted name: tensor (detached clone)} plus the configuration strings (keys ending in
+        ``__config__``): pass to torch.save (``weights_only=True`` loads it)."""
+        out = {k: v.detach().clone() for k, v in self.tensors().items()}
+        out.update(self.configs())
+        return out
 
     def load_state_dict(self, state_dict):
-        """Load tensors saved by ``state_dict()`` (shapes may differ where a buffer grew) onto this
-        state's devices and dtypes. Returns self."""
+        """Load a ``state_dict()`` onto this state's devices. It must come from a stream of the
+        same configuration (the recorded strings), batch size and dtypes; buffers may differ in
+        length only where one grows (the ring of unbounded attention, leftover audio). Counters
+        must be non-negative. Nothing is changed when a check fails. Returns self."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict (from StreamState.state_dict()); got "
+                            f"{type(state_dict).__name__}")
         mine = self.tensors()
-        missing = sorted(set(mine) - set(state_dict))
-        extra = sorted(set(state_dict) - set(mine))
+        cfgs = self.configs()
+        missing = sorted((set(mine) | set(cfgs)) - set(state_dict))
+        extra = sorted(set(state_dict) - set(mine) - set(cfgs))
         if missing or extra:
             raise KeyError(f"load_state_dict: state keys do not match; missing {missing}, "
                            f"unexpected {extra}")
+        for key, want in cfgs.items():
+            got = state_dict[key]
+            if got != want:
+                raise ValueError(f"load_state_dict: {key} does not match: the saved stream was "
+                                 f"made by {got!r}; this state belongs to {want!r}")
+        states = self.states()
+        new = {}
         for key, cur in mine.items():
-            self._set(key.split("."), state_dict[key].to(device=cur.device, dtype=cur.dtype))
+            v = state_dict[key]
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"load_state_dict: {key} must be a torch.Tensor; got "
+                                f"{type(v).__name__}")
+            if v.dtype != cur.dtype:
+                raise ValueError(f"load_state_dict: {key} has dtype {v.dtype}; this state holds "
+                                 f"{cur.dtype} (build it with init_state(dtype={v.dtype}))")
+            owner, name = key.rpartition(".")[0], key.rpartition(".")[2]
+            grow = states[owner + "." if owner else ""]._growable.get(name)
+            same = v.dim() == cur.dim() and all(
+                a == b or d == grow for d, (a, b) in enumerate(zip(v.shape, cur.shape)))
+            if not same:
+                raise ValueError(f"load_state_dict: {key} has shape {tuple(v.shape)}; this state "
+                                 f"holds {tuple(cur.shape)} (batch size {self.batch_size})")
+            if not v.dtype.is_floating_point and v.numel() and int(v.min()) < 0:
+                raise ValueError(f"load_state_dict: {key} must be >= 0; got min {int(v.min())}")
+            new[key] = v.to(device=cur.device)
+        old = {k: mine[k] for k in new}
+        for key, v in new.items():
+            self._set(key.split("."), v)
+        for p, st in states.items():
+            err = st._invalid()
+            if err is not None:
+                for key, v in old.items():
+                    self._set(key.split("."), v)
+                raise ValueError(f"load_state_dict: {p or 'state'} is corrupt: {err}")
         return self
+
+    def _invalid(self):
+        """None, or why this state's tensors are inconsistent with each other (subclasses)."""
+        return None
 
     def _set(self, path, value):
         obj = self
@@ -98,3 +172,76 @@ def reset(state, mask):
 def state_nbytes(state):
     """Bytes held by the tensors of a stream state (nested states included)."""
     return state.nbytes()
+
+
+def stream_config(module):
+    """The configuration string that ``module``'s states record: ``module._stream_config()``
+    where defined, else its class name and ``extra_repr()``. Built once per module (a module's
+    mask and dims are fixed at construction) and kept in its ``__dict__``, so the check a step
+    makes is an identity comparison."""
+    cached = module.__dict__.get("_stream_config_str")
+    if cached is not None:
+        return cached
+    own = getattr(module, "_stream_config", None)
+    cfg = own() if own is not None else f"{type(module).__name__}({module.extra_repr()})"
+    module.__dict__["_stream_config_str"] = cfg
+    return cfg
+
+
+def stamp(module, state):
+    """Record ``module``'s configuration in ``state`` (made by its init_state). Returns state."""
+    state.config = stream_config(module)
+    return state
+
+
+def check_state(module, state, cls, config=None):
+    """Raise unless ``state`` is a ``cls`` made by a module of ``module``'s configuration."""
+    who = type(module).__name__
+    if not isinstance(state, cls):
+        raise TypeError(f"{who}: state must be a {cls.__name__} made by {who}.init_state; got "
+                        f"{type(state).__name__}")
+    want = stream_config(module) if config is None else config
+    if state.config is None:
+        raise ValueError(f"{who}: this {type(state).__name__} records no configuration (it was "
+                         f"not made by init_state); this module is {want!r}")
+    if state.config is not want and state.config != want:
+        raise ValueError(f"{who}: state was made by {state.config!r}, not by this module "
+                         f"({want!r}); build it with this module's init_state")
+
+
+def check_init_args(batch_size, dtype=None):
+    """init_state arguments: batch_size an int >= 1 (not bool), dtype None or floating."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise TypeError(f"batch_size must be an int >= 1; got {type(batch_size).__name__} "
+                        f"{batch_size!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1; got {batch_size}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be None or a floating torch.dtype; got {dtype!r}")
+
+
+def check_step_lengths(lengths, B, n, device, name="lengths"):
+    """``lengths`` of a step with n frames (or samples) per slot: None (all n), or B integers in
+    [0, n] (an integer tensor, or a list / tuple of ints). Returns a (B,) int64 tensor."""
+    if lengths is None:
+        return torch.full((B,), n, dtype=torch.int64, device=device)
+    if isinstance(lengths, torch.Tensor):
+        t = lengths
+    elif isinstance(lengths, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in lengths):
+        t = torch.tensor(list(lengths), dtype=torch.int64).reshape(len(lengths))
+    else:
+        raise TypeError(f"{name} must be None, an integer tensor or a list of ints; got "
+                        f"{type(lengths).__name__} {lengths!r}")
+    if t.dtype.is_floating_point or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must have an integer dtype; got {t.dtype}")
+    if tuple(t.shape) != (B,):
+        raise ValueError(f"{name} must have shape ({B},) (one length per slot); got "
+                         f"{tuple(t.shape)}")
+    t = t.to(device=device, dtype=torch.int64)
+    if B and not torch.compiler.is_compiling():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi > n:
+            raise ValueError(f"{name} must lie in [0, {n}] (the step's length); got "
+                             f"{t.tolist()}")
+    return t

@@ -1,0 +1,313 @@
+"""Stream states carry what made them (issue 13, items 2 and 4): a state from another module
+configuration, batch size, dtype or type is refused by step / flush / load_state_dict with a
+message naming both sides; corrupt saved states and bad init_state / lengths arguments raise
+ValueError / TypeError naming the argument. Round trips keep working."""
+import io
+import sys
+
+import pytest
+import torch
+
+from pyencoder.models import CausalEncoder, StreamingDecoder
+from pyencoder.nn import (BandedSelfAttention, CausalConv1d, ChunkedSelfAttention,
+                          RunningGroupNorm, TransformerLayer, WavLMSelfAttention)
+from pyencoder.nn.refiner import Refiner
+from pyencoder.streaming import StreamingSequential
+
+sys.path.insert(0, __import__("os").path.dirname(__file__))
+from test_models import tiny_decoder_config, tiny_encoder_config  # noqa: E402
+
+
+def _att(**kw):
+    return BandedSelfAttention(16, 2, **{"left": 6, "right": 1, **kw})
+
+
+# name -> (make module a, make module b with another configuration, input (B, n) maker[, input
+# maker for b])
+PAIRS = {
+    "banded_left": (lambda: _att(), lambda: _att(left=100), lambda B, n: torch.randn(B, n, 16)),
+    "banded_dim": (lambda: _att(), lambda: BandedSelfAttention(32, 2, left=6, right=1),
+                   lambda B, n: torch.randn(B, n, 16), lambda B, n: torch.randn(B, n, 32)),
+    "chunked": (lambda: ChunkedSelfAttention(16, 2, chunk_size=2, left_chunks=1),
+                lambda: ChunkedSelfAttention(16, 2, chunk_size=2, left_chunks=None),
+                lambda B, n: torch.randn(B, n, 16)),
+    "wavlm": (lambda: WavLMSelfAttention(16, 2, left=4, right=1),
+              lambda: WavLMSelfAttention(16, 2, left=4, right=1, num_buckets=16, max_distance=40),
+              lambda B, n: torch.randn(B, n, 16)),
+    "conv": (lambda: CausalConv1d(4, 4, 3), lambda: CausalConv1d(4, 4, 5),
+             lambda B, n: torch.randn(B, 4, n)),
+    "norm": (lambda: RunningGroupNorm(4), lambda: RunningGroupNorm(4, eps=1e-3),
+             lambda B, n: torch.randn(B, 4, n)),
+    "refiner": (lambda: Refiner(8, 2), lambda: Refiner(8, 3), lambda B, n: torch.randn(B, n, 8)),
+    "layer": (lambda: TransformerLayer(_att(), 24), lambda: TransformerLayer(_att(), 24,
+                                                                             norm_first=False),
+              lambda B, n: torch.randn(B, n, 16)),
+    "layer_attention": (lambda: TransformerLayer(_att(), 24),
+                        lambda: TransformerLayer(_att(left=2), 24),
+                        lambda B, n: torch.randn(B, n, 16)),
+    "stack": (lambda: StreamingSequential(_att(), torch.nn.GELU()),
+              lambda: StreamingSequential(_att(), torch.nn.ReLU()),
+              lambda B, n: torch.randn(B, n, 16)),
+    "encoder": (lambda: CausalEncoder(tiny_encoder_config()),
+                lambda: CausalEncoder(tiny_encoder_config(left=3)),
+                lambda B, n: torch.randn(B, 20 * n)),
+    "decoder": (lambda: StreamingDecoder(tiny_decoder_config()),
+                lambda: StreamingDecoder(tiny_decoder_config(attention_left=2)),
+                lambda B, n: torch.randn(B, n, 6)),
+}
+
+
+def _feed(m, st, x):
+    with torch.no_grad():
+        return m.step(x, st)
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_state_of_another_configuration_is_refused(name):
+    make_a, make_b, inp = PAIRS[name][:3]
+    inp_b = PAIRS[name][3] if len(PAIRS[name]) > 3 else inp
+    torch.manual_seed(len(name))
+    a, b = make_a().eval(), make_b().eval()
+    sa = a.init_state(2)
+    _, sa = _feed(a, sa, inp(2, 5))
+    with pytest.raises(ValueError, match="state was made by"):
+        _feed(b, sa, inp_b(2, 3))
+    if hasattr(b, "flush"):
+        with pytest.raises(ValueError, match="state was made by"):
+            b.flush(sa)
+    with pytest.raises((ValueError, KeyError), match="does not match"):
+        b.init_state(2).load_state_dict(sa.state_dict())
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_state_dict_roundtrip_batch_and_dtype(name):
+    """Round trip through torch.save (weights_only) resumes the stream exactly; another batch
+    size or dtype is refused and leaves the target untouched."""
+    make_a, _, inp = PAIRS[name][:3]
+    torch.manual_seed(3 + len(name))
+    a = make_a().eval()
+    x1, x2 = inp(3, 5), inp(3, 4)
+    st = a.init_state(3)
+    _, st = _feed(a, st, x1)
+    buf = io.BytesIO()
+    torch.save(st.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    resumed = a.init_state(3).load_state_dict(saved)
+    y_ref, _ = _feed(a, st, x2)
+    y, _ = _feed(a, resumed, x2)
+    assert torch.equal(y, y_ref)
+    two = a.init_state(2)
+    before = {k: v.clone() for k, v in two.tensors().items()}
+    with pytest.raises(ValueError, match=r"shape .*this state holds"):
+        two.load_state_dict(saved)
+    assert all(torch.equal(v, before[k]) for k, v in two.tensors().items())
+    other = a.init_state(3, dtype=torch.float64)
+    if any(v.dtype != saved[k].dtype for k, v in other.tensors().items()):
+        with pytest.raises(ValueError, match="dtype"):
+            other.load_state_dict(saved)
+
+
+def test_load_into_larger_ring_refused():
+    """Issue 13: a left=6 state loaded into a left=100 stream used to shrink its ring."""
+    a, b = _att(), _att(left=100)
+    sd = a.init_state(1).state_dict()
+    st = b.init_state(1)
+    with pytest.raises(ValueError, match=r"left=6.*left=100"):
+        st.load_state_dict(sd)
+    assert st.k.shape[2] == 100 + 1 + 64
+
+
+def test_unbounded_ring_grows_and_round_trips():
+    m = BandedSelfAttention(16, 2, left=None, right=1, max_context=4096).eval()
+    st = m.init_state(1, max_chunk=4)
+    x = torch.randn(1, 200, 16)
+    with torch.no_grad():
+        _, st = m.step(x[:, :150], st)
+        assert st.k.shape[2] > m.init_state(1, max_chunk=4).k.shape[2]
+        st2 = m.init_state(1, max_chunk=4).load_state_dict(st.state_dict())
+        assert torch.equal(m.step(x[:, 150:], st)[0], m.step(x[:, 150:], st2)[0])
+
+
+def test_wrong_state_type_and_corrupt_values():
+    att, conv = _att(), CausalConv1d(16, 16, 3)
+    with pytest.raises(TypeError, match="AttentionState.*got ConvState"):
+        att.step(torch.randn(1, 2, 16), conv.init_state(1))
+    with pytest.raises(TypeError, match="ConvState.*got AttentionState"):
+        conv.step(torch.randn(1, 16, 2), att.init_state(1))
+    sd = att.init_state(2).state_dict()
+    with pytest.raises(TypeError, match="pos must be a torch.Tensor; got int"):
+        att.init_state(2).load_state_dict({**sd, "pos": 3})
+    with pytest.raises(ValueError, match="pos must be >= 0"):
+        att.init_state(2).load_state_dict({**sd, "pos": torch.tensor([4, -1])})
+    with pytest.raises(ValueError, match="pending"):
+        att.init_state(2).load_state_dict({**sd, "pending": torch.tensor([1000, 0])})
+    with pytest.raises(ValueError, match="dtype"):
+        att.init_state(2).load_state_dict({**sd, "pos": torch.tensor([1.0, 2.0])})
+    with pytest.raises(TypeError, match="state_dict must be a dict"):
+        att.init_state(2).load_state_dict([1, 2])
+    with pytest.raises(KeyError, match="__config__"):
+        att.init_state(2).load_state_dict({k: v for k, v in sd.items() if "config" not in k})
+
+
+def test_embed_dim_mismatch_names_both():
+    """Issue 13: an E=16 state in an E=32 module failed with a broadcast error in ring.py."""
+    a, b = BandedSelfAttention(16, 2, left=6, right=1), BandedSelfAttention(32, 2, left=6, right=1)
+    with pytest.raises(ValueError, match=r"embed_dim=16.*embed_dim=32"):
+        b.step(torch.randn(1, 3, 32), a.init_state(1))
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_init_state_arguments(name):
+    m = PAIRS[name][0]()
+    for bad in (2.0, True, "2", None):
+        with pytest.raises(TypeError, match="batch_size must be an int >= 1"):
+            m.init_state(bad)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+            m.init_state(bad)
+    for bad in (torch.int64, torch.bool, "float32"):
+        with pytest.raises(TypeError, match="dtype must be None or a floating"):
+            m.init_state(1, dtype=bad)
+
+
+def test_max_context_must_be_int():
+    for bad in (True, 2.0):
+        with pytest.raises(TypeError, match="max_context"):
+            BandedSelfAttention(16, 2, left=None, right=1, max_context=bad)
+    with pytest.raises(ValueError, match="max_context"):
+        BandedSelfAttention(16, 2, left=None, right=1, max_context=0)
+
+
+# ---- item 4: lengths --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_step_lengths_checked(name):
+    make_a, _, inp = PAIRS[name][:3]
+    m = make_a().eval()
+    x = inp(2, 4)
+    n = x.shape[-1] if isinstance(m, (CausalConv1d, RunningGroupNorm)) or name == "encoder" \
+        else x.shape[1]
+    for bad in (torch.tensor([n + 1, 1]), torch.tensor([-1, 1]), [n, n + 3]):
+        with pytest.raises(ValueError, match=rf"lengths must lie in \[0, {n}\]"):
+            _feed_len(m, m.init_state(2), x, bad)
+    for bad in (torch.tensor([1.0, 2.0]), torch.tensor([True, False]), [1.5, 2], 2.0):
+        with pytest.raises(TypeError, match="lengths"):
+            _feed_len(m, m.init_state(2), x, bad)
+    with pytest.raises(ValueError, match=r"lengths must have shape \(2,\)"):
+        _feed_len(m, m.init_state(2), x, torch.tensor([1, 1, 1]))
+
+
+def _feed_len(m, st, x, lengths):
+    with torch.no_grad():
+        return m.step(x, st, lengths)
+
+
+def test_conv_lengths_regression():
+    """Issue 13: CausalConv1d.step accepted lengths beyond the chunk and corrupted the slot."""
+    conv = CausalConv1d(3, 3, 4)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, 5\]"):
+        conv.step(torch.randn(2, 3, 5), conv.init_state(2), torch.tensor([9, 5]))
+
+
+def test_encoder_lengths_name_the_samples():
+    """CausalEncoder.step reported a conv layer's frame range instead of the samples given."""
+    enc = CausalEncoder(tiny_encoder_config()).eval()
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, 300\]"):
+        enc.step(torch.randn(2, 300), enc.init_state(2), torch.tensor([301, 2]))
+
+
+# ---- item 5: mask bounds near int64 ------------------------------------------------------------
+
+def test_huge_windows_are_exact_and_offsets_named():
+    from pyencoder.ops import banded_attention, chunked_attention
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    full = banded_attention(q, k, v, left=None, right=10 ** 6)
+    for big in (sys.maxsize, 2 ** 63, 2 ** 62 + 5, 2 ** 100):
+        assert torch.equal(banded_attention(q, k, v, left=None, right=big), full)
+        assert torch.equal(banded_attention(q, k, v, left=big, right=big), full)
+        assert torch.equal(chunked_attention(q, k, v, chunk_size=big, left_chunks=big,
+                                             lookahead=big), full)
+        assert torch.equal(chunked_attention(q, k, v, chunk_size=4, left_chunks=big,
+                                             lookahead=0),
+                           chunked_attention(q, k, v, chunk_size=4, left_chunks=None))
+    band = banded_attention(q, k, v, left=3, right=1)
+    off = 1 << 52
+    assert torch.equal(banded_attention(q, k, v, left=3, right=1, q_offset=off, k_offset=off),
+                       band)
+    for name in ("q_offset", "k_offset"):
+        for bad in (2 ** 62, 2 ** 63, 2 ** 70):
+            with pytest.raises(ValueError, match=rf"{name} must be <= {off}"):
+                banded_attention(q, k, v, left=3, right=1, **{name: bad})
+
+
+def test_huge_window_modules():
+    x = torch.randn(1, 12, 16)
+    wide = BandedSelfAttention(16, 2, left=None, right=sys.maxsize).eval()
+    ref = BandedSelfAttention(16, 2, left=None, right=100).eval()
+    ref.load_state_dict(wide.state_dict())
+    with torch.no_grad():
+        assert torch.equal(wide(x), ref(x))
+    with pytest.raises(ValueError, match="max_context"):
+        wide.init_state(1)
+    with pytest.raises(ValueError, match="max_context"):
+        BandedSelfAttention(16, 2, left=2 ** 40, right=1).init_state(1)
+
+
+def test_hf_streaming_encoder_state_of_another_patch_refused():
+    pytest.importorskip("transformers")
+    import pyencoder.hf as H
+    from test_hf import make_model
+    torch.manual_seed(5)
+    encs = []
+    for lookahead in (2, 1):
+        model = make_model("w2v2_pre").eval()
+        H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=lookahead, left_frames=3,
+                                      pos_conv="causal")
+        encs.append(H.StreamingEncoder(model))
+    a, b = encs
+    x = torch.randn(1, 400)
+    with torch.no_grad():
+        _, st = a.step(x, a.init_state(1))
+        with pytest.raises(ValueError, match="state was made by"):
+            b.step(x, st)
+        with pytest.raises(ValueError, match="state was made by"):
+            b.flush(st)
+        with pytest.raises(ValueError, match="does not match"):
+            b.init_state(1).load_state_dict(st.state_dict())
+        with pytest.raises(ValueError, match="shape"):
+            a.init_state(2).load_state_dict(st.state_dict())
+        with pytest.raises(TypeError, match="EncoderStreamState"):
+            a.step(x, a.attn[0].init_state(1))
+        for bad in (0, 1.0, True):
+            with pytest.raises((TypeError, ValueError), match="batch_size"):
+                a.init_state(bad)
+
+
+def test_counters_beyond_their_buffers_refused():
+    ref, layer = Refiner(8, 2), TransformerLayer(_att(), 24)
+    sd = ref.init_state(2).state_dict()
+    with pytest.raises(ValueError, match="count"):
+        ref.init_state(2).load_state_dict({**sd, "count": torch.tensor([0, 3])})
+    sd = layer.init_state(1).state_dict()
+    with pytest.raises(ValueError, match="count"):
+        layer.init_state(1).load_state_dict({**sd, "count": torch.tensor([10 ** 6])})
+
+
+def test_huge_windows_in_biased_and_dropout_attention():
+    from pyencoder.nn.relpos import biased_interval_attention, relative_position_bucket
+    from pyencoder.ops.attention_dropout import interval_attention_dropout
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    table = torch.randn(320, 2)
+    full = biased_interval_attention(q, k, v, None, table, relative_position_bucket,
+                                     hi_off=10 ** 6)
+    big = biased_interval_attention(q, k, v, None, table, relative_position_bucket,
+                                    lo_off=sys.maxsize, hi_off=sys.maxsize)
+    assert torch.equal(big, full)
+    g = torch.Generator().manual_seed(0)
+    a = interval_attention_dropout(q, k, v, block=1, lo_off=-1, hi_off=10 ** 6, dropout_p=0.3,
+                                   generator=g)
+    g.manual_seed(0)
+    b = interval_attention_dropout(q, k, v, block=1, lo_off=2 ** 70, hi_off=sys.maxsize,
+                                   dropout_p=0.3, generator=g)
+    assert torch.equal(a, b)
