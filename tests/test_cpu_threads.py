@@ -110,8 +110,11 @@ def test_outputs_do_not_depend_on_thread_count(monkeypatch):
                                        torch.tensor([4] * B), n_keys, inv, False, 1, lo, hi,
                                        D ** -0.5, backend="reference")
                 res.append((out, lse) + tuple(grads) + (dec,))
+            # Same function at any thread count. Bit-equality is the usual outcome, but MKL does
+            # not promise it across thread counts (seen once in CI-like runs on a loaded
+            # machine), so fp32 rounding-level differences are allowed.
             for a, b in zip(*res):
-                assert torch.equal(a, b)
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     finally:
         torch.set_num_threads(saved)
 
