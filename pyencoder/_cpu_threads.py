@@ -28,8 +28,9 @@ Thread safety: torch.set_num_threads sets the calling thread's OpenMP and MKL co
 process-wide default that another thread reads once, when it first runs a parallel op. The scope
 restores both in ``finally``; threads already running keep their own count throughout, but a
 thread whose first parallel op falls inside another thread's scope keeps the lowered count (set
-PYENCODER_CPU_THREADS=torch if that matters). Outputs do not depend on the count: the ops used
-here split work over rows and batch entries, not over a reduction (tests check bit-equality).
+PYENCODER_CPU_THREADS=torch if that matters). Outputs do not depend on the count beyond fp32
+rounding: the ops used here split work over rows and batch entries, not over a reduction, so they
+are usually bit-equal, but MKL does not promise bit-equality across thread counts.
 
 Limits: the load estimate sees the whole machine, not a cgroup CPU quota; it is Linux-only.
 """
