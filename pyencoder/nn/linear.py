@@ -37,17 +37,17 @@ table's 768x3072 5-row entry was measured with that copy; ``python -m
 benchmarks.bench_linear_skinny`` compares F.linear, the transposed product and the old blocked copy
 on the wav2vec2 shapes.)
 """
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .._env import env_flag
 
 _MIN_ROWS, _MAX_ROWS = 1, 5
 
 
 def _enabled():
-    return __import__("pyencoder._env", fromlist=["_"]).env_flag("PYENCODER_CPU_SKINNY_GEMM", True)
+    return env_flag("PYENCODER_CPU_SKINNY_GEMM", True)
 
 
 def uses_skinny_path(x, weight):
