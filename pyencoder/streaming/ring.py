@@ -12,7 +12,14 @@ lies in [lo(p), hi(p)] of the interval mask (block, lo_off, hi_off) of pyencoder
 Rows i >= q_count[b] are padding and output zeros, like rows with no visible key. The arithmetic
 follows pyencoder.reference.attention.forward step by step (q k^T, times scale, mask, max, exp,
 sum, p v, divide), so a streamed row matches the offline row up to summation order.
+
+Non-finite values follow pyencoder.reference.attention: a row that sees a ring entry whose k or v
+has a NaN / inf entry (or whose own q has one) outputs NaN, every other row is exact (masked
+entries never contribute 0 * NaN). Detection costs two sums per call (a host synchronisation);
+only when one is non-finite the per-entry masks are built.
 """
+import math
+
 import torch
 
 from ..rope import apply_rope
@@ -61,13 +68,22 @@ def decode_attention_reference(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_fr
         m &= kpos >= 0
     s = torch.matmul(qr, k_ring.to(cdt).transpose(-1, -2))
     s.mul_(scale)
+    vr = v_ring.to(cdt)
+    bad = None
+    if not (math.isfinite(float(s.detach().sum())) and math.isfinite(float(vr.detach().sum()))):
+        # A non-finite q or k entry makes every score of its row / column non-finite.
+        hit = ~torch.isfinite(s) | ~torch.isfinite(vr).all(-1)[:, :, None, :]
+        bad = (hit & m[:, None]).any(-1, keepdim=True)
+        vr = torch.where(torch.isfinite(vr), vr, 0.0)
     s.masked_fill_(~m[:, None], _NEG_INF)
     mx = s.amax(dim=-1, keepdim=True).nan_to_num_(neginf=0.0)   # empty rows: -inf -> 0
     p = s.sub_(mx).exp_()
     l = p.sum(dim=-1, keepdim=True)
-    o = torch.matmul(p, v_ring.to(cdt))
+    o = torch.matmul(p, vr)
     # Rows with no visible key have l == 0 and o == 0 (every p is exp(-inf) = 0): 0 / 1 = 0.
     o.div_(torch.where(l > 0, l, 1.0))
+    if bad is not None:
+        o.masked_fill_(bad, float("nan"))
     return o.to(q.dtype)
 
 
