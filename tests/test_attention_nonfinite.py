@@ -188,3 +188,103 @@ def test_module_nan_frame_gradient():
     reach[f - 7:f + 8] = True                 # keys seen by a poisoned row, and those rows
     assert torch.equal(torch.isnan(grads[1]).any(-1), reach)
     torch.testing.assert_close(grads[1][~reach], grads[0][~reach], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_minus_inf_key_in_interior_block(backend):
+    """A -inf k entry gives a -inf score (weight 0) for every row: they still count as poisoned.
+    Unbounded history puts the key in the interior (unmasked) blocks of the later Triton tiles."""
+    if backend == "triton" and not has_triton():
+        pytest.skip("triton is not installed")
+    B, H, N, D = 1, 1, 45, 16
+    q, k, v = (torch.randn(B, H, N, D) for _ in range(3))
+    q[..., 0] = q[..., 0].abs() + 0.1
+    j = random.randrange(1, 8)
+    k[0, 0, j, 0] = -INF
+    mp = band(None, 2)
+    mask = interval_mask(N, N, *mp)
+    dout = torch.randn(B, H, N, D)
+    pois, rowbad, colbad = _expected(q, k, v, dout, mask, H, H)
+    assert pois.sum() > 16
+    got = _run(backend, q, k, v, dout, mp, None, None)
+    for x, bad in zip(got, (pois, rowbad, colbad, colbad)):
+        assert torch.equal(torch.isnan(x), bad[..., None].expand_as(x))
+
+
+@pytest.mark.skipif(not has_triton(), reason="triton is not installed")
+def test_decode_kernel_nonfinite_matches_reference():
+    from pyencoder.streaming._decode_triton import decode_attention_triton
+    from pyencoder.streaming.ring import decode_attention_reference
+    B, H, M, D, cap = 2, 2, 5, 16, 13
+    q = torch.randn(B, H, M, D)
+    k, v = torch.randn(B, H, cap, D), torch.randn(B, H, cap, D)
+    k[0, 0, random.randrange(cap), random.randrange(D)] = NAN
+    v[1, 1, random.randrange(cap), random.randrange(D)] = -INF
+    k[1, 0, random.randrange(cap), 0] = -INF
+    q[1, 0, random.randrange(M), random.randrange(D)] = INF
+    n = torch.tensor([9, 3 * cap + 2])
+    qpos = (n - 3)[:, None] - M + torch.arange(M)
+    cnt = torch.tensor([M, M - 1])
+    args = (q, k, v, qpos, cnt, n, Rope(8).inv_freq("cpu"), False, 1, 6, 2, D ** -0.5)
+    ref = decode_attention_reference(*args)
+    out = decode_attention_triton(*args)
+    nan = torch.isnan(ref)
+    assert nan.any() and not nan.all()
+    assert torch.equal(torch.isnan(out), nan)
+    torch.testing.assert_close(out[~nan], ref[~nan], atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(not has_triton(), reason="triton is not installed")
+def test_module_nan_frame_streamed_with_triton_decode():
+    m, x, xn, f, rows = _module_case(T=40)
+    m.decode_backend = "triton"
+    with torch.no_grad():
+        y = m(x)
+        ys = stream(m, xn, [random.randrange(1, 4) for _ in range(40)], time_dim=1)
+    assert torch.equal(torch.isnan(ys[0]).any(-1), rows)
+    torch.testing.assert_close(ys[0, ~rows], y[0, ~rows], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_wavlm_relpos_nan_frame_offline_and_streamed(gated):
+    from pyencoder.nn.relpos import WavLMSelfAttention
+    m = WavLMSelfAttention(32, 4, left=5, right=2, num_buckets=12, max_distance=20, gated=gated,
+                           rope=True)
+    T = 48
+    x = torch.randn(1, T, 32)
+    f = random.randrange(8, T - 8)
+    xn = x.clone()
+    xn[0, f, random.randrange(32)] = random.choice([NAN, INF])
+    rows = torch.zeros(T, dtype=torch.bool)
+    rows[f - 2:f + 6] = True
+    with torch.no_grad():
+        y, yn = m(x), m(xn)
+        assert torch.equal(torch.isnan(yn[0]).all(-1), rows)
+        assert torch.equal(torch.isnan(yn[0]).any(-1), rows)
+        assert torch.equal(yn[0, ~rows], y[0, ~rows])
+        ys = stream(m, xn, [random.randrange(1, 5) for _ in range(T)], time_dim=1)
+    assert torch.equal(torch.isnan(ys[0]).any(-1), rows)
+    torch.testing.assert_close(ys[0, ~rows], y[0, ~rows], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_dropout_nonfinite_rows():
+    from pyencoder.ops import interval_attention_dropout
+    B, H, N, D = 2, 2, 33, 8
+    q, k, v = (torch.randn(B, H, N, D) for _ in range(3))
+    klen = torch.tensor([N, N - 4])
+    mp = band(4, 1)
+    kn, vn = k.clone(), v.clone()
+    j = random.randrange(5, N - 8)
+    kn[0, 1, j, 0] = NAN
+    vn[1, :, N - 3:] = INF                     # padding only
+    mask = interval_mask(N, N, *mp, key_lengths=klen, batch=B)
+    pois, _, _ = _expected(q, kn, vn, q, mask, H, H)
+    outs = []
+    for kk, vv in ((k, v), (kn, vn)):
+        gen = torch.Generator().manual_seed(1234)
+        outs.append(interval_attention_dropout(q, kk, vv, block=mp[0], lo_off=mp[1],
+                                               hi_off=mp[2], dropout_p=0.3, key_lengths=klen,
+                                               generator=gen))
+    bad = pois[..., None].expand_as(outs[1])
+    assert torch.equal(torch.isnan(outs[1]), bad) and pois.any()
+    assert torch.equal(outs[1][~bad], outs[0][~bad])

@@ -45,6 +45,18 @@ def ring_write(ring, values, positions, valid):
     ring[bi, :, idx] = values[bi, :, ji].to(ring.dtype)
 
 
+def nonfinite_guard(s, v, vis):
+    """Scores s (B, H, M, cap) before masking, values v (B, H, cap, Dv), visibility vis
+    (broadcastable to s) -> (v with non-finite entries zeroed, (B, H, M, 1) bool rows that see a
+    non-finite score or v row, or None when everything is finite). A non-finite q or k entry
+    makes every score of its row / column non-finite, so s covers q and k. Two sums and a host
+    synchronisation on the fast path."""
+    if math.isfinite(float(s.detach().sum())) and math.isfinite(float(v.detach().sum())):
+        return v, None
+    hit = ~torch.isfinite(s) | ~torch.isfinite(v).all(-1)[:, :, None, :]
+    return torch.where(torch.isfinite(v), v, 0.0), (hit & vis).any(-1, keepdim=True)
+
+
 def decode_attention_reference(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved,
                                block, lo_off, hi_off, scale):
     B, H, M, D = q.shape
@@ -68,13 +80,7 @@ def decode_attention_reference(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_fr
         m &= kpos >= 0
     s = torch.matmul(qr, k_ring.to(cdt).transpose(-1, -2))
     s.mul_(scale)
-    vr = v_ring.to(cdt)
-    bad = None
-    if not (math.isfinite(float(s.detach().sum())) and math.isfinite(float(vr.detach().sum()))):
-        # A non-finite q or k entry makes every score of its row / column non-finite.
-        hit = ~torch.isfinite(s) | ~torch.isfinite(vr).all(-1)[:, :, None, :]
-        bad = (hit & m[:, None]).any(-1, keepdim=True)
-        vr = torch.where(torch.isfinite(vr), vr, 0.0)
+    vr, bad = nonfinite_guard(s, v_ring.to(cdt), m[:, None])
     s.masked_fill_(~m[:, None], _NEG_INF)
     mx = s.amax(dim=-1, keepdim=True).nan_to_num_(neginf=0.0)   # empty rows: -inf -> 0
     p = s.sub_(mx).exp_()
