@@ -15,8 +15,9 @@ sum, p v, divide), so a streamed row matches the offline row up to summation ord
 
 Non-finite values follow pyencoder.reference.attention: a row that sees a ring entry whose k or v
 has a NaN / inf entry (or whose own q has one) outputs NaN, every other row is exact (masked
-entries never contribute 0 * NaN). Detection costs two sums per call (a host synchronisation);
-only when one is non-finite the per-entry masks are built.
+entries never contribute 0 * NaN). On CPU detection costs one sum per call and the per-entry
+masks are built only when one is non-finite; on a GPU the masks are always built (no host
+synchronisation).
 """
 import math
 
@@ -49,9 +50,10 @@ def nonfinite_guard(s, v, vis):
     """Scores s (B, H, M, cap) before masking, values v (B, H, cap, Dv), visibility vis
     (broadcastable to s) -> (v with non-finite entries zeroed, (B, H, M, 1) bool rows that see a
     non-finite score or v row, or None when everything is finite). A non-finite q or k entry
-    makes every score of its row / column non-finite, so s covers q and k. Two sums and a host
-    synchronisation on the fast path."""
-    if math.isfinite(float(s.detach().sum())) and math.isfinite(float(v.detach().sum())):
+    makes every score of its row / column non-finite, so s covers q and k. On CPU one sum skips
+    the masks when everything is finite; on other devices the masks are always built (no host
+    synchronisation: step_fixed stays CUDA-graph safe with the reference decode)."""
+    if s.device.type == "cpu" and math.isfinite(float(s.detach().sum() + v.detach().sum())):
         return v, None
     hit = ~torch.isfinite(s) | ~torch.isfinite(v).all(-1)[:, :, None, :]
     return torch.where(torch.isfinite(v), v, 0.0), (hit & vis).any(-1, keepdim=True)
