@@ -1,4 +1,4 @@
-"""Non-finite values poison exactly the rows that see them (pyencoder.reference.attention docstring).
+"""Non-finite values poison exactly the rows that see them (rule: pyencoder.reference.attention).
 
 Op level (reference; Triton kernels under TRITON_INTERPRET=1 in float32 and float16): NaN / +-inf
 planted in a visible key's k, a visible key's v, a query row, padded k/v rows and one dout row. The
@@ -136,9 +136,10 @@ def test_reference_padded_nonfinite_is_invisible():
 
 
 @pytest.mark.skipif(not has_triton(), reason="triton is not installed")
-@pytest.mark.parametrize("name,mp", _MASKS, ids=[m[0] for m in _MASKS])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_nonfinite_rows(name, mp, dtype):
+@pytest.mark.parametrize("mi,dtype", [(0, torch.float16), (1, torch.float32), (2, torch.float32)],
+                         ids=["band-fp16", "band-unbounded-fp32", "chunked-fp32"])
+def test_triton_nonfinite_rows(mi, dtype):
+    mp = _MASKS[mi][1]
     if not torch.cuda.is_available():
         import os
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -147,7 +148,7 @@ def test_triton_nonfinite_rows(name, mp, dtype):
     _case("triton", dtype, mp, atol, rtol, Nq=21)
 
 
-def _module_case(T=64):
+def _module_case(T=40):
     m = BandedSelfAttention(32, 4, left=5, right=2)
     x = torch.randn(1, T, 32)
     f = random.randrange(8, T - 8)
@@ -236,11 +237,11 @@ def test_decode_kernel_nonfinite_matches_reference():
 
 @pytest.mark.skipif(not has_triton(), reason="triton is not installed")
 def test_module_nan_frame_streamed_with_triton_decode():
-    m, x, xn, f, rows = _module_case(T=40)
+    m, x, xn, f, rows = _module_case(T=24)
     m.decode_backend = "triton"
     with torch.no_grad():
         y = m(x)
-        ys = stream(m, xn, [random.randrange(1, 4) for _ in range(40)], time_dim=1)
+        ys = stream(m, xn, [random.randrange(1, 6) for _ in range(24)], time_dim=1)
     assert torch.equal(torch.isnan(ys[0]).any(-1), rows)
     torch.testing.assert_close(ys[0, ~rows], y[0, ~rows], atol=1e-5, rtol=1e-5)
 

@@ -318,25 +318,22 @@ def _interval_attention_fwd_kernel(
     kzc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
     for j0 in range(start, a, BLOCK_N):
         acc, l_i, m_i, kzr, kzc = _fwd_block(
-                                   acc, l_i, m_i, kzr, kzc, qa, qb, qc, k_base, v_base, j0, q_pos,
-                                   nk_b, k_offset, stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ,
-                                   COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off,
-                                   hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
-                                   HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE)
+            acc, l_i, m_i, kzr, kzc, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
+            stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF,
+            ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
+            HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE)
     for j0 in range(a, bb, BLOCK_N):
         acc, l_i, m_i, kzr, kzc = _fwd_block(
-                                   acc, l_i, m_i, kzr, kzc, qa, qb, qc, k_base, v_base, j0, q_pos,
-                                   nk_b, k_offset, stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ,
-                                   COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off,
-                                   hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
-                                   HAS_PASS, INTERLEAVED, LO_BOUNDED, False, DOT_PREC, ROPE_TABLE)
+            acc, l_i, m_i, kzr, kzc, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
+            stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF,
+            ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
+            HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, False, DOT_PREC, ROPE_TABLE)
     for j0 in range(bb, end_r, BLOCK_N):
         acc, l_i, m_i, kzr, kzc = _fwd_block(
-                                   acc, l_i, m_i, kzr, kzc, qa, qb, qc, k_base, v_base, j0, q_pos,
-                                   nk_b, k_offset, stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ,
-                                   COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off,
-                                   hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
-                                   HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE)
+            acc, l_i, m_i, kzr, kzc, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
+            stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF,
+            ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
+            HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE)
 
     nz = l_i > 0.0
     l_safe = tl.where(nz, l_i, 1.0)
