@@ -38,10 +38,10 @@ position). Padded keys are never loaded (masked loads give 0). The poison of a r
 sum(x * 0): 0 when finite, NaN otherwise. Extra work, all elementwise or row reductions, no dot:
 - forward, boundary (masked) key blocks: the k and v rows' poison (row sums of the k, v tiles) is
   added to the scores before the mask select (a visible non-finite key gives a NaN score), and v
-  is zeroed where non-finite (one select on the v tile); interior blocks: k * 0 accumulated into
-  a k-tile-sized register (a -inf k entry can give a -inf score, i.e. weight 0, to every row, so
-  the row's acc would not show it); once per program: rows whose acc, l or (if they see a key)
-  q is non-finite, or any interior k, store NaN output and lse.
+  is zeroed where non-finite (one select on the v tile); interior blocks: the row sum of
+  p + s * 0 (one fused multiply-add per score) replaces the row sum of p, so a non-finite score
+  poisons l even when it is -inf (weight 0); once per program: rows whose acc, l or (if they see
+  a key) q is non-finite store NaN output and lse.
 - dq, boundary blocks: k zeroed where non-finite, dS selected with the mask (instead of P);
   once per program: a row with a non-finite dq entry is stored all NaN.
 - dk/dv, boundary query blocks: q and dout zeroed where non-finite, dS selected with the mask,
@@ -242,7 +242,7 @@ def _query_tile(pid_m, b, Nq, Nk, KLEN, block, lo_off, hi_off, q_offset, k_offse
 
 
 @triton.jit
-def _fwd_block(acc, l_i, m_i, kzr, kzc, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
+def _fwd_block(acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
                stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base,
                HALF, ROT, NPASS, D, block, lo_off, hi_off, qk_scale,
                BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -270,21 +270,20 @@ def _fwd_block(acc, l_i, m_i, kzr, kzc, qa, qb, qc, k_base, v_base, j0, q_pos, n
         vis = _visible(q_pos, cols, k_pos, nk_b, block, lo_off, hi_off, LO_BOUNDED)
         s = tl.where(vis, s + kv0[None, :], float("-inf"))
         v = _zero_nonfinite(v)
-    else:
-        # every row sees every key here: a non-finite v reaches acc on its own, a -inf k entry
-        # can give a -inf score (weight 0), so k's poison is accumulated for the final check
-        if HAS_ROPE:
-            kzr += (ka * 0.0).to(tl.float32) + (kb * 0.0).to(tl.float32)
-        if HAS_PASS:
-            kzc += (kc * 0.0).to(tl.float32)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        l_i = l_i * alpha + tl.sum(p, 1)
+    else:
+        # every row sees every key here: a non-finite q or k makes its scores non-finite, and a
+        # -inf one (weight 0) would not show in p, so each score's poison (s * 0) joins the sum;
+        # a non-finite v reaches acc on its own
+        l_i = l_i * alpha + tl.sum(p + s * 0.0, 1)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-    return acc, l_i, m_new, kzr, kzc
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -314,23 +313,21 @@ def _interval_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    kzr = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
-    kzc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
     for j0 in range(start, a, BLOCK_N):
-        acc, l_i, m_i, kzr, kzc = _fwd_block(
-            acc, l_i, m_i, kzr, kzc, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
             stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF,
             ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
             HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE)
     for j0 in range(a, bb, BLOCK_N):
-        acc, l_i, m_i, kzr, kzc = _fwd_block(
-            acc, l_i, m_i, kzr, kzc, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
             stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF,
             ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
             HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, False, DOT_PREC, ROPE_TABLE)
     for j0 in range(bb, end_r, BLOCK_N):
-        acc, l_i, m_i, kzr, kzc = _fwd_block(
-            acc, l_i, m_i, kzr, kzc, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
             stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF,
             ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
             HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE)
@@ -339,16 +336,14 @@ def _interval_attention_fwd_kernel(
     l_safe = tl.where(nz, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(nz, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    # poisoned rows (NaN output and lse): a non-finite acc or l, a non-finite q row that sees a
-    # key, or a non-finite k in the interior blocks (seen by every row)
+    # poisoned rows (NaN output and lse): a non-finite acc or l, or a non-finite q row that
+    # sees a key
     rz = _row_poison(acc) + l_i * 0.0
     qz = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_ROPE:
         qz += _row_poison(qa) + _row_poison(qb)
-        rz += tl.sum(_row_poison(kzr), 0)
     if HAS_PASS:
         qz += _row_poison(qc)
-        rz += tl.sum(_row_poison(kzc), 0)
     sees = _rows_see_keys(q_pos, rmask, nk_b, block, lo_off, hi_off, k_offset, LO_BOUNDED)
     ok = (rz + tl.where(sees, qz, 0.0)) == 0.0
     out = tl.where(ok[:, None], out, float("nan"))
