@@ -329,18 +329,15 @@ class WavLMSelfAttention(_IntervalSelfAttention):
         bias = bias.permute(0, 3, 1, 2)                                    # (B, H, M, cap)
         s = torch.matmul(qr, state.k.to(cdt).transpose(-1, -2)) * self.scale
         s = s + (bias if gate is None else gate.to(cdt)[..., None] * bias)
-        vr, bad = nonfinite_guard(s, state.v.to(cdt), vis)
+        s, vr = nonfinite_guard(s, state.v.to(cdt))
         s = s.masked_fill(~vis, _NEG_INF)
         mx = s.amax(-1, keepdim=True)
         mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
         p = torch.exp(s - mx)
         l = p.sum(-1, keepdim=True)
-        nz = l > 0
+        nz = l != 0                                  # NaN (a poisoned row) stays NaN
         o = torch.matmul(p, vr) / torch.where(nz, l, torch.ones_like(l))
-        o = torch.where(nz, o, torch.zeros_like(o))
-        if bad is not None:
-            o = o.masked_fill(bad, float("nan"))
-        return o.to(q.dtype)
+        return torch.where(nz, o, torch.zeros_like(o)).to(q.dtype)
 
     def extra_repr(self):
         mask = (f"left={self.left}, right={self.right}" if self.chunk_size is None else

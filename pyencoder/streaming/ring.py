@@ -15,12 +15,10 @@ sum, p v, divide), so a streamed row matches the offline row up to summation ord
 
 Non-finite values follow pyencoder.reference.attention: a row that sees a ring entry whose k or v
 has a NaN / inf entry (or whose own q has one) outputs NaN, every other row is exact (masked
-entries never contribute 0 * NaN). On CPU detection costs one sum per call and the per-entry
-masks are built only when one is non-finite; on a GPU the masks are always built (no host
-synchronisation).
+entries never contribute 0 * NaN): ``nonfinite_guard`` turns each non-finite score, or score of
+a non-finite v row, into NaN before the mask and zeroes non-finite v entries (a few elementwise
+ops, no host synchronisation).
 """
-import math
-
 import torch
 
 from ..rope import apply_rope
@@ -46,17 +44,15 @@ def ring_write(ring, values, positions, valid):
     ring[bi, :, idx] = values[bi, :, ji].to(ring.dtype)
 
 
-def nonfinite_guard(s, v, vis):
-    """Scores s (B, H, M, cap) before masking, values v (B, H, cap, Dv), visibility vis
-    (broadcastable to s) -> (v with non-finite entries zeroed, (B, H, M, 1) bool rows that see a
-    non-finite score or v row, or None when everything is finite). A non-finite q or k entry
-    makes every score of its row / column non-finite, so s covers q and k. On CPU one sum skips
-    the masks when everything is finite; on other devices the masks are always built (no host
-    synchronisation: step_fixed stays CUDA-graph safe with the reference decode)."""
-    if s.device.type == "cpu" and math.isfinite(float(s.detach().sum() + v.detach().sum())):
-        return v, None
-    hit = ~torch.isfinite(s) | ~torch.isfinite(v).all(-1)[:, :, None, :]
-    return torch.where(torch.isfinite(v), v, 0.0), (hit & vis).any(-1, keepdim=True)
+def nonfinite_guard(s, v):
+    """Scores s (B, H, M, cap) before masking (updated in place) and values v (B, H, cap, Dv) ->
+    (s, v with non-finite entries zeroed). Every score that is non-finite, or whose v row is,
+    becomes NaN (s + s * 0 + rowsum(v) * 0: exact for finite ones), so after the mask the rows
+    that see one softmax to NaN and the others never meet it. A non-finite q or k entry makes
+    every score of its row / column non-finite, so s covers q and k. No host synchronisation."""
+    vz = v.sum(-1).mul_(0.0)
+    s.add_(s * 0.0 + vz[:, :, None, :])
+    return s, torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def decode_attention_reference(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved,
@@ -82,7 +78,7 @@ def decode_attention_reference(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_fr
         m &= kpos >= 0
     s = torch.matmul(qr, k_ring.to(cdt).transpose(-1, -2))
     s.mul_(scale)
-    vr, bad = nonfinite_guard(s, v_ring.to(cdt), m[:, None])
+    s, vr = nonfinite_guard(s, v_ring.to(cdt))
     s.masked_fill_(~m[:, None], _NEG_INF)
     mx = s.amax(dim=-1, keepdim=True).nan_to_num_(neginf=0.0)   # empty rows: -inf -> 0
     p = s.sub_(mx).exp_()
@@ -90,8 +86,6 @@ def decode_attention_reference(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_fr
     o = torch.matmul(p, vr)
     # Rows with no visible key have l == 0 and o == 0 (every p is exp(-inf) = 0): 0 / 1 = 0.
     o.div_(torch.where(l > 0, l, 1.0))
-    if bad is not None:
-        o.masked_fill_(bad, float("nan"))
     return o.to(q.dtype)
 
 
