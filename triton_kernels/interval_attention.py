@@ -48,7 +48,11 @@ sum(x * 0): 0 when finite, NaN otherwise. Extra work, all elementwise or row red
   the row's delta poison added to P before the mask select (a row with a non-finite output or
   dout poisons the keys it sees); once per program: a key with a non-finite dk or dv entry gets
   both rows NaN.
-Interior blocks of dq and dk/dv need nothing: every row there sees every key, so the natural IEEE
+The boundary-block loops run with num_stages=1 (tl.range): the selects on the loaded k / v / q /
+dout tiles keep them from being copied straight into the pipelined shared-memory buffers, which
+pushed the fp32 head_dim-128 configs past sm_80's shared memory; a tile visits at most a couple
+of boundary blocks, so their software pipelining bought little. Interior blocks of dq and dk/dv
+need nothing: every row there sees every key, so the natural IEEE
 propagation reaches exactly the rows and keys that must be NaN, and the final check widens it to
 whole rows.
 
@@ -313,7 +317,7 @@ def _interval_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for j0 in range(start, a, BLOCK_N):
+    for j0 in tl.range(start, a, BLOCK_N, num_stages=1):
         acc, l_i, m_i = _fwd_block(
             acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
             stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF,
@@ -325,7 +329,7 @@ def _interval_attention_fwd_kernel(
             stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF,
             ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
             HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, False, DOT_PREC, ROPE_TABLE)
-    for j0 in range(bb, end_r, BLOCK_N):
+    for j0 in tl.range(bb, end_r, BLOCK_N, num_stages=1):
         acc, l_i, m_i = _fwd_block(
             acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
             stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF,
@@ -451,7 +455,7 @@ def _interval_attention_bwd_dq_kernel(
     dqc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     dqa = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     dqb = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for j0 in range(start, a, BLOCK_N):
+    for j0 in tl.range(start, a, BLOCK_N, num_stages=1):
         dqa, dqb, dqc = _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0,
                                   q_pos, nk_b, k_offset, stride_kn, stride_kd, stride_vn,
                                   stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT,
@@ -465,7 +469,7 @@ def _interval_attention_bwd_dq_kernel(
                                   NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R,
                                   BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED,
                                   False, DOT_PREC, ROPE_TABLE)
-    for j0 in range(bb, end_r, BLOCK_N):
+    for j0 in tl.range(bb, end_r, BLOCK_N, num_stages=1):
         dqa, dqb, dqc = _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0,
                                   q_pos, nk_b, k_offset, stride_kn, stride_kd, stride_vn,
                                   stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT,
@@ -610,7 +614,7 @@ def _interval_attention_bwd_dkdv_kernel(
         do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         lse_base = LSE + bh.to(tl.int64) * Nq
         delta_base = DELTA + bh.to(tl.int64) * Nq
-        for i0 in range(start, a, BLOCK_M):
+        for i0 in tl.range(start, a, BLOCK_M, num_stages=1):
             dka, dkb, dkc, dv = _dkdv_block_t(
                 dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_base, lse_base,
                 delta_base, i0, Nq, q_offset, stride_qn, stride_qd, stride_don, stride_dod,
@@ -624,7 +628,7 @@ def _interval_attention_bwd_dkdv_kernel(
                 INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off, hi_off,
                 qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED,
                 LO_BOUNDED, False, DOT_PREC, ROPE_TABLE)
-        for i0 in range(bb, end_r, BLOCK_M):
+        for i0 in tl.range(bb, end_r, BLOCK_M, num_stages=1):
             dka, dkb, dkc, dv = _dkdv_block_t(
                 dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_base, lse_base,
                 delta_base, i0, Nq, q_offset, stride_qn, stride_qd, stride_don, stride_dod,
