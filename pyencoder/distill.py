@@ -7,7 +7,8 @@ causal distillation of WavLM).
   most, the last least; our reading of FocalCodec-Stream's reversed linear schedule), or explicit
   numbers. Weights are normalised to sum to 1.
 - ``hidden_state_loss``: weighted sum over layer pairs of the mean squared error between student
-  and teacher hidden states (B, T, E), over the valid frames only (``lengths``).
+  and teacher hidden states (B, T, E), over the valid frames only (``lengths``): padded frames are
+  selected out, so whatever they hold (inf, NaN) reaches neither the loss nor the gradient.
 - ``positional_embedding_loss``: causal positional-embedding distillation: the student's causal
   positional conv (CausalEncoder.positional_embedding) is trained to reproduce the teacher's
   symmetric one (e.g. transformers' ``encoder.pos_conv_embed``) on the same input.
@@ -107,9 +108,11 @@ def hidden_state_loss(student_hidden, teacher_hidden, weights="uniform", lengths
         if s.shape != t.shape:
             raise ValueError(f"student and teacher hidden states differ in shape: "
                              f"{tuple(s.shape)} vs {tuple(t.shape)}")
-        d = (s - t.detach().to(s.dtype)).pow(2).sum(-1)
+        diff = s - t.detach().to(s.dtype)
         if mask is not None:
-            d = d * mask.to(d.dtype)
+            # select, not multiply: padded frames may hold inf / NaN (0 * inf = NaN)
+            diff = torch.where(mask[:, :, None], diff, 0.0)
+        d = diff.pow(2).sum(-1)
         sq = d.sum()
         total = total + wi * sq / (max(norm, 1.0) * E)
         per_layer.append(sq.detach() / (max(count, 1.0) * E))

@@ -51,6 +51,27 @@ def test_hidden_state_loss_masks_padding():
     torch.testing.assert_close(D.hidden_state_loss(s, t2, "reversed_linear", lengths)[0], loss)
 
 
+def test_hidden_state_loss_ignores_nonfinite_padding():
+    """inf / NaN in padded frames of teacher and student: same loss and gradient as finite ones
+    (the mask selects; multiplying by 0 gave NaN)."""
+    s = [torch.randn(3, 9, 5, requires_grad=True) for _ in range(2)]
+    t = [torch.randn(3, 9, 5) for _ in range(2)]
+    lengths = torch.tensor([9, 4, 6])
+    loss, per = D.hidden_state_loss(s, t, "linear", lengths)
+    grads = torch.autograd.grad(loss, s)
+    sp = [x.detach().clone() for x in s]
+    tp = [x.clone() for x in t]
+    for b, n in enumerate(lengths.tolist()):
+        tp[0][b, n:] = float("inf")
+        tp[1][b, n:, 1] = float("nan")
+        sp[1][b, n:, 0] = float("-inf")
+    sp = [x.requires_grad_(True) for x in sp]
+    loss2, per2 = D.hidden_state_loss(sp, tp, "linear", lengths)
+    assert torch.equal(loss2, loss) and torch.equal(per2, per)
+    for g, g2 in zip(grads, torch.autograd.grad(loss2, sp)):
+        assert torch.equal(g2, g)
+
+
 def test_positional_embedding_loss_trains_causal_conv():
     student = CausalEncoder(tiny())
     target = torch.nn.Conv1d(16, 16, 5, padding=2, groups=4)     # symmetric, non-causal teacher

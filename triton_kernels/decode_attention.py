@@ -17,6 +17,10 @@ positions from lo(first row) to hi(last row) in BLOCK_N steps; the wrap-around o
 handled by indexing (position % CAP), never by copying. The partner feature of each q feature
 (i +- R/2, or i ^ 1 interleaved) is loaded with a second gather so RoPE needs no shuffles.
 Online softmax in fp32 with the -inf-safe rescaling; fp32 inputs use ``input_precision="ieee"``.
+Non-finite values (semantics of pyencoder.reference.attention): per key block, the k and v rows'
+poison (sum of x * 0: 0 or NaN) is added to the visible scores and non-finite v entries are zeroed
+for the p @ v dot, so a masked NaN never reaches a row; a row whose acc, l or (if it sees a key) q
+is non-finite is stored as NaN.
 
 Limits: head_dim <= 256; positions must fit in int32 (about 12 days of 20 ms frames).
 """
@@ -96,19 +100,28 @@ def _decode_attention_fwd_kernel(
         vis = row_ok[:, None] & k_ok[None, :] & (kp[None, :] <= hi_row[:, None])
         if HAS_LO:
             vis = vis & (kp[None, :] >= lo_row[:, None])
-        s = tl.where(vis, s, float("-inf"))
+        v = tl.load(vb + slot[:, None] * svn + cols[None, :] * svd,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        vz = v * 0.0
+        kv0 = tl.sum((k * 0.0).to(tl.float32), 1) + tl.sum(vz.to(tl.float32), 1)
+        s = tl.where(vis, s + kv0[None, :], float("-inf"))
+        v = tl.where(vz == 0.0, v, 0.0)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(vb + slot[:, None] * svn + cols[None, :] * svd,
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v_ptr.dtype.element_ty), v,
                                             input_precision=PRECISION)
         m_i = m_new
     ok = l_i > 0
     out = tl.where(ok[:, None], acc / tl.where(ok, l_i, 1.0)[:, None], 0.0)
+    first = tl.maximum(n - CAP, 0)
+    if HAS_LO:
+        first = tl.maximum(first, lo_row)
+    sees = row_ok & (tl.minimum(hi_row, n - 1) >= first)
+    rz = tl.sum(acc * 0.0, 1) + l_i * 0.0 + tl.where(sees, tl.sum(q * 0.0, 1), 0.0)
+    out = tl.where((rz == 0.0)[:, None], out, float("nan"))
     ob = o_ptr + b * sob + h * soh
     tl.store(ob + rows[:, None] * som + cols[None, :] * sod, out.to(o_ptr.dtype.element_ty),
              mask=(rows < M)[:, None] & col_ok[None, :])

@@ -32,6 +32,30 @@ Algorithm (FlashAttention-2 style, one program per (query tile, batch * query he
   bounds); the dq kernel runs per query tile like the forward. No atomics: the backward is
   deterministic by construction.
 
+Non-finite values (semantics of pyencoder.reference.attention: NaN / +-inf in q, k, v or dout
+poison exactly the rows and keys that see them, as NaN; nothing leaks through a masked or padded
+position). Padded keys are never loaded (masked loads give 0). The poison of a row x is
+sum(x * 0): 0 when finite, NaN otherwise. Extra work, all elementwise or row reductions, no dot:
+- forward, boundary (masked) key blocks: the k and v rows' poison (row sums of the k, v tiles) is
+  added to the scores before the mask select (a visible non-finite key gives a NaN score), and v
+  is zeroed where non-finite (one select on the v tile); interior blocks: the row sum of
+  p + s * 0 (one fused multiply-add per score) replaces the row sum of p, so a non-finite score
+  poisons l even when it is -inf (weight 0); once per program: rows whose acc, l or (if they see
+  a key) q is non-finite store NaN output and lse.
+- dq, boundary blocks: k zeroed where non-finite, dS selected with the mask (instead of P);
+  once per program: a row with a non-finite dq entry is stored all NaN.
+- dk/dv, boundary query blocks: q and dout zeroed where non-finite, dS selected with the mask,
+  the row's delta poison added to P before the mask select (a row with a non-finite output or
+  dout poisons the keys it sees); once per program: a key with a non-finite dk or dv entry gets
+  both rows NaN.
+The boundary-block loops run with num_stages=1 (tl.range): the selects on the loaded k / v / q /
+dout tiles keep them from being copied straight into the pipelined shared-memory buffers, which
+pushed the fp32 head_dim-128 configs past sm_80's shared memory; a tile visits at most a couple
+of boundary blocks, so their software pipelining bought little. Interior blocks of dq and dk/dv
+need nothing: every row there sees every key, so the natural IEEE
+propagation reaches exactly the rows and keys that must be NaN, and the final check widens it to
+whole rows.
+
 Limits: head_dim <= 256 (tiles are padded to powers of two with masks, so any D works; 32, 64, 80,
 96, 128 are the tuned cases); fp16, bf16, fp32 (fp32 dots use IEEE precision); positions < 2**24
 (exact in float32). key_lengths, offsets and lengths are runtime values (no recompiles).
@@ -140,6 +164,29 @@ def _visible(rows_pos, cols, cols_pos, nk_b, block, lo_off, hi_off, LO_BOUNDED: 
 
 
 @triton.jit
+def _zero_nonfinite(x):
+    """x with NaN / inf entries replaced by 0."""
+    return tl.where(x * 0.0 == 0.0, x, 0.0)
+
+
+@triton.jit
+def _row_poison(x):
+    """(rows,) float32: 0 where the row of x is finite, NaN where it has a NaN / inf entry."""
+    return tl.sum((x * 0.0).to(tl.float32), 1)
+
+
+@triton.jit
+def _rows_see_keys(q_pos, rmask, nk_b, block, lo_off, hi_off, k_offset, LO_BOUNDED: tl.constexpr):
+    """(rows,) bool: the query row has at least one visible key."""
+    base = (q_pos // block) * block
+    last = tl.minimum(base + hi_off - k_offset, nk_b - 1)
+    first = 0
+    if LO_BOUNDED:
+        first = tl.maximum(base - lo_off - k_offset, 0)
+    return rmask & (last >= first)
+
+
+@triton.jit
 def _block_ranges(first, last_valid, lo_full, hi_full, end, BLOCK: tl.constexpr):
     """Split [first, end) into masked [start, a), unmasked [a, b) and masked [b, end) ranges of
     BLOCK-aligned blocks; [lo_full, hi_full) are the indices fully inside for every row."""
@@ -218,13 +265,26 @@ def _fwd_block(acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_off
     s = _scores(qa, qb, qc, ka, kb, kc, tl.zeros([acc.shape[0], BLOCK_N], dtype=tl.float32),
                 HAS_ROPE, HAS_PASS, DOT_PREC) * qk_scale
     if MASKED:
+        # keys with a non-finite k or v: NaN score where visible, v row zeroed for the p @ v dot
+        kv0 = _row_poison(v)
+        if HAS_ROPE:
+            kv0 += _row_poison(ka) + _row_poison(kb)
+        if HAS_PASS:
+            kv0 += _row_poison(kc)
         vis = _visible(q_pos, cols, k_pos, nk_b, block, lo_off, hi_off, LO_BOUNDED)
-        s = tl.where(vis, s, float("-inf"))
+        s = tl.where(vis, s + kv0[None, :], float("-inf"))
+        v = _zero_nonfinite(v)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        l_i = l_i * alpha + tl.sum(p, 1)
+    else:
+        # every row sees every key here: a non-finite q or k makes its scores non-finite, and a
+        # -inf one (weight 0) would not show in p, so each score's poison (s * 0) joins the sum;
+        # a non-finite v reaches acc on its own
+        l_i = l_i * alpha + tl.sum(p + s * 0.0, 1)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
     return acc, l_i, m_new
@@ -257,29 +317,41 @@ def _interval_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for j0 in range(start, a, BLOCK_N):
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b,
-                                   k_offset, stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ,
-                                   COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off,
-                                   hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
-                                   HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE)
+    for j0 in tl.range(start, a, BLOCK_N, num_stages=1):
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
+            stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF,
+            ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
+            HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE)
     for j0 in range(a, bb, BLOCK_N):
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b,
-                                   k_offset, stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ,
-                                   COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off,
-                                   hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
-                                   HAS_PASS, INTERLEAVED, LO_BOUNDED, False, DOT_PREC, ROPE_TABLE)
-    for j0 in range(bb, end_r, BLOCK_N):
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b,
-                                   k_offset, stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ,
-                                   COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off,
-                                   hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
-                                   HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE)
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
+            stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF,
+            ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
+            HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, False, DOT_PREC, ROPE_TABLE)
+    for j0 in tl.range(bb, end_r, BLOCK_N, num_stages=1):
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
+            stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF,
+            ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
+            HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE)
 
     nz = l_i > 0.0
     l_safe = tl.where(nz, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(nz, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    # poisoned rows (NaN output and lse): a non-finite acc or l, or a non-finite q row that
+    # sees a key
+    rz = _row_poison(acc) + l_i * 0.0
+    qz = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_ROPE:
+        qz += _row_poison(qa) + _row_poison(qb)
+    if HAS_PASS:
+        qz += _row_poison(qc)
+    sees = _rows_see_keys(q_pos, rmask, nk_b, block, lo_off, hi_off, k_offset, LO_BOUNDED)
+    ok = (rz + tl.where(sees, qz, 0.0)) == 0.0
+    out = tl.where(ok[:, None], out, float("nan"))
+    lse = tl.where(ok, lse, float("nan"))
     dv = tl.arange(0, BLOCK_DV)
     tl.store(o_base + rows[:, None] * stride_on + dv[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=rmask[:, None] & (dv < D)[None, :])
@@ -321,17 +393,25 @@ def _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0, q_
     ka, kb, kc = _load_qk(k_base, cols, cmask, stride_kn, stride_kd, k_pos, INV_FREQ, COS_TAB,
                           SIN_TAB, tab_base, HALF, ROT, NPASS, BLOCK_R, BLOCK_C, HAS_ROPE,
                           HAS_PASS, INTERLEAVED, ROPE_TABLE)
+    if MASKED:
+        # rows that do not see a non-finite key must not read it through a zero coefficient
+        if HAS_ROPE:
+            ka = _zero_nonfinite(ka)
+            kb = _zero_nonfinite(kb)
+        if HAS_PASS:
+            kc = _zero_nonfinite(kc)
     dv = tl.arange(0, BLOCK_DV)
     v = tl.load(v_base + cols[:, None] * stride_vn + dv[None, :] * stride_vd,
                 mask=cmask[:, None] & (dv < D)[None, :], other=0.0)
     s = _scores(qa, qb, qc, ka, kb, kc, tl.zeros([do.shape[0], BLOCK_N], dtype=tl.float32),
                 HAS_ROPE, HAS_PASS, DOT_PREC) * qk_scale
     p = tl.math.exp2(s - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
     if MASKED:
         vis = _visible(q_pos, cols, k_pos, nk_b, block, lo_off, hi_off, LO_BOUNDED)
-        p = tl.where(vis, p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-    ds = (p * (dp - delta[:, None])).to(v.dtype)
+        ds = tl.where(vis, ds, 0.0)
+    ds = ds.to(v.dtype)
     if HAS_PASS:
         dqc = tl.dot(ds, kc, dqc, input_precision=DOT_PREC)
     if HAS_ROPE:
@@ -375,7 +455,7 @@ def _interval_attention_bwd_dq_kernel(
     dqc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     dqa = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     dqb = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for j0 in range(start, a, BLOCK_N):
+    for j0 in tl.range(start, a, BLOCK_N, num_stages=1):
         dqa, dqb, dqc = _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0,
                                   q_pos, nk_b, k_offset, stride_kn, stride_kd, stride_vn,
                                   stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT,
@@ -389,13 +469,22 @@ def _interval_attention_bwd_dq_kernel(
                                   NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R,
                                   BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED,
                                   False, DOT_PREC, ROPE_TABLE)
-    for j0 in range(bb, end_r, BLOCK_N):
+    for j0 in tl.range(bb, end_r, BLOCK_N, num_stages=1):
         dqa, dqb, dqc = _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0,
                                   q_pos, nk_b, k_offset, stride_kn, stride_kd, stride_vn,
                                   stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT,
                                   NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R,
                                   BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED,
                                   True, DOT_PREC, ROPE_TABLE)
+    rz = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_ROPE:
+        rz += _row_poison(dqa) + _row_poison(dqb)
+    if HAS_PASS:
+        rz += _row_poison(dqc)
+    ok = (rz == 0.0)[:, None]
+    dqa = tl.where(ok, dqa, float("nan"))
+    dqb = tl.where(ok, dqb, float("nan"))
+    dqc = tl.where(ok, dqc, float("nan"))
     _store_grad(dq_base, rows, rmask, stride_dqn, stride_dqd, dqa * scale, dqb * scale,
                 dqc * scale, q_pos, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS,
                 BLOCK_R, BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED, ROPE_TABLE)
@@ -431,15 +520,28 @@ def _dkdv_block_t(dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_bas
     lse = tl.load(LSE + rows, mask=rmask, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
     delta = tl.load(DELTA + rows, mask=rmask, other=0.0)
+    if MASKED:
+        # keys must not read a non-finite q or dout row of a query that does not see them; a
+        # query row with a non-finite delta (poisoned output or non-finite dout) poisons the
+        # keys it sees through a NaN probability
+        if HAS_ROPE:
+            qa = _zero_nonfinite(qa)
+            qb = _zero_nonfinite(qb)
+        if HAS_PASS:
+            qc = _zero_nonfinite(qc)
+        do = _zero_nonfinite(do)
     st = _scores(ka, kb, kc, qa, qb, qc, tl.zeros([v.shape[0], BLOCK_M], dtype=tl.float32),
                  HAS_ROPE, HAS_PASS, DOT_PREC) * qk_scale
     pt = tl.math.exp2(st - lse2[None, :])
     if MASKED:
         vis = _visible_t(k_pos, kmask, q_pos, rmask, block, lo_off, hi_off, LO_BOUNDED)
-        pt = tl.where(vis, pt, 0.0)
+        pt = tl.where(vis, pt + (delta * 0.0)[None, :], 0.0)
     dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-    dst = (pt * (dpt - delta[None, :])).to(do.dtype)
+    dst = pt * (dpt - delta[None, :])
+    if MASKED:
+        dst = tl.where(vis, dst, 0.0)
+    dst = dst.to(do.dtype)
     if HAS_PASS:
         dkc = tl.dot(dst, qc, dkc, input_precision=DOT_PREC)
     if HAS_ROPE:
@@ -512,7 +614,7 @@ def _interval_attention_bwd_dkdv_kernel(
         do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         lse_base = LSE + bh.to(tl.int64) * Nq
         delta_base = DELTA + bh.to(tl.int64) * Nq
-        for i0 in range(start, a, BLOCK_M):
+        for i0 in tl.range(start, a, BLOCK_M, num_stages=1):
             dka, dkb, dkc, dv = _dkdv_block_t(
                 dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_base, lse_base,
                 delta_base, i0, Nq, q_offset, stride_qn, stride_qd, stride_don, stride_dod,
@@ -526,7 +628,7 @@ def _interval_attention_bwd_dkdv_kernel(
                 INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off, hi_off,
                 qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED,
                 LO_BOUNDED, False, DOT_PREC, ROPE_TABLE)
-        for i0 in range(bb, end_r, BLOCK_M):
+        for i0 in tl.range(bb, end_r, BLOCK_M, num_stages=1):
             dka, dkb, dkc, dv = _dkdv_block_t(
                 dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_base, lse_base,
                 delta_base, i0, Nq, q_offset, stride_qn, stride_qd, stride_don, stride_dod,
@@ -534,6 +636,16 @@ def _interval_attention_bwd_dkdv_kernel(
                 qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED,
                 LO_BOUNDED, True, DOT_PREC, ROPE_TABLE)
 
+    cz = _row_poison(dv)
+    if HAS_ROPE:
+        cz += _row_poison(dka) + _row_poison(dkb)
+    if HAS_PASS:
+        cz += _row_poison(dkc)
+    ok = (cz == 0.0)[:, None]
+    dka = tl.where(ok, dka, float("nan"))
+    dkb = tl.where(ok, dkb, float("nan"))
+    dkc = tl.where(ok, dkc, float("nan"))
+    dv = tl.where(ok, dv, float("nan"))
     smask = cols < Nk
     dk_base = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
     dv_base = DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh

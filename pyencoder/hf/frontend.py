@@ -10,6 +10,8 @@ cumulative ones: for frame t (counting from the start of the stream, n_t = t + 1
 Sums are float64 and carried as a state (count, sum, sum of squares), computed as one sequential
 cumulative sum seeded with the carried value, so the offline pass (time blocks of BLOCK frames) and
 any chunked stream add the same numbers in the same order. Memory: O(B * C * BLOCK) extra.
+A NaN / inf sample enters the running sums: that channel is NaN for the rest of the stream (see
+pyencoder.nn.norm).
 
 causal_pos_conv: the symmetric positional conv (k taps, padding k // 2, last frame dropped for even
 k) becomes causal with the same weights: output t reads inputs t - k + 1 .. t (zero history, or the

@@ -10,6 +10,12 @@ sequential). Time is processed in blocks sized so each float64 temporary is abou
 2-core CI machine (C=512) that is 3-8x faster than 4096-frame blocks (B=1, T=32000: 380 -> 105 ms;
 B=8, T=8000: 1677 -> 209 ms). The block size does not change the result: the running sums are
 carried across blocks through the same sequential cumsum.
+
+Non-finite input: a NaN / inf sample enters the channel's running sums, so that channel's output
+is NaN from that frame to the end of the stream (offline: the rest of the utterance); other
+channels and other slots are unaffected. Reset the slot (a fresh state) to recover. This is the
+math of a cumulative statistic, not contained on purpose: skipping the sample would need
+per-channel counts in the state and would silently change every later frame.
 """
 import dataclasses
 

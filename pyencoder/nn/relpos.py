@@ -35,7 +35,9 @@ and ragged ``lengths`` as in pyencoder.nn.attention.
 Limits: plain torch only (no Triton/CUDA kernel: the interval-attention op has no bias input), no
 ``step_fixed`` (CUDA-graph step); attention-probability dropout only offline
 (``biased_interval_attention(dropout_p=...)``, used by pyencoder.hf in training mode). Half inputs
-compute in float32.
+compute in float32. Non-finite q, k, v or gate values poison exactly the rows that see them (NaN
+rows, pyencoder.reference.attention's rule, offline and streamed); offline, autograd then gives
+those rows zero (not NaN) gradients, and a non-finite upstream gradient is not contained.
 """
 import dataclasses
 import math
@@ -46,7 +48,9 @@ from torch import nn
 from ..ops._checks import clamp_window
 from ..ops.attention import band_params, chunked_params
 from ..rope import apply_rope
-from ..streaming.ring import ring_positions
+from ..reference.attention import (all_finite, finite_or_zero, nonfinite_rows, poisoned_rows,
+                                   visible_key_ranges)
+from ..streaming.ring import nonfinite_guard, ring_positions
 from .attention import AttentionState, _IntervalSelfAttention
 
 __all__ = ["WavLMSelfAttention", "RelPosAttentionState", "relative_position_bucket",
@@ -113,6 +117,19 @@ def biased_interval_attention(q, k, v, gate, table, bucket_fn, *, block=1, lo_of
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     lo_off, hi_off = (-1 if lo_off < 0 else clamp_window(lo_off)), clamp_window(hi_off)
+    if not all_finite(q, k, v, gate):
+        ranges = visible_key_ranges(Nq, B, key_lengths, Nk, block, lo_off, hi_off, q_offset,
+                                    k_offset, q.device)
+        qbad = nonfinite_rows(q)
+        if gate is not None:
+            qbad = qbad | ~torch.isfinite(gate)
+        bad = poisoned_rows(qbad, nonfinite_rows(k) | nonfinite_rows(v), ranges, H)
+        out = biased_interval_attention(
+            finite_or_zero(q), finite_or_zero(k), finite_or_zero(v),
+            None if gate is None else finite_or_zero(gate), table, bucket_fn, block=block,
+            lo_off=lo_off, hi_off=hi_off, rope=rope, key_lengths=key_lengths, scale=scale,
+            q_offset=q_offset, k_offset=k_offset, dropout_p=dropout_p, generator=generator)
+        return out.masked_fill(bad[..., None], float("nan"))
     scale = D ** -0.5 if scale is None else scale
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     dev = q.device
@@ -313,13 +330,14 @@ class WavLMSelfAttention(_IntervalSelfAttention):
         bias = bias.permute(0, 3, 1, 2)                                    # (B, H, M, cap)
         s = torch.matmul(qr, state.k.to(cdt).transpose(-1, -2)) * self.scale
         s = s + (bias if gate is None else gate.to(cdt)[..., None] * bias)
+        s, vr = nonfinite_guard(s, state.v.to(cdt))
         s = s.masked_fill(~vis, _NEG_INF)
         mx = s.amax(-1, keepdim=True)
         mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
         p = torch.exp(s - mx)
         l = p.sum(-1, keepdim=True)
-        nz = l > 0
-        o = torch.matmul(p, state.v.to(cdt)) / torch.where(nz, l, torch.ones_like(l))
+        nz = l != 0                                  # NaN (a poisoned row) stays NaN
+        o = torch.matmul(p, vr) / torch.where(nz, l, torch.ones_like(l))
         return torch.where(nz, o, torch.zeros_like(o)).to(q.dtype)
 
     def extra_repr(self):

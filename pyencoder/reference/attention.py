@@ -20,6 +20,18 @@ never O(N^2); no dense N x N mask is ever built. Half/bf16 inputs are computed i
 "upcast" oracle), float64 stays float64. GQA (Hq a multiple of Hk) is handled by viewing q as
 (B, Hk, Hq/Hk, N, D), so k and v are never repeated. The backward recomputes probabilities from the
 saved log-sum-exp (FlashAttention's recurrence) tile by tile, so it also needs O(N * W) memory.
+
+Non-finite inputs (NaN, +-inf; both count as NaN) poison exactly the rows that see them and
+nothing else. Forward: row i is *poisoned* when it has a visible key and q_i, or the k or v row
+of one of its visible keys, has a non-finite entry; its output row and lse are NaN, every other
+row is bit-identical to the same call with the poison replaced by any finite value. Backward: row
+i is *bad* when it has a visible key and is poisoned or dout_i / out_i has a non-finite entry;
+dq_i is NaN for bad rows, dk_j and dv_j are NaN when a bad row sees key j, everything else is
+exact. Masked and padded positions contribute exactly nothing (no 0 * NaN). Cost: one
+``isfinite().all()`` check of the inputs per call (one host synchronisation; a device reduction
+when the tensors are on a GPU); only when it fails, the call runs on copies with the non-finite
+entries replaced by 0 and marks the poisoned rows from per-row key intervals (prefix sums over
+the non-finite key rows: O(N) extra work, no N x N mask).
 """
 import torch
 
@@ -211,20 +223,102 @@ def _flops(q, k, block, lo_off, hi_off):
     return 4.0 * B * Hq * Nq * max(w, 1) * D
 
 
+def all_finite(*tensors):
+    """True when no tensor holds a NaN or inf (one host synchronisation for all of them)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None and t.numel()]
+    if not flags:
+        return True
+    return bool(torch.stack(flags).all()) if len(flags) > 1 else bool(flags[0])
+
+
+def finite_or_zero(x):
+    """x with every NaN / inf entry replaced by 0 (a new tensor; autograd: zero gradient there)."""
+    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def nonfinite_rows(x):
+    """(..., N) bool: row has a NaN / inf entry."""
+    return ~torch.isfinite(x).all(-1)
+
+
+def visible_key_ranges(Nq, B, key_lengths, Nk, block, lo_off, hi_off, q_offset, k_offset,
+                       device):
+    """Keys j in [jlo[i], jhi[b, i]) are the ones query i of batch item b sees: jlo (Nq,),
+    jhi (B, Nq) int64, empty when jhi <= jlo."""
+    p = torch.arange(q_offset, q_offset + Nq, device=device)
+    lo, hi = _bounds(p, block, lo_off, hi_off)
+    jlo = (lo - k_offset).clamp_(0, Nk)
+    lim = (torch.full((B,), Nk, dtype=torch.int64, device=device) if key_lengths is None
+           else key_lengths.to(device=device, dtype=torch.int64).clamp(0, Nk))
+    jhi = torch.minimum((hi - k_offset + 1).clamp(0, Nk)[None, :], lim[:, None])
+    return jlo, torch.maximum(jhi, jlo[None, :])
+
+
+def poisoned_rows(qbad, kvbad, ranges, Hq):
+    """(B, Hq, Nq) bool: rows that see a key with kvbad (B, Hk, Nk), or have qbad (B, Hq, Nq) (or
+    None) and see any key; ``ranges`` from visible_key_ranges."""
+    jlo, jhi = ranges
+    B, Hk, Nk = kvbad.shape
+    cum = torch.zeros(B, Hk, Nk + 1, dtype=torch.int64, device=kvbad.device)
+    torch.cumsum(kvbad.to(torch.int64), -1, out=cum[:, :, 1:])
+    nq = jlo.numel()
+    hits = (cum.gather(-1, jhi[:, None, :].expand(B, Hk, nq))
+            - cum.gather(-1, jlo[None, None, :].expand(B, Hk, nq))) > 0
+    bad = hits.repeat_interleave(Hq // Hk, dim=1)
+    if qbad is not None:
+        bad |= qbad & (jhi > jlo[None, :])[:, None, :]
+    return bad
+
+
+def keys_seen_by(rowbad, Hk, Nk, key_lengths, block, lo_off, hi_off, q_offset, k_offset):
+    """(B, Hk, Nk) bool: key j of kv head hk is visible to a row with rowbad (B, Hq, Nq)."""
+    B, Hq, Nq = rowbad.shape
+    dev = rowbad.device
+    p = torch.arange(q_offset, q_offset + Nq, device=dev)
+    lo, hi = _bounds(p, block, lo_off, hi_off)
+    s = torch.arange(k_offset, k_offset + Nk, device=dev)
+    ia = torch.searchsorted(hi.contiguous(), s, right=False)
+    ib = torch.searchsorted(lo.contiguous(), s, right=True)
+    ib = torch.maximum(ib, ia)
+    g = Hq // Hk
+    rb = rowbad.view(B, Hk, g, Nq).any(2)
+    cum = torch.zeros(B, Hk, Nq + 1, dtype=torch.int64, device=dev)
+    torch.cumsum(rb.to(torch.int64), -1, out=cum[:, :, 1:])
+    seen = (cum[:, :, ib] - cum[:, :, ia]) > 0
+    if key_lengths is not None:
+        seen &= (torch.arange(Nk, device=dev)[None, :]
+                 < key_lengths.to(dev, torch.int64)[:, None])[:, None, :]
+    return seen
+
+
 def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
             interleaved):
-    """Returns (out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32/float64).
-
-    Working memory beyond the output is O(tile * W): q is rotated tile by tile and k block by
-    block (each exactly once), never as whole rotated copies. On CPU the call runs with the
-    thread count of pyencoder._cpu_threads (work size and machine load; one thread when busy)."""
+    """Returns (out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32/float64); non-finite
+    inputs poison the rows that see them (module docstring). On CPU the call runs with the thread
+    count of pyencoder._cpu_threads (work size and machine load; one thread when busy)."""
     with threads_for(_flops(q, k, block, lo_off, hi_off), q.device):
-        return _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
-                        scale, interleaved)
+        return _forward_checked(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
+                                k_offset, scale, interleaved)
+
+
+def _forward_checked(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
+                     scale, interleaved):
+    if all_finite(q, k, v):
+        return _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
+                        k_offset, scale, interleaved)
+    B, Hq, Nq, _ = q.shape
+    ranges = visible_key_ranges(Nq, B, key_lengths, k.shape[2], block, lo_off, hi_off, q_offset,
+                                k_offset, q.device)
+    bad = poisoned_rows(nonfinite_rows(q), nonfinite_rows(k) | nonfinite_rows(v), ranges, Hq)
+    out, lse = _forward(finite_or_zero(q), finite_or_zero(k), finite_or_zero(v), inv_freq,
+                        key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale, interleaved)
+    return out.masked_fill_(bad[..., None], float("nan")), lse.masked_fill_(bad, float("nan"))
 
 
 def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
              interleaved):
+    """forward() for finite inputs. Working memory beyond the output is O(tile * W): q is rotated
+    tile by tile and k block by block (each exactly once), never as whole rotated copies."""
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     Dv = v.shape[-1]
@@ -257,14 +351,36 @@ def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_
 
 def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
              k_offset, scale, interleaved, deterministic=True):
-    """Returns (dq, dk, dv) in the dtypes of q, k, v. Thread count as in forward."""
+    """Returns (dq, dk, dv) in the dtypes of q, k, v; NaN rows as in the module docstring. Thread
+    count as in forward."""
     with threads_for(2.5 * _flops(q, k, block, lo_off, hi_off), q.device):
+        return _backward_checked(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off,
+                                 hi_off, q_offset, k_offset, scale, interleaved)
+
+
+def _backward_checked(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off,
+                      q_offset, k_offset, scale, interleaved):
+    if all_finite(dout, q, k, v) and not bool(torch.isnan(lse).any()):
         return _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off,
-                         q_offset, k_offset, scale, interleaved)
+                         q_offset, k_offset, scale, interleaved, None)
+    B, Hq, Nq, _ = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    jlo, jhi = visible_key_ranges(Nq, B, key_lengths, Nk, block, lo_off, hi_off, q_offset,
+                                  k_offset, q.device)
+    rowbad = (torch.isnan(lse) | nonfinite_rows(dout) | nonfinite_rows(out)) & (
+        jhi > jlo[None, :])[:, None, :]
+    dq, dk, dv = _backward(finite_or_zero(dout), finite_or_zero(q), finite_or_zero(k),
+                           finite_or_zero(v), finite_or_zero(out), lse, inv_freq, key_lengths,
+                           block, lo_off, hi_off, q_offset, k_offset, scale, interleaved, rowbad)
+    colbad = keys_seen_by(rowbad, Hk, Nk, key_lengths, block, lo_off, hi_off, q_offset, k_offset)
+    nan = float("nan")
+    return (dq.masked_fill_(rowbad[..., None], nan), dk.masked_fill_(colbad[..., None], nan),
+            dv.masked_fill_(colbad[..., None], nan))
 
 
 def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-              k_offset, scale, interleaved):
+              k_offset, scale, interleaved, rowbad):
+    """backward() for finite inputs; rows with rowbad (B, Hq, Nq) (or None) take no part."""
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     Dv = v.shape[-1]
@@ -274,6 +390,8 @@ def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_
     do = dout.to(cdt).view(B, Hk, g, Nq, Dv)
     lse_c = lse.to(cdt).view(B, Hk, g, Nq, 1)
     lse_c = torch.where(torch.isfinite(lse_c), lse_c, torch.zeros_like(lse_c))
+    if rowbad is not None:
+        lse_c = lse_c.masked_fill(rowbad.view(B, Hk, g, Nq, 1), float("inf"))
     delta = (do * out.to(cdt).view(B, Hk, g, Nq, Dv)).sum(-1, keepdim=True)
     dq = torch.zeros(B, Hk, g, Nq, D, dtype=cdt, device=q.device)
     dk = torch.zeros(B * Hk, Nk, D, dtype=cdt, device=q.device)

@@ -21,10 +21,15 @@ order differs from eager's, and only the distribution is the same.
 The backward is autograd through the tile computations (scores, probabilities and keep-masks of
 every tile are kept: O(N * W) activations, no recomputation). Half/bf16 inputs are computed in
 float32, float64 stays float64. Limits: plain torch on every device (no fused kernel yet).
+Non-finite inputs poison exactly the rows that see them (NaN rows, the rule of
+pyencoder.reference.attention; the keep-masks drawn are the same); autograd then gives those rows
+zero (not NaN) gradients, and a non-finite upstream gradient is not contained.
 """
 import torch
 
-from .attention import _key_limit, _min_len, _rotate, _tile_bias, _tile_scores, _tiles
+from .attention import (_key_limit, _min_len, _rotate, _tile_bias, _tile_scores, _tiles,
+                        all_finite, finite_or_zero, nonfinite_rows, poisoned_rows,
+                        visible_key_ranges)
 
 
 def _cdtype(dt):
@@ -39,6 +44,15 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
     outside every tile have probability 0 and are not drawn."""
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
+    if not all_finite(q, k, v):
+        ranges = visible_key_ranges(Nq, B, key_lengths, Nk, block, lo_off, hi_off, q_offset,
+                                    k_offset, q.device)
+        bad = poisoned_rows(nonfinite_rows(q), nonfinite_rows(k) | nonfinite_rows(v), ranges, Hq)
+        res = forward(finite_or_zero(q), finite_or_zero(k), finite_or_zero(v), inv_freq,
+                      key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale, interleaved,
+                      dropout_p, generator, return_keep)
+        out = (res[0] if return_keep else res).masked_fill(bad[..., None], float("nan"))
+        return (out, res[1]) if return_keep else out
     Dv = v.shape[-1]
     g = Hq // Hk
     cdt = _cdtype(q.dtype)

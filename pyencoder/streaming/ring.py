@@ -12,6 +12,12 @@ lies in [lo(p), hi(p)] of the interval mask (block, lo_off, hi_off) of pyencoder
 Rows i >= q_count[b] are padding and output zeros, like rows with no visible key. The arithmetic
 follows pyencoder.reference.attention.forward step by step (q k^T, times scale, mask, max, exp,
 sum, p v, divide), so a streamed row matches the offline row up to summation order.
+
+Non-finite values follow pyencoder.reference.attention: a row that sees a ring entry whose k or v
+has a NaN / inf entry (or whose own q has one) outputs NaN, every other row is exact (masked
+entries never contribute 0 * NaN): ``nonfinite_guard`` turns each non-finite score, or score of
+a non-finite v row, into NaN before the mask and zeroes non-finite v entries (a few elementwise
+ops, no host synchronisation).
 """
 import torch
 
@@ -37,6 +43,17 @@ def ring_write(ring, values, positions, valid):
         return
     idx = torch.remainder(positions[bi, ji], ring.shape[2])
     ring[bi, :, idx] = values[bi, :, ji].to(ring.dtype)
+
+
+def nonfinite_guard(s, v):
+    """Scores s (B, H, M, cap) before masking (updated in place) and values v (B, H, cap, Dv) ->
+    (s, v with non-finite entries zeroed). Every score that is non-finite, or whose v row is,
+    becomes NaN (s + s * 0 + rowsum(v) * 0: exact for finite ones), so after the mask the rows
+    that see one softmax to NaN and the others never meet it. A non-finite q or k entry makes
+    every score of its row / column non-finite, so s covers q and k. No host synchronisation."""
+    vz = v.sum(-1).mul_(0.0)
+    s.add_(s * 0.0 + vz[:, :, None, :])
+    return s, torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def decode_attention_reference(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved,
@@ -67,11 +84,12 @@ def decode_attention_reference(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_fr
         m &= kpos >= 0
     s = torch.matmul(qr, k_ring.to(cdt).transpose(-1, -2))
     s.mul_(scale)
+    s, vr = nonfinite_guard(s, v_ring.to(cdt))
     s.masked_fill_(~m[:, None], _NEG_INF)
     mx = s.amax(dim=-1, keepdim=True).nan_to_num_(neginf=0.0)   # empty rows: -inf -> 0
     p = s.sub_(mx).exp_()
     l = p.sum(dim=-1, keepdim=True)
-    o = torch.matmul(p, v_ring.to(cdt))
+    o = torch.matmul(p, vr)
     # Rows with no visible key have l == 0 and o == 0 (every p is exp(-inf) = 0): 0 / 1 = 0.
     o.div_(torch.where(l > 0, l, 1.0))
     return o.to(q.dtype)
