@@ -155,3 +155,26 @@ def test_unsupported_dtype_reason():
     x = torch.randn(1, 2, 4, dtype=torch.float64)
     w = torch.randn(2, 1, 3, dtype=torch.float64)
     assert "float64" in _tr().supports_forward(x=x, weight=w)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_noncontiguous_weight_and_bias(groups):
+    """Strided views of weight and bias (e.g. slices of a larger parameter) give the reference
+    result; the Triton launch once read a strided bias densely (a silent wrong answer)."""
+    from pyencoder.ops import causal_conv1d, causal_conv1d_update
+    x = torch.randn(2, 4, 9)
+    w = torch.randn(4, 4 // groups, 3, 2)[..., 0]
+    b = torch.randn(8)[::2]
+    assert not w.is_contiguous() and not b.is_contiguous()
+    want = causal_conv1d(x, w.contiguous(), b.contiguous(), groups=groups, backend="reference")
+    got = causal_conv1d(x, w, b, groups=groups, backend="triton")
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+    if groups == 4:
+        s1, s2 = torch.randn(2, 4, 2), None
+        s2 = s1.clone()
+        xu = torch.randn(2, 4, 1)
+        u_want = causal_conv1d_update(xu, s1, w.contiguous(), b.contiguous(), groups=4,
+                                      backend="reference")
+        u_got = causal_conv1d_update(xu, s2, w, b, groups=4, backend="triton")
+        torch.testing.assert_close(u_got, u_want, **TOL[torch.float32])
+        torch.testing.assert_close(s2, s1)

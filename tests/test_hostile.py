@@ -256,7 +256,6 @@ def test_attention_ops_hostile_triton_slice(data):
     _check_attention_result(out, kind, q2, k2, v2, kw2)
 
 
-@pytest.mark.xfail(strict=False, reason=REL_A)
 @NO_SHRINK
 @given(big=st.sampled_from([2 ** 62, sys.maxsize, 2 ** 63, 2 ** 64]),
        which=st.sampled_from(["left", "right", "q_offset", "k_offset"]))
@@ -267,16 +266,19 @@ def test_attention_huge_ints_are_clamped_or_named(big, which):
     if which == "k_offset":
         kw["q_offset"] = big
     try:
-        out = call(lambda: banded_attention(q, k, v, **kw), [which])
+        out = call(lambda: banded_attention(q, k, v, **kw),
+                   [which, "q_offset"] if which == "k_offset" else [which])
     except Rejected:
         return
+    # a window wider than any position distance is the same mask: the oracle gets a small one
+    kw = {n: (min(v, 1 << 40) if n in ("left", "right") and v is not None else v)
+          for n, v in kw.items()}
     block, lo, hi = _mask_params("banded", kw)
     ref = dense_attention(q, k, v, interval_mask(16, 16, block, lo, hi, kw.get("q_offset", 0),
                                                  kw.get("k_offset", 0)))
     torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.xfail(strict=False, reason=REL_NAN)
 @NO_SHRINK
 @given(data=st.data())
 def test_attention_nan_in_padded_or_invisible_keys_stays_out(data):
@@ -602,7 +604,6 @@ def test_conv_module_hostile(data):
 # stream states and step lengths (fixed on h-rela)
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=False, reason=REL_A)
 @NO_SHRINK
 @given(data=st.data())
 def test_init_state_hostile(data):
@@ -619,7 +620,6 @@ def test_init_state_hostile(data):
             f"init_state {target}={kw.get(target, bs)!r}")
 
 
-@pytest.mark.xfail(strict=False, reason=REL_A)
 @NO_SHRINK
 @given(data=st.data())
 def test_step_lengths_hostile(data):
@@ -637,7 +637,6 @@ def test_step_lengths_hostile(data):
                              ["lengths"]), ["lengths"], f"{m}.step lengths={lengths!r}")
 
 
-@pytest.mark.xfail(strict=False, reason=REL_A)
 @NO_SHRINK
 @given(data=st.data())
 def test_state_from_another_configuration_is_refused(data):
@@ -660,7 +659,6 @@ def test_state_from_another_configuration_is_refused(data):
                 a.init_state(2).state_dict()), ["state", "state_dict"]), [], what)
 
 
-@pytest.mark.xfail(strict=False, reason=REL_A)
 @NO_SHRINK
 @given(junk=st.sampled_from(["not a tensor", -1, torch.tensor([-5, 0]), None]),
        key=st.sampled_from(["pos", "pending", "k"]))

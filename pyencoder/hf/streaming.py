@@ -253,7 +253,7 @@ class StreamingEncoder(nn.Module):
 
     def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
         self._check_patch()
-        check_init_args(batch_size, dtype)
+        check_init_args(batch_size, dtype, device)
         p = next(self.base.parameters())
         device = p.device if device is None else torch.device(device)
         dtype = p.dtype if dtype is None else dtype

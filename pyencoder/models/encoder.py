@@ -264,7 +264,7 @@ class CausalEncoder(nn.Module):
         return f"CausalEncoder({self.config!r})"
 
     def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
-        check_init_args(batch_size, dtype)
+        check_init_args(batch_size, dtype, device)
         if self.full_context:
             raise NotStreamableError("this CausalEncoder has full-context attention "
                                      "(config.lookahead=None): it cannot stream")

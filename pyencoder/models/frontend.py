@@ -113,7 +113,7 @@ class FeatureConv1d(nn.Conv1d):
         return self._valid(x)
 
     def init_state(self, batch_size, *, device=None, dtype=None, **_):
-        check_init_args(batch_size, dtype)
+        check_init_args(batch_size, dtype, device)
         device = self.weight.device if device is None else torch.device(device)
         dtype = self.weight.dtype if dtype is None else dtype
         return stamp(self, FeatureConvState(
@@ -248,7 +248,7 @@ class ConvFeatureExtractor(nn.Module):
         return f"ConvFeatureExtractor({convs})"
 
     def init_state(self, batch_size, *, device=None, dtype=None, **_):
-        check_init_args(batch_size, dtype)
+        check_init_args(batch_size, dtype, device)
         convs = [layer.conv.init_state(batch_size, device=device, dtype=dtype)
                  for layer in self.conv_layers]
         ln0 = self.conv_layers[0].layer_norm

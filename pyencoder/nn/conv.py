@@ -82,7 +82,7 @@ class CausalConv1d(nn.Conv1d):
                              activation=self.activation)
 
     def init_state(self, batch_size, *, device=None, dtype=None, **_):
-        check_init_args(batch_size, dtype)
+        check_init_args(batch_size, dtype, device)
         device = self.weight.device if device is None else torch.device(device)
         dtype = self.weight.dtype if dtype is None else dtype
         zi = lambda: torch.zeros(batch_size, dtype=torch.int64, device=device)  # noqa: E731

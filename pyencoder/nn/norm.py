@@ -86,7 +86,7 @@ class RunningGroupNorm(nn.Module):
         return f"{self.num_channels}, eps={self.eps}, affine={self.weight is not None}"
 
     def init_state(self, batch_size, *, device=None, dtype=None, **_):
-        check_init_args(batch_size, dtype)
+        check_init_args(batch_size, dtype, device)
         device = (self.weight.device if self.weight is not None else None) if device is None \
             else device
         z = torch.zeros(batch_size, self.num_channels, dtype=torch.float64, device=device)

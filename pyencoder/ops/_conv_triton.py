@@ -67,6 +67,8 @@ def _strides3(t):
 
 def _launch_forward(x, weight, bias, state, state_indices, stride, groups, activation, y):
     k = _kernels()
+    weight = weight.contiguous()                 # the kernels index weight and bias densely
+    bias = bias.contiguous() if bias is not None else None
     B, C, L = x.shape
     Cout, CG, K = weight.shape
     pad = K - stride

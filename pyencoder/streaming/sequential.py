@@ -62,7 +62,7 @@ class StreamingSequential(nn.Sequential):
         return f"StreamingSequential({', '.join(type(m).__name__ for m in self)})"
 
     def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
-        check_init_args(batch_size, dtype)
+        check_init_args(batch_size, dtype, device)
         p = next(self.parameters(), None)
         device = (p.device if p is not None else torch.device("cpu")) if device is None \
             else torch.device(device)

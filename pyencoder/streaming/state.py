@@ -22,6 +22,11 @@ __all__ = ["StreamState", "reset", "state_nbytes", "check_state", "stamp", "stre
 CONFIG_KEY = "__config__"
 
 
+class StateKeyError(KeyError, ValueError):
+    """A state_dict whose keys are not this state's (another module's stream, a corrupt file):
+    a KeyError like torch's, and a ValueError like every other bad-input error here."""
+
+
 @dataclasses.dataclass
 class StreamState:
     """Base of every stream state: a dataclass of tensors (and nested states) with
@@ -92,8 +97,8 @@ class StreamState:
         missing = sorted((set(mine) | set(cfgs)) - set(state_dict))
         extra = sorted(set(state_dict) - set(mine) - set(cfgs))
         if missing or extra:
-            raise KeyError(f"load_state_dict: state keys do not match; missing {missing}, "
-                           f"unexpected {extra}")
+            raise StateKeyError(f"load_state_dict: state keys do not match; missing {missing}, "
+                                f"unexpected {extra}")
         for key, want in cfgs.items():
             got = state_dict[key]
             if got != want:
@@ -209,8 +214,9 @@ def check_state(module, state, cls, config=None):
                          f"({want!r}); build it with this module's init_state")
 
 
-def check_init_args(batch_size, dtype=None):
-    """init_state arguments: batch_size an int >= 1 (not bool), dtype None or floating."""
+def check_init_args(batch_size, dtype=None, device=None):
+    """init_state arguments: batch_size an int >= 1 (not bool), dtype None or floating, device
+    None or what torch.device accepts (a str, int or torch.device)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int):
         raise TypeError(f"batch_size must be an int >= 1; got {type(batch_size).__name__} "
                         f"{batch_size!r}")
@@ -218,6 +224,15 @@ def check_init_args(batch_size, dtype=None):
         raise ValueError(f"batch_size must be an int >= 1; got {batch_size}")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype must be None or a floating torch.dtype; got {dtype!r}")
+    if device is not None and not isinstance(device, torch.device):
+        if isinstance(device, bool) or not isinstance(device, (str, int)):
+            raise TypeError(f"device must be None, a str, an int or a torch.device; got "
+                            f"{type(device).__name__} {device!r}")
+        try:
+            torch.device(device)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"device must name a torch device (e.g. 'cpu', 'cuda:0'); got "
+                             f"{device!r}") from e
 
 
 def check_step_lengths(lengths, B, n, device, name="lengths"):
