@@ -46,7 +46,7 @@ from torch import nn
 from ..ops.attention import band_params, chunked_params
 from ..rope import apply_rope
 from ..streaming.ring import ring_positions
-from .attention import AttentionState, _IntervalSelfAttention
+from .attention import AttentionState, IntervalSelfAttention
 
 __all__ = ["WavLMSelfAttention", "RelPosAttentionState", "relative_position_bucket",
            "relative_bias_gate", "biased_interval_attention"]
@@ -168,7 +168,7 @@ class RelPosAttentionState(AttentionState):
     gate: torch.Tensor        # (B, H, qcap) gates of the pending queries, oldest first
 
 
-class WavLMSelfAttention(_IntervalSelfAttention):
+class WavLMSelfAttention(IntervalSelfAttention):
     """WavLM attention (gated relative position bias) with an interval mask, offline and streaming.
 
     Mask: band (``left``, ``right``; frame p sees [p - left, p + right], left=None: all history)
