@@ -48,7 +48,8 @@ from ..ops._checks import check_int
 from ..rope import Rope, as_rope
 from ..streaming.latency import Latency
 from . import _compat
-from .attention import NAME, LayerSpec, is_registered, register
+from .attention import NAME, LayerSpec
+from .registry import is_registered, register
 from .frontend import causal_pos_conv, running_group_norm
 from .wavlm import wavlm_forward
 
