@@ -155,3 +155,13 @@ def test_unsupported_dtype_reason():
     x = torch.randn(1, 2, 4, dtype=torch.float64)
     w = torch.randn(2, 1, 3, dtype=torch.float64)
     assert "float64" in _tr().supports_forward(x=x, weight=w)
+
+
+def test_opcheck_triton_backend():
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(2, 4, 13, device=dev, requires_grad=True)
+    w = torch.randn(4, 1, 5, device=dev, requires_grad=True)
+    b = torch.randn(4, device=dev, requires_grad=True)
+    s0 = torch.randn(2, 4, 4, device=dev, requires_grad=True)
+    torch.library.opcheck(torch.ops.pyencoder.causal_conv1d.default,
+                          (x, w, b, s0, 1, 4, "silu", "triton"))
