@@ -206,7 +206,17 @@ def test_supports_reasons():
     q = torch.randn(1, 1, 4, 32)
     assert tri.supports_forward(q=q, k=q, v=q, q_offset=1 << 24) is not None
     assert tri.supports_forward(q=q, k=q, v=q) is None
-    assert tri.supports_backward(dout=q, q=q, k=q, v=q) is None
+    assert not hasattr(tri, "supports_backward")
+
+
+def test_opcheck_triton_backend():
+    op = torch.ops.pyencoder.interval_attention.default
+    q = torch.randn(2, 2, 10, 16, device=_DEV, requires_grad=True)
+    k = torch.randn(2, 1, 12, 16, device=_DEV, requires_grad=True)
+    v = torch.randn(2, 1, 12, 16, device=_DEV, requires_grad=True)
+    inv = Rope(8).inv_freq().to(_DEV)
+    kl = torch.tensor([12, 7], dtype=torch.int32, device=_DEV)
+    torch.library.opcheck(op, (q, k, v, inv, kl, 1, 3, 2, 0, 0, 0.35, False, "triton"))
 
 
 # ----------------------------------------------------------------------------------------------

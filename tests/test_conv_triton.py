@@ -178,3 +178,13 @@ def test_noncontiguous_weight_and_bias(groups):
         u_got = causal_conv1d_update(xu, s2, w, b, groups=4, backend="triton")
         torch.testing.assert_close(u_got, u_want, **TOL[torch.float32])
         torch.testing.assert_close(s2, s1)
+
+
+def test_opcheck_triton_backend():
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(2, 4, 13, device=dev, requires_grad=True)
+    w = torch.randn(4, 1, 5, device=dev, requires_grad=True)
+    b = torch.randn(4, device=dev, requires_grad=True)
+    s0 = torch.randn(2, 4, 4, device=dev, requires_grad=True)
+    torch.library.opcheck(torch.ops.pyencoder.causal_conv1d.default,
+                          (x, w, b, s0, 1, 4, "silu", "triton"))

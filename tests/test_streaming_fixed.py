@@ -82,7 +82,7 @@ class _general_only:
     def __enter__(self):
         from pyencoder.nn import attention
         self._mp = pytest.MonkeyPatch()
-        self._mp.setattr(attention._IntervalSelfAttention, "_fixed_ok",
+        self._mp.setattr(attention.IntervalSelfAttention, "_fixed_ok",
                          lambda self, n, state, lengths=None: False)
 
     def __exit__(self, *exc):

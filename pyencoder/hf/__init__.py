@@ -14,7 +14,8 @@ on when applied and raise PatchError naming the installed version if something i
 Importing this module registers the "pyencoder" attention implementation with transformers.
 """
 from ._compat import TESTED_SPEC, PatchError
-from .attention import LayerSpec, register
+from .attention import LayerSpec
+from .registry import register
 from .patch import (apply_pyencoder_to_wav2vec2, from_pretrained, latency, patch_record,
                     reapply_pyencoder, revert_pyencoder)
 

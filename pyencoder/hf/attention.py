@@ -1,6 +1,7 @@
 """transformers attention-registry entry "pyencoder": interval attention for HF encoders.
 
-``register()`` adds two functions under the name "pyencoder":
+``pyencoder.hf.register()`` (pyencoder.hf.registry) adds two functions under the name
+"pyencoder":
 
 - to ``AttentionInterface``: ``pyencoder_attention_forward(module, query, key, value,
   attention_mask, scaling, dropout, **kwargs)``, called by Wav2Vec2Attention / HubertAttention with
@@ -162,20 +163,3 @@ def pyencoder_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mas
     if attention_mask is None:
         return None
     return key_lengths_from_mask(attention_mask, batch_size, kv_length)
-
-
-def register():
-    """Register "pyencoder" with transformers' attention and mask registries (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-    AttentionInterface.register(NAME, pyencoder_attention_forward)
-    AttentionMaskInterface.register(NAME, pyencoder_mask)
-    from .wavlm import install_registry_dispatch
-    install_registry_dispatch()
-
-
-def is_registered():
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    return (ALL_ATTENTION_FUNCTIONS._global_mapping.get(NAME) is pyencoder_attention_forward
-            and ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(NAME) is pyencoder_mask)

@@ -46,8 +46,10 @@ from torch import nn
 
 from ..ops._checks import check_int
 from ..rope import Rope, as_rope
+from ..streaming.latency import Latency
 from . import _compat
-from .attention import NAME, LayerSpec, is_registered, register
+from .attention import NAME, LayerSpec
+from .registry import is_registered, register
 from .frontend import causal_pos_conv, running_group_norm
 from .wavlm import wavlm_forward
 
@@ -553,7 +555,6 @@ def latency(model, sample_rate=SAMPLE_RATE):
     encoder frames through every layer and the adapter, ``adapter_lookahead_frames`` /
     ``adapter_ms`` what the adapter adds. ``sample_rate`` only converts samples to ms (the
     wav2vec2 family is trained at 16 kHz)."""
-    from ..streaming.latency import Latency
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or \
             sample_rate <= 0:
         raise ValueError(f"sample_rate must be a positive number; got {sample_rate!r}")

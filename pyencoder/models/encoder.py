@@ -37,7 +37,8 @@ from ..nn.conv import CausalConv1d
 from ..nn.layer import TransformerLayer
 from ..nn.linear import Linear
 from ..nn.relpos import WavLMSelfAttention
-from ..streaming.latency import NotStreamableError
+from ..rope import Rope
+from ..streaming.latency import NotStreamableError, latency as composed_latency
 from ..streaming.sequential import StreamingSequential
 from ..streaming.state import StreamState, check_init_args, check_state, check_step_lengths, stamp
 from .frontend import ConvFeatureExtractor, FrontendState
@@ -154,12 +155,10 @@ class CausalEncoder(nn.Module):
         self.layer_norm = nn.LayerNorm(E, eps=c.layer_norm_eps)
         head_dim = E // c.num_heads
         if c.rope is True:
-            from ..rope import Rope
             rope = Rope(head_dim, base=c.rope_base)
         elif c.rope is False or c.rope is None:
             rope = None
         else:
-            from ..rope import Rope
             rope = Rope(int(c.rope), base=c.rope_base)
         layers = []
         table = None
@@ -208,8 +207,7 @@ class CausalEncoder(nn.Module):
         if self.full_context:
             raise NotStreamableError("this CausalEncoder has full-context attention "
                                      "(config.lookahead=None): it cannot stream")
-        from ..streaming.latency import latency
-        return latency(self, sample_rate=sample_rate)
+        return composed_latency(self, sample_rate=sample_rate)
 
     # ---- offline -----------------------------------------------------------------------------
     def _embed(self, feats):

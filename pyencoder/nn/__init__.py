@@ -9,16 +9,10 @@ from .layer import FeedForward, LayerState, TransformerLayer
 from .misc import Transpose
 from .linear import Linear, LinearView
 from .norm import RunningGroupNorm, RunningNormState
+from ..streaming.sequential import StreamingSequential
 
 __all__ = ["RotaryEmbedding", "BandedSelfAttention", "ChunkedSelfAttention", "AttentionState",
            "WavLMSelfAttention", "RelPosAttentionState",
            "CausalConv1d", "ConvState", "Refiner", "RefinerState", "TransformerLayer",
            "FeedForward", "LayerState", "Linear", "LinearView", "Transpose", "RunningGroupNorm", "RunningNormState",
            "StreamingSequential"]
-
-
-def __getattr__(name):
-    if name == "StreamingSequential":
-        from ..streaming.sequential import StreamingSequential
-        return StreamingSequential
-    raise AttributeError(name)

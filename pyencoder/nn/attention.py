@@ -27,6 +27,10 @@ synchronisation, state updated in place; preconditions in its docstring (``check
 them once, outside capture). The general ``step`` runs as ``step_fixed`` by itself whenever those
 preconditions hold and every slot gets the same n frames (one host read decides; on a CPU it
 saves about a quarter of the per-step op overhead).
+
+Package-internal (used by pyencoder.nn.layer and pyencoder.nn.relpos, not in ``__all__``):
+``IntervalSelfAttention``, the base of every interval self-attention module; ``fresh_counters``
+and ``concat_ragged``, the state and output helpers of the general step.
 """
 import dataclasses
 
@@ -64,7 +68,10 @@ class AttentionState(StreamState):
         return None
 
 
-class _IntervalSelfAttention(nn.Module):
+class IntervalSelfAttention(nn.Module):
+    """Projections, offline forward and streaming of one interval mask (block, lo_off, hi_off);
+    BandedSelfAttention, ChunkedSelfAttention and WavLMSelfAttention set the mask."""
+
     def __init__(self, embed_dim, num_heads, block, lo_off, hi_off, rope, bias, max_context):
         super().__init__()
         if not isinstance(embed_dim, int) or not isinstance(num_heads, int) or num_heads < 1 \
@@ -166,7 +173,7 @@ class _IntervalSelfAttention(nn.Module):
         if lengths is not None:
             lengths = check_step_lengths(lengths, B, n, x.device)
         if self._fixed_ok(n, state, lengths):
-            _fresh_counters(state)
+            fresh_counters(state)
             return self.step_fixed(x, state), state
         lengths = check_step_lengths(lengths, B, n, x.device)
         mc = self._max_chunk(state)
@@ -178,7 +185,7 @@ class _IntervalSelfAttention(nn.Module):
             y, state = self._piece(x[:, s:s + mc], ln, state, final=False)
             outs.append(y)
             counts.append(state.out_lengths.clone())
-        return _concat_ragged(outs, counts, state)
+        return concat_ragged(outs, counts, state)
 
     def step_fixed(self, x, state, check=False):
         """Steady-state step without host synchronisation, for CUDA graphs. Returns y (B, n, E).
@@ -385,7 +392,7 @@ class _IntervalSelfAttention(nn.Module):
         return y, state
 
 
-def _fresh_counters(state):
+def fresh_counters(state):
     """Before the general step runs as ``step_fixed`` (which updates ``pos`` / ``out_lengths`` in
     place): give the state its own (B,) counters. The general step treats them as values (callers
     keep earlier ``out_lengths`` tensors, e.g. StreamingSequential.flush), so they must not change
@@ -394,7 +401,7 @@ def _fresh_counters(state):
     state.out_lengths = torch.empty_like(state.out_lengths)
 
 
-def _concat_ragged(outs, counts, state):
+def concat_ragged(outs, counts, state):
     """Concatenate per-piece outputs (B, m_i, E) whose valid rows are counts_i (B,)."""
     total = torch.stack(counts, 0).sum(0)
     B = total.shape[0]
@@ -412,7 +419,7 @@ def _concat_ragged(outs, counts, state):
     return y, state
 
 
-class BandedSelfAttention(_IntervalSelfAttention):
+class BandedSelfAttention(IntervalSelfAttention):
     """Self-attention where frame p sees frames [p - left, p + right] (left=None: all history).
 
     ``rope``: True (RoPE over the full head dim), False, an int rotary dim, a pyencoder.Rope or a
@@ -429,7 +436,7 @@ class BandedSelfAttention(_IntervalSelfAttention):
                 f"right={self.right}, rope={self.rope}")
 
 
-class ChunkedSelfAttention(_IntervalSelfAttention):
+class ChunkedSelfAttention(IntervalSelfAttention):
     """Chunked self-attention: frame p in chunk c = p // chunk_size sees from the start of chunk
     c - left_chunks (None: all history) to the end of chunk c plus ``lookahead`` frames.
     Latency (worst case, the first frame of a chunk): chunk_size - 1 + lookahead frames."""

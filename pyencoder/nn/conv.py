@@ -60,6 +60,7 @@ class CausalConv1d(nn.Conv1d):
         self.activation = activation
 
     lookahead = 0
+    stream_time_axis = -1
 
     @property
     def hop(self):

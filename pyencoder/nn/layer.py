@@ -15,7 +15,7 @@ from torch import nn
 from ..ops._checks import check_module_input
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
                                stamp)
-from .attention import _IntervalSelfAttention, _fresh_counters
+from .attention import IntervalSelfAttention, concat_ragged, fresh_counters
 from .linear import Linear
 
 __all__ = ["TransformerLayer", "LayerState", "FeedForward"]
@@ -53,7 +53,7 @@ class TransformerLayer(nn.Module):
     docstring)."""
     def __init__(self, attention, ffn_dim, *, norm_first=True, layer_norm_eps=1e-5):
         super().__init__()
-        if not isinstance(attention, _IntervalSelfAttention):
+        if not isinstance(attention, IntervalSelfAttention):
             raise TypeError(f"attention must be a BandedSelfAttention or ChunkedSelfAttention; got "
                             f"{type(attention).__name__}")
         E = attention.embed_dim
@@ -112,12 +112,11 @@ class TransformerLayer(nn.Module):
         if lengths is not None:
             lengths = check_step_lengths(lengths, B, n, x.device)
         if self.attention._fixed_ok(n, state.attention, lengths):
-            _fresh_counters(state.attention)
+            fresh_counters(state.attention)
             state.out_lengths = torch.empty_like(state.out_lengths)
             return self.step_fixed(x, state), state
         mc = state.res.shape[1] - self.attention.hi_off
         if n > mc:
-            from .attention import _concat_ragged
             outs, counts = [], []
             L = torch.full((B,), n, dtype=torch.int64, device=x.device) if lengths is None \
                 else torch.as_tensor(lengths, device=x.device).to(torch.int64)
@@ -125,7 +124,7 @@ class TransformerLayer(nn.Module):
                 y, state = self.step(x[:, s:s + mc], state, (L - s).clamp(0, min(mc, n - s)))
                 outs.append(y)
                 counts.append(state.out_lengths.clone())
-            return _concat_ragged(outs, counts, state)
+            return concat_ragged(outs, counts, state)
         h = self.layer_norm(x) if self.norm_first else x
         a, state.attention = self.attention.step(h, state.attention, lengths)
         return self._release(x, a, state, lengths)

@@ -13,6 +13,8 @@ class Transpose(nn.Module):
 
     lookahead = 0
     hop = 1
+    streaming_pointwise = True
+    stream_swaps_time_axis = True
 
     def forward(self, x):
         return x.transpose(self.dim0, self.dim1)

@@ -51,7 +51,7 @@ from ..rope import apply_rope
 from ..reference.attention import (all_finite, finite_or_zero, nonfinite_rows, poisoned_rows,
                                    visible_key_ranges)
 from ..streaming.ring import nonfinite_guard, ring_positions
-from .attention import AttentionState, _IntervalSelfAttention
+from .attention import AttentionState, IntervalSelfAttention
 
 __all__ = ["WavLMSelfAttention", "RelPosAttentionState", "relative_position_bucket",
            "relative_bias_gate", "biased_interval_attention"]
@@ -187,7 +187,7 @@ class RelPosAttentionState(AttentionState):
     gate: torch.Tensor        # (B, H, qcap) gates of the pending queries, oldest first
 
 
-class WavLMSelfAttention(_IntervalSelfAttention):
+class WavLMSelfAttention(IntervalSelfAttention):
     """WavLM attention (gated relative position bias) with an interval mask, offline and streaming.
 
     Mask: band (``left``, ``right``; frame p sees [p - left, p + right], left=None: all history)

@@ -1,9 +1,9 @@
 """Triton backend of the interval attention ops (``backend="triton"``).
 
 Launchers for the kernels in pyencoder.triton_kernels.interval_attention, with the signatures of
-pyencoder.reference.attention (``forward``, ``backward``, ``supports_forward``,
-``supports_backward``). The kernels apply RoPE themselves, so q and k go to the kernels as given
-(any strides).
+pyencoder.reference.attention (``forward``, ``backward``, ``supports_forward``; the backward runs
+on the backend its forward chose). The kernels apply RoPE themselves, so q and k go to the kernels
+as given (any strides).
 
 Tiles: under TRITON_INTERPRET=1 one fixed small config. On a GPU a per-architecture default table
 (``_DEFAULT_TILES``: sm_80 / sm_90 rows, by kernel, dtype class and head-dim class) orders the
@@ -370,12 +370,6 @@ def _common_reason(q, k, v, inv_freq, q_offset, k_offset):
 
 def supports_forward(q, k, v, inv_freq=None, key_lengths=None, block=1, lo_off=-1, hi_off=0,
                      q_offset=0, k_offset=0, scale=1.0, interleaved=False, **_):
-    return _common_reason(q, k, v, inv_freq, q_offset, k_offset)
-
-
-def supports_backward(dout=None, q=None, k=None, v=None, out=None, lse=None, inv_freq=None,
-                      key_lengths=None, block=1, lo_off=-1, hi_off=0, q_offset=0, k_offset=0,
-                      scale=1.0, interleaved=False, deterministic=False, **_):
     return _common_reason(q, k, v, inv_freq, q_offset, k_offset)
 
 

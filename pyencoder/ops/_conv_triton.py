@@ -57,10 +57,6 @@ def supports_update(x=None, weight=None, **_):
     return _reason(x, weight)
 
 
-def _grid_dims(n):
-    return max(1, n)
-
-
 def _strides3(t):
     return (t.stride(0), t.stride(1), t.stride(2)) if t is not None else (0, 0, 0)
 

@@ -32,6 +32,7 @@ from torch import Tensor
 from .. import _backend
 from ._autograd import forbid_double_backward
 from ._checks import check_float_dtype, check_same, check_tensor
+from .conv import causal_conv1d
 
 __all__ = ["convnext_dwconv_ln", "convnext_dwconv_ln_reference"]
 
@@ -52,7 +53,6 @@ def convnext_dwconv_ln_reference(x, conv_weight, conv_bias=None, ln_weight=None,
                                  eps=1e-6, initial_state=None):
     """Plain torch: (y (B, L, C), final_state (B, C, k - 1)) in x's dtype, computed in fp32
     (float64 for float64) and rounded once."""
-    from .conv import causal_conv1d
     cdt = _cdtype(x.dtype)
     C = x.shape[1]
     up = lambda t: None if t is None else t.to(cdt)  # noqa: E731

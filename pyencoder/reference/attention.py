@@ -150,10 +150,6 @@ def supports_forward(**_):
     return None
 
 
-def supports_backward(**_):
-    return None
-
-
 def _prepare(q, k, inv_freq, q_offset, k_offset, scale, interleaved):
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]

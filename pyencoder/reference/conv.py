@@ -49,10 +49,6 @@ def supports_update(**_):
     return None
 
 
-def num_frames(length, stride):
-    return length // stride
-
-
 def _flops(x, weight, stride):
     return 2.0 * x.shape[0] * weight.numel() * max(1, x.shape[-1] // stride)
 

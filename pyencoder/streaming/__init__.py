@@ -7,10 +7,17 @@ Protocol of every streaming module m::
     y, state = m.step(x_chunk, state)        # any chunk length >= 1; y may hold fewer frames
     y, state = m.flush(state)                # end of stream: the held-back frames
     reset(state, mask)                       # recycle slots (bool (B,)) for new streams
+
+What else a module declares (its chunks' time axis, being per-frame, swapping layouts) is in
+``pyencoder.streaming.protocol``.
 """
+import itertools
+
+from ..ops._checks import check_chunk_sizes
+from .protocol import time_last
 from .state import StreamState, reset, state_nbytes
 from .latency import Latency, NotStreamableError, latency
-from .sequential import StreamingSequential, StackState
+from .sequential import StreamingSequential, StackState, cat_time
 from .ring import decode_attention, decode_attention_reference, ring_positions
 
 __all__ = ["StreamState", "reset", "state_nbytes", "latency", "Latency", "NotStreamableError",
@@ -23,12 +30,9 @@ def run_stream(module, x, chunk_sizes, time_dim=None, **init_kwargs):
     given sizes (ints >= 1, cycled) and return the concatenated step + flush outputs.
     ``time_dim``: the time axis of x and of the outputs (default: -1 for conv layouts (B, C, T), 1
     otherwise)."""
-    import itertools
-    from ..ops._checks import check_chunk_sizes
-    from .sequential import _cat_time
     chunk_sizes = check_chunk_sizes("chunk_sizes", chunk_sizes)
     if time_dim is None:
-        time_dim = -1 if _time_last(module) else 1
+        time_dim = -1 if time_last(module) else 1
     T = x.shape[time_dim]
     state = module.init_state(x.shape[0], device=x.device, dtype=x.dtype, **init_kwargs)
     outs, counts = [], []
@@ -47,18 +51,11 @@ def run_stream(module, x, chunk_sizes, time_dim=None, **init_kwargs):
         outs.append(y)
         counts.append(state.out_lengths.clone())
     out_time_last = _out_time_last(module, time_dim)
-    y, _ = _cat_time(outs, counts, state, out_time_last)
+    y, _ = cat_time(outs, counts, state, out_time_last)
     return y
-
-
-def _time_last(m):
-    from ..nn.conv import CausalConv1d
-    if isinstance(m, StreamingSequential):
-        return m._time_last(0)
-    return isinstance(m, CausalConv1d)
 
 
 def _out_time_last(m, time_dim):
     if isinstance(m, StreamingSequential):
-        return m._out_time_last()
+        return m.out_time_last()
     return time_dim == -1

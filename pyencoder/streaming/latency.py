@@ -22,6 +22,8 @@ from typing import List, Optional, Tuple
 
 from torch import nn
 
+from .protocol import ZERO_LATENCY
+
 __all__ = ["latency", "Latency", "NotStreamableError"]
 
 
@@ -123,11 +125,6 @@ class Latency:
         return head + ("\n" + rows if rows else "")
 
 
-_ZERO = (nn.Linear, nn.LayerNorm, nn.Dropout, nn.Identity, nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh,
-         nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Mish, nn.Hardtanh, nn.PReLU,
-         nn.Softmax, nn.Embedding)
-
-
 def _leaf(name, m):
     """(hop, lookahead) of a module without streaming attributes, or raise."""
     where = f"{name or '<root>'} ({type(m).__name__})"
@@ -151,7 +148,7 @@ def _leaf(name, m):
             f"end is not available in a stream. Use pyencoder.nn.CausalConv1d.")
     if isinstance(m, (nn.RNNBase,)) and m.bidirectional:
         raise NotStreamableError(f"{where} is bidirectional: it reads the whole sequence backwards")
-    if isinstance(m, _ZERO) or isinstance(m, nn.RNNBase):
+    if isinstance(m, ZERO_LATENCY) or isinstance(m, nn.RNNBase):
         return 1, 0
     if isinstance(m, nn.MultiheadAttention):
         raise NotStreamableError(f"{where} is full-context attention (no bounded lookahead); use "

@@ -2,8 +2,10 @@
 
 Children are streaming modules (``init_state`` / ``step`` / ``flush``, e.g. CausalConv1d,
 BandedSelfAttention, TransformerLayer, Refiner, a nested StreamingSequential) or stateless
-per-frame modules (nn.Linear, nn.LayerNorm over features, activations, dropout, identity,
-pyencoder.nn.Transpose) that are applied to each chunk as is. The per-slot valid lengths travel
+per-frame modules (``pyencoder.streaming.protocol``: nn.Linear, nn.LayerNorm over features,
+activations, dropout, identity, pyencoder.nn.Transpose) that are applied to each chunk as is. The
+chain's input layout is its first child's ``stream_time_axis``; each child declaring
+``stream_swaps_time_axis`` flips the output layout. The per-slot valid lengths travel
 down the chain with the frames: each step's output is (B, ..., m) with slot b's frames first,
 ``state.out_lengths[b]`` of them; what follows them is padding. ``flush`` flushes the children in
 order, each flush output passed through the rest of the chain before that child is flushed.
@@ -15,9 +17,10 @@ import torch
 from torch import nn
 
 from .._cpu_threads import threads_for
+from .protocol import is_pointwise, is_streaming, swaps_time_axis, time_last
 from .state import StreamState, check_init_args, check_state, check_step_lengths, stamp
 
-__all__ = ["StreamingSequential", "StackState", "PassState", "is_pointwise"]
+__all__ = ["StreamingSequential", "StackState", "PassState", "cat_time"]
 
 
 @dataclasses.dataclass
@@ -31,20 +34,6 @@ class StackState(StreamState):
     out_lengths: torch.Tensor
 
 
-_POINTWISE = (nn.Linear, nn.LayerNorm, nn.Dropout, nn.Identity, nn.GELU, nn.ReLU, nn.SiLU,
-              nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Mish, nn.Hardtanh,
-              nn.PReLU)
-
-
-def is_pointwise(m):
-    from ..nn.misc import Transpose
-    return isinstance(m, _POINTWISE + (Transpose,))
-
-
-def _streams(m):
-    return all(hasattr(m, a) for a in ("init_state", "step", "flush"))
-
-
 class StreamingSequential(nn.Sequential):
     """``nn.Sequential`` of streaming and per-frame modules that also streams: ``init_state``,
     ``step`` and ``flush`` run the children in turn (module docstring); its latency is composed by
@@ -54,7 +43,7 @@ class StreamingSequential(nn.Sequential):
     def __init__(self, *modules):
         super().__init__(*modules)
         for i, m in enumerate(self):
-            if not (_streams(m) or is_pointwise(m)):
+            if not (is_streaming(m) or is_pointwise(m)):
                 raise TypeError(f"StreamingSequential: child {i} ({type(m).__name__}) is neither a "
                                 f"streaming module (init_state/step/flush) nor a per-frame module")
 
@@ -69,7 +58,7 @@ class StreamingSequential(nn.Sequential):
         dtype = (p.dtype if p is not None else torch.float32) if dtype is None else dtype
         layers = []
         for m in self:
-            if _streams(m):
+            if is_streaming(m):
                 layers.append(m.init_state(batch_size, device=device, dtype=dtype,
                                            max_chunk=max_chunk))
             else:
@@ -87,7 +76,7 @@ class StreamingSequential(nn.Sequential):
     def _from(self, start, x, lengths, state):
         for i in range(start, len(self)):
             m, st = self[i], state.layers[i]
-            if _streams(m):
+            if is_streaming(m):
                 x, st = m.step(x, st, lengths)
                 state.layers[i] = st
                 lengths = st.out_lengths
@@ -102,7 +91,7 @@ class StreamingSequential(nn.Sequential):
         if B != state.out_lengths.shape[0]:
             raise ValueError(f"x has batch {B} but the state holds {state.out_lengths.shape[0]} "
                              f"slots")
-        lengths = check_step_lengths(lengths, B, x.shape[-1] if self._time_last(0) else x.shape[1],
+        lengths = check_step_lengths(lengths, B, x.shape[-1] if time_last(self) else x.shape[1],
                                      x.device)
         # one scoped CPU thread count for the step (pyencoder._cpu_threads: busy machine -> fewer)
         with threads_for(float("inf"), x.device):
@@ -120,44 +109,39 @@ class StreamingSequential(nn.Sequential):
         for m, st in zip(self, state.layers):
             if hasattr(m, "step_fixed"):
                 x = m.step_fixed(x, st, check=True) if check else m.step_fixed(x, st)
-            elif _streams(m):
+            elif is_streaming(m):
                 raise TypeError(f"{type(m).__name__} has no step_fixed")
             else:
                 x = m(x)
         return x
 
-    def _time_last(self, i):
-        from ..nn.conv import CausalConv1d
-        m = self[i]
-        if isinstance(m, CausalConv1d):
-            return True
-        if isinstance(m, StreamingSequential):
-            return m._time_last(0)
-        return False
+    @property
+    def stream_time_axis(self):
+        return -1 if time_last(self[0]) else 1
 
     def flush(self, state):
         self._check_state(state)
         outs, counts = [], []
         for i, m in enumerate(self):
-            if not _streams(m):
+            if not is_streaming(m):
                 continue
             y, st = m.flush(state.layers[i])
             state.layers[i] = st
             y, lengths = self._from(i + 1, y, st.out_lengths, state)
             outs.append(y)
             counts.append(lengths)
-        return _cat_time(outs, counts, state, time_last=self._out_time_last())
+        return cat_time(outs, counts, state, time_last=self.out_time_last())
 
-    def _out_time_last(self):
-        from ..nn.misc import Transpose
-        t = self._time_last(0)
+    def out_time_last(self):
+        """True if the chain's outputs are time-last ((B, C, T))."""
+        t = time_last(self)
         for m in self:
-            if isinstance(m, Transpose):
+            if swaps_time_axis(m):
                 t = not t
         return t
 
 
-def _cat_time(outs, counts, state, time_last):
+def cat_time(outs, counts, state, time_last):
     if not outs:
         state.out_lengths = torch.zeros_like(state.out_lengths)
         return None, state

@@ -1,0 +1,50 @@
+"""What a module declares to take part in a stream (DESIGN.md, "Streaming").
+
+A streaming module has ``init_state`` / ``step`` / ``flush`` (``pyencoder.streaming``'s docstring)
+and reports ``hop`` and ``lookahead`` (``pyencoder.streaming.latency``). It may also declare, as
+class attributes:
+
+- ``stream_time_axis``: the time axis of its input chunks, ``-1`` for the conv layout (B, C, T)
+  (pyencoder.nn.CausalConv1d) or ``1`` for the sequence layout (B, T, C); absent means ``1``.
+
+A per-frame module (applied to each chunk as is, no state) is an instance of ``POINTWISE`` or
+declares:
+
+- ``streaming_pointwise = True``;
+- ``stream_swaps_time_axis = True`` if it turns one of the two layouts into the other
+  (pyencoder.nn.Transpose).
+
+The stream drivers (``StreamingSequential``, ``run_stream``) and the latency accounting read only
+these declarations, so the streaming package imports no module class of pyencoder.nn.
+"""
+from torch import nn
+
+__all__ = ["POINTWISE", "ZERO_LATENCY", "is_pointwise", "is_streaming", "time_last",
+           "swaps_time_axis"]
+
+# torch modules that act on each frame independently: StreamingSequential runs them on every chunk
+POINTWISE = (nn.Linear, nn.LayerNorm, nn.Dropout, nn.Identity, nn.GELU, nn.ReLU, nn.SiLU,
+             nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Mish, nn.Hardtanh,
+             nn.PReLU)
+
+# leaf modules that add no latency: the per-frame ones, plus Softmax and Embedding (per-frame for
+# latency accounting, but not accepted as StreamingSequential children: a Softmax may normalise
+# over time, an Embedding takes ids, not frames)
+ZERO_LATENCY = POINTWISE + (nn.Softmax, nn.Embedding)
+
+
+def is_streaming(m):
+    return all(hasattr(m, a) for a in ("init_state", "step", "flush"))
+
+
+def is_pointwise(m):
+    return isinstance(m, POINTWISE) or getattr(m, "streaming_pointwise", False) is True
+
+
+def time_last(m):
+    """True if ``m`` takes its chunks time-last ((B, C, T); ``stream_time_axis == -1``)."""
+    return getattr(m, "stream_time_axis", 1) == -1
+
+
+def swaps_time_axis(m):
+    return getattr(m, "stream_swaps_time_axis", False) is True
