@@ -153,7 +153,24 @@ def distill(recs):
                      rows))
 
 
+def cpu_contention(recs):
+    rows = []
+    for r in recs:
+        if "median_ms" not in r or not str(r.get("op", "")).startswith("banded"):
+            continue
+        pol = r.get("policy")
+        label = (f"{r['provider']} auto ({r.get('threads')} thr)" if pol == "auto"
+                 else f"{r['provider']} {r.get('threads')} thr")
+        rows.append([str(r.get("burners")), r["op"], label, _f(r["median_ms"]),
+                     _f(r.get("speedup_vs_sdpa_default"), 2)])
+    return ("The CPU path on a quiet machine and beside 1-2 CPU burner processes "
+            "(`benchmarks/bench_cpu_contention.py`; banded left=250 right=3 with RoPE, B=1 H=12 D=64 fp32 "
+            "(SDPA: dense mask, RoPE applied eagerly), variants interleaved; `auto` is the default PYENCODER_CPU_THREADS policy).\n\n"
+            + _table(["burners", "case", "provider", "median ms", "vs SDPA (2 threads)"], rows))
+
+
 SECTIONS = [("reference_cpu", "Reference path vs dense SDPA (CPU)", reference_cpu),
+            ("cpu_contention", "CPU path under contention", cpu_contention),
             ("attention", "Attention", attention), ("conv", "Causal convolution", conv),
             ("streaming", "Streaming engine", streaming), ("hf", "Hugging Face patch", hf),
             ("distill_lookahead", "Causal distillation vs lookahead", distill)]
