@@ -364,3 +364,41 @@ def test_gpu_deterministic_bitwise():
     g2 = tri.backward(dout, q, k, v, out, lse, *args, True)
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)
+
+
+_OFFSET_KEYS = r"""
+import json, os, sys, torch
+sys.path.insert(0, sys.argv[1])
+from _count_compiles import _Recorder
+rec = _Recorder(); rec.install()
+os.environ["PYENCODER_TRITON_AUTOTUNE"] = "0"
+from pyencoder.ops import _attention_triton as tri
+from pyencoder import Rope
+q, k, v = (torch.randn(2, 2, 300, 64, dtype=torch.float16) for _ in range(3))
+inv = Rope(64).inv_freq()
+for i, (lens, qo) in enumerate((([300, 200], 0), ([17, 299], 13), ([0, 5], 1000), ([300, 300], 77))):
+    rec.test = i
+    kl = torch.tensor(lens, dtype=torch.int32)
+    out, lse = tri.forward(q, k, v, inv, kl, 1, 50, 3, qo, qo, 0.125, False)
+    tri.backward(torch.randn_like(out), q, k, v, out, lse, inv, kl, 1, 50, 3, qo, qo, 0.125, False)
+print(json.dumps(rec.per_kernel()))
+"""
+
+
+def test_offsets_and_lengths_share_one_compile_key():
+    """Triton specialises integer arguments (== 1, divisible by 16): q_offset / k_offset are
+    do_not_specialize, so streaming offsets 0, 13, 1000, 77 and any key_lengths reuse one compiled
+    kernel per launcher (launch keys recorded with Triton's own binder, nothing compiled; the CPU
+    twin of test_gpu_lengths_do_not_recompile)."""
+    import json
+    import os
+    import sys
+
+    import _subproc
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = _subproc.run([sys.executable, "-c", _OFFSET_KEYS, os.path.join(root, "tests")], env=env,
+                     cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    counts = json.loads(r.stdout.strip().splitlines()[-1])
+    assert counts and all(n == 1 for n in counts.values()), counts

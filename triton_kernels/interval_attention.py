@@ -290,7 +290,7 @@ def _fwd_block(acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_off
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_offset", "k_offset"])
 def _interval_attention_fwd_kernel(
         Q, K, V, O, LSE, INV_FREQ, COS_TAB, SIN_TAB, KLEN,
         stride_qb, stride_qh, stride_qn, stride_qd,
@@ -420,7 +420,7 @@ def _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0, q_
     return dqa, dqb, dqc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_offset", "k_offset"])
 def _interval_attention_bwd_dq_kernel(
         Q, K, V, DO, DQ, LSE, DELTA, INV_FREQ, COS_TAB, SIN_TAB, KLEN,
         stride_qb, stride_qh, stride_qn, stride_qd,
@@ -550,7 +550,7 @@ def _dkdv_block_t(dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_bas
     return dka, dkb, dkc, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_offset", "k_offset"])
 def _interval_attention_bwd_dkdv_kernel(
         Q, K, V, DO, DK, DV, LSE, DELTA, INV_FREQ, COS_TAB, SIN_TAB, KLEN,
         stride_qb, stride_qh, stride_qn, stride_qd,
