@@ -39,6 +39,8 @@ import time
 
 import torch
 
+from ._env import env_choice_or_int
+
 SMALL_FLOPS = 2e7
 WINDOW_S = 0.25
 
@@ -88,19 +90,11 @@ def choose(flops):
     n = torch.get_num_threads()
     if n <= 1:
         return n
-    policy = os.environ.get("PYENCODER_CPU_THREADS", "auto").strip().lower() or "auto"
+    policy = env_choice_or_int("PYENCODER_CPU_THREADS", ("auto", "torch"), "auto")
     if policy == "torch":
         return n
     if policy != "auto":
-        try:
-            cap = int(policy)
-        except ValueError:
-            raise ValueError(f"PYENCODER_CPU_THREADS must be 'auto', 'torch' or a positive "
-                             f"integer; got {policy!r}") from None
-        if cap < 1:
-            raise ValueError(f"PYENCODER_CPU_THREADS must be 'auto', 'torch' or a positive "
-                             f"integer; got {policy!r}")
-        return min(n, cap)
+        return min(n, policy)
     if flops < SMALL_FLOPS:
         return 1
     avail = available_cores()

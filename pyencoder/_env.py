@@ -43,3 +43,23 @@ def env_flag(name, default):
                              f"{', '.join(_TRUE + _FALSE)} (or unset); got {raw!r}")
     _cache[key] = val
     return val
+
+
+def env_choice_or_int(name, choices, default, min_value=1):
+    """One of ``choices`` (a str) or an int >= ``min_value``; ``default`` if unset."""
+    raw = os.environ.get(name)
+    key = (name, raw, choices, default, min_value)
+    hit = _cache.get(key)
+    if hit is not None:
+        return hit
+    val = default if raw is None else (raw.strip().lower() or default)
+    if val not in choices:
+        try:
+            val = int(val)
+        except ValueError:
+            val = None
+        if val is None or val < min_value:
+            raise ValueError(f"environment variable {name} must be one of {', '.join(choices)} or "
+                             f"an integer >= {min_value}; got {raw!r}")
+    _cache[key] = val
+    return val

@@ -125,3 +125,16 @@ def test_traced_by_torch_compile_without_graph_break():
             return x * 2 + 1
     x = torch.randn(8)
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x), x * 2 + 1)
+
+
+@pytest.mark.parametrize("value", ["junk", "0", "-2", "1.5"])
+def test_junk_policy_is_rejected(monkeypatch, value):
+    monkeypatch.setenv("PYENCODER_CPU_THREADS", value)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ValueError, match=f"PYENCODER_CPU_THREADS must be one of auto, torch "
+                                             f"or an integer >= 1; got '{value}'"):
+            ct.choose(1e12)
+    finally:
+        torch.set_num_threads(saved)
