@@ -123,6 +123,17 @@ def run(cmd, *, timeout=None, input=None, check=False, capture_output=True, text
     return res
 
 
+def exit_rank():
+    """End a spawned rank that finished its work: flush and ``os._exit(0)``. Interpreter
+    finalization with gloo's worker threads still alive can abort the process ("terminate called
+    without an active exception", SIGABRT; pytorch/pytorch#179291), after the rank has already
+    written its results. Call it only on the success path, after ``destroy_process_group``: an
+    exception still reaches torch's spawn wrapper and fails the test."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def spawn(fn, args=(), nprocs=1, poll=1.0):
     """torch.multiprocessing.spawn(fn, args, nprocs) that SIGKILLs every rank still alive when
     the join fails or is interrupted (torch's own parent-death signal only fires when the whole

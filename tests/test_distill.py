@@ -158,6 +158,7 @@ def _ddp_worker(rank, world, path, init_file):
         torch.distributed.barrier()   # both ranks tear down together (gloo aborts otherwise)
     finally:
         torch.distributed.destroy_process_group()
+    _subproc.exit_rank()   # success only: skip the finalization abort of gloo threads
 
 
 def _setup():
