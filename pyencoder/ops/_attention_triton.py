@@ -369,14 +369,16 @@ def _common_reason(q, k, v, inv_freq, q_offset, k_offset):
 
 
 def supports_forward(q, k, v, inv_freq=None, key_lengths=None, block=1, lo_off=-1, hi_off=0,
-                     q_offset=0, k_offset=0, scale=1.0, interleaved=False, **_):
+                     q_offset=0, k_offset=0, scale=1.0, interleaved=False, sink=0, **_):
+    if sink:
+        return "sink keys (IntervalMask.sink > 0) have no triton kernel yet"
     return _common_reason(q, k, v, inv_freq, q_offset, k_offset)
 
 
 def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
-            interleaved):
+            interleaved, sink=0):
     """Returns (out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32)."""
-    reason = _common_reason(q, k, v, inv_freq, q_offset, k_offset)
+    reason = supports_forward(q, k, v, inv_freq, q_offset=q_offset, k_offset=k_offset, sink=sink)
     if reason is not None:
         raise ValueError(f"pyencoder triton attention: {reason}")
     B, Hq, Nq, D = q.shape
@@ -399,10 +401,10 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
 
 
 def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-             k_offset, scale, interleaved, deterministic=True):
+             k_offset, scale, interleaved, deterministic=True, sink=0):
     """Returns (dq, dk, dv) in the dtypes of q, k, v. Always deterministic (no atomics);
     ``deterministic=True`` also pins the tile config (no autotuning)."""
-    reason = _common_reason(q, k, v, inv_freq, q_offset, k_offset)
+    reason = supports_forward(q, k, v, inv_freq, q_offset=q_offset, k_offset=k_offset, sink=sink)
     if reason is not None:
         raise ValueError(f"pyencoder triton attention: {reason}")
     B, Hq, Nq, D = q.shape

@@ -27,16 +27,16 @@ __all__ = ["banded_attention", "chunked_attention", "interval_attention", "band_
 def _interval_attention_op(q: Tensor, k: Tensor, v: Tensor, inv_freq: Optional[Tensor],
                            key_lengths: Optional[Tensor], block: int, lo_off: int, hi_off: int,
                            q_offset: int, k_offset: int, scale: float, interleaved: bool,
-                           backend: str) -> Tuple[Tensor, Tensor]:
+                           backend: str, sink: int = 0) -> Tuple[Tensor, Tensor]:
     fwd = _backend.get_entry("attention", backend, "forward")
     out, lse = fwd(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
-                   scale, interleaved)
+                   scale, interleaved, sink=sink)
     return out, lse
 
 
 @_interval_attention_op.register_fake
 def _(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
-      interleaved, backend):
+      interleaved, backend, sink=0):
     B, Hq, Nq, _ = q.shape
     lse_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     return q.new_empty(B, Hq, Nq, v.shape[-1]), q.new_empty(B, Hq, Nq, dtype=lse_dt)
@@ -48,24 +48,24 @@ def _interval_attention_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
                                key_lengths: Optional[Tensor], block: int, lo_off: int,
                                hi_off: int, q_offset: int, k_offset: int, scale: float,
                                interleaved: bool, backend: str,
-                               deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                               deterministic: bool, sink: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     bwd = _backend.get_entry("attention", backend, "backward")
     return bwd(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-               k_offset, scale, interleaved, deterministic)
+               k_offset, scale, interleaved, deterministic, sink=sink)
 
 
 @_interval_attention_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
-      scale, interleaved, backend, deterministic):
+      scale, interleaved, backend, deterministic, sink=0):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
-     interleaved, backend) = inputs
+     interleaved, backend, sink) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, inv_freq, key_lengths)
-    ctx.params = (block, lo_off, hi_off, q_offset, k_offset, scale, interleaved, backend)
+    ctx.params = (block, lo_off, hi_off, q_offset, k_offset, scale, interleaved, backend, sink)
 
 
 def deterministic_backward():
@@ -77,12 +77,12 @@ def deterministic_backward():
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, inv_freq, key_lengths = ctx.saved_tensors
-    block, lo_off, hi_off, q_offset, k_offset, scale, interleaved, backend = ctx.params
+    block, lo_off, hi_off, q_offset, k_offset, scale, interleaved, backend, sink = ctx.params
     dq, dk, dv = _interval_attention_bwd_op(dout.contiguous(), q, k, v, out, lse, inv_freq,
                                             key_lengths, block, lo_off, hi_off, q_offset,
                                             k_offset, scale, interleaved, backend,
-                                            deterministic_backward())
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+                                            deterministic_backward(), sink)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
 _interval_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -141,38 +141,41 @@ def interval_attention(q, k, v, *, mask=None, rope=None, key_lengths=None, q_off
     mask = as_mask(mask, block, lo_off, hi_off)
     _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale)
     block, lo_off, hi_off = mask.params
+    sink = mask.sink
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     inv_freq = None if rope is None else rope.inv_freq(q.device)
     interleaved = False if rope is None else rope.interleaved
     args = dict(q=q, k=k, v=v, inv_freq=inv_freq, key_lengths=key_lengths, block=block,
                 lo_off=lo_off, hi_off=hi_off, q_offset=q_offset, k_offset=k_offset, scale=scale,
-                interleaved=interleaved)
+                interleaved=interleaved, sink=sink)
     name = _backend.select("attention", "forward", q.device.type, args, backend)
     if key_lengths is not None and key_lengths.dtype != torch.int32:
         key_lengths = key_lengths.to(torch.int32)
     out, lse = _interval_attention_op(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off,
-                                      q_offset, k_offset, scale, interleaved, name)
+                                      q_offset, k_offset, scale, interleaved, name, sink)
     return (out, lse) if return_lse else out
 
 
 def banded_attention(q, k, v, *, left, right, rope=None, key_lengths=None, q_offset=0,
-                     k_offset=0, scale=None, backend=None):
+                     k_offset=0, scale=None, backend=None, sink=0):
     """Attention where query at position p sees keys at positions [p - left, p + right].
 
     q (B, Hq, Nq, D), k and v (B, Hk, Nk, D); left=None means unbounded history. ``rope``: a
     pyencoder.Rope applied to q and k at absolute positions q_offset + i and k_offset + j.
     ``key_lengths`` (B,) int: keys j >= key_lengths[b] are padding. A query that sees no key
-    outputs zeros. Returns (B, Hq, Nq, D) in q's dtype."""
-    return interval_attention(q, k, v, mask=IntervalMask.band(left, right), rope=rope,
+    outputs zeros. ``sink``: key positions < sink are visible to every query too (attention sinks;
+    pyencoder.IntervalMask). Returns (B, Hq, Nq, D) in q's dtype."""
+    return interval_attention(q, k, v, mask=IntervalMask.band(left, right, sink=sink), rope=rope,
                               key_lengths=key_lengths, q_offset=q_offset, k_offset=k_offset,
                               scale=scale, backend=backend)
 
 
 def chunked_attention(q, k, v, *, chunk_size, left_chunks, lookahead=0, rope=None,
-                      key_lengths=None, q_offset=0, k_offset=0, scale=None, backend=None):
+                      key_lengths=None, q_offset=0, k_offset=0, scale=None, backend=None, sink=0):
     """Chunked attention: a query in chunk c = p // chunk_size sees keys from the start of chunk
-    c - left_chunks (None: from the beginning) to the end of chunk c plus ``lookahead`` frames."""
-    return interval_attention(q, k, v, mask=IntervalMask.chunked(chunk_size, left_chunks,
-                                                                 lookahead), rope=rope,
+    c - left_chunks (None: from the beginning) to the end of chunk c plus ``lookahead`` frames
+    (and the ``sink`` first key positions)."""
+    mask = IntervalMask.chunked(chunk_size, left_chunks, lookahead, sink=sink)
+    return interval_attention(q, k, v, mask=mask, rope=rope,
                               key_lengths=key_lengths, q_offset=q_offset, k_offset=k_offset,
                               scale=scale, backend=backend)
