@@ -154,12 +154,15 @@ def _scores(xa, xb, xc, ya, yb, yc, acc, HAS_ROPE: tl.constexpr, HAS_PASS: tl.co
 
 
 @triton.jit
-def _visible(rows_pos, cols, cols_pos, nk_b, block, lo_off, hi_off, LO_BOUNDED: tl.constexpr):
-    """Elementwise (rows, cols) visibility."""
+def _visible(rows_pos, cols, cols_pos, nk_b, block, lo_off, hi_off, LO_BOUNDED: tl.constexpr,
+             sink=0, HAS_SINK: tl.constexpr = False):
+    """Elementwise (rows, cols) visibility (HAS_SINK: keys at positions < sink too)."""
     base = (rows_pos // block) * block
     vis = (cols_pos[None, :] <= (base + hi_off)[:, None]) & (cols < nk_b)[None, :]
     if LO_BOUNDED:
         vis = vis & (cols_pos[None, :] >= (base - lo_off)[:, None])
+    if HAS_SINK:
+        vis = vis | ((cols_pos < sink) & (cols < nk_b))[None, :]
     return vis
 
 
@@ -252,7 +255,8 @@ def _fwd_block(acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_off
                BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
                INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
-               DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
+               DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr, sink=0,
+               HAS_SINK: tl.constexpr = False):
     cols = j0 + tl.arange(0, BLOCK_N)
     cmask = cols < nk_b
     k_pos = k_offset + cols
@@ -271,7 +275,8 @@ def _fwd_block(acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_off
             kv0 += _row_poison(ka) + _row_poison(kb)
         if HAS_PASS:
             kv0 += _row_poison(kc)
-        vis = _visible(q_pos, cols, k_pos, nk_b, block, lo_off, hi_off, LO_BOUNDED)
+        vis = _visible(q_pos, cols, k_pos, nk_b, block, lo_off, hi_off, LO_BOUNDED, sink,
+                       HAS_SINK)
         s = tl.where(vis, s + kv0[None, :], float("-inf"))
         v = _zero_nonfinite(v)
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -290,7 +295,7 @@ def _fwd_block(acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_off
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["q_offset", "k_offset"])
+@triton.jit(do_not_specialize=["q_offset", "k_offset", "sink"])
 def _interval_attention_fwd_kernel(
         Q, K, V, O, LSE, INV_FREQ, COS_TAB, SIN_TAB, KLEN,
         stride_qb, stride_qh, stride_qn, stride_qd,
@@ -298,11 +303,12 @@ def _interval_attention_fwd_kernel(
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_on, stride_od,
         Hq, GROUP, Nq, Nk, D, HALF, ROT, NPASS,
-        block, lo_off, hi_off, q_offset, k_offset, tab_base, qk_scale, WIN_KEY,
+        block, lo_off, hi_off, q_offset, k_offset, tab_base, qk_scale, sink, WIN_KEY,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr,
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
-        HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
+        HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr,
+        HAS_SINK: tl.constexpr = False):
     pid_m, bh, b, h, q_base, k_base, v_base = _query_program(
         Q, K, V, Hq, GROUP, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh)
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
@@ -322,20 +328,40 @@ def _interval_attention_fwd_kernel(
             acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
             stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF,
             ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
-            HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE)
+            HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE, sink,
+            HAS_SINK)
     for j0 in range(a, bb, BLOCK_N):
         acc, l_i, m_i = _fwd_block(
             acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
             stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF,
             ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
-            HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, False, DOT_PREC, ROPE_TABLE)
+            HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, False, DOT_PREC, ROPE_TABLE, sink,
+            HAS_SINK)
     for j0 in tl.range(bb, end_r, BLOCK_N, num_stages=1):
         acc, l_i, m_i = _fwd_block(
             acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
             stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF,
             ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
-            HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE)
+            HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE, sink,
+            HAS_SINK)
 
+    if HAS_SINK:
+        # sink key blocks outside [start, end_r): before the band, and after it (sink >= band)
+        ns_up = tl.cdiv(tl.minimum(tl.maximum(sink - k_offset, 0), nk_b), BLOCK_N) * BLOCK_N
+        for j0 in tl.range(0, tl.minimum(ns_up, start), BLOCK_N, num_stages=1):
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
+                stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF,
+                ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
+                HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE, sink,
+                HAS_SINK)
+        for j0 in tl.range(end_r, ns_up, BLOCK_N, num_stages=1):
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
+                stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF,
+                ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
+                HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE, sink,
+                HAS_SINK)
     nz = l_i > 0.0
     l_safe = tl.where(nz, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -349,6 +375,8 @@ def _interval_attention_fwd_kernel(
     if HAS_PASS:
         qz += _row_poison(qc)
     sees = _rows_see_keys(q_pos, rmask, nk_b, block, lo_off, hi_off, k_offset, LO_BOUNDED)
+    if HAS_SINK:
+        sees = sees | (rmask & (tl.minimum(sink - k_offset, nk_b) > 0))
     ok = (rz + tl.where(sees, qz, 0.0)) == 0.0
     out = tl.where(ok[:, None], out, float("nan"))
     lse = tl.where(ok, lse, float("nan"))
@@ -386,7 +414,8 @@ def _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0, q_
               BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
               BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
               INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
-              DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
+              DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr, sink=0,
+              HAS_SINK: tl.constexpr = False):
     cols = j0 + tl.arange(0, BLOCK_N)
     cmask = cols < nk_b
     k_pos = k_offset + cols
@@ -409,7 +438,8 @@ def _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0, q_
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
     if MASKED:
-        vis = _visible(q_pos, cols, k_pos, nk_b, block, lo_off, hi_off, LO_BOUNDED)
+        vis = _visible(q_pos, cols, k_pos, nk_b, block, lo_off, hi_off, LO_BOUNDED, sink,
+                       HAS_SINK)
         ds = tl.where(vis, ds, 0.0)
     ds = ds.to(v.dtype)
     if HAS_PASS:
@@ -420,7 +450,7 @@ def _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0, q_
     return dqa, dqb, dqc
 
 
-@triton.jit(do_not_specialize=["q_offset", "k_offset"])
+@triton.jit(do_not_specialize=["q_offset", "k_offset", "sink"])
 def _interval_attention_bwd_dq_kernel(
         Q, K, V, DO, DQ, LSE, DELTA, INV_FREQ, COS_TAB, SIN_TAB, KLEN,
         stride_qb, stride_qh, stride_qn, stride_qd,
@@ -429,11 +459,12 @@ def _interval_attention_bwd_dq_kernel(
         stride_dob, stride_doh, stride_don, stride_dod,
         stride_dqb, stride_dqh, stride_dqn, stride_dqd,
         Hq, GROUP, Nq, Nk, D, HALF, ROT, NPASS,
-        block, lo_off, hi_off, q_offset, k_offset, tab_base, scale, qk_scale, WIN_KEY,
+        block, lo_off, hi_off, q_offset, k_offset, tab_base, scale, qk_scale, sink, WIN_KEY,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr,
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
-        HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
+        HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr,
+        HAS_SINK: tl.constexpr = False):
     pid_m, bh, b, h, q_base, k_base, v_base = _query_program(
         Q, K, V, Hq, GROUP, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh)
     do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
@@ -461,21 +492,42 @@ def _interval_attention_bwd_dq_kernel(
                                   stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT,
                                   NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R,
                                   BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED,
-                                  True, DOT_PREC, ROPE_TABLE)
+                                  True, DOT_PREC, ROPE_TABLE, sink,
+                                  HAS_SINK)
     for j0 in range(a, bb, BLOCK_N):
         dqa, dqb, dqc = _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0,
                                   q_pos, nk_b, k_offset, stride_kn, stride_kd, stride_vn,
                                   stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT,
                                   NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R,
                                   BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED,
-                                  False, DOT_PREC, ROPE_TABLE)
+                                  False, DOT_PREC, ROPE_TABLE, sink,
+                                  HAS_SINK)
     for j0 in tl.range(bb, end_r, BLOCK_N, num_stages=1):
         dqa, dqb, dqc = _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0,
                                   q_pos, nk_b, k_offset, stride_kn, stride_kd, stride_vn,
                                   stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT,
                                   NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R,
                                   BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED,
-                                  True, DOT_PREC, ROPE_TABLE)
+                                  True, DOT_PREC, ROPE_TABLE, sink,
+                                  HAS_SINK)
+    if HAS_SINK:
+        ns_up = tl.cdiv(tl.minimum(tl.maximum(sink - k_offset, 0), nk_b), BLOCK_N) * BLOCK_N
+        for j0 in tl.range(0, tl.minimum(ns_up, start), BLOCK_N, num_stages=1):
+            dqa, dqb, dqc = _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0,
+                                      q_pos, nk_b, k_offset, stride_kn, stride_kd, stride_vn,
+                                      stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT,
+                                      NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R,
+                                      BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED,
+                                      True, DOT_PREC, ROPE_TABLE, sink,
+                                      HAS_SINK)
+        for j0 in tl.range(end_r, ns_up, BLOCK_N, num_stages=1):
+            dqa, dqb, dqc = _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0,
+                                      q_pos, nk_b, k_offset, stride_kn, stride_kd, stride_vn,
+                                      stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT,
+                                      NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R,
+                                      BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED,
+                                      True, DOT_PREC, ROPE_TABLE, sink,
+                                      HAS_SINK)
     rz = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_ROPE:
         rz += _row_poison(dqa) + _row_poison(dqb)
@@ -491,12 +543,15 @@ def _interval_attention_bwd_dq_kernel(
 
 
 @triton.jit
-def _visible_t(k_pos, kmask, q_pos, qmask, block, lo_off, hi_off, LO_BOUNDED: tl.constexpr):
+def _visible_t(k_pos, kmask, q_pos, qmask, block, lo_off, hi_off, LO_BOUNDED: tl.constexpr,
+               sink=0, HAS_SINK: tl.constexpr = False):
     """Elementwise (keys, queries) visibility (transposed mask of the dk/dv kernel)."""
     base = (q_pos // block) * block
     vis = (k_pos[:, None] <= (base + hi_off)[None, :]) & kmask[:, None] & qmask[None, :]
     if LO_BOUNDED:
         vis = vis & (k_pos[:, None] >= (base - lo_off)[None, :])
+    if HAS_SINK:
+        vis = vis | (((k_pos < sink) & kmask)[:, None] & qmask[None, :])
     return vis
 
 
@@ -507,7 +562,8 @@ def _dkdv_block_t(dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_bas
                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                   BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
                   INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
-                  DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
+                  DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr, sink=0,
+                  HAS_SINK: tl.constexpr = False):
     rows = i0 + tl.arange(0, BLOCK_M)
     rmask = rows < Nq
     q_pos = q_offset + rows
@@ -534,7 +590,8 @@ def _dkdv_block_t(dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_bas
                  HAS_ROPE, HAS_PASS, DOT_PREC) * qk_scale
     pt = tl.math.exp2(st - lse2[None, :])
     if MASKED:
-        vis = _visible_t(k_pos, kmask, q_pos, rmask, block, lo_off, hi_off, LO_BOUNDED)
+        vis = _visible_t(k_pos, kmask, q_pos, rmask, block, lo_off, hi_off, LO_BOUNDED, sink,
+                         HAS_SINK)
         pt = tl.where(vis, pt + (delta * 0.0)[None, :], 0.0)
     dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -550,7 +607,7 @@ def _dkdv_block_t(dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_bas
     return dka, dkb, dkc, dv
 
 
-@triton.jit(do_not_specialize=["q_offset", "k_offset"])
+@triton.jit(do_not_specialize=["q_offset", "k_offset", "sink"])
 def _interval_attention_bwd_dkdv_kernel(
         Q, K, V, DO, DK, DV, LSE, DELTA, INV_FREQ, COS_TAB, SIN_TAB, KLEN,
         stride_qb, stride_qh, stride_qn, stride_qd,
@@ -560,11 +617,12 @@ def _interval_attention_bwd_dkdv_kernel(
         stride_dkb, stride_dkh, stride_dkn, stride_dkd,
         stride_dvb, stride_dvh, stride_dvn, stride_dvd,
         Hq, Hk, GROUP, Nq, Nk, D, HALF, ROT, NPASS,
-        block, lo_off, hi_off, q_offset, k_offset, tab_base, scale, qk_scale, WIN_KEY,
+        block, lo_off, hi_off, q_offset, k_offset, tab_base, scale, qk_scale, sink, WIN_KEY,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr,
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
-        HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
+        HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr,
+        HAS_SINK: tl.constexpr = False):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // Hk
@@ -620,21 +678,45 @@ def _interval_attention_bwd_dkdv_kernel(
                 delta_base, i0, Nq, q_offset, stride_qn, stride_qd, stride_don, stride_dod,
                 INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off, hi_off,
                 qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED,
-                LO_BOUNDED, True, DOT_PREC, ROPE_TABLE)
+                LO_BOUNDED, True, DOT_PREC, ROPE_TABLE, sink,
+                HAS_SINK)
         for i0 in range(a, bb, BLOCK_M):
             dka, dkb, dkc, dv = _dkdv_block_t(
                 dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_base, lse_base,
                 delta_base, i0, Nq, q_offset, stride_qn, stride_qd, stride_don, stride_dod,
                 INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off, hi_off,
                 qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED,
-                LO_BOUNDED, False, DOT_PREC, ROPE_TABLE)
+                LO_BOUNDED, False, DOT_PREC, ROPE_TABLE, sink,
+                HAS_SINK)
         for i0 in tl.range(bb, end_r, BLOCK_M, num_stages=1):
             dka, dkb, dkc, dv = _dkdv_block_t(
                 dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_base, lse_base,
                 delta_base, i0, Nq, q_offset, stride_qn, stride_qd, stride_don, stride_dod,
                 INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off, hi_off,
                 qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED,
-                LO_BOUNDED, True, DOT_PREC, ROPE_TABLE)
+                LO_BOUNDED, True, DOT_PREC, ROPE_TABLE, sink,
+                HAS_SINK)
+        if HAS_SINK:
+            # a block holding sink keys is seen by every query row: the rows outside
+            # [start, end_r) too
+            has = (s0 < sink).to(tl.int32)
+            for i0 in tl.range(0, start * has, BLOCK_M, num_stages=1):
+                dka, dkb, dkc, dv = _dkdv_block_t(
+                    dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_base, lse_base,
+                    delta_base, i0, Nq, q_offset, stride_qn, stride_qd, stride_don, stride_dod,
+                    INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off, hi_off,
+                    qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED,
+                    LO_BOUNDED, True, DOT_PREC, ROPE_TABLE, sink,
+                    HAS_SINK)
+            for i0 in tl.range(end_r, end_r + (tl.cdiv(Nq, BLOCK_M) * BLOCK_M - end_r) * has,
+                               BLOCK_M, num_stages=1):
+                dka, dkb, dkc, dv = _dkdv_block_t(
+                    dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_base, lse_base,
+                    delta_base, i0, Nq, q_offset, stride_qn, stride_qd, stride_don, stride_dod,
+                    INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off, hi_off,
+                    qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED,
+                    LO_BOUNDED, True, DOT_PREC, ROPE_TABLE, sink,
+                    HAS_SINK)
 
     cz = _row_poison(dv)
     if HAS_ROPE:

@@ -311,8 +311,9 @@ def _rope_split(inv_freq, D):
     return half, rot, npass
 
 
-def _consts(q, D, half, npass, lo_off, key_lengths, interleaved, table):
-    return dict(
+def _consts(q, D, half, npass, lo_off, key_lengths, interleaved, table, sink=0):
+    extra = {"HAS_SINK": True} if sink else {}   # sink = 0: the band/chunked kernels unchanged
+    return dict(**extra,
         BLOCK_R=max(16, _next_pow2(half)), BLOCK_C=max(16, _next_pow2(npass)),
         BLOCK_DV=max(16, _next_pow2(D)), HAS_ROPE=half > 0, HAS_PASS=npass > 0,
         INTERLEAVED=bool(interleaved) and half > 0, LO_BOUNDED=lo_off >= 0,
@@ -370,8 +371,6 @@ def _common_reason(q, k, v, inv_freq, q_offset, k_offset):
 
 def supports_forward(q, k, v, inv_freq=None, key_lengths=None, block=1, lo_off=-1, hi_off=0,
                      q_offset=0, k_offset=0, scale=1.0, interleaved=False, sink=0, **_):
-    if sink:
-        return "sink keys (IntervalMask.sink > 0) have no triton kernel yet"
     return _common_reason(q, k, v, inv_freq, q_offset, k_offset)
 
 
@@ -390,11 +389,12 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
     half, rot, npass = _rope_split(inv_freq, D)
     freq, klen = _aux(q, inv_freq, key_lengths)
     cos, sin, tab_base, table = _rope_tables(q, inv_freq, Nq, Nk, q_offset, k_offset)
-    consts = _consts(q, D, half, npass, lo_off, key_lengths, interleaved, table)
+    sink = min(sink, k_offset + Nk)        # later sink positions hold no key
+    consts = _consts(q, D, half, npass, lo_off, key_lengths, interleaved, table, sink)
     args = (q, k, v, out, lse, freq, cos, sin, klen,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             Hq, Hq // Hk, Nq, Nk, D, half, rot, npass,
-            block, lo_off, hi_off, q_offset, k_offset, tab_base, float(scale) * _LOG2E,
+            block, lo_off, hi_off, q_offset, k_offset, tab_base, float(scale) * _LOG2E, sink,
             _window_key(block, lo_off, hi_off, Nk))
     _launch("fwd", lambda bm, bn: (_cdiv(Nq, bm), B * Hq), args, consts)
     return out, lse
@@ -421,7 +421,8 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
     half, rot, npass = _rope_split(inv_freq, D)
     freq, klen = _aux(q, inv_freq, key_lengths)
     cos, sin, tab_base, table = _rope_tables(q, inv_freq, Nq, Nk, q_offset, k_offset)
-    consts = _consts(q, D, half, npass, lo_off, key_lengths, interleaved, table)
+    sink = min(sink, k_offset + Nk)        # later sink positions hold no key
+    consts = _consts(q, D, half, npass, lo_off, key_lengths, interleaved, table, sink)
     delta = _new((B, Hq, Nq), q, torch.float32)
     pre, pre_cfg, _ = _kernel("pre")
     bm = pre_cfg.kwargs["BLOCK_M"]
@@ -429,7 +430,7 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
                                  BLOCK_M=bm, BLOCK_DV=max(16, _next_pow2(D)), num_warps=4)
     win = _window_key(block, lo_off, hi_off, Nk)
     common = (Nq, Nk, D, half, rot, npass, block, lo_off, hi_off, q_offset, k_offset, tab_base,
-              float(scale), float(scale) * _LOG2E, win)
+              float(scale), float(scale) * _LOG2E, sink, win)
     args = (q, k, v, dout, dq, lse, delta, freq, cos, sin, klen,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
             Hq, Hq // Hk, *common)
