@@ -27,7 +27,8 @@ Matrices (``--matrix`` or ``PYENCODER_COMPILE_MATRIX``):
   the default (untimed) tiles: attention bf16 head_dim 128 partial RoPE, fp32 head_dim 32 NeoX in
   the RoPE-table mode, fp16 head_dim 64 interleaved unbounded; one conv case per dtype (fp16
   depthwise with state and update, bf16 grouped, fp32 strided channels-last), one ConvNeXt and one
-  decode case per dtype: 55 launch variants, 86 compiles.
+  decode case per dtype, and the sink-key variant (IntervalMask.sink) of the attention kernels in
+  the head_dim 32 and 64 cases.
 - ``quick``: every config of every launcher list at the shapes that need the most shared memory
   and registers (head_dim 128 with partial RoPE for attention, widest conv tiles) in each element
   size, plus one case per remaining code path; the attention RoPE table mode
@@ -205,6 +206,12 @@ def _run_attention(rec, matrix):
                         out, lse = A.forward(q, k, v, inv, *mask)
                         for det in ((True, False) if mode == "full" else (True,)):
                             A.backward(out, q, k, v, out, lse, inv, *mask, det)
+                if not all_cfgs and D <= 64:
+                    # the sink-key variant (HAS_SINK) of the three attention kernels
+                    rec.case += " sink"
+                    with _env(PYENCODER_TRITON_AUTOTUNE="0"):
+                        out, lse = A.forward(q, k, v, inv, *mask, sink=5)
+                        A.backward(out, q, k, v, out, lse, inv, *mask, True, sink=5)
                 if all_cfgs:
                     # a recording run never runs out of resources: ask for the fallback tile
                     A._default_configs = lambda *a, **kw: []
@@ -604,6 +611,11 @@ if pytest is not None and __name__ != "__main__":
                      "_causal_conv1d_grp_bwd_dw_kernel", "_convnext_dwconv_ln_fwd_kernel",
                      "_decode_attention_fwd_kernel"):
             assert name in kernels
+        sink = {(r["kernel"], r["target"]) for r in results if r["case"].endswith(" sink")}
+        assert sink == {(k, t) for k in ("_interval_attention_fwd_kernel",
+                                         "_interval_attention_bwd_dq_kernel",
+                                         "_interval_attention_bwd_dkdv_kernel")
+                        for t in TARGETS}
 
     @_needs_triton
     @pytest.mark.compile_full
