@@ -208,3 +208,43 @@ def test_triton_sinks_match_the_reference_under_the_interpreter(dtype, monkeypat
         for name, a, b in zip(("out", "dq", "dk", "dv"), res["triton"], res["reference"]):
             err = (a.float() - b).abs().max().item() if a.numel() else 0.0
             assert err <= tol * max(1.0, b.abs().max().item()), (name, err, m, qo, ko, kl)
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_streaming_with_sinks_equals_offline_over_random_chunkings(trial):
+    """Sink keys stay resident in the stream state (SinkAttentionState) while the ring wraps:
+    cat(step outputs) + flush == offline forward for random ragged chunkings and max_chunk
+    (fp32: 1e-5 relative, the streaming contract), and the first queries wait for the sink keys
+    the offline op lets them see."""
+    from _stream_utils import rel_err, stream
+    from pyencoder.nn import BandedSelfAttention, ChunkedSelfAttention
+    rng = random.Random(torch.randint(1 << 30, ()).item())
+    sink = rng.choice([1, 3, 9])
+    if rng.random() < 0.5:
+        mod = BandedSelfAttention(16, 2, left=rng.choice([0, 2, 5]), right=rng.randint(0, 2),
+                                  sink=sink)
+    else:
+        mod = ChunkedSelfAttention(16, 2, chunk_size=rng.randint(1, 4),
+                                   left_chunks=rng.choice([0, 1]), lookahead=rng.randint(0, 2),
+                                   sink=sink)
+    mod.eval()
+    T = rng.randint(20, 70)
+    x = torch.randn(2, T, 16)
+    with torch.no_grad():
+        ref = mod(x)
+        sizes = [rng.randint(1, 9) for _ in range(12)]
+        got = stream(mod, x, sizes, time_dim=1, max_chunk=rng.choice([None, 4, 11]))
+    assert got.shape == ref.shape
+    assert rel_err(got, ref) < 1e-5, (mod, sizes)
+    assert mod.lookahead == mod.mask.latency() == type(mod.mask)(
+        mod.mask.block, mod.mask.lo_off, mod.mask.hi_off).latency()
+
+
+def test_step_fixed_refuses_sinks_by_name():
+    from pyencoder.nn import BandedSelfAttention
+    mod = BandedSelfAttention(16, 2, left=4, right=0, sink=2)
+    st = mod.init_state(1)
+    with pytest.raises(ValueError, match="sink"):
+        mod.step_fixed(torch.randn(1, 1, 16), st)
+    with pytest.raises(ValueError, match="sink must be <= max_context"):
+        BandedSelfAttention(16, 2, left=4, right=0, sink=100, max_context=50)
