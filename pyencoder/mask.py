@@ -96,6 +96,7 @@ class IntervalMask:
 
     @property
     def is_band(self):
+        """True for block == 1 (a band mask)."""
         return self.block == 1
 
     @property
