@@ -248,3 +248,17 @@ def test_step_fixed_refuses_sinks_by_name():
         mod.step_fixed(torch.randn(1, 1, 16), st)
     with pytest.raises(ValueError, match="sink must be <= max_context"):
         BandedSelfAttention(16, 2, left=4, right=0, sink=100, max_context=50)
+
+
+def test_paths_without_sinks_refuse_a_sink_mask_by_name():
+    from pyencoder.nn.relpos import biased_interval_attention
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    m = IntervalMask.band(2, 0, sink=1)
+    with pytest.raises(NotImplementedError, match="sink"):
+        pyencoder.ops.interval_attention_dropout(q, k, v, mask=m, dropout_p=0.5)
+    with pytest.raises(NotImplementedError, match="sink"):
+        biased_interval_attention(q, k, v, None, torch.randn(8, 2), lambda r: r.clamp(0, 7),
+                                  mask=m)
+    torch.testing.assert_close(pyencoder.ops.interval_attention_dropout(q, k, v, mask=m,
+                                                                         dropout_p=0.0),
+                               interval_attention(q, k, v, mask=m))
