@@ -9,8 +9,9 @@ absolute position s iff lo(p) <= s <= hi(p), where, with base(p) = (p // block) 
 
 or s < sink (the first ``sink`` absolute key positions, "attention sinks" / a global prefix, are
 visible to every query in addition to its interval; sink = 0: none), and, as everywhere,
-s < k_offset + key_lengths[b]. Sinks change neither lo/hi nor ``latency()``. lo and hi are non-decreasing in p, which is
-what lets kernels skip every key block outside [lo(first row), hi(last row)].
+s < k_offset + key_lengths[b]. Sinks change neither lo/hi nor ``latency()``. lo and hi are
+non-decreasing in p, which is what lets kernels skip every key block outside
+[lo(first row), hi(last row)] (plus the sink blocks).
 
     IntervalMask.band(left, right)                       = IntervalMask(1, left, right)
     IntervalMask.chunked(chunk_size, left_chunks, lookahead)
@@ -170,8 +171,9 @@ def as_mask(mask=None, block=None, lo_off=None, hi_off=None):
             raise TypeError(f"mask must be a pyencoder.IntervalMask; got "
                             f"{type(mask).__name__} {mask!r}")
         if any(x is not None for x in loose):
-            raise ValueError(f"give either mask or block/lo_off/hi_off, not both; got mask={mask!r},"
-                             f" block={block!r}, lo_off={lo_off!r}, hi_off={hi_off!r}")
+            raise ValueError(f"give either mask or block/lo_off/hi_off, not both; got "
+                             f"mask={mask!r}, block={block!r}, lo_off={lo_off!r}, "
+                             f"hi_off={hi_off!r}")
         return mask
     if all(x is None for x in loose):
         raise TypeError("mask must be a pyencoder.IntervalMask (or give the ints block, lo_off, "

@@ -2,19 +2,21 @@
 
 Computes, for query i (absolute position p = q_offset + i) and key j (s = k_offset + j),
 
-    base(p) = (p // block) * block,  lo(p) = base(p) - lo_off (lo_off < 0: -inf),  hi(p) = base(p) + hi_off
-    visible(i, j) = lo(p) <= s <= hi(p)  and  j < key_lengths[b]
+    visible(i, j) = (lo(p) <= s <= hi(p)  or  s < sink)  and  j < key_lengths[b]
     out_i = softmax_j(scale * rope(q_i, p) . rope(k_j, s))  @ v        (visible j only)
 
-which covers band(left, right) (block 1) and chunked(chunk, left_chunks, lookahead) masks; see
-pyencoder/reference/attention.py for the oracle. A query row with no visible key outputs zeros,
+with lo, hi and sink those of the pyencoder.IntervalMask whose ints (block, lo_off, hi_off, sink)
+the launcher passes (the formula lives in pyencoder/mask.py); see pyencoder/reference/attention.py
+for the oracle. A query row with no visible key outputs zeros,
 has lse = -inf and gets zero gradient.
 
 Algorithm (FlashAttention-2 style, one program per (query tile, batch * query head)):
 - lo and hi are non-decreasing in p, so a query tile [i0, i1) only visits key blocks intersecting
   [lo(p(i0)), hi(p(i1 - 1))]; blocks that every row of the tile sees entirely (interior blocks)
   run without an elementwise mask, only the boundary blocks on either side are masked. Cost is
-  O(N * W) for a window of width W.
+  O(N * W) for a window of width W. Sink keys (HAS_SINK, a constexpr: sink = 0 compiles the
+  plain kernels) add the key blocks below and above that range holding positions < sink (masked),
+  and the dk/dv program of such a block visits every query tile: O(N * (W + S)).
 - RoPE is applied in registers. The head dimension is split into three feature groups: the first
   and second members of each rotary pair (NeoX: i and i + R/2; interleaved: 2i and 2i + 1) and
   the R..D-1 pass-through features. q . k is the sum of the three group dot products, so rotation
@@ -351,17 +353,17 @@ def _interval_attention_fwd_kernel(
         for j0 in tl.range(0, tl.minimum(ns_up, start), BLOCK_N, num_stages=1):
             acc, l_i, m_i = _fwd_block(
                 acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
-                stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF,
-                ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
-                HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE, sink,
-                HAS_SINK)
+                stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base,
+                HALF, ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C,
+                BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE,
+                sink, HAS_SINK)
         for j0 in tl.range(end_r, ns_up, BLOCK_N, num_stages=1):
             acc, l_i, m_i = _fwd_block(
                 acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
-                stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF,
-                ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
-                HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE, sink,
-                HAS_SINK)
+                stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base,
+                HALF, ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C,
+                BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE,
+                sink, HAS_SINK)
     nz = l_i > 0.0
     l_safe = tl.where(nz, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -513,21 +515,19 @@ def _interval_attention_bwd_dq_kernel(
     if HAS_SINK:
         ns_up = tl.cdiv(tl.minimum(tl.maximum(sink - k_offset, 0), nk_b), BLOCK_N) * BLOCK_N
         for j0 in tl.range(0, tl.minimum(ns_up, start), BLOCK_N, num_stages=1):
-            dqa, dqb, dqc = _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0,
-                                      q_pos, nk_b, k_offset, stride_kn, stride_kd, stride_vn,
-                                      stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT,
-                                      NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R,
-                                      BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED,
-                                      True, DOT_PREC, ROPE_TABLE, sink,
-                                      HAS_SINK)
+            dqa, dqb, dqc = _dq_block(
+                dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0, q_pos, nk_b,
+                k_offset, stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB,
+                tab_base, HALF, ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R,
+                BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC,
+                ROPE_TABLE, sink, HAS_SINK)
         for j0 in tl.range(end_r, ns_up, BLOCK_N, num_stages=1):
-            dqa, dqb, dqc = _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0,
-                                      q_pos, nk_b, k_offset, stride_kn, stride_kd, stride_vn,
-                                      stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT,
-                                      NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R,
-                                      BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED,
-                                      True, DOT_PREC, ROPE_TABLE, sink,
-                                      HAS_SINK)
+            dqa, dqb, dqc = _dq_block(
+                dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0, q_pos, nk_b,
+                k_offset, stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB,
+                tab_base, HALF, ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R,
+                BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC,
+                ROPE_TABLE, sink, HAS_SINK)
     rz = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_ROPE:
         rz += _row_poison(dqa) + _row_poison(dqb)
@@ -704,19 +704,17 @@ def _interval_attention_bwd_dkdv_kernel(
                 dka, dkb, dkc, dv = _dkdv_block_t(
                     dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_base, lse_base,
                     delta_base, i0, Nq, q_offset, stride_qn, stride_qd, stride_don, stride_dod,
-                    INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off, hi_off,
-                    qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED,
-                    LO_BOUNDED, True, DOT_PREC, ROPE_TABLE, sink,
-                    HAS_SINK)
+                    INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off,
+                    hi_off, qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS,
+                    INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE, sink, HAS_SINK)
             for i0 in tl.range(end_r, end_r + (tl.cdiv(Nq, BLOCK_M) * BLOCK_M - end_r) * has,
                                BLOCK_M, num_stages=1):
                 dka, dkb, dkc, dv = _dkdv_block_t(
                     dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_base, lse_base,
                     delta_base, i0, Nq, q_offset, stride_qn, stride_qd, stride_don, stride_dod,
-                    INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off, hi_off,
-                    qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED,
-                    LO_BOUNDED, True, DOT_PREC, ROPE_TABLE, sink,
-                    HAS_SINK)
+                    INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off,
+                    hi_off, qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS,
+                    INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE, sink, HAS_SINK)
 
     cz = _row_poison(dv)
     if HAS_ROPE:

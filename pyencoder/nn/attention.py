@@ -9,12 +9,13 @@ Offline ``forward`` is one call of pyencoder.ops.interval_attention over the who
 applied inside the op. Streaming (``init_state`` / ``step`` / ``flush``): each new key is rotated
 once at its absolute position and written to a ring buffer (pyencoder.streaming.ring) of capacity
 lo_off + hi_off + max_chunk of the layer's ``mask`` (a pyencoder.IntervalMask; band: left + right +
-max_chunk); queries are kept un-rotated until their last visible key mask.hi(p) has arrived, then rotated at p and attended over the ring (Triton
-decode kernel on CUDA, the reference elsewhere). Rotating the cached keys once gives the same
-float32 values the offline op computes for them (same elementwise formula), so a streamed output
-differs from the offline one only by the summation order of the dot products and the softmax sum.
-Steps longer than max_chunk are cut into pieces internally. With unbounded history (left=None /
-left_chunks=None) the cache grows up to ``max_context`` positions and then raises.
+max_chunk); queries are kept un-rotated until their last visible key mask.hi(p) has arrived, then
+rotated at p and attended over the ring (Triton decode kernel on CUDA, the reference elsewhere).
+Rotating the cached keys once gives the same float32 values the offline op computes for them (same
+elementwise formula), so a streamed output differs from the offline one only by the summation order
+of the dot products and the softmax sum. Steps longer than max_chunk are cut into pieces internally.
+With unbounded history (left=None / left_chunks=None) the cache grows up to ``max_context``
+positions and then raises.
 
 Batched streams: every slot has its own position. ``step(x, state, lengths=None)``: x (B, n, E),
 ``lengths`` (B,) the valid frames of each slot (default n). The output is (B, m, E) with
@@ -145,7 +146,8 @@ class IntervalSelfAttention(nn.Module):
         check_module_input(x, 2, self.embed_dim, f"(B, T, {self.embed_dim})", self.q_proj.weight)
         B, T, E = x.shape
         q, k, v = self._heads(x, self.q_proj), self._heads(x, self.k_proj), self._heads(x, self.v_proj)
-        o = interval_attention(q, k, v, mask=self.mask, rope=self.rope, key_lengths=key_lengths, scale=self.scale)
+        o = interval_attention(q, k, v, mask=self.mask, rope=self.rope, key_lengths=key_lengths,
+                               scale=self.scale)
         return self.out_proj(o.transpose(1, 2).reshape(B, T, E))
 
     # ---- streaming -------------------------------------------------------------------------
@@ -391,8 +393,8 @@ class IntervalSelfAttention(nn.Module):
         if inv is not None and inv.numel():
             qr = apply_rope(qr, q_pos, inv, self.rope.interleaved)
         kpos = ring_positions(n_keys, state.k.shape[2])[:, None, :]            # (B, 1, cap)
-        ring = ((kpos >= self.mask.lo(q_pos)[:, :, None]) & (kpos <= self.mask.hi(q_pos)[:, :, None])
-                & (kpos >= S))
+        ring = ((kpos >= self.mask.lo(q_pos)[:, :, None])
+                & (kpos <= self.mask.hi(q_pos)[:, :, None]) & (kpos >= S))
         spos = torch.arange(S, device=q.device)
         sinks = (spos[None, None, :] < n_keys.to(q.device)[:, None, None]).expand(B, M, S)
         rows = torch.arange(M, device=q.device)[None, :] < q_count.to(q.device)[:, None]

@@ -109,10 +109,10 @@ def biased_interval_attention(q, k, v, gate, table, bucket_fn, *, mask=None, blo
     q (B, H, Nq, D), k and v (B, H, Nk, D), gate (B, H, Nq) or None (ungated), table
     (num_buckets, H); ``bucket_fn`` maps int64 relative positions (key - query) to bucket indices.
     Mask: ``mask``, a pyencoder.IntervalMask, or its loose ints block, lo_off (< 0: unbounded),
-    hi_off (the defaults give full attention); ``rope`` a pyencoder.Rope or None; key_lengths (B,) or None; integer absolute
-    offsets of the first query / key. ``dropout_p`` > 0: dropout on the probabilities as in
-    pyencoder.ops.interval_attention_dropout (keep ~ Bernoulli(1 - p) drawn per tile from
-    ``generator``, scaled by 1 / (1 - p)). Returns (B, H, Nq, D) in q's dtype.
+    hi_off (the defaults give full attention); ``rope`` a pyencoder.Rope or None; key_lengths (B,)
+    or None; integer absolute offsets of the first query / key. ``dropout_p`` > 0: dropout on the
+    probabilities as in pyencoder.ops.interval_attention_dropout (keep ~ Bernoulli(1 - p) drawn per
+    tile from ``generator``, scaled by 1 / (1 - p)). Returns (B, H, Nq, D) in q's dtype.
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
