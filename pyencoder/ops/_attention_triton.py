@@ -226,7 +226,7 @@ def _build_kernels():
     """(name -> (fixed_kernel, fixed_config, tuned_kernel_or_None)) built once, lazily."""
     import triton
 
-    from pyencoder.triton_kernels import interval_attention as ia
+    from ..triton_kernels import interval_attention as ia
 
     def cfg(m, n, w, s):
         return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)

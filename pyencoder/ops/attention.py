@@ -16,13 +16,17 @@ from torch import Tensor
 
 from .. import _backend
 from .._env import env_flag
+from ..reference import attention as _reference
 from ..rope import Rope
+from . import _attention_triton as _triton
 from ._autograd import forbid_double_backward
 from ._checks import (MAX_POSITION, check_float_dtype, check_int, check_lengths, check_same,
                       check_scale, check_tensor, clamp_window, is_int)
 
 __all__ = ["banded_attention", "chunked_attention", "interval_attention", "band_params",
            "chunked_params"]
+
+_backend.register("attention", reference=_reference, triton=_triton)
 
 
 @torch.library.custom_op("pyencoder::interval_attention", mutates_args=())

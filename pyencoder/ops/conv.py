@@ -10,6 +10,9 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from ..reference import conv as _reference
+from . import _conv_cuda as _cuda
+from . import _conv_triton as _triton
 from ._autograd import forbid_double_backward
 from ._checks import (check_float_dtype, check_int, check_same, check_tensor, check_writable,
                       value_checks_enabled)
@@ -17,6 +20,8 @@ from ._checks import (check_float_dtype, check_int, check_same, check_tensor, ch
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
 
 ACTIVATIONS = (None, "silu", "gelu")
+
+_backend.register("conv", reference=_reference, triton=_triton, cuda=_cuda)
 
 
 def _act_str(a):

@@ -1,0 +1,31 @@
+"""Decode-step attention: the pending queries of each stream slot against its ring KV cache
+(the streaming step of pyencoder.nn's attention modules).
+
+    o = decode_attention(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved,
+                         block, lo_off, hi_off, scale, backend=None)
+
+Arguments, ring layout and semantics: pyencoder.reference.decode_attention (the reference backend
+and the oracle). Backends: ``reference`` and ``triton`` (pyencoder.ops._decode_attention_triton),
+chosen by the one registry of pyencoder._backend like every other op family ("decode_attention":
+``backend=``, then ``use_backend``, then ``PYENCODER_BACKEND``, then auto: the Triton kernel for
+supported CUDA tensors, the reference otherwise).
+
+Forward only: the streaming step runs under no_grad (training runs the offline interval attention).
+"""
+from .. import _backend
+from ..reference import decode_attention as _reference
+from . import _decode_attention_triton as _triton
+
+__all__ = ["decode_attention"]
+
+_backend.register("decode_attention", reference=_reference, triton=_triton)
+
+
+def decode_attention(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved, block,
+                     lo_off, hi_off, scale, backend=None):
+    """(B, H, M, D) outputs of the M pending queries of each slot; see the module docstring."""
+    args = dict(q=q, k_ring=k_ring)
+    name = _backend.select("decode_attention", "forward", q.device.type, args, backend)
+    fwd = _backend.get_entry("decode_attention", name, "forward")
+    return fwd(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved, block, lo_off,
+               hi_off, scale)
