@@ -4,11 +4,16 @@ pyencoder.triton_kernels.convnext): the fused depthwise causal conv + LayerNorm 
 Same arguments and result as pyencoder.reference.convnext.forward. Tiles: a program holds a
 (BLOCK_T x BLOCK_C) tile of the output, the whole channel row up to _MAX_BLOCK_C channels, channel
 blocks above (``_tiles``). Limits: float16, bfloat16, float32; kernel size <= MAX_TRITON_KERNEL,
-channels <= MAX_TRITON_CHANNELS. The backward of the op has no Triton kernel (pyencoder.ops.convnext).
+channels <= MAX_TRITON_CHANNELS. The op's backward has no Triton kernel (pyencoder.ops.convnext).
 """
-import torch
+from typing import Optional, Tuple
 
-__all__ = ["supports_forward", "forward"]
+import torch
+from torch import Tensor
+
+from ._triton_op import launch, triton_op
+
+__all__ = ["supports_forward", "forward", "forward_op"]
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_KERNEL = 256
@@ -67,7 +72,7 @@ def _launch(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps, y
     ss = (s.stride(0), s.stride(1), s.stride(2)) if has_state else (0, 0, 0)
     fs = (final.stride(0), final.stride(1), final.stride(2)) if pad else (0, 0, 0)
     grid = (_cdiv(L, BLOCK_T), B)
-    kern._convnext_dwconv_ln_fwd_kernel[grid](
+    launch(kern._convnext_dwconv_ln_fwd_kernel)[grid](
         x, conv_weight, conv_bias if conv_bias is not None else conv_weight,
         ln_weight if ln_weight is not None else conv_weight,
         ln_bias if ln_bias is not None else conv_weight, s, y, final if pad else y,
@@ -88,3 +93,11 @@ def forward(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps):
     final = torch.empty(B, C, K - 1, dtype=x.dtype, device=x.device)
     _launch(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps, y, final)
     return y, final
+
+
+@triton_op("pyencoder::convnext_dwconv_ln_triton", mutates_args=())
+def forward_op(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
+               ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+               initial_state: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor]:
+    """The triton backend as a torch.library.triton_op (autograd: pyencoder.ops.convnext)."""
+    return forward(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps)

@@ -9,10 +9,15 @@ None, initial_state (B, C, k - 1) the previous k - 1 inputs (zeros when None). R
 (B, L, C) = LayerNorm_C(causal_dwconv(x) + conv_bias) * ln_weight + ln_bias, channel-last ready for
 the pointwise MLP, and final_state (B, C, k - 1), the state for the input that follows.
 
-Registered ops: ``pyencoder::convnext_dwconv_ln`` (forward, fake kernel, autograd) and
-``pyencoder::convnext_dwconv_ln_backward``. Backends: ``triton`` (pyencoder.ops._convnext_triton,
-the fused kernel of pyencoder.triton_kernels.convnext: CUDA tensors, or CPU tensors under
-TRITON_INTERPRET=1; fp16/bf16/fp32) and ``reference`` (pyencoder.reference.convnext: the reference
+Registered ops: ``pyencoder::convnext_dwconv_ln`` (forward, fake kernel, autograd; an opaque
+custom op running the backend named by its last argument) and
+``pyencoder::convnext_dwconv_ln_backward``; the triton backend's forward is the
+``torch.library.triton_op`` ``pyencoder::convnext_dwconv_ln_triton`` (same autograd), which the
+public function calls when the registry picks triton.
+
+Backends: ``triton`` (pyencoder.ops._convnext_triton, the fused kernel of
+pyencoder.triton_kernels.convnext: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1;
+fp16/bf16/fp32) and ``reference`` (pyencoder.reference.convnext: the reference
 causal conv + F.layer_norm, computed in fp32, or float64 for float64 inputs). Selection: the one
 registry of pyencoder._backend, family "convnext": ``backend=`` per call, then
 ``pyencoder.use_backend`` (``use_backend(convnext=...)`` for this family alone), then
@@ -110,9 +115,12 @@ def _backward_impl(grad_y, grad_final_state, x, conv_weight, conv_bias, ln_weigh
 
 
 def _setup_context(ctx, inputs, output):
-    x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps, backend = inputs
+    # inputs: pyencoder::convnext_dwconv_ln's arguments (trailing backend string) or those of the
+    # triton backend's triton_op pyencoder::convnext_dwconv_ln_triton (none).
+    x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps = inputs[:7]
     ctx.save_for_backward(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state)
     ctx.eps = eps
+    ctx.n_inputs = len(inputs)
 
 
 def _backward(ctx, grad_y, grad_final):
@@ -125,10 +133,11 @@ def _backward(ctx, grad_y, grad_final):
                                                    ln_weight, ln_bias, initial_state, ctx.eps)
     pick = lambda g, t: None if t is None else g  # noqa: E731
     return (dx, dw, pick(dcb, conv_bias), pick(dlnw, ln_weight), pick(dlnb, ln_bias),
-            pick(ds, initial_state), None, None)
+            pick(ds, initial_state)) + (None,) * (ctx.n_inputs - 6)
 
 
 _convnext_op.register_autograd(_backward, setup_context=_setup_context)
+_triton.forward_op.register_autograd(_backward, setup_context=_setup_context)
 forbid_double_backward(_convnext_bwd_op, "convnext_dwconv_ln")
 
 
@@ -180,6 +189,9 @@ def convnext_dwconv_ln(x, conv_weight, conv_bias=None, ln_weight=None, ln_bias=N
             raise ValueError(f"initial_state must have shape (B, C, k - 1) = ({B}, {C}, {K - 1}); "
                              f"got {tuple(initial_state.shape)}")
     name = select_backend(x, conv_weight, backend)
-    y, final = _convnext_op(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state,
-                            float(eps), name)
+    args = (x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, float(eps))
+    if name == "triton":
+        y, final = _triton.forward_op(*args)
+    else:
+        y, final = _convnext_op(*args, name)
     return (y, final) if return_final_state else y

@@ -1,0 +1,93 @@
+"""Registration of the Triton launchers as torch ops: ``torch.library.triton_op`` + ``wrap_triton``
+(DESIGN.md / STYLE.md: "triton_op/wrap_triton for Triton").
+
+``triton_op(name, mutates_args)`` registers a launcher whose body allocates its outputs with torch
+and launches its kernels through ``launch(kernel)[grid](...)`` (``wrap_triton``). On a GPU this is
+torch's own mechanism unchanged: eager calls run the kernels directly, the launcher body is the
+fake kernel (the kernel launches become no-op ``triton_kernel_wrapper_mutation`` nodes on fake
+tensors), and AOTDispatch / torch.compile trace through the body, so Inductor sees the Triton
+kernels themselves instead of an opaque op.
+
+Under TRITON_INTERPRET=1 (the CPU tests) ``@triton.jit`` returns an ``InterpretedFunction``, which
+``wrap_triton`` hands back unwrapped: the traceable wrapper and its higher-order op need the JIT
+metadata (argument names and source, for the mutation analysis) that only a ``JITFunction`` has.
+Two consequences, both handled here:
+
+1. Fake tensors. The fake kernel is the launcher body, so a trace would run the interpreter on
+   FakeTensors; the interpreter copies inputs through their storage (``data_ptr``), which fake
+   tensors do not have ("Attempted to set the storage of a tensor on device "meta" to a storage on
+   different device "cpu""). ``launch`` skips an interpreted launch whose arguments are fake: the
+   outputs' shapes, dtypes and strides come from the body's allocations, which is all a fake kernel
+   gives.
+2. Functionalization. AOTDispatch (torch.compile, opcheck's ``test_aot_dispatch_*``) decomposes a
+   triton_op into its body; with an interpreted kernel the body traces to bare allocations, and the
+   compiled graph would return uninitialised memory. Under the interpreter the op therefore stays
+   whole in the graph (as torch.export keeps triton ops) and runs eagerly when the graph runs.
+
+So on the CPU ``torch.library.opcheck`` passes every test_util, but ``test_aot_dispatch_*`` checks
+the whole-op graph, not the decomposition into kernels: that one is checked on a GPU
+(tests marked ``gpu``).
+"""
+import os
+
+import torch
+
+__all__ = ["triton_op", "launch", "interpreting"]
+
+
+def interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _any_fake(args, kwargs):
+    from torch._subclasses.fake_tensor import is_fake
+    return any(isinstance(a, torch.Tensor) and is_fake(a)
+               for a in (*args, *kwargs.values()))
+
+
+class _Launch:
+    """``launch(kernel)[grid](*args, **kwargs)``: see ``launch``."""
+
+    def __init__(self, kernel, grid=None):
+        self.kernel, self.grid = kernel, grid
+
+    def __getitem__(self, grid):
+        return _Launch(self.kernel, grid)
+
+    def __call__(self, *args, **kwargs):
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+        fake = _any_fake(args, kwargs)
+        if interpreting():
+            if fake:
+                return None     # module docstring, 1
+            return self.kernel[self.grid](*args, **kwargs)
+        if fake or _get_current_dispatch_mode() is not None:
+            return torch.library.wrap_triton(self.kernel)[self.grid](*args, **kwargs)
+        return self.kernel[self.grid](*args, **kwargs)
+
+
+def launch(kernel):
+    """``kernel`` as a triton_op body launches it: through ``wrap_triton`` when it is traced (fake
+    tensors, or a dispatch mode such as make_fx's proxy mode is active), straight to the kernel on
+    real tensors (what torch's own triton_op does in eager mode, where it turns wrap_triton off;
+    here the same holds for a launcher called directly, outside the op). Under the interpreter:
+    the interpreted kernel, and no launch on fake tensors (module docstring, 1)."""
+    return _Launch(kernel)
+
+
+def triton_op(name, mutates_args=()):
+    """``torch.library.triton_op(name, mutates_args=...)``, kept whole by functionalization under
+    the interpreter (module docstring, 2)."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    def deco(fn):
+        op = torch.library.triton_op(name, mutates_args=mutates_args)(fn)
+        decompose = getattr(op, "_torch_dispatch_fns", {}).get(FunctionalTensorMode)
+
+        def functional(mode, func, types, args, kwargs):
+            if interpreting() or decompose is None:
+                return mode.__torch_dispatch__(func, types, args, kwargs)
+            return decompose(mode, func, types, args, kwargs)
+        op.register_torch_dispatch(FunctionalTensorMode, functional)
+        return op
+    return deco
