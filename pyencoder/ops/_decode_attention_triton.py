@@ -9,9 +9,14 @@ launch and the step can be captured in a CUDA graph (no host synchronisation her
 
 Limits: float16, bfloat16, float32; head_dim <= 256.
 """
-import torch
+from typing import Optional
 
-__all__ = ["decode_attention_triton", "supports_forward", "forward"]
+import torch
+from torch import Tensor
+
+from ._triton_op import launch, triton_op
+
+__all__ = ["decode_attention_triton", "supports_forward", "forward", "forward_op"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -56,7 +61,7 @@ def decode_attention_triton(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq,
     BLOCK_N = 64 if BLOCK_D <= 64 else 32
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (B * H, _cdiv(M, BLOCK_M))
-    _decode_attention_fwd_kernel[grid](
+    launch(_decode_attention_fwd_kernel)[grid](
         q, k_ring, v_ring, o, q_pos, q_count, n_keys, freq,
         *q.stride(), *k_ring.stride(), *v_ring.stride(), *o.stride(), *q_pos.stride(),
         H, M, cap, D, R, block, max(lo_off, 0), hi_off, float(scale),
@@ -67,3 +72,13 @@ def decode_attention_triton(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq,
 
 
 forward = decode_attention_triton
+
+
+@triton_op("pyencoder::decode_attention_triton", mutates_args=())
+def forward_op(q: Tensor, k_ring: Tensor, v_ring: Tensor, q_pos: Tensor, q_count: Tensor,
+               n_keys: Tensor, inv_freq: Optional[Tensor], interleaved: bool, block: int,
+               lo_off: int, hi_off: int, scale: float) -> Tensor:
+    """The registered triton backend (torch.library.triton_op): what torch.compile traces.
+    Eager steps call ``forward`` directly (pyencoder.ops.decode_attention)."""
+    return decode_attention_triton(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq,
+                                   interleaved, block, lo_off, hi_off, scale)

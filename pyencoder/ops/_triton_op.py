@@ -75,19 +75,51 @@ def launch(kernel):
     return _Launch(kernel)
 
 
-def triton_op(name, mutates_args=()):
-    """``torch.library.triton_op(name, mutates_args=...)``, kept whole by functionalization under
-    the interpreter (module docstring, 2)."""
+class _LazyTritonOp:
+    """A triton_op registered at its first use: ``torch.library.triton_op`` imports triton, and
+    ``import pyencoder`` must not (pyencoder._backend)."""
+
+    def __init__(self, name, mutates_args, fn):
+        self.name, self.mutates_args, self.fn = name, mutates_args, fn
+        self._op = None
+        self._autograd = None
+        self.__doc__ = fn.__doc__
+
+    def register_autograd(self, backward, *, setup_context=None):
+        self._autograd = (backward, setup_context)
+        if self._op is not None:
+            self._op.register_autograd(backward, setup_context=setup_context)
+
+    @property
+    def op(self):
+        """The torch.library CustomOpDef (registered now if it was not yet)."""
+        if self._op is None:
+            self._op = _register(self.name, self.mutates_args, self.fn)
+            if self._autograd is not None:
+                backward, setup = self._autograd
+                self._op.register_autograd(backward, setup_context=setup)
+        return self._op
+
+    def __call__(self, *args, **kwargs):
+        return self.op(*args, **kwargs)
+
+
+def _register(name, mutates_args, fn):
     from torch._subclasses.functional_tensor import FunctionalTensorMode
+    op = torch.library.triton_op(name, mutates_args=mutates_args)(fn)
+    decompose = getattr(op, "_torch_dispatch_fns", {}).get(FunctionalTensorMode)
 
+    def functional(mode, func, types, args, kwargs):
+        if interpreting() or decompose is None:
+            return mode.__torch_dispatch__(func, types, args, kwargs)
+        return decompose(mode, func, types, args, kwargs)
+    op.register_torch_dispatch(FunctionalTensorMode, functional)
+    return op
+
+
+def triton_op(name, mutates_args=()):
+    """``torch.library.triton_op(name, mutates_args=...)``, registered at first use and kept whole
+    by functionalization under the interpreter (module docstring, 2)."""
     def deco(fn):
-        op = torch.library.triton_op(name, mutates_args=mutates_args)(fn)
-        decompose = getattr(op, "_torch_dispatch_fns", {}).get(FunctionalTensorMode)
-
-        def functional(mode, func, types, args, kwargs):
-            if interpreting() or decompose is None:
-                return mode.__torch_dispatch__(func, types, args, kwargs)
-            return decompose(mode, func, types, args, kwargs)
-        op.register_torch_dispatch(FunctionalTensorMode, functional)
-        return op
+        return _LazyTritonOp(name, mutates_args, fn)
     return deco

@@ -11,7 +11,18 @@ chosen by the one registry of pyencoder._backend like every other op family ("de
 supported CUDA tensors, the reference otherwise).
 
 Forward only: the streaming step runs under no_grad (training runs the offline interval attention).
+
+Registration: the triton backend is the ``torch.library.triton_op``
+``pyencoder::decode_attention_triton`` (pyencoder.ops._decode_attention_triton.forward_op), which
+is what torch.compile traces. Eager calls take a deliberate direct path instead: the launcher
+itself, without the dispatcher. The step attends once per layer and step, and the dispatcher costs
+~21 us a call on a CPU core (benchmarks/bench_dispatch_overhead.py: 25.9 us through the op vs 4.5
+us direct for the same call, 2-core x86-64 VM shared with other work), against a GPU kernel of
+about that length: 12 layers would add ~0.25 ms to every step. The reference backend is plain
+torch and is never an op.
 """
+import torch
+
 from .. import _backend
 from ..reference import decode_attention as _reference
 from . import _decode_attention_triton as _triton
@@ -26,6 +37,9 @@ def decode_attention(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interl
     """(B, H, M, D) outputs of the M pending queries of each slot; see the module docstring."""
     args = dict(q=q, k_ring=k_ring)
     name = _backend.select("decode_attention", "forward", q.device.type, args, backend)
-    fwd = _backend.get_entry("decode_attention", name, "forward")
+    if name == "triton" and torch.compiler.is_compiling():
+        fwd = _triton.forward_op
+    else:
+        fwd = _backend.get_entry("decode_attention", name, "forward")   # eager: direct path
     return fwd(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved, block, lo_off,
                hi_off, scale)
