@@ -16,9 +16,9 @@ Registration: the triton backend is the ``torch.library.triton_op``
 ``pyencoder::decode_attention_triton`` (pyencoder.ops._decode_attention_triton.forward_op), which
 is what torch.compile traces. Eager calls take a deliberate direct path instead: the launcher
 itself, without the dispatcher. The step attends once per layer and step, and the dispatcher costs
-~21 us a call on a CPU core (benchmarks/bench_dispatch_overhead.py: 25.9 us through the op vs 4.5
-us direct for the same call, 2-core x86-64 VM shared with other work), against a GPU kernel of
-about that length: 12 layers would add ~0.25 ms to every step. The reference backend is plain
+~22 us a call on a CPU core (benchmarks/bench_dispatch_overhead.py, three runs: 26-27 us through
+the op vs 4.5 us direct for the same call; a 2-core x86-64 VM shared with other work, load 1-3.5),
+against a GPU decode kernel of about that length: 12 layers would add ~0.25 ms to every step. The reference backend is plain
 torch and is never an op.
 """
 import torch
