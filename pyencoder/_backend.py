@@ -177,6 +177,11 @@ def implemented_backends(family):
     return tuple(b for b in BACKENDS if (family, b) in _IMPLS)
 
 
+def auto_order(family):
+    """The implemented backends of ``family`` in auto preference order (fastest first, CUDA)."""
+    return tuple(b for b in _AUTO_ORDER[family] if (family, b) in _IMPLS)
+
+
 def impl_module(family, backend):
     """(module, None), or (None, why) when ``family`` has no ``backend`` implementation."""
     mod = _IMPLS.get((family, backend))

@@ -39,6 +39,8 @@ def test_cli_info_runs():
     assert out.returncode == 0, out.stderr
     for name in ("reference", "triton", "cuda"):
         assert name in out.stdout
+    assert "decode_attention  triton, reference" in out.stdout
+    assert "conv              cuda, triton, reference" in out.stdout
 
 
 def test_cpu_auto_is_reference():
