@@ -6,7 +6,8 @@ and launches its kernels through ``launch(kernel)[grid](...)`` (``wrap_triton``)
 torch's own mechanism unchanged: eager calls run the kernels directly, the launcher body is the
 fake kernel (the kernel launches become no-op ``triton_kernel_wrapper_mutation`` nodes on fake
 tensors), and AOTDispatch / torch.compile trace through the body, so Inductor sees the Triton
-kernels themselves instead of an opaque op.
+kernels themselves instead of an opaque op. The ops are registered at their first use
+(``torch.library.triton_op`` imports triton; ``import pyencoder`` must not).
 
 Under TRITON_INTERPRET=1 (the CPU tests) ``@triton.jit`` returns an ``InterpretedFunction``, which
 ``wrap_triton`` hands back unwrapped: the traceable wrapper and its higher-order op need the JIT

@@ -18,8 +18,9 @@ is what torch.compile traces. Eager calls take a deliberate direct path instead:
 itself, without the dispatcher. The step attends once per layer and step, and the dispatcher costs
 ~22 us a call on a CPU core (benchmarks/bench_dispatch_overhead.py, three runs: 26-27 us through
 the op vs 4.5 us direct for the same call; a 2-core x86-64 VM shared with other work, load 1-3.5),
-against a GPU decode kernel of about that length: 12 layers would add ~0.25 ms to every step. The reference backend is plain
-torch and is never an op.
+host-side time that a GPU step pays too: 12 layers would add ~0.25 ms to every step, the order of
+a small decode kernel itself (no GPU timing yet). The reference backend is plain torch and is
+never an op.
 """
 import torch
 
