@@ -1,0 +1,12 @@
+"""Importing this module registers every pending pyencoder triton_op with torch.library
+(pyencoder.ops._triton_op; this imports triton).
+
+Why a module import and not a function call: the first use of a Triton op may happen inside a
+torch.compile trace, and dynamo cannot trace ``torch.library.triton_op`` itself (it is not a
+tensor operation); it does execute an ``import`` statement for real at trace time. So
+``_LazyTritonOp.op`` imports this module, and the registration runs eagerly whenever it is first
+needed, compiled or not.
+"""
+from ._triton_op import register_pending
+
+REGISTERED = register_pending()
