@@ -16,9 +16,9 @@ Registration: the triton backend is the ``torch.library.triton_op``
 ``pyencoder::decode_attention_triton`` (pyencoder.ops._decode_attention_triton.forward_op), which
 is what torch.compile traces. Eager calls take a deliberate direct path instead: the launcher
 itself, without the dispatcher. The step attends once per layer and step, and the dispatcher costs
-~22 us a call on a CPU core (benchmarks/bench_dispatch_overhead.py, three runs: 26-27 us through
-the op vs 4.5 us direct for the same call; a 2-core x86-64 VM shared with other work, load 1-3.5),
-host-side time that a GPU step pays too: 12 layers would add ~0.25 ms to every step, the order of
+17-23 us a call on a CPU core (benchmarks/bench_dispatch_overhead.py, five runs: 20-27 us through
+the op vs 3-4.5 us direct for the same call; a 2-core x86-64 VM shared with other work, load 1-4.8),
+host-side time that a GPU step pays too: 12 layers would add ~0.2-0.3 ms to every step, the order of
 a small decode kernel itself (no GPU timing yet). The reference backend is plain torch and is
 never an op.
 """
