@@ -90,14 +90,14 @@ def test_registered_as_triton_ops(monkeypatch):
     for lazy in (A.forward_op, A.backward_op, C.forward_op, C.backward_op, C.update_op,
                  X.forward_op, D.forward_op):
         assert lazy.op is not None and lazy.name in triton_ops_to_kernels, lazy.name
-    from pyencoder.ops import _triton_ops
+    from pyencoder.ops import _triton_op
     seen = []
     orig = A.forward_op.op
 
     def spy(*a):
         seen.append(1)
         return orig(*a)
-    monkeypatch.setitem(_triton_ops.REGISTERED, A.forward_op.name, spy)
+    monkeypatch.setitem(_triton_op._REGISTERED, A.forward_op.name, spy)
     q = _r(1, 2, 6, 8)
     banded_attention(q, q, q, left=2, right=1, backend="triton")
     assert seen == [1]

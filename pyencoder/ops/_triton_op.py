@@ -76,39 +76,40 @@ def launch(kernel):
     return _Launch(kernel)
 
 
-_PENDING = {}     # name -> _LazyTritonOp, registered together by pyencoder.ops._triton_ops
+_PENDING = {}      # name -> _LazyTritonOp, every triton_op created (at import of its launcher)
+_REGISTERED = {}   # name -> torch.library CustomOpDef, filled by register_pending()
 
 
 class _LazyTritonOp:
     """A triton_op registered at its first use: ``torch.library.triton_op`` imports triton, and
-    ``import pyencoder`` must not (pyencoder._backend). The first use imports
-    pyencoder.ops._triton_ops, which registers every pending op (that module says why an import)."""
+    ``import pyencoder`` must not (pyencoder._backend). The functional ops import
+    pyencoder.ops._triton_ops before they call one (that module says why an import); other eager
+    callers register it here."""
 
     def __init__(self, name, mutates_args, fn):
         self.name, self.mutates_args, self.fn = name, mutates_args, fn
-        self._op = None
         self._autograd = None
         self.__doc__ = fn.__doc__
         _PENDING[name] = self
 
     def register_autograd(self, backward, *, setup_context=None):
         self._autograd = (backward, setup_context)
-        if self._op is not None:
-            self._op.register_autograd(backward, setup_context=setup_context)
+        if self.name in _REGISTERED:
+            _REGISTERED[self.name].register_autograd(backward, setup_context=setup_context)
 
     def _register(self):
-        if self._op is None:
-            self._op = _register(self.name, self.mutates_args, self.fn)
+        if self.name not in _REGISTERED:
+            op = _register(self.name, self.mutates_args, self.fn)
             if self._autograd is not None:
                 backward, setup = self._autograd
-                self._op.register_autograd(backward, setup_context=setup)
-        return self._op
+                op.register_autograd(backward, setup_context=setup)
+            _REGISTERED[self.name] = op
+        return _REGISTERED[self.name]
 
     @property
     def op(self):
         """The torch.library CustomOpDef (registered now if it was not yet)."""
-        from ._triton_ops import REGISTERED
-        op = REGISTERED.get(self.name)
+        op = _REGISTERED.get(self.name)
         return op if op is not None else self._register()
 
     def __call__(self, *args, **kwargs):
@@ -116,8 +117,9 @@ class _LazyTritonOp:
 
 
 def register_pending():
-    """Register every triton_op created so far: {name: CustomOpDef}."""
-    return {name: lazy._register() for name, lazy in list(_PENDING.items())}
+    """Register every triton_op created so far."""
+    for lazy in list(_PENDING.values()):
+        lazy._register()
 
 
 def _register(name, mutates_args, fn):

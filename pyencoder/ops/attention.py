@@ -176,6 +176,7 @@ def interval_attention(q, k, v, *, block, lo_off, hi_off, rope=None, key_lengths
     args = (q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
             interleaved)
     if name == "triton":
+        from . import _triton_ops  # noqa: F401  (registers the triton_ops at first use)
         out, lse = _triton.forward_op(*args)
     else:
         out, lse = _interval_attention_op(*args, name)

@@ -174,6 +174,7 @@ def causal_conv1d(x, weight, bias=None, *, stride=1, groups=1, activation=None,
     name = _backend.select("conv", "forward", x.device.type, args, backend)
     args = (x, weight, bias, initial_state, stride, groups, _act_str(activation))
     if name == "triton":
+        from . import _triton_ops  # noqa: F401  (registers the triton_ops at first use)
         y, final = _triton.forward_op(*args)
     else:
         y, final = _causal_conv1d_op(*args, name)
@@ -230,5 +231,6 @@ def causal_conv1d_update(x, state, weight, bias=None, *, groups=1, activation=No
     name = _backend.select("conv", "update", x.device.type, args, backend)
     args = (x, state, weight, bias, state_indices, groups, _act_str(activation))
     if name == "triton":
+        from . import _triton_ops  # noqa: F401  (registers the triton_ops at first use)
         return _triton.update_op(*args)
     return _causal_conv1d_update_op(*args, name)

@@ -191,6 +191,7 @@ def convnext_dwconv_ln(x, conv_weight, conv_bias=None, ln_weight=None, ln_bias=N
     name = select_backend(x, conv_weight, backend)
     args = (x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, float(eps))
     if name == "triton":
+        from . import _triton_ops  # noqa: F401  (registers the triton_ops at first use)
         y, final = _triton.forward_op(*args)
     else:
         y, final = _convnext_op(*args, name)

@@ -39,6 +39,7 @@ def decode_attention(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interl
     args = dict(q=q, k_ring=k_ring)
     name = _backend.select("decode_attention", "forward", q.device.type, args, backend)
     if name == "triton" and torch.compiler.is_compiling():
+        from . import _triton_ops  # noqa: F401  (registers the triton_ops at first use)
         fwd = _triton.forward_op
     else:
         fwd = _backend.get_entry("decode_attention", name, "forward")   # eager: direct path
