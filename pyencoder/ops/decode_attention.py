@@ -16,9 +16,10 @@ Registration: the triton backend is the ``torch.library.triton_op``
 ``pyencoder::decode_attention_triton`` (pyencoder.ops._decode_attention_triton.forward_op), which
 is what torch.compile traces. Eager calls take a deliberate direct path instead: the launcher
 itself, without the dispatcher. The step attends once per layer and step, and the dispatcher costs
-17-23 us a call on a CPU core (benchmarks/bench_dispatch_overhead.py, five runs: 20-27 us through
-the op vs 3-4.5 us direct for the same call; a 2-core x86-64 VM shared with other work, load 1-4.8),
-host-side time that a GPU step pays too: 12 layers would add ~0.2-0.3 ms to every step, the order of
+~14 us a call on a CPU core (benchmarks/bench_dispatch_overhead.py, two runs: 17.3-17.5 us through
+the op vs 3.1-3.2 us direct for the same call; a 2-core x86-64 VM shared with other work, load
+3.4-4.1),
+host-side time that a GPU step pays too: 12 layers would add ~0.17 ms to every step, the order of
 a small decode kernel itself (no GPU timing yet). The reference backend is plain torch and is
 never an op.
 """
