@@ -96,6 +96,13 @@ class TransformerLayer(nn.Module):
 
     hop = 1
 
+    @property
+    def period(self):
+        return self.attention.period
+
+    def last_input(self, t):
+        return self.attention.last_input(t)
+
     def _post(self, x, a):
         if self.norm_first:
             h = x + a
