@@ -15,8 +15,8 @@ A NaN / inf sample enters the running sums: that channel is NaN for the rest of 
 pyencoder.nn.norm).
 
 causal_pos_conv: the symmetric positional conv (k taps, padding k // 2, last frame dropped for even
-k) becomes causal with the same weights: output t reads inputs t - k + 1 .. t (zero history, or the
-streaming state of the last k - 1 inputs). Uses pyencoder.ops.causal_conv1d.
+k) becomes causal with the same weights: output t reads inputs t - k + 1 .. t (zero history).
+Uses pyencoder.ops.causal_conv1d.
 """
 import torch
 
@@ -35,19 +35,13 @@ def running_group_norm(x, weight, bias, eps, state=None):
     return y, RunningNormState(state.count + T, tot.detach(), tot_sq.detach())
 
 
-def pos_conv_parts(pc):
-    """(weight, bias, groups, kernel) of a Wav2Vec2/Hubert/WavLM PositionalConvEmbedding."""
-    conv = pc.conv
-    return conv.weight, conv.bias, conv.groups, conv.kernel_size[0]
-
-
-def causal_pos_conv(pc, hidden_states, initial_state=None, return_state=False):
-    """hidden_states (B, N, C) -> positional embeddings (B, N, C), causal, same weights as ``pc``."""
+def causal_pos_conv(pc, hidden_states):
+    """hidden_states (B, N, C) -> positional embeddings (B, N, C), causal, same weights as ``pc``
+    (the patched model's offline forward; the stream runs pyencoder.models' positional conv on
+    the same weights)."""
     x = hidden_states.transpose(1, 2)
     if getattr(pc, "batch_norm", None) is not None:
         x = pc.batch_norm(x)
-    weight, bias, groups, _ = pos_conv_parts(pc)
-    y, final = causal_conv1d(x.contiguous(), weight, bias, groups=groups,
-                             initial_state=initial_state, return_final_state=True)
-    y = pc.activation(y).transpose(1, 2)
-    return (y, final) if return_state else y
+    conv = pc.conv
+    y = causal_conv1d(x.contiguous(), conv.weight, conv.bias, groups=conv.groups)
+    return pc.activation(y).transpose(1, 2)

@@ -45,7 +45,7 @@ from torch import nn
 
 from ..ops._checks import check_int
 from ..rope import Rope, as_rope
-from ..models.encoder import find_hf_base
+from ..models.encoder import find_hf_base, hf_adapter_config
 from ..streaming.latency import compose
 from . import _compat
 from .attention import NAME, LayerSpec
@@ -139,15 +139,11 @@ def _check_adapter(base, family):
     if ad is None:
         _compat.fail(f"{family}: config.add_adapter=True but the model has no `adapter` module")
     _compat.require_attrs(ad, ["layers", "proj", "proj_layer_norm"], f"{family} adapter")
-    for i, layer in enumerate(ad.layers):
-        conv = getattr(layer, "conv", None)
-        if not isinstance(conv, nn.Conv1d):
-            _compat.fail(f"{family} adapter layer {i} has no nn.Conv1d named conv")
-        k, p = conv.kernel_size[0], conv.padding
-        if (not isinstance(p, tuple) or conv.dilation[0] != 1 or conv.groups != 1
-                or conv.padding_mode != "zeros" or p[0] > k - 1):
-            _compat.fail(f"{family} adapter layer {i}: expected a zero-padded, undilated, "
-                         f"ungrouped Conv1d with padding <= kernel - 1; got {conv}")
+    try:
+        hf_adapter_config(base)
+    except NotImplementedError as e:
+        _compat.fail(f"{family}: {e}")
+    for layer in ad.layers:
         _compat.require_source(type(layer), "glu(", f"{type(layer).__name__} (conv + GLU)")
 
 
@@ -484,10 +480,11 @@ def frame_ms(base):
 
 def adapter_geometry(base):
     """[(kernel, stride, padding)] of the conv adapter's layers; [] without one."""
-    if not getattr(base.config, "add_adapter", False) or getattr(base, "adapter", None) is None:
+    cfg = hf_adapter_config(base) if getattr(base, "adapter", None) is not None else None
+    if not cfg:
         return []
-    return [(l.conv.kernel_size[0], l.conv.stride[0], l.conv.padding[0])
-            for l in base.adapter.layers]
+    return [(cfg["adapter_kernel_size"], cfg["adapter_stride"], cfg["adapter_padding"])] * \
+        cfg["num_adapter_layers"]
 
 
 def _rows(base, specs):

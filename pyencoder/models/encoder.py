@@ -57,7 +57,8 @@ from ..streaming.state import StreamState, check_init_args, check_state, check_s
 from .adapter import ConvAdapter
 from .frontend import ConvFeatureExtractor, FrontendState
 
-__all__ = ["EncoderConfig", "CausalEncoder", "EncoderOutput", "EncoderState", "find_hf_base"]
+__all__ = ["EncoderConfig", "CausalEncoder", "EncoderOutput", "EncoderState", "find_hf_base",
+           "hf_adapter_config"]
 
 FULL_CONTEXT = 1 << 24
 
@@ -436,7 +437,7 @@ class CausalEncoder(nn.Module):
         pos_bn = pos_conv == "causal" and \
             getattr(base.encoder.pos_conv_embed, "batch_norm", None) is not None
         attn_adapter = getattr(base.encoder.layers[0], "adapter_layer", None)
-        adapter = _hf_adapter_geometry(base)
+        adapter = hf_adapter_config(base)
         cfg = EncoderConfig(
             conv_dim=tuple(hc.conv_dim), conv_kernel=tuple(hc.conv_kernel),
             conv_stride=tuple(hc.conv_stride), conv_bias=bool(hc.conv_bias),
@@ -485,7 +486,7 @@ def find_hf_base(model, caller="from_hf"):
                     f"(ForCTC, ForSequenceClassification, ...); got {type(model).__name__}")
 
 
-def _hf_adapter_geometry(base):
+def hf_adapter_config(base):
     """EncoderConfig fields of the conv adapter (config.add_adapter), or None without one. Raises
     with the reason where its conv is not the zero-padded strided Conv1d + GLU the stream
     reproduces."""
