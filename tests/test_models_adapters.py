@@ -173,3 +173,28 @@ def test_unstreamable_or_unconvertible_adapters_raise():
     teacher = CausalEncoder.from_hf(_model(**CONV_ADAPTER), lookahead=None)
     with pytest.raises(ValueError, match="full-context"):
         teacher.init_state(1)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_from_hf_hubert_pos_conv_batch_norm(share):
+    """HuBERT's conv_pos_batch_norm (BatchNorm1d before the positional conv, per frame in eval
+    mode) is converted (copied or shared) and streams; it used to be refused by from_hf."""
+    import transformers as T
+    from test_hf import COMMON, _randomize
+    model = T.HubertModel(T.HubertConfig(feat_extract_norm="group", conv_pos_batch_norm=True,
+                                         **COMMON))
+    _randomize(model)
+    bn = model.encoder.pos_conv_embed.batch_norm
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    enc = CausalEncoder.from_hf(model, share_weights=share, **OPTS).eval()
+    assert enc.pos_conv_norm is not None and (enc.pos_conv_norm is bn) == share
+    patched = copy.deepcopy(model)
+    H.apply_pyencoder_to_wav2vec2(patched, **PATCH)
+    x = torch.randn(2, 1100)
+    with torch.no_grad():
+        got = enc(x).last_hidden_state
+        torch.testing.assert_close(got, patched(x).last_hidden_state, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(_stream(enc, x), got, atol=1e-5, rtol=1e-5)
