@@ -198,3 +198,22 @@ def test_from_hf_hubert_pos_conv_batch_norm(share):
         got = enc(x).last_hidden_state
         torch.testing.assert_close(got, patched(x).last_hidden_state, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(_stream(enc, x), got, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["w2v2_post", "w2v2_pre"])
+def test_shared_weights_run_the_models_activations(family):
+    """share_weights=True (and so pyencoder.hf.StreamingEncoder) runs the model's own activation
+    modules, so non-GELU configs stream too; copied weights keep GELU only and say so."""
+    from test_hf import make_model
+    model = make_model(family, hidden_act="relu", feat_extract_activation="silu").eval()
+    with pytest.raises(NotImplementedError, match="only GELU"):
+        CausalEncoder.from_hf(model, **OPTS)
+    H.apply_pyencoder_to_wav2vec2(model, **PATCH)
+    x = torch.randn(2, 1000)
+    with torch.no_grad():
+        want = model(x).last_hidden_state
+        enc = CausalEncoder.from_hf(model, share_weights=True, **OPTS).eval()
+        torch.testing.assert_close(enc(x).last_hidden_state, want, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(_stream(enc, x), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(H.StreamingEncoder(model)(x, chunk_sizes=(13, 250)), want,
+                                   atol=1e-5, rtol=1e-5)

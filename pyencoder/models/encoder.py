@@ -422,11 +422,12 @@ class CausalEncoder(nn.Module):
         hc = base.config
         if pos_conv not in ("drop", "causal"):
             raise ValueError(f"pos_conv must be 'drop' or 'causal'; got {pos_conv!r}")
-        if getattr(hc, "hidden_act", "gelu") != "gelu" or \
-                getattr(hc, "feat_extract_activation", "gelu") != "gelu":
-            raise NotImplementedError(f"only GELU activations are supported; got hidden_act="
-                                      f"{hc.hidden_act!r}, feat_extract_activation="
-                                      f"{hc.feat_extract_activation!r}")
+        if not share_weights and (getattr(hc, "hidden_act", "gelu") != "gelu" or
+                                  getattr(hc, "feat_extract_activation", "gelu") != "gelu"):
+            raise NotImplementedError(f"only GELU activations are supported with copied weights "
+                                      f"(share_weights=True runs the model's own activation "
+                                      f"modules); got hidden_act={hc.hidden_act!r}, "
+                                      f"feat_extract_activation={hc.feat_extract_activation!r}")
         n_layers = hc.num_hidden_layers if num_layers is None else int(num_layers)
         if not 1 <= n_layers <= hc.num_hidden_layers:
             raise ValueError(f"num_layers must be in [1, {hc.num_hidden_layers}]; got {num_layers}")
@@ -588,15 +589,26 @@ def _convert_state_dict(base, cfg):
 class SharedCausalConv1d(CausalConv1d):
     """A CausalConv1d whose weight and bias are another Conv1d's, read at each call (a
     transformers positional conv: its weight is a weight-norm parametrisation of g and v, so
-    gradients and in-place edits reach the model's own parameters)."""
+    gradients and in-place edits reach the model's own parameters), followed by that model's
+    activation module ``post``."""
 
-    def __init__(self, src, activation="gelu"):
+    def __init__(self, src, post):
         super().__init__(src.in_channels, src.out_channels, src.kernel_size[0],
-                         groups=src.groups, bias=src.bias is not None, activation=activation,
-                         device="meta")
+                         groups=src.groups, bias=src.bias is not None, device="meta")
         del self._parameters["weight"]
         del self._parameters["bias"]
         self.src = src
+        self.post = post
+
+    def forward(self, x):
+        return self.post(super().forward(x))
+
+    def step(self, x, state, lengths=None):
+        y, state = super().step(x, state, lengths)
+        return self.post(y), state
+
+    def step_fixed(self, x, state, check=False):
+        return self.post(super().step_fixed(x, state, check))
 
     def _read(self, name):
         src = self._modules.get("src")
@@ -616,13 +628,18 @@ def _share_hf_modules(model, base, cfg):
     if cfg.pos_conv == "causal":
         for k in ("pos_conv.weight", "pos_conv.bias"):
             tensors.pop(k)
-        model.pos_conv = SharedCausalConv1d(base.encoder.pos_conv_embed.conv)
+        pc = base.encoder.pos_conv_embed
+        model.pos_conv = SharedCausalConv1d(pc.conv, pc.activation)
         if cfg.pos_conv_batch_norm:
             for k in [k for k in tensors if k.startswith("pos_conv_norm.")]:
                 tensors.pop(k)
             model.pos_conv_norm = base.encoder.pos_conv_embed.batch_norm
+    for src, dst in zip(base.feature_extractor.conv_layers, model.feature_extractor.conv_layers):
+        dst.conv.activation = None           # the model's own activation module, not a fused GELU
+        dst.activation = src.activation
     for i in range(cfg.num_layers):
         src, dst = base.encoder.layers[i], model.layers[i]
+        dst.feed_forward.act = src.feed_forward.intermediate_act_fn
         for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
             setattr(dst.attention, n, skinny_view(getattr(src.attention, n)))
         for n in ("intermediate_dense", "output_dense"):
