@@ -26,7 +26,7 @@ from pyencoder.models import CausalEncoder  # noqa: E402
 from pyencoder.models.adapter import ConvAdapter, PaddedConv1d  # noqa: E402
 from pyencoder.models.encoder import EncoderConfig  # noqa: E402
 from pyencoder.streaming import latency  # noqa: E402
-from test_hf_adapters import CONV_ADAPTER, _model  # noqa: E402
+from test_hf_adapters import CONV_ADAPTER, _model, _stream  # noqa: E402
 
 OPTS = dict(lookahead=2, left=6, pos_conv="causal")
 PATCH = dict(lookahead_frames=2, left_frames=6, pos_conv="causal", group_norm="running")
@@ -39,19 +39,6 @@ CASES = {
     "both": (dict(stable=True), dict(CONV_ADAPTER, adapter_attn_dim=8)),
     "wavlm_conv": (dict(wavlm=True), CONV_ADAPTER),
 }
-
-
-def _stream(enc, x, sizes=(1, 7, 23, 150, 400)):
-    state = enc.init_state(x.shape[0])
-    outs, t = [], 0
-    while t < x.shape[1]:
-        n = random.choice(sizes)
-        y, state = enc.step(x[:, t:t + n], state)
-        outs.append(y)
-        t += n
-    y, state = enc.flush(state)
-    outs.append(y)
-    return torch.cat(outs, 1)
 
 
 @pytest.mark.parametrize("share", [False, True])

@@ -131,14 +131,8 @@ class ConvAdapter(nn.Module):
 
     def out_length(self, n):
         """Output frames for n (int or tensor) encoder frames, offline."""
-        for layer in self.layers:
-            c = layer.conv
-            n = n + 2 * c.padding_frames
-            if isinstance(n, torch.Tensor):
-                n = torch.where(n >= c.k, torch.div(n - c.k, c.s, rounding_mode="floor") + 1,
-                                torch.zeros_like(n))
-            else:
-                n = (n - c.k) // c.s + 1 if n >= c.k else 0
+        for layer in self.layers:        # the right padding as p more frames of the stream
+            n = layer.conv.out_length(n + layer.conv.padding_frames)
         return n
 
     def _project(self, h):
