@@ -105,6 +105,14 @@ class IntervalSelfAttention(nn.Module):
     hop = 1
 
     @property
+    def period(self):
+        return self.block
+
+    def last_input(self, t):
+        """The last frame that frame t sees (exact latency composition, streaming.latency)."""
+        return (t // self.block) * self.block + self.hi_off
+
+    @property
     def scale(self):
         return self.head_dim ** -0.5
 
