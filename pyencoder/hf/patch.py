@@ -43,6 +43,7 @@ from typing import List, Optional
 
 from torch import nn
 
+from ..mask import IntervalMask
 from ..ops._checks import check_int
 from ..rope import Rope, as_rope
 from ..models.encoder import find_hf_base, hf_adapter_config
@@ -178,13 +179,9 @@ def build_specs(n_layers, head_dim, lookahead_frames, left_frames, lookahead_lay
     rp = as_rope(rope, head_dim)
     specs = []
     for r in r_list:
-        if chunk_size is None:
-            specs.append(LayerSpec(1, -1 if left_frames is None else left_frames, r, r,
-                                   left_frames, rp))
-        else:
-            lo = -1 if left_chunks is None else left_chunks * chunk_size
-            specs.append(LayerSpec(chunk_size, lo, chunk_size - 1 + r, r,
-                                   None if left_chunks is None else lo, rp))
+        mask = (IntervalMask.band(left_frames, r) if chunk_size is None else
+                IntervalMask.chunked(chunk_size, left_chunks, r))
+        specs.append(LayerSpec(mask, rp))
     return specs
 
 

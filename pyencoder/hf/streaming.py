@@ -105,11 +105,17 @@ class StreamingEncoder(nn.Module):
         return _latency(self.base).hop
 
     @property
-    def lookahead(self):
+    def lookahead_samples(self):
         """Input samples past a frame's own hop that its output needs: attention (and conv
         adapter) lookahead frames times the hop plus the feature extractor's receptive field minus
         its hop."""
         return _latency(self.base).lookahead_samples
+
+    @property
+    def lookahead(self):
+        """``lookahead_samples`` under the streaming.latency protocol's name (its input frames are
+        samples)."""
+        return self.lookahead_samples
 
     def _check_patch(self):
         # The encoder was built from the patch record of construction time; a model reverted (or

@@ -10,7 +10,8 @@ in pyencoder.triton_kernels.decode_attention) index the ring directly.
 
 ``forward(q, k_ring, v_ring, q_pos, q_count, n_keys, ...)``: the M pending queries of each
 slot (un-rotated; rotated here at q_pos, float32 angles) attend to the ring entries whose position
-lies in [lo(p), hi(p)] of the interval mask (block, lo_off, hi_off) of pyencoder.ops.attention.
+lies in [lo(p), hi(p)] of the interval mask whose ints (block, lo_off, hi_off) it takes (the
+launch boundary: pyencoder.IntervalMask.params; formula in pyencoder/mask.py).
 Rows i >= q_count[b] are padding and output zeros, like rows with no visible key. The arithmetic
 follows pyencoder.reference.attention.forward step by step (q k^T, times scale, mask, max, exp,
 sum, p v, divide), so a streamed row matches the offline row up to summation order.
