@@ -3,7 +3,8 @@
 The interpreter tests (TRITON_INTERPRET=1) check semantics but not what the real compiler
 rejects (dot shapes and dtypes, constexpr misuse, type promotion, shared memory). This test runs
 the launchers themselves (pyencoder.ops._attention_triton, pyencoder.ops._conv_triton,
-pyencoder.ops.convnext, pyencoder.streaming._decode_triton) in a subprocess without TRITON_INTERPRET, on CPU tensors,
+pyencoder.ops._convnext_triton, pyencoder.ops._decode_attention_triton) in a subprocess without
+TRITON_INTERPRET, on CPU tensors,
 with ``JITFunction.run`` replaced by a recorder: each launch becomes a compile job (signature
 derived from the bound arguments the way triton.runtime.jit does, constexprs, num_warps,
 num_stages, and the target: attention tiles come from a per-architecture table, so attention
@@ -27,8 +28,7 @@ Matrices (``--matrix`` or ``PYENCODER_COMPILE_MATRIX``):
   the default (untimed) tiles: attention bf16 head_dim 128 partial RoPE, fp32 head_dim 32 NeoX in
   the RoPE-table mode, fp16 head_dim 64 interleaved unbounded; one conv case per dtype (fp16
   depthwise with state and update, bf16 grouped, fp32 strided channels-last), one ConvNeXt and one
-  decode case per dtype, and the sink-key variant (IntervalMask.sink) of the attention kernels in
-  the head_dim 32 and 64 cases.
+  decode case per dtype: 55 launch variants, 86 compiles.
 - ``quick``: every config of every launcher list at the shapes that need the most shared memory
   and registers (head_dim 128 with partial RoPE for attention, widest conv tiles) in each element
   size, plus one case per remaining code path; the attention RoPE table mode
@@ -206,12 +206,6 @@ def _run_attention(rec, matrix):
                         out, lse = A.forward(q, k, v, inv, *mask)
                         for det in ((True, False) if mode == "full" else (True,)):
                             A.backward(out, q, k, v, out, lse, inv, *mask, det)
-                if not all_cfgs and D <= 64:
-                    # the sink-key variant (HAS_SINK) of the three attention kernels
-                    rec.case += " sink"
-                    with _env(PYENCODER_TRITON_AUTOTUNE="0"):
-                        out, lse = A.forward(q, k, v, inv, *mask, sink=5)
-                        A.backward(out, q, k, v, out, lse, inv, *mask, True, sink=5)
                 if all_cfgs:
                     # a recording run never runs out of resources: ask for the fallback tile
                     A._default_configs = lambda *a, **kw: []
@@ -284,8 +278,7 @@ def _run_conv(rec, matrix):
 def _run_decode(rec, matrix):
     import torch
 
-    import pyencoder.streaming._decode_triton as DT
-    DT.supports = lambda q, k_ring: None
+    import pyencoder.ops._decode_attention_triton as DT
     dts = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     if matrix == "full":
         cases = [(dn, D, rope, lo) for dn in dts for D in (32, 64, 80, 128)
@@ -313,7 +306,7 @@ def _run_decode(rec, matrix):
 def _run_convnext(rec, matrix):
     import torch
 
-    import pyencoder.ops.convnext as CX
+    import pyencoder.ops._convnext_triton as CXT
     dts = (torch.float16, torch.bfloat16, torch.float32)
     # (C, K, state, bias/affine, channel_last): one channel block of 16 / 512 / 1024 channels in
     # registers, and 1536 channels looping over 2 blocks
@@ -331,7 +324,7 @@ def _run_convnext(rec, matrix):
             s = torch.randn(B, C, K - 1, dtype=dt) if st else None
             rec.case = (f"{str(dt)[6:]} C{C} K{K} state={st} affine={aff}" +
                         (" NLC" if cl else ""))
-            CX._triton_forward(x, torch.randn(C, 1, K, dtype=dt), v(), v(), v(), s, 1e-6)
+            CXT.forward(x, torch.randn(C, 1, K, dtype=dt), v(), v(), v(), s, 1e-6)
 
 
 def capture(matrix):
@@ -611,11 +604,6 @@ if pytest is not None and __name__ != "__main__":
                      "_causal_conv1d_grp_bwd_dw_kernel", "_convnext_dwconv_ln_fwd_kernel",
                      "_decode_attention_fwd_kernel"):
             assert name in kernels
-        sink = {(r["kernel"], r["target"]) for r in results if r["case"].endswith(" sink")}
-        assert sink == {(k, t) for k in ("_interval_attention_fwd_kernel",
-                                         "_interval_attention_bwd_dq_kernel",
-                                         "_interval_attention_bwd_dkdv_kernel")
-                        for t in TARGETS}
 
     @_needs_triton
     @pytest.mark.compile_full
