@@ -38,8 +38,9 @@ def _interval_attention_op(q: Tensor, k: Tensor, v: Tensor, inv_freq: Optional[T
                            q_offset: int, k_offset: int, scale: float, interleaved: bool,
                            backend: str, sink: int = 0) -> Tuple[Tensor, Tensor]:
     fwd = _backend.get_entry("attention", backend, "forward")
+    extra = {"sink": sink} if sink else {}    # backends without sink support take no sink
     out, lse = fwd(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
-                   scale, interleaved, sink=sink)
+                   scale, interleaved, **extra)
     return out, lse
 
 
@@ -59,8 +60,9 @@ def _interval_attention_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
                                interleaved: bool, backend: str,
                                deterministic: bool, sink: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     bwd = _backend.get_entry("attention", backend, "backward")
+    extra = {"sink": sink} if sink else {}
     return bwd(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-               k_offset, scale, interleaved, deterministic, sink=sink)
+               k_offset, scale, interleaved, deterministic, **extra)
 
 
 @_interval_attention_bwd_op.register_fake
