@@ -7,10 +7,11 @@ WavLM attention's state_dict loads as is; the 1/sqrt(head_dim) scaling is applie
 
 Offline ``forward`` is one call of pyencoder.ops.interval_attention over the whole sequence, RoPE
 applied inside the op. Streaming (``init_state`` / ``step`` / ``flush``): each new key is rotated
-once at its absolute position and written to a ring buffer (pyencoder.streaming.ring) of capacity
-lo_off + hi_off + max_chunk (band: left + right + max_chunk); queries are kept un-rotated until
-their last visible key hi(p) has arrived, then rotated at p and attended over the ring (Triton
-decode kernel on CUDA, the reference elsewhere). Rotating the cached keys once gives the same
+once at its absolute position and written to a ring buffer (layout:
+pyencoder.reference.decode_attention) of capacity lo_off + hi_off + max_chunk (band: left + right +
+max_chunk); queries are kept un-rotated until their last visible key hi(p) has arrived, then
+rotated at p and attended over the ring (pyencoder.ops.decode_attention: the backend registry's
+choice, the Triton decode kernel on CUDA and the reference elsewhere in auto mode). Rotating the cached keys once gives the same
 float32 values the offline op computes for them (same elementwise formula), so a streamed output
 differs from the offline one only by the summation order of the dot products and the softmax sum.
 Steps longer than max_chunk are cut into pieces internally. With unbounded history (left=None /
@@ -40,7 +41,8 @@ from torch import nn
 from ..ops._checks import check_module_input
 from ..ops.attention import band_params, chunked_params, interval_attention
 from ..rope import apply_rope, as_rope
-from ..streaming.ring import decode_attention, ring_write
+from ..ops.decode_attention import decode_attention
+from ..reference.decode_attention import ring_write
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
                                stamp)
 from .linear import Linear
@@ -101,6 +103,14 @@ class IntervalSelfAttention(nn.Module):
         return self.hi_off
 
     hop = 1
+
+    @property
+    def period(self):
+        return self.block
+
+    def last_input(self, t):
+        """The last frame that frame t sees (exact latency composition, streaming.latency)."""
+        return (t // self.block) * self.block + self.hi_off
 
     @property
     def scale(self):

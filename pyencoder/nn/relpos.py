@@ -50,7 +50,7 @@ from ..ops.attention import band_params, chunked_params
 from ..rope import apply_rope
 from ..reference.attention import (all_finite, finite_or_zero, nonfinite_rows, poisoned_rows,
                                    visible_key_ranges)
-from ..streaming.ring import nonfinite_guard, ring_positions
+from ..reference.decode_attention import nonfinite_guard, ring_positions
 from .attention import AttentionState, IntervalSelfAttention
 
 __all__ = ["WavLMSelfAttention", "RelPosAttentionState", "relative_position_bucket",

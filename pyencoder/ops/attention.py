@@ -1,8 +1,13 @@
 """Interval attention: banded (left, right) and chunked (chunk_size, left_chunks, lookahead) masks,
 with RoPE applied inside the kernels (DESIGN.md, "One attention: interval attention").
 
-One registered op, ``pyencoder::interval_attention`` (forward, returns out and log-sum-exp) with its
-backward ``pyencoder::interval_attention_backward``, serves both public functions. The mask is
+Registered ops: ``pyencoder::interval_attention`` (forward, returns out and log-sum-exp) with its
+backward ``pyencoder::interval_attention_backward``, an opaque custom op that runs the backend
+named by its last argument (the reference on any device; it accepts "triton" too), and for the
+triton backend the ``torch.library.triton_op`` pair ``pyencoder::interval_attention_triton`` /
+``pyencoder::interval_attention_triton_backward`` (pyencoder.ops._attention_triton), which
+torch.compile traces down to the Triton kernels. The public functions call the triton_op when the
+registry picks triton, the custom op otherwise; both carry the autograd formula below. The mask is
 described by three ints (block, lo_off, hi_off):
 
     base(p) = (p // block) * block;  lo(p) = base(p) - lo_off (lo_off < 0: -inf);  hi(p) = base(p) + hi_off
@@ -16,13 +21,17 @@ from torch import Tensor
 
 from .. import _backend
 from .._env import env_flag
+from ..reference import attention as _reference
 from ..rope import Rope
+from . import _attention_triton as _triton
 from ._autograd import forbid_double_backward
 from ._checks import (MAX_POSITION, check_float_dtype, check_int, check_lengths, check_same,
                       check_scale, check_tensor, clamp_window, is_int)
 
 __all__ = ["banded_attention", "chunked_attention", "interval_attention", "band_params",
            "chunked_params"]
+
+_backend.register("attention", reference=_reference, triton=_triton)
 
 
 @torch.library.custom_op("pyencoder::interval_attention", mutates_args=())
@@ -63,11 +72,14 @@ def _(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_o
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
-     interleaved, backend) = inputs
+    # inputs: the op's arguments; pyencoder::interval_attention has a trailing backend string,
+    # pyencoder::interval_attention_triton (the triton backend's triton_op) has none.
+    q, k, v, inv_freq, key_lengths = inputs[:5]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, inv_freq, key_lengths)
-    ctx.params = (block, lo_off, hi_off, q_offset, k_offset, scale, interleaved, backend)
+    ctx.params = tuple(inputs[5:12])
+    ctx.backend = inputs[12] if len(inputs) > 12 else None
+    ctx.n_inputs = len(inputs)
 
 
 def deterministic_backward():
@@ -79,16 +91,18 @@ def deterministic_backward():
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, inv_freq, key_lengths = ctx.saved_tensors
-    block, lo_off, hi_off, q_offset, k_offset, scale, interleaved, backend = ctx.params
-    dq, dk, dv = _interval_attention_bwd_op(dout.contiguous(), q, k, v, out, lse, inv_freq,
-                                            key_lengths, block, lo_off, hi_off, q_offset,
-                                            k_offset, scale, interleaved, backend,
-                                            deterministic_backward())
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    args = (dout.contiguous(), q, k, v, out, lse, inv_freq, key_lengths, *ctx.params)
+    if ctx.backend is None:
+        dq, dk, dv = _triton.backward_op(*args, deterministic_backward())
+    else:
+        dq, dk, dv = _interval_attention_bwd_op(*args, ctx.backend, deterministic_backward())
+    return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 
 _interval_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_triton.forward_op.register_autograd(_backward, setup_context=_setup_context)
 forbid_double_backward(_interval_attention_bwd_op, "interval attention")
+forbid_double_backward(_triton.backward_op, "interval attention")
 
 
 def band_params(left, right):
@@ -159,8 +173,13 @@ def interval_attention(q, k, v, *, block, lo_off, hi_off, rope=None, key_lengths
     name = _backend.select("attention", "forward", q.device.type, args, backend)
     if key_lengths is not None and key_lengths.dtype != torch.int32:
         key_lengths = key_lengths.to(torch.int32)
-    out, lse = _interval_attention_op(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off,
-                                      q_offset, k_offset, scale, interleaved, name)
+    args = (q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
+            interleaved)
+    if name == "triton":
+        from . import _triton_ops  # noqa: F401  (registers the triton_ops at first use)
+        out, lse = _triton.forward_op(*args)
+    else:
+        out, lse = _interval_attention_op(*args, name)
     return (out, lse) if return_lse else out
 
 
