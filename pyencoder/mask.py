@@ -7,6 +7,10 @@ absolute position s iff lo(p) <= s <= hi(p), where, with base(p) = (p // block) 
     lo(p) = base(p) - lo_off        (lo_off = -1: unbounded history, lo(p) = -inf)
     hi(p) = base(p) + hi_off
 
+and, for a frame-rate (cross-attention) mask whose key side has its own block ``k_block``
+(default: ``block``), base(p) = (p // block) * k_block: the query's block index times the key
+side's block, so query and key positions are each counted in their own units.
+
 (and, as everywhere, s < k_offset + key_lengths[b]). lo and hi are non-decreasing in p, which is
 what lets kernels skip every key block outside [lo(first row), hi(last row)].
 
@@ -14,6 +18,15 @@ what lets kernels skip every key block outside [lo(first row), hi(last row)].
     IntervalMask.chunked(chunk_size, left_chunks, lookahead)
         = IntervalMask(chunk_size, left_chunks * chunk_size, chunk_size - 1 + lookahead)
 
+    IntervalMask.frames(q_frame, k_frame, left, right, extra)
+        = IntervalMask(q_frame, left * k_frame, (right + 1) * k_frame - 1 + extra, k_frame)
+    IntervalMask.frame_chunked(q_frame, k_frame, chunk_frames, left_chunks, lookahead_frames)
+        = IntervalMask.frames(chunk_frames * q_frame, chunk_frames * k_frame, left_chunks, 0,
+                              lookahead_frames * k_frame)
+
+(DESIGN.md "Frame-rate bands": query frame f = p // q_frame sees key frames [f - left,
+f + right], plus ``extra`` key positions; frames(1, 1, left, right) is band(left, right) and
+frames(c, c, left_chunks, 0, lookahead) is chunked(c, left_chunks, lookahead), equal values.)
 (left / left_chunks None: lo_off = -1.) Three different "lookaheads" meet here and have distinct
 names: ``lookahead`` (a chunked mask's parameter and ``IntervalMask.lookahead``) is the user's
 extra frames past the end of a query's block; ``latency()`` (= hi_off) is the frames a query waits
@@ -23,8 +36,11 @@ for past its own position in the worst case, the number a streamable module repo
 
 Extents at or beyond ``WINDOW_CAP`` (2**53) are clamped to it: the same mask for every position a
 tensor can index. Kernels and registered ops take the three ints (``mask.params``) at their
-boundary."""
+boundary; a frame mask (k_block != block) has no three-int form: ``mask.frame_params`` gives its
+four ints (block, k_block, lo_off, hi_off), which ``pyencoder.ops.cross_attention`` takes."""
 from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
 from .ops._checks import check_int, clamp_window
@@ -36,16 +52,21 @@ __all__ = ["IntervalMask"]
 class IntervalMask:
     """Immutable, hashable interval mask (block, lo_off, hi_off): see the module docstring for the
     formula. Build it with ``IntervalMask.band`` or ``IntervalMask.chunked``; the raw constructor
-    takes ints ``block`` >= 1, ``lo_off`` >= -1 (-1: unbounded history) and ``hi_off``."""
+    takes ints ``block`` >= 1, ``lo_off`` >= -1 (-1: unbounded history), ``hi_off`` and
+    optionally ``k_block`` >= 1 (the key side's block of a frame mask; None: ``block``)."""
     block: int
     lo_off: int
     hi_off: int
+    k_block: Optional[int] = None
 
     def __post_init__(self):
         check_int("block", self.block, min_value=1)
         check_int("lo_off", self.lo_off, min_value=-1)
         check_int("hi_off", self.hi_off)
+        check_int("k_block", self.k_block, min_value=1, allow_none=True)
         object.__setattr__(self, "block", clamp_window(self.block))
+        object.__setattr__(self, "k_block", self.block if self.k_block is None
+                           else clamp_window(self.k_block))
         object.__setattr__(self, "lo_off", -1 if self.lo_off < 0 else clamp_window(self.lo_off))
         object.__setattr__(self, "hi_off", clamp_window(self.hi_off))
 
@@ -68,6 +89,35 @@ class IntervalMask:
         return cls(chunk_size, lo, clamp_window(chunk_size - 1 + clamp_window(lookahead)))
 
     @classmethod
+    def frames(cls, q_frame, k_frame, left, right, extra=0):
+        """Frame-rate band (cross-attention between sequences at different rates): query frame
+        f = p // q_frame sees key frames [f - left, f + right] (key frame = s // k_frame) plus
+        ``extra`` key positions past the last one; ``left`` None: unbounded history."""
+        check_int("q_frame", q_frame, min_value=1)
+        check_int("k_frame", k_frame, min_value=1)
+        check_int("left", left, min_value=0, allow_none=True)
+        check_int("right", right, min_value=0)
+        check_int("extra", extra, min_value=0)
+        q_frame, k_frame = clamp_window(q_frame), clamp_window(k_frame)
+        lo = -1 if left is None else clamp_window(clamp_window(left) * k_frame)
+        hi = clamp_window((clamp_window(right) + 1) * k_frame - 1 + clamp_window(extra))
+        return cls(q_frame, lo, hi, k_frame)
+
+    @classmethod
+    def frame_chunked(cls, q_frame, k_frame, chunk_frames, left_chunks, lookahead_frames=0):
+        """The chunked mask in frame units: query frame f in chunk c = f // chunk_frames sees key
+        frames from the start of chunk c - left_chunks (None: from the beginning) to the end of
+        chunk c plus ``lookahead_frames`` key frames."""
+        check_int("q_frame", q_frame, min_value=1)
+        check_int("k_frame", k_frame, min_value=1)
+        check_int("chunk_frames", chunk_frames, min_value=1)
+        check_int("left_chunks", left_chunks, min_value=0, allow_none=True)
+        check_int("lookahead_frames", lookahead_frames, min_value=0)
+        return cls.frames(clamp_window(chunk_frames * q_frame),
+                          clamp_window(chunk_frames * k_frame), left_chunks, 0,
+                          clamp_window(clamp_window(lookahead_frames) * k_frame))
+
+    @classmethod
     def full(cls, n_keys):
         """Every query sees every key of a sequence of ``n_keys`` (hi_off = max(n_keys, 1))."""
         check_int("n_keys", n_keys, min_value=0)
@@ -76,8 +126,24 @@ class IntervalMask:
     # ---- the boundary with registered ops and kernels ---------------------------------------
     @property
     def params(self):
-        """(block, lo_off, hi_off) as plain ints: what kernels and registered ops take."""
+        """(block, lo_off, hi_off) as plain ints: what kernels and registered ops take. A frame
+        mask (k_block != block) has no such form and raises: use ``frame_params``."""
+        if self.is_frame:
+            raise ValueError(f"{self!r} is a frame-rate mask (k_block={self.k_block} != "
+                             f"block={self.block}): it has no (block, lo_off, hi_off) form; use "
+                             f"pyencoder.ops.cross_attention (mask.frame_params)")
         return self.block, self.lo_off, self.hi_off
+
+    @property
+    def frame_params(self):
+        """(block, k_block, lo_off, hi_off) as plain ints (any mask)."""
+        return self.block, self.k_block, self.lo_off, self.hi_off
+
+    @property
+    def is_frame(self):
+        """True when the key side has its own block (k_block != block): a cross-attention mask
+        between sequences at different rates."""
+        return self.k_block != self.block
 
     # ---- derived quantities -------------------------------------------------------------------
     @property
@@ -87,7 +153,7 @@ class IntervalMask:
 
     @property
     def is_band(self):
-        return self.block == 1
+        return self.block == 1 and self.k_block == 1
 
     @property
     def left(self):
@@ -97,12 +163,13 @@ class IntervalMask:
     @property
     def lookahead(self):
         """The user's extra frames past the end of a query's block (band: right; chunked:
-        lookahead)."""
-        return self.hi_off - self.block + 1
+        lookahead; frames: key positions past the end of the query's own key-side block)."""
+        return self.hi_off - self.k_block + 1
 
     def latency(self):
         """Worst-case frames a query waits for past its own position (hi(p) - p at a block's first
-        row, = hi_off): the ``lookahead`` a streamable module reports."""
+        row, = hi_off): the ``lookahead`` a streamable module reports. For a frame mask, key
+        positions past the key-side base (p // block) * k_block of the query's block."""
         return self.hi_off
 
     def width(self):
@@ -110,8 +177,9 @@ class IntervalMask:
         return None if self.lo_off < 0 else self.lo_off + self.hi_off + 1
 
     def base(self, p):
-        """(p // block) * block; p an int or an integer tensor."""
-        return (p // self.block) * self.block
+        """(p // block) * k_block (k_block = block unless a frame mask); p an int or an integer
+        tensor."""
+        return (p // self.block) * self.k_block
 
     def lo(self, p):
         """First visible key position of query position p, clamped at 0 (positions are >= 0, so
@@ -135,6 +203,16 @@ class IntervalMask:
         return (s[None, :] >= self.lo(p)[:, None]) & (s[None, :] <= self.hi(p)[:, None])
 
     def __repr__(self):
+        if self.is_frame:
+            kb = self.k_block
+            if (self.lo_off < 0 or self.lo_off % kb == 0) and self.hi_off >= kb - 1:
+                left = None if self.lo_off < 0 else self.lo_off // kb
+                right = (self.hi_off + 1) // kb - 1
+                extra = self.hi_off + 1 - (right + 1) * kb
+                return (f"IntervalMask.frames(q_frame={self.block}, k_frame={kb}, left={left}, "
+                        f"right={right}, extra={extra})")
+            return (f"IntervalMask(block={self.block}, lo_off={self.lo_off}, "
+                    f"hi_off={self.hi_off}, k_block={kb})")
         if self.block == 1:
             return f"IntervalMask.band(left={self.left}, right={self.hi_off})"
         if self.lo_off < 0 or self.lo_off % self.block == 0:

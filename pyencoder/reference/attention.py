@@ -38,8 +38,8 @@ def _cdtype(dt):
     return torch.float64 if dt == torch.float64 else torch.float32
 
 
-def _bounds(p, block, lo_off, hi_off):
-    base = torch.div(p, block, rounding_mode="floor") * block
+def _bounds(p, block, lo_off, hi_off, kb=None):
+    base = torch.div(p, block, rounding_mode="floor") * (block if kb is None else kb)
     hi = base + hi_off
     if lo_off < 0:
         lo = torch.full_like(p, torch.iinfo(torch.int64).min // 4)
@@ -48,8 +48,8 @@ def _bounds(p, block, lo_off, hi_off):
     return lo, hi
 
 
-def _bound_scalar(p, block, lo_off, hi_off):
-    base = (p // block) * block
+def _bound_scalar(p, block, lo_off, hi_off, kb=None):
+    base = (p // block) * (block if kb is None else kb)
     return (None if lo_off < 0 else base - lo_off), base + hi_off
 
 
@@ -70,24 +70,25 @@ def _key_limit(key_lengths, nk):
     return int(min(nk, int(key_lengths.max().item()))) if key_lengths.numel() else 0
 
 
-def _tiles(nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset):
+def _tiles(nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset, kb=None):
     """Yield (i0, i1, j0, j1): query tile and the key range it can see (j1 > j0)."""
     tq = _tile_size(nq, block, lo_off, hi_off)
     for i0 in range(0, nq, tq):
         i1 = min(nq, i0 + tq)
-        lo, _ = _bound_scalar(q_offset + i0, block, lo_off, hi_off)
-        _, hi = _bound_scalar(q_offset + i1 - 1, block, lo_off, hi_off)
+        lo, _ = _bound_scalar(q_offset + i0, block, lo_off, hi_off, kb)
+        _, hi = _bound_scalar(q_offset + i1 - 1, block, lo_off, hi_off, kb)
         j0 = 0 if lo is None else max(0, lo - k_offset)
         j1 = min(nk_eff, hi - k_offset + 1)
         yield i0, i1, j0, j1
 
 
-def _tile_bias(i0, i1, j0, j1, block, lo_off, hi_off, q_offset, k_offset, g, dtype, device):
+def _tile_bias(i0, i1, j0, j1, block, lo_off, hi_off, q_offset, k_offset, g, dtype, device,
+               kb=None):
     """Additive (1, g*tq, tk) bias of the tile's positional mask (0 or -inf), or None when every
     query of the tile sees every key of the range."""
     p = torch.arange(q_offset + i0, q_offset + i1, device=device)
     s = torch.arange(k_offset + j0, k_offset + j1, device=device)
-    lo, hi = _bounds(p, block, lo_off, hi_off)
+    lo, hi = _bounds(p, block, lo_off, hi_off, kb)
     m = (s[None, :] >= lo[:, None]) & (s[None, :] <= hi[:, None])
     if bool(m.all()):
         return None
@@ -99,18 +100,20 @@ def _tile_bias(i0, i1, j0, j1, block, lo_off, hi_off, q_offset, k_offset, g, dty
 
 class _Biases:
     """_tile_bias memoised by what determines it: the tile's shape (tq, tk), the offset p0 - s0
-    of its first query and key and the first query's phase p0 % block (lo/hi of p0 + a minus
-    s0 depend on nothing else). Interior tiles of a band or chunked mask share one entry; at
-    most 8 are kept."""
+    of its first query's block base (p0 // block) * kb and its first key s0 and the first
+    query's phase p0 % block (lo/hi of p0 + a minus s0 depend on nothing else; kb is the key-side
+    frame of a frame mask, block otherwise). Interior tiles of a band or chunked mask share one
+    entry; at most 8 are kept."""
 
-    def __init__(self, block, lo_off, hi_off, q_offset, k_offset, g, dtype, device):
-        self.args = (block, lo_off, hi_off, q_offset, k_offset, g, dtype, device)
+    def __init__(self, block, lo_off, hi_off, q_offset, k_offset, g, dtype, device, kb=None):
+        self.args = (block, lo_off, hi_off, q_offset, k_offset, g, dtype, device, kb)
+        self.kb = block if kb is None else kb
         self.memo = {}
 
     def get(self, i0, i1, j0, j1):
         block, _, _, q_offset, k_offset = self.args[:5]
         p0, s0 = q_offset + i0, k_offset + j0
-        key = (i1 - i0, j1 - j0, p0 - s0, p0 % block)
+        key = (i1 - i0, j1 - j0, (p0 // block) * self.kb - s0, p0 % block)
         if key not in self.memo:
             if len(self.memo) >= 8:
                 self.memo.clear()
@@ -231,11 +234,11 @@ def nonfinite_rows(x):
 
 
 def visible_key_ranges(Nq, B, key_lengths, Nk, block, lo_off, hi_off, q_offset, k_offset,
-                       device):
+                       device, kb=None):
     """Keys j in [jlo[i], jhi[b, i]) are the ones query i of batch item b sees: jlo (Nq,),
     jhi (B, Nq) int64, empty when jhi <= jlo."""
     p = torch.arange(q_offset, q_offset + Nq, device=device)
-    lo, hi = _bounds(p, block, lo_off, hi_off)
+    lo, hi = _bounds(p, block, lo_off, hi_off, kb)
     jlo = (lo - k_offset).clamp_(0, Nk)
     lim = (torch.full((B,), Nk, dtype=torch.int64, device=device) if key_lengths is None
            else key_lengths.to(device=device, dtype=torch.int64).clamp(0, Nk))
@@ -259,12 +262,13 @@ def poisoned_rows(qbad, kvbad, ranges, Hq):
     return bad
 
 
-def keys_seen_by(rowbad, Hk, Nk, key_lengths, block, lo_off, hi_off, q_offset, k_offset):
+def keys_seen_by(rowbad, Hk, Nk, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
+                 kb=None):
     """(B, Hk, Nk) bool: key j of kv head hk is visible to a row with rowbad (B, Hq, Nq)."""
     B, Hq, Nq = rowbad.shape
     dev = rowbad.device
     p = torch.arange(q_offset, q_offset + Nq, device=dev)
-    lo, hi = _bounds(p, block, lo_off, hi_off)
+    lo, hi = _bounds(p, block, lo_off, hi_off, kb)
     s = torch.arange(k_offset, k_offset + Nk, device=dev)
     ia = torch.searchsorted(hi.contiguous(), s, right=False)
     ib = torch.searchsorted(lo.contiguous(), s, right=True)
@@ -281,31 +285,32 @@ def keys_seen_by(rowbad, Hk, Nk, key_lengths, block, lo_off, hi_off, q_offset, k
 
 
 def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
-            interleaved):
+            interleaved, kb=None):
     """Returns (out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32/float64); non-finite
     inputs poison the rows that see them (module docstring). On CPU the call runs with the thread
     count of pyencoder._cpu_threads (work size and machine load; one thread when busy)."""
     with threads_for(_flops(q, k, block, lo_off, hi_off), q.device):
         return _forward_checked(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-                                k_offset, scale, interleaved)
+                                k_offset, scale, interleaved, kb)
 
 
 def _forward_checked(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
-                     scale, interleaved):
+                     scale, interleaved, kb=None):
     if all_finite(q, k, v):
         return _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-                        k_offset, scale, interleaved)
+                        k_offset, scale, interleaved, kb)
     B, Hq, Nq, _ = q.shape
     ranges = visible_key_ranges(Nq, B, key_lengths, k.shape[2], block, lo_off, hi_off, q_offset,
-                                k_offset, q.device)
+                                k_offset, q.device, kb)
     bad = poisoned_rows(nonfinite_rows(q), nonfinite_rows(k) | nonfinite_rows(v), ranges, Hq)
     out, lse = _forward(finite_or_zero(q), finite_or_zero(k), finite_or_zero(v), inv_freq,
-                        key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale, interleaved)
+                        key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale, interleaved,
+                        kb)
     return out.masked_fill_(bad[..., None], float("nan")), lse.masked_fill_(bad, float("nan"))
 
 
 def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
-             interleaved):
+             interleaved, kb=None):
     """forward() for finite inputs. Working memory beyond the output is O(tile * W): q is rotated
     tile by tile and k block by block (each exactly once), never as whole rotated copies."""
     B, Hq, Nq, D = q.shape
@@ -315,13 +320,13 @@ def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_
     cdt = _cdtype(q.dtype)
     keys = _RotatedKeys(k, k_offset, inv_freq, interleaved, cdt)
     queries = _RotatedKeys(q, q_offset, inv_freq, interleaved, cdt)   # same lazy blocks for q
-    biases = _Biases(block, lo_off, hi_off, q_offset, k_offset, g, cdt, q.device)
+    biases = _Biases(block, lo_off, hi_off, q_offset, k_offset, g, cdt, q.device, kb)
     vc = v.to(cdt).reshape(B * Hk, Nk, Dv)
     out = torch.zeros(B, Hk, g, Nq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.full((B, Hk, g, Nq), _NEG_INF, dtype=cdt, device=q.device)
     nk_eff = _key_limit(key_lengths, Nk)
     min_len = _min_len(key_lengths, Nk)
-    for i0, i1, j0, j1 in _tiles(Nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset):
+    for i0, i1, j0, j1 in _tiles(Nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset, kb):
         if j1 <= j0:
             continue
         tq = i1 - i0
@@ -339,36 +344,38 @@ def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_
 
 
 def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-             k_offset, scale, interleaved, deterministic=True):
+             k_offset, scale, interleaved, deterministic=True, kb=None):
     """Returns (dq, dk, dv) in the dtypes of q, k, v; NaN rows as in the module docstring. Thread
     count as in forward."""
     with threads_for(2.5 * _flops(q, k, block, lo_off, hi_off), q.device):
         return _backward_checked(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off,
-                                 hi_off, q_offset, k_offset, scale, interleaved)
+                                 hi_off, q_offset, k_offset, scale, interleaved, kb)
 
 
 def _backward_checked(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off,
-                      q_offset, k_offset, scale, interleaved):
+                      q_offset, k_offset, scale, interleaved, kb=None):
     if all_finite(dout, q, k, v) and not bool(torch.isnan(lse).any()):
         return _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off,
-                         q_offset, k_offset, scale, interleaved, None)
+                         q_offset, k_offset, scale, interleaved, None, kb)
     B, Hq, Nq, _ = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     jlo, jhi = visible_key_ranges(Nq, B, key_lengths, Nk, block, lo_off, hi_off, q_offset,
-                                  k_offset, q.device)
+                                  k_offset, q.device, kb)
     rowbad = (torch.isnan(lse) | nonfinite_rows(dout) | nonfinite_rows(out)) & (
         jhi > jlo[None, :])[:, None, :]
     dq, dk, dv = _backward(finite_or_zero(dout), finite_or_zero(q), finite_or_zero(k),
                            finite_or_zero(v), finite_or_zero(out), lse, inv_freq, key_lengths,
-                           block, lo_off, hi_off, q_offset, k_offset, scale, interleaved, rowbad)
-    colbad = keys_seen_by(rowbad, Hk, Nk, key_lengths, block, lo_off, hi_off, q_offset, k_offset)
+                           block, lo_off, hi_off, q_offset, k_offset, scale, interleaved, rowbad,
+                           kb)
+    colbad = keys_seen_by(rowbad, Hk, Nk, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
+                          kb)
     nan = float("nan")
     return (dq.masked_fill_(rowbad[..., None], nan), dk.masked_fill_(colbad[..., None], nan),
             dv.masked_fill_(colbad[..., None], nan))
 
 
 def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-              k_offset, scale, interleaved, rowbad):
+              k_offset, scale, interleaved, rowbad, kb=None):
     """backward() for finite inputs; rows with rowbad (B, Hq, Nq) (or None) take no part."""
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
@@ -387,8 +394,8 @@ def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_
     dv = torch.zeros(B * Hk, Nk, Dv, dtype=cdt, device=q.device)
     nk_eff = _key_limit(key_lengths, Nk)
     min_len = _min_len(key_lengths, Nk)
-    biases = _Biases(block, lo_off, hi_off, q_offset, k_offset, g, cdt, q.device)
-    for i0, i1, j0, j1 in _tiles(Nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset):
+    biases = _Biases(block, lo_off, hi_off, q_offset, k_offset, g, cdt, q.device, kb)
+    for i0, i1, j0, j1 in _tiles(Nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset, kb):
         if j1 <= j0:
             continue
         tq = i1 - i0
