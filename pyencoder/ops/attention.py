@@ -268,8 +268,10 @@ def cross_attention(q, k, v, *, mask, rope=None, key_lengths=None, q_offset=0, k
     Nk independent; positions p = q_offset + i and s = k_offset + j are each in their own side's
     units, and ``rope`` (optional) rotates q and k at those positions. ``key_lengths`` (B,) as in
     ``interval_attention``. A mask with k_block == block runs exactly ``interval_attention``
-    (same op, same kernels); a frame mask runs the reference backend (the Triton kernels do not
-    take frame masks yet: a forced ``backend="triton"`` raises)."""
+    (same op, same kernels); a frame mask runs the op pair ``pyencoder::frame_attention``, whose
+    backends (reference, triton: the same kernels with the constexpr K_BLOCK) take the key block
+    as a fourth mask int. Backend choice as everywhere (``backend=``, ``use_backend``, env,
+    auto)."""
     if not isinstance(mask, IntervalMask):
         raise TypeError(f"mask must be a pyencoder.IntervalMask; got {type(mask).__name__} "
                         f"{mask!r}")
@@ -282,13 +284,12 @@ def cross_attention(q, k, v, *, mask, rope=None, key_lengths=None, q_offset=0, k
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     inv_freq = None if rope is None else rope.inv_freq(q.device)
     interleaved = False if rope is None else rope.interleaved
-    req = _backend.requested_backend("attention", backend)
-    if req not in (None, "auto", "reference"):
-        raise RuntimeError(f"pyencoder: backend {req!r} cannot run cross_attention with the frame "
-                           f"mask {mask!r}: only the reference backend takes frame masks "
-                           f"(k_block != block) so far")
+    args = dict(q=q, k=k, v=v, inv_freq=inv_freq, key_lengths=key_lengths, block=block,
+                lo_off=lo_off, hi_off=hi_off, q_offset=q_offset, k_offset=k_offset, scale=scale,
+                interleaved=interleaved, k_block=k_block)
+    name = _backend.select("attention", "forward", q.device.type, args, backend)
     if key_lengths is not None and key_lengths.dtype != torch.int32:
         key_lengths = key_lengths.to(torch.int32)
     out, lse = _frame_attention_op(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off,
-                                   q_offset, k_offset, scale, interleaved, k_block, "reference")
+                                   q_offset, k_offset, scale, interleaved, k_block, name)
     return (out, lse) if return_lse else out
