@@ -3,7 +3,7 @@
 Computes, for query i (absolute position p = q_offset + i) and key j (s = k_offset + j),
 
     base(p) = (p // block) * block,  lo(p) = base(p) - lo_off (lo_off < 0: -inf),  hi(p) = base(p) + hi_off
-(a frame-rate mask, constexpr K_BLOCK != 0: base(p) = (p // block) * K_BLOCK, see _key_block)
+(a frame-rate mask, constexpr K_BLOCK not None: base(p) = (p // block) * K_BLOCK, see _key_block)
     visible(i, j) = lo(p) <= s <= hi(p)  and  j < key_lengths[b]
     out_i = softmax_j(scale * rope(q_i, p) . rope(k_j, s))  @ v        (visible j only)
 
@@ -146,11 +146,11 @@ def _scores(xa, xb, xc, ya, yb, yc, acc, HAS_ROPE: tl.constexpr, HAS_PASS: tl.co
 
 @triton.jit
 def _key_block(block, K_BLOCK: tl.constexpr):
-    """The key side's block: ``block`` itself (K_BLOCK = 0, every band and chunked mask: the same
-    code as before frame masks existed) or the constexpr K_BLOCK of a frame-rate mask, where
+    """The key side's block: ``block`` itself (K_BLOCK None, every band and chunked mask: the
+    same code as before frame masks existed) or the constexpr K_BLOCK of a frame-rate mask, where
     base(p) = (p // block) * K_BLOCK (query and key positions in their own units)."""
     kblock = block
-    if K_BLOCK != 0:
+    if K_BLOCK is not None:
         kblock = block * 0 + K_BLOCK
     return kblock
 
@@ -365,7 +365,7 @@ def _interval_attention_fwd_kernel(
         BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr,
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
         HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr,
-        K_BLOCK: tl.constexpr = 0):
+        K_BLOCK: tl.constexpr = None):
     kblock = _key_block(block, K_BLOCK)
     pid_m, bh, b, h, q_base, k_base, v_base = _query_program(
         Q, K, V, Hq, GROUP, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh)
@@ -499,7 +499,7 @@ def _interval_attention_bwd_dq_kernel(
         BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr,
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
         HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr,
-        K_BLOCK: tl.constexpr = 0):
+        K_BLOCK: tl.constexpr = None):
     kblock = _key_block(block, K_BLOCK)
     pid_m, bh, b, h, q_base, k_base, v_base = _query_program(
         Q, K, V, Hq, GROUP, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh)
@@ -628,7 +628,7 @@ def _interval_attention_bwd_dkdv_kernel(
         BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr,
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
         HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr,
-        K_BLOCK: tl.constexpr = 0):
+        K_BLOCK: tl.constexpr = None):
     kblock = _key_block(block, K_BLOCK)
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)

@@ -379,7 +379,7 @@ def supports_forward(q, k, v, inv_freq=None, key_lengths=None, block=1, lo_off=-
 
 def _frame_const(consts, block, kb):
     """A frame-rate mask (key block kb != block) adds the constexpr K_BLOCK; every other mask
-    launches exactly the kernels it always did (K_BLOCK keeps its default 0)."""
+    launches exactly the kernels it always did (K_BLOCK keeps its default None)."""
     if kb is not None and kb != block:
         consts = dict(consts, K_BLOCK=int(kb))
     return consts
