@@ -266,3 +266,43 @@ def test_triton_interpreter_matches_oracle_fwd_bwd(case, dtype, tol_o, tol_g, mo
     for name, a, b in zip("qkv", got, want):
         torch.testing.assert_close(a.double(), b, rtol=tol_g, atol=tol_g,
                                    msg=f"d{name} {mask} {dtype}")
+
+
+def gpu_quick(name, p):
+    return name == "test_gpu_frame_masks_fa_rule"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_frame_masks_fa_rule(dtype):
+    """On a GPU: the Triton frame-mask kernels (50 Hz keys -> 25 fps queries, and 16:3 chunked)
+    vs the float32 reference; error <= 2x (forward) / 3x (gradients) the error of plain torch in
+    the same dtype (dense oracle, upcast=False) plus a tiny floor: the FlashAttention rule of
+    tests/test_attention_triton.py."""
+    torch.manual_seed(0)
+    for mask, nq, nk in [(IntervalMask.frames(1, 2, 5, 2), 1000, 2000),
+                         (IntervalMask.frame_chunked(16, 3, 4, 8, 1), 3000, 600)]:
+        q = torch.randn(2, 4, nq, 64, device="cuda")
+        k = torch.randn(2, 2, nk, 64, device="cuda")
+        v = torch.randn(2, 2, nk, 64, device="cuda")
+        lengths = torch.tensor([nk, nk - 37], device="cuda")
+        dout = torch.randn(2, 4, nq, 64, device="cuda")
+        vis = (mask.dense(nq, nk, q_offset=1, k_offset=2, device="cuda")[None, None]
+               & (torch.arange(nk, device="cuda")[None, :] < lengths[:, None])[:, None, None, :])
+
+        def run(dt, backend):
+            a = [t.to(dt).requires_grad_() for t in (q, k, v)]
+            if backend == "plain":
+                o = dense_attention(*a, vis, upcast=False)
+            else:
+                o = cross_attention(*a, mask=mask, key_lengths=lengths, q_offset=1, k_offset=2,
+                                    backend=backend)
+            return [o] + list(torch.autograd.grad(o, a, dout.to(dt)))
+
+        ref = run(torch.float32, "reference")
+        plain = run(dtype, "plain")
+        tri = run(dtype, "triton")
+        for i, (r, pl, t) in enumerate(zip(ref, plain, tri)):
+            bound = (2 if i == 0 else 3) * (pl.float() - r).abs().max().item() + 1e-4
+            err = (t.float() - r).abs().max().item()
+            assert err <= bound, (mask, "out dq dk dv".split()[i], err, bound)
