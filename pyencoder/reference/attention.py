@@ -3,7 +3,8 @@
 Computes, for query i at absolute position p = q_offset + i and key j at s = k_offset + j,
 visible(i, j) = lo(p) <= s <= hi(p) and j < key_lengths[b], lo and hi those of the
 pyencoder.IntervalMask whose ints (block, lo_off, hi_off) the registered op passes (pyencoder/mask.py
-holds the formula), with RoPE (inv_freq, NeoX or interleaved, partial rotary) applied to q and k at their absolute
+holds the formula; a frame-rate mask also passes its key block ``kb``, the keyword every entry point
+below takes: base(p) = (p // block) * kb), with RoPE (inv_freq, NeoX or interleaved, partial rotary) applied to q and k at their absolute
 positions, softmax(scale * q k^T) over visible keys, and the zero-row rule (no visible key: output 0,
 lse = -inf, zero gradient).
 
