@@ -28,8 +28,8 @@ Matrices (``--matrix`` or ``PYENCODER_COMPILE_MATRIX``):
   the default (untimed) tiles: attention bf16 head_dim 128 partial RoPE, fp32 head_dim 32 NeoX in
   the RoPE-table mode, fp16 head_dim 64 interleaved unbounded; one conv case per dtype (fp16
   depthwise with state and update, bf16 grouped, fp32 strided channels-last), one ConvNeXt and one
-  decode case per dtype, and one frame-rate mask case (fp16, K_BLOCK=3) of the three attention
-  kernels: 58 launch variants, 92 compiles.
+  decode case per dtype: 55 launch variants, 86 compiles; plus one frame-rate mask case (fp16,
+  K_BLOCK=3) of the three attention kernels, 3 more variants per target.
 - ``quick``: every config of every launcher list at the shapes that need the most shared memory
   and registers (head_dim 128 with partial RoPE for attention, widest conv tiles) in each element
   size, plus one case per remaining code path; the attention RoPE table mode
