@@ -34,6 +34,9 @@ Results (sm_90, quick matrix; attention fwd/dq/dk-dv and the decode kernel, 2 sh
   reorders its code (the shared helper returns the angles).
 - relative-position bias (HAS_BIAS constexpr off): every variant identical to the deduplicated
   kernels.
+- frame-rate masks (issue 15 item 3, constexpr K_BLOCK, None when off; sample matrix, sm_90,
+  attention kernels): the 12 band/chunked launch variants are identical before and after; the 3
+  frame-mask variants (K_BLOCK=3) are new.
 """
 import argparse
 import hashlib

@@ -28,7 +28,8 @@ Matrices (``--matrix`` or ``PYENCODER_COMPILE_MATRIX``):
   the default (untimed) tiles: attention bf16 head_dim 128 partial RoPE, fp32 head_dim 32 NeoX in
   the RoPE-table mode, fp16 head_dim 64 interleaved unbounded; one conv case per dtype (fp16
   depthwise with state and update, bf16 grouped, fp32 strided channels-last), one ConvNeXt and one
-  decode case per dtype: 55 launch variants, 86 compiles.
+  decode case per dtype: 55 launch variants, 86 compiles; plus one frame-rate mask case (fp16,
+  K_BLOCK=3) of the three attention kernels, 3 more variants per target.
 - ``quick``: every config of every launcher list at the shapes that need the most shared memory
   and registers (head_dim 128 with partial RoPE for attention, widest conv tiles) in each element
   size, plus one case per remaining code path; the attention RoPE table mode
@@ -215,6 +216,17 @@ def _run_attention(rec, matrix):
                             A.backward(out, q, k, v, out, lse, inv, *mask, True)
                     finally:
                         A._default_configs = default_configs
+        # a frame-rate (cross-attention) mask: the same kernels with the constexpr K_BLOCK
+        # (query blocks of 16 positions see key frames of 3: 16:3), Nq != Nk
+        q = torch.randn(2, 4, 48, 64, dtype=torch.float16)
+        k = torch.randn(2, 2, 21, 64, dtype=torch.float16)
+        inv = torch.rand(32)
+        mask = (torch.tensor([21, 17], dtype=torch.int32), 16, 3, 5, 0, 0, 0.125, False)
+        rec.case = "fp16 D64 rope=neox frames 16:3"
+        rec.all_configs = False
+        with _env(PYENCODER_ROPE_TABLE="0", PYENCODER_TRITON_AUTOTUNE="0"):
+            out, lse = A.forward(q, k, k, inv, *mask, kb=3)
+            A.backward(out, q, k, k, out, lse, inv, *mask, True, kb=3)
     rec.targets = tuple(TARGETS)
 
 
@@ -604,6 +616,12 @@ if pytest is not None and __name__ != "__main__":
                      "_causal_conv1d_grp_bwd_dw_kernel", "_convnext_dwconv_ln_fwd_kernel",
                      "_decode_attention_fwd_kernel"):
             assert name in kernels
+        # the frame-rate mask variant (constexpr K_BLOCK) of each attention kernel, per target
+        frames = {(r["kernel"], r["target"]) for r in results if "frames" in r["case"]}
+        assert frames == {(k, t) for k in ("_interval_attention_fwd_kernel",
+                                            "_interval_attention_bwd_dq_kernel",
+                                            "_interval_attention_bwd_dkdv_kernel")
+                          for t in TARGETS}
 
     @_needs_triton
     @pytest.mark.compile_full

@@ -3,6 +3,7 @@
 Computes, for query i (absolute position p = q_offset + i) and key j (s = k_offset + j),
 
     base(p) = (p // block) * block,  lo(p) = base(p) - lo_off (lo_off < 0: -inf),  hi(p) = base(p) + hi_off
+(a frame-rate mask, constexpr K_BLOCK not None: base(p) = (p // block) * K_BLOCK, see _key_block)
     visible(i, j) = lo(p) <= s <= hi(p)  and  j < key_lengths[b]
     out_i = softmax_j(scale * rope(q_i, p) . rope(k_j, s))  @ v        (visible j only)
 
@@ -144,9 +145,21 @@ def _scores(xa, xb, xc, ya, yb, yc, acc, HAS_ROPE: tl.constexpr, HAS_PASS: tl.co
 
 
 @triton.jit
-def _visible(rows_pos, cols, cols_pos, nk_b, block, lo_off, hi_off, LO_BOUNDED: tl.constexpr):
+def _key_block(block, K_BLOCK: tl.constexpr):
+    """The key side's block: ``block`` itself (K_BLOCK None, every band and chunked mask: the
+    same code as before frame masks existed) or the constexpr K_BLOCK of a frame-rate mask, where
+    base(p) = (p // block) * K_BLOCK (query and key positions in their own units)."""
+    kblock = block
+    if K_BLOCK is not None:
+        kblock = block * 0 + K_BLOCK
+    return kblock
+
+
+@triton.jit
+def _visible(rows_pos, cols, cols_pos, nk_b, block, kblock, lo_off, hi_off,
+             LO_BOUNDED: tl.constexpr):
     """Elementwise (rows, cols) visibility."""
-    base = (rows_pos // block) * block
+    base = (rows_pos // block) * kblock
     vis = (cols_pos[None, :] <= (base + hi_off)[:, None]) & (cols < nk_b)[None, :]
     if LO_BOUNDED:
         vis = vis & (cols_pos[None, :] >= (base - lo_off)[:, None])
@@ -197,9 +210,10 @@ def _groups_nan_rows(poison, xa, xb, xc):
 
 
 @triton.jit
-def _rows_see_keys(q_pos, rmask, nk_b, block, lo_off, hi_off, k_offset, LO_BOUNDED: tl.constexpr):
+def _rows_see_keys(q_pos, rmask, nk_b, block, kblock, lo_off, hi_off, k_offset,
+                   LO_BOUNDED: tl.constexpr):
     """(rows,) bool: the query row has at least one visible key."""
-    base = (q_pos // block) * block
+    base = (q_pos // block) * kblock
     last = tl.minimum(base + hi_off - k_offset, nk_b - 1)
     first = 0
     if LO_BOUNDED:
@@ -238,7 +252,7 @@ def _query_program(Q, K, V, Hq, GROUP, stride_qb, stride_qh, stride_kb, stride_k
 
 
 @triton.jit
-def _query_tile(pid_m, b, Nq, Nk, KLEN, block, lo_off, hi_off, q_offset, k_offset,
+def _query_tile(pid_m, b, Nq, Nk, KLEN, block, kblock, lo_off, hi_off, q_offset, k_offset,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LO_BOUNDED: tl.constexpr,
                 HAS_KLEN: tl.constexpr):
     """Query tile pid_m of batch b: its rows, row mask, absolute positions, the batch's key count
@@ -253,8 +267,8 @@ def _query_tile(pid_m, b, Nq, Nk, KLEN, block, lo_off, hi_off, q_offset, k_offse
 
     p_first = q_offset + i0
     p_last = q_offset + tl.minimum(i0 + BLOCK_M, Nq) - 1
-    base_first = (p_first // block) * block
-    base_last = (p_last // block) * block
+    base_first = (p_first // block) * kblock
+    base_last = (p_last // block) * kblock
     end = tl.minimum(nk_b, base_last + hi_off - k_offset + 1)
     hi_full = base_first + hi_off - k_offset + 1
     first = 0
@@ -289,7 +303,7 @@ def _fwd_block(acc, l_i, m_i, q3, kv, rope, win, j0, q_pos, nk_b, D, qk_scale,
                DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
     qa, qb, qc = q3
     k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd = kv
-    block, lo_off, hi_off, q_offset, k_offset = win
+    block, lo_off, hi_off, q_offset, k_offset, kblock = win
     cols = j0 + tl.arange(0, BLOCK_N)
     cmask = cols < nk_b
     k_pos = k_offset + cols
@@ -303,7 +317,7 @@ def _fwd_block(acc, l_i, m_i, q3, kv, rope, win, j0, q_pos, nk_b, D, qk_scale,
     if MASKED:
         # keys with a non-finite k or v: NaN score where visible, v row zeroed for the p @ v dot
         kv0 = _groups_poison(ka, kb, kc, _row_poison(v), HAS_ROPE, HAS_PASS)
-        vis = _visible(q_pos, cols, k_pos, nk_b, block, lo_off, hi_off, LO_BOUNDED)
+        vis = _visible(q_pos, cols, k_pos, nk_b, block, kblock, lo_off, hi_off, LO_BOUNDED)
         s = tl.where(vis, s + kv0[None, :], float("-inf"))
         v = _zero_nonfinite(v)
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -350,17 +364,20 @@ def _interval_attention_fwd_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr,
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
-        HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
+        HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr,
+        K_BLOCK: tl.constexpr = None):
+    kblock = _key_block(block, K_BLOCK)
     pid_m, bh, b, h, q_base, k_base, v_base = _query_program(
         Q, K, V, Hq, GROUP, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh)
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
 
     rows, rmask, q_pos, nk_b, start, a, bb, end_r = _query_tile(
-        pid_m, b, Nq, Nk, KLEN, block, lo_off, hi_off, q_offset, k_offset, BLOCK_M, BLOCK_N,
+        pid_m, b, Nq, Nk, KLEN, block, kblock, lo_off, hi_off, q_offset, k_offset, BLOCK_M,
+        BLOCK_N,
         LO_BOUNDED, HAS_KLEN)
     rope = (INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS)
     kv = (k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd)
-    win = (block, lo_off, hi_off, q_offset, k_offset)
+    win = (block, lo_off, hi_off, q_offset, k_offset, kblock)
 
     qa, qb, qc = _load_qk(q_base, rows, rmask, stride_qn, stride_qd, q_pos, rope, BLOCK_R,
                           BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED, ROPE_TABLE)
@@ -384,7 +401,8 @@ def _interval_attention_fwd_kernel(
     # sees a key
     rz = _row_poison(acc) + l_i * 0.0
     qz = _groups_poison(qa, qb, qc, tl.zeros([BLOCK_M], dtype=tl.float32), HAS_ROPE, HAS_PASS)
-    sees = _rows_see_keys(q_pos, rmask, nk_b, block, lo_off, hi_off, k_offset, LO_BOUNDED)
+    sees = _rows_see_keys(q_pos, rmask, nk_b, block, kblock, lo_off, hi_off, k_offset,
+                          LO_BOUNDED)
     ok = (rz + tl.where(sees, qz, 0.0)) == 0.0
     out = tl.where(ok[:, None], out, float("nan"))
     lse = tl.where(ok, lse, float("nan"))
@@ -424,7 +442,7 @@ def _dq_block(dq3, q3, do, lse2, delta, kv, rope, win, j0, q_pos, nk_b, D, qk_sc
     dqc, dqa, dqb = dq3
     qa, qb, qc = q3
     k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd = kv
-    block, lo_off, hi_off, q_offset, k_offset = win
+    block, lo_off, hi_off, q_offset, k_offset, kblock = win
     cols = j0 + tl.arange(0, BLOCK_N)
     cmask = cols < nk_b
     k_pos = k_offset + cols
@@ -442,7 +460,7 @@ def _dq_block(dq3, q3, do, lse2, delta, kv, rope, win, j0, q_pos, nk_b, D, qk_sc
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
     if MASKED:
-        vis = _visible(q_pos, cols, k_pos, nk_b, block, lo_off, hi_off, LO_BOUNDED)
+        vis = _visible(q_pos, cols, k_pos, nk_b, block, kblock, lo_off, hi_off, LO_BOUNDED)
         ds = tl.where(vis, ds, 0.0)
     ds = ds.to(v.dtype)
     if HAS_PASS:
@@ -480,18 +498,21 @@ def _interval_attention_bwd_dq_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr,
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
-        HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
+        HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr,
+        K_BLOCK: tl.constexpr = None):
+    kblock = _key_block(block, K_BLOCK)
     pid_m, bh, b, h, q_base, k_base, v_base = _query_program(
         Q, K, V, Hq, GROUP, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh)
     do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
     dq_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
 
     rows, rmask, q_pos, nk_b, start, a, bb, end_r = _query_tile(
-        pid_m, b, Nq, Nk, KLEN, block, lo_off, hi_off, q_offset, k_offset, BLOCK_M, BLOCK_N,
+        pid_m, b, Nq, Nk, KLEN, block, kblock, lo_off, hi_off, q_offset, k_offset, BLOCK_M,
+        BLOCK_N,
         LO_BOUNDED, HAS_KLEN)
     rope = (INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS)
     kv = (k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd)
-    win = (block, lo_off, hi_off, q_offset, k_offset)
+    win = (block, lo_off, hi_off, q_offset, k_offset, kblock)
 
     q3 = _load_qk(q_base, rows, rmask, stride_qn, stride_qd, q_pos, rope, BLOCK_R, BLOCK_C,
                   HAS_ROPE, HAS_PASS, INTERLEAVED, ROPE_TABLE)
@@ -521,9 +542,10 @@ def _interval_attention_bwd_dq_kernel(
 
 
 @triton.jit
-def _visible_t(k_pos, kmask, q_pos, qmask, block, lo_off, hi_off, LO_BOUNDED: tl.constexpr):
+def _visible_t(k_pos, kmask, q_pos, qmask, block, kblock, lo_off, hi_off,
+               LO_BOUNDED: tl.constexpr):
     """Elementwise (keys, queries) visibility (transposed mask of the dk/dv kernel)."""
-    base = (q_pos // block) * block
+    base = (q_pos // block) * kblock
     vis = (k_pos[:, None] <= (base + hi_off)[None, :]) & kmask[:, None] & qmask[None, :]
     if LO_BOUNDED:
         vis = vis & (k_pos[:, None] >= (base - lo_off)[None, :])
@@ -539,7 +561,7 @@ def _dkdv_block_t(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, i0, Nq, D, qk_sca
     dkc, dka, dkb = dk3
     ka, kb, kc = k3
     q_base, do_base, LSE, DELTA, stride_qn, stride_qd, stride_don, stride_dod = qd
-    block, lo_off, hi_off, q_offset, k_offset = win
+    block, lo_off, hi_off, q_offset, k_offset, kblock = win
     rows = i0 + tl.arange(0, BLOCK_M)
     rmask = rows < Nq
     q_pos = q_offset + rows
@@ -561,7 +583,7 @@ def _dkdv_block_t(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, i0, Nq, D, qk_sca
                  HAS_ROPE, HAS_PASS, DOT_PREC) * qk_scale
     pt = tl.math.exp2(st - lse2[None, :])
     if MASKED:
-        vis = _visible_t(k_pos, kmask, q_pos, rmask, block, lo_off, hi_off, LO_BOUNDED)
+        vis = _visible_t(k_pos, kmask, q_pos, rmask, block, kblock, lo_off, hi_off, LO_BOUNDED)
         pt = tl.where(vis, pt + (delta * 0.0)[None, :], 0.0)
     dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -605,7 +627,9 @@ def _interval_attention_bwd_dkdv_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr,
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
-        HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
+        HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr,
+        K_BLOCK: tl.constexpr = None):
+    kblock = _key_block(block, K_BLOCK)
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // Hk
@@ -625,20 +649,20 @@ def _interval_attention_bwd_dkdv_kernel(
     s1 = k_offset + j_last
     # queries p with hi(p) >= s0 and lo(p) <= s1 can see a key of the block; every key of the
     # block is visible to p when hi(p) >= s0 + BLOCK_N - 1 and lo(p) <= s0 (and the block is full)
-    p_first = tl.cdiv(tl.maximum(s0 - hi_off, 0), block) * block
-    p_full_first = tl.cdiv(tl.maximum(s0 + BLOCK_N - 1 - hi_off, 0), block) * block
+    p_first = tl.cdiv(tl.maximum(s0 - hi_off, 0), kblock) * block
+    p_full_first = tl.cdiv(tl.maximum(s0 + BLOCK_N - 1 - hi_off, 0), kblock) * block
     i_end = Nq
     i_full_end = Nq
     if LO_BOUNDED:
-        i_end = tl.minimum(((s1 + lo_off) // block) * block + block - q_offset, Nq)
-        i_full_end = tl.minimum(((s0 + lo_off) // block) * block + block - q_offset, Nq)
+        i_end = tl.minimum(((s1 + lo_off) // kblock) * block + block - q_offset, Nq)
+        i_full_end = tl.minimum(((s0 + lo_off) // kblock) * block + block - q_offset, Nq)
     i_end = i_end * (j_last >= j0).to(tl.int32)
     i_full_end = i_full_end * (j0 + BLOCK_N <= nk_b).to(tl.int32)
     i_first = tl.maximum(p_first - q_offset, 0)
     i_full_first = tl.maximum(p_full_first - q_offset, 0)
     start, a, bb, end_r = _block_ranges(i_first, Nq, i_full_first, i_full_end, i_end, BLOCK_M)
     rope = (INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS)
-    win = (block, lo_off, hi_off, q_offset, k_offset)
+    win = (block, lo_off, hi_off, q_offset, k_offset, kblock)
 
     k3 = _load_qk(k_base, cols, kmask, stride_kn, stride_kd, k_pos, rope, BLOCK_R, BLOCK_C,
                   HAS_ROPE, HAS_PASS, INTERLEAVED, ROPE_TABLE)

@@ -3,6 +3,7 @@ init_state / step / flush (see pyencoder.streaming)."""
 from .rotary import RotaryEmbedding
 from .attention import AttentionState, BandedSelfAttention, ChunkedSelfAttention
 from .relpos import RelPosAttentionState, WavLMSelfAttention
+from .cross_attention import CrossAttentionState, FrameCrossAttention
 from .conv import CausalConv1d, ConvState
 from .refiner import Refiner, RefinerState
 from .layer import AttentionAdapter, FeedForward, LayerState, TransformerLayer
@@ -12,7 +13,8 @@ from .norm import RunningGroupNorm, RunningNormState
 from ..streaming.sequential import StreamingSequential
 
 __all__ = ["RotaryEmbedding", "BandedSelfAttention", "ChunkedSelfAttention", "AttentionState",
-           "WavLMSelfAttention", "RelPosAttentionState",
+           "WavLMSelfAttention", "RelPosAttentionState", "FrameCrossAttention",
+           "CrossAttentionState",
            "CausalConv1d", "ConvState", "Refiner", "RefinerState", "TransformerLayer",
            "FeedForward", "LayerState", "Linear", "LinearView", "Transpose", "RunningGroupNorm", "RunningNormState",
            "StreamingSequential", "AttentionAdapter"]

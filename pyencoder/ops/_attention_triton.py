@@ -380,9 +380,18 @@ def supports_forward(q, k, v, inv_freq=None, key_lengths=None, block=1, lo_off=-
     return _common_reason(q, k, v, inv_freq, q_offset, k_offset)
 
 
+def _frame_const(consts, block, kb):
+    """A frame-rate mask (key block kb != block) adds the constexpr K_BLOCK; every other mask
+    launches exactly the kernels it always did (K_BLOCK keeps its default None)."""
+    if kb is not None and kb != block:
+        consts = dict(consts, K_BLOCK=int(kb))
+    return consts
+
+
 def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
-            interleaved, sink=0):
-    """Returns (out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32)."""
+            interleaved, sink=0, kb=None):
+    """Returns (out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32). ``kb``: the key-side
+    block of a frame-rate mask (None: block)."""
     reason = supports_forward(q, k, v, inv_freq, q_offset=q_offset, k_offset=k_offset, sink=sink)
     if reason is not None:
         raise ValueError(f"pyencoder triton attention: {reason}")
@@ -395,18 +404,19 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
     half, rot, npass = _rope_split(inv_freq, D)
     freq, klen = _aux(q, inv_freq, key_lengths)
     cos, sin, tab_base, table = _rope_tables(q, inv_freq, Nq, Nk, q_offset, k_offset)
-    consts = _consts(q, D, half, npass, lo_off, key_lengths, interleaved, table)
+    consts = _frame_const(_consts(q, D, half, npass, lo_off, key_lengths, interleaved, table),
+                          block, kb)
     args = (q, k, v, out, lse, freq, cos, sin, klen,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             Hq, Hq // Hk, Nq, Nk, D, half, rot, npass,
             block, lo_off, hi_off, q_offset, k_offset, tab_base, float(scale) * _LOG2E,
-            _window_key(block, lo_off, hi_off, Nk))
+            _window_key(block if kb is None else kb, lo_off, hi_off, Nk))
     _launch("fwd", lambda bm, bn: (_cdiv(Nq, bm), B * Hq), args, consts)
     return out, lse
 
 
 def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-             k_offset, scale, interleaved, deterministic=True, sink=0):
+             k_offset, scale, interleaved, deterministic=True, sink=0, kb=None):
     """Returns (dq, dk, dv) in the dtypes of q, k, v. Always deterministic (no atomics);
     ``deterministic=True`` also pins the tile config (no autotuning)."""
     reason = supports_forward(q, k, v, inv_freq, q_offset=q_offset, k_offset=k_offset, sink=sink)
@@ -426,14 +436,15 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
     half, rot, npass = _rope_split(inv_freq, D)
     freq, klen = _aux(q, inv_freq, key_lengths)
     cos, sin, tab_base, table = _rope_tables(q, inv_freq, Nq, Nk, q_offset, k_offset)
-    consts = _consts(q, D, half, npass, lo_off, key_lengths, interleaved, table)
+    consts = _frame_const(_consts(q, D, half, npass, lo_off, key_lengths, interleaved, table),
+                          block, kb)
     delta = _new((B, Hq, Nq), q, torch.float32)
     pre, pre_cfg, _ = _kernel("pre")
     bm = pre_cfg.kwargs["BLOCK_M"]
     launch(pre)[(_cdiv(Nq, bm), B * Hq)](out, dout, delta, *out.stride(), *dout.stride(), Hq,
                                          Nq, D, BLOCK_M=bm, BLOCK_DV=max(16, _next_pow2(D)),
                                          num_warps=4)
-    win = _window_key(block, lo_off, hi_off, Nk)
+    win = _window_key(block if kb is None else kb, lo_off, hi_off, Nk)
     common = (Nq, Nk, D, half, rot, npass, block, lo_off, hi_off, q_offset, k_offset, tab_base,
               float(scale), float(scale) * _LOG2E, win)
     args = (q, k, v, dout, dq, lse, delta, freq, cos, sin, klen,

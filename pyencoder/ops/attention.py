@@ -26,7 +26,8 @@ from ._autograd import forbid_double_backward
 from ._checks import (MAX_POSITION, check_float_dtype, check_int, check_lengths, check_same,
                       check_scale, check_tensor)
 
-__all__ = ["banded_attention", "chunked_attention", "interval_attention", "band_params",
+__all__ = ["banded_attention", "chunked_attention", "interval_attention", "cross_attention",
+           "band_params",
            "chunked_params"]
 
 _backend.register("attention", reference=_reference, triton=_triton)
@@ -203,3 +204,100 @@ def chunked_attention(q, k, v, *, chunk_size, left_chunks, lookahead=0, rope=Non
     return interval_attention(q, k, v, mask=mask, rope=rope,
                               key_lengths=key_lengths, q_offset=q_offset, k_offset=k_offset,
                               scale=scale, backend=backend)
+
+
+# ---- frame-rate (cross-attention) masks: IntervalMask with k_block != block ---------------------
+# A separate op pair carries the key side's block as a fourth mask int, so the band and chunked
+# ops above keep their schema and kernels; masks with k_block == block never reach it.
+
+@torch.library.custom_op("pyencoder::frame_attention", mutates_args=())
+def _frame_attention_op(q: Tensor, k: Tensor, v: Tensor, inv_freq: Optional[Tensor],
+                        key_lengths: Optional[Tensor], block: int, lo_off: int, hi_off: int,
+                        q_offset: int, k_offset: int, scale: float, interleaved: bool,
+                        k_block: int, backend: str) -> Tuple[Tensor, Tensor]:
+    fwd = _backend.get_entry("attention", backend, "forward")
+    out, lse = fwd(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
+                   scale, interleaved, kb=k_block)
+    return out, lse
+
+
+@_frame_attention_op.register_fake
+def _(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
+      interleaved, k_block, backend):
+    B, Hq, Nq, _ = q.shape
+    lse_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(B, Hq, Nq, v.shape[-1]), q.new_empty(B, Hq, Nq, dtype=lse_dt)
+
+
+@torch.library.custom_op("pyencoder::frame_attention_backward", mutates_args=())
+def _frame_attention_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                            lse: Tensor, inv_freq: Optional[Tensor],
+                            key_lengths: Optional[Tensor], block: int, lo_off: int, hi_off: int,
+                            q_offset: int, k_offset: int, scale: float, interleaved: bool,
+                            k_block: int, backend: str,
+                            deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    bwd = _backend.get_entry("attention", backend, "backward")
+    return bwd(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
+               k_offset, scale, interleaved, deterministic, kb=k_block)
+
+
+@_frame_attention_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
+      scale, interleaved, k_block, backend, deterministic):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _frame_setup_context(ctx, inputs, output):
+    q, k, v, inv_freq, key_lengths = inputs[:5]
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, inv_freq, key_lengths)
+    ctx.params = tuple(inputs[5:13])
+    ctx.backend = inputs[13]
+
+
+def _frame_backward(ctx, dout, dlse):
+    q, k, v, out, lse, inv_freq, key_lengths = ctx.saved_tensors
+    dq, dk, dv = _frame_attention_bwd_op(dout.contiguous(), q, k, v, out, lse, inv_freq,
+                                         key_lengths, *ctx.params, ctx.backend,
+                                         deterministic_backward())
+    return (dq, dk, dv) + (None,) * 11
+
+
+_frame_attention_op.register_autograd(_frame_backward, setup_context=_frame_setup_context)
+forbid_double_backward(_frame_attention_bwd_op, "frame-rate attention")
+
+
+def cross_attention(q, k, v, *, mask, rope=None, key_lengths=None, q_offset=0, k_offset=0,
+                    scale=None, backend=None, return_lse=False):
+    """Interval attention from one stream's queries to another stream's keys and values, at their
+    own rates: ``mask`` any ``pyencoder.IntervalMask``, typically ``IntervalMask.frames(q_frame,
+    k_frame, left, right)`` (query frame f = p // q_frame sees key frames [f - left, f + right])
+    or ``IntervalMask.frame_chunked(...)``. q (B, Hq, Nq, D), k and v (B, Hk, Nk, D) with Nq and
+    Nk independent; positions p = q_offset + i and s = k_offset + j are each in their own side's
+    units, and ``rope`` (optional) rotates q and k at those positions. ``key_lengths`` (B,) as in
+    ``interval_attention``. A mask with k_block == block runs exactly ``interval_attention``
+    (same op, same kernels); a frame mask runs the op pair ``pyencoder::frame_attention``, whose
+    backends (reference, triton: the same kernels with the constexpr K_BLOCK) take the key block
+    as a fourth mask int. Backend choice as everywhere (``backend=``, ``use_backend``, env,
+    auto)."""
+    if not isinstance(mask, IntervalMask):
+        raise TypeError(f"mask must be a pyencoder.IntervalMask; got {type(mask).__name__} "
+                        f"{mask!r}")
+    if not mask.is_frame:
+        return interval_attention(q, k, v, mask=mask, rope=rope, key_lengths=key_lengths,
+                                  q_offset=q_offset, k_offset=k_offset, scale=scale,
+                                  backend=backend, return_lse=return_lse)
+    _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale)
+    block, k_block, lo_off, hi_off = mask.frame_params
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    inv_freq = None if rope is None else rope.inv_freq(q.device)
+    interleaved = False if rope is None else rope.interleaved
+    args = dict(q=q, k=k, v=v, inv_freq=inv_freq, key_lengths=key_lengths, block=block,
+                lo_off=lo_off, hi_off=hi_off, q_offset=q_offset, k_offset=k_offset, scale=scale,
+                interleaved=interleaved, k_block=k_block)
+    name = _backend.select("attention", "forward", q.device.type, args, backend)
+    if key_lengths is not None and key_lengths.dtype != torch.int32:
+        key_lengths = key_lengths.to(torch.int32)
+    out, lse = _frame_attention_op(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off,
+                                   q_offset, k_offset, scale, interleaved, k_block, name)
+    return (out, lse) if return_lse else out

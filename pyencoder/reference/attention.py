@@ -2,10 +2,11 @@
 
 Computes, for query i at absolute position p = q_offset + i and key j at s = k_offset + j,
 visible(i, j) = lo(p) <= s <= hi(p) and j < key_lengths[b], lo and hi those of the
-pyencoder.IntervalMask whose ints (block, lo_off, hi_off) the registered op passes
-(pyencoder/mask.py holds the formula), with RoPE (inv_freq, NeoX or interleaved, partial rotary)
-applied to q and k at their absolute positions, softmax(scale * q k^T) over visible keys, and the
-zero-row rule (no visible key: output 0, lse = -inf, zero gradient).
+pyencoder.IntervalMask whose ints (block, lo_off, hi_off) the registered op passes (pyencoder/mask.py
+holds the formula; a frame-rate mask also passes its key block ``kb``, the keyword every entry point
+below takes: base(p) = (p // block) * kb), with RoPE (inv_freq, NeoX or interleaved, partial rotary) applied to q and k at their absolute
+positions, softmax(scale * q k^T) over visible keys, and the zero-row rule (no visible key: output 0,
+lse = -inf, zero gradient).
 
 Algorithm: blocked over query tiles. A tile of queries only reads keys in
 [lo(first query), hi(last query)] (lo and hi are non-decreasing), so time and memory are O(N * W),
@@ -38,8 +39,8 @@ def _cdtype(dt):
     return torch.float64 if dt == torch.float64 else torch.float32
 
 
-def _bounds(p, block, lo_off, hi_off):
-    base = torch.div(p, block, rounding_mode="floor") * block
+def _bounds(p, block, lo_off, hi_off, kb=None):
+    base = torch.div(p, block, rounding_mode="floor") * (block if kb is None else kb)
     hi = base + hi_off
     if lo_off < 0:
         lo = torch.full_like(p, torch.iinfo(torch.int64).min // 4)
@@ -48,8 +49,8 @@ def _bounds(p, block, lo_off, hi_off):
     return lo, hi
 
 
-def _bound_scalar(p, block, lo_off, hi_off):
-    base = (p // block) * block
+def _bound_scalar(p, block, lo_off, hi_off, kb=None):
+    base = (p // block) * (block if kb is None else kb)
     return (None if lo_off < 0 else base - lo_off), base + hi_off
 
 
@@ -70,24 +71,25 @@ def _key_limit(key_lengths, nk):
     return int(min(nk, int(key_lengths.max().item()))) if key_lengths.numel() else 0
 
 
-def _tiles(nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset):
+def _tiles(nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset, kb=None):
     """Yield (i0, i1, j0, j1): query tile and the key range it can see (j1 > j0)."""
     tq = _tile_size(nq, block, lo_off, hi_off)
     for i0 in range(0, nq, tq):
         i1 = min(nq, i0 + tq)
-        lo, _ = _bound_scalar(q_offset + i0, block, lo_off, hi_off)
-        _, hi = _bound_scalar(q_offset + i1 - 1, block, lo_off, hi_off)
+        lo, _ = _bound_scalar(q_offset + i0, block, lo_off, hi_off, kb)
+        _, hi = _bound_scalar(q_offset + i1 - 1, block, lo_off, hi_off, kb)
         j0 = 0 if lo is None else max(0, lo - k_offset)
         j1 = min(nk_eff, hi - k_offset + 1)
         yield i0, i1, j0, j1
 
 
-def _tile_bias(i0, i1, j0, j1, block, lo_off, hi_off, q_offset, k_offset, g, dtype, device):
+def _tile_bias(i0, i1, j0, j1, block, lo_off, hi_off, q_offset, k_offset, g, dtype, device,
+               kb=None):
     """Additive (1, g*tq, tk) bias of the tile's positional mask (0 or -inf), or None when every
     query of the tile sees every key of the range."""
     p = torch.arange(q_offset + i0, q_offset + i1, device=device)
     s = torch.arange(k_offset + j0, k_offset + j1, device=device)
-    lo, hi = _bounds(p, block, lo_off, hi_off)
+    lo, hi = _bounds(p, block, lo_off, hi_off, kb)
     m = (s[None, :] >= lo[:, None]) & (s[None, :] <= hi[:, None])
     if bool(m.all()):
         return None
@@ -99,18 +101,20 @@ def _tile_bias(i0, i1, j0, j1, block, lo_off, hi_off, q_offset, k_offset, g, dty
 
 class _Biases:
     """_tile_bias memoised by what determines it: the tile's shape (tq, tk), the offset p0 - s0
-    of its first query and key and the first query's phase p0 % block (lo/hi of p0 + a minus
-    s0 depend on nothing else). Interior tiles of a band or chunked mask share one entry; at
-    most 8 are kept."""
+    of its first query's block base (p0 // block) * kb and its first key s0 and the first
+    query's phase p0 % block (lo/hi of p0 + a minus s0 depend on nothing else; kb is the key-side
+    frame of a frame mask, block otherwise). Interior tiles of a band or chunked mask share one
+    entry; at most 8 are kept."""
 
-    def __init__(self, block, lo_off, hi_off, q_offset, k_offset, g, dtype, device):
-        self.args = (block, lo_off, hi_off, q_offset, k_offset, g, dtype, device)
+    def __init__(self, block, lo_off, hi_off, q_offset, k_offset, g, dtype, device, kb=None):
+        self.args = (block, lo_off, hi_off, q_offset, k_offset, g, dtype, device, kb)
+        self.kb = block if kb is None else kb
         self.memo = {}
 
     def get(self, i0, i1, j0, j1):
         block, _, _, q_offset, k_offset = self.args[:5]
         p0, s0 = q_offset + i0, k_offset + j0
-        key = (i1 - i0, j1 - j0, p0 - s0, p0 % block)
+        key = (i1 - i0, j1 - j0, (p0 // block) * self.kb - s0, p0 % block)
         if key not in self.memo:
             if len(self.memo) >= 8:
                 self.memo.clear()
@@ -267,11 +271,11 @@ def nonfinite_rows(x):
 
 
 def visible_key_ranges(Nq, B, key_lengths, Nk, block, lo_off, hi_off, q_offset, k_offset,
-                       device):
+                       device, kb=None):
     """Keys j in [jlo[i], jhi[b, i]) are the ones query i of batch item b sees: jlo (Nq,),
     jhi (B, Nq) int64, empty when jhi <= jlo."""
     p = torch.arange(q_offset, q_offset + Nq, device=device)
-    lo, hi = _bounds(p, block, lo_off, hi_off)
+    lo, hi = _bounds(p, block, lo_off, hi_off, kb)
     jlo = (lo - k_offset).clamp_(0, Nk)
     lim = (torch.full((B,), Nk, dtype=torch.int64, device=device) if key_lengths is None
            else key_lengths.to(device=device, dtype=torch.int64).clamp(0, Nk))
@@ -313,12 +317,13 @@ def poisoned_rows(qbad, kvbad, ranges, Hq):
     return bad
 
 
-def keys_seen_by(rowbad, Hk, Nk, key_lengths, block, lo_off, hi_off, q_offset, k_offset):
+def keys_seen_by(rowbad, Hk, Nk, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
+                 kb=None):
     """(B, Hk, Nk) bool: key j of kv head hk is visible to a row with rowbad (B, Hq, Nq)."""
     B, Hq, Nq = rowbad.shape
     dev = rowbad.device
     p = torch.arange(q_offset, q_offset + Nq, device=dev)
-    lo, hi = _bounds(p, block, lo_off, hi_off)
+    lo, hi = _bounds(p, block, lo_off, hi_off, kb)
     s = torch.arange(k_offset, k_offset + Nk, device=dev)
     ia = torch.searchsorted(hi.contiguous(), s, right=False)
     ib = torch.searchsorted(lo.contiguous(), s, right=True)
@@ -335,23 +340,23 @@ def keys_seen_by(rowbad, Hk, Nk, key_lengths, block, lo_off, hi_off, q_offset, k
 
 
 def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
-            interleaved, sink=0):
+            interleaved, sink=0, kb=None):
     """Returns (out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32/float64); non-finite
     inputs poison the rows that see them (module docstring). On CPU the call runs with the thread
     count of pyencoder._cpu_threads (work size and machine load; one thread when busy)."""
     with threads_for(_flops(q, k, block, lo_off, hi_off, sink), q.device):
         return _forward_checked(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-                                k_offset, scale, interleaved, sink)
+                                k_offset, scale, interleaved, sink, kb)
 
 
 def _forward_checked(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
-                     scale, interleaved, sink=0):
+                     scale, interleaved, sink=0, kb=None):
     if all_finite(q, k, v):
         return _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-                        k_offset, scale, interleaved, sink)
+                        k_offset, scale, interleaved, sink, kb)
     B, Hq, Nq, _ = q.shape
     ranges = visible_key_ranges(Nq, B, key_lengths, k.shape[2], block, lo_off, hi_off, q_offset,
-                                k_offset, q.device)
+                                k_offset, q.device, kb)
     kvbad = nonfinite_rows(k) | nonfinite_rows(v)
     qbad = nonfinite_rows(q)
     bad = poisoned_rows(qbad, kvbad, ranges, Hq)
@@ -360,12 +365,12 @@ def _forward_checked(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_of
         bad |= _sink_poison(kvbad, nsb, Hq)[:, :, None] | (qbad & (nsb > 0)[:, None, None])
     out, lse = _forward(finite_or_zero(q), finite_or_zero(k), finite_or_zero(v), inv_freq,
                         key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale, interleaved,
-                        sink)
+                        sink, kb)
     return out.masked_fill_(bad[..., None], float("nan")), lse.masked_fill_(bad, float("nan"))
 
 
 def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
-             interleaved, sink=0):
+             interleaved, sink=0, kb=None):
     """forward() for finite inputs. Working memory beyond the output is O(tile * W): q is rotated
     tile by tile and k block by block (each exactly once), never as whole rotated copies."""
     B, Hq, Nq, D = q.shape
@@ -375,7 +380,7 @@ def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_
     cdt = _cdtype(q.dtype)
     keys = _RotatedKeys(k, k_offset, inv_freq, interleaved, cdt)
     queries = _RotatedKeys(q, q_offset, inv_freq, interleaved, cdt)   # same lazy blocks for q
-    biases = _Biases(block, lo_off, hi_off, q_offset, k_offset, g, cdt, q.device)
+    biases = _Biases(block, lo_off, hi_off, q_offset, k_offset, g, cdt, q.device, kb)
     vc = v.to(cdt).reshape(B * Hk, Nk, Dv)
     out = torch.zeros(B, Hk, g, Nq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.full((B, Hk, g, Nq), _NEG_INF, dtype=cdt, device=q.device)
@@ -384,7 +389,7 @@ def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_
     ns = _sink_keys(k_offset, sink, nk_eff)
     if ns:
         sink_k = _rotate(k[:, :, :ns], k_offset, inv_freq, interleaved, cdt).reshape(B * Hk, ns, D)
-    for i0, i1, j0, j1 in _tiles(Nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset):
+    for i0, i1, j0, j1 in _tiles(Nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset, kb):
         js, j0, j1 = _sink_split(j0, j1, ns)
         if j1 <= j0 and js == 0:
             continue
@@ -413,23 +418,23 @@ def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_
 
 
 def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-             k_offset, scale, interleaved, deterministic=True, sink=0):
+             k_offset, scale, interleaved, deterministic=True, sink=0, kb=None):
     """Returns (dq, dk, dv) in the dtypes of q, k, v; NaN rows as in the module docstring. Thread
     count as in forward."""
     with threads_for(2.5 * _flops(q, k, block, lo_off, hi_off, sink), q.device):
         return _backward_checked(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off,
-                                 hi_off, q_offset, k_offset, scale, interleaved, sink)
+                                 hi_off, q_offset, k_offset, scale, interleaved, sink, kb)
 
 
 def _backward_checked(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off,
-                      q_offset, k_offset, scale, interleaved, sink=0):
+                      q_offset, k_offset, scale, interleaved, sink=0, kb=None):
     if all_finite(dout, q, k, v) and not bool(torch.isnan(lse).any()):
         return _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off,
-                         q_offset, k_offset, scale, interleaved, None, sink)
+                         q_offset, k_offset, scale, interleaved, None, sink, kb)
     B, Hq, Nq, _ = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     jlo, jhi = visible_key_ranges(Nq, B, key_lengths, Nk, block, lo_off, hi_off, q_offset,
-                                  k_offset, q.device)
+                                  k_offset, q.device, kb)
     sees = (jhi > jlo[None, :])[:, None, :]
     nsb = _sink_counts(B, key_lengths, Nk, k_offset, sink, q.device)
     if nsb is not None:
@@ -438,8 +443,9 @@ def _backward_checked(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_
     dq, dk, dv = _backward(finite_or_zero(dout), finite_or_zero(q), finite_or_zero(k),
                            finite_or_zero(v), finite_or_zero(out), lse, inv_freq, key_lengths,
                            block, lo_off, hi_off, q_offset, k_offset, scale, interleaved, rowbad,
-                           sink)
-    colbad = keys_seen_by(rowbad, Hk, Nk, key_lengths, block, lo_off, hi_off, q_offset, k_offset)
+                           sink, kb)
+    colbad = keys_seen_by(rowbad, Hk, Nk, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
+                          kb)
     if nsb is not None:
         anybad = rowbad.view(B, Hk, Hq // Hk, Nq).any(-1).any(-1)             # (B, Hk)
         insink = torch.arange(Nk, device=q.device)[None, :] < nsb[:, None]    # (B, Nk)
@@ -450,7 +456,7 @@ def _backward_checked(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_
 
 
 def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-              k_offset, scale, interleaved, rowbad, sink=0):
+              k_offset, scale, interleaved, rowbad, sink=0, kb=None):
     """backward() for finite inputs; rows with rowbad (B, Hq, Nq) (or None) take no part."""
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
@@ -469,9 +475,9 @@ def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_
     dv = torch.zeros(B * Hk, Nk, Dv, dtype=cdt, device=q.device)
     nk_eff = _key_limit(key_lengths, Nk)
     min_len = _min_len(key_lengths, Nk)
-    biases = _Biases(block, lo_off, hi_off, q_offset, k_offset, g, cdt, q.device)
+    biases = _Biases(block, lo_off, hi_off, q_offset, k_offset, g, cdt, q.device, kb)
     ns = _sink_keys(k_offset, sink, nk_eff)
-    for i0, i1, j0, j1 in _tiles(Nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset):
+    for i0, i1, j0, j1 in _tiles(Nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset, kb):
         js, j0, j1 = _sink_split(j0, j1, ns)
         if j1 <= j0 and js == 0:
             continue

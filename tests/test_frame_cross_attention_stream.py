@@ -1,0 +1,113 @@
+"""pyencoder.nn.FrameCrossAttention (issue 15 item 3): offline forward against a plain-torch
+composition over the dense float64 oracle; streaming == offline over random chunkings of both
+streams (chunked independently), for frame ratios 1:1, 1:2, 2:1, 16:3, the chunked form,
+unbounded history and RoPE; a query frame is emitted exactly when the keys it needs have arrived
+(latency); state round trip and refusals."""
+import random
+
+import pytest
+import torch
+
+from pyencoder import IntervalMask
+from pyencoder.nn import CrossAttentionState, FrameCrossAttention
+
+from oracle import dense_attention
+
+MASKS = [IntervalMask.frames(1, 1, 2, 1), IntervalMask.frames(1, 2, 1, 1, 1),
+         IntervalMask.frames(2, 1, 2, 0), IntervalMask.frames(16, 3, 1, 0, 2),
+         IntervalMask.frame_chunked(2, 3, 2, 1, 1), IntervalMask.frames(3, 2, None, 1)]
+
+
+def _chunks(rng, T):
+    out, t = [], 0
+    while t < T:
+        c = rng.randint(0, min(T - t, 9))
+        out.append(c)
+        t += c
+    return out
+
+
+def _stream(m, xq, xkv, rng):
+    """Feed both streams in independent random chunkings, interleaved at random; returns the
+    concatenated outputs and the per-step (queries fed, keys fed, emitted) log."""
+    state = m.init_state(xq.shape[0])
+    cq, ck = _chunks(rng, xq.shape[1]), _chunks(rng, xkv.shape[1])
+    n = max(len(cq), len(ck))
+    cq += [0] * (n - len(cq))
+    ck += [0] * (n - len(ck))
+    outs, log, tq, tk = [], [], 0, 0
+    for a, b in zip(cq, ck):
+        xa = xq[:, tq:tq + a] if rng.random() < 0.8 or a else None
+        xb = xkv[:, tk:tk + b] if rng.random() < 0.8 or b else None
+        y, state = m.step(xa, xb, state)
+        tq, tk = tq + a, tk + b
+        outs.append(y)
+        log.append((tq, tk, int(state.out_lengths[0])))
+    y, state = m.flush(state)
+    outs.append(y)
+    return torch.cat(outs, 1), log
+
+
+@pytest.mark.parametrize("mask", MASKS, ids=repr)
+def test_stream_equals_offline_over_random_chunkings(mask):
+    rng = random.Random(torch.randint(1 << 30, ()).item())
+    torch.manual_seed(rng.randint(0, 1 << 30))
+    m = FrameCrossAttention(16, 2, mask=mask, kv_dim=12, rope=rng.choice([False, True]))
+    for _ in range(4):
+        Tq, Tk = rng.randint(1, 40), rng.randint(1, 40)
+        xq, xkv = torch.randn(2, Tq, 16), torch.randn(2, Tk, 12)
+        ref = m(xq, xkv)
+        got, log = _stream(m, xq, xkv, rng)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        # emission: after a step with tq queries and tk keys fed, exactly the queries p < tq with
+        # last_key(p) < tk have come out (a query waits for its keys, and no longer)
+        done = 0
+        for tq, tk, e in log:
+            ready = sum(1 for p in range(tq) if m.last_key(p) < tk)
+            assert done + e == ready, (mask, tq, tk, done, e)
+            done += e
+
+
+def test_offline_matches_dense_float64_oracle_and_latency():
+    torch.manual_seed(0)
+    mask = IntervalMask.frames(1, 2, 1, 1, 1)   # 25 fps queries, 50 Hz keys
+    m = FrameCrossAttention(8, 2, mask=mask, kv_dim=6, rope=False).double()
+    xq, xkv = torch.randn(1, 7, 8, dtype=torch.float64), torch.randn(1, 15, 6,
+                                                                      dtype=torch.float64)
+    lengths = torch.tensor([12])
+    q = m.q_proj(xq).view(1, 7, 2, 4).transpose(1, 2)
+    k = m.k_proj(xkv).view(1, 15, 2, 4).transpose(1, 2)
+    v = m.v_proj(xkv).view(1, 15, 2, 4).transpose(1, 2)
+    vis = torch.zeros(1, 1, 7, 15, dtype=torch.bool)
+    for f in range(7):
+        for s in range(15):
+            vis[0, 0, f, s] = (f - 1 <= s // 2 <= f + 1 or s == 2 * (f + 2)) and s < 12
+    o = dense_attention(q, k, v, vis)
+    ref = m.out_proj(o.transpose(1, 2).reshape(1, 7, 8))
+    torch.testing.assert_close(m(xq, xkv, key_lengths=lengths), ref, rtol=1e-10, atol=1e-10)
+    # query frame f waits for key frame f + 1 (right) and one more key (extra): 2 * 1 + 1 keys
+    # past the end of its own key frame
+    assert m.latency() == 3 and m.hop == 1 and m.lookahead == 0
+    assert [m.last_key(p) for p in range(3)] == [4, 6, 8]
+
+
+def test_state_round_trip_and_refusals():
+    torch.manual_seed(1)
+    m = FrameCrossAttention(8, 2, mask=IntervalMask.frames(2, 1, 1, 0), rope=True)
+    xq, xkv = torch.randn(1, 10, 8), torch.randn(1, 6, 8)
+    st = m.init_state(1)
+    y1, st = m.step(xq[:, :5], xkv[:, :2], st)
+    saved = st.state_dict()
+    st2 = m.init_state(1)
+    st2.load_state_dict(saved)
+    a, _ = m.step(xq[:, 5:], xkv[:, 2:], st)
+    b, _ = m.step(xq[:, 5:], xkv[:, 2:], st2)
+    assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="mask must be a pyencoder.IntervalMask"):
+        FrameCrossAttention(8, 2, mask=(2, 1, 1, 0))
+    with pytest.raises(ValueError, match="batch size"):
+        m.step(torch.randn(2, 1, 8), None, m.init_state(1))
+    other = FrameCrossAttention(8, 2, mask=IntervalMask.frames(1, 2, 1, 0))
+    with pytest.raises(ValueError, match="state was made by"):
+        other.step(None, None, m.init_state(1))
+    assert isinstance(st, CrossAttentionState)
