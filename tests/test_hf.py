@@ -169,10 +169,11 @@ def _rotate64(x, positions, rope):
 def _dense_visible(spec, n, key_valid):
     p = torch.arange(n)[:, None]
     s = torch.arange(n)[None, :]
-    base = (p // spec.block) * spec.block
-    vis = s <= base + spec.hi_off
-    if spec.lo_off >= 0:
-        vis = vis & (s >= base - spec.lo_off)
+    m = spec.mask
+    base = (p // m.block) * m.block
+    vis = s <= base + m.hi_off
+    if m.lo_off >= 0:
+        vis = vis & (s >= base - m.lo_off)
     return vis[None, None] & key_valid[:, None, None, :]
 
 

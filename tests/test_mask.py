@@ -127,6 +127,6 @@ def test_modules_and_hf_specs_carry_the_mask():
     specs = build_specs(3, 8, 2, None, "first", False, 4, 3)
     assert [s.mask for s in specs] == [IntervalMask.chunked(4, 3, 2)] + \
         [IntervalMask.chunked(4, 3, 0)] * 2
-    assert [s.lookahead for s in specs] == [2, 0, 0] and specs[0].left == 12
+    assert [s.mask.lookahead for s in specs] == [2, 0, 0] and specs[0].mask.left == 12
     specs = build_specs(2, 8, 3, 7, "all", False, None, None)
     assert [s.mask for s in specs] == [IntervalMask.band(7, 3)] * 2

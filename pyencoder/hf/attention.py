@@ -41,43 +41,10 @@ NAME = "pyencoder"
 @dataclass(frozen=True)
 class LayerSpec:
     """One layer's interval mask (a pyencoder.IntervalMask, formula in pyencoder/mask.py) and
-    rotary. The mask's derived values are read through: ``lookahead`` (the user's frames past the
-    query's own block: the band's right context, or the chunk's extra lookahead), ``left`` (None:
-    unbounded history), ``block``, ``lo_off``, ``hi_off``, ``lo(p)``, ``hi(p)``."""
+    rotary. Everything derived from the mask is read from it (``spec.mask.lookahead``: the user's
+    frames past the query's own block; ``spec.mask.hi(p)``, ...)."""
     mask: IntervalMask
     rope: Optional[Rope]
-
-    @property
-    def chunked(self):
-        return self.mask.block > 1
-
-    @property
-    def block(self):
-        return self.mask.block
-
-    @property
-    def lo_off(self):
-        return self.mask.lo_off
-
-    @property
-    def hi_off(self):
-        return self.mask.hi_off
-
-    @property
-    def lookahead(self):
-        return self.mask.lookahead
-
-    @property
-    def left(self):
-        return self.mask.left
-
-    def hi(self, p):
-        """Last absolute key position visible to query position p."""
-        return self.mask.hi(p)
-
-    def lo(self, p):
-        """First visible key position of query p (0 when unbounded)."""
-        return self.mask.lo(p)
 
 
 def key_lengths_from_mask(attention_mask, batch_size, kv_length):

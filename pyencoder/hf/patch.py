@@ -78,7 +78,7 @@ class PatchRecord:
 
     @property
     def per_layer_lookahead(self):
-        return [s.lookahead for s in self.specs]
+        return [s.mask.lookahead for s in self.specs]
 
 
 def base_model(model):
@@ -491,7 +491,7 @@ def _rows(base, specs):
     for i, (k, st) in enumerate(zip(base.config.conv_kernel, base.config.conv_stride)):
         rows.append((f"feature_extractor.conv_layers.{i}", "conv", st, k - st, None, 1))
     for i, sp in enumerate(specs):
-        rows.append((f"encoder.layers.{i}", "attention", 1, sp.hi_off, sp.hi, sp.block))
+        rows.append((f"encoder.layers.{i}", "attention", 1, sp.mask.hi_off, sp.mask.hi, sp.mask.block))
     for i, (k, st, p) in enumerate(adapter_geometry(base)):
         rows.append((f"adapter.layers.{i}", "conv adapter", st, k - p - st, None, 1))
     return rows

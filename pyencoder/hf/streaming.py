@@ -89,10 +89,10 @@ class StreamingEncoder(nn.Module):
             max_context=max_context, share_weights=True)
         for i, (layer, spec) in enumerate(zip(self.encoder.layers, rec.specs)):
             att = layer.attention
-            if (att.block, att.lo_off, att.hi_off) != (spec.block, spec.lo_off, spec.hi_off):
+            if (att.block, att.lo_off, att.hi_off) != spec.mask.params:
                 raise RuntimeError(f"layer {i}: the converted mask (block, lo_off, hi_off) = "
                                    f"{(att.block, att.lo_off, att.hi_off)} differs from the "
-                                   f"patch's {(spec.block, spec.lo_off, spec.hi_off)}")
+                                   f"patch's {spec.mask.params}")
 
     @property
     def attn(self):
