@@ -37,11 +37,14 @@ REPO = "huggingface/transformers"
 # path -> (commit of the stored version used, sha256 of the cached transcription)
 MODEL_FILES = {
     "tests/models/wav2vec2/test_modeling_wav2vec2.py": (
-        "01080c629600d4ff3121446bb4f4a2e240c2cf41", None),
+        "01080c629600d4ff3121446bb4f4a2e240c2cf41",
+        "189488298be906d9f19645feef046edc7565bfdd0bff01fa2d178af7659542b6"),
     "tests/models/hubert/test_modeling_hubert.py": (
-        "cf3811da3e3251612424e231720ec3263746aaf2", None),
+        "cf3811da3e3251612424e231720ec3263746aaf2",
+        "2615d4395441ec998b8c11466e33d0fbea9ab14851c6cca363a08a37f8746f14"),
     "tests/models/wavlm/test_modeling_wavlm.py": (
-        "08ace7414b4a9c387b49833857de1d5f7679ddbb", None),
+        "08ace7414b4a9c387b49833857de1d5f7679ddbb",
+        "92d9606f5cb369a074d8c16e7fe06c910d656236825b5b8d96a30927f4806e0d"),
 }
 # config_common_kwargs only, from this stored version (a 4.x one: the sdist lacks tests/utils/)
 CONFIG_UTILS = ("tests/utils/test_configuration_utils.py", "03c3b74168a3317deba1ca82822faf741c6b326d")
