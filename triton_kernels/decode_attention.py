@@ -1,5 +1,5 @@
 """Triton decode-step attention over a ring KV cache (semantics:
-pyencoder.streaming.ring.decode_attention_reference).
+pyencoder.reference.decode_attention.decode_attention_reference).
 
 For slot b, head h and pending query row i < q_count[b] at absolute position p = q_pos[b, i]:
 
@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from . import _interpreter  # noqa: F401  (TRITON_INTERPRET=1 compatibility fix)
+from ._rotary import _rope_angles
 
 
 @triton.jit
@@ -66,8 +67,7 @@ def _decode_attention_fwd_kernel(
             partner = tl.where(cols < half, cols + half, tl.where(in_rot, cols - half, cols))
             sign = tl.where(cols < half, -1.0, 1.0)
             fidx = tl.where(cols < half, cols, cols - half)
-        freq = tl.load(freq_ptr + fidx, mask=in_rot, other=0.0)
-        ang = pos.to(tl.float32)[:, None] * freq[None, :]
+        ang = _rope_angles(pos, freq_ptr, fidx, in_rot)
         qp = tl.load(qb + rows[:, None] * sqm + partner[None, :] * sqd, mask=m2,
                      other=0.0).to(tl.float32)
         rot = q * tl.cos(ang) + (sign[None, :] * qp) * tl.sin(ang)

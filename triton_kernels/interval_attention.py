@@ -56,6 +56,16 @@ need nothing: every row there sees every key, so the natural IEEE
 propagation reaches exactly the rows and keys that must be NaN, and the final check widens it to
 whole rows.
 
+Source layout: each kernel walks its block ranges with one span helper (``_fwd_span``,
+``_dq_span``, ``_dkdv_span``: a loop over blocks [lo, hi) calling the kernel's block function,
+MASKED a constexpr), called for the three spans of _block_ranges (``_span_bounds``: leading
+boundary, interior, trailing boundary). Run-time values travel to the helpers as tuples: ``rope``
+(INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS), ``kv`` (k/v bases and strides), ``win``
+(block, lo_off, hi_off, q_offset, k_offset), split q/k/gradient tiles as 3-tuples; constexprs stay
+named arguments. The feature-group guards (``_groups_poison``, ``_groups_zero_nonfinite``,
+``_groups_nan_rows``) are shared by the three kernels; RoPE helpers live in _rotary.py (shared
+with the decode kernel). A new key range (e.g. sink blocks) is one more span call.
+
 Limits: head_dim <= 256 (tiles are padded to powers of two with masks, so any D works; 32, 64, 80,
 96, 128 are the tuned cases); fp16, bf16, fp32 (fp32 dots use IEEE precision); positions < 2**24
 (exact in float32). key_lengths, offsets and lengths are runtime values (no recompiles).
@@ -65,36 +75,16 @@ import triton
 import triton.language as tl
 
 from . import _interpreter  # noqa: F401  (TRITON_INTERPRET=1 compatibility fix)
-
-@triton.jit
-def _feature_index(r, HALF, INTERLEAVED: tl.constexpr):
-    if INTERLEAVED:
-        ia = 2 * r
-        ib = 2 * r + 1
-    else:
-        ia = r
-        ib = r + HALF
-    return ia, ib
+from ._rotary import _feature_index, _rope_cos_sin
 
 
 @triton.jit
-def _rope_cos_sin(pos, row_mask, INV_FREQ, COS_TAB, SIN_TAB, tab_base, r, HALF,
-                  ROPE_TABLE: tl.constexpr):
-    if ROPE_TABLE:
-        m = row_mask[:, None] & (r < HALF)[None, :]
-        idx = (pos - tab_base)[:, None] * HALF + r[None, :]
-        return (tl.load(COS_TAB + idx, mask=m, other=0.0),
-                tl.load(SIN_TAB + idx, mask=m, other=0.0))
-    freq = tl.load(INV_FREQ + r, mask=r < HALF, other=0.0)
-    ang = pos.to(tl.float32)[:, None] * freq[None, :]
-    return tl.cos(ang), tl.sin(ang)
-
-
-@triton.jit
-def _load_qk(base, rows, row_mask, stride_n, stride_d, pos, INV_FREQ, COS_TAB, SIN_TAB, tab_base,
-             HALF, ROT, NPASS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_ROPE: tl.constexpr,
-             HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, ROPE_TABLE: tl.constexpr):
-    """Rotated (pair-first, pair-second, pass-through) tiles of q or k rows, in the input dtype."""
+def _load_qk(base, rows, row_mask, stride_n, stride_d, pos, rope, BLOCK_R: tl.constexpr,
+             BLOCK_C: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
+             INTERLEAVED: tl.constexpr, ROPE_TABLE: tl.constexpr):
+    """Rotated (pair-first, pair-second, pass-through) tiles of q or k rows, in the input dtype.
+    rope = (INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS)."""
+    INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS = rope
     rp = base + rows[:, None] * stride_n
     xc = tl.zeros([16, 16], dtype=tl.float32)
     xa = xc
@@ -119,11 +109,11 @@ def _load_qk(base, rows, row_mask, stride_n, stride_d, pos, INV_FREQ, COS_TAB, S
 
 
 @triton.jit
-def _store_grad(base, rows, row_mask, stride_n, stride_d, ga, gb, gc, pos, INV_FREQ, COS_TAB,
-                SIN_TAB, tab_base, HALF, ROT, NPASS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr,
-                ROPE_TABLE: tl.constexpr):
+def _store_grad(base, rows, row_mask, stride_n, stride_d, ga, gb, gc, pos, rope,
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_ROPE: tl.constexpr,
+                HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, ROPE_TABLE: tl.constexpr):
     """Un-rotate (angle -theta) the gradient groups of rotated q or k and store them."""
+    INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS = rope
     rp = base + rows[:, None] * stride_n
     if HAS_PASS:
         c = tl.arange(0, BLOCK_C)
@@ -173,6 +163,37 @@ def _zero_nonfinite(x):
 def _row_poison(x):
     """(rows,) float32: 0 where the row of x is finite, NaN where it has a NaN / inf entry."""
     return tl.sum((x * 0.0).to(tl.float32), 1)
+
+
+
+@triton.jit
+def _groups_poison(xa, xb, xc, acc, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr):
+    """acc + the (rows,) poison (_row_poison) of the feature groups (rotary pair tiles, pass-
+    through tile) of a split q, k or gradient tile."""
+    if HAS_ROPE:
+        acc += _row_poison(xa) + _row_poison(xb)
+    if HAS_PASS:
+        acc += _row_poison(xc)
+    return acc
+
+
+@triton.jit
+def _groups_zero_nonfinite(xa, xb, xc, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr):
+    """The feature groups with NaN / inf entries replaced by 0."""
+    if HAS_ROPE:
+        xa = _zero_nonfinite(xa)
+        xb = _zero_nonfinite(xb)
+    if HAS_PASS:
+        xc = _zero_nonfinite(xc)
+    return xa, xb, xc
+
+
+@triton.jit
+def _groups_nan_rows(poison, xa, xb, xc):
+    """The feature groups with every row whose poison is not 0 set to NaN."""
+    ok = (poison == 0.0)[:, None]
+    return (tl.where(ok, xa, float("nan")), tl.where(ok, xb, float("nan")),
+            tl.where(ok, xc, float("nan")))
 
 
 @triton.jit
@@ -246,19 +267,34 @@ def _query_tile(pid_m, b, Nq, Nk, KLEN, block, lo_off, hi_off, q_offset, k_offse
 
 
 @triton.jit
-def _fwd_block(acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
-               stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base,
-               HALF, ROT, NPASS, D, block, lo_off, hi_off, qk_scale,
+def _span_bounds(SPAN: tl.constexpr, start, a, bb, end_r):
+    """Span SPAN of a tile's block ranges (_block_ranges): 0 the leading boundary blocks
+    [start, a), 1 the interior blocks [a, bb), 2 the trailing boundary blocks [bb, end_r)."""
+    lo = start
+    hi = a
+    if SPAN == 1:
+        lo = a
+        hi = bb
+    if SPAN == 2:
+        lo = bb
+        hi = end_r
+    return lo, hi
+
+
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q3, kv, rope, win, j0, q_pos, nk_b, D, qk_scale,
                BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
                INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
                DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
+    qa, qb, qc = q3
+    k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd = kv
+    block, lo_off, hi_off, q_offset, k_offset = win
     cols = j0 + tl.arange(0, BLOCK_N)
     cmask = cols < nk_b
     k_pos = k_offset + cols
-    ka, kb, kc = _load_qk(k_base, cols, cmask, stride_kn, stride_kd, k_pos, INV_FREQ, COS_TAB,
-                          SIN_TAB, tab_base, HALF, ROT, NPASS, BLOCK_R, BLOCK_C, HAS_ROPE,
-                          HAS_PASS, INTERLEAVED, ROPE_TABLE)
+    ka, kb, kc = _load_qk(k_base, cols, cmask, stride_kn, stride_kd, k_pos, rope, BLOCK_R,
+                          BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED, ROPE_TABLE)
     dv = tl.arange(0, BLOCK_DV)
     v = tl.load(v_base + cols[:, None] * stride_vn + dv[None, :] * stride_vd,
                 mask=cmask[:, None] & (dv < D)[None, :], other=0.0)
@@ -266,11 +302,7 @@ def _fwd_block(acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_off
                 HAS_ROPE, HAS_PASS, DOT_PREC) * qk_scale
     if MASKED:
         # keys with a non-finite k or v: NaN score where visible, v row zeroed for the p @ v dot
-        kv0 = _row_poison(v)
-        if HAS_ROPE:
-            kv0 += _row_poison(ka) + _row_poison(kb)
-        if HAS_PASS:
-            kv0 += _row_poison(kc)
+        kv0 = _groups_poison(ka, kb, kc, _row_poison(v), HAS_ROPE, HAS_PASS)
         vis = _visible(q_pos, cols, k_pos, nk_b, block, lo_off, hi_off, LO_BOUNDED)
         s = tl.where(vis, s + kv0[None, :], float("-inf"))
         v = _zero_nonfinite(v)
@@ -288,6 +320,22 @@ def _fwd_block(acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_off
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_span(m_i, l_i, acc, q3, kv, rope, win, j_lo, j_hi, q_pos, nk_b, D, qk_scale,
+              BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+              BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
+              INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
+              DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
+    """The key blocks [j_lo, j_hi) of a query tile; masked (boundary) spans run unpipelined.
+    (m_i, l_i, acc: the loop-carry order of the kernel before the span helpers, same PTX.)"""
+    for j0 in tl.range(j_lo, j_hi, BLOCK_N, num_stages=1 if MASKED else None):
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q3, kv, rope, win, j0, q_pos, nk_b, D,
+                                   qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
+                                   HAS_PASS, INTERLEAVED, LO_BOUNDED, MASKED, DOT_PREC,
+                                   ROPE_TABLE)
+    return acc, l_i, m_i
 
 
 @triton.jit(do_not_specialize=["q_offset", "k_offset"])
@@ -310,31 +358,23 @@ def _interval_attention_fwd_kernel(
     rows, rmask, q_pos, nk_b, start, a, bb, end_r = _query_tile(
         pid_m, b, Nq, Nk, KLEN, block, lo_off, hi_off, q_offset, k_offset, BLOCK_M, BLOCK_N,
         LO_BOUNDED, HAS_KLEN)
+    rope = (INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS)
+    kv = (k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd)
+    win = (block, lo_off, hi_off, q_offset, k_offset)
 
-    qa, qb, qc = _load_qk(q_base, rows, rmask, stride_qn, stride_qd, q_pos, INV_FREQ, COS_TAB,
-                          SIN_TAB, tab_base, HALF, ROT, NPASS, BLOCK_R, BLOCK_C, HAS_ROPE,
-                          HAS_PASS, INTERLEAVED, ROPE_TABLE)
+    qa, qb, qc = _load_qk(q_base, rows, rmask, stride_qn, stride_qd, q_pos, rope, BLOCK_R,
+                          BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED, ROPE_TABLE)
+    q3 = (qa, qb, qc)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for j0 in tl.range(start, a, BLOCK_N, num_stages=1):
-        acc, l_i, m_i = _fwd_block(
-            acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
-            stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF,
-            ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
-            HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE)
-    for j0 in range(a, bb, BLOCK_N):
-        acc, l_i, m_i = _fwd_block(
-            acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
-            stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF,
-            ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
-            HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, False, DOT_PREC, ROPE_TABLE)
-    for j0 in tl.range(bb, end_r, BLOCK_N, num_stages=1):
-        acc, l_i, m_i = _fwd_block(
-            acc, l_i, m_i, qa, qb, qc, k_base, v_base, j0, q_pos, nk_b, k_offset,
-            stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF,
-            ROT, NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
-            HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE)
+    # boundary blocks (masked), interior blocks (every row sees every key), boundary blocks
+    for span in tl.static_range(3):
+        j_lo, j_hi = _span_bounds(span, start, a, bb, end_r)
+        acc, l_i, m_i = _fwd_span(m_i, l_i, acc, q3, kv, rope, win, j_lo, j_hi, q_pos, nk_b, D,
+                                  qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
+                                  HAS_PASS, INTERLEAVED, LO_BOUNDED, span != 1, DOT_PREC,
+                                  ROPE_TABLE)
 
     nz = l_i > 0.0
     l_safe = tl.where(nz, l_i, 1.0)
@@ -343,11 +383,7 @@ def _interval_attention_fwd_kernel(
     # poisoned rows (NaN output and lse): a non-finite acc or l, or a non-finite q row that
     # sees a key
     rz = _row_poison(acc) + l_i * 0.0
-    qz = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if HAS_ROPE:
-        qz += _row_poison(qa) + _row_poison(qb)
-    if HAS_PASS:
-        qz += _row_poison(qc)
+    qz = _groups_poison(qa, qb, qc, tl.zeros([BLOCK_M], dtype=tl.float32), HAS_ROPE, HAS_PASS)
     sees = _rows_see_keys(q_pos, rmask, nk_b, block, lo_off, hi_off, k_offset, LO_BOUNDED)
     ok = (rz + tl.where(sees, qz, 0.0)) == 0.0
     out = tl.where(ok[:, None], out, float("nan"))
@@ -380,26 +416,23 @@ def _interval_attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0, q_pos, nk_b,
-              k_offset, stride_kn, stride_kd, stride_vn, stride_vd, INV_FREQ, COS_TAB, SIN_TAB,
-              tab_base, HALF, ROT, NPASS, D, block, lo_off, hi_off, qk_scale,
+def _dq_block(dq3, q3, do, lse2, delta, kv, rope, win, j0, q_pos, nk_b, D, qk_scale,
               BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
               BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
               INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
               DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
+    dqc, dqa, dqb = dq3
+    qa, qb, qc = q3
+    k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd = kv
+    block, lo_off, hi_off, q_offset, k_offset = win
     cols = j0 + tl.arange(0, BLOCK_N)
     cmask = cols < nk_b
     k_pos = k_offset + cols
-    ka, kb, kc = _load_qk(k_base, cols, cmask, stride_kn, stride_kd, k_pos, INV_FREQ, COS_TAB,
-                          SIN_TAB, tab_base, HALF, ROT, NPASS, BLOCK_R, BLOCK_C, HAS_ROPE,
-                          HAS_PASS, INTERLEAVED, ROPE_TABLE)
+    ka, kb, kc = _load_qk(k_base, cols, cmask, stride_kn, stride_kd, k_pos, rope, BLOCK_R,
+                          BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED, ROPE_TABLE)
     if MASKED:
         # rows that do not see a non-finite key must not read it through a zero coefficient
-        if HAS_ROPE:
-            ka = _zero_nonfinite(ka)
-            kb = _zero_nonfinite(kb)
-        if HAS_PASS:
-            kc = _zero_nonfinite(kc)
+        ka, kb, kc = _groups_zero_nonfinite(ka, kb, kc, HAS_ROPE, HAS_PASS)
     dv = tl.arange(0, BLOCK_DV)
     v = tl.load(v_base + cols[:, None] * stride_vn + dv[None, :] * stride_vd,
                 mask=cmask[:, None] & (dv < D)[None, :], other=0.0)
@@ -417,7 +450,21 @@ def _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0, q_
     if HAS_ROPE:
         dqa = tl.dot(ds, ka, dqa, input_precision=DOT_PREC)
         dqb = tl.dot(ds, kb, dqb, input_precision=DOT_PREC)
-    return dqa, dqb, dqc
+    return dqc, dqa, dqb
+
+
+@triton.jit
+def _dq_span(dq3, q3, do, lse2, delta, kv, rope, win, j_lo, j_hi, q_pos, nk_b, D, qk_scale,
+             BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+             BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
+             INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
+             DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
+    """The key blocks [j_lo, j_hi) of a query tile; masked (boundary) spans run unpipelined."""
+    for j0 in tl.range(j_lo, j_hi, BLOCK_N, num_stages=1 if MASKED else None):
+        dq3 = _dq_block(dq3, q3, do, lse2, delta, kv, rope, win, j0, q_pos, nk_b, D, qk_scale,
+                        BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED,
+                        LO_BOUNDED, MASKED, DOT_PREC, ROPE_TABLE)
+    return dq3
 
 
 @triton.jit(do_not_specialize=["q_offset", "k_offset"])
@@ -442,52 +489,35 @@ def _interval_attention_bwd_dq_kernel(
     rows, rmask, q_pos, nk_b, start, a, bb, end_r = _query_tile(
         pid_m, b, Nq, Nk, KLEN, block, lo_off, hi_off, q_offset, k_offset, BLOCK_M, BLOCK_N,
         LO_BOUNDED, HAS_KLEN)
+    rope = (INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS)
+    kv = (k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd)
+    win = (block, lo_off, hi_off, q_offset, k_offset)
 
-    qa, qb, qc = _load_qk(q_base, rows, rmask, stride_qn, stride_qd, q_pos, INV_FREQ, COS_TAB,
-                          SIN_TAB, tab_base, HALF, ROT, NPASS, BLOCK_R, BLOCK_C, HAS_ROPE,
-                          HAS_PASS, INTERLEAVED, ROPE_TABLE)
+    q3 = _load_qk(q_base, rows, rmask, stride_qn, stride_qd, q_pos, rope, BLOCK_R, BLOCK_C,
+                  HAS_ROPE, HAS_PASS, INTERLEAVED, ROPE_TABLE)
     dvi = tl.arange(0, BLOCK_DV)
     do = tl.load(do_base + rows[:, None] * stride_don + dvi[None, :] * stride_dod,
                  mask=rmask[:, None] & (dvi < D)[None, :], other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * Nq + rows, mask=rmask, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
     delta = tl.load(DELTA + bh.to(tl.int64) * Nq + rows, mask=rmask, other=0.0)
-    dqc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    dqa = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    dqb = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for j0 in tl.range(start, a, BLOCK_N, num_stages=1):
-        dqa, dqb, dqc = _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0,
-                                  q_pos, nk_b, k_offset, stride_kn, stride_kd, stride_vn,
-                                  stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT,
-                                  NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R,
-                                  BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED,
-                                  True, DOT_PREC, ROPE_TABLE)
-    for j0 in range(a, bb, BLOCK_N):
-        dqa, dqb, dqc = _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0,
-                                  q_pos, nk_b, k_offset, stride_kn, stride_kd, stride_vn,
-                                  stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT,
-                                  NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R,
-                                  BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED,
-                                  False, DOT_PREC, ROPE_TABLE)
-    for j0 in tl.range(bb, end_r, BLOCK_N, num_stages=1):
-        dqa, dqb, dqc = _dq_block(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, k_base, v_base, j0,
-                                  q_pos, nk_b, k_offset, stride_kn, stride_kd, stride_vn,
-                                  stride_vd, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT,
-                                  NPASS, D, block, lo_off, hi_off, qk_scale, BLOCK_N, BLOCK_R,
-                                  BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED,
-                                  True, DOT_PREC, ROPE_TABLE)
-    rz = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if HAS_ROPE:
-        rz += _row_poison(dqa) + _row_poison(dqb)
-    if HAS_PASS:
-        rz += _row_poison(dqc)
-    ok = (rz == 0.0)[:, None]
-    dqa = tl.where(ok, dqa, float("nan"))
-    dqb = tl.where(ok, dqb, float("nan"))
-    dqc = tl.where(ok, dqc, float("nan"))
+    # accumulators (pass-through, pair-first, pair-second): the loop-carry order of the kernel
+    # before the span helpers (same PTX)
+    dq3 = (tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32),
+           tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32),
+           tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32))
+    for span in tl.static_range(3):
+        j_lo, j_hi = _span_bounds(span, start, a, bb, end_r)
+        dq3 = _dq_span(dq3, q3, do, lse2, delta, kv, rope, win, j_lo, j_hi, q_pos, nk_b, D,
+                       qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS,
+                       INTERLEAVED, LO_BOUNDED, span != 1, DOT_PREC, ROPE_TABLE)
+    dqc, dqa, dqb = dq3
+    dqa, dqb, dqc = _groups_nan_rows(
+        _groups_poison(dqa, dqb, dqc, tl.zeros([BLOCK_M], dtype=tl.float32), HAS_ROPE, HAS_PASS),
+        dqa, dqb, dqc)
     _store_grad(dq_base, rows, rmask, stride_dqn, stride_dqd, dqa * scale, dqb * scale,
-                dqc * scale, q_pos, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS,
-                BLOCK_R, BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED, ROPE_TABLE)
+                dqc * scale, q_pos, rope, BLOCK_R, BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED,
+                ROPE_TABLE)
 
 
 @triton.jit
@@ -501,19 +531,20 @@ def _visible_t(k_pos, kmask, q_pos, qmask, block, lo_off, hi_off, LO_BOUNDED: tl
 
 
 @triton.jit
-def _dkdv_block_t(dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_base, LSE, DELTA,
-                  i0, Nq, q_offset, stride_qn, stride_qd, stride_don, stride_dod, INV_FREQ,
-                  COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off, hi_off, qk_scale,
+def _dkdv_block_t(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, i0, Nq, D, qk_scale,
                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                   BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
                   INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
                   DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
+    dkc, dka, dkb = dk3
+    ka, kb, kc = k3
+    q_base, do_base, LSE, DELTA, stride_qn, stride_qd, stride_don, stride_dod = qd
+    block, lo_off, hi_off, q_offset, k_offset = win
     rows = i0 + tl.arange(0, BLOCK_M)
     rmask = rows < Nq
     q_pos = q_offset + rows
-    qa, qb, qc = _load_qk(q_base, rows, rmask, stride_qn, stride_qd, q_pos, INV_FREQ, COS_TAB,
-                          SIN_TAB, tab_base, HALF, ROT, NPASS, BLOCK_R, BLOCK_C, HAS_ROPE,
-                          HAS_PASS, INTERLEAVED, ROPE_TABLE)
+    qa, qb, qc = _load_qk(q_base, rows, rmask, stride_qn, stride_qd, q_pos, rope, BLOCK_R,
+                          BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED, ROPE_TABLE)
     dvi = tl.arange(0, BLOCK_DV)
     do = tl.load(do_base + rows[:, None] * stride_don + dvi[None, :] * stride_dod,
                  mask=rmask[:, None] & (dvi < D)[None, :], other=0.0)
@@ -524,11 +555,7 @@ def _dkdv_block_t(dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_bas
         # keys must not read a non-finite q or dout row of a query that does not see them; a
         # query row with a non-finite delta (poisoned output or non-finite dout) poisons the
         # keys it sees through a NaN probability
-        if HAS_ROPE:
-            qa = _zero_nonfinite(qa)
-            qb = _zero_nonfinite(qb)
-        if HAS_PASS:
-            qc = _zero_nonfinite(qc)
+        qa, qb, qc = _groups_zero_nonfinite(qa, qb, qc, HAS_ROPE, HAS_PASS)
         do = _zero_nonfinite(do)
     st = _scores(ka, kb, kc, qa, qb, qc, tl.zeros([v.shape[0], BLOCK_M], dtype=tl.float32),
                  HAS_ROPE, HAS_PASS, DOT_PREC) * qk_scale
@@ -547,7 +574,21 @@ def _dkdv_block_t(dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_bas
     if HAS_ROPE:
         dka = tl.dot(dst, qa, dka, input_precision=DOT_PREC)
         dkb = tl.dot(dst, qb, dkb, input_precision=DOT_PREC)
-    return dka, dkb, dkc, dv
+    return (dkc, dka, dkb), dv
+
+
+@triton.jit
+def _dkdv_span(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, i_lo, i_hi, Nq, D, qk_scale,
+               BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+               BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
+               INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
+               DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
+    """The query blocks [i_lo, i_hi) of a key block; masked (boundary) spans run unpipelined."""
+    for i0 in tl.range(i_lo, i_hi, BLOCK_M, num_stages=1 if MASKED else None):
+        dk3, dv = _dkdv_block_t(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, i0, Nq, D,
+                                qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
+                                HAS_PASS, INTERLEAVED, LO_BOUNDED, MASKED, DOT_PREC, ROPE_TABLE)
+    return dk3, dv
 
 
 @triton.jit(do_not_specialize=["q_offset", "k_offset"])
@@ -596,61 +637,43 @@ def _interval_attention_bwd_dkdv_kernel(
     i_first = tl.maximum(p_first - q_offset, 0)
     i_full_first = tl.maximum(p_full_first - q_offset, 0)
     start, a, bb, end_r = _block_ranges(i_first, Nq, i_full_first, i_full_end, i_end, BLOCK_M)
+    rope = (INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS)
+    win = (block, lo_off, hi_off, q_offset, k_offset)
 
-    ka, kb, kc = _load_qk(k_base, cols, kmask, stride_kn, stride_kd, k_pos, INV_FREQ, COS_TAB,
-                          SIN_TAB, tab_base, HALF, ROT, NPASS, BLOCK_R, BLOCK_C, HAS_ROPE,
-                          HAS_PASS, INTERLEAVED, ROPE_TABLE)
+    k3 = _load_qk(k_base, cols, kmask, stride_kn, stride_kd, k_pos, rope, BLOCK_R, BLOCK_C,
+                  HAS_ROPE, HAS_PASS, INTERLEAVED, ROPE_TABLE)
     dvi = tl.arange(0, BLOCK_DV)
     v = tl.load(v_base + cols[:, None] * stride_vn + dvi[None, :] * stride_vd,
                 mask=kmask[:, None] & (dvi < D)[None, :], other=0.0)
-    dkc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-    dka = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
-    dkb = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
+    # accumulators (pass-through, pair-first, pair-second), then dv: the loop-carry order of the
+    # kernel before the span helpers (same PTX)
+    dk3 = (tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32),
+           tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32),
+           tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32))
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * Hq + h
-        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-        lse_base = LSE + bh.to(tl.int64) * Nq
-        delta_base = DELTA + bh.to(tl.int64) * Nq
-        for i0 in tl.range(start, a, BLOCK_M, num_stages=1):
-            dka, dkb, dkc, dv = _dkdv_block_t(
-                dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_base, lse_base,
-                delta_base, i0, Nq, q_offset, stride_qn, stride_qd, stride_don, stride_dod,
-                INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off, hi_off,
-                qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED,
-                LO_BOUNDED, True, DOT_PREC, ROPE_TABLE)
-        for i0 in range(a, bb, BLOCK_M):
-            dka, dkb, dkc, dv = _dkdv_block_t(
-                dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_base, lse_base,
-                delta_base, i0, Nq, q_offset, stride_qn, stride_qd, stride_don, stride_dod,
-                INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off, hi_off,
-                qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED,
-                LO_BOUNDED, False, DOT_PREC, ROPE_TABLE)
-        for i0 in tl.range(bb, end_r, BLOCK_M, num_stages=1):
-            dka, dkb, dkc, dv = _dkdv_block_t(
-                dka, dkb, dkc, dv, ka, kb, kc, v, kmask, k_pos, q_base, do_base, lse_base,
-                delta_base, i0, Nq, q_offset, stride_qn, stride_qd, stride_don, stride_dod,
-                INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS, D, block, lo_off, hi_off,
-                qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED,
-                LO_BOUNDED, True, DOT_PREC, ROPE_TABLE)
+        qd = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
+              DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh,
+              LSE + bh.to(tl.int64) * Nq, DELTA + bh.to(tl.int64) * Nq,
+              stride_qn, stride_qd, stride_don, stride_dod)
+        for span in tl.static_range(3):
+            i_lo, i_hi = _span_bounds(span, start, a, bb, end_r)
+            dk3, dv = _dkdv_span(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, i_lo, i_hi, Nq, D,
+                                 qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
+                                 HAS_PASS, INTERLEAVED, LO_BOUNDED, span != 1, DOT_PREC,
+                                 ROPE_TABLE)
 
-    cz = _row_poison(dv)
-    if HAS_ROPE:
-        cz += _row_poison(dka) + _row_poison(dkb)
-    if HAS_PASS:
-        cz += _row_poison(dkc)
-    ok = (cz == 0.0)[:, None]
-    dka = tl.where(ok, dka, float("nan"))
-    dkb = tl.where(ok, dkb, float("nan"))
-    dkc = tl.where(ok, dkc, float("nan"))
-    dv = tl.where(ok, dv, float("nan"))
+    dkc, dka, dkb = dk3
+    cz = _groups_poison(dka, dkb, dkc, _row_poison(dv), HAS_ROPE, HAS_PASS)
+    dka, dkb, dkc = _groups_nan_rows(cz, dka, dkb, dkc)
+    dv = tl.where((cz == 0.0)[:, None], dv, float("nan"))
     smask = cols < Nk
     dk_base = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
     dv_base = DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
     _store_grad(dk_base, cols, smask, stride_dkn, stride_dkd, dka * scale, dkb * scale,
-                dkc * scale, k_pos, INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS,
-                BLOCK_R, BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED, ROPE_TABLE)
+                dkc * scale, k_pos, rope, BLOCK_R, BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED,
+                ROPE_TABLE)
     tl.store(dv_base + cols[:, None] * stride_dvn + dvi[None, :] * stride_dvd,
              dv.to(DV.dtype.element_ty), mask=smask[:, None] & (dvi < D)[None, :])
