@@ -120,3 +120,26 @@ def test_expected_matching():
     wavlm = "tests/models/wavlm/test_modeling_wavlm.py::WavLMModelTest::"
     assert expected.expected_for("patch", wavlm + "test_retain_grad_hidden_states_attentions") is None
     assert expected.expected_for("patch", wavlm + "test_model") is None
+
+
+def test_run_counts_per_family(tmp_path):
+    import run
+
+    pre = ".cache.transformers-tests.tests.models"
+    xml = tmp_path / "r.xml"
+    xml.write_text(
+        '<testsuites><testsuite>'
+        f'<testcase classname="{pre}.hubert.test_modeling_hubert.HubertModelTest" name="a"/>'
+        f'<testcase classname="{pre}.hubert.test_modeling_hubert.HubertModelTest" name="b">'
+        '<failure message="boom"/></testcase>'
+        f'<testcase classname="{pre}.wavlm.test_modeling_wavlm.WavLMModelTest" name="c">'
+        '<skipped type="pytest.xfail" message="refused by design: x"/></testcase>'
+        f'<testcase classname="{pre}.wavlm.test_modeling_wavlm.WavLMModelTest" name="d">'
+        '<skipped type="pytest.xfail" message="harness: y"/></testcase>'
+        f'<testcase classname="{pre}.wav2vec2.test_modeling_wav2vec2.Wav2Vec2ModelTest" name="e">'
+        '<skipped type="pytest.skip" message="slow"/></testcase>'
+        '</testsuite></testsuites>')
+    c = run.count(xml)
+    assert c["hubert"] == dict(passed=1, failed=1, refused=0, harness=0, skipped=0)
+    assert c["wavlm"] == dict(passed=0, failed=0, refused=1, harness=1, skipped=0)
+    assert c["wav2vec2"] == dict(passed=0, failed=0, refused=0, harness=0, skipped=1)

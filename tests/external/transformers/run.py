@@ -9,7 +9,7 @@ git-ignored cache that fetch.py fills (.cache/transformers-tests/); when it is a
 prints a loud SKIPPED message and exits 0, so a clean checkout without the cache (CI) does not fail.
 Tests that need what this harness lacks are skipped as in transformers' CI (RUN_SLOW unset,
 HF_HUB_OFFLINE=1); tests refused by design are xfail(strict) via expected.py. Prints
-passed / failed / refused / skipped per family and mode; exit status 1 if any mode failed.
+passed / failed / refused / harness / skipped per family and mode; exit status 1 if any mode failed.
 """
 import argparse
 import os
@@ -30,7 +30,7 @@ def cache_ready():
 
 
 def count(xml_path):
-    out = {f: dict(passed=0, failed=0, refused=0, skipped=0) for f in FAMILIES}
+    out = {f: dict(passed=0, failed=0, refused=0, harness=0, skipped=0) for f in FAMILIES}
     for case in ET.parse(xml_path).iter("testcase"):
         fam = next((f for f in FAMILIES if f".{f}." in case.get("classname", "") + "."), None)
         if fam is None:
@@ -40,7 +40,8 @@ def count(xml_path):
         if "failure" in kids or "error" in kids:
             out[fam]["failed"] += 1
         elif skipped is not None and skipped.get("type") == "pytest.xfail":
-            out[fam]["refused"] += 1
+            refused = "refused by design" in (skipped.get("message") or "")
+            out[fam]["refused" if refused else "harness"] += 1
         elif skipped is not None:
             out[fam]["skipped"] += 1
         else:
@@ -81,9 +82,11 @@ def main(argv=None):
         if xml.exists():
             for fam, c in count(xml).items():
                 rows.append((mode, fam, c))
-    print(f"\n{'mode':<9}{'family':<10}{'passed':>8}{'failed':>8}{'refused':>9}{'skipped':>9}")
+    print(f"\n{'mode':<9}{'family':<10}{'passed':>8}{'failed':>8}{'refused':>9}{'harness':>9}"
+          f"{'skipped':>9}")
     for mode, fam, c in rows:
-        print(f"{mode:<9}{fam:<10}{c['passed']:>8}{c['failed']:>8}{c['refused']:>9}{c['skipped']:>9}")
+        print(f"{mode:<9}{fam:<10}{c['passed']:>8}{c['failed']:>8}{c['refused']:>9}{c['harness']:>9}"
+              f"{c['skipped']:>9}")
     return rc_all
 
 
