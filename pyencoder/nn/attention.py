@@ -202,7 +202,7 @@ class IntervalSelfAttention(nn.Module):
             lengths = check_step_lengths(lengths, B, n, x.device)
         if self._fixed_ok(n, state, lengths):
             fresh_counters(state)
-            return self.step_fixed(x, state), state
+            return self._step_fixed(x, state), state
         lengths = check_step_lengths(lengths, B, n, x.device)
         mc = self._max_chunk(state)
         if n <= mc:
@@ -256,6 +256,11 @@ class IntervalSelfAttention(nn.Module):
                              f"max_chunk={mc}]; got n={n}")
         if check:
             self.check_step_fixed(state, n)
+        return self._step_fixed(x, state)
+
+    def _step_fixed(self, x, state):
+        # The body of step_fixed, after its checks (step() makes the same ones, then calls this).
+        B, n, E = x.shape
         dev = x.device
         inv = None if self.rope is None else self.rope.inv_freq(dev)
         q, k, v = (self._heads(x, self.q_proj), self._heads(x, self.k_proj),
@@ -291,6 +296,8 @@ class IntervalSelfAttention(nn.Module):
         P = state.pos.to(torch.int64)
         pend = state.pending.to(torch.int64)
         C, La = self.block, self.lookahead_frames
+        if C == 1:      # band: (P - La) % 1 == 0, so the expected pending count is La itself
+            return (P >= La) & (pend == La)
         expect = torch.where(P >= La, La + torch.remainder(P - La, C), P)
         return (P >= La) & (pend == expect)
 

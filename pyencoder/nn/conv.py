@@ -78,8 +78,11 @@ class CausalConv1d(nn.Conv1d):
         return super().extra_repr() + f", causal=True, activation={self.activation}"
 
     def forward(self, x):
-        check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, L)", self.weight)
-        return causal_conv1d(x, self.weight, self.bias, stride=self.s, groups=self.groups,
+        # self.weight is read once per call: where it is computed on access (a weight-norm
+        # parametrisation, SharedCausalConv1d) each read recomputes it.
+        w = self.weight
+        check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, L)", w)
+        return causal_conv1d(x, w, self.bias, stride=self.s, groups=self.groups,
                              activation=self.activation)
 
     def init_state(self, batch_size, *, device=None, dtype=None, **_):
@@ -91,15 +94,16 @@ class CausalConv1d(nn.Conv1d):
                                                       device=device, dtype=dtype),
                                      seen=zi(), out_lengths=zi()))
 
-    def _run(self, cat, off):
+    def _run(self, cat, off, w):
         k, s = self.k, self.s
-        return causal_conv1d(cat[..., off + k - s:], self.weight, self.bias, stride=s,
+        return causal_conv1d(cat[..., off + k - s:], w, self.bias, stride=s,
                              groups=self.groups, activation=self.activation,
                              initial_state=cat[..., off:off + k - s].contiguous())
 
     def step(self, x, state, lengths=None):
         """Feed x (B, C_in, n); returns (y (B, C_out, m), state)."""
-        check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, n)", self.weight)
+        w = self.weight                      # read once per step (see forward)
+        check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, n)", w)
         B, C, n = x.shape
         check_state(self, state, ConvState)
         if B != state.seen.shape[0]:
@@ -113,18 +117,18 @@ class CausalConv1d(nn.Conv1d):
         if uniform and n == 0:
             y = x.new_zeros(B, self.out_channels, 0)
         elif uniform and s == 1 and k > 1:
-            y = causal_conv1d_update(x, state.hist, self.weight, self.bias, groups=self.groups,
+            y = causal_conv1d_update(x, state.hist, w, self.bias, groups=self.groups,
                                      activation=self.activation)
         elif uniform:
             cat = torch.cat((state.hist, x), -1)
-            y = self._run(cat, s - 1 - int(phase[0]))
+            y = self._run(cat, s - 1 - int(phase[0]), w)
             if k > 1:
                 state.hist = cat[..., cat.shape[-1] - (k - 1):].contiguous()
         else:
             ys, hists = [], []
             for b in range(B):
                 cat = torch.cat((state.hist[b:b + 1], x[b:b + 1, :, :int(lengths[b])]), -1)
-                yb = self._run(cat, s - 1 - int(phase[b]))
+                yb = self._run(cat, s - 1 - int(phase[b]), w)
                 ys.append(yb[0])
                 hists.append(cat[0, :, cat.shape[-1] - (k - 1):])
             m = max(t.shape[-1] for t in ys)
@@ -151,7 +155,7 @@ class CausalConv1d(nn.Conv1d):
             raise ValueError(f"CausalConv1d.step_fixed needs every slot to have seen a multiple "
                              f"of the stride {s} samples; got seen={state.seen.tolist()}")
         cat = torch.cat((state.hist, x.to(state.hist.dtype)), -1)
-        y = self._run(cat, s - 1)
+        y = self._run(cat, s - 1, self.weight)
         if k > 1:
             state.hist.copy_(cat[..., cat.shape[-1] - (k - 1):])
         state.seen.add_(x.shape[-1])
