@@ -20,7 +20,7 @@ NEWEST_PY := $(NEWEST_VENV)/bin/python
 TRITON_NEWEST_SPEC ?= triton>=3.6,<3.10
 HF_NEWEST_SPEC ?= transformers>=5.23,<5.25
 
-.PHONY: venv demo test test-gpu test-compile-full test-newest bench info docs clean gpu-prep gpu-session-dry
+.PHONY: venv demo test test-gpu test-compile-full test-newest test-transformers bench info docs clean gpu-prep gpu-session-dry
 
 $(VENV)/.ready: setup.py pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -62,6 +62,13 @@ test-newest: $(NEWEST_VENV)/.ready
 	  tests/test_convnext_fused.py tests/test_streaming_decode_triton.py \
 	  tests/test_attention_triton.py tests/test_triton_ops.py -m "not slow"
 	$(NEWEST_PY) -m pytest -q tests/test_hf.py tests/test_hf_streaming.py
+
+# transformers' own Wav2Vec2/HuBERT/WavLM model tests with the pyencoder patch at full context and
+# with attn_implementation="pyencoder" (tests/external/transformers/). The test files live in the
+# git-ignored .cache/transformers-tests/ (fetch.py); without it this prints SKIPPED and succeeds.
+test-transformers: $(VENV)/.ready
+	$(PIP) parameterized
+	$(PY) tests/external/transformers/run.py
 
 bench: $(VENV)/.ready
 	$(PIP) matplotlib
