@@ -143,3 +143,20 @@ def test_corrupt_config_entry_is_refused():
     model.config.pyencoder = [1, 2]
     with pytest.raises(ValueError, match="config.pyencoder"):
         H.reapply_pyencoder(model)
+
+
+@pytest.mark.parametrize("family", ["w2v2_post", "w2v2_pre"])
+def test_output_attentions_refused_on_patched_model(family):
+    # The interval kernels never form attention probabilities: asking for them raises, naming the
+    # argument and the way back (before: a tuple of None weights, silently).
+    model = make_model(family).eval()
+    x = audio(1, 700)
+    with torch.no_grad():
+        ref = model(x, output_attentions=True)
+    assert ref.attentions is not None and ref.attentions[0] is not None   # unpatched: eager works
+    H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=1, left_frames=4)
+    with pytest.raises(ValueError, match=r"output_attentions=True.*revert_pyencoder"):
+        with torch.no_grad():
+            model(x, output_attentions=True)
+    with torch.no_grad():
+        assert model(x).last_hidden_state.shape == ref.last_hidden_state.shape
