@@ -146,17 +146,21 @@ def test_corrupt_config_entry_is_refused():
 
 
 @pytest.mark.parametrize("family", ["w2v2_post", "w2v2_pre"])
-def test_output_attentions_refused_on_patched_model(family):
-    # The interval kernels never form attention probabilities: asking for them raises, naming the
-    # argument and the way back (before: a tuple of None weights, silently).
+def test_output_attentions_warns_on_patched_model(family):
+    # The interval kernels never form attention probabilities: the weights are None (as with
+    # transformers' sdpa), and a warning naming the argument and the way back says so (before:
+    # silently).
     model = make_model(family).eval()
     x = audio(1, 700)
     with torch.no_grad():
         ref = model(x, output_attentions=True)
     assert ref.attentions is not None and ref.attentions[0] is not None   # unpatched: eager works
     H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=1, left_frames=4)
-    with pytest.raises(ValueError, match=r"output_attentions=True.*revert_pyencoder"):
+    with pytest.warns(UserWarning, match=r"output_attentions=True.*revert_pyencoder"):
         with torch.no_grad():
-            model(x, output_attentions=True)
-    with torch.no_grad():
-        assert model(x).last_hidden_state.shape == ref.last_hidden_state.shape
+            out = model(x, output_attentions=True)
+    assert all(a is None for a in (out.attentions or (None,)))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="pyencoder attention: output_attentions")
+        with torch.no_grad():
+            assert model(x).last_hidden_state.shape == ref.last_hidden_state.shape

@@ -21,8 +21,8 @@ WavLM does not call the registry; ``register()`` also installs pyencoder.hf.wavl
 dispatch so that WavLM models with ``attn_implementation="pyencoder"`` run pyencoder's WavLM
 attention (full attention until patched).
 
-Limits: only bidirectional (encoder) masks; output_attentions=True is refused (wav2vec2/HuBERT
-interface; a patched WavLM records no weights); a 4-D custom mask is refused.
+Limits: only bidirectional (encoder) masks; output_attentions=True gives None weights with a
+UserWarning (wav2vec2/HuBERT; a patched WavLM records no weights); a 4-D custom mask is refused.
 """
 import warnings
 from dataclasses import dataclass
@@ -103,15 +103,15 @@ def run_spec(spec, q, k, v, key_lengths, scaling, dropout=0.0):
 
 def pyencoder_attention_forward(module, query, key, value, attention_mask, scaling=None,
                                 dropout=0.0, **kwargs):
-    """AttentionInterface entry: returns (attn_output (B, N, H, D), None). ``output_attentions``
-    is refused: the interval kernels never form the N x N probabilities (O(N * W) memory), and a
-    tuple of None weights would be a silent wrong answer."""
+    """AttentionInterface entry: returns (attn_output (B, N, H, D), None). With
+    ``output_attentions=True`` the weights are None, as with transformers' sdpa and flash paths
+    (the interval kernels never form the N x N probabilities: O(N * W) memory), and a
+    UserWarning says so instead of leaving it silent."""
     if kwargs.get("output_attentions"):
-        raise ValueError("pyencoder attention: output_attentions=True is not supported on a "
-                         "pyencoder-patched model (expected output_attentions=False; the interval "
-                         "kernels never form the N x N attention probabilities). Call "
-                         "pyencoder.hf.revert_pyencoder(model) to get transformers' eager "
-                         "attention back.")
+        warnings.warn("pyencoder attention: output_attentions=True returns None attention weights "
+                      "on a pyencoder-patched model (the interval kernels never form the N x N "
+                      "probabilities); call pyencoder.hf.revert_pyencoder(model) for transformers' "
+                      "eager weights.", UserWarning, stacklevel=2)
     B, _, _, _ = query.shape
     key_lengths = key_lengths_from_mask(attention_mask, B, key.shape[2])
     spec = getattr(module, "_pyencoder_attn", None)
