@@ -23,8 +23,9 @@ same function as that model patched by ``pyencoder.hf.apply_pyencoder_to_wav2vec
 options; a WavLMModel (or head) gives the WavLM variant, its relative-bias table and gates included.
 No dropout anywhere (training-time dropout is left to the caller).
 
-Limits: no SpecAugment masking; the WavLM relative bias runs in plain torch (no Triton/CUDA kernel
-and no ``step_fixed`` CUDA-graph step yet).
+Limits: no SpecAugment masking; the WavLM relative bias is fused in the interval attention kernels
+offline (forward and backward), but streaming runs the plain-torch ring decode (no ``step_fixed``
+CUDA-graph step for the WavLM variant yet: the decode kernel has no bias input).
 """
 import dataclasses
 from typing import Optional, Sequence, Tuple, Union

@@ -125,6 +125,49 @@ class _Biases:
         return self.memo[key]
 
 
+class _RelBias:
+    """Relative-position bias tiles: ``rel_bias`` (Hq, L) holds the bias of relative offset
+    s - p = rel_offset + t in column t; ``gate`` (B, Hq, Nq) or None (gate 1). The bias of
+    (query i, key j) is gate[b, h, i] * rel_bias[h, (k_offset + j) - (q_offset + i) - rel_offset];
+    columns outside [0, L) only occur at masked pairs (clamped: their score is -inf anyway)."""
+
+    def __init__(self, rel_bias, gate, rel_offset, q_offset, k_offset, B, Hk, g, cdt):
+        self.table = rel_bias.to(cdt)
+        self.gate = None if gate is None else gate.to(cdt).view(B, Hk, g, -1)
+        self.shift = k_offset - q_offset - rel_offset
+        self.B, self.Hk, self.g = B, Hk, g
+
+    def index(self, i0, i1, j0, j1):
+        dev = self.table.device
+        i = torch.arange(i0, i1, device=dev)
+        j = torch.arange(j0, j1, device=dev)
+        return (j[None, :] - i[:, None] + self.shift).clamp_(0, self.table.shape[1] - 1)
+
+    def add_to(self, s, idx, i0, i1):
+        """s (B*Hk, g*tq, tk) += the tile's bias."""
+        tq, tk = idx.shape
+        tab = self.table[:, idx].view(1, self.Hk, self.g, tq, tk)
+        s5 = s.view(self.B, self.Hk, self.g, tq, tk)
+        if self.gate is None:
+            s5.add_(tab)
+        else:
+            s5.addcmul_(self.gate[..., i0:i1, None], tab)
+
+    def grads(self, ds, idx, i0, i1, drel, dgate):
+        """Accumulate the tile's dScore ds (B*Hk, g*tq, tk) into drel (Hq, L) and dgate
+        (B, Hk, g, Nq) (or None)."""
+        tq, tk = idx.shape
+        ds5 = ds.view(self.B, self.Hk, self.g, tq, tk)
+        if self.gate is None:
+            w = ds5.sum(0)
+        else:
+            tab = self.table[:, idx].view(1, self.Hk, self.g, tq, tk)
+            dgate[..., i0:i1] = (ds5 * tab).sum(-1)
+            w = (ds5 * self.gate[..., i0:i1, None]).sum(0)
+        H = self.Hk * self.g
+        drel.scatter_add_(1, idx.reshape(1, -1).expand(H, -1), w.reshape(H, tq * tk))
+
+
 def _tile_scores(qt, kt, bias, key_lengths, min_len, j0, j1, B, Hk):
     """Scaled, masked scores (B*Hk, g*tq, tk): q was pre-scaled."""
     if bias is None:
@@ -288,31 +331,39 @@ def keys_seen_by(rowbad, Hk, Nk, key_lengths, block, lo_off, hi_off, q_offset, k
 
 
 def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
-            interleaved):
+            interleaved, rel_bias=None, gate=None, rel_offset=0):
     """Returns (out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32/float64); non-finite
-    inputs poison the rows that see them (module docstring). On CPU the call runs with the thread
-    count of pyencoder._cpu_threads (work size and machine load; one thread when busy)."""
+    inputs poison the rows that see them (module docstring). ``rel_bias`` (Hq, L) / ``gate``
+    (B, Hq, Nq) or None / ``rel_offset``: the relative-position bias added to the scores (see
+    _RelBias); a non-finite gate entry poisons its row like a non-finite q row. On CPU the call
+    runs with the thread count of pyencoder._cpu_threads (work size and machine load; one thread
+    when busy)."""
     with threads_for(_flops(q, k, block, lo_off, hi_off), q.device):
         return _forward_checked(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-                                k_offset, scale, interleaved)
+                                k_offset, scale, interleaved, rel_bias, gate, rel_offset)
 
 
 def _forward_checked(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
-                     scale, interleaved):
-    if all_finite(q, k, v):
+                     scale, interleaved, rel_bias=None, gate=None, rel_offset=0):
+    if all_finite(q, k, v, gate):
         return _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-                        k_offset, scale, interleaved)
+                        k_offset, scale, interleaved, rel_bias, gate, rel_offset)
     B, Hq, Nq, _ = q.shape
     ranges = visible_key_ranges(Nq, B, key_lengths, k.shape[2], block, lo_off, hi_off, q_offset,
                                 k_offset, q.device)
-    bad = poisoned_rows(nonfinite_rows(q), nonfinite_rows(k) | nonfinite_rows(v), ranges, Hq)
+    qbad = nonfinite_rows(q)
+    if gate is not None:
+        qbad = qbad | ~torch.isfinite(gate)
+        gate = finite_or_zero(gate)
+    bad = poisoned_rows(qbad, nonfinite_rows(k) | nonfinite_rows(v), ranges, Hq)
     out, lse = _forward(finite_or_zero(q), finite_or_zero(k), finite_or_zero(v), inv_freq,
-                        key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale, interleaved)
+                        key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale, interleaved,
+                        rel_bias, gate, rel_offset)
     return out.masked_fill_(bad[..., None], float("nan")), lse.masked_fill_(bad, float("nan"))
 
 
 def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
-             interleaved):
+             interleaved, rel_bias=None, gate=None, rel_offset=0):
     """forward() for finite inputs. Working memory beyond the output is O(tile * W): q is rotated
     tile by tile and k block by block (each exactly once), never as whole rotated copies."""
     B, Hq, Nq, D = q.shape
@@ -328,6 +379,8 @@ def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_
     lse = torch.full((B, Hk, g, Nq), _NEG_INF, dtype=cdt, device=q.device)
     nk_eff = _key_limit(key_lengths, Nk)
     min_len = _min_len(key_lengths, Nk)
+    rel = None if rel_bias is None else _RelBias(rel_bias, gate, rel_offset, q_offset, k_offset,
+                                                 B, Hk, g, cdt)
     for i0, i1, j0, j1 in _tiles(Nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset):
         if j1 <= j0:
             continue
@@ -335,6 +388,8 @@ def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_
         qt = (queries.get(i0, i1) * scale).view(B * Hk, g * tq, D)
         bias = biases.get(i0, i1, j0, j1)
         s = _tile_scores(qt, keys.get(j0, j1), bias, key_lengths, min_len, j0, j1, B, Hk)
+        if rel is not None:
+            rel.add_to(s, rel.index(i0, i1, j0, j1), i0, i1)
         m = torch.logsumexp(s, dim=-1, keepdim=True)
         m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = s.sub_(m_safe).exp_()
@@ -346,37 +401,49 @@ def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_
 
 
 def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-             k_offset, scale, interleaved, deterministic=True):
-    """Returns (dq, dk, dv) in the dtypes of q, k, v; NaN rows as in the module docstring. Thread
-    count as in forward."""
+             k_offset, scale, interleaved, deterministic=True, rel_bias=None, gate=None,
+             rel_offset=0):
+    """Returns (dq, dk, dv) in the dtypes of q, k, v; NaN rows as in the module docstring. With
+    ``rel_bias``: (dq, dk, dv, drel_bias, dgate) (dgate None without a gate); dgate is NaN on the
+    rows where dq is, and those rows add nothing to drel_bias. Thread count as in forward."""
     with threads_for(2.5 * _flops(q, k, block, lo_off, hi_off), q.device):
-        return _backward_checked(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off,
-                                 hi_off, q_offset, k_offset, scale, interleaved)
+        res = _backward_checked(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off,
+                                hi_off, q_offset, k_offset, scale, interleaved, rel_bias, gate,
+                                rel_offset)
+    return res if rel_bias is not None else res[:3]
 
 
 def _backward_checked(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off,
-                      q_offset, k_offset, scale, interleaved):
-    if all_finite(dout, q, k, v) and not bool(torch.isnan(lse).any()):
+                      q_offset, k_offset, scale, interleaved, rel_bias=None, gate=None,
+                      rel_offset=0):
+    bias = (rel_bias, gate, rel_offset)
+    if all_finite(dout, q, k, v, gate) and not bool(torch.isnan(lse).any()):
         return _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off,
-                         q_offset, k_offset, scale, interleaved, None)
+                         q_offset, k_offset, scale, interleaved, None, *bias)
     B, Hq, Nq, _ = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     jlo, jhi = visible_key_ranges(Nq, B, key_lengths, Nk, block, lo_off, hi_off, q_offset,
                                   k_offset, q.device)
     rowbad = (torch.isnan(lse) | nonfinite_rows(dout) | nonfinite_rows(out)) & (
         jhi > jlo[None, :])[:, None, :]
-    dq, dk, dv = _backward(finite_or_zero(dout), finite_or_zero(q), finite_or_zero(k),
-                           finite_or_zero(v), finite_or_zero(out), lse, inv_freq, key_lengths,
-                           block, lo_off, hi_off, q_offset, k_offset, scale, interleaved, rowbad)
+    if gate is not None:
+        bias = (rel_bias, finite_or_zero(gate), rel_offset)
+    dq, dk, dv, drel, dgate = _backward(
+        finite_or_zero(dout), finite_or_zero(q), finite_or_zero(k), finite_or_zero(v),
+        finite_or_zero(out), lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
+        k_offset, scale, interleaved, rowbad, *bias)
     colbad = keys_seen_by(rowbad, Hk, Nk, key_lengths, block, lo_off, hi_off, q_offset, k_offset)
     nan = float("nan")
+    if dgate is not None:
+        dgate.masked_fill_(rowbad, nan)
     return (dq.masked_fill_(rowbad[..., None], nan), dk.masked_fill_(colbad[..., None], nan),
-            dv.masked_fill_(colbad[..., None], nan))
+            dv.masked_fill_(colbad[..., None], nan), drel, dgate)
 
 
 def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-              k_offset, scale, interleaved, rowbad):
-    """backward() for finite inputs; rows with rowbad (B, Hq, Nq) (or None) take no part."""
+              k_offset, scale, interleaved, rowbad, rel_bias=None, gate=None, rel_offset=0):
+    """backward() for finite inputs; rows with rowbad (B, Hq, Nq) (or None) take no part.
+    Returns (dq, dk, dv, drel_bias or None, dgate or None)."""
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     Dv = v.shape[-1]
@@ -395,6 +462,12 @@ def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_
     nk_eff = _key_limit(key_lengths, Nk)
     min_len = _min_len(key_lengths, Nk)
     biases = _Biases(block, lo_off, hi_off, q_offset, k_offset, g, cdt, q.device)
+    rel = drel = dgate = None
+    if rel_bias is not None:
+        rel = _RelBias(rel_bias, gate, rel_offset, q_offset, k_offset, B, Hk, g, cdt)
+        drel = torch.zeros(rel_bias.shape, dtype=cdt, device=q.device)
+        if gate is not None:
+            dgate = torch.zeros(B, Hk, g, Nq, dtype=cdt, device=q.device)
     for i0, i1, j0, j1 in _tiles(Nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset):
         if j1 <= j0:
             continue
@@ -403,15 +476,24 @@ def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_
         qt = _q_tile(qr, i0, i1, B, Hk, g, D)
         kt = kr[:, j0:j1]
         s = _tile_scores(qt, kt, bias, key_lengths, min_len, j0, j1, B, Hk)
+        if rel is not None:
+            idx = rel.index(i0, i1, j0, j1)
+            rel.add_to(s, idx, i0, i1)
         p = s.sub_(lse_c[:, :, :, i0:i1].reshape(B * Hk, g * tq, 1)).exp_()
         dot = do[:, :, :, i0:i1].reshape(B * Hk, g * tq, Dv)
         dv[:, j0:j1] += torch.bmm(p.transpose(-1, -2), dot)
         dp = torch.bmm(dot, vc[:, j0:j1].transpose(-1, -2))
         ds = p.mul_(dp.sub_(delta[:, :, :, i0:i1].reshape(B * Hk, g * tq, 1)))
+        if rel is not None:
+            rel.grads(ds, idx, i0, i1, drel, dgate)
         dq[:, :, :, i0:i1] = torch.bmm(ds, kt).view(B, Hk, g, tq, D)
         dk[:, j0:j1] += torch.bmm(ds.transpose(-1, -2), qt)
     # q was pre-scaled: dS/dk carries one factor of scale through qt, dS/dq needs it explicitly.
     dq = _rotate(dq.view(B, Hq, Nq, D).mul_(scale), q_offset, inv_freq, interleaved, cdt,
                  inverse=True)
     dk = _rotate(dk.view(B, Hk, Nk, D), k_offset, inv_freq, interleaved, cdt, inverse=True)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.view(B, Hk, Nk, Dv).to(v.dtype)
+    if drel is not None:
+        drel = drel.to(rel_bias.dtype)
+    if dgate is not None:
+        dgate = dgate.view(B, Hq, Nq).to(gate.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.view(B, Hk, Nk, Dv).to(v.dtype), drel, dgate
