@@ -57,7 +57,7 @@ def _fused(backend):
 
 
 def _tiled(elems, warps):
-    import pyencoder.ops.convnext as CX
+    import pyencoder.ops._convnext_triton as CX
     base = _fused("triton")
 
     def fn(*a):

@@ -30,7 +30,7 @@ import json, os, sys, time, torch
 import pyencoder
 from pyencoder import _cpu_threads
 from pyencoder.ops import banded_attention
-from pyencoder.streaming.ring import decode_attention
+from pyencoder.ops.decode_attention import decode_attention
 cfg = json.loads(sys.argv[1])
 default_threads = torch.get_num_threads()
 torch.manual_seed(0)

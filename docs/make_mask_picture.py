@@ -1,32 +1,23 @@
 """Draw docs/masks.png: which keys each query sees for band and chunked masks (from the package's
-own mask definition, pyencoder.reference.attention._bounds)."""
+own mask definition, pyencoder.IntervalMask)."""
 import os
 
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
-from pyencoder.ops.attention import band_params, chunked_params  # noqa: E402
-from pyencoder.reference.attention import _bounds  # noqa: E402
-
-
-def mask(n, block, lo_off, hi_off):
-    p = torch.arange(n)
-    lo, hi = _bounds(p, block, lo_off, hi_off)
-    s = torch.arange(n)
-    return ((s[None, :] >= lo[:, None]) & (s[None, :] <= hi[:, None])).float()
+from pyencoder import IntervalMask  # noqa: E402
 
 
 def main():
     n = 24
-    cases = [("band(None, 0): causal", band_params(None, 0)),
-             ("band(6, 2): 2 frames lookahead", band_params(6, 2)),
-             ("chunked(4, 1, lookahead=0)", chunked_params(4, 1, 0)),
-             ("chunked(4, 1, lookahead=3)", chunked_params(4, 1, 3))]
+    cases = [("band(None, 0): causal", IntervalMask.band(None, 0)),
+             ("band(6, 2): 2 frames lookahead", IntervalMask.band(6, 2)),
+             ("chunked(4, 1, lookahead=0)", IntervalMask.chunked(4, 1, 0)),
+             ("chunked(4, 1, lookahead=3)", IntervalMask.chunked(4, 1, 3))]
     fig, axes = plt.subplots(1, len(cases), figsize=(4 * len(cases), 4.2))
     for ax, (title, prm) in zip(axes, cases):
-        ax.imshow(mask(n, *prm), cmap="Blues", vmin=0, vmax=1.3)
+        ax.imshow(prm.dense(n, n).float(), cmap="Blues", vmin=0, vmax=1.3)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("key position s")
         ax.set_ylabel("query position p")

@@ -5,10 +5,11 @@ Importing this package never loads the compiled extension and never initialises 
 from ._backend import use_backend, available_backends, backend_info
 from .rope import Rope
 from . import ops
+from .mask import IntervalMask
 
 __version__ = "0.1.0"
 
-__all__ = ["Rope", "ops", "use_backend", "available_backends", "backend_info", "__version__"]
+__all__ = ["IntervalMask", "Rope", "ops", "use_backend", "available_backends", "backend_info", "__version__"]
 
 
 def __getattr__(name):

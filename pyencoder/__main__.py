@@ -29,6 +29,9 @@ def _info(_args):
     for name, (ok, reason) in _backend.backend_info().items():
         print(f"  {name:<10} {'available' if ok else 'unavailable'}"
               + ("" if ok else f": {reason}"))
+    print("op families (implemented backends, auto order on CUDA; CPU auto: reference):")
+    for fam in _backend.FAMILIES:
+        print(f"  {fam:<17} {', '.join(_backend.auto_order(fam))}")
     return 0
 
 

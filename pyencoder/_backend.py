@@ -6,13 +6,15 @@ Order of precedence: the per-call ``backend=`` argument, then the innermost
 that supports the case and never a different function: every backend computes the same op. A
 forced backend that cannot run the case raises ``RuntimeError`` saying why.
 
-Each op family has, per backend, an implementation module (imported lazily, so ``import
-pyencoder`` stays light) that exposes ``supports_<entry>(**args) -> str | None`` (None: supported;
-otherwise the reason) next to the entry points themselves.
+Op families: ``attention``, ``decode_attention``, ``conv``, ``convnext``. Each family's functional
+file (pyencoder/ops/<family>.py) imports its backend modules with plain imports, the reference from
+pyencoder/reference/ and the launchers beside it in pyencoder/ops/, and hands them to
+``register``. A backend module exposes ``supports_<entry>(**args) -> str | None`` (None: supported;
+otherwise the reason) next to the entry points themselves. Launcher modules import triton and
+their kernels only when they launch, so ``import pyencoder`` stays light.
 """
 import contextlib
 import contextvars
-import importlib
 import os
 import threading
 
@@ -37,20 +39,13 @@ def triton_version_note(version):
     return (f"triton {version} is outside the tested range triton{TRITON_SPEC}; the kernels may "
             "fail to compile or run")
 
-# (family, backend) -> implementation module
-_IMPL_MODULES = {
-    ("attention", "reference"): "pyencoder.reference.attention",
-    ("attention", "triton"): "pyencoder.ops._attention_triton",
-    ("conv", "reference"): "pyencoder.reference.conv",
-    ("conv", "cuda"): "pyencoder.ops._conv_cuda",
-    ("conv", "triton"): "pyencoder.ops._conv_triton",
-}
-
 # Auto preference, fastest first, for CUDA tensors. CPU tensors always use the reference in auto
 # mode: the Triton interpreter is a correctness tool, not a production path.
 _AUTO_ORDER = {
     "attention": ("triton", "cuda", "reference"),
+    "decode_attention": ("triton", "reference"),
     "conv": ("cuda", "triton", "reference"),
+    "convnext": ("triton", "reference"),
 }
 FAMILIES = tuple(_AUTO_ORDER)
 
@@ -159,21 +154,41 @@ def available_backends():
     return tuple(b for b, (ok, _) in backend_info().items() if ok)
 
 
-_module_cache = {}
+# (family, backend) -> implementation module, filled by register() from pyencoder/ops/<family>.py
+_IMPLS = {}
+
+
+class NoSuchBackendError(ValueError, RuntimeError):
+    """A forced backend that has no implementation of the op family at all: a bad argument
+    (ValueError) as much as a backend that cannot run the case (RuntimeError)."""
+
+
+def register(family, **modules):
+    """Register the backend modules of one op family: ``register("conv", reference=mod, ...)``."""
+    if family not in _AUTO_ORDER:
+        raise ValueError(f"register: unknown op family {family!r}; expected one of {FAMILIES}")
+    for backend, mod in modules.items():
+        _check_name(backend, f"register({family}, ...)")
+        _IMPLS[(family, backend)] = mod
+
+
+def implemented_backends(family):
+    """The backends with an implementation of ``family``, in BACKENDS order."""
+    return tuple(b for b in BACKENDS if (family, b) in _IMPLS)
+
+
+def auto_order(family):
+    """The implemented backends of ``family`` in auto preference order (fastest first, CUDA)."""
+    return tuple(b for b in _AUTO_ORDER[family] if (family, b) in _IMPLS)
 
 
 def impl_module(family, backend):
-    key = (family, backend)
-    if key not in _module_cache:
-        path = _IMPL_MODULES.get(key)
-        if path is None:
-            _module_cache[key] = (None, f"there is no {backend} implementation of the {family} ops")
-        else:
-            try:
-                _module_cache[key] = (importlib.import_module(path), None)
-            except ImportError as e:
-                _module_cache[key] = (None, f"the {backend} {family} backend failed to import: {e}")
-    return _module_cache[key]
+    """(module, None), or (None, why) when ``family`` has no ``backend`` implementation."""
+    mod = _IMPLS.get((family, backend))
+    if mod is None:
+        return None, (f"there is no {backend} implementation of the {family} ops (implemented: "
+                      f"{implemented_backends(family)})")
+    return mod, None
 
 
 def requested_backend(family, backend=None):
@@ -189,6 +204,8 @@ def requested_backend(family, backend=None):
 
 
 def _reason_for(family, backend, entry, device_type, args):
+    if (family, backend) not in _IMPLS:
+        return impl_module(family, backend)[1]
     r = _global_reason(backend)
     if r is not None:
         return r
@@ -212,7 +229,8 @@ def select(family, entry, device_type, args, backend=None):
     if req is not None and req != "auto":
         r = _reason_for(family, req, entry, device_type, args)
         if r is not None:
-            raise RuntimeError(f"pyencoder: backend {req!r} cannot run {family}.{entry} here: {r}")
+            err = NoSuchBackendError if (family, req) not in _IMPLS else RuntimeError
+            raise err(f"pyencoder: backend {req!r} cannot run {family}.{entry} here: {r}")
         return req
     if device_type == "cuda":
         for b in _AUTO_ORDER[family]:

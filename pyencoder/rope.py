@@ -39,7 +39,8 @@ class Rope:
         self.dim = dim
         self.base = base
         self.interleaved = interleaved
-        self._inv_freq = (1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))).float()
+        self._inv_freq = (1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64,
+                                                       device="cpu") / dim))).float()
         self._cache = {}
 
     def inv_freq(self, device=None):

@@ -214,8 +214,8 @@ def test_minus_inf_key_in_interior_block(backend):
 
 @pytest.mark.skipif(not has_triton(), reason="triton is not installed")
 def test_decode_kernel_nonfinite_matches_reference():
-    from pyencoder.streaming._decode_triton import decode_attention_triton
-    from pyencoder.streaming.ring import decode_attention_reference
+    from pyencoder.ops._decode_attention_triton import decode_attention_triton
+    from pyencoder.reference.decode_attention import decode_attention_reference
     B, H, M, D, cap = 2, 2, 5, 16, 13
     q = torch.randn(B, H, M, D)
     k, v = torch.randn(B, H, cap, D), torch.randn(B, H, cap, D)

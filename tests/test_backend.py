@@ -39,6 +39,8 @@ def test_cli_info_runs():
     assert out.returncode == 0, out.stderr
     for name in ("reference", "triton", "cuda"):
         assert name in out.stdout
+    assert "decode_attention  triton, reference" in out.stdout
+    assert "conv              cuda, triton, reference" in out.stdout
 
 
 def test_cpu_auto_is_reference():
@@ -92,3 +94,127 @@ def test_forced_reference_runs_everywhere():
     with pyencoder.use_backend("reference"):
         out = banded_attention(q, q, q, left=1, right=1)
     assert out.shape == q.shape
+
+
+# ---- one registry for every op family (issue 14 item 2) -----------------------------------------
+
+def test_every_family_registered_with_plain_imports():
+    """Each family's backends are modules its ops file imported (no import-by-string): the
+    reference from pyencoder.reference, the launchers from pyencoder.ops."""
+    import pyencoder.ops  # noqa: F401
+    assert set(_backend.FAMILIES) == {"attention", "decode_attention", "conv", "convnext"}
+    for fam in _backend.FAMILIES:
+        assert "reference" in _backend.implemented_backends(fam), fam
+        for b in _backend.implemented_backends(fam):
+            mod, why = _backend.impl_module(fam, b)
+            assert why is None
+            want = "pyencoder.reference." if b == "reference" else "pyencoder.ops._"
+            assert mod.__name__.startswith(want), (fam, b, mod.__name__)
+            assert callable(mod.forward) and callable(mod.supports_forward)
+    assert _backend.implemented_backends("convnext") == ("reference", "triton")
+    assert not hasattr(_backend, "importlib")
+
+
+def _needs_triton():
+    from conftest import has_triton
+    if not has_triton() or not (torch.cuda.is_available()
+                                or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs triton (a GPU, or TRITON_INTERPRET=1)")
+
+
+def _count(monkeypatch, mod):
+    calls = []
+    fwd = mod.forward
+
+    def counted(*a):
+        calls.append(1)
+        return fwd(*a)
+    monkeypatch.setattr(mod, "forward", counted)
+    return calls
+
+
+def _decode_args(dtype=torch.float32):
+    B, H, M, D, cap = 2, 2, 3, 16, 11
+    q = torch.randn(B, H, M, D, dtype=dtype)
+    k, v = torch.randn(2, B, H, cap, D, dtype=dtype)
+    n = torch.tensor([4, 2 * cap + 3])
+    qpos = (n - 2)[:, None] + torch.arange(M)
+    return (q, k, v, qpos, torch.tensor([M, 2]), n, pyencoder.Rope(8).inv_freq(q.device), False,
+            1, 5, 1, D ** -0.5)
+
+
+def test_use_backend_and_env_select_decode_attention(monkeypatch):
+    """Before: decode attention had its own choice and ignored use_backend / PYENCODER_BACKEND."""
+    _needs_triton()
+    from pyencoder.ops import _decode_attention_triton as DT
+    from pyencoder.ops.decode_attention import decode_attention
+    from pyencoder.reference import decode_attention as DR
+    tri, ref = _count(monkeypatch, DT), _count(monkeypatch, DR)
+    args = _decode_args()
+    expect = DR.decode_attention_reference(*args)
+    torch.testing.assert_close(decode_attention(*args), expect, rtol=0, atol=0)   # auto on CPU
+    assert (len(ref), len(tri)) == (1, 0)
+    with pyencoder.use_backend(decode_attention="triton"):
+        out = decode_attention(*args)
+        with pyencoder.use_backend("reference"):
+            decode_attention(*args)
+    assert (len(ref), len(tri)) == (2, 1)
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=2e-6)   # fp32: summation order
+    monkeypatch.setenv("PYENCODER_BACKEND", "triton")
+    decode_attention(*args)
+    assert (len(ref), len(tri)) == (2, 2)
+    with pyencoder.use_backend(decode_attention="reference"):
+        decode_attention(*args)
+    assert (len(ref), len(tri)) == (3, 2)
+    assert _backend.select("decode_attention", "forward", "cpu",
+                           dict(q=args[0], k_ring=args[1])) == "triton"
+
+
+def test_use_backend_reaches_the_streaming_decode(monkeypatch):
+    """A module's streaming step follows use_backend(decode_attention=...) too."""
+    _needs_triton()
+    from _stream_utils import rel_err, stream
+    from pyencoder.nn import BandedSelfAttention
+    from pyencoder.ops import _decode_attention_triton as DT
+    tri = _count(monkeypatch, DT)
+    m = BandedSelfAttention(16, 2, left=5, right=2)
+    x = torch.randn(2, 13, 16)
+    with torch.no_grad(), pyencoder.use_backend(decode_attention="triton"):
+        assert rel_err(stream(m, x, [3, 1, 5], 1, max_chunk=4), m(x)) <= 1e-5
+    assert tri
+
+
+def test_use_backend_and_env_select_convnext(monkeypatch):
+    """Before: convnext_dwconv_ln had a third selection mechanism (use_backend(convnext=...) was
+    an unknown family)."""
+    _needs_triton()
+    from pyencoder.ops import _convnext_triton as CT
+    from pyencoder.ops import convnext_dwconv_ln
+    from pyencoder.reference import convnext as CR
+    tri, ref = _count(monkeypatch, CT), _count(monkeypatch, CR)
+    x, w, s = torch.randn(2, 6, 5), torch.randn(6, 1, 4), torch.randn(2, 6, 3)
+    y0, f0 = convnext_dwconv_ln(x, w, initial_state=s, return_final_state=True)
+    assert (len(ref), len(tri)) == (1, 0)
+    with pyencoder.use_backend(convnext="triton"):
+        y1, f1 = convnext_dwconv_ln(x, w, initial_state=s, return_final_state=True)
+    assert (len(ref), len(tri)) == (1, 1)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(f1, f0, rtol=0, atol=0)
+    monkeypatch.setenv("PYENCODER_BACKEND", "triton")
+    convnext_dwconv_ln(x, w)
+    assert (len(ref), len(tri)) == (1, 2)
+    with pyencoder.use_backend(convnext="reference"):
+        convnext_dwconv_ln(x, w)
+    assert (len(ref), len(tri)) == (2, 2)
+
+
+def test_forced_backend_without_implementation_names_the_family():
+    q = torch.randn(1, 1, 2, 4)
+    with pytest.raises(ValueError, match=r"backend 'cuda' cannot run decode_attention.forward "
+                                         r"here: there is no cuda implementation"):
+        from pyencoder.ops.decode_attention import decode_attention
+        decode_attention(q, q, q, torch.zeros(1, 2, dtype=torch.long), torch.tensor([2]),
+                         torch.tensor([2]), None, False, 1, 1, 0, 0.5, backend="cuda")
+    with pytest.raises(RuntimeError, match=r"implemented: \('reference', 'triton'\)"):
+        with pyencoder.use_backend(convnext="cuda"):
+            pyencoder.ops.convnext_dwconv_ln(torch.randn(1, 4, 3), torch.randn(4, 1, 2))

@@ -16,16 +16,20 @@ Tolerances
   the error of the plain-torch composed ops in that dtype (which round the conv output too), with
   a floor of one ulp at the output scale.
 """
+import contextlib
 import random
 
 import pytest
 import torch
 
+import pyencoder
 from conftest import has_triton
 from pyencoder.models import DecoderConfig, StreamingDecoder
+from pyencoder.models.decoder import ConvNeXtBlock
 from pyencoder.ops import causal_conv1d, convnext_dwconv_ln
+from pyencoder.ops import _convnext_triton as CXT
 from pyencoder.ops import convnext as CX
-from pyencoder.ops.convnext import convnext_dwconv_ln_reference
+from pyencoder.reference.convnext import convnext_dwconv_ln_reference
 
 pytestmark = pytest.mark.skipif(not has_triton(), reason="triton is not installed")
 
@@ -106,10 +110,10 @@ def test_forward_fp32(case):
 def test_forward_channel_blocks(monkeypatch, block):
     """C above the per-program channel block: Chan-merged statistics + recompute, and a last
     block that is only partly valid."""
-    monkeypatch.setattr(CX, "_MAX_BLOCK_C", block)
+    monkeypatch.setattr(CXT, "_MAX_BLOCK_C", block)
     for C in (block + 3, 3 * block):
         a = make(2, C, 7, 5, torch.float32)
-        assert CX._tiles(C, 7)[2] > 1
+        assert CXT._tiles(C, 7)[2] > 1
         a["x"] = a["x"] * 3 + 5     # a large mean: the merged variance must not cancel
         y, f = run(a)
         ey, ef = ref64(a)
@@ -134,8 +138,8 @@ def test_poisoned_outputs_are_overwritten():
     a = make(B, C, L, K, torch.float32)
     y = torch.full((B, L, C), float("nan"))
     f = torch.full((B, C, K - 1), float("nan"))
-    CX._launch(a["x"], a["conv_weight"], a["conv_bias"], a["ln_weight"], a["ln_bias"],
-               a["initial_state"], EPS, y, f)
+    CXT._launch(a["x"], a["conv_weight"], a["conv_bias"], a["ln_weight"], a["ln_bias"],
+                a["initial_state"], EPS, y, f)
     assert not y.isnan().any() and not f.isnan().any()
     ey, ef = ref64(a)
     assert_fp32(y, ey)
@@ -276,8 +280,12 @@ def test_validation_errors():
 
 def test_auto_backend_on_cpu_is_reference():
     x = torch.randn(1, 4, 5)
-    assert CX._resolve(None, x, torch.randn(4, 1, 3)) == "reference"
-    assert not CX.triton_available(x)
+    assert CX.select_backend(x, torch.randn(4, 1, 3)) == "reference"
+    block = next(m for m in StreamingDecoder(tiny_decoder()).modules()
+                 if isinstance(m, ConvNeXtBlock))
+    assert not block._use_fused(torch.randn(1, 5, 12))     # auto: the composed ops on CPU
+    with pyencoder.use_backend(convnext="triton"):           # the registry decides, not the model
+        assert block._use_fused(torch.randn(1, 5, 12))
 
 
 def tiny_decoder(**over):
@@ -296,30 +304,34 @@ def test_decoder_fused_stream_equals_offline(monkeypatch):
     x = torch.randn(2, 17, 6)
     with torch.no_grad():
         ref = plain(x)
-        calls = force_triton(monkeypatch)
-        off = fused(x)
-        st = fused.init_state(2)
-        outs, t = [], 0
-        for n in (1, 3, 2, 6, 5):
-            y, st = fused.step(x[:, t:t + n], st)
+        with force_triton(monkeypatch) as calls:
+            off = fused(x)
+            st = fused.init_state(2)
+            outs, t = [], 0
+            for n in (1, 3, 2, 6, 5):
+                y, st = fused.step(x[:, t:t + n], st)
+                outs.append(y)
+                t += n
+            y, st = fused.flush(st)
             outs.append(y)
-            t += n
-        y, st = fused.flush(st)
-        outs.append(y)
     assert len(calls) == 2 * 6      # 2 blocks x (offline + 5 steps)
     torch.testing.assert_close(off, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat(outs, 1), off, rtol=1e-5, atol=1e-5)
 
 
+@contextlib.contextmanager
 def force_triton(monkeypatch):
-    """Force the fused op's Triton kernel (only it: the other ops keep their backends)."""
+    """Force the fused op's Triton kernel through the backend registry (use_backend(convnext=...):
+    only it, the other ops keep their backends); yields the list of its launches."""
     calls = []
+    launch = CXT.forward
 
-    def resolve(backend, x, w):
+    def counted(*args):
         calls.append(1)
-        return "triton"
-    monkeypatch.setattr(CX, "_resolve", resolve)
-    return calls
+        return launch(*args)
+    monkeypatch.setattr(CXT, "forward", counted)
+    with pyencoder.use_backend(convnext="triton"):
+        yield calls
 
 
 def test_decoder_fused_gradients_match_composed(monkeypatch):
@@ -328,8 +340,8 @@ def test_decoder_fused_gradients_match_composed(monkeypatch):
     plain.load_state_dict(fused.state_dict())
     x = torch.randn(1, 9, 6)
     plain(x).pow(2).sum().backward()
-    calls = force_triton(monkeypatch)
-    fused(x).pow(2).sum().backward()
+    with force_triton(monkeypatch) as calls:
+        fused(x).pow(2).sum().backward()
     assert calls
     gp = dict(plain.named_parameters())
     for n, p in fused.named_parameters():
@@ -411,7 +423,6 @@ def test_gpu_decoder_auto_fused_equals_composed():
 
 def test_torch_compile_fullgraph(monkeypatch):
     """The registered op traces whole (fake kernel + autograd) under torch.compile."""
-    force_triton(monkeypatch)
     a = make(2, 6, 5, 4, torch.float32, grad=True)
 
     def f(x, w, cb, g, b, s):
@@ -421,11 +432,13 @@ def test_torch_compile_fullgraph(monkeypatch):
 
     args = [a[k] for k in ("x", "conv_weight", "conv_bias", "ln_weight", "ln_bias",
                            "initial_state")]
-    out = torch.compile(f, backend="aot_eager", fullgraph=True)(*args)
-    out.backward()
-    got = [t.grad.clone() for t in args]
-    for t in args:
-        t.grad = None
-    f(*args).backward()
+    with force_triton(monkeypatch) as calls:
+        out = torch.compile(f, backend="aot_eager", fullgraph=True)(*args)
+        out.backward()
+        assert calls
+        got = [t.grad.clone() for t in args]
+        for t in args:
+            t.grad = None
+        f(*args).backward()
     for g, t in zip(got, args):
         torch.testing.assert_close(g, t.grad, rtol=1e-6, atol=1e-6)

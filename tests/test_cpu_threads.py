@@ -9,7 +9,7 @@ import torch
 import pyencoder
 from pyencoder import _cpu_threads as ct
 from pyencoder.reference import attention as ra
-from pyencoder.streaming.ring import decode_attention
+from pyencoder.ops.decode_attention import decode_attention
 
 
 @pytest.fixture

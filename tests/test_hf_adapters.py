@@ -57,8 +57,9 @@ def _out(model, x, mask=None):
 
 
 def _stream(model, x, sizes=(1, 7, 23, 150, 400)):
-    # ragged chunks: small ones make steps that emit no encoder or no adapter frame
-    enc = H.StreamingEncoder(model)
+    # ragged chunks: small ones make steps that emit no encoder or no adapter frame. ``model``: a
+    # patched transformers model (streamed by H.StreamingEncoder) or a streaming encoder
+    enc = model if hasattr(model, "init_state") else H.StreamingEncoder(model)
     state = enc.init_state(x.shape[0])
     outs, t = [], 0
     while t < x.shape[1]:

@@ -281,3 +281,44 @@ def test_autocast_keeps_f_linear_semantics():
         assert not L.uses_skinny_path(x, m.weight)
         y, r = m(x), F.linear(x, m.weight, m.bias)
     assert y.dtype == r.dtype == torch.bfloat16 and torch.equal(y, r)
+
+
+def _forbid_skinny(monkeypatch):
+    def boom(*a):
+        raise AssertionError("the CPU skinny GEMM ran")
+    monkeypatch.setattr(L, "_skinny", boom)
+
+
+def test_training_step_and_compile_never_take_skinny_path(monkeypatch):
+    """Issue 14 item 8: a training step of a model built from pyencoder.nn.Linear (3-row batch,
+    the skinny row range) and torch.compile'd inference run F.linear, never the CPU trick."""
+    from pyencoder.nn import BandedSelfAttention, TransformerLayer
+    layer = TransformerLayer(BandedSelfAttention(16, 2, left=2, right=1), 32).train()
+    ref = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    x = torch.randn(1, 3, 16)
+    y_eager = layer(x)
+    _forbid_skinny(monkeypatch)
+    y = layer(x)
+    torch.testing.assert_close(y, y_eager, rtol=0, atol=0)
+    y.pow(2).sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+    assert all(torch.equal(p, ref[n]) for n, p in layer.named_parameters())
+    m = Linear(16, 8)
+    f = torch.compile(lambda t: m(t), backend="eager", fullgraph=True)
+    with torch.no_grad():
+        x2 = torch.randn(3, 16)
+        torch.testing.assert_close(f(x2), F.linear(x2, m.weight, m.bias), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.gpu_quick
+def test_gpu_never_takes_skinny_path(monkeypatch):
+    """On CUDA tensors pyencoder.nn.Linear is F.linear, bit for bit, with or without autograd."""
+    _forbid_skinny(monkeypatch)
+    m = Linear(64, 32).cuda()
+    for rows in (1, 3, 5):
+        x = torch.randn(rows, 64, device="cuda")
+        assert not L.uses_skinny_path(x, m.weight)
+        with torch.no_grad():
+            assert torch.equal(m(x), F.linear(x, m.weight, m.bias))
+        assert torch.equal(m(x), F.linear(x, m.weight, m.bias))

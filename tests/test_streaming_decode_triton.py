@@ -5,7 +5,7 @@ import torch
 
 from conftest import has_triton
 from pyencoder import Rope
-from pyencoder.streaming.ring import decode_attention_reference
+from pyencoder.reference.decode_attention import decode_attention_reference
 
 pytestmark = pytest.mark.skipif(not has_triton(), reason="triton is not installed")
 
@@ -26,7 +26,7 @@ def _args(B, H, M, D, cap, rope, lo_off, hi_off, block, dtype, device):
 @pytest.mark.parametrize("rope", [None, Rope(8), Rope(16, interleaved=True)])
 @pytest.mark.parametrize("mask", [(1, 6, 2), (4, 8, 5), (1, -1, 0)])
 def test_decode_kernel_matches_reference(D, rope, mask):
-    from pyencoder.streaming._decode_triton import decode_attention_triton
+    from pyencoder.ops._decode_attention_triton import decode_attention_triton
     block, lo, hi = mask
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     args = _args(3, 2, 5, D, 13, rope, lo, hi, block, torch.float32, dev)
@@ -53,7 +53,7 @@ def test_module_step_with_triton_decode_equals_offline():
 def test_decode_kernel_half_on_gpu(dtype, tol):
     # Half inputs: the kernel rounds rotated q and p to the input dtype before tl.dot, the
     # reference stays in fp32; tolerance ~ a few ulp of the dtype on O(1) outputs.
-    from pyencoder.streaming._decode_triton import decode_attention_triton
+    from pyencoder.ops._decode_attention_triton import decode_attention_triton
     args = _args(3, 4, 7, 64, 300, Rope(64), 250, 3, 1, dtype, "cuda")
     ref = decode_attention_reference(*args).float()
     out = decode_attention_triton(*args).float()

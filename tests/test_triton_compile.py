@@ -3,7 +3,8 @@
 The interpreter tests (TRITON_INTERPRET=1) check semantics but not what the real compiler
 rejects (dot shapes and dtypes, constexpr misuse, type promotion, shared memory). This test runs
 the launchers themselves (pyencoder.ops._attention_triton, pyencoder.ops._conv_triton,
-pyencoder.ops.convnext, pyencoder.streaming._decode_triton) in a subprocess without TRITON_INTERPRET, on CPU tensors,
+pyencoder.ops._convnext_triton, pyencoder.ops._decode_attention_triton) in a subprocess without
+TRITON_INTERPRET, on CPU tensors,
 with ``JITFunction.run`` replaced by a recorder: each launch becomes a compile job (signature
 derived from the bound arguments the way triton.runtime.jit does, constexprs, num_warps,
 num_stages, and the target: attention tiles come from a per-architecture table, so attention
@@ -296,8 +297,7 @@ def _run_conv(rec, matrix):
 def _run_decode(rec, matrix):
     import torch
 
-    import pyencoder.streaming._decode_triton as DT
-    DT.supports = lambda q, k_ring: None
+    import pyencoder.ops._decode_attention_triton as DT
     dts = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     if matrix == "full":
         cases = [(dn, D, rope, lo) for dn in dts for D in (32, 64, 80, 128)
@@ -325,7 +325,7 @@ def _run_decode(rec, matrix):
 def _run_convnext(rec, matrix):
     import torch
 
-    import pyencoder.ops.convnext as CX
+    import pyencoder.ops._convnext_triton as CXT
     dts = (torch.float16, torch.bfloat16, torch.float32)
     # (C, K, state, bias/affine, channel_last): one channel block of 16 / 512 / 1024 channels in
     # registers, and 1536 channels looping over 2 blocks
@@ -343,7 +343,7 @@ def _run_convnext(rec, matrix):
             s = torch.randn(B, C, K - 1, dtype=dt) if st else None
             rec.case = (f"{str(dt)[6:]} C{C} K{K} state={st} affine={aff}" +
                         (" NLC" if cl else ""))
-            CX._triton_forward(x, torch.randn(C, 1, K, dtype=dt), v(), v(), v(), s, 1e-6)
+            CXT.forward(x, torch.randn(C, 1, K, dtype=dt), v(), v(), v(), s, 1e-6)
 
 
 def capture(matrix):

@@ -1,5 +1,5 @@
 """Triton decode-step attention over a ring KV cache (semantics:
-pyencoder.streaming.ring.decode_attention_reference).
+pyencoder.reference.decode_attention.decode_attention_reference).
 
 For slot b, head h and pending query row i < q_count[b] at absolute position p = q_pos[b, i]:
 

@@ -296,15 +296,15 @@ def _span_bounds(SPAN: tl.constexpr, start, a, bb, end_r):
 def _bias_setup(REL, GATE, rel_len, rel_offset, h, bh, rows, rmask, Nq, HAS_BIAS: tl.constexpr,
                 HAS_GATE: tl.constexpr):
     """Relative bias of head h for the query rows ``rows``: (table row pointer, float32 gate of
-    the rows (0.0 placeholder without a gate), table length, rel_offset); placeholders without a
-    bias."""
-    g = 0.0
-    row = REL
+    the rows (0.0 placeholder without a gate), table length, rel_offset); numeric placeholders
+    without a bias (a compiled function cannot return None)."""
+    res = (0, 0.0, 0, 0)
     if HAS_BIAS:
-        row = REL + h * rel_len
+        g = 0.0
         if HAS_GATE:
             g = tl.load(GATE + bh.to(tl.int64) * Nq + rows, mask=rmask, other=0.0)
-    return row, g, rel_len, rel_offset
+        res = (REL + h * rel_len, g, rel_len, rel_offset)
+    return res
 
 
 @triton.jit
@@ -764,11 +764,11 @@ def _interval_attention_bwd_dkdv_kernel(
               DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh,
               LSE + bh.to(tl.int64) * Nq, DELTA + bh.to(tl.int64) * Nq,
               stride_qn, stride_qd, stride_don, stride_dod)
-        hbias = (REL, GATE, rel_len, rel_offset)
+        hbias = (0, 0, 0, 0)
         if HAS_GATE:
             hbias = (REL + h * rel_len, GATE + bh.to(tl.int64) * Nq, rel_len, rel_offset)
         elif HAS_BIAS:
-            hbias = (REL + h * rel_len, GATE, rel_len, rel_offset)
+            hbias = (REL + h * rel_len, 0, rel_len, rel_offset)
         for span in tl.static_range(3):
             i_lo, i_hi = _span_bounds(span, start, a, bb, end_r)
             dk3, dv = _dkdv_span(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, hbias, i_lo, i_hi,

@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from ..mask import IntervalMask
 from ..ops.attention import interval_attention
 from ..ops.attention_dropout import interval_attention_dropout
 from ..rope import Rope
@@ -39,30 +40,44 @@ NAME = "pyencoder"
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """One layer's interval mask (see pyencoder.ops.attention) and rotary.
-
-    ``lookahead`` is how many frames past the query's own block this layer reads (the band's right
-    context, or the chunk's extra lookahead); ``left`` is None for unbounded history."""
-    block: int
-    lo_off: int
-    hi_off: int
-    lookahead: int
-    left: Optional[int]
+    """One layer's interval mask (a pyencoder.IntervalMask, formula in pyencoder/mask.py) and
+    rotary. The mask's derived values are read through: ``lookahead`` (the user's frames past the
+    query's own block: the band's right context, or the chunk's extra lookahead), ``left`` (None:
+    unbounded history), ``block``, ``lo_off``, ``hi_off``, ``lo(p)``, ``hi(p)``."""
+    mask: IntervalMask
     rope: Optional[Rope]
 
     @property
     def chunked(self):
-        return self.block > 1
+        return self.mask.block > 1
+
+    @property
+    def block(self):
+        return self.mask.block
+
+    @property
+    def lo_off(self):
+        return self.mask.lo_off
+
+    @property
+    def hi_off(self):
+        return self.mask.hi_off
+
+    @property
+    def lookahead(self):
+        return self.mask.lookahead
+
+    @property
+    def left(self):
+        return self.mask.left
 
     def hi(self, p):
         """Last absolute key position visible to query position p."""
-        return (p // self.block) * self.block + self.hi_off
+        return self.mask.hi(p)
 
     def lo(self, p):
         """First visible key position of query p (0 when unbounded)."""
-        if self.lo_off < 0:
-            return 0
-        return max(0, (p // self.block) * self.block - self.lo_off)
+        return self.mask.lo(p)
 
 
 def key_lengths_from_mask(attention_mask, batch_size, kv_length):
@@ -109,14 +124,13 @@ def run_spec(spec, q, k, v, key_lengths, scaling, dropout=0.0):
     """(B, H, N, D) interval attention of one layer; full attention when spec is None. dropout > 0:
     dropout on the probabilities (the blocked plain-torch training path)."""
     if spec is None:
-        block, lo_off, hi_off, rope = 1, -1, max(k.shape[2], 1), None
+        mask, rope = IntervalMask.full(k.shape[2]), None
     else:
-        block, lo_off, hi_off, rope = spec.block, spec.lo_off, spec.hi_off, spec.rope
+        mask, rope = spec.mask, spec.rope
     if dropout > 0.0:
-        return interval_attention_dropout(q, k, v, block=block, lo_off=lo_off, hi_off=hi_off,
-                                          dropout_p=dropout, rope=rope, key_lengths=key_lengths,
-                                          scale=scaling)
-    return interval_attention(q, k, v, block=block, lo_off=lo_off, hi_off=hi_off, rope=rope,
+        return interval_attention_dropout(q, k, v, mask=mask, dropout_p=dropout, rope=rope,
+                                          key_lengths=key_lengths, scale=scaling)
+    return interval_attention(q, k, v, mask=mask, rope=rope,
                               key_lengths=key_lengths, scale=scaling)
 
 

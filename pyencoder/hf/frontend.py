@@ -7,59 +7,41 @@ cumulative ones: for frame t (counting from the start of the stream, n_t = t + 1
     mean_t = sum_{u<=t} x_u / n_t,   var_t = max(sum_{u<=t} x_u^2 / n_t - mean_t^2, 0)
     y_t = (x_t - mean_t) / sqrt(var_t + eps) * weight + bias
 
-Sums are float64 and carried as a state (count, sum, sum of squares), computed as one sequential
+Sums are float64 and carried as a pyencoder.nn.RunningNormState (count, sum, sum of squares; the
+one running-norm state, also pyencoder.models' front end's), computed as one sequential
 cumulative sum seeded with the carried value, so the offline pass (time blocks of BLOCK frames) and
 any chunked stream add the same numbers in the same order. Memory: O(B * C * BLOCK) extra.
 A NaN / inf sample enters the running sums: that channel is NaN for the rest of the stream (see
 pyencoder.nn.norm).
 
 causal_pos_conv: the symmetric positional conv (k taps, padding k // 2, last frame dropped for even
-k) becomes causal with the same weights: output t reads inputs t - k + 1 .. t (zero history, or the
-streaming state of the last k - 1 inputs). Uses pyencoder.ops.causal_conv1d.
+k) becomes causal with the same weights: output t reads inputs t - k + 1 .. t (zero history).
+Uses pyencoder.ops.causal_conv1d.
 """
-from dataclasses import dataclass
-
 import torch
 
-from ..nn.norm import running_norm
+from ..nn.norm import RunningNormState, running_norm
 from ..ops.conv import causal_conv1d
-
-@dataclass
-class RunningNormState:
-    count: int
-    total: torch.Tensor    # (B, C) float64
-    total_sq: torch.Tensor  # (B, C) float64
-
-
-def init_running_norm_state(batch_size, channels, device=None):
-    z = torch.zeros(batch_size, channels, dtype=torch.float64, device=device)
-    return RunningNormState(0, z, z.clone())
 
 
 def running_group_norm(x, weight, bias, eps, state=None):
-    """x (B, C, T) -> (y (B, C, T), new state); ``state`` None starts a fresh stream. All streams of
-    the batch are at the same frame count (pyencoder.nn.norm.running_norm does the math)."""
+    """x (B, C, T) -> (y (B, C, T), new pyencoder.nn.RunningNormState); ``state`` None starts a
+    fresh stream (pyencoder.nn.norm.running_norm does the math; the patched offline forward)."""
     B, C, T = x.shape
     if state is None:
-        state = init_running_norm_state(B, C, x.device)
-    count = torch.full((B,), state.count, dtype=torch.int64, device=x.device)
-    y, tot, tot_sq = running_norm(x, weight, bias, eps, count, state.total, state.total_sq)
+        z = torch.zeros(B, C, dtype=torch.float64, device=x.device)
+        state = RunningNormState(torch.zeros(B, dtype=torch.int64, device=x.device), z, z)
+    y, tot, tot_sq = running_norm(x, weight, bias, eps, state.count, state.total, state.total_sq)
     return y, RunningNormState(state.count + T, tot.detach(), tot_sq.detach())
 
 
-def pos_conv_parts(pc):
-    """(weight, bias, groups, kernel) of a Wav2Vec2/Hubert/WavLM PositionalConvEmbedding."""
-    conv = pc.conv
-    return conv.weight, conv.bias, conv.groups, conv.kernel_size[0]
-
-
-def causal_pos_conv(pc, hidden_states, initial_state=None, return_state=False):
-    """hidden_states (B, N, C) -> positional embeddings (B, N, C), causal, same weights as ``pc``."""
+def causal_pos_conv(pc, hidden_states):
+    """hidden_states (B, N, C) -> positional embeddings (B, N, C), causal, same weights as ``pc``
+    (the patched model's offline forward; the stream runs pyencoder.models' positional conv on
+    the same weights)."""
     x = hidden_states.transpose(1, 2)
     if getattr(pc, "batch_norm", None) is not None:
         x = pc.batch_norm(x)
-    weight, bias, groups, _ = pos_conv_parts(pc)
-    y, final = causal_conv1d(x.contiguous(), weight, bias, groups=groups,
-                             initial_state=initial_state, return_final_state=True)
-    y = pc.activation(y).transpose(1, 2)
-    return (y, final) if return_state else y
+    conv = pc.conv
+    y = causal_conv1d(x.contiguous(), conv.weight, conv.bias, groups=conv.groups)
+    return pc.activation(y).transpose(1, 2)

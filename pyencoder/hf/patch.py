@@ -37,16 +37,17 @@ Instance forwards and the pre-hook are module-level callables, so a patched mode
 deep-copies) as far as the HF model itself does.
 """
 import functools
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 from torch import nn
 
+from ..mask import IntervalMask
 from ..ops._checks import check_int
 from ..rope import Rope, as_rope
-from ..streaming.latency import Latency
+from ..models.encoder import find_hf_base, hf_adapter_config
+from ..streaming.latency import compose
 from . import _compat
 from .attention import NAME, LayerSpec
 from .registry import is_registered, register
@@ -80,24 +81,10 @@ class PatchRecord:
         return [s.lookahead for s in self.specs]
 
 
-def _families():
-    from transformers import HubertModel, Wav2Vec2Model, WavLMModel
-    return {"wav2vec2": Wav2Vec2Model, "hubert": HubertModel, "wavlm": WavLMModel}
-
-
 def base_model(model):
-    """The Wav2Vec2Model / HubertModel / WavLMModel inside ``model`` (itself, or a head's base)."""
-    for fam, cls in _families().items():
-        if isinstance(model, cls):
-            return model, fam
-    prefix = getattr(model, "base_model_prefix", None)
-    inner = getattr(model, prefix, None) if isinstance(prefix, str) else None
-    for fam, cls in _families().items():
-        if isinstance(inner, cls):
-            return inner, fam
-    raise TypeError(f"apply_pyencoder_to_wav2vec2 supports Wav2Vec2Model, HubertModel, WavLMModel "
-                    f"and their heads (ForCTC, ForSequenceClassification, ...); got "
-                    f"{type(model).__name__}")
+    """(The Wav2Vec2Model / HubertModel / WavLMModel inside ``model`` (itself, or a head's base),
+    its family) (pyencoder.models.encoder.find_hf_base)."""
+    return find_hf_base(model, "apply_pyencoder_to_wav2vec2")
 
 
 def _check_model(base, family):
@@ -153,15 +140,11 @@ def _check_adapter(base, family):
     if ad is None:
         _compat.fail(f"{family}: config.add_adapter=True but the model has no `adapter` module")
     _compat.require_attrs(ad, ["layers", "proj", "proj_layer_norm"], f"{family} adapter")
-    for i, layer in enumerate(ad.layers):
-        conv = getattr(layer, "conv", None)
-        if not isinstance(conv, nn.Conv1d):
-            _compat.fail(f"{family} adapter layer {i} has no nn.Conv1d named conv")
-        k, p = conv.kernel_size[0], conv.padding
-        if (not isinstance(p, tuple) or conv.dilation[0] != 1 or conv.groups != 1
-                or conv.padding_mode != "zeros" or p[0] > k - 1):
-            _compat.fail(f"{family} adapter layer {i}: expected a zero-padded, undilated, "
-                         f"ungrouped Conv1d with padding <= kernel - 1; got {conv}")
+    try:
+        hf_adapter_config(base)
+    except NotImplementedError as e:
+        _compat.fail(f"{family}: {e}")
+    for layer in ad.layers:
         _compat.require_source(type(layer), "glu(", f"{type(layer).__name__} (conv + GLU)")
 
 
@@ -196,13 +179,9 @@ def build_specs(n_layers, head_dim, lookahead_frames, left_frames, lookahead_lay
     rp = as_rope(rope, head_dim)
     specs = []
     for r in r_list:
-        if chunk_size is None:
-            specs.append(LayerSpec(1, -1 if left_frames is None else left_frames, r, r,
-                                   left_frames, rp))
-        else:
-            lo = -1 if left_chunks is None else left_chunks * chunk_size
-            specs.append(LayerSpec(chunk_size, lo, chunk_size - 1 + r, r,
-                                   None if left_chunks is None else lo, rp))
+        mask = (IntervalMask.band(left_frames, r) if chunk_size is None else
+                IntervalMask.chunked(chunk_size, left_chunks, r))
+        specs.append(LayerSpec(mask, rp))
     return specs
 
 
@@ -496,51 +475,26 @@ def frame_ms(base):
     return frontend_geometry(base)[0] * 1000.0 / SAMPLE_RATE
 
 
-def lookahead_frames_total(specs, horizon=None):
-    """max over t of (last input frame needed by output frame t) - t through all layers."""
-    if not specs:
-        return 0
-    blocks = [s.block for s in specs]
-    period = 1
-    for b in blocks:
-        period = period * b // math.gcd(period, b)
-    horizon = horizon or min(2 * period + 1, 100000)
-    worst = 0
-    for t in range(horizon):
-        p = t
-        for s in reversed(specs):
-            p = s.hi(p)
-        worst = max(worst, p - t)
-    return worst
-
-
 def adapter_geometry(base):
     """[(kernel, stride, padding)] of the conv adapter's layers; [] without one."""
-    if not getattr(base.config, "add_adapter", False) or getattr(base, "adapter", None) is None:
+    cfg = hf_adapter_config(base) if getattr(base, "adapter", None) is not None else None
+    if not cfg:
         return []
-    return [(l.conv.kernel_size[0], l.conv.stride[0], l.conv.padding[0])
-            for l in base.adapter.layers]
+    return [(cfg["adapter_kernel_size"], cfg["adapter_stride"], cfg["adapter_padding"])] * \
+        cfg["num_adapter_layers"]
 
 
-def _adapter_lookahead_frames(specs, geometry):
-    """max over adapter output frames u of (last encoder-input frame it needs through the
-    adapter convs and every attention layer) - (last encoder frame of its own stride window)."""
-    stride = 1
-    for _, s, _ in geometry:
-        stride *= s
-    period = stride
-    for b in (sp.block for sp in specs):
-        period = period * b // math.gcd(period, b)
-    worst = None
-    for u in range(min(2 * period + 2, 100000)):
-        e = u
-        for k, s, p in reversed(geometry):
-            e = e * s - p + k - 1
-        for sp in reversed(specs):
-            e = sp.hi(e)
-        d = e - ((u + 1) * stride - 1)
-        worst = d if worst is None else max(worst, d)
-    return worst, stride
+def _rows(base, specs):
+    """The chain of a patched model for pyencoder.streaming.latency.compose: feature-extractor
+    convs, attention layers (exact interval ends), conv adapter layers."""
+    rows = []
+    for i, (k, st) in enumerate(zip(base.config.conv_kernel, base.config.conv_stride)):
+        rows.append((f"feature_extractor.conv_layers.{i}", "conv", st, k - st, None, 1))
+    for i, sp in enumerate(specs):
+        rows.append((f"encoder.layers.{i}", "attention", 1, sp.hi_off, sp.hi, sp.block))
+    for i, (k, st, p) in enumerate(adapter_geometry(base)):
+        rows.append((f"adapter.layers.{i}", "conv adapter", st, k - p - st, None, 1))
+    return rows
 
 
 def latency(model, sample_rate=SAMPLE_RATE):
@@ -554,7 +508,9 @@ def latency(model, sample_rate=SAMPLE_RATE):
     the output hop (feature-extractor hop x ``adapter_stride``), ``lookahead_frames`` counts
     encoder frames through every layer and the adapter, ``adapter_lookahead_frames`` /
     ``adapter_ms`` what the adapter adds. ``sample_rate`` only converts samples to ms (the
-    wav2vec2 family is trained at 16 kHz)."""
+    wav2vec2 family is trained at 16 kHz). The chain (conv layers, each layer's exact interval
+    end, adapter convs) is added up by ``pyencoder.streaming.latency.compose``, the code that
+    ``pyencoder.streaming.latency`` and ``CausalEncoder.latency`` use."""
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or \
             sample_rate <= 0:
         raise ValueError(f"sample_rate must be a positive number; got {sample_rate!r}")
@@ -564,22 +520,15 @@ def latency(model, sample_rate=SAMPLE_RATE):
         raise ValueError("latency: the model is not patched by pyencoder (full attention has "
                          "unbounded lookahead)")
     hop, rf = frontend_geometry(base)
-    attn_frames = lookahead_frames_total(record.specs)
-    geometry = adapter_geometry(base)
-    frames, stride = attn_frames, 1
-    if geometry:
-        frames, stride = _adapter_lookahead_frames(record.specs, geometry)
     fe = rf - hop
-    la = frames * hop + fe
-    breakdown = [("feature_extractor", "conv stack", hop, fe, fe),
-                 ("encoder", "attention", 1, attn_frames, attn_frames * hop)]
-    extra = {}
+    rows = _rows(base, record.specs)
+    n_fe = len(base.config.conv_kernel)
+    attn_frames = compose(rows[n_fe:n_fe + len(record.specs)], 1).lookahead_samples
+    geometry = adapter_geometry(base)
+    extra = dict(per_layer_lookahead=list(record.per_layer_lookahead),
+                 frontend_lookahead_samples=fe, encoder_hop=hop, _legacy_dict=True)
+    lat = compose(rows, sample_rate)
+    frames = (lat.lookahead_samples - fe) // hop
     if geometry:
-        breakdown.append(("adapter", "conv adapter", stride, frames - attn_frames,
-                          (frames - attn_frames) * hop))
-        extra = dict(adapter_stride=stride, adapter_lookahead_frames=frames - attn_frames)
-    out_hop = hop * stride
-    return Latency(samples=out_hop + la, ms=1000.0 * (out_hop + la) / sample_rate, hop=out_hop,
-                   lookahead_samples=la, sample_rate=int(sample_rate), breakdown=breakdown,
-                   lookahead_frames=frames, per_layer_lookahead=list(record.per_layer_lookahead),
-                   frontend_lookahead_samples=fe, encoder_hop=hop, _legacy_dict=True, **extra)
+        extra.update(adapter_stride=lat.hop // hop, adapter_lookahead_frames=frames - attn_frames)
+    return compose(rows, sample_rate, lookahead_frames=frames, **extra)

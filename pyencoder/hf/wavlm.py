@@ -52,8 +52,8 @@ def biased_interval_attention(q, k, v, gate, table, bucket_fn, spec, key_lengths
         return _core_attention(q, k, v, gate, table, bucket_fn, key_lengths=key_lengths,
                                scale=scale, q_offset=q_offset, k_offset=k_offset,
                                dropout_p=dropout_p)
-    return _core_attention(q, k, v, gate, table, bucket_fn, block=spec.block, lo_off=spec.lo_off,
-                           hi_off=spec.hi_off, rope=spec.rope, key_lengths=key_lengths,
+    return _core_attention(q, k, v, gate, table, bucket_fn, mask=spec.mask, rope=spec.rope,
+                           key_lengths=key_lengths,
                            scale=scale, q_offset=q_offset, k_offset=k_offset,
                            dropout_p=dropout_p)
 

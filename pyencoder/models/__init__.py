@@ -3,7 +3,9 @@ per-layer lookahead) and ``StreamingDecoder`` (Vocos-style causal ConvNeXt decod
 from .encoder import CausalEncoder, EncoderConfig, EncoderOutput, EncoderState
 from .decoder import ConvNeXtBlock, DecoderConfig, DecoderState, StreamingDecoder
 from .frontend import ConvFeatureExtractor, FeatureConv1d, RunningGroupNorm
+from .adapter import ConvAdapter, PaddedConv1d
 
 __all__ = ["CausalEncoder", "EncoderConfig", "EncoderOutput", "EncoderState",
            "StreamingDecoder", "DecoderConfig", "DecoderState", "ConvNeXtBlock",
-           "ConvFeatureExtractor", "FeatureConv1d", "RunningGroupNorm"]
+           "ConvFeatureExtractor", "FeatureConv1d", "RunningGroupNorm", "ConvAdapter",
+           "PaddedConv1d"]

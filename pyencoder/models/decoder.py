@@ -29,8 +29,7 @@ from ..nn.layer import TransformerLayer
 from ..nn.linear import Linear
 from ..nn.misc import Transpose
 from ..nn.refiner import Refiner
-from ..ops.convnext import convnext_dwconv_ln
-from ..ops.convnext import triton_available as convnext_triton_available
+from ..ops.convnext import convnext_dwconv_ln, select_backend as convnext_backend
 from ..streaming.sequential import StreamingSequential
 from ..streaming.state import StreamState, check_init_args, check_state, check_step_lengths, stamp
 
@@ -67,10 +66,11 @@ class ConvNeXtBlock(nn.Module):
     """Causal ConvNeXt block on (B, T, C): depthwise causal conv -> LayerNorm -> Linear -> GELU
     -> Linear -> layer scale -> residual.
 
-    ``fused``: None (auto: the fused conv + LayerNorm op pyencoder.ops.convnext_dwconv_ln with its
-    Triton kernel for CUDA inputs when triton is available, the composed ops otherwise), True
-    (always the fused op, whose own backend choice applies), False (composed ops). Both paths
-    compute the same function (the fused one rounds once after the LayerNorm)."""
+    ``fused``: None (auto: the fused conv + LayerNorm op pyencoder.ops.convnext_dwconv_ln when the
+    backend registry picks a kernel for it (family "convnext": its Triton kernel for CUDA inputs,
+    or whatever ``use_backend`` / ``PYENCODER_BACKEND`` force), the composed ops when it picks the
+    reference), True (always the fused op, with the registry's backend), False (composed ops).
+    Both paths compute the same function (the fused one rounds once after the LayerNorm)."""
 
     lookahead = 0
     hop = 1
@@ -89,7 +89,7 @@ class ConvNeXtBlock(nn.Module):
 
     def _use_fused(self, x):
         if self.fused is None:
-            return convnext_triton_available(x)
+            return convnext_backend(x.transpose(1, 2), self.dwconv.weight) != "reference"
         return bool(self.fused)
 
     def _fused(self, x, state=None):

@@ -3,8 +3,9 @@
 
     wav (B, L) -> ConvFeatureExtractor (valid or causal strided convs, LayerNorm / running
     GroupNorm / none, GELU) -> feature projection (LayerNorm, Linear) -> + causal positional conv
-    (optional) -> [post-LN: LayerNorm] -> L x TransformerLayer (banded or chunked interval
-    attention with RoPE inside the op, lookahead r_l in layer l) -> [pre-LN: LayerNorm]
+    (optional; HuBERT's BatchNorm before it) -> [post-LN: LayerNorm] -> L x TransformerLayer
+    (banded or chunked interval attention with RoPE inside the op, lookahead r_l in layer l; pre-LN
+    layers may end in an MMS attention adapter) -> [pre-LN: LayerNorm] -> [conv adapter]
 
 Each attention layer is pyencoder.nn.BandedSelfAttention (frame p sees [p - left, p + r_l]) or
 ChunkedSelfAttention (chunk c sees left_chunks chunks back and r_l frames past its end); with
@@ -23,6 +24,18 @@ same function as that model patched by ``pyencoder.hf.apply_pyencoder_to_wav2vec
 options; a WavLMModel (or head) gives the WavLM variant, its relative-bias table and gates included.
 No dropout anywhere (training-time dropout is left to the caller).
 
+``from_hf(..., share_weights=True)`` builds the encoder around the transformers model's own
+parameters instead of copies (what pyencoder.hf.StreamingEncoder streams): every parameter is the
+model's tensor (in-place edits, ``load_adapter`` and ``.to()`` of either are seen by both), the
+projections and feed-forward Linear layers are the model's nn.Linear modules run through
+pyencoder.nn.LinearView, the positional conv reads the model's weight-norm parametrisation at
+each call, and WavLM's layer 0 table is the model's nn.Embedding.
+
+Adapters (transformers' ``config.add_adapter`` and ``config.adapter_attn_dim``): the conv adapter
+after the encoder is pyencoder.models.adapter.ConvAdapter (strided: ``hop`` and ``latency()``
+include its stride and right context, the stream carries its windows); the attention adapters of
+pre-LN layers (MMS) are per frame (pyencoder.nn.AttentionAdapter).
+
 Limits: no SpecAugment masking; the WavLM relative bias is fused in the interval attention kernels
 offline (forward and backward), but streaming runs the plain-torch ring decode (no ``step_fixed``
 CUDA-graph step for the WavLM variant yet: the decode kernel has no bias input).
@@ -35,16 +48,18 @@ from torch import nn
 
 from ..nn.attention import BandedSelfAttention, ChunkedSelfAttention
 from ..nn.conv import CausalConv1d
-from ..nn.layer import TransformerLayer
-from ..nn.linear import Linear
+from ..nn.layer import AttentionAdapter, TransformerLayer
+from ..nn.linear import Linear, skinny_view
 from ..nn.relpos import WavLMSelfAttention
 from ..rope import Rope
 from ..streaming.latency import NotStreamableError, latency as composed_latency
-from ..streaming.sequential import StreamingSequential
+from ..streaming.sequential import PassState, StreamingSequential, cat_time
 from ..streaming.state import StreamState, check_init_args, check_state, check_step_lengths, stamp
+from .adapter import ConvAdapter
 from .frontend import ConvFeatureExtractor, FrontendState
 
-__all__ = ["EncoderConfig", "CausalEncoder", "EncoderOutput", "EncoderState"]
+__all__ = ["EncoderConfig", "CausalEncoder", "EncoderOutput", "EncoderState", "find_hf_base",
+           "hf_adapter_config"]
 
 FULL_CONTEXT = 1 << 24
 
@@ -73,13 +88,21 @@ class EncoderConfig:
     left_chunks: Optional[int] = None            # chunked: chunks of history (None: unbounded)
     lookahead: Optional[int] = 3                 # frames; None: full context (offline teacher)
     lookahead_layers: Union[str, Sequence[int]] = "first"   # "first", "all" or one int per layer
-    rope: Union[bool, int] = True                # True: RoPE on the whole head; int: rotary dim
+    rope: Union[bool, int, Rope] = True          # True: whole head; int: rotary dim; or a Rope
     rope_base: float = 10000.0
     max_context: int = 65536
     rel_pos_bias: bool = False                   # WavLM: gated relative position bias
     num_buckets: int = 320                       # WavLM: relative-position buckets
     max_bucket_distance: int = 800               # WavLM: distance of the last (log) bucket
     gated_rel_pos: bool = True                   # WavLM: per-query gate on the bias
+    pos_conv_batch_norm: bool = False            # HuBERT: BatchNorm1d before the positional conv
+    adapter_attn_dim: Optional[int] = None       # MMS attention adapters (pre-LN layers only)
+    add_adapter: bool = False                    # conv adapter after the encoder
+    adapter_hidden_size: Optional[int] = None    # its channels (None: hidden_size)
+    num_adapter_layers: int = 3
+    adapter_kernel_size: int = 3
+    adapter_stride: int = 2
+    adapter_padding: int = 1                     # zero frames on both sides of each adapter conv
 
     def layer_lookaheads(self):
         """Per-layer lookahead frames (None for full-context layers)."""
@@ -110,6 +133,7 @@ class EncoderState(StreamState):
     pos: Optional[StreamState]
     layers: StreamState
     out_lengths: torch.Tensor
+    adapter: Optional[StreamState] = None
 
 
 class FeatureProjection(nn.Module):
@@ -135,6 +159,10 @@ class CausalEncoder(nn.Module):
             raise ValueError(f"attention must be 'band' or 'chunked'; got {c.attention!r}")
         if c.pos_conv not in (None, "causal"):
             raise ValueError(f"pos_conv must be None or 'causal'; got {c.pos_conv!r}")
+        if c.adapter_attn_dim is not None and not c.norm_first:
+            raise ValueError(f"adapter_attn_dim ({c.adapter_attn_dim}): attention adapters follow "
+                             f"the feed-forward of pre-LN layers (norm_first=True); got "
+                             f"norm_first=False")
         if c.hidden_size % c.num_heads:
             raise ValueError(f"hidden_size ({c.hidden_size}) must be a multiple of num_heads "
                              f"({c.num_heads})")
@@ -153,9 +181,14 @@ class CausalEncoder(nn.Module):
                                          activation="gelu")
         else:
             self.pos_conv = None
+        # per frame in eval mode (running statistics); streaming.latency refuses it in training
+        self.pos_conv_norm = nn.BatchNorm1d(E) if c.pos_conv == "causal" and \
+            c.pos_conv_batch_norm else None
         self.layer_norm = nn.LayerNorm(E, eps=c.layer_norm_eps)
         head_dim = E // c.num_heads
-        if c.rope is True:
+        if isinstance(c.rope, Rope):
+            rope = c.rope
+        elif c.rope is True:
             rope = Rope(head_dim, base=c.rope_base)
         elif c.rope is False or c.rope is None:
             rope = None
@@ -185,9 +218,14 @@ class CausalEncoder(nn.Module):
                 att = ChunkedSelfAttention(E, c.num_heads, chunk_size=c.chunk_size,
                                            left_chunks=c.left_chunks, lookahead=r, rope=rope,
                                            max_context=c.max_context)
+            adapter = None if c.adapter_attn_dim is None else AttentionAdapter(
+                E, c.adapter_attn_dim)
             layers.append(TransformerLayer(att, c.ffn_dim, norm_first=c.norm_first,
-                                           layer_norm_eps=c.layer_norm_eps))
+                                           layer_norm_eps=c.layer_norm_eps, adapter=adapter))
         self.layers = StreamingSequential(*layers)
+        self.adapter = ConvAdapter(E, c.adapter_hidden_size or E, c.num_adapter_layers,
+                                   c.adapter_kernel_size, c.adapter_stride,
+                                   c.adapter_padding) if c.add_adapter else None
 
     # ---- geometry ----------------------------------------------------------------------------
     @property
@@ -196,12 +234,18 @@ class CausalEncoder(nn.Module):
 
     @property
     def hop(self):
-        """Waveform samples per output frame."""
-        return self.feature_extractor.hop
+        """Waveform samples per output frame (the conv adapter's stride included)."""
+        return self.feature_extractor.hop * (1 if self.adapter is None else self.adapter.stride)
 
     def frame_lengths(self, lengths):
-        """Valid output frames for waveforms of ``lengths`` samples (int or (B,) tensor)."""
+        """Valid encoder frames for waveforms of ``lengths`` samples (int or (B,) tensor), before
+        the conv adapter (``output_lengths`` counts the frames after it)."""
         return self.feature_extractor.out_length(lengths)
+
+    def output_lengths(self, lengths):
+        """Frames of ``last_hidden_state`` for waveforms of ``lengths`` samples."""
+        n = self.frame_lengths(lengths)
+        return n if self.adapter is None else self.adapter.out_length(n)
 
     def latency(self, sample_rate=16000):
         """Exact algorithmic latency (pyencoder.streaming.Latency)."""
@@ -220,7 +264,10 @@ class CausalEncoder(nn.Module):
         encoder has none): what causal positional-embedding distillation trains."""
         if self.pos_conv is None:
             return torch.zeros_like(h)
-        return self.pos_conv(h.transpose(1, 2)).transpose(1, 2)
+        x = h.transpose(1, 2)
+        if self.pos_conv_norm is not None:
+            x = self.pos_conv_norm(x)
+        return self.pos_conv(x).transpose(1, 2)
 
     def _pos(self, h):
         if self.pos_conv is None:
@@ -230,8 +277,9 @@ class CausalEncoder(nn.Module):
     def forward(self, wav, lengths=None, output_hidden_states=False):
         """wav (B, L) (or (B, 1, L)); ``lengths`` (B,) valid samples (right padding). Returns an
         EncoderOutput; ``hidden_states`` (with output_hidden_states) follows transformers 5: the
-        input of layer 0, then every layer's output (before a pre-LN model's final LayerNorm,
-        which only ``last_hidden_state`` gets)."""
+        input of layer 0, then every layer's output (before a pre-LN model's final LayerNorm and
+        the conv adapter, which only ``last_hidden_state`` gets). ``lengths`` of the output counts
+        the frames of ``last_hidden_state``."""
         if wav.dim() == 3 and wav.shape[1] == 1:
             wav = wav[:, 0]
         if wav.dim() != 2:
@@ -256,6 +304,9 @@ class CausalEncoder(nn.Module):
                 hs.append(h)
         if self.config.norm_first:
             h = self.layer_norm(h)
+        if self.adapter is not None:
+            h = self.adapter(h)
+            frames = None if frames is None else self.adapter.out_length(frames)
         return EncoderOutput(h, tuple(hs) if hs is not None else None, ext, frames)
 
     # ---- streaming ---------------------------------------------------------------------------
@@ -275,13 +326,38 @@ class CausalEncoder(nn.Module):
             batch_size, device=device, dtype=dtype)
         layers = self.layers.init_state(batch_size, device=device, dtype=dtype,
                                         max_chunk=max_chunk)
+        adapter = None if self.adapter is None else self.adapter.init_state(
+            batch_size, device=device, dtype=dtype)
         return stamp(self, EncoderState(frontend=fe, pos=pos, layers=layers,
                                         out_lengths=torch.zeros(batch_size, dtype=torch.int64,
-                                                                device=device)))
+                                                                device=device),
+                                        adapter=adapter))
 
-    def step(self, wav, state, lengths=None):
+    def _finish(self, y, state, lengths, final):
+        """Final LayerNorm (pre-LN) and the conv adapter on the encoder frames y (slot b's first
+        ``lengths[b]``); with ``final`` the adapter's right padding too."""
+        if self.config.norm_first:
+            y = self.layer_norm(y)
+        if self.adapter is None:
+            state.out_lengths = lengths
+            return y
+        y, state.adapter = self.adapter.step(y, state.adapter, lengths)
+        if final:
+            n1 = state.adapter.out_lengths
+            y2, state.adapter = self.adapter.flush(state.adapter)
+            tmp = PassState(out_lengths=n1)
+            y, _ = cat_time([y, y2], [n1, state.adapter.out_lengths], tmp, time_last=False)
+            state.adapter.out_lengths = tmp.out_lengths
+        state.out_lengths = state.adapter.out_lengths
+        return y
+
+    def step(self, wav, state, lengths=None, output_hidden_states=False):
         """Feed wav (B, n) samples (any n >= 0; ``lengths`` (B,) valid samples per slot). Returns
-        (y (B, m, E), state): slot b's new frames are the first ``state.out_lengths[b]`` rows."""
+        (y (B, m, E), state): slot b's new frames are the first ``state.out_lengths[b]`` rows.
+        With ``output_hidden_states``: ((y, hidden_states), state), hidden_states[0] the new
+        inputs of layer 0 and hidden_states[i + 1] the new outputs of layer i (slot b's first
+        ``state.layers.layers[i].out_lengths[b]`` rows; counts differ between depths while frames
+        are held back for lookahead)."""
         if wav.dim() == 3 and wav.shape[1] == 1:
             wav = wav[:, 0]
         if wav.dim() != 2:
@@ -296,58 +372,74 @@ class CausalEncoder(nn.Module):
         fl = state.frontend.out_lengths
         h, _ = self._embed(feats)
         if self.pos_conv is not None:
-            p, state.pos = self.pos_conv.step(h.transpose(1, 2), state.pos, fl)
+            x = h.transpose(1, 2)
+            if self.pos_conv_norm is not None:
+                x = self.pos_conv_norm(x)
+            p, state.pos = self.pos_conv.step(x, state.pos, fl)
             h = h + p.transpose(1, 2)
         if not self.config.norm_first:
             h = self.layer_norm(h)
-        y, state.layers = self.layers.step(h, state.layers, fl)
-        if self.config.norm_first:
-            y = self.layer_norm(y)
-        state.out_lengths = state.layers.out_lengths
+        hidden = [] if output_hidden_states else None
+        y, state.layers = self.layers.step(h, state.layers, fl, outputs=hidden)
+        y = self._finish(y, state, state.layers.out_lengths, final=False)
+        if hidden is not None:
+            return (y, (h, *hidden)), state
         return y, state
 
-    def flush(self, state):
-        """End of stream: the frames held back for lookahead. Returns (y (B, m, E), state)."""
+    def flush(self, state, output_hidden_states=False):
+        """End of stream: the frames held back for lookahead (and the conv adapter's last
+        windows). Returns (y (B, m, E), state), or ((y, hidden_states), state) as ``step``."""
         check_state(self, state, EncoderState)
-        y, state.layers = self.layers.flush(state.layers)
+        hidden = [] if output_hidden_states else None
+        y, state.layers = self.layers.flush(state.layers, outputs=hidden)
         B = state.out_lengths.shape[0]
         if y is None:
             y = self.layer_norm.weight.new_zeros(B, 0, self.config.hidden_size)
-        elif self.config.norm_first:
-            y = self.layer_norm(y)
-        state.out_lengths = state.layers.out_lengths
+        y = self._finish(y, state, state.layers.out_lengths, final=True)
+        if hidden is not None:
+            h0 = self.layer_norm.weight.new_zeros(B, 0, self.config.hidden_size)
+            return (y, (h0, *hidden)), state
         return y, state
 
     # ---- conversion --------------------------------------------------------------------------
     @classmethod
     def from_hf(cls, hf_model, *, lookahead=3, lookahead_layers="first", left=None, rope=True,
-                pos_conv="drop", chunk_size=None, left_chunks=None, num_layers=None):
+                pos_conv="drop", chunk_size=None, left_chunks=None, num_layers=None,
+                max_context=65536, share_weights=False):
         """A CausalEncoder with the weights of a transformers Wav2Vec2Model / HubertModel /
         WavLMModel (or a model with one inside, e.g. ...ForCTC; the head is not converted). For
         WavLM the config gets rel_pos_bias=True with the model's num_buckets and
-        max_bucket_distance, and the gates and layer 0's bucket table are copied. The options mean what they mean in
-        pyencoder.hf.apply_pyencoder_to_wav2vec2 (lookahead_frames=lookahead, left_frames=left,
-        pos_conv "drop" or "causal"); a GroupNorm front end becomes the running GroupNorm.
-        ``num_layers``: keep only the first layers (FocalCodec-Stream keeps 6 of WavLM-large's).
-        ``lookahead=None`` gives the full-context model (a teacher)."""
-        base, family = _hf_base(hf_model)
+        max_bucket_distance, and the gates and layer 0's bucket table are converted. The options
+        mean what they mean in pyencoder.hf.apply_pyencoder_to_wav2vec2 (lookahead_frames=lookahead,
+        left_frames=left, pos_conv "drop" or "causal"; ``rope`` also a pyencoder.Rope); a GroupNorm
+        front end becomes the running GroupNorm. ``num_layers``: keep only the first layers
+        (FocalCodec-Stream keeps 6 of WavLM-large's). ``lookahead=None`` gives the full-context
+        model (a teacher). Adapters are converted: the conv adapter (``config.add_adapter``) and
+        the attention adapters of pre-LN layers (``config.adapter_attn_dim``, MMS).
+
+        ``share_weights=False`` copies the parameters (an independent student); True shares them
+        with ``hf_model`` (module docstring; pyencoder.hf.StreamingEncoder's encoder)."""
+        base, family = find_hf_base(hf_model, "from_hf")
         hc = base.config
         if pos_conv not in ("drop", "causal"):
             raise ValueError(f"pos_conv must be 'drop' or 'causal'; got {pos_conv!r}")
-        if getattr(hc, "conv_pos_batch_norm", False):
-            raise NotImplementedError("models with conv_pos_batch_norm are not supported")
-        if getattr(hc, "add_adapter", False):
-            raise NotImplementedError("models with an adapter are not supported")
-        if getattr(hc, "hidden_act", "gelu") != "gelu" or \
-                getattr(hc, "feat_extract_activation", "gelu") != "gelu":
-            raise NotImplementedError(f"only GELU activations are supported; got hidden_act="
-                                      f"{hc.hidden_act!r}, feat_extract_activation="
-                                      f"{hc.feat_extract_activation!r}")
+        if not share_weights and (getattr(hc, "hidden_act", "gelu") != "gelu" or
+                                  getattr(hc, "feat_extract_activation", "gelu") != "gelu"):
+            raise NotImplementedError(f"only GELU activations are supported with copied weights "
+                                      f"(share_weights=True runs the model's own activation "
+                                      f"modules); got hidden_act={hc.hidden_act!r}, "
+                                      f"feat_extract_activation={hc.feat_extract_activation!r}")
         n_layers = hc.num_hidden_layers if num_layers is None else int(num_layers)
         if not 1 <= n_layers <= hc.num_hidden_layers:
             raise ValueError(f"num_layers must be in [1, {hc.num_hidden_layers}]; got {num_layers}")
         if chunk_size is not None and left is not None:
             raise ValueError("left is for the band mask; with chunk_size give left_chunks")
+        if share_weights not in (True, False):
+            raise TypeError(f"share_weights must be a bool; got {share_weights!r}")
+        pos_bn = pos_conv == "causal" and \
+            getattr(base.encoder.pos_conv_embed, "batch_norm", None) is not None
+        attn_adapter = getattr(base.encoder.layers[0], "adapter_layer", None)
+        adapter = hf_adapter_config(base)
         cfg = EncoderConfig(
             conv_dim=tuple(hc.conv_dim), conv_kernel=tuple(hc.conv_kernel),
             conv_stride=tuple(hc.conv_stride), conv_bias=bool(hc.conv_bias),
@@ -362,29 +454,78 @@ class CausalEncoder(nn.Module):
             attention="band" if chunk_size is None else "chunked", left=left,
             chunk_size=1 if chunk_size is None else chunk_size, left_chunks=left_chunks,
             lookahead=lookahead, lookahead_layers=lookahead_layers, rope=rope,
-            rel_pos_bias=family == "wavlm",
+            max_context=max_context, rel_pos_bias=family == "wavlm",
             num_buckets=int(getattr(hc, "num_buckets", 320)),
-            max_bucket_distance=int(getattr(hc, "max_bucket_distance", 800)))
-        model = cls(cfg)
+            max_bucket_distance=int(getattr(hc, "max_bucket_distance", 800)),
+            pos_conv_batch_norm=pos_bn,
+            adapter_attn_dim=None if attn_adapter is None else attn_adapter.linear_1.out_features,
+            add_adapter=bool(adapter), **(adapter or {}))
         p = next(base.parameters())
+        if share_weights:
+            with torch.device("meta"):
+                model = cls(cfg)
+            _share_hf_modules(model, base, cfg)
+            return model
+        model = cls(cfg)
         model.to(device=p.device, dtype=p.dtype)
         model.load_state_dict(_convert_state_dict(base, cfg), strict=True)
         return model
 
 
-def _hf_base(model):
+def find_hf_base(model, caller="from_hf"):
+    """(base model, family) of a transformers Wav2Vec2Model / HubertModel / WavLMModel, or of a
+    model with one inside (a head: its ``base_model_prefix`` attribute). The one finder for
+    pyencoder.models and pyencoder.hf."""
     from transformers import HubertModel, Wav2Vec2Model, WavLMModel
     fams = {"wav2vec2": Wav2Vec2Model, "hubert": HubertModel, "wavlm": WavLMModel}
-    for cand in (model, getattr(model, getattr(model, "base_model_prefix", "") or "", None)):
+    prefix = getattr(model, "base_model_prefix", None)
+    inner = getattr(model, prefix, None) if isinstance(prefix, str) and prefix else None
+    for cand in (model, inner):
         for fam, kls in fams.items():
             if isinstance(cand, kls):
                 return cand, fam
-    raise TypeError(f"from_hf expects a transformers Wav2Vec2Model / HubertModel / WavLMModel (or "
-                    f"a model around one); got {type(model).__name__}")
+    raise TypeError(f"{caller} supports Wav2Vec2Model, HubertModel, WavLMModel and their heads "
+                    f"(ForCTC, ForSequenceClassification, ...); got {type(model).__name__}")
 
 
-def _convert_state_dict(base, cfg):
-    """Map a transformers wav2vec2-family base model's parameters to CausalEncoder names."""
+def hf_adapter_config(base):
+    """EncoderConfig fields of the conv adapter (config.add_adapter), or None without one. Raises
+    with the reason where its conv is not the zero-padded strided Conv1d + GLU the stream
+    reproduces."""
+    if not getattr(base.config, "add_adapter", False):
+        return None
+    ad = getattr(base, "adapter", None)
+    if ad is None or not hasattr(ad, "layers") or not len(ad.layers):
+        raise NotImplementedError("config.add_adapter=True but the model has no `adapter` module "
+                                  "with conv layers")
+    geo = set()
+    for i, layer in enumerate(ad.layers):
+        conv = getattr(layer, "conv", None)
+        if not isinstance(conv, nn.Conv1d):
+            raise NotImplementedError(f"adapter layer {i} has no nn.Conv1d named conv")
+        k, s, pad = conv.kernel_size[0], conv.stride[0], conv.padding
+        if isinstance(pad, str) or conv.dilation[0] != 1 or conv.groups != 1 or \
+                conv.padding_mode != "zeros" or not 0 <= pad[0] <= k - 1 or \
+                conv.out_channels != 2 * conv.in_channels:
+            raise NotImplementedError(
+                f"adapter layer {i}: {conv} cannot be streamed as converted: expected an "
+                f"undilated, ungrouped Conv1d(C, 2C) with zero padding <= kernel - 1 (its window "
+                f"must end within the frames that have arrived plus the right padding at flush)")
+        geo.add((conv.in_channels, k, s, pad[0]))
+    if len(geo) != 1:
+        raise NotImplementedError(f"adapter layers differ ({sorted(geo)}); expected one geometry")
+    C, k, s, pad = geo.pop()
+    proj = getattr(ad, "proj", None)
+    if (proj is None) != (C == base.config.hidden_size):
+        raise NotImplementedError(f"adapter: {C} channels with proj={proj!r}; expected a proj "
+                                  f"exactly when the channels differ from hidden_size")
+    return dict(adapter_hidden_size=C, num_adapter_layers=len(ad.layers), adapter_kernel_size=k,
+                adapter_stride=s, adapter_padding=pad)
+
+
+def _hf_tensors(base, cfg):
+    """{CausalEncoder name: the transformers model's parameter or buffer} (the positional conv's
+    weight: its weight-norm parametrisation evaluated)."""
     sd = {}
     for i, layer in enumerate(base.feature_extractor.conv_layers):
         sd[f"feature_extractor.conv_layers.{i}.conv.weight"] = layer.conv.weight
@@ -403,19 +544,25 @@ def _convert_state_dict(base, cfg):
     enc = base.encoder
     if cfg.pos_conv == "causal":
         conv = enc.pos_conv_embed.conv
-        sd["pos_conv.weight"] = conv.weight.detach()   # weight-norm parametrisation evaluated
+        sd["pos_conv.weight"] = conv.weight   # weight-norm parametrisation evaluated
         sd["pos_conv.bias"] = conv.bias
+        if cfg.pos_conv_batch_norm:
+            for k, v in enc.pos_conv_embed.batch_norm.state_dict(keep_vars=True).items():
+                sd[f"pos_conv_norm.{k}"] = v
     sd["layer_norm.weight"] = enc.layer_norm.weight
     sd["layer_norm.bias"] = enc.layer_norm.bias
     names = ["attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.out_proj",
              "layer_norm", "feed_forward.intermediate_dense", "feed_forward.output_dense",
              "final_layer_norm"]
+    if cfg.adapter_attn_dim is not None:
+        names += ["adapter_layer.norm", "adapter_layer.linear_1", "adapter_layer.linear_2"]
     for i in range(cfg.num_layers):
         src = enc.layers[i]
         for n in names:
             m = src.get_submodule(n)
-            sd[f"layers.{i}.{n}.weight"] = m.weight
-            sd[f"layers.{i}.{n}.bias"] = m.bias
+            dst = n.replace("adapter_layer.", "adapter.")
+            sd[f"layers.{i}.{dst}.weight"] = m.weight
+            sd[f"layers.{i}.{dst}.bias"] = m.bias
         if cfg.rel_pos_bias:
             att = src.attention
             sd[f"layers.{i}.attention.gru_rel_pos_const"] = att.gru_rel_pos_const
@@ -423,4 +570,104 @@ def _convert_state_dict(base, cfg):
             sd[f"layers.{i}.attention.gru_rel_pos_linear.bias"] = att.gru_rel_pos_linear.bias
             if i == 0:
                 sd["layers.0.attention.rel_attn_embed.weight"] = att.rel_attn_embed.weight
-    return {k: v.detach().clone() for k, v in sd.items()}
+    if cfg.add_adapter:
+        ad = base.adapter
+        if ad.proj is not None:
+            for n in ("proj", "proj_layer_norm"):
+                sd[f"adapter.{n}.weight"] = getattr(ad, n).weight
+                sd[f"adapter.{n}.bias"] = getattr(ad, n).bias
+        for i, layer in enumerate(ad.layers):
+            sd[f"adapter.layers.{i}.conv.weight"] = layer.conv.weight
+            sd[f"adapter.layers.{i}.conv.bias"] = layer.conv.bias
+    return sd
+
+
+def _convert_state_dict(base, cfg):
+    """Copies of a transformers wav2vec2-family base model's tensors under CausalEncoder names."""
+    return {k: v.detach().clone() for k, v in _hf_tensors(base, cfg).items()}
+
+
+class SharedCausalConv1d(CausalConv1d):
+    """A CausalConv1d whose weight and bias are another Conv1d's, read at each call (a
+    transformers positional conv: its weight is a weight-norm parametrisation of g and v, so
+    gradients and in-place edits reach the model's own parameters), followed by that model's
+    activation module ``post``."""
+
+    def __init__(self, src, post):
+        super().__init__(src.in_channels, src.out_channels, src.kernel_size[0],
+                         groups=src.groups, bias=src.bias is not None, device="meta")
+        del self._parameters["weight"]
+        del self._parameters["bias"]
+        self.src = src
+        self.post = post
+
+    def forward(self, x):
+        return self.post(super().forward(x))
+
+    def step(self, x, state, lengths=None):
+        y, state = super().step(x, state, lengths)
+        return self.post(y), state
+
+    def step_fixed(self, x, state, check=False):
+        return self.post(super().step_fixed(x, state, check))
+
+    def _read(self, name):
+        src = self._modules.get("src")
+        if src is None:                      # during nn.Conv1d.__init__
+            if name in self._parameters:
+                return self._parameters[name]
+            raise AttributeError(name)
+        return getattr(src, name)
+
+    weight = property(lambda self: self._read("weight"))
+    bias = property(lambda self: self._read("bias"))
+
+
+def _share_hf_modules(model, base, cfg):
+    """Make the meta-built ``model`` run on ``base``'s own parameters (module docstring)."""
+    tensors = _hf_tensors(base, cfg)
+    if cfg.pos_conv == "causal":
+        for k in ("pos_conv.weight", "pos_conv.bias"):
+            tensors.pop(k)
+        pc = base.encoder.pos_conv_embed
+        model.pos_conv = SharedCausalConv1d(pc.conv, pc.activation)
+        if cfg.pos_conv_batch_norm:
+            for k in [k for k in tensors if k.startswith("pos_conv_norm.")]:
+                tensors.pop(k)
+            model.pos_conv_norm = base.encoder.pos_conv_embed.batch_norm
+    for src, dst in zip(base.feature_extractor.conv_layers, model.feature_extractor.conv_layers):
+        dst.conv.activation = None           # the model's own activation module, not a fused GELU
+        dst.activation = src.activation
+    for i in range(cfg.num_layers):
+        src, dst = base.encoder.layers[i], model.layers[i]
+        dst.feed_forward.act = src.feed_forward.intermediate_act_fn
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            setattr(dst.attention, n, skinny_view(getattr(src.attention, n)))
+        for n in ("intermediate_dense", "output_dense"):
+            setattr(dst.feed_forward, n, skinny_view(getattr(src.feed_forward, n)))
+        if cfg.adapter_attn_dim is not None:
+            dst.adapter = src.adapter_layer
+        if cfg.rel_pos_bias:
+            dst.attention.gru_rel_pos_linear = src.attention.gru_rel_pos_linear
+        hs = abs(dst.attention.scale - src.attention.scaling)
+        if hs > 1e-12:
+            raise ValueError(f"layer {i}: attention scaling {src.attention.scaling} is not "
+                             f"1/sqrt(head_dim)")
+    if cfg.rel_pos_bias:
+        table = base.encoder.layers[0].attention.rel_attn_embed
+        model.layers[0].attention.rel_attn_embed = table
+        for layer in list(model.layers)[1:]:
+            layer.attention.share_relative_bias(table)
+    for name, t in tensors.items():
+        mod_name, _, attr = name.rpartition(".")
+        mod = model.get_submodule(mod_name)
+        cur = getattr(mod, attr, None)
+        if cur is None or not cur.is_meta:
+            continue     # set above through a shared module
+        if not isinstance(t, nn.Parameter):
+            raise RuntimeError(f"from_hf(share_weights=True): {name} of the transformers model is "
+                               f"not a Parameter ({type(t).__name__})")
+        setattr(mod, attr, t)
+    left = [n for n, v in list(model.named_parameters()) + list(model.named_buffers()) if v.is_meta]
+    if left:
+        raise RuntimeError(f"from_hf(share_weights=True): no transformers tensor for {left}")

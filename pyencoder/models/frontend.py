@@ -201,7 +201,7 @@ class FeatureConvLayer(nn.Module):
     def forward(self, x):
         y = self.conv(x)
         if self.layer_norm is None:
-            return y
+            return self.activation(y)        # Identity when the GELU is fused into the conv
         return self.activation(self.layer_norm(y))
 
 
@@ -271,5 +271,7 @@ class ConvFeatureExtractor(nn.Module):
                 x = layer.activation(x)
             elif layer.layer_norm is not None:
                 x = layer.activation(layer.layer_norm(x))
+            else:
+                x = layer.activation(x)          # Identity when the GELU is fused
         state.out_lengths = lengths
         return x, state

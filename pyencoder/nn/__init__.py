@@ -5,7 +5,7 @@ from .attention import AttentionState, BandedSelfAttention, ChunkedSelfAttention
 from .relpos import RelPosAttentionState, WavLMSelfAttention
 from .conv import CausalConv1d, ConvState
 from .refiner import Refiner, RefinerState
-from .layer import FeedForward, LayerState, TransformerLayer
+from .layer import AttentionAdapter, FeedForward, LayerState, TransformerLayer
 from .misc import Transpose
 from .linear import Linear, LinearView
 from .norm import RunningGroupNorm, RunningNormState
@@ -15,4 +15,4 @@ __all__ = ["RotaryEmbedding", "BandedSelfAttention", "ChunkedSelfAttention", "At
            "WavLMSelfAttention", "RelPosAttentionState",
            "CausalConv1d", "ConvState", "Refiner", "RefinerState", "TransformerLayer",
            "FeedForward", "LayerState", "Linear", "LinearView", "Transpose", "RunningGroupNorm", "RunningNormState",
-           "StreamingSequential"]
+           "StreamingSequential", "AttentionAdapter"]

@@ -7,10 +7,12 @@ WavLM attention's state_dict loads as is; the 1/sqrt(head_dim) scaling is applie
 
 Offline ``forward`` is one call of pyencoder.ops.interval_attention over the whole sequence, RoPE
 applied inside the op. Streaming (``init_state`` / ``step`` / ``flush``): each new key is rotated
-once at its absolute position and written to a ring buffer (pyencoder.streaming.ring) of capacity
-lo_off + hi_off + max_chunk (band: left + right + max_chunk); queries are kept un-rotated until
-their last visible key hi(p) has arrived, then rotated at p and attended over the ring (Triton
-decode kernel on CUDA, the reference elsewhere). Rotating the cached keys once gives the same
+once at its absolute position and written to a ring buffer (layout:
+pyencoder.reference.decode_attention) of capacity lo_off + hi_off + max_chunk of the layer's
+``mask`` (a pyencoder.IntervalMask; band: left + right + max_chunk); queries are kept un-rotated
+until their last visible key mask.hi(p) has arrived, then rotated at p and attended over the ring
+(pyencoder.ops.decode_attention: the backend registry's choice, the Triton decode kernel on CUDA
+and the reference elsewhere in auto mode). Rotating the cached keys once gives the same
 float32 values the offline op computes for them (same elementwise formula), so a streamed output
 differs from the offline one only by the summation order of the dot products and the softmax sum.
 Steps longer than max_chunk are cut into pieces internally. With unbounded history (left=None /
@@ -38,9 +40,11 @@ import torch
 from torch import nn
 
 from ..ops._checks import check_module_input
-from ..ops.attention import band_params, chunked_params, interval_attention
+from ..mask import IntervalMask
+from ..ops.attention import interval_attention
 from ..rope import apply_rope, as_rope
-from ..streaming.ring import decode_attention, ring_write
+from ..ops.decode_attention import decode_attention
+from ..reference.decode_attention import ring_write
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
                                stamp)
 from .linear import Linear
@@ -69,10 +73,10 @@ class AttentionState(StreamState):
 
 
 class IntervalSelfAttention(nn.Module):
-    """Projections, offline forward and streaming of one interval mask (block, lo_off, hi_off);
+    """Projections, offline forward and streaming of one ``pyencoder.IntervalMask`` (``mask``);
     BandedSelfAttention, ChunkedSelfAttention and WavLMSelfAttention set the mask."""
 
-    def __init__(self, embed_dim, num_heads, block, lo_off, hi_off, rope, bias, max_context):
+    def __init__(self, embed_dim, num_heads, mask, rope, bias, max_context):
         super().__init__()
         if not isinstance(embed_dim, int) or not isinstance(num_heads, int) or num_heads < 1 \
                 or embed_dim < 1 or embed_dim % num_heads:
@@ -86,7 +90,9 @@ class IntervalSelfAttention(nn.Module):
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
-        self.block, self.lo_off, self.hi_off = block, lo_off, hi_off
+        if not isinstance(mask, IntervalMask):
+            raise TypeError(f"mask must be a pyencoder.IntervalMask; got {type(mask).__name__}")
+        self.mask = mask
         self.rope = as_rope(rope, self.head_dim)
         self.max_context = max_context
         self.decode_backend = None
@@ -95,12 +101,34 @@ class IntervalSelfAttention(nn.Module):
         self.q_proj = Linear(embed_dim, embed_dim, bias=bias)
         self.out_proj = Linear(embed_dim, embed_dim, bias=bias)
 
-    # Latency accounting: frames of future context a frame waits for, frames per input frame.
+    # The mask's ints, read by the streaming code and kept as attributes for compatibility.
+    @property
+    def block(self):
+        return self.mask.block
+
+    @property
+    def lo_off(self):
+        return self.mask.lo_off
+
+    @property
+    def hi_off(self):
+        return self.mask.hi_off
+
+    # Latency accounting: frames of future context a frame waits for (IntervalMask.latency()),
+    # frames per input frame.
     @property
     def lookahead(self):
-        return self.hi_off
+        return self.mask.latency()
 
     hop = 1
+
+    @property
+    def period(self):
+        return self.block
+
+    def last_input(self, t):
+        """The last frame that frame t sees (exact latency composition, streaming.latency)."""
+        return self.mask.hi(t)
 
     @property
     def scale(self):
@@ -115,8 +143,8 @@ class IntervalSelfAttention(nn.Module):
         check_module_input(x, 2, self.embed_dim, f"(B, T, {self.embed_dim})", self.q_proj.weight)
         B, T, E = x.shape
         q, k, v = self._heads(x, self.q_proj), self._heads(x, self.k_proj), self._heads(x, self.v_proj)
-        o = interval_attention(q, k, v, block=self.block, lo_off=self.lo_off, hi_off=self.hi_off,
-                               rope=self.rope, key_lengths=key_lengths, scale=self.scale)
+        o = interval_attention(q, k, v, mask=self.mask, rope=self.rope, key_lengths=key_lengths,
+                               scale=self.scale)
         return self.out_proj(o.transpose(1, 2).reshape(B, T, E))
 
     # ---- streaming -------------------------------------------------------------------------
@@ -245,8 +273,7 @@ class IntervalSelfAttention(nn.Module):
         qpos = (P - pend)[:, None] + ar[None, :]
         o = decode_attention(state.q[:, :, :n], state.k, state.v, qpos, state.out_lengths.fill_(n),
                              P + n, inv, False if self.rope is None else self.rope.interleaved,
-                             self.block, self.lo_off, self.hi_off, self.scale,
-                             backend=self.decode_backend)
+                             *self.mask.params, self.scale, backend=self.decode_backend)
         keep = self.hi_off
         if keep:
             state.q[:, :, :keep].copy_(state.q[:, :, n:n + keep].clone())
@@ -255,9 +282,9 @@ class IntervalSelfAttention(nn.Module):
 
     @property
     def lookahead_frames(self):
-        """Frames a query waits for beyond the end of its block (band: right; chunked:
-        lookahead)."""
-        return self.hi_off - self.block + 1
+        """Frames a query waits for beyond the end of its block (IntervalMask.lookahead: band:
+        right; chunked: lookahead)."""
+        return self.mask.lookahead
 
     def _steady_slots(self, state):
         """(B,) bool: slots in the steady state ``step_fixed`` needs (see its docstring)."""
@@ -336,7 +363,7 @@ class IntervalSelfAttention(nn.Module):
         inv = None if self.rope is None else self.rope.inv_freq(q.device)
         return decode_attention(q, state.k, state.v, q_pos, q_count, n_keys, inv,
                                 False if self.rope is None else self.rope.interleaved,
-                                self.block, self.lo_off, self.hi_off, self.scale,
+                                *self.mask.params, self.scale,
                                 backend=self.decode_backend)
 
     def _piece(self, x, lengths, state, final):
@@ -369,7 +396,7 @@ class IntervalSelfAttention(nn.Module):
         else:
             i = torch.arange(qcap, device=dev)[None, :]
             p = qp0[:, None] + i
-            hi = torch.div(p, self.block, rounding_mode="floor") * self.block + self.hi_off
+            hi = self.mask.hi(p)
             ready = ((i < np1[:, None]) & (hi <= (P1 - 1)[:, None])).sum(1)
         m = int(ready.max()) if B else 0
         if m == 0:
@@ -427,8 +454,8 @@ class BandedSelfAttention(IntervalSelfAttention):
 
     def __init__(self, embed_dim, num_heads, *, left, right, rope=True, bias=True,
                  max_context=65536):
-        block, lo, hi = band_params(left, right)
-        super().__init__(embed_dim, num_heads, block, lo, hi, rope, bias, max_context)
+        super().__init__(embed_dim, num_heads, IntervalMask.band(left, right), rope, bias,
+                         max_context)
         self.left, self.right = left, right
 
     def extra_repr(self):
@@ -443,8 +470,9 @@ class ChunkedSelfAttention(IntervalSelfAttention):
 
     def __init__(self, embed_dim, num_heads, *, chunk_size, left_chunks, lookahead=0, rope=True,
                  bias=True, max_context=65536):
-        block, lo, hi = chunked_params(chunk_size, left_chunks, lookahead)
-        super().__init__(embed_dim, num_heads, block, lo, hi, rope, bias, max_context)
+        super().__init__(embed_dim, num_heads,
+                         IntervalMask.chunked(chunk_size, left_chunks, lookahead), rope, bias,
+                         max_context)
         self.chunk_size, self.left_chunks, self.chunk_lookahead = chunk_size, left_chunks, lookahead
 
     def extra_repr(self):

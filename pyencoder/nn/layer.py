@@ -3,6 +3,10 @@
 y = x + attn(ln1(x)); y = y + ffn(ln2(y))            (norm_first=True, pre-LN like wav2vec2-large)
 y = ln1(x + attn(x)); y = ln2(y + ffn(y))            (norm_first=False, post-LN like wav2vec2-base)
 
+With an ``adapter`` (pre-LN only, as MMS's per-language attention adapters in wav2vec2's
+stable-layer-norm layers): y = y + adapter(y) after the feed-forward; ``AttentionAdapter`` is
+that block (LayerNorm -> Linear(E, A) -> ReLU -> Linear(A, E)), per frame.
+
 ffn = Linear(E, F) -> GELU -> Linear(F, E). Streaming: the attention holds queries back for
 lookahead; the layer holds the matching residual inputs in a buffer of the same capacity and
 releases them with the attention outputs, so step + flush equal the offline forward.
@@ -18,7 +22,7 @@ from ..streaming.state import (StreamState, check_init_args, check_state, check_
 from .attention import IntervalSelfAttention, concat_ragged, fresh_counters
 from .linear import Linear
 
-__all__ = ["TransformerLayer", "LayerState", "FeedForward"]
+__all__ = ["TransformerLayer", "LayerState", "FeedForward", "AttentionAdapter"]
 
 
 class FeedForward(nn.Module):
@@ -32,6 +36,20 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         return self.output_dense(self.act(self.intermediate_dense(x)))
+
+
+class AttentionAdapter(nn.Module):
+    """MMS-style bottleneck adapter (transformers' Wav2Vec2AttnAdapterLayer parameter names):
+    LayerNorm(E) -> Linear(E, adapter_dim) -> ReLU -> Linear(adapter_dim, E), per frame."""
+    def __init__(self, embed_dim, adapter_dim, eps=1e-5):
+        super().__init__()
+        self.norm = nn.LayerNorm(embed_dim, eps=eps)
+        self.linear_1 = Linear(embed_dim, adapter_dim)
+        self.act_fn = nn.ReLU()
+        self.linear_2 = Linear(adapter_dim, embed_dim)
+
+    def forward(self, x):
+        return self.linear_2(self.act_fn(self.linear_1(self.norm(x))))
 
 
 @dataclasses.dataclass
@@ -51,17 +69,26 @@ class TransformerLayer(nn.Module):
     """wav2vec2-style encoder layer (pre-LN with ``norm_first=True``, post-LN otherwise) around a
     BandedSelfAttention or ChunkedSelfAttention; streams with the attention's lookahead (module
     docstring)."""
-    def __init__(self, attention, ffn_dim, *, norm_first=True, layer_norm_eps=1e-5):
+    def __init__(self, attention, ffn_dim, *, norm_first=True, layer_norm_eps=1e-5,
+                 adapter=None):
         super().__init__()
         if not isinstance(attention, IntervalSelfAttention):
             raise TypeError(f"attention must be a BandedSelfAttention or ChunkedSelfAttention; got "
                             f"{type(attention).__name__}")
+        if adapter is not None and not norm_first:
+            raise ValueError("adapter: an attention adapter follows the feed-forward of a pre-LN "
+                             "layer (norm_first=True, wav2vec2's stable layer norm); got "
+                             "norm_first=False")
+        if adapter is not None and not isinstance(adapter, nn.Module):
+            raise TypeError(f"adapter must be None or a per-frame nn.Module; got "
+                            f"{type(adapter).__name__}")
         E = attention.embed_dim
         self.attention = attention
         self.layer_norm = nn.LayerNorm(E, eps=layer_norm_eps)
         self.feed_forward = FeedForward(E, ffn_dim)
         self.final_layer_norm = nn.LayerNorm(E, eps=layer_norm_eps)
         self.norm_first = norm_first
+        self.adapter = adapter
 
     @property
     def lookahead(self):
@@ -69,10 +96,18 @@ class TransformerLayer(nn.Module):
 
     hop = 1
 
+    @property
+    def period(self):
+        return self.attention.period
+
+    def last_input(self, t):
+        return self.attention.last_input(t)
+
     def _post(self, x, a):
         if self.norm_first:
             h = x + a
-            return h + self.feed_forward(self.final_layer_norm(h))
+            h = h + self.feed_forward(self.final_layer_norm(h))
+            return h if self.adapter is None else h + self.adapter(h)
         h = self.layer_norm(x + a)
         return self.final_layer_norm(h + self.feed_forward(h))
 

@@ -52,11 +52,12 @@ import torch
 from torch import nn
 
 from ..ops._checks import clamp_window
-from ..ops.attention import band_params, chunked_params, interval_attention, relative_offsets
+from ..mask import IntervalMask
+from ..ops.attention import interval_attention, relative_offsets
 from ..rope import apply_rope
 from ..reference.attention import (all_finite, finite_or_zero, nonfinite_rows, poisoned_rows,
                                    visible_key_ranges)
-from ..streaming.ring import nonfinite_guard, ring_positions
+from ..reference.decode_attention import nonfinite_guard, ring_positions
 from .attention import AttentionState, IntervalSelfAttention
 
 __all__ = ["WavLMSelfAttention", "RelPosAttentionState", "relative_position_bucket",
@@ -118,7 +119,7 @@ def _keep_scale(shape, p, generator, dtype, device):
     return noise.div_(1.0 - p)
 
 
-def biased_interval_attention(q, k, v, gate, table, bucket_fn, *, block=1, lo_off=-1,
+def biased_interval_attention(q, k, v, gate, table, bucket_fn, *, mask=None, block=1, lo_off=-1,
                               hi_off=_UNBOUNDED, rope=None, key_lengths=None, scale=None,
                               q_offset=0, k_offset=0, dropout_p=0.0, generator=None,
                               fused=True):
@@ -126,10 +127,11 @@ def biased_interval_attention(q, k, v, gate, table, bucket_fn, *, block=1, lo_of
 
     q (B, H, Nq, D), k and v (B, H, Nk, D), gate (B, H, Nq) or None (ungated), table
     (num_buckets, H); ``bucket_fn`` maps int64 relative positions (key - query) to bucket indices.
-    Mask: block, lo_off (< 0: unbounded), hi_off as in pyencoder.ops.attention (the defaults give
-    full attention); ``rope`` a pyencoder.Rope or None; key_lengths (B,) or None; integer absolute
-    offsets of the first query / key. Without dropout the call is pyencoder.ops.interval_attention
-    with the fused bias (kernels on a GPU). ``dropout_p`` > 0: dropout on the probabilities as in
+    Mask: ``mask``, a pyencoder.IntervalMask, or its loose ints block, lo_off (< 0: unbounded),
+    hi_off (the defaults give full attention); ``rope`` a pyencoder.Rope or None; key_lengths (B,)
+    or None; integer absolute offsets of the first query / key. Without dropout the call is
+    pyencoder.ops.interval_attention with the fused bias (kernels on a GPU). ``dropout_p`` > 0:
+    dropout on the probabilities as in
     pyencoder.ops.interval_attention_dropout (keep ~ Bernoulli(1 - p) drawn per tile from
     ``generator``, scaled by 1 / (1 - p)), on this module's plain-torch tiles. ``fused=False``
     runs those tiles without dropout too (the path before the fused bias; benchmarks compare the
@@ -137,6 +139,8 @@ def biased_interval_attention(q, k, v, gate, table, bucket_fn, *, block=1, lo_of
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
+    if mask is not None:
+        block, lo_off, hi_off = mask.params
     lo_off, hi_off = (-1 if lo_off < 0 else clamp_window(lo_off)), clamp_window(hi_off)
     if fused and not dropout_p:
         rel_bias, r0 = relative_bias_columns(table, bucket_fn, Nq, Nk, block=block,
@@ -226,7 +230,7 @@ class WavLMSelfAttention(IntervalSelfAttention):
     state_dict loads as is. ``has_relative_bias=False`` with ``rel_attn_embed=<layer 0's
     embedding>`` makes a later layer read layer 0's table (module docstring). ``gated=False``: no
     gate parameters, gate = 1. ``rope``: as in BandedSelfAttention (default False: WavLM's position
-    information is the relative bias). Latency: ``lookahead`` frames (hi_off), hop 1.
+    information is the relative bias). Latency: ``self.mask.latency()`` frames, hop 1.
     ``fused_bias`` (attribute, default True): offline attention on the op's fused bias (kernels on
     a GPU); False runs relpos' plain-torch tiles (the path before; for comparisons).
     """
@@ -245,13 +249,13 @@ class WavLMSelfAttention(IntervalSelfAttention):
                 raise ValueError(f"left_chunks / lookahead are for the chunked mask (chunk_size); "
                                  f"got left_chunks={left_chunks!r}, lookahead={lookahead!r} "
                                  f"without chunk_size")
-            block, lo, hi = band_params(left, right)
+            mask = IntervalMask.band(left, right)
         else:
             if left is not None or right is not None:
                 raise ValueError(f"left / right are for the band mask; with chunk_size give "
                                  f"left_chunks and lookahead (got left={left!r}, right={right!r})")
-            block, lo, hi = chunked_params(chunk_size, left_chunks, lookahead)
-        super().__init__(embed_dim, num_heads, block, lo, hi, rope, bias, max_context)
+            mask = IntervalMask.chunked(chunk_size, left_chunks, lookahead)
+        super().__init__(embed_dim, num_heads, mask, rope, bias, max_context)
         if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or num_buckets < 4:
             raise ValueError(f"num_buckets must be an int >= 4; got {num_buckets!r}")
         if not isinstance(max_distance, int) or max_distance <= num_buckets // 4:
@@ -322,9 +326,9 @@ class WavLMSelfAttention(IntervalSelfAttention):
         B, T, E = x.shape
         q, k, v = self._heads(x, self.q_proj), self._heads(x, self.k_proj), self._heads(x, self.v_proj)
         o = biased_interval_attention(q, k, v, self.gate(x), self.relative_bias_table(),
-                                      self.bucket, block=self.block, lo_off=self.lo_off,
-                                      hi_off=self.hi_off, rope=self.rope, key_lengths=key_lengths,
-                                      scale=self.scale, fused=self.fused_bias)
+                                      self.bucket, mask=self.mask, rope=self.rope,
+                                      key_lengths=key_lengths, scale=self.scale,
+                                      fused=self.fused_bias)
         return self.out_proj(o.transpose(1, 2).reshape(B, T, E))
 
     # ---- streaming -----------------------------------------------------------------------------
@@ -354,10 +358,8 @@ class WavLMSelfAttention(IntervalSelfAttention):
         if self.rope is not None:
             qr = apply_rope(qr, q_pos, self.rope.inv_freq(q.device), self.rope.interleaved)
         kpos = ring_positions(n_keys, state.k.shape[2])                    # (B, cap)
-        base = torch.div(q_pos, self.block, rounding_mode="floor") * self.block
-        vis = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= (base + self.hi_off)[:, :, None])
-        if self.lo_off >= 0:
-            vis = vis & (kpos[:, None, :] >= (base - self.lo_off)[:, :, None])
+        vis = ((kpos[:, None, :] >= self.mask.lo(q_pos)[:, :, None])
+               & (kpos[:, None, :] <= self.mask.hi(q_pos)[:, :, None]))
         rows = torch.arange(M, device=q.device)[None, :] < q_count[:, None]
         vis = (vis & rows[:, :, None])[:, None]                            # (B, 1, M, cap)
         bias = self.relative_bias_table().to(cdt)[self.bucket(kpos[:, None, :] - q_pos[:, :, None])]

@@ -36,12 +36,15 @@ Limits: float16, bfloat16, float32 (float64: use the reference); head_dim <= 256
 positions below 2**24 (exact in float32).
 """
 import os
+from typing import Optional, Tuple
 
 import torch
+from torch import Tensor
 
 from .._backend import _interpret
 from .._env import env_choice
 from ..rope import rope_cos_sin
+from ._triton_op import launch, triton_op
 
 _MAX_HEAD_DIM = 256
 _MAX_POSITION = 1 << 24
@@ -233,7 +236,7 @@ def _build_kernels():
     """(name -> (fixed_kernel, fixed_config, tuned_kernel_or_None)) built once, lazily."""
     import triton
 
-    from pyencoder.triton_kernels import interval_attention as ia
+    from ..triton_kernels import interval_attention as ia
 
     def cfg(m, n, w, s):
         return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
@@ -288,19 +291,20 @@ def _launch(name, grid_fn, args, consts, pinned=False):
     fixed, configs, tuners = _kernel(name)
     if tuners is None:
         bm, bn, warps, stages = _tile(configs)
-        fixed[grid_fn(bm, bn)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                               num_stages=stages)
+        launch(fixed)[grid_fn(bm, bn)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn,
+                                       num_warps=warps, num_stages=stages)
         return
     mode = "0" if pinned else _autotune_mode()
     if mode != "0":
-        tuners[mode][lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
+        launch(tuners[mode])[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args,
+                                                                                     **consts)
         return
     named = {"Q": args[0], "WIN_KEY": args[-1]}
     tiles = [_tile(c) for c in _default_configs(name, configs, named, consts, 1)] + [_FALLBACK]
     for i, (bm, bn, warps, stages) in enumerate(tiles):
         try:
-            fixed[grid_fn(bm, bn)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                                   num_stages=stages)
+            launch(fixed)[grid_fn(bm, bn)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn,
+                                           num_warps=warps, num_stages=stages)
             return
         except Exception as e:
             if i + 1 == len(tiles) or "OutOfResources" not in type(e).__name__:
@@ -465,8 +469,9 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
     delta = _new((B, Hq, Nq), q, torch.float32)
     pre, pre_cfg, _ = _kernel("pre")
     bm = pre_cfg.kwargs["BLOCK_M"]
-    pre[(_cdiv(Nq, bm), B * Hq)](out, dout, delta, *out.stride(), *dout.stride(), Hq, Nq, D,
-                                 BLOCK_M=bm, BLOCK_DV=max(16, _next_pow2(D)), num_warps=4)
+    launch(pre)[(_cdiv(Nq, bm), B * Hq)](out, dout, delta, *out.stride(), *dout.stride(), Hq,
+                                         Nq, D, BLOCK_M=bm, BLOCK_DV=max(16, _next_pow2(D)),
+                                         num_warps=4)
     win = _window_key(block, lo_off, hi_off, Nk)
     common = (Nq, Nk, D, half, rot, npass, block, lo_off, hi_off, q_offset, k_offset, tab_base,
               float(scale), float(scale) * _LOG2E, win)
@@ -481,3 +486,24 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
             Hq, Hk, Hq // Hk, *common)
     _launch("dkdv", lambda bm, bn: (_cdiv(Nk, bn), B * Hk), args, consts, pinned=deterministic)
     return result(dq, dk, dv)
+
+
+# ------------------------------------------------------------------------------------------------
+# Registered ops (pyencoder.ops._triton_op: torch.library.triton_op + wrap_triton); their autograd
+# is registered in pyencoder.ops.attention.
+
+@triton_op("pyencoder::interval_attention_triton", mutates_args=())
+def forward_op(q: Tensor, k: Tensor, v: Tensor, inv_freq: Optional[Tensor],
+               key_lengths: Optional[Tensor], block: int, lo_off: int, hi_off: int, q_offset: int,
+               k_offset: int, scale: float, interleaved: bool) -> Tuple[Tensor, Tensor]:
+    return forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
+                   scale, interleaved)
+
+
+@triton_op("pyencoder::interval_attention_triton_backward", mutates_args=())
+def backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                inv_freq: Optional[Tensor], key_lengths: Optional[Tensor], block: int, lo_off: int,
+                hi_off: int, q_offset: int, k_offset: int, scale: float, interleaved: bool,
+                deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    return backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off,
+                    q_offset, k_offset, scale, interleaved, deterministic)

@@ -15,9 +15,13 @@ Update: the conv reads the state (optionally through ``state_indices``) in one k
 state is gathered into a scratch buffer by a second kernel and scattered back into the pool by a
 third, so no kernel reads state that another of its programs writes.
 """
+from typing import Optional, Tuple
+
 import torch
+from torch import Tensor
 
 from ..reference.conv import _act_grad
+from ._triton_op import launch, triton_op
 
 _ACT = {None: 0, "silu": 1, "gelu": 2}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -82,7 +86,7 @@ def _launch_forward(x, weight, bias, state, state_indices, stride, groups, activ
         BLOCK_C = min(16, _next_pow2(C))
         BLOCK_T = min(128, max(16, _next_pow2(T)))
         grid = (triton_cdiv(T, BLOCK_T), triton_cdiv(C, BLOCK_C), B)
-        k._causal_conv1d_dw_fwd_kernel[grid](
+        launch(k._causal_conv1d_dw_fwd_kernel)[grid](
             x, weight, bias_arg, s_arg, idx, y, C, L, T, K, pad,
             *_strides3(x), weight.stride(0), weight.stride(2), *ss, *_strides3(y),
             BLOCK_C=BLOCK_C, BLOCK_T=BLOCK_T, **common)
@@ -93,7 +97,7 @@ def _launch_forward(x, weight, bias, state, state_indices, stride, groups, activ
         BLOCK_R = min(64, max(16, _next_pow2(CG * K)))
         NCO = triton_cdiv(COG, BLOCK_CO)
         grid = (triton_cdiv(T, BLOCK_T), groups * NCO, B)
-        k._causal_conv1d_grp_fwd_kernel[grid](
+        launch(k._causal_conv1d_grp_fwd_kernel)[grid](
             x, weight, bias_arg, s_arg, idx, y, CG, COG, L, T, K, pad, NCO,
             *_strides3(x), *_strides3(weight), *ss, *_strides3(y),
             IEEE=x.dtype == torch.float32, BLOCK_CO=BLOCK_CO, BLOCK_T=BLOCK_T, BLOCK_R=BLOCK_R,
@@ -110,7 +114,7 @@ def _launch_state(x, state, state_indices, stride, K, out):
     BLOCK_C = min(16, _next_pow2(C))
     BLOCK_P = min(64, _next_pow2(pad))
     grid = (triton_cdiv(pad, BLOCK_P), triton_cdiv(C, BLOCK_C), B)
-    k._causal_conv1d_state_fwd_kernel[grid](
+    launch(k._causal_conv1d_state_fwd_kernel)[grid](
         x, state if has_state else x, state_indices if state_indices is not None else x, out,
         C, L, L // stride, pad, *_strides3(x),
         *(_strides3(state) if has_state else (0, 0, 0)), *_strides3(out),
@@ -164,7 +168,7 @@ def backward(grad_y, grad_final_state, x, weight, bias, initial_state, stride, g
             BLOCK_C = min(16, _next_pow2(C))
             BLOCK_S = min(128, max(16, _next_pow2(LP)))
             grid = (triton_cdiv(LP, BLOCK_S), triton_cdiv(C, BLOCK_C), B)
-            k._causal_conv1d_dw_bwd_dx_kernel[grid](
+            launch(k._causal_conv1d_dw_bwd_dx_kernel)[grid](
                 g, weight, dxp, C, T, K, LP, *_strides3(g), weight.stride(0), weight.stride(2),
                 *_strides3(dxp), STRIDE=stride, BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S)
             BLOCK_J = min(16, _next_pow2(K))
@@ -175,7 +179,7 @@ def backward(grad_y, grad_final_state, x, weight, bias, initial_state, stride, g
             nsplit = triton_cdiv(B * ntb, per)
             part = torch.empty(nsplit, C, K, dtype=torch.float32, device=x.device)
             grid = (triton_cdiv(K, BLOCK_J), triton_cdiv(C, BLOCK_C), nsplit)
-            k._causal_conv1d_dw_bwd_dw_kernel[grid](
+            launch(k._causal_conv1d_dw_bwd_dw_kernel)[grid](
                 g, x, s_arg, part, C, L, T, K, pad, B, ntb, per, *_strides3(g), *_strides3(x),
                 *ss, STRIDE=stride, HAS_STATE=has_state, BLOCK_C=BLOCK_C, BLOCK_J=BLOCK_J,
                 BLOCK_T=BLOCK_T)
@@ -187,7 +191,7 @@ def backward(grad_y, grad_final_state, x, weight, bias, initial_state, stride, g
             BLOCK_R = min(64, max(16, _next_pow2(COG * K)))
             NCI = triton_cdiv(CG, BLOCK_CI)
             grid = (triton_cdiv(LP, BLOCK_S), groups * NCI, B)
-            k._causal_conv1d_grp_bwd_dx_kernel[grid](
+            launch(k._causal_conv1d_grp_bwd_dx_kernel)[grid](
                 g, weight, dxp, CG, COG, T, K, LP, NCI, *_strides3(g), *_strides3(weight),
                 *_strides3(dxp), STRIDE=stride, IEEE=ieee, BLOCK_CI=BLOCK_CI, BLOCK_S=BLOCK_S,
                 BLOCK_R=BLOCK_R)
@@ -201,7 +205,7 @@ def backward(grad_y, grad_final_state, x, weight, bias, initial_state, stride, g
             nsplit = triton_cdiv(B * ntb, per)
             part = torch.empty(nsplit, Cout, CG * K, dtype=torch.float32, device=x.device)
             grid = (triton_cdiv(CG * K, BLOCK_R), groups * NCO, nsplit)
-            k._causal_conv1d_grp_bwd_dw_kernel[grid](
+            launch(k._causal_conv1d_grp_bwd_dw_kernel)[grid](
                 g, x, s_arg, part, CG, COG, L, T, K, pad, B, ntb, per, NCO, Cout,
                 *_strides3(g), *_strides3(x), *ss, STRIDE=stride, HAS_STATE=has_state,
                 IEEE=ieee, BLOCK_CO=BLOCK_CO, BLOCK_R=BLOCK_R, BLOCK_T=BLOCK_T)
@@ -231,7 +235,7 @@ def update(x, state, weight, bias, state_indices, groups, activation):
         n = C * (K - 1)
         if state.stride(2) == 1 and state.stride(1) == K - 1:
             BLOCK = min(1024, _next_pow2(n))
-            k._causal_conv1d_state_scatter_kernel[(triton_cdiv(n, BLOCK), B)](
+            launch(k._causal_conv1d_state_scatter_kernel)[(triton_cdiv(n, BLOCK), B)](
                 new, idx if idx is not None else x, state, n, new.stride(0), state.stride(0),
                 HAS_IDX=idx is not None, BLOCK=BLOCK)
         elif idx is None:
@@ -240,3 +244,34 @@ def update(x, state, weight, bias, state_indices, groups, activation):
             valid = (idx >= 0).nonzero().squeeze(-1)
             state.index_copy_(0, idx[valid].long(), new[valid])
     return y
+
+
+# ------------------------------------------------------------------------------------------------
+# Registered ops (pyencoder.ops._triton_op: torch.library.triton_op + wrap_triton); their autograd
+# is registered in pyencoder.ops.conv. ``activation`` is "" for None, as in
+# pyencoder::causal_conv1d.
+
+def _act(a):
+    return None if a == "" else a
+
+
+@triton_op("pyencoder::causal_conv1d_triton", mutates_args=())
+def forward_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_state: Optional[Tensor],
+               stride: int, groups: int, activation: str) -> Tuple[Tensor, Tensor]:
+    return forward(x, weight, bias, initial_state, stride, groups, _act(activation))
+
+
+@triton_op("pyencoder::causal_conv1d_triton_backward", mutates_args=())
+def backward_op(grad_y: Tensor, grad_final_state: Optional[Tensor], x: Tensor, weight: Tensor,
+                bias: Optional[Tensor], initial_state: Optional[Tensor], stride: int, groups: int,
+                activation: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dinitial_state); an empty tensor where bias / initial_state is None."""
+    dx, dw, db, ds = backward(grad_y, grad_final_state, x, weight, bias, initial_state, stride,
+                              groups, _act(activation))
+    return dx, dw, x.new_empty(0) if db is None else db, x.new_empty(0) if ds is None else ds
+
+
+@triton_op("pyencoder::causal_conv1d_triton_update", mutates_args=("state",))
+def update_op(x: Tensor, state: Tensor, weight: Tensor, bias: Optional[Tensor],
+              state_indices: Optional[Tensor], groups: int, activation: str) -> Tensor:
+    return update(x, state, weight, bias, state_indices, groups, _act(activation))

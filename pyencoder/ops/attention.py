@@ -1,13 +1,15 @@
 """Interval attention: banded (left, right) and chunked (chunk_size, left_chunks, lookahead) masks,
 with RoPE applied inside the kernels (DESIGN.md, "One attention: interval attention").
 
-One registered op, ``pyencoder::interval_attention`` (forward, returns out and log-sum-exp) with its
-backward ``pyencoder::interval_attention_backward``, serves both public functions. The mask is
-described by three ints (block, lo_off, hi_off):
-
-    base(p) = (p // block) * block;  lo(p) = base(p) - lo_off (lo_off < 0: -inf);  hi(p) = base(p) + hi_off
-
-band(left, right) = (1, left, right); chunked(c, lc, la) = (c, lc*c, c - 1 + la).
+Registered ops: ``pyencoder::interval_attention`` (forward, returns out and log-sum-exp) with its
+backward ``pyencoder::interval_attention_backward``, an opaque custom op that runs the backend
+named by its last argument (the reference on any device; it accepts "triton" too), and for the
+triton backend the ``torch.library.triton_op`` pair ``pyencoder::interval_attention_triton`` /
+``pyencoder::interval_attention_triton_backward`` (pyencoder.ops._attention_triton), which
+torch.compile traces down to the Triton kernels. The public functions call the triton_op when the
+registry picks triton, the custom op otherwise; both carry the autograd formula below. The mask is
+a ``pyencoder.IntervalMask`` (pyencoder/mask.py holds its formula); the registered ops and the
+backends take its three ints (block, lo_off, hi_off) at their boundary.
 
 Relative-position bias (DESIGN.md, "Relative bias"; WavLM's gated bias, T5/ALiBi-style plain
 biases): with ``rel_bias`` (Hq, L) the score of query position p and key position s gains
@@ -17,8 +19,9 @@ biases): with ``rel_bias`` (Hq, L) the score of query position p and key positio
 a dense per-head vector over the call's relative offsets (``relative_offsets`` gives the range a
 call can see; bucketing, e.g. WavLM's T5 buckets, is done by the caller once per call:
 ``rel_bias = table[bucket(arange(r_min, r_max + 1))].T``). The biased calls go through a second
-registered op, ``pyencoder::interval_attention_biased`` (and its backward, which also returns the
-gradients of rel_bias and gate); the unbiased op is unchanged.
+opaque custom op, ``pyencoder::interval_attention_biased`` (and its backward, which also returns
+the gradients of rel_bias and gate), on every backend (triton included: no triton_op for the
+biased kernels yet); the unbiased ops are unchanged.
 """
 from typing import Optional, Tuple
 
@@ -27,13 +30,18 @@ from torch import Tensor
 
 from .. import _backend
 from .._env import env_flag
+from ..mask import IntervalMask, as_mask
+from ..reference import attention as _reference
 from ..rope import Rope
+from . import _attention_triton as _triton
 from ._autograd import forbid_double_backward
 from ._checks import (MAX_POSITION, check_float_dtype, check_int, check_lengths, check_same,
-                      check_scale, check_tensor, clamp_window, is_int, value_checks_enabled)
+                      check_scale, check_tensor, value_checks_enabled)
 
 __all__ = ["banded_attention", "chunked_attention", "interval_attention", "band_params",
            "chunked_params", "relative_offsets"]
+
+_backend.register("attention", reference=_reference, triton=_triton)
 
 
 @torch.library.custom_op("pyencoder::interval_attention", mutates_args=())
@@ -74,11 +82,14 @@ def _(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_o
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
-     interleaved, backend) = inputs
+    # inputs: the op's arguments; pyencoder::interval_attention has a trailing backend string,
+    # pyencoder::interval_attention_triton (the triton backend's triton_op) has none.
+    q, k, v, inv_freq, key_lengths = inputs[:5]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, inv_freq, key_lengths)
-    ctx.params = (block, lo_off, hi_off, q_offset, k_offset, scale, interleaved, backend)
+    ctx.params = tuple(inputs[5:12])
+    ctx.backend = inputs[12] if len(inputs) > 12 else None
+    ctx.n_inputs = len(inputs)
 
 
 def deterministic_backward():
@@ -90,16 +101,18 @@ def deterministic_backward():
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, inv_freq, key_lengths = ctx.saved_tensors
-    block, lo_off, hi_off, q_offset, k_offset, scale, interleaved, backend = ctx.params
-    dq, dk, dv = _interval_attention_bwd_op(dout.contiguous(), q, k, v, out, lse, inv_freq,
-                                            key_lengths, block, lo_off, hi_off, q_offset,
-                                            k_offset, scale, interleaved, backend,
-                                            deterministic_backward())
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    args = (dout.contiguous(), q, k, v, out, lse, inv_freq, key_lengths, *ctx.params)
+    if ctx.backend is None:
+        dq, dk, dv = _triton.backward_op(*args, deterministic_backward())
+    else:
+        dq, dk, dv = _interval_attention_bwd_op(*args, ctx.backend, deterministic_backward())
+    return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 
 _interval_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_triton.forward_op.register_autograd(_backward, setup_context=_setup_context)
 forbid_double_backward(_interval_attention_bwd_op, "interval attention")
+forbid_double_backward(_triton.backward_op, "interval attention")
 
 
 @torch.library.custom_op("pyencoder::interval_attention_biased", mutates_args=())
@@ -218,18 +231,13 @@ def _validate_bias(q, k, rel_bias, gate, rel_offset, block, lo_off, hi_off, q_of
 
 
 def band_params(left, right):
-    check_int("left", left, min_value=0, allow_none=True)
-    check_int("right", right, min_value=0)
-    return 1, (-1 if left is None else clamp_window(left)), clamp_window(right)
+    """(block, lo_off, hi_off) of ``IntervalMask.band(left, right)`` (older API)."""
+    return IntervalMask.band(left, right).params
 
 
 def chunked_params(chunk_size, left_chunks, lookahead):
-    check_int("chunk_size", chunk_size, min_value=1)
-    check_int("left_chunks", left_chunks, min_value=0, allow_none=True)
-    check_int("lookahead", lookahead, min_value=0)
-    chunk_size = clamp_window(chunk_size)
-    lo = -1 if left_chunks is None else clamp_window(left_chunks * chunk_size)
-    return chunk_size, lo, clamp_window(chunk_size - 1 + clamp_window(lookahead))
+    """(block, lo_off, hi_off) of ``IntervalMask.chunked(...)`` (older API)."""
+    return IntervalMask.chunked(chunk_size, left_chunks, lookahead).params
 
 
 def _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale):
@@ -265,22 +273,19 @@ def _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale):
     check_scale(scale)
 
 
-def interval_attention(q, k, v, *, block, lo_off, hi_off, rope=None, key_lengths=None,
-                       q_offset=0, k_offset=0, scale=None, backend=None, return_lse=False,
-                       rel_bias=None, gate=None, rel_offset=None):
-    """The general op: see the module docstring for (block, lo_off, hi_off). ``block`` is an int
-    >= 1, ``lo_off`` an int >= -1 (-1: unbounded history), ``hi_off`` an int.
+def interval_attention(q, k, v, *, mask=None, rope=None, key_lengths=None, q_offset=0,
+                       k_offset=0, scale=None, backend=None, return_lse=False, block=None,
+                       lo_off=None, hi_off=None, rel_bias=None, gate=None, rel_offset=None):
+    """The general op over any ``pyencoder.IntervalMask`` ``mask`` (see pyencoder/mask.py for the
+    formula). The loose ints ``block``, ``lo_off``, ``hi_off`` (all three, instead of ``mask``)
+    are still accepted: they build ``IntervalMask(block, lo_off, hi_off)``.
 
     ``rel_bias`` (Hq, L) float: relative-position bias, column t for s - p = rel_offset + t
     (``rel_offset`` default: r_min of ``relative_offsets``; the columns must cover that range);
     ``gate`` (B, Hq, Nq) or None scales it per query (WavLM's gated bias). Both get gradients."""
-    check_int("block", block, min_value=1)
-    check_int("lo_off", lo_off, min_value=-1)
-    check_int("hi_off", hi_off)
+    mask = as_mask(mask, block, lo_off, hi_off)
     _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale)
-    if is_int(lo_off) and is_int(hi_off):
-        lo_off = -1 if lo_off < 0 else clamp_window(lo_off)
-        hi_off = clamp_window(hi_off)
+    block, lo_off, hi_off = mask.params
     rel_offset = _validate_bias(q, k, rel_bias, gate, rel_offset, block, lo_off, hi_off,
                                 q_offset, k_offset)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
@@ -294,12 +299,16 @@ def interval_attention(q, k, v, *, block, lo_off, hi_off, rope=None, key_lengths
     name = _backend.select("attention", "forward", q.device.type, args, backend)
     if key_lengths is not None and key_lengths.dtype != torch.int32:
         key_lengths = key_lengths.to(torch.int32)
+    args = (q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
+            interleaved)
     if rel_bias is not None:
         out, lse = _biased_op(q, k, v, inv_freq, key_lengths, rel_bias, gate, rel_offset, block,
                               lo_off, hi_off, q_offset, k_offset, scale, interleaved, name)
+    elif name == "triton":
+        from . import _triton_ops  # noqa: F401  (registers the triton_ops at first use)
+        out, lse = _triton.forward_op(*args)
     else:
-        out, lse = _interval_attention_op(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off,
-                                          q_offset, k_offset, scale, interleaved, name)
+        out, lse = _interval_attention_op(*args, name)
     return (out, lse) if return_lse else out
 
 
@@ -313,8 +322,7 @@ def banded_attention(q, k, v, *, left, right, rope=None, key_lengths=None, q_off
     ``key_lengths`` (B,) int: keys j >= key_lengths[b] are padding. A query that sees no key
     outputs zeros. ``rel_bias`` / ``gate`` / ``rel_offset``: relative-position bias (see
     interval_attention). Returns (B, Hq, Nq, D) in q's dtype."""
-    block, lo, hi = band_params(left, right)
-    return interval_attention(q, k, v, block=block, lo_off=lo, hi_off=hi, rope=rope,
+    return interval_attention(q, k, v, mask=IntervalMask.band(left, right), rope=rope,
                               key_lengths=key_lengths, q_offset=q_offset, k_offset=k_offset,
                               scale=scale, backend=backend, rel_bias=rel_bias, gate=gate,
                               rel_offset=rel_offset)
@@ -326,8 +334,8 @@ def chunked_attention(q, k, v, *, chunk_size, left_chunks, lookahead=0, rope=Non
     """Chunked attention: a query in chunk c = p // chunk_size sees keys from the start of chunk
     c - left_chunks (None: from the beginning) to the end of chunk c plus ``lookahead`` frames.
     ``rel_bias`` / ``gate`` / ``rel_offset``: relative-position bias (see interval_attention)."""
-    block, lo, hi = chunked_params(chunk_size, left_chunks, lookahead)
-    return interval_attention(q, k, v, block=block, lo_off=lo, hi_off=hi, rope=rope,
+    return interval_attention(q, k, v, mask=IntervalMask.chunked(chunk_size, left_chunks,
+                                                                 lookahead), rope=rope,
                               key_lengths=key_lengths, q_offset=q_offset, k_offset=k_offset,
                               scale=scale, backend=backend, rel_bias=rel_bias, gate=gate,
                               rel_offset=rel_offset)

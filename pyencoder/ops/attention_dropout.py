@@ -13,7 +13,7 @@ registered op (kernels included).
 import torch
 
 from ..reference import attention_dropout as _ref
-from ._checks import check_int, clamp_window
+from ..mask import as_mask
 from .attention import _validate, interval_attention
 
 __all__ = ["interval_attention_dropout"]
@@ -38,10 +38,11 @@ def _check_generator(generator, device):
                          f"{generator.device.type} generator")
 
 
-def interval_attention_dropout(q, k, v, *, block, lo_off, hi_off, dropout_p, rope=None,
-                               key_lengths=None, q_offset=0, k_offset=0, scale=None,
-                               generator=None, return_keep=False):
-    """Interval attention (block, lo_off, hi_off: see pyencoder.ops.attention) with dropout
+def interval_attention_dropout(q, k, v, *, mask=None, dropout_p, rope=None, key_lengths=None,
+                               q_offset=0, k_offset=0, scale=None, generator=None,
+                               return_keep=False, block=None, lo_off=None, hi_off=None):
+    """Interval attention over ``mask`` (a pyencoder.IntervalMask, or the loose ints block, lo_off,
+    hi_off as in pyencoder.ops.interval_attention) with dropout
     ``dropout_p`` on the attention probabilities, as in transformers' eager attention in training
     mode. Masked keys stay 0, rows with no visible key output 0 (zero gradient, never NaN).
 
@@ -54,14 +55,12 @@ def interval_attention_dropout(q, k, v, *, block, lo_off, hi_off, dropout_p, rop
     return_keep calls the registered op (pyencoder.ops.interval_attention) instead.
     Returns (B, Hq, Nq, D) in q's dtype."""
     _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale)
-    check_int("block", block, min_value=1)
-    check_int("lo_off", lo_off, min_value=-1)
-    check_int("hi_off", hi_off)
-    lo_off, hi_off = (-1 if lo_off < 0 else clamp_window(lo_off)), clamp_window(hi_off)
+    mask = as_mask(mask, block, lo_off, hi_off)
+    block, lo_off, hi_off = mask.params
     _check_dropout(dropout_p)
     _check_generator(generator, q.device)
     if float(dropout_p) == 0.0 and not return_keep:
-        return interval_attention(q, k, v, block=block, lo_off=lo_off, hi_off=hi_off, rope=rope,
+        return interval_attention(q, k, v, mask=mask, rope=rope,
                                   key_lengths=key_lengths, q_offset=q_offset, k_offset=k_offset,
                                   scale=scale)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)

@@ -2,7 +2,12 @@
 
 Registered ops: ``pyencoder::causal_conv1d`` (returns y and the final state),
 ``pyencoder::causal_conv1d_backward`` and ``pyencoder::causal_conv1d_update`` (streaming step,
-state updated in place). Semantics are those of pyencoder.reference.conv.
+state updated in place): opaque custom ops that run the backend named by their last argument
+(reference, cuda; they accept "triton" too). The triton backend is registered the torch way
+(pyencoder.ops._conv_triton: ``torch.library.triton_op`` ``pyencoder::causal_conv1d_triton``,
+``..._triton_backward``, ``..._triton_update``), so torch.compile traces down to its kernels; the
+public functions call it when the registry picks triton. Semantics are those of
+pyencoder.reference.conv.
 """
 from typing import Optional, Tuple
 
@@ -10,6 +15,9 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from ..reference import conv as _reference
+from . import _conv_cuda as _cuda
+from . import _conv_triton as _triton
 from ._autograd import forbid_double_backward
 from ._checks import (check_float_dtype, check_int, check_same, check_tensor, check_writable,
                       value_checks_enabled)
@@ -17,6 +25,8 @@ from ._checks import (check_float_dtype, check_int, check_same, check_tensor, ch
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
 
 ACTIVATIONS = (None, "silu", "gelu")
+
+_backend.register("conv", reference=_reference, triton=_triton, cuda=_cuda)
 
 
 def _act_str(a):
@@ -65,25 +75,35 @@ def _(grad_y, grad_final_state, x, weight, bias, initial_state, stride, groups, 
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, initial_state, stride, groups, activation, backend = inputs
+    # inputs: the op's arguments; pyencoder::causal_conv1d has a trailing backend string,
+    # pyencoder::causal_conv1d_triton (the triton backend's triton_op) has none.
+    x, weight, bias, initial_state, stride, groups, activation = inputs[:7]
     ctx.save_for_backward(x, weight, bias, initial_state)
-    ctx.params = (stride, groups, activation, backend)
+    ctx.params = (stride, groups, activation)
+    ctx.backend = inputs[7] if len(inputs) > 7 else None
+    ctx.n_inputs = len(inputs)
 
 
 def _backward(ctx, grad_y, grad_final):
     x, weight, bias, initial_state = ctx.saved_tensors
-    stride, groups, activation, backend = ctx.params
+    stride, groups, activation = ctx.params
     if grad_y is None:
         grad_y = torch.zeros(x.shape[0], weight.shape[0], x.shape[-1] // stride, dtype=x.dtype,
                              device=x.device)
-    dx, dw, db, ds = _causal_conv1d_bwd_op(grad_y.contiguous(), grad_final, x, weight, bias,
-                                           initial_state, stride, groups, activation, backend)
-    return (dx, dw, None if bias is None else db, None if initial_state is None else ds,
-            None, None, None, None)
+    args = (grad_y.contiguous(), grad_final, x, weight, bias, initial_state, stride, groups,
+            activation)
+    if ctx.backend is None:
+        dx, dw, db, ds = _triton.backward_op(*args)
+    else:
+        dx, dw, db, ds = _causal_conv1d_bwd_op(*args, ctx.backend)
+    return (dx, dw, None if bias is None else db, None if initial_state is None else ds) + \
+        (None,) * (ctx.n_inputs - 4)
 
 
 _causal_conv1d_op.register_autograd(_backward, setup_context=_setup_context)
+_triton.forward_op.register_autograd(_backward, setup_context=_setup_context)
 forbid_double_backward(_causal_conv1d_bwd_op, "causal_conv1d")
+forbid_double_backward(_triton.backward_op, "causal_conv1d")
 
 
 @torch.library.custom_op("pyencoder::causal_conv1d_update", mutates_args=("state",))
@@ -152,8 +172,12 @@ def causal_conv1d(x, weight, bias=None, *, stride=1, groups=1, activation=None,
     args = dict(x=x, weight=weight, bias=bias, initial_state=initial_state, stride=stride,
                 groups=groups, activation=activation)
     name = _backend.select("conv", "forward", x.device.type, args, backend)
-    y, final = _causal_conv1d_op(x, weight, bias, initial_state, stride, groups,
-                                 _act_str(activation), name)
+    args = (x, weight, bias, initial_state, stride, groups, _act_str(activation))
+    if name == "triton":
+        from . import _triton_ops  # noqa: F401  (registers the triton_ops at first use)
+        y, final = _triton.forward_op(*args)
+    else:
+        y, final = _causal_conv1d_op(*args, name)
     return (y, final) if return_final_state else y
 
 
@@ -205,5 +229,8 @@ def causal_conv1d_update(x, state, weight, bias=None, *, groups=1, activation=No
     args = dict(x=x, state=state, weight=weight, bias=bias, state_indices=state_indices,
                 groups=groups, activation=activation)
     name = _backend.select("conv", "update", x.device.type, args, backend)
-    return _causal_conv1d_update_op(x, state, weight, bias, state_indices, groups,
-                                    _act_str(activation), name)
+    args = (x, state, weight, bias, state_indices, groups, _act_str(activation))
+    if name == "triton":
+        from . import _triton_ops  # noqa: F401  (registers the triton_ops at first use)
+        return _triton.update_op(*args)
+    return _causal_conv1d_update_op(*args, name)

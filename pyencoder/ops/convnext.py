@@ -9,14 +9,20 @@ None, initial_state (B, C, k - 1) the previous k - 1 inputs (zeros when None). R
 (B, L, C) = LayerNorm_C(causal_dwconv(x) + conv_bias) * ln_weight + ln_bias, channel-last ready for
 the pointwise MLP, and final_state (B, C, k - 1), the state for the input that follows.
 
-Registered ops: ``pyencoder::convnext_dwconv_ln`` (forward, fake kernel, autograd) and
-``pyencoder::convnext_dwconv_ln_backward``. Backends: ``triton`` (the fused kernel of
+Registered ops: ``pyencoder::convnext_dwconv_ln`` (forward, fake kernel, autograd; an opaque
+custom op running the backend named by its last argument) and
+``pyencoder::convnext_dwconv_ln_backward``; the triton backend's forward is the
+``torch.library.triton_op`` ``pyencoder::convnext_dwconv_ln_triton`` (same autograd), which the
+public function calls when the registry picks triton.
+
+Backends: ``triton`` (pyencoder.ops._convnext_triton, the fused kernel of
 pyencoder.triton_kernels.convnext: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1;
-fp16/bf16/fp32) and ``reference`` (``convnext_dwconv_ln_reference``: pyencoder.ops.causal_conv1d
-on the reference backend + F.layer_norm, computed in fp32, or float64 for float64 inputs).
-Selection: ``backend=`` per call, else a ``pyencoder.use_backend`` / ``PYENCODER_BACKEND`` choice
-of "triton" or "reference" for the conv family, else auto: triton for supported CUDA inputs,
-reference otherwise (CPU tensors use the reference in auto mode, as every other op).
+fp16/bf16/fp32) and ``reference`` (pyencoder.reference.convnext: the reference
+causal conv + F.layer_norm, computed in fp32, or float64 for float64 inputs). Selection: the one
+registry of pyencoder._backend, family "convnext": ``backend=`` per call, then
+``pyencoder.use_backend`` (``use_backend(convnext=...)`` for this family alone), then
+``PYENCODER_BACKEND``, then auto: triton for supported CUDA inputs, reference otherwise (CPU
+tensors use the reference in auto mode, as every other op).
 
 Backward (both backends): no Triton kernel. The backward op recomputes the conv output in fp32
 with the conv family's backend (pyencoder.ops.conv's selection: the Triton/CUDA conv on GPU),
@@ -26,123 +32,19 @@ backend (dx, dweight, dbias, dstate, plus the final-state gradient).
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
+from ..reference import convnext as _reference
+from ..reference.convnext import _cdtype, convnext_dwconv_ln_reference
+from . import _convnext_triton as _triton
+from . import conv  # noqa: F401  (the backward runs the conv family's registered backends)
 from ._autograd import forbid_double_backward
 from ._checks import check_float_dtype, check_same, check_tensor
-from .conv import causal_conv1d
 
-__all__ = ["convnext_dwconv_ln", "convnext_dwconv_ln_reference"]
+__all__ = ["convnext_dwconv_ln", "convnext_dwconv_ln_reference", "select_backend"]
 
-_BACKENDS = ("reference", "triton")
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_TRITON_KERNEL = 256
-MAX_TRITON_CHANNELS = 16384
-_MAX_BLOCK_C = 1024   # channels one program holds in registers; above, it loops over blocks
-_TILE_ELEMS = 4096    # (time x channel) tile of one program
-_NUM_WARPS = 8
-
-
-def _cdtype(dt):
-    return torch.float64 if dt == torch.float64 else torch.float32
-
-
-def convnext_dwconv_ln_reference(x, conv_weight, conv_bias=None, ln_weight=None, ln_bias=None,
-                                 eps=1e-6, initial_state=None):
-    """Plain torch: (y (B, L, C), final_state (B, C, k - 1)) in x's dtype, computed in fp32
-    (float64 for float64) and rounded once."""
-    cdt = _cdtype(x.dtype)
-    C = x.shape[1]
-    up = lambda t: None if t is None else t.to(cdt)  # noqa: E731
-    h, final = causal_conv1d(x.to(cdt), conv_weight.to(cdt), up(conv_bias), groups=C,
-                             initial_state=up(initial_state), return_final_state=True,
-                             backend="reference")
-    y = F.layer_norm(h.transpose(1, 2), (C,), up(ln_weight), up(ln_bias), eps)
-    return y.to(x.dtype), final.to(x.dtype)
-
-
-# ------------------------------------------------------------------------------------------------
-# Triton launcher
-# ------------------------------------------------------------------------------------------------
-
-def _next_pow2(n):
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def _cdiv(a, b):
-    return (a + b - 1) // b
-
-
-def _triton_reason(x, conv_weight):
-    r = _backend._global_reason("triton")
-    if r is not None:
-        return r
-    dev = x.device.type
-    if dev != "cuda" and not (dev == "cpu" and _backend._interpret()):
-        return f"triton runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); got {dev}"
-    if x.dtype not in _TRITON_DTYPES:
-        return (f"the fused triton kernel supports float16, bfloat16 and float32; got {x.dtype} "
-                "(use backend='reference')")
-    if conv_weight.shape[-1] > MAX_TRITON_KERNEL:
-        return (f"kernel size {conv_weight.shape[-1]} is above the fused kernel's limit "
-                f"{MAX_TRITON_KERNEL}")
-    if x.shape[1] > MAX_TRITON_CHANNELS:
-        return f"{x.shape[1]} channels is above the fused kernel's limit {MAX_TRITON_CHANNELS}"
-    return None
-
-
-def _tiles(C, L):
-    """(BLOCK_T, BLOCK_C, NUM_CB, num_warps): the whole channel row in registers up to
-    C = _MAX_BLOCK_C, channel blocks above; BLOCK_T * BLOCK_C <= _TILE_ELEMS fp32 per program,
-    spread over _NUM_WARPS warps (16 values a thread at the defaults)."""
-    BLOCK_C = min(_MAX_BLOCK_C, max(16, _next_pow2(C)))
-    NUM_CB = _cdiv(C, BLOCK_C)
-    BLOCK_T = max(1, min(64, _TILE_ELEMS // BLOCK_C, _next_pow2(max(L, 1))))
-    num_warps = max(1, min(_NUM_WARPS, BLOCK_T * BLOCK_C // 512))
-    return BLOCK_T, BLOCK_C, NUM_CB, num_warps
-
-
-def _launch(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps, y, final):
-    """Run the fused kernel: y (B, L, C) and final (B, C, k - 1) are written (any strides)."""
-    from ..triton_kernels import convnext as kern
-    B, C, L = x.shape
-    K = conv_weight.shape[-1]
-    pad = K - 1
-    if B == 0 or C == 0:
-        return
-    if L == 0:
-        if pad:
-            final.copy_(initial_state if initial_state is not None else torch.zeros_like(final))
-        return
-    BLOCK_T, BLOCK_C, NUM_CB, num_warps = _tiles(C, L)
-    has_state = initial_state is not None and pad > 0
-    s = initial_state if has_state else x
-    ss = (s.stride(0), s.stride(1), s.stride(2)) if has_state else (0, 0, 0)
-    fs = (final.stride(0), final.stride(1), final.stride(2)) if pad else (0, 0, 0)
-    grid = (_cdiv(L, BLOCK_T), B)
-    kern._convnext_dwconv_ln_fwd_kernel[grid](
-        x, conv_weight, conv_bias if conv_bias is not None else conv_weight,
-        ln_weight if ln_weight is not None else conv_weight,
-        ln_bias if ln_bias is not None else conv_weight, s, y, final if pad else y,
-        C, L, K, pad, float(eps),
-        x.stride(0), x.stride(1), x.stride(2), conv_weight.stride(0), conv_weight.stride(2),
-        *ss, y.stride(0), y.stride(1), y.stride(2), *fs,
-        HAS_CB=conv_bias is not None, HAS_LNW=ln_weight is not None,
-        HAS_LNB=ln_bias is not None, HAS_STATE=has_state, HAS_FINAL=pad > 0, NUM_CB=NUM_CB,
-        BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, BLOCK_P=max(2, _next_pow2(max(pad, 1))),
-        BLOCK_CF=max(16, min(BLOCK_C, 4096 // max(2, _next_pow2(max(pad, 1))))),
-        num_warps=num_warps)
-
-
-def _triton_forward(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps):
-    B, C, L = x.shape
-    K = conv_weight.shape[-1]
-    y = torch.empty(B, L, C, dtype=x.dtype, device=x.device)
-    final = torch.empty(B, C, K - 1, dtype=x.dtype, device=x.device)
-    _launch(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps, y, final)
-    return y, final
+_backend.register("convnext", reference=_reference, triton=_triton)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -154,10 +56,8 @@ def _convnext_op(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
                  ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
                  initial_state: Optional[Tensor], eps: float,
                  backend: str) -> Tuple[Tensor, Tensor]:
-    if backend == "triton":
-        return _triton_forward(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps)
-    return convnext_dwconv_ln_reference(x, conv_weight, conv_bias, ln_weight, ln_bias, eps,
-                                        initial_state)
+    fwd = _backend.get_entry("convnext", backend, "forward")
+    return fwd(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps)
 
 
 @_convnext_op.register_fake
@@ -215,9 +115,12 @@ def _backward_impl(grad_y, grad_final_state, x, conv_weight, conv_bias, ln_weigh
 
 
 def _setup_context(ctx, inputs, output):
-    x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps, backend = inputs
+    # inputs: pyencoder::convnext_dwconv_ln's arguments (trailing backend string) or those of the
+    # triton backend's triton_op pyencoder::convnext_dwconv_ln_triton (none).
+    x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps = inputs[:7]
     ctx.save_for_backward(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state)
     ctx.eps = eps
+    ctx.n_inputs = len(inputs)
 
 
 def _backward(ctx, grad_y, grad_final):
@@ -230,10 +133,11 @@ def _backward(ctx, grad_y, grad_final):
                                                    ln_weight, ln_bias, initial_state, ctx.eps)
     pick = lambda g, t: None if t is None else g  # noqa: E731
     return (dx, dw, pick(dcb, conv_bias), pick(dlnw, ln_weight), pick(dlnb, ln_bias),
-            pick(ds, initial_state), None, None)
+            pick(ds, initial_state)) + (None,) * (ctx.n_inputs - 6)
 
 
 _convnext_op.register_autograd(_backward, setup_context=_setup_context)
+_triton.forward_op.register_autograd(_backward, setup_context=_setup_context)
 forbid_double_backward(_convnext_bwd_op, "convnext_dwconv_ln")
 
 
@@ -241,31 +145,11 @@ forbid_double_backward(_convnext_bwd_op, "convnext_dwconv_ln")
 # Public API
 # ------------------------------------------------------------------------------------------------
 
-def _resolve(backend, x, conv_weight):
-    if backend is not None and backend != "auto" and backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS + ('auto',)} or None; got {backend!r}")
-    req = backend
-    if req is None:
-        req = _backend.requested_backend("conv")
-        if req not in _BACKENDS:
-            req = None
-    if req == "reference":
-        return "reference"
-    if req == "triton":
-        r = _triton_reason(x, conv_weight)
-        if r is not None:
-            raise RuntimeError(f"pyencoder: backend 'triton' cannot run convnext_dwconv_ln here: "
-                               f"{r}")
-        return "triton"
-    if x.device.type == "cuda" and _triton_reason(x, conv_weight) is None:
-        return "triton"
-    return "reference"
-
-
-def triton_available(x):
-    """True when the auto mode would run the fused Triton kernel for x (CUDA, triton present)."""
-    return x.device.type == "cuda" and x.dtype in _TRITON_DTYPES and \
-        _backend._global_reason("triton") is None
+def select_backend(x, conv_weight, backend=None):
+    """The backend convnext_dwconv_ln runs for x and conv_weight (pyencoder._backend.select, family
+    "convnext"): raises if a forced backend cannot run the case."""
+    args = dict(x=x, conv_weight=conv_weight)
+    return _backend.select("convnext", "forward", x.device.type, args, backend)
 
 
 def _check_vec(name, t, C, x):
@@ -304,7 +188,11 @@ def convnext_dwconv_ln(x, conv_weight, conv_bias=None, ln_weight=None, ln_bias=N
         if tuple(initial_state.shape) != (B, C, K - 1):
             raise ValueError(f"initial_state must have shape (B, C, k - 1) = ({B}, {C}, {K - 1}); "
                              f"got {tuple(initial_state.shape)}")
-    name = _resolve(backend, x, conv_weight)
-    y, final = _convnext_op(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state,
-                            float(eps), name)
+    name = select_backend(x, conv_weight, backend)
+    args = (x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, float(eps))
+    if name == "triton":
+        from . import _triton_ops  # noqa: F401  (registers the triton_ops at first use)
+        y, final = _triton.forward_op(*args)
+    else:
+        y, final = _convnext_op(*args, name)
     return (y, final) if return_final_state else y

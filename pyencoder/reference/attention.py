@@ -1,16 +1,9 @@
 """Plain-torch interval attention: the CPU production path and the test oracle for the kernels.
 
 Computes, for query i at absolute position p = q_offset + i and key j at s = k_offset + j,
-
-    base(p) = (p // block) * block
-    lo(p)   = base(p) - lo_off          (lo_off < 0: unbounded, lo = -inf)
-    hi(p)   = base(p) + hi_off
-    visible(i, j) = lo(p) <= s <= hi(p)  and  j < key_lengths[b]
-
-    band(left, right):             block = 1,     lo_off = left,          hi_off = right
-    chunked(chunk, left_chunks, la): block = chunk, lo_off = left_chunks*chunk, hi_off = chunk-1+la
-
-with RoPE (inv_freq, NeoX or interleaved, partial rotary) applied to q and k at their absolute
+visible(i, j) = lo(p) <= s <= hi(p) and j < key_lengths[b], lo and hi those of the
+pyencoder.IntervalMask whose ints (block, lo_off, hi_off) the registered op passes (pyencoder/mask.py
+holds the formula), with RoPE (inv_freq, NeoX or interleaved, partial rotary) applied to q and k at their absolute
 positions, softmax(scale * q k^T) over visible keys, and the zero-row rule (no visible key: output 0,
 lse = -inf, zero gradient).
 

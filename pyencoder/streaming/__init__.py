@@ -1,5 +1,7 @@
-"""Streaming: explicit state objects, the ring KV cache, stream drivers and latency accounting
-(DESIGN.md, "Streaming").
+"""Streaming: explicit state objects, stream drivers and latency accounting (DESIGN.md,
+"Streaming"). The decode-step attention over the ring KV cache is an op family like the others
+(pyencoder.ops.decode_attention, reference and ring layout in pyencoder.reference.decode_attention);
+its names are re-exported here.
 
 Protocol of every streaming module m::
 
@@ -18,7 +20,8 @@ from .protocol import time_last
 from .state import StreamState, reset, state_nbytes
 from .latency import Latency, NotStreamableError, latency
 from .sequential import StreamingSequential, StackState, cat_time
-from .ring import decode_attention, decode_attention_reference, ring_positions
+from ..ops.decode_attention import decode_attention
+from ..reference.decode_attention import decode_attention_reference, ring_positions
 
 __all__ = ["StreamState", "reset", "state_nbytes", "latency", "Latency", "NotStreamableError",
            "StreamingSequential", "StackState", "decode_attention", "decode_attention_reference",

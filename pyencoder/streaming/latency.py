@@ -10,7 +10,13 @@ are H_i = hop_0 * ... * hop_{i-1} input samples long, so
 
 i.e. the time from the first input sample of an output frame's hop to the arrival of the last
 sample its output needs (a causal conv stack alone has latency = its hop; L attention layers with r
-frames of lookahead each add L * r * H samples). Modules that cannot stream raise
+frames of lookahead each add L * r * H samples). That sum is exact when every module's dependency is
+the same for each of its output frames. A module whose dependency varies periodically (chunked
+attention: a chunk's first frame waits chunk - 1 frames longer than its last) also declares
+``last_input(t)``, the last input frame its output frame t needs, and ``period``; the chain is then
+composed frame by frame (``compose``) and the worst frame counts, which can be less than the sum of
+the per-module worst cases (two chunked layers: the second layer's worst frame is not always the
+first layer's). ``pyencoder.hf.latency`` composes a patched transformers model with the same code. Modules that cannot stream raise
 ``NotStreamableError`` with the reason: GroupNorm (normalises over time), a padded ("same")
 nn.Conv1d (looks `padding` samples into the future; use pyencoder.nn.CausalConv1d), BatchNorm in
 training mode, recurrent layers run bidirectionally, and unknown leaf modules.
@@ -161,7 +167,8 @@ def _walk(name, m, rows):
     la = getattr(m, "lookahead", None)
     hop = getattr(m, "hop", None)
     if la is not None and hop is not None:
-        rows.append((name, type(m).__name__, int(hop), int(la)))
+        rows.append((name, type(m).__name__, int(hop), int(la), getattr(m, "last_input", None),
+                     int(getattr(m, "period", 1))))
         return
     children = list(m.named_children())
     if children:
@@ -169,7 +176,54 @@ def _walk(name, m, rows):
             _walk(f"{name}.{cn}" if name else cn, c, rows)
         return
     h, l = _leaf(name, m)
-    rows.append((name, type(m).__name__, h, l))
+    rows.append((name, type(m).__name__, h, l, None, 1))
+
+
+def _lcm(a, b):
+    return a * b // math.gcd(a, b)
+
+
+def exact_lookahead(rows):
+    """Lookahead in input samples (frames of the chain's input) of a chain of ``rows``
+    ``(hop, lookahead, last_input or None, period)`` in order: the worst output frame u of
+    (last input frame it needs) - (last input frame of its own hop). Rows without ``last_input``
+    need (t + 1) * hop - 1 + lookahead for their frame t. The difference is periodic in u with a
+    period dividing the lcm of the rows' periods and hops, so two periods are enough."""
+    if all(r[2] is None for r in rows):
+        total, H = 0, 1
+        for hop, la, _, _ in rows:
+            total += la * H
+            H *= hop
+        return total
+    period, H = 1, 1
+    for hop, _, _, per in rows:
+        period = _lcm(_lcm(period, max(1, per)), hop)
+        H *= hop
+    worst = None
+    for u in range(min(2 * period + 2, 100000)):
+        t = u
+        for hop, la, last, _ in reversed(rows):
+            t = last(t) if last is not None else (t + 1) * hop - 1 + la
+        d = t - ((u + 1) * H - 1)
+        worst = d if worst is None else max(worst, d)
+    return worst
+
+
+def compose(rows, sample_rate, **extra):
+    """A ``Latency`` from a chain's rows ``(name, type, hop, lookahead, last_input, period)``
+    (``extra``: the HF fields of ``Latency``). The one place where a chain's latency is added up:
+    ``latency`` (a module tree) and ``pyencoder.hf.latency`` (a patched transformers model) both
+    end here."""
+    H = 1
+    breakdown = []
+    for name, typ, hop, la, _, _ in rows:
+        breakdown.append((name, typ, hop, la, la * H))
+        H *= hop
+    total = exact_lookahead([r[2:] for r in rows])
+    samples = H + total
+    return Latency(samples=samples, ms=1000.0 * samples / sample_rate, hop=H,
+                   lookahead_samples=total, sample_rate=int(sample_rate), breakdown=breakdown,
+                   **extra)
 
 
 def latency(model, sample_rate=16000):
@@ -191,14 +245,4 @@ def latency(model, sample_rate=16000):
             where = "model" if mods is not model else f"model[{i}]"
             raise TypeError(f"latency: {where} must be an nn.Module; got {type(m).__name__}")
         _walk("" if len(mods) == 1 else str(i), m, rows)
-    H = 1
-    total = 0
-    breakdown = []
-    for name, typ, hop, la in rows:
-        s = la * H
-        breakdown.append((name, typ, hop, la, s))
-        total += s
-        H *= hop
-    samples = H + total
-    return Latency(samples=samples, ms=1000.0 * samples / sample_rate, hop=H,
-                   lookahead_samples=total, sample_rate=int(sample_rate), breakdown=breakdown)
+    return compose(rows, sample_rate)

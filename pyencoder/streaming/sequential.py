@@ -9,6 +9,9 @@ chain's input layout is its first child's ``stream_time_axis``; each child decla
 down the chain with the frames: each step's output is (B, ..., m) with slot b's frames first,
 ``state.out_lengths[b]`` of them; what follows them is padding. ``flush`` flushes the children in
 order, each flush output passed through the rest of the chain before that child is flushed.
+``step`` / ``flush`` with ``outputs=[]`` also append every child's output of that call (the frames
+each depth emitted, slot b's first ``state.layers[i].out_lengths[b]``; for ``flush`` the outputs of
+every flush that reached that child, concatenated per slot): a model's hidden states.
 """
 import dataclasses
 from typing import List
@@ -73,7 +76,7 @@ class StreamingSequential(nn.Sequential):
             raise ValueError(f"StreamingSequential: state has {len(state.layers)} layer states for "
                              f"{len(self)} children")
 
-    def _from(self, start, x, lengths, state):
+    def _from(self, start, x, lengths, state, collect=None):
         for i in range(start, len(self)):
             m, st = self[i], state.layers[i]
             if is_streaming(m):
@@ -83,9 +86,11 @@ class StreamingSequential(nn.Sequential):
             else:
                 x = m(x)
                 st.out_lengths = lengths.clone()
+            if collect is not None:
+                collect[i].append((x, lengths))
         return x, lengths
 
-    def step(self, x, state, lengths=None):
+    def step(self, x, state, lengths=None, outputs=None):
         self._check_state(state)
         B = x.shape[0]
         if B != state.out_lengths.shape[0]:
@@ -94,8 +99,11 @@ class StreamingSequential(nn.Sequential):
         lengths = check_step_lengths(lengths, B, x.shape[-1] if time_last(self) else x.shape[1],
                                      x.device)
         # one scoped CPU thread count for the step (pyencoder._cpu_threads: busy machine -> fewer)
+        collect = None if outputs is None else [[] for _ in self]
         with threads_for(float("inf"), x.device):
-            y, lengths = self._from(0, x, lengths, state)
+            y, lengths = self._from(0, x, lengths, state, collect)
+        if collect is not None:
+            outputs.extend(c[0][0] for c in collect)
         state.out_lengths = lengths
         return y, state
 
@@ -119,17 +127,29 @@ class StreamingSequential(nn.Sequential):
     def stream_time_axis(self):
         return -1 if time_last(self[0]) else 1
 
-    def flush(self, state):
+    def flush(self, state, outputs=None):
         self._check_state(state)
         outs, counts = [], []
+        collect = None if outputs is None else [[] for _ in self]
         for i, m in enumerate(self):
             if not is_streaming(m):
                 continue
             y, st = m.flush(state.layers[i])
             state.layers[i] = st
-            y, lengths = self._from(i + 1, y, st.out_lengths, state)
+            if collect is not None:
+                collect[i].append((y, st.out_lengths))
+            y, lengths = self._from(i + 1, y, st.out_lengths, state, collect)
             outs.append(y)
             counts.append(lengths)
+        if collect is not None:
+            t = time_last(self)
+            for i, (m, c) in enumerate(zip(self, collect)):
+                if swaps_time_axis(m):
+                    t = not t
+                tmp = PassState(out_lengths=state.out_lengths.clone())
+                outputs.append(cat_time([o for o, _ in c], [n for _, n in c], tmp,
+                                        time_last=t)[0])
+                state.layers[i].out_lengths = tmp.out_lengths
         return cat_time(outs, counts, state, time_last=self.out_time_last())
 
     def out_time_last(self):

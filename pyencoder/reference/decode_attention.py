@@ -1,4 +1,6 @@
-"""Ring KV cache and decode-step attention over it.
+"""Decode-step attention over a ring KV cache: the plain-torch backend (``backend="reference"``)
+and the oracle of the Triton kernel (pyencoder.ops._decode_attention_triton), plus the ring layout
+helpers the streaming attention modules use.
 
 The ring holds, per slot b, the keys (already rotated at their absolute position) and values of the
 last ``cap`` positions of stream b: position s lives at ring index s % cap. With ``n_keys[b]`` keys
@@ -6,9 +8,10 @@ appended so far, ring index i holds position ``kpos = (n - 1) - ((n - 1 - i) mod
 empty). Nothing is ever copied to undo the wrap-around; the attention below (and the Triton kernel
 in pyencoder.triton_kernels.decode_attention) index the ring directly.
 
-``decode_attention(q, k_ring, v_ring, q_pos, q_count, n_keys, ...)``: the M pending queries of each
+``forward(q, k_ring, v_ring, q_pos, q_count, n_keys, ...)``: the M pending queries of each
 slot (un-rotated; rotated here at q_pos, float32 angles) attend to the ring entries whose position
-lies in [lo(p), hi(p)] of the interval mask (block, lo_off, hi_off) of pyencoder.ops.attention.
+lies in [lo(p), hi(p)] of the interval mask whose ints (block, lo_off, hi_off) it takes (the
+launch boundary: pyencoder.IntervalMask.params; formula in pyencoder/mask.py).
 Rows i >= q_count[b] are padding and output zeros, like rows with no visible key. The arithmetic
 follows pyencoder.reference.attention.forward step by step (q k^T, times scale, mask, max, exp,
 sum, p v, divide), so a streamed row matches the offline row up to summation order.
@@ -24,7 +27,8 @@ import torch
 from .._cpu_threads import threads_for
 from ..rope import apply_rope
 
-__all__ = ["ring_positions", "decode_attention", "decode_attention_reference", "ring_write"]
+__all__ = ["ring_positions", "ring_write", "nonfinite_guard", "decode_attention_reference",
+           "supports_forward", "forward"]
 
 _NEG_INF = float("-inf")
 
@@ -95,33 +99,15 @@ def decode_attention_reference(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_fr
     return o.to(q.dtype)
 
 
-def decode_attention(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved, block,
-                     lo_off, hi_off, scale, backend=None):
-    """Dispatch: the Triton kernel for CUDA tensors (or ``backend="triton"``), else the reference.
-    ``backend`` in {None, "reference", "triton"}."""
-    if backend is None:
-        backend = "reference"
-        if q.is_cuda and _triton_ok():
-            from ._decode_triton import supports
-            if supports(q, k_ring) is None:
-                backend = "triton"
-    if backend == "triton":
-        from ._decode_triton import decode_attention_triton
-        return decode_attention_triton(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq,
-                                       interleaved, block, lo_off, hi_off, scale)
-    if backend != "reference":
-        raise ValueError(f"decode_attention: backend must be None, 'reference' or 'triton'; got "
-                         f"{backend!r}")
+def supports_forward(**_):
+    return None
+
+
+def forward(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved, block, lo_off,
+            hi_off, scale):
+    """The reference backend's entry: decode_attention_reference under the CPU thread policy."""
     # A step is a few MFLOP: on CPU its ~20 small ops run single-threaded (pyencoder._cpu_threads:
     # each parallel op would pay a thread barrier, 10-25x slower on a busy machine).
     with threads_for(4.0 * q.numel() * k_ring.shape[2], q.device):
         return decode_attention_reference(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq,
                                           interleaved, block, lo_off, hi_off, scale)
-
-
-def _triton_ok():
-    try:
-        import triton  # noqa: F401
-        return True
-    except ImportError:
-        return False

@@ -1,31 +1,46 @@
-"""Launcher of the Triton decode-step attention (pyencoder.triton_kernels.decode_attention).
+"""Triton backend of the decode-step attention (``backend="triton"``; kernel:
+pyencoder.triton_kernels.decode_attention).
 
-Same arguments and result as pyencoder.streaming.ring.decode_attention_reference: q (B, H, M, D)
+Same arguments and result as pyencoder.reference.decode_attention.forward: q (B, H, M, D)
 un-rotated pending queries, k_ring / v_ring (B, H, CAP, D) with rotated keys at index
 position % CAP, q_pos (B, M) absolute positions, q_count (B,) valid rows, n_keys (B,) keys
 appended. Positions are taken per slot from tensors, so slots at different positions share one
 launch and the step can be captured in a CUDA graph (no host synchronisation here).
+
+Limits: float16, bfloat16, float32; head_dim <= 256.
 """
-import triton
+from typing import Optional
+
 import torch
+from torch import Tensor
 
-__all__ = ["decode_attention_triton", "supports"]
+from ._triton_op import launch, triton_op
+
+__all__ = ["decode_attention_triton", "supports_forward", "forward", "forward_op"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def supports(q, k_ring):
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+def _next_pow2(n):
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def supports_forward(q=None, k_ring=None, **_):
+    if q.dtype not in _DTYPES:
         return f"dtype {q.dtype} is not supported by the Triton decode kernel (use the reference)"
     if q.shape[-1] > 256:
         return f"head_dim {q.shape[-1]} > 256"
-    if q.device.type != "cuda" and __import__("os").environ.get("TRITON_INTERPRET") != "1":
-        return "CPU tensors need TRITON_INTERPRET=1"
     return None
 
 
 def decode_attention_triton(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved,
                             block, lo_off, hi_off, scale):
     from ..triton_kernels.decode_attention import _decode_attention_fwd_kernel
-    why = supports(q, k_ring)
+    why = supports_forward(q, k_ring)
     if why is not None:
         raise RuntimeError(f"decode_attention (triton): {why}")
     B, H, M, D = q.shape
@@ -42,11 +57,11 @@ def decode_attention_triton(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq,
     q_count = q_count.to(torch.int32)
     n_keys = n_keys.to(torch.int32)
     BLOCK_M = 16
-    BLOCK_D = max(16, triton.next_power_of_2(D))
+    BLOCK_D = max(16, _next_pow2(D))
     BLOCK_N = 64 if BLOCK_D <= 64 else 32
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    grid = (B * H, triton.cdiv(M, BLOCK_M))
-    _decode_attention_fwd_kernel[grid](
+    grid = (B * H, _cdiv(M, BLOCK_M))
+    launch(_decode_attention_fwd_kernel)[grid](
         q, k_ring, v_ring, o, q_pos, q_count, n_keys, freq,
         *q.stride(), *k_ring.stride(), *v_ring.stride(), *o.stride(), *q_pos.stride(),
         H, M, cap, D, R, block, max(lo_off, 0), hi_off, float(scale),
@@ -54,3 +69,16 @@ def decode_attention_triton(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=prec,
         num_warps=4 if BLOCK_D <= 64 else 8)
     return o
+
+
+forward = decode_attention_triton
+
+
+@triton_op("pyencoder::decode_attention_triton", mutates_args=())
+def forward_op(q: Tensor, k_ring: Tensor, v_ring: Tensor, q_pos: Tensor, q_count: Tensor,
+               n_keys: Tensor, inv_freq: Optional[Tensor], interleaved: bool, block: int,
+               lo_off: int, hi_off: int, scale: float) -> Tensor:
+    """The registered triton backend (torch.library.triton_op): what torch.compile traces.
+    Eager steps call ``forward`` directly (pyencoder.ops.decode_attention)."""
+    return decode_attention_triton(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq,
+                                   interleaved, block, lo_off, hi_off, scale)
