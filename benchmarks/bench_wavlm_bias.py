@@ -64,7 +64,7 @@ def run(seconds=10.0, layers=12, reps=3):
         outs = {}
         for fused in (True, False):
             set_fused(model, fused)
-            outs[fused] = model(wav).last_hidden_state
+            outs[fused] = model(wav).last_hidden_state.clone()
 
             def offline():
                 model(wav)

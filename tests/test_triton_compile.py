@@ -29,7 +29,7 @@ Matrices (``--matrix`` or ``PYENCODER_COMPILE_MATRIX``):
   the RoPE-table mode, fp16 head_dim 64 interleaved unbounded, fp16 head_dim 64 with the gated
   relative bias (WavLM); one conv case per dtype (fp16
   depthwise with state and update, bf16 grouped, fp32 strided channels-last), one ConvNeXt and one
-  decode case per dtype: 55 launch variants, 86 compiles.
+  decode case per dtype: 61 launch variants, 92 compiles.
 - ``quick``: every config of every launcher list at the shapes that need the most shared memory
   and registers (head_dim 128 with partial RoPE for attention, widest conv tiles) in each element
   size, plus one case per remaining code path; the attention RoPE table mode
