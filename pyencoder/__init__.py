@@ -9,7 +9,8 @@ from .mask import IntervalMask
 
 __version__ = "0.1.0"
 
-__all__ = ["IntervalMask", "Rope", "ops", "use_backend", "available_backends", "backend_info", "__version__"]
+__all__ = ["IntervalMask", "Rope", "ops", "use_backend", "available_backends", "backend_info",
+           "__version__"]
 
 
 def __getattr__(name):

@@ -25,6 +25,8 @@ from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
 
+from .models.encoder import CausalEncoder
+
 __all__ = ["layer_weights", "hidden_state_loss", "positional_embedding_loss", "distill",
            "frame_mask", "hidden_states", "global_count"]
 
@@ -137,7 +139,6 @@ def _unwrap(model):
 def hidden_states(model, wav, lengths=None):
     """(hidden states tuple, frame lengths or None) of a CausalEncoder (possibly wrapped in
     DDP/FSDP: called through the wrapper) or a transformers wav2vec2-family model."""
-    from .models.encoder import CausalEncoder
     if isinstance(_unwrap(model), CausalEncoder):
         out = model(wav, lengths=lengths, output_hidden_states=True)
         return out.hidden_states, out.lengths

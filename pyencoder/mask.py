@@ -7,8 +7,11 @@ absolute position s iff lo(p) <= s <= hi(p), where, with base(p) = (p // block) 
     lo(p) = base(p) - lo_off        (lo_off = -1: unbounded history, lo(p) = -inf)
     hi(p) = base(p) + hi_off
 
-(and, as everywhere, s < k_offset + key_lengths[b]). lo and hi are non-decreasing in p, which is
-what lets kernels skip every key block outside [lo(first row), hi(last row)].
+or s < sink (the first ``sink`` absolute key positions, "attention sinks" / a global prefix, are
+visible to every query in addition to its interval; sink = 0: none), and, as everywhere,
+s < k_offset + key_lengths[b]. Sinks change neither lo/hi nor ``latency()``. lo and hi are
+non-decreasing in p, which is what lets kernels skip every key block outside
+[lo(first row), hi(last row)] (plus the sink blocks).
 
     IntervalMask.band(left, right)                       = IntervalMask(1, left, right)
     IntervalMask.chunked(chunk_size, left_chunks, lookahead)
@@ -34,38 +37,44 @@ __all__ = ["IntervalMask"]
 
 @dataclass(frozen=True)
 class IntervalMask:
-    """Immutable, hashable interval mask (block, lo_off, hi_off): see the module docstring for the
-    formula. Build it with ``IntervalMask.band`` or ``IntervalMask.chunked``; the raw constructor
-    takes ints ``block`` >= 1, ``lo_off`` >= -1 (-1: unbounded history) and ``hi_off``."""
+    """Immutable, hashable interval mask (block, lo_off, hi_off, sink): see the module docstring
+    for the formula. Build it with ``IntervalMask.band`` or ``IntervalMask.chunked``; the raw
+    constructor takes ints ``block`` >= 1, ``lo_off`` >= -1 (-1: unbounded history), ``hi_off``
+    and ``sink`` >= 0."""
     block: int
     lo_off: int
     hi_off: int
+    sink: int = 0
 
     def __post_init__(self):
         check_int("block", self.block, min_value=1)
         check_int("lo_off", self.lo_off, min_value=-1)
         check_int("hi_off", self.hi_off)
+        check_int("sink", self.sink, min_value=0)
+        object.__setattr__(self, "sink", clamp_window(self.sink))
         object.__setattr__(self, "block", clamp_window(self.block))
         object.__setattr__(self, "lo_off", -1 if self.lo_off < 0 else clamp_window(self.lo_off))
         object.__setattr__(self, "hi_off", clamp_window(self.hi_off))
 
     @classmethod
-    def band(cls, left, right):
-        """Query p sees keys [p - left, p + right]; ``left`` None: unbounded history."""
+    def band(cls, left, right, *, sink=0):
+        """Query p sees keys [p - left, p + right] (plus the ``sink`` first keys); ``left`` None:
+        unbounded history."""
         check_int("left", left, min_value=0, allow_none=True)
         check_int("right", right, min_value=0)
-        return cls(1, -1 if left is None else clamp_window(left), clamp_window(right))
+        return cls(1, -1 if left is None else clamp_window(left), clamp_window(right), sink)
 
     @classmethod
-    def chunked(cls, chunk_size, left_chunks, lookahead=0):
+    def chunked(cls, chunk_size, left_chunks, lookahead=0, *, sink=0):
         """Query p in chunk c = p // chunk_size sees from the start of chunk c - left_chunks (None:
-        from the beginning) to the end of chunk c plus ``lookahead`` frames."""
+        from the beginning) to the end of chunk c plus ``lookahead`` frames (plus the ``sink``
+        first keys)."""
         check_int("chunk_size", chunk_size, min_value=1)
         check_int("left_chunks", left_chunks, min_value=0, allow_none=True)
         check_int("lookahead", lookahead, min_value=0)
         chunk_size = clamp_window(chunk_size)
         lo = -1 if left_chunks is None else clamp_window(left_chunks * chunk_size)
-        return cls(chunk_size, lo, clamp_window(chunk_size - 1 + clamp_window(lookahead)))
+        return cls(chunk_size, lo, clamp_window(chunk_size - 1 + clamp_window(lookahead)), sink)
 
     @classmethod
     def full(cls, n_keys):
@@ -76,7 +85,8 @@ class IntervalMask:
     # ---- the boundary with registered ops and kernels ---------------------------------------
     @property
     def params(self):
-        """(block, lo_off, hi_off) as plain ints: what kernels and registered ops take."""
+        """(block, lo_off, hi_off) as plain ints: what kernels and registered ops take (with
+        ``sink``, passed on its own)."""
         return self.block, self.lo_off, self.hi_off
 
     # ---- derived quantities -------------------------------------------------------------------
@@ -87,6 +97,7 @@ class IntervalMask:
 
     @property
     def is_band(self):
+        """True for block == 1 (a band mask)."""
         return self.block == 1
 
     @property
@@ -105,9 +116,13 @@ class IntervalMask:
         row, = hi_off): the ``lookahead`` a streamable module reports."""
         return self.hi_off
 
+    def with_sink(self, sink):
+        """The same interval with ``sink`` leading keys visible to every query."""
+        return IntervalMask(self.block, self.lo_off, self.hi_off, sink)
+
     def width(self):
         """Most keys one query can see (None when history is unbounded)."""
-        return None if self.lo_off < 0 else self.lo_off + self.hi_off + 1
+        return None if self.lo_off < 0 else self.lo_off + self.hi_off + 1 + self.sink
 
     def base(self, p):
         """(p // block) * block; p an int or an integer tensor."""
@@ -132,16 +147,19 @@ class IntervalMask:
         """(n_queries, n_keys) bool visibility matrix (tests, pictures; never on a hot path)."""
         p = torch.arange(n_queries, device=device) + q_offset
         s = torch.arange(n_keys, device=device) + k_offset
-        return (s[None, :] >= self.lo(p)[:, None]) & (s[None, :] <= self.hi(p)[:, None])
+        vis = (s[None, :] >= self.lo(p)[:, None]) & (s[None, :] <= self.hi(p)[:, None])
+        return vis | (s < self.sink)[None, :]
 
     def __repr__(self):
+        sk = f", sink={self.sink}" if self.sink else ""
         if self.block == 1:
-            return f"IntervalMask.band(left={self.left}, right={self.hi_off})"
+            return f"IntervalMask.band(left={self.left}, right={self.hi_off}{sk})"
         if self.lo_off < 0 or self.lo_off % self.block == 0:
             lc = None if self.lo_off < 0 else self.lo_off // self.block
             return (f"IntervalMask.chunked(chunk_size={self.block}, left_chunks={lc}, "
-                    f"lookahead={self.lookahead})")
-        return f"IntervalMask(block={self.block}, lo_off={self.lo_off}, hi_off={self.hi_off})"
+                    f"lookahead={self.lookahead}{sk})")
+        return (f"IntervalMask(block={self.block}, lo_off={self.lo_off}, hi_off={self.hi_off}"
+                f"{sk})")
 
 
 def as_mask(mask=None, block=None, lo_off=None, hi_off=None):
@@ -153,8 +171,9 @@ def as_mask(mask=None, block=None, lo_off=None, hi_off=None):
             raise TypeError(f"mask must be a pyencoder.IntervalMask; got "
                             f"{type(mask).__name__} {mask!r}")
         if any(x is not None for x in loose):
-            raise ValueError(f"give either mask or block/lo_off/hi_off, not both; got mask={mask!r},"
-                             f" block={block!r}, lo_off={lo_off!r}, hi_off={hi_off!r}")
+            raise ValueError(f"give either mask or block/lo_off/hi_off, not both; got "
+                             f"mask={mask!r}, block={block!r}, lo_off={lo_off!r}, "
+                             f"hi_off={hi_off!r}")
         return mask
     if all(x is None for x in loose):
         raise TypeError("mask must be a pyencoder.IntervalMask (or give the ints block, lo_off, "

@@ -225,3 +225,47 @@ def test_step_fixed_equals_step():
         assert {k: v.data_ptr() for k, v in s.tensors().items()} == ptrs
         got = torch.cat(outs, 1)
     assert rel_err(got, ref[:, :got.shape[1]]) <= TOL
+
+
+def _step_modules():
+    from pyencoder.models import FeatureConv1d, PaddedConv1d
+    from pyencoder.nn import RunningGroupNorm
+    # (module, feature axis, feature size): every step checks its input the same way
+    return [(CausalConv1d(3, 4, 4, stride=2), 1, 3), (FeatureConv1d(3, 4, 5, 2), 1, 3),
+            (PaddedConv1d(3, 4, 3, 2, 1), 1, 3), (RunningGroupNorm(3), 1, 3),
+            (Refiner(6, 2, hidden_dim=8), -1, 6)]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_step_input_checked_by_name(case):
+    """A step's input of the wrong batch or feature size is refused naming x, the expected and
+    the given values (streaming.state.check_step_input / check_step_slots)."""
+    module, axis, size = _step_modules()[case]
+    state = module.init_state(2)
+    shape = [2, size, 5] if axis == 1 else [2, 5, size]
+    module.step(torch.randn(*shape), state)          # the right input steps
+    wrong_batch = list(shape)
+    wrong_batch[0] = 3
+    with pytest.raises(ValueError, match=r"x has batch 3 but the state holds 2 slots"):
+        module.step(torch.randn(*wrong_batch), state)
+    if isinstance(module, CausalConv1d):
+        return                                        # its shape check is check_module_input's
+    wrong_size = list(shape)
+    wrong_size[axis] = size + 1
+    layout = f"\\(B, {size}, n\\)" if axis == 1 else f"\\(B, n, {size}\\)"
+    given = ", ".join(map(str, wrong_size))
+    with pytest.raises(ValueError, match=rf"x must have shape {layout}; got \({given}\)"):
+        module.step(torch.randn(*wrong_size), state)
+
+
+def test_feature_conv_validated_like_causal_conv():
+    """FeatureConv1d takes CausalConv1d's argument checks (nn.conv.StridedConv1d)."""
+    from pyencoder.models import FeatureConv1d
+    with pytest.raises(ValueError, match=r"kernel_size \(2\) must be >= stride \(3\)"):
+        FeatureConv1d(1, 4, 2, 3)
+    with pytest.raises(ValueError, match=r"activation must be None, 'silu' or 'gelu'; got 'relu'"):
+        FeatureConv1d(1, 4, 4, 2, activation="relu")
+    with pytest.raises(TypeError, match=r"bias must be a bool; got int 1"):
+        FeatureConv1d(1, 4, 4, 2, bias=1)
+    with pytest.raises(ValueError, match=r"in_channels"):
+        FeatureConv1d(0, 4, 4, 2)

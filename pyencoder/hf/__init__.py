@@ -18,16 +18,10 @@ from .attention import LayerSpec
 from .registry import register
 from .patch import (apply_pyencoder_to_wav2vec2, from_pretrained, latency, patch_record,
                     reapply_pyencoder, revert_pyencoder)
+from .streaming import EncoderStreamState, StreamingEncoder
 
 __all__ = ["apply_pyencoder_to_wav2vec2", "revert_pyencoder", "reapply_pyencoder",
            "from_pretrained", "StreamingEncoder", "latency", "register", "patch_record",
            "LayerSpec", "PatchError", "TESTED_SPEC"]
 
 register()
-
-
-def __getattr__(name):
-    if name in ("StreamingEncoder", "EncoderStreamState"):
-        from . import streaming
-        return getattr(streaming, name)
-    raise AttributeError(f"module 'pyencoder.hf' has no attribute {name!r}")

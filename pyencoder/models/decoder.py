@@ -31,7 +31,8 @@ from ..nn.misc import Transpose
 from ..nn.refiner import Refiner
 from ..ops.convnext import convnext_dwconv_ln, select_backend as convnext_backend
 from ..streaming.sequential import StreamingSequential
-from ..streaming.state import StreamState, check_init_args, check_state, check_step_lengths, stamp
+from ..streaming.state import (StreamState, check_init_args, check_state, check_step_input,
+                               check_step_lengths, stamp)
 
 __all__ = ["DecoderConfig", "ConvNeXtBlock", "StreamingDecoder", "DecoderState"]
 
@@ -114,12 +115,7 @@ class ConvNeXtBlock(nn.Module):
 
     def step(self, x, state, lengths=None):
         check_state(self.dwconv, state, ConvState)
-        if x.dim() != 3 or x.shape[-1] != self.dwconv.in_channels:
-            raise ValueError(f"x must have shape (B, n, {self.dwconv.in_channels}); got "
-                             f"{tuple(x.shape)}")
-        if x.shape[0] != state.seen.shape[0]:
-            raise ValueError(f"x has batch {x.shape[0]} but the state holds "
-                             f"{state.seen.shape[0]} slots")
+        check_step_input(x, -1, self.dwconv.in_channels, state.seen.shape[0])
         n = x.shape[1]
         if lengths is not None:
             lengths = check_step_lengths(lengths, x.shape[0], n, x.device)

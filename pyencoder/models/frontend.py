@@ -23,10 +23,11 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from ..nn.conv import StridedConv1d
 from ..nn.norm import RunningGroupNorm, RunningNormState
 from ..ops.conv import causal_conv1d
-from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
-                               stamp, stream_config)
+from ..streaming.state import (StreamState, check_init_args, check_state, check_step_input,
+                               check_step_lengths, stamp, stream_config)
 
 __all__ = ["FeatureConv1d", "RunningGroupNorm", "FeatureConvLayer", "ConvFeatureExtractor",
            "FeatureConvState", "RunningNormState", "FrontendState"]
@@ -50,34 +51,20 @@ def _full(B, n, device):
     return torch.full((B,), n, dtype=torch.int64, device=device)
 
 
-class FeatureConv1d(nn.Conv1d):
+class FeatureConv1d(StridedConv1d):
     """wav2vec2's unpadded strided conv (or left-padded with ``causal=True``) on
     pyencoder.ops.causal_conv1d, streamable (module docstring)."""
+    state_type = FeatureConvState
+
     def __init__(self, in_channels, out_channels, kernel_size, stride, bias=True, activation=None,
                  causal=False):
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, bias=bias)
-        if kernel_size < stride:
-            raise ValueError(f"kernel_size ({kernel_size}) must be >= stride ({stride})")
-        if activation not in (None, "gelu", "silu"):
-            raise ValueError(f"activation must be None, 'gelu' or 'silu'; got {activation!r}")
-        self.activation = activation
+        super().__init__(in_channels, out_channels, kernel_size, stride, bias=bias,
+                         activation=activation)
         self.causal = causal
-
-    @property
-    def k(self):
-        return self.kernel_size[0]
-
-    @property
-    def s(self):
-        return self.stride[0]
 
     @property
     def pad(self):
         return self.k - self.s if self.causal else 0
-
-    @property
-    def hop(self):
-        return self.s
 
     @property
     def lookahead(self):
@@ -112,15 +99,6 @@ class FeatureConv1d(nn.Conv1d):
                                  activation=self.activation)
         return self._valid(x)
 
-    def init_state(self, batch_size, *, device=None, dtype=None, **_):
-        check_init_args(batch_size, dtype, device)
-        device = self.weight.device if device is None else torch.device(device)
-        dtype = self.weight.dtype if dtype is None else dtype
-        return stamp(self, FeatureConvState(
-            buf=torch.zeros(batch_size, self.in_channels, self.k - 1, device=device, dtype=dtype),
-            seen=torch.zeros(batch_size, dtype=torch.int64, device=device),
-            out_lengths=torch.zeros(batch_size, dtype=torch.int64, device=device)))
-
     def _held(self, seen):
         """Samples of the padded stream kept in the buffer after ``seen`` input samples."""
         P = seen + self.pad
@@ -130,11 +108,8 @@ class FeatureConv1d(nn.Conv1d):
     def step(self, x, state, lengths=None):
         """Feed x (B, C_in, n); returns (y (B, C_out, m), state)."""
         check_state(self, state, FeatureConvState)
-        if x.dim() != 3 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must have shape (B, {self.in_channels}, n); got {tuple(x.shape)}")
+        check_step_input(x, 1, self.in_channels, state.seen.shape[0])
         B, C, n = x.shape
-        if B != state.seen.shape[0]:
-            raise ValueError(f"x has batch {B} but the state holds {state.seen.shape[0]} slots")
         k, s = self.k, self.s
         dev = x.device
         lengths = check_step_lengths(lengths, B, n, dev)
@@ -157,10 +132,7 @@ class FeatureConv1d(nn.Conv1d):
                 rest = cat[..., yb.shape[-1] * s:]
                 ys.append(yb[0])
                 bufs.append(torch.nn.functional.pad(rest, (k - 1 - rest.shape[-1], 0))[0])
-            m = max(t.shape[-1] for t in ys)
-            y = x.new_zeros(B, self.out_channels, m)
-            for b, yb in enumerate(ys):
-                y[b, :, :yb.shape[-1]] = yb
+            y = self._stack_slots(ys, x)
             state.buf = torch.stack(bufs, 0)
         new_seen = state.seen + lengths
         state.out_lengths = self.out_length(new_seen) - self.out_length(state.seen)

@@ -44,7 +44,7 @@ from ..mask import IntervalMask
 from ..ops.attention import interval_attention
 from ..rope import apply_rope, as_rope
 from ..ops.decode_attention import decode_attention
-from ..reference.decode_attention import ring_write
+from ..reference.decode_attention import nonfinite_guard, ring_positions, ring_write
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
                                stamp)
 from .linear import Linear
@@ -72,6 +72,14 @@ class AttentionState(StreamState):
         return None
 
 
+@dataclasses.dataclass
+class SinkAttentionState(AttentionState):
+    """AttentionState of a mask with sink keys: positions < sink stay resident here (never wrap
+    out of the ring)."""
+    sink_k: torch.Tensor      # (B, H, sink, D) rotated keys of positions < sink
+    sink_v: torch.Tensor      # (B, H, sink, D)
+
+
 class IntervalSelfAttention(nn.Module):
     """Projections, offline forward and streaming of one ``pyencoder.IntervalMask`` (``mask``);
     BandedSelfAttention, ChunkedSelfAttention and WavLMSelfAttention set the mask."""
@@ -93,6 +101,11 @@ class IntervalSelfAttention(nn.Module):
         if not isinstance(mask, IntervalMask):
             raise TypeError(f"mask must be a pyencoder.IntervalMask; got {type(mask).__name__}")
         self.mask = mask
+        if mask.sink:
+            if mask.sink > max_context:
+                raise ValueError(f"sink must be <= max_context ({max_context}): the sink keys stay "
+                                 f"resident in the stream state; got sink={mask.sink}")
+            self._state_cls = SinkAttentionState
         self.rope = as_rope(rope, self.head_dim)
         self.max_context = max_context
         self.decode_backend = None
@@ -148,11 +161,15 @@ class IntervalSelfAttention(nn.Module):
         return self.out_proj(o.transpose(1, 2).reshape(B, T, E))
 
     # ---- streaming -------------------------------------------------------------------------
+    def _wait(self):
+        """Most frames a query is held back: hi_off, or until the last sink key arrived."""
+        return max(self.hi_off, self.mask.sink - 1)
+
     def _caps(self, max_chunk):
-        qcap = self.hi_off + max_chunk
+        qcap = self._wait() + max_chunk
         if self.lo_off < 0:
             return None, qcap
-        return self.lo_off + self.hi_off + max_chunk, qcap
+        return self.lo_off + self._wait() + max_chunk, qcap
 
     def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
         """Fresh state for ``batch_size`` streams. ``max_chunk``: frames processed per internal
@@ -182,13 +199,17 @@ class IntervalSelfAttention(nn.Module):
     _state_cls = AttentionState
 
     def _extra_state(self, B, qcap, device, dtype):
-        return {}
+        if not self.mask.sink:
+            return {}
+        z = torch.zeros(B, self.num_heads, self.mask.sink, self.head_dim, device=device,
+                        dtype=dtype)
+        return {"sink_k": z, "sink_v": z.clone()}
 
     def _check_state(self, state):
         check_state(self, state, self._state_cls)
 
     def _max_chunk(self, state):
-        return state.q.shape[2] - self.hi_off
+        return state.q.shape[2] - self._wait()
 
     def step(self, x, state, lengths=None):
         """Feed x (B, n, E) (n >= 0); returns (y (B, m, E), state): the queries whose lookahead has
@@ -202,7 +223,7 @@ class IntervalSelfAttention(nn.Module):
             lengths = check_step_lengths(lengths, B, n, x.device)
         if self._fixed_ok(n, state, lengths):
             fresh_counters(state)
-            return self.step_fixed(x, state), state
+            return self._step_fixed(x, state), state
         lengths = check_step_lengths(lengths, B, n, x.device)
         mc = self._max_chunk(state)
         if n <= mc:
@@ -240,6 +261,9 @@ class IntervalSelfAttention(nn.Module):
         the preconditions of (3) for this state first (a host synchronisation; do it once before
         capturing, never inside a graph) and raises ValueError if a slot would release fewer
         than n queries."""
+        if self.mask.sink:
+            raise ValueError(f"{type(self).__name__}.step_fixed does not support sink keys "
+                             f"(sink={self.mask.sink}); use step()")
         check_module_input(x, 2, self.embed_dim, f"(B, n, {self.embed_dim})", self.q_proj.weight)
         B, n, E = x.shape
         if self.lo_off < 0:
@@ -256,6 +280,11 @@ class IntervalSelfAttention(nn.Module):
                              f"max_chunk={mc}]; got n={n}")
         if check:
             self.check_step_fixed(state, n)
+        return self._step_fixed(x, state)
+
+    def _step_fixed(self, x, state):
+        # The body of step_fixed, after its checks (step() makes the same ones, then calls this).
+        B, n, E = x.shape
         dev = x.device
         inv = None if self.rope is None else self.rope.inv_freq(dev)
         q, k, v = (self._heads(x, self.q_proj), self._heads(x, self.k_proj),
@@ -291,6 +320,8 @@ class IntervalSelfAttention(nn.Module):
         P = state.pos.to(torch.int64)
         pend = state.pending.to(torch.int64)
         C, La = self.block, self.lookahead_frames
+        if C == 1:      # band: (P - La) % 1 == 0, so the expected pending count is La itself
+            return (P >= La) & (pend == La)
         expect = torch.where(P >= La, La + torch.remainder(P - La, C), P)
         return (P >= La) & (pend == expect)
 
@@ -299,7 +330,7 @@ class IntervalSelfAttention(nn.Module):
         run as ``step_fixed`` (same result: the fixed step is the general one specialised to the
         steady state, with fewer ops and no nonzero / gather). One host read, which the general
         step's own ``int(ready.max())`` would cost anyway."""
-        if self._queued or self.lo_off < 0 or n < 1 or n % self.block \
+        if self._queued or self.mask.sink or self.lo_off < 0 or n < 1 or n % self.block \
                 or n > self._max_chunk(state) or state.pos.shape[0] == 0 \
                 or torch.compiler.is_compiling():
             return False
@@ -361,10 +392,42 @@ class IntervalSelfAttention(nn.Module):
     def _decode(self, q, extras, state, q_pos, q_count, n_keys):
         """Pending queries q (B, H, M, D) at positions q_pos attend over the ring."""
         inv = None if self.rope is None else self.rope.inv_freq(q.device)
+        if self.mask.sink:
+            return self._decode_sinks(q, state, q_pos, q_count, n_keys, inv)
         return decode_attention(q, state.k, state.v, q_pos, q_count, n_keys, inv,
                                 False if self.rope is None else self.rope.interleaved,
                                 *self.mask.params, self.scale,
                                 backend=self.decode_backend)
+
+    def _decode_sinks(self, q, state, q_pos, q_count, n_keys, inv):
+        """Plain-torch decode over the resident sink keys and the ring (ring entries at positions
+        < sink are read from the sink buffer instead); the arithmetic of
+        pyencoder.streaming.ring.decode_attention_reference."""
+        B, H, M, D = q.shape
+        S = self.mask.sink
+        cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        qr = q.to(cdt)
+        if inv is not None and inv.numel():
+            qr = apply_rope(qr, q_pos, inv, self.rope.interleaved)
+        kpos = ring_positions(n_keys, state.k.shape[2])[:, None, :]            # (B, 1, cap)
+        ring = ((kpos >= self.mask.lo(q_pos)[:, :, None])
+                & (kpos <= self.mask.hi(q_pos)[:, :, None]) & (kpos >= S))
+        spos = torch.arange(S, device=q.device)
+        sinks = (spos[None, None, :] < n_keys.to(q.device)[:, None, None]).expand(B, M, S)
+        rows = torch.arange(M, device=q.device)[None, :] < q_count.to(q.device)[:, None]
+        vis = torch.cat([sinks, ring], -1) & rows[:, :, None]
+        keys = torch.cat([state.sink_k, state.k], 2).to(cdt)
+        vals = torch.cat([state.sink_v, state.v], 2).to(cdt)
+        s = torch.matmul(qr, keys.transpose(-1, -2))
+        s.mul_(self.scale)
+        s, vr = nonfinite_guard(s, vals)
+        s.masked_fill_(~vis[:, None], float("-inf"))
+        mx = s.amax(dim=-1, keepdim=True).nan_to_num_(neginf=0.0)
+        p = s.sub_(mx).exp_()
+        l = p.sum(dim=-1, keepdim=True)
+        o = torch.matmul(p, vr)
+        o.div_(torch.where(l > 0, l, 1.0))
+        return o.to(q.dtype)
 
     def _piece(self, x, lengths, state, final):
         B, n, E = x.shape
@@ -383,6 +446,10 @@ class IntervalSelfAttention(nn.Module):
                 self._grow(state, int(P1.max()))
             ring_write(state.k, k, kpos, valid)
             ring_write(state.v, v, kpos, valid)
+            if self.mask.sink:
+                bs, js = (valid & (kpos < self.mask.sink)).nonzero(as_tuple=True)
+                state.sink_k[bs, :, kpos[bs, js]] = k[bs, :, js].to(state.sink_k.dtype)
+                state.sink_v[bs, :, kpos[bs, js]] = v[bs, :, js].to(state.sink_v.dtype)
             bi, ji = valid.nonzero(as_tuple=True)
             state.q[bi, :, np0[bi] + ji] = q[bi, :, ji].to(state.q.dtype)
             for name, t in self._query_extras(x).items():
@@ -397,6 +464,8 @@ class IntervalSelfAttention(nn.Module):
             i = torch.arange(qcap, device=dev)[None, :]
             p = qp0[:, None] + i
             hi = self.mask.hi(p)
+            if self.mask.sink:     # a query also waits for every sink key (offline sees them all)
+                hi = hi.clamp(min=self.mask.sink - 1)
             ready = ((i < np1[:, None]) & (hi <= (P1 - 1)[:, None])).sum(1)
         m = int(ready.max()) if B else 0
         if m == 0:
@@ -453,14 +522,15 @@ class BandedSelfAttention(IntervalSelfAttention):
     RotaryEmbedding. Latency: ``right`` frames (``lookahead``)."""
 
     def __init__(self, embed_dim, num_heads, *, left, right, rope=True, bias=True,
-                 max_context=65536):
-        super().__init__(embed_dim, num_heads, IntervalMask.band(left, right), rope, bias,
-                         max_context)
+                 max_context=65536, sink=0):
+        super().__init__(embed_dim, num_heads, IntervalMask.band(left, right, sink=sink), rope,
+                         bias, max_context)
         self.left, self.right = left, right
 
     def extra_repr(self):
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, left={self.left}, "
-                f"right={self.right}, rope={self.rope}")
+                f"right={self.right}, rope={self.rope}"
+                + (f", sink={self.mask.sink}" if self.mask.sink else ""))
 
 
 class ChunkedSelfAttention(IntervalSelfAttention):
@@ -469,13 +539,14 @@ class ChunkedSelfAttention(IntervalSelfAttention):
     Latency (worst case, the first frame of a chunk): chunk_size - 1 + lookahead frames."""
 
     def __init__(self, embed_dim, num_heads, *, chunk_size, left_chunks, lookahead=0, rope=True,
-                 bias=True, max_context=65536):
+                 bias=True, max_context=65536, sink=0):
         super().__init__(embed_dim, num_heads,
-                         IntervalMask.chunked(chunk_size, left_chunks, lookahead), rope, bias,
-                         max_context)
+                         IntervalMask.chunked(chunk_size, left_chunks, lookahead, sink=sink),
+                         rope, bias, max_context)
         self.chunk_size, self.left_chunks, self.chunk_lookahead = chunk_size, left_chunks, lookahead
 
     def extra_repr(self):
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, chunk_size="
                 f"{self.chunk_size}, left_chunks={self.left_chunks}, lookahead="
-                f"{self.chunk_lookahead}, rope={self.rope}")
+                f"{self.chunk_lookahead}, rope={self.rope}"
+                + (f", sink={self.mask.sink}" if self.mask.sink else ""))

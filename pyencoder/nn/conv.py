@@ -22,9 +22,9 @@ from torch import nn
 from ..ops._checks import check_int, check_module_input
 from ..ops.conv import causal_conv1d, causal_conv1d_update
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
-                               stamp)
+                               check_step_slots, stamp)
 
-__all__ = ["CausalConv1d", "ConvState"]
+__all__ = ["CausalConv1d", "ConvState", "StridedConv1d"]
 
 
 @dataclasses.dataclass
@@ -34,10 +34,14 @@ class ConvState(StreamState):
     out_lengths: torch.Tensor  # (B,) int64 frames emitted by the last step
 
 
-class CausalConv1d(nn.Conv1d):
-    """Drop-in ``nn.Conv1d`` (same parameters and state_dict keys) computing the causal conv of
-    ``pyencoder.ops.causal_conv1d`` (left padding k - stride, optional fused ``activation``), offline
-    and streaming through ``init_state`` / ``step`` / ``flush`` (module docstring)."""
+class StridedConv1d(nn.Conv1d):
+    """Base of the package's streamable convs on pyencoder.ops.causal_conv1d (CausalConv1d,
+    pyencoder.models.frontend.FeatureConv1d): nn.Conv1d's parameters with validated sizes and an
+    optional fused ``activation``, ``k`` / ``s`` / ``hop``, a state of ``state_type`` holding the
+    last k - 1 samples, the samples seen and the frames emitted per slot, and the stacking of a
+    ragged step's per-slot outputs."""
+    state_type = None    # a StreamState dataclass (buffer (B, C_in, k - 1), seen, out_lengths)
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, groups=1, bias=True,
                  activation=None, device=None, dtype=None):
         if activation not in (None, "silu", "gelu"):
@@ -59,9 +63,6 @@ class CausalConv1d(nn.Conv1d):
                              f"({self.stride[0]}) for a causal conv")
         self.activation = activation
 
-    lookahead = 0
-    stream_time_axis = -1
-
     @property
     def hop(self):
         return self.stride[0]
@@ -74,36 +75,57 @@ class CausalConv1d(nn.Conv1d):
     def s(self):
         return self.stride[0]
 
-    def extra_repr(self):
-        return super().extra_repr() + f", causal=True, activation={self.activation}"
-
-    def forward(self, x):
-        check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, L)", self.weight)
-        return causal_conv1d(x, self.weight, self.bias, stride=self.s, groups=self.groups,
-                             activation=self.activation)
-
     def init_state(self, batch_size, *, device=None, dtype=None, **_):
         check_init_args(batch_size, dtype, device)
         device = self.weight.device if device is None else torch.device(device)
         dtype = self.weight.dtype if dtype is None else dtype
         zi = lambda: torch.zeros(batch_size, dtype=torch.int64, device=device)  # noqa: E731
-        return stamp(self, ConvState(hist=torch.zeros(batch_size, self.in_channels, self.k - 1,
-                                                      device=device, dtype=dtype),
-                                     seen=zi(), out_lengths=zi()))
+        return stamp(self, self.state_type(torch.zeros(batch_size, self.in_channels, self.k - 1,
+                                                       device=device, dtype=dtype),
+                                           zi(), zi()))
 
-    def _run(self, cat, off):
+    def _stack_slots(self, ys, like):
+        """Per-slot outputs ys[b] (C_out, m_b) as one (B, C_out, max m_b) tensor of ``like``'s
+        dtype and device, zeros after slot b's m_b frames."""
+        m = max(t.shape[-1] for t in ys)
+        y = like.new_zeros(len(ys), self.out_channels, m)
+        for b, yb in enumerate(ys):
+            y[b, :, :yb.shape[-1]] = yb
+        return y
+
+
+class CausalConv1d(StridedConv1d):
+    """Drop-in ``nn.Conv1d`` (same parameters and state_dict keys) computing the causal conv of
+    ``pyencoder.ops.causal_conv1d`` (left padding k - stride, optional fused ``activation``), offline
+    and streaming through ``init_state`` / ``step`` / ``flush`` (module docstring)."""
+    state_type = ConvState
+    lookahead = 0
+    stream_time_axis = -1
+
+    def extra_repr(self):
+        return super().extra_repr() + f", causal=True, activation={self.activation}"
+
+    def forward(self, x):
+        # self.weight is read once per call: where it is computed on access (a weight-norm
+        # parametrisation, SharedCausalConv1d) each read recomputes it.
+        w = self.weight
+        check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, L)", w)
+        return causal_conv1d(x, w, self.bias, stride=self.s, groups=self.groups,
+                             activation=self.activation)
+
+    def _run(self, cat, off, w):
         k, s = self.k, self.s
-        return causal_conv1d(cat[..., off + k - s:], self.weight, self.bias, stride=s,
+        return causal_conv1d(cat[..., off + k - s:], w, self.bias, stride=s,
                              groups=self.groups, activation=self.activation,
                              initial_state=cat[..., off:off + k - s].contiguous())
 
     def step(self, x, state, lengths=None):
         """Feed x (B, C_in, n); returns (y (B, C_out, m), state)."""
-        check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, n)", self.weight)
+        w = self.weight                      # read once per step (see forward)
+        check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, n)", w)
         B, C, n = x.shape
         check_state(self, state, ConvState)
-        if B != state.seen.shape[0]:
-            raise ValueError(f"x has batch {B} but the state holds {state.seen.shape[0]} slots")
+        check_step_slots(B, state.seen.shape[0])
         k, s = self.k, self.s
         dev = x.device
         lengths = check_step_lengths(lengths, B, n, dev)
@@ -113,24 +135,21 @@ class CausalConv1d(nn.Conv1d):
         if uniform and n == 0:
             y = x.new_zeros(B, self.out_channels, 0)
         elif uniform and s == 1 and k > 1:
-            y = causal_conv1d_update(x, state.hist, self.weight, self.bias, groups=self.groups,
+            y = causal_conv1d_update(x, state.hist, w, self.bias, groups=self.groups,
                                      activation=self.activation)
         elif uniform:
             cat = torch.cat((state.hist, x), -1)
-            y = self._run(cat, s - 1 - int(phase[0]))
+            y = self._run(cat, s - 1 - int(phase[0]), w)
             if k > 1:
                 state.hist = cat[..., cat.shape[-1] - (k - 1):].contiguous()
         else:
             ys, hists = [], []
             for b in range(B):
                 cat = torch.cat((state.hist[b:b + 1], x[b:b + 1, :, :int(lengths[b])]), -1)
-                yb = self._run(cat, s - 1 - int(phase[b]))
+                yb = self._run(cat, s - 1 - int(phase[b]), w)
                 ys.append(yb[0])
                 hists.append(cat[0, :, cat.shape[-1] - (k - 1):])
-            m = max(t.shape[-1] for t in ys)
-            y = x.new_zeros(B, self.out_channels, m)
-            for b, yb in enumerate(ys):
-                y[b, :, :yb.shape[-1]] = yb
+            y = self._stack_slots(ys, x)
             state.hist = torch.stack(hists, 0).contiguous()
         new_seen = state.seen + lengths
         state.out_lengths = torch.div(new_seen, s, rounding_mode="floor") - torch.div(
@@ -151,7 +170,7 @@ class CausalConv1d(nn.Conv1d):
             raise ValueError(f"CausalConv1d.step_fixed needs every slot to have seen a multiple "
                              f"of the stride {s} samples; got seen={state.seen.tolist()}")
         cat = torch.cat((state.hist, x.to(state.hist.dtype)), -1)
-        y = self._run(cat, s - 1)
+        y = self._run(cat, s - 1, self.weight)
         if k > 1:
             state.hist.copy_(cat[..., cat.shape[-1] - (k - 1):])
         state.seen.add_(x.shape[-1])

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..ops._checks import check_module_input
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
-                               stamp)
+                               check_step_slots, stamp)
 from .attention import IntervalSelfAttention, concat_ragged, fresh_counters
 from .linear import Linear
 
@@ -142,8 +142,7 @@ class TransformerLayer(nn.Module):
         self._check(x)
         self._check_state(state)
         B, n, E = x.shape
-        if B != state.count.shape[0]:
-            raise ValueError(f"x has batch {B} but the state holds {state.count.shape[0]} slots")
+        check_step_slots(B, state.count.shape[0])
         if lengths is not None:
             lengths = check_step_lengths(lengths, B, n, x.device)
         if self.attention._fixed_ok(n, state.attention, lengths):

@@ -22,8 +22,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
-                               stamp)
+from ..streaming.state import (StreamState, check_init_args, check_state, check_step_input,
+                               check_step_lengths, stamp)
 
 __all__ = ["running_norm", "RunningGroupNorm", "RunningNormState"]
 
@@ -96,11 +96,8 @@ class RunningGroupNorm(nn.Module):
 
     def step(self, x, state, lengths=None):
         check_state(self, state, RunningNormState)
-        if x.dim() != 3 or x.shape[1] != self.num_channels:
-            raise ValueError(f"x must have shape (B, {self.num_channels}, n); got {tuple(x.shape)}")
+        check_step_input(x, 1, self.num_channels, state.count.shape[0])
         B, C, n = x.shape
-        if B != state.count.shape[0]:
-            raise ValueError(f"x has batch {B} but the state holds {state.count.shape[0]} slots")
         lengths = check_step_lengths(lengths, B, n, x.device)
         if bool((lengths == n).all()):
             y, state.total, state.total_sq = running_norm(x, self.weight, self.bias, self.eps,

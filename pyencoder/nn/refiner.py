@@ -13,8 +13,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
-                               stamp)
+from ..streaming.state import (StreamState, check_init_args, check_state, check_step_input,
+                               check_step_lengths, stamp)
 from .linear import Linear
 
 __all__ = ["Refiner", "RefinerState"]
@@ -80,11 +80,7 @@ class Refiner(nn.Module):
 
     def step(self, x, state, lengths=None):
         check_state(self, state, RefinerState)
-        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must have shape (B, n, {self.embed_dim}); got {tuple(x.shape)}")
-        if x.shape[0] != state.count.shape[0]:
-            raise ValueError(f"x has batch {x.shape[0]} but the state holds "
-                             f"{state.count.shape[0]} slots")
+        check_step_input(x, -1, self.embed_dim, state.count.shape[0])
         if lengths is not None:
             lengths = check_step_lengths(lengths, x.shape[0], x.shape[1], x.device)
         return self._run(x, state, lengths, final=False)

@@ -140,6 +140,9 @@ def biased_interval_attention(q, k, v, gate, table, bucket_fn, *, mask=None, blo
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     if mask is not None:
+        if mask.sink:
+            raise NotImplementedError(f"biased_interval_attention: sink keys (mask.sink="
+                                      f"{mask.sink}) are not supported by the relative-bias path")
         block, lo_off, hi_off = mask.params
     lo_off, hi_off = (-1 if lo_off < 0 else clamp_window(lo_off)), clamp_window(hi_off)
     if fused and not dropout_p:

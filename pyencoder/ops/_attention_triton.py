@@ -393,16 +393,19 @@ def _common_reason(q, k, v, inv_freq, q_offset, k_offset):
 
 
 def supports_forward(q, k, v, inv_freq=None, key_lengths=None, block=1, lo_off=-1, hi_off=0,
-                     q_offset=0, k_offset=0, scale=1.0, interleaved=False, **_):
+                     q_offset=0, k_offset=0, scale=1.0, interleaved=False, sink=0, **_):
+    if sink:
+        return (f"sink keys (IntervalMask.sink={sink}) have no triton kernel yet (the reference "
+                f"path runs them)")
     return _common_reason(q, k, v, inv_freq, q_offset, k_offset)
 
 
 def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
-            interleaved, rel_bias=None, gate=None, rel_offset=0):
+            interleaved, sink=0, rel_bias=None, gate=None, rel_offset=0):
     """Returns (out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32). ``rel_bias`` (Hq, L),
     ``gate`` (B, Hq, Nq) or None, ``rel_offset``: relative-position bias
     (pyencoder.ops.attention), read by the kernels in float32."""
-    reason = _common_reason(q, k, v, inv_freq, q_offset, k_offset)
+    reason = supports_forward(q, k, v, inv_freq, q_offset=q_offset, k_offset=k_offset, sink=sink)
     if reason is not None:
         raise ValueError(f"pyencoder triton attention: {reason}")
     B, Hq, Nq, D = q.shape
@@ -426,14 +429,14 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
 
 
 def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-             k_offset, scale, interleaved, deterministic=True, rel_bias=None, gate=None,
+             k_offset, scale, interleaved, deterministic=True, sink=0, rel_bias=None, gate=None,
              rel_offset=0):
     """Returns (dq, dk, dv) in the dtypes of q, k, v. Without a bias always deterministic (no
     atomics); ``deterministic=True`` also pins the tile config (no autotuning). With
     ``rel_bias``: (dq, dk, dv, drel_bias, dgate or None); dgate is a row reduction of the dq
     kernel (deterministic), drel_bias is accumulated with float32 atomics by the dq kernel (one
     per visible (query, key) pair: summation order, hence the last bits, vary between runs)."""
-    reason = _common_reason(q, k, v, inv_freq, q_offset, k_offset)
+    reason = supports_forward(q, k, v, inv_freq, q_offset=q_offset, k_offset=k_offset, sink=sink)
     if reason is not None:
         raise ValueError(f"pyencoder triton attention: {reason}")
     B, Hq, Nq, D = q.shape

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..reference.conv import _act_grad
-from ._triton_op import launch, triton_op
+from ._triton_op import block_size, cdiv, launch, next_pow2, triton_op
 
 _ACT = {None: 0, "silu": 1, "gelu": 2}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -30,10 +30,6 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _kernels():
     from ..triton_kernels import causal_conv1d as k
     return k
-
-
-def _next_pow2(n):
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def _is_depthwise(x, weight, groups):
@@ -61,6 +57,16 @@ def supports_update(x=None, weight=None, **_):
     return _reason(x, weight)
 
 
+def _grouped_tiles(n_c, n_t, n_r, groups, B):
+    """Tiles of a grouped conv kernel (forward, or backward dx as the transposed conv): n_c output
+    channels per group, n_t positions, a reduction of n_r = input channels per group x k. Returns
+    (BLOCK_C, BLOCK_T, BLOCK_R, channel blocks per group, grid (T blocks, groups x channel blocks,
+    B))."""
+    BLOCK_C, BLOCK_T, BLOCK_R = (block_size(n, 16, 64) for n in (n_c, n_t, n_r))
+    nc = cdiv(n_c, BLOCK_C)
+    return BLOCK_C, BLOCK_T, BLOCK_R, nc, (cdiv(n_t, BLOCK_T), groups * nc, B)
+
+
 def _strides3(t):
     return (t.stride(0), t.stride(1), t.stride(2)) if t is not None else (0, 0, 0)
 
@@ -83,20 +89,16 @@ def _launch_forward(x, weight, bias, state, state_indices, stride, groups, activ
                   HAS_IDX=state_indices is not None, ACT=_ACT[activation])
     bias_arg = bias if bias is not None else weight
     if _is_depthwise(x, weight, groups):
-        BLOCK_C = min(16, _next_pow2(C))
-        BLOCK_T = min(128, max(16, _next_pow2(T)))
-        grid = (triton_cdiv(T, BLOCK_T), triton_cdiv(C, BLOCK_C), B)
+        BLOCK_C = min(16, next_pow2(C))
+        BLOCK_T = block_size(T, 16, 128)
+        grid = (cdiv(T, BLOCK_T), cdiv(C, BLOCK_C), B)
         launch(k._causal_conv1d_dw_fwd_kernel)[grid](
             x, weight, bias_arg, s_arg, idx, y, C, L, T, K, pad,
             *_strides3(x), weight.stride(0), weight.stride(2), *ss, *_strides3(y),
             BLOCK_C=BLOCK_C, BLOCK_T=BLOCK_T, **common)
     else:
         COG = Cout // groups
-        BLOCK_CO = min(64, max(16, _next_pow2(COG)))
-        BLOCK_T = min(64, max(16, _next_pow2(T)))
-        BLOCK_R = min(64, max(16, _next_pow2(CG * K)))
-        NCO = triton_cdiv(COG, BLOCK_CO)
-        grid = (triton_cdiv(T, BLOCK_T), groups * NCO, B)
+        BLOCK_CO, BLOCK_T, BLOCK_R, NCO, grid = _grouped_tiles(COG, T, CG * K, groups, B)
         launch(k._causal_conv1d_grp_fwd_kernel)[grid](
             x, weight, bias_arg, s_arg, idx, y, CG, COG, L, T, K, pad, NCO,
             *_strides3(x), *_strides3(weight), *ss, *_strides3(y),
@@ -111,19 +113,15 @@ def _launch_state(x, state, state_indices, stride, K, out):
     if pad == 0 or B == 0 or C == 0:
         return
     has_state = state is not None
-    BLOCK_C = min(16, _next_pow2(C))
-    BLOCK_P = min(64, _next_pow2(pad))
-    grid = (triton_cdiv(pad, BLOCK_P), triton_cdiv(C, BLOCK_C), B)
+    BLOCK_C = min(16, next_pow2(C))
+    BLOCK_P = min(64, next_pow2(pad))
+    grid = (cdiv(pad, BLOCK_P), cdiv(C, BLOCK_C), B)
     launch(k._causal_conv1d_state_fwd_kernel)[grid](
         x, state if has_state else x, state_indices if state_indices is not None else x, out,
         C, L, L // stride, pad, *_strides3(x),
         *(_strides3(state) if has_state else (0, 0, 0)), *_strides3(out),
         STRIDE=stride, HAS_STATE=has_state, HAS_IDX=state_indices is not None,
         BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P)
-
-
-def triton_cdiv(a, b):
-    return (a + b - 1) // b
 
 
 def _out_like(x, C, T):
@@ -165,20 +163,20 @@ def backward(grad_y, grad_final_state, x, weight, bias, initial_state, stride, g
     if T > 0 and B > 0:
         ieee = x.dtype == torch.float32 or g.dtype == torch.float32
         if _is_depthwise(x, weight, groups):
-            BLOCK_C = min(16, _next_pow2(C))
-            BLOCK_S = min(128, max(16, _next_pow2(LP)))
-            grid = (triton_cdiv(LP, BLOCK_S), triton_cdiv(C, BLOCK_C), B)
+            BLOCK_C = min(16, next_pow2(C))
+            BLOCK_S = block_size(LP, 16, 128)
+            grid = (cdiv(LP, BLOCK_S), cdiv(C, BLOCK_C), B)
             launch(k._causal_conv1d_dw_bwd_dx_kernel)[grid](
                 g, weight, dxp, C, T, K, LP, *_strides3(g), weight.stride(0), weight.stride(2),
                 *_strides3(dxp), STRIDE=stride, BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S)
-            BLOCK_J = min(16, _next_pow2(K))
-            BLOCK_T = min(32, max(16, _next_pow2(T)))
-            ntb = triton_cdiv(T, BLOCK_T)
+            BLOCK_J = min(16, next_pow2(K))
+            BLOCK_T = block_size(T, 16, 32)
+            ntb = cdiv(T, BLOCK_T)
             nsplit = max(1, min(B * ntb, 64))
-            per = triton_cdiv(B * ntb, nsplit)
-            nsplit = triton_cdiv(B * ntb, per)
+            per = cdiv(B * ntb, nsplit)
+            nsplit = cdiv(B * ntb, per)
             part = torch.empty(nsplit, C, K, dtype=torch.float32, device=x.device)
-            grid = (triton_cdiv(K, BLOCK_J), triton_cdiv(C, BLOCK_C), nsplit)
+            grid = (cdiv(K, BLOCK_J), cdiv(C, BLOCK_C), nsplit)
             launch(k._causal_conv1d_dw_bwd_dw_kernel)[grid](
                 g, x, s_arg, part, C, L, T, K, pad, B, ntb, per, *_strides3(g), *_strides3(x),
                 *ss, STRIDE=stride, HAS_STATE=has_state, BLOCK_C=BLOCK_C, BLOCK_J=BLOCK_J,
@@ -186,25 +184,21 @@ def backward(grad_y, grad_final_state, x, weight, bias, initial_state, stride, g
             dw = part.sum(0).view(C, 1, K)
         else:
             COG = Cout // groups
-            BLOCK_CI = min(64, max(16, _next_pow2(CG)))
-            BLOCK_S = min(64, max(16, _next_pow2(LP)))
-            BLOCK_R = min(64, max(16, _next_pow2(COG * K)))
-            NCI = triton_cdiv(CG, BLOCK_CI)
-            grid = (triton_cdiv(LP, BLOCK_S), groups * NCI, B)
+            BLOCK_CI, BLOCK_S, BLOCK_R, NCI, grid = _grouped_tiles(CG, LP, COG * K, groups, B)
             launch(k._causal_conv1d_grp_bwd_dx_kernel)[grid](
                 g, weight, dxp, CG, COG, T, K, LP, NCI, *_strides3(g), *_strides3(weight),
                 *_strides3(dxp), STRIDE=stride, IEEE=ieee, BLOCK_CI=BLOCK_CI, BLOCK_S=BLOCK_S,
                 BLOCK_R=BLOCK_R)
-            BLOCK_CO = min(64, max(16, _next_pow2(COG)))
-            BLOCK_R = min(64, max(16, _next_pow2(CG * K)))
-            BLOCK_T = min(64, max(16, _next_pow2(T)))
-            NCO = triton_cdiv(COG, BLOCK_CO)
-            ntb = triton_cdiv(T, BLOCK_T)
+            BLOCK_CO = block_size(COG, 16, 64)
+            BLOCK_R = block_size(CG * K, 16, 64)
+            BLOCK_T = block_size(T, 16, 64)
+            NCO = cdiv(COG, BLOCK_CO)
+            ntb = cdiv(T, BLOCK_T)
             nsplit = max(1, min(B * ntb, 16))
-            per = triton_cdiv(B * ntb, nsplit)
-            nsplit = triton_cdiv(B * ntb, per)
+            per = cdiv(B * ntb, nsplit)
+            nsplit = cdiv(B * ntb, per)
             part = torch.empty(nsplit, Cout, CG * K, dtype=torch.float32, device=x.device)
-            grid = (triton_cdiv(CG * K, BLOCK_R), groups * NCO, nsplit)
+            grid = (cdiv(CG * K, BLOCK_R), groups * NCO, nsplit)
             launch(k._causal_conv1d_grp_bwd_dw_kernel)[grid](
                 g, x, s_arg, part, CG, COG, L, T, K, pad, B, ntb, per, NCO, Cout,
                 *_strides3(g), *_strides3(x), *ss, STRIDE=stride, HAS_STATE=has_state,
@@ -234,8 +228,8 @@ def update(x, state, weight, bias, state_indices, groups, activation):
         _launch_state(x, state, idx, 1, K, new)
         n = C * (K - 1)
         if state.stride(2) == 1 and state.stride(1) == K - 1:
-            BLOCK = min(1024, _next_pow2(n))
-            launch(k._causal_conv1d_state_scatter_kernel)[(triton_cdiv(n, BLOCK), B)](
+            BLOCK = min(1024, next_pow2(n))
+            launch(k._causal_conv1d_state_scatter_kernel)[(cdiv(n, BLOCK), B)](
                 new, idx if idx is not None else x, state, n, new.stride(0), state.stride(0),
                 HAS_IDX=idx is not None, BLOCK=BLOCK)
         elif idx is None:

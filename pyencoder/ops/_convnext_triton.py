@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._triton_op import launch, triton_op
+from ._triton_op import block_size, cdiv, launch, next_pow2, triton_op
 
 __all__ = ["supports_forward", "forward", "forward_op"]
 
@@ -35,21 +35,13 @@ def supports_forward(x=None, conv_weight=None, **_):
     return None
 
 
-def _next_pow2(n):
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def _cdiv(a, b):
-    return (a + b - 1) // b
-
-
 def _tiles(C, L):
     """(BLOCK_T, BLOCK_C, NUM_CB, num_warps): the whole channel row in registers up to
     C = _MAX_BLOCK_C, channel blocks above; BLOCK_T * BLOCK_C <= _TILE_ELEMS fp32 per program,
     spread over _NUM_WARPS warps (16 values a thread at the defaults)."""
-    BLOCK_C = min(_MAX_BLOCK_C, max(16, _next_pow2(C)))
-    NUM_CB = _cdiv(C, BLOCK_C)
-    BLOCK_T = max(1, min(64, _TILE_ELEMS // BLOCK_C, _next_pow2(max(L, 1))))
+    BLOCK_C = block_size(C, 16, _MAX_BLOCK_C)
+    NUM_CB = cdiv(C, BLOCK_C)
+    BLOCK_T = max(1, min(64, _TILE_ELEMS // BLOCK_C, next_pow2(max(L, 1))))
     num_warps = max(1, min(_NUM_WARPS, BLOCK_T * BLOCK_C // 512))
     return BLOCK_T, BLOCK_C, NUM_CB, num_warps
 
@@ -71,7 +63,7 @@ def _launch(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps, y
     s = initial_state if has_state else x
     ss = (s.stride(0), s.stride(1), s.stride(2)) if has_state else (0, 0, 0)
     fs = (final.stride(0), final.stride(1), final.stride(2)) if pad else (0, 0, 0)
-    grid = (_cdiv(L, BLOCK_T), B)
+    grid = (cdiv(L, BLOCK_T), B)
     launch(kern._convnext_dwconv_ln_fwd_kernel)[grid](
         x, conv_weight, conv_bias if conv_bias is not None else conv_weight,
         ln_weight if ln_weight is not None else conv_weight,
@@ -81,8 +73,8 @@ def _launch(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps, y
         *ss, y.stride(0), y.stride(1), y.stride(2), *fs,
         HAS_CB=conv_bias is not None, HAS_LNW=ln_weight is not None,
         HAS_LNB=ln_bias is not None, HAS_STATE=has_state, HAS_FINAL=pad > 0, NUM_CB=NUM_CB,
-        BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, BLOCK_P=max(2, _next_pow2(max(pad, 1))),
-        BLOCK_CF=max(16, min(BLOCK_C, 4096 // max(2, _next_pow2(max(pad, 1))))),
+        BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, BLOCK_P=max(2, next_pow2(max(pad, 1))),
+        BLOCK_CF=max(16, min(BLOCK_C, 4096 // max(2, next_pow2(max(pad, 1))))),
         num_warps=num_warps)
 
 

@@ -14,19 +14,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._triton_op import launch, triton_op
+from ._triton_op import cdiv, launch, next_pow2, triton_op
 
 __all__ = ["decode_attention_triton", "supports_forward", "forward", "forward_op"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _next_pow2(n):
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def _cdiv(a, b):
-    return (a + b - 1) // b
 
 
 def supports_forward(q=None, k_ring=None, **_):
@@ -57,10 +49,10 @@ def decode_attention_triton(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq,
     q_count = q_count.to(torch.int32)
     n_keys = n_keys.to(torch.int32)
     BLOCK_M = 16
-    BLOCK_D = max(16, _next_pow2(D))
+    BLOCK_D = max(16, next_pow2(D))
     BLOCK_N = 64 if BLOCK_D <= 64 else 32
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    grid = (B * H, _cdiv(M, BLOCK_M))
+    grid = (B * H, cdiv(M, BLOCK_M))
     launch(_decode_attention_fwd_kernel)[grid](
         q, k_ring, v_ring, o, q_pos, q_count, n_keys, freq,
         *q.stride(), *k_ring.stride(), *v_ring.stride(), *o.stride(), *q_pos.stride(),

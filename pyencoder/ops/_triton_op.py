@@ -33,11 +33,26 @@ import os
 
 import torch
 
-__all__ = ["triton_op", "launch", "interpreting"]
+__all__ = ["triton_op", "launch", "interpreting", "next_pow2", "cdiv", "block_size"]
 
 
 def interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_pow2(n):
+    """The smallest power of two >= n (2 for n = 0, 1 for n < 0): a Triton block extent."""
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def cdiv(a, b):
+    """ceil(a / b) for ints: the number of b-sized blocks covering a (a launch grid extent)."""
+    return (a + b - 1) // b
+
+
+def block_size(n, lo, hi):
+    """A launcher's block extent for n elements: next_pow2(n) clamped to [lo, hi]."""
+    return min(hi, max(lo, next_pow2(n)))
 
 
 def _any_fake(args, kwargs):

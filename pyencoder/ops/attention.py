@@ -48,16 +48,17 @@ _backend.register("attention", reference=_reference, triton=_triton)
 def _interval_attention_op(q: Tensor, k: Tensor, v: Tensor, inv_freq: Optional[Tensor],
                            key_lengths: Optional[Tensor], block: int, lo_off: int, hi_off: int,
                            q_offset: int, k_offset: int, scale: float, interleaved: bool,
-                           backend: str) -> Tuple[Tensor, Tensor]:
+                           backend: str, sink: int = 0) -> Tuple[Tensor, Tensor]:
     fwd = _backend.get_entry("attention", backend, "forward")
+    extra = {"sink": sink} if sink else {}    # backends without sink support take no sink
     out, lse = fwd(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
-                   scale, interleaved)
+                   scale, interleaved, **extra)
     return out, lse
 
 
 @_interval_attention_op.register_fake
 def _(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
-      interleaved, backend):
+      interleaved, backend, sink=0):
     B, Hq, Nq, _ = q.shape
     lse_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     return q.new_empty(B, Hq, Nq, v.shape[-1]), q.new_empty(B, Hq, Nq, dtype=lse_dt)
@@ -69,26 +70,29 @@ def _interval_attention_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
                                key_lengths: Optional[Tensor], block: int, lo_off: int,
                                hi_off: int, q_offset: int, k_offset: int, scale: float,
                                interleaved: bool, backend: str,
-                               deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                               deterministic: bool, sink: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     bwd = _backend.get_entry("attention", backend, "backward")
+    extra = {"sink": sink} if sink else {}
     return bwd(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-               k_offset, scale, interleaved, deterministic)
+               k_offset, scale, interleaved, deterministic, **extra)
 
 
 @_interval_attention_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
-      scale, interleaved, backend, deterministic):
+      scale, interleaved, backend, deterministic, sink=0):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    # inputs: the op's arguments; pyencoder::interval_attention has a trailing backend string,
-    # pyencoder::interval_attention_triton (the triton backend's triton_op) has none.
+    # inputs: the op's arguments; pyencoder::interval_attention has a trailing backend string and
+    # sink int, pyencoder::interval_attention_triton (the triton backend's triton_op) has neither
+    # (the triton kernels refuse sinks).
     q, k, v, inv_freq, key_lengths = inputs[:5]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, inv_freq, key_lengths)
     ctx.params = tuple(inputs[5:12])
     ctx.backend = inputs[12] if len(inputs) > 12 else None
+    ctx.sink = inputs[13] if len(inputs) > 13 else 0
     ctx.n_inputs = len(inputs)
 
 
@@ -105,7 +109,8 @@ def _backward(ctx, dout, dlse):
     if ctx.backend is None:
         dq, dk, dv = _triton.backward_op(*args, deterministic_backward())
     else:
-        dq, dk, dv = _interval_attention_bwd_op(*args, ctx.backend, deterministic_backward())
+        dq, dk, dv = _interval_attention_bwd_op(*args, ctx.backend, deterministic_backward(),
+                                                ctx.sink)
     return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 
@@ -286,6 +291,10 @@ def interval_attention(q, k, v, *, mask=None, rope=None, key_lengths=None, q_off
     mask = as_mask(mask, block, lo_off, hi_off)
     _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale)
     block, lo_off, hi_off = mask.params
+    sink = mask.sink
+    if rel_bias is not None and sink:
+        raise ValueError(f"rel_bias with sink keys is not supported yet; got sink={sink} with "
+                         f"rel_bias")
     rel_offset = _validate_bias(q, k, rel_bias, gate, rel_offset, block, lo_off, hi_off,
                                 q_offset, k_offset)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
@@ -293,7 +302,7 @@ def interval_attention(q, k, v, *, mask=None, rope=None, key_lengths=None, q_off
     interleaved = False if rope is None else rope.interleaved
     args = dict(q=q, k=k, v=v, inv_freq=inv_freq, key_lengths=key_lengths, block=block,
                 lo_off=lo_off, hi_off=hi_off, q_offset=q_offset, k_offset=k_offset, scale=scale,
-                interleaved=interleaved)
+                interleaved=interleaved, sink=sink)
     if rel_bias is not None:
         args.update(rel_bias=rel_bias, gate=gate, rel_offset=rel_offset)
     name = _backend.select("attention", "forward", q.device.type, args, backend)
@@ -304,38 +313,40 @@ def interval_attention(q, k, v, *, mask=None, rope=None, key_lengths=None, q_off
     if rel_bias is not None:
         out, lse = _biased_op(q, k, v, inv_freq, key_lengths, rel_bias, gate, rel_offset, block,
                               lo_off, hi_off, q_offset, k_offset, scale, interleaved, name)
-    elif name == "triton":
+    elif name == "triton":          # sink == 0 here: the triton backend refuses sinks
         from . import _triton_ops  # noqa: F401  (registers the triton_ops at first use)
         out, lse = _triton.forward_op(*args)
     else:
-        out, lse = _interval_attention_op(*args, name)
+        out, lse = _interval_attention_op(*args, name, sink)
     return (out, lse) if return_lse else out
 
 
 def banded_attention(q, k, v, *, left, right, rope=None, key_lengths=None, q_offset=0,
-                     k_offset=0, scale=None, backend=None, rel_bias=None, gate=None,
+                     k_offset=0, scale=None, backend=None, sink=0, rel_bias=None, gate=None,
                      rel_offset=None):
     """Attention where query at position p sees keys at positions [p - left, p + right].
 
     q (B, Hq, Nq, D), k and v (B, Hk, Nk, D); left=None means unbounded history. ``rope``: a
     pyencoder.Rope applied to q and k at absolute positions q_offset + i and k_offset + j.
     ``key_lengths`` (B,) int: keys j >= key_lengths[b] are padding. A query that sees no key
-    outputs zeros. ``rel_bias`` / ``gate`` / ``rel_offset``: relative-position bias (see
+    outputs zeros. ``sink``: key positions < sink are visible to every query too (attention sinks;
+    pyencoder.IntervalMask). ``rel_bias`` / ``gate`` / ``rel_offset``: relative-position bias (see
     interval_attention). Returns (B, Hq, Nq, D) in q's dtype."""
-    return interval_attention(q, k, v, mask=IntervalMask.band(left, right), rope=rope,
+    return interval_attention(q, k, v, mask=IntervalMask.band(left, right, sink=sink), rope=rope,
                               key_lengths=key_lengths, q_offset=q_offset, k_offset=k_offset,
                               scale=scale, backend=backend, rel_bias=rel_bias, gate=gate,
                               rel_offset=rel_offset)
 
 
 def chunked_attention(q, k, v, *, chunk_size, left_chunks, lookahead=0, rope=None,
-                      key_lengths=None, q_offset=0, k_offset=0, scale=None, backend=None,
+                      key_lengths=None, q_offset=0, k_offset=0, scale=None, backend=None, sink=0,
                       rel_bias=None, gate=None, rel_offset=None):
     """Chunked attention: a query in chunk c = p // chunk_size sees keys from the start of chunk
-    c - left_chunks (None: from the beginning) to the end of chunk c plus ``lookahead`` frames.
-    ``rel_bias`` / ``gate`` / ``rel_offset``: relative-position bias (see interval_attention)."""
-    return interval_attention(q, k, v, mask=IntervalMask.chunked(chunk_size, left_chunks,
-                                                                 lookahead), rope=rope,
+    c - left_chunks (None: from the beginning) to the end of chunk c plus ``lookahead`` frames
+    (and the ``sink`` first key positions). ``rel_bias`` / ``gate`` / ``rel_offset``:
+    relative-position bias (see interval_attention)."""
+    mask = IntervalMask.chunked(chunk_size, left_chunks, lookahead, sink=sink)
+    return interval_attention(q, k, v, mask=mask, rope=rope,
                               key_lengths=key_lengths, q_offset=q_offset, k_offset=k_offset,
                               scale=scale, backend=backend, rel_bias=rel_bias, gate=gate,
                               rel_offset=rel_offset)

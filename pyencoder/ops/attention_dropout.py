@@ -63,6 +63,10 @@ def interval_attention_dropout(q, k, v, *, mask=None, dropout_p, rope=None, key_
         return interval_attention(q, k, v, mask=mask, rope=rope,
                                   key_lengths=key_lengths, q_offset=q_offset, k_offset=k_offset,
                                   scale=scale)
+    if mask.sink:
+        raise NotImplementedError(f"interval_attention_dropout: sink keys (mask.sink="
+                                  f"{mask.sink}) are not supported with dropout_p > 0 or "
+                                  f"return_keep; got dropout_p={dropout_p!r}")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     inv_freq = None if rope is None else rope.inv_freq(q.device)
     interleaved = False if rope is None else rope.interleaved

@@ -2,10 +2,10 @@
 
 Computes, for query i at absolute position p = q_offset + i and key j at s = k_offset + j,
 visible(i, j) = lo(p) <= s <= hi(p) and j < key_lengths[b], lo and hi those of the
-pyencoder.IntervalMask whose ints (block, lo_off, hi_off) the registered op passes (pyencoder/mask.py
-holds the formula), with RoPE (inv_freq, NeoX or interleaved, partial rotary) applied to q and k at their absolute
-positions, softmax(scale * q k^T) over visible keys, and the zero-row rule (no visible key: output 0,
-lse = -inf, zero gradient).
+pyencoder.IntervalMask whose ints (block, lo_off, hi_off) the registered op passes
+(pyencoder/mask.py holds the formula), with RoPE (inv_freq, NeoX or interleaved, partial rotary)
+applied to q and k at their absolute positions, softmax(scale * q k^T) over visible keys, and the
+zero-row rule (no visible key: output 0, lse = -inf, zero gradient).
 
 Algorithm: blocked over query tiles. A tile of queries only reads keys in
 [lo(first query), hi(last query)] (lo and hi are non-decreasing), so time and memory are O(N * W),
@@ -161,17 +161,53 @@ class _RelBias:
         drel.scatter_add_(1, idx.reshape(1, -1).expand(H, -1), w.reshape(H, tq * tk))
 
 
-def _tile_scores(qt, kt, bias, key_lengths, min_len, j0, j1, B, Hk):
-    """Scaled, masked scores (B*Hk, g*tq, tk): q was pre-scaled."""
+def _tile_scores(qt, kt, bias, key_lengths, min_len, j0, j1, B, Hk, jidx=None):
+    """Scaled, masked scores (B*Hk, g*tq, tk): q was pre-scaled. ``jidx``: the key indices of
+    the tile when they are not the range [j0, j1) (sink keys prepended; j1 is then their end)."""
     if bias is None:
         s = torch.bmm(qt, kt.transpose(-1, -2))
     else:
         s = torch.baddbmm(bias, qt, kt.transpose(-1, -2))
     if key_lengths is not None and j1 > min_len:
-        j = torch.arange(j0, j1, device=s.device)
+        j = torch.arange(j0, j1, device=s.device) if jidx is None else jidx
         pad = j[None, :] >= key_lengths.to(s.device)[:, None]  # (B, tk)
-        s.view(B, Hk, -1, j1 - j0).masked_fill_(pad[:, None, None, :], _NEG_INF)
+        s.view(B, Hk, -1, j.numel()).masked_fill_(pad[:, None, None, :], _NEG_INF)
     return s
+
+
+def _sink_keys(k_offset, sink, nk_eff):
+    """How many leading keys of k are sink keys (absolute position < sink)."""
+    return min(nk_eff, max(0, sink - k_offset))
+
+
+def _sink_split(j0, j1, ns):
+    """(js, j0, j1): a tile reads the sink keys [0, js) and the range [j0, j1) (js <= j0, the two
+    disjoint); with ns = 0 the range is returned unchanged."""
+    if ns == 0:
+        return 0, j0, j1
+    if j1 <= j0:
+        return ns, ns, ns
+    if ns >= j0:
+        return 0, 0, max(j1, ns)
+    return ns, j0, j1
+
+
+def _sink_bias(i0, i1, jidx, block, lo_off, hi_off, sink, q_offset, k_offset, g, dtype):
+    """_tile_bias for the key indices ``jidx`` of a mask with sink keys (not memoised)."""
+    p = torch.arange(q_offset + i0, q_offset + i1, device=jidx.device)
+    s = jidx + k_offset
+    lo, hi = _bounds(p, block, lo_off, hi_off)
+    m = ((s[None, :] >= lo[:, None]) & (s[None, :] <= hi[:, None])) | (s < sink)[None, :]
+    if bool(m.all()):
+        return None
+    bias = torch.zeros(m.shape, dtype=dtype, device=jidx.device).masked_fill_(~m, _NEG_INF)
+    if g > 1:
+        bias = bias.unsqueeze(0).expand(g, -1, -1).reshape(g * (i1 - i0), s.numel())
+    return bias.unsqueeze(0)
+
+
+def _tile_keys(js, j0, j1, device):
+    return torch.cat([torch.arange(js, device=device), torch.arange(j0, j1, device=device)])
 
 
 def _rotate(x, offset, inv_freq, interleaved, cdt, inverse=False):
@@ -247,11 +283,11 @@ class _RotatedKeys:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def _flops(q, k, block, lo_off, hi_off):
+def _flops(q, k, block, lo_off, hi_off, sink=0):
     """Rough arithmetic of one pass (q k^T and p v over each query's window)."""
     B, Hq, Nq, D = q.shape
     Nk = k.shape[2]
-    w = Nk if lo_off < 0 else min(Nk, lo_off + hi_off + block)
+    w = Nk if lo_off < 0 else min(Nk, lo_off + hi_off + block + sink)
     return 4.0 * B * Hq * Nq * max(w, 1) * D
 
 
@@ -284,6 +320,24 @@ def visible_key_ranges(Nq, B, key_lengths, Nk, block, lo_off, hi_off, q_offset, 
            else key_lengths.to(device=device, dtype=torch.int64).clamp(0, Nk))
     jhi = torch.minimum((hi - k_offset + 1).clamp(0, Nk)[None, :], lim[:, None])
     return jlo, torch.maximum(jhi, jlo[None, :])
+
+
+def _sink_counts(B, key_lengths, Nk, k_offset, sink, device):
+    """(B,) int64 sink keys of each batch item that are real keys (None when there are none)."""
+    ns = min(Nk, max(0, sink - k_offset))
+    if ns == 0:
+        return None
+    n = torch.full((B,), ns, dtype=torch.int64, device=device)
+    if key_lengths is not None:
+        n = torch.minimum(n, key_lengths.to(device=device, dtype=torch.int64).clamp(0, Nk))
+    return n
+
+
+def _sink_poison(kvbad, nsb, Hq):
+    """(B, Hq) bool: a visible sink key of (b, kv head) has a non-finite k or v row."""
+    B, Hk, Nk = kvbad.shape
+    insink = torch.arange(Nk, device=kvbad.device)[None, :] < nsb[:, None]
+    return (kvbad & insink[:, None, :]).any(-1).repeat_interleave(Hq // Hk, dim=1)
 
 
 def poisoned_rows(qbad, kvbad, ranges, Hq):
@@ -324,39 +378,45 @@ def keys_seen_by(rowbad, Hk, Nk, key_lengths, block, lo_off, hi_off, q_offset, k
 
 
 def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
-            interleaved, rel_bias=None, gate=None, rel_offset=0):
+            interleaved, sink=0, rel_bias=None, gate=None, rel_offset=0):
     """Returns (out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32/float64); non-finite
     inputs poison the rows that see them (module docstring). ``rel_bias`` (Hq, L) / ``gate``
     (B, Hq, Nq) or None / ``rel_offset``: the relative-position bias added to the scores (see
-    _RelBias); a non-finite gate entry poisons its row like a non-finite q row. On CPU the call
-    runs with the thread count of pyencoder._cpu_threads (work size and machine load; one thread
-    when busy)."""
-    with threads_for(_flops(q, k, block, lo_off, hi_off), q.device):
+    _RelBias; not with sink keys yet); a non-finite gate entry poisons its row like a non-finite
+    q row. On CPU the call runs with the thread count of pyencoder._cpu_threads (work size and
+    machine load; one thread when busy)."""
+    with threads_for(_flops(q, k, block, lo_off, hi_off, sink), q.device):
         return _forward_checked(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-                                k_offset, scale, interleaved, rel_bias, gate, rel_offset)
+                                k_offset, scale, interleaved, sink, rel_bias, gate, rel_offset)
 
 
 def _forward_checked(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
-                     scale, interleaved, rel_bias=None, gate=None, rel_offset=0):
+                     scale, interleaved, sink=0, rel_bias=None, gate=None, rel_offset=0):
+    if rel_bias is not None and sink:
+        raise ValueError(f"rel_bias with sink keys is not supported yet; got sink={sink}")
     if all_finite(q, k, v, gate):
         return _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-                        k_offset, scale, interleaved, rel_bias, gate, rel_offset)
+                        k_offset, scale, interleaved, sink, rel_bias, gate, rel_offset)
     B, Hq, Nq, _ = q.shape
     ranges = visible_key_ranges(Nq, B, key_lengths, k.shape[2], block, lo_off, hi_off, q_offset,
                                 k_offset, q.device)
+    kvbad = nonfinite_rows(k) | nonfinite_rows(v)
     qbad = nonfinite_rows(q)
     if gate is not None:
         qbad = qbad | ~torch.isfinite(gate)
         gate = finite_or_zero(gate)
-    bad = poisoned_rows(qbad, nonfinite_rows(k) | nonfinite_rows(v), ranges, Hq)
+    bad = poisoned_rows(qbad, kvbad, ranges, Hq)
+    nsb = _sink_counts(B, key_lengths, k.shape[2], k_offset, sink, q.device)
+    if nsb is not None:
+        bad |= _sink_poison(kvbad, nsb, Hq)[:, :, None] | (qbad & (nsb > 0)[:, None, None])
     out, lse = _forward(finite_or_zero(q), finite_or_zero(k), finite_or_zero(v), inv_freq,
                         key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale, interleaved,
-                        rel_bias, gate, rel_offset)
+                        sink, rel_bias, gate, rel_offset)
     return out.masked_fill_(bad[..., None], float("nan")), lse.masked_fill_(bad, float("nan"))
 
 
 def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
-             interleaved, rel_bias=None, gate=None, rel_offset=0):
+             interleaved, sink=0, rel_bias=None, gate=None, rel_offset=0):
     """forward() for finite inputs. Working memory beyond the output is O(tile * W): q is rotated
     tile by tile and k block by block (each exactly once), never as whole rotated copies."""
     B, Hq, Nq, D = q.shape
@@ -372,21 +432,35 @@ def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_
     lse = torch.full((B, Hk, g, Nq), _NEG_INF, dtype=cdt, device=q.device)
     nk_eff = _key_limit(key_lengths, Nk)
     min_len = _min_len(key_lengths, Nk)
+    ns = _sink_keys(k_offset, sink, nk_eff)
+    if ns:
+        sink_k = _rotate(k[:, :, :ns], k_offset, inv_freq, interleaved, cdt).reshape(B * Hk, ns, D)
     rel = None if rel_bias is None else _RelBias(rel_bias, gate, rel_offset, q_offset, k_offset,
                                                  B, Hk, g, cdt)
     for i0, i1, j0, j1 in _tiles(Nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset):
-        if j1 <= j0:
+        js, j0, j1 = _sink_split(j0, j1, ns)
+        if j1 <= j0 and js == 0:
             continue
         tq = i1 - i0
         qt = (queries.get(i0, i1) * scale).view(B * Hk, g * tq, D)
-        bias = biases.get(i0, i1, j0, j1)
-        s = _tile_scores(qt, keys.get(j0, j1), bias, key_lengths, min_len, j0, j1, B, Hk)
-        if rel is not None:
-            rel.add_to(s, rel.index(i0, i1, j0, j1), i0, i1)
+        if ns == 0:
+            bias = biases.get(i0, i1, j0, j1)
+            s = _tile_scores(qt, keys.get(j0, j1), bias, key_lengths, min_len, j0, j1, B, Hk)
+            vt = vc[:, j0:j1]
+            if rel is not None:
+                rel.add_to(s, rel.index(i0, i1, j0, j1), i0, i1)
+        else:
+            jidx = _tile_keys(js, j0, j1, q.device)
+            bias = _sink_bias(i0, i1, jidx, block, lo_off, hi_off, sink, q_offset, k_offset, g,
+                              cdt)
+            kt = keys.get(j0, j1) if j1 > j0 else sink_k[:, :0]
+            kt = torch.cat([sink_k[:, :js], kt], 1) if js else kt
+            vt = torch.cat([vc[:, :js], vc[:, j0:j1]], 1) if js else vc[:, j0:j1]
+            s = _tile_scores(qt, kt, bias, key_lengths, min_len, j0, max(j1, js), B, Hk, jidx)
         m = torch.logsumexp(s, dim=-1, keepdim=True)
         m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = s.sub_(m_safe).exp_()
-        o = torch.bmm(p, vc[:, j0:j1])
+        o = torch.bmm(p, vt)
         out[:, :, :, i0:i1] = o.view(B, Hk, g, tq, Dv)
         lse[:, :, :, i0:i1] = m.view(B, Hk, g, tq)
     return out.view(B, Hq, Nq, Dv), lse.view(B, Hq, Nq).to(
@@ -394,38 +468,45 @@ def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_
 
 
 def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-             k_offset, scale, interleaved, deterministic=True, rel_bias=None, gate=None,
+             k_offset, scale, interleaved, deterministic=True, sink=0, rel_bias=None, gate=None,
              rel_offset=0):
     """Returns (dq, dk, dv) in the dtypes of q, k, v; NaN rows as in the module docstring. With
     ``rel_bias``: (dq, dk, dv, drel_bias, dgate) (dgate None without a gate); dgate is NaN on the
     rows where dq is, and those rows add nothing to drel_bias. Thread count as in forward."""
-    with threads_for(2.5 * _flops(q, k, block, lo_off, hi_off), q.device):
+    with threads_for(2.5 * _flops(q, k, block, lo_off, hi_off, sink), q.device):
         res = _backward_checked(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off,
-                                hi_off, q_offset, k_offset, scale, interleaved, rel_bias, gate,
-                                rel_offset)
+                                hi_off, q_offset, k_offset, scale, interleaved, sink, rel_bias,
+                                gate, rel_offset)
     return res if rel_bias is not None else res[:3]
 
 
 def _backward_checked(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off,
-                      q_offset, k_offset, scale, interleaved, rel_bias=None, gate=None,
+                      q_offset, k_offset, scale, interleaved, sink=0, rel_bias=None, gate=None,
                       rel_offset=0):
     bias = (rel_bias, gate, rel_offset)
     if all_finite(dout, q, k, v, gate) and not bool(torch.isnan(lse).any()):
         return _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off,
-                         q_offset, k_offset, scale, interleaved, None, *bias)
+                         q_offset, k_offset, scale, interleaved, None, sink, *bias)
     B, Hq, Nq, _ = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     jlo, jhi = visible_key_ranges(Nq, B, key_lengths, Nk, block, lo_off, hi_off, q_offset,
                                   k_offset, q.device)
-    rowbad = (torch.isnan(lse) | nonfinite_rows(dout) | nonfinite_rows(out)) & (
-        jhi > jlo[None, :])[:, None, :]
+    sees = (jhi > jlo[None, :])[:, None, :]
+    nsb = _sink_counts(B, key_lengths, Nk, k_offset, sink, q.device)
+    if nsb is not None:
+        sees = sees | (nsb > 0)[:, None, None]
+    rowbad = (torch.isnan(lse) | nonfinite_rows(dout) | nonfinite_rows(out)) & sees
     if gate is not None:
         bias = (rel_bias, finite_or_zero(gate), rel_offset)
     dq, dk, dv, drel, dgate = _backward(
         finite_or_zero(dout), finite_or_zero(q), finite_or_zero(k), finite_or_zero(v),
         finite_or_zero(out), lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-        k_offset, scale, interleaved, rowbad, *bias)
+        k_offset, scale, interleaved, rowbad, sink, *bias)
     colbad = keys_seen_by(rowbad, Hk, Nk, key_lengths, block, lo_off, hi_off, q_offset, k_offset)
+    if nsb is not None:
+        anybad = rowbad.view(B, Hk, Hq // Hk, Nq).any(-1).any(-1)             # (B, Hk)
+        insink = torch.arange(Nk, device=q.device)[None, :] < nsb[:, None]    # (B, Nk)
+        colbad |= anybad[:, :, None] & insink[:, None, :]
     nan = float("nan")
     if dgate is not None:
         dgate.masked_fill_(rowbad, nan)
@@ -434,7 +515,8 @@ def _backward_checked(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_
 
 
 def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-              k_offset, scale, interleaved, rowbad, rel_bias=None, gate=None, rel_offset=0):
+              k_offset, scale, interleaved, rowbad, sink=0, rel_bias=None, gate=None,
+              rel_offset=0):
     """backward() for finite inputs; rows with rowbad (B, Hq, Nq) (or None) take no part.
     Returns (dq, dk, dv, drel_bias or None, dgate or None)."""
     B, Hq, Nq, D = q.shape
@@ -455,6 +537,7 @@ def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_
     nk_eff = _key_limit(key_lengths, Nk)
     min_len = _min_len(key_lengths, Nk)
     biases = _Biases(block, lo_off, hi_off, q_offset, k_offset, g, cdt, q.device)
+    ns = _sink_keys(k_offset, sink, nk_eff)
     rel = drel = dgate = None
     if rel_bias is not None:
         rel = _RelBias(rel_bias, gate, rel_offset, q_offset, k_offset, B, Hk, g, cdt)
@@ -462,25 +545,39 @@ def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_
         if gate is not None:
             dgate = torch.zeros(B, Hk, g, Nq, dtype=cdt, device=q.device)
     for i0, i1, j0, j1 in _tiles(Nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset):
-        if j1 <= j0:
+        js, j0, j1 = _sink_split(j0, j1, ns)
+        if j1 <= j0 and js == 0:
             continue
         tq = i1 - i0
-        bias = biases.get(i0, i1, j0, j1)
         qt = _q_tile(qr, i0, i1, B, Hk, g, D)
-        kt = kr[:, j0:j1]
-        s = _tile_scores(qt, kt, bias, key_lengths, min_len, j0, j1, B, Hk)
-        if rel is not None:
-            idx = rel.index(i0, i1, j0, j1)
-            rel.add_to(s, idx, i0, i1)
+        if ns == 0:
+            bias = biases.get(i0, i1, j0, j1)
+            kt, vt = kr[:, j0:j1], vc[:, j0:j1]
+            s = _tile_scores(qt, kt, bias, key_lengths, min_len, j0, j1, B, Hk)
+            if rel is not None:
+                idx = rel.index(i0, i1, j0, j1)
+                rel.add_to(s, idx, i0, i1)
+        else:
+            jidx = _tile_keys(js, j0, j1, q.device)
+            bias = _sink_bias(i0, i1, jidx, block, lo_off, hi_off, sink, q_offset, k_offset, g,
+                              cdt)
+            kt = torch.cat([kr[:, :js], kr[:, j0:j1]], 1) if js else kr[:, j0:j1]
+            vt = torch.cat([vc[:, :js], vc[:, j0:j1]], 1) if js else vc[:, j0:j1]
+            s = _tile_scores(qt, kt, bias, key_lengths, min_len, j0, max(j1, js), B, Hk, jidx)
         p = s.sub_(lse_c[:, :, :, i0:i1].reshape(B * Hk, g * tq, 1)).exp_()
         dot = do[:, :, :, i0:i1].reshape(B * Hk, g * tq, Dv)
-        dv[:, j0:j1] += torch.bmm(p.transpose(-1, -2), dot)
-        dp = torch.bmm(dot, vc[:, j0:j1].transpose(-1, -2))
+        dvt = torch.bmm(p.transpose(-1, -2), dot)
+        dp = torch.bmm(dot, vt.transpose(-1, -2))
         ds = p.mul_(dp.sub_(delta[:, :, :, i0:i1].reshape(B * Hk, g * tq, 1)))
         if rel is not None:
             rel.grads(ds, idx, i0, i1, drel, dgate)
         dq[:, :, :, i0:i1] = torch.bmm(ds, kt).view(B, Hk, g, tq, D)
-        dk[:, j0:j1] += torch.bmm(ds.transpose(-1, -2), qt)
+        dkt = torch.bmm(ds.transpose(-1, -2), qt)
+        if js:
+            dv[:, :js] += dvt[:, :js]
+            dk[:, :js] += dkt[:, :js]
+        dv[:, j0:j1] += dvt[:, js:]
+        dk[:, j0:j1] += dkt[:, js:]
     # q was pre-scaled: dS/dk carries one factor of scale through qt, dS/dq needs it explicitly.
     dq = _rotate(dq.view(B, Hq, Nq, D).mul_(scale), q_offset, inv_freq, interleaved, cdt,
                  inverse=True)

@@ -56,7 +56,7 @@ def nonfinite_guard(s, v):
     that see one softmax to NaN and the others never meet it. A non-finite q or k entry makes
     every score of its row / column non-finite, so s covers q and k. No host synchronisation."""
     vz = v.sum(-1).mul_(0.0)
-    s.add_(s * 0.0 + vz[:, :, None, :])
+    s.add_(torch.mul(s, 0.0).add_(vz[:, :, None, :]))
     return s, torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
 
 

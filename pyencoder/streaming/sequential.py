@@ -21,7 +21,8 @@ from torch import nn
 
 from .._cpu_threads import threads_for
 from .protocol import is_pointwise, is_streaming, swaps_time_axis, time_last
-from .state import StreamState, check_init_args, check_state, check_step_lengths, stamp
+from .state import (StreamState, check_init_args, check_state, check_step_lengths,
+                    check_step_slots, stamp)
 
 __all__ = ["StreamingSequential", "StackState", "PassState", "cat_time"]
 
@@ -93,9 +94,7 @@ class StreamingSequential(nn.Sequential):
     def step(self, x, state, lengths=None, outputs=None):
         self._check_state(state)
         B = x.shape[0]
-        if B != state.out_lengths.shape[0]:
-            raise ValueError(f"x has batch {B} but the state holds {state.out_lengths.shape[0]} "
-                             f"slots")
+        check_step_slots(B, state.out_lengths.shape[0])
         lengths = check_step_lengths(lengths, B, x.shape[-1] if time_last(self) else x.shape[1],
                                      x.device)
         # one scoped CPU thread count for the step (pyencoder._cpu_threads: busy machine -> fewer)

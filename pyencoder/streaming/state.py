@@ -17,7 +17,7 @@ import dataclasses
 import torch
 
 __all__ = ["StreamState", "reset", "state_nbytes", "check_state", "stamp", "stream_config",
-           "check_init_args", "check_step_lengths"]
+           "check_init_args", "check_step_lengths", "check_step_slots", "check_step_input"]
 
 CONFIG_KEY = "__config__"
 
@@ -233,6 +233,21 @@ def check_init_args(batch_size, dtype=None, device=None):
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"device must name a torch device (e.g. 'cpu', 'cuda:0'); got "
                              f"{device!r}") from e
+
+
+def check_step_slots(B, slots, name="x"):
+    """A step's input of batch ``B`` against a state of ``slots`` slots."""
+    if B != slots:
+        raise ValueError(f"{name} has batch {B} but the state holds {slots} slots")
+
+
+def check_step_input(x, axis, size, slots):
+    """A step's input ``x``: 3-d with ``size`` features on ``axis`` (1: (B, size, n); -1:
+    (B, n, size)) and a batch of ``slots`` (the state's)."""
+    if x.dim() != 3 or x.shape[axis] != size:
+        layout = f"(B, {size}, n)" if axis == 1 else f"(B, n, {size})"
+        raise ValueError(f"x must have shape {layout}; got {tuple(x.shape)}")
+    check_step_slots(x.shape[0], slots)
 
 
 def check_step_lengths(lengths, B, n, device, name="lengths"):
