@@ -32,8 +32,9 @@ Results (sm_90, quick matrix; attention fwd/dq/dk-dv and the decode kernel, 2 sh
   follow the defining scope's order: m_i, l_i, acc and (pass, pair-first, pair-second)
   accumulators), and moving tl.cos / tl.sin of the decode kernel before the partner load
   reorders its code (the shared helper returns the angles).
-- relative-position bias (HAS_BIAS constexpr off): every variant identical to the deduplicated
-  kernels.
+- relative-position bias (HAS_BIAS / HAS_GATE constexprs off, bias pointers and ints passed as
+  None): all 121 unbiased interval-attention variants of the quick matrix (fwd 40, dq 38, dk/dv
+  38, preprocess 5; ``dump --skip-flag HAS_BIAS``) have PTX identical to KERNEL-DEDUPE-DONE's.
 - frame-rate masks (issue 15 item 3, constexpr K_BLOCK, None when off; sample matrix, sm_90,
   attention kernels): the 12 band/chunked launch variants are identical before and after; the 3
   frame-mask variants (K_BLOCK=3) are new.

@@ -99,3 +99,40 @@ def naive_causal_conv(x, w, b, stride, groups, activation, init=None):
     elif activation == "gelu":
         y = 0.5 * y * (1 + torch.erf(y / math.sqrt(2)))
     return y, xp
+
+
+def relative_bias_matrix(rel_bias, gate, rel_offset, nq, nk, q_offset=0, k_offset=0, batch=1):
+    """(B, Hq, Nq, Nk) float64 bias gate[b, h, i] * rel_bias[h, s - p - rel_offset], built by an
+    explicit loop over (i, j) (0 where s - p falls outside the table: never visible there)."""
+    H, L = rel_bias.shape
+    out = torch.zeros(batch, H, nq, nk, dtype=torch.float64)
+    t = rel_bias.to(torch.float64)
+    for i in range(nq):
+        for j in range(nk):
+            c = (k_offset + j) - (q_offset + i) - rel_offset
+            if 0 <= c < L:
+                out[:, :, i, j] = t[:, c]
+    if gate is not None:
+        out = out * gate.to(torch.float64)[..., None]
+    return out
+
+
+def dense_biased_attention(q, k, v, mask, bias, scale=None, rope_dim=0, interleaved=False,
+                           q_offset=0, k_offset=0):
+    """dense_attention in float64 with an additive (B, Hq, Nq, Nk) score bias (differentiable
+    in every input, bias included)."""
+    B, Hq, Nq, D = q.shape
+    Hk = k.shape[1]
+    q, k, v = q.to(torch.float64), k.to(torch.float64), v.to(torch.float64)
+    if rope_dim:
+        q = rope_rotate(q, torch.arange(Nq) + q_offset, rope_dim, interleaved=interleaved)
+        k = rope_rotate(k, torch.arange(k.shape[2]) + k_offset, rope_dim, interleaved=interleaved)
+    k = k.repeat_interleave(Hq // Hk, dim=1)
+    v = v.repeat_interleave(Hq // Hk, dim=1)
+    scale = D ** -0.5 if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale + bias
+    s = s.masked_fill(~mask, float("-inf"))
+    any_visible = mask.any(-1, keepdim=True)
+    s = torch.where(any_visible, s, torch.zeros_like(s))
+    p = torch.softmax(s, dim=-1) * any_visible
+    return p @ v

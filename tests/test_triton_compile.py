@@ -26,9 +26,10 @@ pointers; those variants only add facts for the compiler).
 Matrices (``--matrix`` or ``PYENCODER_COMPILE_MATRIX``):
 - ``sample`` (the default tier, ``make test``): every kernel, dtype and target at least once, at
   the default (untimed) tiles: attention bf16 head_dim 128 partial RoPE, fp32 head_dim 32 NeoX in
-  the RoPE-table mode, fp16 head_dim 64 interleaved unbounded; one conv case per dtype (fp16
+  the RoPE-table mode, fp16 head_dim 64 interleaved unbounded, fp16 head_dim 64 with the gated
+  relative bias (WavLM); one conv case per dtype (fp16
   depthwise with state and update, bf16 grouped, fp32 strided channels-last), one ConvNeXt and one
-  decode case per dtype: 55 launch variants, 86 compiles; plus one frame-rate mask case (fp16,
+  decode case per dtype: 61 launch variants, 92 compiles; plus one frame-rate mask case (fp16,
   K_BLOCK=3) of the three attention kernels, 3 more variants per target.
 - ``quick``: every config of every launcher list at the shapes that need the most shared memory
   and registers (head_dim 128 with partial RoPE for attention, widest conv tiles) in each element
@@ -130,9 +131,22 @@ class _Recorder:
 
 
 def _attention_cases(matrix):
-    """(dtype, head_dim, rope, all_configs, bounded, rope_table) cases of a matrix."""
+    """(dtype, head_dim, rope, all_configs, bounded, rope_table[, bias]) cases of a matrix; bias
+    "gated" / "plain": the relative-position bias variants (HAS_BIAS, with or without HAS_GATE)."""
     dts = ("fp16", "bf16", "fp32")
     ropes = ("none", "neox", "interleaved", "partial")
+    # the fused relative bias (WavLM's gated bias: head_dim 64, no RoPE; a plain bias with RoPE)
+    if matrix == "sample":
+        yield ("fp16", 64, "none", False, True, False, "gated")
+    elif matrix == "quick":
+        yield ("bf16", 64, "none", True, True, False, "gated")
+        yield ("fp32", 128, "partial", True, True, False, "gated")
+        yield ("fp16", 64, "neox", False, False, False, "plain")
+    else:
+        for dn in dts:
+            for D in (64, 128):
+                yield (dn, D, "none", True, True, False, "gated")
+                yield (dn, D, "partial", True, False, False, "plain")
     if matrix == "sample":
         # every kernel, dtype, RoPE layout and RoPE mode once, at the default tiles
         yield ("bf16", 128, "partial", False, True, False)
@@ -187,8 +201,9 @@ def _run_attention(rec, matrix):
     for target in TARGETS:
         A._arch = lambda device, t=target: t.replace("_", "")
         rec.targets = (target,)
-        for dn, D, rope, all_cfgs, bounded, table in _attention_cases(matrix):
+        for dn, D, rope, all_cfgs, bounded, table, *bias in _attention_cases(matrix):
             dt = dts[dn]
+            bias = bias[0] if bias else None
             B, Hq, Hk, N = 2, 4, 2, 40
             q = torch.randn(B, Hq, N, D, dtype=dt)
             k = torch.randn(B, Hk, N, D, dtype=dt)
@@ -198,22 +213,26 @@ def _run_attention(rec, matrix):
             klen = torch.tensor([N, N - 3], dtype=torch.int32) if bounded else None
             lo = 4000 if bounded else -1  # a wide window: the window prune keeps every tile
             mask = (klen, 4, lo, 3, 0, 0, D ** -0.5, rope == "interleaved")
+            bkw = {}
+            if bias is not None:
+                bkw = dict(rel_bias=torch.randn(Hq, 2 * N), rel_offset=-N,
+                           gate=torch.rand(B, Hq, N) if bias == "gated" else None)
             rec.case = (f"{dn} D{D} rope={rope}" + ("" if bounded else " unbounded")
-                        + (" table" if table else ""))
+                        + (" table" if table else "") + (f" bias={bias}" if bias else ""))
             rec.all_configs = all_cfgs
             with _env(PYENCODER_ROPE_TABLE="1" if table else "0"):
                 for mode in (("0", "full") if all_cfgs else ("0",)):
                     with _env(PYENCODER_TRITON_AUTOTUNE=mode):
-                        out, lse = A.forward(q, k, v, inv, *mask)
+                        out, lse = A.forward(q, k, v, inv, *mask, **bkw)
                         for det in ((True, False) if mode == "full" else (True,)):
-                            A.backward(out, q, k, v, out, lse, inv, *mask, det)
+                            A.backward(out, q, k, v, out, lse, inv, *mask, det, **bkw)
                 if all_cfgs:
                     # a recording run never runs out of resources: ask for the fallback tile
                     A._default_configs = lambda *a, **kw: []
                     try:
                         with _env(PYENCODER_TRITON_AUTOTUNE="0"):
-                            out, lse = A.forward(q, k, v, inv, *mask)
-                            A.backward(out, q, k, v, out, lse, inv, *mask, True)
+                            out, lse = A.forward(q, k, v, inv, *mask, **bkw)
+                            A.backward(out, q, k, v, out, lse, inv, *mask, True, **bkw)
                     finally:
                         A._default_configs = default_configs
         # a frame-rate (cross-attention) mask: the same kernels with the constexpr K_BLOCK

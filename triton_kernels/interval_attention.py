@@ -57,6 +57,17 @@ need nothing: every row there sees every key, so the natural IEEE
 propagation reaches exactly the rows and keys that must be NaN, and the final check widens it to
 whole rows.
 
+Relative-position bias (constexpr HAS_BIAS, HAS_GATE; pyencoder.ops.attention): the score of
+(p, s) gains gate[b, h, i] * REL[h, s - p - rel_offset] (REL float32 (Hq, rel_len), GATE float32
+(B, Hq, Nq) contiguous), gathered per visited tile from the dense per-offset vector (the bucketing
+is done outside) and added in base 2 before the online softmax; the backward kernels recompute it.
+dgate (HAS_GATE) is a row reduction of dS * REL in the dq kernel (stored once per row, NaN on the
+rows whose dq is NaN); dREL is accumulated by the dq kernel with float32 atomics into a (Hq, L)
+buffer (one per visible pair, non-finite dS of poisoned rows dropped), so it is the one gradient
+whose last bits depend on the summation order. Without a bias the pointers and ints are passed as
+None (constexpr): the unbiased kernels compile to the same PTX as without these arguments
+(benchmarks/ptx_diff.py).
+
 Source layout: each kernel walks its block ranges with one span helper (``_fwd_span``,
 ``_dq_span``, ``_dkdv_span``: a loop over blocks [lo, hi) calling the kernel's block function,
 MASKED a constexpr), called for the three spans of _block_ranges (``_span_bounds``: leading
@@ -296,11 +307,44 @@ def _span_bounds(SPAN: tl.constexpr, start, a, bb, end_r):
 
 
 @triton.jit
-def _fwd_block(acc, l_i, m_i, q3, kv, rope, win, j0, q_pos, nk_b, D, qk_scale,
+def _bias_setup(REL, GATE, rel_len, rel_offset, h, bh, rows, rmask, Nq, HAS_BIAS: tl.constexpr,
+                HAS_GATE: tl.constexpr):
+    """Relative bias of head h for the query rows ``rows``: (table row pointer, float32 gate of
+    the rows (0.0 placeholder without a gate), table length, rel_offset); numeric placeholders
+    without a bias (a compiled function cannot return None)."""
+    res = (0, 0.0, 0, 0)
+    if HAS_BIAS:
+        g = 0.0
+        if HAS_GATE:
+            g = tl.load(GATE + bh.to(tl.int64) * Nq + rows, mask=rmask, other=0.0)
+        res = (REL + h * rel_len, g, rel_len, rel_offset)
+    return res
+
+
+@triton.jit
+def _bias_tile(bias, rel, HAS_GATE: tl.constexpr, TRANS: tl.constexpr):
+    """(table values, gated values, in-table mask) of a tile ``rel`` of relative offsets s - p:
+    (queries, keys), or (keys, queries) when TRANS; the gate is per query."""
+    rel_row, g, rel_len, rel_offset = bias
+    c = rel - rel_offset
+    ok = (c >= 0) & (c < rel_len)
+    raw = tl.load(rel_row + c, mask=ok, other=0.0)
+    val = raw
+    if HAS_GATE:
+        if TRANS:
+            val = raw * g[None, :]
+        else:
+            val = raw * g[:, None]
+    return raw, val, ok
+
+
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q3, kv, rope, win, bias, j0, q_pos, nk_b, D, qk_scale,
                BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
                INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
-               DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
+               DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr,
+               HAS_GATE: tl.constexpr):
     qa, qb, qc = q3
     k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd = kv
     block, lo_off, hi_off, q_offset, k_offset, kblock = win
@@ -314,6 +358,9 @@ def _fwd_block(acc, l_i, m_i, q3, kv, rope, win, j0, q_pos, nk_b, D, qk_scale,
                 mask=cmask[:, None] & (dv < D)[None, :], other=0.0)
     s = _scores(qa, qb, qc, ka, kb, kc, tl.zeros([acc.shape[0], BLOCK_N], dtype=tl.float32),
                 HAS_ROPE, HAS_PASS, DOT_PREC) * qk_scale
+    if HAS_BIAS:
+        _, bv, _ = _bias_tile(bias, k_pos[None, :] - q_pos[:, None], HAS_GATE, False)
+        s += bv * 1.4426950408889634
     if MASKED:
         # keys with a non-finite k or v: NaN score where visible, v row zeroed for the p @ v dot
         kv0 = _groups_poison(ka, kb, kc, _row_poison(v), HAS_ROPE, HAS_PASS)
@@ -337,22 +384,23 @@ def _fwd_block(acc, l_i, m_i, q3, kv, rope, win, j0, q_pos, nk_b, D, qk_scale,
 
 
 @triton.jit
-def _fwd_span(m_i, l_i, acc, q3, kv, rope, win, j_lo, j_hi, q_pos, nk_b, D, qk_scale,
+def _fwd_span(m_i, l_i, acc, q3, kv, rope, win, bias, j_lo, j_hi, q_pos, nk_b, D, qk_scale,
               BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
               BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
               INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
-              DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
+              DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr,
+              HAS_GATE: tl.constexpr):
     """The key blocks [j_lo, j_hi) of a query tile; masked (boundary) spans run unpipelined.
     (m_i, l_i, acc: the loop-carry order of the kernel before the span helpers, same PTX.)"""
     for j0 in tl.range(j_lo, j_hi, BLOCK_N, num_stages=1 if MASKED else None):
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q3, kv, rope, win, j0, q_pos, nk_b, D,
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q3, kv, rope, win, bias, j0, q_pos, nk_b, D,
                                    qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
                                    HAS_PASS, INTERLEAVED, LO_BOUNDED, MASKED, DOT_PREC,
-                                   ROPE_TABLE)
+                                   ROPE_TABLE, HAS_BIAS, HAS_GATE)
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["q_offset", "k_offset"])
+@triton.jit(do_not_specialize=["q_offset", "k_offset", "rel_len", "rel_offset"])
 def _interval_attention_fwd_kernel(
         Q, K, V, O, LSE, INV_FREQ, COS_TAB, SIN_TAB, KLEN,
         stride_qb, stride_qh, stride_qn, stride_qd,
@@ -361,11 +409,12 @@ def _interval_attention_fwd_kernel(
         stride_ob, stride_oh, stride_on, stride_od,
         Hq, GROUP, Nq, Nk, D, HALF, ROT, NPASS,
         block, lo_off, hi_off, q_offset, k_offset, tab_base, qk_scale, WIN_KEY,
+        REL, GATE, rel_len, rel_offset,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr,
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
         HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr,
-        K_BLOCK: tl.constexpr = None):
+        HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, K_BLOCK: tl.constexpr = None):
     kblock = _key_block(block, K_BLOCK)
     pid_m, bh, b, h, q_base, k_base, v_base = _query_program(
         Q, K, V, Hq, GROUP, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh)
@@ -382,16 +431,17 @@ def _interval_attention_fwd_kernel(
     qa, qb, qc = _load_qk(q_base, rows, rmask, stride_qn, stride_qd, q_pos, rope, BLOCK_R,
                           BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED, ROPE_TABLE)
     q3 = (qa, qb, qc)
+    bias = _bias_setup(REL, GATE, rel_len, rel_offset, h, bh, rows, rmask, Nq, HAS_BIAS, HAS_GATE)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     # boundary blocks (masked), interior blocks (every row sees every key), boundary blocks
     for span in tl.static_range(3):
         j_lo, j_hi = _span_bounds(span, start, a, bb, end_r)
-        acc, l_i, m_i = _fwd_span(m_i, l_i, acc, q3, kv, rope, win, j_lo, j_hi, q_pos, nk_b, D,
-                                  qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
-                                  HAS_PASS, INTERLEAVED, LO_BOUNDED, span != 1, DOT_PREC,
-                                  ROPE_TABLE)
+        acc, l_i, m_i = _fwd_span(m_i, l_i, acc, q3, kv, rope, win, bias, j_lo, j_hi, q_pos,
+                                  nk_b, D, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
+                                  HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, span != 1,
+                                  DOT_PREC, ROPE_TABLE, HAS_BIAS, HAS_GATE)
 
     nz = l_i > 0.0
     l_safe = tl.where(nz, l_i, 1.0)
@@ -401,6 +451,8 @@ def _interval_attention_fwd_kernel(
     # sees a key
     rz = _row_poison(acc) + l_i * 0.0
     qz = _groups_poison(qa, qb, qc, tl.zeros([BLOCK_M], dtype=tl.float32), HAS_ROPE, HAS_PASS)
+    if HAS_GATE:
+        qz += bias[1] * 0.0
     sees = _rows_see_keys(q_pos, rmask, nk_b, block, kblock, lo_off, hi_off, k_offset,
                           LO_BOUNDED)
     ok = (rz + tl.where(sees, qz, 0.0)) == 0.0
@@ -434,12 +486,13 @@ def _interval_attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dq_block(dq3, q3, do, lse2, delta, kv, rope, win, j0, q_pos, nk_b, D, qk_scale,
+def _dq_block(dq3, q3, do, lse2, delta, kv, rope, win, bias, j0, q_pos, nk_b, D, qk_scale,
               BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
               BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
               INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
-              DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
-    dqc, dqa, dqb = dq3
+              DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr,
+              HAS_GATE: tl.constexpr, DREL_ROW):
+    dqc, dqa, dqb = dq3[0], dq3[1], dq3[2]
     qa, qb, qc = q3
     k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd = kv
     block, lo_off, hi_off, q_offset, k_offset, kblock = win
@@ -456,36 +509,58 @@ def _dq_block(dq3, q3, do, lse2, delta, kv, rope, win, j0, q_pos, nk_b, D, qk_sc
                 mask=cmask[:, None] & (dv < D)[None, :], other=0.0)
     s = _scores(qa, qb, qc, ka, kb, kc, tl.zeros([do.shape[0], BLOCK_N], dtype=tl.float32),
                 HAS_ROPE, HAS_PASS, DOT_PREC) * qk_scale
+    if HAS_BIAS:
+        rel = k_pos[None, :] - q_pos[:, None]
+        braw, bv, bok = _bias_tile(bias, rel, HAS_GATE, False)
+        s += bv * 1.4426950408889634
     p = tl.math.exp2(s - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
     if MASKED:
         vis = _visible(q_pos, cols, k_pos, nk_b, block, kblock, lo_off, hi_off, LO_BOUNDED)
         ds = tl.where(vis, ds, 0.0)
+    if HAS_BIAS:
+        # d gate = row sum of dS * table; d table[h, s - p] += dS * gate (float32 atomics; a
+        # poisoned row's non-finite dS adds nothing, its dq / dgate are NaN)
+        rel_row, g, rel_len, rel_offset = bias
+        w = ds
+        if HAS_GATE:
+            dg = dq3[3] + tl.sum(ds * braw, 1)
+            w = ds * g[:, None]
+        live = bok & (cols < nk_b)[None, :]
+        if MASKED:
+            live = live & vis
+        tl.atomic_add(DREL_ROW + (rel - rel_offset), _zero_nonfinite(w), mask=live,
+                      sem="relaxed")
     ds = ds.to(v.dtype)
     if HAS_PASS:
         dqc = tl.dot(ds, kc, dqc, input_precision=DOT_PREC)
     if HAS_ROPE:
         dqa = tl.dot(ds, ka, dqa, input_precision=DOT_PREC)
         dqb = tl.dot(ds, kb, dqb, input_precision=DOT_PREC)
-    return dqc, dqa, dqb
+    res = (dqc, dqa, dqb)
+    if HAS_GATE:
+        res = (dqc, dqa, dqb, dg)
+    return res
 
 
 @triton.jit
-def _dq_span(dq3, q3, do, lse2, delta, kv, rope, win, j_lo, j_hi, q_pos, nk_b, D, qk_scale,
-             BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+def _dq_span(dq3, q3, do, lse2, delta, kv, rope, win, bias, j_lo, j_hi, q_pos, nk_b, D,
+             qk_scale, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
              BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
              INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
-             DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
+             DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr,
+             HAS_GATE: tl.constexpr, DREL_ROW):
     """The key blocks [j_lo, j_hi) of a query tile; masked (boundary) spans run unpipelined."""
     for j0 in tl.range(j_lo, j_hi, BLOCK_N, num_stages=1 if MASKED else None):
-        dq3 = _dq_block(dq3, q3, do, lse2, delta, kv, rope, win, j0, q_pos, nk_b, D, qk_scale,
-                        BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED,
-                        LO_BOUNDED, MASKED, DOT_PREC, ROPE_TABLE)
+        dq3 = _dq_block(dq3, q3, do, lse2, delta, kv, rope, win, bias, j0, q_pos, nk_b,
+                            D, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
+                            HAS_PASS, INTERLEAVED, LO_BOUNDED, MASKED, DOT_PREC, ROPE_TABLE,
+                            HAS_BIAS, HAS_GATE, DREL_ROW)
     return dq3
 
 
-@triton.jit(do_not_specialize=["q_offset", "k_offset"])
+@triton.jit(do_not_specialize=["q_offset", "k_offset", "rel_len", "rel_offset"])
 def _interval_attention_bwd_dq_kernel(
         Q, K, V, DO, DQ, LSE, DELTA, INV_FREQ, COS_TAB, SIN_TAB, KLEN,
         stride_qb, stride_qh, stride_qn, stride_qd,
@@ -495,11 +570,12 @@ def _interval_attention_bwd_dq_kernel(
         stride_dqb, stride_dqh, stride_dqn, stride_dqd,
         Hq, GROUP, Nq, Nk, D, HALF, ROT, NPASS,
         block, lo_off, hi_off, q_offset, k_offset, tab_base, scale, qk_scale, WIN_KEY,
+        REL, GATE, rel_len, rel_offset, DREL, DGATE,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr,
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
         HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr,
-        K_BLOCK: tl.constexpr = None):
+        HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, K_BLOCK: tl.constexpr = None):
     kblock = _key_block(block, K_BLOCK)
     pid_m, bh, b, h, q_base, k_base, v_base = _query_program(
         Q, K, V, Hq, GROUP, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh)
@@ -527,15 +603,30 @@ def _interval_attention_bwd_dq_kernel(
     dq3 = (tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32),
            tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32),
            tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32))
+    if HAS_GATE:   # and the row sums of dgate
+        dq3 = (tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32),
+               tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32),
+               tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32),
+               tl.zeros([BLOCK_M], dtype=tl.float32))
+    bias = _bias_setup(REL, GATE, rel_len, rel_offset, h, bh, rows, rmask, Nq, HAS_BIAS, HAS_GATE)
+    drel_row = DREL
+    if HAS_BIAS:
+        drel_row = DREL + h * rel_len
     for span in tl.static_range(3):
         j_lo, j_hi = _span_bounds(span, start, a, bb, end_r)
-        dq3 = _dq_span(dq3, q3, do, lse2, delta, kv, rope, win, j_lo, j_hi, q_pos, nk_b, D,
-                       qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS,
-                       INTERLEAVED, LO_BOUNDED, span != 1, DOT_PREC, ROPE_TABLE)
-    dqc, dqa, dqb = dq3
-    dqa, dqb, dqc = _groups_nan_rows(
-        _groups_poison(dqa, dqb, dqc, tl.zeros([BLOCK_M], dtype=tl.float32), HAS_ROPE, HAS_PASS),
-        dqa, dqb, dqc)
+        dq3 = _dq_span(dq3, q3, do, lse2, delta, kv, rope, win, bias, j_lo, j_hi, q_pos,
+                       nk_b, D, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
+                       HAS_PASS, INTERLEAVED, LO_BOUNDED, span != 1, DOT_PREC, ROPE_TABLE,
+                       HAS_BIAS, HAS_GATE, drel_row)
+    dqc, dqa, dqb = dq3[0], dq3[1], dq3[2]
+    dqz = _groups_poison(dqa, dqb, dqc, tl.zeros([BLOCK_M], dtype=tl.float32), HAS_ROPE, HAS_PASS)
+    if HAS_GATE:
+        # a poisoned row (a non-finite gate included) gets a NaN dgate, and NaN dq
+        dg = dq3[3]
+        dqz += dg * 0.0
+        tl.store(DGATE + bh.to(tl.int64) * Nq + rows, tl.where(dqz == 0.0, dg, float("nan")),
+                 mask=rmask)
+    dqa, dqb, dqc = _groups_nan_rows(dqz, dqa, dqb, dqc)
     _store_grad(dq_base, rows, rmask, stride_dqn, stride_dqd, dqa * scale, dqb * scale,
                 dqc * scale, q_pos, rope, BLOCK_R, BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED,
                 ROPE_TABLE)
@@ -553,11 +644,12 @@ def _visible_t(k_pos, kmask, q_pos, qmask, block, kblock, lo_off, hi_off,
 
 
 @triton.jit
-def _dkdv_block_t(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, i0, Nq, D, qk_scale,
+def _dkdv_block_t(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, hbias, i0, Nq, D, qk_scale,
                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                   BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
                   INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
-                  DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
+                  DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  HAS_GATE: tl.constexpr):
     dkc, dka, dkb = dk3
     ka, kb, kc = k3
     q_base, do_base, LSE, DELTA, stride_qn, stride_qd, stride_don, stride_dod = qd
@@ -581,6 +673,14 @@ def _dkdv_block_t(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, i0, Nq, D, qk_sca
         do = _zero_nonfinite(do)
     st = _scores(ka, kb, kc, qa, qb, qc, tl.zeros([v.shape[0], BLOCK_M], dtype=tl.float32),
                  HAS_ROPE, HAS_PASS, DOT_PREC) * qk_scale
+    if HAS_BIAS:
+        REL_ROW, GATE_ROW, rel_len, rel_offset = hbias
+        g = 0.0
+        if HAS_GATE:
+            g = _zero_nonfinite(tl.load(GATE_ROW + rows, mask=rmask, other=0.0))
+        _, bv, _ = _bias_tile((REL_ROW, g, rel_len, rel_offset),
+                              k_pos[:, None] - q_pos[None, :], HAS_GATE, True)
+        st += bv * 1.4426950408889634
     pt = tl.math.exp2(st - lse2[None, :])
     if MASKED:
         vis = _visible_t(k_pos, kmask, q_pos, rmask, block, kblock, lo_off, hi_off, LO_BOUNDED)
@@ -600,20 +700,22 @@ def _dkdv_block_t(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, i0, Nq, D, qk_sca
 
 
 @triton.jit
-def _dkdv_span(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, i_lo, i_hi, Nq, D, qk_scale,
+def _dkdv_span(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, hbias, i_lo, i_hi, Nq, D, qk_scale,
                BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
                INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
-               DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr):
+               DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr,
+               HAS_GATE: tl.constexpr):
     """The query blocks [i_lo, i_hi) of a key block; masked (boundary) spans run unpipelined."""
     for i0 in tl.range(i_lo, i_hi, BLOCK_M, num_stages=1 if MASKED else None):
-        dk3, dv = _dkdv_block_t(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, i0, Nq, D,
+        dk3, dv = _dkdv_block_t(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, hbias, i0, Nq, D,
                                 qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
-                                HAS_PASS, INTERLEAVED, LO_BOUNDED, MASKED, DOT_PREC, ROPE_TABLE)
+                                HAS_PASS, INTERLEAVED, LO_BOUNDED, MASKED, DOT_PREC, ROPE_TABLE,
+                                HAS_BIAS, HAS_GATE)
     return dk3, dv
 
 
-@triton.jit(do_not_specialize=["q_offset", "k_offset"])
+@triton.jit(do_not_specialize=["q_offset", "k_offset", "rel_len", "rel_offset"])
 def _interval_attention_bwd_dkdv_kernel(
         Q, K, V, DO, DK, DV, LSE, DELTA, INV_FREQ, COS_TAB, SIN_TAB, KLEN,
         stride_qb, stride_qh, stride_qn, stride_qd,
@@ -624,11 +726,12 @@ def _interval_attention_bwd_dkdv_kernel(
         stride_dvb, stride_dvh, stride_dvn, stride_dvd,
         Hq, Hk, GROUP, Nq, Nk, D, HALF, ROT, NPASS,
         block, lo_off, hi_off, q_offset, k_offset, tab_base, scale, qk_scale, WIN_KEY,
+        REL, GATE, rel_len, rel_offset,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr,
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
         HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr,
-        K_BLOCK: tl.constexpr = None):
+        HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, K_BLOCK: tl.constexpr = None):
     kblock = _key_block(block, K_BLOCK)
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -682,12 +785,17 @@ def _interval_attention_bwd_dkdv_kernel(
               DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh,
               LSE + bh.to(tl.int64) * Nq, DELTA + bh.to(tl.int64) * Nq,
               stride_qn, stride_qd, stride_don, stride_dod)
+        hbias = (0, 0, 0, 0)
+        if HAS_GATE:
+            hbias = (REL + h * rel_len, GATE + bh.to(tl.int64) * Nq, rel_len, rel_offset)
+        elif HAS_BIAS:
+            hbias = (REL + h * rel_len, 0, rel_len, rel_offset)
         for span in tl.static_range(3):
             i_lo, i_hi = _span_bounds(span, start, a, bb, end_r)
-            dk3, dv = _dkdv_span(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, i_lo, i_hi, Nq, D,
-                                 qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
+            dk3, dv = _dkdv_span(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, hbias, i_lo, i_hi,
+                                 Nq, D, qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
                                  HAS_PASS, INTERLEAVED, LO_BOUNDED, span != 1, DOT_PREC,
-                                 ROPE_TABLE)
+                                 ROPE_TABLE, HAS_BIAS, HAS_GATE)
 
     dkc, dka, dkb = dk3
     cz = _groups_poison(dka, dkb, dkc, _row_poison(dv), HAS_ROPE, HAS_PASS)

@@ -12,12 +12,12 @@ log bucketing (called from the module, so it is the installed release's function
 interval mask of pyencoder.ops.attention; rows with no visible key output 0.
 
 Algorithm: pyencoder.nn.relpos.biased_interval_attention (the transformers-free core shared with
-pyencoder.nn.WavLMSelfAttention and pyencoder.models.CausalEncoder): plain torch, blocked over
-query tiles; a tile reads only keys in [lo(first), hi(last)], so time and memory are O(N * W)
-(never a dense N x N bias or mask). Autograd differentiates the tiles directly (scores of one tile
-are kept for backward: O(N * W) activations). Half inputs are computed in float32. Limits: no
-Triton/CUDA kernel path yet (the interval-attention op has no bias input). In training mode the
-probabilities get dropout ``module.dropout`` (eager's attention dropout; torch's default generator).
+pyencoder.nn.WavLMSelfAttention and pyencoder.models.CausalEncoder): the bucket table is read once
+per call at the window's relative offsets and passed with the gate to the fused bias of
+pyencoder.ops.interval_attention (Triton kernels on a GPU, the blocked reference on a CPU; time
+and memory O(N * W), never a dense N x N bias or mask), forward and backward. Half inputs are
+computed in float32. In training mode with ``module.dropout`` > 0 the probabilities get dropout
+(eager's attention dropout; torch's default generator) on relpos' plain-torch tiles instead.
 
 Registry path (``attn_implementation="pyencoder"`` without a patch): WavLM's attention does not
 consult the registry, so ``install_registry_dispatch()`` (run by ``pyencoder.hf.register()``)

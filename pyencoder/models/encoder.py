@@ -36,8 +36,9 @@ after the encoder is pyencoder.models.adapter.ConvAdapter (strided: ``hop`` and 
 include its stride and right context, the stream carries its windows); the attention adapters of
 pre-LN layers (MMS) are per frame (pyencoder.nn.AttentionAdapter).
 
-Limits: no SpecAugment masking; the WavLM relative bias runs in plain torch (no Triton/CUDA kernel
-and no ``step_fixed`` CUDA-graph step yet).
+Limits: no SpecAugment masking; the WavLM relative bias is fused in the interval attention kernels
+offline (forward and backward), but streaming runs the plain-torch ring decode (no ``step_fixed``
+CUDA-graph step for the WavLM variant yet: the decode kernel has no bias input).
 """
 import dataclasses
 from typing import Optional, Sequence, Tuple, Union

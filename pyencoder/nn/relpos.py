@@ -23,21 +23,27 @@ k_proj, v_proj, out_proj, gru_rel_pos_const, gru_rel_pos_linear, and rel_attn_em
 only), gradients of every layer reach the one table, and ``copy.deepcopy`` / ``.to()`` of the whole
 model keep the reference pointing at (the copy of) layer 0's embedding.
 
-Algorithm. Offline (``biased_interval_attention``): plain torch, blocked over query tiles; a tile
-reads only keys in [lo(first row), hi(last row)], so time and memory are O(N * W); autograd
-differentiates the tiles. Streaming (``init_state`` / ``step`` / ``flush``, the protocol of
+Algorithm. Offline (``biased_interval_attention``): the bucket table is read once per call at
+every relative offset the call can see (``relative_bias_columns``: a dense (H, L) vector, L about
+the window width) and handed with the gate to pyencoder.ops.interval_attention's fused bias
+(``rel_bias=``, ``gate=``): the Triton kernels on a GPU, the blocked reference (the fast CPU path)
+on a CPU, forward and backward, with gradients for q, k, v, the table (through the gather) and
+the gate. Attention-probability dropout (training) keeps the plain-torch tile loop of this module
+(blocked over query tiles, a tile reads only keys in [lo(first row), hi(last row)]: O(N * W);
+autograd differentiates the tiles). Streaming (``init_state`` / ``step`` / ``flush``, the protocol of
 pyencoder.nn.BandedSelfAttention): new keys are rotated once at their absolute position and
 written to a ring buffer (capacity lo_off + hi_off + max_chunk; unbounded history grows up to
 ``max_context``); a query and its gate wait un-rotated until their last visible key has arrived,
 then attend over the ring with the bias of (ring position - query position). Per-slot positions
 and ragged ``lengths`` as in pyencoder.nn.attention.
 
-Limits: plain torch only (no Triton/CUDA kernel: the interval-attention op has no bias input), no
-``step_fixed`` (CUDA-graph step); attention-probability dropout only offline
-(``biased_interval_attention(dropout_p=...)``, used by pyencoder.hf in training mode). Half inputs
-compute in float32. Non-finite q, k, v or gate values poison exactly the rows that see them (NaN
-rows, pyencoder.reference.attention's rule, offline and streamed); offline, autograd then gives
-those rows zero (not NaN) gradients, and a non-finite upstream gradient is not contained.
+Limits: the streaming decode runs the plain-torch ring path (the Triton decode kernel has no bias
+input), so there is no ``step_fixed`` (CUDA-graph step); attention-probability dropout only
+offline (``biased_interval_attention(dropout_p=...)``, used by pyencoder.hf in training mode).
+Half inputs compute in float32. Non-finite q, k, v or gate values poison exactly the rows that see
+them (NaN rows, pyencoder.reference.attention's rule, offline and streamed); the fused path's
+backward follows the op's rule (NaN dq / dgate for those rows, NaN dk / dv for the keys they see),
+the dropout path gives those rows zero (not NaN) gradients.
 """
 import dataclasses
 import math
@@ -47,6 +53,7 @@ from torch import nn
 
 from ..ops._checks import clamp_window
 from ..mask import IntervalMask
+from ..ops.attention import interval_attention, relative_offsets
 from ..rope import apply_rope
 from ..reference.attention import (all_finite, finite_or_zero, nonfinite_rows, poisoned_rows,
                                    visible_key_ranges)
@@ -54,7 +61,7 @@ from ..reference.decode_attention import nonfinite_guard, ring_positions
 from .attention import AttentionState, IntervalSelfAttention
 
 __all__ = ["WavLMSelfAttention", "RelPosAttentionState", "relative_position_bucket",
-           "relative_bias_gate", "biased_interval_attention"]
+           "relative_bias_gate", "relative_bias_columns", "biased_interval_attention"]
 
 _NEG_INF = float("-inf")
 _UNBOUNDED = 1 << 40
@@ -88,6 +95,17 @@ def relative_bias_gate(x, gru_rel_pos_linear, gru_rel_pos_const, num_heads):
     return gate.squeeze(-1)
 
 
+def relative_bias_columns(table, bucket_fn, nq, nk, *, block, lo_off, hi_off, q_offset=0,
+                          k_offset=0):
+    """(rel_bias (H, L), rel_offset): the bucket table (num_buckets, H) read at every relative
+    offset s - p a call of interval attention can see (pyencoder.ops.attention.relative_offsets),
+    the dense per-head vector the fused kernels take. Differentiable in ``table`` (a gather)."""
+    r_min, r_max = relative_offsets(nq, nk, block=block, lo_off=lo_off, hi_off=hi_off,
+                                    q_offset=q_offset, k_offset=k_offset)
+    rel = torch.arange(r_min, max(r_min, r_max) + 1, device=table.device)
+    return table[bucket_fn(rel)].t(), r_min
+
+
 def _tile_rows(block, lo_off, hi_off):
     if lo_off < 0:
         return 128
@@ -103,16 +121,21 @@ def _keep_scale(shape, p, generator, dtype, device):
 
 def biased_interval_attention(q, k, v, gate, table, bucket_fn, *, mask=None, block=1, lo_off=-1,
                               hi_off=_UNBOUNDED, rope=None, key_lengths=None, scale=None,
-                              q_offset=0, k_offset=0, dropout_p=0.0, generator=None):
+                              q_offset=0, k_offset=0, dropout_p=0.0, generator=None,
+                              fused=True):
     """Interval attention with a gated relative bias (module docstring), blocked over query tiles.
 
     q (B, H, Nq, D), k and v (B, H, Nk, D), gate (B, H, Nq) or None (ungated), table
     (num_buckets, H); ``bucket_fn`` maps int64 relative positions (key - query) to bucket indices.
     Mask: ``mask``, a pyencoder.IntervalMask, or its loose ints block, lo_off (< 0: unbounded),
     hi_off (the defaults give full attention); ``rope`` a pyencoder.Rope or None; key_lengths (B,)
-    or None; integer absolute offsets of the first query / key. ``dropout_p`` > 0: dropout on the
-    probabilities as in pyencoder.ops.interval_attention_dropout (keep ~ Bernoulli(1 - p) drawn per
-    tile from ``generator``, scaled by 1 / (1 - p)). Returns (B, H, Nq, D) in q's dtype.
+    or None; integer absolute offsets of the first query / key. Without dropout the call is
+    pyencoder.ops.interval_attention with the fused bias (kernels on a GPU). ``dropout_p`` > 0:
+    dropout on the probabilities as in
+    pyencoder.ops.interval_attention_dropout (keep ~ Bernoulli(1 - p) drawn per tile from
+    ``generator``, scaled by 1 / (1 - p)), on this module's plain-torch tiles. ``fused=False``
+    runs those tiles without dropout too (the path before the fused bias; benchmarks compare the
+    two). Returns (B, H, Nq, D) in q's dtype.
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -122,6 +145,13 @@ def biased_interval_attention(q, k, v, gate, table, bucket_fn, *, mask=None, blo
                                       f"{mask.sink}) are not supported by the relative-bias path")
         block, lo_off, hi_off = mask.params
     lo_off, hi_off = (-1 if lo_off < 0 else clamp_window(lo_off)), clamp_window(hi_off)
+    if fused and not dropout_p:
+        rel_bias, r0 = relative_bias_columns(table, bucket_fn, Nq, Nk, block=block,
+                                             lo_off=lo_off, hi_off=hi_off, q_offset=q_offset,
+                                             k_offset=k_offset)
+        return interval_attention(q, k, v, block=block, lo_off=lo_off, hi_off=hi_off, rope=rope,
+                                  key_lengths=key_lengths, q_offset=q_offset, k_offset=k_offset,
+                                  scale=scale, rel_bias=rel_bias, gate=gate, rel_offset=r0)
     if not all_finite(q, k, v, gate):
         ranges = visible_key_ranges(Nq, B, key_lengths, Nk, block, lo_off, hi_off, q_offset,
                                     k_offset, q.device)
@@ -133,7 +163,8 @@ def biased_interval_attention(q, k, v, gate, table, bucket_fn, *, mask=None, blo
             finite_or_zero(q), finite_or_zero(k), finite_or_zero(v),
             None if gate is None else finite_or_zero(gate), table, bucket_fn, block=block,
             lo_off=lo_off, hi_off=hi_off, rope=rope, key_lengths=key_lengths, scale=scale,
-            q_offset=q_offset, k_offset=k_offset, dropout_p=dropout_p, generator=generator)
+            q_offset=q_offset, k_offset=k_offset, dropout_p=dropout_p, generator=generator,
+            fused=fused)
         return out.masked_fill(bad[..., None], float("nan"))
     scale = D ** -0.5 if scale is None else scale
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -203,7 +234,11 @@ class WavLMSelfAttention(IntervalSelfAttention):
     embedding>`` makes a later layer read layer 0's table (module docstring). ``gated=False``: no
     gate parameters, gate = 1. ``rope``: as in BandedSelfAttention (default False: WavLM's position
     information is the relative bias). Latency: ``self.mask.latency()`` frames, hop 1.
+    ``fused_bias`` (attribute, default True): offline attention on the op's fused bias (kernels on
+    a GPU); False runs relpos' plain-torch tiles (the path before; for comparisons).
     """
+
+    fused_bias = True
 
     def __init__(self, embed_dim, num_heads, *, left=None, right=None, chunk_size=None,
                  left_chunks=None, lookahead=0, num_buckets=320, max_distance=800, gated=True,
@@ -295,7 +330,8 @@ class WavLMSelfAttention(IntervalSelfAttention):
         q, k, v = self._heads(x, self.q_proj), self._heads(x, self.k_proj), self._heads(x, self.v_proj)
         o = biased_interval_attention(q, k, v, self.gate(x), self.relative_bias_table(),
                                       self.bucket, mask=self.mask, rope=self.rope,
-                                      key_lengths=key_lengths, scale=self.scale)
+                                      key_lengths=key_lengths, scale=self.scale,
+                                      fused=self.fused_bias)
         return self.out_proj(o.transpose(1, 2).reshape(B, T, E))
 
     # ---- streaming -----------------------------------------------------------------------------
@@ -306,7 +342,8 @@ class WavLMSelfAttention(IntervalSelfAttention):
 
     def step_fixed(self, x, state):
         raise NotImplementedError("WavLMSelfAttention has no step_fixed (CUDA-graph step): the "
-                                  "relative bias has no kernel path yet; use step()")
+                                  "ring decode kernel has no relative-bias input yet (offline "
+                                  "attention runs the fused-bias kernels); use step()")
 
     _queued = ("gate",)
 

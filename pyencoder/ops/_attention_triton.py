@@ -25,6 +25,13 @@ absolute positions the call touches and the kernels load them; ``auto`` (default
 the in-kernel mode, as no GPU measurement has compared the two yet (benchmarks/bench_attention.py
 reports both as ``pyencoder-triton`` and ``pyencoder-triton-ropetable``).
 
+Relative-position bias (``rel_bias``, ``gate``, ``rel_offset``; pyencoder.ops.attention): the
+table and gate go to the kernels as float32 contiguous copies (constexprs HAS_BIAS / HAS_GATE; the
+autotune key includes them); the backward returns drel_bias from a float32 atomic buffer filled by
+the dq kernel (summation order varies between runs: not bitwise reproducible, even with
+``deterministic=True``) and dgate from the dq kernel's row sums. Without a bias every new argument
+is None, so the unbiased kernels are unchanged (same PTX, benchmarks/ptx_diff.py).
+
 Limits: float16, bfloat16, float32 (float64: use the reference); head_dim <= 256; absolute
 positions below 2**24 (exact in float32).
 """
@@ -234,7 +241,7 @@ def _build_kernels():
     def cfg(m, n, w, s):
         return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
 
-    key = ["BLOCK_DV", "BLOCK_R", "BLOCK_C", "WIN_KEY", "ROPE_TABLE"]
+    key = ["BLOCK_DV", "BLOCK_R", "BLOCK_C", "WIN_KEY", "ROPE_TABLE", "HAS_BIAS", "HAS_GATE"]
     if _interpret():
         small = cfg(16, 16, 4, 1)
         return {
@@ -324,6 +331,19 @@ def _consts(q, D, half, npass, lo_off, key_lengths, interleaved, table):
         DOT_PREC="ieee" if q.dtype == torch.float32 else None, ROPE_TABLE=table)
 
 
+def _bias_args(rel_bias, gate, rel_offset):
+    """Kernel arguments of the relative bias: float32 contiguous (Hq, L) table and (B, Hq, Nq)
+    gate, or None everywhere (Triton makes None a constexpr: the unbiased kernels keep their
+    exact signature and code)."""
+    if rel_bias is None:
+        return dict(REL=None, GATE=None, rel_len=None, rel_offset=None, HAS_BIAS=False,
+                    HAS_GATE=False)
+    rel = rel_bias.to(torch.float32).contiguous()
+    g = None if gate is None else gate.to(torch.float32).contiguous()
+    return dict(REL=rel, GATE=g, rel_len=int(rel.shape[1]), rel_offset=int(rel_offset),
+                HAS_BIAS=True, HAS_GATE=g is not None)
+
+
 def _aux(q, inv_freq, key_lengths):
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
     freq = dummy if inv_freq is None or inv_freq.numel() == 0 else \
@@ -389,9 +409,11 @@ def _frame_const(consts, block, kb):
 
 
 def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
-            interleaved, sink=0, kb=None):
+            interleaved, sink=0, kb=None, rel_bias=None, gate=None, rel_offset=0):
     """Returns (out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32). ``kb``: the key-side
-    block of a frame-rate mask (None: block)."""
+    block of a frame-rate mask (None: block). ``rel_bias`` (Hq, L), ``gate`` (B, Hq, Nq) or None,
+    ``rel_offset``: relative-position bias (pyencoder.ops.attention), read by the kernels in
+    float32."""
     reason = supports_forward(q, k, v, inv_freq, q_offset=q_offset, k_offset=k_offset, sink=sink)
     if reason is not None:
         raise ValueError(f"pyencoder triton attention: {reason}")
@@ -406,6 +428,7 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
     cos, sin, tab_base, table = _rope_tables(q, inv_freq, Nq, Nk, q_offset, k_offset)
     consts = _frame_const(_consts(q, D, half, npass, lo_off, key_lengths, interleaved, table),
                           block, kb)
+    consts.update(_bias_args(rel_bias, gate, rel_offset))
     args = (q, k, v, out, lse, freq, cos, sin, klen,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             Hq, Hq // Hk, Nq, Nk, D, half, rot, npass,
@@ -416,9 +439,13 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
 
 
 def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-             k_offset, scale, interleaved, deterministic=True, sink=0, kb=None):
-    """Returns (dq, dk, dv) in the dtypes of q, k, v. Always deterministic (no atomics);
-    ``deterministic=True`` also pins the tile config (no autotuning)."""
+             k_offset, scale, interleaved, deterministic=True, sink=0, kb=None, rel_bias=None,
+             gate=None, rel_offset=0):
+    """Returns (dq, dk, dv) in the dtypes of q, k, v. Without a bias always deterministic (no
+    atomics); ``deterministic=True`` also pins the tile config (no autotuning). With
+    ``rel_bias``: (dq, dk, dv, drel_bias, dgate or None); dgate is a row reduction of the dq
+    kernel (deterministic), drel_bias is accumulated with float32 atomics by the dq kernel (one
+    per visible (query, key) pair: summation order, hence the last bits, vary between runs)."""
     reason = supports_forward(q, k, v, inv_freq, q_offset=q_offset, k_offset=k_offset, sink=sink)
     if reason is not None:
         raise ValueError(f"pyencoder triton attention: {reason}")
@@ -427,10 +454,24 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
     dq = _new(q.shape, q)
     dk = _new(k.shape, k)
     dv = _new(v.shape, v)
+    bias = _bias_args(rel_bias, gate, rel_offset)
+    drel = dgate = None
+    if rel_bias is not None:
+        drel = torch.zeros(rel_bias.shape, dtype=torch.float32, device=q.device)
+        if gate is not None:
+            dgate = _new(gate.shape, q, torch.float32)
+            if Nq == 0 or Nk == 0 or B == 0 or Hq == 0:
+                dgate.zero_()
+
+    def result(*grads):
+        if rel_bias is None:
+            return grads
+        return (*grads, drel.to(rel_bias.dtype), None if dgate is None else dgate.to(gate.dtype))
+
     if B == 0 or Hq == 0:
-        return dq, dk, dv
+        return result(dq, dk, dv)
     if Nq == 0 or Nk == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return result(dq.zero_(), dk.zero_(), dv.zero_())
     lse = lse.to(torch.float32).contiguous()
     dout = dout.to(q.dtype)
     half, rot, npass = _rope_split(inv_freq, D)
@@ -438,6 +479,7 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
     cos, sin, tab_base, table = _rope_tables(q, inv_freq, Nq, Nk, q_offset, k_offset)
     consts = _frame_const(_consts(q, D, half, npass, lo_off, key_lengths, interleaved, table),
                           block, kb)
+    consts.update(bias)
     delta = _new((B, Hq, Nq), q, torch.float32)
     pre, pre_cfg, _ = _kernel("pre")
     bm = pre_cfg.kwargs["BLOCK_M"]
@@ -450,12 +492,14 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
     args = (q, k, v, dout, dq, lse, delta, freq, cos, sin, klen,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
             Hq, Hq // Hk, *common)
-    _launch("dq", lambda bm, bn: (_cdiv(Nq, bm), B * Hq), args, consts, pinned=deterministic)
+    _launch("dq", lambda bm, bn: (_cdiv(Nq, bm), B * Hq), args, dict(consts, DREL=drel,
+                                                                     DGATE=dgate),
+            pinned=deterministic)
     args = (q, k, v, dout, dk, dv, lse, delta, freq, cos, sin, klen,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             Hq, Hk, Hq // Hk, *common)
     _launch("dkdv", lambda bm, bn: (_cdiv(Nk, bn), B * Hk), args, consts, pinned=deterministic)
-    return dq, dk, dv
+    return result(dq, dk, dv)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,6 +10,18 @@ torch.compile traces down to the Triton kernels. The public functions call the t
 registry picks triton, the custom op otherwise; both carry the autograd formula below. The mask is
 a ``pyencoder.IntervalMask`` (pyencoder/mask.py holds its formula); the registered ops and the
 backends take its three ints (block, lo_off, hi_off) at their boundary.
+
+Relative-position bias (DESIGN.md, "Relative bias"; WavLM's gated bias, T5/ALiBi-style plain
+biases): with ``rel_bias`` (Hq, L) the score of query position p and key position s gains
+
+    gate[b, h, i] * rel_bias[h, s - p - rel_offset]          (gate=None: gate = 1)
+
+a dense per-head vector over the call's relative offsets (``relative_offsets`` gives the range a
+call can see; bucketing, e.g. WavLM's T5 buckets, is done by the caller once per call:
+``rel_bias = table[bucket(arange(r_min, r_max + 1))].T``). The biased calls go through a second
+opaque custom op, ``pyencoder::interval_attention_biased`` (and its backward, which also returns
+the gradients of rel_bias and gate), on every backend (triton included: no triton_op for the
+biased kernels yet); the unbiased ops are unchanged.
 """
 from typing import Optional, Tuple
 
@@ -24,11 +36,10 @@ from ..rope import Rope
 from . import _attention_triton as _triton
 from ._autograd import forbid_double_backward
 from ._checks import (MAX_POSITION, check_float_dtype, check_int, check_lengths, check_same,
-                      check_scale, check_tensor)
+                      check_scale, check_tensor, value_checks_enabled)
 
 __all__ = ["banded_attention", "chunked_attention", "interval_attention", "cross_attention",
-           "band_params",
-           "chunked_params"]
+           "band_params", "chunked_params", "relative_offsets"]
 
 _backend.register("attention", reference=_reference, triton=_triton)
 
@@ -109,6 +120,121 @@ forbid_double_backward(_interval_attention_bwd_op, "interval attention")
 forbid_double_backward(_triton.backward_op, "interval attention")
 
 
+@torch.library.custom_op("pyencoder::interval_attention_biased", mutates_args=())
+def _biased_op(q: Tensor, k: Tensor, v: Tensor, inv_freq: Optional[Tensor],
+               key_lengths: Optional[Tensor], rel_bias: Tensor, gate: Optional[Tensor],
+               rel_offset: int, block: int, lo_off: int, hi_off: int, q_offset: int,
+               k_offset: int, scale: float, interleaved: bool,
+               backend: str) -> Tuple[Tensor, Tensor]:
+    fwd = _backend.get_entry("attention", backend, "forward")
+    return fwd(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
+               interleaved, rel_bias=rel_bias, gate=gate, rel_offset=rel_offset)
+
+
+@_biased_op.register_fake
+def _(q, k, v, inv_freq, key_lengths, rel_bias, gate, rel_offset, block, lo_off, hi_off,
+      q_offset, k_offset, scale, interleaved, backend):
+    B, Hq, Nq, _ = q.shape
+    lse_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(B, Hq, Nq, v.shape[-1]), q.new_empty(B, Hq, Nq, dtype=lse_dt)
+
+
+@torch.library.custom_op("pyencoder::interval_attention_biased_backward", mutates_args=())
+def _biased_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   inv_freq: Optional[Tensor], key_lengths: Optional[Tensor], rel_bias: Tensor,
+                   gate: Optional[Tensor], rel_offset: int, block: int, lo_off: int,
+                   hi_off: int, q_offset: int, k_offset: int, scale: float, interleaved: bool,
+                   backend: str, deterministic: bool
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    bwd = _backend.get_entry("attention", backend, "backward")
+    dq, dk, dv, drel, dgate = bwd(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off,
+                                  hi_off, q_offset, k_offset, scale, interleaved, deterministic,
+                                  rel_bias=rel_bias, gate=gate, rel_offset=rel_offset)
+    if dgate is None:
+        dgate = q.new_empty(0)
+    return dq, dk, dv, drel, dgate
+
+
+@_biased_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, inv_freq, key_lengths, rel_bias, gate, rel_offset, block, lo_off,
+      hi_off, q_offset, k_offset, scale, interleaved, backend, deterministic):
+    dgate = q.new_empty(0) if gate is None else torch.empty_like(gate)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(rel_bias), dgate)
+
+
+def _biased_setup_context(ctx, inputs, output):
+    (q, k, v, inv_freq, key_lengths, rel_bias, gate, rel_offset, block, lo_off, hi_off, q_offset,
+     k_offset, scale, interleaved, backend) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, inv_freq, key_lengths, rel_bias, gate)
+    ctx.params = (rel_offset, block, lo_off, hi_off, q_offset, k_offset, scale, interleaved,
+                  backend)
+
+
+def _biased_backward(ctx, dout, dlse):
+    q, k, v, out, lse, inv_freq, key_lengths, rel_bias, gate = ctx.saved_tensors
+    dq, dk, dv, drel, dgate = _biased_bwd_op(dout.contiguous(), q, k, v, out, lse, inv_freq,
+                                             key_lengths, rel_bias, gate, *ctx.params,
+                                             deterministic_backward())
+    return (dq, dk, dv, None, None, drel, None if gate is None else dgate, None, None, None,
+            None, None, None, None, None, None)
+
+
+_biased_op.register_autograd(_biased_backward, setup_context=_biased_setup_context)
+forbid_double_backward(_biased_bwd_op, "biased interval attention")
+
+
+def relative_offsets(nq, nk, *, block, lo_off, hi_off, q_offset=0, k_offset=0):
+    """(r_min, r_max): every visible (query, key) pair of a call has s - p in [r_min, r_max]
+    (bounds from the mask and the positions the call holds; r_min > r_max when none is visible).
+    A ``rel_bias`` must cover them: column t is offset rel_offset + t, rel_offset <= r_min and
+    rel_offset + L - 1 >= r_max."""
+    p_first, p_last = q_offset, q_offset + nq - 1
+    r_max = min(hi_off, k_offset + nk - 1 - p_first)
+    r_min = k_offset - p_last
+    if lo_off >= 0:
+        r_min = max(r_min, -(lo_off + block - 1))
+    return r_min, r_max
+
+
+def _validate_bias(q, k, rel_bias, gate, rel_offset, block, lo_off, hi_off, q_offset, k_offset):
+    if rel_bias is None:
+        if gate is not None:
+            raise ValueError("gate needs rel_bias (the gate scales the relative bias); got "
+                             "gate without rel_bias")
+        return None
+    B, Hq, Nq, _ = q.shape
+    check_tensor("rel_bias", rel_bias, 2)
+    check_float_dtype("rel_bias", rel_bias)
+    if rel_bias.device != q.device:
+        raise ValueError(f"rel_bias must be on q's device ({q.device}); got {rel_bias.device}")
+    if rel_bias.shape[0] != Hq:
+        raise ValueError(f"rel_bias must have shape (Hq={Hq}, L); got {tuple(rel_bias.shape)}")
+    if gate is not None:
+        check_tensor("gate", gate, 3)
+        check_float_dtype("gate", gate)
+        if gate.device != q.device:
+            raise ValueError(f"gate must be on q's device ({q.device}); got {gate.device}")
+        if tuple(gate.shape) != (B, Hq, Nq):
+            raise ValueError(f"gate must have shape (B, Hq, Nq) = {(B, Hq, Nq)}; got "
+                             f"{tuple(gate.shape)}")
+    r_min, r_max = relative_offsets(Nq, k.shape[2], block=block, lo_off=lo_off, hi_off=hi_off,
+                                    q_offset=q_offset, k_offset=k_offset)
+    if rel_offset is None:
+        rel_offset = r_min
+    check_int("rel_offset", rel_offset, min_value=-MAX_POSITION, max_value=MAX_POSITION)
+    L = rel_bias.shape[1]
+    if r_min <= r_max and (rel_offset > r_min or rel_offset + L - 1 < r_max):
+        raise ValueError(f"rel_bias must cover the relative offsets s - p in [{r_min}, {r_max}] "
+                         f"of this call (relative_offsets()); got rel_offset={rel_offset} with "
+                         f"{L} columns, covering [{rel_offset}, {rel_offset + L - 1}]")
+    if value_checks_enabled() and rel_bias.numel() and not bool(torch.isfinite(rel_bias).all()):
+        raise ValueError("rel_bias must be finite (a NaN / inf entry would poison every row that "
+                         "sees its offset); got a non-finite entry")
+    return rel_offset
+
+
 def band_params(left, right):
     """(block, lo_off, hi_off) of ``IntervalMask.band(left, right)`` (older API)."""
     return IntervalMask.band(left, right).params
@@ -154,26 +280,40 @@ def _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale):
 
 def interval_attention(q, k, v, *, mask=None, rope=None, key_lengths=None, q_offset=0,
                        k_offset=0, scale=None, backend=None, return_lse=False, block=None,
-                       lo_off=None, hi_off=None):
+                       lo_off=None, hi_off=None, rel_bias=None, gate=None, rel_offset=None):
     """The general op over any ``pyencoder.IntervalMask`` ``mask`` (see pyencoder/mask.py for the
     formula). The loose ints ``block``, ``lo_off``, ``hi_off`` (all three, instead of ``mask``)
-    are still accepted: they build ``IntervalMask(block, lo_off, hi_off)``."""
+    are still accepted: they build ``IntervalMask(block, lo_off, hi_off)``.
+
+    ``rel_bias`` (Hq, L) float: relative-position bias, column t for s - p = rel_offset + t
+    (``rel_offset`` default: r_min of ``relative_offsets``; the columns must cover that range);
+    ``gate`` (B, Hq, Nq) or None scales it per query (WavLM's gated bias). Both get gradients."""
     mask = as_mask(mask, block, lo_off, hi_off)
     _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale)
     block, lo_off, hi_off = mask.params
     sink = mask.sink
+    if rel_bias is not None and sink:
+        raise ValueError(f"rel_bias with sink keys is not supported yet; got sink={sink} with "
+                         f"rel_bias")
+    rel_offset = _validate_bias(q, k, rel_bias, gate, rel_offset, block, lo_off, hi_off,
+                                q_offset, k_offset)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     inv_freq = None if rope is None else rope.inv_freq(q.device)
     interleaved = False if rope is None else rope.interleaved
     args = dict(q=q, k=k, v=v, inv_freq=inv_freq, key_lengths=key_lengths, block=block,
                 lo_off=lo_off, hi_off=hi_off, q_offset=q_offset, k_offset=k_offset, scale=scale,
                 interleaved=interleaved, sink=sink)
+    if rel_bias is not None:
+        args.update(rel_bias=rel_bias, gate=gate, rel_offset=rel_offset)
     name = _backend.select("attention", "forward", q.device.type, args, backend)
     if key_lengths is not None and key_lengths.dtype != torch.int32:
         key_lengths = key_lengths.to(torch.int32)
     args = (q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
             interleaved)
-    if name == "triton":          # sink == 0 here: the triton backend refuses sinks
+    if rel_bias is not None:
+        out, lse = _biased_op(q, k, v, inv_freq, key_lengths, rel_bias, gate, rel_offset, block,
+                              lo_off, hi_off, q_offset, k_offset, scale, interleaved, name)
+    elif name == "triton":          # sink == 0 here: the triton backend refuses sinks
         from . import _triton_ops  # noqa: F401  (registers the triton_ops at first use)
         out, lse = _triton.forward_op(*args)
     else:
@@ -182,28 +322,34 @@ def interval_attention(q, k, v, *, mask=None, rope=None, key_lengths=None, q_off
 
 
 def banded_attention(q, k, v, *, left, right, rope=None, key_lengths=None, q_offset=0,
-                     k_offset=0, scale=None, backend=None, sink=0):
+                     k_offset=0, scale=None, backend=None, sink=0, rel_bias=None, gate=None,
+                     rel_offset=None):
     """Attention where query at position p sees keys at positions [p - left, p + right].
 
     q (B, Hq, Nq, D), k and v (B, Hk, Nk, D); left=None means unbounded history. ``rope``: a
     pyencoder.Rope applied to q and k at absolute positions q_offset + i and k_offset + j.
     ``key_lengths`` (B,) int: keys j >= key_lengths[b] are padding. A query that sees no key
     outputs zeros. ``sink``: key positions < sink are visible to every query too (attention sinks;
-    pyencoder.IntervalMask). Returns (B, Hq, Nq, D) in q's dtype."""
+    pyencoder.IntervalMask). ``rel_bias`` / ``gate`` / ``rel_offset``: relative-position bias (see
+    interval_attention). Returns (B, Hq, Nq, D) in q's dtype."""
     return interval_attention(q, k, v, mask=IntervalMask.band(left, right, sink=sink), rope=rope,
                               key_lengths=key_lengths, q_offset=q_offset, k_offset=k_offset,
-                              scale=scale, backend=backend)
+                              scale=scale, backend=backend, rel_bias=rel_bias, gate=gate,
+                              rel_offset=rel_offset)
 
 
 def chunked_attention(q, k, v, *, chunk_size, left_chunks, lookahead=0, rope=None,
-                      key_lengths=None, q_offset=0, k_offset=0, scale=None, backend=None, sink=0):
+                      key_lengths=None, q_offset=0, k_offset=0, scale=None, backend=None, sink=0,
+                      rel_bias=None, gate=None, rel_offset=None):
     """Chunked attention: a query in chunk c = p // chunk_size sees keys from the start of chunk
     c - left_chunks (None: from the beginning) to the end of chunk c plus ``lookahead`` frames
-    (and the ``sink`` first key positions)."""
+    (and the ``sink`` first key positions). ``rel_bias`` / ``gate`` / ``rel_offset``:
+    relative-position bias (see interval_attention)."""
     mask = IntervalMask.chunked(chunk_size, left_chunks, lookahead, sink=sink)
     return interval_attention(q, k, v, mask=mask, rope=rope,
                               key_lengths=key_lengths, q_offset=q_offset, k_offset=k_offset,
-                              scale=scale, backend=backend)
+                              scale=scale, backend=backend, rel_bias=rel_bias, gate=gate,
+                              rel_offset=rel_offset)
 
 
 # ---- frame-rate (cross-attention) masks: IntervalMask with k_block != block ---------------------

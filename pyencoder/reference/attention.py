@@ -122,6 +122,49 @@ class _Biases:
         return self.memo[key]
 
 
+class _RelBias:
+    """Relative-position bias tiles: ``rel_bias`` (Hq, L) holds the bias of relative offset
+    s - p = rel_offset + t in column t; ``gate`` (B, Hq, Nq) or None (gate 1). The bias of
+    (query i, key j) is gate[b, h, i] * rel_bias[h, (k_offset + j) - (q_offset + i) - rel_offset];
+    columns outside [0, L) only occur at masked pairs (clamped: their score is -inf anyway)."""
+
+    def __init__(self, rel_bias, gate, rel_offset, q_offset, k_offset, B, Hk, g, cdt):
+        self.table = rel_bias.to(cdt)
+        self.gate = None if gate is None else gate.to(cdt).view(B, Hk, g, -1)
+        self.shift = k_offset - q_offset - rel_offset
+        self.B, self.Hk, self.g = B, Hk, g
+
+    def index(self, i0, i1, j0, j1):
+        dev = self.table.device
+        i = torch.arange(i0, i1, device=dev)
+        j = torch.arange(j0, j1, device=dev)
+        return (j[None, :] - i[:, None] + self.shift).clamp_(0, self.table.shape[1] - 1)
+
+    def add_to(self, s, idx, i0, i1):
+        """s (B*Hk, g*tq, tk) += the tile's bias."""
+        tq, tk = idx.shape
+        tab = self.table[:, idx].view(1, self.Hk, self.g, tq, tk)
+        s5 = s.view(self.B, self.Hk, self.g, tq, tk)
+        if self.gate is None:
+            s5.add_(tab)
+        else:
+            s5.addcmul_(self.gate[..., i0:i1, None], tab)
+
+    def grads(self, ds, idx, i0, i1, drel, dgate):
+        """Accumulate the tile's dScore ds (B*Hk, g*tq, tk) into drel (Hq, L) and dgate
+        (B, Hk, g, Nq) (or None)."""
+        tq, tk = idx.shape
+        ds5 = ds.view(self.B, self.Hk, self.g, tq, tk)
+        if self.gate is None:
+            w = ds5.sum(0)
+        else:
+            tab = self.table[:, idx].view(1, self.Hk, self.g, tq, tk)
+            dgate[..., i0:i1] = (ds5 * tab).sum(-1)
+            w = (ds5 * self.gate[..., i0:i1, None]).sum(0)
+        H = self.Hk * self.g
+        drel.scatter_add_(1, idx.reshape(1, -1).expand(H, -1), w.reshape(H, tq * tk))
+
+
 def _tile_scores(qt, kt, bias, key_lengths, min_len, j0, j1, B, Hk, jidx=None):
     """Scaled, masked scores (B*Hk, g*tq, tk): q was pre-scaled. ``jidx``: the key indices of
     the tile when they are not the range [j0, j1) (sink keys prepended; j1 is then their end)."""
@@ -340,37 +383,49 @@ def keys_seen_by(rowbad, Hk, Nk, key_lengths, block, lo_off, hi_off, q_offset, k
 
 
 def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
-            interleaved, sink=0, kb=None):
+            interleaved, sink=0, kb=None, rel_bias=None, gate=None, rel_offset=0):
     """Returns (out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32/float64); non-finite
-    inputs poison the rows that see them (module docstring). On CPU the call runs with the thread
-    count of pyencoder._cpu_threads (work size and machine load; one thread when busy)."""
+    inputs poison the rows that see them (module docstring). ``rel_bias`` (Hq, L) / ``gate``
+    (B, Hq, Nq) or None / ``rel_offset``: the relative-position bias added to the scores (see
+    _RelBias; not with sink keys yet); a non-finite gate entry poisons its row like a non-finite
+    q row. On CPU the call runs with the thread count of pyencoder._cpu_threads (work size and
+    machine load; one thread when busy)."""
     with threads_for(_flops(q, k, block, lo_off, hi_off, sink), q.device):
         return _forward_checked(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-                                k_offset, scale, interleaved, sink, kb)
+                                k_offset, scale, interleaved, sink, kb, rel_bias, gate, rel_offset)
 
 
 def _forward_checked(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
-                     scale, interleaved, sink=0, kb=None):
-    if all_finite(q, k, v):
+                     scale, interleaved, sink=0, kb=None, rel_bias=None, gate=None,
+                     rel_offset=0):
+    if rel_bias is not None and sink:
+        raise ValueError(f"rel_bias with sink keys is not supported yet; got sink={sink}")
+    if rel_bias is not None and kb is not None and kb != block:
+        raise ValueError(f"rel_bias with a frame-rate mask is not supported; got k_block={kb} "
+                         f"!= block={block}")
+    if all_finite(q, k, v, gate):
         return _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-                        k_offset, scale, interleaved, sink, kb)
+                        k_offset, scale, interleaved, sink, kb, rel_bias, gate, rel_offset)
     B, Hq, Nq, _ = q.shape
     ranges = visible_key_ranges(Nq, B, key_lengths, k.shape[2], block, lo_off, hi_off, q_offset,
                                 k_offset, q.device, kb)
     kvbad = nonfinite_rows(k) | nonfinite_rows(v)
     qbad = nonfinite_rows(q)
+    if gate is not None:
+        qbad = qbad | ~torch.isfinite(gate)
+        gate = finite_or_zero(gate)
     bad = poisoned_rows(qbad, kvbad, ranges, Hq)
     nsb = _sink_counts(B, key_lengths, k.shape[2], k_offset, sink, q.device)
     if nsb is not None:
         bad |= _sink_poison(kvbad, nsb, Hq)[:, :, None] | (qbad & (nsb > 0)[:, None, None])
     out, lse = _forward(finite_or_zero(q), finite_or_zero(k), finite_or_zero(v), inv_freq,
                         key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale, interleaved,
-                        sink, kb)
+                        sink, kb, rel_bias, gate, rel_offset)
     return out.masked_fill_(bad[..., None], float("nan")), lse.masked_fill_(bad, float("nan"))
 
 
 def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
-             interleaved, sink=0, kb=None):
+             interleaved, sink=0, kb=None, rel_bias=None, gate=None, rel_offset=0):
     """forward() for finite inputs. Working memory beyond the output is O(tile * W): q is rotated
     tile by tile and k block by block (each exactly once), never as whole rotated copies."""
     B, Hq, Nq, D = q.shape
@@ -389,6 +444,8 @@ def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_
     ns = _sink_keys(k_offset, sink, nk_eff)
     if ns:
         sink_k = _rotate(k[:, :, :ns], k_offset, inv_freq, interleaved, cdt).reshape(B * Hk, ns, D)
+    rel = None if rel_bias is None else _RelBias(rel_bias, gate, rel_offset, q_offset, k_offset,
+                                                 B, Hk, g, cdt)
     for i0, i1, j0, j1 in _tiles(Nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset, kb):
         js, j0, j1 = _sink_split(j0, j1, ns)
         if j1 <= j0 and js == 0:
@@ -399,6 +456,8 @@ def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_
             bias = biases.get(i0, i1, j0, j1)
             s = _tile_scores(qt, keys.get(j0, j1), bias, key_lengths, min_len, j0, j1, B, Hk)
             vt = vc[:, j0:j1]
+            if rel is not None:
+                rel.add_to(s, rel.index(i0, i1, j0, j1), i0, i1)
         else:
             jidx = _tile_keys(js, j0, j1, q.device)
             bias = _sink_bias(i0, i1, jidx, block, lo_off, hi_off, sink, q_offset, k_offset, g,
@@ -418,19 +477,25 @@ def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_
 
 
 def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-             k_offset, scale, interleaved, deterministic=True, sink=0, kb=None):
-    """Returns (dq, dk, dv) in the dtypes of q, k, v; NaN rows as in the module docstring. Thread
-    count as in forward."""
+             k_offset, scale, interleaved, deterministic=True, sink=0, kb=None,
+             rel_bias=None, gate=None, rel_offset=0):
+    """Returns (dq, dk, dv) in the dtypes of q, k, v; NaN rows as in the module docstring. With
+    ``rel_bias``: (dq, dk, dv, drel_bias, dgate) (dgate None without a gate); dgate is NaN on the
+    rows where dq is, and those rows add nothing to drel_bias. Thread count as in forward."""
     with threads_for(2.5 * _flops(q, k, block, lo_off, hi_off, sink), q.device):
-        return _backward_checked(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off,
-                                 hi_off, q_offset, k_offset, scale, interleaved, sink, kb)
+        res = _backward_checked(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off,
+                                hi_off, q_offset, k_offset, scale, interleaved, sink, kb,
+                                rel_bias, gate, rel_offset)
+    return res if rel_bias is not None else res[:3]
 
 
 def _backward_checked(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off,
-                      q_offset, k_offset, scale, interleaved, sink=0, kb=None):
-    if all_finite(dout, q, k, v) and not bool(torch.isnan(lse).any()):
+                      q_offset, k_offset, scale, interleaved, sink=0, kb=None, rel_bias=None,
+                      gate=None, rel_offset=0):
+    bias = (rel_bias, gate, rel_offset)
+    if all_finite(dout, q, k, v, gate) and not bool(torch.isnan(lse).any()):
         return _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off,
-                         q_offset, k_offset, scale, interleaved, None, sink, kb)
+                         q_offset, k_offset, scale, interleaved, None, sink, kb, *bias)
     B, Hq, Nq, _ = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     jlo, jhi = visible_key_ranges(Nq, B, key_lengths, Nk, block, lo_off, hi_off, q_offset,
@@ -440,10 +505,12 @@ def _backward_checked(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_
     if nsb is not None:
         sees = sees | (nsb > 0)[:, None, None]
     rowbad = (torch.isnan(lse) | nonfinite_rows(dout) | nonfinite_rows(out)) & sees
-    dq, dk, dv = _backward(finite_or_zero(dout), finite_or_zero(q), finite_or_zero(k),
-                           finite_or_zero(v), finite_or_zero(out), lse, inv_freq, key_lengths,
-                           block, lo_off, hi_off, q_offset, k_offset, scale, interleaved, rowbad,
-                           sink, kb)
+    if gate is not None:
+        bias = (rel_bias, finite_or_zero(gate), rel_offset)
+    dq, dk, dv, drel, dgate = _backward(
+        finite_or_zero(dout), finite_or_zero(q), finite_or_zero(k), finite_or_zero(v),
+        finite_or_zero(out), lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
+        k_offset, scale, interleaved, rowbad, sink, kb, *bias)
     colbad = keys_seen_by(rowbad, Hk, Nk, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
                           kb)
     if nsb is not None:
@@ -451,13 +518,17 @@ def _backward_checked(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_
         insink = torch.arange(Nk, device=q.device)[None, :] < nsb[:, None]    # (B, Nk)
         colbad |= anybad[:, :, None] & insink[:, None, :]
     nan = float("nan")
+    if dgate is not None:
+        dgate.masked_fill_(rowbad, nan)
     return (dq.masked_fill_(rowbad[..., None], nan), dk.masked_fill_(colbad[..., None], nan),
-            dv.masked_fill_(colbad[..., None], nan))
+            dv.masked_fill_(colbad[..., None], nan), drel, dgate)
 
 
 def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-              k_offset, scale, interleaved, rowbad, sink=0, kb=None):
-    """backward() for finite inputs; rows with rowbad (B, Hq, Nq) (or None) take no part."""
+              k_offset, scale, interleaved, rowbad, sink=0, kb=None, rel_bias=None,
+              gate=None, rel_offset=0):
+    """backward() for finite inputs; rows with rowbad (B, Hq, Nq) (or None) take no part.
+    Returns (dq, dk, dv, drel_bias or None, dgate or None)."""
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     Dv = v.shape[-1]
@@ -477,6 +548,12 @@ def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_
     min_len = _min_len(key_lengths, Nk)
     biases = _Biases(block, lo_off, hi_off, q_offset, k_offset, g, cdt, q.device, kb)
     ns = _sink_keys(k_offset, sink, nk_eff)
+    rel = drel = dgate = None
+    if rel_bias is not None:
+        rel = _RelBias(rel_bias, gate, rel_offset, q_offset, k_offset, B, Hk, g, cdt)
+        drel = torch.zeros(rel_bias.shape, dtype=cdt, device=q.device)
+        if gate is not None:
+            dgate = torch.zeros(B, Hk, g, Nq, dtype=cdt, device=q.device)
     for i0, i1, j0, j1 in _tiles(Nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset, kb):
         js, j0, j1 = _sink_split(j0, j1, ns)
         if j1 <= j0 and js == 0:
@@ -487,6 +564,9 @@ def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_
             bias = biases.get(i0, i1, j0, j1)
             kt, vt = kr[:, j0:j1], vc[:, j0:j1]
             s = _tile_scores(qt, kt, bias, key_lengths, min_len, j0, j1, B, Hk)
+            if rel is not None:
+                idx = rel.index(i0, i1, j0, j1)
+                rel.add_to(s, idx, i0, i1)
         else:
             jidx = _tile_keys(js, j0, j1, q.device)
             bias = _sink_bias(i0, i1, jidx, block, lo_off, hi_off, sink, q_offset, k_offset, g,
@@ -499,6 +579,8 @@ def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_
         dvt = torch.bmm(p.transpose(-1, -2), dot)
         dp = torch.bmm(dot, vt.transpose(-1, -2))
         ds = p.mul_(dp.sub_(delta[:, :, :, i0:i1].reshape(B * Hk, g * tq, 1)))
+        if rel is not None:
+            rel.grads(ds, idx, i0, i1, drel, dgate)
         dq[:, :, :, i0:i1] = torch.bmm(ds, kt).view(B, Hk, g, tq, D)
         dkt = torch.bmm(ds.transpose(-1, -2), qt)
         if js:
@@ -510,4 +592,8 @@ def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_
     dq = _rotate(dq.view(B, Hq, Nq, D).mul_(scale), q_offset, inv_freq, interleaved, cdt,
                  inverse=True)
     dk = _rotate(dk.view(B, Hk, Nk, D), k_offset, inv_freq, interleaved, cdt, inverse=True)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.view(B, Hk, Nk, Dv).to(v.dtype)
+    if drel is not None:
+        drel = drel.to(rel_bias.dtype)
+    if dgate is not None:
+        dgate = dgate.view(B, Hq, Nq).to(gate.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.view(B, Hk, Nk, Dv).to(v.dtype), drel, dgate
