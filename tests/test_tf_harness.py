@@ -81,7 +81,7 @@ def test_init_wrapper_patches_outermost_once(monkeypatch):
         model = cls(_config("hubert", False))
         base, _ = base_model(model)
         assert getattr(base, "_pyencoder_patch", None) is not None
-        assert base.encoder.layers[0].attention._pyencoder_attn.hi_off >= plugin.FULL_LOOKAHEAD
+        assert base.encoder.layers[0].attention._pyencoder_attn.mask.hi_off >= plugin.FULL_LOOKAHEAD
         plain = inner(_config("hubert", False))
         assert getattr(plain, "_pyencoder_patch", None) is not None
     finally:
