@@ -47,7 +47,7 @@ from typing import Optional
 
 import torch
 
-from .ops._checks import check_int, clamp_window
+from ._checks import check_int, clamp_window
 
 __all__ = ["IntervalMask"]
 

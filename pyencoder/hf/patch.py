@@ -44,7 +44,7 @@ from typing import List, Optional
 from torch import nn
 
 from ..mask import IntervalMask
-from ..ops._checks import check_int
+from .._checks import check_int
 from ..rope import Rope, as_rope
 from ..models.encoder import find_hf_base, hf_adapter_config
 from ..streaming.latency import compose

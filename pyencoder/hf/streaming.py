@@ -32,7 +32,7 @@ from torch import nn
 
 from .._cpu_threads import threads_for
 from ..models.encoder import CausalEncoder, EncoderState
-from ..ops._checks import check_chunk_sizes
+from .._checks import check_chunk_sizes
 from ..streaming.state import check_state, stream_config
 from .patch import base_model, latency as _latency
 

@@ -39,7 +39,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..ops._checks import check_module_input
+from .._checks import check_module_input
 from ..mask import IntervalMask
 from ..ops.attention import interval_attention
 from ..rope import apply_rope, as_rope

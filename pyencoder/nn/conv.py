@@ -19,7 +19,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..ops._checks import check_int, check_module_input
+from .._checks import check_int, check_module_input
 from ..ops.conv import causal_conv1d, causal_conv1d_update
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
                                check_step_slots, stamp)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..mask import IntervalMask
-from ..ops._checks import check_module_input
+from .._checks import check_module_input
 from ..ops.attention import cross_attention
 from ..rope import as_rope
 from ..streaming.state import StreamState, check_init_args, check_state, stamp

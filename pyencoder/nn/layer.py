@@ -16,7 +16,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..ops._checks import check_module_input
+from .._checks import check_module_input
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
                                check_step_slots, stamp)
 from .attention import IntervalSelfAttention, concat_ragged, fresh_counters

@@ -51,7 +51,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops._checks import clamp_window
+from .._checks import clamp_window
 from ..mask import IntervalMask
 from ..ops.attention import interval_attention, relative_offsets
 from ..rope import apply_rope

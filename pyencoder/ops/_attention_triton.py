@@ -44,7 +44,7 @@ from torch import Tensor
 from .._backend import _interpret
 from .._env import env_choice
 from ..rope import rope_cos_sin
-from ._triton_op import launch, triton_op
+from ._triton_op import cdiv, launch, next_pow2, triton_op
 
 _MAX_HEAD_DIM = 256
 _MAX_POSITION = 1 << 24
@@ -57,15 +57,11 @@ POISON_OUTPUTS = False
 _kernels = None
 
 
-def _next_pow2(n):
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def _window_key(block, lo_off, hi_off, nk):
     """The autotune key's window bucket: keys a query tile can see, as a power of two in
     [16, 4096] (the 16 floor keeps the value 16-divisible: no extra kernel specialisation)."""
     width = 4096 if lo_off < 0 else lo_off + hi_off + block
-    return max(16, min(_next_pow2(width), _next_pow2(max(1, nk)), 4096))
+    return max(16, min(next_pow2(width), next_pow2(max(1, nk)), 4096))
 
 
 _AUTOTUNE_MODES = ("auto", "full", "0")
@@ -311,10 +307,6 @@ def _launch(name, grid_fn, args, consts, pinned=False):
                 raise
 
 
-def _cdiv(a, b):
-    return (a + b - 1) // b
-
-
 def _rope_split(inv_freq, D):
     half = 0 if inv_freq is None else int(inv_freq.numel())
     rot = 2 * half
@@ -324,8 +316,8 @@ def _rope_split(inv_freq, D):
 
 def _consts(q, D, half, npass, lo_off, key_lengths, interleaved, table):
     return dict(
-        BLOCK_R=max(16, _next_pow2(half)), BLOCK_C=max(16, _next_pow2(npass)),
-        BLOCK_DV=max(16, _next_pow2(D)), HAS_ROPE=half > 0, HAS_PASS=npass > 0,
+        BLOCK_R=max(16, next_pow2(half)), BLOCK_C=max(16, next_pow2(npass)),
+        BLOCK_DV=max(16, next_pow2(D)), HAS_ROPE=half > 0, HAS_PASS=npass > 0,
         INTERLEAVED=bool(interleaved) and half > 0, LO_BOUNDED=lo_off >= 0,
         HAS_KLEN=key_lengths is not None,
         DOT_PREC="ieee" if q.dtype == torch.float32 else None, ROPE_TABLE=table)
@@ -434,7 +426,7 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
             Hq, Hq // Hk, Nq, Nk, D, half, rot, npass,
             block, lo_off, hi_off, q_offset, k_offset, tab_base, float(scale) * _LOG2E,
             _window_key(block if kb is None else kb, lo_off, hi_off, Nk))
-    _launch("fwd", lambda bm, bn: (_cdiv(Nq, bm), B * Hq), args, consts)
+    _launch("fwd", lambda bm, bn: (cdiv(Nq, bm), B * Hq), args, consts)
     return out, lse
 
 
@@ -483,8 +475,8 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
     delta = _new((B, Hq, Nq), q, torch.float32)
     pre, pre_cfg, _ = _kernel("pre")
     bm = pre_cfg.kwargs["BLOCK_M"]
-    launch(pre)[(_cdiv(Nq, bm), B * Hq)](out, dout, delta, *out.stride(), *dout.stride(), Hq,
-                                         Nq, D, BLOCK_M=bm, BLOCK_DV=max(16, _next_pow2(D)),
+    launch(pre)[(cdiv(Nq, bm), B * Hq)](out, dout, delta, *out.stride(), *dout.stride(), Hq,
+                                         Nq, D, BLOCK_M=bm, BLOCK_DV=max(16, next_pow2(D)),
                                          num_warps=4)
     win = _window_key(block if kb is None else kb, lo_off, hi_off, Nk)
     common = (Nq, Nk, D, half, rot, npass, block, lo_off, hi_off, q_offset, k_offset, tab_base,
@@ -492,13 +484,13 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
     args = (q, k, v, dout, dq, lse, delta, freq, cos, sin, klen,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
             Hq, Hq // Hk, *common)
-    _launch("dq", lambda bm, bn: (_cdiv(Nq, bm), B * Hq), args, dict(consts, DREL=drel,
+    _launch("dq", lambda bm, bn: (cdiv(Nq, bm), B * Hq), args, dict(consts, DREL=drel,
                                                                      DGATE=dgate),
             pinned=deterministic)
     args = (q, k, v, dout, dk, dv, lse, delta, freq, cos, sin, klen,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             Hq, Hk, Hq // Hk, *common)
-    _launch("dkdv", lambda bm, bn: (_cdiv(Nk, bn), B * Hk), args, consts, pinned=deterministic)
+    _launch("dkdv", lambda bm, bn: (cdiv(Nk, bn), B * Hk), args, consts, pinned=deterministic)
     return result(dq, dk, dv)
 
 

@@ -35,7 +35,7 @@ from ..reference import attention as _reference
 from ..rope import Rope
 from . import _attention_triton as _triton
 from ._autograd import forbid_double_backward
-from ._checks import (MAX_POSITION, check_float_dtype, check_int, check_lengths, check_same,
+from .._checks import (MAX_POSITION, check_float_dtype, check_int, check_lengths, check_same,
                       check_scale, check_tensor, value_checks_enabled)
 
 __all__ = ["banded_attention", "chunked_attention", "interval_attention", "cross_attention",

@@ -65,13 +65,13 @@ def _tile_size(nq, block, lo_off, hi_off):
     return int(min(128, max(32, w // 4)))
 
 
-def _key_limit(key_lengths, nk):
+def key_limit(key_lengths, nk):
     if key_lengths is None:
         return nk
     return int(min(nk, int(key_lengths.max().item()))) if key_lengths.numel() else 0
 
 
-def _tiles(nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset, kb=None):
+def query_tiles(nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset, kb=None):
     """Yield (i0, i1, j0, j1): query tile and the key range it can see (j1 > j0)."""
     tq = _tile_size(nq, block, lo_off, hi_off)
     for i0 in range(0, nq, tq):
@@ -83,7 +83,7 @@ def _tiles(nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset, kb=None):
         yield i0, i1, j0, j1
 
 
-def _tile_bias(i0, i1, j0, j1, block, lo_off, hi_off, q_offset, k_offset, g, dtype, device,
+def tile_bias(i0, i1, j0, j1, block, lo_off, hi_off, q_offset, k_offset, g, dtype, device,
                kb=None):
     """Additive (1, g*tq, tk) bias of the tile's positional mask (0 or -inf), or None when every
     query of the tile sees every key of the range."""
@@ -100,7 +100,7 @@ def _tile_bias(i0, i1, j0, j1, block, lo_off, hi_off, q_offset, k_offset, g, dty
 
 
 class _Biases:
-    """_tile_bias memoised by what determines it: the tile's shape (tq, tk), the offset p0 - s0
+    """tile_bias memoised by what determines it: the tile's shape (tq, tk), the offset p0 - s0
     of its first query's block base (p0 // block) * kb and its first key s0 and the first
     query's phase p0 % block (lo/hi of p0 + a minus s0 depend on nothing else; kb is the key-side
     frame of a frame mask, block otherwise). Interior tiles of a band or chunked mask share one
@@ -118,7 +118,7 @@ class _Biases:
         if key not in self.memo:
             if len(self.memo) >= 8:
                 self.memo.clear()
-            self.memo[key] = _tile_bias(i0, i1, j0, j1, *self.args)
+            self.memo[key] = tile_bias(i0, i1, j0, j1, *self.args)
         return self.memo[key]
 
 
@@ -165,7 +165,7 @@ class _RelBias:
         drel.scatter_add_(1, idx.reshape(1, -1).expand(H, -1), w.reshape(H, tq * tk))
 
 
-def _tile_scores(qt, kt, bias, key_lengths, min_len, j0, j1, B, Hk, jidx=None):
+def tile_scores(qt, kt, bias, key_lengths, min_len, j0, j1, B, Hk, jidx=None):
     """Scaled, masked scores (B*Hk, g*tq, tk): q was pre-scaled. ``jidx``: the key indices of
     the tile when they are not the range [j0, j1) (sink keys prepended; j1 is then their end)."""
     if bias is None:
@@ -197,7 +197,7 @@ def _sink_split(j0, j1, ns):
 
 
 def _sink_bias(i0, i1, jidx, block, lo_off, hi_off, sink, q_offset, k_offset, g, dtype):
-    """_tile_bias for the key indices ``jidx`` of a mask with sink keys (not memoised)."""
+    """tile_bias for the key indices ``jidx`` of a mask with sink keys (not memoised)."""
     p = torch.arange(q_offset + i0, q_offset + i1, device=jidx.device)
     s = jidx + k_offset
     lo, hi = _bounds(p, block, lo_off, hi_off)
@@ -214,7 +214,7 @@ def _tile_keys(js, j0, j1, device):
     return torch.cat([torch.arange(js, device=device), torch.arange(j0, j1, device=device)])
 
 
-def _rotate(x, offset, inv_freq, interleaved, cdt, inverse=False):
+def rotate(x, offset, inv_freq, interleaved, cdt, inverse=False):
     x = x.to(cdt)
     if inv_freq is None or inv_freq.numel() == 0:
         return x
@@ -230,9 +230,9 @@ def _prepare(q, k, inv_freq, q_offset, k_offset, scale, interleaved):
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     cdt = _cdtype(q.dtype)
-    qr = _rotate(q, q_offset, inv_freq, interleaved, cdt) * scale
+    qr = rotate(q, q_offset, inv_freq, interleaved, cdt) * scale
     qr = qr.view(B, Hk, (Hq // Hk) * Nq, D) if Hq == Hk else qr.view(B, Hk, Hq // Hk, Nq, D)
-    kr = _rotate(k, k_offset, inv_freq, interleaved, cdt)
+    kr = rotate(k, k_offset, inv_freq, interleaved, cdt)
     return qr, kr.reshape(B * Hk, Nk, D), cdt
 
 
@@ -242,7 +242,7 @@ def _q_tile(qr, i0, i1, B, Hk, g, D):
     return qr[:, :, :, i0:i1].reshape(B * Hk, g * (i1 - i0), D)
 
 
-def _min_len(key_lengths, nk):
+def min_key_length(key_lengths, nk):
     if key_lengths is None:
         return nk
     return int(key_lengths.min().item()) if key_lengths.numel() else 0
@@ -270,7 +270,7 @@ class _RotatedKeys:
         if t is None:
             a = b * self.KB
             e = min(self.k.shape[2], a + self.KB)
-            t = _rotate(self.k[:, :, a:e], self.k_offset + a, self.inv_freq, self.interleaved,
+            t = rotate(self.k[:, :, a:e], self.k_offset + a, self.inv_freq, self.interleaved,
                         self.cdt).reshape(self.flat, e - a, self.k.shape[3])
             self.blocks[b] = t
         return t
@@ -439,14 +439,14 @@ def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_
     vc = v.to(cdt).reshape(B * Hk, Nk, Dv)
     out = torch.zeros(B, Hk, g, Nq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.full((B, Hk, g, Nq), _NEG_INF, dtype=cdt, device=q.device)
-    nk_eff = _key_limit(key_lengths, Nk)
-    min_len = _min_len(key_lengths, Nk)
+    nk_eff = key_limit(key_lengths, Nk)
+    min_len = min_key_length(key_lengths, Nk)
     ns = _sink_keys(k_offset, sink, nk_eff)
     if ns:
-        sink_k = _rotate(k[:, :, :ns], k_offset, inv_freq, interleaved, cdt).reshape(B * Hk, ns, D)
+        sink_k = rotate(k[:, :, :ns], k_offset, inv_freq, interleaved, cdt).reshape(B * Hk, ns, D)
     rel = None if rel_bias is None else _RelBias(rel_bias, gate, rel_offset, q_offset, k_offset,
                                                  B, Hk, g, cdt)
-    for i0, i1, j0, j1 in _tiles(Nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset, kb):
+    for i0, i1, j0, j1 in query_tiles(Nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset, kb):
         js, j0, j1 = _sink_split(j0, j1, ns)
         if j1 <= j0 and js == 0:
             continue
@@ -454,7 +454,7 @@ def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_
         qt = (queries.get(i0, i1) * scale).view(B * Hk, g * tq, D)
         if ns == 0:
             bias = biases.get(i0, i1, j0, j1)
-            s = _tile_scores(qt, keys.get(j0, j1), bias, key_lengths, min_len, j0, j1, B, Hk)
+            s = tile_scores(qt, keys.get(j0, j1), bias, key_lengths, min_len, j0, j1, B, Hk)
             vt = vc[:, j0:j1]
             if rel is not None:
                 rel.add_to(s, rel.index(i0, i1, j0, j1), i0, i1)
@@ -465,7 +465,7 @@ def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_
             kt = keys.get(j0, j1) if j1 > j0 else sink_k[:, :0]
             kt = torch.cat([sink_k[:, :js], kt], 1) if js else kt
             vt = torch.cat([vc[:, :js], vc[:, j0:j1]], 1) if js else vc[:, j0:j1]
-            s = _tile_scores(qt, kt, bias, key_lengths, min_len, j0, max(j1, js), B, Hk, jidx)
+            s = tile_scores(qt, kt, bias, key_lengths, min_len, j0, max(j1, js), B, Hk, jidx)
         m = torch.logsumexp(s, dim=-1, keepdim=True)
         m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = s.sub_(m_safe).exp_()
@@ -544,8 +544,8 @@ def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_
     dq = torch.zeros(B, Hk, g, Nq, D, dtype=cdt, device=q.device)
     dk = torch.zeros(B * Hk, Nk, D, dtype=cdt, device=q.device)
     dv = torch.zeros(B * Hk, Nk, Dv, dtype=cdt, device=q.device)
-    nk_eff = _key_limit(key_lengths, Nk)
-    min_len = _min_len(key_lengths, Nk)
+    nk_eff = key_limit(key_lengths, Nk)
+    min_len = min_key_length(key_lengths, Nk)
     biases = _Biases(block, lo_off, hi_off, q_offset, k_offset, g, cdt, q.device, kb)
     ns = _sink_keys(k_offset, sink, nk_eff)
     rel = drel = dgate = None
@@ -554,7 +554,7 @@ def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_
         drel = torch.zeros(rel_bias.shape, dtype=cdt, device=q.device)
         if gate is not None:
             dgate = torch.zeros(B, Hk, g, Nq, dtype=cdt, device=q.device)
-    for i0, i1, j0, j1 in _tiles(Nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset, kb):
+    for i0, i1, j0, j1 in query_tiles(Nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset, kb):
         js, j0, j1 = _sink_split(j0, j1, ns)
         if j1 <= j0 and js == 0:
             continue
@@ -563,7 +563,7 @@ def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_
         if ns == 0:
             bias = biases.get(i0, i1, j0, j1)
             kt, vt = kr[:, j0:j1], vc[:, j0:j1]
-            s = _tile_scores(qt, kt, bias, key_lengths, min_len, j0, j1, B, Hk)
+            s = tile_scores(qt, kt, bias, key_lengths, min_len, j0, j1, B, Hk)
             if rel is not None:
                 idx = rel.index(i0, i1, j0, j1)
                 rel.add_to(s, idx, i0, i1)
@@ -573,7 +573,7 @@ def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_
                               cdt)
             kt = torch.cat([kr[:, :js], kr[:, j0:j1]], 1) if js else kr[:, j0:j1]
             vt = torch.cat([vc[:, :js], vc[:, j0:j1]], 1) if js else vc[:, j0:j1]
-            s = _tile_scores(qt, kt, bias, key_lengths, min_len, j0, max(j1, js), B, Hk, jidx)
+            s = tile_scores(qt, kt, bias, key_lengths, min_len, j0, max(j1, js), B, Hk, jidx)
         p = s.sub_(lse_c[:, :, :, i0:i1].reshape(B * Hk, g * tq, 1)).exp_()
         dot = do[:, :, :, i0:i1].reshape(B * Hk, g * tq, Dv)
         dvt = torch.bmm(p.transpose(-1, -2), dot)
@@ -589,9 +589,9 @@ def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_
         dv[:, j0:j1] += dvt[:, js:]
         dk[:, j0:j1] += dkt[:, js:]
     # q was pre-scaled: dS/dk carries one factor of scale through qt, dS/dq needs it explicitly.
-    dq = _rotate(dq.view(B, Hq, Nq, D).mul_(scale), q_offset, inv_freq, interleaved, cdt,
+    dq = rotate(dq.view(B, Hq, Nq, D).mul_(scale), q_offset, inv_freq, interleaved, cdt,
                  inverse=True)
-    dk = _rotate(dk.view(B, Hk, Nk, D), k_offset, inv_freq, interleaved, cdt, inverse=True)
+    dk = rotate(dk.view(B, Hk, Nk, D), k_offset, inv_freq, interleaved, cdt, inverse=True)
     if drel is not None:
         drel = drel.to(rel_bias.dtype)
     if dgate is not None:

@@ -10,7 +10,7 @@ which is transformers' eager attention (softmax, then ``F.dropout(P, p, training
 with no visible key output 0 with zero gradient. p == 1 drops everything (output 0, nothing
 drawn), as F.dropout does.
 
-Algorithm: blocked over the query tiles of pyencoder.reference.attention (``_tiles``), so a tile
+Algorithm: blocked over the query tiles of pyencoder.reference.attention (``query_tiles``), so a tile
 reads only the keys in [lo(first query), hi(last query)]; time and memory are O(N * W), never a
 dense N x N mask. Each tile's keep-mask is drawn with ``Tensor.bernoulli_(1 - p, generator)`` on a
 (B, Hq, tq, tk) tensor of the compute dtype, tile after tile in query order: the same call
@@ -27,7 +27,7 @@ zero (not NaN) gradients, and a non-finite upstream gradient is not contained.
 """
 import torch
 
-from .attention import (_key_limit, _min_len, _rotate, _tile_bias, _tile_scores, _tiles,
+from .attention import (key_limit, min_key_length, rotate, tile_bias, tile_scores, query_tiles,
                         all_finite, finite_or_zero, nonfinite_rows, poisoned_rows,
                         visible_key_ranges)
 
@@ -57,22 +57,22 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
     g = Hq // Hk
     cdt = _cdtype(q.dtype)
     p_drop = float(dropout_p)
-    kr = _rotate(k, k_offset, inv_freq, interleaved, cdt).reshape(B * Hk, Nk, D)
+    kr = rotate(k, k_offset, inv_freq, interleaved, cdt).reshape(B * Hk, Nk, D)
     vc = v.to(cdt).reshape(B * Hk, Nk, Dv)
-    nk_eff = _key_limit(key_lengths, Nk)
-    min_len = _min_len(key_lengths, Nk)
+    nk_eff = key_limit(key_lengths, Nk)
+    min_len = min_key_length(key_lengths, Nk)
     outs, keeps = [], []
-    for i0, i1, j0, j1 in _tiles(Nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset):
+    for i0, i1, j0, j1 in query_tiles(Nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset):
         tq = i1 - i0
         if j1 <= j0:
             outs.append(torch.zeros(B, Hq, tq, Dv, dtype=cdt, device=q.device))
             continue
         tk = j1 - j0
-        qt = _rotate(q[:, :, i0:i1], q_offset + i0, inv_freq, interleaved, cdt) * scale
+        qt = rotate(q[:, :, i0:i1], q_offset + i0, inv_freq, interleaved, cdt) * scale
         qt = qt.reshape(B * Hk, g * tq, D)
-        bias = _tile_bias(i0, i1, j0, j1, block, lo_off, hi_off, q_offset, k_offset, g, cdt,
+        bias = tile_bias(i0, i1, j0, j1, block, lo_off, hi_off, q_offset, k_offset, g, cdt,
                           q.device)
-        s = _tile_scores(qt, kr[:, j0:j1], bias, key_lengths, min_len, j0, j1, B, Hk)
+        s = tile_scores(qt, kr[:, j0:j1], bias, key_lengths, min_len, j0, j1, B, Hk)
         with torch.no_grad():
             row_visible = torch.isfinite(s).any(-1, keepdim=True)
         lse = torch.logsumexp(torch.where(row_visible, s, torch.zeros_like(s)), -1, keepdim=True)

@@ -15,7 +15,7 @@ What else a module declares (its chunks' time axis, being per-frame, swapping la
 """
 import itertools
 
-from ..ops._checks import check_chunk_sizes
+from .._checks import check_chunk_sizes
 from .protocol import time_last
 from .state import StreamState, reset, state_nbytes
 from .latency import Latency, NotStreamableError, latency
