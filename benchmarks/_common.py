@@ -123,6 +123,20 @@ def bench(fn, warmup=25, rep=100):
             "p80_ms": _quantile(times, 0.8)}
 
 
+def wall_times(fn, reps=3, warm=True):
+    """(median, min, max) wall seconds of ``reps`` calls of fn after one warm-up call: for
+    whole-model runs too long for ``bench``'s time budget."""
+    if warm:
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return _quantile(ts, 0.5), ts[0], ts[-1]
+
+
 def write_jsonl(name, records):
     folder = results_dir()
     os.makedirs(folder, exist_ok=True)

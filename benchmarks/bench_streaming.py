@@ -99,14 +99,8 @@ def build(layers=12, dim=768, heads=12, ffn=3072, left=250, lookahead=3, conv_di
 
 
 def _time(fn, reps=3, warm=True):
-    if warm:
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    from benchmarks._common import wall_times
+    return wall_times(fn, reps, warm)[0]
 
 
 def _floor(model, x, t_off, chunk_ms=80):

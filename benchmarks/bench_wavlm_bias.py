@@ -17,15 +17,13 @@ Usage: python -m benchmarks.bench_wavlm_bias [--seconds 10] [--layers 12]
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import write_jsonl  # noqa: E402
+from benchmarks._common import wall_times, write_jsonl  # noqa: E402
 from pyencoder.models import CausalEncoder, EncoderConfig  # noqa: E402
 from pyencoder.nn import WavLMSelfAttention  # noqa: E402
 
@@ -42,16 +40,6 @@ def set_fused(model, fused):
     for m in model.modules():
         if isinstance(m, WavLMSelfAttention):
             m.fused_bias = fused
-
-
-def _time(fn, reps=3):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), min(ts), max(ts)
 
 
 def run(seconds=10.0, layers=12, reps=3):
@@ -75,7 +63,7 @@ def run(seconds=10.0, layers=12, reps=3):
                     model.step(wav[:, t:t + chunk], st)
                 model.flush(st)
             for mode, fn in (("offline", offline), ("streaming_80ms", stream)):
-                med, lo, hi = _time(fn, reps)
+                med, lo, hi = wall_times(fn, reps)
                 records.append(dict(bench="wavlm_bias", mode=mode,
                                     path="fused" if fused else "before", layers=layers,
                                     seconds_audio=seconds, s_per_audio_s=med / seconds,

@@ -14,6 +14,19 @@ from pyencoder.ops.attention import relative_offsets
 import oracle
 
 
+def _spy_biased_op(monkeypatch):
+    """Record every call of the fused-bias custom op (pyencoder.ops.attention._biased_op)."""
+    import pyencoder.ops.attention as A
+    calls = []
+    real = A._biased_op
+
+    def spy(*a):
+        calls.append(a)
+        return real(*a)
+    monkeypatch.setattr(A, "_biased_op", spy)
+    return calls
+
+
 def _case(rng, gqa=True):
     B = rng.randint(1, 2)
     Hk = rng.randint(1, 2)
@@ -197,14 +210,7 @@ def test_wavlm_module_runs_the_fused_bias_and_matches_the_oracle(gated, mask, mo
     """nn.WavLMSelfAttention offline (training: every parameter's gradient, the bucket table and
     the gate's included) runs the op's fused bias and matches the dense float64 oracle."""
     from pyencoder.nn import WavLMSelfAttention
-    import pyencoder.ops.attention as A
-    calls = []
-    real = A._biased_op
-
-    def spy(*a):
-        calls.append(a)
-        return real(*a)
-    monkeypatch.setattr(A, "_biased_op", spy)
+    calls = _spy_biased_op(monkeypatch)
     m = WavLMSelfAttention(16, 2, num_buckets=16, max_distance=40, gated=gated, **mask).double()
     if gated:
         with torch.no_grad():
@@ -267,7 +273,6 @@ def test_hf_wavlm_chunked_patch_runs_the_fused_bias_and_matches_the_plain_tiles(
 
     import pyencoder.hf as H
     import pyencoder.hf.wavlm as W
-    import pyencoder.ops.attention as A
     cfg = T.WavLMConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=48, conv_dim=(8, 8), conv_kernel=(10, 3),
                         conv_stride=(5, 2), num_buckets=32, max_bucket_distance=64,
@@ -282,13 +287,7 @@ def test_hf_wavlm_chunked_patch_runs_the_fused_bias_and_matches_the_plain_tiles(
                                   rope=False)
     model.train()
     wav = torch.randn(2, 1200, dtype=torch.float64)
-    calls = []
-    real = A._biased_op
-
-    def spy(*a):
-        calls.append(a)
-        return real(*a)
-    monkeypatch.setattr(A, "_biased_op", spy)
+    calls = _spy_biased_op(monkeypatch)
     names = [n for n, _ in model.named_parameters() if "rel_attn_embed" in n or "gru_rel" in n]
     params = [p for n, p in model.named_parameters() if n in names]
     assert any("rel_attn_embed" in n for n in names)
