@@ -266,8 +266,13 @@ ORACLE_SETTINGS = {
 
 
 # fp32 patched model vs float64 oracle: the patched model rounds every op to fp32 through two
-# layers (plus front end); 2e-5 absolute on O(1) layer-normed outputs. The float64 patched model
-# must match the oracle to 1e-7 (same math, different summation order; a mask or rotary error is O(1)).
+# layers (plus front end); 2e-5 absolute on O(1) layer-normed outputs, plus what the front end
+# brings: the causal (running) group norm divides by the variance of the samples seen so far,
+# which on the first frames can be ~0, so it amplifies the fp32 rounding of its input by up to
+# eps**-0.5 ~ 316 (seed 341794431 gave 2.2e-5 at frame 0 from 1.8e-5 in the front end). That
+# error is measured (hidden_states[0], fp32 vs float64 of the same patched model) and the layers
+# may carry it 4x (observed <= 1.2x over 900 seeded models). The float64 patched model must match
+# the oracle to 1e-7 (same math, different summation order; a mask or rotary error is O(1)).
 @pytest.mark.filterwarnings("ignore:lookahead_layers='all'")
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("setting", list(ORACLE_SETTINGS))
@@ -279,13 +284,19 @@ def test_oracle(family, setting, _oracle_registered):
     mask = padding_mask(2, SAMPLES, [SAMPLES, 455])
     with torch.no_grad():
         want = _out(ora, x.double(), mask)
-        got32 = _out(model, x, mask)
-        got64 = _out(copy.deepcopy(model).double(), x.double(), mask)
-    n_valid = model._get_feat_extract_output_lengths(torch.tensor([455])).item() \
-        if hasattr(model, "_get_feat_extract_output_lengths") else None
+        o32 = model(x, attention_mask=mask, output_hidden_states=True)
+        o64 = copy.deepcopy(model).double()(x.double(), attention_mask=mask,
+                                            output_hidden_states=True)
+    got32, got64 = o32.last_hidden_state, o64.last_hidden_state
+    n_valid = model._get_feat_extract_output_lengths(torch.tensor([455])).item()
+    front = max((o32.hidden_states[0][0].double() - o64.hidden_states[0][0]).abs().max().item(),
+                (o32.hidden_states[0][1, :n_valid].double()
+                 - o64.hidden_states[0][1, :n_valid]).abs().max().item())
+    atol32 = 2e-5 + 4 * front
     torch.testing.assert_close(got64, want, atol=1e-7, rtol=1e-7)
-    torch.testing.assert_close(got32[0], want[0].float(), atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(got32[1, :n_valid], want[1, :n_valid].float(), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got32[0], want[0].float(), atol=atol32, rtol=1e-5)
+    torch.testing.assert_close(got32[1, :n_valid], want[1, :n_valid].float(), atol=atol32,
+                               rtol=1e-5)
 
 
 # ---------------------------------------------------------------- front end
