@@ -3,7 +3,9 @@ to every query besides its interval. The reference path (fast blocked CPU path) 
 independent dense float64 oracle (tests/oracle.py's interval mask OR an explicit sink column
 mask) over random shapes, sinks (0, 1, within and beyond the band, S >= N), offsets, padding,
 RoPE and GQA, forward and gradients; gradcheck; NaN poisoning through sinks; sink = 0 leaves
-band and chunked bit-identical."""
+band and chunked bit-identical. The Triton kernels with sinks (HAS_SINK) against the reference
+under the interpreter, their launch keys, and on a GPU (``-m gpu``)."""
+import os
 import random
 
 import pytest
@@ -125,14 +127,22 @@ def test_sink_is_part_of_the_mask_value():
 
 
 
-def test_triton_backend_refuses_sinks_by_name():
-    """The Triton kernels have no sink path yet: a forced triton backend raises and names sink,
-    and the backend's supports_forward gives the reason (auto on CUDA then runs the reference)."""
+def test_triton_backend_refuses_sinks_with_frame_masks_and_bias_by_name():
+    """The Triton kernels run sink keys (below) but not with a frame-rate mask (K_BLOCK) or a
+    relative bias: the launchers and supports_forward say so, naming sink."""
     from pyencoder.ops import _attention_triton as tri
     q, k, v = (torch.randn(1, 1, 4, 8) for _ in range(3))
-    assert "sink" in tri.supports_forward(q, k, v, sink=2)
-    with pytest.raises(RuntimeError, match="sink"):
-        pyencoder.ops.banded_attention(q, k, v, left=1, right=0, sink=1, backend="triton")
+    assert tri.supports_forward(q, k, v, sink=2) is None
+    assert "sink=2" in tri.supports_forward(q, k, v, block=4, sink=2, kb=3)
+    assert "sink=2" in tri.supports_forward(q, k, v, sink=2, rel_bias=torch.zeros(1, 8))
+    with pytest.raises(ValueError, match=r"sink=2 with k_block=3 != block=4"):
+        tri.forward(q, k, v, None, None, 4, 0, 3, 0, 0, 1.0, False, sink=2, kb=3)
+    with pytest.raises(ValueError, match="rel_bias with sink keys"):
+        tri.backward(q, q, k, v, q, q[..., 0], None, None, 1, 1, 0, 0, 0, 1.0, False, True,
+                     sink=2, rel_bias=torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="rel_bias with sink keys"):
+        pyencoder.ops.banded_attention(q, k, v, left=1, right=0, sink=1, backend="triton",
+                                       rel_bias=torch.zeros(1, 8))
 
 @pytest.mark.parametrize("trial", range(4))
 def test_streaming_with_sinks_equals_offline_over_random_chunkings(trial):
@@ -186,3 +196,175 @@ def test_paths_without_sinks_refuse_a_sink_mask_by_name():
     torch.testing.assert_close(pyencoder.ops.interval_attention_dropout(q, k, v, mask=m,
                                                                          dropout_p=0.0),
                                interval_attention(q, k, v, mask=m))
+
+
+
+_SINK_KEYS = r"""
+import json, os, sys, torch
+sys.path.insert(0, sys.argv[1])
+from _count_compiles import _Recorder
+rec = _Recorder(); rec.install()
+os.environ["PYENCODER_TRITON_AUTOTUNE"] = "0"
+from pyencoder.ops import _attention_triton as tri
+from pyencoder import Rope
+q, k, v = (torch.randn(2, 2, 300, 64, dtype=torch.float16) for _ in range(3))
+inv = Rope(64).inv_freq()
+kl = torch.tensor([300, 200], dtype=torch.int32)
+keys = {}
+for i, sink in enumerate((None, 0, 1, 5, 16, 300, 10 ** 9)):
+    rec.test = i
+    kw = {} if sink is None else {"sink": sink}
+    out, lse = tri.forward(q, k, v, inv, kl, 4, 48, 5, 13, 13, 0.125, False, **kw)
+    tri.backward(torch.randn_like(out), q, k, v, out, lse, inv, kl, 4, 48, 5, 13, 13, 0.125,
+                 False, True, **kw)
+    keys[str(sink)] = rec.per_kernel()
+print(json.dumps(keys))
+"""
+
+
+def test_sinks_add_one_compile_key_and_leave_the_plain_kernels_alone():
+    """Launch keys recorded with Triton's own binder (nothing compiled): a call without sinks and
+    one with sink=0 share one key per launcher (the band/chunked kernels as before: sink and
+    HAS_SINK are None); every sink > 0 (1, 5, 16, 300, 10**9: no integer specialisation, sink is
+    do_not_specialize, and capped at k_offset + Nk) adds exactly one more (HAS_SINK=True) to the
+    fwd, dq and dk/dv kernels, none to the preprocess kernel."""
+    import json
+    import sys
+
+    pytest.importorskip("triton")
+    import _subproc
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = _subproc.run([sys.executable, "-c", _SINK_KEYS, os.path.join(root, "tests")], env=env,
+                     cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    keys = json.loads(r.stdout.strip().splitlines()[-1])
+    assert keys["None"] and all(n == 1 for n in keys["None"].values()), keys
+    assert keys["0"] == keys["None"], keys
+    sinky = {"_interval_attention_fwd_kernel", "_interval_attention_bwd_dq_kernel",
+             "_interval_attention_bwd_dkdv_kernel"}
+    assert sinky <= set(keys["None"]) and set(keys["1"]) == set(keys["None"]), keys
+    assert keys["1"] == {name: 2 if name in sinky else 1 for name in keys["None"]}, keys
+    for sink in ("5", "16", "300", str(10 ** 9)):
+        assert keys[sink] == keys["1"], keys
+
+
+def _triton_case(rng, kind):
+    """(B, Hq, Hk, nq, nk, q_offset, k_offset, mask, key_lengths, rope) with the sink of
+    ``kind``: 0, 1, inside the band of the first rows, beyond every row's band, or >= N."""
+    B, Hk, g = rng.randint(1, 2), rng.randint(1, 2), rng.choice([1, 2])
+    nq, nk = rng.randint(1, 40), rng.randint(1, 40)
+    ko = rng.randint(0, 5)
+    qo = ko + rng.randint(0, 20)
+    left, right = rng.choice([None, 0, 2, 5]), rng.randint(0, 2)
+    sink = {"0": 0, "1": 1, "inside": ko + rng.randint(1, 4),
+            "beyond": ko + nk // 2 + rng.randint(1, 3), ">=N": ko + nk + rng.randint(0, 40)}[kind]
+    if rng.random() < 0.5:
+        m = IntervalMask.band(left, right, sink=sink)
+    else:
+        m = IntervalMask.chunked(rng.randint(2, 5), rng.choice([None, 0, 1]), rng.randint(0, 2),
+                                 sink=sink)
+    kl = None if rng.random() < 0.4 else torch.randint(0, nk + 1, (B,))
+    rope = rng.choice([None, pyencoder.Rope(16), pyencoder.Rope(8, interleaved=True)])
+    return B, Hk * g, Hk, nq, nk, qo, ko, m, kl, rope
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["0", "1", "inside", "beyond", ">=N"])
+def test_triton_sinks_match_the_reference_under_the_interpreter(dtype, kind, monkeypatch):
+    """Tiny shapes through the Triton kernels (TRITON_INTERPRET=1 on CPU; fp32 and fp16, as the
+    interpreter's bf16 dot is wrong), through interval_attention(backend="triton") with outputs
+    poisoned before the kernels write them: out, lse and dq, dk, dv against the reference in
+    float64 on the same inputs, over sinks 0, 1, inside and beyond the band and >= N, band and
+    chunked masks, q/k offsets, padding (a batch may have no key), GQA, RoPE off / NeoX /
+    interleaved partial. Tolerances relative to max(1, the largest reference value): fp32 1e-4
+    (IEEE fp32 dots, exp2 vs exp, another summation order); fp16 6e-3 out / 1.2e-2 gradients
+    (rotated q/k, P and dS rounded to fp16 before each dot: ~1e-3 per element with O(1) inputs,
+    as in tests/test_attention_triton.py), far below a masking error (O(0.1-1))."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (set it before triton is imported)")
+    from pyencoder.ops import _attention_triton as tri
+    monkeypatch.setattr(tri, "POISON_OUTPUTS", True)
+    rng = random.Random(torch.randint(1 << 30, ()).item())
+    for _ in range(2):
+        B, Hq, Hk, nq, nk, qo, ko, m, kl, rope = _triton_case(rng, kind)
+        q = torch.randn(B, Hq, nq, 16, dtype=dtype)
+        k, v = (torch.randn(B, Hk, nk, 16, dtype=dtype) for _ in range(2))
+        go = torch.randn(B, Hq, nq, 16, dtype=dtype)
+        res = {}
+        for be in ("triton", "reference"):
+            xs = [(x.double() if be == "reference" else x).clone().requires_grad_(True)
+                  for x in (q, k, v)]
+            o, lse = interval_attention(*xs, mask=m, rope=rope, key_lengths=kl, q_offset=qo,
+                                        k_offset=ko, backend=be, return_lse=True)
+            res[be] = (o, lse.double()) + torch.autograd.grad(o, xs, go.to(o.dtype))
+        what = (m, qo, ko, kl, rope, (B, Hq, Hk, nq, nk))
+        lse_t, lse_r = res["triton"][1], res["reference"][1]
+        assert torch.equal(torch.isinf(lse_t), torch.isinf(lse_r)), ("zero rows differ", what)
+        fin = torch.isfinite(lse_r)
+        assert torch.allclose(lse_t[fin], lse_r[fin], rtol=1e-4 if dtype == torch.float32
+                              else 5e-3, atol=1e-4 if dtype == torch.float32 else 5e-3), what
+        for name, a, b in zip(("out", "-", "dq", "dk", "dv"), res["triton"], res["reference"]):
+            if name == "-":
+                continue
+            assert not torch.isnan(a).any(), (name, what)
+            tol = 1e-4 if dtype == torch.float32 else (6e-3 if name == "out" else 1.2e-2)
+            err = (a.double() - b).abs().max().item() if a.numel() else 0.0
+            assert err <= tol * max(1.0, b.abs().max().item()), (name, err, what)
+
+
+def test_triton_sink_keys_poison_like_the_reference_under_the_interpreter():
+    """A non-finite sink key poisons every row (it is visible to all), a non-finite key that is
+    not a sink only the rows whose band holds it: the Triton kernels give NaN exactly where the
+    reference does, forward and dk."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (set it before triton is imported)")
+    q, k, v = (torch.randn(1, 2, 20, 8) for _ in range(3))
+    k[0, 1, 1, 3] = float("nan")
+    for sink in (2, 1):
+        nan = {}
+        for be in ("triton", "reference"):
+            xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+            out = pyencoder.ops.banded_attention(*xs, left=2, right=0, sink=sink, backend=be)
+            dk = torch.autograd.grad(out.nan_to_num().sum(), xs)[1]
+            nan[be] = (torch.isnan(out), torch.isnan(dk))
+        assert all(torch.equal(a, b) for a, b in zip(nan["triton"], nan["reference"])), sink
+        assert nan["triton"][0][0, 1].all() == (sink == 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("mask", [IntervalMask.band(250, 3, sink=4),
+                                  IntervalMask.chunked(16, 2, 3, sink=64),
+                                  IntervalMask.band(None, 0, sink=1),
+                                  IntervalMask.band(8, 0, sink=700)], ids=repr)
+def test_gpu_triton_sinks_follow_the_flash_attention_rule(dtype, mask):
+    """On a GPU with the tuned tiles: N=1000 (padding, GQA, NeoX RoPE, offsets), kernel error
+    against the float32 reference <= 2x (forward) / 3x (gradients) the error of the reference
+    run in the same dtype, plus a small absolute floor (the FlashAttention rule of
+    tests/test_attention_triton.py); float32 within 1e-4 relative."""
+    B, Hq, Hk, N, D = 2, 4, 2, 1000, 64
+    q = torch.randn(B, Hq, N, D, device="cuda", dtype=dtype)
+    k, v = (torch.randn(B, Hk, N, D, device="cuda", dtype=dtype) for _ in range(2))
+    go = torch.randn_like(q)
+    kl = torch.tensor([N, 613], device="cuda")
+    rope = pyencoder.Rope(D)
+
+    def run(be, cast):
+        xs = [cast(x).clone().requires_grad_(True) for x in (q, k, v)]
+        o = interval_attention(*xs, mask=mask, rope=rope, key_lengths=kl, q_offset=5,
+                               k_offset=3, backend=be)
+        return (o,) + torch.autograd.grad(o, xs, cast(go))
+
+    got = run("triton", lambda x: x)
+    want = run("reference", lambda x: x.float())
+    same = run("reference", lambda x: x)
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), got, want, same):
+        err = (a.float() - b).abs().max().item()
+        if dtype == torch.float32:
+            assert err <= 1e-4 * max(1.0, b.abs().max().item()), (name, err)
+        else:
+            base = (c.float() - b).abs().max().item()
+            assert err <= (2 if name == "out" else 3) * base + 1e-3, (name, err, base)

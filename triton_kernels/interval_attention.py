@@ -167,13 +167,15 @@ def _key_block(block, K_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _visible(rows_pos, cols, cols_pos, nk_b, block, kblock, lo_off, hi_off,
-             LO_BOUNDED: tl.constexpr):
-    """Elementwise (rows, cols) visibility."""
+def _visible(rows_pos, cols, cols_pos, nk_b, block, kblock, lo_off, hi_off, sink,
+             LO_BOUNDED: tl.constexpr, HAS_SINK: tl.constexpr):
+    """Elementwise (rows, cols) visibility (HAS_SINK: key positions < sink too)."""
     base = (rows_pos // block) * kblock
     vis = (cols_pos[None, :] <= (base + hi_off)[:, None]) & (cols < nk_b)[None, :]
     if LO_BOUNDED:
         vis = vis & (cols_pos[None, :] >= (base - lo_off)[:, None])
+    if HAS_SINK:
+        vis = vis | ((cols_pos < sink) & (cols < nk_b))[None, :]
     return vis
 
 
@@ -307,6 +309,21 @@ def _span_bounds(SPAN: tl.constexpr, start, a, bb, end_r):
 
 
 @triton.jit
+def _sink_end(sink, k_offset, nk_b, BLOCK: tl.constexpr):
+    """End of the sink span [0, end) of the key blocks: the keys j < sink - k_offset (and
+    j < nk_b), rounded up to whole blocks of BLOCK."""
+    return tl.cdiv(tl.minimum(tl.maximum(sink - k_offset, 0), nk_b), BLOCK) * BLOCK
+
+
+@triton.jit
+def _after_sink(end, start, a, bb, end_r):
+    """The block ranges (_block_ranges) clipped to start at the sink span's end ``end`` (a
+    multiple of the block, as they are): no block is visited twice."""
+    return (tl.maximum(start, end), tl.maximum(a, end), tl.maximum(bb, end),
+            tl.maximum(end_r, end))
+
+
+@triton.jit
 def _bias_setup(REL, GATE, rel_len, rel_offset, h, bh, rows, rmask, Nq, HAS_BIAS: tl.constexpr,
                 HAS_GATE: tl.constexpr):
     """Relative bias of head h for the query rows ``rows``: (table row pointer, float32 gate of
@@ -344,10 +361,10 @@ def _fwd_block(acc, l_i, m_i, q3, kv, rope, win, bias, j0, q_pos, nk_b, D, qk_sc
                BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
                INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
                DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr,
-               HAS_GATE: tl.constexpr):
+               HAS_GATE: tl.constexpr, HAS_SINK: tl.constexpr):
     qa, qb, qc = q3
     k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd = kv
-    block, lo_off, hi_off, q_offset, k_offset, kblock = win
+    block, lo_off, hi_off, q_offset, k_offset, kblock, sink = win
     cols = j0 + tl.arange(0, BLOCK_N)
     cmask = cols < nk_b
     k_pos = k_offset + cols
@@ -364,7 +381,8 @@ def _fwd_block(acc, l_i, m_i, q3, kv, rope, win, bias, j0, q_pos, nk_b, D, qk_sc
     if MASKED:
         # keys with a non-finite k or v: NaN score where visible, v row zeroed for the p @ v dot
         kv0 = _groups_poison(ka, kb, kc, _row_poison(v), HAS_ROPE, HAS_PASS)
-        vis = _visible(q_pos, cols, k_pos, nk_b, block, kblock, lo_off, hi_off, LO_BOUNDED)
+        vis = _visible(q_pos, cols, k_pos, nk_b, block, kblock, lo_off, hi_off, sink, LO_BOUNDED,
+                       HAS_SINK)
         s = tl.where(vis, s + kv0[None, :], float("-inf"))
         v = _zero_nonfinite(v)
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -389,18 +407,18 @@ def _fwd_span(m_i, l_i, acc, q3, kv, rope, win, bias, j_lo, j_hi, q_pos, nk_b, D
               BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
               INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
               DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr,
-              HAS_GATE: tl.constexpr):
+              HAS_GATE: tl.constexpr, HAS_SINK: tl.constexpr):
     """The key blocks [j_lo, j_hi) of a query tile; masked (boundary) spans run unpipelined.
     (m_i, l_i, acc: the loop-carry order of the kernel before the span helpers, same PTX.)"""
     for j0 in tl.range(j_lo, j_hi, BLOCK_N, num_stages=1 if MASKED else None):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q3, kv, rope, win, bias, j0, q_pos, nk_b, D,
                                    qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
                                    HAS_PASS, INTERLEAVED, LO_BOUNDED, MASKED, DOT_PREC,
-                                   ROPE_TABLE, HAS_BIAS, HAS_GATE)
+                                   ROPE_TABLE, HAS_BIAS, HAS_GATE, HAS_SINK)
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["q_offset", "k_offset", "rel_len", "rel_offset"])
+@triton.jit(do_not_specialize=["q_offset", "k_offset", "rel_len", "rel_offset", "sink"])
 def _interval_attention_fwd_kernel(
         Q, K, V, O, LSE, INV_FREQ, COS_TAB, SIN_TAB, KLEN,
         stride_qb, stride_qh, stride_qn, stride_qd,
@@ -409,12 +427,13 @@ def _interval_attention_fwd_kernel(
         stride_ob, stride_oh, stride_on, stride_od,
         Hq, GROUP, Nq, Nk, D, HALF, ROT, NPASS,
         block, lo_off, hi_off, q_offset, k_offset, tab_base, qk_scale, WIN_KEY,
-        REL, GATE, rel_len, rel_offset,
+        REL, GATE, rel_len, rel_offset, sink,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr,
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
         HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, K_BLOCK: tl.constexpr = None):
+        HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, K_BLOCK: tl.constexpr = None,
+        HAS_SINK: tl.constexpr = None):
     kblock = _key_block(block, K_BLOCK)
     pid_m, bh, b, h, q_base, k_base, v_base = _query_program(
         Q, K, V, Hq, GROUP, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh)
@@ -426,7 +445,7 @@ def _interval_attention_fwd_kernel(
         LO_BOUNDED, HAS_KLEN)
     rope = (INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS)
     kv = (k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd)
-    win = (block, lo_off, hi_off, q_offset, k_offset, kblock)
+    win = (block, lo_off, hi_off, q_offset, k_offset, kblock, sink)
 
     qa, qb, qc = _load_qk(q_base, rows, rmask, stride_qn, stride_qd, q_pos, rope, BLOCK_R,
                           BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED, ROPE_TABLE)
@@ -435,13 +454,21 @@ def _interval_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if HAS_SINK:
+        # the sink key blocks (masked), then the band's blocks after them
+        ns_end = _sink_end(sink, k_offset, nk_b, BLOCK_N)
+        acc, l_i, m_i = _fwd_span(m_i, l_i, acc, q3, kv, rope, win, bias, 0, ns_end, q_pos,
+                                  nk_b, D, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
+                                  HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True,
+                                  DOT_PREC, ROPE_TABLE, HAS_BIAS, HAS_GATE, HAS_SINK)
+        start, a, bb, end_r = _after_sink(ns_end, start, a, bb, end_r)
     # boundary blocks (masked), interior blocks (every row sees every key), boundary blocks
     for span in tl.static_range(3):
         j_lo, j_hi = _span_bounds(span, start, a, bb, end_r)
         acc, l_i, m_i = _fwd_span(m_i, l_i, acc, q3, kv, rope, win, bias, j_lo, j_hi, q_pos,
                                   nk_b, D, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
                                   HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, span != 1,
-                                  DOT_PREC, ROPE_TABLE, HAS_BIAS, HAS_GATE)
+                                  DOT_PREC, ROPE_TABLE, HAS_BIAS, HAS_GATE, HAS_SINK)
 
     nz = l_i > 0.0
     l_safe = tl.where(nz, l_i, 1.0)
@@ -455,6 +482,8 @@ def _interval_attention_fwd_kernel(
         qz += bias[1] * 0.0
     sees = _rows_see_keys(q_pos, rmask, nk_b, block, kblock, lo_off, hi_off, k_offset,
                           LO_BOUNDED)
+    if HAS_SINK:
+        sees = sees | (rmask & (tl.minimum(sink - k_offset, nk_b) > 0))
     ok = (rz + tl.where(sees, qz, 0.0)) == 0.0
     out = tl.where(ok[:, None], out, float("nan"))
     lse = tl.where(ok, lse, float("nan"))
@@ -491,11 +520,11 @@ def _dq_block(dq3, q3, do, lse2, delta, kv, rope, win, bias, j0, q_pos, nk_b, D,
               BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
               INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
               DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr,
-              HAS_GATE: tl.constexpr, DREL_ROW):
+              HAS_GATE: tl.constexpr, DREL_ROW, HAS_SINK: tl.constexpr):
     dqc, dqa, dqb = dq3[0], dq3[1], dq3[2]
     qa, qb, qc = q3
     k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd = kv
-    block, lo_off, hi_off, q_offset, k_offset, kblock = win
+    block, lo_off, hi_off, q_offset, k_offset, kblock, sink = win
     cols = j0 + tl.arange(0, BLOCK_N)
     cmask = cols < nk_b
     k_pos = k_offset + cols
@@ -517,7 +546,8 @@ def _dq_block(dq3, q3, do, lse2, delta, kv, rope, win, bias, j0, q_pos, nk_b, D,
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
     if MASKED:
-        vis = _visible(q_pos, cols, k_pos, nk_b, block, kblock, lo_off, hi_off, LO_BOUNDED)
+        vis = _visible(q_pos, cols, k_pos, nk_b, block, kblock, lo_off, hi_off, sink, LO_BOUNDED,
+                       HAS_SINK)
         ds = tl.where(vis, ds, 0.0)
     if HAS_BIAS:
         # d gate = row sum of dS * table; d table[h, s - p] += dS * gate (float32 atomics; a
@@ -550,17 +580,17 @@ def _dq_span(dq3, q3, do, lse2, delta, kv, rope, win, bias, j_lo, j_hi, q_pos, n
              BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
              INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
              DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr,
-             HAS_GATE: tl.constexpr, DREL_ROW):
+             HAS_GATE: tl.constexpr, DREL_ROW, HAS_SINK: tl.constexpr):
     """The key blocks [j_lo, j_hi) of a query tile; masked (boundary) spans run unpipelined."""
     for j0 in tl.range(j_lo, j_hi, BLOCK_N, num_stages=1 if MASKED else None):
         dq3 = _dq_block(dq3, q3, do, lse2, delta, kv, rope, win, bias, j0, q_pos, nk_b,
                             D, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
                             HAS_PASS, INTERLEAVED, LO_BOUNDED, MASKED, DOT_PREC, ROPE_TABLE,
-                            HAS_BIAS, HAS_GATE, DREL_ROW)
+                            HAS_BIAS, HAS_GATE, DREL_ROW, HAS_SINK)
     return dq3
 
 
-@triton.jit(do_not_specialize=["q_offset", "k_offset", "rel_len", "rel_offset"])
+@triton.jit(do_not_specialize=["q_offset", "k_offset", "rel_len", "rel_offset", "sink"])
 def _interval_attention_bwd_dq_kernel(
         Q, K, V, DO, DQ, LSE, DELTA, INV_FREQ, COS_TAB, SIN_TAB, KLEN,
         stride_qb, stride_qh, stride_qn, stride_qd,
@@ -570,12 +600,13 @@ def _interval_attention_bwd_dq_kernel(
         stride_dqb, stride_dqh, stride_dqn, stride_dqd,
         Hq, GROUP, Nq, Nk, D, HALF, ROT, NPASS,
         block, lo_off, hi_off, q_offset, k_offset, tab_base, scale, qk_scale, WIN_KEY,
-        REL, GATE, rel_len, rel_offset, DREL, DGATE,
+        REL, GATE, rel_len, rel_offset, DREL, DGATE, sink,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr,
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
         HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, K_BLOCK: tl.constexpr = None):
+        HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, K_BLOCK: tl.constexpr = None,
+        HAS_SINK: tl.constexpr = None):
     kblock = _key_block(block, K_BLOCK)
     pid_m, bh, b, h, q_base, k_base, v_base = _query_program(
         Q, K, V, Hq, GROUP, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh)
@@ -588,7 +619,7 @@ def _interval_attention_bwd_dq_kernel(
         LO_BOUNDED, HAS_KLEN)
     rope = (INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS)
     kv = (k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd)
-    win = (block, lo_off, hi_off, q_offset, k_offset, kblock)
+    win = (block, lo_off, hi_off, q_offset, k_offset, kblock, sink)
 
     q3 = _load_qk(q_base, rows, rmask, stride_qn, stride_qd, q_pos, rope, BLOCK_R, BLOCK_C,
                   HAS_ROPE, HAS_PASS, INTERLEAVED, ROPE_TABLE)
@@ -612,12 +643,20 @@ def _interval_attention_bwd_dq_kernel(
     drel_row = DREL
     if HAS_BIAS:
         drel_row = DREL + h * rel_len
+    if HAS_SINK:
+        # the sink key blocks (masked), then the band's blocks after them
+        ns_end = _sink_end(sink, k_offset, nk_b, BLOCK_N)
+        dq3 = _dq_span(dq3, q3, do, lse2, delta, kv, rope, win, bias, 0, ns_end, q_pos,
+                       nk_b, D, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
+                       HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE,
+                       HAS_BIAS, HAS_GATE, drel_row, HAS_SINK)
+        start, a, bb, end_r = _after_sink(ns_end, start, a, bb, end_r)
     for span in tl.static_range(3):
         j_lo, j_hi = _span_bounds(span, start, a, bb, end_r)
         dq3 = _dq_span(dq3, q3, do, lse2, delta, kv, rope, win, bias, j_lo, j_hi, q_pos,
                        nk_b, D, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
                        HAS_PASS, INTERLEAVED, LO_BOUNDED, span != 1, DOT_PREC, ROPE_TABLE,
-                       HAS_BIAS, HAS_GATE, drel_row)
+                       HAS_BIAS, HAS_GATE, drel_row, HAS_SINK)
     dqc, dqa, dqb = dq3[0], dq3[1], dq3[2]
     dqz = _groups_poison(dqa, dqb, dqc, tl.zeros([BLOCK_M], dtype=tl.float32), HAS_ROPE, HAS_PASS)
     if HAS_GATE:
@@ -633,13 +672,15 @@ def _interval_attention_bwd_dq_kernel(
 
 
 @triton.jit
-def _visible_t(k_pos, kmask, q_pos, qmask, block, kblock, lo_off, hi_off,
-               LO_BOUNDED: tl.constexpr):
+def _visible_t(k_pos, kmask, q_pos, qmask, block, kblock, lo_off, hi_off, sink,
+               LO_BOUNDED: tl.constexpr, HAS_SINK: tl.constexpr):
     """Elementwise (keys, queries) visibility (transposed mask of the dk/dv kernel)."""
     base = (q_pos // block) * kblock
     vis = (k_pos[:, None] <= (base + hi_off)[None, :]) & kmask[:, None] & qmask[None, :]
     if LO_BOUNDED:
         vis = vis & (k_pos[:, None] >= (base - lo_off)[None, :])
+    if HAS_SINK:
+        vis = vis | (((k_pos < sink) & kmask)[:, None] & qmask[None, :])
     return vis
 
 
@@ -649,11 +690,11 @@ def _dkdv_block_t(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, hbias, i0, Nq, D,
                   BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
                   INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
                   DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  HAS_GATE: tl.constexpr):
+                  HAS_GATE: tl.constexpr, HAS_SINK: tl.constexpr):
     dkc, dka, dkb = dk3
     ka, kb, kc = k3
     q_base, do_base, LSE, DELTA, stride_qn, stride_qd, stride_don, stride_dod = qd
-    block, lo_off, hi_off, q_offset, k_offset, kblock = win
+    block, lo_off, hi_off, q_offset, k_offset, kblock, sink = win
     rows = i0 + tl.arange(0, BLOCK_M)
     rmask = rows < Nq
     q_pos = q_offset + rows
@@ -683,7 +724,8 @@ def _dkdv_block_t(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, hbias, i0, Nq, D,
         st += bv * 1.4426950408889634
     pt = tl.math.exp2(st - lse2[None, :])
     if MASKED:
-        vis = _visible_t(k_pos, kmask, q_pos, rmask, block, kblock, lo_off, hi_off, LO_BOUNDED)
+        vis = _visible_t(k_pos, kmask, q_pos, rmask, block, kblock, lo_off, hi_off, sink,
+                         LO_BOUNDED, HAS_SINK)
         pt = tl.where(vis, pt + (delta * 0.0)[None, :], 0.0)
     dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -705,17 +747,17 @@ def _dkdv_span(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, hbias, i_lo, i_hi, N
                BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
                INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
                DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr,
-               HAS_GATE: tl.constexpr):
+               HAS_GATE: tl.constexpr, HAS_SINK: tl.constexpr):
     """The query blocks [i_lo, i_hi) of a key block; masked (boundary) spans run unpipelined."""
     for i0 in tl.range(i_lo, i_hi, BLOCK_M, num_stages=1 if MASKED else None):
         dk3, dv = _dkdv_block_t(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, hbias, i0, Nq, D,
                                 qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
                                 HAS_PASS, INTERLEAVED, LO_BOUNDED, MASKED, DOT_PREC, ROPE_TABLE,
-                                HAS_BIAS, HAS_GATE)
+                                HAS_BIAS, HAS_GATE, HAS_SINK)
     return dk3, dv
 
 
-@triton.jit(do_not_specialize=["q_offset", "k_offset", "rel_len", "rel_offset"])
+@triton.jit(do_not_specialize=["q_offset", "k_offset", "rel_len", "rel_offset", "sink"])
 def _interval_attention_bwd_dkdv_kernel(
         Q, K, V, DO, DK, DV, LSE, DELTA, INV_FREQ, COS_TAB, SIN_TAB, KLEN,
         stride_qb, stride_qh, stride_qn, stride_qd,
@@ -726,12 +768,13 @@ def _interval_attention_bwd_dkdv_kernel(
         stride_dvb, stride_dvh, stride_dvn, stride_dvd,
         Hq, Hk, GROUP, Nq, Nk, D, HALF, ROT, NPASS,
         block, lo_off, hi_off, q_offset, k_offset, tab_base, scale, qk_scale, WIN_KEY,
-        REL, GATE, rel_len, rel_offset,
+        REL, GATE, rel_len, rel_offset, sink,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr,
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
         HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, K_BLOCK: tl.constexpr = None):
+        HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, K_BLOCK: tl.constexpr = None,
+        HAS_SINK: tl.constexpr = None):
     kblock = _key_block(block, K_BLOCK)
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -764,8 +807,14 @@ def _interval_attention_bwd_dkdv_kernel(
     i_first = tl.maximum(p_first - q_offset, 0)
     i_full_first = tl.maximum(p_full_first - q_offset, 0)
     start, a, bb, end_r = _block_ranges(i_first, Nq, i_full_first, i_full_end, i_end, BLOCK_M)
+    ni_end = 0
+    if HAS_SINK:
+        # a block holding sink keys is seen by every query: the sink span covers all query
+        # blocks (masked), the band's blocks are clipped away
+        ni_end = tl.cdiv(Nq, BLOCK_M) * BLOCK_M * ((s0 < sink) & (j_last >= j0)).to(tl.int32)
+        start, a, bb, end_r = _after_sink(ni_end, start, a, bb, end_r)
     rope = (INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS)
-    win = (block, lo_off, hi_off, q_offset, k_offset, kblock)
+    win = (block, lo_off, hi_off, q_offset, k_offset, kblock, sink)
 
     k3 = _load_qk(k_base, cols, kmask, stride_kn, stride_kd, k_pos, rope, BLOCK_R, BLOCK_C,
                   HAS_ROPE, HAS_PASS, INTERLEAVED, ROPE_TABLE)
@@ -790,12 +839,17 @@ def _interval_attention_bwd_dkdv_kernel(
             hbias = (REL + h * rel_len, GATE + bh.to(tl.int64) * Nq, rel_len, rel_offset)
         elif HAS_BIAS:
             hbias = (REL + h * rel_len, 0, rel_len, rel_offset)
+        if HAS_SINK:
+            dk3, dv = _dkdv_span(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, hbias, 0, ni_end,
+                                 Nq, D, qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
+                                 HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC,
+                                 ROPE_TABLE, HAS_BIAS, HAS_GATE, HAS_SINK)
         for span in tl.static_range(3):
             i_lo, i_hi = _span_bounds(span, start, a, bb, end_r)
             dk3, dv = _dkdv_span(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, hbias, i_lo, i_hi,
                                  Nq, D, qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
                                  HAS_PASS, INTERLEAVED, LO_BOUNDED, span != 1, DOT_PREC,
-                                 ROPE_TABLE, HAS_BIAS, HAS_GATE)
+                                 ROPE_TABLE, HAS_BIAS, HAS_GATE, HAS_SINK)
 
     dkc, dka, dkb = dk3
     cz = _groups_poison(dka, dkb, dkc, _row_poison(dv), HAS_ROPE, HAS_PASS)

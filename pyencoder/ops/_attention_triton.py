@@ -237,7 +237,8 @@ def _build_kernels():
     def cfg(m, n, w, s):
         return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
 
-    key = ["BLOCK_DV", "BLOCK_R", "BLOCK_C", "WIN_KEY", "ROPE_TABLE", "HAS_BIAS", "HAS_GATE"]
+    key = ["BLOCK_DV", "BLOCK_R", "BLOCK_C", "WIN_KEY", "ROPE_TABLE", "HAS_BIAS", "HAS_GATE",
+           "HAS_SINK"]
     if _interpret():
         small = cfg(16, 16, 4, 1)
         return {
@@ -385,11 +386,23 @@ def _common_reason(q, k, v, inv_freq, q_offset, k_offset):
 
 
 def supports_forward(q, k, v, inv_freq=None, key_lengths=None, block=1, lo_off=-1, hi_off=0,
-                     q_offset=0, k_offset=0, scale=1.0, interleaved=False, sink=0, **_):
-    if sink:
-        return (f"sink keys (IntervalMask.sink={sink}) have no triton kernel yet (the reference "
-                f"path runs them)")
+                     q_offset=0, k_offset=0, scale=1.0, interleaved=False, sink=0, kb=None,
+                     rel_bias=None, **_):
+    if sink and kb is not None and kb != block:
+        return (f"sink keys with a frame-rate mask are not supported; got sink={sink} with "
+                f"k_block={kb} != block={block}")
+    if sink and rel_bias is not None:
+        return f"rel_bias with sink keys is not supported yet; got sink={sink} with rel_bias"
     return _common_reason(q, k, v, inv_freq, q_offset, k_offset)
+
+
+def _sink_args(sink, k_offset, Nk):
+    """Kernel arguments of the sink keys: the runtime int ``sink`` (do_not_specialize; capped at
+    k_offset + Nk, the positions that hold a key) with HAS_SINK=True, or None for both when
+    sink = 0 (constexprs: the band / chunked kernels keep their exact code)."""
+    if not sink:
+        return dict(sink=None, HAS_SINK=None)
+    return dict(sink=int(min(sink, k_offset + Nk)), HAS_SINK=True)
 
 
 def _frame_const(consts, block, kb):
@@ -406,7 +419,8 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
     block of a frame-rate mask (None: block). ``rel_bias`` (Hq, L), ``gate`` (B, Hq, Nq) or None,
     ``rel_offset``: relative-position bias (pyencoder.ops.attention), read by the kernels in
     float32."""
-    reason = supports_forward(q, k, v, inv_freq, q_offset=q_offset, k_offset=k_offset, sink=sink)
+    reason = supports_forward(q, k, v, inv_freq, block=block, q_offset=q_offset,
+                              k_offset=k_offset, sink=sink, kb=kb, rel_bias=rel_bias)
     if reason is not None:
         raise ValueError(f"pyencoder triton attention: {reason}")
     B, Hq, Nq, D = q.shape
@@ -421,6 +435,7 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
     consts = _frame_const(_consts(q, D, half, npass, lo_off, key_lengths, interleaved, table),
                           block, kb)
     consts.update(_bias_args(rel_bias, gate, rel_offset))
+    consts.update(_sink_args(sink, k_offset, Nk))
     args = (q, k, v, out, lse, freq, cos, sin, klen,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             Hq, Hq // Hk, Nq, Nk, D, half, rot, npass,
@@ -438,7 +453,8 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
     ``rel_bias``: (dq, dk, dv, drel_bias, dgate or None); dgate is a row reduction of the dq
     kernel (deterministic), drel_bias is accumulated with float32 atomics by the dq kernel (one
     per visible (query, key) pair: summation order, hence the last bits, vary between runs)."""
-    reason = supports_forward(q, k, v, inv_freq, q_offset=q_offset, k_offset=k_offset, sink=sink)
+    reason = supports_forward(q, k, v, inv_freq, block=block, q_offset=q_offset,
+                              k_offset=k_offset, sink=sink, kb=kb, rel_bias=rel_bias)
     if reason is not None:
         raise ValueError(f"pyencoder triton attention: {reason}")
     B, Hq, Nq, D = q.shape
@@ -472,6 +488,7 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
     consts = _frame_const(_consts(q, D, half, npass, lo_off, key_lengths, interleaved, table),
                           block, kb)
     consts.update(bias)
+    consts.update(_sink_args(sink, k_offset, Nk))
     delta = _new((B, Hq, Nq), q, torch.float32)
     pre, pre_cfg, _ = _kernel("pre")
     bm = pre_cfg.kwargs["BLOCK_M"]

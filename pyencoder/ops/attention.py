@@ -313,7 +313,7 @@ def interval_attention(q, k, v, *, mask=None, rope=None, key_lengths=None, q_off
     if rel_bias is not None:
         out, lse = _biased_op(q, k, v, inv_freq, key_lengths, rel_bias, gate, rel_offset, block,
                               lo_off, hi_off, q_offset, k_offset, scale, interleaved, name)
-    elif name == "triton":          # sink == 0 here: the triton backend refuses sinks
+    elif name == "triton" and not sink:   # sink keys: the custom op below (it carries sink)
         from . import _triton_ops  # noqa: F401  (registers the triton_ops at first use)
         out, lse = _triton.forward_op(*args)
     else:
