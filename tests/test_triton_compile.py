@@ -30,7 +30,10 @@ Matrices (``--matrix`` or ``PYENCODER_COMPILE_MATRIX``):
   relative bias (WavLM); one conv case per dtype (fp16
   depthwise with state and update, bf16 grouped, fp32 strided channels-last), one ConvNeXt and one
   decode case per dtype: 61 launch variants, 92 compiles; plus one frame-rate mask case (fp16,
-  K_BLOCK=3) of the three attention kernels, 3 more variants per target.
+  K_BLOCK=3) of the three attention kernels, 3 more variants per target, and the sink-key variant
+  (HAS_SINK, IntervalMask.sink) of the three attention kernels in the fp32 head_dim 32 and fp16
+  head_dim 64 interleaved cases, 6 more per target.
+  Every matrix adds the sink-key variant of its default-tile (not all-configs) unbiased cases.
 - ``quick``: every config of every launcher list at the shapes that need the most shared memory
   and registers (head_dim 128 with partial RoPE for attention, widest conv tiles) in each element
   size, plus one case per remaining code path; the attention RoPE table mode
@@ -235,6 +238,13 @@ def _run_attention(rec, matrix):
                             A.backward(out, q, k, v, out, lse, inv, *mask, True, **bkw)
                     finally:
                         A._default_configs = default_configs
+                if not all_cfgs and D <= 64 and bias is None:
+                    # the sink-key variant (HAS_SINK) of the three attention kernels
+                    rec.case += " sink"
+                    with _env(PYENCODER_ROPE_TABLE="1" if table else "0",
+                              PYENCODER_TRITON_AUTOTUNE="0"):
+                        out, lse = A.forward(q, k, v, inv, *mask, sink=5)
+                        A.backward(out, q, k, v, out, lse, inv, *mask, True, sink=5)
         # a frame-rate (cross-attention) mask: the same kernels with the constexpr K_BLOCK
         # (query blocks of 16 positions see key frames of 3: 16:3), Nq != Nk
         q = torch.randn(2, 4, 48, 64, dtype=torch.float16)
@@ -641,6 +651,12 @@ if pytest is not None and __name__ != "__main__":
                                             "_interval_attention_bwd_dq_kernel",
                                             "_interval_attention_bwd_dkdv_kernel")
                           for t in TARGETS}
+        # the sink-key variant (constexpr HAS_SINK) of each attention kernel, per target
+        sink = {(r["kernel"], r["target"]) for r in results if r["case"].endswith(" sink")}
+        assert sink == {(k, t) for k in ("_interval_attention_fwd_kernel",
+                                          "_interval_attention_bwd_dq_kernel",
+                                          "_interval_attention_bwd_dkdv_kernel")
+                        for t in TARGETS}
 
     @_needs_triton
     @pytest.mark.compile_full

@@ -56,6 +56,33 @@ def _load_xp(x_ptr, s_ptr, b, row, row_ok, c2, s2, m2, L, PAD,
 
 
 @triton.jit
+def _split_items(split, PER_SPLIT, B, NTB):
+    """[it0, it1): the (batch, time block) items of split ``split`` of the weight-gradient
+    kernels (PER_SPLIT items each, B * NTB in all)."""
+    it0 = split * PER_SPLIT
+    return it0, tl.minimum(it0 + PER_SPLIT, B * NTB)
+
+
+@triton.jit
+def _time_tile(it, NTB, T, BLOCK_T: tl.constexpr):
+    """Item ``it`` of a weight-gradient split: batch b (int64), output steps t and their mask."""
+    b = (it // NTB).to(tl.int64)
+    t = (it % NTB) * BLOCK_T + tl.arange(0, BLOCK_T)
+    return b, t, t < T
+
+
+@triton.jit
+def _strided_tap(u, STRIDE: tl.constexpr, T, valid):
+    """Output step tt = u / STRIDE that reads padded input u (tap offsets subtracted) and whether
+    it exists: u >= 0, a multiple of STRIDE, tt < T, and ``valid`` (a mask, or None)."""
+    tt = u // STRIDE
+    ok = u >= 0
+    if valid is not None:
+        ok = valid & ok
+    return tt, ok & (u - tt * STRIDE == 0) & (tt < T)
+
+
+@triton.jit
 def _state_row(idx_ptr, b, HAS_IDX: tl.constexpr):
     if HAS_IDX:
         idx = tl.load(idx_ptr + b).to(tl.int64)
@@ -184,9 +211,7 @@ def _causal_conv1d_dw_bwd_dx_kernel(
     acc = tl.zeros((BLOCK_C, BLOCK_S), dtype=tl.float32)
     for j in range(0, K):
         w = tl.load(w_ptr + c * swc + j * swk, mask=cm, other=0.0).to(tl.float32)
-        u = s - j
-        tt = u // STRIDE
-        ok = (u >= 0) & (u - tt * STRIDE == 0) & (tt < T)
+        tt, ok = _strided_tap(s - j, STRIDE, T, None)
         v = tl.load(g_ptr + b * sgb + c[:, None] * sgc + tt[None, :] * sgl,
                     mask=cm[:, None] & ok[None, :], other=0.0).to(tl.float32)
         acc += w[:, None] * v
@@ -209,12 +234,9 @@ def _causal_conv1d_dw_bwd_dw_kernel(
     jm = j < K
     c3 = c[:, None, None]
     acc = tl.zeros((BLOCK_C, BLOCK_J), dtype=tl.float32)
-    it0 = split * PER_SPLIT
-    it1 = tl.minimum(it0 + PER_SPLIT, B * NTB)
+    it0, it1 = _split_items(split, PER_SPLIT, B, NTB)
     for it in range(it0, it1):
-        b = (it // NTB).to(tl.int64)
-        t = (it % NTB) * BLOCK_T + tl.arange(0, BLOCK_T)
-        tm = t < T
+        b, t, tm = _time_tile(it, NTB, T, BLOCK_T)
         gv = tl.load(g_ptr + b * sgb + c[:, None] * sgc + t[None, :] * sgl,
                      mask=cm[:, None] & tm[None, :], other=0.0).to(tl.float32)
         s3 = t[None, None, :] * STRIDE + j[None, :, None]
@@ -249,9 +271,7 @@ def _causal_conv1d_grp_bwd_dx_kernel(
         cout = g * COG + co
         a = tl.load(w_ptr + cout[None, :] * swo + ci[:, None] * swi + j[None, :] * swk,
                     mask=cim[:, None] & rm[None, :], other=0.0)
-        u = s[None, :] - j[:, None]
-        tt = u // STRIDE
-        ok = rm[:, None] & (u >= 0) & (u - tt * STRIDE == 0) & (tt < T)
+        tt, ok = _strided_tap(s[None, :] - j[:, None], STRIDE, T, rm[:, None])
         v = tl.load(g_ptr + b * sgb + cout[:, None] * sgc + tt * sgl, mask=ok, other=0.0)
         if IEEE:
             acc += tl.dot(a.to(tl.float32), v.to(tl.float32), input_precision="ieee")
@@ -280,12 +300,9 @@ def _causal_conv1d_grp_bwd_dw_kernel(
     j = r - ci * K
     cout = g * COG + co
     acc = tl.zeros((BLOCK_CO, BLOCK_R), dtype=tl.float32)
-    it0 = split * PER_SPLIT
-    it1 = tl.minimum(it0 + PER_SPLIT, B * NTB)
+    it0, it1 = _split_items(split, PER_SPLIT, B, NTB)
     for it in range(it0, it1):
-        b = (it // NTB).to(tl.int64)
-        t = (it % NTB) * BLOCK_T + tl.arange(0, BLOCK_T)
-        tm = t < T
+        b, t, tm = _time_tile(it, NTB, T, BLOCK_T)
         a = tl.load(g_ptr + b * sgb + cout[:, None] * sgc + t[None, :] * sgl,
                     mask=com[:, None] & tm[None, :], other=0.0)
         s2 = t[:, None] * STRIDE + j[None, :]

@@ -61,6 +61,21 @@ def _dwconv_tile(xb_ptr, w_ptr, cb_ptr, sb_ptr, t, c, tm, cm, L, K, PAD,
 
 
 @triton.jit
+def _channel_block(cb, cr, C, xb_ptr, w_ptr, cb_ptr, sb_ptr, t, tm, L, K, PAD,
+                   sxc, sxl, swc, swk, ssc, ssl,
+                   HAS_CB: tl.constexpr, HAS_STATE: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Channel block cb of a sweep over NUM_CB blocks: its channels c, their mask and the conv
+    tile h (_dwconv_tile)."""
+    c = cb * BLOCK_C + cr
+    cm = c < C
+    h = _dwconv_tile(xb_ptr, w_ptr, cb_ptr, sb_ptr, t, c, tm, cm, L, K, PAD,
+                     sxc, sxl, swc, swk, ssc, ssl, HAS_CB, HAS_STATE,
+                     BLOCK_T, BLOCK_C)
+    return c, cm, h
+
+
+@triton.jit
 def _ln_store(h, mean, rstd, lnw_ptr, lnb_ptr, yb_ptr, t, c, tm, cm, syl, syc,
               HAS_LNW: tl.constexpr, HAS_LNB: tl.constexpr):
     o = (h - mean[:, None]) * rstd[:, None]
@@ -104,11 +119,9 @@ def _convnext_dwconv_ln_fwd_kernel(
         mean = tl.zeros((BLOCK_T,), dtype=tl.float32)
         m2 = tl.zeros((BLOCK_T,), dtype=tl.float32)
         for cb in range(NUM_CB):
-            c = cb * BLOCK_C + cr
-            cm = c < C
-            h = _dwconv_tile(xb_ptr, w_ptr, cb_ptr, sb_ptr, t, c, tm, cm, L, K, PAD,
-                             sxc, sxl, swc, swk, ssc, ssl, HAS_CB, HAS_STATE,
-                             BLOCK_T, BLOCK_C)
+            c, cm, h = _channel_block(cb, cr, C, xb_ptr, w_ptr, cb_ptr, sb_ptr, t, tm, L, K, PAD,
+                                      sxc, sxl, swc, swk, ssc, ssl, HAS_CB, HAS_STATE,
+                                      BLOCK_T, BLOCK_C)
             na = (cb * BLOCK_C) * 1.0
             nb = tl.minimum(C - cb * BLOCK_C, BLOCK_C).to(tl.float32)
             bmean = tl.sum(h, axis=1) / nb
@@ -120,11 +133,9 @@ def _convnext_dwconv_ln_fwd_kernel(
             m2 = m2 + bm2 + delta * delta * (na * nb / n)
         rstd = 1.0 / tl.sqrt(m2 / C + eps)
         for cb in range(NUM_CB):
-            c = cb * BLOCK_C + cr
-            cm = c < C
-            h = _dwconv_tile(xb_ptr, w_ptr, cb_ptr, sb_ptr, t, c, tm, cm, L, K, PAD,
-                             sxc, sxl, swc, swk, ssc, ssl, HAS_CB, HAS_STATE,
-                             BLOCK_T, BLOCK_C)
+            c, cm, h = _channel_block(cb, cr, C, xb_ptr, w_ptr, cb_ptr, sb_ptr, t, tm, L, K, PAD,
+                                      sxc, sxl, swc, swk, ssc, ssl, HAS_CB, HAS_STATE,
+                                      BLOCK_T, BLOCK_C)
             _ln_store(h, mean, rstd, lnw_ptr, lnb_ptr, yb_ptr, t, c, tm, cm, syl, syc,
                       HAS_LNW, HAS_LNB)
     if HAS_FINAL:

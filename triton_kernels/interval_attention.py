@@ -8,7 +8,8 @@ Computes, for query i (absolute position p = q_offset + i) and key j (s = k_offs
     out_i = softmax_j(scale * rope(q_i, p) . rope(k_j, s))  @ v        (visible j only)
 
 which covers band(left, right) (block 1) and chunked(chunk, left_chunks, lookahead) masks; see
-pyencoder/reference/attention.py for the oracle. A query row with no visible key outputs zeros,
+pyencoder/reference/attention.py for the oracle. Sink keys (constexpr HAS_SINK, runtime int sink):
+key positions s < sink are visible to every query besides its interval (still j < key_lengths[b]). A query row with no visible key outputs zeros,
 has lse = -inf and gets zero gradient.
 
 Algorithm (FlashAttention-2 style, one program per (query tile, batch * query head)):
@@ -68,6 +69,16 @@ whose last bits depend on the summation order. Without a bias the pointers and i
 None (constexpr): the unbiased kernels compile to the same PTX as without these arguments
 (benchmarks/ptx_diff.py).
 
+Sink keys (HAS_SINK; sink a do_not_specialize runtime int, both None when off: the same PTX as
+without them): one more span per kernel, visited before the band and masked (the visibility is
+band OR s < sink). Forward and dq: the key blocks [0, sink end) (_sink_end: keys j < sink -
+k_offset, j < nk_b, rounded up to a block); the band's block ranges are clipped to start after
+them (_after_sink), so a block in both is visited once. dk/dv: a key block holding a sink key
+(k_offset + j0 < sink) is seen by every query, so its sink span is every query block and its band
+ranges are clipped away; other key blocks are unchanged. Cost O(N * (W + S)). Rows see a key when
+the band or the sink holds one (the zero-row rule). Not combined with K_BLOCK (frame masks) or a
+relative bias: the launcher refuses those.
+
 Source layout: each kernel walks its block ranges with one span helper (``_fwd_span``,
 ``_dq_span``, ``_dkdv_span``: a loop over blocks [lo, hi) calling the kernel's block function,
 MASKED a constexpr), called for the three spans of _block_ranges (``_span_bounds``: leading
@@ -76,7 +87,7 @@ boundary, interior, trailing boundary). Run-time values travel to the helpers as
 (block, lo_off, hi_off, q_offset, k_offset), split q/k/gradient tiles as 3-tuples; constexprs stay
 named arguments. The feature-group guards (``_groups_poison``, ``_groups_zero_nonfinite``,
 ``_groups_nan_rows``) are shared by the three kernels; RoPE helpers live in _rotary.py (shared
-with the decode kernel). A new key range (e.g. sink blocks) is one more span call.
+with the decode kernel). The sink blocks are one more span call.
 
 Limits: head_dim <= 256 (tiles are padded to powers of two with masks, so any D works; 32, 64, 80,
 96, 128 are the tuned cases); fp16, bf16, fp32 (fp32 dots use IEEE precision); positions < 2**24
@@ -324,6 +335,49 @@ def _after_sink(end, start, a, bb, end_r):
 
 
 @triton.jit
+def _head_bases(heads, b, h):
+    """Base pointers of head (b, h) of the one or two (pointer, batch stride, head stride)
+    ``heads`` of a query-tile kernel (forward: O; dq: DO, DQ)."""
+    ptr, sb, sh = heads[0]
+    bases = (ptr + b.to(tl.int64) * sb + h.to(tl.int64) * sh,)
+    if len(heads) > 1:
+        ptr2, sb2, sh2 = heads[1]
+        bases = (bases[0], ptr2 + b.to(tl.int64) * sb2 + h.to(tl.int64) * sh2)
+    return bases
+
+
+@triton.jit
+def _query_setup(Q, K, V, KLEN, INV_FREQ, COS_TAB, SIN_TAB, heads, stride_qb, stride_qh,
+                 stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn,
+                 stride_vd, Hq, GROUP, Nq, Nk, HALF, ROT, NPASS, block, lo_off, hi_off, q_offset,
+                 k_offset, tab_base, sink, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 LO_BOUNDED: tl.constexpr, HAS_KLEN: tl.constexpr, K_BLOCK: tl.constexpr,
+                 HAS_SINK: tl.constexpr):
+    """Preamble of a query-tile kernel (forward, dq): program ids (_query_program), the base
+    pointers of the kernel's own ``heads`` (_head_bases; computed before the tile, the order of
+    the code before this helper: same PTX), the tile (_query_tile), the ``rope`` / ``kv`` tuples
+    of the span helpers and the key block (``win`` is built by the caller: a compiled function
+    cannot return the None that ``sink`` is without sinks), the end of the sink span (HAS_SINK;
+    0 otherwise) and the band's block ranges (start, a, bb, end_r), clipped after the sink span
+    (_after_sink)."""
+    kblock = _key_block(block, K_BLOCK)
+    pid_m, bh, b, h, q_base, k_base, v_base = _query_program(
+        Q, K, V, Hq, GROUP, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh)
+    bases = _head_bases(heads, b, h)
+    rows, rmask, q_pos, nk_b, start, a, bb, end_r = _query_tile(
+        pid_m, b, Nq, Nk, KLEN, block, kblock, lo_off, hi_off, q_offset, k_offset, BLOCK_M,
+        BLOCK_N, LO_BOUNDED, HAS_KLEN)
+    rope = (INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS)
+    kv = (k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd)
+    ns_end = 0
+    if HAS_SINK:
+        ns_end = _sink_end(sink, k_offset, nk_b, BLOCK_N)
+        start, a, bb, end_r = _after_sink(ns_end, start, a, bb, end_r)
+    return (bh, h, q_base, bases, rows, rmask, q_pos, nk_b, (start, a, bb, end_r), ns_end, rope,
+            kv, kblock)
+
+
+@triton.jit
 def _bias_setup(REL, GATE, rel_len, rel_offset, h, bh, rows, rmask, Nq, HAS_BIAS: tl.constexpr,
                 HAS_GATE: tl.constexpr):
     """Relative bias of head h for the query rows ``rows``: (table row pointer, float32 gate of
@@ -434,17 +488,14 @@ def _interval_attention_fwd_kernel(
         HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, K_BLOCK: tl.constexpr = None,
         HAS_SINK: tl.constexpr = None):
-    kblock = _key_block(block, K_BLOCK)
-    pid_m, bh, b, h, q_base, k_base, v_base = _query_program(
-        Q, K, V, Hq, GROUP, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh)
-    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-
-    rows, rmask, q_pos, nk_b, start, a, bb, end_r = _query_tile(
-        pid_m, b, Nq, Nk, KLEN, block, kblock, lo_off, hi_off, q_offset, k_offset, BLOCK_M,
-        BLOCK_N,
-        LO_BOUNDED, HAS_KLEN)
-    rope = (INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS)
-    kv = (k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd)
+    bh, h, q_base, bases, rows, rmask, q_pos, nk_b, ranges, ns_end, rope, kv, kblock = \
+        _query_setup(Q, K, V, KLEN, INV_FREQ, COS_TAB, SIN_TAB, ((O, stride_ob, stride_oh),),
+                     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
+                     stride_vh, stride_vn, stride_vd, Hq, GROUP, Nq, Nk, HALF, ROT, NPASS, block,
+                     lo_off, hi_off, q_offset, k_offset, tab_base, sink, BLOCK_M, BLOCK_N,
+                     LO_BOUNDED, HAS_KLEN, K_BLOCK, HAS_SINK)
+    o_base = bases[0]
+    start, a, bb, end_r = ranges
     win = (block, lo_off, hi_off, q_offset, k_offset, kblock, sink)
 
     qa, qb, qc = _load_qk(q_base, rows, rmask, stride_qn, stride_qd, q_pos, rope, BLOCK_R,
@@ -454,14 +505,11 @@ def _interval_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    if HAS_SINK:
-        # the sink key blocks (masked), then the band's blocks after them
-        ns_end = _sink_end(sink, k_offset, nk_b, BLOCK_N)
+    if HAS_SINK:   # the sink key blocks (masked); the band's ranges start after them
         acc, l_i, m_i = _fwd_span(m_i, l_i, acc, q3, kv, rope, win, bias, 0, ns_end, q_pos,
                                   nk_b, D, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
                                   HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True,
                                   DOT_PREC, ROPE_TABLE, HAS_BIAS, HAS_GATE, HAS_SINK)
-        start, a, bb, end_r = _after_sink(ns_end, start, a, bb, end_r)
     # boundary blocks (masked), interior blocks (every row sees every key), boundary blocks
     for span in tl.static_range(3):
         j_lo, j_hi = _span_bounds(span, start, a, bb, end_r)
@@ -607,18 +655,15 @@ def _interval_attention_bwd_dq_kernel(
         HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, K_BLOCK: tl.constexpr = None,
         HAS_SINK: tl.constexpr = None):
-    kblock = _key_block(block, K_BLOCK)
-    pid_m, bh, b, h, q_base, k_base, v_base = _query_program(
-        Q, K, V, Hq, GROUP, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh)
-    do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-    dq_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-
-    rows, rmask, q_pos, nk_b, start, a, bb, end_r = _query_tile(
-        pid_m, b, Nq, Nk, KLEN, block, kblock, lo_off, hi_off, q_offset, k_offset, BLOCK_M,
-        BLOCK_N,
-        LO_BOUNDED, HAS_KLEN)
-    rope = (INV_FREQ, COS_TAB, SIN_TAB, tab_base, HALF, ROT, NPASS)
-    kv = (k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd)
+    bh, h, q_base, bases, rows, rmask, q_pos, nk_b, ranges, ns_end, rope, kv, kblock = \
+        _query_setup(Q, K, V, KLEN, INV_FREQ, COS_TAB, SIN_TAB,
+                     ((DO, stride_dob, stride_doh), (DQ, stride_dqb, stride_dqh)),
+                     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
+                     stride_vh, stride_vn, stride_vd, Hq, GROUP, Nq, Nk, HALF, ROT, NPASS, block,
+                     lo_off, hi_off, q_offset, k_offset, tab_base, sink, BLOCK_M, BLOCK_N,
+                     LO_BOUNDED, HAS_KLEN, K_BLOCK, HAS_SINK)
+    do_base, dq_base = bases
+    start, a, bb, end_r = ranges
     win = (block, lo_off, hi_off, q_offset, k_offset, kblock, sink)
 
     q3 = _load_qk(q_base, rows, rmask, stride_qn, stride_qd, q_pos, rope, BLOCK_R, BLOCK_C,
@@ -643,14 +688,11 @@ def _interval_attention_bwd_dq_kernel(
     drel_row = DREL
     if HAS_BIAS:
         drel_row = DREL + h * rel_len
-    if HAS_SINK:
-        # the sink key blocks (masked), then the band's blocks after them
-        ns_end = _sink_end(sink, k_offset, nk_b, BLOCK_N)
+    if HAS_SINK:   # the sink key blocks (masked); the band's ranges start after them
         dq3 = _dq_span(dq3, q3, do, lse2, delta, kv, rope, win, bias, 0, ns_end, q_pos,
                        nk_b, D, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
                        HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE,
                        HAS_BIAS, HAS_GATE, drel_row, HAS_SINK)
-        start, a, bb, end_r = _after_sink(ns_end, start, a, bb, end_r)
     for span in tl.static_range(3):
         j_lo, j_hi = _span_bounds(span, start, a, bb, end_r)
         dq3 = _dq_span(dq3, q3, do, lse2, delta, kv, rope, win, bias, j_lo, j_hi, q_pos,
