@@ -2,7 +2,7 @@
 refactor is free (same instruction stream) without a GPU.
 
     python benchmarks/ptx_diff.py dump OUT [--matrix quick] [--target sm_90] [--only REGEX]
-                                           [--skip-flag HAS_BIAS]
+                                           [--case REGEX] [--skip-flag HAS_BIAS]
     python benchmarks/ptx_diff.py diff BEFORE AFTER
 
 ``dump`` captures the launches exactly as tests/test_triton_compile.py does (the launchers run on
@@ -38,6 +38,19 @@ Results (sm_90, quick matrix; attention fwd/dq/dk-dv and the decode kernel, 2 sh
 - frame-rate masks (issue 15 item 3, constexpr K_BLOCK, None when off; sample matrix, sm_90,
   attention kernels): the 12 band/chunked launch variants are identical before and after; the 3
   frame-mask variants (K_BLOCK=3) are new.
+- sink keys (issue 15 item 2, constexpr HAS_SINK and the runtime int sink, both None when off;
+  sample matrix, sm_90, ``--only "interval|conv"``): the 18 interval-attention variants (fwd 5,
+  dq 5, dk/dv 5, preprocess 3, band, chunked, frame, biased) are identical before and after; the
+  6 sink variants (HAS_SINK=True, fp32 D32 table and fp16 D64 interleaved, each kernel) are new.
+- issue 14 item 6, second pass (fwd/dq preamble -> _query_setup; conv weight-gradient loop ->
+  _split_items/_time_tile, transposed-conv tap -> _strided_tap; ConvNeXt channel sweep ->
+  _channel_block): sample matrix (all 46 interval-attention, conv and ConvNeXt variants) and
+  quick matrix of the touched conv/ConvNeXt kernels (dw/grp bwd_dw 21, dw/grp bwd_dx 19,
+  ConvNeXt 12) identical. Traps: the kernel's own head pointers (O; DO, DQ) must be computed
+  where they were, between _query_program and _query_tile (_head_bases inside the helper;
+  after it, dq's PTX reorders), and ``rm & (u >= 0) & ...`` must keep its operand order
+  (_strided_tap takes the row mask first). The quick attention matrix (161 variants, ~35 min
+  per dump on 2 shared cores) was not rerun for these two changes.
 """
 import argparse
 import hashlib
@@ -126,7 +139,7 @@ def _work(args):
     return path, None
 
 
-def dump(out, matrix, target, only, workers, skip=()):
+def dump(out, matrix, target, only, workers, skip=(), case=None):
     sys.path.insert(0, os.path.join(_ROOT, "tests"))
     sys.path.insert(0, _ROOT)
     import test_triton_compile as TC
@@ -135,6 +148,8 @@ def dump(out, matrix, target, only, workers, skip=()):
     jobs = [j for j in TC.capture(matrix) if target in j["targets"]]
     if only:
         jobs = [j for j in jobs if re.search(only, j["kernel"])]
+    if case:
+        jobs = [j for j in jobs if re.search(case, j["case"])]
     jobs = [j for j in jobs if not any(j["constexprs"].get(n) for n in skip)]
     index = {}
     for j in jobs:
@@ -221,6 +236,8 @@ def main(argv=None):
     d.add_argument("--matrix", default="quick", choices=("sample", "quick", "full"))
     d.add_argument("--target", default="sm_90", choices=("sm_80", "sm_90"))
     d.add_argument("--only", help="regex on kernel names")
+    d.add_argument("--case", help="regex on the case labels of tests/test_triton_compile.py "
+                                  "(e.g. a matrix's cheaper cases)")
     d.add_argument("--workers", type=int, default=2)
     d.add_argument("--skip-flag", action="append", default=[],
                    help="skip the jobs where this constexpr is on (e.g. HAS_BIAS: only the "
@@ -233,7 +250,7 @@ def main(argv=None):
         if os.environ.get("TRITON_INTERPRET", "0") == "1":
             sys.exit("unset TRITON_INTERPRET: the kernels must be JITFunctions here")
         return dump(args.out, args.matrix, args.target, args.only, args.workers,
-                    args.skip_flag)
+                    args.skip_flag, args.case)
     return diff(args.before, args.after)
 
 
