@@ -49,8 +49,11 @@ Results (sm_90, quick matrix; attention fwd/dq/dk-dv and the decode kernel, 2 sh
   ConvNeXt 12) identical. Traps: the kernel's own head pointers (O; DO, DQ) must be computed
   where they were, between _query_program and _query_tile (_head_bases inside the helper;
   after it, dq's PTX reorders), and ``rm & (u >= 0) & ...`` must keep its operand order
-  (_strided_tap takes the row mask first). The quick attention matrix (161 variants, ~35 min
-  per dump on 2 shared cores) was not rerun for these two changes.
+  (_strided_tap takes the row mask first). Quick matrix, the default-tile attention cases
+  (``--only interval --case "^(fp16|fp32 D32|bf16 D80)"``: fp16 D64 interleaved, its RoPE-table
+  form, unbounded, plain bias and frames, fp32 D32, bf16 D80), both changes together: 23 of 23
+  identical to before the sinks, 12 new HAS_SINK variants. The all-configs head_dim-128 cases of
+  the quick matrix (~130 more variants, ~35 min per dump on 2 shared cores) were not rerun.
 """
 import argparse
 import hashlib

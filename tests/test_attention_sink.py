@@ -368,3 +368,16 @@ def test_gpu_triton_sinks_follow_the_flash_attention_rule(dtype, mask):
         else:
             base = (c.float() - b).abs().max().item()
             assert err <= (2 if name == "out" else 3) * base + 1e-3, (name, err, base)
+
+
+def test_auto_picks_the_triton_kernels_for_sinks_on_cuda():
+    """Backend choice for CUDA tensors (``auto``): sink keys go to the Triton kernels now; sinks
+    with a relative bias (refused by the kernels) fall back to the reference."""
+    pytest.importorskip("triton")
+    from pyencoder import _backend
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    args = dict(q=q, k=k, v=v, inv_freq=None, key_lengths=None, block=1, lo_off=2, hi_off=0,
+                q_offset=0, k_offset=0, scale=1.0, interleaved=False, sink=3)
+    assert _backend.select("attention", "forward", "cuda", args) == "triton"
+    assert _backend.select("attention", "forward", "cuda",
+                           dict(args, rel_bias=torch.zeros(2, 8))) == "reference"

@@ -9,8 +9,8 @@ Computes, for query i (absolute position p = q_offset + i) and key j (s = k_offs
 
 which covers band(left, right) (block 1) and chunked(chunk, left_chunks, lookahead) masks; see
 pyencoder/reference/attention.py for the oracle. Sink keys (constexpr HAS_SINK, runtime int sink):
-key positions s < sink are visible to every query besides its interval (still j < key_lengths[b]). A query row with no visible key outputs zeros,
-has lse = -inf and gets zero gradient.
+key positions s < sink are visible to every query besides its interval (still j < key_lengths[b]).
+A query row with no visible key outputs zeros, has lse = -inf and gets zero gradient.
 
 Algorithm (FlashAttention-2 style, one program per (query tile, batch * query head)):
 - lo and hi are non-decreasing in p, so a query tile [i0, i1) only visits key blocks intersecting
