@@ -381,3 +381,19 @@ def test_auto_picks_the_triton_kernels_for_sinks_on_cuda():
     assert _backend.select("attention", "forward", "cuda", args) == "triton"
     assert _backend.select("attention", "forward", "cuda",
                            dict(args, rel_bias=torch.zeros(2, 8))) == "reference"
+
+
+def test_opcheck_triton_backend_with_sinks():
+    """torch.library.opcheck of pyencoder::interval_attention (the op that carries sink) on the
+    Triton backend with sink keys (interpreter on CPU): schema, fake kernel, autograd."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 or a GPU")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    op = torch.ops.pyencoder.interval_attention.default
+    q = torch.randn(2, 2, 10, 16, device=dev, requires_grad=True)
+    k = torch.randn(2, 1, 12, 16, device=dev, requires_grad=True)
+    v = torch.randn(2, 1, 12, 16, device=dev, requires_grad=True)
+    inv = pyencoder.Rope(8).inv_freq().to(dev)
+    kl = torch.tensor([12, 7], dtype=torch.int32, device=dev)
+    torch.library.opcheck(op, (q, k, v, inv, kl, 1, 3, 2, 0, 0, 0.35, False, "triton", 5))
