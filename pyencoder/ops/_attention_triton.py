@@ -32,6 +32,11 @@ the dq kernel (summation order varies between runs: not bitwise reproducible, ev
 ``deterministic=True``) and dgate from the dq kernel's row sums. Without a bias every new argument
 is None, so the unbiased kernels are unchanged (same PTX, benchmarks/ptx_diff.py).
 
+Sink keys (``sink`` > 0, IntervalMask.sink): passed to the kernels as a do_not_specialize int
+(capped at k_offset + Nk) with the constexpr HAS_SINK=True, one more compile per kernel whatever
+the count; sink = 0 passes None for both, so the band / chunked kernels are unchanged (same PTX).
+Refused with a frame-rate mask (kb != block) or a relative bias, naming sink.
+
 Limits: float16, bfloat16, float32 (float64: use the reference); head_dim <= 256; absolute
 positions below 2**24 (exact in float32).
 """

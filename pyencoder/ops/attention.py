@@ -86,7 +86,7 @@ def _(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_o
 def _setup_context(ctx, inputs, output):
     # inputs: the op's arguments; pyencoder::interval_attention has a trailing backend string and
     # sink int, pyencoder::interval_attention_triton (the triton backend's triton_op) has neither
-    # (the triton kernels refuse sinks).
+    # (calls with sink keys take the first op on every backend).
     q, k, v, inv_freq, key_lengths = inputs[:5]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, inv_freq, key_lengths)
