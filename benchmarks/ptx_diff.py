@@ -39,9 +39,10 @@ Results (sm_90, quick matrix; attention fwd/dq/dk-dv and the decode kernel, 2 sh
   attention kernels): the 12 band/chunked launch variants are identical before and after; the 3
   frame-mask variants (K_BLOCK=3) are new.
 - sink keys (issue 15 item 2, constexpr HAS_SINK and the runtime int sink, both None when off;
-  sample matrix, sm_90, ``--only "interval|conv"``): the 18 interval-attention variants (fwd 5,
-  dq 5, dk/dv 5, preprocess 3, band, chunked, frame, biased) are identical before and after; the
-  6 sink variants (HAS_SINK=True, fp32 D32 table and fp16 D64 interleaved, each kernel) are new.
+  sample matrix, sm_90, ``--only "interval|conv"``; the quick matrix below): the 18
+  interval-attention variants (fwd 5, dq 5, dk/dv 5, preprocess 3; band, chunked, frame, biased)
+  are identical before and after; the 6 sink variants (HAS_SINK=True, fp32 D32 table and fp16
+  D64 interleaved, each kernel) are new.
 - issue 14 item 6, second pass (fwd/dq preamble -> _query_setup; conv weight-gradient loop ->
   _split_items/_time_tile, transposed-conv tap -> _strided_tap; ConvNeXt channel sweep ->
   _channel_block): sample matrix (all 46 interval-attention, conv and ConvNeXt variants) and
@@ -49,11 +50,9 @@ Results (sm_90, quick matrix; attention fwd/dq/dk-dv and the decode kernel, 2 sh
   ConvNeXt 12) identical. Traps: the kernel's own head pointers (O; DO, DQ) must be computed
   where they were, between _query_program and _query_tile (_head_bases inside the helper;
   after it, dq's PTX reorders), and ``rm & (u >= 0) & ...`` must keep its operand order
-  (_strided_tap takes the row mask first). Quick matrix, the default-tile attention cases
-  (``--only interval --case "^(fp16|fp32 D32|bf16 D80)"``: fp16 D64 interleaved, its RoPE-table
-  form, unbounded, plain bias and frames, fp32 D32, bf16 D80), both changes together: 23 of 23
-  identical to before the sinks, 12 new HAS_SINK variants. The all-configs head_dim-128 cases of
-  the quick matrix (~130 more variants, ~35 min per dump on 2 shared cores) were not rerun.
+  (_strided_tap takes the row mask first). Quick matrix, interval attention, both changes
+  together against the commit before the sinks (dumps split with ``--case``): all 161 variants
+  (fwd 54, dq 51, dk/dv 51, preprocess 5) identical; 12 new HAS_SINK variants.
 """
 import argparse
 import hashlib
