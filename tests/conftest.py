@@ -56,3 +56,13 @@ def has_triton():
         return True
     except ImportError:
         return False
+
+
+def attention_op_args(q, k, v, inv_freq=None, key_lengths=None, *, block, lo_off, hi_off,
+                      k_block=None, sink=0, rel_bias=None, gate=None, rel_offset=0, q_offset=0,
+                      k_offset=0, scale=0.35, interleaved=False):
+    """The positional arguments of the interval attention ops (pyencoder.ops._attention_op's
+    schema) without the reference op's trailing backend string."""
+    return (q, k, v, inv_freq, key_lengths, rel_bias, gate, block,
+            block if k_block is None else k_block, lo_off, hi_off, sink, rel_offset, q_offset,
+            k_offset, scale, interleaved)

@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-from conftest import has_triton
+from conftest import attention_op_args, has_triton
 
 pytestmark = pytest.mark.skipif(
     not has_triton() or not (torch.cuda.is_available()
@@ -47,10 +47,10 @@ def _cases():
     q, k, v = _r(2, 2, 10, 16, grad=True), _r(2, 1, 12, 16, grad=True), _r(2, 1, 12, 16, grad=True)
     inv = Rope(8).inv_freq().to(_DEV)
     kl = torch.tensor([12, 7], dtype=torch.int32, device=_DEV)
-    att = (q, k, v, inv, kl, 1, 3, 2, 0, 0, 0.35, False)
+    att = attention_op_args(q, k, v, inv, kl, block=1, lo_off=3, hi_off=2)
     out, lse = A.forward_op(*(t.detach() if isinstance(t, torch.Tensor) else t for t in att))
-    att_bwd = (_r(*out.shape), q.detach(), k.detach(), v.detach(), out, lse, inv, kl, 1, 3, 2, 0,
-               0, 0.35, False, True)
+    att_bwd = (_r(*out.shape), q.detach(), k.detach(), v.detach(), out, lse, inv, kl, None, None,
+               *att[7:], True)
     x, w, b, s0 = _r(2, 4, 13, grad=True), _r(4, 1, 5, grad=True), _r(4, grad=True), \
         _r(2, 4, 4, grad=True)
     conv = (x, w, b, s0, 1, 4, "silu")
@@ -205,11 +205,18 @@ def test_interpreter_keeps_op_whole():
 @pytest.mark.gpu_quick
 def test_gpu_compile_decomposes_into_kernels():
     """On a GPU AOTDispatch traces the triton_ops down to their kernels (wrap_triton's
-    higher-order op), forward and backward."""
+    higher-order op), forward and backward: band, relative bias (gated), frame-rate mask."""
+    import test_attention_op as T
     g = _compiled_matches_eager(_attention_fn, (_r(1, 2, 70, 64, grad=True),
                                                 _r(1, 2, 70, 64, grad=True),
                                                 _r(1, 2, 70, 64, grad=True)))
     assert "triton_kernel_wrapper_functional" in g and "interval_attention_triton" not in g
+    for case in ("biased", "frame"):    # the masks that had no triton_op before the one op
+        f, inputs = (T._biased_fn, T._biased_inputs) if case == "biased" else \
+            (T._frame_fn, T._frame_inputs)
+        g = T.compiled_matches_eager(f("triton"), inputs(torch.float32), 1e-5)
+        assert "triton_kernel_wrapper_functional" in g and "interval_attention_triton" not in g, \
+            case
     g = _compiled_matches_eager(_conv_fn, (_r(2, 4, 11, grad=True), _r(4, 1, 3, grad=True),
                                            _r(4, grad=True)))
     assert "triton_kernel_wrapper_functional" in g
