@@ -23,7 +23,7 @@ import pyencoder
 from pyencoder import IntervalMask, Rope
 from pyencoder.ops import cross_attention, interval_attention
 
-from conftest import attention_op_args, has_triton
+from conftest import attention_op_args, compiled_matches_eager, has_triton
 
 _DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -162,34 +162,6 @@ def _biased_inputs(dtype):
 def _frame_inputs(dtype):
     return (_r(1, 2, 9, 16, dtype=dtype), _r(1, 1, 14, 16, dtype=dtype),
             _r(1, 1, 14, 16, dtype=dtype))
-
-
-def compiled_matches_eager(f, args, tol):
-    """torch.compile(f, fullgraph=True) through AOTAutograd, forward and backward, against eager;
-    returns the code of the traced graphs."""
-    from functorch.compile import make_boxed_func
-    from torch._functorch.aot_autograd import aot_module_simplified
-    graphs = []
-
-    def inner(gm, example_inputs):
-        graphs.append(gm.code)
-        return make_boxed_func(gm.forward)
-
-    def backend(gm, example_inputs):
-        return aot_module_simplified(gm, example_inputs, fw_compiler=inner, bw_compiler=inner)
-    torch._dynamo.reset()
-    out = torch.compile(f, backend=backend, fullgraph=True)(*args)
-    out.backward()
-    got = [a.grad.clone() for a in args]
-    for a in args:
-        a.grad = None
-    ref = f(*args)
-    ref.backward()
-    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
-    for g, a in zip(got, args):
-        assert g.abs().sum() > 0
-        torch.testing.assert_close(g, a.grad, rtol=tol, atol=tol)
-    return "\n".join(graphs)
 
 
 @pytest.mark.parametrize("case", ["biased", "frame"])

@@ -16,17 +16,18 @@ from conftest import attention_op_args
 
 
 def _spy_biased_op(monkeypatch):
-    """Record every call of the interval attention op (pyencoder.ops.attention._attention_op)
-    that carries a fused bias (rel_bias, its sixth tensor argument, not None)."""
+    """Record every call of the interval attention op (pyencoder.ops.attention.
+    _interval_attention_op, the reference backend's) that carries a fused bias (rel_bias, its
+    sixth argument, not None)."""
     import pyencoder.ops.attention as A
     calls = []
-    real = A._attention_op
+    real = A._interval_attention_op
 
-    def spy(backend, *a):
+    def spy(*a):
         if a[5] is not None:
             calls.append(a)
-        return real(backend, *a)
-    monkeypatch.setattr(A, "_attention_op", spy)
+        return real(*a)
+    monkeypatch.setattr(A, "_interval_attention_op", spy)
     return calls
 
 

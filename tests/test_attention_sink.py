@@ -12,6 +12,7 @@ import torch
 import pyencoder
 from pyencoder import IntervalMask
 from pyencoder.ops import interval_attention
+from conftest import gradcheck_inputs
 from oracle import dense_attention, interval_mask
 
 
@@ -79,11 +80,7 @@ def test_sinks_change_the_output_only_where_they_add_keys():
 
 
 def test_gradcheck_with_sinks():
-    r = pyencoder.Rope(4, interleaved=True)
-    q = torch.randn(1, 2, 11, 6, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(1, 1, 13, 6, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(1, 1, 13, 6, dtype=torch.float64, requires_grad=True)
-    kl = torch.tensor([10])
+    q, k, v, r, kl = gradcheck_inputs()
     assert torch.autograd.gradcheck(
         lambda q, k, v: pyencoder.ops.banded_attention(q, k, v, left=2, right=1, rope=r,
                                                        key_lengths=kl, q_offset=2, k_offset=1,

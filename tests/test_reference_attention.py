@@ -8,7 +8,7 @@ import torch
 import pyencoder
 from pyencoder.ops import banded_attention, chunked_attention, interval_attention
 
-from conftest import attention_op_args
+from conftest import attention_op_args, gradcheck_inputs
 from oracle import band, chunked, dense_attention, interval_mask
 
 
@@ -95,11 +95,7 @@ def test_chunked_equals_explicit_interval():
 
 
 def test_gradcheck_banded_and_chunked():
-    r = pyencoder.Rope(4, interleaved=True)
-    q = torch.randn(1, 2, 11, 6, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(1, 1, 13, 6, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(1, 1, 13, 6, dtype=torch.float64, requires_grad=True)
-    kl = torch.tensor([10])
+    q, k, v, r, kl = gradcheck_inputs()
     assert torch.autograd.gradcheck(
         lambda q, k, v: banded_attention(q, k, v, left=3, right=2, rope=r, key_lengths=kl,
                                          q_offset=2, k_offset=1), (q, k, v))

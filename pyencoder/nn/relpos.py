@@ -153,8 +153,8 @@ def biased_interval_attention(q, k, v, gate, table, bucket_fn, *, mask=None, blo
                                   key_lengths=key_lengths, q_offset=q_offset, k_offset=k_offset,
                                   scale=scale, rel_bias=rel_bias, gate=gate, rel_offset=r0)
     if not all_finite(q, k, v, gate):
-        ranges = visible_key_ranges(Nq, B, key_lengths, Nk, block, lo_off, hi_off, q_offset,
-                                    k_offset, q.device)
+        ranges = visible_key_ranges(Nq, B, key_lengths, Nk, IntervalMask(block, lo_off, hi_off),
+                                    q_offset, k_offset, q.device)
         qbad = nonfinite_rows(q)
         if gate is not None:
             qbad = qbad | ~torch.isfinite(gate)

@@ -35,6 +35,7 @@ from . import _attention_triton as _triton
 from ._attention_op import (N_PARAMS, N_TENSORS, fake_backward, fake_forward, op_signature,
                             run_backward, run_forward)
 from ._autograd import forbid_double_backward
+from ._triton_op import call_op
 from .._checks import (MAX_POSITION, check_float_dtype, check_int, check_lengths, check_same,
                       check_scale, check_tensor, value_checks_enabled)
 
@@ -100,14 +101,6 @@ _interval_attention_op.register_autograd(_backward, setup_context=_setup_context
 _triton.forward_op.register_autograd(_backward, setup_context=_setup_context)
 forbid_double_backward(_interval_attention_bwd_op, "interval attention")
 forbid_double_backward(_triton.backward_op, "interval attention")
-
-
-def _attention_op(backend, *args):
-    """The registered op for ``backend``: the triton_op on triton, the custom op otherwise."""
-    if backend == "triton":
-        from . import _triton_ops  # noqa: F401  (registers the triton_ops at first use)
-        return _triton.forward_op(*args)
-    return _interval_attention_op(*args, backend)
 
 
 def relative_offsets(nq, nk, *, block, lo_off, hi_off, q_offset=0, k_offset=0):
@@ -226,9 +219,10 @@ def _attend(q, k, v, mask, rope, key_lengths, q_offset, k_offset, scale, backend
     name = _backend.select("attention", "forward", q.device.type, args, backend)
     if key_lengths is not None and key_lengths.dtype != torch.int32:
         key_lengths = key_lengths.to(torch.int32)
-    out, lse = _attention_op(name, q, k, v, inv_freq, key_lengths, rel_bias, gate, block,
-                             k_block, lo_off, hi_off, sink, 0 if rel_bias is None else rel_offset,
-                             q_offset, k_offset, scale, interleaved)
+    out, lse = call_op(name, _triton.forward_op, _interval_attention_op, q, k, v, inv_freq,
+                       key_lengths, rel_bias, gate, block, k_block, lo_off, hi_off, sink,
+                       0 if rel_bias is None else rel_offset, q_offset, k_offset, scale,
+                       interleaved)
     return (out, lse) if return_lse else out
 
 
