@@ -36,6 +36,7 @@ Limits: float16, bfloat16, float32 (float64: use the reference); head_dim <= 256
 positions below 2**24 (exact in float32).
 """
 import os
+
 import torch
 
 from .._backend import _interpret
