@@ -176,8 +176,8 @@ def test_public_ops_route_to_triton(monkeypatch):
     import pyencoder
     calls = []
     fwd, bwd = tri.forward, tri.backward
-    monkeypatch.setattr(tri, "forward", lambda *a: calls.append("fwd") or fwd(*a))
-    monkeypatch.setattr(tri, "backward", lambda *a: calls.append("bwd") or bwd(*a))
+    monkeypatch.setattr(tri, "forward", lambda *a, **kw: calls.append("fwd") or fwd(*a, **kw))
+    monkeypatch.setattr(tri, "backward", lambda *a, **kw: calls.append("bwd") or bwd(*a, **kw))
     q, k, v = _inputs(1, 2, 2, 21, 21, 32, torch.float32)
     rope = Rope(32)
     for op, kw in ((pyencoder.ops.banded_attention, dict(left=4, right=1)),
