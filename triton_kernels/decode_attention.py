@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from . import _interpreter  # noqa: F401  (TRITON_INTERPRET=1 compatibility fix)
+from ._grid import _head_row_tile
 from ._rotary import _rope_angles
 
 
@@ -53,12 +54,7 @@ def _decode_attention_fwd_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr = False, HAS_GATE: tl.constexpr = False,
         GROUP: tl.constexpr = None):
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
+    _, b, h, rows, cols = _head_row_tile(H, BLOCK_M, BLOCK_D, 0)
     cnt = tl.load(qcnt_ptr + b).to(tl.int32)
     n = tl.load(nk_ptr + b).to(tl.int32)
     row_ok = (rows < cnt) & (rows < M)
