@@ -5,8 +5,9 @@ Same arguments and result as pyencoder.reference.decode_attention.forward: q (B,
 un-rotated pending queries, k_ring / v_ring (B, H, CAP, D) with rotated keys at index
 position % CAP, q_pos (B, M) absolute positions, q_count (B,) valid rows, n_keys (B,) keys
 appended; optional relative bias rel_bias (H, L) / gate (B, H, M) / rel_offset and GQA rings
-(B, Hk, CAP, D), validated by pyencoder.ops.decode_attention. Positions are taken per slot from tensors, so slots at different positions share one
-launch and the step can be captured in a CUDA graph (no host synchronisation here).
+(B, Hk, CAP, D), validated by pyencoder.ops.decode_attention. Positions are taken per slot from
+tensors, so slots at different positions share one launch and the step can be captured in a CUDA
+graph (no host synchronisation here).
 
 Limits: float16, bfloat16, float32; head_dim <= 256.
 """
@@ -31,7 +32,8 @@ def supports_forward(q=None, k_ring=None, **_):
 
 
 def decode_attention_triton(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved,
-                            block, lo_off, hi_off, scale, rel_bias=None, gate=None, rel_offset=None):
+                            block, lo_off, hi_off, scale, rel_bias=None, gate=None,
+                            rel_offset=None):
     from ..triton_kernels.decode_attention import _decode_attention_fwd_kernel
     why = supports_forward(q, k_ring)
     if why is not None:

@@ -23,7 +23,8 @@ before the mask, in the order of pyencoder.nn.relpos (WavLM's gated bucket bias;
 its bucket table into the dense per-offset vector once per call). The columns must cover the
 window's offsets [-(lo_off + block - 1), hi_off] (pyencoder.ops.decode_attention validates); the
 gather index is clamped, so entries outside the window (masked anyway) read an edge column.
-GQA: k_ring / v_ring may have Hk heads with H % Hk == 0 (query head h reads ring head h // (H / Hk)).
+GQA: k_ring / v_ring may have Hk heads with H % Hk == 0 (query head h reads ring head
+h // (H / Hk)).
 
 Non-finite values follow pyencoder.reference.attention: a row that sees a ring entry whose k or v
 has a NaN / inf entry (or whose own q has one) outputs NaN, every other row is exact (masked
@@ -75,10 +76,10 @@ def decode_attention_reference(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_fr
                                rel_offset=None):
     """Plain-torch oracle of the streaming decode attention: queries q (B, H, M, D) at positions
     ``q_pos`` (the first ``q_count`` rows valid) against a ring buffer of rotated keys / values
-    (B, Hk, cap, D) holding ``n_keys`` keys; interval mask from ``block``, ``lo_off`` (< 0: unbounded)
-    and ``hi_off``; RoPE on q from ``inv_freq`` (None: none); optional relative bias ``rel_bias``
-    (H, L) from offset ``rel_offset`` with per-row ``gate`` (B, H, M) (module docstring). Rows
-    without a visible key output zeros."""
+    (B, Hk, cap, D) holding ``n_keys`` keys; interval mask from ``block``, ``lo_off`` (< 0:
+    unbounded) and ``hi_off``; RoPE on q from ``inv_freq`` (None: none); optional relative bias
+    ``rel_bias`` (H, L) from offset ``rel_offset`` with per-row ``gate`` (B, H, M) (module
+    docstring). Rows without a visible key output zeros."""
     B, H, M, D = q.shape
     cap = k_ring.shape[2]
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
