@@ -268,6 +268,15 @@ def test_triton_decode_stream_equals_offline():
 
 # ---- GPU: capture in a CUDA graph ------------------------------------------------------------
 
+def gpu_quick(name, p):
+    """The fast GPU tier (tests/conftest.py): one band case in bf16, one chunked case in fp32, and
+    the encoder layer stack."""
+    if name == "test_cuda_graph_wavlm_step_fixed":
+        return (p["name"], p["dtype"]) in (("band_r2_gated_rope", torch.bfloat16),
+                                           ("chunk3_la2_n6_rope", torch.float32))
+    return name == "test_cuda_graph_wavlm_encoder_layers"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", ["band_r2_gated_rope", "chunk3_la2_n6_rope"])
