@@ -2,8 +2,8 @@
 decode) and the WavLM stacks built on it.
 
 CPU: after a warm-up with the general step over a random chunking, step_fixed sequences equal the
-pure general step (the dispatch to step_fixed switched off: the plain-torch path of before, and
-the op path) and the offline forward, band and chunked masks, gated and not, RoPE on and off, a
+pure general step (the dispatch to step_fixed switched off), step_fixed on relpos' plain-torch
+ring decode (``fused_bias = False``, the path before the op's bias) and the offline forward, band and chunked masks, gated and not, RoPE on and off, a
 later layer reading layer 0's table; the state keeps its data pointers; no host synchronisation
 (tests/test_streaming_fixed.NoHostSync); the general step dispatches to step_fixed in the steady
 state; a CausalEncoder WavLM variant streamed with ``layers.step_fixed`` equals offline; the
@@ -109,8 +109,12 @@ def test_step_fixed_equals_step_and_offline(name, dtype, phase):
         fixed, st = _stream(m, x, warm, n, mc, fixed=True)
         with _general_only():
             general, st2 = _stream(m, x, warm, n, mc, fixed=False)
-    assert fixed.shape[1] == general.shape[1] > 0
+        m.fused_bias = False      # relpos' plain-torch ring decode (the path before the op's bias)
+        plain, _ = _stream(m, x, warm, n, mc, fixed=True)
+        del m.fused_bias
+    assert fixed.shape[1] == general.shape[1] == plain.shape[1] > 0
     assert rel_err(fixed, general) <= tol
+    assert rel_err(plain, fixed) <= tol
     assert rel_err(fixed, ref[:, :fixed.shape[1]]) <= tol
     for key in ("pos", "pending"):
         assert torch.equal(getattr(st, key), getattr(st2, key)), key

@@ -244,7 +244,8 @@ class WavLMSelfAttention(IntervalSelfAttention):
     gate parameters, gate = 1. ``rope``: as in BandedSelfAttention (default False: WavLM's position
     information is the relative bias). Latency: ``self.mask.latency()`` frames, hop 1.
     ``fused_bias`` (attribute, default True): offline attention on the op's fused bias (kernels on
-    a GPU); False runs relpos' plain-torch tiles (the path before; for comparisons).
+    a GPU) and the streaming decode on pyencoder.ops.decode_attention's bias; False runs relpos'
+    plain-torch tiles offline and its plain-torch ring decode (the paths before; for comparisons).
     """
 
     fused_bias = True
@@ -373,9 +374,10 @@ class WavLMSelfAttention(IntervalSelfAttention):
         """Pending queries q (B, H, M, D) with gates extras["gate"] (B, H, M) at positions q_pos
         (B, M) attend over the ring; rows >= q_count[b] output 0. Bounded left context: the
         decode attention op with the window's bias (the Triton decode kernel on CUDA; what
-        ``step_fixed`` runs); unbounded: the plain-torch ring path below."""
+        ``step_fixed`` runs); unbounded, or ``fused_bias`` False: the plain-torch ring path
+        below (no host synchronisation either)."""
         gate = extras["gate"] if self.gated else None
-        if self.lo_off >= 0:
+        if self.lo_off >= 0 and self.fused_bias:
             rel_bias, r0 = self.window_bias(q.device)
             inv = None if self.rope is None else self.rope.inv_freq(q.device)
             return decode_attention(q, state.k, state.v, q_pos, q_count, n_keys, inv,
