@@ -216,6 +216,16 @@ def test_triton_kernel_nonfinite_gate_and_gqa_without_bias():
     assert torch.isnan(out[0, 1, 0]).all() and torch.isnan(ref[0, 1, 0]).all()
     ok = ~torch.isnan(ref)
     assert torch.allclose(out[ok], ref[ok], atol=2e-6, rtol=1e-5)
+    # a NaN table column: NaN exactly in the rows that see its offset, on both backends
+    rel = bias["rel_bias"].clone()
+    p0, blk = int(qpos[0, 0]), args[8]
+    seen = min((p0 // blk) * blk + args[10], int(n[0]) - 1) - p0     # an offset row 0 sees
+    rel[0, seen - bias["rel_offset"]] = float("nan")
+    out = decode_attention_triton(*args, **dict(bias, rel_bias=rel))
+    ref = decode_attention_reference(*args, rel, bias["gate"], bias["rel_offset"])
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.isnan(ref).any()
+    ok = ~torch.isnan(ref)
+    assert torch.allclose(out[ok], ref[ok], atol=2e-6, rtol=1e-5)
     # GQA without a bias (GROUP constexpr alone)
     out = decode_attention_triton(*args)
     ref = decode_attention_reference(*args)
