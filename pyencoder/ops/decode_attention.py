@@ -19,9 +19,8 @@ rel_offset]. The columns must cover every offset the window can see, [-(lo_off +
 hi_off] (``window_offsets``), so a bias needs a bounded left context (lo_off >= 0). Checked on the
 host from shapes and ints only (no device read: the step stays graph-capturable), so values are
 not checked: a non-finite gate or rel_bias entry makes NaN exactly the rows that see it (both
-backends), like a non-finite q. Without
-``rel_bias`` both backends run exactly the code they ran before it existed. k_ring / v_ring may
-have fewer heads than q (GQA: H % Hk == 0).
+backends), like a non-finite q. Without ``rel_bias`` both backends run exactly the code they ran
+before it existed. k_ring / v_ring may have fewer heads than q (GQA: H % Hk == 0).
 
 Forward only: the streaming step runs under no_grad (training runs the offline interval attention).
 

@@ -38,8 +38,7 @@ from .._cpu_threads import threads_for
 from ..rope import apply_rope
 
 __all__ = ["ring_positions", "ring_write", "nonfinite_guard", "ring_bias",
-           "decode_attention_reference",
-           "supports_forward", "forward"]
+           "decode_attention_reference", "supports_forward", "forward"]
 
 _NEG_INF = float("-inf")
 
