@@ -290,7 +290,7 @@ def test_cuda_graph_wavlm_step_fixed(name, dtype):
     the general step's gather / nonzero bookkeeping instead of the fixed one (fp32 1e-5; bf16 2e-2
     = a few bf16 ulps: cuBLAS may pick another algorithm under capture), and the streamed fp32
     output equals offline (1e-4: the decode kernel vs the offline interval kernels, both fp32 with
-    ieee dots, different summation orders over a dozen layers of ops at unit scale)."""
+    ieee dots, differing in summation order; projections in fp32 at unit scale)."""
     torch.manual_seed(5)
     kw, n, mc = CASES[name]
     m = _module(kw, torch.float32).cuda().to(dtype)
