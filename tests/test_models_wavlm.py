@@ -246,8 +246,11 @@ def test_module_arguments_and_protocol():
     assert att.lookahead == 4 and att.hop == 1
     assert latency(att).lookahead_samples == 4
     st = att.init_state(1)
-    with pytest.raises(NotImplementedError, match="step_fixed"):
+    with pytest.raises(ValueError, match="multiple of the mask block"):
         att.step_fixed(torch.randn(1, 2, 8), st)
+    unbounded = WavLMSelfAttention(8, 2, left=None, right=1)
+    with pytest.raises(ValueError, match="step_fixed needs a finite left context"):
+        unbounded.step_fixed(torch.randn(1, 2, 8), unbounded.init_state(1))
     layer = TransformerLayer(att, 12)
     y, st = layer.step(torch.randn(1, 4, 8), layer.init_state(1))
     assert y.shape == (1, 0, 8) and int(st.out_lengths[0]) == 0   # chunk 0..3 waits for frame 4

@@ -13,6 +13,7 @@ checked by the GPU tests (``-m gpu``).
 Tolerances: opcheck compares the op against itself (eager vs traced) with torch's defaults; the
 compiled-vs-eager comparisons run the same kernels in the same order, so fp32 agrees to 1e-6.
 """
+import functools
 import os
 
 import pytest
@@ -65,16 +66,21 @@ def _cases():
     dec = (_r(2, 2, 3, 16), _r(2, 2, 11, 16), _r(2, 2, 11, 16),
            (n - 2)[:, None] + torch.arange(3, device=_DEV), torch.tensor([3, 2], device=_DEV), n,
            inv, False, 1, 5, 1, 0.25)
+    # relative bias over the window's offsets [-5, 1], per-row gate, GQA ring (1 head for 2)
+    dec_bias = (dec[0], _r(2, 1, 11, 16), _r(2, 1, 11, 16)) + dec[3:] + (
+        _r(2, 7), _r(2, 2, 3), -5)
     return {
         "attention": (A.forward_op, att), "attention_backward": (A.backward_op, att_bwd),
         "conv": (C.forward_op, conv), "conv_grouped_strided": (C.forward_op, conv_grp),
         "conv_backward": (C.backward_op, conv_bwd), "conv_update": (C.update_op, upd),
         "convnext": (X.forward_op, xn), "decode_attention": (D.forward_op, dec),
+        "decode_attention_bias": (D.forward_op, dec_bias),
     }
 
 
 @pytest.mark.parametrize("name", ["attention", "attention_backward", "conv", "conv_grouped_strided",
-                                  "conv_backward", "conv_update", "convnext", "decode_attention"])
+                                  "conv_backward", "conv_update", "convnext", "decode_attention",
+                                  "decode_attention_bias"])
 def test_opcheck(name):
     op, args = _cases()[name]
     res = torch.library.opcheck(op.op, args)
@@ -149,11 +155,16 @@ def test_update_op_mutates_state_under_compile():
     torch.testing.assert_close(s1, s2, rtol=0, atol=0)
 
 
-def test_decode_attention_compiles_through_the_op_eager_calls_direct(monkeypatch):
-    """Eager: the direct launcher (no dispatcher); compiled: the registered triton_op."""
+@pytest.mark.parametrize("case", ["decode_attention", "decode_attention_bias"])
+def test_decode_attention_compiles_through_the_op_eager_calls_direct(monkeypatch, case):
+    """Eager: the direct launcher (no dispatcher); compiled: the registered triton_op (with the
+    relative bias, gate and GQA ring too)."""
     from pyencoder.ops.decode_attention import decode_attention
     A, C, X, D = _ops()
-    args = _cases()["decode_attention"][1]
+    args = _cases()[case][1]
+    if case == "decode_attention_bias":
+        args, bias = args[:12], dict(zip(("rel_bias", "gate", "rel_offset"), args[12:]))
+        decode_attention = functools.partial(decode_attention, **bias)
     direct = []
     launcher = D.forward
 
