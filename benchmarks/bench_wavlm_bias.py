@@ -1,6 +1,7 @@
 """CPU benchmark: causal WavLM-base (12 layers) with the relative-position bias fused in interval
 attention (the op's ``rel_bias=`` / ``gate=``: on a CPU the blocked reference) vs the path before
-it (pyencoder.nn.relpos' plain-torch tiles, ``WavLMSelfAttention.fused_bias = False``).
+it (pyencoder.nn.relpos' plain-torch tiles and ring decode, ``WavLMSelfAttention.fused_bias =
+False``).
 
 Model (random weights, fp32): pyencoder.models.CausalEncoder with WavLM-base's shape (768 dim, 12
 heads, FFN 3072, post-LN, 320 buckets up to 800, gated bias) and FocalCodec-Stream's mask: chunked
@@ -8,8 +9,9 @@ attention, 4-frame (80 ms) chunks, 62 chunks of history, 3 frames of lookahead i
 no positional conv (WavLM's symmetric conv cannot stream).
   * offline: seconds of compute per second of audio (one forward over --seconds of audio);
   * streaming at 80 ms chunks: the same per second of audio (step + flush over the audio).
-Streaming decodes over the ring buffer in plain torch on both paths (the fused bias is used by
-the offline / training attention), so its ratio measures the rest of the stack, not the bias.
+Streaming: the fused path decodes with pyencoder.ops.decode_attention's relative bias (on a CPU
+its reference; the general step runs as step_fixed in the steady state), the path before with
+relpos' plain-torch ring decode.
 Reports fused / before ratios (> 1: the fused path is faster). Writes JSON lines to
 <results root>/<device>/wavlm_bias.jsonl.
 

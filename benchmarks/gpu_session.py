@@ -63,7 +63,8 @@ STAGE_LOG_CAP = 2 * 2**20          # per stage, in session.log (the full log is 
 NAME_OK = re.compile(r"^[A-Za-z0-9._-]+$")
 
 ATTENTION_TESTS = ["tests/test_attention_triton.py", "tests/test_attention_triton_ropetable.py"]
-STREAMING_TESTS = ["tests/test_streaming_decode_triton.py", "tests/test_streaming_fixed.py"]
+STREAMING_TESTS = ["tests/test_streaming_decode_triton.py", "tests/test_streaming_fixed.py",
+                   "tests/test_wavlm_step_fixed.py"]
 CONVNEXT_TESTS = ["tests/test_convnext_fused.py", "tests/test_models.py"]
 BF16_K = "bfloat16 or long_sequences or deterministic_bitwise"   # the attention tests in bf16
 

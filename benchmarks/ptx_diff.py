@@ -38,6 +38,15 @@ Results (sm_90, quick matrix; attention fwd/dq/dk-dv and the decode kernel, 2 sh
 - frame-rate masks (issue 15 item 3, constexpr K_BLOCK, None when off; sample matrix, sm_90,
   attention kernels): the 12 band/chunked launch variants are identical before and after; the 3
   frame-mask variants (K_BLOCK=3) are new.
+- decode kernel relative bias and GQA (issue 15 item 1, WavLM step_fixed; constexprs HAS_BIAS /
+  HAS_GATE default False and GROUP default None, bias pointers and ints passed as None when off;
+  dumps on 87f93d4 and after, ``--only 'decode|preprocess'``): quick matrix, sm_90 and sm_80, all
+  8 unbiased decode and 5 preprocess variants identical; full matrix, sm_90, all 54 unbiased
+  decode variants identical; the bias variants (plain, gated, gated + GQA ring) are new.
+- duplicate D4 (program ids, row and column indices of the decode kernel and of interval
+  attention's backward preprocess folded into triton_kernels/_grid.py ``_head_row_tile``, its
+  grid-axis order a constexpr): identical PTX for every decode and preprocess variant of the
+  quick matrix (sm_90, sm_80) and the full matrix (sm_90, decode 90 incl. bias, preprocess 9).
 - sink keys (issue 15 item 2, constexpr HAS_SINK and the runtime int sink, both None when off;
   sample matrix, sm_90, ``--only "interval|conv"``; the quick matrix below): the 18
   interval-attention variants (fwd 5, dq 5, dk/dv 5, preprocess 3; band, chunked, frame, biased)

@@ -56,3 +56,53 @@ def has_triton():
         return True
     except ImportError:
         return False
+
+
+def attention_op_args(q, k, v, inv_freq=None, key_lengths=None, *, block, lo_off, hi_off,
+                      k_block=None, sink=0, rel_bias=None, gate=None, rel_offset=0, q_offset=0,
+                      k_offset=0, scale=0.35, interleaved=False):
+    """The positional arguments of the interval attention ops (pyencoder.ops._attention_op's
+    schema) without the reference op's trailing backend string."""
+    return (q, k, v, inv_freq, key_lengths, rel_bias, gate, block,
+            block if k_block is None else k_block, lo_off, hi_off, sink, rel_offset, q_offset,
+            k_offset, scale, interleaved)
+
+
+def gradcheck_inputs():
+    """Small float64 leaves for an attention gradcheck: q (1, 2, 11, 6) against k, v
+    (1, 1, 13, 6) (GQA, Nq != Nk), a partial interleaved Rope(4) and key_lengths [10] (padding).
+    Returns (q, k, v, rope, key_lengths)."""
+    import pyencoder
+    q = torch.randn(1, 2, 11, 6, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 13, 6, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, 13, 6, dtype=torch.float64, requires_grad=True)
+    return q, k, v, pyencoder.Rope(4, interleaved=True), torch.tensor([10])
+
+
+def compiled_matches_eager(f, args, tol):
+    """torch.compile(f, fullgraph=True) through AOTAutograd (graphs run as traced), forward and
+    backward, against eager at rtol = atol = ``tol``; every leaf in ``args`` must get a nonzero
+    gradient. Returns the code of the traced forward and backward graphs."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+    graphs = []
+
+    def inner(gm, example_inputs):
+        graphs.append(gm.code)
+        return make_boxed_func(gm.forward)
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=inner, bw_compiler=inner)
+    torch._dynamo.reset()
+    out = torch.compile(f, backend=backend, fullgraph=True)(*args)
+    out.backward()
+    got = [a.grad.clone() for a in args]
+    for a in args:
+        a.grad = None
+    ref = f(*args)
+    ref.backward()
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    for g, a in zip(got, args):
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(g, a.grad, rtol=tol, atol=tol)
+    return "\n".join(graphs)

@@ -12,18 +12,22 @@ from pyencoder.ops import interval_attention
 from pyencoder.ops.attention import relative_offsets
 
 import oracle
+from conftest import attention_op_args
 
 
 def _spy_biased_op(monkeypatch):
-    """Record every call of the fused-bias custom op (pyencoder.ops.attention._biased_op)."""
+    """Record every call of the interval attention op (pyencoder.ops.attention.
+    _interval_attention_op, the reference backend's) that carries a fused bias (rel_bias, its
+    sixth argument, not None)."""
     import pyencoder.ops.attention as A
     calls = []
-    real = A._biased_op
+    real = A._interval_attention_op
 
     def spy(*a):
-        calls.append(a)
+        if a[5] is not None:
+            calls.append(a)
         return real(*a)
-    monkeypatch.setattr(A, "_biased_op", spy)
+    monkeypatch.setattr(A, "_interval_attention_op", spy)
     return calls
 
 
@@ -236,15 +240,16 @@ def test_wavlm_module_runs_the_fused_bias_and_matches_the_oracle(gated, mask, mo
 def test_opcheck_biased_op_reference():
     """torch.library.opcheck of the registered biased op (schema, fake kernel, autograd
     registration) on the reference backend, gated and plain."""
-    from pyencoder.ops.attention import _biased_op
+    from pyencoder.ops.attention import _interval_attention_op
     B, Hq, Hk, D, N = 1, 2, 1, 8, 11
     q = torch.randn(B, Hq, N, D, requires_grad=True)
     k = torch.randn(B, Hk, N, D, requires_grad=True)
     v = torch.randn(B, Hk, N, D, requires_grad=True)
     rel = torch.randn(Hq, 7, requires_grad=True)
     for gate in (torch.rand(B, Hq, N, requires_grad=True), None):
-        torch.library.opcheck(_biased_op, (q, k, v, None, None, rel, gate, -4, 1, 4, 2, 0, 0,
-                                           D ** -0.5, False, "reference"))
+        args = attention_op_args(q, k, v, rel_bias=rel, gate=gate, rel_offset=-4, block=1,
+                                 lo_off=4, hi_off=2, scale=D ** -0.5)
+        torch.library.opcheck(_interval_attention_op, (*args, "reference"))
 
 
 def test_wavlm_fused_bias_equals_the_plain_torch_tiles():

@@ -14,6 +14,7 @@ import torch
 import pyencoder
 from pyencoder import IntervalMask
 from pyencoder.ops import interval_attention
+from conftest import gradcheck_inputs
 from oracle import dense_attention, interval_mask
 
 
@@ -81,11 +82,7 @@ def test_sinks_change_the_output_only_where_they_add_keys():
 
 
 def test_gradcheck_with_sinks():
-    r = pyencoder.Rope(4, interleaved=True)
-    q = torch.randn(1, 2, 11, 6, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(1, 1, 13, 6, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(1, 1, 13, 6, dtype=torch.float64, requires_grad=True)
-    kl = torch.tensor([10])
+    q, k, v, r, kl = gradcheck_inputs()
     assert torch.autograd.gradcheck(
         lambda q, k, v: pyencoder.ops.banded_attention(q, k, v, left=2, right=1, rope=r,
                                                        key_lengths=kl, q_offset=2, k_offset=1,
@@ -384,16 +381,21 @@ def test_auto_picks_the_triton_kernels_for_sinks_on_cuda():
 
 
 def test_opcheck_triton_backend_with_sinks():
-    """torch.library.opcheck of pyencoder::interval_attention (the op that carries sink) on the
-    Triton backend with sink keys (interpreter on CPU): schema, fake kernel, autograd."""
+    """torch.library.opcheck of the interval attention ops with sink keys on the Triton backend
+    (interpreter on CPU): pyencoder::interval_attention with backend "triton" and the triton_op
+    pyencoder::interval_attention_triton (what interval_attention calls): schema, fake kernel,
+    autograd."""
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("needs TRITON_INTERPRET=1 or a GPU")
+    from conftest import attention_op_args
+    from pyencoder.ops import _triton_ops  # noqa: F401  (registers the triton_ops)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    op = torch.ops.pyencoder.interval_attention.default
     q = torch.randn(2, 2, 10, 16, device=dev, requires_grad=True)
     k = torch.randn(2, 1, 12, 16, device=dev, requires_grad=True)
     v = torch.randn(2, 1, 12, 16, device=dev, requires_grad=True)
     inv = pyencoder.Rope(8).inv_freq().to(dev)
     kl = torch.tensor([12, 7], dtype=torch.int32, device=dev)
-    torch.library.opcheck(op, (q, k, v, inv, kl, 1, 3, 2, 0, 0, 0.35, False, "triton", 5))
+    args = attention_op_args(q, k, v, inv, kl, block=1, lo_off=3, hi_off=2, sink=5)
+    torch.library.opcheck(torch.ops.pyencoder.interval_attention.default, (*args, "triton"))
+    torch.library.opcheck(torch.ops.pyencoder.interval_attention_triton.default, args)

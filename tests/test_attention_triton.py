@@ -18,7 +18,7 @@ Tolerances:
 import pytest
 import torch
 
-from conftest import has_triton
+from conftest import attention_op_args, has_triton
 
 pytestmark = pytest.mark.skipif(not has_triton(), reason="triton is not installed")
 
@@ -176,8 +176,8 @@ def test_public_ops_route_to_triton(monkeypatch):
     import pyencoder
     calls = []
     fwd, bwd = tri.forward, tri.backward
-    monkeypatch.setattr(tri, "forward", lambda *a: calls.append("fwd") or fwd(*a))
-    monkeypatch.setattr(tri, "backward", lambda *a: calls.append("bwd") or bwd(*a))
+    monkeypatch.setattr(tri, "forward", lambda *a, **kw: calls.append("fwd") or fwd(*a, **kw))
+    monkeypatch.setattr(tri, "backward", lambda *a, **kw: calls.append("bwd") or bwd(*a, **kw))
     q, k, v = _inputs(1, 2, 2, 21, 21, 32, torch.float32)
     rope = Rope(32)
     for op, kw in ((pyencoder.ops.banded_attention, dict(left=4, right=1)),
@@ -216,7 +216,8 @@ def test_opcheck_triton_backend():
     v = torch.randn(2, 1, 12, 16, device=_DEV, requires_grad=True)
     inv = Rope(8).inv_freq().to(_DEV)
     kl = torch.tensor([12, 7], dtype=torch.int32, device=_DEV)
-    torch.library.opcheck(op, (q, k, v, inv, kl, 1, 3, 2, 0, 0, 0.35, False, "triton"))
+    torch.library.opcheck(op, (*attention_op_args(q, k, v, inv, kl, block=1, lo_off=3, hi_off=2),
+                               "triton"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pyencoder
 from pyencoder import IntervalMask
 from pyencoder.ops import cross_attention, interval_attention
 
+from conftest import attention_op_args
 from oracle import dense_attention
 
 RATIOS = [(1, 1), (1, 2), (2, 1), (16, 3)]
@@ -207,9 +208,9 @@ def test_opcheck_frame_op(backend):
     q = torch.randn(1, 2, 5, 16, requires_grad=True)
     k = torch.randn(1, 1, 7, 16, requires_grad=True)
     v = torch.randn(1, 1, 7, 16, requires_grad=True)
-    opcheck(torch.ops.pyencoder.frame_attention.default,
-            (q, k, v, None, torch.tensor([6], dtype=torch.int32), 2, 3, 5, 1, 0, 0.5, False, 3,
-             backend))
+    opcheck(torch.ops.pyencoder.interval_attention.default,
+            (*attention_op_args(q, k, v, None, torch.tensor([6], dtype=torch.int32), block=2,
+                                lo_off=3, hi_off=5, k_block=3, q_offset=1, scale=0.5), backend))
 
 
 def _has_triton():

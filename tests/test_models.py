@@ -14,6 +14,8 @@ import torch
 from pyencoder.models import (CausalEncoder, DecoderConfig, EncoderConfig, StreamingDecoder)
 from pyencoder.models.frontend import FeatureConv1d
 
+from _stream_utils import check_encoder_ragged_stream, check_encoder_slot_reset
+
 F64_TOL = 1e-10   # streaming and offline run the same float64 ops up to summation order
 
 
@@ -78,30 +80,7 @@ def test_encoder_frame_lengths_and_padding():
 
 def test_encoder_ragged_slots_and_resume():
     m = CausalEncoder(tiny_encoder_config(feat_extract_norm="group")).double().eval()
-    L = [411, 287]
-    wavs = [torch.randn(n, dtype=torch.float64) for n in L]
-    refs = [m(w[None]).last_hidden_state[0] for w in wavs]
-    st = m.init_state(2, max_chunk=8)
-    got = [[], []]
-    pos = [0, 0]
-    it = 0
-    while pos[0] < L[0] or pos[1] < L[1]:
-        n = [min(random.randint(0, 60), L[b] - pos[b]) for b in range(2)]
-        x = torch.zeros(2, max(n), dtype=torch.float64)
-        for b in range(2):
-            x[b, :n[b]] = wavs[b][pos[b]:pos[b] + n[b]]
-            pos[b] += n[b]
-        y, st = m.step(x, st, lengths=torch.tensor(n))
-        for b in range(2):
-            got[b].append(y[b, :int(st.out_lengths[b])])
-        it += 1
-        if it == 3:   # checkpoint mid-stream and continue from a fresh state object
-            saved = st.state_dict()
-            st = m.init_state(2, max_chunk=8).load_state_dict(saved)
-    y, st = m.flush(st)
-    for b in range(2):
-        got[b].append(y[b, :int(st.out_lengths[b])])
-        torch.testing.assert_close(torch.cat(got[b], 0), refs[b], rtol=0, atol=F64_TOL)
+    check_encoder_ragged_stream(m, [411, 287], 60, F64_TOL)
 
 
 def test_encoder_latency_counts_lookahead():
@@ -321,26 +300,9 @@ def test_encoder_decoder_cuda_matches_reference(dtype):
 
 
 def test_encoder_reset_slot_starts_fresh_stream():
-    from pyencoder.streaming import reset
     m = CausalEncoder(tiny_encoder_config(feat_extract_norm="group")).double().eval()
     a, b, c = (torch.randn(n, dtype=torch.float64) for n in (300, 250, 270))
-    st = m.init_state(2, max_chunk=8)
-    got0 = []
-    y, st = m.step(torch.stack((a[:250], b)), st)      # slot 0: a (partly), slot 1: b
-    got0.append(y[0, :int(st.out_lengths[0])])
-    reset(st, torch.tensor([False, True]))              # slot 1 now starts stream c
-    x = torch.zeros(2, 270, dtype=torch.float64)
-    x[0, :50], x[1] = a[250:], c
-    y, st = m.step(x, st, lengths=torch.tensor([50, 270]))
-    got0.append(y[0, :int(st.out_lengths[0])])
-    got1 = [y[1, :int(st.out_lengths[1])]]
-    y, st = m.flush(st)
-    got0.append(y[0, :int(st.out_lengths[0])])
-    got1.append(y[1, :int(st.out_lengths[1])])
-    torch.testing.assert_close(torch.cat(got0), m(a[None]).last_hidden_state[0], rtol=0,
-                               atol=F64_TOL)
-    torch.testing.assert_close(torch.cat(got1), m(c[None]).last_hidden_state[0], rtol=0,
-                               atol=F64_TOL)
+    check_encoder_slot_reset(m, a, b, c, 250, F64_TOL)
 
 
 def test_from_hf_keeps_first_layers():

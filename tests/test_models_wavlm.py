@@ -23,7 +23,9 @@ import torch
 from pyencoder.models import CausalEncoder, EncoderConfig
 from pyencoder.nn import TransformerLayer, WavLMSelfAttention
 from pyencoder.nn.relpos import relative_position_bucket
-from pyencoder.streaming import latency, reset
+from pyencoder.streaming import latency
+
+from _stream_utils import check_encoder_ragged_stream, check_encoder_slot_reset
 
 F64_TOL = 1e-10
 
@@ -244,8 +246,11 @@ def test_module_arguments_and_protocol():
     assert att.lookahead == 4 and att.hop == 1
     assert latency(att).lookahead_samples == 4
     st = att.init_state(1)
-    with pytest.raises(NotImplementedError, match="step_fixed"):
+    with pytest.raises(ValueError, match="multiple of the mask block"):
         att.step_fixed(torch.randn(1, 2, 8), st)
+    unbounded = WavLMSelfAttention(8, 2, left=None, right=1)
+    with pytest.raises(ValueError, match="step_fixed needs a finite left context"):
+        unbounded.step_fixed(torch.randn(1, 2, 8), unbounded.init_state(1))
     layer = TransformerLayer(att, 12)
     y, st = layer.step(torch.randn(1, 4, 8), layer.init_state(1))
     assert y.shape == (1, 0, 8) and int(st.out_lengths[0]) == 0   # chunk 0..3 waits for frame 4
@@ -287,27 +292,7 @@ def test_encoder_ragged_stream_and_resume(case):
     m = _perturbed_encoder(tiny_wavlm_config(**ENC_CASES[case]))
     assert isinstance(m.layers[1].attention, WavLMSelfAttention)
     assert m.layers[2].attention.relative_bias_table() is m.layers[0].attention.rel_attn_embed.weight
-    L = [433, 291]
-    wavs = [torch.randn(n, dtype=torch.float64) for n in L]
-    refs = [m(w[None]).last_hidden_state[0] for w in wavs]
-    st = m.init_state(2, max_chunk=8)
-    got, pos, it = [[], []], [0, 0], 0
-    while pos[0] < L[0] or pos[1] < L[1]:
-        n = [min(random.randint(0, 70), L[b] - pos[b]) for b in range(2)]
-        x = torch.zeros(2, max(n), dtype=torch.float64)
-        for b in range(2):
-            x[b, :n[b]] = wavs[b][pos[b]:pos[b] + n[b]]
-            pos[b] += n[b]
-        y, st = m.step(x, st, lengths=torch.tensor(n))
-        for b in range(2):
-            got[b].append(y[b, :int(st.out_lengths[b])])
-        it += 1
-        if it == 3:
-            st = m.init_state(2, max_chunk=8).load_state_dict(st.state_dict())
-    y, st = m.flush(st)
-    for b in range(2):
-        got[b].append(y[b, :int(st.out_lengths[b])])
-        torch.testing.assert_close(torch.cat(got[b], 0), refs[b], rtol=0, atol=F64_TOL)
+    check_encoder_ragged_stream(m, [433, 291], 70, F64_TOL)
 
 
 def test_encoder_reset_slot_and_latency():
@@ -315,22 +300,7 @@ def test_encoder_reset_slot_and_latency():
     plain = CausalEncoder(tiny_wavlm_config(rel_pos_bias=False))
     assert m.latency() == plain.latency()
     a, c = torch.randn(300, dtype=torch.float64), torch.randn(260, dtype=torch.float64)
-    st = m.init_state(2, max_chunk=8)
-    y, st = m.step(torch.stack((a[:200], torch.randn(200, dtype=torch.float64))), st)
-    got0 = [y[0, :int(st.out_lengths[0])]]
-    reset(st, torch.tensor([False, True]))
-    x = torch.zeros(2, 260, dtype=torch.float64)
-    x[0, :100], x[1] = a[200:], c
-    y, st = m.step(x, st, lengths=torch.tensor([100, 260]))
-    got0.append(y[0, :int(st.out_lengths[0])])
-    got1 = [y[1, :int(st.out_lengths[1])]]
-    y, st = m.flush(st)
-    got0.append(y[0, :int(st.out_lengths[0])])
-    got1.append(y[1, :int(st.out_lengths[1])])
-    torch.testing.assert_close(torch.cat(got0), m(a[None]).last_hidden_state[0], rtol=0,
-                               atol=F64_TOL)
-    torch.testing.assert_close(torch.cat(got1), m(c[None]).last_hidden_state[0], rtol=0,
-                               atol=F64_TOL)
+    check_encoder_slot_reset(m, a, torch.randn(200, dtype=torch.float64), c, 200, F64_TOL)
 
 
 def test_encoder_gradients_reach_every_parameter():

@@ -8,6 +8,7 @@ import torch
 import pyencoder
 from pyencoder.ops import banded_attention, chunked_attention, interval_attention
 
+from conftest import attention_op_args, gradcheck_inputs
 from oracle import band, chunked, dense_attention, interval_mask
 
 
@@ -94,11 +95,7 @@ def test_chunked_equals_explicit_interval():
 
 
 def test_gradcheck_banded_and_chunked():
-    r = pyencoder.Rope(4, interleaved=True)
-    q = torch.randn(1, 2, 11, 6, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(1, 1, 13, 6, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(1, 1, 13, 6, dtype=torch.float64, requires_grad=True)
-    kl = torch.tensor([10])
+    q, k, v, r, kl = gradcheck_inputs()
     assert torch.autograd.gradcheck(
         lambda q, k, v: banded_attention(q, k, v, left=3, right=2, rope=r, key_lengths=kl,
                                          q_offset=2, k_offset=1), (q, k, v))
@@ -114,8 +111,11 @@ def test_opcheck():
     v = torch.randn(2, 1, 12, 8, requires_grad=True)
     inv = pyencoder.Rope(8).inv_freq()
     kl = torch.tensor([12, 7], dtype=torch.int32)
-    torch.library.opcheck(op, (q, k, v, inv, kl, 1, 3, 2, 0, 0, 0.35, False, "reference"))
-    torch.library.opcheck(op, (q, k, v, None, None, 4, -1, 5, 3, 1, 0.35, True, "reference"))
+    torch.library.opcheck(op, (*attention_op_args(q, k, v, inv, kl, block=1, lo_off=3, hi_off=2),
+                               "reference"))
+    torch.library.opcheck(op, (*attention_op_args(q, k, v, block=4, lo_off=-1, hi_off=5,
+                                                  q_offset=3, k_offset=1, interleaved=True),
+                               "reference"))
 
 
 def test_torch_compile_fullgraph():

@@ -13,12 +13,13 @@ checked by the GPU tests (``-m gpu``).
 Tolerances: opcheck compares the op against itself (eager vs traced) with torch's defaults; the
 compiled-vs-eager comparisons run the same kernels in the same order, so fp32 agrees to 1e-6.
 """
+import functools
 import os
 
 import pytest
 import torch
 
-from conftest import has_triton
+from conftest import attention_op_args, compiled_matches_eager, has_triton
 
 pytestmark = pytest.mark.skipif(
     not has_triton() or not (torch.cuda.is_available()
@@ -47,10 +48,10 @@ def _cases():
     q, k, v = _r(2, 2, 10, 16, grad=True), _r(2, 1, 12, 16, grad=True), _r(2, 1, 12, 16, grad=True)
     inv = Rope(8).inv_freq().to(_DEV)
     kl = torch.tensor([12, 7], dtype=torch.int32, device=_DEV)
-    att = (q, k, v, inv, kl, 1, 3, 2, 0, 0, 0.35, False)
+    att = attention_op_args(q, k, v, inv, kl, block=1, lo_off=3, hi_off=2)
     out, lse = A.forward_op(*(t.detach() if isinstance(t, torch.Tensor) else t for t in att))
-    att_bwd = (_r(*out.shape), q.detach(), k.detach(), v.detach(), out, lse, inv, kl, 1, 3, 2, 0,
-               0, 0.35, False, True)
+    att_bwd = (_r(*out.shape), q.detach(), k.detach(), v.detach(), out, lse, inv, kl, None, None,
+               *att[7:], True)
     x, w, b, s0 = _r(2, 4, 13, grad=True), _r(4, 1, 5, grad=True), _r(4, grad=True), \
         _r(2, 4, 4, grad=True)
     conv = (x, w, b, s0, 1, 4, "silu")
@@ -65,16 +66,21 @@ def _cases():
     dec = (_r(2, 2, 3, 16), _r(2, 2, 11, 16), _r(2, 2, 11, 16),
            (n - 2)[:, None] + torch.arange(3, device=_DEV), torch.tensor([3, 2], device=_DEV), n,
            inv, False, 1, 5, 1, 0.25)
+    # relative bias over the window's offsets [-5, 1], per-row gate, GQA ring (1 head for 2)
+    dec_bias = (dec[0], _r(2, 1, 11, 16), _r(2, 1, 11, 16)) + dec[3:] + (
+        _r(2, 7), _r(2, 2, 3), -5)
     return {
         "attention": (A.forward_op, att), "attention_backward": (A.backward_op, att_bwd),
         "conv": (C.forward_op, conv), "conv_grouped_strided": (C.forward_op, conv_grp),
         "conv_backward": (C.backward_op, conv_bwd), "conv_update": (C.update_op, upd),
         "convnext": (X.forward_op, xn), "decode_attention": (D.forward_op, dec),
+        "decode_attention_bias": (D.forward_op, dec_bias),
     }
 
 
 @pytest.mark.parametrize("name", ["attention", "attention_backward", "conv", "conv_grouped_strided",
-                                  "conv_backward", "conv_update", "convnext", "decode_attention"])
+                                  "conv_backward", "conv_update", "convnext", "decode_attention",
+                                  "decode_attention_bias"])
 def test_opcheck(name):
     op, args = _cases()[name]
     res = torch.library.opcheck(op.op, args)
@@ -113,28 +119,8 @@ def _graphs():
 
 
 def _compiled_matches_eager(f, args):
-    from functorch.compile import make_boxed_func
-    from torch._functorch.aot_autograd import aot_module_simplified
-    graphs = []
-
-    def inner(gm, example_inputs):
-        graphs.append(gm.code)
-        return make_boxed_func(gm.forward)
-
-    def backend(gm, example_inputs):
-        return aot_module_simplified(gm, example_inputs, fw_compiler=inner, bw_compiler=inner)
-    torch._dynamo.reset()
-    out = torch.compile(f, backend=backend, fullgraph=True)(*args)
-    out.backward()
-    got = [a.grad.clone() for a in args]
-    for a in args:
-        a.grad = None
-    ref = f(*args)
-    ref.backward()
-    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
-    for g, a in zip(got, args):
-        torch.testing.assert_close(g, a.grad, rtol=1e-6, atol=1e-6)
-    return "\n".join(graphs)
+    """Same kernels in the same order compiled and eager: fp32 agrees to 1e-6."""
+    return compiled_matches_eager(f, args, 1e-6)
 
 
 def _attention_fn(q, k, v):
@@ -169,11 +155,16 @@ def test_update_op_mutates_state_under_compile():
     torch.testing.assert_close(s1, s2, rtol=0, atol=0)
 
 
-def test_decode_attention_compiles_through_the_op_eager_calls_direct(monkeypatch):
-    """Eager: the direct launcher (no dispatcher); compiled: the registered triton_op."""
+@pytest.mark.parametrize("case", ["decode_attention", "decode_attention_bias"])
+def test_decode_attention_compiles_through_the_op_eager_calls_direct(monkeypatch, case):
+    """Eager: the direct launcher (no dispatcher); compiled: the registered triton_op (with the
+    relative bias, gate and GQA ring too)."""
     from pyencoder.ops.decode_attention import decode_attention
     A, C, X, D = _ops()
-    args = _cases()["decode_attention"][1]
+    args = _cases()[case][1]
+    if case == "decode_attention_bias":
+        args, bias = args[:12], dict(zip(("rel_bias", "gate", "rel_offset"), args[12:]))
+        decode_attention = functools.partial(decode_attention, **bias)
     direct = []
     launcher = D.forward
 
@@ -205,11 +196,18 @@ def test_interpreter_keeps_op_whole():
 @pytest.mark.gpu_quick
 def test_gpu_compile_decomposes_into_kernels():
     """On a GPU AOTDispatch traces the triton_ops down to their kernels (wrap_triton's
-    higher-order op), forward and backward."""
+    higher-order op), forward and backward: band, relative bias (gated), frame-rate mask."""
+    import test_attention_op as T
     g = _compiled_matches_eager(_attention_fn, (_r(1, 2, 70, 64, grad=True),
                                                 _r(1, 2, 70, 64, grad=True),
                                                 _r(1, 2, 70, 64, grad=True)))
     assert "triton_kernel_wrapper_functional" in g and "interval_attention_triton" not in g
+    for case in ("biased", "frame"):    # the masks that had no triton_op before the one op
+        f, inputs = (T._biased_fn, T._biased_inputs) if case == "biased" else \
+            (T._frame_fn, T._frame_inputs)
+        g = compiled_matches_eager(f("triton"), inputs(torch.float32), 1e-5)
+        assert "triton_kernel_wrapper_functional" in g and "interval_attention_triton" not in g, \
+            case
     g = _compiled_matches_eager(_conv_fn, (_r(2, 4, 11, grad=True), _r(4, 1, 3, grad=True),
                                            _r(4, grad=True)))
     assert "triton_kernel_wrapper_functional" in g

@@ -22,6 +22,16 @@ poison (sum of x * 0: 0 or NaN) is added to the visible scores and non-finite v 
 for the p @ v dot, so a masked NaN never reaches a row; a row whose acc, l or (if it sees a key) q
 is non-finite is stored as NaN.
 
+Relative bias (constexpr HAS_BIAS / HAS_GATE, off by default; pyencoder.ops.decode_attention):
+the score of row i and key position s gains gate[b, h, i] * REL[h, s - p - rel_offset] (REL
+float32 (H, rel_len) contiguous, the dense per-offset vector of the window; gate float32 (B, H, M)
+with strides sgb, sgh, sgm), gathered per key block and added after the scale, before the mask
+(the reference's order); columns outside [0, rel_len) read 0 (only masked entries fall there, the
+op checks the coverage). A row with a non-finite gate that sees a key is NaN. GQA (constexpr GROUP
+= H / Hk, None when the ring has H heads): query head h reads ring head h // GROUP. Off, the bias
+pointers and ints are passed as None and GROUP is None: the kernel compiles to the same PTX as
+before these arguments existed (benchmarks/ptx_diff.py).
+
 Limits: head_dim <= 256; positions must fit in int32 (about 12 days of 20 ms frames).
 """
 
@@ -29,24 +39,22 @@ import triton
 import triton.language as tl
 
 from . import _interpreter  # noqa: F401  (TRITON_INTERPRET=1 compatibility fix)
+from ._grid import _head_row_tile
 from ._rotary import _rope_angles
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rel_len", "rel_offset"])
 def _decode_attention_fwd_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, qpos_ptr, qcnt_ptr, nk_ptr, freq_ptr,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
         spb, spm,
         H, M, CAP, D, R, BLK, LO_OFF, HI_OFF, scale,
+        rel_ptr, gate_ptr, rel_len, rel_offset, sgb, sgh, sgm,
         HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_LO: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        PRECISION: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
+        PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr = False, HAS_GATE: tl.constexpr = False,
+        GROUP: tl.constexpr = None):
+    _, b, h, rows, cols = _head_row_tile(H, BLOCK_M, BLOCK_D, 0)
     cnt = tl.load(qcnt_ptr + b).to(tl.int32)
     n = tl.load(nk_ptr + b).to(tl.int32)
     row_ok = (rows < cnt) & (rows < M)
@@ -88,8 +96,17 @@ def _decode_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qd = q.to(k_ptr.dtype.element_ty)
-    kb = k_ptr + b * skb + h * skh
-    vb = v_ptr + b * svb + h * svh
+    hk = h
+    if GROUP is not None:
+        hk = h // GROUP
+    kb = k_ptr + b * skb + hk * skh
+    vb = v_ptr + b * svb + hk * svh
+    if HAS_BIAS:
+        rel_row = rel_ptr + h * rel_len
+        g = 0.0
+        if HAS_GATE:
+            g = tl.load(gate_ptr + b * sgb + h * sgh + rows * sgm, mask=row_ok,
+                        other=0.0).to(tl.float32)
     for s0 in range(start, end + 1, BLOCK_N):
         kp = s0 + tl.arange(0, BLOCK_N)
         k_ok = kp <= end
@@ -97,6 +114,12 @@ def _decode_attention_fwd_kernel(
         k = tl.load(kb + slot[:, None] * skn + cols[None, :] * skd,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         s = tl.dot(qd, tl.trans(k), input_precision=PRECISION) * scale
+        if HAS_BIAS:
+            c = kp[None, :] - pos[:, None] - rel_offset
+            bv = tl.load(rel_row + c, mask=(c >= 0) & (c < rel_len), other=0.0)
+            if HAS_GATE:
+                bv = bv * g[:, None]
+            s = s + bv
         vis = row_ok[:, None] & k_ok[None, :] & (kp[None, :] <= hi_row[:, None])
         if HAS_LO:
             vis = vis & (kp[None, :] >= lo_row[:, None])
@@ -121,6 +144,8 @@ def _decode_attention_fwd_kernel(
         first = tl.maximum(first, lo_row)
     sees = row_ok & (tl.minimum(hi_row, n - 1) >= first)
     rz = tl.sum(acc * 0.0, 1) + l_i * 0.0 + tl.where(sees, tl.sum(q * 0.0, 1), 0.0)
+    if HAS_GATE:
+        rz += tl.where(sees, g * 0.0, 0.0)
     out = tl.where((rz == 0.0)[:, None], out, float("nan"))
     ob = o_ptr + b * sob + h * soh
     tl.store(ob + rows[:, None] * som + cols[None, :] * sod, out.to(o_ptr.dtype.element_ty),

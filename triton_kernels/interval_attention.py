@@ -98,6 +98,7 @@ import triton
 import triton.language as tl
 
 from . import _interpreter  # noqa: F401  (TRITON_INTERPRET=1 compatibility fix)
+from ._grid import _head_row_tile
 from ._rotary import _feature_index, _rope_cos_sin
 
 
@@ -547,12 +548,7 @@ def _interval_attention_bwd_preprocess_kernel(
         stride_ob, stride_oh, stride_on, stride_od,
         stride_dob, stride_doh, stride_don, stride_dod,
         Hq, Nq, D, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dv = tl.arange(0, BLOCK_DV)
+    bh, b, h, rows, dv = _head_row_tile(Hq, BLOCK_M, BLOCK_DV, 1)
     m = (rows < Nq)[:, None] & (dv < D)[None, :]
     o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
                 + rows[:, None] * stride_on + dv[None, :] * stride_od, mask=m, other=0.0)

@@ -36,9 +36,12 @@ after the encoder is pyencoder.models.adapter.ConvAdapter (strided: ``hop`` and 
 include its stride and right context, the stream carries its windows); the attention adapters of
 pre-LN layers (MMS) are per frame (pyencoder.nn.AttentionAdapter).
 
-Limits: no SpecAugment masking; the WavLM relative bias is fused in the interval attention kernels
-offline (forward and backward), but streaming runs the plain-torch ring decode (no ``step_fixed``
-CUDA-graph step for the WavLM variant yet: the decode kernel has no bias input).
+Limits: no SpecAugment masking. The WavLM relative bias is fused in the interval attention kernels
+offline (forward and backward) and in the ring decode when streaming with a bounded left context
+(``left`` / ``left_chunks``), where the WavLM layers have ``step_fixed`` like the others: the
+general step of ``layers`` runs it by itself in the steady state, and ``layers.step_fixed`` is the
+CUDA-graph-capturable step of the stack. Unbounded left context streams on the plain-torch ring
+path (no ``step_fixed``).
 """
 import dataclasses
 from typing import Optional, Sequence, Tuple, Union

@@ -298,14 +298,20 @@ class IntervalSelfAttention(nn.Module):
         slot = torch.remainder(kpos, state.k.shape[2])
         state.k[bidx, :, slot] = k.transpose(1, 2).to(state.k.dtype)
         state.v[bidx, :, slot] = v.transpose(1, 2).to(state.v.dtype)
-        state.q[bidx, :, pend[:, None] + ar[None, :]] = q.transpose(1, 2).to(state.q.dtype)
+        qidx = pend[:, None] + ar[None, :]
+        state.q[bidx, :, qidx] = q.transpose(1, 2).to(state.q.dtype)
+        for name, t in self._query_extras(x).items():
+            buf = getattr(state, name)
+            buf[bidx, :, qidx] = t.transpose(1, 2).to(buf.dtype)
         qpos = (P - pend)[:, None] + ar[None, :]
-        o = decode_attention(state.q[:, :, :n], state.k, state.v, qpos, state.out_lengths.fill_(n),
-                             P + n, inv, False if self.rope is None else self.rope.interleaved,
-                             *self.mask.params, self.scale, backend=self.decode_backend)
+        extras = {name: getattr(state, name)[:, :, :n] for name in self._queued}
+        o = self._decode(state.q[:, :, :n], extras, state, qpos, state.out_lengths.fill_(n), P + n)
         keep = self.hi_off
         if keep:
             state.q[:, :, :keep].copy_(state.q[:, :, n:n + keep].clone())
+            for name in self._queued:
+                buf = getattr(state, name)
+                buf[:, :, :keep].copy_(buf[:, :, n:n + keep].clone())
         state.pos.add_(n)
         return self.out_proj(o.to(x.dtype).transpose(1, 2).reshape(B, n, E))
 
@@ -330,7 +336,7 @@ class IntervalSelfAttention(nn.Module):
         run as ``step_fixed`` (same result: the fixed step is the general one specialised to the
         steady state, with fewer ops and no nonzero / gather). One host read, which the general
         step's own ``int(ready.max())`` would cost anyway."""
-        if self._queued or self.mask.sink or self.lo_off < 0 or n < 1 or n % self.block \
+        if self.mask.sink or self.lo_off < 0 or n < 1 or n % self.block \
                 or n > self._max_chunk(state) or state.pos.shape[0] == 0 \
                 or torch.compiler.is_compiling():
             return False

@@ -37,8 +37,16 @@ written to a ring buffer (capacity lo_off + hi_off + max_chunk; unbounded histor
 then attend over the ring with the bias of (ring position - query position). Per-slot positions
 and ragged ``lengths`` as in pyencoder.nn.attention.
 
-Limits: the streaming decode runs the plain-torch ring path (the Triton decode kernel has no bias
-input), so there is no ``step_fixed`` (CUDA-graph step); attention-probability dropout only
+With a bounded left context the decode is pyencoder.ops.decode_attention with its relative bias
+(``rel_bias`` = the table read at the window's offsets [-(lo_off + block - 1), hi_off], bucket
+indices built once per module and device, ``gate`` = the queued gates): the Triton decode kernel
+on CUDA, the reference elsewhere. ``step_fixed`` (the CUDA-graph step of
+pyencoder.nn.BandedSelfAttention, same preconditions) queues the gates beside the queries on the
+device and runs that decode, so a WavLM stack streams under CUDA graphs; the general ``step`` runs
+as ``step_fixed`` by itself in the steady state. Unbounded left context (left=None) keeps the
+plain-torch ring path (the offsets a query sees grow with the stream) and has no ``step_fixed``.
+
+Limits: attention-probability dropout only
 offline (``biased_interval_attention(dropout_p=...)``, used by pyencoder.hf in training mode).
 Half inputs compute in float32. Non-finite q, k, v or gate values poison exactly the rows that see
 them (NaN rows, pyencoder.reference.attention's rule, offline and streamed); the fused path's
@@ -54,6 +62,7 @@ from torch import nn
 from .._checks import clamp_window
 from ..mask import IntervalMask
 from ..ops.attention import interval_attention, relative_offsets
+from ..ops.decode_attention import decode_attention, window_offsets
 from ..rope import apply_rope
 from ..reference.attention import (all_finite, finite_or_zero, nonfinite_rows, poisoned_rows,
                                    visible_key_ranges)
@@ -153,8 +162,8 @@ def biased_interval_attention(q, k, v, gate, table, bucket_fn, *, mask=None, blo
                                   key_lengths=key_lengths, q_offset=q_offset, k_offset=k_offset,
                                   scale=scale, rel_bias=rel_bias, gate=gate, rel_offset=r0)
     if not all_finite(q, k, v, gate):
-        ranges = visible_key_ranges(Nq, B, key_lengths, Nk, block, lo_off, hi_off, q_offset,
-                                    k_offset, q.device)
+        ranges = visible_key_ranges(Nq, B, key_lengths, Nk, IntervalMask(block, lo_off, hi_off),
+                                    q_offset, k_offset, q.device)
         qbad = nonfinite_rows(q)
         if gate is not None:
             qbad = qbad | ~torch.isfinite(gate)
@@ -235,7 +244,8 @@ class WavLMSelfAttention(IntervalSelfAttention):
     gate parameters, gate = 1. ``rope``: as in BandedSelfAttention (default False: WavLM's position
     information is the relative bias). Latency: ``self.mask.latency()`` frames, hop 1.
     ``fused_bias`` (attribute, default True): offline attention on the op's fused bias (kernels on
-    a GPU); False runs relpos' plain-torch tiles (the path before; for comparisons).
+    a GPU) and the streaming decode on pyencoder.ops.decode_attention's bias; False runs relpos'
+    plain-torch tiles offline and its plain-torch ring decode (the paths before; for comparisons).
     """
 
     fused_bias = True
@@ -340,21 +350,40 @@ class WavLMSelfAttention(IntervalSelfAttention):
     def _extra_state(self, B, qcap, device, dtype):
         return {"gate": torch.zeros(B, self.num_heads, qcap, device=device, dtype=dtype)}
 
-    def step_fixed(self, x, state):
-        raise NotImplementedError("WavLMSelfAttention has no step_fixed (CUDA-graph step): the "
-                                  "ring decode kernel has no relative-bias input yet (offline "
-                                  "attention runs the fused-bias kernels); use step()")
-
     _queued = ("gate",)
 
     def _query_extras(self, x):
         g = self.gate(x)
         return {} if g is None else {"gate": g}
 
+    def window_bias(self, device):
+        """(rel_bias (H, L), rel_offset): the bucket table read at every relative offset s - p
+        the streaming window can see (pyencoder.ops.decode_attention.window_offsets; needs a
+        bounded left context). The bucket indices depend only on the mask and are built once per
+        device (a plain attribute, not a buffer: state_dict keys stay transformers'); the gather
+        from the table runs at each call (one device op, graph-capturable), so in-place edits of
+        the table are seen."""
+        r_min, r_max = window_offsets(*self.mask.params)
+        cache = self.__dict__.setdefault("_window_buckets", {})
+        idx = cache.get(device)
+        if idx is None:
+            idx = cache[device] = self.bucket(torch.arange(r_min, r_max + 1, device=device))
+        return self.relative_bias_table()[idx].t(), r_min
+
     def _decode(self, q, extras, state, q_pos, q_count, n_keys):
         """Pending queries q (B, H, M, D) with gates extras["gate"] (B, H, M) at positions q_pos
-        (B, M) attend over the ring; rows >= q_count[b] output 0."""
+        (B, M) attend over the ring; rows >= q_count[b] output 0. Bounded left context: the
+        decode attention op with the window's bias (the Triton decode kernel on CUDA; what
+        ``step_fixed`` runs); unbounded, or ``fused_bias`` False: the plain-torch ring path
+        below (no host synchronisation either)."""
         gate = extras["gate"] if self.gated else None
+        if self.lo_off >= 0 and self.fused_bias:
+            rel_bias, r0 = self.window_bias(q.device)
+            inv = None if self.rope is None else self.rope.inv_freq(q.device)
+            return decode_attention(q, state.k, state.v, q_pos, q_count, n_keys, inv,
+                                    False if self.rope is None else self.rope.interleaved,
+                                    *self.mask.params, self.scale, backend=self.decode_backend,
+                                    rel_bias=rel_bias, gate=gate, rel_offset=r0)
         B, H, M, D = q.shape
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         qr = q.to(cdt)

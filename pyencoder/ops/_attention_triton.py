@@ -41,14 +41,13 @@ Limits: float16, bfloat16, float32 (float64: use the reference); head_dim <= 256
 positions below 2**24 (exact in float32).
 """
 import os
-from typing import Optional, Tuple
 
 import torch
-from torch import Tensor
 
 from .._backend import _interpret
 from .._env import env_choice
 from ..rope import rope_cos_sin
+from ._attention_op import op_signature, run_backward, run_forward
 from ._triton_op import cdiv, launch, next_pow2, triton_op
 
 _MAX_HEAD_DIM = 256
@@ -392,7 +391,8 @@ def _common_reason(q, k, v, inv_freq, q_offset, k_offset):
 
 def supports_forward(q, k, v, inv_freq=None, key_lengths=None, block=1, lo_off=-1, hi_off=0,
                      q_offset=0, k_offset=0, scale=1.0, interleaved=False, sink=0, kb=None,
-                     rel_bias=None, **_):
+                     rel_bias=None, k_block=None, **_):
+    kb = k_block if kb is None else kb     # backend selection names it k_block, launchers kb
     if sink and kb is not None and kb != block:
         return (f"sink keys with a frame-rate mask are not supported; got sink={sink} with "
                 f"k_block={kb} != block={block}")
@@ -517,21 +517,18 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
 
 
 # ------------------------------------------------------------------------------------------------
-# Registered ops (pyencoder.ops._triton_op: torch.library.triton_op + wrap_triton); their autograd
-# is registered in pyencoder.ops.attention.
+# Registered ops (pyencoder.ops._triton_op: torch.library.triton_op + wrap_triton) with the one
+# schema of pyencoder.ops._attention_op; their autograd is registered in pyencoder.ops.attention.
 
 @triton_op("pyencoder::interval_attention_triton", mutates_args=())
-def forward_op(q: Tensor, k: Tensor, v: Tensor, inv_freq: Optional[Tensor],
-               key_lengths: Optional[Tensor], block: int, lo_off: int, hi_off: int, q_offset: int,
-               k_offset: int, scale: float, interleaved: bool) -> Tuple[Tensor, Tensor]:
-    return forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
-                   scale, interleaved)
+@op_signature(backward=False, backend=False)
+def forward_op(*args):
+    """The forward with the arguments of pyencoder.ops._attention_op (no backend string)."""
+    return run_forward(forward, *args)
 
 
 @triton_op("pyencoder::interval_attention_triton_backward", mutates_args=())
-def backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                inv_freq: Optional[Tensor], key_lengths: Optional[Tensor], block: int, lo_off: int,
-                hi_off: int, q_offset: int, k_offset: int, scale: float, interleaved: bool,
-                deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    return backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off,
-                    q_offset, k_offset, scale, interleaved, deterministic)
+@op_signature(backward=True, backend=False)
+def backward_op(*args):
+    """The backward with the arguments of pyencoder.ops._attention_op (no backend string)."""
+    return run_backward(backward, *args)

@@ -4,8 +4,10 @@ pyencoder.triton_kernels.decode_attention).
 Same arguments and result as pyencoder.reference.decode_attention.forward: q (B, H, M, D)
 un-rotated pending queries, k_ring / v_ring (B, H, CAP, D) with rotated keys at index
 position % CAP, q_pos (B, M) absolute positions, q_count (B,) valid rows, n_keys (B,) keys
-appended. Positions are taken per slot from tensors, so slots at different positions share one
-launch and the step can be captured in a CUDA graph (no host synchronisation here).
+appended; optional relative bias rel_bias (H, L) / gate (B, H, M) / rel_offset and GQA rings
+(B, Hk, CAP, D), validated by pyencoder.ops.decode_attention. Positions are taken per slot from
+tensors, so slots at different positions share one launch and the step can be captured in a CUDA
+graph (no host synchronisation here).
 
 Limits: float16, bfloat16, float32; head_dim <= 256.
 """
@@ -30,7 +32,8 @@ def supports_forward(q=None, k_ring=None, **_):
 
 
 def decode_attention_triton(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved,
-                            block, lo_off, hi_off, scale):
+                            block, lo_off, hi_off, scale, rel_bias=None, gate=None,
+                            rel_offset=None):
     from ..triton_kernels.decode_attention import _decode_attention_fwd_kernel
     why = supports_forward(q, k_ring)
     if why is not None:
@@ -53,13 +56,23 @@ def decode_attention_triton(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq,
     BLOCK_N = 64 if BLOCK_D <= 64 else 32
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (B * H, cdiv(M, BLOCK_M))
+    bias = (None,) * 7      # off: None (constexpr), the unbiased kernel's PTX is unchanged
+    extra = {}
+    if rel_bias is not None:
+        rel = rel_bias.to(torch.float32).contiguous()
+        g = None if gate is None else gate.to(torch.float32)
+        gs = (None,) * 3 if g is None else g.stride()
+        bias = (rel, g, rel.shape[1], int(rel_offset), *gs)
+        extra = dict(HAS_BIAS=True, HAS_GATE=g is not None)
+    if k_ring.shape[1] != H:
+        extra["GROUP"] = H // k_ring.shape[1]
     launch(_decode_attention_fwd_kernel)[grid](
         q, k_ring, v_ring, o, q_pos, q_count, n_keys, freq,
         *q.stride(), *k_ring.stride(), *v_ring.stride(), *o.stride(), *q_pos.stride(),
-        H, M, cap, D, R, block, max(lo_off, 0), hi_off, float(scale),
+        H, M, cap, D, R, block, max(lo_off, 0), hi_off, float(scale), *bias,
         HAS_ROPE=has_rope, INTERLEAVED=bool(interleaved), HAS_LO=lo_off >= 0,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=prec,
-        num_warps=4 if BLOCK_D <= 64 else 8)
+        num_warps=4 if BLOCK_D <= 64 else 8, **extra)
     return o
 
 
@@ -69,8 +82,10 @@ forward = decode_attention_triton
 @triton_op("pyencoder::decode_attention_triton", mutates_args=())
 def forward_op(q: Tensor, k_ring: Tensor, v_ring: Tensor, q_pos: Tensor, q_count: Tensor,
                n_keys: Tensor, inv_freq: Optional[Tensor], interleaved: bool, block: int,
-               lo_off: int, hi_off: int, scale: float) -> Tensor:
+               lo_off: int, hi_off: int, scale: float, rel_bias: Optional[Tensor] = None,
+               gate: Optional[Tensor] = None, rel_offset: int = 0) -> Tensor:
     """The registered triton backend (torch.library.triton_op): what torch.compile traces.
     Eager steps call ``forward`` directly (pyencoder.ops.decode_attention)."""
     return decode_attention_triton(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq,
-                                   interleaved, block, lo_off, hi_off, scale)
+                                   interleaved, block, lo_off, hi_off, scale, rel_bias, gate,
+                                   rel_offset)

@@ -1,15 +1,17 @@
 """Interval attention: banded (left, right) and chunked (chunk_size, left_chunks, lookahead) masks,
 with RoPE applied inside the kernels (DESIGN.md, "One attention: interval attention").
 
-Registered ops: ``pyencoder::interval_attention`` (forward, returns out and log-sum-exp) with its
+Registered ops: one op pair for every interval attention (band, chunked, sink keys, frame-rate
+masks with Nq != Nk, the relative bias), with the one schema of pyencoder.ops._attention_op,
+registered twice: ``pyencoder::interval_attention`` (forward, returns out and log-sum-exp) with its
 backward ``pyencoder::interval_attention_backward``, an opaque custom op that runs the backend
 named by its last argument (the reference on any device; it accepts "triton" too), and for the
 triton backend the ``torch.library.triton_op`` pair ``pyencoder::interval_attention_triton`` /
 ``pyencoder::interval_attention_triton_backward`` (pyencoder.ops._attention_triton), which
 torch.compile traces down to the Triton kernels. The public functions call the triton_op when the
-registry picks triton, the custom op otherwise; both carry the autograd formula below. The mask is
-a ``pyencoder.IntervalMask`` (pyencoder/mask.py holds its formula); the registered ops and the
-backends take its three ints (block, lo_off, hi_off) at their boundary.
+registry picks triton, the custom op otherwise; both carry the one autograd formula below. The
+mask is a ``pyencoder.IntervalMask`` (pyencoder/mask.py holds its formula); the registered ops and
+the backends take its ints (block, k_block, lo_off, hi_off, sink) at their boundary.
 
 Relative-position bias (DESIGN.md, "Relative bias"; WavLM's gated bias, T5/ALiBi-style plain
 biases): with ``rel_bias`` (Hq, L) the score of query position p and key position s gains
@@ -18,15 +20,11 @@ biases): with ``rel_bias`` (Hq, L) the score of query position p and key positio
 
 a dense per-head vector over the call's relative offsets (``relative_offsets`` gives the range a
 call can see; bucketing, e.g. WavLM's T5 buckets, is done by the caller once per call:
-``rel_bias = table[bucket(arange(r_min, r_max + 1))].T``). The biased calls go through a second
-opaque custom op, ``pyencoder::interval_attention_biased`` (and its backward, which also returns
-the gradients of rel_bias and gate), on every backend (triton included: no triton_op for the
-biased kernels yet); the unbiased ops are unchanged.
+``rel_bias = table[bucket(arange(r_min, r_max + 1))].T``). The same op pair carries it (rel_bias
+and gate None, rel_offset 0 without a bias); its backward also returns the gradients of rel_bias
+and gate.
 """
-from typing import Optional, Tuple
-
 import torch
-from torch import Tensor
 
 from .. import _backend
 from .._env import env_flag
@@ -34,7 +32,10 @@ from ..mask import IntervalMask, as_mask
 from ..reference import attention as _reference
 from ..rope import Rope
 from . import _attention_triton as _triton
+from ._attention_op import (N_PARAMS, N_TENSORS, fake_backward, fake_forward, op_signature,
+                            run_backward, run_forward)
 from ._autograd import forbid_double_backward
+from ._triton_op import call_op
 from .._checks import (MAX_POSITION, check_float_dtype, check_int, check_lengths, check_same,
                       check_scale, check_tensor, value_checks_enabled)
 
@@ -44,55 +45,35 @@ __all__ = ["banded_attention", "chunked_attention", "interval_attention", "cross
 _backend.register("attention", reference=_reference, triton=_triton)
 
 
+# ---- the registered op pair (pyencoder.ops._attention_op: its arguments) ----------------------
+
 @torch.library.custom_op("pyencoder::interval_attention", mutates_args=())
-def _interval_attention_op(q: Tensor, k: Tensor, v: Tensor, inv_freq: Optional[Tensor],
-                           key_lengths: Optional[Tensor], block: int, lo_off: int, hi_off: int,
-                           q_offset: int, k_offset: int, scale: float, interleaved: bool,
-                           backend: str, sink: int = 0) -> Tuple[Tensor, Tensor]:
-    fwd = _backend.get_entry("attention", backend, "forward")
-    extra = {"sink": sink} if sink else {}    # backends without sink support take no sink
-    out, lse = fwd(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
-                   scale, interleaved, **extra)
-    return out, lse
+@op_signature(backward=False, backend=True)
+def _interval_attention_op(*args):
+    *args, backend = args
+    return run_forward(_backend.get_entry("attention", backend, "forward"), *args)
 
 
-@_interval_attention_op.register_fake
-def _(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
-      interleaved, backend, sink=0):
-    B, Hq, Nq, _ = q.shape
-    lse_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty(B, Hq, Nq, v.shape[-1]), q.new_empty(B, Hq, Nq, dtype=lse_dt)
+_interval_attention_op.register_fake(fake_forward)
 
 
 @torch.library.custom_op("pyencoder::interval_attention_backward", mutates_args=())
-def _interval_attention_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                               lse: Tensor, inv_freq: Optional[Tensor],
-                               key_lengths: Optional[Tensor], block: int, lo_off: int,
-                               hi_off: int, q_offset: int, k_offset: int, scale: float,
-                               interleaved: bool, backend: str,
-                               deterministic: bool, sink: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
-    bwd = _backend.get_entry("attention", backend, "backward")
-    extra = {"sink": sink} if sink else {}
-    return bwd(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-               k_offset, scale, interleaved, deterministic, **extra)
+@op_signature(backward=True, backend=True)
+def _interval_attention_bwd_op(*args):
+    *args, backend, deterministic = args
+    return run_backward(_backend.get_entry("attention", backend, "backward"), *args,
+                        deterministic)
 
 
-@_interval_attention_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
-      scale, interleaved, backend, deterministic, sink=0):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+_interval_attention_bwd_op.register_fake(fake_backward)
 
 
 def _setup_context(ctx, inputs, output):
-    # inputs: the op's arguments; pyencoder::interval_attention has a trailing backend string and
-    # sink int, pyencoder::interval_attention_triton (the triton backend's triton_op) has neither
-    # (calls with sink keys take the first op on every backend).
-    q, k, v, inv_freq, key_lengths = inputs[:5]
+    """Shared by the custom op and the triton_op (whose inputs have no trailing backend)."""
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, inv_freq, key_lengths)
-    ctx.params = tuple(inputs[5:12])
-    ctx.backend = inputs[12] if len(inputs) > 12 else None
-    ctx.sink = inputs[13] if len(inputs) > 13 else 0
+    ctx.save_for_backward(*inputs[:3], out, lse, *inputs[3:N_TENSORS])
+    ctx.params = tuple(inputs[N_TENSORS:N_TENSORS + N_PARAMS])
+    ctx.backend = inputs[N_TENSORS + N_PARAMS] if len(inputs) > N_TENSORS + N_PARAMS else None
     ctx.n_inputs = len(inputs)
 
 
@@ -104,85 +85,22 @@ def deterministic_backward():
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, inv_freq, key_lengths = ctx.saved_tensors
-    args = (dout.contiguous(), q, k, v, out, lse, inv_freq, key_lengths, *ctx.params)
+    q, k, v, out, lse, inv_freq, key_lengths, rel_bias, gate = ctx.saved_tensors
+    args = (dout.contiguous(), q, k, v, out, lse, inv_freq, key_lengths, rel_bias, gate,
+            *ctx.params)
     if ctx.backend is None:
-        dq, dk, dv = _triton.backward_op(*args, deterministic_backward())
+        dq, dk, dv, drel, dgate = _triton.backward_op(*args, deterministic_backward())
     else:
-        dq, dk, dv = _interval_attention_bwd_op(*args, ctx.backend, deterministic_backward(),
-                                                ctx.sink)
-    return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
+        dq, dk, dv, drel, dgate = _interval_attention_bwd_op(*args, ctx.backend,
+                                                             deterministic_backward())
+    return (dq, dk, dv, None, None, None if rel_bias is None else drel,
+            None if gate is None else dgate) + (None,) * (ctx.n_inputs - N_TENSORS)
 
 
 _interval_attention_op.register_autograd(_backward, setup_context=_setup_context)
 _triton.forward_op.register_autograd(_backward, setup_context=_setup_context)
 forbid_double_backward(_interval_attention_bwd_op, "interval attention")
 forbid_double_backward(_triton.backward_op, "interval attention")
-
-
-@torch.library.custom_op("pyencoder::interval_attention_biased", mutates_args=())
-def _biased_op(q: Tensor, k: Tensor, v: Tensor, inv_freq: Optional[Tensor],
-               key_lengths: Optional[Tensor], rel_bias: Tensor, gate: Optional[Tensor],
-               rel_offset: int, block: int, lo_off: int, hi_off: int, q_offset: int,
-               k_offset: int, scale: float, interleaved: bool,
-               backend: str) -> Tuple[Tensor, Tensor]:
-    fwd = _backend.get_entry("attention", backend, "forward")
-    return fwd(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
-               interleaved, rel_bias=rel_bias, gate=gate, rel_offset=rel_offset)
-
-
-@_biased_op.register_fake
-def _(q, k, v, inv_freq, key_lengths, rel_bias, gate, rel_offset, block, lo_off, hi_off,
-      q_offset, k_offset, scale, interleaved, backend):
-    B, Hq, Nq, _ = q.shape
-    lse_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty(B, Hq, Nq, v.shape[-1]), q.new_empty(B, Hq, Nq, dtype=lse_dt)
-
-
-@torch.library.custom_op("pyencoder::interval_attention_biased_backward", mutates_args=())
-def _biased_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   inv_freq: Optional[Tensor], key_lengths: Optional[Tensor], rel_bias: Tensor,
-                   gate: Optional[Tensor], rel_offset: int, block: int, lo_off: int,
-                   hi_off: int, q_offset: int, k_offset: int, scale: float, interleaved: bool,
-                   backend: str, deterministic: bool
-                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    bwd = _backend.get_entry("attention", backend, "backward")
-    dq, dk, dv, drel, dgate = bwd(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off,
-                                  hi_off, q_offset, k_offset, scale, interleaved, deterministic,
-                                  rel_bias=rel_bias, gate=gate, rel_offset=rel_offset)
-    if dgate is None:
-        dgate = q.new_empty(0)
-    return dq, dk, dv, drel, dgate
-
-
-@_biased_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, inv_freq, key_lengths, rel_bias, gate, rel_offset, block, lo_off,
-      hi_off, q_offset, k_offset, scale, interleaved, backend, deterministic):
-    dgate = q.new_empty(0) if gate is None else torch.empty_like(gate)
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(rel_bias), dgate)
-
-
-def _biased_setup_context(ctx, inputs, output):
-    (q, k, v, inv_freq, key_lengths, rel_bias, gate, rel_offset, block, lo_off, hi_off, q_offset,
-     k_offset, scale, interleaved, backend) = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, inv_freq, key_lengths, rel_bias, gate)
-    ctx.params = (rel_offset, block, lo_off, hi_off, q_offset, k_offset, scale, interleaved,
-                  backend)
-
-
-def _biased_backward(ctx, dout, dlse):
-    q, k, v, out, lse, inv_freq, key_lengths, rel_bias, gate = ctx.saved_tensors
-    dq, dk, dv, drel, dgate = _biased_bwd_op(dout.contiguous(), q, k, v, out, lse, inv_freq,
-                                             key_lengths, rel_bias, gate, *ctx.params,
-                                             deterministic_backward())
-    return (dq, dk, dv, None, None, drel, None if gate is None else dgate, None, None, None,
-            None, None, None, None, None, None)
-
-
-_biased_op.register_autograd(_biased_backward, setup_context=_biased_setup_context)
-forbid_double_backward(_biased_bwd_op, "biased interval attention")
 
 
 def relative_offsets(nq, nk, *, block, lo_off, hi_off, q_offset=0, k_offset=0):
@@ -278,19 +196,10 @@ def _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale):
     check_scale(scale)
 
 
-def interval_attention(q, k, v, *, mask=None, rope=None, key_lengths=None, q_offset=0,
-                       k_offset=0, scale=None, backend=None, return_lse=False, block=None,
-                       lo_off=None, hi_off=None, rel_bias=None, gate=None, rel_offset=None):
-    """The general op over any ``pyencoder.IntervalMask`` ``mask`` (see pyencoder/mask.py for the
-    formula). The loose ints ``block``, ``lo_off``, ``hi_off`` (all three, instead of ``mask``)
-    are still accepted: they build ``IntervalMask(block, lo_off, hi_off)``.
-
-    ``rel_bias`` (Hq, L) float: relative-position bias, column t for s - p = rel_offset + t
-    (``rel_offset`` default: r_min of ``relative_offsets``; the columns must cover that range);
-    ``gate`` (B, Hq, Nq) or None scales it per query (WavLM's gated bias). Both get gradients."""
-    mask = as_mask(mask, block, lo_off, hi_off)
-    _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale)
-    block, lo_off, hi_off = mask.params
+def _attend(q, k, v, mask, rope, key_lengths, q_offset, k_offset, scale, backend, return_lse,
+            rel_bias=None, gate=None, rel_offset=None):
+    """Every interval attention after validation of q, k, v and the positions: one op call."""
+    block, k_block, lo_off, hi_off = mask.frame_params
     sink = mask.sink
     if rel_bias is not None and sink:
         raise ValueError(f"rel_bias with sink keys is not supported yet; got sink={sink} with "
@@ -303,22 +212,36 @@ def interval_attention(q, k, v, *, mask=None, rope=None, key_lengths=None, q_off
     args = dict(q=q, k=k, v=v, inv_freq=inv_freq, key_lengths=key_lengths, block=block,
                 lo_off=lo_off, hi_off=hi_off, q_offset=q_offset, k_offset=k_offset, scale=scale,
                 interleaved=interleaved, sink=sink)
+    if mask.is_frame:
+        args.update(k_block=k_block)
     if rel_bias is not None:
         args.update(rel_bias=rel_bias, gate=gate, rel_offset=rel_offset)
     name = _backend.select("attention", "forward", q.device.type, args, backend)
     if key_lengths is not None and key_lengths.dtype != torch.int32:
         key_lengths = key_lengths.to(torch.int32)
-    args = (q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
-            interleaved)
-    if rel_bias is not None:
-        out, lse = _biased_op(q, k, v, inv_freq, key_lengths, rel_bias, gate, rel_offset, block,
-                              lo_off, hi_off, q_offset, k_offset, scale, interleaved, name)
-    elif name == "triton" and not sink:   # sink keys: the custom op below (it carries sink)
-        from . import _triton_ops  # noqa: F401  (registers the triton_ops at first use)
-        out, lse = _triton.forward_op(*args)
-    else:
-        out, lse = _interval_attention_op(*args, name, sink)
+    out, lse = call_op(name, _triton.forward_op, _interval_attention_op, q, k, v, inv_freq,
+                       key_lengths, rel_bias, gate, block, k_block, lo_off, hi_off, sink,
+                       0 if rel_bias is None else rel_offset, q_offset, k_offset, scale,
+                       interleaved)
     return (out, lse) if return_lse else out
+
+
+def interval_attention(q, k, v, *, mask=None, rope=None, key_lengths=None, q_offset=0,
+                       k_offset=0, scale=None, backend=None, return_lse=False, block=None,
+                       lo_off=None, hi_off=None, rel_bias=None, gate=None, rel_offset=None):
+    """The general op over any ``pyencoder.IntervalMask`` ``mask`` (see pyencoder/mask.py for the
+    formula) but a frame-rate one (``cross_attention``). The loose ints ``block``, ``lo_off``,
+    ``hi_off`` (all three, instead of ``mask``) are still accepted: they build
+    ``IntervalMask(block, lo_off, hi_off)``.
+
+    ``rel_bias`` (Hq, L) float: relative-position bias, column t for s - p = rel_offset + t
+    (``rel_offset`` default: r_min of ``relative_offsets``; the columns must cover that range);
+    ``gate`` (B, Hq, Nq) or None scales it per query (WavLM's gated bias). Both get gradients."""
+    mask = as_mask(mask, block, lo_off, hi_off)
+    _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale)
+    mask.params  # noqa: B018  (raises for a frame-rate mask, naming cross_attention)
+    return _attend(q, k, v, mask, rope, key_lengths, q_offset, k_offset, scale, backend,
+                   return_lse, rel_bias, gate, rel_offset)
 
 
 def banded_attention(q, k, v, *, left, right, rope=None, key_lengths=None, q_offset=0,
@@ -352,67 +275,6 @@ def chunked_attention(q, k, v, *, chunk_size, left_chunks, lookahead=0, rope=Non
                               rel_offset=rel_offset)
 
 
-# ---- frame-rate (cross-attention) masks: IntervalMask with k_block != block ---------------------
-# A separate op pair carries the key side's block as a fourth mask int, so the band and chunked
-# ops above keep their schema and kernels; masks with k_block == block never reach it.
-
-@torch.library.custom_op("pyencoder::frame_attention", mutates_args=())
-def _frame_attention_op(q: Tensor, k: Tensor, v: Tensor, inv_freq: Optional[Tensor],
-                        key_lengths: Optional[Tensor], block: int, lo_off: int, hi_off: int,
-                        q_offset: int, k_offset: int, scale: float, interleaved: bool,
-                        k_block: int, backend: str) -> Tuple[Tensor, Tensor]:
-    fwd = _backend.get_entry("attention", backend, "forward")
-    out, lse = fwd(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
-                   scale, interleaved, kb=k_block)
-    return out, lse
-
-
-@_frame_attention_op.register_fake
-def _(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
-      interleaved, k_block, backend):
-    B, Hq, Nq, _ = q.shape
-    lse_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty(B, Hq, Nq, v.shape[-1]), q.new_empty(B, Hq, Nq, dtype=lse_dt)
-
-
-@torch.library.custom_op("pyencoder::frame_attention_backward", mutates_args=())
-def _frame_attention_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                            lse: Tensor, inv_freq: Optional[Tensor],
-                            key_lengths: Optional[Tensor], block: int, lo_off: int, hi_off: int,
-                            q_offset: int, k_offset: int, scale: float, interleaved: bool,
-                            k_block: int, backend: str,
-                            deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    bwd = _backend.get_entry("attention", backend, "backward")
-    return bwd(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-               k_offset, scale, interleaved, deterministic, kb=k_block)
-
-
-@_frame_attention_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
-      scale, interleaved, k_block, backend, deterministic):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _frame_setup_context(ctx, inputs, output):
-    q, k, v, inv_freq, key_lengths = inputs[:5]
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, inv_freq, key_lengths)
-    ctx.params = tuple(inputs[5:13])
-    ctx.backend = inputs[13]
-
-
-def _frame_backward(ctx, dout, dlse):
-    q, k, v, out, lse, inv_freq, key_lengths = ctx.saved_tensors
-    dq, dk, dv = _frame_attention_bwd_op(dout.contiguous(), q, k, v, out, lse, inv_freq,
-                                         key_lengths, *ctx.params, ctx.backend,
-                                         deterministic_backward())
-    return (dq, dk, dv) + (None,) * 11
-
-
-_frame_attention_op.register_autograd(_frame_backward, setup_context=_frame_setup_context)
-forbid_double_backward(_frame_attention_bwd_op, "frame-rate attention")
-
-
 def cross_attention(q, k, v, *, mask, rope=None, key_lengths=None, q_offset=0, k_offset=0,
                     scale=None, backend=None, return_lse=False):
     """Interval attention from one stream's queries to another stream's keys and values, at their
@@ -421,10 +283,9 @@ def cross_attention(q, k, v, *, mask, rope=None, key_lengths=None, q_offset=0, k
     or ``IntervalMask.frame_chunked(...)``. q (B, Hq, Nq, D), k and v (B, Hk, Nk, D) with Nq and
     Nk independent; positions p = q_offset + i and s = k_offset + j are each in their own side's
     units, and ``rope`` (optional) rotates q and k at those positions. ``key_lengths`` (B,) as in
-    ``interval_attention``. A mask with k_block == block runs exactly ``interval_attention``
-    (same op, same kernels); a frame mask runs the op pair ``pyencoder::frame_attention``, whose
-    backends (reference, triton: the same kernels with the constexpr K_BLOCK) take the key block
-    as a fourth mask int. Backend choice as everywhere (``backend=``, ``use_backend``, env,
+    ``interval_attention``. A mask with k_block == block runs exactly ``interval_attention``; a
+    frame mask runs the same op pair with its own k_block (reference, triton: the same kernels
+    with the constexpr K_BLOCK). Backend choice as everywhere (``backend=``, ``use_backend``, env,
     auto)."""
     if not isinstance(mask, IntervalMask):
         raise TypeError(f"mask must be a pyencoder.IntervalMask; got {type(mask).__name__} "
@@ -434,16 +295,5 @@ def cross_attention(q, k, v, *, mask, rope=None, key_lengths=None, q_offset=0, k
                                   q_offset=q_offset, k_offset=k_offset, scale=scale,
                                   backend=backend, return_lse=return_lse)
     _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale)
-    block, k_block, lo_off, hi_off = mask.frame_params
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    inv_freq = None if rope is None else rope.inv_freq(q.device)
-    interleaved = False if rope is None else rope.interleaved
-    args = dict(q=q, k=k, v=v, inv_freq=inv_freq, key_lengths=key_lengths, block=block,
-                lo_off=lo_off, hi_off=hi_off, q_offset=q_offset, k_offset=k_offset, scale=scale,
-                interleaved=interleaved, k_block=k_block)
-    name = _backend.select("attention", "forward", q.device.type, args, backend)
-    if key_lengths is not None and key_lengths.dtype != torch.int32:
-        key_lengths = key_lengths.to(torch.int32)
-    out, lse = _frame_attention_op(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off,
-                                   q_offset, k_offset, scale, interleaved, k_block, name)
-    return (out, lse) if return_lse else out
+    return _attend(q, k, v, mask, rope, key_lengths, q_offset, k_offset, scale, backend,
+                   return_lse)

@@ -19,6 +19,7 @@ from ..reference import conv as _reference
 from . import _conv_cuda as _cuda
 from . import _conv_triton as _triton
 from ._autograd import forbid_double_backward
+from ._triton_op import call_op
 from .._checks import (check_float_dtype, check_int, check_same, check_tensor, check_writable,
                       value_checks_enabled)
 
@@ -172,12 +173,8 @@ def causal_conv1d(x, weight, bias=None, *, stride=1, groups=1, activation=None,
     args = dict(x=x, weight=weight, bias=bias, initial_state=initial_state, stride=stride,
                 groups=groups, activation=activation)
     name = _backend.select("conv", "forward", x.device.type, args, backend)
-    args = (x, weight, bias, initial_state, stride, groups, _act_str(activation))
-    if name == "triton":
-        from . import _triton_ops  # noqa: F401  (registers the triton_ops at first use)
-        y, final = _triton.forward_op(*args)
-    else:
-        y, final = _causal_conv1d_op(*args, name)
+    y, final = call_op(name, _triton.forward_op, _causal_conv1d_op, x, weight, bias,
+                       initial_state, stride, groups, _act_str(activation))
     return (y, final) if return_final_state else y
 
 
@@ -229,8 +226,5 @@ def causal_conv1d_update(x, state, weight, bias=None, *, groups=1, activation=No
     args = dict(x=x, state=state, weight=weight, bias=bias, state_indices=state_indices,
                 groups=groups, activation=activation)
     name = _backend.select("conv", "update", x.device.type, args, backend)
-    args = (x, state, weight, bias, state_indices, groups, _act_str(activation))
-    if name == "triton":
-        from . import _triton_ops  # noqa: F401  (registers the triton_ops at first use)
-        return _triton.update_op(*args)
-    return _causal_conv1d_update_op(*args, name)
+    return call_op(name, _triton.update_op, _causal_conv1d_update_op, x, state, weight, bias,
+                   state_indices, groups, _act_str(activation))

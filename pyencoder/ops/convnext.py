@@ -40,6 +40,7 @@ from ..reference.convnext import _cdtype, convnext_dwconv_ln_reference
 from . import _convnext_triton as _triton
 from . import conv  # noqa: F401  (the backward runs the conv family's registered backends)
 from ._autograd import forbid_double_backward
+from ._triton_op import call_op
 from .._checks import check_float_dtype, check_same, check_tensor
 
 __all__ = ["convnext_dwconv_ln", "convnext_dwconv_ln_reference", "select_backend"]
@@ -189,10 +190,6 @@ def convnext_dwconv_ln(x, conv_weight, conv_bias=None, ln_weight=None, ln_bias=N
             raise ValueError(f"initial_state must have shape (B, C, k - 1) = ({B}, {C}, {K - 1}); "
                              f"got {tuple(initial_state.shape)}")
     name = select_backend(x, conv_weight, backend)
-    args = (x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, float(eps))
-    if name == "triton":
-        from . import _triton_ops  # noqa: F401  (registers the triton_ops at first use)
-        y, final = _triton.forward_op(*args)
-    else:
-        y, final = _convnext_op(*args, name)
+    y, final = call_op(name, _triton.forward_op, _convnext_op, x, conv_weight, conv_bias,
+                       ln_weight, ln_bias, initial_state, float(eps))
     return (y, final) if return_final_state else y

@@ -2,13 +2,25 @@
 (the streaming step of pyencoder.nn's attention modules).
 
     o = decode_attention(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved,
-                         block, lo_off, hi_off, scale, backend=None)
+                         block, lo_off, hi_off, scale, backend=None, *, rel_bias=None,
+                         gate=None, rel_offset=None)
 
 Arguments, ring layout and semantics: pyencoder.reference.decode_attention (the reference backend
 and the oracle). Backends: ``reference`` and ``triton`` (pyencoder.ops._decode_attention_triton),
 chosen by the one registry of pyencoder._backend like every other op family ("decode_attention":
 ``backend=``, then ``use_backend``, then ``PYENCODER_BACKEND``, then auto: the Triton kernel for
 supported CUDA tensors, the reference otherwise).
+
+Relative bias (WavLM's streaming step; DESIGN.md "Relative bias"): ``rel_bias`` (H, L) float, a
+per-head vector over relative offsets s - p (key position minus query position), column t for
+offset ``rel_offset + t`` (default: the window's smallest offset ``-(lo_off + block - 1)``), and
+an optional per-row ``gate`` (B, H, M) float: score += gate[b, h, i] * rel_bias[h, s - p -
+rel_offset]. The columns must cover every offset the window can see, [-(lo_off + block - 1),
+hi_off] (``window_offsets``), so a bias needs a bounded left context (lo_off >= 0). Checked on the
+host from shapes and ints only (no device read: the step stays graph-capturable), so values are
+not checked: a non-finite gate or rel_bias entry makes NaN exactly the rows that see it (both
+backends), like a non-finite q. Without ``rel_bias`` both backends run exactly the code they ran
+before it existed. k_ring / v_ring may have fewer heads than q (GQA: H % Hk == 0).
 
 Forward only: the streaming step runs under no_grad (training runs the offline interval attention).
 
@@ -26,17 +38,71 @@ never an op.
 import torch
 
 from .. import _backend
+from .._checks import MAX_POSITION, check_float_dtype, check_int, check_tensor
 from ..reference import decode_attention as _reference
 from . import _decode_attention_triton as _triton
 
-__all__ = ["decode_attention"]
+__all__ = ["decode_attention", "window_offsets"]
 
 _backend.register("decode_attention", reference=_reference, triton=_triton)
 
 
+def window_offsets(block, lo_off, hi_off):
+    """(r_min, r_max): the relative offsets s - p a query of the interval mask (block, lo_off >= 0,
+    hi_off) can see: lo(p) - p >= -(lo_off + block - 1), hi(p) - p <= hi_off."""
+    return -(lo_off + block - 1), hi_off
+
+
+def _check_bias(q, k_ring, rel_bias, gate, rel_offset, block, lo_off, hi_off):
+    """Validated rel_offset (None without a bias); shapes and ints only, no device read."""
+    B, H, M, _ = q.shape
+    if k_ring.dim() == 4 and (k_ring.shape[1] < 1 or H % k_ring.shape[1]):
+        raise ValueError(f"k_ring must have Hk heads with H % Hk == 0 (H={H}); got shape "
+                         f"{tuple(k_ring.shape)}")
+    if rel_bias is None:
+        if gate is not None:
+            raise ValueError("decode_attention: gate needs rel_bias (the gate scales the relative "
+                             "bias); got gate without rel_bias")
+        if rel_offset is not None:
+            raise ValueError(f"decode_attention: rel_offset needs rel_bias; got rel_offset="
+                             f"{rel_offset!r} without rel_bias")
+        return None
+    check_tensor("rel_bias", rel_bias, 2)
+    check_float_dtype("rel_bias", rel_bias)
+    if rel_bias.device != q.device:
+        raise ValueError(f"rel_bias must be on q's device ({q.device}); got {rel_bias.device}")
+    if rel_bias.shape[0] != H or rel_bias.shape[1] < 1:
+        raise ValueError(f"rel_bias must have shape (H={H}, L >= 1); got {tuple(rel_bias.shape)}")
+    if gate is not None:
+        check_tensor("gate", gate, 3)
+        check_float_dtype("gate", gate)
+        if gate.device != q.device:
+            raise ValueError(f"gate must be on q's device ({q.device}); got {gate.device}")
+        if tuple(gate.shape) != (B, H, M):
+            raise ValueError(f"gate must have shape (B, H, M) = {(B, H, M)}; got "
+                             f"{tuple(gate.shape)}")
+    if lo_off < 0:
+        raise ValueError(f"decode_attention: rel_bias needs a bounded left context (lo_off >= 0: "
+                         f"the offsets s - p a query sees must be covered by its columns); got "
+                         f"lo_off={lo_off}")
+    r_min, r_max = window_offsets(block, lo_off, hi_off)
+    if rel_offset is None:
+        rel_offset = r_min
+    check_int("rel_offset", rel_offset, min_value=-MAX_POSITION, max_value=MAX_POSITION)
+    L = rel_bias.shape[1]
+    if rel_offset > r_min or rel_offset + L - 1 < r_max:
+        raise ValueError(f"rel_bias must cover the window's relative offsets s - p in [{r_min}, "
+                         f"{r_max}] (window_offsets(block={block}, lo_off={lo_off}, hi_off="
+                         f"{hi_off})); got rel_offset={rel_offset} with {L} columns, covering "
+                         f"[{rel_offset}, {rel_offset + L - 1}]")
+    return rel_offset
+
+
 def decode_attention(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved, block,
-                     lo_off, hi_off, scale, backend=None):
+                     lo_off, hi_off, scale, backend=None, *, rel_bias=None, gate=None,
+                     rel_offset=None):
     """(B, H, M, D) outputs of the M pending queries of each slot; see the module docstring."""
+    rel_offset = _check_bias(q, k_ring, rel_bias, gate, rel_offset, block, lo_off, hi_off)
     args = dict(q=q, k_ring=k_ring)
     name = _backend.select("decode_attention", "forward", q.device.type, args, backend)
     if name == "triton" and torch.compiler.is_compiling():
@@ -44,5 +110,8 @@ def decode_attention(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interl
         fwd = _triton.forward_op
     else:
         fwd = _backend.get_entry("decode_attention", name, "forward")   # eager: direct path
+    if rel_bias is None:
+        return fwd(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved, block,
+                   lo_off, hi_off, scale)
     return fwd(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved, block, lo_off,
-               hi_off, scale)
+               hi_off, scale, rel_bias, gate, rel_offset)

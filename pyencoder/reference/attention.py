@@ -1,10 +1,11 @@
 """Plain-torch interval attention: the CPU production path and the test oracle for the kernels.
 
 Computes, for query i at absolute position p = q_offset + i and key j at s = k_offset + j,
-visible(i, j) = lo(p) <= s <= hi(p) and j < key_lengths[b], lo and hi those of the
-pyencoder.IntervalMask whose ints (block, lo_off, hi_off) the registered op passes (pyencoder/mask.py
-holds the formula; a frame-rate mask also passes its key block ``kb``, the keyword every entry point
-below takes: base(p) = (p // block) * kb), with RoPE (inv_freq, NeoX or interleaved, partial rotary) applied to q and k at their absolute
+visible(i, j) = lo(p) <= s <= hi(p) (or s < sink) and j < key_lengths[b], lo and hi those of the
+pyencoder.IntervalMask whose ints (block, lo_off, hi_off, and the keywords sink and kb, the key
+block of a frame-rate mask: base(p) = (p // block) * kb) the registered op passes to ``forward`` /
+``backward`` (pyencoder/mask.py holds the formula; the helpers below take the IntervalMask), with
+RoPE (inv_freq, NeoX or interleaved, partial rotary) applied to q and k at their absolute
 positions, softmax(scale * q k^T) over visible keys, and the zero-row rule (no visible key: output 0,
 lse = -inf, zero gradient).
 
@@ -27,9 +28,12 @@ when the tensors are on a GPU); only when it fails, the call runs on copies with
 entries replaced by 0 and marks the poisoned rows from per-row key intervals (prefix sums over
 the non-finite key rows: O(N) extra work, no N x N mask).
 """
+from typing import NamedTuple, Optional
+
 import torch
 
 from .._cpu_threads import threads_for
+from ..mask import IntervalMask
 from ..rope import apply_rope
 
 _NEG_INF = float("-inf")
@@ -39,29 +43,39 @@ def _cdtype(dt):
     return torch.float64 if dt == torch.float64 else torch.float32
 
 
-def _bounds(p, block, lo_off, hi_off, kb=None):
-    base = torch.div(p, block, rounding_mode="floor") * (block if kb is None else kb)
-    hi = base + hi_off
-    if lo_off < 0:
+class Bias(NamedTuple):
+    """The relative-position bias of a call (pyencoder.ops.attention): table (Hq, L), gate
+    (B, Hq, Nq) or None, and the relative offset of the table's column 0."""
+    rel_bias: torch.Tensor
+    gate: Optional[torch.Tensor]
+    rel_offset: int
+
+
+def _bounds(p, mask):
+    """(lo, hi) of the query positions ``p`` (an int64 tensor): lo a large negative number for
+    unbounded history (not clamped at 0, unlike IntervalMask.lo)."""
+    base = torch.div(p, mask.block, rounding_mode="floor") * mask.k_block
+    hi = base + mask.hi_off
+    if mask.lo_off < 0:
         lo = torch.full_like(p, torch.iinfo(torch.int64).min // 4)
     else:
-        lo = base - lo_off
+        lo = base - mask.lo_off
     return lo, hi
 
 
-def _bound_scalar(p, block, lo_off, hi_off, kb=None):
-    base = (p // block) * (block if kb is None else kb)
-    return (None if lo_off < 0 else base - lo_off), base + hi_off
+def _bound_scalar(p, mask):
+    base = mask.base(p)
+    return (None if mask.lo_off < 0 else base - mask.lo_off), base + mask.hi_off
 
 
-def _tile_size(nq, block, lo_off, hi_off):
+def _tile_size(nq, mask):
     # A tile of tq queries reads tq + W - 1 keys for W visible ones: small tiles waste less work,
     # large ones amortise per-tile overhead. Measured on a 2-core CPU (H=12, D=64): tq=64 is best
     # or within noise of best for W in 54..254 and for unbounded history at N=1500; tq=256 is up
     # to 1.8x slower.
-    if lo_off < 0:
+    if mask.lo_off < 0:
         return 128
-    w = lo_off + hi_off + block
+    w = mask.lo_off + mask.hi_off + mask.block
     return int(min(128, max(32, w // 4)))
 
 
@@ -71,25 +85,26 @@ def key_limit(key_lengths, nk):
     return int(min(nk, int(key_lengths.max().item()))) if key_lengths.numel() else 0
 
 
-def query_tiles(nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset, kb=None):
-    """Yield (i0, i1, j0, j1): query tile and the key range it can see (j1 > j0)."""
-    tq = _tile_size(nq, block, lo_off, hi_off)
+def query_tiles(nq, nk_eff, mask, q_offset, k_offset):
+    """Yield (i0, i1, j0, j1): query tile and the key range its interval can see (sink keys
+    aside) under the IntervalMask ``mask``."""
+    tq = _tile_size(nq, mask)
     for i0 in range(0, nq, tq):
         i1 = min(nq, i0 + tq)
-        lo, _ = _bound_scalar(q_offset + i0, block, lo_off, hi_off, kb)
-        _, hi = _bound_scalar(q_offset + i1 - 1, block, lo_off, hi_off, kb)
+        lo, _ = _bound_scalar(q_offset + i0, mask)
+        _, hi = _bound_scalar(q_offset + i1 - 1, mask)
         j0 = 0 if lo is None else max(0, lo - k_offset)
         j1 = min(nk_eff, hi - k_offset + 1)
         yield i0, i1, j0, j1
 
 
-def tile_bias(i0, i1, j0, j1, block, lo_off, hi_off, q_offset, k_offset, g, dtype, device,
-               kb=None):
-    """Additive (1, g*tq, tk) bias of the tile's positional mask (0 or -inf), or None when every
-    query of the tile sees every key of the range."""
+def tile_bias(i0, i1, j0, j1, mask, q_offset, k_offset, g, dtype, device):
+    """Additive (1, g*tq, tk) bias of the tile's positional mask (0 or -inf; the interval of the
+    IntervalMask ``mask``, sink keys aside), or None when every query of the tile sees every key
+    of the range."""
     p = torch.arange(q_offset + i0, q_offset + i1, device=device)
     s = torch.arange(k_offset + j0, k_offset + j1, device=device)
-    lo, hi = _bounds(p, block, lo_off, hi_off, kb)
+    lo, hi = _bounds(p, mask)
     m = (s[None, :] >= lo[:, None]) & (s[None, :] <= hi[:, None])
     if bool(m.all()):
         return None
@@ -106,15 +121,14 @@ class _Biases:
     frame of a frame mask, block otherwise). Interior tiles of a band or chunked mask share one
     entry; at most 8 are kept."""
 
-    def __init__(self, block, lo_off, hi_off, q_offset, k_offset, g, dtype, device, kb=None):
-        self.args = (block, lo_off, hi_off, q_offset, k_offset, g, dtype, device, kb)
-        self.kb = block if kb is None else kb
+    def __init__(self, mask, q_offset, k_offset, g, dtype, device):
+        self.args = (mask, q_offset, k_offset, g, dtype, device)
         self.memo = {}
 
     def get(self, i0, i1, j0, j1):
-        block, _, _, q_offset, k_offset = self.args[:5]
+        mask, q_offset, k_offset = self.args[:3]
         p0, s0 = q_offset + i0, k_offset + j0
-        key = (i1 - i0, j1 - j0, (p0 // block) * self.kb - s0, p0 % block)
+        key = (i1 - i0, j1 - j0, mask.base(p0) - s0, p0 % mask.block)
         if key not in self.memo:
             if len(self.memo) >= 8:
                 self.memo.clear()
@@ -128,7 +142,8 @@ class _RelBias:
     (query i, key j) is gate[b, h, i] * rel_bias[h, (k_offset + j) - (q_offset + i) - rel_offset];
     columns outside [0, L) only occur at masked pairs (clamped: their score is -inf anyway)."""
 
-    def __init__(self, rel_bias, gate, rel_offset, q_offset, k_offset, B, Hk, g, cdt):
+    def __init__(self, bias, q_offset, k_offset, B, Hk, g, cdt):
+        rel_bias, gate, rel_offset = bias
         self.table = rel_bias.to(cdt)
         self.gate = None if gate is None else gate.to(cdt).view(B, Hk, g, -1)
         self.shift = k_offset - q_offset - rel_offset
@@ -196,12 +211,12 @@ def _sink_split(j0, j1, ns):
     return ns, j0, j1
 
 
-def _sink_bias(i0, i1, jidx, block, lo_off, hi_off, sink, q_offset, k_offset, g, dtype):
+def _sink_bias(i0, i1, jidx, mask, q_offset, k_offset, g, dtype):
     """tile_bias for the key indices ``jidx`` of a mask with sink keys (not memoised)."""
     p = torch.arange(q_offset + i0, q_offset + i1, device=jidx.device)
     s = jidx + k_offset
-    lo, hi = _bounds(p, block, lo_off, hi_off)
-    m = ((s[None, :] >= lo[:, None]) & (s[None, :] <= hi[:, None])) | (s < sink)[None, :]
+    lo, hi = _bounds(p, mask)
+    m = ((s[None, :] >= lo[:, None]) & (s[None, :] <= hi[:, None])) | (s < mask.sink)[None, :]
     if bool(m.all()):
         return None
     bias = torch.zeros(m.shape, dtype=dtype, device=jidx.device).masked_fill_(~m, _NEG_INF)
@@ -287,11 +302,11 @@ class _RotatedKeys:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def _flops(q, k, block, lo_off, hi_off, sink=0):
+def _flops(q, k, mask):
     """Rough arithmetic of one pass (q k^T and p v over each query's window)."""
     B, Hq, Nq, D = q.shape
     Nk = k.shape[2]
-    w = Nk if lo_off < 0 else min(Nk, lo_off + hi_off + block + sink)
+    w = Nk if mask.lo_off < 0 else min(Nk, mask.lo_off + mask.hi_off + mask.block + mask.sink)
     return 4.0 * B * Hq * Nq * max(w, 1) * D
 
 
@@ -313,12 +328,12 @@ def nonfinite_rows(x):
     return ~torch.isfinite(x).all(-1)
 
 
-def visible_key_ranges(Nq, B, key_lengths, Nk, block, lo_off, hi_off, q_offset, k_offset,
-                       device, kb=None):
-    """Keys j in [jlo[i], jhi[b, i]) are the ones query i of batch item b sees: jlo (Nq,),
-    jhi (B, Nq) int64, empty when jhi <= jlo."""
+def visible_key_ranges(Nq, B, key_lengths, Nk, mask, q_offset, k_offset, device):
+    """Keys j in [jlo[i], jhi[b, i]) are the ones query i of batch item b sees in its interval
+    (IntervalMask ``mask``, sink keys aside): jlo (Nq,), jhi (B, Nq) int64, empty when
+    jhi <= jlo."""
     p = torch.arange(q_offset, q_offset + Nq, device=device)
-    lo, hi = _bounds(p, block, lo_off, hi_off, kb)
+    lo, hi = _bounds(p, mask)
     jlo = (lo - k_offset).clamp_(0, Nk)
     lim = (torch.full((B,), Nk, dtype=torch.int64, device=device) if key_lengths is None
            else key_lengths.to(device=device, dtype=torch.int64).clamp(0, Nk))
@@ -360,13 +375,13 @@ def poisoned_rows(qbad, kvbad, ranges, Hq):
     return bad
 
 
-def keys_seen_by(rowbad, Hk, Nk, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
-                 kb=None):
-    """(B, Hk, Nk) bool: key j of kv head hk is visible to a row with rowbad (B, Hq, Nq)."""
+def keys_seen_by(rowbad, Hk, Nk, key_lengths, mask, q_offset, k_offset):
+    """(B, Hk, Nk) bool: key j of kv head hk is in the interval (IntervalMask ``mask``, sink keys
+    aside) of a row with rowbad (B, Hq, Nq)."""
     B, Hq, Nq = rowbad.shape
     dev = rowbad.device
     p = torch.arange(q_offset, q_offset + Nq, device=dev)
-    lo, hi = _bounds(p, block, lo_off, hi_off, kb)
+    lo, hi = _bounds(p, mask)
     s = torch.arange(k_offset, k_offset + Nk, device=dev)
     ia = torch.searchsorted(hi.contiguous(), s, right=False)
     ib = torch.searchsorted(lo.contiguous(), s, right=True)
@@ -390,42 +405,50 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
     _RelBias; not with sink keys yet); a non-finite gate entry poisons its row like a non-finite
     q row. On CPU the call runs with the thread count of pyencoder._cpu_threads (work size and
     machine load; one thread when busy)."""
-    with threads_for(_flops(q, k, block, lo_off, hi_off, sink), q.device):
-        return _forward_checked(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-                                k_offset, scale, interleaved, sink, kb, rel_bias, gate, rel_offset)
+    mask, relbias = _mask_and_bias(block, lo_off, hi_off, sink, kb, rel_bias, gate, rel_offset)
+    with threads_for(_flops(q, k, mask), q.device):
+        return _forward_checked(q, k, v, inv_freq, key_lengths, mask, q_offset, k_offset, scale,
+                                interleaved, relbias)
 
 
-def _forward_checked(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
-                     scale, interleaved, sink=0, kb=None, rel_bias=None, gate=None,
-                     rel_offset=0):
+def _mask_and_bias(block, lo_off, hi_off, sink, kb, rel_bias, gate, rel_offset):
+    """The entry points' ints as (IntervalMask, Bias or None); refuses a bias with sinks or a
+    frame-rate mask."""
+    kb = block if kb is None else kb
     if rel_bias is not None and sink:
         raise ValueError(f"rel_bias with sink keys is not supported yet; got sink={sink}")
-    if rel_bias is not None and kb is not None and kb != block:
+    if rel_bias is not None and kb != block:
         raise ValueError(f"rel_bias with a frame-rate mask is not supported; got k_block={kb} "
                          f"!= block={block}")
+    mask = IntervalMask(block, lo_off, hi_off, kb, sink)
+    return mask, None if rel_bias is None else Bias(rel_bias, gate, rel_offset)
+
+
+def _forward_checked(q, k, v, inv_freq, key_lengths, mask, q_offset, k_offset, scale,
+                     interleaved, relbias):
+    gate = None if relbias is None else relbias.gate
     if all_finite(q, k, v, gate):
-        return _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-                        k_offset, scale, interleaved, sink, kb, rel_bias, gate, rel_offset)
+        return _forward(q, k, v, inv_freq, key_lengths, mask, q_offset, k_offset, scale,
+                        interleaved, relbias)
     B, Hq, Nq, _ = q.shape
-    ranges = visible_key_ranges(Nq, B, key_lengths, k.shape[2], block, lo_off, hi_off, q_offset,
-                                k_offset, q.device, kb)
+    ranges = visible_key_ranges(Nq, B, key_lengths, k.shape[2], mask, q_offset, k_offset,
+                                q.device)
     kvbad = nonfinite_rows(k) | nonfinite_rows(v)
     qbad = nonfinite_rows(q)
     if gate is not None:
         qbad = qbad | ~torch.isfinite(gate)
-        gate = finite_or_zero(gate)
+        relbias = relbias._replace(gate=finite_or_zero(gate))
     bad = poisoned_rows(qbad, kvbad, ranges, Hq)
-    nsb = _sink_counts(B, key_lengths, k.shape[2], k_offset, sink, q.device)
+    nsb = _sink_counts(B, key_lengths, k.shape[2], k_offset, mask.sink, q.device)
     if nsb is not None:
         bad |= _sink_poison(kvbad, nsb, Hq)[:, :, None] | (qbad & (nsb > 0)[:, None, None])
     out, lse = _forward(finite_or_zero(q), finite_or_zero(k), finite_or_zero(v), inv_freq,
-                        key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale, interleaved,
-                        sink, kb, rel_bias, gate, rel_offset)
+                        key_lengths, mask, q_offset, k_offset, scale, interleaved, relbias)
     return out.masked_fill_(bad[..., None], float("nan")), lse.masked_fill_(bad, float("nan"))
 
 
-def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
-             interleaved, sink=0, kb=None, rel_bias=None, gate=None, rel_offset=0):
+def _forward(q, k, v, inv_freq, key_lengths, mask, q_offset, k_offset, scale, interleaved,
+             relbias=None):
     """forward() for finite inputs. Working memory beyond the output is O(tile * W): q is rotated
     tile by tile and k block by block (each exactly once), never as whole rotated copies."""
     B, Hq, Nq, D = q.shape
@@ -435,18 +458,17 @@ def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_
     cdt = _cdtype(q.dtype)
     keys = _RotatedKeys(k, k_offset, inv_freq, interleaved, cdt)
     queries = _RotatedKeys(q, q_offset, inv_freq, interleaved, cdt)   # same lazy blocks for q
-    biases = _Biases(block, lo_off, hi_off, q_offset, k_offset, g, cdt, q.device, kb)
+    biases = _Biases(mask, q_offset, k_offset, g, cdt, q.device)
     vc = v.to(cdt).reshape(B * Hk, Nk, Dv)
     out = torch.zeros(B, Hk, g, Nq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.full((B, Hk, g, Nq), _NEG_INF, dtype=cdt, device=q.device)
     nk_eff = key_limit(key_lengths, Nk)
     min_len = min_key_length(key_lengths, Nk)
-    ns = _sink_keys(k_offset, sink, nk_eff)
+    ns = _sink_keys(k_offset, mask.sink, nk_eff)
     if ns:
         sink_k = rotate(k[:, :, :ns], k_offset, inv_freq, interleaved, cdt).reshape(B * Hk, ns, D)
-    rel = None if rel_bias is None else _RelBias(rel_bias, gate, rel_offset, q_offset, k_offset,
-                                                 B, Hk, g, cdt)
-    for i0, i1, j0, j1 in query_tiles(Nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset, kb):
+    rel = None if relbias is None else _RelBias(relbias, q_offset, k_offset, B, Hk, g, cdt)
+    for i0, i1, j0, j1 in query_tiles(Nq, nk_eff, mask, q_offset, k_offset):
         js, j0, j1 = _sink_split(j0, j1, ns)
         if j1 <= j0 and js == 0:
             continue
@@ -460,8 +482,7 @@ def _forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_
                 rel.add_to(s, rel.index(i0, i1, j0, j1), i0, i1)
         else:
             jidx = _tile_keys(js, j0, j1, q.device)
-            bias = _sink_bias(i0, i1, jidx, block, lo_off, hi_off, sink, q_offset, k_offset, g,
-                              cdt)
+            bias = _sink_bias(i0, i1, jidx, mask, q_offset, k_offset, g, cdt)
             kt = keys.get(j0, j1) if j1 > j0 else sink_k[:, :0]
             kt = torch.cat([sink_k[:, :js], kt], 1) if js else kt
             vt = torch.cat([vc[:, :js], vc[:, j0:j1]], 1) if js else vc[:, j0:j1]
@@ -482,37 +503,34 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
     """Returns (dq, dk, dv) in the dtypes of q, k, v; NaN rows as in the module docstring. With
     ``rel_bias``: (dq, dk, dv, drel_bias, dgate) (dgate None without a gate); dgate is NaN on the
     rows where dq is, and those rows add nothing to drel_bias. Thread count as in forward."""
-    with threads_for(2.5 * _flops(q, k, block, lo_off, hi_off, sink), q.device):
-        res = _backward_checked(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off,
-                                hi_off, q_offset, k_offset, scale, interleaved, sink, kb,
-                                rel_bias, gate, rel_offset)
+    mask, relbias = _mask_and_bias(block, lo_off, hi_off, sink, kb, rel_bias, gate, rel_offset)
+    with threads_for(2.5 * _flops(q, k, mask), q.device):
+        res = _backward_checked(dout, q, k, v, out, lse, inv_freq, key_lengths, mask, q_offset,
+                                k_offset, scale, interleaved, relbias)
     return res if rel_bias is not None else res[:3]
 
 
-def _backward_checked(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off,
-                      q_offset, k_offset, scale, interleaved, sink=0, kb=None, rel_bias=None,
-                      gate=None, rel_offset=0):
-    bias = (rel_bias, gate, rel_offset)
+def _backward_checked(dout, q, k, v, out, lse, inv_freq, key_lengths, mask, q_offset, k_offset,
+                      scale, interleaved, relbias):
+    gate = None if relbias is None else relbias.gate
     if all_finite(dout, q, k, v, gate) and not bool(torch.isnan(lse).any()):
-        return _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off,
-                         q_offset, k_offset, scale, interleaved, None, sink, kb, *bias)
+        return _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, mask, q_offset,
+                         k_offset, scale, interleaved, None, relbias)
     B, Hq, Nq, _ = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
-    jlo, jhi = visible_key_ranges(Nq, B, key_lengths, Nk, block, lo_off, hi_off, q_offset,
-                                  k_offset, q.device, kb)
+    jlo, jhi = visible_key_ranges(Nq, B, key_lengths, Nk, mask, q_offset, k_offset, q.device)
     sees = (jhi > jlo[None, :])[:, None, :]
-    nsb = _sink_counts(B, key_lengths, Nk, k_offset, sink, q.device)
+    nsb = _sink_counts(B, key_lengths, Nk, k_offset, mask.sink, q.device)
     if nsb is not None:
         sees = sees | (nsb > 0)[:, None, None]
     rowbad = (torch.isnan(lse) | nonfinite_rows(dout) | nonfinite_rows(out)) & sees
     if gate is not None:
-        bias = (rel_bias, finite_or_zero(gate), rel_offset)
+        relbias = relbias._replace(gate=finite_or_zero(gate))
     dq, dk, dv, drel, dgate = _backward(
         finite_or_zero(dout), finite_or_zero(q), finite_or_zero(k), finite_or_zero(v),
-        finite_or_zero(out), lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-        k_offset, scale, interleaved, rowbad, sink, kb, *bias)
-    colbad = keys_seen_by(rowbad, Hk, Nk, key_lengths, block, lo_off, hi_off, q_offset, k_offset,
-                          kb)
+        finite_or_zero(out), lse, inv_freq, key_lengths, mask, q_offset, k_offset, scale,
+        interleaved, rowbad, relbias)
+    colbad = keys_seen_by(rowbad, Hk, Nk, key_lengths, mask, q_offset, k_offset)
     if nsb is not None:
         anybad = rowbad.view(B, Hk, Hq // Hk, Nq).any(-1).any(-1)             # (B, Hk)
         insink = torch.arange(Nk, device=q.device)[None, :] < nsb[:, None]    # (B, Nk)
@@ -524,11 +542,10 @@ def _backward_checked(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_
             dv.masked_fill_(colbad[..., None], nan), drel, dgate)
 
 
-def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
-              k_offset, scale, interleaved, rowbad, sink=0, kb=None, rel_bias=None,
-              gate=None, rel_offset=0):
-    """backward() for finite inputs; rows with rowbad (B, Hq, Nq) (or None) take no part.
-    Returns (dq, dk, dv, drel_bias or None, dgate or None)."""
+def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, mask, q_offset, k_offset, scale,
+              interleaved, rowbad, relbias=None):
+    """backward() for finite inputs; rows with rowbad (B, Hq, Nq) (or None) take no part;
+    ``relbias`` a Bias or None. Returns (dq, dk, dv, drel_bias or None, dgate or None)."""
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     Dv = v.shape[-1]
@@ -546,15 +563,15 @@ def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_
     dv = torch.zeros(B * Hk, Nk, Dv, dtype=cdt, device=q.device)
     nk_eff = key_limit(key_lengths, Nk)
     min_len = min_key_length(key_lengths, Nk)
-    biases = _Biases(block, lo_off, hi_off, q_offset, k_offset, g, cdt, q.device, kb)
-    ns = _sink_keys(k_offset, sink, nk_eff)
+    biases = _Biases(mask, q_offset, k_offset, g, cdt, q.device)
+    ns = _sink_keys(k_offset, mask.sink, nk_eff)
     rel = drel = dgate = None
-    if rel_bias is not None:
-        rel = _RelBias(rel_bias, gate, rel_offset, q_offset, k_offset, B, Hk, g, cdt)
-        drel = torch.zeros(rel_bias.shape, dtype=cdt, device=q.device)
-        if gate is not None:
+    if relbias is not None:
+        rel = _RelBias(relbias, q_offset, k_offset, B, Hk, g, cdt)
+        drel = torch.zeros(relbias.rel_bias.shape, dtype=cdt, device=q.device)
+        if relbias.gate is not None:
             dgate = torch.zeros(B, Hk, g, Nq, dtype=cdt, device=q.device)
-    for i0, i1, j0, j1 in query_tiles(Nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset, kb):
+    for i0, i1, j0, j1 in query_tiles(Nq, nk_eff, mask, q_offset, k_offset):
         js, j0, j1 = _sink_split(j0, j1, ns)
         if j1 <= j0 and js == 0:
             continue
@@ -569,8 +586,7 @@ def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_
                 rel.add_to(s, idx, i0, i1)
         else:
             jidx = _tile_keys(js, j0, j1, q.device)
-            bias = _sink_bias(i0, i1, jidx, block, lo_off, hi_off, sink, q_offset, k_offset, g,
-                              cdt)
+            bias = _sink_bias(i0, i1, jidx, mask, q_offset, k_offset, g, cdt)
             kt = torch.cat([kr[:, :js], kr[:, j0:j1]], 1) if js else kr[:, j0:j1]
             vt = torch.cat([vc[:, :js], vc[:, j0:j1]], 1) if js else vc[:, j0:j1]
             s = tile_scores(qt, kt, bias, key_lengths, min_len, j0, max(j1, js), B, Hk, jidx)
@@ -593,7 +609,7 @@ def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_
                  inverse=True)
     dk = rotate(dk.view(B, Hk, Nk, D), k_offset, inv_freq, interleaved, cdt, inverse=True)
     if drel is not None:
-        drel = drel.to(rel_bias.dtype)
+        drel = drel.to(relbias.rel_bias.dtype)
     if dgate is not None:
-        dgate = dgate.view(B, Hq, Nq).to(gate.dtype)
+        dgate = dgate.view(B, Hq, Nq).to(relbias.gate.dtype)
     return dq.to(q.dtype), dk.to(k.dtype), dv.view(B, Hk, Nk, Dv).to(v.dtype), drel, dgate

@@ -27,6 +27,7 @@ zero (not NaN) gradients, and a non-finite upstream gradient is not contained.
 """
 import torch
 
+from ..mask import IntervalMask
 from .attention import (key_limit, min_key_length, rotate, tile_bias, tile_scores, query_tiles,
                         all_finite, finite_or_zero, nonfinite_rows, poisoned_rows,
                         visible_key_ranges)
@@ -44,9 +45,9 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
     outside every tile have probability 0 and are not drawn."""
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
+    mask = IntervalMask(block, lo_off, hi_off)
     if not all_finite(q, k, v):
-        ranges = visible_key_ranges(Nq, B, key_lengths, Nk, block, lo_off, hi_off, q_offset,
-                                    k_offset, q.device)
+        ranges = visible_key_ranges(Nq, B, key_lengths, Nk, mask, q_offset, k_offset, q.device)
         bad = poisoned_rows(nonfinite_rows(q), nonfinite_rows(k) | nonfinite_rows(v), ranges, Hq)
         res = forward(finite_or_zero(q), finite_or_zero(k), finite_or_zero(v), inv_freq,
                       key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale, interleaved,
@@ -62,7 +63,7 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
     nk_eff = key_limit(key_lengths, Nk)
     min_len = min_key_length(key_lengths, Nk)
     outs, keeps = [], []
-    for i0, i1, j0, j1 in query_tiles(Nq, nk_eff, block, lo_off, hi_off, q_offset, k_offset):
+    for i0, i1, j0, j1 in query_tiles(Nq, nk_eff, mask, q_offset, k_offset):
         tq = i1 - i0
         if j1 <= j0:
             outs.append(torch.zeros(B, Hq, tq, Dv, dtype=cdt, device=q.device))
@@ -70,8 +71,7 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
         tk = j1 - j0
         qt = rotate(q[:, :, i0:i1], q_offset + i0, inv_freq, interleaved, cdt) * scale
         qt = qt.reshape(B * Hk, g * tq, D)
-        bias = tile_bias(i0, i1, j0, j1, block, lo_off, hi_off, q_offset, k_offset, g, cdt,
-                          q.device)
+        bias = tile_bias(i0, i1, j0, j1, mask, q_offset, k_offset, g, cdt, q.device)
         s = tile_scores(qt, kr[:, j0:j1], bias, key_lengths, min_len, j0, j1, B, Hk)
         with torch.no_grad():
             row_visible = torch.isfinite(s).any(-1, keepdim=True)

@@ -16,6 +16,16 @@ Rows i >= q_count[b] are padding and output zeros, like rows with no visible key
 follows pyencoder.reference.attention.forward step by step (q k^T, times scale, mask, max, exp,
 sum, p v, divide), so a streamed row matches the offline row up to summation order.
 
+Relative bias (``rel_bias``, ``gate``, ``rel_offset``; all None: no bias, the arithmetic above
+unchanged): the score of query row i (position p) and ring entry at position s gains
+``gate[b, h, i] * rel_bias[h, s - p - rel_offset]`` (gate None: 1), added after the scale and
+before the mask, in the order of pyencoder.nn.relpos (WavLM's gated bucket bias; the caller reads
+its bucket table into the dense per-offset vector once per call). The columns must cover the
+window's offsets [-(lo_off + block - 1), hi_off] (pyencoder.ops.decode_attention validates); the
+gather index is clamped, so entries outside the window (masked anyway) read an edge column.
+GQA: k_ring / v_ring may have Hk heads with H % Hk == 0 (query head h reads ring head
+h // (H / Hk)).
+
 Non-finite values follow pyencoder.reference.attention: a row that sees a ring entry whose k or v
 has a NaN / inf entry (or whose own q has one) outputs NaN, every other row is exact (masked
 entries never contribute 0 * NaN): ``nonfinite_guard`` turns each non-finite score, or score of
@@ -27,8 +37,8 @@ import torch
 from .._cpu_threads import threads_for
 from ..rope import apply_rope
 
-__all__ = ["ring_positions", "ring_write", "nonfinite_guard", "decode_attention_reference",
-           "supports_forward", "forward"]
+__all__ = ["ring_positions", "ring_write", "nonfinite_guard", "ring_bias",
+           "decode_attention_reference", "supports_forward", "forward"]
 
 _NEG_INF = float("-inf")
 
@@ -61,12 +71,14 @@ def nonfinite_guard(s, v):
 
 
 def decode_attention_reference(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved,
-                               block, lo_off, hi_off, scale):
+                               block, lo_off, hi_off, scale, rel_bias=None, gate=None,
+                               rel_offset=None):
     """Plain-torch oracle of the streaming decode attention: queries q (B, H, M, D) at positions
     ``q_pos`` (the first ``q_count`` rows valid) against a ring buffer of rotated keys / values
-    (B, H, cap, D) holding ``n_keys`` keys; interval mask from ``block``, ``lo_off`` (< 0: unbounded)
-    and ``hi_off``; RoPE on q from ``inv_freq`` (None: none). Rows without a visible key output
-    zeros."""
+    (B, Hk, cap, D) holding ``n_keys`` keys; interval mask from ``block``, ``lo_off`` (< 0:
+    unbounded) and ``hi_off``; RoPE on q from ``inv_freq`` (None: none); optional relative bias
+    ``rel_bias`` (H, L) from offset ``rel_offset`` with per-row ``gate`` (B, H, M) (module
+    docstring). Rows without a visible key output zeros."""
     B, H, M, D = q.shape
     cap = k_ring.shape[2]
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -86,8 +98,13 @@ def decode_attention_reference(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_fr
         m &= kpos >= (base - lo_off).clamp_min_(0)[:, :, None]
     else:
         m &= kpos >= 0
+    if k_ring.shape[1] != H:
+        k_ring = k_ring.repeat_interleave(H // k_ring.shape[1], dim=1)
+        v_ring = v_ring.repeat_interleave(H // v_ring.shape[1], dim=1)
     s = torch.matmul(qr, k_ring.to(cdt).transpose(-1, -2))
     s.mul_(scale)
+    if rel_bias is not None:
+        s.add_(ring_bias(rel_bias, gate, rel_offset, kpos, q_pos, cdt))
     s, vr = nonfinite_guard(s, v_ring.to(cdt))
     s.masked_fill_(~m[:, None], _NEG_INF)
     mx = s.amax(dim=-1, keepdim=True).nan_to_num_(neginf=0.0)   # empty rows: -inf -> 0
@@ -99,15 +116,25 @@ def decode_attention_reference(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_fr
     return o.to(q.dtype)
 
 
+def ring_bias(rel_bias, gate, rel_offset, kpos, q_pos, cdt):
+    """(B, H, M, cap) gate[b, h, i] * rel_bias[h, kpos - q_pos - rel_offset] (index clamped to
+    the table: entries outside the window are masked by the caller)."""
+    L = rel_bias.shape[1]
+    idx = (kpos - q_pos[:, :, None] - rel_offset).clamp_(0, L - 1)       # (B, M, cap)
+    bias = rel_bias.to(cdt)[:, idx].transpose(0, 1)                     # (B, H, M, cap)
+    return bias if gate is None else bias.mul_(gate.to(cdt)[..., None])
+
+
 def supports_forward(**_):
     return None
 
 
 def forward(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved, block, lo_off,
-            hi_off, scale):
+            hi_off, scale, rel_bias=None, gate=None, rel_offset=None):
     """The reference backend's entry: decode_attention_reference under the CPU thread policy."""
     # A step is a few MFLOP: on CPU its ~20 small ops run single-threaded (pyencoder._cpu_threads:
     # each parallel op would pay a thread barrier, 10-25x slower on a busy machine).
     with threads_for(4.0 * q.numel() * k_ring.shape[2], q.device):
         return decode_attention_reference(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq,
-                                          interleaved, block, lo_off, hi_off, scale)
+                                          interleaved, block, lo_off, hi_off, scale, rel_bias,
+                                          gate, rel_offset)

@@ -108,7 +108,8 @@ class StreamingSequential(nn.Sequential):
 
     def step_fixed(self, x, state, check=False):
         """CUDA-graph friendly steady-state step: every child's ``step_fixed`` (preconditions:
-        CausalConv1d.step_fixed and BandedSelfAttention / ChunkedSelfAttention.step_fixed);
+        CausalConv1d.step_fixed and BandedSelfAttention / ChunkedSelfAttention /
+        WavLMSelfAttention.step_fixed);
         per-frame children as is. No host synchronisation; the state is updated in place.
         ``check=True`` makes every child verify its preconditions first (host synchronisation:
         once, outside graph capture). Returns y."""

@@ -1,0 +1,23 @@
+"""Program-index helper shared by the Triton kernels whose grid is (batch * heads, row tiles) in
+either axis order (the ring decode kernel, interval attention's backward preprocess).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _head_row_tile(H, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HEADS_AXIS: tl.constexpr):
+    """(bh, b, h, rows, cols) of this program: bh = the (batch * H + head) index read from grid
+    axis HEADS_AXIS, the row tile from the other axis (program ids read in axis order), its
+    BLOCK_M row indices and the BLOCK_C column indices."""
+    if HEADS_AXIS == 0:
+        bh = tl.program_id(0)
+        pid_m = tl.program_id(1)
+    else:
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_C)
+    return bh, b, h, rows, cols
