@@ -411,6 +411,28 @@ def _bias_tile(bias, rel, HAS_GATE: tl.constexpr, TRANS: tl.constexpr):
 
 
 @triton.jit
+def _key_tile(kv, rope, j0, nk_b, k_offset, D, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+              BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr,
+              HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, ROPE_TABLE: tl.constexpr,
+              ZERO_K: tl.constexpr):
+    """Key block j0 of a query-tile kernel (forward, dq): its columns, absolute positions, the
+    rotated k groups (ZERO_K: non-finite entries zeroed, before v is loaded) and the v tile."""
+    k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd = kv
+    cols = j0 + tl.arange(0, BLOCK_N)
+    cmask = cols < nk_b
+    k_pos = k_offset + cols
+    ka, kb, kc = _load_qk(k_base, cols, cmask, stride_kn, stride_kd, k_pos, rope, BLOCK_R,
+                          BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED, ROPE_TABLE)
+    if ZERO_K:
+        # rows that do not see a non-finite key must not read it through a zero coefficient
+        ka, kb, kc = _groups_zero_nonfinite(ka, kb, kc, HAS_ROPE, HAS_PASS)
+    dv = tl.arange(0, BLOCK_DV)
+    v = tl.load(v_base + cols[:, None] * stride_vn + dv[None, :] * stride_vd,
+                mask=cmask[:, None] & (dv < D)[None, :], other=0.0)
+    return cols, k_pos, ka, kb, kc, v
+
+
+@triton.jit
 def _fwd_block(acc, l_i, m_i, q3, kv, rope, win, bias, j0, q_pos, nk_b, D, qk_scale,
                BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
@@ -418,16 +440,10 @@ def _fwd_block(acc, l_i, m_i, q3, kv, rope, win, bias, j0, q_pos, nk_b, D, qk_sc
                DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr,
                HAS_GATE: tl.constexpr, HAS_SINK: tl.constexpr):
     qa, qb, qc = q3
-    k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd = kv
     block, lo_off, hi_off, q_offset, k_offset, kblock, sink = win
-    cols = j0 + tl.arange(0, BLOCK_N)
-    cmask = cols < nk_b
-    k_pos = k_offset + cols
-    ka, kb, kc = _load_qk(k_base, cols, cmask, stride_kn, stride_kd, k_pos, rope, BLOCK_R,
-                          BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED, ROPE_TABLE)
-    dv = tl.arange(0, BLOCK_DV)
-    v = tl.load(v_base + cols[:, None] * stride_vn + dv[None, :] * stride_vd,
-                mask=cmask[:, None] & (dv < D)[None, :], other=0.0)
+    cols, k_pos, ka, kb, kc, v = _key_tile(kv, rope, j0, nk_b, k_offset, D, BLOCK_N, BLOCK_R,
+                                           BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED,
+                                           ROPE_TABLE, False)
     s = _scores(qa, qb, qc, ka, kb, kc, tl.zeros([acc.shape[0], BLOCK_N], dtype=tl.float32),
                 HAS_ROPE, HAS_PASS, DOT_PREC) * qk_scale
     if HAS_BIAS:
@@ -567,19 +583,10 @@ def _dq_block(dq3, q3, do, lse2, delta, kv, rope, win, bias, j0, q_pos, nk_b, D,
               HAS_GATE: tl.constexpr, DREL_ROW, HAS_SINK: tl.constexpr):
     dqc, dqa, dqb = dq3[0], dq3[1], dq3[2]
     qa, qb, qc = q3
-    k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd = kv
     block, lo_off, hi_off, q_offset, k_offset, kblock, sink = win
-    cols = j0 + tl.arange(0, BLOCK_N)
-    cmask = cols < nk_b
-    k_pos = k_offset + cols
-    ka, kb, kc = _load_qk(k_base, cols, cmask, stride_kn, stride_kd, k_pos, rope, BLOCK_R,
-                          BLOCK_C, HAS_ROPE, HAS_PASS, INTERLEAVED, ROPE_TABLE)
-    if MASKED:
-        # rows that do not see a non-finite key must not read it through a zero coefficient
-        ka, kb, kc = _groups_zero_nonfinite(ka, kb, kc, HAS_ROPE, HAS_PASS)
-    dv = tl.arange(0, BLOCK_DV)
-    v = tl.load(v_base + cols[:, None] * stride_vn + dv[None, :] * stride_vd,
-                mask=cmask[:, None] & (dv < D)[None, :], other=0.0)
+    cols, k_pos, ka, kb, kc, v = _key_tile(kv, rope, j0, nk_b, k_offset, D, BLOCK_N, BLOCK_R,
+                                           BLOCK_C, BLOCK_DV, HAS_ROPE, HAS_PASS, INTERLEAVED,
+                                           ROPE_TABLE, MASKED)
     s = _scores(qa, qb, qc, ka, kb, kc, tl.zeros([do.shape[0], BLOCK_N], dtype=tl.float32),
                 HAS_ROPE, HAS_PASS, DOT_PREC) * qk_scale
     if HAS_BIAS:
