@@ -148,3 +148,26 @@ def check_lengths(name, lengths, batch, limit, device):
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 0 or hi > limit:
             raise ValueError(f"{name} values must lie in [0, {limit}]; got min {lo}, max {hi}")
+
+
+def check_bias_tensors(q, rel_bias, gate, heads, gate_shape, gate_dims, head_name="H",
+                       min_columns=1):
+    """The relative-position bias inputs shared by interval and decode attention: ``rel_bias``
+    (heads, L >= min_columns) and ``gate`` (None or ``gate_shape``, described as
+    ``gate_dims``), floating and on q's device. The offset range the columns must cover is the
+    caller's check."""
+    check_tensor("rel_bias", rel_bias, 2)
+    check_float_dtype("rel_bias", rel_bias)
+    if rel_bias.device != q.device:
+        raise ValueError(f"rel_bias must be on q's device ({q.device}); got {rel_bias.device}")
+    if rel_bias.shape[0] != heads or rel_bias.shape[1] < min_columns:
+        raise ValueError(f"rel_bias must have shape ({head_name}={heads}, L), L >= "
+                         f"{min_columns}; got {tuple(rel_bias.shape)}")
+    if gate is not None:
+        check_tensor("gate", gate, 3)
+        check_float_dtype("gate", gate)
+        if gate.device != q.device:
+            raise ValueError(f"gate must be on q's device ({q.device}); got {gate.device}")
+        if tuple(gate.shape) != tuple(gate_shape):
+            raise ValueError(f"gate must have shape {gate_dims} = {tuple(gate_shape)}; got "
+                             f"{tuple(gate.shape)}")

@@ -418,16 +418,20 @@ def _frame_const(consts, block, kb):
     return consts
 
 
+def _require_supported(q, k, v, inv_freq, block, q_offset, k_offset, sink, kb, rel_bias):
+    reason = supports_forward(q, k, v, inv_freq, block=block, q_offset=q_offset,
+                              k_offset=k_offset, sink=sink, kb=kb, rel_bias=rel_bias)
+    if reason is not None:
+        raise ValueError(f"pyencoder triton attention: {reason}")
+
+
 def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
             interleaved, sink=0, kb=None, rel_bias=None, gate=None, rel_offset=0):
     """Returns (out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32). ``kb``: the key-side
     block of a frame-rate mask (None: block). ``rel_bias`` (Hq, L), ``gate`` (B, Hq, Nq) or None,
     ``rel_offset``: relative-position bias (pyencoder.ops.attention), read by the kernels in
     float32."""
-    reason = supports_forward(q, k, v, inv_freq, block=block, q_offset=q_offset,
-                              k_offset=k_offset, sink=sink, kb=kb, rel_bias=rel_bias)
-    if reason is not None:
-        raise ValueError(f"pyencoder triton attention: {reason}")
+    _require_supported(q, k, v, inv_freq, block, q_offset, k_offset, sink, kb, rel_bias)
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     out = _new((B, Hq, Nq, D), q)
@@ -458,10 +462,7 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
     ``rel_bias``: (dq, dk, dv, drel_bias, dgate or None); dgate is a row reduction of the dq
     kernel (deterministic), drel_bias is accumulated with float32 atomics by the dq kernel (one
     per visible (query, key) pair: summation order, hence the last bits, vary between runs)."""
-    reason = supports_forward(q, k, v, inv_freq, block=block, q_offset=q_offset,
-                              k_offset=k_offset, sink=sink, kb=kb, rel_bias=rel_bias)
-    if reason is not None:
-        raise ValueError(f"pyencoder triton attention: {reason}")
+    _require_supported(q, k, v, inv_freq, block, q_offset, k_offset, sink, kb, rel_bias)
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     dq = _new(q.shape, q)

@@ -36,8 +36,8 @@ from ._attention_op import (N_PARAMS, N_TENSORS, fake_backward, fake_forward, op
                             run_backward, run_forward)
 from ._autograd import forbid_double_backward
 from ._triton_op import call_op
-from .._checks import (MAX_POSITION, check_float_dtype, check_int, check_lengths, check_same,
-                      check_scale, check_tensor, value_checks_enabled)
+from .._checks import (MAX_POSITION, check_bias_tensors, check_float_dtype, check_int,
+                      check_lengths, check_same, check_scale, check_tensor, value_checks_enabled)
 
 __all__ = ["banded_attention", "chunked_attention", "interval_attention", "cross_attention",
            "band_params", "chunked_params", "relative_offsets"]
@@ -123,20 +123,8 @@ def _validate_bias(q, k, rel_bias, gate, rel_offset, block, lo_off, hi_off, q_of
                              "gate without rel_bias")
         return None
     B, Hq, Nq, _ = q.shape
-    check_tensor("rel_bias", rel_bias, 2)
-    check_float_dtype("rel_bias", rel_bias)
-    if rel_bias.device != q.device:
-        raise ValueError(f"rel_bias must be on q's device ({q.device}); got {rel_bias.device}")
-    if rel_bias.shape[0] != Hq:
-        raise ValueError(f"rel_bias must have shape (Hq={Hq}, L); got {tuple(rel_bias.shape)}")
-    if gate is not None:
-        check_tensor("gate", gate, 3)
-        check_float_dtype("gate", gate)
-        if gate.device != q.device:
-            raise ValueError(f"gate must be on q's device ({q.device}); got {gate.device}")
-        if tuple(gate.shape) != (B, Hq, Nq):
-            raise ValueError(f"gate must have shape (B, Hq, Nq) = {(B, Hq, Nq)}; got "
-                             f"{tuple(gate.shape)}")
+    check_bias_tensors(q, rel_bias, gate, Hq, (B, Hq, Nq), "(B, Hq, Nq)", "Hq",
+                       min_columns=0)     # an empty call covers no offsets
     r_min, r_max = relative_offsets(Nq, k.shape[2], block=block, lo_off=lo_off, hi_off=hi_off,
                                     q_offset=q_offset, k_offset=k_offset)
     if rel_offset is None:

@@ -38,7 +38,7 @@ never an op.
 import torch
 
 from .. import _backend
-from .._checks import MAX_POSITION, check_float_dtype, check_int, check_tensor
+from .._checks import MAX_POSITION, check_bias_tensors, check_int
 from ..reference import decode_attention as _reference
 from . import _decode_attention_triton as _triton
 
@@ -67,20 +67,7 @@ def _check_bias(q, k_ring, rel_bias, gate, rel_offset, block, lo_off, hi_off):
             raise ValueError(f"decode_attention: rel_offset needs rel_bias; got rel_offset="
                              f"{rel_offset!r} without rel_bias")
         return None
-    check_tensor("rel_bias", rel_bias, 2)
-    check_float_dtype("rel_bias", rel_bias)
-    if rel_bias.device != q.device:
-        raise ValueError(f"rel_bias must be on q's device ({q.device}); got {rel_bias.device}")
-    if rel_bias.shape[0] != H or rel_bias.shape[1] < 1:
-        raise ValueError(f"rel_bias must have shape (H={H}, L >= 1); got {tuple(rel_bias.shape)}")
-    if gate is not None:
-        check_tensor("gate", gate, 3)
-        check_float_dtype("gate", gate)
-        if gate.device != q.device:
-            raise ValueError(f"gate must be on q's device ({q.device}); got {gate.device}")
-        if tuple(gate.shape) != (B, H, M):
-            raise ValueError(f"gate must have shape (B, H, M) = {(B, H, M)}; got "
-                             f"{tuple(gate.shape)}")
+    check_bias_tensors(q, rel_bias, gate, H, (B, H, M), "(B, H, M)")
     if lo_off < 0:
         raise ValueError(f"decode_attention: rel_bias needs a bounded left context (lo_off >= 0: "
                          f"the offsets s - p a query sees must be covered by its columns); got "
