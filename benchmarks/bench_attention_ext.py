@@ -28,10 +28,11 @@ a wrong kernel or a wrong anchor raises CheckError instead of producing a number
 CPU (and ``--dry-run``): tiny shapes, float32, providers reference (pyencoder's reference path),
 unfused (bias), flex forward only (Flex has no CPU backward; compiled with the ``eager`` backend,
 which still traces through Dynamo) and, under TRITON_INTERPRET=1, pyencoder-triton at the first
-case of each suite. A few seconds.
+case of each suite (checked, not timed: interpreter times mean nothing). Seconds (~7 s on a
+shared 2-core CPU, ~15 s with the interpreter).
 
-Records (bench "attention-ext", <results root>/<device>/attention_ext.jsonl, appended after every
-case so a cut run keeps what finished): suite, provider, shape, B, H, D, N (keys), Nq, Nk, mask,
+Records (bench "attention-ext", <results root>/<device>/attention_ext.jsonl, each appended as
+soon as it is measured, so a cut run keeps what finished): suite, provider, shape, B, H, D, N (keys), Nq, Nk, mask,
 dtype, fwd/fwdbwd medians and 20/80 % quantiles (ms), check_err (relative RMS error per tensor vs
 the reference); and per case one row provider "ratio" with flex's time over each other
 provider's (``<provider>_fwd_x`` > 1: faster than Flex).
@@ -128,6 +129,17 @@ def mask_mod_for(spec):
     return mod
 
 
+def bias_score_mod(gate, cols, r0):
+    """Flex score_mod adding gate[b, h, q] * cols[h, s - p - r0] (cols (H, L): the bias at offsets
+    r0 .. r0 + L - 1; the index is clamped because Flex also scores the masked pairs of a visited
+    block)."""
+    last = cols.shape[1] - 1
+
+    def score_mod(score, b, h, qi, kj):
+        return score + gate[b, h, qi] * cols[h, (kj - qi - r0).clamp(0, last)]
+    return score_mod
+
+
 def sizes(spec, n):
     """(Nq, Nk) for N keys: self-attention Nq = Nk = n; a frame mask covers the same frames on
     both sides, Nq = (n // k_frame) * q_frame."""
@@ -198,14 +210,11 @@ def make_provider(name, suite, spec, leaves, compiler):
         block, lo, hi = m.params
         r0, r1 = relative_offsets(nq, nk, block=block, lo_off=lo, hi_off=hi)
         idx = _bucket(torch.arange(r0, r1 + 1, device=q.device))
-        last = idx.numel() - 1
 
         def attn(q, k, v, table, gate):
             cols = table[idx].t()                  # (H, L): the table at every offset s - p
-
-            def score_mod(score, b, h, qi, kj):
-                return score + gate[b, h, qi] * cols[h, (kj - qi - r0).clamp(0, last)]
-            return flex_attention(q, k, v, score_mod=score_mod, block_mask=bm)
+            return flex_attention(q, k, v, score_mod=bias_score_mod(gate, cols, r0),
+                                  block_mask=bm)
         fn = compiler(attn)
         return lambda: fn(q, k, v, leaves["table"], leaves["gate"])
     raise ValueError(f"unknown provider {name!r}; expected one of reference, pyencoder-triton, "
@@ -248,7 +257,9 @@ def check(name, got, want, dtype):
     return errs
 
 
-def measure(name, suite, spec, shape, n, dtype, device, warmup, rep, grad, compile_backend):
+def measure(name, suite, spec, shape, n, dtype, device, warmup, rep, grad, compile_backend,
+            timed=True):
+    """One record: the provider checked against the reference, then (``timed``) timed."""
     shape_name, B, H, D = shape
     nq, nk = sizes(spec, n)
     rec = {"bench": "attention-ext", "suite": suite, "provider": name, "shape": shape_name,
@@ -278,6 +289,9 @@ def measure(name, suite, spec, shape, n, dtype, device, warmup, rep, grad, compi
             rec["check_err"] = check(name, got, reference_result(suite, spec, leaves, grad, dout),
                                      dtype)
             got = None
+            if not timed:
+                rec["untimed"] = "checked only (Triton interpreter)"
+                return rec
             with strict():
                 with torch.no_grad():
                     t_f = bench(fwd, warmup, rep)
@@ -377,23 +391,28 @@ def main(argv=None):
                 recs = []
                 for prov in case:
                     rec = measure(prov, suite, spec, shape, n, dtype, device, warmup, rep,
-                                  True, compile_backend)
+                                  True, compile_backend, timed=gpu or prov != "pyencoder-triton")
                     recs.append(rec)
                     status = rec.get("error") or rec.get("skipped")
+                    if rec.get("untimed"):
+                        status = rec["untimed"] + ": " + " ".join(
+                            f"{k}={e:.1e}" for k, e in rec["check_err"].items())
                     line = status or "  ".join(
                         f"{k} {rec[k + '_ms']:8.3f} ms" for k in ("fwd", "fwdbwd")
                         if k + "_ms" in rec) + "  check " + " ".join(
                         f"{k}={e:.1e}" for k, e in rec["check_err"].items())
                     print(f"{suite:5s} N={n:6d} Nq={rec['Nq']:6d} {mask_name(spec):28s} "
                           f"{prov:18s} {line}", flush=True)
+                    if not args.no_write:      # at once: a run cut mid-case keeps this record
+                        path = write_jsonl("attention_ext", [rec])
+                        n_written += 1
                 row = ratio_row(recs)
                 if row is not None:
-                    recs.append(row)
                     print("      ratio vs flex: " + "  ".join(
                         f"{k} {v:.2f}" for k, v in row.items() if k.endswith("_x")), flush=True)
-                if not args.no_write:
-                    path = write_jsonl("attention_ext", recs)
-                    n_written += len(recs)
+                    if not args.no_write:
+                        path = write_jsonl("attention_ext", [row])
+                        n_written += 1
     if not args.no_write and n_written:
         print(f"wrote {n_written} records to {path}")
     return 0

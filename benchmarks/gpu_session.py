@@ -12,17 +12,24 @@ Stages, in order of value (name: timeout in s on a GPU):
      measured copy bandwidth;
   2. attention (110): `pytest -m gpu_quick` on the attention tests, bf16 first (the bf16 ids run
      before the rest), with pytest-xdist (-n 16) when installed;
-  3. attention_table (130): bench_attention at wav2vec2-base (B=8, H=12, D=64), bf16, fwd, bwd,
+  3. attention_table (125): bench_attention at wav2vec2-base (B=8, H=12, D=64), bf16, fwd, bwd,
      fwd+bwd, N in (1500, 3000, 12000): pyencoder-triton, then flex (one process per N), then
      sdpa-mask and flash-attn (each process writes its JSON lines when it ends);
-  4. conv (55): `pytest -m gpu_quick tests/test_conv_gpu.py`, then bench_conv --quick (depthwise vs
+  4. conv (50): `pytest -m gpu_quick tests/test_conv_gpu.py`, then bench_conv --quick (depthwise vs
      F.conv1d(groups=C), grouped, strided, update);
-  5. streaming (55): `pytest -m gpu_quick` on the decode kernel and CUDA-graph step tests, then
+  5. streaming (50): `pytest -m gpu_quick` on the decode kernel and CUDA-graph step tests, then
      bench_streaming --gpu --quick (step p50/p99 at batch 1 for 20 and 80 ms chunks, concurrent
      real-time streams);
-  6. convnext_hf (55): `pytest -m gpu_quick` on the fused ConvNeXt and model tests, bench_convnext
+  6. convnext_hf (50): `pytest -m gpu_quick` on the fused ConvNeXt and model tests, bench_convnext
      --quick, bench_hf --quick (the HF patch offline vs transformers' SDPA and eager);
-  7. rest (what is left): `pytest -m "gpu and not gpu_quick"`.
+  7. attention_ext (55): bench_attention_ext, one process per suite (bias, sink, frame; each
+     stops starting cases after its --max-seconds share and appends its JSON lines after every
+     case): the fused WavLM relative bias vs Flex's score_mod and the plain-torch path, sink keys
+     and frame-rate cross-attention vs Flex's mask_mod, bf16, N = 1500 first (every provider
+     checked against the float32 reference before it is timed);
+  8. rest (what is left): `pytest -m "gpu and not gpu_quick"`.
+Budget arithmetic: a typical setup (SETUP_TYPICAL_S = 40 s) plus every other stage's timeout but
+rest's fits the default budget (480 s); tests/test_gpu_session.py checks it.
 A stage runs only while the total budget lasts; each command of a stage runs in its own process
 group, killed as a group (SIGTERM, then SIGKILL) when the stage's time or the budget runs out.
 The Triton autotuner is pinned (PYENCODER_TRITON_AUTOTUNE=0: one compile per kernel variant)
@@ -67,6 +74,7 @@ STREAMING_TESTS = ["tests/test_streaming_decode_triton.py", "tests/test_streamin
                    "tests/test_wavlm_step_fixed.py"]
 CONVNEXT_TESTS = ["tests/test_convnext_fused.py", "tests/test_models.py"]
 BF16_K = "bfloat16 or long_sequences or deterministic_bitwise"   # the attention tests in bf16
+EXT_SUITES = {"bias": 15, "sink": 8, "frame": 8}   # bench_attention_ext: suite -> --max-seconds
 
 
 def csrc_hash(csrc=os.path.join(ROOT, "csrc")):
@@ -181,6 +189,17 @@ def plan_convnext_hf(ctx):
             ("bench-hf", _py("-m", "benchmarks.bench_hf", *hf), {})]
 
 
+def plan_attention_ext(ctx):
+    # one process per suite (each appends its JSON lines after every case), the headline (the
+    # fused bias vs Flex's score_mod) first; --max-seconds: no new case after that many seconds,
+    # so the suites share the stage (the first case of each, compiles included, always runs)
+    if ctx["dry"]:
+        return [(f"bench-ext-{s}", _py("-m", "benchmarks.bench_attention_ext", "--dry-run",
+                                       "--suites", s), {}) for s in EXT_SUITES]
+    return [(f"bench-ext-{s}", _py("-m", "benchmarks.bench_attention_ext", "--suites", s,
+                                   "--max-seconds", str(t)), {}) for s, t in EXT_SUITES.items()]
+
+
 def plan_rest(ctx):
     files = ATTENTION_TESTS + ["tests/test_conv_gpu.py"] if ctx["dry"] else ["tests"]
     return [("pytest", _pytest("gpu and not gpu_quick", files, ctx, "rest.xml"), {})]
@@ -190,13 +209,15 @@ def plan_rest(ctx):
 STAGES = [
     ("setup", 150, 60, plan_setup),     # ~20-40 s with a fitting prebuilt _C
     ("attention", 110, 60, plan_attention),
-    ("attention_table", 130, 40, plan_attention_table),
-    ("conv", 55, 40, plan_conv),
-    ("streaming", 55, 40, plan_streaming),
-    ("convnext_hf", 55, 60, plan_convnext_hf),
+    ("attention_table", 125, 40, plan_attention_table),
+    ("conv", 50, 40, plan_conv),
+    ("streaming", 50, 40, plan_streaming),
+    ("convnext_hf", 50, 60, plan_convnext_hf),
+    ("attention_ext", 55, 40, plan_attention_ext),
     ("rest", 10**6, 40, plan_rest),
 ]
 MIN_STAGE_S = 10
+SETUP_TYPICAL_S = 40   # setup with a fitting prebuilt _C (20-40 s): the budget arithmetic's term
 
 
 # ------------------------------------------------------------------------------------------------
