@@ -30,13 +30,14 @@ ROOT = os.path.dirname(HERE)
 BENCHES = [
     ("bench_reference_cpu", True, False, 10, 120),
     ("bench_attention", True, True, 15, 300),
+    ("bench_attention_ext", False, True, 0, 600),  # GPU: vs Flex, a Flex compile per case
     ("bench_conv", True, True, 5, 60),
     ("bench_convnext", True, True, 5, 10),
     ("bench_streaming", True, True, 30, 1500),
     ("bench_hf", True, True, 25, 600),
     ("distill_lookahead", True, False, 0, 1800),   # minutes of CPU training: not in --quick
 ]
-NOT_QUICK = {"distill_lookahead"}
+NOT_QUICK = {"distill_lookahead", "bench_attention_ext"}   # --only runs them (--quick: N=1500)
 
 
 def _fmt_s(s):

@@ -161,12 +161,13 @@ def _bucket(rel):
 
 
 def make_leaves(suite, spec, B, H, D, n, dtype, device, grad, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     nq, nk = sizes(spec, n)
 
     def rnd(*shape, lo=None):
-        x = torch.randn(*shape, generator=g) if lo is None else lo + torch.rand(*shape, generator=g)
-        return x.to(device=device, dtype=dtype).requires_grad_(grad)
+        kw = dict(generator=g, device=device, dtype=dtype)
+        x = torch.randn(*shape, **kw) if lo is None else lo + torch.rand(*shape, **kw)
+        return x.requires_grad_(grad)
     leaves = {"q": rnd(B, H, nq, D), "k": rnd(B, H, nk, D), "v": rnd(B, H, nk, D)}
     if suite == "bias":
         leaves["table"] = rnd(NUM_BUCKETS, H)
@@ -275,8 +276,8 @@ def measure(name, suite, spec, shape, n, dtype, device, warmup, rep, grad, compi
             fwd = make_provider(name, suite, spec, leaves, compiler)
             with torch.no_grad():
                 out = fwd()
-            dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(
-                device=device, dtype=dtype)
+            dout = torch.randn(out.shape, generator=torch.Generator(device=device).manual_seed(1),
+                               device=device, dtype=dtype)
             got = {"out": out}
             if grad:
                 out = fwd()

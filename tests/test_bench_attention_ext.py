@@ -157,3 +157,12 @@ def test_bad_arguments_are_refused():
         with pytest.raises(SystemExit) as e:
             be.main(argv)
         assert e.value.code == 2
+
+
+def test_quick_run_leaves_it_out():
+    """`python -m benchmarks --quick` does not run it (a Flex compile per case: not cheap); a full
+    run does on a GPU only (the CPU form is a rehearsal, not a measurement)."""
+    from benchmarks import __main__ as runner
+    (entry,) = [b for b in runner.BENCHES if b[0] == "bench_attention_ext"]
+    assert entry[1:3] == (False, True)
+    assert "bench_attention_ext" in runner.NOT_QUICK

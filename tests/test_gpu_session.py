@@ -63,7 +63,7 @@ def test_dry_run_end_to_end(tmp_path):
     assert len(res) == 1, names
     with tarfile.open(out / res[0]) as t:
         got = {os.path.basename(n) for n in t.getnames()}
-    for f in ("attention.jsonl", "conv.jsonl", "convnext.jsonl", "hf.jsonl"):
+    for f in ("attention.jsonl", "conv.jsonl", "convnext.jsonl", "hf.jsonl", "attention_ext.jsonl"):
         assert f in got, got
     text = open(out / "session.log").read()
     for name, *_ in gs.STAGES:
@@ -163,6 +163,21 @@ def test_documented_device_call_fits_the_tool():
                             capture_output=True).returncode == 0
     for path in call["carry"] if in_git else ():  # carried paths are git-ignored build outputs
         assert subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0, path
+
+
+def test_stage_timeouts_fit_the_budget():
+    """Issue 12's arithmetic: a typical setup plus every capped stage's GPU timeout (all but rest,
+    which takes what is left) fits the default budget and the documented call's budget, and the
+    call leaves room in the 15 device minutes for a machine start and a short second call."""
+    doc = open(os.path.join(ROOT, "benchmarks", "GPU_SESSION.md")).read()
+    call = json.loads(re.search(r"<!-- device-call -->\s*```json\n(.*?)```", doc, re.S).group(1))
+    budget = int(re.search(r"--budget (\d+)", call["command"]).group(1))
+    capped = sum(t for name, t, _, _ in gs.STAGES if name not in ("setup", "rest"))
+    assert gs.SETUP_TYPICAL_S + capped <= min(budget, 480), (gs.SETUP_TYPICAL_S, capped, budget)
+    assert gs.STAGES[-1][0] == "rest"
+    names = [s[0] for s in gs.STAGES]
+    assert names.index("convnext_hf") < names.index("attention_ext") < names.index("rest")
+    assert 120 + call["timeout_s"] + 120 <= 15 * 60    # start, the call, a short second call
 
 
 def test_compile_counter_records_launch_keys():
