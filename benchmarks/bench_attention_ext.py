@@ -33,7 +33,8 @@ shared 2-core CPU, ~15 s with the interpreter).
 
 Records (bench "attention-ext", <results root>/<device>/attention_ext.jsonl, each appended as
 soon as it is measured, so a cut run keeps what finished): suite, provider, shape, B, H, D, N (keys), Nq, Nk, mask,
-dtype, fwd/fwdbwd medians and 20/80 % quantiles (ms), check_err (relative RMS error per tensor vs
+dtype, fwd/fwdbwd medians and 20/80 % quantiles (ms), in-mask TFLOP/s (FLOPs over the visible
+pairs only, ``visible_pairs`` = B*H*pairs: 4*D per pair forward, 14*D forward+backward), check_err (relative RMS error per tensor vs
 the reference); and per case one row provider "ratio" with flex's time over each other
 provider's (``<provider>_fwd_x`` > 1: faster than Flex).
 
@@ -158,6 +159,17 @@ def bias_columns(table, nq, nk, m):
 def _bucket(rel):
     from pyencoder.nn.relpos import relative_position_bucket
     return relative_position_bucket(rel, NUM_BUCKETS, MAX_DISTANCE)
+
+
+def visible_pairs(spec, nq, nk):
+    """(query, key) pairs the mask shows (per batch and head): the interval clipped to the keys,
+    plus the sink keys below it."""
+    m = interval_mask(spec)
+    p = torch.arange(nq, dtype=torch.int64)
+    lo, hi = m.lo(p), m.hi(p).clamp(max=nk - 1)
+    band = (hi - lo + 1).clamp(min=0)
+    sink = torch.minimum(lo, torch.full_like(lo, min(m.sink, nk))) if m.sink else 0
+    return int((band + sink).sum())
 
 
 def make_leaves(suite, spec, B, H, D, n, dtype, device, grad, seed=0):
@@ -313,11 +325,14 @@ def measure(name, suite, spec, shape, n, dtype, device, warmup, rep, grad, compi
         if device == "cuda":
             torch.cuda.empty_cache()
         return rec
-    for key, t in (("fwd", t_f), ("fwdbwd", t_fb)):
+    pairs = visible_pairs(spec, nq, nk) * B * H
+    rec["visible_pairs"] = pairs
+    for key, t, flops in (("fwd", t_f, 4 * D), ("fwdbwd", t_fb, 14 * D)):
         if t is not None:
             rec[f"{key}_ms"] = t["median_ms"]
             rec[f"{key}_p20_ms"] = t["p20_ms"]
             rec[f"{key}_p80_ms"] = t["p80_ms"]
+            rec[f"{key}_tflops"] = flops * pairs / (t["median_ms"] * 1e-3) / 1e12
     return rec
 
 

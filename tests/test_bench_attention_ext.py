@@ -166,3 +166,11 @@ def test_quick_run_leaves_it_out():
     (entry,) = [b for b in runner.BENCHES if b[0] == "bench_attention_ext"]
     assert entry[1:3] == (False, True)
     assert "bench_attention_ext" in runner.NOT_QUICK
+
+
+def test_visible_pairs_counts_the_dense_mask():
+    for suite in be.SUITES:
+        for spec in be.CPU_CASES[suite] + be.CASES[suite]:
+            nq, nk = be.sizes(spec, 96 if spec[0] == "frames" else 300)
+            want = int(be.interval_mask(spec).dense(nq, nk).sum())
+            assert be.visible_pairs(spec, nq, nk) == want, spec
