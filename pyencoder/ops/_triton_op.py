@@ -33,7 +33,7 @@ import os
 
 import torch
 
-__all__ = ["triton_op", "launch", "interpreting", "next_pow2", "cdiv", "block_size", "call_op"]
+__all__ = ["triton_op", "launch", "interpreting", "next_pow2", "cdiv", "block_size"]
 
 
 def interpreting():
@@ -156,13 +156,3 @@ def triton_op(name, mutates_args=()):
     def deco(fn):
         return _LazyTritonOp(name, mutates_args, fn)
     return deco
-
-
-def call_op(backend, triton_op, custom_op, *args):
-    """One call of a registered op family on the backend the registry chose: ``triton_op(*args)``
-    (a pyencoder triton_op, registered now if it was not yet) on triton, else the opaque custom
-    op ``custom_op(*args, backend)``."""
-    if backend == "triton":
-        from . import _triton_ops  # noqa: F401  (registers the triton_ops at first use)
-        return triton_op(*args)
-    return custom_op(*args, backend)

@@ -35,7 +35,7 @@ from . import _attention_triton as _triton
 from ._attention_op import (N_PARAMS, N_TENSORS, fake_backward, fake_forward, op_signature,
                             run_backward, run_forward)
 from ._autograd import forbid_double_backward
-from ._triton_op import call_op
+from ._call import call_op
 from .._checks import (MAX_POSITION, check_bias_tensors, check_float_dtype, check_int,
                       check_lengths, check_same, check_scale, check_tensor, value_checks_enabled)
 

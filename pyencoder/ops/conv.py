@@ -19,7 +19,7 @@ from ..reference import conv as _reference
 from . import _conv_cuda as _cuda
 from . import _conv_triton as _triton
 from ._autograd import forbid_double_backward
-from ._triton_op import call_op
+from ._call import call_op
 from .._checks import (check_float_dtype, check_int, check_same, check_tensor, check_writable,
                       value_checks_enabled)
 

@@ -40,7 +40,7 @@ from ..reference.convnext import _cdtype, convnext_dwconv_ln_reference
 from . import _convnext_triton as _triton
 from . import conv  # noqa: F401  (the backward runs the conv family's registered backends)
 from ._autograd import forbid_double_backward
-from ._triton_op import call_op
+from ._call import call_op
 from .._checks import check_float_dtype, check_same, check_tensor
 
 __all__ = ["convnext_dwconv_ln", "convnext_dwconv_ln_reference", "select_backend"]
