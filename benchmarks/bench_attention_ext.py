@@ -32,13 +32,14 @@ case of each suite (checked, not timed: interpreter times mean nothing). Seconds
 shared 2-core CPU, ~15 s with the interpreter).
 
 Records (bench "attention-ext", <results root>/<device>/attention_ext.jsonl, each appended as
-soon as it is measured, so a cut run keeps what finished): suite, provider, shape, B, H, D, N (keys), Nq, Nk, mask,
-dtype, fwd/fwdbwd medians and 20/80 % quantiles (ms), in-mask TFLOP/s (FLOPs over the visible
-pairs only, ``visible_pairs`` = B*H*pairs: 4*D per pair forward, 14*D forward+backward), check_err (relative RMS error per tensor vs
-the reference); and per case one row provider "ratio" with flex's time over each other
-provider's (``<provider>_fwd_x`` > 1: faster than Flex).
+soon as it is measured, so a cut run keeps what finished): suite, provider, shape, B, H, D,
+N (keys), Nq, Nk, mask, dtype, fwd/fwdbwd medians and 20/80 % quantiles (ms), in-mask TFLOP/s
+(FLOPs over the visible pairs only, ``visible_pairs`` = B*H*pairs: 4*D per pair forward, 14*D
+forward+backward), check_err (relative RMS error per tensor vs the reference); and per case one
+row provider "ratio" with flex's time over each other provider's
+(``<provider>_fwd_x`` > 1: faster than Flex).
 
-    python -m benchmarks.bench_attention_ext [--suites bias sink frame] [--n N ...]
+    python -m benchmarks.bench_attention_ext [--suites bias sink frame] [--n N ...] [--quick]
         [--providers P ...] [--dry-run] [--max-seconds S] [--no-write]
 """
 import argparse
