@@ -230,6 +230,18 @@ def _anchor_failure(name, e):
     return None
 
 
+def record_failure(rec, name, e, device):
+    """A provider failing on a case (OOM, unsupported shape): raise if it is a broken compiled
+    anchor (a number against it would be wrong), else note the error in ``rec`` and return it."""
+    broken = _anchor_failure(name, e)
+    if broken is not None:
+        raise broken from e
+    rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rec
+
+
 @contextlib.contextmanager
 def _rope_table_env(name):
     """PYENCODER_ROPE_TABLE=1 while the table-mode provider runs (forward and backward)."""
@@ -304,13 +316,7 @@ def _measure(name, shape_name, B, H, D, n, m, dtype, device, warmup, rep, bw, ro
         rec["skipped"] = str(e)
         return rec
     except Exception as e:  # OOM or a provider failing on this shape: record it, keep going
-        broken = _anchor_failure(name, e)
-        if broken is not None:
-            raise broken from e
-        rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        return rec
+        return record_failure(rec, name, e, device)
     times = (("fwd", t_f), ("bwd", t_b), ("fwdbwd", t_fb)) if grad else (("fwd", t_f),)
     for key, t in times:
         rec[f"{key}_ms"] = t["median_ms"]

@@ -49,8 +49,8 @@ import time
 import torch
 
 from benchmarks._common import bench, device_slug, env_info, write_jsonl
-from benchmarks.bench_attention import (_Compiler, _anchor_failure, _compiled_checks,
-                                        CompiledAnchorError)
+from benchmarks.bench_attention import (_Compiler, _compiled_checks, CompiledAnchorError,
+                                        record_failure)
 
 SUITES = ("bias", "sink", "frame")
 SHAPE = ("wavlm-base", 8, 12, 64)
@@ -319,13 +319,7 @@ def measure(name, suite, spec, shape, n, dtype, device, warmup, rep, grad, compi
             return rec
         raise
     except Exception as e:
-        broken = _anchor_failure(name, e)
-        if broken is not None:
-            raise broken from e
-        rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        return rec
+        return record_failure(rec, name, e, device)
     pairs = visible_pairs(spec, nq, nk) * B * H
     rec["visible_pairs"] = pairs
     for key, t, flops in (("fwd", t_f, 4 * D), ("fwdbwd", t_fb, 14 * D)):

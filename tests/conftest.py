@@ -106,3 +106,14 @@ def compiled_matches_eager(f, args, tol):
         assert g.abs().sum() > 0
         torch.testing.assert_close(g, a.grad, rtol=tol, atol=tol)
     return "\n".join(graphs)
+
+
+def _flex_available():
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+needs_flex = pytest.mark.skipif(not _flex_available(), reason="no FlexAttention in this torch")

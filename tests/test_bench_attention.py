@@ -12,15 +12,7 @@ import torch
 ba = pytest.importorskip("benchmarks.bench_attention")
 
 
-def _flex_available():
-    try:
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-needs_flex = pytest.mark.skipif(not _flex_available(), reason="no FlexAttention in this torch")
+from conftest import needs_flex  # noqa: E402
 _CASES = [(48, ("band", 8, 2)), (64, ("chunked", 4, 2, 3)), (40, ("band", None, 0)),
           (56, ("band", 5, 1))]
 

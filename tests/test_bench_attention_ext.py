@@ -16,15 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 be = pytest.importorskip("benchmarks.bench_attention_ext")
 
 
-def _flex_available():
-    try:
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-needs_flex = pytest.mark.skipif(not _flex_available(), reason="no FlexAttention in this torch")
+from conftest import needs_flex  # noqa: E402
 _SHAPE = ("tiny", 1, 2, 16)
 
 
