@@ -33,8 +33,10 @@ Matrices (``--matrix`` or ``PYENCODER_COMPILE_MATRIX``):
   K_BLOCK=3) of the three attention kernels, 3 more variants per target, one decode case with
   the gated relative bias and a GQA ring (fp16, HAS_BIAS / HAS_GATE / GROUP=2), 1 more per
   target, and the sink-key variant (HAS_SINK, IntervalMask.sink) of the three attention kernels
-  in the fp32 head_dim 32 and fp16 head_dim 64 interleaved cases, 6 more per target.
-  Every matrix adds the sink-key variant of its default-tile (not all-configs) unbiased cases.
+  in the fp32 head_dim 32 and fp16 head_dim 64 interleaved cases, 6 more per target, and with the
+  gated relative bias (HAS_SINK with HAS_BIAS / HAS_GATE: the clamped bias column), 3 more.
+  Every matrix adds the sink-key variant of its default-tile (not all-configs) head_dim <= 64
+  cases, biased ones included.
 - ``quick``: every config of every launcher list at the shapes that need the most shared memory
   and registers (head_dim 128 with partial RoPE for attention, widest conv tiles) in each element
   size, plus one case per remaining code path; the attention RoPE table mode
@@ -239,13 +241,14 @@ def _run_attention(rec, matrix):
                             A.backward(out, q, k, v, out, lse, inv, *mask, True, **bkw)
                     finally:
                         A._default_configs = default_configs
-                if not all_cfgs and D <= 64 and bias is None:
-                    # the sink-key variant (HAS_SINK) of the three attention kernels
+                if not all_cfgs and D <= 64:
+                    # the sink-key variant (HAS_SINK) of the three attention kernels; of a
+                    # biased case, sinks with the bias (the clamped bias column)
                     rec.case += " sink"
                     with _env(PYENCODER_ROPE_TABLE="1" if table else "0",
                               PYENCODER_TRITON_AUTOTUNE="0"):
-                        out, lse = A.forward(q, k, v, inv, *mask, sink=5)
-                        A.backward(out, q, k, v, out, lse, inv, *mask, True, sink=5)
+                        out, lse = A.forward(q, k, v, inv, *mask, sink=5, **bkw)
+                        A.backward(out, q, k, v, out, lse, inv, *mask, True, sink=5, **bkw)
         # a frame-rate (cross-attention) mask: the same kernels with the constexpr K_BLOCK
         # (query blocks of 16 positions see key frames of 3: 16:3), Nq != Nk
         q = torch.randn(2, 4, 48, 64, dtype=torch.float16)
@@ -673,6 +676,10 @@ if pytest is not None and __name__ != "__main__":
                                           "_interval_attention_bwd_dq_kernel",
                                           "_interval_attention_bwd_dkdv_kernel")
                         for t in TARGETS}
+        # sink keys with the gated relative bias (HAS_SINK + HAS_BIAS + HAS_GATE), per target
+        sink_bias = {(r["kernel"], r["target"]) for r in results
+                     if r["case"].endswith("bias=gated sink")}
+        assert sink_bias == sink
 
     @_needs_triton
     @pytest.mark.compile_full

@@ -76,8 +76,13 @@ k_offset, j < nk_b, rounded up to a block); the band's block ranges are clipped 
 them (_after_sink), so a block in both is visited once. dk/dv: a key block holding a sink key
 (k_offset + j0 < sink) is seen by every query, so its sink span is every query block and its band
 ranges are clipped away; other key blocks are unchanged. Cost O(N * (W + S)). Rows see a key when
-the band or the sink holds one (the zero-row rule). Not combined with K_BLOCK (frame masks) or a
-relative bias: the launcher refuses those.
+the band or the sink holds one (the zero-row rule). Not combined with K_BLOCK (frame masks): the
+launcher refuses it. With a relative bias (HAS_SINK and HAS_BIAS) the column s - p - rel_offset
+is clamped to [0, rel_len - 1] (``_clamp_column``: the saturated bucket rule of
+pyencoder.ops.attention) wherever the sink kernels read the table, and the dq kernel's drel
+atomics use the clamped column: a sink key outside the table reads and accumulates into the edge
+column; a visible band key is always inside it (the op validates the columns), so the clamp only
+changes what sink keys read. Without sinks the bias code is the code before (same PTX).
 
 Source layout: each kernel walks its block ranges with one span helper (``_fwd_span``,
 ``_dq_span``, ``_dkdv_span``: a loop over blocks [lo, hi) calling the kernel's block function,
@@ -394,11 +399,14 @@ def _bias_setup(REL, GATE, rel_len, rel_offset, h, bh, rows, rmask, Nq, HAS_BIAS
 
 
 @triton.jit
-def _bias_tile(bias, rel, HAS_GATE: tl.constexpr, TRANS: tl.constexpr):
+def _bias_tile(bias, rel, HAS_GATE: tl.constexpr, TRANS: tl.constexpr, CLAMP: tl.constexpr):
     """(table values, gated values, in-table mask) of a tile ``rel`` of relative offsets s - p:
-    (queries, keys), or (keys, queries) when TRANS; the gate is per query."""
+    (queries, keys), or (keys, queries) when TRANS; the gate is per query. CLAMP (the kernels
+    with sink keys): the column is clamped to [0, rel_len - 1], the saturated bucket rule."""
     rel_row, g, rel_len, rel_offset = bias
     c = rel - rel_offset
+    if CLAMP:
+        c = _clamp_column(c, rel_len)
     ok = (c >= 0) & (c < rel_len)
     raw = tl.load(rel_row + c, mask=ok, other=0.0)
     val = raw
@@ -408,6 +416,12 @@ def _bias_tile(bias, rel, HAS_GATE: tl.constexpr, TRANS: tl.constexpr):
         else:
             val = raw * g[:, None]
     return raw, val, ok
+
+
+@triton.jit
+def _clamp_column(c, rel_len):
+    """Bias column c clamped to [0, rel_len - 1] (a sink key outside the table reads its edge)."""
+    return tl.minimum(tl.maximum(c, 0), rel_len - 1)
 
 
 @triton.jit
@@ -447,7 +461,7 @@ def _fwd_block(acc, l_i, m_i, q3, kv, rope, win, bias, j0, q_pos, nk_b, D, qk_sc
     s = _scores(qa, qb, qc, ka, kb, kc, tl.zeros([acc.shape[0], BLOCK_N], dtype=tl.float32),
                 HAS_ROPE, HAS_PASS, DOT_PREC) * qk_scale
     if HAS_BIAS:
-        _, bv, _ = _bias_tile(bias, k_pos[None, :] - q_pos[:, None], HAS_GATE, False)
+        _, bv, _ = _bias_tile(bias, k_pos[None, :] - q_pos[:, None], HAS_GATE, False, HAS_SINK)
         s += bv * 1.4426950408889634
     if MASKED:
         # keys with a non-finite k or v: NaN score where visible, v row zeroed for the p @ v dot
@@ -591,7 +605,7 @@ def _dq_block(dq3, q3, do, lse2, delta, kv, rope, win, bias, j0, q_pos, nk_b, D,
                 HAS_ROPE, HAS_PASS, DOT_PREC) * qk_scale
     if HAS_BIAS:
         rel = k_pos[None, :] - q_pos[:, None]
-        braw, bv, bok = _bias_tile(bias, rel, HAS_GATE, False)
+        braw, bv, bok = _bias_tile(bias, rel, HAS_GATE, False, HAS_SINK)
         s += bv * 1.4426950408889634
     p = tl.math.exp2(s - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
@@ -611,8 +625,10 @@ def _dq_block(dq3, q3, do, lse2, delta, kv, rope, win, bias, j0, q_pos, nk_b, D,
         live = bok & (cols < nk_b)[None, :]
         if MASKED:
             live = live & vis
-        tl.atomic_add(DREL_ROW + (rel - rel_offset), _zero_nonfinite(w), mask=live,
-                      sem="relaxed")
+        col = rel - rel_offset
+        if HAS_SINK:   # a sink key outside the table adds into the edge column
+            col = _clamp_column(col, rel_len)
+        tl.atomic_add(DREL_ROW + col, _zero_nonfinite(w), mask=live, sem="relaxed")
     ds = ds.to(v.dtype)
     if HAS_PASS:
         dqc = tl.dot(ds, kc, dqc, input_precision=DOT_PREC)
@@ -765,7 +781,7 @@ def _dkdv_block_t(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, hbias, i0, Nq, D,
         if HAS_GATE:
             g = _zero_nonfinite(tl.load(GATE_ROW + rows, mask=rmask, other=0.0))
         _, bv, _ = _bias_tile((REL_ROW, g, rel_len, rel_offset),
-                              k_pos[:, None] - q_pos[None, :], HAS_GATE, True)
+                              k_pos[:, None] - q_pos[None, :], HAS_GATE, True, HAS_SINK)
         st += bv * 1.4426950408889634
     pt = tl.math.exp2(st - lse2[None, :])
     if MASKED:

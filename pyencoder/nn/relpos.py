@@ -70,7 +70,8 @@ from ..reference.decode_attention import nonfinite_guard, ring_positions
 from .attention import AttentionState, IntervalSelfAttention
 
 __all__ = ["WavLMSelfAttention", "RelPosAttentionState", "relative_position_bucket",
-           "relative_bias_gate", "relative_bias_columns", "biased_interval_attention"]
+           "relative_bias_gate", "relative_bias_columns", "sink_bias_columns",
+           "biased_interval_attention"]
 
 _NEG_INF = float("-inf")
 _UNBOUNDED = 1 << 40
@@ -115,6 +116,50 @@ def relative_bias_columns(table, bucket_fn, nq, nk, *, block, lo_off, hi_off, q_
     return table[bucket_fn(rel)].t(), r_min
 
 
+def _leading_run(x):
+    """Length (0-dim int64 tensor) of the run of x's leading entries equal to x[0] (x not
+    empty)."""
+    ne = x != x[0]
+    return torch.where(ne.any(), ne.to(torch.int64).argmax(), x.numel())
+
+
+def sink_bias_columns(table, bucket_fn, nq, nk, *, block, lo_off, hi_off, sink, q_offset=0,
+                      k_offset=0):
+    """(rel_bias (H, L), rel_offset) for a call with ``sink`` keys: the cheapest table whose
+    saturated-bucket clamp (pyencoder.ops.attention: a visible key outside the table reads the
+    edge column) gives ``bucket_fn`` exactly at every visible offset.
+
+    The visible offsets s - p lie in [r_lo, r_hi]: the band's [r_min, r_max]
+    (relative_offsets(), which the table must cover) and the sink keys' [k_offset - p_last,
+    sink_end - 1 - p_first]. The bucket indices are computed once over [r_lo, r_hi] (O(N) ints,
+    on the table's device; one host synchronisation for the two ends below on a GPU). The table
+    starts at c_lo, the largest offset <= r_min such that bucket_fn is constant on [r_lo, c_lo]
+    (every offset below c_lo then reads column 0 = bucket_fn(c_lo), which is its own bucket),
+    and ends at c_hi, the smallest offset >= r_max with bucket_fn constant on [c_hi, r_hi]. For
+    WavLM's bucket (saturated at |r| >= max_distance) the table reaches at most max_distance on
+    either side, or covers the whole range when that is shorter. Shrinking it by one column at
+    an end that is not the band's would make some visible offset read a wrong bucket (the rule is
+    the cheapest of its kind: tests/test_attention_sink_bias.py)."""
+    r_min, r_max = relative_offsets(nq, nk, block=block, lo_off=lo_off, hi_off=hi_off,
+                                    q_offset=q_offset, k_offset=k_offset)
+    sink_end = min(sink, k_offset + nk)           # positions past the last key hold no key
+    if sink_end <= k_offset or nq == 0:
+        return relative_bias_columns(table, bucket_fn, nq, nk, block=block, lo_off=lo_off,
+                                     hi_off=hi_off, q_offset=q_offset, k_offset=k_offset)
+    s_lo = k_offset - (q_offset + nq - 1)
+    s_hi = sink_end - 1 - q_offset
+    if r_min > r_max:                             # no band key visible: the sink keys only
+        r_min = r_max = s_lo
+    r_lo, r_hi = min(r_min, s_lo), max(r_max, s_hi)
+    idx = bucket_fn(torch.arange(r_lo, r_hi + 1, device=table.device))
+    n_lo, n_hi = r_min - r_lo, r_hi - r_max       # offsets below the band / above it
+    # a, b: the columns dropped at either end (constant runs of the bucket, the band kept)
+    a, b = (torch.stack([_leading_run(idx[:n_lo + 1]), _leading_run(idx.flip(0)[:n_hi + 1])])
+            - 1).tolist()
+    cols = idx[a:idx.numel() - b]
+    return table[cols].t(), r_lo + a
+
+
 def _tile_rows(block, lo_off, hi_off):
     if lo_off < 0:
         return 128
@@ -148,19 +193,28 @@ def biased_interval_attention(q, k, v, gate, table, bucket_fn, *, mask=None, blo
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
+    sink = 0
     if mask is not None:
-        if mask.sink:
-            raise NotImplementedError(f"biased_interval_attention: sink keys (mask.sink="
-                                      f"{mask.sink}) are not supported by the relative-bias path")
+        sink = mask.sink
         block, lo_off, hi_off = mask.params
     lo_off, hi_off = (-1 if lo_off < 0 else clamp_window(lo_off)), clamp_window(hi_off)
+    if sink and (dropout_p or not fused):
+        raise NotImplementedError(f"biased_interval_attention: sink keys (mask.sink={sink}) run "
+                                  f"on the fused bias only; got dropout_p={dropout_p}, "
+                                  f"fused={fused} (expected dropout_p=0 and fused=True)")
     if fused and not dropout_p:
-        rel_bias, r0 = relative_bias_columns(table, bucket_fn, Nq, Nk, block=block,
-                                             lo_off=lo_off, hi_off=hi_off, q_offset=q_offset,
-                                             k_offset=k_offset)
-        return interval_attention(q, k, v, block=block, lo_off=lo_off, hi_off=hi_off, rope=rope,
-                                  key_lengths=key_lengths, q_offset=q_offset, k_offset=k_offset,
-                                  scale=scale, rel_bias=rel_bias, gate=gate, rel_offset=r0)
+        if sink:
+            rel_bias, r0 = sink_bias_columns(table, bucket_fn, Nq, Nk, block=block,
+                                             lo_off=lo_off, hi_off=hi_off, sink=sink,
+                                             q_offset=q_offset, k_offset=k_offset)
+        else:
+            rel_bias, r0 = relative_bias_columns(table, bucket_fn, Nq, Nk, block=block,
+                                                 lo_off=lo_off, hi_off=hi_off,
+                                                 q_offset=q_offset, k_offset=k_offset)
+        return interval_attention(q, k, v, mask=IntervalMask(block, lo_off, hi_off, sink=sink),
+                                  rope=rope, key_lengths=key_lengths, q_offset=q_offset,
+                                  k_offset=k_offset, scale=scale, rel_bias=rel_bias, gate=gate,
+                                  rel_offset=r0)
     if not all_finite(q, k, v, gate):
         ranges = visible_key_ranges(Nq, B, key_lengths, Nk, IntervalMask(block, lo_off, hi_off),
                                     q_offset, k_offset, q.device)

@@ -35,7 +35,8 @@ is None, so the unbiased kernels are unchanged (same PTX, benchmarks/ptx_diff.py
 Sink keys (``sink`` > 0, IntervalMask.sink): passed to the kernels as a do_not_specialize int
 (capped at k_offset + Nk) with the constexpr HAS_SINK=True, one more compile per kernel whatever
 the count; sink = 0 passes None for both, so the band / chunked kernels are unchanged (same PTX).
-Refused with a frame-rate mask (kb != block) or a relative bias, naming sink.
+With a relative bias the sink kernels clamp the bias column (the saturated bucket rule of
+pyencoder.ops.attention). Refused with a frame-rate mask (kb != block), naming sink.
 
 Limits: float16, bfloat16, float32 (float64: use the reference); head_dim <= 256; absolute
 positions below 2**24 (exact in float32).
@@ -396,8 +397,6 @@ def supports_forward(q, k, v, inv_freq=None, key_lengths=None, block=1, lo_off=-
     if sink and kb is not None and kb != block:
         return (f"sink keys with a frame-rate mask are not supported; got sink={sink} with "
                 f"k_block={kb} != block={block}")
-    if sink and rel_bias is not None:
-        return f"rel_bias with sink keys is not supported yet; got sink={sink} with rel_bias"
     return _common_reason(q, k, v, inv_freq, q_offset, k_offset)
 
 

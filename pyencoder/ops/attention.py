@@ -23,6 +23,19 @@ call can see; bucketing, e.g. WavLM's T5 buckets, is done by the caller once per
 ``rel_bias = table[bucket(arange(r_min, r_max + 1))].T``). The same op pair carries it (rel_bias
 and gate None, rel_offset 0 without a bias); its backward also returns the gradients of rel_bias
 and gate.
+
+With sink keys (``sink`` > 0) the bias follows the "saturated bucket" rule (as WavLM's bucket
+function saturates beyond max_distance): the bias of query p and visible key s is
+
+    gate[b, h, i] * rel_bias[h, clamp(s - p - rel_offset, 0, L - 1)]
+
+for every visible key. For band keys the clamp is a no-op (the columns must still cover
+relative_offsets(), the band's offsets), so every result without sinks is unchanged; a sink key
+whose offset lies outside the table reads the edge column (column 0 for sink keys far behind the
+query, column L - 1 for sink keys ahead of an early query), and drel_bias adds their gradients into
+that column. A caller who wants the exact bias of every sink key gives a wider table (rel_offset
+down to k_offset - last query position, L up to the sink keys' largest offset);
+pyencoder.nn.relpos.biased_interval_attention builds the cheapest exact table for a bucket function.
 """
 import torch
 
@@ -116,7 +129,8 @@ def relative_offsets(nq, nk, *, block, lo_off, hi_off, q_offset=0, k_offset=0):
     return r_min, r_max
 
 
-def _validate_bias(q, k, rel_bias, gate, rel_offset, block, lo_off, hi_off, q_offset, k_offset):
+def _validate_bias(q, k, rel_bias, gate, rel_offset, block, lo_off, hi_off, q_offset, k_offset,
+                   sink=0):
     if rel_bias is None:
         if gate is not None:
             raise ValueError("gate needs rel_bias (the gate scales the relative bias); got "
@@ -135,6 +149,10 @@ def _validate_bias(q, k, rel_bias, gate, rel_offset, block, lo_off, hi_off, q_of
         raise ValueError(f"rel_bias must cover the relative offsets s - p in [{r_min}, {r_max}] "
                          f"of this call (relative_offsets()); got rel_offset={rel_offset} with "
                          f"{L} columns, covering [{rel_offset}, {rel_offset + L - 1}]")
+    if L == 0 and sink > k_offset and Nq and k.shape[2]:
+        raise ValueError(f"rel_bias needs at least one column when sink keys are visible (a sink "
+                         f"key outside the table reads its edge column: the saturated bucket "
+                         f"rule); got 0 columns with sink={sink}, k_offset={k_offset}")
     if value_checks_enabled() and rel_bias.numel() and not bool(torch.isfinite(rel_bias).all()):
         raise ValueError("rel_bias must be finite (a NaN / inf entry would poison every row that "
                          "sees its offset); got a non-finite entry")
@@ -189,11 +207,9 @@ def _attend(q, k, v, mask, rope, key_lengths, q_offset, k_offset, scale, backend
     """Every interval attention after validation of q, k, v and the positions: one op call."""
     block, k_block, lo_off, hi_off = mask.frame_params
     sink = mask.sink
-    if rel_bias is not None and sink:
-        raise ValueError(f"rel_bias with sink keys is not supported yet; got sink={sink} with "
-                         f"rel_bias")
+    # with sink keys: the saturated bucket rule (module docstring)
     rel_offset = _validate_bias(q, k, rel_bias, gate, rel_offset, block, lo_off, hi_off,
-                                q_offset, k_offset)
+                                q_offset, k_offset, sink)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     inv_freq = None if rope is None else rope.inv_freq(q.device)
     interleaved = False if rope is None else rope.interleaved
@@ -224,7 +240,10 @@ def interval_attention(q, k, v, *, mask=None, rope=None, key_lengths=None, q_off
 
     ``rel_bias`` (Hq, L) float: relative-position bias, column t for s - p = rel_offset + t
     (``rel_offset`` default: r_min of ``relative_offsets``; the columns must cover that range);
-    ``gate`` (B, Hq, Nq) or None scales it per query (WavLM's gated bias). Both get gradients."""
+    ``gate`` (B, Hq, Nq) or None scales it per query (WavLM's gated bias). Both get gradients.
+    With ``mask.sink``: a sink key whose offset lies outside the table reads the nearest edge
+    column, rel_bias[h, clamp(s - p - rel_offset, 0, L - 1)] (the saturated bucket rule, module
+    docstring); give a wider table for exact sink-key values."""
     mask = as_mask(mask, block, lo_off, hi_off)
     _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale)
     mask.params  # noqa: B018  (raises for a frame-rate mask, naming cross_attention)

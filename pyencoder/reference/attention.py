@@ -9,6 +9,18 @@ RoPE (inv_freq, NeoX or interleaved, partial rotary) applied to q and k at their
 positions, softmax(scale * q k^T) over visible keys, and the zero-row rule (no visible key: output 0,
 lse = -inf, zero gradient).
 
+Relative-position bias (``rel_bias`` (Hq, L), ``gate`` (B, Hq, Nq) or None, ``rel_offset``;
+pyencoder.ops.attention): every visible pair's score gains
+
+    gate[b, h, i] * rel_bias[h, clamp(s - p - rel_offset, 0, L - 1)]
+
+(the "saturated bucket" rule, as WavLM's bucket function saturates beyond max_distance). For band
+keys the clamp is a no-op (the op requires the columns to cover relative_offsets()); only sink
+keys outside the table read the edge column, and the backward adds their gradient into it
+(drel_bias[h, 0] / [h, L - 1] sum several offsets). A caller who wants exact values for sink keys
+gives a wider table (rel_offset smaller, L larger). Without sinks, or without a bias, the results
+are bit-identical to before the rule (the same code runs).
+
 Algorithm: blocked over query tiles. A tile of queries only reads keys in
 [lo(first query), hi(last query)] (lo and hi are non-decreasing), so time and memory are O(N * W),
 never O(N^2); no dense N x N mask is ever built. Half/bf16 inputs are computed in float32 (the
@@ -139,8 +151,11 @@ class _Biases:
 class _RelBias:
     """Relative-position bias tiles: ``rel_bias`` (Hq, L) holds the bias of relative offset
     s - p = rel_offset + t in column t; ``gate`` (B, Hq, Nq) or None (gate 1). The bias of
-    (query i, key j) is gate[b, h, i] * rel_bias[h, (k_offset + j) - (q_offset + i) - rel_offset];
-    columns outside [0, L) only occur at masked pairs (clamped: their score is -inf anyway)."""
+    (query i, key j) is gate[b, h, i] * rel_bias[h, clamp(s - p - rel_offset, 0, L - 1)] with
+    s = k_offset + j, p = q_offset + i: the saturated bucket rule. A visible band key is always
+    inside the table (the op validates that the columns cover relative_offsets()); a sink key
+    outside it reads the edge column (and its gradient adds into that column); other columns
+    outside [0, L) only occur at masked pairs (score -inf)."""
 
     def __init__(self, bias, q_offset, k_offset, B, Hk, g, cdt):
         rel_bias, gate, rel_offset = bias
@@ -149,10 +164,12 @@ class _RelBias:
         self.shift = k_offset - q_offset - rel_offset
         self.B, self.Hk, self.g = B, Hk, g
 
-    def index(self, i0, i1, j0, j1):
+    def index(self, i0, i1, j0, j1, jidx=None):
+        """(tq, tk) clamped column of each (query, key) of the tile: keys [j0, j1), or the key
+        indices ``jidx`` (sink keys prepended)."""
         dev = self.table.device
         i = torch.arange(i0, i1, device=dev)
-        j = torch.arange(j0, j1, device=dev)
+        j = torch.arange(j0, j1, device=dev) if jidx is None else jidx
         return (j[None, :] - i[:, None] + self.shift).clamp_(0, self.table.shape[1] - 1)
 
     def add_to(self, s, idx, i0, i1):
@@ -402,7 +419,8 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
     """Returns (out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32/float64); non-finite
     inputs poison the rows that see them (module docstring). ``rel_bias`` (Hq, L) / ``gate``
     (B, Hq, Nq) or None / ``rel_offset``: the relative-position bias added to the scores (see
-    _RelBias; not with sink keys yet); a non-finite gate entry poisons its row like a non-finite
+    _RelBias: with sink keys, a sink key whose offset s - p lies outside the table reads the
+    nearest edge column, the saturated bucket rule); a non-finite gate entry poisons its row like a non-finite
     q row. On CPU the call runs with the thread count of pyencoder._cpu_threads (work size and
     machine load; one thread when busy)."""
     mask, relbias = _mask_and_bias(block, lo_off, hi_off, sink, kb, rel_bias, gate, rel_offset)
@@ -412,11 +430,9 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
 
 
 def _mask_and_bias(block, lo_off, hi_off, sink, kb, rel_bias, gate, rel_offset):
-    """The entry points' ints as (IntervalMask, Bias or None); refuses a bias with sinks or a
-    frame-rate mask."""
+    """The entry points' ints as (IntervalMask, Bias or None); refuses a bias with a frame-rate
+    mask."""
     kb = block if kb is None else kb
-    if rel_bias is not None and sink:
-        raise ValueError(f"rel_bias with sink keys is not supported yet; got sink={sink}")
     if rel_bias is not None and kb != block:
         raise ValueError(f"rel_bias with a frame-rate mask is not supported; got k_block={kb} "
                          f"!= block={block}")
@@ -487,6 +503,8 @@ def _forward(q, k, v, inv_freq, key_lengths, mask, q_offset, k_offset, scale, in
             kt = torch.cat([sink_k[:, :js], kt], 1) if js else kt
             vt = torch.cat([vc[:, :js], vc[:, j0:j1]], 1) if js else vc[:, j0:j1]
             s = tile_scores(qt, kt, bias, key_lengths, min_len, j0, max(j1, js), B, Hk, jidx)
+            if rel is not None:
+                rel.add_to(s, rel.index(i0, i1, j0, j1, jidx), i0, i1)
         m = torch.logsumexp(s, dim=-1, keepdim=True)
         m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = s.sub_(m_safe).exp_()
@@ -590,6 +608,9 @@ def _backward(dout, q, k, v, out, lse, inv_freq, key_lengths, mask, q_offset, k_
             kt = torch.cat([kr[:, :js], kr[:, j0:j1]], 1) if js else kr[:, j0:j1]
             vt = torch.cat([vc[:, :js], vc[:, j0:j1]], 1) if js else vc[:, j0:j1]
             s = tile_scores(qt, kt, bias, key_lengths, min_len, j0, max(j1, js), B, Hk, jidx)
+            if rel is not None:
+                idx = rel.index(i0, i1, j0, j1, jidx)
+                rel.add_to(s, idx, i0, i1)
         p = s.sub_(lse_c[:, :, :, i0:i1].reshape(B * Hk, g * tq, 1)).exp_()
         dot = do[:, :, :, i0:i1].reshape(B * Hk, g * tq, Dv)
         dvt = torch.bmm(p.transpose(-1, -2), dot)
