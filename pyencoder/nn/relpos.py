@@ -130,8 +130,8 @@ def sink_bias_columns(table, bucket_fn, nq, nk, *, block, lo_off, hi_off, sink, 
     edge column) gives ``bucket_fn`` exactly at every visible offset.
 
     The visible offsets s - p lie in [r_lo, r_hi]: the band's [r_min, r_max]
-    (relative_offsets(), which the table must cover) and the sink keys' [k_offset - p_last,
-    sink_end - 1 - p_first]. The bucket indices are computed once over [r_lo, r_hi] (O(N) ints,
+    (relative_offsets(), which the table must cover; none when the band sees no key) and the sink
+    keys' [k_offset - p_last, sink_end - 1 - p_first]. The bucket indices are computed once over [r_lo, r_hi] (O(N) ints,
     on the table's device; one host synchronisation for the two ends below on a GPU). The table
     starts at c_lo, the largest offset <= r_min such that bucket_fn is constant on [r_lo, c_lo]
     (every offset below c_lo then reads column 0 = bucket_fn(c_lo), which is its own bucket),
@@ -148,14 +148,16 @@ def sink_bias_columns(table, bucket_fn, nq, nk, *, block, lo_off, hi_off, sink, 
                                      hi_off=hi_off, q_offset=q_offset, k_offset=k_offset)
     s_lo = k_offset - (q_offset + nq - 1)
     s_hi = sink_end - 1 - q_offset
-    if r_min > r_max:                             # no band key visible: the sink keys only
-        r_min = r_max = s_lo
-    r_lo, r_hi = min(r_min, s_lo), max(r_max, s_hi)
+    band = r_min <= r_max
+    r_lo, r_hi = (min(r_min, s_lo), max(r_max, s_hi)) if band else (s_lo, s_hi)
     idx = bucket_fn(torch.arange(r_lo, r_hi + 1, device=table.device))
-    n_lo, n_hi = r_min - r_lo, r_hi - r_max       # offsets below the band / above it
+    n = idx.numel()
+    # offsets below the band / above it (no band key visible: all of them, one column kept)
+    n_lo, n_hi = (r_min - r_lo, r_hi - r_max) if band else (n - 1, n - 1)
     # a, b: the columns dropped at either end (constant runs of the bucket, the band kept)
     a, b = (torch.stack([_leading_run(idx[:n_lo + 1]), _leading_run(idx.flip(0)[:n_hi + 1])])
             - 1).tolist()
+    b = min(b, n - 1 - a)                         # a constant range keeps one column
     cols = idx[a:idx.numel() - b]
     return table[cols].t(), r_lo + a
 
