@@ -124,22 +124,18 @@ def test_sink_is_part_of_the_mask_value():
 
 
 
-def test_triton_backend_refuses_sinks_with_frame_masks_and_bias_by_name():
-    """The Triton kernels run sink keys (below) but not with a frame-rate mask (K_BLOCK) or a
-    relative bias: the launchers and supports_forward say so, naming sink."""
+def test_triton_backend_refuses_sinks_with_frame_masks_by_name():
+    """The Triton kernels run sink keys (below), with a relative bias too (the saturated bucket
+    rule: tests/test_attention_sink_bias.py), but not with a frame-rate mask (K_BLOCK): the
+    launchers and supports_forward say so, naming sink."""
     from pyencoder.ops import _attention_triton as tri
     q, k, v = (torch.randn(1, 1, 4, 8) for _ in range(3))
     assert tri.supports_forward(q, k, v, sink=2) is None
     assert "sink=2" in tri.supports_forward(q, k, v, block=4, sink=2, kb=3)
-    assert "sink=2" in tri.supports_forward(q, k, v, sink=2, rel_bias=torch.zeros(1, 8))
+    assert tri.supports_forward(q, k, v, sink=2, rel_bias=torch.zeros(1, 8)) is None
     with pytest.raises(ValueError, match=r"sink=2 with k_block=3 != block=4"):
         tri.forward(q, k, v, None, None, 4, 0, 3, 0, 0, 1.0, False, sink=2, kb=3)
-    with pytest.raises(ValueError, match="rel_bias with sink keys"):
-        tri.backward(q, q, k, v, q, q[..., 0], None, None, 1, 1, 0, 0, 0, 1.0, False, True,
-                     sink=2, rel_bias=torch.zeros(1, 8))
-    with pytest.raises(ValueError, match="rel_bias with sink keys"):
-        pyencoder.ops.banded_attention(q, k, v, left=1, right=0, sink=1, backend="triton",
-                                       rel_bias=torch.zeros(1, 8))
+
 
 @pytest.mark.parametrize("trial", range(4))
 def test_streaming_with_sinks_equals_offline_over_random_chunkings(trial):
@@ -187,9 +183,9 @@ def test_paths_without_sinks_refuse_a_sink_mask_by_name():
     m = IntervalMask.band(2, 0, sink=1)
     with pytest.raises(NotImplementedError, match="sink"):
         pyencoder.ops.interval_attention_dropout(q, k, v, mask=m, dropout_p=0.5)
-    with pytest.raises(NotImplementedError, match="sink"):
+    with pytest.raises(NotImplementedError, match="sink"):     # the fused bias runs sinks
         biased_interval_attention(q, k, v, None, torch.randn(8, 2), lambda r: r.clamp(0, 7),
-                                  mask=m)
+                                  mask=m, dropout_p=0.5)
     torch.testing.assert_close(pyencoder.ops.interval_attention_dropout(q, k, v, mask=m,
                                                                          dropout_p=0.0),
                                interval_attention(q, k, v, mask=m))
@@ -368,8 +364,8 @@ def test_gpu_triton_sinks_follow_the_flash_attention_rule(dtype, mask):
 
 
 def test_auto_picks_the_triton_kernels_for_sinks_on_cuda():
-    """Backend choice for CUDA tensors (``auto``): sink keys go to the Triton kernels now; sinks
-    with a relative bias (refused by the kernels) fall back to the reference."""
+    """Backend choice for CUDA tensors (``auto``): sink keys go to the Triton kernels, with a
+    relative bias too (the saturated bucket rule)."""
     pytest.importorskip("triton")
     from pyencoder import _backend
     q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
@@ -377,7 +373,7 @@ def test_auto_picks_the_triton_kernels_for_sinks_on_cuda():
                 q_offset=0, k_offset=0, scale=1.0, interleaved=False, sink=3)
     assert _backend.select("attention", "forward", "cuda", args) == "triton"
     assert _backend.select("attention", "forward", "cuda",
-                           dict(args, rel_bias=torch.zeros(2, 8))) == "reference"
+                           dict(args, rel_bias=torch.zeros(2, 8))) == "triton"
 
 
 def test_opcheck_triton_backend_with_sinks():

@@ -407,7 +407,7 @@ def test_opcheck_triton_backend_with_sinks_and_bias():
     torch.library.opcheck(torch.ops.pyencoder.interval_attention_triton.default, args)
 
 
-# ---- Triton ---------------------------------------------------------------------------------------
+# ---- Triton -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("kind", ["1", "inside", "beyond", ">=N"])

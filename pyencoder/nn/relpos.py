@@ -28,8 +28,11 @@ every relative offset the call can see (``relative_bias_columns``: a dense (H, L
 the window width) and handed with the gate to pyencoder.ops.interval_attention's fused bias
 (``rel_bias=``, ``gate=``): the Triton kernels on a GPU, the blocked reference (the fast CPU path)
 on a CPU, forward and backward, with gradients for q, k, v, the table (through the gather) and
-the gate. Attention-probability dropout (training) keeps the plain-torch tile loop of this module
-(blocked over query tiles, a tile reads only keys in [lo(first row), hi(last row)]: O(N * W);
+the gate. With sink keys (a ``mask`` with ``sink``; fused path only) the table is
+``sink_bias_columns``: the op clamps a key outside the table to its edge column (the saturated
+bucket rule), and the columns are chosen so that the clamp gives the bucket of every visible
+offset exactly. Attention-probability dropout (training) keeps the plain-torch tile loop of this
+module (blocked over query tiles, a tile reads only keys in [lo(first row), hi(last row)]: O(N * W);
 autograd differentiates the tiles). Streaming (``init_state`` / ``step`` / ``flush``, the protocol of
 pyencoder.nn.BandedSelfAttention): new keys are rotated once at their absolute position and
 written to a ring buffer (capacity lo_off + hi_off + max_chunk; unbounded history grows up to
@@ -131,8 +134,9 @@ def sink_bias_columns(table, bucket_fn, nq, nk, *, block, lo_off, hi_off, sink, 
 
     The visible offsets s - p lie in [r_lo, r_hi]: the band's [r_min, r_max]
     (relative_offsets(), which the table must cover; none when the band sees no key) and the sink
-    keys' [k_offset - p_last, sink_end - 1 - p_first]. The bucket indices are computed once over [r_lo, r_hi] (O(N) ints,
-    on the table's device; one host synchronisation for the two ends below on a GPU). The table
+    keys' [k_offset - p_last, sink_end - 1 - p_first]. The bucket indices are computed once
+    over [r_lo, r_hi] (O(N) ints, on the table's device; one host synchronisation for the two
+    ends below on a GPU). The table
     starts at c_lo, the largest offset <= r_min such that bucket_fn is constant on [r_lo, c_lo]
     (every offset below c_lo then reads column 0 = bucket_fn(c_lo), which is its own bucket),
     and ends at c_hi, the smallest offset >= r_max with bucket_fn constant on [c_hi, r_hi]. For

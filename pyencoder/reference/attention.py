@@ -420,9 +420,9 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
     inputs poison the rows that see them (module docstring). ``rel_bias`` (Hq, L) / ``gate``
     (B, Hq, Nq) or None / ``rel_offset``: the relative-position bias added to the scores (see
     _RelBias: with sink keys, a sink key whose offset s - p lies outside the table reads the
-    nearest edge column, the saturated bucket rule); a non-finite gate entry poisons its row like a non-finite
-    q row. On CPU the call runs with the thread count of pyencoder._cpu_threads (work size and
-    machine load; one thread when busy)."""
+    nearest edge column, the saturated bucket rule); a non-finite gate entry poisons its row
+    like a non-finite q row. On CPU the call runs with the thread count of
+    pyencoder._cpu_threads (work size and machine load; one thread when busy)."""
     mask, relbias = _mask_and_bias(block, lo_off, hi_off, sink, kb, rel_bias, gate, rel_offset)
     with threads_for(_flops(q, k, mask), q.device):
         return _forward_checked(q, k, v, inv_freq, key_lengths, mask, q_offset, k_offset, scale,
