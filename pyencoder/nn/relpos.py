@@ -136,14 +136,15 @@ def sink_bias_columns(table, bucket_fn, nq, nk, *, block, lo_off, hi_off, sink, 
     (relative_offsets(), which the table must cover; none when the band sees no key) and the sink
     keys' [k_offset - p_last, sink_end - 1 - p_first]. The bucket indices are computed once
     over [r_lo, r_hi] (O(N) ints, on the table's device; one host synchronisation for the two
-    ends below on a GPU). The table
-    starts at c_lo, the largest offset <= r_min such that bucket_fn is constant on [r_lo, c_lo]
-    (every offset below c_lo then reads column 0 = bucket_fn(c_lo), which is its own bucket),
-    and ends at c_hi, the smallest offset >= r_max with bucket_fn constant on [c_hi, r_hi]. For
-    WavLM's bucket (saturated at |r| >= max_distance) the table reaches at most max_distance on
-    either side, or covers the whole range when that is shorter. Shrinking it by one column at
-    an end that is not the band's would make some visible offset read a wrong bucket (the rule is
-    the cheapest of its kind: tests/test_attention_sink_bias.py)."""
+    ends below on a GPU). The table starts at c_lo, the largest offset <= r_min such that
+    bucket_fn is constant on [r_lo, c_lo] (every offset below c_lo then reads column 0 =
+    bucket_fn(c_lo), which is its own bucket), and ends at c_hi, the smallest offset >= r_max
+    with bucket_fn constant on [c_hi, r_hi] (no band key visible: the same from both ends of the
+    sink offsets, at least one column). For WavLM's bucket (saturated at |r| >= max_distance)
+    the table reaches at most max_distance on either side, or covers the whole range when that
+    is shorter. Shrinking it by one column at an end that is not the band's would make some
+    visible offset read a wrong bucket (the cheapest table of this kind for a contiguous range
+    of visible offsets: tests/test_attention_sink_bias.py)."""
     r_min, r_max = relative_offsets(nq, nk, block=block, lo_off=lo_off, hi_off=hi_off,
                                     q_offset=q_offset, k_offset=k_offset)
     sink_end = min(sink, k_offset + nk)           # positions past the last key hold no key
