@@ -30,9 +30,10 @@ build:
      group lists: the metadata .json and the .cubin suffice; the .source/.ttir/.ttgir/.llir/.ptx
      are dropped) and its group file lists bare file names (the device rewrites them to absolute
      paths when it installs the cache: Triton drops group entries whose path does not exist);
+     the entries are packed into one entries.tgz (cubins compress about 4x);
   4. build_info.json: the key facts (Triton version, sha256 of triton_key(), backend hash,
      cache-invalidating env vars, target) and per-kernel entry counts, sizes and times.
-On the device, install() copies the entries into $TRITON_CACHE_DIR with their group files
+On the device, install() unpacks the entries into $TRITON_CACHE_DIR with their group files
 rewritten, and compare() says "cache key matches" or "mismatch: compiling" with what differs; a
 mismatch only costs the compiles (the entries are never hit).
 
@@ -49,12 +50,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TARGET = ("cuda", 90, 32)
 BUILD_INFO = "build_info.json"
+ARCHIVE = "entries.tgz"
 KEEP_EXT = (".json", ".cubin")
 KEY_FIELDS = ("triton", "triton_key_sha256", "backend_hash", "env_vars")
 
@@ -142,18 +145,41 @@ def prune(cache_dir):
     return total
 
 
+def pack(cache_dir):
+    """Move the entries of `cache_dir` into one gzip tar, cache_dir/entries.tgz (cubins shrink
+    about 4x: the call's carry is limited); returns its size."""
+    keys = list(entries(cache_dir))
+    path = os.path.join(cache_dir, ARCHIVE)
+    with tarfile.open(path + ".tmp", "w:gz") as t:
+        for key in keys:
+            t.add(os.path.join(cache_dir, key), arcname=key)
+    os.replace(path + ".tmp", path)
+    for key in keys:
+        shutil.rmtree(os.path.join(cache_dir, key))
+    return os.path.getsize(path)
+
+
 def install(src, dst):
-    """Copy the carried entries of `src` into the Triton cache folder `dst` with their group files
-    pointing at their new place; returns the number of entries installed."""
-    n = 0
+    """Put the carried entries of `src` (entries.tgz, or entry folders) into the Triton cache
+    folder `dst` with their group files pointing at their new place; returns how many."""
     os.makedirs(dst, exist_ok=True)
-    for key in entries(src):
+    archive = os.path.join(src, ARCHIVE)
+    if os.path.isfile(archive):
+        with tarfile.open(archive) as t:
+            members = [m for m in t.getmembers() if m.isfile() or m.isdir()]
+            keys = sorted({m.name.split("/")[0] for m in members})
+            t.extractall(dst, members=members, filter="data")
+    else:
+        keys = list(entries(src))
+        for key in keys:
+            shutil.copytree(os.path.join(src, key), os.path.join(dst, key), dirs_exist_ok=True)
+    n = 0
+    for key in keys:
         d = os.path.join(dst, key)
-        shutil.copytree(os.path.join(src, key), d, dirs_exist_ok=True)
-        for f in os.listdir(d):
-            if f.startswith("__grp__"):
-                _rewrite_group(os.path.join(d, f), d)
-        n += 1
+        grp = [f for f in os.listdir(d) if f.startswith("__grp__")] if os.path.isdir(d) else []
+        for f in grp:
+            _rewrite_group(os.path.join(d, f), d)
+        n += bool(grp)
     return n
 
 
@@ -413,11 +439,12 @@ def build(out, tier, pytest_args, jobs, autotune=False, target=TARGET, nice=0):
         shutil.rmtree(os.path.join(stage, _base32(r["hash"])), ignore_errors=True)
     size = prune(stage)
     ents = entries(stage)
+    packed = pack(stage)
     info = dict(key_facts(target))
     info.update(
         tier=tier, autotune=autotune, pytest_args=list(pytest_args), jobs=jobs,
         entries=len(ents), kernels=dict(sorted(collections.Counter(ents.values()).items())),
-        bytes=size, captured=len(cap["requests"]), compiled=len(good),
+        bytes=size, archive_bytes=packed, captured=len(cap["requests"]), compiled=len(good),
         failed=[{k: r[k] for k in ("name", "error")} for r in bad] + cap["not_captured"],
         capture_s=round(t_cap, 1), compile_s=round(t_comp, 1),
         compile_cpu_s=round(sum(r["seconds"] for r in results), 1),
@@ -426,7 +453,8 @@ def build(out, tier, pytest_args, jobs, autotune=False, target=TARGET, nice=0):
         json.dump(info, f, indent=1)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(stage, out)
-    print(f"triton cache: {len(ents)} entries, {size / 2**20:.1f} MiB in {out}; compiled in "
+    print(f"triton cache: {len(ents)} entries, {size / 2**20:.1f} MiB ({packed / 2**20:.1f} MiB "
+          f"as {ARCHIVE}, carried) in {out}; compiled in "
           f"{t_comp:.0f} s wall ({info['compile_cpu_s']:.0f} CPU-s, {jobs} jobs), "
           f"{time.monotonic() - t0:.0f} s in all; {len(info['failed'])} failed", flush=True)
     for r in info["failed"]:
