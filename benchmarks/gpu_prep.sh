@@ -14,19 +14,31 @@
 #      builds there when either differs);
 #   3. downloads the wheels the device image lacks into .whl/ (transformers==5.23.0; the device
 #      has 5.17; every other requirement of it is on the device image, see
-#      benchmarks/GPU_SESSION.md) and prints their Requires-Dist.
-# .gpu-prep/, .prebuilt/ and .whl/ are git-ignored; .prebuilt/ and .whl/ are carried.
+#      benchmarks/GPU_SESSION.md) and prints their Requires-Dist;
+#   4. builds the Triton cache .triton-cache/ (benchmarks/triton_cache.py) in the same venv, whose
+#      triton is the one torch 2.11.0 pins (3.6.0, cp312: the device's; Triton's cache key hashes
+#      its own .so, so another Python or wheel would never hit): the launches of the session's
+#      gpu_quick tests (autotuner pinned, as the session runs them) are captured through Triton's
+#      JIT on a fake sm_90 driver and compiled for sm_90 in $GPU_PREP_JOBS processes (default 2,
+#      ~190 kernels, ~9 CPU-minutes), pruned to the .cubin and metadata of each entry and packed
+#      into .triton-cache/entries.tgz (~8 MB), with build_info.json (the key facts: triton,
+#      sha256 of triton_key(), ptxas/arch backend hash, env; the device prints and compares them
+#      and compiles what misses). GPU_PREP_TRITON_CACHE=0 skips it (and removes a stale one).
+# .gpu-prep/, .prebuilt/, .whl/ and .triton-cache/ are git-ignored; all but .gpu-prep/ are carried.
 #
 # Limits: Linux x86-64 with nvcc 13.x under $CUDA_HOME and network access to PyPI; the first run
 # downloads ~3 GB (torch and its CUDA wheels, cached in .gpu-prep/) and needs ~6 GB of disk; later
-# runs reuse the venv and rebuild only the extension. The build compiles every .cu file once
-# (MAX_JOBS, default 2).
+# runs reuse the venv and rebuild the extension and the Triton cache. The build compiles every .cu
+# file once (MAX_JOBS, default 2). Re-run it after any change to csrc/ or triton_kernels/: a
+# kernel's cache entry is keyed by its source and line numbers (a stale one only misses).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PREP=${GPU_PREP_DIR:-$ROOT/.gpu-prep}
 PY312=${GPU_PREP_PYTHON:-/root/.pyenv/versions/3.12.1/bin/python}
 TORCH_SPEC=${GPU_PREP_TORCH:-torch==2.11.0}
+TRITON_CACHE=${GPU_PREP_TRITON_CACHE:-1}
+export GPU_PREP_JOBS=${GPU_PREP_JOBS:-2}
 WHEELS=${GPU_PREP_WHEELS:-transformers==5.23.0}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -51,7 +63,10 @@ if [ "${have%%+*}" != "$want" ]; then
   "$VPY" -m pip download -q --no-deps "${PLAT[@]}" -d "$PREP/dl" "$TORCH_SPEC"
   "$VPY" -m pip install -q --find-links "$PREP/dl" "$TORCH_SPEC" "setuptools<82" wheel ninja numpy
 fi
-"$VPY" -c "import torch; print('build torch', torch.__version__, 'cuda', torch.version.cuda)"
+# the Triton cache build runs the tests' launch code: pytest and hypothesis (small)
+"$VPY" -c "import pytest, hypothesis" 2>/dev/null || "$VPY" -m pip install -q pytest hypothesis
+"$VPY" -c "import torch, triton; print('build torch', torch.__version__, 'cuda', torch.version.cuda,
+      'triton', triton.__version__)"
 
 # 2. build the extension in a copy of the tree
 say "build pyencoder._C for sm_${TORCH_CUDA_ARCH_LIST//./} (MAX_JOBS=$MAX_JOBS)"
@@ -92,5 +107,16 @@ for w in .whl/*.whl; do
   echo "$w requires (the device image has these names; see benchmarks/GPU_SESSION.md):"
   unzip -p "$w" '*/METADATA' | grep '^Requires-Dist' | grep -v 'extra ==' | sed 's/^/    /'
 done
+# 4. the Triton cache, built with the device's Triton (this venv's)
+if [ "$TRITON_CACHE" != "0" ]; then
+  say "Triton cache for sm_90: the session's gpu_quick launches ($GPU_PREP_JOBS jobs)"
+  tc0=$(date +%s)
+  (unset TRITON_INTERPRET; "$VPY" -m benchmarks.triton_cache build --out .triton-cache \
+     --jobs "$GPU_PREP_JOBS") || { echo "gpu-prep: Triton cache build failed" >&2; exit 1; }
+  say "Triton cache built in $(( $(date +%s) - tc0 )) s"
+else
+  rm -rf .triton-cache
+  say "Triton cache skipped (GPU_PREP_TRITON_CACHE=0): the device compiles every kernel"
+fi
 say "done: carried paths"
-du -sh .prebuilt .whl
+du -sh .prebuilt .whl $( [ -d .triton-cache ] && echo .triton-cache)
