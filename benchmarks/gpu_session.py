@@ -78,6 +78,7 @@ STREAMING_TESTS = ["tests/test_streaming_decode_triton.py", "tests/test_streamin
                    "tests/test_wavlm_step_fixed.py"]
 CONVNEXT_TESTS = ["tests/test_convnext_fused.py", "tests/test_models.py"]
 BF16_K = "bfloat16 or long_sequences or deterministic_bitwise"   # the attention tests in bf16
+ATTENTION_TABLE_NS = ("1500", "3000", "12000")     # the attention_table stage's N
 EXT_SUITES = {"bias": 15, "sink": 8, "frame": 8}   # bench_attention_ext: suite -> --max-seconds
 
 
@@ -172,7 +173,7 @@ def plan_attention_table(ctx):
                                         "--providers", "reference", "sdpa-mask"), {})]
     # bench_attention writes its JSON lines when it ends: one process per provider (flex, whose
     # compiles take longest, one per N) so a stage cut at its timeout keeps what finished
-    ns = ["1500", "3000", "12000"]
+    ns = list(ATTENTION_TABLE_NS)
     runs = [("triton", ["pyencoder-triton"], ns)]
     runs += [(f"flex-N{n}", ["flex"], [n]) for n in ns]
     runs += [("sdpa-flash", ["sdpa-mask", "flash-attn"], ns)]

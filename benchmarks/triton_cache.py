@@ -15,7 +15,9 @@ build venv with torch 2.11.0's triton 3.6.0.
 
 build:
   1. capture (one subprocess): the tier's tests (default the gpu_quick tests of the session's
-     stage files, autotuner pinned as the session runs it) run as in tests/_count_compiles.py (CPU
+     stage files, autotuner pinned as the session runs it), then the attention_table stage's
+     pyencoder-triton cases (bench_attention.make_provider at wav2vec2-base, bf16, every N, mask
+     and RoPE setting; --no-bench leaves them out) run as in tests/_count_compiles.py (CPU
      tensors stand in for CUDA ones, the sm90 row of the attention tile table), but every launch
      goes through Triton's own JITFunction.run with a driver that reports GPUTarget("cuda", 90, 32):
      the JIT binds and specialises the arguments with the CUDA backend and reaches _do_compile
@@ -300,7 +302,7 @@ class CompileCapture:
         JITFunction._do_compile = _do_compile
 
 
-def capture_requests(tier, pytest_args, autotune=False, target=TARGET):
+def capture_requests(tier, pytest_args, autotune=False, target=TARGET, bench=True):
     """Run the tier's tests as tests/_count_compiles.py does, every launch through Triton's own
     JITFunction.run on a fake `target` driver up to _do_compile, recorded there (this process is
     left patched: run it in a subprocess). Returns (requests, counter result)."""
@@ -323,9 +325,43 @@ def capture_requests(tier, pytest_args, autotune=False, target=TARGET):
             use_target(target)
             cap.install()
 
-    res = cc.count(tier, autotune, pytest_args, recorder=Recorder(),
+    rec = Recorder()
+    res = cc.count(tier, autotune, pytest_args, recorder=rec,
                    arch="sm90" if target[1] >= 90 else "sm80")
+    if bench:
+        n0 = len(cap.requests)
+        with cc._cuda_to_cpu_mode():
+            _bench_attention_launches(rec, cap.failed)
+        res["bench_attention_compiles"] = len(cap.requests) - n0
     return list(cap.requests.values()), res, cap.failed
+
+
+def _bench_attention_launches(rec, failed):
+    """The attention_table stage's pyencoder-triton cases as bench_attention._measure runs them
+    (its make_provider; forward without and with gradients, then the backward), every N, mask and
+    RoPE setting of the stage, launches only (inside capture_requests' patches)."""
+    import torch
+
+    import pyencoder
+    from benchmarks import bench_attention as ba
+    from benchmarks import gpu_session as gs
+    B, H, D = ba.SHAPES["wav2vec2-base"]
+    ns = [int(n) for n in gs.ATTENTION_TABLE_NS]
+    for n in ns:
+        for rope in (True, False):
+            for m in ba.MASKS:
+                rec.test = f"bench_attention N={n} {ba.mask_name(m)} rope={rope}"
+                try:
+                    leaves = [torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16,
+                                          requires_grad=True) for _ in range(3)]
+                    fwd = ba.make_provider("pyencoder-triton", *leaves, m,
+                                           pyencoder.Rope(D) if rope else None)
+                    with torch.no_grad():
+                        fwd()
+                    out = fwd()
+                    torch.autograd.grad(out, leaves, torch.randn_like(out))
+                except Exception as e:  # reported in build_info.json's failed list
+                    failed.append({"kernel": rec.test, "error": f"{type(e).__name__}: {e}"[:500]})
 
 
 def _import_tree():
@@ -403,7 +439,7 @@ def compile_all(requests, cache_dir, jobs, target=TARGET, nice=0):
         return list(pool.map(compile_request, reqs, chunksize=1))
 
 
-def build(out, tier, pytest_args, jobs, autotune=False, target=TARGET, nice=0):
+def build(out, tier, pytest_args, jobs, autotune=False, target=TARGET, nice=0, bench=True):
     """Capture (a subprocess), compile (`jobs` processes) into a staging folder, prune, and
     replace `out` with it. Returns build_info."""
     t0 = time.monotonic()
@@ -416,7 +452,7 @@ def build(out, tier, pytest_args, jobs, autotune=False, target=TARGET, nice=0):
     env["TRITON_CACHE_DIR"] = os.path.join(stage, "capture-unused")
     argv = [sys.executable, "-m", "benchmarks.triton_cache", "_capture", "--requests", reqfile,
             "--tier", tier, "--autotune", str(int(autotune)), "--target", *map(str, target),
-            *pytest_args]
+            *([] if bench else ["--no-bench"]), *pytest_args]
     print(f"triton cache: capturing the launches of -m {tier} {' '.join(pytest_args)}",
           flush=True)
     p = subprocess.run(argv, cwd=ROOT, env=env)
@@ -442,7 +478,7 @@ def build(out, tier, pytest_args, jobs, autotune=False, target=TARGET, nice=0):
     packed = pack(stage)
     info = dict(key_facts(target))
     info.update(
-        tier=tier, autotune=autotune, pytest_args=list(pytest_args), jobs=jobs,
+        tier=tier, autotune=autotune, pytest_args=list(pytest_args), jobs=jobs, bench=bench,
         entries=len(ents), kernels=dict(sorted(collections.Counter(ents.values()).items())),
         bytes=size, archive_bytes=packed, captured=len(cap["requests"]), compiled=len(good),
         failed=[{k: r[k] for k in ("name", "error")} for r in bad] + cap["not_captured"],
@@ -474,6 +510,8 @@ def main(argv=None):
     for q in (b, sub.add_parser("_capture")):
         q.add_argument("--tier", default="gpu_quick")
         q.add_argument("--autotune", type=int, choices=(0, 1), default=0)
+        q.add_argument("--no-bench", action="store_true",
+                       help="only the tier's tests, not the attention_table stage's cases")
         q.add_argument("--target", nargs=3, default=list(TARGET), metavar=("BACKEND", "ARCH",
                                                                            "WARP"))
     sub.choices["_capture"].add_argument("--requests", required=True)
@@ -486,14 +524,14 @@ def main(argv=None):
         return 0
     if args.cmd == "_capture":
         reqs, res, failed = capture_requests(args.tier, rest or _session_test_files(),
-                                             bool(args.autotune), target)
+                                             bool(args.autotune), target, not args.no_bench)
         with open(args.requests, "w") as fh:
             json.dump({"requests": reqs, "counter": res, "not_captured": failed}, fh)
         return 0
     if args.jobs < 1:
         p.error(f"--jobs (GPU_PREP_JOBS) must be >= 1; got {args.jobs}")
     info = build(args.out, args.tier, rest or _session_test_files(), args.jobs,
-                 bool(args.autotune), target, args.nice)
+                 bool(args.autotune), target, args.nice, not args.no_bench)
     return 1 if info["entries"] == 0 and info["captured"] else 0
 
 
