@@ -73,7 +73,9 @@ say "build pyencoder._C for sm_${TORCH_CUDA_ARCH_LIST//./} (MAX_JOBS=$MAX_JOBS)"
 SRC=$PREP/src
 rm -rf "$SRC" && mkdir -p "$SRC"
 cp -r setup.py README.md csrc pyencoder triton_kernels "$SRC"/
-rm -f "$SRC"/pyencoder/_C*.so
+# build_ext --inplace does not run build_py, so setup.py writes no _build_info.py here: a copied
+# one would describe the worktree's own install (e.g. a CPU torch); the record is made below
+rm -f "$SRC"/pyencoder/_C*.so "$SRC"/pyencoder/_build_info.py
 (cd "$SRC" && PYENCODER_BUILD_CUDA=1 "$VPY" setup.py -q build_ext --inplace >build.log 2>&1) \
   || { tail -40 "$SRC/build.log"; echo "gpu-prep: build failed (log: $SRC/build.log)" >&2; exit 1; }
 so=$(ls "$SRC"/pyencoder/_C*.so)
@@ -83,13 +85,17 @@ cp "$so" .prebuilt/
 so=.prebuilt/$(basename "$so")
 strip --strip-debug "$so"
 "$VPY" - "$SRC" "$so" "$raw" <<'EOF'
-import json, os, sys
+import json, os, re, sys
+import torch
 src, so, raw = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sys.path.insert(0, os.path.dirname(os.path.abspath(so)) + "/..")
 from benchmarks.gpu_session import csrc_hash
-ns = {}
-exec(open(os.path.join(src, "pyencoder", "_build_info.py")).read(), ns)
-info = dict(ns["BUILD_INFO"], arch_list=os.environ["TORCH_CUDA_ARCH_LIST"],
+# what setup.py's _build_info_text records for a CUDA build (PYENCODER_BUILD_CUDA=1 built it with
+# this venv's torch)
+version = re.search(r'^VERSION = "(.+?)"', open(os.path.join(src, "setup.py")).read(), re.M)[1]
+assert torch.version.cuda, f"torch {torch.__version__} in the build venv is not a CUDA build"
+info = dict(version=version, cuda_built=True, reason="", torch=torch.__version__,
+            cuda=torch.version.cuda, arch_list=os.environ["TORCH_CUDA_ARCH_LIST"],
             csrc_sha256=csrc_hash(os.path.join(src, "csrc")), so=os.path.basename(so),
             so_bytes=os.path.getsize(so), so_bytes_unstripped=raw)
 json.dump(info, open(".prebuilt/build_info.json", "w"), indent=1)
