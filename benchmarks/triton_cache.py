@@ -3,6 +3,7 @@ install and check it on the device (benchmarks/gpu_prep.sh step 4, benchmarks/gp
 
     python -m benchmarks.triton_cache build [--out .triton-cache] [--tier gpu_quick]
                                             [--jobs N] [--autotune 0|1] [pytest files ...]
+    python -m benchmarks.triton_cache verify [--cache .triton-cache] [same selection as build]
     python -m benchmarks.triton_cache facts [--target cuda 90 32]   # this Triton's cache key
 
 What the cache is: triton.compile files a compiled kernel under
@@ -35,6 +36,9 @@ build:
      the entries are packed into one entries.tgz (cubins compress about 4x);
   4. build_info.json: the key facts (Triton version, sha256 of triton_key(), backend hash,
      cache-invalidating env vars, target) and per-kernel entry counts, sizes and times.
+verify: installs the packed cache into a temporary folder as the device does and replays the same
+launches through the JIT, compiling for real against it on the fake driver (nothing launched): every
+kernel must load from the cache; a miss is counted by kernel name instead of compiled.
 On the device, install() unpacks the entries into $TRITON_CACHE_DIR with their group files
 rewritten, and compare() says "cache key matches" or "mismatch: compiling" with what differs; a
 mismatch only costs the compiles (the entries are never hit).
@@ -364,6 +368,77 @@ def _bench_attention_launches(rec, failed):
                     failed.append({"kernel": rec.test, "error": f"{type(e).__name__}: {e}"[:500]})
 
 
+class _Miss(Exception):
+    pass
+
+
+def replay(cache_dir, tier, pytest_args, autotune=False, target=TARGET, bench=True):
+    """Run the capture's launches again with the JIT compiling for real on the fake `target`
+    driver (warmup: nothing is launched) against the installed cache `cache_dir`; a miss (the
+    backend compiler about to run) is recorded by kernel name and raised instead of compiled (its
+    test stops there). This process is left patched: run it in a subprocess. Returns
+    {hits: distinct kernels loaded from the cache, misses: {name: count}}."""
+    os.environ["TRITON_CACHE_DIR"] = cache_dir
+    sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+    _import_tree()
+    import _count_compiles as cc
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import JITFunction
+    real_run = JITFunction.run
+    loaded, misses = set(), collections.Counter()
+
+    def add_stages(backend, stages, options, language=None):
+        raise _Miss("not in the cache")
+
+    class Recorder(cc._Recorder):
+        def install(self):
+            super().install()
+
+            def run(fn, *args, grid, warmup, **kwargs):
+                try:
+                    k = real_run(fn, *args, grid=grid, warmup=True, **kwargs)
+                except _Miss:
+                    misses[fn.fn.__name__] += 1
+                    raise
+                loaded.add(k.hash)
+                return k
+            JITFunction.run = run
+            CUDABackend.add_stages = add_stages
+            use_target(target)
+
+    rec = Recorder()
+    cc.count(tier, autotune, pytest_args, recorder=rec, arch="sm90" if target[1] >= 90 else "sm80")
+    if bench:
+        with cc._cuda_to_cpu_mode():
+            _bench_attention_launches(rec, [])
+    return {"hits": len(loaded), "misses": dict(sorted(misses.items()))}
+
+
+def verify(cache, tier, pytest_args, autotune=False, target=TARGET, bench=True):
+    """Install the packed cache `cache` into a temporary folder (as the device does) and replay
+    the launches against it in a subprocess; prints and returns {hits, misses}."""
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="triton-cache-verify-") as tmp:
+        dst = os.path.join(tmp, "cache")
+        n = install(cache, dst)
+        out = os.path.join(tmp, "replay.json")
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        argv = [sys.executable, "-m", "benchmarks.triton_cache", "_replay", "--cache", dst,
+                "--result", out, "--tier", tier, "--autotune", str(int(autotune)), "--target",
+                *map(str, target), *([] if bench else ["--no-bench"]), *pytest_args]
+        t0 = time.monotonic()
+        p = subprocess.run(argv, cwd=ROOT, env=env)
+        if p.returncode != 0:
+            raise RuntimeError(f"triton cache: the replay failed (rc {p.returncode})")
+        res = json.load(open(out))
+    res["installed"] = n
+    res["seconds"] = round(time.monotonic() - t0, 1)
+    print(f"triton cache verify: {n} entries installed; the launches loaded {res['hits']} "
+          f"kernels from it and missed {sum(res['misses'].values())} "
+          f"({json.dumps(res['misses'])}) in {res['seconds']} s", flush=True)
+    return res
+
+
 def _import_tree():
     """Import pyencoder from this tree, with pyencoder.triton_kernels mapped to triton_kernels/
     as setup.py's package_dir does (a build venv need not have the package installed)."""
@@ -507,7 +582,12 @@ def main(argv=None):
     b.add_argument("--out", default=os.path.join(ROOT, ".triton-cache"))
     b.add_argument("--jobs", type=int, default=int(os.environ.get("GPU_PREP_JOBS", "2")))
     b.add_argument("--nice", type=int, default=0, help="os.nice() of the compile processes")
-    for q in (b, sub.add_parser("_capture")):
+    v = sub.add_parser("verify", help="replay the launches against an installed copy of a cache")
+    v.add_argument("--cache", default=os.path.join(ROOT, ".triton-cache"))
+    r = sub.add_parser("_replay")
+    r.add_argument("--cache", required=True)
+    r.add_argument("--result", required=True)
+    for q in (b, sub.add_parser("_capture"), v, r):
         q.add_argument("--tier", default="gpu_quick")
         q.add_argument("--autotune", type=int, choices=(0, 1), default=0)
         q.add_argument("--no-bench", action="store_true",
@@ -528,6 +608,15 @@ def main(argv=None):
         with open(args.requests, "w") as fh:
             json.dump({"requests": reqs, "counter": res, "not_captured": failed}, fh)
         return 0
+    files = rest or _session_test_files()
+    if args.cmd == "_replay":
+        res = replay(args.cache, args.tier, files, bool(args.autotune), target, not args.no_bench)
+        with open(args.result, "w") as fh:
+            json.dump(res, fh)
+        return 0
+    if args.cmd == "verify":
+        res = verify(args.cache, args.tier, files, bool(args.autotune), target, not args.no_bench)
+        return 1 if res["misses"] else 0
     if args.jobs < 1:
         p.error(f"--jobs (GPU_PREP_JOBS) must be >= 1; got {args.jobs}")
     info = build(args.out, args.tier, rest or _session_test_files(), args.jobs,
