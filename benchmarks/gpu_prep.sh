@@ -23,7 +23,9 @@
 #      ~190 kernels, ~9 CPU-minutes), pruned to the .cubin and metadata of each entry and packed
 #      into .triton-cache/entries.tgz (~8 MB), with build_info.json (the key facts: triton,
 #      sha256 of triton_key(), ptxas/arch backend hash, env; the device prints and compares them
-#      and compiles what misses). GPU_PREP_TRITON_CACHE=0 skips it (and removes a stale one).
+#      and compiles what misses). GPU_PREP_TRITON_CACHE=0 skips it (and removes a stale one);
+#      GPU_PREP_TRITON_VERIFY=1 then replays the launches against an installed copy (~3 min:
+#      every kernel must load from it, python -m benchmarks.triton_cache verify).
 # .gpu-prep/, .prebuilt/, .whl/ and .triton-cache/ are git-ignored; all but .gpu-prep/ are carried.
 #
 # Limits: Linux x86-64 with nvcc 13.x under $CUDA_HOME and network access to PyPI; the first run
@@ -120,6 +122,10 @@ if [ "$TRITON_CACHE" != "0" ]; then
   (unset TRITON_INTERPRET; "$VPY" -m benchmarks.triton_cache build --out .triton-cache \
      --jobs "$GPU_PREP_JOBS") || { echo "gpu-prep: Triton cache build failed" >&2; exit 1; }
   say "Triton cache built in $(( $(date +%s) - tc0 )) s"
+  if [ "${GPU_PREP_TRITON_VERIFY:-0}" = "1" ]; then
+    (unset TRITON_INTERPRET; "$VPY" -m benchmarks.triton_cache verify --cache .triton-cache) \
+      || { echo "gpu-prep: the Triton cache misses some launches (see above)" >&2; exit 1; }
+  fi
 else
   rm -rf .triton-cache
   say "Triton cache skipped (GPU_PREP_TRITON_CACHE=0): the device compiles every kernel"

@@ -558,15 +558,15 @@ def build(out, tier, pytest_args, jobs, autotune=False, target=TARGET, nice=0, b
         bytes=size, archive_bytes=packed, captured=len(cap["requests"]), compiled=len(good),
         failed=[{k: r[k] for k in ("name", "error")} for r in bad] + cap["not_captured"],
         capture_s=round(t_cap, 1), compile_s=round(t_comp, 1),
-        compile_cpu_s=round(sum(r["seconds"] for r in results), 1),
+        compile_worker_s=round(sum(r["seconds"] for r in results), 1),
         counter=cap["counter"], built=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     with open(os.path.join(stage, BUILD_INFO), "w") as f:
         json.dump(info, f, indent=1)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(stage, out)
     print(f"triton cache: {len(ents)} entries, {size / 2**20:.1f} MiB ({packed / 2**20:.1f} MiB "
-          f"as {ARCHIVE}, carried) in {out}; compiled in "
-          f"{t_comp:.0f} s wall ({info['compile_cpu_s']:.0f} CPU-s, {jobs} jobs), "
+          f"as {ARCHIVE}, carried) in {out}; compiled in {t_comp:.0f} s wall "
+          f"({info['compile_worker_s']:.0f} s summed over kernels, {jobs} jobs), "
           f"{time.monotonic() - t0:.0f} s in all; {len(info['failed'])} failed", flush=True)
     for r in info["failed"]:
         print("  failed:", json.dumps(r)[:500])

@@ -9,8 +9,8 @@ call cannot fail on a typo.
 - the $OUT checker flags every limit; the prebuilt-extension check names each mismatch;
 - the device call in benchmarks/GPU_SESSION.md fits the tool (command <= 2000 characters, at
   most 8 carried paths, the git-ignored ones the call needs: .prebuilt, .whl, .triton-cache);
-- the dry run installs a (tiny) carried Triton cache and compares its key (tests/test_triton_cache.py
-  covers the cache itself).
+- the dry run installs a (tiny) carried Triton cache and compares its key
+  (tests/test_triton_cache.py covers the cache itself).
 """
 import json
 import os
