@@ -184,3 +184,10 @@ def test_session_stages_count_the_cache_entries_they_add(tmp_path, monkeypatch):
     rec = s.run_stage("again", 60, lambda ctx: [("nothing", [sys.executable, "-c", "0"], {})])
     assert rec["triton_cache_new"] == 0
     s.session_log.close()
+
+
+def test_bad_jobs_is_refused_naming_the_knob(capsys):
+    with pytest.raises(SystemExit) as e:
+        tc.main(["build", "--jobs", "0"])
+    assert e.value.code == 2
+    assert "--jobs (GPU_PREP_JOBS) must be >= 1; got 0" in capsys.readouterr().err
