@@ -351,3 +351,106 @@ def test_sink_step_fixed_no_sync_cuda(kind):
             model.step_fixed(x[..., 96:104], st)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+# ---- CausalEncoder with sink keys --------------------------------------------------------------
+
+ENC = {
+    "band": (dict(sink=3), 1),
+    "chunked": (dict(attention="chunked", chunk_size=2, left_chunks=1, lookahead=1, sink=5,
+                     lookahead_layers="first", norm_first=True), 2),
+}
+
+
+def _sink_encoder(over):
+    from pyencoder.models import CausalEncoder
+    from test_models import tiny_encoder_config
+    torch.manual_seed(12)
+    return CausalEncoder(tiny_encoder_config(**over)).double().eval()
+
+
+@pytest.mark.parametrize("case", sorted(ENC))
+def test_encoder_with_sinks_step_fixed_equals_offline(case, monkeypatch):
+    """CausalEncoder(sink=S): ``layers.step_fixed`` after a warm-up equals the offline layer stack,
+    and the whole encoder streamed in uniform steps runs its layers as step_fixed (spied) and
+    equals the offline encoder (float64, 1e-10)."""
+    over, n = ENC[case]
+    m = _sink_encoder(over)
+    assert all(lay.attention.mask.sink == over["sink"] for lay in m.layers)
+    E = m.config.hidden_size
+    h = torch.randn(2, 40, E, dtype=torch.float64)
+    with torch.no_grad():
+        ref = m.layers(h)
+        st = m.layers.init_state(2, max_chunk=n, dtype=torch.float64)
+        ys, t = [], 0
+        for s in [2, 1, 3]:
+            y, st = m.layers.step(h[:, t:t + s], st)
+            ys.append(y[:, :int(st.out_lengths[0])])
+            t += s
+        while True:              # general steps of n frames until every layer is steady
+            try:
+                for lay, ls in zip(m.layers, st.layers):
+                    lay.attention.check_step_fixed(ls.attention, n)
+                break
+            except ValueError:
+                y, st = m.layers.step(h[:, t:t + n], st)
+                ys.append(y[:, :int(st.out_lengths[0])])
+                t += n
+        with NoHostSync():
+            ys.append(m.layers.step_fixed(h[:, t:t + n], st))
+        t += n
+        while t + n <= h.shape[1]:
+            ys.append(m.layers.step_fixed(h[:, t:t + n], st))
+            t += n
+    got = torch.cat(ys, 1)
+    assert got.shape[1] > 20
+    assert rel_err(got, ref[:, :got.shape[1]]) <= 1e-10
+    cls = type(m.layers[0].attention)
+    calls = _count_fixed(monkeypatch, cls)
+    hop = 20
+    wav = torch.randn(2, hop * 50, dtype=torch.float64)
+    with torch.no_grad():
+        want = m(wav).last_hidden_state
+        st = m.init_state(2, max_chunk=n)
+        ys = []
+        sizes = [37, 50] + [hop * n] * ((wav.shape[1] - 87) // (hop * n))
+        t = 0
+        for s in sizes + [wav.shape[1] - sum(sizes)]:
+            y, st = m.step(wav[:, t:t + s], st)
+            ys.append(y)
+            t += s
+        ys.append(m.flush(st)[0])
+    assert len(calls) >= 10
+    assert rel_err(torch.cat(ys, 1), want) <= 1e-10
+
+
+def test_encoder_sink_argument():
+    from pyencoder.models import CausalEncoder
+    from test_models import tiny_encoder_config
+    with pytest.raises(ValueError, match="sink must be an int >= 0.*got -1"):
+        CausalEncoder(tiny_encoder_config(sink=-1))
+    with pytest.raises(NotImplementedError, match="sink=2 with rel_pos_bias=True"):
+        CausalEncoder(tiny_encoder_config(sink=2, rel_pos_bias=True, num_buckets=8,
+                                          max_bucket_distance=16))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_encoder_layers_with_sinks():
+    """CausalEncoder(sink=3)'s layer stack captured as ``layers.step_fixed`` and replayed equals
+    the eager stack step (fp32, 1e-5), as tests/test_wavlm_step_fixed's encoder graph test."""
+    m = _sink_encoder(ENC["band"][0]).float().cuda()
+    E, B, n, dev = m.config.hidden_size, 2, 1, "cuda"
+    with torch.no_grad():
+        st = m.layers.init_state(B, max_chunk=2, device=dev)
+        _, st = m.layers.step(torch.randn(B, 8, E, device=dev), st)
+        m.layers.step_fixed(torch.randn(B, n, E, device=dev), st, check=True)
+        eager = m.layers.init_state(B, max_chunk=2, device=dev).load_state_dict(st.state_dict())
+        xbuf = torch.randn(B, n, E, device=dev)
+        g, ybuf = _capture(lambda: m.layers.step_fixed(xbuf, st))
+        m.layers.step_fixed(xbuf.clone(), eager)
+        for _ in range(5):
+            xbuf.copy_(torch.randn(B, n, E, device=dev))
+            g.replay()
+            ye = m.layers.step_fixed(xbuf.clone(), eager)
+            torch.cuda.synchronize()
+            assert rel_err(ybuf, ye) <= 1e-5
