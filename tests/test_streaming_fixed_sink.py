@@ -250,6 +250,46 @@ def test_single_module_step_fixed_no_host_sync_with_sinks():
             m.step_fixed(torch.randn(2, 3, 16), st)
 
 
+@pytest.mark.skipif(not __import__("conftest").has_triton(), reason="triton is not installed")
+@pytest.mark.parametrize("kind", ["banded", "chunked"])
+def test_sink_stream_on_the_triton_decode_kernel(kind, monkeypatch):
+    """decode_backend="triton" (the interpreter on CPU): the general step and step_fixed of a
+    layer with sinks run the Triton decode kernel with the sink buffer (spied), and the stream
+    equals offline (fp32, 1e-5)."""
+    import pyencoder.ops._decode_attention_triton as DT
+    seen = []
+    orig = DT.forward
+
+    def spy(*a):
+        seen.append(a[15] is not None and a[15].shape[2])
+        return orig(*a)
+    monkeypatch.setattr(DT, "forward", spy)
+    torch.manual_seed(13)
+    m = (BandedSelfAttention(16, 2, left=4, right=1, sink=6) if kind == "banded" else
+         ChunkedSelfAttention(16, 2, chunk_size=2, left_chunks=1, lookahead=1, sink=3)).eval()
+    m.decode_backend = "triton"
+    n = m.block
+    x = torch.randn(2, 24, 16)
+    with torch.no_grad():
+        ref = m(x)
+        st = m.init_state(2, max_chunk=4)
+        outs = []
+        y, st = m.step(x[:, :8], st)
+        outs.append(y[:, :int(st.out_lengths[0])])
+        t = 8
+        m.check_step_fixed(st, n)
+        while t + n <= 20:
+            outs.append(m.step_fixed(x[:, t:t + n], st))
+            t += n
+        y, st = m.step(x[:, t:], st)
+        outs.append(y[:, :int(st.out_lengths[0])])
+        outs.append(m.flush(st)[0])
+        got = torch.cat(outs, 1)
+    assert seen and all(s == m.mask.sink for s in seen), seen
+    assert got.shape == ref.shape
+    assert rel_err(got, ref) <= 1e-5
+
+
 # ---- GPU: capture in a CUDA graph ------------------------------------------------------------
 
 @pytest.mark.gpu
