@@ -35,7 +35,8 @@ def oracle(q, k, v, sk, sv, q_pos, q_count, n_keys, rot_dim, block, lo_off, hi_o
     out = torch.zeros(B, H, M, D, dtype=torch.float64)
     inv = None
     if rot_dim:
-        inv = (1.0 / 10000.0 ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim)).float()
+        inv = 1.0 / 10000.0 ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim)
+        inv = inv.float()
     for b in range(B):
         n = int(n_keys[b])
         for h in range(H):

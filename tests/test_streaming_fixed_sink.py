@@ -47,7 +47,8 @@ def gpu_quick(name, p):
     the graph-replayed stack and the no-sync check."""
     if name == "test_cuda_graph_attention_with_sinks":
         return p["name"] in ("band_s9_beyond", "chunk_s2_in")
-    return name in ("test_cuda_graph_sink_stack_equals_offline", "test_sink_step_fixed_no_sync_cuda")
+    return name in ("test_cuda_graph_sink_stack_equals_offline",
+                    "test_sink_step_fixed_no_sync_cuda")
 
 
 def _steady_from(m):

@@ -678,7 +678,8 @@ if pytest is not None and __name__ != "__main__":
                 and "bias=gated" in r["case"]} == set(TARGETS)
         # the decode kernel with resident sink keys (HAS_SINK), alone and with the gated bias + GQA
         dsink = {(r["target"], "bias=gated" in r["case"]) for r in results
-                 if r["kernel"] == "_decode_attention_fwd_kernel" and r["case"].endswith(" sinks=3")}
+                 if r["kernel"] == "_decode_attention_fwd_kernel"
+                 and r["case"].endswith(" sinks=3")}
         assert dsink == {(t, b) for t in TARGETS for b in (False, True)}
         # the frame-rate mask variant (constexpr K_BLOCK) of each attention kernel, per target
         frames = {(r["kernel"], r["target"]) for r in results if "frames" in r["case"]}
