@@ -418,15 +418,15 @@ class CausalEncoder(nn.Module):
     @classmethod
     def from_hf(cls, hf_model, *, lookahead=3, lookahead_layers="first", left=None, rope=True,
                 pos_conv="drop", chunk_size=None, left_chunks=None, num_layers=None,
-                max_context=65536, share_weights=False):
+                max_context=65536, share_weights=False, sink=0):
         """A CausalEncoder with the weights of a transformers Wav2Vec2Model / HubertModel /
         WavLMModel (or a model with one inside, e.g. ...ForCTC; the head is not converted). For
         WavLM the config gets rel_pos_bias=True with the model's num_buckets and
         max_bucket_distance, and the gates and layer 0's bucket table are converted. The options
         mean what they mean in pyencoder.hf.apply_pyencoder_to_wav2vec2 (lookahead_frames=lookahead,
-        left_frames=left, pos_conv "drop" or "causal"; ``rope`` also a pyencoder.Rope); a GroupNorm
-        front end becomes the running GroupNorm. ``num_layers``: keep only the first layers
-        (FocalCodec-Stream keeps 6 of WavLM-large's). ``lookahead=None`` gives the full-context
+        left_frames=left, sink_frames=sink, pos_conv "drop" or "causal"; ``rope`` also a
+        pyencoder.Rope); a GroupNorm front end becomes the running GroupNorm. ``num_layers``: keep
+        only the first layers (FocalCodec-Stream keeps 6 of WavLM-large's). ``lookahead=None`` gives the full-context
         model (a teacher). Adapters are converted: the conv adapter (``config.add_adapter``) and
         the attention adapters of pre-LN layers (``config.adapter_attn_dim``, MMS).
 
@@ -467,7 +467,7 @@ class CausalEncoder(nn.Module):
             attention="band" if chunk_size is None else "chunked", left=left,
             chunk_size=1 if chunk_size is None else chunk_size, left_chunks=left_chunks,
             lookahead=lookahead, lookahead_layers=lookahead_layers, rope=rope,
-            max_context=max_context, rel_pos_bias=family == "wavlm",
+            max_context=max_context, sink=sink, rel_pos_bias=family == "wavlm",
             num_buckets=int(getattr(hc, "num_buckets", 320)),
             max_bucket_distance=int(getattr(hc, "max_bucket_distance", 800)),
             pos_conv_batch_norm=pos_bn,
