@@ -69,6 +69,12 @@ Results (sm_90, quick matrix; attention fwd/dq/dk-dv and the decode kernel, 2 sh
   pointers, SINK and strides passed as None when off; ``--only decode``, dumps on 99b6a54 and
   after): quick matrix sm_80 11/11 and sm_90 11/11, full matrix sm_80 90/90 and sm_90 90/90
   identical; the sink variants (alone, unbounded, gated bias + GQA ring) are new.
+- relative bias with sink keys (issue 15, the saturated bucket rule: under HAS_SINK the bias
+  column is clamped to the table in the three attention kernels and the dq kernel's drel atomics
+  use the clamped column; ``--only interval``, sm_90, dumps on 99b6a54 and after, extracted with
+  ``git archive``, ``pyencoder/triton_kernels`` linked to the copy's ``triton_kernels``): quick
+  matrix 173/173 identical (fwd 58, dq 55, dk/dv 55, preprocess 5: the 161 band / chunked / biased
+  variants and the 12 sink variants without a bias); the 3 sink + bias variants are new.
 """
 import argparse
 import hashlib
