@@ -73,9 +73,10 @@ OUT_FILE_LIMIT = 16 * 2**20
 STAGE_LOG_CAP = 2 * 2**20          # per stage, in session.log (the full log is in logs.tgz)
 NAME_OK = re.compile(r"^[A-Za-z0-9._-]+$")
 
-ATTENTION_TESTS = ["tests/test_attention_triton.py", "tests/test_attention_triton_ropetable.py"]
+ATTENTION_TESTS = ["tests/test_attention_triton.py", "tests/test_attention_triton_ropetable.py",
+                   "tests/test_attention_sink.py", "tests/test_attention_sink_bias.py"]
 STREAMING_TESTS = ["tests/test_streaming_decode_triton.py", "tests/test_streaming_fixed.py",
-                   "tests/test_wavlm_step_fixed.py"]
+                   "tests/test_wavlm_step_fixed.py", "tests/test_streaming_fixed_sink.py"]
 CONVNEXT_TESTS = ["tests/test_convnext_fused.py", "tests/test_models.py"]
 BF16_K = "bfloat16 or long_sequences or deterministic_bitwise"   # the attention tests in bf16
 ATTENTION_TABLE_NS = ("1500", "3000", "12000")     # the attention_table stage's N

@@ -332,6 +332,15 @@ def test_triton_sink_keys_poison_like_the_reference_under_the_interpreter():
         assert nan["triton"][0][0, 1].all() == (sink == 2)
 
 
+def gpu_quick(name, p):
+    """The fast GPU tier (tests/conftest.py): the sink kernels once per dtype, band in bf16."""
+    if name != "test_gpu_triton_sinks_follow_the_flash_attention_rule":
+        return False
+    band = p["mask"].block == 1 and p["mask"].sink == 4
+    return (p["dtype"] == torch.bfloat16 and band) or (p["dtype"] == torch.float16 and not band
+                                                        and p["mask"].sink == 64)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("mask", [IntervalMask.band(250, 3, sink=4),

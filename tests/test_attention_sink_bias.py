@@ -470,6 +470,12 @@ def test_triton_sinks_with_bias_match_the_reference_under_the_interpreter(dtype,
             assert err <= tol * max(1.0, b.abs().max().item()), (name, err, what)
 
 
+def gpu_quick(name, p):
+    """The fast GPU tier (tests/conftest.py): the sink + bias kernels once, band in bf16."""
+    return (name == "test_gpu_triton_sinks_with_bias_follow_the_flash_attention_rule"
+            and p["dtype"] == torch.bfloat16 and p["mask"].sink == 4)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("mask", [IntervalMask.band(250, 3, sink=4),
