@@ -115,7 +115,7 @@ class ConvNeXtBlock(nn.Module):
 
     def step(self, x, state, lengths=None):
         check_state(self.dwconv, state, ConvState)
-        check_step_input(x, -1, self.dwconv.in_channels, state.seen.shape[0])
+        check_step_input(x, -1, self.dwconv.in_channels, state.seen.shape[0], state.hist.device)
         n = x.shape[1]
         if lengths is not None:
             lengths = check_step_lengths(lengths, x.shape[0], n, x.device)

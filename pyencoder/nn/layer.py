@@ -167,6 +167,7 @@ class TransformerLayer(nn.Module):
         """CUDA-graph friendly steady-state step (preconditions: the attention's ``step_fixed``).
         The residual inputs of the held-back frames are queued like the attention's queries:
         written behind ``state.count`` (device-side index) and shifted by n. State in place."""
+        self._check(x)
         self._check_state(state)
         B, n, E = x.shape
         h = self.layer_norm(x) if self.norm_first else x

@@ -172,6 +172,9 @@ def convnext_dwconv_ln(x, conv_weight, conv_bias=None, ln_weight=None, ln_bias=N
     check_tensor("x", x, 3)
     check_float_dtype("x", x)
     B, C, L = x.shape
+    if C == 0:
+        raise ValueError(f"x must have at least one channel (LayerNorm over C channels); got shape "
+                         f"{tuple(x.shape)}")
     check_tensor("conv_weight", conv_weight, 3)
     check_same("conv_weight", conv_weight, "x", x)
     if conv_weight.shape[0] != C or conv_weight.shape[1] != 1 or conv_weight.shape[2] < 1:
@@ -180,8 +183,11 @@ def convnext_dwconv_ln(x, conv_weight, conv_bias=None, ln_weight=None, ln_bias=N
     _check_vec("conv_bias", conv_bias, C, x)
     _check_vec("ln_weight", ln_weight, C, x)
     _check_vec("ln_bias", ln_bias, C, x)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float; got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a finite non-negative float; got {type(eps).__name__} "
+                        f"{eps!r}")
+    if not 0 <= eps < float("inf"):
+        raise ValueError(f"eps must be a finite non-negative float; got {eps!r}")
     K = conv_weight.shape[-1]
     if initial_state is not None:
         check_tensor("initial_state", initial_state, 3)
