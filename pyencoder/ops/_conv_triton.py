@@ -221,7 +221,8 @@ def update(x, state, weight, bias, state_indices, groups, activation):
     B, C, t = x.shape
     Cout, _, K = weight.shape
     y = _out_like(x, Cout, t)
-    idx = None if state_indices is None else state_indices.to(torch.int32)
+    # the kernels read the indices at unit stride (a strided int32 view would be misread)
+    idx = None if state_indices is None else state_indices.to(torch.int32).contiguous()
     _launch_forward(x, weight, bias, state, idx, 1, groups, activation, y)
     if K > 1 and B > 0:
         new = torch.empty(B, C, K - 1, dtype=state.dtype, device=x.device)
