@@ -1143,3 +1143,33 @@ def test_hf_streaming_nan_in_one_stream_stays_there(hf_encoder):
     torch.testing.assert_close(y[1], clean[1], rtol=1e-5, atol=1e-5)
     ync, _ = enc.step(a.t().contiguous().t()[:, :1600], enc.init_state(2))
     torch.testing.assert_close(ync, clean, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# the conftest guard on TRITON_INTERPRET
+# ------------------------------------------------------------------------------------------------
+
+def test_conftest_guard_names_a_test_that_leaves_triton_interpret_changed(tmp_path):
+    """A test that unsets TRITON_INTERPRET in-process (kernel modules imported afterwards are built
+    for a GPU and break later interpreter tests) fails at teardown with a message naming it; one
+    that goes through monkeypatch passes, and the next test sees the value restored."""
+    import os
+    import shutil
+    from _subproc import run
+    here = os.path.dirname(os.path.abspath(__file__))
+    shutil.copy(os.path.join(here, "conftest.py"), tmp_path / "conftest.py")
+    (tmp_path / "test_env.py").write_text(
+        "import os\n\n"
+        "def test_unsets():\n    os.environ.pop('TRITON_INTERPRET', None)\n\n"
+        "def test_monkeypatched(monkeypatch):\n    monkeypatch.setenv('TRITON_INTERPRET', '0')\n\n"
+        "def test_after():\n    assert os.environ.get('TRITON_INTERPRET') == '1'\n")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA",
+             str(tmp_path)], cwd=tmp_path, env=env)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    assert "test_env.py::test_unsets changed TRITON_INTERPRET ('1' before the test, unset after" \
+        in out, out
+    assert "PASSED test_env.py::test_monkeypatched" in out and "PASSED test_env.py::test_after" \
+        in out, out
+    assert "1 error" in out, out
