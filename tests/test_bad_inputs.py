@@ -43,6 +43,7 @@ from pyencoder.nn import (BandedSelfAttention, CausalConv1d, ChunkedSelfAttentio
 from pyencoder.ops import (banded_attention, causal_conv1d, causal_conv1d_update,
                            chunked_attention, convnext_dwconv_ln, cross_attention,
                            decode_attention, interval_attention, interval_attention_dropout)
+from pyencoder import streaming
 from pyencoder.streaming import StreamingSequential, latency, run_stream
 
 from conftest import has_triton
@@ -909,6 +910,29 @@ RUN_STREAM_BAD = [
     ("chunk_sizes tensor", lambda m, x: run_stream(m, x, torch.tensor([2])), TypeError,
      ["chunk_sizes"]),
     ("x int", lambda m, x: run_stream(m, x.int(), [2]), TypeError, ["dtype"]),
+    ("x list", lambda m, x: run_stream(m, x.tolist(), [2]), TypeError, ["x"]),
+    ("x 1-D", lambda m, x: run_stream(m, x[0, 0], [2]), ValueError, ["x"]),
+    ("time_dim out of range", lambda m, x: run_stream(m, x, [2], time_dim=5), ValueError,
+     ["time_dim"]),
+    ("time_dim batch axis", lambda m, x: run_stream(m, x, [2], time_dim=0), ValueError,
+     ["time_dim"]),
+    ("time_dim str", lambda m, x: run_stream(m, x, [2], time_dim="t"), ValueError, ["time_dim"]),
+    ("module junk", lambda m, x: run_stream(3, x, [2]), TypeError, ["module"]),
+    ("module without flush", lambda m, x: run_stream(RunningGroupNorm(E), x, [2], time_dim=-1),
+     TypeError, ["module"]),
+    ("batch 0", lambda m, x: run_stream(m, x[:0], [2]), ValueError, ["batch_size"]),
+    ("reset mask float", lambda m, x: streaming.reset(m.init_state(2), torch.ones(2)),
+     ValueError, ["mask"]),
+    ("reset mask shape", lambda m, x: streaming.reset(m.init_state(2),
+                                                      torch.ones(3, dtype=torch.bool)),
+     ValueError, ["mask"]),
+    ("reset mask meta", lambda m, x: streaming.reset(m.init_state(2),
+                                                     torch.ones(2, dtype=torch.bool,
+                                                                device="meta")),
+     ValueError, ["mask"]),
+    ("reset state junk", lambda m, x: streaming.reset(None, torch.ones(2, dtype=torch.bool)),
+     TypeError, ["state"]),
+    ("state_nbytes junk", lambda m, x: streaming.state_nbytes(None), TypeError, ["state"]),
     ("latency sample_rate", lambda m, x: latency(m, sample_rate=0), ValueError, ["sample_rate"]),
     ("latency non-module", lambda m, x: latency(3), TypeError, ["model"]),
 ]

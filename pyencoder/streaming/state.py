@@ -171,11 +171,16 @@ def reset(state, mask):
     if mask.dtype != torch.bool or mask.dim() != 1 or mask.shape[0] != state.batch_size:
         raise ValueError(f"mask must be a bool tensor of shape ({state.batch_size},); got "
                          f"{mask.dtype} {tuple(mask.shape)}")
+    if mask.is_meta:
+        raise ValueError("mask must hold values (on the CPU or the state's device); got a meta "
+                         "tensor")
     return state.reset(mask)
 
 
 def state_nbytes(state):
     """Bytes held by the tensors of a stream state (nested states included)."""
+    if not isinstance(state, StreamState):
+        raise TypeError(f"state must be a StreamState; got {type(state).__name__}")
     return state.nbytes()
 
 
