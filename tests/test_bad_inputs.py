@@ -1197,3 +1197,74 @@ def test_conftest_guard_names_a_test_that_leaves_triton_interpret_changed(tmp_pa
     assert "PASSED test_env.py::test_monkeypatched" in out and "PASSED test_env.py::test_after" \
         in out, out
     assert "1 error" in out, out
+
+
+# ------------------------------------------------------------------------------------------------
+# models (CausalEncoder, StreamingDecoder)
+# ------------------------------------------------------------------------------------------------
+
+def _encoder():
+    from pyencoder.models import CausalEncoder, EncoderConfig
+    cfg = EncoderConfig(conv_dim=(8, 8), conv_kernel=(10, 3), conv_stride=(5, 2), hidden_size=8,
+                        num_layers=1, num_heads=2, ffn_dim=16, left=8, lookahead=1)
+    return CausalEncoder(cfg).eval()
+
+
+def _decoder():
+    from pyencoder.models import DecoderConfig, StreamingDecoder
+    return StreamingDecoder(DecoderConfig(input_dim=8, dim=8, intermediate_dim=16, num_blocks=1,
+                                          kernel_size=3, embed_kernel_size=3,
+                                          samples_per_frame=4)).eval()
+
+
+MODEL_BAD = [
+    ("encoder wav 1-D", lambda e, d: e(torch.randn(400)), ValueError, ["wav"]),
+    ("encoder wav list", lambda e, d: e([[0.0] * 400]), TypeError, ["wav"]),
+    ("encoder wav int PCM", lambda e, d: e(torch.randint(-9, 9, (2, 400))), TypeError, ["wav"]),
+    ("encoder wav float64", lambda e, d: e(torch.randn(2, 400).double()), TypeError, ["wav"]),
+    ("encoder wav meta", lambda e, d: e(torch.randn(2, 400, device="meta")), ValueError,
+     ["wav"]),
+    ("encoder lengths float", lambda e, d: e(torch.randn(2, 400), lengths=torch.tensor([4., 2.])),
+     TypeError, ["lengths"]),
+    ("encoder lengths > samples",
+     lambda e, d: e(torch.randn(2, 400), lengths=torch.tensor([500, 400])), ValueError,
+     ["lengths"]),
+    ("encoder lengths shape", lambda e, d: e(torch.randn(2, 400), lengths=torch.tensor([400])),
+     ValueError, ["lengths"]),
+    ("encoder step int PCM",
+     lambda e, d: e.step(torch.randint(-9, 9, (2, 400)), e.init_state(2)), TypeError, ["wav"]),
+    ("encoder step meta", lambda e, d: e.step(torch.randn(2, 400, device="meta"),
+                                              e.init_state(2)), ValueError, ["wav"]),
+    ("encoder step batch", lambda e, d: e.step(torch.randn(2, 400), e.init_state(3)), ValueError,
+     ["wav"]),
+    ("encoder step other state", lambda e, d: e.step(torch.randn(2, 400), _other_state()),
+     TypeError, ["state"]),
+    ("encoder flush other state", lambda e, d: e.flush(_other_state()), TypeError, ["state"]),
+    ("decoder x features", lambda e, d: d(torch.randn(2, 5, 4)), ValueError, ["x"]),
+    ("decoder x int", lambda e, d: d(torch.randn(2, 5, 8).int()), TypeError, ["x"]),
+    ("decoder step x meta", lambda e, d: d.step(torch.randn(2, 5, 8, device="meta"),
+                                                d.init_state(2)), ValueError, ["x"]),
+    ("decoder step batch", lambda e, d: d.step(torch.randn(2, 5, 8), d.init_state(3)),
+     ValueError, ["batch"]),
+    ("decoder step other state", lambda e, d: d.step(torch.randn(2, 5, 8), _other_state()),
+     TypeError, ["state"]),
+]
+
+
+@pytest.mark.parametrize("case,fn,exc,names", MODEL_BAD, ids=[r[0] for r in MODEL_BAD])
+def test_models_bad_input(case, fn, exc, names):
+    expect_named(lambda: fn(_encoder(), _decoder()), exc, *names)
+
+
+def test_models_unusual_inputs():
+    e, d = _encoder(), _decoder()
+    wav = torch.randn(2, 400)
+    with torch.no_grad():
+        torch.testing.assert_close(e(wav.t().contiguous().t()).last_hidden_state,
+                                   e(wav).last_hidden_state, rtol=1e-5, atol=1e-5)
+        assert e(wav[:0]).last_hidden_state.shape[0] == 0
+        assert e(wav[:, :0]).last_hidden_state.shape[:2] == (2, 0)
+        x = torch.randn(2, 5, 8)
+        torch.testing.assert_close(d(noncontig(x)), d(x), rtol=1e-5, atol=1e-5)
+        assert d(x[:0]).shape == (0, 20)            # was a reshape(-1) error at batch 0
+        assert d(x[:, :0]).shape == (2, 0)

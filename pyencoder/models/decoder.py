@@ -186,7 +186,7 @@ class StreamingDecoder(nn.Module):
     def forward(self, x):
         """x (B, T, input_dim) -> waveform (B, T * K)."""
         y = self.forward_frames(x)
-        return y.reshape(y.shape[0], -1)
+        return y.reshape(y.shape[0], y.shape[1] * y.shape[2])   # (-1: ambiguous at batch 0)
 
     def _stream_config(self):
         return f"StreamingDecoder({self.config!r})"
