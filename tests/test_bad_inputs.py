@@ -1268,3 +1268,24 @@ def test_models_unusual_inputs():
         torch.testing.assert_close(d(noncontig(x)), d(x), rtol=1e-5, atol=1e-5)
         assert d(x[:0]).shape == (0, 20)            # was a reshape(-1) error at batch 0
         assert d(x[:, :0]).shape == (2, 0)
+
+
+@pytest.mark.parametrize("entry", ["apply_pyencoder_to_wav2vec2", "revert_pyencoder",
+                                   "reapply_pyencoder", "latency", "patch_record",
+                                   "StreamingEncoder"])
+def test_hf_entry_points_name_themselves_for_a_non_model(entry):
+    H, _ = _hf()
+    expect_named(lambda: getattr(H, entry)(None), TypeError, entry, "Wav2Vec2Model")
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_compat_update_repeated_slot_is_named(be):
+    from pyencoder.compat.causal_conv1d import causal_conv1d_update as up
+    i32 = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    x, w = torch.randn(3, 4, 1), torch.randn(4, 3)
+    with pyencoder.use_backend(be):
+        for pool_len in (2, 5):         # the direct op path, and the gather / scatter path
+            expect_named(lambda: up(x, torch.randn(4, 4, pool_len), w,
+                                    conv_state_indices=i32(1, -1, 1)),
+                         ValueError, "conv_state_indices")
+        up(x, torch.randn(4, 4, 2), w, conv_state_indices=i32(-1, 2, -1))   # padding may repeat

@@ -37,7 +37,7 @@ any layout for x, states and final_states_out (it: channel-last x for initial/fi
 seq_idx); int64 index tensors as well as int32; weight/bias dtypes may differ from x's (computed
 in the promoted dtype, returned in x's). Bad arguments raise ValueError/TypeError naming the
 argument where causal-conv1d asserts (NotImplementedError for a bad activation becomes
-ValueError). Duplicate slots in conv_state_indices are undefined, as there.
+ValueError); so do duplicate slots in conv_state_indices (undefined there).
 
 How the features our ops lack are built here (plain torch around one op call; a fused kernel
 would skip the extra memory passes):
@@ -263,6 +263,10 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
         if hi >= conv_state.shape[0]:
             raise ValueError(f"conv_state_indices values must be < conv_state.shape[0] "
                              f"({conv_state.shape[0]}) (negative: padding); got max {hi}")
+        used = idx[idx >= 0]
+        if used.numel() != used.unique().numel():
+            raise ValueError(f"conv_state_indices must not repeat a slot (two rows would write "
+                             f"one state; negative padding may repeat); got {idx.tolist()}")
     if seqlens is not None and B and int(seqlens.min()) < 0:
         raise ValueError(f"cache_seqlens must be >= 0; got min {int(seqlens.min())}")
     if L == 0:

@@ -60,7 +60,7 @@ class StreamingEncoder(nn.Module):
 
     def __init__(self, model, *, max_context=65536, output_hidden_states=False):
         super().__init__()
-        base, family = base_model(model)
+        base, family = base_model(model, "StreamingEncoder")
         rec = getattr(base, "_pyencoder_patch", None)
         if rec is None:
             raise ValueError("StreamingEncoder needs a model patched by "
