@@ -113,6 +113,14 @@ def check_same(name, t, ref_name, ref):
         raise TypeError(f"{name} must have the same dtype as {ref_name} ({ref.dtype}); got {t.dtype}")
 
 
+def check_eps(name, eps):
+    """A normalisation epsilon: a finite float >= 0 (not a bool)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{name} must be a finite float >= 0; got {type(eps).__name__} {eps!r}")
+    if not 0 <= eps < float("inf"):
+        raise ValueError(f"{name} must be a finite float >= 0; got {eps!r}")
+
+
 def check_scale(scale):
     if scale is None:
         return

@@ -1289,3 +1289,64 @@ def test_compat_update_repeated_slot_is_named(be):
                                     conv_state_indices=i32(1, -1, 1)),
                          ValueError, "conv_state_indices")
         up(x, torch.randn(4, 4, 2), w, conv_state_indices=i32(-1, 2, -1))   # padding may repeat
+
+
+# ------------------------------------------------------------------------------------------------
+# module constructors: window / size / eps arguments
+# ------------------------------------------------------------------------------------------------
+
+def _layer(**kw):
+    return TransformerLayer(BandedSelfAttention(E, 2, left=2, right=1), **kw)
+
+
+CTOR_BAD = [
+    ("banded left bool", lambda: BandedSelfAttention(E, 2, left=True, right=1), TypeError,
+     ["left"]),
+    ("banded right negative", lambda: BandedSelfAttention(E, 2, left=2, right=-1), ValueError,
+     ["right"]),
+    ("banded sink float", lambda: BandedSelfAttention(E, 2, left=2, right=1, sink=1.0),
+     TypeError, ["sink"]),
+    ("banded heads", lambda: BandedSelfAttention(E, 3, left=2, right=1), ValueError,
+     ["num_heads"]),
+    ("banded embed_dim bool", lambda: BandedSelfAttention(True, 1, left=2, right=1), ValueError,
+     ["embed_dim"]),
+    ("banded rope junk", lambda: BandedSelfAttention(E, 2, left=2, right=1, rope="yes"),
+     TypeError, ["rope"]),
+    ("banded max_context 0", lambda: BandedSelfAttention(E, 2, left=2, right=1, max_context=0),
+     ValueError, ["max_context"]),
+    ("chunked chunk_size 0", lambda: ChunkedSelfAttention(E, 2, chunk_size=0, left_chunks=1),
+     ValueError, ["chunk_size"]),
+    ("chunked lookahead float",
+     lambda: ChunkedSelfAttention(E, 2, chunk_size=2, left_chunks=1, lookahead=1.0), TypeError,
+     ["lookahead"]),
+    ("wavlm num_buckets bool",
+     lambda: WavLMSelfAttention(E, 2, left=2, right=1, num_buckets=True), ValueError,
+     ["num_buckets"]),
+    ("wavlm no mask", lambda: WavLMSelfAttention(E, 2), ValueError, ["right", "chunk_size"]),
+    ("cross mask junk", lambda: FrameCrossAttention(E, 2, mask=3), TypeError, ["mask"]),
+    ("cross kv_dim 0", lambda: FrameCrossAttention(E, 2, mask=IntervalMask.frames(2, 3, 1, 0),
+                                                   kv_dim=0), ValueError, ["kv_dim"]),
+    ("conv kernel_size bool", lambda: CausalConv1d(4, 4, True), TypeError, ["kernel_size"]),
+    ("conv stride > kernel_size", lambda: CausalConv1d(4, 4, 3, stride=4), ValueError,
+     ["stride"]),
+    ("conv groups", lambda: CausalConv1d(4, 4, 3, groups=3), ValueError, ["groups"]),
+    ("conv activation", lambda: CausalConv1d(4, 4, 3, activation="relu"), ValueError,
+     ["activation"]),
+    ("refiner chunk_size bool", lambda: Refiner(E, True), TypeError, ["chunk_size"]),
+    ("refiner embed_dim 0", lambda: Refiner(0, 2), ValueError, ["embed_dim"]),
+    ("refiner embed_dim float", lambda: Refiner(8.0, 2), TypeError, ["embed_dim"]),
+    ("norm num_channels 0", lambda: RunningGroupNorm(0), ValueError, ["num_channels"]),
+    ("norm num_channels float", lambda: RunningGroupNorm(4.0), TypeError, ["num_channels"]),
+    ("norm eps negative", lambda: RunningGroupNorm(4, eps=-1), ValueError, ["eps"]),
+    ("norm eps nan", lambda: RunningGroupNorm(4, eps=float("nan")), ValueError, ["eps"]),
+    ("layer attention junk", lambda: TransformerLayer(3, 16), TypeError, ["attention"]),
+    ("layer ffn_dim 0", lambda: _layer(ffn_dim=0), ValueError, ["ffn_dim"]),
+    ("layer ffn_dim float", lambda: _layer(ffn_dim=16.0), TypeError, ["ffn_dim"]),
+    ("layer layer_norm_eps str", lambda: _layer(ffn_dim=16, layer_norm_eps="1"), TypeError,
+     ["layer_norm_eps"]),
+]
+
+
+@pytest.mark.parametrize("case,fn,exc,names", CTOR_BAD, ids=[r[0] for r in CTOR_BAD])
+def test_module_constructor_bad_args(case, fn, exc, names):
+    expect_named(fn, exc, *names)

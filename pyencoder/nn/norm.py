@@ -22,7 +22,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from .._checks import check_module_input
+from .._checks import check_eps, check_int, check_module_input
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_input,
                                check_step_lengths, stamp)
 
@@ -73,6 +73,8 @@ class RunningGroupNorm(nn.Module):
 
     def __init__(self, num_channels, eps=1e-5, affine=True):
         super().__init__()
+        check_int("num_channels", num_channels, min_value=1)
+        check_eps("eps", eps)
         self.num_channels, self.eps = num_channels, eps
         self.weight = nn.Parameter(torch.ones(num_channels)) if affine else None
         self.bias = nn.Parameter(torch.zeros(num_channels)) if affine else None

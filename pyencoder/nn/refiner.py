@@ -15,7 +15,7 @@ from torch import nn
 
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_input,
                                check_step_lengths, stamp)
-from .._checks import check_module_input
+from .._checks import check_int, check_module_input
 from .linear import Linear
 
 __all__ = ["Refiner", "RefinerState"]
@@ -38,8 +38,9 @@ class Refiner(nn.Module):
     (B, T, ``embed_dim``) inputs; lookahead chunk_size - 1 frames; streams (module docstring)."""
     def __init__(self, embed_dim, chunk_size, hidden_dim=None, activation=None, bias=True):
         super().__init__()
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+        check_int("embed_dim", embed_dim, min_value=1)
+        check_int("chunk_size", chunk_size, min_value=1)
+        check_int("hidden_dim", hidden_dim, min_value=1, allow_none=True)
         self.embed_dim, self.chunk_size = embed_dim, chunk_size
         flat = embed_dim * chunk_size
         hidden_dim = flat if hidden_dim is None else hidden_dim
