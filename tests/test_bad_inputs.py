@@ -625,6 +625,29 @@ def test_conv_nonfinite_poisons_only_its_receptive_field(be):
     torch.testing.assert_close(out[~bad], clean[~bad], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("be", BACKENDS)
+def test_convnext_and_cross_nonfinite_poison_only_their_rows(be):
+    x, w = X(2, 4, 10), X(4, 1, 3)
+    clean = convnext_dwconv_ln(x, w, backend=be)
+    xn = x.clone()
+    xn[1, 2, 5] = float("nan")
+    out = convnext_dwconv_ln(xn, w, backend=be)          # (B, L, C): frames 5..7 of batch 1
+    bad = torch.zeros(2, 10, dtype=torch.bool)
+    bad[1, 5:8] = True
+    assert torch.equal(out.isnan().any(-1), bad) and out[bad].isnan().all()
+    torch.testing.assert_close(out[~bad], clean[~bad], rtol=1e-5, atol=1e-5)
+    q, k, v = X(2, 2, 4, 8), X(2, 2, 7, 8), X(2, 2, 7, 8)
+    m = IntervalMask.frames(2, 3, 0, 0)       # query frame f = p // 2 sees keys 3 f .. 3 f + 2
+    clean = cross_attention(q, k, v, mask=m, backend=be)
+    kn = k.clone()
+    kn[0, 1, 4, 0] = float("nan")
+    out = cross_attention(q, kn, v, mask=m, backend=be)
+    bad = torch.zeros(2, 2, 4, dtype=torch.bool)
+    bad[0, 1, 2:4] = True
+    assert torch.equal(out.isnan().any(-1), bad)
+    torch.testing.assert_close(out[~bad], clean[~bad], rtol=1e-5, atol=1e-5)
+
+
 def test_module_nan_in_one_slot_stays_in_that_slot():
     m = BandedSelfAttention(8, 2, left=3, right=1)
     x = torch.randn(2, 7, 8)
