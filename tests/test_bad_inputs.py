@@ -1373,3 +1373,39 @@ CTOR_BAD = [
 @pytest.mark.parametrize("case,fn,exc,names", CTOR_BAD, ids=[r[0] for r in CTOR_BAD])
 def test_module_constructor_bad_args(case, fn, exc, names):
     expect_named(fn, exc, *names)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rope.rotate / RotaryEmbedding.forward
+# ------------------------------------------------------------------------------------------------
+
+ROTATE_BAD = [
+    ("x int", lambda r: r(X(2, 2, 5, 8).int(), torch.arange(5)), TypeError, ["x"]),
+    ("x head_dim < dim", lambda r: r(X(2, 2, 5, 2), torch.arange(5)), ValueError, ["x"]),
+    ("x list", lambda r: r([[0.0]], torch.arange(1)), TypeError, ["x"]),
+    ("positions float", lambda r: r(X(2, 2, 5, 8), torch.arange(5) + 0.5), TypeError,
+     ["positions"]),
+    ("positions list", lambda r: r(X(2, 2, 5, 8), [0, 1, 2, 3, 4]), TypeError, ["positions"]),
+    ("positions length", lambda r: r(X(2, 2, 5, 8), torch.arange(3)), ValueError,
+     ["positions"]),
+    ("positions batch", lambda r: r(X(2, 2, 5, 8), torch.arange(5).expand(3, 5)), ValueError,
+     ["positions"]),
+    ("positions meta", lambda r: r(X(2, 2, 5, 8), torch.arange(5, device="meta")), ValueError,
+     ["positions"]),
+]
+
+
+@pytest.mark.parametrize("case,fn,exc,names", ROTATE_BAD, ids=[r[0] for r in ROTATE_BAD])
+def test_rotary_bad_input(case, fn, exc, names):
+    from pyencoder.nn import RotaryEmbedding
+    expect_named(lambda: fn(RotaryEmbedding(4)), exc, *names)
+    expect_named(lambda: fn(Rope(4).rotate), exc, *names)
+
+
+def test_rotary_unusual_layouts():
+    r = Rope(4, interleaved=True)
+    x, pos = torch.randn(2, 2, 5, 8), torch.arange(5) + 3
+    ref = r.rotate(x, pos)
+    torch.testing.assert_close(r.rotate(noncontig(x), strided(pos)), ref)
+    torch.testing.assert_close(r.rotate(x, pos.expand(2, 5).int()), ref)
+    assert r.rotate(x[:, :, :0], pos[:0]).shape == (2, 2, 0, 8)
