@@ -56,7 +56,13 @@ def pytest_runtest_teardown(item, nextitem):
     count as unchanged). Kernel modules imported while it was unset are built for a GPU, and every
     later interpreter test in the process fails with "cannot call @triton.jit'd outside of the
     scope of a kernel"; this names the test that did it instead."""
-    result = yield
+    try:
+        return (yield)
+    finally:            # also when a fixture's teardown raised
+        _check_interpret(item)
+
+
+def _check_interpret(item):
     before = item.stash.get(_INTERPRET_BEFORE, _UNSET)
     after = os.environ.get("TRITON_INTERPRET", _UNSET)
     if after is not before and after != before:
@@ -71,7 +77,6 @@ def pytest_runtest_teardown(item, nextitem):
                     f"delenv (restored at teardown) or patch what reads it (e.g. "
                     f"benchmarks.bench_attention_ext._interpreting) instead; restored now.",
                     pytrace=False)
-    return result
 
 
 @pytest.fixture(autouse=True)
