@@ -413,6 +413,11 @@ def _same_cases():
     def conv_strided(be, x, w):
         return causal_conv1d(x, w, stride=2, backend=be)
 
+    def conv_bias(be, x, w, b):
+        return (causal_conv1d(x, w, b, groups=2, backend=be)
+                + causal_conv1d(x, w.repeat(1, 2, 1), b, stride=3, backend=be).repeat_interleave(
+                    3, -1))
+
     def cnext(be, x, w, lw, lb):
         return convnext_dwconv_ln(x, w, None, lw, lb, backend=be)
 
@@ -462,6 +467,8 @@ def _same_cases():
         ("conv strided non-contiguous, length < stride", conv_strided,
          lambda: [q(2, 1, 4).transpose(1, 2), q(4, 4, 3)]),
         ("conv strided expanded", conv_strided, lambda: [exp(q(1, 4, 9), 2), q(4, 4, 3)]),
+        ("conv grouped / strided, strided bias and weight", conv_bias,
+         lambda: [q(2, 4, 9), q(3, 2, 4).permute(2, 1, 0), q(8)[::2]]),
         # strided ln_weight / ln_bias were misread by the triton launcher (fixed)
         ("convnext non-contiguous x, strided ln vectors", cnext,
          lambda: [q(2, 10, 4).transpose(1, 2), q(4, 1, 3), q(8)[::2], q(8)[::2]]),
