@@ -1195,6 +1195,12 @@ def test_hf_patched_attention_mask_checks(hf_encoder):
                  ValueError, "attention_mask")
     expect_named(lambda: key_lengths_from_mask(torch.tensor([[1, 0, 1, 1, 1]] * 2), 2, 5),
                  ValueError, "attention_mask")
+    additive = torch.tensor([[0.0] * 5, [0.0] * 3 + [float("-inf")] * 2])
+    expect_named(lambda: key_lengths_from_mask(additive, 2, 5), ValueError, "attention_mask")
+    expect_named(lambda: key_lengths_from_mask(additive.clamp(min=-3e38), 2, 5), ValueError,
+                 "attention_mask")
+    assert key_lengths_from_mask(torch.tensor([[1.0] * 5, [1.0] * 3 + [0.0] * 2]), 2, 5).tolist() \
+        == [5, 3]
 
 
 def test_hf_streaming_nan_in_one_stream_stays_there(hf_encoder):
