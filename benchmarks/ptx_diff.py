@@ -65,6 +65,10 @@ Results (sm_90, quick matrix; attention fwd/dq/dk-dv and the decode kernel, 2 sh
   Then the key-tile loads of the forward and dq block functions -> _key_tile (dq zeroes
   non-finite k before v is loaded, kept inside the helper): sample matrix 18/18 against main,
   quick matrix fwd 54/54 and dq 51/51 (dk/dv untouched) against before the sinks: identical.
+- decode kernel sink keys (issue 15 item 2, streaming side; constexpr HAS_SINK default False, sink
+  pointers, SINK and strides passed as None when off; ``--only decode``, dumps on 99b6a54 and
+  after): quick matrix sm_80 11/11 and sm_90 11/11, full matrix sm_80 90/90 and sm_90 90/90
+  identical; the sink variants (alone, unbounded, gated bias + GQA ring) are new.
 """
 import argparse
 import hashlib

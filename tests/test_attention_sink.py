@@ -171,12 +171,17 @@ def test_streaming_with_sinks_equals_offline_over_random_chunkings(trial):
         mod.mask.block, mod.mask.lo_off, mod.mask.hi_off).latency()
 
 
-def test_step_fixed_refuses_sinks_by_name():
+def test_step_fixed_names_the_sinks_before_steady_state():
+    """step_fixed supports sink keys (tests/test_streaming_fixed_sink.py) once every sink key
+    has arrived: before that, its check names the sink."""
     from pyencoder.nn import BandedSelfAttention
     mod = BandedSelfAttention(16, 2, left=4, right=0, sink=2)
     st = mod.init_state(1)
-    with pytest.raises(ValueError, match="sink"):
-        mod.step_fixed(torch.randn(1, 1, 16), st)
+    with pytest.raises(ValueError, match="sink=2"):
+        mod.step_fixed(torch.randn(1, 1, 16), st, check=True)
+    _, st = mod.step(torch.randn(1, 1, 16), st)        # position 0: waits for sink key 1
+    with pytest.raises(ValueError, match="sink=2"):
+        mod.step_fixed(torch.randn(1, 1, 16), st, check=True)
     with pytest.raises(ValueError, match="sink must be <= max_context"):
         BandedSelfAttention(16, 2, left=4, right=0, sink=100, max_context=50)
 

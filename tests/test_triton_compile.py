@@ -32,8 +32,10 @@ Matrices (``--matrix`` or ``PYENCODER_COMPILE_MATRIX``):
   decode case per dtype: 61 launch variants, 92 compiles; plus one frame-rate mask case (fp16,
   K_BLOCK=3) of the three attention kernels, 3 more variants per target, one decode case with
   the gated relative bias and a GQA ring (fp16, HAS_BIAS / HAS_GATE / GROUP=2), 1 more per
-  target, and the sink-key variant (HAS_SINK, IntervalMask.sink) of the three attention kernels
-  in the fp32 head_dim 32 and fp16 head_dim 64 interleaved cases, 6 more per target.
+  target, two decode cases with resident sink keys (HAS_SINK: fp32 head_dim 32 NeoX unbounded,
+  and fp16 head_dim 64 with the gated bias and a GQA ring), 2 more per target, and the sink-key
+  variant (HAS_SINK, IntervalMask.sink) of the three attention kernels in the fp32 head_dim 32
+  and fp16 head_dim 64 interleaved cases, 6 more per target.
   Every matrix adds the sink-key variant of its default-tile (not all-configs) unbiased cases.
 - ``quick``: every config of every launcher list at the shapes that need the most shared memory
   and registers (head_dim 128 with partial RoPE for attention, widest conv tiles) in each element
@@ -322,26 +324,35 @@ def _run_decode(rec, matrix):
 
     import pyencoder.ops._decode_attention_triton as DT
     dts = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-    # (dtype, head_dim, rope, lo_off[, bias]): bias "plain" / "gated" (the relative bias of
-    # WavLM's streaming step; lo_off >= 0), "+gqa" adds a ring with half the heads (GROUP=2)
+    # (dtype, head_dim, rope, lo_off[, extras]): extras "plain" / "gated" (the relative bias of
+    # WavLM's streaming step; lo_off >= 0), "+gqa" adds a ring with half the heads (GROUP=2),
+    # "sink" / "+sink" resident sink keys (HAS_SINK, 3 sink positions)
     if matrix == "full":
         cases = [(dn, D, rope, lo) for dn in dts for D in (32, 64, 80, 128)
                  for rope in ("none", "neox", "interleaved", "partial") for lo in (8, -1)]
         cases += [(dn, D, rope, 8, bias) for dn in dts for D in (64, 128)
                   for rope in ("none", "partial") for bias in ("plain", "gated", "gated+gqa")]
+        cases += [(dn, D, rope, lo, ex) for dn in dts for D in (64, 128)
+                  for rope in ("none", "partial") for lo, ex in ((8, "sink"), (-1, "sink"),
+                                                                 (8, "gated+gqa+sink"))]
     elif matrix == "sample":
         cases = [("fp16", 64, "partial", 8), ("bf16", 128, "interleaved", -1),
-                 ("fp32", 80, "none", 8), ("fp16", 64, "none", 8, "gated+gqa")]
+                 ("fp32", 80, "none", 8), ("fp16", 64, "none", 8, "gated+gqa"),
+                 ("fp32", 32, "neox", -1, "sink"), ("fp16", 64, "none", 8, "gated+gqa+sink")]
     else:
         cases = [(dn, D, "partial", 8) for dn in dts for D in (64, 128)]
         cases += [("fp16", 32, "interleaved", -1), ("fp32", 80, "none", -1)]
         cases += [("bf16", 128, "partial", 8, "gated"), ("fp32", 64, "none", 8, "plain"),
                   ("fp16", 64, "neox", 8, "gated+gqa")]
-    for dn, D, rope, lo, *bias in cases:
+        cases += [(dn, 128, "partial", 8, "sink") for dn in dts]
+        cases += [("bf16", 128, "partial", 8, "gated+gqa+sink"), ("fp32", 80, "none", -1, "sink")]
+    for dn, D, rope, lo, *extras in cases:
         dt = dts[dn]
-        bias = bias[0] if bias else None
+        label = extras[0] if extras else ""
+        flags = set(label.split("+")) - {""}
+        bias = "gated" if "gated" in flags else "plain" if "plain" in flags else None
         B, H, M, cap = 2, 4, 5, 48
-        Hk = H // 2 if bias and bias.endswith("+gqa") else H
+        Hk = H // 2 if "gqa" in flags else H
         q = torch.randn(B, H, M, D, dtype=dt)
         kr = torch.randn(B, Hk, cap, D, dtype=dt)
         vr = torch.randn(B, Hk, cap, D, dtype=dt)
@@ -351,8 +362,12 @@ def _run_decode(rec, matrix):
         kw = {}
         if bias:
             kw = dict(rel_bias=torch.randn(H, 4 + lo + 3), rel_offset=-(lo + 3),
-                      gate=torch.rand(B, H, M, dtype=dt) if bias.startswith("gated") else None)
-        rec.case = f"{dn} D{D} rope={rope} lo={lo}" + (f" bias={bias}" if bias else "")
+                      gate=torch.rand(B, H, M, dtype=dt) if bias == "gated" else None)
+        if "sink" in flags:
+            kw.update(sink_k=torch.randn(B, Hk, 3, D, dtype=dt),
+                      sink_v=torch.randn(B, Hk, 3, D, dtype=dt))
+        rec.case = f"{dn} D{D} rope={rope} lo={lo}" + (f" bias={label}" if bias else "") + (
+            " sinks=3" if "sink" in flags else "")
         DT.decode_attention_triton(q, kr, vr, qpos, torch.tensor([M, 2]), torch.tensor([64, 70]),
                                    inv, rope == "interleaved", 4, lo, 3, D ** -0.5, **kw)
 
@@ -661,6 +676,11 @@ if pytest is not None and __name__ != "__main__":
         # the decode kernel with the gated relative bias and a GQA ring (WavLM's step), per target
         assert {r["target"] for r in results if r["kernel"] == "_decode_attention_fwd_kernel"
                 and "bias=gated" in r["case"]} == set(TARGETS)
+        # the decode kernel with resident sink keys (HAS_SINK), alone and with the gated bias + GQA
+        dsink = {(r["target"], "bias=gated" in r["case"]) for r in results
+                 if r["kernel"] == "_decode_attention_fwd_kernel"
+                 and r["case"].endswith(" sinks=3")}
+        assert dsink == {(t, b) for t in TARGETS for b in (False, True)}
         # the frame-rate mask variant (constexpr K_BLOCK) of each attention kernel, per target
         frames = {(r["kernel"], r["target"]) for r in results if "frames" in r["case"]}
         assert frames == {(k, t) for k in ("_interval_attention_fwd_kernel",

@@ -69,18 +69,25 @@ def _cases():
     # relative bias over the window's offsets [-5, 1], per-row gate, GQA ring (1 head for 2)
     dec_bias = (dec[0], _r(2, 1, 11, 16), _r(2, 1, 11, 16)) + dec[3:] + (
         _r(2, 7), _r(2, 2, 3), -5)
+    # resident sink keys (3 positions; the slot with n = 4 holds 1 window key past them): alone,
+    # and with the gated bias and the GQA ring
+    dec_sink = dec + (None, None, 0, _r(2, 2, 3, 16), _r(2, 2, 3, 16))
+    dec_bias_sink = dec_bias + (_r(2, 1, 3, 16), _r(2, 1, 3, 16))
     return {
         "attention": (A.forward_op, att), "attention_backward": (A.backward_op, att_bwd),
         "conv": (C.forward_op, conv), "conv_grouped_strided": (C.forward_op, conv_grp),
         "conv_backward": (C.backward_op, conv_bwd), "conv_update": (C.update_op, upd),
         "convnext": (X.forward_op, xn), "decode_attention": (D.forward_op, dec),
         "decode_attention_bias": (D.forward_op, dec_bias),
+        "decode_attention_sink": (D.forward_op, dec_sink),
+        "decode_attention_bias_sink": (D.forward_op, dec_bias_sink),
     }
 
 
 @pytest.mark.parametrize("name", ["attention", "attention_backward", "conv", "conv_grouped_strided",
                                   "conv_backward", "conv_update", "convnext", "decode_attention",
-                                  "decode_attention_bias"])
+                                  "decode_attention_bias", "decode_attention_sink",
+                                  "decode_attention_bias_sink"])
 def test_opcheck(name):
     op, args = _cases()[name]
     res = torch.library.opcheck(op.op, args)
@@ -155,16 +162,20 @@ def test_update_op_mutates_state_under_compile():
     torch.testing.assert_close(s1, s2, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", ["decode_attention", "decode_attention_bias"])
+@pytest.mark.parametrize("case", ["decode_attention", "decode_attention_bias",
+                                  "decode_attention_sink", "decode_attention_bias_sink"])
 def test_decode_attention_compiles_through_the_op_eager_calls_direct(monkeypatch, case):
     """Eager: the direct launcher (no dispatcher); compiled: the registered triton_op (with the
-    relative bias, gate and GQA ring too)."""
+    relative bias, gate and GQA ring too, and with resident sink keys)."""
     from pyencoder.ops.decode_attention import decode_attention
     A, C, X, D = _ops()
     args = _cases()[case][1]
-    if case == "decode_attention_bias":
-        args, bias = args[:12], dict(zip(("rel_bias", "gate", "rel_offset"), args[12:]))
-        decode_attention = functools.partial(decode_attention, **bias)
+    if case != "decode_attention":
+        names = ("rel_bias", "gate", "rel_offset", "sink_k", "sink_v")
+        args, extra = args[:12], {k: a for k, a in zip(names, args[12:]) if a is not None}
+        if "rel_bias" not in extra:
+            extra.pop("rel_offset")
+        decode_attention = functools.partial(decode_attention, **extra)
     direct = []
     launcher = D.forward
 

@@ -32,6 +32,13 @@ op checks the coverage). A row with a non-finite gate that sees a key is NaN. GQ
 pointers and ints are passed as None and GROUP is None: the kernel compiles to the same PTX as
 before these arguments existed (benchmarks/ptx_diff.py).
 
+Sink keys (constexpr HAS_SINK, off by default; sink pointers, SINK and strides None when off, so
+the PTX without sinks is unchanged): the resident keys / values (B, Hk, SINK, D) of positions
+< SINK. A first span walks positions [0, min(SINK, n)) of the sink buffer, visible to every valid
+row; the ring span then starts at SINK or later, so no key counts twice. With a bias, a sink key's
+column is clamped to [0, rel_len) (the saturated edge column: the rule of the offline op). A row
+that sees a sink key (n > 0) is NaN if its q is non-finite, like a row that sees a window key.
+
 Limits: head_dim <= 256; positions must fit in int32 (about 12 days of 20 ms frames).
 """
 
@@ -43,17 +50,18 @@ from ._grid import _head_row_tile
 from ._rotary import _rope_angles
 
 
-@triton.jit(do_not_specialize=["rel_len", "rel_offset"])
+@triton.jit(do_not_specialize=["rel_len", "rel_offset", "SINK"])
 def _decode_attention_fwd_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, qpos_ptr, qcnt_ptr, nk_ptr, freq_ptr,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
         spb, spm,
         H, M, CAP, D, R, BLK, LO_OFF, HI_OFF, scale,
         rel_ptr, gate_ptr, rel_len, rel_offset, sgb, sgh, sgm,
+        sk_ptr, sv_ptr, SINK, sskb, sskh, sskn, sskd, ssvb, ssvh, ssvn, ssvd,
         HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_LO: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr = False, HAS_GATE: tl.constexpr = False,
-        GROUP: tl.constexpr = None):
+        GROUP: tl.constexpr = None, HAS_SINK: tl.constexpr = False):
     _, b, h, rows, cols = _head_row_tile(H, BLOCK_M, BLOCK_D, 0)
     cnt = tl.load(qcnt_ptr + b).to(tl.int32)
     n = tl.load(nk_ptr + b).to(tl.int32)
@@ -89,6 +97,8 @@ def _decode_attention_fwd_kernel(
     start = tl.maximum(n - CAP, 0)
     if HAS_LO:
         start = tl.maximum(start, (p_first // BLK) * BLK - LO_OFF)
+    if HAS_SINK:
+        start = tl.maximum(start, SINK)     # ring entries below SINK are read from the sink span
     end = tl.minimum((p_last // BLK) * BLK + HI_OFF, n - 1)
     end = tl.where(p_last >= 0, end, start - 1)
 
@@ -107,6 +117,37 @@ def _decode_attention_fwd_kernel(
         if HAS_GATE:
             g = tl.load(gate_ptr + b * sgb + h * sgh + rows * sgm, mask=row_ok,
                         other=0.0).to(tl.float32)
+    if HAS_SINK:
+        n_sink = tl.minimum(SINK, n)
+        skb = sk_ptr + b * sskb + hk * sskh
+        svb = sv_ptr + b * ssvb + hk * ssvh
+        for s0 in range(0, n_sink, BLOCK_N):
+            kp = s0 + tl.arange(0, BLOCK_N)
+            k_ok = kp < n_sink
+            k = tl.load(skb + kp[:, None] * sskn + cols[None, :] * sskd,
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            s = tl.dot(qd, tl.trans(k), input_precision=PRECISION) * scale
+            if HAS_BIAS:
+                c = tl.minimum(tl.maximum(kp[None, :] - pos[:, None] - rel_offset, 0), rel_len - 1)
+                bv = tl.load(rel_row + c)
+                if HAS_GATE:
+                    bv = bv * g[:, None]
+                s = s + bv
+            vis = row_ok[:, None] & k_ok[None, :]
+            v = tl.load(svb + kp[:, None] * ssvn + cols[None, :] * ssvd,
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            vz = v * 0.0
+            kv0 = tl.sum((k * 0.0).to(tl.float32), 1) + tl.sum(vz.to(tl.float32), 1)
+            s = tl.where(vis, s + kv0[None, :], float("-inf"))
+            v = tl.where(vz == 0.0, v, 0.0)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(sv_ptr.dtype.element_ty), v,
+                                                input_precision=PRECISION)
+            m_i = m_new
     for s0 in range(start, end + 1, BLOCK_N):
         kp = s0 + tl.arange(0, BLOCK_N)
         k_ok = kp <= end
@@ -143,6 +184,9 @@ def _decode_attention_fwd_kernel(
     if HAS_LO:
         first = tl.maximum(first, lo_row)
     sees = row_ok & (tl.minimum(hi_row, n - 1) >= first)
+    if HAS_SINK:
+        sees = row_ok & ((tl.minimum(hi_row, n - 1) >= tl.maximum(first, SINK))
+                         | (tl.minimum(SINK, n) > 0))
     rz = tl.sum(acc * 0.0, 1) + l_i * 0.0 + tl.where(sees, tl.sum(q * 0.0, 1), 0.0)
     if HAS_GATE:
         rz += tl.where(sees, g * 0.0, 0.0)

@@ -57,7 +57,7 @@ from .wavlm import wavlm_forward
 CONFIG_KEY = "pyencoder"
 CONFIG_FORMAT = 1
 _OPTION_NAMES = ("lookahead_frames", "left_frames", "lookahead_layers", "rope", "pos_conv",
-                 "group_norm", "chunk_size", "left_chunks")
+                 "group_norm", "chunk_size", "left_chunks", "sink_frames")
 POS_CONV_MODES = ("drop", "causal", "keep")
 GROUP_NORM_MODES = ("running", "keep")
 SAMPLE_RATE = 16000
@@ -165,8 +165,9 @@ def _layer_lookaheads(lookahead_frames, lookahead_layers, n_layers):
 
 
 def build_specs(n_layers, head_dim, lookahead_frames, left_frames, lookahead_layers, rope,
-                chunk_size, left_chunks):
+                chunk_size, left_chunks, sink=0):
     check_int("lookahead_frames", lookahead_frames, min_value=0)
+    check_int("sink_frames", sink, min_value=0)
     check_int("left_frames", left_frames, min_value=0, allow_none=True)
     check_int("chunk_size", chunk_size, min_value=1, allow_none=True)
     check_int("left_chunks", left_chunks, min_value=0, allow_none=True)
@@ -179,8 +180,8 @@ def build_specs(n_layers, head_dim, lookahead_frames, left_frames, lookahead_lay
     rp = as_rope(rope, head_dim)
     specs = []
     for r in r_list:
-        mask = (IntervalMask.band(left_frames, r) if chunk_size is None else
-                IntervalMask.chunked(chunk_size, left_chunks, r))
+        mask = (IntervalMask.band(left_frames, r, sink=sink) if chunk_size is None else
+                IntervalMask.chunked(chunk_size, left_chunks, r, sink=sink))
         specs.append(LayerSpec(mask, rp))
     return specs
 
@@ -278,7 +279,8 @@ def install_switch_guard():
 
 def apply_pyencoder_to_wav2vec2(model, *, lookahead_frames=3, left_frames=None,
                                 lookahead_layers="first", rope=True, pos_conv="drop",
-                                group_norm="running", chunk_size=None, left_chunks=None):
+                                group_norm="running", chunk_size=None, left_chunks=None,
+                                sink_frames=0):
     """Patch a Wav2Vec2 / HuBERT / WavLM model (base or head) in place; returns the same object.
 
     Attention becomes band(left_frames, r_l) (or chunked(chunk_size, left_chunks, r_l) when
@@ -288,7 +290,9 @@ def apply_pyencoder_to_wav2vec2(model, *, lookahead_frames=3, left_frames=None,
     layer. ``rope``: True for RoPE over the whole head (a pyencoder.Rope for other settings), False
     for none. ``pos_conv``: "drop", "causal" or "keep" (offline only). ``group_norm``: "running"
     or "keep" (offline only); ignored by models without GroupNorm (feat_extract_norm="layer").
-    Raises PatchError if the installed transformers lacks what the patch relies on, and
+    ``sink_frames``: the first frames of the input every frame also sees (attention sinks,
+    IntervalMask sink keys; Wav2Vec2 / HuBERT only: WavLM's relative-bias path has no sink keys
+    yet). Raises PatchError if the installed transformers lacks what the patch relies on, and
     ValueError if ``model`` is already patched."""
     base, family = base_model(model)
     if getattr(base, "_pyencoder_patch", None) is not None:
@@ -303,11 +307,14 @@ def apply_pyencoder_to_wav2vec2(model, *, lookahead_frames=3, left_frames=None,
                       f"{_compat.transformers_version()}. The patch checks what it relies on, but "
                       f"verify outputs on your model.", stacklevel=2)
     _check_model(base, family)
+    if sink_frames and family == "wavlm":
+        raise NotImplementedError(f"sink_frames={sink_frames!r}: the WavLM attention (relative "
+                                  f"bias) has no sink keys yet; use sink_frames=0")
     install_switch_guard()
     cfg = base.config
     att0 = base.encoder.layers[0].attention
     specs = build_specs(len(base.encoder.layers), att0.head_dim, lookahead_frames, left_frames,
-                        lookahead_layers, rope, chunk_size, left_chunks)
+                        lookahead_layers, rope, chunk_size, left_chunks, sink_frames)
     if lookahead_layers == "all" and lookahead_frames and len(specs) > 1:
         warnings.warn(f"lookahead_layers='all': lookahead compounds over {len(specs)} layers, "
                       f"total lookahead = {len(specs)} x {lookahead_frames} = "
@@ -318,7 +325,8 @@ def apply_pyencoder_to_wav2vec2(model, *, lookahead_frames=3, left_frames=None,
                          options=dict(lookahead_frames=lookahead_frames, left_frames=left_frames,
                                       lookahead_layers=lookahead_layers, rope=rope,
                                       pos_conv=pos_conv, group_norm=group_norm,
-                                      chunk_size=chunk_size, left_chunks=left_chunks))
+                                      chunk_size=chunk_size, left_chunks=left_chunks,
+                                      **({"sink_frames": sink_frames} if sink_frames else {})))
     entry = config_entry(record.options)
     if family != "wavlm":
         if not is_registered():

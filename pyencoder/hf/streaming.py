@@ -86,13 +86,14 @@ class StreamingEncoder(nn.Module):
             base, lookahead=opts["lookahead_frames"], lookahead_layers=opts["lookahead_layers"],
             left=opts["left_frames"], rope=spec0.rope or False, pos_conv=opts["pos_conv"],
             chunk_size=opts["chunk_size"], left_chunks=opts["left_chunks"],
-            max_context=max_context, share_weights=True)
+            sink=opts.get("sink_frames", 0), max_context=max_context, share_weights=True)
         for i, (layer, spec) in enumerate(zip(self.encoder.layers, rec.specs)):
             att = layer.attention
-            if (att.block, att.lo_off, att.hi_off) != spec.mask.params:
-                raise RuntimeError(f"layer {i}: the converted mask (block, lo_off, hi_off) = "
-                                   f"{(att.block, att.lo_off, att.hi_off)} differs from the "
-                                   f"patch's {spec.mask.params}")
+            if (att.block, att.lo_off, att.hi_off, att.mask.sink) != (*spec.mask.params,
+                                                                      spec.mask.sink):
+                raise RuntimeError(f"layer {i}: the converted mask (block, lo_off, hi_off, sink) = "
+                                   f"{(att.block, att.lo_off, att.hi_off, att.mask.sink)} differs "
+                                   f"from the patch's {(*spec.mask.params, spec.mask.sink)}")
 
     @property
     def attn(self):

@@ -41,7 +41,9 @@ offline (forward and backward) and in the ring decode when streaming with a boun
 (``left`` / ``left_chunks``), where the WavLM layers have ``step_fixed`` like the others: the
 general step of ``layers`` runs it by itself in the steady state, and ``layers.step_fixed`` is the
 CUDA-graph-capturable step of the stack. Unbounded left context streams on the plain-torch ring
-path (no ``step_fixed``).
+path (no ``step_fixed``). ``sink`` (band / chunked layers without the WavLM bias): the first
+``sink`` frames are attention sinks every frame sees (IntervalMask sink keys), resident in the
+stream state; the layers' ``step_fixed`` covers them once every sink frame has arrived.
 """
 import dataclasses
 from typing import Optional, Sequence, Tuple, Union
@@ -90,6 +92,8 @@ class EncoderConfig:
     chunk_size: int = 1                          # chunked: frames per chunk
     left_chunks: Optional[int] = None            # chunked: chunks of history (None: unbounded)
     lookahead: Optional[int] = 3                 # frames; None: full context (offline teacher)
+    sink: int = 0                                # band / chunked layers: the first `sink` frames
+                                                 # are seen by every frame (attention sinks)
     lookahead_layers: Union[str, Sequence[int]] = "first"   # "first", "all" or one int per layer
     rope: Union[bool, int, Rope] = True          # True: whole head; int: rotary dim; or a Rope
     rope_base: float = 10000.0
@@ -169,6 +173,12 @@ class CausalEncoder(nn.Module):
         if c.hidden_size % c.num_heads:
             raise ValueError(f"hidden_size ({c.hidden_size}) must be a multiple of num_heads "
                              f"({c.num_heads})")
+        if isinstance(c.sink, bool) or not isinstance(c.sink, int) or c.sink < 0:
+            raise ValueError(f"sink must be an int >= 0 (frames every frame sees); got "
+                             f"{c.sink!r}")
+        if c.sink and c.rel_pos_bias:
+            raise NotImplementedError(f"sink={c.sink} with rel_pos_bias=True: the WavLM attention "
+                                      f"has no sink keys yet; use sink=0")
         self.config = c
         self.feature_extractor = ConvFeatureExtractor(c.conv_dim, c.conv_kernel, c.conv_stride,
                                                       c.conv_bias, c.feat_extract_norm,
@@ -216,11 +226,11 @@ class CausalEncoder(nn.Module):
             elif c.attention == "band" or full:
                 att = BandedSelfAttention(E, c.num_heads, left=None if full else c.left,
                                           right=FULL_CONTEXT if full else r, rope=rope,
-                                          max_context=c.max_context)
+                                          max_context=c.max_context, sink=0 if full else c.sink)
             else:
                 att = ChunkedSelfAttention(E, c.num_heads, chunk_size=c.chunk_size,
                                            left_chunks=c.left_chunks, lookahead=r, rope=rope,
-                                           max_context=c.max_context)
+                                           max_context=c.max_context, sink=c.sink)
             adapter = None if c.adapter_attn_dim is None else AttentionAdapter(
                 E, c.adapter_attn_dim)
             layers.append(TransformerLayer(att, c.ffn_dim, norm_first=c.norm_first,
@@ -427,15 +437,15 @@ class CausalEncoder(nn.Module):
     @classmethod
     def from_hf(cls, hf_model, *, lookahead=3, lookahead_layers="first", left=None, rope=True,
                 pos_conv="drop", chunk_size=None, left_chunks=None, num_layers=None,
-                max_context=65536, share_weights=False):
+                max_context=65536, share_weights=False, sink=0):
         """A CausalEncoder with the weights of a transformers Wav2Vec2Model / HubertModel /
         WavLMModel (or a model with one inside, e.g. ...ForCTC; the head is not converted). For
         WavLM the config gets rel_pos_bias=True with the model's num_buckets and
         max_bucket_distance, and the gates and layer 0's bucket table are converted. The options
         mean what they mean in pyencoder.hf.apply_pyencoder_to_wav2vec2 (lookahead_frames=lookahead,
-        left_frames=left, pos_conv "drop" or "causal"; ``rope`` also a pyencoder.Rope); a GroupNorm
-        front end becomes the running GroupNorm. ``num_layers``: keep only the first layers
-        (FocalCodec-Stream keeps 6 of WavLM-large's). ``lookahead=None`` gives the full-context
+        left_frames=left, sink_frames=sink, pos_conv "drop" or "causal"; ``rope`` also a
+        pyencoder.Rope); a GroupNorm front end becomes the running GroupNorm. ``num_layers``: keep
+        only the first layers (FocalCodec-Stream keeps 6 of WavLM-large's). ``lookahead=None`` gives the full-context
         model (a teacher). Adapters are converted: the conv adapter (``config.add_adapter``) and
         the attention adapters of pre-LN layers (``config.adapter_attn_dim``, MMS).
 
@@ -476,7 +486,7 @@ class CausalEncoder(nn.Module):
             attention="band" if chunk_size is None else "chunked", left=left,
             chunk_size=1 if chunk_size is None else chunk_size, left_chunks=left_chunks,
             lookahead=lookahead, lookahead_layers=lookahead_layers, rope=rope,
-            max_context=max_context, rel_pos_bias=family == "wavlm",
+            max_context=max_context, sink=sink, rel_pos_bias=family == "wavlm",
             num_buckets=int(getattr(hc, "num_buckets", 320)),
             max_bucket_distance=int(getattr(hc, "max_bucket_distance", 800)),
             pos_conv_batch_norm=pos_bn,

@@ -23,12 +23,12 @@ Batched streams: every slot has its own position. ``step(x, state, lengths=None)
 m = max(state.out_lengths); slot b's frames are the first ``state.out_lengths[b]`` rows, the rest
 are zeros.
 
-``step_fixed(x, state)``: the steady-state step for CUDA graphs (banded and chunked masks): a fixed
-n frames per slot, n a multiple of the mask block (chunk_size), exactly n frames out, no host
-synchronisation, state updated in place; preconditions in its docstring (``check=True`` verifies
-them once, outside capture). The general ``step`` runs as ``step_fixed`` by itself whenever those
-preconditions hold and every slot gets the same n frames (one host read decides; on a CPU it
-saves about a quarter of the per-step op overhead).
+``step_fixed(x, state)``: the steady-state step for CUDA graphs (banded and chunked masks, with
+or without sink keys): a fixed n frames per slot, n a multiple of the mask block (chunk_size),
+exactly n frames out, no host synchronisation, state updated in place; preconditions in its
+docstring (``check=True`` verifies them once, outside capture). The general ``step`` runs as
+``step_fixed`` by itself whenever those preconditions hold and every slot gets the same n frames
+(one host read decides; on a CPU it saves about a quarter of the per-step op overhead).
 
 Package-internal (used by pyencoder.nn.layer and pyencoder.nn.relpos, not in ``__all__``):
 ``IntervalSelfAttention``, the base of every interval self-attention module; ``fresh_counters``
@@ -44,7 +44,7 @@ from ..mask import IntervalMask
 from ..ops.attention import interval_attention
 from ..rope import apply_rope, as_rope
 from ..ops.decode_attention import decode_attention
-from ..reference.decode_attention import nonfinite_guard, ring_positions, ring_write
+from ..reference.decode_attention import ring_write
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
                                stamp)
 from .linear import Linear
@@ -244,8 +244,9 @@ class IntervalSelfAttention(nn.Module):
         (the ring cannot grow inside a graph), (2) n <= max_chunk and n is a multiple of the mask
         block (1 for banded, chunk_size for chunked), and (3) every slot is in steady state: it
         has seen at least ``lookahead_frames`` = hi_off - block + 1 frames (band: right; chunked:
-        lookahead) and its pending queries are those the general ``step`` leaves behind (a fresh
-        state, or any state produced by ``step`` / ``step_fixed``; not one after ``flush``).
+        lookahead), and at least ``sink`` frames with sink keys, and its pending queries are
+        those the general ``step`` leaves behind (a fresh state, or any state produced by
+        ``step`` / ``step_fixed``; not one after ``flush``).
         Why (3) suffices: query p is released once hi(p) = (p // block + 1) * block - 1 +
         lookahead_frames has arrived, so the released count after P frames is
         block * floor((P - lookahead_frames) / block) (clamped at 0); once P >= lookahead_frames,
@@ -257,13 +258,14 @@ class IntervalSelfAttention(nn.Module):
         The state is updated in place (same tensors, same data pointers): new keys are rotated
         and written to the ring at position % cap, new queries are appended behind the pending
         ones (device-side indices), the first n queued queries are attended and the queue is
-        shifted by n. No ``.item()``, no data-dependent Python branch. ``check=True`` verifies
+        shifted by n. No ``.item()``, no data-dependent Python branch. Sink keys: the fixed-size
+        resident buffer (``state.sink_k`` / ``sink_v``, positions < sink) is complete once the
+        slot is in steady state (query releases wait for the last sink key, so a stream's
+        latency until then is max(hi_off, sink - 1) frames), so the fixed step only reads it; the
+        decode op skips the ring entries below sink. ``check=True`` verifies
         the preconditions of (3) for this state first (a host synchronisation; do it once before
         capturing, never inside a graph) and raises ValueError if a slot would release fewer
         than n queries."""
-        if self.mask.sink:
-            raise ValueError(f"{type(self).__name__}.step_fixed does not support sink keys "
-                             f"(sink={self.mask.sink}); use step()")
         check_module_input(x, 2, self.embed_dim, f"(B, n, {self.embed_dim})", self.q_proj.weight)
         B, n, E = x.shape
         if self.lo_off < 0:
@@ -326,17 +328,20 @@ class IntervalSelfAttention(nn.Module):
         P = state.pos.to(torch.int64)
         pend = state.pending.to(torch.int64)
         C, La = self.block, self.lookahead_frames
+        # With sink keys no query is released before the last one (position sink - 1) arrived;
+        # from then on the releases are those of the mask alone.
+        P0 = max(La, self.mask.sink)
         if C == 1:      # band: (P - La) % 1 == 0, so the expected pending count is La itself
-            return (P >= La) & (pend == La)
+            return (P >= P0) & (pend == La)
         expect = torch.where(P >= La, La + torch.remainder(P - La, C), P)
-        return (P >= La) & (pend == expect)
+        return (P >= P0) & (pend == expect)
 
     def _fixed_ok(self, n, state, lengths=None):
         """Whether the general ``step`` of n frames in every slot (``lengths`` None or all n) may
         run as ``step_fixed`` (same result: the fixed step is the general one specialised to the
         steady state, with fewer ops and no nonzero / gather). One host read, which the general
         step's own ``int(ready.max())`` would cost anyway."""
-        if self.mask.sink or self.lo_off < 0 or n < 1 or n % self.block \
+        if self.lo_off < 0 or n < 1 or n % self.block \
                 or n > self._max_chunk(state) or state.pos.shape[0] == 0 \
                 or torch.compiler.is_compiling():
             return False
@@ -356,9 +361,11 @@ class IntervalSelfAttention(nn.Module):
         bad = ~self._steady_slots(state)
         if bool(bad.any()):
             b = int(bad.nonzero()[0, 0])
+            seen = f"max(lookahead_frames={La}, sink={self.mask.sink})" if self.mask.sink else \
+                f"lookahead_frames={La}"
             raise ValueError(
                 f"{type(self).__name__}.step_fixed needs every slot in steady state: at least "
-                f"lookahead_frames={La} frames seen and the pending queries the general step "
+                f"{seen} frames seen and the pending queries the general step "
                 f"leaves (lookahead_frames + (pos - lookahead_frames) % {C}); slot {b} has "
                 f"pos={int(P[b])}, pending={int(pend[b])}. Warm up with step() first (and do not "
                 f"use step_fixed after flush)")
@@ -396,44 +403,14 @@ class IntervalSelfAttention(nn.Module):
         return {}
 
     def _decode(self, q, extras, state, q_pos, q_count, n_keys):
-        """Pending queries q (B, H, M, D) at positions q_pos attend over the ring."""
+        """Pending queries q (B, H, M, D) at positions q_pos attend over the ring (and the
+        resident sink keys of a mask with sinks)."""
         inv = None if self.rope is None else self.rope.inv_freq(q.device)
-        if self.mask.sink:
-            return self._decode_sinks(q, state, q_pos, q_count, n_keys, inv)
+        sinks = dict(sink_k=state.sink_k, sink_v=state.sink_v) if self.mask.sink else {}
         return decode_attention(q, state.k, state.v, q_pos, q_count, n_keys, inv,
                                 False if self.rope is None else self.rope.interleaved,
                                 *self.mask.params, self.scale,
-                                backend=self.decode_backend)
-
-    def _decode_sinks(self, q, state, q_pos, q_count, n_keys, inv):
-        """Plain-torch decode over the resident sink keys and the ring (ring entries at positions
-        < sink are read from the sink buffer instead); the arithmetic of
-        pyencoder.streaming.ring.decode_attention_reference."""
-        B, H, M, D = q.shape
-        S = self.mask.sink
-        cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        qr = q.to(cdt)
-        if inv is not None and inv.numel():
-            qr = apply_rope(qr, q_pos, inv, self.rope.interleaved)
-        kpos = ring_positions(n_keys, state.k.shape[2])[:, None, :]            # (B, 1, cap)
-        ring = ((kpos >= self.mask.lo(q_pos)[:, :, None])
-                & (kpos <= self.mask.hi(q_pos)[:, :, None]) & (kpos >= S))
-        spos = torch.arange(S, device=q.device)
-        sinks = (spos[None, None, :] < n_keys.to(q.device)[:, None, None]).expand(B, M, S)
-        rows = torch.arange(M, device=q.device)[None, :] < q_count.to(q.device)[:, None]
-        vis = torch.cat([sinks, ring], -1) & rows[:, :, None]
-        keys = torch.cat([state.sink_k, state.k], 2).to(cdt)
-        vals = torch.cat([state.sink_v, state.v], 2).to(cdt)
-        s = torch.matmul(qr, keys.transpose(-1, -2))
-        s.mul_(self.scale)
-        s, vr = nonfinite_guard(s, vals)
-        s.masked_fill_(~vis[:, None], float("-inf"))
-        mx = s.amax(dim=-1, keepdim=True).nan_to_num_(neginf=0.0)
-        p = s.sub_(mx).exp_()
-        l = p.sum(dim=-1, keepdim=True)
-        o = torch.matmul(p, vr)
-        o.div_(torch.where(l > 0, l, 1.0))
-        return o.to(q.dtype)
+                                backend=self.decode_backend, **sinks)
 
     def _piece(self, x, lengths, state, final):
         B, n, E = x.shape

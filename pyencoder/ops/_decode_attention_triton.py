@@ -4,8 +4,9 @@ pyencoder.triton_kernels.decode_attention).
 Same arguments and result as pyencoder.reference.decode_attention.forward: q (B, H, M, D)
 un-rotated pending queries, k_ring / v_ring (B, H, CAP, D) with rotated keys at index
 position % CAP, q_pos (B, M) absolute positions, q_count (B,) valid rows, n_keys (B,) keys
-appended; optional relative bias rel_bias (H, L) / gate (B, H, M) / rel_offset and GQA rings
-(B, Hk, CAP, D), validated by pyencoder.ops.decode_attention. Positions are taken per slot from
+appended; optional relative bias rel_bias (H, L) / gate (B, H, M) / rel_offset, GQA rings
+(B, Hk, CAP, D) and resident sink keys / values sink_k / sink_v (B, Hk, S, D) of positions < S,
+validated by pyencoder.ops.decode_attention. Positions are taken per slot from
 tensors, so slots at different positions share one launch and the step can be captured in a CUDA
 graph (no host synchronisation here).
 
@@ -33,7 +34,7 @@ def supports_forward(q=None, k_ring=None, **_):
 
 def decode_attention_triton(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved,
                             block, lo_off, hi_off, scale, rel_bias=None, gate=None,
-                            rel_offset=None):
+                            rel_offset=None, sink_k=None, sink_v=None):
     from ..triton_kernels.decode_attention import _decode_attention_fwd_kernel
     why = supports_forward(q, k_ring)
     if why is not None:
@@ -68,10 +69,15 @@ def decode_attention_triton(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq,
         extra = dict(HAS_BIAS=True, HAS_GATE=g is not None)
     if k_ring.shape[1] != H:
         extra["GROUP"] = H // k_ring.shape[1]
+    sink = (None,) * 11     # off: None (constexpr), the kernel's PTX without sinks is unchanged
+    if sink_k is not None:
+        sink_k, sink_v = sink_k.to(q.dtype), sink_v.to(q.dtype)
+        sink = (sink_k, sink_v, sink_k.shape[2], *sink_k.stride(), *sink_v.stride())
+        extra["HAS_SINK"] = True
     launch(_decode_attention_fwd_kernel)[grid](
         q, k_ring, v_ring, o, q_pos, q_count, n_keys, freq,
         *q.stride(), *k_ring.stride(), *v_ring.stride(), *o.stride(), *q_pos.stride(),
-        H, M, cap, D, R, block, max(lo_off, 0), hi_off, float(scale), *bias,
+        H, M, cap, D, R, block, max(lo_off, 0), hi_off, float(scale), *bias, *sink,
         HAS_ROPE=has_rope, INTERLEAVED=bool(interleaved), HAS_LO=lo_off >= 0,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=prec,
         num_warps=4 if BLOCK_D <= 64 else 8, **extra)
@@ -85,9 +91,10 @@ forward = decode_attention_triton
 def forward_op(q: Tensor, k_ring: Tensor, v_ring: Tensor, q_pos: Tensor, q_count: Tensor,
                n_keys: Tensor, inv_freq: Optional[Tensor], interleaved: bool, block: int,
                lo_off: int, hi_off: int, scale: float, rel_bias: Optional[Tensor] = None,
-               gate: Optional[Tensor] = None, rel_offset: int = 0) -> Tensor:
+               gate: Optional[Tensor] = None, rel_offset: int = 0,
+               sink_k: Optional[Tensor] = None, sink_v: Optional[Tensor] = None) -> Tensor:
     """The registered triton backend (torch.library.triton_op): what torch.compile traces.
     Eager steps call ``forward`` directly (pyencoder.ops.decode_attention)."""
     return decode_attention_triton(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq,
                                    interleaved, block, lo_off, hi_off, scale, rel_bias, gate,
-                                   rel_offset)
+                                   rel_offset, sink_k, sink_v)

@@ -3,7 +3,7 @@
 
     o = decode_attention(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved,
                          block, lo_off, hi_off, scale, backend=None, *, rel_bias=None,
-                         gate=None, rel_offset=None)
+                         gate=None, rel_offset=None, sink_k=None, sink_v=None)
 
 Arguments, ring layout and semantics: pyencoder.reference.decode_attention (the reference backend
 and the oracle). Backends: ``reference`` and ``triton`` (pyencoder.ops._decode_attention_triton),
@@ -22,6 +22,15 @@ not checked: a non-finite gate or rel_bias entry makes NaN exactly the rows that
 backends), like a non-finite q. Without ``rel_bias`` both backends run exactly the code they ran
 before it existed. k_ring / v_ring may have fewer heads than q (GQA: H % Hk == 0).
 
+Sink keys (``sink_k``, ``sink_v`` (B, Hk, S, D), the dtype and device of the ring; None: none,
+both backends run exactly the code of before): the resident rotated keys and values of positions
+< S, the streaming side of the offline op's ``sink=S``. Every valid row also sees the positions
+s < min(S, n_keys[b]); ring entries at positions < S are skipped (read from the sink buffer), so
+no key counts twice. With a relative bias, a sink key outside the window reads the table's
+saturated edge column: gate * rel_bias[h, clamp(s - p - rel_offset, 0, L - 1)] (the rule shared
+with the offline op); window keys are inside the table by the check above, so bias-only results
+do not change. Shapes only are checked (no device read).
+
 Forward only: the streaming step runs under no_grad (training runs the offline interval attention).
 
 Registration: the triton backend is the ``torch.library.triton_op``
@@ -38,7 +47,8 @@ never an op.
 import torch
 
 from .. import _backend
-from .._checks import MAX_POSITION, check_bias_tensors, check_decode_inputs, check_int
+from .._checks import (MAX_POSITION, check_bias_tensors, check_decode_inputs, check_int,
+                      check_same, check_tensor)
 from ..reference import decode_attention as _reference
 from . import _decode_attention_triton as _triton
 
@@ -85,13 +95,32 @@ def _check_bias(q, k_ring, rel_bias, gate, rel_offset, block, lo_off, hi_off):
     return rel_offset
 
 
+def _check_sinks(q, k_ring, v_ring, sink_k, sink_v):
+    """Shapes, dtypes and devices of the sink buffers; no device read."""
+    if sink_k is None and sink_v is None:
+        return
+    if sink_k is None or sink_v is None:
+        given = "sink_k" if sink_v is None else "sink_v"
+        raise ValueError(f"decode_attention: sink_k and sink_v go together (the resident keys and "
+                         f"values of positions < S); got {given} alone")
+    for name, t, ring, ring_name in (("sink_k", sink_k, k_ring, "k_ring"),
+                                     ("sink_v", sink_v, v_ring, "v_ring")):
+        check_tensor(name, t, 4)
+        check_same(name, t, ring_name, ring)
+        want = (q.shape[0], ring.shape[1], sink_k.shape[2], ring.shape[3])
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} must have shape (B, Hk, S, D) = {want} (B from q, Hk and D "
+                             f"from {ring_name}, S from sink_k); got {tuple(t.shape)}")
+
+
 def decode_attention(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved, block,
                      lo_off, hi_off, scale, backend=None, *, rel_bias=None, gate=None,
-                     rel_offset=None):
+                     rel_offset=None, sink_k=None, sink_v=None):
     """(B, H, M, D) outputs of the M pending queries of each slot; see the module docstring."""
     check_decode_inputs(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved, block,
                         lo_off, hi_off, scale)
     rel_offset = _check_bias(q, k_ring, rel_bias, gate, rel_offset, block, lo_off, hi_off)
+    _check_sinks(q, k_ring, v_ring, sink_k, sink_v)
     args = dict(q=q, k_ring=k_ring)
     name = _backend.select("decode_attention", "forward", q.device.type, args, backend)
     if name == "triton" and torch.compiler.is_compiling():
@@ -99,6 +128,10 @@ def decode_attention(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interl
         fwd = _triton.forward_op
     else:
         fwd = _backend.get_entry("decode_attention", name, "forward")   # eager: direct path
+    if sink_k is not None:
+        return fwd(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved, block,
+                   lo_off, hi_off, scale, rel_bias, gate, 0 if rel_offset is None else rel_offset,
+                   sink_k, sink_v)
     if rel_bias is None:
         return fwd(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved, block,
                    lo_off, hi_off, scale)

@@ -26,6 +26,14 @@ gather index is clamped, so entries outside the window (masked anyway) read an e
 GQA: k_ring / v_ring may have Hk heads with H % Hk == 0 (query head h reads ring head
 h // (H / Hk)).
 
+Sink keys (``sink_k`` / ``sink_v`` (B, Hk, S, D), None: none, the code above unchanged): the
+rotated keys and values of positions 0..S-1, resident beside the ring (the offline op's
+``sink=S``, pyencoder.IntervalMask). Every valid row also sees the positions s < min(S, n_keys[b])
+from this buffer; ring entries at positions < S are skipped, so no key counts twice. With a
+relative bias, a sink key's column is clamped to the table: gate * rel_bias[h, clamp(s - p -
+rel_offset, 0, L - 1)] (the saturated edge column for offsets outside the window; window keys are
+inside the table by the op's validation).
+
 Non-finite values follow pyencoder.reference.attention: a row that sees a ring entry whose k or v
 has a NaN / inf entry (or whose own q has one) outputs NaN, every other row is exact (masked
 entries never contribute 0 * NaN): ``nonfinite_guard`` turns each non-finite score, or score of
@@ -72,12 +80,13 @@ def nonfinite_guard(s, v):
 
 def decode_attention_reference(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved,
                                block, lo_off, hi_off, scale, rel_bias=None, gate=None,
-                               rel_offset=None):
+                               rel_offset=None, sink_k=None, sink_v=None):
     """Plain-torch oracle of the streaming decode attention: queries q (B, H, M, D) at positions
     ``q_pos`` (the first ``q_count`` rows valid) against a ring buffer of rotated keys / values
     (B, Hk, cap, D) holding ``n_keys`` keys; interval mask from ``block``, ``lo_off`` (< 0:
     unbounded) and ``hi_off``; RoPE on q from ``inv_freq`` (None: none); optional relative bias
-    ``rel_bias`` (H, L) from offset ``rel_offset`` with per-row ``gate`` (B, H, M) (module
+    ``rel_bias`` (H, L) from offset ``rel_offset`` with per-row ``gate`` (B, H, M); optional
+    resident sink keys / values ``sink_k`` / ``sink_v`` (B, Hk, S, D) of positions < S (module
     docstring). Rows without a visible key output zeros."""
     B, H, M, D = q.shape
     cap = k_ring.shape[2]
@@ -98,6 +107,17 @@ def decode_attention_reference(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_fr
         m &= kpos >= (base - lo_off).clamp_min_(0)[:, :, None]
     else:
         m &= kpos >= 0
+    if sink_k is not None:
+        # Sink keys first (positions 0..S-1, visible to every valid row once appended), then the
+        # ring without its entries at positions < S (those are read from the sink buffer).
+        S = sink_k.shape[2]
+        spos = torch.arange(S, device=q.device)
+        m &= kpos >= S
+        sinks = (spos[None, None, :] < n_keys.to(q.device)[:, None, None]) & valid[:, :, None]
+        m = torch.cat([sinks, m.expand(B, M, cap)], -1)
+        kpos = torch.cat([spos[None, None, :].expand(B, 1, S), kpos], -1)
+        k_ring = torch.cat([sink_k.to(k_ring.dtype), k_ring], 2)
+        v_ring = torch.cat([sink_v.to(v_ring.dtype), v_ring], 2)
     if k_ring.shape[1] != H:
         k_ring = k_ring.repeat_interleave(H // k_ring.shape[1], dim=1)
         v_ring = v_ring.repeat_interleave(H // v_ring.shape[1], dim=1)
@@ -130,11 +150,12 @@ def supports_forward(**_):
 
 
 def forward(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved, block, lo_off,
-            hi_off, scale, rel_bias=None, gate=None, rel_offset=None):
+            hi_off, scale, rel_bias=None, gate=None, rel_offset=None, sink_k=None, sink_v=None):
     """The reference backend's entry: decode_attention_reference under the CPU thread policy."""
     # A step is a few MFLOP: on CPU its ~20 small ops run single-threaded (pyencoder._cpu_threads:
     # each parallel op would pay a thread barrier, 10-25x slower on a busy machine).
-    with threads_for(4.0 * q.numel() * k_ring.shape[2], q.device):
+    keys = k_ring.shape[2] + (0 if sink_k is None else sink_k.shape[2])
+    with threads_for(4.0 * q.numel() * keys, q.device):
         return decode_attention_reference(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq,
                                           interleaved, block, lo_off, hi_off, scale, rel_bias,
-                                          gate, rel_offset)
+                                          gate, rel_offset, sink_k, sink_v)
