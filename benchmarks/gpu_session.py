@@ -8,8 +8,10 @@ Stages, in order of value (name: timeout in s on a GPU):
   1. setup (~20-40 s; capped at 150, room to build the extension there): install the carried
      wheels from .whl/ into <work>/site (PYTHONPATH), install pyencoder editable, load the carried prebuilt
      pyencoder._C from .prebuilt/ when its build_info.json matches the device's torch, CUDA and
-     csrc/ (else build it there with 16 jobs), `python -m pyencoder info`, versions, GPU name and
-     measured copy bandwidth;
+     csrc/ (else build it there with 16 jobs), install the carried Triton cache .triton-cache/
+     into <work>/triton-cache (TRITON_CACHE_DIR of every stage) and compare its key facts with
+     the device's Triton ("cache key matches" or "mismatch: compiling"; benchmarks/triton_cache.py),
+     `python -m pyencoder info`, versions, GPU name and measured copy bandwidth;
   2. attention (110): `pytest -m gpu_quick` on the attention tests, bf16 first (the bf16 ids run
      before the rest), with pytest-xdist (-n 16) when installed;
   3. attention_table (125): bench_attention at wav2vec2-base (B=8, H=12, D=64), bf16, fwd, bwd,
@@ -33,7 +35,8 @@ rest's fits the default budget (480 s); tests/test_gpu_session.py checks it.
 A stage runs only while the total budget lasts; each command of a stage runs in its own process
 group, killed as a group (SIGTERM, then SIGKILL) when the stage's time or the budget runs out.
 The Triton autotuner is pinned (PYENCODER_TRITON_AUTOTUNE=0: one compile per kernel variant)
-unless --autotune.
+unless --autotune. Every stage records in summary.json the Triton cache entries it added
+(`triton_cache_new`, by kernel name): each is a compile, i.e. a miss of the carried cache.
 
 $OUT (at most 8 files come back, 16 MiB each, names [A-Za-z0-9._-]; this writes 4):
   session.log                  this driver's log, each stage's log appended (capped per stage)
@@ -51,6 +54,7 @@ test in the interpreter), benchmarks in their CPU or --dry-run forms, the extens
 logged as what the device would do. tests/test_gpu_session.py runs it in CI.
 """
 import argparse
+import collections
 import glob
 import hashlib
 import json
@@ -74,7 +78,14 @@ STREAMING_TESTS = ["tests/test_streaming_decode_triton.py", "tests/test_streamin
                    "tests/test_wavlm_step_fixed.py"]
 CONVNEXT_TESTS = ["tests/test_convnext_fused.py", "tests/test_models.py"]
 BF16_K = "bfloat16 or long_sequences or deterministic_bitwise"   # the attention tests in bf16
+ATTENTION_TABLE_NS = ("1500", "3000", "12000")     # the attention_table stage's N
 EXT_SUITES = {"bias": 15, "sink": 8, "frame": 8}   # bench_attention_ext: suite -> --max-seconds
+
+
+def triton_cache_entries(cache_dir):
+    """{entry folder: kernel name} of a Triton cache folder (benchmarks/triton_cache.entries)."""
+    from benchmarks.triton_cache import entries
+    return entries(cache_dir)
 
 
 def csrc_hash(csrc=os.path.join(ROOT, "csrc")):
@@ -136,6 +147,8 @@ def plan_setup(ctx):
     cmds.append(("extension", _py("-m", "benchmarks.gpu_session", "--_setup-extension",
                                   "--out", ctx["work"]) + (["--dry-run"] if ctx["dry"] else []),
                  {}))
+    cmds.append(("triton-cache", _py("-m", "benchmarks.gpu_session", "--_triton-cache", "--out",
+                                     ctx["work"], "--triton-cache", ctx["triton_cache"]), {}))
     cmds.append(("info", _py("-m", "pyencoder", "info"), {}))
     cmds.append(("facts", _py("-m", "benchmarks.gpu_session", "--_facts", "--out", ctx["work"]),
                  {}))
@@ -160,7 +173,7 @@ def plan_attention_table(ctx):
                                         "--providers", "reference", "sdpa-mask"), {})]
     # bench_attention writes its JSON lines when it ends: one process per provider (flex, whose
     # compiles take longest, one per N) so a stage cut at its timeout keeps what finished
-    ns = ["1500", "3000", "12000"]
+    ns = list(ATTENTION_TABLE_NS)
     runs = [("triton", ["pyencoder-triton"], ns)]
     runs += [(f"flex-N{n}", ["flex"], [n]) for n in ns]
     runs += [("sdpa-flash", ["sdpa-mask", "flash-attn"], ns)]
@@ -276,17 +289,21 @@ class Session:
             os.makedirs(os.path.join(self.work, sub))
         os.makedirs(os.path.join(self.work, "site"), exist_ok=True)
         self.logdir = os.path.join(self.work, "logs")
+        self.triton_cache_dir = os.path.join(self.work, "triton-cache")
         self.session_log = open(os.path.join(self.out, "session.log"), "w")
         self.env = self._env()
         import importlib.util
         self.ctx = {"dry": self.dry, "work": self.work, "logdir": self.logdir,
                     "site": os.path.join(self.work, "site"), "workers": args.workers,
-                    "xdist": importlib.util.find_spec("xdist") is not None}
+                    "xdist": importlib.util.find_spec("xdist") is not None,
+                    "triton_cache": os.path.abspath(args.triton_cache)}
 
     def _env(self):
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         env["PYENCODER_RESULTS_DIR"] = os.path.join(self.work, "results")
+        # kept between calls on a warm machine: a second call reuses the first one's compiles
+        env["TRITON_CACHE_DIR"] = self.triton_cache_dir
         site = os.path.join(self.work, "site")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (site, ROOT, env.get("PYTHONPATH")) if p)
         if not self.args.autotune:
@@ -321,6 +338,7 @@ class Session:
         logpath = os.path.join(self.logdir, f"{name}.log")
         t0 = time.monotonic()
         status = "ok"
+        before = set(triton_cache_entries(self.triton_cache_dir))
         with open(logpath, "a") as log:
             for label, argv, extra in plan(self.ctx):
                 remaining = stage_end - time.monotonic()
@@ -342,8 +360,25 @@ class Session:
         self._append_log(name, logpath)
         if name == "setup":
             self._load_setup_facts()
+            tc = self.summary["setup"].get("triton_cache")
+            if isinstance(tc, dict):
+                self.say(f"  triton cache: {tc.get('verdict')} ({tc.get('installed', 0)} entries)")
+            before = set(triton_cache_entries(self.triton_cache_dir))   # the carried ones
+        self._count_compiles(rec, before)
         self.say(f"stage {name}: {status} in {rec['seconds']} s")
         return rec
+
+    def _count_compiles(self, rec, before):
+        """Entries added to TRITON_CACHE_DIR during the stage: one per Triton compile, i.e. per miss
+        of the carried cache (Inductor's kernels, e.g. Flex's, land there too: by name)."""
+        now = triton_cache_entries(self.triton_cache_dir)
+        new = [now[k] for k in now if k not in before]
+        rec["triton_cache_new"] = len(new)
+        rec["triton_cache_new_by_kernel"] = dict(sorted(collections.Counter(new).items()))
+        rec["triton_cache_entries"] = len(now)
+        if new:
+            self.say(f"  {rec['name']}: {len(new)} Triton compiles (new cache entries): "
+                     + ", ".join(f"{k} {v}" for k, v in rec["triton_cache_new_by_kernel"].items()))
 
     def _needs_build(self):
         try:
@@ -369,12 +404,15 @@ class Session:
         self.session_log.flush()
 
     def _load_setup_facts(self):
-        for fn in ("facts.json", "extension.json"):
+        for fn in ("facts.json", "extension.json", "triton_cache.json"):
             try:
-                self.summary.setdefault("setup", {}).update(
-                    json.load(open(os.path.join(self.work, fn))))
+                got = json.load(open(os.path.join(self.work, fn)))
             except Exception as e:
                 self.summary.setdefault("setup", {})[fn] = f"not written ({type(e).__name__})"
+                continue
+            if fn == "triton_cache.json":
+                got = {"triton_cache": got}
+            self.summary.setdefault("setup", {}).update(got)
 
     def flush_out(self):
         """Rewrite the $OUT files (each via a temporary name, so a cut write leaves the old one)."""
@@ -399,6 +437,8 @@ class Session:
             self.flush_out()
         bad = [s["name"] for s in self.summary["stages"] if s["status"] in ("failed", "timeout")]
         self.summary["failed_stages"] = bad
+        self.summary["triton_compiles"] = sum(s.get("triton_cache_new", 0)
+                                              for s in self.summary["stages"])
         self.flush_out()
         table = " | ".join(f"{s['name']} {s['status']} {s['seconds']:.0f}s"
                            for s in self.summary["stages"])
@@ -485,6 +525,22 @@ def _check_extension(rep):
     return 0 if p.returncode == 0 and rep["load"].endswith("loaded") else 1
 
 
+def setup_triton_cache(work, carried):
+    """Install the carried Triton cache into TRITON_CACHE_DIR and compare its key facts with this
+    Triton's; <work>/triton_cache.json holds the report. Never fails the stage for a missing or
+    mismatched cache (that only costs the compiles); exit 0 unless the report cannot be made."""
+    from benchmarks import triton_cache
+    cache_dir = os.environ.get("TRITON_CACHE_DIR") or os.path.join(work, "triton-cache")
+    path = os.path.join(work, "triton_cache.json")
+    try:
+        triton_cache.setup(carried, cache_dir, path)
+    except Exception as e:  # no triton, a broken cache: report, compile as usual
+        print(f"triton cache: not installed ({type(e).__name__}: {e}); compiling", flush=True)
+        _atomic_json(path, {"verdict": f"not installed: {type(e).__name__}: {e}",
+                            "cache_dir": cache_dir})
+    return 0
+
+
 def facts(work):
     import platform
 
@@ -556,7 +612,11 @@ def main(argv=None):
     p.add_argument("--list", action="store_true", help="print the stages' commands and exit")
     p.add_argument("--_setup-extension", dest="setup_extension", action="store_true",
                    help=argparse.SUPPRESS)
+    p.add_argument("--triton-cache", default=os.path.join(ROOT, ".triton-cache"),
+                   help="the carried Triton cache (default .triton-cache, built by make gpu-prep)")
     p.add_argument("--_facts", dest="facts", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_triton-cache", dest="setup_triton_cache", action="store_true",
+                   help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.budget <= 0:
         p.error(f"--budget must be positive seconds; got {args.budget}")
@@ -568,9 +628,12 @@ def main(argv=None):
         return setup_extension(args.out, args.dry_run)
     if args.facts:
         return facts(args.out)
+    if args.setup_triton_cache:
+        return setup_triton_cache(args.out, args.triton_cache)
     if args.list:
         ctx = {"dry": args.dry_run, "work": "<work>", "logdir": "<work>/logs",
-               "site": "<work>/site", "workers": args.workers, "xdist": True}
+               "site": "<work>/site", "workers": args.workers, "xdist": True,
+               "triton_cache": args.triton_cache}
         for name, t_gpu, t_dry, plan in STAGES:
             print(f"{name} ({t_dry if args.dry_run else t_gpu} s):")
             for label, argv, extra in plan(ctx):

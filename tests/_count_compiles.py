@@ -139,7 +139,10 @@ def _cheap_reference():
     ref.forward, ref.backward = forward, backward
 
 
-def count(tier, autotune, pytest_args, verbose=False):
+def count(tier, autotune, pytest_args, verbose=False, recorder=None, arch=None):
+    """`recorder`: a _Recorder (or subclass: benchmarks/triton_cache.py captures the compiles);
+    `arch`: "sm90"/"sm80" pins the attention launchers' tile table row (default: what a CPU
+    tensor gets, sm80)."""
     os.environ["TRITON_INTERPRET"] = "0"        # real JITFunctions (recorded, never compiled)
     os.environ["PYENCODER_TRITON_AUTOTUNE"] = "1" if autotune else "0"
     sys.path[:0] = [ROOT, HERE]
@@ -156,6 +159,8 @@ def count(tier, autotune, pytest_args, verbose=False):
     from pyencoder import _backend
     from pyencoder.ops import _attention_triton
     _attention_triton._interpret = lambda: False  # the GPU tile configs, not the interpreter's
+    if arch is not None:
+        _attention_triton._arch = lambda device: arch
     select = _backend.select
 
     def select_as_cuda(family, entry, device_type, args, backend=None):
@@ -168,7 +173,7 @@ def count(tier, autotune, pytest_args, verbose=False):
     _cheap_reference()
     # value checks pass, so a test goes on to its next launch (plain `assert`s still stop it)
     torch.testing.assert_close = lambda *args, **kwargs: None
-    rec = _Recorder()
+    rec = recorder if recorder is not None else _Recorder()
     rec.install()
     sink = io.StringIO()
     with _cuda_to_cpu_mode(), contextlib.redirect_stdout(sink):

@@ -8,7 +8,9 @@ call cannot fail on a typo.
 - a stage command's whole process group is killed on timeout (a grandchild too);
 - the $OUT checker flags every limit; the prebuilt-extension check names each mismatch;
 - the device call in benchmarks/GPU_SESSION.md fits the tool (command <= 2000 characters, at
-  most 8 carried paths, the git-ignored ones the call needs).
+  most 8 carried paths, the git-ignored ones the call needs: .prebuilt, .whl, .triton-cache);
+- the dry run installs a (tiny) carried Triton cache and compares its key
+  (tests/test_triton_cache.py covers the cache itself).
 """
 import json
 import os
@@ -38,12 +40,28 @@ def _run_killing_group(argv, timeout, **kw):
     return p.returncode, out
 
 
+def _tiny_triton_cache(path):
+    """A carried cache of one (fake) entry whose key facts are this Triton's."""
+    from benchmarks import triton_cache as tc
+    key = "TINYENTRY"
+    (path / key).mkdir(parents=True)
+    (path / key / "_k.json").write_text("{}")
+    (path / key / "_k.cubin").write_bytes(b"\x7fELF")
+    (path / key / "__grp___k.json").write_text(
+        json.dumps({"child_paths": {"_k.json": "_k.json", "_k.cubin": "_k.cubin"}}))
+    tc.pack(str(path))
+    (path / tc.BUILD_INFO).write_text(json.dumps(dict(tc.key_facts(), entries=1)))
+    return key
+
+
 def test_dry_run_end_to_end(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
+    key = _tiny_triton_cache(tmp_path / "carried")
     env = dict(os.environ, TRITON_INTERPRET="1")
     rc, log = _run_killing_group(
         [sys.executable, "-m", "benchmarks.gpu_session", "--dry-run", "--out", str(out),
-         "--work", str(work), "--budget", "100000", "--timeout-scale", "30"], 3600, env=env)
+         "--work", str(work), "--budget", "100000", "--timeout-scale", "30",
+         "--triton-cache", str(tmp_path / "carried")], 3600, env=env)
     assert rc == 0, log[-6000:]
     assert gs.check_out(str(out)) == []
     names = sorted(os.listdir(out))
@@ -55,6 +73,15 @@ def test_dry_run_end_to_end(tmp_path):
     assert not bad, bad
     assert summary["dry_run"] and summary["failed_stages"] == []
     assert summary["setup"]["copy_bw_gbs"] > 0 and summary["setup"]["torch"]
+    # the carried Triton cache: key facts compared, installed into the stages' TRITON_CACHE_DIR,
+    # the group file pointing there; every stage counts its compiles (none in the interpreter)
+    tcache = summary["setup"]["triton_cache"]
+    assert tcache["verdict"] == "cache key matches" and tcache["installed"] == 1, tcache
+    assert tcache["cache_dir"] == str(work / "triton-cache")
+    grp = json.load(open(work / "triton-cache" / key / "__grp___k.json"))["child_paths"]
+    assert grp["_k.cubin"] == str(work / "triton-cache" / key / "_k.cubin")
+    assert all(s["triton_cache_new"] == 0 for s in summary["stages"]), summary["stages"]
+    assert summary["triton_compiles"] == 0
     with tarfile.open(out / "logs.tgz") as t:
         logs = set(t.getnames())
     for name, *_ in gs.STAGES:
@@ -68,6 +95,7 @@ def test_dry_run_end_to_end(tmp_path):
     text = open(out / "session.log").read()
     for name, *_ in gs.STAGES:
         assert f"======== {name} log" in text
+    assert "triton cache: cache key matches (1 entries)" in text
 
 
 def test_timeout_kills_the_whole_process_group(tmp_path):
@@ -155,7 +183,7 @@ def test_documented_device_call_fits_the_tool():
     call = json.loads(m.group(1))
     assert len(call["command"]) <= 2000
     assert "benchmarks.gpu_session" in call["command"]
-    assert len(call["carry"]) <= 8 and {".prebuilt", ".whl"} <= set(call["carry"])
+    assert len(call["carry"]) <= 8 and {".prebuilt", ".whl", ".triton-cache"} <= set(call["carry"])
     assert call["timeout_s"] <= 600
     budget = int(re.search(r"--budget (\d+)", call["command"]).group(1))
     assert budget + 30 <= call["timeout_s"]

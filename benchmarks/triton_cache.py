@@ -1,0 +1,633 @@
+"""Prebuild Triton's on-disk kernel cache for the GPU session on a machine without a GPU, and
+install and check it on the device (benchmarks/gpu_prep.sh step 4, benchmarks/gpu_session.py).
+
+    python -m benchmarks.triton_cache build [--out .triton-cache] [--tier gpu_quick]
+                                            [--jobs N] [--autotune 0|1] [pytest files ...]
+    python -m benchmarks.triton_cache verify [--cache .triton-cache] [same selection as build]
+    python -m benchmarks.triton_cache facts [--target cuda 90 32]   # this Triton's cache key
+
+What the cache is: triton.compile files a compiled kernel under
+sha256(get_cache_key(src, backend, options, env)) = triton_key() (Triton's own sources and its
+libtriton .so, which differs per Python version) + the source's hash (function source and line,
+signature, constexprs, specialisation attributes) + backend.hash() (the bundled ptxas version and
+the arch) + the options' hash + the cache-invalidating env vars. So the cache must be built with
+the same Triton wheel for the same Python as the device's: gpu_prep.sh runs this in its Python 3.12
+build venv with torch 2.11.0's triton 3.6.0.
+
+build:
+  1. capture (one subprocess): the tier's tests (default the gpu_quick tests of the session's
+     stage files, autotuner pinned as the session runs it), then the attention_table stage's
+     pyencoder-triton cases (bench_attention.make_provider at wav2vec2-base, bf16, every N, mask
+     and RoPE setting; --no-bench leaves them out) run as in tests/_count_compiles.py (CPU
+     tensors stand in for CUDA ones, the sm90 row of the attention tile table), but every launch
+     goes through Triton's own JITFunction.run with a driver that reports GPUTarget("cuda", 90, 32):
+     the JIT binds and specialises the arguments with the CUDA backend and reaches _do_compile
+     with the exact signature, constexprs, attributes and options it would compile on the device;
+     there the request is recorded (Triton's specialisation_data and the cache hash computed from
+     those objects) instead of compiled;
+  2. compile ($GPU_PREP_JOBS processes): JITFunction.preload(specialisation_data), the JIT's own
+     path from a recorded request to triton.compile(ASTSource, target, options), with
+     TRITON_CACHE_DIR at the staging folder; each compiled kernel's hash must equal the recorded
+     one (a request that does not reproduce is reported, not kept);
+  3. prune: each entry keeps what loading a kernel reads (CompiledKernel reads every file its
+     group lists: the metadata .json and the .cubin suffice; the .source/.ttir/.ttgir/.llir/.ptx
+     are dropped) and its group file lists bare file names (the device rewrites them to absolute
+     paths when it installs the cache: Triton drops group entries whose path does not exist);
+     the entries are packed into one entries.tgz (cubins compress about 4x);
+  4. build_info.json: the key facts (Triton version, sha256 of triton_key(), backend hash,
+     cache-invalidating env vars, target) and per-kernel entry counts, sizes and times.
+verify: installs the packed cache into a temporary folder as the device does and replays the same
+launches through the JIT, compiling for real against it on the fake driver (nothing launched): every
+kernel must load from the cache; a miss is counted by kernel name instead of compiled.
+On the device, install() unpacks the entries into $TRITON_CACHE_DIR with their group files
+rewritten, and compare() says "cache key matches" or "mismatch: compiling" with what differs; a
+mismatch only costs the compiles (the entries are never hit).
+
+Limits: tests that draw random sizes (random chunk splits) launch specialisations that vary per
+run: a few such launches miss on the device (2 conv kernels of ~225 in one replay here); the
+capture sees what tests/_count_compiles.py sees (a launch after a plain `assert` on
+values is missed; conv calls that a GPU with pyencoder._C runs in CUDA are captured as Triton
+launches and compiled needlessly); the kernels' sources must not change between the build and the
+call (the source hash changes, the entry misses).
+"""
+import argparse
+import collections
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TARGET = ("cuda", 90, 32)
+BUILD_INFO = "build_info.json"
+ARCHIVE = "entries.tgz"
+KEEP_EXT = (".json", ".cubin")
+KEY_FIELDS = ("triton", "triton_key_sha256", "backend_hash", "env_vars")
+
+
+def _session_test_files():
+    from benchmarks import gpu_session as gs
+    return gs.ATTENTION_TESTS + ["tests/test_conv_gpu.py"] + gs.STREAMING_TESTS + \
+        gs.CONVNEXT_TESTS
+
+
+# ------------------------------------------------------------------------------------------------
+# Key facts, entries, install (the device side; no GPU needed)
+# ------------------------------------------------------------------------------------------------
+
+def key_facts(target=TARGET):
+    """What this process's Triton puts in every cache key for `target` (backend, arch, warp)."""
+    import triton
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.cache import triton_key
+    return {"triton": triton.__version__,
+            "triton_key_sha256": hashlib.sha256(triton_key().encode()).hexdigest(),
+            "backend_hash": make_backend(GPUTarget(*target)).hash(),
+            "env_vars": dict(get_cache_invalidating_env_vars()),
+            "target": list(target),
+            "python": ".".join(map(str, sys.version_info[:3]))}
+
+
+def compare(built, here):
+    """[] when a cache built with key facts `built` is hit by a process with key facts `here`,
+    else the differing fields (the Python version only matters through triton_key's .so hash)."""
+    return [k for k in KEY_FIELDS + ("target",) if (built or {}).get(k) != here.get(k)]
+
+
+def entries(cache_dir):
+    """{entry folder: kernel name} of the complete entries (those with a group file)."""
+    out = {}
+    if not os.path.isdir(cache_dir):
+        return out
+    for key in sorted(os.listdir(cache_dir)):
+        d = os.path.join(cache_dir, key)
+        if not os.path.isdir(d):
+            continue
+        for f in os.listdir(d):
+            if f.startswith("__grp__") and f.endswith(".json"):
+                out[key] = f[len("__grp__"):-len(".json")]
+                break
+    return out
+
+
+def _rewrite_group(path, base):
+    """Point the group file's children at `base`/<file name> (bare names when base is None),
+    keeping only KEEP_EXT; returns the kept names."""
+    with open(path) as f:
+        children = json.load(f)["child_paths"]
+    keep = {c: (os.path.join(base, os.path.basename(p)) if base else os.path.basename(p))
+            for c, p in children.items() if c.endswith(KEEP_EXT)}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"child_paths": keep}, f)
+    os.replace(tmp, path)
+    return keep
+
+
+def prune(cache_dir):
+    """Keep in every entry only the metadata .json, the .cubin and the group file (listing bare
+    names); drop incomplete entries and Triton's temporary folders. Returns the bytes left."""
+    total = 0
+    for key in sorted(os.listdir(cache_dir)):
+        d = os.path.join(cache_dir, key)
+        if not os.path.isdir(d):
+            continue
+        grp = [f for f in os.listdir(d) if f.startswith("__grp__")]
+        if not grp:
+            shutil.rmtree(d)
+            continue
+        keep = set(_rewrite_group(os.path.join(d, grp[0]), None).values()) | {grp[0]}
+        for f in os.listdir(d):
+            p = os.path.join(d, f)
+            if f not in keep:
+                shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+            else:
+                total += os.path.getsize(p)
+    return total
+
+
+def pack(cache_dir):
+    """Move the entries of `cache_dir` into one gzip tar, cache_dir/entries.tgz (cubins shrink
+    about 4x: the call's carry is limited); returns its size."""
+    keys = list(entries(cache_dir))
+    path = os.path.join(cache_dir, ARCHIVE)
+    with tarfile.open(path + ".tmp", "w:gz") as t:
+        for key in keys:
+            t.add(os.path.join(cache_dir, key), arcname=key)
+    os.replace(path + ".tmp", path)
+    for key in keys:
+        shutil.rmtree(os.path.join(cache_dir, key))
+    return os.path.getsize(path)
+
+
+def install(src, dst):
+    """Put the carried entries of `src` (entries.tgz, or entry folders) into the Triton cache
+    folder `dst` with their group files pointing at their new place; returns how many."""
+    os.makedirs(dst, exist_ok=True)
+    archive = os.path.join(src, ARCHIVE)
+    if os.path.isfile(archive):
+        with tarfile.open(archive) as t:
+            members = [m for m in t.getmembers() if m.isfile() or m.isdir()]
+            keys = sorted({m.name.split("/")[0] for m in members})
+            t.extractall(dst, members=members, filter="data")
+    else:
+        keys = list(entries(src))
+        for key in keys:
+            shutil.copytree(os.path.join(src, key), os.path.join(dst, key), dirs_exist_ok=True)
+    n = 0
+    for key in keys:
+        d = os.path.join(dst, key)
+        grp = [f for f in os.listdir(d) if f.startswith("__grp__")] if os.path.isdir(d) else []
+        for f in grp:
+            _rewrite_group(os.path.join(d, f), d)
+        n += bool(grp)
+    return n
+
+
+def device_target():
+    """The GPUTarget tuple of this process's GPU, or None without one."""
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return None
+        from triton.runtime.driver import driver
+        t = driver.active.get_current_target()
+        return (t.backend, t.arch, t.warp_size)
+    except Exception:
+        return None
+
+
+def setup(carried, cache_dir, report_path=None):
+    """The GPU session's setup step: compare the carried cache's key facts with this process's,
+    install it into `cache_dir` ($TRITON_CACHE_DIR of every later stage) and report. Never fails
+    for a missing or mismatched cache: that only costs the compiles."""
+    rep = {"cache_dir": cache_dir, "carried": os.path.isdir(carried)}
+    try:
+        built = json.load(open(os.path.join(carried, BUILD_INFO)))
+    except (OSError, ValueError):
+        built = None
+    tgt = device_target()
+    rep["target_source"] = "device" if tgt else "no GPU here: the build's target assumed"
+    tgt = tgt or tuple((built or {}).get("target") or TARGET)
+    here = key_facts(tgt)
+    rep["built"] = {k: (built or {}).get(k) for k in KEY_FIELDS + ("target", "python")}
+    rep["device"] = here
+    if built is None:
+        rep["verdict"] = "no cache carried: compiling"
+    else:
+        diff = compare(built, here)
+        rep["differs"] = diff
+        rep["verdict"] = "cache key matches" if not diff else \
+            f"mismatch: compiling (differs: {', '.join(diff)})"
+        rep["installed"] = install(carried, cache_dir)
+        rep["carried_entries"] = (built or {}).get("entries")
+    os.makedirs(cache_dir, exist_ok=True)
+    rep["entries_after_install"] = len(entries(cache_dir))
+    for k in ("triton", "triton_key_sha256", "backend_hash", "env_vars", "target"):
+        print(f"triton cache {k:18s} built {json.dumps(rep['built'].get(k))}  "
+              f"here {json.dumps(here.get(k))}")
+    print(f"triton cache: {rep['verdict']}; {rep.get('installed', 0)} entries installed into "
+          f"{cache_dir}", flush=True)
+    if report_path:
+        with open(report_path, "w") as f:
+            json.dump(rep, f, indent=1)
+    return rep
+
+
+# ------------------------------------------------------------------------------------------------
+# Build (the CPU side)
+# ------------------------------------------------------------------------------------------------
+
+class _FakeDriver:
+    """What JITFunction.run and create_binder ask the active driver, for a GPU that is not here:
+    its target, device 0 and a null stream. Nothing is launched."""
+
+    def __init__(self, target):
+        from triton.backends.compiler import GPUTarget
+        self.target = GPUTarget(*target)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+def use_target(target=TARGET):
+    from triton.runtime.driver import driver
+    driver.set_active(_FakeDriver(target))
+
+
+def _kernel_origin(fn):
+    return fn.fn.__module__, fn.fn.__qualname__
+
+
+class CompileCapture:
+    """Patch JITFunction._do_compile to record each compile request the JIT makes (with the objects
+    it would compile: ASTSource(fn, signature, constexprs, attrs), the parsed options, the env) and
+    skip the compile. `requests`: {cache hash: request}."""
+
+    def __init__(self):
+        self.requests = collections.OrderedDict()
+        self.failed = []
+
+    def install(self):
+        from triton._C.libtriton import get_cache_invalidating_env_vars
+        from triton.runtime.cache import get_cache_key
+        from triton.runtime.jit import JITFunction, get_full_name, serialize_specialization_data
+        cap = self
+
+        def _do_compile(fn, key, signature, device, constexprs, options, attrs, warmup):
+            backend = fn.device_caches[device][3]
+            src = fn.ASTSource(fn, signature, constexprs, attrs)
+            env_vars = get_cache_invalidating_env_vars()
+            h = hashlib.sha256(get_cache_key(src, backend, options, env_vars).encode()).hexdigest()
+            if h in cap.requests:
+                return None
+            module, qualname = _kernel_origin(fn)
+            try:
+                spec = serialize_specialization_data(get_full_name(fn.fn), signature, constexprs,
+                                                     attrs, options, key)
+            except (TypeError, ValueError) as e:  # a constexpr JSON cannot hold
+                cap.failed.append({"kernel": qualname, "error": repr(e)})
+                return None
+            cap.requests[h] = {"hash": h, "module": module, "qualname": qualname,
+                               "name": fn.fn.__name__, "spec": spec}
+            return None
+
+        JITFunction._do_compile = _do_compile
+
+
+def capture_requests(tier, pytest_args, autotune=False, target=TARGET, bench=True):
+    """Run the tier's tests as tests/_count_compiles.py does, every launch through Triton's own
+    JITFunction.run on a fake `target` driver up to _do_compile, recorded there (this process is
+    left patched: run it in a subprocess). Returns (requests, counter result)."""
+    sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+    _import_tree()
+    import _count_compiles as cc
+    from triton.runtime.jit import JITFunction
+    real_run = JITFunction.run
+    cap = CompileCapture()
+
+    class Recorder(cc._Recorder):
+        def install(self):
+            super().install()           # the counter's key recorder and pinned autotuner
+            record = JITFunction.run
+
+            def run(fn, *args, grid, warmup, **kwargs):
+                record(fn, *args, grid=grid, warmup=warmup, **kwargs)
+                return real_run(fn, *args, grid=grid, warmup=True, **kwargs)
+            JITFunction.run = run
+            use_target(target)
+            cap.install()
+
+    rec = Recorder()
+    res = cc.count(tier, autotune, pytest_args, recorder=rec,
+                   arch="sm90" if target[1] >= 90 else "sm80")
+    if bench:
+        n0 = len(cap.requests)
+        with cc._cuda_to_cpu_mode():
+            _bench_attention_launches(rec, cap.failed)
+        res["bench_attention_compiles"] = len(cap.requests) - n0
+    return list(cap.requests.values()), res, cap.failed
+
+
+def _bench_attention_launches(rec, failed):
+    """The attention_table stage's pyencoder-triton cases as bench_attention._measure runs them
+    (its make_provider; forward without and with gradients, then the backward), every N, mask and
+    RoPE setting of the stage, launches only (inside capture_requests' patches)."""
+    import torch
+
+    import pyencoder
+    from benchmarks import bench_attention as ba
+    from benchmarks import gpu_session as gs
+    B, H, D = ba.SHAPES["wav2vec2-base"]
+    ns = [int(n) for n in gs.ATTENTION_TABLE_NS]
+    for n in ns:
+        for rope in (True, False):
+            for m in ba.MASKS:
+                rec.test = f"bench_attention N={n} {ba.mask_name(m)} rope={rope}"
+                try:
+                    leaves = [torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16,
+                                          requires_grad=True) for _ in range(3)]
+                    fwd = ba.make_provider("pyencoder-triton", *leaves, m,
+                                           pyencoder.Rope(D) if rope else None)
+                    with torch.no_grad():
+                        fwd()
+                    out = fwd()
+                    torch.autograd.grad(out, leaves, torch.randn_like(out))
+                except Exception as e:  # reported in build_info.json's failed list
+                    failed.append({"kernel": rec.test, "error": f"{type(e).__name__}: {e}"[:500]})
+
+
+class _Miss(Exception):
+    pass
+
+
+def replay(cache_dir, tier, pytest_args, autotune=False, target=TARGET, bench=True):
+    """Run the capture's launches again with the JIT compiling for real on the fake `target`
+    driver (warmup: nothing is launched) against the installed cache `cache_dir`; a miss (the
+    backend compiler about to run) is recorded by kernel name and raised instead of compiled (its
+    test stops there). This process is left patched: run it in a subprocess. Returns
+    {hits: distinct kernels loaded from the cache, misses: {name: count}}."""
+    os.environ["TRITON_CACHE_DIR"] = cache_dir
+    sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+    _import_tree()
+    import _count_compiles as cc
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import JITFunction
+    real_run = JITFunction.run
+    loaded, misses, where = set(), collections.Counter(), []
+
+    def add_stages(backend, stages, options, language=None):
+        raise _Miss("not in the cache")
+
+    class Recorder(cc._Recorder):
+        def install(self):
+            super().install()
+
+            def run(fn, *args, grid, warmup, **kwargs):
+                try:
+                    k = real_run(fn, *args, grid=grid, warmup=True, **kwargs)
+                except _Miss:
+                    misses[fn.fn.__name__] += 1
+                    where.append(f"{fn.fn.__name__} in {rec.test}")
+                    raise
+                loaded.add(k.hash)
+                return k
+            JITFunction.run = run
+            CUDABackend.add_stages = add_stages
+            use_target(target)
+
+    rec = Recorder()
+    cc.count(tier, autotune, pytest_args, recorder=rec, arch="sm90" if target[1] >= 90 else "sm80")
+    if bench:
+        with cc._cuda_to_cpu_mode():
+            _bench_attention_launches(rec, [])
+    return {"hits": len(loaded), "misses": dict(sorted(misses.items())), "missed_in": where}
+
+
+def verify(cache, tier, pytest_args, autotune=False, target=TARGET, bench=True):
+    """Install the packed cache `cache` into a temporary folder (as the device does) and replay
+    the launches against it in a subprocess; prints and returns {hits, misses}."""
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="triton-cache-verify-") as tmp:
+        dst = os.path.join(tmp, "cache")
+        n = install(cache, dst)
+        out = os.path.join(tmp, "replay.json")
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        argv = [sys.executable, "-m", "benchmarks.triton_cache", "_replay", "--cache", dst,
+                "--result", out, "--tier", tier, "--autotune", str(int(autotune)), "--target",
+                *map(str, target), *([] if bench else ["--no-bench"]), *pytest_args]
+        t0 = time.monotonic()
+        p = subprocess.run(argv, cwd=ROOT, env=env)
+        if p.returncode != 0:
+            raise RuntimeError(f"triton cache: the replay failed (rc {p.returncode})")
+        res = json.load(open(out))
+    res["installed"] = n
+    res["seconds"] = round(time.monotonic() - t0, 1)
+    print(f"triton cache verify: {n} entries installed; the launches loaded {res['hits']} "
+          f"kernels from it and missed {sum(res['misses'].values())} "
+          f"({json.dumps(res['misses'])}) in {res['seconds']} s", flush=True)
+    for w in res["missed_in"]:
+        print("  missed:", w)
+    return res
+
+
+def _import_tree():
+    """Import pyencoder from this tree, with pyencoder.triton_kernels mapped to triton_kernels/
+    as setup.py's package_dir does (a build venv need not have the package installed)."""
+    import importlib
+    import importlib.util
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    import pyencoder
+    name = "pyencoder.triton_kernels"
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        kdir = os.path.join(ROOT, "triton_kernels")
+        spec = importlib.util.spec_from_file_location(
+            name, os.path.join(kdir, "__init__.py"), submodule_search_locations=[kdir])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        pyencoder.triton_kernels = mod
+    importlib.import_module(name)
+
+
+def _worker_init(cache_dir, target, nice):
+    os.environ["TRITON_CACHE_DIR"] = cache_dir
+    os.environ["TRITON_STORE_BINARY_ONLY"] = "1"   # not a cache-invalidating variable
+    os.environ.pop("TRITON_INTERPRET", None)
+    if nice:
+        os.nice(nice)
+    _import_tree()
+    use_target(target)
+
+
+def compile_request(req):
+    """Compile one recorded request through JITFunction.preload (the JIT's path to
+    triton.compile); returns {hash, seconds, ok, error}."""
+    import importlib
+
+    from triton.runtime.jit import JITFunction
+    t0 = time.monotonic()
+    out = {"hash": req["hash"], "name": req["name"]}
+    try:
+        obj = importlib.import_module(req["module"])
+        for part in req["qualname"].split("."):
+            obj = getattr(obj, part)
+        while not isinstance(obj, JITFunction):
+            obj = obj.fn                              # Autotuner / Heuristics wrappers
+        kernel = obj.preload(req["spec"])
+        out["ok"] = kernel.hash == req["hash"]
+        if not out["ok"]:
+            out["error"] = f"compiled under {kernel.hash}, the launch asked for {req['hash']}"
+    except Exception as e:  # reported per request; the others still compile
+        out["ok"] = False
+        out["error"] = f"{type(e).__name__}: {e}"[:2000]
+    out["seconds"] = round(time.monotonic() - t0, 2)
+    return out
+
+
+def _cost(req):
+    # longest first: the attention kernels take 3.5-11 s each, the others about 1 s
+    return (0 if "attention" in req["name"] else 1, req["name"])
+
+
+def compile_all(requests, cache_dir, jobs, target=TARGET, nice=0):
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    reqs = sorted(requests, key=_cost)
+    if not reqs:
+        return []
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                                initializer=_worker_init,
+                                initargs=(cache_dir, tuple(target), nice)) as pool:
+        return list(pool.map(compile_request, reqs, chunksize=1))
+
+
+def build(out, tier, pytest_args, jobs, autotune=False, target=TARGET, nice=0, bench=True):
+    """Capture (a subprocess), compile (`jobs` processes) into a staging folder, prune, and
+    replace `out` with it. Returns build_info."""
+    t0 = time.monotonic()
+    out = os.path.abspath(out)
+    stage = out + ".staging"
+    shutil.rmtree(stage, ignore_errors=True)
+    os.makedirs(stage)
+    reqfile = os.path.join(stage, "requests.json")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = os.path.join(stage, "capture-unused")
+    argv = [sys.executable, "-m", "benchmarks.triton_cache", "_capture", "--requests", reqfile,
+            "--tier", tier, "--autotune", str(int(autotune)), "--target", *map(str, target),
+            *([] if bench else ["--no-bench"]), *pytest_args]
+    print(f"triton cache: capturing the launches of -m {tier} {' '.join(pytest_args)}",
+          flush=True)
+    p = subprocess.run(argv, cwd=ROOT, env=env)
+    if p.returncode != 0:
+        raise RuntimeError(f"triton cache: the capture failed (rc {p.returncode})")
+    cap = json.load(open(reqfile))
+    t_cap = time.monotonic() - t0
+    print(f"triton cache: {len(cap['requests'])} compiles captured in {t_cap:.0f} s "
+          f"(the counter's estimate: {cap['counter']['compiles']}); compiling with {jobs} jobs",
+          flush=True)
+    os.remove(reqfile)
+    shutil.rmtree(env["TRITON_CACHE_DIR"], ignore_errors=True)
+    t1 = time.monotonic()
+    results = compile_all(cap["requests"], stage, jobs, target, nice)
+    t_comp = time.monotonic() - t1
+    bad = [r for r in results if not r["ok"]]
+    good = {r["hash"] for r in results if r["ok"]}
+    from triton.runtime.cache import _base32
+    for r in bad:   # a compile that does not reproduce its launch's key is not kept
+        shutil.rmtree(os.path.join(stage, _base32(r["hash"])), ignore_errors=True)
+    size = prune(stage)
+    ents = entries(stage)
+    packed = pack(stage)
+    info = dict(key_facts(target))
+    info.update(
+        tier=tier, autotune=autotune, pytest_args=list(pytest_args), jobs=jobs, bench=bench,
+        entries=len(ents), kernels=dict(sorted(collections.Counter(ents.values()).items())),
+        bytes=size, archive_bytes=packed, captured=len(cap["requests"]), compiled=len(good),
+        failed=[{k: r[k] for k in ("name", "error")} for r in bad] + cap["not_captured"],
+        capture_s=round(t_cap, 1), compile_s=round(t_comp, 1),
+        compile_worker_s=round(sum(r["seconds"] for r in results), 1),
+        counter=cap["counter"], built=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    with open(os.path.join(stage, BUILD_INFO), "w") as f:
+        json.dump(info, f, indent=1)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(stage, out)
+    print(f"triton cache: {len(ents)} entries, {size / 2**20:.1f} MiB ({packed / 2**20:.1f} MiB "
+          f"as {ARCHIVE}, carried) in {out}; compiled in {t_comp:.0f} s wall "
+          f"({info['compile_worker_s']:.0f} s summed over kernels, {jobs} jobs), "
+          f"{time.monotonic() - t0:.0f} s in all; {len(info['failed'])} failed", flush=True)
+    for r in info["failed"]:
+        print("  failed:", json.dumps(r)[:500])
+    print("triton cache key facts:", json.dumps({k: info[k] for k in KEY_FIELDS + ("python",)}))
+    return info
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.triton_cache",
+                                description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="capture, compile and prune a cache folder")
+    b.add_argument("--out", default=os.path.join(ROOT, ".triton-cache"))
+    b.add_argument("--jobs", type=int, default=int(os.environ.get("GPU_PREP_JOBS", "2")))
+    b.add_argument("--nice", type=int, default=0, help="os.nice() of the compile processes")
+    v = sub.add_parser("verify", help="replay the launches against an installed copy of a cache")
+    v.add_argument("--cache", default=os.path.join(ROOT, ".triton-cache"))
+    r = sub.add_parser("_replay")
+    r.add_argument("--cache", required=True)
+    r.add_argument("--result", required=True)
+    for q in (b, sub.add_parser("_capture"), v, r):
+        q.add_argument("--tier", default="gpu_quick")
+        q.add_argument("--autotune", type=int, choices=(0, 1), default=0)
+        q.add_argument("--no-bench", action="store_true",
+                       help="only the tier's tests, not the attention_table stage's cases")
+        q.add_argument("--target", nargs=3, default=list(TARGET), metavar=("BACKEND", "ARCH",
+                                                                           "WARP"))
+    sub.choices["_capture"].add_argument("--requests", required=True)
+    f = sub.add_parser("facts", help="print this Triton's cache key facts")
+    f.add_argument("--target", nargs=3, default=list(TARGET))
+    args, rest = p.parse_known_args(argv)
+    target = (args.target[0], int(args.target[1]), int(args.target[2]))
+    if args.cmd == "facts":
+        print(json.dumps(key_facts(target), indent=1))
+        return 0
+    if args.cmd == "_capture":
+        reqs, res, failed = capture_requests(args.tier, rest or _session_test_files(),
+                                             bool(args.autotune), target, not args.no_bench)
+        with open(args.requests, "w") as fh:
+            json.dump({"requests": reqs, "counter": res, "not_captured": failed}, fh)
+        return 0
+    files = rest or _session_test_files()
+    if args.cmd == "_replay":
+        res = replay(args.cache, args.tier, files, bool(args.autotune), target, not args.no_bench)
+        with open(args.result, "w") as fh:
+            json.dump(res, fh)
+        return 0
+    if args.cmd == "verify":
+        res = verify(args.cache, args.tier, files, bool(args.autotune), target, not args.no_bench)
+        return 1 if res["misses"] else 0
+    if args.jobs < 1:
+        p.error(f"--jobs (GPU_PREP_JOBS) must be >= 1; got {args.jobs}")
+    info = build(args.out, args.tier, rest or _session_test_files(), args.jobs,
+                 bool(args.autotune), target, args.nice, not args.no_bench)
+    return 1 if info["entries"] == 0 and info["captured"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
