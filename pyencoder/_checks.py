@@ -80,21 +80,23 @@ def check_writable(name, t):
                          f"strides {t.stride()}")
 
 
-def check_module_input(x, axis, size, layout, param, same_dtype=True):
-    """A module's input ``x``: a floating tensor of ``layout`` (a string such as "(B, T, 8)") with
-    size ``size`` on ``axis``, on the device of the module's parameter ``param``, and (with
-    ``same_dtype``, outside autocast) of its dtype."""
+def check_module_input(x, axis, size, layout, param, same_dtype=True, name="x"):
+    """A module's input ``x`` (called ``name`` in messages): a floating tensor of ``layout`` (a
+    string such as "(B, T, 8)") with size ``size`` on ``axis``, on the device of the module's
+    parameter ``param``, and (with ``same_dtype``, outside autocast) of its dtype."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor of shape {layout}; got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}; got {type(x).__name__}")
     if x.dim() != 3 or x.shape[axis] != size:
-        raise ValueError(f"x must have shape {layout}; got {tuple(x.shape)}")
+        raise ValueError(f"{name} must have shape {layout}; got {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x must have a floating dtype in {[str(d) for d in FLOAT_DTYPES]}; got "
-                        f"{x.dtype}")
-    if x.device != param.device:
-        raise ValueError(f"x must be on the module's device ({param.device}); got {x.device}")
-    if same_dtype and x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
-        raise TypeError(f"x must have the module's dtype ({param.dtype}); got {x.dtype}")
+        raise TypeError(f"{name} must have a floating dtype in {[str(d) for d in FLOAT_DTYPES]}; "
+                        f"got {x.dtype}")
+    if param is not None and x.device != param.device:
+        raise ValueError(f"{name} must be on the module's device ({param.device}); got "
+                         f"{x.device}")
+    if same_dtype and param is not None and x.dtype != param.dtype \
+            and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{name} must have the module's dtype ({param.dtype}); got {x.dtype}")
 
 
 def check_float_dtype(name, t):
@@ -109,6 +111,14 @@ def check_same(name, t, ref_name, ref):
                          f"got {t.device}")
     if t.dtype != ref.dtype:
         raise TypeError(f"{name} must have the same dtype as {ref_name} ({ref.dtype}); got {t.dtype}")
+
+
+def check_eps(name, eps):
+    """A normalisation epsilon: a finite float >= 0 (not a bool)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{name} must be a finite float >= 0; got {type(eps).__name__} {eps!r}")
+    if not 0 <= eps < float("inf"):
+        raise ValueError(f"{name} must be a finite float >= 0; got {eps!r}")
 
 
 def check_scale(scale):
@@ -171,3 +181,61 @@ def check_bias_tensors(q, rel_bias, gate, heads, gate_shape, gate_dims, head_nam
         if tuple(gate.shape) != tuple(gate_shape):
             raise ValueError(f"gate must have shape {gate_dims} = {tuple(gate_shape)}; got "
                              f"{tuple(gate.shape)}")
+
+
+def _check_index_tensor(name, t, shape, dims, device):
+    check_tensor(name, t)
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{name} must be an integer tensor; got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {dims} = {shape}; got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on q's device ({device}); got {t.device}")
+
+
+def check_decode_inputs(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved, block,
+                        lo_off, hi_off, scale):
+    """The arguments of pyencoder.ops.decode_attention, from shapes, dtypes, devices and ints
+    only (no device read: the decode step stays CUDA-graph capturable). q (B, H, M, D); k_ring and
+    v_ring (B, Hk, cap >= 1, D), H % Hk == 0; q_pos (B, M), q_count and n_keys (B,) integer;
+    inv_freq None or floating (R,) with 2 R <= D; interleaved bool; the mask ints block >= 1,
+    lo_off >= -1 (-1: unbounded), hi_off; scale finite and non-zero."""
+    check_tensor("q", q, 4)
+    check_float_dtype("q", q)
+    B, H, M, D = q.shape
+    for name, t in (("k_ring", k_ring), ("v_ring", v_ring)):
+        check_tensor(name, t, 4)
+        check_float_dtype(name, t)
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device ({q.device}); got {t.device}")
+    Hk, cap = k_ring.shape[1], k_ring.shape[2]
+    if k_ring.shape[0] != B or k_ring.shape[3] != D or cap < 1:
+        raise ValueError(f"k_ring must have shape (B, Hk, cap >= 1, D) = ({B}, Hk, cap, {D}); "
+                         f"got {tuple(k_ring.shape)}")
+    if v_ring.shape != k_ring.shape:
+        raise ValueError(f"v_ring must have k_ring's shape {tuple(k_ring.shape)}; got "
+                         f"{tuple(v_ring.shape)}")
+    if H < 1 or Hk < 1 or H % Hk:
+        raise ValueError(f"q heads must be a positive multiple of the ring's heads (H % Hk == 0); "
+                         f"got q {tuple(q.shape)}, k_ring {tuple(k_ring.shape)}")
+    _check_index_tensor("q_pos", q_pos, (B, M), "(B, M)", q.device)
+    _check_index_tensor("q_count", q_count, (B,), "(B,)", q.device)
+    _check_index_tensor("n_keys", n_keys, (B,), "(B,)", q.device)
+    if inv_freq is not None:
+        check_tensor("inv_freq", inv_freq, 1)
+        check_float_dtype("inv_freq", inv_freq)
+        if inv_freq.device != q.device:
+            raise ValueError(f"inv_freq must be on q's device ({q.device}); got "
+                             f"{inv_freq.device}")
+        if 2 * inv_freq.shape[0] > D:
+            raise ValueError(f"inv_freq must have at most head_dim / 2 = {D // 2} entries (a "
+                             f"rotary dim <= head_dim); got {inv_freq.shape[0]}")
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"interleaved must be a bool; got {type(interleaved).__name__} "
+                        f"{interleaved!r}")
+    check_int("block", block, min_value=1)
+    check_int("lo_off", lo_off, min_value=-1)
+    check_int("hi_off", hi_off)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
+            or scale == 0:
+        raise ValueError(f"scale must be a finite non-zero float; got {scale!r}")

@@ -65,7 +65,33 @@ class Rope:
 
     def rotate(self, x, positions, inverse=False):
         """Plain-torch rotation of x (..., N, D) at integer ``positions`` (N,) or (B, N)."""
+        self._check_rotate(x, positions)
         return apply_rope(x, positions, self.inv_freq(x.device), self.interleaved, inverse)
+
+    def _check_rotate(self, x, positions):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor (..., N, D); got {type(x).__name__}")
+        if x.dim() < 2 or x.shape[-1] < self.dim:
+            raise ValueError(f"x must have shape (..., N, D) with D >= the rotary dim {self.dim}; "
+                             f"got {tuple(x.shape)}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"x must have a floating dtype; got {x.dtype}")
+        if not isinstance(positions, torch.Tensor):
+            raise TypeError(f"positions must be an integer tensor (N,) or (B, N); got "
+                            f"{type(positions).__name__}")
+        if positions.dtype.is_floating_point or positions.is_complex() \
+                or positions.dtype == torch.bool:
+            raise TypeError(f"positions must be an integer tensor; got {positions.dtype}")
+        N = x.shape[-2]
+        ok = (positions.dim() == 1 and positions.shape[0] == N) or (
+            positions.dim() == 2 and x.dim() == 4 and tuple(positions.shape) == (x.shape[0], N))
+        if not ok:
+            raise ValueError(f"positions must have shape (N,) = ({N},) or (B, N) = "
+                             f"({x.shape[0]}, {N}) for x (B, H, N, D); got "
+                             f"{tuple(positions.shape)}")
+        if positions.device != x.device:
+            raise ValueError(f"positions must be on x's device ({x.device}); got "
+                             f"{positions.device}")
 
 
 def rope_cos_sin(positions, inv_freq, dtype=torch.float32):

@@ -39,6 +39,46 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+_INTERPRET_BEFORE = pytest.StashKey[object]()
+_UNSET = object()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    # Before any fixture of the test is set up.
+    item.stash[_INTERPRET_BEFORE] = os.environ.get("TRITON_INTERPRET", _UNSET)
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Fail a test that leaves TRITON_INTERPRET changed after its teardown (monkeypatch restores
+    count as unchanged). Kernel modules imported while it was unset are built for a GPU, and every
+    later interpreter test in the process fails with "cannot call @triton.jit'd outside of the
+    scope of a kernel"; this names the test that did it instead."""
+    try:
+        return (yield)
+    finally:            # also when a fixture's teardown raised
+        _check_interpret(item)
+
+
+def _check_interpret(item):
+    before = item.stash.get(_INTERPRET_BEFORE, _UNSET)
+    after = os.environ.get("TRITON_INTERPRET", _UNSET)
+    if after is not before and after != before:
+        show = lambda v: "unset" if v is _UNSET else repr(v)  # noqa: E731
+        if before is _UNSET:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+        pytest.fail(f"{item.nodeid} changed TRITON_INTERPRET ({show(before)} before the test, "
+                    f"{show(after)} after its teardown) and did not restore it: later Triton "
+                    f"interpreter tests in this process would break. Use monkeypatch.setenv / "
+                    f"delenv (restored at teardown) or patch what reads it (e.g. "
+                    f"benchmarks.bench_attention_ext._interpreting) instead; restored now.",
+                    pytrace=False)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     # Fresh random inputs every run, but reproducible from the printed seed when a test fails.

@@ -37,7 +37,7 @@ any layout for x, states and final_states_out (it: channel-last x for initial/fi
 seq_idx); int64 index tensors as well as int32; weight/bias dtypes may differ from x's (computed
 in the promoted dtype, returned in x's). Bad arguments raise ValueError/TypeError naming the
 argument where causal-conv1d asserts (NotImplementedError for a bad activation becomes
-ValueError). Duplicate slots in conv_state_indices are undefined, as there.
+ValueError); so do duplicate slots in conv_state_indices (undefined there).
 
 How the features our ops lack are built here (plain torch around one op call; a fused kernel
 would skip the extra memory passes):
@@ -53,6 +53,7 @@ would skip the extra memory passes):
 import torch
 
 from .. import ops
+from .._checks import check_writable
 
 __all__ = ["causal_conv1d_fn", "causal_conv1d_update"]
 
@@ -104,6 +105,9 @@ def _weights(x, weight, bias):
     """Validates (dim, width) weight and (dim,) bias; returns compute dtype, (dim, 1, width)
     weight and bias in that dtype."""
     dim = x.shape[1]
+    if dim == 0:
+        raise ValueError(f"x must have at least one channel (dim >= 1); got shape "
+                         f"{tuple(x.shape)}")
     _tensor("weight", weight, 2)
     _float("weight", weight, x)
     if weight.shape[0] != dim or weight.shape[1] < 1:
@@ -134,7 +138,7 @@ def _varlen_conv(x, w3, bias, activation, seq_idx):
     if L == 0:
         return x.new_empty(B, D, 0)
     sid = seq_idx
-    if h == 0:
+    if h == 0 or B == 0:      # (an empty batch has no runs to separate)
         y = ops.causal_conv1d(x, w3, bias, groups=D, activation=activation)
     else:
         dev = x.device
@@ -207,6 +211,7 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None,
         _float("final_states_out", final_states_out, x)
         _shape("final_states_out", final_states_out, (B, D, width - 1),
                "(batch, dim, width - 1)")
+        check_writable("final_states_out", final_states_out)
     y, final = ops.causal_conv1d(xc, w3, b, groups=D, activation=act, initial_state=init,
                                  return_final_state=True)
     y = _like_layout(y.to(x.dtype), x)
@@ -242,6 +247,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
     if conv_state.device != x.device:
         raise ValueError(f"conv_state must be on x's device ({x.device}); got "
                          f"{conv_state.device}")
+    check_writable("conv_state", conv_state)
     S = conv_state.shape[2]
     if conv_state.shape[1] != D or S < h:
         raise ValueError(f"conv_state must have shape (batch, dim, state_len >= width - 1) = "
@@ -257,6 +263,10 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
         if hi >= conv_state.shape[0]:
             raise ValueError(f"conv_state_indices values must be < conv_state.shape[0] "
                              f"({conv_state.shape[0]}) (negative: padding); got max {hi}")
+        used = idx[idx >= 0]
+        if used.numel() != used.unique().numel():
+            raise ValueError(f"conv_state_indices must not repeat a slot (two rows would write "
+                             f"one state; negative padding may repeat); got {idx.tolist()}")
     if seqlens is not None and B and int(seqlens.min()) < 0:
         raise ValueError(f"cache_seqlens must be >= 0; got min {int(seqlens.min())}")
     if L == 0:

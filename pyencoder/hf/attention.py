@@ -61,6 +61,11 @@ def key_lengths_from_mask(attention_mask, batch_size, kv_length):
         if attention_mask.shape != (batch_size, kv_length):
             raise ValueError(f"pyencoder attention: 2-D attention_mask must be (batch, keys) = "
                              f"({batch_size}, {kv_length}); got {tuple(attention_mask.shape)}")
+        if attention_mask.is_floating_point() and not _compiling() and not bool(
+                ((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("pyencoder attention: a floating attention_mask must be a 0/1 padding "
+                             "mask (1 = keep), not an additive one (0 / -inf or a large negative); "
+                             "got other values")
         m = attention_mask.to(torch.bool)
         lengths = m.sum(-1, dtype=torch.int32)
         if not _compiling():

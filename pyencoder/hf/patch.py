@@ -81,10 +81,10 @@ class PatchRecord:
         return [s.mask.lookahead for s in self.specs]
 
 
-def base_model(model):
+def base_model(model, caller="apply_pyencoder_to_wav2vec2"):
     """(The Wav2Vec2Model / HubertModel / WavLMModel inside ``model`` (itself, or a head's base),
-    its family) (pyencoder.models.encoder.find_hf_base)."""
-    return find_hf_base(model, "apply_pyencoder_to_wav2vec2")
+    its family) (pyencoder.models.encoder.find_hf_base; errors name ``caller``)."""
+    return find_hf_base(model, caller)
 
 
 def _check_model(base, family):
@@ -394,7 +394,7 @@ def _undo(base, record):
 def revert_pyencoder(model):
     """Undo apply_pyencoder_to_wav2vec2 exactly; returns the same model. Raises ValueError when
     the model is not patched."""
-    base, _ = base_model(model)
+    base, _ = base_model(model, "revert_pyencoder")
     record = getattr(base, "_pyencoder_patch", None)
     if record is None:
         raise ValueError("this model is not patched by pyencoder")
@@ -424,7 +424,7 @@ def config_entry(options):
 def options_from_config(model):
     """The keyword arguments of apply_pyencoder_to_wav2vec2 recorded in ``model.config.pyencoder``
     (None when the config has no such entry)."""
-    base, _ = base_model(model)
+    base, _ = base_model(model, "reapply_pyencoder")
     entry = getattr(base.config, CONFIG_KEY, None)
     if entry is None:
         return None
@@ -466,7 +466,7 @@ def from_pretrained(cls, path, **kwargs):
 def patch_record(model):
     """The record of what ``apply_pyencoder_to_wav2vec2`` changed on ``model`` (None when it is not
     patched)."""
-    base, _ = base_model(model)
+    base, _ = base_model(model, "patch_record")
     return getattr(base, "_pyencoder_patch", None)
 
 
@@ -522,7 +522,7 @@ def latency(model, sample_rate=SAMPLE_RATE):
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or \
             sample_rate <= 0:
         raise ValueError(f"sample_rate must be a positive number; got {sample_rate!r}")
-    base, _ = base_model(model)
+    base, _ = base_model(model, "latency")
     record = getattr(base, "_pyencoder_patch", None)
     if record is None:
         raise ValueError("latency: the model is not patched by pyencoder (full attention has "

@@ -60,7 +60,7 @@ class StreamingEncoder(nn.Module):
 
     def __init__(self, model, *, max_context=65536, output_hidden_states=False):
         super().__init__()
-        base, family = base_model(model)
+        base, family = base_model(model, "StreamingEncoder")
         rec = getattr(base, "_pyencoder_patch", None)
         if rec is None:
             raise ValueError("StreamingEncoder needs a model patched by "
@@ -154,13 +154,14 @@ class StreamingEncoder(nn.Module):
     def step(self, audio, state, lengths=None):
         """audio (B, n) raw 16 kHz samples (any n >= 0; ``lengths`` (B,) valid samples per slot)
         -> (frames ready now, state)."""
-        if not isinstance(audio, torch.Tensor) or audio.dim() != 2:
-            raise ValueError(f"audio must be a (batch, samples) tensor; got "
-                             f"{getattr(audio, 'shape', type(audio).__name__)}")
+        _check_audio(audio)
         self._check_state(state)
         if audio.shape[0] != state.out_lengths.shape[0]:
             raise ValueError(f"audio has batch {audio.shape[0]} but the state holds "
                              f"{state.out_lengths.shape[0]} streams")
+        if audio.device != state.out_lengths.device:
+            raise ValueError(f"audio must be on the state's device ({state.out_lengths.device}); "
+                             f"got {audio.device}")
         self._check_eval()
         # One scoped thread count for the whole step (pyencoder._cpu_threads): on a busy CPU the
         # step's hundreds of small parallel ops each wait at a thread barrier (RTF 35-52 vs 5).
@@ -179,10 +180,8 @@ class StreamingEncoder(nn.Module):
         """Convenience: stream ``audio`` (B, n) in the given chunk sizes (ints >= 1, in samples,
         cycled) and return the concatenated last hidden state."""
         chunk_sizes = check_chunk_sizes("chunk_sizes", chunk_sizes)
-        if not isinstance(audio, torch.Tensor) or audio.dim() != 2:
-            raise ValueError(f"audio must be a (batch, samples) tensor; got "
-                             f"{getattr(audio, 'shape', type(audio).__name__)}")
-        state = self.init_state(audio.shape[0], device=audio.device)
+        _check_audio(audio)
+        state = self.init_state(audio.shape[0])
         outs, t = [], 0
         for c in itertools.cycle(chunk_sizes):
             if t >= audio.shape[1]:
@@ -193,3 +192,14 @@ class StreamingEncoder(nn.Module):
         y, state = self.flush(state)
         outs.append(y[0] if self.output_hidden_states else y)
         return torch.cat(outs, 1)
+
+
+def _check_audio(audio):
+    """``audio``: a floating (batch, samples) tensor (integer PCM must be scaled to floats by the
+    caller: the model was trained on floats, a silent cast would feed it values 2**15 too big)."""
+    if not isinstance(audio, torch.Tensor) or audio.dim() != 2:
+        raise ValueError(f"audio must be a (batch, samples) tensor; got "
+                         f"{getattr(audio, 'shape', type(audio).__name__)}")
+    if not audio.dtype.is_floating_point:
+        raise TypeError(f"audio must be a floating tensor (scale integer PCM to [-1, 1] first); "
+                        f"got {audio.dtype}")

@@ -115,7 +115,7 @@ class ConvNeXtBlock(nn.Module):
 
     def step(self, x, state, lengths=None):
         check_state(self.dwconv, state, ConvState)
-        check_step_input(x, -1, self.dwconv.in_channels, state.seen.shape[0])
+        check_step_input(x, -1, self.dwconv.in_channels, state.seen.shape[0], state.hist.device)
         n = x.shape[1]
         if lengths is not None:
             lengths = check_step_lengths(lengths, x.shape[0], n, x.device)
@@ -186,7 +186,7 @@ class StreamingDecoder(nn.Module):
     def forward(self, x):
         """x (B, T, input_dim) -> waveform (B, T * K)."""
         y = self.forward_frames(x)
-        return y.reshape(y.shape[0], -1)
+        return y.reshape(y.shape[0], y.shape[1] * y.shape[2])   # (-1: ambiguous at batch 0)
 
     def _stream_config(self):
         return f"StreamingDecoder({self.config!r})"

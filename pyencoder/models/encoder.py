@@ -287,22 +287,41 @@ class CausalEncoder(nn.Module):
             return h
         return h + self.positional_embedding(h)
 
+    def _check_wav(self, wav, n):
+        """wav: a floating (B, n) or (B, 1, n) tensor on the model's device -> (B, n)."""
+        if not isinstance(wav, torch.Tensor):
+            raise TypeError(f"wav must be a torch.Tensor (B, {n}); got {type(wav).__name__}")
+        if wav.dim() == 3 and wav.shape[1] == 1:
+            wav = wav[:, 0]
+        if wav.dim() != 2:
+            raise ValueError(f"wav must have shape (B, {n}) or (B, 1, {n}); got "
+                             f"{tuple(wav.shape)}")
+        if not wav.dtype.is_floating_point:
+            raise TypeError(f"wav must be a floating tensor (scale integer PCM to [-1, 1] first); "
+                            f"got {wav.dtype}")
+        p = next(self.parameters(), None)
+        if p is not None and wav.device != p.device:
+            raise ValueError(f"wav must be on the model's device ({p.device}); got {wav.device}")
+        return wav
+
     def forward(self, wav, lengths=None, output_hidden_states=False):
         """wav (B, L) (or (B, 1, L)); ``lengths`` (B,) valid samples (right padding). Returns an
         EncoderOutput; ``hidden_states`` (with output_hidden_states) follows transformers 5: the
         input of layer 0, then every layer's output (before a pre-LN model's final LayerNorm and
         the conv adapter, which only ``last_hidden_state`` gets). ``lengths`` of the output counts
         the frames of ``last_hidden_state``."""
-        if wav.dim() == 3 and wav.shape[1] == 1:
-            wav = wav[:, 0]
-        if wav.dim() != 2:
-            raise ValueError(f"wav must have shape (B, L) or (B, 1, L); got {tuple(wav.shape)}")
+        wav = self._check_wav(wav, "L")
+        p = next(self.parameters(), None)
+        if p is not None and wav.dtype != p.dtype and not torch.is_autocast_enabled(
+                wav.device.type):
+            raise TypeError(f"wav must have the model's dtype ({p.dtype}); got {wav.dtype}")
+        if lengths is not None:
+            lengths = check_step_lengths(lengths, wav.shape[0], wav.shape[1], wav.device)
         feats = self.feature_extractor(wav)
         h, ext = self._embed(feats)
         T = h.shape[1]
         frames = None
         if lengths is not None:
-            lengths = torch.as_tensor(lengths, device=wav.device).to(torch.int64)
             frames = self.frame_lengths(lengths).clamp(max=T)
             valid = torch.arange(T, device=h.device)[None, :] < frames[:, None]
             h = h * valid[..., None].to(h.dtype)
@@ -371,11 +390,11 @@ class CausalEncoder(nn.Module):
         inputs of layer 0 and hidden_states[i + 1] the new outputs of layer i (slot b's first
         ``state.layers.layers[i].out_lengths[b]`` rows; counts differ between depths while frames
         are held back for lookahead)."""
-        if wav.dim() == 3 and wav.shape[1] == 1:
-            wav = wav[:, 0]
-        if wav.dim() != 2:
-            raise ValueError(f"wav must have shape (B, n) or (B, 1, n); got {tuple(wav.shape)}")
+        wav = self._check_wav(wav, "n")
         check_state(self, state, EncoderState)
+        if wav.device != state.out_lengths.device:
+            raise ValueError(f"wav must be on the state's device ({state.out_lengths.device}); "
+                             f"got {wav.device}")
         B = state.out_lengths.shape[0]
         if wav.shape[0] != B:
             raise ValueError(f"wav has batch {wav.shape[0]} but the state holds {B} slots")

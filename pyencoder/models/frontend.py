@@ -108,7 +108,7 @@ class FeatureConv1d(StridedConv1d):
     def step(self, x, state, lengths=None):
         """Feed x (B, C_in, n); returns (y (B, C_out, m), state)."""
         check_state(self, state, FeatureConvState)
-        check_step_input(x, 1, self.in_channels, state.seen.shape[0])
+        check_step_input(x, 1, self.in_channels, state.seen.shape[0], state.buf.device)
         B, C, n = x.shape
         k, s = self.k, self.s
         dev = x.device

@@ -39,7 +39,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from .._checks import check_module_input
+from .._checks import check_module_input, is_int
 from ..mask import IntervalMask
 from ..ops.attention import interval_attention
 from ..rope import apply_rope, as_rope
@@ -86,7 +86,7 @@ class IntervalSelfAttention(nn.Module):
 
     def __init__(self, embed_dim, num_heads, mask, rope, bias, max_context):
         super().__init__()
-        if not isinstance(embed_dim, int) or not isinstance(num_heads, int) or num_heads < 1 \
+        if not is_int(embed_dim) or not is_int(num_heads) or num_heads < 1 \
                 or embed_dim < 1 or embed_dim % num_heads:
             raise ValueError(f"embed_dim must be a positive multiple of num_heads; got "
                              f"embed_dim={embed_dim!r}, num_heads={num_heads!r}")

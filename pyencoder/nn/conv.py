@@ -162,7 +162,9 @@ class CausalConv1d(StridedConv1d):
         stride, and every slot has seen a multiple of the stride (``check=True`` verifies that,
         a host synchronisation). State updated in place."""
         k, s = self.k, self.s
+        check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, n)", self.weight)
         check_state(self, state, ConvState)
+        check_step_slots(x.shape[0], state.seen.shape[0])
         if x.shape[-1] % s:
             raise ValueError(f"CausalConv1d.step_fixed: the step length x.shape[-1] must be a "
                              f"multiple of the stride {s}; got {x.shape[-1]}")

@@ -121,8 +121,9 @@ class FrameCrossAttention(nn.Module):
         """x_q (B, Tq, E), x_kv (B, Tk, kv_dim) -> (B, Tq, E). ``key_lengths`` (B,): key frames
         >= key_lengths[b] are padding."""
         check_module_input(x_q, 2, self.embed_dim, f"(B, Tq, {self.embed_dim})",
-                           self.q_proj.weight)
-        check_module_input(x_kv, 2, self.kv_dim, f"(B, Tk, {self.kv_dim})", self.k_proj.weight)
+                           self.q_proj.weight, name="x_q")
+        check_module_input(x_kv, 2, self.kv_dim, f"(B, Tk, {self.kv_dim})", self.k_proj.weight,
+                           name="x_kv")
         if x_kv.shape[0] != x_q.shape[0]:
             raise ValueError(f"x_q and x_kv must share the batch size; got x_q "
                              f"{tuple(x_q.shape)}, x_kv {tuple(x_kv.shape)}")
@@ -143,7 +144,7 @@ class FrameCrossAttention(nn.Module):
     def _check_chunk(self, name, x, dim, B):
         if x is None:
             return None
-        check_module_input(x, 2, dim, f"(B, T, {dim})", self.q_proj.weight)
+        check_module_input(x, 2, dim, f"(B, T, {dim})", self.q_proj.weight, name=name)
         if x.shape[0] != B:
             raise ValueError(f"{name} must have the state's batch size {B}; got {tuple(x.shape)}")
         return x

@@ -16,7 +16,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from .._checks import check_module_input
+from .._checks import check_eps, check_int, check_module_input
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
                                check_step_slots, stamp)
 from .attention import IntervalSelfAttention, concat_ragged, fresh_counters
@@ -82,6 +82,8 @@ class TransformerLayer(nn.Module):
         if adapter is not None and not isinstance(adapter, nn.Module):
             raise TypeError(f"adapter must be None or a per-frame nn.Module; got "
                             f"{type(adapter).__name__}")
+        check_int("ffn_dim", ffn_dim, min_value=1)
+        check_eps("layer_norm_eps", layer_norm_eps)
         E = attention.embed_dim
         self.attention = attention
         self.layer_norm = nn.LayerNorm(E, eps=layer_norm_eps)
@@ -167,6 +169,7 @@ class TransformerLayer(nn.Module):
         """CUDA-graph friendly steady-state step (preconditions: the attention's ``step_fixed``).
         The residual inputs of the held-back frames are queued like the attention's queries:
         written behind ``state.count`` (device-side index) and shifted by n. State in place."""
+        self._check(x)
         self._check_state(state)
         B, n, E = x.shape
         h = self.layer_norm(x) if self.norm_first else x

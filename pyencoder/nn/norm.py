@@ -22,6 +22,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from .._checks import check_eps, check_int, check_module_input
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_input,
                                check_step_lengths, stamp)
 
@@ -72,11 +73,15 @@ class RunningGroupNorm(nn.Module):
 
     def __init__(self, num_channels, eps=1e-5, affine=True):
         super().__init__()
+        check_int("num_channels", num_channels, min_value=1)
+        check_eps("eps", eps)
         self.num_channels, self.eps = num_channels, eps
         self.weight = nn.Parameter(torch.ones(num_channels)) if affine else None
         self.bias = nn.Parameter(torch.zeros(num_channels)) if affine else None
 
     def forward(self, x):
+        check_module_input(x, 1, self.num_channels, f"(B, {self.num_channels}, T)", self.weight,
+                           same_dtype=False)
         B, C, T = x.shape
         z = x.new_zeros(B, C, dtype=torch.float64)
         return running_norm(x, self.weight, self.bias, self.eps,
@@ -96,7 +101,7 @@ class RunningGroupNorm(nn.Module):
 
     def step(self, x, state, lengths=None):
         check_state(self, state, RunningNormState)
-        check_step_input(x, 1, self.num_channels, state.count.shape[0])
+        check_step_input(x, 1, self.num_channels, state.count.shape[0], state.total.device)
         B, C, n = x.shape
         lengths = check_step_lengths(lengths, B, n, x.device)
         if bool((lengths == n).all()):

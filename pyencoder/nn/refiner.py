@@ -15,6 +15,7 @@ from torch import nn
 
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_input,
                                check_step_lengths, stamp)
+from .._checks import check_int, check_module_input
 from .linear import Linear
 
 __all__ = ["Refiner", "RefinerState"]
@@ -37,8 +38,9 @@ class Refiner(nn.Module):
     (B, T, ``embed_dim``) inputs; lookahead chunk_size - 1 frames; streams (module docstring)."""
     def __init__(self, embed_dim, chunk_size, hidden_dim=None, activation=None, bias=True):
         super().__init__()
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+        check_int("embed_dim", embed_dim, min_value=1)
+        check_int("chunk_size", chunk_size, min_value=1)
+        check_int("hidden_dim", hidden_dim, min_value=1, allow_none=True)
         self.embed_dim, self.chunk_size = embed_dim, chunk_size
         flat = embed_dim * chunk_size
         hidden_dim = flat if hidden_dim is None else hidden_dim
@@ -58,8 +60,7 @@ class Refiner(nn.Module):
         return (flat + self.fc2(self.act(self.fc1(flat)))).view(B, N, C, E)
 
     def forward(self, x):
-        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must have shape (B, T, {self.embed_dim}); got {tuple(x.shape)}")
+        check_module_input(x, 2, self.embed_dim, f"(B, T, {self.embed_dim})", self.fc1.weight)
         B, T, E = x.shape
         C = self.chunk_size
         N = -(-T // C)
@@ -80,7 +81,7 @@ class Refiner(nn.Module):
 
     def step(self, x, state, lengths=None):
         check_state(self, state, RefinerState)
-        check_step_input(x, -1, self.embed_dim, state.count.shape[0])
+        check_step_input(x, -1, self.embed_dim, state.count.shape[0], state.buf.device)
         if lengths is not None:
             lengths = check_step_lengths(lengths, x.shape[0], x.shape[1], x.device)
         return self._run(x, state, lengths, final=False)

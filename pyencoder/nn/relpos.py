@@ -62,7 +62,7 @@ import math
 import torch
 from torch import nn
 
-from .._checks import clamp_window
+from .._checks import check_module_input, clamp_window
 from ..mask import IntervalMask
 from ..ops.attention import interval_attention, relative_offsets
 from ..ops.decode_attention import decode_attention, window_offsets
@@ -99,8 +99,8 @@ def relative_position_bucket(rel, num_buckets=320, max_distance=800):
 
 def relative_bias_gate(x, gru_rel_pos_linear, gru_rel_pos_const, num_heads):
     """WavLM's per-query gate (B, H, N) for attention inputs x (B, N, E)."""
-    B, N, _ = x.shape
-    g = x.reshape(B, N, num_heads, -1).permute(0, 2, 1, 3)
+    B, N, E = x.shape
+    g = x.reshape(B, N, num_heads, E // num_heads).permute(0, 2, 1, 3)   # (-1: ambiguous at N=0)
     proj = gru_rel_pos_linear(g)
     proj = proj.view(g.shape[:-1] + (2, 4)).sum(-1)
     gate_a, gate_b = torch.sigmoid(proj).chunk(2, dim=-1)
@@ -395,8 +395,7 @@ class WavLMSelfAttention(IntervalSelfAttention):
     # ---- offline -------------------------------------------------------------------------------
     def forward(self, x, key_lengths=None):
         """x (B, T, E) -> (B, T, E). ``key_lengths`` (B,): frames >= key_lengths[b] are padding."""
-        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must have shape (B, T, {self.embed_dim}); got {tuple(x.shape)}")
+        check_module_input(x, 2, self.embed_dim, f"(B, T, {self.embed_dim})", self.q_proj.weight)
         B, T, E = x.shape
         q, k, v = self._heads(x, self.q_proj), self._heads(x, self.k_proj), self._heads(x, self.v_proj)
         o = biased_interval_attention(q, k, v, self.gate(x), self.relative_bias_table(),

@@ -86,7 +86,8 @@ def supports_update(x=None, state=None, weight=None, groups=1, **_):
 def forward(x, weight, bias, initial_state, stride, groups, activation):
     if _kind(x, weight, stride, groups) == "cudnn":
         return _ref.forward(x, weight, bias, initial_state, stride, groups, activation)
-    y, final = _ops().causal_conv1d_fwd_cuda(x, weight, bias, initial_state, _ACT[activation])
+    y, final = _ops().causal_conv1d_fwd_cuda(x, weight, _unit(bias), initial_state,
+                                             _ACT[activation])
     return y, final
 
 
@@ -94,11 +95,17 @@ def backward(grad_y, grad_final_state, x, weight, bias, initial_state, stride, g
     if _kind(x, weight, stride, groups) == "cudnn":
         return _ref.backward(grad_y, grad_final_state, x, weight, bias, initial_state, stride,
                              groups, activation)
-    dx, dw, db, ds = _ops().causal_conv1d_bwd_cuda(grad_y, grad_final_state, x, weight, bias,
-                                                   initial_state, _ACT[activation])
+    dx, dw, db, ds = _ops().causal_conv1d_bwd_cuda(grad_y, grad_final_state, x, weight,
+                                                   _unit(bias), initial_state, _ACT[activation])
     return dx, dw, (db if bias is not None else None), (ds if initial_state is not None else None)
 
 
 def update(x, state, weight, bias, state_indices, groups, activation):
-    return _ops().causal_conv1d_update_cuda(x, state, weight, bias, state_indices,
+    return _ops().causal_conv1d_update_cuda(x, state, weight, _unit(bias), state_indices,
                                             _ACT[activation])
+
+
+def _unit(bias):
+    """The extension reads bias at unit stride (and refuses another): a strided view, accepted by
+    the op like by the other backends, is copied."""
+    return None if bias is None else bias.contiguous()

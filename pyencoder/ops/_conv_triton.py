@@ -212,8 +212,11 @@ def backward(grad_y, grad_final_state, x, weight, bias, initial_state, stride, g
     if bias is not None:
         db = (g.float().sum(dim=(0, 2)) if T > 0 else torch.zeros_like(bias, dtype=torch.float32))
         db = db.to(bias.dtype)
-    ds = None if initial_state is None else dxp[..., :pad].to(initial_state.dtype).contiguous()
-    return dxp[..., pad:].to(x.dtype).contiguous(), dw.to(weight.dtype), db, ds
+    # dx and ds are copies (clone / zeros): views of dxp would alias each other when L == 0 or
+    # pad == 0, which a custom op's outputs must not
+    ds = None if initial_state is None else dxp[..., :pad].to(initial_state.dtype).clone()
+    dx = dxp[..., pad:].to(x.dtype).contiguous() if L else torch.zeros_like(x)
+    return dx, dw.to(weight.dtype), db, ds
 
 
 def update(x, state, weight, bias, state_indices, groups, activation):
@@ -221,7 +224,8 @@ def update(x, state, weight, bias, state_indices, groups, activation):
     B, C, t = x.shape
     Cout, _, K = weight.shape
     y = _out_like(x, Cout, t)
-    idx = None if state_indices is None else state_indices.to(torch.int32)
+    # the kernels read the indices at unit stride (a strided int32 view would be misread)
+    idx = None if state_indices is None else state_indices.to(torch.int32).contiguous()
     _launch_forward(x, weight, bias, state, idx, 1, groups, activation, y)
     if K > 1 and B > 0:
         new = torch.empty(B, C, K - 1, dtype=state.dtype, device=x.device)

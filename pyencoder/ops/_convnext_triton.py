@@ -59,6 +59,9 @@ def _launch(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps, y
             final.copy_(initial_state if initial_state is not None else torch.zeros_like(final))
         return
     BLOCK_T, BLOCK_C, NUM_CB, num_warps = _tiles(C, L)
+    # the kernel reads the (C,) vectors at unit stride: a strided view would be misread
+    conv_bias, ln_weight, ln_bias = (None if t is None else t.contiguous()
+                                     for t in (conv_bias, ln_weight, ln_bias))
     has_state = initial_state is not None and pad > 0
     s = initial_state if has_state else x
     ss = (s.stride(0), s.stride(1), s.stride(2)) if has_state else (0, 0, 0)

@@ -48,10 +48,12 @@ def decode_attention_triton(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq,
         return o
     has_rope = inv_freq is not None and inv_freq.numel() > 0
     R = 2 * inv_freq.numel() if has_rope else 0
-    freq = inv_freq if has_rope else q.new_zeros(1, dtype=torch.float32)
+    # q_count, n_keys and inv_freq are read at unit stride (q_pos through its strides): a strided
+    # view is copied (contiguous() of a contiguous tensor is itself: no copy in the steady step)
+    freq = inv_freq.contiguous() if has_rope else q.new_zeros(1, dtype=torch.float32)
     q_pos = q_pos.to(torch.int32)
-    q_count = q_count.to(torch.int32)
-    n_keys = n_keys.to(torch.int32)
+    q_count = q_count.to(torch.int32).contiguous()
+    n_keys = n_keys.to(torch.int32).contiguous()
     BLOCK_M = 16
     BLOCK_D = max(16, next_pow2(D))
     BLOCK_N = 64 if BLOCK_D <= 64 else 32

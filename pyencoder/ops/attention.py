@@ -187,8 +187,9 @@ def _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale):
         raise ValueError(f"q, k and v must share head_dim; got q {D}, k {k.shape[3]}, "
                          f"v {v.shape[3]}")
     Hk = k.shape[1]
-    if Hk == 0 or Hq % Hk:
-        raise ValueError(f"q heads must be a multiple of k/v heads (GQA); got Hq={Hq}, Hk={Hk}")
+    if Hq == 0 or Hk == 0 or Hq % Hk:
+        raise ValueError(f"q heads must be a positive multiple of k/v heads (GQA); got Hq={Hq}, "
+                         f"Hk={Hk}")
     if D == 0:
         raise ValueError("head_dim must be >= 1; got 0")
     if rope is not None:

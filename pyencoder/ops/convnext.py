@@ -41,7 +41,7 @@ from . import _convnext_triton as _triton
 from . import conv  # noqa: F401  (the backward runs the conv family's registered backends)
 from ._autograd import forbid_double_backward
 from ._call import call_op
-from .._checks import check_float_dtype, check_same, check_tensor
+from .._checks import check_eps, check_float_dtype, check_same, check_tensor
 
 __all__ = ["convnext_dwconv_ln", "convnext_dwconv_ln_reference", "select_backend"]
 
@@ -172,6 +172,9 @@ def convnext_dwconv_ln(x, conv_weight, conv_bias=None, ln_weight=None, ln_bias=N
     check_tensor("x", x, 3)
     check_float_dtype("x", x)
     B, C, L = x.shape
+    if C == 0:
+        raise ValueError(f"x must have at least one channel (LayerNorm over C channels); got shape "
+                         f"{tuple(x.shape)}")
     check_tensor("conv_weight", conv_weight, 3)
     check_same("conv_weight", conv_weight, "x", x)
     if conv_weight.shape[0] != C or conv_weight.shape[1] != 1 or conv_weight.shape[2] < 1:
@@ -180,8 +183,7 @@ def convnext_dwconv_ln(x, conv_weight, conv_bias=None, ln_weight=None, ln_bias=N
     _check_vec("conv_bias", conv_bias, C, x)
     _check_vec("ln_weight", ln_weight, C, x)
     _check_vec("ln_bias", ln_bias, C, x)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float; got {eps!r}")
+    check_eps("eps", eps)
     K = conv_weight.shape[-1]
     if initial_state is not None:
         check_tensor("initial_state", initial_state, 3)

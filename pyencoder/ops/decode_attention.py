@@ -47,7 +47,8 @@ never an op.
 import torch
 
 from .. import _backend
-from .._checks import MAX_POSITION, check_bias_tensors, check_int, check_same, check_tensor
+from .._checks import (MAX_POSITION, check_bias_tensors, check_decode_inputs, check_int,
+                      check_same, check_tensor)
 from ..reference import decode_attention as _reference
 from . import _decode_attention_triton as _triton
 
@@ -116,6 +117,8 @@ def decode_attention(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interl
                      lo_off, hi_off, scale, backend=None, *, rel_bias=None, gate=None,
                      rel_offset=None, sink_k=None, sink_v=None):
     """(B, H, M, D) outputs of the M pending queries of each slot; see the module docstring."""
+    check_decode_inputs(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved, block,
+                        lo_off, hi_off, scale)
     rel_offset = _check_bias(q, k_ring, rel_bias, gate, rel_offset, block, lo_off, hi_off)
     _check_sinks(q, k_ring, v_ring, sink_k, sink_v)
     args = dict(q=q, k_ring=k_ring)

@@ -15,6 +15,8 @@ What else a module declares (its chunks' time axis, being per-frame, swapping la
 """
 import itertools
 
+import torch
+
 from .._checks import check_chunk_sizes
 from .protocol import time_last
 from .state import StreamState, reset, state_nbytes
@@ -34,8 +36,19 @@ def run_stream(module, x, chunk_sizes, time_dim=None, **init_kwargs):
     ``time_dim``: the time axis of x and of the outputs (default: -1 for conv layouts (B, C, T), 1
     otherwise)."""
     chunk_sizes = check_chunk_sizes("chunk_sizes", chunk_sizes)
+    if not all(callable(getattr(module, f, None)) for f in ("init_state", "step", "flush")):
+        raise TypeError(f"module must be a streaming module (init_state, step, flush); got "
+                        f"{type(module).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have a batch and a time axis; got shape {tuple(x.shape)}")
     if time_dim is None:
         time_dim = -1 if time_last(module) else 1
+    if isinstance(time_dim, bool) or not isinstance(time_dim, int) \
+            or not -x.dim() < time_dim < x.dim() or time_dim in (0, -x.dim()):
+        raise ValueError(f"time_dim must be an int naming a non-batch axis of x (shape "
+                         f"{tuple(x.shape)}); got {time_dim!r}")
     T = x.shape[time_dim]
     state = module.init_state(x.shape[0], device=x.device, dtype=x.dtype, **init_kwargs)
     outs, counts = [], []

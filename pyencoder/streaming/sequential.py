@@ -93,6 +93,11 @@ class StreamingSequential(nn.Sequential):
 
     def step(self, x, state, lengths=None, outputs=None):
         self._check_state(state)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+        if x.dim() != 3:
+            raise ValueError(f"x must be a 3-D tensor (B, C, n) or (B, n, C), as the first "
+                             f"module takes it; got shape {tuple(x.shape)}")
         B = x.shape[0]
         check_step_slots(B, state.out_lengths.shape[0])
         lengths = check_step_lengths(lengths, B, x.shape[-1] if time_last(self) else x.shape[1],

@@ -171,11 +171,16 @@ def reset(state, mask):
     if mask.dtype != torch.bool or mask.dim() != 1 or mask.shape[0] != state.batch_size:
         raise ValueError(f"mask must be a bool tensor of shape ({state.batch_size},); got "
                          f"{mask.dtype} {tuple(mask.shape)}")
+    if mask.is_meta:
+        raise ValueError("mask must hold values (on the CPU or the state's device); got a meta "
+                         "tensor")
     return state.reset(mask)
 
 
 def state_nbytes(state):
     """Bytes held by the tensors of a stream state (nested states included)."""
+    if not isinstance(state, StreamState):
+        raise TypeError(f"state must be a StreamState; got {type(state).__name__}")
     return state.nbytes()
 
 
@@ -241,13 +246,20 @@ def check_step_slots(B, slots, name="x"):
         raise ValueError(f"{name} has batch {B} but the state holds {slots} slots")
 
 
-def check_step_input(x, axis, size, slots):
-    """A step's input ``x``: 3-d with ``size`` features on ``axis`` (1: (B, size, n); -1:
-    (B, n, size)) and a batch of ``slots`` (the state's)."""
+def check_step_input(x, axis, size, slots, device=None):
+    """A step's input ``x``: a floating tensor, 3-d with ``size`` features on ``axis`` (1:
+    (B, size, n); -1: (B, n, size)), a batch of ``slots`` (the state's) and, when given, on
+    ``device`` (the state's)."""
+    layout = f"(B, {size}, n)" if axis == 1 else f"(B, n, {size})"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape {layout}; got {type(x).__name__}")
     if x.dim() != 3 or x.shape[axis] != size:
-        layout = f"(B, {size}, n)" if axis == 1 else f"(B, n, {size})"
         raise ValueError(f"x must have shape {layout}; got {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x must have a floating dtype; got {x.dtype}")
     check_step_slots(x.shape[0], slots)
+    if device is not None and x.device != device:
+        raise ValueError(f"x must be on the state's device ({device}); got {x.device}")
 
 
 def check_step_lengths(lengths, B, n, device, name="lengths"):
