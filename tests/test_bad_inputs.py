@@ -23,8 +23,8 @@ return empty results (attention, convs, convnext, modules' forward); zero heads,
 zero channels and an empty ring (decode cap 0) are refused by name; init_state(0) is refused
 (a stream state has at least one slot).
 
-Rows marked xfail(strict=True) are bugs in files other engineers own (routed in the audit
-report); they turn into failures when fixed, so the mark gets removed then.
+A known bug without its fix goes into FWD_XFAIL (or a row's marks) as xfail(strict=True): it
+turns into a failure when fixed, so the mark gets removed then. None is open.
 
 Tiny shapes; the Triton backend runs under TRITON_INTERPRET=1 on CPU (float32 only there).
 """
@@ -50,8 +50,6 @@ from conftest import has_triton
 
 BACKENDS = ["reference"] + (["triton"] if has_triton() else [])
 REFUSED = "cannot run"          # the registry's answer for a backend that cannot run a case
-ROUTED = ("owned by another branch (reference/attention.py bias path): the gate is viewed with -1 "
-          "over 0 elements; routed in the audit report")
 
 
 def _named(msg, name):
@@ -193,8 +191,6 @@ def _attn_bad():
          ["gate"]),
         ("rel_offset bool", lambda be: band(be, q, k, v, rel_bias=rb, rel_offset=True), TypeError,
          ["rel_offset"]),
-        ("rel_bias with sink", lambda be: band(be, q, k, v, rel_bias=rb, sink=2), ValueError,
-         ["rel_bias", "sink"]),
         ("cross mask None", lambda be: cross_attention(q, k, v, mask=None, backend=be), TypeError,
          ["mask"]),
         ("cross q rank", lambda be: cross_attention(q[0], k, v, mask=fm, backend=be), ValueError,
@@ -447,10 +443,8 @@ def _same_cases():
         ("cross non-contiguous, Nq != Nk", cross,
          lambda: [q(B, H, 4, D), noncontig(q(B, H, 7, D)).requires_grad_(), q(B, H, 7, D)]),
         ("cross batch 0", cross, lambda: [q(0, H, 4, D), q(0, H, 7, D), q(0, H, 7, D)]),
-        pytest.param("bias gated, batch 0", biased,
-                     lambda: [q(0, H, N, D), q(0, H, N, D), q(0, H, N, D), q(H, 20), q(0, H, N)],
-                     marks=pytest.mark.xfail(strict=True, reason=ROUTED),
-                     id="bias gated, batch 0"),
+        ("bias gated, batch 0", biased,
+         lambda: [q(0, H, N, D), q(0, H, N, D), q(0, H, N, D), q(H, 20), q(0, H, N)]),
         ("bias non-contiguous rel_bias, expanded gate", biased,
          lambda: [q(B, H, N, D), q(B, H, N, D), q(B, H, N, D),
                   q(20, H).detach().t().requires_grad_(),
@@ -734,7 +728,7 @@ def _bad_x(time_last):
     ]
 
 
-FWD_XFAIL = {("WavLMSelfAttention", "batch 0"): ROUTED}
+FWD_XFAIL = {}
 
 
 def _mod_ids(rows):

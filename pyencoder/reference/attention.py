@@ -160,7 +160,7 @@ class _RelBias:
     def __init__(self, bias, q_offset, k_offset, B, Hk, g, cdt):
         rel_bias, gate, rel_offset = bias
         self.table = rel_bias.to(cdt)
-        self.gate = None if gate is None else gate.to(cdt).view(B, Hk, g, -1)
+        self.gate = None if gate is None else gate.to(cdt).view(B, Hk, g, gate.shape[-1])
         self.shift = k_offset - q_offset - rel_offset
         self.B, self.Hk, self.g = B, Hk, g
 
