@@ -1,6 +1,7 @@
 """Count the distinct Triton compiles a GPU test tier needs, on a machine without a GPU.
 
-    python tests/_count_compiles.py [--tier gpu_quick|gpu ...] [--autotune 0|1] [--verbose]
+    python tests/_count_compiles.py [--tier gpu_quick|gpu ...] [--autotune 0|1] [--arch sm90|sm80]
+                                    [--verbose]
                                     [pytest selection args, default tests/]
 
 How: runs the tier's tests in this process (pytest.main) with
@@ -192,9 +193,12 @@ def main(argv=None):
     p.add_argument("--tier", default="gpu_quick", help='pytest -m expression (default gpu_quick)')
     p.add_argument("--autotune", type=int, choices=(0, 1), default=0,
                    help="0: pinned tiles, as the GPU session runs (default); 1: every config")
+    p.add_argument("--arch", choices=("sm90", "sm80"), default="sm90",
+                   help="the attention tile table row (default sm90: the lent H100/H200)")
     p.add_argument("--verbose", action="store_true")
     args, rest = p.parse_known_args(argv)
-    res = count(args.tier, bool(args.autotune), rest or ["tests"], args.verbose)
+    res = count(args.tier, bool(args.autotune), rest or ["tests"], args.verbose, arch=args.arch)
+    res["arch"] = args.arch
     print(json.dumps(res, indent=1))
     return 0
 
