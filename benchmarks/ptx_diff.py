@@ -75,6 +75,9 @@ Results (sm_90, quick matrix; attention fwd/dq/dk-dv and the decode kernel, 2 sh
   ``git archive``, ``pyencoder/triton_kernels`` linked to the copy's ``triton_kernels``): quick
   matrix 173/173 identical (fwd 58, dq 55, dk/dv 55, preprocess 5: the 161 band / chunked / biased
   variants and the 12 sink variants without a bias); the 3 sink + bias variants are new.
+- decode kernel, the sink span's and the ring's online-softmax step folded into one
+  ``_softmax_block`` helper (``--only decode``, dumps on 74b1860 and after): quick matrix sm_90
+  16/16 and sm_80 16/16, full matrix sm_90 126/126 identical (sinks, bias, GQA included).
 """
 import argparse
 import hashlib

@@ -50,6 +50,24 @@ from ._grid import _head_row_tile
 from ._rotary import _rope_angles
 
 
+@triton.jit
+def _softmax_block(s, k, v, vis, m_i, l_i, acc, PRECISION: tl.constexpr):
+    """One key block of the online softmax: the k and v rows' poison (sum of x * 0) joins the
+    visible scores, non-finite v entries are zeroed for the p @ v dot, then the -inf-safe
+    rescaling of (m_i, l_i, acc) (returned in that order: the loop-carried order)."""
+    vz = v * 0.0
+    kv0 = tl.sum((k * 0.0).to(tl.float32), 1) + tl.sum(vz.to(tl.float32), 1)
+    s = tl.where(vis, s + kv0[None, :], float("-inf"))
+    v = tl.where(vz == 0.0, v, 0.0)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
 @triton.jit(do_not_specialize=["rel_len", "rel_offset", "SINK"])
 def _decode_attention_fwd_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, qpos_ptr, qcnt_ptr, nk_ptr, freq_ptr,
@@ -136,18 +154,7 @@ def _decode_attention_fwd_kernel(
             vis = row_ok[:, None] & k_ok[None, :]
             v = tl.load(svb + kp[:, None] * ssvn + cols[None, :] * ssvd,
                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            vz = v * 0.0
-            kv0 = tl.sum((k * 0.0).to(tl.float32), 1) + tl.sum(vz.to(tl.float32), 1)
-            s = tl.where(vis, s + kv0[None, :], float("-inf"))
-            v = tl.where(vz == 0.0, v, 0.0)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(sv_ptr.dtype.element_ty), v,
-                                                input_precision=PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _softmax_block(s, k, v, vis, m_i, l_i, acc, PRECISION)
     for s0 in range(start, end + 1, BLOCK_N):
         kp = s0 + tl.arange(0, BLOCK_N)
         k_ok = kp <= end
@@ -166,18 +173,7 @@ def _decode_attention_fwd_kernel(
             vis = vis & (kp[None, :] >= lo_row[:, None])
         v = tl.load(vb + slot[:, None] * svn + cols[None, :] * svd,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        vz = v * 0.0
-        kv0 = tl.sum((k * 0.0).to(tl.float32), 1) + tl.sum(vz.to(tl.float32), 1)
-        s = tl.where(vis, s + kv0[None, :], float("-inf"))
-        v = tl.where(vz == 0.0, v, 0.0)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v_ptr.dtype.element_ty), v,
-                                            input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_block(s, k, v, vis, m_i, l_i, acc, PRECISION)
     ok = l_i > 0
     out = tl.where(ok[:, None], acc / tl.where(ok, l_i, 1.0)[:, None], 0.0)
     first = tl.maximum(n - CAP, 0)
