@@ -70,7 +70,7 @@ from ..rope import apply_rope
 from ..reference.attention import (all_finite, finite_or_zero, nonfinite_rows, poisoned_rows,
                                    visible_key_ranges)
 from ..reference.decode_attention import nonfinite_guard, ring_positions
-from .attention import AttentionState, IntervalSelfAttention
+from .attention import AttentionState, IntervalSelfAttention, SinkAttentionState
 
 __all__ = ["WavLMSelfAttention", "RelPosAttentionState", "relative_position_bucket",
            "relative_bias_gate", "relative_bias_columns", "sink_bias_columns",
@@ -293,6 +293,12 @@ class RelPosAttentionState(AttentionState):
     gate: torch.Tensor        # (B, H, qcap) gates of the pending queries, oldest first
 
 
+@dataclasses.dataclass
+class RelPosSinkAttentionState(SinkAttentionState):
+    """RelPosAttentionState of a mask with sink keys (resident sink_k / sink_v)."""
+    gate: torch.Tensor        # (B, H, qcap) gates of the pending queries, oldest first
+
+
 class WavLMSelfAttention(IntervalSelfAttention):
     """WavLM attention (gated relative position bias) with an interval mask, offline and streaming.
 
@@ -314,7 +320,7 @@ class WavLMSelfAttention(IntervalSelfAttention):
     def __init__(self, embed_dim, num_heads, *, left=None, right=None, chunk_size=None,
                  left_chunks=None, lookahead=0, num_buckets=320, max_distance=800, gated=True,
                  has_relative_bias=True, rel_attn_embed=None, rope=False, bias=True,
-                 max_context=65536):
+                 max_context=65536, sink=0):
         if chunk_size is None:
             if right is None:
                 raise ValueError("WavLMSelfAttention: give right (band mask) or chunk_size "
@@ -323,13 +329,15 @@ class WavLMSelfAttention(IntervalSelfAttention):
                 raise ValueError(f"left_chunks / lookahead are for the chunked mask (chunk_size); "
                                  f"got left_chunks={left_chunks!r}, lookahead={lookahead!r} "
                                  f"without chunk_size")
-            mask = IntervalMask.band(left, right)
+            mask = IntervalMask.band(left, right, sink=sink)
         else:
             if left is not None or right is not None:
                 raise ValueError(f"left / right are for the band mask; with chunk_size give "
                                  f"left_chunks and lookahead (got left={left!r}, right={right!r})")
-            mask = IntervalMask.chunked(chunk_size, left_chunks, lookahead)
+            mask = IntervalMask.chunked(chunk_size, left_chunks, lookahead, sink=sink)
         super().__init__(embed_dim, num_heads, mask, rope, bias, max_context)
+        if sink:
+            self._state_cls = RelPosSinkAttentionState
         if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or num_buckets < 4:
             raise ValueError(f"num_buckets must be an int >= 4; got {num_buckets!r}")
         if not isinstance(max_distance, int) or max_distance <= num_buckets // 4:
@@ -392,11 +400,18 @@ class WavLMSelfAttention(IntervalSelfAttention):
         return relative_bias_gate(x, self.gru_rel_pos_linear, self.gru_rel_pos_const,
                                   self.num_heads)
 
+    def _check_sink_path(self):
+        if self.mask.sink and not self.fused_bias:
+            raise NotImplementedError(f"WavLMSelfAttention: sink keys (sink={self.mask.sink}) run "
+                                      f"on the fused bias only (offline op and decode op); got "
+                                      f"fused_bias={self.fused_bias} (expected True)")
+
     # ---- offline -------------------------------------------------------------------------------
     def forward(self, x, key_lengths=None):
         """x (B, T, E) -> (B, T, E). ``key_lengths`` (B,): frames >= key_lengths[b] are padding."""
         check_module_input(x, 2, self.embed_dim, f"(B, T, {self.embed_dim})", self.q_proj.weight)
         B, T, E = x.shape
+        self._check_sink_path()
         q, k, v = self._heads(x, self.q_proj), self._heads(x, self.k_proj), self._heads(x, self.v_proj)
         o = biased_interval_attention(q, k, v, self.gate(x), self.relative_bias_table(),
                                       self.bucket, mask=self.mask, rope=self.rope,
@@ -408,7 +423,9 @@ class WavLMSelfAttention(IntervalSelfAttention):
     _state_cls = RelPosAttentionState
 
     def _extra_state(self, B, qcap, device, dtype):
-        return {"gate": torch.zeros(B, self.num_heads, qcap, device=device, dtype=dtype)}
+        extra = super()._extra_state(B, qcap, device, dtype)
+        extra["gate"] = torch.zeros(B, self.num_heads, qcap, device=device, dtype=dtype)
+        return extra
 
     _queued = ("gate",)
 
@@ -424,11 +441,39 @@ class WavLMSelfAttention(IntervalSelfAttention):
         from the table runs at each call (one device op, graph-capturable), so in-place edits of
         the table are seen."""
         r_min, r_max = window_offsets(*self.mask.params)
+        if self.mask.sink:
+            cache = self.__dict__.setdefault("_sink_window_buckets", {})
+            entry = cache.get(device)
+            if entry is None:
+                entry = cache[device] = self._sink_columns(r_min, r_max, device)
+            idx, r0 = entry
+            return self.relative_bias_table()[idx].t(), r0
         cache = self.__dict__.setdefault("_window_buckets", {})
         idx = cache.get(device)
         if idx is None:
             idx = cache[device] = self.bucket(torch.arange(r_min, r_max + 1, device=device))
         return self.relative_bias_table()[idx].t(), r_min
+
+    def _sink_columns(self, r_min, r_max, device):
+        """(bucket indices, rel_offset) of the streaming columns with sink keys. A sink key
+        (s < sink) seen by the query at p >= 0 has offset s - p in (-inf, sink - 1]: unbounded
+        below as the stream grows. The decode op clamps an offset outside the columns to the edge
+        column, so the columns run from c_lo, the largest offset <= r_min at and below which the
+        bucket is constant (WavLM's bucket saturates at |r| >= about max_distance), to
+        max(r_max, sink - 1). Built on the host once per module and device (no device read at
+        step time); the saturation is checked far below c_lo."""
+        r_hi = max(r_max, self.mask.sink - 1)
+        r_lo = min(r_min, -(self.max_distance + 1))
+        idx = self.bucket(torch.arange(r_lo, r_hi + 1))
+        far = self.bucket(torch.tensor([r_lo - 1, -(1 << 40)]))
+        if not bool((far == idx[0]).all()):
+            raise RuntimeError(f"WavLMSelfAttention: the bucket is not saturated below offset "
+                               f"{r_lo} (num_buckets={self.num_buckets}, max_distance="
+                               f"{self.max_distance}); sink keys cannot stream exactly")
+        n_lo = r_min - r_lo
+        ne = (idx[:n_lo + 1] != idx[0]).nonzero()
+        a = (int(ne[0]) if ne.numel() else n_lo + 1) - 1    # leading columns equal to column 0
+        return idx[a:].to(device), r_lo + a
 
     def _decode(self, q, extras, state, q_pos, q_count, n_keys):
         """Pending queries q (B, H, M, D) with gates extras["gate"] (B, H, M) at positions q_pos
@@ -437,13 +482,15 @@ class WavLMSelfAttention(IntervalSelfAttention):
         ``step_fixed`` runs); unbounded, or ``fused_bias`` False: the plain-torch ring path
         below (no host synchronisation either)."""
         gate = extras["gate"] if self.gated else None
+        self._check_sink_path()
         if self.lo_off >= 0 and self.fused_bias:
             rel_bias, r0 = self.window_bias(q.device)
             inv = None if self.rope is None else self.rope.inv_freq(q.device)
+            sinks = dict(sink_k=state.sink_k, sink_v=state.sink_v) if self.mask.sink else {}
             return decode_attention(q, state.k, state.v, q_pos, q_count, n_keys, inv,
                                     False if self.rope is None else self.rope.interleaved,
                                     *self.mask.params, self.scale, backend=self.decode_backend,
-                                    rel_bias=rel_bias, gate=gate, rel_offset=r0)
+                                    rel_bias=rel_bias, gate=gate, rel_offset=r0, **sinks)
         B, H, M, D = q.shape
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         qr = q.to(cdt)
@@ -474,4 +521,5 @@ class WavLMSelfAttention(IntervalSelfAttention):
                 f"lookahead={self.chunk_lookahead}")
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, {mask}, num_buckets="
                 f"{self.num_buckets}, max_distance={self.max_distance}, gated={self.gated}, "
-                f"has_relative_bias={self.has_relative_bias}, rope={self.rope}")
+                f"has_relative_bias={self.has_relative_bias}, rope={self.rope}"
+                + (f", sink={self.mask.sink}" if self.mask.sink else ""))
