@@ -84,7 +84,7 @@ def test_offline_matches_dense_oracle(name):
     names = ["x"] + [n for n, _ in m.named_parameters()]
     assert any("rel_attn_embed" in n for n in names) and any("gru" in n for n in names)
     for n, a, b in zip(names, g1, g2):
-        assert (a - b).abs().max() <= 1e-10 * (b.abs().max() + 1e-30), n
+        assert (a - b).abs().max() <= 1e-10 * max(b.abs().max(), 1.0), n   # some grads are ~0
 
 
 def _stream(m, x, chunks):
@@ -147,7 +147,7 @@ def test_columns_short_of_saturation_fail():
         ref = m(x)
         r_min, r_max = relpos.window_offsets(*m.mask.params)
         idx = m.bucket(torch.arange(r_min, max(r_max, kw["sink"] - 1) + 1))
-        m.__dict__["_window_buckets"] = {torch.device("cpu"): (idx, r_min)}
+        m.__dict__["_sink_window_buckets"] = {torch.device("cpu"): (idx, r_min)}
         y = _stream(m, x, [4] * 10)
     assert (y - ref).abs().max() > 1e-6 * ref.abs().max()
 
