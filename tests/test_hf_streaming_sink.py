@@ -1,10 +1,11 @@
 """Attention sinks in the transformers integration: ``apply_pyencoder_to_wav2vec2(...,
-sink_frames=S)`` (Wav2Vec2 / HuBERT) and pyencoder.hf.StreamingEncoder over it. Streaming equals
+sink_frames=S)`` (Wav2Vec2 / HuBERT / WavLM) and pyencoder.hf.StreamingEncoder over it. Streaming equals
 the patched model's offline forward for random chunkings (fp32 1e-5, as tests/test_hf_streaming);
 uniform steps run the layers' step_fixed (spied) once every sink frame has arrived; the encoder's
 layer stack steps with ``step_fixed`` without host synchronisation and (GPU, marked) replays from
 a CUDA graph equal to the eager step; the option is recorded in config.pyencoder (absent when 0,
-so earlier entries are unchanged) and re-applied; WavLM refuses it by name.
+so earlier entries are unchanged) and re-applied; WavLM takes it too (its relative bias with the
+saturated bucket rule), and a WavLM patched with sink_frames=0 is unchanged.
 """
 import random
 
@@ -32,7 +33,7 @@ def _patched(family, setting):
     return model
 
 
-@pytest.mark.parametrize("family", ["w2v2_post", "hubert"])
+@pytest.mark.parametrize("family", ["w2v2_post", "hubert", "wavlm"])
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_stream_with_sinks_equals_offline(family, setting):
     model = _patched(family, setting)
@@ -128,8 +129,10 @@ def test_sink_frames_option_recorded_checked_and_refused_for_wavlm():
         H.apply_pyencoder_to_wav2vec2(make_model("hubert"), sink_frames=-1)
     with pytest.raises(TypeError, match="sink_frames must be an int"):
         H.apply_pyencoder_to_wav2vec2(make_model("hubert"), sink_frames=1.5)
-    with pytest.raises(NotImplementedError, match="sink_frames=2: the WavLM attention"):
-        H.apply_pyencoder_to_wav2vec2(make_model("wavlm"), sink_frames=2)
+    # WavLM takes sink_frames too (issue 15; it used to refuse them by name)
+    wl = H.apply_pyencoder_to_wav2vec2(make_model("wavlm"), sink_frames=2)
+    assert wl.config.pyencoder["sink_frames"] == 2
+    assert all(s.mask.sink == 2 for s in wl._pyencoder_patch.specs)
 
 
 @pytest.mark.gpu

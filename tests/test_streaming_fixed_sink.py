@@ -470,9 +470,12 @@ def test_encoder_sink_argument():
     from test_models import tiny_encoder_config
     with pytest.raises(ValueError, match="sink must be an int >= 0.*got -1"):
         CausalEncoder(tiny_encoder_config(sink=-1))
-    with pytest.raises(NotImplementedError, match="sink=2 with rel_pos_bias=True"):
-        CausalEncoder(tiny_encoder_config(sink=2, rel_pos_bias=True, num_buckets=8,
-                                          max_bucket_distance=16))
+    # WavLM layers take the sinks too (issue 15; they used to refuse them by name)
+    from pyencoder.nn import WavLMSelfAttention
+    enc = CausalEncoder(tiny_encoder_config(sink=2, rel_pos_bias=True, num_buckets=8,
+                                            max_bucket_distance=16))
+    atts = [m for m in enc.modules() if isinstance(m, WavLMSelfAttention)]
+    assert atts and all(a.mask.sink == 2 for a in atts)
 
 
 @pytest.mark.gpu

@@ -291,8 +291,9 @@ def apply_pyencoder_to_wav2vec2(model, *, lookahead_frames=3, left_frames=None,
     for none. ``pos_conv``: "drop", "causal" or "keep" (offline only). ``group_norm``: "running"
     or "keep" (offline only); ignored by models without GroupNorm (feat_extract_norm="layer").
     ``sink_frames``: the first frames of the input every frame also sees (attention sinks,
-    IntervalMask sink keys; Wav2Vec2 / HuBERT only: WavLM's relative-bias path has no sink keys
-    yet). Raises PatchError if the installed transformers lacks what the patch relies on, and
+    IntervalMask sink keys; WavLM's relative bias reads the saturated bucket rule at a sink key's
+    true offset; a WavLM model in training mode with attention dropout and sinks is refused by
+    pyencoder.nn.relpos). Raises PatchError if the installed transformers lacks what the patch relies on, and
     ValueError if ``model`` is already patched."""
     base, family = base_model(model)
     if getattr(base, "_pyencoder_patch", None) is not None:
@@ -307,9 +308,6 @@ def apply_pyencoder_to_wav2vec2(model, *, lookahead_frames=3, left_frames=None,
                       f"{_compat.transformers_version()}. The patch checks what it relies on, but "
                       f"verify outputs on your model.", stacklevel=2)
     _check_model(base, family)
-    if sink_frames and family == "wavlm":
-        raise NotImplementedError(f"sink_frames={sink_frames!r}: the WavLM attention (relative "
-                                  f"bias) has no sink keys yet; use sink_frames=0")
     install_switch_guard()
     cfg = base.config
     att0 = base.encoder.layers[0].attention

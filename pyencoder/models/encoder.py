@@ -41,7 +41,7 @@ offline (forward and backward) and in the ring decode when streaming with a boun
 (``left`` / ``left_chunks``), where the WavLM layers have ``step_fixed`` like the others: the
 general step of ``layers`` runs it by itself in the steady state, and ``layers.step_fixed`` is the
 CUDA-graph-capturable step of the stack. Unbounded left context streams on the plain-torch ring
-path (no ``step_fixed``). ``sink`` (band / chunked layers without the WavLM bias): the first
+path (no ``step_fixed``). ``sink`` (band / chunked layers, WavLM's biased ones included): the first
 ``sink`` frames are attention sinks every frame sees (IntervalMask sink keys), resident in the
 stream state; the layers' ``step_fixed`` covers them once every sink frame has arrived.
 """
@@ -176,9 +176,6 @@ class CausalEncoder(nn.Module):
         if isinstance(c.sink, bool) or not isinstance(c.sink, int) or c.sink < 0:
             raise ValueError(f"sink must be an int >= 0 (frames every frame sees); got "
                              f"{c.sink!r}")
-        if c.sink and c.rel_pos_bias:
-            raise NotImplementedError(f"sink={c.sink} with rel_pos_bias=True: the WavLM attention "
-                                      f"has no sink keys yet; use sink=0")
         self.config = c
         self.feature_extractor = ConvFeatureExtractor(c.conv_dim, c.conv_kernel, c.conv_stride,
                                                       c.conv_bias, c.feat_extract_norm,
@@ -214,7 +211,7 @@ class CausalEncoder(nn.Module):
             if c.rel_pos_bias:
                 kw = dict(num_buckets=c.num_buckets, max_distance=c.max_bucket_distance,
                           gated=c.gated_rel_pos, has_relative_bias=i == 0, rel_attn_embed=table,
-                          rope=rope, max_context=c.max_context)
+                          rope=rope, max_context=c.max_context, sink=0 if full else c.sink)
                 if c.attention == "band" or full:
                     att = WavLMSelfAttention(E, c.num_heads, left=None if full else c.left,
                                              right=FULL_CONTEXT if full else r, **kw)
