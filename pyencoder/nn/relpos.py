@@ -49,6 +49,14 @@ device and runs that decode, so a WavLM stack streams under CUDA graphs; the gen
 as ``step_fixed`` by itself in the steady state. Unbounded left context (left=None) keeps the
 plain-torch ring path (the offsets a query sees grow with the stream) and has no ``step_fixed``.
 
+Sink keys (``sink=S``: positions < S seen by every query, IntervalMask sink keys): offline on the
+fused bias (``sink_bias_columns``); streaming keeps them resident and the decode op reads them
+with the clamped bias rule, the window's columns extended once per module and device down to the
+offset where the bucket saturates (a sink key's offset s - p falls without bound as the stream
+grows; every offset below the first column reads it, its exact bucket), and up to S - 1 (a sink
+key ahead of an early query). ``fused_bias=False`` and attention dropout have no sink keys and
+refuse them by name.
+
 Limits: attention-probability dropout only
 offline (``biased_interval_attention(dropout_p=...)``, used by pyencoder.hf in training mode).
 Half inputs compute in float32. Non-finite q, k, v or gate values poison exactly the rows that see
