@@ -180,8 +180,8 @@ def _grads(a, backend, dtype=None):
     else:
         y, f = run(aa, backend)
     g = torch.Generator().manual_seed(7)
-    wy = torch.randn(y.shape, generator=g, dtype=torch.float64)
-    wf = torch.randn(f.shape, generator=g, dtype=torch.float64)
+    wy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.device)
+    wf = torch.randn(f.shape, generator=g, dtype=torch.float64).to(f.device)
     ((y.double() * wy).sum() + (f.double() * wf).sum()).backward()
     return {k: v.grad for k, v in leaves.items()}
 
