@@ -12,7 +12,15 @@ API (keep it small):
     results_dir() -> str             <results root>/<device-slug>: where this run writes
     write_jsonl(name, records) -> path
                                      appends records (env_info() merged in, record keys win) to
-                                     <results root>/<device-slug>/<name>.jsonl
+                                     <results root>/<device-slug>/<name>.jsonl (opened,
+                                     written and closed per call: a row is on disk when it returns)
+    JsonlRows(name, write=True, extra=None)
+                                     a list of records that appends each record to <name>.jsonl
+                                     (write_jsonl, ``extra`` merged in) the moment it is added
+                                     (append, extend, +=): a benchmark killed by its time box
+                                     (SIGTERM/SIGKILL) keeps every row it finished; ``.path`` is
+                                     the file (None until a row is written), ``write=False`` keeps
+                                     rows in memory only (--no-write, dry runs)
 
 Results root: $PYENCODER_RESULTS_DIR when set, else <repo>/bench-results/ (git-ignored), so a run
 never touches tracked files. Committing measured results is explicit: `python -m benchmarks
@@ -146,6 +154,30 @@ def write_jsonl(name, records):
         for r in records:
             f.write(json.dumps({**env, **r}, sort_keys=False) + "\n")
     return path
+
+
+class JsonlRows(list):
+    """Records kept in a list and appended to ``<name>.jsonl`` one by one as they are added."""
+
+    def __init__(self, name, write=True, extra=None):
+        super().__init__()
+        self.name, self.write, self.extra, self.path = name, write, dict(extra or {}), None
+
+    def _out(self, rec):
+        if self.write:
+            self.path = write_jsonl(self.name, [{**rec, **self.extra}])
+
+    def append(self, rec):
+        super().append(rec)
+        self._out(rec)
+
+    def extend(self, recs):
+        for r in recs:
+            self.append(r)
+
+    def __iadd__(self, recs):
+        self.extend(recs)
+        return self
 
 
 @functools.lru_cache(maxsize=1)

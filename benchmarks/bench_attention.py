@@ -54,7 +54,8 @@ import warnings
 
 import torch
 
-from benchmarks._common import ROOT, bench, copy_bandwidth_gbs, device_slug, env_info, write_jsonl
+from benchmarks._common import (ROOT, JsonlRows, bench, copy_bandwidth_gbs, device_slug, env_info,
+                                write_jsonl)
 
 SHAPES = {"wav2vec2-base": (8, 12, 64), "wav2vec2-large": (8, 16, 64)}
 NS = (500, 1500, 3000, 12000)
@@ -466,7 +467,7 @@ def main(argv=None):
     bw = copy_bandwidth_gbs()
     print(f"device {device_slug()}  copy bandwidth {bw:.0f} GB/s  "
           f"torch {env_info()['torch']}  triton {env_info()['triton']}", flush=True)
-    records = []
+    records = JsonlRows("attention", write=not args.no_write)   # each row on disk once measured
     for shape_name, (B, H, D) in shapes.items():
         for n in ns:
             for rope in ropes:
@@ -487,12 +488,12 @@ def main(argv=None):
                         print(f"{shape_name:16s} N={n:6d} {mask_name(m):18s} "
                               f"{'rope' if rope else 'no-rope':7s} {prov:26s} {line}", flush=True)
     if not args.no_write:
-        print(f"wrote {write_jsonl('attention', records)}")
+        print(f"wrote {records.path or write_jsonl('attention', [])}")
     return 0
 
 
 def _main_first_call(args, shapes, ns, masks, providers, ropes, dtype, device):
-    records = []
+    records = JsonlRows("attention", write=not args.no_write)   # each row on disk once measured
     for shape_name, (B, H, D) in shapes.items():
         for n in ns:
             for m in masks:
@@ -512,7 +513,7 @@ def _main_first_call(args, shapes, ns, masks, providers, ropes, dtype, device):
                                   f"{'rope' if rope else 'no-rope':7s} {prov:26s} "
                                   f"autotune={rec['autotune']} {line}", flush=True)
     if not args.no_write:
-        print(f"wrote {write_jsonl('attention', records)}")
+        print(f"wrote {records.path or write_jsonl('attention', [])}")
     return 0
 
 

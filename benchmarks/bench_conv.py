@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks._common import bench, copy_bandwidth_gbs, device_slug, env_info, write_jsonl  # noqa: E402
+from benchmarks._common import (JsonlRows, bench, copy_bandwidth_gbs, device_slug, env_info,  # noqa: E402
+                               write_jsonl)
 
 PROVIDERS = ("pyencoder-cuda", "pyencoder-triton", "cudnn", "causal-conv1d", "reference")
 # F.conv1d with left padding is cuDNN on a GPU; on a CPU it is torch's own conv (oneDNN/ATen), so
@@ -117,7 +118,7 @@ def run(args):
     suites = args.suites or SUITES
     copy_bw = copy_bandwidth_gbs()
     warmup, rep = (10, 30) if (args.quick or not gpu) else (25, 100)
-    records = []
+    records = JsonlRows("conv", write=not getattr(args, "no_write", True))  # on disk per row
 
     def emit(rec):
         records.append(rec)
@@ -222,7 +223,7 @@ def main(argv=None):
     print(f"device: {device_slug()}  env: {env_info().get('device_name')}")
     records = run(args)
     if not args.no_write:
-        print(f"wrote {write_jsonl('conv', records)}")
+        print(f"wrote {records.path or write_jsonl('conv', [])}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks._common import bench, copy_bandwidth_gbs, device_slug, env_info, write_jsonl  # noqa: E402
+from benchmarks._common import (JsonlRows, bench, copy_bandwidth_gbs, device_slug, env_info,  # noqa: E402
+                               write_jsonl)
 
 
 def _inputs(B, C, L, K, dtype, dev):
@@ -99,7 +100,7 @@ def run(args):
         warmup, rep = 10, 30
     K = 7
     modes = ("fwd",) if args.quick or not gpu else ("fwd", "fwd+bwd")
-    records = []
+    records = JsonlRows("convnext", write=not getattr(args, "no_write", True))  # on disk per row
     for dtype in dtypes:
         for C in Cs:
             for L in Ls:
@@ -152,7 +153,7 @@ def main(argv=None):
     print(f"device: {device_slug()}  env: {env_info().get('device_name')}")
     records = run(args)
     if not args.no_write:
-        print(f"wrote {write_jsonl('convnext', records)}")
+        print(f"wrote {records.path or write_jsonl('convnext', [])}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from benchmarks._common import bench, env_info, write_jsonl
+from benchmarks._common import JsonlRows, bench, env_info, write_jsonl
 
 SR = 16000
 LEFT, RIGHT = 250, 3
@@ -50,7 +50,8 @@ def _peak(fn, device):
     return int(torch.cuda.max_memory_allocated() - base)
 
 
-def offline(args, device, dtype):
+def offline(args, device, dtype, recs=None):
+    """Rows appended to ``recs`` (a JsonlRows writes each at once) and returned."""
     import pyencoder.hf as H
     base = make_model(dtype, device, args.layers)
     x = torch.randn(args.batch, int(args.seconds * SR), device=device, dtype=dtype)
@@ -64,7 +65,7 @@ def offline(args, device, dtype):
                                   pos_conv="causal", group_norm="running")
     providers["pyencoder"] = pat
     del base
-    recs = []
+    recs = [] if recs is None else recs
     for name, m in providers.items():
         if args.providers and name not in args.providers:
             continue
@@ -92,13 +93,14 @@ def offline(args, device, dtype):
     return recs
 
 
-def streaming(args, device, dtype):
+def streaming(args, device, dtype, recs=None):
+    """Rows appended to ``recs`` (a JsonlRows writes each at once) and returned."""
     import pyencoder.hf as H
     model = make_model(dtype, device, args.layers)
     H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=RIGHT, left_frames=LEFT, rope=True,
                                   pos_conv="causal", group_norm="running")
     enc = H.StreamingEncoder(model)
-    recs = []
+    recs = [] if recs is None else recs
     for chunk_ms in (20, 100):
         n = SR * chunk_ms // 1000
         state = enc.init_state(args.batch)
@@ -156,12 +158,12 @@ def main(argv=None):
     args.warmup_ms = 25 if gpu else 1
     args.rep_ms = 200 if gpu else 1
     print(env_info()["device_name"], dtype, f"{args.seconds} s x {args.batch}")
-    recs = offline(args, device, dtype)
+    # each row on disk once measured (a run cut by its time box keeps them)
+    recs = JsonlRows("hf", extra={"quick": True} if args.quick else None)
+    offline(args, device, dtype, recs)
     if not args.no_stream:
-        recs += streaming(args, device, dtype)
-    if args.quick:
-        recs = [dict(r, quick=True) for r in recs]
-    print("wrote", write_jsonl("hf", recs))
+        streaming(args, device, dtype, recs)
+    print("wrote", recs.path or write_jsonl("hf", []))
 
 
 if __name__ == "__main__":

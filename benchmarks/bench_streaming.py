@@ -50,7 +50,7 @@ from pyencoder.nn import (BandedSelfAttention, CausalConv1d, ChunkedSelfAttentio
 from pyencoder.streaming import StreamingSequential, latency  # noqa
 
 try:
-    from benchmarks._common import env_info, write_jsonl
+    from benchmarks._common import JsonlRows, env_info, write_jsonl
 except Exception:  # pragma: no cover - minimal local fallbacks
     import json
     import platform
@@ -69,6 +69,24 @@ except Exception:  # pragma: no cover - minimal local fallbacks
             for r in records:
                 f.write(json.dumps({**env_info(), **r}) + "\n")
         return path
+
+    class JsonlRows(list):
+        def __init__(self, name, write=True, extra=None):
+            super().__init__()
+            self.name, self.write, self.extra, self.path = name, write, dict(extra or {}), None
+
+        def append(self, rec):
+            super().append(rec)
+            if self.write:
+                self.path = write_jsonl(self.name, [{**rec, **self.extra}])
+
+        def extend(self, recs):
+            for r in recs:
+                self.append(r)
+
+        def __iadd__(self, recs):
+            self.extend(recs)
+            return self
 
 SR = 16000
 HOP = 320
@@ -127,15 +145,17 @@ def _floor(model, x, t_off, chunk_ms=80):
                 compute_s_per_audio_s=t_w + t_conv, ratio_vs_offline=(t_w + t_conv) / t_off)
 
 
-def _cpu_streams(model, args, chunk_ms=80):
+def _cpu_streams(model, args, chunk_ms=80, recs=None, base=None):
     """Concurrent real-time streams on this CPU: the largest batch whose steady-state step of
     ``chunk_ms`` of audio per stream (median of a few steps after a warm-up that fills the left
     context's ring) takes at most ``chunk_ms``. A batch of B streams reads every weight once per
-    step, so B streams cost far less than B single streams."""
+    step, so B streams cost far less than B single streams. Rows (``base`` merged in) are
+    appended to ``recs`` as measured and returned."""
     c = chunk_ms * SR // 1000
     frames = c // HOP
     warm = _warm_steps(model, frames)
-    recs = []
+    recs = [] if recs is None else recs
+    base = base or {}
 
     def measure(B):
         x = torch.randn(B, 1, c * (warm + args.cpu_steps))
@@ -148,25 +168,25 @@ def _cpu_streams(model, args, chunk_ms=80):
             model.step(x[..., i * c:(i + 1) * c], st)
             ts.append((time.perf_counter() - t0) * 1e3)
         ms = statistics.median(ts)
-        recs.append(dict(mode="cpu_batch_step", chunk_ms=chunk_ms, batch=B, median_ms=ms))
+        recs.append(dict(base, mode="cpu_batch_step", chunk_ms=chunk_ms, batch=B, median_ms=ms))
         print(f"  batch {B}: {ms:.1f} ms per {chunk_ms} ms step")
         return ms
 
     streams, capped = search_streams(measure, float(chunk_ms), start=1,
                                      max_batch=args.cpu_max_batch)
-    recs.append(dict(mode="realtime_streams", chunk_ms=chunk_ms, step_ms=chunk_ms,
+    recs.append(dict(base, mode="realtime_streams", chunk_ms=chunk_ms, step_ms=chunk_ms,
                      streams=streams, capped_at_max_batch=capped, target_streams=None))
     print(f"concurrent real-time streams at {chunk_ms} ms chunks on this CPU: {streams}")
     return recs
 
 
-def bench_cpu(args):
+def bench_cpu(args, recs=None):
     torch.manual_seed(0)
     model = build(layers=args.layers)
     lat = latency(model)
     n = int(args.seconds * SR)
     x = torch.randn(1, 1, n)
-    recs = []
+    recs = [] if recs is None else recs    # a JsonlRows writes each row as it is appended
     base = dict(bench="streaming", dtype="float32", layers=args.layers, dim=768, heads=12,
                 left=250, lookahead_frames=3, latency_ms=lat.ms, audio_seconds=args.seconds,
                 threads=torch.get_num_threads())
@@ -197,7 +217,7 @@ def bench_cpu(args):
               f"{fl['read_gb_per_s']:.1f} GB/s = {fl['weights_s_per_audio_s'] * 1000:.0f} ms per s "
               f"of audio + conv extractor {fl['conv_s_per_audio_s'] * 1000:.0f} ms = "
               f"{fl['ratio_vs_offline']:.2f}x offline")
-        recs += [dict(base, **r) for r in _cpu_streams(model, args)]
+        _cpu_streams(model, args, recs=recs, base=base)
         win_s = 2 if args.quick else 5    # the naive server's window
         win = torch.randn(1, 1, win_s * SR)
         t5 = _time(lambda: model(win), args.reps, warm)
@@ -325,14 +345,14 @@ def _fits(model, B, dtype, step_frames):
     return 1.5 * st.nbytes() + 64 * 2 ** 20 < free
 
 
-def bench_gpu(args):
+def bench_gpu(args, recs=None):
     dry = args.dry_run
     device = "cpu" if dry else "cuda"
     dtype = torch.bfloat16
     graph = not dry
     masks = list(GPU_MASKS) if args.mask == "both" else [args.mask]
     dims = DRY if dry else dict(layers=args.layers, dim=768, heads=12, ffn=3072, conv_dim=512)
-    recs = []
+    recs = [] if recs is None else recs    # a JsonlRows writes each row as it is appended
     for name in masks:
         cfg = GPU_MASKS[name]
         sf = cfg["step_frames"]
@@ -424,10 +444,10 @@ def main(argv=None):
         print("dry run: nothing written")
         return
     gpu = args.gpu or (torch.cuda.is_available() and not args.cpu)
-    recs = bench_gpu(args) if gpu else bench_cpu(args)
-    if args.quick:
-        recs = [dict(r, quick=True) for r in recs]
-    print(write_jsonl("streaming", recs))
+    # each row on disk once measured (a run cut by its time box keeps them)
+    recs = JsonlRows("streaming", extra={"quick": True} if args.quick else None)
+    (bench_gpu if gpu else bench_cpu)(args, recs)
+    print(recs.path or write_jsonl("streaming", []))
 
 
 if __name__ == "__main__":

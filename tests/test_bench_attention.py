@@ -129,3 +129,49 @@ def test_first_call_record_in_fresh_process():
 def test_bad_compile_backend_is_named():
     with pytest.raises(ValueError, match="compile_backend"):
         ba._Compiler("cudagraphs")
+
+
+class _Stop(Exception):
+    pass
+
+
+def _rows(path):
+    import json
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def test_rows_on_disk_as_measured(monkeypatch, tmp_path, capsys):
+    """A run cut after its first case (the time box's SIGTERM/SIGKILL) keeps that case's row:
+    the second case checks the file before it starts, then stops the run."""
+    from benchmarks._common import device_slug
+    monkeypatch.setenv("PYENCODER_RESULTS_DIR", str(tmp_path))
+    monkeypatch.setattr(ba, "copy_bandwidth_gbs", lambda: 1.0)
+    path = tmp_path / device_slug() / "attention.jsonl"
+    real, seen = ba.measure, []
+
+    def measure(name, *args, **kw):
+        seen.append(_rows(path))
+        if len(seen) == 2:
+            raise _Stop
+        return real(name, *args, **kw)
+
+    monkeypatch.setattr(ba, "measure", measure)
+    with pytest.raises(_Stop):
+        ba.main(["--quick", "--n", "48", "--providers", "reference", "sdpa-mask"])
+    assert seen[0] == []
+    assert len(seen[1]) == 1, seen[1]
+    row = seen[1][0]
+    assert row["provider"] == "reference" and row["N"] == 48 and row["fwd_ms"] > 0
+    assert row["bench"] == "attention" and row["mask"] == "band(50, 3)" and "run_id" in row
+    assert "reference" in capsys.readouterr().out      # the printed line came with it
+    assert _rows(path) == seen[1]
+
+
+def test_no_write_writes_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv("PYENCODER_RESULTS_DIR", str(tmp_path))
+    monkeypatch.setattr(ba, "copy_bandwidth_gbs", lambda: 1.0)
+    monkeypatch.setattr(ba, "measure", lambda name, *a, **k: {"provider": name, "skipped": "x"})
+    assert ba.main(["--quick", "--n", "48", "--providers", "reference", "--no-write"]) == 0
+    assert not any(tmp_path.rglob("*.jsonl"))

@@ -63,3 +63,58 @@ def test_conv_cpu_label_is_not_cudnn():
     assert bench_conv.CPU_ALIASES["cudnn"] == "torch-conv1d"
     assert _conv_provider({"provider": "cudnn", "device": "cpu-x86-64"}) == "torch-conv1d"
     assert _conv_provider({"provider": "cudnn", "device": "nvidia-h100"}) == "cudnn"
+
+
+class _Stop(Exception):
+    pass
+
+
+def _rows(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(x) for x in f if x.strip()]
+
+
+def test_conv_rows_on_disk_as_measured(monkeypatch, tmp_path):
+    """bench_conv appends each row when it is measured: the second case finds the first one's
+    row in the file before it starts (a run killed there keeps it)."""
+    from benchmarks import bench_conv
+    from benchmarks._common import device_slug
+    monkeypatch.setenv("PYENCODER_RESULTS_DIR", str(tmp_path))
+    monkeypatch.setattr(bench_conv, "copy_bandwidth_gbs", lambda: 1.0)
+    path = os.path.join(tmp_path, device_slug(), "conv.jsonl")
+    real, seen = bench_conv._record, []
+
+    def record(*a, **k):
+        seen.append(_rows(path))
+        if len(seen) == 2:
+            raise _Stop
+        return real(*a, **k)
+
+    monkeypatch.setattr(bench_conv, "_record", record)
+    with pytest.raises(_Stop):
+        bench_conv.main(["--quick", "--suites", "depthwise"])
+    assert seen[0] == [] and len(seen[1]) == 1, seen
+    row = seen[1][0]
+    assert row["bench"] == "conv" and row["suite"] == "depthwise" and row["median_ms"] > 0
+    assert "run_id" in row and _rows(path) == seen[1]
+
+
+def test_jsonl_rows_append_extend_iadd(monkeypatch, tmp_path):
+    from benchmarks._common import JsonlRows, device_slug
+    monkeypatch.setenv("PYENCODER_RESULTS_DIR", str(tmp_path))
+    path = os.path.join(tmp_path, device_slug(), "x.jsonl")
+    rows = JsonlRows("x", extra={"quick": True})
+    assert rows.path is None
+    rows.append({"a": 1})
+    assert rows.path == path and [r["a"] for r in _rows(path)] == [1]
+    rows.extend([{"a": 2}])
+    rows += [{"a": 3, "quick": False}]
+    got = _rows(path)
+    assert [r["a"] for r in got] == [1, 2, 3] and all(r["quick"] is True for r in got)
+    assert list(rows) == [{"a": 1}, {"a": 2}, {"a": 3, "quick": False}]
+    off = JsonlRows("y", write=False)
+    off.append({"a": 1})
+    assert off.path is None and len(off) == 1
+    assert not os.path.exists(os.path.join(tmp_path, device_slug(), "y.jsonl"))
