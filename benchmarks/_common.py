@@ -9,6 +9,22 @@ API (keep it small):
                                      warmup/rep are milliseconds of running fn (as in
                                      triton.testing.do_bench, which is used on CUDA; on CPU a
                                      perf_counter loop with the same budget, at least 3 runs)
+    host_us(fn, calls=20, repeats=5) -> float
+                                     host-side cost of one call in us: ``calls`` calls back to
+                                     back with time.perf_counter, no synchronisation inside the
+                                     loop (CUDA: synchronised before and after, the final
+                                     synchronize inside the timing), median over ``repeats``. When
+                                     the kernel is slower than the host this measures the GPU:
+                                     compare with bench()'s figure
+    graph_ms(fn, warmup=25, rep=100) -> float | None
+                                     fn captured once into a torch.cuda.CUDAGraph (3 warm-up calls
+                                     on a side stream first) and the replay timed with bench():
+                                     median ms of GPU time without host overhead. None on CPU;
+                                     raises what the capture raises
+    host_graph_fields(fn, prefix="fwd") -> dict
+                                     {prefix_host_us, prefix_graph_ms} (both None on CPU); a
+                                     failed capture gives prefix_graph_ms None and
+                                     prefix_graph_error (the exception's first line), never raises
     results_dir() -> str             <results root>/<device-slug>: where this run writes
     write_jsonl(name, records) -> path
                                      appends records (env_info() merged in, record keys win) to
@@ -129,6 +145,83 @@ def bench(fn, warmup=25, rep=100):
     times.sort()
     return {"median_ms": _quantile(times, 0.5), "p20_ms": _quantile(times, 0.2),
             "p80_ms": _quantile(times, 0.8)}
+
+
+def host_us(fn, calls=20, repeats=5):
+    """Median over ``repeats`` of (wall time of ``calls`` back-to-back calls) / calls, in us.
+    CUDA: synchronised before the loop and once after it (inside the timing), never inside, so
+    with ``calls`` small enough not to fill the launch queue a host-bound fn measures the host."""
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fn()
+    sync()
+    ts = []
+    for _ in range(max(1, repeats)):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        ts.append((time.perf_counter() - t0) / calls * 1e6)
+    ts.sort()
+    return float(_quantile(ts, 0.5))
+
+
+def graph_ms(fn, warmup=25, rep=100):
+    """Median ms of replaying fn captured into a CUDA graph (pure GPU time); None without CUDA.
+    fn's inputs must be static tensors (the graph replays on the same memory)."""
+    if not torch.cuda.is_available():
+        return None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    torch.cuda.synchronize()
+    try:
+        return float(bench(g.replay, warmup, rep)["median_ms"])
+    finally:
+        del g
+
+
+def _first_line(e):
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+def host_graph_fields(fn, prefix="fwd", warmup=25, rep=100):
+    """The host and CUDA-graph figures of fn as record fields (None on CPU). A failed capture is
+    recorded (``<prefix>_graph_error``), never raised: the case goes on."""
+    out = {f"{prefix}_host_us": None, f"{prefix}_graph_ms": None}
+    if not torch.cuda.is_available():
+        return out
+    out[f"{prefix}_host_us"] = host_us(fn)
+    try:
+        out[f"{prefix}_graph_ms"] = graph_ms(fn, warmup, rep)
+    except Exception as e:  # capture unsupported by this provider (host sync, allocation, ...)
+        out[f"{prefix}_graph_error"] = _first_line(e)
+        try:
+            torch.cuda.synchronize()
+        except Exception:
+            pass
+    return out
+
+
+def host_graph_text(rec, prefix="fwd"):
+    """"  host 123 us  graph 0.045 ms" for a record with these fields ("" when both are None)."""
+    h, g = rec.get(f"{prefix}_host_us"), rec.get(f"{prefix}_graph_ms")
+    if h is None and g is None and f"{prefix}_graph_error" not in rec:
+        return ""
+    text = f"  host {h:.0f} us" if h is not None else ""
+    if g is not None:
+        text += f"  graph {g:.3f} ms"
+    elif f"{prefix}_graph_error" in rec:
+        text += "  graph failed"
+    return text
 
 
 def wall_times(fn, reps=3, warm=True):

@@ -33,7 +33,13 @@ Shapes: wav2vec2-base (B=8, H=12, D=64) and large (B=8, H=16, D=64); N in {500, 
 12000}; masks band(None,0), band(None,3), band(250,3), band(50,3), chunked(4,128,3). bf16 on GPU.
 
 Each record: provider, shape, B, H, D, N, mask, dtype, rope, fwd/bwd/fwdbwd medians and 20/80 %
-quantiles (ms), in-band TFLOP/s (FLOPs over visible (query, key) pairs only: 4*D per pair forward,
+quantiles (ms) (triton.testing.do_bench: CUDA events around each call, so host-side launch cost
+shows whenever it exceeds the kernel time), ``fwd_host_us`` (CUDA: host cost of one forward, 20
+calls back to back with perf_counter and one synchronize at the end, median of 5; when the kernel
+is slower than the host this is GPU time: compare with fwd_ms), ``fwd_graph_ms`` (CUDA: the
+forward captured once into a CUDA graph and the replay timed with do_bench: GPU time without host
+overhead; a failed capture leaves it None and records ``fwd_graph_error``), both None on CPU and
+printed as "host 123 us  graph 0.045 ms"; in-band TFLOP/s (FLOPs over visible (query, key) pairs only: 4*D per pair forward,
 10*D backward), and for windows <= 1024 wide the % of the measured copy bandwidth reached by the
 minimum HBM traffic (q, k, v read, out written; backward: q, k, v, out, dout read, dq, dk, dv
 written). Written to <results root>/<device>/attention.jsonl.
@@ -55,7 +61,7 @@ import warnings
 import torch
 
 from benchmarks._common import (ROOT, JsonlRows, bench, copy_bandwidth_gbs, device_slug, env_info,
-                                write_jsonl)
+                                host_graph_fields, host_graph_text, write_jsonl)
 
 SHAPES = {"wav2vec2-base": (8, 12, 64), "wav2vec2-large": (8, 16, 64)}
 NS = (500, 1500, 3000, 12000)
@@ -299,6 +305,8 @@ def _measure(name, shape_name, B, H, D, n, m, dtype, device, warmup, rep, bw, ro
             with strict():
                 with torch.no_grad():
                     t_f = bench(fwd, warmup, rep)
+                    # CUDA: host cost per call and CUDA-graph replay (None on CPU)
+                    host_graph = host_graph_fields(fwd, "fwd", warmup, rep)
                 if grad:
                     t_b = bench(bwd, warmup, rep)
                     t_fb = bench(fwdbwd, warmup, rep)
@@ -323,6 +331,7 @@ def _measure(name, shape_name, B, H, D, n, m, dtype, device, warmup, rep, bw, ro
         rec[f"{key}_ms"] = t["median_ms"]
         rec[f"{key}_p20_ms"] = t["p20_ms"]
         rec[f"{key}_p80_ms"] = t["p80_ms"]
+    rec.update(host_graph)
     pairs = visible_pairs(n, m) * B * H
     rec["visible_pairs"] = pairs
     rec["fwd_tflops"] = 4 * D * pairs / (t_f["median_ms"] * 1e-3) / 1e12
@@ -485,6 +494,7 @@ def main(argv=None):
                                     f"{rec['fwd_tflops']:6.1f} TFLOP/s fwd")
                             if "fwd_hbm_pct" in rec:
                                 line += f"  {rec['fwd_hbm_pct']:5.1f} % HBM fwd"
+                            line += host_graph_text(rec)
                         print(f"{shape_name:16s} N={n:6d} {mask_name(m):18s} "
                               f"{'rope' if rope else 'no-rope':7s} {prov:26s} {line}", flush=True)
     if not args.no_write:

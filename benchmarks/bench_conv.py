@@ -13,8 +13,11 @@ Suites
 - update: one new frame for B in {1, 64, 512} streams, C=1024, widths {4, 31}.
 
 Records: median/p20/p80 ms and GB/s of compulsory traffic (x read + y written + weights) against
-the measured device-to-device copy bandwidth (``copy_bw_gbs``, ``frac_of_copy``). JSON lines go
-to <results root>/<device>/conv.jsonl. On CPU only the reference and F.conv1d run, on small
+the measured device-to-device copy bandwidth (``copy_bw_gbs``, ``frac_of_copy``). Depthwise rows
+also carry ``fwd_host_us`` (host cost of one call: 20 calls back to back, one synchronize at the
+end) and ``fwd_graph_ms`` (the call replayed from a CUDA graph: GPU time without host overhead;
+``fwd_graph_error`` when the capture fails), both None on CPU (benchmarks._common.host_us,
+graph_ms). JSON lines go to <results root>/<device>/conv.jsonl, each row appended when measured. On CPU only the reference and F.conv1d run, on small
 shapes.
 """
 import argparse
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import (JsonlRows, bench, copy_bandwidth_gbs, device_slug, env_info,  # noqa: E402
-                               write_jsonl)
+                               host_graph_fields, host_graph_text, write_jsonl)
 
 PROVIDERS = ("pyencoder-cuda", "pyencoder-triton", "cudnn", "causal-conv1d", "reference")
 # F.conv1d with left padding is cuDNN on a GPU; on a CPU it is torch's own conv (oneDNN/ATen), so
@@ -90,7 +93,8 @@ def _bytes(x, w, y_numel):
     return (x.numel() + y_numel + w.numel()) * es
 
 
-def _record(suite, provider, shape, dtype, fn, nbytes, copy_bw, warmup, rep, extra=None):
+def _record(suite, provider, shape, dtype, fn, nbytes, copy_bw, warmup, rep, extra=None,
+            host_graph=False):
     rec = dict(bench="conv", suite=suite, provider=provider, dtype=str(dtype).replace("torch.", ""),
                **shape, **(extra or {}))
     if isinstance(fn, str):
@@ -98,10 +102,12 @@ def _record(suite, provider, shape, dtype, fn, nbytes, copy_bw, warmup, rep, ext
         return rec
     try:
         t = bench(fn, warmup=warmup, rep=rep)
+        hg = host_graph_fields(fn, "fwd", warmup, rep) if host_graph else {}
     except Exception as e:  # one failing provider must not stop the sweep
         rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         return rec
     rec.update(t)
+    rec.update(hg)
     gbs = nbytes / (t["median_ms"] * 1e-3) / 1e9
     rec.update(gb_per_s=gbs, bytes=nbytes, copy_bw_gbs=copy_bw,
                frac_of_copy=(gbs / copy_bw) if copy_bw else None)
@@ -124,7 +130,8 @@ def run(args):
         records.append(rec)
         ms = rec.get("median_ms")
         tail = rec.get("skipped") or rec.get("error") or (
-            f"{ms:.4f} ms  {rec['gb_per_s']:.0f} GB/s ({100 * (rec['frac_of_copy'] or 0):.0f}% copy)")
+            f"{ms:.4f} ms  {rec['gb_per_s']:.0f} GB/s ({100 * (rec['frac_of_copy'] or 0):.0f}% copy)"
+            + host_graph_text(rec))
         shape = " ".join(f"{k}={rec[k]}" for k in ("B", "C", "L", "k", "groups", "stride", "mode")
                          if k in rec)
         print(f"{rec['suite']:9s} {rec['provider']:17s} {shape:50s} {tail}", flush=True)
@@ -148,7 +155,7 @@ def run(args):
                         fn = _provider_fn(prov, x, w, b, 1, C)
                         emit(_record("depthwise", prov, dict(B=B, C=C, L=L, k=k, groups=C,
                                                              stride=1, mode="fwd"),
-                                     dtype, fn, nbytes, copy_bw, warmup, rep))
+                                     dtype, fn, nbytes, copy_bw, warmup, rep, host_graph=True))
     if "grouped" in suites:
         cfgs = ((768, 16, 128), (1024, 16, 128)) if gpu else ((64, 4, 16),)
         Ls = ((512, 2048) if not args.quick else (2048,)) if gpu else (64,)

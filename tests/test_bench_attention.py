@@ -175,3 +175,44 @@ def test_no_write_writes_nothing(monkeypatch, tmp_path):
     monkeypatch.setattr(ba, "measure", lambda name, *a, **k: {"provider": name, "skipped": "x"})
     assert ba.main(["--quick", "--n", "48", "--providers", "reference", "--no-write"]) == 0
     assert not any(tmp_path.rglob("*.jsonl"))
+
+
+def test_host_us_and_graph_ms_on_cpu():
+    from benchmarks import _common
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return torch.randn(64, 64) @ torch.randn(64, 64)
+
+    us = _common.host_us(fn, calls=7, repeats=3)
+    assert isinstance(us, float) and math.isfinite(us) and us > 0
+    assert len(calls) == 1 + 7 * 3                      # one warm-up call, then 3 x 7
+    assert _common.graph_ms(fn) is None
+    assert _common.host_graph_fields(fn) == {"fwd_host_us": None, "fwd_graph_ms": None}
+
+
+def test_failed_capture_is_recorded_not_raised(monkeypatch):
+    from benchmarks import _common
+    monkeypatch.setattr(_common.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_common.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(_common, "host_us", lambda fn: 123.4)
+
+    def boom(fn, warmup, rep):
+        raise RuntimeError("operation not permitted when stream is capturing\nsecond line")
+    monkeypatch.setattr(_common, "graph_ms", boom)
+    rec = _common.host_graph_fields(lambda: None)
+    assert rec == {"fwd_host_us": 123.4, "fwd_graph_ms": None,
+                   "fwd_graph_error": "RuntimeError: operation not permitted when stream is "
+                                      "capturing"}
+    assert _common.host_graph_text(rec) == "  host 123 us  graph failed"
+    assert _common.host_graph_text({"fwd_host_us": 123.4, "fwd_graph_ms": 0.0451}) == \
+        "  host 123 us  graph 0.045 ms"
+    assert _common.host_graph_text({"fwd_host_us": None, "fwd_graph_ms": None}) == ""
+
+
+def test_attention_rows_carry_host_and_graph_fields_none_on_cpu():
+    rec = _run("reference", 40, ("band", 8, 2))
+    assert "error" not in rec, rec
+    assert rec["fwd_host_us"] is None and rec["fwd_graph_ms"] is None
+    assert "fwd_graph_error" not in rec

@@ -99,6 +99,7 @@ def test_conv_rows_on_disk_as_measured(monkeypatch, tmp_path):
     row = seen[1][0]
     assert row["bench"] == "conv" and row["suite"] == "depthwise" and row["median_ms"] > 0
     assert "run_id" in row and _rows(path) == seen[1]
+    assert row["fwd_host_us"] is None and row["fwd_graph_ms"] is None   # CUDA only
 
 
 def test_jsonl_rows_append_extend_iadd(monkeypatch, tmp_path):
