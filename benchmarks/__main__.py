@@ -16,6 +16,13 @@ no distillation); its records carry quick=true. A progress bar shows the elapsed
 GPU: the Triton/CUDA kernels against their anchors (attention, conv, streaming, HF). CPU: the
 reference path against dense baselines, streaming costs and the HF patch. Each benchmark runs in
 its own process, so one failing does not stop the others; the exit code is non-zero if any failed.
+Every benchmark appends each JSON row the moment it is measured (benchmarks._common.JsonlRows), so
+a run cut by a time limit keeps its finished rows.
+
+Not run here (GPU diagnostics, run by hand): ``python -m benchmarks.profile_attention`` profiles the
+Triton attention forward and forward+backward with torch.profiler and separates the per-call host
+time (validation, custom-op dispatch, Triton's launcher) from the CUDA kernels' time and the
+CUDA-graph replay time (profile_attention.jsonl).
 """
 import argparse
 import os

@@ -42,7 +42,9 @@ overhead; a failed capture leaves it None and records ``fwd_graph_error``), both
 printed as "host 123 us  graph 0.045 ms"; in-band TFLOP/s (FLOPs over visible (query, key) pairs only: 4*D per pair forward,
 10*D backward), and for windows <= 1024 wide the % of the measured copy bandwidth reached by the
 minimum HBM traffic (q, k, v read, out written; backward: q, k, v, out, dout read, dq, dk, dv
-written). Written to <results root>/<device>/attention.jsonl.
+written). Written to <results root>/<device>/attention.jsonl, each row appended as soon as it is
+measured (a run cut by a time limit keeps every finished row). Where the host time goes, call by
+call: ``python -m benchmarks.profile_attention``.
 
     python -m benchmarks.bench_attention [--quick] [--providers P ...] [--n N ...]
         [--rope on|off|both] [--first-call [--first-call-modes M ...]]

@@ -15,7 +15,8 @@ Shapes: B = 8, C in {512, 768, 1024}, L in {2048, 16384}, k = 7, bf16 and fp32.
 
 Records: median/p20/p80 ms, GB/s of compulsory traffic (x read + y written + the parameters;
 fwd only) against the measured device copy bandwidth (``copy_bw_gbs``, ``frac_of_copy``), and
-``speedup_vs_composed``. JSON lines to <results root>/<device>/convnext.jsonl.
+``speedup_vs_composed``. JSON lines to <results root>/<device>/convnext.jsonl, each row appended
+as soon as it is measured.
 
 CPU: a smoke run of the composed path and the fused op's reference backend at tiny shapes (the
 Triton kernel is not timed on CPU: the interpreter is a correctness tool). The reference backend

@@ -9,7 +9,7 @@ memory (torch.cuda.max_memory_allocated above the weights) on GPU; None on CPU.
 Streaming: StreamingEncoder per-step time for 20 ms and 100 ms chunks after ``--warm-seconds`` of
 audio were streamed (so the ring holds the full left context), median and quantiles over steps.
 GPU runs in bf16 (weights cast), CPU in float32. Records go to
-<results root>/<device>/hf.jsonl.
+<results root>/<device>/hf.jsonl, each appended as soon as it is measured.
 
     python -m benchmarks.bench_hf [--quick] [--seconds S] [--batch B]
 """

@@ -29,7 +29,8 @@ one-chunk (80 ms) steps (step_fixed on a chunked mask needs steps that are whole
 --dry-run: the GPU code path on CPU (tiny model, bf16, no CUDA graphs, 3 steps, batches up to 4);
 writes nothing (tests/test_bench_streaming.py runs it).
 
-Writes JSON lines to <results root>/<device>/streaming.jsonl.
+Writes JSON lines to <results root>/<device>/streaming.jsonl, each row appended as soon as it is
+measured (a run cut by a time limit keeps the finished rows).
 Usage: python -m benchmarks.bench_streaming [--seconds 10] [--gpu] [--layers 12] [--mask both]
                                             [--quick] [--dry-run]
 """
