@@ -9,11 +9,12 @@ API (keep it small):
                                      warmup/rep are milliseconds of running fn (as in
                                      triton.testing.do_bench, which is used on CUDA; on CPU a
                                      perf_counter loop with the same budget, at least 3 runs)
-    host_us(fn, calls=20, repeats=5) -> float
+    host_us(fn, calls=20, repeats=5, budget_ms=200) -> float
                                      host-side cost of one call in us: ``calls`` calls back to
                                      back with time.perf_counter, no synchronisation inside the
                                      loop (CUDA: synchronised before and after, the final
-                                     synchronize inside the timing), median over ``repeats``. When
+                                     synchronize inside the timing), median over ``repeats``
+                                     (fewer calls when calls x repeats would pass budget_ms). When
                                      the kernel is slower than the host this measures the GPU:
                                      compare with bench()'s figure
     graph_ms(fn, warmup=25, rep=100) -> float | None
@@ -147,14 +148,21 @@ def bench(fn, warmup=25, rep=100):
             "p80_ms": _quantile(times, 0.8)}
 
 
-def host_us(fn, calls=20, repeats=5):
+def host_us(fn, calls=20, repeats=5, budget_ms=200.0):
     """Median over ``repeats`` of (wall time of ``calls`` back-to-back calls) / calls, in us.
     CUDA: synchronised before the loop and once after it (inside the timing), never inside, so
-    with ``calls`` small enough not to fill the launch queue a host-bound fn measures the host."""
+    with ``calls`` small enough not to fill the launch queue a host-bound fn measures the host.
+    A slow fn (one synchronised call x calls x repeats over ``budget_ms``) gets fewer calls per
+    repeat (at least 1): there the figure is GPU time anyway, and a table stays in its time box."""
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     fn()
     sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    one = max(time.perf_counter() - t0, 1e-9)
+    calls = max(1, min(calls, int(budget_ms / 1e3 / one / max(1, repeats))))
     ts = []
     for _ in range(max(1, repeats)):
         sync()

@@ -5,6 +5,7 @@ seconds): Flex compiles at most two graphs per case (inference, training) across
 a run that does raises CompiledAnchorError. Also the attention-only rows and the first-call
 record (a fresh process)."""
 import math
+import time
 
 import pytest
 import torch
@@ -185,9 +186,16 @@ def test_host_us_and_graph_ms_on_cpu():
         calls.append(1)
         return torch.randn(64, 64) @ torch.randn(64, 64)
 
-    us = _common.host_us(fn, calls=7, repeats=3)
+    us = _common.host_us(fn, calls=7, repeats=3, budget_ms=1e6)
     assert isinstance(us, float) and math.isfinite(us) and us > 0
-    assert len(calls) == 1 + 7 * 3                      # one warm-up call, then 3 x 7
+    assert len(calls) == 2 + 7 * 3            # a warm-up and a probe call, then 3 x 7
+    calls.clear()
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.01)
+    us = _common.host_us(slow, calls=20, repeats=2, budget_ms=45)   # at most 2 calls per repeat
+    assert len(calls) in (2 + 1 * 2, 2 + 2 * 2) and us >= 1e4
     assert _common.graph_ms(fn) is None
     assert _common.host_graph_fields(fn) == {"fwd_host_us": None, "fwd_graph_ms": None}
 
