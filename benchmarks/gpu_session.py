@@ -12,24 +12,30 @@ Stages, in order of value (name: timeout in s on a GPU):
      into <work>/triton-cache (TRITON_CACHE_DIR of every stage) and compare its key facts with
      the device's Triton ("cache key matches" or "mismatch: compiling"; benchmarks/triton_cache.py),
      `python -m pyencoder info`, versions, GPU name and measured copy bandwidth;
-  2. attention (110): `pytest -m gpu_quick` on the attention tests, bf16 first (the bf16 ids run
-     before the rest), with pytest-xdist (-n 16) when installed;
-  3. attention_table (125): bench_attention at wav2vec2-base (B=8, H=12, D=64), bf16, fwd, bwd,
-     fwd+bwd, N in (1500, 3000, 12000): pyencoder-triton, then flex (one process per N), then
-     sdpa-mask and flash-attn (each process writes its JSON lines when it ends);
-  4. conv (50): `pytest -m gpu_quick tests/test_conv_gpu.py`, then bench_conv --quick (depthwise vs
-     F.conv1d(groups=C), grouped, strided, update);
-  5. streaming (50): `pytest -m gpu_quick` on the decode kernel and CUDA-graph step tests, then
-     bench_streaming --gpu --quick (step p50/p99 at batch 1 for 20 and 80 ms chunks, concurrent
-     real-time streams);
-  6. convnext_hf (50): `pytest -m gpu_quick` on the fused ConvNeXt and model tests, bench_convnext
-     --quick, bench_hf --quick (the HF patch offline vs transformers' SDPA and eager);
-  7. attention_ext (55): bench_attention_ext, one process per suite (bias, sink, frame; each
+  2. profile (25): benchmarks.profile_attention, where one attention call's time goes (host
+     launch path vs kernels: torch.profiler, per-call host time, CUDA-graph replay);
+  3. attention_table (150): bench_attention at wav2vec2-base (B=8, H=12, D=64), bf16, the four
+     headline masks (TABLE_MASKS), fwd, bwd, fwd+bwd (+ host time and graph forward time):
+     pyencoder-triton in its three RoPE modes at N = 1500, 3000, then Flex at N=1500 (RoPE off,
+     then on), sdpa-mask and flash-attn, Flex at N=3000 (every process appends each JSON line as
+     it is measured);
+  4. streaming (50): bench_streaming --gpu --quick (step p50/p99 at batch 1 for 20 and 80 ms
+     chunks, concurrent real-time streams), then `pytest -m gpu_quick` on the decode kernel and
+     CUDA-graph step tests;
+  5. conv (40): bench_conv --quick (depthwise vs F.conv1d(groups=C), grouped, strided, update),
+     then `pytest -m gpu_quick tests/test_conv_gpu.py`;
+  6. attention_ext (55): bench_attention_ext, one process per suite (bias, sink, frame; each
      stops starting cases after its --max-seconds share and appends its JSON lines after every
      case): the fused WavLM relative bias vs Flex's score_mod and the plain-torch path, sink keys
      and frame-rate cross-attention vs Flex's mask_mod, bf16, N = 1500 first (every provider
      checked against the float32 reference before it is timed);
-  8. rest (what is left): `pytest -m "gpu and not gpu_quick"`.
+  7. attention (70): `pytest -m gpu_quick` on the attention tests, bf16 first (the bf16 ids run
+     before the rest), with pytest-xdist (-n 16) when installed;
+  8. convnext_hf (50): `pytest -m gpu_quick` on the fused ConvNeXt and model tests, bench_convnext
+     --quick, bench_hf --quick (the HF patch offline vs transformers' SDPA and eager);
+  9. rest (what is left): `pytest -m "gpu and not gpu_quick"`.
+(Benchmarks first: on the first GPU call the tests mostly passed while no benchmark row was
+written; benchmarks/GPU_SESSION.md.)
 Budget arithmetic: a typical setup (SETUP_TYPICAL_S = 40 s) plus every other stage's timeout but
 rest's fits the default budget (480 s); tests/test_gpu_session.py checks it.
 A stage runs only while the total budget lasts; each command of a stage runs in its own process
@@ -74,6 +80,7 @@ STAGE_LOG_CAP = 2 * 2**20          # per stage, in session.log (the full log is 
 NAME_OK = re.compile(r"^[A-Za-z0-9._-]+$")
 
 ATTENTION_TESTS = ["tests/test_attention_triton.py", "tests/test_attention_triton_ropetable.py",
+                   "tests/test_attention_triton_prerot.py",
                    "tests/test_attention_sink.py", "tests/test_attention_sink_bias.py"]
 STREAMING_TESTS = ["tests/test_streaming_decode_triton.py", "tests/test_streaming_fixed.py",
                    "tests/test_wavlm_step_fixed.py", "tests/test_streaming_fixed_sink.py"]
@@ -168,31 +175,49 @@ def plan_attention(ctx):
                                     ("-k", f"not ({BF16_K})")), {})]
 
 
+# the attention_table stage's masks (bench_attention --masks): the issue's four headline masks
+TABLE_MASKS = ("band:None:0", "band:250:3", "band:50:3", "chunked:4:128:3")
+ROPE_PROVIDERS = ("pyencoder-triton", "pyencoder-triton-prerot", "pyencoder-triton-ropetable")
+
+
+def plan_profile(ctx):
+    """Where the time of one attention call goes: host (launch path) vs kernel (profiler, CUDA
+    graph replay): the ~0.3 ms per-call floor the first session's logs showed."""
+    if ctx["dry"]:
+        return [("profile-attention", _py("-m", "benchmarks.profile_attention", "--dry-run"), {})]
+    return [("profile-attention", _py("-m", "benchmarks.profile_attention", "--max-seconds",
+                                      "18"), {})]
+
+
 def plan_attention_table(ctx):
     if ctx["dry"]:
         return [("bench-attention", _py("-m", "benchmarks.bench_attention", "--n", "48",
                                         "--providers", "reference", "sdpa-mask"), {})]
-    # bench_attention writes its JSON lines when it ends: one process per provider (flex, whose
-    # compiles take longest, one per N) so a stage cut at its timeout keeps what finished
-    ns = list(ATTENTION_TABLE_NS)
-    runs = [("triton", ["pyencoder-triton"], ns)]
-    runs += [(f"flex-N{n}", ["flex"], [n]) for n in ns]
-    runs += [("sdpa-flash", ["sdpa-mask", "flash-attn"], ns)]
+    # every process appends each JSON line as it is measured; ours first (three RoPE modes, the
+    # RoPE-off rows once), then Flex (compiles per case: attention-only rows first), then SDPA
+    masks = ("--masks", *TABLE_MASKS)
+    runs = [("triton", ["--providers", *ROPE_PROVIDERS, "--n", "1500", "3000"]),
+            ("flex-N1500-norope", ["--providers", "flex", "--n", "1500", "--rope", "off"]),
+            ("flex-N1500-rope", ["--providers", "flex", "--n", "1500", "--rope", "on"]),
+            ("sdpa-flash", ["--providers", "sdpa-mask", "flash-attn", "--n", "1500"]),
+            ("flex-N3000-norope", ["--providers", "flex", "--n", "3000", "--rope", "off"])]
     return [(f"bench-attention-{label}", _py("-m", "benchmarks.bench_attention", "--shapes",
-                                             "wav2vec2-base", "--n", *n, "--providers", *provs),
-             {}) for label, provs, n in runs]
+                                             "wav2vec2-base", *masks, *extra), {})
+            for label, extra in runs]
 
 
 def plan_conv(ctx):
+    # the benchmark first: the gpu_quick conv tests all passed on the first GPU (71 / 71)
     bench = ["--quick"] if not ctx["dry"] else ["--quick", "--suites", "depthwise", "update"]
-    return [("pytest", _pytest("gpu_quick", ["tests/test_conv_gpu.py"], ctx, "conv.xml"), {}),
-            ("bench-conv", _py("-m", "benchmarks.bench_conv", *bench), {})]
+    return [("bench-conv", _py("-m", "benchmarks.bench_conv", *bench), {}),
+            ("pytest", _pytest("gpu_quick", ["tests/test_conv_gpu.py"], ctx, "conv.xml"), {})]
 
 
 def plan_streaming(ctx):
+    # the benchmark first: never measured yet, while 16 of the tests passed on the first GPU
     bench = ["--dry-run"] if ctx["dry"] else ["--gpu", "--quick"]
-    return [("pytest", _pytest("gpu_quick", STREAMING_TESTS, ctx, "streaming.xml"), {}),
-            ("bench-streaming", _py("-m", "benchmarks.bench_streaming", *bench), {})]
+    return [("bench-streaming", _py("-m", "benchmarks.bench_streaming", *bench), {}),
+            ("pytest", _pytest("gpu_quick", STREAMING_TESTS, ctx, "streaming.xml"), {})]
 
 
 def plan_convnext_hf(ctx):
@@ -222,12 +247,13 @@ def plan_rest(ctx):
 # (name, GPU timeout s, dry-run timeout s, plan)
 STAGES = [
     ("setup", 150, 60, plan_setup),     # ~20-40 s with a fitting prebuilt _C
-    ("attention", 110, 60, plan_attention),
-    ("attention_table", 125, 40, plan_attention_table),
-    ("conv", 50, 40, plan_conv),
+    ("profile", 25, 40, plan_profile),
+    ("attention_table", 150, 40, plan_attention_table),
     ("streaming", 50, 40, plan_streaming),
-    ("convnext_hf", 50, 60, plan_convnext_hf),
+    ("conv", 40, 40, plan_conv),
     ("attention_ext", 55, 40, plan_attention_ext),
+    ("attention", 70, 60, plan_attention),
+    ("convnext_hf", 50, 60, plan_convnext_hf),
     ("rest", 10**6, 40, plan_rest),
 ]
 MIN_STAGE_S = 10

@@ -29,6 +29,9 @@ build:
      path from a recorded request to triton.compile(ASTSource, target, options), with
      TRITON_CACHE_DIR at the staging folder; each compiled kernel's hash must equal the recorded
      one (a request that does not reproduce is reported, not kept);
+     a request whose entry the previous cache at --out already holds (same key facts, same
+     hash: nothing that decides the binary changed) is copied from its entries.tgz instead
+     (--no-reuse compiles everything): after an edit only the edited kernels compile again;
   3. prune: each entry keeps what loading a kernel reads (CompiledKernel reads every file its
      group lists: the metadata .json and the .cubin suffice; the .source/.ttir/.ttgir/.llir/.ptx
      are dropped) and its group file lists bare file names (the device rewrites them to absolute
@@ -519,9 +522,42 @@ def compile_all(requests, cache_dir, jobs, target=TARGET, nice=0):
         return list(pool.map(compile_request, reqs, chunksize=1))
 
 
-def build(out, tier, pytest_args, jobs, autotune=False, target=TARGET, nice=0, bench=True):
+def reuse_entries(previous, requests, stage, target=TARGET):
+    """Copy into `stage` the entries of the cache folder `previous` (a packed .triton-cache) that
+    a request asks for by hash, when `previous` was built with this Triton's key facts: an entry
+    is keyed by everything that decides its binary (source, signature, constexprs, options,
+    Triton, ptxas, arch), so an unchanged kernel's entry is the compile it would redo. Returns the
+    request hashes reused (none when `previous` is None, absent, or of other key facts)."""
+    if not previous:
+        return set()
+    archive = os.path.join(previous, ARCHIVE)
+    try:
+        with open(os.path.join(previous, BUILD_INFO)) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return set()
+    facts = key_facts(target)
+    if not os.path.isfile(archive) or any(old.get(k) != facts.get(k) for k in KEY_FIELDS):
+        return set()
+    from triton.runtime.cache import _base32
+    want = {_base32(r["hash"]): r["hash"] for r in requests}
+    got = set()
+    with tarfile.open(archive, "r:gz") as t:
+        members = [m for m in t.getmembers() if m.name.split("/")[0] in want]
+        t.extractall(stage, members=members, filter="data")
+    for key in {m.name.split("/")[0] for m in members}:
+        if any(f.startswith("__grp__") for f in os.listdir(os.path.join(stage, key))):
+            got.add(want[key])
+        else:
+            shutil.rmtree(os.path.join(stage, key))
+    return got
+
+
+def build(out, tier, pytest_args, jobs, autotune=False, target=TARGET, nice=0, bench=True,
+          reuse=True):
     """Capture (a subprocess), compile (`jobs` processes) into a staging folder, prune, and
-    replace `out` with it. Returns build_info."""
+    replace `out` with it. Returns build_info. ``reuse``: entries of the cache already at `out`
+    that a request names (same key facts) are copied instead of compiled (reuse_entries)."""
     t0 = time.monotonic()
     out = os.path.abspath(out)
     stage = out + ".staging"
@@ -546,10 +582,14 @@ def build(out, tier, pytest_args, jobs, autotune=False, target=TARGET, nice=0, b
     os.remove(reqfile)
     shutil.rmtree(env["TRITON_CACHE_DIR"], ignore_errors=True)
     t1 = time.monotonic()
-    results = compile_all(cap["requests"], stage, jobs, target, nice)
+    reused = reuse_entries(out if reuse else None, cap["requests"], stage, target)
+    todo = [r for r in cap["requests"] if r["hash"] not in reused]
+    print(f"triton cache: {len(reused)} entries reused from the previous {out} "
+          f"(same key facts and hash), {len(todo)} to compile", flush=True)
+    results = compile_all(todo, stage, jobs, target, nice)
     t_comp = time.monotonic() - t1
     bad = [r for r in results if not r["ok"]]
-    good = {r["hash"] for r in results if r["ok"]}
+    good = {r["hash"] for r in results if r["ok"]} | reused
     from triton.runtime.cache import _base32
     for r in bad:   # a compile that does not reproduce its launch's key is not kept
         shutil.rmtree(os.path.join(stage, _base32(r["hash"])), ignore_errors=True)
@@ -561,6 +601,7 @@ def build(out, tier, pytest_args, jobs, autotune=False, target=TARGET, nice=0, b
         tier=tier, autotune=autotune, pytest_args=list(pytest_args), jobs=jobs, bench=bench,
         entries=len(ents), kernels=dict(sorted(collections.Counter(ents.values()).items())),
         bytes=size, archive_bytes=packed, captured=len(cap["requests"]), compiled=len(good),
+        reused=len(reused),
         failed=[{k: r[k] for k in ("name", "error")} for r in bad] + cap["not_captured"],
         capture_s=round(t_cap, 1), compile_s=round(t_comp, 1),
         compile_worker_s=round(sum(r["seconds"] for r in results), 1),
@@ -587,6 +628,8 @@ def main(argv=None):
     b.add_argument("--out", default=os.path.join(ROOT, ".triton-cache"))
     b.add_argument("--jobs", type=int, default=int(os.environ.get("GPU_PREP_JOBS", "2")))
     b.add_argument("--nice", type=int, default=0, help="os.nice() of the compile processes")
+    b.add_argument("--no-reuse", action="store_true",
+                   help="compile every request (default: reuse the matching entries of --out)")
     v = sub.add_parser("verify", help="replay the launches against an installed copy of a cache")
     v.add_argument("--cache", default=os.path.join(ROOT, ".triton-cache"))
     r = sub.add_parser("_replay")
@@ -625,7 +668,8 @@ def main(argv=None):
     if args.jobs < 1:
         p.error(f"--jobs (GPU_PREP_JOBS) must be >= 1; got {args.jobs}")
     info = build(args.out, args.tier, rest or _session_test_files(), args.jobs,
-                 bool(args.autotune), target, args.nice, not args.no_bench)
+                 bool(args.autotune), target, args.nice, not args.no_bench,
+                 reuse=not args.no_reuse)
     return 1 if info["entries"] == 0 and info["captured"] else 0
 
 

@@ -204,7 +204,9 @@ def test_stage_timeouts_fit_the_budget():
     assert gs.SETUP_TYPICAL_S + capped <= min(budget, 480), (gs.SETUP_TYPICAL_S, capped, budget)
     assert gs.STAGES[-1][0] == "rest"
     names = [s[0] for s in gs.STAGES]
-    assert names.index("convnext_hf") < names.index("attention_ext") < names.index("rest")
+    # the benchmarks before the tests that passed on the first GPU call (GPU_SESSION.md)
+    assert names[:3] == ["setup", "profile", "attention_table"]
+    assert names.index("attention_ext") < names.index("attention") < names.index("rest")
     assert 120 + call["timeout_s"] + 120 <= 15 * 60    # start, the call, a short second call
 
 

@@ -112,8 +112,50 @@ def test_registered_as_triton_ops(monkeypatch):
         return orig(*a)
     monkeypatch.setitem(_triton_op._REGISTERED, A.forward_op.name, spy)
     q = _r(1, 2, 6, 8)
+    # eager calls take the fast path (pyencoder.ops.attention._EagerTriton: same launcher, no
+    # dispatcher); PYENCODER_EAGER_FASTPATH=0 sends them through the triton_op
+    banded_attention(q, q, q, left=2, right=1, backend="triton")
+    assert seen == []
+    monkeypatch.setenv("PYENCODER_EAGER_FASTPATH", "0")
     banded_attention(q, q, q, left=2, right=1, backend="triton")
     assert seen == [1]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_eager_fast_path_equals_registered_op(monkeypatch, bias):
+    """The eager fast path and the registered triton_op run the same launcher and the same
+    autograd formula: forward, all gradients (bias table and gate included) and lse are bitwise
+    equal, GQA + RoPE + key_lengths + sink keys; a second-order gradient is refused in our words
+    on both paths."""
+    from pyencoder import IntervalMask
+    from pyencoder.ops import interval_attention
+
+    q, k, v = _r(2, 4, 11, 16, grad=True), _r(2, 2, 11, 16, grad=True), _r(2, 2, 11, 16,
+                                                                          grad=True)
+    kl = torch.tensor([11, 6], device=_DEV)
+    extra = {}
+    if bias:
+        extra = dict(rel_bias=_r(4, 9, grad=True), gate=_r(2, 4, 11, grad=True), rel_offset=-6)
+    mask = IntervalMask.band(4, 2, sink=2)
+    leaves = [q, k, v] + list(extra.values())[:2]
+
+    def run():
+        out, lse = interval_attention(q, k, v, mask=mask, rope=Rope(8), key_lengths=kl,
+                                      backend="triton", return_lse=True, **extra)
+        g = torch.autograd.grad((out * out.detach().cos()).sum(), leaves)
+        return (out, lse) + g
+
+    fast = run()
+    monkeypatch.setenv("PYENCODER_EAGER_FASTPATH", "0")
+    slow = run()
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b) if not bias else torch.allclose(a, b, atol=1e-6, rtol=0)
+    monkeypatch.delenv("PYENCODER_EAGER_FASTPATH")
+    out = interval_attention(q, k, v, mask=mask, backend="triton", **extra)
+    g = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)[0]
+    with pytest.raises(NotImplementedError, match="pyencoder: interval attention does not "
+                                                  "support double backward"):
+        torch.autograd.grad(g.pow(2).sum(), (q, k, v))
 
 
 def _graphs():

@@ -98,10 +98,51 @@ def _arch(device):
 
 
 _ROPE_TABLE_MODES = ("auto", "0", "1")
+_ROPE_MODES = ("auto", "kernel", "table", "pre")
+# What "auto" runs: the in-kernel mode until GPU timings of the three modes decide
+# (benchmarks/bench_attention.py: pyencoder-triton, -ropetable, -prerot).
+_AUTO_ROPE_MODE = "kernel"
+
+
+def _rope_mode():
+    """PYENCODER_ROPE_MODE: ``kernel`` (cos/sin computed in the attention kernels), ``table``
+    (cos/sin tables built once per call, loaded by the kernels), ``pre`` (q and k rotated once
+    by a rotation kernel, the attention kernels run without RoPE; the backward un-rotates dq and
+    dk from float32), ``auto`` (default: PYENCODER_ROPE_TABLE=1 / 0 picks table / kernel, else
+    _AUTO_ROPE_MODE)."""
+    mode = env_choice("PYENCODER_ROPE_MODE", _ROPE_MODES, "auto")
+    if mode != "auto":
+        return mode
+    table = env_choice("PYENCODER_ROPE_TABLE", _ROPE_TABLE_MODES, "auto")
+    return {"1": "table", "0": "kernel"}.get(table, _AUTO_ROPE_MODE)
 
 
 def _rope_table_enabled():
-    return env_choice("PYENCODER_ROPE_TABLE", _ROPE_TABLE_MODES, "auto") == "1"
+    return _rope_mode() == "table"
+
+
+def _prerotate(inv_freq):
+    return inv_freq is not None and inv_freq.numel() > 0 and _rope_mode() == "pre"
+
+
+def rotate(x, inv_freq, pos_offset, interleaved, inverse=False, dtype=None):
+    """x (B, H, N, D) rotated at positions pos_offset + n by the Triton rotation kernel
+    (triton_kernels/rope_rotate.py; pyencoder.rope.apply_rope's formula), as a new contiguous
+    tensor of ``dtype`` (default x's). ``inverse``: angle -theta (the gradient's rotation)."""
+    from ..triton_kernels.rope_rotate import _rope_rotate_kernel
+    B, H, N, D = x.shape
+    y = torch.empty((B, H, N, D), dtype=x.dtype if dtype is None else dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    freq = inv_freq.to(device=x.device, dtype=torch.float32).contiguous()
+    half = int(freq.numel())
+    rot = 2 * half
+    bn = 16 if _interpret() else 64
+    launch(_rope_rotate_kernel)[(cdiv(N, bn), B * H)](
+        x, y, freq, *x.stride(), *y.stride(), H, N, D, half, rot, int(pos_offset), BLOCK_N=bn,
+        BLOCK_R=max(16, next_pow2(half)), BLOCK_C=max(16, next_pow2(D - rot)),
+        HAS_PASS=D > rot, INTERLEAVED=bool(interleaved), INVERSE=bool(inverse), num_warps=4)
+    return y
 
 
 # Tiles measured (tests/test_triton_compile.py) to fit the 163 KiB opt-in shared memory of sm_80
@@ -289,6 +330,22 @@ def _kernel(name):
 _FALLBACK = (32, 32, 4, 1)
 
 
+_PINNED = {}   # (kernel, arch, dtype, window key, tile-deciding constexprs) -> tiles to try
+
+
+def _pinned_tiles(name, configs, q, win, consts):
+    """The pinned mode's tiles (the default table's first fitting one, then _FALLBACK), memoised
+    per key: the pruning reads only the arch, q's dtype, the window key and these constexprs."""
+    key = (name, _arch(q.device), q.dtype, win, consts["BLOCK_DV"], consts["BLOCK_R"],
+           bool(consts.get("ROPE_TABLE")))
+    tiles = _PINNED.get(key)
+    if tiles is None:
+        named = {"Q": q, "WIN_KEY": win}
+        tiles = [_tile(c) for c in _default_configs(name, configs, named, consts, 1)]
+        tiles = _PINNED[key] = tiles + [_FALLBACK]
+    return tiles
+
+
 def _launch(name, grid_fn, args, consts, pinned=False):
     fixed, configs, tuners = _kernel(name)
     if tuners is None:
@@ -301,8 +358,7 @@ def _launch(name, grid_fn, args, consts, pinned=False):
         launch(tuners[mode])[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args,
                                                                                      **consts)
         return
-    named = {"Q": args[0], "WIN_KEY": args[-1]}
-    tiles = [_tile(c) for c in _default_configs(name, configs, named, consts, 1)] + [_FALLBACK]
+    tiles = _pinned_tiles(name, configs, args[0], args[-1], consts)
     for i, (bm, bn, warps, stages) in enumerate(tiles):
         try:
             launch(fixed)[grid_fn(bm, bn)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn,
@@ -431,6 +487,10 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
     ``rel_offset``: relative-position bias (pyencoder.ops.attention), read by the kernels in
     float32."""
     _require_supported(q, k, v, inv_freq, block, q_offset, k_offset, sink, kb, rel_bias)
+    if _prerotate(inv_freq) and q.numel() and k.numel():
+        q = rotate(q, inv_freq, q_offset, interleaved)
+        k = rotate(k, inv_freq, k_offset, interleaved)
+        inv_freq = None
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     out = _new((B, Hq, Nq, D), q)
@@ -455,17 +515,29 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
 
 def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_off, q_offset,
              k_offset, scale, interleaved, deterministic=True, sink=0, kb=None, rel_bias=None,
-             gate=None, rel_offset=0):
+             gate=None, rel_offset=0, _grad_dtype=None):
     """Returns (dq, dk, dv) in the dtypes of q, k, v. Without a bias always deterministic (no
     atomics); ``deterministic=True`` also pins the tile config (no autotuning). With
     ``rel_bias``: (dq, dk, dv, drel_bias, dgate or None); dgate is a row reduction of the dq
     kernel (deterministic), drel_bias is accumulated with float32 atomics by the dq kernel (one
     per visible (query, key) pair: summation order, hence the last bits, vary between runs)."""
     _require_supported(q, k, v, inv_freq, block, q_offset, k_offset, sink, kb, rel_bias)
+    if _prerotate(inv_freq) and q.numel() and k.numel():
+        # the prerotate mode: the no-RoPE backward on rotated q and k, its dq and dk kept in
+        # float32 and un-rotated (angle -theta) into q's and k's dtypes (one rounding, as the
+        # in-kernel mode's un-rotation in registers)
+        grads = backward(dout, rotate(q, inv_freq, q_offset, interleaved),
+                         rotate(k, inv_freq, k_offset, interleaved), v, out, lse, None,
+                         key_lengths, block, lo_off, hi_off, q_offset, k_offset, scale,
+                         interleaved, deterministic, sink, kb, rel_bias, gate, rel_offset,
+                         _grad_dtype=torch.float32)
+        dq = rotate(grads[0], inv_freq, q_offset, interleaved, inverse=True, dtype=q.dtype)
+        dk = rotate(grads[1], inv_freq, k_offset, interleaved, inverse=True, dtype=k.dtype)
+        return (dq, dk) + tuple(grads[2:])
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
-    dq = _new(q.shape, q)
-    dk = _new(k.shape, k)
+    dq = _new(q.shape, q, _grad_dtype)
+    dk = _new(k.shape, k, _grad_dtype)
     dv = _new(v.shape, v)
     bias = _bias_args(rel_bias, gate, rel_offset)
     drel = dgate = None

@@ -101,7 +101,11 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse, inv_freq, key_lengths, rel_bias, gate = ctx.saved_tensors
     args = (dout.contiguous(), q, k, v, out, lse, inv_freq, key_lengths, rel_bias, gate,
             *ctx.params)
-    if ctx.backend is None:
+    if getattr(ctx, "eager", False) and not torch.is_grad_enabled():
+        # the eager fast path (_EagerTriton): the launcher itself, no dispatcher; with
+        # create_graph=True the registered op runs instead (its double backward refuses by name)
+        dq, dk, dv, drel, dgate = run_backward(_triton.backward, *args, deterministic_backward())
+    elif ctx.backend is None:
         dq, dk, dv, drel, dgate = _triton.backward_op(*args, deterministic_backward())
     else:
         dq, dk, dv, drel, dgate = _interval_attention_bwd_op(*args, ctx.backend,
@@ -111,6 +115,44 @@ def _backward(ctx, dout, dlse):
 
 
 _interval_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerTriton(torch.autograd.Function):
+    """The triton backend's eager fast path: the same launcher (pyencoder.ops._attention_triton.
+    forward / backward) and the same autograd formula (``_backward``) as the registered triton_op,
+    without the dispatcher. torch.library's custom-op autograd wrapper costs ~100-150 us of host
+    time per call (schema default filling, redispatch), more than the whole forward kernel of a
+    narrow band at wav2vec2-base sizes, so eager calls skip it. Used only where nothing traces
+    the call (``_eager_ok``): torch.compile, torch.export, make_fx, FakeTensorMode and torch.func
+    transforms still see the registered op pyencoder::interval_attention_triton."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        # old-style forward(ctx, ...): Function.apply binds a setup_context-style forward's
+        # signature with inspect on every call (~20 us); no torch.func support is needed here
+        output = run_forward(_triton.forward, *inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.eager = True
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return _backward(ctx, dout, dlse)
+
+
+def _eager_ok():
+    """Whether an interval attention call may take the eager fast path: not traced by Dynamo, no
+    Python dispatch mode (fake tensors, make_fx, functionalization) and no torch.func transform
+    active; PYENCODER_EAGER_FASTPATH=0 turns it off (every call through the registered op)."""
+    if not env_flag("PYENCODER_EAGER_FASTPATH", True):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    if _get_current_dispatch_mode() is not None:
+        return False
+    return not torch._C._are_functorch_transforms_active()
+
 _triton.forward_op.register_autograd(_backward, setup_context=_setup_context)
 forbid_double_backward(_interval_attention_bwd_op, "interval attention")
 forbid_double_backward(_triton.backward_op, "interval attention")
@@ -224,10 +266,13 @@ def _attend(q, k, v, mask, rope, key_lengths, q_offset, k_offset, scale, backend
     name = _backend.select("attention", "forward", q.device.type, args, backend)
     if key_lengths is not None and key_lengths.dtype != torch.int32:
         key_lengths = key_lengths.to(torch.int32)
-    out, lse = call_op(name, _triton.forward_op, _interval_attention_op, q, k, v, inv_freq,
-                       key_lengths, rel_bias, gate, block, k_block, lo_off, hi_off, sink,
-                       0 if rel_bias is None else rel_offset, q_offset, k_offset, scale,
-                       interleaved)
+    op_args = (q, k, v, inv_freq, key_lengths, rel_bias, gate, block, k_block, lo_off, hi_off,
+               sink, 0 if rel_bias is None else rel_offset, q_offset, k_offset, scale,
+               interleaved)
+    if name == "triton" and _eager_ok():
+        out, lse = _EagerTriton.apply(*op_args)
+    else:
+        out, lse = call_op(name, _triton.forward_op, _interval_attention_op, *op_args)
     return (out, lse) if return_lse else out
 
 
