@@ -3,7 +3,10 @@ and forward+backward, with RoPE (on every side) and without it (the attention ke
 
 Providers (GPU): pyencoder-triton (RoPE inside the kernels, cos/sin source as
 PYENCODER_ROPE_TABLE says: in-kernel by default); pyencoder-triton-ropetable (the same kernels with
-cos/sin loaded from float32 tables built once per call, PYENCODER_ROPE_TABLE=1); reference
+cos/sin loaded from float32 tables built once per call, PYENCODER_ROPE_TABLE=1 and
+PYENCODER_ROPE_MODE=table); pyencoder-triton-prerot (q and k rotated once by the rotation kernel,
+the attention kernels without RoPE: PYENCODER_ROPE_MODE=pre); without RoPE the two variants run
+pyencoder-triton's kernels, so rope-off rows skip them when pyencoder-triton runs too; reference
 (pyencoder's plain-torch path); sdpa-mask (scaled_dot_product_attention with a dense boolean
 N x N mask); flex (torch.nn.attention.flex_attention, block mask built once per case outside the
 timing); flash-attn (window_size=(left, right), band masks only, when flash_attn is installed).
@@ -46,8 +49,12 @@ written). Written to <results root>/<device>/attention.jsonl, each row appended 
 measured (a run cut by a time limit keeps every finished row). Where the host time goes, call by
 call: ``python -m benchmarks.profile_attention``.
 
+``--masks band:LEFT:RIGHT | chunked:CHUNK:LEFT_CHUNKS:LOOKAHEAD ...`` (None: unbounded left)
+replaces the mask list. pyencoder-triton rows carry ``rope_mode`` (kernel / table / pre, or the
+PYENCODER_ROPE_MODE in effect) besides ``rope_table``.
+
     python -m benchmarks.bench_attention [--quick] [--providers P ...] [--n N ...]
-        [--rope on|off|both] [--first-call [--first-call-modes M ...]]
+        [--masks M ...] [--rope on|off|both] [--first-call [--first-call-modes M ...]]
 """
 import argparse
 import contextlib
@@ -69,7 +76,8 @@ SHAPES = {"wav2vec2-base": (8, 12, 64), "wav2vec2-large": (8, 16, 64)}
 NS = (500, 1500, 3000, 12000)
 MASKS = (("band", None, 0), ("band", None, 3), ("band", 250, 3), ("band", 50, 3),
          ("chunked", 4, 128, 3))
-GPU_PROVIDERS = ("pyencoder-triton", "pyencoder-triton-ropetable", "reference", "sdpa-mask",
+GPU_PROVIDERS = ("pyencoder-triton", "pyencoder-triton-ropetable", "pyencoder-triton-prerot",
+                 "reference", "sdpa-mask",
                  "flex", "flash-attn")
 CPU_PROVIDERS = ("reference", "sdpa-mask")
 
@@ -162,7 +170,8 @@ def make_provider(name, q, k, v, m, rope, compiler=None):
     n = q.shape[2]
     compiler = _Compiler() if compiler is None else compiler
     rot = _rope_fn(rope, n, q.device)
-    if name in ("pyencoder-triton", "pyencoder-triton-ropetable", "reference"):
+    if name in ("pyencoder-triton", "pyencoder-triton-ropetable", "pyencoder-triton-prerot",
+                "reference"):
         backend = "reference" if name == "reference" else "triton"
         block, lo, hi = mask_params(m)
         return lambda: pyencoder.ops.interval_attention(q, k, v, block=block, lo_off=lo,
@@ -251,21 +260,45 @@ def record_failure(rec, name, e, device):
     return rec
 
 
+# the RoPE-mode variants of pyencoder-triton: the environment they run under
+ROPE_VARIANTS = {"pyencoder-triton-ropetable": {"PYENCODER_ROPE_TABLE": "1",
+                                                "PYENCODER_ROPE_MODE": "table"},
+                 "pyencoder-triton-prerot": {"PYENCODER_ROPE_MODE": "pre"}}
+
+
 @contextlib.contextmanager
 def _rope_table_env(name):
-    """PYENCODER_ROPE_TABLE=1 while the table-mode provider runs (forward and backward)."""
-    if name != "pyencoder-triton-ropetable":
+    """The RoPE-mode variant's environment (ROPE_VARIANTS) while it runs (forward and
+    backward): table mode for -ropetable, pre-rotation for -prerot."""
+    env = ROPE_VARIANTS.get(name)
+    if env is None:
         yield
         return
-    old = os.environ.get("PYENCODER_ROPE_TABLE")
-    os.environ["PYENCODER_ROPE_TABLE"] = "1"
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("PYENCODER_ROPE_TABLE", None)
-        else:
-            os.environ["PYENCODER_ROPE_TABLE"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def parse_mask(text):
+    """"band:LEFT:RIGHT" or "chunked:CHUNK:LEFT_CHUNKS:LOOKAHEAD" (None for an unbounded left)
+    -> the MASKS tuple form; ValueError naming --masks otherwise."""
+    parts = text.split(":")
+    want = {"band": 2, "chunked": 3}
+    if parts[0] not in want or len(parts) != want[parts[0]] + 1:
+        raise ValueError(f"--masks: expected band:LEFT:RIGHT or chunked:CHUNK:LEFT_CHUNKS:"
+                         f"LOOKAHEAD; got {text!r}")
+    try:
+        vals = tuple(None if x == "None" else int(x) for x in parts[1:])
+    except ValueError:
+        raise ValueError(f"--masks: expected integers or None after {parts[0]!r}; got {text!r}")
+    return (parts[0],) + vals
 
 
 def measure(name, *args, rope=True, compile_backend="inductor", grad=True):
@@ -275,6 +308,8 @@ def measure(name, *args, rope=True, compile_backend="inductor", grad=True):
     if name.startswith("pyencoder-triton"):
         rec["rope_table"] = "1" if name.endswith("ropetable") else \
             os.environ.get("PYENCODER_ROPE_TABLE", "auto")
+        rec["rope_mode"] = ROPE_VARIANTS.get(name, {}).get(
+            "PYENCODER_ROPE_MODE", os.environ.get("PYENCODER_ROPE_MODE", "auto"))
     return rec
 
 
@@ -436,6 +471,9 @@ def main(argv=None):
     p.add_argument("--providers", nargs="*", default=None)
     p.add_argument("--n", nargs="*", type=int, default=None)
     p.add_argument("--shapes", nargs="*", default=None, choices=sorted(SHAPES))
+    p.add_argument("--masks", nargs="*", default=None,
+                   help="band:LEFT:RIGHT or chunked:CHUNK:LEFT_CHUNKS:LOOKAHEAD (None: unbounded "
+                        "left), e.g. band:None:0 band:50:3 chunked:4:128:3")
     p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--rope", choices=("on", "off", "both"), default=None,
                    help="rows with RoPE, attention-only rows, or both (GPU default: both; CPU: on)")
@@ -471,6 +509,11 @@ def main(argv=None):
         ns = tuple(args.n)
     if args.shapes:
         shapes = {k: SHAPES[k] for k in args.shapes}
+    if args.masks:
+        try:
+            masks = tuple(parse_mask(x) for x in args.masks)
+        except ValueError as e:
+            p.error(str(e))
     ropes = {"on": (True,), "off": (False,), "both": (True, False)}[
         args.rope or ("both" if gpu else "on")]
     if args.first_call:
@@ -484,6 +527,8 @@ def main(argv=None):
             for rope in ropes:
                 for m in masks:
                     for prov in providers:
+                        if not rope and prov in ROPE_VARIANTS and "pyencoder-triton" in providers:
+                            continue   # without RoPE the variants run pyencoder-triton's kernels
                         rec = measure(prov, shape_name, B, H, D, n, m, dtype, device, warmup,
                                       rep, bw, rope=rope, compile_backend=args.compile_backend)
                         records.append(rec)

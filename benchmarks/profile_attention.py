@@ -4,7 +4,7 @@ custom-op dispatch, Triton's launcher) against the kernels' GPU time, under torc
 Cases (provider pyencoder-triton, built by bench_attention.make_provider): band(50,3) without
 RoPE, band(50,3) with RoPE, band(None,0) without RoPE; each forward (no_grad) and forward+backward
 (torch.autograd.grad of the output). GPU: wav2vec2-base shapes, B=8, H=12, D=64, bf16, N=1500
-(``--n``). ``--dry-run`` (CPU): B=1, H=2, D=16, N=40, float32, Triton kernels in the interpreter
+(``--n``). ``--dry-run`` (CPU): B=1, H=2, D=16, N=24, float32, Triton kernels in the interpreter
 (TRITON_INTERPRET=1, set when absent), few calls: exercises the whole script, no meaningful time.
 
 Per case: torch.profiler (CPU and, when present, CUDA activities) over 10 calls after warm-up
@@ -194,8 +194,8 @@ def main(argv=None):
         cfg = dict(warm=3, calls=5 if args.quick else 10, host_calls=20, host_repeats=5,
                    bench_warmup=10 if args.quick else 25, bench_rep=30 if args.quick else 100)
     else:
-        B, H, D, n, dtype, device = 1, 2, 16, args.n or 40, torch.float32, "cpu"
-        cfg = dict(warm=1, calls=2, host_calls=2, host_repeats=1, bench_warmup=0, bench_rep=0)
+        B, H, D, n, dtype, device = 1, 2, 16, args.n or 24, torch.float32, "cpu"
+        cfg = dict(warm=1, calls=1, host_calls=1, host_repeats=1, bench_warmup=0, bench_rep=0)
     print(f"device {device_slug()}  {'CUDA' if cuda else 'CPU dry run (Triton interpreter)'}",
           flush=True)
     rows = JsonlRows("profile_attention", write=not args.no_write)

@@ -5,6 +5,7 @@ seconds): Flex compiles at most two graphs per case (inference, training) across
 a run that does raises CompiledAnchorError. Also the attention-only rows and the first-call
 record (a fresh process)."""
 import math
+import os
 import time
 
 import pytest
@@ -224,3 +225,42 @@ def test_attention_rows_carry_host_and_graph_fields_none_on_cpu():
     assert "error" not in rec, rec
     assert rec["fwd_host_us"] is None and rec["fwd_graph_ms"] is None
     assert "fwd_graph_error" not in rec
+
+
+def test_masks_argument_and_rope_variant_rows(monkeypatch, tmp_path):
+    """--masks parses band:L:R / chunked:C:L:A (None = unbounded); rope-off rows run
+    pyencoder-triton once, not its RoPE-mode variants."""
+    assert ba.parse_mask("band:None:0") == ("band", None, 0)
+    assert ba.parse_mask("chunked:4:128:3") == ("chunked", 4, 128, 3)
+    for bad in ("band:1", "banded:1:2", "chunked:4:x:3", "band:1:2:3"):
+        with pytest.raises(ValueError, match="--masks"):
+            ba.parse_mask(bad)
+    monkeypatch.setenv("PYENCODER_RESULTS_DIR", str(tmp_path))
+    monkeypatch.setattr(ba, "copy_bandwidth_gbs", lambda: 1.0)
+    seen = []
+
+    def fake(name, shape, B, H, D, n, m, *a, rope=True, **k):
+        seen.append((name, m, rope))
+        return {"provider": name, "skipped": "fake"}
+    monkeypatch.setattr(ba, "measure", fake)
+    provs = ["pyencoder-triton", "pyencoder-triton-ropetable", "pyencoder-triton-prerot"]
+    assert ba.main(["--n", "48", "--masks", "band:None:0", "chunked:4:128:3", "--rope", "both",
+                    "--providers", *provs, "--no-write"]) == 0
+    masks = [("band", None, 0), ("chunked", 4, 128, 3)]
+    assert seen == [(p, m, True) for m in masks for p in provs] + \
+        [("pyencoder-triton", m, False) for m in masks]
+    with pytest.raises(SystemExit):
+        ba.main(["--masks", "band:x:0", "--no-write"])
+
+
+def test_rope_variant_environment_is_set_and_restored(monkeypatch):
+    monkeypatch.setenv("PYENCODER_ROPE_MODE", "kernel")
+    monkeypatch.delenv("PYENCODER_ROPE_TABLE", raising=False)
+    with ba._rope_table_env("pyencoder-triton-prerot"):
+        assert os.environ["PYENCODER_ROPE_MODE"] == "pre"
+    with ba._rope_table_env("pyencoder-triton-ropetable"):
+        assert os.environ["PYENCODER_ROPE_MODE"] == "table"
+        assert os.environ["PYENCODER_ROPE_TABLE"] == "1"
+    with ba._rope_table_env("pyencoder-triton"):
+        assert os.environ["PYENCODER_ROPE_MODE"] == "kernel"
+    assert os.environ["PYENCODER_ROPE_MODE"] == "kernel" and "PYENCODER_ROPE_TABLE" not in os.environ
