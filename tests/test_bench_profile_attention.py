@@ -41,7 +41,8 @@ def test_dry_run_end_to_end(tmp_path):
         assert r["kernel_us"] is None and r["graph_ms"] is None      # CPU: no CUDA figures
         assert 1 <= len(r["top_ops"]) <= pa.TOP_OPS
         names = [op["name"] for op in r["top_ops"]]
-        assert any("interval_attention_triton" in x for x in names), names
+        # the attention call leads (the custom op or the eager fast path's autograd.Function)
+        assert "triton" in names[0].lower(), names
         if r["mode"] == "fwdbwd":
             assert any("backward" in x.lower() for x in names), names
         for op in r["top_ops"]:
