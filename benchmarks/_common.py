@@ -82,6 +82,10 @@ def device_slug():
 
 
 def _commit():
+    # PYENCODER_COMMIT: set by the device call (the transfer carries the tree, not its git
+    # metadata, so git there would describe another commit)
+    if os.environ.get("PYENCODER_COMMIT"):
+        return os.environ["PYENCODER_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
                              capture_output=True, text=True, timeout=10).stdout.strip()
