@@ -156,6 +156,7 @@ def count(tier, autotune, pytest_args, verbose=False, recorder=None, arch=None):
     import pyencoder.triton_kernels.convnext  # noqa: F401
     import pyencoder.triton_kernels.decode_attention  # noqa: F401
     import pyencoder.triton_kernels.interval_attention  # noqa: F401
+    import pyencoder.triton_kernels.rope_rotate  # noqa: F401
     os.environ["TRITON_INTERPRET"] = "1"
     from pyencoder import _backend
     from pyencoder.ops import _attention_triton

@@ -262,6 +262,15 @@ def _run_attention(rec, matrix):
         with _env(PYENCODER_ROPE_TABLE="0", PYENCODER_TRITON_AUTOTUNE="0"):
             out, lse = A.forward(q, k, k, inv, *mask, kb=3)
             A.backward(out, q, k, k, out, lse, inv, *mask, True, kb=3)
+        # the RoPE prerotate mode: the rotation kernel (forward into bf16, the gradient's inverse
+        # rotation from float32) around the no-RoPE kernels with float32 dq / dk
+        q = torch.randn(2, 4, 40, 64, dtype=torch.bfloat16)
+        k = torch.randn(2, 2, 40, 64, dtype=torch.bfloat16)
+        mask = (None, 1, 8, 3, 0, 0, 0.125, True)
+        rec.case = "bf16 D64 rope=interleaved prerotate"
+        with _env(PYENCODER_ROPE_MODE="pre", PYENCODER_TRITON_AUTOTUNE="0"):
+            out, lse = A.forward(q, k, k, inv, *mask)
+            A.backward(out, q, k, k, out, lse, inv, *mask, True)
     rec.targets = tuple(TARGETS)
 
 
@@ -674,7 +683,7 @@ if pytest is not None and __name__ != "__main__":
         for name in ("_interval_attention_fwd_kernel", "_interval_attention_bwd_dq_kernel",
                      "_interval_attention_bwd_dkdv_kernel", "_causal_conv1d_dw_fwd_kernel",
                      "_causal_conv1d_grp_bwd_dw_kernel", "_convnext_dwconv_ln_fwd_kernel",
-                     "_decode_attention_fwd_kernel"):
+                     "_decode_attention_fwd_kernel", "_rope_rotate_kernel"):
             assert name in kernels
         # the decode kernel with the gated relative bias and a GQA ring (WavLM's step), per target
         assert {r["target"] for r in results if r["kernel"] == "_decode_attention_fwd_kernel"
