@@ -29,15 +29,36 @@ def load(path):
     return recs
 
 
+# what names a measured case (rows of one commit measured twice: the later one is kept)
+_CASE_KEYS = ("bench", "suite", "provider", "shape", "B", "H", "D", "N", "Nq", "Nk", "mask",
+              "rope", "dtype", "mode", "C", "L", "k", "groups", "stride", "batch", "chunk_ms",
+              "autotune", "layers", "threads", "op", "case", "burners", "sink", "name")
+
+
 def _latest_run(recs):
-    """Keep the records of the newest commit/date present (files are appended across runs)."""
-    key = next((k for k in ("run_id", "date", "timestamp", "time") if recs and k in recs[-1]), None)
-    if key is None:
+    """Keep the records of the newest run (files are appended across runs): those sharing the
+    last record's commit when every record of it names one (a device session's calls all name
+    theirs: PYENCODER_COMMIT), else its run_id; a case measured more than once there keeps its
+    last row."""
+    if not recs:
         return recs
-    last = recs[-1][key]
-    if key in ("date", "timestamp", "time"):
+    last = recs[-1]
+    if last.get("commit") and "run_id" in last:
+        run = [r for r in recs if r.get("commit") == last["commit"]]
+    elif "run_id" in last:
+        run = [r for r in recs if r.get("run_id") == last["run_id"]]
+    else:
         return recs  # no run id: show everything
-    return [r for r in recs if r.get(key) == last]
+    keep, where = {}, {}
+    for i, r in enumerate(run):
+        case = tuple(repr(r.get(k)) for k in _CASE_KEYS)
+        old = where.get(case)
+        if old is not None and keep[old].get("run_id") != r.get("run_id"):
+            keep[old] = r              # a later run's row of the same case replaces it
+        else:
+            where[case] = i            # rows of one run are never merged
+            keep[i] = r
+    return list(keep.values())
 
 
 def _fmt(v):

@@ -119,11 +119,30 @@ def test_pre_matches_in_kernel_mode_with_sink_bias_gqa(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6, msg=name)
 
 
+@pytest.mark.parametrize("case", [_CASES[i] for i in _FP32],
+                         ids=[_case_id(_CASES[i]) for i in _FP32])
+def test_kernel_mode_fp32_forward_backward(case, _pre_mode, monkeypatch):
+    """The in-kernel mode (cos/sin computed on every tile visit; no longer any window's auto
+    choice) keeps its own coverage: the same oracle and tolerances, no rotation launched."""
+    monkeypatch.setenv("PYENCODER_ROPE_MODE", "kernel")
+    used = []
+    build = tri._rope_tables
+    monkeypatch.setattr(tri, "_rope_tables", lambda *a, **k: used.append(1) or build(*a, **k))
+    _do_case(case, torch.float32)
+    assert _pre_mode == [] and used == [1, 1]
+    assert not tri._rope_table_enabled(16)
+
+
 def test_rope_mode_env(monkeypatch):
     monkeypatch.delenv("PYENCODER_ROPE_MODE")
-    for table, want in (("1", "table"), ("0", "kernel"), ("auto", tri._AUTO_ROPE_MODE)):
+    for table, want in (("1", "table"), ("0", "kernel")):
         monkeypatch.setenv("PYENCODER_ROPE_TABLE", table)
-        assert tri._rope_mode() == want
+        assert tri._rope_mode() == want and tri._rope_mode(16) == want
+    # auto: the table mode up to a 256-key window bucket, the prerotate mode above (H100 timings)
+    for table in ("auto", ""):
+        monkeypatch.setenv("PYENCODER_ROPE_TABLE", table)
+        assert [tri._rope_mode(w) for w in (16, 64, 256, 512, 4096, None)] == \
+            ["table"] * 3 + ["pre"] * 3
     for mode in ("kernel", "table", "pre"):
         monkeypatch.setenv("PYENCODER_ROPE_MODE", mode)
         monkeypatch.setenv("PYENCODER_ROPE_TABLE", "1")

@@ -171,3 +171,29 @@ def test_rope_arguments(args, exc, match):
         return
     with pytest.raises(exc, match=match):
         pyencoder.Rope(*args)
+
+
+def test_cuda_backward_outputs_never_alias(monkeypatch):
+    """The extension's backward returns dweight and dbias as views of one (C, K + 1) reduction
+    buffer when no dtype cast copies them (float32); the backend must hand back distinct tensors,
+    since a registered op may not return outputs that alias each other (the first GPU run's
+    convnext_dwconv_ln backward failed on exactly this). CPU: a stand-in for the extension."""
+    from types import SimpleNamespace
+
+    from pyencoder.ops import _conv_cuda
+
+    C, K = 6, 4
+    red = torch.randn(C, K + 1)
+
+    def bwd(grad_y, grad_final_state, x, weight, bias, initial_state, act):
+        return (torch.randn_like(x), red.narrow(1, 0, K).reshape(C, 1, K), red.select(1, K),
+                torch.randn(x.shape[0], C, K - 1))
+    monkeypatch.setattr(_conv_cuda, "_ops", lambda: SimpleNamespace(causal_conv1d_bwd_cuda=bwd))
+    monkeypatch.setattr(_conv_cuda, "_kind", lambda *a: "depthwise")
+    x, w, b = torch.randn(2, C, 9), torch.randn(C, 1, K), torch.randn(C)
+    dx, dw, db, ds = _conv_cuda.backward(torch.randn(2, C, 9), None, x, w, b, None, 1, C, None)
+    assert not _conv_cuda._shares_storage(dw, db)
+    assert torch.equal(dw, red[:, :K].reshape(C, 1, K)) and torch.equal(db, red[:, K])
+    assert ds is None
+    # without a bias nothing is cloned and None comes back
+    assert _conv_cuda.backward(torch.randn(2, C, 9), None, x, w, None, None, 1, C, None)[2] is None

@@ -15,7 +15,7 @@ import triton.language as tl
 from ._rotary import _feature_index, _rope_angles
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["pos_offset"])   # streaming offsets: one compile for all
 def _rope_rotate_kernel(X, Y, INV_FREQ, stride_xb, stride_xh, stride_xn, stride_xd,
                         stride_yb, stride_yh, stride_yn, stride_yd, H, N, D, HALF, ROT,
                         pos_offset, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,

@@ -18,12 +18,16 @@ timings yet. The backward never uses atomics, so dq/dk/dv are bitwise reproducib
 config; ``deterministic=True`` additionally pins the table's first choice (no timing), so that
 reproducibility holds across processes on the same architecture.
 
-RoPE cos/sin source (``PYENCODER_ROPE_TABLE``): ``0`` computes cos/sin in the kernels with
-tl.cos/tl.sin on every tile visit; ``1`` builds float32 cos/sin tables once per call (forward, and
-again in the backward) with pyencoder.rope.rope_cos_sin (the reference's formula) over the
-absolute positions the call touches and the kernels load them; ``auto`` (default) is currently
-the in-kernel mode, as no GPU measurement has compared the two yet (benchmarks/bench_attention.py
-reports both as ``pyencoder-triton`` and ``pyencoder-triton-ropetable``).
+RoPE source (``PYENCODER_ROPE_MODE``, pyencoder.ops._attention_triton._rope_mode): ``kernel``
+computes cos/sin in the kernels with tl.cos/tl.sin on every tile visit; ``table`` builds float32
+cos/sin tables once per call (forward, and again in the backward) with
+pyencoder.rope.rope_cos_sin (the reference's formula) over the absolute positions the call
+touches and the kernels load them; ``pre`` rotates q and k once with the rotation kernel
+(triton_kernels/rope_rotate.py) and runs the no-RoPE kernels (the backward un-rotates dq and dk
+from float32); ``auto`` (default) picks table for windows up to a 256-key bucket and pre above,
+from H100 timings of the three (benchmarks/bench_attention.py: pyencoder-triton, -ropetable,
+-prerot; the in-kernel mode was 2-5x slower than the better of the other two everywhere).
+``PYENCODER_ROPE_TABLE=1`` / ``0`` (older switch) still force table / kernel.
 
 Relative-position bias (``rel_bias``, ``gate``, ``rel_offset``; pyencoder.ops.attention): the
 table and gate go to the kernels as float32 contiguous copies (constexprs HAS_BIAS / HAS_GATE; the
@@ -99,30 +103,37 @@ def _arch(device):
 
 _ROPE_TABLE_MODES = ("auto", "0", "1")
 _ROPE_MODES = ("auto", "kernel", "table", "pre")
-# What "auto" runs: the in-kernel mode until GPU timings of the three modes decide
-# (benchmarks/bench_attention.py: pyencoder-triton, -ropetable, -prerot).
-_AUTO_ROPE_MODE = "kernel"
+# "auto": the table mode for windows whose autotune bucket (_window_key) is at most this wide,
+# the prerotate mode above. Measured on an H100 (benchmarks/results/nvidia-h100-80gb-hbm3/
+# attention.jsonl, wav2vec2-base bf16, forward GPU time from CUDA-graph replay, N = 1500 / 3000):
+# band(50,3): table 0.134 / 0.229 ms, pre 0.152 / 0.272, kernel 0.260 / 0.436; band(250,3):
+# table 0.186 / 0.336, pre 0.200 / 0.371, kernel 0.542 / 1.03; chunked(4,128,3) (bucket 1024):
+# pre 0.215 / 0.425, table 0.238 / 0.459, kernel 0.769 / 1.56; full: pre 0.195 / 0.516, table
+# 0.243 / 0.707, kernel 0.793 / 2.29. The in-kernel mode (cos/sin on every tile visit) never won.
+_AUTO_TABLE_MAX_WINDOW = 256
 
 
-def _rope_mode():
+def _rope_mode(win=None):
     """PYENCODER_ROPE_MODE: ``kernel`` (cos/sin computed in the attention kernels), ``table``
     (cos/sin tables built once per call, loaded by the kernels), ``pre`` (q and k rotated once
     by a rotation kernel, the attention kernels run without RoPE; the backward un-rotates dq and
     dk from float32), ``auto`` (default: PYENCODER_ROPE_TABLE=1 / 0 picks table / kernel, else
-    _AUTO_ROPE_MODE)."""
+    table for a window bucket ``win`` <= _AUTO_TABLE_MAX_WINDOW and pre above or when unknown)."""
     mode = env_choice("PYENCODER_ROPE_MODE", _ROPE_MODES, "auto")
     if mode != "auto":
         return mode
     table = env_choice("PYENCODER_ROPE_TABLE", _ROPE_TABLE_MODES, "auto")
-    return {"1": "table", "0": "kernel"}.get(table, _AUTO_ROPE_MODE)
+    if table in ("0", "1"):
+        return {"1": "table", "0": "kernel"}[table]
+    return "table" if win is not None and win <= _AUTO_TABLE_MAX_WINDOW else "pre"
 
 
-def _rope_table_enabled():
-    return _rope_mode() == "table"
+def _rope_table_enabled(win=None):
+    return _rope_mode(win) == "table"
 
 
-def _prerotate(inv_freq):
-    return inv_freq is not None and inv_freq.numel() > 0 and _rope_mode() == "pre"
+def _prerotate(inv_freq, win=None):
+    return inv_freq is not None and inv_freq.numel() > 0 and _rope_mode(win) == "pre"
 
 
 def rotate(x, inv_freq, pos_offset, interleaved, inverse=False, dtype=None):
@@ -407,14 +418,18 @@ def _aux(q, inv_freq, key_lengths):
     return freq, klen
 
 
-def _rope_tables(q, inv_freq, Nq, Nk, q_offset, k_offset):
+def _rope_tables(q, inv_freq, Nq, Nk, q_offset, k_offset, win=None):
     """(cos, sin, base, enabled): float32 (P, R/2) tables whose row p - base holds absolute
     position p, for every position of the call, or dummies when the kernels compute cos/sin."""
-    enabled = _rope_table_enabled()
+    enabled = _rope_table_enabled(win)
     if inv_freq is None or inv_freq.numel() == 0 or not enabled:
         dummy = torch.empty(1, dtype=torch.float32, device=q.device)
         return dummy, dummy, 0, False
+    # the base is an int the kernels specialise on (== 1, divisible by 16): moved down to 5 mod 16
+    # (up to 15 rows more, negative positions included) every call shares one compiled kernel,
+    # whatever the streaming offsets (tests/test_attention_triton.py's one-compile-key check)
     base = min(q_offset, k_offset)
+    base -= (base - 5) % 16
     end = max(q_offset + Nq, k_offset + Nk)
     pos = torch.arange(base, end, dtype=torch.int64, device=q.device)
     cos, sin = rope_cos_sin(pos, inv_freq.to(device=q.device, dtype=torch.float32))
@@ -487,7 +502,8 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
     ``rel_offset``: relative-position bias (pyencoder.ops.attention), read by the kernels in
     float32."""
     _require_supported(q, k, v, inv_freq, block, q_offset, k_offset, sink, kb, rel_bias)
-    if _prerotate(inv_freq) and q.numel() and k.numel():
+    win = _window_key(block if kb is None else kb, lo_off, hi_off, k.shape[2])
+    if _prerotate(inv_freq, win) and q.numel() and k.numel():
         q = rotate(q, inv_freq, q_offset, interleaved)
         k = rotate(k, inv_freq, k_offset, interleaved)
         inv_freq = None
@@ -499,7 +515,7 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
         return out, lse
     half, rot, npass = _rope_split(inv_freq, D)
     freq, klen = _aux(q, inv_freq, key_lengths)
-    cos, sin, tab_base, table = _rope_tables(q, inv_freq, Nq, Nk, q_offset, k_offset)
+    cos, sin, tab_base, table = _rope_tables(q, inv_freq, Nq, Nk, q_offset, k_offset, win)
     consts = _frame_const(_consts(q, D, half, npass, lo_off, key_lengths, interleaved, table),
                           block, kb)
     consts.update(_bias_args(rel_bias, gate, rel_offset))
@@ -522,7 +538,8 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
     kernel (deterministic), drel_bias is accumulated with float32 atomics by the dq kernel (one
     per visible (query, key) pair: summation order, hence the last bits, vary between runs)."""
     _require_supported(q, k, v, inv_freq, block, q_offset, k_offset, sink, kb, rel_bias)
-    if _prerotate(inv_freq) and q.numel() and k.numel():
+    win = _window_key(block if kb is None else kb, lo_off, hi_off, k.shape[2])
+    if _prerotate(inv_freq, win) and q.numel() and k.numel():
         # the prerotate mode: the no-RoPE backward on rotated q and k, its dq and dk kept in
         # float32 and un-rotated (angle -theta) into q's and k's dtypes (one rounding, as the
         # in-kernel mode's un-rotation in registers)
@@ -561,7 +578,7 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
     dout = dout.to(q.dtype)
     half, rot, npass = _rope_split(inv_freq, D)
     freq, klen = _aux(q, inv_freq, key_lengths)
-    cos, sin, tab_base, table = _rope_tables(q, inv_freq, Nq, Nk, q_offset, k_offset)
+    cos, sin, tab_base, table = _rope_tables(q, inv_freq, Nq, Nk, q_offset, k_offset, win)
     consts = _frame_const(_consts(q, D, half, npass, lo_off, key_lengths, interleaved, table),
                           block, kb)
     consts.update(bias)

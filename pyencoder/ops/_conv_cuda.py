@@ -97,7 +97,17 @@ def backward(grad_y, grad_final_state, x, weight, bias, initial_state, stride, g
                              groups, activation)
     dx, dw, db, ds = _ops().causal_conv1d_bwd_cuda(grad_y, grad_final_state, x, weight,
                                                    _unit(bias), initial_state, _ACT[activation])
-    return dx, dw, (db if bias is not None else None), (ds if initial_state is not None else None)
+    db = db if bias is not None else None
+    if db is not None and _shares_storage(dw, db):
+        # the extension reduces dweight and dbias into one (C, K + 1) buffer and returns views of
+        # it when no dtype cast copies them (float32): a registered op must not return outputs
+        # that alias each other (torch refuses: the first GPU run's convnext backward failed)
+        db = db.clone()
+    return dx, dw, db, (ds if initial_state is not None else None)
+
+
+def _shares_storage(a, b):
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def update(x, state, weight, bias, state_indices, groups, activation):

@@ -133,10 +133,14 @@ class _EagerTriton(torch.autograd.Function):
         output = run_forward(_triton.forward, *inputs)
         _setup_context(ctx, inputs, output)
         ctx.eager = True
+        # lse gets no gradient (the formula ignores dlse): no zeros materialised for it
+        ctx.set_materialize_grads(False)
         return output
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        if dout is None:      # only lse was used downstream
+            dout = torch.zeros_like(ctx.saved_tensors[3])
         return _backward(ctx, dout, dlse)
 
 
