@@ -127,3 +127,28 @@ def test_gpu_table_offsets_partial(rope, _table_mode):
     _fa_rule_case(1, 4, 1, 517, 520, 64, ("chunked", 4, 2, 3), rope, None, torch.bfloat16, 0, 7)
     _fa_rule_case(2, 2, 2, 129, 129, 64, ("band", 50, 3, 0), rope, None, torch.float16, 5, 5)
     assert _table_mode and all(_table_mode)
+
+
+def test_table_cache_reuses_only_the_same_inv_freq(monkeypatch):
+    """The RoPE tables are cached per (inv_freq tensor, version, device, base, end): a repeated
+    call reuses them, another inv_freq with the same shape (another base) or an in-place edit
+    of it builds new ones, and the cached values equal a fresh build."""
+    tri._TABLES.clear()
+    q = torch.empty(1, 1, 4, 16)
+    inv = Rope(16).inv_freq()
+    a = tri._rope_tables(q, inv, 4, 6, 7, 3)
+    b = tri._rope_tables(q, inv, 4, 6, 7, 3)
+    assert a[0] is b[0] and a[1] is b[1] and len(tri._TABLES) == 1
+    other = Rope(16, base=500.0).inv_freq()
+    c = tri._rope_tables(q, other, 4, 6, 7, 3)
+    assert c[0] is not a[0] and not torch.equal(c[0], a[0])
+    inv2 = inv.clone()
+    d = tri._rope_tables(q, inv2, 4, 6, 7, 3)
+    assert d[0] is not a[0] and torch.equal(d[0], a[0])
+    inv2.mul_(2.0)                               # in place: version bump, new tables
+    e = tri._rope_tables(q, inv2, 4, 6, 7, 3)
+    ang = torch.arange(-11, 11, dtype=torch.float32)[:, None] * inv2[None, :]
+    assert torch.equal(e[0], torch.cos(ang)) and torch.equal(e[1], torch.sin(ang))
+    for i in range(40):                          # bounded
+        tri._rope_tables(q, inv, 4, 6 + i, 7, 3)
+    assert len(tri._TABLES) <= tri._TABLES_MAX

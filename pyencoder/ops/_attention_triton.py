@@ -431,9 +431,39 @@ def _rope_tables(q, inv_freq, Nq, Nk, q_offset, k_offset, win=None):
     base = min(q_offset, k_offset)
     base -= (base - 5) % 16
     end = max(q_offset + Nq, k_offset + Nk)
+    cacheable = _table_cacheable(q, inv_freq)
+    key = (id(inv_freq), inv_freq._version, str(q.device), base, end) if cacheable else None
+    hit = _TABLES.get(key) if cacheable else None
+    if hit is not None and hit[0] is inv_freq:
+        return hit[1], hit[2], base, True
     pos = torch.arange(base, end, dtype=torch.int64, device=q.device)
     cos, sin = rope_cos_sin(pos, inv_freq.to(device=q.device, dtype=torch.float32))
-    return cos.contiguous(), sin.contiguous(), base, True
+    cos, sin = cos.contiguous(), sin.contiguous()
+    if cacheable:
+        if len(_TABLES) >= _TABLES_MAX:
+            _TABLES.pop(next(iter(_TABLES)))
+        _TABLES[key] = (inv_freq, cos, sin)
+    return cos, sin, base, True
+
+
+# RoPE tables of recent calls, (id and version of the inv_freq tensor, device, base, end) ->
+# (that inv_freq, cos, sin): the entry holds the tensor itself (so its id cannot be reused while
+# cached) and a hit must be that very object (a Rope keeps its inv_freq per device):
+# a training or offline loop calls with the same positions every step, and building the tables
+# costs ~5 small kernels and their host time per call, forward and backward (a few KB each).
+_TABLES = {}
+_TABLES_MAX = 16
+
+
+def _table_cacheable(q, inv_freq):
+    """Only real tensors outside any trace or CUDA-graph capture (a table allocated in a graph's
+    private pool must not outlive it)."""
+    from torch._subclasses.fake_tensor import is_fake
+    if torch.compiler.is_compiling() or is_fake(q) or is_fake(inv_freq):
+        return False
+    if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
 
 
 def _new(shape, like, dtype=None):
