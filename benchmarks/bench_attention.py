@@ -42,7 +42,9 @@ calls back to back with perf_counter and one synchronize at the end, median of 5
 is slower than the host this is GPU time: compare with fwd_ms), ``fwd_graph_ms`` (CUDA: the
 forward captured once into a CUDA graph and the replay timed with do_bench: GPU time without host
 overhead; a failed capture leaves it None and records ``fwd_graph_error``), both None on CPU and
-printed as "host 123 us  graph 0.045 ms"; in-band TFLOP/s (FLOPs over visible (query, key) pairs only: 4*D per pair forward,
+printed as "host 123 us  graph 0.045 ms"; the same two for forward + backward
+(``fwdbwd_host_us``, ``fwdbwd_graph_ms``: one CUDA graph holding the forward and the
+autograd backward, printed as "fwd+bwd graph 0.4 ms"); in-band TFLOP/s (FLOPs over visible (query, key) pairs only: 4*D per pair forward,
 10*D backward), and for windows <= 1024 wide the % of the measured copy bandwidth reached by the
 minimum HBM traffic (q, k, v read, out written; backward: q, k, v, out, dout read, dq, dk, dv
 written). Written to <results root>/<device>/attention.jsonl, each row appended as soon as it is
@@ -347,6 +349,9 @@ def _measure(name, shape_name, B, H, D, n, m, dtype, device, warmup, rep, bw, ro
                 if grad:
                     t_b = bench(bwd, warmup, rep)
                     t_fb = bench(fwdbwd, warmup, rep)
+                    # the forward + backward replayed from one CUDA graph: GPU time only (the
+                    # first GPU run's fwd+bwd rows were host-bound for ours at N=1500)
+                    host_graph.update(host_graph_fields(fwdbwd, "fwdbwd", warmup, rep))
         if name in COMPILED:
             rec["graphs"] = compiler.graphs
             rec["compiled"] = compile_backend if compiler.graphs else None
@@ -542,6 +547,8 @@ def main(argv=None):
                             if "fwd_hbm_pct" in rec:
                                 line += f"  {rec['fwd_hbm_pct']:5.1f} % HBM fwd"
                             line += host_graph_text(rec)
+                            if rec.get("fwdbwd_graph_ms") is not None:
+                                line += f"  fwd+bwd graph {rec['fwdbwd_graph_ms']:.3f} ms"
                         print(f"{shape_name:16s} N={n:6d} {mask_name(m):18s} "
                               f"{'rope' if rope else 'no-rope':7s} {prov:26s} {line}", flush=True)
     if not args.no_write:

@@ -50,14 +50,14 @@ def reference_cpu(recs):
             + "; ".join(ratios))
 
 
-def _flex_ratio(r, recs):
-    """Flex's forward GPU time (CUDA-graph replay) over this row's, same shape, N, mask, RoPE."""
-    if r.get("provider") == "flex" or not r.get("fwd_graph_ms"):
+def _flex_ratio(r, recs, key="fwd_graph_ms"):
+    """Flex's GPU time (CUDA-graph replay, ``key``) over this row's, same shape, N, mask, RoPE."""
+    if r.get("provider") == "flex" or not r.get(key):
         return "–"
     for f in recs:
-        if (f.get("provider") == "flex" and f.get("fwd_graph_ms") and
+        if (f.get("provider") == "flex" and f.get(key) and
                 all(f.get(k) == r.get(k) for k in ("shape", "N", "mask", "rope", "dtype"))):
-            return f"{f['fwd_graph_ms'] / r['fwd_graph_ms']:.2f}x"
+            return f"{f[key] / r[key]:.2f}x"
     return "–"
 
 
@@ -69,6 +69,8 @@ def attention(recs):
              _f(r.get("fwd_tflops"), 3)]
             + ([_f(r.get("fwd_graph_ms"), 3), _f(r.get("fwd_host_us"), 0), _flex_ratio(r, recs)]
                if graph else [])
+            + ([_f(r.get("fwdbwd_graph_ms"), 3), _flex_ratio(r, recs, "fwdbwd_graph_ms")]
+               if any(x.get("fwdbwd_graph_ms") for x in recs) else [])
             for r in recs if "fwd_ms" in r]
     first = [[r.get("shape", ""), str(r["N"]), r["mask"], "on" if r.get("rope", True) else "off",
               r["provider"], str(r.get("autotune") or "–"), _f(r.get("first_fwd_s"), 1),
@@ -81,7 +83,9 @@ def attention(recs):
                "(GPU time only); host: one call's host time in us; vs Flex: Flex's fwd graph time "
                "over the row's (> 1: faster than Flex)." if graph else "") + "\n\n"
             + _table(["shape", "N", "mask", "RoPE", "provider", "dtype", "fwd", "bwd", "fwd+bwd",
-                      "fwd TFLOP/s"] + (["fwd graph", "host us", "vs Flex"] if graph else []),
+                      "fwd TFLOP/s"] + (["fwd graph", "host us", "vs Flex"] if graph else [])
+                     + (["fwd+bwd graph", "vs Flex"]
+                        if any(x.get("fwdbwd_graph_ms") for x in recs) else []),
                      rows))
     if first:
         text += ("\n\nFirst call in a fresh process with empty compile caches (compile, autotune "
