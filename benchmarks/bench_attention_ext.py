@@ -35,9 +35,11 @@ Records (bench "attention-ext", <results root>/<device>/attention_ext.jsonl, eac
 soon as it is measured, so a cut run keeps what finished): suite, provider, shape, B, H, D,
 N (keys), Nq, Nk, mask, dtype, fwd/fwdbwd medians and 20/80 % quantiles (ms), in-mask TFLOP/s
 (FLOPs over the visible pairs only, ``visible_pairs`` = B*H*pairs: 4*D per pair forward, 14*D
-forward+backward), check_err (relative RMS error per tensor vs the reference); and per case one
-row provider "ratio" with flex's time over each other provider's
-(``<provider>_fwd_x`` > 1: faster than Flex).
+forward+backward), check_err (relative RMS error per tensor vs the reference), on CUDA
+fwd/fwdbwd_host_us and fwd/fwdbwd_graph_ms (benchmarks._common.host_graph_fields: one call's host
+time, and the call replayed from a CUDA graph: GPU time only); and per case one row provider
+"ratio" with flex's time over each other provider's (``<provider>_fwd_x`` > 1: faster than Flex;
+``<provider>_fwd_graph_x`` / ``_fwdbwd_graph_x`` the same for the graph times).
 
     python -m benchmarks.bench_attention_ext [--suites bias sink frame] [--n N ...] [--quick]
         [--providers P ...] [--dry-run] [--max-seconds S] [--no-write]
@@ -48,7 +50,7 @@ import time
 
 import torch
 
-from benchmarks._common import bench, device_slug, env_info, write_jsonl
+from benchmarks._common import bench, device_slug, env_info, host_graph_fields, write_jsonl
 from benchmarks.bench_attention import (_Compiler, _compiled_checks, CompiledAnchorError,
                                         record_failure)
 
@@ -309,7 +311,11 @@ def measure(name, suite, spec, shape, n, dtype, device, warmup, rep, grad, compi
             with strict():
                 with torch.no_grad():
                     t_f = bench(fwd, warmup, rep)
+                    graphs = host_graph_fields(fwd, "fwd", warmup, rep)
                 t_fb = bench(fwdbwd, warmup, rep) if grad else None
+                if grad:   # GPU time only: ours was host-bound at N=1500 on the first GPU runs
+                    graphs.update(host_graph_fields(fwdbwd, "fwdbwd", warmup, rep))
+            rec.update(graphs)
         if name == "flex":
             rec["graphs"] = compiler.graphs
             rec["compiled"] = compile_backend if compiler.graphs else None
@@ -345,6 +351,9 @@ def ratio_row(recs):
         for key in ("fwd", "fwdbwd"):
             if f"{key}_ms" in r and f"{key}_ms" in flex:
                 row[f"{r['provider']}_{key}_x"] = flex[f"{key}_ms"] / r[f"{key}_ms"]
+            if r.get(f"{key}_graph_ms") and flex.get(f"{key}_graph_ms"):
+                row[f"{r['provider']}_{key}_graph_x"] = (flex[f"{key}_graph_ms"]
+                                                         / r[f"{key}_graph_ms"])
     return row if len(row) > 14 else None
 
 
@@ -410,7 +419,9 @@ def main(argv=None):
                             f"{k}={e:.1e}" for k, e in rec["check_err"].items())
                     line = status or "  ".join(
                         f"{k} {rec[k + '_ms']:8.3f} ms" for k in ("fwd", "fwdbwd")
-                        if k + "_ms" in rec) + "  check " + " ".join(
+                        if k + "_ms" in rec) + "".join(
+                        f"  {k} graph {rec[k + '_graph_ms']:.3f} ms" for k in ("fwd", "fwdbwd")
+                        if rec.get(k + "_graph_ms") is not None) + "  check " + " ".join(
                         f"{k}={e:.1e}" for k, e in rec["check_err"].items())
                     print(f"{suite:5s} N={n:6d} Nq={rec['Nq']:6d} {mask_name(spec):28s} "
                           f"{prov:18s} {line}", flush=True)
