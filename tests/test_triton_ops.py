@@ -264,3 +264,41 @@ def test_gpu_compile_decomposes_into_kernels():
     g = _compiled_matches_eager(_conv_fn, (_r(2, 4, 11, grad=True), _r(4, 1, 3, grad=True),
                                            _r(4, grad=True)))
     assert "triton_kernel_wrapper_functional" in g
+
+
+def test_direct_path_without_autograd(monkeypatch):
+    """Eager calls that need no autograd graph run the triton_op's launcher body directly
+    (pyencoder.ops._call.direct_ok): the registered op is not called, results equal the op's,
+    the conv update step still bumps the state's version counter (it mutates it), and a call
+    whose inputs require grad, or PYENCODER_EAGER_FASTPATH=0, goes through the op."""
+    from pyencoder.ops import _triton_op, convnext_dwconv_ln
+    A, C, X, D = _ops()
+    seen = []
+    for lazy in (C.forward_op, C.update_op, X.forward_op):
+        orig = lazy.op
+
+        def spy(*a, _orig=orig, _name=lazy.name):
+            seen.append(_name)
+            return _orig(*a)
+        monkeypatch.setitem(_triton_op._REGISTERED, lazy.name, spy)
+    x, w, b = _r(2, 4, 13), _r(4, 1, 5), _r(4)
+    with torch.no_grad():
+        y_direct = causal_conv1d(x, w, b, groups=4, activation="silu", backend="triton")
+    xn, wn = _r(2, 6, 5), _r(6, 1, 4)
+    z_direct = convnext_dwconv_ln(xn, wn, backend="triton", return_final_state=True)
+    state = _r(2, 4, 4)
+    v0 = state._version
+    u_direct = causal_conv1d_update(_r(2, 4, 1), state, w, b, groups=4, activation="silu",
+                                    backend="triton")
+    assert seen == [] and state._version > v0
+    monkeypatch.setenv("PYENCODER_EAGER_FASTPATH", "0")
+    y_op = causal_conv1d(x, w, b, groups=4, activation="silu", backend="triton")
+    z_op = convnext_dwconv_ln(xn, wn, backend="triton", return_final_state=True)
+    assert torch.equal(y_direct, y_op) and torch.equal(z_direct[0], z_op[0])
+    assert u_direct.shape == (2, 4, 1)
+    assert seen == [C.forward_op.name, X.forward_op.name]
+    monkeypatch.delenv("PYENCODER_EAGER_FASTPATH")
+    seen.clear()
+    xg = x.clone().requires_grad_(True)
+    causal_conv1d(xg, w, b, groups=4, activation="silu", backend="triton").sum().backward()
+    assert seen == [C.forward_op.name] and xg.grad is not None
