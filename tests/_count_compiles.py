@@ -77,6 +77,20 @@ class _Recorder:
         return dict(sorted(c.items()))
 
 
+def _fused_ok_as_cuda(fused_ok):
+    """pyencoder.ops._ring_write_triton.fused_ok on the stand-in CPU tensors: decided as for CUDA
+    ones (its interpreter branch also needs _interpret(), patched off here for the GPU tiles)."""
+    def ok(x, state, q):
+        import pyencoder.ops._ring_write_triton as rw
+        real = rw._interpret
+        rw._interpret = lambda: True
+        try:
+            return fused_ok(x, state, q)
+        finally:
+            rw._interpret = real
+    return ok
+
+
 def _cuda_to_cpu_mode():
     import torch
     from torch.overrides import TorchFunctionMode
@@ -156,11 +170,15 @@ def count(tier, autotune, pytest_args, verbose=False, recorder=None, arch=None):
     import pyencoder.triton_kernels.convnext  # noqa: F401
     import pyencoder.triton_kernels.decode_attention  # noqa: F401
     import pyencoder.triton_kernels.interval_attention  # noqa: F401
+    import pyencoder.triton_kernels.ring_write  # noqa: F401
     import pyencoder.triton_kernels.rope_rotate  # noqa: F401
     os.environ["TRITON_INTERPRET"] = "1"
     from pyencoder import _backend
-    from pyencoder.ops import _attention_triton
+    from pyencoder.ops import _attention_triton, _ring_write_triton
     _attention_triton._interpret = lambda: False  # the GPU tile configs, not the interpreter's
+    _ring_write_triton._interpret = lambda: False
+    _ring_write_triton.FORCE_INTERPRET = True     # step_fixed's fused write, as on CUDA
+    _ring_write_triton.fused_ok = _fused_ok_as_cuda(_ring_write_triton.fused_ok)
     if arch is not None:
         _attention_triton._arch = lambda device: arch
     select = _backend.select

@@ -382,6 +382,27 @@ def _run_decode(rec, matrix):
             " sinks=3" if "sink" in flags else "")
         DT.decode_attention_triton(q, kr, vr, qpos, torch.tensor([M, 2]), torch.tensor([64, 70]),
                                    inv, rope == "interleaved", 4, lo, 3, D ** -0.5, **kw)
+    # step_fixed's fused state write (pyencoder.ops._ring_write_triton): rotated keys into the
+    # ring, values, queries; float32 frames into a ring of the case's dtype
+    import types
+
+    import pyencoder.ops._ring_write_triton as RW
+    RW._interpret = lambda: False
+    for dn, D, rope in ((("fp16", 64, "neox"), ("bf16", 128, "partial"), ("fp32", 80, "none"))
+                        if matrix != "full" else
+                        [(dn, D, r) for dn in dts for D in (64, 128)
+                         for r in ("none", "neox", "interleaved", "partial")]):
+        dt = dts[dn]
+        rot = {"none": 0, "neox": D, "interleaved": D, "partial": D // 2}[rope]
+        B, H, n, cap = 2, 4, 3, 48
+        st = types.SimpleNamespace(k=torch.randn(B, H, cap, D, dtype=dt),
+                                   v=torch.randn(B, H, cap, D, dtype=dt),
+                                   q=torch.randn(B, H, 8, D, dtype=dt),
+                                   pos=torch.tensor([70, 3]), pending=torch.tensor([2, 0]))
+        new = [torch.randn(B, n, H, D).transpose(1, 2) for _ in range(3)]
+        rec.case = f"{dn} D{D} rope={rope} ring write"
+        RW.ring_write(st, *new, None if rot == 0 else torch.rand(rot // 2),
+                      rope == "interleaved")
 
 
 def _run_convnext(rec, matrix):
@@ -683,7 +704,8 @@ if pytest is not None and __name__ != "__main__":
         for name in ("_interval_attention_fwd_kernel", "_interval_attention_bwd_dq_kernel",
                      "_interval_attention_bwd_dkdv_kernel", "_causal_conv1d_dw_fwd_kernel",
                      "_causal_conv1d_grp_bwd_dw_kernel", "_convnext_dwconv_ln_fwd_kernel",
-                     "_decode_attention_fwd_kernel", "_rope_rotate_kernel"):
+                     "_decode_attention_fwd_kernel", "_rope_rotate_kernel",
+                     "_ring_write_kernel"):
             assert name in kernels
         # the decode kernel with the gated relative bias and a GQA ring (WavLM's step), per target
         assert {r["target"] for r in results if r["kernel"] == "_decode_attention_fwd_kernel"

@@ -43,6 +43,7 @@ from .._checks import check_module_input, is_int
 from ..mask import IntervalMask
 from ..ops.attention import interval_attention
 from ..rope import apply_rope, as_rope
+from ..ops import _ring_write_triton as _ring
 from ..ops.decode_attention import decode_attention
 from ..reference.decode_attention import ring_write
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
@@ -293,18 +294,29 @@ class IntervalSelfAttention(nn.Module):
                    self._heads(x, self.v_proj))
         P, pend = state.pos, state.pending
         ar = torch.arange(n, device=dev)
-        kpos = P[:, None] + ar[None, :]
-        if inv is not None:
-            k = apply_rope(k, kpos, inv, self.rope.interleaved)
-        bidx = torch.arange(B, device=dev)[:, None].expand(B, n)
-        slot = torch.remainder(kpos, state.k.shape[2])
-        state.k[bidx, :, slot] = k.transpose(1, 2).to(state.k.dtype)
-        state.v[bidx, :, slot] = v.transpose(1, 2).to(state.v.dtype)
-        qidx = pend[:, None] + ar[None, :]
-        state.q[bidx, :, qidx] = q.transpose(1, 2).to(state.q.dtype)
-        for name, t in self._query_extras(x).items():
-            buf = getattr(state, name)
-            buf[bidx, :, qidx] = t.transpose(1, 2).to(buf.dtype)
+        extras_new = self._query_extras(x)
+        if _ring.fused_ok(x, state, q):
+            # one kernel for the keys (rotated), values and queries of every slot
+            _ring.ring_write(state, q, k, v, inv,
+                             False if self.rope is None else self.rope.interleaved)
+            bidx = qidx = None
+        else:
+            kpos = P[:, None] + ar[None, :]
+            if inv is not None:
+                k = apply_rope(k, kpos, inv, self.rope.interleaved)
+            bidx = torch.arange(B, device=dev)[:, None].expand(B, n)
+            slot = torch.remainder(kpos, state.k.shape[2])
+            state.k[bidx, :, slot] = k.transpose(1, 2).to(state.k.dtype)
+            state.v[bidx, :, slot] = v.transpose(1, 2).to(state.v.dtype)
+            qidx = pend[:, None] + ar[None, :]
+            state.q[bidx, :, qidx] = q.transpose(1, 2).to(state.q.dtype)
+        if extras_new:
+            if bidx is None:
+                bidx = torch.arange(B, device=dev)[:, None].expand(B, n)
+                qidx = pend[:, None] + ar[None, :]
+            for name, t in extras_new.items():
+                buf = getattr(state, name)
+                buf[bidx, :, qidx] = t.transpose(1, 2).to(buf.dtype)
         qpos = (P - pend)[:, None] + ar[None, :]
         extras = {name: getattr(state, name)[:, :, :n] for name in self._queued}
         o = self._decode(state.q[:, :, :n], extras, state, qpos, state.out_lengths.fill_(n), P + n)
