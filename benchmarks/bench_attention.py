@@ -44,7 +44,9 @@ forward captured once into a CUDA graph and the replay timed with do_bench: GPU 
 overhead; a failed capture leaves it None and records ``fwd_graph_error``), both None on CPU and
 printed as "host 123 us  graph 0.045 ms"; the same two for forward + backward
 (``fwdbwd_host_us``, ``fwdbwd_graph_ms``: one CUDA graph holding the forward and the
-autograd backward, printed as "fwd+bwd graph 0.4 ms"); in-band TFLOP/s (FLOPs over visible (query, key) pairs only: 4*D per pair forward,
+autograd backward, printed as "fwd+bwd graph 0.4 ms"); with ``--autotune full`` (or auto via the
+environment) our rows also name ``triton_autotune`` and the ``tiles`` the autotuner chose per
+kernel (the data to rank the default tile table); in-band TFLOP/s (FLOPs over visible (query, key) pairs only: 4*D per pair forward,
 10*D backward), and for windows <= 1024 wide the % of the measured copy bandwidth reached by the
 minimum HBM traffic (q, k, v read, out written; backward: q, k, v, out, dout read, dq, dk, dv
 written). Written to <results root>/<device>/attention.jsonl, each row appended as soon as it is
@@ -312,7 +314,30 @@ def measure(name, *args, rope=True, compile_backend="inductor", grad=True):
             os.environ.get("PYENCODER_ROPE_TABLE", "auto")
         rec["rope_mode"] = ROPE_VARIANTS.get(name, {}).get(
             "PYENCODER_ROPE_MODE", os.environ.get("PYENCODER_ROPE_MODE", "auto"))
+        mode = os.environ.get("PYENCODER_TRITON_AUTOTUNE", "auto") or "auto"
+        if mode not in ("0", "auto"):
+            rec["triton_autotune"] = mode
+            rec["tiles"] = tuned_tiles()
     return rec
+
+
+def tuned_tiles():
+    """{kernel: "BLOCK_M x BLOCK_N, warps, stages"} the Triton autotuner chose for the key it
+    tuned last (this case's, when it was new): the data that ranks the default tile table
+    (pyencoder.ops._attention_triton._DEFAULT_TILES)."""
+    from pyencoder.ops import _attention_triton as A
+    out = {}
+    for name, entry in (A._kernels or {}).items():
+        tuners = entry[2]
+        if not tuners:
+            continue
+        for mode, tuner in tuners.items():
+            cache = getattr(tuner, "cache", None) or {}
+            if cache:
+                cfg = list(cache.values())[-1]
+                out[f"{name}/{mode}"] = (f"{cfg.kwargs.get('BLOCK_M')}x{cfg.kwargs.get('BLOCK_N')}"
+                                         f" w{cfg.num_warps} s{cfg.num_stages}")
+    return out
 
 
 def _measure(name, shape_name, B, H, D, n, m, dtype, device, warmup, rep, bw, rope=True,
@@ -484,6 +509,9 @@ def main(argv=None):
                    help="rows with RoPE, attention-only rows, or both (GPU default: both; CPU: on)")
     p.add_argument("--compile-backend", choices=("inductor", "eager"), default="inductor",
                    help="torch.compile backend of the anchors (eager: a cheap CPU rehearsal)")
+    p.add_argument("--autotune", choices=("0", "auto", "full"), default=None,
+                   help="PYENCODER_TRITON_AUTOTUNE for this run (default: the environment's); "
+                        "rows of a tuned run record the tiles the autotuner chose")
     p.add_argument("--first-call", action="store_true",
                    help="measure only the first call per case (fresh process, empty caches)")
     p.add_argument("--first-call-modes", nargs="*", default=["auto", "0"],
@@ -491,6 +519,8 @@ def main(argv=None):
     p.add_argument("--first-call-timeout", type=float, default=600.0)
     p.add_argument("--first-call-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.autotune is not None:
+        os.environ["PYENCODER_TRITON_AUTOTUNE"] = args.autotune
     if args.first_call_child:
         print(json.dumps(_first_call_child(json.loads(args.first_call_child))), flush=True)
         return 0
@@ -549,6 +579,9 @@ def main(argv=None):
                             line += host_graph_text(rec)
                             if rec.get("fwdbwd_graph_ms") is not None:
                                 line += f"  fwd+bwd graph {rec['fwdbwd_graph_ms']:.3f} ms"
+                            if rec.get("tiles"):
+                                line += "  tiles " + ", ".join(f"{k} {v}" for k, v in
+                                                               rec["tiles"].items())
                         print(f"{shape_name:16s} N={n:6d} {mask_name(m):18s} "
                               f"{'rope' if rope else 'no-rope':7s} {prov:26s} {line}", flush=True)
     if not args.no_write:

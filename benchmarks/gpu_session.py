@@ -178,6 +178,7 @@ def plan_attention(ctx):
 # the attention_table stage's masks (bench_attention --masks): the four headline masks
 TABLE_MASKS = ("band:None:0", "band:250:3", "band:50:3", "chunked:4:128:3")
 ROPE_PROVIDERS = ("pyencoder-triton", "pyencoder-triton-prerot", "pyencoder-triton-ropetable")
+TUNE_N = "1500"     # the attention_table stage's autotuned run (bench_attention --autotune full)
 
 
 def plan_profile(ctx):
@@ -198,6 +199,10 @@ def plan_attention_table(ctx):
     masks = ("--masks", *TABLE_MASKS)
     runs = [("triton", ["--providers", *ROPE_PROVIDERS, "--n", *ATTENTION_TABLE_NS]),
             ("flex-N1500-norope", ["--providers", "flex", "--n", "1500", "--rope", "off"]),
+            # every tile of the pruned autotune lists timed (compiles carried in the Triton
+            # cache): which tile wins per window, to rank the default table
+            ("tune", ["--providers", "pyencoder-triton", "--n", TUNE_N, "--rope", "off",
+                      "--autotune", "full"]),
             ("flex-N1500-rope", ["--providers", "flex", "--n", "1500", "--rope", "on"]),
             ("sdpa-flash", ["--providers", "sdpa-mask", "flash-attn", "--n", "1500"]),
             ("flex-N3000-norope", ["--providers", "flex", "--n", "3000", "--rope", "off"])]

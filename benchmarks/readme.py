@@ -64,7 +64,8 @@ def _flex_ratio(r, recs, key="fwd_graph_ms"):
 def attention(recs):
     graph = any(r.get("fwd_graph_ms") for r in recs)
     rows = [[r.get("shape", ""), str(r["N"]), r["mask"], "on" if r.get("rope", True) else "off",
-             r["provider"], r.get("dtype", ""),
+             r["provider"] + (f" (autotune {r['triton_autotune']})"
+                              if r.get("triton_autotune") else ""), r.get("dtype", ""),
              _f(r.get("fwd_ms"), 2), _f(r.get("bwd_ms"), 2), _f(r.get("fwdbwd_ms"), 2),
              _f(r.get("fwd_tflops"), 3)]
             + ([_f(r.get("fwd_graph_ms"), 3), _f(r.get("fwd_host_us"), 0), _flex_ratio(r, recs)]

@@ -32,7 +32,7 @@ def load(path):
 # what names a measured case (rows of one commit measured twice: the later one is kept)
 _CASE_KEYS = ("bench", "suite", "provider", "shape", "B", "H", "D", "N", "Nq", "Nk", "mask",
               "rope", "dtype", "mode", "C", "L", "k", "groups", "stride", "batch", "chunk_ms",
-              "autotune", "layers", "threads", "op", "case", "burners", "sink", "name")
+              "autotune", "triton_autotune", "layers", "threads", "op", "case", "burners", "sink", "name")
 
 
 def _latest_run(recs):

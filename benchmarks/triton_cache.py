@@ -375,6 +375,26 @@ def _bench_attention_launches(rec, failed):
                         torch.autograd.grad(out, leaves, torch.randn_like(out))
                 except Exception as e:  # reported in build_info.json's failed list
                     failed.append({"kernel": rec.test, "error": f"{type(e).__name__}: {e}"[:500]})
+    # the tuning run (gpu_session's attention_table "tune" command): every tile of the pruned
+    # autotune lists (PYENCODER_TRITON_AUTOTUNE=full), RoPE off, N = TUNE_N, the stage's masks
+    old = os.environ.get("PYENCODER_TRITON_AUTOTUNE")
+    os.environ["PYENCODER_TRITON_AUTOTUNE"] = "full"
+    try:
+        for m in map(ba.parse_mask, gs.TABLE_MASKS):
+            rec.test = f"bench_attention tune N={gs.TUNE_N} {ba.mask_name(m)}"
+            try:
+                leaves = [torch.randn(B, H, int(gs.TUNE_N), D, device="cuda",
+                                      dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+                fwd = ba.make_provider("pyencoder-triton", *leaves, m, None)
+                out = fwd()
+                torch.autograd.grad(out, leaves, torch.randn_like(out))
+            except Exception as e:
+                failed.append({"kernel": rec.test, "error": f"{type(e).__name__}: {e}"[:500]})
+    finally:
+        if old is None:
+            os.environ.pop("PYENCODER_TRITON_AUTOTUNE", None)
+        else:
+            os.environ["PYENCODER_TRITON_AUTOTUNE"] = old
 
 
 class _Miss(Exception):

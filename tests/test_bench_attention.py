@@ -264,3 +264,27 @@ def test_rope_variant_environment_is_set_and_restored(monkeypatch):
     with ba._rope_table_env("pyencoder-triton"):
         assert os.environ["PYENCODER_ROPE_MODE"] == "kernel"
     assert os.environ["PYENCODER_ROPE_MODE"] == "kernel" and "PYENCODER_ROPE_TABLE" not in os.environ
+
+
+def test_tuned_tiles_and_autotune_option(monkeypatch):
+    """A tuned run's rows name the tile the autotuner chose last per kernel and mode; --autotune
+    sets PYENCODER_TRITON_AUTOTUNE for the run."""
+    import types
+
+    import pytest
+    triton = pytest.importorskip("triton")
+    from benchmarks import bench_attention as ba
+    from pyencoder.ops import _attention_triton as A
+    cfg = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+    old = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
+    tuner = types.SimpleNamespace(cache={"key0": old, "key1": cfg})
+    monkeypatch.setattr(A, "_kernels", {"fwd": (None, [], {"full": tuner,
+                                                           "auto": types.SimpleNamespace()}),
+                                        "pre": (None, None, None)})
+    assert ba.tuned_tiles() == {"fwd/full": "64x32 w4 s2"}
+    monkeypatch.delenv("PYENCODER_TRITON_AUTOTUNE", raising=False)
+    ba.main(["--autotune", "full", "--n", "16", "--providers", "reference", "--no-write",
+             "--masks", "band:2:1"])
+    import os
+    assert os.environ["PYENCODER_TRITON_AUTOTUNE"] == "full"
+    monkeypatch.delenv("PYENCODER_TRITON_AUTOTUNE")
