@@ -152,3 +152,8 @@ def test_table_cache_reuses_only_the_same_inv_freq(monkeypatch):
     for i in range(40):                          # bounded
         tri._rope_tables(q, inv, 4, 6 + i, 7, 3)
     assert len(tri._TABLES) <= tri._TABLES_MAX
+    with torch.inference_mode():                 # an inference tensor has no version: no cache
+        inv_inf = Rope(16).inv_freq().clone()
+        n0 = len(tri._TABLES)
+        f = tri._rope_tables(q, inv_inf, 4, 6, 7, 3)
+        assert torch.equal(f[0], a[0]) and len(tri._TABLES) == n0

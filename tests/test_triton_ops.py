@@ -291,6 +291,12 @@ def test_direct_path_without_autograd(monkeypatch):
     u_direct = causal_conv1d_update(_r(2, 4, 1), state, w, b, groups=4, activation="silu",
                                     backend="triton")
     assert seen == [] and state._version > v0
+    with torch.inference_mode():     # inference tensors have no version counter to bump
+        st_inf = _r(2, 4, 4)
+        before = st_inf.clone()
+        causal_conv1d_update(_r(2, 4, 1), st_inf, w, b, groups=4, activation="silu",
+                             backend="triton")
+        assert not torch.equal(st_inf, before) and seen == []
     monkeypatch.setenv("PYENCODER_EAGER_FASTPATH", "0")
     y_op = causal_conv1d(x, w, b, groups=4, activation="silu", backend="triton")
     z_op = convnext_dwconv_ln(xn, wn, backend="triton", return_final_state=True)

@@ -461,6 +461,8 @@ def _table_cacheable(q, inv_freq):
     from torch._subclasses.fake_tensor import is_fake
     if torch.compiler.is_compiling() or is_fake(q) or is_fake(inv_freq):
         return False
+    if inv_freq.is_inference():     # no version counter to see an in-place edit by
+        return False
     if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
     return True

@@ -50,8 +50,10 @@ def call_op(backend, triton_op, custom_op, *args):
         if direct_ok(args):
             out = triton_op.fn(*args)
             for i in _mutated_positions(triton_op):
-                if i < len(args) and isinstance(args[i], torch.Tensor):
-                    torch.autograd.graph.increment_version(args[i])
+                t = args[i] if i < len(args) else None
+                if isinstance(t, torch.Tensor) and not t.is_inference():
+                    # (inference tensors have no version counter)
+                    torch.autograd.graph.increment_version(t)
             return out
         return triton_op(*args)
     return custom_op(*args, backend)
