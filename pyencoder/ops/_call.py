@@ -7,9 +7,9 @@ Eager calls that need no autograd graph (inference, streaming steps, ``torch.no_
 triton_op's launcher body directly (``direct_ok``): what the registered op itself runs in eager
 mode, without torch.library's dispatch and custom-op wrapper (~100 us of host time per call,
 more than many of these kernels). A mutating op (the conv update step writes ``state``) then
-bumps the mutated tensors' version counters as the op would. Traces (torch.compile, export,
-FakeTensor, make_fx), torch.func transforms, calls with inputs that require grad, and
-PYENCODER_EAGER_FASTPATH=0 keep the registered op."""
+bumps the mutated tensors' version counters as the op would (inference tensors have none).
+Traces (torch.compile, export, FakeTensor, make_fx, torch.jit.trace), torch.func transforms,
+calls with inputs that require grad, and PYENCODER_EAGER_FASTPATH=0 keep the registered op."""
 import inspect
 
 import torch
@@ -21,7 +21,8 @@ _MUTATED = {}   # triton_op name -> positions of its mutated arguments
 
 def direct_ok(args):
     """Whether an eager call with these arguments may skip the registered op."""
-    if not env_flag("PYENCODER_EAGER_FASTPATH", True) or torch.compiler.is_compiling():
+    if not env_flag("PYENCODER_EAGER_FASTPATH", True) or torch.compiler.is_compiling() \
+            or torch.jit.is_tracing():
         return False
     from torch.utils._python_dispatch import _get_current_dispatch_mode
     if _get_current_dispatch_mode() is not None or torch._C._are_functorch_transforms_active():

@@ -21,7 +21,8 @@ FORCE_INTERPRET = False
 
 
 def fused_ok(x, state, q):
-    if not env_flag("PYENCODER_FUSED_RING", True) or torch.compiler.is_compiling():
+    if not env_flag("PYENCODER_FUSED_RING", True) or torch.compiler.is_compiling() \
+            or torch.jit.is_tracing():
         return False
     if x.device.type == "cuda":
         pass

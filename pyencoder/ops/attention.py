@@ -124,7 +124,8 @@ class _EagerTriton(torch.autograd.Function):
     time per call (schema default filling, redispatch), more than the whole forward kernel of a
     narrow band at wav2vec2-base sizes, so eager calls skip it. Used only where nothing traces
     the call (``_eager_ok``): torch.compile, torch.export, make_fx, FakeTensorMode and torch.func
-    transforms still see the registered op pyencoder::interval_attention_triton."""
+    transforms (and torch.jit.trace) still see the registered op
+    pyencoder::interval_attention_triton."""
 
     @staticmethod
     def forward(ctx, *inputs):
@@ -150,7 +151,7 @@ def _eager_ok():
     active; PYENCODER_EAGER_FASTPATH=0 turns it off (every call through the registered op)."""
     if not env_flag("PYENCODER_EAGER_FASTPATH", True):
         return False
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     from torch.utils._python_dispatch import _get_current_dispatch_mode
     if _get_current_dispatch_mode() is not None:
