@@ -16,9 +16,9 @@ Stages, in order of value (name: timeout in s on a GPU):
      launch path vs kernels: torch.profiler, per-call host time, CUDA-graph replay);
   3. attention_table (150): bench_attention at wav2vec2-base (B=8, H=12, D=64), bf16, the four
      headline masks (TABLE_MASKS), fwd, bwd, fwd+bwd (+ host time and graph forward time):
-     pyencoder-triton in its three RoPE modes at N = 1500, 3000, then Flex at N=1500 (RoPE off,
-     then on), sdpa-mask and flash-attn, Flex at N=3000 (every process appends each JSON line as
-     it is measured);
+     pyencoder-triton in its three RoPE modes at N = 1500, 3000, then Flex at N=1500 (RoPE off),
+     a tuning run (--autotune full, TUNE_N), Flex with RoPE, sdpa-mask and flash-attn, Flex at
+     N=3000 (every process appends each JSON line as it is measured);
   4. streaming (50): bench_streaming --gpu --quick (step p50/p99 at batch 1 for 20 and 80 ms
      chunks, concurrent real-time streams), then `pytest -m gpu_quick` on the decode kernel and
      CUDA-graph step tests;
