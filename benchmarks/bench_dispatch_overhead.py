@@ -9,7 +9,8 @@ the difference is the dispatcher's cost per call (custom-op dispatch, autograd a
 ADInplaceOrView keys, the triton_op's eager wrapper). A reference decode step of a
 wav2vec2-base-sized layer (H=12, D=64, 4 queries over a 257-entry ring) is timed beside it for
 scale. Prints medians of 7 repeats in microseconds per call; writes nothing. Needs triton
-installed (no GPU: no kernel runs).
+installed (no GPU: no kernel runs). Then the interval attention forward's host cost on the eager
+fast path vs through its registered triton_op (launches stubbed; ``_interval_attention``).
 """
 import argparse
 import statistics
@@ -51,6 +52,54 @@ def main(argv=None):
     print(f"triton_op (M=0):              {op:8.1f} us/call")
     print(f"dispatcher overhead:          {op - direct:8.1f} us/call")
     print(f"reference decode step (CPU):  {ref:8.1f} us/call (for scale)")
+    _interval_attention(args.calls // 20)
+
+
+def _interval_attention(calls):
+    """Host cost of one interval attention forward with gradients (wav2vec2-base: B=8, H=12,
+    N=1500, D=64, band(50,3), RoPE) on the eager fast path (pyencoder.ops.attention._EagerTriton)
+    and through the registered triton_op (PYENCODER_EAGER_FASTPATH=0): the whole Python path of
+    the call, validation included, with the Triton launches replaced by no-ops (no GPU here) and
+    the backend pinned to triton. Triton's own launcher cost comes on top on a GPU."""
+    import os
+
+    import pyencoder
+    from pyencoder import _backend
+    from pyencoder.ops import _attention_triton as A
+
+    class _NoLaunch:
+        def __getitem__(self, grid):
+            return self
+
+        def __call__(self, *args, **kwargs):
+            return None
+    saved = (A.launch, _backend.select, os.environ.get("PYENCODER_EAGER_FASTPATH"),
+             os.environ.get("PYENCODER_TRITON_AUTOTUNE"))
+    A.launch = lambda kernel: _NoLaunch()
+    _backend.select = lambda *a, **k: "triton"
+    os.environ["PYENCODER_TRITON_AUTOTUNE"] = "0"
+    try:
+        q, k, v = (torch.randn(8, 12, 1500, 64, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        rope = pyencoder.Rope(64)
+
+        def call():
+            return pyencoder.ops.banded_attention(q, k, v, left=50, right=3, rope=rope,
+                                                  backend="triton")
+        res = {}
+        for label, flag in (("eager fast path", "1"), ("registered triton_op", "0")):
+            os.environ["PYENCODER_EAGER_FASTPATH"] = flag
+            res[label] = _per_call_us(call, max(200, calls))
+    finally:
+        A.launch, _backend.select = saved[:2]
+        for name, val in zip(("PYENCODER_EAGER_FASTPATH", "PYENCODER_TRITON_AUTOTUNE"),
+                             saved[2:]):
+            if val is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = val
+    for label, us in res.items():
+        print(f"interval attention fwd, {label + ':':22s}{us:8.1f} us/call (launches stubbed)")
 
 
 if __name__ == "__main__":

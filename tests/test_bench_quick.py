@@ -119,3 +119,28 @@ def test_jsonl_rows_append_extend_iadd(monkeypatch, tmp_path):
     off.append({"a": 1})
     assert off.path is None and len(off) == 1
     assert not os.path.exists(os.path.join(tmp_path, device_slug(), "y.jsonl"))
+
+
+def test_dispatch_overhead_runs(capsys):
+    """benchmarks.bench_dispatch_overhead (CPU microbenchmark) runs end to end and restores what
+    it stubs (no assertion on the times: a busy machine makes them anything)."""
+    import os
+
+    import pytest
+    pytest.importorskip("triton")
+    from benchmarks import bench_dispatch_overhead as bdo
+    from pyencoder import _backend
+    from pyencoder.ops import _attention_triton as A
+    launch, select = A.launch, _backend.select
+    env = {k: os.environ.get(k) for k in ("PYENCODER_EAGER_FASTPATH",
+                                          "PYENCODER_TRITON_AUTOTUNE")}
+    import torch
+    threads = torch.get_num_threads()
+    try:
+        bdo.main(["--calls", "40"])
+    finally:
+        torch.set_num_threads(threads)     # main() pins one thread
+    out = capsys.readouterr().out
+    assert "eager fast path" in out and "registered triton_op" in out
+    assert A.launch is launch and _backend.select is select
+    assert {k: os.environ.get(k) for k in env} == env
