@@ -50,44 +50,7 @@ from pyencoder.nn import (BandedSelfAttention, CausalConv1d, ChunkedSelfAttentio
                           Linear, TransformerLayer, Transpose)
 from pyencoder.streaming import StreamingSequential, latency  # noqa
 
-try:
-    from benchmarks._common import JsonlRows, env_info, write_jsonl
-except Exception:  # pragma: no cover - minimal local fallbacks
-    import json
-    import platform
-
-    def env_info():
-        return {"device": "cuda" if torch.cuda.is_available() else f"cpu-{platform.machine()}",
-                "torch": torch.__version__}
-
-    def write_jsonl(name, records):
-        d = os.path.join(os.environ.get("PYENCODER_RESULTS_DIR") or os.path.join(
-            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench-results"),
-            env_info()["device"])
-        os.makedirs(d, exist_ok=True)
-        path = os.path.join(d, f"{name}.jsonl")
-        with open(path, "a") as f:
-            for r in records:
-                f.write(json.dumps({**env_info(), **r}) + "\n")
-        return path
-
-    class JsonlRows(list):
-        def __init__(self, name, write=True, extra=None):
-            super().__init__()
-            self.name, self.write, self.extra, self.path = name, write, dict(extra or {}), None
-
-        def append(self, rec):
-            super().append(rec)
-            if self.write:
-                self.path = write_jsonl(self.name, [{**rec, **self.extra}])
-
-        def extend(self, recs):
-            for r in recs:
-                self.append(r)
-
-        def __iadd__(self, recs):
-            self.extend(recs)
-            return self
+from benchmarks._common import JsonlRows, env_info, write_jsonl  # noqa: E402
 
 SR = 16000
 HOP = 320
