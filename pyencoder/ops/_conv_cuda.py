@@ -124,12 +124,16 @@ def _unit(bias):
 
 # Dense strided convs (groups == 1, stride > 1) through cuDNN, in the input dtype.
 #
-# Precision: torch's cuDNN convolution descriptor sets the math (accumulation) type to float32
-# for half inputs (aten/src/ATen/cudnn/Descriptors.h, ConvolutionDescriptor::set: CUDNN_DATA_HALF
-# -> CUDNN_DATA_FLOAT); bf16 convs also accumulate in float32. So a half conv here differs from the
-# reference (which upcasts to float32 and rounds once) by summation order and the final rounding
-# only. float32 follows torch.backends.cudnn.allow_tf32 (default True: TF32 tensor cores) exactly
-# like the reference's own F.conv1d on the same device.
+# Precision: torch's legacy cuDNN convolution descriptor sets the compute (accumulation) type to
+# float32 for half data (aten/src/ATen/cudnn/Descriptors.h, ConvolutionDescriptor::set:
+# CUDNN_DATA_HALF -> mathType CUDNN_DATA_FLOAT). The cuDNN v8 frontend path (Conv_v8.cpp,
+# getConvDescriptor) passes the tensor data type to ConvDescBuilder in the copies found here;
+# which compute type cuDNN then uses for fp16/bf16 was not verified from the source, so the GPU
+# tests (tests/test_conv_cudnn_path.py, C_in*k up to 1536 terms) hold this path to the fp32
+# reference within ~2 ulp: half-precision accumulation would miss that by ~10x and fail them.
+# float32 follows torch.backends.cudnn.allow_tf32 (default True: TF32 tensor cores) exactly like
+# the reference's own F.conv1d on the same device, so the GPU fp32 tolerance (1e-4) is the one
+# tests/test_conv_gpu.py uses for both; on CPU there is no TF32 and fp32 is held to 1e-5.
 #
 # Padding: the causal left pad of k - stride zeros is cuDNN's symmetric ``padding=k - stride``;
 # output frame t starts at padded sample t*stride either way, so the first T = L // stride frames
@@ -172,21 +176,17 @@ def _final_state(x, initial_state, T, stride, pad):
 
 
 def _cudnn_conv(x, weight, bias, initial_state, stride):
-    """(pre-activation y (B, C_out, T), padded input or None, padding) on the cuDNN path."""
+    """The pre-activation y (B, C_out, L // stride) in x's dtype (L // stride > 0)."""
     k = weight.shape[-1]
     pad = k - stride
     L = x.shape[-1]
     T = L // stride
     if initial_state is not None:
-        xp = torch.cat((initial_state, x), dim=-1)
-        return F.conv1d(xp, weight, bias, stride=stride), xp, 0
+        return F.conv1d(torch.cat((initial_state, x), dim=-1), weight, bias, stride=stride)
     if _pad_copy(x, weight, stride):
-        xp = F.pad(x, (pad, 0))
-        return F.conv1d(xp, weight, bias, stride=stride), xp, 0
+        return F.conv1d(F.pad(x, (pad, 0)), weight, bias, stride=stride)
     y = F.conv1d(x, weight, bias, stride=stride, padding=pad)
-    if y.shape[-1] != T:
-        y = y[..., :T].contiguous()
-    return y, None, pad
+    return y if y.shape[-1] == T else y[..., :T].contiguous()
 
 
 def _cudnn_forward(x, weight, bias, initial_state, stride, activation):
@@ -196,8 +196,7 @@ def _cudnn_forward(x, weight, bias, initial_state, stride, activation):
     pad = k - stride
     T = L // stride
     if T > 0:
-        y, _, _ = _cudnn_conv(x, weight, bias, initial_state, stride)
-        y = _ref._act(y, activation)
+        y = _ref._act(_cudnn_conv(x, weight, bias, initial_state, stride), activation)
     else:
         y = x.new_zeros(B, weight.shape[0], 0)
     return y, _final_state(x, initial_state, T, stride, pad)
@@ -219,7 +218,7 @@ def _cudnn_backward(grad_y, grad_final_state, x, weight, bias, initial_state, st
     if T > 0:
         g = grad_y
         if activation is not None:
-            pre, _, _ = _cudnn_conv(x, weight, bias, initial_state, stride)
+            pre = _cudnn_conv(x, weight, bias, initial_state, stride)
             g32 = grad_y.float() * _ref._act_grad(pre.float(), activation)
             g = g32.to(x.dtype)
         else:
