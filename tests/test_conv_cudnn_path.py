@@ -11,8 +11,8 @@ C_in*k (forward, dx) or B*T (dweight, dbias) terms: 1e-5 relative to the tensor'
 True) on both sides, so the GPU test uses tests/test_conv_gpu.py's TOL (1e-4). float16/bfloat16:
 the reference computes in float32 and rounds once; this path convolves in the input dtype
 (cuDNN: float32 accumulation expected, which the GPU tests check; CPU: torch's CPU conv) and,
-with a fused activation, rounds the gradient to the dtype once before the conv gradients. The bound is the
-flash-attention rule: error vs the float64 oracle <= 2 x the reference's own error + a few ulp of
+with a fused activation, rounds the gradient to the dtype once before the conv gradients. The
+bound is the flash-attention rule: error vs the float64 oracle <= 2 x the reference's own error + a few ulp of
 the dtype (fp16 2**-10, bf16 2**-7) scaled to the tensor's max: one extra rounding of each operand
 of a sum."""
 import random
