@@ -12,9 +12,9 @@ True) on both sides, so the GPU test uses tests/test_conv_gpu.py's TOL (1e-4). f
 the reference computes in float32 and rounds once; this path convolves in the input dtype
 (cuDNN: float32 accumulation expected, which the GPU tests check; CPU: torch's CPU conv) and,
 with a fused activation, rounds the gradient to the dtype once before the conv gradients. The
-bound is the flash-attention rule: error vs the float64 oracle <= 2 x the reference's own error + a few ulp of
-the dtype (fp16 2**-10, bf16 2**-7) scaled to the tensor's max: one extra rounding of each operand
-of a sum."""
+bound is the flash-attention rule: error vs the float64 oracle <= 2 x the reference's own error
++ 4 ulp of the dtype (fp16 2**-10, bf16 2**-7) scaled to the tensor's max (the extra roundings:
+the output, the gradient before the conv gradients, summation order)."""
 import random
 
 import pytest
