@@ -22,7 +22,7 @@ from torch import nn
 from .._checks import check_int, check_module_input
 from ..ops.conv import causal_conv1d, causal_conv1d_update
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
-                               check_step_slots, stamp)
+                               check_step_slots, fill_counter, stamp)
 
 __all__ = ["CausalConv1d", "ConvState", "StridedConv1d"]
 
@@ -176,7 +176,7 @@ class CausalConv1d(StridedConv1d):
         if k > 1:
             state.hist.copy_(cat[..., cat.shape[-1] - (k - 1):])
         state.seen.add_(x.shape[-1])
-        state.out_lengths.fill_(x.shape[-1] // s)
+        fill_counter(state, x.shape[-1] // s)
         return y
 
     def flush(self, state):
