@@ -102,34 +102,30 @@ class _Counter(TorchDispatchMode):
 
 @contextlib.contextmanager
 def _tracked(model, stack):
-    """Push (label, module type) while a module's forward or step_fixed runs."""
-    handles, patched = [], []
+    """Push (label, module type) while a module's forward or step_fixed runs (instance-level
+    wrappers, not hooks: a module with hooks may take another path, e.g. no packed q/k/v)."""
+    patched = []
     names = {m: n for n, m in model.named_modules()}
 
-    def push(m):
-        stack.append((names[m] or "<root>", type(m).__name__))
-
     for m in model.modules():
-        handles.append(m.register_forward_pre_hook(lambda mod, _: push(mod)))
-        handles.append(m.register_forward_hook(lambda mod, _i, _o: stack.pop() and None))
-        if hasattr(type(m), "step_fixed"):
-            orig = type(m).step_fixed
+        for attr in ("forward", "step_fixed"):
+            if not hasattr(type(m), attr):
+                continue
+            orig = getattr(type(m), attr)
 
             def wrapped(*a, _m=m, _f=orig, **k):
-                push(_m)
+                stack.append((names[_m] or "<root>", type(_m).__name__))
                 try:
                     return _f(_m, *a, **k)
                 finally:
                     stack.pop()
-            m.__dict__["step_fixed"] = wrapped
-            patched.append(m)
+            m.__dict__[attr] = wrapped
+            patched.append((m, attr))
     try:
         yield
     finally:
-        for h in handles:
-            h.remove()
-        for m in patched:
-            del m.__dict__["step_fixed"]
+        for m, attr in patched:
+            del m.__dict__[attr]
 
 
 @contextlib.contextmanager
