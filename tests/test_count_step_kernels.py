@@ -194,3 +194,24 @@ def test_qkv_not_packed_with_hooks_or_grad():
     assert k.grad_fn is not None
     k.sum().backward()
     assert m.k_proj.weight.grad is not None and m.q_proj.weight.grad is None
+
+
+@pytest.mark.parametrize("k,s,n", [(4, 2, 2), (4, 2, 4), (10, 5, 5), (10, 5, 20), (3, 1, 1),
+                                   (3, 1, 5), (2, 2, 2), (1, 1, 3)])
+def test_conv_step_fixed_equals_step(k, s, n):
+    """CausalConv1d.step_fixed (no cat when n >= k - 1, the general cat otherwise) gives the
+    general step's output and history, also in bfloat16."""
+    from pyencoder.nn import CausalConv1d
+    for dtype in (torch.float32, torch.bfloat16):
+        conv = CausalConv1d(3, 5, k, stride=s, activation="gelu").to(dtype)
+        x = torch.randn(2, 3, s * 3 + 10 * n, dtype=dtype)
+        with torch.no_grad():
+            a, b = conv.init_state(2), conv.init_state(2)
+            _, a = conv.step(x[..., :s * 3], a)
+            _, b = conv.step(x[..., :s * 3], b)
+            for t in range(s * 3, x.shape[-1], n):
+                y = conv.step_fixed(x[..., t:t + n], a)
+                y_ref, b = conv.step(x[..., t:t + n], b)
+                assert torch.equal(y, y_ref), (dtype, t)
+                assert torch.equal(a.hist, b.hist) and torch.equal(a.seen, b.seen)
+                assert a.out_lengths.tolist() == [n // s] * 2

@@ -291,8 +291,8 @@ def check_step_lengths(lengths, B, n, device, name="lengths"):
 
 
 class _FixedIndex:
-    """Index tensors of a steady-state step of n frames (``fixed_index``)."""
-    __slots__ = ("key", "ar", "bidx", "qidx", "qoff")
+    """Index tensors of a steady-state step of n frames (``fixed_index``): key, ar, bidx, qidx,
+    qoff."""
 
 
 def _stamp(t):
