@@ -27,7 +27,8 @@ Paths (``--path``):
   * ``fused``: what a CUDA step dispatches, emulated on CPU tensors: the Triton backends of decode
     attention and conv (``use_backend(decode_attention="triton", conv="triton")``; a CUDA build's
     conv would run ``pyencoder._C`` instead, also one kernel per conv), the fused ring write
-    (``_ring.FORCE_INTERPRET``), every Triton launch stubbed (counted, not run: no interpreter,
+    (``_ring.FORCE_INTERPRET``), the q/k/v weights packed for one GEMM (``pack_qkv_``, which
+    init_state does on CUDA), every Triton launch stubbed (counted, not run: no interpreter,
     outputs left unwritten). On CUDA the fused ring write replaces the torch ring-write ops (the
     rope of the new keys, the three index_put_ and their index arithmetic) by one launch.
 
@@ -41,8 +42,6 @@ import contextlib
 import json
 import os
 import sys
-
-os.environ.setdefault("PYENCODER_CPU_SKINNY_GEMM", "0")
 
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
@@ -157,6 +156,21 @@ def _fused_path(counter_ref):
         _triton_op._Launch.__call__ = old[2]
 
 
+@contextlib.contextmanager
+def _env(**values):
+    """Environment variables set for the duration of the block (then restored)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _kernel_name(kernel):
     fn = getattr(kernel, "fn", kernel)
     return getattr(fn, "__name__", type(kernel).__name__)
@@ -176,7 +190,11 @@ def count(mask="banded", path="torch", layers=12, dtype=torch.bfloat16, dims=Non
     stack = []
     ref = [None]
     ctx = _fused_path(ref) if path == "fused" else contextlib.nullcontext()
-    with torch.no_grad():
+    with torch.no_grad(), _env(PYENCODER_CPU_SKINNY_GEMM="0"):
+        if path == "fused":       # what init_state does for a CUDA state
+            for m in model.modules():
+                if hasattr(m, "pack_qkv_"):
+                    m.pack_qkv_()
         st = model.init_state(1, dtype=dtype, max_chunk=sf)
         for _ in range(_warm_steps(model, sf)):
             model.step(torch.randn_like(x), st)

@@ -151,14 +151,17 @@ def _unpack(m):
 
 @pytest.mark.parametrize("kind", ["banded", "chunked"])
 def test_packed_qkv_step_sees_edits(kind):
-    """init_state packs q/k/v into one buffer (same Parameters, same values); the step's single
-    GEMM reads the parameters' own memory, so edits through .data / in place are seen."""
+    """pack_qkv_ (init_state on CUDA) puts q/k/v in one buffer (same Parameters, same values);
+    the step's single GEMM reads the parameters' own memory, so edits through .data / in place
+    are seen."""
     m = _attn(kind)
     params = [m.q_proj.weight, m.k_proj.weight, m.v_proj.weight, m.v_proj.bias]
     vals = [p.detach().clone() for p in params]
     x = torch.randn(2, 16, 32)
     with torch.no_grad():
         st = m.init_state(2, max_chunk=4)
+        assert m._packed_qkv(m._qkv_modules()) is None      # not on the CPU
+        assert m.pack_qkv_() and m.pack_qkv_()
         assert m._packed_qkv(m._qkv_modules()) is not None
         assert all(a is b and torch.equal(a, v) for a, b, v in
                    zip(params, [m.q_proj.weight, m.k_proj.weight, m.v_proj.weight,
@@ -180,9 +183,26 @@ def test_packed_qkv_step_sees_edits(kind):
         assert _rel(m(x.double()).float(), off) <= 1e-5
 
 
+def test_qkv_not_packed_for_views_or_other_modules():
+    m = _attn("banded")
+    flat = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+    with torch.no_grad():                       # parameters as views of one flat buffer (FSDP)
+        off = 0
+        for p in m.parameters():
+            p.data = flat[off:off + p.numel()].view_as(p)
+            off += p.numel()
+    assert not m.pack_qkv_()
+    m2 = _attn("banded")
+    m2.k_proj = torch.nn.utils.parametrizations.weight_norm(m2.k_proj)
+    assert not m2.pack_qkv_()
+    m3 = _attn("banded")
+    m3.v_proj.bias = None
+    assert not m3.pack_qkv_()
+
+
 def test_qkv_not_packed_with_hooks_or_grad():
     m = _attn("banded")
-    m.init_state(1)
+    assert m.pack_qkv_()
     x = torch.randn(1, 3, 32)
     seen = []
     h = m.k_proj.register_forward_hook(lambda *a: seen.append(1))

@@ -170,10 +170,13 @@ class IntervalSelfAttention(nn.Module):
         that order, so a streaming step computes the three projections as one GEMM (``_qkv``).
         The parameters stay the same Parameter objects with the same values (their ``.data``
         becomes a view of the buffer; nothing is cached: the step reads the parameters' own
-        memory, so every later edit is seen). ``init_state`` calls it; it does nothing when the
-        projections are not plain Linear layers of one device and dtype, and ``.to()`` /
-        ``load_state_dict(assign=True)`` simply undo it (the step then runs three GEMMs). Returns
-        whether the weights are packed."""
+        memory, so every later edit is seen). ``init_state`` calls it for a CUDA state (a
+        batch-1 step there is launch-bound; on the CPU a step is bound by reading the weights,
+        which one GEMM does not change, so the CPU keeps three). It does nothing unless the
+        projections are plain Linear layers whose parameters each own their whole storage
+        (not views into a flat buffer, as FSDP's) on one device and dtype; ``.to()`` /
+        ``load_state_dict(assign=True)`` simply undo it (the step then runs three GEMMs).
+        Returns whether the weights are packed."""
         mods = self._qkv_modules()
         if mods is None:
             return False
@@ -184,7 +187,9 @@ class IntervalSelfAttention(nn.Module):
         if (bs[0] is None) != (bs[1] is None) or (bs[0] is None) != (bs[2] is None):
             return False
         ts = ws + [b for b in bs if b is not None]
-        if any(t.is_meta or t.device != ws[0].device or t.dtype != ws[0].dtype for t in ts):
+        if any(t.is_meta or t.device != ws[0].device or t.dtype != ws[0].dtype
+               or t.storage_offset() or not t.is_contiguous()
+               or t.untyped_storage().nbytes() != t.numel() * t.element_size() for t in ts):
             return False
         E = self.embed_dim
         with torch.no_grad():
@@ -279,7 +284,7 @@ class IntervalSelfAttention(nn.Module):
                 f"(left / right, left_chunks / lookahead) or raise max_context")
         if cap is None:
             cap = min(self.max_context, max(64, 2 * qcap))
-        if device == p.device and not torch.compiler.is_compiling():
+        if device.type == "cuda" and device == p.device and not torch.compiler.is_compiling():
             self.pack_qkv_()
         H, D, B = self.num_heads, self.head_dim, batch_size
         z = lambda n: torch.zeros(B, H, n, D, device=device, dtype=dtype)  # noqa: E731
