@@ -21,19 +21,21 @@ A Triton launch counts as one kernel (``triton:<kernel>``). Host synchronisation
 ``syncs``: a capturable step must have none.
 
 Paths (``--path``):
-  * ``torch``: what the CPU runs: the reference decode attention and conv, the plain-torch ring
+  * ``cpu``: what the CPU runs: the reference decode attention and conv, the plain-torch ring
     write (``_ring.fused_ok`` is False off CUDA), ``PYENCODER_CPU_SKINNY_GEMM=0`` (the transposed
     CPU product is a CPU-only path; the GPU runs F.linear).
-  * ``fused``: what a CUDA step dispatches, emulated on CPU tensors: the Triton backends of decode
+  * ``cuda``: what a CUDA step dispatches, emulated on CPU tensors: the Triton backends of decode
     attention and conv (``use_backend(decode_attention="triton", conv="triton")``; a CUDA build's
     conv would run ``pyencoder._C`` instead, also one kernel per conv), the fused ring write
     (``_ring.FORCE_INTERPRET``), the q/k/v weights packed for one GEMM (``pack_qkv_``, which
     init_state does on CUDA), every Triton launch stubbed (counted, not run: no interpreter,
-    outputs left unwritten). On CUDA the fused ring write replaces the torch ring-write ops (the
-    rope of the new keys, the three index_put_ and their index arithmetic) by one launch.
+    outputs left unwritten).
+  * ``cuda-torch-ring``: ``cuda`` with ``PYENCODER_FUSED_RING=0``: the plain-torch ring write (the
+    rope of the new keys, the k / v / q index_put_ and their index arithmetic) that the fused
+    ring write replaces by one launch.
 
-Usage: python -m benchmarks.count_step_kernels [--mask banded|chunked|both] [--path torch|fused|both]
-       [--layers 12] [--dtype bfloat16] [--ops] [--json]
+Usage: python -m benchmarks.count_step_kernels [--mask banded|chunked|both]
+       [--path cpu|cuda-torch-ring|cuda|all] [--layers 12] [--dtype bfloat16] [--ops] [--json]
 Prints a table per mask and path (total, per module type, per layer).
 """
 import argparse
@@ -61,6 +63,7 @@ ALLOCS = frozenset({"empty", "empty_strided", "empty_like", "new_empty", "new_em
 SYNCS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "equal"})
 
 DIMS = dict(dim=64, heads=4, ffn=128, conv_dim=32)
+PATHS = ("cpu", "cuda-torch-ring", "cuda")
 
 
 class _Counter(TorchDispatchMode):
@@ -129,7 +132,8 @@ def _tracked(model, stack):
 
 @contextlib.contextmanager
 def _fused_path(counter_ref):
-    """Triton backends, the fused ring write and stubbed launches (module docstring)."""
+    """Triton backends, the fused ring write (where PYENCODER_FUSED_RING allows) and stubbed
+    launches (module docstring)."""
     import pyencoder
     from pyencoder.ops import _ring_write_triton as ring
     from pyencoder.ops import _triton_op
@@ -176,12 +180,12 @@ def _kernel_name(kernel):
     return getattr(fn, "__name__", type(kernel).__name__)
 
 
-def count(mask="banded", path="torch", layers=12, dtype=torch.bfloat16, dims=None, seed=0):
+def count(mask="banded", path="cuda", layers=12, dtype=torch.bfloat16, dims=None, seed=0):
     """One steady-state step_fixed of the bench_streaming stack -> dict with ``total`` (kernels),
     ``by_type`` {module type: ops charged to it}, ``per_layer`` [ops of each TransformerLayer,
     inclusive], ``ops`` {op name: count}, ``allocs``, ``syncs`` and ``excluded`` {name: count}."""
-    if path not in ("torch", "fused"):
-        raise ValueError(f"path must be 'torch' or 'fused'; got {path!r}")
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}; got {path!r}")
     cfg = dict(GPU_MASKS[mask])
     sf = cfg.pop("step_frames")
     torch.manual_seed(seed)
@@ -189,9 +193,11 @@ def count(mask="banded", path="torch", layers=12, dtype=torch.bfloat16, dims=Non
     x = torch.randn(1, 1, HOP * sf, dtype=dtype)
     stack = []
     ref = [None]
-    ctx = _fused_path(ref) if path == "fused" else contextlib.nullcontext()
-    with torch.no_grad(), _env(PYENCODER_CPU_SKINNY_GEMM="0"):
-        if path == "fused":       # what init_state does for a CUDA state
+    cuda = path != "cpu"
+    ctx = _fused_path(ref) if cuda else contextlib.nullcontext()
+    ring = "0" if path == "cuda-torch-ring" else "1"
+    with torch.no_grad(), _env(PYENCODER_CPU_SKINNY_GEMM="0", PYENCODER_FUSED_RING=ring):
+        if cuda:                  # what init_state does for a CUDA state
             for m in model.modules():
                 if hasattr(m, "pack_qkv_"):
                     m.pack_qkv_()
@@ -257,14 +263,14 @@ def format_table(results):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mask", choices=("banded", "chunked", "both"), default="both")
-    ap.add_argument("--path", choices=("torch", "fused", "both"), default="both")
+    ap.add_argument("--path", choices=PATHS + ("all",), default="all")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     ap.add_argument("--ops", action="store_true", help="also list the counted ops by name")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = ap.parse_args(argv)
     masks = ["banded", "chunked"] if args.mask == "both" else [args.mask]
-    paths = ["torch", "fused"] if args.path == "both" else [args.path]
+    paths = list(PATHS) if args.path == "all" else [args.path]
     dtype = getattr(torch, args.dtype)
     results = {(m, p): count(m, p, args.layers, dtype) for m in masks for p in paths}
     if args.json:

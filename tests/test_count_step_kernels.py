@@ -27,7 +27,7 @@ def _rel(a, b):
 def counts():
     from benchmarks.count_step_kernels import count
     return {(m, p): count(m, p, layers=2, dims=TINY) for m in ("banded", "chunked")
-            for p in ("torch", "fused")}
+            for p in ("cpu", "cuda-torch-ring", "cuda")}
 
 
 def test_counter_counts_kernels_not_views():
@@ -53,8 +53,10 @@ def test_step_fixed_counts(counts):
         assert r["total"] == sum(r["by_type"].values())
         assert len(r["per_layer"]) == 2 and all(v > 0 for v in r["per_layer"])
     for mask in ("banded", "chunked"):
-        t, f = counts[(mask, "torch")], counts[(mask, "fused")]
-        assert f["total"] < t["total"]
+        c, t, f = (counts[(mask, p)] for p in ("cpu", "cuda-torch-ring", "cuda"))
+        assert f["total"] < t["total"] < c["total"]
+        # the torch ring write: rope of the new keys and an index_put_ each for k, v and q
+        assert "triton:_ring_write_kernel" not in t["ops"] and t["ops"]["index_put_"] >= 3 * 2
         # the fused path: one ring write and one decode launch per layer, no index_put_
         assert f["ops"]["triton:_ring_write_kernel"] == 2
         assert f["ops"]["triton:_decode_attention_fwd_kernel"] == 2
@@ -66,8 +68,8 @@ def test_step_fixed_counts(counts):
     # advance, query positions, decode, q/k/v and out GEMMs, two FFN GEMMs, GELU, two LayerNorms,
     # two residual adds (banded: 13); the chunked layer holds 3 frames back (the query and
     # residual queues: + index_put_ + 2 shifts = 16). Raising these means a step got slower.
-    assert counts[("banded", "fused")]["per_layer"][1] <= 13
-    assert counts[("chunked", "fused")]["per_layer"][1] <= 16
+    assert counts[("banded", "cuda")]["per_layer"][1] <= 13
+    assert counts[("chunked", "cuda")]["per_layer"][1] <= 16
 
 
 def test_script_prints_table():
@@ -76,7 +78,8 @@ def test_script_prints_table():
     r = _subproc.run([sys.executable, "-m", "benchmarks.count_step_kernels", "--layers", "2",
                       "--mask", "chunked", "--dtype", "float32"], cwd=ROOT, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    for s in ("total kernels", "chunked/torch", "chunked/fused", "ChunkedSelfAttention",
+    for s in ("total kernels", "chunked/cpu", "chunked/cuda-torch-ring", "chunked/cuda",
+              "ChunkedSelfAttention",
               "host syncs", "excluded (views / metadata)"):
         assert s in r.stdout, r.stdout
 
