@@ -238,3 +238,39 @@ def test_conv_step_fixed_equals_step(k, s, n):
                 assert torch.equal(y, y_ref), (dtype, t)
                 assert torch.equal(a.hist, b.hist) and torch.equal(a.seen, b.seen)
                 assert a.out_lengths.tolist() == [n // s] * 2
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
+                    reason="the CUDA path emulated on CPU tensors under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("kind", ["banded", "chunked"])
+def test_cuda_path_step_equals_cpu_path(kind, monkeypatch):
+    """What a CUDA step runs (packed q/k/v, the fused ring write on the strided views of the one
+    GEMM's output, the Triton decode fed the int64 counters and writing its token-major output),
+    interpreted on CPU tensors, equals the CPU path's step (float32; the decode sums in another
+    order) and leaves the same counters."""
+    import pyencoder
+    from pyencoder.ops import _decode_attention_triton as DT
+    from pyencoder.ops import _ring_write_triton as RW
+    m = _attn(kind)
+    m2 = copy.deepcopy(m)
+    assert m2.pack_qkv_()
+    n = m.block
+    x = torch.randn(2, 8 * n + 4, 32)
+    with torch.no_grad():
+        a, b = m.init_state(2, max_chunk=n), m2.init_state(2, max_chunk=n)
+        _, a = m.step(x[:, :4], a)
+        _, b = m2.step(x[:, :4], b)
+        for t in range(4, x.shape[1], n):
+            ya = m.step_fixed(x[:, t:t + n], a, check=t == 4)
+            with monkeypatch.context() as mp, pyencoder.use_backend(decode_attention="triton"):
+                mp.setattr(RW, "FORCE_INTERPRET", True)
+                calls = []
+                real, dec = RW.ring_write, DT.forward
+                mp.setattr(RW, "ring_write", lambda *args: calls.append(1) or real(*args))
+                mp.setattr(DT, "forward", lambda *args: calls.append(2) or dec(*args))
+                yb = m2.step_fixed(x[:, t:t + n], b)
+            assert calls == [1, 2]
+            assert _rel(yb, ya) <= 1e-5, t
+            for key in ("pos", "pending", "out_lengths"):
+                assert torch.equal(getattr(a, key), getattr(b, key)), key
+            assert _rel(b.k, a.k) <= 1e-5 and _rel(b.v, a.v) <= 1e-5
