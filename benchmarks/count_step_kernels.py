@@ -1,4 +1,4 @@
-"""Ops dispatched by one steady-state ``step_fixed`` of the bench_streaming stack, counted on the CPU.
+"""Ops dispatched by one steady-state ``step_fixed`` of the bench_streaming stack, on the CPU.
 
 At batch 1 the CUDA-graph step of benchmarks/bench_streaming.py is launch-bound: its time is
 roughly the number of kernels it replays. This script counts them without a GPU: it builds the

@@ -29,6 +29,9 @@ exactly n frames out, no host synchronisation, state updated in place; precondit
 docstring (``check=True`` verifies them once, outside capture). The general ``step`` runs as
 ``step_fixed`` by itself whenever those preconditions hold and every slot gets the same n frames
 (one host read decides; on a CPU it saves about a quarter of the per-step op overhead).
+A CUDA ``init_state`` also packs the q / k / v weights into one buffer (``pack_qkv_``: the same
+Parameters, no cached copy), so a streaming step projects with one GEMM instead of three
+(``python -m benchmarks.count_step_kernels`` counts a step's kernels).
 
 Package-internal (used by pyencoder.nn.layer and pyencoder.nn.relpos, not in ``__all__``):
 ``IntervalSelfAttention``, the base of every interval self-attention module; ``fresh_counters``
