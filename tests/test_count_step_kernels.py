@@ -145,11 +145,15 @@ def _attn(kind):
 
 
 def _unpack(m):
-    with torch.no_grad():
-        for mod in (m.q_proj, m.k_proj, m.v_proj):
-            mod.weight.data = mod.weight.data.clone()
-            mod.bias.data = mod.bias.data.clone()
+    params = [p for mod in (m.q_proj, m.k_proj, m.v_proj) for p in mod.parameters()]
+    vals = [p.detach().clone() for p in params]
+    m.unpack_qkv_()
+    assert not m.unpack_qkv_()                  # nothing left to undo
     assert m._packed_qkv(m._qkv_modules()) is None
+    assert [p for mod in (m.q_proj, m.k_proj, m.v_proj) for p in mod.parameters()] == params
+    assert all(torch.equal(p, v) for p, v in zip(params, vals))
+    ptrs = {p.untyped_storage().data_ptr() for p in params}
+    assert len(ptrs) == len(params)             # each its own storage again
 
 
 @pytest.mark.parametrize("kind", ["banded", "chunked"])
@@ -170,8 +174,11 @@ def test_packed_qkv_step_sees_edits(kind):
                    zip(params, [m.q_proj.weight, m.k_proj.weight, m.v_proj.weight,
                                 m.v_proj.bias], vals))
         _, st = m.step(x[:, :6], st)
-        ref = copy.deepcopy(m)
-        _unpack(ref)
+        ref = copy.deepcopy(m)                  # deepcopy clones each Parameter: unpacked
+        assert ref._packed_qkv(ref._qkv_modules()) is None
+        m2 = copy.deepcopy(m)
+        assert m2.pack_qkv_() and m2.unpack_qkv_()
+        _unpack(m2)
         st_ref = copy.deepcopy(st)
         m.k_proj.weight.data.mul_(1.5)          # EMA-style write, no version bump on the param
         m.v_proj.bias.add_(0.25)

@@ -178,8 +178,10 @@ class IntervalSelfAttention(nn.Module):
         which one GEMM does not change, so the CPU keeps three). It does nothing unless the
         projections are plain Linear layers whose parameters each own their whole storage
         (not views into a flat buffer, as FSDP's) on one device and dtype; ``.to()`` /
-        ``load_state_dict(assign=True)`` simply undo it (the step then runs three GEMMs).
-        Returns whether the weights are packed."""
+        ``load_state_dict(assign=True)`` simply undo it (the step then runs three GEMMs), as
+        does ``unpack_qkv_``. While packed, ``state_dict()`` holds three views of one storage:
+        ``torch.save`` is unaffected, safetensors' ``save_file`` refuses shared storage (save
+        clones, or unpack first). Returns whether the weights are packed."""
         mods = self._qkv_modules()
         if mods is None:
             return False
@@ -202,6 +204,19 @@ class IntervalSelfAttention(nn.Module):
                 m.weight.data = w3[i * E:(i + 1) * E]
                 if b3 is not None:
                     m.bias.data = b3[i * E:(i + 1) * E]
+        return True
+
+    def unpack_qkv_(self):
+        """Give the q, k and v projection parameters their own storage again (undo
+        ``pack_qkv_``; same Parameters, same values). Returns whether they were packed."""
+        mods = self._qkv_modules()
+        if mods is None or self._packed_qkv(mods) is None:
+            return False
+        with torch.no_grad():
+            for m in mods:
+                m.weight.data = m.weight.data.clone()
+                if m.bias is not None:
+                    m.bias.data = m.bias.data.clone()
         return True
 
     @staticmethod
