@@ -4,7 +4,7 @@ At batch 1 the CUDA-graph step of benchmarks/bench_streaming.py is launch-bound:
 roughly the number of kernels it replays. This script counts them without a GPU: it builds the
 bench_streaming model (``build``; widths do not change the op count, so small dims are the
 default), warms a batch-1 state up with the general ``step`` to the steady state, runs one
-``step_fixed`` outside the count (``check=True``: preconditions, and any per-state caches) and
+``step_fixed`` outside the count (``check=True``: preconditions, and the per-state caches) and
 then counts the aten ops that one ``step_fixed`` dispatches (a ``TorchDispatchMode``), per
 module type (each op charged to the innermost module running it) and per TransformerLayer
 (inclusive). Nothing is timed.
@@ -16,7 +16,8 @@ Counted: every aten op except
     ``EXCLUDED``;
   * allocations (``ALLOCS``: empty, empty_strided, empty_like, new_empty, new_empty_strided):
     no kernel; counted apart (under a CUDA graph they come from the graph's private pool).
-A Triton launch counts as one kernel (``triton:<kernel>``). Host synchronisations
+A Triton launch counts as one kernel (``triton:<kernel>``); a registered op (``pyencoder::...``)
+counts as one unless it launched Triton kernels (then only those count). Host synchronisations
 (``_local_scalar_dense``, i.e. ``.item()`` / ``int(t)`` / ``bool(t)``) are counted apart as
 ``syncs``: a capturable step must have none.
 
@@ -26,7 +27,7 @@ Paths (``--path``):
     CPU product is a CPU-only path; the GPU runs F.linear).
   * ``cuda``: what a CUDA step dispatches, emulated on CPU tensors: the Triton backends of decode
     attention and conv (``use_backend(decode_attention="triton", conv="triton")``; a CUDA build's
-    conv would run ``pyencoder._C`` instead, also one kernel per conv), the fused ring write
+    conv would run ``pyencoder._C``'s kernels instead), the fused ring write
     (``_ring.FORCE_INTERPRET``), the q/k/v weights packed for one GEMM (``pack_qkv_``, which
     init_state does on CUDA), every Triton launch stubbed (counted, not run: no interpreter,
     outputs left unwritten).
