@@ -281,3 +281,32 @@ def test_cuda_path_step_equals_cpu_path(kind, monkeypatch):
             for key in ("pos", "pending", "out_lengths"):
                 assert torch.equal(getattr(a, key), getattr(b, key)), key
             assert _rel(b.k, a.k) <= 1e-5 and _rel(b.v, a.v) <= 1e-5
+
+
+def test_helpers_under_graph_capture(monkeypatch):
+    """During CUDA graph capture (simulated: capture records kernels without running them) a
+    missing index entry is built but not cached, entries a graph reads are pinned for the
+    state's lifetime (never freed under a graph), and a fill is not marked as done."""
+    import pyencoder.streaming.state as S
+    s = _S()
+    s.pending = torch.tensor([1, 2])
+    s.out_lengths = torch.zeros(2, dtype=torch.int64)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(S, "_capturing", lambda device: True)
+    a = fixed_index(s, "pending", 2, cpu)
+    assert s.__dict__["_fixed_index"] == {} and s.__dict__["_graph_pinned"] == [a]
+    fill_counter(s, 2)
+    assert "_filled_out_lengths" not in s.__dict__
+    monkeypatch.setattr(S, "_capturing", lambda device: False)
+    b = fixed_index(s, "pending", 2, cpu)             # eager: built and cached
+    assert b is not a and fixed_index(s, "pending", 2, cpu) is b
+    assert b.count_n.tolist() == [2, 2]
+    fill_counter(s, 2)
+    assert s.__dict__["_filled_out_lengths"][1] == 2
+    monkeypatch.setattr(S, "_capturing", lambda device: True)
+    assert fixed_index(s, "pending", 2, cpu) is b      # a capture after warm-up reads the cache
+    assert s.__dict__["_graph_pinned"] == [a, b]
+    s.pending[0] = 0                                   # in place: rebuilt, b stays pinned
+    monkeypatch.setattr(S, "_capturing", lambda device: False)
+    c = fixed_index(s, "pending", 2, cpu)
+    assert c is not b and s.__dict__["_graph_pinned"] == [a, b]

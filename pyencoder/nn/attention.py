@@ -432,7 +432,8 @@ class IntervalSelfAttention(nn.Module):
         P.add_(n)
         qpos = P[:, None] + idx.qoff
         extras = {name: getattr(state, name)[:, :, :n] for name in self._queued}
-        o = self._decode(state.q[:, :, :n], extras, state, qpos, fill_counter(state, n), P)
+        fill_counter(state, n)
+        o = self._decode(state.q[:, :, :n], extras, state, qpos, idx.count_n, P)
         keep = self.hi_off
         if keep:
             shift_queue(state.q, n, keep, 2)
