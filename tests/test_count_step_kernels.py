@@ -158,7 +158,7 @@ def _unpack(m):
 
 @pytest.mark.parametrize("kind", ["banded", "chunked"])
 def test_packed_qkv_step_sees_edits(kind):
-    """pack_qkv_ (init_state on CUDA) puts q/k/v in one buffer (same Parameters, same values);
+    """pack_qkv_ (opt-in) puts q/k/v in one buffer (same Parameters, same values);
     the step's single GEMM reads the parameters' own memory, so edits through .data / in place
     are seen."""
     m = _attn(kind)
@@ -310,3 +310,22 @@ def test_helpers_under_graph_capture(monkeypatch):
     monkeypatch.setattr(S, "_capturing", lambda device: False)
     c = fixed_index(s, "pending", 2, cpu)
     assert c is not b and s.__dict__["_graph_pinned"] == [a, b]
+
+
+def test_pack_qkv_model_helpers_opt_in():
+    """pyencoder.nn.pack_qkv_ / unpack_qkv_ over a model; init_state never packs by itself (shared
+    storage would make safetensors' save_file refuse the user's state_dict)."""
+    import pyencoder.nn as pnn
+    model = torch.nn.Sequential(_attn("banded"), torch.nn.Linear(32, 32), _attn("chunked"))
+    with torch.no_grad():
+        model[0].init_state(1, max_chunk=4)
+    assert all(m._packed_qkv(m._qkv_modules()) is None for m in (model[0], model[2]))
+    x = torch.randn(1, 12, 32)
+    ref = model(x)
+    assert pnn.pack_qkv_(model) == 2
+    assert all(m._packed_qkv(m._qkv_modules()) is not None for m in (model[0], model[2]))
+    assert torch.equal(model(x), ref)
+    assert pnn.unpack_qkv_(model) == 2 and pnn.unpack_qkv_(model) == 0
+    sd = model.state_dict()
+    ptrs = [t.untyped_storage().data_ptr() for t in sd.values()]
+    assert len(set(ptrs)) == len(ptrs)

@@ -29,9 +29,12 @@ exactly n frames out, no host synchronisation, state updated in place; precondit
 docstring (``check=True`` verifies them once, outside capture). The general ``step`` runs as
 ``step_fixed`` by itself whenever those preconditions hold and every slot gets the same n frames
 (one host read decides; on a CPU it saves about a quarter of the per-step op overhead).
-A CUDA ``init_state`` also packs the q / k / v weights into one buffer (``pack_qkv_``: the same
-Parameters, no cached copy), so a streaming step projects with one GEMM instead of three
-(``python -m benchmarks.count_step_kernels`` counts a step's kernels).
+``pack_qkv_()`` (or ``pyencoder.nn.pack_qkv_(model)`` for every attention of a model) stores the
+q / k / v weights in one buffer (the same Parameters, no cached copy), so a streaming step projects
+with one GEMM instead of three: worth it for CUDA-graph steps at small batch, which are bound by
+their kernel count (``python -m benchmarks.count_step_kernels``). Opt-in, never done behind the
+user's back: while packed the three parameters share one storage, which safetensors' ``save_file``
+(and so transformers' ``save_pretrained``) refuses; ``unpack_qkv_()`` undoes it.
 
 Package-internal (used by pyencoder.nn.layer and pyencoder.nn.relpos, not in ``__all__``):
 ``IntervalSelfAttention``, the base of every interval self-attention module; ``fresh_counters``
@@ -173,9 +176,9 @@ class IntervalSelfAttention(nn.Module):
         that order, so a streaming step computes the three projections as one GEMM (``_qkv``).
         The parameters stay the same Parameter objects with the same values (their ``.data``
         becomes a view of the buffer; nothing is cached: the step reads the parameters' own
-        memory, so every later edit is seen). ``init_state`` calls it for a CUDA state (a
-        batch-1 step there is launch-bound; on the CPU a step is bound by reading the weights,
-        which one GEMM does not change, so the CPU keeps three). It does nothing unless the
+        memory, so every later edit is seen). Opt-in (worth it for a CUDA-graph step at small
+        batch, which is launch-bound; on the CPU a step is bound by reading the weights, which one
+        GEMM does not change). It does nothing unless the
         projections are plain Linear layers whose parameters each own their whole storage
         (not views into a flat buffer, as FSDP's) on one device and dtype; ``.to()`` /
         ``load_state_dict(assign=True)`` simply undo it (the step then runs three GEMMs), as
@@ -302,8 +305,6 @@ class IntervalSelfAttention(nn.Module):
                 f"(left / right, left_chunks / lookahead) or raise max_context")
         if cap is None:
             cap = min(self.max_context, max(64, 2 * qcap))
-        if device.type == "cuda" and device == p.device and not torch.compiler.is_compiling():
-            self.pack_qkv_()
         H, D, B = self.num_heads, self.head_dim, batch_size
         z = lambda n: torch.zeros(B, H, n, D, device=device, dtype=dtype)  # noqa: E731
         zi = lambda: torch.zeros(B, dtype=torch.int64, device=device)  # noqa: E731
@@ -657,3 +658,18 @@ class ChunkedSelfAttention(IntervalSelfAttention):
                 f"{self.chunk_size}, left_chunks={self.left_chunks}, lookahead="
                 f"{self.chunk_lookahead}, rope={self.rope}"
                 + (f", sink={self.mask.sink}" if self.mask.sink else ""))
+
+
+def pack_qkv_(module):
+    """``pack_qkv_()`` on every interval self-attention in ``module`` (itself included): their
+    q / k / v projections become one GEMM in a streaming step. Returns how many were packed.
+    Undo with ``unpack_qkv_(module)`` before saving with safetensors (shared storage)."""
+    return sum(bool(m.pack_qkv_()) for m in module.modules()
+               if isinstance(m, IntervalSelfAttention))
+
+
+def unpack_qkv_(module):
+    """``unpack_qkv_()`` on every interval self-attention in ``module``; returns how many were
+    packed."""
+    return sum(bool(m.unpack_qkv_()) for m in module.modules()
+               if isinstance(m, IntervalSelfAttention))
