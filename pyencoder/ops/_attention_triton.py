@@ -49,7 +49,7 @@ import os
 import torch
 
 from .._backend import _interpret
-from .._env import env_choice
+from .._env import env_choice, env_flag
 from ..rope import rope_cos_sin
 from ._attention_op import op_signature, run_backward, run_forward
 from ._triton_op import cdiv, launch, next_pow2, triton_op
@@ -267,6 +267,12 @@ _T_TABLE_MODE = {  # RoPE-table mode: fewer pipeline stages for the cos/sin tile
     "dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 1)],
     "dkdv": [(64, 128, 8, 2), (32, 64, 4, 2), (16, 64, 4, 2), (64, 128, 8, 1)],
 }
+_T_TABLE_MODE_SM80 = {  # sm_80 table mode (bf16 D64 full RoPE): 128x64 / 8 warps spilled 30
+    # stores forward, dq 64x64 592 and dk/dv 64x128 / 8 warps over a thousand; these none or few
+    "fwd": [(64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2)],
+    "dq": [(64, 32, 4, 2), (64, 64, 4, 2)],
+    "dkdv": [(16, 64, 4, 2), (32, 64, 4, 2)],
+}
 _T_BIAS = {  # relative bias (HAS_BIAS), 16-bit, head_dim <= 64: the tiles that do not spill
     "sm90": {"fwd": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
              "dq": [(64, 32, 4, 2), (64, 64, 4, 2)],
@@ -279,7 +285,8 @@ _DEFAULT_TILES = {
     arch: {("16", "d64"): _T16_D64 if arch == "sm90" else _T16_D64_SM80,
            ("16", "d128"): _T16_D128, ("16", "d256"): _T_WIDE,
            ("32", "d64"): _T_WIDE, ("32", "d128"): _T_WIDE, ("32", "d256"): _T_WIDE,
-           ("table", "any"): _T_TABLE_MODE, ("bias", "d64"): _T_BIAS[arch]}
+           ("table", "any"): _T_TABLE_MODE if arch == "sm90" else _T_TABLE_MODE_SM80,
+           ("bias", "d64"): _T_BIAS[arch]}
     for arch in ("sm80", "sm90")
 }
 _DEFAULT_PICKS = {"auto": 2, "0": 1}
@@ -325,7 +332,7 @@ def _build_kernels():
         return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
 
     key = ["BLOCK_DV", "BLOCK_R", "BLOCK_C", "WIN_KEY", "ROPE_TABLE", "HAS_BIAS", "HAS_GATE",
-           "HAS_SINK"]
+           "HAS_SINK", "PIPE_MASKED"]
     if _interpret():
         small = cfg(16, 16, 4, 1)
         return {
@@ -418,13 +425,28 @@ def _rope_split(inv_freq, D):
     return half, rot, npass
 
 
+def _pipe_masked(q, D):
+    """PYENCODER_PIPELINE_MASKED=1: the boundary (masked) block loops software-pipelined like the
+    interior ones (constexpr PIPE_MASKED) instead of num_stages=1, for 16-bit q with
+    head_dim <= 128 (float32 and wider heads keep one stage: shared memory, see
+    triton_kernels/interval_attention.py). Off by default until a GPU times it: at band(50, 3)
+    every key block of a query tile is a boundary block, so the forward then runs with no
+    prefetch at all; sm_90 SASS with it on (benchmarks/sass_stats.py, bf16 128x64 / 8 warps):
+    the same 64 KiB of shared memory, no spills, 225 registers instead of 199. None when off
+    (the kernels' code is then the code before the flag)."""
+    if q.dtype == torch.float32 or D > 128:
+        return None
+    return True if env_flag("PYENCODER_PIPELINE_MASKED", False) else None
+
+
 def _consts(q, D, half, npass, lo_off, key_lengths, interleaved, table):
     return dict(
         BLOCK_R=max(16, next_pow2(half)), BLOCK_C=max(16, next_pow2(npass)),
         BLOCK_DV=max(16, next_pow2(D)), HAS_ROPE=half > 0, HAS_PASS=npass > 0,
         INTERLEAVED=bool(interleaved) and half > 0, LO_BOUNDED=lo_off >= 0,
         HAS_KLEN=key_lengths is not None,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else None, ROPE_TABLE=table)
+        DOT_PREC="ieee" if q.dtype == torch.float32 else None, ROPE_TABLE=table,
+        PIPE_MASKED=_pipe_masked(q, D))
 
 
 def _bias_args(rel_bias, gate, rel_offset):
