@@ -5,7 +5,9 @@ Providers (GPU): pyencoder-triton (RoPE inside the kernels, cos/sin source as
 PYENCODER_ROPE_TABLE says: in-kernel by default); pyencoder-triton-ropetable (the same kernels with
 cos/sin loaded from float32 tables built once per call, PYENCODER_ROPE_TABLE=1 and
 PYENCODER_ROPE_MODE=table); pyencoder-triton-prerot (q and k rotated once by the rotation kernel,
-the attention kernels without RoPE: PYENCODER_ROPE_MODE=pre); without RoPE the two variants run
+the attention kernels without RoPE: PYENCODER_ROPE_MODE=pre); pyencoder-triton-pipe (the
+boundary-block loops software-pipelined, PYENCODER_PIPELINE_MASKED=1, RoPE mode auto: the A/B of
+that untimed flag, rope-off rows included); without RoPE the two RoPE variants run
 pyencoder-triton's kernels, so rope-off rows skip them when pyencoder-triton runs too; reference
 (pyencoder's plain-torch path); sdpa-mask (scaled_dot_product_attention with a dense boolean
 N x N mask); flex (torch.nn.attention.flex_attention, block mask built once per case outside the
@@ -81,6 +83,7 @@ NS = (500, 1500, 3000, 12000)
 MASKS = (("band", None, 0), ("band", None, 3), ("band", 250, 3), ("band", 50, 3),
          ("chunked", 4, 128, 3))
 GPU_PROVIDERS = ("pyencoder-triton", "pyencoder-triton-ropetable", "pyencoder-triton-prerot",
+                 "pyencoder-triton-pipe",
                  "reference", "sdpa-mask",
                  "flex", "flash-attn")
 CPU_PROVIDERS = ("reference", "sdpa-mask")
@@ -175,7 +178,7 @@ def make_provider(name, q, k, v, m, rope, compiler=None):
     compiler = _Compiler() if compiler is None else compiler
     rot = _rope_fn(rope, n, q.device)
     if name in ("pyencoder-triton", "pyencoder-triton-ropetable", "pyencoder-triton-prerot",
-                "reference"):
+                "pyencoder-triton-pipe", "reference"):
         backend = "reference" if name == "reference" else "triton"
         block, lo, hi = mask_params(m)
         return lambda: pyencoder.ops.interval_attention(q, k, v, block=block, lo_off=lo,
@@ -268,13 +271,15 @@ def record_failure(rec, name, e, device):
 ROPE_VARIANTS = {"pyencoder-triton-ropetable": {"PYENCODER_ROPE_TABLE": "1",
                                                 "PYENCODER_ROPE_MODE": "table"},
                  "pyencoder-triton-prerot": {"PYENCODER_ROPE_MODE": "pre"}}
+# kernel variants of pyencoder-triton (RoPE mode auto) that change the kernels without RoPE too
+KERNEL_VARIANTS = {"pyencoder-triton-pipe": {"PYENCODER_PIPELINE_MASKED": "1"}}
 
 
 @contextlib.contextmanager
 def _rope_table_env(name):
     """The RoPE-mode variant's environment (ROPE_VARIANTS) while it runs (forward and
     backward): table mode for -ropetable, pre-rotation for -prerot."""
-    env = ROPE_VARIANTS.get(name)
+    env = ROPE_VARIANTS.get(name, KERNEL_VARIANTS.get(name))
     if env is None:
         yield
         return
@@ -314,6 +319,8 @@ def measure(name, *args, rope=True, compile_backend="inductor", grad=True):
             os.environ.get("PYENCODER_ROPE_TABLE", "auto")
         rec["rope_mode"] = ROPE_VARIANTS.get(name, {}).get(
             "PYENCODER_ROPE_MODE", os.environ.get("PYENCODER_ROPE_MODE", "auto"))
+        rec["pipe_masked"] = KERNEL_VARIANTS.get(name, {}).get(
+            "PYENCODER_PIPELINE_MASKED", os.environ.get("PYENCODER_PIPELINE_MASKED", "0"))
         mode = os.environ.get("PYENCODER_TRITON_AUTOTUNE", "auto") or "auto"
         if mode not in ("0", "auto"):
             rec["triton_autotune"] = mode

@@ -224,6 +224,9 @@ class StepRunner:
         self.pool = torch.randn(4, B, 1, samples, device=device, dtype=dtype)
         self.x = self.pool[0].clone()
         self.i = 0
+        if torch.device(device).type == "cuda":
+            import pyencoder.nn
+            pyencoder.nn.pack_qkv_(model)       # one q/k/v GEMM per layer (opt-in)
         with torch.no_grad():
             st = model.init_state(B, device=device, dtype=dtype, max_chunk=step_frames)
             for _ in range(_warm_steps(model, step_frames)):

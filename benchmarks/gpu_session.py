@@ -182,6 +182,8 @@ def plan_attention(ctx):
 TABLE_MASKS = ("band:None:0", "band:250:3", "band:50:3", "chunked:4:128:3")
 ROPE_PROVIDERS = ("pyencoder-triton", "pyencoder-triton-prerot", "pyencoder-triton-ropetable")
 TUNE_N = "1500"     # the attention_table stage's autotuned run (bench_attention --autotune full)
+# the A/B of an untimed kernel flag (bench_attention's KERNEL_VARIANTS: PYENCODER_PIPELINE_MASKED)
+PIPE_PROVIDER, PIPE_N = "pyencoder-triton-pipe", "1500"
 
 
 def plan_profile(ctx):
@@ -202,6 +204,8 @@ def plan_attention_table(ctx):
     masks = ("--masks", *TABLE_MASKS)
     runs = [("triton", ["--providers", *ROPE_PROVIDERS, "--n", *ATTENTION_TABLE_NS]),
             ("flex-N1500-norope", ["--providers", "flex", "--n", "1500", "--rope", "off"]),
+            # the boundary-block loops pipelined (off by default until this row times it)
+            ("pipe", ["--providers", PIPE_PROVIDER, "--n", PIPE_N]),
             # every tile of the pruned autotune lists timed (compiles carried in the Triton
             # cache): which tile wins per window, to rank the default table
             ("tune", ["--providers", "pyencoder-triton", "--n", TUNE_N, "--rope", "off",

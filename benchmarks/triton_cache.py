@@ -349,7 +349,8 @@ def _bench_attention_launches(rec, failed):
     """The attention_table stage's pyencoder-triton cases as bench_attention._measure runs them
     (its make_provider under its _rope_table_env; forward without and with gradients, then the
     backward): every N and mask of the stage (gpu_session.ATTENTION_TABLE_NS, TABLE_MASKS), the
-    three RoPE-mode providers with RoPE and pyencoder-triton without, launches only (inside
+    three RoPE-mode providers with RoPE and pyencoder-triton without, the kernel-flag A/B
+    provider (gpu_session.PIPE_PROVIDER) at PIPE_N with and without RoPE, launches only (inside
     capture_requests' patches)."""
     import torch
 
@@ -359,22 +360,23 @@ def _bench_attention_launches(rec, failed):
     B, H, D = ba.SHAPES["wav2vec2-base"]
     ns = [int(n) for n in gs.ATTENTION_TABLE_NS]
     cases = [(prov, True) for prov in gs.ROPE_PROVIDERS] + [("pyencoder-triton", False)]
-    for n in ns:
-        for prov, rope in cases:
-            for m in map(ba.parse_mask, gs.TABLE_MASKS):
-                rec.test = f"bench_attention {prov} N={n} {ba.mask_name(m)} rope={rope}"
-                try:
-                    leaves = [torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16,
-                                          requires_grad=True) for _ in range(3)]
-                    with ba._rope_table_env(prov):
-                        fwd = ba.make_provider(prov, *leaves, m,
-                                               pyencoder.Rope(D) if rope else None)
-                        with torch.no_grad():
-                            fwd()
-                        out = fwd()
-                        torch.autograd.grad(out, leaves, torch.randn_like(out))
-                except Exception as e:  # reported in build_info.json's failed list
-                    failed.append({"kernel": rec.test, "error": f"{type(e).__name__}: {e}"[:500]})
+    runs = [(n, prov, rope) for n in ns for prov, rope in cases]
+    runs += [(int(gs.PIPE_N), gs.PIPE_PROVIDER, rope) for rope in (True, False)]
+    for n, prov, rope in runs:
+        for m in map(ba.parse_mask, gs.TABLE_MASKS):
+            rec.test = f"bench_attention {prov} N={n} {ba.mask_name(m)} rope={rope}"
+            try:
+                leaves = [torch.randn(B, H, n, D, device="cuda", dtype=torch.bfloat16,
+                                      requires_grad=True) for _ in range(3)]
+                with ba._rope_table_env(prov):
+                    fwd = ba.make_provider(prov, *leaves, m,
+                                           pyencoder.Rope(D) if rope else None)
+                    with torch.no_grad():
+                        fwd()
+                    out = fwd()
+                    torch.autograd.grad(out, leaves, torch.randn_like(out))
+            except Exception as e:  # reported in build_info.json's failed list
+                failed.append({"kernel": rec.test, "error": f"{type(e).__name__}: {e}"[:500]})
     # the tuning run (gpu_session's attention_table "tune" command): every tile of the pruned
     # autotune lists (PYENCODER_TRITON_AUTOTUNE=full), RoPE off, N = TUNE_N, the stage's masks
     old = os.environ.get("PYENCODER_TRITON_AUTOTUNE")

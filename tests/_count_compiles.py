@@ -154,14 +154,15 @@ def _cheap_reference():
     ref.forward, ref.backward = forward, backward
 
 
-def count(tier, autotune, pytest_args, verbose=False, recorder=None, arch=None):
-    """`recorder`: a _Recorder (or subclass: benchmarks/triton_cache.py captures the compiles);
-    `arch`: "sm90"/"sm80" pins the attention launchers' tile table row (default: what a CPU
-    tensor gets, sm80)."""
+def prepare(autotune=False, arch=None):
+    """Make this process launch the Triton kernels as on a CUDA device while CPU tensors stand in
+    (run it in a process of its own: it patches torch, triton and pyencoder for good): every kernel
+    a real JITFunction, TRITON_INTERPRET=1 for the CPU tensors' sake, the GPU tile configs (`arch`
+    "sm90"/"sm80" pins the attention tile table row), backend selection as for CUDA, the cheap
+    reference and no value checks. Wrap the launches in ``_cuda_to_cpu_mode()``."""
     os.environ["TRITON_INTERPRET"] = "0"        # real JITFunctions (recorded, never compiled)
     os.environ["PYENCODER_TRITON_AUTOTUNE"] = "1" if autotune else "0"
     sys.path[:0] = [ROOT, HERE]
-    import pytest
     import torch
 
     torch.cuda.is_available = lambda: True
@@ -193,6 +194,14 @@ def count(tier, autotune, pytest_args, verbose=False, recorder=None, arch=None):
     _cheap_reference()
     # value checks pass, so a test goes on to its next launch (plain `assert`s still stop it)
     torch.testing.assert_close = lambda *args, **kwargs: None
+
+
+def count(tier, autotune, pytest_args, verbose=False, recorder=None, arch=None):
+    """`recorder`: a _Recorder (or subclass: benchmarks/triton_cache.py captures the compiles);
+    `arch`: "sm90"/"sm80" pins the attention launchers' tile table row (default: what a CPU
+    tensor gets, sm80)."""
+    prepare(autotune, arch)
+    import pytest
     rec = recorder if recorder is not None else _Recorder()
     rec.install()
     sink = io.StringIO()

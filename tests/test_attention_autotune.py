@@ -150,3 +150,35 @@ def test_launch_routing(monkeypatch, arch, mode, pinned):
         assert log == want
     else:
         assert [x[0] for x in log] == [mode]
+
+
+@pytest.mark.parametrize("a", ["sm80", "sm90"])
+def test_bias_keys_use_the_bias_row(arch, a):
+    """A gated-bias key (HAS_BIAS) takes the bias row (the tiles that do not spill), 16-bit
+    head_dim <= 64 only; the pinned tiles are memoised per HAS_BIAS too."""
+    arch(a)
+    q = torch.empty(1, dtype=torch.bfloat16)
+    base = A._consts(q, 64, 0, 64, 250, None, False, False)
+    named = {"Q": q, "WIN_KEY": A._window_key(4, 62 * 4, 3, 1500)}
+    for name in ("fwd", "dq", "dkdv"):
+        plain = A._pruner(name, "0")(_cfgs(name), named, **dict(base, HAS_BIAS=False))
+        biased = A._pruner(name, "0")(_cfgs(name), named, **dict(base, HAS_BIAS=True))
+        assert A._tile(biased[0]) == A._T_BIAS[a][name][0]
+        assert A._tile(plain[0]) == A._DEFAULT_TILES[a][("16", "d64")][name][0]
+        p1 = A._pinned_tiles(name, _cfgs(name), q, named["WIN_KEY"], dict(base, HAS_BIAS=False))
+        p2 = A._pinned_tiles(name, _cfgs(name), q, named["WIN_KEY"], dict(base, HAS_BIAS=True))
+        assert p1[0] == A._tile(plain[0]) and p2[0] == A._tile(biased[0])
+    # float32 keeps the wide tiles (shared memory), bias or not
+    q32 = torch.empty(1, dtype=torch.float32)
+    c32 = dict(A._consts(q32, 64, 0, 64, 250, None, False, False), HAS_BIAS=True)
+    got = A._pruner("fwd", "full")(_cfgs("fwd"), dict(named, Q=q32), **c32)
+    assert {A._tile(c) for c in got} <= A._WIDE_TILES["fwd"]
+
+
+def test_sm90_forward_default_is_the_8_warp_tile(arch):
+    # 128x64 at 4 warps spills registers on sm_90 (benchmarks/sass_stats.py); 8 warps do not
+    arch("sm90")
+    q = torch.empty(1, dtype=torch.bfloat16)
+    consts = A._consts(q, 64, 0, 64, 50, None, False, False)
+    named = {"Q": q, "WIN_KEY": A._window_key(1, 50, 3, 1500)}
+    assert A._tile(A._pruner("fwd", "0")(_cfgs("fwd"), named, **consts)[0]) == (128, 64, 8, 3)

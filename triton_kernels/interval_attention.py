@@ -492,10 +492,12 @@ def _fwd_span(m_i, l_i, acc, q3, kv, rope, win, bias, j_lo, j_hi, q_pos, nk_b, D
               BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
               INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
               DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr,
-              HAS_GATE: tl.constexpr, HAS_SINK: tl.constexpr):
+              HAS_GATE: tl.constexpr, HAS_SINK: tl.constexpr,
+              PIPE_MASKED: tl.constexpr = None):
     """The key blocks [j_lo, j_hi) of a query tile; masked (boundary) spans run unpipelined.
     (m_i, l_i, acc: the loop-carry order of the kernel before the span helpers, same PTX.)"""
-    for j0 in tl.range(j_lo, j_hi, BLOCK_N, num_stages=1 if MASKED else None):
+    for j0 in tl.range(j_lo, j_hi, BLOCK_N,
+                       num_stages=(None if PIPE_MASKED else 1) if MASKED else None):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q3, kv, rope, win, bias, j0, q_pos, nk_b, D,
                                    qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
                                    HAS_PASS, INTERLEAVED, LO_BOUNDED, MASKED, DOT_PREC,
@@ -518,7 +520,7 @@ def _interval_attention_fwd_kernel(
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
         HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, K_BLOCK: tl.constexpr = None,
-        HAS_SINK: tl.constexpr = None):
+        HAS_SINK: tl.constexpr = None, PIPE_MASKED: tl.constexpr = None):
     bh, h, q_base, bases, rows, rmask, q_pos, nk_b, ranges, ns_end, rope, kv, kblock = \
         _query_setup(Q, K, V, KLEN, INV_FREQ, COS_TAB, SIN_TAB, ((O, stride_ob, stride_oh),),
                      stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
@@ -540,14 +542,14 @@ def _interval_attention_fwd_kernel(
         acc, l_i, m_i = _fwd_span(m_i, l_i, acc, q3, kv, rope, win, bias, 0, ns_end, q_pos,
                                   nk_b, D, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
                                   HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, True,
-                                  DOT_PREC, ROPE_TABLE, HAS_BIAS, HAS_GATE, HAS_SINK)
+                                  DOT_PREC, ROPE_TABLE, HAS_BIAS, HAS_GATE, HAS_SINK, PIPE_MASKED)
     # boundary blocks (masked), interior blocks (every row sees every key), boundary blocks
     for span in tl.static_range(3):
         j_lo, j_hi = _span_bounds(span, start, a, bb, end_r)
         acc, l_i, m_i = _fwd_span(m_i, l_i, acc, q3, kv, rope, win, bias, j_lo, j_hi, q_pos,
                                   nk_b, D, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV,
                                   HAS_ROPE, HAS_PASS, INTERLEAVED, LO_BOUNDED, span != 1,
-                                  DOT_PREC, ROPE_TABLE, HAS_BIAS, HAS_GATE, HAS_SINK)
+                                  DOT_PREC, ROPE_TABLE, HAS_BIAS, HAS_GATE, HAS_SINK, PIPE_MASKED)
 
     nz = l_i > 0.0
     l_safe = tl.where(nz, l_i, 1.0)
@@ -647,9 +649,11 @@ def _dq_span(dq3, q3, do, lse2, delta, kv, rope, win, bias, j_lo, j_hi, q_pos, n
              BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
              INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
              DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr,
-             HAS_GATE: tl.constexpr, DREL_ROW, HAS_SINK: tl.constexpr):
+             HAS_GATE: tl.constexpr, DREL_ROW, HAS_SINK: tl.constexpr,
+              PIPE_MASKED: tl.constexpr = None):
     """The key blocks [j_lo, j_hi) of a query tile; masked (boundary) spans run unpipelined."""
-    for j0 in tl.range(j_lo, j_hi, BLOCK_N, num_stages=1 if MASKED else None):
+    for j0 in tl.range(j_lo, j_hi, BLOCK_N,
+                       num_stages=(None if PIPE_MASKED else 1) if MASKED else None):
         dq3 = _dq_block(dq3, q3, do, lse2, delta, kv, rope, win, bias, j0, q_pos, nk_b,
                             D, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
                             HAS_PASS, INTERLEAVED, LO_BOUNDED, MASKED, DOT_PREC, ROPE_TABLE,
@@ -673,7 +677,7 @@ def _interval_attention_bwd_dq_kernel(
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
         HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, K_BLOCK: tl.constexpr = None,
-        HAS_SINK: tl.constexpr = None):
+        HAS_SINK: tl.constexpr = None, PIPE_MASKED: tl.constexpr = None):
     bh, h, q_base, bases, rows, rmask, q_pos, nk_b, ranges, ns_end, rope, kv, kblock = \
         _query_setup(Q, K, V, KLEN, INV_FREQ, COS_TAB, SIN_TAB,
                      ((DO, stride_dob, stride_doh), (DQ, stride_dqb, stride_dqh)),
@@ -711,13 +715,13 @@ def _interval_attention_bwd_dq_kernel(
         dq3 = _dq_span(dq3, q3, do, lse2, delta, kv, rope, win, bias, 0, ns_end, q_pos,
                        nk_b, D, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
                        HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC, ROPE_TABLE,
-                       HAS_BIAS, HAS_GATE, drel_row, HAS_SINK)
+                       HAS_BIAS, HAS_GATE, drel_row, HAS_SINK, PIPE_MASKED)
     for span in tl.static_range(3):
         j_lo, j_hi = _span_bounds(span, start, a, bb, end_r)
         dq3 = _dq_span(dq3, q3, do, lse2, delta, kv, rope, win, bias, j_lo, j_hi, q_pos,
                        nk_b, D, qk_scale, BLOCK_N, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
                        HAS_PASS, INTERLEAVED, LO_BOUNDED, span != 1, DOT_PREC, ROPE_TABLE,
-                       HAS_BIAS, HAS_GATE, drel_row, HAS_SINK)
+                       HAS_BIAS, HAS_GATE, drel_row, HAS_SINK, PIPE_MASKED)
     dqc, dqa, dqb = dq3[0], dq3[1], dq3[2]
     dqz = _groups_poison(dqa, dqb, dqc, tl.zeros([BLOCK_M], dtype=tl.float32), HAS_ROPE, HAS_PASS)
     if HAS_GATE:
@@ -808,9 +812,11 @@ def _dkdv_span(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, hbias, i_lo, i_hi, N
                BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
                INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr, MASKED: tl.constexpr,
                DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr, HAS_BIAS: tl.constexpr,
-               HAS_GATE: tl.constexpr, HAS_SINK: tl.constexpr):
+               HAS_GATE: tl.constexpr, HAS_SINK: tl.constexpr,
+              PIPE_MASKED: tl.constexpr = None):
     """The query blocks [i_lo, i_hi) of a key block; masked (boundary) spans run unpipelined."""
-    for i0 in tl.range(i_lo, i_hi, BLOCK_M, num_stages=1 if MASKED else None):
+    for i0 in tl.range(i_lo, i_hi, BLOCK_M,
+                       num_stages=(None if PIPE_MASKED else 1) if MASKED else None):
         dk3, dv = _dkdv_block_t(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, hbias, i0, Nq, D,
                                 qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
                                 HAS_PASS, INTERLEAVED, LO_BOUNDED, MASKED, DOT_PREC, ROPE_TABLE,
@@ -835,7 +841,7 @@ def _interval_attention_bwd_dkdv_kernel(
         HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, LO_BOUNDED: tl.constexpr,
         HAS_KLEN: tl.constexpr, DOT_PREC: tl.constexpr, ROPE_TABLE: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, K_BLOCK: tl.constexpr = None,
-        HAS_SINK: tl.constexpr = None):
+        HAS_SINK: tl.constexpr = None, PIPE_MASKED: tl.constexpr = None):
     kblock = _key_block(block, K_BLOCK)
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -904,13 +910,13 @@ def _interval_attention_bwd_dkdv_kernel(
             dk3, dv = _dkdv_span(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, hbias, 0, ni_end,
                                  Nq, D, qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
                                  HAS_PASS, INTERLEAVED, LO_BOUNDED, True, DOT_PREC,
-                                 ROPE_TABLE, HAS_BIAS, HAS_GATE, HAS_SINK)
+                                 ROPE_TABLE, HAS_BIAS, HAS_GATE, HAS_SINK, PIPE_MASKED)
         for span in tl.static_range(3):
             i_lo, i_hi = _span_bounds(span, start, a, bb, end_r)
             dk3, dv = _dkdv_span(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, hbias, i_lo, i_hi,
                                  Nq, D, qk_scale, BLOCK_M, BLOCK_R, BLOCK_C, BLOCK_DV, HAS_ROPE,
                                  HAS_PASS, INTERLEAVED, LO_BOUNDED, span != 1, DOT_PREC,
-                                 ROPE_TABLE, HAS_BIAS, HAS_GATE, HAS_SINK)
+                                 ROPE_TABLE, HAS_BIAS, HAS_GATE, HAS_SINK, PIPE_MASKED)
 
     dkc, dka, dkb = dk3
     cz = _groups_poison(dka, dkb, dkc, _row_poison(dv), HAS_ROPE, HAS_PASS)

@@ -1,7 +1,8 @@
 """Drop-in modules, usable offline as ordinary nn.Modules and online through
 init_state / step / flush (see pyencoder.streaming)."""
 from .rotary import RotaryEmbedding
-from .attention import AttentionState, BandedSelfAttention, ChunkedSelfAttention
+from .attention import (AttentionState, BandedSelfAttention, ChunkedSelfAttention, pack_qkv_,
+                        unpack_qkv_)
 from .relpos import RelPosAttentionState, WavLMSelfAttention
 from .cross_attention import CrossAttentionState, FrameCrossAttention
 from .conv import CausalConv1d, ConvState
@@ -17,4 +18,4 @@ __all__ = ["RotaryEmbedding", "BandedSelfAttention", "ChunkedSelfAttention", "At
            "CrossAttentionState",
            "CausalConv1d", "ConvState", "Refiner", "RefinerState", "TransformerLayer",
            "FeedForward", "LayerState", "Linear", "LinearView", "Transpose", "RunningGroupNorm", "RunningNormState",
-           "StreamingSequential", "AttentionAdapter"]
+           "StreamingSequential", "AttentionAdapter", "pack_qkv_", "unpack_qkv_"]

@@ -29,6 +29,12 @@ exactly n frames out, no host synchronisation, state updated in place; precondit
 docstring (``check=True`` verifies them once, outside capture). The general ``step`` runs as
 ``step_fixed`` by itself whenever those preconditions hold and every slot gets the same n frames
 (one host read decides; on a CPU it saves about a quarter of the per-step op overhead).
+``pack_qkv_()`` (or ``pyencoder.nn.pack_qkv_(model)`` for every attention of a model) stores the
+q / k / v weights in one buffer (the same Parameters, no cached copy), so a streaming step projects
+with one GEMM instead of three: worth it for CUDA-graph steps at small batch, which are bound by
+their kernel count (``python -m benchmarks.count_step_kernels``). Opt-in, never done behind the
+user's back: while packed the three parameters share one storage, which safetensors' ``save_file``
+(and so transformers' ``save_pretrained``) refuses; ``unpack_qkv_()`` undoes it.
 
 Package-internal (used by pyencoder.nn.layer and pyencoder.nn.relpos, not in ``__all__``):
 ``IntervalSelfAttention``, the base of every interval self-attention module; ``fresh_counters``
@@ -47,8 +53,8 @@ from ..ops import _ring_write_triton as _ring
 from ..ops.decode_attention import decode_attention
 from ..reference.decode_attention import ring_write
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
-                               stamp)
-from .linear import Linear
+                               fill_counter, fixed_index, shift_queue, stamp)
+from .linear import Linear, linear
 
 __all__ = ["BandedSelfAttention", "ChunkedSelfAttention", "AttentionState"]
 
@@ -151,6 +157,115 @@ class IntervalSelfAttention(nn.Module):
     def _heads(self, x, proj):
         B, T, _ = x.shape
         return proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+
+    # ---- q / k / v as one GEMM (streaming steps) ---------------------------------------------
+    def _qkv_modules(self):
+        """(q_proj, k_proj, v_proj) when they are plain Linear layers with plain parameters and
+        no hooks (then the three products are one product with the rows stacked), else None."""
+        mods = (self.q_proj, self.k_proj, self.v_proj)
+        if any(type(m) not in (Linear, nn.Linear) or m._forward_hooks or m._forward_pre_hooks
+               for m in mods):
+            return None
+        ps = [m.weight for m in mods] + [m.bias for m in mods]
+        if any(p is not None and type(p) is not nn.Parameter for p in ps):
+            return None
+        return mods
+
+    def pack_qkv_(self):
+        """Store the q, k and v projection weights (and biases) in one (3E, E) buffer, rows in
+        that order, so a streaming step computes the three projections as one GEMM (``_qkv``).
+        The parameters stay the same Parameter objects with the same values (their ``.data``
+        becomes a view of the buffer; nothing is cached: the step reads the parameters' own
+        memory, so every later edit is seen). Opt-in (worth it for a CUDA-graph step at small
+        batch, which is launch-bound; on the CPU a step is bound by reading the weights, which one
+        GEMM does not change). It does nothing unless the
+        projections are plain Linear layers whose parameters each own their whole storage
+        (not views into a flat buffer, as FSDP's) on one device and dtype; ``.to()`` /
+        ``load_state_dict(assign=True)`` simply undo it (the step then runs three GEMMs), as
+        does ``unpack_qkv_``. While packed, ``state_dict()`` holds three views of one storage:
+        ``torch.save`` is unaffected, safetensors' ``save_file`` refuses shared storage (save
+        clones, or unpack first). Returns whether the weights are packed."""
+        mods = self._qkv_modules()
+        if mods is None:
+            return False
+        if self._packed_qkv(mods) is not None:
+            return True
+        ws = [m.weight for m in mods]
+        bs = [m.bias for m in mods]
+        if (bs[0] is None) != (bs[1] is None) or (bs[0] is None) != (bs[2] is None):
+            return False
+        ts = ws + [b for b in bs if b is not None]
+        if any(t.is_meta or t.device != ws[0].device or t.dtype != ws[0].dtype
+               or t.storage_offset() or not t.is_contiguous()
+               or t.untyped_storage().nbytes() != t.numel() * t.element_size() for t in ts):
+            return False
+        E = self.embed_dim
+        with torch.no_grad():
+            w3 = torch.cat(ws, 0)
+            b3 = None if bs[0] is None else torch.cat(bs, 0)
+            for i, m in enumerate(mods):
+                m.weight.data = w3[i * E:(i + 1) * E]
+                if b3 is not None:
+                    m.bias.data = b3[i * E:(i + 1) * E]
+        return True
+
+    def unpack_qkv_(self):
+        """Give the q, k and v projection parameters their own storage again (undo
+        ``pack_qkv_``; same Parameters, same values). Returns whether they were packed."""
+        mods = self._qkv_modules()
+        if mods is None or self._packed_qkv(mods) is None:
+            return False
+        with torch.no_grad():
+            for m in mods:
+                m.weight.data = m.weight.data.clone()
+                if m.bias is not None:
+                    m.bias.data = m.bias.data.clone()
+        return True
+
+    @staticmethod
+    def _span(ts):
+        """A (3 * rows, ...) view over the three tensors ``ts`` when they lie back to back in one
+        storage (pack_qkv_), else None."""
+        a = ts[0]
+        if any(t.dtype != a.dtype or t.device != a.device or t.shape != a.shape
+               or not t.is_contiguous() for t in ts):
+            return None
+        st = a.untyped_storage().data_ptr()
+        step = a.numel() * a.element_size()
+        for i, t in enumerate(ts[1:], 1):
+            if t.untyped_storage().data_ptr() != st or t.data_ptr() != a.data_ptr() + i * step:
+                return None
+        return a.as_strided((3 * a.shape[0], *a.shape[1:]), a.stride(), a.storage_offset())
+
+    def _packed_qkv(self, mods):
+        """(w3 (3E, E), b3 (3E,) or None) views over the packed parameters, or None."""
+        w3 = self._span([m.weight for m in mods])
+        if w3 is None:
+            return None
+        bs = [m.bias for m in mods]
+        if all(b is None for b in bs):
+            return w3, None
+        if any(b is None for b in bs):
+            return None
+        b3 = self._span(bs)
+        return None if b3 is None else (w3, b3)
+
+    def _qkv(self, x):
+        """(q, k, v) (B, H, T, D) of x (B, T, E): one GEMM on the packed weights where they are
+        packed and no gradient is recorded (the result equals the three products up to the
+        GEMM's summation blocking), the three projections otherwise."""
+        mods = self._qkv_modules()
+        packed = None
+        if mods is not None and not torch.compiler.is_compiling() and not torch.jit.is_tracing() \
+                and not (torch.is_grad_enabled() and (x.requires_grad or any(
+                    m.weight.requires_grad for m in mods))):
+            packed = self._packed_qkv(mods)
+        if packed is None:
+            return (self._heads(x, self.q_proj), self._heads(x, self.k_proj),
+                    self._heads(x, self.v_proj))
+        B, T, E = x.shape
+        y = linear(x, *packed).view(B, T, 3, self.num_heads, self.head_dim)
+        return tuple(y[:, :, i].transpose(1, 2) for i in range(3))
 
     def forward(self, x, key_lengths=None):
         """x (B, T, E) -> (B, T, E). ``key_lengths`` (B,): frames >= key_lengths[b] are padding."""
@@ -287,46 +402,44 @@ class IntervalSelfAttention(nn.Module):
 
     def _step_fixed(self, x, state):
         # The body of step_fixed, after its checks (step() makes the same ones, then calls this).
+        # Few ops (a batch-1 CUDA-graph step is launch-bound): the index tensors that depend only
+        # on n and state.pending (constant in the steady state) are built once per state
+        # (fixed_index), pos is advanced before the decode so that it is n_keys itself, the
+        # out_lengths fill is skipped when they already hold n (fill_counter) and the queue shift
+        # copies without a temporary when source and destination do not overlap.
         B, n, E = x.shape
         dev = x.device
         inv = None if self.rope is None else self.rope.inv_freq(dev)
-        q, k, v = (self._heads(x, self.q_proj), self._heads(x, self.k_proj),
-                   self._heads(x, self.v_proj))
-        P, pend = state.pos, state.pending
-        ar = torch.arange(n, device=dev)
+        q, k, v = self._qkv(x)
+        P = state.pos
+        idx = fixed_index(state, "pending", n, dev)
         extras_new = self._query_extras(x)
         if _ring.fused_ok(x, state, q):
             # one kernel for the keys (rotated), values and queries of every slot
             _ring.ring_write(state, q, k, v, inv,
                              False if self.rope is None else self.rope.interleaved)
-            bidx = qidx = None
         else:
-            kpos = P[:, None] + ar[None, :]
+            kpos = P[:, None] + idx.ar[None, :]
             if inv is not None:
                 k = apply_rope(k, kpos, inv, self.rope.interleaved)
-            bidx = torch.arange(B, device=dev)[:, None].expand(B, n)
             slot = torch.remainder(kpos, state.k.shape[2])
-            state.k[bidx, :, slot] = k.transpose(1, 2).to(state.k.dtype)
-            state.v[bidx, :, slot] = v.transpose(1, 2).to(state.v.dtype)
-            qidx = pend[:, None] + ar[None, :]
-            state.q[bidx, :, qidx] = q.transpose(1, 2).to(state.q.dtype)
-        if extras_new:
-            if bidx is None:
-                bidx = torch.arange(B, device=dev)[:, None].expand(B, n)
-                qidx = pend[:, None] + ar[None, :]
-            for name, t in extras_new.items():
-                buf = getattr(state, name)
-                buf[bidx, :, qidx] = t.transpose(1, 2).to(buf.dtype)
-        qpos = (P - pend)[:, None] + ar[None, :]
+            state.k[idx.bidx, :, slot] = k.transpose(1, 2).to(state.k.dtype)
+            state.v[idx.bidx, :, slot] = v.transpose(1, 2).to(state.v.dtype)
+            state.q[idx.bidx, :, idx.qidx] = q.transpose(1, 2).to(state.q.dtype)
+        for name, t in extras_new.items():
+            buf = getattr(state, name)
+            buf[idx.bidx, :, idx.qidx] = t.transpose(1, 2).to(buf.dtype)
+        # n_keys = pos + n is the advanced pos; query i sits at pos - pending + i (before the add)
+        P.add_(n)
+        qpos = P[:, None] + idx.qoff
         extras = {name: getattr(state, name)[:, :, :n] for name in self._queued}
-        o = self._decode(state.q[:, :, :n], extras, state, qpos, state.out_lengths.fill_(n), P + n)
+        fill_counter(state, n)
+        o = self._decode(state.q[:, :, :n], extras, state, qpos, idx.count_n, P)
         keep = self.hi_off
         if keep:
-            state.q[:, :, :keep].copy_(state.q[:, :, n:n + keep].clone())
+            shift_queue(state.q, n, keep, 2)
             for name in self._queued:
-                buf = getattr(state, name)
-                buf[:, :, :keep].copy_(buf[:, :, n:n + keep].clone())
-        state.pos.add_(n)
+                shift_queue(getattr(state, name), n, keep, 2)
         return self.out_proj(o.to(x.dtype).transpose(1, 2).reshape(B, n, E))
 
     @property
@@ -431,7 +544,7 @@ class IntervalSelfAttention(nn.Module):
         P0, np0 = state.pos, state.pending
         P1 = P0 + lengths
         if n:
-            q, k, v = self._heads(x, self.q_proj), self._heads(x, self.k_proj), self._heads(x, self.v_proj)
+            q, k, v = self._qkv(x)
             j = torch.arange(n, device=dev)
             valid = j[None, :] < lengths[:, None]
             kpos = P0[:, None] + j[None, :]
@@ -545,3 +658,18 @@ class ChunkedSelfAttention(IntervalSelfAttention):
                 f"{self.chunk_size}, left_chunks={self.left_chunks}, lookahead="
                 f"{self.chunk_lookahead}, rope={self.rope}"
                 + (f", sink={self.mask.sink}" if self.mask.sink else ""))
+
+
+def pack_qkv_(module):
+    """``pack_qkv_()`` on every interval self-attention in ``module`` (itself included): their
+    q / k / v projections become one GEMM in a streaming step. Returns how many were packed.
+    Undo with ``unpack_qkv_(module)`` before saving with safetensors (shared storage)."""
+    return sum(bool(m.pack_qkv_()) for m in module.modules()
+               if isinstance(m, IntervalSelfAttention))
+
+
+def unpack_qkv_(module):
+    """``unpack_qkv_()`` on every interval self-attention in ``module``; returns how many were
+    packed."""
+    return sum(bool(m.unpack_qkv_()) for m in module.modules()
+               if isinstance(m, IntervalSelfAttention))

@@ -22,7 +22,7 @@ from torch import nn
 from .._checks import check_int, check_module_input
 from ..ops.conv import causal_conv1d, causal_conv1d_update
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
-                               check_step_slots, stamp)
+                               check_step_slots, fill_counter, stamp)
 
 __all__ = ["CausalConv1d", "ConvState", "StridedConv1d"]
 
@@ -171,12 +171,23 @@ class CausalConv1d(StridedConv1d):
         if check and bool((torch.remainder(state.seen, s) != 0).any()):
             raise ValueError(f"CausalConv1d.step_fixed needs every slot to have seen a multiple "
                              f"of the stride {s} samples; got seen={state.seen.tolist()}")
-        cat = torch.cat((state.hist, x.to(state.hist.dtype)), -1)
-        y = self._run(cat, s - 1, self.weight)
-        if k > 1:
-            state.hist.copy_(cat[..., cat.shape[-1] - (k - 1):])
-        state.seen.add_(x.shape[-1])
-        state.out_lengths.fill_(x.shape[-1] // s)
+        n = x.shape[-1]
+        x = x.to(state.hist.dtype)
+        if 1 < k <= n + 1:
+            # what the general step computes on cat(hist, x), without the cat: the input is x,
+            # the k - s samples before it end the history, and x's last k - 1 samples are the
+            # next history
+            y = causal_conv1d(x, self.weight, self.bias, stride=s, groups=self.groups,
+                              activation=self.activation,
+                              initial_state=state.hist[..., s - 1:].contiguous())
+            state.hist.copy_(x[..., n - (k - 1):])
+        else:
+            cat = torch.cat((state.hist, x), -1)
+            y = self._run(cat, s - 1, self.weight)
+            if k > 1:
+                state.hist.copy_(cat[..., cat.shape[-1] - (k - 1):])
+        state.seen.add_(n)
+        fill_counter(state, x.shape[-1] // s)
         return y
 
     def flush(self, state):

@@ -18,7 +18,7 @@ from torch import nn
 
 from .._checks import check_eps, check_int, check_module_input
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
-                               check_step_slots, stamp)
+                               check_step_slots, fill_counter, fixed_index, shift_queue, stamp)
 from .attention import IntervalSelfAttention, concat_ragged, fresh_counters
 from .linear import Linear
 
@@ -168,20 +168,24 @@ class TransformerLayer(nn.Module):
     def step_fixed(self, x, state, check=False):
         """CUDA-graph friendly steady-state step (preconditions: the attention's ``step_fixed``).
         The residual inputs of the held-back frames are queued like the attention's queries:
-        written behind ``state.count`` (device-side index) and shifted by n. State in place."""
+        written behind ``state.count`` (device-side index) and shifted by n; without lookahead
+        (hi_off 0) nothing is held back and the queue is not touched. State in place."""
         self._check(x)
         self._check_state(state)
         B, n, E = x.shape
         h = self.layer_norm(x) if self.norm_first else x
         a = self.attention.step_fixed(h, state.attention, check=check)
-        ar = torch.arange(n, device=x.device)
-        bidx = torch.arange(B, device=x.device)[:, None].expand(B, n)
-        state.res[bidx, state.count[:, None] + ar[None, :]] = x.to(state.res.dtype)
-        y = self._post(state.res[:, :n].to(a.dtype), a)
         keep = self.attention.hi_off
         if keep:
-            state.res[:, :keep].copy_(state.res[:, n:n + keep].clone())
-        state.out_lengths.fill_(n)
+            idx = fixed_index(state, "count", n, x.device)
+            state.res[idx.bidx, idx.qidx] = x.to(state.res.dtype)
+            y = self._post(state.res[:, :n].to(a.dtype), a)
+            shift_queue(state.res, n, keep, 1)
+        else:
+            # hi_off == 0: nothing is held back (count is 0 in the steady state), so the frames
+            # released now are x itself (through the queue's dtype, as the queue would give them)
+            y = self._post(x.to(state.res.dtype).to(a.dtype), a)
+        fill_counter(state, n)
         return y
 
     def flush(self, state):

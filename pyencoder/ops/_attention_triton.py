@@ -13,9 +13,8 @@ call of an autotune key (key: head-dim tile, rotary tiles, RoPE mode, window wid
 power of two and capped by the key count, dtypes; not N, offsets or lengths):
 ``auto`` (default) the table's first two, ``full`` the whole pruned list, ``0`` none (the table's
 first choice, no timing). Default per key: forward 2, dq 2, dk/dv 2 compiles (before: 6 / 5 / 5).
-The table order follows FlashAttention-2's tile conventions and has not been ranked by GPU
-timings yet. The backward never uses atomics, so dq/dk/dv are bitwise reproducible for a fixed
-config; ``deterministic=True`` additionally pins the table's first choice (no timing), so that
+The table is not ranked by GPU timings yet (see the comment above _T16_D64). The backward
+never uses atomics, so dq/dk/dv are bitwise reproducible for a fixed config; ``deterministic=True`` additionally pins the table's first choice (no timing), so that
 reproducibility holds across processes on the same architecture.
 
 RoPE source (``PYENCODER_ROPE_MODE``, pyencoder.ops._attention_triton._rope_mode): ``kernel``
@@ -50,7 +49,7 @@ import os
 import torch
 
 from .._backend import _interpret
-from .._env import env_choice
+from .._env import env_choice, env_flag
 from ..rope import rope_cos_sin
 from ._attention_op import op_signature, run_backward, run_forward
 from ._triton_op import cdiv, launch, next_pow2, triton_op
@@ -225,15 +224,34 @@ def _prune_full(name, configs, named_args, kwargs):
 # Default table: per (arch, kernel, 16-bit or fp32, head-dim class) the tiles
 # (BLOCK_M, BLOCK_N, warps, stages) in order of preference. A key uses the first entries that
 # survive _prune_full (shared memory and window fit); an empty intersection falls back to the
-# pruned list's order. Ordered by FlashAttention-2 conventions (128-row query tiles and 64-key
-# tiles for 16-bit head_dim <= 64, smaller tiles as head_dim and the element size grow), not yet by
-# GPU timings. sm_90 shares the sm_80 rows: its larger shared memory shows up in the pruning
-# (the RoPE-table tiles dropped on sm_80 stay).
+# pruned list's order. First ordered by FlashAttention-2 conventions; the 16-bit head_dim-64 rows
+# and the relative-bias rows are now ordered by what ptxas makes of each tile at the headline
+# shapes (python -m benchmarks.sass_stats --tiles --grad; wav2vec2-base bf16, N=1500, band(50,3),
+# band(250,3), full, chunked, gated bias, sink, frame): tiles that spill registers to local
+# memory inside the key loop come last. sm_90 (255 registers per thread at 4 warps):
+#   forward 128x64 at 4 warps spilled 14-26 stores (the first choice before, the one the H100
+#     session measured), 128x64 at 8 warps none (193-214 registers, half the instructions);
+#   with the gated bias every 128-row tile at 4 warps spilled 132-148 stores and pipelined the
+#     per-element bias gather into 128 KiB of shared memory (1 program per SM: the measured ~4x
+#     cost of the biased kernel); 64x64 at 2 stages none (56 KiB); the biased dq only at 64x32,
+#     dk/dv at 32x64 and 16x64;
+#   dk/dv 32x128 at 4 warps spilled 15-24 stores (what narrow windows, frame masks, got), 32x64
+#     none.
+# sm_80 spills far more (mma.sync fragments): forward 128x64 / 4 warps 118 stores against 1 at 8
+# warps; dq 128x64 / 8 warps 55, 64x32 none; dk/dv 64x128 / 8 warps 186, 16x64 none.
+# None of these orders is timed yet: the GPU session's tuning run (bench_attention
+# --autotune full, tiles recorded per row) ranks them.
 _T16_D64 = {
-    "fwd": [(128, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+    "fwd": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 3), (64, 64, 4, 2),
+            (64, 32, 4, 2), (128, 64, 4, 3)],
     "dq": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
-    "dkdv": [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3), (32, 64, 4, 2)],
+    "dkdv": [(64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2), (32, 128, 4, 3)],
 }
+_T16_D64_SM80 = dict(
+    _T16_D64,
+    dq=[(64, 32, 4, 2), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+    dkdv=[(16, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 3), (64, 64, 4, 3)],
+)
 _T16_D128 = {
     "fwd": [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2)],
     "dq": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 2)],
@@ -245,14 +263,30 @@ _T_WIDE = {   # fp32 from head_dim 64, any dtype above 128: the _WIDE_TILES
     "dkdv": [(32, 64, 4, 2), (16, 64, 4, 2)],
 }
 _T_TABLE_MODE = {  # RoPE-table mode: fewer pipeline stages for the cos/sin tiles (_TABLE_ONLY)
-    "fwd": [(128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 4, 1)],
+    "fwd": [(128, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 4, 1)],
     "dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 1)],
     "dkdv": [(64, 128, 8, 2), (32, 64, 4, 2), (16, 64, 4, 2), (64, 128, 8, 1)],
 }
+_T_TABLE_MODE_SM80 = {  # sm_80 table mode (bf16 D64 full RoPE): 128x64 / 8 warps spilled 30
+    # stores forward, dq 64x64 592 and dk/dv 64x128 / 8 warps over a thousand; these none or few
+    "fwd": [(64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2)],
+    "dq": [(64, 32, 4, 2), (64, 64, 4, 2)],
+    "dkdv": [(16, 64, 4, 2), (32, 64, 4, 2)],
+}
+_T_BIAS = {  # relative bias (HAS_BIAS), 16-bit, head_dim <= 64: the tiles that do not spill
+    "sm90": {"fwd": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
+             "dq": [(64, 32, 4, 2), (64, 64, 4, 2)],
+             "dkdv": [(32, 64, 4, 2), (16, 64, 4, 2)]},
+    "sm80": {"fwd": [(64, 32, 4, 2), (64, 64, 4, 2)],
+             "dq": [(64, 32, 4, 2), (64, 64, 4, 2)],
+             "dkdv": [(16, 64, 4, 2), (32, 64, 4, 2)]},
+}
 _DEFAULT_TILES = {
-    arch: {("16", "d64"): _T16_D64, ("16", "d128"): _T16_D128, ("16", "d256"): _T_WIDE,
+    arch: {("16", "d64"): _T16_D64 if arch == "sm90" else _T16_D64_SM80,
+           ("16", "d128"): _T16_D128, ("16", "d256"): _T_WIDE,
            ("32", "d64"): _T_WIDE, ("32", "d128"): _T_WIDE, ("32", "d256"): _T_WIDE,
-           ("table", "any"): _T_TABLE_MODE}
+           ("table", "any"): _T_TABLE_MODE if arch == "sm90" else _T_TABLE_MODE_SM80,
+           ("bias", "d64"): _T_BIAS[arch]}
     for arch in ("sm80", "sm90")
 }
 _DEFAULT_PICKS = {"auto": 2, "0": 1}
@@ -265,7 +299,10 @@ def _table_row(name, named_args, kwargs):
         return rows[("table", "any")][name]
     dv = kwargs["BLOCK_DV"]
     dclass = "d64" if dv <= 64 else ("d128" if dv <= 128 else "d256")
-    return rows[("32" if q.dtype == torch.float32 else "16", dclass)][name]
+    fp32 = q.dtype == torch.float32
+    if kwargs.get("HAS_BIAS") and not fp32 and dclass == "d64":
+        return rows[("bias", "d64")][name]
+    return rows[("32" if fp32 else "16", dclass)][name]
 
 
 def _default_configs(name, configs, named_args, kwargs, picks):
@@ -295,7 +332,7 @@ def _build_kernels():
         return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
 
     key = ["BLOCK_DV", "BLOCK_R", "BLOCK_C", "WIN_KEY", "ROPE_TABLE", "HAS_BIAS", "HAS_GATE",
-           "HAS_SINK"]
+           "HAS_SINK", "PIPE_MASKED"]
     if _interpret():
         small = cfg(16, 16, 4, 1)
         return {
@@ -321,7 +358,8 @@ def _build_kernels():
 # The tuned lists (BLOCK_M, BLOCK_N, warps, stages); the last entries are the table-mode-only tiles.
 _TUNED = {
     "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 2),
-            (64, 32, 4, 2), *sorted(_TABLE_ONLY["fwd"], reverse=True)],
+            (64, 32, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2),
+            *sorted(_TABLE_ONLY["fwd"], reverse=True)],
     "dq": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2),
            *sorted(_TABLE_ONLY["dq"], reverse=True)],
     "dkdv": [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2),
@@ -348,7 +386,7 @@ def _pinned_tiles(name, configs, q, win, consts):
     """The pinned mode's tiles (the default table's first fitting one, then _FALLBACK), memoised
     per key: the pruning reads only the arch, q's dtype, the window key and these constexprs."""
     key = (name, _arch(q.device), q.dtype, win, consts["BLOCK_DV"], consts["BLOCK_R"],
-           bool(consts.get("ROPE_TABLE")))
+           bool(consts.get("ROPE_TABLE")), bool(consts.get("HAS_BIAS")))
     tiles = _PINNED.get(key)
     if tiles is None:
         named = {"Q": q, "WIN_KEY": win}
@@ -387,13 +425,28 @@ def _rope_split(inv_freq, D):
     return half, rot, npass
 
 
+def _pipe_masked(q, D):
+    """PYENCODER_PIPELINE_MASKED=1: the boundary (masked) block loops software-pipelined like the
+    interior ones (constexpr PIPE_MASKED) instead of num_stages=1, for 16-bit q with
+    head_dim <= 128 (float32 and wider heads keep one stage: shared memory, see
+    triton_kernels/interval_attention.py). Off by default until a GPU times it: at band(50, 3)
+    every key block of a query tile is a boundary block, so the forward then runs with no
+    prefetch at all; sm_90 SASS with it on (benchmarks/sass_stats.py, bf16 128x64 / 8 warps):
+    the same 64 KiB of shared memory, no spills, 225 registers instead of 199. None when off
+    (the kernels' code is then the code before the flag)."""
+    if q.dtype == torch.float32 or D > 128:
+        return None
+    return True if env_flag("PYENCODER_PIPELINE_MASKED", False) else None
+
+
 def _consts(q, D, half, npass, lo_off, key_lengths, interleaved, table):
     return dict(
         BLOCK_R=max(16, next_pow2(half)), BLOCK_C=max(16, next_pow2(npass)),
         BLOCK_DV=max(16, next_pow2(D)), HAS_ROPE=half > 0, HAS_PASS=npass > 0,
         INTERLEAVED=bool(interleaved) and half > 0, LO_BOUNDED=lo_off >= 0,
         HAS_KLEN=key_lengths is not None,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else None, ROPE_TABLE=table)
+        DOT_PREC="ieee" if q.dtype == torch.float32 else None, ROPE_TABLE=table,
+        PIPE_MASKED=_pipe_masked(q, D))
 
 
 def _bias_args(rel_bias, gate, rel_offset):

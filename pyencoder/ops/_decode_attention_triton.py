@@ -32,6 +32,10 @@ def supports_forward(q=None, k_ring=None, **_):
     return None
 
 
+def _index(t):
+    return t if t.dtype in (torch.int32, torch.int64) else t.to(torch.int32)
+
+
 def decode_attention_triton(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved,
                             block, lo_off, hi_off, scale, rel_bias=None, gate=None,
                             rel_offset=None, sink_k=None, sink_v=None):
@@ -43,7 +47,9 @@ def decode_attention_triton(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq,
     cap = k_ring.shape[2]
     if k_ring.dtype != q.dtype or v_ring.dtype != q.dtype:
         k_ring, v_ring = k_ring.to(q.dtype), v_ring.to(q.dtype)
-    o = torch.empty_like(q)
+    # (B, H, M, D) with the memory layout of (B, M, H, D): the caller's transpose(1, 2).reshape
+    # to (B, M, H * D) for the output projection is then a view, not a copy kernel
+    o = q.new_empty(B, M, H, D).transpose(1, 2)
     if B == 0 or M == 0:
         return o
     has_rope = inv_freq is not None and inv_freq.numel() > 0
@@ -51,9 +57,11 @@ def decode_attention_triton(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq,
     # q_count, n_keys and inv_freq are read at unit stride (q_pos through its strides): a strided
     # view is copied (contiguous() of a contiguous tensor is itself: no copy in the steady step)
     freq = inv_freq.contiguous() if has_rope else q.new_zeros(1, dtype=torch.float32)
-    q_pos = q_pos.to(torch.int32)
-    q_count = q_count.to(torch.int32).contiguous()
-    n_keys = n_keys.to(torch.int32).contiguous()
+    # the kernel loads the three as they are (int32 or int64) and narrows them to int32 itself,
+    # as a host cast would: the module's int64 counters go in without a cast kernel per step
+    q_pos = _index(q_pos)
+    q_count = _index(q_count).contiguous()
+    n_keys = _index(n_keys).contiguous()
     BLOCK_M = 16
     BLOCK_D = max(16, next_pow2(D))
     BLOCK_N = 64 if BLOCK_D <= 64 else 32

@@ -17,7 +17,8 @@ import dataclasses
 import torch
 
 __all__ = ["StreamState", "reset", "state_nbytes", "check_state", "stamp", "stream_config",
-           "check_init_args", "check_step_lengths", "check_step_slots", "check_step_input"]
+           "check_init_args", "check_step_lengths", "check_step_slots", "check_step_input",
+           "fixed_index", "fill_counter", "shift_queue"]
 
 CONFIG_KEY = "__config__"
 
@@ -287,3 +288,87 @@ def check_step_lengths(lengths, B, n, device, name="lengths"):
             raise ValueError(f"{name} must lie in [0, {n}] (the step's length); got "
                              f"{t.tolist()}")
     return t
+
+
+class _FixedIndex:
+    """Index tensors of a steady-state step of n frames (``fixed_index``): key, ar, bidx, qidx,
+    qoff, count_n."""
+
+
+def _stamp(t):
+    """What identifies the contents of counter ``t`` across steps without reading it: the tensor
+    itself and its version counter (in-place writes, reset(), load_state_dict's new tensors are
+    all seen). None where no version exists (inference tensors, torch.compile / jit tracing):
+    then nothing is cached."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or t.is_inference():
+        return None
+    return t._version
+
+
+def _capturing(device):
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def fixed_index(state, name, n, device):
+    """Index tensors of ``step_fixed`` for n frames, built from the (B,) counter
+    ``getattr(state, name)`` (the held-back count, which the steady-state step never changes):
+    ``ar`` arange(n), ``bidx`` (B, n) slot index, ``qidx`` = count + ar (where the new frames
+    are queued), ``qoff`` = ar - count - n (query positions relative to the advanced pos) and
+    ``count_n`` (B,) int64 filled with n (the decode's row count: private, so a reset() of the
+    state's own counters cannot change it under a graph).
+    Kept on the state (not a dataclass field: not saved) and rebuilt whenever the counter is
+    another tensor or was written in place. CUDA graphs: tensors built before capture are the
+    ones the graph reads (nothing per step recomputed); they are kept alive as long as the state
+    once a graph used them (never freed under a graph); during capture a missing entry is built
+    in the graph (recomputed at each replay) and not cached, since capture does not run it."""
+    cnt = getattr(state, name)
+    ver = _stamp(cnt)
+    cache = state.__dict__.setdefault("_fixed_index", {})
+    hit = cache.get((name, n))
+    capturing = _capturing(device)
+    if ver is not None and hit is not None and hit.key[0] is cnt and hit.key[1] == ver \
+            and hit.ar.device == device:
+        idx = hit
+    else:
+        B = cnt.shape[0]
+        c = cnt.to(torch.int64)
+        idx = _FixedIndex()
+        idx.ar = torch.arange(n, device=device)
+        idx.bidx = torch.arange(B, device=device)[:, None].expand(B, n)
+        idx.qidx = c[:, None] + idx.ar[None, :]
+        idx.qoff = idx.ar[None, :] - (c + n)[:, None]
+        idx.count_n = torch.full((B,), n, dtype=torch.int64, device=device)
+        idx.key = (cnt, ver)
+        if ver is not None and not capturing:
+            cache[(name, n)] = idx
+    if capturing:
+        pinned = state.__dict__.setdefault("_graph_pinned", [])
+        if not any(p is idx for p in pinned):
+            pinned.append(idx)
+    return idx
+
+
+def fill_counter(state, n, name="out_lengths"):
+    """``getattr(state, name).fill_(n)``, skipped when this counter already holds n from an
+    earlier (executed) fill here and was not written since (same tensor, same version: see
+    ``_stamp``). A graph captured after that has no fill: the counter keeps n across replays,
+    except after an in-place reset() of the state (then it reads 0 until an eager step; the
+    step's results do not depend on it). Returns the counter."""
+    t = getattr(state, name)
+    ver = _stamp(t)
+    key = "_filled_" + name
+    last = state.__dict__.get(key)
+    if ver is None or last is None or last[0] is not t or last[1] != n or last[2] != ver:
+        t.fill_(n)
+        if _capturing(t.device):
+            state.__dict__.pop(key, None)    # recorded, not run: fill again when eager
+        else:
+            state.__dict__[key] = (t, n, _stamp(t))
+    return t
+
+
+def shift_queue(buf, n, keep, dim):
+    """buf[..., :keep] = buf[..., n:n + keep] along ``dim`` (in place): one copy when the two
+    ranges do not overlap (n >= keep), through a temporary otherwise."""
+    src = buf.narrow(dim, n, keep)
+    buf.narrow(dim, 0, keep).copy_(src if n >= keep else src.clone())

@@ -1,0 +1,331 @@
+"""benchmarks/count_step_kernels.py (ops per step_fixed, counted on the CPU) and the per-state
+helpers that keep the steady-state step short: fixed_index, fill_counter, shift_queue and the
+packed q/k/v projection."""
+import copy
+import os
+import sys
+
+import pytest
+import torch
+
+import _subproc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from pyencoder.nn import BandedSelfAttention, ChunkedSelfAttention  # noqa: E402
+from pyencoder.streaming.state import fill_counter, fixed_index, shift_queue  # noqa: E402
+
+TINY = dict(dim=16, heads=2, ffn=32, conv_dim=8)
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+@pytest.fixture(scope="module")
+def counts():
+    from benchmarks.count_step_kernels import count
+    return {(m, p): count(m, p, layers=2, dims=TINY) for m in ("banded", "chunked")
+            for p in ("cpu", "cuda-torch-ring", "cuda")}
+
+
+def test_counter_counts_kernels_not_views():
+    from benchmarks.count_step_kernels import _Counter
+    stack = [("f", "F")]
+    x = torch.randn(3, 4)
+    with _Counter(stack) as c:
+        y = x.reshape(12).view(4, 3).t().t()    # views only (x.t().reshape would copy)
+        x = x.view(4, 3)
+        z = (y + 1) * 2                          # two kernels
+        z.add_(x[0])                             # one kernel (x[0] a view)
+    assert sum(c.ops.values()) == 3, c.ops
+    assert {name for (_, name) in c.ops} == {"add", "mul", "add_"}
+    assert c.excluded and not c.syncs
+    with _Counter(stack) as c:
+        int(x.sum())                             # a host read is a sync
+    assert sum(c.syncs.values()) == 1 and sum(c.ops.values()) == 1
+
+
+def test_step_fixed_counts(counts):
+    for (mask, path), r in counts.items():
+        assert r["syncs"] == 0, (mask, path)
+        assert r["total"] == sum(r["by_type"].values())
+        assert len(r["per_layer"]) == 2 and all(v > 0 for v in r["per_layer"])
+    for mask in ("banded", "chunked"):
+        c, t, f = (counts[(mask, p)] for p in ("cpu", "cuda-torch-ring", "cuda"))
+        assert f["total"] < t["total"] < c["total"]
+        # the torch ring write: rope of the new keys and an index_put_ each for k, v and q
+        assert "triton:_ring_write_kernel" not in t["ops"] and t["ops"]["index_put_"] >= 3 * 2
+        # the fused path: one ring write and one decode launch per layer, no index_put_
+        assert f["ops"]["triton:_ring_write_kernel"] == 2
+        assert f["ops"]["triton:_decode_attention_fwd_kernel"] == 2
+        att = "BandedSelfAttention" if mask == "banded" else "ChunkedSelfAttention"
+        assert not any(k.startswith(att + ".index_put_") for k in f["by_type_op"])
+        # q, k, v as one GEMM: 1 + out_proj + 2 FFN per layer, + the conv projection
+        assert f["ops"]["addmm"] == 2 * 4 + 1
+    # Ceilings of the layer without lookahead (layer 1) on the fused path: ring write, pos
+    # advance, query positions, decode, q/k/v and out GEMMs, two FFN GEMMs, GELU, two LayerNorms,
+    # two residual adds (banded: 13); the chunked layer holds 3 frames back (the query and
+    # residual queues: + index_put_ + 2 shifts = 16). Raising these means a step got slower.
+    assert counts[("banded", "cuda")]["per_layer"][1] <= 13
+    assert counts[("chunked", "cuda")]["per_layer"][1] <= 16
+
+
+def test_script_prints_table():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    r = _subproc.run([sys.executable, "-m", "benchmarks.count_step_kernels", "--layers", "2",
+                      "--mask", "chunked", "--dtype", "float32"], cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for s in ("total kernels", "chunked/cpu", "chunked/cuda-torch-ring", "chunked/cuda",
+              "ChunkedSelfAttention",
+              "host syncs", "excluded (views / metadata)"):
+        assert s in r.stdout, r.stdout
+
+
+class _S:
+    pass
+
+
+def test_fill_counter_skips_only_unchanged_counters():
+    s = _S()
+    s.out_lengths = torch.zeros(3, dtype=torch.int64)
+    fill_counter(s, 4)
+    v = s.out_lengths._version
+    fill_counter(s, 4)
+    assert s.out_lengths._version == v            # skipped: already 4, not written since
+    s.out_lengths[1] = 7                          # an in-place edit is seen
+    fill_counter(s, 4)
+    assert s.out_lengths.tolist() == [4, 4, 4]
+    fill_counter(s, 2)                            # another n
+    assert s.out_lengths.tolist() == [2, 2, 2]
+    s.out_lengths = torch.full((3,), 2)           # another tensor holding the same values
+    s.out_lengths.zero_()
+    fill_counter(s, 2)
+    assert s.out_lengths.tolist() == [2, 2, 2]
+    with torch.inference_mode():                  # no version counter: always filled
+        s.out_lengths = torch.zeros(3, dtype=torch.int64)
+        fill_counter(s, 5)
+        s.out_lengths.zero_()
+        fill_counter(s, 5)
+        assert s.out_lengths.tolist() == [5, 5, 5]
+
+
+def test_fixed_index_follows_the_counter():
+    s = _S()
+    s.pending = torch.tensor([0, 2, 1])
+    a = fixed_index(s, "pending", 3, torch.device("cpu"))
+    assert a.qidx.tolist() == [[0, 1, 2], [2, 3, 4], [1, 2, 3]]
+    assert a.qoff.tolist() == [[-3, -2, -1], [-5, -4, -3], [-4, -3, -2]]
+    assert a.bidx.tolist() == [[0] * 3, [1] * 3, [2] * 3]
+    assert fixed_index(s, "pending", 3, torch.device("cpu")) is a     # cached
+    s.pending[0] = 2                                                   # in place: rebuilt
+    b = fixed_index(s, "pending", 3, torch.device("cpu"))
+    assert b is not a and b.qidx[0].tolist() == [2, 3, 4]
+    s.pending = torch.tensor([1, 1, 1])                               # another tensor
+    assert fixed_index(s, "pending", 3, torch.device("cpu")).qidx[2].tolist() == [1, 2, 3]
+    assert fixed_index(s, "pending", 2, torch.device("cpu")).ar.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("n,keep", [(1, 3), (2, 2), (4, 3), (5, 1)])
+def test_shift_queue(n, keep):
+    buf = torch.randn(2, 3, n + keep + 2, 4)
+    want = buf.clone()
+    want[:, :, :keep] = buf[:, :, n:n + keep].clone()
+    shift_queue(buf, n, keep, 2)
+    assert torch.equal(buf, want)
+
+
+def _attn(kind):
+    torch.manual_seed(0)
+    if kind == "banded":
+        return BandedSelfAttention(32, 4, left=6, right=2).eval()
+    return ChunkedSelfAttention(32, 4, chunk_size=2, left_chunks=3, lookahead=1).eval()
+
+
+def _unpack(m):
+    params = [p for mod in (m.q_proj, m.k_proj, m.v_proj) for p in mod.parameters()]
+    vals = [p.detach().clone() for p in params]
+    m.unpack_qkv_()
+    assert not m.unpack_qkv_()                  # nothing left to undo
+    assert m._packed_qkv(m._qkv_modules()) is None
+    assert [p for mod in (m.q_proj, m.k_proj, m.v_proj) for p in mod.parameters()] == params
+    assert all(torch.equal(p, v) for p, v in zip(params, vals))
+    ptrs = {p.untyped_storage().data_ptr() for p in params}
+    assert len(ptrs) == len(params)             # each its own storage again
+
+
+@pytest.mark.parametrize("kind", ["banded", "chunked"])
+def test_packed_qkv_step_sees_edits(kind):
+    """pack_qkv_ (opt-in) puts q/k/v in one buffer (same Parameters, same values);
+    the step's single GEMM reads the parameters' own memory, so edits through .data / in place
+    are seen."""
+    m = _attn(kind)
+    params = [m.q_proj.weight, m.k_proj.weight, m.v_proj.weight, m.v_proj.bias]
+    vals = [p.detach().clone() for p in params]
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        st = m.init_state(2, max_chunk=4)
+        assert m._packed_qkv(m._qkv_modules()) is None      # not on the CPU
+        assert m.pack_qkv_() and m.pack_qkv_()
+        assert m._packed_qkv(m._qkv_modules()) is not None
+        assert all(a is b and torch.equal(a, v) for a, b, v in
+                   zip(params, [m.q_proj.weight, m.k_proj.weight, m.v_proj.weight,
+                                m.v_proj.bias], vals))
+        _, st = m.step(x[:, :6], st)
+        ref = copy.deepcopy(m)                  # deepcopy clones each Parameter: unpacked
+        assert ref._packed_qkv(ref._qkv_modules()) is None
+        m2 = copy.deepcopy(m)
+        assert m2.pack_qkv_() and m2.unpack_qkv_()
+        _unpack(m2)
+        st_ref = copy.deepcopy(st)
+        m.k_proj.weight.data.mul_(1.5)          # EMA-style write, no version bump on the param
+        m.v_proj.bias.add_(0.25)
+        ref.k_proj.weight.mul_(1.5)
+        ref.v_proj.bias.add_(0.25)
+        y = m.step_fixed(x[:, 6:10], st)
+        y_ref = ref.step_fixed(x[:, 6:10], st_ref)
+        assert _rel(y, y_ref) <= 1e-5
+        off = m(x)
+        m.to(torch.float64)                     # .to() unpacks: three GEMMs, same function
+        assert m._packed_qkv(m._qkv_modules()) is None
+        assert _rel(m(x.double()).float(), off) <= 1e-5
+
+
+def test_qkv_not_packed_for_views_or_other_modules():
+    m = _attn("banded")
+    flat = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+    with torch.no_grad():                       # parameters as views of one flat buffer (FSDP)
+        off = 0
+        for p in m.parameters():
+            p.data = flat[off:off + p.numel()].view_as(p)
+            off += p.numel()
+    assert not m.pack_qkv_()
+    m2 = _attn("banded")
+    m2.k_proj = torch.nn.utils.parametrizations.weight_norm(m2.k_proj)
+    assert not m2.pack_qkv_()
+    m3 = _attn("banded")
+    m3.v_proj.bias = None
+    assert not m3.pack_qkv_()
+
+
+def test_qkv_not_packed_with_hooks_or_grad():
+    m = _attn("banded")
+    assert m.pack_qkv_()
+    x = torch.randn(1, 3, 32)
+    seen = []
+    h = m.k_proj.register_forward_hook(lambda *a: seen.append(1))
+    with torch.no_grad():
+        m._qkv(x)
+    assert seen == [1]                          # the hook ran: three projections
+    h.remove()
+    q, k, v = m._qkv(x)                         # grad enabled and weights require grad
+    assert k.grad_fn is not None
+    k.sum().backward()
+    assert m.k_proj.weight.grad is not None and m.q_proj.weight.grad is None
+
+
+@pytest.mark.parametrize("k,s,n", [(4, 2, 2), (4, 2, 4), (10, 5, 5), (10, 5, 20), (3, 1, 1),
+                                   (3, 1, 5), (2, 2, 2), (1, 1, 3)])
+def test_conv_step_fixed_equals_step(k, s, n):
+    """CausalConv1d.step_fixed (no cat when n >= k - 1, the general cat otherwise) gives the
+    general step's output and history, also in bfloat16."""
+    from pyencoder.nn import CausalConv1d
+    for dtype in (torch.float32, torch.bfloat16):
+        conv = CausalConv1d(3, 5, k, stride=s, activation="gelu").to(dtype)
+        x = torch.randn(2, 3, s * 3 + 10 * n, dtype=dtype)
+        with torch.no_grad():
+            a, b = conv.init_state(2), conv.init_state(2)
+            _, a = conv.step(x[..., :s * 3], a)
+            _, b = conv.step(x[..., :s * 3], b)
+            for t in range(s * 3, x.shape[-1], n):
+                y = conv.step_fixed(x[..., t:t + n], a)
+                y_ref, b = conv.step(x[..., t:t + n], b)
+                assert torch.equal(y, y_ref), (dtype, t)
+                assert torch.equal(a.hist, b.hist) and torch.equal(a.seen, b.seen)
+                assert a.out_lengths.tolist() == [n // s] * 2
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
+                    reason="the CUDA path emulated on CPU tensors under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("kind", ["banded", "chunked"])
+def test_cuda_path_step_equals_cpu_path(kind, monkeypatch):
+    """What a CUDA step runs (packed q/k/v, the fused ring write on the strided views of the one
+    GEMM's output, the Triton decode fed the int64 counters and writing its token-major output),
+    interpreted on CPU tensors, equals the CPU path's step (float32; the decode sums in another
+    order) and leaves the same counters."""
+    import pyencoder
+    from pyencoder.ops import _decode_attention_triton as DT
+    from pyencoder.ops import _ring_write_triton as RW
+    m = _attn(kind)
+    m2 = copy.deepcopy(m)
+    assert m2.pack_qkv_()
+    n = m.block
+    x = torch.randn(2, 8 * n + 4, 32)
+    with torch.no_grad():
+        a, b = m.init_state(2, max_chunk=n), m2.init_state(2, max_chunk=n)
+        _, a = m.step(x[:, :4], a)
+        _, b = m2.step(x[:, :4], b)
+        for t in range(4, x.shape[1], n):
+            ya = m.step_fixed(x[:, t:t + n], a, check=t == 4)
+            with monkeypatch.context() as mp, pyencoder.use_backend(decode_attention="triton"):
+                mp.setattr(RW, "FORCE_INTERPRET", True)
+                calls = []
+                real, dec = RW.ring_write, DT.forward
+                mp.setattr(RW, "ring_write", lambda *args: calls.append(1) or real(*args))
+                mp.setattr(DT, "forward", lambda *args: calls.append(2) or dec(*args))
+                yb = m2.step_fixed(x[:, t:t + n], b)
+            assert calls == [1, 2]
+            assert _rel(yb, ya) <= 1e-5, t
+            for key in ("pos", "pending", "out_lengths"):
+                assert torch.equal(getattr(a, key), getattr(b, key)), key
+            assert _rel(b.k, a.k) <= 1e-5 and _rel(b.v, a.v) <= 1e-5
+
+
+def test_helpers_under_graph_capture(monkeypatch):
+    """During CUDA graph capture (simulated: capture records kernels without running them) a
+    missing index entry is built but not cached, entries a graph reads are pinned for the
+    state's lifetime (never freed under a graph), and a fill is not marked as done."""
+    import pyencoder.streaming.state as S
+    s = _S()
+    s.pending = torch.tensor([1, 2])
+    s.out_lengths = torch.zeros(2, dtype=torch.int64)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(S, "_capturing", lambda device: True)
+    a = fixed_index(s, "pending", 2, cpu)
+    assert s.__dict__["_fixed_index"] == {} and s.__dict__["_graph_pinned"] == [a]
+    fill_counter(s, 2)
+    assert "_filled_out_lengths" not in s.__dict__
+    monkeypatch.setattr(S, "_capturing", lambda device: False)
+    b = fixed_index(s, "pending", 2, cpu)             # eager: built and cached
+    assert b is not a and fixed_index(s, "pending", 2, cpu) is b
+    assert b.count_n.tolist() == [2, 2]
+    fill_counter(s, 2)
+    assert s.__dict__["_filled_out_lengths"][1] == 2
+    monkeypatch.setattr(S, "_capturing", lambda device: True)
+    assert fixed_index(s, "pending", 2, cpu) is b      # a capture after warm-up reads the cache
+    assert s.__dict__["_graph_pinned"] == [a, b]
+    s.pending[0] = 0                                   # in place: rebuilt, b stays pinned
+    monkeypatch.setattr(S, "_capturing", lambda device: False)
+    c = fixed_index(s, "pending", 2, cpu)
+    assert c is not b and s.__dict__["_graph_pinned"] == [a, b]
+
+
+def test_pack_qkv_model_helpers_opt_in():
+    """pyencoder.nn.pack_qkv_ / unpack_qkv_ over a model; init_state never packs by itself (shared
+    storage would make safetensors' save_file refuse the user's state_dict)."""
+    import pyencoder.nn as pnn
+    model = torch.nn.Sequential(_attn("banded"), torch.nn.Linear(32, 32), _attn("chunked"))
+    with torch.no_grad():
+        model[0].init_state(1, max_chunk=4)
+    assert all(m._packed_qkv(m._qkv_modules()) is None for m in (model[0], model[2]))
+    x = torch.randn(1, 12, 32)
+    ref = model(x)
+    assert pnn.pack_qkv_(model) == 2
+    assert all(m._packed_qkv(m._qkv_modules()) is not None for m in (model[0], model[2]))
+    assert torch.equal(model(x), ref)
+    assert pnn.unpack_qkv_(model) == 2 and pnn.unpack_qkv_(model) == 0
+    sd = model.state_dict()
+    ptrs = [t.untyped_storage().data_ptr() for t in sd.values()]
+    assert len(set(ptrs)) == len(ptrs)
