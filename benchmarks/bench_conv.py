@@ -1,6 +1,7 @@
 """Causal conv1d benchmark: pyencoder backends against cuDNN, causal-conv1d and the reference.
 
     python -m benchmarks.bench_conv [--quick] [--providers NAME ...] [--suites NAME ...] [--no-write]
+                                    [--max-seconds S]
 
 Suites
 - depthwise: B=8, C in {512, 768, 1024, 2048}, L in {256, 2048, 16384}, widths {2, 4, 7, 31, 128},
@@ -11,6 +12,10 @@ Suites
   (1024, 16, 128); forward and forward+backward. Providers: pyencoder-triton, cudnn, reference.
 - strided: feature-extractor convs, C=512, (k, stride) in {(10, 5), (3, 2), (2, 2)}, forward.
 - update: one new frame for B in {1, 64, 512} streams, C=1024, widths {4, 31}.
+Suites run in the order depthwise, strided, update, grouped (the most valuable rows first: a run
+cut short, or stopped by --max-seconds, keeps them). --quick on a GPU: depthwise C=768, widths
+{4, 31}, L=16384 for pyencoder-cuda / pyencoder-triton / cudnn first, then L=2048 for every
+provider; grouped L=2048 only.
 
 Records: median/p20/p80 ms and GB/s of compulsory traffic (x read + y written + weights) against
 the measured device-to-device copy bandwidth (``copy_bw_gbs``, ``frac_of_copy``). Depthwise rows
@@ -23,6 +28,7 @@ shapes.
 import argparse
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +42,11 @@ PROVIDERS = ("pyencoder-cuda", "pyencoder-triton", "cudnn", "causal-conv1d", "re
 # the same provider is labelled torch-conv1d there.
 CPU_ALIASES = {"cudnn": "torch-conv1d"}
 SUITES = ("depthwise", "grouped", "strided", "update")
+# --quick on a GPU: the depthwise bandwidth target is stated for C >= 768, L >= 2048; L=2048
+# (B=8, C=768: a 50 MB working set) is dominated by launch and tail effects, so L=16384 is measured
+# too, first, for the three providers the target compares.
+QUICK_DEPTHWISE_LS = (16384, 2048)
+QUICK_LONG_PROVIDERS = ("pyencoder-cuda", "pyencoder-triton", "cudnn")
 
 
 def _cudnn_fwd(x, w, b, stride, groups):
@@ -125,6 +136,19 @@ def run(args):
     copy_bw = copy_bandwidth_gbs()
     warmup, rep = (10, 30) if (args.quick or not gpu) else (25, 100)
     records = JsonlRows("conv", write=not getattr(args, "no_write", True))  # on disk per row
+    t0 = time.monotonic()
+    max_s = getattr(args, "max_seconds", None)
+    stopped, started = [], []
+
+    def out_of_time():
+        """True once --max-seconds have passed (the first case always runs)."""
+        if max_s is None or not started or time.monotonic() - t0 <= max_s:
+            started.append(True)
+            return False
+        if not stopped:
+            print(f"--max-seconds {max_s:g} reached: no new case", flush=True)
+            stopped.append(True)
+        return True
 
     def emit(rec):
         records.append(rec)
@@ -140,45 +164,34 @@ def run(args):
         if gpu:
             Cs, Ls, ks = (512, 768, 1024, 2048), (256, 2048, 16384), (2, 4, 7, 31, 128)
             if args.quick:
-                Cs, Ls, ks = (768,), (2048,), (4, 31)
+                Cs, Ls, ks = (768,), QUICK_DEPTHWISE_LS, (4, 31)
         else:
             Cs, Ls, ks = (64,), (256,), (4, 31)
         B = 8 if gpu else 2
         for C in Cs:
             for L in Ls:
+                # quick: the long rows (the bandwidth target's shape) for the three providers
+                # the target compares, before the L=2048 rows of every provider
+                provs = [p for p in providers if p in QUICK_LONG_PROVIDERS] \
+                    if (gpu and args.quick and L > 2048) else providers
                 for k in ks:
+                    if out_of_time():
+                        return records
                     x = torch.randn(B, C, L, device=dev, dtype=dtype)
                     w = torch.randn(C, 1, k, device=dev, dtype=dtype) / k ** 0.5
                     b = torch.randn(C, device=dev, dtype=dtype)
                     nbytes = _bytes(x, w, B * C * L)
-                    for prov in providers:
+                    for prov in provs:
                         fn = _provider_fn(prov, x, w, b, 1, C)
                         emit(_record("depthwise", prov, dict(B=B, C=C, L=L, k=k, groups=C,
                                                              stride=1, mode="fwd"),
                                      dtype, fn, nbytes, copy_bw, warmup, rep, host_graph=True))
-    if "grouped" in suites:
-        cfgs = ((768, 16, 128), (1024, 16, 128)) if gpu else ((64, 4, 16),)
-        Ls = ((512, 2048) if not args.quick else (2048,)) if gpu else (64,)
-        B = 8 if gpu else 2
-        for C, G, k in cfgs:
-            for L in Ls:
-                x = torch.randn(B, C, L, device=dev, dtype=dtype)
-                w = torch.randn(C, C // G, k, device=dev, dtype=dtype) / (C // G * k) ** 0.5
-                b = torch.randn(C, device=dev, dtype=dtype)
-                flops = 2 * B * C * L * (C // G) * k
-                for mode in ("fwd", "fwd+bwd"):
-                    for prov in providers:
-                        fn = _provider_fn(prov, x, w, b, 1, G, bwd=mode != "fwd")
-                        rec = _record("grouped", prov, dict(B=B, C=C, L=L, k=k, groups=G,
-                                                            stride=1, mode=mode),
-                                      dtype, fn, _bytes(x, w, B * C * L), copy_bw, warmup, rep)
-                        if "median_ms" in rec:
-                            mult = 1 if mode == "fwd" else 3
-                            rec["tflops"] = mult * flops / (rec["median_ms"] * 1e-3) / 1e12
-                        emit(rec)
+                    del x, w, b
     if "strided" in suites:
         B, L = (8, 16000 * 4) if gpu else (2, 3200)
         for k, s in ((10, 5), (3, 2), (2, 2)):
+            if out_of_time():
+                return records
             C = 512 if gpu else 32
             Cin = 1 if (k == 10 and not gpu) else C
             x = torch.randn(B, Cin, L, device=dev, dtype=dtype)
@@ -193,6 +206,8 @@ def run(args):
         C = 1024 if gpu else 64
         for nb in ((1, 64, 512) if gpu else (1, 8)):
             for k in (4, 31):
+                if out_of_time():
+                    return records
                 x = torch.randn(nb, C, 1, device=dev, dtype=dtype)
                 w = torch.randn(C, 1, k, device=dev, dtype=dtype) / k ** 0.5
                 st = torch.randn(nb, C, k - 1, device=dev, dtype=dtype)
@@ -214,6 +229,28 @@ def run(args):
                     emit(_record("update", prov, dict(B=nb, C=C, L=1, k=k, groups=C, stride=1,
                                                       mode="update"),
                                  dtype, fn, nbytes, copy_bw, warmup, rep))
+    if "grouped" in suites:
+        cfgs = ((768, 16, 128), (1024, 16, 128)) if gpu else ((64, 4, 16),)
+        Ls = ((512, 2048) if not args.quick else (2048,)) if gpu else (64,)
+        B = 8 if gpu else 2
+        for C, G, k in cfgs:
+            for L in Ls:
+                if out_of_time():
+                    return records
+                x = torch.randn(B, C, L, device=dev, dtype=dtype)
+                w = torch.randn(C, C // G, k, device=dev, dtype=dtype) / (C // G * k) ** 0.5
+                b = torch.randn(C, device=dev, dtype=dtype)
+                flops = 2 * B * C * L * (C // G) * k
+                for mode in ("fwd", "fwd+bwd"):
+                    for prov in providers:
+                        fn = _provider_fn(prov, x, w, b, 1, G, bwd=mode != "fwd")
+                        rec = _record("grouped", prov, dict(B=B, C=C, L=L, k=k, groups=G,
+                                                            stride=1, mode=mode),
+                                      dtype, fn, _bytes(x, w, B * C * L), copy_bw, warmup, rep)
+                        if "median_ms" in rec:
+                            mult = 1 if mode == "fwd" else 3
+                            rec["tflops"] = mult * flops / (rec["median_ms"] * 1e-3) / 1e12
+                        emit(rec)
     return records
 
 
@@ -226,6 +263,8 @@ def main(argv=None):
     p.add_argument("--suites", nargs="*", default=None, choices=SUITES)
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="start no new case after this many seconds (the first always runs)")
     args = p.parse_args(argv)
     print(f"device: {device_slug()}  env: {env_info().get('device_name')}")
     records = run(args)

@@ -144,3 +144,29 @@ def test_dispatch_overhead_runs(capsys):
     assert "eager fast path" in out and "registered triton_op" in out
     assert A.launch is launch and _backend.select is select
     assert {k: os.environ.get(k) for k in env} == env
+
+
+def test_conv_max_seconds_stops_after_the_first_case(monkeypatch, tmp_path, capsys):
+    """--max-seconds 0: the first case (every provider of it) runs, no other case starts."""
+    from benchmarks import bench_conv
+    monkeypatch.setenv("PYENCODER_RESULTS_DIR", str(tmp_path))
+    monkeypatch.setattr(bench_conv, "copy_bandwidth_gbs", lambda: 1.0)
+    args = argparse.Namespace(quick=True, providers=None, suites=None, dtype="float32",
+                              no_write=True, max_seconds=0.0)
+    recs = bench_conv.run(args)
+    assert [r["suite"] for r in recs] == ["depthwise", "depthwise"], recs
+    assert {r["provider"] for r in recs} == {"torch-conv1d", "reference"}
+    assert "--max-seconds 0 reached" in capsys.readouterr().out
+
+
+def test_conv_quick_gpu_cases_target_first():
+    """The quick GPU run measures the depthwise bandwidth target's shape (L=16384) first, for the
+    providers it compares, and keeps L=2048; the strided suite runs before update and grouped."""
+    import inspect
+    from benchmarks import bench_conv
+    assert bench_conv.QUICK_DEPTHWISE_LS == (16384, 2048)
+    assert set(bench_conv.QUICK_LONG_PROVIDERS) == {"pyencoder-cuda", "pyencoder-triton", "cudnn"}
+    src = inspect.getsource(bench_conv.run)
+    order = [src.index(f'if "{s}" in suites') for s in ("depthwise", "strided", "update",
+                                                         "grouped")]
+    assert order == sorted(order)

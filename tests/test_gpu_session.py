@@ -309,3 +309,15 @@ def test_setup_installs_a_fitting_prebuilt_extension(tmp_path, monkeypatch):
     assert ns["BUILD_INFO"]["torch"] == torch.__version__ and ns["BUILD_INFO"]["cuda_built"]
     rep = json.load(open(tmp_path / "extension.json"))
     assert rep["action"] == "prebuilt" and rep["prebuilt_mismatch"] is None
+
+
+def test_conv_stage_caps_the_benchmark_and_runs_the_cudnn_kind_tests():
+    """The conv stage's bench_conv stops starting cases after CONV_BENCH_MAX_S so its tests keep
+    most of the stage (the second GPU call cut them off after a 23.4 s bench), and its pytest
+    runs the cuda backend's cudnn-kind GPU tests first."""
+    ctx = dict(dry=False, xdist=False, workers=1, logdir="/tmp")
+    (_, bench, _), (_, tests, _) = gs.plan_conv(ctx)
+    i = bench.index("--max-seconds")
+    budget = dict((name, t) for name, t, _, _ in gs.STAGES)["conv"]
+    assert 0 < float(bench[i + 1]) <= budget / 2 and "--quick" in bench
+    assert tests[-2:] == gs.CONV_TESTS and gs.CONV_TESTS[0] == "tests/test_conv_cudnn_path.py"

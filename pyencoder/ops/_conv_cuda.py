@@ -6,13 +6,14 @@ Entry points have the signatures and semantics of pyencoder.reference.conv.
   channel-last x: the custom kernels (``torch.ops.pyencoder.causal_conv1d_{fwd,bwd,update}_cuda``):
   fused bias + activation, initial/final state, deterministic weight gradient, in-place update
   with ``state_indices``.
-- Dense strided convs (groups == 1, stride > 1: the wav2vec2 feature extractor): cuDNN through
-  the reference implementation (F.conv1d on the state-padded input), which is what this backend
-  runs for them until a custom kernel beats it (benchmarks/bench_conv.py measures both).
+- Dense strided convs (groups == 1, stride > 1: the wav2vec2 feature extractor): cuDNN (through
+  F.conv1d / aten.convolution_backward) in the input dtype, ``_cudnn_forward`` /
+  ``_cudnn_backward`` below (plain torch: they also run, and are tested, on CPU tensors).
 - Grouped convs (1 < groups < C, e.g. wav2vec2's positional conv) are declined, so auto
   selection hands them to the triton backend's implicit-GEMM kernel.
 """
 import torch
+import torch.nn.functional as F
 
 from .. import _ext
 from ..reference import conv as _ref
@@ -85,7 +86,7 @@ def supports_update(x=None, state=None, weight=None, groups=1, **_):
 
 def forward(x, weight, bias, initial_state, stride, groups, activation):
     if _kind(x, weight, stride, groups) == "cudnn":
-        return _ref.forward(x, weight, bias, initial_state, stride, groups, activation)
+        return _cudnn_forward(x, weight, bias, initial_state, stride, activation)
     y, final = _ops().causal_conv1d_fwd_cuda(x, weight, _unit(bias), initial_state,
                                              _ACT[activation])
     return y, final
@@ -93,8 +94,8 @@ def forward(x, weight, bias, initial_state, stride, groups, activation):
 
 def backward(grad_y, grad_final_state, x, weight, bias, initial_state, stride, groups, activation):
     if _kind(x, weight, stride, groups) == "cudnn":
-        return _ref.backward(grad_y, grad_final_state, x, weight, bias, initial_state, stride,
-                             groups, activation)
+        return _cudnn_backward(grad_y, grad_final_state, x, weight, bias, initial_state, stride,
+                               activation)
     dx, dw, db, ds = _ops().causal_conv1d_bwd_cuda(grad_y, grad_final_state, x, weight,
                                                    _unit(bias), initial_state, _ACT[activation])
     db = db if bias is not None else None
@@ -119,3 +120,137 @@ def _unit(bias):
     """The extension reads bias at unit stride (and refuses another): a strided view, accepted by
     the op like by the other backends, is copied."""
     return None if bias is None else bias.contiguous()
+
+
+# Dense strided convs (groups == 1, stride > 1) through cuDNN, in the input dtype.
+#
+# Precision: torch's legacy cuDNN convolution descriptor sets the compute (accumulation) type to
+# float32 for half data (aten/src/ATen/cudnn/Descriptors.h, ConvolutionDescriptor::set:
+# CUDNN_DATA_HALF -> mathType CUDNN_DATA_FLOAT). The cuDNN v8 frontend path (Conv_v8.cpp,
+# getConvDescriptor) passes the tensor data type to ConvDescBuilder in the copies found here;
+# which compute type cuDNN then uses for fp16/bf16 was not verified from the source, so the GPU
+# tests (tests/test_conv_cudnn_path.py, C_in*k up to 1536 terms) hold this path to the fp32
+# reference within ~2 ulp: half-precision accumulation would miss that by ~10x and fail them.
+# float32 follows torch.backends.cudnn.allow_tf32 (default True: TF32 tensor cores) exactly like
+# the reference's own F.conv1d on the same device, so the GPU fp32 tolerance (1e-4) is the one
+# tests/test_conv_gpu.py uses for both; on CPU there is no TF32 and fp32 is held to 1e-5.
+#
+# Padding: the causal left pad of k - stride zeros is cuDNN's symmetric ``padding=k - stride``;
+# output frame t starts at padded sample t*stride either way, so the first T = L // stride frames
+# are the causal ones and the right padding adds e = (L + pad) // stride - T trailing frames
+# (e = 0 for the feature extractor's k=3, s=2 and k=2, s=2 at even L). When e > 0 one of two
+# copies is unavoidable: padding x (reads and writes B*C_in*(L + pad)) or keeping the first T
+# frames of the wider output (B*C_out*T); the cheaper one is taken (``_pad_copy``: wav2vec2's
+# layer 0 has C_in = 1, so there padding x is ~100x cheaper than slicing 512-channel frames).
+# The output is contiguous: the registered op's fake kernel promises contiguous outputs, and the
+# next conv (cuDNN) would copy a strided view anyway. With an initial_state (streaming chunks) the
+# state is concatenated in front (a small copy) and the conv is unpadded.
+
+
+def _extra_frames(L, k, stride):
+    pad = k - stride
+    return (L + pad) // stride - L // stride
+
+
+def _pad_copy(x, weight, stride):
+    """True when padding x costs fewer bytes than slicing the wider output."""
+    B, C, L = x.shape
+    k = weight.shape[-1]
+    if _extra_frames(L, k, stride) == 0:
+        return False
+    return C * (L + k - stride) <= weight.shape[0] * (L // stride)
+
+
+def _final_state(x, initial_state, T, stride, pad):
+    """The pad padded-input samples before sample T*stride, taken from x (and initial_state or
+    zeros where they reach before x). A fresh contiguous tensor."""
+    B, C, L = x.shape
+    if pad == 0:
+        return x.new_empty(B, C, 0)
+    lo = T * stride - pad
+    if lo >= 0:
+        return x[..., lo:T * stride].clone(memory_format=torch.contiguous_format)
+    head = initial_state[..., pad + lo:] if initial_state is not None else \
+        x.new_zeros(B, C, -lo)
+    return torch.cat((head, x[..., :T * stride]), dim=-1)
+
+
+def _cudnn_conv(x, weight, bias, initial_state, stride):
+    """The pre-activation y (B, C_out, L // stride) in x's dtype (L // stride > 0)."""
+    k = weight.shape[-1]
+    pad = k - stride
+    L = x.shape[-1]
+    T = L // stride
+    if initial_state is not None:
+        return F.conv1d(torch.cat((initial_state, x), dim=-1), weight, bias, stride=stride)
+    if _pad_copy(x, weight, stride):
+        return F.conv1d(F.pad(x, (pad, 0)), weight, bias, stride=stride)
+    y = F.conv1d(x, weight, bias, stride=stride, padding=pad)
+    return y if y.shape[-1] == T else y[..., :T].contiguous()
+
+
+def _cudnn_forward(x, weight, bias, initial_state, stride, activation):
+    """y (B, C_out, L // stride), final_state (B, C_in, k - stride), both in x's dtype."""
+    B, C, L = x.shape
+    k = weight.shape[-1]
+    pad = k - stride
+    T = L // stride
+    if T > 0:
+        y = _ref._act(_cudnn_conv(x, weight, bias, initial_state, stride), activation)
+    else:
+        y = x.new_zeros(B, weight.shape[0], 0)
+    return y, _final_state(x, initial_state, T, stride, pad)
+
+
+def _cudnn_backward(grad_y, grad_final_state, x, weight, bias, initial_state, stride, activation):
+    """(dx, dweight, dbias or None, dinitial_state or None) of ``_cudnn_forward`` through
+    aten.convolution_backward in the input dtype. With a fused activation the pre-activation is
+    recomputed and its derivative applied in float32, then the gradient is rounded once to the
+    input dtype for the conv gradients; dbias is summed in float32."""
+    B, C, L = x.shape
+    k = weight.shape[-1]
+    pad = k - stride
+    T = L // stride
+    dx = torch.zeros_like(x) if T == 0 else None
+    dw = torch.zeros_like(weight) if T == 0 else None
+    db = None
+    ds = None if initial_state is None else torch.zeros_like(initial_state)
+    if T > 0:
+        g = grad_y
+        if activation is not None:
+            pre = _cudnn_conv(x, weight, bias, initial_state, stride)
+            g32 = grad_y.float() * _ref._act_grad(pre.float(), activation)
+            g = g32.to(x.dtype)
+        else:
+            g32 = grad_y
+        if bias is not None:
+            db = g32.sum(dim=(0, 2), dtype=torch.float32).to(bias.dtype)
+        if initial_state is not None or _pad_copy(x, weight, stride):
+            xp = torch.cat((initial_state, x), -1) if initial_state is not None else \
+                F.pad(x, (pad, 0))
+            dxp, dw, _ = torch.ops.aten.convolution_backward(
+                g.contiguous(), xp, weight, None, [stride], [0], [1], False, [0], 1,
+                [True, True, False])
+            dx = dxp[..., pad:]
+            if initial_state is not None:
+                ds = dxp[..., :pad]
+        else:
+            e = _extra_frames(L, k, stride)
+            ge = F.pad(g, (0, e)) if e else g.contiguous()
+            dx, dw, _ = torch.ops.aten.convolution_backward(
+                ge, x, weight, None, [stride], [pad], [1], False, [0], 1, [True, True, False])
+    elif bias is not None:
+        db = torch.zeros_like(bias)
+    if grad_final_state is not None and pad > 0:
+        lo = T * stride - pad
+        gf = grad_final_state.to(x.dtype)
+        if lo >= 0:
+            dx[..., lo:T * stride] += gf
+        else:
+            dx[..., :T * stride] += gf[..., -lo:]
+            if ds is not None:
+                ds[..., pad + lo:] += gf[..., :-lo]
+    # dx and ds may be slices of one buffer: the registered op's outputs must not alias
+    dx = dx.contiguous()
+    ds = None if ds is None else ds.clone(memory_format=torch.contiguous_format)
+    return dx, dw, db, ds
