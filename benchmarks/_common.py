@@ -46,6 +46,7 @@ benchmarks/results/ that `python -m benchmarks.readme` renders.
     copy_bandwidth_gbs() -> float    measured device copy bandwidth, GB/s of (read + write) bytes;
                                      the roofline for memory-bound kernels (cached per process)
 """
+import contextlib
 import datetime
 import functools
 import json
@@ -301,3 +302,19 @@ def copy_bandwidth_gbs():
         dst = torch.empty_like(src)
         t = bench(lambda: dst.copy_(src), warmup=20, rep=200)["median_ms"]
     return 2 * n * 4 / (t * 1e-3) / 1e9
+
+
+@contextlib.contextmanager
+def temp_env(**values):
+    """Environment variables set for the duration of the block, then restored (unset again
+    where they were unset)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

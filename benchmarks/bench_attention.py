@@ -76,7 +76,7 @@ import warnings
 import torch
 
 from benchmarks._common import (ROOT, JsonlRows, bench, copy_bandwidth_gbs, device_slug, env_info,
-                                host_graph_fields, host_graph_text, write_jsonl)
+                                host_graph_fields, host_graph_text, temp_env, write_jsonl)
 
 SHAPES = {"wav2vec2-base": (8, 12, 64), "wav2vec2-large": (8, 16, 64)}
 NS = (500, 1500, 3000, 12000)
@@ -275,24 +275,11 @@ ROPE_VARIANTS = {"pyencoder-triton-ropetable": {"PYENCODER_ROPE_TABLE": "1",
 KERNEL_VARIANTS = {"pyencoder-triton-pipe": {"PYENCODER_PIPELINE_MASKED": "1"}}
 
 
-@contextlib.contextmanager
 def _rope_table_env(name):
-    """The RoPE-mode variant's environment (ROPE_VARIANTS) while it runs (forward and
-    backward): table mode for -ropetable, pre-rotation for -prerot."""
-    env = ROPE_VARIANTS.get(name, KERNEL_VARIANTS.get(name))
-    if env is None:
-        yield
-        return
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    """The variant's environment (ROPE_VARIANTS, KERNEL_VARIANTS) while it runs (forward and
+    backward): table mode for -ropetable, pre-rotation for -prerot, the flag of a kernel variant;
+    nothing for the others."""
+    return temp_env(**ROPE_VARIANTS.get(name, KERNEL_VARIANTS.get(name, {})))
 
 
 def parse_mask(text):

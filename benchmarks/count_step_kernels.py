@@ -51,6 +51,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._common import temp_env  # noqa: E402
 from benchmarks.bench_streaming import GPU_MASKS, HOP, build, _warm_steps  # noqa: E402
 from pyencoder.nn import TransformerLayer  # noqa: E402
 
@@ -161,21 +162,6 @@ def _fused_path(counter_ref):
         _triton_op._Launch.__call__ = old[2]
 
 
-@contextlib.contextmanager
-def _env(**values):
-    """Environment variables set for the duration of the block (then restored)."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _kernel_name(kernel):
     fn = getattr(kernel, "fn", kernel)
     return getattr(fn, "__name__", type(kernel).__name__)
@@ -197,7 +183,7 @@ def count(mask="banded", path="cuda", layers=12, dtype=torch.bfloat16, dims=None
     cuda = path != "cpu"
     ctx = _fused_path(ref) if cuda else contextlib.nullcontext()
     ring = "0" if path == "cuda-torch-ring" else "1"
-    with torch.no_grad(), _env(PYENCODER_CPU_SKINNY_GEMM="0", PYENCODER_FUSED_RING=ring):
+    with torch.no_grad(), temp_env(PYENCODER_CPU_SKINNY_GEMM="0", PYENCODER_FUSED_RING=ring):
         if cuda:                  # what init_state does for a CUDA state
             for m in model.modules():
                 if hasattr(m, "pack_qkv_"):
