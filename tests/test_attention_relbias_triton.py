@@ -148,3 +148,45 @@ def test_wavlm_module_on_the_kernels_matches_the_reference_path():
     for (n, _), a, b in zip(m.named_parameters(), grads[1], grads[0]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(b.abs().max())),
                                    msg=lambda s: f"{n}: {s}")
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_vectorised_bias_layout_matches_plain_gather(case, monkeypatch):
+    """The forward reads the bias from the 16-byte-aligned shifted copies (_vec_bias,
+    VEC_BIAS) when there are no sink keys: the same values as the plain gather (bitwise: the
+    same floats are added in the same order), across offsets, padding, GQA, RoPE; and the
+    layout puts a (t, y) entry where the kernel reads it."""
+    kind, B, Hq, Hk, Nq, Nk, D, rope, klen, q_offset, k_offset, gated = CASES[case]
+    block, lo, hi = _mask(kind)
+    rope = {None: None, "neox": Rope(D), "partial": Rope(D // 2),
+            "interleaved": Rope(D, interleaved=True)}[rope]
+    inv = None if rope is None else rope.inv_freq(_DEV)
+    il = False if rope is None else rope.interleaved
+    q = torch.randn(B, Hq, Nq, D, device=_DEV)
+    k = torch.randn(B, Hk, Nk, D, device=_DEV)
+    v = torch.randn(B, Hk, Nk, D, device=_DEV)
+    kl = None if klen is None else torch.tensor(klen, dtype=torch.int32, device=_DEV)
+    r_min, r_max = relative_offsets(Nq, Nk, block=block, lo_off=lo, hi_off=hi,
+                                    q_offset=q_offset, k_offset=k_offset)
+    rel = torch.randn(Hq, r_max - r_min + 3, device=_DEV)
+    gate = torch.rand(B, Hq, Nq, device=_DEV) * 2 if gated else None
+    args = (inv, kl, block, lo, hi, q_offset, k_offset, D ** -0.5, il)
+    bias = dict(rel_bias=rel, gate=gate, rel_offset=r_min - 1)
+    seen = []
+    real = tri._vec_bias
+    monkeypatch.setattr(tri, "_vec_bias", lambda *a: seen.append(1) or real(*a))
+    out, lse = tri.forward(q, k, v, *args, **bias)
+    assert seen, "the forward without sinks takes the vectorised layout"
+    monkeypatch.setattr(tri, "_vec_bias", lambda *a: {})
+    out0, lse0 = tri.forward(q, k, v, *args, **bias)
+    assert torch.equal(out, out0) and torch.equal(lse, lse0)
+    # layout: copy t at x holds padded[x + t]
+    v4 = real(rel, 7)
+    pad = tri._VEC_BIAS_PAD
+    r4, L4 = v4["REL"], v4["rel_len"]
+    assert r4.shape == (Hq, 4, L4) and L4 % 16 == 0 and r4.is_contiguous()
+    assert v4["rel_offset"] == 7 - pad
+    for t in range(4):
+        for x in (pad - t, pad - t + rel.shape[1] - 1):
+            assert torch.equal(r4[:, t, x], rel[:, x + t - pad])
+    assert float(r4[:, :, :pad - 3].abs().max()) == 0.0

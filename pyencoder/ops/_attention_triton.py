@@ -556,6 +556,27 @@ def supports_forward(q, k, v, inv_freq=None, key_lengths=None, block=1, lo_off=-
     return _common_reason(q, k, v, inv_freq, q_offset, k_offset)
 
 
+# Zero padding on each side of the forward's vectorised bias layout: more than any visited tile
+# reaches outside the table (a visited key block holds a key some row of the tile sees, so the
+# tile's offsets lie within BLOCK_M + BLOCK_N <= 256 of the table's columns).
+_VEC_BIAS_PAD = 512
+
+
+def _vec_bias(rel, rel_offset):
+    """The forward's bias in the layout of _bias_tile_vec (constexpr VEC_BIAS; forward without
+    sink keys): (Hq, 4, L4) float32, copy t of head h = the per-offset vector zero-padded by
+    _VEC_BIAS_PAD on both sides and shifted by t entries, L4 a multiple of 16 (16-byte aligned
+    rows), so the kernel loads every row of a bias tile as 16-byte vectors with no mask; the
+    kernel's rel_len / rel_offset become L4 and rel_offset - _VEC_BIAS_PAD. Two small copies per
+    call (pad, strided copy); the backward keeps the plain (Hq, L) table."""
+    H, L = rel.shape
+    pad = _VEC_BIAS_PAD
+    L4 = -(-(L + 2 * pad) // 16) * 16
+    padded = torch.nn.functional.pad(rel, (pad, L4 + 3 - L - pad))
+    rel4 = padded.as_strided((H, 4, L4), (padded.stride(0), 1, 1)).contiguous()
+    return dict(REL=rel4, rel_len=L4, rel_offset=int(rel_offset) - pad, VEC_BIAS=True)
+
+
 def _sink_args(sink, k_offset, Nk):
     """Kernel arguments of the sink keys: the runtime int ``sink`` (do_not_specialize; capped at
     k_offset + Nk, the positions that hold a key) with HAS_SINK=True, or None for both when
@@ -605,6 +626,8 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
                           block, kb)
     consts.update(_bias_args(rel_bias, gate, rel_offset))
     consts.update(_sink_args(sink, k_offset, Nk))
+    if consts["HAS_BIAS"] and not consts["HAS_SINK"]:
+        consts.update(_vec_bias(consts["REL"], consts["rel_offset"]))
     args = (q, k, v, out, lse, freq, cos, sin, klen,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             Hq, Hq // Hk, Nq, Nk, D, half, rot, npass,
