@@ -44,9 +44,9 @@ def _mask(kind):
     return band_params(a, b) if name == "band" else chunked_params(a, b, c)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("case", range(len(CASES)))
-def test_triton_bias_forward_backward_matches_reference(case, dtype):
+def _inputs(case, dtype):
+    """(block, lo_off, hi_off, inv_freq, interleaved, q, k, v, key_lengths) of CASES[case],
+    fresh random q / k / v."""
     kind, B, Hq, Hk, Nq, Nk, D, rope, klen, q_offset, k_offset, gated = CASES[case]
     block, lo, hi = _mask(kind)
     rope = {None: None, "neox": Rope(D), "partial": Rope(D // 2),
@@ -57,6 +57,14 @@ def test_triton_bias_forward_backward_matches_reference(case, dtype):
     k = torch.randn(B, Hk, Nk, D, device=_DEV, dtype=dtype)
     v = torch.randn(B, Hk, Nk, D, device=_DEV, dtype=dtype)
     kl = None if klen is None else torch.tensor(klen, dtype=torch.int32, device=_DEV)
+    return block, lo, hi, inv, il, q, k, v, kl
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_triton_bias_forward_backward_matches_reference(case, dtype):
+    kind, B, Hq, Hk, Nq, Nk, D, rope, klen, q_offset, k_offset, gated = CASES[case]
+    block, lo, hi, inv, il, q, k, v, kl = _inputs(case, dtype)
     r_min, r_max = relative_offsets(Nq, Nk, block=block, lo_off=lo, hi_off=hi,
                                     q_offset=q_offset, k_offset=k_offset)
     r0 = r_min - 1
@@ -157,15 +165,7 @@ def test_vectorised_bias_layout_matches_plain_gather(case, monkeypatch):
     same floats are added in the same order), across offsets, padding, GQA, RoPE; and the
     layout puts a (t, y) entry where the kernel reads it."""
     kind, B, Hq, Hk, Nq, Nk, D, rope, klen, q_offset, k_offset, gated = CASES[case]
-    block, lo, hi = _mask(kind)
-    rope = {None: None, "neox": Rope(D), "partial": Rope(D // 2),
-            "interleaved": Rope(D, interleaved=True)}[rope]
-    inv = None if rope is None else rope.inv_freq(_DEV)
-    il = False if rope is None else rope.interleaved
-    q = torch.randn(B, Hq, Nq, D, device=_DEV)
-    k = torch.randn(B, Hk, Nk, D, device=_DEV)
-    v = torch.randn(B, Hk, Nk, D, device=_DEV)
-    kl = None if klen is None else torch.tensor(klen, dtype=torch.int32, device=_DEV)
+    block, lo, hi, inv, il, q, k, v, kl = _inputs(case, torch.float32)
     r_min, r_max = relative_offsets(Nq, Nk, block=block, lo_off=lo, hi_off=hi,
                                     q_offset=q_offset, k_offset=k_offset)
     rel = torch.randn(Hq, r_max - r_min + 3, device=_DEV)

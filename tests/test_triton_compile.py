@@ -181,18 +181,10 @@ def _attention_cases(matrix):
         yield ("fp16", 64, "none", False, False, False)
 
 
-@contextlib.contextmanager
 def _env(**values):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    """benchmarks._common.temp_env (the repo root is on sys.path by then: main() puts it there)."""
+    from benchmarks._common import temp_env
+    return temp_env(**values)
 
 
 def _run_attention(rec, matrix):
