@@ -11,12 +11,18 @@ wav2vec2-base-sized layer (H=12, D=64, 4 queries over a 257-entry ring) is timed
 scale. Prints medians of 7 repeats in microseconds per call; writes nothing. Needs triton
 installed (no GPU: no kernel runs). Then the interval attention forward's host cost on the eager
 fast path vs through its registered triton_op (launches stubbed; ``_interval_attention``).
+Last, the same call with Triton's own launch path included (``_triton_launch_path``): a stand-in
+driver (sm_90 target, stream 0) lets triton's JITFunction.run bind, specialise and look up the
+kernel as on a GPU; only the compile (a stand-in kernel is cached) and the C launcher (a no-op)
+are left out; forward and forward+backward, RoPE off and on (the table mode at band(50,3)).
 """
 import argparse
 import statistics
 import time
 
 import torch
+
+from benchmarks._common import temp_env
 
 
 def _per_call_us(fn, calls):
@@ -53,6 +59,7 @@ def main(argv=None):
     print(f"dispatcher overhead:          {op - direct:8.1f} us/call")
     print(f"reference decode step (CPU):  {ref:8.1f} us/call (for scale)")
     _interval_attention(args.calls // 20)
+    _triton_launch_path(args.calls // 40)
 
 
 def _interval_attention(calls):
@@ -100,6 +107,77 @@ def _interval_attention(calls):
                 os.environ[name] = val
     for label, us in res.items():
         print(f"interval attention fwd, {label + ':':22s}{us:8.1f} us/call (launches stubbed)")
+
+
+def _triton_launch_path(calls):
+    """Host cost per call of the eager Triton path with triton's JITFunction.run included
+    (module docstring). Run last: it replaces triton's active driver for the process."""
+    import os
+
+    import pyencoder
+    from pyencoder import _backend
+    from pyencoder.ops import _attention_triton as A
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    class _Driver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    class _Kernel:
+        function, packed_metadata = 0, ()
+
+        def launch_metadata(self, grid, stream, *args):
+            return None
+
+        def run(self, *args):
+            return None
+    stand_in = _Kernel()
+
+    def do_compile(fn, key, signature, device, constexprs, options, attrs, warmup):
+        fn.device_caches[device][0][key] = stand_in
+        return stand_in
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("triton launch path: skipped (TRITON_INTERPRET=1 has no JITFunction.run)")
+        return
+    saved = (_backend.select, A._interpret, A._arch, JITFunction._do_compile)
+    active = driver._active         # None here (no GPU driver), set lazily on a GPU machine
+    driver.set_active(_Driver())
+    _backend.select = lambda *a, **k: "triton"
+    A._interpret, A._arch = (lambda: False), (lambda device: "sm90")
+    JITFunction._do_compile = do_compile
+    try:
+        with temp_env(PYENCODER_TRITON_AUTOTUNE="0", PYENCODER_EAGER_FASTPATH="1"):
+            q, k, v = (torch.randn(8, 12, 1500, 64, dtype=torch.bfloat16, requires_grad=True)
+                       for _ in range(3))
+            dout = torch.randn_like(q)
+            for rope in (None, pyencoder.Rope(64)):
+                def fwd():
+                    return pyencoder.ops.banded_attention(q, k, v, left=50, right=3, rope=rope,
+                                                          backend="triton")
+
+                def fwd_nograd():
+                    with torch.no_grad():
+                        return fwd()
+
+                def fwdbwd():
+                    return torch.autograd.grad(fwd(), (q, k, v), dout)
+                tag = "RoPE" if rope is not None else "no RoPE"
+                f = _per_call_us(fwd_nograd, max(100, calls))
+                fb = _per_call_us(fwdbwd, max(50, calls // 2))
+                print(f"interval attention band(50,3) {tag + ',':8s} triton launch path: "
+                      f"fwd {f:8.1f} us/call  fwd+bwd {fb:8.1f} us/call (compile and C launcher "
+                      f"left out)")
+    finally:
+        _backend.select, A._interpret, A._arch, JITFunction._do_compile = saved
+        driver._active = active
 
 
 if __name__ == "__main__":

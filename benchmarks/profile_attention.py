@@ -21,7 +21,10 @@ time.
 Rows (one per case, appended as measured): bench "profile_attention", case, mode (fwd | fwdbwd),
 mask, rope, B, H, D, N, dtype, calls, host_us, kernel_us, ms, p20_ms, p80_ms, graph_ms, top_ops
 (the 10 entries with most time: name, calls, cpu_us, cuda_us (None on CPU); totals over the
-profiled calls, us), trace (the chrome trace's path with ``--trace``, else None). Written to
+profiled calls, us), host_profile (cProfile over the host_us calls: the 25 Python functions with
+most own time, per call: func, calls, self_us, cum_us; which of pyencoder's launch path, torch's
+autograd and Triton's launcher the host time goes to), trace (the chrome trace's path with
+``--trace``, else None). Written to
 <results root>/<device>/profile_attention.jsonl; ``--trace`` also exports one chrome trace per case
 there (profile_attention_<case>_<run_id>.json). ``--max-seconds``: no new case after that many
 seconds (the first case always runs; the case running finishes). On an H100 with the kernels in the Triton cache the whole run
@@ -44,6 +47,7 @@ CASES = (("band(50,3)-no-rope", ("band", 50, 3), False),
          ("band(None,0)-no-rope", ("band", None, 0), False))
 MODES = ("fwd", "fwdbwd")
 TOP_OPS = 10
+HOST_TOP = 25
 
 
 def _attr(e, *names):
@@ -91,6 +95,36 @@ def top_ops(averages, cuda, k=TOP_OPS):
     return rows[:k]
 
 
+def host_profile(fn, calls, sync, k=HOST_TOP):
+    """Where the host time of one call goes, by Python function: ``fn`` run ``calls`` times
+    under cProfile (one synchronize at the end), the ``k`` functions with most own time. Rows:
+    func ("file:line(name)", the file's last two path parts), calls, self_us and cum_us, each
+    per call of ``fn``. cProfile's own cost inflates every figure (about 1.5-2x here): read the
+    shares, not the absolute values. Prints them."""
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    sync()
+    st = pstats.Stats(prof)
+    rows = []
+    for (path, line, name), (cc, nc, tt, ct, _) in st.stats.items():
+        short = "/".join(path.replace("\\", "/").split("/")[-2:])
+        rows.append({"func": f"{short}:{line}({name})", "calls": nc / calls,
+                     "self_us": tt / calls * 1e6, "cum_us": ct / calls * 1e6})
+    rows.sort(key=lambda r: -r["self_us"])
+    total = sum(r["self_us"] for r in rows)
+    print(f"host profile (cProfile, {calls} calls): {total:.0f} us/call in Python and the C "
+          f"calls it makes; top {k} by own time:", flush=True)
+    for r in rows[:k]:
+        print(f"  {r['self_us']:8.1f} us self {r['cum_us']:8.1f} us cum {r['calls']:6.1f}x  "
+              f"{r['func']}", flush=True)
+    return rows[:k]
+
+
 def _case_fn(mode, fwd, leaves, dout):
     if mode == "fwd":
         def run():
@@ -135,6 +169,7 @@ def profile_case(label, m, rope, mode, B, H, D, n, dtype, device, cfg, trace_dir
     print(avg.table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=15),
           flush=True)
     row["host_us"] = host_us(fn, calls=cfg["host_calls"], repeats=cfg["host_repeats"])
+    row["host_profile"] = host_profile(fn, cfg["host_calls"], sync)
     row["kernel_us"] = kernel_us(avg, cfg["calls"]) if cuda else None
     t = bench(fn, cfg["bench_warmup"], cfg["bench_rep"])
     row["ms"], row["p20_ms"], row["p80_ms"] = t["median_ms"], t["p20_ms"], t["p80_ms"]

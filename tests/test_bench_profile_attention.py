@@ -34,6 +34,7 @@ def test_dry_run_end_to_end(tmp_path):
     want = [f"{label}-{mode}" for label, _, _ in pa.CASES for mode in pa.MODES]
     assert [r["case"] for r in rows] == want
     assert "Self CPU time total" in out                 # the profiler tables were printed
+    assert out.count("host profile (cProfile") == len(rows)
     for r in rows:
         assert r["bench"] == "profile_attention" and r["provider"] == "pyencoder-triton"
         assert (r["B"], r["H"], r["D"], r["N"], r["dtype"]) == (1, 2, 16, 24, "float32")
@@ -48,6 +49,11 @@ def test_dry_run_end_to_end(tmp_path):
         for op in r["top_ops"]:
             assert op["calls"] >= 1 and op["cpu_us"] >= 0 and op["cuda_us"] is None
         assert os.path.isfile(r["trace"]) and r["trace"].startswith(str(tmp_path))
+        # the host time by Python function: pyencoder's launch path among the top entries
+        hp = r["host_profile"]
+        assert 1 <= len(hp) <= pa.HOST_TOP
+        assert [h["self_us"] for h in hp] == sorted((h["self_us"] for h in hp), reverse=True)
+        assert all(h["calls"] > 0 and h["cum_us"] >= h["self_us"] >= 0 for h in hp)
         assert f"-- {r['case']}: host " in out
     assert [(r["mask"], r["rope"]) for r in rows[::2]] == \
         [("band(50, 3)", False), ("band(50, 3)", True), ("band(None, 0)", False)]

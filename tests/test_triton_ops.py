@@ -308,3 +308,34 @@ def test_direct_path_without_autograd(monkeypatch):
     xg = x.clone().requires_grad_(True)
     causal_conv1d(xg, w, b, groups=4, activation="silu", backend="triton").sum().backward()
     assert seen == [C.forward_op.name] and xg.grad is not None
+
+
+def test_launch_fake_check_matches_torch_is_fake():
+    """The launcher's cheap fakeness check (pyencoder.ops._triton_op._maybe_fake: plain tensors
+    short-circuit, everything else goes to torch's is_fake) agrees with torch's is_fake on real,
+    fake, parameter, functional and functorch-wrapped tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+    from torch._subclasses.functional_tensor import FunctionalTensorMode, FunctionalTensor
+
+    from pyencoder.ops._triton_op import _any_fake, _maybe_fake
+    real = torch.randn(3, 4)
+    seen = []
+    cases = [real, torch.nn.Parameter(torch.randn(2)), real[:, 1:], torch.randn(0)]
+    with FakeTensorMode() as mode:
+        fake = torch.randn(3, 4)
+        cases += [fake, torch.nn.Parameter(torch.randn(2)), mode.from_tensor(real)]
+        with FunctionalTensorMode():
+            cases.append(FunctionalTensor.to_functional(fake))
+    cases.append(torch._to_functional_tensor(real))
+
+    def probe(x):
+        seen.append((is_fake(x), _maybe_fake(x)))
+        return x.sin()
+    torch.func.vmap(probe)(real)
+    torch.func.grad(lambda x: probe(x).sum())(real)
+    for t in cases:
+        seen.append((is_fake(t), _maybe_fake(t)))
+    assert [a for a, _ in seen] == [b for _, b in seen]
+    assert sum(a for a, _ in seen) >= 4     # the fake cases are there
+    assert not _any_fake((real, 1, None), {"X": real})
+    assert _any_fake((real, 1), {"X": cases[4]}) and _any_fake((cases[4],), {})

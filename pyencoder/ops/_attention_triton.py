@@ -93,11 +93,18 @@ def _autotune_enabled():
     return _autotune_mode() != "0"
 
 
+_ARCH = {}      # cuda device -> its row of the default table (a capability query per launch else)
+
+
 def _arch(device):
     """Row of the default table: "sm90" for compute capability >= 9, else "sm80"."""
     if device.type != "cuda":
         return "sm80"
-    return "sm90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm80"
+    row = _ARCH.get(device)
+    if row is None:
+        row = _ARCH[device] = \
+            "sm90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm80"
+    return row
 
 
 _ROPE_TABLE_MODES = ("auto", "0", "1")
@@ -462,11 +469,26 @@ def _bias_args(rel_bias, gate, rel_offset):
                 HAS_BIAS=True, HAS_GATE=g is not None)
 
 
+_DUMMIES = {}    # (device, dtype) -> a 1-element tensor: the pointer of an argument never read
+
+
+def _dummy(q, dtype):
+    """A 1-element ``dtype`` tensor on q's device for a pointer argument the kernel never reads
+    (its constexpr switch is off). Cached per device for plain tensors (one allocation less per
+    argument and call on the host path); traced / fake / wrapped tensors get a fresh one."""
+    if type(q) is not torch.Tensor or torch.compiler.is_compiling():
+        return torch.empty(1, dtype=dtype, device=q.device)
+    key = (q.device, dtype)
+    t = _DUMMIES.get(key)
+    if t is None:
+        t = _DUMMIES[key] = torch.empty(1, dtype=dtype, device=q.device)
+    return t
+
+
 def _aux(q, inv_freq, key_lengths):
-    dummy = torch.empty(1, dtype=torch.float32, device=q.device)
-    freq = dummy if inv_freq is None or inv_freq.numel() == 0 else \
+    freq = _dummy(q, torch.float32) if inv_freq is None or inv_freq.numel() == 0 else \
         inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
-    klen = torch.empty(1, dtype=torch.int32, device=q.device) if key_lengths is None else \
+    klen = _dummy(q, torch.int32) if key_lengths is None else \
         key_lengths.to(device=q.device, dtype=torch.int32).contiguous()
     return freq, klen
 
@@ -476,7 +498,7 @@ def _rope_tables(q, inv_freq, Nq, Nk, q_offset, k_offset, win=None):
     position p, for every position of the call, or dummies when the kernels compute cos/sin."""
     enabled = _rope_table_enabled(win)
     if inv_freq is None or inv_freq.numel() == 0 or not enabled:
-        dummy = torch.empty(1, dtype=torch.float32, device=q.device)
+        dummy = _dummy(q, torch.float32)
         return dummy, dummy, 0, False
     # the base is an int the kernels specialise on (== 1, divisible by 16): moved down to 5 mod 16
     # (up to 15 rows more, negative positions included) every call shares one compiled kernel,

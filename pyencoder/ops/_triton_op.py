@@ -32,6 +32,7 @@ the whole-op graph, not the decomposition into kernels: that one is checked on a
 import os
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = ["triton_op", "launch", "interpreting", "next_pow2", "cdiv", "block_size"]
 
@@ -55,10 +56,26 @@ def block_size(n, lo, hi):
     return min(hi, max(lo, next_pow2(n)))
 
 
-def _any_fake(args, kwargs):
+def _maybe_fake(t):
+    """Whether tensor `t` is fake, cheaply for the common case: a plain ``torch.Tensor`` that is
+    neither a functionalization nor a functorch wrapper is real (FakeTensor, FunctionalTensor and
+    the other traceable wrappers are subclasses), so torch's ``is_fake`` (several isinstance
+    checks and a flatten per tensor, most of a launch's host cost here) only runs for the rest."""
+    if (type(t) is torch.Tensor and not torch._is_functional_tensor(t)
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t)):
+        return False
     from torch._subclasses.fake_tensor import is_fake
-    return any(isinstance(a, torch.Tensor) and is_fake(a)
-               for a in (*args, *kwargs.values()))
+    return is_fake(t)
+
+
+def _any_fake(args, kwargs):
+    for a in args:
+        if isinstance(a, torch.Tensor) and _maybe_fake(a):
+            return True
+    for a in kwargs.values():
+        if isinstance(a, torch.Tensor) and _maybe_fake(a):
+            return True
+    return False
 
 
 class _Launch:
@@ -71,7 +88,6 @@ class _Launch:
         return _Launch(self.kernel, grid)
 
     def __call__(self, *args, **kwargs):
-        from torch.utils._python_dispatch import _get_current_dispatch_mode
         fake = _any_fake(args, kwargs)
         if interpreting():
             if fake:
