@@ -336,6 +336,11 @@ class Session:
         os.makedirs(os.path.join(self.work, "site"), exist_ok=True)
         self.logdir = os.path.join(self.work, "logs")
         self.triton_cache_dir = os.path.join(self.work, "triton-cache")
+        self.inductor_cache_dir = os.path.join(self.work, "inductor-cache")
+        # the Triton entries not to bring back: those there at the start (a warm machine's
+        # earlier call returned them) and, after setup, every carried one (device/ included)
+        self.carried = set(triton_cache_entries(self.triton_cache_dir))
+        self._packed = None
         self.session_log = open(os.path.join(self.out, "session.log"), "w")
         self.env = self._env()
         import importlib.util
@@ -350,6 +355,8 @@ class Session:
         env["PYENCODER_RESULTS_DIR"] = os.path.join(self.work, "results")
         # kept between calls on a warm machine: a second call reuses the first one's compiles
         env["TRITON_CACHE_DIR"] = self.triton_cache_dir
+        # Inductor's FX graph and AOTAutograd caches (its Triton kernels go to TRITON_CACHE_DIR)
+        env["TORCHINDUCTOR_CACHE_DIR"] = self.inductor_cache_dir
         site = os.path.join(self.work, "site")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (site, ROOT, env.get("PYTHONPATH")) if p)
         if not self.args.autotune:
@@ -409,7 +416,13 @@ class Session:
             tc = self.summary["setup"].get("triton_cache")
             if isinstance(tc, dict):
                 self.say(f"  triton cache: {tc.get('verdict')} ({tc.get('installed', 0)} entries)")
+                dev = tc.get("device_cache") or {}
+                if dev.get("carried"):
+                    self.say(f"  device compiles of earlier calls: {dev.get('verdict')} "
+                             f"({dev.get('installed', 0)} Triton entries, "
+                             f"{dev.get('inductor_files', 0)} Inductor files)")
             before = set(triton_cache_entries(self.triton_cache_dir))   # the carried ones
+            self.carried |= before
         self._count_compiles(rec, before)
         self.say(f"stage {name}: {status} in {rec['seconds']} s")
         return rec
@@ -470,7 +483,58 @@ class Session:
             if NAME_OK.match(slug) and os.path.isdir(os.path.join(res, slug)):
                 _atomic_tar(os.path.join(self.out, f"results-{slug}.tgz"),
                             os.path.join(res, slug), slug)
+        self.pack_device_cache()
         self.session_log.flush()
+
+    def pack_device_cache(self):
+        """$OUT/device-cache.tgz: the Triton entries compiled here (not carried) and Inductor's
+        FX graph / AOTAutograd cache files, for the next call to carry (python -m
+        benchmarks.triton_cache merge). Packed only when either changed since the last pack."""
+        from benchmarks import triton_cache as tc
+        try:
+            new = frozenset(k for k in triton_cache_entries(self.triton_cache_dir)
+                            if k not in self.carried)
+            ind = tc.inductor_files(self.inductor_cache_dir)
+            sig = (new, tuple(sorted(ind.items())))
+            if (not new and not ind) or sig == self._packed:
+                return None
+            info = self._device_cache_info()
+            got = tc.pack_device_cache(self.triton_cache_dir, self.carried,
+                                       self.inductor_cache_dir,
+                                       os.path.join(self.out, tc.DEVICE_ARCHIVE), info,
+                                       os.path.join(self.work, "device-cache-staging"))
+        except Exception as e:  # never costs the session more than this message
+            self.say(f"  device cache: not packed ({type(e).__name__}: {e})")
+            self.summary["device_cache"] = {"error": f"{type(e).__name__}: {e}"}
+            return None
+        self._packed = sig
+        self.summary["device_cache"] = {k: got.get(k) for k in (
+            "entries", "inductor_files", "bytes", "pack_s", "dropped_entries",
+            "dropped_kernels", "inductor_dropped")}
+        dropped = (f"; over the cap: dropped the {got['dropped_entries']} largest entries "
+                   f"({json.dumps(got['dropped_kernels'])})" if got["dropped_entries"] else "")
+        if got.get("inductor_dropped"):
+            dropped += f"; Inductor files dropped ({got['inductor_dropped']})"
+        self.say(f"  device cache: {got['entries']} Triton entries compiled here, "
+                 f"{got['inductor_files']} Inductor cache files -> {tc.DEVICE_ARCHIVE} "
+                 f"({got['bytes'] / 2**20:.2f} MiB) in {got['pack_s']:.2f} s{dropped}")
+        return got
+
+    def _device_cache_info(self):
+        setup = self.summary.get("setup") or {}
+        tcache = setup.get("triton_cache") if isinstance(setup.get("triton_cache"), dict) else {}
+        facts = tcache.get("device")
+        source = "setup (the device's target)"
+        if not facts:
+            try:
+                from benchmarks import triton_cache as tc
+                facts, source = tc.key_facts(), "the driver (target assumed: sm_90)"
+            except Exception as e:
+                facts, source = None, f"unknown ({type(e).__name__}: {e})"
+        return {"key_facts": facts, "key_facts_from": source, "gpu": setup.get("gpu"),
+                "torch": setup.get("torch"), "run_id": setup.get("run_id"),
+                "commit": setup.get("commit"), "dry_run": self.dry,
+                "packed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def run(self):
         selected = set(self.args.stages or [s[0] for s in STAGES])
@@ -577,9 +641,11 @@ def setup_triton_cache(work, carried):
     mismatched cache (that only costs the compiles); exit 0 unless the report cannot be made."""
     from benchmarks import triton_cache
     cache_dir = os.environ.get("TRITON_CACHE_DIR") or os.path.join(work, "triton-cache")
+    inductor_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(work,
+                                                                               "inductor-cache")
     path = os.path.join(work, "triton_cache.json")
     try:
-        triton_cache.setup(carried, cache_dir, path)
+        triton_cache.setup(carried, cache_dir, path, inductor_dir)
     except Exception as e:  # no triton, a broken cache: report, compile as usual
         print(f"triton cache: not installed ({type(e).__name__}: {e}); compiling", flush=True)
         _atomic_json(path, {"verdict": f"not installed: {type(e).__name__}: {e}",
