@@ -340,6 +340,7 @@ class Session:
         # the Triton entries not to bring back: those there at the start (a warm machine's
         # earlier call returned them) and, after setup, every carried one (device/ included)
         self.carried = set(triton_cache_entries(self.triton_cache_dir))
+        self.inductor_carried = self._inductor_files()
         self._packed = None
         self.session_log = open(os.path.join(self.out, "session.log"), "w")
         self.env = self._env()
@@ -423,6 +424,7 @@ class Session:
                              f"{dev.get('inductor_files', 0)} Inductor files)")
             before = set(triton_cache_entries(self.triton_cache_dir))   # the carried ones
             self.carried |= before
+            self.inductor_carried.update(self._inductor_files())
         self._count_compiles(rec, before)
         self.say(f"stage {name}: {status} in {rec['seconds']} s")
         return rec
@@ -494,7 +496,8 @@ class Session:
         try:
             new = frozenset(k for k in triton_cache_entries(self.triton_cache_dir)
                             if k not in self.carried)
-            ind = tc.inductor_files(self.inductor_cache_dir)
+            ind = {k: v for k, v in self._inductor_files().items()
+                   if self.inductor_carried.get(k) != v}
             sig = (new, tuple(sorted(ind.items())))
             if (not new and not ind) or sig == self._packed:
                 return None
@@ -502,7 +505,8 @@ class Session:
             got = tc.pack_device_cache(self.triton_cache_dir, self.carried,
                                        self.inductor_cache_dir,
                                        os.path.join(self.out, tc.DEVICE_ARCHIVE), info,
-                                       os.path.join(self.work, "device-cache-staging"))
+                                       os.path.join(self.work, "device-cache-staging"),
+                                       inductor_carried=self.inductor_carried)
         except Exception as e:  # never costs the session more than this message
             self.say(f"  device cache: not packed ({type(e).__name__}: {e})")
             self.summary["device_cache"] = {"error": f"{type(e).__name__}: {e}"}
@@ -519,6 +523,10 @@ class Session:
                  f"{got['inductor_files']} Inductor cache files -> {tc.DEVICE_ARCHIVE} "
                  f"({got['bytes'] / 2**20:.2f} MiB) in {got['pack_s']:.2f} s{dropped}")
         return got
+
+    def _inductor_files(self):
+        from benchmarks import triton_cache as tc
+        return tc.inductor_files(self.inductor_cache_dir)
 
     def _device_cache_info(self):
         setup = self.summary.get("setup") or {}

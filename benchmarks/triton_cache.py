@@ -313,7 +313,7 @@ def inductor_files(inductor_dir):
 def _tar_files(path, base, names):
     with tarfile.open(path + ".tmp", "w:gz") as t:
         for n in sorted(names):
-            t.add(os.path.join(base, n), arcname=n, recursive=False)
+            t.add(os.path.join(base, n), arcname=n)
     os.replace(path + ".tmp", path)
     return os.path.getsize(path)
 
@@ -323,13 +323,14 @@ def _entry_bytes(d):
 
 
 def pack_device_cache(cache_dir, carried, inductor_dir, dest, info, scratch,
-                      limit=DEVICE_CACHE_LIMIT):
+                      limit=DEVICE_CACHE_LIMIT, inductor_carried=None):
     """Write `dest` (a gzip tar: entries.tgz, inductor.tgz, device_cache_info.json) with the
     entries of the live Triton cache `cache_dir` that are not in `carried` (copied to `scratch`
     and pruned there: the live folder keeps its files) and the Inductor cache files a later call
-    hits (inductor_files). Over `limit` bytes, the largest Triton entries go first, then the
-    Inductor archive; `info` (key facts, GPU, versions, run) gets the counts and what was dropped.
-    Returns the info written."""
+    hits (inductor_files) that are not in `inductor_carried` ({path: (size, mtime_ns)} as
+    installed). Over `limit` bytes the largest Triton entries go first (the Inductor archive
+    only when it alone cannot fit); `info` (key facts, GPU, versions, run) gets the counts and
+    what was dropped. Returns the info written."""
     t0 = time.monotonic()
     shutil.rmtree(scratch, ignore_errors=True)
     stage = os.path.join(scratch, "entries")
@@ -342,7 +343,8 @@ def pack_device_cache(cache_dir, carried, inductor_dir, dest, info, scratch,
             shutil.rmtree(os.path.join(stage, key), ignore_errors=True)
     prune(stage)
     sizes = {k: _entry_bytes(os.path.join(stage, k)) for k in entries(stage)}
-    ind = inductor_files(inductor_dir)
+    ind = {k: v for k, v in inductor_files(inductor_dir).items()
+           if (inductor_carried or {}).get(k) != v}
     ind_path = os.path.join(scratch, INDUCTOR_ARCHIVE)
     ind_bytes = _tar_files(ind_path, inductor_dir, ind) if ind else 0
     info = dict(info)
