@@ -11,6 +11,9 @@ Stages, in order of value (name: timeout in s on a GPU):
      csrc/ (else build it there with 16 jobs), install the carried Triton cache .triton-cache/
      into <work>/triton-cache (TRITON_CACHE_DIR of every stage) and compare its key facts with
      the device's Triton ("cache key matches" or "mismatch: compiling"; benchmarks/triton_cache.py),
+     then the device compiles of earlier calls it carries (.triton-cache/device/: Triton entries
+     there too, Inductor's FX graph / AOTAutograd files into <work>/inductor-cache,
+     TORCHINDUCTOR_CACHE_DIR of every stage),
      `python -m pyencoder info`, versions, GPU name and measured copy bandwidth;
   2. profile (25): benchmarks.profile_attention, where one attention call's time goes (host
      launch path vs kernels: torch.profiler, per-call host time, CUDA-graph replay);
@@ -43,16 +46,25 @@ A stage runs only while the total budget lasts; each command of a stage runs in 
 group, killed as a group (SIGTERM, then SIGKILL) when the stage's time or the budget runs out.
 The Triton autotuner is pinned (PYENCODER_TRITON_AUTOTUNE=0: one compile per kernel variant)
 unless --autotune. Every stage records in summary.json the Triton cache entries it added
-(`triton_cache_new`, by kernel name): each is a compile, i.e. a miss of the carried cache.
+(`triton_cache_new`, by kernel name): each is a compile, i.e. a miss of the carried cache (the
+entries setup installed, device/'s included, count as carried).
 
-$OUT (at most 8 files come back, 16 MiB each, names [A-Za-z0-9._-]; this writes 4):
+$OUT (at most 8 files come back, 16 MiB each, names [A-Za-z0-9._-]; this writes 5):
   session.log                  this driver's log, each stage's log appended (capped per stage)
   summary.json                 per stage: status (ok, failed, timeout, skipped), rc per command,
                                seconds; setup facts (versions, GPU, copy bandwidth, extension)
   logs.tgz                     every stage's full log and pytest junit XML
   results-<device-slug>.tgz    the benchmark JSON lines, <device-slug>/<name>.jsonl
                                (PYENCODER_RESULTS_DIR=<work>/results for every stage)
-All four are rewritten after every stage. Exit status: 0 when every stage that ran passed.
+  device-cache.tgz             what this call compiled, for the next call to carry (merge it:
+                               python -m benchmarks.triton_cache merge): the Triton entries not
+                               carried (pruned copies), Inductor's new FX graph / AOTAutograd
+                               files, device_cache_info.json (key facts, GPU, torch, run, counts);
+                               written only when one of them changed since the last pack (the
+                               seconds it took are logged), at most 15 MiB (largest entries
+                               dropped first, logged)
+All five are rewritten after every stage (device-cache.tgz only on change). Exit status: 0 when
+every stage that ran passed.
 
 --dry-run rehearses the same stages, time boxes and $OUT layout on a CPU machine (~90
 CPU-seconds, 1.5-5 min on a shared 2-core VM; --timeout-scale for slow machines):

@@ -5,6 +5,7 @@ install and check it on the device (benchmarks/gpu_prep.sh step 4, benchmarks/gp
                                             [--jobs N] [--autotune 0|1] [pytest files ...]
     python -m benchmarks.triton_cache verify [--cache .triton-cache] [same selection as build]
     python -m benchmarks.triton_cache facts [--target cuda 90 32]   # this Triton's cache key
+    python -m benchmarks.triton_cache merge <files_at>/device-cache.tgz [--out .triton-cache]
 
 What the cache is: triton.compile files a compiled kernel under
 sha256(get_cache_key(src, backend, options, env)) = triton_key() (Triton's own sources and its
@@ -45,6 +46,26 @@ kernel must load from the cache; a miss is counted by kernel name instead of com
 On the device, install() unpacks the entries into $TRITON_CACHE_DIR with their group files
 rewritten, and compare() says "cache key matches" or "mismatch: compiling" with what differs; a
 mismatch only costs the compiles (the entries are never hit).
+
+The device's own compiles (what the CPU build cannot foresee or make: Inductor's kernels for
+FlexAttention and the compiled anchors, which Inductor generates only on the GPU, and launches
+the capture misses). gpu_session.py runs every stage with TORCHINDUCTOR_CACHE_DIR=
+<work>/inductor-cache beside TRITON_CACHE_DIR (torch 2.11: its FX graph cache is fxgraph/, its
+AOTAutograd cache aotautograd/ there; Inductor's Triton kernels go to TRITON_CACHE_DIR when that
+is set) and, after every stage where something new appeared, writes $OUT/device-cache.tgz
+(pack_device_cache): the Triton entries not carried, copied and pruned as above, as entries.tgz;
+Inductor's fxgraph/, aotautograd/ and *.best_config files (inductor.tgz; not triton/, locks/ or
+the output code a hit regenerates, nor what setup installed); device_cache_info.json (the
+device's key facts, GPU, torch, run, entry counts by kernel); at most DEVICE_CACHE_LIMIT bytes
+(the largest entries dropped first, said in the info and the log).
+merge: keeps such an archive in .triton-cache/device/ (entries.tgz, inductor.tgz, the info),
+in union with what earlier merges left (by entry folder; Inductor files by path, newer wins), when
+its key facts match build_info.json's (else refused, naming the fields); build moves device/
+into its new folder (stale entries, e.g. of an edited kernel, are never hit: harmless; counted),
+and setup installs device/ after the build's entries (group files rewritten, the Inductor files
+unpacked into TORCHINDUCTOR_CACHE_DIR). The FX graph and AOTAutograd keys hold the GPU's name
+(CacheBase.get_system): entries from an H100 miss on an H200, while the Triton entries, keyed by
+the arch (sm_90), hit on both.
 
 Limits: tests that draw random sizes (random chunk splits) launch specialisations that vary per
 run: a few such launches miss on the device (2 conv kernels of ~225 in one replay here); the
@@ -475,10 +496,23 @@ def merge(archive, out):
     with open(os.path.join(dev, DEVICE_INFO) + ".tmp", "w") as f:
         json.dump(merged, f, indent=1)
     os.replace(os.path.join(dev, DEVICE_INFO) + ".tmp", os.path.join(dev, DEVICE_INFO))
+    size = _folder_bytes(out)
     print(f"triton cache merge: {added} new device entries ({len(got)} in {dev}), "
           f"{len(ind_files)} Inductor cache files (FX graph / AOTAutograd; they hit only on a "
-          f"{info.get('gpu')}), from run {info.get('run_id')}", flush=True)
+          f"{info.get('gpu')}), from run {info.get('run_id')}; {out} is now "
+          f"{size / 2**20:.1f} MiB", flush=True)
+    if size > CARRY_SHARE:
+        print(f"triton cache merge: warning: {out} is over {CARRY_SHARE // 2**20} MiB, its share "
+              f"of the call's 64 MiB carry (.prebuilt, .whl and the tree take ~20 MiB): remove "
+              f"{dev} (the device compiles again) or rebuild", flush=True)
     return merged
+
+
+CARRY_SHARE = 44 * 2**20
+
+
+def _folder_bytes(folder):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
 
 
 def install_device(carried, cache_dir, inductor_dir):
