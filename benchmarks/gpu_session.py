@@ -489,6 +489,7 @@ class Session:
 
     def flush_out(self):
         """Rewrite the $OUT files (each via a temporary name, so a cut write leaves the old one)."""
+        self.pack_device_cache()
         self.summary["elapsed_s"] = round(time.monotonic() - self.t0, 1)
         _atomic_json(os.path.join(self.out, "summary.json"), self.summary)
         _atomic_tar(os.path.join(self.out, "logs.tgz"), self.logdir, "logs")
@@ -497,7 +498,6 @@ class Session:
             if NAME_OK.match(slug) and os.path.isdir(os.path.join(res, slug)):
                 _atomic_tar(os.path.join(self.out, f"results-{slug}.tgz"),
                             os.path.join(res, slug), slug)
-        self.pack_device_cache()
         self.session_log.flush()
 
     def pack_device_cache(self):
