@@ -157,8 +157,8 @@ def run(args):
         tail = rec.get("skipped") or rec.get("error") or (
             f"{ms:.4f} ms  {rec['gb_per_s']:.0f} GB/s ({100 * (rec['frac_of_copy'] or 0):.0f}% copy)"
             + host_graph_text(rec))
-        shape = " ".join(f"{k}={rec[k]}" for k in ("B", "C_in", "C", "L", "k", "groups", "stride", "mode")
-                         if k in rec)
+        shape = " ".join(f"{k}={rec[k]}" for k in ("B", "C_in", "C", "L", "k", "groups", "stride",
+                                                   "mode") if k in rec)
         print(f"{rec['suite']:9s} {rec['provider']:17s} {shape:50s} {tail}", flush=True)
 
     if "depthwise" in suites:
