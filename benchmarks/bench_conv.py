@@ -10,7 +10,8 @@ Suites
   reference.
 - grouped: wav2vec2 positional conv, B=8, L in {512, 2048}, (C, groups, k) = (768, 16, 128) and
   (1024, 16, 128); forward and forward+backward. Providers: pyencoder-triton, cudnn, reference.
-- strided: feature-extractor convs, C=512, (k, stride) in {(10, 5), (3, 2), (2, 2)}, forward.
+- strided: feature-extractor convs, C=512 out, (k, stride) in {(10, 5), (3, 2), (2, 2)}, forward;
+  k=10 takes the waveform (C_in=1, wav2vec2's first conv), the others C_in=C (rows carry C_in).
 - update: one new frame for B in {1, 64, 512} streams, C=1024, widths {4, 31}.
 Suites run in the order depthwise, strided, update, grouped (the most valuable rows first: a run
 cut short, or stopped by --max-seconds, keeps them). --quick on a GPU: depthwise C=768, widths
@@ -156,8 +157,8 @@ def run(args):
         tail = rec.get("skipped") or rec.get("error") or (
             f"{ms:.4f} ms  {rec['gb_per_s']:.0f} GB/s ({100 * (rec['frac_of_copy'] or 0):.0f}% copy)"
             + host_graph_text(rec))
-        shape = " ".join(f"{k}={rec[k]}" for k in ("B", "C", "L", "k", "groups", "stride", "mode")
-                         if k in rec)
+        shape = " ".join(f"{k}={rec[k]}" for k in ("B", "C_in", "C", "L", "k", "groups", "stride",
+                                                   "mode") if k in rec)
         print(f"{rec['suite']:9s} {rec['provider']:17s} {shape:50s} {tail}", flush=True)
 
     if "depthwise" in suites:
@@ -193,13 +194,13 @@ def run(args):
             if out_of_time():
                 return records
             C = 512 if gpu else 32
-            Cin = 1 if (k == 10 and not gpu) else C
+            Cin = 1 if k == 10 else C     # wav2vec2's first conv takes the waveform (1 channel)
             x = torch.randn(B, Cin, L, device=dev, dtype=dtype)
             w = torch.randn(C, Cin, k, device=dev, dtype=dtype) / (Cin * k) ** 0.5
             for prov in providers:
                 fn = _provider_fn(prov, x, w, None, s, 1)
-                emit(_record("strided", prov, dict(B=B, C=C, L=L, k=k, groups=1, stride=s,
-                                                   mode="fwd"),
+                emit(_record("strided", prov, dict(B=B, C=C, C_in=Cin, L=L, k=k, groups=1,
+                                                   stride=s, mode="fwd"),
                              dtype, fn, _bytes(x, w, B * C * (L // s)), copy_bw, warmup, rep))
     if "update" in suites:
         from pyencoder.ops import causal_conv1d_update

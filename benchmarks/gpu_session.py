@@ -16,7 +16,9 @@ Stages, in order of value (name: timeout in s on a GPU):
      TORCHINDUCTOR_CACHE_DIR of every stage),
      `python -m pyencoder info`, versions, GPU name and measured copy bandwidth;
   2. profile (25): benchmarks.profile_attention, where one attention call's time goes (host
-     launch path vs kernels: torch.profiler, per-call host time, CUDA-graph replay);
+     launch path vs kernels: torch.profiler, per-call host time by Python function, CUDA-graph
+     replay), then benchmarks.bench_dispatch_overhead (CPU tensors, stand-in launches: the
+     device CPU's speed on the host path, against this repository's CPU machine);
   3. attention_table (150): bench_attention at wav2vec2-base (B=8, H=12, D=64), bf16, the four
      headline masks (TABLE_MASKS), fwd, bwd, fwd+bwd (+ host time and graph forward time):
      pyencoder-triton in its three RoPE modes at N = 1500, 3000, then Flex at N=1500 (RoPE off),
@@ -203,8 +205,14 @@ def plan_profile(ctx):
     graph replay): the ~0.3 ms per-call floor the first session's logs showed."""
     if ctx["dry"]:
         return [("profile-attention", _py("-m", "benchmarks.profile_attention", "--dry-run"), {})]
+    # then the CPU-only host microbenchmark this repository's CPU machine also runs (stand-in
+    # launches and driver, CPU tensors): the same Python path timed on both machines says how
+    # much of the device's host time is its CPU (the H100 call measured 250-360 us per forward
+    # against ~85 us for that path here)
     return [("profile-attention", _py("-m", "benchmarks.profile_attention", "--max-seconds",
-                                      "18"), {})]
+                                      "16"), {}),
+            ("dispatch-overhead", _py("-m", "benchmarks.bench_dispatch_overhead", "--calls",
+                                      "1000"), {})]
 
 
 def plan_attention_table(ctx):

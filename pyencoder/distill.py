@@ -100,7 +100,17 @@ def hidden_state_loss(student_hidden, teacher_hidden, weights="uniform", lengths
     n = len(student_hidden)
     w = layer_weights(n, weights)
     ref = student_hidden[0]
+    if ref.dim() != 3:
+        raise ValueError(f"hidden states must be (B, T, E); got shape {tuple(ref.shape)}")
     B, T, E = ref.shape
+    if lengths is not None:
+        lengths = torch.as_tensor(lengths, device=ref.device)
+        if lengths.shape != (B,):
+            # a (1,) or scalar lengths would broadcast over the batch: one slot's length for all
+            raise ValueError(f"lengths must have shape ({B},) (one per batch slot); got "
+                             f"{tuple(lengths.shape)}")
+        if lengths.is_floating_point() or lengths.is_complex():
+            raise ValueError(f"lengths must be integers; got dtype {lengths.dtype}")
     mask = frame_mask(lengths, T, ref.device)
     count = float(B * T) if mask is None else float(mask.sum())
     norm = count if normalizer is None else float(normalizer)
@@ -222,7 +232,7 @@ def distill(student, teacher, data: Iterable, optimizer, *, steps=None, weights=
                                  f"give layers=[(student_index, teacher_index), ...]")
             pairs = [(i, i) for i in range(1, len(s_hs))]
         else:
-            pairs = list(layers)
+            pairs = _layer_pairs(layers, len(s_hs), len(t_hs))
         S = [s_hs[i] for i, _ in pairs]
         Tt = [t_hs[j] for _, j in pairs]
         T = min(S[0].shape[1], Tt[0].shape[1])
@@ -265,6 +275,29 @@ def distill(student, teacher, data: Iterable, optimizer, *, steps=None, weights=
         _progress_line(len(history), total, time.perf_counter() - t_start, history[-1]["loss"],
                        final=True)
     return history
+
+
+def _layer_pairs(layers, n_student, n_teacher):
+    """``layers`` as a list of (student index, teacher index) int pairs, each within its
+    hidden-state tuple (negative indices count from the end, as in Python), or a ValueError that
+    names the offending pair."""
+    pairs = []
+    for pair in layers:
+        ok = isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in pair)
+        if not ok:
+            raise ValueError(f"layers must be (student index, teacher index) int pairs; got "
+                             f"{pair!r}")
+        i, j = pair
+        if not -n_student <= i < n_student or not -n_teacher <= j < n_teacher:
+            raise ValueError(f"layers pair {pair!r} is out of range: the student gives "
+                             f"{n_student} hidden states (indices 0..{n_student - 1}), the "
+                             f"teacher {n_teacher} (0..{n_teacher - 1})")
+        pairs.append((i, j))
+    if not pairs:
+        raise ValueError("layers must name at least one (student index, teacher index) pair; "
+                         "got none")
+    return pairs
 
 
 def _progress_line(n, total, elapsed, loss, final=False):

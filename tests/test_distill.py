@@ -183,3 +183,36 @@ def test_ddp_gloo_matches_single_process():
     assert abs(got["loss"] - hist[0]["loss"]) < 1e-10 * abs(hist[0]["loss"])
     for n, g in ref.items():
         torch.testing.assert_close(got["grads"][n], g, rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_hidden_state_loss_rejects_lengths_that_would_broadcast():
+    """lengths of shape (1,) (or a scalar) would broadcast one slot's length over the batch: a
+    silently wrong loss; it is refused, naming the expected shape. Float lengths are refused."""
+    s = [torch.randn(3, 5, 4)]
+    t = [torch.randn(3, 5, 4)]
+    for bad in (torch.tensor([5]), torch.tensor(5), torch.tensor([[5, 5, 5]])):
+        with pytest.raises(ValueError, match=r"lengths must have shape \(3,\)"):
+            D.hidden_state_loss(s, t, lengths=bad)
+    with pytest.raises(ValueError, match="integers"):
+        D.hidden_state_loss(s, t, lengths=torch.tensor([5.0, 4.0, 3.0]))
+    with pytest.raises(ValueError, match=r"\(B, T, E\)"):
+        D.hidden_state_loss([torch.randn(3, 5)], [torch.randn(3, 5)])
+    # lists and tensors of the right shape keep working, and agree
+    a = D.hidden_state_loss(s, t, lengths=[5, 2, 3])[0]
+    b = D.hidden_state_loss(s, t, lengths=torch.tensor([5, 2, 3]))[0]
+    assert torch.equal(a, b)
+
+
+def test_distill_layers_are_validated():
+    torch.manual_seed(0)
+    teacher = CausalEncoder(tiny(lookahead=None))
+    student = CausalEncoder(tiny(lookahead=1))
+    opt = torch.optim.SGD(student.parameters(), lr=1e-3)
+    batch = _data(1, 2, 400, 1)[0]
+    for layers, match in (([(1, 5)], r"\(1, 5\) is out of range.*teacher 3"),
+                          ([(3, 1)], r"\(3, 1\) is out of range"),
+                          ([(1,)], "int pairs"), ([(1.0, 1)], "int pairs"), ([], "at least one")):
+        with pytest.raises(ValueError, match=match):
+            D.distill(student, teacher, [batch], opt, layers=layers, progress=False)
+    hist = D.distill(student, teacher, [batch], opt, layers=[(-1, -1), (1, 1)], progress=False)
+    assert len(hist) == 1 and len(hist[0]["per_layer"]) == 2
