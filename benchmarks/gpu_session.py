@@ -11,6 +11,9 @@ Stages, in order of value (name: timeout in s on a GPU):
      csrc/ (else build it there with 16 jobs), install the carried Triton cache .triton-cache/
      into <work>/triton-cache (TRITON_CACHE_DIR of every stage) and compare its key facts with
      the device's Triton ("cache key matches" or "mismatch: compiling"; benchmarks/triton_cache.py),
+     then the device compiles of earlier calls it carries (.triton-cache/device/: Triton entries
+     there too, Inductor's FX graph / AOTAutograd files into <work>/inductor-cache,
+     TORCHINDUCTOR_CACHE_DIR of every stage),
      `python -m pyencoder info`, versions, GPU name and measured copy bandwidth;
   2. profile (25): benchmarks.profile_attention, where one attention call's time goes (host
      launch path vs kernels: torch.profiler, per-call host time by Python function, CUDA-graph
@@ -45,16 +48,25 @@ A stage runs only while the total budget lasts; each command of a stage runs in 
 group, killed as a group (SIGTERM, then SIGKILL) when the stage's time or the budget runs out.
 The Triton autotuner is pinned (PYENCODER_TRITON_AUTOTUNE=0: one compile per kernel variant)
 unless --autotune. Every stage records in summary.json the Triton cache entries it added
-(`triton_cache_new`, by kernel name): each is a compile, i.e. a miss of the carried cache.
+(`triton_cache_new`, by kernel name): each is a compile, i.e. a miss of the carried cache (the
+entries setup installed, device/'s included, count as carried).
 
-$OUT (at most 8 files come back, 16 MiB each, names [A-Za-z0-9._-]; this writes 4):
+$OUT (at most 8 files come back, 16 MiB each, names [A-Za-z0-9._-]; this writes 5):
   session.log                  this driver's log, each stage's log appended (capped per stage)
   summary.json                 per stage: status (ok, failed, timeout, skipped), rc per command,
                                seconds; setup facts (versions, GPU, copy bandwidth, extension)
   logs.tgz                     every stage's full log and pytest junit XML
   results-<device-slug>.tgz    the benchmark JSON lines, <device-slug>/<name>.jsonl
                                (PYENCODER_RESULTS_DIR=<work>/results for every stage)
-All four are rewritten after every stage. Exit status: 0 when every stage that ran passed.
+  device-cache.tgz             what this call compiled, for the next call to carry (merge it:
+                               python -m benchmarks.triton_cache merge): the Triton entries not
+                               carried (pruned copies), Inductor's new FX graph / AOTAutograd
+                               files, device_cache_info.json (key facts, GPU, torch, run, counts);
+                               written only when one of them changed since the last pack (the
+                               seconds it took are logged), at most 15 MiB (largest entries
+                               dropped first, logged)
+All five are rewritten after every stage (device-cache.tgz only on change). Exit status: 0 when
+every stage that ran passed.
 
 --dry-run rehearses the same stages, time boxes and $OUT layout on a CPU machine (~90
 CPU-seconds, 1.5-5 min on a shared 2-core VM; --timeout-scale for slow machines):
@@ -344,6 +356,12 @@ class Session:
         os.makedirs(os.path.join(self.work, "site"), exist_ok=True)
         self.logdir = os.path.join(self.work, "logs")
         self.triton_cache_dir = os.path.join(self.work, "triton-cache")
+        self.inductor_cache_dir = os.path.join(self.work, "inductor-cache")
+        # the Triton entries not to bring back: those there at the start (a warm machine's
+        # earlier call returned them) and, after setup, every carried one (device/ included)
+        self.carried = set(triton_cache_entries(self.triton_cache_dir))
+        self.inductor_carried = self._inductor_files()
+        self._packed = None
         self.session_log = open(os.path.join(self.out, "session.log"), "w")
         self.env = self._env()
         import importlib.util
@@ -358,6 +376,8 @@ class Session:
         env["PYENCODER_RESULTS_DIR"] = os.path.join(self.work, "results")
         # kept between calls on a warm machine: a second call reuses the first one's compiles
         env["TRITON_CACHE_DIR"] = self.triton_cache_dir
+        # Inductor's FX graph and AOTAutograd caches (its Triton kernels go to TRITON_CACHE_DIR)
+        env["TORCHINDUCTOR_CACHE_DIR"] = self.inductor_cache_dir
         site = os.path.join(self.work, "site")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (site, ROOT, env.get("PYTHONPATH")) if p)
         if not self.args.autotune:
@@ -417,7 +437,14 @@ class Session:
             tc = self.summary["setup"].get("triton_cache")
             if isinstance(tc, dict):
                 self.say(f"  triton cache: {tc.get('verdict')} ({tc.get('installed', 0)} entries)")
+                dev = tc.get("device_cache") or {}
+                if dev.get("carried"):
+                    self.say(f"  device compiles of earlier calls: {dev.get('verdict')} "
+                             f"({dev.get('installed', 0)} Triton entries, "
+                             f"{dev.get('inductor_files', 0)} Inductor files)")
             before = set(triton_cache_entries(self.triton_cache_dir))   # the carried ones
+            self.carried |= before
+            self.inductor_carried.update(self._inductor_files())
         self._count_compiles(rec, before)
         self.say(f"stage {name}: {status} in {rec['seconds']} s")
         return rec
@@ -470,6 +497,7 @@ class Session:
 
     def flush_out(self):
         """Rewrite the $OUT files (each via a temporary name, so a cut write leaves the old one)."""
+        self.pack_device_cache()
         self.summary["elapsed_s"] = round(time.monotonic() - self.t0, 1)
         _atomic_json(os.path.join(self.out, "summary.json"), self.summary)
         _atomic_tar(os.path.join(self.out, "logs.tgz"), self.logdir, "logs")
@@ -479,6 +507,62 @@ class Session:
                 _atomic_tar(os.path.join(self.out, f"results-{slug}.tgz"),
                             os.path.join(res, slug), slug)
         self.session_log.flush()
+
+    def pack_device_cache(self):
+        """$OUT/device-cache.tgz: the Triton entries compiled here (not carried) and Inductor's
+        FX graph / AOTAutograd cache files, for the next call to carry (python -m
+        benchmarks.triton_cache merge). Packed only when either changed since the last pack."""
+        from benchmarks import triton_cache as tc
+        try:
+            new = frozenset(k for k in triton_cache_entries(self.triton_cache_dir)
+                            if k not in self.carried)
+            ind = {k: v for k, v in self._inductor_files().items()
+                   if self.inductor_carried.get(k) != v}
+            sig = (new, tuple(sorted(ind.items())))
+            if (not new and not ind) or sig == self._packed:
+                return None
+            info = self._device_cache_info()
+            got = tc.pack_device_cache(self.triton_cache_dir, self.carried,
+                                       self.inductor_cache_dir,
+                                       os.path.join(self.out, tc.DEVICE_ARCHIVE), info,
+                                       os.path.join(self.work, "device-cache-staging"),
+                                       inductor_carried=self.inductor_carried)
+        except Exception as e:  # never costs the session more than this message
+            self.say(f"  device cache: not packed ({type(e).__name__}: {e})")
+            self.summary["device_cache"] = {"error": f"{type(e).__name__}: {e}"}
+            return None
+        self._packed = sig
+        self.summary["device_cache"] = {k: got.get(k) for k in (
+            "entries", "inductor_files", "bytes", "pack_s", "dropped_entries",
+            "dropped_kernels", "inductor_dropped")}
+        dropped = (f"; over the cap: dropped the {got['dropped_entries']} largest entries "
+                   f"({json.dumps(got['dropped_kernels'])})" if got["dropped_entries"] else "")
+        if got.get("inductor_dropped"):
+            dropped += f"; Inductor files dropped ({got['inductor_dropped']})"
+        self.say(f"  device cache: {got['entries']} Triton entries compiled here, "
+                 f"{got['inductor_files']} Inductor cache files -> {tc.DEVICE_ARCHIVE} "
+                 f"({got['bytes'] / 2**20:.2f} MiB) in {got['pack_s']:.2f} s{dropped}")
+        return got
+
+    def _inductor_files(self):
+        from benchmarks import triton_cache as tc
+        return tc.inductor_files(self.inductor_cache_dir)
+
+    def _device_cache_info(self):
+        setup = self.summary.get("setup") or {}
+        tcache = setup.get("triton_cache") if isinstance(setup.get("triton_cache"), dict) else {}
+        facts = tcache.get("device")
+        source = "setup (the device's target)"
+        if not facts:
+            try:
+                from benchmarks import triton_cache as tc
+                facts, source = tc.key_facts(), "the driver (target assumed: sm_90)"
+            except Exception as e:
+                facts, source = None, f"unknown ({type(e).__name__}: {e})"
+        return {"key_facts": facts, "key_facts_from": source, "gpu": setup.get("gpu"),
+                "torch": setup.get("torch"), "run_id": setup.get("run_id"),
+                "commit": setup.get("commit"), "dry_run": self.dry,
+                "packed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def run(self):
         selected = set(self.args.stages or [s[0] for s in STAGES])
@@ -585,9 +669,11 @@ def setup_triton_cache(work, carried):
     mismatched cache (that only costs the compiles); exit 0 unless the report cannot be made."""
     from benchmarks import triton_cache
     cache_dir = os.environ.get("TRITON_CACHE_DIR") or os.path.join(work, "triton-cache")
+    inductor_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(work,
+                                                                               "inductor-cache")
     path = os.path.join(work, "triton_cache.json")
     try:
-        triton_cache.setup(carried, cache_dir, path)
+        triton_cache.setup(carried, cache_dir, path, inductor_dir)
     except Exception as e:  # no triton, a broken cache: report, compile as usual
         print(f"triton cache: not installed ({type(e).__name__}: {e}); compiling", flush=True)
         _atomic_json(path, {"verdict": f"not installed: {type(e).__name__}: {e}",

@@ -5,6 +5,7 @@ install and check it on the device (benchmarks/gpu_prep.sh step 4, benchmarks/gp
                                             [--jobs N] [--autotune 0|1] [pytest files ...]
     python -m benchmarks.triton_cache verify [--cache .triton-cache] [same selection as build]
     python -m benchmarks.triton_cache facts [--target cuda 90 32]   # this Triton's cache key
+    python -m benchmarks.triton_cache merge <files_at>/device-cache.tgz [--out .triton-cache]
 
 What the cache is: triton.compile files a compiled kernel under
 sha256(get_cache_key(src, backend, options, env)) = triton_key() (Triton's own sources and its
@@ -45,6 +46,26 @@ kernel must load from the cache; a miss is counted by kernel name instead of com
 On the device, install() unpacks the entries into $TRITON_CACHE_DIR with their group files
 rewritten, and compare() says "cache key matches" or "mismatch: compiling" with what differs; a
 mismatch only costs the compiles (the entries are never hit).
+
+The device's own compiles (what the CPU build cannot foresee or make: Inductor's kernels for
+FlexAttention and the compiled anchors, which Inductor generates only on the GPU, and launches
+the capture misses). gpu_session.py runs every stage with TORCHINDUCTOR_CACHE_DIR=
+<work>/inductor-cache beside TRITON_CACHE_DIR (torch 2.11: its FX graph cache is fxgraph/, its
+AOTAutograd cache aotautograd/ there; Inductor's Triton kernels go to TRITON_CACHE_DIR when that
+is set) and, after every stage where something new appeared, writes $OUT/device-cache.tgz
+(pack_device_cache): the Triton entries not carried, copied and pruned as above, as entries.tgz;
+Inductor's fxgraph/, aotautograd/ and *.best_config files (inductor.tgz; not triton/, locks/ or
+the output code a hit regenerates, nor what setup installed); device_cache_info.json (the
+device's key facts, GPU, torch, run, entry counts by kernel); at most DEVICE_CACHE_LIMIT bytes
+(the largest entries dropped first, said in the info and the log).
+merge: keeps such an archive in .triton-cache/device/ (entries.tgz, inductor.tgz, the info),
+in union with what earlier merges left (by entry folder; Inductor files by path, newer wins), when
+its key facts match build_info.json's (else refused, naming the fields); build moves device/
+into its new folder (stale entries, e.g. of an edited kernel, are never hit: harmless; counted),
+and setup installs device/ after the build's entries (group files rewritten, the Inductor files
+unpacked into TORCHINDUCTOR_CACHE_DIR). The FX graph and AOTAutograd keys hold the GPU's name
+(CacheBase.get_system): entries from an H100 miss on an H200, while the Triton entries, keyed by
+the arch (sm_90), hit on both.
 
 Limits: tests that draw random sizes (random chunk splits) launch specialisations that vary per
 run: a few such launches miss on the device (2 conv kernels of ~225 in one replay here); the
@@ -207,10 +228,20 @@ def device_target():
         return None
 
 
-def setup(carried, cache_dir, report_path=None):
+def _gpu_name():
+    try:
+        import torch
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:
+        return None
+
+
+def setup(carried, cache_dir, report_path=None, inductor_dir=None):
     """The GPU session's setup step: compare the carried cache's key facts with this process's,
-    install it into `cache_dir` ($TRITON_CACHE_DIR of every later stage) and report. Never fails
-    for a missing or mismatched cache: that only costs the compiles."""
+    install it into `cache_dir` ($TRITON_CACHE_DIR of every later stage), then the device's own
+    compiles of earlier calls (`carried`/device/, merge's folder: Triton entries into `cache_dir`,
+    Inductor files into `inductor_dir`) and report. Never fails for a missing, broken or
+    mismatched cache: that only costs the compiles."""
     rep = {"cache_dir": cache_dir, "carried": os.path.isdir(carried)}
     try:
         built = json.load(open(os.path.join(carried, BUILD_INFO)))
@@ -232,6 +263,20 @@ def setup(carried, cache_dir, report_path=None):
         rep["installed"] = install(carried, cache_dir)
         rep["carried_entries"] = (built or {}).get("entries")
     os.makedirs(cache_dir, exist_ok=True)
+    dev = install_device(carried, cache_dir, inductor_dir)
+    rep["device_cache"] = dev
+    if dev.get("carried"):
+        gpu = _gpu_name()
+        dev["gpu_here"] = gpu
+        dev["differs"] = compare(dev.get("key_facts"), here)
+        dev["verdict"] = ("key matches" if not dev["differs"] else
+                          f"mismatch (differs: {', '.join(dev['differs'])})") + (
+            "" if gpu is None or gpu == dev.get("gpu") else
+            f"; its FX graph / AOTAutograd entries were made on a {dev.get('gpu')} and miss on "
+            f"this {gpu} (their key holds the GPU name); its Triton entries still hit")
+        print(f"triton cache, device compiles of earlier calls: {dev['verdict']}; "
+              f"{dev.get('installed', 0)} entries, {dev.get('inductor_files', 0)} Inductor files "
+              f"installed{' (' + dev['error'] + ')' if dev.get('error') else ''}", flush=True)
     rep["entries_after_install"] = len(entries(cache_dir))
     for k in ("triton", "triton_key_sha256", "backend_hash", "env_vars", "target"):
         print(f"triton cache {k:18s} built {json.dumps(rep['built'].get(k))}  "
@@ -241,6 +286,270 @@ def setup(carried, cache_dir, report_path=None):
     if report_path:
         with open(report_path, "w") as f:
             json.dump(rep, f, indent=1)
+    return rep
+
+
+# ------------------------------------------------------------------------------------------------
+# The device's own compiles, brought back (gpu_session packs them; merge keeps them here)
+# ------------------------------------------------------------------------------------------------
+
+DEVICE_DIR = "device"                       # .triton-cache/device/: what merge keeps
+DEVICE_ARCHIVE = "device-cache.tgz"         # the $OUT file gpu_session writes
+INDUCTOR_ARCHIVE = "inductor.tgz"
+DEVICE_INFO = "device_cache_info.json"
+DEVICE_CACHE_LIMIT = 15 * 2**20             # $OUT allows 16 MiB a file
+# what hits Inductor's caches on a later call: the FX graph and AOTAutograd entries (in torch
+# 2.11 an FX graph entry also bundles the Triton files of its kernels) and the runtime
+# autotuner's *.best_config files; the rest is regenerated on a hit (the output code under
+# <2 chars>/) or is not a cache (locks/); triton/ is Triton's cache when TRITON_CACHE_DIR is unset
+INDUCTOR_KEEP_DIRS = ("fxgraph", "aotautograd")
+INDUCTOR_SKIP_DIRS = ("triton", "locks")
+
+
+def inductor_files(inductor_dir):
+    """The files of an Inductor cache folder (TORCHINDUCTOR_CACHE_DIR) that a later call needs
+    to hit the FX graph and AOTAutograd caches (and skip re-autotuning): {relative path:
+    (size, mtime_ns)}."""
+    out = {}
+    if not inductor_dir or not os.path.isdir(inductor_dir):
+        return out
+    for dirpath, dirnames, filenames in os.walk(inductor_dir):
+        rel = os.path.relpath(dirpath, inductor_dir)
+        top = rel.split(os.sep)[0]
+        if rel == ".":
+            dirnames[:] = [d for d in dirnames if d not in INDUCTOR_SKIP_DIRS]
+        for f in filenames:
+            if f.endswith((".tmp", ".lock")) or (top not in INDUCTOR_KEEP_DIRS
+                                                 and not f.endswith(".best_config")):
+                continue
+            p = os.path.join(dirpath, f)
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            out[os.path.normpath(os.path.join(rel, f))] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _tar_files(path, base, names):
+    with tarfile.open(path + ".tmp", "w:gz", compresslevel=6) as t:   # ~9's size, far faster
+        for n in sorted(names):
+            t.add(os.path.join(base, n), arcname=n)
+    os.replace(path + ".tmp", path)
+    return os.path.getsize(path)
+
+
+def _entry_bytes(d):
+    return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
+
+
+def pack_device_cache(cache_dir, carried, inductor_dir, dest, info, scratch,
+                      limit=DEVICE_CACHE_LIMIT, inductor_carried=None):
+    """Write `dest` (a gzip tar: entries.tgz, inductor.tgz, device_cache_info.json) with the
+    entries of the live Triton cache `cache_dir` that are not in `carried` (copied to `scratch`
+    and pruned there: the live folder keeps its files) and the Inductor cache files a later call
+    hits (inductor_files) that are not in `inductor_carried` ({path: (size, mtime_ns)} as
+    installed). Over `limit` bytes the largest Triton entries go first (the Inductor archive
+    only when it alone cannot fit); `info` (key facts, GPU, versions, run) gets the counts and
+    what was dropped. Returns the info written."""
+    t0 = time.monotonic()
+    shutil.rmtree(scratch, ignore_errors=True)
+    stage = os.path.join(scratch, "entries")
+    os.makedirs(stage)
+    new = {k: v for k, v in entries(cache_dir).items() if k not in carried}
+    def unkept(_, names):          # prune drops them anyway: do not copy them
+        return [n for n in names if not (n.endswith(KEEP_EXT) or n.startswith("__grp__"))]
+    for key in new:
+        try:
+            shutil.copytree(os.path.join(cache_dir, key), os.path.join(stage, key), ignore=unkept)
+        except OSError:            # an entry Triton is rewriting: the next pack takes it
+            shutil.rmtree(os.path.join(stage, key), ignore_errors=True)
+    prune(stage)
+    sizes = {k: _entry_bytes(os.path.join(stage, k)) for k in entries(stage)}
+    ind = {k: v for k, v in inductor_files(inductor_dir).items()
+           if (inductor_carried or {}).get(k) != v}
+    ind_path = os.path.join(scratch, INDUCTOR_ARCHIVE)
+    ind_bytes = _tar_files(ind_path, inductor_dir, ind) if ind else 0
+    info = dict(info)
+    dropped, dropped_kernels = [], collections.Counter()
+    budget = limit - 64 * 1024                 # the info json and the tar headers
+    if ind_bytes > budget:                     # it cannot fit whatever the entries
+        info["inductor_dropped"] = f"{ind_bytes} bytes packed > the {limit} byte cap"
+        os.remove(ind_path)
+        ind, ind_bytes = {}, 0
+    ent_path = os.path.join(scratch, ARCHIVE)
+    while True:
+        keys = sorted(sizes)
+        ent_bytes = _tar_files(ent_path, stage, keys) if keys else 0
+        over = ent_bytes + ind_bytes - budget
+        if over <= 0:
+            break
+        # drop the largest entries until the estimated packed size fits (ratio of this pack)
+        ratio = ent_bytes / max(1, sum(sizes.values()))
+        cut = 0
+        for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
+            if cut * ratio >= over * 1.05 and cut:
+                break
+            cut += sizes.pop(key)
+            dropped.append(key)
+            dropped_kernels[new[key]] += 1
+            shutil.rmtree(os.path.join(stage, key))
+    kept = {k: new[k] for k in sizes}
+    info.update(entries=len(kept), kernels=dict(sorted(collections.Counter(kept.values()).items())),
+                entry_bytes=sum(sizes.values()), entries_archive_bytes=ent_bytes,
+                inductor_files=len(ind), inductor_archive_bytes=ind_bytes,
+                dropped_entries=len(dropped), dropped_kernels=dict(sorted(dropped_kernels.items())))
+    info["pack_s"] = round(time.monotonic() - t0, 2)
+    info_path = os.path.join(scratch, DEVICE_INFO)
+    with open(info_path, "w") as f:
+        json.dump(info, f, indent=1)
+    parts = [DEVICE_INFO] + ([ARCHIVE] if sizes else []) + ([INDUCTOR_ARCHIVE] if ind else [])
+    tmp = dest + ".tmp"
+    with tarfile.open(tmp, "w:gz", compresslevel=1) as t:
+        for p in parts:
+            t.add(os.path.join(scratch, p), arcname=p)
+    os.replace(tmp, dest)
+    shutil.rmtree(scratch, ignore_errors=True)
+    info["bytes"] = os.path.getsize(dest)
+    info["pack_s"] = round(time.monotonic() - t0, 2)
+    return info
+
+
+def _read_member(t, name):
+    try:
+        m = t.getmember(name)
+    except KeyError:
+        return None
+    return t.extractfile(m).read()
+
+
+def merge(archive, out):
+    """Keep the device's compiles of `archive` (a device-cache.tgz) in `out`/device/: the Triton
+    entries (union by entry folder with what an earlier merge left), the Inductor files (union by
+    path, the newer call's file wins) and the info of every call merged. Refuses (ValueError
+    naming the differing fields) when the device's key facts differ from `out`/build_info.json's:
+    its entries would never be hit. Returns the merged info."""
+    import tempfile
+    out = os.path.abspath(out)
+    try:
+        with open(os.path.join(out, BUILD_INFO)) as f:
+            built = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"merge: {os.path.join(out, BUILD_INFO)} is not readable ({e}); the "
+                         "device entries are kept beside a built cache: build it first") from e
+    with tarfile.open(archive) as t:
+        raw = _read_member(t, DEVICE_INFO)
+        if raw is None:
+            raise ValueError(f"merge: {archive} has no {DEVICE_INFO}: not a device cache archive")
+        info = json.loads(raw)
+        facts = info.get("key_facts") or {}
+        diff = compare(built, facts)
+        if diff:
+            what = "; ".join(f"{k}: built {json.dumps(built.get(k))}, device "
+                             f"{json.dumps(facts.get(k))}" for k in diff)
+            raise ValueError(f"merge: the device's Triton cache key facts differ from "
+                             f"{os.path.join(out, BUILD_INFO)} ({', '.join(diff)}): its entries "
+                             f"would never be hit; refusing. {what}")
+        dev = os.path.join(out, DEVICE_DIR)
+        os.makedirs(dev, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="devcache-merge-", dir=out) as tmp:
+            ents, ind = os.path.join(tmp, "entries"), os.path.join(tmp, "inductor")
+            os.makedirs(ents)
+            os.makedirs(ind)
+            old_path = os.path.join(dev, ARCHIVE)
+            if os.path.isfile(old_path):
+                with tarfile.open(old_path) as o:
+                    o.extractall(ents, filter="data")
+            before = set(entries(ents))
+            raw = _read_member(t, ARCHIVE)
+            if raw is not None:
+                import io
+                with tarfile.open(fileobj=io.BytesIO(raw)) as n:
+                    ms = [m for m in n.getmembers() if m.name.split("/")[0] not in before]
+                    n.extractall(ents, members=ms, filter="data")
+            got = entries(ents)
+            added = len(set(got) - before)
+            old_ind = os.path.join(dev, INDUCTOR_ARCHIVE)
+            if os.path.isfile(old_ind):
+                with tarfile.open(old_ind) as o:
+                    o.extractall(ind, filter="data")
+            raw = _read_member(t, INDUCTOR_ARCHIVE)
+            if raw is not None:
+                import io
+                with tarfile.open(fileobj=io.BytesIO(raw)) as n:
+                    n.extractall(ind, filter="data")
+            ind_files = inductor_files(ind)
+            if got:
+                pack(ents)
+                os.replace(os.path.join(ents, ARCHIVE), old_path)
+            if ind_files:
+                _tar_files(os.path.join(dev, INDUCTOR_ARCHIVE), ind, ind_files)
+    try:
+        with open(os.path.join(dev, DEVICE_INFO)) as f:
+            merged = json.load(f)
+    except (OSError, ValueError):
+        merged = {}
+    calls = [c for c in merged.get("calls", []) if c.get("run_id") != info.get("run_id")]
+    calls.append({k: info.get(k) for k in ("run_id", "commit", "gpu", "torch", "entries",
+                                           "inductor_files", "dropped_entries")})
+    merged = {"key_facts": facts, "gpu": info.get("gpu"), "torch": info.get("torch"),
+              "entries": len(got), "kernels": dict(sorted(collections.Counter(
+                  got.values()).items())), "inductor_files": len(ind_files), "calls": calls}
+    with open(os.path.join(dev, DEVICE_INFO) + ".tmp", "w") as f:
+        json.dump(merged, f, indent=1)
+    os.replace(os.path.join(dev, DEVICE_INFO) + ".tmp", os.path.join(dev, DEVICE_INFO))
+    size = _folder_bytes(out)
+    print(f"triton cache merge: {added} new device entries ({len(got)} in {dev}), "
+          f"{len(ind_files)} Inductor cache files (FX graph / AOTAutograd; they hit only on a "
+          f"{info.get('gpu')}), from run {info.get('run_id')}; {out} is now "
+          f"{size / 2**20:.1f} MiB", flush=True)
+    if size > CARRY_SHARE:
+        print(f"triton cache merge: warning: {out} is over {CARRY_SHARE // 2**20} MiB, its share "
+              f"of the call's 64 MiB carry (.prebuilt, .whl and the tree take ~20 MiB): remove "
+              f"{dev} (the device compiles again) or rebuild", flush=True)
+    return merged
+
+
+CARRY_SHARE = 44 * 2**20
+
+
+def _folder_bytes(folder):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
+
+
+def install_device(carried, cache_dir, inductor_dir):
+    """Install `carried`/device/ (merge's folder): its Triton entries into `cache_dir` (group
+    files rewritten as install does) and its Inductor files into `inductor_dir`. Returns a report;
+    never raises (a missing or broken device cache only costs the compiles)."""
+    dev = os.path.join(carried, DEVICE_DIR)
+    rep = {"carried": os.path.isdir(dev)}
+    if not rep["carried"]:
+        return rep
+    try:
+        with open(os.path.join(dev, DEVICE_INFO)) as f:
+            info = json.load(f)
+        rep.update(gpu=info.get("gpu"), torch=info.get("torch"), key_facts=info.get("key_facts"),
+                   runs=[c.get("run_id") for c in info.get("calls", [])])
+    except (OSError, ValueError) as e:
+        rep["info_error"] = f"{type(e).__name__}: {e}"
+    try:
+        rep["installed"] = install(dev, cache_dir) if os.path.isfile(
+            os.path.join(dev, ARCHIVE)) else 0
+    except Exception as e:  # a broken archive: compile as usual
+        rep["installed"] = 0
+        rep["error"] = f"entries: {type(e).__name__}: {e}"
+    ind = os.path.join(dev, INDUCTOR_ARCHIVE)
+    rep["inductor_dir"] = inductor_dir
+    rep["inductor_files"] = 0
+    if os.path.isfile(ind) and inductor_dir:
+        try:
+            os.makedirs(inductor_dir, exist_ok=True)
+            with tarfile.open(ind) as t:
+                ms = [m for m in t.getmembers() if m.isfile() or m.isdir()]
+                t.extractall(inductor_dir, members=ms, filter="data")
+            rep["inductor_files"] = sum(m.isfile() for m in ms)
+        except Exception as e:
+            rep["error"] = (rep.get("error", "") + f" inductor: {type(e).__name__}: {e}").strip()
     return rep
 
 
@@ -579,6 +888,31 @@ def reuse_entries(previous, requests, stage, target=TARGET):
     return got
 
 
+def keep_device(out, stage, info):
+    """Move `out`/device/ (the device's compiles, merge's folder) into the new build `stage`, so a
+    rebuild keeps them; print how many entries it holds and which of them cannot hit any more
+    (all of them when the new key facts differ; an edited kernel's entries are stale too, never
+    hit and harmless, but not told apart here). Returns the entry count kept."""
+    src = os.path.join(out, DEVICE_DIR)
+    if not os.path.isdir(src):
+        return 0
+    shutil.move(src, os.path.join(stage, DEVICE_DIR))
+    try:
+        with open(os.path.join(stage, DEVICE_DIR, DEVICE_INFO)) as f:
+            dev = json.load(f)
+    except (OSError, ValueError):
+        dev = {}
+    n = int(dev.get("entries") or 0)
+    ours = sum(v for k, v in (dev.get("kernels") or {}).items() if not k.startswith("triton_"))
+    diff = compare(dev.get("key_facts"), info)
+    stale = n if diff else 0
+    print(f"triton cache: {DEVICE_DIR}/ kept: {n} device entries ({ours} of this project's "
+          f"kernels: those of an edited kernel are stale, never hit, harmless; {n - ours} "
+          f"Inductor's), {dev.get('inductor_files', 0)} Inductor files; {stale} stale by key "
+          f"facts{' (differs: ' + ', '.join(diff) + ')' if diff else ''}", flush=True)
+    return n
+
+
 def build(out, tier, pytest_args, jobs, autotune=False, target=TARGET, nice=0, bench=True,
           reuse=True):
     """Capture (a subprocess), compile (`jobs` processes) into a staging folder, prune, and
@@ -634,6 +968,7 @@ def build(out, tier, pytest_args, jobs, autotune=False, target=TARGET, nice=0, b
         counter=cap["counter"], built=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     with open(os.path.join(stage, BUILD_INFO), "w") as f:
         json.dump(info, f, indent=1)
+    info["device_entries_kept"] = keep_device(out, stage, info)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(stage, out)
     print(f"triton cache: {len(ents)} entries, {size / 2**20:.1f} MiB ({packed / 2**20:.1f} MiB "
@@ -669,9 +1004,22 @@ def main(argv=None):
         q.add_argument("--target", nargs=3, default=list(TARGET), metavar=("BACKEND", "ARCH",
                                                                            "WARP"))
     sub.choices["_capture"].add_argument("--requests", required=True)
+    m = sub.add_parser("merge", help="keep a device call's device-cache.tgz in --out/device/")
+    m.add_argument("archive", help="the device-cache.tgz a GPU call brought back")
+    m.add_argument("--out", default=os.path.join(ROOT, ".triton-cache"))
     f = sub.add_parser("facts", help="print this Triton's cache key facts")
     f.add_argument("--target", nargs=3, default=list(TARGET))
     args, rest = p.parse_known_args(argv)
+    if args.cmd == "merge":
+        if not os.path.isfile(args.archive):
+            p.error(f"merge: archive {args.archive!r} is not a file (expected the "
+                    f"{DEVICE_ARCHIVE} a GPU call brought back)")
+        try:
+            merge(args.archive, args.out)
+        except ValueError as e:
+            print(e, file=sys.stderr)
+            return 1
+        return 0
     target = (args.target[0], int(args.target[1]), int(args.target[2]))
     if args.cmd == "facts":
         print(json.dumps(key_facts(target), indent=1))

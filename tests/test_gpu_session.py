@@ -9,8 +9,10 @@ call cannot fail on a typo.
 - the $OUT checker flags every limit; the prebuilt-extension check names each mismatch;
 - the device call in benchmarks/GPU_SESSION.md fits the tool (command <= 2000 characters, at
   most 8 carried paths, the git-ignored ones the call needs: .prebuilt, .whl, .triton-cache);
-- the dry run installs a (tiny) carried Triton cache and compares its key
-  (tests/test_triton_cache.py covers the cache itself).
+- the dry run installs a (tiny) carried Triton cache and compares its key, installs the device's
+  compiles of an earlier call (.triton-cache/device/: one entry, one Inductor file) as carried
+  (none compiled, none packed again) (tests/test_triton_cache.py and
+  tests/test_triton_cache_device.py cover the cache itself).
 """
 import json
 import os
@@ -51,6 +53,21 @@ def _tiny_triton_cache(path):
         json.dumps({"child_paths": {"_k.json": "_k.json", "_k.cubin": "_k.cubin"}}))
     tc.pack(str(path))
     (path / tc.BUILD_INFO).write_text(json.dumps(dict(tc.key_facts(), entries=1)))
+    # the device's compiles of an earlier call, merged in .triton-cache/device/
+    live, ind = path.parent / "earlier-live", path.parent / "earlier-inductor"
+    (live / "DEVENTRY").mkdir(parents=True)
+    for f in ("_d.json", "_d.cubin", "_d.ptx"):
+        (live / "DEVENTRY" / f).write_text(f)
+    files = ("_d.json", "_d.cubin", "_d.ptx")
+    (live / "DEVENTRY" / "__grp___d.json").write_text(json.dumps(
+        {"child_paths": {f: str(live / "DEVENTRY" / f) for f in files}}))
+    (ind / "fxgraph" / "ab" / "fcarried").mkdir(parents=True)
+    (ind / "fxgraph" / "ab" / "fcarried" / "entry").write_text("graph")
+    arc = path.parent / tc.DEVICE_ARCHIVE
+    tc.pack_device_cache(str(live), set(), str(ind), str(arc),
+                         {"key_facts": tc.key_facts(), "gpu": "NVIDIA H100 80GB HBM3",
+                          "run_id": "earlier"}, str(path.parent / "scratch"))
+    tc.merge(str(arc), str(path))
     return key
 
 
@@ -66,6 +83,7 @@ def test_dry_run_end_to_end(tmp_path):
     assert gs.check_out(str(out)) == []
     names = sorted(os.listdir(out))
     assert {"session.log", "summary.json", "logs.tgz"} <= set(names), names
+    assert len(names) <= 5, names
     summary = json.load(open(out / "summary.json"))
     assert [s["name"] for s in summary["stages"]] == [s[0] for s in gs.STAGES]
     bad = [(s["name"], s["status"], s["commands"]) for s in summary["stages"]
@@ -80,6 +98,21 @@ def test_dry_run_end_to_end(tmp_path):
     assert tcache["cache_dir"] == str(work / "triton-cache")
     grp = json.load(open(work / "triton-cache" / key / "__grp___k.json"))["child_paths"]
     assert grp["_k.cubin"] == str(work / "triton-cache" / key / "_k.cubin")
+    # the device's compiles of an earlier call: installed, counted as carried, never packed again
+    dev = tcache["device_cache"]
+    assert dev["installed"] == 1 and dev["inductor_files"] == 1, dev
+    assert dev["verdict"].startswith("key matches"), dev
+    grp = json.load(open(work / "triton-cache" / "DEVENTRY" / "__grp___d.json"))["child_paths"]
+    assert grp == {f: str(work / "triton-cache" / "DEVENTRY" / f) for f in ("_d.json", "_d.cubin")}
+    assert (work / "inductor-cache" / "fxgraph" / "ab" / "fcarried" / "entry").exists()
+    if "device-cache.tgz" in names:       # only what the dry run itself compiled (Inductor on CPU)
+        with tarfile.open(out / "device-cache.tgz") as t:
+            info = json.load(t.extractfile("device_cache_info.json"))
+            assert "entries.tgz" not in t.getnames() and info["entries"] == 0, info
+            if "inductor.tgz" in t.getnames():
+                with tarfile.open(fileobj=t.extractfile("inductor.tgz")) as i:
+                    assert "fxgraph/ab/fcarried/entry" not in i.getnames()
+        assert summary["device_cache"]["entries"] == 0
     assert all(s["triton_cache_new"] == 0 for s in summary["stages"]), summary["stages"]
     assert summary["triton_compiles"] == 0
     with tarfile.open(out / "logs.tgz") as t:
