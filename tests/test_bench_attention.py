@@ -288,3 +288,33 @@ def test_tuned_tiles_and_autotune_option(monkeypatch):
     import os
     assert os.environ["PYENCODER_TRITON_AUTOTUNE"] == "full"
     monkeypatch.delenv("PYENCODER_TRITON_AUTOTUNE")
+
+
+def test_compiled_pyencoder_provider_matches_reference_and_compiles_once():
+    """pyencoder-triton-compiled: our call under torch.compile (fullgraph) like the compiled
+    anchors: matches the reference, compiles one graph per mode (inference, training) and never
+    recompiles while timed; on the CPU the triton_op stays whole in the graph (interpreter)."""
+    pytest.importorskip("triton")
+    import pyencoder
+    n, m = 48, ("band", 8, 2)
+    q, k, v = (torch.randn(1, 2, n, 16) for _ in range(3))
+    rope = pyencoder.Rope(16)
+    want = ba.make_provider("reference", q, k, v, m, rope)()
+    got = ba.make_provider("pyencoder-triton-compiled", q, k, v, m, rope,
+                           ba._Compiler("eager"))()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for n, m in _CASES[:2]:
+        rec = _run("pyencoder-triton-compiled", n, m)
+        assert "error" not in rec and "skipped" not in rec, rec
+        assert rec["graphs"] == 2 and rec["compiled"] == "eager", rec   # inference, training
+        assert rec["fwd_ms"] > 0 and rec["fwdbwd_ms"] > 0 and rec["rope_mode"] == "auto"
+
+
+def test_compiled_pyencoder_failure_is_a_row_error_not_a_broken_anchor(monkeypatch):
+    """A compile failure of our own compiled provider is recorded in its row (the run goes on);
+    the same failure of an anchor stops the run (no ratio against a broken anchor)."""
+    err = ba.CompiledAnchorError("boom")
+    assert ba._anchor_failure("pyencoder-triton-compiled", err) is None
+    assert ba._anchor_failure("flex", err) is err
+    rec = ba.record_failure({}, "pyencoder-triton-compiled", RuntimeError("x"), "cpu")
+    assert rec["error"].startswith("RuntimeError")
