@@ -5,7 +5,8 @@
 
 Suites
 - depthwise: B=8, C in {512, 768, 1024, 2048}, L in {256, 2048, 16384}, widths {2, 4, 7, 31, 128},
-  forward, fp16 (bf16 with --dtype). Providers: pyencoder-cuda, pyencoder-triton, cudnn
+  forward, fp16 (bf16 with --dtype). Providers: pyencoder-cuda, pyencoder-cuda-row (the same
+  with PYENCODER_CONV_ROW=1: the CUDA forward's register-only row kernel, an A/B), pyencoder-triton, cudnn
   (F.conv1d with left padding, groups=C; labelled torch-conv1d on a CPU, where it is not cuDNN), causal-conv1d (widths 2..4, when installed),
   reference.
 - grouped: wav2vec2 positional conv, B=8, L in {512, 2048}, (C, groups, k) = (768, 16, 128) and
@@ -15,7 +16,7 @@ Suites
 - update: one new frame for B in {1, 64, 512} streams, C=1024, widths {4, 31}.
 Suites run in the order depthwise, strided, update, grouped (the most valuable rows first: a run
 cut short, or stopped by --max-seconds, keeps them). --quick on a GPU: depthwise C=768, widths
-{4, 31}, L=16384 for pyencoder-cuda / pyencoder-triton / cudnn first, then L=2048 for every
+{4, 31}, L=16384 for pyencoder-cuda / -cuda-row / pyencoder-triton / cudnn first, then L=2048 for every
 provider; grouped L=2048 only.
 
 Records: median/p20/p80 ms and GB/s of compulsory traffic (x read + y written + weights) against
@@ -36,9 +37,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import (JsonlRows, bench, copy_bandwidth_gbs, device_slug, env_info,  # noqa: E402
-                               host_graph_fields, host_graph_text, write_jsonl)
+                               host_graph_fields, host_graph_text, temp_env, write_jsonl)
 
-PROVIDERS = ("pyencoder-cuda", "pyencoder-triton", "cudnn", "causal-conv1d", "reference")
+PROVIDERS = ("pyencoder-cuda", "pyencoder-cuda-row", "pyencoder-triton", "cudnn", "causal-conv1d",
+             "reference")
+# pyencoder-cuda with PYENCODER_CONV_ROW=1: the CUDA forward's register-only row kernel (an A/B of
+# that untimed flag; depthwise forward only)
+ROW_PROVIDER = "pyencoder-cuda-row"
 # F.conv1d with left padding is cuDNN on a GPU; on a CPU it is torch's own conv (oneDNN/ATen), so
 # the same provider is labelled torch-conv1d there.
 CPU_ALIASES = {"cudnn": "torch-conv1d"}
@@ -47,7 +52,7 @@ SUITES = ("depthwise", "grouped", "strided", "update")
 # (B=8, C=768: a 50 MB working set) is dominated by launch and tail effects, so L=16384 is measured
 # too, first, for the three providers the target compares.
 QUICK_DEPTHWISE_LS = (16384, 2048)
-QUICK_LONG_PROVIDERS = ("pyencoder-cuda", "pyencoder-triton", "cudnn")
+QUICK_LONG_PROVIDERS = ("pyencoder-cuda", ROW_PROVIDER, "pyencoder-triton", "cudnn")
 
 
 def _cudnn_fwd(x, w, b, stride, groups):
@@ -65,6 +70,17 @@ def _causal_conv1d_fn():
 def _provider_fn(name, x, w, b, stride, groups, bwd=False):
     """A zero-argument callable, or a string saying why the provider cannot run."""
     from pyencoder.ops import causal_conv1d
+    if name == ROW_PROVIDER:
+        if groups != x.shape[1] or stride != 1 or bwd:
+            return "the row kernel is the depthwise forward (PYENCODER_CONV_ROW=1)"
+        base = _provider_fn("pyencoder-cuda", x, w, b, stride, groups)
+        if isinstance(base, str):
+            return base
+
+        def row():
+            with temp_env(PYENCODER_CONV_ROW="1"):   # read by the extension at each launch
+                return base()
+        return row
     if name in ("pyencoder-cuda", "pyencoder-triton", "reference"):
         backend = {"pyencoder-cuda": "cuda", "pyencoder-triton": "triton"}.get(name, "reference")
         from pyencoder import _backend

@@ -173,8 +173,38 @@ def test_conv_quick_gpu_cases_target_first():
     import inspect
     from benchmarks import bench_conv
     assert bench_conv.QUICK_DEPTHWISE_LS == (16384, 2048)
-    assert set(bench_conv.QUICK_LONG_PROVIDERS) == {"pyencoder-cuda", "pyencoder-triton", "cudnn"}
+    # the target's providers, and the row kernel's A/B (PYENCODER_CONV_ROW=1) beside them
+    assert set(bench_conv.QUICK_LONG_PROVIDERS) == {"pyencoder-cuda", "pyencoder-cuda-row",
+                                                    "pyencoder-triton", "cudnn"}
     src = inspect.getsource(bench_conv.run)
     order = [src.index(f'if "{s}" in suites') for s in ("depthwise", "strided", "update",
                                                          "grouped")]
     assert order == sorted(order)
+
+
+def test_conv_row_provider_sets_the_flag_around_each_call(monkeypatch):
+    """pyencoder-cuda-row runs pyencoder-cuda's call with PYENCODER_CONV_ROW=1 set while the
+    extension launches (it reads the variable per call), restored after; it is the depthwise
+    forward only."""
+    import os
+
+    import torch
+    from benchmarks import bench_conv
+    seen = []
+    monkeypatch.delenv("PYENCODER_CONV_ROW", raising=False)
+    monkeypatch.setattr(bench_conv, "_provider_fn", bench_conv._provider_fn)
+    real = bench_conv._provider_fn
+
+    def fake(name, *a, **k):
+        if name == "pyencoder-cuda":
+            return lambda: seen.append(os.environ.get("PYENCODER_CONV_ROW"))
+        return real(name, *a, **k)
+    monkeypatch.setattr(bench_conv, "_provider_fn", fake)
+    x, w = torch.randn(1, 4, 16), torch.randn(4, 1, 3)
+    fn = fake("pyencoder-cuda-row", x, w, None, 1, 4)
+    fn()
+    assert seen == ["1"] and "PYENCODER_CONV_ROW" not in os.environ
+    assert "depthwise forward" in fake("pyencoder-cuda-row", x, w, None, 2, 4)
+    assert "depthwise forward" in fake("pyencoder-cuda-row", x, torch.randn(4, 4, 3), None, 1,
+                                       1)
+    assert "depthwise forward" in fake("pyencoder-cuda-row", x, w, None, 1, 4, True)

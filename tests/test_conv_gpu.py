@@ -108,6 +108,42 @@ def test_depthwise_widths(backend, K, dtype):
                        bias=L % 2 == 1, cl=cl)
 
 
+ROW_WIDTHS = (1, 2, 3, 4, 5, 8, 9, 16, 17, 31, 32)
+
+
+@pytest.mark.parametrize("K", ROW_WIDTHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_depthwise_row_kernel(K, dtype, monkeypatch):
+    """PYENCODER_CONV_ROW=1 (an A/B flag, off by default): the register-only row kernel of the
+    CUDA forward (channel-first rows, 16-byte aligned, K <= 32; csrc/causal_conv1d/
+    causal_conv1d_fwd.cu) against the reference: lengths below one vector, at and across the
+    block's 4 x 128-vector span and its tail, with and without initial state, bias and
+    activation; the final state is exact. A non-finite input reaches only the outputs whose taps
+    read it (the padding taps of the K < KMAX instantiations are skipped, not multiplied by 0)."""
+    _backend_ok("cuda")
+    impl = _impl("cuda")
+    for i, L in enumerate((8, 16, 1024, 1032, 4096, 4160, 9000, 16448)):
+        state, bias = i % 2 == 0, i % 3 != 1
+        act = (None, "silu", "gelu")[i % 3]
+        x, w, b, s = _mk(3, 40, 40, L, K, 1, 40, dtype, state, bias, False)
+        y0, f0 = R.forward(x, w, b, s, 1, 40, act)
+        monkeypatch.setenv("PYENCODER_CONV_ROW", "1")
+        y1, f1 = impl.forward(x, w, b, s, 1, 40, act)
+        monkeypatch.delenv("PYENCODER_CONV_ROW")
+        assert not torch.isnan(y1).any()
+        _close(y1, y0, dtype, f"row y L={L}")
+        torch.testing.assert_close(f1, f0, atol=0, rtol=0)
+    x, w, b, s = _mk(2, 16, 16, 2048, K, 1, 16, dtype, True, True, False)
+    x[0, 3, 1000] = float("inf")
+    x[1, 5, 7] = float("-inf")
+    y0, _ = R.forward(x, w, b, s, 1, 16, None)
+    monkeypatch.setenv("PYENCODER_CONV_ROW", "1")
+    y1, _ = impl.forward(x, w, b, s, 1, 16, None)
+    assert torch.equal(torch.isfinite(y1), torch.isfinite(y0))
+    fin = torch.isfinite(y0)
+    _close(y1[fin], y0[fin], dtype, "row y (finite outputs)")
+
+
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("C,L", [(1, 5), (7, 129), (33, 64), (768, 2049)])
 def test_depthwise_shapes(backend, C, L):
