@@ -145,6 +145,32 @@ def test_depthwise_row_kernel(K, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("K", (3, 4, 5, 31))
+def test_nonfinite_input_reaches_only_its_outputs(backend, K):
+    """An inf in x reaches exactly the outputs whose taps read it, as in the reference: the CUDA
+    tile kernel multiplied the zero-weight padding taps of its last tap chunk (K not a multiple
+    of the chunk) by real inputs, so 0 * inf put NaN into an output that does not read it.
+    Both layouts; finite outputs within the usual tolerance."""
+    _backend_ok(backend)
+    impl = _impl(backend)
+    for cl in (False, True):
+        x, w, b, s = _mk(2, 16, 16, 300, K, 1, 16, torch.float32, True, True, cl)
+        x[0, 3, 100] = float("inf")
+        x[1, 5, 7] = float("-inf")
+        x[1, 6, 299] = float("nan")
+        y0, _ = R.forward(x, w, b, s, 1, 16, None)
+        y1, _ = impl.forward(x, w, b, s, 1, 16, None)
+        # which outputs read a non-finite input: the padded input's indicator summed over each
+        # output's K taps (an oracle independent of any conv algorithm's handling of inf)
+        bad = (~torch.isfinite(torch.cat((s, x), -1))).double().cpu()
+        reach = torch.nn.functional.conv1d(bad, torch.ones(16, 1, K, dtype=torch.float64),
+                                           groups=16) > 0
+        assert torch.equal(~torch.isfinite(y1).cpu(), reach), (cl, K)
+        fin = ~reach.to(y0.device)
+        _close(y1[fin], y0[fin], torch.float32, "finite outputs")
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("C,L", [(1, 5), (7, 129), (33, 64), (768, 2049)])
 def test_depthwise_shapes(backend, C, L):
     _backend_ok(backend)

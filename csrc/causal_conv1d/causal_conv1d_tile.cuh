@@ -173,7 +173,10 @@ __device__ __forceinline__ void tile_conv(const float* s, const TW* w, int64_t s
 #pragma unroll
       for (int e = 0; e < E; ++e) {
         const int jj = q - e;
-        if (jj >= 0 && jj < KC) acc[e] = fmaf(wr[jj], v, acc[e]);
+        // taps past K (the last chunk's padding) are skipped, not multiplied by their zero
+        // weight: the row they would read is a real input of a later output, and 0 * inf would
+        // put a NaN into an output that no tap of it reads
+        if (jj >= 0 && jj < KC && jc + jj < K) acc[e] = fmaf(wr[jj], v, acc[e]);
       }
     }
   }
