@@ -6,7 +6,8 @@
 Suites
 - depthwise: B=8, C in {512, 768, 1024, 2048}, L in {256, 2048, 16384}, widths {2, 4, 7, 31, 128},
   forward, fp16 (bf16 with --dtype). Providers: pyencoder-cuda, pyencoder-cuda-row (the same
-  with PYENCODER_CONV_ROW=1: the CUDA forward's register-only row kernel, an A/B), pyencoder-triton, cudnn
+  with PYENCODER_CONV_ROW=1 set around each call: the CUDA forward's register-only row kernel, an
+  A/B; its host time includes the variable's set and restore, a few us), pyencoder-triton, cudnn
   (F.conv1d with left padding, groups=C; labelled torch-conv1d on a CPU, where it is not cuDNN), causal-conv1d (widths 2..4, when installed),
   reference.
 - grouped: wav2vec2 positional conv, B=8, L in {512, 2048}, (C, groups, k) = (768, 16, 128) and
