@@ -36,6 +36,10 @@ _QUICK_TRITON = {
 
 
 def gpu_quick(name, p):
+    if name == "test_depthwise_row_kernel":   # every tap bound it instantiates (4, 8, 16, 32)
+        return p["K"] in (1, 4, 5, 9, 16, 17, 31, 32)
+    if name == "test_nonfinite_input_reaches_only_its_outputs":   # the CUDA fix, every width
+        return p["backend"] == "cuda"
     if p.get("backend", "cuda") == "cuda" and name != "test_grouped_triton":
         return "K" not in p or p["K"] in _QUICK_WIDTHS
     return _QUICK_TRITON.get(name, lambda p: False)(p)
