@@ -117,19 +117,10 @@ def _triton_launch_path(calls):
     import pyencoder
     from pyencoder import _backend
     from pyencoder.ops import _attention_triton as A
-    from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
 
-    class _Driver:
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device):
-            return 0
-
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
+    from benchmarks.triton_cache import TARGET, _FakeDriver
 
     class _Kernel:
         function, packed_metadata = 0, ()
@@ -149,7 +140,7 @@ def _triton_launch_path(calls):
         return
     saved = (_backend.select, A._interpret, A._arch, JITFunction._do_compile)
     active = driver._active         # None here (no GPU driver), set lazily on a GPU machine
-    driver.set_active(_Driver())
+    driver.set_active(_FakeDriver(TARGET))   # sm_90, device 0, null stream
     _backend.select = lambda *a, **k: "triton"
     A._interpret, A._arch = (lambda: False), (lambda device: "sm90")
     JITFunction._do_compile = do_compile

@@ -339,3 +339,12 @@ def test_launch_fake_check_matches_torch_is_fake():
     assert sum(a for a, _ in seen) >= 4     # the fake cases are there
     assert not _any_fake((real, 1, None), {"X": real})
     assert _any_fake((real, 1), {"X": cases[4]}) and _any_fake((cases[4],), {})
+    # the placeholder pointers: one cached tensor per (device, dtype) for plain tensors, a fresh
+    # one of the same kind for the others (a cached real tensor must not enter a trace)
+    from pyencoder.ops._triton_op import dummy, is_plain
+    d = dummy(real, torch.float32)
+    assert d is dummy(real[:, 1:], torch.float32) and d.dtype == torch.float32 and is_plain(d)
+    assert dummy(real, torch.int32) is not d and dummy(real, torch.int32).dtype == torch.int32
+    with FakeTensorMode():
+        f = dummy(cases[4], torch.float32)
+    assert is_fake(f) and f is not d

@@ -52,7 +52,7 @@ from .._backend import _interpret
 from .._env import env_choice, env_flag
 from ..rope import rope_cos_sin
 from ._attention_op import op_signature, run_backward, run_forward
-from ._triton_op import cdiv, launch, next_pow2, triton_op
+from ._triton_op import cdiv, dummy, is_plain, launch, next_pow2, triton_op
 
 _MAX_HEAD_DIM = 256
 _MAX_POSITION = 1 << 24
@@ -469,26 +469,10 @@ def _bias_args(rel_bias, gate, rel_offset):
                 HAS_BIAS=True, HAS_GATE=g is not None)
 
 
-_DUMMIES = {}    # (device, dtype) -> a 1-element tensor: the pointer of an argument never read
-
-
-def _dummy(q, dtype):
-    """A 1-element ``dtype`` tensor on q's device for a pointer argument the kernel never reads
-    (its constexpr switch is off). Cached per device for plain tensors (one allocation less per
-    argument and call on the host path); traced / fake / wrapped tensors get a fresh one."""
-    if type(q) is not torch.Tensor or torch.compiler.is_compiling():
-        return torch.empty(1, dtype=dtype, device=q.device)
-    key = (q.device, dtype)
-    t = _DUMMIES.get(key)
-    if t is None:
-        t = _DUMMIES[key] = torch.empty(1, dtype=dtype, device=q.device)
-    return t
-
-
 def _aux(q, inv_freq, key_lengths):
-    freq = _dummy(q, torch.float32) if inv_freq is None or inv_freq.numel() == 0 else \
+    freq = dummy(q, torch.float32) if inv_freq is None or inv_freq.numel() == 0 else \
         inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
-    klen = _dummy(q, torch.int32) if key_lengths is None else \
+    klen = dummy(q, torch.int32) if key_lengths is None else \
         key_lengths.to(device=q.device, dtype=torch.int32).contiguous()
     return freq, klen
 
@@ -498,8 +482,8 @@ def _rope_tables(q, inv_freq, Nq, Nk, q_offset, k_offset, win=None):
     position p, for every position of the call, or dummies when the kernels compute cos/sin."""
     enabled = _rope_table_enabled(win)
     if inv_freq is None or inv_freq.numel() == 0 or not enabled:
-        dummy = _dummy(q, torch.float32)
-        return dummy, dummy, 0, False
+        d = dummy(q, torch.float32)
+        return d, d, 0, False
     # the base is an int the kernels specialise on (== 1, divisible by 16): moved down to 5 mod 16
     # (up to 15 rows more, negative positions included) every call shares one compiled kernel,
     # whatever the streaming offsets (tests/test_attention_triton.py's one-compile-key check)
@@ -531,10 +515,10 @@ _TABLES_MAX = 16
 
 
 def _table_cacheable(q, inv_freq):
-    """Only real tensors outside any trace or CUDA-graph capture (a table allocated in a graph's
-    private pool must not outlive it)."""
-    from torch._subclasses.fake_tensor import is_fake
-    if torch.compiler.is_compiling() or is_fake(q) or is_fake(inv_freq):
+    """Only plain real tensors (``is_plain``: not fake, functional or functorch-wrapped) outside
+    any trace or CUDA-graph capture (a table allocated in a graph's private pool must not outlive
+    it)."""
+    if torch.compiler.is_compiling() or not is_plain(q) or not is_plain(inv_freq):
         return False
     if inv_freq.is_inference():     # no version counter to see an in-place edit by
         return False

@@ -12,7 +12,7 @@ import torch
 
 from .._backend import _interpret
 from .._env import env_flag
-from ._triton_op import cdiv, launch, next_pow2
+from ._triton_op import cdiv, dummy, launch, next_pow2
 
 __all__ = ["fused_ok", "ring_write"]
 
@@ -46,7 +46,7 @@ def ring_write(state, q, k, v, inv_freq, interleaved):
         return
     half = 0 if inv_freq is None else int(inv_freq.numel())
     freq = (inv_freq.to(device=q.device, dtype=torch.float32).contiguous() if half else
-            torch.empty(1, dtype=torch.float32, device=q.device))
+            dummy(q, torch.float32))
     bn = 16 if _interpret() else max(1, min(64, next_pow2(n)))
     launch(_ring_write_kernel)[(cdiv(n, bn), B * H)](
         k, v, q, state.k, state.v, state.q, state.pos, state.pending, freq,

@@ -34,7 +34,8 @@ import os
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["triton_op", "launch", "interpreting", "next_pow2", "cdiv", "block_size"]
+__all__ = ["triton_op", "launch", "interpreting", "next_pow2", "cdiv", "block_size",
+           "is_plain", "dummy"]
 
 
 def interpreting():
@@ -56,16 +57,39 @@ def block_size(n, lo, hi):
     return min(hi, max(lo, next_pow2(n)))
 
 
+def is_plain(t):
+    """Whether tensor ``t`` is a plain real tensor: type ``torch.Tensor`` (FakeTensor,
+    FunctionalTensor and the other traceable wrappers are subclasses) and neither a C++
+    functionalization nor a functorch wrapper (those keep the plain type)."""
+    return (type(t) is torch.Tensor and not torch._is_functional_tensor(t)
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
 def _maybe_fake(t):
-    """Whether tensor `t` is fake, cheaply for the common case: a plain ``torch.Tensor`` that is
-    neither a functionalization nor a functorch wrapper is real (FakeTensor, FunctionalTensor and
-    the other traceable wrappers are subclasses), so torch's ``is_fake`` (several isinstance
-    checks and a flatten per tensor, most of a launch's host cost here) only runs for the rest."""
-    if (type(t) is torch.Tensor and not torch._is_functional_tensor(t)
-            and not torch._C._functorch.is_functorch_wrapped_tensor(t)):
+    """Whether tensor `t` is fake, cheaply for the common case: a plain tensor (``is_plain``) is
+    real, so torch's ``is_fake`` (several isinstance checks and a flatten per tensor, most of a
+    launch's host cost here) only runs for the rest."""
+    if is_plain(t):
         return False
     from torch._subclasses.fake_tensor import is_fake
     return is_fake(t)
+
+
+_DUMMIES = {}    # (device, dtype) -> a 1-element tensor: the pointer of an argument never read
+
+
+def dummy(like, dtype):
+    """A 1-element ``dtype`` tensor on ``like``'s device for a pointer argument the kernel never
+    reads (its constexpr switch is off). Cached per device when ``like`` is a plain tensor outside
+    a trace (one allocation less per argument and call on the host path); traced, fake or
+    wrapped tensors get a fresh one of their kind."""
+    if not is_plain(like) or torch.compiler.is_compiling():
+        return torch.empty(1, dtype=dtype, device=like.device)
+    key = (like.device, dtype)
+    t = _DUMMIES.get(key)
+    if t is None:
+        t = _DUMMIES[key] = torch.empty(1, dtype=dtype, device=like.device)
+    return t
 
 
 def _any_fake(args, kwargs):
