@@ -339,10 +339,6 @@ def _tar_files(path, base, names):
     return os.path.getsize(path)
 
 
-def _entry_bytes(d):
-    return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
-
-
 def pack_device_cache(cache_dir, carried, inductor_dir, dest, info, scratch,
                       limit=DEVICE_CACHE_LIMIT, inductor_carried=None):
     """Write `dest` (a gzip tar: entries.tgz, inductor.tgz, device_cache_info.json) with the
@@ -365,7 +361,7 @@ def pack_device_cache(cache_dir, carried, inductor_dir, dest, info, scratch,
         except OSError:            # an entry Triton is rewriting: the next pack takes it
             shutil.rmtree(os.path.join(stage, key), ignore_errors=True)
     prune(stage)
-    sizes = {k: _entry_bytes(os.path.join(stage, k)) for k in entries(stage)}
+    sizes = {k: _folder_bytes(os.path.join(stage, k)) for k in entries(stage)}
     ind = {k: v for k, v in inductor_files(inductor_dir).items()
            if (inductor_carried or {}).get(k) != v}
     ind_path = os.path.join(scratch, INDUCTOR_ARCHIVE)
