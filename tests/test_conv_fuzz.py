@@ -122,17 +122,24 @@ def _case(seed):
     if len_kind == ">span":
         if kind == "depthwise":         # a long depthwise input: few channels
             C = Cout = groups = min(C, 6)
+    return_final = rng.random() < 0.6
     update = None
     if stride == 1:
         update = rng.choice([None, "plain", "indices"])
-    return dict(kind=kind, B=rng.choice([1, 1, 2, 3]), C=C, Cout=Cout, groups=groups, K=K,
-                stride=stride, L=L, len_kind=len_kind, bias=rng.random() < 0.6,
-                activation=rng.choice([None, "silu", "gelu"]),
-                layout=rng.choice(["first", "last", "strided"]),
-                state=rng.choice([None, "contiguous", "transposed"]),
-                return_final=rng.random() < 0.6, update=update,
-                update_len=rng.choice([1, 2, 3, 9]),
-                dtype=rng.choice([torch.float32, torch.float16]))
+    c = dict(kind=kind, B=rng.choice([1, 1, 2, 3]), C=C, Cout=Cout, groups=groups, K=K,
+             stride=stride, L=L, len_kind=len_kind, bias=rng.random() < 0.6,
+             activation=rng.choice([None, "silu", "gelu"]),
+             layout=rng.choice(["first", "last", "strided"]),
+             state=rng.choice([None, "contiguous", "transposed"]),
+             return_final=return_final, update=update,
+             update_len=rng.choice([1, 2, 3, 9]),
+             dtype=rng.choice([torch.float32, torch.float16]))
+    if L < stride:
+        # no output frame: the final state (the initial state itself) is the only output, so
+        # give one and return it
+        c["return_final"] = True
+        c["state"] = c["state"] or "contiguous"
+    return c
 
 
 def _laid_out(t, layout):
