@@ -18,13 +18,13 @@ Both sides get the same inputs: the case dtype's rounded x, weight, bias, state 
 (float64 copies of them for the oracle), so the differences are the backends' own arithmetic.
 Error measure: max |error| / max(1, max |oracle|), per tensor. Both backends accumulate in
 float32 and round once to the case dtype. Tolerances:
-- float32 2e-5: fp32 sums of up to CG*K = 128 products (forward) and B*T ~ 300 (weight
-  gradient); a run of 400 cases (seeds 0..399) measured at most 1.9e-6 (reference) and 1.9e-6
-  (Triton), so the margin is 10x.
-- float16 2e-3: the one rounding to float16 of a value |v| <= max(1, max |oracle|) costs at most
-  half an ulp, 2^-11 = 4.9e-4 relative; the same 400 cases measured at most 4.9e-4 (reference)
-  and 4.9e-4 (Triton): the rounding itself. 2e-3 is 4x that: a wrong tap, a missing state or a
-  wrong bias is an O(1) error.
+- float32 5e-6: fp32 sums of up to CG*K = 128 products (forward) and B*T ~ 400 (weight
+  gradient) of O(1) values; a run of 300 cases (seeds 0..299) measured at most 5.9e-7
+  (reference) and 5.3e-7 (Triton): a 8x margin.
+- float16 1e-3: every output and gradient is one rounding to float16 of a float32 value
+  |v| <= max(1, max |oracle|), at most half an ulp: 2^-11 = 4.9e-4 of the scale (plus the fp32
+  accumulation, ~1e-6); the same 300 cases measured 4.8e-4 for both backends, the rounding
+  itself. 1e-3 is twice that bound; a wrong tap, state sample or bias is an O(1) error.
 Fixed seeds: every run draws the same cases.
 """
 import math
@@ -38,14 +38,16 @@ from conftest import has_triton
 
 from pyencoder.ops import causal_conv1d, causal_conv1d_update
 
-TOL = {torch.float32: 2e-5, torch.float16: 2e-3}
+TOL = {torch.float32: 5e-6, torch.float16: 1e-3}
 N_CASES = 40
 DW_WIDTHS = (1, 2, 3, 4, 5, 7, 16, 31, 33, 64, 128)
 # time-block extents of the Triton kernels (pyencoder.ops._conv_triton): depthwise forward and
 # dx up to 128 positions, the grouped (implicit GEMM) kernels up to 64
 SPAN = {"depthwise": 128, "grouped": 64, "dense": 64, "multiplier": 64}
+# the Triton side runs CPU tensors in the interpreter (conftest sets TRITON_INTERPRET=1 when there
+# is no CUDA device); on a GPU machine test_conv_gpu.py covers the compiled kernels
 BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(
-    not has_triton(), reason="triton is not installed"))]
+    torch.cuda.is_available() or not has_triton(), reason="interpreter test (CPU with triton)"))]
 
 
 # ------------------------------------------------------------------------------------------------
