@@ -244,7 +244,7 @@ def _run_update(c, backend, x64, w64, b64, st64, idx):
     dt = c["dtype"]
     x = _laid_out(x64.to(dt), c["layout"])
     st = st64.to(dt)
-    if c["state"] == "transposed":
+    if c["layout"] != "first":     # a channel-last stream keeps a channel-last state (or pool)
         st = st.transpose(1, 2).contiguous().transpose(1, 2)
     else:
         st = st.clone()
@@ -344,6 +344,8 @@ def test_the_cases_cover_every_feature():
     assert {c["return_final"] for c in cases} == {True, False}
     assert {c["update"] for c in cases} == {None, "plain", "indices"}
     assert any(c["update"] == "indices" and c["B"] > 1 for c in cases)     # a -1 padding row
+    for u in ("plain", "indices"):      # contiguous and channel-last state / pool
+        assert {c["layout"] == "first" for c in cases if c["update"] == u} == {True, False}, u
     assert {c["len_kind"] for c in cases} == {"1", "<K", "=K", ">span", "mid"}
     assert any(c["len_kind"] == ">span" and c["kind"] == "depthwise" for c in cases)
     assert any(c["len_kind"] == ">span" and c["kind"] != "depthwise" for c in cases)
