@@ -149,3 +149,33 @@ def test_block_grid():
     g = BlockGrid(100, "BLOCK_M", 6)
     assert g({"BLOCK_M": 32, "BLOCK_N": 64}) == (4, 6)
     assert g.key == BlockGrid(100, "BLOCK_M", 6).key != BlockGrid(100, "BLOCK_N", 6).key
+
+
+def test_a_full_kernel_records_no_more(monkeypatch, stand_in_driver):
+    """A caller whose ints change every launch (streaming positions) fills its kernel's plans once
+    (_PLANS_MAX) and then records no more: no unbounded growth, no clearing churn."""
+    from pyencoder.ops import _triton_op as TO
+    from triton.runtime.jit import JITFunction
+
+    class Compiled:
+        function, packed_metadata = 1, ()
+
+        def run(self, *a):
+            pass
+
+    class Param:
+        def __init__(self, name):
+            self.name, self.has_default, self.default = name, False, None
+    class Jit(JITFunction):
+        __hash__ = object.__hash__
+
+        def __init__(self):
+            pass
+    jit = Jit()
+    jit.params, jit.pre_run_hooks, jit.arg_names = [Param("X"), Param("pos")], [], ["X", "pos"]
+    monkeypatch.setattr(TO, "_PLANS_MAX", 4)
+    monkeypatch.setitem(TO._PLANS, jit, {})
+    x = torch.randn(4)
+    for pos in range(10):
+        TO._record(jit, (1,), (x, pos), {}, Compiled())
+    assert len(TO._PLANS[jit]) == 4

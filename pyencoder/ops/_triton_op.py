@@ -170,8 +170,8 @@ class BlockGrid:
 # Triton's debug and instrumentation knobs are taken as they were when the plan was recorded.
 
 _PLANS = {}          # kernel (JITFunction or Autotuner) -> {plan key: _Plan}
-_PLANS_MAX = 512     # per kernel; the dict is cleared when full (a streaming caller's offsets
-                     # change every call: such keys miss and are recorded, never reused)
+_PLANS_MAX = 512     # per kernel; a full kernel records no more plans (a streaming caller's
+                     # positions change every call: such keys miss, and are no longer recorded)
 
 
 def _no_key(t):
@@ -221,7 +221,8 @@ class _Plan:
 def _record(kernel, grid, args, kwargs, compiled):
     """Leave a _Plan for this launch (module comment above), or nothing where the fast path does
     not apply."""
-    if compiled is None or not env_flag("PYENCODER_FAST_LAUNCH", True):
+    if compiled is None or not env_flag("PYENCODER_FAST_LAUNCH", True) \
+            or len(_PLANS.get(kernel, ())) >= _PLANS_MAX:
         return
     from triton.runtime.jit import JITFunction
     if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
@@ -264,10 +265,7 @@ def _record(kernel, grid, args, kwargs, compiled):
     if callable(grid):
         grid = grid({**dict(zip(jit.arg_names, args)), **kw})
     grid = tuple(grid) + (1,) * (3 - len(grid))
-    plans = _PLANS.setdefault(kernel, {})
-    if len(plans) >= _PLANS_MAX:
-        plans.clear()
-    plans[key] = _Plan(compiled, grid, tuple(tail), tuple(names) if dynamic else None)
+    _PLANS.setdefault(kernel, {})[key] = _Plan(compiled, grid, tuple(tail), tuple(names) if dynamic else None)
 
 
 def clear_launch_plans():
