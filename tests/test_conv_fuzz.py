@@ -25,7 +25,11 @@ float32 and round once to the case dtype. Tolerances:
   |v| <= max(1, max |oracle|), at most half an ulp: 2^-11 = 4.9e-4 of the scale (plus the fp32
   accumulation, ~1e-6); the same 300 cases measured 4.8e-4 for both backends, the rounding
   itself. 1e-3 is twice that bound; a wrong tap, state sample or bias is an O(1) error.
-Fixed seeds: every run draws the same cases.
+Fixed seeds: every run draws the same cases; test_the_cases_cover_every_feature keeps them
+covering every feature. Checked once by mutation: shifting the oracle's padded input by one
+sample failed 76 of the 80 cases (the 4 others have K == stride and L < stride: no output and an
+empty state), an off-by-one updated state in the oracle failed all 15 update cases with K > 1.
+Dilation is not drawn: the ops have none (DESIGN.md's causal_conv1d has no dilation argument).
 """
 import math
 import random
