@@ -44,12 +44,11 @@ pyencoder.ops.attention). Refused with a frame-rate mask (kb != block), naming s
 Limits: float16, bfloat16, float32 (float64: use the reference); head_dim <= 256; absolute
 positions below 2**24 (exact in float32).
 """
-import os
 
 import torch
 
 from .._backend import _interpret
-from .._env import env_choice, env_flag
+from .._env import env_choice, env_flag, env_raw
 from ..rope import rope_cos_sin
 from ._attention_op import op_signature, run_backward, run_forward
 from ._triton_op import BlockGrid, cdiv, dummy, is_plain, launch, next_pow2, triton_op
@@ -80,7 +79,7 @@ _AUTOTUNE_ALIASES = {"1": "full", "true": "full", "yes": "full", "on": "full",
 def _autotune_mode():
     """PYENCODER_TRITON_AUTOTUNE: "auto" (default), "full" (also 1/true/yes/on) or "0" (also
     false/no/off)."""
-    raw = os.environ.get("PYENCODER_TRITON_AUTOTUNE")
+    raw = env_raw("PYENCODER_TRITON_AUTOTUNE")
     val = (raw or "").strip().lower() or "auto"
     mode = _AUTOTUNE_ALIASES.get(val, val)
     if mode not in _AUTOTUNE_MODES:

@@ -29,19 +29,18 @@ So on the CPU ``torch.library.opcheck`` passes every test_util, but ``test_aot_d
 the whole-op graph, not the decomposition into kernels: that one is checked on a GPU
 (tests marked ``gpu``).
 """
-import os
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from pyencoder._env import env_flag
+from pyencoder._env import env_flag, env_raw
 
 __all__ = ["triton_op", "launch", "interpreting", "next_pow2", "cdiv", "block_size",
            "is_plain", "dummy", "BlockGrid", "clear_launch_plans"]
 
 
 def interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return env_raw("TRITON_INTERPRET") == "1"
 
 
 def next_pow2(n):
@@ -184,13 +183,19 @@ def _plan_key(grid, args, kwargs):
     still hands out a data pointer) raise, as does a grid that is neither a tuple nor keyed.
     Wrappers of the plain type (C++ functionalization, functorch) only exist under a dispatch
     mode or a torch.func transform, where no plan is used (``_Launch.__call__``)."""
-    T, P = torch.Tensor, torch.nn.Parameter
+    T, P, S = torch.Tensor, torch.nn.Parameter, _SCALARS
     from triton.runtime.driver import driver
     return (grid if type(grid) is tuple else grid.key, driver.active.get_current_device(),
-            tuple([(a.dtype, a.data_ptr() % 16 == 0) if type(a) is T or type(a) is P
-                   else _no_key(a) if isinstance(a, T) else a for a in args]),
-            tuple([(k, (v.dtype, v.data_ptr() % 16 == 0)) if type(v) is T or type(v) is P
-                   else _no_key(v) if isinstance(v, T) else (k, v) for k, v in kwargs.items()]))
+            tuple([a if type(a) in S else (a.dtype, a.data_ptr() % 16 == 0)
+                   if type(a) is T or type(a) is P else _no_key(a) if isinstance(a, T) else a
+                   for a in args]),
+            tuple(kwargs),
+            tuple([v if type(v) in S else (v.dtype, v.data_ptr() % 16 == 0)
+                   if type(v) is T or type(v) is P else _no_key(v) if isinstance(v, T) else v
+                   for v in kwargs.values()]))
+
+
+_SCALARS = frozenset((int, float, bool, str, type(None)))
 
 
 class _Plan:
