@@ -119,7 +119,7 @@ class _Launch:
             return self.kernel[self.grid](*args, **kwargs)
         traced = _get_current_dispatch_mode() is not None
         if not traced and not torch._C._are_functorch_transforms_active():
-            plans = _PLANS.get(self.kernel)
+            plans = _PLANS.get(id(self.kernel))
             if plans is not None and env_flag("PYENCODER_FAST_LAUNCH", True):
                 try:
                     plan = plans.get(_plan_key(self.grid, args, kwargs))
@@ -168,9 +168,31 @@ class BlockGrid:
 # hook installed (a profiler) a fast launch builds Triton's launch metadata for it as Triton does.
 # Triton's debug and instrumentation knobs are taken as they were when the plan was recorded.
 
-_PLANS = {}          # kernel (JITFunction or Autotuner) -> {plan key: _Plan}
+_PLANS = {}          # id(kernel) (JITFunction or Autotuner) -> {plan key: _Plan} (by id: a
+                     # JITFunction hashes through its source's cache_key, under a lock)
+_PLAN_KERNELS = {}   # id(kernel) -> kernel: kept alive, so the id stays its own
 _PLANS_MAX = 512     # per kernel; a full kernel records no more plans (a streaming caller's
                      # positions change every call: such keys miss, and are no longer recorded)
+
+
+class _TritonModules:
+    __slots__ = ("driver", "knobs")
+
+
+_TRITON = None
+
+
+def _triton():
+    """triton's driver holder and knobs, imported once (an import statement in the launch path
+    costs a sys.modules lookup per launch)."""
+    global _TRITON
+    if _TRITON is None:
+        from triton import knobs
+        from triton.runtime.driver import driver
+        t = _TritonModules()
+        t.driver, t.knobs = driver, knobs
+        _TRITON = t
+    return _TRITON
 
 
 def _no_key(t):
@@ -184,8 +206,7 @@ def _plan_key(grid, args, kwargs):
     Wrappers of the plain type (C++ functionalization, functorch) only exist under a dispatch
     mode or a torch.func transform, where no plan is used (``_Launch.__call__``)."""
     T, P, S = torch.Tensor, torch.nn.Parameter, _SCALARS
-    from triton.runtime.driver import driver
-    return (grid if type(grid) is tuple else grid.key, driver.active.get_current_device(),
+    return (grid if type(grid) is tuple else grid.key, _triton().driver.active.get_current_device(),
             tuple([a if type(a) in S else (a.dtype, a.data_ptr() % 16 == 0)
                    if type(a) is T or type(a) is P else _no_key(a) if isinstance(a, T) else a
                    for a in args]),
@@ -205,10 +226,10 @@ class _Plan:
         self.compiled, self.grid, self.tail, self.names = compiled, grid, tail, names
 
     def launch(self, args, kwargs):
-        from triton import knobs
-        from triton.runtime.driver import driver
-        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-        active = driver.active
+        t = _triton()
+        runtime = t.knobs.runtime
+        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+        active = t.driver.active
         stream = active.get_current_stream(active.get_current_device())
         if self.names is None:
             vals = args + self.tail
@@ -227,7 +248,7 @@ def _record(kernel, grid, args, kwargs, compiled):
     """Leave a _Plan for this launch (module comment above), or nothing where the fast path does
     not apply."""
     if compiled is None or not env_flag("PYENCODER_FAST_LAUNCH", True) \
-            or len(_PLANS.get(kernel, ())) >= _PLANS_MAX:
+            or len(_PLANS.get(id(kernel), ())) >= _PLANS_MAX:
         return
     from triton.runtime.jit import JITFunction
     if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
@@ -270,12 +291,15 @@ def _record(kernel, grid, args, kwargs, compiled):
     if callable(grid):
         grid = grid({**dict(zip(jit.arg_names, args)), **kw})
     grid = tuple(grid) + (1,) * (3 - len(grid))
-    _PLANS.setdefault(kernel, {})[key] = _Plan(compiled, grid, tuple(tail), tuple(names) if dynamic else None)
+    _PLAN_KERNELS[id(kernel)] = kernel
+    _PLANS.setdefault(id(kernel), {})[key] = _Plan(compiled, grid, tuple(tail),
+                                                   tuple(names) if dynamic else None)
 
 
 def clear_launch_plans():
     """Forget every fast launch plan (tests; a plan holds its compiled kernel alive)."""
     _PLANS.clear()
+    _PLAN_KERNELS.clear()
 
 
 def launch(kernel):
