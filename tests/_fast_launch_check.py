@@ -148,6 +148,13 @@ CASES = {
     "autotune-full": lambda: attention(rope=False),   # PYENCODER_TRITON_AUTOTUNE=full below
     "conv": lambda: conv(),
     "hook": hooked,
+    # recorded at offsets 5, compared at 22: q_offset / k_offset are do_not_specialize (keyed by
+    # range), so the plans recorded at 5 serve 22
+    "offsets-shift": (lambda: attention(rope=False, offset=22),
+                      lambda: attention(rope=False, offset=5)),
+    # recorded at N=48 (Triton: Nq, Nk divisible by 16), compared at N=40: a specialised int, so
+    # no plan of 48 may serve 40
+    "spec-int": (lambda: attention(rope=False, N=40), lambda: attention(rope=False, N=48)),
 }
 ENV = {"band-rope-pre": {"PYENCODER_ROPE_MODE": "pre"},
        "autotune-full": {"PYENCODER_TRITON_AUTOTUNE": "full"}}
@@ -159,12 +166,14 @@ def run_case(name):
     os.environ.update(env)
     logs, served = [], []
     try:
-        for flag in ("0", "1", "1"):
+        case = CASES[name]
+        compared, recorded = case if isinstance(case, tuple) else (case, case)
+        for flag, fn in (("0", compared), ("1", recorded), ("1", compared)):
             os.environ["PYENCODER_FAST_LAUNCH"] = flag
             LOG.clear()
             PLAN_LAUNCHES[0] = 0
             try:
-                CASES[name]()
+                fn()
             except Exception as e:      # reported, not raised: the other cases still run
                 return {"error": f"{type(e).__name__}: {e}"}
             logs.append(list(LOG))

@@ -122,7 +122,8 @@ class _Launch:
             plans = _PLANS.get(id(self.kernel))
             if plans is not None and env_flag("PYENCODER_FAST_LAUNCH", True):
                 try:
-                    plan = plans.get(_plan_key(self.grid, args, kwargs))
+                    plan = plans.get(_plan_key(self.grid, args, kwargs,
+                                               _DNS.get(id(self.kernel), ())))
                 except Exception:   # a fake / storage-less tensor, an unhashable or keyless arg
                     plan = None
                 if plan is not None:
@@ -158,19 +159,23 @@ class BlockGrid:
 # Triton's specialisation: the grid, the current device, and every argument with tensors replaced
 # by (dtype, data pointer 16-byte aligned) and everything else by its value (Triton specialises
 # ints on == 1, divisibility by 16 and range, and constexprs on their value: the raw value decides
-# all of these). The next launch with the same key calls the compiled kernel's launcher with the
-# same bound arguments Triton would pass (the positional arguments, then the remaining parameters
-# from the keywords, the autotuner's chosen config and the defaults) and the current stream: what
+# all of these), except the kernel's do_not_specialize ints, which Triton types by range only and
+# so are keyed by range (streaming offsets change every call and share one plan). The next launch
+# with the same key calls the compiled kernel's launcher with the same bound arguments Triton
+# would pass (the positional arguments, then the remaining parameters from the keywords, the
+# autotuner's chosen config and the defaults) and the current stream: what
 # ``CompiledKernel[grid](*args)`` does. Not recorded, so they always take Triton's path: a launch
-# under a dispatch mode or a torch.func transform, or with fake tensors (a tensor subclass makes its
-# key raise, and the launch falls through to the checks below), a kernel with pre-run hooks,
-# an autotuner config with a pre_hook and a callable grid other than BlockGrid. With a Triton launch
-# hook installed (a profiler) a fast launch builds Triton's launch metadata for it as Triton does.
-# Triton's debug and instrumentation knobs are taken as they were when the plan was recorded.
+# under a dispatch mode or a torch.func transform, or with fake tensors (a tensor subclass makes
+# its key raise, and the launch falls through to the checks below), a kernel with pre-run hooks,
+# an autotuner config with a pre_hook and a callable grid other than BlockGrid. With a Triton
+# launch hook installed (a profiler) a fast launch builds Triton's launch metadata for it as
+# Triton does. Triton's debug and instrumentation knobs are taken as they were when the plan was
+# recorded.
 
 _PLANS = {}          # id(kernel) (JITFunction or Autotuner) -> {plan key: _Plan} (by id: a
                      # JITFunction hashes through its source's cache_key, under a lock)
 _PLAN_KERNELS = {}   # id(kernel) -> kernel: kept alive, so the id stays its own
+_DNS = {}            # id(kernel) -> positions of its do_not_specialize parameters
 _PLANS_MAX = 512     # per kernel; a full kernel records no more plans (a streaming caller's
                      # positions change every call: such keys miss, and are no longer recorded)
 
@@ -199,17 +204,22 @@ def _no_key(t):
     raise TypeError(f"no fast launch plan for a {type(t).__name__}")
 
 
-def _plan_key(grid, args, kwargs):
+def _plan_key(grid, args, kwargs, dns=()):
     """The plan key of a launch (comment above). Tensors of another type than torch.Tensor or
     nn.Parameter (FakeTensor and the other traceable subclasses: a FakeTensor outside its mode
     still hands out a data pointer) raise, as does a grid that is neither a tuple nor keyed.
     Wrappers of the plain type (C++ functionalization, functorch) only exist under a dispatch
     mode or a torch.func transform, where no plan is used (``_Launch.__call__``)."""
     T, P, S = torch.Tensor, torch.nn.Parameter, _SCALARS
+    pos = [a if type(a) in S else (a.dtype, a.data_ptr() % 16 == 0)
+           if type(a) is T or type(a) is P else _no_key(a) if isinstance(a, T) else a
+           for a in args]
+    for i in dns:       # Triton types these by range only: streaming offsets share one plan
+        a = pos[i]
+        if type(a) is int:
+            pos[i] = ("dns", 0 if -2**31 <= a < 2**31 else 1 if -2**63 <= a < 2**63 else 2)
     return (grid if type(grid) is tuple else grid.key, _triton().driver.active.get_current_device(),
-            tuple([a if type(a) in S else (a.dtype, a.data_ptr() % 16 == 0)
-                   if type(a) is T or type(a) is P else _no_key(a) if isinstance(a, T) else a
-                   for a in args]),
+            tuple(pos),
             tuple(kwargs),
             tuple([v if type(v) in S else (v.dtype, v.data_ptr() % 16 == 0)
                    if type(v) is T or type(v) is P else _no_key(v) if isinstance(v, T) else v
@@ -284,14 +294,17 @@ def _record(kernel, grid, args, kwargs, compiled):
             return
         tail.append(v)
         names.append(False)
+    dns = tuple(i for i, p in enumerate(params[:len(args)])
+                if getattr(p, "do_not_specialize", False))
     try:
-        key = _plan_key(grid, args, kwargs)
+        key = _plan_key(grid, args, kwargs, dns)
     except Exception:       # a list or lambda grid, an unhashable argument
         return
     if callable(grid):
         grid = grid({**dict(zip(jit.arg_names, args)), **kw})
     grid = tuple(grid) + (1,) * (3 - len(grid))
     _PLAN_KERNELS[id(kernel)] = kernel
+    _DNS[id(kernel)] = dns
     _PLANS.setdefault(id(kernel), {})[key] = _Plan(compiled, grid, tuple(tail),
                                                    tuple(names) if dynamic else None)
 
@@ -300,6 +313,7 @@ def clear_launch_plans():
     """Forget every fast launch plan (tests; a plan holds its compiled kernel alive)."""
     _PLANS.clear()
     _PLAN_KERNELS.clear()
+    _DNS.clear()
 
 
 def launch(kernel):
