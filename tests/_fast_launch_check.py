@@ -122,6 +122,20 @@ def conv(B=2, C=16, L=37, K=5, seed=0):
                                            backend="triton")
 
 
+def decode(B=2, H=4, M=3, D=32, cap=24, step=0, seed=0):
+    """One streaming decode step (pending queries over a ring), positions as tensors; ``step``
+    moves every position (the ring wraps)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, M, D, generator=g).half()
+    ring_k, ring_v = (torch.randn(B, H, cap, D, generator=g).half() for _ in range(2))
+    n_keys = torch.tensor([30, 17][:B]) + step
+    q_pos = n_keys[:, None] - 5 + torch.arange(M)[None]
+    with torch.no_grad():
+        pyencoder.ops.decode_attention(q, ring_k, ring_v, q_pos, torch.full((B,), M), n_keys,
+                                       torch.rand(D // 4, generator=g), False, 1, 10, 3,
+                                       D ** -0.5, backend="triton")
+
+
 def hooked():
     """A launch hook installed (a profiler): Triton's launch metadata reaches the launcher."""
     from triton import knobs
@@ -148,6 +162,7 @@ CASES = {
     "autotune-full": lambda: attention(rope=False),   # PYENCODER_TRITON_AUTOTUNE=full below
     "conv": lambda: conv(),
     "hook": hooked,
+    "decode": (lambda: decode(step=7), lambda: decode()),
     # recorded at offsets 5, compared at 22: q_offset / k_offset are do_not_specialize (keyed by
     # range), so the plans recorded at 5 serve 22
     "offsets-shift": (lambda: attention(rope=False, offset=22),
