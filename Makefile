@@ -60,7 +60,7 @@ test-newest: $(NEWEST_VENV)/.ready
 	$(NEWEST_PY) -c "import triton, transformers; print('triton', triton.__version__, 'transformers', transformers.__version__)"
 	TRITON_INTERPRET=1 $(NEWEST_PY) -m pytest -q tests/test_conv_triton.py \
 	  tests/test_convnext_fused.py tests/test_streaming_decode_triton.py \
-	  tests/test_attention_triton.py tests/test_triton_ops.py -m "not slow"
+	  tests/test_attention_triton.py tests/test_triton_ops.py tests/test_fast_launch.py -m "not slow"
 	$(NEWEST_PY) -m pytest -q tests/test_hf.py tests/test_hf_streaming.py
 
 # transformers' own Wav2Vec2/HuBERT/WavLM model tests with the pyencoder patch at full context and

@@ -11,7 +11,9 @@ wav2vec2-base-sized layer (H=12, D=64, 4 queries over a 257-entry ring) is timed
 scale. Prints medians of 7 repeats in microseconds per call; writes nothing. Needs triton
 installed (no GPU: no kernel runs). Then the interval attention forward's host cost on the eager
 fast path vs through its registered triton_op (launches stubbed; ``_interval_attention``).
-Last, the same call with Triton's own launch path included (``_triton_launch_path``): a stand-in
+Last, the same call with Triton's own launch path included (``_triton_launch_path``), once with
+the fast launch path (PYENCODER_FAST_LAUNCH=1, the default: plans recorded by the first call serve
+the launches) and once through JITFunction.run every time (=0): a stand-in
 driver (sm_90 target, stream 0) lets triton's JITFunction.run bind, specialise and look up the
 kernel as on a GPU; only the compile (a stand-in kernel is cached) and the C launcher (a no-op)
 are left out; forward and forward+backward, RoPE off and on (the table mode at band(50,3)).
@@ -117,6 +119,7 @@ def _triton_launch_path(calls):
     import pyencoder
     from pyencoder import _backend
     from pyencoder.ops import _attention_triton as A
+    from pyencoder.ops._triton_op import clear_launch_plans
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
 
@@ -161,14 +164,18 @@ def _triton_launch_path(calls):
                 def fwdbwd():
                     return torch.autograd.grad(fwd(), (q, k, v), dout)
                 tag = "RoPE" if rope is not None else "no RoPE"
-                f = _per_call_us(fwd_nograd, max(100, calls))
-                fb = _per_call_us(fwdbwd, max(50, calls // 2))
-                print(f"interval attention band(50,3) {tag + ',':8s} triton launch path: "
-                      f"fwd {f:8.1f} us/call  fwd+bwd {fb:8.1f} us/call (compile and C launcher "
-                      f"left out)")
+                for fast in ("1", "0"):
+                    with temp_env(PYENCODER_FAST_LAUNCH=fast):
+                        f = _per_call_us(fwd_nograd, max(100, calls))
+                        fb = _per_call_us(fwdbwd, max(50, calls // 2))
+                    path = "fast launch" if fast == "1" else "triton run "
+                    print(f"interval attention band(50,3) {tag + ',':8s} {path} path: "
+                          f"fwd {f:8.1f} us/call  fwd+bwd {fb:8.1f} us/call (compile and C "
+                          f"launcher left out)")
     finally:
         _backend.select, A._interpret, A._arch, JITFunction._do_compile = saved
         driver._active = active
+        clear_launch_plans()    # they hold the stand-in kernel
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ profiler lacks those fields), do_bench's median (``ms``) and the CUDA-graph repl
 time.
 
 Rows (one per case, appended as measured): bench "profile_attention", case, mode (fwd | fwdbwd),
-mask, rope, B, H, D, N, dtype, calls, host_us, kernel_us, ms, p20_ms, p80_ms, graph_ms, top_ops
+mask, rope, B, H, D, N, dtype, calls, host_us, host_us_triton_run (host_us with
+PYENCODER_FAST_LAUNCH=0: every launch through Triton's JITFunction.run), kernel_us, ms, p20_ms, p80_ms, graph_ms, top_ops
 (the 10 entries with most time: name, calls, cpu_us, cuda_us (None on CPU); totals over the
 profiled calls, us), host_profile (cProfile over the host_us calls: the 25 Python functions with
 most own time, per call: func, calls, self_us, cum_us; which of pyencoder's launch path, torch's
@@ -140,7 +141,7 @@ def _case_fn(mode, fwd, leaves, dout):
 def profile_case(label, m, rope, mode, B, H, D, n, dtype, device, cfg, trace_dir=None):
     """One row; prints the profiler table and a summary line."""
     import pyencoder
-    from benchmarks._common import env_info, graph_ms, host_us, bench
+    from benchmarks._common import bench, env_info, graph_ms, host_us, temp_env
     from benchmarks.bench_attention import make_provider, mask_name
     cuda = device == "cuda"
     case = f"{label}-{mode}"
@@ -169,6 +170,11 @@ def profile_case(label, m, rope, mode, B, H, D, n, dtype, device, cfg, trace_dir
     print(avg.table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=15),
           flush=True)
     row["host_us"] = host_us(fn, calls=cfg["host_calls"], repeats=cfg["host_repeats"])
+    # the same through Triton's JITFunction.run on every launch (the fast launch path off): the
+    # A/B of PYENCODER_FAST_LAUNCH on this machine's CPU, right after the row above
+    with temp_env(PYENCODER_FAST_LAUNCH="0"):
+        row["host_us_triton_run"] = host_us(fn, calls=cfg["host_calls"],
+                                            repeats=cfg["host_repeats"])
     row["host_profile"] = host_profile(fn, cfg["host_calls"], sync)
     row["kernel_us"] = kernel_us(avg, cfg["calls"]) if cuda else None
     t = bench(fn, cfg["bench_warmup"], cfg["bench_rep"])
@@ -193,7 +199,8 @@ def profile_case(label, m, rope, mode, B, H, D, n, dtype, device, cfg, trace_dir
         row["trace"] = path
     k = row["kernel_us"]
     g = row["graph_ms"]
-    print(f"-- {case}: host {row['host_us']:.0f} us/call  kernels "
+    print(f"-- {case}: host {row['host_us']:.0f} us/call (Triton's run every launch: "
+          f"{row['host_us_triton_run']:.0f})  kernels "
           f"{'n/a' if k is None else f'{k:.0f} us'}/call  do_bench {row['ms']:.3f} ms  graph "
           f"{'n/a' if g is None else f'{g:.3f} ms'}"
           + (f"  ({row['graph_error']})" if "graph_error" in row else ""), flush=True)

@@ -18,6 +18,8 @@ import contextvars
 import os
 import threading
 
+from pyencoder._env import env_raw
+
 BACKENDS = ("reference", "triton", "cuda")
 
 # The Triton releases the kernels are tested with (setup.py's [triton] extra; CI: 3.6, and
@@ -100,7 +102,7 @@ def use_backend(name=None, **per_family):
 
 
 def _interpret():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return env_raw("TRITON_INTERPRET") == "1"
 
 
 _global_cache = {}

@@ -39,6 +39,7 @@ def test_dry_run_end_to_end(tmp_path):
         assert r["bench"] == "profile_attention" and r["provider"] == "pyencoder-triton"
         assert (r["B"], r["H"], r["D"], r["N"], r["dtype"]) == (1, 2, 16, 24, "float32")
         assert r["host_us"] > 0 and r["ms"] > 0 and r["p20_ms"] <= r["p80_ms"]
+        assert r["host_us_triton_run"] > 0     # the fast launch A/B
         assert r["kernel_us"] is None and r["graph_ms"] is None      # CPU: no CUDA figures
         assert 1 <= len(r["top_ops"]) <= pa.TOP_OPS
         names = [op["name"] for op in r["top_ops"]]

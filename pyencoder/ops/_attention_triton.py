@@ -44,15 +44,14 @@ pyencoder.ops.attention). Refused with a frame-rate mask (kb != block), naming s
 Limits: float16, bfloat16, float32 (float64: use the reference); head_dim <= 256; absolute
 positions below 2**24 (exact in float32).
 """
-import os
 
 import torch
 
 from .._backend import _interpret
-from .._env import env_choice, env_flag
+from .._env import env_choice, env_flag, env_raw
 from ..rope import rope_cos_sin
 from ._attention_op import op_signature, run_backward, run_forward
-from ._triton_op import cdiv, dummy, is_plain, launch, next_pow2, triton_op
+from ._triton_op import BlockGrid, cdiv, dummy, is_plain, launch, next_pow2, triton_op
 
 _MAX_HEAD_DIM = 256
 _MAX_POSITION = 1 << 24
@@ -80,7 +79,7 @@ _AUTOTUNE_ALIASES = {"1": "full", "true": "full", "yes": "full", "on": "full",
 def _autotune_mode():
     """PYENCODER_TRITON_AUTOTUNE: "auto" (default), "full" (also 1/true/yes/on) or "0" (also
     false/no/off)."""
-    raw = os.environ.get("PYENCODER_TRITON_AUTOTUNE")
+    raw = env_raw("PYENCODER_TRITON_AUTOTUNE")
     val = (raw or "").strip().lower() or "auto"
     mode = _AUTOTUNE_ALIASES.get(val, val)
     if mode not in _AUTOTUNE_MODES:
@@ -400,8 +399,12 @@ def _pinned_tiles(name, configs, q, win, consts):
     return tiles
 
 
-def _launch(name, grid_fn, args, consts, pinned=False):
+def _launch(name, grid, args, consts, pinned=False):
+    """Launch kernel ``name`` over ``grid`` (a BlockGrid: the tile decides its extent)."""
     fixed, configs, tuners = _kernel(name)
+
+    def grid_fn(bm, bn):
+        return grid({"BLOCK_M": bm, "BLOCK_N": bn})
     if tuners is None:
         bm, bn, warps, stages = _tile(configs)
         launch(fixed)[grid_fn(bm, bn)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn,
@@ -409,8 +412,7 @@ def _launch(name, grid_fn, args, consts, pinned=False):
         return
     mode = "0" if pinned else _autotune_mode()
     if mode != "0":
-        launch(tuners[mode])[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args,
-                                                                                     **consts)
+        launch(tuners[mode])[grid](*args, **consts)
         return
     tiles = _pinned_tiles(name, configs, args[0], args[-1], consts)
     for i, (bm, bn, warps, stages) in enumerate(tiles):
@@ -637,7 +639,7 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
             Hq, Hq // Hk, Nq, Nk, D, half, rot, npass,
             block, lo_off, hi_off, q_offset, k_offset, tab_base, float(scale) * _LOG2E,
             _window_key(block if kb is None else kb, lo_off, hi_off, Nk))
-    _launch("fwd", lambda bm, bn: (cdiv(Nq, bm), B * Hq), args, consts)
+    _launch("fwd", BlockGrid(Nq, "BLOCK_M", B * Hq), args, consts)
     return out, lse
 
 
@@ -704,13 +706,13 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
     args = (q, k, v, dout, out, dq, lse, delta, freq, cos, sin, klen,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *out.stride(), *dq.stride(),
             Hq, Hq // Hk, *common)
-    _launch("dq", lambda bm, bn: (cdiv(Nq, bm), B * Hq), args, dict(consts, DREL=drel,
+    _launch("dq", BlockGrid(Nq, "BLOCK_M", B * Hq), args, dict(consts, DREL=drel,
                                                                      DGATE=dgate),
             pinned=deterministic)
     args = (q, k, v, dout, dk, dv, lse, delta, freq, cos, sin, klen,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             Hq, Hk, Hq // Hk, *common)
-    _launch("dkdv", lambda bm, bn: (cdiv(Nk, bn), B * Hk), args, consts, pinned=deterministic)
+    _launch("dkdv", BlockGrid(Nk, "BLOCK_N", B * Hk), args, consts, pinned=deterministic)
     return result(dq, dk, dv)
 
 

@@ -1,0 +1,213 @@
+"""Subprocess of tests/test_fast_launch.py: every launch of a set of real calls on CPU tensors, as
+on an sm_90 device (Triton's own JITFunction.run up to the compile, on a stand-in driver; no
+interpreter), with the fast launch path off, then on twice (the first call records plans, the
+second replays them). Each stand-in compiled kernel is one per Triton cache key and logs what its
+launcher receives. Prints one JSON object: per case the three normalised launch logs and how many
+launches the replay served from plans. Run with TRITON_INTERPRET unset."""
+import json
+import os
+import sys
+
+import torch
+
+assert os.environ.get("TRITON_INTERPRET", "0") != "1"
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+
+import pyencoder  # noqa: E402
+from benchmarks.triton_cache import TARGET, _FakeDriver  # noqa: E402
+from pyencoder import _backend  # noqa: E402
+from pyencoder.ops import _attention_triton as A  # noqa: E402
+from pyencoder.ops import _triton_op as TO  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+LOG = []
+KEYS = {}
+
+
+class StandIn:
+    """One per (kernel, Triton cache key): what a compiled kernel offers the launch paths."""
+
+    def __init__(self, name, key):
+        self.name, self.key = name, key
+        self.function, self.packed_metadata = object(), ("packed", name)
+
+    def launch_metadata(self, grid, stream, *args):
+        return ("metadata", self.name)
+
+    def run(self, g0, g1, g2, stream, function, packed, md, enter, leave, *vals):
+        assert function is self.function and packed is self.packed_metadata
+        LOG.append({"kernel": self.name, "key": KEYS.setdefault(self.key, len(KEYS)),
+                    "grid": [g0, g1, g2], "stream": stream, "metadata": md is not None,
+                    "vals": [_norm(v) for v in vals]})
+
+
+def _norm(v):
+    if isinstance(v, torch.Tensor):
+        return ["T", str(v.dtype), list(v.shape), list(v.stride()), v.data_ptr() % 16 == 0]
+    if isinstance(v, float):
+        return ["f", v]
+    return repr(v)
+
+
+def do_compile(fn, key, signature, device, constexprs, options, attrs, warmup):
+    s = StandIn(fn.fn.__name__, key)
+    fn.device_caches[device][0][key] = s
+    return s
+
+
+PLAN_LAUNCHES = [0]
+_plan_launch = TO._Plan.launch
+
+
+def counted(self, args, kwargs):
+    PLAN_LAUNCHES[0] += 1
+    return _plan_launch(self, args, kwargs)
+
+
+def bench(self, *args, config, **kwargs):     # the autotuner's timing: deterministic stand-in
+    return [float(config.kwargs["BLOCK_M"] * 1000 + config.kwargs["BLOCK_N"]
+                  + config.num_warps)] * 3
+
+
+def setup():
+    driver.set_active(_FakeDriver(TARGET))
+    JITFunction._do_compile = do_compile
+    Autotuner._bench = bench
+    TO._Plan.launch = counted
+    _backend.select = lambda *a, **k: "triton"
+    A._interpret, A._arch = (lambda: False), (lambda device: "sm90")
+
+
+def attention(B=2, H=4, Hk=2, N=40, D=32, dtype=torch.float16, rope=True, mask="band",
+              offset=0, key_lengths=False, bias=False, misaligned=False, sink=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def t(h, n):
+        if misaligned:      # a view 2 bytes past an aligned start: data_ptr % 16 != 0
+            base = torch.randn(B * h * n * D + 1, generator=g).to(dtype)
+            return base[1:].view(B, h, n, D).requires_grad_()
+        return torch.randn(B, h, n, D, generator=g).to(dtype).requires_grad_()
+    q, k, v = t(H, N), t(Hk, N), t(Hk, N)
+    kw = dict(rope=pyencoder.Rope(D) if rope else None, backend="triton", q_offset=offset,
+              k_offset=offset)
+    if key_lengths:
+        kw["key_lengths"] = torch.tensor([N, N - 7][:B] + [N] * max(0, B - 2))
+    if bias:
+        kw["rel_bias"] = torch.randn(H, 200, generator=g)
+        kw["gate"] = torch.rand(B, H, N, generator=g)
+        kw["rel_offset"] = -100
+    if mask == "band":
+        m = pyencoder.IntervalMask.band(20, 3, sink=sink)
+    elif mask == "chunked":
+        m = pyencoder.IntervalMask.chunked(8, 2, 1)
+    else:
+        m = pyencoder.IntervalMask.band(None, 0)
+    out = pyencoder.ops.interval_attention(q, k, v, mask=m, **kw)
+    torch.autograd.grad(out, (q, k, v), torch.randn(out.shape, generator=g).to(dtype))
+
+
+def conv(B=2, C=16, L=37, K=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, L, generator=g).requires_grad_()
+    w = torch.randn(C, 1, K, generator=g).requires_grad_()
+    b = torch.randn(C, generator=g).requires_grad_()
+    y = pyencoder.ops.causal_conv1d(x, w, b, groups=C, activation="silu", backend="triton")
+    y = y[0] if isinstance(y, tuple) else y
+    torch.autograd.grad(y, (x, w, b), torch.randn(y.shape, generator=g))
+    state = torch.randn(B, C, K - 1, generator=g)
+    with torch.no_grad():
+        pyencoder.ops.causal_conv1d_update(x[..., :3].detach(), state, w.detach(), b.detach(), groups=C,
+                                           backend="triton")
+
+
+def decode(B=2, H=4, M=3, D=32, cap=24, step=0, seed=0):
+    """One streaming decode step (pending queries over a ring), positions as tensors; ``step``
+    moves every position (the ring wraps)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, M, D, generator=g).half()
+    ring_k, ring_v = (torch.randn(B, H, cap, D, generator=g).half() for _ in range(2))
+    n_keys = torch.tensor([30, 17][:B]) + step
+    q_pos = n_keys[:, None] - 5 + torch.arange(M)[None]
+    with torch.no_grad():
+        pyencoder.ops.decode_attention(q, ring_k, ring_v, q_pos, torch.full((B,), M), n_keys,
+                                       torch.rand(D // 4, generator=g), False, 1, 10, 3,
+                                       D ** -0.5, backend="triton")
+
+
+def hooked():
+    """A launch hook installed (a profiler): Triton's launch metadata reaches the launcher."""
+    from triton import knobs
+    seen = []
+    hook = seen.append
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        attention(rope=False)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+
+
+CASES = {
+    "band-rope-table": lambda: attention(),
+    "band-norope": lambda: attention(rope=False),
+    "band-rope-pre": lambda: attention(),         # PYENCODER_ROPE_MODE=pre below
+    "chunked-klen": lambda: attention(mask="chunked", key_lengths=True),
+    "full-fp32": lambda: attention(mask="full", dtype=torch.float32, rope=False),
+    "bias-gate": lambda: attention(bias=True, rope=False),
+    "sink": lambda: attention(sink=4),
+    "offset-7": lambda: attention(offset=7),
+    "batch-3": lambda: attention(B=3),
+    "misaligned": lambda: attention(misaligned=True),
+    "autotune-full": lambda: attention(rope=False),   # PYENCODER_TRITON_AUTOTUNE=full below
+    "conv": lambda: conv(),
+    "hook": hooked,
+    "decode": (lambda: decode(step=7), lambda: decode()),
+    # recorded at offsets 5, compared at 22: q_offset / k_offset are do_not_specialize (keyed by
+    # range), so the plans recorded at 5 serve 22
+    "offsets-shift": (lambda: attention(rope=False, offset=22),
+                      lambda: attention(rope=False, offset=5)),
+    # recorded at N=48 (Triton: Nq, Nk divisible by 16), compared at N=40: a specialised int, so
+    # no plan of 48 may serve 40
+    "spec-int": (lambda: attention(rope=False, N=40), lambda: attention(rope=False, N=48)),
+}
+ENV = {"band-rope-pre": {"PYENCODER_ROPE_MODE": "pre"},
+       "autotune-full": {"PYENCODER_TRITON_AUTOTUNE": "full"}}
+
+
+def run_case(name):
+    env = {"PYENCODER_TRITON_AUTOTUNE": "0", **ENV.get(name, {})}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    logs, served = [], []
+    try:
+        case = CASES[name]
+        compared, recorded = case if isinstance(case, tuple) else (case, case)
+        for flag, fn in (("0", compared), ("1", recorded), ("1", compared)):
+            os.environ["PYENCODER_FAST_LAUNCH"] = flag
+            LOG.clear()
+            PLAN_LAUNCHES[0] = 0
+            try:
+                fn()
+            except Exception as e:      # reported, not raised: the other cases still run
+                return {"error": f"{type(e).__name__}: {e}"}
+            logs.append(list(LOG))
+            served.append(PLAN_LAUNCHES[0])
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        os.environ.pop("PYENCODER_FAST_LAUNCH", None)
+    return {"logs": logs, "served": served}
+
+
+def main():
+    setup()
+    res = {name: run_case(name) for name in (sys.argv[1:] or CASES)}
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""The fast launch path (pyencoder.ops._triton_op, PYENCODER_FAST_LAUNCH): a launch served from a
+recorded plan must reach the same compiled kernel with the same grid, stream and arguments as
+Triton's own JITFunction.run. Checked on the CPU by tests/_fast_launch_check.py in a subprocess
+(real JITFunctions, a stand-in sm_90 driver, one stand-in compiled kernel per Triton cache key
+that logs what its launcher receives): attention forward + backward over RoPE modes, masks,
+padding, bias (tensor keywords), sink keys, offsets, batch sizes, a misaligned input (Triton
+specialises pointers on 16-byte alignment), the autotuner's path and a launch hook; the
+depthwise conv forward, backward and update; a streaming decode step."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+pytest.importorskip("triton")
+
+
+@pytest.fixture(scope="module")
+def logs():
+    sys.path.insert(0, HERE)
+    import _subproc
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "PYENCODER_FAST_LAUNCH")}
+    r = _subproc.run([sys.executable, os.path.join(HERE, "_fast_launch_check.py")], env=env,
+                     cwd=os.path.dirname(HERE))
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _strip(log):
+    return [{k: v for k, v in x.items() if k != "metadata"} for x in log]
+
+
+def test_every_case_ran(logs):
+    errors = {n: c["error"] for n, c in logs.items() if "error" in c}
+    assert not errors
+    assert len(logs) >= 16
+
+
+@pytest.mark.parametrize("case", ["band-rope-table", "band-norope", "band-rope-pre",
+                                  "chunked-klen", "full-fp32", "bias-gate", "sink", "offset-7",
+                                  "batch-3", "misaligned", "autotune-full", "conv", "hook",
+                                  "offsets-shift", "decode"])
+def test_replay_equals_triton(logs, case):
+    c = logs[case]
+    off, record, replay = c["logs"]
+    assert off, "the case launched nothing"
+    # off: every launch through Triton; the replay: every launch from a plan
+    assert c["served"][0] == 0 and c["served"][2] == len(replay)
+    assert _strip(replay) == _strip(off)
+    if case not in ("offsets-shift", "decode"):     # recorded at other positions
+        assert _strip(record) == _strip(off)
+    hooked = case == "hook"
+    # Triton's launch metadata reaches the launcher only when a launch hook wants it
+    assert all(x["metadata"] for x in off)          # Triton builds it for every launch
+    assert all(x["metadata"] == hooked for x in replay)
+
+
+def test_specialised_ints_are_not_coarsened(logs):
+    """Plans recorded at N=48 (divisible by 16: Triton's 'D' specialisation of Nq / Nk) must not
+    serve N=40: the replay run reaches the kernels Triton picks for 40."""
+    off, record, replay = logs["spec-int"]["logs"]
+    assert _strip(replay) == _strip(off)
+    assert [x["key"] for x in record] != [x["key"] for x in off]
+
+
+def test_specialisation_is_kept(logs):
+    """The plan key is at least as fine as Triton's specialisation: a misaligned q/k/v gets the
+    misaligned kernels Triton picks, another batch size its own grid, and the autotuner's chosen
+    tile its resolved grid."""
+    aligned = logs["band-rope-table"]["logs"][0]
+    mis = logs["misaligned"]["logs"][0]
+    assert [x["key"] for x in aligned] != [x["key"] for x in mis]
+    assert logs["batch-3"]["logs"][0][0]["grid"] != aligned[0]["grid"]
+    assert [x["key"] for x in logs["offset-7"]["logs"][0]] == [x["key"] for x in aligned]
+
+
+@pytest.fixture
+def stand_in_driver():
+    from triton.runtime.driver import driver
+
+    sys.path.insert(0, os.path.dirname(HERE))
+    from benchmarks.triton_cache import TARGET, _FakeDriver
+    active = driver._active
+    driver.set_active(_FakeDriver(TARGET))
+    yield
+    driver._active = active
+
+
+def test_plan_key_refuses_tensors_without_storage(stand_in_driver):
+    """A fake, functional or functorch-wrapped tensor has no data pointer: its key raises, so the
+    launch falls through to the fakeness checks and wrap_triton (never a plan)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pyencoder.ops._triton_op import _plan_key
+    real = torch.randn(4, 4)
+    key = _plan_key((1, 1, 1), (real, 3, 1.5, None), {"X": real, "C": True})
+    assert key == _plan_key((1, 1, 1), (torch.randn(4, 4), 3, 1.5, None),
+                            {"X": torch.randn(4, 4), "C": True})
+    assert key != _plan_key((1, 1, 1), (real, 4, 1.5, None), {"X": real, "C": True})
+    assert key != _plan_key((1, 1, 1), (real.half(), 3, 1.5, None), {"X": real, "C": True})
+    assert key != _plan_key((1, 1, 1), (real.view(-1)[1:], 3, 1.5, None), {"X": real, "C": True})
+    _plan_key((1, 1, 1), (torch.nn.Parameter(real),), {})
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(real)
+    with pytest.raises(Exception):
+        _plan_key((1, 1, 1), (fake,), {})
+    with pytest.raises(Exception):
+        _plan_key((1, 1, 1), (real,), {"X": fake})
+    _plan_key((1, 1, 1), (real.to(torch.bfloat16), torch.zeros(3, dtype=torch.int32)), {})
+
+
+def test_no_plan_under_transforms_or_modes(monkeypatch, stand_in_driver):
+    """Under a torch.func transform or a dispatch mode (where functional / functorch wrappers of
+    the plain tensor type live) a launch never consults the plans: a plan stored for every key
+    would otherwise serve it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pyencoder.ops import _triton_op as TO
+    monkeypatch.setattr(TO, "interpreting", lambda: False)
+    consulted = []
+
+    class Plans(dict):
+        def get(self, key, default=None):
+            consulted.append(key)
+            return None
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+    kernel = Kernel()
+    monkeypatch.setitem(TO._PLANS, id(kernel), Plans())
+    monkeypatch.setattr(TO, "_record", lambda *a: None)
+    monkeypatch.setattr(TO.torch.library, "wrap_triton", lambda k: k)
+
+    def launch(t):
+        TO.launch(kernel)[(1,)](t, 3)
+        return t
+    torch.vmap(launch)(torch.randn(3, 4))
+    torch.func.grad(lambda t: launch(t).sum())(torch.randn(3))
+    torch.func.functionalize(launch)(torch.randn(3))
+    with FakeTensorMode() as mode:
+        launch(mode.from_tensor(torch.randn(3)))
+    assert not consulted
+    launch(torch.randn(3))      # the plain eager launch does consult them
+    assert len(consulted) == 1
+
+
+def test_plan_key_grid(stand_in_driver):
+    from pyencoder.ops._triton_op import _plan_key
+    real = torch.randn(2)
+    with pytest.raises(Exception):      # a lambda grid has no key: never a plan
+        _plan_key(lambda meta: (1,), (real,), {})
+
+
+def test_block_grid():
+    from pyencoder.ops._triton_op import BlockGrid
+    g = BlockGrid(100, "BLOCK_M", 6)
+    assert g({"BLOCK_M": 32, "BLOCK_N": 64}) == (4, 6)
+    assert g.key == BlockGrid(100, "BLOCK_M", 6).key != BlockGrid(100, "BLOCK_N", 6).key
+
+
+def test_a_full_kernel_records_no_more(monkeypatch, stand_in_driver):
+    """A caller whose ints change every launch (streaming positions) fills its kernel's plans once
+    (_PLANS_MAX) and then records no more: no unbounded growth, no clearing churn."""
+    from pyencoder.ops import _triton_op as TO
+    from triton.runtime.jit import JITFunction
+
+    class Compiled:
+        function, packed_metadata = 1, ()
+
+        def run(self, *a):
+            pass
+
+    class Param:
+        def __init__(self, name):
+            self.name, self.has_default, self.default = name, False, None
+    class Jit(JITFunction):
+        __hash__ = object.__hash__
+
+        def __init__(self):
+            pass
+    jit = Jit()
+    jit.params, jit.pre_run_hooks, jit.arg_names = [Param("X"), Param("pos")], [], ["X", "pos"]
+    monkeypatch.setattr(TO, "_PLANS_MAX", 4)
+    monkeypatch.setitem(TO._PLANS, id(jit), {})
+    monkeypatch.setitem(TO._PLAN_KERNELS, id(jit), jit)
+    x = torch.randn(4)
+    for pos in range(10):
+        TO._record(jit, (1,), (x, pos), {}, Compiled())
+    assert len(TO._PLANS[id(jit)]) == 4
