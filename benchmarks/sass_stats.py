@@ -26,7 +26,7 @@ gather also took 128 KiB of shared memory; 128x64 / 8 warps has none. The defaul
 (pyencoder.ops._attention_triton) is ordered by these counts.
 
 Run it in a process of its own (it patches torch and Triton for good); ``--grad`` also runs the
-backward (dq, dk/dv, preprocess). Compiles take 5-15 s per kernel on this CPU. Counts are static
+backward (dq, which also computes delta, and dk/dv). Compiles take 5-15 s per kernel on this CPU. Counts are static
 (the code of a loop body counts once), so they compare two versions of a kernel, not kernels.
 """
 import argparse

@@ -143,7 +143,7 @@ def test_launch_routing(monkeypatch, arch, mode, pinned):
     monkeypatch.setattr(A, "_kernels", {"dq": (fixed, _cfgs("dq"), tuners)})
     q = torch.empty(1, dtype=torch.bfloat16)
     consts = A._consts(q, 64, 32, 0, 250, None, False, False)
-    A._launch("dq", lambda bm, bn: (1, 1), (q, 256), consts, pinned=pinned)
+    A._launch("dq", A.BlockGrid(1, "BLOCK_M", 1), (q, 256), consts, pinned=pinned)
     if pinned or mode == "0":
         # the table's first choice, untimed; on OutOfResources the fallback tile
         want = [("fixed", A._FALLBACK)] if mode == "0" else [("fixed", first)]

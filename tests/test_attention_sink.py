@@ -225,7 +225,7 @@ def test_sinks_add_one_compile_key_and_leave_the_plain_kernels_alone():
     one with sink=0 share one key per launcher (the band/chunked kernels as before: sink and
     HAS_SINK are None); every sink > 0 (1, 5, 16, 300, 10**9: no integer specialisation, sink is
     do_not_specialize, and capped at k_offset + Nk) adds exactly one more (HAS_SINK=True) to the
-    fwd, dq and dk/dv kernels, none to the preprocess kernel."""
+    fwd, dq and dk/dv kernels (the backward has no other attention kernel)."""
     import json
     import sys
 

@@ -280,7 +280,7 @@ def test_tuned_tiles_and_autotune_option(monkeypatch):
     tuner = types.SimpleNamespace(cache={"key0": old, "key1": cfg})
     monkeypatch.setattr(A, "_kernels", {"fwd": (None, [], {"full": tuner,
                                                            "auto": types.SimpleNamespace()}),
-                                        "pre": (None, None, None)})
+                                        "dq": (None, [], None)})
     assert ba.tuned_tiles() == {"fwd/full": "64x32 w4 s2"}
     monkeypatch.delenv("PYENCODER_TRITON_AUTOTUNE", raising=False)
     ba.main(["--autotune", "full", "--n", "16", "--providers", "reference", "--no-write",

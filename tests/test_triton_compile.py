@@ -36,7 +36,9 @@ Matrices (``--matrix`` or ``PYENCODER_COMPILE_MATRIX``):
   and fp16 head_dim 64 with the gated bias and a GQA ring), 2 more per target, and the sink-key
   variant (HAS_SINK, IntervalMask.sink) of the three attention kernels in the fp32 head_dim 32
   and fp16 head_dim 64 interleaved cases, 6 more per target, and with the gated relative bias
-  (HAS_SINK with HAS_BIAS / HAS_GATE: the clamped bias column), 3 more.
+  (HAS_SINK with HAS_BIAS / HAS_GATE: the clamped bias column), 3 more. The whole sample,
+  counted last after the attention backward's preprocess kernel was folded into the dq kernel
+  (the counts above included it): 95 launch variants, 132 compiles.
   Every matrix adds the sink-key variant of its default-tile (not all-configs) head_dim <= 64
   cases, biased ones included.
 - ``quick``: every config of every launcher list at the shapes that need the most shared memory

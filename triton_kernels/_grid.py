@@ -1,5 +1,6 @@
 """Program-index helper shared by the Triton kernels whose grid is (batch * heads, row tiles) in
-either axis order (the ring decode kernel, interval attention's backward preprocess).
+either axis order (the ring decode kernel; interval attention's backward preprocess used the
+other order until its delta moved into the dq kernel).
 """
 import triton
 import triton.language as tl

@@ -28,11 +28,14 @@ Algorithm (FlashAttention-2 style, one program per (query tile, batch * query he
   un-rotated (angle -theta) in registers before they are stored. There is no rotary pass over q
   or k outside the kernels.
 - Online softmax in base 2 (scale * log2(e) folded into the scores); the forward saves the natural
-  log-sum-exp. Backward: a preprocess kernel computes delta = rowsum(dO * O); the dk/dv kernel runs
-  one program per (key block, batch * kv head), loops over the query heads of its GQA group and
-  over the query blocks whose interval can contain the block (found by inverting the monotone
-  bounds); the dq kernel runs per query tile like the forward. No atomics: the backward is
-  deterministic by construction.
+  log-sum-exp. Backward, two kernels launched in this order on one stream: the dq kernel runs per
+  query tile like the forward and first computes its tile's delta = rowsum(dO * O) (float32, from
+  the O tile loaded beside the dO tile) and stores it to DELTA (B, Hq, Nq), before its key loops,
+  for every row of the tile whatever the rows see (no early exit; one launch and one read of dO
+  fewer than a separate preprocess kernel); the dk/dv kernel then runs one program per (key
+  block, batch * kv head), reads DELTA, loops over the query heads of its GQA group and over the
+  query blocks whose interval can contain the block (found by inverting the monotone bounds).
+  No atomics: the backward is deterministic by construction.
 
 Non-finite values (semantics of pyencoder.reference.attention: NaN / +-inf in q, k, v or dout
 poison exactly the rows and keys that see them, as NaN; nothing leaks through a masked or padded
@@ -107,7 +110,6 @@ import triton
 import triton.language as tl
 
 from . import _interpreter  # noqa: F401  (TRITON_INTERPRET=1 compatibility fix)
-from ._grid import _head_row_tile
 from ._rotary import _feature_index, _rope_cos_sin
 
 
@@ -346,13 +348,16 @@ def _after_sink(end, start, a, bb, end_r):
 
 @triton.jit
 def _head_bases(heads, b, h):
-    """Base pointers of head (b, h) of the one or two (pointer, batch stride, head stride)
-    ``heads`` of a query-tile kernel (forward: O; dq: DO, DQ)."""
+    """Base pointers of head (b, h) of the one to three (pointer, batch stride, head stride)
+    ``heads`` of a query-tile kernel (forward: O; dq: DO, DQ, O)."""
     ptr, sb, sh = heads[0]
     bases = (ptr + b.to(tl.int64) * sb + h.to(tl.int64) * sh,)
     if len(heads) > 1:
         ptr2, sb2, sh2 = heads[1]
         bases = (bases[0], ptr2 + b.to(tl.int64) * sb2 + h.to(tl.int64) * sh2)
+    if len(heads) > 2:
+        ptr3, sb3, sh3 = heads[2]
+        bases = (bases[0], bases[1], ptr3 + b.to(tl.int64) * sb3 + h.to(tl.int64) * sh3)
     return bases
 
 
@@ -612,22 +617,6 @@ def _interval_attention_fwd_kernel(
 
 
 @triton.jit
-def _interval_attention_bwd_preprocess_kernel(
-        O, DO, DELTA,
-        stride_ob, stride_oh, stride_on, stride_od,
-        stride_dob, stride_doh, stride_don, stride_dod,
-        Hq, Nq, D, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    bh, b, h, rows, dv = _head_row_tile(Hq, BLOCK_M, BLOCK_DV, 1)
-    m = (rows < Nq)[:, None] & (dv < D)[None, :]
-    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                + rows[:, None] * stride_on + dv[None, :] * stride_od, mask=m, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                 + rows[:, None] * stride_don + dv[None, :] * stride_dod, mask=m, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * Nq + rows, delta, mask=rows < Nq)
-
-
-@triton.jit
 def _dq_block(dq3, q3, do, lse2, delta, kv, rope, win, bias, j0, q_pos, nk_b, D, qk_scale,
               BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
               BLOCK_DV: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
@@ -700,11 +689,12 @@ def _dq_span(dq3, q3, do, lse2, delta, kv, rope, win, bias, j_lo, j_hi, q_pos, n
 
 @triton.jit(do_not_specialize=["q_offset", "k_offset", "rel_len", "rel_offset", "sink"])
 def _interval_attention_bwd_dq_kernel(
-        Q, K, V, DO, DQ, LSE, DELTA, INV_FREQ, COS_TAB, SIN_TAB, KLEN,
+        Q, K, V, DO, O, DQ, LSE, DELTA, INV_FREQ, COS_TAB, SIN_TAB, KLEN,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_dob, stride_doh, stride_don, stride_dod,
+        stride_ob, stride_oh, stride_on, stride_od,
         stride_dqb, stride_dqh, stride_dqn, stride_dqd,
         Hq, GROUP, Nq, Nk, D, HALF, ROT, NPASS,
         block, lo_off, hi_off, q_offset, k_offset, tab_base, scale, qk_scale, WIN_KEY,
@@ -717,23 +707,30 @@ def _interval_attention_bwd_dq_kernel(
         HAS_SINK: tl.constexpr = None, PIPE_MASKED: tl.constexpr = None):
     bh, h, q_base, bases, rows, rmask, q_pos, nk_b, ranges, ns_end, rope, kv, kblock = \
         _query_setup(Q, K, V, KLEN, INV_FREQ, COS_TAB, SIN_TAB,
-                     ((DO, stride_dob, stride_doh), (DQ, stride_dqb, stride_dqh)),
+                     ((DO, stride_dob, stride_doh), (DQ, stride_dqb, stride_dqh),
+                      (O, stride_ob, stride_oh)),
                      stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
                      stride_vh, stride_vn, stride_vd, Hq, GROUP, Nq, Nk, HALF, ROT, NPASS, block,
                      lo_off, hi_off, q_offset, k_offset, tab_base, sink, BLOCK_M, BLOCK_N,
                      LO_BOUNDED, HAS_KLEN, K_BLOCK, HAS_SINK)
-    do_base, dq_base = bases
+    do_base, dq_base, o_base = bases
     start, a, bb, end_r = ranges
     win = (block, lo_off, hi_off, q_offset, k_offset, kblock, sink)
 
     q3 = _load_qk(q_base, rows, rmask, stride_qn, stride_qd, q_pos, rope, BLOCK_R, BLOCK_C,
                   HAS_ROPE, HAS_PASS, INTERLEAVED, ROPE_TABLE)
     dvi = tl.arange(0, BLOCK_DV)
-    do = tl.load(do_base + rows[:, None] * stride_don + dvi[None, :] * stride_dod,
-                 mask=rmask[:, None] & (dvi < D)[None, :], other=0.0)
+    dmask = rmask[:, None] & (dvi < D)[None, :]
+    do = tl.load(do_base + rows[:, None] * stride_don + dvi[None, :] * stride_dod, mask=dmask,
+                 other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * Nq + rows, mask=rmask, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    delta = tl.load(DELTA + bh.to(tl.int64) * Nq + rows, mask=rmask, other=0.0)
+    # delta = rowsum(dO * O) in float32 (padded rows and head_dim columns load 0), stored for the
+    # dk/dv kernel before the key loops: every row of every (b, h) is written by its tile
+    o = tl.load(o_base + rows[:, None] * stride_on + dvi[None, :] * stride_od, mask=dmask,
+                other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * Nq + rows, delta, mask=rmask)
     # accumulators (pass-through, pair-first, pair-second): the loop-carry order of the kernel
     # before the span helpers (same PTX)
     dq3 = (tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32),

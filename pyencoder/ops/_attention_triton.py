@@ -345,7 +345,6 @@ def _build_kernels():
             "fwd": (ia._interval_attention_fwd_kernel, small, None),
             "dq": (ia._interval_attention_bwd_dq_kernel, small, None),
             "dkdv": (ia._interval_attention_bwd_dkdv_kernel, small, None),
-            "pre": (ia._interval_attention_bwd_preprocess_kernel, small, None),
         }
     fns = {"fwd": ia._interval_attention_fwd_kernel, "dq": ia._interval_attention_bwd_dq_kernel,
            "dkdv": ia._interval_attention_bwd_dkdv_kernel}
@@ -357,7 +356,6 @@ def _build_kernels():
                                         )(fn)
                   for mode in ("auto", "full")}
         kernels[name] = (fn, lists[name], tuners)
-    kernels["pre"] = (ia._interval_attention_bwd_preprocess_kernel, cfg(64, 64, 4, 2), None)
     return kernels
 
 
@@ -699,17 +697,14 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
                           block, kb)
     consts.update(bias)
     consts.update(_sink_args(sink, k_offset, Nk))
+    # delta = rowsum(dout * out), float32: written by the dq kernel (every row), read by the
+    # dk/dv kernel launched after it
     delta = _new((B, Hq, Nq), q, torch.float32)
-    pre, pre_cfg, _ = _kernel("pre")
-    bm = pre_cfg.kwargs["BLOCK_M"]
-    launch(pre)[(cdiv(Nq, bm), B * Hq)](out, dout, delta, *out.stride(), *dout.stride(), Hq,
-                                         Nq, D, BLOCK_M=bm, BLOCK_DV=max(16, next_pow2(D)),
-                                         num_warps=4)
     win = _window_key(block if kb is None else kb, lo_off, hi_off, Nk)
     common = (Nq, Nk, D, half, rot, npass, block, lo_off, hi_off, q_offset, k_offset, tab_base,
               float(scale), float(scale) * _LOG2E, win)
-    args = (q, k, v, dout, dq, lse, delta, freq, cos, sin, klen,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+    args = (q, k, v, dout, out, dq, lse, delta, freq, cos, sin, klen,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *out.stride(), *dq.stride(),
             Hq, Hq // Hk, *common)
     _launch("dq", BlockGrid(Nq, "BLOCK_M", B * Hq), args, dict(consts, DREL=drel,
                                                                      DGATE=dgate),
