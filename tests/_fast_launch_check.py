@@ -14,6 +14,7 @@ assert os.environ.get("TRITON_INTERPRET", "0") != "1"
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
 import pyencoder  # noqa: E402
+from benchmarks._common import temp_env  # noqa: E402
 from benchmarks.triton_cache import TARGET, _FakeDriver  # noqa: E402
 from pyencoder import _backend  # noqa: E402
 from pyencoder.ops import _attention_triton as A  # noqa: E402
@@ -177,29 +178,19 @@ ENV = {"band-rope-pre": {"PYENCODER_ROPE_MODE": "pre"},
 
 def run_case(name):
     env = {"PYENCODER_TRITON_AUTOTUNE": "0", **ENV.get(name, {})}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     logs, served = [], []
-    try:
-        case = CASES[name]
-        compared, recorded = case if isinstance(case, tuple) else (case, case)
-        for flag, fn in (("0", compared), ("1", recorded), ("1", compared)):
-            os.environ["PYENCODER_FAST_LAUNCH"] = flag
+    case = CASES[name]
+    compared, recorded = case if isinstance(case, tuple) else (case, case)
+    for flag, fn in (("0", compared), ("1", recorded), ("1", compared)):
+        with temp_env(PYENCODER_FAST_LAUNCH=flag, **env):
             LOG.clear()
             PLAN_LAUNCHES[0] = 0
             try:
                 fn()
             except Exception as e:      # reported, not raised: the other cases still run
                 return {"error": f"{type(e).__name__}: {e}"}
-            logs.append(list(LOG))
-            served.append(PLAN_LAUNCHES[0])
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        os.environ.pop("PYENCODER_FAST_LAUNCH", None)
+        logs.append(list(LOG))
+        served.append(PLAN_LAUNCHES[0])
     return {"logs": logs, "served": served}
 
 
