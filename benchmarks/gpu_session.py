@@ -159,6 +159,58 @@ def _pytest(marker, files, ctx, junit, extra=()):
     return cmd
 
 
+# A gpu_quick / gpu pytest command that fails reruns its failed tests (at most RERUN_MAX, within
+# the stage's time) with PYENCODER_FAST_LAUNCH=0: the fast launch path (pyencoder.ops._triton_op)
+# is checked on the CPU only against stand-in compiled kernels, so a test that fails with it and
+# passes without it names it, not the kernel (summary: the command's "fast_launch_rerun").
+RERUN_MAX = 24
+
+
+def junit_cases(junit):
+    """[(node id, status)] of a pytest junit XML file, status "passed", "failed" (failure or
+    error) or "skipped"; [] when it is missing or unreadable. Node ids as pytest writes them
+    (``tests/test_x.py::TestClass::test_y[param]``): junit's classname is the dotted module path
+    followed by any test classes (CamelCase, pytest's convention)."""
+    import xml.etree.ElementTree as ET
+    try:
+        root = ET.parse(junit).getroot()
+    except (OSError, ET.ParseError):
+        return []
+    out = []
+    for case in root.iter("testcase"):
+        parts = (case.get("classname") or "").split(".")
+        k = len(parts)
+        while k > 1 and parts[k - 1][:1].isupper():
+            k -= 1
+        node = "/".join(parts[:k]) + ".py::" + "::".join(parts[k:] + [case.get("name") or ""])
+        status = ("failed" if case.find("failure") is not None or case.find("error") is not None
+                  else "skipped" if case.find("skipped") is not None else "passed")
+        out.append((node, status))
+    return out
+
+
+def failed_tests(junit):
+    """Node ids of the failed or erroring test cases of a junit XML file, each once."""
+    return list(dict.fromkeys(n for n, st in junit_cases(junit) if st == "failed"))
+
+
+def rerun_command(argv, ids, junit):
+    """The pytest command ``argv`` narrowed to the node ids ``ids`` (its -m / -k / -n / file
+    arguments dropped), junit XML to ``junit``."""
+    i = argv.index("pytest")
+    head = argv[:i + 1]
+    keep, rest = [], list(argv[i + 1:])
+    while rest:
+        a = rest.pop(0)
+        if a in ("-m", "-k", "-n"):         # the selection: the node ids replace it
+            rest.pop(0)
+        elif a == "-p":                     # a plugin switch, kept with its value
+            keep += [a, rest.pop(0)]
+        elif a.startswith("-") and not a.startswith("--junitxml="):
+            keep.append(a)
+    return head + keep + [f"--junitxml={junit}"] + list(ids)
+
+
 def plan_setup(ctx):
     cmds = []
     whl = sorted(glob.glob(os.path.join(ROOT, ".whl", "*.whl")))
@@ -430,6 +482,9 @@ class Session:
                 rec["commands"].append({"label": label, "rc": rc, "seconds": round(dt, 1)})
                 self.say(f"  {name}/{label}: {'timeout' if rc is None else f'exit {rc}'} "
                          f"in {dt:.1f} s")
+                if rc == 1 and "pytest" in argv and not self.dry:
+                    self._rerun_fast_launch_off(rec["commands"][-1], argv, extra, log,
+                                                stage_end)
                 if rc is None:
                     status = "timeout"
                 elif rc != 0 and status == "ok":
@@ -453,6 +508,26 @@ class Session:
         self._count_compiles(rec, before)
         self.say(f"stage {name}: {status} in {rec['seconds']} s")
         return rec
+
+    def _rerun_fast_launch_off(self, cmd, argv, extra, log, stage_end):
+        """RERUN_MAX comment above: the failed tests again with PYENCODER_FAST_LAUNCH=0."""
+        junit = next((a.split("=", 1)[1] for a in argv if a.startswith("--junitxml=")), None)
+        ids = failed_tests(junit) if junit else []
+        remaining = stage_end - time.monotonic()
+        if not ids or remaining < 5:
+            return
+        out = junit[:-4] + "_fast_launch_off.xml"
+        log.write(f"\n== rerun of {len(ids[:RERUN_MAX])} failed tests with "
+                  f"PYENCODER_FAST_LAUNCH=0\n")
+        rc, dt = run_group(rerun_command(argv, ids[:RERUN_MAX], out),
+                           {**self.env, **extra, "PYENCODER_FAST_LAUNCH": "0"}, log, remaining)
+        passed = {n for n, st in junit_cases(out) if st == "passed"}
+        cmd["fast_launch_rerun"] = {
+            "rc": rc, "seconds": round(dt, 1), "failed_with_fast_launch": ids[:RERUN_MAX],
+            "pass_without": [t for t in ids[:RERUN_MAX] if t in passed]}
+        self.say(f"  rerun without the fast launch path: {len(passed)} of "
+                 f"{len(ids[:RERUN_MAX])} failed tests pass"
+                 + (" (the fast launch path is suspect: GPU_SESSION.md)" if passed else ""))
 
     def _count_compiles(self, rec, before):
         """Entries added to TRITON_CACHE_DIR during the stage: one per Triton compile, i.e. per miss

@@ -354,3 +354,86 @@ def test_conv_stage_caps_the_benchmark_and_runs_the_cudnn_kind_tests():
     budget = dict((name, t) for name, t, _, _ in gs.STAGES)["conv"]
     assert 0 < float(bench[i + 1]) <= budget / 2 and "--quick" in bench
     assert tests[-2:] == gs.CONV_TESTS and gs.CONV_TESTS[0] == "tests/test_conv_cudnn_path.py"
+
+
+def test_failed_tests_rerun_without_the_fast_launch_path(tmp_path):
+    """A failing pytest command's failed tests are named from its junit XML (module path and test
+    classes kept) and rerun alone, narrowed from the stage's command, with the new junit file."""
+    from benchmarks import gpu_session as gs
+    junit = tmp_path / "x.xml"
+    junit.write_text(
+        '<?xml version="1.0"?><testsuites><testsuite>'
+        '<testcase classname="tests.test_conv_gpu" name="test_a[cuda-4]"/>'
+        '<testcase classname="tests.test_conv_gpu" name="test_b[cuda-4]"><failure message="x"/>'
+        '</testcase>'
+        '<testcase classname="tests.test_models.TestStream" name="test_c"><error message="y"/>'
+        '</testcase>'
+        '<testcase classname="tests.test_models" name="test_d"><skipped/></testcase>'
+        '<testcase classname="tests.test_conv_gpu" name="test_b[cuda-4]"><error message="z"/>'
+        '</testcase>'
+        '</testsuite></testsuites>')
+    assert gs.failed_tests(str(junit)) == ["tests/test_conv_gpu.py::test_b[cuda-4]",
+                                           "tests/test_models.py::TestStream::test_c"]
+    statuses = dict(gs.junit_cases(str(junit)))
+    assert statuses["tests/test_conv_gpu.py::test_a[cuda-4]"] == "passed"
+    assert statuses["tests/test_models.py::test_d"] == "skipped"
+    assert gs.failed_tests(str(tmp_path / "missing.xml")) == []
+    ctx = {"logdir": str(tmp_path), "xdist": True, "dry": False, "workers": 8}
+    argv = gs._pytest("gpu_quick", ["tests/test_conv_gpu.py", "tests/test_models.py"], ctx,
+                      "x.xml", ("-k", "bf16"))
+    rerun = gs.rerun_command(argv, ["tests/test_conv_gpu.py::test_b[cuda-4]"],
+                             str(tmp_path / "y.xml"))
+    assert rerun[:rerun.index("pytest") + 1] == argv[:argv.index("pytest") + 1]
+    tail = rerun[rerun.index("pytest") + 1:]
+    assert tail[-1] == "tests/test_conv_gpu.py::test_b[cuda-4]"
+    assert f"--junitxml={tmp_path / 'y.xml'}" in tail
+    for gone in ("-m", "-k", "-n", "gpu_quick", "bf16", "8", "tests/test_models.py",
+                 f"--junitxml={tmp_path / 'x.xml'}"):
+        assert gone not in tail
+    assert "-v" in tail and "-p" in tail and "no:cacheprovider" in tail
+
+
+def test_a_failing_test_command_reruns_its_failures_without_fast_launch(tmp_path, monkeypatch):
+    """Session._rerun_fast_launch_off runs the failed tests alone with PYENCODER_FAST_LAUNCH=0 and
+    records which of them pass without the fast launch path."""
+    import io
+    import time
+
+    from benchmarks import gpu_session as gs
+    junit = tmp_path / "conv.xml"
+    junit.write_text(
+        '<testsuites><testsuite>'
+        '<testcase classname="tests.test_conv_gpu" name="test_a"><failure message="x"/></testcase>'
+        '<testcase classname="tests.test_conv_gpu" name="test_b"><failure message="x"/></testcase>'
+        '</testsuite></testsuites>')
+    calls = []
+
+    def run_group(argv, env, log, timeout):
+        calls.append((argv, env))
+        out = next(a.split("=", 1)[1] for a in argv if a.startswith("--junitxml="))
+        with open(out, "w") as f:      # test_a passes without the fast path, test_b still fails
+            f.write('<testsuites><testsuite>'
+                    '<testcase classname="tests.test_conv_gpu" name="test_a"/>'
+                    '<testcase classname="tests.test_conv_gpu" name="test_b">'
+                    '<failure message="x"/></testcase></testsuite></testsuites>')
+        return 1, 0.5
+    monkeypatch.setattr(gs, "run_group", run_group)
+    session = gs.Session.__new__(gs.Session)
+    session.env = {"A": "1"}
+    said = []
+    session.say = said.append
+    argv = gs._pytest("gpu_quick", ["tests/test_conv_gpu.py"],
+                      {"logdir": str(tmp_path), "xdist": False, "dry": False}, "conv.xml")
+    cmd = {"label": "pytest", "rc": 1}
+    session._rerun_fast_launch_off(cmd, argv, {"B": "2"}, io.StringIO(), time.monotonic() + 60)
+    (rerun, env), = calls
+    assert env["PYENCODER_FAST_LAUNCH"] == "0" and env["A"] == "1" and env["B"] == "2"
+    assert rerun[-2:] == ["tests/test_conv_gpu.py::test_a", "tests/test_conv_gpu.py::test_b"]
+    r = cmd["fast_launch_rerun"]
+    assert r["pass_without"] == ["tests/test_conv_gpu.py::test_a"] and r["rc"] == 1
+    assert r["failed_with_fast_launch"] == ["tests/test_conv_gpu.py::test_a",
+                                            "tests/test_conv_gpu.py::test_b"]
+    assert any("fast launch path is suspect" in m for m in said)
+    calls.clear()      # no time left in the stage: no rerun
+    session._rerun_fast_launch_off({}, argv, {}, io.StringIO(), time.monotonic() + 1)
+    assert not calls
