@@ -131,7 +131,7 @@ def test_no_plan_under_transforms_or_modes(monkeypatch, stand_in_driver):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
     kernel = Kernel()
-    monkeypatch.setitem(TO._PLANS, id(kernel), Plans())
+    monkeypatch.setitem(TO._PLANS, id(kernel), (kernel, (), Plans()))
     monkeypatch.setattr(TO, "_record", lambda *a: None)
     monkeypatch.setattr(TO.torch.library, "wrap_triton", lambda k: k)
 
@@ -185,9 +185,8 @@ def test_a_full_kernel_records_no_more(monkeypatch, stand_in_driver):
     jit = Jit()
     jit.params, jit.pre_run_hooks, jit.arg_names = [Param("X"), Param("pos")], [], ["X", "pos"]
     monkeypatch.setattr(TO, "_PLANS_MAX", 4)
-    monkeypatch.setitem(TO._PLANS, id(jit), {})
-    monkeypatch.setitem(TO._PLAN_KERNELS, id(jit), jit)
+    monkeypatch.setitem(TO._PLANS, id(jit), (jit, (), {}))
     x = torch.randn(4)
     for pos in range(10):
         TO._record(jit, (1,), (x, pos), {}, Compiled())
-    assert len(TO._PLANS[id(jit)]) == 4
+    assert len(TO._PLANS[id(jit)][2]) == 4

@@ -119,11 +119,10 @@ class _Launch:
             return self.kernel[self.grid](*args, **kwargs)
         traced = _get_current_dispatch_mode() is not None
         if not traced and not torch._C._are_functorch_transforms_active():
-            plans = _PLANS.get(id(self.kernel))
-            if plans is not None and env_flag("PYENCODER_FAST_LAUNCH", True):
+            known = _PLANS.get(id(self.kernel))
+            if known is not None and env_flag("PYENCODER_FAST_LAUNCH", True):
                 try:
-                    plan = plans.get(_plan_key(self.grid, args, kwargs,
-                                               _DNS.get(id(self.kernel), ())))
+                    plan = known[2].get(_plan_key(self.grid, args, kwargs, known[1]))
                 except Exception:   # a fake / storage-less tensor, an unhashable or keyless arg
                     plan = None
                 if plan is not None:
@@ -172,31 +171,24 @@ class BlockGrid:
 # Triton does. Triton's debug and instrumentation knobs are taken as they were when the plan was
 # recorded.
 
-_PLANS = {}          # id(kernel) (JITFunction or Autotuner) -> {plan key: _Plan} (by id: a
-                     # JITFunction hashes through its source's cache_key, under a lock)
-_PLAN_KERNELS = {}   # id(kernel) -> kernel: kept alive, so the id stays its own
-_DNS = {}            # id(kernel) -> positions of its do_not_specialize parameters
+# id(kernel) (JITFunction or Autotuner; by id: a JITFunction hashes through its source's
+# cache_key, under a lock) -> (kernel: held, so the id stays its own; positions of its
+# do_not_specialize parameters; {plan key: _Plan})
+_PLANS = {}
 _PLANS_MAX = 512     # per kernel; a full kernel records no more plans (a streaming caller's
                      # positions change every call: such keys miss, and are no longer recorded)
 
 
-class _TritonModules:
-    __slots__ = ("driver", "knobs")
-
-
-_TRITON = None
+_TRITON = []
 
 
 def _triton():
-    """triton's driver holder and knobs, imported once (an import statement in the launch path
-    costs a sys.modules lookup per launch)."""
-    global _TRITON
-    if _TRITON is None:
+    """(triton's driver holder, triton's knobs), imported once (an import statement in the launch
+    path costs a sys.modules lookup per launch)."""
+    if not _TRITON:
         from triton import knobs
         from triton.runtime.driver import driver
-        t = _TritonModules()
-        t.driver, t.knobs = driver, knobs
-        _TRITON = t
+        _TRITON[:] = [driver, knobs]
     return _TRITON
 
 
@@ -211,19 +203,16 @@ def _plan_key(grid, args, kwargs, dns=()):
     Wrappers of the plain type (C++ functionalization, functorch) only exist under a dispatch
     mode or a torch.func transform, where no plan is used (``_Launch.__call__``)."""
     T, P, S = torch.Tensor, torch.nn.Parameter, _SCALARS
-    pos = [a if type(a) in S else (a.dtype, a.data_ptr() % 16 == 0)
-           if type(a) is T or type(a) is P else _no_key(a) if isinstance(a, T) else a
-           for a in args]
+    # positional arguments, then the keywords' values (their names are in the key too)
+    vals = [a if type(a) in S else (a.dtype, a.data_ptr() % 16 == 0)
+            if type(a) is T or type(a) is P else _no_key(a) if isinstance(a, T) else a
+            for a in (*args, *kwargs.values())]
     for i in dns:       # Triton types these by range only: streaming offsets share one plan
-        a = pos[i]
+        a = vals[i]
         if type(a) is int:
-            pos[i] = ("dns", 0 if -2**31 <= a < 2**31 else 1 if -2**63 <= a < 2**63 else 2)
-    return (grid if type(grid) is tuple else grid.key, _triton().driver.active.get_current_device(),
-            tuple(pos),
-            tuple(kwargs),
-            tuple([v if type(v) in S else (v.dtype, v.data_ptr() % 16 == 0)
-                   if type(v) is T or type(v) is P else _no_key(v) if isinstance(v, T) else v
-                   for v in kwargs.values()]))
+            vals[i] = ("dns", 0 if -2**31 <= a < 2**31 else 1 if -2**63 <= a < 2**63 else 2)
+    return (grid if type(grid) is tuple else grid.key,
+            _triton()[0].active.get_current_device(), tuple(kwargs), tuple(vals))
 
 
 _SCALARS = frozenset((int, float, bool, str, type(None)))
@@ -236,10 +225,9 @@ class _Plan:
         self.compiled, self.grid, self.tail, self.names = compiled, grid, tail, names
 
     def launch(self, args, kwargs):
-        t = _triton()
-        runtime = t.knobs.runtime
-        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
-        active = t.driver.active
+        driver, knobs = _triton()
+        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        active = driver.active
         stream = active.get_current_stream(active.get_current_device())
         if self.names is None:
             vals = args + self.tail
@@ -258,7 +246,7 @@ def _record(kernel, grid, args, kwargs, compiled):
     """Leave a _Plan for this launch (module comment above), or nothing where the fast path does
     not apply."""
     if compiled is None or not env_flag("PYENCODER_FAST_LAUNCH", True) \
-            or len(_PLANS.get(id(kernel), ())) >= _PLANS_MAX:
+            or len(_PLANS.get(id(kernel), (None, None, ()))[2]) >= _PLANS_MAX:
         return
     from triton.runtime.jit import JITFunction
     if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
@@ -277,14 +265,13 @@ def _record(kernel, grid, args, kwargs, compiled):
     params = jit.params
     if len(args) > len(params):
         return
-    tail, names, dynamic = [], [], False
+    tail, names = [], []     # names[i]: tail[i] is the name of a tensor keyword (read per call)
     for p in params[len(args):]:
         if p.name in kw:
             v = kw[p.name]
             if isinstance(v, torch.Tensor):
                 if p.name not in kwargs:
                     return
-                dynamic = True
                 tail.append(p.name)
                 names.append(True)
                 continue
@@ -303,17 +290,13 @@ def _record(kernel, grid, args, kwargs, compiled):
     if callable(grid):
         grid = grid({**dict(zip(jit.arg_names, args)), **kw})
     grid = tuple(grid) + (1,) * (3 - len(grid))
-    _PLAN_KERNELS[id(kernel)] = kernel
-    _DNS[id(kernel)] = dns
-    _PLANS.setdefault(id(kernel), {})[key] = _Plan(compiled, grid, tuple(tail),
-                                                   tuple(names) if dynamic else None)
+    plans = _PLANS.setdefault(id(kernel), (kernel, dns, {}))[2]
+    plans[key] = _Plan(compiled, grid, tuple(tail), tuple(names) if any(names) else None)
 
 
 def clear_launch_plans():
     """Forget every fast launch plan (tests; a plan holds its compiled kernel alive)."""
     _PLANS.clear()
-    _PLAN_KERNELS.clear()
-    _DNS.clear()
 
 
 def launch(kernel):
