@@ -7,7 +7,7 @@ import torch
 
 import pyencoder
 from pyencoder import IntervalMask
-from pyencoder._checks import _LENGTHS_OK, check_lengths
+from pyencoder._checks import _PASSED, check_lengths
 
 
 def test_mask_memo_returns_equal_masks_and_keeps_checks():
@@ -57,7 +57,7 @@ def test_check_lengths_reads_values_once_per_unmodified_tensor(monkeypatch):
     check_lengths("key_lengths", inf, 3, 5, inf.device)
     check_lengths("key_lengths", inf, 3, 5, inf.device)
     assert len(reads) == n + 2
-    assert len(_LENGTHS_OK) <= 16
+    assert len(_PASSED) <= 32
 
 
 def _qkv(grad, seed=0):
@@ -103,3 +103,64 @@ def test_launcher_without_apply_equals_the_op(monkeypatch, mode):
     assert applied and out.grad_fn is not None
     out.sum().backward()
     assert qg.grad is not None and kg.grad is not None and vg.grad is not None
+
+
+def test_rel_bias_finite_check_once_per_tensor(monkeypatch):
+    """interval_attention's rel_bias finiteness check (a host sync on a GPU) reads a tensor once
+    while it is unmodified; an in-place edit to a non-finite value is caught; with
+    PYENCODER_VALUE_CHECKS=0 no value is read."""
+    from pyencoder.ops.attention import _validate_bias
+    reads = []
+    real = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: reads.append(1) or real(t))
+    q, k = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 10, 8)
+    rel = torch.randn(3, 40)
+    for _ in range(3):
+        _validate_bias(q, k, rel, None, -20, 1, 5, 2, 0, 0)
+    assert len(reads) == 1
+    rel[1, 3] = float("inf")
+    with pytest.raises(ValueError, match="rel_bias must be finite"):
+        _validate_bias(q, k, rel, None, -20, 1, 5, 2, 0, 0)
+    monkeypatch.setenv("PYENCODER_VALUE_CHECKS", "0")
+    n = len(reads)
+    _validate_bias(q, k, rel, None, -20, 1, 5, 2, 0, 0)
+    kl = torch.tensor([20, 30])
+    check_lengths("key_lengths", kl, 2, 10, kl.device)       # out of range, unread
+    assert len(reads) == n
+    monkeypatch.setenv("PYENCODER_VALUE_CHECKS", "maybe")
+    with pytest.raises(ValueError, match="PYENCODER_VALUE_CHECKS"):
+        _validate_bias(q, k, rel, None, -20, 1, 5, 2, 0, 0)
+
+
+def test_relative_bias_columns_memo():
+    """relative_bias_columns returns the same columns for a repeated call that records no graph
+    for the table, recomputes after an in-place edit of the table or of the columns, and never
+    memoises where the table needs a graph."""
+    from pyencoder.nn.relpos import _COLUMNS, relative_bias_columns
+    calls = []
+
+    def bucket(rel):
+        calls.append(1)
+        return (rel.abs() % 7)
+    table = torch.randn(7, 3)
+    kw = dict(block=1, lo_off=5, hi_off=2)
+    a, r0 = relative_bias_columns(table, bucket, 10, 10, **kw)
+    b, r1 = relative_bias_columns(table, bucket, 10, 10, **kw)
+    assert b is a and r0 == r1 == -5 and len(calls) == 1
+    torch.testing.assert_close(a, table[bucket(torch.arange(-5, 3))].t(), rtol=0, atol=0)
+    c, _ = relative_bias_columns(table, bucket, 12, 10, **kw)      # another shape
+    assert c is not a
+    table.mul_(2)                                                 # edited: recomputed
+    d, _ = relative_bias_columns(table, bucket, 10, 10, **kw)
+    assert d is not a and torch.equal(d, 2 * a)
+    d.zero_()                                                     # the columns edited: recomputed
+    e, _ = relative_bias_columns(table, bucket, 10, 10, **kw)
+    assert e is not d and torch.equal(e, 2 * a)
+    tg = torch.randn(7, 3, requires_grad=True)                    # training: a graph each call
+    x, _ = relative_bias_columns(tg, bucket, 10, 10, **kw)
+    y, _ = relative_bias_columns(tg, bucket, 10, 10, **kw)
+    assert x is not y and x.grad_fn is not None
+    with torch.no_grad():
+        z, _ = relative_bias_columns(tg, bucket, 10, 10, **kw)
+        assert relative_bias_columns(tg, bucket, 10, 10, **kw)[0] is z
+    assert len(_COLUMNS) <= 16
