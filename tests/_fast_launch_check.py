@@ -127,7 +127,8 @@ def setup():
 
 def attention(B=2, H=4, Hk=2, N=40, D=32, dtype=torch.float16, rope=True, mask="band",
               offset=0, key_lengths=False, bias=False, misaligned=False, sink=0, seed=0,
-              transposed=False, scale=None, klen_dtype=torch.int64, grad=True):
+              transposed=False, scale=None, klen_dtype=torch.int64, grad=True,
+              rel_offset=-100):
     g = torch.Generator().manual_seed(seed)
 
     def t(h, n):
@@ -147,8 +148,8 @@ def attention(B=2, H=4, Hk=2, N=40, D=32, dtype=torch.float16, rope=True, mask="
                                          dtype=klen_dtype)
     if bias:
         kw["rel_bias"] = torch.randn(H, 200, generator=g)
-        kw["gate"] = torch.rand(B, H, N, generator=g)
-        kw["rel_offset"] = -100
+        kw["gate"] = torch.rand(B, H, N, generator=g) if bias != "plain" else None
+        kw["rel_offset"] = rel_offset
     if mask == "band":
         m = pyencoder.IntervalMask.band(20, 3, sink=sink)
     elif mask == "chunked":
@@ -263,6 +264,15 @@ CASES = {
     "prog-inv-freq-edit": (lambda: attention(rope=ROPE), edited_rope),
     "prog-no-grad": (lambda: attention(grad=False), lambda: attention(grad=False)),
     "prog-misaligned": (lambda: attention(), lambda: attention(misaligned=True)),
+    # biased programs rebuild REL / GATE / DREL / DGATE per call from the call's own tensors
+    "prog-bias-seed": (lambda: attention(bias=True, seed=1), lambda: attention(bias=True, seed=2)),
+    "prog-bias-plain": (lambda: attention(bias="plain", seed=1),
+                        lambda: attention(bias="plain", seed=2)),
+    "prog-bias-sink": (lambda: attention(bias=True, sink=3, seed=1),
+                       lambda: attention(bias=True, sink=3, seed=2)),
+    "prog-bias-offset": (lambda: attention(bias=True, rel_offset=-101),
+                         lambda: attention(bias=True, rel_offset=-100)),
+    "prog-bias-gate-none": (lambda: attention(bias="plain"), lambda: attention(bias=True)),
 }
 ENV = {"band-rope-pre": {"PYENCODER_ROPE_MODE": "pre"},
        "autotune-full": {"PYENCODER_TRITON_AUTOTUNE": "full"}}

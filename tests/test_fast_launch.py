@@ -36,7 +36,7 @@ def _strip(log):
 def test_every_case_ran(logs):
     errors = {n: c["error"] for n, c in logs.items() if "error" in c}
     assert not errors
-    assert len(logs) >= 26
+    assert len(logs) >= 31
 
 
 @pytest.mark.parametrize("case", ["band-rope-table", "band-norope", "band-rope-pre",
@@ -62,14 +62,15 @@ def test_replay_equals_triton(logs, case):
 # program) in each case's replay: 2 for an attention forward + backward whose key the record run
 # had; 0 where the compared call differs from the recorded one in a part of the program key (its
 # launches must then be the path's own: test_replay_equals_triton's equality, checked for every
-# case here), with a relative bias (no programs), and for the non-attention kernels.
+# case here), and for the non-attention kernels.
 PROGRAMS = {
     "band-rope-table": 2, "band-norope": 2, "band-rope-pre": 2, "chunked-klen": 2,
-    "full-fp32": 2, "bias-gate": 0, "sink": 2, "offset-7": 2, "batch-3": 2, "misaligned": 2,
+    "full-fp32": 2, "bias-gate": 2, "sink": 2, "offset-7": 2, "batch-3": 2, "misaligned": 2,
     "autotune-full": 2, "conv": 0, "hook": 2, "decode": 0, "offsets-shift": 0, "spec-int": 0,
     "prog-offsets-rope": 0, "prog-seed": 2, "prog-klen-int32": 2, "prog-strides": 0,
     "prog-scale": 0, "prog-rope-mode": 0, "prog-deterministic": 1, "prog-inv-freq-edit": 0,
-    "prog-no-grad": 1, "prog-misaligned": 0,
+    "prog-no-grad": 1, "prog-misaligned": 0, "prog-bias-seed": 2, "prog-bias-plain": 2,
+    "prog-bias-sink": 2, "prog-bias-offset": 0, "prog-bias-gate-none": 0,
 }
 
 
