@@ -275,7 +275,12 @@ def _attend(q, k, v, mask, rope, key_lengths, q_offset, k_offset, scale, backend
                sink, 0 if rel_bias is None else rel_offset, q_offset, k_offset, scale,
                interleaved)
     if name == "triton" and _eager_ok():
-        out, lse = _EagerTriton.apply(*op_args)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                        or (rel_bias is not None and rel_bias.requires_grad)
+                                        or (gate is not None and gate.requires_grad)):
+            out, lse = _EagerTriton.apply(*op_args)
+        else:   # no graph to record: the launcher itself (Function.apply costs ~8 us here)
+            out, lse = run_forward(_triton.forward, *op_args)
     else:
         out, lse = call_op(name, _triton.forward_op, _interval_attention_op, *op_args)
     return (out, lse) if return_lse else out
