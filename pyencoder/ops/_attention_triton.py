@@ -486,9 +486,12 @@ def _rope_tables(q, inv_freq, Nq, Nk, q_offset, k_offset, win=None):
     if inv_freq is None or inv_freq.numel() == 0 or not enabled:
         d = dummy(q, torch.float32)
         return d, d, 0, False
-    # the base is an int the kernels specialise on (== 1, divisible by 16): moved down to 5 mod 16
-    # (up to 15 rows more, negative positions included) every call shares one compiled kernel,
-    # whatever the streaming offsets (tests/test_attention_triton.py's one-compile-key check)
+    # the base: min(q_offset, k_offset) moved down to 5 mod 16 (up to 15 rows more, negative
+    # positions included). The kernels take it as a do_not_specialize int like q_offset /
+    # k_offset, so neither the compiled kernel nor the fast launch plan depends on its value
+    # (tests/test_attention_triton.py::test_rope_table_base_is_not_specialised,
+    # tests/test_fast_launch.py::test_rope_table_streaming_shares_plans); the move dates from
+    # when it was specialised (harmless: it also keeps the cached tables' keys coarser)
     base = min(q_offset, k_offset)
     base -= (base - 5) % 16
     end = max(q_offset + Nq, k_offset + Nk)
