@@ -242,3 +242,31 @@ def test_a_full_kernel_records_no_more(monkeypatch, stand_in_driver):
     for pos in range(10):
         TO._record(jit, (1,), (x, pos), {}, Compiled())
     assert len(TO._PLANS[id(jit)][2]) == 4
+
+
+def test_last_plan_is_per_thread(monkeypatch, stand_in_driver):
+    """A call program records the plan of its own thread's launch (last_plan): a launch in another
+    thread (a server running streams in threads) never shows up in this thread's."""
+    import threading
+
+    from pyencoder.ops import _triton_op as TO
+    monkeypatch.setattr(TO, "interpreting", lambda: False)
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: "compiled"
+    mine, theirs = object(), object()
+    plans = {threading.get_ident(): mine}
+    monkeypatch.setattr(TO, "_record", lambda *a: plans.get(threading.get_ident(), theirs))
+    TO.launch(Kernel())[(1,)](torch.randn(3))
+    assert TO.last_plan() is mine
+    seen = []
+
+    def other():
+        seen.append(TO.last_plan())
+        TO.launch(Kernel())[(1,)](torch.randn(3))
+        seen.append(TO.last_plan())
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert seen == [None, theirs] and TO.last_plan() is mine

@@ -30,6 +30,8 @@ the whole-op graph, not the decomposition into kernels: that one is checked on a
 (tests marked ``gpu``).
 """
 
+import threading
+
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -113,7 +115,7 @@ class _Launch:
         return _Launch(self.kernel, grid)
 
     def __call__(self, *args, **kwargs):
-        _LAST[0] = None
+        _LAST.plan = None
         if interpreting():
             if _any_fake(args, kwargs):
                 return None     # module docstring, 1
@@ -127,12 +129,12 @@ class _Launch:
                 except Exception:   # a fake / storage-less tensor, an unhashable or keyless arg
                     plan = None
                 if plan is not None:
-                    _LAST[0] = plan
+                    _LAST.plan = plan
                     return plan.launch(args, kwargs)
         if traced or _any_fake(args, kwargs):
             return torch.library.wrap_triton(self.kernel)[self.grid](*args, **kwargs)
         compiled = self.kernel[self.grid](*args, **kwargs)
-        _LAST[0] = _record(self.kernel, self.grid, args, kwargs, compiled)
+        _LAST.plan = _record(self.kernel, self.grid, args, kwargs, compiled)
         return compiled
 
 
@@ -182,7 +184,9 @@ _PLANS_MAX = 512     # per kernel; a full kernel records no more plans (a stream
 
 
 _TRITON = []
-_LAST = [None]   # the _Plan of the last launch through _Launch: served by it or recorded by it
+# The _Plan of this thread's last launch through _Launch (served by it or recorded by it):
+# per thread, so that a call program never records another thread's launch
+_LAST = threading.local()
 
 
 def last_plan():
@@ -190,7 +194,7 @@ def last_plan():
     or None (not recorded: traced, interpreted, hooks, a lambda grid, a full plan table...). A
     caller that replays a whole call (pyencoder.ops._attention_triton's call programs) reads it
     right after its own launch."""
-    return _LAST[0]
+    return getattr(_LAST, "plan", None)
 
 
 def _triton():
@@ -319,7 +323,7 @@ def clear_launch_plans():
     """Forget every fast launch plan (tests; a plan holds its compiled kernel alive), and every
     cache built on them."""
     _PLANS.clear()
-    _LAST[0] = None
+    _LAST.plan = None
     for fn in _CLEAR_HOOKS:
         fn()
 
