@@ -900,7 +900,8 @@ def _keep_forward(key, pre, inv_freq, key_lengths, args, out, lse, bias, kw=None
     prog.plan, prog.pre = plan, pre
     prog.bias = _alignment(kw) if bias else None
     prog.inv_freq = inv_freq if pre is None else pre[0]   # the call's own (identity-checked)
-    prog.klen = args[8]
+    # the dummy without key_lengths; else nothing (the call's own conversion is not held)
+    prog.klen = args[8] if key_lengths is None else None
     prog.klen_aligned = args[8].data_ptr() % 16 == 0
     prog.aux, prog.rest = args[5:8], args[9:]
     prog.out_shape, prog.lse_shape = tuple(out.shape), tuple(lse.shape)
@@ -952,7 +953,7 @@ def _keep_backward(key, inv_freq, key_lengths, dq_plan, dq_args, dkdv_args, grad
     prog = _BwdProgram()
     prog.bias = _alignment(kw) if bias else None
     prog.dq_plan, prog.dkdv_plan, prog.inv_freq = dq_plan, plan, inv_freq
-    prog.klen = dq_args[11]
+    prog.klen = dq_args[11] if key_lengths is None else None
     prog.klen_aligned = dq_args[11].data_ptr() % 16 == 0
     prog.aux = dq_args[8:11]
     prog.dq_rest, prog.dkdv_rest = dq_args[12:], dkdv_args[12:]
