@@ -164,3 +164,34 @@ def test_relative_bias_columns_memo():
         z, _ = relative_bias_columns(tg, bucket, 10, 10, **kw)
         assert relative_bias_columns(tg, bucket, 10, 10, **kw)[0] is z
     assert len(_COLUMNS) <= 16
+
+
+def test_columns_of_a_finite_table_skip_the_finite_check(monkeypatch):
+    """relative_bias_columns vouches for columns gathered from a finite table (read once per table
+    version), so the op's rel_bias check reads nothing per call, in training too (new columns
+    every call); a non-finite table vouches for nothing and the op checks the columns itself."""
+    from pyencoder.nn.relpos import relative_bias_columns
+    from pyencoder.ops.attention import _validate_bias
+    reads = []
+    real = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: reads.append(tuple(t.shape)) or real(t))
+    table = torch.randn(9, 3, requires_grad=True)
+    q = torch.randn(2, 3, 10, 8)
+    kw = dict(block=1, lo_off=5, hi_off=2)
+    for _ in range(3):              # training: a graph, new columns each call
+        cols, r0 = relative_bias_columns(table, lambda r: r.abs() % 9, 10, 10, **kw)
+        _validate_bias(q, q, cols, None, r0, 1, 5, 2, 0, 0)
+    assert reads == [(9, 3)]        # the table once, no column read
+    with torch.no_grad():
+        table[4, 1] = float("nan")  # edited: read again, vouches for nothing
+    reads.clear()
+    cols, r0 = relative_bias_columns(table, lambda r: r.abs() % 9, 10, 10, **kw)
+    with pytest.raises(ValueError, match="rel_bias must be finite"):
+        _validate_bias(q, q, cols, None, r0, 1, 5, 2, 0, 0)   # offset 4 reads bucket 4
+    assert reads == [(9, 3), (3, 8)]
+    # a NaN in a bucket no visible offset reads: the columns are finite, the call passes
+    with torch.no_grad():
+        table[4, 1] = 0.0
+        table[8, 0] = float("nan")
+    cols, r0 = relative_bias_columns(table, lambda r: r.abs() % 9, 10, 10, **kw)
+    _validate_bias(q, q, cols, None, r0, 1, 5, 2, 0, 0)

@@ -70,7 +70,8 @@ import math
 import torch
 from torch import nn
 
-from .._checks import check_module_input, clamp_window
+from .._checks import (check_module_input, clamp_window, passed, passed_key, remember_passed,
+                       value_checks_enabled)
 from ..mask import IntervalMask
 from ..ops.attention import interval_attention, relative_offsets
 from ..ops.decode_attention import decode_attention, window_offsets
@@ -124,6 +125,7 @@ def relative_bias_columns(table, bucket_fn, nq, nk, *, block, lo_off, hi_off, q_
     key = _columns_key(table, bucket_fn, (nq, nk, block, lo_off, hi_off, q_offset, k_offset))
     hit = _COLUMNS.get(key) if key is not None else None
     if hit is not None and hit[0] is table and hit[1]._version == hit[2]:
+        _vouch_finite(table, hit[1])
         return hit[1], hit[3]
     r_min, r_max = relative_offsets(nq, nk, block=block, lo_off=lo_off, hi_off=hi_off,
                                     q_offset=q_offset, k_offset=k_offset)
@@ -133,7 +135,26 @@ def relative_bias_columns(table, bucket_fn, nq, nk, *, block, lo_off, hi_off, q_
         if len(_COLUMNS) >= _COLUMNS_MAX:
             _COLUMNS.pop(next(iter(_COLUMNS)))
         _COLUMNS[key] = (table, cols, cols._version, r_min)
+    _vouch_finite(table, cols)
     return cols, r_min
+
+
+def _vouch_finite(table, cols):
+    """Columns gathered from a finite table are finite: when ``table`` is (read once per version,
+    pyencoder._checks.passed), ``cols`` is remembered as having passed the op's rel_bias
+    finiteness check, so the op does not read it (a host sync per layer on a GPU, in training
+    too, where the columns are new every call). A non-finite table vouches for nothing: the op
+    checks the columns themselves, as before."""
+    if not value_checks_enabled() or not table.numel():
+        return
+    key = passed_key("finite", table)
+    if key is None:
+        return
+    if not passed(key, table):
+        if not bool(torch.isfinite(table).all()):
+            return
+        remember_passed(key, table)
+    remember_passed(passed_key("finite", cols), cols)
 
 
 # relative_bias_columns of recent calls that record no graph for the table (no grad needed, or a
