@@ -6,7 +6,9 @@ state updated in place): opaque custom ops that run the backend named by their l
 (reference, cuda; they accept "triton" too). The triton backend is registered the torch way
 (pyencoder.ops._conv_triton: ``torch.library.triton_op`` ``pyencoder::causal_conv1d_triton``,
 ``..._triton_backward``, ``..._triton_update``), so torch.compile traces down to its kernels; the
-public functions call it when the registry picks triton. Semantics are those of
+public functions call it when the registry picks triton. Eager calls skip the dispatcher where
+nothing traces them (pyencoder.ops._call: the op's body directly, or its autograd formula in an
+``autograd.Function``; PYENCODER_EAGER_FASTPATH=0 turns it off). Semantics are those of
 pyencoder.reference.conv.
 """
 from typing import Optional, Tuple
