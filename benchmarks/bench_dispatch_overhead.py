@@ -13,7 +13,8 @@ installed (no GPU: no kernel runs). Then the interval attention forward's host c
 fast path vs through its registered triton_op (launches stubbed; ``_interval_attention``).
 Last, the same call with Triton's own launch path included (``_triton_launch_path``), once with
 the fast launch path (PYENCODER_FAST_LAUNCH=1, the default: plans recorded by the first call serve
-the launches) and once through JITFunction.run every time (=0): a stand-in
+the launches, and the attention call programs replay whole forwards / backwards) and once through
+JITFunction.run every time (=0): a stand-in
 driver (sm_90 target, stream 0) lets triton's JITFunction.run bind, specialise and look up the
 kernel as on a GPU; only the compile (a stand-in kernel is cached) and the C launcher (a no-op)
 are left out; forward and forward+backward, RoPE off and on (the table mode at band(50,3)).

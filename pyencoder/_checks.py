@@ -5,6 +5,8 @@ import operator
 
 import torch
 
+from ._env import env_flag
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -130,8 +132,13 @@ def check_scale(scale):
 
 
 def value_checks_enabled():
-    """Whether checks that read tensor values on the host may run: not under torch.compile, and
-    not while a CUDA graph is being captured (a device-to-host read is illegal there)."""
+    """Whether checks that read tensor values on the host may run: not under torch.compile, not
+    while a CUDA graph is being captured (a device-to-host read is illegal there), and not with
+    PYENCODER_VALUE_CHECKS=0 (each such check is a host synchronisation on a GPU: key_lengths'
+    range, rel_bias' finiteness, state_indices' range and repeats; a tensor that passed one is not
+    read again while unmodified, ``passed`` / ``remember_passed``)."""
+    if not env_flag("PYENCODER_VALUE_CHECKS", True):
+        return False
     try:
         if torch.compiler.is_compiling():
             return False
@@ -155,9 +162,44 @@ def check_lengths(name, lengths, batch, limit, device):
     if lengths.device != device:
         raise ValueError(f"{name} must be on the same device as q ({device}); got {lengths.device}")
     if value_checks_enabled() and lengths.numel():
-        lo, hi = int(lengths.min()), int(lengths.max())
+        # the value check reads the device (a host sync on a GPU): one read (min and max
+        # together), and none for a tensor that already passed at this limit, unmodified since
+        # (a model's layers share one key_lengths tensor per forward)
+        key = passed_key("lengths", lengths, limit)
+        if passed(key, lengths):
+            return
+        lo, hi = (int(x) for x in torch.stack(torch.aminmax(lengths)).tolist())
         if lo < 0 or hi > limit:
             raise ValueError(f"{name} values must lie in [0, {limit}]; got min {lo}, max {hi}")
+        remember_passed(key, lengths)
+
+
+# Tensors that passed a value check: (check, id, version, data pointer, extra) -> the tensor. The
+# entry holds the tensor, so its id stays its own; an in-place edit bumps the version and a
+# ``.data`` swap moves the pointer, so a modified tensor is read again. Inference tensors (no
+# version counter) and tensor subclasses are always read.
+_PASSED = {}
+_PASSED_MAX = 32
+
+
+def passed_key(check, t, extra=None):
+    """The key under which tensor ``t`` passing value check ``check`` is remembered, or None."""
+    if type(t) is not torch.Tensor or t.is_inference():
+        return None
+    return (check, id(t), t._version, t.data_ptr(), extra)
+
+
+def passed(key, t):
+    """Whether ``t`` passed the check of ``key`` (passed_key) and is unmodified since."""
+    return key is not None and _PASSED.get(key) is t
+
+
+def remember_passed(key, t):
+    if key is None:
+        return
+    if len(_PASSED) >= _PASSED_MAX:
+        _PASSED.pop(next(iter(_PASSED)))
+    _PASSED[key] = t
 
 
 def check_bias_tensors(q, rel_bias, gate, heads, gate_shape, gate_dims, head_name="H",

@@ -27,6 +27,23 @@ def env_raw(name):
     return None if raw is None else env.decodevalue(raw)
 
 
+_SNAP_KEYS = {}  # names -> their keys in os.environ's raw mapping
+
+
+def env_snapshot(names):
+    """A hashable summary of the raw values of the variables ``names`` (a tuple): equal for two
+    calls iff every variable has the same raw value (unset included). Cheaper than reading each
+    (one C-level map over os.environ's raw mapping; ``env_raw`` says why it is that mapping)."""
+    env = os.environ
+    data = getattr(env, "_data", None)
+    if data is None or os.name != "posix":
+        return tuple(env.get(n) for n in names)
+    keys = _SNAP_KEYS.get(names)
+    if keys is None:
+        keys = _SNAP_KEYS[names] = tuple(env.encodekey(n) for n in names)
+    return tuple(map(data.get, keys))
+
+
 def env_choice(name, choices, default):
     """The value of ``name`` (stripped, lower-cased), one of ``choices``; ``default`` if unset."""
     raw = env_raw(name)

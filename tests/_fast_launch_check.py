@@ -46,10 +46,37 @@ class StandIn:
 
 def _norm(v):
     if isinstance(v, torch.Tensor):
-        return ["T", str(v.dtype), list(v.shape), list(v.stride()), v.data_ptr() % 16 == 0]
+        # contents too (every allocation is filled, ``filled_empty``): a replay that passes
+        # another tensor of the same layout (a stale table, the recorded call's key_lengths,
+        # k for v) differs
+        return ["T", str(v.dtype), list(v.shape), list(v.stride()), v.data_ptr() % 16 == 0,
+                _fingerprint(v)]
     if isinstance(v, float):
         return ["f", v]
     return repr(v)
+
+
+def _fingerprint(t):
+    if t.numel() == 0:
+        return None
+    x = t.detach().double()
+    # position-weighted: a permutation or a shifted window changes it too
+    w = torch.arange(1, x.numel() + 1, dtype=torch.float64).reshape(x.shape)
+    return repr(float((torch.nan_to_num(x, nan=0.5, posinf=3.0, neginf=-3.0) * w).sum()))
+
+
+def _fill(t):
+    return t.fill_(float("nan") if t.is_floating_point() else -7 if t.dtype != torch.bool
+                   else True)
+
+
+def _filled(alloc):
+    """``alloc`` (torch.empty, torch.empty_like, Tensor.new_empty) with defined contents (NaN, or
+    -7 for integers): outputs the stand-in kernels never write still compare equal between
+    runs."""
+    def filled(*args, **kwargs):
+        return _fill(alloc(*args, **kwargs))
+    return filled
 
 
 def do_compile(fn, key, signature, device, constexprs, options, attrs, warmup):
@@ -72,7 +99,24 @@ def bench(self, *args, config, **kwargs):     # the autotuner's timing: determin
                   + config.num_warps)] * 3
 
 
+PROGRAM_RUNS = [0]
+
+
+def _counting_run(cls):
+    run = cls.run
+
+    def counted_run(self, *args):
+        res = run(self, *args)
+        PROGRAM_RUNS[0] += res is not None
+        return res
+    cls.run = counted_run
+
+
 def setup():
+    torch.empty, torch.empty_like = _filled(torch.empty), _filled(torch.empty_like)
+    torch.Tensor.new_empty = _filled(torch.Tensor.new_empty)
+    _counting_run(A._FwdProgram)
+    _counting_run(A._BwdProgram)
     driver.set_active(_FakeDriver(TARGET))
     JITFunction._do_compile = do_compile
     Autotuner._bench = bench
@@ -82,19 +126,25 @@ def setup():
 
 
 def attention(B=2, H=4, Hk=2, N=40, D=32, dtype=torch.float16, rope=True, mask="band",
-              offset=0, key_lengths=False, bias=False, misaligned=False, sink=0, seed=0):
+              offset=0, key_lengths=False, bias=False, misaligned=False, sink=0, seed=0,
+              transposed=False, scale=None, klen_dtype=torch.int64, grad=True):
     g = torch.Generator().manual_seed(seed)
 
     def t(h, n):
         if misaligned:      # a view 2 bytes past an aligned start: data_ptr % 16 != 0
             base = torch.randn(B * h * n * D + 1, generator=g).to(dtype)
             return base[1:].view(B, h, n, D).requires_grad_()
+        if transposed:      # (B, N, H, D) storage seen as (B, H, N, D): other strides
+            return torch.randn(B, n, h, D, generator=g).to(dtype).transpose(1, 2) \
+                .requires_grad_()
         return torch.randn(B, h, n, D, generator=g).to(dtype).requires_grad_()
     q, k, v = t(H, N), t(Hk, N), t(Hk, N)
-    kw = dict(rope=pyencoder.Rope(D) if rope else None, backend="triton", q_offset=offset,
-              k_offset=offset)
+    if rope is True:    # one Rope per head_dim, as a model holds its own (programs key on it)
+        rope = ROPES.setdefault(D, pyencoder.Rope(D))
+    kw = dict(rope=rope or None, backend="triton", q_offset=offset, k_offset=offset, scale=scale)
     if key_lengths:
-        kw["key_lengths"] = torch.tensor([N, N - 7][:B] + [N] * max(0, B - 2))
+        kw["key_lengths"] = torch.tensor([N, N - 7 - seed][:B] + [N] * max(0, B - 2),
+                                         dtype=klen_dtype)
     if bias:
         kw["rel_bias"] = torch.randn(H, 200, generator=g)
         kw["gate"] = torch.rand(B, H, N, generator=g)
@@ -105,6 +155,10 @@ def attention(B=2, H=4, Hk=2, N=40, D=32, dtype=torch.float16, rope=True, mask="
         m = pyencoder.IntervalMask.chunked(8, 2, 1)
     else:
         m = pyencoder.IntervalMask.band(None, 0)
+    if not grad:
+        with torch.no_grad():
+            pyencoder.ops.interval_attention(q, k, v, mask=m, **kw)
+        return
     out = pyencoder.ops.interval_attention(q, k, v, mask=m, **kw)
     torch.autograd.grad(out, (q, k, v), torch.randn(out.shape, generator=g).to(dtype))
 
@@ -149,6 +203,28 @@ def hooked():
         knobs.runtime.launch_enter_hook.remove(hook)
 
 
+ROPES = {}
+ROPE = pyencoder.Rope(32)     # its own object: the case below edits it in place
+
+
+def edited_rope():
+    """A call with the Rope's inv_freq edited in place, then restored in place: the recorded
+    program's tables hold the edited values, and the compared call (same values as the first
+    run, two versions later) must not be served by it."""
+    inv = ROPE.inv_freq(torch.device("cpu"))
+    saved = inv.clone()
+    inv.mul_(1.5)
+    attention(rope=ROPE)
+    inv.copy_(saved)
+
+
+def env_call(**env):
+    def call():
+        with temp_env(**env):
+            attention()
+    return call
+
+
 CASES = {
     "band-rope-table": lambda: attention(),
     "band-norope": lambda: attention(rope=False),
@@ -171,6 +247,22 @@ CASES = {
     # recorded at N=48 (Triton: Nq, Nk divisible by 16), compared at N=40: a specialised int, so
     # no plan of 48 may serve 40
     "spec-int": (lambda: attention(rope=False, N=40), lambda: attention(rope=False, N=48)),
+    # call programs (pyencoder.ops._attention_triton): compared with a recorded call that differs
+    # in one part of the program key only (same layout, other contents for prog-seed): the
+    # replay must be the path's launches (served by the recorded program only where the key
+    # is the same: test_call_programs)
+    "prog-offsets-rope": (lambda: attention(offset=5), lambda: attention(offset=22)),
+    "prog-seed": (lambda: attention(seed=1, key_lengths=True),
+                  lambda: attention(seed=3, key_lengths=True)),
+    "prog-klen-int32": (lambda: attention(key_lengths=True),
+                        lambda: attention(key_lengths=True, klen_dtype=torch.int32)),
+    "prog-strides": (lambda: attention(), lambda: attention(transposed=True)),
+    "prog-scale": (lambda: attention(scale=0.2), lambda: attention(scale=0.3)),
+    "prog-rope-mode": (env_call(PYENCODER_ROPE_MODE="table"), env_call(PYENCODER_ROPE_MODE="pre")),
+    "prog-deterministic": (lambda: attention(), env_call(PYENCODER_DETERMINISTIC="1")),
+    "prog-inv-freq-edit": (lambda: attention(rope=ROPE), edited_rope),
+    "prog-no-grad": (lambda: attention(grad=False), lambda: attention(grad=False)),
+    "prog-misaligned": (lambda: attention(), lambda: attention(misaligned=True)),
 }
 ENV = {"band-rope-pre": {"PYENCODER_ROPE_MODE": "pre"},
        "autotune-full": {"PYENCODER_TRITON_AUTOTUNE": "full"}}
@@ -178,20 +270,22 @@ ENV = {"band-rope-pre": {"PYENCODER_ROPE_MODE": "pre"},
 
 def run_case(name):
     env = {"PYENCODER_TRITON_AUTOTUNE": "0", **ENV.get(name, {})}
-    logs, served = [], []
+    logs, served, programs = [], [], []
     case = CASES[name]
     compared, recorded = case if isinstance(case, tuple) else (case, case)
+    TO.clear_launch_plans()     # and the call programs: this case's record run leaves them
     for flag, fn in (("0", compared), ("1", recorded), ("1", compared)):
         with temp_env(PYENCODER_FAST_LAUNCH=flag, **env):
             LOG.clear()
-            PLAN_LAUNCHES[0] = 0
+            PLAN_LAUNCHES[0] = PROGRAM_RUNS[0] = 0
             try:
                 fn()
             except Exception as e:      # reported, not raised: the other cases still run
                 return {"error": f"{type(e).__name__}: {e}"}
         logs.append(list(LOG))
         served.append(PLAN_LAUNCHES[0])
-    return {"logs": logs, "served": served}
+        programs.append(PROGRAM_RUNS[0])
+    return {"logs": logs, "served": served, "programs": programs}
 
 
 def main():

@@ -28,3 +28,25 @@ def test_env_raw_agrees_with_os_environ(monkeypatch):
     assert env_raw(name) == "no"
     monkeypatch.delenv(name)
     assert env_raw(name) is None
+
+
+def test_env_snapshot_tracks_every_change(monkeypatch):
+    """env_snapshot (the call programs' key over the variables the attention path reads) is equal
+    for two reads iff every variable's raw value is the same, unset included."""
+    from pyencoder._env import env_snapshot
+    a, b = "PYENCODER_TEST_SNAP_A", "PYENCODER_TEST_SNAP_B"
+    monkeypatch.delenv(a, raising=False)
+    monkeypatch.delenv(b, raising=False)
+    names = (a, b)
+    seen = {env_snapshot(names)}
+    for change in (lambda: monkeypatch.setenv(a, ""), lambda: monkeypatch.setenv(a, "0"),
+                   lambda: monkeypatch.setenv(b, "0"), lambda: monkeypatch.setenv(a, "1"),
+                   lambda: monkeypatch.delenv(b)):
+        change()
+        snap = env_snapshot(names)
+        assert snap not in seen and snap == env_snapshot(names)
+        seen.add(snap)
+        assert len(snap) == 2
+    with mock.patch.dict(os.environ, {b: "x"}):
+        assert env_snapshot(names) not in seen
+    assert env_snapshot(names) in seen

@@ -36,7 +36,7 @@ def _strip(log):
 def test_every_case_ran(logs):
     errors = {n: c["error"] for n, c in logs.items() if "error" in c}
     assert not errors
-    assert len(logs) >= 16
+    assert len(logs) >= 26
 
 
 @pytest.mark.parametrize("case", ["band-rope-table", "band-norope", "band-rope-pre",
@@ -56,6 +56,38 @@ def test_replay_equals_triton(logs, case):
     # Triton's launch metadata reaches the launcher only when a launch hook wants it
     assert all(x["metadata"] for x in off)          # Triton builds it for every launch
     assert all(x["metadata"] == hooked for x in replay)
+
+
+# Launches served by call programs (pyencoder.ops._attention_triton: a forward program, a backward
+# program) in each case's replay: 2 for an attention forward + backward whose key the record run
+# had; 0 where the compared call differs from the recorded one in a part of the program key (its
+# launches must then be the path's own: test_replay_equals_triton's equality, checked for every
+# case here), with a relative bias (no programs), and for the non-attention kernels.
+PROGRAMS = {
+    "band-rope-table": 2, "band-norope": 2, "band-rope-pre": 2, "chunked-klen": 2,
+    "full-fp32": 2, "bias-gate": 0, "sink": 2, "offset-7": 2, "batch-3": 2, "misaligned": 2,
+    "autotune-full": 2, "conv": 0, "hook": 2, "decode": 0, "offsets-shift": 0, "spec-int": 0,
+    "prog-offsets-rope": 0, "prog-seed": 2, "prog-klen-int32": 2, "prog-strides": 0,
+    "prog-scale": 0, "prog-rope-mode": 0, "prog-deterministic": 1, "prog-inv-freq-edit": 0,
+    "prog-no-grad": 1, "prog-misaligned": 0,
+}
+
+
+@pytest.mark.parametrize("case", sorted(PROGRAMS))
+def test_call_programs(logs, case):
+    """A call replayed by a call program makes the launches the path makes (same kernels, grids,
+    arguments, and the call's own tensors: the logs compare contents too); a program serves only
+    calls with its key: recorded at other offsets, strides, scale, RoPE mode, deterministic
+    setting, alignment, or before an in-place edit of inv_freq, it does not."""
+    c = logs[case]
+    off, record, replay = c["logs"]
+    assert off and _strip(replay) == _strip(off)
+    assert c["programs"][0] == 0            # PYENCODER_FAST_LAUNCH=0: no programs either
+    assert c["programs"][2] == PROGRAMS[case]
+
+
+def test_every_case_has_a_program_count(logs):
+    assert set(PROGRAMS) == set(logs)
 
 
 def test_specialised_ints_are_not_coarsened(logs):

@@ -121,10 +121,47 @@ def relative_bias_columns(table, bucket_fn, nq, nk, *, block, lo_off, hi_off, q_
     """(rel_bias (H, L), rel_offset): the bucket table (num_buckets, H) read at every relative
     offset s - p a call of interval attention can see (pyencoder.ops.attention.relative_offsets),
     the dense per-head vector the fused kernels take. Differentiable in ``table`` (a gather)."""
+    key = _columns_key(table, bucket_fn, (nq, nk, block, lo_off, hi_off, q_offset, k_offset))
+    hit = _COLUMNS.get(key) if key is not None else None
+    if hit is not None and hit[0] is table and hit[1]._version == hit[2]:
+        return hit[1], hit[3]
     r_min, r_max = relative_offsets(nq, nk, block=block, lo_off=lo_off, hi_off=hi_off,
                                     q_offset=q_offset, k_offset=k_offset)
     rel = torch.arange(r_min, max(r_min, r_max) + 1, device=table.device)
-    return table[bucket_fn(rel)].t(), r_min
+    cols = table[bucket_fn(rel)].t()
+    if key is not None:
+        if len(_COLUMNS) >= _COLUMNS_MAX:
+            _COLUMNS.pop(next(iter(_COLUMNS)))
+        _COLUMNS[key] = (table, cols, cols._version, r_min)
+    return cols, r_min
+
+
+# relative_bias_columns of recent calls that record no graph for the table (no grad needed, or a
+# frozen table): (table id, version, data pointer, bucket_fn, call ints) -> (table, columns, their
+# version, r_min). A model's layers share one table (WavLM: layer 0's), so inference builds the
+# columns (an arange, the bucket function's ~10 small ops and a gather) once per call shape instead
+# of once per layer, and the op's finiteness check of rel_bias (a host sync on a GPU) runs once
+# (pyencoder._checks.passed). An in-place edit of the table or of the returned columns misses.
+# ``bucket_fn`` is keyed by equality (a bound method: its object and function) and assumed to be
+# a pure function of its argument, as WavLM's bucket is; not under torch.compile or CUDA-graph
+# capture (a capture must own the tensors it allocates).
+_COLUMNS = {}
+_COLUMNS_MAX = 16
+
+
+def _columns_key(table, bucket_fn, ints):
+    if type(table) is not torch.Tensor or table.is_inference() or torch.compiler.is_compiling():
+        return None
+    if table.requires_grad and torch.is_grad_enabled():
+        return None
+    if table.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    key = (id(table), table._version, table.data_ptr(), bucket_fn, ints)
+    try:
+        hash(key)
+    except TypeError:       # an unhashable bucket function
+        return None
+    return key
 
 
 def _leading_run(x):

@@ -46,12 +46,14 @@ positions below 2**24 (exact in float32).
 """
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .._backend import _interpret
-from .._env import env_choice, env_flag, env_raw
+from .._env import env_choice, env_flag, env_raw, env_snapshot
 from ..rope import rope_cos_sin
 from ._attention_op import op_signature, run_backward, run_forward
-from ._triton_op import BlockGrid, cdiv, dummy, is_plain, launch, next_pow2, triton_op
+from ._triton_op import (BlockGrid, _triton, cdiv, dummy, is_plain, last_plan, launch, next_pow2,
+                         on_clear_launch_plans, triton_op)
 
 _MAX_HEAD_DIM = 256
 _MAX_POSITION = 1 << 24
@@ -612,10 +614,23 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
     """Returns (out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32). ``kb``: the key-side
     block of a frame-rate mask (None: block). ``rel_bias`` (Hq, L), ``gate`` (B, Hq, Nq) or None,
     ``rel_offset``: relative-position bias (pyencoder.ops.attention), read by the kernels in
-    float32."""
+    float32. A call like an earlier one is replayed by its call program (section below)."""
+    key = None
+    if rel_bias is None:
+        key = _program_key((q, k, v), inv_freq, key_lengths,
+                           (block, lo_off, hi_off, q_offset, k_offset, scale, interleaved, sink,
+                            kb))
+        if key is not None:
+            prog = _FWD_PROGRAMS.get(key)
+            if prog is not None and prog.inv_freq is inv_freq:
+                res = prog.run(q, k, v, key_lengths)
+                if res is not None:
+                    return res
     _require_supported(q, k, v, inv_freq, block, q_offset, k_offset, sink, kb, rel_bias)
     win = _window_key(block if kb is None else kb, lo_off, hi_off, k.shape[2])
+    pre = None
     if _prerotate(inv_freq, win) and q.numel() and k.numel():
+        pre = (inv_freq, q_offset, k_offset, interleaved)
         q = rotate(q, inv_freq, q_offset, interleaved)
         k = rotate(k, inv_freq, k_offset, interleaved)
         inv_freq = None
@@ -640,6 +655,8 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
             block, lo_off, hi_off, q_offset, k_offset, tab_base, float(scale) * _LOG2E,
             _window_key(block if kb is None else kb, lo_off, hi_off, Nk))
     _launch("fwd", BlockGrid(Nq, "BLOCK_M", B * Hq), args, consts)
+    if key is not None:
+        _keep_forward(key, pre, inv_freq, key_lengths, args, out, lse)
     return out, lse
 
 
@@ -650,7 +667,19 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
     atomics); ``deterministic=True`` also pins the tile config (no autotuning). With
     ``rel_bias``: (dq, dk, dv, drel_bias, dgate or None); dgate is a row reduction of the dq
     kernel (deterministic), drel_bias is accumulated with float32 atomics by the dq kernel (one
-    per visible (query, key) pair: summation order, hence the last bits, vary between runs)."""
+    per visible (query, key) pair: summation order, hence the last bits, vary between runs).
+    A call like an earlier one is replayed by its call program (section below)."""
+    key = None
+    if rel_bias is None:
+        key = _program_key((dout, q, k, v, out, lse), inv_freq, key_lengths,
+                           (block, lo_off, hi_off, q_offset, k_offset, scale, interleaved,
+                            bool(deterministic), sink, kb, _grad_dtype))
+        if key is not None:
+            prog = _BWD_PROGRAMS.get(key)
+            if prog is not None and prog.inv_freq is inv_freq:
+                res = prog.run(dout, q, k, v, out, lse, key_lengths)
+                if res is not None:
+                    return res
     _require_supported(q, k, v, inv_freq, block, q_offset, k_offset, sink, kb, rel_bias)
     win = _window_key(block if kb is None else kb, lo_off, hi_off, k.shape[2])
     if _prerotate(inv_freq, win) and q.numel() and k.numel():
@@ -709,11 +738,166 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
     _launch("dq", BlockGrid(Nq, "BLOCK_M", B * Hq), args, dict(consts, DREL=drel,
                                                                      DGATE=dgate),
             pinned=deterministic)
+    dq_plan, dq_args = last_plan(), args
     args = (q, k, v, dout, dk, dv, lse, delta, freq, cos, sin, klen,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             Hq, Hk, Hq // Hk, *common)
     _launch("dkdv", BlockGrid(Nk, "BLOCK_N", B * Hk), args, consts, pinned=deterministic)
+    if key is not None:
+        _keep_backward(key, inv_freq, key_lengths, dq_plan, dq_args, args, _grad_dtype)
     return result(dq, dk, dv)
+
+
+# ------------------------------------------------------------------------------------------------
+# Call programs. An eager call's host path (validation of the backend's limits, the window key,
+# the RoPE mode, tables, the constexpr dict, the tile choice, and the fast launch path's plan key
+# over ~60 kernel arguments: ~20 us per forward on the CPU machine here, against ~100 us kernels
+# at wav2vec2-base sizes) is a function of what ``_program_key`` summarises: every tensor's shape,
+# strides, dtype, device and 16-byte alignment, the identity and version of inv_freq, key_lengths'
+# layout, every scalar argument, the environment variables the path reads, and the current device.
+# A call whose launches were all served or recorded by fast launch plans (pyencoder.ops.
+# _triton_op.last_plan) leaves a program under that key: the plans and the kernel arguments that
+# are not the call's own tensors. A later call with the same key allocates its outputs, converts
+# key_lengths as the path does and calls the plans' launchers with its own tensors: the launches
+# the path would make, with the same arguments. Only where the fast launch path itself applies
+# (PYENCODER_FAST_LAUNCH on, not interpreted, no trace, dispatch mode or torch.func transform,
+# plain tensors), without a relative bias (its tensors are per-call work) and, with RoPE, outside
+# CUDA-graph capture (a program holds its cos/sin tables: a capture must own what it reads).
+# tests/test_fast_launch.py compares every launch of a replayed call with the path's.
+
+_FWD_PROGRAMS = {}
+_BWD_PROGRAMS = {}
+_PROGRAMS_MAX = 64      # per table; the oldest goes (eager streaming: offsets move every chunk)
+_NO_KW = {}
+# every variable the forward / backward path reads (the fast launch path's own, and
+# TRITON_INTERPRET, are checked by _program_key)
+_PROGRAM_ENV = ("PYENCODER_ROPE_MODE", "PYENCODER_ROPE_TABLE", "PYENCODER_PIPELINE_MASKED",
+                "PYENCODER_TRITON_AUTOTUNE")
+
+
+@on_clear_launch_plans
+def _clear_programs():
+    _FWD_PROGRAMS.clear()
+    _BWD_PROGRAMS.clear()
+
+
+def _program_key(tensors, inv_freq, key_lengths, scalars):
+    """The call program key of a call (section comment), or None where no program may serve or
+    be recorded."""
+    if not env_flag("PYENCODER_FAST_LAUNCH", True) or _interpret() \
+            or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None \
+            or torch._C._are_functorch_transforms_active():
+        return None
+    T = torch.Tensor
+    parts = []
+    for t in tensors:
+        if type(t) is not T:
+            return None
+        parts += (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
+    rope = None
+    if inv_freq is not None:
+        if type(inv_freq) is not T or inv_freq.is_inference():   # no version counter
+            return None
+        if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        rope = (id(inv_freq), inv_freq._version, inv_freq.data_ptr())
+    klen = None
+    if key_lengths is not None:
+        if type(key_lengths) is not T:
+            return None
+        klen = (key_lengths.shape, key_lengths.stride(), key_lengths.dtype, key_lengths.device)
+    try:
+        device = _triton()[0].active.get_current_device()
+    except Exception:       # no active Triton driver (a direct call on a machine without one)
+        return None
+    return (tuple(parts), rope, klen, scalars, env_snapshot(_PROGRAM_ENV),
+            POISON_OUTPUTS, device)
+
+
+def _keep(table, key, prog):
+    if len(table) >= _PROGRAMS_MAX:
+        table.pop(next(iter(table)))
+    table[key] = prog
+
+
+def _klen(key_lengths, q, aligned):
+    """key_lengths as the path passes it (int32 on q's device), or None when its alignment differs
+    from the recorded call's (a plan is keyed by it)."""
+    klen = key_lengths.to(device=q.device, dtype=torch.int32).contiguous()
+    return klen if (klen.data_ptr() % 16 == 0) == aligned else None
+
+
+class _FwdProgram:
+    __slots__ = ("plan", "inv_freq", "pre", "klen", "klen_aligned", "aux", "rest", "out_shape",
+                 "lse_shape")
+
+    def run(self, q, k, v, key_lengths):
+        klen = self.klen
+        if key_lengths is not None:
+            klen = _klen(key_lengths, q, self.klen_aligned)
+            if klen is None:
+                return None
+        if self.pre is not None:
+            inv, q_offset, k_offset, interleaved = self.pre
+            q = rotate(q, inv, q_offset, interleaved)
+            k = rotate(k, inv, k_offset, interleaved)
+        out = _new(self.out_shape, q)
+        lse = _new(self.lse_shape, q, torch.float32)
+        freq, cos, sin = self.aux
+        self.plan.launch((q, k, v, out, lse, freq, cos, sin, klen) + self.rest, _NO_KW)
+        return out, lse
+
+
+def _keep_forward(key, pre, inv_freq, key_lengths, args, out, lse):
+    plan = last_plan()
+    if plan is None or plan.names is not None:
+        return
+    prog = _FwdProgram()
+    prog.plan, prog.pre = plan, pre
+    prog.inv_freq = inv_freq if pre is None else pre[0]   # the call's own (identity-checked)
+    prog.klen = args[8]
+    prog.klen_aligned = args[8].data_ptr() % 16 == 0
+    prog.aux, prog.rest = args[5:8], args[9:]
+    prog.out_shape, prog.lse_shape = tuple(out.shape), tuple(lse.shape)
+    _keep(_FWD_PROGRAMS, key, prog)
+
+
+class _BwdProgram:
+    __slots__ = ("dq_plan", "dkdv_plan", "inv_freq", "klen", "klen_aligned", "aux", "dq_rest",
+                 "dkdv_rest", "grad_dtype", "delta_shape")
+
+    def run(self, dout, q, k, v, out, lse, key_lengths):
+        klen = self.klen
+        if key_lengths is not None:
+            klen = _klen(key_lengths, q, self.klen_aligned)
+            if klen is None:
+                return None
+        dq = _new(q.shape, q, self.grad_dtype)
+        dk = _new(k.shape, k, self.grad_dtype)
+        dv = _new(v.shape, v)
+        lse = lse.to(torch.float32).contiguous()
+        dout = dout.to(q.dtype)
+        delta = _new(self.delta_shape, q, torch.float32)
+        freq, cos, sin = self.aux
+        self.dq_plan.launch((q, k, v, dout, out, dq, lse, delta, freq, cos, sin, klen)
+                            + self.dq_rest, _NO_KW)
+        self.dkdv_plan.launch((q, k, v, dout, dk, dv, lse, delta, freq, cos, sin, klen)
+                              + self.dkdv_rest, _NO_KW)
+        return dq, dk, dv
+
+
+def _keep_backward(key, inv_freq, key_lengths, dq_plan, dq_args, dkdv_args, grad_dtype):
+    plan = last_plan()
+    if plan is None or dq_plan is None or plan.names is not None or dq_plan.names is not None:
+        return
+    prog = _BwdProgram()
+    prog.dq_plan, prog.dkdv_plan, prog.inv_freq = dq_plan, plan, inv_freq
+    prog.klen = dq_args[11]
+    prog.klen_aligned = dq_args[11].data_ptr() % 16 == 0
+    prog.aux = dq_args[8:11]
+    prog.dq_rest, prog.dkdv_rest = dq_args[12:], dkdv_args[12:]
+    prog.grad_dtype, prog.delta_shape = grad_dtype, tuple(dq_args[7].shape)
+    _keep(_BWD_PROGRAMS, key, prog)
 
 
 # ------------------------------------------------------------------------------------------------

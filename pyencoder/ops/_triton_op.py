@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from pyencoder._env import env_flag, env_raw
 
 __all__ = ["triton_op", "launch", "interpreting", "next_pow2", "cdiv", "block_size",
-           "is_plain", "dummy", "BlockGrid", "clear_launch_plans"]
+           "is_plain", "dummy", "BlockGrid", "clear_launch_plans", "last_plan"]
 
 
 def interpreting():
@@ -113,6 +113,7 @@ class _Launch:
         return _Launch(self.kernel, grid)
 
     def __call__(self, *args, **kwargs):
+        _LAST[0] = None
         if interpreting():
             if _any_fake(args, kwargs):
                 return None     # module docstring, 1
@@ -126,11 +127,12 @@ class _Launch:
                 except Exception:   # a fake / storage-less tensor, an unhashable or keyless arg
                     plan = None
                 if plan is not None:
+                    _LAST[0] = plan
                     return plan.launch(args, kwargs)
         if traced or _any_fake(args, kwargs):
             return torch.library.wrap_triton(self.kernel)[self.grid](*args, **kwargs)
         compiled = self.kernel[self.grid](*args, **kwargs)
-        _record(self.kernel, self.grid, args, kwargs, compiled)
+        _LAST[0] = _record(self.kernel, self.grid, args, kwargs, compiled)
         return compiled
 
 
@@ -180,6 +182,15 @@ _PLANS_MAX = 512     # per kernel; a full kernel records no more plans (a stream
 
 
 _TRITON = []
+_LAST = [None]   # the _Plan of the last launch through _Launch: served by it or recorded by it
+
+
+def last_plan():
+    """The _Plan the last ``launch(kernel)[grid](...)`` of this process was served by or recorded,
+    or None (not recorded: traced, interpreted, hooks, a lambda grid, a full plan table...). A
+    caller that replays a whole call (pyencoder.ops._attention_triton's call programs) reads it
+    right after its own launch."""
+    return _LAST[0]
 
 
 def _triton():
@@ -243,8 +254,8 @@ class _Plan:
 
 
 def _record(kernel, grid, args, kwargs, compiled):
-    """Leave a _Plan for this launch (module comment above), or nothing where the fast path does
-    not apply."""
+    """Leave a _Plan for this launch (module comment above) and return it, or None where the fast
+    path does not apply."""
     if compiled is None or not env_flag("PYENCODER_FAST_LAUNCH", True) \
             or len(_PLANS.get(id(kernel), (None, None, ()))[2]) >= _PLANS_MAX:
         return
@@ -291,12 +302,26 @@ def _record(kernel, grid, args, kwargs, compiled):
         grid = grid({**dict(zip(jit.arg_names, args)), **kw})
     grid = tuple(grid) + (1,) * (3 - len(grid))
     plans = _PLANS.setdefault(id(kernel), (kernel, dns, {}))[2]
-    plans[key] = _Plan(compiled, grid, tuple(tail), tuple(names) if any(names) else None)
+    plan = plans[key] = _Plan(compiled, grid, tuple(tail), tuple(names) if any(names) else None)
+    return plan
+
+
+_CLEAR_HOOKS = []    # callables run by clear_launch_plans (caches holding plans: call programs)
+
+
+def on_clear_launch_plans(fn):
+    """Register ``fn()`` to run whenever the plans are cleared (a cache that holds _Plans)."""
+    _CLEAR_HOOKS.append(fn)
+    return fn
 
 
 def clear_launch_plans():
-    """Forget every fast launch plan (tests; a plan holds its compiled kernel alive)."""
+    """Forget every fast launch plan (tests; a plan holds its compiled kernel alive), and every
+    cache built on them."""
     _PLANS.clear()
+    _LAST[0] = None
+    for fn in _CLEAR_HOOKS:
+        fn()
 
 
 def launch(kernel):

@@ -50,7 +50,8 @@ from ._attention_op import (N_PARAMS, N_TENSORS, fake_backward, fake_forward, op
 from ._autograd import forbid_double_backward
 from ._call import call_op
 from .._checks import (MAX_POSITION, check_bias_tensors, check_float_dtype, check_int,
-                      check_lengths, check_same, check_scale, check_tensor, value_checks_enabled)
+                      check_lengths, check_same, check_scale, check_tensor, passed, passed_key,
+                      remember_passed, value_checks_enabled)
 
 __all__ = ["banded_attention", "chunked_attention", "interval_attention", "cross_attention",
            "band_params", "chunked_params", "relative_offsets"]
@@ -200,9 +201,13 @@ def _validate_bias(q, k, rel_bias, gate, rel_offset, block, lo_off, hi_off, q_of
         raise ValueError(f"rel_bias needs at least one column when sink keys are visible (a sink "
                          f"key outside the table reads its edge column: the saturated bucket "
                          f"rule); got 0 columns with sink={sink}, k_offset={k_offset}")
-    if value_checks_enabled() and rel_bias.numel() and not bool(torch.isfinite(rel_bias).all()):
-        raise ValueError("rel_bias must be finite (a NaN / inf entry would poison every row that "
-                         "sees its offset); got a non-finite entry")
+    if value_checks_enabled() and rel_bias.numel():
+        key = passed_key("finite", rel_bias)     # a host sync on a GPU: once per tensor
+        if not passed(key, rel_bias):
+            if not bool(torch.isfinite(rel_bias).all()):
+                raise ValueError("rel_bias must be finite (a NaN / inf entry would poison every "
+                                 "row that sees its offset); got a non-finite entry")
+            remember_passed(key, rel_bias)
     return rel_offset
 
 
@@ -275,7 +280,12 @@ def _attend(q, k, v, mask, rope, key_lengths, q_offset, k_offset, scale, backend
                sink, 0 if rel_bias is None else rel_offset, q_offset, k_offset, scale,
                interleaved)
     if name == "triton" and _eager_ok():
-        out, lse = _EagerTriton.apply(*op_args)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                        or (rel_bias is not None and rel_bias.requires_grad)
+                                        or (gate is not None and gate.requires_grad)):
+            out, lse = _EagerTriton.apply(*op_args)
+        else:   # no graph to record: the launcher itself (Function.apply costs ~8 us here)
+            out, lse = run_forward(_triton.forward, *op_args)
     else:
         out, lse = call_op(name, _triton.forward_op, _interval_attention_op, *op_args)
     return (out, lse) if return_lse else out
