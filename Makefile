@@ -85,7 +85,8 @@ info: $(VENV)/.ready
 # What the one GPU call carries (benchmarks/GPU_SESSION.md): pyencoder._C prebuilt for sm_90
 # against the device's torch in .prebuilt/, the wheels the device lacks in .whl/, Triton's cache of
 # the session's first kernels for sm_90 in .triton-cache/ (all ignored; GPU_PREP_TRITON_CACHE=0
-# skips the cache, GPU_PREP_JOBS sets its compile processes).
+# skips the cache and removes a stale build, keeping .triton-cache/device/; GPU_PREP_JOBS sets its
+# compile processes).
 gpu-prep:
 	bash benchmarks/gpu_prep.sh
 

@@ -23,9 +23,13 @@
 #      ~190 kernels, ~9 CPU-minutes), pruned to the .cubin and metadata of each entry and packed
 #      into .triton-cache/entries.tgz (~8 MB), with build_info.json (the key facts: triton,
 #      sha256 of triton_key(), ptxas/arch backend hash, env; the device prints and compares them
-#      and compiles what misses). GPU_PREP_TRITON_CACHE=0 skips it (and removes a stale one);
-#      GPU_PREP_TRITON_VERIFY=1 then replays the launches against an installed copy (~3 min:
-#      every kernel must load from it, python -m benchmarks.triton_cache verify).
+#      and compiles what misses). The build keeps .triton-cache/device/ (the device's own
+#      compiles, kept there by `python -m benchmarks.triton_cache merge`; the session's setup
+#      installs them). GPU_PREP_TRITON_CACHE=0 skips it and removes a stale build (everything in
+#      .triton-cache/ but device/, which stays and is still carried and installed;
+#      clean_triton_cache below); GPU_PREP_TRITON_VERIFY=1 then replays the launches against an
+#      installed copy (~3 min: every kernel must load from it, python -m
+#      benchmarks.triton_cache verify).
 # .gpu-prep/, .prebuilt/, .whl/ and .triton-cache/ are git-ignored; all but .gpu-prep/ are carried.
 #
 # Limits: Linux x86-64 with nvcc 13.x under $CUDA_HOME and network access to PyPI; the first run
@@ -33,6 +37,20 @@
 # runs reuse the venv and rebuild the extension and the Triton cache. The build compiles every .cu
 # file once (MAX_JOBS, default 2). Re-run it after any change to csrc/ or triton_kernels/: a
 # kernel's cache entry is keyed by its source and line numbers (a stale one only misses).
+# Sourced (tests/test_gpu_prep.py), it only defines its functions and runs nothing.
+
+# clean_triton_cache DIR: remove the Triton cache build in DIR (entries.tgz, build_info.json and
+# anything else) but keep DIR/device/ (the device's compiles that merge keeps: no build can remake
+# them); DIR itself goes when nothing is left.
+clean_triton_cache() {
+  local dir=$1
+  [ -d "$dir" ] || return 0
+  find "$dir" -mindepth 1 -maxdepth 1 ! \( -name device -type d \) -exec rm -rf -- {} +
+  rmdir -- "$dir" 2>/dev/null || true
+}
+
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0
+
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -127,8 +145,13 @@ if [ "$TRITON_CACHE" != "0" ]; then
       || { echo "gpu-prep: the Triton cache misses some launches (see above)" >&2; exit 1; }
   fi
 else
-  rm -rf .triton-cache
-  say "Triton cache skipped (GPU_PREP_TRITON_CACHE=0): the device compiles every kernel"
+  clean_triton_cache .triton-cache
+  if [ -d .triton-cache/device ]; then
+    say "Triton cache skipped (GPU_PREP_TRITON_CACHE=0): .triton-cache/device/ kept (the" \
+        "device's own compiles); the device compiles every other kernel"
+  else
+    say "Triton cache skipped (GPU_PREP_TRITON_CACHE=0): the device compiles every kernel"
+  fi
 fi
 say "done: carried paths"
 du -sh .prebuilt .whl $( [ -d .triton-cache ] && echo .triton-cache)

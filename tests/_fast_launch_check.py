@@ -2,8 +2,9 @@
 on an sm_90 device (Triton's own JITFunction.run up to the compile, on a stand-in driver; no
 interpreter), with the fast launch path off, then on twice (the first call records plans, the
 second replays them). Each stand-in compiled kernel is one per Triton cache key and logs what its
-launcher receives. Prints one JSON object: per case the three normalised launch logs and how many
-launches the replay served from plans. Run with TRITON_INTERPRET unset."""
+launcher receives. Prints one JSON object: per case the three normalised launch logs, how many
+launches each run served from plans, how many call programs it ran and how many launches went
+through JITFunction.run. Run with TRITON_INTERPRET unset."""
 import json
 import os
 import sys
@@ -86,12 +87,19 @@ def do_compile(fn, key, signature, device, constexprs, options, attrs, warmup):
 
 
 PLAN_LAUNCHES = [0]
+TRITON_RUNS = [0]
 _plan_launch = TO._Plan.launch
+_jit_run = JITFunction.run
 
 
 def counted(self, args, kwargs):
     PLAN_LAUNCHES[0] += 1
     return _plan_launch(self, args, kwargs)
+
+
+def triton_run(self, *args, **kwargs):
+    TRITON_RUNS[0] += 1
+    return _jit_run(self, *args, **kwargs)
 
 
 def bench(self, *args, config, **kwargs):     # the autotuner's timing: deterministic stand-in
@@ -121,14 +129,20 @@ def setup():
     JITFunction._do_compile = do_compile
     Autotuner._bench = bench
     TO._Plan.launch = counted
+    JITFunction.run = triton_run
     _backend.select = lambda *a, **k: "triton"
     A._interpret, A._arch = (lambda: False), (lambda device: "sm90")
 
 
 def attention(B=2, H=4, Hk=2, N=40, D=32, dtype=torch.float16, rope=True, mask="band",
               offset=0, key_lengths=False, bias=False, misaligned=False, sink=0, seed=0,
-              transposed=False, scale=None, klen_dtype=torch.int64, grad=True):
+              transposed=False, scale=None, klen_dtype=torch.int64, grad=True, Nq=None,
+              k_shift=0, rel_offset=-100):
+    """Forward and backward (``grad``) of one call: q (B, H, Nq, D) at q_offset = ``offset``, k
+    and v (B, Hk, N, D) at k_offset = offset - ``k_shift`` (a streaming chunk's queries over its
+    keys); ``bias``: True (gated) or "plain" (no gate)."""
     g = torch.Generator().manual_seed(seed)
+    Nq = N if Nq is None else Nq
 
     def t(h, n):
         if misaligned:      # a view 2 bytes past an aligned start: data_ptr % 16 != 0
@@ -138,17 +152,18 @@ def attention(B=2, H=4, Hk=2, N=40, D=32, dtype=torch.float16, rope=True, mask="
             return torch.randn(B, n, h, D, generator=g).to(dtype).transpose(1, 2) \
                 .requires_grad_()
         return torch.randn(B, h, n, D, generator=g).to(dtype).requires_grad_()
-    q, k, v = t(H, N), t(Hk, N), t(Hk, N)
+    q, k, v = t(H, Nq), t(Hk, N), t(Hk, N)
     if rope is True:    # one Rope per head_dim, as a model holds its own (programs key on it)
         rope = ROPES.setdefault(D, pyencoder.Rope(D))
-    kw = dict(rope=rope or None, backend="triton", q_offset=offset, k_offset=offset, scale=scale)
+    kw = dict(rope=rope or None, backend="triton", q_offset=offset, k_offset=offset - k_shift,
+              scale=scale)
     if key_lengths:
         kw["key_lengths"] = torch.tensor([N, N - 7 - seed][:B] + [N] * max(0, B - 2),
                                          dtype=klen_dtype)
     if bias:
         kw["rel_bias"] = torch.randn(H, 200, generator=g)
-        kw["gate"] = torch.rand(B, H, N, generator=g)
-        kw["rel_offset"] = -100
+        kw["gate"] = torch.rand(B, H, Nq, generator=g) if bias != "plain" else None
+        kw["rel_offset"] = rel_offset
     if mask == "band":
         m = pyencoder.IntervalMask.band(20, 3, sink=sink)
     elif mask == "chunked":
@@ -244,6 +259,12 @@ CASES = {
     # range), so the plans recorded at 5 serve 22
     "offsets-shift": (lambda: attention(rope=False, offset=22),
                       lambda: attention(rope=False, offset=5)),
+    # eager streaming with the RoPE tables: chunks of 8 queries over 32 keys, recorded at chunk 5
+    # (q_offset 40, k_offset 16), compared at chunk 8 (64, 40): the tables' base tab_base moves
+    # with the offsets (16 -> 5 and 40 -> 37 after the launcher's move to 5 mod 16) and is
+    # do_not_specialize, so the plans recorded at chunk 5 serve chunk 8
+    "table-stream": (lambda: attention(Nq=8, N=32, offset=64, k_shift=24),
+                     lambda: attention(Nq=8, N=32, offset=40, k_shift=24)),
     # recorded at N=48 (Triton: Nq, Nk divisible by 16), compared at N=40: a specialised int, so
     # no plan of 48 may serve 40
     "spec-int": (lambda: attention(rope=False, N=40), lambda: attention(rope=False, N=48)),
@@ -263,21 +284,31 @@ CASES = {
     "prog-inv-freq-edit": (lambda: attention(rope=ROPE), edited_rope),
     "prog-no-grad": (lambda: attention(grad=False), lambda: attention(grad=False)),
     "prog-misaligned": (lambda: attention(), lambda: attention(misaligned=True)),
+    # biased programs rebuild REL / GATE / DREL / DGATE per call from the call's own tensors
+    "prog-bias-seed": (lambda: attention(bias=True, seed=1), lambda: attention(bias=True, seed=2)),
+    "prog-bias-plain": (lambda: attention(bias="plain", seed=1),
+                        lambda: attention(bias="plain", seed=2)),
+    "prog-bias-sink": (lambda: attention(bias=True, sink=3, seed=1),
+                       lambda: attention(bias=True, sink=3, seed=2)),
+    "prog-bias-offset": (lambda: attention(bias=True, rel_offset=-101),
+                         lambda: attention(bias=True, rel_offset=-100)),
+    "prog-bias-gate-none": (lambda: attention(bias="plain"), lambda: attention(bias=True)),
 }
 ENV = {"band-rope-pre": {"PYENCODER_ROPE_MODE": "pre"},
+       "table-stream": {"PYENCODER_ROPE_MODE": "table"},
        "autotune-full": {"PYENCODER_TRITON_AUTOTUNE": "full"}}
 
 
 def run_case(name):
     env = {"PYENCODER_TRITON_AUTOTUNE": "0", **ENV.get(name, {})}
-    logs, served, programs = [], [], []
+    logs, served, programs, runs = [], [], [], []
     case = CASES[name]
     compared, recorded = case if isinstance(case, tuple) else (case, case)
     TO.clear_launch_plans()     # and the call programs: this case's record run leaves them
     for flag, fn in (("0", compared), ("1", recorded), ("1", compared)):
         with temp_env(PYENCODER_FAST_LAUNCH=flag, **env):
             LOG.clear()
-            PLAN_LAUNCHES[0] = PROGRAM_RUNS[0] = 0
+            PLAN_LAUNCHES[0] = PROGRAM_RUNS[0] = TRITON_RUNS[0] = 0
             try:
                 fn()
             except Exception as e:      # reported, not raised: the other cases still run
@@ -285,7 +316,8 @@ def run_case(name):
         logs.append(list(LOG))
         served.append(PLAN_LAUNCHES[0])
         programs.append(PROGRAM_RUNS[0])
-    return {"logs": logs, "served": served, "programs": programs}
+        runs.append(TRITON_RUNS[0])
+    return {"logs": logs, "served": served, "programs": programs, "triton_runs": runs}
 
 
 def main():

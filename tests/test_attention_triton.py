@@ -375,31 +375,66 @@ rec = _Recorder(); rec.install()
 os.environ["PYENCODER_TRITON_AUTOTUNE"] = "0"
 from pyencoder.ops import _attention_triton as tri
 from pyencoder import Rope
+tables = tri._rope_tables
+RAW = sys.argv[2:] == ["raw"]
+bases = []
+def seen_tables(q, inv_freq, Nq, Nk, q_offset, k_offset, win=None):
+    cos, sin, base, table = tables(q, inv_freq, Nq, Nk, q_offset, k_offset, win)
+    if RAW and table:
+        # rows cut so that the table starts at min(q_offset, k_offset) itself (the launcher moves
+        # its base down to 5 mod 16): the kernels get the streaming offset's own value
+        cut = min(q_offset, k_offset) - base
+        cos, sin, base = cos[cut:], sin[cut:], base + cut
+    bases.append(base if table else None)
+    return cos, sin, base, table
+tri._rope_tables = seen_tables
 q, k, v = (torch.randn(2, 2, 300, 64, dtype=torch.float16) for _ in range(3))
 inv = Rope(64).inv_freq()
-for i, (lens, qo) in enumerate((([300, 200], 0), ([17, 299], 13), ([0, 5], 1000), ([300, 300], 77))):
+for i, (lens, qo) in enumerate((([300, 200], 0), ([17, 299], 13), ([0, 5], 1000),
+                                ([300, 300], 77), ([5, 300], 1), ([300, 100], 32))):
     rec.test = i
     kl = torch.tensor(lens, dtype=torch.int32)
     out, lse = tri.forward(q, k, v, inv, kl, 1, 50, 3, qo, qo, 0.125, False)
     tri.backward(torch.randn_like(out), q, k, v, out, lse, inv, kl, 1, 50, 3, qo, qo, 0.125, False)
-print(json.dumps(rec.per_kernel()))
+print(json.dumps({"keys": rec.per_kernel(), "bases": bases}))
 """
 
 
-def test_offsets_and_lengths_share_one_compile_key():
-    """Triton specialises integer arguments (== 1, divisible by 16): q_offset / k_offset are
-    do_not_specialize, so streaming offsets 0, 13, 1000, 77 and any key_lengths reuse one compiled
-    kernel per launcher (launch keys recorded with Triton's own binder, nothing compiled; the CPU
-    twin of test_gpu_lengths_do_not_recompile)."""
+def _offset_keys(*mode):
     import json
     import os
     import sys
 
     import _subproc
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = _subproc.run([sys.executable, "-c", _OFFSET_KEYS, os.path.join(root, "tests")], env=env,
-                     cwd=root)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "PYENCODER_ROPE_MODE", "PYENCODER_ROPE_TABLE")}
+    r = _subproc.run([sys.executable, "-c", _OFFSET_KEYS, os.path.join(root, "tests"), *mode],
+                     env=env, cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
-    counts = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_offsets_and_lengths_share_one_compile_key():
+    """Triton specialises integer arguments (== 1, divisible by 16): q_offset / k_offset are
+    do_not_specialize, so streaming offsets 0, 13, 1000, 77, 1, 32 and any key_lengths reuse one
+    compiled kernel per launcher (launch keys recorded with Triton's own binder, nothing compiled;
+    the CPU twin of test_gpu_lengths_do_not_recompile). The calls use the RoPE tables (a 50 + 3
+    window: the auto mode's table), whose base moves with the offsets."""
+    got = _offset_keys()
+    counts = got["keys"]
     assert counts and all(n == 1 for n in counts.values()), counts
+    assert len(got["bases"]) == 12 and None not in got["bases"]
+
+
+def test_rope_table_base_is_not_specialised():
+    """The RoPE table base tab_base is do_not_specialize in the three kernels: tables starting at
+    the streaming offset itself (0 and 32: divisible by 16, 1: == 1, 13, 77, 1000: neither; three
+    specialisations of a plain int) still share one compiled kernel per launcher."""
+    got = _offset_keys("raw")
+    counts = got["keys"]
+    assert sorted(counts) == ["_interval_attention_bwd_dkdv_kernel",
+                              "_interval_attention_bwd_dq_kernel",
+                              "_interval_attention_fwd_kernel"], counts
+    assert all(n == 1 for n in counts.values()), counts
+    assert got["bases"] == [b for qo in (0, 13, 1000, 77, 1, 32) for b in (qo, qo)]

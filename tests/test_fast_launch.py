@@ -3,9 +3,10 @@ recorded plan must reach the same compiled kernel with the same grid, stream and
 Triton's own JITFunction.run. Checked on the CPU by tests/_fast_launch_check.py in a subprocess
 (real JITFunctions, a stand-in sm_90 driver, one stand-in compiled kernel per Triton cache key
 that logs what its launcher receives): attention forward + backward over RoPE modes, masks,
-padding, bias (tensor keywords), sink keys, offsets, batch sizes, a misaligned input (Triton
-specialises pointers on 16-byte alignment), the autotuner's path and a launch hook; the
-depthwise conv forward, backward and update; a streaming decode step."""
+padding, bias (tensor keywords), sink keys, offsets, streaming chunks with the RoPE tables (their
+base moves per chunk), batch sizes, a misaligned input (Triton specialises pointers on 16-byte
+alignment), the autotuner's path and a launch hook; the depthwise conv forward, backward and
+update; a streaming decode step."""
 import json
 import os
 import sys
@@ -36,21 +37,23 @@ def _strip(log):
 def test_every_case_ran(logs):
     errors = {n: c["error"] for n, c in logs.items() if "error" in c}
     assert not errors
-    assert len(logs) >= 26
+    assert len(logs) >= 31
 
 
 @pytest.mark.parametrize("case", ["band-rope-table", "band-norope", "band-rope-pre",
                                   "chunked-klen", "full-fp32", "bias-gate", "sink", "offset-7",
                                   "batch-3", "misaligned", "autotune-full", "conv", "hook",
-                                  "offsets-shift", "decode"])
+                                  "offsets-shift", "decode", "table-stream"])
 def test_replay_equals_triton(logs, case):
     c = logs[case]
     off, record, replay = c["logs"]
     assert off, "the case launched nothing"
-    # off: every launch through Triton; the replay: every launch from a plan
+    # off: every launch through Triton; the replay: every launch from a plan, none through
+    # JITFunction.run
     assert c["served"][0] == 0 and c["served"][2] == len(replay)
+    assert c["triton_runs"][0] >= len(off) and c["triton_runs"][2] == 0
     assert _strip(replay) == _strip(off)
-    if case not in ("offsets-shift", "decode"):     # recorded at other positions
+    if case not in ("offsets-shift", "decode", "table-stream"):     # recorded at other positions
         assert _strip(record) == _strip(off)
     hooked = case == "hook"
     # Triton's launch metadata reaches the launcher only when a launch hook wants it
@@ -62,14 +65,15 @@ def test_replay_equals_triton(logs, case):
 # program) in each case's replay: 2 for an attention forward + backward whose key the record run
 # had; 0 where the compared call differs from the recorded one in a part of the program key (its
 # launches must then be the path's own: test_replay_equals_triton's equality, checked for every
-# case here), with a relative bias (no programs), and for the non-attention kernels.
+# case here), and for the non-attention kernels.
 PROGRAMS = {
     "band-rope-table": 2, "band-norope": 2, "band-rope-pre": 2, "chunked-klen": 2,
-    "full-fp32": 2, "bias-gate": 0, "sink": 2, "offset-7": 2, "batch-3": 2, "misaligned": 2,
+    "full-fp32": 2, "bias-gate": 2, "sink": 2, "offset-7": 2, "batch-3": 2, "misaligned": 2,
     "autotune-full": 2, "conv": 0, "hook": 2, "decode": 0, "offsets-shift": 0, "spec-int": 0,
     "prog-offsets-rope": 0, "prog-seed": 2, "prog-klen-int32": 2, "prog-strides": 0,
     "prog-scale": 0, "prog-rope-mode": 0, "prog-deterministic": 1, "prog-inv-freq-edit": 0,
-    "prog-no-grad": 1, "prog-misaligned": 0,
+    "prog-no-grad": 1, "prog-misaligned": 0, "prog-bias-seed": 2, "prog-bias-plain": 2,
+    "prog-bias-sink": 2, "prog-bias-offset": 0, "prog-bias-gate-none": 0, "table-stream": 0,
 }
 
 
@@ -107,6 +111,22 @@ def test_specialisation_is_kept(logs):
     assert [x["key"] for x in aligned] != [x["key"] for x in mis]
     assert logs["batch-3"]["logs"][0][0]["grid"] != aligned[0]["grid"]
     assert [x["key"] for x in logs["offset-7"]["logs"][0]] == [x["key"] for x in aligned]
+
+
+def test_rope_table_streaming_shares_plans(logs):
+    """Eager streaming with the RoPE tables (chunks at q_offset 40 then 64, keys 24 earlier):
+    the tables' base tab_base changes with every chunk and is do_not_specialize, so the forward,
+    dq and dk/dv plans recorded at one chunk serve the next one (no launch through
+    JITFunction.run), with the other chunk's offsets and table base in the launch arguments."""
+    c = logs["table-stream"]
+    off, record, replay = c["logs"]
+    assert [x["kernel"] for x in off] == ["_interval_attention_fwd_kernel",
+                                          "_interval_attention_bwd_dq_kernel",
+                                          "_interval_attention_bwd_dkdv_kernel"]
+    assert c["served"] == [0, 0, 3] and c["triton_runs"][1:] == [3, 0]
+    # one compiled kernel per launcher at both chunks, reached with other runtime ints
+    assert [x["key"] for x in record] == [x["key"] for x in off]
+    assert all(a["vals"] != b["vals"] for a, b in zip(record, replay))
 
 
 @pytest.fixture

@@ -24,9 +24,11 @@ Algorithm (FlashAttention-2 style, one program per (query tile, batch * query he
   of two sources (constexpr ROPE_TABLE): computed in the kernel in float32 from
   float32(pos) * inv_freq (tl.cos/tl.sin, recomputed on every tile visit), or loaded from float32
   tables COS_TAB/SIN_TAB of shape (P, HALF), contiguous, row p - tab_base holding position p,
-  built by the launcher with the reference's formula. Gradients of the rotated q and k are
-  un-rotated (angle -theta) in registers before they are stored. There is no rotary pass over q
-  or k outside the kernels.
+  built by the launcher with the reference's formula (tab_base is a do_not_specialize runtime
+  int like q_offset / k_offset: it moves with the streaming offsets, and its value never selects
+  a compiled kernel or a fast launch plan, pyencoder/ops/_triton_op.py). Gradients of the
+  rotated q and k are un-rotated (angle -theta) in registers before they are stored. There is no
+  rotary pass over q or k outside the kernels.
 - Online softmax in base 2 (scale * log2(e) folded into the scores); the forward saves the natural
   log-sum-exp. Backward, two kernels launched in this order on one stream: the dq kernel runs per
   query tile like the forward and first computes its tile's delta = rowsum(dO * O) (float32, from
@@ -103,7 +105,8 @@ with the decode kernel). The sink blocks are one more span call.
 
 Limits: head_dim <= 256 (tiles are padded to powers of two with masks, so any D works; 32, 64, 80,
 96, 128 are the tuned cases); fp16, bf16, fp32 (fp32 dots use IEEE precision); positions < 2**24
-(exact in float32). key_lengths, offsets and lengths are runtime values (no recompiles).
+(exact in float32). key_lengths, offsets, the table base and lengths are runtime values (no
+recompiles).
 """
 
 import triton
@@ -543,7 +546,7 @@ def _fwd_span(m_i, l_i, acc, q3, kv, rope, win, bias, j_lo, j_hi, q_pos, nk_b, D
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["q_offset", "k_offset", "rel_len", "rel_offset", "sink"])
+@triton.jit(do_not_specialize=["q_offset", "k_offset", "tab_base", "rel_len", "rel_offset", "sink"])
 def _interval_attention_fwd_kernel(
         Q, K, V, O, LSE, INV_FREQ, COS_TAB, SIN_TAB, KLEN,
         stride_qb, stride_qh, stride_qn, stride_qd,
@@ -687,7 +690,7 @@ def _dq_span(dq3, q3, do, lse2, delta, kv, rope, win, bias, j_lo, j_hi, q_pos, n
     return dq3
 
 
-@triton.jit(do_not_specialize=["q_offset", "k_offset", "rel_len", "rel_offset", "sink"])
+@triton.jit(do_not_specialize=["q_offset", "k_offset", "tab_base", "rel_len", "rel_offset", "sink"])
 def _interval_attention_bwd_dq_kernel(
         Q, K, V, DO, O, DQ, LSE, DELTA, INV_FREQ, COS_TAB, SIN_TAB, KLEN,
         stride_qb, stride_qh, stride_qn, stride_qd,
@@ -858,7 +861,7 @@ def _dkdv_span(dk3, dv, k3, v, kmask, k_pos, qd, rope, win, hbias, i_lo, i_hi, N
     return dk3, dv
 
 
-@triton.jit(do_not_specialize=["q_offset", "k_offset", "rel_len", "rel_offset", "sink"])
+@triton.jit(do_not_specialize=["q_offset", "k_offset", "tab_base", "rel_len", "rel_offset", "sink"])
 def _interval_attention_bwd_dkdv_kernel(
         Q, K, V, DO, DK, DV, LSE, DELTA, INV_FREQ, COS_TAB, SIN_TAB, KLEN,
         stride_qb, stride_qh, stride_qn, stride_qd,

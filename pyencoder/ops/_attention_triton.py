@@ -486,9 +486,12 @@ def _rope_tables(q, inv_freq, Nq, Nk, q_offset, k_offset, win=None):
     if inv_freq is None or inv_freq.numel() == 0 or not enabled:
         d = dummy(q, torch.float32)
         return d, d, 0, False
-    # the base is an int the kernels specialise on (== 1, divisible by 16): moved down to 5 mod 16
-    # (up to 15 rows more, negative positions included) every call shares one compiled kernel,
-    # whatever the streaming offsets (tests/test_attention_triton.py's one-compile-key check)
+    # the base: min(q_offset, k_offset) moved down to 5 mod 16 (up to 15 rows more, negative
+    # positions included). The kernels take it as a do_not_specialize int like q_offset /
+    # k_offset, so neither the compiled kernel nor the fast launch plan depends on its value
+    # (tests/test_attention_triton.py::test_rope_table_base_is_not_specialised,
+    # tests/test_fast_launch.py::test_rope_table_streaming_shares_plans); the move dates from
+    # when it was specialised (harmless: it also keeps the cached tables' keys coarser)
     base = min(q_offset, k_offset)
     base -= (base - 5) % 16
     end = max(q_offset + Nq, k_offset + Nk)
@@ -615,17 +618,15 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
     block of a frame-rate mask (None: block). ``rel_bias`` (Hq, L), ``gate`` (B, Hq, Nq) or None,
     ``rel_offset``: relative-position bias (pyencoder.ops.attention), read by the kernels in
     float32. A call like an earlier one is replayed by its call program (section below)."""
-    key = None
-    if rel_bias is None:
-        key = _program_key((q, k, v), inv_freq, key_lengths,
-                           (block, lo_off, hi_off, q_offset, k_offset, scale, interleaved, sink,
-                            kb))
-        if key is not None:
-            prog = _FWD_PROGRAMS.get(key)
-            if prog is not None and prog.inv_freq is inv_freq:
-                res = prog.run(q, k, v, key_lengths)
-                if res is not None:
-                    return res
+    key = _program_key((q, k, v, rel_bias, gate), inv_freq, key_lengths,
+                       (block, lo_off, hi_off, q_offset, k_offset, scale, interleaved, sink, kb,
+                        rel_offset if rel_bias is not None else None))
+    if key is not None:
+        prog = _FWD_PROGRAMS.get(key)
+        if prog is not None and prog.inv_freq is inv_freq:
+            res = prog.run(q, k, v, key_lengths, rel_bias, gate, rel_offset, sink)
+            if res is not None:
+                return res
     _require_supported(q, k, v, inv_freq, block, q_offset, k_offset, sink, kb, rel_bias)
     win = _window_key(block if kb is None else kb, lo_off, hi_off, k.shape[2])
     pre = None
@@ -656,7 +657,8 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
             _window_key(block if kb is None else kb, lo_off, hi_off, Nk))
     _launch("fwd", BlockGrid(Nq, "BLOCK_M", B * Hq), args, consts)
     if key is not None:
-        _keep_forward(key, pre, inv_freq, key_lengths, args, out, lse)
+        _keep_forward(key, pre, inv_freq, key_lengths, args, out, lse, rel_bias is not None,
+                      {"REL": consts["REL"], "GATE": consts["GATE"]})
     return out, lse
 
 
@@ -669,17 +671,16 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
     kernel (deterministic), drel_bias is accumulated with float32 atomics by the dq kernel (one
     per visible (query, key) pair: summation order, hence the last bits, vary between runs).
     A call like an earlier one is replayed by its call program (section below)."""
-    key = None
-    if rel_bias is None:
-        key = _program_key((dout, q, k, v, out, lse), inv_freq, key_lengths,
-                           (block, lo_off, hi_off, q_offset, k_offset, scale, interleaved,
-                            bool(deterministic), sink, kb, _grad_dtype))
-        if key is not None:
-            prog = _BWD_PROGRAMS.get(key)
-            if prog is not None and prog.inv_freq is inv_freq:
-                res = prog.run(dout, q, k, v, out, lse, key_lengths)
-                if res is not None:
-                    return res
+    key = _program_key((dout, q, k, v, out, lse, rel_bias, gate), inv_freq, key_lengths,
+                       (block, lo_off, hi_off, q_offset, k_offset, scale, interleaved,
+                        bool(deterministic), sink, kb, _grad_dtype,
+                        rel_offset if rel_bias is not None else None))
+    if key is not None:
+        prog = _BWD_PROGRAMS.get(key)
+        if prog is not None and prog.inv_freq is inv_freq:
+            res = prog.run(dout, q, k, v, out, lse, key_lengths, rel_bias, gate, rel_offset)
+            if res is not None:
+                return res
     _require_supported(q, k, v, inv_freq, block, q_offset, k_offset, sink, kb, rel_bias)
     win = _window_key(block if kb is None else kb, lo_off, hi_off, k.shape[2])
     if _prerotate(inv_freq, win) and q.numel() and k.numel():
@@ -744,7 +745,8 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
             Hq, Hk, Hq // Hk, *common)
     _launch("dkdv", BlockGrid(Nk, "BLOCK_N", B * Hk), args, consts, pinned=deterministic)
     if key is not None:
-        _keep_backward(key, inv_freq, key_lengths, dq_plan, dq_args, args, _grad_dtype)
+        _keep_backward(key, inv_freq, key_lengths, dq_plan, dq_args, args, _grad_dtype,
+                       rel_bias is not None, {"REL": bias["REL"], "GATE": bias["GATE"]})
     return result(dq, dk, dv)
 
 
@@ -761,8 +763,11 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
 # key_lengths as the path does and calls the plans' launchers with its own tensors: the launches
 # the path would make, with the same arguments. Only where the fast launch path itself applies
 # (PYENCODER_FAST_LAUNCH on, not interpreted, no trace, dispatch mode or torch.func transform,
-# plain tensors), without a relative bias (its tensors are per-call work) and, with RoPE, outside
-# CUDA-graph capture (a program holds its cos/sin tables: a capture must own what it reads).
+# plain tensors) and, with RoPE, outside CUDA-graph capture (a program holds its cos/sin tables: a
+# capture must own what it reads). With a relative bias the program rebuilds the bias' tensor
+# keywords per call as the path does (float32 copies, the forward's vectorised layout; the
+# backward's zeroed drel and dgate) and passes them by name: the recorded plans read them from
+# each launch's keywords; their alignment must be the recorded call's.
 # tests/test_fast_launch.py compares every launch of a replayed call with the path's.
 
 _FWD_PROGRAMS = {}
@@ -791,6 +796,9 @@ def _program_key(tensors, inv_freq, key_lengths, scalars):
     T = torch.Tensor
     parts = []
     for t in tensors:
+        if t is None:
+            parts.append(None)
+            continue
         if type(t) is not T:
             return None
         parts += (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
@@ -827,15 +835,37 @@ def _klen(key_lengths, q, aligned):
     return klen if (klen.data_ptr() % 16 == 0) == aligned else None
 
 
+def _bias_tensors(rel_bias, gate, rel_offset, vec, aligned):
+    """The relative bias' tensor keywords of a launch, built as the path builds them (REL, GATE:
+    float32 contiguous; the forward without sink keys: REL in _vec_bias' layout), or None when
+    their alignment differs from the recorded call's."""
+    kw = _bias_args(rel_bias, gate, rel_offset)
+    if vec:
+        kw["REL"] = _vec_bias(kw["REL"], rel_offset)["REL"]
+    kw = {"REL": kw["REL"], "GATE": kw["GATE"]}
+    if _alignment(kw) != aligned:
+        return None
+    return kw
+
+
+def _alignment(kw):
+    return tuple(None if t is None else t.data_ptr() % 16 == 0 for t in kw.values())
+
+
 class _FwdProgram:
     __slots__ = ("plan", "inv_freq", "pre", "klen", "klen_aligned", "aux", "rest", "out_shape",
-                 "lse_shape")
+                 "lse_shape", "bias")
 
-    def run(self, q, k, v, key_lengths):
+    def run(self, q, k, v, key_lengths, rel_bias, gate, rel_offset, sink):
         klen = self.klen
         if key_lengths is not None:
             klen = _klen(key_lengths, q, self.klen_aligned)
             if klen is None:
+                return None
+        kw = _NO_KW
+        if self.bias is not None:
+            kw = _bias_tensors(rel_bias, gate, rel_offset, not sink, self.bias)
+            if kw is None:
                 return None
         if self.pre is not None:
             inv, q_offset, k_offset, interleaved = self.pre
@@ -844,16 +874,31 @@ class _FwdProgram:
         out = _new(self.out_shape, q)
         lse = _new(self.lse_shape, q, torch.float32)
         freq, cos, sin = self.aux
-        self.plan.launch((q, k, v, out, lse, freq, cos, sin, klen) + self.rest, _NO_KW)
+        self.plan.launch((q, k, v, out, lse, freq, cos, sin, klen) + self.rest, kw)
         return out, lse
 
 
-def _keep_forward(key, pre, inv_freq, key_lengths, args, out, lse):
+_BIAS_KW = frozenset(("REL", "GATE"))
+_DQ_BIAS_KW = frozenset(("REL", "GATE", "DREL", "DGATE"))
+
+
+def _plan_serves(plan, allowed):
+    """Whether ``plan`` can be replayed by a program: its tensor keywords (a plan reads them from
+    each launch's keywords) are among ``allowed``, the ones a program passes."""
+    if plan is None:
+        return False
+    names = () if plan.names is None else tuple(
+        t for t, is_name in zip(plan.tail, plan.names) if is_name)
+    return set(names) <= allowed
+
+
+def _keep_forward(key, pre, inv_freq, key_lengths, args, out, lse, bias, kw=None):
     plan = last_plan()
-    if plan is None or plan.names is not None:
+    if not _plan_serves(plan, _BIAS_KW if bias else frozenset()):
         return
     prog = _FwdProgram()
     prog.plan, prog.pre = plan, pre
+    prog.bias = _alignment(kw) if bias else None
     prog.inv_freq = inv_freq if pre is None else pre[0]   # the call's own (identity-checked)
     prog.klen = args[8]
     prog.klen_aligned = args[8].data_ptr() % 16 == 0
@@ -864,14 +909,23 @@ def _keep_forward(key, pre, inv_freq, key_lengths, args, out, lse):
 
 class _BwdProgram:
     __slots__ = ("dq_plan", "dkdv_plan", "inv_freq", "klen", "klen_aligned", "aux", "dq_rest",
-                 "dkdv_rest", "grad_dtype", "delta_shape")
+                 "dkdv_rest", "grad_dtype", "delta_shape", "bias")
 
-    def run(self, dout, q, k, v, out, lse, key_lengths):
+    def run(self, dout, q, k, v, out, lse, key_lengths, rel_bias, gate, rel_offset):
         klen = self.klen
         if key_lengths is not None:
             klen = _klen(key_lengths, q, self.klen_aligned)
             if klen is None:
                 return None
+        kw = dq_kw = _NO_KW
+        if self.bias is not None:
+            kw = _bias_tensors(rel_bias, gate, rel_offset, False, self.bias)
+            if kw is None:
+                return None
+            # the path's drel (zeroed float32, filled by atomics) and dgate (every row written)
+            drel = torch.zeros(rel_bias.shape, dtype=torch.float32, device=q.device)
+            dgate = None if gate is None else _new(gate.shape, q, torch.float32)
+            dq_kw = dict(kw, DREL=drel, DGATE=dgate)
         dq = _new(q.shape, q, self.grad_dtype)
         dk = _new(k.shape, k, self.grad_dtype)
         dv = _new(v.shape, v)
@@ -880,17 +934,23 @@ class _BwdProgram:
         delta = _new(self.delta_shape, q, torch.float32)
         freq, cos, sin = self.aux
         self.dq_plan.launch((q, k, v, dout, out, dq, lse, delta, freq, cos, sin, klen)
-                            + self.dq_rest, _NO_KW)
+                            + self.dq_rest, dq_kw)
         self.dkdv_plan.launch((q, k, v, dout, dk, dv, lse, delta, freq, cos, sin, klen)
-                              + self.dkdv_rest, _NO_KW)
-        return dq, dk, dv
+                              + self.dkdv_rest, kw)
+        if self.bias is None:
+            return dq, dk, dv
+        return (dq, dk, dv, drel.to(rel_bias.dtype),
+                None if dgate is None else dgate.to(gate.dtype))
 
 
-def _keep_backward(key, inv_freq, key_lengths, dq_plan, dq_args, dkdv_args, grad_dtype):
+def _keep_backward(key, inv_freq, key_lengths, dq_plan, dq_args, dkdv_args, grad_dtype, bias,
+                   kw=None):
     plan = last_plan()
-    if plan is None or dq_plan is None or plan.names is not None or dq_plan.names is not None:
+    if not (_plan_serves(plan, _BIAS_KW if bias else frozenset())
+            and _plan_serves(dq_plan, _DQ_BIAS_KW if bias else frozenset())):
         return
     prog = _BwdProgram()
+    prog.bias = _alignment(kw) if bias else None
     prog.dq_plan, prog.dkdv_plan, prog.inv_freq = dq_plan, plan, inv_freq
     prog.klen = dq_args[11]
     prog.klen_aligned = dq_args[11].data_ptr() % 16 == 0
