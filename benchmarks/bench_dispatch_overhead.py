@@ -18,6 +18,10 @@ JITFunction.run every time (=0): a stand-in
 driver (sm_90 target, stream 0) lets triton's JITFunction.run bind, specialise and look up the
 kernel as on a GPU; only the compile (a stand-in kernel is cached) and the C launcher (a no-op)
 are left out; forward and forward+backward, RoPE off and on (the table mode at band(50,3)).
+Before that, the custom-op backends (``_custom_op_backends``): host time per call of eager
+reference-backend calls (conv update step, causal_conv1d, the grouped positional conv, a streaming
+attention chunk; without and with gradients) with the eager fast path (PYENCODER_EAGER_FASTPATH=1:
+the op's body directly, pyencoder.ops._call) and through the registered custom ops (=0).
 """
 import argparse
 import statistics
@@ -62,6 +66,7 @@ def main(argv=None):
     print(f"dispatcher overhead:          {op - direct:8.1f} us/call")
     print(f"reference decode step (CPU):  {ref:8.1f} us/call (for scale)")
     _interval_attention(args.calls // 20)
+    _custom_op_backends(args.calls)
     _triton_launch_path(args.calls // 40)
 
 
@@ -178,6 +183,92 @@ def _triton_launch_path(calls):
         driver._active = active
         clear_launch_plans()    # they hold the stand-in kernel
 
+
+def _custom_op_backends(calls):
+    """Host us/call of eager calls on the reference backend (a custom-op backend, like cuda) with
+    the eager fast path (PYENCODER_EAGER_FASTPATH=1: the op's body, or ``_EagerCustomOp`` with
+    gradients, pyencoder.ops._call) and through the registered custom ops (=0), in one process and
+    paired: each of 7 repeats times both settings back to back; medians. The reference computes
+    for real here, so the difference (not the ratio) is what the dispatcher costs; "grad" times
+    forward + backward (torch.autograd.grad of a sum over every input that requires grad). The
+    update step has no autograd formula: no-grad only. The two large convs (B=8 L=1500, the
+    positional conv) run only with ``calls`` >= 5000 (the default)."""
+    import pyencoder
+    from pyencoder.ops import banded_attention, causal_conv1d, causal_conv1d_update
+
+    def conv_case(B, C, k, L, groups):
+        x, w, b = torch.randn(B, C, L), torch.randn(C, C // groups, k), torch.randn(C)
+
+        def fwd():
+            return causal_conv1d(x, w, b, groups=groups, backend="reference")
+
+        def fwdbwd():
+            xs = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_())
+            try:
+                return torch.autograd.grad(fwd().sum(), xs)
+            finally:
+                for t in xs:
+                    t.requires_grad_(False)
+        return fwd, fwdbwd
+    x1, st, w4 = torch.randn(1, 768, 1), torch.randn(1, 768, 3), torch.randn(768, 1, 4)
+
+    def update():
+        return causal_conv1d_update(x1, st, w4, groups=768, backend="reference")
+    q = torch.randn(1, 12, 4, 64)
+    k, v = torch.randn(1, 12, 54, 64), torch.randn(1, 12, 54, 64)
+    rope = pyencoder.Rope(64)
+
+    def attn():
+        return banded_attention(q, k, v, left=50, right=3, rope=rope, q_offset=50,
+                                backend="reference")
+
+    def attn_grad():
+        ts = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_())
+        try:
+            return torch.autograd.grad(attn().sum(), ts)
+        finally:
+            for t in ts:
+                t.requires_grad_(False)
+    cases = [("conv update B=1 C=768 k=4, 1 frame", update, None),
+             ("causal_conv1d B=1 C=768 k=4 L=4", *conv_case(1, 768, 4, 4, 768))]
+    big = [("causal_conv1d B=8 C=768 k=31 L=1500", (8, 768, 31, 1500, 768)),
+           ("positional conv C=768 g=16 k=128 L=50", (1, 768, 128, 50, 16))]
+    if calls >= 5000:       # ~30 s of reference compute (the GPU session's --calls 1000 skips it)
+        cases += [(label, *conv_case(*shape)) for label, shape in big]
+    cases.append(("attention B=1 H=12 N=4 D=64, 54 keys", attn, attn_grad))
+    budget = calls * 5e-6           # seconds per repeat and setting (0.1 s at the default)
+    repeats = 7 if calls >= 1000 else 2
+    print("custom-op backends, reference, host us/call (paired medians; fast path = "
+          "PYENCODER_EAGER_FASTPATH=1, op = 0):")
+    for label, fwd, fwdbwd in cases:
+        for mode, fn in (("no grad", fwd), ("grad", fwdbwd)):
+            if fn is None:
+                continue
+            run = fn
+            if mode == "no grad":
+                def run(fn=fn):
+                    with torch.no_grad():
+                        return fn()
+            first = {}
+            for flag in ("1", "0"):                 # warm-up, and the size of a repeat
+                with temp_env(PYENCODER_EAGER_FASTPATH=flag):
+                    t0 = time.perf_counter()
+                    run()
+                    first[flag] = time.perf_counter() - t0
+            n = max(1, int(budget / max(first.values())))
+            reps = {"1": [], "0": []}
+            for _ in range(repeats):
+                for flag in ("1", "0"):
+                    with temp_env(PYENCODER_EAGER_FASTPATH=flag):
+                        t0 = time.perf_counter()
+                        for _ in range(n):
+                            run()
+                        reps[flag].append((time.perf_counter() - t0) / n * 1e6)
+            fast, op = statistics.median(reps["1"]), statistics.median(reps["0"])
+            print(f"  {label + ', ' + mode + ':':48s} fast path {fast:9.1f}  op {op:9.1f}  "
+                  f"saved {op - fast:7.1f} us/call")
+    if calls < 5000:
+        print(f"  {', '.join(label for label, _ in big)}: skipped (--calls {calls} < 5000)")
 
 if __name__ == "__main__":
     main()

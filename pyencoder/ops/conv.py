@@ -6,7 +6,9 @@ state updated in place): opaque custom ops that run the backend named by their l
 (reference, cuda; they accept "triton" too). The triton backend is registered the torch way
 (pyencoder.ops._conv_triton: ``torch.library.triton_op`` ``pyencoder::causal_conv1d_triton``,
 ``..._triton_backward``, ``..._triton_update``), so torch.compile traces down to its kernels; the
-public functions call it when the registry picks triton. Semantics are those of
+public functions call it when the registry picks triton. Eager calls skip the dispatcher where
+nothing traces them (pyencoder.ops._call: the op's body directly, or its autograd formula in an
+``autograd.Function``; PYENCODER_EAGER_FASTPATH=0 turns it off). Semantics are those of
 pyencoder.reference.conv.
 """
 from typing import Optional, Tuple
@@ -19,7 +21,7 @@ from ..reference import conv as _reference
 from . import _conv_cuda as _cuda
 from . import _conv_triton as _triton
 from ._autograd import forbid_double_backward
-from ._call import call_op
+from ._call import call_custom, call_op
 from .._checks import (check_float_dtype, check_int, check_same, check_tensor, check_writable,
                       value_checks_enabled)
 
@@ -96,7 +98,7 @@ def _backward(ctx, grad_y, grad_final):
     if ctx.backend is None:
         dx, dw, db, ds = _triton.backward_op(*args)
     else:
-        dx, dw, db, ds = _causal_conv1d_bwd_op(*args, ctx.backend)
+        dx, dw, db, ds = call_custom(_causal_conv1d_bwd_op, *args, ctx.backend)
     return (dx, dw, None if bias is None else db, None if initial_state is None else ds) + \
         (None,) * (ctx.n_inputs - 4)
 

@@ -40,7 +40,7 @@ from ..reference.convnext import _cdtype, convnext_dwconv_ln_reference
 from . import _convnext_triton as _triton
 from . import conv  # noqa: F401  (the backward runs the conv family's registered backends)
 from ._autograd import forbid_double_backward
-from ._call import call_op
+from ._call import call_custom, call_op
 from .._checks import check_eps, check_float_dtype, check_same, check_tensor
 
 __all__ = ["convnext_dwconv_ln", "convnext_dwconv_ln_reference", "select_backend"]
@@ -130,8 +130,9 @@ def _backward(ctx, grad_y, grad_final):
         grad_y = x.new_zeros(x.shape[0], x.shape[2], x.shape[1])
     if grad_final is not None and grad_final.numel() == 0:
         grad_final = None
-    dx, dw, dcb, dlnw, dlnb, ds = _convnext_bwd_op(grad_y, grad_final, x, conv_weight, conv_bias,
-                                                   ln_weight, ln_bias, initial_state, ctx.eps)
+    dx, dw, dcb, dlnw, dlnb, ds = call_custom(_convnext_bwd_op, grad_y, grad_final, x, conv_weight,
+                                              conv_bias, ln_weight, ln_bias, initial_state,
+                                              ctx.eps)
     pick = lambda g, t: None if t is None else g  # noqa: E731
     return (dx, dw, pick(dcb, conv_bias), pick(dlnw, ln_weight), pick(dlnb, ln_bias),
             pick(ds, initial_state)) + (None,) * (ctx.n_inputs - 6)
