@@ -48,7 +48,7 @@ from . import _attention_triton as _triton
 from ._attention_op import (N_PARAMS, N_TENSORS, fake_backward, fake_forward, op_signature,
                             run_backward, run_forward)
 from ._autograd import forbid_double_backward
-from ._call import call_op
+from ._call import call_custom, call_op
 from .._checks import (MAX_POSITION, check_bias_tensors, check_float_dtype, check_int,
                       check_lengths, check_same, check_scale, check_tensor, passed, passed_key,
                       remember_passed, value_checks_enabled)
@@ -109,8 +109,9 @@ def _backward(ctx, dout, dlse):
     elif ctx.backend is None:
         dq, dk, dv, drel, dgate = _triton.backward_op(*args, deterministic_backward())
     else:
-        dq, dk, dv, drel, dgate = _interval_attention_bwd_op(*args, ctx.backend,
-                                                             deterministic_backward())
+        # the custom op, or its body directly where nothing traces the call (pyencoder.ops._call)
+        dq, dk, dv, drel, dgate = call_custom(_interval_attention_bwd_op, *args, ctx.backend,
+                                              deterministic_backward())
     return (dq, dk, dv, None, None, None if rel_bias is None else drel,
             None if gate is None else dgate) + (None,) * (ctx.n_inputs - N_TENSORS)
 
