@@ -195,3 +195,38 @@ def test_columns_of_a_finite_table_skip_the_finite_check(monkeypatch):
         table[8, 0] = float("nan")
     cols, r0 = relative_bias_columns(table, lambda r: r.abs() % 9, 10, 10, **kw)
     _validate_bias(q, q, cols, None, r0, 1, 5, 2, 0, 0)
+
+
+def test_decode_attention_routes_traced_calls_to_the_op(monkeypatch):
+    """decode_attention's triton backend runs its launcher directly only in plain eager mode;
+    under make_fx, a torch.func transform, or with PYENCODER_EAGER_FASTPATH=0 it calls the
+    registered op (pyencoder::decode_attention_triton), which they understand."""
+    pytest.importorskip("triton")
+    from pyencoder.ops import _decode_attention_triton as DT
+    from pyencoder.ops import decode_attention
+    via_op = []
+    real = DT.forward_op
+
+    class Spy:
+        def __call__(self, *args):
+            via_op.append(1)
+            return real(*args)
+    monkeypatch.setattr(DT, "forward_op", Spy())
+    B, H, M, D, cap = 1, 2, 2, 16, 8
+    q = torch.randn(B, H, M, D)
+    ring = torch.randn(B, H, cap, D)
+    q_pos = torch.tensor([[10, 11]])
+    args = (q, ring, ring.clone(), q_pos, torch.tensor([2]), torch.tensor([12]), None, False, 1,
+            4, 1, D ** -0.5)
+    with torch.no_grad():
+        direct = decode_attention(*args, backend="triton")
+    assert via_op == []
+    monkeypatch.setenv("PYENCODER_EAGER_FASTPATH", "0")
+    with torch.no_grad():
+        op = decode_attention(*args, backend="triton")
+    assert via_op == [1]
+    torch.testing.assert_close(direct, op, rtol=0, atol=0)
+    monkeypatch.delenv("PYENCODER_EAGER_FASTPATH")
+    from torch.fx.experimental.proxy_tensor import make_fx
+    g = make_fx(lambda q: decode_attention(q, *args[1:], backend="triton"))(q)
+    assert len(via_op) == 2 and "decode_attention_triton" in str(g.graph)

@@ -36,7 +36,8 @@ Forward only: the streaming step runs under no_grad (training runs the offline i
 Registration: the triton backend is the ``torch.library.triton_op``
 ``pyencoder::decode_attention_triton`` (pyencoder.ops._decode_attention_triton.forward_op), which
 is what torch.compile traces. Eager calls take a deliberate direct path instead: the launcher
-itself, without the dispatcher. The step attends once per layer and step, and the dispatcher costs
+itself, without the dispatcher (plain eager only: traces, Python dispatch modes, torch.func
+transforms, forward AD and PYENCODER_EAGER_FASTPATH=0 call the op, pyencoder.ops._call.eager_ok). The step attends once per layer and step, and the dispatcher costs
 ~14 us a call on a CPU core (benchmarks/bench_dispatch_overhead.py, two runs: 17.3-17.5 us through
 the op vs 3.1-3.2 us direct for the same call; a 2-core x86-64 VM shared with other work, load
 3.4-4.1),
@@ -51,6 +52,7 @@ from .._checks import (MAX_POSITION, check_bias_tensors, check_decode_inputs, ch
                       check_same, check_tensor)
 from ..reference import decode_attention as _reference
 from . import _decode_attention_triton as _triton
+from ._call import eager_ok
 
 __all__ = ["decode_attention", "window_offsets"]
 
@@ -123,7 +125,9 @@ def decode_attention(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interl
     _check_sinks(q, k_ring, v_ring, sink_k, sink_v)
     args = dict(q=q, k_ring=k_ring)
     name = _backend.select("decode_attention", "forward", q.device.type, args, backend)
-    if name == "triton" and torch.compiler.is_compiling():
+    if name == "triton" and not eager_ok():
+        # traced (torch.compile, make_fx, FakeTensor), a torch.func transform or forward AD:
+        # the registered op, which they understand (pyencoder.ops._call.eager_ok)
         from . import _triton_ops  # noqa: F401  (registers the triton_ops at first use)
         fwd = _triton.forward_op
     else:
