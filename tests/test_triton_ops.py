@@ -269,8 +269,9 @@ def test_gpu_compile_decomposes_into_kernels():
 def test_direct_path_without_autograd(monkeypatch):
     """Eager calls that need no autograd graph run the triton_op's launcher body directly
     (pyencoder.ops._call.direct_ok): the registered op is not called, results equal the op's,
-    the conv update step still bumps the state's version counter (it mutates it), and a call
-    whose inputs require grad, or PYENCODER_EAGER_FASTPATH=0, goes through the op."""
+    the conv update step still bumps the state's version counter (it mutates it), a call whose
+    inputs require grad takes the eager autograd path (no registered op either), and
+    PYENCODER_EAGER_FASTPATH=0 goes through the op."""
     from pyencoder.ops import _triton_op, convnext_dwconv_ln
     A, C, X, D = _ops()
     seen = []
@@ -305,9 +306,15 @@ def test_direct_path_without_autograd(monkeypatch):
     assert seen == [C.forward_op.name, X.forward_op.name]
     monkeypatch.delenv("PYENCODER_EAGER_FASTPATH")
     seen.clear()
+    # with a graph: the eager autograd path (pyencoder.ops._call._EagerTritonOp, the op's own
+    # formula), still no registered op; with the fast path off, the op, same gradients
     xg = x.clone().requires_grad_(True)
     causal_conv1d(xg, w, b, groups=4, activation="silu", backend="triton").sum().backward()
-    assert seen == [C.forward_op.name] and xg.grad is not None
+    assert seen == [] and xg.grad is not None
+    monkeypatch.setenv("PYENCODER_EAGER_FASTPATH", "0")
+    xo = x.clone().requires_grad_(True)
+    causal_conv1d(xo, w, b, groups=4, activation="silu", backend="triton").sum().backward()
+    assert seen == [C.forward_op.name] and torch.equal(xg.grad, xo.grad)
 
 
 def test_launch_fake_check_matches_torch_is_fake():

@@ -24,10 +24,13 @@ more than many of these kernels at streaming sizes, so eager calls skip it (``ro
   registered autograd formula runs through ``_EagerCustomOp``, an ``autograd.Function`` whose
   forward is the body and whose setup_context and backward are the ones the op registered
   (``register_autograd``), so the backward, and its refusal of a double backward, are the op's.
-  The families' backward formulas call their backward ops through ``call_custom`` too, so a
-  backward without create_graph is direct as well. The triton backend's attention has its own
-  eager ``autograd.Function`` (pyencoder.ops.attention._EagerTriton); the triton convs and a
-  mutating op (no autograd formula) take the registered op when a graph is needed.
+  A triton_op with a registered formula (the triton convs, the fused ConvNeXt op) runs the same
+  way through ``_EagerTritonOp`` (its launcher body, its registered setup_context and backward).
+  The families' backward formulas call their backward ops through ``call_custom`` /
+  ``call_triton`` too, so a backward without create_graph is direct as well. The triton
+  backend's attention has its own eager ``autograd.Function`` (pyencoder.ops.attention.
+  _EagerTriton); a mutating op (no autograd formula) takes the registered op when a graph is
+  needed.
 
 Traces (torch.compile, export, make_fx, FakeTensor, torch.jit.trace), Python dispatch modes,
 torch.func transforms, forward-mode AD (a dual level), tensor subclasses other than
@@ -41,8 +44,8 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from .._env import env_flag
 from ._triton_op import _maybe_fake, is_plain
 
-__all__ = ["call_op", "call_custom", "direct_ok", "eager_ok", "route", "OP", "DIRECT",
-           "AUTOGRAD"]
+__all__ = ["call_op", "call_custom", "call_triton", "direct_ok", "eager_ok", "route", "OP",
+           "DIRECT", "AUTOGRAD"]
 
 OP, DIRECT, AUTOGRAD = "op", "direct", "autograd"   # route()'s answers
 
@@ -184,16 +187,55 @@ def call_custom(custom_op, *args):
     return custom_op(*args)
 
 
+class _EagerTritonOp(torch.autograd.Function):
+    """A pyencoder triton_op with an autograd formula, without the dispatcher: forward is its
+    launcher body (``triton_op.fn``, what the op runs in eager mode), then the setup_context it
+    registered; backward is its registered backward with ``ctx.needs_input_grad`` of the op's own
+    inputs (as ``_EagerCustomOp``). Used by ``call_triton`` on the ``AUTOGRAD`` route only."""
+
+    @staticmethod
+    def forward(ctx, triton_op, *inputs):
+        backward, setup = triton_op._autograd
+        output = triton_op.fn(*inputs)
+        if setup is not None:
+            setup(ctx, inputs, output)
+        ctx.pyencoder_backward = backward
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        needs = ctx.needs_input_grad
+        ctx.needs_input_grad = needs[1:]
+        try:
+            result = ctx.pyencoder_backward(ctx, *grads)
+        finally:
+            ctx.needs_input_grad = needs
+        return (None, *result) if isinstance(result, tuple) else (None, result)
+
+
+def call_triton(triton_op, *args):
+    """``triton_op(*args)`` (a pyencoder triton_op, registered now if it was not yet), on the eager
+    fast path where ``route`` allows: its launcher body directly (mutated arguments' versions
+    bumped), or with an autograd graph ``_EagerTritonOp`` when it has an autograd formula and
+    mutates nothing; the registered op otherwise."""
+    from . import _triton_ops  # noqa: F401  (registers the triton_ops at first use)
+    how = route(args)
+    if how == DIRECT:
+        out = triton_op.fn(*args)
+        _bump_versions(_mutated_positions(triton_op), args)
+        return out
+    if how == AUTOGRAD and getattr(triton_op, "_autograd", None) is not None \
+            and not _mutated_positions(triton_op):
+        return _EagerTritonOp.apply(triton_op, *args)
+    return triton_op(*args)
+
+
 def call_op(backend, triton_op, custom_op, *args):
-    """One call of a registered op family on the backend the registry chose: ``triton_op(*args)``
-    (a pyencoder triton_op, registered now if it was not yet; its launcher body directly when
-    ``direct_ok``) on triton, else the opaque custom op ``custom_op(*args, backend)``
-    (``call_custom``: its body directly, or through ``_EagerCustomOp``, where ``route`` allows)."""
+    """One call of a registered op family on the backend the registry chose: the pyencoder
+    triton_op on triton (``call_triton``: its launcher body directly, or through
+    ``_EagerTritonOp``, where ``route`` allows), else the opaque custom op
+    ``custom_op(*args, backend)`` (``call_custom``: its body directly, or through
+    ``_EagerCustomOp``, where ``route`` allows)."""
     if backend == "triton":
-        from . import _triton_ops  # noqa: F401  (registers the triton_ops at first use)
-        if direct_ok(args):
-            out = triton_op.fn(*args)
-            _bump_versions(_mutated_positions(triton_op), args)
-            return out
-        return triton_op(*args)
+        return call_triton(triton_op, *args)
     return call_custom(custom_op, *args, backend)

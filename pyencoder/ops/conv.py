@@ -21,7 +21,7 @@ from ..reference import conv as _reference
 from . import _conv_cuda as _cuda
 from . import _conv_triton as _triton
 from ._autograd import forbid_double_backward
-from ._call import call_custom, call_op
+from ._call import call_custom, call_op, call_triton
 from .._checks import (check_float_dtype, check_int, check_same, check_tensor, check_writable,
                       value_checks_enabled)
 
@@ -96,7 +96,7 @@ def _backward(ctx, grad_y, grad_final):
     args = (grad_y.contiguous(), grad_final, x, weight, bias, initial_state, stride, groups,
             activation)
     if ctx.backend is None:
-        dx, dw, db, ds = _triton.backward_op(*args)
+        dx, dw, db, ds = call_triton(_triton.backward_op, *args)
     else:
         dx, dw, db, ds = call_custom(_causal_conv1d_bwd_op, *args, ctx.backend)
     return (dx, dw, None if bias is None else db, None if initial_state is None else ds) + \
