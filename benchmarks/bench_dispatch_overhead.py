@@ -117,6 +117,17 @@ def _interval_attention(calls):
         print(f"interval attention fwd, {label + ':':22s}{us:8.1f} us/call (launches stubbed)")
 
 
+def _grad_of(fn, leaves):
+    """Gradients of fn().sum() w.r.t. ``leaves``, which require grad for this call only."""
+    for t in leaves:
+        t.requires_grad_(True)
+    try:
+        return torch.autograd.grad(fn().sum(), leaves)
+    finally:
+        for t in leaves:
+            t.requires_grad_(False)
+
+
 def _triton_launch_path(calls):
     """Host cost per call of the eager Triton path with triton's JITFunction.run included
     (module docstring). Run last: it replaces triton's active driver for the process."""
@@ -186,7 +197,7 @@ def _triton_launch_path(calls):
 
 def _custom_op_backends(calls):
     """Host us/call of eager calls on the reference backend (a custom-op backend, like cuda) with
-    the eager fast path (PYENCODER_EAGER_FASTPATH=1: the op's body, or ``_EagerCustomOp`` with
+    the eager fast path (PYENCODER_EAGER_FASTPATH=1: the op's body, or ``_EagerOp`` with
     gradients, pyencoder.ops._call) and through the registered custom ops (=0), in one process and
     paired: each of 7 repeats times both settings back to back; medians. The reference computes
     for real here, so the difference (not the ratio) is what the dispatcher costs; "grad" times
@@ -202,14 +213,7 @@ def _custom_op_backends(calls):
         def fwd():
             return causal_conv1d(x, w, b, groups=groups, backend="reference")
 
-        def fwdbwd():
-            xs = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_())
-            try:
-                return torch.autograd.grad(fwd().sum(), xs)
-            finally:
-                for t in xs:
-                    t.requires_grad_(False)
-        return fwd, fwdbwd
+        return fwd, lambda: _grad_of(fwd, (x, w, b))
     x1, st, w4 = torch.randn(1, 768, 1), torch.randn(1, 768, 3), torch.randn(768, 1, 4)
 
     def update():
@@ -223,12 +227,7 @@ def _custom_op_backends(calls):
                                 backend="reference")
 
     def attn_grad():
-        ts = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_())
-        try:
-            return torch.autograd.grad(attn().sum(), ts)
-        finally:
-            for t in ts:
-                t.requires_grad_(False)
+        return _grad_of(attn, (q, k, v))
     cases = [("conv update B=1 C=768 k=4, 1 frame", update, None),
              ("causal_conv1d B=1 C=768 k=4 L=4", *conv_case(1, 768, 4, 4, 768))]
     big = [("causal_conv1d B=8 C=768 k=31 L=1500", (8, 768, 31, 1500, 768)),

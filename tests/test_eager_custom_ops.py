@@ -1,6 +1,6 @@
 """The eager fast path around the registered ops (pyencoder.ops._call, issue 12): the custom-op
 backends (reference; cuda through a stand-in) run the op's body directly when no autograd graph is
-needed, and through ``_EagerCustomOp`` (the op's own setup_context and backward) when one is; the
+needed, and through ``_EagerOp`` (the op's own setup_context and backward) when one is; the
 families' backward ops go direct inside a backward without create_graph.
 
 Every case compares the fast path with PYENCODER_EAGER_FASTPATH=0 (every call through the
@@ -225,7 +225,7 @@ def test_fast_path_matches_registered_op(case, grad, backend, spy, monkeypatch):
         _equal(fast[1], slow[1])
     if backend == "triton" and not case.startswith("attn"):
         # the triton convs / ConvNeXt op: no registered triton_op on the fast path, with a graph
-        # too (pyencoder.ops._call._EagerTritonOp; the backward op direct), each op once without
+        # too (pyencoder.ops._call._EagerOp; the backward op direct), each op once without
         assert fast_calls["triton"] == [], fast_calls
         assert spy["triton"] and len(spy["triton"]) == len(set(spy["triton"])), dict(spy.items())
     if backend != "reference":

@@ -306,7 +306,7 @@ def test_direct_path_without_autograd(monkeypatch):
     assert seen == [C.forward_op.name, X.forward_op.name]
     monkeypatch.delenv("PYENCODER_EAGER_FASTPATH")
     seen.clear()
-    # with a graph: the eager autograd path (pyencoder.ops._call._EagerTritonOp, the op's own
+    # with a graph: the eager autograd path (pyencoder.ops._call._EagerOp, the op's own
     # formula), still no registered op; with the fast path off, the op, same gradients
     xg = x.clone().requires_grad_(True)
     causal_conv1d(xg, w, b, groups=4, activation="silu", backend="triton").sum().backward()

@@ -21,11 +21,11 @@ more than many of these kernels at streaming sizes, so eager calls skip it (``ro
   outputs pass the op's aliasing check (an output may not be an input or a view of one: the op
   raises, and so does the direct path, with torch's message);
 - an autograd graph needed (an input requires grad under grad mode): a custom op with a
-  registered autograd formula runs through ``_EagerCustomOp``, an ``autograd.Function`` whose
+  registered autograd formula runs through ``_EagerOp``, an ``autograd.Function`` whose
   forward is the body and whose setup_context and backward are the ones the op registered
   (``register_autograd``), so the backward, and its refusal of a double backward, are the op's.
   A triton_op with a registered formula (the triton convs, the fused ConvNeXt op) runs the same
-  way through ``_EagerTritonOp`` (its launcher body, its registered setup_context and backward).
+  way through ``_EagerOp`` (its launcher body, its registered setup_context and backward).
   The families' backward formulas call their backward ops through ``call_custom`` /
   ``call_triton`` too, so a backward without create_graph is direct as well. The triton
   backend's attention has its own eager ``autograd.Function`` (pyencoder.ops.attention.
@@ -141,64 +141,22 @@ def _run_body(custom_op, args):
     return out
 
 
-class _EagerCustomOp(torch.autograd.Function):
-    """A custom op with an autograd formula, without the dispatcher: forward is the op's body
-    (``_run_body``), then the op's registered setup_context; backward is its registered backward
-    with ``ctx.needs_input_grad`` of the op's own inputs, as torch.library's generated Function
-    calls them (grads materialised as there). Used by ``call_custom`` on the ``AUTOGRAD`` route
-    only (``route``: nothing traces the call)."""
+class _EagerOp(torch.autograd.Function):
+    """A registered op with an autograd formula, without the dispatcher: ``formula`` is (body,
+    setup_context, backward) of the op (``_custom_formula`` / ``_triton_formula``); forward runs
+    the body on the inputs, then the op's setup_context; backward is the op's backward with
+    ``ctx.needs_input_grad`` of the op's own inputs, as torch.library's generated Function calls
+    them (grads materialised as there). Used on the ``AUTOGRAD`` route only (``route``: nothing
+    traces the call)."""
 
     @staticmethod
-    def forward(ctx, custom_op, *inputs):
+    def forward(ctx, formula, *inputs):
         # old-style forward(ctx, ...): a setup_context-style forward has its signature bound with
         # inspect on every apply
-        output = _run_body(custom_op, inputs)
-        if custom_op._setup_context_fn is not None:
-            custom_op._setup_context_fn(ctx=ctx, inputs=inputs, output=output)
-        ctx.pyencoder_custom_op = custom_op
-        return output
-
-    @staticmethod
-    def backward(ctx, *grads):
-        needs = ctx.needs_input_grad
-        ctx.needs_input_grad = needs[1:]
-        try:
-            result = ctx.pyencoder_custom_op._backward_fn(ctx, *grads)
-        finally:
-            ctx.needs_input_grad = needs
-        return (None, *result) if isinstance(result, tuple) else (None, result)
-
-
-def call_custom(custom_op, *args):
-    """``custom_op(*args)`` (a ``torch.library.custom_op``; ``args`` all its arguments, the backend
-    string included), on the eager fast path where ``route`` allows: the op's body directly (its
-    mutated arguments' versions bumped first), or with an autograd graph ``_EagerCustomOp`` when
-    the op has an autograd formula and mutates nothing; the registered op otherwise."""
-    how = route(args)
-    if how != OP:
-        mutated = _custom_mutated_positions(custom_op)
-        if mutated is None:
-            pass
-        elif how == DIRECT:
-            _bump_versions(mutated, args)
-            return _run_body(custom_op, args)
-        elif custom_op._backward_fn is not None and not mutated:
-            return _EagerCustomOp.apply(custom_op, *args)
-    return custom_op(*args)
-
-
-class _EagerTritonOp(torch.autograd.Function):
-    """A pyencoder triton_op with an autograd formula, without the dispatcher: forward is its
-    launcher body (``triton_op.fn``, what the op runs in eager mode), then the setup_context it
-    registered; backward is its registered backward with ``ctx.needs_input_grad`` of the op's own
-    inputs (as ``_EagerCustomOp``). Used by ``call_triton`` on the ``AUTOGRAD`` route only."""
-
-    @staticmethod
-    def forward(ctx, triton_op, *inputs):
-        backward, setup = triton_op._autograd
-        output = triton_op.fn(*inputs)
+        body, setup, backward = formula
+        output = body(inputs)
         if setup is not None:
-            setup(ctx, inputs, output)
+            setup(ctx=ctx, inputs=inputs, output=output)
         ctx.pyencoder_backward = backward
         return output
 
@@ -213,10 +171,41 @@ class _EagerTritonOp(torch.autograd.Function):
         return (None, *result) if isinstance(result, tuple) else (None, result)
 
 
+def _custom_formula(custom_op):
+    """(body, setup_context, backward) of a custom op for _EagerOp (read per call: a formula
+    registered later is the one used)."""
+    return (lambda inputs: _run_body(custom_op, inputs), custom_op._setup_context_fn,
+            custom_op._backward_fn)
+
+
+def _triton_formula(triton_op):
+    """(body, setup_context, backward) of a pyencoder triton_op for _EagerOp."""
+    backward, setup = triton_op._autograd
+    return (lambda inputs: triton_op.fn(*inputs), setup, backward)
+
+
+def call_custom(custom_op, *args):
+    """``custom_op(*args)`` (a ``torch.library.custom_op``; ``args`` all its arguments, the backend
+    string included), on the eager fast path where ``route`` allows: the op's body directly (its
+    mutated arguments' versions bumped first), or with an autograd graph ``_EagerOp`` when
+    the op has an autograd formula and mutates nothing; the registered op otherwise."""
+    how = route(args)
+    if how != OP:
+        mutated = _custom_mutated_positions(custom_op)
+        if mutated is None:
+            pass
+        elif how == DIRECT:
+            _bump_versions(mutated, args)
+            return _run_body(custom_op, args)
+        elif custom_op._backward_fn is not None and not mutated:
+            return _EagerOp.apply(_custom_formula(custom_op), *args)
+    return custom_op(*args)
+
+
 def call_triton(triton_op, *args):
     """``triton_op(*args)`` (a pyencoder triton_op, registered now if it was not yet), on the eager
     fast path where ``route`` allows: its launcher body directly (mutated arguments' versions
-    bumped), or with an autograd graph ``_EagerTritonOp`` when it has an autograd formula and
+    bumped), or with an autograd graph ``_EagerOp`` when it has an autograd formula and
     mutates nothing; the registered op otherwise."""
     from . import _triton_ops  # noqa: F401  (registers the triton_ops at first use)
     how = route(args)
@@ -226,16 +215,16 @@ def call_triton(triton_op, *args):
         return out
     if how == AUTOGRAD and getattr(triton_op, "_autograd", None) is not None \
             and not _mutated_positions(triton_op):
-        return _EagerTritonOp.apply(triton_op, *args)
+        return _EagerOp.apply(_triton_formula(triton_op), *args)
     return triton_op(*args)
 
 
 def call_op(backend, triton_op, custom_op, *args):
     """One call of a registered op family on the backend the registry chose: the pyencoder
     triton_op on triton (``call_triton``: its launcher body directly, or through
-    ``_EagerTritonOp``, where ``route`` allows), else the opaque custom op
+    ``_EagerOp``, where ``route`` allows), else the opaque custom op
     ``custom_op(*args, backend)`` (``call_custom``: its body directly, or through
-    ``_EagerCustomOp``, where ``route`` allows)."""
+    ``_EagerOp``, where ``route`` allows)."""
     if backend == "triton":
         return call_triton(triton_op, *args)
     return call_custom(custom_op, *args, backend)

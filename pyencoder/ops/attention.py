@@ -49,7 +49,7 @@ from . import _attention_triton as _triton
 from ._attention_op import (N_PARAMS, N_TENSORS, fake_backward, fake_forward, op_signature,
                             run_backward, run_forward)
 from ._autograd import forbid_double_backward
-from ._call import call_custom, call_op
+from ._call import call_custom, call_op, eager_ok
 from .._checks import (MAX_POSITION, check_bias_tensors, check_float_dtype, check_int,
                       check_lengths, check_same, check_scale, check_tensor, passed, passed_key,
                       remember_passed, value_checks_enabled)
@@ -126,7 +126,7 @@ class _EagerTriton(torch.autograd.Function):
     without the dispatcher. torch.library's custom-op autograd wrapper costs ~100-150 us of host
     time per call (schema default filling, redispatch), more than the whole forward kernel of a
     narrow band at wav2vec2-base sizes, so eager calls skip it. Used only where nothing traces
-    the call (``_eager_ok``): torch.compile, torch.export, make_fx, FakeTensorMode and torch.func
+    the call (pyencoder.ops._call.eager_ok): torch.compile, torch.export, make_fx, FakeTensorMode and torch.func
     transforms (and torch.jit.trace) still see the registered op
     pyencoder::interval_attention_triton."""
 
@@ -147,19 +147,6 @@ class _EagerTriton(torch.autograd.Function):
             dout = torch.zeros_like(ctx.saved_tensors[3])
         return _backward(ctx, dout, dlse)
 
-
-def _eager_ok():
-    """Whether an interval attention call may take the eager fast path: not traced by Dynamo, no
-    Python dispatch mode (fake tensors, make_fx, functionalization) and no torch.func transform
-    active; PYENCODER_EAGER_FASTPATH=0 turns it off (every call through the registered op)."""
-    if not env_flag("PYENCODER_EAGER_FASTPATH", True):
-        return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-    if _get_current_dispatch_mode() is not None:
-        return False
-    return not torch._C._are_functorch_transforms_active()
 
 _triton.forward_op.register_autograd(_backward, setup_context=_setup_context)
 forbid_double_backward(_interval_attention_bwd_op, "interval attention")
@@ -281,7 +268,7 @@ def _attend(q, k, v, mask, rope, key_lengths, q_offset, k_offset, scale, backend
     op_args = (q, k, v, inv_freq, key_lengths, rel_bias, gate, block, k_block, lo_off, hi_off,
                sink, 0 if rel_bias is None else rel_offset, q_offset, k_offset, scale,
                interleaved)
-    if name == "triton" and _eager_ok():
+    if name == "triton" and eager_ok():
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                         or (rel_bias is not None and rel_bias.requires_grad)
                                         or (gate is not None and gate.requires_grad)):
