@@ -19,9 +19,11 @@ attention call as one graph (torch.compile, fullgraph, Inductor fuses the rotati
 kernels); flash-attn gets a compiled RoPE pass before its kernel.
 CPU: only reference and sdpa-mask, at small N, float32 (a smoke run).
 
-Compiled anchors are checked, not trusted: Dynamo's caches are reset per case (a mask closure's
-Python ints are guarded on, so reusing one compiled function across (N, mask) recompiles every
-case and, past the recompile limit, silently runs Flex unfused with the full score matrix); each
+Compiled anchors are checked, not trusted: Dynamo's caches are reset per case (reusing one compiled
+function across (N, mask) recompiles per N, and a mask closure's Python ints would be guarded on:
+past the recompile limit Dynamo silently runs Flex unfused with the full score matrix). Flex's
+mask parameters are 0-d tensors (``flex_mask_mod``), so the masks of one (N, RoPE) share one
+graph and its kernels through Inductor's and Triton's caches (one compile, not one per mask); each
 case may compile at most 2 graphs (inference and training); the timed calls run with
 ``error_on_recompile``; and Flex's "called without torch.compile()" warning is an error. Any of
 these raises CompiledAnchorError and stops the run: a number measured against a broken anchor is
@@ -175,6 +177,25 @@ def _rope_fn(rope, n, device):
     return lambda x: apply_rope(x, pos, inv, interleaved)
 
 
+def flex_mask_mod(m, n, device):
+    """Flex's mask_mod for interval mask ``m`` over ``n`` keys: visible iff
+    base - lo_off <= key <= base + hi_off, base = (query // block) * block (an unbounded left:
+    lo_off = n + block, never binding). The three parameters are 0-d tensors on ``device``, not
+    Python ints: Dynamo lifts captured tensors into graph inputs, so every mask of one (N, RoPE)
+    traces the same graph and generates the same kernels, and after the first case Inductor's FX
+    graph cache and Triton's cache serve the others (an int would be baked into each case's
+    kernel source: one compile per case, ~12 s of a GPU session's time each). Flex loads the
+    three scalars in its partially masked blocks only."""
+    block, lo_off, hi_off = mask_params(m)
+    blk, lo, hi = (torch.tensor(x, device=device) for x in
+                   (block, lo_off if lo_off >= 0 else n + block, hi_off))
+
+    def mask_mod(b, h, qi, kj):
+        base = (qi // blk) * blk
+        return (kj <= base + hi) & (kj >= base - lo)
+    return mask_mod
+
+
 def make_provider(name, q, k, v, m, rope, compiler=None):
     """A callable running the forward (returns the output), or raises NotImplementedError.
     rope=None: no RoPE on any side. ``compiler`` compiles the anchors (default: a fresh
@@ -211,16 +232,7 @@ def make_provider(name, q, k, v, m, rope, compiler=None):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         if q.device.type == "cpu" and q.requires_grad:
             raise NotImplementedError("FlexAttention has no backward on CPU")
-        block, lo_off, hi_off = mask_params(m)
-
-        def mask_mod(b, h, qi, kj):
-            base = (qi // block) * block
-            ok = kj <= base + hi_off
-            if lo_off >= 0:
-                ok = ok & (kj >= base - lo_off)
-            return ok
-
-        bm = create_block_mask(mask_mod, None, None, n, n, device=q.device)
+        bm = create_block_mask(flex_mask_mod(m, n, q.device), None, None, n, n, device=q.device)
 
         def attn(q, k, v):
             return flex_attention(rot(q), rot(k), v, block_mask=bm)

@@ -107,25 +107,27 @@ def interval_mask(spec):
     return IntervalMask.frames(a[0], a[1], a[2], a[3])
 
 
-def mask_mod_for(spec):
+def mask_mod_for(spec, device="cpu"):
     """The FlexAttention mask_mod of ``spec``, from the masks' definitions (DESIGN.md), not from
-    pyencoder.mask."""
+    pyencoder.mask. Its integers are 0-d tensors on ``device``: Dynamo lifts them into graph
+    inputs, so the cases of one kind and size trace one graph and share its kernels through
+    Inductor's and Triton's caches (Python ints would be baked into every case's kernels)."""
     kind, *a = spec
+    t = [torch.tensor(x, device=device) for x in a]
     if kind == "band":
-        left, right = a[0], a[1]
-        sink = a[2] if len(a) > 2 else 0
+        left, right = t[0], t[1]
+        sink = t[2] if len(t) > 2 else torch.tensor(0, device=device)
 
         def mod(b, h, qi, kj):
-            ok = (kj <= qi + right) & (kj >= qi - left)
-            return (ok | (kj < sink)) if sink else ok
+            return ((kj <= qi + right) & (kj >= qi - left)) | (kj < sink)
     elif kind == "chunked":
-        chunk, left_chunks, lookahead = a
+        chunk, left_chunks, lookahead = t
 
         def mod(b, h, qi, kj):
             c = qi // chunk
             return (kj >= (c - left_chunks) * chunk) & (kj <= (c + 1) * chunk - 1 + lookahead)
     else:
-        q_frame, k_frame, left, right = a
+        q_frame, k_frame, left, right = t
 
         def mod(b, h, qi, kj):
             f = qi // q_frame
@@ -218,7 +220,8 @@ def make_provider(name, suite, spec, leaves, compiler):
                                                  _bucket, mask=m, fused=False)
     if name == "flex":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        bm = create_block_mask(mask_mod_for(spec), None, None, nq, nk, device=q.device)
+        bm = create_block_mask(mask_mod_for(spec, q.device), None, None, nq, nk,
+                               device=q.device)
         if suite != "bias":
             fn = compiler(lambda q, k, v: flex_attention(q, k, v, block_mask=bm))
             return lambda: fn(q, k, v)

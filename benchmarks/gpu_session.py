@@ -274,7 +274,8 @@ def plan_attention_table(ctx):
         return [("bench-attention", _py("-m", "benchmarks.bench_attention", "--n", "48",
                                         "--providers", "reference", "sdpa-mask"), {})]
     # every process appends each JSON line as it is measured; ours first (three RoPE modes, the
-    # RoPE-off rows once), then Flex (compiles per case: attention-only rows first), then SDPA
+    # RoPE-off rows once), then Flex (one compile per (N, RoPE): its masks share one graph,
+    # bench_attention.flex_mask_mod; attention-only rows first), then SDPA
     masks = ("--masks", *TABLE_MASKS)
     runs = [("triton", ["--providers", *ROPE_PROVIDERS, "--n", *ATTENTION_TABLE_NS]),
             ("flex-N1500-norope", ["--providers", "flex", "--n", "1500", "--rope", "off"]),

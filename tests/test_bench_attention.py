@@ -51,6 +51,44 @@ def test_shared_compiled_function_would_fail(monkeypatch):
             _run("flex", n, m)
 
 
+class _GraphRecorder(ba._Compiler):
+    """The eager backend, keeping each compiled graph's code and its subgraphs' (the mask_mod and
+    score_mod Flex inlines into its kernels), and the constants the graph holds."""
+
+    def __init__(self):
+        super().__init__("eager")
+        self.codes = []
+
+    def _compile_graph(self, gm, example_inputs):
+        subs = tuple(sorted((name, mod.code) for name, mod in gm.named_children()))
+        consts = [n.target for n in gm.graph.nodes
+                  if n.op == "get_attr" and not isinstance(getattr(gm, n.target), torch.nn.Module)]
+        self.codes.append((gm.code, subs, consts))
+        return super()._compile_graph(gm, example_inputs)
+
+
+@needs_flex
+@pytest.mark.parametrize("rope", [False, True])
+def test_flex_masks_of_one_n_share_one_graph(rope):
+    """Every mask at one N traces the same graph (its mask parameters are graph inputs, not
+    constants baked into the code): what Inductor's FX graph cache and Triton's cache key on, so a
+    GPU run compiles Flex once per (N, RoPE), not once per mask. Outputs still follow each mask."""
+    import pyencoder
+    n = 48
+    q, k, v = (torch.randn(1, 2, n, 16) for _ in range(3))
+    r = pyencoder.Rope(16) if rope else None
+    codes = []
+    for m in (("band", 8, 2), ("chunked", 4, 2, 3), ("band", None, 0), ("band", 5, 1)):
+        rec = _GraphRecorder()
+        got = ba.make_provider("flex", q, k, v, m, r, rec)()
+        want = ba.make_provider("reference", q, k, v, m, r)()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert len(rec.codes) == 1 and rec.codes[0][2] == [], rec.codes
+        codes.append(rec.codes[0])
+    assert all(c == codes[0] for c in codes[1:])
+    assert "flex_attention" in codes[0][0]
+
+
 @needs_flex
 def test_flex_with_gradients_on_cpu_is_skipped():
     rec = ba.measure("flex", "tiny", 1, 2, 16, 48, ("band", 8, 2), torch.float32, "cpu", 1, 1,

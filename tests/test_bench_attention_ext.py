@@ -60,8 +60,8 @@ def test_dry_run_writes_every_suite_checked(tmp_path, monkeypatch):
 def test_wrong_anchor_mask_stops_the_run(monkeypatch, suite, spec):
     right = be.mask_mod_for
 
-    def off_by_one(s):                      # one key too many past hi(p)
-        mod = right(s)
+    def off_by_one(s, *a):                  # one key too many past hi(p)
+        mod = right(s, *a)
         return lambda b, h, qi, kj: mod(b, h, qi, kj) | mod(b, h, qi, kj - 1)
     rec = _measure("flex", suite, spec)
     assert rec["check_err"]["out"] < 1e-4
@@ -168,3 +168,20 @@ def test_visible_pairs_counts_the_dense_mask():
             nq, nk = be.sizes(spec, 96 if spec[0] == "frames" else 300)
             want = int(be.interval_mask(spec).dense(nq, nk).sum())
             assert be.visible_pairs(spec, nq, nk) == want, spec
+
+
+@needs_flex
+def test_sink_cases_share_one_flex_graph():
+    """The sink suite's cases at one N trace the same graph (mask integers are graph inputs), so
+    a GPU run compiles Flex once for both: what Inductor's and Triton's caches key on."""
+    import test_bench_attention as tba
+    codes = []
+    for spec in be.CPU_CASES["sink"]:
+        rec = tba._GraphRecorder()
+        leaves = be.make_leaves("sink", spec, 1, 2, 16, 48, torch.float32, "cpu", False)
+        got = be.make_provider("flex", "sink", spec, leaves, rec)()
+        want = be.reference_result("sink", spec, leaves, False, None)["out"]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert len(rec.codes) == 1 and rec.codes[0][2] == [], rec.codes
+        codes.append(rec.codes[0])
+    assert codes[0] == codes[1]
