@@ -25,7 +25,8 @@
 #      sha256 of triton_key(), ptxas/arch backend hash, env; the device prints and compares them
 #      and compiles what misses). The build keeps .triton-cache/device/ (the device's own
 #      compiles, kept there by `python -m benchmarks.triton_cache merge`; the session's setup
-#      installs them). GPU_PREP_TRITON_CACHE=0 skips it and removes a stale build (everything in
+#      installs them; on a fresh machine it is first seeded from the committed
+#      benchmarks/device_cache/, which merge keeps in step). GPU_PREP_TRITON_CACHE=0 skips it and removes a stale build (everything in
 #      .triton-cache/ but device/, which stays and is still carried and installed;
 #      clean_triton_cache below); GPU_PREP_TRITON_VERIFY=1 then replays the launches against an
 #      installed copy (~3 min: every kernel must load from it, python -m
@@ -133,7 +134,11 @@ for w in .whl/*.whl; do
   echo "$w requires (the device image has these names; see benchmarks/GPU_SESSION.md):"
   unzip -p "$w" '*/METADATA' | grep '^Requires-Dist' | grep -v 'extra ==' | sed 's/^/    /'
 done
-# 4. the Triton cache, built with the device's Triton (this venv's)
+# 4. the Triton cache, built with the device's Triton (this venv's); first .triton-cache/device/
+#    from the committed copy of earlier calls' device compiles (benchmarks/device_cache/, which
+#    `triton_cache merge` keeps) when this machine has none: a session's machine starts fresh
+"$VPY" -m benchmarks.triton_cache seed --out .triton-cache \
+  || echo "gpu-prep: warning: could not seed .triton-cache/device/ (the device compiles again)" >&2
 if [ "$TRITON_CACHE" != "0" ]; then
   say "Triton cache for sm_90: the session's gpu_quick launches ($GPU_PREP_JOBS jobs)"
   tc0=$(date +%s)

@@ -63,7 +63,9 @@ in union with what earlier merges left (by entry folder; Inductor files by path,
 its key facts match build_info.json's (else refused, naming the fields); build moves device/
 into its new folder (stale entries, e.g. of an edited kernel, are never hit: harmless; counted),
 and setup installs device/ after the build's entries (group files rewritten, the Inductor files
-unpacked into TORCHINDUCTOR_CACHE_DIR). The FX graph and AOTAutograd keys hold the GPU's name
+unpacked into TORCHINDUCTOR_CACHE_DIR). Every session starts on a fresh machine, so the merge
+command also mirrors device/ into benchmarks/device_cache/ (committed; --no-keep skips it) and
+seed (run by gpu_prep.sh) restores .triton-cache/device/ from there. The FX graph and AOTAutograd keys hold the GPU's name
 (CacheBase.get_system): entries from an H100 miss on an H200, while the Triton entries, keyed by
 the arch (sm_90), hit on both.
 
@@ -511,6 +513,62 @@ CARRY_SHARE = 44 * 2**20
 
 def _folder_bytes(folder):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
+
+
+# The device's compiles outlive the session that merged them only in git: every session starts on
+# a fresh machine (no .triton-cache/), so merge mirrors device/ into this tracked folder and
+# gpu_prep.sh seeds .triton-cache/device/ from it (seed). Binary, a few MiB per GPU call.
+COMMITTED_DEVICE = os.path.join(HERE, "device_cache")
+COMMITTED_FILES = (ARCHIVE, INDUCTOR_ARCHIVE, DEVICE_INFO)
+COMMITTED_WARN = 16 * 2**20
+
+
+def keep_committed(out, dest=COMMITTED_DEVICE):
+    """Mirror `out`/device/'s files (COMMITTED_FILES) into `dest`, the folder committed to git
+    (files device/ lacks are removed from it). Returns dest's size in bytes."""
+    dev = os.path.join(out, DEVICE_DIR)
+    os.makedirs(dest, exist_ok=True)
+    for name in COMMITTED_FILES:
+        src, dst = os.path.join(dev, name), os.path.join(dest, name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, dst + ".tmp")
+            os.replace(dst + ".tmp", dst)
+        elif os.path.exists(dst):
+            os.remove(dst)
+    size = _folder_bytes(dest)
+    print(f"triton cache merge: committed copy {dest} is {size / 2**20:.1f} MiB: commit it (the "
+          f"next session's machine starts without .triton-cache/; make gpu-prep seeds device/ "
+          f"from it)", flush=True)
+    if size > COMMITTED_WARN:
+        print(f"triton cache merge: warning: {dest} is over {COMMITTED_WARN // 2**20} MiB: every "
+              f"commit of it stays in git's history; consider starting it over (remove it and "
+              f".triton-cache/device/, merge only the newest call)", flush=True)
+    return size
+
+
+def seed(out, src=COMMITTED_DEVICE):
+    """Give `out` a device/ folder from the committed copy `src` when it has none (a fresh
+    machine). Returns the files copied (0: `out`/device/ exists, or `src` holds no info file)."""
+    dev = os.path.join(out, DEVICE_DIR)
+    if os.path.isdir(dev):
+        print(f"triton cache seed: {dev} exists, kept (merge keeps {src} in step with it)",
+              flush=True)
+        return 0
+    if not os.path.isfile(os.path.join(src, DEVICE_INFO)):
+        print(f"triton cache seed: no committed device cache in {src}: the device compiles what "
+              f"the build lacks", flush=True)
+        return 0
+    os.makedirs(dev + ".tmp", exist_ok=True)
+    names = [n for n in COMMITTED_FILES if os.path.isfile(os.path.join(src, n))]
+    for name in names:
+        shutil.copyfile(os.path.join(src, name), os.path.join(dev + ".tmp", name))
+    os.replace(dev + ".tmp", dev)
+    with open(os.path.join(dev, DEVICE_INFO)) as f:
+        info = json.load(f)
+    print(f"triton cache seed: {dev} from {src}: {info.get('entries')} Triton entries, "
+          f"{info.get('inductor_files')} Inductor files, from {len(info.get('calls') or [])} "
+          f"call(s) on {info.get('gpu')}", flush=True)
+    return len(names)
 
 
 def install_device(carried, cache_dir, inductor_dir):
@@ -1003,6 +1061,14 @@ def main(argv=None):
     m = sub.add_parser("merge", help="keep a device call's device-cache.tgz in --out/device/")
     m.add_argument("archive", help="the device-cache.tgz a GPU call brought back")
     m.add_argument("--out", default=os.path.join(ROOT, ".triton-cache"))
+    m.add_argument("--keep", default=COMMITTED_DEVICE,
+                   help="mirror the merged device/ into this folder, the one committed to git "
+                        "(default benchmarks/device_cache)")
+    m.add_argument("--no-keep", action="store_true", help="do not mirror it")
+    sd = sub.add_parser("seed", help="give --out a device/ from the committed copy when it has "
+                                     "none (a fresh machine)")
+    sd.add_argument("--out", default=os.path.join(ROOT, ".triton-cache"))
+    sd.add_argument("--from", dest="src", default=COMMITTED_DEVICE)
     f = sub.add_parser("facts", help="print this Triton's cache key facts")
     f.add_argument("--target", nargs=3, default=list(TARGET))
     args, rest = p.parse_known_args(argv)
@@ -1015,6 +1081,11 @@ def main(argv=None):
         except ValueError as e:
             print(e, file=sys.stderr)
             return 1
+        if not args.no_keep:
+            keep_committed(args.out, args.keep)
+        return 0
+    if args.cmd == "seed":
+        seed(args.out, args.src)
         return 0
     target = (args.target[0], int(args.target[1]), int(args.target[2]))
     if args.cmd == "facts":

@@ -179,7 +179,7 @@ def test_merge_unions_the_device_entries_and_is_idempotent(tmp_path, capsys):
                         inductor={"fxgraph/ab/f1/e": b"one", "aotautograd/a1/e": b"aot"})
     b = _device_archive(tmp_path, "b", {"K2": "triton_poi_fused_0", "K3": "_k3"},
                         inductor={"fxgraph/cd/f2/e": b"two", "fxgraph/ab/f1/e": b"one!"})
-    assert tc.main(["merge", str(a), "--out", str(out)]) == 0
+    assert tc.main(["merge", str(a), "--out", str(out), "--no-keep"]) == 0
     assert _device_entries(out) == ["K1", "K2"]
     assert "2 new device entries" in capsys.readouterr().out
     tc.merge(str(b), str(out))
@@ -211,7 +211,9 @@ def test_merge_refuses_other_key_facts_naming_the_fields(tmp_path, capsys):
     bad = _device_archive(tmp_path, "bad", {"K9": "_k9"}, facts=other)
     with pytest.raises(ValueError, match=r"differ .*\(triton_key_sha256, backend_hash\)"):
         tc.merge(str(bad), str(out))
-    assert tc.main(["merge", str(bad), "--out", str(out)]) == 1
+    assert tc.main(["merge", str(bad), "--out", str(out), "--keep",
+                    str(tmp_path / "kept")]) == 1
+    assert not (tmp_path / "kept").exists()           # a refused merge mirrors nothing
     err = capsys.readouterr().err
     assert "refusing" in err and 'backend_hash: built "ptxas 12.9-90", device "ptxas 13.0-90"' \
         in err
@@ -221,6 +223,37 @@ def test_merge_refuses_other_key_facts_naming_the_fields(tmp_path, capsys):
     with pytest.raises(SystemExit):
         tc.main(["merge", str(tmp_path / "absent.tgz"), "--out", str(out)])
     assert "archive" in capsys.readouterr().err
+
+
+def test_merge_mirrors_device_into_the_committed_copy_and_seed_restores_it(tmp_path, capsys):
+    """A session's machine starts without .triton-cache/: merge (the command) mirrors device/
+    into the tracked folder, and seed gives a fresh machine's .triton-cache/ the same device/."""
+    out, kept = tmp_path / ".triton-cache", tmp_path / "committed"
+    _built(out)
+    a = _device_archive(tmp_path, "a", {"K1": "_k1"}, inductor={"fxgraph/ab/f1/e": b"one"})
+    b = _device_archive(tmp_path, "b", {"K2": "_k2"})
+    assert tc.main(["merge", str(a), "--out", str(out), "--keep", str(kept)]) == 0
+    assert "commit it" in capsys.readouterr().out
+    assert _snapshot(kept) == _snapshot(out / tc.DEVICE_DIR)
+    (kept / "stale.bin").write_bytes(b"x")             # not a device/ file: left alone
+    assert tc.main(["merge", str(b), "--out", str(out), "--keep", str(kept)]) == 0
+    dev = _snapshot(out / tc.DEVICE_DIR)
+    assert {k: v for k, v in _snapshot(kept).items() if k != "stale.bin"} == dev
+    assert _device_entries(out) == ["K1", "K2"]
+    fresh = tmp_path / "fresh" / ".triton-cache"      # the next session's machine
+    assert tc.main(["seed", "--out", str(fresh), "--from", str(kept)]) == 0
+    assert _snapshot(fresh / tc.DEVICE_DIR) == dev
+    assert "2 Triton entries, 1 Inductor files, from 2 call(s)" in capsys.readouterr().out
+    # an existing device/ is never overwritten; no committed copy: nothing happens
+    (fresh / tc.DEVICE_DIR / tc.DEVICE_INFO).write_text("{}")
+    assert tc.seed(str(fresh), str(kept)) == 0
+    assert (fresh / tc.DEVICE_DIR / tc.DEVICE_INFO).read_text() == "{}"
+    assert tc.seed(str(tmp_path / "other"), str(tmp_path / "nothing")) == 0
+    assert not (tmp_path / "other").exists()
+    # a device/ losing a file (e.g. no Inductor files) loses it in the copy too
+    os.remove(out / tc.DEVICE_DIR / tc.INDUCTOR_ARCHIVE)
+    tc.keep_committed(str(out), str(kept))
+    assert not (kept / tc.INDUCTOR_ARCHIVE).exists() and (kept / tc.ARCHIVE).exists()
 
 
 def test_build_keeps_the_device_folder(tmp_path, monkeypatch, capsys):
