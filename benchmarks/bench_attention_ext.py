@@ -109,29 +109,30 @@ def interval_mask(spec):
 
 def mask_mod_for(spec, device="cpu"):
     """The FlexAttention mask_mod of ``spec``, from the masks' definitions (DESIGN.md), not from
-    pyencoder.mask. Its integers are 0-d tensors on ``device``: Dynamo lifts them into graph
-    inputs, so the cases of one kind and size trace one graph and share its kernels through
-    Inductor's and Triton's caches (Python ints would be baked into every case's kernels)."""
+    pyencoder.mask. Every kind is one form: key j is visible from query i iff
+    base - lo <= j <= base + hi, base = (i // q_step) * k_step, or j < sink:
+    band(left, right, sink): steps 1, lo = left, hi = right;
+    chunked(chunk, left_chunks, lookahead): steps chunk (base = the query's chunk start),
+    lo = left_chunks * chunk, hi = chunk - 1 + lookahead;
+    frames(q_frame, k_frame, left, right): the query's frame f = i // q_frame starts at key
+    f * k_frame; lo = left * k_frame, hi = (right + 1) * k_frame - 1.
+    The integers are 0-d tensors on ``device``: Dynamo lifts them into graph inputs, so every case
+    of one size traces the same graph and shares its kernels through Inductor's and Triton's
+    caches (Python ints, or one mask_mod per kind, would be baked into each case's kernels)."""
     kind, *a = spec
-    t = [torch.tensor(x, device=device) for x in a]
     if kind == "band":
-        left, right = t[0], t[1]
-        sink = t[2] if len(t) > 2 else torch.tensor(0, device=device)
-
-        def mod(b, h, qi, kj):
-            return ((kj <= qi + right) & (kj >= qi - left)) | (kj < sink)
+        params = (1, 1, a[0], a[1], a[2] if len(a) > 2 else 0)
     elif kind == "chunked":
-        chunk, left_chunks, lookahead = t
-
-        def mod(b, h, qi, kj):
-            c = qi // chunk
-            return (kj >= (c - left_chunks) * chunk) & (kj <= (c + 1) * chunk - 1 + lookahead)
+        chunk, left_chunks, lookahead = a
+        params = (chunk, chunk, left_chunks * chunk, chunk - 1 + lookahead, 0)
     else:
-        q_frame, k_frame, left, right = t
+        q_frame, k_frame, left, right = a
+        params = (q_frame, k_frame, left * k_frame, (right + 1) * k_frame - 1, 0)
+    q_step, k_step, lo, hi, sink = (torch.tensor(x, device=device) for x in params)
 
-        def mod(b, h, qi, kj):
-            f = qi // q_frame
-            return (kj >= (f - left) * k_frame) & (kj <= (f + right + 1) * k_frame - 1)
+    def mod(b, h, qi, kj):
+        base = (qi // q_step) * k_step
+        return ((kj >= base - lo) & (kj <= base + hi)) | (kj < sink)
     return mod
 
 
@@ -225,10 +226,12 @@ def make_provider(name, suite, spec, leaves, compiler):
         if suite != "bias":
             fn = compiler(lambda q, k, v: flex_attention(q, k, v, block_mask=bm))
             return lambda: fn(q, k, v)
-        from pyencoder.ops.attention import relative_offsets
-        block, lo, hi = m.params
-        r0, r1 = relative_offsets(nq, nk, block=block, lo_off=lo, hi_off=hi)
-        idx = _bucket(torch.arange(r0, r1 + 1, device=q.device))
+        # the bucket of every offset s - p a (nq, nk) call has, -(nq - 1) .. nk - 1, not only the
+        # mask's window: the same shapes for every mask of one size, so the cases share one graph
+        # and its compiled kernels (a window-sized gather would differ per mask); Flex reads one
+        # column entry per score either way
+        r0 = -(nq - 1)
+        idx = _bucket(torch.arange(r0, nk, device=q.device))
 
         def attn(q, k, v, table, gate):
             cols = table[idx].t()                  # (H, L): the table at every offset s - p

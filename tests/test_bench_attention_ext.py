@@ -171,16 +171,19 @@ def test_visible_pairs_counts_the_dense_mask():
 
 
 @needs_flex
-def test_sink_cases_share_one_flex_graph():
-    """The sink suite's cases at one N trace the same graph (mask integers are graph inputs), so
-    a GPU run compiles Flex once for both: what Inductor's and Triton's caches key on."""
+@pytest.mark.parametrize("suite", ["sink", "bias"])
+def test_cases_of_one_size_share_one_flex_graph(suite):
+    """The sink and bias suites' cases at one N trace the same graph (mask integers are graph
+    inputs; the bias anchor gathers the columns of every offset of the call, not of the mask's
+    window), so a GPU run compiles Flex once per suite and size: what Inductor's and Triton's
+    caches key on. Outputs still follow each case."""
     import test_bench_attention as tba
     codes = []
-    for spec in be.CPU_CASES["sink"]:
+    for spec in be.CPU_CASES[suite]:
         rec = tba._GraphRecorder()
-        leaves = be.make_leaves("sink", spec, 1, 2, 16, 48, torch.float32, "cpu", False)
-        got = be.make_provider("flex", "sink", spec, leaves, rec)()
-        want = be.reference_result("sink", spec, leaves, False, None)["out"]
+        leaves = be.make_leaves(suite, spec, 1, 2, 16, 48, torch.float32, "cpu", False)
+        got = be.make_provider("flex", suite, spec, leaves, rec)()
+        want = be.reference_result(suite, spec, leaves, False, None)["out"]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         assert len(rec.codes) == 1 and rec.codes[0][2] == [], rec.codes
         codes.append(rec.codes[0])
