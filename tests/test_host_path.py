@@ -230,3 +230,103 @@ def test_decode_attention_routes_traced_calls_to_the_op(monkeypatch):
     from torch.fx.experimental.proxy_tensor import make_fx
     g = make_fx(lambda q: decode_attention(q, *args[1:], backend="triton"))(q)
     assert len(via_op) == 2 and "decode_attention_triton" in str(g.graph)
+
+
+class _CountingBucket:
+    """A pure bucket function that counts its calls (hashable: keyed by identity)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, rel):
+        self.calls += 1
+        return (rel.abs() % 7) + (rel > 0).to(rel.dtype) * 7
+
+
+@pytest.mark.parametrize("sink", [0, 3])
+def test_bucket_index_once_per_shape_with_a_training_table(monkeypatch, sink):
+    """The columns' bucket indices (and, with sinks, the ends found by a host read) depend on the
+    bucket function and the call's ints only: a table that records a graph (training, new
+    columns every call) still computes them once per call shape. The columns and their gradient
+    equal an uncached computation; another shape or offset computes its own."""
+    from pyencoder.nn import relpos
+    bucket = _CountingBucket()
+    kw = dict(block=1, lo_off=5, hi_off=2)
+
+    def cols(table, nq=10, nk=10, q_offset=0, k_offset=0):
+        if sink:
+            return relpos.sink_bias_columns(table, bucket, nq, nk, sink=sink, q_offset=q_offset,
+                                            k_offset=k_offset, **kw)
+        return relpos.relative_bias_columns(table, bucket, nq, nk, q_offset=q_offset,
+                                            k_offset=k_offset, **kw)
+
+    table = torch.randn(14, 3, requires_grad=True)
+    first, r0 = cols(table)
+    calls = bucket.calls
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or real_tolist(t))
+    for _ in range(3):
+        again, r1 = cols(table)
+        assert r1 == r0 and bucket.calls == calls and not reads
+        assert again is not first and torch.equal(again, first)
+        w = torch.randn_like(again)
+        (g,) = torch.autograd.grad((again * w).sum(), table)
+        monkeypatch.undo()
+        relpos._INDEX.clear()
+        fresh, r2 = cols(table)          # uncached
+        (g2,) = torch.autograd.grad((fresh * w).sum(), table)
+        assert r2 == r0 and torch.equal(fresh, again) and torch.equal(g, g2)
+        calls = bucket.calls
+        monkeypatch.setattr(torch.Tensor, "tolist",
+                            lambda t: reads.append(1) or real_tolist(t))
+    monkeypatch.undo()
+    before = bucket.calls
+    other, ro = cols(table, q_offset=4, k_offset=4)         # a streaming chunk: its own
+    assert bucket.calls == before + 1
+    relpos._INDEX.clear()
+    fresh, rf = cols(table, q_offset=4, k_offset=4)
+    assert rf == ro and torch.equal(fresh, other)
+
+
+@pytest.mark.parametrize("sink", [0, 3])
+def test_bucket_index_built_under_inference_mode_is_not_kept(sink):
+    """Indices built under torch.inference_mode are inference tensors: kept, a later training
+    call's gather could not save them for backward. Such a call builds its own."""
+    from pyencoder.nn import relpos
+    relpos._INDEX.clear()
+    kw = dict(block=1, lo_off=5, hi_off=2, q_offset=0, k_offset=0)
+    fn = relpos.sink_bias_columns if sink else relpos.relative_bias_columns
+    if sink:
+        kw["sink"] = sink
+    bucket = _CountingBucket()
+    with torch.inference_mode():
+        a, _ = fn(torch.randn(14, 3), bucket, 10, 10, **kw)
+    table = torch.randn(14, 3, requires_grad=True)
+    b, _ = fn(table, bucket, 10, 10, **kw)
+    (g,) = torch.autograd.grad(b.sum(), table)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("param", [False, True])
+def test_columns_under_inference_mode_then_training(param):
+    """A plain (or Parameter) table used under torch.inference_mode, then in a graph: the first
+    call's columns are inference tensors, never kept (was: a crash reading their version), and
+    the later call's attention backward works (inference tensors cannot be saved for it)."""
+    import pyencoder
+    from pyencoder.nn import relpos
+    relpos._COLUMNS.clear()
+    relpos._INDEX.clear()
+    table = torch.randn(14, 2)
+    table = torch.nn.Parameter(table, requires_grad=False) if param else table
+    bucket = _CountingBucket()
+    kw = dict(block=1, lo_off=5, hi_off=2)
+    with torch.inference_mode():
+        a, r0 = relpos.relative_bias_columns(table, bucket, 10, 10, **kw)
+    b, r1 = relpos.relative_bias_columns(table, bucket, 10, 10, **kw)
+    assert not b.is_inference() and r1 == r0 and torch.equal(a, b)
+    q, k, v = (torch.randn(1, 2, 10, 8, requires_grad=True) for _ in range(3))
+    out = pyencoder.ops.interval_attention(q, k, v, mask=pyencoder.IntervalMask(1, 5, 2),
+                                           rel_bias=b, rel_offset=r1)
+    (gq,) = torch.autograd.grad(out.sum(), q)
+    assert torch.isfinite(gq).all()

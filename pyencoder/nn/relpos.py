@@ -127,10 +127,14 @@ def relative_bias_columns(table, bucket_fn, nq, nk, *, block, lo_off, hi_off, q_
     if hit is not None and hit[0] is table and hit[1]._version == hit[2]:
         _vouch_finite(table, hit[1])
         return hit[1], hit[3]
-    r_min, r_max = relative_offsets(nq, nk, block=block, lo_off=lo_off, hi_off=hi_off,
-                                    q_offset=q_offset, k_offset=k_offset)
-    rel = torch.arange(r_min, max(r_min, r_max) + 1, device=table.device)
-    cols = table[bucket_fn(rel)].t()
+    ints = (nq, nk, block, lo_off, hi_off, q_offset, k_offset)
+
+    def build():
+        r_min, r_max = relative_offsets(nq, nk, block=block, lo_off=lo_off, hi_off=hi_off,
+                                        q_offset=q_offset, k_offset=k_offset)
+        return bucket_fn(torch.arange(r_min, max(r_min, r_max) + 1, device=table.device)), r_min
+    idx, r_min = _bucket_index("band", bucket_fn, table.device, ints, build)
+    cols = table[idx].t()
     if key is not None:
         if len(_COLUMNS) >= _COLUMNS_MAX:
             _COLUMNS.pop(next(iter(_COLUMNS)))
@@ -170,9 +174,41 @@ _COLUMNS = {}
 _COLUMNS_MAX = 16
 
 
+# The bucket indices a call's columns gather, and their first offset: (kind, bucket_fn, device,
+# call ints) -> (index tensor, offset). They depend on the bucket function and the call's ints
+# only, not on the table: a model's layers (and every training step of one shape) share them, so
+# a call with a table that records a graph still skips the arange, the bucket function's small
+# ops and, for sinks, the host synchronisation that finds the table's ends. The index tensor is
+# never handed out (the columns are a gather from it). Not under torch.compile or CUDA-graph
+# capture; ``bucket_fn`` keyed by equality and assumed pure, as for _COLUMNS.
+_INDEX = {}
+_INDEX_MAX = 32
+
+
+def _bucket_index(kind, bucket_fn, device, ints, build):
+    key = (kind, bucket_fn, device, ints)
+    if torch.compiler.is_compiling() or (device.type == "cuda"
+                                         and torch.cuda.is_current_stream_capturing()):
+        return build()
+    try:
+        hit = _INDEX.get(key)
+    except TypeError:       # an unhashable bucket function
+        return build()
+    if hit is None:
+        hit = build()
+        if torch.is_inference_mode_enabled():   # an inference tensor: a later call under
+            return hit                          # autograd could not save it for backward
+        if len(_INDEX) >= _INDEX_MAX:
+            _INDEX.pop(next(iter(_INDEX)))
+        _INDEX[key] = hit
+    return hit
+
+
 def _columns_key(table, bucket_fn, ints):
     if type(table) is not torch.Tensor or table.is_inference() or torch.compiler.is_compiling():
         return None
+    if torch.is_inference_mode_enabled():   # the columns would be inference tensors: no version
+        return None                         # counter, and never saved for a later backward
     if table.requires_grad and torch.is_grad_enabled():
         return None
     if table.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -202,9 +238,10 @@ def sink_bias_columns(table, bucket_fn, nq, nk, *, block, lo_off, hi_off, sink, 
     (relative_offsets(), which the table must cover; none when the band sees no key) and the sink
     keys' [k_offset - p_last, sink_end - 1 - p_first]. The bucket indices are computed once
     over [r_lo, r_hi] (O(N) ints, on the table's device; one host synchronisation for the two
-    ends below on a GPU). The table starts at c_lo, the largest offset <= r_min such that
-    bucket_fn is constant on [r_lo, c_lo] (every offset below c_lo then reads column 0 =
-    bucket_fn(c_lo), which is its own bucket), and ends at c_hi, the smallest offset >= r_max
+    ends below on a GPU; both once per bucket function and call shape, _bucket_index). The
+    table starts at c_lo, the largest offset <= r_min such that bucket_fn is constant on
+    [r_lo, c_lo] (every offset below c_lo then reads column 0 = bucket_fn(c_lo), which is its
+    own bucket), and ends at c_hi, the smallest offset >= r_max
     with bucket_fn constant on [c_hi, r_hi] (no band key visible: the same from both ends of the
     sink offsets, at least one column). For WavLM's bucket (saturated at |r| >= max_distance)
     the table reaches at most max_distance on either side, or covers the whole range when that
@@ -217,20 +254,23 @@ def sink_bias_columns(table, bucket_fn, nq, nk, *, block, lo_off, hi_off, sink, 
     if sink_end <= k_offset or nq == 0:
         return relative_bias_columns(table, bucket_fn, nq, nk, block=block, lo_off=lo_off,
                                      hi_off=hi_off, q_offset=q_offset, k_offset=k_offset)
-    s_lo = k_offset - (q_offset + nq - 1)
-    s_hi = sink_end - 1 - q_offset
-    band = r_min <= r_max
-    r_lo, r_hi = (min(r_min, s_lo), max(r_max, s_hi)) if band else (s_lo, s_hi)
-    idx = bucket_fn(torch.arange(r_lo, r_hi + 1, device=table.device))
-    n = idx.numel()
-    # offsets below the band / above it (no band key visible: all of them, one column kept)
-    n_lo, n_hi = (r_min - r_lo, r_hi - r_max) if band else (n - 1, n - 1)
-    # a, b: the columns dropped at either end (constant runs of the bucket, the band kept)
-    a, b = (torch.stack([_leading_run(idx[:n_lo + 1]), _leading_run(idx.flip(0)[:n_hi + 1])])
-            - 1).tolist()
-    b = min(b, n - 1 - a)                         # a constant range keeps one column
-    cols = idx[a:idx.numel() - b]
-    return table[cols].t(), r_lo + a
+    def build():
+        s_lo = k_offset - (q_offset + nq - 1)
+        s_hi = sink_end - 1 - q_offset
+        band = r_min <= r_max
+        r_lo, r_hi = (min(r_min, s_lo), max(r_max, s_hi)) if band else (s_lo, s_hi)
+        idx = bucket_fn(torch.arange(r_lo, r_hi + 1, device=table.device))
+        n = idx.numel()
+        # offsets below the band / above it (no band key visible: all of them, one column kept)
+        n_lo, n_hi = (r_min - r_lo, r_hi - r_max) if band else (n - 1, n - 1)
+        # a, b: the columns dropped at either end (constant runs of the bucket, the band kept)
+        a, b = (torch.stack([_leading_run(idx[:n_lo + 1]),
+                             _leading_run(idx.flip(0)[:n_hi + 1])]) - 1).tolist()
+        b = min(b, n - 1 - a)                     # a constant range keeps one column
+        return idx[a:idx.numel() - b], r_lo + a
+    cols, r0 = _bucket_index("sink", bucket_fn, table.device,
+                             (nq, nk, block, lo_off, hi_off, sink, q_offset, k_offset), build)
+    return table[cols].t(), r0
 
 
 def _tile_rows(block, lo_off, hi_off):
