@@ -23,7 +23,8 @@ Stages, in order of value (name: timeout in s on a GPU):
      headline masks (TABLE_MASKS), fwd, bwd, fwd+bwd (+ host time and graph forward time):
      pyencoder-triton in its three RoPE modes at N = 1500, 3000, then Flex at N=1500 (RoPE off),
      a tuning run (--autotune full, TUNE_N), Flex with RoPE, sdpa-mask and flash-attn, Flex at
-     N=3000, ours under torch.compile (pyencoder-triton-compiled, N=1500) (every process
+     N=3000, ours under torch.compile (pyencoder-triton-compiled, N=1500), Flex at N=3000 with
+     RoPE (every process
      appends each JSON line as it is measured);
   4. streaming (50): bench_streaming --gpu --quick (step p50/p99 at batch 1 for 20 and 80 ms
      chunks, concurrent real-time streams), then `pytest -m gpu_quick` on the decode kernel and
@@ -291,7 +292,9 @@ def plan_attention_table(ctx):
             # ours under torch.compile (Inductor launches our kernels: the host path of a
             # compiled model, against Flex's); Inductor compiles our kernels on the device, so
             # this runs last (the device cache brings those compiles back for the next call)
-            ("compiled", ["--providers", "pyencoder-triton-compiled", "--n", "1500"])]
+            ("compiled", ["--providers", "pyencoder-triton-compiled", "--n", "1500"]),
+            # with what is left (one Flex compile per run since the masks share a graph)
+            ("flex-N3000-rope", ["--providers", "flex", "--n", "3000", "--rope", "on"])]
     return [(f"bench-attention-{label}", _py("-m", "benchmarks.bench_attention", "--shapes",
                                              "wav2vec2-base", *masks, *extra), {})
             for label, extra in runs]
