@@ -65,8 +65,8 @@ into its new folder (stale entries, e.g. of an edited kernel, are never hit: har
 and setup installs device/ after the build's entries (group files rewritten, the Inductor files
 unpacked into TORCHINDUCTOR_CACHE_DIR). Every session starts on a fresh machine, so the merge
 command also mirrors device/ into benchmarks/device_cache/ (committed; --no-keep skips it) and
-seed (run by gpu_prep.sh) restores .triton-cache/device/ from there. The FX graph and AOTAutograd keys hold the GPU's name
-(CacheBase.get_system): entries from an H100 miss on an H200, while the Triton entries, keyed by
+seed (run by gpu_prep.sh) restores .triton-cache/device/ from there. The FX graph and
+AOTAutograd keys hold the GPU's name (CacheBase.get_system): entries from an H100 miss on an H200, while the Triton entries, keyed by
 the arch (sm_90), hit on both.
 
 Limits: tests that draw random sizes (random chunk splits) launch specialisations that vary per

@@ -6,6 +6,7 @@ import operator
 import torch
 
 from ._env import env_flag
+from ._fifo import put
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -197,9 +198,7 @@ def passed(key, t):
 def remember_passed(key, t):
     if key is None:
         return
-    if len(_PASSED) >= _PASSED_MAX:
-        _PASSED.pop(next(iter(_PASSED)))
-    _PASSED[key] = t
+    put(_PASSED, key, t, _PASSED_MAX)
 
 
 def check_bias_tensors(q, rel_bias, gate, heads, gate_shape, gate_dims, head_name="H",

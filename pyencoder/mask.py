@@ -48,6 +48,7 @@ from typing import Optional
 import torch
 
 from ._checks import check_int, clamp_window
+from ._fifo import put
 
 __all__ = ["IntervalMask"]
 
@@ -70,9 +71,7 @@ def _memo_get(key):
 
 def _memo_put(key, mask):
     if all(type(x) in _MEMO_TYPES for x in key[2:]):
-        if len(_MEMO) >= _MEMO_MAX:
-            _MEMO.pop(next(iter(_MEMO)))
-        _MEMO[key] = mask
+        put(_MEMO, key, mask, _MEMO_MAX)
     return mask
 
 

@@ -330,3 +330,14 @@ def test_columns_under_inference_mode_then_training(param):
                                            rel_bias=b, rel_offset=r1)
     (gq,) = torch.autograd.grad(out.sum(), q)
     assert torch.isfinite(gq).all()
+
+
+def test_fifo_put_drops_the_oldest_only_for_a_new_key():
+    from pyencoder._fifo import put
+    c = {}
+    for i in range(3):
+        assert put(c, i, i * 10, 3) == i * 10
+    put(c, 1, "again", 3)                 # an existing key: nothing dropped, order kept
+    assert c == {0: 0, 1: "again", 2: 20} and list(c) == [0, 1, 2]
+    put(c, 3, 30, 3)                      # full: the oldest (0) goes
+    assert list(c) == [1, 2, 3]

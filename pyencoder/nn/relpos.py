@@ -72,6 +72,7 @@ from torch import nn
 
 from .._checks import (check_module_input, clamp_window, passed, passed_key, remember_passed,
                        value_checks_enabled)
+from .._fifo import put
 from ..mask import IntervalMask
 from ..ops.attention import interval_attention, relative_offsets
 from ..ops.decode_attention import decode_attention, window_offsets
@@ -136,9 +137,7 @@ def relative_bias_columns(table, bucket_fn, nq, nk, *, block, lo_off, hi_off, q_
     idx, r_min = _bucket_index("band", bucket_fn, table.device, ints, build)
     cols = table[idx].t()
     if key is not None:
-        if len(_COLUMNS) >= _COLUMNS_MAX:
-            _COLUMNS.pop(next(iter(_COLUMNS)))
-        _COLUMNS[key] = (table, cols, cols._version, r_min)
+        put(_COLUMNS, key, (table, cols, cols._version, r_min), _COLUMNS_MAX)
     _vouch_finite(table, cols)
     return cols, r_min
 
@@ -198,9 +197,7 @@ def _bucket_index(kind, bucket_fn, device, ints, build):
         hit = build()
         if torch.is_inference_mode_enabled():   # an inference tensor: a later call under
             return hit                          # autograd could not save it for backward
-        if len(_INDEX) >= _INDEX_MAX:
-            _INDEX.pop(next(iter(_INDEX)))
-        _INDEX[key] = hit
+        put(_INDEX, key, hit, _INDEX_MAX)
     return hit
 
 

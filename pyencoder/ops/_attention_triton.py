@@ -50,6 +50,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .._backend import _interpret
 from .._env import env_choice, env_flag, env_raw, env_snapshot
+from .._fifo import put
 from ..rope import rope_cos_sin
 from ._attention_op import op_signature, run_backward, run_forward
 from ._triton_op import (BlockGrid, _triton, cdiv, dummy, is_plain, last_plan, launch, next_pow2,
@@ -504,9 +505,7 @@ def _rope_tables(q, inv_freq, Nq, Nk, q_offset, k_offset, win=None):
     cos, sin = rope_cos_sin(pos, inv_freq.to(device=q.device, dtype=torch.float32))
     cos, sin = cos.contiguous(), sin.contiguous()
     if cacheable:
-        if len(_TABLES) >= _TABLES_MAX:
-            _TABLES.pop(next(iter(_TABLES)))
-        _TABLES[key] = (inv_freq, cos, sin)
+        put(_TABLES, key, (inv_freq, cos, sin), _TABLES_MAX)
     return cos, sin, base, True
 
 
@@ -823,9 +822,7 @@ def _program_key(tensors, inv_freq, key_lengths, scalars):
 
 
 def _keep(table, key, prog):
-    if len(table) >= _PROGRAMS_MAX:
-        table.pop(next(iter(table)))
-    table[key] = prog
+    put(table, key, prog, _PROGRAMS_MAX)
 
 
 def _klen(key_lengths, q, aligned):
