@@ -12,6 +12,9 @@ from oracle import naive_causal_conv
 CASES = [  # (C_in, C_out, groups, k, stride)
     (6, 6, 6, 1, 1), (6, 6, 6, 4, 1), (5, 5, 5, 7, 1), (4, 4, 4, 31, 1), (8, 8, 2, 9, 1),
     (8, 4, 4, 3, 1), (3, 6, 1, 10, 5), (6, 6, 1, 3, 2), (4, 4, 2, 2, 2), (6, 6, 3, 4, 3),
+    # grouped, wide: few output frames take the CPU's batched-product path (_grouped_matmul),
+    # many take F.conv1d (both in one parametrisation: L is drawn per test)
+    (16, 16, 2, 16, 1), (24, 12, 3, 17, 2), (32, 32, 4, 20, 1),
 ]
 
 
@@ -77,7 +80,8 @@ def test_chunked_state_round_trip(C, Co, G, k, s):
     torch.testing.assert_close(torch.cat(outs, -1), full, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("C,Co,G,k", [(6, 6, 6, 4), (8, 8, 2, 5), (4, 4, 4, 1), (4, 8, 1, 3)])
+@pytest.mark.parametrize("C,Co,G,k", [(6, 6, 6, 4), (8, 8, 2, 5), (4, 4, 4, 1), (4, 8, 1, 3),
+                                      (16, 16, 2, 16)])
 def test_update_sequence_equals_offline(C, Co, G, k):
     L = 30
     x = torch.randn(3, C, L)
@@ -92,6 +96,36 @@ def test_update_sequence_equals_offline(C, Co, G, k):
                                          activation="silu"))
         pos += n
     torch.testing.assert_close(torch.cat(outs, -1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_few_frame_grouped_path_is_taken_and_matches_the_oracle(monkeypatch):
+    """The batched-product path (grouped, k >= 16, >= 8 channels a group, B * T <= 32 on CPU;
+    wav2vec2's positional conv in a streaming step) is the one these calls run: counted, and
+    compared with the float64 loop oracle (float64 and float32 inputs, stride, initial state,
+    bias, activation). Depthwise, narrow, and many-frame calls keep F.conv1d."""
+    from pyencoder.reference import conv as rc
+    real, calls = rc._grouped_matmul, []
+    monkeypatch.setattr(rc, "_grouped_matmul", lambda *a: calls.append(a[-1]) or real(*a))
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
+        for B, C, Co, G, k, s, L in ((1, 48, 48, 3, 40, 1, 4), (3, 16, 24, 2, 16, 2, 9),
+                                     (2, 64, 32, 4, 33, 3, 14)):
+            x = torch.randn(B, C, L, dtype=torch.float64)
+            w = torch.randn(Co, C // G, k, dtype=torch.float64) / k ** 0.5
+            b = torch.randn(Co, dtype=torch.float64)
+            init = torch.randn(B, C, k - s, dtype=torch.float64)
+            n = len(calls)
+            y = causal_conv1d(x.to(dtype), w.to(dtype), b.to(dtype), stride=s, groups=G,
+                              activation="gelu", initial_state=init.to(dtype))
+            assert len(calls) == n + 1 and y.dtype == dtype and y.is_contiguous()
+            ref, _ = naive_causal_conv(x.to(dtype).double(), w.to(dtype).double(),
+                                       b.to(dtype).double(), s, G, "gelu",
+                                       init.to(dtype).double())
+            torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+    n = len(calls)
+    causal_conv1d(torch.randn(1, 16, 4), torch.randn(16, 1, 64), groups=16)      # depthwise
+    causal_conv1d(torch.randn(1, 16, 4), torch.randn(16, 8, 7), groups=2)        # narrow
+    causal_conv1d(torch.randn(1, 16, 40), torch.randn(16, 8, 16), groups=2)      # 40 frames
+    assert len(calls) == n
 
 
 def test_update_with_state_indices_and_padding_slots():
