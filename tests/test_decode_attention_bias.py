@@ -166,7 +166,9 @@ def test_bias_argument_checks():
         decode_attention(*args, rel_bias=rel, gate=gate[:, :, :-1] if M > 1 else gate[:1, :1])
     with pytest.raises(TypeError, match="gate must have a floating dtype"):
         decode_attention(*args, rel_bias=rel, gate=gate.to(torch.int32))
-    with pytest.raises(ValueError, match="must cover the window's relative offsets"):
+    # one column short (a one-offset window leaves no column: the shape check names that first)
+    short = "must cover the window's relative offsets" if r_max > r_min else r"L >= 1; got"
+    with pytest.raises(ValueError, match=short):
         decode_attention(*args, rel_bias=rel[:, :r_max - r_min], rel_offset=r_min)
     with pytest.raises(ValueError, match="must cover the window's relative offsets"):
         decode_attention(*args, rel_bias=torch.zeros(H, r_max - r_min + 1), rel_offset=r_min + 1)
