@@ -177,23 +177,29 @@ def _rope_fn(rope, n, device):
     return lambda x: apply_rope(x, pos, inv, interleaved)
 
 
-def flex_mask_mod(m, n, device):
-    """Flex's mask_mod for interval mask ``m`` over ``n`` keys: visible iff
-    base - lo_off <= key <= base + hi_off, base = (query // block) * block (an unbounded left:
-    lo_off = n + block, never binding). The three parameters are 0-d tensors on ``device``, not
-    Python ints: Dynamo lifts captured tensors into graph inputs, so every mask of one (N, RoPE)
-    traces the same graph and generates the same kernels, and after the first case Inductor's FX
-    graph cache and Triton's cache serve the others (an int would be baked into each case's
-    kernel source: one compile per case, ~12 s of a GPU session's time each). Flex loads the
-    three scalars in its partially masked blocks only."""
-    block, lo_off, hi_off = mask_params(m)
-    blk, lo, hi = (torch.tensor(x, device=device) for x in
-                   (block, lo_off if lo_off >= 0 else n + block, hi_off))
+def flex_interval_mod(q_step, k_step, lo, hi, sink, device):
+    """A Flex mask_mod in the interval form every mask here takes: key j is visible from query i
+    iff base - lo <= j <= base + hi, base = (i // q_step) * k_step, or j < sink. The integers
+    are 0-d tensors on ``device``, not Python ints: Dynamo lifts captured tensors into graph
+    inputs, so every mask of one size traces the same graph and generates the same kernels, and
+    after the first case Inductor's FX graph cache and Triton's cache serve the others (an int
+    would be baked into each case's kernel source: one compile per case, ~12 s of a GPU session's
+    time each). Flex loads the scalars in its partially masked blocks only."""
+    q_step, k_step, lo, hi, sink = (torch.tensor(x, device=device)
+                                    for x in (q_step, k_step, lo, hi, sink))
 
     def mask_mod(b, h, qi, kj):
-        base = (qi // blk) * blk
-        return (kj <= base + hi) & (kj >= base - lo)
+        base = (qi // q_step) * k_step
+        return ((kj >= base - lo) & (kj <= base + hi)) | (kj < sink)
     return mask_mod
+
+
+def flex_mask_mod(m, n, device):
+    """Flex's mask_mod for interval mask ``m`` over ``n`` keys (flex_interval_mod with both steps
+    the mask block; an unbounded left: lo = n + block, never binding)."""
+    block, lo_off, hi_off = mask_params(m)
+    return flex_interval_mod(block, block, lo_off if lo_off >= 0 else n + block, hi_off, 0,
+                             device)
 
 
 def make_provider(name, q, k, v, m, rope, compiler=None):

@@ -52,7 +52,7 @@ import torch
 
 from benchmarks._common import bench, device_slug, env_info, host_graph_fields, write_jsonl
 from benchmarks.bench_attention import (_Compiler, _compiled_checks, CompiledAnchorError,
-                                        record_failure)
+                                        flex_interval_mod, record_failure)
 
 SUITES = ("bias", "sink", "frame")
 SHAPE = ("wavlm-base", 8, 12, 64)
@@ -116,9 +116,8 @@ def mask_mod_for(spec, device="cpu"):
     lo = left_chunks * chunk, hi = chunk - 1 + lookahead;
     frames(q_frame, k_frame, left, right): the query's frame f = i // q_frame starts at key
     f * k_frame; lo = left * k_frame, hi = (right + 1) * k_frame - 1.
-    The integers are 0-d tensors on ``device``: Dynamo lifts them into graph inputs, so every case
-    of one size traces the same graph and shares its kernels through Inductor's and Triton's
-    caches (Python ints, or one mask_mod per kind, would be baked into each case's kernels)."""
+    All kinds share bench_attention.flex_interval_mod (integers as graph inputs), so every case
+    of one size traces the same graph and shares its kernels."""
     kind, *a = spec
     if kind == "band":
         params = (1, 1, a[0], a[1], a[2] if len(a) > 2 else 0)
@@ -128,12 +127,7 @@ def mask_mod_for(spec, device="cpu"):
     else:
         q_frame, k_frame, left, right = a
         params = (q_frame, k_frame, left * k_frame, (right + 1) * k_frame - 1, 0)
-    q_step, k_step, lo, hi, sink = (torch.tensor(x, device=device) for x in params)
-
-    def mod(b, h, qi, kj):
-        base = (qi // q_step) * k_step
-        return ((kj >= base - lo) & (kj <= base + hi)) | (kj < sink)
-    return mod
+    return flex_interval_mod(*params, device)
 
 
 def bias_score_mod(gate, cols, r0):

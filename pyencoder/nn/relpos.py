@@ -184,31 +184,39 @@ _INDEX = {}
 _INDEX_MAX = 32
 
 
+def _may_memo(device):
+    """Whether tensors made now may be kept for later calls: not under torch.compile, not in a
+    CUDA-graph capture (a capture owns what it allocates), not under inference_mode (inference
+    tensors have no version counter, and a later call under autograd could not save them)."""
+    return not (torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
+                or _capturing(device))
+
+
+def _capturing(device):
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _bucket_index(kind, bucket_fn, device, ints, build):
-    key = (kind, bucket_fn, device, ints)
-    if torch.compiler.is_compiling() or (device.type == "cuda"
-                                         and torch.cuda.is_current_stream_capturing()):
+    # a capture must not read a kept tensor either: evicted later, its memory would be freed
+    # under the graph
+    if torch.compiler.is_compiling() or _capturing(device):
         return build()
+    key = (kind, bucket_fn, device, ints)
     try:
         hit = _INDEX.get(key)
     except TypeError:       # an unhashable bucket function
         return build()
     if hit is None:
         hit = build()
-        if torch.is_inference_mode_enabled():   # an inference tensor: a later call under
-            return hit                          # autograd could not save it for backward
-        put(_INDEX, key, hit, _INDEX_MAX)
+        if _may_memo(device):
+            put(_INDEX, key, hit, _INDEX_MAX)
     return hit
 
 
 def _columns_key(table, bucket_fn, ints):
-    if type(table) is not torch.Tensor or table.is_inference() or torch.compiler.is_compiling():
+    if type(table) is not torch.Tensor or table.is_inference() or not _may_memo(table.device):
         return None
-    if torch.is_inference_mode_enabled():   # the columns would be inference tensors: no version
-        return None                         # counter, and never saved for a later backward
     if table.requires_grad and torch.is_grad_enabled():
-        return None
-    if table.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
     key = (id(table), table._version, table.data_ptr(), bucket_fn, ints)
     try:
