@@ -40,6 +40,7 @@ import os
 import statistics
 import sys
 import time
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -136,11 +137,11 @@ def _cpu_streams(model, args, chunk_ms=80, recs=None, base=None):
         print(f"  batch {B}: {ms:.1f} ms per {chunk_ms} ms step")
         return ms
 
-    streams, capped = search_streams(measure, float(chunk_ms), start=1,
-                                     max_batch=args.cpu_max_batch)
+    found = search_streams(measure, float(chunk_ms), start=1, max_batch=args.cpu_max_batch)
     recs.append(dict(base, mode="realtime_streams", chunk_ms=chunk_ms, step_ms=chunk_ms,
-                     streams=streams, capped_at_max_batch=capped, target_streams=None))
-    print(f"concurrent real-time streams at {chunk_ms} ms chunks on this CPU: {streams}")
+                     streams=found.streams, streams_upper=found.upper,
+                     capped_at_max_batch=found.capped, target_streams=None))
+    print(f"concurrent real-time streams at {chunk_ms} ms chunks on this CPU: {found.streams}")
     return recs
 
 
@@ -280,28 +281,48 @@ def _q(ts, f):
     return ts[min(len(ts) - 1, int(f * len(ts)))] if ts else None
 
 
-def search_streams(measure, budget_ms, start=256, max_batch=16384):
+class Search(NamedTuple):
+    """Result of ``search_streams``: ``streams`` fits the budget (0: no batch >= 1 does);
+    ``upper``: the smallest batch measured not to fit (None: none failed), so the answer lies in
+    [streams, upper); ``capped``: max_batch itself fits; ``cut``: the deadline stopped the search
+    before its resolution was reached (``streams`` is then a lower bound only)."""
+    streams: int
+    capped: bool
+    upper: Optional[int]
+    cut: bool
+
+
+def search_streams(measure, budget_ms, start=256, max_batch=16384, resolution=32,
+                   deadline=None):
     """Largest batch B <= max_batch with ``measure(B)`` (ms per step; None = does not fit) within
-    ``budget_ms``: doubling from ``start``, then bisection to 1/32 relative resolution (exact
-    below 32). Returns (streams, capped): capped when max_batch itself passed the doubling;
-    streams is 0 when no batch >= 1 fits the budget."""
+    ``budget_ms``: doubling from ``start``, then bisection until the bracket is at most
+    1/``resolution`` of the batch found (exact below ``resolution``). ``deadline`` (a
+    time.monotonic() value): no measurement starts after it, except the first. Returns a
+    ``Search``."""
     ok = lambda b: (lambda ms: ms is not None and ms <= budget_ms)(measure(b))  # noqa: E731
+    late = lambda: deadline is not None and time.monotonic() >= deadline  # noqa: E731
     lo, hi, B = 0, None, max(1, min(start, max_batch))
+    first = True
     while hi is None:
+        if not first and late():
+            return Search(lo, False, None, True)
+        first = False
         if ok(B):
             lo = B
             if B == max_batch:
-                return lo, True
+                return Search(lo, True, None, False)
             B = min(2 * B, max_batch)
         else:
             hi = B
-    while hi - lo > max(1, lo // 32):
+    while hi - lo > max(1, lo // resolution):
+        if late():
+            return Search(lo, False, hi, True)
         mid = (lo + hi) // 2
         if ok(mid):
             lo = mid
         else:
             hi = mid
-    return lo, False
+    return Search(lo, False, hi, False)
 
 
 def _fits(model, B, dtype, step_frames):
@@ -312,7 +333,85 @@ def _fits(model, B, dtype, step_frames):
     return 1.5 * st.nbytes() + 64 * 2 ** 20 < free
 
 
+# Kernel kinds of a step's profile, first match wins (cuBLAS / CUTLASS GEMMs are named nvjet_*,
+# sm90_xmma_*, cutlass*, *gemm* / *gemv* (+ splitKreduce); pyencoder._C's depthwise conv kernels
+# dw_*; the CPU dry run profiles aten ops, named aten::*).
+KERNEL_KINDS = (
+    ("gemm", r"gemm|gemv|splitk|nvjet|xmma|cutlass|cublas|addmm|aten::mm|aten::bmm|aten::linear"),
+    ("attention", r"decode_attention|interval_attention"),
+    ("ring_write", r"ring_write"),
+    ("conv", r"conv|dw_update|dw_final_state|dw_dweight"),
+    ("norm", r"layer_norm|layernorm"),
+    ("copy", r"copy|index_put|scatter|gather|memcpy|memset|fill|clone"),
+    ("elementwise", r"elementwise|vectorized|unrolled|reduce|gelu|add|mul|remainder"),
+)
+
+
+def kernel_kind(name):
+    import re
+    low = name.lower()
+    for kind, pat in KERNEL_KINDS:
+        if re.search(pat, low):
+            return kind
+    return "other"
+
+
+def profile_step(run, steps, cuda, top=15):
+    """Where one step's device time goes: ``run`` called ``steps`` times under torch.profiler.
+    GPU: the CUDA kernels (device type CUDA entries of key_averages, self device time; kernels
+    replayed by a CUDA graph are reported per kernel by CUPTI); CPU (the dry run): the aten ops'
+    self CPU time, so the code path runs. Returns kernels_per_step, kernel_us_per_step (summed
+    durations: against the step's GPU time, the rest is idle time between kernels), kinds
+    (``KERNEL_KINDS``: us per step each) and the ``top`` entries (name cut to 120 characters,
+    kind, calls_per_step, us_per_step)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            run()
+        if cuda:
+            torch.cuda.synchronize()
+    dev_cuda = getattr(torch.autograd.DeviceType, "CUDA", None)
+    rows = []
+    for e in prof.key_averages():
+        is_dev = getattr(e, "device_type", None) == dev_cuda
+        if cuda != is_dev:
+            continue
+        name = str(getattr(e, "key", "?"))
+        if not cuda and not name.startswith("aten::"):
+            continue
+        us = getattr(e, "self_device_time_total", None) if cuda else None
+        if us is None:
+            us = getattr(e, "self_cuda_time_total" if cuda else "self_cpu_time_total", 0.0)
+        rows.append(dict(name=name[:120], kind=kernel_kind(name),
+                         calls_per_step=int(getattr(e, "count", 0)) / steps,
+                         us_per_step=float(us) / steps))
+    rows.sort(key=lambda r: -r["us_per_step"])
+    kinds = {}
+    for r in rows:
+        kinds[r["kind"]] = kinds.get(r["kind"], 0.0) + r["us_per_step"]
+    return dict(kernels_per_step=sum(r["calls_per_step"] for r in rows),
+                kernel_us_per_step=sum(r["us_per_step"] for r in rows),
+                kinds=dict(sorted(kinds.items(), key=lambda kv: -kv[1])), top=rows[:top])
+
+
+def _print_profile(name, source, prof, gpu_us=None):
+    gap = ""
+    if gpu_us is not None:
+        idle = max(gpu_us - prof["kernel_us_per_step"], 0.0)
+        gap = f" of {gpu_us:.0f} us GPU time per step ({idle:.0f} us idle between kernels)"
+    print(f"[{name}] step profile ({source}): {prof['kernels_per_step']:.0f} kernels, "
+          f"{prof['kernel_us_per_step']:.0f} us of kernels{gap}; by kind: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in prof["kinds"].items()))
+    for r in prof["top"][:8]:
+        print(f"    {r['us_per_step']:8.1f} us {r['calls_per_step']:5.1f}x  {r['kind']:11s} "
+              f"{r['name'][:90]}")
+
+
 def bench_gpu(args, recs=None):
+    """Per mask: batch-1 step latency and its kernel profile first (both masks), then the
+    concurrent-streams searches, which share what is left of ``--max-seconds``."""
+    t_start = time.monotonic()
     dry = args.dry_run
     device = "cpu" if dry else "cuda"
     dtype = torch.bfloat16
@@ -320,6 +419,7 @@ def bench_gpu(args, recs=None):
     masks = list(GPU_MASKS) if args.mask == "both" else [args.mask]
     dims = DRY if dry else dict(layers=args.layers, dim=768, heads=12, ffn=3072, conv_dim=512)
     recs = [] if recs is None else recs    # a JsonlRows writes each row as it is appended
+    built = {}
     for name in masks:
         cfg = GPU_MASKS[name]
         sf = cfg["step_frames"]
@@ -330,6 +430,7 @@ def bench_gpu(args, recs=None):
         base = dict(bench="streaming", dtype="bfloat16", **dims, **cfg, chunk_ms=step_ms_audio,
                     step_ms=step_ms_audio, lookahead_frames=cfg["lookahead"],
                     latency_ms=latency(model).ms, cuda_graph=graph)
+        built[name] = (model, base, sf, step_ms_audio)
         run = StepRunner(model, 1, device, dtype, sf, graph)
         for _ in range(3 if dry else 50):
             run()
@@ -344,7 +445,33 @@ def bench_gpu(args, recs=None):
               f"p99 {rec['p99_ms']:.3f} ms" + ("" if dry else
                                               f"; GPU p50 {rec['gpu_p50_ms']:.3f} ms, "
                                               f"p99 {rec['gpu_p99_ms']:.3f} ms"))
-        del run
+        # where the step's time goes: the replayed graph (what the latency above measured) and
+        # the same step_fixed launched eagerly (each kernel's own duration, no graph)
+        n_prof = 2 if dry else args.profile_steps
+        sources = [("graph", run)] if graph else []
+        eager = StepRunner.__new__(StepRunner)
+        eager.__dict__.update(run.__dict__, graph=None)
+        sources.append(("eager", eager))
+        for source, fn in sources:
+            try:
+                prof = profile_step(fn, n_prof, cuda=not dry)
+            except Exception as e:  # noqa: BLE001 - a profiler failure must not cost the rows
+                recs.append(dict(base, mode="step_profile", batch=1, source=source,
+                                 error=f"{type(e).__name__}: {e}"[:300]))
+                print(f"[{name}] step profile ({source}) failed: {type(e).__name__}: {e}")
+                continue
+            gpu_us = None if dry else rec["gpu_p50_ms"] * 1e3
+            recs.append(dict(base, mode="step_profile", batch=1, source=source, steps=n_prof,
+                             gpu_p50_us=gpu_us, **prof))
+            _print_profile(name, source, prof, gpu_us if source == "graph" else None)
+        del run, eager
+    searches = [m for m in masks if args.max_batch > 0]
+    for i, name in enumerate(searches):
+        model, base, sf, step_ms_audio = built[name]
+        deadline = None
+        if args.max_seconds is not None:
+            left = args.max_seconds - (time.monotonic() - t_start)
+            deadline = time.monotonic() + max(left, 0.0) / (len(searches) - i)
 
         def measure(B):
             if not dry and not _fits(model, B, dtype, sf):
@@ -369,12 +496,17 @@ def bench_gpu(args, recs=None):
             print(f"[{name}] batch {B}: {ms} ms per {step_ms_audio} ms step")
             return ms
 
-        streams, capped = search_streams(measure, float(step_ms_audio),
-                                         start=1 if dry else 256, max_batch=args.max_batch)
-        recs.append(dict(base, mode="realtime_streams", streams=streams, target_streams=2000,
-                         capped_at_max_batch=capped))
-        print(f"[{name}] concurrent real-time streams at {step_ms_audio} ms steps: {streams}"
-              + (" (capped at --max-batch)" if capped else ""))
+        found = search_streams(measure, float(step_ms_audio),
+                               start=1 if dry else args.start_batch, max_batch=args.max_batch,
+                               resolution=args.resolution, deadline=deadline)
+        recs.append(dict(base, mode="realtime_streams", streams=found.streams,
+                         streams_upper=found.upper, search_cut=found.cut,
+                         resolution=args.resolution, target_streams=2000,
+                         capped_at_max_batch=found.capped))
+        print(f"[{name}] concurrent real-time streams at {step_ms_audio} ms steps: "
+              f"{found.streams}" + (" (capped at --max-batch)" if found.capped else "")
+              + (f" (fewer than {found.upper})" if found.upper else "")
+              + (" (search cut by --max-seconds: a lower bound)" if found.cut else ""))
     return recs
 
 
@@ -388,20 +520,33 @@ def main(argv=None):
     ap.add_argument("--mask", choices=("banded", "chunked", "both"), default="both",
                     help="attention masks of the GPU benchmark")
     ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--max-batch", type=int, default=16384)
+    ap.add_argument("--max-batch", type=int, default=16384,
+                    help="largest batch of the concurrent-streams search (0: no search)")
+    ap.add_argument("--start-batch", type=int, default=256,
+                    help="GPU: the search's first batch (doubled until a step misses its time)")
+    ap.add_argument("--resolution", type=int, default=32,
+                    help="GPU: bisect until the bracket is within 1/RESOLUTION of the answer")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="GPU: no search measurement starts after this many seconds of the run "
+                         "(the batch-1 latency and profile always run; the masks' searches "
+                         "share what is left; a cut search reports a lower bound)")
+    ap.add_argument("--profile-steps", type=int, default=20,
+                    help="GPU: steps under torch.profiler per mask and source (graph, eager)")
     ap.add_argument("--cpu-steps", type=int, default=5,
                     help="timed steps per batch in the CPU concurrent-streams search")
     ap.add_argument("--cpu-max-batch", type=int, default=256)
     ap.add_argument("--quick", action="store_true",
                     help="CPU: 2 layers, 1 s of audio, 80 ms chunks only, one cold run per "
                          "measurement, batch 1, a 2 s naive window (seconds, not minutes; "
-                         "records carry quick=true); GPU: 300 steps")
+                         "records carry quick=true); GPU: 300 steps, the search from batch "
+                         "2048 (the target) to 1/8 resolution")
     ap.add_argument("--dry-run", action="store_true",
                     help="run the GPU benchmark's code path on CPU (tiny model, no CUDA graphs, "
                          "3 steps, batches up to 4) and write nothing")
     args = ap.parse_args(argv)
     if args.quick:
         args.seconds, args.reps, args.steps = min(args.seconds, 4.0), 1, min(args.steps, 300)
+        args.start_batch, args.resolution = max(args.start_batch, 2048), min(args.resolution, 8)
         if not (args.gpu or (torch.cuda.is_available() and not args.cpu)):
             args.seconds, args.layers = min(args.seconds, 1.0), min(args.layers, 2)
             args.cpu_max_batch, args.cpu_steps = min(args.cpu_max_batch, 1), min(args.cpu_steps, 2)
