@@ -138,10 +138,23 @@ def streaming(recs):
                          f"p50 {r['p50_ms']:.2f} / p99 {r['p99_ms']:.2f} ms",
                          "", f"target p99 <= {r.get('target_p99_ms')} ms"])
         elif m == "realtime_streams":
+            got = str(r["streams"])
+            if r.get("search_cut"):
+                got = f">= {got} (search cut short)"
+            elif r.get("streams_upper"):
+                got = f"{got} (< {r['streams_upper']})"
             rows.append([f"concurrent real-time streams ({r.get('step_ms', 20)} ms steps"
-                         + (f", {r['mask']} mask)" if r.get("mask") else ")"), str(r["streams"]), "",
+                         + (f", {r['mask']} mask)" if r.get("mask") else ")"), got, "",
                          f"target >= {r['target_streams']}" if r.get("target_streams") else
                          "largest batch whose step fits the chunk"])
+        elif m == "step_profile" and r.get("kinds") is not None:
+            kinds = ", ".join(f"{k} {v:.0f}" for k, v in list(r["kinds"].items())[:4])
+            gpu = r.get("gpu_p50_us")
+            rows.append([f"step kernels, batch 1, {r.get('source')}"
+                         + (f", {r['mask']} mask" if r.get("mask") else ""),
+                         f"{r['kernels_per_step']:.0f} kernels, {r['kernel_us_per_step']:.0f} us"
+                         + (f" of {gpu:.0f} us" if gpu and r.get("source") == "graph" else ""),
+                         "", f"us by kind: {kinds}"])
     r0 = recs[0]
     return (f"wav2vec2-base-sized stack ({r0.get('layers')} layers, {r0.get('dim')} dim, "
             f"{r0.get('heads')} heads, left={r0.get('left')}, {r0.get('lookahead_frames')} frames "

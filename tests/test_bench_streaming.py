@@ -177,3 +177,28 @@ def test_profile_step_sums_device_kernels_per_step(monkeypatch):
     assert [r["name"] for r in prof["top"]] == ["nvjet_tst_64x8_64x16_4x1_v_bz_TNN",
                                                "_decode_attention_fwd_kernel"]
     assert prof["top"][1]["calls_per_step"] == 12.0 and prof["top"][1]["us_per_step"] == 60.0
+
+
+def test_readme_streaming_rows():
+    """The README's streaming table shows a cut search as a lower bound, a finished one with its
+    bracket, and the step profile's kernels and kinds (graph rows against the GPU step time)."""
+    from benchmarks.readme import streaming
+    base = dict(bench="streaming", layers=12, dim=768, heads=12, left=250, lookahead_frames=3,
+                dtype="bfloat16", mask="chunked", step_ms=80)
+    text = streaming([
+        dict(base, mode="step_latency", p50_ms=2.05, p99_ms=2.15, target_p99_ms=2.0),
+        dict(base, mode="realtime_streams", streams=5120, streams_upper=5632, search_cut=False,
+             target_streams=2000),
+        dict(base, mode="realtime_streams", streams=2048, streams_upper=None, search_cut=True,
+             target_streams=2000),
+        dict(base, mode="step_profile", source="graph", kernels_per_step=224.0,
+             kernel_us_per_step=1432.4, gpu_p50_us=1994.0,
+             kinds={"gemm": 800.0, "conv": 300.0, "attention": 200.0, "copy": 100.0,
+                    "other": 32.4}),
+        dict(base, mode="step_profile", source="eager", error="RuntimeError: x"),
+    ])
+    assert "5120 (< 5632)" in text and ">= 2048 (search cut short)" in text
+    assert "step kernels, batch 1, graph, chunked mask" in text
+    assert "224 kernels, 1432 us of 1994 us" in text
+    assert "gemm 800, conv 300, attention 200, copy 100" in text and "other 32" not in text
+    assert "eager" not in text     # a failed profile has no row
