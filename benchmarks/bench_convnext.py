@@ -11,7 +11,9 @@ Providers (GPU)
 - composed: ConvNeXtBlock's unfused path, pyencoder.ops.causal_conv1d (auto backend) + transpose
   + F.layer_norm (its input is the conv's channel-last output).
 - composed-fwd+bwd / fused-fwd+bwd: forward and backward of the sum of the output.
-Shapes: B = 8, C in {512, 768, 1024}, L in {2048, 16384}, k = 7, bf16 and fp32.
+Shapes: B = 8, C in {512, 768, 1024}, L in {2048, 16384}, k = 7, bf16 and fp32; then (GPU, first
+dtype) streaming steps, mode "step": B in {1, 256} streams of L = 4 new frames, C = 768, the conv
+state in and out (``STEP_SHAPES``), where launches rather than bytes set the time.
 
 Records: median/p20/p80 ms, GB/s of compulsory traffic (x read + y written + the parameters;
 fwd only) against the measured device copy bandwidth (``copy_bw_gbs``, ``frac_of_copy``), and
@@ -48,6 +50,23 @@ def _composed(x, w, cb, g, b):
     from pyencoder.ops import causal_conv1d
     h = causal_conv1d(x, w, cb, groups=x.shape[1])
     return F.layer_norm(h.transpose(1, 2), (x.shape[1],), g, b, 1e-6)
+
+
+def _composed_step(x, w, cb, g, b, s):
+    from pyencoder.ops import causal_conv1d
+    h, fin = causal_conv1d(x, w, cb, groups=x.shape[1], initial_state=s, return_final_state=True)
+    return F.layer_norm(h.transpose(1, 2), (x.shape[1],), g, b, 1e-6), fin
+
+
+def _fused_step(x, w, cb, g, b, s):
+    from pyencoder.ops import convnext_dwconv_ln
+    return convnext_dwconv_ln(x, w, cb, g, b, eps=1e-6, initial_state=s, return_final_state=True,
+                              backend="triton")
+
+
+# streaming steps of a decoder block (a few frames with the conv state in and out): launch-bound
+# sizes, where one fused launch instead of the composed ops' two to three could win
+STEP_SHAPES = ((1, 768, 4), (256, 768, 4))
 
 
 def _fused(backend):
@@ -139,6 +158,39 @@ def run(args):
                               if "speedup_vs_composed" in rec else "")
                         print(f"{name:22s} {mode:8s} C={C:5d} L={L:6d} {rec['dtype']:9s} "
                               f"{t['median_ms']:.4f} ms{extra}{sp}", flush=True)
+    if gpu:
+        _steps(dtypes[:1], warmup, rep, records)
+    return records
+
+
+def _steps(dtypes, warmup, rep, records, shapes=STEP_SHAPES, dev="cuda"):
+    """Streaming-step rows (mode "step": B streams, L new frames each, the conv state read and
+    the final state written): composed vs fused forward."""
+    K = 7
+    for dtype in dtypes:
+        for B, C, L in shapes:
+            a = _inputs(B, C, L, K, dtype, dev)
+            s = torch.randn(B, C, K - 1, device=dev, dtype=dtype)
+            base_ms = None
+            for name, f in (("composed", _composed_step), ("fused", _fused_step)):
+                rec = dict(bench="convnext", provider=name, mode="step", B=B, C=C, L=L, k=K,
+                           dtype=str(dtype).replace("torch.", ""))
+                try:
+                    t = bench(lambda f=f: f(*a, s), warmup=warmup, rep=rep)
+                except Exception as e:  # one failing provider must not stop the sweep
+                    rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    records.append(rec)
+                    print(f"{name:22s} step     B={B} C={C} L={L}: {rec['error']}")
+                    continue
+                rec.update(t)
+                if name == "composed":
+                    base_ms = t["median_ms"]
+                elif base_ms:
+                    rec["speedup_vs_composed"] = base_ms / t["median_ms"]
+                records.append(rec)
+                sp = f"  x{rec['speedup_vs_composed']:.2f}" if "speedup_vs_composed" in rec else ""
+                print(f"{name:22s} step     B={B:4d} C={C:5d} L={L:6d} {rec['dtype']:9s} "
+                      f"{t['median_ms']:.4f} ms{sp}", flush=True)
     return records
 
 

@@ -55,20 +55,29 @@ def offline(args, device, dtype, recs=None):
     import pyencoder.hf as H
     base = make_model(dtype, device, args.layers)
     x = torch.randn(args.batch, int(args.seconds * SR), device=device, dtype=dtype)
-    providers = {}
-    for impl in ("eager", "sdpa"):
+
+    def patched():
         m = copy.deepcopy(base)
-        m.set_attn_implementation(impl)
-        providers[f"hf-{impl}"] = m
-    pat = copy.deepcopy(base)
-    H.apply_pyencoder_to_wav2vec2(pat, lookahead_frames=RIGHT, left_frames=LEFT, rope=True,
-                                  pos_conv="causal", group_norm="running")
-    providers["pyencoder"] = pat
-    del base
+        H.apply_pyencoder_to_wav2vec2(m, lookahead_frames=RIGHT, left_frames=LEFT, rope=True,
+                                      pos_conv="causal", group_norm="running")
+        return m
+
+    def unpatched(impl):
+        def make():
+            m = copy.deepcopy(base)
+            m.set_attn_implementation(impl)
+            return m
+        return make
+
+    # most valuable first (a run cut by its time box keeps the rows it wrote): ours, then the
+    # anchor it is compared with, then eager; each model built only when its turn comes
+    providers = {"pyencoder": patched, "hf-sdpa": unpatched("sdpa"),
+                 "hf-eager": unpatched("eager")}
     recs = [] if recs is None else recs
-    for name, m in providers.items():
+    for name, make in providers.items():
         if args.providers and name not in args.providers:
             continue
+        m = make()
 
         def fn(m=m):
             with torch.inference_mode():
@@ -87,9 +96,10 @@ def offline(args, device, dtype, recs=None):
                    peak_mem_bytes=mem, **t)
         if t["median_ms"]:
             rec["x_realtime"] = args.seconds * args.batch / (t["median_ms"] / 1e3)
-        print(f"{name:10s} {t['median_ms']} ms  peak {mem}")
+        print(f"{name:10s} {t['median_ms']} ms  peak {mem}", flush=True)
         recs.append(rec)
-        providers[name] = None
+        del m, fn
+    del base
     return recs
 
 

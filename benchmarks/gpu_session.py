@@ -40,8 +40,9 @@ Stages, in order of value (name: timeout in s on a GPU):
      checked against the float32 reference before it is timed);
   7. attention (70): `pytest -m gpu_quick` on the attention tests, bf16 first (the bf16 ids run
      before the rest), with pytest-xdist (-n 16) when installed;
-  8. convnext_hf (50): `pytest -m gpu_quick` on the fused ConvNeXt and model tests, bench_convnext
-     --quick, bench_hf --quick (the HF patch offline vs transformers' SDPA and eager);
+  8. convnext_hf (50): `pytest -m gpu_quick` on the fused ConvNeXt and model tests, bench_hf
+     --quick (the HF patch offline vs transformers' SDPA and eager, in that order), bench_convnext
+     --quick (fused vs composed, offline and streaming steps);
   9. rest (what is left): `pytest -m "gpu and not gpu_quick"`.
 (Benchmarks first: on the first GPU call the tests mostly passed while no benchmark row was
 written; benchmarks/GPU_SESSION.md.)
@@ -332,9 +333,12 @@ def plan_streaming(ctx):
 def plan_convnext_hf(ctx):
     hf = ["--quick"] if not ctx["dry"] else ["--seconds", "1", "--steps", "2", "--warm-seconds",
                                              "0.2", "--providers", "pyencoder"]
+    # bench_hf before bench_convnext: the HF patch has never been timed on a GPU (the
+    # c446fb01b9e0 call cut it after 9.6 s, before its first row), while bench_convnext's rows
+    # already decided ConvNeXtBlock's default (composed); bench_hf runs ours, then SDPA, then eager
     return [("pytest", _pytest("gpu_quick", CONVNEXT_TESTS, ctx, "convnext.xml"), {}),
-            ("bench-convnext", _py("-m", "benchmarks.bench_convnext", "--quick"), {}),
-            ("bench-hf", _py("-m", "benchmarks.bench_hf", *hf), {})]
+            ("bench-hf", _py("-m", "benchmarks.bench_hf", *hf), {}),
+            ("bench-convnext", _py("-m", "benchmarks.bench_convnext", "--quick"), {})]
 
 
 def plan_attention_ext(ctx):

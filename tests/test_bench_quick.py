@@ -208,3 +208,22 @@ def test_conv_row_provider_sets_the_flag_around_each_call(monkeypatch):
     assert "depthwise forward" in fake("pyencoder-cuda-row", x, torch.randn(4, 4, 3), None, 1,
                                        1)
     assert "depthwise forward" in fake("pyencoder-cuda-row", x, w, None, 1, 4, True)
+
+
+def test_convnext_step_rows(monkeypatch):
+    """bench_convnext's streaming-step providers compute the same thing (y and the final state),
+    and _steps writes a composed and a fused row with its speedup (Triton interpreter)."""
+    import torch
+    from benchmarks import bench_convnext as bc
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    a = bc._inputs(2, 16, 4, 7, torch.float32, "cpu")
+    s = torch.randn(2, 16, 6)
+    y0, f0 = bc._composed_step(*a, s)
+    y1, f1 = bc._fused_step(*a, s)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(f1, f0, rtol=0, atol=0)
+    rows = bc._steps([torch.float32], 1, 1, [], shapes=((1, 16, 4),), dev="cpu")
+    assert [(r["provider"], r["mode"], r["B"], r["L"]) for r in rows] == \
+        [("composed", "step", 1, 4), ("fused", "step", 1, 4)]
+    assert all("error" not in r and r["median_ms"] > 0 for r in rows)
+    assert rows[1]["speedup_vs_composed"] == rows[0]["median_ms"] / rows[1]["median_ms"]
