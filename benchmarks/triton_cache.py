@@ -19,7 +19,9 @@ build:
   1. capture (one subprocess): the tier's tests (default the gpu_quick tests of the session's
      stage files, autotuner pinned as the session runs it), then the attention_table stage's
      pyencoder-triton cases (bench_attention.make_provider at wav2vec2-base, bf16, every N, mask
-     and RoPE setting; --no-bench leaves them out) run as in tests/_count_compiles.py (CPU
+     and RoPE setting) and the other benchmark stages' Triton launches at their GPU shapes
+     (bench_conv / bench_convnext --quick, bench_streaming's step_fixed: _bench_stage_launches;
+     --no-bench leaves all of these out) run as in tests/_count_compiles.py (CPU
      tensors stand in for CUDA ones, the sm90 row of the attention tile table), but every launch
      goes through Triton's own JITFunction.run with a driver that reports GPUTarget("cuda", 90, 32):
      the JIT binds and specialises the arguments with the CUDA backend and reaches _do_compile
@@ -705,6 +707,10 @@ def capture_requests(tier, pytest_args, autotune=False, target=TARGET, bench=Tru
         with cc._cuda_to_cpu_mode():
             _bench_attention_launches(rec, cap.failed)
         res["bench_attention_compiles"] = len(cap.requests) - n0
+        n1 = len(cap.requests)
+        with cc._cuda_to_cpu_mode():
+            _bench_stage_launches(rec, cap.failed)
+        res["bench_stage_compiles"] = len(cap.requests) - n1
     return list(cap.requests.values()), res, cap.failed
 
 
@@ -762,6 +768,66 @@ def _bench_attention_launches(rec, failed):
             os.environ["PYENCODER_TRITON_AUTOTUNE"] = old
 
 
+def _bench_stage_launches(rec, failed):
+    """The Triton launches of the session's other benchmarks at the shapes their GPU stage runs,
+    which the tests' shapes do not cover (the c446fb01b9e0 call compiled 16 of our kernels in
+    the conv stage, 14 in convnext_hf, 3 in streaming): bench_conv --quick's pyencoder-triton
+    provider (every suite, forward and forward+backward), bench_convnext --quick's fused provider
+    (offline and the streaming steps) and bench_streaming's ``step_fixed`` per mask at batch 1
+    and at a batch of 16 (the streams search's batches are multiples of 256: the same
+    specialisation), through the benchmarks' own case code with their timers replaced by one
+    call (launches only, inside capture_requests' patches)."""
+    import types
+
+    import torch
+
+    from benchmarks import bench_conv as bconv
+    from benchmarks import bench_convnext as bcx
+    from benchmarks import bench_streaming as bs
+
+    def once(fn, *a, **k):
+        fn()
+        return {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0}
+    saved = [(m, n, getattr(m, n)) for m, n in (
+        (bconv, "bench"), (bconv, "host_graph_fields"), (bconv, "copy_bandwidth_gbs"),
+        (bcx, "bench"), (bcx, "copy_bandwidth_gbs"), (bcx, "_composed"), (bcx, "_composed_step"))]
+    bconv.bench, bcx.bench = once, once
+    bconv.host_graph_fields = lambda *a, **k: {}
+    bconv.copy_bandwidth_gbs = bcx.copy_bandwidth_gbs = lambda *a, **k: 1.0
+    bcx._composed = bcx._composed_step = lambda *a: None    # cuDNN / the cuda conv on the device
+
+    def attempt(label, fn):
+        rec.test = label
+        try:
+            fn()
+        except Exception as e:  # reported in build_info.json's failed list
+            failed.append({"kernel": label, "error": f"{type(e).__name__}: {e}"[:500]})
+    try:
+        attempt("bench_conv --quick (pyencoder-triton)", lambda: bconv.run(types.SimpleNamespace(
+            quick=True, providers=["pyencoder-triton"], suites=None, dtype="float16",
+            no_write=True, max_seconds=None)))
+        attempt("bench_convnext --quick (fused)", lambda: bcx.run(types.SimpleNamespace(
+            quick=True, dtypes=["bfloat16", "float32"], tiles=None, no_write=True)))
+    finally:
+        for m, n, v in saved:
+            setattr(m, n, v)
+    import pyencoder
+    for name, cfg in bs.GPU_MASKS.items():
+        for B in (1, 16):
+            def step(cfg=cfg, B=B):
+                torch.manual_seed(0)
+                model = bs.build(layers=2, dim=768, heads=12, ffn=3072, conv_dim=512,
+                                 **{k: v for k, v in cfg.items() if k != "step_frames"})
+                model = model.to(torch.bfloat16)
+                # the stack's convs are dense and strided: cuDNN through the cuda backend on the
+                # device (no Triton), the triton backend here, where pyencoder._C is not loaded
+                with pyencoder.use_backend(conv="reference"):
+                    run = bs.StepRunner(model, B, "cuda", torch.bfloat16, cfg["step_frames"],
+                                        graph=False)
+                    run()
+            attempt(f"bench_streaming step_fixed {name} batch {B}", step)
+
+
 class _Miss(Exception):
     pass
 
@@ -806,6 +872,7 @@ def replay(cache_dir, tier, pytest_args, autotune=False, target=TARGET, bench=Tr
     if bench:
         with cc._cuda_to_cpu_mode():
             _bench_attention_launches(rec, [])
+            _bench_stage_launches(rec, [])
     return {"hits": len(loaded), "misses": dict(sorted(misses.items())), "missed_in": where}
 
 

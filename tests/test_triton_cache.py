@@ -191,3 +191,63 @@ def test_bad_jobs_is_refused_naming_the_knob(capsys):
         tc.main(["build", "--jobs", "0"])
     assert e.value.code == 2
     assert "--jobs (GPU_PREP_JOBS) must be >= 1; got 0" in capsys.readouterr().err
+
+
+_STAGE_DRIVER = r"""
+import collections, json, os, sys
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
+from benchmarks import triton_cache as tc
+import _count_compiles as cc
+from triton.runtime.jit import JITFunction
+cc.prepare(False, "sm90")
+real_run = JITFunction.run
+cap = tc.CompileCapture()
+
+
+class Recorder(cc._Recorder):
+    def install(self):
+        super().install()
+        record = JITFunction.run
+
+        def run(fn, *args, grid, warmup, **kwargs):
+            record(fn, *args, grid=grid, warmup=warmup, **kwargs)
+            return real_run(fn, *args, grid=grid, warmup=True, **kwargs)
+        JITFunction.run = run
+        tc.use_target(tc.TARGET)
+        cap.install()
+
+
+rec = Recorder()
+rec.install()
+failed = []
+with cc._cuda_to_cpu_mode():
+    tc._bench_stage_launches(rec, failed)
+names = collections.Counter(r["name"] for r in cap.requests.values())
+print(json.dumps({"names": names, "failed": failed}))
+"""
+
+
+@needs_triton
+def test_bench_stage_launches_are_captured(tmp_path):
+    """The build captures the Triton launches of bench_conv / bench_convnext --quick and of
+    bench_streaming's step_fixed at their GPU shapes: every kernel the c446fb01b9e0 call compiled
+    in those stages (conv: 16 of ours, all bench_conv's; streaming: the decode kernel) plus the
+    fused ring write and the fused ConvNeXt kernel, with no case failing; the stack's strided
+    dense convs (cuDNN on the device) add no Triton conv."""
+    (tmp_path / "drive.py").write_text(_STAGE_DRIVER)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    p = subprocess.run([sys.executable, str(tmp_path / "drive.py"), ROOT], env=env,
+                       capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stderr[-4000:]
+    out = json.loads(p.stdout.splitlines()[-1])
+    assert out["failed"] == []
+    names = out["names"]
+    conv_c446 = {"_causal_conv1d_state_fwd_kernel": 7, "_causal_conv1d_grp_fwd_kernel": 4,
+                 "_causal_conv1d_dw_fwd_kernel": 2, "_causal_conv1d_state_scatter_kernel": 1,
+                 "_causal_conv1d_grp_bwd_dx_kernel": 1, "_causal_conv1d_grp_bwd_dw_kernel": 1}
+    for k, n in conv_c446.items():
+        assert names.get(k, 0) >= n, (k, names)
+    assert names.get("_decode_attention_fwd_kernel", 0) >= 3
+    assert names.get("_ring_write_kernel", 0) >= 1
+    assert names.get("_convnext_dwconv_ln_fwd_kernel", 0) >= 2
