@@ -1,7 +1,7 @@
 """Causal conv1d benchmark: pyencoder backends against cuDNN, causal-conv1d and the reference.
 
     python -m benchmarks.bench_conv [--quick] [--providers NAME ...] [--suites NAME ...] [--no-write]
-                                    [--max-seconds S]
+                                    [--max-seconds S] [--layouts cf cl] [--grp-tiles]
 
 Suites
 - depthwise: B=8, C in {512, 768, 1024, 2048}, L in {256, 2048, 16384}, widths {2, 4, 7, 31, 128},
@@ -11,7 +11,11 @@ Suites
   (F.conv1d with left padding, groups=C; labelled torch-conv1d on a CPU, where it is not cuDNN), causal-conv1d (widths 2..4, when installed),
   reference.
 - grouped: wav2vec2 positional conv, B=8, L in {512, 2048}, (C, groups, k) = (768, 16, 128) and
-  (1024, 16, 128); forward and forward+backward. Providers: pyencoder-triton, cudnn, reference.
+  (1024, 16, 128); forward and forward+backward. Providers: pyencoder-triton, cudnn, reference;
+  rows carry ``layout``: x channel-first ("cf", the default) or, with ``--layouts cl``, channel-last
+  (a (B, L, C) tensor transposed: what a model's (B, T, C) hidden states give the positional
+  conv). ``--grp-tiles``: the forward also at the implicit-GEMM tiles of GRP_TILES
+  (providers pyencoder-triton-grp*: PYENCODER_CONV_GRP_TILE set around each call).
 - strided: feature-extractor convs, C=512 out, (k, stride) in {(10, 5), (3, 2), (2, 2)}, forward;
   k=10 takes the waveform (C_in=1, wav2vec2's first conv), the others C_in=C (rows carry C_in).
 - update: one new frame for B in {1, 64, 512} streams, C=1024, widths {4, 31}.
@@ -54,6 +58,14 @@ SUITES = ("depthwise", "grouped", "strided", "update")
 # too, first, for the three providers the target compares.
 QUICK_DEPTHWISE_LS = (16384, 2048)
 QUICK_LONG_PROVIDERS = ("pyencoder-cuda", ROW_PROVIDER, "pyencoder-triton", "cudnn")
+# --grp-tiles: the grouped suite's forward also runs pyencoder-triton at these implicit-GEMM tiles
+# (PYENCODER_CONV_GRP_TILE = BLOCK_T,BLOCK_R,WARPS,STAGES; the default is 64,64,4,3). sm_90
+# ptxas (fp16, C=768, 16 groups, k=128): default 102 registers / 32 KiB shared; 128,64,8,3 99 /
+# 40 KiB; 256,64,8,3 176 / 56 KiB; 128,32,4,4 168 / 24 KiB; none spills. The x tile is gathered
+# with 2-byte loads in every one (its rows are (channel, tap) pairs at odd offsets).
+GRP_TILES = (("pyencoder-triton-grp128x64w8s3", "128,64,8,3"),
+             ("pyencoder-triton-grp256x64w8s3", "256,64,8,3"),
+             ("pyencoder-triton-grp128x32w4s4", "128,32,4,4"))
 
 
 def _cudnn_fwd(x, w, b, stride, groups):
@@ -71,6 +83,18 @@ def _causal_conv1d_fn():
 def _provider_fn(name, x, w, b, stride, groups, bwd=False):
     """A zero-argument callable, or a string saying why the provider cannot run."""
     from pyencoder.ops import causal_conv1d
+    tile = dict(GRP_TILES).get(name)
+    if tile is not None:
+        if groups == x.shape[1] or bwd:
+            return "the tile override is the grouped / dense forward's (PYENCODER_CONV_GRP_TILE)"
+        base = _provider_fn("pyencoder-triton", x, w, b, stride, groups)
+        if isinstance(base, str):
+            return base
+
+        def tiled():
+            with temp_env(PYENCODER_CONV_GRP_TILE=tile):   # read by the launcher at each call
+                return base()
+        return tiled
     if name == ROW_PROVIDER:
         if groups != x.shape[1] or stride != 1 or bwd:
             return "the row kernel is the depthwise forward (PYENCODER_CONV_ROW=1)"
@@ -175,7 +199,7 @@ def run(args):
             f"{ms:.4f} ms  {rec['gb_per_s']:.0f} GB/s ({100 * (rec['frac_of_copy'] or 0):.0f}% copy)"
             + host_graph_text(rec))
         shape = " ".join(f"{k}={rec[k]}" for k in ("B", "C_in", "C", "L", "k", "groups", "stride",
-                                                   "mode") if k in rec)
+                                                   "mode", "layout") if k in rec)
         print(f"{rec['suite']:9s} {rec['provider']:17s} {shape:50s} {tail}", flush=True)
 
     if "depthwise" in suites:
@@ -251,28 +275,42 @@ def run(args):
         cfgs = ((768, 16, 128), (1024, 16, 128)) if gpu else ((64, 4, 16),)
         Ls = ((512, 2048) if not args.quick else (2048,)) if gpu else (64,)
         B = 8 if gpu else 2
+        layouts = getattr(args, "layouts", None) or ("cf",)
+        tiles = [name for name, _ in GRP_TILES] \
+            if getattr(args, "grp_tiles", False) and "pyencoder-triton" in providers else []
         for C, G, k in cfgs:
             for L in Ls:
-                if out_of_time():
-                    return records
-                x = torch.randn(B, C, L, device=dev, dtype=dtype)
-                w = torch.randn(C, C // G, k, device=dev, dtype=dtype) / (C // G * k) ** 0.5
-                b = torch.randn(C, device=dev, dtype=dtype)
-                flops = 2 * B * C * L * (C // G) * k
-                for mode in ("fwd", "fwd+bwd"):
-                    for prov in providers:
-                        fn = _provider_fn(prov, x, w, b, 1, G, bwd=mode != "fwd")
-                        rec = _record("grouped", prov, dict(B=B, C=C, L=L, k=k, groups=G,
-                                                            stride=1, mode=mode),
-                                      dtype, fn, _bytes(x, w, B * C * L), copy_bw, warmup, rep)
-                        if "median_ms" in rec:
-                            mult = 1 if mode == "fwd" else 3
-                            rec["tflops"] = mult * flops / (rec["median_ms"] * 1e-3) / 1e12
-                        emit(rec)
+                for layout in layouts:
+                    if out_of_time():
+                        return records
+                    # "cl": channel-last memory, x a (B, L, C) tensor transposed, as a model's
+                    # (B, T, C) hidden states reach wav2vec2's positional conv
+                    x = torch.randn(B, C, L, device=dev, dtype=dtype) if layout == "cf" else \
+                        torch.randn(B, L, C, device=dev, dtype=dtype).transpose(1, 2)
+                    w = torch.randn(C, C // G, k, device=dev, dtype=dtype) / (C // G * k) ** 0.5
+                    b = torch.randn(C, device=dev, dtype=dtype)
+                    _grouped_rows(emit, providers, tiles, x, w, b, G, layout, dtype, copy_bw,
+                                  warmup, rep)
     return records
 
 
-def main(argv=None):
+def _grouped_rows(emit, providers, tiles, x, w, b, G, layout, dtype, copy_bw, warmup, rep):
+    B, C, L = x.shape
+    k = w.shape[-1]
+    flops = 2 * B * C * L * (C // G) * k
+    for mode in ("fwd", "fwd+bwd"):
+        for prov in list(providers) + (tiles if mode == "fwd" else []):
+            fn = _provider_fn(prov, x, w, b, 1, G, bwd=mode != "fwd")
+            rec = _record("grouped", prov, dict(B=B, C=C, L=L, k=k, groups=G, stride=1,
+                                                mode=mode, layout=layout),
+                          dtype, fn, _bytes(x, w, B * C * L), copy_bw, warmup, rep)
+            if "median_ms" in rec:
+                mult = 1 if mode == "fwd" else 3
+                rec["tflops"] = mult * flops / (rec["median_ms"] * 1e-3) / 1e12
+            emit(rec)
+
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a small subset")
     p.add_argument("--providers", nargs="*", default=None,
@@ -283,7 +321,18 @@ def main(argv=None):
     p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="start no new case after this many seconds (the first always runs)")
-    args = p.parse_args(argv)
+    p.add_argument("--layouts", nargs="*", default=None, choices=("cf", "cl"),
+                   help="grouped suite: x channel-first (cf, default) and / or channel-last (cl: "
+                        "a (B, L, C) tensor transposed, as a model's hidden states reach the "
+                        "positional conv)")
+    p.add_argument("--grp-tiles", action="store_true",
+                   help="grouped suite: also pyencoder-triton's forward at the GRP_TILES tiles "
+                        "(PYENCODER_CONV_GRP_TILE)")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     print(f"device: {device_slug()}  env: {env_info().get('device_name')}")
     records = run(args)
     if not args.no_write:

@@ -32,7 +32,8 @@ Stages, in order of value (name: timeout in s on a GPU):
      `pytest -m gpu_quick` on the decode kernel, fused ring write and CUDA-graph step tests;
   5. conv (40): bench_conv --quick --max-seconds 14 (depthwise L=16384 then 2048 vs
      F.conv1d(groups=C), strided, update, grouped), then `pytest -m gpu_quick` on
-     tests/test_conv_cudnn_path.py and tests/test_conv_gpu.py;
+     tests/test_conv_cudnn_path.py and tests/test_conv_gpu.py, then with what is left the grouped
+     conv's tile / layout A/B (CONV_GRP_AB_ARGS);
   6. attention_ext (55): bench_attention_ext, one process per suite (bias, sink, frame; each
      stops starting cases after its --max-seconds share and appends its JSON lines after every
      case): the fused WavLM relative bias vs Flex's score_mod and the plain-torch path, sink keys
@@ -110,6 +111,12 @@ STREAMING_TESTS = ["tests/test_streaming_decode_triton.py", "tests/test_streamin
 STREAM_BENCH_MAX_S = 20
 CONV_TESTS = ["tests/test_conv_cudnn_path.py", "tests/test_conv_gpu.py"]
 CONV_BENCH_MAX_S = 14   # no new bench_conv case after this (the case running then finishes)
+# The conv stage's last command, with what the stage has left: the positional conv's forward at
+# the implicit-GEMM tile candidates (bench_conv.GRP_TILES) and in the layout a model gives it
+# (channel-last), beside cuDNN. On the H100 the default tile ran C=768 at 7.3x cuDNN but C=1024 at
+# 0.68x, and channel-last input was never timed. The Triton cache build captures these launches.
+CONV_GRP_AB_ARGS = ["--quick", "--suites", "grouped", "--layouts", "cl", "cf", "--grp-tiles",
+                    "--providers", "pyencoder-triton", "cudnn"]
 CONVNEXT_TESTS = ["tests/test_convnext_fused.py", "tests/test_models.py"]
 BF16_K = "bfloat16 or long_sequences or deterministic_bitwise"   # the attention tests in bf16
 ATTENTION_TABLE_NS = ("1500", "3000")     # the attention_table stage's N (12000: a second call)
@@ -316,8 +323,12 @@ def plan_conv(ctx):
     # and --max-seconds CONV_BENCH_MAX_S starts no case after that. The cudnn-kind tests first.
     bench = ["--quick", "--max-seconds", str(CONV_BENCH_MAX_S)] if not ctx["dry"] else \
         ["--quick", "--suites", "depthwise", "update"]
+    ab = CONV_GRP_AB_ARGS if not ctx["dry"] else \
+        ["--suites", "grouped", "--layouts", "cf", "cl", "--grp-tiles", "--providers",
+         "torch-conv1d"]
     return [("bench-conv", _py("-m", "benchmarks.bench_conv", *bench), {}),
-            ("pytest", _pytest("gpu_quick", CONV_TESTS, ctx, "conv.xml"), {})]
+            ("pytest", _pytest("gpu_quick", CONV_TESTS, ctx, "conv.xml"), {}),
+            ("bench-conv-grouped-ab", _py("-m", "benchmarks.bench_conv", *ab), {})]
 
 
 def plan_streaming(ctx):

@@ -772,7 +772,8 @@ def _bench_stage_launches(rec, failed):
     """The Triton launches of the session's other benchmarks at the shapes their GPU stage runs,
     which the tests' shapes do not cover (the c446fb01b9e0 call compiled 16 of our kernels in
     the conv stage, 14 in convnext_hf, 3 in streaming): bench_conv --quick's pyencoder-triton
-    provider (every suite, forward and forward+backward), bench_convnext --quick's fused provider
+    provider (every suite, forward and forward+backward) and the conv stage's grouped A/B
+    (gpu_session.CONV_GRP_AB_ARGS: its tile providers), bench_convnext --quick's fused provider
     (offline and the streaming steps) and bench_streaming's ``step_fixed`` per mask at batch 1
     and at a batch of 16 (the streams search's batches are multiples of 256: the same
     specialisation), through the benchmarks' own case code with their timers replaced by one
@@ -803,9 +804,14 @@ def _bench_stage_launches(rec, failed):
         except Exception as e:  # reported in build_info.json's failed list
             failed.append({"kernel": label, "error": f"{type(e).__name__}: {e}"[:500]})
     try:
-        attempt("bench_conv --quick (pyencoder-triton)", lambda: bconv.run(types.SimpleNamespace(
-            quick=True, providers=["pyencoder-triton"], suites=None, dtype="float16",
-            no_write=True, max_seconds=None)))
+        from benchmarks import gpu_session as gs
+        for label, argv in (("bench_conv --quick", ["--quick"]),
+                            ("bench_conv grouped A/B", gs.CONV_GRP_AB_ARGS)):
+            args = bconv.parser().parse_args(argv)
+            args.providers = [p for p in (args.providers or bconv.PROVIDERS)
+                              if p == "pyencoder-triton"]
+            args.no_write, args.max_seconds = True, None
+            attempt(f"{label} (pyencoder-triton)", lambda args=args: bconv.run(args))
         attempt("bench_convnext --quick (fused)", lambda: bcx.run(types.SimpleNamespace(
             quick=True, dtypes=["bfloat16", "float32"], tiles=None, no_write=True)))
     finally:

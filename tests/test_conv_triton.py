@@ -188,3 +188,30 @@ def test_opcheck_triton_backend():
     s0 = torch.randn(2, 4, 4, device=dev, requires_grad=True)
     torch.library.opcheck(torch.ops.pyencoder.causal_conv1d.default,
                           (x, w, b, s0, 1, 4, "silu", "triton"))
+
+
+@pytest.mark.parametrize("tile", ["16,16,2,2", "32,32,4,1", "128,64,8,3", "512,256,16,8"])
+@pytest.mark.parametrize("case", [(2, 8, 8, 37, 5, 1, 2), (1, 6, 12, 70, 7, 1, 3),
+                                  (2, 4, 6, 53, 10, 5, 1), (1, 16, 16, 9, 33, 1, 4)],
+                         ids=lambda c: "B{}C{}O{}L{}K{}s{}g{}".format(*c))
+def test_grouped_forward_tile_override(case, tile, monkeypatch):
+    """PYENCODER_CONV_GRP_TILE (the implicit-GEMM forward's time / reduction blocks, warps and
+    stages, for a tile A/B on a GPU) computes the same function at every tile: blocks larger and
+    smaller than the time steps and the reduction (channels per group x k), with state, bias and
+    activation; the final state is untouched by it."""
+    B, C, Cout, L, K, stride, groups = case
+    x, w, b, s = _inputs(B, C, Cout, L, K, stride, groups, torch.float32, True, True, False)
+    y0, f0 = R.forward(x, w, b, s, stride, groups, "silu")
+    monkeypatch.setenv("PYENCODER_CONV_GRP_TILE", tile)
+    y1, f1 = _tr().forward(x, w, b, s, stride, groups, "silu")
+    torch.testing.assert_close(y1, y0, **TOL[torch.float32])
+    torch.testing.assert_close(f1, f0, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("raw", ["64,64,4", "64,64,4,3,1", "48,64,4,3", "64,8,4,3", "64,64,3,3",
+                                 "64,64,4,0", "1024,64,4,3", "a,b,c,d"])
+def test_grouped_tile_override_bad_value(raw, monkeypatch):
+    x, w, b, s = _inputs(1, 8, 8, 12, 3, 1, 2, torch.float32, False, False, False)
+    monkeypatch.setenv("PYENCODER_CONV_GRP_TILE", raw)
+    with pytest.raises(ValueError, match=f"PYENCODER_CONV_GRP_TILE .*got '{raw}'"):
+        _tr().forward(x, w, b, s, 1, 2, None)

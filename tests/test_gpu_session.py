@@ -349,11 +349,17 @@ def test_conv_stage_caps_the_benchmark_and_runs_the_cudnn_kind_tests():
     most of the stage (the second GPU call cut them off after a 23.4 s bench), and its pytest
     runs the cuda backend's cudnn-kind GPU tests first."""
     ctx = dict(dry=False, xdist=False, workers=1, logdir="/tmp")
-    (_, bench, _), (_, tests, _) = gs.plan_conv(ctx)
+    (_, bench, _), (_, tests, _), (label, ab, _) = gs.plan_conv(ctx)
     i = bench.index("--max-seconds")
     budget = dict((name, t) for name, t, _, _ in gs.STAGES)["conv"]
     assert 0 < float(bench[i + 1]) <= budget / 2 and "--quick" in bench
     assert tests[-2:] == gs.CONV_TESTS and gs.CONV_TESTS[0] == "tests/test_conv_cudnn_path.py"
+    # last, with what the stage has left: the grouped conv's tile / layout A/B, which parses
+    from benchmarks import bench_conv
+    assert label == "bench-conv-grouped-ab" and ab[-len(gs.CONV_GRP_AB_ARGS):] == \
+        gs.CONV_GRP_AB_ARGS
+    args = bench_conv.parser().parse_args(gs.CONV_GRP_AB_ARGS)
+    assert args.suites == ["grouped"] and args.grp_tiles and "cl" in args.layouts
 
 
 def test_failed_tests_rerun_without_the_fast_launch_path(tmp_path):

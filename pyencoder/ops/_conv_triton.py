@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .._env import env_raw
 from ..reference.conv import _act_grad
 from ._triton_op import block_size, cdiv, launch, next_pow2, triton_op
 
@@ -67,6 +68,39 @@ def _grouped_tiles(n_c, n_t, n_r, groups, B):
     return BLOCK_C, BLOCK_T, BLOCK_R, nc, (cdiv(n_t, BLOCK_T), groups * nc, B)
 
 
+# The grouped / dense implicit-GEMM forward's tile is (BLOCK_CO, BLOCK_T, BLOCK_R) = up to
+# (64, 64, 64) at Triton's default 4 warps and 3 stages (_grouped_tiles). On the H100 it ran
+# wav2vec2's positional conv (C=768, 16 groups, k=128, B=8, L=2048, fp16) at 101 TFLOP/s, 7.3x
+# cuDNN, but the wav2vec2-large one (C=1024) at 135 TFLOP/s against cuDNN's 199. For a tile A/B on
+# a GPU, PYENCODER_CONV_GRP_TILE="BLOCK_T,BLOCK_R,WARPS,STAGES" overrides the time and reduction
+# blocks (still capped by the problem's size), the warps and the pipeline stages of that kernel
+# (benchmarks/bench_conv.py's pyencoder-triton-grp* providers). Unset: the default tile.
+_GRP_TILE_ENV = "PYENCODER_CONV_GRP_TILE"
+_grp_tile_cache = {}
+
+
+def _grp_fwd_tile():
+    """None, or (BLOCK_T, BLOCK_R, num_warps, num_stages) from PYENCODER_CONV_GRP_TILE."""
+    raw = env_raw(_GRP_TILE_ENV)
+    if raw is None or not raw.strip():
+        return None
+    hit = _grp_tile_cache.get(raw)
+    if hit is not None:
+        return hit
+    try:
+        t, r, w, st = (int(v) for v in raw.split(","))
+    except ValueError:
+        t = None
+    pow2 = lambda v: v >= 1 and v & (v - 1) == 0  # noqa: E731
+    if t is None or not (pow2(t) and pow2(r) and 16 <= t <= 512 and 16 <= r <= 256
+                         and w in (1, 2, 4, 8, 16) and 1 <= st <= 8):
+        raise ValueError(f"{_GRP_TILE_ENV} must be 'BLOCK_T,BLOCK_R,WARPS,STAGES' with BLOCK_T a "
+                         f"power of two in [16, 512], BLOCK_R one in [16, 256], WARPS in 1, 2, "
+                         f"4, 8, 16 and STAGES in [1, 8]; got {raw!r}")
+    _grp_tile_cache[raw] = val = (t, r, w, st)
+    return val
+
+
 def _strides3(t):
     return (t.stride(0), t.stride(1), t.stride(2)) if t is not None else (0, 0, 0)
 
@@ -99,11 +133,17 @@ def _launch_forward(x, weight, bias, state, state_indices, stride, groups, activ
     else:
         COG = Cout // groups
         BLOCK_CO, BLOCK_T, BLOCK_R, NCO, grid = _grouped_tiles(COG, T, CG * K, groups, B)
+        tile = _grp_fwd_tile()
+        opts = {}
+        if tile is not None:
+            BLOCK_T, BLOCK_R = block_size(T, 16, tile[0]), block_size(CG * K, 16, tile[1])
+            grid = (cdiv(T, BLOCK_T), grid[1], grid[2])
+            opts = dict(num_warps=tile[2], num_stages=tile[3])
         launch(k._causal_conv1d_grp_fwd_kernel)[grid](
             x, weight, bias_arg, s_arg, idx, y, CG, COG, L, T, K, pad, NCO,
             *_strides3(x), *_strides3(weight), *ss, *_strides3(y),
             IEEE=x.dtype == torch.float32, BLOCK_CO=BLOCK_CO, BLOCK_T=BLOCK_T, BLOCK_R=BLOCK_R,
-            **common)
+            **common, **opts)
 
 
 def _launch_state(x, state, state_indices, stride, K, out):
