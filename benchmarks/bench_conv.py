@@ -14,8 +14,9 @@ Suites
   (1024, 16, 128); forward and forward+backward. Providers: pyencoder-triton, cudnn, reference;
   rows carry ``layout``: x channel-first ("cf", the default) or, with ``--layouts cl``, channel-last
   (a (B, L, C) tensor transposed: what a model's (B, T, C) hidden states give the positional
-  conv). ``--grp-tiles``: the forward also at the implicit-GEMM tiles of GRP_TILES
-  (providers pyencoder-triton-grp*: PYENCODER_CONV_GRP_TILE set around each call).
+  conv). ``--grp-tiles``: the forward also in the variants of GRP_VARIANTS (implicit-GEMM tiles,
+  providers pyencoder-triton-grp*, and the tap-major reduction, pyencoder-triton-tap*: their
+  environment set around each call).
 - strided: feature-extractor convs, C=512 out, (k, stride) in {(10, 5), (3, 2), (2, 2)}, forward;
   k=10 takes the waveform (C_in=1, wav2vec2's first conv), the others C_in=C (rows carry C_in).
 - update: one new frame for B in {1, 64, 512} streams, C=1024, widths {4, 31}.
@@ -58,14 +59,23 @@ SUITES = ("depthwise", "grouped", "strided", "update")
 # too, first, for the three providers the target compares.
 QUICK_DEPTHWISE_LS = (16384, 2048)
 QUICK_LONG_PROVIDERS = ("pyencoder-cuda", ROW_PROVIDER, "pyencoder-triton", "cudnn")
-# --grp-tiles: the grouped suite's forward also runs pyencoder-triton at these implicit-GEMM tiles
-# (PYENCODER_CONV_GRP_TILE = BLOCK_T,BLOCK_R,WARPS,STAGES; the default is 64,64,4,3). sm_90
-# ptxas (fp16, C=768, 16 groups, k=128): default 102 registers / 32 KiB shared; 128,64,8,3 99 /
-# 40 KiB; 256,64,8,3 176 / 56 KiB; 128,32,4,4 168 / 24 KiB; none spills. The x tile is gathered
-# with 2-byte loads in every one (its rows are (channel, tap) pairs at odd offsets).
-GRP_TILES = (("pyencoder-triton-grp128x64w8s3", "128,64,8,3"),
-             ("pyencoder-triton-grp256x64w8s3", "256,64,8,3"),
-             ("pyencoder-triton-grp128x32w4s4", "128,32,4,4"))
+# --grp-tiles: the grouped suite's forward also runs pyencoder-triton in these variants, each an
+# environment set around its calls: implicit-GEMM tiles (PYENCODER_CONV_GRP_TILE = BLOCK_T,
+# BLOCK_R,WARPS,STAGES; the default is 64,64,4,3) and the tap-major reduction
+# (PYENCODER_CONV_TAP_MAJOR=1). sm_90 ptxas / SASS, fp16, 16 groups, k=128, none spills: the
+# default order gathers the x tile with 2-byte loads (32 LDG.U16 in the loop body, both
+# layouts); tap-major on channel-last x loads both operands as 16-byte cp.async only (C=1024:
+# 72 registers, 560 instructions against 98 / 776; C=768 reduces in blocks of 16 channels).
+# Default-order tiles (C=768): 128,64,8,3 99 registers / 40 KiB shared; 256,64,8,3 176 / 56;
+# 128,32,4,4 168 / 24.
+GRP_VARIANTS = (
+    ("pyencoder-triton-grp128x64w8s3", {"PYENCODER_CONV_GRP_TILE": "128,64,8,3"}),
+    ("pyencoder-triton-grp256x64w8s3", {"PYENCODER_CONV_GRP_TILE": "256,64,8,3"}),
+    ("pyencoder-triton-grp128x32w4s4", {"PYENCODER_CONV_GRP_TILE": "128,32,4,4"}),
+    ("pyencoder-triton-tap", {"PYENCODER_CONV_TAP_MAJOR": "1"}),
+    ("pyencoder-triton-tap128x64w8s3", {"PYENCODER_CONV_TAP_MAJOR": "1",
+                                        "PYENCODER_CONV_GRP_TILE": "128,64,8,3"}),
+)
 
 
 def _cudnn_fwd(x, w, b, stride, groups):
@@ -83,18 +93,18 @@ def _causal_conv1d_fn():
 def _provider_fn(name, x, w, b, stride, groups, bwd=False):
     """A zero-argument callable, or a string saying why the provider cannot run."""
     from pyencoder.ops import causal_conv1d
-    tile = dict(GRP_TILES).get(name)
-    if tile is not None:
+    env = dict(GRP_VARIANTS).get(name)
+    if env is not None:
         if groups == x.shape[1] or bwd:
-            return "the tile override is the grouped / dense forward's (PYENCODER_CONV_GRP_TILE)"
+            return "the variants are the grouped / dense forward's (bench_conv.GRP_VARIANTS)"
         base = _provider_fn("pyencoder-triton", x, w, b, stride, groups)
         if isinstance(base, str):
             return base
 
-        def tiled():
-            with temp_env(PYENCODER_CONV_GRP_TILE=tile):   # read by the launcher at each call
+        def variant():
+            with temp_env(**env):   # read by the launcher at each call
                 return base()
-        return tiled
+        return variant
     if name == ROW_PROVIDER:
         if groups != x.shape[1] or stride != 1 or bwd:
             return "the row kernel is the depthwise forward (PYENCODER_CONV_ROW=1)"
@@ -276,7 +286,7 @@ def run(args):
         Ls = ((512, 2048) if not args.quick else (2048,)) if gpu else (64,)
         B = 8 if gpu else 2
         layouts = getattr(args, "layouts", None) or ("cf",)
-        tiles = [name for name, _ in GRP_TILES] \
+        tiles = [name for name, _ in GRP_VARIANTS] \
             if getattr(args, "grp_tiles", False) and "pyencoder-triton" in providers else []
         for C, G, k in cfgs:
             for L in Ls:
@@ -326,8 +336,8 @@ def parser():
                         "a (B, L, C) tensor transposed, as a model's hidden states reach the "
                         "positional conv)")
     p.add_argument("--grp-tiles", action="store_true",
-                   help="grouped suite: also pyencoder-triton's forward at the GRP_TILES tiles "
-                        "(PYENCODER_CONV_GRP_TILE)")
+                   help="grouped suite: also pyencoder-triton's forward in the GRP_VARIANTS "
+                        "(tiles, tap-major reduction)")
     return p
 
 

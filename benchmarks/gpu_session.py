@@ -111,9 +111,9 @@ STREAMING_TESTS = ["tests/test_streaming_decode_triton.py", "tests/test_streamin
 STREAM_BENCH_MAX_S = 20
 CONV_TESTS = ["tests/test_conv_cudnn_path.py", "tests/test_conv_gpu.py"]
 CONV_BENCH_MAX_S = 14   # no new bench_conv case after this (the case running then finishes)
-# The conv stage's last command, with what the stage has left: the positional conv's forward at
-# the implicit-GEMM tile candidates (bench_conv.GRP_TILES) and in the layout a model gives it
-# (channel-last), beside cuDNN. On the H100 the default tile ran C=768 at 7.3x cuDNN but C=1024 at
+# The conv stage's last command, with what the stage has left: the positional conv's forward in
+# the implicit-GEMM variants (bench_conv.GRP_VARIANTS: tiles, tap-major reduction) and in the
+# layout a model gives it (channel-last), beside cuDNN. On the H100 the default tile ran C=768 at 7.3x cuDNN but C=1024 at
 # 0.68x, and channel-last input was never timed. The Triton cache build captures these launches.
 CONV_GRP_AB_ARGS = ["--quick", "--suites", "grouped", "--layouts", "cl", "cf", "--grp-tiles",
                     "--providers", "pyencoder-triton", "cudnn"]

@@ -215,3 +215,82 @@ def test_grouped_tile_override_bad_value(raw, monkeypatch):
     monkeypatch.setenv("PYENCODER_CONV_GRP_TILE", raw)
     with pytest.raises(ValueError, match=f"PYENCODER_CONV_GRP_TILE .*got '{raw}'"):
         _tr().forward(x, w, b, s, 1, 2, None)
+
+
+def _spy_tap_major(monkeypatch):
+    """The TAP_MAJOR value of every grouped-forward launch, appended to the returned list."""
+    mod = _tr()
+    real = mod.launch
+    seen = []
+
+    def spy(kernel):
+        launcher = real(kernel)
+        if getattr(kernel, "__name__", "") != "_causal_conv1d_grp_fwd_kernel" and \
+                "grp_fwd" not in str(getattr(kernel, "fn", kernel)):
+            return launcher
+
+        class Grid:
+            def __getitem__(self, grid):
+                run = launcher[grid]
+
+                def call(*a, **kw):
+                    seen.append(kw.get("TAP_MAJOR", False))
+                    return run(*a, **kw)
+                return call
+        return Grid()
+    monkeypatch.setattr(mod, "launch", spy)
+    return seen
+
+
+@pytest.mark.parametrize("tile", [None, "32,32,4,1", "128,16,8,3"])
+@pytest.mark.parametrize("case", [(2, 8, 8, 37, 5, 1, 2), (1, 6, 12, 70, 7, 1, 3),
+                                  (2, 4, 6, 53, 10, 5, 1), (1, 96, 96, 21, 9, 1, 2),
+                                  (2, 64, 64, 19, 4, 1, 4), (1, 16, 32, 40, 3, 2, 1)],
+                         ids=lambda c: "B{}C{}O{}L{}K{}s{}g{}".format(*c))
+@pytest.mark.parametrize("channel_last", [False, True])
+def test_grouped_forward_tap_major(case, tile, channel_last, monkeypatch):
+    """PYENCODER_CONV_TAP_MAJOR=1 (the implicit-GEMM reduction walked tap by tap over a tap-major
+    weight copy) computes the same function: channels per group that a block divides (16, 32,
+    48 -> blocks of 16, 64) and that it does not (2, 4, 6, 8: padded, masked), strided dense,
+    channel multipliers, state, bias, activation, both memory layouts, with and without a tile
+    override."""
+    B, C, Cout, L, K, stride, groups = case
+    x, w, b, s = _inputs(B, C, Cout, L, K, stride, groups, torch.float32, True, True,
+                         channel_last)
+    y0, f0 = R.forward(x, w, b, s, stride, groups, "gelu")
+    monkeypatch.setenv("PYENCODER_CONV_TAP_MAJOR", "1")
+    if tile is not None:
+        monkeypatch.setenv("PYENCODER_CONV_GRP_TILE", tile)
+    seen = _spy_tap_major(monkeypatch)
+    y1, f1 = _tr().forward(x, w, b, s, stride, groups, "gelu")
+    assert seen == [True]
+    torch.testing.assert_close(y1, y0, **TOL[torch.float32])
+    torch.testing.assert_close(f1, f0, rtol=0, atol=0)
+    monkeypatch.delenv("PYENCODER_CONV_TAP_MAJOR")
+    _tr().forward(x, w, b, s, stride, groups, "gelu")
+    assert seen == [True, False]        # unset: the default order
+
+
+def test_grouped_forward_tap_major_fp16_and_grad(monkeypatch):
+    """Tap-major in float16 against the reference, and the public op's gradients (the backward
+    recomputes nothing through it without an activation; with one it reruns the forward kernel)."""
+    monkeypatch.setenv("PYENCODER_CONV_TAP_MAJOR", "1")
+    seen = _spy_tap_major(monkeypatch)
+    x, w, b, s = _inputs(2, 32, 32, 25, 6, 1, 2, torch.float16, False, True, True)
+    y0, _ = R.forward(x.float(), w.float(), b.float(), None, 1, 2, "silu")
+    y1, _ = _tr().forward(x, w, b, None, 1, 2, "silu")
+    torch.testing.assert_close(y1.float(), y0, **TOL[torch.float16])
+    from pyencoder.ops import causal_conv1d
+    xs = torch.randn(1, 16, 20, dtype=torch.float64)
+    ws = torch.randn(16, 4, 5, dtype=torch.float64)
+    x32, w32 = xs.float().requires_grad_(), ws.float().requires_grad_()
+    out = causal_conv1d(x32, w32, groups=4, activation="silu", backend="triton")
+    g = torch.randn_like(out)
+    dx, dw = torch.autograd.grad(out, (x32, w32), g)
+    xr, wr = xs.clone().requires_grad_(), ws.clone().requires_grad_()
+    ref = causal_conv1d(xr, wr, groups=4, activation="silu", backend="reference")
+    rdx, rdw = torch.autograd.grad(ref, (xr, wr), g.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx.double(), rdx, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dw.double(), rdw, rtol=1e-4, atol=1e-4)
+    assert seen and all(seen)

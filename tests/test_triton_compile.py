@@ -323,6 +323,19 @@ def _run_conv(rec, matrix):
                 idx = torch.tensor([1, -1], dtype=torch.int32)
                 CT.update(x[..., :3], pool, w, bias, idx, g, act)
                 CT.update(x[..., :1], pool[:B].clone(), w, bias, None, g, act)
+    # the grouped forward's GPU A/B variants (benchmarks/bench_conv.py GRP_VARIANTS): the
+    # tap-major reduction (constexpr TAP_MAJOR; 48 channels a group: blocks of 16; 64: of 64) and
+    # tile overrides (PYENCODER_CONV_GRP_TILE), channel-last bf16 as a model feeds it
+    dt = torch.bfloat16
+    for C, tap, tile in ((96, True, None), (128, True, "128,64,8,3"), (96, False, "256,64,8,3")):
+        x = torch.randn(2, 256, C, dtype=dt).transpose(1, 2)
+        w = torch.randn(C, C // 2, 128, dtype=dt)
+        rec.case = f"bf16 groups=2 C{C}->{C} K128 NLC tap_major={tap} tile={tile}"
+        env = {"PYENCODER_CONV_TAP_MAJOR": "1"} if tap else {}
+        if tile is not None:
+            env["PYENCODER_CONV_GRP_TILE"] = tile
+        with _env(**env):
+            CT.forward(x, w, None, None, 1, 2, None)
 
 
 def _run_decode(rec, matrix):
@@ -701,6 +714,10 @@ if pytest is not None and __name__ != "__main__":
                      "_decode_attention_fwd_kernel", "_rope_rotate_kernel",
                      "_ring_write_kernel"):
             assert name in kernels
+        # the grouped forward's tap-major variant and a tile override, per target
+        variants = {(r["target"], "tap_major=True" in r["case"]) for r in results
+                    if r["kernel"] == "_causal_conv1d_grp_fwd_kernel" and "tile=" in r["case"]}
+        assert variants == {(t, v) for t in TARGETS for v in (False, True)}
         # the decode kernel with the gated relative bias and a GQA ring (WavLM's step), per target
         assert {r["target"] for r in results if r["kernel"] == "_decode_attention_fwd_kernel"
                 and "bias=gated" in r["case"]} == set(TARGETS)

@@ -126,11 +126,12 @@ def _causal_conv1d_dw_fwd_kernel(
 @triton.jit
 def _causal_conv1d_grp_fwd_kernel(
         x_ptr, w_ptr, bias_ptr, s_ptr, idx_ptr, y_ptr,
-        CG, COG, L, T, K, PAD, NCO,
+        CG, COG, L, T, K, PAD, NCO, CGP,
         sxb, sxc, sxl, swo, swi, swk, ssb, ssc, ssl, syb, syc, syl,
         STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
         HAS_IDX: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_CO: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr):
+        BLOCK_CO: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+        TAP_MAJOR: tl.constexpr = False):
     pid_t = tl.program_id(0)
     pid_gc = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -141,22 +142,42 @@ def _causal_conv1d_grp_fwd_kernel(
     com = co < COG
     tm = t < T
     cout = g * COG + co
-    R = CG * K
     acc = tl.zeros((BLOCK_CO, BLOCK_T), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        rm = r < R
-        ci = r // K
-        j = r - ci * K
-        a = tl.load(w_ptr + cout[:, None] * swo + ci[None, :] * swi + j[None, :] * swk,
-                    mask=com[:, None] & rm[None, :], other=0.0)
-        s2 = t[None, :] * STRIDE + j[:, None]
-        v = _load_xp(x_ptr, s_ptr, b, row, row_ok, (g * CG + ci)[:, None], s2,
-                     rm[:, None] & tm[None, :], L, PAD, sxb, sxc, sxl, ssb, ssc, ssl, HAS_STATE)
-        if IEEE:
-            acc += tl.dot(a.to(tl.float32), v, input_precision="ieee")
-        else:
-            acc += tl.dot(a, v.to(a.dtype))
+    if TAP_MAJOR:
+        # the reduction (tap j, input channel ci) walked tap by tap, channels fastest:
+        # r = j * CGP + ci with CGP = CG rounded up to BLOCK_R, so a block is one tap and a run
+        # of channels, along which channel-last x and the tap-major weight (Cout, K, CG; swi 1)
+        # are contiguous (vector loads); no division per element
+        for r0 in range(0, K * CGP, BLOCK_R):
+            j = r0 // CGP
+            ci = (r0 - j * CGP) + tl.arange(0, BLOCK_R)
+            rm = ci < CG
+            a = tl.load(w_ptr + cout[:, None] * swo + ci[None, :] * swi + j * swk,
+                        mask=com[:, None] & rm[None, :], other=0.0)
+            v = _load_xp(x_ptr, s_ptr, b, row, row_ok, (g * CG + ci)[:, None],
+                         (t * STRIDE + j)[None, :], rm[:, None] & tm[None, :], L, PAD,
+                         sxb, sxc, sxl, ssb, ssc, ssl, HAS_STATE)
+            if IEEE:
+                acc += tl.dot(a.to(tl.float32), v, input_precision="ieee")
+            else:
+                acc += tl.dot(a, v.to(a.dtype))
+    else:
+        R = CG * K
+        for r0 in range(0, R, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            rm = r < R
+            ci = r // K
+            j = r - ci * K
+            a = tl.load(w_ptr + cout[:, None] * swo + ci[None, :] * swi + j[None, :] * swk,
+                        mask=com[:, None] & rm[None, :], other=0.0)
+            s2 = t[None, :] * STRIDE + j[:, None]
+            v = _load_xp(x_ptr, s_ptr, b, row, row_ok, (g * CG + ci)[:, None], s2,
+                         rm[:, None] & tm[None, :], L, PAD, sxb, sxc, sxl, ssb, ssc, ssl,
+                         HAS_STATE)
+            if IEEE:
+                acc += tl.dot(a.to(tl.float32), v, input_precision="ieee")
+            else:
+                acc += tl.dot(a, v.to(a.dtype))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cout, mask=com, other=0.0).to(tl.float32)[:, None]
     acc = _apply_act(acc, ACT)

@@ -76,6 +76,11 @@ def _grouped_tiles(n_c, n_t, n_r, groups, B):
 # blocks (still capped by the problem's size), the warps and the pipeline stages of that kernel
 # (benchmarks/bench_conv.py's pyencoder-triton-grp* providers). Unset: the default tile.
 _GRP_TILE_ENV = "PYENCODER_CONV_GRP_TILE"
+# PYENCODER_CONV_TAP_MAJOR=1: the same kernel walks its reduction tap by tap, channels fastest
+# (constexpr TAP_MAJOR), over a tap-major copy of the weight: for channel-last x (what a model's
+# (B, T, C) hidden states give the positional conv) both operand tiles are contiguous runs, where
+# the default (channel, tap) order gathers x element by element. Off until a GPU A/B says so.
+_TAP_ENV = "PYENCODER_CONV_TAP_MAJOR"
 _grp_tile_cache = {}
 
 
@@ -134,14 +139,27 @@ def _launch_forward(x, weight, bias, state, state_indices, stride, groups, activ
         COG = Cout // groups
         BLOCK_CO, BLOCK_T, BLOCK_R, NCO, grid = _grouped_tiles(COG, T, CG * K, groups, B)
         tile = _grp_fwd_tile()
+        tap = env_raw(_TAP_ENV) == "1"
         opts = {}
         if tile is not None:
             BLOCK_T, BLOCK_R = block_size(T, 16, tile[0]), block_size(CG * K, 16, tile[1])
             grid = (cdiv(T, BLOCK_T), grid[1], grid[2])
             opts = dict(num_warps=tile[2], num_stages=tile[3])
+        w_arg, ws, cgp = weight, _strides3(weight), 0
+        if tap:
+            # tap-major weight (Cout, K, CG): a reduction block is one tap's run of channels;
+            # the block is the largest power of two in [16, 64] (or the tile's) dividing CG,
+            # else CG is padded up to it (masked)
+            cap = BLOCK_R if tile is not None else 64
+            BLOCK_R = next((r for r in (64, 32, 16) if r <= cap and CG % r == 0),
+                           block_size(CG, 16, cap))
+            cgp = cdiv(CG, BLOCK_R) * BLOCK_R
+            w_arg = weight.permute(0, 2, 1).contiguous()
+            ws = (w_arg.stride(0), w_arg.stride(2), w_arg.stride(1))   # (o, ci, j) as indexed
+            opts["TAP_MAJOR"] = True
         launch(k._causal_conv1d_grp_fwd_kernel)[grid](
-            x, weight, bias_arg, s_arg, idx, y, CG, COG, L, T, K, pad, NCO,
-            *_strides3(x), *_strides3(weight), *ss, *_strides3(y),
+            x, w_arg, bias_arg, s_arg, idx, y, CG, COG, L, T, K, pad, NCO, cgp,
+            *_strides3(x), *ws, *ss, *_strides3(y),
             IEEE=x.dtype == torch.float32, BLOCK_CO=BLOCK_CO, BLOCK_T=BLOCK_T, BLOCK_R=BLOCK_R,
             **common, **opts)
 
