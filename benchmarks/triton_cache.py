@@ -813,7 +813,8 @@ def _bench_stage_launches(rec, failed):
             args.no_write, args.max_seconds = True, None
             attempt(f"{label} (pyencoder-triton)", lambda args=args: bconv.run(args))
         attempt("bench_convnext --quick (fused)", lambda: bcx.run(types.SimpleNamespace(
-            quick=True, dtypes=["bfloat16", "float32"], tiles=None, no_write=True)))
+            quick=True, dtypes=["bfloat16", "float32"], tiles=gs.CONVNEXT_TILES,
+            no_write=True)))
     finally:
         for m, n, v in saved:
             setattr(m, n, v)
