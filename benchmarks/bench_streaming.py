@@ -246,6 +246,13 @@ class StepRunner:
                     self.y = model.step_fixed(self.x, st)
         self.state = st
 
+    def eager(self):
+        """The same streams (model, state, input buffer) advanced by launching ``step_fixed``
+        directly instead of replaying the graph (a profile of each kernel on its own)."""
+        other = object.__new__(StepRunner)
+        other.__dict__.update(self.__dict__, graph=None)
+        return other
+
     def __call__(self):
         self.i = (self.i + 1) % self.pool.shape[0]
         self.x.copy_(self.pool[self.i])
@@ -448,10 +455,8 @@ def bench_gpu(args, recs=None):
         # where the step's time goes: the replayed graph (what the latency above measured) and
         # the same step_fixed launched eagerly (each kernel's own duration, no graph)
         n_prof = 2 if dry else args.profile_steps
-        sources = [("graph", run)] if graph else []
-        eager = StepRunner.__new__(StepRunner)
-        eager.__dict__.update(run.__dict__, graph=None)
-        sources.append(("eager", eager))
+        eager = run.eager()
+        sources = ([("graph", run)] if graph else []) + [("eager", eager)]
         for source, fn in sources:
             try:
                 prof = profile_step(fn, n_prof, cuda=not dry)
@@ -465,7 +470,7 @@ def bench_gpu(args, recs=None):
                              gpu_p50_us=gpu_us, **prof))
             _print_profile(name, source, prof, gpu_us if source == "graph" else None)
         del run, eager
-    searches = [m for m in masks if args.max_batch > 0]
+    searches = masks if args.max_batch > 0 else []
     for i, name in enumerate(searches):
         model, base, sf, step_ms_audio = built[name]
         deadline = None
