@@ -124,6 +124,22 @@ def _causal_conv1d_dw_fwd_kernel(
 
 
 @triton.jit
+def _grp_block(acc, x_ptr, w_ptr, s_ptr, b, row, row_ok, cin, cout, com, ci, jw, rm, s2, tm, L,
+               PAD, swo, swi, swk, sxb, sxc, sxl, ssb, ssc, ssl,
+               HAS_STATE: tl.constexpr, IEEE: tl.constexpr):
+    """acc + one reduction block of the implicit GEMM: the weight tile w[cout, ci, jw] (jw the
+    block's taps, or its one tap) times the padded-input tile xp[b, cin, s2] (rm masks the
+    block's rows)."""
+    a = tl.load(w_ptr + cout[:, None] * swo + ci[None, :] * swi + jw * swk,
+                mask=com[:, None] & rm[None, :], other=0.0)
+    v = _load_xp(x_ptr, s_ptr, b, row, row_ok, cin[:, None], s2, rm[:, None] & tm[None, :], L,
+                 PAD, sxb, sxc, sxl, ssb, ssc, ssl, HAS_STATE)
+    if IEEE:
+        return acc + tl.dot(a.to(tl.float32), v, input_precision="ieee")
+    return acc + tl.dot(a, v.to(a.dtype))
+
+
+@triton.jit
 def _causal_conv1d_grp_fwd_kernel(
         x_ptr, w_ptr, bias_ptr, s_ptr, idx_ptr, y_ptr,
         CG, COG, L, T, K, PAD, NCO, CGP,
@@ -151,33 +167,18 @@ def _causal_conv1d_grp_fwd_kernel(
         for r0 in range(0, K * CGP, BLOCK_R):
             j = r0 // CGP
             ci = (r0 - j * CGP) + tl.arange(0, BLOCK_R)
-            rm = ci < CG
-            a = tl.load(w_ptr + cout[:, None] * swo + ci[None, :] * swi + j * swk,
-                        mask=com[:, None] & rm[None, :], other=0.0)
-            v = _load_xp(x_ptr, s_ptr, b, row, row_ok, (g * CG + ci)[:, None],
-                         (t * STRIDE + j)[None, :], rm[:, None] & tm[None, :], L, PAD,
-                         sxb, sxc, sxl, ssb, ssc, ssl, HAS_STATE)
-            if IEEE:
-                acc += tl.dot(a.to(tl.float32), v, input_precision="ieee")
-            else:
-                acc += tl.dot(a, v.to(a.dtype))
+            acc = _grp_block(acc, x_ptr, w_ptr, s_ptr, b, row, row_ok, g * CG + ci, cout, com,
+                             ci, j, ci < CG, (t * STRIDE + j)[None, :], tm, L, PAD, swo, swi,
+                             swk, sxb, sxc, sxl, ssb, ssc, ssl, HAS_STATE, IEEE)
     else:
         R = CG * K
         for r0 in range(0, R, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
-            rm = r < R
             ci = r // K
             j = r - ci * K
-            a = tl.load(w_ptr + cout[:, None] * swo + ci[None, :] * swi + j[None, :] * swk,
-                        mask=com[:, None] & rm[None, :], other=0.0)
-            s2 = t[None, :] * STRIDE + j[:, None]
-            v = _load_xp(x_ptr, s_ptr, b, row, row_ok, (g * CG + ci)[:, None], s2,
-                         rm[:, None] & tm[None, :], L, PAD, sxb, sxc, sxl, ssb, ssc, ssl,
-                         HAS_STATE)
-            if IEEE:
-                acc += tl.dot(a.to(tl.float32), v, input_precision="ieee")
-            else:
-                acc += tl.dot(a, v.to(a.dtype))
+            acc = _grp_block(acc, x_ptr, w_ptr, s_ptr, b, row, row_ok, g * CG + ci, cout, com,
+                             ci, j[None, :], r < R, t[None, :] * STRIDE + j[:, None], tm, L, PAD,
+                             swo, swi, swk, sxb, sxc, sxl, ssb, ssc, ssl, HAS_STATE, IEEE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cout, mask=com, other=0.0).to(tl.float32)[:, None]
     acc = _apply_act(acc, ACT)
