@@ -95,14 +95,15 @@ def _no_nan(args, params):
 
 
 def _fused_ok_as_cuda(fused_ok):
-    """pyencoder.ops._ring_write_triton.fused_ok on the stand-in CPU tensors: decided as for CUDA
-    ones (its interpreter branch also needs _interpret(), patched off here for the GPU tiles)."""
-    def ok(x, state, q):
+    """pyencoder.ops._ring_write_triton.fused_ok / residual_ok on the stand-in CPU tensors:
+    decided as for CUDA ones (their interpreter branch also needs _interpret(), patched off here
+    for the GPU tiles)."""
+    def ok(*args):
         import pyencoder.ops._ring_write_triton as rw
         real = rw._interpret
         rw._interpret = lambda: True
         try:
-            return fused_ok(x, state, q)
+            return fused_ok(*args)
         finally:
             rw._interpret = real
     return ok
@@ -197,6 +198,7 @@ def prepare(autotune=False, arch=None):
     _ring_write_triton._interpret = lambda: False
     _ring_write_triton.FORCE_INTERPRET = True     # step_fixed's fused write, as on CUDA
     _ring_write_triton.fused_ok = _fused_ok_as_cuda(_ring_write_triton.fused_ok)
+    _ring_write_triton.residual_ok = _fused_ok_as_cuda(_ring_write_triton.residual_ok)
     if arch is not None:
         _attention_triton._arch = lambda device: arch
     select = _backend.select

@@ -7,7 +7,11 @@ the plain-torch write's (the ring wraps, slots sit at different positions and pe
 interleaved / partial / no RoPE, a bfloat16 ring fed float32 frames), except the rotated keys,
 which agree to float32 rounding (cos / sin from another library), and step_fixed with it equals
 step_fixed without it and the offline forward over a whole stream (band and chunked
-masks, the tolerance of tests/test_streaming_fixed.py). GPU (``-m gpu``): the same compiled;
+masks, the tolerance of tests/test_streaming_fixed.py). With held-back queries (``keep``) the
+write also advances the query queue, and ``residual_queue`` advances a layer's residual queue and
+adds the attention output: both equal the torch path's write / index_put, read and shift copy
+(slots at different queue lengths, steps shorter and longer than the queue, mixed dtypes).
+GPU (``-m gpu``): the same compiled;
 the CUDA-graph tests of tests/test_streaming_fixed.py replay step_fixed with it (the CUDA
 default).
 """
@@ -23,7 +27,7 @@ pytestmark = pytest.mark.skipif(not has_triton() or not (
     reason="needs triton (a GPU, or TRITON_INTERPRET=1)")
 
 from pyencoder import Rope  # noqa: E402
-from pyencoder.nn import BandedSelfAttention, ChunkedSelfAttention  # noqa: E402
+from pyencoder.nn import BandedSelfAttention, ChunkedSelfAttention, TransformerLayer  # noqa: E402
 from pyencoder.ops import _ring_write_triton as RW  # noqa: E402
 from pyencoder.rope import apply_rope  # noqa: E402
 
@@ -87,6 +91,104 @@ def test_fused_write_equals_torch_write(rope, ring_dtype):
     torch.testing.assert_close(st.k.float(), want.k.float(), rtol=tol, atol=tol)
 
 
+def _torch_queue_step(st, q, k, v, inv, interleaved, keep):
+    """The module's torch path with held-back queries: write, attend rows :n, shift by n."""
+    n = q.shape[2]
+    _torch_write(st, q, k, v, inv, interleaved)
+    released = st.q[:, :, :n].clone()
+    src = st.q[:, :, n:n + keep].clone()
+    st.q[:, :, :keep] = src
+    return released
+
+
+@pytest.mark.parametrize("n,keep,pend", [(1, 3, [3, 0, 2]), (4, 3, [0, 3, 1]), (5, 6, [6, 2, 5]),
+                                         (2, 1, [1, 0, 1])])
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16buf"])
+def test_fused_write_advances_query_queue(n, keep, pend, q_dtype):
+    """keep > 0: the released queries (pending first, then new) and the queue's front after the
+    step equal the torch path's; rows past a slot's pending count are not written."""
+    B, H, D, cap = 3, 2, 16, 11
+    qcap = keep + n + 2
+    st = _State(B, H, cap, qcap, D, torch.float32, [5, 0, 40], pend)
+    st.q = st.q.to(q_dtype)
+    q, k, v = (torch.randn(B, n, H, D, device=_DEV).transpose(1, 2) for _ in range(3))
+    inv = Rope(16).inv_freq(_DEV)
+    want = st.clone()
+    before = st.q.clone()
+    rel_want = _torch_queue_step(want, q, k, v, inv, False, keep)
+    rel = RW.ring_write(st, q, k, v, inv, False, keep)
+    assert rel is not None and rel.shape == (B, H, n, D) and rel.dtype == q_dtype
+    assert torch.equal(rel, rel_want)
+    for b, p in enumerate(pend):
+        assert torch.equal(st.q[b, :, :p], want.q[b, :, :p]), b
+        assert torch.equal(st.q[b, :, p:], before[b, :, p:]), b     # untouched
+    assert torch.equal(st.v, want.v)
+    torch.testing.assert_close(st.k, want.k, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_write_queue_limits():
+    """No queue (keep 0) or more than MAX_QUEUE_ROWS rows: the plain write (None returned, the
+    caller attends state.q and shifts it)."""
+    B, H, D = 2, 2, 8
+    big = RW.MAX_QUEUE_ROWS + 1
+    for n, keep in ((3, 0), (big, 2), (2, big)):
+        st = _State(B, H, 2 * big, 2 * big + 4, D, torch.float32, [0, 7], [0, min(keep, 2)])
+        q, k, v = (torch.randn(B, H, n, D, device=_DEV) for _ in range(3))
+        want = st.clone()
+        _torch_write(want, q, k, v, None, False)
+        assert RW.ring_write(st, q, k, v, None, False, keep) is None
+        assert torch.equal(st.q, want.q) and torch.equal(st.k, want.k)
+
+
+def _torch_residual(res, count, x, a, keep):
+    B, n, E = x.shape
+    bidx = torch.arange(B, device=_DEV)[:, None].expand(B, n)
+    res[bidx, count[:, None] + torch.arange(n, device=_DEV)[None, :]] = x.to(res.dtype)
+    out = res[:, :n].to(a.dtype) + a
+    src = res[:, n:n + keep].clone()
+    res[:, :keep] = src
+    return out
+
+
+@pytest.mark.parametrize("n,keep,cnt", [(1, 3, [3, 0, 1]), (4, 3, [0, 3, 2]), (3, 5, [5, 4, 0])])
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.float16,) * 3,
+                                    (torch.float32, torch.float32, torch.float16),
+                                    (torch.float16, torch.float32, torch.float32)],
+                         ids=["fp32", "fp16", "fp32_fp16res", "fp16x_fp32a"])
+def test_residual_queue_equals_torch(n, keep, cnt, dtypes):
+    """The residual queue's fused step == index_put + res.to(a.dtype) + a + shift copy (float32
+    sums rounded once to a's dtype, as torch's half / float adds); E spans several column
+    blocks with a ragged last one."""
+    x_dt, a_dt, r_dt = dtypes
+    B, E = 3, 300
+    res = torch.randn(B, keep + n + 1, E, device=_DEV).to(r_dt)
+    count = torch.tensor(cnt, device=_DEV)
+    x = torch.randn(B, n, E, device=_DEV).to(x_dt)
+    a = torch.randn(B, n, E, device=_DEV).to(a_dt)
+    assert RW.residual_ok(x, a, res, keep)
+    want = res.clone()
+    before = res.clone()
+    out_want = _torch_residual(want, count, x, a, keep)
+    out = RW.residual_queue(res, count, x, a, keep)
+    assert out.dtype == a_dt and out.shape == (B, n, E)
+    assert torch.equal(out, out_want)
+    for b, c in enumerate(cnt):
+        assert torch.equal(res[b, :c], want[b, :c]), b
+        assert torch.equal(res[b, c:], before[b, c:]), b
+
+
+def test_residual_ok_conditions(monkeypatch):
+    x = torch.randn(2, 3, 8, device=_DEV)
+    res = torch.zeros(2, 6, 8, device=_DEV)
+    assert RW.residual_ok(x, x, res, 2)
+    assert not RW.residual_ok(x, x, res, 0)                         # nothing held back
+    assert not RW.residual_ok(x, x, res, RW.MAX_QUEUE_ROWS + 1)
+    assert not RW.residual_ok(x.double(), x.double(), res.double(), 2)
+    assert not RW.residual_ok(x, x[:, :2], res, 2)
+    monkeypatch.setenv("PYENCODER_FUSED_RING", "0")
+    assert not RW.residual_ok(x, x, res, 2)
+
+
 def test_fused_ok_conditions(monkeypatch):
     st = _State(1, 2, 4, 4, 8, torch.float32, [0], [0])
     q = torch.randn(1, 2, 1, 8, device=_DEV)
@@ -137,6 +239,63 @@ def test_step_fixed_with_fused_write(case, monkeypatch):
     _step_fixed_case(*_STEP_CASES[case], monkeypatch)
 
 
+_LAYER_CASES = [
+    (lambda: TransformerLayer(BandedSelfAttention(16, 2, left=6, right=2, rope=True), 32), 1),
+    (lambda: TransformerLayer(ChunkedSelfAttention(16, 2, chunk_size=3, left_chunks=2,
+                                                   lookahead=0), 32, norm_first=False), 3),
+    (lambda: TransformerLayer(ChunkedSelfAttention(16, 2, chunk_size=2, left_chunks=3,
+                                                   lookahead=2, rope=True), 32), 4),
+]
+
+
+def _layer_case(make, n, monkeypatch):
+    torch.manual_seed(0)
+    m = make().to(_DEV).eval()
+    x = torch.randn(2, 31, 16, device=_DEV)
+    outs = {}
+    for fused in (True, False):
+        monkeypatch.setenv("PYENCODER_FUSED_RING", "1" if fused else "0")
+        calls = []
+        real_rw, real_res = RW.ring_write, RW.residual_queue
+        monkeypatch.setattr(RW, "ring_write",
+                            lambda *a: calls.append("ring") or real_rw(*a))
+        monkeypatch.setattr(RW, "residual_queue",
+                            lambda *a: calls.append("res") or real_res(*a))
+        with torch.no_grad():
+            st = m.init_state(2, max_chunk=n)
+            # slots at different queue lengths: a ragged first step
+            y, st = m.step(x[:, :5], st, torch.tensor([5, 4], device=_DEV))
+            ys = [[y[b, :int(st.out_lengths[b])]] for b in range(2)]
+            t = [5, 4]
+            while max(t) + n <= x.shape[1]:
+                xs = torch.stack([x[b, t[b]:t[b] + n] for b in range(2)])
+                y = m.step_fixed(xs, st, check=(t[0] == 5))
+                for b in range(2):
+                    ys[b].append(y[b])
+                    t[b] += n
+            y, st = m.flush(st)
+            for b in range(2):
+                ys[b].append(y[b, :int(st.out_lengths[b])])
+        outs[fused] = [torch.cat(v) for v in ys]
+        assert ("res" in calls) == fused and ("ring" in calls) == fused
+        monkeypatch.setattr(RW, "ring_write", real_rw)
+        monkeypatch.setattr(RW, "residual_queue", real_res)
+    with torch.no_grad():
+        for b, t_end in enumerate(t):
+            ref = m(x[b:b + 1, :t_end])[0]
+            assert outs[True][b].shape == ref.shape
+            assert (outs[True][b] - outs[False][b]).abs().max() <= 1e-5
+            assert (outs[True][b] - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("case", range(len(_LAYER_CASES)),
+                         ids=["band_pre", "chunked_la0_post", "chunked_la2_pre"])
+def test_layer_step_fixed_with_fused_queues(case, monkeypatch):
+    """A TransformerLayer's step_fixed with the fused query and residual queues == the torch
+    path's == the offline forward (float32), over slots at different queue lengths."""
+    _layer_case(*_LAYER_CASES[case], monkeypatch)
+
+
 def gpu_quick(name, p):
     return name == "test_gpu_step_fixed_with_fused_write"
 
@@ -147,3 +306,43 @@ def test_gpu_step_fixed_with_fused_write(monkeypatch):
     tests/test_streaming_fixed.py replay step_fixed with it (the default on CUDA)."""
     for make, n in _STEP_CASES:
         _step_fixed_case(make, n, monkeypatch)
+    for make, n in _LAYER_CASES:
+        _layer_case(make, n, monkeypatch)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA path emulated on CPU tensors")
+@pytest.mark.parametrize("mask", ["banded", "chunked"])
+def test_bench_stack_step_fixed_fused_equals_torch(mask, monkeypatch):
+    """bench_streaming's stack (tiny dims, 2 layers: frontend convs, a layer with lookahead and
+    one without (banded) / two chunked layers holding 3 frames back) streamed by step_fixed with
+    the fused query / residual queues == the torch path's step, over several steps (float32),
+    with the same counters after each."""
+    import copy
+
+    from benchmarks.bench_streaming import GPU_MASKS, HOP, _warm_steps, build
+    cfg = dict(GPU_MASKS[mask])
+    sf = cfg.pop("step_frames")
+    torch.manual_seed(1)
+    model = build(layers=2, dim=16, heads=2, ffn=32, conv_dim=8, **cfg).eval()
+    st = model.init_state(2, max_chunk=sf)
+    with torch.no_grad():
+        for _ in range(_warm_steps(model, sf)):
+            model.step(torch.randn(2, 1, HOP * sf), st)
+        st2 = copy.deepcopy(st)
+        calls = []
+        real = RW.residual_queue
+        monkeypatch.setattr(RW, "residual_queue", lambda *a: calls.append(1) or real(*a))
+        for i in range(4):
+            x = torch.randn(2, 1, HOP * sf)
+            monkeypatch.setenv("PYENCODER_FUSED_RING", "0")
+            want = model.step_fixed(x, st, check=(i == 0))
+            monkeypatch.setenv("PYENCODER_FUSED_RING", "1")
+            got = model.step_fixed(x, st2)
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max(), i
+            ta, tb = st.tensors(), st2.tensors()
+            for name, a in ta.items():
+                if not a.is_floating_point():
+                    assert torch.equal(a, tb[name]), (i, name)
+                elif name.endswith((".k", ".v")):     # the rings (queues: only the front counts)
+                    assert (a - tb[name]).abs().max() <= 1e-5 * a.abs().max(), (i, name)
+        assert len(calls) == 4 * (1 if mask == "banded" else 2)

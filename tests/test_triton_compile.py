@@ -410,6 +410,19 @@ def _run_decode(rec, matrix):
         rec.case = f"{dn} D{D} rope={rope} ring write"
         RW.ring_write(st, *new, None if rot == 0 else torch.rand(rot // 2),
                       rope == "interleaved")
+        # with held-back queries: the same launch advances the query queue (QUEUE)
+        rec.case = f"{dn} D{D} rope={rope} ring write + query queue"
+        RW.ring_write(st, *new, None if rot == 0 else torch.rand(rot // 2),
+                      rope == "interleaved", 3)
+    # the layer's residual queue + the attention output's residual add (E = 768: 3 column
+    # blocks; 4 frames, 3 held back as the 80 ms chunked step), x / a in the case's dtype
+    for dn in (("fp16", "bf16", "fp32") if matrix != "full" else dts):
+        dt = dts[dn]
+        for n, keep in ((4, 3), (1, 3)) if matrix == "full" else ((4, 3),):
+            res = torch.randn(2, 8, 768, dtype=dt)
+            rec.case = f"{dn} residual queue n={n} keep={keep}"
+            RW.residual_queue(res, torch.tensor([3, 0]), torch.randn(2, n, 768, dtype=dt),
+                              torch.randn(2, n, 768, dtype=dt), keep)
 
 
 def _run_convnext(rec, matrix):
@@ -712,8 +725,12 @@ if pytest is not None and __name__ != "__main__":
                      "_interval_attention_bwd_dkdv_kernel", "_causal_conv1d_dw_fwd_kernel",
                      "_causal_conv1d_grp_bwd_dw_kernel", "_convnext_dwconv_ln_fwd_kernel",
                      "_decode_attention_fwd_kernel", "_rope_rotate_kernel",
-                     "_ring_write_kernel"):
+                     "_ring_write_kernel", "_residual_queue_kernel"):
             assert name in kernels
+        # the ring write with and without the query queue, per target
+        assert {(r["target"], "query queue" in r["case"]) for r in results
+                if r["kernel"] == "_ring_write_kernel"} == {(t, v) for t in TARGETS
+                                                             for v in (False, True)}
         # the grouped forward's tap-major variant and a tile override, per target
         variants = {(r["target"], "tap_major=True" in r["case"]) for r in results
                     if r["kernel"] == "_causal_conv1d_grp_fwd_kernel" and "tile=" in r["case"]}

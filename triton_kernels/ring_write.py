@@ -7,7 +7,19 @@ writes the n new frames of every slot into the stream state, where the plain-tor
     V_RING[b, h, (POS[b] + i) % cap] = v[b, h, i]
     Q_BUF[b, h, PEND[b] + i]         = q[b, h, i]                     (queries stay un-rotated)
 
-for i < n. The rotation is pyencoder.rope.apply_rope's formula (float32 angle float32(pos) *
+for i < n. With QUEUE (a mask with lookahead: queries wait in Q_BUF), the query queue is also
+advanced in the same launch instead of by a later shift copy: of the rows
+(Q_BUF[b, h, :PEND[b]] ++ q[b, h, :n]), the first n (the queries this step releases) go to
+Q_OUT[b, h, :n] and the PEND[b] after them back to Q_BUF[b, h, :PEND[b]] (the queue the next step
+finds); then one program holds all n rows of a (b, h) and loads every row before it stores any.
+
+``_residual_queue_kernel`` does the same for a TransformerLayer's residual queue (the inputs of
+the frames whose attention is held back) and adds the released rows to the attention output:
+
+    OUT[b, :n] = (RES[b, :CNT[b]] ++ x[b, :n])[:n] + a[b, :n]   (in a's dtype, as torch adds)
+    RES[b, :CNT[b]] = (RES[b, :CNT[b]] ++ x[b, :n])[n:n + CNT[b]]
+
+one launch where the torch step runs an index_put, an add and a shift copy. The rotation is pyencoder.rope.apply_rope's formula (float32 angle float32(pos) *
 inv_freq, NeoX or interleaved pairs, features from ROT = 2 * HALF copied); every store casts to
 its buffer's dtype. One program per (BLOCK_N frames, batch * head); any strides.
 """
@@ -18,12 +30,24 @@ from ._rotary import _feature_index, _rope_angles
 
 
 @triton.jit
-def _ring_write_kernel(K, V, Q, K_RING, V_RING, Q_BUF, POS, PEND, INV_FREQ,
+def _queued_rows(NEW, OLD, r, cnt, c_new, c_old, s_new_r, s_old_r, rmask, cmask):
+    """Rows r of (the cnt queued rows of OLD) ++ (the rows of NEW), in OLD's dtype; c_new /
+    c_old are the column offsets (1, BLOCK) of NEW / OLD and cmask their mask."""
+    from_old = r < cnt
+    old = tl.load(OLD + r[:, None] * s_old_r + c_old, mask=(rmask & from_old)[:, None] & cmask)
+    new = tl.load(NEW + (r - cnt)[:, None] * s_new_r + c_new,
+                  mask=(rmask & (r >= cnt))[:, None] & cmask)
+    return tl.where(from_old[:, None], old, new.to(OLD.dtype.element_ty))
+
+
+@triton.jit
+def _ring_write_kernel(K, V, Q, K_RING, V_RING, Q_BUF, Q_OUT, POS, PEND, INV_FREQ,
                        s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_qb, s_qh, s_qn, s_qd,
                        s_rkb, s_rkh, s_rkn, s_rkd, s_rvb, s_rvh, s_rvn, s_rvd,
-                       s_bqb, s_bqh, s_bqn, s_bqd, H, n, D, HALF, ROT, cap,
-                       BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                       HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr):
+                       s_bqb, s_bqh, s_bqn, s_bqd, s_oqb, s_oqh, s_oqn, s_oqd, H, n, D, HALF, ROT,
+                       cap, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
+                       QUEUE: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -32,16 +56,33 @@ def _ring_write_kernel(K, V, Q, K_RING, V_RING, Q_BUF, POS, PEND, INV_FREQ,
     imask = i < n
     pos = tl.load(POS + b).to(tl.int64) + i
     slot = pos % cap
-    qrow = tl.load(PEND + b).to(tl.int64) + i
     d = tl.arange(0, BLOCK_D)
     dmask = imask[:, None] & (d < D)[None, :]
-    # v and q: plain copies (cast to the buffers' dtypes)
+    # v and q: copies (cast to the buffers' dtypes)
     v = tl.load(V + b * s_vb + h * s_vh + i[:, None] * s_vn + d[None, :] * s_vd, mask=dmask)
     tl.store(V_RING + b * s_rvb + h * s_rvh + slot[:, None] * s_rvn + d[None, :] * s_rvd,
              v.to(V_RING.dtype.element_ty), mask=dmask)
-    q = tl.load(Q + b * s_qb + h * s_qh + i[:, None] * s_qn + d[None, :] * s_qd, mask=dmask)
-    tl.store(Q_BUF + b * s_bqb + h * s_bqh + qrow[:, None] * s_bqn + d[None, :] * s_bqd,
-             q.to(Q_BUF.dtype.element_ty), mask=dmask)
+    if QUEUE:
+        # grid[0] == 1 (BLOCK_N >= n): every row of this (b, h) is read before any is written
+        pend = tl.load(PEND + b).to(tl.int64)
+        qn = Q + b * s_qb + h * s_qh
+        qb = Q_BUF + b * s_bqb + h * s_bqh
+        dcol = (d < D)[None, :]
+        rel = _queued_rows(qn, qb, i, pend, d[None, :] * s_qd, d[None, :] * s_bqd, s_qn, s_bqn,
+                           imask, dcol)
+        j = tl.arange(0, BLOCK_K)
+        jmask = j < pend
+        kept = _queued_rows(qn, qb, n + j, pend, d[None, :] * s_qd, d[None, :] * s_bqd, s_qn,
+                            s_bqn, jmask, dcol)
+        tl.debug_barrier()
+        tl.store(Q_OUT + b * s_oqb + h * s_oqh + i[:, None] * s_oqn + d[None, :] * s_oqd, rel,
+                 mask=dmask)
+        tl.store(qb + j[:, None] * s_bqn + d[None, :] * s_bqd, kept, mask=jmask[:, None] & dcol)
+    else:
+        qrow = tl.load(PEND + b).to(tl.int64) + i
+        q = tl.load(Q + b * s_qb + h * s_qh + i[:, None] * s_qn + d[None, :] * s_qd, mask=dmask)
+        tl.store(Q_BUF + b * s_bqb + h * s_bqh + qrow[:, None] * s_bqn + d[None, :] * s_bqd,
+                 q.to(Q_BUF.dtype.element_ty), mask=dmask)
     kp = K + b * s_kb + h * s_kh + i[:, None] * s_kn
     rp = K_RING + b * s_rkb + h * s_rkh + slot[:, None] * s_rkn
     if HAS_ROPE:
@@ -67,3 +108,32 @@ def _ring_write_kernel(K, V, Q, K_RING, V_RING, Q_BUF, POS, PEND, INV_FREQ,
     else:
         k = tl.load(kp + d[None, :] * s_kd, mask=dmask)
         tl.store(rp + d[None, :] * s_rkd, k.to(K_RING.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _residual_queue_kernel(X, A, RES, CNT, OUT, s_xb, s_xn, s_xe, s_ab, s_an, s_ae,
+                           s_rb, s_rn, s_re, s_ob, s_on, s_oe, n, E,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
+    # one program per (slot, BLOCK_E columns) holding all rows: each row is read before any is
+    # written (columns are independent)
+    b = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    ecol = (e < E)[None, :]
+    cnt = tl.load(CNT + b).to(tl.int64)
+    xb = X + b * s_xb
+    rb = RES + b * s_rb
+    r = tl.arange(0, BLOCK_N)
+    rmask = r < n
+    rel = _queued_rows(xb, rb, r, cnt, e[None, :] * s_xe, e[None, :] * s_re, s_xn, s_rn, rmask,
+                       ecol)
+    a = tl.load(A + b * s_ab + r[:, None] * s_an + e[None, :] * s_ae, mask=rmask[:, None] & ecol)
+    # torch: res.to(a.dtype) + a, summed in float32 and rounded to a's dtype
+    out = (rel.to(a.dtype).to(tl.float32) + a.to(tl.float32)).to(OUT.dtype.element_ty)
+    j = tl.arange(0, BLOCK_K)
+    jmask = j < cnt
+    kept = _queued_rows(xb, rb, n + j, cnt, e[None, :] * s_xe, e[None, :] * s_re, s_xn, s_rn,
+                        jmask, ecol)
+    tl.debug_barrier()
+    tl.store(OUT + b * s_ob + r[:, None] * s_on + e[None, :] * s_oe, out,
+             mask=rmask[:, None] & ecol)
+    tl.store(rb + j[:, None] * s_rn + e[None, :] * s_re, kept, mask=jmask[:, None] & ecol)

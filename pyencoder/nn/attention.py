@@ -406,7 +406,8 @@ class IntervalSelfAttention(nn.Module):
         # on n and state.pending (constant in the steady state) are built once per state
         # (fixed_index), pos is advanced before the decode so that it is n_keys itself, the
         # out_lengths fill is skipped when they already hold n (fill_counter) and the queue shift
-        # copies without a temporary when source and destination do not overlap.
+        # copies without a temporary when source and destination do not overlap (the fused ring
+        # write advances the query queue itself).
         B, n, E = x.shape
         dev = x.device
         inv = None if self.rope is None else self.rope.inv_freq(dev)
@@ -414,10 +415,14 @@ class IntervalSelfAttention(nn.Module):
         P = state.pos
         idx = fixed_index(state, "pending", n, dev)
         extras_new = self._query_extras(x)
+        keep = self.hi_off
+        released = None
         if _ring.fused_ok(x, state, q):
-            # one kernel for the keys (rotated), values and queries of every slot
-            _ring.ring_write(state, q, k, v, inv,
-                             False if self.rope is None else self.rope.interleaved)
+            # one kernel for the keys (rotated), values and queries of every slot; with held-back
+            # queries it also advances the query queue and returns the n queries released now
+            released = _ring.ring_write(state, q, k, v, inv,
+                                        False if self.rope is None else self.rope.interleaved,
+                                        keep)
         else:
             kpos = P[:, None] + idx.ar[None, :]
             if inv is not None:
@@ -434,10 +439,11 @@ class IntervalSelfAttention(nn.Module):
         qpos = P[:, None] + idx.qoff
         extras = {name: getattr(state, name)[:, :, :n] for name in self._queued}
         fill_counter(state, n)
-        o = self._decode(state.q[:, :, :n], extras, state, qpos, idx.count_n, P)
-        keep = self.hi_off
+        o = self._decode(state.q[:, :, :n] if released is None else released, extras, state,
+                         qpos, idx.count_n, P)
         if keep:
-            shift_queue(state.q, n, keep, 2)
+            if released is None:
+                shift_queue(state.q, n, keep, 2)
             for name in self._queued:
                 shift_queue(getattr(state, name), n, keep, 2)
         return self.out_proj(o.to(x.dtype).transpose(1, 2).reshape(B, n, E))

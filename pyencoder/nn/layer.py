@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .._checks import check_eps, check_int, check_module_input
+from ..ops import _ring_write_triton as _ring
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
                                check_step_slots, fill_counter, fixed_index, shift_queue, stamp)
 from .attention import IntervalSelfAttention, concat_ragged, fresh_counters
@@ -106,11 +107,14 @@ class TransformerLayer(nn.Module):
         return self.attention.last_input(t)
 
     def _post(self, x, a):
+        return self._post_sum(x + a)
+
+    def _post_sum(self, h):
+        # the layer after its attention residual sum h = x + a
         if self.norm_first:
-            h = x + a
             h = h + self.feed_forward(self.final_layer_norm(h))
             return h if self.adapter is None else h + self.adapter(h)
-        h = self.layer_norm(x + a)
+        h = self.layer_norm(h)
         return self.final_layer_norm(h + self.feed_forward(h))
 
     def _check(self, x):
@@ -168,7 +172,8 @@ class TransformerLayer(nn.Module):
     def step_fixed(self, x, state, check=False):
         """CUDA-graph friendly steady-state step (preconditions: the attention's ``step_fixed``).
         The residual inputs of the held-back frames are queued like the attention's queries:
-        written behind ``state.count`` (device-side index) and shifted by n; without lookahead
+        written behind ``state.count`` (device-side index) and shifted by n (on CUDA one fused
+        kernel queues, releases, shifts and adds the attention output); without lookahead
         (hi_off 0) nothing is held back and the queue is not touched. State in place."""
         self._check(x)
         self._check_state(state)
@@ -176,7 +181,10 @@ class TransformerLayer(nn.Module):
         h = self.layer_norm(x) if self.norm_first else x
         a = self.attention.step_fixed(h, state.attention, check=check)
         keep = self.attention.hi_off
-        if keep:
+        if keep and _ring.residual_ok(x, a, state.res, keep):
+            # one kernel: queue x, release n residuals, add them to a, keep the rest queued
+            y = self._post_sum(_ring.residual_queue(state.res, state.count, x, a, keep))
+        elif keep:
             idx = fixed_index(state, "count", n, x.device)
             state.res[idx.bidx, idx.qidx] = x.to(state.res.dtype)
             y = self._post(state.res[:, :n].to(a.dtype), a)

@@ -7,6 +7,13 @@ kernels are most of a layer's time).
 with ``FORCE_INTERPRET``), Triton importable, not traced by torch.compile, the ring / queue
 head counts and head_dim equal to the new frames', PYENCODER_FUSED_RING not 0. Otherwise the
 module runs its plain-torch write (same results up to the last bit of the float32 rotation).
+
+With ``keep`` > 0 (a mask with lookahead: queries wait in ``state.q``) and a step of at most
+``MAX_QUEUE_ROWS`` frames, the same launch also advances the query queue: it returns the n
+queries the step releases and leaves the pending ones at the queue's front, where the module's
+torch path writes every query into the queue, attends its first n rows and shifts the rest with
+a copy. ``residual_queue`` does that for a TransformerLayer's residual queue and adds the
+attention output in the same launch (an index_put, an add and a copy in the torch path).
 """
 import torch
 
@@ -14,13 +21,17 @@ from .._backend import _interpret
 from .._env import env_flag
 from ._triton_op import cdiv, dummy, launch, next_pow2
 
-__all__ = ["fused_ok", "ring_write"]
+__all__ = ["fused_ok", "ring_write", "residual_ok", "residual_queue", "MAX_QUEUE_ROWS"]
 
 # Tests set this to run the kernel under TRITON_INTERPRET=1 on CPU tensors (slow: off otherwise).
 FORCE_INTERPRET = False
 
+# A program holds a slot's whole queue (the step's rows and the pending ones, each padded to a
+# power of two): larger steps or queues keep the torch path's shift copies.
+MAX_QUEUE_ROWS = 64
 
-def fused_ok(x, state, q):
+
+def _device_ok(x):
     if not env_flag("PYENCODER_FUSED_RING", True) or torch.compiler.is_compiling() \
             or torch.jit.is_tracing():
         return False
@@ -32,25 +43,74 @@ def fused_ok(x, state, q):
         import triton  # noqa: F401
     except ImportError:
         return False
+    return True
+
+
+def fused_ok(x, state, q):
+    if not _device_ok(x):
+        return False
     B, H, n, D = q.shape
     return (state.k.shape[1] == H and state.q.shape[1] == H and state.k.shape[3] == D
             and state.v.shape[1] == H and state.v.shape[3] == D and state.q.shape[3] == D)
 
 
-def ring_write(state, q, k, v, inv_freq, interleaved):
+def _queue_fits(n, keep):
+    return 0 < keep <= MAX_QUEUE_ROWS and 0 < n <= MAX_QUEUE_ROWS
+
+
+def ring_write(state, q, k, v, inv_freq, interleaved, keep=0):
     """state.k / state.v at slots (state.pos + i) % cap <- rotated k / v; state.q at
-    state.pending + i <- q, for the n frames of q, k, v (B, H, n, D). In place; no host sync."""
+    state.pending + i <- q, for the n frames of q, k, v (B, H, n, D). In place; no host sync.
+
+    ``keep``: the most queries a slot holds back (the module's hi_off; state.pending <= keep).
+    When 0 < keep and n <= MAX_QUEUE_ROWS (and keep too), the queue is advanced as well
+    (module docstring) and the released queries (B, H, n, D) in state.q's dtype are returned;
+    otherwise None (the caller attends state.q[:, :, :n] and shifts the queue itself)."""
     from ..triton_kernels.ring_write import _ring_write_kernel
     B, H, n, D = q.shape
+    queue = _queue_fits(n, keep)
     if B == 0 or n == 0:
-        return
+        return q.new_empty(B, H, n, D, dtype=state.q.dtype) if queue else None
     half = 0 if inv_freq is None else int(inv_freq.numel())
     freq = (inv_freq.to(device=q.device, dtype=torch.float32).contiguous() if half else
             dummy(q, torch.float32))
-    bn = 16 if _interpret() else max(1, min(64, next_pow2(n)))
+    if queue:
+        bn = next_pow2(n)
+        out = torch.empty(B, H, n, D, device=q.device, dtype=state.q.dtype)
+    else:
+        bn = 16 if _interpret() else max(1, min(64, next_pow2(n)))
+        out = state.q              # not read (QUEUE off)
     launch(_ring_write_kernel)[(cdiv(n, bn), B * H)](
-        k, v, q, state.k, state.v, state.q, state.pos, state.pending, freq,
+        k, v, q, state.k, state.v, state.q, out, state.pos, state.pending, freq,
         *k.stride(), *v.stride(), *q.stride(), *state.k.stride(), *state.v.stride(),
-        *state.q.stride(), H, n, D, half, 2 * half, state.k.shape[2],
-        BLOCK_N=bn, BLOCK_R=max(16, next_pow2(max(half, 1))), BLOCK_D=max(16, next_pow2(D)),
-        HAS_ROPE=half > 0, INTERLEAVED=bool(interleaved), num_warps=4)
+        *state.q.stride(), *out.stride(), H, n, D, half, 2 * half, state.k.shape[2],
+        BLOCK_N=bn, BLOCK_K=next_pow2(keep) if queue else 1,
+        BLOCK_R=max(16, next_pow2(max(half, 1))), BLOCK_D=max(16, next_pow2(D)),
+        HAS_ROPE=half > 0, INTERLEAVED=bool(interleaved), QUEUE=queue, num_warps=4)
+    return out if queue else None
+
+
+def residual_ok(x, a, res, keep):
+    """Whether ``residual_queue`` runs for a layer step of x (B, n, E) with attention output a,
+    residual queue res (B, qcap, E) and at most ``keep`` frames held back."""
+    return (_device_ok(x) and _queue_fits(x.shape[1], keep) and a.shape == x.shape
+            and a.device == x.device and res.shape[2] == x.shape[2]
+            and all(t.dtype in (torch.float16, torch.bfloat16, torch.float32)
+                    for t in (x, a, res)))
+
+
+def residual_queue(res, count, x, a, keep):
+    """The residual queue's step (module docstring): returns (rows released by the queue
+    res[:, :count] ++ x)[:, :n] + a in a's dtype, and leaves the count rows after them at the
+    queue's front. In place; no host sync. Call when ``residual_ok``."""
+    from ..triton_kernels.ring_write import _residual_queue_kernel
+    B, n, E = x.shape
+    out = torch.empty(B, n, E, device=a.device, dtype=a.dtype)
+    if B == 0:
+        return out
+    bn = next_pow2(n)
+    be = max(16, min(256, next_pow2(E), 4096 // bn))
+    launch(_residual_queue_kernel)[(B, cdiv(E, be))](
+        x, a, res, count, out, *x.stride(), *a.stride(), *res.stride(), *out.stride(), n, E,
+        BLOCK_N=bn, BLOCK_K=next_pow2(keep), BLOCK_E=be, num_warps=4)
+    return out
