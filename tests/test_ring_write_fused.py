@@ -78,7 +78,12 @@ def test_fused_write_equals_torch_write(rope, ring_dtype):
     inter = False if rope is None else rope[1]
     want = st.clone()
     _torch_write(want, q, k, v, inv, inter)
-    RW.ring_write(st, q, k, v, inv, inter)
+    pos, pend = st.pos.clone(), st.pending.clone()
+    released, q_pos = RW.ring_write(st, q, k, v, inv, inter)
+    assert released is None
+    # the released queries' positions (the decode's q_pos): pos - pending + i
+    assert q_pos.dtype == torch.int64
+    assert torch.equal(q_pos, pos[:, None] - pend[:, None] + torch.arange(n, device=_DEV))
     # values and queries are copies (exact in float32; a bf16 ring: the interpreter's float32 ->
     # bfloat16 conversion may round differently from torch's, one bf16 ulp); the keys' rotation
     # agrees to float32 rounding (cos / sin of another library: an ulp here and there)
@@ -116,7 +121,10 @@ def test_fused_write_advances_query_queue(n, keep, pend, q_dtype):
     want = st.clone()
     before = st.q.clone()
     rel_want = _torch_queue_step(want, q, k, v, inv, False, keep)
-    rel = RW.ring_write(st, q, k, v, inv, False, keep)
+    pos = st.pos.clone()
+    rel, q_pos = RW.ring_write(st, q, k, v, inv, False, keep)
+    assert torch.equal(q_pos, pos[:, None] - torch.tensor(pend, device=_DEV)[:, None]
+                       + torch.arange(n, device=_DEV))
     assert rel is not None and rel.shape == (B, H, n, D) and rel.dtype == q_dtype
     assert torch.equal(rel, rel_want)
     for b, p in enumerate(pend):
@@ -136,7 +144,7 @@ def test_fused_write_queue_limits():
         q, k, v = (torch.randn(B, H, n, D, device=_DEV) for _ in range(3))
         want = st.clone()
         _torch_write(want, q, k, v, None, False)
-        assert RW.ring_write(st, q, k, v, None, False, keep) is None
+        assert RW.ring_write(st, q, k, v, None, False, keep)[0] is None
         assert torch.equal(st.q, want.q) and torch.equal(st.k, want.k)
 
 

@@ -7,7 +7,8 @@ writes the n new frames of every slot into the stream state, where the plain-tor
     V_RING[b, h, (POS[b] + i) % cap] = v[b, h, i]
     Q_BUF[b, h, PEND[b] + i]         = q[b, h, i]                     (queries stay un-rotated)
 
-for i < n. With QUEUE (a mask with lookahead: queries wait in Q_BUF), the query queue is also
+for i < n, and Q_POS[b, i] = POS[b] - PEND[b] + i, the positions of the queries the step
+releases (the decode's q_pos: one add kernel less per layer). With QUEUE (a mask with lookahead: queries wait in Q_BUF), the query queue is also
 advanced in the same launch instead of by a later shift copy: of the rows
 (Q_BUF[b, h, :PEND[b]] ++ q[b, h, :n]), the first n (the queries this step releases) go to
 Q_OUT[b, h, :n] and the PEND[b] after them back to Q_BUF[b, h, :PEND[b]] (the queue the next step
@@ -41,10 +42,11 @@ def _queued_rows(NEW, OLD, r, cnt, c_new, c_old, s_new_r, s_old_r, rmask, cmask)
 
 
 @triton.jit
-def _ring_write_kernel(K, V, Q, K_RING, V_RING, Q_BUF, Q_OUT, POS, PEND, INV_FREQ,
+def _ring_write_kernel(K, V, Q, K_RING, V_RING, Q_BUF, Q_OUT, Q_POS, POS, PEND, INV_FREQ,
                        s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_qb, s_qh, s_qn, s_qd,
                        s_rkb, s_rkh, s_rkn, s_rkd, s_rvb, s_rvh, s_rvn, s_rvd,
-                       s_bqb, s_bqh, s_bqn, s_bqd, s_oqb, s_oqh, s_oqn, s_oqd, H, n, D, HALF, ROT,
+                       s_bqb, s_bqh, s_bqn, s_bqd, s_oqb, s_oqh, s_oqn, s_oqd, s_pb, s_pn,
+                       H, n, D, HALF, ROT,
                        cap, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
                        QUEUE: tl.constexpr):
@@ -54,8 +56,13 @@ def _ring_write_kernel(K, V, Q, K_RING, V_RING, Q_BUF, Q_OUT, POS, PEND, INV_FRE
     h = (bh % H).to(tl.int64)
     i = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     imask = i < n
-    pos = tl.load(POS + b).to(tl.int64) + i
+    pos0 = tl.load(POS + b).to(tl.int64)
+    pend = tl.load(PEND + b).to(tl.int64)
+    pos = pos0 + i
     slot = pos % cap
+    if h == 0:
+        # positions of the n queries the step releases: the oldest pending one sits at pos - pend
+        tl.store(Q_POS + b * s_pb + i * s_pn, pos - pend, mask=imask)
     d = tl.arange(0, BLOCK_D)
     dmask = imask[:, None] & (d < D)[None, :]
     # v and q: copies (cast to the buffers' dtypes)
@@ -64,7 +71,6 @@ def _ring_write_kernel(K, V, Q, K_RING, V_RING, Q_BUF, Q_OUT, POS, PEND, INV_FRE
              v.to(V_RING.dtype.element_ty), mask=dmask)
     if QUEUE:
         # grid[0] == 1 (BLOCK_N >= n): every row of this (b, h) is read before any is written
-        pend = tl.load(PEND + b).to(tl.int64)
         qn = Q + b * s_qb + h * s_qh
         qb = Q_BUF + b * s_bqb + h * s_bqh
         dcol = (d < D)[None, :]
@@ -79,7 +85,7 @@ def _ring_write_kernel(K, V, Q, K_RING, V_RING, Q_BUF, Q_OUT, POS, PEND, INV_FRE
                  mask=dmask)
         tl.store(qb + j[:, None] * s_bqn + d[None, :] * s_bqd, kept, mask=jmask[:, None] & dcol)
     else:
-        qrow = tl.load(PEND + b).to(tl.int64) + i
+        qrow = pend + i
         q = tl.load(Q + b * s_qb + h * s_qh + i[:, None] * s_qn + d[None, :] * s_qd, mask=dmask)
         tl.store(Q_BUF + b * s_bqb + h * s_bqh + qrow[:, None] * s_bqn + d[None, :] * s_bqd,
                  q.to(Q_BUF.dtype.element_ty), mask=dmask)

@@ -416,13 +416,13 @@ class IntervalSelfAttention(nn.Module):
         idx = fixed_index(state, "pending", n, dev)
         extras_new = self._query_extras(x)
         keep = self.hi_off
-        released = None
+        released = qpos = None
         if _ring.fused_ok(x, state, q):
-            # one kernel for the keys (rotated), values and queries of every slot; with held-back
-            # queries it also advances the query queue and returns the n queries released now
-            released = _ring.ring_write(state, q, k, v, inv,
-                                        False if self.rope is None else self.rope.interleaved,
-                                        keep)
+            # one kernel for the keys (rotated), values and queries of every slot and the released
+            # queries' positions; with held-back queries it also advances the query queue and
+            # returns the n queries released now
+            released, qpos = _ring.ring_write(
+                state, q, k, v, inv, False if self.rope is None else self.rope.interleaved, keep)
         else:
             kpos = P[:, None] + idx.ar[None, :]
             if inv is not None:
@@ -436,7 +436,8 @@ class IntervalSelfAttention(nn.Module):
             buf[idx.bidx, :, idx.qidx] = t.transpose(1, 2).to(buf.dtype)
         # n_keys = pos + n is the advanced pos; query i sits at pos - pending + i (before the add)
         P.add_(n)
-        qpos = P[:, None] + idx.qoff
+        if qpos is None:
+            qpos = P[:, None] + idx.qoff
         extras = {name: getattr(state, name)[:, :, :n] for name in self._queued}
         fill_counter(state, n)
         o = self._decode(state.q[:, :, :n] if released is None else released, extras, state,

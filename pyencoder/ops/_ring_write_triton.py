@@ -8,7 +8,8 @@ with ``FORCE_INTERPRET``), Triton importable, not traced by torch.compile, the r
 head counts and head_dim equal to the new frames', PYENCODER_FUSED_RING not 0. Otherwise the
 module runs its plain-torch write (same results up to the last bit of the float32 rotation).
 
-With ``keep`` > 0 (a mask with lookahead: queries wait in ``state.q``) and a step of at most
+The launch also writes the released queries' positions (the decode's q_pos). With ``keep`` > 0
+(a mask with lookahead: queries wait in ``state.q``) and a step of at most
 ``MAX_QUEUE_ROWS`` frames, the same launch also advances the query queue: it returns the n
 queries the step releases and leaves the pending ones at the queue's front, where the module's
 torch path writes every query into the queue, attends its first n rows and shifts the rest with
@@ -62,15 +63,18 @@ def ring_write(state, q, k, v, inv_freq, interleaved, keep=0):
     """state.k / state.v at slots (state.pos + i) % cap <- rotated k / v; state.q at
     state.pending + i <- q, for the n frames of q, k, v (B, H, n, D). In place; no host sync.
 
-    ``keep``: the most queries a slot holds back (the module's hi_off; state.pending <= keep).
-    When 0 < keep and n <= MAX_QUEUE_ROWS (and keep too), the queue is advanced as well
-    (module docstring) and the released queries (B, H, n, D) in state.q's dtype are returned;
-    otherwise None (the caller attends state.q[:, :, :n] and shifts the queue itself)."""
+    Returns (released, q_pos). q_pos (B, n) int64: state.pos - state.pending + i (before the
+    step's pos advance), the positions of the n queries the step releases. ``keep``: the most
+    queries a slot holds back (the module's hi_off; state.pending <= keep). When 0 < keep and
+    n <= MAX_QUEUE_ROWS (and keep too), the queue is advanced as well (module docstring) and
+    ``released`` holds the released queries (B, H, n, D) in state.q's dtype; otherwise it is None
+    (the caller attends state.q[:, :, :n] and shifts the queue itself)."""
     from ..triton_kernels.ring_write import _ring_write_kernel
     B, H, n, D = q.shape
     queue = _queue_fits(n, keep)
+    q_pos = torch.empty(B, n, device=q.device, dtype=torch.int64)
     if B == 0 or n == 0:
-        return q.new_empty(B, H, n, D, dtype=state.q.dtype) if queue else None
+        return (q.new_empty(B, H, n, D, dtype=state.q.dtype) if queue else None), q_pos
     half = 0 if inv_freq is None else int(inv_freq.numel())
     freq = (inv_freq.to(device=q.device, dtype=torch.float32).contiguous() if half else
             dummy(q, torch.float32))
@@ -81,13 +85,14 @@ def ring_write(state, q, k, v, inv_freq, interleaved, keep=0):
         bn = 16 if _interpret() else max(1, min(64, next_pow2(n)))
         out = state.q              # not read (QUEUE off)
     launch(_ring_write_kernel)[(cdiv(n, bn), B * H)](
-        k, v, q, state.k, state.v, state.q, out, state.pos, state.pending, freq,
+        k, v, q, state.k, state.v, state.q, out, q_pos, state.pos, state.pending, freq,
         *k.stride(), *v.stride(), *q.stride(), *state.k.stride(), *state.v.stride(),
-        *state.q.stride(), *out.stride(), H, n, D, half, 2 * half, state.k.shape[2],
+        *state.q.stride(), *out.stride(), *q_pos.stride(), H, n, D, half, 2 * half,
+        state.k.shape[2],
         BLOCK_N=bn, BLOCK_K=next_pow2(keep) if queue else 1,
         BLOCK_R=max(16, next_pow2(max(half, 1))), BLOCK_D=max(16, next_pow2(D)),
         HAS_ROPE=half > 0, INTERLEAVED=bool(interleaved), QUEUE=queue, num_warps=4)
-    return out if queue else None
+    return (out if queue else None), q_pos
 
 
 def residual_ok(x, a, res, keep):
