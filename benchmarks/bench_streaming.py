@@ -346,7 +346,7 @@ def _fits(model, B, dtype, step_frames):
 KERNEL_KINDS = (
     ("gemm", r"gemm|gemv|splitk|nvjet|xmma|cutlass|cublas|addmm|aten::mm|aten::bmm|aten::linear"),
     ("attention", r"decode_attention|interval_attention"),
-    ("ring_write", r"ring_write|residual_queue"),
+    ("ring_write", r"ring_write|residual_kernel"),
     ("conv", r"conv|dw_update|dw_final_state|dw_dweight"),
     ("norm", r"layer_norm|layernorm"),
     ("copy", r"copy|index_put|scatter|gather|memcpy|memset|fill|clone"),

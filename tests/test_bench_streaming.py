@@ -123,7 +123,7 @@ def test_search_streams_deadline(monkeypatch):
     ("void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>", "gemm"),
     ("_decode_attention_fwd_kernel", "attention"),
     ("_ring_write_kernel", "ring_write"),
-    ("_residual_queue_kernel", "ring_write"),
+    ("_residual_kernel", "ring_write"),
     ("_causal_conv1d_grp_fwd_kernel", "conv"),
     ("void dw_update_kernel<__nv_bfloat16, 4>(DwUpdateParams)", "conv"),
     ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16>", "norm"),

@@ -8,9 +8,10 @@ interleaved / partial / no RoPE, a bfloat16 ring fed float32 frames), except the
 which agree to float32 rounding (cos / sin from another library), and step_fixed with it equals
 step_fixed without it and the offline forward over a whole stream (band and chunked
 masks, the tolerance of tests/test_streaming_fixed.py). With held-back queries (``keep``) the
-write also advances the query queue, and ``residual_queue`` advances a layer's residual queue and
-adds the attention output: both equal the torch path's write / index_put, read and shift copy
-(slots at different queue lengths, steps shorter and longer than the queue, mixed dtypes).
+write also advances the query queue, and ``residual_step`` advances a layer's residual queue,
+adds the attention output and applies the LayerNorm after it: both equal the torch path's write
+/ index_put, read, shift copy and layer_norm (slots at different queue lengths, steps shorter and
+longer than the queue, mixed dtypes; the norm to float32 rounding).
 GPU (``-m gpu``): the same compiled;
 the CUDA-graph tests of tests/test_streaming_fixed.py replay step_fixed with it (the CUDA
 default).
@@ -27,7 +28,8 @@ pytestmark = pytest.mark.skipif(not has_triton() or not (
     reason="needs triton (a GPU, or TRITON_INTERPRET=1)")
 
 from pyencoder import Rope  # noqa: E402
-from pyencoder.nn import BandedSelfAttention, ChunkedSelfAttention, TransformerLayer  # noqa: E402
+from pyencoder.nn import (AttentionAdapter, BandedSelfAttention, ChunkedSelfAttention,  # noqa: E402
+                          TransformerLayer)
 from pyencoder.ops import _ring_write_triton as RW  # noqa: E402
 from pyencoder.rope import apply_rope  # noqa: E402
 
@@ -163,7 +165,7 @@ def _torch_residual(res, count, x, a, keep):
                                     (torch.float32, torch.float32, torch.float16),
                                     (torch.float16, torch.float32, torch.float32)],
                          ids=["fp32", "fp16", "fp32_fp16res", "fp16x_fp32a"])
-def test_residual_queue_equals_torch(n, keep, cnt, dtypes):
+def test_residual_step_queue_equals_torch(n, keep, cnt, dtypes):
     """The residual queue's fused step == index_put + res.to(a.dtype) + a + shift copy (float32
     sums rounded once to a's dtype, as torch's half / float adds); E spans several column
     blocks with a ragged last one."""
@@ -177,19 +179,81 @@ def test_residual_queue_equals_torch(n, keep, cnt, dtypes):
     want = res.clone()
     before = res.clone()
     out_want = _torch_residual(want, count, x, a, keep)
-    out = RW.residual_queue(res, count, x, a, keep)
-    assert out.dtype == a_dt and out.shape == (B, n, E)
+    out, none = RW.residual_step(res, count, x, a, keep)
+    assert none is None and out.dtype == a_dt and out.shape == (B, n, E)
     assert torch.equal(out, out_want)
     for b, c in enumerate(cnt):
         assert torch.equal(res[b, :c], want[b, :c]), b
         assert torch.equal(res[b, c:], before[b, c:]), b
 
 
+def _layer_norm(E, affine, dtype):
+    ln = torch.nn.LayerNorm(E, eps=0.05, elementwise_affine=affine != "none",
+                            bias=affine == "full").to(_DEV)
+    if affine != "none":
+        with torch.no_grad():
+            ln.weight.copy_(torch.randn(E) * 0.5 + 1)
+            if ln.bias is not None:
+                ln.bias.copy_(torch.randn(E))
+    return ln.to(dtype)
+
+
+@pytest.mark.parametrize("keep,cnt", [(3, [3, 0, 1]), (0, [0, 0, 0])], ids=["queue", "noqueue"])
+@pytest.mark.parametrize("affine", ["full", "weight", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("need_sum", [True, False], ids=["sum", "nosum"])
+def test_residual_step_layer_norm(keep, cnt, affine, dtype, need_sum):
+    """With the LayerNorm after the sum in the same launch: the sum and the queue exactly as
+    without it, the normalised rows == torch's layer_norm of the torch path's sum (float32
+    statistics in another order: float32 to 1e-5, float16 to one ulp); E = 300 padded to 512."""
+    B, n, E = 3, 4, 300
+    res = torch.randn(B, keep + n + 1, E, device=_DEV).to(dtype)
+    count = torch.tensor(cnt, device=_DEV)
+    x = torch.randn(B, n, E, device=_DEV).to(dtype) * 3 + 1
+    a = torch.randn(B, n, E, device=_DEV).to(dtype)
+    ln = _layer_norm(E, affine, dtype)
+    assert RW.residual_ok(x, a, res, keep)
+    want = res.clone()
+    before = res.clone()
+    if keep:
+        s_want = _torch_residual(want, count, x, a, keep)
+    else:
+        s_want = x.to(res.dtype).to(a.dtype) + a
+    with torch.no_grad():
+        y_want = ln(s_want)
+        s, y = RW.residual_step(res, count, x, a, keep, ln, need_sum=need_sum)
+    for b, c in enumerate(cnt):
+        assert torch.equal(res[b, :c], want[b, :c]) and torch.equal(res[b, c:], before[b, c:])
+    if need_sum:
+        assert torch.equal(s, s_want)
+    else:
+        assert s is None
+    assert y.dtype == dtype and y.shape == (B, n, E)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(y, y_want, rtol=tol, atol=tol)
+
+
+def test_residual_step_norm_fallback():
+    """A LayerNorm tile over MAX_NORM_TILE (or not an nn.LayerNorm) runs torch's norm on the
+    fused sum: the same values as the torch path, bit for bit."""
+    E = RW.MAX_NORM_TILE // 4 + 1                    # 4 rows of next_pow2(E) > the tile
+    x, a = (torch.randn(2, 4, E, device=_DEV) for _ in range(2))
+    res = torch.randn(2, 8, E, device=_DEV)
+    ln = _layer_norm(E, "full", torch.float32)
+    with torch.no_grad():
+        s, y = RW.residual_step(res, torch.tensor([0, 0], device=_DEV), x, a, 0, ln)
+        assert torch.equal(s, x + a) and torch.equal(y, ln(x + a))
+        rms = torch.nn.RMSNorm(8).to(_DEV)
+        x8 = x[..., :8].contiguous()
+        s, y = RW.residual_step(res[..., :8], None, x8, x8, 0, rms, need_sum=False)
+        assert torch.equal(y, rms(x8 + x8))
+
+
 def test_residual_ok_conditions(monkeypatch):
     x = torch.randn(2, 3, 8, device=_DEV)
     res = torch.zeros(2, 6, 8, device=_DEV)
     assert RW.residual_ok(x, x, res, 2)
-    assert not RW.residual_ok(x, x, res, 0)                         # nothing held back
+    assert RW.residual_ok(x, x, res, 0)                             # nothing held back
     assert not RW.residual_ok(x, x, res, RW.MAX_QUEUE_ROWS + 1)
     assert not RW.residual_ok(x.double(), x.double(), res.double(), 2)
     assert not RW.residual_ok(x, x[:, :2], res, 2)
@@ -253,6 +317,10 @@ _LAYER_CASES = [
                                                    lookahead=0), 32, norm_first=False), 3),
     (lambda: TransformerLayer(ChunkedSelfAttention(16, 2, chunk_size=2, left_chunks=3,
                                                    lookahead=2, rope=True), 32), 4),
+    (lambda: TransformerLayer(BandedSelfAttention(16, 2, left=4, right=0), 32,
+                              norm_first=False), 2),
+    (lambda: TransformerLayer(BandedSelfAttention(16, 2, left=4, right=1), 32,
+                              adapter=AttentionAdapter(16, 8)), 1),
 ]
 
 
@@ -264,11 +332,11 @@ def _layer_case(make, n, monkeypatch):
     for fused in (True, False):
         monkeypatch.setenv("PYENCODER_FUSED_RING", "1" if fused else "0")
         calls = []
-        real_rw, real_res = RW.ring_write, RW.residual_queue
+        real_rw, real_res = RW.ring_write, RW.residual_step
         monkeypatch.setattr(RW, "ring_write",
                             lambda *a: calls.append("ring") or real_rw(*a))
-        monkeypatch.setattr(RW, "residual_queue",
-                            lambda *a: calls.append("res") or real_res(*a))
+        monkeypatch.setattr(RW, "residual_step",
+                            lambda *a, **k: calls.append("res") or real_res(*a, **k))
         with torch.no_grad():
             st = m.init_state(2, max_chunk=n)
             # slots at different queue lengths: a ragged first step
@@ -287,7 +355,7 @@ def _layer_case(make, n, monkeypatch):
         outs[fused] = [torch.cat(v) for v in ys]
         assert ("res" in calls) == fused and ("ring" in calls) == fused
         monkeypatch.setattr(RW, "ring_write", real_rw)
-        monkeypatch.setattr(RW, "residual_queue", real_res)
+        monkeypatch.setattr(RW, "residual_step", real_res)
     with torch.no_grad():
         for b, t_end in enumerate(t):
             ref = m(x[b:b + 1, :t_end])[0]
@@ -297,7 +365,8 @@ def _layer_case(make, n, monkeypatch):
 
 
 @pytest.mark.parametrize("case", range(len(_LAYER_CASES)),
-                         ids=["band_pre", "chunked_la0_post", "chunked_la2_pre"])
+                         ids=["band_pre", "chunked_la0_post", "chunked_la2_pre",
+                              "band_nolookahead_post", "band_adapter_pre"])
 def test_layer_step_fixed_with_fused_queues(case, monkeypatch):
     """A TransformerLayer's step_fixed with the fused query and residual queues == the torch
     path's == the offline forward (float32), over slots at different queue lengths."""
@@ -338,8 +407,8 @@ def test_bench_stack_step_fixed_fused_equals_torch(mask, monkeypatch):
             model.step(torch.randn(2, 1, HOP * sf), st)
         st2 = copy.deepcopy(st)
         calls = []
-        real = RW.residual_queue
-        monkeypatch.setattr(RW, "residual_queue", lambda *a: calls.append(1) or real(*a))
+        real = RW.residual_step
+        monkeypatch.setattr(RW, "residual_step", lambda *a, **k: calls.append(1) or real(*a, **k))
         for i in range(4):
             x = torch.randn(2, 1, HOP * sf)
             monkeypatch.setenv("PYENCODER_FUSED_RING", "0")
@@ -353,4 +422,4 @@ def test_bench_stack_step_fixed_fused_equals_torch(mask, monkeypatch):
                     assert torch.equal(a, tb[name]), (i, name)
                 elif name.endswith((".k", ".v")):     # the rings (queues: only the front counts)
                     assert (a - tb[name]).abs().max() <= 1e-5 * a.abs().max(), (i, name)
-        assert len(calls) == 4 * (1 if mask == "banded" else 2)
+        assert len(calls) == 4 * 2         # every layer, pre-LN: one launch each

@@ -252,5 +252,5 @@ def test_bench_stage_launches_are_captured(tmp_path):
     # bench_streaming's step_fixed: the ring write with the query queue (chunked) and without
     # (banded's later layers), and the residual queue
     assert names.get("_ring_write_kernel", 0) >= 2
-    assert names.get("_residual_queue_kernel", 0) >= 1
+    assert names.get("_residual_kernel", 0) >= 1
     assert names.get("_convnext_dwconv_ln_fwd_kernel", 0) >= 2

@@ -414,15 +414,22 @@ def _run_decode(rec, matrix):
         rec.case = f"{dn} D{D} rope={rope} ring write + query queue"
         RW.ring_write(st, *new, None if rot == 0 else torch.rand(rot // 2),
                       rope == "interleaved", 3)
-    # the layer's residual queue + the attention output's residual add (E = 768: 3 column
-    # blocks; 4 frames, 3 held back as the 80 ms chunked step), x / a in the case's dtype
-    for dn in (("fp16", "bf16", "fp32") if matrix != "full" else dts):
+    # the layer's residual kernel (E = 768; 4 frames, 3 held back as the 80 ms chunked step):
+    # queue + sum + LayerNorm (pre-LN: the sum stored too; post-LN: not), the FFN's add +
+    # LayerNorm (no queue), the queue and sum alone (3 column blocks)
+    variants = [("fp16", True, True, True), ("bf16", True, True, False),
+                ("bf16", False, True, False), ("fp32", True, False, True)]
+    if matrix == "full":
+        variants = [(dn, qu, ln, su) for dn in dts for qu in (True, False)
+                    for ln in (True, False) for su in (True, False) if ln or su]
+    for dn, queue, norm, need_sum in variants:
         dt = dts[dn]
-        for n, keep in ((4, 3), (1, 3)) if matrix == "full" else ((4, 3),):
-            res = torch.randn(2, 8, 768, dtype=dt)
-            rec.case = f"{dn} residual queue n={n} keep={keep}"
-            RW.residual_queue(res, torch.tensor([3, 0]), torch.randn(2, n, 768, dtype=dt),
-                              torch.randn(2, n, 768, dtype=dt), keep)
+        res = torch.randn(2, 8, 768, dtype=dt)
+        ln = torch.nn.LayerNorm(768).to(dt) if norm else None
+        rec.case = f"{dn} residual queue={queue} layer_norm={norm} sum={need_sum}"
+        RW.residual_step(res, torch.tensor([3, 0]), torch.randn(2, 4, 768, dtype=dt),
+                         torch.randn(2, 4, 768, dtype=dt), 3 if queue else 0, ln,
+                         need_sum=need_sum)
 
 
 def _run_convnext(rec, matrix):
@@ -725,7 +732,7 @@ if pytest is not None and __name__ != "__main__":
                      "_interval_attention_bwd_dkdv_kernel", "_causal_conv1d_dw_fwd_kernel",
                      "_causal_conv1d_grp_bwd_dw_kernel", "_convnext_dwconv_ln_fwd_kernel",
                      "_decode_attention_fwd_kernel", "_rope_rotate_kernel",
-                     "_ring_write_kernel", "_residual_queue_kernel"):
+                     "_ring_write_kernel", "_residual_kernel"):
             assert name in kernels
         # the ring write with and without the query queue, per target
         assert {(r["target"], "query queue" in r["case"]) for r in results

@@ -1,28 +1,35 @@
-"""Triton kernel of the streaming attention step's bookkeeping (``step_fixed``): one launch
-writes the n new frames of every slot into the stream state, where the plain-torch step runs
-~20 small kernels per layer (positions, the RoPE of the keys, ring slots, three index_puts):
+"""Triton kernels of the streaming step's bookkeeping (``step_fixed``).
+
+``_ring_write_kernel``: one launch writes the n new frames of every slot into the attention's
+stream state, where the plain-torch step runs ~20 small kernels per layer (positions, the RoPE of
+the keys, ring slots, three index_puts):
 
     K_RING[b, h, (POS[b] + i) % cap] = rot(k[b, h, i], POS[b] + i)   (cast to k's dtype first,
                                                                       as the torch path does)
     V_RING[b, h, (POS[b] + i) % cap] = v[b, h, i]
     Q_BUF[b, h, PEND[b] + i]         = q[b, h, i]                     (queries stay un-rotated)
+    Q_POS[b, i]                      = POS[b] - PEND[b] + i           (the released queries'
+                                                                      positions: the decode's)
 
-for i < n, and Q_POS[b, i] = POS[b] - PEND[b] + i, the positions of the queries the step
-releases (the decode's q_pos: one add kernel less per layer). With QUEUE (a mask with lookahead: queries wait in Q_BUF), the query queue is also
-advanced in the same launch instead of by a later shift copy: of the rows
-(Q_BUF[b, h, :PEND[b]] ++ q[b, h, :n]), the first n (the queries this step releases) go to
-Q_OUT[b, h, :n] and the PEND[b] after them back to Q_BUF[b, h, :PEND[b]] (the queue the next step
-finds); then one program holds all n rows of a (b, h) and loads every row before it stores any.
-
-``_residual_queue_kernel`` does the same for a TransformerLayer's residual queue (the inputs of
-the frames whose attention is held back) and adds the released rows to the attention output:
-
-    OUT[b, :n] = (RES[b, :CNT[b]] ++ x[b, :n])[:n] + a[b, :n]   (in a's dtype, as torch adds)
-    RES[b, :CNT[b]] = (RES[b, :CNT[b]] ++ x[b, :n])[n:n + CNT[b]]
-
-one launch where the torch step runs an index_put, an add and a shift copy. The rotation is pyencoder.rope.apply_rope's formula (float32 angle float32(pos) *
+for i < n. The rotation is pyencoder.rope.apply_rope's formula (float32 angle float32(pos) *
 inv_freq, NeoX or interleaved pairs, features from ROT = 2 * HALF copied); every store casts to
-its buffer's dtype. One program per (BLOCK_N frames, batch * head); any strides.
+its buffer's dtype. One program per (BLOCK_N frames, batch * head); any strides. With QUEUE (a
+mask with lookahead: queries wait in Q_BUF) the query queue is advanced in the same launch
+instead of by a later shift copy: of the rows (Q_BUF[b, h, :PEND[b]] ++ q[b, h, :n]), the first
+n (the queries this step releases) go to Q_OUT[b, h, :n] and the PEND[b] after them back to
+Q_BUF[b, h, :PEND[b]] (the queue the next step finds); then one program holds all n rows of a
+(b, h) and loads every row before it stores any.
+
+``_residual_kernel``: a TransformerLayer's residual sum after its attention, with its residual
+queue (QUEUE: the inputs of the frames whose attention is held back) and LayerNorm (LN):
+
+    S[b, :n]   = (RES[b, :CNT[b]] ++ x[b, :n])[:n] + a[b, :n]    (in a's dtype, as torch adds)
+    RES[b, :CNT[b]] = (RES[b, :CNT[b]] ++ x[b, :n])[n:n + CNT[b]]   (QUEUE)
+    OUT[b, :n] = layer_norm(S[b, :n]) (LN; S stored too with STORE_SUM) or S
+
+(without QUEUE, CNT = 0: S = x + a). One launch where the torch step runs an index_put, an add,
+a shift copy and a layer_norm. A program holds all rows of a slot (of BLOCK_E columns; with LN
+all E), so it reads every queued row before it stores any.
 """
 import triton
 import triton.language as tl
@@ -117,29 +124,54 @@ def _ring_write_kernel(K, V, Q, K_RING, V_RING, Q_BUF, Q_OUT, Q_POS, POS, PEND, 
 
 
 @triton.jit
-def _residual_queue_kernel(X, A, RES, CNT, OUT, s_xb, s_xn, s_xe, s_ab, s_an, s_ae,
-                           s_rb, s_rn, s_re, s_ob, s_on, s_oe, n, E,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
-    # one program per (slot, BLOCK_E columns) holding all rows: each row is read before any is
-    # written (columns are independent)
+def _residual_kernel(X, A, RES, CNT, OUT, SUM, W, BIAS, s_xb, s_xn, s_xe, s_ab, s_an, s_ae,
+                     s_rb, s_rn, s_re, s_ob, s_on, s_oe, s_sb, s_sn, s_se, n, E, eps,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+                     QUEUE: tl.constexpr, LN: tl.constexpr, HAS_W: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, STORE_SUM: tl.constexpr):
+    # one program per (slot, BLOCK_E columns; LN: all E) holding all rows of the slot
     b = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     ecol = (e < E)[None, :]
-    cnt = tl.load(CNT + b).to(tl.int64)
     xb = X + b * s_xb
     rb = RES + b * s_rb
     r = tl.arange(0, BLOCK_N)
     rmask = r < n
-    rel = _queued_rows(xb, rb, r, cnt, e[None, :] * s_xe, e[None, :] * s_re, s_xn, s_rn, rmask,
-                       ecol)
-    a = tl.load(A + b * s_ab + r[:, None] * s_an + e[None, :] * s_ae, mask=rmask[:, None] & ecol)
+    m2 = rmask[:, None] & ecol
+    if QUEUE:
+        cnt = tl.load(CNT + b).to(tl.int64)
+        rel = _queued_rows(xb, rb, r, cnt, e[None, :] * s_xe, e[None, :] * s_re, s_xn, s_rn,
+                           rmask, ecol)
+        j = tl.arange(0, BLOCK_K)
+        jmask = j < cnt
+        kept = _queued_rows(xb, rb, n + j, cnt, e[None, :] * s_xe, e[None, :] * s_re, s_xn,
+                            s_rn, jmask, ecol)
+        # every queued row of this program is read: the queue's new front can be stored (OUT /
+        # SUM are fresh tensors, nothing reads them here)
+        tl.debug_barrier()
+        tl.store(rb + j[:, None] * s_rn + e[None, :] * s_re, kept, mask=jmask[:, None] & ecol)
+    else:
+        rel = tl.load(xb + r[:, None] * s_xn + e[None, :] * s_xe, mask=m2).to(
+            RES.dtype.element_ty)
+    a = tl.load(A + b * s_ab + r[:, None] * s_an + e[None, :] * s_ae, mask=m2)
     # torch: res.to(a.dtype) + a, summed in float32 and rounded to a's dtype
-    out = (rel.to(a.dtype).to(tl.float32) + a.to(tl.float32)).to(OUT.dtype.element_ty)
-    j = tl.arange(0, BLOCK_K)
-    jmask = j < cnt
-    kept = _queued_rows(xb, rb, n + j, cnt, e[None, :] * s_xe, e[None, :] * s_re, s_xn, s_rn,
-                        jmask, ecol)
-    tl.debug_barrier()
-    tl.store(OUT + b * s_ob + r[:, None] * s_on + e[None, :] * s_oe, out,
-             mask=rmask[:, None] & ecol)
-    tl.store(rb + j[:, None] * s_rn + e[None, :] * s_re, kept, mask=jmask[:, None] & ecol)
+    sm = (rel.to(a.dtype).to(tl.float32) + a.to(tl.float32)).to(a.dtype)
+    if LN:
+        # layer_norm over E in float32 (torch's CUDA kernel: float32 statistics, biased
+        # variance, output in the input's dtype); masked columns are 0 and left out
+        sf = tl.where(ecol, sm.to(tl.float32), 0.0)
+        mean = tl.sum(sf, axis=1) / E
+        d = tl.where(ecol, sf - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / E + eps)
+        y = d * rstd[:, None]
+        if HAS_W:
+            y = y * tl.load(W + e, mask=e < E).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(BIAS + e, mask=e < E).to(tl.float32)[None, :]
+        out = y.to(OUT.dtype.element_ty)
+    else:
+        out = sm.to(OUT.dtype.element_ty)
+    tl.store(OUT + b * s_ob + r[:, None] * s_on + e[None, :] * s_oe, out, mask=m2)
+    if STORE_SUM:
+        tl.store(SUM + b * s_sb + r[:, None] * s_sn + e[None, :] * s_se,
+                 sm.to(SUM.dtype.element_ty), mask=m2)

@@ -107,14 +107,11 @@ class TransformerLayer(nn.Module):
         return self.attention.last_input(t)
 
     def _post(self, x, a):
-        return self._post_sum(x + a)
-
-    def _post_sum(self, h):
-        # the layer after its attention residual sum h = x + a
         if self.norm_first:
+            h = x + a
             h = h + self.feed_forward(self.final_layer_norm(h))
             return h if self.adapter is None else h + self.adapter(h)
-        h = self.layer_norm(h)
+        h = self.layer_norm(x + a)
         return self.final_layer_norm(h + self.feed_forward(h))
 
     def _check(self, x):
@@ -172,18 +169,19 @@ class TransformerLayer(nn.Module):
     def step_fixed(self, x, state, check=False):
         """CUDA-graph friendly steady-state step (preconditions: the attention's ``step_fixed``).
         The residual inputs of the held-back frames are queued like the attention's queries:
-        written behind ``state.count`` (device-side index) and shifted by n (on CUDA one fused
-        kernel queues, releases, shifts and adds the attention output); without lookahead
-        (hi_off 0) nothing is held back and the queue is not touched. State in place."""
+        written behind ``state.count`` (device-side index) and shifted by n; without lookahead
+        (hi_off 0) nothing is held back and the queue is not touched. On CUDA one fused kernel
+        queues, releases and shifts, adds the attention output and applies the LayerNorm after
+        it (pyencoder.ops._ring_write_triton.residual_step; post-LN: one more for the
+        feed-forward's add + LayerNorm). State in place."""
         self._check(x)
         self._check_state(state)
         B, n, E = x.shape
         h = self.layer_norm(x) if self.norm_first else x
         a = self.attention.step_fixed(h, state.attention, check=check)
         keep = self.attention.hi_off
-        if keep and _ring.residual_ok(x, a, state.res, keep):
-            # one kernel: queue x, release n residuals, add them to a, keep the rest queued
-            y = self._post_sum(_ring.residual_queue(state.res, state.count, x, a, keep))
+        if _ring.residual_ok(x, a, state.res, keep):
+            y = self._fused_post(x, a, state, keep)
         elif keep:
             idx = fixed_index(state, "count", n, x.device)
             state.res[idx.bidx, idx.qidx] = x.to(state.res.dtype)
@@ -195,6 +193,19 @@ class TransformerLayer(nn.Module):
             y = self._post(x.to(state.res.dtype).to(a.dtype), a)
         fill_counter(state, n)
         return y
+
+    def _fused_post(self, x, a, state, keep):
+        # CUDA step: one kernel queues x, releases n residuals, adds them to a, keeps the rest
+        # queued (keep > 0) and applies the LayerNorm that follows the sum; post-LN: one more
+        # for the feed-forward's add + LayerNorm. The same ops as _post, in 2 kernels, not 4-7.
+        s, h = _ring.residual_step(state.res, state.count, x, a, keep,
+                                   self.final_layer_norm if self.norm_first else self.layer_norm,
+                                   need_sum=self.norm_first)
+        if self.norm_first:
+            s = s + self.feed_forward(h)
+            return s if self.adapter is None else s + self.adapter(s)
+        f = self.feed_forward(h)
+        return _ring.residual_step(h, None, h, f, 0, self.final_layer_norm, need_sum=False)[1]
 
     def flush(self, state):
         self._check_state(state)

@@ -13,8 +13,9 @@ The launch also writes the released queries' positions (the decode's q_pos). Wit
 ``MAX_QUEUE_ROWS`` frames, the same launch also advances the query queue: it returns the n
 queries the step releases and leaves the pending ones at the queue's front, where the module's
 torch path writes every query into the queue, attends its first n rows and shifts the rest with
-a copy. ``residual_queue`` does that for a TransformerLayer's residual queue and adds the
-attention output in the same launch (an index_put, an add and a copy in the torch path).
+a copy. ``residual_step`` does that for a TransformerLayer's residual queue, adds the attention
+output and applies the LayerNorm that follows, in the same launch (an index_put, an add, a copy
+and a layer_norm in the torch path); without a queue it is the fused add + LayerNorm.
 """
 import torch
 
@@ -22,7 +23,7 @@ from .._backend import _interpret
 from .._env import env_flag
 from ._triton_op import cdiv, dummy, launch, next_pow2
 
-__all__ = ["fused_ok", "ring_write", "residual_ok", "residual_queue", "MAX_QUEUE_ROWS"]
+__all__ = ["fused_ok", "ring_write", "residual_ok", "residual_step", "MAX_QUEUE_ROWS"]
 
 # Tests set this to run the kernel under TRITON_INTERPRET=1 on CPU tensors (slow: off otherwise).
 FORCE_INTERPRET = False
@@ -96,26 +97,62 @@ def ring_write(state, q, k, v, inv_freq, interleaved, keep=0):
 
 
 def residual_ok(x, a, res, keep):
-    """Whether ``residual_queue`` runs for a layer step of x (B, n, E) with attention output a,
-    residual queue res (B, qcap, E) and at most ``keep`` frames held back."""
-    return (_device_ok(x) and _queue_fits(x.shape[1], keep) and a.shape == x.shape
-            and a.device == x.device and res.shape[2] == x.shape[2]
-            and all(t.dtype in (torch.float16, torch.bfloat16, torch.float32)
-                    for t in (x, a, res)))
+    """Whether ``residual_step`` runs for a layer step of x (B, n, E) with attention output a,
+    residual queue res (B, qcap, E) and at most ``keep`` frames held back (0: no queue)."""
+    return (_device_ok(x) and (keep == 0 or _queue_fits(x.shape[1], keep))
+            and a.shape == x.shape and a.device == x.device and res.shape[2] == x.shape[2]
+            and all(t.dtype in _DTYPES for t in (x, a, res)))
 
 
-def residual_queue(res, count, x, a, keep):
-    """The residual queue's step (module docstring): returns (rows released by the queue
-    res[:, :count] ++ x)[:, :n] + a in a's dtype, and leaves the count rows after them at the
-    queue's front. In place; no host sync. Call when ``residual_ok``."""
-    from ..triton_kernels.ring_write import _residual_queue_kernel
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# LayerNorm in the same launch: a program holds all E columns of a slot's rows (padded to powers
+# of two); larger tiles run the sum kernel and torch's layer_norm.
+MAX_NORM_TILE = 8192
+
+
+def _norm_args(norm, E, n, device):
+    """(weight, bias, eps) of an nn.LayerNorm the kernel can apply over E, else None."""
+    if not isinstance(norm, torch.nn.LayerNorm) or tuple(norm.normalized_shape) != (E,) \
+            or next_pow2(n) * next_pow2(E) > MAX_NORM_TILE:
+        return None
+    w, b = norm.weight, norm.bias
+    for t in (w, b):
+        if t is not None and (t.device != device or t.dtype not in _DTYPES or t.shape != (E,)
+                              or t.stride() != (1,)):
+            return None
+    return w, b, float(norm.eps)
+
+
+def residual_step(res, count, x, a, keep, norm=None, need_sum=True):
+    """A TransformerLayer's residual sum after its attention, in one launch (module docstring):
+    s = (rows released by the queue res[:, :count] ++ x)[:, :n] + a in a's dtype, the count
+    rows after them left at the queue's front (keep > 0; keep == 0: no queue, s = x + a, res
+    only gives the dtype x goes through), and y = norm(s) for an nn.LayerNorm ``norm``. Returns
+    (s, y): y is None without a norm; s is None when the norm ran in the launch and
+    ``need_sum`` is false. A norm the launch cannot hold (an E x n tile over MAX_NORM_TILE,
+    another module) is applied by torch to s. In place; no host sync. Call when
+    ``residual_ok``."""
+    from ..triton_kernels.ring_write import _residual_kernel
     B, n, E = x.shape
+    ln = None if norm is None else _norm_args(norm, E, n, x.device)
+    queue = keep > 0
     out = torch.empty(B, n, E, device=a.device, dtype=a.dtype)
-    if B == 0:
-        return out
-    bn = next_pow2(n)
-    be = max(16, min(256, next_pow2(E), 4096 // bn))
-    launch(_residual_queue_kernel)[(B, cdiv(E, be))](
-        x, a, res, count, out, *x.stride(), *a.stride(), *res.stride(), *out.stride(), n, E,
-        BLOCK_N=bn, BLOCK_K=next_pow2(keep), BLOCK_E=be, num_warps=4)
-    return out
+    ssum = torch.empty(B, n, E, device=a.device, dtype=a.dtype) \
+        if ln is not None and need_sum else out
+    if B and n:
+        bn = next_pow2(n)
+        be = next_pow2(E) if ln is not None else max(16, min(256, next_pow2(E), 4096 // bn))
+        w, bias, eps = ln if ln is not None else (None, None, 0.0)
+        launch(_residual_kernel)[(B, cdiv(E, be))](
+            x, a, res, count if queue else x, out, ssum, w if w is not None else out,
+            bias if bias is not None else out,
+            *x.stride(), *a.stride(), *res.stride(), *out.stride(), *ssum.stride(), n, E, eps,
+            BLOCK_N=bn, BLOCK_K=next_pow2(keep) if queue else 1, BLOCK_E=be, QUEUE=queue,
+            LN=ln is not None, HAS_W=w is not None, HAS_BIAS=bias is not None,
+            STORE_SUM=ln is not None and need_sum, num_warps=8 if bn * be >= 4096 else 4)
+    if norm is None:
+        return out, None
+    if ln is None:
+        return out, norm(out)
+    return (ssum if need_sum else None), out
