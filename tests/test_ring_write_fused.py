@@ -257,8 +257,23 @@ def test_residual_ok_conditions(monkeypatch):
     assert not RW.residual_ok(x, x, res, RW.MAX_QUEUE_ROWS + 1)
     assert not RW.residual_ok(x.double(), x.double(), res.double(), 2)
     assert not RW.residual_ok(x, x[:, :2], res, 2)
+    xg = x.clone().requires_grad_()
+    assert not RW.residual_ok(x, xg, res, 2)                        # autograd records a
+    with torch.no_grad():
+        assert RW.residual_ok(x, xg, res, 2)
     monkeypatch.setenv("PYENCODER_FUSED_RING", "0")
     assert not RW.residual_ok(x, x, res, 2)
+
+
+def test_residual_step_norm_with_grad_params_runs_torch_norm():
+    """A LayerNorm whose parameters autograd records is torch's (on the fused sum), so its
+    weight and bias get gradients."""
+    x, a = (torch.randn(2, 4, 16, device=_DEV) for _ in range(2))
+    ln = _layer_norm(16, "full", torch.float32)
+    s, y = RW.residual_step(x, None, x, a, 0, ln)
+    assert y.grad_fn is not None and torch.equal(y, ln(x + a))
+    y.sum().backward()
+    assert ln.weight.grad is not None and ln.bias.grad is not None
 
 
 def test_fused_ok_conditions(monkeypatch):

@@ -98,10 +98,12 @@ def ring_write(state, q, k, v, inv_freq, interleaved, keep=0):
 
 def residual_ok(x, a, res, keep):
     """Whether ``residual_step`` runs for a layer step of x (B, n, E) with attention output a,
-    residual queue res (B, qcap, E) and at most ``keep`` frames held back (0: no queue)."""
+    residual queue res (B, qcap, E) and at most ``keep`` frames held back (0: no queue). Not
+    when autograd records x or a (the kernel has no backward: the torch ops keep the graph)."""
     return (_device_ok(x) and (keep == 0 or _queue_fits(x.shape[1], keep))
             and a.shape == x.shape and a.device == x.device and res.shape[2] == x.shape[2]
-            and all(t.dtype in _DTYPES for t in (x, a, res)))
+            and all(t.dtype in _DTYPES for t in (x, a, res))
+            and not (torch.is_grad_enabled() and (x.requires_grad or a.requires_grad)))
 
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -117,6 +119,8 @@ def _norm_args(norm, E, n, device):
             or next_pow2(n) * next_pow2(E) > MAX_NORM_TILE:
         return None
     w, b = norm.weight, norm.bias
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (w, b)):
+        return None                 # autograd records the norm: torch's, on the fused sum
     for t in (w, b):
         if t is not None and (t.device != device or t.dtype not in _DTYPES or t.shape != (E,)
                               or t.stride() != (1,)):
