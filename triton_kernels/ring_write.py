@@ -49,6 +49,21 @@ def _queued_rows(NEW, OLD, r, cnt, c_new, c_old, s_new_r, s_old_r, rmask, cmask)
 
 
 @triton.jit
+def _advance_queue(NEW, OLD, r, rmask, cnt, n, c_new, c_old, s_new_r, s_old_r, cmask,
+                   BLOCK_K: tl.constexpr):
+    """A queue step of the rows (OLD[:cnt] ++ NEW[:n]): returns rows r (< n: those released),
+    and stores rows n .. n + cnt - 1 (the queue's new front) into OLD[:cnt] after a barrier,
+    when the program has read every row it needs (it must hold all rows of its columns)."""
+    rel = _queued_rows(NEW, OLD, r, cnt, c_new, c_old, s_new_r, s_old_r, rmask, cmask)
+    j = tl.arange(0, BLOCK_K)
+    jmask = j < cnt
+    kept = _queued_rows(NEW, OLD, n + j, cnt, c_new, c_old, s_new_r, s_old_r, jmask, cmask)
+    tl.debug_barrier()
+    tl.store(OLD + j[:, None] * s_old_r + c_old, kept, mask=jmask[:, None] & cmask)
+    return rel
+
+
+@triton.jit
 def _ring_write_kernel(K, V, Q, K_RING, V_RING, Q_BUF, Q_OUT, Q_POS, POS, PEND, INV_FREQ,
                        s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_qb, s_qh, s_qn, s_qd,
                        s_rkb, s_rkh, s_rkn, s_rkd, s_rvb, s_rvh, s_rvn, s_rvd,
@@ -80,17 +95,10 @@ def _ring_write_kernel(K, V, Q, K_RING, V_RING, Q_BUF, Q_OUT, Q_POS, POS, PEND, 
         # grid[0] == 1 (BLOCK_N >= n): every row of this (b, h) is read before any is written
         qn = Q + b * s_qb + h * s_qh
         qb = Q_BUF + b * s_bqb + h * s_bqh
-        dcol = (d < D)[None, :]
-        rel = _queued_rows(qn, qb, i, pend, d[None, :] * s_qd, d[None, :] * s_bqd, s_qn, s_bqn,
-                           imask, dcol)
-        j = tl.arange(0, BLOCK_K)
-        jmask = j < pend
-        kept = _queued_rows(qn, qb, n + j, pend, d[None, :] * s_qd, d[None, :] * s_bqd, s_qn,
-                            s_bqn, jmask, dcol)
-        tl.debug_barrier()
+        rel = _advance_queue(qn, qb, i, imask, pend, n, d[None, :] * s_qd, d[None, :] * s_bqd,
+                             s_qn, s_bqn, (d < D)[None, :], BLOCK_K)
         tl.store(Q_OUT + b * s_oqb + h * s_oqh + i[:, None] * s_oqn + d[None, :] * s_oqd, rel,
                  mask=dmask)
-        tl.store(qb + j[:, None] * s_bqn + d[None, :] * s_bqd, kept, mask=jmask[:, None] & dcol)
     else:
         qrow = pend + i
         q = tl.load(Q + b * s_qb + h * s_qh + i[:, None] * s_qn + d[None, :] * s_qd, mask=dmask)
@@ -139,17 +147,9 @@ def _residual_kernel(X, A, RES, CNT, OUT, SUM, W, BIAS, s_xb, s_xn, s_xe, s_ab, 
     rmask = r < n
     m2 = rmask[:, None] & ecol
     if QUEUE:
-        cnt = tl.load(CNT + b).to(tl.int64)
-        rel = _queued_rows(xb, rb, r, cnt, e[None, :] * s_xe, e[None, :] * s_re, s_xn, s_rn,
-                           rmask, ecol)
-        j = tl.arange(0, BLOCK_K)
-        jmask = j < cnt
-        kept = _queued_rows(xb, rb, n + j, cnt, e[None, :] * s_xe, e[None, :] * s_re, s_xn,
-                            s_rn, jmask, ecol)
-        # every queued row of this program is read: the queue's new front can be stored (OUT /
-        # SUM are fresh tensors, nothing reads them here)
-        tl.debug_barrier()
-        tl.store(rb + j[:, None] * s_rn + e[None, :] * s_re, kept, mask=jmask[:, None] & ecol)
+        # (OUT / SUM are fresh tensors: only the queue's rows need the read-before-write order)
+        rel = _advance_queue(xb, rb, r, rmask, tl.load(CNT + b).to(tl.int64), n,
+                             e[None, :] * s_xe, e[None, :] * s_re, s_xn, s_rn, ecol, BLOCK_K)
     else:
         rel = tl.load(xb + r[:, None] * s_xn + e[None, :] * s_xe, mask=m2).to(
             RES.dtype.element_ty)
