@@ -427,9 +427,10 @@ def _run_decode(rec, matrix):
         res = torch.randn(2, 8, 768, dtype=dt)
         ln = torch.nn.LayerNorm(768).to(dt) if norm else None
         rec.case = f"{dn} residual queue={queue} layer_norm={norm} sum={need_sum}"
-        RW.residual_step(res, torch.tensor([3, 0]), torch.randn(2, 4, 768, dtype=dt),
-                         torch.randn(2, 4, 768, dtype=dt), 3 if queue else 0, ln,
-                         need_sum=need_sum)
+        with torch.no_grad():       # the LayerNorm in the launch (not while autograd records)
+            RW.residual_step(res, torch.tensor([3, 0]), torch.randn(2, 4, 768, dtype=dt),
+                             torch.randn(2, 4, 768, dtype=dt), 3 if queue else 0, ln,
+                             need_sum=need_sum)
 
 
 def _run_convnext(rec, matrix):
@@ -734,6 +735,10 @@ if pytest is not None and __name__ != "__main__":
                      "_decode_attention_fwd_kernel", "_rope_rotate_kernel",
                      "_ring_write_kernel", "_residual_kernel"):
             assert name in kernels
+        # the residual kernel with its LayerNorm, with and without the queue, per target
+        assert {(r["target"], "QUEUE=True" in r["config"]) for r in results
+                if r["kernel"] == "_residual_kernel" and "LN=True" in r["config"]} == {
+                    (t, v) for t in TARGETS for v in (False, True)}
         # the ring write with and without the query queue, per target
         assert {(r["target"], "query queue" in r["case"]) for r in results
                 if r["kernel"] == "_ring_write_kernel"} == {(t, v) for t in TARGETS
