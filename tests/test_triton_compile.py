@@ -410,10 +410,16 @@ def _run_decode(rec, matrix):
         rec.case = f"{dn} D{D} rope={rope} ring write"
         RW.ring_write(st, *new, None if rot == 0 else torch.rand(rot // 2),
                       rope == "interleaved")
-        # with held-back queries: the same launch advances the query queue (QUEUE)
+        # with held-back queries: the same launch advances the query queue (QUEUE); bf16 also
+        # one frame, one held back (1-row blocks)
         rec.case = f"{dn} D{D} rope={rope} ring write + query queue"
         RW.ring_write(st, *new, None if rot == 0 else torch.rand(rot // 2),
                       rope == "interleaved", 3)
+        if dn == "bf16" or matrix == "full":
+            rec.case = f"{dn} D{D} rope={rope} ring write n=1 + query queue keep=1"
+            st.pending = torch.tensor([1, 0])
+            RW.ring_write(st, *[t[:, :, :1] for t in new],
+                          None if rot == 0 else torch.rand(rot // 2), rope == "interleaved", 1)
     # the layer's residual kernel (E = 768; 4 frames, 3 held back as the 80 ms chunked step):
     # queue + sum + LayerNorm (pre-LN: the sum stored too; post-LN: not), the FFN's add +
     # LayerNorm (no queue), the queue and sum alone (3 column blocks)
@@ -424,13 +430,15 @@ def _run_decode(rec, matrix):
                     for ln in (True, False) for su in (True, False) if ln or su]
     for dn, queue, norm, need_sum in variants:
         dt = dts[dn]
-        res = torch.randn(2, 8, 768, dtype=dt)
         ln = torch.nn.LayerNorm(768).to(dt) if norm else None
-        rec.case = f"{dn} residual queue={queue} layer_norm={norm} sum={need_sum}"
-        with torch.no_grad():       # the LayerNorm in the launch (not while autograd records)
-            RW.residual_step(res, torch.tensor([3, 0]), torch.randn(2, 4, 768, dtype=dt),
-                             torch.randn(2, 4, 768, dtype=dt), 3 if queue else 0, ln,
-                             need_sum=need_sum)
+        # 4 frames, 3 held back; and one frame, one held back (1-row blocks: a 20 ms band step)
+        for n, keep in ((4, 3), (1, 1)) if dn == "bf16" or matrix == "full" else ((4, 3),):
+            res = torch.randn(2, 8, 768, dtype=dt)
+            rec.case = f"{dn} residual n={n} queue={queue} layer_norm={norm} sum={need_sum}"
+            with torch.no_grad():   # the LayerNorm in the launch (not while autograd records)
+                RW.residual_step(res, torch.tensor([keep, 0]), torch.randn(2, n, 768, dtype=dt),
+                                 torch.randn(2, n, 768, dtype=dt), keep if queue else 0, ln,
+                                 need_sum=need_sum)
 
 
 def _run_convnext(rec, matrix):
