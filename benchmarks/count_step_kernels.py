@@ -27,7 +27,9 @@ Paths (``--path``):
     CPU product is a CPU-only path; the GPU runs F.linear).
   * ``cuda``: what a CUDA step dispatches, emulated on CPU tensors: the Triton backends of decode
     attention and conv (``use_backend(decode_attention="triton", conv="triton")``; a CUDA build's
-    conv would run ``pyencoder._C``'s kernels instead), the fused ring write
+    depthwise convs would run ``pyencoder._C``'s kernels instead), dense strided convs (the
+    feature extractor's) through the cuda backend's cuDNN route as a CUDA build runs them (plain
+    torch ops: cat, F.conv1d, activation, final state), the fused ring write
     (``_ring.FORCE_INTERPRET``), the q/k/v weights packed for one GEMM (``pack_qkv_``, which
     init_state does on CUDA), every Triton launch stubbed (counted, not run: no interpreter,
     outputs left unwritten).
@@ -92,6 +94,11 @@ class _Counter(TorchDispatchMode):
         elif func.is_view or name in EXCLUDED:
             self.excluded[name] += 1
         elif func.namespace not in ("aten", "prims"):
+            body = _op_body(func, args)
+            if body is not None:
+                # a registered op whose body is plain torch ops on the GPU too: count those
+                with self:
+                    return body(*args, **(kwargs or {}))
             # a registered op (pyencoder::...): one kernel, unless it launched Triton kernels,
             # which are counted themselves (the op is then only their host wrapper)
             before = self.launches
@@ -102,6 +109,20 @@ class _Counter(TorchDispatchMode):
         else:
             self.ops[(where, name)] += 1
         return func(*args, **(kwargs or {}))
+
+
+def _op_body(func, args):
+    """The body of a registered op that runs plain torch ops on a GPU as on these CPU tensors,
+    else None: the conv op on the cuda backend's cuDNN route (dense strided convs)."""
+    if func.namespace == "pyencoder" and func.overloadpacket.__name__ == "causal_conv1d" \
+            and args[-1] == "cuda":
+        from pyencoder.ops import _conv_cuda
+        if _conv_cuda._kind(args[0], args[1], args[4], args[5]) == "cudnn":
+            def body(x, weight, bias, initial_state, stride, groups, activation, backend):
+                return _conv_cuda.forward(x, weight, bias, initial_state, stride, groups,
+                                          activation or None)
+            return body
+    return None
 
 
 @contextlib.contextmanager
@@ -146,14 +167,28 @@ def _fused_path(counter_ref):
             c.record("triton:" + _kernel_name(self.kernel))
         return None
 
+    from pyencoder import _backend
+    from pyencoder.ops import _conv_cuda
+    real_select = _backend.select
+
+    def select(family, entry, device_type, args, backend=None):
+        # the CUDA build's routing of dense strided convs: cuDNN through the cuda backend (plain
+        # torch ops: they run on these CPU tensors as on the GPU)
+        if family == "conv" and entry == "forward" and _conv_cuda._kind(
+                args["x"], args["weight"], args["stride"], args["groups"]) == "cudnn":
+            return "cuda"
+        return real_select(family, entry, device_type, args, backend)
+
     old = (os.environ.get("TRITON_INTERPRET"), ring.FORCE_INTERPRET, _triton_op._Launch.__call__)
     os.environ["TRITON_INTERPRET"] = "1"
     ring.FORCE_INTERPRET = True
     _triton_op._Launch.__call__ = fake_launch
+    _backend.select = select
     try:
         with pyencoder.use_backend(decode_attention="triton", conv="triton"):
             yield
     finally:
+        _backend.select = real_select
         if old[0] is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:

@@ -212,3 +212,33 @@ def test_cuda_cudnn_kind_vs_reference(dtype, k, s, C, L, state):
         if a is not None:
             assert a.dtype == c.dtype and a.shape == c.shape, name
             close(a, c, name)
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "reference", "triton"])
+@pytest.mark.parametrize("k,s", [(10, 5), (3, 2), (7, 3)])
+def test_strided_view_initial_state(backend, k, s):
+    """CausalConv1d.step_fixed passes its history's tail as a strided view (hist[..., s - 1:]),
+    not a copy: every backend that gets a strided conv reads it as it is (the cuDNN route and
+    the reference concatenate it, the Triton kernel takes its strides); the result and the final
+    state equal those of the contiguous copy, bit for bit."""
+    import os
+    if backend == "triton":
+        from conftest import has_triton
+        if not has_triton() or os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("needs triton under TRITON_INTERPRET=1")
+        from pyencoder.ops import _conv_triton as T
+        fwd = T.forward
+    else:
+        fwd = CU._cudnn_forward if backend == "cudnn" else R.forward
+    B, C, Co, L = 2, 5, 6, 4 * s * 3
+    x = torch.randn(B, C, L)
+    w = torch.randn(Co, C, k) / (C * k) ** 0.5
+    b = torch.randn(Co)
+    hist = torch.randn(B, C, k - 1)
+    view = hist[..., s - 1:]
+    assert not view.is_contiguous()
+    if backend == "cudnn":
+        got, want = fwd(x, w, b, view, s, "gelu"), fwd(x, w, b, view.contiguous(), s, "gelu")
+    else:
+        got, want = (fwd(x, w, b, st, s, 1, "gelu") for st in (view, view.contiguous()))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

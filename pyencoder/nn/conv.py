@@ -117,7 +117,7 @@ class CausalConv1d(StridedConv1d):
         k, s = self.k, self.s
         return causal_conv1d(cat[..., off + k - s:], w, self.bias, stride=s,
                              groups=self.groups, activation=self.activation,
-                             initial_state=cat[..., off:off + k - s].contiguous())
+                             initial_state=cat[..., off:off + k - s])
 
     def step(self, x, state, lengths=None):
         """Feed x (B, C_in, n); returns (y (B, C_out, m), state)."""
@@ -175,11 +175,10 @@ class CausalConv1d(StridedConv1d):
         x = x.to(state.hist.dtype)
         if 1 < k <= n + 1:
             # what the general step computes on cat(hist, x), without the cat: the input is x,
-            # the k - s samples before it end the history, and x's last k - 1 samples are the
-            # next history
+            # the k - s samples before it end the history (a strided view: every backend reads
+            # it as it is, no copy kernel), and x's last k - 1 samples are the next history
             y = causal_conv1d(x, self.weight, self.bias, stride=s, groups=self.groups,
-                              activation=self.activation,
-                              initial_state=state.hist[..., s - 1:].contiguous())
+                              activation=self.activation, initial_state=state.hist[..., s - 1:])
             state.hist.copy_(x[..., n - (k - 1):])
         else:
             cat = torch.cat((state.hist, x), -1)
