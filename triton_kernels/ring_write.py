@@ -13,7 +13,7 @@ the keys, ring slots, three index_puts):
 
 for i < n. The rotation is pyencoder.rope.apply_rope's formula (float32 angle float32(pos) *
 inv_freq, NeoX or interleaved pairs, features from ROT = 2 * HALF copied); every store casts to
-its buffer's dtype. One program per (BLOCK_N frames, batch * head); any strides. With QUEUE (a
+its buffer's dtype. One program per (batch * head, BLOCK_N frames); any strides. With QUEUE (a
 mask with lookahead: queries wait in Q_BUF) the query queue is advanced in the same launch
 instead of by a later shift copy: of the rows (Q_BUF[b, h, :PEND[b]] ++ q[b, h, :n]), the first
 n (the queries this step releases) go to Q_OUT[b, h, :n] and the PEND[b] after them back to
@@ -72,8 +72,8 @@ def _ring_write_kernel(K, V, Q, K_RING, V_RING, Q_BUF, Q_OUT, Q_POS, POS, PEND, 
                        cap, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
                        QUEUE: tl.constexpr):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)           # axis 0: batch * heads may exceed 65535 (many streams)
+    pid_n = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     i = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

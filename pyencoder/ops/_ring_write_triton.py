@@ -85,7 +85,7 @@ def ring_write(state, q, k, v, inv_freq, interleaved, keep=0):
     else:
         bn = 16 if _interpret() else max(1, min(64, next_pow2(n)))
         out = state.q              # not read (QUEUE off)
-    launch(_ring_write_kernel)[(cdiv(n, bn), B * H)](
+    launch(_ring_write_kernel)[(B * H, cdiv(n, bn))](
         k, v, q, state.k, state.v, state.q, out, q_pos, state.pos, state.pending, freq,
         *k.stride(), *v.stride(), *q.stride(), *state.k.stride(), *state.v.stride(),
         *state.q.stride(), *out.stride(), *q_pos.stride(), H, n, D, half, 2 * half,

@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from pyencoder._env import env_flag, env_raw
 
 __all__ = ["triton_op", "launch", "interpreting", "next_pow2", "cdiv", "block_size",
-           "is_plain", "dummy", "BlockGrid", "clear_launch_plans", "last_plan"]
+           "is_plain", "dummy", "BlockGrid", "clear_launch_plans", "last_plan", "MAX_GRID_YZ"]
 
 
 def interpreting():
@@ -105,6 +105,29 @@ def _any_fake(args, kwargs):
     return False
 
 
+# CUDA's limit on a launch grid's second and third extents (the first reaches 2**31 - 1). Kernels
+# put batch * heads (or the batch) on the first axis or check this in their supports_*, so auto
+# selection never reaches a larger grid; a forced backend meets the clear error of _check_grid.
+MAX_GRID_YZ = 65535
+
+
+def _check_grid(kernel, grid):
+    if isinstance(grid, BlockGrid):
+        ext = (None, grid.rows)
+    elif isinstance(grid, (tuple, list)):
+        ext = tuple(grid)
+    else:
+        return
+    for axis in (1, 2):
+        if axis < len(ext) and ext[axis] is not None and int(ext[axis]) > MAX_GRID_YZ:
+            fn = getattr(kernel, "fn", kernel)
+            raise ValueError(
+                f"pyencoder: {getattr(fn, '__name__', type(kernel).__name__)} needs a launch grid "
+                f"of {tuple(ext)} programs, and CUDA allows at most {MAX_GRID_YZ} along its "
+                f"axis {axis} (a batch or batch * heads this large): split the batch, or use "
+                f"backend='reference'")
+
+
 class _Launch:
     """``launch(kernel)[grid](*args, **kwargs)``: see ``launch``."""
 
@@ -119,6 +142,7 @@ class _Launch:
         if interpreting():
             if _any_fake(args, kwargs):
                 return None     # module docstring, 1
+            _check_grid(self.kernel, self.grid)
             return self.kernel[self.grid](*args, **kwargs)
         traced = _get_current_dispatch_mode() is not None
         if not traced and not torch._C._are_functorch_transforms_active():
@@ -133,6 +157,7 @@ class _Launch:
                     return plan.launch(args, kwargs)
         if traced or _any_fake(args, kwargs):
             return torch.library.wrap_triton(self.kernel)[self.grid](*args, **kwargs)
+        _check_grid(self.kernel, self.grid)     # (a plan above was recorded for a valid grid)
         compiled = self.kernel[self.grid](*args, **kwargs)
         _LAST.plan = _record(self.kernel, self.grid, args, kwargs, compiled)
         return compiled
