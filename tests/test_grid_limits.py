@@ -45,6 +45,10 @@ def test_supports_reasons_past_the_grid_limit():
     assert "65535" in CT.supports_forward(x=x, weight=w)
     assert CT.supports_forward(x=x[:65535], weight=w) is None
     assert "65535" in XT.supports_forward(x=x, conv_weight=torch.randn(2, 1, 7))
+    # pyencoder._C's depthwise kernels (batch on grid axis 2 / 1); its cuDNN route has no limit
+    from pyencoder.ops import _conv_cuda as CU
+    assert "65535" in CU._kind(x, w, 1, 2) and CU._kind(x[:9], w, 1, 2) == "depthwise"
+    assert CU._kind(x, torch.randn(4, 2, 3), 2, 1) == "cudnn"
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),

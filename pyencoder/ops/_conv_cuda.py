@@ -49,6 +49,9 @@ def _kind(x, weight, stride, groups):
                     "(the triton backend runs them)")
         if weight.shape[-1] > MAX_WIDTH:
             return f"depthwise kernel width {weight.shape[-1]} exceeds the cuda limit {MAX_WIDTH}"
+        if x.shape[0] > 65535:
+            return (f"batch {x.shape[0]} is above 65535, the CUDA grid extent the depthwise "
+                    f"kernels put it on")
         return "depthwise"
     if groups == 1 and stride > 1:
         return "cudnn"
