@@ -78,3 +78,61 @@ def test_streaming_kernels_take_batch_times_heads_on_axis0(monkeypatch):
     from pyencoder.triton_kernels.ring_write import _ring_write_kernel
     with pytest.raises(ValueError, match="axis 1"):
         TO.launch(_ring_write_kernel)[(1, 4)]()
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
+                    reason="the interpreter on CPU tensors")
+@pytest.mark.parametrize("case", ["band_rope_lengths", "chunked_bias_gate", "gqa_sink"])
+def test_attention_splits_a_batch_past_the_grid_limit(case, monkeypatch):
+    """Batch * heads past the grid limit (lowered to 5 here) on the triton backend: the batch is
+    split into launches that fit (2 + 2 + 1 of B = 5, H = 2), and the result, the lse and every
+    gradient equal the reference's; no launch past the limit."""
+    import pyencoder
+    from pyencoder import IntervalMask, Rope
+    from pyencoder.ops import interval_attention
+    from pyencoder.ops import _attention_triton as AT
+    torch.manual_seed(3)
+    monkeypatch.setattr(TO, "MAX_GRID_YZ", 5)
+    B, H, N, D = 5, 2, 12, 16
+    Hk = 1 if case == "gqa_sink" else H
+    q = torch.randn(B, H, N, D, requires_grad=True)
+    k, v = (torch.randn(B, Hk, N, D, requires_grad=True) for _ in range(2))
+    kw = {}
+    if case == "band_rope_lengths":
+        mask = IntervalMask.band(3, 1)
+        kw = dict(rope=Rope(D), key_lengths=torch.tensor([12, 7, 12, 3, 9]))
+    elif case == "chunked_bias_gate":
+        mask = IntervalMask.chunked(4, 1, 1)
+        from pyencoder.ops.attention import relative_offsets
+        lo, hi = relative_offsets(N, N, block=4, lo_off=-4, hi_off=4)
+        kw = dict(rel_bias=torch.randn(H, hi - lo + 1, requires_grad=True),
+                  gate=torch.rand(B, H, N, requires_grad=True))
+    else:
+        mask = IntervalMask.band(2, 0, sink=2)
+    launches = []
+    real = AT.launch
+
+    class Spy:
+        def __init__(self, kernel):
+            self.ln = real(kernel)
+
+        def __getitem__(self, grid):
+            launches.append(tuple(grid) if isinstance(grid, (tuple, list)) else (None, grid.rows))
+            return self.ln[grid]
+    monkeypatch.setattr(AT, "launch", Spy)
+    outs = {}
+    for backend in ("triton", "reference"):
+        out, lse = interval_attention(q, k, v, mask=mask, backend=backend, return_lse=True, **kw)
+        grads = torch.autograd.grad(out.square().sum(), [q, k, v] + [
+            t for t in kw.values() if isinstance(t, torch.Tensor) and t.requires_grad])
+        outs[backend] = (out, lse, grads)
+    assert launches and all(g[1] is None or g[1] <= 5 for g in launches), launches
+    (o1, l1, g1), (o2, l2, g2) = outs["triton"], outs["reference"]
+    torch.testing.assert_close(o1, o2, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(l1, l2, rtol=2e-5, atol=2e-5)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with pyencoder.use_backend(attention="triton"):
+        # one part alone fits: no split
+        y = interval_attention(q[:2].detach(), k[:2].detach(), v[:2].detach(), mask=mask)
+    assert y.shape == (2, H, N, D)

@@ -53,8 +53,9 @@ from .._env import env_choice, env_flag, env_raw, env_snapshot
 from .._fifo import put
 from ..rope import rope_cos_sin
 from ._attention_op import op_signature, run_backward, run_forward
-from ._triton_op import (MAX_GRID_YZ, BlockGrid, _triton, cdiv, dummy, is_plain, last_plan,
-                         launch, next_pow2, on_clear_launch_plans, triton_op)
+from . import _triton_op
+from ._triton_op import (BlockGrid, _triton, cdiv, dummy, is_plain, last_plan, launch, next_pow2,
+                         on_clear_launch_plans, triton_op)
 
 _MAX_HEAD_DIM = 256
 _MAX_POSITION = 1 << 24
@@ -549,9 +550,10 @@ def _common_reason(q, k, v, inv_freq, q_offset, k_offset):
         return f"the triton kernels need q, k and v to share head_dim; got {D}, {k.shape[-1]}, {v.shape[-1]}"
     if inv_freq is not None and inv_freq.numel() * 2 > D:
         return f"rotary dim {2 * inv_freq.numel()} exceeds head_dim {D}"
-    if q.shape[0] * q.shape[1] > MAX_GRID_YZ:
-        return (f"batch * heads = {q.shape[0]} * {q.shape[1]} is above {MAX_GRID_YZ}, the CUDA "
-                f"grid extent the triton kernels put it on")
+    if q.shape[0] * q.shape[1] > _triton_op.MAX_GRID_YZ:
+        return (f"batch * heads = {q.shape[0]} * {q.shape[1]} is above "
+                f"{_triton_op.MAX_GRID_YZ}, the CUDA grid extent the triton kernels put it on "
+                f"(the functional ops split such a batch into launches that fit)")
     last = max(q_offset + q.shape[2], k_offset + k.shape[2])
     if last >= _MAX_POSITION:
         return (f"absolute positions must be < 2**24 (exact in float32) for the triton kernels; "

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from .._env import env_raw
 from ..reference.conv import _act_grad
-from ._triton_op import MAX_GRID_YZ, block_size, cdiv, launch, next_pow2, triton_op
+from . import _triton_op
+from ._triton_op import block_size, cdiv, launch, next_pow2, triton_op
 
 _ACT = {None: 0, "silu": 1, "gelu": 2}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -43,9 +44,9 @@ def _reason(x, weight):
                 "(use backend='reference')")
     if weight.shape[-1] > 4096:
         return f"kernel size {weight.shape[-1]} is above the triton backend's limit 4096"
-    if x.shape[0] > MAX_GRID_YZ:
-        return (f"batch {x.shape[0]} is above {MAX_GRID_YZ}, the CUDA grid extent the triton "
-                f"conv kernels put it on")
+    if x.shape[0] > _triton_op.MAX_GRID_YZ:
+        return (f"batch {x.shape[0]} is above {_triton_op.MAX_GRID_YZ}, the CUDA grid extent "
+                f"the triton conv kernels put it on")
     return None
 
 

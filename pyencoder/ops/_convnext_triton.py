@@ -11,7 +11,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._triton_op import MAX_GRID_YZ, block_size, cdiv, launch, next_pow2, triton_op
+from . import _triton_op
+from ._triton_op import block_size, cdiv, launch, next_pow2, triton_op
 
 __all__ = ["supports_forward", "forward", "forward_op"]
 
@@ -32,9 +33,9 @@ def supports_forward(x=None, conv_weight=None, **_):
                 f"{MAX_TRITON_KERNEL}")
     if x.shape[1] > MAX_TRITON_CHANNELS:
         return f"{x.shape[1]} channels is above the fused kernel's limit {MAX_TRITON_CHANNELS}"
-    if x.shape[0] > MAX_GRID_YZ:
-        return (f"batch {x.shape[0]} is above {MAX_GRID_YZ}, the CUDA grid extent the fused "
-                f"kernel puts it on")
+    if x.shape[0] > _triton_op.MAX_GRID_YZ:
+        return (f"batch {x.shape[0]} is above {_triton_op.MAX_GRID_YZ}, the CUDA grid extent "
+                f"the fused kernel puts it on")
     return None
 
 

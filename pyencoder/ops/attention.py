@@ -46,6 +46,7 @@ from ..mask import IntervalMask, as_mask
 from ..reference import attention as _reference
 from ..rope import Rope
 from . import _attention_triton as _triton
+from . import _triton_op
 from ._attention_op import (N_PARAMS, N_TENSORS, fake_backward, fake_forward, op_signature,
                             run_backward, run_forward)
 from ._autograd import forbid_double_backward
@@ -262,6 +263,24 @@ def _attend(q, k, v, mask, rope, key_lengths, q_offset, k_offset, scale, backend
         args.update(k_block=k_block)
     if rel_bias is not None:
         args.update(rel_bias=rel_bias, gate=gate, rel_offset=rel_offset)
+    rows_max = _triton_op.MAX_GRID_YZ
+    if q.shape[0] > 1 and q.shape[0] * q.shape[1] > rows_max and q.shape[1] <= rows_max:
+        # the triton kernels' grid holds at most rows_max (batch, head) rows: where they would
+        # run the call (the selection made for a batch that fits), split the batch into such
+        # launches; each part is its own op call (autograd included), the outputs concatenated
+        per = rows_max // q.shape[1]
+        part = dict(args, q=q[:per], k=k[:per], v=v[:per],
+                    key_lengths=None if key_lengths is None else key_lengths[:per])
+        if rel_bias is not None and gate is not None:
+            part.update(gate=gate[:per])
+        if _backend.select("attention", "forward", q.device.type, part, backend) == "triton":
+            outs = [_attend(q[i:i + per], k[i:i + per], v[i:i + per], mask, rope,
+                            None if key_lengths is None else key_lengths[i:i + per], q_offset,
+                            k_offset, scale, "triton", True, rel_bias,
+                            None if gate is None else gate[i:i + per], rel_offset)
+                    for i in range(0, q.shape[0], per)]
+            out = torch.cat([o for o, _ in outs], 0)
+            return (out, torch.cat([lse for _, lse in outs], 0)) if return_lse else out
     name = _backend.select("attention", "forward", q.device.type, args, backend)
     if key_lengths is not None and key_lengths.dtype != torch.int32:
         key_lengths = key_lengths.to(torch.int32)
