@@ -58,10 +58,11 @@ HOP = 320
 
 
 def build(layers=12, dim=768, heads=12, ffn=3072, left=250, lookahead=3, conv_dim=512,
-          mask="banded", chunk=4, left_chunks=62):
+          mask="banded", chunk=4, left_chunks=62, norm_first=True):
     """``mask="banded"``: frame p sees [p - left, p + right], right = lookahead in layer 0 and 0
     elsewhere. ``mask="chunked"``: chunks of ``chunk`` frames, ``left_chunks`` chunks of history,
-    ``lookahead`` frames past the chunk in layer 0 (0 elsewhere)."""
+    ``lookahead`` frames past the chunk in layer 0 (0 elsewhere). ``norm_first``: pre-LN layers
+    (the benchmark's; wav2vec2-large's), or post-LN (False, wav2vec2-base's)."""
     ks, ss = (10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2)
     mods, cin = [], 1
     for k, s in zip(ks, ss):
@@ -77,7 +78,7 @@ def build(layers=12, dim=768, heads=12, ffn=3072, left=250, lookahead=3, conv_di
                                        lookahead=la)
         else:
             raise ValueError(f"mask must be 'banded' or 'chunked'; got {mask!r}")
-        mods.append(TransformerLayer(att, ffn, norm_first=True))
+        mods.append(TransformerLayer(att, ffn, norm_first=norm_first))
     return StreamingSequential(*mods).eval()
 
 

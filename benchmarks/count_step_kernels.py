@@ -38,7 +38,8 @@ Paths (``--path``):
     ring write replaces by one launch.
 
 Usage: python -m benchmarks.count_step_kernels [--mask banded|chunked|both]
-       [--path cpu|cuda-torch-ring|cuda|all] [--layers 12] [--dtype bfloat16] [--ops] [--json]
+       [--path cpu|cuda-torch-ring|cuda|all] [--layers 12] [--dtype bfloat16] [--post-ln]
+       [--ops] [--json]
 Prints a table per mask and path (total, per module type, per layer).
 """
 import argparse
@@ -202,7 +203,8 @@ def _kernel_name(kernel):
     return getattr(fn, "__name__", type(kernel).__name__)
 
 
-def count(mask="banded", path="cuda", layers=12, dtype=torch.bfloat16, dims=None, seed=0):
+def count(mask="banded", path="cuda", layers=12, dtype=torch.bfloat16, dims=None, seed=0,
+          norm_first=True):
     """One steady-state step_fixed of the bench_streaming stack -> dict with ``total`` (kernels),
     ``by_type`` {module type: ops charged to it}, ``per_layer`` [ops of each TransformerLayer,
     inclusive], ``ops`` {op name: count}, ``allocs``, ``syncs`` and ``excluded`` {name: count}."""
@@ -211,7 +213,7 @@ def count(mask="banded", path="cuda", layers=12, dtype=torch.bfloat16, dims=None
     cfg = dict(GPU_MASKS[mask])
     sf = cfg.pop("step_frames")
     torch.manual_seed(seed)
-    model = build(layers=layers, **(dims or DIMS), **cfg).to(dtype)
+    model = build(layers=layers, **(dims or DIMS), **cfg, norm_first=norm_first).to(dtype)
     x = torch.randn(1, 1, HOP * sf, dtype=dtype)
     stack = []
     ref = [None]
@@ -289,17 +291,20 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     ap.add_argument("--ops", action="store_true", help="also list the counted ops by name")
+    ap.add_argument("--post-ln", action="store_true",
+                    help="post-LN layers (wav2vec2-base's) instead of the benchmark's pre-LN")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = ap.parse_args(argv)
     masks = ["banded", "chunked"] if args.mask == "both" else [args.mask]
     paths = list(PATHS) if args.path == "all" else [args.path]
     dtype = getattr(torch, args.dtype)
-    results = {(m, p): count(m, p, args.layers, dtype) for m in masks for p in paths}
+    results = {(m, p): count(m, p, args.layers, dtype, norm_first=not args.post_ln)
+               for m in masks for p in paths}
     if args.json:
         print(json.dumps({f"{m}/{p}": r for (m, p), r in results.items()}))
         return results
-    print(f"ops per step_fixed, batch 1, {args.layers} layers, {args.dtype} "
-          f"(bench_streaming stack, small dims)")
+    print(f"ops per step_fixed, batch 1, {args.layers} {'post' if args.post_ln else 'pre'}-LN "
+          f"layers, {args.dtype} (bench_streaming stack, small dims)")
     print(format_table(results))
     if args.ops:
         for (m, p), r in results.items():

@@ -89,6 +89,19 @@ def test_step_fixed_counts(counts):
                                                 "ChunkedSelfAttention."))}, mask
 
 
+def test_post_ln_layers_fuse_both_norms():
+    """Post-LN layers (wav2vec2-base's) on the fused path: the residual kernel also takes the
+    feed-forward's add + LayerNorm, so no LayerNorm or residual add is left in a layer: 10
+    kernels (pre-LN: 11, its first LayerNorm and the feed-forward's add)."""
+    from benchmarks.count_step_kernels import count
+    for mask in ("banded", "chunked"):
+        r = count(mask, "cuda", layers=2, dims=TINY, norm_first=False)
+        assert r["per_layer"] == [10, 10], (mask, r["per_layer"])
+        assert r["ops"]["triton:_residual_kernel"] == 4
+        assert not any(k.startswith("TransformerLayer.") and k.endswith((".add", ".add_"))
+                       for k in r["by_type_op"]), r["by_type_op"]
+
+
 def test_script_prints_table():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
