@@ -92,7 +92,7 @@ def _ring_write_kernel(K, V, Q, K_RING, V_RING, Q_BUF, Q_OUT, Q_POS, POS, PEND, 
     tl.store(V_RING + b * s_rvb + h * s_rvh + slot[:, None] * s_rvn + d[None, :] * s_rvd,
              v.to(V_RING.dtype.element_ty), mask=dmask)
     if QUEUE:
-        # grid[0] == 1 (BLOCK_N >= n): every row of this (b, h) is read before any is written
+        # grid axis 1 == 1 (BLOCK_N >= n): every row of this (b, h) is read before any is written
         qn = Q + b * s_qb + h * s_qh
         qb = Q_BUF + b * s_bqb + h * s_bqh
         rel = _advance_queue(qn, qb, i, imask, pend, n, d[None, :] * s_qd, d[None, :] * s_bqd,
