@@ -294,36 +294,10 @@ _STEP_CASES = [
 ]
 
 
-def _step_fixed_case(make, n, monkeypatch):
-    torch.manual_seed(0)
-    m = make().to(_DEV).eval()
-    x = torch.randn(2, 30, 16, device=_DEV)
-    outs = {}
-    for fused in (True, False):
-        monkeypatch.setenv("PYENCODER_FUSED_RING", "1" if fused else "0")
-        calls = []
-        real = RW.ring_write
-        monkeypatch.setattr(RW, "ring_write", lambda *a: calls.append(1) or real(*a))
-        with torch.no_grad():
-            st = m.init_state(2, max_chunk=n)
-            y, st = m.step(x[:, :5], st)
-            ys, t = [y[:, :int(st.out_lengths[0])]], 5
-            while t + n <= x.shape[1]:
-                ys.append(m.step_fixed(x[:, t:t + n], st, check=(t == 5)))
-                t += n
-        outs[fused] = torch.cat(ys, 1)
-        assert bool(calls) == fused
-        monkeypatch.setattr(RW, "ring_write", real)
-    assert (outs[True] - outs[False]).abs().max() <= 1e-5
-    with torch.no_grad():
-        ref = m(x)
-    assert (outs[True] - ref[:, :outs[True].shape[1]]).abs().max() <= 1e-5
-
-
 @pytest.mark.parametrize("case", range(len(_STEP_CASES)), ids=["band", "chunked"])
 def test_step_fixed_with_fused_write(case, monkeypatch):
     """step_fixed with the fused write == step_fixed with the torch write == offline (float32)."""
-    _step_fixed_case(*_STEP_CASES[case], monkeypatch)
+    _stream_case(*_STEP_CASES[case], monkeypatch, spied=("ring",))
 
 
 _LAYER_CASES = [
@@ -339,7 +313,10 @@ _LAYER_CASES = [
 ]
 
 
-def _layer_case(make, n, monkeypatch):
+def _stream_case(make, n, monkeypatch, spied=("ring", "res")):
+    """Module ``make()`` streamed (a ragged first step: slots at different queue lengths, then
+    step_fixed of n frames, then flush) with and without the fused kernels (``spied``: those
+    that must run exactly when fused): fused == torch == offline, per slot (float32)."""
     torch.manual_seed(0)
     m = make().to(_DEV).eval()
     x = torch.randn(2, 31, 16, device=_DEV)
@@ -368,7 +345,7 @@ def _layer_case(make, n, monkeypatch):
             for b in range(2):
                 ys[b].append(y[b, :int(st.out_lengths[b])])
         outs[fused] = [torch.cat(v) for v in ys]
-        assert ("res" in calls) == fused and ("ring" in calls) == fused
+        assert all((name in calls) == fused for name in spied), (spied, calls)
         monkeypatch.setattr(RW, "ring_write", real_rw)
         monkeypatch.setattr(RW, "residual_step", real_res)
     with torch.no_grad():
@@ -385,7 +362,7 @@ def _layer_case(make, n, monkeypatch):
 def test_layer_step_fixed_with_fused_queues(case, monkeypatch):
     """A TransformerLayer's step_fixed with the fused query and residual queues == the torch
     path's == the offline forward (float32), over slots at different queue lengths."""
-    _layer_case(*_LAYER_CASES[case], monkeypatch)
+    _stream_case(*_LAYER_CASES[case], monkeypatch)
 
 
 def gpu_quick(name, p):
@@ -397,9 +374,9 @@ def test_gpu_step_fixed_with_fused_write(monkeypatch):
     """The same on a GPU (the kernel compiled, not interpreted); the CUDA-graph tests of
     tests/test_streaming_fixed.py replay step_fixed with it (the default on CUDA)."""
     for make, n in _STEP_CASES:
-        _step_fixed_case(make, n, monkeypatch)
+        _stream_case(make, n, monkeypatch, spied=("ring",))
     for make, n in _LAYER_CASES:
-        _layer_case(make, n, monkeypatch)
+        _stream_case(make, n, monkeypatch)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA path emulated on CPU tensors")

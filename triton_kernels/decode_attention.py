@@ -81,9 +81,6 @@ def _decode_attention_fwd_kernel(
         PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr = False, HAS_GATE: tl.constexpr = False,
         GROUP: tl.constexpr = None, HAS_SINK: tl.constexpr = False):
     _, b, h, rows, cols = _head_row_tile(H, BLOCK_M, BLOCK_D, 0)
-    # 64-bit batch offsets: a ring of many streams passes 2**31 elements (12 heads x 256 slots x
-    # 64 features: past ~10,900 streams), where b * stride would wrap in 32 bits
-    b = b.to(tl.int64)
     cnt = tl.load(qcnt_ptr + b).to(tl.int32)
     n = tl.load(nk_ptr + b).to(tl.int32)
     row_ok = (rows < cnt) & (rows < M)

@@ -33,6 +33,9 @@ FORCE_INTERPRET = False
 MAX_QUEUE_ROWS = 64
 
 
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def _device_ok(x):
     if not env_flag("PYENCODER_FUSED_RING", True) or torch.compiler.is_compiling() \
             or torch.jit.is_tracing():
@@ -105,8 +108,6 @@ def residual_ok(x, a, res, keep):
             and all(t.dtype in _DTYPES for t in (x, a, res))
             and not (torch.is_grad_enabled() and (x.requires_grad or a.requires_grad)))
 
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # LayerNorm in the same launch: a program holds all E columns of a slot's rows (padded to powers
 # of two); larger tiles run the sum kernel and torch's layer_norm.
