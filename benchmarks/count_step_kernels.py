@@ -16,7 +16,9 @@ Counted: every aten op except
     ``EXCLUDED``;
   * allocations (``ALLOCS``: empty, empty_strided, empty_like, new_empty, new_empty_strided):
     no kernel; counted apart (under a CUDA graph they come from the graph's private pool).
-A Triton launch counts as one kernel (``triton:<kernel>``); a registered op (``pyencoder::...``)
+A foreach op (``_foreach_add_``: the stack's stream counters, ``batched_counters``) counts as one
+(CUDA runs its list of same-dtype tensors as one multi-tensor kernel). A Triton launch counts as
+one kernel (``triton:<kernel>``); a registered op (``pyencoder::...``)
 counts as one unless it launched Triton kernels (then only those count). Host synchronisations
 (``_local_scalar_dense``, i.e. ``.item()`` / ``int(t)`` / ``bool(t)``) are counted apart as
 ``syncs``: a capturable step must have none.

@@ -81,11 +81,14 @@ def test_fused_write_equals_torch_write(rope, ring_dtype):
     want = st.clone()
     _torch_write(want, q, k, v, inv, inter)
     pos, pend = st.pos.clone(), st.pending.clone()
-    released, q_pos = RW.ring_write(st, q, k, v, inv, inter)
+    released, q_pos, n_keys = RW.ring_write(st, q, k, v, inv, inter)
     assert released is None
     # the released queries' positions (the decode's q_pos): pos - pending + i
     assert q_pos.dtype == torch.int64
     assert torch.equal(q_pos, pos[:, None] - pend[:, None] + torch.arange(n, device=_DEV))
+    # the decode's key count: pos + n; pos itself is the caller's to advance
+    assert n_keys.dtype == torch.int64 and torch.equal(n_keys, pos + n)
+    assert torch.equal(st.pos, pos)
     # values and queries are copies (exact in float32; a bf16 ring: the interpreter's float32 ->
     # bfloat16 conversion may round differently from torch's, one bf16 ulp); the keys' rotation
     # agrees to float32 rounding (cos / sin of another library: an ulp here and there)
@@ -124,9 +127,10 @@ def test_fused_write_advances_query_queue(n, keep, pend, q_dtype):
     before = st.q.clone()
     rel_want = _torch_queue_step(want, q, k, v, inv, False, keep)
     pos = st.pos.clone()
-    rel, q_pos = RW.ring_write(st, q, k, v, inv, False, keep)
+    rel, q_pos, n_keys = RW.ring_write(st, q, k, v, inv, False, keep)
     assert torch.equal(q_pos, pos[:, None] - torch.tensor(pend, device=_DEV)[:, None]
                        + torch.arange(n, device=_DEV))
+    assert torch.equal(n_keys, pos + n) and torch.equal(st.pos, pos)
     assert rel is not None and rel.shape == (B, H, n, D) and rel.dtype == q_dtype
     assert torch.equal(rel, rel_want)
     for b, p in enumerate(pend):
@@ -249,6 +253,86 @@ def test_residual_step_norm_fallback():
         assert torch.equal(y, rms(x8 + x8))
 
 
+@pytest.mark.parametrize("norm", ["ln", "none", "big"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_residual_step_sum_bias(norm, dtype):
+    """sum_bias: the returned sum is torch's s + bias (rounded once to a's dtype: bit for bit)
+    while the norm stays that of s; in the launch with the LayerNorm (ln), a torch add without
+    it (none) or with a tile over MAX_NORM_TILE (big)."""
+    E = RW.MAX_NORM_TILE // 4 + 1 if norm == "big" else 300
+    B, n, keep = 3, 4, 3
+    cnt = [3, 0, 1]
+    res = torch.randn(B, keep + n + 1, E, device=_DEV).to(dtype)
+    count = torch.tensor(cnt, device=_DEV)
+    x, a = (torch.randn(B, n, E, device=_DEV).to(dtype) for _ in range(2))
+    bias = torch.randn(E, device=_DEV).to(dtype) * 4
+    ln = None if norm == "none" else _layer_norm(E, "full", dtype)
+    want = res.clone()
+    s_want = _torch_residual(want, count, x, a, keep)
+    with torch.no_grad():
+        s, y = RW.residual_step(res, count, x, a, keep, ln, sum_bias=bias)
+        assert torch.equal(s, s_want + bias), (s - s_want - bias).abs().max()
+        if ln is None:
+            assert y is None
+        else:
+            tol = 1e-5 if dtype == torch.float32 else 2e-3
+            torch.testing.assert_close(y, ln(s_want), rtol=tol, atol=tol)
+    for b, c in enumerate(cnt):
+        assert torch.equal(res[b, :c], want[b, :c]), b             # the queue's new front
+
+
+def test_ffn_fold_conditions(monkeypatch):
+    """TransformerLayer._ffn_fold (the FFN's residual add folded into its output GEMM): only
+    for a FeedForward whose output projection computes F.linear (nn.Linear, Linear, a LinearView
+    of an nn.Linear), without hooks, autocast or recorded gradients for its parameters, and in
+    the attention output's dtype."""
+    from torch import nn as tnn
+    from pyencoder.nn import FeedForward
+    from pyencoder.nn.linear import LinearView
+
+    def layer():
+        return TransformerLayer(BandedSelfAttention(16, 2, left=4, right=1), 32).to(_DEV)
+    a = torch.randn(1, 2, 16, device=_DEV)
+    m = layer()
+    with torch.no_grad():
+        w, b = m._ffn_fold(a)
+        assert w is m.feed_forward.output_dense.weight and b is m.feed_forward.output_dense.bias
+        assert m._ffn_fold(a.half()) is None                      # another dtype
+        plain = tnn.Linear(32, 16).to(_DEV)
+        m.feed_forward.output_dense = plain
+        assert m._ffn_fold(a)[0] is plain.weight
+        m.feed_forward.output_dense = LinearView(plain)
+        assert m._ffn_fold(a)[0] is plain.weight
+        m.feed_forward.output_dense = tnn.Linear(32, 16, bias=False).to(_DEV)
+        assert m._ffn_fold(a)[1] is None                          # no bias: still folded
+
+        class Lora(tnn.Linear):
+            pass
+        m.feed_forward.output_dense = Lora(32, 16).to(_DEV)     # may compute something else
+        assert m._ffn_fold(a) is None
+        m.feed_forward.output_dense = LinearView(plain)
+        h = plain.register_forward_hook(lambda *args: None)
+        assert m._ffn_fold(a) is None                             # a hook the GEMM would skip
+        h.remove()
+        h = m.feed_forward.register_forward_pre_hook(lambda *args: None)
+        assert m._ffn_fold(a) is None
+        h.remove()
+        assert m._ffn_fold(a) is not None
+
+        class MyFF(FeedForward):
+            def forward(self, x):
+                return 2 * super().forward(x)
+        m.feed_forward.__class__ = MyFF
+        assert m._ffn_fold(a) is None
+        m.feed_forward.__class__ = FeedForward
+    m = layer()
+    assert m._ffn_fold(a) is None           # grad enabled and the parameters record it
+    with torch.no_grad():
+        assert m._ffn_fold(a) is not None
+        with torch.autocast(_DEV, dtype=torch.bfloat16):
+            assert m._ffn_fold(a) is None
+
+
 def test_residual_ok_conditions(monkeypatch):
     x = torch.randn(2, 3, 8, device=_DEV)
     res = torch.zeros(2, 6, 8, device=_DEV)
@@ -329,6 +413,13 @@ def _stream_case(make, n, monkeypatch, spied=("ring", "res")):
                             lambda *a: calls.append("ring") or real_rw(*a))
         monkeypatch.setattr(RW, "residual_step",
                             lambda *a, **k: calls.append("res") or real_res(*a, **k))
+        real_fold = TransformerLayer._ffn_fold
+
+        def fold(self, a):
+            r = real_fold(self, a)
+            calls.append("fold" if r is not None else "nofold")
+            return r
+        monkeypatch.setattr(TransformerLayer, "_ffn_fold", fold)
         with torch.no_grad():
             st = m.init_state(2, max_chunk=n)
             # slots at different queue lengths: a ragged first step
@@ -346,8 +437,12 @@ def _stream_case(make, n, monkeypatch, spied=("ring", "res")):
                 ys[b].append(y[b, :int(st.out_lengths[b])])
         outs[fused] = [torch.cat(v) for v in ys]
         assert all((name in calls) == fused for name in spied), (spied, calls)
+        # a fused pre-LN layer folds its feed-forward's residual add into the output GEMM
+        pre_ln = isinstance(m, TransformerLayer) and m.norm_first
+        assert ("fold" in calls) == (fused and pre_ln) and "nofold" not in calls, calls
         monkeypatch.setattr(RW, "ring_write", real_rw)
         monkeypatch.setattr(RW, "residual_step", real_res)
+        monkeypatch.setattr(TransformerLayer, "_ffn_fold", real_fold)
     with torch.no_grad():
         for b, t_end in enumerate(t):
             ref = m(x[b:b + 1, :t_end])[0]

@@ -423,22 +423,28 @@ def _run_decode(rec, matrix):
     # the layer's residual kernel (E = 768; 4 frames, 3 held back as the 80 ms chunked step):
     # queue + sum + LayerNorm (pre-LN: the sum stored too; post-LN: not), the FFN's add +
     # LayerNorm (no queue), the queue and sum alone (3 column blocks)
-    variants = [("fp16", True, True, True), ("bf16", True, True, False),
-                ("bf16", False, True, False), ("fp32", True, False, True)]
+    # (pre-LN, the sum stored: plus the feed-forward's output bias (sum_bias) when the layer
+    # folds its residual add into that GEMM, as the bench stack's bf16 layers do)
+    variants = [("fp16", True, True, True, False), ("bf16", True, True, True, True),
+                ("bf16", True, True, False, False), ("bf16", False, True, False, False),
+                ("fp32", True, False, True, False)]
     if matrix == "full":
-        variants = [(dn, qu, ln, su) for dn in dts for qu in (True, False)
-                    for ln in (True, False) for su in (True, False) if ln or su]
-    for dn, queue, norm, need_sum in variants:
+        variants = [(dn, qu, ln, su, sb) for dn in dts for qu in (True, False)
+                    for ln in (True, False) for su in (True, False) if ln or su
+                    for sb in ((False, True) if ln and su else (False,))]
+    for dn, queue, norm, need_sum, sum_bias in variants:
         dt = dts[dn]
         ln = torch.nn.LayerNorm(768).to(dt) if norm else None
         # 4 frames, 3 held back; and one frame, one held back (1-row blocks: a 20 ms band step)
         for n, keep in ((4, 3), (1, 1)) if dn == "bf16" or matrix == "full" else ((4, 3),):
             res = torch.randn(2, 8, 768, dtype=dt)
-            rec.case = f"{dn} residual n={n} queue={queue} layer_norm={norm} sum={need_sum}"
+            rec.case = (f"{dn} residual n={n} queue={queue} layer_norm={norm} sum={need_sum}"
+                        f" sum_bias={sum_bias}")
             with torch.no_grad():   # the LayerNorm in the launch (not while autograd records)
                 RW.residual_step(res, torch.tensor([keep, 0]), torch.randn(2, n, 768, dtype=dt),
                                  torch.randn(2, n, 768, dtype=dt), keep if queue else 0, ln,
-                                 need_sum=need_sum)
+                                 need_sum=need_sum,
+                                 sum_bias=torch.randn(768, dtype=dt) if sum_bias else None)
 
 
 def _run_convnext(rec, matrix):

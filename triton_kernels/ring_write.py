@@ -10,6 +10,8 @@ the keys, ring slots, three index_puts):
     Q_BUF[b, h, PEND[b] + i]         = q[b, h, i]                     (queries stay un-rotated)
     Q_POS[b, i]                      = POS[b] - PEND[b] + i           (the released queries'
                                                                       positions: the decode's)
+    N_KEYS[b]                        = POS[b] + n                     (the decode's key count;
+                                                                      POS is not written)
 
 for i < n. The rotation is pyencoder.rope.apply_rope's formula (float32 angle float32(pos) *
 inv_freq, NeoX or interleaved pairs, features from ROT = 2 * HALF copied); every store casts to
@@ -25,7 +27,8 @@ queue (QUEUE: the inputs of the frames whose attention is held back) and LayerNo
 
     S[b, :n]   = (RES[b, :CNT[b]] ++ x[b, :n])[:n] + a[b, :n]    (in a's dtype, as torch adds)
     RES[b, :CNT[b]] = (RES[b, :CNT[b]] ++ x[b, :n])[n:n + CNT[b]]   (QUEUE)
-    OUT[b, :n] = layer_norm(S[b, :n]) (LN; S stored too with STORE_SUM) or S
+    OUT[b, :n] = layer_norm(S[b, :n]) (LN; S stored too with STORE_SUM, plus SUM_BIAS[None, :]
+                                       with HAS_SUM_BIAS) or S
 
 (without QUEUE, CNT = 0: S = x + a). One launch where the torch step runs an index_put, an add,
 a shift copy and a layer_norm. A program holds all rows of a slot (of BLOCK_E columns; with LN
@@ -64,8 +67,8 @@ def _advance_queue(NEW, OLD, r, rmask, cnt, n, c_new, c_old, s_new_r, s_old_r, c
 
 
 @triton.jit
-def _ring_write_kernel(K, V, Q, K_RING, V_RING, Q_BUF, Q_OUT, Q_POS, POS, PEND, INV_FREQ,
-                       s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_qb, s_qh, s_qn, s_qd,
+def _ring_write_kernel(K, V, Q, K_RING, V_RING, Q_BUF, Q_OUT, Q_POS, N_KEYS, POS, PEND,
+                       INV_FREQ, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_qb, s_qh, s_qn, s_qd,
                        s_rkb, s_rkh, s_rkn, s_rkd, s_rvb, s_rvh, s_rvn, s_rvd,
                        s_bqb, s_bqh, s_bqn, s_bqd, s_oqb, s_oqh, s_oqn, s_oqd, s_pb, s_pn,
                        H, n, D, HALF, ROT,
@@ -85,6 +88,8 @@ def _ring_write_kernel(K, V, Q, K_RING, V_RING, Q_BUF, Q_OUT, Q_POS, POS, PEND, 
     if h == 0:
         # positions of the n queries the step releases: the oldest pending one sits at pos - pend
         tl.store(Q_POS + b * s_pb + i * s_pn, pos - pend, mask=imask)
+        if pid_n == 0:
+            tl.store(N_KEYS + b, pos0 + n)
     d = tl.arange(0, BLOCK_D)
     dmask = imask[:, None] & (d < D)[None, :]
     # v and q: copies (cast to the buffers' dtypes)
@@ -132,11 +137,12 @@ def _ring_write_kernel(K, V, Q, K_RING, V_RING, Q_BUF, Q_OUT, Q_POS, POS, PEND, 
 
 
 @triton.jit
-def _residual_kernel(X, A, RES, CNT, OUT, SUM, W, BIAS, s_xb, s_xn, s_xe, s_ab, s_an, s_ae,
-                     s_rb, s_rn, s_re, s_ob, s_on, s_oe, s_sb, s_sn, s_se, n, E, eps,
+def _residual_kernel(X, A, RES, CNT, OUT, SUM, W, BIAS, SUM_BIAS, s_xb, s_xn, s_xe, s_ab, s_an,
+                     s_ae, s_rb, s_rn, s_re, s_ob, s_on, s_oe, s_sb, s_sn, s_se, n, E, eps,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
                      QUEUE: tl.constexpr, LN: tl.constexpr, HAS_W: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, STORE_SUM: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, STORE_SUM: tl.constexpr,
+                     HAS_SUM_BIAS: tl.constexpr):
     # one program per (slot, BLOCK_E columns; LN: all E) holding all rows of the slot
     b = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -173,5 +179,10 @@ def _residual_kernel(X, A, RES, CNT, OUT, SUM, W, BIAS, s_xb, s_xn, s_xe, s_ab, 
         out = sm.to(OUT.dtype.element_ty)
     tl.store(OUT + b * s_ob + r[:, None] * s_on + e[None, :] * s_oe, out, mask=m2)
     if STORE_SUM:
+        if HAS_SUM_BIAS:
+            # the sum plus a vector (the feed-forward's output bias, so that its GEMM can
+            # accumulate onto this buffer): torch's s + bias, in float32, rounded once
+            sm = (sm.to(tl.float32)
+                  + tl.load(SUM_BIAS + e, mask=e < E).to(tl.float32)[None, :]).to(sm.dtype)
         tl.store(SUM + b * s_sb + r[:, None] * s_sn + e[None, :] * s_se,
                  sm.to(SUM.dtype.element_ty), mask=m2)

@@ -52,8 +52,8 @@ from ..rope import apply_rope, as_rope
 from ..ops import _ring_write_triton as _ring
 from ..ops.decode_attention import decode_attention
 from ..reference.decode_attention import ring_write
-from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
-                               fill_counter, fixed_index, shift_queue, stamp)
+from ..streaming.state import (StreamState, advance_counter, check_init_args, check_state,
+                               check_step_lengths, fill_counter, fixed_index, shift_queue, stamp)
 from .linear import Linear, linear
 
 __all__ = ["BandedSelfAttention", "ChunkedSelfAttention", "AttentionState"]
@@ -404,8 +404,8 @@ class IntervalSelfAttention(nn.Module):
         # The body of step_fixed, after its checks (step() makes the same ones, then calls this).
         # Few ops (a batch-1 CUDA-graph step is launch-bound): the index tensors that depend only
         # on n and state.pending (constant in the steady state) are built once per state
-        # (fixed_index), pos is advanced before the decode so that it is n_keys itself, the
-        # out_lengths fill is skipped when they already hold n (fill_counter) and the queue shift
+        # (fixed_index), the decode's key count comes from the ring write (pos + n) so that pos's
+        # own add can join the stack's other counters (advance_counter), the out_lengths fill is skipped when they already hold n (fill_counter) and the queue shift
         # copies without a temporary when source and destination do not overlap (the fused ring
         # write advances the query queue itself).
         B, n, E = x.shape
@@ -416,12 +416,12 @@ class IntervalSelfAttention(nn.Module):
         idx = fixed_index(state, "pending", n, dev)
         extras_new = self._query_extras(x)
         keep = self.hi_off
-        released = qpos = None
+        released = qpos = nk = None
         if _ring.fused_ok(x, state, q):
-            # one kernel for the keys (rotated), values and queries of every slot and the released
-            # queries' positions; with held-back queries it also advances the query queue and
-            # returns the n queries released now
-            released, qpos = _ring.ring_write(
+            # one kernel for the keys (rotated), values and queries of every slot, the released
+            # queries' positions and the key count after the step; with held-back queries it also
+            # advances the query queue and returns the n queries released now
+            released, qpos, nk = _ring.ring_write(
                 state, q, k, v, inv, False if self.rope is None else self.rope.interleaved, keep)
         else:
             kpos = P[:, None] + idx.ar[None, :]
@@ -434,14 +434,17 @@ class IntervalSelfAttention(nn.Module):
         for name, t in extras_new.items():
             buf = getattr(state, name)
             buf[idx.bidx, :, idx.qidx] = t.transpose(1, 2).to(buf.dtype)
-        # n_keys = pos + n is the advanced pos; query i sits at pos - pending + i (before the add)
-        P.add_(n)
-        if qpos is None:
-            qpos = P[:, None] + idx.qoff
+        if nk is None:
+            # n_keys = pos + n; query i sits at pos - pending + i = n_keys + qoff[i]
+            nk = P + n
+            qpos = nk[:, None] + idx.qoff
+        # pos itself advances here, or with the stack's other counters when a batched_counters
+        # scope (StreamingSequential.step_fixed) queues the add: nothing below reads it
+        advance_counter(P, n)
         extras = {name: getattr(state, name)[:, :, :n] for name in self._queued}
         fill_counter(state, n)
         o = self._decode(state.q[:, :, :n] if released is None else released, extras, state,
-                         qpos, idx.count_n, P)
+                         qpos, idx.count_n, nk)
         if keep:
             if released is None:
                 shift_queue(state.q, n, keep, 2)

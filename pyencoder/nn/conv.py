@@ -21,8 +21,8 @@ from torch import nn
 
 from .._checks import check_int, check_module_input
 from ..ops.conv import causal_conv1d, causal_conv1d_update
-from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
-                               check_step_slots, fill_counter, stamp)
+from ..streaming.state import (StreamState, advance_counter, check_init_args, check_state,
+                               check_step_lengths, check_step_slots, fill_counter, stamp)
 
 __all__ = ["CausalConv1d", "ConvState", "StridedConv1d"]
 
@@ -185,7 +185,7 @@ class CausalConv1d(StridedConv1d):
             y = self._run(cat, s - 1, self.weight)
             if k > 1:
                 state.hist.copy_(cat[..., cat.shape[-1] - (k - 1):])
-        state.seen.add_(n)
+        advance_counter(state.seen, n)
         fill_counter(state, x.shape[-1] // s)
         return y
 

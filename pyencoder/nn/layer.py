@@ -21,9 +21,16 @@ from ..ops import _ring_write_triton as _ring
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
                                check_step_slots, fill_counter, fixed_index, shift_queue, stamp)
 from .attention import IntervalSelfAttention, concat_ragged, fresh_counters
-from .linear import Linear
+from .linear import Linear, LinearView
 
 __all__ = ["TransformerLayer", "LayerState", "FeedForward", "AttentionAdapter"]
+
+
+def _hooked(m):
+    """Whether calling ``m`` runs hooks (its own or the global module hooks)."""
+    from torch.nn.modules import module as _m
+    return bool(m._forward_hooks or m._forward_pre_hooks or _m._global_forward_hooks
+                or _m._global_forward_pre_hooks)
 
 
 class FeedForward(nn.Module):
@@ -198,14 +205,49 @@ class TransformerLayer(nn.Module):
         # CUDA step: one kernel queues x, releases n residuals, adds them to a, keeps the rest
         # queued (keep > 0) and applies the LayerNorm that follows the sum; post-LN: one more
         # for the feed-forward's add + LayerNorm. The same ops as _post, in 2 kernels, not 4-7.
+        fold = self._ffn_fold(a) if self.norm_first else None
         s, h = _ring.residual_step(state.res, state.count, x, a, keep,
                                    self.final_layer_norm if self.norm_first else self.layer_norm,
-                                   need_sum=self.norm_first)
+                                   need_sum=self.norm_first,
+                                   sum_bias=None if fold is None else fold[1])
+        if fold is not None:
+            # pre-LN: the residual kernel stored s + the output projection's bias, so the
+            # feed-forward's last GEMM accumulates onto it in place: s + ffn(h) in one kernel
+            # (cuBLAS with beta = 1), not a GEMM and an add
+            ff = self.feed_forward
+            g = ff.act(ff.intermediate_dense(h))
+            s.view(-1, s.shape[-1]).addmm_(g.reshape(-1, g.shape[-1]), fold[0].t())
+            return s if self.adapter is None else s + self.adapter(s)
         if self.norm_first:
             s = s + self.feed_forward(h)
             return s if self.adapter is None else s + self.adapter(s)
         f = self.feed_forward(h)
         return _ring.residual_step(h, None, h, f, 0, self.final_layer_norm, need_sum=False)[1]
+
+    def _ffn_fold(self, a):
+        """(weight, bias or None) of the feed-forward's output projection when ``_fused_post``
+        may fold the residual add into that GEMM (``s.addmm_(g, weight.t())`` after the residual
+        kernel stored s + bias): a FeedForward and a plain Linear (nn.Linear, our Linear or a
+        LinearView of an nn.Linear: F.linear), no hooks that a direct GEMM would skip, weight and
+        bias in a's dtype and device, no autocast, and no gradient recorded for them (the bias
+        goes through the kernel). None otherwise (the module's own calls)."""
+        ff = self.feed_forward
+        lin = ff.output_dense if type(ff).forward is FeedForward.forward else None
+        if isinstance(lin, LinearView):
+            lin = lin.linear if type(lin.linear) is nn.Linear and not _hooked(lin) else None
+        if lin is None or type(lin) not in (nn.Linear, Linear) or _hooked(ff) or _hooked(lin):
+            return None
+        w, b = lin.weight, lin.bias
+        if torch.is_autocast_enabled(a.device.type) or (torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (w, b))):
+            return None
+        E = a.shape[-1]
+        if w.dtype != a.dtype or w.device != a.device or w.dim() != 2 or w.shape[0] != E:
+            return None
+        if b is not None and (b.dtype != a.dtype or b.device != a.device or b.shape != (E,)
+                              or b.stride() != (1,)):
+            return None
+        return w, b
 
     def flush(self, state):
         self._check_state(state)

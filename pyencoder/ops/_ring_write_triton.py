@@ -8,7 +8,9 @@ with ``FORCE_INTERPRET``), Triton importable, not traced by torch.compile, the r
 head counts and head_dim equal to the new frames', PYENCODER_FUSED_RING not 0. Otherwise the
 module runs its plain-torch write (same results up to the last bit of the float32 rotation).
 
-The launch also writes the released queries' positions (the decode's q_pos). With ``keep`` > 0
+The launch also writes the released queries' positions (the decode's q_pos) and the key count
+after the step (pos + n, the decode's n_keys), so that pos's own add can wait for the stack's
+other counters (pyencoder.streaming.state.batched_counters). With ``keep`` > 0
 (a mask with lookahead: queries wait in ``state.q``) and a step of at most
 ``MAX_QUEUE_ROWS`` frames, the same launch also advances the query queue: it returns the n
 queries the step releases and leaves the pending ones at the queue's front, where the module's
@@ -67,8 +69,10 @@ def ring_write(state, q, k, v, inv_freq, interleaved, keep=0):
     """state.k / state.v at slots (state.pos + i) % cap <- rotated k / v; state.q at
     state.pending + i <- q, for the n frames of q, k, v (B, H, n, D). In place; no host sync.
 
-    Returns (released, q_pos). q_pos (B, n) int64: state.pos - state.pending + i (before the
-    step's pos advance), the positions of the n queries the step releases. ``keep``: the most
+    Returns (released, q_pos, n_keys). q_pos (B, n) int64: state.pos - state.pending + i (before
+    the step's pos advance), the positions of the n queries the step releases; n_keys (B,) int64:
+    state.pos + n, the key count after the step (the decode's; state.pos itself is not advanced
+    here: the caller adds n, possibly batched with other counters). ``keep``: the most
     queries a slot holds back (the module's hi_off; state.pending <= keep). When 0 < keep and
     n <= MAX_QUEUE_ROWS (and keep too), the queue is advanced as well (module docstring) and
     ``released`` holds the released queries (B, H, n, D) in state.q's dtype; otherwise it is None
@@ -77,8 +81,11 @@ def ring_write(state, q, k, v, inv_freq, interleaved, keep=0):
     B, H, n, D = q.shape
     queue = _queue_fits(n, keep)
     q_pos = torch.empty(B, n, device=q.device, dtype=torch.int64)
+    n_keys = torch.empty(B, device=q.device, dtype=torch.int64)
     if B == 0 or n == 0:
-        return (q.new_empty(B, H, n, D, dtype=state.q.dtype) if queue else None), q_pos
+        if B:
+            n_keys.copy_(state.pos)
+        return (q.new_empty(B, H, n, D, dtype=state.q.dtype) if queue else None), q_pos, n_keys
     half = 0 if inv_freq is None else int(inv_freq.numel())
     freq = (inv_freq.to(device=q.device, dtype=torch.float32).contiguous() if half else
             dummy(q, torch.float32))
@@ -89,14 +96,14 @@ def ring_write(state, q, k, v, inv_freq, interleaved, keep=0):
         bn = 16 if _interpret() else max(1, min(64, next_pow2(n)))
         out = state.q              # not read (QUEUE off)
     launch(_ring_write_kernel)[(B * H, cdiv(n, bn))](
-        k, v, q, state.k, state.v, state.q, out, q_pos, state.pos, state.pending, freq,
+        k, v, q, state.k, state.v, state.q, out, q_pos, n_keys, state.pos, state.pending, freq,
         *k.stride(), *v.stride(), *q.stride(), *state.k.stride(), *state.v.stride(),
         *state.q.stride(), *out.stride(), *q_pos.stride(), H, n, D, half, 2 * half,
         state.k.shape[2],
         BLOCK_N=bn, BLOCK_K=next_pow2(keep) if queue else 1,
         BLOCK_R=max(16, next_pow2(max(half, 1))), BLOCK_D=max(16, next_pow2(D)),
         HAS_ROPE=half > 0, INTERLEAVED=bool(interleaved), QUEUE=queue, num_warps=4)
-    return (out if queue else None), q_pos
+    return (out if queue else None), q_pos, n_keys
 
 
 def residual_ok(x, a, res, keep):
@@ -129,35 +136,40 @@ def _norm_args(norm, E, n, device):
     return w, b, float(norm.eps)
 
 
-def residual_step(res, count, x, a, keep, norm=None, need_sum=True):
+def residual_step(res, count, x, a, keep, norm=None, need_sum=True, sum_bias=None):
     """A TransformerLayer's residual sum after its attention, in one launch (module docstring):
     s = (rows released by the queue res[:, :count] ++ x)[:, :n] + a in a's dtype, the count
     rows after them left at the queue's front (keep > 0; keep == 0: no queue, s = x + a, res
     only gives the dtype x goes through), and y = norm(s) for an nn.LayerNorm ``norm``. Returns
     (s, y): y is None without a norm; s is None when the norm ran in the launch and
-    ``need_sum`` is false. A norm the launch cannot hold (an E x n tile over MAX_NORM_TILE,
-    another module) is applied by torch to s. In place; no host sync. Call when
-    ``residual_ok``."""
+    ``need_sum`` is false. ``sum_bias`` (E,): the returned s is s + sum_bias (rounded once to
+    a's dtype), while y stays norm(s); in the launch when it also runs the norm (else one torch
+    add). A norm the launch cannot hold (an E x n tile over MAX_NORM_TILE, another module) is
+    applied by torch to s. In place; no host sync. Call when ``residual_ok``."""
     from ..triton_kernels.ring_write import _residual_kernel
     B, n, E = x.shape
     ln = None if norm is None else _norm_args(norm, E, n, x.device)
     queue = keep > 0
+    store_sum = ln is not None and need_sum
     out = torch.empty(B, n, E, device=a.device, dtype=a.dtype)
-    ssum = torch.empty(B, n, E, device=a.device, dtype=a.dtype) \
-        if ln is not None and need_sum else out
+    ssum = torch.empty(B, n, E, device=a.device, dtype=a.dtype) if store_sum else out
+    in_launch = store_sum and sum_bias is not None
     if B and n:
         bn = next_pow2(n)
         be = next_pow2(E) if ln is not None else max(16, min(256, next_pow2(E), 4096 // bn))
         w, bias, eps = ln if ln is not None else (None, None, 0.0)
         launch(_residual_kernel)[(B, cdiv(E, be))](
             x, a, res, count if queue else x, out, ssum, w if w is not None else out,
-            bias if bias is not None else out,
+            bias if bias is not None else out, sum_bias if in_launch else out,
             *x.stride(), *a.stride(), *res.stride(), *out.stride(), *ssum.stride(), n, E, eps,
             BLOCK_N=bn, BLOCK_K=next_pow2(keep) if queue else 1, BLOCK_E=be, QUEUE=queue,
             LN=ln is not None, HAS_W=w is not None, HAS_BIAS=bias is not None,
-            STORE_SUM=ln is not None and need_sum, num_warps=8 if bn * be >= 4096 else 4)
+            STORE_SUM=store_sum, HAS_SUM_BIAS=in_launch,
+            num_warps=8 if bn * be >= 4096 else 4)
     if norm is None:
-        return out, None
+        return (out if sum_bias is None else out + sum_bias.to(out.dtype)), None
     if ln is None:
-        return out, norm(out)
-    return (ssum if need_sum else None), out
+        return (out if sum_bias is None else out + sum_bias.to(out.dtype)), norm(out)
+    if not need_sum:
+        return None, out
+    return ssum, out

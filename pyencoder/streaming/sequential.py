@@ -21,8 +21,8 @@ from torch import nn
 
 from .._cpu_threads import threads_for
 from .protocol import is_pointwise, is_streaming, swaps_time_axis, time_last
-from .state import (StreamState, check_init_args, check_state, check_step_lengths,
-                    check_step_slots, stamp)
+from .state import (StreamState, batched_counters, check_init_args, check_state,
+                    check_step_lengths, check_step_slots, stamp)
 
 __all__ = ["StreamingSequential", "StackState", "PassState", "cat_time"]
 
@@ -117,15 +117,18 @@ class StreamingSequential(nn.Sequential):
         WavLMSelfAttention.step_fixed);
         per-frame children as is. No host synchronisation; the state is updated in place.
         ``check=True`` makes every child verify its preconditions first (host synchronisation:
-        once, outside graph capture). Returns y."""
+        once, outside graph capture). The children's stream counters (attention ``pos``, conv
+        ``seen``) advance together at the end (``batched_counters``: one kernel on CUDA, not one
+        per child). Returns y."""
         self._check_state(state)
-        for m, st in zip(self, state.layers):
-            if hasattr(m, "step_fixed"):
-                x = m.step_fixed(x, st, check=True) if check else m.step_fixed(x, st)
-            elif is_streaming(m):
-                raise TypeError(f"{type(m).__name__} has no step_fixed")
-            else:
-                x = m(x)
+        with batched_counters():
+            for m, st in zip(self, state.layers):
+                if hasattr(m, "step_fixed"):
+                    x = m.step_fixed(x, st, check=True) if check else m.step_fixed(x, st)
+                elif is_streaming(m):
+                    raise TypeError(f"{type(m).__name__} has no step_fixed")
+                else:
+                    x = m(x)
         return x
 
     @property

@@ -12,13 +12,15 @@ tensors' own). ``step`` / ``flush`` refuse a state of another type or configurat
 ``__config__``) so ``load_state_dict`` refuses a stream saved from another configuration, another
 batch size or dtype, with a message naming both.
 """
+import contextlib
 import dataclasses
+import threading
 
 import torch
 
 __all__ = ["StreamState", "reset", "state_nbytes", "check_state", "stamp", "stream_config",
            "check_init_args", "check_step_lengths", "check_step_slots", "check_step_input",
-           "fixed_index", "fill_counter", "shift_queue"]
+           "fixed_index", "fill_counter", "shift_queue", "advance_counter", "batched_counters"]
 
 CONFIG_KEY = "__config__"
 
@@ -372,3 +374,57 @@ def shift_queue(buf, n, keep, dim):
     ranges do not overlap (n >= keep), through a temporary otherwise."""
     src = buf.narrow(dim, n, keep)
     buf.narrow(dim, 0, keep).copy_(src if n >= keep else src.clone())
+
+
+_queued_adds = threading.local()
+
+
+def advance_counter(t, n):
+    """``t.add_(n)`` for a (B,) stream counter (``pos``, ``seen``) in a ``step_fixed``. Inside
+    ``batched_counters()`` the add is queued and runs at the scope's exit together with every
+    other queued one: on CUDA one multi-tensor kernel for all counters of a stack's step, where
+    each module's add_ is a kernel of its own (19 of a 12-layer encoder's step). A module that
+    queues its counter must not read it later in the same step (the attention's decode reads
+    the advanced count from the ring write instead)."""
+    adds = getattr(_queued_adds, "adds", None)
+    if adds is None:
+        t.add_(n)
+    else:
+        adds.append((t, n))
+
+
+@contextlib.contextmanager
+def batched_counters():
+    """Queue the ``advance_counter`` adds of the enclosed steps and apply them at exit (also when
+    the steps raise: the modules that ran have advanced, as without the scope). Nested scopes
+    join the outermost. Not under torch.compile tracing (the adds run at once there)."""
+    if getattr(_queued_adds, "adds", None) is not None or torch.compiler.is_compiling():
+        yield
+        return
+    _queued_adds.adds = []
+    try:
+        yield
+    finally:
+        adds, _queued_adds.adds = _queued_adds.adds, None
+        _apply_adds(adds)
+
+
+def _apply_adds(adds):
+    # one foreach add per (device, dtype): CUDA's fast route needs one device and dtype, and it
+    # runs every tensor of the list in parallel, so a tensor queued twice is summed first and
+    # counters that share memory (never the case for module states, but a caller could alias
+    # them) are added one by one
+    merged = {}
+    for t, n in adds:
+        key = id(t)
+        merged[key] = (t, merged[key][1] + n if key in merged else n)
+    groups = {}
+    for t, n in merged.values():
+        groups.setdefault((t.device, t.dtype), []).append((t, n))
+    for items in groups.values():
+        ptrs = {t.untyped_storage().data_ptr() for t, _ in items}
+        if len(items) == 1 or len(ptrs) < len(items):
+            for t, n in items:
+                t.add_(n)
+        else:
+            torch._foreach_add_([t for t, _ in items], [n for _, n in items])
