@@ -16,6 +16,9 @@ Counted: every aten op except
     ``EXCLUDED``;
   * allocations (``ALLOCS``: empty, empty_strided, empty_like, new_empty, new_empty_strided):
     no kernel; counted apart (under a CUDA graph they come from the graph's private pool).
+Calls run as on the device: the counting dispatch mode is not reported to pyencoder's eager
+fast path (``pyencoder.ops._call.route``), so a registered op runs its body directly where the
+device would, not the op (e.g. an output-only conv call on the cuDNN route makes no final state).
 A foreach op (``_foreach_add_``: the stack's stream counters, ``batched_counters``) counts as one
 (CUDA runs its list of same-dtype tensors as one multi-tensor kernel). A Triton launch counts as
 one kernel (``triton:<kernel>``); a registered op (``pyencoder::...``)
@@ -205,6 +208,24 @@ def _kernel_name(kernel):
     return getattr(fn, "__name__", type(kernel).__name__)
 
 
+@contextlib.contextmanager
+def _observer_not_a_mode():
+    """The eager fast path as the device takes it: pyencoder's ops skip their registered op (and
+    run the body directly, pyencoder.ops._call.route) only without a Python dispatch mode, and
+    the counting mode is one; it only observes, so it is not reported as one here."""
+    from pyencoder.ops import _call
+    real = _call._get_current_dispatch_mode
+
+    def current():
+        mode = real()
+        return None if isinstance(mode, _Counter) else mode
+    _call._get_current_dispatch_mode = current
+    try:
+        yield
+    finally:
+        _call._get_current_dispatch_mode = real
+
+
 def count(mask="banded", path="cuda", layers=12, dtype=torch.bfloat16, dims=None, seed=0,
           norm_first=True):
     """One steady-state step_fixed of the bench_streaming stack -> dict with ``total`` (kernels),
@@ -236,7 +257,7 @@ def count(mask="banded", path="cuda", layers=12, dtype=torch.bfloat16, dims=None
             with _tracked(model, stack):
                 counter = _Counter(stack)
                 ref[0] = counter
-                with counter:
+                with counter, _observer_not_a_mode():
                     model.step_fixed(x, st)
                 ref[0] = None
     return _summary(model, counter)

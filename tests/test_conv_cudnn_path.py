@@ -174,6 +174,42 @@ def test_dispatch_reaches_cudnn_path(monkeypatch):
         assert torch.equal(a, c)
 
 
+def test_output_only_call_skips_final_state(monkeypatch):
+    """causal_conv1d on the cuDNN route without return_final_state (a streaming step_fixed): the
+    body runs directly without the final state's copy, with the op's output bit for bit; where
+    the final state is asked for, autograd records an input or the fast path is off, the op
+    runs as before (final state computed, gradients flow)."""
+    from pyencoder import _backend
+    from pyencoder.ops.conv import causal_conv1d
+    real_select = _backend.select
+    monkeypatch.setattr(_backend, "select",
+                        lambda fam, entry, dev, args, backend=None: "cuda" if fam == "conv"
+                        else real_select(fam, entry, dev, args, backend))
+    monkeypatch.setattr(CU, "_ops", lambda: (_ for _ in ()).throw(AssertionError("ext used")))
+    finals = []
+    real_final = CU._final_state
+    monkeypatch.setattr(CU, "_final_state", lambda *a: finals.append(1) or real_final(*a))
+    x, w, b, st = _inputs(2, 4, 6, 24, 3, 2, torch.float32, True, True)
+    with torch.no_grad():
+        y_full, fin = causal_conv1d(x, w, b, stride=2, activation="gelu", initial_state=st,
+                                    return_final_state=True)
+    assert finals == [1] and fin.shape == (2, 4, 1)
+    with torch.no_grad():
+        y = causal_conv1d(x, w, b, stride=2, activation="gelu", initial_state=st)
+    assert finals == [1] and torch.equal(y, y_full)          # no final state made
+    monkeypatch.setenv("PYENCODER_EAGER_FASTPATH", "0")
+    with torch.no_grad():
+        assert torch.equal(causal_conv1d(x, w, b, stride=2, activation="gelu",
+                                         initial_state=st), y_full)
+    assert finals == [1, 1]                                   # the registered op
+    monkeypatch.delenv("PYENCODER_EAGER_FASTPATH")
+    xg = x.clone().requires_grad_()
+    yg = causal_conv1d(xg, w, b, stride=2, activation="gelu", initial_state=st)
+    assert finals == [1, 1, 1] and torch.equal(yg.detach(), y_full)
+    yg.sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+
+
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
 

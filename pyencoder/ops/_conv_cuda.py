@@ -192,8 +192,10 @@ def _cudnn_conv(x, weight, bias, initial_state, stride):
     return y if y.shape[-1] == T else y[..., :T].contiguous()
 
 
-def _cudnn_forward(x, weight, bias, initial_state, stride, activation):
-    """y (B, C_out, L // stride), final_state (B, C_in, k - stride), both in x's dtype."""
+def _cudnn_forward(x, weight, bias, initial_state, stride, activation, need_final=True):
+    """y (B, C_out, L // stride), final_state (B, C_in, k - stride), both in x's dtype; without
+    ``need_final``, final_state is None (its copy skipped: pyencoder.ops.conv's output-only
+    call)."""
     B, C, L = x.shape
     k = weight.shape[-1]
     pad = k - stride
@@ -202,7 +204,7 @@ def _cudnn_forward(x, weight, bias, initial_state, stride, activation):
         y = _ref._act(_cudnn_conv(x, weight, bias, initial_state, stride), activation)
     else:
         y = x.new_zeros(B, weight.shape[0], 0)
-    return y, _final_state(x, initial_state, T, stride, pad)
+    return y, (_final_state(x, initial_state, T, stride, pad) if need_final else None)
 
 
 def _cudnn_backward(grad_y, grad_final_state, x, weight, bias, initial_state, stride, activation):

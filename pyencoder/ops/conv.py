@@ -21,7 +21,7 @@ from ..reference import conv as _reference
 from . import _conv_cuda as _cuda
 from . import _conv_triton as _triton
 from ._autograd import forbid_double_backward
-from ._call import call_custom, call_op, call_triton
+from ._call import call_custom, call_op, call_triton, direct_ok
 from .._checks import (check_float_dtype, check_int, check_same, check_tensor, check_writable,
                       value_checks_enabled)
 
@@ -175,6 +175,13 @@ def causal_conv1d(x, weight, bias=None, *, stride=1, groups=1, activation=None,
     args = dict(x=x, weight=weight, bias=bias, initial_state=initial_state, stride=stride,
                 groups=groups, activation=activation)
     name = _backend.select("conv", "forward", x.device.type, args, backend)
+    if not return_final_state and name == "cuda" and _cuda._kind(x, weight, stride, groups) \
+            == "cudnn" and direct_ok((x, weight, bias, initial_state)):
+        # the output alone on the cuDNN route (a strided dense conv): the op's body, run directly
+        # as the eager fast path would (nothing traces it, no autograd graph), without the final
+        # state's copy that nobody asked for (a streaming step_fixed: one kernel per conv)
+        return _cuda._cudnn_forward(x, weight, bias, initial_state, stride, activation,
+                                    need_final=False)[0]
     y, final = call_op(name, _triton.forward_op, _causal_conv1d_op, x, weight, bias,
                        initial_state, stride, groups, _act_str(activation))
     return (y, final) if return_final_state else y
