@@ -387,7 +387,7 @@ def advance_counter(t, n):
     queues its counter must not read it later in the same step (the attention's decode reads
     the advanced count from the ring write instead)."""
     adds = getattr(_queued_adds, "adds", None)
-    if adds is None:
+    if adds is None or torch.compiler.is_compiling():
         t.add_(n)
     else:
         adds.append((t, n))
@@ -397,7 +397,8 @@ def advance_counter(t, n):
 def batched_counters():
     """Queue the ``advance_counter`` adds of the enclosed steps and apply them at exit (also when
     the steps raise: the modules that ran have advanced, as without the scope). Nested scopes
-    join the outermost. Not under torch.compile tracing (the adds run at once there)."""
+    join the outermost. Not under torch.compile tracing (there every add runs where it is
+    made)."""
     if getattr(_queued_adds, "adds", None) is not None or torch.compiler.is_compiling():
         yield
         return
