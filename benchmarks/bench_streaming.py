@@ -47,6 +47,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import pyencoder  # noqa: E402
 from pyencoder.nn import (BandedSelfAttention, CausalConv1d, ChunkedSelfAttention,  # noqa
                           Linear, TransformerLayer, Transpose)
 from pyencoder.streaming import StreamingSequential, latency  # noqa
@@ -204,6 +205,13 @@ GPU_MASKS = {
     "chunked": dict(mask="chunked", chunk=4, left_chunks=62, lookahead=0, step_frames=4),
 }
 DRY = dict(layers=2, dim=64, heads=4, ffn=128, conv_dim=32)
+
+# A/B variants of the 80 ms step (--variants), each a pyencoder.use_backend(...) around its
+# capture: "conv-triton" runs the feature extractor's dense strided convs as one Triton launch
+# each (state and GELU fused) where a CUDA build runs them through cuDNN (cat, conv, GELU: the
+# 7 convs' 21 kernels + 7 history copies against 7 + 7); cuDNN won offline on the H100 (2.1 vs
+# 28.7 ms), steps of 4-256 frames were never timed
+STEP_VARIANTS = {"conv-triton": dict(conv="triton")}
 
 
 def _warm_steps(model, step_frames):
@@ -416,6 +424,49 @@ def _print_profile(name, source, prof, gpu_us=None):
               f"{r['name'][:90]}")
 
 
+def _latency_rows(name, model, base, sf, step_ms_audio, args, recs, sources):
+    """Batch-1 step latency (wall and GPU p50 / p99) of ``model``'s step_fixed, then the kernel
+    profile of each of ``sources`` ("graph": the replayed graph, what the latency measured;
+    "eager": the same step_fixed launched eagerly, each kernel's own duration). Appends rows."""
+    dry = args.dry_run
+    device = "cpu" if dry else "cuda"
+    graph = not dry
+    label = name + (f", variant {base['variant']}" if base.get("variant") else "")
+    tag = f"[{label}]"
+    run = StepRunner(model, 1, device, torch.bfloat16, sf, graph)
+    for _ in range(3 if dry else 50):
+        run()
+    if not dry:
+        torch.cuda.synchronize()
+    wall, gpu = _timed(run, args.steps, cuda=not dry)
+    rec = dict(base, mode="step_latency", batch=1, steps=args.steps,
+               p50_ms=_q(wall, 0.5), p99_ms=_q(wall, 0.99), gpu_p50_ms=_q(gpu, 0.5),
+               gpu_p99_ms=_q(gpu, 0.99), target_p99_ms=2.0, step_ms_all=wall)
+    recs.append(rec)
+    print(f"{tag} batch 1, {step_ms_audio} ms steps: wall p50 {rec['p50_ms']:.3f} ms, "
+          f"p99 {rec['p99_ms']:.3f} ms" + ("" if dry else
+                                          f"; GPU p50 {rec['gpu_p50_ms']:.3f} ms, "
+                                          f"p99 {rec['gpu_p99_ms']:.3f} ms"))
+    n_prof = 2 if dry else args.profile_steps
+    fns = {"graph": run if graph else None, "eager": run.eager()}
+    for source in sources:
+        fn = fns[source]
+        if fn is None:
+            continue
+        try:
+            prof = profile_step(fn, n_prof, cuda=not dry)
+        except Exception as e:  # noqa: BLE001 - a profiler failure must not cost the rows
+            recs.append(dict(base, mode="step_profile", batch=1, source=source,
+                             error=f"{type(e).__name__}: {e}"[:300]))
+            print(f"{tag} step profile ({source}) failed: {type(e).__name__}: {e}")
+            continue
+        gpu_us = None if dry else rec["gpu_p50_ms"] * 1e3
+        recs.append(dict(base, mode="step_profile", batch=1, source=source, steps=n_prof,
+                         gpu_p50_us=gpu_us, **prof))
+        _print_profile(label, source, prof, gpu_us if source == "graph" else None)
+    del run, fns
+
+
 def bench_gpu(args, recs=None):
     """Per mask: batch-1 step latency and its kernel profile first (both masks), then the
     concurrent-streams searches, which share what is left of ``--max-seconds``."""
@@ -439,38 +490,19 @@ def bench_gpu(args, recs=None):
                     step_ms=step_ms_audio, lookahead_frames=cfg["lookahead"],
                     latency_ms=latency(model).ms, cuda_graph=graph)
         built[name] = (model, base, sf, step_ms_audio)
-        run = StepRunner(model, 1, device, dtype, sf, graph)
-        for _ in range(3 if dry else 50):
-            run()
-        if not dry:
-            torch.cuda.synchronize()
-        wall, gpu = _timed(run, args.steps, cuda=not dry)
-        rec = dict(base, mode="step_latency", batch=1, steps=args.steps,
-                   p50_ms=_q(wall, 0.5), p99_ms=_q(wall, 0.99), gpu_p50_ms=_q(gpu, 0.5),
-                   gpu_p99_ms=_q(gpu, 0.99), target_p99_ms=2.0, step_ms_all=wall)
-        recs.append(rec)
-        print(f"[{name}] batch 1, {step_ms_audio} ms steps: wall p50 {rec['p50_ms']:.3f} ms, "
-              f"p99 {rec['p99_ms']:.3f} ms" + ("" if dry else
-                                              f"; GPU p50 {rec['gpu_p50_ms']:.3f} ms, "
-                                              f"p99 {rec['gpu_p99_ms']:.3f} ms"))
-        # where the step's time goes: the replayed graph (what the latency above measured) and
-        # the same step_fixed launched eagerly (each kernel's own duration, no graph)
-        n_prof = 2 if dry else args.profile_steps
-        eager = run.eager()
-        sources = ([("graph", run)] if graph else []) + [("eager", eager)]
-        for source, fn in sources:
-            try:
-                prof = profile_step(fn, n_prof, cuda=not dry)
-            except Exception as e:  # noqa: BLE001 - a profiler failure must not cost the rows
-                recs.append(dict(base, mode="step_profile", batch=1, source=source,
-                                 error=f"{type(e).__name__}: {e}"[:300]))
-                print(f"[{name}] step profile ({source}) failed: {type(e).__name__}: {e}")
-                continue
-            gpu_us = None if dry else rec["gpu_p50_ms"] * 1e3
-            recs.append(dict(base, mode="step_profile", batch=1, source=source, steps=n_prof,
-                             gpu_p50_us=gpu_us, **prof))
-            _print_profile(name, source, prof, gpu_us if source == "graph" else None)
-        del run, eager
+        _latency_rows(name, model, base, sf, step_ms_audio, args, recs, ("graph", "eager"))
+    # the A/B variants of the 80 ms step (the 2 ms target's), batch-1 latency and graph profile
+    for vname in args.variants:
+        name = "chunked" if "chunked" in built else masks[0]
+        model, base, sf, step_ms_audio = built[name]
+        try:
+            with pyencoder.use_backend(**STEP_VARIANTS[vname]):
+                _latency_rows(name, model, dict(base, variant=vname), sf, step_ms_audio, args,
+                              recs, ("graph",) if graph else ("eager",))
+        except Exception as e:  # noqa: BLE001 - a variant must not cost the searches
+            recs.append(dict(base, variant=vname, mode="variant_error", batch=1,
+                             error=f"{type(e).__name__}: {e}"[:300]))
+            print(f"[{name}] variant {vname} failed: {type(e).__name__}: {e}")
     searches = masks if args.max_batch > 0 else []
     for i, name in enumerate(searches):
         model, base, sf, step_ms_audio = built[name]
@@ -546,6 +578,10 @@ def main(argv=None):
                          "measurement, batch 1, a 2 s naive window (seconds, not minutes; "
                          "records carry quick=true); GPU: 300 steps, the search from batch "
                          "2048 (the target) to 1/8 resolution")
+    ap.add_argument("--variants", nargs="*", choices=sorted(STEP_VARIANTS),
+                    default=sorted(STEP_VARIANTS),
+                    help="GPU: A/B variants of the chunked (80 ms) batch-1 step, after the "
+                         "masks' latencies (rows carry variant=NAME; none: --variants)")
     ap.add_argument("--dry-run", action="store_true",
                     help="run the GPU benchmark's code path on CPU (tiny model, no CUDA graphs, "
                          "3 steps, batches up to 4) and write nothing")

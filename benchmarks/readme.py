@@ -134,7 +134,8 @@ def streaming(recs):
                          "", f"{r['ratio_vs_streaming_80ms']:.1f}x streaming at 80 ms "
                              f"(target >= {r['target_ratio']:.0f}x)"])
         elif m == "step_latency":
-            rows.append(["step latency, batch 1" + (f", {r['mask']} mask" if r.get("mask") else ""),
+            rows.append(["step latency, batch 1" + (f", {r['mask']} mask" if r.get("mask") else "")
+                         + (f", variant {r['variant']}" if r.get("variant") else ""),
                          f"p50 {r['p50_ms']:.2f} / p99 {r['p99_ms']:.2f} ms",
                          "", f"target p99 <= {r.get('target_p99_ms')} ms"])
         elif m == "realtime_streams":
@@ -151,7 +152,8 @@ def streaming(recs):
             kinds = ", ".join(f"{k} {v:.0f}" for k, v in list(r["kinds"].items())[:4])
             gpu = r.get("gpu_p50_us")
             rows.append([f"step kernels, batch 1, {r.get('source')}"
-                         + (f", {r['mask']} mask" if r.get("mask") else ""),
+                         + (f", {r['mask']} mask" if r.get("mask") else "")
+                         + (f", variant {r['variant']}" if r.get("variant") else ""),
                          f"{r['kernels_per_step']:.0f} kernels, {r['kernel_us_per_step']:.0f} us"
                          + (f" of {gpu:.0f} us" if gpu and r.get("source") == "graph" else ""),
                          "", f"us by kind: {kinds}"])

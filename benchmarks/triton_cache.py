@@ -776,7 +776,8 @@ def _bench_stage_launches(rec, failed):
     (gpu_session.CONV_GRP_AB_ARGS: its tile providers), bench_convnext --quick's fused provider
     (offline and the streaming steps) and bench_streaming's ``step_fixed`` per mask at batch 1
     and at a batch of 16 (the streams search's batches are multiples of 256: the same
-    specialisation), through the benchmarks' own case code with their timers replaced by one
+    specialisation) and its A/B variants of the chunked batch-1 step (``STEP_VARIANTS``: the
+    dense strided convs on the triton backend), through the benchmarks' own case code with their timers replaced by one
     call (launches only, inside capture_requests' patches)."""
     import types
 
@@ -833,6 +834,21 @@ def _bench_stage_launches(rec, failed):
                                         graph=False)
                     run()
             attempt(f"bench_streaming step_fixed {name} batch {B}", step)
+
+    def variant(vname):
+        # the A/B variants of the chunked 80 ms step (bench_streaming --variants): the backends
+        # they force run here as on the device (conv-triton: the dense strided convs' Triton
+        # launches at step sizes)
+        cfg = bs.GPU_MASKS["chunked"]
+        torch.manual_seed(0)
+        model = bs.build(layers=2, dim=768, heads=12, ffn=3072, conv_dim=512,
+                         **{k: v for k, v in cfg.items() if k != "step_frames"})
+        model = model.to(torch.bfloat16)
+        with pyencoder.use_backend(**bs.STEP_VARIANTS[vname]):
+            bs.StepRunner(model, 1, "cuda", torch.bfloat16, cfg["step_frames"], graph=False)()
+    for vname in sorted(bs.STEP_VARIANTS):
+        attempt(f"bench_streaming step_fixed chunked batch 1 variant {vname}",
+                lambda vname=vname: variant(vname))
 
 
 class _Miss(Exception):

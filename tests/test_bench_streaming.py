@@ -34,8 +34,25 @@ def test_dry_run_gpu_path_on_cpu():
         assert f"[{mask}] concurrent real-time streams at {ms} ms steps" in r.stdout
         # the batch-1 step's profile ran (the dry run profiles the eager step's aten ops)
         assert f"[{mask}] step profile (eager):" in r.stdout
+    # the A/B variant of the 80 ms step: the triton conv backend cannot run here (no GPU, no
+    # interpreter): its failure is a line, not the run's end
+    assert "[chunked] variant conv-triton failed: RuntimeError: pyencoder: backend 'triton'" \
+        in r.stdout, r.stdout
     assert "dry run: nothing written" in r.stdout
     assert _listing(results) == before
+
+
+def test_dry_run_step_variant_conv_triton():
+    """--variants conv-triton: the chunked stack's 80 ms step with the feature extractor's
+    convs on the triton backend (here interpreted): its latency and profile lines, tagged."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
+    r = _subproc.run([sys.executable, "-m", "benchmarks.bench_streaming", "--dry-run", "--mask",
+                      "chunked", "--variants", "conv-triton", "--max-batch", "0"],
+                     cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[chunked, variant conv-triton] batch 1, 80 ms steps" in r.stdout, r.stdout
+    assert "[chunked, variant conv-triton] step profile (eager):" in r.stdout
+    assert "failed" not in r.stdout
 
 
 @pytest.mark.parametrize("limit", [0, 1, 5, 31, 100, 257, 300, 2500, 16384, 20000])
@@ -197,7 +214,12 @@ def test_readme_streaming_rows():
              kinds={"gemm": 800.0, "conv": 300.0, "attention": 200.0, "copy": 100.0,
                     "other": 32.4}),
         dict(base, mode="step_profile", source="eager", error="RuntimeError: x"),
+        dict(base, mode="step_latency", variant="conv-triton", p50_ms=1.5, p99_ms=1.6,
+             target_p99_ms=2.0),
+        dict(base, mode="variant_error", variant="conv-triton", error="RuntimeError: y"),
     ])
+    assert "step latency, batch 1, chunked mask, variant conv-triton | p50 1.50 / p99 1.60 ms" \
+        in text, text
     assert "5120 (< 5632)" in text and ">= 2048 (search cut short)" in text
     assert "step kernels, batch 1, graph, chunked mask" in text
     assert "224 kernels, 1432 us of 1994 us" in text

@@ -19,7 +19,7 @@ import torch
 
 from .._checks import check_chunk_sizes
 from .protocol import time_last
-from .state import StreamState, reset, state_nbytes
+from .state import StreamState, batched_counters, reset, state_nbytes
 from .latency import Latency, NotStreamableError, latency
 from .sequential import StreamingSequential, StackState, cat_time
 from ..ops.decode_attention import decode_attention
@@ -27,7 +27,7 @@ from ..reference.decode_attention import decode_attention_reference, ring_positi
 
 __all__ = ["StreamState", "reset", "state_nbytes", "latency", "Latency", "NotStreamableError",
            "StreamingSequential", "StackState", "decode_attention", "decode_attention_reference",
-           "ring_positions", "run_stream"]
+           "ring_positions", "run_stream", "batched_counters"]
 
 
 def run_stream(module, x, chunk_sizes, time_dim=None, **init_kwargs):
