@@ -151,6 +151,42 @@ def test_public_autograd_triton():
         torch.testing.assert_close(a, c, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("groups,stride,C", [(4, 1, 4), (2, 1, 4), (1, 2, 4)],
+                         ids=["depthwise", "grouped", "dense_strided"])
+def test_output_only_call_skips_state_kernel(groups, stride, C, monkeypatch):
+    """causal_conv1d on the triton backend without return_final_state (eager, no autograd): one
+    launch, the conv's; the final state's kernel is not launched and y equals the full call's
+    bit for bit. With the final state asked for, or autograd recording, the op runs both."""
+    if not _interpret():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    from pyencoder.ops import causal_conv1d
+    T = _tr()
+    states = []
+    real = T._launch_state
+    monkeypatch.setattr(T, "_launch_state", lambda *a: states.append(1) or real(*a))
+    x = torch.randn(2, C, 12)
+    w = torch.randn(C, C // groups, 3) * 0.5
+    b = torch.randn(C)
+    s = torch.randn(2, C, 3 - stride)
+    kw = dict(stride=stride, groups=groups, activation="gelu", initial_state=s,
+              backend="triton")
+    with torch.no_grad():
+        y_full, fin = causal_conv1d(x, w, b, return_final_state=True, **kw)
+        assert states == [1] and fin.shape == (2, C, 3 - stride)
+        y = causal_conv1d(x, w, b, **kw)
+    assert states == [1] and torch.equal(y, y_full)
+    xg = x.clone().requires_grad_()
+    yg = causal_conv1d(xg, w, b, **kw)
+    assert states == [1, 1] and torch.equal(yg.detach(), y_full)
+    yg.sum().backward()
+    assert xg.grad is not None
+
+
+def _interpret():
+    import os
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def test_unsupported_dtype_reason():
     x = torch.randn(1, 2, 4, dtype=torch.float64)
     w = torch.randn(2, 1, 3, dtype=torch.float64)

@@ -194,12 +194,16 @@ def _out_like(x, C, T):
     return torch.empty(B, C, T, dtype=x.dtype, device=x.device)
 
 
-def forward(x, weight, bias, initial_state, stride, groups, activation):
+def forward(x, weight, bias, initial_state, stride, groups, activation, need_final=True):
+    """(y, final_state); without ``need_final`` the final state's kernel is not launched and
+    final_state is None (pyencoder.ops.conv's output-only call)."""
     B, C, L = x.shape
     Cout, _, K = weight.shape
     T = L // stride
     y = _out_like(x, Cout, T)
     _launch_forward(x, weight, bias, initial_state, None, stride, groups, activation, y)
+    if not need_final:
+        return y, None
     final = torch.empty(B, C, K - stride, dtype=x.dtype, device=x.device)
     _launch_state(x, initial_state, None, stride, K, final)
     return y, final

@@ -175,13 +175,17 @@ def causal_conv1d(x, weight, bias=None, *, stride=1, groups=1, activation=None,
     args = dict(x=x, weight=weight, bias=bias, initial_state=initial_state, stride=stride,
                 groups=groups, activation=activation)
     name = _backend.select("conv", "forward", x.device.type, args, backend)
-    if not return_final_state and name == "cuda" and _cuda._kind(x, weight, stride, groups) \
-            == "cudnn" and direct_ok((x, weight, bias, initial_state)):
-        # the output alone on the cuDNN route (a strided dense conv): the op's body, run directly
-        # as the eager fast path would (nothing traces it, no autograd graph), without the final
-        # state's copy that nobody asked for (a streaming step_fixed: one kernel per conv)
-        return _cuda._cudnn_forward(x, weight, bias, initial_state, stride, activation,
-                                    need_final=False)[0]
+    if not return_final_state and name in ("cuda", "triton") \
+            and direct_ok((x, weight, bias, initial_state)):
+        # the output alone: the op's body, run directly as the eager fast path would (nothing
+        # traces it, no autograd graph), without the final state nobody asked for (one kernel
+        # per call: the cuDNN route's copy of it, the triton backend's state kernel)
+        if name == "triton":
+            return _triton.forward(x, weight, bias, initial_state, stride, groups, activation,
+                                   need_final=False)[0]
+        if _cuda._kind(x, weight, stride, groups) == "cudnn":
+            return _cuda._cudnn_forward(x, weight, bias, initial_state, stride, activation,
+                                        need_final=False)[0]
     y, final = call_op(name, _triton.forward_op, _causal_conv1d_op, x, weight, bias,
                        initial_state, stride, groups, _act_str(activation))
     return (y, final) if return_final_state else y
