@@ -13,6 +13,8 @@
 TORCH_LIBRARY_FRAGMENT(pyencoder, m) {
   m.def("causal_conv1d_fwd_cuda(Tensor x, Tensor weight, Tensor? bias, Tensor? initial_state, "
         "int activation) -> (Tensor, Tensor)");
+  m.def("causal_conv1d_fwd_y_cuda(Tensor x, Tensor weight, Tensor? bias, Tensor? initial_state, "
+        "int activation) -> Tensor");
   m.def("causal_conv1d_bwd_cuda(Tensor grad_y, Tensor? grad_final_state, Tensor x, "
         "Tensor weight, Tensor? bias, Tensor? initial_state, int activation) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
@@ -22,6 +24,7 @@ TORCH_LIBRARY_FRAGMENT(pyencoder, m) {
 
 TORCH_LIBRARY_IMPL(pyencoder, CUDA, m) {
   m.impl("causal_conv1d_fwd_cuda", &pyencoder::causal_conv1d_fwd_cuda);
+  m.impl("causal_conv1d_fwd_y_cuda", &pyencoder::causal_conv1d_fwd_y_cuda);
   m.impl("causal_conv1d_bwd_cuda", &pyencoder::causal_conv1d_bwd_cuda);
   m.impl("causal_conv1d_update_cuda", &pyencoder::causal_conv1d_update_cuda);
 }

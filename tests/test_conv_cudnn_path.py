@@ -210,6 +210,35 @@ def test_output_only_call_skips_final_state(monkeypatch):
     assert xg.grad is not None and xg.grad.abs().sum() > 0
 
 
+def test_depthwise_output_only_uses_the_y_op(monkeypatch):
+    """The cuda backend's depthwise forward without need_final calls the extension's
+    causal_conv1d_fwd_y_cuda (no final-state kernel); an extension built before that op existed
+    runs causal_conv1d_fwd_cuda and the final state is dropped (stand-in ops, CPU tensors)."""
+    calls = []
+
+    class Ops:
+        def causal_conv1d_fwd_y_cuda(self, x, w, b, st, act):
+            calls.append(("y", act))
+            return x * 2
+
+        def causal_conv1d_fwd_cuda(self, x, w, b, st, act):
+            calls.append(("full", act))
+            return x * 2, x[..., :2].clone()
+
+    class OldOps:
+        causal_conv1d_fwd_cuda = Ops.causal_conv1d_fwd_cuda
+    x = torch.randn(2, 4, 9)
+    w = torch.randn(4, 1, 3)
+    monkeypatch.setattr(CU, "_ops", lambda: Ops())
+    y, f = CU.forward(x, w, None, None, 1, 4, "gelu", need_final=False)
+    assert f is None and torch.equal(y, x * 2) and calls == [("y", 2)]
+    y, f = CU.forward(x, w, None, None, 1, 4, None)
+    assert f.shape == (2, 4, 2) and calls[-1] == ("full", 0)
+    monkeypatch.setattr(CU, "_ops", lambda: OldOps())
+    y, f = CU.forward(x, w, None, None, 1, 4, "silu", need_final=False)
+    assert f is None and torch.equal(y, x * 2) and calls[-1] == ("full", 1)
+
+
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
 

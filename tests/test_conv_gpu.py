@@ -88,6 +88,12 @@ def _check_fwd_bwd(backend, B, C, Cout, L, K, stride, groups, dtype, act, state,
     assert not torch.isnan(y1).any()
     _close(y1, y0, dtype, "y")
     torch.testing.assert_close(f1, f0, atol=0, rtol=0)
+    # the output-only forward (causal_conv1d without return_final_state): the same y, bit for
+    # bit, no final state (cuda depthwise: the extension's causal_conv1d_fwd_y_cuda)
+    if backend == "cuda" and groups == C and stride == 1:
+        assert hasattr(torch.ops.pyencoder, "causal_conv1d_fwd_y_cuda"), "stale pyencoder._C"
+    y2, f2 = impl.forward(x, w, b, s, stride, groups, act, need_final=False)
+    assert f2 is None and torch.equal(y2, y1)
     gy = torch.randn_like(y0)
     gf = torch.randn_like(f0) if f0.shape[-1] else None
     g0 = R.backward(gy, gf, x, w, b, s, stride, groups, act)

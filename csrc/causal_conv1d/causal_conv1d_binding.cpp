@@ -134,6 +134,25 @@ std::tuple<at::Tensor, at::Tensor> causal_conv1d_fwd_cuda(
   return {y, final_state};
 }
 
+// The forward's y alone (the caller does not want the final state): the final-state kernel is
+// not launched.
+at::Tensor causal_conv1d_fwd_y_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& initial_state, int64_t activation) {
+  const int K = check_common(x, weight, bias, activation);
+  check_state(initial_state, x, K, "initial_state");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  at::Tensor y = empty_like_layout(x, x.size(1), x.size(2), x.scalar_type());
+  conv::DwConvParams p;
+  fill_common(p, x, weight, bias, initial_state, activation);
+  p.in = view3(x);
+  p.out = mview3(y);
+  conv::launch_dw_fwd(p, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cuda(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_final_state,
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

@@ -12,6 +12,10 @@ std::tuple<at::Tensor, at::Tensor> causal_conv1d_fwd_cuda(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& initial_state, int64_t activation);
 
+at::Tensor causal_conv1d_fwd_y_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& initial_state, int64_t activation);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cuda(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_final_state,
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

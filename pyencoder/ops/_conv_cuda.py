@@ -87,12 +87,19 @@ def supports_update(x=None, state=None, weight=None, groups=1, **_):
     return None
 
 
-def forward(x, weight, bias, initial_state, stride, groups, activation):
+def forward(x, weight, bias, initial_state, stride, groups, activation, need_final=True):
+    """(y, final_state); without ``need_final`` final_state is None and not computed (the cuDNN
+    route's copy, the depthwise final-state kernel; an extension built before
+    causal_conv1d_fwd_y_cuda existed computes it anyway)."""
     if _kind(x, weight, stride, groups) == "cudnn":
-        return _cudnn_forward(x, weight, bias, initial_state, stride, activation)
-    y, final = _ops().causal_conv1d_fwd_cuda(x, weight, _unit(bias), initial_state,
-                                             _ACT[activation])
-    return y, final
+        return _cudnn_forward(x, weight, bias, initial_state, stride, activation, need_final)
+    ops = _ops()
+    if not need_final and hasattr(ops, "causal_conv1d_fwd_y_cuda"):
+        return ops.causal_conv1d_fwd_y_cuda(x, weight, _unit(bias), initial_state,
+                                            _ACT[activation]), None
+    y, final = ops.causal_conv1d_fwd_cuda(x, weight, _unit(bias), initial_state,
+                                          _ACT[activation])
+    return y, (final if need_final else None)
 
 
 def backward(grad_y, grad_final_state, x, weight, bias, initial_state, stride, groups, activation):

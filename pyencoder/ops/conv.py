@@ -179,13 +179,11 @@ def causal_conv1d(x, weight, bias=None, *, stride=1, groups=1, activation=None,
             and direct_ok((x, weight, bias, initial_state)):
         # the output alone: the op's body, run directly as the eager fast path would (nothing
         # traces it, no autograd graph), without the final state nobody asked for (one kernel
-        # per call: the cuDNN route's copy of it, the triton backend's state kernel)
-        if name == "triton":
-            return _triton.forward(x, weight, bias, initial_state, stride, groups, activation,
-                                   need_final=False)[0]
-        if _cuda._kind(x, weight, stride, groups) == "cudnn":
-            return _cuda._cudnn_forward(x, weight, bias, initial_state, stride, activation,
-                                        need_final=False)[0]
+        # per call: the cuDNN route's copy of it, the triton and CUDA depthwise backends' state
+        # kernels)
+        fwd = _triton.forward if name == "triton" else _cuda.forward
+        return fwd(x, weight, bias, initial_state, stride, groups, activation,
+                   need_final=False)[0]
     y, final = call_op(name, _triton.forward_op, _causal_conv1d_op, x, weight, bias,
                        initial_state, stride, groups, _act_str(activation))
     return (y, final) if return_final_state else y
