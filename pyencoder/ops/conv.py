@@ -157,7 +157,9 @@ def causal_conv1d(x, weight, bias=None, *, stride=1, groups=1, activation=None,
     Left-pads by k - stride samples (zeros or ``initial_state`` (B, C_in, k - stride)); output t
     ends at input sample (t + 1) * stride - 1. ``activation``: None, "silu" or "gelu", fused after
     the bias. With ``return_final_state`` returns (y, final_state), the state to pass as
-    ``initial_state`` for the input that follows sample (L // stride) * stride."""
+    ``initial_state`` for the input that follows sample (L // stride) * stride; without it, an
+    eager call that autograd does not record computes no final state (the cuda and triton
+    backends launch the conv alone)."""
     check_tensor("x", x, 3)
     check_float_dtype("x", x)
     k = _check_weight(x, weight, bias, groups)
