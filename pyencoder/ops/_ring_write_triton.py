@@ -154,6 +154,8 @@ def residual_step(res, count, x, a, keep, norm=None, need_sum=True, sum_bias=Non
     out = torch.empty(B, n, E, device=a.device, dtype=a.dtype)
     ssum = torch.empty(B, n, E, device=a.device, dtype=a.dtype) if store_sum else out
     in_launch = store_sum and sum_bias is not None
+    if in_launch:
+        sum_bias = sum_bias.contiguous()           # the kernel reads it at unit stride
     if B and n:
         bn = next_pow2(n)
         be = next_pow2(E) if ln is not None else max(16, min(256, next_pow2(E), 4096 // bn))
