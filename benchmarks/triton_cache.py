@@ -855,6 +855,20 @@ class _Miss(Exception):
     pass
 
 
+def _spec(fn, args, kwargs):
+    """A missed launch's specialisation as the capture keys it (the arguments' dtypes and
+    alignment / divisibility marks, the constexprs), to compare with the captured keys."""
+    try:
+        from triton.backends.compiler import BaseBackend
+        from triton.runtime.jit import create_function_from_signature
+        binder = create_function_from_signature(fn.signature, fn.params, BaseBackend)
+        params = {k: v for k, v in kwargs.items() if k in fn.arg_names}
+        opts = sorted((k, v) for k, v in kwargs.items() if k not in fn.arg_names)
+        return json.dumps([binder(*args, **params)[1], opts], default=str)[:1500]
+    except Exception as e:  # noqa: BLE001 - a report, never the replay's failure
+        return f"(specialisation not computed: {type(e).__name__})"
+
+
 def replay(cache_dir, tier, pytest_args, autotune=False, target=TARGET, bench=True):
     """Run the capture's launches again with the JIT compiling for real on the fake `target`
     driver (warmup: nothing is launched) against the installed cache `cache_dir`; a miss (the
@@ -882,7 +896,7 @@ def replay(cache_dir, tier, pytest_args, autotune=False, target=TARGET, bench=Tr
                     k = real_run(fn, *args, grid=grid, warmup=True, **kwargs)
                 except _Miss:
                     misses[fn.fn.__name__] += 1
-                    where.append(f"{fn.fn.__name__} in {rec.test}")
+                    where.append(f"{fn.fn.__name__} in {rec.test}: {_spec(fn, args, kwargs)}")
                     raise
                 loaded.add(k.hash)
                 return k
