@@ -72,7 +72,8 @@ AOTAutograd keys hold the GPU's name (CacheBase.get_system): entries from an H10
 the arch (sm_90), hit on both.
 
 Limits: tests that draw random sizes (random chunk splits) launch specialisations that vary per
-run: a few such launches miss on the device (2 conv kernels of ~225 in one replay here); the
+run: a few such launches may miss on the device (2 conv kernels of ~225 in one replay here once;
+none of 418 since test_models draws its GPU chunks from a fixed generator); the
 capture sees what tests/_count_compiles.py sees (a launch after a plain `assert` on
 values is missed; conv calls that a GPU with pyencoder._C runs in CUDA are captured as Triton
 launches and compiled needlessly); the kernels' sources must not change between the build and the
