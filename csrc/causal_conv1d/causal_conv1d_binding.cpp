@@ -112,25 +112,38 @@ void check_state(const std::optional<at::Tensor>& s, const at::Tensor& x, int64_
               "); got ", s->sizes());
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> causal_conv1d_fwd_cuda(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& initial_state, int64_t activation) {
+// y of the depthwise forward, and the final state (B, C, K - 1) into *final_state when it is
+// not null (a second kernel).
+at::Tensor dw_forward(const at::Tensor& x, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias,
+                      const std::optional<at::Tensor>& initial_state, int64_t activation,
+                      at::Tensor* final_state) {
   const int K = check_common(x, weight, bias, activation);
   check_state(initial_state, x, K, "initial_state");
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   at::Tensor y = empty_like_layout(x, x.size(1), x.size(2), x.scalar_type());
-  at::Tensor final_state = at::empty({x.size(0), x.size(1), K - 1}, x.options());
   conv::DwConvParams p;
   fill_common(p, x, weight, bias, initial_state, activation);
   p.in = view3(x);
   p.out = mview3(y);
-  p.out_state = mview3(final_state);
+  if (final_state != nullptr) {
+    *final_state = at::empty({x.size(0), x.size(1), K - 1}, x.options());
+    p.out_state = mview3(*final_state);
+  }
   conv::launch_dw_fwd(p, stream);
-  conv::launch_dw_final_state(p, stream);
+  if (final_state != nullptr) conv::launch_dw_final_state(p, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> causal_conv1d_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& initial_state, int64_t activation) {
+  at::Tensor final_state;
+  at::Tensor y = dw_forward(x, weight, bias, initial_state, activation, &final_state);
   return {y, final_state};
 }
 
@@ -139,18 +152,7 @@ std::tuple<at::Tensor, at::Tensor> causal_conv1d_fwd_cuda(
 at::Tensor causal_conv1d_fwd_y_cuda(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& initial_state, int64_t activation) {
-  const int K = check_common(x, weight, bias, activation);
-  check_state(initial_state, x, K, "initial_state");
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  at::Tensor y = empty_like_layout(x, x.size(1), x.size(2), x.scalar_type());
-  conv::DwConvParams p;
-  fill_common(p, x, weight, bias, initial_state, activation);
-  p.in = view3(x);
-  p.out = mview3(y);
-  conv::launch_dw_fwd(p, stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return y;
+  return dw_forward(x, weight, bias, initial_state, activation, nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cuda(
