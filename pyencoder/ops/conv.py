@@ -183,9 +183,13 @@ def causal_conv1d(x, weight, bias=None, *, stride=1, groups=1, activation=None,
         # traces it, no autograd graph), without the final state nobody asked for (one kernel
         # per call: the cuDNN route's copy of it, the triton and CUDA depthwise backends' state
         # kernels)
-        fwd = _triton.forward if name == "triton" else _cuda.forward
-        return fwd(x, weight, bias, initial_state, stride, groups, activation,
-                   need_final=False)[0]
+        fwd = _backend.get_entry("conv", name, "forward")
+        if fwd is _triton.forward or fwd is _cuda.forward:
+            return fwd(x, weight, bias, initial_state, stride, groups, activation,
+                       need_final=False)[0]
+        # another module registered under that name (a stand-in): its forward as the op's body
+        # calls it, the final state dropped
+        return fwd(x, weight, bias, initial_state, stride, groups, activation)[0]
     y, final = call_op(name, _triton.forward_op, _causal_conv1d_op, x, weight, bias,
                        initial_state, stride, groups, _act_str(activation))
     return (y, final) if return_final_state else y
