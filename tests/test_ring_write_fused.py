@@ -317,6 +317,9 @@ def test_ffn_fold_conditions(monkeypatch):
         h = m.feed_forward.register_forward_pre_hook(lambda *args: None)
         assert m._ffn_fold(a) is None
         h.remove()
+        h = tnn.modules.module.register_module_forward_hook(lambda *args: None)   # global
+        assert m._ffn_fold(a) is None
+        h.remove()
         assert m._ffn_fold(a) is not None
 
         class MyFF(FeedForward):

@@ -54,7 +54,7 @@ from ..ops.decode_attention import decode_attention
 from ..reference.decode_attention import ring_write
 from ..streaming.state import (StreamState, advance_counter, check_init_args, check_state,
                                check_step_lengths, fill_counter, fixed_index, shift_queue, stamp)
-from .linear import Linear, linear
+from .linear import Linear, linear, plain_linear
 
 __all__ = ["BandedSelfAttention", "ChunkedSelfAttention", "AttentionState"]
 
@@ -160,11 +160,11 @@ class IntervalSelfAttention(nn.Module):
 
     # ---- q / k / v as one GEMM (streaming steps) ---------------------------------------------
     def _qkv_modules(self):
-        """(q_proj, k_proj, v_proj) when they are plain Linear layers with plain parameters and
-        no hooks (then the three products are one product with the rows stacked), else None."""
+        """(q_proj, k_proj, v_proj) when they are plain Linear layers (``plain_linear``: no
+        hooks, global ones included; not views of another model's Linear) with plain parameters
+        (then the three products are one product with the rows stacked), else None."""
         mods = (self.q_proj, self.k_proj, self.v_proj)
-        if any(type(m) not in (Linear, nn.Linear) or m._forward_hooks or m._forward_pre_hooks
-               for m in mods):
+        if any(plain_linear(m) is not m for m in mods):
             return None
         ps = [m.weight for m in mods] + [m.bias for m in mods]
         if any(p is not None and type(p) is not nn.Parameter for p in ps):

@@ -21,16 +21,9 @@ from ..ops import _ring_write_triton as _ring
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
                                check_step_slots, fill_counter, fixed_index, shift_queue, stamp)
 from .attention import IntervalSelfAttention, concat_ragged, fresh_counters
-from .linear import Linear, LinearView
+from .linear import Linear, has_hooks, plain_linear
 
 __all__ = ["TransformerLayer", "LayerState", "FeedForward", "AttentionAdapter"]
-
-
-def _hooked(m):
-    """Whether calling ``m`` runs hooks (its own or the global module hooks)."""
-    from torch.nn.modules import module as _m
-    return bool(m._forward_hooks or m._forward_pre_hooks or _m._global_forward_hooks
-                or _m._global_forward_pre_hooks)
 
 
 class FeedForward(nn.Module):
@@ -232,10 +225,10 @@ class TransformerLayer(nn.Module):
         bias in a's dtype and device, no autocast, and no gradient recorded for them (the bias
         goes through the kernel). None otherwise (the module's own calls)."""
         ff = self.feed_forward
-        lin = ff.output_dense if type(ff).forward is FeedForward.forward else None
-        if isinstance(lin, LinearView):
-            lin = lin.linear if type(lin.linear) is nn.Linear and not _hooked(lin) else None
-        if lin is None or type(lin) not in (nn.Linear, Linear) or _hooked(ff) or _hooked(lin):
+        if type(ff).forward is not FeedForward.forward or has_hooks(ff):
+            return None
+        lin = plain_linear(ff.output_dense)
+        if lin is None:
             return None
         w, b = lin.weight, lin.bias
         if torch.is_autocast_enabled(a.device.type) or (torch.is_grad_enabled() and any(

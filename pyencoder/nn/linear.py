@@ -139,3 +139,27 @@ def skinny_view(module):
     if type(module) is nn.Linear:
         return LinearView(module)
     return module
+
+
+def has_hooks(module):
+    """Whether calling ``module`` runs forward hooks (its own or the global module hooks): a
+    caller that replaces the call by its own product would skip them."""
+    from torch.nn.modules import module as _m
+    return bool(module._forward_hooks or module._forward_pre_hooks or _m._global_forward_hooks
+                or _m._global_forward_pre_hooks)
+
+
+def plain_linear(module):
+    """The nn.Linear whose ``F.linear(x, weight, bias)`` a call of ``module`` computes (an
+    nn.Linear or Linear, or a LinearView of an nn.Linear), or None: another type (a subclass may
+    compute something else), or hooks that a direct product would skip."""
+    if isinstance(module, LinearView):
+        if has_hooks(module):
+            return None
+        module = module.linear
+        if type(module) is not nn.Linear:
+            return None
+    if type(module) not in (nn.Linear, Linear) or has_hooks(module):
+        return None
+    return module
+
