@@ -169,6 +169,22 @@ class StreamingEncoder(nn.Module):
             return self.encoder.step(audio, state, lengths,
                                      output_hidden_states=self.output_hidden_states)
 
+    def step_fixed(self, audio, state, check=False):
+        """CUDA-graph friendly steady-state step (pyencoder.models.CausalEncoder.step_fixed):
+        audio (B, n), every slot the same n samples, n a multiple of ``hop``, after general
+        ``step`` calls of the same chunk size have brought the stream to its steady state
+        (``check=True`` verifies, a host synchronisation: once, outside capture). Returns the
+        last hidden state (B, n // hop, E), equal to ``step``'s; the state is updated in place
+        without host synchronisation, so the call can be captured in a torch.cuda.CUDAGraph.
+        Not with ``output_hidden_states=True`` or a conv adapter."""
+        _check_audio(audio)
+        self._check_state(state)
+        if self.output_hidden_states:
+            raise ValueError("StreamingEncoder.step_fixed returns the last hidden state only; "
+                             "this encoder was built with output_hidden_states=True (use step)")
+        self._check_eval()
+        return self.encoder.step_fixed(audio, state, check=check)
+
     def flush(self, state):
         """End of stream: emit every held-back frame."""
         self._check_state(state)

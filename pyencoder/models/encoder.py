@@ -59,7 +59,8 @@ from ..nn.relpos import WavLMSelfAttention
 from ..rope import Rope
 from ..streaming.latency import NotStreamableError, latency as composed_latency
 from ..streaming.sequential import PassState, StreamingSequential, cat_time
-from ..streaming.state import StreamState, check_init_args, check_state, check_step_lengths, stamp
+from ..streaming.state import (StreamState, batched_counters, check_init_args, check_state,
+                               check_step_lengths, check_step_slots, fill_counter, stamp)
 from .adapter import ConvAdapter
 from .frontend import ConvFeatureExtractor, FrontendState
 
@@ -414,6 +415,46 @@ class CausalEncoder(nn.Module):
         if hidden is not None:
             return (y, (h, *hidden)), state
         return y, state
+
+    def step_fixed(self, wav, state, check=False):
+        """CUDA-graph friendly steady-state step of the whole encoder: wav (B, n) (or (B, 1, n)),
+        every slot the same n samples, n a multiple of ``hop``. Returns y (B, n // hop, E), equal
+        to ``step``'s output (every row valid); the state is updated in place, without host
+        synchronisation, so the call can be captured in a torch.cuda.CUDAGraph and replayed.
+
+        Preconditions (``check=True`` verifies them, a host synchronisation: call it once,
+        outside capture): the stream is in its steady state, i.e. every slot has been fed the
+        same multiple of ``hop`` samples, past the feature extractor's first windows and every
+        layer's lookahead (a general ``step`` or two of the same chunk size do it), and the
+        layers' ``step_fixed`` conditions hold (bounded left context, steps of whole mask blocks,
+        ``n // hop <= max_chunk``; StreamingSequential.step_fixed). Not with the conv adapter
+        (``config.add_adapter``: TypeError). The stream counters (every conv's ``seen``, the
+        running norm's ``count``, the attention ``pos``) advance together at the end
+        (``pyencoder.streaming.batched_counters``)."""
+        wav = self._check_wav(wav, "n")
+        check_state(self, state, EncoderState)
+        if self.adapter is not None:
+            raise TypeError("CausalEncoder.step_fixed: the conv adapter (config.add_adapter) has "
+                            "no step_fixed; stream this model with step")
+        if wav.device != state.out_lengths.device:
+            raise ValueError(f"wav must be on the state's device ({state.out_lengths.device}); "
+                             f"got {wav.device}")
+        check_step_slots(wav.shape[0], state.out_lengths.shape[0])
+        with batched_counters():
+            feats = self.feature_extractor.step_fixed(wav, state.frontend, check=check)
+            h, _ = self._embed(feats)
+            if self.pos_conv is not None:
+                x = h.transpose(1, 2)
+                if self.pos_conv_norm is not None:
+                    x = self.pos_conv_norm(x)
+                h = h + self.pos_conv.step_fixed(x, state.pos, check=check).transpose(1, 2)
+            if not self.config.norm_first:
+                h = self.layer_norm(h)
+            y = self.layers.step_fixed(h, state.layers, check=check)
+            if self.config.norm_first:
+                y = self.layer_norm(y)
+        fill_counter(state, y.shape[1], filled=state.layers.out_lengths)
+        return y
 
     def flush(self, state, output_hidden_states=False):
         """End of stream: the frames held back for lookahead (and the conv adapter's last

@@ -26,8 +26,10 @@ from torch import nn
 from ..nn.conv import StridedConv1d
 from ..nn.norm import RunningGroupNorm, RunningNormState
 from ..ops.conv import causal_conv1d
-from ..streaming.state import (StreamState, check_init_args, check_state, check_step_input,
-                               check_step_lengths, stamp, stream_config)
+from .._checks import check_module_input
+from ..streaming.state import (StreamState, advance_counter, check_init_args, check_state,
+                               check_step_input, check_step_lengths, check_step_slots,
+                               fill_counter, stamp, stream_config)
 
 __all__ = ["FeatureConv1d", "RunningGroupNorm", "FeatureConvLayer", "ConvFeatureExtractor",
            "FeatureConvState", "RunningNormState", "FrontendState"]
@@ -45,6 +47,16 @@ class FrontendState(StreamState):
     convs: List[StreamState]
     norm: Optional[StreamState]
     out_lengths: torch.Tensor
+
+
+def _tail(cat, keep):
+    """The last ``keep`` samples of cat (B, C, L), left-padded with zeros when L < keep: the
+    buffer after a step (samples before the held ones are never read; keeping them, rather than
+    zeros, makes the general step's buffer the one step_fixed leaves)."""
+    L = cat.shape[-1]
+    if L >= keep:
+        return cat[..., L - keep:].contiguous()
+    return torch.nn.functional.pad(cat, (keep - L, 0))
 
 
 def _full(B, n, device):
@@ -120,8 +132,7 @@ class FeatureConv1d(StridedConv1d):
             c = int(held[0])
             cat = torch.cat((state.buf[..., k - 1 - c:], x), -1)
             y = self._valid(cat)
-            rest = cat[..., y.shape[-1] * s:]
-            state.buf = torch.nn.functional.pad(rest, (k - 1 - rest.shape[-1], 0))
+            state.buf = _tail(cat, k - 1)
         else:
             ys, bufs = [], []
             for b in range(B):
@@ -129,15 +140,69 @@ class FeatureConv1d(StridedConv1d):
                 cat = torch.cat((state.buf[b:b + 1, :, k - 1 - c:], x[b:b + 1, :, :int(lengths[b])]),
                                 -1)
                 yb = self._valid(cat)
-                rest = cat[..., yb.shape[-1] * s:]
                 ys.append(yb[0])
-                bufs.append(torch.nn.functional.pad(rest, (k - 1 - rest.shape[-1], 0))[0])
+                bufs.append(_tail(cat, k - 1)[0])
             y = self._stack_slots(ys, x)
             state.buf = torch.stack(bufs, 0)
         new_seen = state.seen + lengths
         state.out_lengths = self.out_length(new_seen) - self.out_length(state.seen)
         state.seen = new_seen
         return y, state
+
+    def step_fixed(self, x, state, held, check=False):
+        """CUDA-graph friendly steady-state step (no host synchronisation, state updated in
+        place): every slot gets the same n samples, n a multiple of the stride, and every slot
+        holds ``held`` samples of its next window (a Python int: ``held_after(seen)`` of the
+        slots' common ``seen``; ``check=True`` verifies it, a host synchronisation). Returns y
+        (B, C_out, n // stride): what ``step`` returns, with the same state."""
+        check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, n)", self.weight,
+                           same_dtype=False)
+        check_state(self, state, FeatureConvState)
+        check_step_slots(x.shape[0], state.seen.shape[0])
+        k, s = self.k, self.s
+        n = x.shape[-1]
+        if n % s:
+            raise ValueError(f"{type(self).__name__}.step_fixed: the step length x.shape[-1] must "
+                             f"be a multiple of the stride {s}; got {n}")
+        if not k - s <= held <= k - 1:
+            raise ValueError(f"{type(self).__name__}.step_fixed: held must be in [k - stride, "
+                             f"k - 1] = [{k - s}, {k - 1}] (a stream past its first window); got "
+                             f"{held}")
+        if check:
+            have = self._held(state.seen)
+            if bool((have != held).any()):
+                raise ValueError(f"{type(self).__name__}.step_fixed needs every slot to hold "
+                                 f"{held} samples of its next window (a steady state: "
+                                 f"held_after(seen) == {held}); got seen={state.seen.tolist()}, "
+                                 f"held={have.tolist()}")
+        x = x.to(state.buf.dtype)
+        m = n // s
+        if m == 0:
+            y = x.new_zeros(x.shape[0], self.out_channels, 0)
+        elif held == k - s and k - 1 <= n:
+            # the general step's cat(buf tail, x) without the cat: the k - s held samples are the
+            # conv's initial state (a strided view of the buffer, no copy kernel), x its input
+            y = causal_conv1d(x, self.weight, self.bias, stride=s, groups=self.groups,
+                              activation=self.activation,
+                              initial_state=state.buf[..., s - 1:] if k > s else None)
+            if k > 1:
+                state.buf.copy_(x[..., n - (k - 1):])
+        else:
+            cat = torch.cat((state.buf[..., k - 1 - held:], x), -1)
+            init = cat[..., :k - s] if k > s else None
+            y = causal_conv1d(cat[..., k - s:(m - 1) * s + k], self.weight, self.bias, stride=s,
+                              groups=self.groups, activation=self.activation,
+                              initial_state=init)
+            if k > 1:
+                state.buf.copy_(cat[..., cat.shape[-1] - (k - 1):])
+        advance_counter(state.seen, n)
+        fill_counter(state, m)
+        return y
+
+    def held_after(self, seen):
+        """Samples of the next window held in the state after ``seen`` input samples (an int or
+        a (B,) tensor)."""
+        return self._held(seen)
 
     def flush(self, state):
         check_state(self, state, FeatureConvState)
@@ -247,3 +312,62 @@ class ConvFeatureExtractor(nn.Module):
                 x = layer.activation(x)          # Identity when the GELU is fused
         state.out_lengths = lengths
         return x, state
+
+    def steady_held(self):
+        """Per conv layer, the samples of its next window its state holds once the stream has
+        been fed a multiple of ``hop`` samples past every layer's first window: what
+        ``step_fixed`` reads without looking at the state (it depends on the waveform position
+        modulo hop only)."""
+        cached = self.__dict__.get("_steady_held")
+        geo = tuple((layer.conv.k, layer.conv.s, layer.conv.pad) for layer in self.conv_layers)
+        if cached is not None and cached[0] == geo:
+            return cached[1]
+        out = []
+        for m in (1 << 20, (1 << 20) + 1):    # two positions: the held counts do not change
+            seen, held = m * self.hop, []
+            for layer in self.conv_layers:
+                held.append(layer.conv.held_after(seen))
+                seen = layer.conv.out_length(seen)
+            out.append(held)
+        if out[0] != out[1]:
+            raise RuntimeError(f"ConvFeatureExtractor: held samples {out} differ between "
+                               f"positions {{0 mod hop}}: not a periodic stream geometry {geo}")
+        self.__dict__["_steady_held"] = (geo, out[0])
+        return out[0]
+
+    def step_fixed(self, wav, state, check=False):
+        """CUDA-graph friendly steady-state step: wav (B, n) or (B, 1, n), every slot the same
+        n samples, n a multiple of ``hop``; every slot has been fed a multiple of ``hop``
+        samples and is past each conv layer's first window (one general ``step`` of at least
+        the receptive field does it; ``check=True`` verifies, a host synchronisation). No host
+        synchronisation; the state is updated in place. Returns the features (B, C, n // hop),
+        equal to ``step``'s."""
+        check_state(self, state, FrontendState)
+        if not isinstance(wav, torch.Tensor):
+            raise TypeError(f"wav must be a torch.Tensor (B, n); got {type(wav).__name__}")
+        x = wav[:, None] if wav.dim() == 2 else wav
+        n = x.shape[-1]
+        if n % self.hop:
+            raise ValueError(f"ConvFeatureExtractor.step_fixed: the step length ({n} samples) "
+                             f"must be a multiple of hop ({self.hop})")
+        held = self.steady_held()
+        if check:
+            seen = state.convs[0].seen
+            bad = [i for i, (layer, st) in enumerate(zip(self.conv_layers, state.convs))
+                   if bool((layer.conv.held_after(st.seen) != held[i]).any())]
+            if bad:
+                raise ValueError(f"ConvFeatureExtractor.step_fixed needs a steady state: every "
+                                 f"slot fed a multiple of hop ({self.hop}) samples, past the "
+                                 f"first window of every conv layer (run the general step "
+                                 f"first); got seen={seen.tolist()}, conv layers {bad} hold "
+                                 f"other sample counts than {held}")
+        for i, layer in enumerate(self.conv_layers):
+            x = layer.conv.step_fixed(x, state.convs[i], held[i], check=check)
+            if isinstance(layer.layer_norm, RunningGroupNorm):
+                x = layer.activation(layer.layer_norm.step_fixed(x, state.norm, check=check))
+            elif layer.layer_norm is not None:
+                x = layer.activation(layer.layer_norm(x))
+            else:
+                x = layer.activation(x)          # Identity when the GELU is fused
+        fill_counter(state, x.shape[-1], filled=state.convs[-1].out_lengths)
+        return x

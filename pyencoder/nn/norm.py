@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from .._checks import check_eps, check_int, check_module_input
-from ..streaming.state import (StreamState, check_init_args, check_state, check_step_input,
-                               check_step_lengths, stamp)
+from ..streaming.state import (StreamState, advance_counter, check_init_args, check_state,
+                               check_step_input, check_step_lengths, stamp)
 
 __all__ = ["running_norm", "RunningGroupNorm", "RunningNormState"]
 
@@ -121,3 +121,17 @@ class RunningGroupNorm(nn.Module):
             state.total, state.total_sq = tot, tsq
         state.count = state.count + lengths
         return y, state
+
+    def step_fixed(self, x, state, check=False):
+        """CUDA-graph friendly step: every slot gets the same n frames; the statistics are
+        updated in place, without host synchronisation (``check`` is accepted for the
+        step_fixed protocol: there is no precondition). Returns y, equal to ``step``'s."""
+        check_state(self, state, RunningNormState)
+        check_step_input(x, 1, self.num_channels, state.count.shape[0], state.total.device)
+        y, total, total_sq = running_norm(x, self.weight, self.bias, self.eps, state.count,
+                                          state.total, state.total_sq)
+        if x.shape[-1]:
+            state.total.copy_(total)
+            state.total_sq.copy_(total_sq)
+        advance_counter(state.count, x.shape[-1])
+        return y

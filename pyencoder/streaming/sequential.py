@@ -22,7 +22,7 @@ from torch import nn
 from .._cpu_threads import threads_for
 from .protocol import is_pointwise, is_streaming, swaps_time_axis, time_last
 from .state import (StreamState, batched_counters, check_init_args, check_state,
-                    check_step_lengths, check_step_slots, stamp)
+                    check_step_lengths, check_step_slots, fill_counter, stamp)
 
 __all__ = ["StreamingSequential", "StackState", "PassState", "cat_time"]
 
@@ -119,16 +119,20 @@ class StreamingSequential(nn.Sequential):
         ``check=True`` makes every child verify its preconditions first (host synchronisation:
         once, outside graph capture). The children's stream counters (attention ``pos``, conv
         ``seen``) advance together at the end (``batched_counters``: one kernel on CUDA, not one
-        per child). Returns y."""
+        per child). ``state.out_lengths`` holds the frames of y. Returns y."""
         self._check_state(state)
+        last = None
         with batched_counters():
             for m, st in zip(self, state.layers):
                 if hasattr(m, "step_fixed"):
                     x = m.step_fixed(x, st, check=True) if check else m.step_fixed(x, st)
+                    last = st
                 elif is_streaming(m):
                     raise TypeError(f"{type(m).__name__} has no step_fixed")
                 else:
                     x = m(x)
+        fill_counter(state, x.shape[-1 if self.out_time_last() else 1],
+                     filled=None if last is None else last.out_lengths)
         return x
 
     @property

@@ -350,13 +350,18 @@ def fixed_index(state, name, n, device):
     return idx
 
 
-def fill_counter(state, n, name="out_lengths"):
+def fill_counter(state, n, name="out_lengths", filled=None):
     """``getattr(state, name).fill_(n)``, skipped when this counter already holds n from an
     earlier (executed) fill here and was not written since (same tensor, same version: see
     ``_stamp``). A graph captured after that has no fill: the counter keeps n across replays,
     except after an in-place reset() of the state (then it reads 0 until an eager step; the
-    step's results do not depend on it). Returns the counter."""
+    step's results do not depend on it). ``filled``: a counter a child's step_fixed has just
+    filled with n; skipped when this counter is that tensor (a general step leaves a
+    container's out_lengths aliased to its last child's; filling both would write it twice per
+    step, each fill invalidating the other's record). Returns the counter."""
     t = getattr(state, name)
+    if filled is not None and t is filled:
+        return t
     ver = _stamp(t)
     key = "_filled_" + name
     last = state.__dict__.get(key)

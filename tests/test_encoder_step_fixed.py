@@ -1,0 +1,301 @@
+"""CausalEncoder.step_fixed: the whole encoder (feature extractor with its running GroupNorm,
+projection, causal positional conv, layers, final LayerNorm) in one CUDA-graph-capturable step,
+and pyencoder.hf.StreamingEncoder.step_fixed around it.
+
+CPU (float64): after a warm-up with the general step (ragged chunks summing to whole hops),
+step_fixed sequences equal the pure general step (the attention's dispatch to step_fixed switched
+off) and the offline forward, and leave the same state (every tensor: conv buffers, ``seen``, the
+running norm's float64 sums, the positional conv's history, the layers' rings); the state keeps
+its data pointers; no host synchronisation (tests/test_streaming_fixed.NoHostSync) and no counter
+fill once the counters hold the step's frame count (a container's ``out_lengths`` aliased to its
+last child's is not filled twice); clear errors on bad steps and states that are not steady.
+Configurations: the tiny encoders of tests/test_models.py (valid and causal convs, layer / running
+group / no norm, band and chunked, pre- and post-LN), wav2vec2's own conv geometry (kernels
+10,3,3,3,3,2,2, strides 5,2,...: its last two layers hold one sample more than k - stride, the
+feature conv's cat path) with a HuBERT BatchNorm before a 128-tap positional conv, WavLM's
+relative bias and attention sinks. HF: StreamingEncoder.step_fixed on patched transformers
+models equals its general step.
+GPU (marked): the encoder's step_fixed captured in a torch.cuda.CUDAGraph and replayed equals the
+eager step_fixed and the offline forward (fp32) / the eager step_fixed (bf16).
+
+Tolerance: float64 streamed and offline rows run the same math up to summation order (~1e-15);
+1e-10 as tests/test_models.py.
+"""
+import random
+
+import pytest
+import torch
+
+from _stream_utils import rel_err
+from test_models import ENC_CASES, tiny_encoder_config
+from test_streaming_fixed import NoHostSync, _capture, _general_only
+from pyencoder.models import CausalEncoder
+from pyencoder.models.frontend import ConvFeatureExtractor
+from pyencoder.nn.norm import RunningGroupNorm
+
+F64_TOL = 1e-10
+
+W2V2_CONV = dict(conv_dim=(8,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2),
+                 conv_stride=(5, 2, 2, 2, 2, 2, 2))
+
+CASES = {name: dict(kw) for name, kw in ENC_CASES.items()}
+CASES["band_group_valid"] = dict(feat_extract_norm="group")
+CASES["w2v2_geometry_hubert_bn"] = dict(**W2V2_CONV, feat_extract_norm="group", pos_conv_kernel=128,
+                                        pos_conv_batch_norm=True, lookahead=3,
+                                        lookahead_layers="first", left=8)
+CASES["wavlm_chunked"] = dict(rel_pos_bias=True, num_buckets=12, max_bucket_distance=20,
+                              attention="chunked", chunk_size=2, left_chunks=2, lookahead=1,
+                              feat_extract_norm="group")
+CASES["band_sink"] = dict(sink=2, left=4, norm_first=True)
+
+
+def _encoder(case, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    kw = dict(CASES[case])
+    if kw.get("left", 6) is None:
+        kw["left"] = 6            # step_fixed needs a bounded left context
+    m = CausalEncoder(tiny_encoder_config(**kw))
+    with torch.no_grad():     # no parameter at its constant init (LayerNorm 1/0, BatchNorm 1/0)
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        bn = m.pos_conv_norm
+        if bn is not None:
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+    return m.to(dtype).eval()
+
+
+def _frames(m):
+    """Frames per fixed step: whole mask blocks."""
+    return m.config.chunk_size if m.config.attention == "chunked" else 2
+
+
+def _warm_sizes(n, steps, rng):
+    """Ragged chunk sizes summing to steps * n samples (whole hops)."""
+    total, sizes = steps * n, []
+    while total:
+        c = min(total, rng.randint(1, 2 * n))
+        sizes.append(c)
+        total -= c
+    return sizes
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_encoder_step_fixed_equals_step_and_offline(case):
+    m = _encoder(case)
+    B, n = 2, m.hop * _frames(m)
+    warm, fixed = 6, 8
+    x = torch.randn(B, n * (warm + fixed), dtype=torch.float64)
+    rng = random.Random(sum(map(ord, case)))
+    with torch.no_grad():
+        ref = m(x).last_hidden_state
+        st = m.init_state(B, max_chunk=4)
+        outs, t = [], 0
+        for c in _warm_sizes(n, warm, rng):
+            y, st = m.step(x[:, t:t + c], st)
+            outs.append(y[:, :int(st.out_lengths[0])])
+            t += c
+        oracle = m.init_state(B, max_chunk=4)
+        oracle.load_state_dict(st.state_dict())
+        ptrs = {k: v.data_ptr() for k, v in st.tensors().items()}
+        got, want = [], []
+        for i in range(fixed):
+            got.append(m.step_fixed(x[:, t:t + n], st, check=i < 2))
+            assert got[-1].shape == (B, n // m.hop, m.config.hidden_size)
+            assert st.out_lengths.tolist() == [n // m.hop] * B
+            with _general_only():
+                y, oracle = m.step(x[:, t:t + n], oracle)
+            assert oracle.out_lengths.tolist() == [n // m.hop] * B
+            want.append(y)
+            t += n
+        assert {k: v.data_ptr() for k, v in st.tensors().items()} == ptrs
+    assert rel_err(torch.cat(got, 1), torch.cat(want, 1)) <= F64_TOL
+    streamed = torch.cat(outs + got, 1)
+    assert rel_err(streamed, ref[:, :streamed.shape[1]]) <= F64_TOL
+    a, b = st.tensors(), oracle.tensors()
+    assert a.keys() == b.keys()
+    assert any(k.startswith("frontend.") for k in a)
+    bad = []
+    for k in a:
+        if k.endswith((".attention.q", ".attention.gate", ".res")):
+            continue       # the layers' per-query queues: slots past `pending` are unused
+        if a[k].is_floating_point():
+            ok = rel_err(a[k], b[k]) <= F64_TOL
+        else:
+            ok = torch.equal(a[k], b[k])
+        if not ok:
+            bad.append(k)
+    assert not bad
+
+
+def test_w2v2_geometry_takes_both_feature_conv_paths():
+    """wav2vec2's conv stack at a whole-hop position: layers 0-4 hold k - stride samples (the
+    conv reads them as its initial state, no cat), layers 5 and 6 (k = stride = 2) hold one (the
+    cat path); the held counts do not depend on the position."""
+    fe = ConvFeatureExtractor(W2V2_CONV["conv_dim"], W2V2_CONV["conv_kernel"],
+                              W2V2_CONV["conv_stride"], norm="group")
+    assert fe.hop == 320
+    assert fe.steady_held() == [5, 1, 1, 1, 1, 1, 1]
+    for m in (3, 17, 1000):
+        seen, held = 320 * m, []
+        for layer in fe.conv_layers:
+            held.append(int(layer.conv.held_after(torch.tensor([seen]))[0]))
+            seen = layer.conv.out_length(seen)
+        assert held == fe.steady_held()
+
+
+@pytest.mark.parametrize("case", ["w2v2_geometry_hubert_bn", "wavlm_chunked", "band_sink"])
+def test_encoder_step_fixed_no_host_sync_no_refill(case):
+    """No host synchronisation; once warm (one eager fixed step), no counter fill: the
+    encoder's, the stack's and the extractor's out_lengths alias their last child's after the
+    general step and are not filled again (each fill would invalidate the other's record)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Fills(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("fill_", "fill"):
+                Fills.n += 1
+            return func(*args, **(kwargs or {}))
+
+    m = _encoder(case)
+    B, n = 2, m.hop * _frames(m)
+    x = torch.randn(B, n * 10, dtype=torch.float64)
+    with torch.no_grad():
+        st = m.init_state(B, max_chunk=4)
+        for i in range(6):
+            _, st = m.step(x[:, i * n:(i + 1) * n], st)
+        m.step_fixed(x[:, 6 * n:7 * n], st, check=True)
+        with NoHostSync():
+            m.step_fixed(x[:, 7 * n:8 * n], st)
+        with Fills():
+            m.step_fixed(x[:, 8 * n:9 * n], st)
+            m.step_fixed(x[:, 9 * n:10 * n], st)
+    assert Fills.n == 0
+
+
+def test_encoder_step_fixed_errors():
+    m = _encoder("band_postln_valid")
+    n = m.hop * 2
+    st = m.init_state(2, max_chunk=4)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="steady state"):      # valid convs: no window yet
+            m.step_fixed(torch.randn(2, n, dtype=torch.float64), st, check=True)
+        for _ in range(5):
+            _, st = m.step(torch.randn(2, n, dtype=torch.float64), st)
+        with pytest.raises(ValueError, match=r"multiple of hop \(20\)"):
+            m.step_fixed(torch.randn(2, n + 5, dtype=torch.float64), st)
+        with pytest.raises(ValueError, match="slots"):
+            m.step_fixed(torch.randn(3, n, dtype=torch.float64), st)
+        with pytest.raises(TypeError, match="wav must be a torch.Tensor"):
+            m.step_fixed([0.0] * n, st)
+        bad = m.init_state(2, max_chunk=4)
+        bad.load_state_dict(st.state_dict())
+        _, bad = m.step(torch.randn(2, 7, dtype=torch.float64), bad)   # off the hop grid
+        with pytest.raises(ValueError, match="steady state"):
+            m.step_fixed(torch.randn(2, n, dtype=torch.float64), bad, check=True)
+        m.step_fixed(torch.randn(2, n, dtype=torch.float64), st, check=True)
+    ad = CausalEncoder(tiny_encoder_config(add_adapter=True, adapter_hidden_size=16)).double()
+    with pytest.raises(TypeError, match="conv adapter"):
+        ad.step_fixed(torch.randn(1, n, dtype=torch.float64), ad.init_state(1))
+
+
+def test_running_group_norm_step_fixed():
+    """In place, equal to the general step (bit for bit: the same float64 ops), any n >= 0."""
+    torch.manual_seed(1)
+    norm = RunningGroupNorm(6).double()
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(6, dtype=torch.float64))
+        norm.bias.add_(torch.randn(6, dtype=torch.float64))
+    st = norm.init_state(3)
+    ref = norm.init_state(3)
+    ptrs = {k: v.data_ptr() for k, v in st.tensors().items()}
+    for n in (4, 0, 1, 7):
+        x = torch.randn(3, 6, n, dtype=torch.float64) * 3 + 1
+        y = norm.step_fixed(x, st)
+        y2, ref = norm.step(x, ref)
+        assert torch.equal(y, y2)
+        for k, v in st.tensors().items():
+            assert torch.equal(v, ref.tensors()[k]), k
+    assert {k: v.data_ptr() for k, v in st.tensors().items()} == ptrs
+
+
+# ---- HF: StreamingEncoder.step_fixed ---------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["w2v2_post", "wavlm"])
+def test_hf_streaming_encoder_step_fixed(family):
+    pytest.importorskip("transformers")
+    import pyencoder.hf as H
+    from test_hf import make_model
+
+    torch.manual_seed(7)
+    model = make_model(family).eval()
+    H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=2, left_frames=6, pos_conv="causal")
+    enc = H.StreamingEncoder(model)
+    n = enc.hop * 2
+    x = torch.randn(2, n * 12)
+    with torch.no_grad():
+        ref = model(x).last_hidden_state
+        st = enc.init_state(2, max_chunk=4)
+        outs = []
+        for i in range(4):
+            y, st = enc.step(x[:, i * n:(i + 1) * n], st)
+            outs.append(y[:, :int(st.out_lengths[0])])
+        oracle = enc.init_state(2, max_chunk=4)
+        oracle.load_state_dict(st.state_dict())
+        for i in range(4, 12):
+            outs.append(enc.step_fixed(x[:, i * n:(i + 1) * n], st, check=i == 4))
+            y, oracle = enc.step(x[:, i * n:(i + 1) * n], oracle)
+            torch.testing.assert_close(outs[-1], y, atol=1e-6, rtol=1e-6)
+    got = torch.cat(outs, 1)
+    torch.testing.assert_close(got, ref[:, :got.shape[1]], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="output_hidden_states"):
+        H.StreamingEncoder(model, output_hidden_states=True).step_fixed(x[:, :n], st)
+
+
+# ---- GPU: capture the whole encoder in a CUDA graph ------------------------------------------
+
+def gpu_quick(name, p):
+    """The fast GPU tier (tests/conftest.py): the wav2vec2-geometry encoder in bf16."""
+    return name == "test_cuda_graph_encoder" and p["dtype"] == torch.bfloat16 and \
+        p["case"] == "w2v2_geometry_hubert_bn"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["w2v2_geometry_hubert_bn", "wavlm_chunked"])
+def test_cuda_graph_encoder(case, dtype):
+    """Replays of the captured encoder step equal the eager step_fixed on a copy of the state
+    (fp32 1e-5, bf16 2e-2: only a cuBLAS algorithm choice may differ under capture) and, in fp32,
+    the offline forward (1e-4: TF32-free fp32 kernels, summation order)."""
+    dev = "cuda"
+    m = _encoder(case, dtype=torch.float32, seed=8).to(dev, dtype)
+    B, n = 2, m.hop * _frames(m)
+    warm, steps = 6, 6
+    x = torch.randn(B, n * (warm + 2 + steps), device=dev, dtype=dtype)
+    with torch.no_grad():
+        ref = m(x).last_hidden_state
+        st = m.init_state(B, max_chunk=4)
+        outs = []
+        for i in range(warm):
+            y, st = m.step(x[:, i * n:(i + 1) * n], st)
+            outs.append(y[:, :int(st.out_lengths[0])])
+        outs.append(m.step_fixed(x[:, warm * n:(warm + 1) * n], st, check=True))
+        xbuf = x[:, (warm + 1) * n:(warm + 2) * n].clone()
+        eager = m.init_state(B, max_chunk=4)
+        eager.load_state_dict(st.state_dict())
+        g, ybuf = _capture(lambda: m.step_fixed(xbuf, st))
+        # the side-stream warm-up ran one step on st (the capture runs none): match it
+        outs.append(m.step_fixed(xbuf.clone(), eager).clone())
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        for i in range(warm + 2, warm + 2 + steps):
+            xbuf.copy_(x[:, i * n:(i + 1) * n])
+            g.replay()
+            ye = m.step_fixed(x[:, i * n:(i + 1) * n], eager)
+            torch.cuda.synchronize()
+            assert rel_err(ybuf.float(), ye.float()) <= tol, i
+            outs.append(ybuf.clone())
+    if dtype == torch.float32:
+        got = torch.cat(outs, 1)
+        assert rel_err(got, ref[:, :got.shape[1]]) <= 1e-4
