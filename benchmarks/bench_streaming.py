@@ -83,6 +83,27 @@ def build(layers=12, dim=768, heads=12, ffn=3072, left=250, lookahead=3, conv_di
     return StreamingSequential(*mods).eval()
 
 
+def build_encoder(layers=12, dim=768, heads=12, ffn=3072, left=250, lookahead=3, conv_dim=512,
+                  mask="banded", chunk=4, left_chunks=62, norm_first=False, pos_kernel=128,
+                  pos_groups=16):
+    """What ``CausalEncoder.from_hf`` makes of wav2vec2-base (random weights): its valid conv
+    extractor (the first conv layer's GroupNorm streamed as the running GroupNorm), the feature
+    projection's LayerNorm, the causal positional conv (``pos_kernel`` taps, ``pos_groups``
+    groups, GELU), post-LN layers (``norm_first=False``) with the mask of ``build``. Its whole
+    step is ``CausalEncoder.step_fixed``."""
+    from pyencoder.models import CausalEncoder, EncoderConfig
+    att = dict(attention="band", left=left) if mask == "banded" else dict(
+        attention="chunked", chunk_size=chunk, left_chunks=left_chunks)
+    if mask not in ("banded", "chunked"):
+        raise ValueError(f"mask must be 'banded' or 'chunked'; got {mask!r}")
+    cfg = EncoderConfig(conv_dim=(conv_dim,) * 7, feat_extract_norm="group", hidden_size=dim,
+                        num_layers=layers, num_heads=heads, ffn_dim=ffn, norm_first=norm_first,
+                        pos_conv="causal", pos_conv_kernel=pos_kernel,
+                        pos_conv_groups=pos_groups, lookahead=lookahead,
+                        lookahead_layers="first", **att)
+    return CausalEncoder(cfg).eval()
+
+
 def _time(fn, reps=3, warm=True):
     from benchmarks._common import wall_times
     return wall_times(fn, reps, warm)[0]
@@ -212,13 +233,21 @@ DRY = dict(layers=2, dim=64, heads=4, ffn=128, conv_dim=32)
 # 7 convs' 21 kernels + 7 history copies against 7 + 7); cuDNN won offline on the H100 (2.1 vs
 # 28.7 ms), steps of 4-256 frames were never timed
 STEP_VARIANTS = {"conv-triton": dict(conv="triton")}
+# Model variants of the 80 ms step (--variants): "encoder" is what users capture, the
+# converted wav2vec2-base CausalEncoder's whole step_fixed (build_encoder: running GroupNorm,
+# valid convs, the 128-tap grouped positional conv, post-LN layers; chunked mask as GPU_MASKS),
+# where the stack above is its layers behind a LayerNorm-free causal conv front end
+# (benchmarks.count_step_kernels --model encoder: 169 kernels against the stack's 139)
+MODEL_VARIANTS = {"encoder": build_encoder}
 
 
 def _warm_steps(model, step_frames):
-    """General steps that bring every layer to the steady state step_fixed needs."""
-    la = sum(m.attention.lookahead_frames + m.attention.block for m in model
+    """General steps that bring every layer to the steady state step_fixed needs (a
+    CausalEncoder: its layers, plus one step for its valid convs' first windows)."""
+    layers = getattr(model, "layers", model)
+    la = sum(m.attention.lookahead_frames + m.attention.block for m in layers
              if isinstance(m, TransformerLayer))
-    return -(-la // step_frames) + 2
+    return -(-la // step_frames) + 2 + (layers is not model)
 
 
 class StepRunner:
@@ -496,7 +525,15 @@ def bench_gpu(args, recs=None):
         name = "chunked" if "chunked" in built else masks[0]
         model, base, sf, step_ms_audio = built[name]
         try:
-            with pyencoder.use_backend(**STEP_VARIANTS[vname]):
+            backend = STEP_VARIANTS.get(vname, {})
+            if vname in MODEL_VARIANTS:
+                torch.manual_seed(0)
+                cfg = {k: v for k, v in GPU_MASKS[name].items() if k != "step_frames"}
+                model = MODEL_VARIANTS[vname](**dims, **cfg).to(device, dtype)
+                base = dict(base, model=type(model).__name__, norm_first=False,
+                            feat_extract_norm="group", pos_conv_kernel=128,
+                            latency_ms=latency(model).ms)
+            with pyencoder.use_backend(**backend):
                 _latency_rows(name, model, dict(base, variant=vname), sf, step_ms_audio, args,
                               recs, ("graph",) if graph else ("eager",))
         except Exception as e:  # noqa: BLE001 - a variant must not cost the searches
@@ -578,10 +615,12 @@ def main(argv=None):
                          "measurement, batch 1, a 2 s naive window (seconds, not minutes; "
                          "records carry quick=true); GPU: 300 steps, the search from batch "
                          "2048 (the target) to 1/8 resolution")
-    ap.add_argument("--variants", nargs="*", choices=sorted(STEP_VARIANTS),
-                    default=sorted(STEP_VARIANTS),
+    variants = sorted(STEP_VARIANTS) + sorted(MODEL_VARIANTS)
+    ap.add_argument("--variants", nargs="*", choices=variants, default=variants,
                     help="GPU: A/B variants of the chunked (80 ms) batch-1 step, after the "
-                         "masks' latencies (rows carry variant=NAME; none: --variants)")
+                         "masks' latencies (rows carry variant=NAME; none: --variants): "
+                         "conv-triton (the stack's strided convs on the triton backend), "
+                         "encoder (the converted wav2vec2-base CausalEncoder's whole step)")
     ap.add_argument("--dry-run", action="store_true",
                     help="run the GPU benchmark's code path on CPU (tiny model, no CUDA graphs, "
                          "3 steps, batches up to 4) and write nothing")

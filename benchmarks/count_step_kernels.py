@@ -60,7 +60,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import temp_env  # noqa: E402
-from benchmarks.bench_streaming import GPU_MASKS, HOP, build, _warm_steps  # noqa: E402
+from benchmarks.bench_streaming import (GPU_MASKS, HOP, build, build_encoder,  # noqa: E402
+                                        _warm_steps)
 from pyencoder.nn import TransformerLayer  # noqa: E402
 
 # Ops that launch no kernel beyond the is_view ones (metadata / aliasing).
@@ -227,8 +228,10 @@ def _observer_not_a_mode():
 
 
 def count(mask="banded", path="cuda", layers=12, dtype=torch.bfloat16, dims=None, seed=0,
-          norm_first=True):
-    """One steady-state step_fixed of the bench_streaming stack -> dict with ``total`` (kernels),
+          norm_first=True, model="stack"):
+    """One steady-state step_fixed of the bench_streaming stack (``model="stack"``) or of the
+    converted wav2vec2-base CausalEncoder (``"encoder"``: bench_streaming.build_encoder; its
+    ``norm_first`` is post-LN unless given True) -> dict with ``total`` (kernels),
     ``by_type`` {module type: ops charged to it}, ``per_layer`` [ops of each TransformerLayer,
     inclusive], ``ops`` {op name: count}, ``allocs``, ``syncs`` and ``excluded`` {name: count}."""
     if path not in PATHS:
@@ -236,7 +239,10 @@ def count(mask="banded", path="cuda", layers=12, dtype=torch.bfloat16, dims=None
     cfg = dict(GPU_MASKS[mask])
     sf = cfg.pop("step_frames")
     torch.manual_seed(seed)
-    model = build(layers=layers, **(dims or DIMS), **cfg, norm_first=norm_first).to(dtype)
+    if model not in ("stack", "encoder"):
+        raise ValueError(f"model must be 'stack' or 'encoder'; got {model!r}")
+    make = build if model == "stack" else build_encoder
+    model = make(layers=layers, **(dims or DIMS), **cfg, norm_first=norm_first).to(dtype)
     x = torch.randn(1, 1, HOP * sf, dtype=dtype)
     stack = []
     ref = [None]
@@ -316,18 +322,33 @@ def main(argv=None):
     ap.add_argument("--ops", action="store_true", help="also list the counted ops by name")
     ap.add_argument("--post-ln", action="store_true",
                     help="post-LN layers (wav2vec2-base's) instead of the benchmark's pre-LN")
+    ap.add_argument("--model", choices=("stack", "encoder"), default="stack",
+                    help="the bench_streaming stack, or the converted wav2vec2-base CausalEncoder "
+                         "(running GroupNorm, valid convs, positional conv; post-LN unless "
+                         "--pre-ln): its whole-encoder step_fixed")
+    ap.add_argument("--pre-ln", action="store_true", help="--model encoder: pre-LN layers")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = ap.parse_args(argv)
     masks = ["banded", "chunked"] if args.mask == "both" else [args.mask]
     paths = list(PATHS) if args.path == "all" else [args.path]
     dtype = getattr(torch, args.dtype)
-    results = {(m, p): count(m, p, args.layers, dtype, norm_first=not args.post_ln)
+    if args.model == "encoder":
+        if args.post_ln:
+            ap.error("--post-ln is the stack's option (the encoder is post-LN unless --pre-ln)")
+        nf = args.pre_ln
+    else:
+        if args.pre_ln:
+            ap.error("--pre-ln is the encoder's option (the stack is pre-LN unless --post-ln)")
+        nf = not args.post_ln
+    results = {(m, p): count(m, p, args.layers, dtype, norm_first=nf, model=args.model)
                for m in masks for p in paths}
     if args.json:
         print(json.dumps({f"{m}/{p}": r for (m, p), r in results.items()}))
         return results
-    print(f"ops per step_fixed, batch 1, {args.layers} {'post' if args.post_ln else 'pre'}-LN "
-          f"layers, {args.dtype} (bench_streaming stack, small dims)")
+    what = "bench_streaming stack" if args.model == "stack" else \
+        "converted wav2vec2-base CausalEncoder"
+    print(f"ops per step_fixed, batch 1, {args.layers} {'pre' if nf else 'post'}-LN "
+          f"layers, {args.dtype} ({what}, small dims)")
     print(format_table(results))
     if args.ops:
         for (m, p), r in results.items():

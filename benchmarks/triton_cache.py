@@ -778,7 +778,8 @@ def _bench_stage_launches(rec, failed):
     (offline and the streaming steps) and bench_streaming's ``step_fixed`` per mask at batch 1
     and at a batch of 16 (the streams search's batches are multiples of 256: the same
     specialisation) and its A/B variants of the chunked batch-1 step (``STEP_VARIANTS``: the
-    dense strided convs on the triton backend), through the benchmarks' own case code with their timers replaced by one
+    dense strided convs on the triton backend; ``MODEL_VARIANTS``: the converted wav2vec2-base
+    encoder's whole step), through the benchmarks' own case code with their timers replaced by one
     call (launches only, inside capture_requests' patches)."""
     import types
 
@@ -847,9 +848,25 @@ def _bench_stage_launches(rec, failed):
         model = model.to(torch.bfloat16)
         with pyencoder.use_backend(**bs.STEP_VARIANTS[vname]):
             bs.StepRunner(model, 1, "cuda", torch.bfloat16, cfg["step_frames"], graph=False)()
+
+    def model_variant(vname):
+        # the model variants (bench_streaming.MODEL_VARIANTS: the converted wav2vec2-base
+        # encoder): backends as the capture selects them (its grouped positional conv is a
+        # Triton launch on the device; its dense strided convs are cuDNN's there, Triton here:
+        # the conv-triton variant's specialisations, no new compile)
+        cfg = bs.GPU_MASKS["chunked"]
+        torch.manual_seed(0)
+        model = bs.MODEL_VARIANTS[vname](layers=2, dim=768, heads=12, ffn=3072, conv_dim=512,
+                                         **{k: v for k, v in cfg.items()
+                                            if k != "step_frames"})
+        model = model.to(torch.bfloat16)
+        bs.StepRunner(model, 1, "cuda", torch.bfloat16, cfg["step_frames"], graph=False)()
     for vname in sorted(bs.STEP_VARIANTS):
         attempt(f"bench_streaming step_fixed chunked batch 1 variant {vname}",
                 lambda vname=vname: variant(vname))
+    for vname in sorted(bs.MODEL_VARIANTS):
+        attempt(f"bench_streaming step_fixed chunked batch 1 variant {vname}",
+                lambda vname=vname: model_variant(vname))
 
 
 class _Miss(Exception):

@@ -55,6 +55,20 @@ def test_dry_run_step_variant_conv_triton():
     assert "failed" not in r.stdout
 
 
+def test_dry_run_model_variant_encoder():
+    """--variants encoder: the converted wav2vec2-base CausalEncoder's whole step_fixed at 80 ms
+    steps (the reference backends here): its latency and profile lines, tagged."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env.pop("TRITON_INTERPRET", None)
+    r = _subproc.run([sys.executable, "-m", "benchmarks.bench_streaming", "--dry-run", "--mask",
+                      "chunked", "--variants", "encoder", "--max-batch", "0"],
+                     cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[chunked, variant encoder] batch 1, 80 ms steps" in r.stdout, r.stdout
+    assert "[chunked, variant encoder] step profile (eager):" in r.stdout
+    assert "failed" not in r.stdout
+
+
 @pytest.mark.parametrize("limit", [0, 1, 5, 31, 100, 257, 300, 2500, 16384, 20000])
 def test_search_streams(limit):
     from benchmarks.bench_streaming import search_streams

@@ -110,6 +110,27 @@ def test_post_ln_layers_fuse_both_norms():
                        for k in r["by_type_op"]), r["by_type_op"]
 
 
+def test_encoder_step_counts():
+    """The converted wav2vec2-base CausalEncoder's whole step_fixed (count_step_kernels
+    --model encoder) on the cuda path: no host sync, one foreach add for every counter (convs'
+    seen, the running norm's count, layers' pos), the layers as the stack's post-LN layers (9
+    each), the feature convs as the stack's (<= 4 each: cat, conv, GELU, history copy; the last
+    two hold one more sample than k - stride, so they take the cat path with no cat in the
+    op), and no out_lengths fill (every counter holds the step's frame count)."""
+    from benchmarks.count_step_kernels import count
+    for mask in ("banded", "chunked"):
+        r = count(mask, "cuda", layers=2, dims=TINY, norm_first=False, model="encoder")
+        assert r["syncs"] == 0 and r["per_layer"] == [9, 9], (mask, r["per_layer"])
+        assert r["ops"]["_foreach_add_"] == 1 and "add_" not in r["ops"], r["ops"]
+        assert "fill_" not in r["ops"], r["ops"]
+        c = r["by_type_op"]
+        assert c["FeatureConv1d.convolution"] == 7 and c["FeatureConv1d.copy_"] == 7, c
+        assert sum(v for k, v in c.items() if k.startswith("FeatureConv1d.")) <= 28, c
+        # the running GroupNorm's float64 torch ops (one Triton kernel would replace them)
+        assert sum(v for k, v in c.items() if k.startswith("RunningGroupNorm.")) <= 25, c
+        assert r["total"] - sum(r["per_layer"]) <= 61, r["total"]
+
+
 def test_script_prints_table():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
@@ -148,6 +169,24 @@ def test_fill_counter_skips_only_unchanged_counters():
         s.out_lengths.zero_()
         fill_counter(s, 5)
         assert s.out_lengths.tolist() == [5, 5, 5]
+
+
+def test_fill_counter_filled_alias():
+    """``filled``: a container's counter that is the tensor its child just filled is not
+    filled again (each fill would bump the version the other's record holds: both would fill
+    on every step); a counter of its own is filled."""
+    child, parent = _S(), _S()
+    child.out_lengths = torch.zeros(2, dtype=torch.int64)
+    parent.out_lengths = child.out_lengths
+    for _ in range(3):
+        fill_counter(child, 3)
+        v = child.out_lengths._version
+        fill_counter(parent, 3, filled=child.out_lengths)
+        assert child.out_lengths._version == v
+    assert child.out_lengths.tolist() == [3, 3]
+    parent.out_lengths = torch.zeros(2, dtype=torch.int64)
+    fill_counter(parent, 3, filled=child.out_lengths)
+    assert parent.out_lengths.tolist() == [3, 3]
 
 
 def test_fixed_index_follows_the_counter():
