@@ -18,7 +18,9 @@ conv front end adds k - s samples per valid conv. ``lookahead=None`` gives a ful
 (teacher; offline only).
 
 Streaming: ``init_state`` / ``step`` / ``flush`` (DESIGN.md "Streaming"); any chunking of the
-waveform gives the offline output (up to summation order). ``from_hf`` converts a transformers
+waveform gives the offline output (up to summation order). ``step_fixed`` is the whole encoder's
+CUDA-graph-capturable steady-state step (every slot the same whole number of hops; no host
+synchronisation, the state updated in place). ``from_hf`` converts a transformers
 Wav2Vec2Model / HubertModel (or a head around one) into a CausalEncoder with the same weights, the
 same function as that model patched by ``pyencoder.hf.apply_pyencoder_to_wav2vec2`` with the same
 options; a WavLMModel (or head) gives the WavLM variant, its relative-bias table and gates included.
