@@ -445,6 +445,20 @@ def _run_decode(rec, matrix):
                                  torch.randn(2, n, 768, dtype=dt), keep if queue else 0, ln,
                                  need_sum=need_sum,
                                  sum_bias=torch.randn(768, dtype=dt) if sum_bias else None)
+    # the running GroupNorm's step (a converted wav2vec2-base's first conv layer, C = 512): the
+    # 80 ms step's 256 frames (4 tiles of 64) with the affine, and a 20 ms step's 64 without
+    import pyencoder.ops._running_norm_triton as RNT
+    for dn in (dts if matrix == "full" else ("fp16", "bf16", "fp32")):
+        dt = dts[dn]
+        for T, affine in ((256, True), (64, False)) if dn == "bf16" or matrix == "full" else \
+                ((256, True),):
+            C = 512
+            tot = torch.randn(2, C, dtype=torch.float64)
+            rec.case = f"{dn} running norm C={C} T={T} affine={affine}"
+            RNT.running_norm_step(torch.randn(2, C, T, dtype=dt),
+                                  torch.randn(C, dtype=dt) if affine else None,
+                                  torch.randn(C, dtype=dt) if affine else None, 1e-5,
+                                  torch.tensor([3, 0]), tot, tot.abs().clone())
 
 
 def _run_convnext(rec, matrix):
@@ -747,7 +761,7 @@ if pytest is not None and __name__ != "__main__":
                      "_interval_attention_bwd_dkdv_kernel", "_causal_conv1d_dw_fwd_kernel",
                      "_causal_conv1d_grp_bwd_dw_kernel", "_convnext_dwconv_ln_fwd_kernel",
                      "_decode_attention_fwd_kernel", "_rope_rotate_kernel",
-                     "_ring_write_kernel", "_residual_kernel"):
+                     "_ring_write_kernel", "_residual_kernel", "_running_norm_step_kernel"):
             assert name in kernels
         # the residual kernel with its LayerNorm, with and without the queue, per target
         assert {(r["target"], "QUEUE=True" in r["config"]) for r in results

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .._checks import check_eps, check_int, check_module_input
+from ..ops import _running_norm_triton as _rn
 from ..streaming.state import (StreamState, advance_counter, check_init_args, check_state,
                                check_step_input, check_step_lengths, stamp)
 
@@ -125,13 +126,21 @@ class RunningGroupNorm(nn.Module):
     def step_fixed(self, x, state, check=False):
         """CUDA-graph friendly step: every slot gets the same n frames; the statistics are
         updated in place, without host synchronisation (``check`` is accepted for the
-        step_fixed protocol: there is no precondition). Returns y, equal to ``step``'s."""
+        step_fixed protocol: there is no precondition). Returns y, equal to ``step``'s. On CUDA
+        (float16 / bfloat16 / float32, autograd not recording) one Triton launch
+        (pyencoder.ops._running_norm_triton: the float64 sums added in another order, y equal
+        to its dtype's last bit but for rare ties); elsewhere the torch ops of ``step``."""
         check_state(self, state, RunningNormState)
         check_step_input(x, 1, self.num_channels, state.count.shape[0], state.total.device)
-        y, total, total_sq = running_norm(x, self.weight, self.bias, self.eps, state.count,
-                                          state.total, state.total_sq)
-        if x.shape[-1]:
-            state.total.copy_(total)
-            state.total_sq.copy_(total_sq)
+        if _rn.fused_ok(x, self.weight, state.total):
+            # one Triton launch (CUDA): statistics, normalisation, affine and the sums' update
+            y = _rn.running_norm_step(x, self.weight, self.bias, self.eps, state.count,
+                                      state.total, state.total_sq)
+        else:
+            y, total, total_sq = running_norm(x, self.weight, self.bias, self.eps, state.count,
+                                              state.total, state.total_sq)
+            if x.shape[-1]:
+                state.total.copy_(total)
+                state.total_sq.copy_(total_sq)
         advance_counter(state.count, x.shape[-1])
         return y

@@ -1,0 +1,185 @@
+"""The running GroupNorm's streaming-step kernel (triton_kernels/running_norm.py, launched by
+RunningGroupNorm.step_fixed on CUDA) against pyencoder.nn.norm's torch path.
+
+CPU under TRITON_INTERPRET=1 (``_ring_write_triton.FORCE_INTERPRET``, which the launcher shares):
+random x of several step lengths (one tile, several tiles with a ragged last one), channel counts
+that are not a multiple of the channel block, slots with different counts and non-zero running
+sums from earlier steps, with and without the affine, float32 / float16 (bfloat16 on a GPU: the
+interpreter truncates float32 -> bfloat16): y equals the
+torch path's to its dtype's last bit (1 ulp: the float64 sums are added in another order, which
+may move a value across a rounding tie) and the sums to float64 rounding (1e-12 relative), in
+place, the count not written. A NaN enters only its own channel's sums (as the torch path). The
+module takes the kernel only where it applies (not while autograd records, not for float64 or a
+weight of another dtype, not with PYENCODER_FUSED_RING=0) and a CausalEncoder step_fixed with it
+equals the general step. GPU (``-m gpu``): the same compiled.
+"""
+import os
+
+import pytest
+import torch
+
+from conftest import has_triton
+
+pytestmark = pytest.mark.skipif(not has_triton() or not (
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs triton (a GPU, or TRITON_INTERPRET=1)")
+
+from pyencoder.nn.norm import RunningGroupNorm, running_norm  # noqa: E402
+from pyencoder.ops import _ring_write_triton as RW  # noqa: E402
+from pyencoder.ops import _running_norm_triton as RN  # noqa: E402
+
+_DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+@pytest.fixture(autouse=True)
+def _force(monkeypatch):
+    monkeypatch.setattr(RW, "FORCE_INTERPRET", True)
+
+
+def _sums(B, C):
+    n0 = torch.tensor([0, 37, 5][:B], device=_DEV)
+    tot = torch.randn(B, C, dtype=torch.float64, device=_DEV) * n0[:, None] * 0.3
+    tsq = tot * tot / n0.clamp_min(1)[:, None] + n0[:, None] * torch.rand(
+        B, C, dtype=torch.float64, device=_DEV)
+    return n0, tot, tsq
+
+
+def _check(y, want, dt):
+    # y within one ulp of its magnitude (a rounding tie the other float64 order moved)
+    tol = ULP[dt] * want.abs().float().clamp_min(1e-3) + 1e-30
+    assert ((y.float() - want.float()).abs() <= tol).all(), (y.float() - want.float()).abs().max()
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,C,T", [(1, 16, 4), (2, 21, 64), (3, 8, 150), (2, 33, 1)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_kernel_equals_torch_path(dt, B, C, T, affine):
+    if dt == torch.bfloat16 and _DEV == "cpu":
+        pytest.skip("the interpreter rounds float32 -> bfloat16 by truncation (bf16 on a GPU)")
+    torch.manual_seed(B * 100 + C + T)
+    x = (torch.randn(B, C, T, device=_DEV) * 2 + 0.5).to(dt)
+    w = (1 + 0.3 * torch.randn(C, device=_DEV)).to(dt) if affine else None
+    b = (0.2 * torch.randn(C, device=_DEV)).to(dt) if affine else None
+    n0, tot, tsq = _sums(B, C)
+    want, wt, wq = running_norm(x, w, b, 1e-5, n0, tot, tsq)
+    tot2, tsq2, n1 = tot.clone(), tsq.clone(), n0.clone()
+    ptr = (tot2.data_ptr(), tsq2.data_ptr())
+    y = RN.running_norm_step(x, w, b, 1e-5, n1, tot2, tsq2)
+    assert y.dtype == dt and y.shape == x.shape
+    _check(y, want, dt)
+    torch.testing.assert_close(tot2, wt, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tsq2, wq, rtol=1e-12, atol=1e-12)
+    assert (tot2.data_ptr(), tsq2.data_ptr()) == ptr and torch.equal(n1, n0)
+
+
+def test_kernel_strided_input_and_empty_steps():
+    """A channel-last view of x (the kernel reads any strides) and T = 0 (no launch, sums
+    untouched)."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 40, 24, device=_DEV).transpose(1, 2)        # (2, 24, 40) strided
+    n0, tot, tsq = _sums(2, 24)
+    want, wt, _ = running_norm(x, None, None, 1e-5, n0, tot, tsq)
+    t2, q2 = tot.clone(), tsq.clone()
+    _check(RN.running_norm_step(x, None, None, 1e-5, n0, t2, q2), want, torch.float32)
+    torch.testing.assert_close(t2, wt, rtol=1e-12, atol=1e-12)
+    before = t2.clone()
+    y = RN.running_norm_step(x[..., :0], None, None, 1e-5, n0, t2, q2)
+    assert y.shape == (2, 24, 0)
+    assert torch.equal(t2, before)
+
+
+def test_kernel_nan_stays_in_its_channel():
+    x = torch.randn(1, 4, 10, device=_DEV)
+    x[0, 2, 3] = float("nan")
+    n0, tot, tsq = _sums(1, 4)
+    y = RN.running_norm_step(x, None, None, 1e-5, n0, tot, tsq)
+    want, wt, _ = running_norm(x, None, None, 1e-5, n0, _sums(1, 4)[1], _sums(1, 4)[2])
+    assert torch.isnan(y[0, 2, 3:]).all() and not torch.isnan(y[0, 2, :3]).any()
+    assert not torch.isnan(y[0, [0, 1, 3]]).any()
+    assert torch.isnan(tot[0, 2]) and not torch.isnan(tot[0, [0, 1, 3]]).any()
+
+
+def _spy(monkeypatch):
+    calls = []
+    real = RN.running_norm_step
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(RN, "running_norm_step", spy)
+    return calls
+
+
+def test_module_step_fixed_takes_the_kernel(monkeypatch):
+    """step_fixed == step (one ulp), in place, through the kernel; the torch path where the
+    kernel does not apply."""
+    torch.manual_seed(4)
+    norm = RunningGroupNorm(20).to(_DEV)
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(20, device=_DEV) * 0.3)
+        norm.bias.add_(torch.randn(20, device=_DEV) * 0.3)
+    calls = _spy(monkeypatch)
+    st, ref = norm.init_state(2), norm.init_state(2)
+    with torch.no_grad():
+        for T in (5, 70, 1):
+            x = torch.randn(2, 20, T, device=_DEV) * 3 + 1
+            y = norm.step_fixed(x, st)
+            y2, ref = norm.step(x, ref)
+            _check(y, y2, torch.float32)
+            torch.testing.assert_close(st.total, ref.total, rtol=1e-12, atol=1e-12)
+            assert torch.equal(st.count, ref.count)
+    assert len(calls) == 3
+    x = torch.randn(2, 20, 3, device=_DEV)
+    norm.step_fixed(x, st)                                  # grad mode, weight requires grad
+    norm.double().step_fixed(x.double(), norm.init_state(2))            # float64
+    with torch.no_grad():
+        monkeypatch.setenv("PYENCODER_FUSED_RING", "0")
+        RunningGroupNorm(20).to(_DEV).step_fixed(x, RunningGroupNorm(20).init_state(2))
+    assert len(calls) == 3
+
+
+def test_encoder_step_fixed_with_the_kernel(monkeypatch):
+    """A CausalEncoder with a running GroupNorm front end: step_fixed (the norm on the kernel,
+    the layers on the fused ring write) equals the general step (float32, 1e-5)."""
+    from _stream_utils import rel_err
+    from test_encoder_step_fixed import _encoder, _frames
+
+    calls = _spy(monkeypatch)
+    m = _encoder("band_group_valid", dtype=torch.float32).to(_DEV)
+    B, n = 2, m.hop * _frames(m)
+    x = torch.randn(B, n * 9, device=_DEV)
+    with torch.no_grad():
+        st = m.init_state(B, max_chunk=4)
+        for i in range(5):
+            _, st = m.step(x[:, i * n:(i + 1) * n], st)
+        ref = m.init_state(B, max_chunk=4)
+        ref.load_state_dict(st.state_dict())
+        for i in range(5, 9):
+            y = m.step_fixed(x[:, i * n:(i + 1) * n], st, check=i == 5)
+            y2, ref = m.step(x[:, i * n:(i + 1) * n], ref)
+            assert rel_err(y, y2) <= 1e-5, i
+    assert len(calls) == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.gpu_quick
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gpu_kernel_at_the_bench_shape(dt):
+    """Compiled, at the converted wav2vec2-base's 80 ms step (C = 512, T = 256: 4 tiles), two
+    steps in a row: y within one ulp of the torch path (bfloat16 included), the sums to 1e-12."""
+    torch.manual_seed(9)
+    B, C, T = 2, 512, 256
+    w = (1 + 0.3 * torch.randn(C, device="cuda")).to(dt)
+    b = (0.2 * torch.randn(C, device="cuda")).to(dt)
+    n0, tot, tsq = _sums(B, C)
+    t2, q2 = tot.clone(), tsq.clone()
+    for _ in range(2):
+        x = (torch.randn(B, C, T, device="cuda") * 2 + 0.5).to(dt)
+        want, tot, tsq = running_norm(x, w, b, 1e-5, n0, tot, tsq)
+        y = RN.running_norm_step(x, w, b, 1e-5, n0, t2, q2)
+        _check(y, want, dt)
+        torch.testing.assert_close(t2, tot, rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(q2, tsq, rtol=1e-12, atol=1e-9)
+        n0 = n0 + T
