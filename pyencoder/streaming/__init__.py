@@ -11,7 +11,10 @@ Protocol of every streaming module m::
     reset(state, mask)                       # recycle slots (bool (B,)) for new streams
 
 What else a module declares (its chunks' time axis, being per-frame, swapping layouts) is in
-``pyencoder.streaming.protocol``.
+``pyencoder.streaming.protocol``. In the steady state, modules with ``step_fixed`` (attention,
+conv, TransformerLayer, StreamingSequential, CausalEncoder) step without host synchronisation:
+``CudaGraphStep(module, state, example)`` captures that step in a CUDA graph and replays it per
+chunk (pyencoder.streaming.graph).
 """
 import itertools
 
@@ -22,12 +25,13 @@ from .protocol import time_last
 from .state import StreamState, batched_counters, reset, state_nbytes
 from .latency import Latency, NotStreamableError, latency
 from .sequential import StreamingSequential, StackState, cat_time
+from .graph import CudaGraphStep
 from ..ops.decode_attention import decode_attention
 from ..reference.decode_attention import decode_attention_reference, ring_positions
 
 __all__ = ["StreamState", "reset", "state_nbytes", "latency", "Latency", "NotStreamableError",
            "StreamingSequential", "StackState", "decode_attention", "decode_attention_reference",
-           "ring_positions", "run_stream", "batched_counters"]
+           "ring_positions", "run_stream", "batched_counters", "CudaGraphStep"]
 
 
 def run_stream(module, x, chunk_sizes, time_dim=None, **init_kwargs):

@@ -350,6 +350,25 @@ def fixed_index(state, name, n, device):
     return idx
 
 
+def mirror_step_caches(src, dst):
+    """Build on ``dst`` (eagerly) the per-state caches a ``step_fixed`` made on ``src``, a copy
+    of it (``copy.deepcopy``) advanced by step_fixed: the ``fixed_index`` entries and the
+    ``fill_counter`` records (filling dst's counters with the same counts, which steady-state
+    counters already hold). A CUDA graph captured on dst afterwards then reads them instead of
+    recomputing them at every replay (pyencoder.streaming.CudaGraphStep warms up on a copy so the
+    stream itself is not advanced). The two must have the same structure."""
+    dst_states = dst.states()
+    for prefix, s in src.states().items():
+        d = dst_states.get(prefix)
+        if d is None or type(d) is not type(s):
+            raise ValueError(f"mirror_step_caches: the states differ at {prefix!r}")
+        for key, val in list(s.__dict__.items()):
+            if key.startswith("_filled_"):
+                fill_counter(d, val[1], key[len("_filled_"):])
+        for (name, n), idx in list(s.__dict__.get("_fixed_index", {}).items()):
+            fixed_index(d, name, n, idx.ar.device)
+
+
 def fill_counter(state, n, name="out_lengths", filled=None):
     """``getattr(state, name).fill_(n)``, skipped when this counter already holds n from an
     earlier (executed) fill here and was not written since (same tensor, same version: see
