@@ -14,7 +14,10 @@ group / no norm, band and chunked, pre- and post-LN), wav2vec2's own conv geomet
 10,3,3,3,3,2,2, strides 5,2,...: its last two layers hold one sample more than k - stride, the
 feature conv's cat path) with a HuBERT BatchNorm before a 128-tap positional conv, WavLM's
 relative bias and attention sinks. HF: StreamingEncoder.step_fixed on patched transformers
-models equals its general step.
+models equals its general step. The general step runs as step_fixed in the steady state (spied:
+one host read instead of ~80; same outputs, out_lengths and results as the pure general path;
+counters the caller kept are not changed) and not for ragged lengths, partial hops or mask
+blocks, hidden states, before the steady state or off the hop grid.
 GPU (marked): the encoder's step_fixed captured in a torch.cuda.CUDAGraph and replayed equals the
 eager step_fixed and the offline forward (fp32) / the eager step_fixed (bf16).
 
@@ -299,3 +302,92 @@ def test_cuda_graph_encoder(case, dtype):
     if dtype == torch.float32:
         got = torch.cat(outs, 1)
         assert rel_err(got, ref[:, :got.shape[1]]) <= 1e-4
+
+
+# ---- the general step runs as step_fixed in the steady state ---------------------------------
+
+class _Syncs(NoHostSync):
+    """Count host reads instead of raising."""
+    n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in ("_local_scalar_dense", "item", "is_nonzero"):
+            _Syncs.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", ["w2v2_geometry_hubert_bn", "wavlm_chunked", "band_sink",
+                                  "band_preln_group_causalconv"])
+def test_general_step_dispatches_to_fixed(case, monkeypatch):
+    """Uniform steps of whole hops: once steady, CausalEncoder.step runs step_fixed (spied) with
+    one host read; outputs, out_lengths and the state equal the pure general path (float64) and
+    the offline forward; counters the caller kept from earlier steps are not changed."""
+    m = _encoder(case)
+    B, n = 2, m.hop * _frames(m)
+    steps = 10
+    x = torch.randn(B, n * steps, dtype=torch.float64)
+    calls = []
+    real = CausalEncoder.step_fixed
+
+    def spy(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+    monkeypatch.setattr(CausalEncoder, "step_fixed", spy)
+    with torch.no_grad():
+        ref = m(x).last_hidden_state
+        st = m.init_state(B, max_chunk=4)
+        oracle = m.init_state(B, max_chunk=4)
+        got, want, kept = [], [], []
+        for i in range(steps):
+            xi = x[:, i * n:(i + 1) * n]
+            _Syncs.n = 0
+            with _Syncs():
+                y, st = m.step(xi, st)
+            syncs = _Syncs.n
+            got.append(y[:, :int(st.out_lengths[0])])
+            kept.append((st.out_lengths, st.out_lengths.clone(), st.frontend.convs[0].seen,
+                         st.frontend.convs[0].seen.clone()))
+            with monkeypatch.context() as mp, _general_only():
+                mp.setattr(CausalEncoder, "_fixed_ok", lambda *a, **k: False)
+                y2, oracle = m.step(xi, oracle)
+            want.append(y2[:, :int(oracle.out_lengths[0])])
+            assert torch.equal(st.out_lengths, oracle.out_lengths), i
+            if calls:
+                assert syncs == 1, (i, syncs)
+    assert len(calls) >= steps - 5, len(calls)
+    a, b = torch.cat(got, 1), torch.cat(want, 1)
+    assert a.shape == b.shape and rel_err(a, b) <= F64_TOL
+    assert rel_err(a, ref[:, :a.shape[1]]) <= F64_TOL
+    for t, v, s, sv in kept:
+        assert torch.equal(t, v) and torch.equal(s, sv)
+
+
+def test_general_step_not_dispatched(monkeypatch):
+    """Not taken: ragged lengths, steps that are not whole hops (or mask blocks), hidden states,
+    before the steady state."""
+    m = _encoder("wavlm_chunked")
+    n = m.hop * _frames(m)
+    calls = []
+    monkeypatch.setattr(CausalEncoder, "step_fixed",
+                        lambda self, *a, **k: calls.append(1))
+    x = torch.randn(2, n, dtype=torch.float64)
+    with torch.no_grad():
+        st = m.init_state(2, max_chunk=4)
+        m.step(x, st)                                   # not steady yet
+        for _ in range(5):
+            m.step(x, st, lengths=torch.tensor([n, n - 1]))
+            m.step(x[:, :m.hop], st)                    # one hop: not a whole chunk of 2
+            m.step(x[:, :n - 3], st)                    # not whole hops
+            m.step(x, st, output_hidden_states=True)
+    assert calls == []
+    # a stream off the hop grid (7 samples in) stays on the general step, however steady its
+    # layers are
+    m = _encoder("band_postln_valid")
+    n = m.hop * _frames(m)
+    x = torch.randn(2, 7 + n * 8, dtype=torch.float64)
+    with torch.no_grad():
+        st = m.init_state(2, max_chunk=4)
+        m.step(x[:, :7], st)
+        for i in range(8):
+            m.step(x[:, 7 + i * n:7 + (i + 1) * n], st)
+    assert calls == []

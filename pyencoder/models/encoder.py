@@ -20,7 +20,8 @@ conv front end adds k - s samples per valid conv. ``lookahead=None`` gives a ful
 Streaming: ``init_state`` / ``step`` / ``flush`` (DESIGN.md "Streaming"); any chunking of the
 waveform gives the offline output (up to summation order). ``step_fixed`` is the whole encoder's
 CUDA-graph-capturable steady-state step (every slot the same whole number of hops; no host
-synchronisation, the state updated in place). ``from_hf`` converts a transformers
+synchronisation, the state updated in place); ``step`` runs it by itself once the stream is
+steady (one host read to check, where the general step reads the device ~80 times). ``from_hf`` converts a transformers
 Wav2Vec2Model / HubertModel (or a head around one) into a CausalEncoder with the same weights, the
 same function as that model patched by ``pyencoder.hf.apply_pyencoder_to_wav2vec2`` with the same
 options; a WavLMModel (or head) gives the WavLM variant, its relative-bias table and gates included.
@@ -65,6 +66,7 @@ from ..streaming.state import (StreamState, batched_counters, check_init_args, c
                                check_step_lengths, check_step_slots, fill_counter, stamp)
 from .adapter import ConvAdapter
 from .frontend import ConvFeatureExtractor, FrontendState
+from ..nn.norm import RunningNormState
 
 __all__ = ["EncoderConfig", "CausalEncoder", "EncoderOutput", "EncoderState", "find_hf_base",
            "hf_adapter_config"]
@@ -400,6 +402,12 @@ class CausalEncoder(nn.Module):
             raise ValueError(f"wav has batch {wav.shape[0]} but the state holds {B} slots")
         if lengths is not None:
             lengths = check_step_lengths(lengths, B, wav.shape[-1], wav.device)
+        if not output_hidden_states and self._fixed_ok(wav, state, lengths):
+            # the steady state: the same step without its ~80 host reads (one here), on the
+            # fused kernels where the device has them; counters the caller may hold from
+            # earlier steps are not written (fresh ones first)
+            _fresh_counters(state)
+            return self.step_fixed(wav, state), state
         feats, state.frontend = self.feature_extractor.step(wav, state.frontend, lengths)
         fl = state.frontend.out_lengths
         h, _ = self._embed(feats)
@@ -417,6 +425,34 @@ class CausalEncoder(nn.Module):
         if hidden is not None:
             return (y, (h, *hidden)), state
         return y, state
+
+    def _fixed_ok(self, wav, state, lengths=None):
+        """Whether this general step of n samples in every slot may run as ``step_fixed`` (the
+        same result: the fixed step is the general one specialised to the steady state). One
+        host read of a device-side check (every slot fed a multiple of hop past the feature
+        extractor's first windows, every attention layer steady), where the general step reads
+        the device ~80 times."""
+        n, B = wav.shape[-1], wav.shape[0]
+        hop = self.feature_extractor.hop
+        if self.adapter is not None or n < 1 or n % hop or B == 0 or \
+                torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return False
+        fr = n // hop
+        layers = list(self.layers)
+        if not all(isinstance(m, TransformerLayer) and hasattr(m.attention, "_steady_slots")
+                   for m in layers):
+            return False
+        for m, st in zip(layers, state.layers.layers):
+            att = m.attention
+            if att.lo_off < 0 or fr % att.block or fr > att._max_chunk(st.attention):
+                return False
+        seen = state.frontend.convs[0].seen
+        ok = (torch.remainder(seen, hop) == 0) & (seen >= self.feature_extractor.steady_from())
+        for m, st in zip(layers, state.layers.layers):
+            ok = ok & m.attention._steady_slots(st.attention).to(ok.device)
+        if lengths is not None:
+            ok = ok & (lengths.to(ok.device) == n)
+        return bool(ok.all())
 
     def step_fixed(self, wav, state, check=False):
         """CUDA-graph friendly steady-state step of the whole encoder: wav (B, n) (or (B, 1, n)),
@@ -542,6 +578,21 @@ class CausalEncoder(nn.Module):
         model.to(device=p.device, dtype=p.dtype)
         model.load_state_dict(_convert_state_dict(base, cfg), strict=True)
         return model
+
+
+def _fresh_counters(state):
+    """Before the general step runs as ``step_fixed`` (which advances the stream counters and
+    fills ``out_lengths`` in place): give every state its own copies of them, so that counters
+    a caller kept from earlier steps (the general step replaces them, so they are values) do
+    not change under it. Each gets a copy of its own (a general step leaves containers'
+    out_lengths aliased to their last child's; the fixed step fills each once)."""
+    for st in state.states().values():
+        names = ("pos", "seen", "out_lengths") + (("count",) if isinstance(
+            st, RunningNormState) else ())
+        for name in names:
+            t = getattr(st, name, None)
+            if isinstance(t, torch.Tensor):
+                setattr(st, name, t.clone())
 
 
 def find_hf_base(model, caller="from_hf"):

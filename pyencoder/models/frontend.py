@@ -335,6 +335,29 @@ class ConvFeatureExtractor(nn.Module):
         self.__dict__["_steady_held"] = (geo, out[0])
         return out[0]
 
+    def steady_from(self):
+        """The fewest samples (a multiple of ``hop``) from which every multiple of ``hop`` fed
+        leaves the ``steady_held`` counts: ``seen % hop == 0 and seen >= steady_from()`` is a
+        steady state (checked on the device without reading it per layer)."""
+        cached = self.__dict__.get("_steady_from")
+        held = self.steady_held()
+        if cached is not None and cached[0] == held:
+            return cached[1]
+        # past every layer's first window the held counts are constant in the position (the
+        # hop is a multiple of each layer's stride times the hops before it); scan below that
+        last_bad = -1
+        span = sum(layer.conv.k for layer in self.conv_layers) // self.hop + 2
+        for m in range(span * len(self.conv_layers) + 2):
+            seen, got = m * self.hop, []
+            for layer in self.conv_layers:
+                got.append(layer.conv.held_after(seen))
+                seen = layer.conv.out_length(seen)
+            if got != held:
+                last_bad = m
+        out = (last_bad + 1) * self.hop
+        self.__dict__["_steady_from"] = (held, out)
+        return out
+
     def step_fixed(self, wav, state, check=False):
         """CUDA-graph friendly steady-state step: wav (B, n) or (B, 1, n), every slot the same
         n samples, n a multiple of ``hop``; every slot has been fed a multiple of ``hop``

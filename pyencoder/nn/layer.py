@@ -191,7 +191,8 @@ class TransformerLayer(nn.Module):
             # hi_off == 0: nothing is held back (count is 0 in the steady state), so the frames
             # released now are x itself (through the queue's dtype, as the queue would give them)
             y = self._post(x.to(state.res.dtype).to(a.dtype), a)
-        fill_counter(state, n)
+        # (a general step leaves out_lengths aliased to the attention's, filled just now)
+        fill_counter(state, n, filled=state.attention.out_lengths)
         return y
 
     def _fused_post(self, x, a, state, keep):
