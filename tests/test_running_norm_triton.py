@@ -2,7 +2,7 @@
 RunningGroupNorm.step_fixed on CUDA) against pyencoder.nn.norm's torch path.
 
 CPU under TRITON_INTERPRET=1 (``_ring_write_triton.FORCE_INTERPRET``, which the launcher shares):
-random x of several step lengths (one tile, several tiles with a ragged last one), channel counts
+random x (outputs NaN-poisoned before the launch) of several step lengths (one tile, several tiles with a ragged last one), channel counts
 that are not a multiple of the channel block, slots with different counts and non-zero running
 sums from earlier steps, with and without the affine, float32 / float16 (bfloat16 on a GPU: the
 interpreter truncates float32 -> bfloat16): y equals the
@@ -35,6 +35,7 @@ ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0
 @pytest.fixture(autouse=True)
 def _force(monkeypatch):
     monkeypatch.setattr(RW, "FORCE_INTERPRET", True)
+    monkeypatch.setattr(RN, "POISON_OUTPUTS", True)     # unwritten outputs read NaN
 
 
 def _sums(B, C):
@@ -159,7 +160,7 @@ def test_encoder_step_fixed_with_the_kernel(monkeypatch):
             y = m.step_fixed(x[:, i * n:(i + 1) * n], st, check=i == 5)
             y2, ref = m.step(x[:, i * n:(i + 1) * n], ref)
             assert rel_err(y, y2) <= 1e-5, i
-    assert len(calls) == 4
+    assert len(calls) >= 4     # (the steady general steps run step_fixed too)
 
 
 @pytest.mark.gpu
