@@ -100,7 +100,8 @@ def _no_nan(args, params):
 
 
 def _fused_ok_as_cuda(fused_ok):
-    """pyencoder.ops._ring_write_triton.fused_ok / residual_ok on the stand-in CPU tensors:
+    """pyencoder.ops._ring_write_triton.fused_ok / residual_ok (and the running norm's fused_ok,
+    which asks the ring write's device check) on the stand-in CPU tensors:
     decided as for CUDA ones (their interpreter branch also needs _interpret(), patched off here
     for the GPU tiles)."""
     def ok(*args):
@@ -196,6 +197,7 @@ def prepare(autotune=False, arch=None):
     import pyencoder.triton_kernels.interval_attention  # noqa: F401
     import pyencoder.triton_kernels.ring_write  # noqa: F401
     import pyencoder.triton_kernels.rope_rotate  # noqa: F401
+    import pyencoder.triton_kernels.running_norm  # noqa: F401
     os.environ["TRITON_INTERPRET"] = "1"
     from pyencoder import _backend
     from pyencoder.ops import _attention_triton, _ring_write_triton
@@ -204,6 +206,8 @@ def prepare(autotune=False, arch=None):
     _ring_write_triton.FORCE_INTERPRET = True     # step_fixed's fused write, as on CUDA
     _ring_write_triton.fused_ok = _fused_ok_as_cuda(_ring_write_triton.fused_ok)
     _ring_write_triton.residual_ok = _fused_ok_as_cuda(_ring_write_triton.residual_ok)
+    from pyencoder.ops import _running_norm_triton      # RunningGroupNorm.step_fixed's kernel
+    _running_norm_triton.fused_ok = _fused_ok_as_cuda(_running_norm_triton.fused_ok)
     if arch is not None:
         _attention_triton._arch = lambda device: arch
     select = _backend.select
