@@ -234,7 +234,8 @@ def test_bench_stage_launches_are_captured(tmp_path):
     in those stages (conv: 16 of ours, all bench_conv's; streaming: the decode kernel) plus the
     fused ring write and the fused ConvNeXt kernel, with no case failing; the stack's strided
     dense convs run cuDNN on the device (no Triton conv), except in bench_streaming's
-    conv-triton variant, whose launches are captured too."""
+    conv-triton variant, whose launches are captured too, as are the encoder variant's (its
+    running GroupNorm kernel)."""
     (tmp_path / "drive.py").write_text(_STAGE_DRIVER)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
@@ -255,4 +256,6 @@ def test_bench_stage_launches_are_captured(tmp_path):
     # (banded's later layers), and the residual queue
     assert names.get("_ring_write_kernel", 0) >= 2
     assert names.get("_residual_kernel", 0) >= 1
+    # the encoder variant's step: its running GroupNorm's kernel (bf16, C = 512, 256 frames)
+    assert names.get("_running_norm_step_kernel", 0) >= 1, names
     assert names.get("_convnext_dwconv_ln_fwd_kernel", 0) >= 2
