@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(not has_triton() or not (
     torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
     reason="needs triton (a GPU, or TRITON_INTERPRET=1)")
 
-from pyencoder.nn.norm import RunningGroupNorm, running_norm  # noqa: E402
+from pyencoder.nn.norm import RunningGroupNorm, running_norm, running_norm_torch  # noqa: E402
 from pyencoder.ops import _ring_write_triton as RW  # noqa: E402
 from pyencoder.ops import _running_norm_triton as RN  # noqa: E402
 
@@ -63,7 +63,7 @@ def test_kernel_equals_torch_path(dt, B, C, T, affine):
     w = (1 + 0.3 * torch.randn(C, device=_DEV)).to(dt) if affine else None
     b = (0.2 * torch.randn(C, device=_DEV)).to(dt) if affine else None
     n0, tot, tsq = _sums(B, C)
-    want, wt, wq = running_norm(x, w, b, 1e-5, n0, tot, tsq)
+    want, wt, wq = running_norm_torch(x, w, b, 1e-5, n0, tot, tsq)
     tot2, tsq2, n1 = tot.clone(), tsq.clone(), n0.clone()
     ptr = (tot2.data_ptr(), tsq2.data_ptr())
     y = RN.running_norm_step(x, w, b, 1e-5, n1, tot2, tsq2)
@@ -80,7 +80,7 @@ def test_kernel_strided_input_and_empty_steps():
     torch.manual_seed(3)
     x = torch.randn(2, 40, 24, device=_DEV).transpose(1, 2)        # (2, 24, 40) strided
     n0, tot, tsq = _sums(2, 24)
-    want, wt, _ = running_norm(x, None, None, 1e-5, n0, tot, tsq)
+    want, wt, _ = running_norm_torch(x, None, None, 1e-5, n0, tot, tsq)
     t2, q2 = tot.clone(), tsq.clone()
     _check(RN.running_norm_step(x, None, None, 1e-5, n0, t2, q2), want, torch.float32)
     torch.testing.assert_close(t2, wt, rtol=1e-12, atol=1e-12)
@@ -95,10 +95,61 @@ def test_kernel_nan_stays_in_its_channel():
     x[0, 2, 3] = float("nan")
     n0, tot, tsq = _sums(1, 4)
     y = RN.running_norm_step(x, None, None, 1e-5, n0, tot, tsq)
-    want, wt, _ = running_norm(x, None, None, 1e-5, n0, _sums(1, 4)[1], _sums(1, 4)[2])
     assert torch.isnan(y[0, 2, 3:]).all() and not torch.isnan(y[0, 2, :3]).any()
     assert not torch.isnan(y[0, [0, 1, 3]]).any()
     assert torch.isnan(tot[0, 2]) and not torch.isnan(tot[0, [0, 1, 3]]).any()
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 300])
+def test_offline_running_norm_takes_the_kernel(T, monkeypatch):
+    """running_norm (the offline forward's and the general step's, pyencoder.hf's running
+    GroupNorm) on the kernel where autograd does not record: the tile count rounded up to a power
+    of two (masked tiles past T), equal to the torch path, the input sums not written; the torch
+    path while autograd records."""
+    torch.manual_seed(T)
+    calls = _spy(monkeypatch)
+    x = torch.randn(2, 19, T, device=_DEV) * 2 + 1
+    w = 1 + 0.3 * torch.randn(19, device=_DEV)
+    b = 0.2 * torch.randn(19, device=_DEV)
+    n0, tot, tsq = _sums(2, 19)
+    keep = tot.clone(), tsq.clone()
+    want, wt, wq = running_norm_torch(x, w, b, 1e-5, n0, tot, tsq)
+    with torch.no_grad():
+        y, t2, q2 = running_norm(x, w, b, 1e-5, n0, tot, tsq)
+    assert calls == ["offline"]
+    _check(y, want, torch.float32)
+    torch.testing.assert_close(t2, wt, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(q2, wq, rtol=1e-12, atol=1e-12)
+    assert torch.equal(tot, keep[0]) and torch.equal(tsq, keep[1])
+    wg = w.clone().requires_grad_()
+    y, _, _ = running_norm(x, wg, b, 1e-5, n0, tot, tsq)
+    assert calls == ["offline"] and y.requires_grad
+
+
+def test_offline_tile_counts_share_compiles(monkeypatch):
+    """offline=True: lengths 65..128 frames (2 tiles of 64) launch with NUM_T=2, 129..256 with
+    4: one compile per power of two, not per length."""
+    seen = []
+    real = RN.launch
+
+    def spy(kernel):
+        ln = real(kernel)
+
+        class G:
+            def __getitem__(self, grid):
+                f = ln[grid]
+
+                def call(*a, **k):
+                    seen.append(k["NUM_T"])
+                    return f(*a, **k)
+                return call
+        return G()
+    monkeypatch.setattr(RN, "launch", spy)
+    for T in (65, 128, 129, 200, 256):
+        n0, tot, tsq = _sums(1, 16)
+        RN.running_norm_step(torch.randn(1, 16, T, device=_DEV), None, None, 1e-5, n0, tot, tsq,
+                             offline=True)
+    assert seen == [2, 2, 4, 4, 4]
 
 
 def _spy(monkeypatch):
@@ -106,7 +157,7 @@ def _spy(monkeypatch):
     real = RN.running_norm_step
 
     def spy(*a, **k):
-        calls.append(1)
+        calls.append("offline" if k.get("offline") else "step")
         return real(*a, **k)
     monkeypatch.setattr(RN, "running_norm_step", spy)
     return calls
@@ -126,18 +177,20 @@ def test_module_step_fixed_takes_the_kernel(monkeypatch):
         for T in (5, 70, 1):
             x = torch.randn(2, 20, T, device=_DEV) * 3 + 1
             y = norm.step_fixed(x, st)
-            y2, ref = norm.step(x, ref)
+            with monkeypatch.context() as mp:           # the reference: the torch path
+                mp.setattr(RN, "fused_ok", lambda *a: False)
+                y2, ref = norm.step(x, ref)
             _check(y, y2, torch.float32)
             torch.testing.assert_close(st.total, ref.total, rtol=1e-12, atol=1e-12)
             assert torch.equal(st.count, ref.count)
-    assert len(calls) == 3
+    assert calls == ["step"] * 3
     x = torch.randn(2, 20, 3, device=_DEV)
     norm.step_fixed(x, st)                                  # grad mode, weight requires grad
     norm.double().step_fixed(x.double(), norm.init_state(2))            # float64
     with torch.no_grad():
         monkeypatch.setenv("PYENCODER_FUSED_RING", "0")
         RunningGroupNorm(20).to(_DEV).step_fixed(x, RunningGroupNorm(20).init_state(2))
-    assert len(calls) == 3
+    assert calls == ["step"] * 3
 
 
 def test_encoder_step_fixed_with_the_kernel(monkeypatch):
@@ -178,7 +231,7 @@ def test_gpu_kernel_at_the_bench_shape(dt):
     t2, q2 = tot.clone(), tsq.clone()
     for _ in range(2):
         x = (torch.randn(B, C, T, device="cuda") * 2 + 0.5).to(dt)
-        want, tot, tsq = running_norm(x, w, b, 1e-5, n0, tot, tsq)
+        want, tot, tsq = running_norm_torch(x, w, b, 1e-5, n0, tot, tsq)
         y = RN.running_norm_step(x, w, b, 1e-5, n0, t2, q2)
         _check(y, want, dt)
         torch.testing.assert_close(t2, tot, rtol=1e-12, atol=1e-9)

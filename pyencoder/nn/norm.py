@@ -11,6 +11,13 @@ sequential). Time is processed in blocks sized so each float64 temporary is abou
 B=8, T=8000: 1677 -> 209 ms). The block size does not change the result: the running sums are
 carried across blocks through the same sequential cumsum.
 
+On CUDA, where autograd does not record (inference, a frozen feature encoder, the streaming
+step), the whole call is one Triton launch (pyencoder.ops._running_norm_triton: per slot and 16
+channels, time in tiles scanned in float64; float64 sums in another order, so y agrees with the
+torch path to the last bit of its dtype but for rare ties); with autograd recording the torch
+path runs with blocks sized for the GPU (32 MiB temporaries, not the CPU's 1 MiB: those would be
+~15 kernel launches per 32 frames of a batch of 8).
+
 Non-finite input: a NaN / inf sample enters the channel's running sums, so that channel's output
 is NaN from that frame to the end of the stream (offline: the rest of the utterance); other
 channels and other slots are unaffected. Reset the slot (a fresh state) to recover. This is the
@@ -27,10 +34,13 @@ from ..ops import _running_norm_triton as _rn
 from ..streaming.state import (StreamState, advance_counter, check_init_args, check_state,
                                check_step_input, check_step_lengths, stamp)
 
-__all__ = ["running_norm", "RunningGroupNorm", "RunningNormState"]
+__all__ = ["running_norm", "running_norm_torch", "RunningGroupNorm", "RunningNormState"]
 
-BLOCK = 4096          # the largest block
-_BLOCK_ELEMS = 1 << 17  # float64 elements per temporary (1 MiB)
+BLOCK = 4096          # the largest block (CPU)
+_BLOCK_ELEMS = 1 << 17  # float64 elements per temporary (1 MiB: the CPU's cache)
+# On a GPU the blocks only bound the temporaries' memory (32 MiB each); 1 MiB blocks would be
+# ~15 small kernels per 32 frames of a batch of 8 (15,000 launches for 10 s of audio)
+_GPU_BLOCK, _GPU_BLOCK_ELEMS = 1 << 16, 1 << 22
 
 
 @dataclasses.dataclass
@@ -42,10 +52,24 @@ class RunningNormState(StreamState):
 
 def running_norm(x, weight, bias, eps, count, total, total_sq):
     """x (B, C, T), count (B,) int64, total / total_sq (B, C) float64 ->
-    (y (B, C, T) in x's dtype, new total, new total_sq). ``count`` is not advanced here."""
+    (y (B, C, T) in x's dtype, new total, new total_sq). ``count`` is not advanced here. On CUDA,
+    where autograd does not record (inference, a frozen feature encoder), one Triton launch
+    (pyencoder.ops._running_norm_triton); else the torch ops of ``running_norm_torch``."""
+    if _rn.fused_ok(x, weight, total):
+        total, total_sq = total.clone(), total_sq.clone()
+        y = _rn.running_norm_step(x, weight, bias, eps, count, total, total_sq, offline=True)
+        return y, total, total_sq
+    return running_norm_torch(x, weight, bias, eps, count, total, total_sq)
+
+
+def running_norm_torch(x, weight, bias, eps, count, total, total_sq):
+    """``running_norm`` in torch ops (differentiable), time in blocks (module docstring)."""
     ys = []
     B, C, T = x.shape
-    blk = max(32, min(BLOCK, _BLOCK_ELEMS // max(1, B * C)))
+    if x.device.type == "cuda":
+        blk = max(32, min(_GPU_BLOCK, _GPU_BLOCK_ELEMS // max(1, B * C)))
+    else:
+        blk = max(32, min(BLOCK, _BLOCK_ELEMS // max(1, B * C)))
     for t0 in range(0, T, blk):
         t1 = min(T, t0 + blk)
         xd = x[..., t0:t1].to(torch.float64)

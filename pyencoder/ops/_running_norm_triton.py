@@ -14,7 +14,7 @@ bit but for rare ties).
 import torch
 
 from . import _ring_write_triton as _rw
-from ._triton_op import block_size, cdiv, launch
+from ._triton_op import block_size, cdiv, launch, next_pow2
 
 __all__ = ["fused_ok", "running_norm_step"]
 
@@ -36,10 +36,12 @@ def fused_ok(x, weight, total):
     return True
 
 
-def running_norm_step(x, weight, bias, eps, count, total, total_sq):
+def running_norm_step(x, weight, bias, eps, count, total, total_sq, offline=False):
     """x (B, C, T) -> y (B, C, T) in x's dtype; ``total`` / ``total_sq`` (B, C) float64 advanced
     in place (they must not overlap); ``count`` (B,) frames seen before, not written. No host
-    synchronisation. Call when ``fused_ok``."""
+    synchronisation. Call when ``fused_ok``. ``offline``: T varies from call to call (an
+    utterance, not a stream's fixed step): the kernel's tile count is rounded up to a power of
+    two (the tiles past T are masked), so lengths share a few compiles."""
     from ..triton_kernels.running_norm import _running_norm_step_kernel
     B, C, T = x.shape
     out = torch.empty(B, C, T, device=x.device, dtype=x.dtype)
@@ -51,8 +53,11 @@ def running_norm_step(x, weight, bias, eps, count, total, total_sq):
                              f"got {total.stride()} and {total_sq.stride()}")
         affine = weight is not None
         bt = block_size(T, 16, 64)
+        tiles = cdiv(T, bt)
+        if offline:
+            tiles = next_pow2(tiles)
         launch(_running_norm_step_kernel)[(B, cdiv(C, BLOCK_C))](
             x, out, count, total, total_sq, weight if affine else out, bias if affine else out,
             *x.stride(), *out.stride(), *total.stride(), C, T, float(eps),
-            BLOCK_C=BLOCK_C, BLOCK_T=bt, NUM_T=cdiv(T, bt), HAS_AFFINE=affine, num_warps=4)
+            BLOCK_C=BLOCK_C, BLOCK_T=bt, NUM_T=tiles, HAS_AFFINE=affine, num_warps=4)
     return out
