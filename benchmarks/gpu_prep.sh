@@ -84,8 +84,11 @@ if [ "${have%%+*}" != "$want" ]; then
   "$VPY" -m pip download -q --no-deps "${PLAT[@]}" -d "$PREP/dl" "$TORCH_SPEC"
   "$VPY" -m pip install -q --find-links "$PREP/dl" "$TORCH_SPEC" "setuptools<82" wheel ninja numpy
 fi
-# the Triton cache build runs the tests' launch code: pytest and hypothesis (small)
+# the Triton cache build runs the tests' launch code: pytest and hypothesis (small), and
+# bench_hf's (transformers, the version carried to the device)
 "$VPY" -c "import pytest, hypothesis" 2>/dev/null || "$VPY" -m pip install -q pytest hypothesis
+"$VPY" -c "import transformers" 2>/dev/null || "$VPY" -m pip install -q "$WHEELS" \
+  || say "no transformers in the build venv: the Triton cache will miss bench_hf's launches"
 "$VPY" -c "import torch, triton; print('build torch', torch.__version__, 'cuda', torch.version.cuda,
       'triton', triton.__version__)"
 

@@ -867,6 +867,32 @@ def _bench_stage_launches(rec, failed):
     for vname in sorted(bs.MODEL_VARIANTS):
         attempt(f"bench_streaming step_fixed chunked batch 1 variant {vname}",
                 lambda vname=vname: model_variant(vname))
+    attempt("bench_hf --quick (pyencoder)", _bench_hf_launches)
+
+
+def _bench_hf_launches():
+    """bench_hf --quick's pyencoder rows as the convnext_hf stage runs them (bf16, batch 1,
+    10 s offline, 6 s of stream warm-up then 20 and 100 ms chunks), on 2 of the 12 layers (layer 0
+    with its lookahead and a later one: the other layers launch what layer 1 does), timers and
+    CUDA synchronisation stubbed. Needs transformers (gpu_prep.sh installs it in the build
+    venv); its first call compiled the patched model's kernels on the device."""
+    import types
+
+    import torch
+
+    from benchmarks import bench_hf as bhf
+    saved = (bhf.bench, bhf._peak, torch.cuda.synchronize)
+    bhf.bench = lambda fn, **k: (fn(), {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0})[1]
+    bhf._peak = lambda fn, device: None
+    torch.cuda.synchronize = lambda *a, **k: None
+    try:
+        args = types.SimpleNamespace(layers=2, seconds=10.0, batch=1, steps=2, warm_seconds=6.0,
+                                     providers=["pyencoder"], warmup_ms=1, rep_ms=1)
+        dev = torch.device("cuda")
+        bhf.offline(args, dev, torch.bfloat16)
+        bhf.streaming(args, dev, torch.bfloat16)
+    finally:
+        bhf.bench, bhf._peak, torch.cuda.synchronize = saved
 
 
 class _Miss(Exception):

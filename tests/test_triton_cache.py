@@ -235,7 +235,7 @@ def test_bench_stage_launches_are_captured(tmp_path):
     fused ring write and the fused ConvNeXt kernel, with no case failing; the stack's strided
     dense convs run cuDNN on the device (no Triton conv), except in bench_streaming's
     conv-triton variant, whose launches are captured too, as are the encoder variant's (its
-    running GroupNorm kernel)."""
+    running GroupNorm kernel) and bench_hf --quick's (the patched model offline and streamed)."""
     (tmp_path / "drive.py").write_text(_STAGE_DRIVER)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
@@ -258,4 +258,7 @@ def test_bench_stage_launches_are_captured(tmp_path):
     assert names.get("_residual_kernel", 0) >= 1
     # the encoder variant's step: its running GroupNorm's kernel (bf16, C = 512, 256 frames)
     assert names.get("_running_norm_step_kernel", 0) >= 1, names
+    # bench_hf --quick's pyencoder rows (the only attention launches of these stages): the
+    # patched model's offline attention (layer 0 with lookahead, a later layer) and its stream
+    assert names.get("_interval_attention_fwd_kernel", 0) >= 1, names
     assert names.get("_convnext_dwconv_ln_fwd_kernel", 0) >= 2
