@@ -147,6 +147,33 @@ def test_w2v2_geometry_takes_both_feature_conv_paths():
         assert held == fe.steady_held()
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_steady_from_random_geometries(seed):
+    """steady_from(): from there on every whole-hop position leaves the steady held counts (up
+    to 3 receptive fields further), one hop earlier does not; valid and causal stacks, kernels
+    up to 64 taps in late layers (a receptive field of many hops)."""
+    rng = random.Random(seed)
+    L = rng.randint(1, 4)
+    strides = [rng.randint(1, 3) for _ in range(L)]
+    kernels = [s + rng.randint(0, 64 if i == L - 1 else 6) for i, s in enumerate(strides)]
+    fe = ConvFeatureExtractor((4,) * L, tuple(kernels), tuple(strides), norm=None,
+                              causal=bool(seed % 2))
+    held, start = fe.steady_held(), fe.steady_from()
+    assert start % fe.hop == 0
+
+    def at(seen):
+        out = []
+        for layer in fe.conv_layers:
+            out.append(layer.conv.held_after(seen))
+            seen = layer.conv.out_length(seen)
+        return out
+    R = 1 + sum((k - 1) * fe.hop for k in kernels)
+    for m in range(start // fe.hop, start // fe.hop + 3 * (R // fe.hop + 2)):
+        assert at(m * fe.hop) == held, (kernels, strides, m)
+    if start:
+        assert at(start - fe.hop) != held
+
+
 @pytest.mark.parametrize("case", ["w2v2_geometry_hubert_bn", "wavlm_chunked", "band_sink"])
 def test_encoder_step_fixed_no_host_sync_no_refill(case):
     """No host synchronisation; once warm (one eager fixed step), no counter fill: the

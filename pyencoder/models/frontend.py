@@ -343,11 +343,14 @@ class ConvFeatureExtractor(nn.Module):
         held = self.steady_held()
         if cached is not None and cached[0] == held:
             return cached[1]
-        # past every layer's first window the held counts are constant in the position (the
-        # hop is a multiple of each layer's stride times the hops before it); scan below that
-        last_bad = -1
-        span = sum(layer.conv.k for layer in self.conv_layers) // self.hop + 2
-        for m in range(span * len(self.conv_layers) + 2):
+        # past every layer's first window (the receptive field R) the held counts are constant
+        # in the position (the hop is a multiple of each layer's stride times the hops before
+        # it); scan the positions up to there
+        last_bad, R, H = -1, 1, 1
+        for layer in self.conv_layers:
+            R += (layer.conv.k - 1) * H
+            H *= layer.conv.s
+        for m in range(-(-R // self.hop) + 3):
             seen, got = m * self.hop, []
             for layer in self.conv_layers:
                 got.append(layer.conv.held_after(seen))
