@@ -2,9 +2,9 @@
 RunningGroupNorm.step_fixed on CUDA) against pyencoder.nn.norm's torch path.
 
 CPU under TRITON_INTERPRET=1 (``_ring_write_triton.FORCE_INTERPRET``, which the launcher shares):
-random x (outputs NaN-poisoned before the launch) of several step lengths (one tile, several tiles with a ragged last one), channel counts
-that are not a multiple of the channel block, slots with different counts and non-zero running
-sums from earlier steps, with and without the affine, float32 / float16 (bfloat16 on a GPU: the
+random x (outputs NaN-poisoned before the launch) of several step lengths (one tile, several
+tiles with a ragged last one), channel counts that are not a multiple of the channel block, slots
+with different counts and non-zero running sums from earlier steps, with and without the affine, float32 / float16 (bfloat16 on a GPU: the
 interpreter truncates float32 -> bfloat16): y equals the
 torch path's to its dtype's last bit (1 ulp: the float64 sums are added in another order, which
 may move a value across a rounding tie) and the sums to float64 rounding (1e-12 relative), in

@@ -21,7 +21,8 @@ Streaming: ``init_state`` / ``step`` / ``flush`` (DESIGN.md "Streaming"); any ch
 waveform gives the offline output (up to summation order). ``step_fixed`` is the whole encoder's
 CUDA-graph-capturable steady-state step (every slot the same whole number of hops; no host
 synchronisation, the state updated in place); ``step`` runs it by itself once the stream is
-steady (one host read to check, where the general step reads the device ~80 times). ``from_hf`` converts a transformers
+steady (one host read to check, where the general step reads the device ~80 times; none on
+later steps while nothing else touched the stream's counters). ``from_hf`` converts a transformers
 Wav2Vec2Model / HubertModel (or a head around one) into a CausalEncoder with the same weights, the
 same function as that model patched by ``pyencoder.hf.apply_pyencoder_to_wav2vec2`` with the same
 options; a WavLMModel (or head) gives the WavLM variant, its relative-bias table and gates included.
@@ -58,6 +59,7 @@ from ..nn.attention import BandedSelfAttention, ChunkedSelfAttention
 from ..nn.conv import CausalConv1d
 from ..nn.layer import AttentionAdapter, TransformerLayer
 from ..nn.linear import Linear, skinny_view
+from ..nn.norm import RunningNormState
 from ..nn.relpos import WavLMSelfAttention
 from ..rope import Rope
 from ..streaming.latency import NotStreamableError, latency as composed_latency
@@ -67,7 +69,6 @@ from ..streaming.state import (StreamState, _stamp, batched_counters, check_init
                                stamp)
 from .adapter import ConvAdapter
 from .frontend import ConvFeatureExtractor, FrontendState
-from ..nn.norm import RunningNormState
 
 __all__ = ["EncoderConfig", "CausalEncoder", "EncoderOutput", "EncoderState", "find_hf_base",
            "hf_adapter_config"]
