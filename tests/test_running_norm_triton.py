@@ -1,17 +1,18 @@
-"""The running GroupNorm's streaming-step kernel (triton_kernels/running_norm.py, launched by
-RunningGroupNorm.step_fixed on CUDA) against pyencoder.nn.norm's torch path.
+"""The running GroupNorm's Triton kernel (triton_kernels/running_norm.py: RunningGroupNorm.step_fixed
+and, where autograd does not record, running_norm on CUDA) against pyencoder.nn.norm's torch path.
 
 CPU under TRITON_INTERPRET=1 (``_ring_write_triton.FORCE_INTERPRET``, which the launcher shares):
 random x (outputs NaN-poisoned before the launch) of several step lengths (one tile, several
 tiles with a ragged last one), channel counts that are not a multiple of the channel block, slots
-with different counts and non-zero running sums from earlier steps, with and without the affine, float32 / float16 (bfloat16 on a GPU: the
-interpreter truncates float32 -> bfloat16): y equals the
-torch path's to its dtype's last bit (1 ulp: the float64 sums are added in another order, which
-may move a value across a rounding tie) and the sums to float64 rounding (1e-12 relative), in
-place, the count not written. A NaN enters only its own channel's sums (as the torch path). The
-module takes the kernel only where it applies (not while autograd records, not for float64 or a
-weight of another dtype, not with PYENCODER_FUSED_RING=0) and a CausalEncoder step_fixed with it
-equals the general step. GPU (``-m gpu``): the same compiled.
+with different counts and non-zero running sums from earlier steps, with and without the affine,
+float32 / float16 (bfloat16 on a GPU: the interpreter truncates float32 -> bfloat16): y equals
+the torch path's to its dtype's last bit (1 ulp: the float64 sums are added in another order,
+which may move a value across a rounding tie) and the sums to float64 rounding (1e-12
+relative), in place, the count not written. A NaN enters only its own channel's sums (as the
+torch path). The module takes the kernel only where it applies (not while autograd records, not
+for float64 or a weight of another dtype, not with PYENCODER_FUSED_RING=0); the offline call
+rounds its tile count up to a power of two; a CausalEncoder step_fixed with it equals the
+general step. GPU (``-m gpu``): the same compiled, bfloat16 included, at the bench shape.
 """
 import os
 
