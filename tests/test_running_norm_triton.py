@@ -1,5 +1,6 @@
-"""The running GroupNorm's Triton kernel (triton_kernels/running_norm.py: RunningGroupNorm.step_fixed
-and, where autograd does not record, running_norm on CUDA) against pyencoder.nn.norm's torch path.
+"""The running GroupNorm's Triton kernel (triton_kernels/running_norm.py: on CUDA,
+RunningGroupNorm.step_fixed and, where autograd does not record, running_norm) against
+pyencoder.nn.norm's torch path.
 
 CPU under TRITON_INTERPRET=1 (``_ring_write_triton.FORCE_INTERPRET``, which the launcher shares):
 random x (outputs NaN-poisoned before the launch) of several step lengths (one tile, several
