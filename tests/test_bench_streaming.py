@@ -42,30 +42,22 @@ def test_dry_run_gpu_path_on_cpu():
     assert _listing(results) == before
 
 
-def test_dry_run_step_variant_conv_triton():
-    """--variants conv-triton: the chunked stack's 80 ms step with the feature extractor's
-    convs on the triton backend (here interpreted): its latency and profile lines, tagged."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
-    r = _subproc.run([sys.executable, "-m", "benchmarks.bench_streaming", "--dry-run", "--mask",
-                      "chunked", "--variants", "conv-triton", "--max-batch", "0"],
-                     cwd=ROOT, env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "[chunked, variant conv-triton] batch 1, 80 ms steps" in r.stdout, r.stdout
-    assert "[chunked, variant conv-triton] step profile (eager):" in r.stdout
-    assert "failed" not in r.stdout
-
-
-def test_dry_run_model_variant_encoder():
-    """--variants encoder: the converted wav2vec2-base CausalEncoder's whole step_fixed at 80 ms
-    steps (the reference backends here): its latency and profile lines, tagged."""
+@pytest.mark.parametrize("variant,interpret", [("conv-triton", True), ("encoder", False)])
+def test_dry_run_step_variant(variant, interpret):
+    """--variants conv-triton: the chunked stack's 80 ms step with the feature extractor's convs
+    on the triton backend (here interpreted); --variants encoder: the converted wav2vec2-base
+    CausalEncoder's whole step_fixed (the reference backends here). Each: its latency and
+    profile lines, tagged."""
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
     r = _subproc.run([sys.executable, "-m", "benchmarks.bench_streaming", "--dry-run", "--mask",
-                      "chunked", "--variants", "encoder", "--max-batch", "0"],
+                      "chunked", "--variants", variant, "--max-batch", "0"],
                      cwd=ROOT, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "[chunked, variant encoder] batch 1, 80 ms steps" in r.stdout, r.stdout
-    assert "[chunked, variant encoder] step profile (eager):" in r.stdout
+    assert f"[chunked, variant {variant}] batch 1, 80 ms steps" in r.stdout, r.stdout
+    assert f"[chunked, variant {variant}] step profile (eager):" in r.stdout
     assert "failed" not in r.stdout
 
 

@@ -343,6 +343,18 @@ class _Syncs(NoHostSync):
         return func(*args, **(kwargs or {}))
 
 
+def _spy_step_fixed(monkeypatch):
+    """A list that gets an entry per CausalEncoder.step_fixed call (which still runs)."""
+    calls = []
+    real = CausalEncoder.step_fixed
+
+    def spy(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+    monkeypatch.setattr(CausalEncoder, "step_fixed", spy)
+    return calls
+
+
 @pytest.mark.parametrize("case", ["w2v2_geometry_hubert_bn", "wavlm_chunked", "band_sink",
                                   "band_preln_group_causalconv"])
 def test_general_step_dispatches_to_fixed(case, monkeypatch):
@@ -353,13 +365,7 @@ def test_general_step_dispatches_to_fixed(case, monkeypatch):
     B, n = 2, m.hop * _frames(m)
     steps = 10
     x = torch.randn(B, n * steps, dtype=torch.float64)
-    calls = []
-    real = CausalEncoder.step_fixed
-
-    def spy(self, *a, **k):
-        calls.append(1)
-        return real(self, *a, **k)
-    monkeypatch.setattr(CausalEncoder, "step_fixed", spy)
+    calls = _spy_step_fixed(monkeypatch)
     with torch.no_grad():
         ref = m(x).last_hidden_state
         st = m.init_state(B, max_chunk=4)
@@ -397,13 +403,7 @@ def test_dispatch_record_sees_reset_and_direct_steps(monkeypatch):
     m = _encoder("band_postln_valid")
     B, n = 2, m.hop * _frames(m)
     x = torch.randn(B, n * 14, dtype=torch.float64)
-    calls = []
-    real = CausalEncoder.step_fixed
-
-    def spy(self, *a, **k):
-        calls.append(1)
-        return real(self, *a, **k)
-    monkeypatch.setattr(CausalEncoder, "step_fixed", spy)
+    calls = _spy_step_fixed(monkeypatch)
     with torch.no_grad():
         st = m.init_state(B, max_chunk=4)
         oracle = m.init_state(B, max_chunk=4)

@@ -111,8 +111,9 @@ class FeatureConv1d(StridedConv1d):
                                  activation=self.activation)
         return self._valid(x)
 
-    def _held(self, seen):
-        """Samples of the padded stream kept in the buffer after ``seen`` input samples."""
+    def held_after(self, seen):
+        """Samples of the padded stream kept in the buffer (the next window's) after ``seen``
+        input samples (an int or a (B,) tensor)."""
         P = seen + self.pad
         done = self.out_length(seen)
         return P - done * self.s
@@ -126,7 +127,7 @@ class FeatureConv1d(StridedConv1d):
         dev = x.device
         lengths = check_step_lengths(lengths, B, n, dev)
         x = x.to(state.buf.dtype)
-        held = self._held(state.seen)
+        held = self.held_after(state.seen)
         uniform = B > 0 and bool((lengths == n).all()) and bool((held == held[0]).all())
         if uniform:
             c = int(held[0])
@@ -169,7 +170,7 @@ class FeatureConv1d(StridedConv1d):
                              f"k - 1] = [{k - s}, {k - 1}] (a stream past its first window); got "
                              f"{held}")
         if check:
-            have = self._held(state.seen)
+            have = self.held_after(state.seen)
             if bool((have != held).any()):
                 raise ValueError(f"{type(self).__name__}.step_fixed needs every slot to hold "
                                  f"{held} samples of its next window (a steady state: "
@@ -198,11 +199,6 @@ class FeatureConv1d(StridedConv1d):
         advance_counter(state.seen, n)
         fill_counter(state, m)
         return y
-
-    def held_after(self, seen):
-        """Samples of the next window held in the state after ``seen`` input samples (an int or
-        a (B,) tensor)."""
-        return self._held(seen)
 
     def flush(self, state):
         check_state(self, state, FeatureConvState)
@@ -313,6 +309,14 @@ class ConvFeatureExtractor(nn.Module):
         state.out_lengths = lengths
         return x, state
 
+    def _held_at(self, seen):
+        """Per conv layer, the samples its state holds after ``seen`` waveform samples (ints)."""
+        held = []
+        for layer in self.conv_layers:
+            held.append(layer.conv.held_after(seen))
+            seen = layer.conv.out_length(seen)
+        return held
+
     def steady_held(self):
         """Per conv layer, the samples of its next window its state holds once the stream has
         been fed a multiple of ``hop`` samples past every layer's first window: what
@@ -322,13 +326,8 @@ class ConvFeatureExtractor(nn.Module):
         geo = tuple((layer.conv.k, layer.conv.s, layer.conv.pad) for layer in self.conv_layers)
         if cached is not None and cached[0] == geo:
             return cached[1]
-        out = []
-        for m in (1 << 20, (1 << 20) + 1):    # two positions: the held counts do not change
-            seen, held = m * self.hop, []
-            for layer in self.conv_layers:
-                held.append(layer.conv.held_after(seen))
-                seen = layer.conv.out_length(seen)
-            out.append(held)
+        # two positions: the held counts do not change
+        out = [self._held_at(m * self.hop) for m in (1 << 20, (1 << 20) + 1)]
         if out[0] != out[1]:
             raise RuntimeError(f"ConvFeatureExtractor: held samples {out} differ between "
                                f"positions {{0 mod hop}}: not a periodic stream geometry {geo}")
@@ -351,11 +350,7 @@ class ConvFeatureExtractor(nn.Module):
             R += (layer.conv.k - 1) * H
             H *= layer.conv.s
         for m in range(-(-R // self.hop) + 3):
-            seen, got = m * self.hop, []
-            for layer in self.conv_layers:
-                got.append(layer.conv.held_after(seen))
-                seen = layer.conv.out_length(seen)
-            if got != held:
+            if self._held_at(m * self.hop) != held:
                 last_bad = m
         out = (last_bad + 1) * self.hop
         self.__dict__["_steady_from"] = (held, out)

@@ -161,8 +161,8 @@ class RunningGroupNorm(nn.Module):
             y = _rn.running_norm_step(x, self.weight, self.bias, self.eps, state.count,
                                       state.total, state.total_sq)
         else:
-            y, total, total_sq = running_norm(x, self.weight, self.bias, self.eps, state.count,
-                                              state.total, state.total_sq)
+            y, total, total_sq = running_norm_torch(x, self.weight, self.bias, self.eps,
+                                                    state.count, state.total, state.total_sq)
             if x.shape[-1]:
                 state.total.copy_(total)
                 state.total_sq.copy_(total_sq)
