@@ -29,7 +29,8 @@ Stages, in order of value (name: timeout in s on a GPU):
   4. streaming (50): bench_streaming --gpu --quick --max-seconds 20 (step p50/p99 at batch 1
      for 20 and 80 ms chunks and the step's kernel profile, graph replay and eager; then the
      concurrent real-time streams, from batch 2048 to 1/8, no new measurement after 20 s), then
-     `pytest -m gpu_quick` on the decode kernel, fused ring write and CUDA-graph step tests;
+     `pytest -m gpu_quick` on the decode kernel, fused ring write and CUDA-graph step tests,
+     then bench_running_norm --quick (the running GroupNorm's kernel vs the torch path);
   5. conv (40): bench_conv --quick --max-seconds 14 (depthwise L=16384 then 2048 vs
      F.conv1d(groups=C), strided, update, grouped), then `pytest -m gpu_quick` on
      tests/test_conv_cudnn_path.py and tests/test_conv_gpu.py, then with what is left the grouped
@@ -342,8 +343,12 @@ def plan_streaming(ctx):
     # filled the stage (16 of 19 passed), on the second the uncapped bench did
     bench = ["--dry-run"] if ctx["dry"] else ["--gpu", "--quick", "--max-seconds",
                                               str(STREAM_BENCH_MAX_S)]
+    # last, with what is left: the running GroupNorm's kernel against the torch path it replaced
+    # (after the tests, which check it compiled first)
+    rn = ["--dry-run"] if ctx["dry"] else ["--quick"]
     return [("bench-streaming", _py("-m", "benchmarks.bench_streaming", *bench), {}),
-            ("pytest", _pytest("gpu_quick", STREAMING_TESTS, ctx, "streaming.xml"), {})]
+            ("pytest", _pytest("gpu_quick", STREAMING_TESTS, ctx, "streaming.xml"), {}),
+            ("bench-running-norm", _py("-m", "benchmarks.bench_running_norm", *rn), {})]
 
 
 def plan_convnext_hf(ctx):

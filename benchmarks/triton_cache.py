@@ -869,6 +869,18 @@ def _bench_stage_launches(rec, failed):
                 lambda vname=vname: model_variant(vname))
     attempt("bench_hf --quick (pyencoder)", _bench_hf_launches)
 
+    def running_norm():
+        # bench_running_norm --quick's kernel rows (the streaming stage's last command)
+        from benchmarks import bench_running_norm as brn
+        for B, T, n0 in ((8, 8000, 0), (1, 256, 6400)):
+            x = torch.randn(B, brn.C, T, dtype=torch.bfloat16, device="cuda")
+            w = torch.randn(brn.C, dtype=torch.bfloat16, device="cuda")
+            tot = torch.zeros(B, brn.C, dtype=torch.float64, device="cuda")
+            with torch.no_grad():
+                brn._providers()["kernel"](x, w, w, 1e-5, torch.full((B,), n0, device="cuda"),
+                                           tot, tot)
+    attempt("bench_running_norm --quick (kernel)", running_norm)
+
 
 def _bench_hf_launches():
     """bench_hf --quick's pyencoder rows as the convnext_hf stage runs them (bf16, batch 1,

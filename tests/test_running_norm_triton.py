@@ -239,3 +239,22 @@ def test_gpu_kernel_at_the_bench_shape(dt):
         torch.testing.assert_close(t2, tot, rtol=1e-12, atol=1e-9)
         torch.testing.assert_close(q2, tsq, rtol=1e-12, atol=1e-9)
         n0 = n0 + T
+
+
+def test_benchmark_dry_run():
+    """benchmarks/bench_running_norm.py --dry-run: every CPU provider row (the kernel through
+    the interpreter), errors against the torch path printed, nothing written."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_running_norm", "--dry-run"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for mode in ("offline", "step"):
+        for prov in ("torch", "kernel"):
+            line = [ln for ln in r.stdout.splitlines() if ln.startswith(mode) and f" {prov} " in ln]
+            assert line, r.stdout
+            err = float(line[0].split("max |err|")[1])
+            assert err <= 1e-5, line
+    assert "dry run: nothing written" in r.stdout
