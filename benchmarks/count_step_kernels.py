@@ -44,7 +44,7 @@ Paths (``--path``):
 
 Usage: python -m benchmarks.count_step_kernels [--mask banded|chunked|both]
        [--path cpu|cuda-torch-ring|cuda|all] [--layers 12] [--dtype bfloat16] [--post-ln]
-       [--ops] [--json]
+       [--model stack|encoder] [--call step_fixed|step|step-no-dispatch] [--ops] [--json]
 Prints a table per mask and path (total, per module type, per layer).
 """
 import argparse
@@ -227,15 +227,24 @@ def _observer_not_a_mode():
         _call._get_current_dispatch_mode = real
 
 
+CALLS = ("step_fixed", "step", "step-no-dispatch")
+
+
 def count(mask="banded", path="cuda", layers=12, dtype=torch.bfloat16, dims=None, seed=0,
-          norm_first=True, model="stack"):
+          norm_first=True, model="stack", call="step_fixed"):
     """One steady-state step_fixed of the bench_streaming stack (``model="stack"``) or of the
     converted wav2vec2-base CausalEncoder (``"encoder"``: bench_streaming.build_encoder; its
     ``norm_first`` is post-LN unless given True) -> dict with ``total`` (kernels),
+    ``call="step"``: the eager general ``step`` in the steady state instead (it runs as
+    step_fixed: pyencoder.streaming.state.steady_dispatch, on fresh counters);
+    ``"step-no-dispatch"``: the general step itself (PYENCODER_STEADY_DISPATCH=0); both count
+    their host reads (``syncs``), which a step_fixed has none of.
     ``by_type`` {module type: ops charged to it}, ``per_layer`` [ops of each TransformerLayer,
     inclusive], ``ops`` {op name: count}, ``allocs``, ``syncs`` and ``excluded`` {name: count}."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}; got {path!r}")
+    if call not in CALLS:
+        raise ValueError(f"call must be one of {CALLS}; got {call!r}")
     cfg = dict(GPU_MASKS[mask])
     sf = cfg.pop("step_frames")
     torch.manual_seed(seed)
@@ -249,7 +258,9 @@ def count(mask="banded", path="cuda", layers=12, dtype=torch.bfloat16, dims=None
     cuda = path != "cpu"
     ctx = _fused_path(ref) if cuda else contextlib.nullcontext()
     ring = "0" if path == "cuda-torch-ring" else "1"
-    with torch.no_grad(), temp_env(PYENCODER_CPU_SKINNY_GEMM="0", PYENCODER_FUSED_RING=ring):
+    dispatch = "0" if call == "step-no-dispatch" else "1"
+    with torch.no_grad(), temp_env(PYENCODER_CPU_SKINNY_GEMM="0", PYENCODER_FUSED_RING=ring,
+                                   PYENCODER_STEADY_DISPATCH=dispatch):
         if cuda:                  # what init_state does for a CUDA state
             for m in model.modules():
                 if hasattr(m, "pack_qkv_"):
@@ -258,13 +269,19 @@ def count(mask="banded", path="cuda", layers=12, dtype=torch.bfloat16, dims=None
         for _ in range(_warm_steps(model, sf)):
             model.step(torch.randn_like(x), st)
         with ctx:
-            model.step_fixed(x, st, check=True)
-            model.step_fixed(x, st)
+            if call == "step_fixed":
+                model.step_fixed(x, st, check=True)
+                model.step_fixed(x, st)
+                run = lambda: model.step_fixed(x, st)  # noqa: E731
+            else:
+                for _ in range(2):
+                    model.step(x, st)
+                run = lambda: model.step(x, st)  # noqa: E731
             with _tracked(model, stack):
                 counter = _Counter(stack)
                 ref[0] = counter
                 with counter, _observer_not_a_mode():
-                    model.step_fixed(x, st)
+                    run()
                 ref[0] = None
     return _summary(model, counter)
 
@@ -327,6 +344,11 @@ def main(argv=None):
                          "(running GroupNorm, valid convs, positional conv; post-LN unless "
                          "--pre-ln): its whole-encoder step_fixed")
     ap.add_argument("--pre-ln", action="store_true", help="--model encoder: pre-LN layers")
+    ap.add_argument("--call", choices=CALLS, default="step_fixed",
+                    help="what to count: the CUDA-graph step (default), the eager general step "
+                         "in the steady state (it runs as step_fixed), or the general step with "
+                         "that dispatch off (PYENCODER_STEADY_DISPATCH=0); the latter two also "
+                         "count host reads")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = ap.parse_args(argv)
     masks = ["banded", "chunked"] if args.mask == "both" else [args.mask]
@@ -340,14 +362,15 @@ def main(argv=None):
         if args.pre_ln:
             ap.error("--pre-ln is the encoder's option (the stack is pre-LN unless --post-ln)")
         nf = not args.post_ln
-    results = {(m, p): count(m, p, args.layers, dtype, norm_first=nf, model=args.model)
+    results = {(m, p): count(m, p, args.layers, dtype, norm_first=nf, model=args.model,
+                             call=args.call)
                for m in masks for p in paths}
     if args.json:
         print(json.dumps({f"{m}/{p}": r for (m, p), r in results.items()}))
         return results
     what = "bench_streaming stack" if args.model == "stack" else \
         "converted wav2vec2-base CausalEncoder"
-    print(f"ops per step_fixed, batch 1, {args.layers} {'pre' if nf else 'post'}-LN "
+    print(f"ops per {args.call}, batch 1, {args.layers} {'pre' if nf else 'post'}-LN "
           f"layers, {args.dtype} ({what}, small dims)")
     print(format_table(results))
     if args.ops:

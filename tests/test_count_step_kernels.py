@@ -133,6 +133,27 @@ def test_encoder_step_counts():
         assert r["total"] - sum(r["per_layer"]) <= 37, r["total"]
 
 
+@pytest.mark.parametrize("model", ["stack", "encoder"])
+def test_eager_general_step_counts(model):
+    """The eager general ``step`` in the steady state (count_step_kernels --call step) runs as
+    step_fixed: no host read, the fixed step's kernels plus one multi-tensor copy of the
+    counters (pyencoder.streaming.state.fresh_counters); with the dispatch off
+    (--call step-no-dispatch) the general step reads the device many times and runs many more
+    kernels."""
+    from benchmarks.count_step_kernels import count
+    kw = dict(layers=2, dims=TINY, norm_first=model == "stack", model=model)
+    fixed = count("chunked", "cuda", **kw)
+    eager = count("chunked", "cuda", call="step", **kw)
+    general = count("chunked", "cuda", call="step-no-dispatch", **kw)
+    assert eager["syncs"] == 0, eager["ops"]
+    assert eager["total"] == fixed["total"] + 1, (eager["ops"], fixed["ops"])
+    assert eager["ops"]["_foreach_add"] == 1 and "clone" not in eager["ops"], eager["ops"]
+    assert "fill_" not in eager["ops"] and "full" not in eager["ops"], eager["ops"]
+    assert general["syncs"] >= 8 and general["total"] > 2 * eager["total"], general["total"]
+    with pytest.raises(ValueError, match="call must be one of"):
+        count("chunked", "cuda", call="graph", **kw)
+
+
 def test_script_prints_table():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")

@@ -59,14 +59,14 @@ from ..nn.attention import BandedSelfAttention, ChunkedSelfAttention
 from ..nn.conv import CausalConv1d
 from ..nn.layer import AttentionAdapter, TransformerLayer
 from ..nn.linear import Linear, skinny_view
-from ..nn.norm import RunningNormState
 from ..nn.relpos import WavLMSelfAttention
 from ..rope import Rope
 from ..streaming.latency import NotStreamableError, latency as composed_latency
 from ..streaming.sequential import PassState, StreamingSequential, cat_time
-from ..streaming.state import (StreamState, _stamp, batched_counters, check_init_args,
+from ..streaming.state import (StreamState, all_steady, batched_counters, check_init_args,
                                check_state, check_step_lengths, check_step_slots, fill_counter,
-                               stamp)
+                               fresh_counters, record_steady, stamp, steady_check,
+                               steady_dispatch)
 from .adapter import ConvAdapter
 from .frontend import ConvFeatureExtractor, FrontendState
 
@@ -405,16 +405,12 @@ class CausalEncoder(nn.Module):
         if lengths is not None:
             lengths = check_step_lengths(lengths, B, wav.shape[-1], wav.device)
         if not output_hidden_states and self._fixed_ok(wav, state, lengths):
-            # the steady state: the same step without its ~80 host reads (one here), on the
-            # fused kernels where the device has them; counters the caller may hold from
-            # earlier steps are not written (fresh ones first)
-            _fresh_counters(state)
+            # the steady state: the same step without its ~80 host reads (one here, none while
+            # the stream stays steady), on the fused kernels where the device has them; counters
+            # the caller may hold from earlier steps are not written (fresh ones first)
+            fresh_counters(state)
             y = self.step_fixed(wav, state)
-            # the fixed step keeps the stream steady: while these counters are untouched (same
-            # tensors, same versions) the next step need not check again (no host read)
-            rec = [(t, _stamp(t)) for t in self._steady_counters(state)]
-            state.__dict__["_steady_record"] = tuple(rec) if all(
-                v is not None for _, v in rec) else None
+            record_steady(state, self.steady_check(wav.shape[-1], state))
             return y, state
         feats, state.frontend = self.feature_extractor.step(wav, state.frontend, lengths)
         fl = state.frontend.out_lengths
@@ -434,6 +430,22 @@ class CausalEncoder(nn.Module):
             return (y, (h, *hidden)), state
         return y, state
 
+    def steady_check(self, n, state):
+        """pyencoder.streaming.state.SteadyCheck of a general step of n samples in every slot:
+        the feature extractor's (n a multiple of hop, every slot fed a multiple of hop past its
+        first windows), the positional conv's and the layers' (steady, whole mask blocks,
+        n // hop <= max_chunk); None with the conv adapter (no step_fixed)."""
+        if self.adapter is not None:
+            return None
+        checks = [self.feature_extractor.steady_check(n, state.frontend)]
+        if checks[0] is None:
+            return None
+        fr = checks[0].n_out
+        if self.pos_conv is not None:
+            checks.append(steady_check(self.pos_conv, fr, state.pos))
+        checks.append(self.layers.steady_check(fr, state.layers))
+        return all_steady(checks, fr)
+
     def _fixed_ok(self, wav, state, lengths=None):
         """Whether this general step of n samples in every slot may run as ``step_fixed`` (the
         same result: the fixed step is the general one specialised to the steady state). One
@@ -441,45 +453,10 @@ class CausalEncoder(nn.Module):
         extractor's first windows, every attention layer steady), where the general step reads
         the device ~80 times; none while the counters it read are untouched since the last
         dispatched step (same tensors and versions: the fixed step keeps the stream steady, and
-        reset / load_state_dict / a general step / step_fixed called directly change them)."""
-        n, B = wav.shape[-1], wav.shape[0]
-        hop = self.feature_extractor.hop
-        if self.adapter is not None or n < 1 or n % hop or B == 0 or \
-                torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return False
-        fr = n // hop
-        layers = list(self.layers)
-        if not all(isinstance(m, TransformerLayer) and hasattr(m.attention, "_steady_slots")
-                   for m in layers):
-            return False
-        for m, st in zip(layers, state.layers.layers):
-            att = m.attention
-            if att.lo_off < 0 or fr % att.block or fr > att._max_chunk(st.attention):
-                return False
-        rec = state.__dict__.get("_steady_record")
-        if lengths is None and rec is not None:
-            now = self._steady_counters(state)
-            if len(now) == len(rec) and all(t is r and _stamp(t) == v
-                                            for t, (r, v) in zip(now, rec)):
-                return True
-        seen = state.frontend.convs[0].seen
-        ok = (torch.remainder(seen, hop) == 0) & (seen >= self.feature_extractor.steady_from())
-        for m, st in zip(layers, state.layers.layers):
-            ok = ok & m.attention._steady_slots(st.attention).to(ok.device)
-        if lengths is not None:
-            ok = ok & (lengths.to(ok.device) == n)
-        return bool(ok.all())
-
-    @staticmethod
-    def _steady_counters(state):
-        """The counters ``_fixed_ok`` reads: the first conv's ``seen`` and every attention's
-        ``pos`` and ``pending``."""
-        out = [state.frontend.convs[0].seen]
-        for st in state.layers.layers:
-            att = getattr(st, "attention", None)
-            if att is not None:
-                out += [att.pos, att.pending]
-        return out
+        reset / load_state_dict / a general step / step_fixed called directly change them;
+        pyencoder.streaming.state.steady_dispatch)."""
+        n = wav.shape[-1]
+        return steady_dispatch(state, self.steady_check(n, state), lengths, n)
 
     def step_fixed(self, wav, state, check=False):
         """CUDA-graph friendly steady-state step of the whole encoder: wav (B, n) (or (B, 1, n)),
@@ -605,21 +582,6 @@ class CausalEncoder(nn.Module):
         model.to(device=p.device, dtype=p.dtype)
         model.load_state_dict(_convert_state_dict(base, cfg), strict=True)
         return model
-
-
-def _fresh_counters(state):
-    """Before the general step runs as ``step_fixed`` (which advances the stream counters and
-    fills ``out_lengths`` in place): give every state its own copies of them, so that counters
-    a caller kept from earlier steps (the general step replaces them, so they are values) do
-    not change under it. Each gets a copy of its own (a general step leaves containers'
-    out_lengths aliased to their last child's; the fixed step fills each once)."""
-    for st in state.states().values():
-        names = ("pos", "seen", "out_lengths") + (("count",) if isinstance(
-            st, RunningNormState) else ())
-        for name in names:
-            t = getattr(st, name, None)
-            if isinstance(t, torch.Tensor):
-                setattr(st, name, t.clone())
 
 
 def find_hf_base(model, caller="from_hf"):

@@ -27,9 +27,9 @@ from ..nn.conv import StridedConv1d
 from ..nn.norm import RunningGroupNorm, RunningNormState
 from ..ops.conv import causal_conv1d
 from .._checks import check_module_input
-from ..streaming.state import (StreamState, advance_counter, check_init_args, check_state,
-                               check_step_input, check_step_lengths, check_step_slots,
-                               fill_counter, stamp, stream_config)
+from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
+                               check_state, check_step_input, check_step_lengths,
+                               check_step_slots, fill_counter, stamp, stream_config)
 
 __all__ = ["FeatureConv1d", "RunningGroupNorm", "FeatureConvLayer", "ConvFeatureExtractor",
            "FeatureConvState", "RunningNormState", "FrontendState"]
@@ -355,6 +355,19 @@ class ConvFeatureExtractor(nn.Module):
         out = (last_bad + 1) * self.hop
         self.__dict__["_steady_from"] = (held, out)
         return out
+
+    def steady_check(self, n, state):
+        """pyencoder.streaming.state.SteadyCheck of a general step of n samples in every slot: n
+        a positive multiple of ``hop`` (n // hop frames out); the device condition: every slot
+        at a multiple of hop, at least ``steady_from()`` samples in (the state of every later
+        layer, and the running norm's count, follow from the first conv's ``seen``)."""
+        hop = self.hop
+        seen = state.convs[0].seen
+        if n < 1 or n % hop or seen.shape[0] == 0:
+            return None
+        start = self.steady_from()
+        return SteadyCheck(n // hop, lambda: (torch.remainder(seen, hop) == 0) & (seen >= start),
+                           (seen,))
 
     def step_fixed(self, wav, state, check=False):
         """CUDA-graph friendly steady-state step: wav (B, n) or (B, 1, n), every slot the same

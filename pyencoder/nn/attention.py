@@ -37,8 +37,8 @@ user's back: while packed the three parameters share one storage, which safetens
 (and so transformers' ``save_pretrained``) refuses; ``unpack_qkv_()`` undoes it.
 
 Package-internal (used by pyencoder.nn.layer and pyencoder.nn.relpos, not in ``__all__``):
-``IntervalSelfAttention``, the base of every interval self-attention module; ``fresh_counters``
-and ``concat_ragged``, the state and output helpers of the general step.
+``IntervalSelfAttention``, the base of every interval self-attention module; ``concat_ragged``,
+the output helper of the general step.
 """
 import dataclasses
 
@@ -52,8 +52,10 @@ from ..rope import apply_rope, as_rope
 from ..ops import _ring_write_triton as _ring
 from ..ops.decode_attention import decode_attention
 from ..reference.decode_attention import ring_write
-from ..streaming.state import (StreamState, advance_counter, check_init_args, check_state,
-                               check_step_lengths, fill_counter, fixed_index, shift_queue, stamp)
+from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
+                               check_state, check_step_lengths, fill_counter, fixed_index,
+                               fresh_counters, record_steady, shift_queue, stamp,
+                               steady_check, steady_dispatch)
 from .linear import Linear, linear, plain_linear
 
 __all__ = ["BandedSelfAttention", "ChunkedSelfAttention", "AttentionState"]
@@ -339,7 +341,9 @@ class IntervalSelfAttention(nn.Module):
             lengths = check_step_lengths(lengths, B, n, x.device)
         if self._fixed_ok(n, state, lengths):
             fresh_counters(state)
-            return self._step_fixed(x, state), state
+            y = self._step_fixed(x, state)
+            record_steady(state, self.steady_check(n, state))
+            return y, state
         lengths = check_step_lengths(lengths, B, n, x.device)
         mc = self._max_chunk(state)
         if n <= mc:
@@ -471,21 +475,26 @@ class IntervalSelfAttention(nn.Module):
         expect = torch.where(P >= La, La + torch.remainder(P - La, C), P)
         return (P >= P0) & (pend == expect)
 
+    def steady_check(self, n, state):
+        """pyencoder.streaming.state.SteadyCheck of a general step of n frames in every slot:
+        None where it can never be a fixed one (unbounded left context, n not a positive
+        multiple of the mask block or above max_chunk, no slots); else the device condition
+        ``_steady_slots`` over ``pos`` and ``pending``."""
+        if self.lo_off < 0 or n < 1 or n % self.block or n > self._max_chunk(state) \
+                or state.pos.shape[0] == 0:
+            return None
+        return SteadyCheck(n, lambda: self._steady_slots(state), (state.pos, state.pending))
+
     def _fixed_ok(self, n, state, lengths=None):
         """Whether the general ``step`` of n frames in every slot (``lengths`` None or all n) may
         run as ``step_fixed`` (same result: the fixed step is the general one specialised to the
         steady state, with fewer ops and no nonzero / gather). One host read, which the general
-        step's own ``int(ready.max())`` would cost anyway."""
-        if self.lo_off < 0 or n < 1 or n % self.block \
-                or n > self._max_chunk(state) or state.pos.shape[0] == 0 \
-                or torch.compiler.is_compiling():
+        step's own ``int(ready.max())`` would cost anyway; none while ``pos`` / ``pending`` are
+        untouched since the last dispatched step (pyencoder.streaming.state.steady_dispatch)."""
+        if lengths is not None and (not isinstance(lengths, torch.Tensor)
+                                    or tuple(lengths.shape) != (state.pos.shape[0],)):
             return False
-        ok = self._steady_slots(state)
-        if lengths is not None:
-            if not isinstance(lengths, torch.Tensor) or lengths.shape != ok.shape:
-                return False
-            ok = ok & (lengths.to(ok.device) == n)
-        return bool(ok.all())
+        return steady_dispatch(state, steady_check(self, n, state), lengths, n)
 
     def check_step_fixed(self, state, n):
         """Raise ValueError unless ``step_fixed`` with n frames releases exactly n queries in
@@ -604,15 +613,6 @@ class IntervalSelfAttention(nn.Module):
         state.pending = np1 - ready
         state.out_lengths = ready
         return y, state
-
-
-def fresh_counters(state):
-    """Before the general step runs as ``step_fixed`` (which updates ``pos`` / ``out_lengths`` in
-    place): give the state its own (B,) counters. The general step treats them as values (callers
-    keep earlier ``out_lengths`` tensors, e.g. StreamingSequential.flush), so they must not change
-    under those callers."""
-    state.pos = state.pos.clone()
-    state.out_lengths = torch.empty_like(state.out_lengths)
 
 
 def concat_ragged(outs, counts, state):

@@ -21,8 +21,9 @@ from torch import nn
 
 from .._checks import check_int, check_module_input
 from ..ops.conv import causal_conv1d, causal_conv1d_update
-from ..streaming.state import (StreamState, advance_counter, check_init_args, check_state,
-                               check_step_lengths, check_step_slots, fill_counter, stamp)
+from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
+                               check_state, check_step_lengths, check_step_slots, fill_counter,
+                               stamp)
 
 __all__ = ["CausalConv1d", "ConvState", "StridedConv1d"]
 
@@ -156,6 +157,18 @@ class CausalConv1d(StridedConv1d):
             state.seen, s, rounding_mode="floor")
         state.seen = new_seen
         return y, state
+
+    def steady_check(self, n, state):
+        """pyencoder.streaming.state.SteadyCheck of a general step of n samples in every slot: n
+        a positive multiple of the stride, n // stride frames out; the device condition: every
+        slot has seen a multiple of the stride (none at stride 1)."""
+        s = self.s
+        if n < 1 or n % s or state.seen.shape[0] == 0:
+            return None
+        if s == 1:
+            return SteadyCheck(n, lambda: None, ())
+        seen = state.seen
+        return SteadyCheck(n // s, lambda: torch.remainder(seen, s) == 0, (seen,))
 
     def step_fixed(self, x, state, check=False):
         """CUDA-graph friendly step: every slot gets the same n samples, n a multiple of the

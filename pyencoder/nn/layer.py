@@ -19,8 +19,9 @@ from torch import nn
 from .._checks import check_eps, check_int, check_module_input
 from ..ops import _ring_write_triton as _ring
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
-                               check_step_slots, fill_counter, fixed_index, shift_queue, stamp)
-from .attention import IntervalSelfAttention, concat_ragged, fresh_counters
+                               check_step_slots, fill_counter, fixed_index, fresh_counters,
+                               record_steady, shift_queue, stamp, steady_check)
+from .attention import IntervalSelfAttention, concat_ragged
 from .linear import Linear, has_hooks, plain_linear
 
 __all__ = ["TransformerLayer", "LayerState", "FeedForward", "AttentionAdapter"]
@@ -149,9 +150,10 @@ class TransformerLayer(nn.Module):
         if lengths is not None:
             lengths = check_step_lengths(lengths, B, n, x.device)
         if self.attention._fixed_ok(n, state.attention, lengths):
-            fresh_counters(state.attention)
-            state.out_lengths = torch.empty_like(state.out_lengths)
-            return self.step_fixed(x, state), state
+            fresh_counters(state)
+            y = self.step_fixed(x, state)
+            record_steady(state.attention, self.attention.steady_check(n, state.attention))
+            return y, state
         mc = state.res.shape[1] - self.attention.hi_off
         if n > mc:
             outs, counts = [], []
@@ -165,6 +167,11 @@ class TransformerLayer(nn.Module):
         h = self.layer_norm(x) if self.norm_first else x
         a, state.attention = self.attention.step(h, state.attention, lengths)
         return self._release(x, a, state, lengths)
+
+    def steady_check(self, n, state):
+        """pyencoder.streaming.state.SteadyCheck of a general step of n frames: its attention's
+        (the residual queue holds what the attention holds back)."""
+        return steady_check(self.attention, n, state.attention)
 
     def step_fixed(self, x, state, check=False):
         """CUDA-graph friendly steady-state step (preconditions: the attention's ``step_fixed``).

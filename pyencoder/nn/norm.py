@@ -45,6 +45,7 @@ _GPU_BLOCK, _GPU_BLOCK_ELEMS = 1 << 16, 1 << 22
 
 @dataclasses.dataclass
 class RunningNormState(StreamState):
+    stream_counters = ("count",)     # advanced by step_fixed (pyencoder.streaming.state)
     count: torch.Tensor      # (B,) int64 frames seen
     total: torch.Tensor      # (B, C) float64 sum
     total_sq: torch.Tensor   # (B, C) float64 sum of squares

@@ -14,6 +14,13 @@ declares:
 - ``stream_swaps_time_axis = True`` if it turns one of the two layouts into the other
   (pyencoder.nn.Transpose).
 
+A streaming module may also have ``step_fixed(x, state, check=False)`` (the steady-state step,
+no host synchronisation, state in place: CUDA-graph capturable) and then ``steady_check(n,
+state)``: whether its general step of n frames per slot is that step
+(``pyencoder.streaming.state.SteadyCheck``: the frames out, the device-side condition, the
+counters it reads; None if it never is). A ``StreamingSequential`` whose children all declare it
+runs its general step as ``step_fixed`` once every condition holds.
+
 The stream drivers (``StreamingSequential``, ``run_stream``) and the latency accounting read only
 these declarations, so the streaming package imports no module class of pyencoder.nn.
 """

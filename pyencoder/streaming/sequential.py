@@ -21,8 +21,9 @@ from torch import nn
 
 from .._cpu_threads import threads_for
 from .protocol import is_pointwise, is_streaming, swaps_time_axis, time_last
-from .state import (StreamState, batched_counters, check_init_args, check_state,
-                    check_step_lengths, check_step_slots, fill_counter, stamp)
+from .state import (StreamState, all_steady, batched_counters, check_init_args, check_state,
+                    check_step_lengths, check_step_slots, fill_counter, fresh_counters,
+                    record_steady, stamp, steady_check, steady_dispatch)
 
 __all__ = ["StreamingSequential", "StackState", "PassState", "cat_time"]
 
@@ -100,8 +101,19 @@ class StreamingSequential(nn.Sequential):
                              f"module takes it; got shape {tuple(x.shape)}")
         B = x.shape[0]
         check_step_slots(B, state.out_lengths.shape[0])
-        lengths = check_step_lengths(lengths, B, x.shape[-1] if time_last(self) else x.shape[1],
-                                     x.device)
+        n = x.shape[-1] if time_last(self) else x.shape[1]
+        if lengths is not None:
+            lengths = check_step_lengths(lengths, B, n, x.device)
+        if outputs is None and self._fixed_ok(n, state, lengths):
+            # the steady state: step_fixed, the same step without the children's host reads
+            # (one here, none while the stream stays steady), on fresh counters
+            with threads_for(float("inf"), x.device):
+                fresh_counters(state)
+                y = self.step_fixed(x, state)
+            record_steady(state, self.steady_check(n, state))
+            return y, state
+        if lengths is None:
+            lengths = check_step_lengths(None, B, n, x.device)
         # one scoped CPU thread count for the step (pyencoder._cpu_threads: busy machine -> fewer)
         collect = None if outputs is None else [[] for _ in self]
         with threads_for(float("inf"), x.device):
@@ -110,6 +122,28 @@ class StreamingSequential(nn.Sequential):
             outputs.extend(c[0][0] for c in collect)
         state.out_lengths = lengths
         return y, state
+
+    def steady_check(self, n, state):
+        """pyencoder.streaming.state.SteadyCheck of a general step of n frames in every slot: the
+        children's, in turn (each child's n_out is the next one's n); None if a streaming child
+        has none (its step is never a fixed one here)."""
+        checks = []
+        for m, st in zip(self, state.layers):
+            c = steady_check(m, n, st)
+            if c is None or (is_streaming(m) and not hasattr(m, "step_fixed")):
+                return None
+            checks.append(c)
+            n = c.n_out
+        return all_steady(checks, n)
+
+    def _fixed_ok(self, n, state, lengths=None):
+        """Whether this general step of n frames per slot may run as ``step_fixed``: every child
+        declares a ``steady_check`` that holds (conv: n a multiple of its stride, every slot at a
+        multiple of it; attention / TransformerLayer: steady, whole mask blocks; per-frame
+        children always). One host read where the children's general steps read the device a
+        few times each, none while the counters it reads are untouched since the last
+        dispatched step (pyencoder.streaming.state.steady_dispatch)."""
+        return steady_dispatch(state, self.steady_check(n, state), lengths, n)
 
     def step_fixed(self, x, state, check=False):
         """CUDA-graph friendly steady-state step: every child's ``step_fixed`` (preconditions:
@@ -122,6 +156,7 @@ class StreamingSequential(nn.Sequential):
         per child). ``state.out_lengths`` holds the frames of y. Returns y."""
         self._check_state(state)
         last = None
+        t_last = time_last(self)
         with batched_counters():
             for m, st in zip(self, state.layers):
                 if hasattr(m, "step_fixed"):
@@ -131,7 +166,11 @@ class StreamingSequential(nn.Sequential):
                     raise TypeError(f"{type(m).__name__} has no step_fixed")
                 else:
                     x = m(x)
-        fill_counter(state, x.shape[-1 if self.out_time_last() else 1],
+                    if swaps_time_axis(m):
+                        t_last = not t_last
+                    # the frames through here, as the general step counts them (once: a record)
+                    fill_counter(st, x.shape[-1 if t_last else 1])
+        fill_counter(state, x.shape[-1 if t_last else 1],
                      filled=None if last is None else last.out_lengths)
         return x
 

@@ -15,12 +15,17 @@ batch size or dtype, with a message naming both.
 import contextlib
 import dataclasses
 import threading
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
+from .._env import env_flag
+
 __all__ = ["StreamState", "reset", "state_nbytes", "check_state", "stamp", "stream_config",
            "check_init_args", "check_step_lengths", "check_step_slots", "check_step_input",
-           "fixed_index", "fill_counter", "shift_queue", "advance_counter", "batched_counters"]
+           "fixed_index", "fill_counter", "shift_queue", "advance_counter", "batched_counters",
+           "SteadyCheck", "steady_check", "all_steady", "steady_dispatch", "record_steady",
+           "fresh_counters"]
 
 CONFIG_KEY = "__config__"
 
@@ -38,6 +43,9 @@ class StreamState:
 
     config = None      # configuration string of the module that made it (set by ``stamp``)
     _growable = {}     # {field: dim} of buffers whose length may differ between two states
+    # (B,) counters a step_fixed advances in place (``fresh_counters`` copies them, with
+    # ``out_lengths``, before a general step runs as step_fixed); the fields present are taken
+    stream_counters = ("pos", "seen")
 
     def _items(self):
         for f in dataclasses.fields(self):
@@ -453,3 +461,135 @@ def _apply_adds(adds):
                 t.add_(n)
         else:
             torch._foreach_add_([t for t, _ in items], [n for _, n in items])
+
+
+# ---- the general step as step_fixed in the steady state -------------------------------------
+
+class SteadyCheck(NamedTuple):
+    """What a streaming module's ``steady_check(n, state)`` returns when a general ``step`` of n
+    frames in every slot may be the steady step its ``step_fixed`` computes (the same result):
+    ``n_out`` frames per slot come out of it; ``ok()`` builds the device-side condition, a (B,)
+    bool tensor on the state's device, or None where there is none; ``counters`` are the
+    tensors ``ok`` reads. A fixed step keeps the stream steady, so while those counters are
+    untouched (same tensors, same versions) the condition need not be read again
+    (``steady_dispatch``). A module returns None where the step cannot be a fixed one whatever
+    the state (n not a multiple of its stride or block, unbounded context, ...)."""
+    n_out: int
+    ok: Callable[[], Optional[torch.Tensor]]
+    counters: Tuple[torch.Tensor, ...]
+
+
+def _no_condition():
+    return None
+
+
+_DECLARED = {}
+
+
+def _declared(cls):
+    """Whether ``cls``'s ``step`` and ``step_fixed`` are those of the class that declares its
+    ``steady_check`` (a subclass that overrides ``step`` alone must not be dispatched to the
+    parent's step_fixed behind its back)."""
+    hit = _DECLARED.get(cls)
+    if hit is None:
+        owner = next((c for c in cls.__mro__ if "steady_check" in c.__dict__), None)
+        hit = _DECLARED[cls] = owner is not None and all(
+            getattr(cls, a, None) is getattr(owner, a, None) for a in ("step", "step_fixed"))
+    return hit
+
+
+def steady_check(module, n, state):
+    """``module.steady_check(n, state)`` where the module declares it (a streaming module with a
+    ``step_fixed``) and its ``step`` / ``step_fixed`` are those the declaration was made with
+    (not overridden by a subclass that left ``steady_check`` alone); per-frame modules pass n
+    frames through unconditionally; any other streaming module: None (never dispatched)."""
+    if getattr(module, "steady_check", None) is not None:
+        return module.steady_check(n, state) if _declared(type(module)) else None
+    if all(hasattr(module, a) for a in ("init_state", "step", "flush")):
+        return None
+    return SteadyCheck(n, _no_condition, ())
+
+
+def all_steady(checks, n_out):
+    """The SteadyCheck of a chain of modules whose checks are ``checks`` (None if one is None):
+    every condition (one device tensor), every counter."""
+    if any(c is None for c in checks):
+        return None
+
+    def ok():
+        out = None
+        for c in checks:
+            t = c.ok()
+            if t is not None:
+                out = t if out is None else out & t.to(out.device)
+        return out
+    return SteadyCheck(n_out, ok, tuple(t for c in checks for t in c.counters))
+
+
+def steady_dispatch(state, check, lengths, n):
+    """Whether a general step of n frames per slot (``lengths``: None, or the (B,) int64 tensor
+    of check_step_lengths) may run as step_fixed, given the module's ``check`` (SteadyCheck or
+    None). One host read of the device-side condition; none while the counters it reads are
+    those ``record_steady`` recorded after the last dispatched step (same tensors, same
+    versions: reset(), load_state_dict, a general step and a step_fixed called directly all
+    change them) and ``lengths`` is None. Never under torch.compile / jit tracing, nor with
+    PYENCODER_STEADY_DISPATCH=0."""
+    if check is None or n < 1 or torch.compiler.is_compiling() or torch.jit.is_tracing() \
+            or not env_flag("PYENCODER_STEADY_DISPATCH", True):
+        return False
+    rec = state.__dict__.get("_steady_record")
+    if lengths is None and rec is not None and len(rec) == len(check.counters) and all(
+            t is r and _stamp(t) == v for t, (r, v) in zip(check.counters, rec)):
+        return True
+    ok = check.ok()
+    if lengths is not None:
+        full = lengths == n
+        ok = full if ok is None else ok & full.to(ok.device)
+    return True if ok is None else bool(ok.all())
+
+
+def record_steady(state, check):
+    """After a dispatched step: record ``check``'s counters (the state's, as the step left them:
+    call the module's steady_check again) so that the next steps skip the device read while
+    they are untouched. Nothing is recorded where a counter has no version (inference tensors,
+    tracing)."""
+    rec = None if check is None else tuple((t, _stamp(t)) for t in check.counters)
+    if rec is not None and any(v is None for _, v in rec):
+        rec = None
+    state.__dict__["_steady_record"] = rec
+
+
+def fresh_counters(state):
+    """Before a general step runs as ``step_fixed`` (which advances the stream counters and fills
+    ``out_lengths`` in place): give every nested state copies of its ``stream_counters`` and
+    ``out_lengths``, so that counters a caller kept from earlier steps (the general step replaces
+    them, so callers treat them as values) do not change under it. One multi-tensor copy per
+    (device, dtype) (``torch._foreach_add(ts, 0)``: one kernel on CUDA for all of them, where a
+    clone each was a kernel each); a tensor shared by two states (a container's out_lengths
+    aliased to its last child's, as a general step leaves it) stays shared, and a
+    ``fill_counter`` record moves to the copy (it holds the same value), so the fixed step does
+    not fill it again."""
+    uses, olds = [], {}
+    for st in state.states().values():
+        for name in type(st).stream_counters + ("out_lengths",):
+            t = getattr(st, name, None)
+            if isinstance(t, torch.Tensor):
+                olds.setdefault(id(t), t)
+                uses.append((st, name, t))
+    groups = {}
+    for t in olds.values():
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    new = {}
+    for ts in groups.values():
+        new.update(zip(map(id, ts), torch._foreach_add(ts, 0)))
+    for st, name, t in uses:
+        nt = new[id(t)]
+        setattr(st, name, nt)
+        key = "_filled_" + name
+        rec = st.__dict__.get(key)
+        if rec is not None and rec[0] is t and rec[2] == _stamp(t):
+            ver = _stamp(nt)
+            if ver is None:
+                st.__dict__.pop(key)
+            else:
+                st.__dict__[key] = (nt, rec[1], ver)

@@ -1,0 +1,283 @@
+"""A user-built StreamingSequential's general ``step`` runs as ``step_fixed`` once the whole
+stack is steady (pyencoder.streaming.state.steady_dispatch over the children's
+``steady_check``): one host read decides, none while the stream stays steady; outputs, out_lengths
+and every state tensor equal the pure general path (float64) and the offline forward; counters a
+caller kept are not changed; not taken for ragged lengths, steps off a conv's stride grid or not
+whole mask blocks, hidden outputs, a streaming child without ``steady_check``, before the steady
+state; the record that spares the read is dropped by reset(), load_state_dict and step_fixed
+called directly. ``fresh_counters``: one multi-tensor copy, aliases kept, fill records moved.
+"""
+import pytest
+import torch
+from torch import nn
+
+from _stream_utils import rel_err
+from test_encoder_step_fixed import _Syncs
+from test_streaming_fixed import _general_only, _stack
+from pyencoder.nn import BandedSelfAttention, CausalConv1d, Refiner, TransformerLayer, Transpose
+from pyencoder.streaming import StreamingSequential, reset
+from pyencoder.streaming.state import fill_counter, fresh_counters
+
+F64_TOL = 1e-10
+
+
+def _spy(monkeypatch):
+    calls = []
+    real = StreamingSequential.step_fixed
+
+    def spy(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+    monkeypatch.setattr(StreamingSequential, "step_fixed", spy)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["banded", "chunked"])
+def test_stack_general_step_dispatches(monkeypatch, kind):
+    """The README's kind of stack (strided convs, Transpose, Linear, transformer layers): once
+    steady every step runs step_fixed, with one host read for the first and none after; the
+    outputs and the whole state equal the pure general path and offline."""
+    torch.manual_seed(5)
+    model = _stack(kind).double()
+    B, step, steps = 2, 8, 16                  # 8 samples = 2 frames: a chunk of the mask block
+    x = torch.randn(B, 1, step * steps, dtype=torch.float64)
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        ref = model(x)
+        st = model.init_state(B, max_chunk=2)
+        oracle = model.init_state(B, max_chunk=2)
+        got, want, kept = [], [], []
+        for i in range(steps):
+            xi = x[..., i * step:(i + 1) * step]
+            before = len(calls)
+            _Syncs.n = 0
+            with _Syncs():
+                y, st = model.step(xi, st)
+            syncs = _Syncs.n
+            if len(calls) > before:      # dispatched: one read for the first, none after it
+                assert syncs == (1 if len(calls) == 1 else 0), (i, syncs, len(calls))
+            got.append(y[:, :int(st.out_lengths[0])])
+            kept.append([(t, t.clone()) for t in (st.out_lengths, st.layers[0].seen,
+                                                  st.layers[4].attention.pos,
+                                                  st.layers[3].out_lengths)])
+            with _general_only():
+                y2, oracle = model.step(xi, oracle)
+            want.append(y2[:, :int(oracle.out_lengths[0])])
+            assert torch.equal(st.out_lengths, oracle.out_lengths), i
+    assert len(calls) >= steps - 5, len(calls)
+    a, b = torch.cat(got, 1), torch.cat(want, 1)
+    assert a.shape == b.shape and rel_err(a, b) <= F64_TOL
+    assert rel_err(a, ref[:, :a.shape[1]]) <= F64_TOL
+    for pairs in kept:
+        for t, v in pairs:
+            assert torch.equal(t, v)
+    t1, t0 = st.tensors(), oracle.tensors()
+    assert t1.keys() == t0.keys()
+    for key in t1:
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf in ("pos", "pending", "count", "seen", "out_lengths"):
+            assert torch.equal(t1[key], t0[key]), key
+        elif leaf in ("k", "v", "hist"):
+            assert rel_err(t1[key], t0[key]) <= F64_TOL, key
+
+
+def test_stack_without_device_condition():
+    """Stride-1 convs and per-frame modules only: nothing to check on the device, so every
+    uniform step is the fixed one without a host read (the general step read the device twice
+    per conv); equal to the pure general path and offline."""
+    torch.manual_seed(6)
+    model = StreamingSequential(CausalConv1d(3, 8, 5, activation="silu"),
+                                CausalConv1d(8, 8, 31, groups=8), nn.GELU(), Transpose(),
+                                nn.Linear(8, 4)).double().eval()
+    x = torch.randn(2, 3, 60, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x)
+        st = model.init_state(2)
+        oracle = model.init_state(2)
+        got, want = [], []
+        for t in range(0, 60, 6):
+            _Syncs.n = 0
+            with _Syncs():
+                y, st = model.step(x[..., t:t + 6], st)
+            assert _Syncs.n == 0
+            got.append(y)
+            with _general_only():
+                y2, oracle = model.step(x[..., t:t + 6], oracle)
+            want.append(y2)
+        assert torch.equal(st.layers[4].out_lengths, oracle.layers[4].out_lengths)
+    a = torch.cat(got, 1)
+    assert rel_err(a, torch.cat(want, 1)) <= F64_TOL and rel_err(a, ref) <= F64_TOL
+
+
+class _Plain(nn.Module):
+    """A streaming module without steady_check (delegates to a CausalConv1d's general step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = CausalConv1d(8, 8, 3)
+        self.stream_time_axis = -1
+        self.lookahead = 0
+
+    def forward(self, x):
+        return self.conv(x)
+
+    def init_state(self, *a, **k):
+        return self.conv.init_state(*a, **k)
+
+    def step(self, x, state, lengths=None):
+        return self.conv.step(x, state, lengths)
+
+    def flush(self, state):
+        return self.conv.flush(state)
+
+
+class _Doubled(CausalConv1d):
+    """A user's subclass that overrides ``step`` alone: its steady_check / step_fixed are the
+    parent's, written for the parent's step, so the stack must not dispatch to them."""
+
+    def step(self, x, state, lengths=None):
+        y, state = super().step(x, state, lengths)
+        return 2 * y, state
+
+
+@pytest.mark.parametrize("case", ["ragged", "off_stride_grid", "not_whole_blocks", "outputs",
+                                  "child_without_check", "unbounded", "overridden_step"])
+def test_stack_dispatch_not_taken(monkeypatch, case):
+    torch.manual_seed(7)
+    if case == "overridden_step":
+        model = StreamingSequential(_Doubled(1, 8, 4, stride=2), Transpose(),
+                                    nn.Linear(8, 16)).double().eval()
+    elif case == "child_without_check":
+        model = StreamingSequential(CausalConv1d(1, 8, 4, stride=2), _Plain(), Transpose(),
+                                    nn.Linear(8, 16)).double().eval()
+    elif case == "unbounded":
+        model = StreamingSequential(CausalConv1d(1, 16, 2, stride=2), Transpose(),
+                                    TransformerLayer(BandedSelfAttention(16, 2, left=None,
+                                                                         right=1), 32)
+                                    ).double().eval()
+    else:
+        model = _stack("chunked").double()
+    x = torch.randn(2, 1, 400, dtype=torch.float64)
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        st = model.init_state(2, max_chunk=2)
+        off = 1 if case == "off_stride_grid" else 0
+        _, st = model.step(x[..., :16 + off], st)           # warm
+        _, st = model.step(x[..., 16 + off:32 + off], st)
+        t = 32 + off
+        for _ in range(6):
+            if case == "ragged":
+                model.step(x[..., t:t + 8], st, lengths=torch.tensor([8, 4]))
+                t += 8
+            elif case == "not_whole_blocks":
+                model.step(x[..., t:t + 4], st)             # 1 frame: half a chunk of 2
+                t += 4
+            elif case == "outputs":
+                model.step(x[..., t:t + 8], st, outputs=[])
+                t += 8
+            else:
+                model.step(x[..., t:t + 8], st)
+                t += 8
+    assert calls == [], case
+
+
+def test_stack_record_sees_reset_load_and_direct_steps(monkeypatch):
+    """The record that spares the read: a reset slot starts over (not dispatched until steady
+    again, equal to the pure general path throughout); load_state_dict and a direct step_fixed
+    make the next step read the device once."""
+    torch.manual_seed(8)
+    model = _stack("banded").double()
+    B, step = 2, 8
+    x = torch.randn(B, 1, step * 30, dtype=torch.float64)
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        st = model.init_state(B, max_chunk=2)
+        oracle = model.init_state(B, max_chunk=2)
+
+        def both(i):
+            xi = x[..., i * step:(i + 1) * step]
+            _Syncs.n = 0
+            with _Syncs():
+                y, _ = model.step(xi, st)
+            with _general_only():
+                y2, _ = model.step(xi, oracle)
+            assert torch.equal(st.out_lengths, oracle.out_lengths), i
+            k = int(st.out_lengths.max())
+            assert rel_err(y[:, :k], y2[:, :k]) <= F64_TOL, i
+            return _Syncs.n
+        for i in range(8):
+            both(i)
+        assert calls and both(8) == 0
+        before = len(calls)
+        mask = torch.tensor([True, False])
+        reset(st, mask)
+        reset(oracle, mask)
+        both(9)
+        assert len(calls) == before                 # slot 0 starts over: the general step
+        for i in range(10, 18):
+            both(i)
+        assert len(calls) > before and both(18) == 0
+        st.load_state_dict(st.state_dict())         # new counter tensors: checked again
+        assert both(19) == 1 and both(20) == 0
+        model.step_fixed(x[..., 21 * step:22 * step], st)     # counters advanced directly
+        model.step_fixed(x[..., 21 * step:22 * step], oracle)
+        assert both(22) == 1
+
+
+def test_encoder_layers_take_the_stack_dispatch(monkeypatch):
+    """Inside an encoder whose front end is not steady (ragged lengths), its layer stack still
+    dispatches (one read for the stack, where each layer read once)."""
+    from test_encoder_step_fixed import _encoder, _frames
+    m = _encoder("band_postln_valid")
+    n = m.hop * _frames(m)
+    calls = _spy(monkeypatch)
+    x = torch.randn(2, n * 12, dtype=torch.float64)
+    with torch.no_grad():
+        st = m.init_state(2, max_chunk=4)
+        oracle = m.init_state(2, max_chunk=4)
+        for i in range(12):
+            xi = x[:, i * n:(i + 1) * n]
+            y, st = m.step(xi, st, lengths=torch.tensor([n, n]))
+            with _general_only():
+                y2, oracle = m.step(xi, oracle, lengths=torch.tensor([n, n]))
+            assert torch.equal(st.out_lengths, oracle.out_lengths)
+            k = int(st.out_lengths.max())
+            assert rel_err(y[:, :k], y2[:, :k]) <= F64_TOL, i
+    assert len(calls) >= 6
+
+
+def test_fresh_counters_one_copy_aliases_and_records():
+    """One multi-tensor copy for all counters of a stack's state; a container's out_lengths
+    aliased to its last child's stays aliased; fill records move to the copies (no refill)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    model = _stack("banded").double()
+    x = torch.randn(2, 1, 64, dtype=torch.float64)
+    with torch.no_grad():
+        st = model.init_state(2, max_chunk=2)
+        for t in range(0, 64, 8):
+            with _general_only():
+                _, st = model.step(x[..., t:t + 8], st)
+        assert st.out_lengths is st.layers[-1].out_lengths
+        fill_counter(st.layers[0], 4)                          # a record to move
+        old = {k: v for k, v in st.tensors().items()}
+        ops = []
+
+        class Ops(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                ops.append(func.overloadpacket.__name__)
+                return func(*args, **(kwargs or {}))
+        with Ops():
+            fresh_counters(st)
+        assert ops == ["_foreach_add"], ops
+        new = st.tensors()
+        for k, v in new.items():
+            leaf = k.rsplit(".", 1)[-1]
+            if leaf in ("pos", "seen", "out_lengths"):
+                assert v is not old[k] and torch.equal(v, old[k]), k
+            else:
+                assert v is old[k], k
+        assert st.out_lengths is st.layers[-1].out_lengths
+        ops.clear()
+        with Ops():
+            fill_counter(st.layers[0], 4)
+        assert ops == []
