@@ -141,7 +141,8 @@ class _Doubled(CausalConv1d):
 
 
 @pytest.mark.parametrize("case", ["ragged", "off_stride_grid", "not_whole_blocks", "outputs",
-                                  "child_without_check", "unbounded", "overridden_step"])
+                                  "child_without_check", "unbounded", "overridden_step",
+                                  "autograd"])
 def test_stack_dispatch_not_taken(monkeypatch, case):
     torch.manual_seed(7)
     if case == "overridden_step":
@@ -159,7 +160,7 @@ def test_stack_dispatch_not_taken(monkeypatch, case):
         model = _stack("chunked").double()
     x = torch.randn(2, 1, 400, dtype=torch.float64)
     calls = _spy(monkeypatch)
-    with torch.no_grad():
+    with torch.set_grad_enabled(case == "autograd"):
         st = model.init_state(2, max_chunk=2)
         off = 1 if case == "off_stride_grid" else 0
         _, st = model.step(x[..., :16 + off], st)           # warm
@@ -179,6 +180,27 @@ def test_stack_dispatch_not_taken(monkeypatch, case):
                 model.step(x[..., t:t + 8], st)
                 t += 8
     assert calls == [], case
+
+
+def test_stack_of_strided_convs_differentiable_through_steps():
+    """Where autograd records, the stack keeps its general step (a stack of strided convs is
+    differentiable through it: the streamed outputs' gradients equal offline's); under no_grad
+    the same stream dispatches."""
+    torch.manual_seed(9)
+    model = StreamingSequential(CausalConv1d(3, 8, 5, stride=2, activation="gelu"),
+                                CausalConv1d(8, 8, 4, stride=2)).double()
+    x = torch.randn(2, 3, 64, dtype=torch.float64)
+    st = model.init_state(2)
+    ys = []
+    for t in range(0, 64, 8):
+        y, st = model.step(x[..., t:t + 8], st)
+        ys.append(y)
+    torch.cat(ys, -1).pow(2).sum().backward()
+    g = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).pow(2).sum().backward()
+    for a, p in zip(g, model.parameters()):
+        assert rel_err(a, p.grad) <= F64_TOL
 
 
 def test_stack_record_sees_reset_load_and_direct_steps(monkeypatch):

@@ -104,7 +104,8 @@ class StreamingSequential(nn.Sequential):
         n = x.shape[-1] if time_last(self) else x.shape[1]
         if lengths is not None:
             lengths = check_step_lengths(lengths, B, n, x.device)
-        if outputs is None and self._fixed_ok(n, state, lengths):
+        if outputs is None and not self._records_autograd(x) and \
+                self._fixed_ok(n, state, lengths):
             # the steady state: step_fixed, the same step without the children's host reads
             # (one here, none while the stream stays steady), on fresh counters
             with threads_for(float("inf"), x.device):
@@ -135,6 +136,14 @@ class StreamingSequential(nn.Sequential):
             checks.append(c)
             n = c.n_out
         return all_steady(checks, n)
+
+    def _records_autograd(self, x):
+        """Grad mode on and x or a parameter requires grad: the general step then runs as is
+        (step_fixed writes the state in place, which tensors autograd saved must not see: a
+        stack of strided convs is differentiable through its general steps)."""
+        if not torch.is_grad_enabled():
+            return False
+        return x.requires_grad or any(p.requires_grad for p in self.parameters())
 
     def _fixed_ok(self, n, state, lengths=None):
         """Whether this general step of n frames per slot may run as ``step_fixed``: every child
