@@ -303,3 +303,26 @@ def test_fresh_counters_one_copy_aliases_and_records():
         with Ops():
             fill_counter(st.layers[0], 4)
         assert ops == []
+
+
+def test_general_step_under_graph_capture(monkeypatch):
+    """Under CUDA graph capture (emulated: ``_capturing`` true) a recorded steady stream runs
+    step_fixed in place (no counter copies: a graph's copies would be refilled from the
+    capture-time tensors at every replay); without a record the step cannot know it is steady
+    without a host read and says so instead of failing inside CUDA."""
+    from pyencoder.streaming import state as state_mod
+    model = _stack("banded").double()
+    x = torch.randn(2, 1, 8 * 12, dtype=torch.float64)
+    with torch.no_grad():
+        st = model.init_state(2, max_chunk=2)
+        for i in range(10):
+            _, st = model.step(x[..., i * 8:(i + 1) * 8], st)
+        assert st.__dict__.get("_steady_record")
+        before = {k: v for k, v in st.tensors().items()}
+        monkeypatch.setattr(state_mod, "_capturing", lambda device: True)
+        _, st = model.step(x[..., 80:88], st)
+        after = st.tensors()
+        assert all(after[k] is v for k, v in before.items())     # nothing replaced
+        st.__dict__["_steady_record"] = None
+        with pytest.raises(RuntimeError, match="under CUDA graph capture"):
+            model.step(x[..., 88:96], st)

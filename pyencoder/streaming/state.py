@@ -541,6 +541,11 @@ def steady_dispatch(state, check, lengths, n):
     if lengths is None and rec is not None and len(rec) == len(check.counters) and all(
             t is r and _stamp(t) == v for t, (r, v) in zip(check.counters, rec)):
         return True
+    if check.counters and _capturing(check.counters[0].device):
+        raise RuntimeError(
+            "a general step under CUDA graph capture: whether the stream is steady is not known "
+            "without reading the device (an eager step of the same size just before capture "
+            "records it); capture step_fixed instead (pyencoder.streaming.CudaGraphStep)")
     ok = check.ok()
     if lengths is not None:
         full = lengths == n
@@ -568,7 +573,9 @@ def fresh_counters(state):
     clone each was a kernel each); a tensor shared by two states (a container's out_lengths
     aliased to its last child's, as a general step leaves it) stays shared, and a
     ``fill_counter`` record moves to the copy (it holds the same value), so the fixed step does
-    not fill it again."""
+    not fill it again. Not under CUDA graph capture (a captured step advances the state's own
+    counters at every replay; copies made in the graph would be refilled from the capture-time
+    tensors at each replay)."""
     uses, olds = [], {}
     for st in state.states().values():
         for name in type(st).stream_counters + ("out_lengths",):
@@ -576,6 +583,8 @@ def fresh_counters(state):
             if isinstance(t, torch.Tensor):
                 olds.setdefault(id(t), t)
                 uses.append((st, name, t))
+    if not uses or _capturing(uses[0][2].device):
+        return      # a graph replays the step in place: the counters are the graph's own
     groups = {}
     for t in olds.values():
         groups.setdefault((t.device, t.dtype), []).append(t)
