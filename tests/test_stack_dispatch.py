@@ -326,3 +326,38 @@ def test_general_step_under_graph_capture(monkeypatch):
         st.__dict__["_steady_record"] = None
         with pytest.raises(RuntimeError, match="under CUDA graph capture"):
             model.step(x[..., 88:96], st)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_of_the_general_step():
+    """On a GPU: once a stream's steady state is recorded (eager general steps), ``step`` itself
+    can be captured (it runs step_fixed in place); graph replays equal the offline forward."""
+    torch.manual_seed(10)
+    model = _stack("chunked").cuda()
+    step = 8
+    x = torch.randn(2, 1, step * 40, device="cuda")
+    with torch.no_grad():
+        ref = model(x)
+        st = model.init_state(2, max_chunk=2)
+        outs, t = [], 0
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):           # eager steps (compiles) off the capture stream
+            for _ in range(8):
+                y, st = model.step(x[..., t:t + step], st)
+                outs.append(y[:, :int(st.out_lengths[0])])
+                t += step
+        torch.cuda.current_stream().wait_stream(side)
+        assert st.__dict__.get("_steady_record")
+        xbuf = torch.empty_like(x[..., :step])
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            ybuf, _ = model.step(xbuf, st)
+        while t + step <= x.shape[-1]:
+            xbuf.copy_(x[..., t:t + step])
+            g.replay()
+            outs.append(ybuf.clone())
+            t += step
+        torch.cuda.synchronize()
+        got = torch.cat(outs, 1)
+    assert rel_err(got, ref[:, :got.shape[1]]) <= 1e-4
