@@ -343,6 +343,20 @@ class _Syncs(NoHostSync):
         return func(*args, **(kwargs or {}))
 
 
+def step_both(m, xi, st, oracle, tag=None):
+    """One step of ``m`` on ``st`` (counting its host reads) and on ``oracle`` by the pure
+    general path; the out_lengths and the valid rows must agree (float64). Returns the reads."""
+    _Syncs.n = 0
+    with _Syncs():
+        y, _ = m.step(xi, st)
+    with _general_only():
+        y2, _ = m.step(xi, oracle)
+    assert torch.equal(st.out_lengths, oracle.out_lengths), tag
+    k = int(st.out_lengths.max())
+    assert rel_err(y[:, :k], y2[:, :k]) <= F64_TOL, tag
+    return _Syncs.n
+
+
 def _spy_step_fixed(monkeypatch):
     """A list that gets an entry per CausalEncoder.step_fixed call (which still runs)."""
     calls = []
@@ -408,16 +422,7 @@ def test_dispatch_record_sees_reset_and_direct_steps(monkeypatch):
         oracle = m.init_state(B, max_chunk=4)
 
         def both(i):
-            xi = x[:, i * n:(i + 1) * n]
-            _Syncs.n = 0
-            with _Syncs():
-                y, _ = m.step(xi, st)
-            with _general_only():
-                y2, _ = m.step(xi, oracle)
-            assert torch.equal(st.out_lengths, oracle.out_lengths), i
-            k = int(st.out_lengths.max())
-            assert rel_err(y[:, :k], y2[:, :k]) <= F64_TOL, i
-            return _Syncs.n
+            return step_both(m, x[:, i * n:(i + 1) * n], st, oracle, i)
         for i in range(6):
             both(i)
         assert calls and both(6) == 0

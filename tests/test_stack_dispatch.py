@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from _stream_utils import rel_err
-from test_encoder_step_fixed import _Syncs
+from test_encoder_step_fixed import _Syncs, step_both
 from test_streaming_fixed import _general_only, _stack
 from pyencoder.nn import BandedSelfAttention, CausalConv1d, Refiner, TransformerLayer, Transpose
 from pyencoder.streaming import StreamingSequential, reset
@@ -217,16 +217,7 @@ def test_stack_record_sees_reset_load_and_direct_steps(monkeypatch):
         oracle = model.init_state(B, max_chunk=2)
 
         def both(i):
-            xi = x[..., i * step:(i + 1) * step]
-            _Syncs.n = 0
-            with _Syncs():
-                y, _ = model.step(xi, st)
-            with _general_only():
-                y2, _ = model.step(xi, oracle)
-            assert torch.equal(st.out_lengths, oracle.out_lengths), i
-            k = int(st.out_lengths.max())
-            assert rel_err(y[:, :k], y2[:, :k]) <= F64_TOL, i
-            return _Syncs.n
+            return step_both(model, x[..., i * step:(i + 1) * step], st, oracle, i)
         for i in range(8):
             both(i)
         assert calls and both(8) == 0
