@@ -169,6 +169,11 @@ class StreamingEncoder(nn.Module):
             return self.encoder.step(audio, state, lengths,
                                      output_hidden_states=self.output_hidden_states)
 
+    def steady_check(self, n, state):
+        """pyencoder.streaming.state.SteadyCheck of a step of n samples: the encoder's (None with
+        ``output_hidden_states``: step_fixed returns the last hidden state only)."""
+        return None if self.output_hidden_states else self.encoder.steady_check(n, state)
+
     def step_fixed(self, audio, state, check=False):
         """CUDA-graph friendly steady-state step (pyencoder.models.CausalEncoder.step_fixed):
         audio (B, n), every slot the same n samples, n a multiple of ``hop``, after general

@@ -166,6 +166,14 @@ class CausalEncoder(nn.Module):
     positional conv -> interval-attention TransformerLayers, configured by an ``EncoderConfig``
     (``lookahead=None``: a full-context teacher). Offline ``forward`` and streaming ``init_state`` /
     ``step`` / ``flush`` with equal outputs; ``from_hf`` converts a Wav2Vec2 / HuBERT / WavLM model."""
+    # a step takes waveform samples on the last axis ((B, n) or (B, 1, n)) and emits frames on
+    # axis 1 ((B, m, E)): pyencoder.streaming.protocol
+    stream_time_axis = -1
+
+    @staticmethod
+    def out_time_last():
+        return False
+
     def __init__(self, config: EncoderConfig):
         super().__init__()
         c = config
@@ -722,6 +730,11 @@ class SharedCausalConv1d(CausalConv1d):
 
     def step_fixed(self, x, state, check=False):
         return self.post(super().step_fixed(x, state, check))
+
+    # step and step_fixed are the parent's followed by ``post``: the same steady condition
+    # (pyencoder.streaming.state.steady_check trusts a declaration only from the class whose
+    # step / step_fixed it was written for)
+    steady_check = CausalConv1d.steady_check
 
     def _read(self, name):
         src = self._modules.get("src")

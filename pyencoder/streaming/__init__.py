@@ -26,12 +26,13 @@ from .state import StreamState, batched_counters, reset, state_nbytes
 from .latency import Latency, NotStreamableError, latency
 from .sequential import StreamingSequential, StackState, cat_time
 from .graph import CudaGraphStep
+from .admit import admit
 from ..ops.decode_attention import decode_attention
 from ..reference.decode_attention import decode_attention_reference, ring_positions
 
 __all__ = ["StreamState", "reset", "state_nbytes", "latency", "Latency", "NotStreamableError",
            "StreamingSequential", "StackState", "decode_attention", "decode_attention_reference",
-           "ring_positions", "run_stream", "batched_counters", "CudaGraphStep"]
+           "ring_positions", "run_stream", "batched_counters", "CudaGraphStep", "admit"]
 
 
 def run_stream(module, x, chunk_sizes, time_dim=None, **init_kwargs):
@@ -76,6 +77,7 @@ def run_stream(module, x, chunk_sizes, time_dim=None, **init_kwargs):
 
 
 def _out_time_last(m, time_dim):
-    if isinstance(m, StreamingSequential):
-        return m.out_time_last()
+    fn = getattr(m, "out_time_last", None)
+    if callable(fn):
+        return fn()
     return time_dim == -1

@@ -22,9 +22,11 @@ Contract (the graph reads and writes fixed memory):
     ``load_state_dict`` of a state that replaces its tensors on it afterwards (the graph would
     go on advancing the old ones): ``check()`` (or ``step(x, check=True)``) raises when any
     tensor of the state is no longer the one captured; build a new CudaGraphStep after such
-    calls. ``reset(state, mask)`` zeroes slots in place: the graph runs on, but a reset slot is
-    a fresh stream, which is not in the steady state step_fixed assumes until it has been fed
-    the warm-up a general step would need (its first outputs are not the offline ones);
+    calls. A new stream takes a slot with ``admit(slot, first_chunks)``
+    (pyencoder.streaming.admit: its warm-up runs on a private state, then is copied into the
+    slot in place; the graph runs on). ``reset(state, mask)`` alone zeroes slots in place, but a
+    reset slot is a fresh stream, which is not in the steady state step_fixed assumes (its
+    outputs would not be the offline ones);
   * parameters are read from their memory at each replay: in-place edits are seen, ``.to()`` or
     replacing a parameter is not (capture again);
   * autograd is off inside (``torch.no_grad``).
@@ -33,6 +35,8 @@ import copy
 
 import torch
 
+from .admit import admit
+from .protocol import time_last
 from .state import StreamState, mirror_step_caches
 
 __all__ = ["CudaGraphStep"]
@@ -95,6 +99,15 @@ class CudaGraphStep:
             raise RuntimeError("CudaGraphStep: the state's tensors were replaced since capture "
                                "(a general step, flush or load_state_dict on it?); the graph "
                                "advances the captured ones: build a new CudaGraphStep")
+
+    def admit(self, slot, chunks):
+        """Start a new stream in slot ``slot``: its first ``chunks`` (batch-1 tensors) run
+        through the general step on a private state until it is steady for this graph's steps,
+        which is then copied into the slot in place (pyencoder.streaming.admit). Returns the
+        warm-up's outputs (one batch-1 tensor per chunk, the frames emitted for it); the next
+        call advances the new stream with the others."""
+        axis = -1 if time_last(self.module) else 1
+        return admit(self.module, self.state, slot, chunks, self.x.shape[axis])
 
     def __call__(self, x, check=False):
         """Advance the stream by the chunk x (same shape, dtype and device as the example):

@@ -5,7 +5,9 @@ and reports ``hop`` and ``lookahead`` (``pyencoder.streaming.latency``). It may 
 class attributes:
 
 - ``stream_time_axis``: the time axis of its input chunks, ``-1`` for the conv layout (B, C, T)
-  (pyencoder.nn.CausalConv1d) or ``1`` for the sequence layout (B, T, C); absent means ``1``.
+  (pyencoder.nn.CausalConv1d) or ``1`` for the sequence layout (B, T, C); absent means ``1``;
+- ``out_time_last()`` (a method): whether its outputs are time-last, where that is not the
+  input's layout (StreamingSequential; CausalEncoder: waveform samples in, (B, T, E) frames out).
 
 A per-frame module (applied to each chunk as is, no state) is an instance of ``POINTWISE`` or
 declares:

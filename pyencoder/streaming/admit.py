@@ -1,0 +1,145 @@
+"""admit: start a new stream in one slot of a running batch without replacing any state tensor.
+
+A server that advances B streams in lockstep with one captured CUDA graph
+(``pyencoder.streaming.CudaGraphStep``, or its own capture of ``step_fixed``) cannot run the
+general ``step`` on the batch state when a stream ends and another takes its slot: the general
+step replaces tensors, so the graph would have to be captured again, and ``step_fixed`` alone is
+wrong for a fresh stream (it assumes the steady state: lookahead already buffered, the feature
+extractor past its first windows). ``admit(module, state, slot, chunks, step)`` does the
+admission beside the graph:
+
+1. the new stream's first ``chunks`` run through the general step on a private batch-1 state
+   (a fresh stream: every tensor zero, as ``reset`` leaves a slot), which returns their outputs
+   (the frames a general step emits while it warms up: fewer than the chunk's at first);
+2. that state must then be steady for steps of ``step`` samples / frames (the module's
+   ``steady_check``; else ValueError: feed more of the stream's first chunks);
+3. its tensors are copied into the slot of the batch state, in place: every tensor of the batch
+   state stays the one a graph captured, and the next replay (or ``step_fixed``) advances the
+   new stream with the others.
+
+The copy is refused (RuntimeError, nothing written) where a graph baked something per slot that
+the new stream does not share: the index tensors of ``step_fixed`` (pyencoder.streaming.state.
+fixed_index) that a capture used hold each slot's held-back count, which depends on the stream's
+phase modulo the mask block; streams fed whole steps from their start share it. The other slots
+are not touched; the slot's ``out_lengths`` read the steady step's frame count afterwards, as
+those of the other slots do.
+"""
+import dataclasses
+
+import torch
+
+from .protocol import time_last
+from .state import StreamState, _stamp, check_state, steady_check
+
+__all__ = ["admit"]
+
+
+def _fresh_slot(st, slot):
+    """A batch-1 state shaped like slot ``slot`` of ``st``, every tensor zero (a fresh stream),
+    with the same configuration stamp."""
+    kw = {}
+    for f in dataclasses.fields(st):
+        v = getattr(st, f.name)
+        if isinstance(v, torch.Tensor):
+            v = torch.zeros_like(v[slot:slot + 1])
+        elif isinstance(v, StreamState):
+            v = _fresh_slot(v, slot)
+        elif isinstance(v, (list, tuple)):
+            v = type(v)(_fresh_slot(s, slot) for s in v)
+        kw[f.name] = v
+    out = type(st)(**kw)
+    out.config = st.config
+    return out
+
+
+def _out_axis(module):
+    fn = getattr(module, "out_time_last", None)
+    if callable(fn):
+        return -1 if fn() else 1
+    return -1 if time_last(module) else 1
+
+
+def admit(module, state, slot, chunks, step):
+    """Start a new stream in slot ``slot`` of ``state`` (a batch state of ``module``, e.g. one a
+    CUDA graph of ``step_fixed`` advances) without replacing any of its tensors (module
+    docstring). ``chunks``: the new stream's first chunks, each a batch-1 tensor of any length
+    the general step takes; ``step``: the length (samples or frames, the module's time axis) of
+    the steady steps that follow. Returns the warm-up's outputs, one batch-1 tensor per chunk
+    holding only the frames the general step emitted for it. Raises ValueError if the stream is
+    not steady for ``step`` after the chunks (nothing written)."""
+    if not isinstance(state, StreamState):
+        raise TypeError(f"admit: state must be a StreamState; got {type(state).__name__}")
+    own = getattr(module, "_check_state", None)     # where a module checks its own way
+    own(state) if callable(own) else check_state(module, state, type(state))
+    B = state.batch_size
+    if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < B:
+        raise ValueError(f"admit: slot must be an int in [0, {B}); got {slot!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"admit: step must be an int >= 1 (the steady step's length); got "
+                         f"{step!r}")
+    chunks = list(chunks) if not isinstance(chunks, torch.Tensor) else [chunks]
+    if not chunks or not all(isinstance(c, torch.Tensor) and c.dim() >= 1 and c.shape[0] == 1
+                             for c in chunks):
+        raise ValueError("admit: chunks must be a non-empty list of batch-1 tensors (the new "
+                         "stream's first chunks)")
+    sub = _fresh_slot(state, slot)
+    if steady_check(module, step, sub) is None:
+        raise ValueError(f"admit: {type(module).__name__} has no steady step of length {step} "
+                         f"(no steady_check, or {step} is not a whole number of its strides / "
+                         f"mask blocks, or a context it cannot hold in a fixed state)")
+    axis = _out_axis(module)
+    outs = []
+    with torch.no_grad():
+        for c in chunks:
+            y, sub = module.step(c, sub)
+            m = int(sub.out_lengths[0])
+            outs.append(y.narrow(axis, 0, m))
+        check = steady_check(module, step, sub)
+        ok = None if check is None else check.ok()
+        if check is None or ok is not None and not bool(ok.all()):
+            raise ValueError(f"admit: after {len(chunks)} chunk(s) the new stream is not yet in "
+                             f"the steady state for steps of {step} (its lookahead and first "
+                             f"windows need more input): pass more of its first chunks")
+        _write_slot(state, sub, slot)
+    return outs
+
+
+def _write_slot(state, sub, slot):
+    mine, new = state.tensors(), sub.tensors()
+    if mine.keys() != new.keys():
+        raise RuntimeError(f"admit: the new stream's state has other tensors than the batch's "
+                           f"({sorted(set(mine) ^ set(new))})")
+    for k, t in mine.items():
+        if t.shape[1:] != new[k].shape[1:] or t.dtype != new[k].dtype:
+            raise RuntimeError(f"admit: {k} of the new stream's state is "
+                               f"{tuple(new[k].shape[1:])} {new[k].dtype} per slot, the batch's "
+                               f"{tuple(t.shape[1:])} {t.dtype} (a buffer grew: unbounded "
+                               f"context cannot run a fixed step)")
+    states, subs = state.states(), sub.states()
+    # what a captured graph baked per slot: the fixed_index tensors it pinned
+    for p, st in states.items():
+        pinned = st.__dict__.get("_graph_pinned", ())
+        for idx in pinned:
+            name = next((nm for (nm, _), hit in st.__dict__.get("_fixed_index", {}).items()
+                         if hit is idx), None)
+            for nm in ((name,) if name else ("count", "pending")):
+                c = getattr(subs[p], nm, None)
+                if c is not None and int(idx.qidx[slot, 0]) != int(c[0]):
+                    raise RuntimeError(
+                        f"admit: a captured graph holds slot {slot}'s {p}{nm} = "
+                        f"{int(idx.qidx[slot, 0])} (its phase modulo the mask block); the new "
+                        f"stream's is {int(c[0])}: feed it whole steps from its start, or "
+                        f"capture again")
+    # out_lengths counters recorded as holding the steady count (fill_counter) keep holding it
+    recs = []
+    for st in states.values():
+        for key, rec in list(st.__dict__.items()):
+            if key.startswith("_filled_") and rec[0] is getattr(st, key[8:], None) \
+                    and rec[2] == _stamp(rec[0]):
+                recs.append((st, key, rec))
+    for k, t in mine.items():
+        t[slot].copy_(new[k][0])
+    for st, key, (t, n, _) in recs:
+        t[slot] = n
+    for st, key, (t, n, _) in recs:
+        st.__dict__[key] = (t, n, _stamp(t))
