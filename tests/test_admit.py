@@ -197,6 +197,7 @@ def test_admit_refuses_another_phase_under_a_graph():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 def test_cuda_graph_step_admit():
     """On a GPU: CudaGraphStep replays; a new stream admitted into slot 0; replays go on and the
     new stream's rows (warm-up outputs, then the graph's) equal its offline forward (fp32)."""

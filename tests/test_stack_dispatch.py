@@ -320,6 +320,7 @@ def test_general_step_under_graph_capture(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_quick
 def test_cuda_graph_of_the_general_step():
     """On a GPU: once a stream's steady state is recorded (eager general steps), ``step`` itself
     can be captured (it runs step_fixed in place); graph replays equal the offline forward."""
