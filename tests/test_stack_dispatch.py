@@ -353,3 +353,41 @@ def test_cuda_graph_of_the_general_step():
         torch.cuda.synchronize()
         got = torch.cat(outs, 1)
     assert rel_err(got, ref[:, :got.shape[1]]) <= 1e-4
+
+
+@pytest.mark.parametrize("what", ["attention", "layer", "stack", "encoder"])
+def test_backward_through_a_step_says_it_is_unsupported(what):
+    """Steps that update their state in place (attention rings, queues) are not differentiable:
+    where autograd records, the forward is unchanged and a backward raises a RuntimeError that
+    says so and what to do (not autograd's in-place message from deep inside a later node)."""
+    from test_encoder_step_fixed import _encoder
+    from test_streaming_fixed import _banded
+    torch.manual_seed(17)
+    if what == "encoder":
+        m = _encoder("band_postln_valid")
+        x = torch.randn(2, m.hop * 4 * 6, dtype=torch.float64)
+        step = m.hop * 4
+    elif what == "stack":
+        m = _stack("banded").double()
+        x, step = torch.randn(2, 1, 8 * 6, dtype=torch.float64), 8
+    else:
+        att = _banded(right=2).double()
+        m = att if what == "attention" else TransformerLayer(att, 32).double().eval()
+        x, step = torch.randn(2, 4 * 6, 16, dtype=torch.float64), 4
+    axis = 1 if what in ("attention", "layer") else -1
+
+    def stream(grad):
+        st = m.init_state(2, max_chunk=4)
+        ys = []
+        with torch.set_grad_enabled(grad):
+            for i in range(6):
+                y, st = m.step(x.narrow(axis, i * step, step), st)
+                ys.append(y)
+        return ys
+    ys, ref = stream(True), stream(False)
+    for a, b in zip(ys, ref):
+        assert torch.equal(a.detach(), b)
+    assert ys[-1].requires_grad
+    with pytest.raises(RuntimeError, match="backward through a streaming step is not "
+                                           "supported.*torch.no_grad"):
+        sum(y.sum() for y in ys).backward()

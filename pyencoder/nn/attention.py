@@ -54,8 +54,8 @@ from ..ops.decode_attention import decode_attention
 from ..reference.decode_attention import ring_write
 from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
                                check_state, check_step_lengths, fill_counter, fixed_index,
-                               fresh_counters, record_steady, shift_queue, stamp,
-                               steady_check, steady_dispatch)
+                               fresh_counters, inference_step, record_steady, shift_queue,
+                               stamp, steady_check, steady_dispatch)
 from .linear import Linear, linear, plain_linear
 
 __all__ = ["BandedSelfAttention", "ChunkedSelfAttention", "AttentionState"]
@@ -329,6 +329,7 @@ class IntervalSelfAttention(nn.Module):
     def _max_chunk(self, state):
         return state.q.shape[2] - self._wait()
 
+    @inference_step
     def step(self, x, state, lengths=None):
         """Feed x (B, n, E) (n >= 0); returns (y (B, m, E), state): the queries whose lookahead has
         arrived. See the module docstring for ``lengths`` and ``state.out_lengths``."""
@@ -356,6 +357,7 @@ class IntervalSelfAttention(nn.Module):
             counts.append(state.out_lengths.clone())
         return concat_ragged(outs, counts, state)
 
+    @inference_step
     def step_fixed(self, x, state, check=False):
         """Steady-state step without host synchronisation, for CUDA graphs. Returns y (B, n, E).
 

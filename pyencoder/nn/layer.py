@@ -20,7 +20,8 @@ from .._checks import check_eps, check_int, check_module_input
 from ..ops import _ring_write_triton as _ring
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
                                check_step_slots, fill_counter, fixed_index, fresh_counters,
-                               record_steady, shift_queue, stamp, steady_check)
+                               inference_step, record_steady, shift_queue, stamp,
+                               steady_check)
 from .attention import IntervalSelfAttention, concat_ragged
 from .linear import Linear, has_hooks, plain_linear
 
@@ -142,6 +143,7 @@ class TransformerLayer(nn.Module):
         return stamp(self, LayerState(attention=att, res=att.q.new_zeros(
             batch_size, qcap, self.attention.embed_dim), count=zi(), out_lengths=zi()))
 
+    @inference_step
     def step(self, x, state, lengths=None):
         self._check(x)
         self._check_state(state)
@@ -173,6 +175,7 @@ class TransformerLayer(nn.Module):
         (the residual queue holds what the attention holds back)."""
         return steady_check(self.attention, n, state.attention)
 
+    @inference_step
     def step_fixed(self, x, state, check=False):
         """CUDA-graph friendly steady-state step (preconditions: the attention's ``step_fixed``).
         The residual inputs of the held-back frames are queued like the attention's queries:

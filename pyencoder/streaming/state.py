@@ -14,6 +14,7 @@ batch size or dtype, with a message naming both.
 """
 import contextlib
 import dataclasses
+import functools
 import threading
 from typing import Callable, NamedTuple, Optional, Tuple
 
@@ -602,3 +603,44 @@ def fresh_counters(state):
                 st.__dict__.pop(key)
             else:
                 st.__dict__[key] = (nt, rec[1], ver)
+
+
+# ---- no backward through steps that update their state in place ------------------------------
+
+class _NoStepBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, who):
+        ctx.who = who
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(
+            f"{ctx.who}: backward through a streaming step is not supported (a step updates its "
+            f"state in place: the ring of keys and values, the queues of held-back frames, so "
+            f"what autograd saved is overwritten by later steps). Train on the offline forward, "
+            f"which equals the stream, and run steps under torch.no_grad() / "
+            f"torch.inference_mode()")
+
+
+def inference_step(fn):
+    """Decorator of a module's ``step`` / ``step_fixed`` whose state updates in place make it
+    non-differentiable: where autograd records, the output carries a node whose backward raises
+    a RuntimeError that says so (before any node whose saved tensors a later step overwrote
+    fails with autograd's in-place message). Forward results are unchanged; no cost under
+    torch.no_grad / inference_mode."""
+    @functools.wraps(fn)
+    def wrapped(self, *args, **kwargs):
+        out = fn(self, *args, **kwargs)
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return out
+        who = f"{type(self).__name__}.{fn.__name__}"
+        if isinstance(out, tuple):
+            y = out[0]
+            if isinstance(y, torch.Tensor) and y.requires_grad:
+                return (_NoStepBackward.apply(y, who),) + tuple(out[1:])
+            return out
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            return _NoStepBackward.apply(out, who)
+        return out
+    return wrapped
