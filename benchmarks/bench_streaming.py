@@ -85,18 +85,20 @@ def build(layers=12, dim=768, heads=12, ffn=3072, left=250, lookahead=3, conv_di
 
 def build_encoder(layers=12, dim=768, heads=12, ffn=3072, left=250, lookahead=3, conv_dim=512,
                   mask="banded", chunk=4, left_chunks=62, norm_first=False, pos_kernel=128,
-                  pos_groups=16):
+                  pos_groups=16, feat_norm="group"):
     """What ``CausalEncoder.from_hf`` makes of wav2vec2-base (random weights): its valid conv
     extractor (the first conv layer's GroupNorm streamed as the running GroupNorm), the feature
     projection's LayerNorm, the causal positional conv (``pos_kernel`` taps, ``pos_groups``
     groups, GELU), post-LN layers (``norm_first=False``) with the mask of ``build``. Its whole
-    step is ``CausalEncoder.step_fixed``."""
+    step is ``CausalEncoder.step_fixed``. ``feat_norm="layer"``: the extractor of
+    wav2vec2-large-lv60 / HuBERT-large / WavLM-large (a LayerNorm over channels and a GELU after
+    every conv)."""
     from pyencoder.models import CausalEncoder, EncoderConfig
     att = dict(attention="band", left=left) if mask == "banded" else dict(
         attention="chunked", chunk_size=chunk, left_chunks=left_chunks)
     if mask not in ("banded", "chunked"):
         raise ValueError(f"mask must be 'banded' or 'chunked'; got {mask!r}")
-    cfg = EncoderConfig(conv_dim=(conv_dim,) * 7, feat_extract_norm="group", hidden_size=dim,
+    cfg = EncoderConfig(conv_dim=(conv_dim,) * 7, feat_extract_norm=feat_norm, hidden_size=dim,
                         num_layers=layers, num_heads=heads, ffn_dim=ffn, norm_first=norm_first,
                         pos_conv="causal", pos_conv_kernel=pos_kernel,
                         pos_conv_groups=pos_groups, lookahead=lookahead,

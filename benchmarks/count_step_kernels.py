@@ -77,6 +77,11 @@ DIMS = dict(dim=64, heads=4, ffn=128, conv_dim=32)
 PATHS = ("cpu", "cuda-torch-ring", "cuda")
 
 
+# ops whose CUDA implementation makes a non-contiguous input contiguous first (a copy kernel the
+# dispatch mode does not see): counted as one more kernel
+HIDDEN_CONTIGUOUS = ("native_layer_norm",)
+
+
 class _Counter(TorchDispatchMode):
     def __init__(self, stack):
         super().__init__()
@@ -115,6 +120,10 @@ class _Counter(TorchDispatchMode):
             return out
         else:
             self.ops[(where, name)] += 1
+            if name in HIDDEN_CONTIGUOUS and isinstance(args[0], torch.Tensor) and \
+                    not args[0].is_contiguous():
+                # a copy kernel inside the op on CUDA (its input made contiguous first)
+                self.ops[(where, "copy (inside " + name + ")")] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -231,7 +240,7 @@ CALLS = ("step_fixed", "step", "step-no-dispatch")
 
 
 def count(mask="banded", path="cuda", layers=12, dtype=torch.bfloat16, dims=None, seed=0,
-          norm_first=True, model="stack", call="step_fixed"):
+          norm_first=True, model="stack", call="step_fixed", extractor="group"):
     """One steady-state step_fixed of the bench_streaming stack (``model="stack"``) or of the
     converted wav2vec2-base CausalEncoder (``"encoder"``: bench_streaming.build_encoder; its
     ``norm_first`` is post-LN unless given True) -> dict with ``total`` (kernels),
@@ -250,8 +259,12 @@ def count(mask="banded", path="cuda", layers=12, dtype=torch.bfloat16, dims=None
     torch.manual_seed(seed)
     if model not in ("stack", "encoder"):
         raise ValueError(f"model must be 'stack' or 'encoder'; got {model!r}")
-    make = build if model == "stack" else build_encoder
-    model = make(layers=layers, **(dims or DIMS), **cfg, norm_first=norm_first).to(dtype)
+    if model == "stack":
+        model = build(layers=layers, **(dims or DIMS), **cfg, norm_first=norm_first)
+    else:
+        model = build_encoder(layers=layers, **(dims or DIMS), **cfg, norm_first=norm_first,
+                              feat_norm=extractor)
+    model = model.to(dtype)
     x = torch.randn(1, 1, HOP * sf, dtype=dtype)
     stack = []
     ref = [None]
@@ -344,6 +357,9 @@ def main(argv=None):
                          "(running GroupNorm, valid convs, positional conv; post-LN unless "
                          "--pre-ln): its whole-encoder step_fixed")
     ap.add_argument("--pre-ln", action="store_true", help="--model encoder: pre-LN layers")
+    ap.add_argument("--extractor", choices=("group", "layer"), default="group",
+                    help="--model encoder: wav2vec2-base's conv extractor (a GroupNorm after the "
+                         "first conv) or the large models' (a LayerNorm after every conv)")
     ap.add_argument("--call", choices=CALLS, default="step_fixed",
                     help="what to count: the CUDA-graph step (default), the eager general step "
                          "in the steady state (it runs as step_fixed), or the general step with "
@@ -362,8 +378,10 @@ def main(argv=None):
         if args.pre_ln:
             ap.error("--pre-ln is the encoder's option (the stack is pre-LN unless --post-ln)")
         nf = not args.post_ln
+    if args.extractor != "group" and args.model != "encoder":
+        ap.error("--extractor is the encoder's option (--model encoder)")
     results = {(m, p): count(m, p, args.layers, dtype, norm_first=nf, model=args.model,
-                             call=args.call)
+                             call=args.call, extractor=args.extractor)
                for m in masks for p in paths}
     if args.json:
         print(json.dumps({f"{m}/{p}": r for (m, p), r in results.items()}))

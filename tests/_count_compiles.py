@@ -198,6 +198,7 @@ def prepare(autotune=False, arch=None):
     import pyencoder.triton_kernels.ring_write  # noqa: F401
     import pyencoder.triton_kernels.rope_rotate  # noqa: F401
     import pyencoder.triton_kernels.running_norm  # noqa: F401
+    import pyencoder.triton_kernels.channel_norm  # noqa: F401
     os.environ["TRITON_INTERPRET"] = "1"
     from pyencoder import _backend
     from pyencoder.ops import _attention_triton, _ring_write_triton
@@ -208,6 +209,8 @@ def prepare(autotune=False, arch=None):
     _ring_write_triton.residual_ok = _fused_ok_as_cuda(_ring_write_triton.residual_ok)
     from pyencoder.ops import _running_norm_triton      # RunningGroupNorm.step_fixed's kernel
     _running_norm_triton.fused_ok = _fused_ok_as_cuda(_running_norm_triton.fused_ok)
+    from pyencoder.ops import _channel_norm_triton      # a "layer" extractor's norm + GELU
+    _channel_norm_triton.fused_ok = _fused_ok_as_cuda(_channel_norm_triton.fused_ok)
     if arch is not None:
         _attention_triton._arch = lambda device: arch
     select = _backend.select

@@ -133,6 +133,47 @@ def test_encoder_step_counts():
         assert r["total"] - sum(r["per_layer"]) <= 37, r["total"]
 
 
+def test_layer_extractor_encoder_counts(monkeypatch):
+    """A "layer" extractor (the large models'): each conv layer's LayerNorm over channels and
+    GELU are one Triton launch (torch: the LayerNorm's hidden contiguous copy of the transposed
+    conv output, the norm, the GELU), and the feature projection's LayerNorm reads the
+    transposed features as they lie: no copy inside a LayerNorm anywhere in the step; with the
+    kernel off, the GELU and the copy per conv layer more."""
+    from benchmarks.count_step_kernels import count
+    from pyencoder.ops import _channel_norm_triton as CN
+    for mask in ("banded", "chunked"):
+        r = count(mask, "cuda", layers=2, dims=TINY, norm_first=False, model="encoder",
+                  extractor="layer")
+        c = r["by_type_op"]
+        assert c["ConvFeatureExtractor.triton:_channel_norm_act_kernel"] == 7, c
+        # (at one frame a step the transposed view is contiguous: torch's LayerNorm, no copy)
+        assert c.get("FeatureProjection.triton:_channel_norm_act_kernel", 0) == (
+            mask == "chunked"), c
+        assert not any("inside" in k for k in c), c
+        with monkeypatch.context() as mp:
+            mp.setattr(CN, "fused_ok", lambda *a: False)
+            r0 = count(mask, "cuda", layers=2, dims=TINY, norm_first=False, model="encoder",
+                       extractor="layer")
+        c0 = r0["by_type_op"]
+        # a copy per conv layer whose step has more than one frame (banded: the last has one)
+        copies = c0["ChannelLayerNorm.copy (inside native_layer_norm)"]
+        assert copies == (7 if mask == "chunked" else 6), c0
+        # per conv layer the GELU and the copy (the projection's LayerNorm then reads the last
+        # GELU's output, which keeps the LayerNorm's (B, T, C) layout: no copy there)
+        assert r0["total"] - r["total"] == 7 + copies, (r0["total"], r["total"])
+
+
+def test_hidden_layer_norm_copy_counted():
+    """A LayerNorm over a non-contiguous input counts the copy CUDA makes inside the op (the
+    bench stack's Transpose -> LayerNorm at 4 frames a step; at 1 frame the view is
+    contiguous)."""
+    from benchmarks.count_step_kernels import count
+    one, four = (count(m, "cuda", layers=2, dims=TINY) for m in ("banded", "chunked"))
+    key = "LayerNorm.copy (inside native_layer_norm)"
+    assert key not in one["by_type_op"] and four["by_type_op"][key] == 1
+    assert four["total"] == one["total"] + 1
+
+
 @pytest.mark.parametrize("model", ["stack", "encoder"])
 def test_eager_general_step_counts(model):
     """The eager general ``step`` in the steady state (count_step_kernels --call step) runs as

@@ -459,6 +459,20 @@ def _run_decode(rec, matrix):
                                   torch.randn(C, dtype=dt) if affine else None,
                                   torch.randn(C, dtype=dt) if affine else None, 1e-5,
                                   torch.tensor([3, 0]), tot, tot.abs().clone())
+    # a "layer" extractor's channel LayerNorm + GELU (C = 512: an 80 ms step's first conv layer,
+    # 16-frame tiles; its last, 4 frames) and the feature projection's LayerNorm (no GELU, the
+    # (B, T, C) output layout)
+    import pyencoder.ops._channel_norm_triton as CNT
+    for dn in (dts if matrix == "full" else ("fp16", "bf16", "fp32")):
+        dt = dts[dn]
+        cases = ((256, True, True), (4, True, True), (4, False, False))
+        for T, gelu, affine in cases if dn == "bf16" or matrix == "full" else cases[:1]:
+            C = 512
+            rec.case = f"{dn} channel norm C={C} T={T} gelu={gelu} affine={affine}"
+            w = torch.randn(C, dtype=dt) if affine else None
+            CNT.channel_norm_act(torch.randn(1, C, T, dtype=dt), w,
+                                 torch.randn(C, dtype=dt) if affine else None, 1e-5, gelu=gelu,
+                                 time_major=not gelu)
 
 
 def _run_convnext(rec, matrix):
@@ -761,7 +775,8 @@ if pytest is not None and __name__ != "__main__":
                      "_interval_attention_bwd_dkdv_kernel", "_causal_conv1d_dw_fwd_kernel",
                      "_causal_conv1d_grp_bwd_dw_kernel", "_convnext_dwconv_ln_fwd_kernel",
                      "_decode_attention_fwd_kernel", "_rope_rotate_kernel",
-                     "_ring_write_kernel", "_residual_kernel", "_running_norm_step_kernel"):
+                     "_ring_write_kernel", "_residual_kernel", "_running_norm_step_kernel",
+                     "_channel_norm_act_kernel"):
             assert name in kernels
         # the residual kernel with its LayerNorm, with and without the queue, per target
         assert {(r["target"], "QUEUE=True" in r["config"]) for r in results

@@ -60,6 +60,7 @@ from ..nn.conv import CausalConv1d
 from ..nn.layer import AttentionAdapter, TransformerLayer
 from ..nn.linear import Linear, skinny_view
 from ..nn.relpos import WavLMSelfAttention
+from ..ops import _channel_norm_triton as _cn
 from ..rope import Rope
 from ..streaming.latency import NotStreamableError, latency as composed_latency
 from ..streaming.sequential import PassState, StreamingSequential, cat_time
@@ -157,7 +158,16 @@ class FeatureProjection(nn.Module):
         self.projection = Linear(conv_channels, hidden_size)
 
     def forward(self, x):
-        n = self.layer_norm(x) if self.layer_norm is not None else x
+        ln = self.layer_norm
+        if ln is not None and x.dim() == 3 and x.stride(1) == 1 and x.shape[1] > 1 and \
+                tuple(ln.normalized_shape) == (x.shape[2],) and \
+                _cn.fused_ok(x.transpose(1, 2), ln.weight, ln.bias):
+            # x is the conv features' (B, C, T) buffer seen as (B, T, C): torch's layer_norm would
+            # copy it to contiguous first (a kernel on CUDA); one launch reads it as it lies
+            n = _cn.channel_norm_act(x.transpose(1, 2), ln.weight, ln.bias, ln.eps, gelu=False,
+                                     time_major=True).transpose(1, 2)
+        else:
+            n = ln(x) if ln is not None else x
         return self.projection(n), n
 
 

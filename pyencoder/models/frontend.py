@@ -25,6 +25,7 @@ from torch import nn
 
 from ..nn.conv import StridedConv1d
 from ..nn.norm import RunningGroupNorm, RunningNormState
+from ..ops import _channel_norm_triton as _cn
 from ..ops.conv import causal_conv1d
 from .._checks import check_module_input
 from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
@@ -212,6 +213,26 @@ class ChannelLayerNorm(nn.LayerNorm):
     def forward(self, x):
         return super().forward(x.transpose(1, 2)).transpose(1, 2)
 
+    def norm_gelu(self, x):
+        """gelu(self(x)) (exact GELU). On CUDA (float16 / bfloat16 / float32, autograd not
+        recording) one Triton launch (pyencoder.ops._channel_norm_triton: the statistics over
+        the channels read along time, no transposed copy), where torch runs three (layer_norm's
+        hidden contiguous copy of the transposed input, the norm, the GELU); equal to the last
+        bit of x's dtype but for rare ties (float32 sums in another order)."""
+        if x.dim() == 3 and tuple(self.normalized_shape) == (x.shape[1],) and \
+                _cn.fused_ok(x, self.weight, self.bias):
+            return _cn.channel_norm_act(x, self.weight, self.bias, self.eps, gelu=True)
+        return torch.nn.functional.gelu(self(x))
+
+
+def _exact_gelu(act):
+    """Whether module ``act`` is the exact (erf) GELU: nn.GELU() or transformers' GELUActivation
+    on torch's gelu (the activation of a shared HF feature extractor)."""
+    if type(act) is nn.GELU:
+        return act.approximate == "none"
+    return type(act).__name__ == "GELUActivation" and \
+        getattr(act, "act", None) is torch.nn.functional.gelu
+
 
 class FeatureConvLayer(nn.Module):
     """conv -> norm ("layer": LayerNorm over channels, "group": RunningGroupNorm, None) -> GELU."""
@@ -235,6 +256,13 @@ class FeatureConvLayer(nn.Module):
         y = self.conv(x)
         if self.layer_norm is None:
             return self.activation(y)        # Identity when the GELU is fused into the conv
+        return self.norm_act(y)
+
+    def norm_act(self, y):
+        """The layer's norm then its activation on the conv output y (B, C, T): a LayerNorm over
+        channels and an exact GELU in one launch on CUDA (ChannelLayerNorm.norm_gelu)."""
+        if isinstance(self.layer_norm, ChannelLayerNorm) and _exact_gelu(self.activation):
+            return self.layer_norm.norm_gelu(y)
         return self.activation(self.layer_norm(y))
 
 
@@ -303,7 +331,7 @@ class ConvFeatureExtractor(nn.Module):
                 x, state.norm = layer.layer_norm.step(x, state.norm, lengths)
                 x = layer.activation(x)
             elif layer.layer_norm is not None:
-                x = layer.activation(layer.layer_norm(x))
+                x = layer.norm_act(x)
             else:
                 x = layer.activation(x)          # Identity when the GELU is fused
         state.out_lengths = lengths
@@ -400,7 +428,7 @@ class ConvFeatureExtractor(nn.Module):
             if isinstance(layer.layer_norm, RunningGroupNorm):
                 x = layer.activation(layer.layer_norm.step_fixed(x, state.norm, check=check))
             elif layer.layer_norm is not None:
-                x = layer.activation(layer.layer_norm(x))
+                x = layer.norm_act(x)
             else:
                 x = layer.activation(x)          # Identity when the GELU is fused
         fill_counter(state, x.shape[-1], filled=state.convs[-1].out_lengths)
