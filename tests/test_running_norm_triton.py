@@ -54,10 +54,23 @@ def _check(y, want, dt):
     assert ((y.float() - want.float()).abs() <= tol).all(), (y.float() - want.float()).abs().max()
 
 
+def _check_gelu(y, want, dt):
+    # float32: erf's implementations (the interpreter's or Triton's, torch's) a few float32 ulps
+    # apart, more relative to a negative input's small GELU (1 + erf(x) cancels): 1e-6 of the
+    # input's scale; 16-bit: the GELU of a y one ulp apart (a moved tie): two ulps of the
+    # value, absolute near zero
+    if dt == torch.float32:
+        torch.testing.assert_close(y, want, rtol=2e-5, atol=2e-6)
+        return
+    tol = 2 * ULP[dt] * want.abs().float().clamp_min(2e-2)
+    assert ((y.float() - want.float()).abs() <= tol).all(), (y.float() - want.float()).abs().max()
+
+
 @pytest.mark.parametrize("dt", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("B,C,T", [(1, 16, 4), (2, 21, 64), (3, 8, 150), (2, 33, 1)])
 @pytest.mark.parametrize("affine", [True, False])
-def test_kernel_equals_torch_path(dt, B, C, T, affine):
+@pytest.mark.parametrize("gelu", [False, True])
+def test_kernel_equals_torch_path(dt, B, C, T, affine, gelu):
     if dt == torch.bfloat16 and _DEV == "cpu":
         pytest.skip("the interpreter rounds float32 -> bfloat16 by truncation (bf16 on a GPU)")
     torch.manual_seed(B * 100 + C + T)
@@ -68,9 +81,12 @@ def test_kernel_equals_torch_path(dt, B, C, T, affine):
     want, wt, wq = running_norm_torch(x, w, b, 1e-5, n0, tot, tsq)
     tot2, tsq2, n1 = tot.clone(), tsq.clone(), n0.clone()
     ptr = (tot2.data_ptr(), tsq2.data_ptr())
-    y = RN.running_norm_step(x, w, b, 1e-5, n1, tot2, tsq2)
+    y = RN.running_norm_step(x, w, b, 1e-5, n1, tot2, tsq2, gelu=gelu)
     assert y.dtype == dt and y.shape == x.shape
-    _check(y, want, dt)
+    if gelu:
+        _check_gelu(y, torch.nn.functional.gelu(want), dt)
+    else:
+        _check(y, want, dt)
     torch.testing.assert_close(tot2, wt, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(tsq2, wq, rtol=1e-12, atol=1e-12)
     assert (tot2.data_ptr(), tsq2.data_ptr()) == ptr and torch.equal(n1, n0)
@@ -186,13 +202,26 @@ def test_module_step_fixed_takes_the_kernel(monkeypatch):
             torch.testing.assert_close(st.total, ref.total, rtol=1e-12, atol=1e-12)
             assert torch.equal(st.count, ref.count)
     assert calls == ["step"] * 3
+    # with the GELU in the launch (a wav2vec2 extractor's first layer), and the module's forward
+    with torch.no_grad():
+        x = torch.randn(2, 20, 9, device=_DEV) * 3 + 1
+        y = norm.step_fixed(x, st, gelu=True)
+        with monkeypatch.context() as mp:
+            mp.setattr(RN, "fused_ok", lambda *a: False)
+            y2, ref = norm.step(x, ref, gelu=True)
+            want = norm(x, gelu=True)
+        _check_gelu(y, y2, torch.float32)
+        _check_gelu(norm(x, gelu=True), want, torch.float32)
+        torch.testing.assert_close(want, torch.nn.functional.gelu(norm(x)), rtol=0, atol=0)
+    assert calls == ["step"] * 4 + ["offline"] * 2
+    del calls[4:]
     x = torch.randn(2, 20, 3, device=_DEV)
     norm.step_fixed(x, st)                                  # grad mode, weight requires grad
     norm.double().step_fixed(x.double(), norm.init_state(2))            # float64
     with torch.no_grad():
         monkeypatch.setenv("PYENCODER_FUSED_RING", "0")
         RunningGroupNorm(20).to(_DEV).step_fixed(x, RunningGroupNorm(20).init_state(2))
-    assert calls == ["step"] * 3
+    assert calls == ["step"] * 4
 
 
 def test_encoder_step_fixed_with_the_kernel(monkeypatch):
@@ -231,11 +260,14 @@ def test_gpu_kernel_at_the_bench_shape(dt):
     b = (0.2 * torch.randn(C, device="cuda")).to(dt)
     n0, tot, tsq = _sums(B, C)
     t2, q2 = tot.clone(), tsq.clone()
-    for _ in range(2):
+    for gelu in (False, True):      # the second with the GELU (the encoder's first layer)
         x = (torch.randn(B, C, T, device="cuda") * 2 + 0.5).to(dt)
         want, tot, tsq = running_norm_torch(x, w, b, 1e-5, n0, tot, tsq)
-        y = RN.running_norm_step(x, w, b, 1e-5, n0, t2, q2)
-        _check(y, want, dt)
+        y = RN.running_norm_step(x, w, b, 1e-5, n0, t2, q2, gelu=gelu)
+        if gelu:
+            _check_gelu(y, torch.nn.functional.gelu(want), dt)
+        else:
+            _check(y, want, dt)
         torch.testing.assert_close(t2, tot, rtol=1e-12, atol=1e-9)
         torch.testing.assert_close(q2, tsq, rtol=1e-12, atol=1e-9)
         n0 = n0 + T

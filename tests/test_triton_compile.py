@@ -454,11 +454,12 @@ def _run_decode(rec, matrix):
                 ((256, True),):
             C = 512
             tot = torch.randn(2, C, dtype=torch.float64)
-            rec.case = f"{dn} running norm C={C} T={T} affine={affine}"
+            # with the affine, the GELU after it (the encoder's first conv layer)
+            rec.case = f"{dn} running norm C={C} T={T} affine={affine} gelu={affine}"
             RNT.running_norm_step(torch.randn(2, C, T, dtype=dt),
                                   torch.randn(C, dtype=dt) if affine else None,
                                   torch.randn(C, dtype=dt) if affine else None, 1e-5,
-                                  torch.tensor([3, 0]), tot, tot.abs().clone())
+                                  torch.tensor([3, 0]), tot, tot.abs().clone(), gelu=affine)
     # a "layer" extractor's channel LayerNorm + GELU (C = 512: an 80 ms step's first conv layer,
     # 16-frame tiles; its last, 4 frames) and the feature projection's LayerNorm (no GELU, the
     # (B, T, C) output layout)

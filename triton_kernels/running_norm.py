@@ -8,7 +8,8 @@ float64 running sums TOT[b, c] (sum) and TSQ[b, c] (sum of squares):
     s_t  = TOT + sum_{u <= t} x_u          ss_t = TSQ + sum_{u <= t} x_u^2     (float64)
     mean = s_t / (n0 + 1 + t)              var  = max(ss_t / (n0 + 1 + t) - mean^2, 0)
     y_t  = ((x_t - mean) * rsqrt(var + eps)) rounded to x's dtype, then * W[c] and + BIAS[c]
-           each rounded to x's dtype (torch's y * weight + bias in that dtype)
+           each rounded to x's dtype (torch's y * weight + bias in that dtype); with GELU, then
+           0.5 * y * (1 + erf(y / sqrt(2))) in float32, rounded (torch's GELU after the norm)
     TOT, TSQ <- s_{T-1}, ss_{T-1}          (in place; COUNT is not written: the caller's
                                             counter add, pyencoder.streaming.advance_counter)
 
@@ -27,7 +28,7 @@ import triton.language as tl
 def _running_norm_step_kernel(X, OUT, COUNT, TOT, TSQ, W, BIAS, s_xb, s_xc, s_xt, s_ob, s_oc,
                               s_ot, s_tb, s_tc, C, T, eps, BLOCK_C: tl.constexpr,
                               BLOCK_T: tl.constexpr, NUM_T: tl.constexpr,
-                              HAS_AFFINE: tl.constexpr):
+                              HAS_AFFINE: tl.constexpr, GELU: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
@@ -54,6 +55,10 @@ def _running_norm_step_kernel(X, OUT, COUNT, TOT, TSQ, W, BIAS, s_xb, s_xc, s_xt
         if HAS_AFFINE:
             y = (y.to(tl.float32) * w.to(tl.float32)[:, None]).to(OUT.dtype.element_ty)
             y = (y.to(tl.float32) + bias.to(tl.float32)[:, None]).to(OUT.dtype.element_ty)
+        if GELU:    # the exact GELU after it (wav2vec2's first conv layer), on the rounded y
+            yf = y.to(tl.float32)
+            y = (0.5 * yf * (1.0 + tl.math.erf(yf * 0.7071067811865476))).to(
+                OUT.dtype.element_ty)
         tl.store(OUT + b * s_ob + c[:, None] * s_oc + t[None, :] * s_ot, y, mask=m)
         tot = tot + tl.sum(xd, axis=1)
         tsq = tsq + tl.sum(xd * xd, axis=1)

@@ -260,9 +260,13 @@ class FeatureConvLayer(nn.Module):
 
     def norm_act(self, y):
         """The layer's norm then its activation on the conv output y (B, C, T): a LayerNorm over
-        channels and an exact GELU in one launch on CUDA (ChannelLayerNorm.norm_gelu)."""
-        if isinstance(self.layer_norm, ChannelLayerNorm) and _exact_gelu(self.activation):
-            return self.layer_norm.norm_gelu(y)
+        channels or the running GroupNorm and an exact GELU in one launch on CUDA
+        (ChannelLayerNorm.norm_gelu, RunningGroupNorm's ``gelu``)."""
+        if _exact_gelu(self.activation):
+            if isinstance(self.layer_norm, ChannelLayerNorm):
+                return self.layer_norm.norm_gelu(y)
+            if isinstance(self.layer_norm, RunningGroupNorm):
+                return self.layer_norm(y, gelu=True)
         return self.activation(self.layer_norm(y))
 
 
@@ -328,8 +332,9 @@ class ConvFeatureExtractor(nn.Module):
             state.convs[i] = st
             lengths = st.out_lengths
             if isinstance(layer.layer_norm, RunningGroupNorm):
-                x, state.norm = layer.layer_norm.step(x, state.norm, lengths)
-                x = layer.activation(x)
+                g = _exact_gelu(layer.activation)     # in the norm's launch on CUDA
+                x, state.norm = layer.layer_norm.step(x, state.norm, lengths, gelu=g)
+                x = x if g else layer.activation(x)
             elif layer.layer_norm is not None:
                 x = layer.norm_act(x)
             else:
@@ -426,7 +431,9 @@ class ConvFeatureExtractor(nn.Module):
         for i, layer in enumerate(self.conv_layers):
             x = layer.conv.step_fixed(x, state.convs[i], held[i], check=check)
             if isinstance(layer.layer_norm, RunningGroupNorm):
-                x = layer.activation(layer.layer_norm.step_fixed(x, state.norm, check=check))
+                g = _exact_gelu(layer.activation)     # in the norm's launch on CUDA
+                x = layer.layer_norm.step_fixed(x, state.norm, check=check, gelu=g)
+                x = x if g else layer.activation(x)
             elif layer.layer_norm is not None:
                 x = layer.norm_act(x)
             else:

@@ -27,6 +27,7 @@ per-channel counts in the state and would silently change every later frame.
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_eps, check_int, check_module_input
@@ -51,16 +52,19 @@ class RunningNormState(StreamState):
     total_sq: torch.Tensor   # (B, C) float64 sum of squares
 
 
-def running_norm(x, weight, bias, eps, count, total, total_sq):
+def running_norm(x, weight, bias, eps, count, total, total_sq, gelu=False):
     """x (B, C, T), count (B,) int64, total / total_sq (B, C) float64 ->
     (y (B, C, T) in x's dtype, new total, new total_sq). ``count`` is not advanced here. On CUDA,
     where autograd does not record (inference, a frozen feature encoder), one Triton launch
-    (pyencoder.ops._running_norm_triton); else the torch ops of ``running_norm_torch``."""
+    (pyencoder.ops._running_norm_triton); else the torch ops of ``running_norm_torch``.
+    ``gelu``: y is the exact GELU of the normalised values (in the same launch on CUDA)."""
     if _rn.fused_ok(x, weight, total):
         total, total_sq = total.clone(), total_sq.clone()
-        y = _rn.running_norm_step(x, weight, bias, eps, count, total, total_sq, offline=True)
+        y = _rn.running_norm_step(x, weight, bias, eps, count, total, total_sq, offline=True,
+                                  gelu=gelu)
         return y, total, total_sq
-    return running_norm_torch(x, weight, bias, eps, count, total, total_sq)
+    y, total, total_sq = running_norm_torch(x, weight, bias, eps, count, total, total_sq)
+    return (F.gelu(y) if gelu else y), total, total_sq
 
 
 def running_norm_torch(x, weight, bias, eps, count, total, total_sq):
@@ -105,13 +109,16 @@ class RunningGroupNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_channels)) if affine else None
         self.bias = nn.Parameter(torch.zeros(num_channels)) if affine else None
 
-    def forward(self, x):
+    def forward(self, x, gelu=False):
+        """x (B, C, T) -> the running-normalised x (``gelu``: its exact GELU, one launch on
+        CUDA where autograd does not record)."""
         check_module_input(x, 1, self.num_channels, f"(B, {self.num_channels}, T)", self.weight,
                            same_dtype=False)
         B, C, T = x.shape
         z = x.new_zeros(B, C, dtype=torch.float64)
         return running_norm(x, self.weight, self.bias, self.eps,
-                            torch.zeros(B, dtype=torch.int64, device=x.device), z, z)[0]
+                            torch.zeros(B, dtype=torch.int64, device=x.device), z, z,
+                            gelu=gelu)[0]
 
     def extra_repr(self):
         return f"{self.num_channels}, eps={self.eps}, affine={self.weight is not None}"
@@ -125,7 +132,9 @@ class RunningGroupNorm(nn.Module):
                                                               device=device),
                                             total=z, total_sq=z.clone()))
 
-    def step(self, x, state, lengths=None):
+    def step(self, x, state, lengths=None, gelu=False):
+        """Feed x (B, C, n); returns (y, state) (``gelu``: the exact GELU of the normalised
+        frames, as ``forward``)."""
         check_state(self, state, RunningNormState)
         check_step_input(x, 1, self.num_channels, state.count.shape[0], state.total.device)
         B, C, n = x.shape
@@ -133,7 +142,7 @@ class RunningGroupNorm(nn.Module):
         if bool((lengths == n).all()):
             y, state.total, state.total_sq = running_norm(x, self.weight, self.bias, self.eps,
                                                           state.count, state.total,
-                                                          state.total_sq)
+                                                          state.total_sq, gelu=gelu)
         else:
             y = torch.zeros_like(x)
             tot, tsq = state.total.clone(), state.total_sq.clone()
@@ -141,29 +150,33 @@ class RunningGroupNorm(nn.Module):
                 L = int(lengths[b])
                 yb, t1, t2 = running_norm(x[b:b + 1, :, :L], self.weight, self.bias, self.eps,
                                           state.count[b:b + 1], state.total[b:b + 1],
-                                          state.total_sq[b:b + 1])
+                                          state.total_sq[b:b + 1], gelu=gelu)
                 y[b, :, :L] = yb[0]
                 tot[b], tsq[b] = t1[0], t2[0]
             state.total, state.total_sq = tot, tsq
         state.count = state.count + lengths
         return y, state
 
-    def step_fixed(self, x, state, check=False):
+    def step_fixed(self, x, state, check=False, gelu=False):
         """CUDA-graph friendly step: every slot gets the same n frames; the statistics are
         updated in place, without host synchronisation (``check`` is accepted for the
-        step_fixed protocol: there is no precondition). Returns y, equal to ``step``'s. On CUDA
-        (float16 / bfloat16 / float32, autograd not recording) one Triton launch
-        (pyencoder.ops._running_norm_triton: the float64 sums added in another order, y equal
-        to its dtype's last bit but for rare ties); elsewhere the torch ops of ``step``."""
+        step_fixed protocol: there is no precondition). Returns y, equal to ``step``'s
+        (``gelu``: its exact GELU). On CUDA (float16 / bfloat16 / float32, autograd not
+        recording) one Triton launch (pyencoder.ops._running_norm_triton: the float64 sums added
+        in another order, y equal to its dtype's last bit but for rare ties; the GELU in the
+        same launch); elsewhere the torch ops of ``step``."""
         check_state(self, state, RunningNormState)
         check_step_input(x, 1, self.num_channels, state.count.shape[0], state.total.device)
         if _rn.fused_ok(x, self.weight, state.total):
-            # one Triton launch (CUDA): statistics, normalisation, affine and the sums' update
+            # one Triton launch (CUDA): statistics, normalisation, affine, GELU and the sums'
+            # update
             y = _rn.running_norm_step(x, self.weight, self.bias, self.eps, state.count,
-                                      state.total, state.total_sq)
+                                      state.total, state.total_sq, gelu=gelu)
         else:
             y, total, total_sq = running_norm_torch(x, self.weight, self.bias, self.eps,
                                                     state.count, state.total, state.total_sq)
+            if gelu:
+                y = F.gelu(y)
             if x.shape[-1]:
                 state.total.copy_(total)
                 state.total_sq.copy_(total_sq)

@@ -36,12 +36,13 @@ def fused_ok(x, weight, total):
     return True
 
 
-def running_norm_step(x, weight, bias, eps, count, total, total_sq, offline=False):
+def running_norm_step(x, weight, bias, eps, count, total, total_sq, offline=False, gelu=False):
     """x (B, C, T) -> y (B, C, T) in x's dtype; ``total`` / ``total_sq`` (B, C) float64 advanced
     in place (they must not overlap); ``count`` (B,) frames seen before, not written. No host
     synchronisation. Call when ``fused_ok``. ``offline``: T varies from call to call (an
     utterance, not a stream's fixed step): the kernel's tile count is rounded up to a power of
-    two (the tiles past T are masked), so lengths share a few compiles."""
+    two (the tiles past T are masked), so lengths share a few compiles. ``gelu``: the exact GELU
+    of the normalised y, in the same launch."""
     from ..triton_kernels.running_norm import _running_norm_step_kernel
     B, C, T = x.shape
     out = torch.empty(B, C, T, device=x.device, dtype=x.dtype)
@@ -59,5 +60,6 @@ def running_norm_step(x, weight, bias, eps, count, total, total_sq, offline=Fals
         launch(_running_norm_step_kernel)[(B, cdiv(C, BLOCK_C))](
             x, out, count, total, total_sq, weight if affine else out, bias if affine else out,
             *x.stride(), *out.stride(), *total.stride(), C, T, float(eps),
-            BLOCK_C=BLOCK_C, BLOCK_T=bt, NUM_T=tiles, HAS_AFFINE=affine, num_warps=4)
+            BLOCK_C=BLOCK_C, BLOCK_T=bt, NUM_T=tiles, HAS_AFFINE=affine, GELU=bool(gelu),
+            num_warps=4)
     return out
