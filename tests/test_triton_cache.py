@@ -257,7 +257,9 @@ def test_bench_stage_launches_are_captured(tmp_path):
     assert names.get("_ring_write_kernel", 0) >= 2
     assert names.get("_residual_kernel", 0) >= 1
     # the encoder variant's step: its running GroupNorm's kernel (bf16, C = 512, 256 frames)
+    # and its feature projection's LayerNorm (the transposed conv features, 4 frames)
     assert names.get("_running_norm_step_kernel", 0) >= 1, names
+    assert names.get("_channel_norm_act_kernel", 0) >= 1, names
     # bench_hf --quick's pyencoder rows (the only attention launches of these stages): the
     # patched model's offline attention (layer 0 with lookahead, a later layer) and its stream
     assert names.get("_interval_attention_fwd_kernel", 0) >= 1, names
