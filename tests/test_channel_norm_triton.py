@@ -12,30 +12,22 @@ PYENCODER_FUSED_RING=0, an approximate GELU); a CausalEncoder with a "layer" ext
 same offline and streamed outputs with it. GPU (``-m gpu``): compiled, bfloat16 included, at the
 shapes of a wav2vec2-large extractor's 80 ms step.
 """
-import os
-
 import pytest
 import torch
 from torch import nn
 
-from conftest import has_triton
+from _norm_kernel_utils import (DEV as _DEV, NEEDS_TRITON_RUN, check_act as _check, force_fused,
+                                norm_inputs)
 
-pytestmark = pytest.mark.skipif(not has_triton() or not (
-    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
-    reason="needs triton (a GPU, or TRITON_INTERPRET=1)")
+pytestmark = NEEDS_TRITON_RUN
 
-from pyencoder.models.frontend import ChannelLayerNorm, FeatureConvLayer, _exact_gelu  # noqa
+from pyencoder.models.frontend import FeatureConvLayer, _exact_gelu  # noqa: E402
 from pyencoder.ops import _channel_norm_triton as CN  # noqa: E402
-from pyencoder.ops import _ring_write_triton as RW  # noqa: E402
-
-_DEV = "cuda" if torch.cuda.is_available() else "cpu"
-ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 
 
 @pytest.fixture(autouse=True)
 def _force(monkeypatch):
-    monkeypatch.setattr(RW, "FORCE_INTERPRET", True)
-    monkeypatch.setattr(CN, "POISON_OUTPUTS", True)     # unwritten outputs read NaN
+    force_fused(monkeypatch, CN)
 
 
 def _torch(x, w, b, eps, gelu):
@@ -44,28 +36,12 @@ def _torch(x, w, b, eps, gelu):
     return torch.nn.functional.gelu(y) if gelu else y
 
 
-def _check(y, want, dt):
-    # float32: the statistics' summation order and erf's implementation (a few float32 ulps);
-    # 16-bit: one ulp of the value (a rounding tie moved), absolute near zero
-    if dt == torch.float32:
-        torch.testing.assert_close(y, want, rtol=2e-5, atol=2e-6)
-        return
-    tol = 2 * ULP[dt] * want.abs().float().clamp_min(2e-2)
-    err = (y.float() - want.float()).abs()
-    assert (err <= tol).all(), err.max()
-
-
 @pytest.mark.parametrize("dt", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("B,C,T", [(1, 16, 4), (2, 21, 37), (3, 512, 20), (2, 7, 1)])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("gelu", [True, False])
 def test_kernel_equals_torch(dt, B, C, T, affine, gelu):
-    if dt == torch.bfloat16 and _DEV == "cpu":
-        pytest.skip("the interpreter rounds float32 -> bfloat16 by truncation (bf16 on a GPU)")
-    torch.manual_seed(B * 1000 + C + T)
-    x = (torch.randn(B, C, T, device=_DEV) * 2 + 0.5).to(dt)
-    w = (1 + 0.3 * torch.randn(C, device=_DEV)).to(dt) if affine else None
-    b = (0.2 * torch.randn(C, device=_DEV)).to(dt) if affine else None
+    x, w, b = norm_inputs(B, C, T, dt, affine, seed=B * 1000 + C + T)
     y = CN.channel_norm_act(x, w, b, 1e-5, gelu=gelu)
     assert y.dtype == dt and y.shape == x.shape and y.is_contiguous()
     _check(y, _torch(x, w, b, 1e-5, gelu), dt)

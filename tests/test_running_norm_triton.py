@@ -20,24 +20,20 @@ import os
 import pytest
 import torch
 
-from conftest import has_triton
+from _norm_kernel_utils import (DEV as _DEV, NEEDS_TRITON_RUN, check_act, check_ulp, force_fused,
+                                norm_inputs)
 
-pytestmark = pytest.mark.skipif(not has_triton() or not (
-    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
-    reason="needs triton (a GPU, or TRITON_INTERPRET=1)")
+pytestmark = NEEDS_TRITON_RUN
 
 from pyencoder.nn.norm import RunningGroupNorm, running_norm, running_norm_torch  # noqa: E402
-from pyencoder.ops import _ring_write_triton as RW  # noqa: E402
 from pyencoder.ops import _running_norm_triton as RN  # noqa: E402
 
-_DEV = "cuda" if torch.cuda.is_available() else "cpu"
-ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+_check, _check_gelu = check_ulp, check_act
 
 
 @pytest.fixture(autouse=True)
 def _force(monkeypatch):
-    monkeypatch.setattr(RW, "FORCE_INTERPRET", True)
-    monkeypatch.setattr(RN, "POISON_OUTPUTS", True)     # unwritten outputs read NaN
+    force_fused(monkeypatch, RN)
 
 
 def _sums(B, C):
@@ -48,35 +44,12 @@ def _sums(B, C):
     return n0, tot, tsq
 
 
-def _check(y, want, dt):
-    # y within one ulp of its magnitude (a rounding tie the other float64 order moved)
-    tol = ULP[dt] * want.abs().float().clamp_min(1e-3) + 1e-30
-    assert ((y.float() - want.float()).abs() <= tol).all(), (y.float() - want.float()).abs().max()
-
-
-def _check_gelu(y, want, dt):
-    # float32: erf's implementations (the interpreter's or Triton's, torch's) a few float32 ulps
-    # apart, more relative to a negative input's small GELU (1 + erf(x) cancels): 1e-6 of the
-    # input's scale; 16-bit: the GELU of a y one ulp apart (a moved tie): two ulps of the
-    # value, absolute near zero
-    if dt == torch.float32:
-        torch.testing.assert_close(y, want, rtol=2e-5, atol=2e-6)
-        return
-    tol = 2 * ULP[dt] * want.abs().float().clamp_min(2e-2)
-    assert ((y.float() - want.float()).abs() <= tol).all(), (y.float() - want.float()).abs().max()
-
-
 @pytest.mark.parametrize("dt", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("B,C,T", [(1, 16, 4), (2, 21, 64), (3, 8, 150), (2, 33, 1)])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("gelu", [False, True])
 def test_kernel_equals_torch_path(dt, B, C, T, affine, gelu):
-    if dt == torch.bfloat16 and _DEV == "cpu":
-        pytest.skip("the interpreter rounds float32 -> bfloat16 by truncation (bf16 on a GPU)")
-    torch.manual_seed(B * 100 + C + T)
-    x = (torch.randn(B, C, T, device=_DEV) * 2 + 0.5).to(dt)
-    w = (1 + 0.3 * torch.randn(C, device=_DEV)).to(dt) if affine else None
-    b = (0.2 * torch.randn(C, device=_DEV)).to(dt) if affine else None
+    x, w, b = norm_inputs(B, C, T, dt, affine, seed=B * 100 + C + T)
     n0, tot, tsq = _sums(B, C)
     want, wt, wq = running_norm_torch(x, w, b, 1e-5, n0, tot, tsq)
     tot2, tsq2, n1 = tot.clone(), tsq.clone(), n0.clone()
