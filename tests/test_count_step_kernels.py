@@ -127,9 +127,19 @@ def test_encoder_step_counts():
         c = r["by_type_op"]
         assert c["FeatureConv1d.convolution"] == 7 and c["FeatureConv1d.copy_"] == 7, c
         assert sum(v for k, v in c.items() if k.startswith("FeatureConv1d.")) <= 28, c
-        # the running GroupNorm's step: one Triton launch (its torch path: 25 float64 ops)
+        # the running GroupNorm's step and its GELU: one Triton launch (torch: 25 float64 ops
+        # and the GELU)
         assert c["RunningGroupNorm.triton:_running_norm_step_kernel"] == 1, c
         assert sum(v for k, v in c.items() if k.startswith("RunningGroupNorm.")) == 1, c
+        assert c.get("GELU.gelu", 0) == 2, c           # the two feed-forwards' only
+        # post-LN: the positional embedding's add and the LayerNorm after it, one launch; the
+        # feature projection's LayerNorm: torch's at one frame a step (a contiguous view), the
+        # channel kernel on the transposed features at four
+        assert c["CausalEncoder.triton:_residual_kernel"] == 1, c
+        assert "CausalEncoder.add" not in c, c
+        assert c.get("LayerNorm.native_layer_norm", 0) == (mask == "banded"), c
+        assert c.get("FeatureProjection.triton:_channel_norm_act_kernel", 0) == (
+            mask == "chunked"), c
         assert r["total"] - sum(r["per_layer"]) <= 37, r["total"]
 
 

@@ -198,12 +198,22 @@ def test_module_step_fixed_takes_the_kernel(monkeypatch):
 
 
 def test_encoder_step_fixed_with_the_kernel(monkeypatch):
-    """A CausalEncoder with a running GroupNorm front end: step_fixed (the norm on the kernel,
-    the layers on the fused ring write) equals the general step (float32, 1e-5)."""
+    """A CausalEncoder with a running GroupNorm front end: step_fixed (the norm and its GELU on
+    the kernel, the positional embedding's add and the post-LN LayerNorm in the residual
+    kernel, the layers on the fused ring write) equals the general step (float32, 1e-5)."""
     from _stream_utils import rel_err
     from test_encoder_step_fixed import _encoder, _frames
+    from pyencoder.models import encoder as E
 
     calls = _spy(monkeypatch)
+    pos_adds = []
+    real = E._ring.residual_step
+
+    def spy(res, count, x, a, keep, *rest, **kw):
+        if res is x and keep == 0:          # the encoder's call (a layer passes its queue)
+            pos_adds.append(1)
+        return real(res, count, x, a, keep, *rest, **kw)
+    monkeypatch.setattr(E._ring, "residual_step", spy)
     m = _encoder("band_group_valid", dtype=torch.float32).to(_DEV)
     B, n = 2, m.hop * _frames(m)
     x = torch.randn(B, n * 9, device=_DEV)
@@ -215,9 +225,12 @@ def test_encoder_step_fixed_with_the_kernel(monkeypatch):
         ref.load_state_dict(st.state_dict())
         for i in range(5, 9):
             y = m.step_fixed(x[:, i * n:(i + 1) * n], st, check=i == 5)
-            y2, ref = m.step(x[:, i * n:(i + 1) * n], ref)
+            with monkeypatch.context() as mp:     # the reference: torch's add and LayerNorm
+                mp.setattr(E._ring, "residual_ok", lambda *a: False)
+                y2, ref = m.step(x[:, i * n:(i + 1) * n], ref)
             assert rel_err(y, y2) <= 1e-5, i
     assert len(calls) >= 4     # (the steady general steps run step_fixed too)
+    assert len(pos_adds) >= 4
 
 
 @pytest.mark.gpu

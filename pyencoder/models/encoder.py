@@ -61,6 +61,7 @@ from ..nn.layer import AttentionAdapter, TransformerLayer
 from ..nn.linear import Linear, skinny_view
 from ..nn.relpos import WavLMSelfAttention
 from ..ops import _channel_norm_triton as _cn
+from ..ops import _ring_write_triton as _ring
 from ..rope import Rope
 from ..streaming.latency import NotStreamableError, latency as composed_latency
 from ..streaming.sequential import PassState, StreamingSequential, cat_time
@@ -503,12 +504,21 @@ class CausalEncoder(nn.Module):
         with batched_counters():
             feats = self.feature_extractor.step_fixed(wav, state.frontend, check=check)
             h, _ = self._embed(feats)
+            post_ln = not self.config.norm_first
             if self.pos_conv is not None:
                 x = h.transpose(1, 2)
                 if self.pos_conv_norm is not None:
                     x = self.pos_conv_norm(x)
-                h = h + self.pos_conv.step_fixed(x, state.pos, check=check).transpose(1, 2)
-            if not self.config.norm_first:
+                p = self.pos_conv.step_fixed(x, state.pos, check=check).transpose(1, 2)
+                if post_ln and _ring.residual_ok(h, p, h, 0):
+                    # CUDA: the positional embedding's add and the LayerNorm after it in one
+                    # launch (the layers' residual kernel, without a queue)
+                    h = _ring.residual_step(h, None, h, p, 0, self.layer_norm,
+                                            need_sum=False)[1]
+                    post_ln = False
+                else:
+                    h = h + p
+            if post_ln:
                 h = self.layer_norm(h)
             y = self.layers.step_fixed(h, state.layers, check=check)
             if self.config.norm_first:
