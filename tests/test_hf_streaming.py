@@ -57,9 +57,13 @@ def test_stream_equals_offline(family, setting):
 
 @pytest.mark.parametrize("family", ["w2v2_post", "wavlm"])
 def test_stream_single_samples_and_state_dict(family):
-    model = make_model(family, head="ctc").eval()
+    # float64: the first frame is ill-conditioned in these tiny random models (its float32
+    # error against float64 is ~10x the other frames', offline and streamed alike; in float32
+    # the two were 1.9e-5 apart there with PYENCODER_TEST_SEED=1213204747, a CI failure that
+    # said nothing about the stream)
+    model = make_model(family, head="ctc").double().eval()
     H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=2, left_frames=3, pos_conv="causal")
-    x = audio(1, 700)
+    x = audio(1, 700).double()
     with torch.no_grad():
         ref = model.base_model(x).last_hidden_state
         enc = H.StreamingEncoder(model)
@@ -74,7 +78,7 @@ def test_stream_single_samples_and_state_dict(family):
         outs.append(y)
         y, fresh = enc.flush(fresh)
         outs.append(y)
-    torch.testing.assert_close(torch.cat(outs, 1), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(outs, 1), ref, atol=1e-10, rtol=1e-10)
 
 
 def test_unstreamable_settings_raise():
