@@ -31,6 +31,14 @@ from pyencoder.ops import _running_norm_triton as RN  # noqa: E402
 _check, _check_gelu = check_ulp, check_act
 
 
+def _check_norm(y, want, dt, gelu):
+    """y against the torch path's normalised ``want`` (its GELU with ``gelu``)."""
+    if gelu:
+        _check_gelu(y, torch.nn.functional.gelu(want), dt)
+    else:
+        _check(y, want, dt)
+
+
 @pytest.fixture(autouse=True)
 def _force(monkeypatch):
     force_fused(monkeypatch, RN)
@@ -56,10 +64,7 @@ def test_kernel_equals_torch_path(dt, B, C, T, affine, gelu):
     ptr = (tot2.data_ptr(), tsq2.data_ptr())
     y = RN.running_norm_step(x, w, b, 1e-5, n1, tot2, tsq2, gelu=gelu)
     assert y.dtype == dt and y.shape == x.shape
-    if gelu:
-        _check_gelu(y, torch.nn.functional.gelu(want), dt)
-    else:
-        _check(y, want, dt)
+    _check_norm(y, want, dt, gelu)
     torch.testing.assert_close(tot2, wt, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(tsq2, wq, rtol=1e-12, atol=1e-12)
     assert (tot2.data_ptr(), tsq2.data_ptr()) == ptr and torch.equal(n1, n0)
@@ -250,10 +255,7 @@ def test_gpu_kernel_at_the_bench_shape(dt):
         x = (torch.randn(B, C, T, device="cuda") * 2 + 0.5).to(dt)
         want, tot, tsq = running_norm_torch(x, w, b, 1e-5, n0, tot, tsq)
         y = RN.running_norm_step(x, w, b, 1e-5, n0, t2, q2, gelu=gelu)
-        if gelu:
-            _check_gelu(y, torch.nn.functional.gelu(want), dt)
-        else:
-            _check(y, want, dt)
+        _check_norm(y, want, dt, gelu)
         torch.testing.assert_close(t2, tot, rtol=1e-12, atol=1e-9)
         torch.testing.assert_close(q2, tsq, rtol=1e-12, atol=1e-9)
         n0 = n0 + T

@@ -261,6 +261,18 @@ def _capture(fn):
     return g, out
 
 
+def replay_rest(g, xbuf, ybuf, x, t, step, outs):
+    """Replay graph g over x's chunks from t (copied into its input xbuf), appending clones of
+    its output ybuf to outs; returns the concatenated outs (after a synchronize)."""
+    while t + step <= x.shape[-1]:
+        xbuf.copy_(x[..., t:t + step])
+        g.replay()
+        outs.append(ybuf.clone())
+        t += step
+    torch.cuda.synchronize()
+    return torch.cat(outs, 1)
+
+
 def _clone_state(module, st, B, max_chunk, **kw):
     c = module.init_state(B, max_chunk=max_chunk, **kw)
     c.load_state_dict(st.state_dict())
@@ -347,13 +359,7 @@ def test_cuda_graph_stack_equals_offline(kind):
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             ybuf = model.step_fixed(xbuf, st)
-        while t + step <= x.shape[-1]:
-            xbuf.copy_(x[..., t:t + step])
-            g.replay()
-            outs.append(ybuf.clone())
-            t += step
-        torch.cuda.synchronize()
-        got = torch.cat(outs, 1)
+        got = replay_rest(g, xbuf, ybuf, x, t, step, outs)
     assert rel_err(got, ref[:, :got.shape[1]]) <= 1e-4
 
 

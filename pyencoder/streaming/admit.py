@@ -118,18 +118,13 @@ def _write_slot(state, sub, slot):
     states, subs = state.states(), sub.states()
     # what a captured graph baked per slot: the fixed_index tensors it pinned
     for p, st in states.items():
-        pinned = st.__dict__.get("_graph_pinned", ())
-        for idx in pinned:
-            name = next((nm for (nm, _), hit in st.__dict__.get("_fixed_index", {}).items()
-                         if hit is idx), None)
-            for nm in ((name,) if name else ("count", "pending")):
-                c = getattr(subs[p], nm, None)
-                if c is not None and int(idx.qidx[slot, 0]) != int(c[0]):
-                    raise RuntimeError(
-                        f"admit: a captured graph holds slot {slot}'s {p}{nm} = "
-                        f"{int(idx.qidx[slot, 0])} (its phase modulo the mask block); the new "
-                        f"stream's is {int(c[0])}: feed it whole steps from its start, or "
-                        f"capture again")
+        for idx in st.__dict__.get("_graph_pinned", ()):
+            held, c = int(idx.qidx[slot, 0]), int(getattr(subs[p], idx.name)[0])
+            if held != c:
+                raise RuntimeError(
+                    f"admit: a captured graph holds slot {slot}'s {p}{idx.name} = {held} (its "
+                    f"phase modulo the mask block); the new stream's is {c}: feed it whole "
+                    f"steps from its start, or capture again")
     # out_lengths counters recorded as holding the steady count (fill_counter) keep holding it
     recs = []
     for st in states.values():

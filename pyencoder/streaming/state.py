@@ -302,8 +302,8 @@ def check_step_lengths(lengths, B, n, device, name="lengths"):
 
 
 class _FixedIndex:
-    """Index tensors of a steady-state step of n frames (``fixed_index``): key, ar, bidx, qidx,
-    qoff, count_n."""
+    """Index tensors of a steady-state step of n frames (``fixed_index``): key, name (the
+    counter's field), ar, bidx, qidx, qoff, count_n."""
 
 
 def _stamp(t):
@@ -350,6 +350,7 @@ def fixed_index(state, name, n, device):
         idx.qoff = idx.ar[None, :] - (c + n)[:, None]
         idx.count_n = torch.full((B,), n, dtype=torch.int64, device=device)
         idx.key = (cnt, ver)
+        idx.name = name
         if ver is not None and not capturing:
             cache[(name, n)] = idx
     if capturing:
