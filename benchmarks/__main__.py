@@ -42,7 +42,7 @@ BENCHES = [
     ("bench_convnext", True, True, 5, 10),
     ("bench_streaming", True, True, 30, 1500),
     ("bench_hf", True, True, 25, 600),
-    ("bench_running_norm", False, True, 0, 30),    # GPU: the kernel vs the torch path
+    ("bench_running_norm", False, True, 0, 30),    # GPU: the norm kernels vs the torch paths
     ("distill_lookahead", True, False, 0, 1800),   # minutes of CPU training: not in --quick
 ]
 NOT_QUICK = {"distill_lookahead", "bench_attention_ext"}   # --only runs them (--quick: N=1500)

@@ -1,5 +1,7 @@
-"""The running GroupNorm (wav2vec2-base's conv layer 0 made causal; pyencoder.nn.norm): the Triton
-kernel against the torch path it replaces where autograd does not record.
+"""The feature extractors' norms on their Triton kernels against the torch paths they replace
+where autograd does not record: the running GroupNorm (wav2vec2-base's conv layer 0 made causal;
+pyencoder.nn.norm) and the channel LayerNorm + GELU of a "layer" extractor (wav2vec2-large-lv60 /
+HuBERT-large / WavLM-large's conv layers; pyencoder.models.frontend.ChannelLayerNorm.norm_gelu).
 
     python -m benchmarks.bench_running_norm [--quick] [--no-write] [--dry-run]
 
@@ -10,6 +12,9 @@ Providers (GPU, bf16, C = 512)
   temporaries), what runs while autograd records;
 - torch-cpu-blocks: the torch path with the CPU's 1 MiB blocks, which the GPU ran before the
   kernel (~15 small kernels per block of 32 frames at batch 8): the cost that was removed.
+Channel norm (rows ``norm="channel"``; the others ``norm="running"``): kernel (one launch of
+_channel_norm_act_kernel) against torch (layer_norm over the transposed view, which CUDA copies to
+contiguous first, then the GELU: three kernels).
 Shapes: offline B = 8, T = 32000 (10 s of 16 kHz audio after the 5x stride; --quick: T = 8000)
 and a streaming step B = 1, T = 256 (80 ms; every provider from the same running sums).
 Records: median / p20 / p80 ms, GB/s of x read + y written, ``speedup_vs_torch``; JSON lines to
@@ -46,6 +51,30 @@ def _providers():
     return {"kernel": kernel, "torch": norm.running_norm_torch, "torch-cpu-blocks": cpu_blocks}
 
 
+def _channel_providers(ln):
+    """ChannelLayerNorm ``ln`` + GELU: its kernel (norm_gelu under no_grad) and torch's ops."""
+    def kernel(x):
+        with torch.no_grad():
+            return ln.norm_gelu(x)
+
+    def torch_ops(x):
+        with torch.no_grad():
+            return torch.nn.functional.gelu(ln(x))
+    return {"kernel": kernel, "torch": torch_ops}
+
+
+def _row(recs, norm, mode, name, B, c, T, dt, x, y, ref, t, base_ms):
+    err = float((y.float() - ref).abs().max())
+    gbs = 2 * x.numel() * x.element_size() / (t["median_ms"] * 1e-3) / 1e9
+    rec = dict(bench="running_norm", norm=norm, mode=mode, provider=name, B=B, C=c, T=T,
+               dtype=str(dt).replace("torch.", ""), max_abs_err_vs_torch=err, gbs=gbs,
+               speedup_vs_torch=base_ms / t["median_ms"], **t)
+    recs.append(rec)
+    print(f"{mode:8s} {norm:7s} B={B} T={T:6d} {name:17s} {t['median_ms']:9.3f} ms "
+          f"{gbs:8.1f} GB/s  x{rec['speedup_vs_torch']:.2f} vs torch  max |err| {err:.2e}",
+          flush=True)
+
+
 def run(args):
     from pyencoder.ops import _ring_write_triton as rw
     dev = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
@@ -76,19 +105,27 @@ def run(args):
             y = fn(x, w, b, 1e-5, n0, tot, tsq)[0]
             if ref is None:
                 ref = y.float()
-            err = float((y.float() - ref).abs().max())
             t = bench(lambda fn=fn: fn(x, w, b, 1e-5, n0, tot, tsq),
                       warmup=1 if args.dry_run else 25, rep=1 if args.dry_run else 100)
-            gbs = 2 * x.numel() * x.element_size() / (t["median_ms"] * 1e-3) / 1e9
             if name == "torch":
                 base_ms = t["median_ms"]
-            rec = dict(bench="running_norm", mode=mode, provider=name, B=B, C=c, T=T,
-                       dtype=str(dt).replace("torch.", ""), max_abs_err_vs_torch=err, gbs=gbs,
-                       speedup_vs_torch=base_ms / t["median_ms"], **t)
-            recs.append(rec)
-            print(f"{mode:8s} B={B} T={T:6d} {name:17s} {t['median_ms']:9.3f} ms "
-                  f"{gbs:8.1f} GB/s  x{rec['speedup_vs_torch']:.2f} vs torch  "
-                  f"max |err| {err:.2e}", flush=True)
+            _row(recs, "running", mode, name, B, c, T, dt, x, y, ref, t, base_ms)
+        # the channel LayerNorm + GELU at the same shape (a "layer" extractor's conv layer)
+        from pyencoder.models.frontend import ChannelLayerNorm
+        ln = ChannelLayerNorm(c).to(dev, dt)
+        with torch.no_grad():
+            ln.weight.copy_(w)
+            ln.bias.copy_(b)
+        cprovs = _channel_providers(ln)
+        ref = cprovs["torch"](x).float()
+        for name in ("torch", "kernel"):
+            fn = cprovs[name]
+            y = fn(x)
+            t = bench(lambda fn=fn: fn(x), warmup=1 if args.dry_run else 25,
+                      rep=1 if args.dry_run else 100)
+            if name == "torch":
+                base_ms = t["median_ms"]
+            _row(recs, "channel", mode, name, B, c, T, dt, x, y, ref, t, base_ms)
     if args.dry_run:
         print("dry run: nothing written")
     return recs

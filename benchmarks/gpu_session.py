@@ -30,7 +30,7 @@ Stages, in order of value (name: timeout in s on a GPU):
      for 20 and 80 ms chunks and the step's kernel profile, graph replay and eager; then the
      concurrent real-time streams, from batch 2048 to 1/8, no new measurement after 20 s), then
      `pytest -m gpu_quick` on the decode kernel, fused ring write and CUDA-graph step tests,
-     then bench_running_norm --quick (the running GroupNorm's kernel vs the torch path);
+     then bench_running_norm --quick (the extractor norms' kernels vs the torch paths);
   5. conv (40): bench_conv --quick --max-seconds 14 (depthwise L=16384 then 2048 vs
      F.conv1d(groups=C), strided, update, grouped), then `pytest -m gpu_quick` on
      tests/test_conv_cudnn_path.py and tests/test_conv_gpu.py, then with what is left the grouped

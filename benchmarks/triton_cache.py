@@ -879,6 +879,9 @@ def _bench_stage_launches(rec, failed):
             with torch.no_grad():
                 brn._providers()["kernel"](x, w, w, 1e-5, torch.full((B,), n0, device="cuda"),
                                            tot, tot)
+            from pyencoder.models.frontend import ChannelLayerNorm
+            brn._channel_providers(ChannelLayerNorm(brn.C).to("cuda", torch.bfloat16))[
+                "kernel"](x)
     attempt("bench_running_norm --quick (kernel)", running_norm)
 
 

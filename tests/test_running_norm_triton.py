@@ -262,8 +262,9 @@ def test_gpu_kernel_at_the_bench_shape(dt):
 
 
 def test_benchmark_dry_run():
-    """benchmarks/bench_running_norm.py --dry-run: every CPU provider row (the kernel through
-    the interpreter), errors against the torch path printed, nothing written."""
+    """benchmarks/bench_running_norm.py --dry-run: every CPU provider row of both norms (the
+    kernels through the interpreter), errors against the torch paths printed, nothing
+    written."""
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -272,9 +273,11 @@ def test_benchmark_dry_run():
                        cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     for mode in ("offline", "step"):
-        for prov in ("torch", "kernel"):
-            line = [ln for ln in r.stdout.splitlines() if ln.startswith(mode) and f" {prov} " in ln]
-            assert line, r.stdout
-            err = float(line[0].split("max |err|")[1])
-            assert err <= 1e-5, line
+        for norm in ("running", "channel"):     # and the channel LayerNorm + GELU's rows
+            for prov in ("torch", "kernel"):
+                line = [ln for ln in r.stdout.splitlines()
+                        if ln.startswith(mode) and f" {norm} " in ln and f" {prov} " in ln]
+                assert line, r.stdout
+                err = float(line[0].split("max |err|")[1])
+                assert err <= 1e-5, line
     assert "dry run: nothing written" in r.stdout
