@@ -85,14 +85,15 @@ def build(layers=12, dim=768, heads=12, ffn=3072, left=250, lookahead=3, conv_di
 
 def build_encoder(layers=12, dim=768, heads=12, ffn=3072, left=250, lookahead=3, conv_dim=512,
                   mask="banded", chunk=4, left_chunks=62, norm_first=False, pos_kernel=128,
-                  pos_groups=16, feat_norm="group"):
+                  pos_groups=16, feat_norm="group", adapter_layers=0):
     """What ``CausalEncoder.from_hf`` makes of wav2vec2-base (random weights): its valid conv
     extractor (the first conv layer's GroupNorm streamed as the running GroupNorm), the feature
     projection's LayerNorm, the causal positional conv (``pos_kernel`` taps, ``pos_groups``
     groups, GELU), post-LN layers (``norm_first=False``) with the mask of ``build``. Its whole
     step is ``CausalEncoder.step_fixed``. ``feat_norm="layer"``: the extractor of
     wav2vec2-large-lv60 / HuBERT-large / WavLM-large (a LayerNorm over channels and a GELU after
-    every conv)."""
+    every conv). ``adapter_layers``: transformers' conv adapter after the encoder
+    (``config.add_adapter``: that many kernel-3, stride-2 Conv1d + GLU layers, padding 1)."""
     from pyencoder.models import CausalEncoder, EncoderConfig
     att = dict(attention="band", left=left) if mask == "banded" else dict(
         attention="chunked", chunk_size=chunk, left_chunks=left_chunks)
@@ -102,7 +103,8 @@ def build_encoder(layers=12, dim=768, heads=12, ffn=3072, left=250, lookahead=3,
                         num_layers=layers, num_heads=heads, ffn_dim=ffn, norm_first=norm_first,
                         pos_conv="causal", pos_conv_kernel=pos_kernel,
                         pos_conv_groups=pos_groups, lookahead=lookahead,
-                        lookahead_layers="first", **att)
+                        lookahead_layers="first", add_adapter=adapter_layers > 0,
+                        num_adapter_layers=max(1, adapter_layers), **att)
     return CausalEncoder(cfg).eval()
 
 

@@ -51,6 +51,7 @@ import argparse
 import collections
 import contextlib
 import json
+import math
 import os
 import sys
 
@@ -240,7 +241,7 @@ CALLS = ("step_fixed", "step", "step-no-dispatch")
 
 
 def count(mask="banded", path="cuda", layers=12, dtype=torch.bfloat16, dims=None, seed=0,
-          norm_first=True, model="stack", call="step_fixed", extractor="group"):
+          norm_first=True, model="stack", call="step_fixed", extractor="group", adapter=0):
     """One steady-state step_fixed of the bench_streaming stack (``model="stack"``) or of the
     converted wav2vec2-base CausalEncoder (``"encoder"``: bench_streaming.build_encoder; its
     ``norm_first`` is post-LN unless given True) -> dict with ``total`` (kernels),
@@ -249,7 +250,9 @@ def count(mask="banded", path="cuda", layers=12, dtype=torch.bfloat16, dims=None
     ``"step-no-dispatch"``: the general step itself (PYENCODER_STEADY_DISPATCH=0); both count
     their host reads (``syncs``), which a step_fixed has none of.
     ``by_type`` {module type: ops charged to it}, ``per_layer`` [ops of each TransformerLayer,
-    inclusive], ``ops`` {op name: count}, ``allocs``, ``syncs`` and ``excluded`` {name: count}."""
+    inclusive], ``ops`` {op name: count}, ``allocs``, ``syncs`` and ``excluded`` {name: count}.
+    ``adapter``: the encoder with that many conv adapter layers (stride 2 each) after it; the step
+    then covers a whole multiple of the adapter's stride (``step_frames`` in the result)."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}; got {path!r}")
     if call not in CALLS:
@@ -259,11 +262,14 @@ def count(mask="banded", path="cuda", layers=12, dtype=torch.bfloat16, dims=None
     torch.manual_seed(seed)
     if model not in ("stack", "encoder"):
         raise ValueError(f"model must be 'stack' or 'encoder'; got {model!r}")
+    if adapter and model != "encoder":
+        raise ValueError("adapter is the encoder's option (model='encoder')")
+    sf = math.lcm(sf, 2 ** adapter)
     if model == "stack":
         model = build(layers=layers, **(dims or DIMS), **cfg, norm_first=norm_first)
     else:
         model = build_encoder(layers=layers, **(dims or DIMS), **cfg, norm_first=norm_first,
-                              feat_norm=extractor)
+                              feat_norm=extractor, adapter_layers=adapter)
     model = model.to(dtype)
     x = torch.randn(1, 1, HOP * sf, dtype=dtype)
     stack = []
@@ -296,7 +302,7 @@ def count(mask="banded", path="cuda", layers=12, dtype=torch.bfloat16, dims=None
                 with counter, _observer_not_a_mode():
                     run()
                 ref[0] = None
-    return _summary(model, counter)
+    return dict(_summary(model, counter), step_frames=sf)
 
 
 def _summary(model, c):
@@ -360,6 +366,9 @@ def main(argv=None):
     ap.add_argument("--extractor", choices=("group", "layer"), default="group",
                     help="--model encoder: wav2vec2-base's conv extractor (a GroupNorm after the "
                          "first conv) or the large models' (a LayerNorm after every conv)")
+    ap.add_argument("--adapter", type=int, default=0, metavar="N",
+                    help="--model encoder: N conv adapter layers (config.add_adapter, stride 2 "
+                         "each) after it; the step covers a multiple of their stride")
     ap.add_argument("--call", choices=CALLS, default="step_fixed",
                     help="what to count: the CUDA-graph step (default), the eager general step "
                          "in the steady state (it runs as step_fixed), or the general step with "
@@ -380,14 +389,21 @@ def main(argv=None):
         nf = not args.post_ln
     if args.extractor != "group" and args.model != "encoder":
         ap.error("--extractor is the encoder's option (--model encoder)")
+    if args.adapter and args.model != "encoder":
+        ap.error("--adapter is the encoder's option (--model encoder)")
+    if args.adapter < 0:
+        ap.error(f"--adapter must be >= 0; got {args.adapter}")
     results = {(m, p): count(m, p, args.layers, dtype, norm_first=nf, model=args.model,
-                             call=args.call, extractor=args.extractor)
+                             call=args.call, extractor=args.extractor, adapter=args.adapter)
                for m in masks for p in paths}
     if args.json:
         print(json.dumps({f"{m}/{p}": r for (m, p), r in results.items()}))
         return results
     what = "bench_streaming stack" if args.model == "stack" else \
-        "converted wav2vec2-base CausalEncoder"
+        "converted wav2vec2-base CausalEncoder" + \
+        (f" + a {args.adapter}-layer conv adapter" if args.adapter else "")
+    frames = sorted({r["step_frames"] for r in results.values()})
+    what += f", {'/'.join(map(str, frames))}-frame steps"
     print(f"ops per {args.call}, batch 1, {args.layers} {'pre' if nf else 'post'}-LN "
           f"layers, {args.dtype} ({what}, small dims)")
     print(format_table(results))

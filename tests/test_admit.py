@@ -94,7 +94,8 @@ def test_admit_stack(kind):
         assert rel_err(a, ref[b:b + 1, :a.shape[1]]) <= F64_TOL
 
 
-@pytest.mark.parametrize("case", ["w2v2_geometry_hubert_bn", "wavlm_chunked", "band_sink"])
+@pytest.mark.parametrize("case", ["w2v2_geometry_hubert_bn", "wavlm_chunked", "band_sink",
+                                  "adapter_chunked_k5"])
 def test_admit_encoder(case):
     torch.manual_seed(12)
     m = _encoder(case)

@@ -143,6 +143,42 @@ def test_encoder_step_counts():
         assert r["total"] - sum(r["per_layer"]) <= 37, r["total"]
 
 
+def test_encoder_with_conv_adapter_counts():
+    """count_step_kernels --model encoder --adapter N: the encoder's fixed step plus, per adapter
+    layer, 7 kernels (cat, the slots' phase: remainder + row index, the window gather, the conv,
+    the history copy, the GLU); no host read, no fill; steps of whole adapter strides."""
+    from benchmarks.count_step_kernels import count
+    base = count("chunked", "cuda", layers=2, dims=TINY, norm_first=False, model="encoder")
+    r = count("chunked", "cuda", layers=2, dims=TINY, norm_first=False, model="encoder",
+              adapter=3)
+    assert r["step_frames"] == 8 and base["step_frames"] == 4
+    assert r["syncs"] == 0 and "fill_" not in r["ops"], r["ops"]
+    c = r["by_type_op"]
+    ad = {k: v for k, v in c.items() if k.startswith(("PaddedConv1d.", "ConvAdapter"))}
+    assert ad == {f"PaddedConv1d.{op}": 3 for op in ("cat", "remainder", "index", "gather",
+                                                      "convolution", "copy_")} | {
+        "ConvAdapterLayer.glu": 3}, ad
+    assert r["ops"]["_foreach_add_"] == 1, r["ops"]
+    with pytest.raises(ValueError, match="adapter is the encoder's option"):
+        count("chunked", "cuda", layers=2, dims=TINY, model="stack", adapter=1)
+
+
+def test_adapter_phase_rows_under_graph_capture(monkeypatch):
+    """The adapter conv's phase table: kept per (L, device); built but not kept during capture."""
+    import pyencoder.streaming.state as S
+    from pyencoder.models.adapter import PaddedConv1d
+    conv = PaddedConv1d(2, 2, 3, 2, 1)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(S, "_capturing", lambda device: True)
+    a = conv._phase_rows(5, cpu)
+    assert conv.__dict__["_phase_cache"] == {}
+    monkeypatch.setattr(S, "_capturing", lambda device: False)
+    b = conv._phase_rows(5, cpu)
+    assert conv._phase_rows(5, cpu) is b and torch.equal(a, b)
+    # seen % 2 == 0: held 1 (k - s), the window starts at k - 1 - 1 = 1; odd: held 2, at 0
+    assert b.tolist() == [[1, 2, 3, 4, 5], [0, 1, 2, 3, 4]]
+
+
 def test_layer_extractor_encoder_counts(monkeypatch):
     """A "layer" extractor (the large models'): each conv layer's LayerNorm over channels and
     GELU are one Triton launch (torch: the LayerNorm's hidden contiguous copy of the transposed

@@ -50,6 +50,12 @@ CASES["wavlm_chunked"] = dict(rel_pos_bias=True, num_buckets=12, max_bucket_dist
                               attention="chunked", chunk_size=2, left_chunks=2, lookahead=1,
                               feat_extract_norm="group")
 CASES["band_sink"] = dict(sink=2, left=4, norm_first=True)
+# the conv adapter after the encoder (config.add_adapter): hop includes its stride (4); the frames
+# the layers hold back leave its layers at odd phases (ConvAdapter.step_fixed reads them)
+CASES["adapter_band"] = dict(add_adapter=True, adapter_hidden_size=12, num_adapter_layers=2)
+CASES["adapter_chunked_k5"] = dict(add_adapter=True, num_adapter_layers=2, adapter_kernel_size=5,
+                                   adapter_padding=0, attention="chunked", chunk_size=2,
+                                   left_chunks=2, lookahead=1, norm_first=True)
 
 
 def _encoder(case, dtype=torch.float64, seed=0):
@@ -69,7 +75,10 @@ def _encoder(case, dtype=torch.float64, seed=0):
 
 
 def _frames(m):
-    """Frames per fixed step: whole mask blocks."""
+    """Output frames per fixed step: whole mask blocks (with the conv adapter, one output frame:
+    its stride's worth of layer frames, within max_chunk=4)."""
+    if m.adapter is not None:
+        return 1
     return m.config.chunk_size if m.config.attention == "chunked" else 2
 
 
@@ -104,7 +113,8 @@ def test_encoder_step_fixed_equals_step_and_offline(case):
         got, want = [], []
         for i in range(fixed):
             got.append(m.step_fixed(x[:, t:t + n], st, check=i < 2))
-            assert got[-1].shape == (B, n // m.hop, m.config.hidden_size)
+            width = m.config.adapter_hidden_size if m.adapter is not None else None
+            assert got[-1].shape == (B, n // m.hop, width or m.config.hidden_size)
             assert st.out_lengths.tolist() == [n // m.hop] * B
             with _general_only():
                 y, oracle = m.step(x[:, t:t + n], oracle)
@@ -174,7 +184,8 @@ def test_steady_from_random_geometries(seed):
         assert at(start - fe.hop) != held
 
 
-@pytest.mark.parametrize("case", ["w2v2_geometry_hubert_bn", "wavlm_chunked", "band_sink"])
+@pytest.mark.parametrize("case", ["w2v2_geometry_hubert_bn", "wavlm_chunked", "band_sink",
+                                  "adapter_chunked_k5"])
 def test_encoder_step_fixed_no_host_sync_no_refill(case):
     """No host synchronisation; once warm (one eager fixed step), no counter fill: the
     encoder's, the stack's and the extractor's out_lengths alias their last child's after the
@@ -227,8 +238,11 @@ def test_encoder_step_fixed_errors():
             m.step_fixed(torch.randn(2, n, dtype=torch.float64), bad, check=True)
         m.step_fixed(torch.randn(2, n, dtype=torch.float64), st, check=True)
     ad = CausalEncoder(tiny_encoder_config(add_adapter=True, adapter_hidden_size=16)).double()
-    with pytest.raises(TypeError, match="conv adapter"):
-        ad.step_fixed(torch.randn(1, n, dtype=torch.float64), ad.init_state(1))
+    assert ad.hop == 20 * 8
+    with pytest.raises(ValueError, match=r"multiple of hop \(160: the feature extractor's 20 x "
+                                         r"the conv adapter's stride 8\)"):
+        ad.step_fixed(torch.randn(1, 40, dtype=torch.float64), ad.init_state(1))
+    assert ad.steady_check(40, ad.init_state(1)) is None
 
 
 def test_running_group_norm_step_fixed():
@@ -294,7 +308,7 @@ def gpu_quick(name, p):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", ["w2v2_geometry_hubert_bn", "wavlm_chunked"])
+@pytest.mark.parametrize("case", ["w2v2_geometry_hubert_bn", "wavlm_chunked", "adapter_band"])
 def test_cuda_graph_encoder(case, dtype):
     """Replays of the captured encoder step equal the eager step_fixed on a copy of the state
     (fp32 1e-5, bf16 2e-2: only a cuBLAS algorithm choice may differ under capture) and, in fp32,
@@ -370,7 +384,8 @@ def _spy_step_fixed(monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["w2v2_geometry_hubert_bn", "wavlm_chunked", "band_sink",
-                                  "band_preln_group_causalconv"])
+                                  "band_preln_group_causalconv", "adapter_band",
+                                  "adapter_chunked_k5"])
 def test_general_step_dispatches_to_fixed(case, monkeypatch):
     """Uniform steps of whole hops: once steady, CausalEncoder.step runs step_fixed (spied) with
     one host read; outputs, out_lengths and the state equal the pure general path (float64) and

@@ -181,7 +181,8 @@ class StreamingEncoder(nn.Module):
         (``check=True`` verifies, a host synchronisation: once, outside capture). Returns the
         last hidden state (B, n // hop, E), equal to ``step``'s; the state is updated in place
         without host synchronisation, so the call can be captured in a torch.cuda.CUDAGraph.
-        Not with ``output_hidden_states=True`` or a conv adapter."""
+        Not with ``output_hidden_states=True``; with a conv adapter ``hop`` includes its
+        stride."""
         _check_audio(audio)
         self._check_state(state)
         if self.output_hidden_states:

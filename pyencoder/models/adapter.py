@@ -12,6 +12,14 @@ it then needs nothing new). Streaming keeps, per slot, the input frames of the n
 window (the state starts as the p zeros of the left padding: an all-zero state is a fresh stream,
 so ``reset`` of a slot is exact); ``flush`` feeds the p zeros of the right padding. Any chunking
 gives the offline output (up to summation order, same windows).
+
+Steady state (``step_fixed``, CUDA graphs): steps of n frames, n a multiple of the adapter's
+stride S (the product of its layers' strides), give n // S frames in every slot. The encoder holds
+frames back for lookahead, so where a slot's next window starts in its buffer (its phase modulo
+each layer's stride) is whatever the stream's first steps made it, and may differ between slots:
+the fixed step reads each slot's window through a gather indexed by its ``seen`` on the device
+(no host read), so any phase and any mix of phases is steady once every layer holds at least
+k - s frames of its next window (from the start for k - s <= p, wav2vec2's k=3, s=2, p=1).
 """
 import dataclasses
 from typing import List
@@ -22,7 +30,10 @@ from torch import nn
 
 from ..nn.linear import Linear
 from ..streaming.sequential import cat_time
-from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
+from .._checks import check_module_input
+from ..streaming import state as _state
+from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
+                               check_state, check_step_lengths, check_step_slots, fill_counter,
                                stamp, stream_config)
 from .frontend import FeatureConv1d, FeatureConvState
 
@@ -56,6 +67,78 @@ class PaddedConv1d(FeatureConv1d):
             raise ValueError(f"x must have shape (B, {self.in_channels}, L); got {tuple(x.shape)}")
         p = self.padding_frames
         return self._valid(F.pad(x, (p, p)) if p else x)
+
+    def steady_from(self):
+        """Frames seen from which every slot holds at least k - s frames of its next window (the
+        fixed step's condition; 0 for k - s <= p)."""
+        return max(0, self.k - self.s - self.padding_frames)
+
+    def step_fixed(self, x, state, held=None, check=False):
+        """CUDA-graph friendly steady-state step (no host synchronisation, state updated in
+        place): every slot gets the same n frames, n a multiple of the stride, and has seen at
+        least ``steady_from()`` frames (``check=True`` verifies it, a host synchronisation).
+        Returns y (B, C_out, n // stride): what ``step`` returns, with the same state.
+        ``held`` (a Python int, FeatureConv1d.step_fixed) where every slot holds that many frames
+        of its next window; None (the default): each slot's own, read on the device from its
+        ``seen`` (any phase, slots may differ; module docstring)."""
+        if held is not None or self.s == 1:
+            # stride 1: every slot past its first frames holds k - 1
+            return super().step_fixed(x, state, self.k - 1 if held is None else held,
+                                      check=check)
+        check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, n)", self.weight,
+                           same_dtype=False)
+        check_state(self, state, FeatureConvState)
+        check_step_slots(x.shape[0], state.seen.shape[0])
+        k, s, p = self.k, self.s, self.padding_frames
+        n = x.shape[-1]
+        if n % s:
+            raise ValueError(f"{type(self).__name__}.step_fixed: the step length x.shape[-1] must "
+                             f"be a multiple of the stride {s}; got {n}")
+        if check and bool((state.seen < self.steady_from()).any()):
+            raise ValueError(f"{type(self).__name__}.step_fixed needs a steady state: every slot "
+                             f"past {self.steady_from()} frames (k - stride - padding), holding "
+                             f"k - stride = {k - s} frames of its next window; got "
+                             f"seen={state.seen.tolist()}")
+        x = x.to(state.buf.dtype)
+        m = n // s
+        B, C = x.shape[0], self.in_channels
+        if m == 0:                               # n == 0: nothing moves
+            fill_counter(state, 0)
+            return x.new_zeros(B, self.out_channels, 0)
+        cat = torch.cat((state.buf, x), -1) if k > 1 else x
+        L = (m - 1) * s + k
+        rows = self._phase_rows(L, x.device)[torch.remainder(state.seen, s)]     # (B, L)
+        win = torch.gather(cat, 2, rows[:, None, :].expand(B, C, L))
+        if self.activation is None:
+            # the window as it lies: one strided conv (no initial-state split of _valid)
+            y = F.conv1d(win, self.weight.to(win.dtype),
+                         None if self.bias is None else self.bias.to(win.dtype), stride=s,
+                         groups=self.groups)
+        else:
+            y = self._valid(win)
+        if k > 1:
+            state.buf.copy_(cat[..., cat.shape[-1] - (k - 1):])
+        advance_counter(state.seen, n)
+        fill_counter(state, m)
+        return y
+
+    def _phase_rows(self, L, device):
+        """(s, L) int64: row r holds the positions in cat(buf, x) of the L frames a slot with
+        ``seen % s == r`` reads. Such a slot holds held = t + k - s frames of its next window,
+        t = (r + p - k) mod s (``held_after`` past the first window), so its window starts at
+        k - 1 - held = s - 1 - t. Kept per (L, device); under CUDA graph capture a missing
+        entry is built in the graph, not kept (capture does not run it)."""
+        cache = self.__dict__.setdefault("_phase_cache", {})
+        hit = cache.get((L, device))
+        if hit is not None:
+            return hit
+        k, s, p = self.k, self.s, self.padding_frames
+        r = torch.arange(s, device=device)
+        start = s - 1 - torch.remainder(r + (p - k), s)
+        rows = start[:, None] + torch.arange(L, device=device)[None, :]
+        if not _state._capturing(device):
+            cache[(L, device)] = rows
+        return rows
 
     def flush(self, state):
         """End of stream: the right padding's p zeros complete the last windows."""
@@ -93,6 +176,10 @@ class ConvAdapterLayer(nn.Module):
     def step(self, x, state, lengths=None):
         y, state = self.conv.step(x, state, lengths)
         return F.glu(y, dim=1), state
+
+    def step_fixed(self, x, state, check=False):
+        """PaddedConv1d.step_fixed (each slot's own phase) -> GLU."""
+        return F.glu(self.conv.step_fixed(x, state, check=check), dim=1)
 
     def flush(self, state):
         y, state = self.conv.flush(state)
@@ -170,6 +257,45 @@ class ConvAdapter(nn.Module):
         lengths = check_step_lengths(lengths, B, n, h.device)
         y, state.out_lengths = self._from(0, self._project(h).transpose(1, 2), lengths, state)
         return y.transpose(1, 2), state
+
+    def steady_check(self, n, state):
+        """pyencoder.streaming.state.SteadyCheck of a general step of n encoder frames in every
+        slot: n a positive multiple of ``stride`` (n // stride frames out); the device condition:
+        every layer past its ``steady_from()`` frames (none where that is 0 for every layer: any
+        state is steady, whatever its phases)."""
+        if n < 1 or n % self.stride or state.out_lengths.shape[0] == 0:
+            return None
+        need = [(st.seen, layer.conv.steady_from())
+                for layer, st in zip(self.layers, state.layers) if layer.conv.steady_from() > 0]
+        if not need:
+            return SteadyCheck(n // self.stride, lambda: None, ())
+
+        def ok():
+            out = None
+            for seen, start in need:
+                c = seen >= start
+                out = c if out is None else out & c
+            return out
+        return SteadyCheck(n // self.stride, ok, tuple(seen for seen, _ in need))
+
+    def step_fixed(self, h, state, check=False):
+        """CUDA-graph friendly steady-state step: h (B, n, E), n a multiple of ``stride``, every
+        slot the same n frames (``steady_check``; ``check=True`` verifies, a host
+        synchronisation). Returns (B, n // stride, C), equal to ``step``'s output; the state is
+        updated in place without host synchronisation (each slot's phase read on the device)."""
+        check_state(self, state, AdapterState)
+        if not isinstance(h, torch.Tensor) or h.dim() != 3:
+            raise ValueError(f"h must be a (B, n, E) tensor; got "
+                             f"{tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__}")
+        n = h.shape[1]
+        if n % self.stride:
+            raise ValueError(f"ConvAdapter.step_fixed: the step length h.shape[1] ({n} frames) "
+                             f"must be a multiple of the adapter's stride ({self.stride})")
+        x = self._project(h).transpose(1, 2)
+        for layer, st in zip(self.layers, state.layers):
+            x = layer.step_fixed(x, st, check=check)
+        fill_counter(state, x.shape[-1], filled=state.layers[-1].out_lengths)
+        return x.transpose(1, 2)
 
     def flush(self, state):
         """End of stream: each layer's right padding, passed through the layers after it."""

@@ -453,8 +453,9 @@ class CausalEncoder(nn.Module):
         """pyencoder.streaming.state.SteadyCheck of a general step of n samples in every slot:
         the feature extractor's (n a multiple of hop, every slot fed a multiple of hop past its
         first windows), the positional conv's and the layers' (steady, whole mask blocks,
-        n // hop <= max_chunk); None with the conv adapter (no step_fixed)."""
-        if self.adapter is not None:
+        n // hop <= max_chunk) and the conv adapter's (n a multiple of ``hop``, its stride
+        included)."""
+        if self.adapter is not None and n % self.hop:
             return None
         checks = [self.feature_extractor.steady_check(n, state.frontend)]
         if checks[0] is None:
@@ -463,6 +464,9 @@ class CausalEncoder(nn.Module):
         if self.pos_conv is not None:
             checks.append(steady_check(self.pos_conv, fr, state.pos))
         checks.append(self.layers.steady_check(fr, state.layers))
+        if self.adapter is not None:
+            checks.append(self.adapter.steady_check(fr, state.adapter))
+            return all_steady(checks, None if checks[-1] is None else checks[-1].n_out)
         return all_steady(checks, fr)
 
     def _fixed_ok(self, wav, state, lengths=None):
@@ -479,8 +483,8 @@ class CausalEncoder(nn.Module):
 
     def step_fixed(self, wav, state, check=False):
         """CUDA-graph friendly steady-state step of the whole encoder: wav (B, n) (or (B, 1, n)),
-        every slot the same n samples, n a multiple of ``hop``. Returns y (B, n // hop, E), equal
-        to ``step``'s output (every row valid); the state is updated in place, without host
+        every slot the same n samples, n a multiple of ``hop``. Returns y (B, n // hop, E) (the
+        adapter's channels with the conv adapter), equal to ``step``'s output (every row valid); the state is updated in place, without host
         synchronisation, so the call can be captured in a torch.cuda.CUDAGraph and replayed.
 
         Preconditions (``check=True`` verifies them, a host synchronisation: call it once,
@@ -488,15 +492,19 @@ class CausalEncoder(nn.Module):
         same multiple of ``hop`` samples, past the feature extractor's first windows and every
         layer's lookahead (a general ``step`` or two of the same chunk size do it), and the
         layers' ``step_fixed`` conditions hold (bounded left context, steps of whole mask blocks,
-        ``n // hop <= max_chunk``; StreamingSequential.step_fixed). Not with the conv adapter
-        (``config.add_adapter``: TypeError). The stream counters (every conv's ``seen``, the
+        ``n // hop <= max_chunk``; StreamingSequential.step_fixed). With the conv adapter
+        (``config.add_adapter``) ``hop`` includes its stride: the layers step n // hop times the
+        adapter's stride frames, each slot's adapter phase (set by the frames the layers held
+        back) read on the device (ConvAdapter.step_fixed). The stream counters (every conv's ``seen``, the
         running norm's ``count``, the attention ``pos``) advance together at the end
         (``pyencoder.streaming.batched_counters``)."""
         wav = self._check_wav(wav, "n")
         check_state(self, state, EncoderState)
-        if self.adapter is not None:
-            raise TypeError("CausalEncoder.step_fixed: the conv adapter (config.add_adapter) has "
-                            "no step_fixed; stream this model with step")
+        if self.adapter is not None and wav.shape[-1] % self.hop:
+            raise ValueError(f"CausalEncoder.step_fixed: the step length ({wav.shape[-1]} "
+                             f"samples) must be a multiple of hop ({self.hop}: the feature "
+                             f"extractor's {self.feature_extractor.hop} x the conv adapter's "
+                             f"stride {self.adapter.stride})")
         if wav.device != state.out_lengths.device:
             raise ValueError(f"wav must be on the state's device ({state.out_lengths.device}); "
                              f"got {wav.device}")
@@ -523,7 +531,11 @@ class CausalEncoder(nn.Module):
             y = self.layers.step_fixed(h, state.layers, check=check)
             if self.config.norm_first:
                 y = self.layer_norm(y)
-        fill_counter(state, y.shape[1], filled=state.layers.out_lengths)
+            last = state.layers.out_lengths
+            if self.adapter is not None:
+                y = self.adapter.step_fixed(y, state.adapter, check=check)
+                last = state.adapter.out_lengths
+        fill_counter(state, y.shape[1], filled=last)
         return y
 
     def flush(self, state, output_hidden_states=False):
