@@ -31,7 +31,6 @@ from torch import nn
 from ..nn.linear import Linear
 from ..streaming.sequential import cat_time
 from .._checks import check_module_input
-from ..streaming import state as _state
 from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
                                check_state, check_step_lengths, check_step_slots, fill_counter,
                                stamp, stream_config)
@@ -101,14 +100,12 @@ class PaddedConv1d(FeatureConv1d):
                              f"seen={state.seen.tolist()}")
         x = x.to(state.buf.dtype)
         m = n // s
-        B, C = x.shape[0], self.in_channels
+        B = x.shape[0]
         if m == 0:                               # n == 0: nothing moves
             fill_counter(state, 0)
             return x.new_zeros(B, self.out_channels, 0)
         cat = torch.cat((state.buf, x), -1) if k > 1 else x
-        L = (m - 1) * s + k
-        rows = self._phase_rows(L, x.device)[torch.remainder(state.seen, s)]     # (B, L)
-        win = torch.gather(cat, 2, rows[:, None, :].expand(B, C, L))
+        win = self._gather_windows(cat, state.seen, (m - 1) * s + k)
         if self.activation is None:
             # the window as it lies: one strided conv (no initial-state split of _valid)
             y = F.conv1d(win, self.weight.to(win.dtype),
@@ -122,23 +119,11 @@ class PaddedConv1d(FeatureConv1d):
         fill_counter(state, m)
         return y
 
-    def _phase_rows(self, L, device):
-        """(s, L) int64: row r holds the positions in cat(buf, x) of the L frames a slot with
-        ``seen % s == r`` reads. Such a slot holds held = t + k - s frames of its next window,
-        t = (r + p - k) mod s (``held_after`` past the first window), so its window starts at
-        k - 1 - held = s - 1 - t. Kept per (L, device); under CUDA graph capture a missing
-        entry is built in the graph, not kept (capture does not run it)."""
-        cache = self.__dict__.setdefault("_phase_cache", {})
-        hit = cache.get((L, device))
-        if hit is not None:
-            return hit
-        k, s, p = self.k, self.s, self.padding_frames
-        r = torch.arange(s, device=device)
-        start = s - 1 - torch.remainder(r + (p - k), s)
-        rows = start[:, None] + torch.arange(L, device=device)[None, :]
-        if not _state._capturing(device):
-            cache[(L, device)] = rows
-        return rows
+    def _window_starts(self, r):
+        """A slot with ``seen % s == r`` holds held = t + k - s frames of its next window,
+        t = (r + p - k) mod s (``held_after`` past the first window): in cat(buf, x) the window
+        starts at k - 1 - held = s - 1 - t."""
+        return self.s - 1 - torch.remainder(r + (self.padding_frames - self.k), self.s)
 
     def flush(self, state):
         """End of stream: the right padding's p zeros complete the last windows."""

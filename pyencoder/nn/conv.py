@@ -21,6 +21,7 @@ from torch import nn
 
 from .._checks import check_int, check_module_input
 from ..ops.conv import causal_conv1d, causal_conv1d_update
+from ..streaming import state as _state
 from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
                                check_state, check_step_lengths, check_step_slots, fill_counter,
                                stamp)
@@ -85,6 +86,33 @@ class StridedConv1d(nn.Conv1d):
                                                        device=device, dtype=dtype),
                                            zi(), zi()))
 
+    def _window_starts(self, r):
+        """Where in cat(history, x) the next window of a slot with ``seen % stride == r`` starts
+        (r an int64 tensor); the subclass's layout of its history."""
+        raise NotImplementedError
+
+    def _phase_rows(self, L, device):
+        """(stride, L) int64: row r holds the positions in cat(history, x) of the L samples a
+        slot with ``seen % stride == r`` reads (``_window_starts``). Kept per (L, device); under
+        CUDA graph capture a missing entry is built in the graph and not kept (capture does not
+        run it)."""
+        cache = self.__dict__.setdefault("_phase_cache", {})
+        hit = cache.get((L, device))
+        if hit is not None:
+            return hit
+        start = self._window_starts(torch.arange(self.s, device=device))
+        rows = start[:, None] + torch.arange(L, device=device)[None, :]
+        if not _state._capturing(device):
+            cache[(L, device)] = rows
+        return rows
+
+    def _gather_windows(self, cat, seen, L):
+        """Each slot's L samples of cat (B, C, T) from its own window start, read on the device
+        from its ``seen`` (no host synchronisation): (B, C, L)."""
+        B, C = cat.shape[0], cat.shape[1]
+        rows = self._phase_rows(L, cat.device)[torch.remainder(seen, self.s)]      # (B, L)
+        return torch.gather(cat, 2, rows[:, None, :].expand(B, C, L))
+
     def _stack_slots(self, ys, like):
         """Per-slot outputs ys[b] (C_out, m_b) as one (B, C_out, max m_b) tensor of ``like``'s
         dtype and device, zeros after slot b's m_b frames."""
@@ -102,9 +130,19 @@ class CausalConv1d(StridedConv1d):
     state_type = ConvState
     lookahead = 0
     stream_time_axis = -1
+    # step_fixed at stride > 1: False reads every slot's window at phase 0 (seen % stride == 0,
+    # the steady state of a stream fed whole strides from its start: no extra kernel); True
+    # reads each slot's own phase on the device (a gather: any phase, slots may differ), which
+    # a strided conv after frames held back for lookahead needs. StreamingSequential sets it on
+    # the strided convs after a child with lookahead.
+    any_phase = False
 
     def extra_repr(self):
         return super().extra_repr() + f", causal=True, activation={self.activation}"
+
+    def _window_starts(self, r):
+        # the general step's offset: s - 1 - seen % s
+        return self.s - 1 - r
 
     def forward(self, x):
         # self.weight is read once per call: where it is computed on access (a weight-norm
@@ -161,19 +199,20 @@ class CausalConv1d(StridedConv1d):
     def steady_check(self, n, state):
         """pyencoder.streaming.state.SteadyCheck of a general step of n samples in every slot: n
         a positive multiple of the stride, n // stride frames out; the device condition: every
-        slot has seen a multiple of the stride (none at stride 1)."""
+        slot has seen a multiple of the stride (none at stride 1 or with ``any_phase``)."""
         s = self.s
         if n < 1 or n % s or state.seen.shape[0] == 0:
             return None
-        if s == 1:
-            return SteadyCheck(n, lambda: None, ())
+        if s == 1 or self.any_phase:
+            return SteadyCheck(n // s, lambda: None, ())
         seen = state.seen
         return SteadyCheck(n // s, lambda: torch.remainder(seen, s) == 0, (seen,))
 
     def step_fixed(self, x, state, check=False):
         """CUDA-graph friendly step: every slot gets the same n samples, n a multiple of the
         stride, and every slot has seen a multiple of the stride (``check=True`` verifies that,
-        a host synchronisation). State updated in place."""
+        a host synchronisation), or, with ``any_phase``, any number (each slot's window read
+        at its own phase on the device). State updated in place."""
         k, s = self.k, self.s
         check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, n)", self.weight)
         check_state(self, state, ConvState)
@@ -181,12 +220,24 @@ class CausalConv1d(StridedConv1d):
         if x.shape[-1] % s:
             raise ValueError(f"CausalConv1d.step_fixed: the step length x.shape[-1] must be a "
                              f"multiple of the stride {s}; got {x.shape[-1]}")
-        if check and bool((torch.remainder(state.seen, s) != 0).any()):
+        phased = s > 1 and self.any_phase
+        if check and not phased and bool((torch.remainder(state.seen, s) != 0).any()):
             raise ValueError(f"CausalConv1d.step_fixed needs every slot to have seen a multiple "
-                             f"of the stride {s} samples; got seen={state.seen.tolist()}")
+                             f"of the stride {s} samples; got seen={state.seen.tolist()} (a "
+                             f"strided conv after frames held back for lookahead: set "
+                             f"any_phase = True)")
         n = x.shape[-1]
         x = x.to(state.hist.dtype)
-        if 1 < k <= n + 1:
+        if phased and n:
+            # the general step's window at each slot's own offset s - 1 - seen % s: k - s
+            # samples of initial state, then n of input (its first n // s frames)
+            cat = torch.cat((state.hist, x), -1)
+            win = self._gather_windows(cat, state.seen, k - s + n)
+            y = causal_conv1d(win[..., k - s:], self.weight, self.bias, stride=s,
+                              groups=self.groups, activation=self.activation,
+                              initial_state=win[..., :k - s] if k > s else None)
+            state.hist.copy_(cat[..., cat.shape[-1] - (k - 1):])
+        elif 1 < k <= n + 1:
             # what the general step computes on cat(hist, x), without the cat: the input is x,
             # the k - s samples before it end the history (a strided view: every backend reads
             # it as it is, no copy kernel), and x's last k - 1 samples are the next history

@@ -39,6 +39,17 @@ class StackState(StreamState):
     out_lengths: torch.Tensor
 
 
+def _holds_back(m):
+    """Whether a child of a stack may hold frames back from its output (so the frames after it
+    reach a steady state at any phase): a declared ``lookahead`` other than 0 (None: unknown,
+    a nested stack: any of its children); per-frame modules never."""
+    if isinstance(m, StreamingSequential):
+        return any(_holds_back(c) for c in m)
+    if not is_streaming(m):
+        return False
+    return getattr(m, "lookahead", None) != 0
+
+
 class StreamingSequential(nn.Sequential):
     """``nn.Sequential`` of streaming and per-frame modules that also streams: ``init_state``,
     ``step`` and ``flush`` run the children in turn (module docstring); its latency is composed by
@@ -55,8 +66,21 @@ class StreamingSequential(nn.Sequential):
     def _stream_config(self):
         return f"StreamingSequential({', '.join(type(m).__name__ for m in self)})"
 
+    def _mark_any_phase(self):
+        """Strided CausalConv1d's (children, or inside children) after a child that holds
+        frames back (lookahead, unknown lookahead, incomplete chunks) meet a steady stream at
+        any phase of their stride: their step_fixed reads each slot's phase (``any_phase``)."""
+        held = False
+        for m in self:
+            if held:
+                for c in m.modules():
+                    if getattr(c, "s", 1) > 1 and hasattr(c, "any_phase") and not c.any_phase:
+                        c.any_phase = True
+            held = held or _holds_back(m)
+
     def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
         check_init_args(batch_size, dtype, device)
+        self._mark_any_phase()
         p = next(self.parameters(), None)
         device = (p.device if p is not None else torch.device("cpu")) if device is None \
             else torch.device(device)
