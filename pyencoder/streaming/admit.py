@@ -132,8 +132,10 @@ def _write_slot(state, sub, slot):
             if key.startswith("_filled_") and rec[0] is getattr(st, key[8:], None) \
                     and rec[2] == _stamp(rec[0]):
                 recs.append((st, key, rec))
-    for k, t in mine.items():
-        t[slot].copy_(new[k][0])
+    # every tensor's slot at once: one multi-tensor copy per device and dtype on CUDA (a slot
+    # of a (B, ...) state tensor and a batch-1 one are both dense), ~100 copies for an encoder
+    keys = list(mine)
+    torch._foreach_copy_([mine[k][slot] for k in keys], [new[k][0] for k in keys])
     for st, key, (t, n, _) in recs:
         t[slot] = n
     for st, key, (t, n, _) in recs:
