@@ -217,3 +217,21 @@ def test_hf_streaming_encoder_step_fixed_with_conv_adapter():
     got = torch.cat(outs, 1)
     assert got.shape[1] >= 8
     torch.testing.assert_close(got, ref[:, :got.shape[1]], atol=1e-5, rtol=1e-5)
+
+
+def test_conv_adapter_bad_input_names_h():
+    """Offline, step and step_fixed name the argument and what was expected (it used to be
+    torch's matmul error from the projection, or an 'x' the caller never passed)."""
+    ad = ConvAdapter(6, 4, 2, 3, 2, 1)
+    st = ad.init_state(2)
+    calls = (lambda h: ad(h), lambda h: ad.step(h, st), lambda h: ad.step_fixed(h, st))
+    for call in calls:
+        with pytest.raises(ValueError, match=r"h must have shape \(B, n, 6\); got \(2, 4, 5\)"):
+            call(torch.randn(2, 4, 5))
+        with pytest.raises(TypeError, match=r"h must have the module's dtype \(torch.float32\)"):
+            call(torch.randn(2, 4, 6, dtype=torch.float64))
+        with pytest.raises(TypeError, match="h must be a torch.Tensor"):
+            call([0.0])
+    for call in calls[1:]:
+        with pytest.raises(ValueError, match="h has batch 3 but the state holds 2 slots"):
+            call(torch.randn(3, 4, 6))

@@ -186,6 +186,7 @@ class ConvAdapter(nn.Module):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1; got {num_layers}")
+        self.embed_dim = embed_dim
         if channels != embed_dim:
             self.proj = Linear(embed_dim, channels)
             self.proj_layer_norm = nn.LayerNorm(channels, eps=eps)
@@ -207,12 +208,21 @@ class ConvAdapter(nn.Module):
             n = layer.conv.out_length(n + layer.conv.padding_frames)
         return n
 
+    def _check_h(self, h, state=None):
+        """h: (B, n, embed_dim) floating, on the module's device and of its dtype; with a state,
+        one row per slot."""
+        w = self.layers[0].conv.weight
+        check_module_input(h, 2, self.embed_dim, f"(B, n, {self.embed_dim})", w, name="h")
+        if state is not None:
+            check_step_slots(h.shape[0], state.out_lengths.shape[0], name="h")
+
     def _project(self, h):
         if self.proj is not None and self.proj_layer_norm is not None:
             h = self.proj_layer_norm(self.proj(h))
         return h
 
     def forward(self, h):
+        self._check_h(h)
         x = self._project(h).transpose(1, 2)
         for layer in self.layers:
             x = layer(x)
@@ -238,6 +248,7 @@ class ConvAdapter(nn.Module):
     def step(self, h, state, lengths=None):
         """h (B, n, E) encoder frames (slot b's first ``lengths[b]``) -> (B, m, C), state."""
         check_state(self, state, AdapterState)
+        self._check_h(h, state)
         B, n = h.shape[0], h.shape[1]
         lengths = check_step_lengths(lengths, B, n, h.device)
         y, state.out_lengths = self._from(0, self._project(h).transpose(1, 2), lengths, state)
@@ -269,9 +280,7 @@ class ConvAdapter(nn.Module):
         synchronisation). Returns (B, n // stride, C), equal to ``step``'s output; the state is
         updated in place without host synchronisation (each slot's phase read on the device)."""
         check_state(self, state, AdapterState)
-        if not isinstance(h, torch.Tensor) or h.dim() != 3:
-            raise ValueError(f"h must be a (B, n, E) tensor; got "
-                             f"{tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__}")
+        self._check_h(h, state)
         n = h.shape[1]
         if n % self.stride:
             raise ValueError(f"ConvAdapter.step_fixed: the step length h.shape[1] ({n} frames) "
