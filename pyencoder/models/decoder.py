@@ -32,8 +32,9 @@ from ..nn.misc import Transpose
 from ..nn.refiner import Refiner
 from ..ops.convnext import convnext_dwconv_ln, select_backend as convnext_backend
 from ..streaming.sequential import StreamingSequential
-from ..streaming.state import (StreamState, check_init_args, check_state, check_step_input,
-                               check_step_lengths, stamp)
+from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
+                               check_state, check_step_input, check_step_lengths, check_step_slots,
+                               fill_counter, inference_step, stamp)
 
 __all__ = ["DecoderConfig", "ConvNeXtBlock", "StreamingDecoder", "DecoderState"]
 
@@ -136,6 +137,29 @@ class ConvNeXtBlock(nn.Module):
         h, state = self.dwconv.step(x.transpose(1, 2), state, lengths)
         return self._mlp(x, h.transpose(1, 2)), state
 
+    def steady_check(self, n, state):
+        """pyencoder.streaming.state.SteadyCheck of a step of n >= 1 frames: always the fixed
+        step (a stride-1 conv: every state is steady), nothing to check on the device."""
+        if n < 1 or state.seen.shape[0] == 0:
+            return None
+        return SteadyCheck(n, lambda: None, ())
+
+    @inference_step
+    def step_fixed(self, x, state, check=False):
+        """CUDA-graph friendly step: x (B, n, C), every slot the same n frames; what ``step``
+        returns, the state updated in place, no host synchronisation."""
+        check_state(self.dwconv, state, ConvState)
+        check_step_input(x, -1, self.dwconv.in_channels, state.seen.shape[0], state.hist.device)
+        n = x.shape[1]
+        if n > 0 and self.dwconv.k > 1 and self._use_fused(x):
+            h, hist = self._fused(x.to(state.hist.dtype), state.hist)
+            state.hist.copy_(hist)
+            advance_counter(state.seen, n)
+            fill_counter(state, n)
+            return self._mlp(x, h, normed=True)
+        h = self.dwconv.step_fixed(x.transpose(1, 2), state, check=check)
+        return self._mlp(x, h.transpose(1, 2))
+
     def flush(self, state):
         check_state(self.dwconv, state, ConvState)
         B = state.seen.shape[0]
@@ -221,6 +245,31 @@ class StreamingDecoder(nn.Module):
         check_state(self, state, DecoderState)
         y, state.net = self.net.step(x, state.net, lengths)
         return self._wave(y, state)
+
+    def steady_check(self, n, state):
+        """pyencoder.streaming.state.SteadyCheck of a step of n frames: the stack's (every
+        ConvNeXt block and conv always; the Refiner: n whole chunks; attention layers: steady),
+        n_out in waveform samples."""
+        c = self.net.steady_check(n, state.net)
+        return None if c is None else SteadyCheck(c.n_out * self.samples_per_frame, c.ok,
+                                                  c.counters)
+
+    def step_fixed(self, x, state, check=False):
+        """CUDA-graph friendly steady-state step: x (B, n, input_dim), every slot the same n
+        frames (n whole Refiner chunks; attention layers steady: StreamingSequential.step_fixed,
+        ``check=True`` verifies, a host synchronisation). Returns the waveform (B, n * K) (every
+        sample valid), equal to ``step``'s; the state is updated in place without host
+        synchronisation, so the call can be captured in a torch.cuda.CUDAGraph. The general
+        ``step`` runs it by itself once steady."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or \
+                x.shape[-1] != self.config.input_dim:
+            raise ValueError(f"x must have shape (B, n, {self.config.input_dim}); got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
+        check_state(self, state, DecoderState)
+        check_step_slots(x.shape[0], state.out_lengths.shape[0])
+        y = self.net.step_fixed(x, state.net, check=check)
+        fill_counter(state, y.shape[1] * self.samples_per_frame)
+        return y.reshape(y.shape[0], y.shape[1] * y.shape[2])
 
     def flush(self, state):
         check_state(self, state, DecoderState)

@@ -13,8 +13,10 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..streaming.state import (StreamState, check_init_args, check_state, check_step_input,
-                               check_step_lengths, stamp)
+from ..streaming import state as _state
+from ..streaming.state import (StreamState, SteadyCheck, check_init_args, check_state,
+                               check_step_input, check_step_lengths, fill_counter,
+                               inference_step, stamp)
 from .._checks import check_int, check_module_input
 from .linear import Linear
 
@@ -85,6 +87,47 @@ class Refiner(nn.Module):
         if lengths is not None:
             lengths = check_step_lengths(lengths, x.shape[0], x.shape[1], x.device)
         return self._run(x, state, lengths, final=False)
+
+    def steady_check(self, n, state):
+        """pyencoder.streaming.state.SteadyCheck of a step of n frames: n whole chunks (n frames
+        out whatever each slot holds of its next chunk), nothing to check on the device."""
+        if n < 1 or n % self.chunk_size or state.count.shape[0] == 0:
+            return None
+        return SteadyCheck(n, lambda: None, ())
+
+    def _arange(self, N, device):
+        cache = self.__dict__.setdefault("_arange_cache", {})
+        hit = cache.get((N, device))
+        if hit is None:
+            hit = torch.arange(N, device=device)
+            if not _state._capturing(device):
+                cache[(N, device)] = hit
+        return hit
+
+    @inference_step
+    def step_fixed(self, x, state, check=False):
+        """CUDA-graph friendly step: x (B, n, E), every slot the same n frames, n a multiple of
+        ``chunk_size``; each slot may hold any count of its next chunk (read on the device: its
+        frames come first, then x's). Returns (B, n, E), what ``step`` returns, the state
+        updated in place without host synchronisation (``check`` has nothing to verify)."""
+        check_state(self, state, RefinerState)
+        check_step_input(x, -1, self.embed_dim, state.count.shape[0], state.buf.device)
+        B, n, E = x.shape
+        C = self.chunk_size
+        if n % C:
+            raise ValueError(f"Refiner.step_fixed: the step length x.shape[1] must be a multiple "
+                             f"of chunk_size ({C}); got {n}")
+        cat = torch.cat((state.buf, x.to(state.buf.dtype)), 1)       # (B, C + n, E)
+        # slot b's sequence: its count_b held frames (buf[:count_b]), then x; positions in cat
+        # (those past its n + count_b frames clamped: masked out of the new buffer below)
+        ar = self._arange(n + C, x.device)
+        cnt = state.count[:, None]
+        idx = torch.where(ar < cnt, ar, ar + (C - cnt)).clamp_max_(C + n - 1)
+        seq = torch.gather(cat, 1, idx[..., None].expand(B, n + C, E))
+        y = self._refine(seq[:, :n].reshape(B, n // C, C, E)).reshape(B, n, E)
+        state.buf.copy_(torch.where((ar[:C] < cnt)[..., None], seq[:, n:], 0))
+        fill_counter(state, n)
+        return y.to(x.dtype)
 
     def flush(self, state):
         check_state(self, state, RefinerState)

@@ -1,0 +1,244 @@
+"""The streaming decoder's steady-state step (FocalCodec-Stream's causal ConvNeXt decoder):
+ConvNeXtBlock.step_fixed (composed and fused conv + LayerNorm), Refiner.step_fixed and
+StreamingDecoder.step_fixed / steady_check, so a decoder stream runs its general step as the fixed
+one once steady (its StreamingSequential's dispatch) and captures in a CUDA graph.
+
+A Refiner holds each slot's frames of its next chunk; a steady stream (steps of whole chunks)
+keeps that count whatever it is, slots may differ: the fixed step reads the counts on the device
+and gathers each slot's sequence. Checked (float64): after ragged per-slot warm-ups,
+step_fixed == the pure general step (outputs, out_lengths, every state tensor, in place, no host
+synchronisation) == offline; the decoder's general step dispatches (one host read, then none; none at all
+without attention layers);
+errors for steps that are not whole chunks; backward through a fixed step raises the
+inference-only error. GPU (marked): the decoder's step_fixed captured in a CUDA graph, replays
+== offline (fp32).
+
+Tolerance: float64, the same ops on the same rows: 1e-12 (decoder: 1e-10 as tests/test_models.py).
+"""
+import random
+
+import pytest
+import torch
+
+from _stream_utils import rel_err
+from test_encoder_step_fixed import _Syncs
+from test_models import tiny_decoder_config
+from test_streaming_fixed import NoHostSync, _capture, _general_only
+from pyencoder.models import StreamingDecoder
+from pyencoder.models.decoder import ConvNeXtBlock
+from pyencoder.nn import Refiner
+from pyencoder.streaming import StreamingSequential
+
+
+def _ragged(module, B, E, rng, steps=4, hi=5, mod=1):
+    """General steps of ragged per-slot lengths; slot b ends with a total of b modulo ``mod``
+    frames (a Refiner of chunk ``mod`` then holds b % mod frames of its next chunk)."""
+    st = module.init_state(B, dtype=torch.float64)
+    feeds, outs = [[] for _ in range(B)], [[] for _ in range(B)]
+    for i in range(steps):
+        ls = [rng.randint(0, hi) for _ in range(B)]
+        if i == steps - 1:
+            tot = [sum(f.shape[0] for f in feeds[b]) for b in range(B)]
+            ls = [ls[b] + (b - tot[b] - ls[b]) % mod for b in range(B)]
+        x = torch.randn(B, max(ls), E, dtype=torch.float64)
+        y, st = module.step(x, st, torch.tensor(ls))
+        for b in range(B):
+            feeds[b].append(x[b, :ls[b]])
+            outs[b].append(y[b, :int(st.out_lengths[b])])
+    return st, feeds, outs
+
+
+def _fixed_vs_general(module, st, feeds, outs, B, E, ns, tol=1e-12):
+    oracle = module.init_state(B, dtype=torch.float64)
+    oracle.load_state_dict(st.state_dict())
+    ptrs = {k: v.data_ptr() for k, v in st.tensors().items()}
+    for i, n in enumerate(ns):
+        x = torch.randn(B, n, E, dtype=torch.float64)
+        if i == 0:
+            y = module.step_fixed(x, st, check=True)
+        else:
+            with NoHostSync():
+                y = module.step_fixed(x, st)
+        with _general_only():
+            y2, oracle = module.step(x, oracle)
+        assert y.shape == (B, n, E) and oracle.out_lengths.tolist() == [n] * B
+        assert st.out_lengths.tolist() == [n] * B
+        assert rel_err(y, y2) <= tol, (i, n)
+        for b in range(B):
+            feeds[b].append(x[b])
+            outs[b].append(y[b])
+    for k, v in st.tensors().items():
+        assert rel_err(v.double(), oracle.tensors()[k].double()) <= tol, k
+    assert {k: v.data_ptr() for k, v in st.tensors().items()} == ptrs
+
+
+@pytest.mark.parametrize("C", [1, 2, 3])
+def test_refiner_step_fixed_any_count(C):
+    torch.manual_seed(C)
+    rng = random.Random(C)
+    ref = Refiner(4, C, hidden_dim=10).double()
+    B = 4
+    with torch.no_grad():
+        st, feeds, outs = _ragged(ref, B, 4, rng, mod=C)
+        assert st.count.tolist() == [b % C for b in range(B)]      # slots at different counts
+        chk = ref.steady_check(2 * C, st)
+        assert chk.n_out == 2 * C and chk.ok() is None
+        assert ref.steady_check(C + 1, st) is None or C == 1
+        _fixed_vs_general(ref, st, feeds, outs, B, 4, [C, 3 * C, 2 * C])
+        y, st = ref.flush(st)
+        for b in range(B):            # stream + flush == offline per slot
+            got = torch.cat(outs[b] + [y[b, :int(st.out_lengths[b])]], 0)
+            want = ref(torch.cat(feeds[b], 0)[None])[0]
+            assert got.shape == want.shape and rel_err(got, want) <= 1e-12, b
+
+
+def test_refiner_step_fixed_errors():
+    ref = Refiner(4, 3).double()
+    st = ref.init_state(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"multiple of chunk_size \(3\); got 4"):
+        ref.step_fixed(torch.randn(2, 4, 4, dtype=torch.float64), st)
+    with pytest.raises(ValueError, match="batch"):
+        ref.step_fixed(torch.randn(3, 3, 4, dtype=torch.float64), st)
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    y = ref.step_fixed(x, st)
+    with pytest.raises(RuntimeError, match="inference"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_convnext_block_step_fixed(fused):
+    torch.manual_seed(3)
+    rng = random.Random(3)
+    blk = ConvNeXtBlock(6, 10, kernel_size=5, layer_scale_init=0.5, fused=fused).double()
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        B = 3
+        st, feeds, outs = _ragged(blk, B, 6, rng)
+        assert blk.steady_check(1, st).n_out == 1 and blk.steady_check(0, st) is None
+        _fixed_vs_general(blk, st, feeds, outs, B, 6, [1, 4, 2, 7])
+        for b in range(B):
+            got = torch.cat(outs[b], 0)
+            want = blk(torch.cat(feeds[b], 0)[None])[0]
+            assert rel_err(got, want) <= 1e-12, b
+
+
+DEC = {"convnext": dict(), "refiner_attention": dict(num_attention_layers=1, refiner_chunk=3),
+       "refiner2_attention2": dict(num_attention_layers=2, refiner_chunk=2,
+                                   convnext_fused=True)}
+
+
+def _decoder(case):
+    torch.manual_seed(sum(map(ord, case)))
+    m = StreamingDecoder(tiny_decoder_config(**DEC[case])).double().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+@pytest.mark.parametrize("case", sorted(DEC))
+def test_decoder_step_fixed_equals_step_and_offline(case, monkeypatch):
+    m = _decoder(case)
+    K, C = m.samples_per_frame, m.config.refiner_chunk or 1
+    n = 2 * C
+    B, warm, fixed = 2, [1, 2, 4, 1], 6
+    x = torch.randn(B, sum(warm) + n * (fixed + 8), 6, dtype=torch.float64)
+    with torch.no_grad():
+        st = m.init_state(B, max_chunk=6)
+        outs, t = [], 0
+        for c in warm:
+            y, st = m.step(x[:, t:t + c], st)
+            outs.append(y[:, :int(st.out_lengths[0])])
+            t += c
+        chk = m.steady_check(n, st)
+        assert chk is not None and chk.n_out == n * K
+        oracle = m.init_state(B, max_chunk=6)
+        oracle.load_state_dict(st.state_dict())
+        ptrs = {k: v.data_ptr() for k, v in st.tensors().items()}
+        for i in range(fixed):
+            xi = x[:, t:t + n]
+            if i == 1:
+                with NoHostSync():
+                    y = m.step_fixed(xi, st)
+            else:
+                y = m.step_fixed(xi, st, check=i == 0)
+            assert y.shape == (B, n * K) and st.out_lengths.tolist() == [n * K] * B
+            with _general_only():
+                y2, oracle = m.step(xi, oracle)
+            assert oracle.out_lengths.tolist() == [n * K] * B
+            assert rel_err(y, y2) <= 1e-10, i
+            outs.append(y)
+            t += n
+        assert {k: v.data_ptr() for k, v in st.tensors().items()} == ptrs
+        a, b = st.tensors(), oracle.tensors()
+        for k in a:
+            if k.endswith((".attention.q", ".res")):
+                continue       # per-query queues: slots past `pending` are unused
+            assert rel_err(a[k].double(), b[k].double()) <= 1e-10, k
+        # the general step now runs as step_fixed by itself: one host read, then none
+        calls = []
+        real = StreamingSequential.step_fixed
+
+        def spy(self, *args, **kw):
+            calls.append(1)
+            return real(self, *args, **kw)
+        monkeypatch.setattr(StreamingSequential, "step_fixed", spy)
+        reads = []
+        for i in range(3):
+            _Syncs.n = 0
+            with _Syncs():
+                y, st = m.step(x[:, t:t + n], st)
+            reads.append(_Syncs.n)
+            assert st.out_lengths.tolist() == [n * K] * B
+            outs.append(y)
+            t += n
+        first = 0 if chk.ok() is None else 1        # convs and blocks alone: nothing to read
+        assert len(calls) == 3 and reads == [first, 0, 0], reads
+        assert first == (m.config.num_attention_layers > 0)
+        y, st = m.flush(st)
+        outs.append(y[:, :int(st.out_lengths[0])])
+        ref = m(x[:, :t])                 # the stream ended (flushed) after t frames
+    got = torch.cat(outs, 1)
+    assert got.shape == ref.shape == (B, t * K)
+    assert rel_err(got, ref) <= 1e-10
+
+
+def test_decoder_step_fixed_errors():
+    m = _decoder("refiner_attention")
+    st = m.init_state(2, max_chunk=6)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"x must have shape \(B, n, 6\)"):
+            m.step_fixed(torch.randn(2, 3, 5, dtype=torch.float64), st)
+        with pytest.raises(ValueError, match="slots"):
+            m.step_fixed(torch.randn(3, 3, 6, dtype=torch.float64), st)
+        with pytest.raises(ValueError, match=r"multiple of chunk_size \(3\)"):
+            m.step_fixed(torch.randn(2, 4, 6, dtype=torch.float64), st)
+        assert m.steady_check(4, st) is None
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decoder():
+    """Replays of the captured decoder step equal the offline forward (fp32 1e-4)."""
+    m = _decoder("refiner2_attention2").float().cuda()
+    n, B = 4, 2
+    x = torch.randn(B, 3 + n * 12, 6, device="cuda")
+    with torch.no_grad():
+        ref = m(x)
+        st = m.init_state(B, max_chunk=4)
+        outs = []
+        y, st = m.step(x[:, :3], st)
+        outs.append(y[:, :int(st.out_lengths[0])])
+        outs.append(m.step_fixed(x[:, 3:3 + n], st, check=True))
+        xbuf = x[:, 3 + n:3 + 2 * n].clone()
+        g, ybuf = _capture(lambda: m.step_fixed(xbuf, st))      # the warm-up ran this step
+        outs.append(ybuf.clone())
+        t = 3 + 2 * n
+        while t + n <= x.shape[1]:
+            xbuf.copy_(x[:, t:t + n])
+            g.replay()
+            outs.append(ybuf.clone())
+            t += n
+        torch.cuda.synchronize()
+    got = torch.cat(outs, 1)
+    assert rel_err(got, ref[:, :got.shape[1]]) <= 1e-4
