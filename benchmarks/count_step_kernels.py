@@ -44,7 +44,8 @@ Paths (``--path``):
 
 Usage: python -m benchmarks.count_step_kernels [--mask banded|chunked|both]
        [--path cpu|cuda-torch-ring|cuda|all] [--layers 12] [--dtype bfloat16] [--post-ln]
-       [--model stack|encoder] [--call step_fixed|step|step-no-dispatch] [--ops] [--json]
+       [--model stack|encoder|decoder] [--adapter N] [--call step_fixed|step|step-no-dispatch]
+       [--ops] [--json]
 Prints a table per mask and path (total, per module type, per layer).
 """
 import argparse
@@ -240,6 +241,15 @@ def _observer_not_a_mode():
 CALLS = ("step_fixed", "step", "step-no-dispatch")
 
 
+def _decoder(dims):
+    """FocalCodec-Stream's decoder shape (pyencoder.models.DecoderConfig's defaults: a causal conv
+    embed, LayerNorm, 8 ConvNeXt blocks, LayerNorm, Linear to 320 samples per frame) at the
+    count's small widths; its steps are 4 frames (80 ms at 50 Hz)."""
+    from pyencoder.models import DecoderConfig, StreamingDecoder
+    return StreamingDecoder(DecoderConfig(input_dim=dims["dim"], dim=dims["dim"],
+                                          intermediate_dim=dims["ffn"])).eval()
+
+
 def count(mask="banded", path="cuda", layers=12, dtype=torch.bfloat16, dims=None, seed=0,
           norm_first=True, model="stack", call="step_fixed", extractor="group", adapter=0):
     """One steady-state step_fixed of the bench_streaming stack (``model="stack"``) or of the
@@ -260,18 +270,23 @@ def count(mask="banded", path="cuda", layers=12, dtype=torch.bfloat16, dims=None
     cfg = dict(GPU_MASKS[mask])
     sf = cfg.pop("step_frames")
     torch.manual_seed(seed)
-    if model not in ("stack", "encoder"):
-        raise ValueError(f"model must be 'stack' or 'encoder'; got {model!r}")
+    if model not in ("stack", "encoder", "decoder"):
+        raise ValueError(f"model must be 'stack', 'encoder' or 'decoder'; got {model!r}")
     if adapter and model != "encoder":
         raise ValueError("adapter is the encoder's option (model='encoder')")
     sf = math.lcm(sf, 2 ** adapter)
     if model == "stack":
         model = build(layers=layers, **(dims or DIMS), **cfg, norm_first=norm_first)
-    else:
+        x = torch.randn(1, 1, HOP * sf, dtype=dtype)
+    elif model == "encoder":
         model = build_encoder(layers=layers, **(dims or DIMS), **cfg, norm_first=norm_first,
                               feat_norm=extractor, adapter_layers=adapter)
+        x = torch.randn(1, 1, HOP * sf, dtype=dtype)
+    else:
+        model, sf = _decoder(dims or DIMS), 4
+        x = torch.randn(1, sf, model.config.input_dim, dtype=dtype)
     model = model.to(dtype)
-    x = torch.randn(1, 1, HOP * sf, dtype=dtype)
+    x = x.to(dtype)
     stack = []
     ref = [None]
     cuda = path != "cpu"
@@ -285,7 +300,7 @@ def count(mask="banded", path="cuda", layers=12, dtype=torch.bfloat16, dims=None
                 if hasattr(m, "pack_qkv_"):
                     m.pack_qkv_()
         st = model.init_state(1, dtype=dtype, max_chunk=sf)
-        for _ in range(_warm_steps(model, sf)):
+        for _ in range(3 if hasattr(model, "net") else _warm_steps(model, sf)):
             model.step(torch.randn_like(x), st)
         with ctx:
             if call == "step_fixed":
@@ -358,10 +373,11 @@ def main(argv=None):
     ap.add_argument("--ops", action="store_true", help="also list the counted ops by name")
     ap.add_argument("--post-ln", action="store_true",
                     help="post-LN layers (wav2vec2-base's) instead of the benchmark's pre-LN")
-    ap.add_argument("--model", choices=("stack", "encoder"), default="stack",
+    ap.add_argument("--model", choices=("stack", "encoder", "decoder"), default="stack",
                     help="the bench_streaming stack, or the converted wav2vec2-base CausalEncoder "
                          "(running GroupNorm, valid convs, positional conv; post-LN unless "
-                         "--pre-ln): its whole-encoder step_fixed")
+                         "--pre-ln): its whole-encoder step_fixed, or the StreamingDecoder "
+                         "(FocalCodec-Stream's ConvNeXt decoder)")
     ap.add_argument("--pre-ln", action="store_true", help="--model encoder: pre-LN layers")
     ap.add_argument("--extractor", choices=("group", "layer"), default="group",
                     help="--model encoder: wav2vec2-base's conv extractor (a GroupNorm after the "
@@ -377,6 +393,8 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = ap.parse_args(argv)
     masks = ["banded", "chunked"] if args.mask == "both" else [args.mask]
+    if args.model == "decoder":
+        masks = masks[:1]                  # no attention: the mask does not matter
     paths = list(PATHS) if args.path == "all" else [args.path]
     dtype = getattr(torch, args.dtype)
     if args.model == "encoder":
@@ -404,8 +422,12 @@ def main(argv=None):
         (f" + a {args.adapter}-layer conv adapter" if args.adapter else "")
     frames = sorted({r["step_frames"] for r in results.values()})
     what += f", {'/'.join(map(str, frames))}-frame steps"
-    print(f"ops per {args.call}, batch 1, {args.layers} {'pre' if nf else 'post'}-LN "
-          f"layers, {args.dtype} ({what}, small dims)")
+    if args.model == "decoder":
+        print(f"ops per {args.call}, batch 1, {args.dtype} (StreamingDecoder, FocalCodec-Stream's "
+              f"shape: 8 ConvNeXt blocks, 320 samples a frame; 4-frame steps, small dims)")
+    else:
+        print(f"ops per {args.call}, batch 1, {args.layers} {'pre' if nf else 'post'}-LN "
+              f"layers, {args.dtype} ({what}, small dims)")
     print(format_table(results))
     if args.ops:
         for (m, p), r in results.items():

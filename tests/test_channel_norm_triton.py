@@ -118,6 +118,102 @@ def test_feature_conv_layer_takes_the_kernel_where_it_applies(monkeypatch):
     assert not calls
 
 
+def _spy(monkeypatch):
+    calls = []
+    real = CN.channel_norm_act
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(CN, "channel_norm_act", spy)
+    return calls
+
+
+def test_layer_norm_module_reads_a_transposed_input(monkeypatch):
+    """pyencoder.nn.LayerNorm: nn.LayerNorm's keys and results; the (B, T, C) view of a
+    (B, C, T) tensor in one launch (contiguous output, as torch's), everything else torch's:
+    a contiguous input, one frame, another normalized shape, autograd recording, float64."""
+    from pyencoder.nn import LayerNorm
+    from pyencoder.streaming.protocol import is_pointwise
+    torch.manual_seed(5)
+    ln = LayerNorm(24, eps=1e-6).to(_DEV)
+    ref = nn.LayerNorm(24, eps=1e-6).to(_DEV)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    ref.load_state_dict(ln.state_dict())
+    assert list(ln.state_dict()) == list(ref.state_dict()) and is_pointwise(ln)
+    calls = _spy(monkeypatch)
+    x = torch.randn(3, 24, 19, device=_DEV) * 2 + 0.3
+    with torch.no_grad():
+        y = ln(x.transpose(1, 2))
+        assert calls == [1] and y.is_contiguous() and y.shape == (3, 19, 24)
+        _check(y, ref(x.transpose(1, 2)), torch.float32)
+        for other in (x.transpose(1, 2).contiguous(), x[..., :1].transpose(1, 2)):
+            torch.testing.assert_close(ln(other), ref(other), rtol=0, atol=0)
+        ln.double()(x.double().transpose(1, 2))
+        ln.float()
+    assert calls == [1]
+    y = ln(x.transpose(1, 2))                           # autograd: torch's, differentiable
+    assert calls == [1] and y.requires_grad
+
+
+def test_convnext_block_norm_and_layer_scale(monkeypatch):
+    """ConvNeXtBlock: the depthwise conv's output normalised as it lies (one launch offline,
+    per step and per fixed step) and x + gamma * h as one addcmul; equal to the torch
+    composition offline, streamed and in its fixed steps."""
+    from pyencoder.models.decoder import ConvNeXtBlock
+    torch.manual_seed(6)
+    blk = ConvNeXtBlock(16, 24, kernel_size=5, layer_scale_init=0.3).to(_DEV).eval()
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+
+    def composed(x):
+        h = blk.dwconv(x.transpose(1, 2)).transpose(1, 2)
+        h = blk.pwconv2(blk.act(blk.pwconv1(nn.functional.layer_norm(
+            h, (16,), blk.norm.weight, blk.norm.bias, blk.norm.eps))))
+        return x + h * blk.gamma
+    calls = _spy(monkeypatch)
+    x = torch.randn(2, 23, 16, device=_DEV)
+    with torch.no_grad():
+        want = composed(x)
+        _check(blk(x), want, torch.float32)
+        assert calls == [1]
+        st = blk.init_state(2)
+        outs = []
+        for t, c in ((0, 3), (3, 4), (7, 8), (15, 8)):
+            if t < 7:
+                y, st = blk.step(x[:, t:t + c], st)
+            else:
+                y = blk.step_fixed(x[:, t:t + c], st)
+            outs.append(y)
+        assert len(calls) == 5
+        _check(torch.cat(outs, 1), want, torch.float32)
+
+
+def test_decoder_embed_norm_reads_the_conv_output(monkeypatch):
+    """The decoder's embed LayerNorm (after the conv and a Transpose) and every block's norm:
+    one launch each per call; the stream equals offline."""
+    from pyencoder.models import DecoderConfig, StreamingDecoder
+    from pyencoder.nn import LayerNorm
+    torch.manual_seed(7)
+    m = StreamingDecoder(DecoderConfig(input_dim=6, dim=16, intermediate_dim=24, num_blocks=2,
+                                       samples_per_frame=5)).to(_DEV).eval()
+    assert isinstance(m.net[3], LayerNorm)
+    calls = _spy(monkeypatch)
+    x = torch.randn(2, 20, 6, device=_DEV)
+    with torch.no_grad():
+        want = m(x)
+        assert len(calls) == 3
+        st = m.init_state(2)
+        outs = []
+        for t in range(0, 20, 4):
+            y, st = m.step(x[:, t:t + 4], st)
+            outs.append(y)
+    torch.testing.assert_close(torch.cat(outs, 1), want, rtol=1e-5, atol=1e-5)
+
+
 def test_feature_projection_reads_the_transposed_features(monkeypatch):
     """The encoder's feature projection LayerNorm on the (B, T, C) view of the conv features:
     one launch reading them as they lie (torch's layer_norm would copy them first), equal to

@@ -163,6 +163,26 @@ def test_encoder_with_conv_adapter_counts():
         count("chunked", "cuda", layers=2, dims=TINY, model="stack", adapter=1)
 
 
+def test_decoder_step_counts():
+    """count_step_kernels --model decoder (FocalCodec-Stream's ConvNeXt decoder, 4-frame
+    steps): no host read, no fill; each ConvNeXt block 8 kernels (the depthwise conv's cat,
+    launch and history copy, its output normalised as it lies in one launch, two GEMMs, the
+    GELU, x + gamma * h in one addcmul), the embed conv's LayerNorm in one launch too; the
+    general step dispatches to it (+ the counter copy)."""
+    from benchmarks.count_step_kernels import count
+    r = count("banded", "cuda", dims=TINY, model="decoder")
+    assert r["syncs"] == 0 and "fill_" not in r["ops"], r["ops"]
+    c = r["by_type_op"]
+    assert c["ConvNeXtBlock.addcmul"] == 8 and "ConvNeXtBlock.mul" not in c, c
+    assert c["ConvNeXtBlock.triton:_channel_norm_act_kernel"] == 8, c
+    assert c["LayerNorm.triton:_channel_norm_act_kernel"] == 1, c
+    assert c["LayerNorm.native_layer_norm"] == 1, c                  # the last one, contiguous
+    assert not any("copy (inside" in k for k in c), c
+    assert r["total"] == 8 * 8 + 7, r["total"]
+    g = count("banded", "cuda", dims=TINY, model="decoder", call="step")
+    assert g["syncs"] == 0 and g["total"] == r["total"] + 1, (g["total"], g["syncs"])
+
+
 def test_adapter_phase_rows_under_graph_capture(monkeypatch):
     """The adapter conv's phase table: kept per (L, device); built but not kept during capture."""
     import pyencoder.streaming.state as S

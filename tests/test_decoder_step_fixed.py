@@ -27,7 +27,6 @@ from test_streaming_fixed import NoHostSync, _capture, _general_only
 from pyencoder.models import StreamingDecoder
 from pyencoder.models.decoder import ConvNeXtBlock
 from pyencoder.nn import Refiner
-from pyencoder.streaming import StreamingSequential
 
 
 def _ragged(module, B, E, rng, steps=4, hi=5, mod=1):
@@ -178,12 +177,12 @@ def test_decoder_step_fixed_equals_step_and_offline(case, monkeypatch):
             assert rel_err(a[k].double(), b[k].double()) <= 1e-10, k
         # the general step now runs as step_fixed by itself: one host read, then none
         calls = []
-        real = StreamingSequential.step_fixed
+        real = StreamingDecoder.step_fixed
 
         def spy(self, *args, **kw):
             calls.append(1)
             return real(self, *args, **kw)
-        monkeypatch.setattr(StreamingSequential, "step_fixed", spy)
+        monkeypatch.setattr(StreamingDecoder, "step_fixed", spy)
         reads = []
         for i in range(3):
             _Syncs.n = 0
@@ -242,3 +241,26 @@ def test_cuda_graph_decoder():
         torch.cuda.synchronize()
     got = torch.cat(outs, 1)
     assert rel_err(got, ref[:, :got.shape[1]]) <= 1e-4
+
+
+@pytest.mark.parametrize("case", ["ragged", "not_whole_chunks", "autograd"])
+def test_decoder_dispatch_not_taken(monkeypatch, case):
+    """The decoder's general step stays general for ragged lengths, steps that are not whole
+    Refiner chunks, and where autograd records (the stream is then differentiable up to the
+    inference-only steps inside, which say so)."""
+    m = _decoder("refiner_attention")
+    calls = []
+    monkeypatch.setattr(StreamingDecoder, "step_fixed", lambda *a, **k: calls.append(1))
+    x = torch.randn(2, 60, 6, dtype=torch.float64)
+    with torch.set_grad_enabled(case == "autograd"):
+        st = m.init_state(2, max_chunk=6)
+        t = 0
+        for _ in range(6):
+            if case == "ragged":
+                m.step(x[:, t:t + 6], st, lengths=torch.tensor([6, 3]))
+            elif case == "not_whole_chunks":
+                m.step(x[:, t:t + 4], st)
+            else:
+                m.step(x[:, t:t + 6], st)
+            t += 6
+    assert calls == []

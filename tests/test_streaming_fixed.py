@@ -78,13 +78,14 @@ ATT_CASES = [
 class _general_only:
     """Context: the general ``step`` never dispatches to ``step_fixed`` (the pure general path,
     the oracle the fixed step is compared with): not in an attention (TransformerLayer asks its
-    attention), a StreamingSequential or a CausalEncoder."""
+    attention), a StreamingSequential, a CausalEncoder or a StreamingDecoder."""
 
     def __enter__(self):
-        from pyencoder.models import CausalEncoder
+        from pyencoder.models import CausalEncoder, StreamingDecoder
         from pyencoder.nn import attention
         self._mp = pytest.MonkeyPatch()
-        for cls in (attention.IntervalSelfAttention, StreamingSequential, CausalEncoder):
+        for cls in (attention.IntervalSelfAttention, StreamingSequential, CausalEncoder,
+                    StreamingDecoder):
             self._mp.setattr(cls, "_fixed_ok", lambda *a, **k: False)
 
     def __exit__(self, *exc):

@@ -29,12 +29,15 @@ from ..nn.conv import CausalConv1d, ConvState
 from ..nn.layer import TransformerLayer
 from ..nn.linear import Linear
 from ..nn.misc import Transpose
+from ..nn.norm import LayerNorm
 from ..nn.refiner import Refiner
+from ..ops import _channel_norm_triton as _cn
 from ..ops.convnext import convnext_dwconv_ln, select_backend as convnext_backend
 from ..streaming.sequential import StreamingSequential
 from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
                                check_state, check_step_input, check_step_lengths, check_step_slots,
-                               fill_counter, inference_step, stamp)
+                               fill_counter, fresh_counters, inference_step, record_steady, stamp,
+                               steady_dispatch)
 
 __all__ = ["DecoderConfig", "ConvNeXtBlock", "StreamingDecoder", "DecoderState"]
 
@@ -109,15 +112,28 @@ class ConvNeXtBlock(nn.Module):
 
     def _mlp(self, x, h, normed=False):
         h = self.pwconv2(self.act(self.pwconv1(h if normed else self.norm(h))))
-        if self.gamma is not None:
-            h = h * self.gamma
-        return x + h
+        if self.gamma is None:
+            return x + h
+        if h.dtype == x.dtype == self.gamma.dtype:
+            return torch.addcmul(x, h, self.gamma)      # x + gamma * h, one kernel for two
+        return x + h * self.gamma
+
+    def _conv_norm(self, h):
+        """LayerNorm over the channels of the depthwise conv's output h (B, C, T) -> (B, T, C).
+        On CUDA one Triton launch reading h as it lies (pyencoder.ops._channel_norm_triton),
+        where torch's layer_norm of the transposed view first copies it to contiguous (a whole
+        activation's pass offline, a kernel per step); torch's ops where autograd records."""
+        n = self.norm
+        if _cn.fused_ok(h, n.weight, n.bias):
+            return _cn.channel_norm_act(h, n.weight, n.bias, n.eps, gelu=False,
+                                        time_major=True).transpose(1, 2)
+        return n(h.transpose(1, 2))
 
     def forward(self, x):
         if self._use_fused(x):
             return self._mlp(x, self._fused(x), normed=True)
-        h = self.dwconv(x.transpose(1, 2)).transpose(1, 2)
-        return self._mlp(x, h)
+        h = self.dwconv(x.transpose(1, 2))
+        return self._mlp(x, self._conv_norm(h), normed=True)
 
     def init_state(self, batch_size, *, device=None, dtype=None, **_):
         return self.dwconv.init_state(batch_size, device=device, dtype=dtype)
@@ -135,7 +151,7 @@ class ConvNeXtBlock(nn.Module):
             state.out_lengths = torch.full_like(state.seen, n)
             return self._mlp(x, h, normed=True), state
         h, state = self.dwconv.step(x.transpose(1, 2), state, lengths)
-        return self._mlp(x, h.transpose(1, 2)), state
+        return self._mlp(x, self._conv_norm(h), normed=True), state
 
     def steady_check(self, n, state):
         """pyencoder.streaming.state.SteadyCheck of a step of n >= 1 frames: always the fixed
@@ -158,7 +174,7 @@ class ConvNeXtBlock(nn.Module):
             fill_counter(state, n)
             return self._mlp(x, h, normed=True)
         h = self.dwconv.step_fixed(x.transpose(1, 2), state, check=check)
-        return self._mlp(x, h.transpose(1, 2))
+        return self._mlp(x, self._conv_norm(h), normed=True)
 
     def flush(self, state):
         check_state(self.dwconv, state, ConvState)
@@ -176,8 +192,10 @@ class StreamingDecoder(nn.Module):
         self.config = c
         ls = 1.0 / c.num_blocks if c.layer_scale_init is None and c.num_blocks else \
             c.layer_scale_init
+        # the embed conv's output normalised as it lies (pyencoder.nn.LayerNorm: no copy of the
+        # transposed view on CUDA)
         mods = [Transpose(1, 2), CausalConv1d(c.input_dim, c.dim, c.embed_kernel_size),
-                Transpose(1, 2), nn.LayerNorm(c.dim, eps=c.layer_norm_eps)]
+                Transpose(1, 2), LayerNorm(c.dim, eps=c.layer_norm_eps)]
         if c.refiner_chunk is not None:
             mods.append(Refiner(c.dim, c.refiner_chunk, hidden_dim=c.refiner_hidden))
         mods += [ConvNeXtBlock(c.dim, c.intermediate_dim, c.kernel_size, ls, c.layer_norm_eps,
@@ -243,8 +261,27 @@ class StreamingDecoder(nn.Module):
             raise ValueError(f"x must have shape (B, n, {self.config.input_dim}); got "
                              f"{tuple(x.shape)}")
         check_state(self, state, DecoderState)
+        n = x.shape[1]
+        if lengths is not None:
+            lengths = check_step_lengths(lengths, x.shape[0], n, x.device)
+        if self._fixed_ok(x, state, lengths):
+            # the steady state: step_fixed (one host read to decide, none while the stream stays
+            # steady); counters the caller may hold from earlier steps are not written
+            fresh_counters(state)
+            y = self.step_fixed(x, state)
+            record_steady(state, self.steady_check(n, state))
+            return y, state
         y, state.net = self.net.step(x, state.net, lengths)
         return self._wave(y, state)
+
+    def _fixed_ok(self, x, state, lengths=None):
+        """Whether this general step may run as ``step_fixed`` (the same result):
+        pyencoder.streaming.state.steady_dispatch of ``steady_check``; not where autograd
+        records (the fixed step writes the state in place)."""
+        if self.net._records_autograd(x):
+            return False
+        n = x.shape[1]
+        return steady_dispatch(state, self.steady_check(n, state), lengths, n)
 
     def steady_check(self, n, state):
         """pyencoder.streaming.state.SteadyCheck of a step of n frames: the stack's (every

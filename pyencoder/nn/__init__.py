@@ -10,12 +10,12 @@ from .refiner import Refiner, RefinerState
 from .layer import AttentionAdapter, FeedForward, LayerState, TransformerLayer
 from .misc import Transpose
 from .linear import Linear, LinearView
-from .norm import RunningGroupNorm, RunningNormState
+from .norm import LayerNorm, RunningGroupNorm, RunningNormState
 from ..streaming.sequential import StreamingSequential
 
 __all__ = ["RotaryEmbedding", "BandedSelfAttention", "ChunkedSelfAttention", "AttentionState",
            "WavLMSelfAttention", "RelPosAttentionState", "FrameCrossAttention",
            "CrossAttentionState",
            "CausalConv1d", "ConvState", "Refiner", "RefinerState", "TransformerLayer",
-           "FeedForward", "LayerState", "Linear", "LinearView", "Transpose", "RunningGroupNorm", "RunningNormState",
+           "FeedForward", "LayerState", "Linear", "LinearView", "Transpose", "RunningGroupNorm", "RunningNormState", "LayerNorm",
            "StreamingSequential", "AttentionAdapter", "pack_qkv_", "unpack_qkv_"]

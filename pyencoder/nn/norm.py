@@ -31,11 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_eps, check_int, check_module_input
+from ..ops import _channel_norm_triton as _cn
 from ..ops import _running_norm_triton as _rn
 from ..streaming.state import (StreamState, advance_counter, check_init_args, check_state,
                                check_step_input, check_step_lengths, stamp)
 
-__all__ = ["running_norm", "running_norm_torch", "RunningGroupNorm", "RunningNormState"]
+__all__ = ["running_norm", "running_norm_torch", "RunningGroupNorm", "RunningNormState",
+           "LayerNorm"]
 
 BLOCK = 4096          # the largest block (CPU)
 _BLOCK_ELEMS = 1 << 17  # float64 elements per temporary (1 MiB: the CPU's cache)
@@ -182,3 +184,23 @@ class RunningGroupNorm(nn.Module):
                 state.total_sq.copy_(total_sq)
         advance_counter(state.count, x.shape[-1])
         return y
+
+
+class LayerNorm(nn.LayerNorm):
+    """Drop-in ``nn.LayerNorm`` (same parameters and state_dict keys) that reads a transposed
+    input as it lies: a (B, T, C) input that is the transposed view of a (B, C, T) tensor (a
+    conv's output after ``pyencoder.nn.Transpose``), normalised over C, is one Triton launch on
+    CUDA (pyencoder.ops._channel_norm_triton) where torch's layer_norm first copies the view to
+    contiguous (a pass over the whole activation offline, a kernel per streaming step). Returns
+    the contiguous (B, T, C) result torch would; float32 statistics in another order (equal to
+    the last bit of the dtype but for rare ties). Any other input, autograd recording, or no
+    kernel: ``nn.LayerNorm``'s forward."""
+
+    def forward(self, x):
+        if x.dim() == 3 and x.stride(1) == 1 and x.shape[1] > 1 and \
+                tuple(self.normalized_shape) == (x.shape[2],):
+            xt = x.transpose(1, 2)
+            if _cn.fused_ok(xt, self.weight, self.bias):
+                return _cn.channel_norm_act(xt, self.weight, self.bias, self.eps, gelu=False,
+                                            time_major=True).transpose(1, 2)
+        return super().forward(x)
