@@ -1,4 +1,5 @@
 """Helpers shared by the streaming tests."""
+import torch
 
 
 def rel_err(a, b):
@@ -6,6 +7,27 @@ def rel_err(a, b):
         return 0.0
     scale = max(b.abs().max().item(), 1e-6)
     return (a - b).abs().max().item() / scale
+
+
+def spy_calls(monkeypatch, cls, name="step_fixed"):
+    """A list that gets an entry per call of ``cls.<name>`` (which still runs)."""
+    calls = []
+    real = getattr(cls, name)
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(cls, name, spy)
+    return calls
+
+
+def same_state_in_place(st, oracle, ptrs):
+    """Every tensor of state ``st`` equals ``oracle``'s, and ``st``'s tensors are still those
+    whose data pointers ``ptrs`` holds (a fixed step updates in place)."""
+    want = oracle.tensors()
+    for key, v in st.tensors().items():
+        assert torch.equal(v, want[key]), key
+    assert {key: v.data_ptr() for key, v in st.tensors().items()} == ptrs
 
 
 def stream(module, x, sizes, time_dim, max_chunk=None):

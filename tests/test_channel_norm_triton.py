@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from _stream_utils import spy_calls
 from _norm_kernel_utils import (DEV as _DEV, NEEDS_TRITON_RUN, check_act as _check, force_fused,
                                 norm_inputs)
 
@@ -94,13 +95,7 @@ def test_feature_conv_layer_takes_the_kernel_where_it_applies(monkeypatch):
     with torch.no_grad():
         layer.layer_norm.weight.normal_()
         layer.layer_norm.bias.normal_()
-    calls = []
-    real = CN.channel_norm_act
-
-    def spy(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-    monkeypatch.setattr(CN, "channel_norm_act", spy)
+    calls = _spy(monkeypatch)
     x = torch.randn(2, 4, 41, device=_DEV)
     with torch.no_grad():
         y = layer(x)
@@ -119,14 +114,7 @@ def test_feature_conv_layer_takes_the_kernel_where_it_applies(monkeypatch):
 
 
 def _spy(monkeypatch):
-    calls = []
-    real = CN.channel_norm_act
-
-    def spy(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-    monkeypatch.setattr(CN, "channel_norm_act", spy)
-    return calls
+    return spy_calls(monkeypatch, CN, "channel_norm_act")
 
 
 def test_layer_norm_module_reads_a_transposed_input(monkeypatch):

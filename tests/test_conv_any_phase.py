@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch import nn
 
-from _stream_utils import rel_err
+from _stream_utils import rel_err, same_state_in_place, spy_calls
 from test_encoder_step_fixed import _Syncs
 from test_streaming_fixed import NoHostSync, _capture, _general_only, replay_rest
 from pyencoder.nn import (BandedSelfAttention, CausalConv1d, ChunkedSelfAttention,
@@ -77,9 +77,7 @@ def test_causal_conv_step_fixed_any_phase(geo):
             for b in range(B):
                 feeds[b].append(x[b])
                 outs[b].append(y[b])
-        for key, v in st.tensors().items():
-            assert torch.equal(v, oracle.tensors()[key]), key
-        assert {key: v.data_ptr() for key, v in st.tensors().items()} == ptrs
+        same_state_in_place(st, oracle, ptrs)
         for b in range(B):
             got = torch.cat(outs[b], -1)
             want = conv(torch.cat(feeds[b], -1)[None])[0]
@@ -132,13 +130,7 @@ def test_stack_marks_convs_after_lookahead():
 def test_stack_after_lookahead_dispatches_and_equals_offline(monkeypatch, kind):
     torch.manual_seed(4)
     model = _phase_stack(kind).double()
-    calls = []
-    real = StreamingSequential.step_fixed
-
-    def spy(self, *a, **k):
-        calls.append(1)
-        return real(self, *a, **k)
-    monkeypatch.setattr(StreamingSequential, "step_fixed", spy)
+    calls = spy_calls(monkeypatch, StreamingSequential)
     # banded: 8 samples = 4 layer frames = 2 output frames; chunked: two chunks of 3 frames
     B, step, steps = 2, 8 if kind == "banded" else 12, 14
     x = torch.randn(B, 1, step * steps, dtype=torch.float64)

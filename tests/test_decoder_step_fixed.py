@@ -20,7 +20,7 @@ import random
 import pytest
 import torch
 
-from _stream_utils import rel_err
+from _stream_utils import rel_err, spy_calls
 from test_encoder_step_fixed import _Syncs
 from test_models import tiny_decoder_config
 from test_streaming_fixed import NoHostSync, _capture, _general_only
@@ -176,13 +176,7 @@ def test_decoder_step_fixed_equals_step_and_offline(case, monkeypatch):
                 continue       # per-query queues: slots past `pending` are unused
             assert rel_err(a[k].double(), b[k].double()) <= 1e-10, k
         # the general step now runs as step_fixed by itself: one host read, then none
-        calls = []
-        real = StreamingDecoder.step_fixed
-
-        def spy(self, *args, **kw):
-            calls.append(1)
-            return real(self, *args, **kw)
-        monkeypatch.setattr(StreamingDecoder, "step_fixed", spy)
+        calls = spy_calls(monkeypatch, StreamingDecoder)
         reads = []
         for i in range(3):
             _Syncs.n = 0

@@ -29,7 +29,7 @@ import random
 import pytest
 import torch
 
-from _stream_utils import rel_err
+from _stream_utils import rel_err, spy_calls
 from test_models import ENC_CASES, tiny_encoder_config
 from test_streaming_fixed import NoHostSync, _capture, _general_only
 from pyencoder.models import CausalEncoder
@@ -373,14 +373,7 @@ def step_both(m, xi, st, oracle, tag=None):
 
 def _spy_step_fixed(monkeypatch):
     """A list that gets an entry per CausalEncoder.step_fixed call (which still runs)."""
-    calls = []
-    real = CausalEncoder.step_fixed
-
-    def spy(self, *a, **k):
-        calls.append(1)
-        return real(self, *a, **k)
-    monkeypatch.setattr(CausalEncoder, "step_fixed", spy)
-    return calls
+    return spy_calls(monkeypatch, CausalEncoder)
 
 
 @pytest.mark.parametrize("case", ["w2v2_geometry_hubert_bn", "wavlm_chunked", "band_sink",

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from _stream_utils import rel_err
+from _stream_utils import rel_err, spy_calls
 from test_encoder_step_fixed import _Syncs, step_both
 from test_streaming_fixed import _general_only, _stack, replay_rest
 from pyencoder.nn import BandedSelfAttention, CausalConv1d, Refiner, TransformerLayer, Transpose
@@ -22,14 +22,7 @@ F64_TOL = 1e-10
 
 
 def _spy(monkeypatch):
-    calls = []
-    real = StreamingSequential.step_fixed
-
-    def spy(self, *a, **k):
-        calls.append(1)
-        return real(self, *a, **k)
-    monkeypatch.setattr(StreamingSequential, "step_fixed", spy)
-    return calls
+    return spy_calls(monkeypatch, StreamingSequential)
 
 
 @pytest.mark.parametrize("kind", ["banded", "chunked"])
