@@ -34,7 +34,8 @@ from ..mask import IntervalMask
 from .._checks import check_module_input
 from ..ops.attention import cross_attention
 from ..rope import as_rope
-from ..streaming.state import StreamState, check_init_args, check_state, stamp
+from ..streaming.state import (StreamState, _stamp, check_init_args, check_state, fill_counter,
+                               inference_step, stamp)
 from .linear import Linear
 
 __all__ = ["FrameCrossAttention", "CrossAttentionState"]
@@ -50,6 +51,22 @@ class CrossAttentionState(StreamState):
     out_lengths: torch.Tensor  # (B,) int64 frames emitted by the last step / flush
 
     _growable = {"q": 2, "k": 2, "v": 2}
+
+    def reset(self, mask):
+        """All slots at once (they share one position): back to a fresh stream, empty buffers
+        (new tensors: a graph captured on this state must be captured again). A subset raises:
+        make a state of its own for a stream that starts apart."""
+        mask = mask.to(self.q_pos.device)
+        if not bool(mask.all()):
+            raise ValueError(f"FrameCrossAttention's slots advance together (one position for "
+                             f"the batch): reset every slot at once, or give a stream that "
+                             f"starts apart a state of its own; got mask={mask.tolist()}")
+        B, H, _, D = self.q.shape
+        self.q = self.q.new_zeros(B, H, 0, D)
+        self.k, self.v = self.k.new_zeros(B, H, 0, D), self.v.new_zeros(B, H, 0, D)
+        for t in (self.q_pos, self.k_pos, self.out_lengths):
+            t.zero_()
+        return self
 
     def _invalid(self):
         if self.q_pos.numel() and self.q.shape[2] > int(self.q_pos.min()):
@@ -202,4 +219,110 @@ class FrameCrossAttention(nn.Module):
         full = lambda n: torch.full((B,), n, dtype=torch.int64, device=dev)  # noqa: E731
         new = stamp(self, CrossAttentionState(q=q, k=k, v=v, q_pos=full(q_pos), k_pos=full(k_pos),
                                               out_lengths=full(e)))
+        _record_align(new, q_pos - q.shape[2], k_pos - k.shape[2])
         return y, new
+
+    # ---- the steady state (CUDA graphs) ---------------------------------------------------------
+    def _steady_after(self, p0, P, k_start, K, n_q, n_k):
+        """Whether a general step of n_q queries and n_k keys from a state with P pending
+        queries from p0 and K keys from k_start emits n_q queries and keeps P and K (then every
+        later lockstep step does too: the mask shifts by n_k keys per n_q queries)."""
+        m = self.mask
+        q_pos, k_pos = p0 + P + n_q, k_start + K + n_k
+        e = self._emittable(p0, P + n_q, k_pos, False)
+        keep_from = min(max(m.lo(p0 + e), k_start), k_pos)
+        return e == n_q and keep_from == k_start + n_k
+
+    @inference_step
+    def step_fixed(self, x_q, x_kv, state, check=False):
+        """CUDA-graph friendly steady-state step: x_q (B, n_q, E) and x_kv (B, n_kv, kv_dim) in
+        lockstep (n_q a multiple of the mask's query block, n_kv = n_q // block * k_block: whole
+        frames of both streams), from a state whose pending queries and buffered keys keep
+        their counts (a bounded mask, after general steps in lockstep past the first windows).
+        Returns the n_q emitted rows (B, n_q, E), equal to ``step``'s; the state is updated in
+        place without host synchronisation. The mask's alignment (where the buffered keys start
+        relative to the pending queries, fixed in lockstep) is the one the last general step
+        recorded, or ``check=True`` reads it from the state (a host synchronisation, verifying
+        the steady state: once, outside capture); RoPE rotates at the device's positions."""
+        check_state(self, state, CrossAttentionState)
+        B = state.q_pos.shape[0]
+        if x_q is None or x_kv is None:
+            raise ValueError("FrameCrossAttention.step_fixed needs both chunks (lockstep steps)")
+        x_q = self._check_chunk("x_q", x_q, self.embed_dim, B)
+        x_kv = self._check_chunk("x_kv", x_kv, self.kv_dim, B)
+        m = self.mask
+        n_q, n_k = x_q.shape[1], x_kv.shape[1]
+        if not m.bounded:
+            raise ValueError("FrameCrossAttention.step_fixed: unbounded history (left=None) keeps "
+                             "every key, so no step is a fixed one; stream with step")
+        if n_q < 1 or n_q % m.block or n_k != n_q // m.block * m.k_block:
+            raise ValueError(f"FrameCrossAttention.step_fixed: steps must be whole frames of both "
+                             f"streams in lockstep: x_q's length a positive multiple of "
+                             f"{m.block} and x_kv's {m.k_block} per {m.block} queries; got "
+                             f"{n_q} and {n_k}")
+        P, K = state.q.shape[2], state.k.shape[2]
+        if check:
+            qp, kp = state.q_pos.tolist(), state.k_pos.tolist()
+            if len(set(qp)) > 1 or len(set(kp)) > 1:
+                raise ValueError(f"FrameCrossAttention.step_fixed: slots at different positions "
+                                 f"(q_pos={qp}, k_pos={kp})")
+            if B and not self._steady_after(qp[0] - P, P, kp[0] - K, K, n_q, n_k):
+                raise ValueError(
+                    f"FrameCrossAttention.step_fixed needs a steady state: {P} pending queries "
+                    f"from {qp[0] - P} and {K} keys from {kp[0] - K} do not keep their counts "
+                    f"over a step of {n_q} queries and {n_k} keys (run general steps in "
+                    f"lockstep first)")
+            if B:
+                _record_align(state, qp[0] - P, kp[0] - K)
+        align = _recorded_align(state)
+        if align is None:
+            raise RuntimeError("FrameCrossAttention.step_fixed: the mask's alignment of this "
+                               "state is not known (no general step since it was loaded or "
+                               "reset): call step_fixed(..., check=True) once, outside capture")
+        p0, k_start = align
+        dt = state.q.dtype
+        qcat = torch.cat([state.q, self._heads(x_q, self.q_proj).to(dt)], 2)
+        kcat = torch.cat([state.k, self._heads(x_kv, self.k_proj).to(dt)], 2)
+        vcat = torch.cat([state.v, self._heads(x_kv, self.v_proj).to(dt)], 2)
+        qe = qcat[:, :, :n_q]
+        rope, ke = self.rope, kcat
+        if rope is not None:
+            # at the positions the device holds (the recorded alignment may be whole periods
+            # behind a graph's replays; the mask pattern is the same there, the rotation not)
+            ar = torch.arange(max(n_q, K + n_k), device=qcat.device)
+            qe = rope.rotate(qe, (state.q_pos - P)[:, None] + ar[None, :n_q])
+            ke = rope.rotate(kcat, (state.k_pos - K)[:, None] + ar[None, :K + n_k])
+        o = cross_attention(qe, ke, vcat, mask=m, rope=None, q_offset=p0, k_offset=k_start)
+        y = self.out_proj(o.transpose(1, 2).reshape(B, n_q, self.embed_dim))
+        state.q.copy_(qcat[:, :, n_q:])
+        state.k.copy_(kcat[:, :, n_k:])
+        state.v.copy_(vcat[:, :, n_k:])
+        # advanced here (not queued by batched_counters): the record below stamps q_pos as this
+        # step leaves it
+        state.q_pos.add_(n_q)
+        state.k_pos.add_(n_k)
+        fill_counter(state, n_q)
+        _record_align(state, p0 + n_q, k_start + n_k)
+        return y
+
+
+def _record_align(state, p0, k_start):
+    """Keep (p0, k_start), the positions of the oldest pending query and the first buffered key,
+    with the stamp of the state's ``q_pos`` (its tensor and version: load_state_dict and reset()
+    change them). Lockstep fixed steps shift both by whole periods of the mask, which leaves the
+    pattern step_fixed reads from them unchanged, so the record stays valid across them."""
+    state.__dict__["_cross_align"] = (state.q_pos, _stamp(state.q_pos), p0, k_start)
+
+
+def _recorded_align(state):
+    rec = state.__dict__.get("_cross_align")
+    if rec is None:
+        return None
+    t, ver, p0, k_start = rec
+    if t is not state.q_pos:
+        return None
+    # without a version (inference tensors) the tensor's identity alone (reset() empties the
+    # buffers, so a stale record there meets a state step_fixed's check=True would refuse)
+    if ver is not None and _stamp(t) != ver:
+        return None
+    return p0, k_start
