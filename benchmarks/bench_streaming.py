@@ -242,13 +242,34 @@ STEP_VARIANTS = {"conv-triton": dict(conv="triton")}
 # valid convs, the 128-tap grouped positional conv, post-LN layers; chunked mask as GPU_MASKS),
 # where the stack above is its layers behind a LayerNorm-free causal conv front end
 # (benchmarks.count_step_kernels --model encoder: 145 kernels against the stack's 139)
-MODEL_VARIANTS = {"encoder": build_encoder}
+def build_decoder(dim=768, ffn=3072, **_):
+    """FocalCodec-Stream's causal ConvNeXt decoder (pyencoder.models.DecoderConfig's defaults:
+    1024-d codec frames in, a causal conv embed, 8 ConvNeXt blocks of width 512 (1536 inside),
+    320 samples a frame) at the GPU dims; scaled down with the dry run's (dim < 512). Its 80 ms
+    step is 4 frames in, 1280 samples out."""
+    from pyencoder.models import DecoderConfig, StreamingDecoder
+    d = dict(input_dim=1024, dim=512, intermediate_dim=1536) if dim >= 512 else \
+        dict(input_dim=2 * dim, dim=dim, intermediate_dim=ffn)
+    return StreamingDecoder(DecoderConfig(**d)).eval()
+
+
+# "decoder": the other side of a codec stream, FocalCodec-Stream's decoder's 80 ms step
+# (count_step_kernels --model decoder: 71 kernels)
+MODEL_VARIANTS = {"encoder": build_encoder, "decoder": build_decoder}
+
+
+def _step_input(model, B, step_frames, device, dtype):
+    """A step's input: audio (B, 1, step_frames * HOP), or a decoder's frames (B, step_frames,
+    input_dim)."""
+    if hasattr(model, "samples_per_frame"):
+        return torch.randn(B, step_frames, model.config.input_dim, device=device, dtype=dtype)
+    return torch.randn(B, 1, HOP * step_frames, device=device, dtype=dtype)
 
 
 def _warm_steps(model, step_frames):
     """General steps that bring every layer to the steady state step_fixed needs (a
     CausalEncoder: its layers, plus one step for its valid convs' first windows)."""
-    layers = getattr(model, "layers", model)
+    layers = getattr(model, "layers", None) or getattr(model, "net", model)
     la = sum(m.attention.lookahead_frames + m.attention.block for m in layers
              if isinstance(m, TransformerLayer))
     return -(-la // step_frames) + 2 + (layers is not model)
@@ -263,8 +284,8 @@ class StepRunner:
 
     def __init__(self, model, B, device, dtype, step_frames, graph):
         self.model, self.graph = model, None
-        samples = HOP * step_frames
-        self.pool = torch.randn(4, B, 1, samples, device=device, dtype=dtype)
+        self.pool = torch.stack([_step_input(model, B, step_frames, device, dtype)
+                                 for _ in range(4)])
         self.x = self.pool[0].clone()
         self.i = 0
         if torch.device(device).type == "cuda":
@@ -534,9 +555,16 @@ def bench_gpu(args, recs=None):
                 torch.manual_seed(0)
                 cfg = {k: v for k, v in GPU_MASKS[name].items() if k != "step_frames"}
                 model = MODEL_VARIANTS[vname](**dims, **cfg).to(device, dtype)
-                base = dict(base, model=type(model).__name__, norm_first=False,
-                            feat_extract_norm="group", pos_conv_kernel=128,
-                            latency_ms=latency(model).ms)
+                if vname == "decoder":
+                    c = model.config
+                    base = dict(base, model=type(model).__name__, input_dim=c.input_dim,
+                                dim=c.dim, ffn=c.intermediate_dim, layers=c.num_blocks,
+                                samples_per_frame=c.samples_per_frame,
+                                latency_ms=model.latency()["ms"])
+                else:
+                    base = dict(base, model=type(model).__name__, norm_first=False,
+                                feat_extract_norm="group", pos_conv_kernel=128,
+                                latency_ms=latency(model).ms)
             with pyencoder.use_backend(**backend):
                 _latency_rows(name, model, dict(base, variant=vname), sf, step_ms_audio, args,
                               recs, ("graph",) if graph else ("eager",))

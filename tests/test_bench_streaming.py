@@ -42,12 +42,14 @@ def test_dry_run_gpu_path_on_cpu():
     assert _listing(results) == before
 
 
-@pytest.mark.parametrize("variant,interpret", [("conv-triton", True), ("encoder", False)])
+@pytest.mark.parametrize("variant,interpret", [("conv-triton", True), ("encoder", False),
+                                              ("decoder", False)])
 def test_dry_run_step_variant(variant, interpret):
     """--variants conv-triton: the chunked stack's 80 ms step with the feature extractor's convs
     on the triton backend (here interpreted); --variants encoder: the converted wav2vec2-base
-    CausalEncoder's whole step_fixed (the reference backends here). Each: its latency and
-    profile lines, tagged."""
+    CausalEncoder's whole step_fixed (the reference backends here); --variants decoder:
+    FocalCodec-Stream's decoder's step_fixed (codec frames in). Each: its latency and profile
+    lines, tagged."""
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     env.pop("TRITON_INTERPRET", None)
     if interpret:
