@@ -7,8 +7,8 @@ A Refiner holds each slot's frames of its next chunk; a steady stream (steps of 
 keeps that count whatever it is, slots may differ: the fixed step reads the counts on the device
 and gathers each slot's sequence. Checked (float64): after ragged per-slot warm-ups,
 step_fixed == the pure general step (outputs, out_lengths, every state tensor, in place, no host
-synchronisation) == offline; the decoder's general step dispatches (one host read, then none; none at all
-without attention layers);
+synchronisation) == offline; the decoder's general step dispatches (one host read, then none;
+none at all without attention layers);
 errors for steps that are not whole chunks; backward through a fixed step raises the
 inference-only error. GPU (marked): the decoder's step_fixed captured in a CUDA graph, replays
 == offline (fp32).

@@ -484,8 +484,9 @@ class CausalEncoder(nn.Module):
     def step_fixed(self, wav, state, check=False):
         """CUDA-graph friendly steady-state step of the whole encoder: wav (B, n) (or (B, 1, n)),
         every slot the same n samples, n a multiple of ``hop``. Returns y (B, n // hop, E) (the
-        adapter's channels with the conv adapter), equal to ``step``'s output (every row valid); the state is updated in place, without host
-        synchronisation, so the call can be captured in a torch.cuda.CUDAGraph and replayed.
+        adapter's channels with the conv adapter), equal to ``step``'s output (every row valid);
+        the state is updated in place, without host synchronisation, so the call can be captured
+        in a torch.cuda.CUDAGraph and replayed.
 
         Preconditions (``check=True`` verifies them, a host synchronisation: call it once,
         outside capture): the stream is in its steady state, i.e. every slot has been fed the
@@ -495,9 +496,9 @@ class CausalEncoder(nn.Module):
         ``n // hop <= max_chunk``; StreamingSequential.step_fixed). With the conv adapter
         (``config.add_adapter``) ``hop`` includes its stride: the layers step n // hop times the
         adapter's stride frames, each slot's adapter phase (set by the frames the layers held
-        back) read on the device (ConvAdapter.step_fixed). The stream counters (every conv's ``seen``, the
-        running norm's ``count``, the attention ``pos``) advance together at the end
-        (``pyencoder.streaming.batched_counters``)."""
+        back) read on the device (ConvAdapter.step_fixed). The stream counters (every conv's
+        ``seen``, the running norm's ``count``, the attention ``pos``) advance together at the
+        end (``pyencoder.streaming.batched_counters``)."""
         wav = self._check_wav(wav, "n")
         check_state(self, state, EncoderState)
         if self.adapter is not None and wav.shape[-1] % self.hop:

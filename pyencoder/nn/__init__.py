@@ -17,5 +17,6 @@ __all__ = ["RotaryEmbedding", "BandedSelfAttention", "ChunkedSelfAttention", "At
            "WavLMSelfAttention", "RelPosAttentionState", "FrameCrossAttention",
            "CrossAttentionState",
            "CausalConv1d", "ConvState", "Refiner", "RefinerState", "TransformerLayer",
-           "FeedForward", "LayerState", "Linear", "LinearView", "Transpose", "RunningGroupNorm", "RunningNormState", "LayerNorm",
+           "FeedForward", "LayerState", "Linear", "LinearView", "Transpose", "RunningGroupNorm",
+           "RunningNormState", "LayerNorm",
            "StreamingSequential", "AttentionAdapter", "pack_qkv_", "unpack_qkv_"]

@@ -74,7 +74,7 @@ class StreamingSequential(nn.Sequential):
         for m in self:
             if held:
                 for c in m.modules():
-                    if getattr(c, "s", 1) > 1 and hasattr(c, "any_phase") and not c.any_phase:
+                    if hasattr(c, "any_phase") and c.s > 1 and not c.any_phase:
                         c.any_phase = True
             held = held or _holds_back(m)
 
