@@ -258,3 +258,36 @@ def test_decoder_dispatch_not_taken(monkeypatch, case):
                 m.step(x[:, t:t + 6], st)
             t += 6
     assert calls == []
+
+
+def test_decoder_admit():
+    """pyencoder.streaming.admit: a new stream takes slot 0 of a steady decoder batch in place
+    (its warm-up on a private state); its rows then equal its own offline decode, slot 1's are
+    unchanged, no state tensor replaced."""
+    from pyencoder.streaming import admit
+    m = _decoder("refiner_attention")
+    K, n = m.samples_per_frame, 6
+    x = torch.randn(2, 60, 6, dtype=torch.float64)
+    new = torch.randn(1, 60, 6, dtype=torch.float64)
+    with torch.no_grad():
+        st = m.init_state(2, max_chunk=6)
+        outs1, t = [], 0
+        for _ in range(4):
+            y, st = m.step(x[:, t:t + n], st)
+            outs1.append(y[1:, :int(st.out_lengths[1])])
+            t += n
+        ptrs = {k: v.data_ptr() for k, v in st.tensors().items()}
+        rows = admit(m, st, 0, [new[:, :4], new[:, 4:12]], n)
+        assert {k: v.data_ptr() for k, v in st.tensors().items()} == ptrs
+        tn = 12
+        for _ in range(5):
+            xi = torch.cat([new[:, tn:tn + n], x[1:, t:t + n]], 0)
+            y = m.step_fixed(xi, st)
+            rows.append(y[:1])
+            outs1.append(y[1:])
+            tn, t = tn + n, t + n
+        got_new = torch.cat(rows, 1)
+        want_new = m(new)[:, :got_new.shape[1]]
+        assert rel_err(got_new, want_new) <= 1e-10
+        got1 = torch.cat(outs1, 1)
+        assert rel_err(got1, m(x[1:])[:, :got1.shape[1]]) <= 1e-10
