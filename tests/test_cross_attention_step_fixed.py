@@ -162,3 +162,33 @@ def test_cuda_graph_cross_attention(rope):
             ye = m.step_fixed(xq[:, tq:tq + F], xkv[:, tk:tk + 2 * F], eager)
             torch.cuda.synchronize()
             assert rel_err(yb, ye) <= 1e-5
+
+
+@pytest.mark.gpu
+def test_cuda_graph_step_helper_with_two_inputs():
+    """pyencoder.streaming.CudaGraphStep with a tuple example: step(video, audio) replays
+    equal the eager fixed step; admit refuses (a single-input step only)."""
+    from pyencoder.streaming import CudaGraphStep
+    mask = IntervalMask.frames(1, 2, 2, 1)
+    m = _module(mask, True, dtype=torch.float32).cuda()
+    B, F = 2, 2
+    xq = torch.randn(B, 200, 16, device="cuda")
+    xkv = torch.randn(B, 400, 12, device="cuda")
+    with torch.no_grad():
+        st, _, tq, tk = _warm(m, xq, xkv, F, random.Random(6))
+        eager = m.init_state(B)
+        eager.load_state_dict(st.state_dict())
+        g = CudaGraphStep(m, st, (xq[:, tq:tq + F], xkv[:, tk:tk + 2 * F]))
+        first = True
+        for _ in range(6):
+            a, b = xq[:, tq:tq + F], xkv[:, tk:tk + 2 * F]
+            y = g(a, b).clone()
+            ye = m.step_fixed(a, b, eager, check=first)
+            first = False
+            torch.cuda.synchronize()
+            assert rel_err(y, ye) <= 1e-5
+            tq, tk = tq + F, tk + 2 * F
+        with pytest.raises(ValueError, match="takes 2 input"):
+            g(a)
+        with pytest.raises(TypeError, match="single-input step"):
+            g.admit(0, [a[:1]])

@@ -96,6 +96,10 @@ def test_cuda_graph_step_argument_errors():
         CudaGraphStep(m, {"k": 1}, torch.randn(1, 1, 640))
     with pytest.raises(TypeError, match="example must be a torch.Tensor"):
         CudaGraphStep(m, st, [0.0] * 640)
+    with pytest.raises(TypeError, match="or a tuple of them"):
+        CudaGraphStep(m, st, ())
+    with pytest.raises(ValueError, match="every input on one device"):
+        CudaGraphStep(m, st, (torch.randn(1, 1, 640), torch.randn(1, 2)))
 
 
 # ---- GPU ---------------------------------------------------------------------------------

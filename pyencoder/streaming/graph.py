@@ -7,6 +7,9 @@ launches them all at once).
     for chunk in audio:
         y = step(chunk)                            # == model.step_fixed(chunk, state)
 
+A module whose step takes several inputs (``FrameCrossAttention.step_fixed(x_q, x_kv, state)``)
+takes a tuple of examples, and each call the inputs in that order: ``step(video, audio)``.
+
 What it does that a hand-written capture easily gets wrong: the warm-up before capture (Triton
 compiles, cuBLAS workspaces: work that may not run inside a capture) runs on a copy of the state
 on a side stream, so the stream itself is not advanced by the example chunk; the preconditions
@@ -48,7 +51,7 @@ def _fingerprint(state):
 
 class CudaGraphStep:
     """``module.step_fixed(x, state)`` captured in a CUDA graph for inputs shaped like
-    ``example`` (module docstring). ``warmup``: step_fixed calls on a copy of the state before
+    ``example`` (module docstring; a tuple of tensors for ``step_fixed(*xs, state)``). ``warmup``: step_fixed calls on a copy of the state before
     capture (>= 1; the first with ``check=True``). ``pool``: a graph memory pool to share
     (``torch.cuda.graph_pool_handle()``), e.g. between the graphs of several batch sizes."""
 
@@ -58,12 +61,16 @@ class CudaGraphStep:
         if not isinstance(state, StreamState):
             raise TypeError(f"CudaGraphStep: state must be a StreamState; got "
                             f"{type(state).__name__}")
-        if not isinstance(example, torch.Tensor):
+        examples = tuple(example) if isinstance(example, (tuple, list)) else (example,)
+        if not examples or not all(isinstance(e, torch.Tensor) for e in examples):
             raise TypeError(f"CudaGraphStep: example must be a torch.Tensor shaped like a step's "
-                            f"input; got {type(example).__name__}")
-        if example.device.type != "cuda":
-            raise ValueError(f"CudaGraphStep: example must be a CUDA tensor (CUDA graphs); got "
-                             f"device {example.device}")
+                            f"input (or a tuple of them, one per input); got "
+                            f"{type(example).__name__}")
+        devices = {e.device for e in examples}
+        if len(devices) > 1 or examples[0].device.type != "cuda":
+            raise ValueError(f"CudaGraphStep: example must be a CUDA tensor (CUDA graphs), every "
+                             f"input on one device; got {sorted(map(str, devices))}")
+        example = examples[0]
         devs = {t.device for t in state.tensors().values()}
         if devs != {example.device}:
             raise ValueError(f"CudaGraphStep: the state's tensors must all be on the example's "
@@ -71,15 +78,16 @@ class CudaGraphStep:
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"CudaGraphStep: warmup must be an int >= 1; got {warmup!r}")
         self.module, self.state = module, state
-        self.x = example.detach().clone()
+        self.xs = tuple(e.detach().clone() for e in examples)
+        self.x = self.xs[0]
         scratch = copy.deepcopy(state)
         cur = torch.cuda.current_stream(example.device)
         side = torch.cuda.Stream(example.device)
         side.wait_stream(cur)
         with torch.no_grad(), torch.cuda.stream(side):
-            module.step_fixed(self.x, scratch, check=True)
+            module.step_fixed(*self.xs, scratch, check=True)
             for _ in range(warmup - 1):
-                module.step_fixed(self.x, scratch)
+                module.step_fixed(*self.xs, scratch)
         cur.wait_stream(side)
         torch.cuda.synchronize(example.device)
         # the state-level caches the warm-up built on the copy (index tensors, counter fill
@@ -89,7 +97,7 @@ class CudaGraphStep:
         del scratch
         self.graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(self.graph, pool=pool):
-            self.y = module.step_fixed(self.x, state)
+            self.y = module.step_fixed(*self.xs, state)
         self._captured = _fingerprint(state)
 
     def check(self):
@@ -105,22 +113,33 @@ class CudaGraphStep:
         through the general step on a private state until it is steady for this graph's steps,
         which is then copied into the slot in place (pyencoder.streaming.admit). Returns the
         warm-up's outputs (one batch-1 tensor per chunk, the frames emitted for it); the next
-        call advances the new stream with the others."""
+        call advances the new stream with the others. A single-input step only."""
+        if len(self.xs) != 1:
+            raise TypeError(f"CudaGraphStep.admit: {type(self.module).__name__}'s step takes "
+                            f"{len(self.xs)} inputs; admit streams a single-input step")
         axis = -1 if time_last(self.module) else 1
         return admit(self.module, self.state, slot, chunks, self.x.shape[axis])
 
-    def __call__(self, x, check=False):
-        """Advance the stream by the chunk x (same shape, dtype and device as the example):
-        returns the static output (overwritten by the next call). ``check``: ``check()`` first
-        (about 0.1 ms of host time for a 12-layer encoder's state)."""
-        if not isinstance(x, torch.Tensor) or x.shape != self.x.shape or \
-                x.dtype != self.x.dtype or x.device != self.x.device:
-            got = (f"{tuple(x.shape)} {x.dtype} on {x.device}" if isinstance(x, torch.Tensor)
-                   else type(x).__name__)
-            raise ValueError(f"CudaGraphStep: x must be {tuple(self.x.shape)} {self.x.dtype} on "
-                             f"{self.x.device} (the captured step's input); got {got}")
+    def __call__(self, *xs, check=False):
+        """Advance the stream by the chunk x (same shape, dtype and device as the example; one
+        per input for a multi-input step): returns the static output (overwritten by the next
+        call). ``check``: ``check()`` first (about 0.1 ms of host time for a 12-layer encoder's
+        state)."""
+        if len(xs) != len(self.xs):
+            raise ValueError(f"CudaGraphStep: the captured step takes {len(self.xs)} input(s); "
+                             f"got {len(xs)}")
+        for i, (x, want) in enumerate(zip(xs, self.xs)):
+            if not isinstance(x, torch.Tensor) or x.shape != want.shape or \
+                    x.dtype != want.dtype or x.device != want.device:
+                got = (f"{tuple(x.shape)} {x.dtype} on {x.device}"
+                       if isinstance(x, torch.Tensor) else type(x).__name__)
+                name = "x" if len(self.xs) == 1 else f"input {i}"
+                raise ValueError(f"CudaGraphStep: {name} must be {tuple(want.shape)} "
+                                 f"{want.dtype} on {want.device} (the captured step's input); "
+                                 f"got {got}")
         if check:
             self.check()
-        self.x.copy_(x)
+        for x, buf in zip(xs, self.xs):
+            buf.copy_(x)
         self.graph.replay()
         return self.y
