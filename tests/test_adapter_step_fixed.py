@@ -19,7 +19,6 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from _stream_utils import rel_err, same_state_in_place
 from test_streaming_fixed import NoHostSync, _general_only

@@ -266,7 +266,7 @@ def test_decoder_admit():
     unchanged, no state tensor replaced."""
     from pyencoder.streaming import admit
     m = _decoder("refiner_attention")
-    K, n = m.samples_per_frame, 6
+    n = 6
     x = torch.randn(2, 60, 6, dtype=torch.float64)
     new = torch.randn(1, 60, 6, dtype=torch.float64)
     with torch.no_grad():

@@ -88,7 +88,7 @@ class PaddedConv1d(FeatureConv1d):
                            same_dtype=False)
         check_state(self, state, FeatureConvState)
         check_step_slots(x.shape[0], state.seen.shape[0])
-        k, s, p = self.k, self.s, self.padding_frames
+        k, s = self.k, self.s
         n = x.shape[-1]
         if n % s:
             raise ValueError(f"{type(self).__name__}.step_fixed: the step length x.shape[-1] must "

@@ -228,7 +228,7 @@ class FrameCrossAttention(nn.Module):
         queries from p0 and K keys from k_start emits n_q queries and keeps P and K (then every
         later lockstep step does too: the mask shifts by n_k keys per n_q queries)."""
         m = self.mask
-        q_pos, k_pos = p0 + P + n_q, k_start + K + n_k
+        k_pos = k_start + K + n_k
         e = self._emittable(p0, P + n_q, k_pos, False)
         keep_from = min(max(m.lo(p0 + e), k_start), k_pos)
         return e == n_q and keep_from == k_start + n_k
