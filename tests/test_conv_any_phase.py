@@ -181,3 +181,31 @@ def test_cuda_graph_stack_after_lookahead():
         outs.append(ybuf.clone())
         got = replay_rest(g, xbuf, ybuf, x, 8 * step, step, outs)
     assert rel_err(got, ref[:, :got.shape[1]]) <= 1e-4
+
+
+@pytest.mark.parametrize("geo", [(4, 2, 1, None), (5, 3, 4, "silu"), (3, 3, 2, None)], ids=str)
+def test_any_phase_on_the_triton_backend(geo):
+    """The gathered window's initial state is a strided view: the triton backend (interpreted
+    here, float32) reads it as the reference does (within float32 rounding of the fused
+    activation), slots at different phases."""
+    from _norm_kernel_utils import NEEDS_TRITON_RUN
+    import pyencoder
+    if NEEDS_TRITON_RUN.args[0]:
+        pytest.skip(NEEDS_TRITON_RUN.kwargs["reason"])
+    k, s, groups, act = geo
+    torch.manual_seed(k + s)
+    conv = CausalConv1d(4, 8, k, stride=s, groups=groups, activation=act)
+    conv.any_phase = True
+    st = conv.init_state(3)
+    with torch.no_grad():
+        _, st = conv.step(torch.randn(3, 4, 7), st, torch.tensor([7, 5, 6]))
+        assert len({int(v) % s for v in st.seen}) > 1
+        ref = conv.init_state(3)
+        ref.load_state_dict(st.state_dict())
+        for _ in range(3):
+            x = torch.randn(3, 4, 2 * s)
+            with pyencoder.use_backend(conv="triton"):
+                y = conv.step_fixed(x, st)
+            with pyencoder.use_backend(conv="reference"):
+                y2, ref = conv.step(x, ref)
+            torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-6)
