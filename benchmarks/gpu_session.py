@@ -45,7 +45,8 @@ Stages, in order of value (name: timeout in s on a GPU):
   8. convnext_hf (50): `pytest -m gpu_quick` on the fused ConvNeXt and model tests, bench_hf
      --quick (the HF patch offline vs transformers' SDPA and eager, in that order), bench_convnext
      --quick (fused vs composed, offline and streaming steps);
-  9. rest (what is left): `pytest -m "gpu and not gpu_quick"`.
+  9. rest (what is left): `python -m pyencoder demo --quick` (the main job on the GPU), then
+     `pytest -m "gpu and not gpu_quick"`.
 (Benchmarks first: on the first GPU call the tests mostly passed while no benchmark row was
 written; benchmarks/GPU_SESSION.md.)
 Budget arithmetic: a typical setup (SETUP_TYPICAL_S = 40 s) plus every other stage's timeout but
@@ -378,7 +379,11 @@ def plan_attention_ext(ctx):
 
 def plan_rest(ctx):
     files = ATTENTION_TESTS + ["tests/test_conv_gpu.py"] if ctx["dry"] else ["tests"]
-    return [("pytest", _pytest("gpu and not gpu_quick", files, ctx, "rest.xml"), {})]
+    # the README's main job first (a user's first command on a GPU machine: the clip streamed on
+    # the GPU, its steady step one CUDA graph, equal to offline; never run on a GPU yet); not in
+    # the dry run (tests/test_demo.py covers its graph path's logic on the CPU)
+    demo = [] if ctx["dry"] else [("demo", _py("-m", "pyencoder", "demo", "--quick"), {})]
+    return demo + [("pytest", _pytest("gpu and not gpu_quick", files, ctx, "rest.xml"), {})]
 
 
 # (name, GPU timeout s, dry-run timeout s, plan)

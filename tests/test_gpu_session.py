@@ -362,6 +362,21 @@ def test_conv_stage_caps_the_benchmark_and_runs_the_cudnn_kind_tests():
     assert args.suites == ["grouped"] and args.grp_tiles and "cl" in args.layouts
 
 
+def test_rest_stage_runs_the_demo_first_on_a_gpu():
+    """The last stage starts with the README's main job (python -m pyencoder demo --quick, its
+    arguments accepted by the command line) on a GPU, not in the dry run, then the rest of the
+    GPU tests."""
+    from pyencoder.__main__ import build_parser
+    gpu = gs.plan_rest(dict(dry=False, xdist=False, workers=1, logdir="/tmp"))
+    assert [label for label, _, _ in gpu] == ["demo", "pytest"]
+    argv = gpu[0][1]
+    assert argv[1:4] == ["-m", "pyencoder", "demo"]
+    p, _ = build_parser()
+    assert p.parse_args(argv[3:]).quick is True
+    dry = gs.plan_rest(dict(dry=True, xdist=False, workers=1, logdir="/tmp"))
+    assert [label for label, _, _ in dry] == ["pytest"]
+
+
 def test_failed_tests_rerun_without_the_fast_launch_path(tmp_path):
     """A failing pytest command's failed tests are named from its junit XML (module path and test
     classes kept) and rerun alone, narrowed from the stage's command, with the new junit file."""
