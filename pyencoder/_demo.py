@@ -246,8 +246,8 @@ def _stream_on(model, audio, chunk, chunk_ms, device, graph_step=None):
                 try:                               # steady by now: capture the step once
                     graph = graph_step(enc, state, x)
                     how = f"CUDA graph, {device.upper()}"
-                except ValueError as e:            # not steady (e.g. a long lookahead): eager
-                    print(f"   (no CUDA graph yet: {e})")
+                except Exception as e:  # noqa: BLE001 - not steady, or no capture: eager
+                    print(f"   (no CUDA graph: {type(e).__name__}: {e}; eager steps instead)")
                     graph = False
             sync()
             t1 = time.perf_counter()
