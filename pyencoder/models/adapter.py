@@ -84,15 +84,8 @@ class PaddedConv1d(FeatureConv1d):
             # stride 1: every slot past its first frames holds k - 1
             return super().step_fixed(x, state, self.k - 1 if held is None else held,
                                       check=check)
-        check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, n)", self.weight,
-                           same_dtype=False)
-        check_state(self, state, FeatureConvState)
-        check_step_slots(x.shape[0], state.seen.shape[0])
+        n = self._check_fixed_input(x, state)
         k, s = self.k, self.s
-        n = x.shape[-1]
-        if n % s:
-            raise ValueError(f"{type(self).__name__}.step_fixed: the step length x.shape[-1] must "
-                             f"be a multiple of the stride {s}; got {n}")
         if check and bool((state.seen < self.steady_from()).any()):
             raise ValueError(f"{type(self).__name__}.step_fixed needs a steady state: every slot "
                              f"past {self.steady_from()} frames (k - stride - padding), holding "

@@ -151,21 +151,27 @@ class FeatureConv1d(StridedConv1d):
         state.seen = new_seen
         return y, state
 
+    def _check_fixed_input(self, x, state):
+        """A fixed step's x (B, C_in, n) against the module and ``state`` (its slots), n a
+        multiple of the stride. Returns n."""
+        check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, n)", self.weight,
+                           same_dtype=False)
+        check_state(self, state, FeatureConvState)
+        check_step_slots(x.shape[0], state.seen.shape[0])
+        n = x.shape[-1]
+        if n % self.s:
+            raise ValueError(f"{type(self).__name__}.step_fixed: the step length x.shape[-1] must "
+                             f"be a multiple of the stride {self.s}; got {n}")
+        return n
+
     def step_fixed(self, x, state, held, check=False):
         """CUDA-graph friendly steady-state step (no host synchronisation, state updated in
         place): every slot gets the same n samples, n a multiple of the stride, and every slot
         holds ``held`` samples of its next window (a Python int: ``held_after(seen)`` of the
         slots' common ``seen``; ``check=True`` verifies it, a host synchronisation). Returns y
         (B, C_out, n // stride): what ``step`` returns, with the same state."""
-        check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, n)", self.weight,
-                           same_dtype=False)
-        check_state(self, state, FeatureConvState)
-        check_step_slots(x.shape[0], state.seen.shape[0])
+        n = self._check_fixed_input(x, state)
         k, s = self.k, self.s
-        n = x.shape[-1]
-        if n % s:
-            raise ValueError(f"{type(self).__name__}.step_fixed: the step length x.shape[-1] must "
-                             f"be a multiple of the stride {s}; got {n}")
         if not k - s <= held <= k - 1:
             raise ValueError(f"{type(self).__name__}.step_fixed: held must be in [k - stride, "
                              f"k - 1] = [{k - s}, {k - 1}] (a stream past its first window); got "
