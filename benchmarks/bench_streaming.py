@@ -52,7 +52,7 @@ from pyencoder.nn import (BandedSelfAttention, CausalConv1d, ChunkedSelfAttentio
                           Linear, TransformerLayer, Transpose)
 from pyencoder.streaming import StreamingSequential, latency  # noqa
 
-from benchmarks._common import JsonlRows, env_info, write_jsonl  # noqa: E402
+from benchmarks._common import JsonlRows, write_jsonl  # noqa: E402
 
 SR = 16000
 HOP = 320

@@ -14,7 +14,7 @@ from torch import nn
 from _stream_utils import rel_err, spy_calls
 from test_encoder_step_fixed import _Syncs, step_both
 from test_streaming_fixed import _general_only, _stack, replay_rest
-from pyencoder.nn import BandedSelfAttention, CausalConv1d, Refiner, TransformerLayer, Transpose
+from pyencoder.nn import BandedSelfAttention, CausalConv1d, TransformerLayer, Transpose
 from pyencoder.streaming import StreamingSequential, reset
 from pyencoder.streaming.state import fill_counter, fresh_counters
 

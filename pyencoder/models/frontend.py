@@ -124,7 +124,7 @@ class FeatureConv1d(StridedConv1d):
         check_state(self, state, FeatureConvState)
         check_step_input(x, 1, self.in_channels, state.seen.shape[0], state.buf.device)
         B, C, n = x.shape
-        k, s = self.k, self.s
+        k = self.k
         dev = x.device
         lengths = check_step_lengths(lengths, B, n, dev)
         x = x.to(state.buf.dtype)
