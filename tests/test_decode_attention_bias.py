@@ -163,7 +163,7 @@ def test_bias_argument_checks():
     with pytest.raises(TypeError, match="rel_bias must have a floating dtype"):
         decode_attention(*args, rel_bias=torch.zeros(H, 40, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"gate must have shape \(B, H, M\)"):
-        decode_attention(*args, rel_bias=rel, gate=gate[:, :, :-1] if M > 1 else gate[:1, :1])
+        decode_attention(*args, rel_bias=rel, gate=gate.new_zeros(B, H, M + 1))
     with pytest.raises(TypeError, match="gate must have a floating dtype"):
         decode_attention(*args, rel_bias=rel, gate=gate.to(torch.int32))
     # one column short (a one-offset window leaves no column: the shape check names that first)
