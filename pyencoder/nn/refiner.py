@@ -13,9 +13,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..streaming import state as _state
 from ..streaming.state import (StreamState, SteadyCheck, check_init_args, check_state,
-                               check_step_input, check_step_lengths, fill_counter,
+                               check_step_input, check_step_lengths, fill_counter, fixed_index,
                                inference_step, stamp)
 from .._checks import check_int, check_module_input
 from .linear import Linear
@@ -95,14 +94,23 @@ class Refiner(nn.Module):
             return None
         return SteadyCheck(n, lambda: None, ())
 
-    def _arange(self, N, device):
-        cache = self.__dict__.setdefault("_arange_cache", {})
-        hit = cache.get((N, device))
-        if hit is None:
-            hit = torch.arange(N, device=device)
-            if not _state._capturing(device):
-                cache[(N, device)] = hit
-        return hit
+    def _seq_index(self, state, n, device):
+        """Slot b's sequence for a fixed step of n frames: its count_b held frames
+        (buf[:count_b]), then x: positions in cat(buf, x) (B, n + C) (those past its n + count_b
+        frames clamped), and which rows of the new buffer hold frames (B, C, 1). The counts
+        never change in a fixed step, so both are built once per count tensor and version
+        (pyencoder.streaming.state.fixed_index: rebuilt after a general step, reset or
+        load_state_dict; what a CUDA graph read stays pinned, and admit refuses a slot whose
+        count the graph baked otherwise)."""
+        C = self.chunk_size
+        fi = fixed_index(state, "count", n + C, device)
+        rows = fi.__dict__.get("refiner_rows")
+        if rows is None:
+            ar, cnt = fi.ar, fi.qidx[:, :1]                 # qidx = count + arange: col 0
+            rows = (torch.where(ar < cnt, ar, ar + (C - cnt)).clamp_max_(C + n - 1),
+                    (ar[:C] < cnt)[..., None])
+            fi.refiner_rows = rows
+        return rows
 
     @inference_step
     def step_fixed(self, x, state, check=False):
@@ -118,14 +126,10 @@ class Refiner(nn.Module):
             raise ValueError(f"Refiner.step_fixed: the step length x.shape[1] must be a multiple "
                              f"of chunk_size ({C}); got {n}")
         cat = torch.cat((state.buf, x.to(state.buf.dtype)), 1)       # (B, C + n, E)
-        # slot b's sequence: its count_b held frames (buf[:count_b]), then x; positions in cat
-        # (those past its n + count_b frames clamped: masked out of the new buffer below)
-        ar = self._arange(n + C, x.device)
-        cnt = state.count[:, None]
-        idx = torch.where(ar < cnt, ar, ar + (C - cnt)).clamp_max_(C + n - 1)
+        idx, keep = self._seq_index(state, n, x.device)
         seq = torch.gather(cat, 1, idx[..., None].expand(B, n + C, E))
         y = self._refine(seq[:, :n].reshape(B, n // C, C, E)).reshape(B, n, E)
-        state.buf.copy_(torch.where((ar[:C] < cnt)[..., None], seq[:, n:], 0))
+        state.buf.copy_(torch.where(keep, seq[:, n:], 0))
         fill_counter(state, n)
         return y.to(x.dtype)
 
