@@ -1,5 +1,4 @@
 """Helpers shared by the streaming tests."""
-import torch
 
 
 def rel_err(a, b):
@@ -19,15 +18,6 @@ def spy_calls(monkeypatch, cls, name="step_fixed"):
         return real(*a, **k)
     monkeypatch.setattr(cls, name, spy)
     return calls
-
-
-def same_state_in_place(st, oracle, ptrs):
-    """Every tensor of state ``st`` equals ``oracle``'s, and ``st``'s tensors are still those
-    whose data pointers ``ptrs`` holds (a fixed step updates in place)."""
-    want = oracle.tensors()
-    for key, v in st.tensors().items():
-        assert torch.equal(v, want[key]), key
-    assert {key: v.data_ptr() for key, v in st.tensors().items()} == ptrs
 
 
 def stream(module, x, sizes, time_dim, max_chunk=None):

@@ -20,8 +20,8 @@ import random
 import pytest
 import torch
 
-from _stream_utils import rel_err, same_state_in_place
-from test_streaming_fixed import NoHostSync, _general_only
+from _stream_utils import rel_err
+from test_streaming_fixed import NoHostSync, _general_only, fixed_vs_general
 from pyencoder.models.adapter import ConvAdapter, PaddedConv1d
 
 F64_TOL = 1e-12
@@ -69,25 +69,10 @@ def test_padded_conv_step_fixed_any_phase(geo):
         lens.append(first + [last])
     with torch.no_grad():
         st, feeds, outs = _warm(conv, 3, lens, rng)
-        oracle = conv.init_state(B, dtype=torch.float64)
-        oracle.load_state_dict(st.state_dict())
         assert len({int(v) % s for v in st.seen}) == min(s, B) or s == 1
-        ptrs = {key: v.data_ptr() for key, v in st.tensors().items()}
-        for i, n in enumerate([s, 3 * s, 0, 2 * s, s]):
-            x = torch.randn(B, 3, n, dtype=torch.float64)
-            if i == 0:
-                y = conv.step_fixed(x, st, check=True)
-            else:
-                with NoHostSync():
-                    y = conv.step_fixed(x, st)
-            y2, oracle = conv.step(x, oracle)
-            assert y.shape == (B, 5, n // s)
-            assert oracle.out_lengths.tolist() == [n // s] * B
-            assert rel_err(y, y2) <= F64_TOL, (i, n)
-            for b in range(B):
-                feeds[b].append(x[b])
-                outs[b].append(y[b])
-        same_state_in_place(st, oracle, ptrs)
+        xs = [torch.randn(B, 3, n, dtype=torch.float64) for n in (s, 3 * s, 0, 2 * s, s)]
+        fixed_vs_general(conv, st, xs, lambda n: (B, 5, n // s), feeds, outs, F64_TOL,
+                         time_axis=-1)
         for b in range(B):                   # stream (+ flush) == offline, per slot
             full = torch.cat(feeds[b], -1)[None]
             got = torch.cat(outs[b], -1)

@@ -23,9 +23,9 @@ import pytest
 import torch
 from torch import nn
 
-from _stream_utils import rel_err, same_state_in_place, spy_calls
+from _stream_utils import rel_err, spy_calls
 from test_encoder_step_fixed import _Syncs
-from test_streaming_fixed import NoHostSync, _capture, _general_only, replay_rest
+from test_streaming_fixed import _capture, _general_only, fixed_vs_general, replay_rest
 from pyencoder.nn import (BandedSelfAttention, CausalConv1d, ChunkedSelfAttention,
                           TransformerLayer, Transpose)
 from pyencoder.streaming import StreamingSequential
@@ -59,25 +59,9 @@ def test_causal_conv_step_fixed_any_phase(geo):
         assert [int(v) % s for v in st.seen] == [b % s for b in range(B)]
         chk = conv.steady_check(2 * s, st)
         assert chk.n_out == 2 and chk.ok() is None and chk.counters == ()
-        oracle = conv.init_state(B)
-        oracle.load_state_dict(st.state_dict())
-        ptrs = {key: v.data_ptr() for key, v in st.tensors().items()}
-        for i, n in enumerate([s, 3 * s, 0, 2 * s]):
-            x = torch.randn(B, 4, n, dtype=torch.float64)
-            if i == 0:
-                y = conv.step_fixed(x, st, check=True)
-            else:
-                with NoHostSync():
-                    y = conv.step_fixed(x, st)
-            with _general_only():
-                y2, oracle = conv.step(x, oracle)
-            assert y.shape == (B, 8, n // s) and oracle.out_lengths.tolist() == [n // s] * B
-            assert st.out_lengths.tolist() == [n // s] * B
-            assert rel_err(y, y2) <= F64_TOL, (i, n)
-            for b in range(B):
-                feeds[b].append(x[b])
-                outs[b].append(y[b])
-        same_state_in_place(st, oracle, ptrs)
+        xs = [torch.randn(B, 4, n, dtype=torch.float64) for n in (s, 3 * s, 0, 2 * s)]
+        fixed_vs_general(conv, st, xs, lambda n: (B, 8, n // s), feeds, outs, F64_TOL,
+                         time_axis=-1)
         for b in range(B):
             got = torch.cat(outs[b], -1)
             want = conv(torch.cat(feeds[b], -1)[None])[0]

@@ -23,7 +23,7 @@ import torch
 from _stream_utils import rel_err, spy_calls
 from test_encoder_step_fixed import _Syncs
 from test_models import tiny_decoder_config
-from test_streaming_fixed import NoHostSync, _capture, _general_only
+from test_streaming_fixed import NoHostSync, _capture, _general_only, fixed_vs_general
 from pyencoder.models import StreamingDecoder
 from pyencoder.models.decoder import ConvNeXtBlock
 from pyencoder.nn import Refiner
@@ -48,27 +48,9 @@ def _ragged(module, B, E, rng, steps=4, hi=5, mod=1):
 
 
 def _fixed_vs_general(module, st, feeds, outs, B, E, ns, tol=1e-12):
-    oracle = module.init_state(B, dtype=torch.float64)
-    oracle.load_state_dict(st.state_dict())
-    ptrs = {k: v.data_ptr() for k, v in st.tensors().items()}
-    for i, n in enumerate(ns):
-        x = torch.randn(B, n, E, dtype=torch.float64)
-        if i == 0:
-            y = module.step_fixed(x, st, check=True)
-        else:
-            with NoHostSync():
-                y = module.step_fixed(x, st)
-        with _general_only():
-            y2, oracle = module.step(x, oracle)
-        assert y.shape == (B, n, E) and oracle.out_lengths.tolist() == [n] * B
-        assert st.out_lengths.tolist() == [n] * B
-        assert rel_err(y, y2) <= tol, (i, n)
-        for b in range(B):
-            feeds[b].append(x[b])
-            outs[b].append(y[b])
-    for k, v in st.tensors().items():
-        assert rel_err(v.double(), oracle.tensors()[k].double()) <= tol, k
-    assert {k: v.data_ptr() for k, v in st.tensors().items()} == ptrs
+    """(B, n, E) chunks of the given lengths: fixed steps == general steps, in place."""
+    xs = [torch.randn(B, n, E, dtype=torch.float64) for n in ns]
+    fixed_vs_general(module, st, xs, lambda n: (B, n, E), feeds, outs, tol, exact_state=False)
 
 
 @pytest.mark.parametrize("C", [1, 2, 3])

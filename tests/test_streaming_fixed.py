@@ -92,6 +92,43 @@ class _general_only:
         self._mp.undo()
 
 
+def fixed_vs_general(module, st, xs, shape, feeds, outs, tol, exact_state=True, time_axis=1):
+    """Run the chunks ``xs`` through ``module.step_fixed`` on ``st`` (the first with
+    check=True, the rest under NoHostSync) and the pure general step on a copy of ``st``: each
+    output has ``shape(n)`` for a chunk of n frames on ``time_axis`` (of the input and output) and equals the general one within ``tol``; every slot's out_lengths
+    is the output's frame count; each slot's input and output are appended to ``feeds`` /
+    ``outs``. Then the states agree (``exact_state``: torch.equal, else ``tol``) and ``st``
+    kept its tensors (in place)."""
+    B = len(feeds)
+    oracle = module.init_state(B, dtype=torch.float64)
+    oracle.load_state_dict(st.state_dict())
+    ptrs = {k: v.data_ptr() for k, v in st.tensors().items()}
+    for i, x in enumerate(xs):
+        if i == 0:
+            y = module.step_fixed(x, st, check=True)
+        else:
+            with NoHostSync():
+                y = module.step_fixed(x, st)
+        with _general_only():
+            y2, oracle = module.step(x, oracle)
+        n = x.shape[time_axis]
+        want = shape(n)
+        frames = want[time_axis]
+        assert tuple(y.shape) == want, (i, tuple(y.shape), want)
+        assert oracle.out_lengths.tolist() == st.out_lengths.tolist() == [frames] * B, i
+        assert rel_err(y, y2) <= tol, (i, n)
+        for b in range(B):
+            feeds[b].append(x[b])
+            outs[b].append(y[b])
+    want = oracle.tensors()
+    for k, v in st.tensors().items():
+        if exact_state:
+            assert torch.equal(v, want[k]), k
+        else:
+            assert rel_err(v.double(), want[k].double()) <= tol, k
+    assert {k: v.data_ptr() for k, v in st.tensors().items()} == ptrs
+
+
 def _run_fixed(module, x, warm_sizes, n, max_chunk):
     """Warm up with step (ragged sizes), then step_fixed in steps of n; return the concatenated
     outputs of the general steps and the fixed steps, and the state."""
