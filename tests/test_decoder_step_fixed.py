@@ -273,3 +273,38 @@ def test_decoder_admit():
         assert rel_err(got_new, want_new) <= 1e-10
         got1 = torch.cat(outs1, 1)
         assert rel_err(got1, m(x[1:])[:, :got1.shape[1]]) <= 1e-10
+
+
+def test_refiner_index_built_once_per_count():
+    """The fixed step's sequence index is built once (a fixed_index entry of the count): a
+    second fixed step dispatches no index arithmetic; a reset slot (new count) rebuilds it and
+    stays equal to the general step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from pyencoder.streaming import reset
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+    torch.manual_seed(2)
+    ref = Refiner(4, 2, hidden_dim=6).double()
+    with torch.no_grad():
+        st = ref.init_state(2, dtype=torch.float64)
+        _, st = ref.step(torch.randn(2, 3, 4, dtype=torch.float64), st)
+        ref.step_fixed(torch.randn(2, 2, 4, dtype=torch.float64), st)
+        ops = Ops()
+        with ops:
+            ref.step_fixed(torch.randn(2, 2, 4, dtype=torch.float64), st)
+        assert "where" in ops.names and ops.names.count("where") == 1, ops.names  # the buffer's
+        assert "lt" not in ops.names and "clamp_max_" not in ops.names, ops.names
+        reset(st, torch.tensor([True, False]))
+        oracle = ref.init_state(2, dtype=torch.float64)
+        oracle.load_state_dict(st.state_dict())
+        x = torch.randn(2, 4, 4, dtype=torch.float64)
+        y = ref.step_fixed(x, st)
+        y2, oracle = ref.step(x, oracle)
+        assert rel_err(y, y2) <= 1e-12 and torch.equal(st.buf, oracle.buf)
