@@ -43,6 +43,7 @@ BENCHES = [
     ("bench_streaming", True, True, 30, 1500),
     ("bench_hf", True, True, 25, 600),
     ("bench_running_norm", False, True, 0, 30),    # GPU: the norm kernels vs the torch paths
+    ("bench_wavlm_bias", True, False, 40, 900),    # CPU: causal WavLM, fused bias vs relpos tiles
     ("distill_lookahead", True, False, 0, 1800),   # minutes of CPU training: not in --quick
 ]
 NOT_QUICK = {"distill_lookahead", "bench_attention_ext"}   # --only runs them (--quick: N=1500)

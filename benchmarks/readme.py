@@ -208,10 +208,95 @@ def cpu_contention(recs):
             + _table(["burners", "case", "provider", "median ms", "vs SDPA (2 threads)"], rows))
 
 
+def attention_ext(recs):
+    """Issue 15's kernels (relative bias, sink keys, frame bands) vs Flex, one row per provider and
+    case; vs Flex from the run's `ratio` rows (Flex's median over the provider's)."""
+    ratios = {(r.get("suite"), r.get("mask"), r.get("N"), r.get("rope")): r
+              for r in recs if r.get("provider") == "ratio"}
+    graph = any(r.get("fwd_graph_ms") for r in recs)
+
+    def x(q, p, key):
+        v = q.get(f"{p}_{key}_x")
+        return "–" if p == "flex" or v is None else f"{v:.2f}x"
+    rows = []
+    for r in recs:
+        if "fwd_ms" not in r:
+            continue
+        q = ratios.get((r.get("suite"), r.get("mask"), r.get("N"), r.get("rope")), {})
+        p = r["provider"]
+        rows.append([r.get("suite", ""), r["mask"], f"{r.get('Nq')} x {r.get('Nk')}",
+                     "on" if r.get("rope") else "off", p, r.get("dtype", ""),
+                     _f(r.get("fwd_ms"), 3), _f(r.get("fwdbwd_ms"), 3),
+                     x(q, p, "fwd"), x(q, p, "fwdbwd")]
+                    + ([_f(r.get("fwd_graph_ms"), 3), _f(r.get("fwdbwd_graph_ms"), 3),
+                        x(q, p, "fwd_graph"), x(q, p, "fwdbwd_graph")] if graph else []))
+    return ("Interval attention's extensions (issue 15), B=8 H=12 D=64: `bias` = WavLM's gated "
+            "relative position bias fused in the kernels (vs Flex with a `score_mod` reading the "
+            "same table and gate, and the plain-torch `unfused` path), `sink` = sink keys, `frame` = "
+            "cross-attention between two frame rates (Flex with the equivalent `mask_mod`). Median "
+            "ms per call (triton.testing.do_bench, host time included where it exceeds the "
+            "kernels'); vs Flex: Flex's time over the row's (> 1: faster; targets >= 1.5x forward, "
+            ">= 1.3x forward+backward). Every provider was checked against the float32 reference "
+            "before it was timed."
+            + (" graph: the call replayed from a CUDA graph (GPU time only) and its ratio."
+               if graph else "") + "\n\n"
+            + _table(["suite", "mask", "Nq x Nk", "RoPE", "provider", "dtype", "fwd ms",
+                      "fwd+bwd ms", "fwd vs Flex", "fwd+bwd vs Flex"]
+                     + (["fwd graph ms", "fwd+bwd graph ms", "fwd graph vs Flex",
+                         "fwd+bwd graph vs Flex"] if graph else []), rows))
+
+
+def convnext(recs):
+    rows = []
+    for r in recs:
+        if "median_ms" not in r:
+            continue
+        shape = f"B={r['B']} C={r['C']} L={r['L']} k={r['k']}"
+        sp = r.get("speedup_vs_composed")
+        rows.append([r["provider"], r.get("mode", ""), r.get("dtype", ""), shape,
+                     _f(r["median_ms"], 4), _f(r.get("gb_per_s"), 0),
+                     _f(100 * r["frac_of_copy"], 0) if isinstance(r.get("frac_of_copy"), float)
+                     else "–", "–" if sp is None else f"{sp:.2f}x"])
+    return ("ConvNeXt block (depthwise conv, LayerNorm, MLP, residual): the fused op vs the composed "
+            "ops (`ConvNeXtBlock`'s default follows these rows).\n\n"
+            + _table(["provider", "mode", "dtype", "shape", "median ms", "GB/s", "% of copy",
+                      "vs composed"], rows))
+
+
+def wavlm_bias(recs):
+    rows = []
+    ratio = {r["mode"]: r for r in recs if r.get("path") == "ratio_before_over_fused"}
+    for r in recs:
+        if "s_per_audio_s" not in r:
+            continue
+        q = ratio.get(r["mode"], {}).get("ratio")
+        rows.append([r["mode"].replace("_", " "), r["path"],
+                     _f(r["s_per_audio_s"] * 1e3, 0),
+                     f"{_f(r['s_per_audio_s_min'] * 1e3, 0)} - {_f(r['s_per_audio_s_max'] * 1e3, 0)}",
+                     f"{q:.2f}x" if r["path"] == "fused" and q else "",
+                     f"{r.get('max_abs_diff_stream_vs_offline', 0):.1e}"])
+    r0 = next(r for r in recs if "s_per_audio_s" in r)
+    diff = next((r.get("max_abs_diff_fused_vs_before") for r in ratio.values()), None)
+    return (f"Causal WavLM-base ({r0['layers']} layers, FocalCodec-Stream's chunked mask: 4-frame "
+            f"chunks, 62 chunks of history, 3 frames of lookahead), fp32, {r0['seconds_audio']:.0f} s "
+            f"of audio, {r0.get('threads')} threads: the relative-position bias fused in interval "
+            f"attention (`fused`; on a CPU the blocked reference, streaming through the decode "
+            f"op's bias) vs the path before it (`before`: relpos' plain-torch tiles and ring decode). "
+            f"Medians of {r0.get('reps')} rounds, the paths alternating in each; speedup = before / "
+            f"fused; both paths agree to {diff:.1e} (max abs) and each stream equals its offline "
+            f"output to the last column.\n\n"
+            + _table(["mode", "path", "ms compute per s of audio", "min - max", "speedup",
+                      "stream vs offline"], rows))
+
+
 SECTIONS = [("reference_cpu", "Reference path vs dense SDPA (CPU)", reference_cpu),
             ("cpu_contention", "CPU path under contention", cpu_contention),
-            ("attention", "Attention", attention), ("conv", "Causal convolution", conv),
+            ("attention", "Attention", attention),
+            ("attention_ext", "Attention extensions: relative bias, sinks, frame bands",
+             attention_ext),
+            ("conv", "Causal convolution", conv), ("convnext", "ConvNeXt block", convnext),
             ("streaming", "Streaming engine", streaming), ("hf", "Hugging Face patch", hf),
+            ("wavlm_bias", "Causal WavLM: fused relative bias", wavlm_bias),
             ("distill_lookahead", "Causal distillation vs lookahead", distill)]
 
 
