@@ -281,7 +281,9 @@ def plan_profile(ctx):
     """Where the time of one attention call goes: host (launch path) vs kernel (profiler, CUDA
     graph replay): the ~0.3 ms per-call floor the first session's logs showed."""
     if ctx["dry"]:
-        return [("profile-attention", _py("-m", "benchmarks.profile_attention", "--dry-run"), {})]
+        # one case (its rows and tables: tests/test_bench_profile_attention.py runs them all)
+        return [("profile-attention", _py("-m", "benchmarks.profile_attention", "--dry-run",
+                                          "--max-seconds", "0"), {})]
     # then the CPU-only host microbenchmark this repository's CPU machine also runs (stand-in
     # launches and driver, CPU tensors): the same Python path timed on both machines says how
     # much of the device's host time is its CPU (the H100 call measured 250-360 us per forward
@@ -294,7 +296,9 @@ def plan_profile(ctx):
 
 def plan_attention_table(ctx):
     if ctx["dry"]:
+        # a band and a chunked mask (the benchmark itself: tests/test_bench_attention.py)
         return [("bench-attention", _py("-m", "benchmarks.bench_attention", "--n", "48",
+                                        "--masks", "band:50:3", "chunked:4:128:3",
                                         "--providers", "reference", "sdpa-mask"), {})]
     # every process appends each JSON line as it is measured; ours first (three RoPE modes, the
     # RoPE-off rows once), then Flex (one compile per (N, RoPE): its masks share one graph,
