@@ -111,3 +111,28 @@ def test_state_round_trip_and_refusals():
     with pytest.raises(ValueError, match="state was made by"):
         other.step(None, None, m.init_state(1))
     assert isinstance(st, CrossAttentionState)
+
+
+def test_slots_at_different_positions_are_refused():
+    """The slots of one state share a position: a state whose slots were edited or copied apart
+    is refused by step, flush and load_state_dict (it was stepped at slot 0's position, silently
+    wrong for the others), naming the positions."""
+    torch.manual_seed(2)
+    m = FrameCrossAttention(8, 2, mask=IntervalMask.frames(1, 2, 1, 1), rope=True)
+    st = m.init_state(2)
+    _, st = m.step(torch.randn(2, 3, 8), torch.randn(2, 4, 8), st)
+    saved = st.state_dict()
+    apart = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in saved.items()}
+    apart["q_pos"][1] += 2
+    fresh = m.init_state(2)
+    with pytest.raises(ValueError, match=r"corrupt: .*advance together.*q_pos=\[3, 5\]"):
+        fresh.load_state_dict(apart)
+    assert int(fresh.q_pos.max()) == 0                    # nothing changed
+    st.k_pos[0] += 1
+    with pytest.raises(ValueError, match=r"advance together.*k_pos=\[5, 4\]"):
+        m.step(torch.randn(2, 1, 8), torch.randn(2, 2, 8), st)
+    with pytest.raises(ValueError, match="advance together"):
+        m.flush(st)
+    st.k_pos[0] -= 1                                       # back together: steps again
+    y, st = m.step(torch.randn(2, 1, 8), torch.randn(2, 2, 8), st)
+    assert y.shape[0] == 2 and torch.equal(st.q_pos, torch.tensor([4, 4]))

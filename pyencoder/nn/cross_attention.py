@@ -69,6 +69,9 @@ class CrossAttentionState(StreamState):
         return self
 
     def _invalid(self):
+        spread = _position_spread(self)
+        if spread is not None:
+            return spread
         if self.q_pos.numel() and self.q.shape[2] > int(self.q_pos.min()):
             return f"{self.q.shape[2]} pending queries exceed the {self.q_pos.tolist()} received"
         if self.k_pos.numel() and self.k.shape[2] > int(self.k_pos.min()):
@@ -192,7 +195,9 @@ class FrameCrossAttention(nn.Module):
         x_q = self._check_chunk("x_q", x_q, self.embed_dim, B)
         x_kv = self._check_chunk("x_kv", x_kv, self.kv_dim, B)
         q, k, v = state.q, state.k, state.v
-        q_pos, k_pos = int(state.q_pos[0]) if B else 0, int(state.k_pos[0]) if B else 0
+        # one host read; slots at different positions (a state edited or copied per slot) would
+        # all be stepped at slot 0's: refused
+        q_pos, k_pos = _shared_positions(state)
         if x_q is not None and x_q.shape[1]:
             q = torch.cat([q, self._heads(x_q, self.q_proj).to(q.dtype)], 2)
             q_pos += x_q.shape[1]
@@ -304,6 +309,30 @@ class FrameCrossAttention(nn.Module):
         fill_counter(state, n_q)
         _record_align(state, p0 + n_q, k_start + n_k)
         return y
+
+
+def _positions(state):
+    """[q_pos min, q_pos max, k_pos min, k_pos max] in one host read ([0] * 4 for no slots)."""
+    if not state.q_pos.numel():
+        return [0, 0, 0, 0]
+    return torch.stack([state.q_pos.min(), state.q_pos.max(), state.k_pos.min(),
+                        state.k_pos.max()]).tolist()
+
+
+def _position_spread(state):
+    qmin, qmax, kmin, kmax = _positions(state)
+    if qmin != qmax or kmin != kmax:
+        return (f"FrameCrossAttention's slots advance together (one position for the batch); "
+                f"got q_pos={state.q_pos.tolist()}, k_pos={state.k_pos.tolist()} (give a stream "
+                f"that starts apart a state of its own)")
+    return None
+
+
+def _shared_positions(state):
+    qmin, qmax, kmin, kmax = _positions(state)
+    if qmin != qmax or kmin != kmax:
+        raise ValueError(_position_spread(state))
+    return qmax, kmax
 
 
 def _record_align(state, p0, k_start):
