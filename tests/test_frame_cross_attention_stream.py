@@ -114,9 +114,10 @@ def test_state_round_trip_and_refusals():
 
 
 def test_slots_at_different_positions_are_refused():
-    """The slots of one state share a position: a state whose slots were edited or copied apart
-    is refused by step, flush and load_state_dict (it was stepped at slot 0's position, silently
-    wrong for the others), naming the positions."""
+    """The general step advances one position for the batch: a state whose slots stand apart
+    (edited, copied, or admitted streams, which step_fixed serves) is refused by step and flush
+    (it was stepped at slot 0's position, silently wrong for the others), naming the positions;
+    load_state_dict takes it (a checkpoint of admitted streams)."""
     torch.manual_seed(2)
     m = FrameCrossAttention(8, 2, mask=IntervalMask.frames(1, 2, 1, 1), rope=True)
     st = m.init_state(2)
@@ -124,10 +125,9 @@ def test_slots_at_different_positions_are_refused():
     saved = st.state_dict()
     apart = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in saved.items()}
     apart["q_pos"][1] += 2
-    fresh = m.init_state(2)
-    with pytest.raises(ValueError, match=r"corrupt: .*advance together.*q_pos=\[3, 5\]"):
-        fresh.load_state_dict(apart)
-    assert int(fresh.q_pos.max()) == 0                    # nothing changed
+    fresh = m.init_state(2).load_state_dict(apart)
+    with pytest.raises(ValueError, match=r"advance together.*q_pos=\[3, 5\]"):
+        m.step(torch.randn(2, 1, 8), None, fresh)
     st.k_pos[0] += 1
     with pytest.raises(ValueError, match=r"advance together.*k_pos=\[5, 4\]"):
         m.step(torch.randn(2, 1, 8), torch.randn(2, 2, 8), st)
@@ -136,3 +136,24 @@ def test_slots_at_different_positions_are_refused():
     st.k_pos[0] -= 1                                       # back together: steps again
     y, st = m.step(torch.randn(2, 1, 8), torch.randn(2, 2, 8), st)
     assert y.shape[0] == 2 and torch.equal(st.q_pos, torch.tensor([4, 4]))
+
+
+def test_sink_keys_offline_only():
+    """A mask with sink keys: the offline forward takes it (the dense float64 oracle with the
+    sinks visible); streaming is refused (the stream drops keys below the window, sink keys
+    too: it gave outputs 0.77 away from offline before)."""
+    torch.manual_seed(3)
+    mask = IntervalMask.band(2, 1, sink=2)
+    m = FrameCrossAttention(8, 2, mask=mask).double()
+    xq, xkv = torch.randn(1, 12, 8).double(), torch.randn(1, 12, 8).double()
+    with torch.no_grad():
+        got = m(xq, xkv)
+        q, k, v = (m._heads(x, p) for x, p in ((xq, m.q_proj), (xkv, m.k_proj),
+                                               (xkv, m.v_proj)))
+        vis = mask.dense(12, 12)
+        assert vis[:, :2].all() and not vis[6:, 2:4].any()     # sinks seen, the gap not
+        o = dense_attention(q, k, v, vis)
+        want = m.out_proj(o.transpose(1, 2).reshape(1, 12, 8))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="cannot stream a mask with sink keys"):
+        m.init_state(1)

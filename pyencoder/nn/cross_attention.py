@@ -9,8 +9,14 @@ with mask.lo(p) <= s <= mask.hi(p); ``rope`` rotates q and k at their own positi
 
 Streaming: ``state = m.init_state(B, device=..., dtype=...)``, ``y, state = m.step(x_q, x_kv,
 state)`` where either chunk may be None or hold any number of frames (the two streams are chunked
-independently), ``y, state = m.flush(state)`` at the end of both streams. All slots of a batch
-advance together. Projected queries wait (un-rotated) until every key they see has arrived: query
+independently), ``y, state = m.flush(state)`` at the end of both streams. The general step
+advances all slots of a batch together (one position; a state whose slots stand apart is
+refused); ``step_fixed`` (lockstep steps of whole frames, CUDA graphs) serves slots at different
+positions whose mask pattern agrees, so ``pyencoder.streaming.admit`` / ``CudaGraphStep.admit``
+start a new stream in one slot of a running batch (its first chunks as (x_q, x_kv) tuples, fed
+as the batch's streams were: whole frames of both streams in lockstep from its start). A mask
+with sink keys streams not at all (ValueError at ``init_state``; offline it works). Projected
+queries wait (un-rotated) until every key they see has arrived: query
 p is emitted once ``mask.hi(p) + 1`` keys have arrived (``last_key(p)``), or by ``flush``; the
 emitted queries attend over the buffered keys with the same op as offline, at their absolute
 positions, so streamed output equals offline output up to summation order. Keys no pending or
@@ -34,8 +40,8 @@ from ..mask import IntervalMask
 from .._checks import check_module_input
 from ..ops.attention import cross_attention
 from ..rope import as_rope
-from ..streaming.state import (StreamState, _stamp, check_init_args, check_state, fill_counter,
-                               inference_step, stamp)
+from ..streaming.state import (StreamState, SteadyCheck, _stamp, check_init_args, check_state,
+                               fill_counter, inference_step, stamp)
 from .linear import Linear
 
 __all__ = ["FrameCrossAttention", "CrossAttentionState"]
@@ -51,6 +57,7 @@ class CrossAttentionState(StreamState):
     out_lengths: torch.Tensor  # (B,) int64 frames emitted by the last step / flush
 
     _growable = {"q": 2, "k": 2, "v": 2}
+    _fresh_empty = True        # a fresh stream (admit's private state) buffers nothing
 
     def reset(self, mask):
         """All slots at once (they share one position): back to a fresh stream, empty buffers
@@ -69,9 +76,8 @@ class CrossAttentionState(StreamState):
         return self
 
     def _invalid(self):
-        spread = _position_spread(self)
-        if spread is not None:
-            return spread
+        # slots at different positions load (admitted streams: step_fixed serves them when their
+        # mask patterns agree, which its check=True verifies); the general step refuses them
         if self.q_pos.numel() and self.q.shape[2] > int(self.q_pos.min()):
             return f"{self.q.shape[2]} pending queries exceed the {self.q_pos.tolist()} received"
         if self.k_pos.numel() and self.k.shape[2] > int(self.k_pos.min()):
@@ -152,6 +158,12 @@ class FrameCrossAttention(nn.Module):
 
     # ---- streaming ------------------------------------------------------------------------------
     def init_state(self, batch_size, *, device=None, dtype=None):
+        if self.mask.sink:
+            # the stream drops the keys below the oldest pending query's window, sink keys too
+            # (they would need a resident buffer apart from the window, at a gap in positions
+            # the op cannot express): refused rather than streamed wrong
+            raise ValueError(f"FrameCrossAttention cannot stream a mask with sink keys "
+                             f"({self.mask!r}); its offline forward takes it")
         check_init_args(batch_size, dtype, device)
         dev = self.q_proj.weight.device if device is None else device
         dt = self.q_proj.weight.dtype if dtype is None else dtype
@@ -228,6 +240,59 @@ class FrameCrossAttention(nn.Module):
         return y, new
 
     # ---- the steady state (CUDA graphs) ---------------------------------------------------------
+    def _pattern(self, p0, k_start):
+        """What the mask between the pending queries (from p0) and the buffered keys (from
+        k_start) depends on: the mask shifts by k_block keys per block queries, so two slots
+        with the same (p0 mod block, k_start - (p0 // block) * k_block) see the same pattern and
+        one alignment serves both."""
+        m = self.mask
+        return (p0 % m.block, k_start - (p0 // m.block) * m.k_block)
+
+    def steady_check(self, n_q, state):
+        """SteadyCheck for lockstep fixed steps of ``n_q`` query frames (and n_q // block *
+        k_block key frames): None where no such step is a fixed one (unbounded history, n_q not
+        whole query frames); ``ok()`` reads each slot's positions on the host (admission, not a
+        hot path). The general step does not dispatch to step_fixed (two streams)."""
+        check_state(self, state, CrossAttentionState)
+        m = self.mask
+        if not m.bounded or isinstance(n_q, bool) or not isinstance(n_q, int) or n_q < 1 \
+                or n_q % m.block:
+            return None
+        n_k = n_q // m.block * m.k_block
+        P, K = state.q.shape[2], state.k.shape[2]
+
+        def ok():
+            flags = [self._steady_after(a - P, P, b - K, K, n_q, n_k)
+                     for a, b in zip(state.q_pos.tolist(), state.k_pos.tolist())]
+            return torch.tensor(flags, dtype=torch.bool, device=state.q_pos.device)
+        return SteadyCheck(n_q, ok, (state.q_pos, state.k_pos))
+
+    def _admit_check(self, state, sub, slot):
+        """pyencoder.streaming.admit's hook: the new stream (``sub``, batch 1, steady) must
+        share the batch's mask pattern (a graph baked the batch's alignment into its launches);
+        returns what re-records that alignment after the copy into the slot (the copy bumps
+        ``q_pos``'s version, which retires the record)."""
+        align = _recorded_align(state)
+        if align is None:
+            raise RuntimeError("admit: the batch state's mask alignment is not known (no general "
+                               "or fixed step since it was loaded or reset): run "
+                               "step_fixed(..., check=True) on it first")
+        P, K = sub.q.shape[2], sub.k.shape[2]
+        if (P, K) != (state.q.shape[2], state.k.shape[2]):
+            raise RuntimeError(
+                f"admit: the new stream holds {P} pending queries and {K} keys, the batch's "
+                f"streams {state.q.shape[2]} and {state.k.shape[2]} (both steady, at another lag "
+                f"between the two streams): feed it as the batch's streams were fed (whole "
+                f"frames of both streams in lockstep from its start)")
+        new = (int(sub.q_pos[0]) - P, int(sub.k_pos[0]) - K)
+        if self._pattern(*new) != self._pattern(*align):
+            raise RuntimeError(
+                f"admit: the new stream's pending queries start at {new[0]} and its keys at "
+                f"{new[1]}, a mask pattern other than the batch's (queries from {align[0]}, keys "
+                f"from {align[1]}; pattern {self._pattern(*new)} vs {self._pattern(*align)}): "
+                f"feed it whole frames of both streams from its start")
+        return lambda: _record_align(state, *align)
+
     def _steady_after(self, p0, P, k_start, K, n_q, n_k):
         """Whether a general step of n_q queries and n_k keys from a state with P pending
         queries from p0 and K keys from k_start emits n_q queries and keeps P and K (then every
@@ -268,9 +333,14 @@ class FrameCrossAttention(nn.Module):
         P, K = state.q.shape[2], state.k.shape[2]
         if check:
             qp, kp = state.q_pos.tolist(), state.k_pos.tolist()
-            if len(set(qp)) > 1 or len(set(kp)) > 1:
-                raise ValueError(f"FrameCrossAttention.step_fixed: slots at different positions "
-                                 f"(q_pos={qp}, k_pos={kp})")
+            # slots may stand at different positions (admit) when their mask pattern is the
+            # same: the op runs at one alignment for the batch
+            pats = {self._pattern(a - P, b - K) for a, b in zip(qp, kp)}
+            if len(pats) > 1:
+                raise ValueError(f"FrameCrossAttention.step_fixed: slots at positions whose mask "
+                                 f"patterns differ (q_pos={qp}, k_pos={kp}): one alignment "
+                                 f"serves the batch (admit streams fed whole frames of both "
+                                 f"streams from their start)")
             if B and not self._steady_after(qp[0] - P, P, kp[0] - K, K, n_q, n_k):
                 raise ValueError(
                     f"FrameCrossAttention.step_fixed needs a steady state: {P} pending queries "

@@ -38,10 +38,15 @@ def _fresh_slot(st, slot):
     """A batch-1 state shaped like slot ``slot`` of ``st``, every tensor zero (a fresh stream),
     with the same configuration stamp."""
     kw = {}
+    # a state whose fresh stream holds none of its growable buffers (the cross-attention's
+    # pending queries and keys): those start empty along their growing axis
+    empty = st._growable if getattr(type(st), "_fresh_empty", False) else {}
     for f in dataclasses.fields(st):
         v = getattr(st, f.name)
         if isinstance(v, torch.Tensor):
             v = torch.zeros_like(v[slot:slot + 1])
+            if f.name in empty:
+                v = v.narrow(empty[f.name], 0, 0).clone()
         elif isinstance(v, StreamState):
             v = _fresh_slot(v, slot)
         elif isinstance(v, (list, tuple)):
@@ -63,8 +68,9 @@ def admit(module, state, slot, chunks, step):
     """Start a new stream in slot ``slot`` of ``state`` (a batch state of ``module``, e.g. one a
     CUDA graph of ``step_fixed`` advances) without replacing any of its tensors (module
     docstring). ``chunks``: the new stream's first chunks, each a batch-1 tensor of any length
-    the general step takes; ``step``: the length (samples or frames, the module's time axis) of
-    the steady steps that follow. Returns the warm-up's outputs, one batch-1 tensor per chunk
+    the general step takes (a module whose step takes several inputs: a tuple per chunk, one
+    batch-1 tensor or None per input); ``step``: the length (samples or frames, the module's time
+    axis; of the first input for several) of the steady steps that follow. Returns the warm-up's outputs, one batch-1 tensor per chunk
     holding only the frames the general step emitted for it. Raises ValueError if the stream is
     not steady for ``step`` after the chunks (nothing written)."""
     if not isinstance(state, StreamState):
@@ -78,10 +84,18 @@ def admit(module, state, slot, chunks, step):
         raise ValueError(f"admit: step must be an int >= 1 (the steady step's length); got "
                          f"{step!r}")
     chunks = list(chunks) if not isinstance(chunks, torch.Tensor) else [chunks]
-    if not chunks or not all(isinstance(c, torch.Tensor) and c.dim() >= 1 and c.shape[0] == 1
-                             for c in chunks):
+
+    def one(c):
+        return isinstance(c, torch.Tensor) and c.dim() >= 1 and c.shape[0] == 1
+    # a multi-input step (FrameCrossAttention: step(x_q, x_kv, state)): each chunk a tuple of
+    # inputs, each a batch-1 tensor or None (that stream brought nothing)
+    multi = bool(chunks) and all(isinstance(c, tuple) for c in chunks)
+    if not chunks or not (all(one(c) for c in chunks) or multi and all(
+            len(c) == len(chunks[0]) and any(x is not None for x in c)
+            and all(x is None or one(x) for x in c) for c in chunks)):
         raise ValueError("admit: chunks must be a non-empty list of batch-1 tensors (the new "
-                         "stream's first chunks)")
+                         "stream's first chunks; for a step of several inputs, tuples of them, "
+                         "None where a stream brought nothing)")
     sub = _fresh_slot(state, slot)
     if steady_check(module, step, sub) is None:
         raise ValueError(f"admit: {type(module).__name__} has no steady step of length {step} "
@@ -91,7 +105,7 @@ def admit(module, state, slot, chunks, step):
     outs = []
     with torch.no_grad():
         for c in chunks:
-            y, sub = module.step(c, sub)
+            y, sub = module.step(*c, sub) if multi else module.step(c, sub)
             m = int(sub.out_lengths[0])
             outs.append(y.narrow(axis, 0, m))
         check = steady_check(module, step, sub)
@@ -100,7 +114,13 @@ def admit(module, state, slot, chunks, step):
             raise ValueError(f"admit: after {len(chunks)} chunk(s) the new stream is not yet in "
                              f"the steady state for steps of {step} (its lookahead and first "
                              f"windows need more input): pass more of its first chunks")
+        # where a module baked something per batch that the new stream must share (the
+        # cross-attention's mask alignment): its own check, and what to redo after the copy
+        guard = getattr(module, "_admit_check", None)
+        after = guard(state, sub, slot) if callable(guard) else None
         _write_slot(state, sub, slot)
+        if after is not None:
+            after()
     return outs
 
 

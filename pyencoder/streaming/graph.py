@@ -8,7 +8,8 @@ launches them all at once).
         y = step(chunk)                            # == model.step_fixed(chunk, state)
 
 A module whose step takes several inputs (``FrameCrossAttention.step_fixed(x_q, x_kv, state)``)
-takes a tuple of examples, and each call the inputs in that order: ``step(video, audio)``.
+takes a tuple of examples, and each call the inputs in that order: ``step(video, audio)``;
+``admit`` then takes a tuple per chunk.
 
 What it does that a hand-written capture easily gets wrong: the warm-up before capture (Triton
 compiles, cuBLAS workspaces: work that may not run inside a capture) runs on a copy of the state
@@ -113,10 +114,10 @@ class CudaGraphStep:
         through the general step on a private state until it is steady for this graph's steps,
         which is then copied into the slot in place (pyencoder.streaming.admit). Returns the
         warm-up's outputs (one batch-1 tensor per chunk, the frames emitted for it); the next
-        call advances the new stream with the others. A single-input step only."""
-        if len(self.xs) != 1:
-            raise TypeError(f"CudaGraphStep.admit: {type(self.module).__name__}'s step takes "
-                            f"{len(self.xs)} inputs; admit streams a single-input step")
+        call advances the new stream with the others. A step of several inputs takes a tuple
+        per chunk (``FrameCrossAttention``: ``(video, audio)``, None where one stream brought
+        nothing), and the new stream must share the batch's mask pattern (fed whole frames of
+        both streams from its start; else RuntimeError, nothing written)."""
         axis = -1 if time_last(self.module) else 1
         return admit(self.module, self.state, slot, chunks, self.x.shape[axis])
 
