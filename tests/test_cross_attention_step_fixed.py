@@ -204,7 +204,7 @@ def test_admit_a_stream_into_a_running_batch(mask, rope):
         ref1 = m(cq[:, :uq], ckv[:, :uk])
         assert got.shape[1] >= uq - 3 * n_q - mask.block * 4
         assert rel_err(got, ref1[:, :got.shape[1]]) <= 1e-10
-        with pytest.raises(ValueError, match="advance together"):
+        with pytest.raises(ValueError, match="advances the slots together"):
             m.step(xq[:, tq:tq + n_q], xkv[:, tk:tk + n_k], st)
 
 

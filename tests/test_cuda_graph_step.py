@@ -102,6 +102,21 @@ def test_cuda_graph_step_argument_errors():
         CudaGraphStep(m, st, (torch.randn(1, 1, 640), torch.randn(1, 2)))
 
 
+def test_admit_of_a_two_input_step_wants_tuples():
+    """CudaGraphStep.admit of a captured two-input step (FrameCrossAttention) names the chunk
+    form it wants (the capture itself needs a GPU: the helper is built around one here)."""
+    from pyencoder import IntervalMask
+    from pyencoder.nn import FrameCrossAttention
+    m = FrameCrossAttention(8, 2, mask=IntervalMask.frames(1, 2, 1, 1))
+    g = CudaGraphStep.__new__(CudaGraphStep)
+    g.module, g.state = m, m.init_state(2)
+    g.xs = (torch.randn(2, 1, 8), torch.randn(2, 2, 8))
+    g.x = g.xs[0]
+    for bad in (torch.randn(1, 1, 8), [torch.randn(1, 1, 8)], [(torch.randn(1, 1, 8),)]):
+        with pytest.raises(ValueError, match="list of 2-tuples"):
+            g.admit(1, bad)
+
+
 # ---- GPU ---------------------------------------------------------------------------------
 
 def gpu_quick(name, p):

@@ -126,12 +126,12 @@ def test_slots_at_different_positions_are_refused():
     apart = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in saved.items()}
     apart["q_pos"][1] += 2
     fresh = m.init_state(2).load_state_dict(apart)
-    with pytest.raises(ValueError, match=r"advance together.*q_pos=\[3, 5\]"):
+    with pytest.raises(ValueError, match=r"advances the slots together.*q_pos=\[3, 5\]"):
         m.step(torch.randn(2, 1, 8), None, fresh)
     st.k_pos[0] += 1
-    with pytest.raises(ValueError, match=r"advance together.*k_pos=\[5, 4\]"):
+    with pytest.raises(ValueError, match=r"advances the slots together.*k_pos=\[5, 4\]"):
         m.step(torch.randn(2, 1, 8), torch.randn(2, 2, 8), st)
-    with pytest.raises(ValueError, match="advance together"):
+    with pytest.raises(ValueError, match="advances the slots together"):
         m.flush(st)
     st.k_pos[0] -= 1                                       # back together: steps again
     y, st = m.step(torch.randn(2, 1, 8), torch.randn(2, 2, 8), st)

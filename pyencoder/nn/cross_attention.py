@@ -389,19 +389,14 @@ def _positions(state):
                         state.k_pos.max()]).tolist()
 
 
-def _position_spread(state):
-    qmin, qmax, kmin, kmax = _positions(state)
-    if qmin != qmax or kmin != kmax:
-        return (f"FrameCrossAttention's slots advance together (one position for the batch); "
-                f"got q_pos={state.q_pos.tolist()}, k_pos={state.k_pos.tolist()} (give a stream "
-                f"that starts apart a state of its own)")
-    return None
-
-
 def _shared_positions(state):
+    """(q_pos, k_pos) of every slot, or ValueError where the slots stand apart."""
     qmin, qmax, kmin, kmax = _positions(state)
     if qmin != qmax or kmin != kmax:
-        raise ValueError(_position_spread(state))
+        raise ValueError(f"FrameCrossAttention's general step advances the slots together (one "
+                         f"position for the batch); got q_pos={state.q_pos.tolist()}, "
+                         f"k_pos={state.k_pos.tolist()} (give a stream that starts apart a state "
+                         f"of its own, or admit it into a batch that step_fixed advances)")
     return qmax, kmax
 
 

@@ -69,9 +69,10 @@ def admit(module, state, slot, chunks, step):
     CUDA graph of ``step_fixed`` advances) without replacing any of its tensors (module
     docstring). ``chunks``: the new stream's first chunks, each a batch-1 tensor of any length
     the general step takes (a module whose step takes several inputs: a tuple per chunk, one
-    batch-1 tensor or None per input); ``step``: the length (samples or frames, the module's time
-    axis; of the first input for several) of the steady steps that follow. Returns the warm-up's outputs, one batch-1 tensor per chunk
-    holding only the frames the general step emitted for it. Raises ValueError if the stream is
+    batch-1 tensor or None per input); ``step``: the length (samples or frames, the module's
+    time axis; of the first input for several) of the steady steps that follow. Returns the
+    warm-up's outputs, one batch-1 tensor per chunk holding only the frames the general step
+    emitted for it. Raises ValueError if the stream is
     not steady for ``step`` after the chunks (nothing written)."""
     if not isinstance(state, StreamState):
         raise TypeError(f"admit: state must be a StreamState; got {type(state).__name__}")

@@ -118,6 +118,12 @@ class CudaGraphStep:
         per chunk (``FrameCrossAttention``: ``(video, audio)``, None where one stream brought
         nothing), and the new stream must share the batch's mask pattern (fed whole frames of
         both streams from its start; else RuntimeError, nothing written)."""
+        n = len(self.xs)
+        if n > 1 and (isinstance(chunks, torch.Tensor) or not all(
+                isinstance(c, tuple) and len(c) == n for c in chunks)):
+            raise ValueError(f"CudaGraphStep.admit: the captured step takes {n} inputs: chunks "
+                             f"must be a list of {n}-tuples (one batch-1 tensor or None per "
+                             f"input)")
         axis = -1 if time_last(self.module) else 1
         return admit(self.module, self.state, slot, chunks, self.x.shape[axis])
 
