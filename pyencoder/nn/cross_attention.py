@@ -60,14 +60,17 @@ class CrossAttentionState(StreamState):
     _fresh_empty = True        # a fresh stream (admit's private state) buffers nothing
 
     def reset(self, mask):
-        """All slots at once (they share one position): back to a fresh stream, empty buffers
-        (new tensors: a graph captured on this state must be captured again). A subset raises:
-        make a state of its own for a stream that starts apart."""
+        """All slots at once (the general step gives them one position): back to a fresh stream,
+        empty buffers (new tensors: a graph captured on this state must be captured again). A
+        subset raises: make a state of its own for a stream that starts apart, or ``admit`` it
+        into a slot of a batch that ``step_fixed`` advances."""
         mask = mask.to(self.q_pos.device)
         if not bool(mask.all()):
-            raise ValueError(f"FrameCrossAttention's slots advance together (one position for "
-                             f"the batch): reset every slot at once, or give a stream that "
-                             f"starts apart a state of its own; got mask={mask.tolist()}")
+            raise ValueError(f"FrameCrossAttention's general step advances the slots together "
+                             f"(one position for the batch): reset every slot at once, give a "
+                             f"stream that starts apart a state of its own, or admit it into a "
+                             f"slot of a batch that step_fixed advances (pyencoder.streaming."
+                             f"admit); got mask={mask.tolist()}")
         B, H, _, D = self.q.shape
         self.q = self.q.new_zeros(B, H, 0, D)
         self.k, self.v = self.k.new_zeros(B, H, 0, D), self.v.new_zeros(B, H, 0, D)
