@@ -24,20 +24,23 @@ SETTINGS = {
     "chunk": dict(chunk_size=2, left_chunks=1, lookahead_frames=1, lookahead_layers="first",
                   pos_conv="drop", sink_frames=5),
 }
+# unbounded history (left_frames's default): no fixed step; WavLM's plain-torch ring path left
+# the sink keys ahead of the first frames' bands out (0.24 off offline at frame 0)
+UNBOUNDED = {"band_unbounded": dict(lookahead_frames=0, pos_conv="causal", sink_frames=4)}
 HOP = 10          # samples per frame of make_model's conv front end (strides 5, 2)
 
 
 def _patched(family, setting):
     model = make_model(family).eval()
-    H.apply_pyencoder_to_wav2vec2(model, **SETTINGS[setting])
+    H.apply_pyencoder_to_wav2vec2(model, **{**SETTINGS, **UNBOUNDED}[setting])
     return model
 
 
 @pytest.mark.parametrize("family", ["w2v2_post", "hubert", "wavlm"])
-@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("setting", list(SETTINGS) + list(UNBOUNDED))
 def test_stream_with_sinks_equals_offline(family, setting):
     model = _patched(family, setting)
-    S = SETTINGS[setting]["sink_frames"]
+    S = {**SETTINGS, **UNBOUNDED}[setting]["sink_frames"]
     enc = H.StreamingEncoder(model)
     assert all(a.mask.sink == S for a in enc.attn)
     x = audio(2, 1234)
@@ -56,7 +59,8 @@ def test_stream_with_sinks_equals_offline(family, setting):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     unsunk = make_model(family).eval()
     unsunk.load_state_dict(model.state_dict())
-    H.apply_pyencoder_to_wav2vec2(unsunk, **dict(SETTINGS[setting], sink_frames=0))
+    H.apply_pyencoder_to_wav2vec2(unsunk, **dict({**SETTINGS, **UNBOUNDED}[setting],
+                                                 sink_frames=0))
     with torch.no_grad():
         assert (unsunk(x).last_hidden_state - ref).abs().max() > 1e-4   # the sinks matter
 

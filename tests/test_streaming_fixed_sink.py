@@ -23,7 +23,7 @@ from _stream_utils import rel_err
 from test_streaming_fixed import (NoHostSync, _capture, _clone_state, _count_fixed, _general_only,
                                   replay_rest)
 from pyencoder.nn import (BandedSelfAttention, CausalConv1d, ChunkedSelfAttention,
-                          TransformerLayer, Transpose)
+                          TransformerLayer, Transpose, WavLMSelfAttention)
 from pyencoder.streaming import StreamingSequential
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -493,3 +493,38 @@ def test_cuda_graph_encoder_layers_with_sinks():
             ye = m.layers.step_fixed(xbuf.clone(), eager)
             torch.cuda.synchronize()
             assert rel_err(ybuf, ye) <= 1e-5
+
+
+@pytest.mark.parametrize("max_chunk", [1, 2, 4, 64])
+@pytest.mark.parametrize("make", [
+    lambda: BandedSelfAttention(16, 2, left=16, right=0, sink=4),
+    lambda: ChunkedSelfAttention(16, 2, chunk_size=2, left_chunks=2, lookahead=0, sink=5),
+    lambda: WavLMSelfAttention(16, 2, left=6, right=1, sink=6, num_buckets=8, max_distance=6),
+    lambda: BandedSelfAttention(16, 2, left=None, right=0, sink=3),
+], ids=["band", "chunked", "wavlm", "band_unbounded"])
+def test_layer_splits_long_steps_while_queries_wait_for_sinks(make, max_chunk):
+    """A TransformerLayer whose queries wait for the last sink key longer than for their
+    lookahead (sink - 1 > hi_off) splits a step longer than its queue by the attention's own
+    limit (max_chunk past what it holds back): steps of up to max_chunk + sink frames, from
+    states still waiting for sink keys, equal offline (the layer split by hi_off and overran
+    its residual queue: IndexError on CPU, a device-side assert on CUDA)."""
+    torch.manual_seed(max_chunk)
+    for norm_first in (True, False):
+        m = TransformerLayer(make(), 24, norm_first=norm_first).double().eval()
+        S = m.attention.mask.sink
+        x = torch.randn(2, 3 * max_chunk + 4 * S + 20, 16, dtype=torch.float64)
+        with torch.no_grad():
+            ref = m(x)
+            st = m.init_state(2, max_chunk=max_chunk)
+            outs, t = [], 0
+            for c in [1, max_chunk + S, 0, max_chunk + S - 1, 2 * max_chunk + S]:
+                y, st = m.step(x[:, t:t + c], st)
+                outs.append(y[:, :int(st.out_lengths[0])])
+                t += c
+            y, st = m.step(x[:, t:], st)
+            outs.append(y[:, :int(st.out_lengths[0])])
+            y, st = m.flush(st)
+            outs.append(y[:, :int(st.out_lengths[0])])
+        got = torch.cat(outs, 1)
+        assert got.shape == ref.shape
+        assert rel_err(got, ref) <= TOL[torch.float64], (norm_first, max_chunk)

@@ -27,6 +27,13 @@ CASES = {
     "band_sink_beyond": dict(left=2, right=0, sink=5),
     "chunked_sink": dict(chunk_size=2, left_chunks=1, lookahead=1, sink=3),
 }
+# unbounded history: the plain-torch ring path (no fixed step); sink keys ahead of the first
+# queries' bands (it left them out: frames 0..sink-2 streamed up to 1.4 relative off offline)
+UNBOUNDED = {
+    "band_unbounded_sink": dict(left=None, right=0, sink=3),
+    "chunked_unbounded_sink": dict(chunk_size=2, left_chunks=None, lookahead=0, sink=4),
+    "band_unbounded_sink_la": dict(left=None, right=1, sink=5),
+}
 
 
 def _module(kw, dtype, seed=0):
@@ -51,28 +58,27 @@ def _oracle(m, x):
     bias = bias.permute(2, 0, 1)
     g = m.gate(x)
     sc = q @ k.transpose(-1, -2) * m.scale + g[..., None] * bias
-    lo_hi = m.mask
-    if m.chunk_size if hasattr(m, "chunk_size") else False:
-        pass
     s = p[None, :]
     pp = p[:, None]
     kw = m._case
     if "chunk_size" in kw:
         c = kw["chunk_size"]
-        lo = (pp // c - kw["left_chunks"]) * c
+        lo = (pp // c - kw["left_chunks"]) * c if kw["left_chunks"] is not None else pp * 0 - T
         hi = (pp // c + 1) * c - 1 + kw["lookahead"]
     else:
-        lo, hi = pp - kw["left"], pp + kw["right"]
+        lo = pp - kw["left"] if kw["left"] is not None else pp * 0 - T
+        hi = pp + kw["right"]
     vis = ((s >= lo) & (s <= hi)) | (s < kw["sink"])
     sc = sc.masked_fill(~vis, float("-inf"))
     o = torch.softmax(sc, -1) @ v
     return m.out_proj(o.transpose(1, 2).reshape(B, T, E))
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(CASES) + sorted(UNBOUNDED))
 def test_offline_matches_dense_oracle(name):
-    m = _module(CASES[name], torch.float64)
-    m._case = CASES[name]
+    kw = {**CASES, **UNBOUNDED}[name]
+    m = _module(kw, torch.float64)
+    m._case = kw
     x = torch.randn(2, 30, 16, dtype=torch.float64, requires_grad=True)
     y = m(x)
     ref = _oracle(m, x)
@@ -99,10 +105,10 @@ def _stream(m, x, chunks):
     return torch.cat(outs, 1)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(CASES) + sorted(UNBOUNDED))
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=str)
 def test_stream_matches_offline(name, dtype, tol):
-    m = _module(CASES[name], dtype)
+    m = _module({**CASES, **UNBOUNDED}[name], dtype)
     x = torch.randn(2, 45, 16, dtype=dtype)
     with torch.no_grad():
         ref = m(x)

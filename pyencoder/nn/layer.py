@@ -156,7 +156,10 @@ class TransformerLayer(nn.Module):
             y = self.step_fixed(x, state)
             record_steady(state.attention, self.attention.steady_check(n, state.attention))
             return y, state
-        mc = state.res.shape[1] - self.attention.hi_off
+        # the attention's own split: its queue holds max_chunk frames past what it holds back
+        # (hi_off, or sink - 1 while queries wait for the last sink key: the residual queue has
+        # the same capacity)
+        mc = self.attention._max_chunk(state.attention)
         if n > mc:
             outs, counts = [], []
             L = torch.full((B,), n, dtype=torch.int64, device=x.device) if lengths is None \

@@ -610,6 +610,10 @@ class WavLMSelfAttention(IntervalSelfAttention):
         kpos = ring_positions(n_keys, state.k.shape[2])                    # (B, cap)
         vis = ((kpos[:, None, :] >= self.mask.lo(q_pos)[:, :, None])
                & (kpos[:, None, :] <= self.mask.hi(q_pos)[:, :, None]))
+        if self.mask.sink:
+            # sink keys are seen by every query, also ahead of its band (unbounded history keeps
+            # them in the ring; empty ring entries have negative positions)
+            vis = vis | ((kpos >= 0) & (kpos < self.mask.sink))[:, None, :]
         rows = torch.arange(M, device=q.device)[None, :] < q_count[:, None]
         vis = (vis & rows[:, :, None])[:, None]                            # (B, 1, M, cap)
         bias = self.relative_bias_table().to(cdt)[self.bucket(kpos[:, None, :] - q_pos[:, :, None])]
