@@ -5,7 +5,8 @@ keys, frame-rate band, frame-rate chunked, full), RoPE (partial, interleaved or 
 and compares the output and every gradient (q, k, v, bias table, gate). The grids of the other
 attention tests hold one feature at a time against a default for the rest; combinations are where
 a mask's bounds, the key padding and the RoPE positions meet (a silent wrong answer there passes
-every single-feature grid).
+every single-feature grid). Ten more cases run at the GPU's tiles (sm_90 table: 128 x 64, 64 x
+128, 64 x 32, ...) instead of the interpreter's 16 x 16, over up to ~200 positions.
 
 Both sides get the same inputs: the kernel's dtype-rounded q, k, v and output cotangent (float64
 copies of them for the reference), so the differences are the kernel's own arithmetic. Tolerances
@@ -62,12 +63,12 @@ def _mask(rng):
     return kind, m, qf, kf
 
 
-def _case(seed):
+def _case(seed, n_max=70):
     rng = random.Random(seed)
     B, Hk, G = rng.randint(1, 2), rng.randint(1, 2), rng.choice([1, 2])
     D = rng.choice([8, 16, 24, 32])
     kind, m, qf, kf = _mask(rng)
-    Nq = rng.randint(1, 70)
+    Nq = rng.randint(1, n_max)
     Nk = max(1, (Nq * kf) // qf + rng.randint(-3, 3)) if m is not None and m.is_frame else Nq
     if m is None:
         m = IntervalMask.full(Nk)
@@ -115,7 +116,49 @@ def _run(c, backend, inputs, cot):
 
 @pytest.mark.parametrize("seed", range(N_CASES))
 def test_triton_matches_reference_on_random_feature_combinations(seed):
-    c = _case(seed)
+    _check_case(_case(seed), seed)
+
+
+# The interpreter runs 16 x 16 tiles (ops/_attention_triton._build_kernels); a GPU runs the sm_90
+# table's. These cases run the kernels at the GPU's tiles (the first choice of the plain, the
+# biased and the frame rows: M != N, tiles larger than the sequence and several per sequence),
+# so a tile-shape-dependent bound is caught here, not first on a device.
+GPU_TILES = {
+    "plain": ((128, 64), (128, 64), (64, 128)),
+    "biased": ((64, 64), (64, 32), (32, 64)),
+    "frame": ((128, 32), (128, 32), (32, 64)),
+}
+# (tiles, seed, n_max): longer sequences (up to 195 queries, 196 keys); the plain tiles on sink,
+# band and full masks, the biased ones on chunked masks with the (gated) bias, the frame ones on
+# frame bands and frame chunks (with padding, GQA, RoPE in several)
+GPU_TILE_CASES = [(t, seed, 200) for t, seeds in (("plain", (14, 6, 3)),
+                                                   ("biased", (10, 18, 24, 31)),
+                                                   ("frame", (21, 16, 37)))
+                  for seed in seeds]
+
+
+@pytest.mark.parametrize("tiles,seed,n_max", GPU_TILE_CASES,
+                         ids=[f"{c[0]}-{c[1]}" for c in GPU_TILE_CASES])
+def test_triton_at_the_gpu_tiles_matches_reference(tiles, seed, n_max, monkeypatch):
+    import triton
+    from pyencoder.ops import _attention_triton as AT
+    from pyencoder.triton_kernels import interval_attention as ia
+    fns = (ia._interval_attention_fwd_kernel, ia._interval_attention_bwd_dq_kernel,
+           ia._interval_attention_bwd_dkdv_kernel)
+    monkeypatch.setattr(AT, "_kernels", {
+        name: (fn, triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=1), None)
+        for name, fn, (m, n) in zip(("fwd", "dq", "dkdv"), fns, GPU_TILES[tiles])})
+    used, tile = [], AT._tile
+
+    def spy(configs):
+        used.append(tile(configs)[:2])
+        return tile(configs)
+    monkeypatch.setattr(AT, "_tile", spy)
+    _check_case(_case(seed, n_max), seed)
+    assert set(used) == set(GPU_TILES[tiles]), used        # the launches ran at these tiles
+
+
+def _check_case(c, seed):
     g = torch.Generator().manual_seed(1000 + seed)
     B, Hq, Hk, D, Nq, Nk = (c[x] for x in ("B", "Hq", "Hk", "D", "Nq", "Nk"))
     # the kernel's dtype-rounded values, for both sides
