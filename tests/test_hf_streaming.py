@@ -140,10 +140,13 @@ def test_stream_step_takes_skinny_cpu_gemm(family, monkeypatch):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_reset_all_slots_restarts(family):
+def test_reset_all_slots_restarts(family, monkeypatch):
     """A reset of every slot is a full restart: the next stream equals a fresh one, exactly.
     (Subsets: test_reset_subset_restarts_only_those_slots; the encoder used to run its slots in
-    lockstep and refused them.)"""
+    lockstep and refused them.) The CPU path's thread count is pinned: under
+    PYENCODER_CPU_THREADS=auto it follows the machine's load per call, and MKL does not promise
+    bit-equal results across counts (the comparison is exact; it failed once under load)."""
+    monkeypatch.setenv("PYENCODER_CPU_THREADS", "1")
     model = make_model(family).eval()
     H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=1, left_frames=4, pos_conv="causal")
     enc = H.StreamingEncoder(model)
@@ -252,3 +255,31 @@ def test_training_mode_after_construction_raises():
         enc.flush(state)
     model.eval()
     enc.step(audio(1, 400), state)
+
+
+@pytest.mark.parametrize("family", ["w2v2_post", "w2v2_pre", "wavlm"])
+def test_conv_norm_eps_is_the_models_not_config_layer_norm_eps(family):
+    """transformers builds the feature extractor's conv-layer norms (GroupNorm / LayerNorm) with
+    torch's default eps 1e-5 whatever config.layer_norm_eps says; the stream and from_hf used
+    layer_norm_eps there (1e-2 here: ~1e-2 relative off offline, silently). Their front end now
+    takes the model's own eps: stream == from_hf == the patched model offline, from
+    hidden_states[0] on (float64)."""
+    from pyencoder.models import CausalEncoder
+    torch.manual_seed(7)
+    model = make_model(family, layer_norm_eps=1e-2).double().eval()
+    assert model.feature_extractor.conv_layers[0].layer_norm.eps == 1e-5
+    H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=1, left_frames=3, pos_conv="causal")
+    x = audio(1, 777).double()
+    with torch.no_grad():
+        ref = model(x, output_hidden_states=True)
+        enc = H.StreamingEncoder(model, output_hidden_states=True)
+        st = enc.init_state(1)
+        (y, hs), st = enc.step(x, st)
+        (y2, hs2), st = enc.flush(st)
+        conv = CausalEncoder.from_hf(model, lookahead=1, left=3, pos_conv="causal").double()
+        yc = conv.eval()(x).last_hidden_state
+    assert conv.config.conv_norm_eps == 1e-5 and conv.config.layer_norm_eps == 1e-2
+    rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
+    assert rel(torch.cat([hs[0], hs2[0]], 1), ref.hidden_states[0]) <= 1e-10
+    assert rel(torch.cat([y, y2], 1), ref.last_hidden_state) <= 1e-10
+    assert rel(yc, ref.last_hidden_state) <= 1e-10

@@ -93,6 +93,9 @@ class EncoderConfig:
     ffn_dim: int = 3072
     norm_first: bool = False                     # pre-LN (wav2vec2-large) or post-LN (base)
     layer_norm_eps: float = 1e-5
+    # the feature extractor's conv-layer norms (None: layer_norm_eps); transformers builds them
+    # with torch's default 1e-5 whatever its config.layer_norm_eps says: from_hf reads them
+    conv_norm_eps: Optional[float] = None
     pos_conv: Optional[str] = None               # None or "causal"
     pos_conv_kernel: int = 128
     pos_conv_groups: int = 16
@@ -205,7 +208,9 @@ class CausalEncoder(nn.Module):
         self.config = c
         self.feature_extractor = ConvFeatureExtractor(c.conv_dim, c.conv_kernel, c.conv_stride,
                                                       c.conv_bias, c.feat_extract_norm,
-                                                      c.causal_conv, c.layer_norm_eps)
+                                                      c.causal_conv,
+                                                      c.layer_norm_eps if c.conv_norm_eps is None
+                                                      else c.conv_norm_eps)
         E = c.hidden_size
         self.feature_projection = FeatureProjection(c.conv_dim[-1], E, c.feat_proj_layer_norm,
                                                     c.layer_norm_eps)
@@ -600,7 +605,7 @@ class CausalEncoder(nn.Module):
             feat_proj_layer_norm=bool(getattr(hc, "feat_proj_layer_norm", True)),
             hidden_size=hc.hidden_size, num_layers=n_layers, num_heads=hc.num_attention_heads,
             ffn_dim=hc.intermediate_size, norm_first=bool(hc.do_stable_layer_norm),
-            layer_norm_eps=hc.layer_norm_eps,
+            layer_norm_eps=hc.layer_norm_eps, conv_norm_eps=_hf_conv_norm_eps(base),
             pos_conv="causal" if pos_conv == "causal" else None,
             pos_conv_kernel=hc.num_conv_pos_embeddings,
             pos_conv_groups=hc.num_conv_pos_embedding_groups,
@@ -623,6 +628,16 @@ class CausalEncoder(nn.Module):
         model.to(device=p.device, dtype=p.dtype)
         model.load_state_dict(_convert_state_dict(base, cfg), strict=True)
         return model
+
+
+def _hf_conv_norm_eps(base):
+    """The eps of a transformers feature extractor's conv-layer norms (LayerNorm / GroupNorm,
+    built with torch's default 1e-5, not config.layer_norm_eps); None without norms."""
+    for layer in base.feature_extractor.conv_layers:
+        norm = getattr(layer, "layer_norm", None)
+        if norm is not None and hasattr(norm, "eps"):
+            return float(norm.eps)
+    return None
 
 
 def find_hf_base(model, caller="from_hf"):
