@@ -13,6 +13,13 @@ except Exception:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The CPU path picks its thread count per call from the machine's load under the default
+# PYENCODER_CPU_THREADS=auto (pyencoder/_cpu_threads.py), and MKL does not promise bit-equal
+# results across counts: tests that compare two runs exactly failed under load (CI beside other
+# work). One thread for the session, whatever the load (the policy's own tests set the variable
+# themselves; a value already in the environment is kept).
+os.environ.setdefault("PYENCODER_CPU_THREADS", "1")
+
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
