@@ -283,3 +283,23 @@ def test_conv_norm_eps_is_the_models_not_config_layer_norm_eps(family):
     assert rel(torch.cat([hs[0], hs2[0]], 1), ref.hidden_states[0]) <= 1e-10
     assert rel(torch.cat([y, y2], 1), ref.last_hidden_state) <= 1e-10
     assert rel(yc, ref.last_hidden_state) <= 1e-10
+
+
+@pytest.mark.parametrize("over,field", [
+    (dict(conv_kernel=(2, 2), conv_stride=(3, 2)), r"config.conv_stride\[0\] = 3 exceeds"),
+    (dict(add_adapter=True, adapter_kernel_size=2, adapter_stride=3, num_adapter_layers=1,
+          output_hidden_size=32), "config.adapter_stride = 3 exceeds"),
+])
+def test_strides_beyond_kernels_are_refused_naming_the_field(over, field):
+    """A conv whose stride exceeds its kernel skips samples: the patched model runs it offline,
+    the stream cannot; StreamingEncoder / from_hf refuse it naming the config field (it was the
+    conv layer's 'kernel_size (2) must be >= stride (3)')."""
+    from pyencoder.models import CausalEncoder
+    model = make_model("w2v2_post", **over).eval()
+    H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=1, left_frames=3)
+    with torch.no_grad():
+        model(audio(1, 900))                              # offline: transformers runs it
+    with pytest.raises(ValueError, match=field):
+        H.StreamingEncoder(model)
+    with pytest.raises(ValueError, match=field):
+        CausalEncoder.from_hf(model, lookahead=1, left=3)

@@ -598,6 +598,7 @@ class CausalEncoder(nn.Module):
             getattr(base.encoder.pos_conv_embed, "batch_norm", None) is not None
         attn_adapter = getattr(base.encoder.layers[0], "adapter_layer", None)
         adapter = hf_adapter_config(base)
+        _check_hf_strides(hc, adapter)
         cfg = EncoderConfig(
             conv_dim=tuple(hc.conv_dim), conv_kernel=tuple(hc.conv_kernel),
             conv_stride=tuple(hc.conv_stride), conv_bias=bool(hc.conv_bias),
@@ -628,6 +629,22 @@ class CausalEncoder(nn.Module):
         model.to(device=p.device, dtype=p.dtype)
         model.load_state_dict(_convert_state_dict(base, cfg), strict=True)
         return model
+
+
+def _check_hf_strides(hc, adapter):
+    """A conv whose stride exceeds its kernel skips input samples: transformers runs it offline,
+    a causal stream cannot (every sample must reach a window). Refused naming the config field
+    (the conv layer would say only 'kernel_size (2) must be >= stride (3)')."""
+    for i, (k, s) in enumerate(zip(hc.conv_kernel, hc.conv_stride)):
+        if s > k:
+            raise ValueError(f"from_hf: config.conv_stride[{i}] = {s} exceeds config.conv_kernel"
+                             f"[{i}] = {k}: that conv skips samples, which a stream cannot "
+                             f"reproduce (the patched model's offline forward runs it)")
+    if adapter is not None and adapter["adapter_stride"] > adapter["adapter_kernel_size"]:
+        raise ValueError(f"from_hf: config.adapter_stride = {adapter['adapter_stride']} exceeds "
+                         f"config.adapter_kernel_size = {adapter['adapter_kernel_size']}: that "
+                         f"adapter conv skips frames, which a stream cannot reproduce (offline "
+                         f"runs it)")
 
 
 def _hf_conv_norm_eps(base):
