@@ -117,6 +117,17 @@ def test_save_pretrained_records_patch_and_from_pretrained_reapplies(tmp_path, f
     assert not hasattr(model.config, "pyencoder")
     with pytest.raises(ValueError, match="pyencoder"):
         H.reapply_pyencoder(model)
+    # a model patched from its recorded entry (loaded, re-applied) reverts to an unpatched model
+    # that saves and loads unpatched (its entry used to come back with the revert)
+    for m in (loaded, plain):
+        H.revert_pyencoder(m)
+        assert not hasattr(m.config, "pyencoder") and H.patch_record(m) is None
+    loaded.save_pretrained(tmp_path / "reverted")
+    again = H.from_pretrained(cls, tmp_path / "reverted").eval()
+    assert H.patch_record(again) is None and not hasattr(again.config, "pyencoder")
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).last_hidden_state, loaded(x).last_hidden_state,
+                                   rtol=0, atol=0)
 
 
 def test_unpatched_model_with_recorded_patch_warns_once(tmp_path):

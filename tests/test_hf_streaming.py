@@ -303,3 +303,39 @@ def test_strides_beyond_kernels_are_refused_naming_the_field(over, field):
         H.StreamingEncoder(model)
     with pytest.raises(ValueError, match=field):
         CausalEncoder.from_hf(model, lookahead=1, left=3)
+
+
+@pytest.mark.parametrize("buckets, field", [(dict(num_buckets=32, max_bucket_distance=8),
+                                             r"config\.max_bucket_distance must be an int > "
+                                             r"config\.num_buckets // 4 = 8"),
+                                            (dict(num_buckets=32, max_bucket_distance=5),
+                                             r"config\.max_bucket_distance .* got 5"),
+                                            (dict(num_buckets=3), r"config\.num_buckets must be")])
+def test_wavlm_bucket_config_refused_by_its_fields(buckets, field):
+    """max_bucket_distance <= num_buckets // 4 sends transformers' own WavLM outside its bucket
+    table (an IndexError at the first long enough input); the patch, from_hf and the stream
+    named it late in relpos' argument names (max_distance) or crashed in the bias gather."""
+    from pyencoder.models import CausalEncoder
+    model = make_model("wavlm", **buckets).eval()
+    for call in (lambda: H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=1, left_frames=3),
+                 lambda: CausalEncoder.from_hf(model, lookahead=1, left=3)):
+        with pytest.raises(ValueError, match=field):
+            call()
+        assert H.patch_record(model) is None
+
+
+def test_stream_refuses_audio_of_another_dtype():
+    """float64 audio (soundfile's default) into a float32 model: the patched model's offline
+    forward refuses it (transformers' conv); the stream cast it silently."""
+    model = make_model("w2v2_post").eval()
+    H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=1, left_frames=3)
+    enc = H.StreamingEncoder(model)
+    st = enc.init_state(1)
+    x = audio(1, 640).double()
+    for call in (lambda: enc.step(x, st), lambda: enc.step_fixed(x, st), lambda: enc(x)):
+        with pytest.raises(TypeError, match=r"audio must have the model's dtype \(torch.float32\)"):
+            call()
+    with pytest.raises(TypeError, match=r"dtype \(torch.float64\) must be the module's"):
+        enc.init_state(1, dtype=torch.float64)
+    y, st = enc.step(x.float(), st)
+    assert y.dtype == torch.float32

@@ -270,6 +270,19 @@ def tiny_wavlm_config(**over):
     return EncoderConfig(**kw)
 
 
+def test_encoder_bucket_arguments_named_by_config_field():
+    """They were refused by the attention module in its own names (max_distance)."""
+    with pytest.raises(ValueError, match=r"max_bucket_distance must be an int > num_buckets // 4 "
+                                         r"= 3.*got 3"):
+        CausalEncoder(tiny_wavlm_config(max_bucket_distance=3))
+    with pytest.raises(ValueError, match=r"num_buckets must be an int >= 4.*got 2"):
+        CausalEncoder(tiny_wavlm_config(num_buckets=2))
+    with pytest.raises(ValueError, match=r"max_bucket_distance .*got True"):
+        CausalEncoder(tiny_wavlm_config(max_bucket_distance=True))
+    CausalEncoder(tiny_wavlm_config(max_bucket_distance=4))
+    CausalEncoder(tiny_wavlm_config(rel_pos_bias=False, max_bucket_distance=3))  # not read
+
+
 ENC_CASES = {
     "band_rope": dict(),
     "chunked_norope_preln": dict(attention="chunked", chunk_size=3, left_chunks=1,

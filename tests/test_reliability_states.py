@@ -2,6 +2,7 @@
 configuration, batch size, dtype or type is refused by step / flush / load_state_dict with a
 message naming both sides; corrupt saved states and bad init_state / lengths arguments raise
 ValueError / TypeError naming the argument. Round trips keep working."""
+import copy
 import io
 import sys
 
@@ -102,7 +103,7 @@ def test_state_dict_roundtrip_batch_and_dtype(name):
     with pytest.raises(ValueError, match=r"shape .*this state holds"):
         two.load_state_dict(saved)
     assert all(torch.equal(v, before[k]) for k, v in two.tensors().items())
-    other = a.init_state(3, dtype=torch.float64)
+    other = copy.deepcopy(a).double().init_state(3)   # a float64 module's state
     if any(v.dtype != saved[k].dtype for k, v in other.tensors().items()):
         with pytest.raises(ValueError, match="dtype"):
             other.load_state_dict(saved)
@@ -169,6 +170,43 @@ def test_init_state_arguments(name):
     for bad in (torch.int64, torch.bool, "float32"):
         with pytest.raises(TypeError, match="dtype must be None or a floating"):
             m.init_state(1, dtype=bad)
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_init_state_dtype_and_device_must_be_the_modules(name):
+    """A dtype or device other than the weights' used to fail only at the first step (inside a
+    kernel's dtype check), or to run mixed: a float64 state under a float32 attention took float32
+    chunks and cast them into its ring silently."""
+    m = PAIRS[name][0]().eval()
+    x = PAIRS[name][2](1, 4)
+    if name == "norm":  # no weights to match: its statistics are float64 whatever the input
+        for dt in (torch.float32, torch.float64):
+            _feed(m, m.init_state(1, dtype=dt), x.to(dt))
+        return
+    for dt in (torch.float64, torch.bfloat16):
+        with pytest.raises(TypeError, match=rf"{type(m).__name__}\.init_state: dtype "
+                                            rf"\({dt}\) must be the module's parameter dtype "
+                                            rf"\(torch.float32\).*module.to"):
+            m.init_state(1, dtype=dt)
+    sized = m.init_state(1, device="meta")       # sizing a state without memory is allowed
+    assert all(t.device.type == "meta" for t in sized.tensors().values())
+    with pytest.raises(ValueError, match=r"device \(cpu\) must be the module's parameter "
+                                         r"device \(meta\)"):
+        copy.deepcopy(m).to("meta").init_state(1, device="cpu")
+    _feed(m, m.init_state(1, dtype=torch.float32, device="cpu"), x)
+    m64 = PAIRS[name][0]().eval().double()
+    _feed(m64, m64.init_state(1, dtype=torch.float64), x.double())
+
+
+def test_encoder_step_refuses_audio_of_another_dtype():
+    """Offline refused float64 audio into a float32 model; a step cast it silently."""
+    m = CausalEncoder(tiny_encoder_config()).eval()
+    st = m.init_state(1)
+    for call in (lambda w: m(w), lambda w: m.step(w, st), lambda w: m.step_fixed(w, st)):
+        with pytest.raises(TypeError, match=r"wav must have the model's dtype \(torch.float32\); "
+                                            r"got torch.float64"):
+            call(torch.randn(1, 320, dtype=torch.float64))
+    assert int(st.out_lengths[0]) == 0 and int(st.frontend.convs[0].seen[0]) == 0
 
 
 def test_max_context_must_be_int():

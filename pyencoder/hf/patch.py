@@ -44,6 +44,7 @@ from typing import List, Optional
 from torch import nn
 
 from ..mask import IntervalMask
+from ..nn.relpos import check_bucket_args
 from .._checks import check_int
 from ..rope import Rope, as_rope
 from ..models.encoder import find_hf_base, hf_adapter_config
@@ -112,6 +113,11 @@ def _check_model(base, family):
                                    "WavLMAttention.forward")
         if getattr(enc.layers[0].attention, "rel_attn_embed", None) is None:
             _compat.fail("WavLM layer 0 has no rel_attn_embed")
+        # transformers' own forward indexes outside the bucket table with such a config (at
+        # distances past num_buckets // 4): refused here by its fields, not in the first forward
+        cfg = base.config
+        check_bucket_args(getattr(cfg, "num_buckets", 320), getattr(cfg, "max_bucket_distance", 800),
+                          ("config.num_buckets", "config.max_bucket_distance"))
     else:
         cls = type(enc.layers[0].attention)
         _compat.require_source(cls, "ALL_ATTENTION_FUNCTIONS.get_interface(",
@@ -391,7 +397,9 @@ def _undo(base, record):
 
 def revert_pyencoder(model):
     """Undo apply_pyencoder_to_wav2vec2 exactly; returns the same model. Raises ValueError when
-    the model is not patched."""
+    the model is not patched. ``config.pyencoder`` goes back to what it was before the patch,
+    except that a patch made from it (``reapply_pyencoder``, ``pyencoder.hf.from_pretrained``)
+    takes it along: a loaded-then-reverted model saves unpatched."""
     base, _ = base_model(model, "revert_pyencoder")
     record = getattr(base, "_pyencoder_patch", None)
     if record is None:
@@ -448,7 +456,11 @@ def reapply_pyencoder(model):
     if opts is None:
         raise ValueError(f"the model's config has no {CONFIG_KEY!r} entry (it was not saved from "
                          f"a patched model); call apply_pyencoder_to_wav2vec2 with the options")
-    return apply_pyencoder_to_wav2vec2(model, **opts)
+    apply_pyencoder_to_wav2vec2(model, **opts)
+    # the entry is this patch's own record now: reverting the patch removes it (it used to be
+    # restored as the config's prior entry, so a loaded-then-reverted model saved as patched)
+    patch_record(model).orig_config_entry = None
+    return model
 
 
 def from_pretrained(cls, path, **kwargs):

@@ -154,7 +154,7 @@ class StreamingEncoder(nn.Module):
     def step(self, audio, state, lengths=None):
         """audio (B, n) raw 16 kHz samples (any n >= 0; ``lengths`` (B,) valid samples per slot)
         -> (frames ready now, state)."""
-        _check_audio(audio)
+        _check_audio(audio, self.encoder)
         self._check_state(state)
         if audio.shape[0] != state.out_lengths.shape[0]:
             raise ValueError(f"audio has batch {audio.shape[0]} but the state holds "
@@ -183,7 +183,7 @@ class StreamingEncoder(nn.Module):
         without host synchronisation, so the call can be captured in a torch.cuda.CUDAGraph.
         Not with ``output_hidden_states=True``; with a conv adapter ``hop`` includes its
         stride."""
-        _check_audio(audio)
+        _check_audio(audio, self.encoder)
         self._check_state(state)
         if self.output_hidden_states:
             raise ValueError("StreamingEncoder.step_fixed returns the last hidden state only; "
@@ -202,7 +202,7 @@ class StreamingEncoder(nn.Module):
         """Convenience: stream ``audio`` (B, n) in the given chunk sizes (ints >= 1, in samples,
         cycled) and return the concatenated last hidden state."""
         chunk_sizes = check_chunk_sizes("chunk_sizes", chunk_sizes)
-        _check_audio(audio)
+        _check_audio(audio, self.encoder)
         state = self.init_state(audio.shape[0])
         outs, t = [], 0
         for c in itertools.cycle(chunk_sizes):
@@ -216,12 +216,18 @@ class StreamingEncoder(nn.Module):
         return torch.cat(outs, 1)
 
 
-def _check_audio(audio):
+def _check_audio(audio, encoder):
     """``audio``: a floating (batch, samples) tensor (integer PCM must be scaled to floats by the
-    caller: the model was trained on floats, a silent cast would feed it values 2**15 too big)."""
+    caller: the model was trained on floats, a silent cast would feed it values 2**15 too big) of
+    the model's dtype (as the patched model's offline forward needs; outside autocast)."""
     if not isinstance(audio, torch.Tensor) or audio.dim() != 2:
         raise ValueError(f"audio must be a (batch, samples) tensor; got "
                          f"{getattr(audio, 'shape', type(audio).__name__)}")
     if not audio.dtype.is_floating_point:
         raise TypeError(f"audio must be a floating tensor (scale integer PCM to [-1, 1] first); "
                         f"got {audio.dtype}")
+    p = next(encoder.parameters(), None)
+    if p is not None and audio.dtype != p.dtype and not torch.is_autocast_enabled(
+            audio.device.type):
+        raise TypeError(f"audio must have the model's dtype ({p.dtype}); got {audio.dtype} "
+                        f"(convert it: audio.to({p.dtype}))")

@@ -225,7 +225,7 @@ class ConvAdapter(nn.Module):
         return f"ConvAdapter({', '.join(stream_config(layer) for layer in self.layers)})"
 
     def init_state(self, batch_size, *, device=None, dtype=None, **_):
-        check_init_args(batch_size, dtype, device)
+        check_init_args(batch_size, dtype, device, self)
         layers = [layer.init_state(batch_size, device=device, dtype=dtype)
                   for layer in self.layers]
         return stamp(self, AdapterState(layers=layers,

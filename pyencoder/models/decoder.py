@@ -242,7 +242,7 @@ class StreamingDecoder(nn.Module):
         return f"StreamingDecoder({self.config!r})"
 
     def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
-        check_init_args(batch_size, dtype, device)
+        check_init_args(batch_size, dtype, device, self)
         net = self.net.init_state(batch_size, device=device, dtype=dtype, max_chunk=max_chunk)
         return stamp(self, DecoderState(net=net, out_lengths=torch.zeros_like(net.out_lengths)))
 

@@ -59,7 +59,7 @@ from ..nn.attention import BandedSelfAttention, ChunkedSelfAttention
 from ..nn.conv import CausalConv1d
 from ..nn.layer import AttentionAdapter, TransformerLayer
 from ..nn.linear import Linear, skinny_view
-from ..nn.relpos import WavLMSelfAttention
+from ..nn.relpos import WavLMSelfAttention, check_bucket_args
 from ..ops import _channel_norm_triton as _cn
 from ..ops import _ring_write_triton as _ring
 from ..rope import Rope
@@ -205,6 +205,9 @@ class CausalEncoder(nn.Module):
         if isinstance(c.sink, bool) or not isinstance(c.sink, int) or c.sink < 0:
             raise ValueError(f"sink must be an int >= 0 (frames every frame sees); got "
                              f"{c.sink!r}")
+        if c.rel_pos_bias:
+            check_bucket_args(c.num_buckets, c.max_bucket_distance,
+                              ("num_buckets", "max_bucket_distance"))
         self.config = c
         self.feature_extractor = ConvFeatureExtractor(c.conv_dim, c.conv_kernel, c.conv_stride,
                                                       c.conv_bias, c.feat_extract_norm,
@@ -330,6 +333,12 @@ class CausalEncoder(nn.Module):
         p = next(self.parameters(), None)
         if p is not None and wav.device != p.device:
             raise ValueError(f"wav must be on the model's device ({p.device}); got {wav.device}")
+        # offline and streaming alike (a step cast float64 audio to the state's dtype silently;
+        # transformers' own models refuse it too); autocast runs the model in its own dtypes
+        if p is not None and wav.dtype != p.dtype and not torch.is_autocast_enabled(
+                wav.device.type):
+            raise TypeError(f"wav must have the model's dtype ({p.dtype}); got {wav.dtype} "
+                            f"(convert it: wav.to({p.dtype}))")
         return wav
 
     def forward(self, wav, lengths=None, output_hidden_states=False):
@@ -339,10 +348,6 @@ class CausalEncoder(nn.Module):
         the conv adapter, which only ``last_hidden_state`` gets). ``lengths`` of the output counts
         the frames of ``last_hidden_state``."""
         wav = self._check_wav(wav, "L")
-        p = next(self.parameters(), None)
-        if p is not None and wav.dtype != p.dtype and not torch.is_autocast_enabled(
-                wav.device.type):
-            raise TypeError(f"wav must have the model's dtype ({p.dtype}); got {wav.dtype}")
         if lengths is not None:
             lengths = check_step_lengths(lengths, wav.shape[0], wav.shape[1], wav.device)
         feats = self.feature_extractor(wav)
@@ -374,7 +379,7 @@ class CausalEncoder(nn.Module):
         return f"CausalEncoder({self.config!r})"
 
     def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
-        check_init_args(batch_size, dtype, device)
+        check_init_args(batch_size, dtype, device, self)
         if self.full_context:
             raise NotStreamableError("this CausalEncoder has full-context attention "
                                      "(config.lookahead=None): it cannot stream")
@@ -599,6 +604,10 @@ class CausalEncoder(nn.Module):
         attn_adapter = getattr(base.encoder.layers[0], "adapter_layer", None)
         adapter = hf_adapter_config(base)
         _check_hf_strides(hc, adapter)
+        if family == "wavlm":
+            check_bucket_args(getattr(hc, "num_buckets", 320),
+                              getattr(hc, "max_bucket_distance", 800),
+                              ("config.num_buckets", "config.max_bucket_distance"))
         cfg = EncoderConfig(
             conv_dim=tuple(hc.conv_dim), conv_kernel=tuple(hc.conv_kernel),
             conv_stride=tuple(hc.conv_stride), conv_bias=bool(hc.conv_bias),
@@ -614,8 +623,8 @@ class CausalEncoder(nn.Module):
             chunk_size=1 if chunk_size is None else chunk_size, left_chunks=left_chunks,
             lookahead=lookahead, lookahead_layers=lookahead_layers, rope=rope,
             max_context=max_context, sink=sink, rel_pos_bias=family == "wavlm",
-            num_buckets=int(getattr(hc, "num_buckets", 320)),
-            max_bucket_distance=int(getattr(hc, "max_bucket_distance", 800)),
+            num_buckets=getattr(hc, "num_buckets", 320),
+            max_bucket_distance=getattr(hc, "max_bucket_distance", 800),
             pos_conv_batch_norm=pos_bn,
             adapter_attn_dim=None if attn_adapter is None else attn_adapter.linear_1.out_features,
             add_adapter=bool(adapter), **(adapter or {}))

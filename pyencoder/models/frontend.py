@@ -319,7 +319,7 @@ class ConvFeatureExtractor(nn.Module):
         return f"ConvFeatureExtractor({convs})"
 
     def init_state(self, batch_size, *, device=None, dtype=None, **_):
-        check_init_args(batch_size, dtype, device)
+        check_init_args(batch_size, dtype, device, self)
         convs = [layer.conv.init_state(batch_size, device=device, dtype=dtype)
                  for layer in self.conv_layers]
         ln0 = self.conv_layers[0].layer_norm

@@ -292,7 +292,7 @@ class IntervalSelfAttention(nn.Module):
     def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
         """Fresh state for ``batch_size`` streams. ``max_chunk``: frames processed per internal
         piece (sets the ring capacity lo_off + hi_off + max_chunk; longer steps are split)."""
-        check_init_args(batch_size, dtype, device)
+        check_init_args(batch_size, dtype, device, self)
         if isinstance(max_chunk, bool) or not isinstance(max_chunk, int) or max_chunk < 1:
             raise ValueError(f"max_chunk must be a positive int; got {max_chunk!r}")
         p = self.q_proj.weight

@@ -78,7 +78,7 @@ class StridedConv1d(nn.Conv1d):
         return self.stride[0]
 
     def init_state(self, batch_size, *, device=None, dtype=None, **_):
-        check_init_args(batch_size, dtype, device)
+        check_init_args(batch_size, dtype, device, self)
         device = self.weight.device if device is None else torch.device(device)
         dtype = self.weight.dtype if dtype is None else dtype
         zi = lambda: torch.zeros(batch_size, dtype=torch.int64, device=device)  # noqa: E731

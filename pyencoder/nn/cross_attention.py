@@ -167,7 +167,7 @@ class FrameCrossAttention(nn.Module):
             # the op cannot express): refused rather than streamed wrong
             raise ValueError(f"FrameCrossAttention cannot stream a mask with sink keys "
                              f"({self.mask!r}); its offline forward takes it")
-        check_init_args(batch_size, dtype, device)
+        check_init_args(batch_size, dtype, device, self)
         dev = self.q_proj.weight.device if device is None else device
         dt = self.q_proj.weight.dtype if dtype is None else dtype
         empty = torch.zeros(batch_size, self.num_heads, 0, self.head_dim, device=dev, dtype=dt)

@@ -135,7 +135,7 @@ class TransformerLayer(nn.Module):
         self.attention._check_state(state.attention)
 
     def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
-        check_init_args(batch_size, dtype, device)
+        check_init_args(batch_size, dtype, device, self)
         att = self.attention.init_state(batch_size, device=device, dtype=dtype,
                                         max_chunk=max_chunk)
         qcap = att.q.shape[2]

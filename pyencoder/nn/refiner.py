@@ -72,7 +72,7 @@ class Refiner(nn.Module):
         return f"embed_dim={self.embed_dim}, chunk_size={self.chunk_size}"
 
     def init_state(self, batch_size, *, device=None, dtype=None, **_):
-        check_init_args(batch_size, dtype, device)
+        check_init_args(batch_size, dtype, device, self)
         device = self.fc1.weight.device if device is None else torch.device(device)
         dtype = self.fc1.weight.dtype if dtype is None else dtype
         zi = lambda: torch.zeros(batch_size, dtype=torch.int64, device=device)  # noqa: E731

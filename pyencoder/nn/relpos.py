@@ -90,6 +90,24 @@ _NEG_INF = float("-inf")
 _UNBOUNDED = 1 << 40
 
 
+def check_bucket_args(num_buckets, max_distance, names=("num_buckets", "max_distance")):
+    """WavLM's bucket arguments: num_buckets an int >= 4, max_distance an int > num_buckets // 4
+    (the exact buckets end at num_buckets // 4, the logarithmic ones run from there up to
+    max_distance; at or below it the formula divides by log(1) or leaves the table, and
+    transformers' own WavLM indexes outside its table too). ``names``: how the caller calls them
+    (e.g. the config fields)."""
+    nb, md = names
+    if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or num_buckets < 4:
+        raise ValueError(f"{nb} must be an int >= 4 (WavLM's relative-position buckets); got "
+                         f"{num_buckets!r}")
+    if isinstance(max_distance, bool) or not isinstance(max_distance, int) or \
+            max_distance <= num_buckets // 4:
+        raise ValueError(f"{md} must be an int > {nb} // 4 = {num_buckets // 4} (the exact "
+                         f"buckets end there, the logarithmic ones run from there to {md}; "
+                         f"at or below it the bucket index leaves the ({num_buckets}, H) table, "
+                         f"in transformers' WavLM too); got {max_distance!r}")
+
+
 def relative_position_bucket(rel, num_buckets=320, max_distance=800):
     """WavLM's bucket index (int64, same shape) of relative positions ``rel`` = key - query:
     half the buckets for rel > 0; |rel| < num_buckets // 4 exact, then logarithmic up to
@@ -449,11 +467,7 @@ class WavLMSelfAttention(IntervalSelfAttention):
         super().__init__(embed_dim, num_heads, mask, rope, bias, max_context)
         if sink:
             self._state_cls = RelPosSinkAttentionState
-        if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or num_buckets < 4:
-            raise ValueError(f"num_buckets must be an int >= 4; got {num_buckets!r}")
-        if not isinstance(max_distance, int) or max_distance <= num_buckets // 4:
-            raise ValueError(f"max_distance must be an int > num_buckets // 4 = "
-                             f"{num_buckets // 4}; got {max_distance!r}")
+        check_bucket_args(num_buckets, max_distance)
         self.left, self.right = left, right
         self.chunk_size, self.left_chunks, self.chunk_lookahead = chunk_size, left_chunks, lookahead
         self.num_buckets, self.max_distance = num_buckets, max_distance

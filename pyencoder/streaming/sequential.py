@@ -79,7 +79,7 @@ class StreamingSequential(nn.Sequential):
             held = held or _holds_back(m)
 
     def init_state(self, batch_size, *, device=None, dtype=None, max_chunk=64):
-        check_init_args(batch_size, dtype, device)
+        check_init_args(batch_size, dtype, device, self)
         self._mark_any_phase()
         p = next(self.parameters(), None)
         device = (p.device if p is not None else torch.device("cpu")) if device is None \

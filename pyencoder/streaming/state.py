@@ -231,9 +231,12 @@ def check_state(module, state, cls, config=None):
                          f"({want!r}); build it with this module's init_state")
 
 
-def check_init_args(batch_size, dtype=None, device=None):
+def check_init_args(batch_size, dtype=None, device=None, module=None):
     """init_state arguments: batch_size an int >= 1 (not bool), dtype None or floating, device
-    None or what torch.device accepts (a str, int or torch.device)."""
+    None or what torch.device accepts (a str, int or torch.device). With ``module``: a given dtype
+    and device must be those of its (first floating) parameter: a stream runs in the weights'
+    dtype on their device, so a state of another one would fail at the first step (or mix
+    dtypes silently). The meta device is taken: a state sized without memory, never stepped."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int):
         raise TypeError(f"batch_size must be an int >= 1; got {type(batch_size).__name__} "
                         f"{batch_size!r}")
@@ -250,6 +253,28 @@ def check_init_args(batch_size, dtype=None, device=None):
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"device must name a torch device (e.g. 'cpu', 'cuda:0'); got "
                              f"{device!r}") from e
+    if module is not None:
+        _check_state_matches_module(module, dtype, device)
+
+
+def _check_state_matches_module(module, dtype, device):
+    p = next((t for t in module.parameters() if t.is_floating_point()), None)
+    if p is None:
+        return
+    who = type(module).__name__
+    if dtype is not None and dtype != p.dtype:
+        raise TypeError(f"{who}.init_state: dtype ({dtype}) must be the module's parameter dtype "
+                        f"({p.dtype}): a stream runs in its weights' dtype; convert the module "
+                        f"first (module.to({dtype})) or leave dtype=None")
+    if device is not None:
+        d = torch.device(device)
+        if d.type == "meta":   # a state sized without memory (e.g. to see what a batch needs)
+            return
+        if d.type != p.device.type or (d.index is not None and p.device.index is not None
+                                       and d.index != p.device.index):
+            raise ValueError(f"{who}.init_state: device ({d}) must be the module's parameter "
+                             f"device ({p.device}); move the module first (module.to('{d}')) "
+                             f"or leave device=None")
 
 
 def check_step_slots(B, slots, name="x"):
