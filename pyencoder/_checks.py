@@ -36,6 +36,12 @@ def check_int(name, value, *, min_value=None, max_value=None, allow_none=False):
         raise ValueError(f"{name} must be <= {max_value}; got {value}")
 
 
+def check_bool(name, value):
+    """A flag: True or False only (a truthy string such as "no" is not taken for True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {type(value).__name__} {value!r}")
+
+
 def clamp_window(value):
     """A mask extent (an int >= 0) clamped to WINDOW_CAP: the same mask (see above)."""
     return min(value, WINDOW_CAP)
@@ -137,7 +143,8 @@ def value_checks_enabled():
     while a CUDA graph is being captured (a device-to-host read is illegal there), and not with
     PYENCODER_VALUE_CHECKS=0 (each such check is a host synchronisation on a GPU: key_lengths'
     range, rel_bias' finiteness, state_indices' range and repeats; a tensor that passed one is not
-    read again while unmodified, ``passed`` / ``remember_passed``)."""
+    read again while unmodified, ``passed`` / ``remember_passed``). Callers also skip meta
+    tensors (no values: a shape-only call runs the ops' fake implementations)."""
     if not env_flag("PYENCODER_VALUE_CHECKS", True):
         return False
     try:
@@ -162,7 +169,7 @@ def check_lengths(name, lengths, batch, limit, device):
                          f"got {tuple(lengths.shape)}")
     if lengths.device != device:
         raise ValueError(f"{name} must be on the same device as q ({device}); got {lengths.device}")
-    if value_checks_enabled() and lengths.numel():
+    if value_checks_enabled() and lengths.numel() and not lengths.is_meta:
         # the value check reads the device (a host sync on a GPU): one read (min and max
         # together), and none for a tensor that already passed at this limit, unmodified since
         # (a model's layers share one key_lengths tensor per forward)

@@ -35,7 +35,7 @@ SCHEDULES = ("uniform", "linear", "reversed_linear")
 
 def layer_weights(n, schedule="uniform"):
     """List of n floats summing to 1."""
-    if not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int; got {n!r}")
     if isinstance(schedule, str):
         if schedule == "uniform":
@@ -111,6 +111,15 @@ def hidden_state_loss(student_hidden, teacher_hidden, weights="uniform", lengths
                              f"{tuple(lengths.shape)}")
         if lengths.is_floating_point() or lengths.is_complex():
             raise ValueError(f"lengths must be integers; got dtype {lengths.dtype}")
+        if B and bool(((lengths < 0) | (lengths > T)).any()):
+            # frames, not samples: a waveform's lengths would mark every frame valid silently
+            raise ValueError(f"lengths must lie in [0, {T}] (valid frames of the (B, T, E) "
+                             f"hidden states); got {lengths.tolist()}")
+    if normalizer is not None and (isinstance(normalizer, bool) or not isinstance(
+            normalizer, (int, float)) or not 0 <= normalizer < math.inf):
+        # a negative count would flip the loss's sign; 0 (no valid frame anywhere) divides by 1
+        raise ValueError(f"normalizer must be None or a finite count >= 0 (valid frames to "
+                         f"divide by); got {normalizer!r}")
     mask = frame_mask(lengths, T, ref.device)
     count = float(B * T) if mask is None else float(mask.sum())
     norm = count if normalizer is None else float(normalizer)
@@ -189,7 +198,8 @@ def distill(student, teacher, data: Iterable, optimizer, *, steps=None, weights=
     Wav2Vec2/HuBERT/WavLM model; run in eval mode under no_grad. ``layers``: (student index,
     teacher index) pairs into the hidden-state tuples (default: every layer output, 1..L, which
     requires equal depths). ``pos_weight`` > 0 adds the positional-embedding loss against
-    ``teacher_pos`` (default: the teacher's ``encoder.pos_conv_embed``) on the student's projected
+    ``teacher_pos`` (default: a CausalEncoder teacher's ``positional_embedding``, a transformers
+    teacher's ``encoder.pos_conv_embed``) on the student's projected
     features. ``callback(step, record)`` is called after every step. ``progress``: print a loss
     line to stderr (rank 0 only) after the first step, then at most every 10 s (a number: that
     many seconds), with s/step and, when ``steps`` or ``len(data)`` is known, an ETA, and a last
@@ -197,6 +207,33 @@ def distill(student, teacher, data: Iterable, optimizer, *, steps=None, weights=
 
     Returns the list of per-step records {step, loss, per_layer, frames} (loss reduced over ranks).
     """
+    if student is teacher or _unwrap(student) is _unwrap(teacher):
+        raise ValueError("student and teacher must be different models (distill freezes the "
+                         "teacher's parameters)")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise ValueError(f"steps must be None or an int >= 0; got {steps!r}")
+    if grad_clip is not None and (isinstance(grad_clip, bool) or not isinstance(
+            grad_clip, (int, float)) or not 0 < grad_clip < math.inf):
+        # clip_grad_norm_ scales every gradient by grad_clip / norm: a negative value would turn
+        # each step uphill, 0 would freeze the student
+        raise ValueError(f"grad_clip must be None or a finite float > 0 (the gradient norm to "
+                         f"clip to); got {grad_clip!r}")
+    if isinstance(pos_weight, bool) or not isinstance(pos_weight, (int, float)) or \
+            not 0 <= pos_weight < math.inf:
+        raise ValueError(f"pos_weight must be a finite float >= 0; got {pos_weight!r}")
+    if pos_weight and teacher_pos is None:
+        t = _unwrap(teacher)
+        if callable(getattr(t, "positional_embedding", None)):
+            teacher_pos = t.positional_embedding          # a CausalEncoder teacher
+        elif hasattr(getattr(t, "encoder", None), "pos_conv_embed"):
+            teacher_pos = t.encoder.pos_conv_embed        # a transformers model
+        else:
+            raise ValueError(f"pos_weight > 0 needs teacher_pos: the teacher "
+                             f"({type(t).__name__}) has neither positional_embedding nor "
+                             f"encoder.pos_conv_embed")
+    if pos_weight and not callable(teacher_pos):
+        raise TypeError(f"teacher_pos must be a callable (B, T, E) -> (B, T, E); got "
+                        f"{type(teacher_pos).__name__}")
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -244,7 +281,7 @@ def distill(student, teacher, data: Iterable, optimizer, *, steps=None, weights=
         loss, per_layer = hidden_state_loss(S, Tt, weights, frames, normalizer=norm)
         if pos_weight:
             smod = _unwrap(student)
-            tp = teacher_pos if teacher_pos is not None else _unwrap(teacher).encoder.pos_conv_embed
+            tp = teacher_pos
             feats = smod.feature_extractor(wav)
             h, _ = smod._embed(feats)
             T2 = h.shape[1]

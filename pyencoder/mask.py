@@ -100,6 +100,11 @@ class IntervalMask:
                            else clamp_window(self.k_block))
         object.__setattr__(self, "lo_off", -1 if self.lo_off < 0 else clamp_window(self.lo_off))
         object.__setattr__(self, "hi_off", clamp_window(self.hi_off))
+        if self.lo_off >= 0 and self.lo_off + self.hi_off < 0 and not self.sink:
+            # every query's interval [base - lo_off, base + hi_off] is empty: all-zero outputs
+            raise ValueError(f"IntervalMask(block={self.block}, lo_off={self.lo_off}, "
+                             f"hi_off={self.hi_off}) shows no key to any query: lo_off + hi_off "
+                             f"must be >= 0 (or lo_off = -1, unbounded, or sink > 0)")
         if self.sink and self.k_block != self.block:
             raise ValueError(f"sink ({self.sink}) is not supported with a frame-rate mask "
                              f"(k_block={self.k_block} != block={self.block}); expected sink=0")

@@ -104,8 +104,7 @@ def test_stack_marks_convs_after_lookahead():
     # a nested stack after a lookahead child: its strided convs are marked too
     inner = StreamingSequential(CausalConv1d(16, 16, 2, stride=2))
     outer = StreamingSequential(
-        Transpose(), TransformerLayer(BandedSelfAttention(16, 2, left=4, right=2), 32),
-        Transpose(), inner)
+        TransformerLayer(BandedSelfAttention(16, 2, left=4, right=2), 32), Transpose(), inner)
     outer.init_state(1)
     assert inner[0].any_phase
 

@@ -47,21 +47,22 @@ CASES["w2v2_geometry_hubert_bn"] = dict(**W2V2_CONV, feat_extract_norm="group", 
                                         pos_conv_batch_norm=True, lookahead=3,
                                         lookahead_layers="first", left=8)
 CASES["wavlm_chunked"] = dict(rel_pos_bias=True, num_buckets=12, max_bucket_distance=20,
-                              attention="chunked", chunk_size=2, left_chunks=2, lookahead=1,
+                              attention="chunked", left=None,
+                              chunk_size=2, left_chunks=2, lookahead=1,
                               feat_extract_norm="group")
 CASES["band_sink"] = dict(sink=2, left=4, norm_first=True)
 # the conv adapter after the encoder (config.add_adapter): hop includes its stride (4); the frames
 # the layers hold back leave its layers at odd phases (ConvAdapter.step_fixed reads them)
 CASES["adapter_band"] = dict(add_adapter=True, adapter_hidden_size=12, num_adapter_layers=2)
 CASES["adapter_chunked_k5"] = dict(add_adapter=True, num_adapter_layers=2, adapter_kernel_size=5,
-                                   adapter_padding=0, attention="chunked", chunk_size=2,
+                                   adapter_padding=0, attention="chunked", left=None, chunk_size=2,
                                    left_chunks=2, lookahead=1, norm_first=True)
 
 
 def _encoder(case, dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
     kw = dict(CASES[case])
-    if kw.get("left", 6) is None:
+    if kw.get("left", 6) is None and kw.get("attention") != "chunked":
         kw["left"] = 6            # step_fixed needs a bounded left context
     m = CausalEncoder(tiny_encoder_config(**kw))
     with torch.no_grad():     # no parameter at its constant init (LayerNorm 1/0, BatchNorm 1/0)

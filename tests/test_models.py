@@ -32,7 +32,8 @@ ENC_CASES = {
     "band_postln_valid": dict(),
     "band_preln_group_causalconv": dict(norm_first=True, feat_extract_norm="group",
                                         causal_conv=True, pos_conv=None, left=None),
-    "chunked_first_nonorm": dict(attention="chunked", chunk_size=3, left_chunks=1, lookahead=1,
+    "chunked_first_nonorm": dict(attention="chunked", left=None,
+                                 chunk_size=3, left_chunks=1, lookahead=1,
                                  lookahead_layers="first", feat_extract_norm=None, rope=4),
     "band_per_layer": dict(lookahead_layers=[3, 0], norm_first=True, conv_bias=True),
 }

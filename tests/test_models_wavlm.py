@@ -285,7 +285,7 @@ def test_encoder_bucket_arguments_named_by_config_field():
 
 ENC_CASES = {
     "band_rope": dict(),
-    "chunked_norope_preln": dict(attention="chunked", chunk_size=3, left_chunks=1,
+    "chunked_norope_preln": dict(attention="chunked", left=None, chunk_size=3, left_chunks=1,
                                  lookahead_layers="first", rope=False, norm_first=True),
     "band_unbounded_ungated": dict(left=None, gated_rel_pos=False, feat_extract_norm="layer"),
 }

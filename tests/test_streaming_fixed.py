@@ -521,9 +521,10 @@ def test_dispatch_not_taken(monkeypatch, case):
         calls.clear()
         if case == "ragged":
             _, st = m.step(x[:, 6:9], st, lengths=torch.tensor([3, 2]))
-        elif case == "after_flush":
+        elif case == "after_flush":            # a flushed state is refused (ends_stream)
             _, st = m.flush(st)
-            _, st = m.step(x[:, 6:9], st)
+            with pytest.raises(ValueError, match="flushed"):
+                m.step(x[:, 6:9], st)
         else:
             _, st = m.step(x[:, 6:8], st)
     assert calls == []

@@ -393,7 +393,8 @@ def test_sink_step_fixed_no_sync_cuda(kind):
 
 ENC = {
     "band": (dict(sink=3), 1),
-    "chunked": (dict(attention="chunked", chunk_size=2, left_chunks=1, lookahead=1, sink=5,
+    "chunked": (dict(attention="chunked", left=None,
+                     chunk_size=2, left_chunks=1, lookahead=1, sink=5,
                      lookahead_layers="first", norm_first=True), 2),
 }
 

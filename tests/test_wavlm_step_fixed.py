@@ -199,7 +199,7 @@ def _encoder(**over):
 
 ENC = {
     "band": (dict(), 1),
-    "chunked_preln": (dict(attention="chunked", chunk_size=3, left_chunks=1,
+    "chunked_preln": (dict(attention="chunked", left=None, chunk_size=3, left_chunks=1,
                            lookahead_layers="first", rope=False, norm_first=True), 3),
 }
 

@@ -467,6 +467,9 @@ def from_pretrained(cls, path, **kwargs):
     """``cls.from_pretrained(path, **kwargs)``, then re-apply the pyencoder patch its config
     records (a model saved while patched comes back patched; any other model comes back as
     transformers loads it)."""
+    if not callable(getattr(cls, "from_pretrained", None)):
+        raise TypeError(f"cls must be a transformers model class (e.g. transformers.WavLMModel); "
+                        f"got {type(cls).__name__} {cls!r}")
     model = cls.from_pretrained(path, **kwargs)
     if options_from_config(model) is not None:
         reapply_pyencoder(model)

@@ -33,7 +33,7 @@ from torch import nn
 from .._cpu_threads import threads_for
 from ..models.encoder import CausalEncoder, EncoderState
 from .._checks import check_chunk_sizes
-from ..streaming.state import check_state, stream_config
+from ..streaming.state import check_state, ends_stream, stream_config
 from .patch import base_model, latency as _latency
 
 __all__ = ["StreamingEncoder", "EncoderStreamState"]
@@ -78,6 +78,9 @@ class StreamingEncoder(nn.Module):
         self.base = base
         self.family = family
         self.record = rec
+        if not isinstance(output_hidden_states, bool):
+            raise TypeError(f"output_hidden_states must be True or False; got "
+                            f"{type(output_hidden_states).__name__} {output_hidden_states!r}")
         self.output_hidden_states = output_hidden_states
         self.max_context = max_context
         opts = rec.options
@@ -191,6 +194,7 @@ class StreamingEncoder(nn.Module):
         self._check_eval()
         return self.encoder.step_fixed(audio, state, check=check)
 
+    @ends_stream
     def flush(self, state):
         """End of stream: emit every held-back frame."""
         self._check_state(state)

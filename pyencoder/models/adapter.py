@@ -32,8 +32,8 @@ from ..nn.linear import Linear
 from ..streaming.sequential import cat_time
 from .._checks import check_module_input
 from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
-                               check_state, check_step_lengths, check_step_slots, fill_counter,
-                               stamp, stream_config)
+                               check_state, check_step_lengths, check_step_slots, ends_stream,
+                               fill_counter, stamp, stream_config)
 from .frontend import FeatureConv1d, FeatureConvState
 
 __all__ = ["PaddedConv1d", "ConvAdapterLayer", "ConvAdapter", "AdapterState"]
@@ -118,6 +118,7 @@ class PaddedConv1d(FeatureConv1d):
         starts at k - 1 - held = s - 1 - t."""
         return self.s - 1 - torch.remainder(r + (self.padding_frames - self.k), self.s)
 
+    @ends_stream
     def flush(self, state):
         """End of stream: the right padding's p zeros complete the last windows."""
         check_state(self, state, FeatureConvState)
@@ -159,6 +160,7 @@ class ConvAdapterLayer(nn.Module):
         """PaddedConv1d.step_fixed (each slot's own phase) -> GLU."""
         return F.glu(self.conv.step_fixed(x, state, check=check), dim=1)
 
+    @ends_stream
     def flush(self, state):
         y, state = self.conv.flush(state)
         return F.glu(y, dim=1), state
@@ -284,6 +286,7 @@ class ConvAdapter(nn.Module):
         fill_counter(state, x.shape[-1], filled=state.layers[-1].out_lengths)
         return x.transpose(1, 2)
 
+    @ends_stream
     def flush(self, state):
         """End of stream: each layer's right padding, passed through the layers after it."""
         check_state(self, state, AdapterState)

@@ -18,12 +18,14 @@ Streaming: ``init_state`` / ``step(x_chunk)`` / ``flush``: a StreamingSequential
 modules; for any chunking step + flush outputs concatenate to the offline waveform.
 """
 import dataclasses
+import math
 from typing import Optional
 
 import torch
 from torch import nn
 
 from .._backend import requested_backend
+from .._checks import check_eps, check_module_input
 from ..nn.attention import BandedSelfAttention
 from ..nn.conv import CausalConv1d, ConvState
 from ..nn.layer import TransformerLayer
@@ -34,10 +36,11 @@ from ..nn.refiner import Refiner
 from ..ops import _channel_norm_triton as _cn
 from ..ops.convnext import convnext_dwconv_ln, select_backend as convnext_backend
 from ..streaming.sequential import StreamingSequential
+from ._config import cfg_bool, cfg_float, cfg_int
 from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
                                check_state, check_step_input, check_step_lengths, check_step_slots,
-                               fill_counter, fresh_counters, inference_step, record_steady, stamp,
-                               steady_dispatch)
+                               ends_stream, fill_counter, fresh_counters, inference_step,
+                               record_steady, stamp, steady_dispatch)
 
 __all__ = ["DecoderConfig", "ConvNeXtBlock", "StreamingDecoder", "DecoderState"]
 
@@ -60,6 +63,27 @@ class DecoderConfig:
     refiner_hidden: Optional[int] = None
     layer_norm_eps: float = 1e-6
     convnext_fused: Optional[bool] = None   # ConvNeXtBlock.fused (None: auto)
+
+    def validate(self):
+        """Raise naming the field (``DecoderConfig.<field>``) if a field is of the wrong type or
+        out of range; StreamingDecoder calls it before building anything."""
+        for name in ("input_dim", "dim", "intermediate_dim", "kernel_size", "embed_kernel_size",
+                     "samples_per_frame", "num_heads"):
+            cfg_int(self, name, 1)
+        cfg_int(self, "num_blocks", 0)
+        cfg_int(self, "num_attention_layers", 0)
+        cfg_int(self, "attention_left", 0, allow_none=True)
+        cfg_int(self, "attention_lookahead", 0)
+        cfg_int(self, "refiner_chunk", 1, allow_none=True)
+        cfg_int(self, "refiner_hidden", 1, allow_none=True)
+        cfg_float(self, "layer_norm_eps", positive=False)
+        v = self.layer_scale_init
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                              or not math.isfinite(v)):
+            raise (TypeError if isinstance(v, bool) or not isinstance(v, (int, float))
+                   else ValueError)(f"DecoderConfig.layer_scale_init must be None or a finite "
+                                    f"float; got {type(v).__name__} {v!r}")
+        cfg_bool(self, "convnext_fused", allow_none=True)
 
 
 @dataclasses.dataclass
@@ -88,6 +112,14 @@ class ConvNeXtBlock(nn.Module):
     def __init__(self, dim, intermediate_dim, kernel_size=7, layer_scale_init=None, eps=1e-6,
                  fused=None):
         super().__init__()
+        check_eps("eps", eps)
+        if layer_scale_init is not None and (isinstance(layer_scale_init, bool) or not isinstance(
+                layer_scale_init, (int, float)) or not math.isfinite(layer_scale_init)):
+            raise ValueError(f"layer_scale_init must be None or a finite float; got "
+                             f"{layer_scale_init!r}")
+        if fused is not None and not isinstance(fused, bool):
+            raise TypeError(f"fused must be None, True or False; got {type(fused).__name__} "
+                            f"{fused!r}")
         self.dwconv = CausalConv1d(dim, dim, kernel_size, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.pwconv1 = Linear(dim, intermediate_dim)
@@ -129,7 +161,14 @@ class ConvNeXtBlock(nn.Module):
                                         time_major=True).transpose(1, 2)
         return n(h.transpose(1, 2))
 
+    def _check_x(self, x):
+        """x (B, T, dim) of the module's dtype and device, named as given (the conv and the fused
+        op would describe its (B, dim, T) transpose, or call it conv_weight)."""
+        C = self.dwconv.in_channels
+        check_module_input(x, 2, C, f"(B, T, {C})", self.dwconv.weight)
+
     def forward(self, x):
+        self._check_x(x)
         if self._use_fused(x):
             return self._mlp(x, self._fused(x), normed=True)
         h = self.dwconv(x.transpose(1, 2))
@@ -141,6 +180,7 @@ class ConvNeXtBlock(nn.Module):
     def step(self, x, state, lengths=None):
         check_state(self.dwconv, state, ConvState)
         check_step_input(x, -1, self.dwconv.in_channels, state.seen.shape[0], state.hist.device)
+        self._check_x(x)
         n = x.shape[1]
         if lengths is not None:
             lengths = check_step_lengths(lengths, x.shape[0], n, x.device)
@@ -166,6 +206,7 @@ class ConvNeXtBlock(nn.Module):
         returns, the state updated in place, no host synchronisation."""
         check_state(self.dwconv, state, ConvState)
         check_step_input(x, -1, self.dwconv.in_channels, state.seen.shape[0], state.hist.device)
+        self._check_x(x)
         n = x.shape[1]
         if n > 0 and self.dwconv.k > 1 and self._use_fused(x):
             h, hist = self._fused(x.to(state.hist.dtype), state.hist)
@@ -176,6 +217,7 @@ class ConvNeXtBlock(nn.Module):
         h = self.dwconv.step_fixed(x.transpose(1, 2), state, check=check)
         return self._mlp(x, self._conv_norm(h), normed=True)
 
+    @ends_stream
     def flush(self, state):
         check_state(self.dwconv, state, ConvState)
         B = state.seen.shape[0]
@@ -189,6 +231,9 @@ class StreamingDecoder(nn.Module):
     def __init__(self, config: DecoderConfig):
         super().__init__()
         c = config
+        if not isinstance(c, DecoderConfig):
+            raise TypeError(f"config must be a DecoderConfig; got {type(c).__name__}")
+        c.validate()
         self.config = c
         ls = 1.0 / c.num_blocks if c.layer_scale_init is None and c.num_blocks else \
             c.layer_scale_init
@@ -308,6 +353,7 @@ class StreamingDecoder(nn.Module):
         fill_counter(state, y.shape[1] * self.samples_per_frame)
         return y.reshape(y.shape[0], y.shape[1] * y.shape[2])
 
+    @ends_stream
     def flush(self, state):
         check_state(self, state, DecoderState)
         y, state.net = self.net.flush(state.net)

@@ -59,6 +59,7 @@ from ..nn.attention import BandedSelfAttention, ChunkedSelfAttention
 from ..nn.conv import CausalConv1d
 from ..nn.layer import AttentionAdapter, TransformerLayer
 from ..nn.linear import Linear, skinny_view
+from .._checks import check_bool, is_int
 from ..nn.relpos import WavLMSelfAttention, check_bucket_args
 from ..ops import _channel_norm_triton as _cn
 from ..ops import _ring_write_triton as _ring
@@ -66,9 +67,10 @@ from ..rope import Rope
 from ..streaming.latency import NotStreamableError, latency as composed_latency
 from ..streaming.sequential import PassState, StreamingSequential, cat_time
 from ..streaming.state import (StreamState, all_steady, batched_counters, check_init_args,
-                               check_state, check_step_lengths, check_step_slots, fill_counter,
-                               fresh_counters, record_steady, stamp, steady_check,
+                               check_state, check_step_lengths, check_step_slots, ends_stream,
+                               fill_counter, fresh_counters, record_steady, stamp, steady_check,
                                steady_dispatch)
+from ._config import cfg_bool, cfg_choice, cfg_float, cfg_int, cfg_ints
 from .adapter import ConvAdapter
 from .frontend import ConvFeatureExtractor, FrontendState
 
@@ -122,6 +124,69 @@ class EncoderConfig:
     adapter_kernel_size: int = 3
     adapter_stride: int = 2
     adapter_padding: int = 1                     # zero frames on both sides of each adapter conv
+
+    def validate(self):
+        """Raise naming the field (``EncoderConfig.<field>``) if a field is of the wrong type or
+        out of range; CausalEncoder calls it before building anything."""
+        cfg_ints(self, "conv_dim", 1)
+        cfg_ints(self, "conv_kernel", 1)
+        cfg_ints(self, "conv_stride", 1)
+        if not len(self.conv_dim) == len(self.conv_kernel) == len(self.conv_stride):
+            raise ValueError(f"EncoderConfig.conv_dim, conv_kernel and conv_stride must have one "
+                             f"entry per conv layer; got {len(self.conv_dim)}, "
+                             f"{len(self.conv_kernel)} and {len(self.conv_stride)}")
+        for name in ("conv_bias", "causal_conv", "feat_proj_layer_norm", "norm_first",
+                     "rel_pos_bias", "gated_rel_pos", "pos_conv_batch_norm", "add_adapter"):
+            cfg_bool(self, name)
+        cfg_choice(self, "feat_extract_norm", ("layer", "group", None))
+        for name in ("hidden_size", "num_layers", "num_heads", "ffn_dim", "pos_conv_kernel",
+                     "pos_conv_groups", "chunk_size", "max_context"):
+            cfg_int(self, name, 1)
+        cfg_float(self, "layer_norm_eps", positive=False)
+        cfg_float(self, "conv_norm_eps", positive=False, allow_none=True)
+        cfg_choice(self, "pos_conv", (None, "causal"))
+        cfg_choice(self, "attention", ("band", "chunked"))
+        cfg_int(self, "left", 0, allow_none=True)
+        cfg_int(self, "left_chunks", 0, allow_none=True)
+        cfg_int(self, "lookahead", 0, allow_none=True)
+        cfg_int(self, "sink", 0)
+        if self.attention == "band" and (self.chunk_size != 1 or self.left_chunks is not None):
+            raise ValueError(f"EncoderConfig.chunk_size ({self.chunk_size}) / left_chunks "
+                             f"({self.left_chunks}) are for attention='chunked'; this config has "
+                             f"attention='band' (give left, or set attention='chunked')")
+        if self.attention == "chunked" and self.left is not None:
+            raise ValueError(f"EncoderConfig.left ({self.left}) is for attention='band'; with "
+                             f"attention='chunked' give left_chunks")
+        la = self.lookahead_layers
+        if isinstance(la, str):
+            cfg_choice(self, "lookahead_layers", ("first", "all"))
+        elif isinstance(la, (tuple, list)):
+            cfg_ints(self, "lookahead_layers", 0)
+            if len(la) != self.num_layers:
+                raise ValueError(f"EncoderConfig.lookahead_layers must hold one int per layer "
+                                 f"({self.num_layers}); got {len(la)}: {list(la)!r}")
+        else:
+            raise TypeError(f"EncoderConfig.lookahead_layers must be 'first', 'all' or one int "
+                            f"per layer; got {type(la).__name__} {la!r}")
+        rope = self.rope
+        if not isinstance(rope, (bool, Rope)) and rope is not None:
+            if not is_int(rope) or rope < 2 or rope % 2:
+                raise (ValueError if is_int(rope) else TypeError)(
+                    f"EncoderConfig.rope must be True, False, an even rotary dim >= 2 or a "
+                    f"pyencoder.Rope; got {type(rope).__name__} {rope!r}")
+        cfg_float(self, "rope_base", positive=True)
+        if self.rope_base <= 1 and rope is not False and rope is not None:
+            raise ValueError(f"EncoderConfig.rope_base must be a finite float > 1 (RoPE's "
+                             f"frequency base); got {self.rope_base!r}")
+        if self.rel_pos_bias:
+            check_bucket_args(self.num_buckets, self.max_bucket_distance,
+                              ("num_buckets", "max_bucket_distance"))
+        cfg_int(self, "adapter_attn_dim", 1, allow_none=True)
+        if self.add_adapter:
+            cfg_int(self, "adapter_hidden_size", 1, allow_none=True)
+            for name in ("num_adapter_layers", "adapter_kernel_size", "adapter_stride"):
+                cfg_int(self, name, 1)
+            cfg_int(self, "adapter_padding", 0)
 
     def layer_lookaheads(self):
         """Per-layer lookahead frames (None for full-context layers)."""
@@ -191,10 +256,9 @@ class CausalEncoder(nn.Module):
     def __init__(self, config: EncoderConfig):
         super().__init__()
         c = config
-        if c.attention not in ("band", "chunked"):
-            raise ValueError(f"attention must be 'band' or 'chunked'; got {c.attention!r}")
-        if c.pos_conv not in (None, "causal"):
-            raise ValueError(f"pos_conv must be None or 'causal'; got {c.pos_conv!r}")
+        if not isinstance(c, EncoderConfig):
+            raise TypeError(f"config must be an EncoderConfig; got {type(c).__name__}")
+        c.validate()
         if c.adapter_attn_dim is not None and not c.norm_first:
             raise ValueError(f"adapter_attn_dim ({c.adapter_attn_dim}): attention adapters follow "
                              f"the feed-forward of pre-LN layers (norm_first=True); got "
@@ -202,12 +266,6 @@ class CausalEncoder(nn.Module):
         if c.hidden_size % c.num_heads:
             raise ValueError(f"hidden_size ({c.hidden_size}) must be a multiple of num_heads "
                              f"({c.num_heads})")
-        if isinstance(c.sink, bool) or not isinstance(c.sink, int) or c.sink < 0:
-            raise ValueError(f"sink must be an int >= 0 (frames every frame sees); got "
-                             f"{c.sink!r}")
-        if c.rel_pos_bias:
-            check_bucket_args(c.num_buckets, c.max_bucket_distance,
-                              ("num_buckets", "max_bucket_distance"))
         self.config = c
         self.feature_extractor = ConvFeatureExtractor(c.conv_dim, c.conv_kernel, c.conv_stride,
                                                       c.conv_bias, c.feat_extract_norm,
@@ -348,6 +406,7 @@ class CausalEncoder(nn.Module):
         the conv adapter, which only ``last_hidden_state`` gets). ``lengths`` of the output counts
         the frames of ``last_hidden_state``."""
         wav = self._check_wav(wav, "L")
+        check_bool("output_hidden_states", output_hidden_states)
         if lengths is not None:
             lengths = check_step_lengths(lengths, wav.shape[0], wav.shape[1], wav.device)
         feats = self.feature_extractor(wav)
@@ -424,6 +483,7 @@ class CausalEncoder(nn.Module):
         ``state.layers.layers[i].out_lengths[b]`` rows; counts differ between depths while frames
         are held back for lookahead)."""
         wav = self._check_wav(wav, "n")
+        check_bool("output_hidden_states", output_hidden_states)
         check_state(self, state, EncoderState)
         if wav.device != state.out_lengths.device:
             raise ValueError(f"wav must be on the state's device ({state.out_lengths.device}); "
@@ -549,10 +609,12 @@ class CausalEncoder(nn.Module):
         fill_counter(state, y.shape[1], filled=last)
         return y
 
+    @ends_stream
     def flush(self, state, output_hidden_states=False):
         """End of stream: the frames held back for lookahead (and the conv adapter's last
         windows). Returns (y (B, m, E), state), or ((y, hidden_states), state) as ``step``."""
         check_state(self, state, EncoderState)
+        check_bool("output_hidden_states", output_hidden_states)
         hidden = [] if output_hidden_states else None
         y, state.layers = self.layers.flush(state.layers, outputs=hidden)
         B = state.out_lengths.shape[0]

@@ -29,8 +29,8 @@ from ..ops import _channel_norm_triton as _cn
 from ..ops.conv import causal_conv1d
 from .._checks import check_module_input
 from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
-                               check_state, check_step_input, check_step_lengths,
-                               check_step_slots, fill_counter, stamp, stream_config)
+                               check_state, check_step_input, check_step_lengths, check_step_slots,
+                               ends_stream, fill_counter, stamp, stream_config)
 
 __all__ = ["FeatureConv1d", "RunningGroupNorm", "FeatureConvLayer", "ConvFeatureExtractor",
            "FeatureConvState", "RunningNormState", "FrontendState"]
@@ -207,6 +207,7 @@ class FeatureConv1d(StridedConv1d):
         fill_counter(state, m)
         return y
 
+    @ends_stream
     def flush(self, state):
         check_state(self, state, FeatureConvState)
         state.out_lengths = torch.zeros_like(state.seen)

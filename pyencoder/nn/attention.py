@@ -53,9 +53,9 @@ from ..ops import _ring_write_triton as _ring
 from ..ops.decode_attention import decode_attention
 from ..reference.decode_attention import ring_write
 from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
-                               check_state, check_step_lengths, fill_counter, fixed_index,
-                               fresh_counters, inference_step, record_steady, shift_queue,
-                               stamp, steady_check, steady_dispatch)
+                               check_state, check_step_lengths, ends_stream, fill_counter,
+                               fixed_index, fresh_counters, inference_step, record_steady,
+                               shift_queue, stamp, steady_check, steady_dispatch)
 from .linear import Linear, linear, plain_linear
 
 __all__ = ["BandedSelfAttention", "ChunkedSelfAttention", "AttentionState"]
@@ -99,6 +99,8 @@ class IntervalSelfAttention(nn.Module):
                 or embed_dim < 1 or embed_dim % num_heads:
             raise ValueError(f"embed_dim must be a positive multiple of num_heads; got "
                              f"embed_dim={embed_dim!r}, num_heads={num_heads!r}")
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be True or False; got {type(bias).__name__} {bias!r}")
         if isinstance(max_context, bool) or not isinstance(max_context, int):
             raise TypeError(f"max_context must be a positive int; got "
                             f"{type(max_context).__name__} {max_context!r}")
@@ -519,6 +521,7 @@ class IntervalSelfAttention(nn.Module):
             raise ValueError(f"n={n} must be a multiple of the mask block {C}")
         return True
 
+    @ends_stream
     def flush(self, state):
         """End of stream: emit every held-back query (its window is cut at the last frame)."""
         self._check_state(state)

@@ -23,8 +23,8 @@ from .._checks import check_int, check_module_input
 from ..ops.conv import causal_conv1d, causal_conv1d_update
 from ..streaming import state as _state
 from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
-                               check_state, check_step_lengths, check_step_slots, fill_counter,
-                               stamp)
+                               check_state, check_step_lengths, check_step_slots, ends_stream,
+                               fill_counter, stamp)
 
 __all__ = ["CausalConv1d", "ConvState", "StridedConv1d"]
 
@@ -253,6 +253,7 @@ class CausalConv1d(StridedConv1d):
         fill_counter(state, x.shape[-1] // s)
         return y
 
+    @ends_stream
     def flush(self, state):
         check_state(self, state, ConvState)
         B = state.seen.shape[0]

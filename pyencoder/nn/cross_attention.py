@@ -40,8 +40,8 @@ from ..mask import IntervalMask
 from .._checks import check_module_input
 from ..ops.attention import cross_attention
 from ..rope import as_rope
-from ..streaming.state import (StreamState, SteadyCheck, _stamp, check_init_args, check_state,
-                               fill_counter, inference_step, stamp)
+from ..streaming.state import (StreamState, SteadyCheck, ends_stream, _stamp, check_init_args,
+                               check_state, fill_counter, inference_step, stamp)
 from .linear import Linear
 
 __all__ = ["FrameCrossAttention", "CrossAttentionState"]
@@ -200,6 +200,7 @@ class FrameCrossAttention(nn.Module):
         be None); returns (y (B, e, E), state) with the e queries whose keys have all arrived."""
         return self._advance(x_q, x_kv, state, final=False)
 
+    @ends_stream
     def flush(self, state):
         """End of both streams: every pending query attends over the keys there are."""
         return self._advance(None, None, state, final=True)

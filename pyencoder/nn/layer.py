@@ -19,8 +19,8 @@ from torch import nn
 from .._checks import check_eps, check_int, check_module_input
 from ..ops import _ring_write_triton as _ring
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
-                               check_step_slots, fill_counter, fixed_index, fresh_counters,
-                               inference_step, record_steady, shift_queue, stamp,
+                               check_step_slots, ends_stream, fill_counter, fixed_index,
+                               fresh_counters, inference_step, record_steady, shift_queue, stamp,
                                steady_check)
 from .attention import IntervalSelfAttention, concat_ragged
 from .linear import Linear, has_hooks, plain_linear
@@ -256,6 +256,7 @@ class TransformerLayer(nn.Module):
             return None
         return w, b
 
+    @ends_stream
     def flush(self, state):
         self._check_state(state)
         a, state.attention = self.attention.flush(state.attention)

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ..streaming.state import (StreamState, SteadyCheck, check_init_args, check_state,
-                               check_step_input, check_step_lengths, fill_counter, fixed_index,
-                               inference_step, stamp)
+                               check_step_input, check_step_lengths, ends_stream, fill_counter,
+                               fixed_index, inference_step, stamp)
 from .._checks import check_int, check_module_input
 from .linear import Linear
 
@@ -46,6 +46,9 @@ class Refiner(nn.Module):
         flat = embed_dim * chunk_size
         hidden_dim = flat if hidden_dim is None else hidden_dim
         self.fc1 = Linear(flat, hidden_dim, bias=bias)
+        if activation is not None and not isinstance(activation, nn.Module):
+            raise TypeError(f"activation must be None (GELU) or an nn.Module (e.g. nn.SiLU()); "
+                            f"got {type(activation).__name__} {activation!r}")
         self.act = nn.GELU() if activation is None else activation
         self.fc2 = Linear(hidden_dim, flat, bias=bias)
 
@@ -59,6 +62,13 @@ class Refiner(nn.Module):
         B, N, C, E = chunks.shape
         flat = chunks.reshape(B, N, C * E)
         return (flat + self.fc2(self.act(self.fc1(flat)))).view(B, N, C, E)
+
+    def _check_dtype(self, x):
+        """A step's chunk in the weights' dtype, as forward requires (it returned float64 from a
+        float32 module)."""
+        w = self.fc1.weight
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x must have the module's dtype ({w.dtype}); got {x.dtype}")
 
     def forward(self, x):
         check_module_input(x, 2, self.embed_dim, f"(B, T, {self.embed_dim})", self.fc1.weight)
@@ -83,6 +93,7 @@ class Refiner(nn.Module):
     def step(self, x, state, lengths=None):
         check_state(self, state, RefinerState)
         check_step_input(x, -1, self.embed_dim, state.count.shape[0], state.buf.device)
+        self._check_dtype(x)
         if lengths is not None:
             lengths = check_step_lengths(lengths, x.shape[0], x.shape[1], x.device)
         return self._run(x, state, lengths, final=False)
@@ -120,6 +131,7 @@ class Refiner(nn.Module):
         updated in place without host synchronisation (``check`` has nothing to verify)."""
         check_state(self, state, RefinerState)
         check_step_input(x, -1, self.embed_dim, state.count.shape[0], state.buf.device)
+        self._check_dtype(x)
         B, n, E = x.shape
         C = self.chunk_size
         if n % C:
@@ -133,6 +145,7 @@ class Refiner(nn.Module):
         fill_counter(state, n)
         return y.to(x.dtype)
 
+    @ends_stream
     def flush(self, state):
         check_state(self, state, RefinerState)
         B = state.buf.shape[0]

@@ -166,7 +166,7 @@ def _vouch_finite(table, cols):
     finiteness check, so the op does not read it (a host sync per layer on a GPU, in training
     too, where the columns are new every call). A non-finite table vouches for nothing: the op
     checks the columns themselves, as before."""
-    if not value_checks_enabled() or not table.numel():
+    if not value_checks_enabled() or not table.numel() or table.is_meta:
         return
     key = passed_key("finite", table)
     if key is None:

@@ -79,8 +79,8 @@ def route(args):
     needs_grad = False
     for a in args:
         if isinstance(a, torch.Tensor):
-            if not is_plain(a) and (type(a) is not _Parameter or _maybe_fake(a)):
-                return OP
+            if not is_plain(a) and (type(a) is not _Parameter or _maybe_fake(a)) or a.is_meta:
+                return OP         # a meta tensor: the op's fake (shape-only) implementation
             if grad and a.requires_grad:
                 needs_grad = True
     return AUTOGRAD if needs_grad else DIRECT

@@ -51,9 +51,9 @@ from ._attention_op import (N_PARAMS, N_TENSORS, fake_backward, fake_forward, op
                             run_backward, run_forward)
 from ._autograd import forbid_double_backward
 from ._call import call_custom, call_op, eager_ok
-from .._checks import (MAX_POSITION, check_bias_tensors, check_float_dtype, check_int,
-                      check_lengths, check_same, check_scale, check_tensor, passed, passed_key,
-                      remember_passed, value_checks_enabled)
+from .._checks import (MAX_POSITION, check_bias_tensors, check_bool, check_float_dtype,
+                      check_int, check_lengths, check_same, check_scale, check_tensor, passed,
+                      passed_key, remember_passed, value_checks_enabled)
 
 __all__ = ["banded_attention", "chunked_attention", "interval_attention", "cross_attention",
            "band_params", "chunked_params", "relative_offsets"]
@@ -191,7 +191,7 @@ def _validate_bias(q, k, rel_bias, gate, rel_offset, block, lo_off, hi_off, q_of
         raise ValueError(f"rel_bias needs at least one column when sink keys are visible (a sink "
                          f"key outside the table reads its edge column: the saturated bucket "
                          f"rule); got 0 columns with sink={sink}, k_offset={k_offset}")
-    if value_checks_enabled() and rel_bias.numel():
+    if value_checks_enabled() and rel_bias.numel() and not rel_bias.is_meta:
         key = passed_key("finite", rel_bias)     # a host sync on a GPU: once per tensor
         if not passed(key, rel_bias):
             if not bool(torch.isfinite(rel_bias).all()):
@@ -248,6 +248,7 @@ def _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale):
 def _attend(q, k, v, mask, rope, key_lengths, q_offset, k_offset, scale, backend, return_lse,
             rel_bias=None, gate=None, rel_offset=None):
     """Every interval attention after validation of q, k, v and the positions: one op call."""
+    check_bool("return_lse", return_lse)
     block, k_block, lo_off, hi_off = mask.frame_params
     sink = mask.sink
     # with sink keys: the saturated bucket rule (module docstring)

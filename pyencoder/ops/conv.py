@@ -22,8 +22,8 @@ from . import _conv_cuda as _cuda
 from . import _conv_triton as _triton
 from ._autograd import forbid_double_backward
 from ._call import call_custom, call_op, call_triton, direct_ok
-from .._checks import (check_float_dtype, check_int, check_same, check_tensor, check_writable,
-                      value_checks_enabled)
+from .._checks import (check_bool, check_float_dtype, check_int, check_same, check_tensor,
+                      check_writable, value_checks_enabled)
 
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
 
@@ -167,6 +167,7 @@ def causal_conv1d(x, weight, bias=None, *, stride=1, groups=1, activation=None,
     if k < stride:
         raise ValueError(f"kernel size ({k}) must be >= stride ({stride}) for a causal conv")
     _check_activation(activation)
+    check_bool("return_final_state", return_final_state)
     B, C, L = x.shape
     if initial_state is not None:
         check_tensor("initial_state", initial_state, 3)
@@ -229,7 +230,7 @@ def causal_conv1d_update(x, state, weight, bias=None, *, groups=1, activation=No
         if state.shape[1:] != (C, k - 1):
             raise ValueError(f"state must have shape (num_slots, C_in, k - 1) = (S, {C}, {k - 1}); "
                              f"got {tuple(state.shape)}")
-        if value_checks_enabled() and B:
+        if value_checks_enabled() and B and not state_indices.is_meta:
             srt = state_indices.sort().values
             dup = ((srt[1:] == srt[:-1]) & (srt[1:] >= 0)).sum()
             lo, hi, n_dup = torch.stack((srt[0], srt[-1], dup.to(srt.dtype))).tolist()

@@ -41,7 +41,7 @@ from . import _convnext_triton as _triton
 from . import conv  # noqa: F401  (the backward runs the conv family's registered backends)
 from ._autograd import forbid_double_backward
 from ._call import call_custom, call_op
-from .._checks import check_eps, check_float_dtype, check_same, check_tensor
+from .._checks import check_bool, check_eps, check_float_dtype, check_same, check_tensor
 
 __all__ = ["convnext_dwconv_ln", "convnext_dwconv_ln_reference", "select_backend"]
 
@@ -171,6 +171,7 @@ def convnext_dwconv_ln(x, conv_weight, conv_bias=None, ln_weight=None, ln_bias=N
     initial_state (B, C, k - 1) or None (zeros). Returns y (B, L, C), and with
     ``return_final_state`` (y, final_state (B, C, k - 1))."""
     check_tensor("x", x, 3)
+    check_bool("return_final_state", return_final_state)
     check_float_dtype("x", x)
     B, C, L = x.shape
     if C == 0:

@@ -28,7 +28,7 @@ import dataclasses
 
 import torch
 
-from .protocol import time_last
+from .protocol import is_streaming, time_last
 from .state import StreamState, _stamp, check_state, steady_check
 
 __all__ = ["admit"]
@@ -74,6 +74,9 @@ def admit(module, state, slot, chunks, step):
     warm-up's outputs, one batch-1 tensor per chunk holding only the frames the general step
     emitted for it. Raises ValueError if the stream is
     not steady for ``step`` after the chunks (nothing written)."""
+    if not is_streaming(module):
+        raise TypeError(f"admit: module must be a streaming module (init_state / step / flush; "
+                        f"the one that made state); got {type(module).__name__}")
     if not isinstance(state, StreamState):
         raise TypeError(f"admit: state must be a StreamState; got {type(state).__name__}")
     own = getattr(module, "_check_state", None)     # where a module checks its own way

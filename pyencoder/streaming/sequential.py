@@ -22,7 +22,7 @@ from torch import nn
 from .._cpu_threads import threads_for
 from .protocol import is_pointwise, is_streaming, swaps_time_axis, time_last
 from .state import (StreamState, all_steady, batched_counters, check_init_args, check_state,
-                    check_step_lengths, check_step_slots, fill_counter, fresh_counters,
+                    check_step_lengths, check_step_slots, ends_stream, fill_counter, fresh_counters,
                     record_steady, stamp, steady_check, steady_dispatch)
 
 __all__ = ["StreamingSequential", "StackState", "PassState", "cat_time"]
@@ -62,6 +62,34 @@ class StreamingSequential(nn.Sequential):
             if not (is_streaming(m) or is_pointwise(m)):
                 raise TypeError(f"StreamingSequential: child {i} ({type(m).__name__}) is neither a "
                                 f"streaming module (init_state/step/flush) nor a per-frame module")
+        self._check_layouts()
+
+    def _check_layouts(self):
+        """Each child gets chunks in the layout it takes: a streaming child its declared
+        ``stream_time_axis``, a last-axis per-frame module (Linear, LayerNorm) the sequence
+        layout (B, T, C), a per-channel PReLU the conv layout (B, C, T). A mismatch failed at the
+        first step with a shape error from inside torch, or ran over the time axis silently when
+        a chunk's length equalled the channels."""
+        if not len(self):
+            return
+        name = {True: "(B, C, T)", False: "(B, T, C)"}
+        t = time_last(self[0])
+        for i, m in enumerate(self):
+            want = None
+            if is_streaming(m):
+                want = time_last(m)
+            elif isinstance(m, (nn.Linear, nn.LayerNorm)):
+                want = False
+            elif isinstance(m, nn.PReLU) and m.num_parameters > 1:
+                want = True
+            if want is not None and want != t:
+                raise ValueError(f"StreamingSequential: child {i} ({type(m).__name__}) takes "
+                                 f"{name[want]} chunks but gets {name[t]} chunks there; insert "
+                                 f"pyencoder.nn.Transpose(1, 2) before it")
+            if swaps_time_axis(m):
+                t = not t
+            elif is_streaming(m) and callable(getattr(m, "out_time_last", None)):
+                t = bool(m.out_time_last())
 
     def _stream_config(self):
         return f"StreamingSequential({', '.join(type(m).__name__ for m in self)})"
@@ -211,6 +239,7 @@ class StreamingSequential(nn.Sequential):
     def stream_time_axis(self):
         return -1 if time_last(self[0]) else 1
 
+    @ends_stream
     def flush(self, state, outputs=None):
         self._check_state(state)
         outs, counts = [], []

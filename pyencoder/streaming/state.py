@@ -22,7 +22,8 @@ import torch
 
 from .._env import env_flag
 
-__all__ = ["StreamState", "reset", "state_nbytes", "check_state", "stamp", "stream_config",
+__all__ = ["StreamState", "reset", "ends_stream", "state_nbytes", "check_state", "stamp",
+           "stream_config",
            "check_init_args", "check_step_lengths", "check_step_slots", "check_step_input",
            "fixed_index", "fill_counter", "shift_queue", "advance_counter", "batched_counters",
            "SteadyCheck", "steady_check", "all_steady", "steady_dispatch", "record_steady",
@@ -43,6 +44,7 @@ class StreamState:
     recycle slots, ``batch_size`` and ``nbytes()``."""
 
     config = None      # configuration string of the module that made it (set by ``stamp``)
+    ended = False      # set by the module's flush: its streams ended (``ends_stream``)
     _growable = {}     # {field: dim} of buffers whose length may differ between two states
     # (B,) counters a step_fixed advances in place (``fresh_counters`` copies them, with
     # ``out_lengths``, before a general step runs as step_fixed); the fields present are taken
@@ -167,10 +169,17 @@ class StreamState:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def reset(self, mask):
-        """Zero every tensor at the slots where ``mask`` (B,) bool is True (in place)."""
+        """Zero every tensor at the slots where ``mask`` (B,) bool is True (in place). A flushed
+        state (``ended``) must be reset in every slot: it starts fresh streams then."""
+        ended = [st for st in self.states().values() if st.ended]
+        if ended and not bool(torch.as_tensor(mask).all()):
+            raise ValueError("this state was flushed: every slot's stream ended; reset all of its "
+                             "slots (or make a new state with init_state)")
         for t in self.tensors().values():
             m = mask.to(t.device).view(-1, *([1] * (t.dim() - 1)))
             t.masked_fill_(m, 0)
+        for st in ended:
+            st.ended = False
         return self
 
 
@@ -216,12 +225,33 @@ def stamp(module, state):
     return state
 
 
+def ends_stream(flush):
+    """Decorator of a module's ``flush(state, ...)``: the state's streams end there (``ended``),
+    so a later step, step_fixed or flush refuses it (check_state) until every slot is reset. A
+    step after flush used to continue the old streams at their positions: its frames matched no
+    offline call (the flushed frames had been emitted without their lookahead)."""
+    @functools.wraps(flush)
+    def wrapper(self, state, *args, **kwargs):
+        out = flush(self, state, *args, **kwargs)
+        if isinstance(state, StreamState):
+            state.ended = True
+        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], StreamState):
+            out[1].ended = True
+        return out
+    return wrapper
+
+
 def check_state(module, state, cls, config=None):
-    """Raise unless ``state`` is a ``cls`` made by a module of ``module``'s configuration."""
+    """Raise unless ``state`` is a ``cls`` made by a module of ``module``'s configuration and its
+    streams have not ended (``ends_stream``)."""
     who = type(module).__name__
     if not isinstance(state, cls):
         raise TypeError(f"{who}: state must be a {cls.__name__} made by {who}.init_state; got "
                         f"{type(state).__name__}")
+    if state.ended:
+        raise ValueError(f"{who}: this state was flushed (its streams ended, the held-back frames "
+                         f"were emitted without their lookahead); start new streams with "
+                         f"pyencoder.streaming.reset(state, all slots) or init_state")
     want = stream_config(module) if config is None else config
     if state.config is None:
         raise ValueError(f"{who}: this {type(state).__name__} records no configuration (it was "

@@ -1,0 +1,64 @@
+"""Field checks of the model configs (EncoderConfig, DecoderConfig): a bad field is refused by its
+config name ("EncoderConfig.num_layers must be an int >= 1; got 0"), before the modules it builds
+would refuse it in their own argument names (right, stride, in_channels) or build something else
+(num_layers=0 built one layer; a NaN eps gave NaN outputs)."""
+import math
+
+from .._checks import is_int
+
+
+def _where(cfg, name):
+    return f"{type(cfg).__name__}.{name}"
+
+
+def cfg_int(cfg, name, min_value, allow_none=False):
+    v = getattr(cfg, name)
+    if v is None and allow_none:
+        return
+    exp = f"an int >= {min_value}" + (" or None" if allow_none else "")
+    if not is_int(v):
+        raise TypeError(f"{_where(cfg, name)} must be {exp}; got {type(v).__name__} {v!r}")
+    if v < min_value:
+        raise ValueError(f"{_where(cfg, name)} must be {exp}; got {v}")
+
+
+def cfg_ints(cfg, name, min_value):
+    """A non-empty tuple / list of ints >= min_value."""
+    v = getattr(cfg, name)
+    if isinstance(v, (str, bytes)) or not isinstance(v, (tuple, list)) or not v:
+        raise TypeError(f"{_where(cfg, name)} must be a non-empty tuple of ints >= {min_value}; "
+                        f"got {v!r}")
+    for i, x in enumerate(v):
+        if not is_int(x):
+            raise TypeError(f"{_where(cfg, name)}[{i}] must be an int >= {min_value}; got "
+                            f"{type(x).__name__} {x!r}")
+        if x < min_value:
+            raise ValueError(f"{_where(cfg, name)}[{i}] must be an int >= {min_value}; got {x}")
+
+
+def cfg_bool(cfg, name, allow_none=False):
+    v = getattr(cfg, name)
+    if v is None and allow_none:
+        return
+    if not isinstance(v, bool):
+        raise TypeError(f"{_where(cfg, name)} must be a bool" + (" or None" if allow_none else "")
+                        + f"; got {type(v).__name__} {v!r}")
+
+
+def cfg_float(cfg, name, *, positive, allow_none=False):
+    """A finite float (> 0 with ``positive``, else >= 0); ints are taken, bools are not."""
+    v = getattr(cfg, name)
+    if v is None and allow_none:
+        return
+    bound = "> 0" if positive else ">= 0"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{_where(cfg, name)} must be a finite float {bound}; got "
+                        f"{type(v).__name__} {v!r}")
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise ValueError(f"{_where(cfg, name)} must be a finite float {bound}; got {v!r}")
+
+
+def cfg_choice(cfg, name, choices):
+    v = getattr(cfg, name)
+    if not any(v is c or (isinstance(v, str) and v == c) for c in choices):
+        raise ValueError(f"{_where(cfg, name)} must be one of {choices!r}; got {v!r}")

@@ -1,0 +1,297 @@
+"""Bad input found by a randomized sweep of the public API (session 33), each refused by name now
+where it used to be taken silently, crash inside torch, or be named in internal words:
+- the model configs: EncoderConfig / DecoderConfig fields checked by their config names (num_layers
+  0 built one layer, chunk_size under attention='band' was ignored, a NaN eps gave NaN outputs);
+- distill: a negative grad_clip turned every step uphill; pos_weight with a CausalEncoder teacher
+  looked for transformers' encoder.pos_conv_embed;
+- a step after flush continued the ended streams at their positions (no offline call matches);
+- StreamingSequential children in the wrong layout (a Linear on (B, C, T) chunks);
+- meta tensors through the attention ops (a value check read them);
+- truthy non-bools taken for True; an interval mask that shows no key to any query; the Refiner's
+  step returning float64 from a float32 module; ConvNeXtBlock naming its transposed input."""
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import pyencoder
+from pyencoder import IntervalMask
+from pyencoder import distill as D
+from pyencoder.models import (CausalEncoder, ConvNeXtBlock, DecoderConfig, EncoderConfig,
+                              StreamingDecoder)
+from pyencoder.nn import (BandedSelfAttention, CausalConv1d, FrameCrossAttention, Refiner,
+                          TransformerLayer, Transpose, WavLMSelfAttention)
+from pyencoder.streaming import StreamingSequential, admit, reset
+
+sys.path.insert(0, __import__("os").path.dirname(__file__))
+from test_models import tiny_decoder_config, tiny_encoder_config  # noqa: E402
+from test_reliability_states import PAIRS, _feed  # noqa: E402
+
+
+# ---- configs --------------------------------------------------------------------------------
+
+ENC_BAD = [
+    (dict(num_layers=0), ValueError, r"EncoderConfig\.num_layers must be an int >= 1; got 0"),
+    (dict(num_heads=0), ValueError, r"EncoderConfig\.num_heads must be an int >= 1; got 0"),
+    (dict(chunk_size=4, left_chunks=3), ValueError,
+     r"EncoderConfig\.chunk_size \(4\) / left_chunks \(3\) are for attention='chunked'"),
+    (dict(attention="chunked", chunk_size=2), ValueError,
+     r"EncoderConfig\.left \(6\) is for attention='band'"),
+    (dict(lookahead=-1), ValueError, r"EncoderConfig\.lookahead must be an int >= 0 or None"),
+    (dict(lookahead_layers=[-1, 0]), ValueError, r"EncoderConfig\.lookahead_layers\[0\]"),
+    (dict(lookahead_layers=[1]), ValueError, r"lookahead_layers must hold one int per layer"),
+    (dict(conv_stride=(5, 0, 2)), ValueError, r"EncoderConfig\.conv_stride\[1\] must be an int"),
+    (dict(conv_dim=(8, 0, 12)), ValueError, r"EncoderConfig\.conv_dim\[1\]"),
+    (dict(conv_kernel=(10, 3)), ValueError, r"one entry per conv layer; got 3, 2 and 3"),
+    (dict(layer_norm_eps=-1.0), ValueError, r"EncoderConfig\.layer_norm_eps must be a finite"),
+    (dict(layer_norm_eps=float("nan")), ValueError, r"EncoderConfig\.layer_norm_eps"),
+    (dict(pos_conv_kernel=0), ValueError, r"EncoderConfig\.pos_conv_kernel"),
+    (dict(rope="yes"), TypeError, r"EncoderConfig\.rope must be True, False, an even"),
+    (dict(rope=3), ValueError, r"EncoderConfig\.rope must be"),
+    (dict(rope_base=0.5), ValueError, r"EncoderConfig\.rope_base must be a finite float > 1"),
+    (dict(norm_first=1), TypeError, r"EncoderConfig\.norm_first must be a bool; got int 1"),
+    (dict(feat_extract_norm="batch"), ValueError, r"EncoderConfig\.feat_extract_norm"),
+    (dict(max_context=0), ValueError, r"EncoderConfig\.max_context"),
+    (dict(sink=True), TypeError, r"EncoderConfig\.sink must be an int >= 0; got bool"),
+]
+
+
+@pytest.mark.parametrize("over, exc, msg", ENC_BAD, ids=[str(o) for o, _, _ in ENC_BAD])
+def test_encoder_config_fields_refused_by_name(over, exc, msg):
+    with pytest.raises(exc, match=msg):
+        CausalEncoder(tiny_encoder_config(**over))
+
+
+def test_encoder_config_valid_variants_build():
+    CausalEncoder(tiny_encoder_config())
+    CausalEncoder(tiny_encoder_config(attention="chunked", left=None, chunk_size=2,
+                                      left_chunks=1))
+    CausalEncoder(tiny_encoder_config(rope=False, rope_base=0.5))   # base unused without RoPE
+    CausalEncoder(tiny_encoder_config(rope=4, lookahead=None))
+    CausalEncoder(tiny_encoder_config(lookahead_layers=(2, 0), conv_dim=[8, 12, 12]))
+    with pytest.raises(TypeError, match="config must be an EncoderConfig"):
+        CausalEncoder(dict(hidden_size=16))
+
+
+DEC_BAD = [
+    (dict(layer_norm_eps=float("nan")), ValueError, r"DecoderConfig\.layer_norm_eps"),
+    (dict(layer_norm_eps=-1.0), ValueError, r"DecoderConfig\.layer_norm_eps"),
+    (dict(layer_scale_init=float("nan")), ValueError, r"DecoderConfig\.layer_scale_init"),
+    (dict(samples_per_frame=0), ValueError, r"DecoderConfig\.samples_per_frame .*got 0"),
+    (dict(samples_per_frame=2.5), TypeError, r"DecoderConfig\.samples_per_frame .*float 2\.5"),
+    (dict(num_blocks=-1), ValueError, r"DecoderConfig\.num_blocks must be an int >= 0"),
+    (dict(input_dim=0), ValueError, r"DecoderConfig\.input_dim"),
+    (dict(refiner_chunk=0), ValueError, r"DecoderConfig\.refiner_chunk"),
+    (dict(attention_lookahead=-1), ValueError, r"DecoderConfig\.attention_lookahead"),
+    (dict(convnext_fused="yes"), TypeError, r"DecoderConfig\.convnext_fused must be a bool"),
+]
+
+
+@pytest.mark.parametrize("over, exc, msg", DEC_BAD, ids=[str(o) for o, _, _ in DEC_BAD])
+def test_decoder_config_fields_refused_by_name(over, exc, msg):
+    with pytest.raises(exc, match=msg):
+        StreamingDecoder(tiny_decoder_config(**over))
+
+
+def test_convnext_block_arguments_and_input_named_as_given():
+    with pytest.raises(ValueError, match="eps must be a finite float >= 0; got -1.0"):
+        ConvNeXtBlock(8, 12, eps=-1.0)
+    with pytest.raises(ValueError, match="layer_scale_init"):
+        ConvNeXtBlock(8, 12, layer_scale_init=float("inf"))
+    with pytest.raises(TypeError, match="fused must be None, True or False"):
+        ConvNeXtBlock(8, 12, fused="no")
+    for fused in (None, True, False):
+        b = ConvNeXtBlock(8, 12, fused=fused).eval()
+        with pytest.raises(ValueError, match=r"x must have shape \(B, T, 8\); got \(2, 5, 7\)"):
+            b(torch.randn(2, 5, 7))
+        with pytest.raises(TypeError, match=r"x must have the module's dtype"):
+            b(torch.randn(2, 5, 8, dtype=torch.float64))
+    b = ConvNeXtBlock(8, 12).eval()
+    with pytest.raises(TypeError, match=r"x must have the module's dtype \(torch.float32\)"):
+        _feed(b, b.init_state(1), torch.randn(1, 3, 8, dtype=torch.float64))
+
+
+# ---- distill --------------------------------------------------------------------------------
+
+def _pair():
+    torch.manual_seed(0)
+    return (CausalEncoder(tiny_encoder_config()), CausalEncoder(tiny_encoder_config(
+        lookahead=None)))
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(grad_clip=-1.0), "grad_clip must be None or a finite"),
+                                     (dict(grad_clip=0.0), "grad_clip"),
+                                     (dict(grad_clip=float("nan")), "grad_clip"),
+                                     (dict(steps=-1), "steps must be None or an int >= 0"),
+                                     (dict(pos_weight=float("nan")), "pos_weight must be a finite"),
+                                     (dict(pos_weight=-1.0), "pos_weight"),
+                                     (dict(pos_weight=1.0, teacher_pos=3), "teacher_pos must be")])
+def test_distill_arguments_refused_before_any_step(kw, msg):
+    stu, tea = _pair()
+    before = [p.detach().clone() for p in stu.parameters()]
+    opt = torch.optim.SGD(stu.parameters(), lr=1e-2)
+    with pytest.raises((ValueError, TypeError), match=msg):
+        D.distill(stu, tea, [torch.randn(2, 800)] * 2, opt, progress=False, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(before, stu.parameters()))
+
+
+def test_distill_same_model_and_causal_teacher_positional_loss():
+    stu, tea = _pair()
+    opt = torch.optim.SGD(stu.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match="student and teacher must be different models"):
+        D.distill(stu, stu, [torch.randn(2, 800)], opt, progress=False)
+    # a CausalEncoder teacher's positional_embedding is the default teacher_pos (it looked for
+    # transformers' encoder.pos_conv_embed: AttributeError)
+    data = [torch.randn(2, 800)]
+    s1, t1 = _pair()
+    h1 = D.distill(s1, t1, data, torch.optim.SGD(s1.parameters(), lr=1e-2), pos_weight=0.5,
+                   progress=False)
+    s2, t2 = _pair()
+    h2 = D.distill(s2, t2, data, torch.optim.SGD(s2.parameters(), lr=1e-2), pos_weight=0.5,
+                   teacher_pos=t2.positional_embedding, progress=False)
+    assert h1[0]["loss"] == h2[0]["loss"]
+    h0 = D.distill(*_pair(), data, torch.optim.SGD(_pair()[0].parameters(), lr=1e-2),
+                   progress=False)
+    assert h1[0]["loss"] != h0[0]["loss"]          # the positional term is in
+
+
+def test_hidden_state_loss_lengths_and_normalizer():
+    s, t = [torch.randn(2, 5, 4)], [torch.randn(2, 5, 4)]
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, 5\].*\[16000, 3\]"):
+        D.hidden_state_loss(s, t, lengths=torch.tensor([16000, 3]))   # samples, not frames
+    with pytest.raises(ValueError, match="normalizer must be None or a finite count >= 0"):
+        D.hidden_state_loss(s, t, normalizer=-4)
+    full, _ = D.hidden_state_loss(s, t, lengths=torch.tensor([5, 5]))
+    torch.testing.assert_close(full, D.hidden_state_loss(s, t)[0])
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        D.layer_weights(True)
+
+
+# ---- a step after flush ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [n for n in PAIRS if n != "norm"])   # RunningGroupNorm: no flush
+def test_step_after_flush_is_refused_until_every_slot_is_reset(name):
+    make, _, inp = PAIRS[name][:3]
+    torch.manual_seed(3)
+    m = make().eval()
+    x1, x2 = inp(2, 6), inp(2, 5)
+    st = m.init_state(2)
+    _feed(m, st, x1)
+    with torch.no_grad():
+        _, st = m.flush(st)
+        for call in (lambda: m.step(x2, st), lambda: m.flush(st)):
+            with pytest.raises(ValueError, match="this state was flushed"):
+                call()
+        with pytest.raises(ValueError, match="reset all of its slots"):
+            reset(st, torch.tensor([True, False]))
+        reset(st, torch.tensor([True, True]))        # fresh streams now: as a new state
+        y, st = m.step(x2, st)
+        y_new, _ = m.step(x2, m.init_state(2))
+    torch.testing.assert_close(y, y_new, rtol=0, atol=0)
+
+
+def test_cross_attention_step_after_flush_is_refused():
+    m = FrameCrossAttention(16, 2, mask=IntervalMask.frames(1, 2, 1, 0), kv_dim=12).eval()
+    st = m.init_state(1)
+    with torch.no_grad():
+        _, st = m.step(torch.randn(1, 3, 16), torch.randn(1, 6, 12), st)
+        _, st = m.flush(st)
+        with pytest.raises(ValueError, match="flushed"):
+            m.step(torch.randn(1, 1, 16), torch.randn(1, 2, 12), st)
+        with pytest.raises(ValueError, match="flushed"):
+            admit(m, st, 0, [(torch.randn(1, 2, 16), torch.randn(1, 4, 12))], 1)
+
+
+# ---- layouts, meta, flags, masks ------------------------------------------------------------
+
+def test_sequential_children_layouts_checked_at_construction():
+    with pytest.raises(ValueError, match=r"child 1 \(Linear\) takes \(B, T, C\) chunks but gets "
+                                         r"\(B, C, T\) chunks there; insert "
+                                         r"pyencoder\.nn\.Transpose\(1, 2\)"):
+        StreamingSequential(CausalConv1d(8, 8, 3), nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=r"child 1 \(TransformerLayer\) takes \(B, T, C\)"):
+        StreamingSequential(CausalConv1d(8, 8, 3), TransformerLayer(
+            BandedSelfAttention(8, 2, left=2, right=0), 16))
+    with pytest.raises(ValueError, match=r"child 1 \(PReLU\) takes \(B, C, T\)"):
+        StreamingSequential(BandedSelfAttention(8, 2, left=2, right=0), nn.PReLU(8))
+    with pytest.raises(ValueError, match=r"child 2 \(CausalConv1d\) takes \(B, C, T\)"):
+        StreamingSequential(CausalConv1d(8, 8, 3), Transpose(), CausalConv1d(8, 8, 3))
+    ok = StreamingSequential(CausalConv1d(8, 8, 3), nn.GELU(), nn.PReLU(8), Transpose(),
+                             nn.LayerNorm(8), nn.Linear(8, 8), nn.PReLU(),
+                             StreamingSequential(BandedSelfAttention(8, 2, left=2, right=0)))
+    y, _ = _feed(ok, ok.init_state(1), torch.randn(1, 8, 5))
+    assert y.shape == (1, 5, 8)
+
+
+def test_attention_ops_on_meta_tensors_give_meta_outputs():
+    q = torch.empty(2, 2, 5, 8, device="meta")
+    y = pyencoder.ops.banded_attention(q, q, q, left=2, right=1,
+                                       key_lengths=torch.empty(2, dtype=torch.long, device="meta"))
+    assert y.shape == q.shape and y.is_meta
+    y, lse = pyencoder.ops.interval_attention(q, q, q, mask=IntervalMask.band(2, 1),
+                                              return_lse=True)
+    assert y.is_meta and lse.shape == (2, 2, 5)
+    y = pyencoder.ops.cross_attention(q, torch.empty(2, 2, 10, 8, device="meta"),
+                                      torch.empty(2, 2, 10, 8, device="meta"),
+                                      mask=IntervalMask.frames(1, 2, 1, 0))
+    assert y.shape == q.shape and y.is_meta
+    for m in (BandedSelfAttention(16, 2, left=4, right=1), WavLMSelfAttention(16, 2, left=4,
+                                                                              right=1)):
+        out = m.to("meta")(torch.empty(1, 6, 16, device="meta"))
+        assert out.shape == (1, 6, 16) and out.is_meta
+
+
+def test_flags_must_be_bools():
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(TypeError, match="return_lse must be True or False; got str 'no'"):
+        pyencoder.ops.interval_attention(q, q, q, mask=IntervalMask.band(2, 1), return_lse="no")
+    x, w = torch.randn(1, 4, 6), torch.randn(4, 1, 3)
+    with pytest.raises(TypeError, match="return_final_state must be True or False"):
+        pyencoder.ops.causal_conv1d(x, w, groups=4, return_final_state="no")
+    with pytest.raises(TypeError, match="return_final_state must be True or False"):
+        pyencoder.ops.convnext_dwconv_ln(x, w, return_final_state=1)
+    with pytest.raises(TypeError, match="bias must be True or False"):
+        BandedSelfAttention(16, 2, left=4, right=1, bias="no")
+    enc = CausalEncoder(tiny_encoder_config()).eval()
+    with pytest.raises(TypeError, match="output_hidden_states must be True or False"):
+        enc(torch.randn(1, 800), output_hidden_states="yes")
+    with pytest.raises(TypeError, match="activation must be None"):
+        Refiner(8, 2, activation="relu")
+
+
+def test_interval_mask_that_shows_no_key_is_refused():
+    with pytest.raises(ValueError, match=r"shows no key to any query: lo_off \+ hi_off"):
+        IntervalMask(1, 1, -2)
+    with pytest.raises(ValueError, match="shows no key"):
+        IntervalMask(1, 0, -3, k_block=2)
+    IntervalMask(1, 5, -1)             # the five frames before, not itself: a valid band
+    IntervalMask(1, -1, -3)            # unbounded history
+    IntervalMask(1, 1, -2, sink=2)     # the sink keys only
+
+
+def test_refiner_step_refuses_another_dtype():
+    r = Refiner(8, 2).eval()
+    for call in (lambda s: r.step(torch.randn(1, 4, 8, dtype=torch.float64), s),
+                 lambda s: r.step_fixed(torch.randn(1, 4, 8, dtype=torch.float64), s)):
+        with pytest.raises(TypeError, match=r"x must have the module's dtype \(torch.float32\)"):
+            with torch.no_grad():
+                call(r.init_state(1))
+
+
+def test_admit_and_from_pretrained_name_their_first_argument():
+    conv = CausalConv1d(4, 4, 3)
+    with pytest.raises(TypeError, match="admit: module must be a streaming module"):
+        admit(3, conv.init_state(1), 0, [torch.randn(1, 4, 3)], 1)
+    pytest.importorskip("transformers")
+    import pyencoder.hf as H
+    with pytest.raises(TypeError, match="cls must be a transformers model class"):
+        H.from_pretrained("Wav2Vec2Model", "/nonexistent")
+
+
+def test_decoder_config_valid_variants_build():
+    StreamingDecoder(tiny_decoder_config())
+    StreamingDecoder(DecoderConfig(input_dim=12, dim=16, intermediate_dim=24, num_blocks=0,
+                                   samples_per_frame=4, num_attention_layers=1, num_heads=2))
+    with pytest.raises(TypeError, match="config must be a DecoderConfig"):
+        StreamingDecoder(EncoderConfig())
