@@ -73,7 +73,7 @@ def _resolve_results_root(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--quick", action="store_true",
                    help="a minute or two on a 2-core CPU: reduced models and shapes")
     p.add_argument("--only", nargs="*", default=None, help="benchmark module names to run")

@@ -32,6 +32,18 @@ def _info(_args):
     print("op families (implemented backends, auto order on CUDA; CPU auto: reference):")
     for fam in _backend.FAMILIES:
         print(f"  {fam:<17} {', '.join(_backend.auto_order(fam))}")
+    from ._env import check_environment
+    env = check_environment()
+    print("PYENCODER_* environment:" + ("" if env else " none set"))
+    bad = 0
+    for name, raw, err, known in env:
+        print(f"  {name}={raw!r}" + (f"  ERROR: {err}" if err else "") +
+              ("" if known else "  (not read by pyencoder: a typo?)"))
+        bad += err is not None
+    if bad:
+        print(f"{bad} PYENCODER_* variable(s) wrong (each raises ValueError where it is read)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

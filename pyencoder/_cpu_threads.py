@@ -87,10 +87,11 @@ def available_cores():
 
 def choose(flops):
     """Thread count for a CPU call of ``flops`` under the current policy and torch setting."""
+    # parsed first (cached per raw value): a junk value was ignored while torch ran 1 thread
+    policy = env_choice_or_int("PYENCODER_CPU_THREADS", ("auto", "torch"), "auto")
     n = torch.get_num_threads()
     if n <= 1:
         return n
-    policy = env_choice_or_int("PYENCODER_CPU_THREADS", ("auto", "torch"), "auto")
     if policy == "torch":
         return n
     if policy != "auto":

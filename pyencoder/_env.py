@@ -98,3 +98,50 @@ def env_choice_or_int(name, choices, default, min_value=1):
                              f"an integer >= {min_value}; got {raw!r}")
     _cache[key] = val
     return val
+
+
+def check_environment():
+    """Every PYENCODER_* variable that is set, a runtime switch parsed as its use parses it:
+    [(name, raw, error message or None, known)], in name order (``python -m pyencoder info``
+    prints it). Each use raises on a bad value too, but only when a code path reads it: a junk
+    value of a GPU-only switch sits unnoticed on a CPU machine otherwise. ``known`` is False for
+    a name pyencoder never reads (a typo of a known one does nothing)."""
+    from ._backend import requested_backend
+    from .ops import _attention_triton as at
+
+    def backend():
+        requested_backend("attention")
+
+    checks = {
+        "PYENCODER_BACKEND": backend,
+        "PYENCODER_BUILD_CUDA": lambda: env_choice("PYENCODER_BUILD_CUDA", ("auto", "0", "1"),
+                                                   "auto"),
+        "PYENCODER_TRITON_AUTOTUNE": at._autotune_mode,
+        "PYENCODER_ROPE_MODE": lambda: env_choice("PYENCODER_ROPE_MODE", at._ROPE_MODES, "auto"),
+        "PYENCODER_ROPE_TABLE": lambda: env_choice("PYENCODER_ROPE_TABLE", at._ROPE_TABLE_MODES,
+                                                   "auto"),
+        "PYENCODER_CONV_ROW": lambda: env_choice("PYENCODER_CONV_ROW", ("0", "1"), "0"),
+        "PYENCODER_CPU_THREADS": lambda: env_choice_or_int("PYENCODER_CPU_THREADS",
+                                                           ("auto", "torch"), "auto"),
+    }
+    for name, default in (("DETERMINISTIC", False), ("PIPELINE_MASKED", False),
+                          ("FUSED_RING", True), ("STEADY_DISPATCH", True),
+                          ("EAGER_FASTPATH", True), ("FAST_LAUNCH", True),
+                          ("VALUE_CHECKS", True), ("CPU_SKINNY_GEMM", True)):
+        checks["PYENCODER_" + name] = (lambda n, d: lambda: env_flag(n, d))("PYENCODER_" + name,
+                                                                            default)
+    # read by the benchmarks, the tests and the build (not runtime switches)
+    other = ("PYENCODER_RESULTS_DIR", "PYENCODER_TEST_SEED", "PYENCODER_COMPILE_MATRIX",
+             "PYENCODER_COMPILE_CACHE", "PYENCODER_COMPILE_PTXAS", "PYENCODER_CPU_CORES",
+             "PYENCODER_COMMIT", "PYENCODER_CONV_GRP_TILE", "PYENCODER_CONV_TAP_MAJOR",
+             "PYENCODER_TF_CACHE", "PYENCODER_TF_MODE", "PYENCODER_TF_REPORT")
+    out = []
+    for name in sorted(n for n in os.environ if n.startswith("PYENCODER_")):
+        raw, err = os.environ[name], None
+        if name in checks:
+            try:
+                checks[name]()
+            except ValueError as e:
+                err = str(e)
+        out.append((name, raw, err, name in checks or name in other))
+    return out

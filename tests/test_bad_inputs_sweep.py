@@ -295,3 +295,59 @@ def test_decoder_config_valid_variants_build():
                                    samples_per_frame=4, num_attention_layers=1, num_heads=2))
     with pytest.raises(TypeError, match="config must be a DecoderConfig"):
         StreamingDecoder(EncoderConfig())
+
+
+@pytest.mark.parametrize("kw, why", [(dict(pos_conv="keep"), "pos_conv='keep' cannot stream"),
+                                     (dict(group_norm="keep"), "group_norm='keep' cannot stream")])
+def test_hf_latency_of_an_offline_only_patch_raises(kw, why):
+    """pyencoder.hf.latency and pyencoder.streaming.latency added up the attention and the convs of
+    a patch that kept the symmetric positional conv (1.28 s of lookahead) or the GroupNorm over
+    time, and printed a small finite latency; they raise with the reason now (as the README
+    says, and as StreamingEncoder already did)."""
+    pytest.importorskip("transformers")
+    import pyencoder.hf as H
+    from pyencoder.streaming import NotStreamableError, latency
+    from test_hf import make_model
+    m = make_model("w2v2_post").eval()
+    H.apply_pyencoder_to_wav2vec2(m, lookahead_frames=1, left_frames=3, **kw)
+    for f in (H.latency, latency, H.StreamingEncoder):
+        with pytest.raises(NotStreamableError, match=why):
+            f(m)
+    H.revert_pyencoder(m)
+    assert not hasattr(m, "not_streamable")
+    H.apply_pyencoder_to_wav2vec2(m, lookahead_frames=1, left_frames=3)
+    assert H.latency(m).samples == latency(m).samples > 0
+
+
+def test_cli_info_checks_every_pyencoder_variable():
+    """A junk value of a switch that no code path reads on this machine (GPU-only, or the thread
+    policy under a 1-thread torch) was accepted without a word; info checks them all."""
+    import os
+    import _subproc
+    env = dict(os.environ, PYENCODER_BACKEND="bogus", PYENCODER_FAST_LAUNCH="maybe",
+               PYENCODER_ROPE_MODE="fast", PYENCODER_CPU_THREADS="abc", PYENCODER_FOO="1",
+               PYENCODER_VALUE_CHECKS="0")
+    out = _subproc.run([sys.executable, "-m", "pyencoder", "info"], env=env)
+    assert out.returncode == 1, out.stdout + out.stderr
+    for name in ("PYENCODER_BACKEND", "PYENCODER_FAST_LAUNCH", "PYENCODER_ROPE_MODE",
+                 "PYENCODER_CPU_THREADS"):
+        line = next(ln for ln in out.stdout.splitlines() if ln.strip().startswith(name + "="))
+        assert "ERROR" in line and "got" in line, line
+    assert "PYENCODER_FOO='1'  (not read by pyencoder" in out.stdout
+    assert "PYENCODER_VALUE_CHECKS='0'\n" in out.stdout
+    assert "4 PYENCODER_* variable(s) wrong" in out.stderr
+    ok = _subproc.run([sys.executable, "-m", "pyencoder", "info"],
+                      env=dict(os.environ, PYENCODER_BACKEND="reference"))
+    assert ok.returncode == 0 and "PYENCODER_BACKEND='reference'" in ok.stdout
+
+
+def test_cpu_threads_policy_parsed_under_one_torch_thread(monkeypatch):
+    from pyencoder import _cpu_threads
+    monkeypatch.setenv("PYENCODER_CPU_THREADS", "abc")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(ValueError, match="PYENCODER_CPU_THREADS must be one of auto, torch"):
+            _cpu_threads.choose(1e9)
+    finally:
+        torch.set_num_threads(n)

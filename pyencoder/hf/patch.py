@@ -48,7 +48,7 @@ from ..nn.relpos import check_bucket_args
 from .._checks import check_int
 from ..rope import Rope, as_rope
 from ..models.encoder import find_hf_base, hf_adapter_config
-from ..streaming.latency import compose
+from ..streaming.latency import NotStreamableError, compose
 from . import _compat
 from .attention import NAME, LayerSpec
 from .registry import is_registered, register
@@ -363,11 +363,29 @@ def apply_pyencoder_to_wav2vec2(model, *, lookahead_frames=3, left_frames=None,
     setattr(cfg, CONFIG_KEY, entry)
     record.config_entry_set = True
     base._pyencoder_patch = record
-    # pyencoder.streaming.latency(model) reads `hop` / `lookahead` (input samples) on the base.
-    lat = latency(base)
-    base.hop = lat.hop
-    base.lookahead = lat.lookahead_samples
+    # pyencoder.streaming.latency(model) reads `hop` / `lookahead` (input samples) on the base,
+    # or `not_streamable` (the reason) for a patch that keeps a whole-utterance module
+    why = unstreamable_reason(record)
+    if why is None:
+        lat = latency(base)
+        base.hop = lat.hop
+        base.lookahead = lat.lookahead_samples
+    else:
+        base.not_streamable = why
     return model
+
+
+def unstreamable_reason(record):
+    """Why a patch (its PatchRecord) cannot stream, or None: it kept the symmetric positional
+    conv or the GroupNorm over time (offline-only options)."""
+    if record.pos_conv == "keep":
+        return ("pos_conv='keep' cannot stream: the symmetric positional conv looks half its "
+                "kernel (e.g. 64 frames = 1.28 s) into the future. Patch with pos_conv='drop' or "
+                "'causal'.")
+    if record.group_norm == "keep":
+        return ("group_norm='keep' cannot stream: conv layer 0's GroupNorm normalises over the "
+                "whole utterance. Patch with group_norm='running'.")
+    return None
 
 
 def _undo(base, record):
@@ -383,7 +401,7 @@ def _undo(base, record):
         record.hook = None
     if record.family != "wavlm" and record.orig_attn_impl is not None:
         base.config._attn_implementation_internal = record.orig_attn_impl
-    for name in ("hop", "lookahead"):
+    for name in ("hop", "lookahead", "not_streamable"):
         if name in base.__dict__:
             delattr(base, name)
     if record.config_entry_set:
@@ -540,6 +558,9 @@ def latency(model, sample_rate=SAMPLE_RATE):
     if record is None:
         raise ValueError("latency: the model is not patched by pyencoder (full attention has "
                          "unbounded lookahead)")
+    why = unstreamable_reason(record)
+    if why is not None:        # it used to add up the attention and convs as if it streamed
+        raise NotStreamableError(f"latency: {why}")
     hop, rf = frontend_geometry(base)
     fe = rf - hop
     rows = _rows(base, record.specs)

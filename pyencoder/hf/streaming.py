@@ -33,8 +33,9 @@ from torch import nn
 from .._cpu_threads import threads_for
 from ..models.encoder import CausalEncoder, EncoderState
 from .._checks import check_chunk_sizes
+from ..streaming.latency import NotStreamableError
 from ..streaming.state import check_state, ends_stream, stream_config
-from .patch import base_model, latency as _latency
+from .patch import base_model, latency as _latency, unstreamable_reason
 
 __all__ = ["StreamingEncoder", "EncoderStreamState"]
 
@@ -65,13 +66,9 @@ class StreamingEncoder(nn.Module):
         if rec is None:
             raise ValueError("StreamingEncoder needs a model patched by "
                              "pyencoder.hf.apply_pyencoder_to_wav2vec2")
-        if rec.pos_conv == "keep":
-            raise ValueError("pos_conv='keep' cannot stream: the symmetric positional conv looks "
-                             "half its kernel (e.g. 64 frames = 1.28 s) into the future. Patch "
-                             "with pos_conv='drop' or 'causal'.")
-        if rec.group_norm == "keep":
-            raise ValueError("group_norm='keep' cannot stream: conv layer 0's GroupNorm normalises "
-                             "over the whole utterance. Patch with group_norm='running'.")
+        why = unstreamable_reason(rec)
+        if why is not None:
+            raise NotStreamableError(why)
         if base.training:
             raise ValueError("StreamingEncoder runs the model in eval mode (dropout, SpecAugment "
                              "and batch statistics are not streamable); call model.eval() first")

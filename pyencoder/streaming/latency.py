@@ -164,6 +164,9 @@ def _leaf(name, m):
 
 
 def _walk(name, m, rows):
+    why = getattr(m, "not_streamable", None)
+    if isinstance(why, str):       # a module that knows it cannot stream says why
+        raise NotStreamableError(f"{name or type(m).__name__}: {why}")
     la = getattr(m, "lookahead", None)
     hop = getattr(m, "hop", None)
     if la is not None and hop is not None:
