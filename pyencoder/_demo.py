@@ -1,9 +1,10 @@
 """`python -m pyencoder demo`: the main job on whatever device is present, in this order.
 
-1. Streaming (needs transformers): a speech clip (3 s with --quick, else the whole 9.3 s bundled clip)
+1. Streaming: a speech clip (3 s with --quick, else the whole 9.3 s bundled clip)
    streamed in 80 ms chunks through a causal wav2vec2-base-geometry encoder (random weights unless
    --checkpoint) with RoPE attention, left=250 frames and 3 frames (60 ms) of lookahead in layer 0,
-   compared with the offline output; prints per-chunk compute, the real-time factor (compute time /
+   compared with the offline output (a transformers Wav2Vec2Model patched by pyencoder.hf; without
+   transformers installed, pyencoder.models.CausalEncoder of the same geometry); prints per-chunk compute, the real-time factor (compute time /
    audio duration: below 1 keeps up with live audio, above 1 is slower than real time) and the
    algorithmic latency. On a GPU the model streams there (float32): a few eager chunks, then the
    steady step captured once in a CUDA graph (pyencoder.streaming.CudaGraphStep) and replayed per
@@ -143,6 +144,18 @@ def kernel_demo(quick=False):
               f"{os.environ.get('PYENCODER_CPU_THREADS', 'auto')})")
 
 
+def _build_native_model(lookahead_frames, left_frames):
+    """pyencoder.models.CausalEncoder with wav2vec2-base's geometry and the patch's options
+    (random weights): the demo's model without transformers."""
+    from pyencoder.models import CausalEncoder, EncoderConfig
+    torch.manual_seed(0)
+    cfg = EncoderConfig(left=left_frames, lookahead=lookahead_frames, lookahead_layers="first",
+                        pos_conv="causal")
+    return CausalEncoder(cfg).eval(), ("pyencoder.models.CausalEncoder, wav2vec2-base geometry, "
+                                       "random weights; transformers is not installed: "
+                                       "pip install 'pyencoder[hf]' for the HF patch")
+
+
 def _build_hf_model(checkpoint, lookahead_frames, left_frames):
     try:
         import transformers  # noqa: F401
@@ -174,20 +187,28 @@ def streaming_demo(quick=False, checkpoint=None, chunk_ms=80, lookahead_frames=3
     from pyencoder.data import load_speech
     model, what = _build_hf_model(checkpoint, lookahead_frames, left_frames)
     if model is None:
-        print(f"== streaming demo skipped: {what}")
-        return None
-    import pyencoder.hf as phf
+        if checkpoint:
+            print(f"== streaming demo skipped: {what}")
+            return None
+        model, what = _build_native_model(lookahead_frames, left_frames)
     audio, sr = load_speech()
     if quick:
         audio = audio[: 3 * sr]
     audio = audio[None]
-    lat = phf.latency(model)
+    if _is_native(model):
+        lat = model.latency()
+        attention_ms = lookahead_frames * 1000.0 * lat.hop / sr
+        frontend_ms = lat.lookahead_ms - attention_ms
+    else:
+        import pyencoder.hf as phf
+        lat = phf.latency(model)
+        attention_ms, frontend_ms = lat.attention_ms, lat.frontend_ms
     print(f"== streaming a {audio.shape[1] / sr:.2f} s speech clip through a causal encoder "
           f"({what})")
     print(f"   attention: RoPE band, left={left_frames} frames, {lookahead_frames} frames "
           f"lookahead in layer 0")
-    print(f"   algorithmic latency: {lat.lookahead_ms:.1f} ms lookahead = {lat.attention_ms:.0f} ms "
-          f"attention + {lat.frontend_ms:.0f} ms feature extractor (plus the "
+    print(f"   algorithmic latency: {lat.lookahead_ms:.1f} ms lookahead = {attention_ms:.0f} ms "
+          f"attention + {frontend_ms:.0f} ms feature extractor (plus the "
           f"{lat.hop * 1000 / sr:.0f} ms hop a frame itself spans)")
     chunk = int(sr * chunk_ms / 1000)
     run = None
@@ -218,8 +239,9 @@ def _stream_on(model, audio, chunk, chunk_ms, device, graph_step=None):
     """Stream ``audio`` through ``model`` (patched) on ``device`` in chunks of ``chunk`` samples:
     on a GPU the steady chunks replay one CUDA graph of the whole step (``graph_step``, default
     pyencoder.streaming.CudaGraphStep, built once the stream is steady), the rest run the
-    general step. Returns (streamed, offline, per-chunk seconds, offline seconds, what ran)."""
-    import pyencoder.hf as phf
+    general step. Returns (streamed, offline, per-chunk seconds, offline seconds, what ran).
+    ``model``: a patched transformers model (streamed by pyencoder.hf.StreamingEncoder) or a
+    pyencoder.models.CausalEncoder (streamed itself)."""
     cuda = device == "cuda"
     if graph_step is None and cuda:
         from pyencoder.streaming import CudaGraphStep as graph_step
@@ -234,7 +256,11 @@ def _stream_on(model, audio, chunk, chunk_ms, device, graph_step=None):
         offline = model(audio).last_hidden_state
         sync()
         t_off = time.perf_counter() - t0
-        enc = phf.StreamingEncoder(model)
+        if _is_native(model):
+            enc = model
+        else:
+            import pyencoder.hf as phf
+            enc = phf.StreamingEncoder(model)
         state = enc.init_state(1)
         outs, times, graph = [], [], None
         how = "eager, CPU" if not cuda else "eager, GPU"
@@ -265,6 +291,11 @@ def _stream_on(model, audio, chunk, chunk_ms, device, graph_step=None):
         y, state = enc.flush(state)
         outs.append(y)
     return torch.cat(outs, dim=1), offline, times, t_off, how
+
+
+def _is_native(model):
+    from pyencoder.models import CausalEncoder
+    return isinstance(model, CausalEncoder)
 
 
 def main(args):

@@ -278,7 +278,9 @@ def distill(student, teacher, data: Iterable, optimizer, *, steps=None, weights=
         B = S[0].shape[0]
         local = float(B * T) if frames is None else float(frames.clamp(max=T).sum())
         norm = float(global_count(local)) / world
-        loss, per_layer = hidden_state_loss(S, Tt, weights, frames, normalizer=norm)
+        loss, per_layer = hidden_state_loss(S, Tt, weights,
+                                            None if frames is None else frames.clamp(max=T),
+                                            normalizer=norm)
         if pos_weight:
             smod = _unwrap(student)
             tp = teacher_pos

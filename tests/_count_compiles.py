@@ -124,6 +124,8 @@ def _cuda_to_cpu_mode():
             return "cpu"
         return d
 
+    from pyencoder.streaming import state as _state
+
     class CudaToCpu(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = dict(kwargs or {})
@@ -135,6 +137,18 @@ def _cuda_to_cpu_mode():
                         torch.Tensor.new_full, torch.Tensor.new_ones, torch.Tensor.new_tensor):
                 args = tuple(cpu(a) for a in args)
             return func(*args, **kwargs)
+
+        # init_state(device="cuda") of a module whose .cuda() stayed on the CPU: its check of the
+        # device against the parameters' (pyencoder.streaming.state) sees "cpu", as the tensors do
+        def __enter__(self):
+            self._check = _state._check_state_matches_module
+            _state._check_state_matches_module = lambda m, dtype, device: self._check(
+                m, dtype, cpu(device))
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            _state._check_state_matches_module = self._check
+            return super().__exit__(*exc)
 
     return CudaToCpu()
 

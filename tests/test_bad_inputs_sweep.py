@@ -351,3 +351,52 @@ def test_cpu_threads_policy_parsed_under_one_torch_thread(monkeypatch):
             _cpu_threads.choose(1e9)
     finally:
         torch.set_num_threads(n)
+
+
+def test_flushed_state_round_trips_through_state_dict():
+    """A flushed stream saved and loaded into a fresh state stays ended (the flag is saved as
+    ``__ended__``); a live stream's checkpoint loaded into a flushed state object resumes it."""
+    import io
+    m = BandedSelfAttention(16, 2, left=4, right=1).eval()
+    st = m.init_state(2)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        m.step(x, st)
+        live = st.state_dict()
+        m.flush(st)
+    assert not any("__ended__" in k for k in live)
+    buf = io.BytesIO()
+    torch.save(st.state_dict(), buf)
+    buf.seek(0)
+    loaded = m.init_state(2).load_state_dict(torch.load(buf, weights_only=True))
+    with pytest.raises(ValueError, match="flushed"):
+        _feed(m, loaded, x)
+    st.load_state_dict(live)
+    y, _ = _feed(m, st, x)
+    y_ref, _ = _feed(m, m.init_state(2).load_state_dict(live), x)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="__ended__ must be True"):
+        m.init_state(2).load_state_dict({**live, "__ended__": 1})
+
+
+def test_distill_student_longer_than_teacher_with_lengths():
+    """A causal-conv student gives one frame more than a valid-conv teacher: the frames are cut to
+    the shorter, and so must the lengths be (the new lengths check refused the uncut ones)."""
+    torch.manual_seed(0)
+    stu = CausalEncoder(tiny_encoder_config(causal_conv=True))
+    tea = CausalEncoder(tiny_encoder_config(lookahead=None))
+    wav = torch.randn(2, 1000)
+    hist = D.distill(stu, tea, [(wav, torch.tensor([1000, 900]))],
+                     torch.optim.SGD(stu.parameters(), lr=1e-3), progress=False)
+    assert len(hist) == 1 and torch.isfinite(torch.as_tensor(hist[0]["loss"]))
+
+
+def test_run_stream_under_autocast_keeps_the_modules_dtype():
+    from pyencoder.streaming import run_stream as stream
+    m = CausalConv1d(4, 4, 3, groups=4).eval()
+    x = torch.randn(1, 4, 9, dtype=torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = stream(m, x, [4])
+    assert y.shape == (1, 4, 9)
+    with pytest.raises(TypeError, match=r"dtype \(torch.bfloat16\) must be the module's"):
+        stream(m, x, [4])

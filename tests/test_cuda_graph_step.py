@@ -161,3 +161,6 @@ def test_cuda_graph_step_replays(which, dtype):
         model.step(x[..., :n], st)                  # a general step replaces state tensors
         with pytest.raises(RuntimeError, match="replaced since capture"):
             g.check()
+        model.flush(st)                             # the streams end: replays are refused
+        with pytest.raises(ValueError, match="CudaGraphStep: its state was flushed"):
+            g(x[..., :n])

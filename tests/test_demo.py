@@ -61,3 +61,28 @@ def test_streaming_demo_graph_path_logic():
     assert how == "CUDA graph, CPU" and calls == [1280] * 5 and len(times) == 10
     assert streamed.shape == offline.shape
     assert (streamed - offline).abs().max() <= 1e-4 * offline.abs().max()
+
+
+def test_streaming_demo_without_transformers_streams_a_native_encoder(monkeypatch, capsys):
+    """Without transformers (a plain `pip install pyencoder`) the demo's streaming part was
+    skipped; it streams pyencoder.models.CausalEncoder of the same geometry now (shrunk here)."""
+    import torch
+    from pyencoder.models import CausalEncoder, EncoderConfig
+    monkeypatch.setattr(_demo, "_build_hf_model",
+                        lambda *a: (None, "transformers is not installed"))
+    real = _demo._build_native_model
+
+    def tiny(lookahead_frames, left_frames):
+        model, what = real(lookahead_frames, left_frames)
+        assert model.config.hidden_size == 768 and model.config.num_layers == 12
+        torch.manual_seed(0)
+        cfg = EncoderConfig(conv_dim=(16,) * 7, hidden_size=32, num_layers=2, num_heads=2,
+                            ffn_dim=48, left=left_frames, lookahead=lookahead_frames,
+                            pos_conv="causal", pos_conv_kernel=16, pos_conv_groups=2)
+        return CausalEncoder(cfg).eval(), what
+    monkeypatch.setattr(_demo, "_build_native_model", tiny)
+    diff = _demo.streaming_demo(quick=True)
+    out = capsys.readouterr().out
+    assert "pyencoder.models.CausalEncoder" in out and "skipped" not in out
+    assert "algorithmic latency: 65.0 ms lookahead = 60 ms attention + 5 ms" in out
+    assert diff is not None and diff <= 1e-4

@@ -113,10 +113,13 @@ class ConvNeXtBlock(nn.Module):
                  fused=None):
         super().__init__()
         check_eps("eps", eps)
-        if layer_scale_init is not None and (isinstance(layer_scale_init, bool) or not isinstance(
-                layer_scale_init, (int, float)) or not math.isfinite(layer_scale_init)):
-            raise ValueError(f"layer_scale_init must be None or a finite float; got "
-                             f"{layer_scale_init!r}")
+        if layer_scale_init is not None:
+            if isinstance(layer_scale_init, bool) or not isinstance(layer_scale_init, (int, float)):
+                raise TypeError(f"layer_scale_init must be None or a finite float; got "
+                                f"{type(layer_scale_init).__name__} {layer_scale_init!r}")
+            if not math.isfinite(layer_scale_init):
+                raise ValueError(f"layer_scale_init must be None or a finite float; got "
+                                 f"{layer_scale_init!r}")
         if fused is not None and not isinstance(fused, bool):
             raise TypeError(f"fused must be None, True or False; got {type(fused).__name__} "
                             f"{fused!r}")

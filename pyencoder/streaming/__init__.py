@@ -55,7 +55,9 @@ def run_stream(module, x, chunk_sizes, time_dim=None, **init_kwargs):
         raise ValueError(f"time_dim must be an int naming a non-batch axis of x (shape "
                          f"{tuple(x.shape)}); got {time_dim!r}")
     T = x.shape[time_dim]
-    state = module.init_state(x.shape[0], device=x.device, dtype=x.dtype, **init_kwargs)
+    # under autocast the state keeps the module's dtype (init_state refuses another one)
+    dtype = None if torch.is_autocast_enabled(x.device.type) else x.dtype
+    state = module.init_state(x.shape[0], device=x.device, dtype=dtype, **init_kwargs)
     outs, counts = [], []
     t = 0
     for c in itertools.cycle(chunk_sizes):

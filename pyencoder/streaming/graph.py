@@ -144,6 +144,9 @@ class CudaGraphStep:
                 raise ValueError(f"CudaGraphStep: {name} must be {tuple(want.shape)} "
                                  f"{want.dtype} on {want.device} (the captured step's input); "
                                  f"got {got}")
+        if self.state.ended:       # a Python flag: no cost (a replay would go on past the flush)
+            raise ValueError("CudaGraphStep: its state was flushed (the streams ended); start "
+                             "new streams on a fresh state (init_state) and capture a new step")
         if check:
             self.check()
         for x, buf in zip(xs, self.xs):

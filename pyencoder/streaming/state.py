@@ -30,6 +30,7 @@ __all__ = ["StreamState", "reset", "ends_stream", "state_nbytes", "check_state",
            "fresh_counters"]
 
 CONFIG_KEY = "__config__"
+ENDED_KEY = "__ended__"
 
 
 class StateKeyError(KeyError, ValueError):
@@ -93,9 +94,11 @@ class StreamState:
 
     def state_dict(self):
         """{dotted name: tensor (detached clone)} plus the configuration strings (keys ending in
-        ``__config__``): pass to torch.save (``weights_only=True`` loads it)."""
+        ``__config__``) and, for a flushed stream, ``__ended__`` flags: pass to torch.save
+        (``weights_only=True`` loads it)."""
         out = {k: v.detach().clone() for k, v in self.tensors().items()}
         out.update(self.configs())
+        out.update({p + ENDED_KEY: True for p, st in self.states().items() if st.ended})
         return out
 
     def load_state_dict(self, state_dict):
@@ -108,8 +111,10 @@ class StreamState:
                             f"{type(state_dict).__name__}")
         mine = self.tensors()
         cfgs = self.configs()
+        states = self.states()
+        ended = {p + ENDED_KEY for p in states}      # optional: present for a flushed stream
         missing = sorted((set(mine) | set(cfgs)) - set(state_dict))
-        extra = sorted(set(state_dict) - set(mine) - set(cfgs))
+        extra = sorted(set(state_dict) - set(mine) - set(cfgs) - ended)
         if missing or extra:
             raise StateKeyError(f"load_state_dict: state keys do not match; missing {missing}, "
                                 f"unexpected {extra}")
@@ -118,7 +123,10 @@ class StreamState:
             if got != want:
                 raise ValueError(f"load_state_dict: {key} does not match: the saved stream was "
                                  f"made by {got!r}; this state belongs to {want!r}")
-        states = self.states()
+        for key in ended & set(state_dict):
+            if state_dict[key] is not True:
+                raise ValueError(f"load_state_dict: {key} must be True (a flushed stream); got "
+                                 f"{state_dict[key]!r}")
         new = {}
         for key, cur in mine.items():
             v = state_dict[key]
@@ -147,6 +155,8 @@ class StreamState:
                 for key, v in old.items():
                     self._set(key.split("."), v)
                 raise ValueError(f"load_state_dict: {p or 'state'} is corrupt: {err}")
+        for p, st in states.items():        # the saved stream's: ended where it had been flushed
+            st.ended = p + ENDED_KEY in state_dict
         return self
 
     def _invalid(self):
