@@ -53,6 +53,10 @@ def check_chunk_sizes(name, chunk_sizes):
     if isinstance(chunk_sizes, (str, bytes, torch.Tensor)) or not hasattr(chunk_sizes, "__iter__"):
         raise TypeError(f"{name} must be a non-empty sequence of ints >= 1 (e.g. "
                         f"[{chunk_sizes!r}]); got {type(chunk_sizes).__name__} {chunk_sizes!r}")
+    if not hasattr(chunk_sizes, "__len__"):
+        # an endless iterator (itertools.cycle) would be read until memory ran out
+        raise TypeError(f"{name} must be a sized sequence of ints >= 1 (a list, tuple or range; "
+                        f"the driver cycles it); got an iterator ({type(chunk_sizes).__name__})")
     sizes = []
     for i, c in enumerate(chunk_sizes):
         if isinstance(c, bool) or isinstance(c, torch.Tensor):

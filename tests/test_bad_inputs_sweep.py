@@ -400,3 +400,85 @@ def test_run_stream_under_autocast_keeps_the_modules_dtype():
     assert y.shape == (1, 4, 9)
     with pytest.raises(TypeError, match=r"dtype \(torch.bfloat16\) must be the module's"):
         stream(m, x, [4])
+
+
+# ---- round 2: latency, compat, drivers ------------------------------------------------------
+
+def test_latency_refuses_full_context_attention_and_bad_declarations():
+    """latency() recursed into nn.MultiheadAttention (its out_proj child is per-frame) and summed
+    0 lookahead for it; a fractional sample rate became 0 Hz; declared hop 0 was taken."""
+    from pyencoder.streaming import NotStreamableError, latency
+    for m in (nn.MultiheadAttention(8, 2), nn.TransformerEncoderLayer(8, 2, 16),
+              [CausalConv1d(8, 8, 3), nn.TransformerEncoderLayer(8, 2, 16)],
+              nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2))):
+        with pytest.raises(NotStreamableError, match="attention without a declared lookahead"):
+            latency(m)
+    for rate in (0.5, 22050.5, 0):
+        with pytest.raises(ValueError, match="sample_rate must be a positive whole number"):
+            latency(CausalConv1d(4, 4, 3), rate)
+
+    class Bad(nn.Module):
+        hop, lookahead = 0, 1
+    with pytest.raises(ValueError, match=r"declares hop=0; a streaming module's hop must be an "
+                                         r"int >= 1"):
+        latency(Bad())
+    Bad.hop, Bad.lookahead = 1, -3
+    with pytest.raises(ValueError, match="lookahead must be an int >= 0"):
+        latency(Bad())
+    assert latency(CausalConv1d(4, 4, 3), 22050.0).sample_rate == 22050
+    assert latency(CausalEncoder(tiny_encoder_config(norm_first=True,
+                                                     adapter_attn_dim=4))).samples > 0
+
+
+def test_compat_on_meta_tensors_and_final_states_out():
+    from pyencoder.compat.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+    M = "meta"
+    x, w, b = (torch.empty(2, 4, 9, device=M), torch.empty(4, 4, device=M),
+               torch.empty(4, device=M))
+    st = torch.empty(2, 4, 3, device=M)
+    y = causal_conv1d_fn(x, w, b, seq_idx=torch.zeros(2, 9, dtype=torch.int32, device=M))
+    assert y.shape == (2, 4, 9) and y.is_meta
+    for kw in (dict(conv_state_indices=torch.tensor([0, 1], device=M, dtype=torch.int32)),
+               dict(cache_seqlens=torch.tensor([0, 1], device=M, dtype=torch.int32))):
+        assert causal_conv1d_update(x[..., :1], st, w, b, **kw).shape == (2, 4, 1)
+    x, w = torch.randn(2, 4, 9), torch.randn(4, 4)
+    buf = torch.zeros(2, 4, 3)
+    y0 = causal_conv1d_fn(x, w, final_states_out=buf)       # ignored, as causal-conv1d does
+    assert isinstance(y0, torch.Tensor) and not buf.any()
+    with pytest.raises(TypeError, match=r"final_states_out must have x's dtype \(torch.float32\)"):
+        causal_conv1d_fn(x, w, return_final_states=True, final_states_out=buf.half())
+    y, f = causal_conv1d_fn(x, w, return_final_states=True, final_states_out=buf)
+    assert f.data_ptr() == buf.data_ptr() and torch.equal(buf, x[..., -3:])
+
+
+def test_admit_checks_the_steps_inputs():
+    m = FrameCrossAttention(16, 2, mask=IntervalMask.frames(1, 2, left=2, right=1),
+                            kv_dim=8).eval()
+    st = m.init_state(2)
+    with torch.no_grad():
+        _, st = m.step(torch.randn(2, 2, 16), torch.randn(2, 4, 8), st)
+    before = {k: v.clone() for k, v in st.tensors().items()}
+    for chunks, got in (([torch.randn(1, 2, 16)], "got tensors"),
+                        ([(torch.randn(1, 2, 16), torch.randn(1, 4, 8), torch.randn(1, 4, 8))],
+                         "got tuples of 3")):
+        with pytest.raises(ValueError, match=rf"FrameCrossAttention\.step takes 2 input\(s\).*"
+                                             rf"{got}"):
+            admit(m, st, 0, chunks, 2)
+    assert all(torch.equal(v, before[k]) for k, v in st.tensors().items())
+    conv = CausalConv1d(4, 4, 3)
+    with pytest.raises(ValueError, match="takes 1 input"):
+        admit(conv, conv.init_state(2), 0, [(torch.randn(1, 4, 3), None)], 1)
+
+
+def test_run_stream_arguments():
+    import itertools
+    from pyencoder.streaming import run_stream
+    m = CausalConv1d(4, 4, 3)
+    with pytest.raises(TypeError, match="chunk_sizes must be a sized sequence .*got an iterator"):
+        run_stream(m, torch.randn(1, 4, 6), itertools.cycle([2]))
+    with pytest.raises(ValueError, match="x must hold at least one stream"):
+        run_stream(m, torch.randn(0, 4, 6), [2])
+    with pytest.raises(TypeError, match="takes the state's batch, dtype and device from x; got "
+                                        "dtype"):
+        run_stream(m, torch.randn(1, 4, 6), [2], dtype=torch.float32)
+    assert run_stream(m, torch.randn(1, 4, 6), range(1, 3)).shape == (1, 4, 6)

@@ -138,6 +138,8 @@ def _varlen_conv(x, w3, bias, activation, seq_idx):
     if L == 0:
         return x.new_empty(B, D, 0)
     sid = seq_idx
+    if x.is_meta or sid.is_meta:   # shapes only: the re-pack's length is data-dependent
+        return x.new_empty(B, D, L, dtype=torch.promote_types(x.dtype, w3.dtype))
     if h == 0 or B == 0:      # (an empty batch has no runs to separate)
         y = ops.causal_conv1d(x, w3, bias, groups=D, activation=activation)
     else:
@@ -206,9 +208,13 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None,
         _float("initial_states", initial_states, x)
         _shape("initial_states", initial_states, (B, D, width - 1), "(batch, dim, width - 1)")
         init = initial_states.to(cdt)
+    # (without return_final_states, final_states_out is ignored, as causal-conv1d ignores it)
     if return_final_states and final_states_out is not None:
         _tensor("final_states_out", final_states_out, 3)
         _float("final_states_out", final_states_out, x)
+        if final_states_out.dtype != x.dtype:
+            raise TypeError(f"final_states_out must have x's dtype ({x.dtype}), the final states' "
+                            f"dtype; got {final_states_out.dtype}")
         _shape("final_states_out", final_states_out, (B, D, width - 1),
                "(batch, dim, width - 1)")
         check_writable("final_states_out", final_states_out)
@@ -258,7 +264,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
         if conv_state.shape[0] != B:
             raise ValueError(f"conv_state must have batch ({B}) rows when conv_state_indices is "
                              f"None; got shape {tuple(conv_state.shape)}")
-    elif B:
+    elif B and not idx.is_meta:    # (value checks read the device; a meta index has none)
         hi = int(idx.max())
         if hi >= conv_state.shape[0]:
             raise ValueError(f"conv_state_indices values must be < conv_state.shape[0] "
@@ -267,7 +273,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
         if used.numel() != used.unique().numel():
             raise ValueError(f"conv_state_indices must not repeat a slot (two rows would write "
                              f"one state; negative padding may repeat); got {idx.tolist()}")
-    if seqlens is not None and B and int(seqlens.min()) < 0:
+    if seqlens is not None and B and not seqlens.is_meta and int(seqlens.min()) < 0:
         raise ValueError(f"cache_seqlens must be >= 0; got min {int(seqlens.min())}")
     if L == 0:
         raise ValueError(f"x must hold at least one new frame; got shape {tuple(x.shape)}")

@@ -37,6 +37,7 @@ Instance forwards and the pre-hook are module-level callables, so a patched mode
 deep-copies) as far as the HF model itself does.
 """
 import functools
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -551,8 +552,9 @@ def latency(model, sample_rate=SAMPLE_RATE):
     end, adapter convs) is added up by ``pyencoder.streaming.latency.compose``, the code that
     ``pyencoder.streaming.latency`` and ``CausalEncoder.latency`` use."""
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or \
-            sample_rate <= 0:
-        raise ValueError(f"sample_rate must be a positive number; got {sample_rate!r}")
+            not math.isfinite(sample_rate) or sample_rate < 1 or sample_rate != int(sample_rate):
+        raise ValueError(f"sample_rate must be a positive whole number of Hz; got "
+                         f"{sample_rate!r}")
     base, _ = base_model(model, "latency")
     record = getattr(base, "_pyencoder_patch", None)
     if record is None:

@@ -54,6 +54,13 @@ def run_stream(module, x, chunk_sizes, time_dim=None, **init_kwargs):
             or not -x.dim() < time_dim < x.dim() or time_dim in (0, -x.dim()):
         raise ValueError(f"time_dim must be an int naming a non-batch axis of x (shape "
                          f"{tuple(x.shape)}); got {time_dim!r}")
+    if x.shape[0] < 1:
+        raise ValueError(f"x must hold at least one stream (batch >= 1); got shape "
+                         f"{tuple(x.shape)}")
+    clash = sorted({"dtype", "device", "batch_size"} & set(init_kwargs))
+    if clash:
+        raise TypeError(f"run_stream takes the state's batch, dtype and device from x; got "
+                        f"{', '.join(clash)} among the init_state keywords")
     T = x.shape[time_dim]
     # under autocast the state keeps the module's dtype (init_state refuses another one)
     dtype = None if torch.is_autocast_enabled(x.device.type) else x.dtype

@@ -25,6 +25,7 @@ are not touched; the slot's ``out_lengths`` read the steady step's frame count a
 those of the other slots do.
 """
 import dataclasses
+import inspect
 
 import torch
 
@@ -64,6 +65,15 @@ def _out_axis(module):
     return -1 if time_last(module) else 1
 
 
+def _step_inputs(module):
+    """How many inputs ``module.step`` takes before ``state`` (None: unknown)."""
+    try:
+        params = list(inspect.signature(module.step).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index("state") if "state" in params else None
+
+
 def admit(module, state, slot, chunks, step):
     """Start a new stream in slot ``slot`` of ``state`` (a batch state of ``module``, e.g. one a
     CUDA graph of ``step_fixed`` advances) without replacing any of its tensors (module
@@ -100,6 +110,14 @@ def admit(module, state, slot, chunks, step):
         raise ValueError("admit: chunks must be a non-empty list of batch-1 tensors (the new "
                          "stream's first chunks; for a step of several inputs, tuples of them, "
                          "None where a stream brought nothing)")
+    n_in = _step_inputs(module)
+    if n_in is not None and (n_in > 1) != multi or (multi and len(chunks[0]) != n_in):
+        got = f"tuples of {len(chunks[0])}" if multi else "tensors"
+        raise ValueError(f"admit: {type(module).__name__}.step takes {n_in} input(s) before the "
+                         f"state: each chunk must be " + (f"a tuple of {n_in} (None where a "
+                                                          f"stream brought nothing)"
+                                                          if n_in > 1 else "one tensor")
+                         + f"; got {got}")
     sub = _fresh_slot(state, slot)
     if steady_check(module, step, sub) is None:
         raise ValueError(f"admit: {type(module).__name__} has no steady step of length {step} "

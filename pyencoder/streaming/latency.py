@@ -23,6 +23,7 @@ training mode, recurrent layers run bidirectionally, and unknown leaf modules.
 """
 import dataclasses
 import math
+import operator
 import warnings
 from typing import List, Optional, Tuple
 
@@ -156,23 +157,45 @@ def _leaf(name, m):
         raise NotStreamableError(f"{where} is bidirectional: it reads the whole sequence backwards")
     if isinstance(m, ZERO_LATENCY) or isinstance(m, nn.RNNBase):
         return 1, 0
-    if isinstance(m, nn.MultiheadAttention):
-        raise NotStreamableError(f"{where} is full-context attention (no bounded lookahead); use "
-                                 f"pyencoder.nn.BandedSelfAttention or ChunkedSelfAttention")
     raise NotStreamableError(f"{where}: unknown module without `hop` / `lookahead`; give it those "
                              f"attributes to declare its streaming behaviour")
 
 
+_FULL_CONTEXT = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+                 nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer)
+
+
+def _declared(where, name, value, lo):
+    """A module's declared ``hop`` (lo=1) or ``lookahead`` (lo=0): an int >= lo."""
+    try:
+        v = operator.index(value)
+    except TypeError:
+        v = None
+    if v is None or isinstance(value, bool) or v < lo:
+        raise ValueError(f"{where} declares {name}={value!r}; a streaming module's {name} must be "
+                         f"an int >= {lo}")
+    return v
+
+
 def _walk(name, m, rows):
+    where = f"{name or '<root>'} ({type(m).__name__})"
     why = getattr(m, "not_streamable", None)
     if isinstance(why, str):       # a module that knows it cannot stream says why
         raise NotStreamableError(f"{name or type(m).__name__}: {why}")
     la = getattr(m, "lookahead", None)
     hop = getattr(m, "hop", None)
     if la is not None and hop is not None:
-        rows.append((name, type(m).__name__, int(hop), int(la), getattr(m, "last_input", None),
-                     int(getattr(m, "period", 1))))
+        rows.append((name, type(m).__name__, _declared(where, "hop", hop, 1),
+                     _declared(where, "lookahead", la, 0), getattr(m, "last_input", None),
+                     _declared(where, "period", getattr(m, "period", 1), 1)))
         return
+    # attention without a declared lookahead sees the whole sequence; its children (projections)
+    # are per-frame, so the walk below would add up 0 for it
+    if isinstance(m, _FULL_CONTEXT) or "Attention" in type(m).__name__:
+        raise NotStreamableError(f"{where} is attention without a declared lookahead (full "
+                                 f"context: no bounded latency); use pyencoder.nn."
+                                 f"BandedSelfAttention or ChunkedSelfAttention, or give it `hop` "
+                                 f"and `lookahead` attributes if it is causal")
     children = list(m.named_children())
     if children:
         for cn, c in children:
@@ -236,8 +259,10 @@ def latency(model, sample_rate=16000):
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)):
         raise TypeError(f"sample_rate must be a positive number; got {type(sample_rate).__name__} "
                         f"{sample_rate!r}")
-    if not math.isfinite(sample_rate) or sample_rate <= 0:
-        raise ValueError(f"sample_rate must be a positive finite number; got {sample_rate!r}")
+    if not math.isfinite(sample_rate) or sample_rate < 1 or sample_rate != int(sample_rate):
+        # Latency keeps it as an int (Hz): 0.5 became 0 (a division by zero), 22050.5 two rates
+        raise ValueError(f"sample_rate must be a positive whole number of Hz; got "
+                         f"{sample_rate!r}")
     rows = []
     mods = model if isinstance(model, (list, tuple)) else [model]
     if not mods:
