@@ -482,3 +482,20 @@ def test_run_stream_arguments():
                                         "dtype"):
         run_stream(m, torch.randn(1, 4, 6), [2], dtype=torch.float32)
     assert run_stream(m, torch.randn(1, 4, 6), range(1, 3)).shape == (1, 4, 6)
+
+
+def test_config_numpy_ints_are_taken_as_ints():
+    """Sizes computed with numpy (np.int64) are ints: stored back as Python ints (the config's repr
+    is what stream states record), bools and floats refused."""
+    np = pytest.importorskip("numpy")
+    cfg = tiny_encoder_config(hidden_size=np.int64(16), num_layers=np.int32(2),
+                              conv_dim=(np.int64(8), 12, 12), left=np.int64(6),
+                              lookahead_layers=[np.int64(2), 0])
+    m = CausalEncoder(cfg)
+    assert type(cfg.hidden_size) is int and cfg.conv_dim == (8, 12, 12)
+    assert all(type(x) is int for x in cfg.conv_dim + tuple(cfg.lookahead_layers))
+    assert "np." not in repr(cfg)
+    assert m(torch.randn(1, 800)).last_hidden_state.shape[-1] == 16
+    with pytest.raises(TypeError, match=r"EncoderConfig\.num_layers must be an int >= 1; got "
+                                        r"float 2\.0"):
+        CausalEncoder(tiny_encoder_config(num_layers=2.0))

@@ -3,6 +3,7 @@ config name ("EncoderConfig.num_layers must be an int >= 1; got 0"), before the 
 would refuse it in their own argument names (right, stride, in_channels) or build something else
 (num_layers=0 built one layer; a NaN eps gave NaN outputs)."""
 import math
+import operator
 
 from .._checks import is_int
 
@@ -11,15 +12,33 @@ def _where(cfg, name):
     return f"{type(cfg).__name__}.{name}"
 
 
+def _as_int(v):
+    """A Python int for an int-like value (numpy / torch integers: ``__index__``), else None;
+    bools are not ints here."""
+    if is_int(v):
+        return v
+    if isinstance(v, bool) or isinstance(v, float):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
 def cfg_int(cfg, name, min_value, allow_none=False):
+    """An int >= min_value (None with ``allow_none``); an int-like value (a numpy integer) is
+    stored back as a Python int, so the config's repr (which stream states record) is plain."""
     v = getattr(cfg, name)
     if v is None and allow_none:
         return
     exp = f"an int >= {min_value}" + (" or None" if allow_none else "")
-    if not is_int(v):
+    i = _as_int(v)
+    if i is None:
         raise TypeError(f"{_where(cfg, name)} must be {exp}; got {type(v).__name__} {v!r}")
-    if v < min_value:
-        raise ValueError(f"{_where(cfg, name)} must be {exp}; got {v}")
+    if i < min_value:
+        raise ValueError(f"{_where(cfg, name)} must be {exp}; got {i}")
+    if type(v) is not int:
+        setattr(cfg, name, i)
 
 
 def cfg_ints(cfg, name, min_value):
@@ -28,12 +47,17 @@ def cfg_ints(cfg, name, min_value):
     if isinstance(v, (str, bytes)) or not isinstance(v, (tuple, list)) or not v:
         raise TypeError(f"{_where(cfg, name)} must be a non-empty tuple of ints >= {min_value}; "
                         f"got {v!r}")
+    out = []
     for i, x in enumerate(v):
-        if not is_int(x):
+        n = _as_int(x)
+        if n is None:
             raise TypeError(f"{_where(cfg, name)}[{i}] must be an int >= {min_value}; got "
                             f"{type(x).__name__} {x!r}")
-        if x < min_value:
-            raise ValueError(f"{_where(cfg, name)}[{i}] must be an int >= {min_value}; got {x}")
+        if n < min_value:
+            raise ValueError(f"{_where(cfg, name)}[{i}] must be an int >= {min_value}; got {n}")
+        out.append(n)
+    if any(type(x) is not int for x in v):
+        setattr(cfg, name, type(v)(out))
 
 
 def cfg_bool(cfg, name, allow_none=False):

@@ -44,6 +44,9 @@ class FeedForward(nn.Module):
 class AttentionAdapter(nn.Module):
     """MMS-style bottleneck adapter (transformers' Wav2Vec2AttnAdapterLayer parameter names):
     LayerNorm(E) -> Linear(E, adapter_dim) -> ReLU -> Linear(adapter_dim, E), per frame."""
+    hop, lookahead = 1, 0          # per frame (declared: pyencoder.streaming.latency)
+    streaming_pointwise = True
+
     def __init__(self, embed_dim, adapter_dim, eps=1e-5):
         super().__init__()
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
