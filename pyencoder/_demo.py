@@ -4,9 +4,9 @@
    streamed in 80 ms chunks through a causal wav2vec2-base-geometry encoder (random weights unless
    --checkpoint) with RoPE attention, left=250 frames and 3 frames (60 ms) of lookahead in layer 0,
    compared with the offline output (a transformers Wav2Vec2Model patched by pyencoder.hf; without
-   transformers installed, pyencoder.models.CausalEncoder of the same geometry); prints per-chunk compute, the real-time factor (compute time /
-   audio duration: below 1 keeps up with live audio, above 1 is slower than real time) and the
-   algorithmic latency. On a GPU the model streams there (float32): a few eager chunks, then the
+   transformers installed, pyencoder.models.CausalEncoder of the same geometry); prints
+   per-chunk compute, the real-time factor (compute time / audio duration: below 1 keeps up
+   with live audio, above 1 is slower than real time) and the algorithmic latency. On a GPU the model streams there (float32): a few eager chunks, then the
    steady step captured once in a CUDA graph (pyencoder.streaming.CudaGraphStep) and replayed per
    chunk; if anything fails there it says why and streams on the CPU instead.
 2. Kernel check: a wav2vec2-base-sized banded attention problem (B=1, 12 heads, head_dim 64,

@@ -499,3 +499,72 @@ def test_config_numpy_ints_are_taken_as_ints():
     with pytest.raises(TypeError, match=r"EncoderConfig\.num_layers must be an int >= 1; got "
                                         r"float 2\.0"):
         CausalEncoder(tiny_encoder_config(num_layers=2.0))
+
+
+# ---- round 3: what a stream == offline fuzz of the new checks found -------------------------
+
+def test_cross_attention_state_reset_after_flush_streams_again():
+    """CrossAttentionState has its own reset (new buffers): it kept the ended flag, so a flushed
+    cross-attention state could never stream again."""
+    m = FrameCrossAttention(16, 2, mask=IntervalMask.frames(1, 2, 1, 0), kv_dim=12).eval()
+    xq, xkv = torch.randn(1, 3, 16), torch.randn(1, 6, 12)
+    st = m.init_state(1)
+    with torch.no_grad():
+        m.step(xq, xkv, st)
+        _, st = m.flush(st)
+        reset(st, torch.tensor([True]))
+        assert not st.ended
+        y, _ = m.step(xq, xkv, st)
+        y_new, _ = m.step(xq, xkv, m.init_state(1))
+    torch.testing.assert_close(y, y_new, rtol=0, atol=0)
+
+
+def test_init_state_in_the_autocast_dtype_and_on_meta():
+    """A bf16 state under bf16 autocast holds what the stream computes (half the memory) and was
+    taken before the dtype check; it is again. Meta sizes a state in any dtype."""
+    m = BandedSelfAttention(16, 2, left=4, right=1).eval()
+    x = torch.randn(1, 6, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        st16 = m.init_state(1, dtype=torch.bfloat16)
+        y16, _ = m.step(x, st16)
+        y32, _ = m.step(x, m.init_state(1))
+    assert st16.nbytes() < m.init_state(1).nbytes()
+    torch.testing.assert_close(y16, y32, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="under autocast, its dtype"):
+        m.init_state(1, dtype=torch.bfloat16)          # outside autocast: refused
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError):
+        m.init_state(1, dtype=torch.float16)           # another dtype than autocast's
+    assert m.init_state(1, device="meta", dtype=torch.float16).k.dtype == torch.float16
+
+
+def test_config_numpy_scalars_of_every_kind():
+    np = pytest.importorskip("numpy")
+    cfg = tiny_encoder_config(rope=np.int64(4), rope_base=np.float32(1e4),
+                              norm_first=np.bool_(True), rel_pos_bias=True,
+                              num_buckets=np.int64(8), max_bucket_distance=np.int64(16))
+    CausalEncoder(cfg)
+    assert (type(cfg.rope), type(cfg.rope_base), type(cfg.norm_first), type(cfg.num_buckets)) \
+        == (int, float, bool, int)
+    dcfg = tiny_decoder_config(layer_scale_init=np.float32(0.1))
+    StreamingDecoder(dcfg)
+    assert type(dcfg.layer_scale_init) is float
+
+
+def test_feature_convs_declare_the_conv_layout():
+    """FeatureConv1d (and PaddedConv1d) take (B, C, T) chunks but did not declare it, so the
+    layout check refused them after a conv."""
+    from pyencoder.models import FeatureConv1d, PaddedConv1d
+    from pyencoder.streaming import run_stream
+    s = StreamingSequential(CausalConv1d(4, 4, 3), FeatureConv1d(4, 4, 3, 2),
+                            PaddedConv1d(4, 4, 3, 1, 1)).double().eval()
+    x = torch.randn(2, 4, 19, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(run_stream(s, x, [3, 1, 5]), s(x), rtol=1e-12, atol=1e-12)
+
+
+def test_state_reset_method_takes_a_list_mask():
+    m = CausalConv1d(4, 4, 3)
+    st = m.init_state(2)
+    _feed(m, st, torch.randn(2, 4, 5))
+    st.reset([True, False])
+    assert st.seen.tolist() == [0, 5]

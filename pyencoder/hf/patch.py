@@ -117,7 +117,8 @@ def _check_model(base, family):
         # transformers' own forward indexes outside the bucket table with such a config (at
         # distances past num_buckets // 4): refused here by its fields, not in the first forward
         cfg = base.config
-        check_bucket_args(getattr(cfg, "num_buckets", 320), getattr(cfg, "max_bucket_distance", 800),
+        check_bucket_args(getattr(cfg, "num_buckets", 320),
+                          getattr(cfg, "max_bucket_distance", 800),
                           ("config.num_buckets", "config.max_bucket_distance"))
     else:
         cls = type(enc.layers[0].attention)

@@ -3,9 +3,15 @@ config name ("EncoderConfig.num_layers must be an int >= 1; got 0"), before the 
 would refuse it in their own argument names (right, stride, in_channels) or build something else
 (num_layers=0 built one layer; a NaN eps gave NaN outputs)."""
 import math
+import numbers
 import operator
 
 from .._checks import is_int
+
+
+def is_np_bool(v):
+    """numpy's bool scalar (np.bool_, named np.bool in numpy 2), without importing numpy."""
+    return type(v).__module__ == "numpy" and type(v).__name__ in ("bool_", "bool")
 
 
 def _where(cfg, name):
@@ -61,10 +67,14 @@ def cfg_ints(cfg, name, min_value):
 
 
 def cfg_bool(cfg, name, allow_none=False):
+    """A bool (a numpy bool is stored back as one); not an int or a string."""
     v = getattr(cfg, name)
     if v is None and allow_none:
         return
     if not isinstance(v, bool):
+        if is_np_bool(v):
+            setattr(cfg, name, bool(v))
+            return
         raise TypeError(f"{_where(cfg, name)} must be a bool" + (" or None" if allow_none else "")
                         + f"; got {type(v).__name__} {v!r}")
 
@@ -75,11 +85,13 @@ def cfg_float(cfg, name, *, positive, allow_none=False):
     if v is None and allow_none:
         return
     bound = "> 0" if positive else ">= 0"
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or is_np_bool(v):
         raise TypeError(f"{_where(cfg, name)} must be a finite float {bound}; got "
                         f"{type(v).__name__} {v!r}")
     if not math.isfinite(v) or v < 0 or (positive and v == 0):
         raise ValueError(f"{_where(cfg, name)} must be a finite float {bound}; got {v!r}")
+    if type(v) not in (int, float):            # a numpy float: stored back as a Python float
+        setattr(cfg, name, float(v))
 
 
 def cfg_choice(cfg, name, choices):

@@ -70,7 +70,7 @@ from ..streaming.state import (StreamState, all_steady, batched_counters, check_
                                check_state, check_step_lengths, check_step_slots, ends_stream,
                                fill_counter, fresh_counters, record_steady, stamp, steady_check,
                                steady_dispatch)
-from ._config import cfg_bool, cfg_choice, cfg_float, cfg_int, cfg_ints
+from ._config import _as_int, cfg_bool, cfg_choice, cfg_float, cfg_int, cfg_ints, is_np_bool
 from .adapter import ConvAdapter
 from .frontend import ConvFeatureExtractor, FrontendState
 
@@ -168,17 +168,25 @@ class EncoderConfig:
         else:
             raise TypeError(f"EncoderConfig.lookahead_layers must be 'first', 'all' or one int "
                             f"per layer; got {type(la).__name__} {la!r}")
+        if is_np_bool(self.rope):
+            self.rope = bool(self.rope)
         rope = self.rope
         if not isinstance(rope, (bool, Rope)) and rope is not None:
-            if not is_int(rope) or rope < 2 or rope % 2:
-                raise (ValueError if is_int(rope) else TypeError)(
+            dim = _as_int(rope)
+            if dim is None or dim < 2 or dim % 2:
+                raise (ValueError if dim is not None else TypeError)(
                     f"EncoderConfig.rope must be True, False, an even rotary dim >= 2 or a "
                     f"pyencoder.Rope; got {type(rope).__name__} {rope!r}")
+            self.rope = rope = dim
         cfg_float(self, "rope_base", positive=True)
         if self.rope_base <= 1 and rope is not False and rope is not None:
             raise ValueError(f"EncoderConfig.rope_base must be a finite float > 1 (RoPE's "
                              f"frequency base); got {self.rope_base!r}")
         if self.rel_pos_bias:
+            for name in ("num_buckets", "max_bucket_distance"):
+                i = _as_int(getattr(self, name))
+                if i is not None:                       # a numpy integer: a Python int
+                    setattr(self, name, i)
             check_bucket_args(self.num_buckets, self.max_bucket_distance,
                               ("num_buckets", "max_bucket_distance"))
         cfg_int(self, "adapter_attn_dim", 1, allow_none=True)

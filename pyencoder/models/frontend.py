@@ -243,6 +243,7 @@ def _exact_gelu(act):
 
 class FeatureConvLayer(nn.Module):
     """conv -> norm ("layer": LayerNorm over channels, "group": RunningGroupNorm, None) -> GELU."""
+    stream_time_axis = -1      # chunks (B, C, n)
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, bias, norm, causal,
                  eps=1e-5):
@@ -280,6 +281,7 @@ class FeatureConvLayer(nn.Module):
 class ConvFeatureExtractor(nn.Module):
     """wav2vec2's convolutional feature extractor: FeatureConvLayers (conv -> optional layer /
     running group norm -> GELU) for waveforms (B, L) -> features (B, C, T); streamable."""
+    stream_time_axis = -1      # samples (B, n) in, features (B, C, m) out
     def __init__(self, conv_dim, conv_kernel, conv_stride, conv_bias=False, norm="layer",
                  causal=False, eps=1e-5):
         super().__init__()

@@ -43,6 +43,7 @@ class StridedConv1d(nn.Conv1d):
     last k - 1 samples, the samples seen and the frames emitted per slot, and the stacking of a
     ragged step's per-slot outputs."""
     state_type = None    # a StreamState dataclass (buffer (B, C_in, k - 1), seen, out_lengths)
+    stream_time_axis = -1      # chunks (B, C, n): pyencoder.streaming.protocol
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, groups=1, bias=True,
                  activation=None, device=None, dtype=None):

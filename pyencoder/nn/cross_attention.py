@@ -76,6 +76,7 @@ class CrossAttentionState(StreamState):
         self.k, self.v = self.k.new_zeros(B, H, 0, D), self.v.new_zeros(B, H, 0, D)
         for t in (self.q_pos, self.k_pos, self.out_lengths):
             t.zero_()
+        self.ended = False          # every slot restarts (a flushed state may stream again)
         return self
 
     def _invalid(self):

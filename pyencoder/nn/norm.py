@@ -99,6 +99,7 @@ def running_norm_torch(x, weight, bias, eps, count, total, total_sq):
 class RunningGroupNorm(nn.Module):
     """Per-channel causal normalisation with cumulative float64 statistics (see module doc).
     Streams through init_state / step(x, state, lengths)."""
+    stream_time_axis = -1      # chunks (B, C, n)
 
     hop = 1
     lookahead = 0

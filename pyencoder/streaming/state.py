@@ -181,8 +181,9 @@ class StreamState:
     def reset(self, mask):
         """Zero every tensor at the slots where ``mask`` (B,) bool is True (in place). A flushed
         state (``ended``) must be reset in every slot: it starts fresh streams then."""
+        mask = torch.as_tensor(mask)
         ended = [st for st in self.states().values() if st.ended]
-        if ended and not bool(torch.as_tensor(mask).all()):
+        if ended and not bool(mask.all()):
             raise ValueError("this state was flushed: every slot's stream ended; reset all of its "
                              "slots (or make a new state with init_state)")
         for t in self.tensors().values():
@@ -302,14 +303,20 @@ def _check_state_matches_module(module, dtype, device):
     if p is None:
         return
     who = type(module).__name__
-    if dtype is not None and dtype != p.dtype:
+    d = None if device is None else torch.device(device)
+    if d is not None and d.type == "meta":   # a state sized without memory (any dtype)
+        return
+    dev_type = p.device.type if d is None else d.type
+    # under autocast the activations a state holds are in the autocast dtype: a state of it
+    # (half the memory) is what the stream computes in
+    autocast = torch.is_autocast_enabled(dev_type) and \
+        dtype == torch.get_autocast_dtype(dev_type)
+    if dtype is not None and dtype != p.dtype and not autocast:
         raise TypeError(f"{who}.init_state: dtype ({dtype}) must be the module's parameter dtype "
-                        f"({p.dtype}): a stream runs in its weights' dtype; convert the module "
-                        f"first (module.to({dtype})) or leave dtype=None")
-    if device is not None:
-        d = torch.device(device)
-        if d.type == "meta":   # a state sized without memory (e.g. to see what a batch needs)
-            return
+                        f"({p.dtype}) or, under autocast, its dtype: a stream runs in its "
+                        f"weights' dtype; convert the module first (module.to({dtype})) or leave "
+                        f"dtype=None")
+    if d is not None:
         if d.type != p.device.type or (d.index is not None and p.device.index is not None
                                        and d.index != p.device.index):
             raise ValueError(f"{who}.init_state: device ({d}) must be the module's parameter "
