@@ -954,7 +954,7 @@ RUN_STREAM_BAD = [
     ("module junk", lambda m, x: run_stream(3, x, [2]), TypeError, ["module"]),
     ("module without flush", lambda m, x: run_stream(RunningGroupNorm(E), x, [2], time_dim=-1),
      TypeError, ["module"]),
-    ("batch 0", lambda m, x: run_stream(m, x[:0], [2]), ValueError, ["batch_size"]),
+    ("batch 0", lambda m, x: run_stream(m, x[:0], [2]), ValueError, ["x"]),
     ("reset mask float", lambda m, x: streaming.reset(m.init_state(2), torch.ones(2)),
      ValueError, ["mask"]),
     ("reset mask shape", lambda m, x: streaming.reset(m.init_state(2),
