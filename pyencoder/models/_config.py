@@ -23,7 +23,8 @@ def _as_int(v):
     bools are not ints here."""
     if is_int(v):
         return v
-    if isinstance(v, bool) or isinstance(v, float):
+    if isinstance(v, (bool, float)) or is_np_bool(v) or getattr(v, "dtype", None) is not None \
+            and str(v.dtype) in ("torch.bool", "bool"):
         return None
     try:
         return operator.index(v)
