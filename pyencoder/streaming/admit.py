@@ -111,7 +111,7 @@ def admit(module, state, slot, chunks, step):
                          "stream's first chunks; for a step of several inputs, tuples of them, "
                          "None where a stream brought nothing)")
     n_in = _step_inputs(module)
-    if n_in is not None and (n_in > 1) != multi or (multi and len(chunks[0]) != n_in):
+    if n_in is not None and ((n_in > 1) != multi or (multi and len(chunks[0]) != n_in)):
         got = f"tuples of {len(chunks[0])}" if multi else "tensors"
         raise ValueError(f"admit: {type(module).__name__}.step takes {n_in} input(s) before the "
                          f"state: each chunk must be " + (f"a tuple of {n_in} (None where a "
