@@ -37,7 +37,6 @@ Instance forwards and the pre-hook are module-level callables, so a patched mode
 deep-copies) as far as the HF model itself does.
 """
 import functools
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -49,7 +48,7 @@ from ..nn.relpos import check_bucket_args
 from .._checks import check_int
 from ..rope import Rope, as_rope
 from ..models.encoder import find_hf_base, hf_adapter_config
-from ..streaming.latency import NotStreamableError, compose
+from ..streaming.latency import NotStreamableError, check_sample_rate, compose
 from . import _compat
 from .attention import NAME, LayerSpec
 from .registry import is_registered, register
@@ -552,10 +551,7 @@ def latency(model, sample_rate=SAMPLE_RATE):
     wav2vec2 family is trained at 16 kHz). The chain (conv layers, each layer's exact interval
     end, adapter convs) is added up by ``pyencoder.streaming.latency.compose``, the code that
     ``pyencoder.streaming.latency`` and ``CausalEncoder.latency`` use."""
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or \
-            not math.isfinite(sample_rate) or sample_rate < 1 or sample_rate != int(sample_rate):
-        raise ValueError(f"sample_rate must be a positive whole number of Hz; got "
-                         f"{sample_rate!r}")
+    check_sample_rate(sample_rate)
     base, _ = base_model(model, "latency")
     record = getattr(base, "_pyencoder_patch", None)
     if record is None:

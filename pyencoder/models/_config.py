@@ -6,6 +6,8 @@ import math
 import numbers
 import operator
 
+import torch
+
 from .._checks import is_int
 
 
@@ -23,8 +25,8 @@ def _as_int(v):
     bools are not ints here."""
     if is_int(v):
         return v
-    if isinstance(v, (bool, float)) or is_np_bool(v) or getattr(v, "dtype", None) is not None \
-            and str(v.dtype) in ("torch.bool", "bool"):
+    if isinstance(v, (bool, float)) or is_np_bool(v) or \
+            isinstance(v, torch.Tensor) and v.dtype == torch.bool:
         return None
     try:
         return operator.index(v)
@@ -81,16 +83,17 @@ def cfg_bool(cfg, name, allow_none=False):
 
 
 def cfg_float(cfg, name, *, positive, allow_none=False):
-    """A finite float (> 0 with ``positive``, else >= 0); ints are taken, bools are not."""
+    """A finite float (> 0 with ``positive=True``, >= 0 with False, any sign with None); ints are
+    taken, bools are not."""
     v = getattr(cfg, name)
     if v is None and allow_none:
         return
-    bound = "> 0" if positive else ">= 0"
+    bound = {True: " > 0", False: " >= 0", None: ""}[positive]
+    exp = f"{'None or ' if allow_none else ''}a finite float{bound}"
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or is_np_bool(v):
-        raise TypeError(f"{_where(cfg, name)} must be a finite float {bound}; got "
-                        f"{type(v).__name__} {v!r}")
-    if not math.isfinite(v) or v < 0 or (positive and v == 0):
-        raise ValueError(f"{_where(cfg, name)} must be a finite float {bound}; got {v!r}")
+        raise TypeError(f"{_where(cfg, name)} must be {exp}; got {type(v).__name__} {v!r}")
+    if not math.isfinite(v) or (positive is not None and (v < 0 or (positive and v == 0))):
+        raise ValueError(f"{_where(cfg, name)} must be {exp}; got {v!r}")
     if type(v) not in (int, float):            # a numpy float: stored back as a Python float
         setattr(cfg, name, float(v))
 

@@ -19,7 +19,6 @@ modules; for any chunking step + flush outputs concatenate to the offline wavefo
 """
 import dataclasses
 import math
-import numbers
 from typing import Optional
 
 import torch
@@ -37,7 +36,7 @@ from ..nn.refiner import Refiner
 from ..ops import _channel_norm_triton as _cn
 from ..ops.convnext import convnext_dwconv_ln, select_backend as convnext_backend
 from ..streaming.sequential import StreamingSequential
-from ._config import cfg_bool, cfg_float, cfg_int, is_np_bool
+from ._config import cfg_bool, cfg_float, cfg_int
 from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
                                check_state, check_step_input, check_step_lengths, check_step_slots,
                                ends_stream, fill_counter, fresh_counters, inference_step,
@@ -78,15 +77,7 @@ class DecoderConfig:
         cfg_int(self, "refiner_chunk", 1, allow_none=True)
         cfg_int(self, "refiner_hidden", 1, allow_none=True)
         cfg_float(self, "layer_norm_eps", positive=False)
-        v = self.layer_scale_init
-        if v is not None:
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or is_np_bool(v):
-                raise TypeError(f"DecoderConfig.layer_scale_init must be None or a finite float; "
-                                f"got {type(v).__name__} {v!r}")
-            if not math.isfinite(v):
-                raise ValueError(f"DecoderConfig.layer_scale_init must be None or a finite float; "
-                                 f"got {v!r}")
-            self.layer_scale_init = float(v)
+        cfg_float(self, "layer_scale_init", positive=None, allow_none=True)
         cfg_bool(self, "convnext_fused", allow_none=True)
 
 

@@ -59,7 +59,7 @@ from ..nn.attention import BandedSelfAttention, ChunkedSelfAttention
 from ..nn.conv import CausalConv1d
 from ..nn.layer import AttentionAdapter, TransformerLayer
 from ..nn.linear import Linear, skinny_view
-from .._checks import check_bool, is_int
+from .._checks import check_bool
 from ..nn.relpos import WavLMSelfAttention, check_bucket_args
 from ..ops import _channel_norm_triton as _cn
 from ..ops import _ring_write_triton as _ring

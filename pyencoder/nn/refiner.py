@@ -65,10 +65,8 @@ class Refiner(nn.Module):
 
     def _check_dtype(self, x):
         """A step's chunk in the weights' dtype, as forward requires (it returned float64 from a
-        float32 module)."""
-        w = self.fc1.weight
-        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"x must have the module's dtype ({w.dtype}); got {x.dtype}")
+        float32 module): forward's own check."""
+        check_module_input(x, 2, self.embed_dim, f"(B, n, {self.embed_dim})", self.fc1.weight)
 
     def forward(self, x):
         check_module_input(x, 2, self.embed_dim, f"(B, T, {self.embed_dim})", self.fc1.weight)

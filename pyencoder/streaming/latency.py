@@ -252,17 +252,22 @@ def compose(rows, sample_rate, **extra):
                    **extra)
 
 
-def latency(model, sample_rate=16000):
-    """Exact algorithmic latency of ``model`` (a module, or a list of modules in order) as a
-    ``Latency`` (samples, ms, hop, lookahead_samples, per-module breakdown). Containers without
-    their own ``hop``/``lookahead`` are taken to run their children in registration order."""
+def check_sample_rate(sample_rate):
+    """A positive whole number of Hz (an int or an integral float): Latency keeps it as an int,
+    so 0.5 became 0 (a division by zero) and 22050.5 two different rates."""
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)):
         raise TypeError(f"sample_rate must be a positive number; got {type(sample_rate).__name__} "
                         f"{sample_rate!r}")
     if not math.isfinite(sample_rate) or sample_rate < 1 or sample_rate != int(sample_rate):
-        # Latency keeps it as an int (Hz): 0.5 became 0 (a division by zero), 22050.5 two rates
         raise ValueError(f"sample_rate must be a positive whole number of Hz; got "
                          f"{sample_rate!r}")
+
+
+def latency(model, sample_rate=16000):
+    """Exact algorithmic latency of ``model`` (a module, or a list of modules in order) as a
+    ``Latency`` (samples, ms, hop, lookahead_samples, per-module breakdown). Containers without
+    their own ``hop``/``lookahead`` are taken to run their children in registration order."""
+    check_sample_rate(sample_rate)
     rows = []
     mods = model if isinstance(model, (list, tuple)) else [model]
     if not mods:
