@@ -568,3 +568,24 @@ def test_state_reset_method_takes_a_list_mask():
     _feed(m, st, torch.randn(2, 4, 5))
     st.reset([True, False])
     assert st.seen.tolist() == [0, 5]
+
+
+def test_config_lists_and_tuples_record_one_config():
+    """A list field and the tuple of the same values (a config read back from JSON has lists), or
+    an int eps and its float, recorded different config strings: a stream saved from one model did
+    not load into the other. validate() stores tuples of ints and floats back."""
+    from pyencoder.streaming.state import stream_config
+    a = CausalEncoder(tiny_encoder_config(conv_dim=[8, 12, 12], lookahead_layers=[2, 0],
+                                          layer_norm_eps=1))
+    b = CausalEncoder(tiny_encoder_config(conv_dim=(8, 12, 12), lookahead_layers=(2, 0),
+                                          layer_norm_eps=1.0))
+    assert type(a.config.conv_dim) is tuple and type(a.config.layer_norm_eps) is float
+    assert stream_config(a) == stream_config(b)
+    b.load_state_dict(a.state_dict())
+    st = a.init_state(1)
+    with torch.no_grad():
+        a.step(torch.randn(1, 800), st)
+    st2 = b.init_state(1)
+    st2.load_state_dict(st.state_dict())
+    d1, d2 = tiny_decoder_config(layer_norm_eps=0), tiny_decoder_config(layer_norm_eps=0.0)
+    assert stream_config(StreamingDecoder(d1)) == stream_config(StreamingDecoder(d2))

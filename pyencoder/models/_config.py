@@ -51,7 +51,8 @@ def cfg_int(cfg, name, min_value, allow_none=False):
 
 
 def cfg_ints(cfg, name, min_value):
-    """A non-empty tuple / list of ints >= min_value."""
+    """A non-empty tuple / list of ints >= min_value, stored back as a tuple of Python ints, so a
+    list and a tuple of the same values give one config repr (which stream states record)."""
     v = getattr(cfg, name)
     if isinstance(v, (str, bytes)) or not isinstance(v, (tuple, list)) or not v:
         raise TypeError(f"{_where(cfg, name)} must be a non-empty tuple of ints >= {min_value}; "
@@ -65,8 +66,8 @@ def cfg_ints(cfg, name, min_value):
         if n < min_value:
             raise ValueError(f"{_where(cfg, name)}[{i}] must be an int >= {min_value}; got {n}")
         out.append(n)
-    if any(type(x) is not int for x in v):
-        setattr(cfg, name, type(v)(out))
+    if type(v) is not tuple or any(type(x) is not int for x in v):
+        setattr(cfg, name, tuple(out))
 
 
 def cfg_bool(cfg, name, allow_none=False):
@@ -84,7 +85,7 @@ def cfg_bool(cfg, name, allow_none=False):
 
 def cfg_float(cfg, name, *, positive, allow_none=False):
     """A finite float (> 0 with ``positive=True``, >= 0 with False, any sign with None); ints are
-    taken, bools are not."""
+    taken (stored back as floats: 1 and 1.0 give one config repr), bools are not."""
     v = getattr(cfg, name)
     if v is None and allow_none:
         return
@@ -94,7 +95,7 @@ def cfg_float(cfg, name, *, positive, allow_none=False):
         raise TypeError(f"{_where(cfg, name)} must be {exp}; got {type(v).__name__} {v!r}")
     if not math.isfinite(v) or (positive is not None and (v < 0 or (positive and v == 0))):
         raise ValueError(f"{_where(cfg, name)} must be {exp}; got {v!r}")
-    if type(v) not in (int, float):            # a numpy float: stored back as a Python float
+    if type(v) is not float:                   # an int, a numpy float: stored as a Python float
         setattr(cfg, name, float(v))
 
 
