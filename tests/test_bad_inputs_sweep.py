@@ -589,3 +589,19 @@ def test_config_lists_and_tuples_record_one_config():
     st2.load_state_dict(st.state_dict())
     d1, d2 = tiny_decoder_config(layer_norm_eps=0), tiny_decoder_config(layer_norm_eps=0.0)
     assert stream_config(StreamingDecoder(d1)) == stream_config(StreamingDecoder(d2))
+
+
+def test_run_stream_time_dim_against_the_module_layout():
+    """A time_dim that names another axis than the module's chunks use was narrowed there and
+    failed inside the step, naming the chunk's shape; refused by name now."""
+    from pyencoder.streaming import run_stream
+    conv, att = CausalConv1d(4, 4, 3), BandedSelfAttention(8, 2, left=3, right=1)
+    with pytest.raises(ValueError, match=r"time_dim \(1\) names axis 1 of x \(shape \(1, 4, 9\)\), "
+                                         r"but CausalConv1d takes its chunks with time on axis 2"):
+        run_stream(conv, torch.randn(1, 4, 9), [2], time_dim=1)
+    with pytest.raises(ValueError, match=r"BandedSelfAttention takes its chunks with time on "
+                                         r"axis 1: pass time_dim=1"):
+        run_stream(att, torch.randn(1, 9, 8), [2], time_dim=-1)
+    with torch.no_grad():
+        assert run_stream(conv, torch.randn(1, 4, 9), [2], time_dim=-1).shape == (1, 4, 9)
+        assert run_stream(att.eval(), torch.randn(1, 9, 8), [2], time_dim=-2).shape == (1, 9, 8)

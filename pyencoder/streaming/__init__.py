@@ -54,6 +54,13 @@ def run_stream(module, x, chunk_sizes, time_dim=None, **init_kwargs):
             or not -x.dim() < time_dim < x.dim() or time_dim in (0, -x.dim()):
         raise ValueError(f"time_dim must be an int naming a non-batch axis of x (shape "
                          f"{tuple(x.shape)}); got {time_dim!r}")
+    if hasattr(module, "stream_time_axis") or type(module).__module__.startswith("pyencoder."):
+        # the module declares its chunks' time axis (pyencoder's modules: absent means 1)
+        want = x.dim() - 1 if time_last(module) else 1
+        if time_dim % x.dim() != want:
+            raise ValueError(f"time_dim ({time_dim}) names axis {time_dim % x.dim()} of x (shape "
+                             f"{tuple(x.shape)}), but {type(module).__name__} takes its chunks "
+                             f"with time on axis {want}: pass time_dim={want} or leave it None")
     if x.shape[0] < 1:
         raise ValueError(f"x must hold at least one stream (batch >= 1); got shape "
                          f"{tuple(x.shape)}")
