@@ -605,3 +605,34 @@ def test_run_stream_time_dim_against_the_module_layout():
     with torch.no_grad():
         assert run_stream(conv, torch.randn(1, 4, 9), [2], time_dim=-1).shape == (1, 4, 9)
         assert run_stream(att.eval(), torch.randn(1, 9, 8), [2], time_dim=-2).shape == (1, 9, 8)
+
+
+def test_running_group_norm_streams_as_a_module():
+    """RunningGroupNorm had init_state / step but no flush: run_stream and StreamingSequential
+    refused it though pyencoder.nn exports it as a streaming module."""
+    from pyencoder.nn import RunningGroupNorm
+    from pyencoder.streaming import run_stream
+    torch.manual_seed(0)
+    norm = RunningGroupNorm(4).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 4, 23, dtype=torch.float64) * 3 + 1
+    with torch.no_grad():
+        torch.testing.assert_close(run_stream(norm, x, [3, 1, 7]), norm(x), rtol=1e-12,
+                                   atol=1e-12)
+        s = StreamingSequential(CausalConv1d(4, 4, 3), RunningGroupNorm(4),
+                                CausalConv1d(4, 4, 5)).double().eval()
+        torch.testing.assert_close(run_stream(s, x, [2, 5, 1]), s(x), rtol=1e-12, atol=1e-12)
+        st = norm.init_state(2)
+        norm.step(x[..., :4], st, lengths=[4, 2])
+        assert st.out_lengths.tolist() == [4, 2]
+        y, st = norm.flush(st)
+        assert y.shape == (2, 4, 0) and y.dtype == torch.float64 and st.ended
+        assert st.out_lengths.tolist() == [0, 0]
+        plain = RunningGroupNorm(4, affine=False)          # no parameters: the steps' dtype
+        st = plain.init_state(1)
+        plain.step(torch.randn(1, 4, 3, dtype=torch.bfloat16), st)
+        assert plain.flush(st)[0].dtype == torch.bfloat16
+        with pytest.raises(ValueError, match="flush"):
+            plain.step(torch.randn(1, 4, 3), st)

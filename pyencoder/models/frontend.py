@@ -328,6 +328,8 @@ class ConvFeatureExtractor(nn.Module):
         ln0 = self.conv_layers[0].layer_norm
         norm = ln0.init_state(batch_size, device=convs[0].seen.device) \
             if isinstance(ln0, RunningGroupNorm) else None
+        if norm is not None:
+            norm.out_lengths = None     # the extractor counts its frames (state.out_lengths)
         return stamp(self, FrontendState(convs=convs, norm=norm,
                                          out_lengths=torch.zeros_like(convs[0].seen)))
 

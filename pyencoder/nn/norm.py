@@ -25,6 +25,7 @@ math of a cumulative statistic, not contained on purpose: skipping the sample wo
 per-channel counts in the state and would silently change every later frame.
 """
 import dataclasses
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,8 @@ from .._checks import check_eps, check_int, check_module_input
 from ..ops import _channel_norm_triton as _cn
 from ..ops import _running_norm_triton as _rn
 from ..streaming.state import (StreamState, advance_counter, check_init_args, check_state,
-                               check_step_input, check_step_lengths, stamp)
+                               check_step_input, check_step_lengths, ends_stream, fill_counter,
+                               stamp)
 
 __all__ = ["running_norm", "running_norm_torch", "RunningGroupNorm", "RunningNormState",
            "LayerNorm"]
@@ -52,6 +54,10 @@ class RunningNormState(StreamState):
     count: torch.Tensor      # (B,) int64 frames seen
     total: torch.Tensor      # (B, C) float64 sum
     total_sq: torch.Tensor   # (B, C) float64 sum of squares
+    # (B,) int64 frames emitted by the last step (= its frames in); None where the owner counts
+    # them (ConvFeatureExtractor's state: no fill per step_fixed) and in the HF patch's offline
+    # states (pyencoder.hf.frontend)
+    out_lengths: Optional[torch.Tensor] = None
 
 
 def running_norm(x, weight, bias, eps, count, total, total_sq, gelu=False):
@@ -98,7 +104,8 @@ def running_norm_torch(x, weight, bias, eps, count, total, total_sq):
 
 class RunningGroupNorm(nn.Module):
     """Per-channel causal normalisation with cumulative float64 statistics (see module doc).
-    Streams through init_state / step(x, state, lengths)."""
+    Streams through init_state / step(x, state, lengths) / flush (no lookahead: flush emits
+    nothing and ends the stream)."""
     stream_time_axis = -1      # chunks (B, C, n)
 
     hop = 1
@@ -131,9 +138,13 @@ class RunningGroupNorm(nn.Module):
         device = (self.weight.device if self.weight is not None else None) if device is None \
             else device
         z = torch.zeros(batch_size, self.num_channels, dtype=torch.float64, device=device)
-        return stamp(self, RunningNormState(count=torch.zeros(batch_size, dtype=torch.int64,
-                                                              device=device),
-                                            total=z, total_sq=z.clone()))
+        count = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        st = RunningNormState(count=count, total=z, total_sq=z.clone(),
+                              out_lengths=torch.zeros_like(count))
+        # the dtype of the frames (flush's empty output; each step records its input's)
+        st.out_dtype = dtype if dtype is not None else \
+            self.weight.dtype if self.weight is not None else torch.get_default_dtype()
+        return stamp(self, st)
 
     def step(self, x, state, lengths=None, gelu=False):
         """Feed x (B, C, n); returns (y, state) (``gelu``: the exact GELU of the normalised
@@ -158,6 +169,9 @@ class RunningGroupNorm(nn.Module):
                 tot[b], tsq[b] = t1[0], t2[0]
             state.total, state.total_sq = tot, tsq
         state.count = state.count + lengths
+        if state.out_lengths is not None:
+            state.out_lengths = lengths
+        state.out_dtype = x.dtype
         return y, state
 
     def step_fixed(self, x, state, check=False, gelu=False):
@@ -184,7 +198,20 @@ class RunningGroupNorm(nn.Module):
                 state.total.copy_(total)
                 state.total_sq.copy_(total_sq)
         advance_counter(state.count, x.shape[-1])
+        if state.out_lengths is not None:
+            fill_counter(state, x.shape[-1])
+        state.out_dtype = x.dtype
         return y
+
+    @ends_stream
+    def flush(self, state):
+        """Ends the stream: nothing is held back, so nothing is emitted ((B, C, 0) frames)."""
+        check_state(self, state, RunningNormState)
+        B = state.count.shape[0]
+        state.out_lengths = torch.zeros_like(state.count)
+        dt = getattr(state, "out_dtype", None) or (
+            self.weight.dtype if self.weight is not None else torch.get_default_dtype())
+        return state.total.new_zeros(B, self.num_channels, 0, dtype=dt), state
 
 
 class LayerNorm(nn.LayerNorm):
