@@ -178,6 +178,16 @@ def test_decoder_emission_matches_latency(case):
     m = StreamingDecoder(tiny_decoder_config(**DEC_CASES[case])).double()
     R, K = m.lookahead_frames, m.samples_per_frame
     assert m.latency()["samples"] == (R + 1) * K
+    # one Latency from the model and from pyencoder.streaming.latency, whose walk of the layers
+    # used to count the input frames as 16 kHz samples (5 "samples" for 4 frames of lookahead);
+    # the old dict's keys read the same values
+    from pyencoder.streaming import Latency, latency
+    lat = latency(m, sample_rate=24000)
+    assert isinstance(lat, Latency) and lat == m.latency(24000)
+    assert (lat.samples, lat.hop, lat.lookahead_samples, lat.lookahead_frames) == \
+        ((R + 1) * K, K, R * K, R)
+    assert (lat["samples_per_frame"], lat["lookahead_frames"], lat["ms"]) == \
+        (K, R, 1000.0 * (R + 1) * K / 24000)
     st = m.init_state(1)
     emitted = 0
     for t in range(1, 15):

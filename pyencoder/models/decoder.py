@@ -35,6 +35,7 @@ from ..nn.norm import LayerNorm
 from ..nn.refiner import Refiner
 from ..ops import _channel_norm_triton as _cn
 from ..ops.convnext import convnext_dwconv_ln, select_backend as convnext_backend
+from ..streaming.latency import Latency, check_sample_rate, latency as chain_latency
 from ..streaming.sequential import StreamingSequential
 from ._config import cfg_bool, cfg_float, cfg_int
 from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
@@ -263,11 +264,24 @@ class StreamingDecoder(nn.Module):
         return r + c.num_attention_layers * c.attention_lookahead
 
     def latency(self, sample_rate=16000):
-        """Exact worst-case algorithmic latency: dict(lookahead_frames, samples_per_frame, samples, ms)."""
+        """Exact worst-case algorithmic latency (pyencoder.streaming.Latency) in waveform samples
+        at ``sample_rate`` (the decoder's output rate): frame t's K samples are out once input
+        frame t + lookahead_frames has arrived, so ``samples`` = (lookahead_frames + 1) * K,
+        ``hop`` = K samples per input frame, ``lookahead_samples`` = lookahead_frames * K.
+        ``pyencoder.streaming.latency(decoder)`` returns the same. The keys of the dict this used
+        to return (lookahead_frames, samples_per_frame, samples, ms) read the same values."""
+        check_sample_rate(sample_rate)
         K = self.samples_per_frame
-        samples = (self.lookahead_frames + 1) * K
-        return dict(lookahead_frames=self.lookahead_frames, samples_per_frame=K, samples=samples,
-                    ms=1000.0 * samples / sample_rate)
+        frames = chain_latency(self.net, sample_rate=1)      # in input frames
+        la = frames.lookahead_samples
+        return Latency(samples=(la + 1) * K, ms=1000.0 * (la + 1) * K / sample_rate, hop=K,
+                       lookahead_samples=la * K, sample_rate=int(sample_rate),
+                       breakdown=[(n, t, h, f, s * K) for n, t, h, f, s in frames.breakdown],
+                       lookahead_frames=la)
+
+    # pyencoder.streaming.latency(decoder): this model's own accounting (its input is frames,
+    # its output waveform samples: a walk of its layers would count frames as samples)
+    own_latency = latency
 
     def forward_frames(self, x):
         """x (B, T, input_dim) -> (B, T, K) samples per frame."""

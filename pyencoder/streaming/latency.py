@@ -43,7 +43,8 @@ class NotStreamableError(ValueError):
 # Keys of the dict pyencoder.hf.latency returned before it returned a Latency: where the name is a
 # field here with another meaning ("samples", "ms": the total, hop included), the old meaning (the
 # lookahead only) is kept for dict-style access, with a DeprecationWarning naming the attribute.
-_LEGACY_KEYS = {"samples": "lookahead_samples", "ms": "lookahead_ms", "hop_samples": "hop"}
+_LEGACY_KEYS = {"samples": "lookahead_samples", "ms": "lookahead_ms", "hop_samples": "hop",
+                "samples_per_frame": "hop"}   # the last: StreamingDecoder.latency's old dict
 
 
 @dataclasses.dataclass
@@ -103,9 +104,10 @@ class Latency:
     def __getitem__(self, key):
         if not isinstance(key, str):
             raise TypeError(f"Latency keys are field names (str); got {type(key).__name__}")
-        if key in _LEGACY_KEYS and (self._legacy_dict or key == "hop_samples"):
+        if key in _LEGACY_KEYS and (self._legacy_dict or key in ("hop_samples",
+                                                                  "samples_per_frame")):
             attr = _LEGACY_KEYS[key]
-            if key != "hop_samples":
+            if key in ("samples", "ms"):
                 warnings.warn(f'Latency["{key}"] is the lookahead only (as in the dict '
                               f'pyencoder.hf.latency used to return); use .{attr}, or .{key} for '
                               f'the total latency including the frame\'s own hop',
@@ -125,7 +127,9 @@ class Latency:
         head = (f"latency {self.samples} samples = {self.ms:.3f} ms at {self.sample_rate} Hz "
                 f"(hop {self.hop} + lookahead {self.lookahead_samples} samples = "
                 f"{self.lookahead_ms:.3f} ms)")
-        if self.lookahead_frames is not None:
+        if self.lookahead_frames is not None and self.frontend_lookahead_samples is None:
+            head += f"\n  lookahead = {self.lookahead_frames} input frames of {self.hop} samples"
+        elif self.lookahead_frames is not None:
             head += (f"\n  lookahead = attention {self.lookahead_frames} frames "
                      f"({self.attention_ms:.1f} ms) + feature extractor "
                      f"{self.frontend_lookahead_samples} samples ({self.frontend_ms:.1f} ms)")
@@ -266,8 +270,16 @@ def check_sample_rate(sample_rate):
 def latency(model, sample_rate=16000):
     """Exact algorithmic latency of ``model`` (a module, or a list of modules in order) as a
     ``Latency`` (samples, ms, hop, lookahead_samples, per-module breakdown). Containers without
-    their own ``hop``/``lookahead`` are taken to run their children in registration order."""
+    their own ``hop``/``lookahead`` are taken to run their children in registration order.
+
+    The unit is the model's input step: "samples" at ``sample_rate`` for a model fed waveform
+    samples; for one fed frames (a bare attention layer, a stack on features) pass the frame rate
+    (e.g. 50 for 20 ms frames) and read ``samples`` as frames. A model with its own accounting
+    (``own_latency(sample_rate)``: pyencoder.models.StreamingDecoder, frames in and waveform out)
+    returns that."""
     check_sample_rate(sample_rate)
+    if isinstance(model, nn.Module) and callable(getattr(model, "own_latency", None)):
+        return model.own_latency(sample_rate)
     rows = []
     mods = model if isinstance(model, (list, tuple)) else [model]
     if not mods:
