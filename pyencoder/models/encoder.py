@@ -105,7 +105,11 @@ class EncoderConfig:
     left: Optional[int] = None                   # band: frames of history (None: unbounded)
     chunk_size: int = 1                          # chunked: frames per chunk
     left_chunks: Optional[int] = None            # chunked: chunks of history (None: unbounded)
-    lookahead: Optional[int] = 3                 # frames; None: full context (offline teacher)
+    lookahead: Optional[int] = 3                 # frames; None: full context (offline teacher;
+                                                 # the mask fields left, chunk_size, left_chunks,
+                                                 # sink and lookahead_layers are then not used,
+                                                 # so a teacher is the student's config with
+                                                 # lookahead=None)
     sink: int = 0                                # band / chunked layers: the first `sink` frames
                                                  # are seen by every frame (attention sinks)
     lookahead_layers: Union[str, Sequence[int]] = "first"   # "first", "all" or one int per layer
