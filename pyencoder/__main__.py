@@ -115,15 +115,17 @@ def build_parser():
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="backends available on this machine and why not")
     d = sub.add_parser("demo", help="the main job: stream audio / run the kernels on this device")
-    d.add_argument("--quick", action="store_true")
+    d.add_argument("--quick", action="store_true",
+                   help="a shorter run: a 3 s clip, smaller kernel shapes, fewer repeats")
     d.add_argument("--checkpoint", default=None, help="local HF wav2vec2 model directory")
     lat = sub.add_parser(
         "latency", help="algorithmic latency of an encoder configuration",
         description="Exact algorithmic latency of a wav2vec2-geometry encoder (conv feature "
                     "extractor, hop 320 samples) patched by pyencoder.hf with the given lookahead "
                     "(needs transformers; nothing is downloaded or allocated).")
-    lat.add_argument("--lookahead-frames", type=_nonneg_int, default=3, metavar="R",
-                     help="frames of attention lookahead (default 3 = 60 ms at 16 kHz)")
+    lat.add_argument("--lookahead-frames", type=_nonneg_int, default=None, metavar="R",
+                     help="frames of attention lookahead (default 3 = 60 ms at 16 kHz; not with "
+                          "a comma list of --lookahead-layers, which gives each layer's)")
     lat.add_argument("--lookahead-layers", type=_lookahead_layers, default="first",
                      metavar="first|all|R0,R1,...",
                      help="where the lookahead goes: 'first' layer only (default), 'all' layers "
@@ -150,6 +152,12 @@ def main(argv=None):
             lat.error(f"--lookahead-layers: a comma list needs one lookahead per layer "
                       f"({args.layers} for --layers {args.layers}); got "
                       f"{len(args.lookahead_layers)} values")
+        if isinstance(args.lookahead_layers, list) and args.lookahead_frames is not None:
+            lat.error(f"--lookahead-frames ({args.lookahead_frames}) is not used with a comma "
+                      f"list of --lookahead-layers (each layer's lookahead); give one or the "
+                      f"other")
+        if args.lookahead_frames is None:
+            args.lookahead_frames = 3
         return _latency(args)
     return 2
 

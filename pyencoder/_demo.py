@@ -301,6 +301,12 @@ def _is_native(model):
 def main(args):
     torch.manual_seed(0)
     quick = getattr(args, "quick", False)
+    ckpt = getattr(args, "checkpoint", None)
+    if ckpt is not None and not os.path.isfile(os.path.join(ckpt, "config.json")):
+        # transformers would take the path for a Hub id and fail ~50 lines later
+        raise SystemExit(f"demo --checkpoint: {ckpt!r} is not a local Hugging Face model "
+                         f"directory (a folder with config.json and the weights, as "
+                         f"save_pretrained writes it; nothing is downloaded)")
     report_machine("start")
     print()
     diff = streaming_demo(quick=quick, checkpoint=getattr(args, "checkpoint", None))

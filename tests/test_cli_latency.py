@@ -39,6 +39,9 @@ def test_per_layer_list_and_all(capsys):
     (["--lookahead-frames", "-1"], "--lookahead-frames"),
     (["--sample-rate", "0"], "--sample-rate"),
     (["--layers", "3", "--lookahead-layers", "1,1"], "--lookahead-layers"),
+    # a list gives each layer's lookahead: an explicit --lookahead-frames was ignored
+    (["--layers", "2", "--lookahead-layers", "0,0", "--lookahead-frames", "5"],
+     "--lookahead-frames"),
 ])
 def test_bad_values_are_argparse_errors(capsys, argv, option):
     with pytest.raises(SystemExit) as e:

@@ -86,3 +86,14 @@ def test_streaming_demo_without_transformers_streams_a_native_encoder(monkeypatc
     assert "pyencoder.models.CausalEncoder" in out and "skipped" not in out
     assert "algorithmic latency: 65.0 ms lookahead = 60 ms attention + 5 ms" in out
     assert diff is not None and diff <= 1e-4
+
+
+def test_demo_checkpoint_must_be_a_local_model_directory(tmp_path):
+    """A path that is not a saved model reached transformers, which took it for a Hub id and
+    failed ~50 lines of traceback later; refused by name first."""
+    import pytest
+    from pyencoder.__main__ import main
+    for bad in (str(tmp_path / "nope"), str(tmp_path)):
+        with pytest.raises(SystemExit, match="demo --checkpoint: .* is not a local Hugging Face "
+                                             "model directory"):
+            main(["demo", "--checkpoint", bad])
