@@ -134,8 +134,12 @@ class StreamState:
                 raise TypeError(f"load_state_dict: {key} must be a torch.Tensor; got "
                                 f"{type(v).__name__}")
             if v.dtype != cur.dtype:
+                hint = (f": a stream of a {v.dtype} module loads into a state of the module "
+                        f"in that dtype (module.to({v.dtype}).init_state(...)), or cast the "
+                        f"saved tensors" if v.dtype.is_floating_point and
+                        cur.dtype.is_floating_point else "")
                 raise ValueError(f"load_state_dict: {key} has dtype {v.dtype}; this state holds "
-                                 f"{cur.dtype} (build it with init_state(dtype={v.dtype}))")
+                                 f"{cur.dtype}{hint}")
             owner, name = key.rpartition(".")[0], key.rpartition(".")[2]
             grow = states[owner + "." if owner else ""]._growable.get(name)
             same = v.dim() == cur.dim() and all(
@@ -368,7 +372,7 @@ def check_step_lengths(lengths, B, n, device, name="lengths"):
     if B and not torch.compiler.is_compiling():
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi > n:
-            raise ValueError(f"{name} must lie in [0, {n}] (the step's length); got "
+            raise ValueError(f"{name} must lie in [0, {n}] (the input's length on its time axis); got "
                              f"{t.tolist()}")
     return t
 
