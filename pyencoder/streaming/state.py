@@ -372,8 +372,8 @@ def check_step_lengths(lengths, B, n, device, name="lengths"):
     if B and not torch.compiler.is_compiling():
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi > n:
-            raise ValueError(f"{name} must lie in [0, {n}] (the input's length on its time axis); got "
-                             f"{t.tolist()}")
+            raise ValueError(f"{name} must lie in [0, {n}] (the input's length on its time "
+                             f"axis); got {t.tolist()}")
     return t
 
 
