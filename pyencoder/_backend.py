@@ -200,8 +200,12 @@ def requested_backend(family, backend=None):
     if forced is not None:
         return forced
     env = os.environ.get("PYENCODER_BACKEND")
-    if env:
-        return _check_name(env.strip().lower(), "PYENCODER_BACKEND")
+    if env and env.strip():           # unset, empty or blank: the default (as every switch)
+        val = env.strip().lower()
+        if val != "auto" and val not in BACKENDS:
+            raise ValueError(f"PYENCODER_BACKEND must be one of {BACKENDS + ('auto',)} (or "
+                             f"unset); got {env!r}")
+        return val
     return None
 
 

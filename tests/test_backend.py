@@ -218,3 +218,17 @@ def test_forced_backend_without_implementation_names_the_family():
     with pytest.raises(RuntimeError, match=r"implemented: \('reference', 'triton'\)"):
         with pyencoder.use_backend(convnext="cuda"):
             pyencoder.ops.convnext_dwconv_ln(torch.randn(1, 4, 3), torch.randn(4, 1, 2))
+
+
+def test_blank_backend_env_is_unset_like_every_switch(monkeypatch):
+    """PYENCODER_BACKEND=" " was refused (naming '' and "or None") where every other switch takes
+    a blank value for unset; a wrong value is named as given."""
+    from pyencoder._backend import requested_backend
+    monkeypatch.setenv("PYENCODER_BACKEND", "  ")
+    assert requested_backend("attention") is None
+    monkeypatch.setenv("PYENCODER_BACKEND", " Reference ")
+    assert requested_backend("attention") == "reference"
+    monkeypatch.setenv("PYENCODER_BACKEND", "trtion")
+    with pytest.raises(ValueError, match=r"PYENCODER_BACKEND must be one of .* \(or unset\); "
+                                         r"got 'trtion'"):
+        requested_backend("attention")

@@ -87,8 +87,8 @@ def _autotune_mode():
     val = (raw or "").strip().lower() or "auto"
     mode = _AUTOTUNE_ALIASES.get(val, val)
     if mode not in _AUTOTUNE_MODES:
-        raise ValueError(f"PYENCODER_TRITON_AUTOTUNE must be one of auto, full (or 1), 0 (or "
-                         f"unset); got {raw!r}")
+        raise ValueError(f"PYENCODER_TRITON_AUTOTUNE must be one of auto, full (or 1 / true / "
+                         f"yes / on), 0 (or false / no / off), or unset; got {raw!r}")
     return mode
 
 
