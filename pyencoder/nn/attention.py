@@ -33,8 +33,8 @@ docstring (``check=True`` verifies them once, outside capture). The general ``st
 q / k / v weights in one buffer (the same Parameters, no cached copy), so a streaming step projects
 with one GEMM instead of three: worth it for CUDA-graph steps at small batch, which are bound by
 their kernel count (``python -m benchmarks.count_step_kernels``). Opt-in, never done behind the
-user's back: while packed the three parameters share one storage, which safetensors' ``save_file``
-(and so transformers' ``save_pretrained``) refuses; ``unpack_qkv_()`` undoes it.
+user's back: while packed the three parameters share one storage, which safetensors'
+``save_model`` refuses (its other entry points and releases differ); ``unpack_qkv_()`` undoes it.
 
 Package-internal (used by pyencoder.nn.layer and pyencoder.nn.relpos, not in ``__all__``):
 ``IntervalSelfAttention``, the base of every interval self-attention module; ``concat_ragged``,
@@ -187,7 +187,7 @@ class IntervalSelfAttention(nn.Module):
         (not views into a flat buffer, as FSDP's) on one device and dtype; ``.to()`` /
         ``load_state_dict(assign=True)`` simply undo it (the step then runs three GEMMs), as
         does ``unpack_qkv_``. While packed, ``state_dict()`` holds three views of one storage:
-        ``torch.save`` is unaffected, safetensors' ``save_file`` refuses shared storage (save
+        ``torch.save`` is unaffected; safetensors' ``save_model`` refuses shared storage (save
         clones, or unpack first). Returns whether the weights are packed."""
         mods = self._qkv_modules()
         if mods is None:
