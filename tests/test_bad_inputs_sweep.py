@@ -636,3 +636,17 @@ def test_running_group_norm_streams_as_a_module():
         assert plain.flush(st)[0].dtype == torch.bfloat16
         with pytest.raises(ValueError, match="flush"):
             plain.step(torch.randn(1, 4, 3), st)
+
+
+def test_causal_conv_refuses_nn_conv1d_arguments_it_does_not_take_by_their_names():
+    """CausalConv1d(..., padding=1) failed naming the internal StridedConv1d.__init__; the values
+    it does anyway (dilation 1, zero padding mode) are taken."""
+    CausalConv1d(4, 4, 3, dilation=1, padding_mode="zeros")
+    for kw in (dict(padding=1), dict(padding="same"), dict(dilation=2),
+               dict(padding_mode="reflect")):
+        with pytest.raises(ValueError, match=rf"CausalConv1d: {next(iter(kw))}=.* is not "
+                                             rf"supported: it fixes its own padding"):
+            CausalConv1d(4, 4, 3, **kw)
+    with pytest.raises(TypeError, match=r"CausalConv1d\.__init__\(\) got an unexpected keyword "
+                                        r"argument 'kernel'"):
+        CausalConv1d(4, 4, 3, kernel=3)

@@ -46,7 +46,16 @@ class StridedConv1d(nn.Conv1d):
     stream_time_axis = -1      # chunks (B, C, n): pyencoder.streaming.protocol
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, groups=1, bias=True,
-                 activation=None, device=None, dtype=None):
+                 activation=None, device=None, dtype=None, **conv_kwargs):
+        for key, v in conv_kwargs.items():       # nn.Conv1d's other arguments, by name
+            if key == "dilation" and v in (1, (1,)) or key == "padding_mode" and v == "zeros":
+                continue                          # what this conv does anyway
+            if key in ("padding", "dilation", "padding_mode"):
+                raise ValueError(f"{type(self).__name__}: {key}={v!r} is not supported: it "
+                                 f"fixes its own padding (CausalConv1d: k - stride zero samples "
+                                 f"on the left) and has dilation 1")
+            raise TypeError(f"{type(self).__name__}.__init__() got an unexpected keyword "
+                            f"argument {key!r}")
         if activation not in (None, "silu", "gelu"):
             raise ValueError(f"activation must be None, 'silu' or 'gelu'; got {activation!r}")
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels),
