@@ -173,6 +173,23 @@ def hidden_states(model, wav, lengths=None):
     return out.hidden_states, frames
 
 
+def _check_batch_wav(student, wav):
+    """A data item's waveform as the student takes it ((B, n); a CausalEncoder student also takes
+    (B, 1, n) and checks dtype and device): checked before the teacher runs, where a transformers
+    teacher named int16 or 1-D audio in torch's words (a conv's weight and input types)."""
+    s = _unwrap(student)
+    if isinstance(s, CausalEncoder):
+        return s._check_wav(wav, "n")
+    if not isinstance(wav, torch.Tensor):
+        raise TypeError(f"wav must be a torch.Tensor (B, n); got {type(wav).__name__}")
+    if wav.dim() != 2:
+        raise ValueError(f"wav must have shape (B, n); got {tuple(wav.shape)}")
+    if not wav.dtype.is_floating_point:
+        raise TypeError(f"wav must be a floating tensor (scale integer PCM to [-1, 1] first); "
+                        f"got {wav.dtype}")
+    return wav
+
+
 def _batch(item, device):
     if isinstance(item, dict):
         wav, lengths = item["wav"], item.get("lengths")
@@ -260,6 +277,7 @@ def distill(student, teacher, data: Iterable, optimizer, *, steps=None, weights=
         if steps is not None and step >= steps:
             break
         wav, lengths = _batch(item, device)
+        wav = _check_batch_wav(student, wav)     # before a transformers teacher fails in torch
         with torch.no_grad():
             t_hs, t_frames = hidden_states(teacher, wav, lengths)
         s_hs, s_frames = hidden_states(student, wav, lengths)

@@ -139,6 +139,15 @@ def test_distill_from_hf_teacher():
     opt = torch.optim.Adam(student.parameters(), lr=3e-3)
     hist = D.distill(student, teacher, _data(3, 2, 600, 2), opt, pos_weight=1.0)
     assert len(hist) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    # the batch's waveform is checked before the transformers teacher runs (it failed inside
+    # torch: "expected scalar type Short but found Float", a conv weight's size)
+    with pytest.raises(TypeError, match=r"wav must be a floating tensor .*got torch\.int16"):
+        D.distill(student, teacher, [torch.zeros(2, 600, dtype=torch.int16)], opt)
+    with pytest.raises(ValueError, match=r"wav must have shape \(B, n\) or \(B, 1, n\); got "
+                                         r"\(600,\)"):
+        D.distill(student, teacher, [torch.randn(600)], opt)
+    with pytest.raises(ValueError, match=r"wav must have shape \(B, n\); got \(600,\)"):
+        D._check_batch_wav(teacher, torch.randn(600))     # a transformers student
 
 
 def _ddp_worker(rank, world, path, init_file):
