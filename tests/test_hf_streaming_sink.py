@@ -162,3 +162,23 @@ def test_cuda_graph_streaming_encoder_layers_with_sinks():
             ye = layers.step_fixed(xbuf.clone(), eager)
             torch.cuda.synchronize()
             assert (ybuf - ye).abs().max() <= 1e-5 * max(ye.abs().max().item(), 1e-6)
+
+
+@pytest.mark.parametrize("family", ["w2v2_post", "hubert", "wavlm"])
+def test_training_with_sinks_and_attention_dropout_is_refused_in_the_patchs_words(family):
+    """No kernel drops the sink keys' probabilities: the ops refused it naming their own
+    arguments (mask.sink, dropout_p, fused); the patched forward names the model's dropout and
+    what to do. Without dropout it trains; in eval mode dropout is off."""
+    model = _patched(family, "band").train()
+    for m in model.modules():
+        if hasattr(m, "_pyencoder_attn"):
+            m.dropout = 0.1
+    with pytest.raises(NotImplementedError, match=r"pyencoder\.hf: a model patched with "
+                                                  r"sink_frames \(3\) trains without attention "
+                                                  r"dropout \(got 0\.1 in training mode"):
+        model(audio(1, 300))
+    model.eval()(audio(1, 300))
+    for m in model.modules():
+        if hasattr(m, "_pyencoder_attn"):
+            m.dropout = 0.0
+    model.train()(audio(1, 300)).last_hidden_state.sum().backward()

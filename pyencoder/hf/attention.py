@@ -92,6 +92,19 @@ def effective_dropout(module, dropout):
     return float(dropout) if (dropout and module.training) else 0.0
 
 
+def check_sink_dropout(spec, dropout):
+    """A patched layer with sink frames in training mode with attention dropout: refused in the
+    patch's words (the ops named their own arguments: mask.sink, dropout_p, fused)."""
+    sink = 0 if spec is None else spec.mask.sink
+    if sink and dropout > 0.0:
+        raise NotImplementedError(
+            f"pyencoder.hf: a model patched with sink_frames ({sink}) trains without attention "
+            f"dropout (got {dropout} in training mode; no kernel drops the sink keys' "
+            f"probabilities): load the model with attention_dropout=0.0 (or set each attention "
+            f"layer's .dropout = 0.0), call model.eval() for inference, or patch without "
+            f"sink_frames")
+
+
 def run_spec(spec, q, k, v, key_lengths, scaling, dropout=0.0):
     """(B, H, N, D) interval attention of one layer; full attention when spec is None. dropout > 0:
     dropout on the probabilities (the blocked plain-torch training path)."""
@@ -122,8 +135,9 @@ def pyencoder_attention_forward(module, query, key, value, attention_mask, scali
     spec = getattr(module, "_pyencoder_attn", None)
     if spec is None:
         _warn_if_unpatched(module)
-    out = run_spec(spec, query, key, value, key_lengths, scaling,
-                   effective_dropout(module, dropout))
+    p = effective_dropout(module, dropout)
+    check_sink_dropout(spec, p)
+    out = run_spec(spec, query, key, value, key_lengths, scaling, p)
     return out.transpose(1, 2).contiguous(), None
 
 

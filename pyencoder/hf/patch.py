@@ -299,8 +299,8 @@ def apply_pyencoder_to_wav2vec2(model, *, lookahead_frames=3, left_frames=None,
     or "keep" (offline only); ignored by models without GroupNorm (feat_extract_norm="layer").
     ``sink_frames``: the first frames of the input every frame also sees (attention sinks,
     IntervalMask sink keys; WavLM's relative bias reads the saturated bucket rule at a sink key's
-    true offset; a WavLM model in training mode with attention dropout and sinks is refused by
-    pyencoder.nn.relpos). Raises PatchError if the installed transformers lacks what the patch relies on, and
+    true offset; a model in training mode with attention dropout and sinks is refused at its
+    forward, naming the dropout: no kernel drops the sink keys' probabilities). Raises PatchError if the installed transformers lacks what the patch relies on, and
     ValueError if ``model`` is already patched."""
     base, family = base_model(model)
     if getattr(base, "_pyencoder_patch", None) is not None:

@@ -31,7 +31,7 @@ import functools
 
 from ..nn.relpos import biased_interval_attention as _core_attention
 from ..nn.relpos import relative_bias_gate
-from .attention import NAME, effective_dropout, key_lengths_from_mask
+from .attention import NAME, check_sink_dropout, effective_dropout, key_lengths_from_mask
 
 
 def wavlm_gate(module, x):
@@ -87,10 +87,10 @@ def wavlm_forward(module, hidden_states, attention_mask=None, position_bias=None
     q, k, v = project_qkv(module, hidden_states)
     gate = wavlm_gate(module, hidden_states)
     key_lengths = key_lengths_from_mask(attention_mask, B, N)
+    spec, p = getattr(module, "_pyencoder_attn", None), effective_dropout(module, module.dropout)
+    check_sink_dropout(spec, p)
     out = biased_interval_attention(q, k, v, gate, table, module._relative_positions_bucket,
-                                    getattr(module, "_pyencoder_attn", None), key_lengths,
-                                    module.scaling, dropout_p=effective_dropout(module,
-                                                                                module.dropout))
+                                    spec, key_lengths, module.scaling, dropout_p=p)
     out = module.out_proj(out.transpose(1, 2).reshape(B, N, E))
     return out, None, table
 
