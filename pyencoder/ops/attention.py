@@ -91,6 +91,9 @@ def _setup_context(ctx, inputs, output):
     ctx.params = tuple(inputs[N_TENSORS:N_TENSORS + N_PARAMS])
     ctx.backend = inputs[N_TENSORS + N_PARAMS] if len(inputs) > N_TENSORS + N_PARAMS else None
     ctx.n_inputs = len(inputs)
+    # an output that does not reach the loss gets None, not zeros (``_backward``: lse's gradient
+    # costs a second backward pass, run only where lse was used)
+    ctx.set_materialize_grads(False)
 
 
 def deterministic_backward():
@@ -100,20 +103,53 @@ def deterministic_backward():
             or env_flag("PYENCODER_DETERMINISTIC", False))
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, inv_freq, key_lengths, rel_bias, gate = ctx.saved_tensors
-    args = (dout.contiguous(), q, k, v, out, lse, inv_freq, key_lengths, rel_bias, gate,
-            *ctx.params)
+def _run_backward(ctx, dout, q, k, v, out, lse, inv_freq, key_lengths, rel_bias, gate):
+    args = (dout, q, k, v, out, lse, inv_freq, key_lengths, rel_bias, gate, *ctx.params)
     if getattr(ctx, "eager", False) and not torch.is_grad_enabled():
         # the eager fast path (_EagerTriton): the launcher itself, no dispatcher; with
         # create_graph=True the registered op runs instead (its double backward refuses by name)
-        dq, dk, dv, drel, dgate = run_backward(_triton.backward, *args, deterministic_backward())
-    elif ctx.backend is None:
-        dq, dk, dv, drel, dgate = _triton.backward_op(*args, deterministic_backward())
-    else:
-        # the custom op, or its body directly where nothing traces the call (pyencoder.ops._call)
-        dq, dk, dv, drel, dgate = call_custom(_interval_attention_bwd_op, *args, ctx.backend,
-                                              deterministic_backward())
+        return run_backward(_triton.backward, *args, deterministic_backward())
+    if ctx.backend is None:
+        return _triton.backward_op(*args, deterministic_backward())
+    # the custom op, or its body directly where nothing traces the call (pyencoder.ops._call)
+    return call_custom(_interval_attention_bwd_op, *args, ctx.backend, deterministic_backward())
+
+
+def _lse_backward_inputs(out, dlse):
+    """(dout', out') for the gradient of lse alone. lse_i = log sum_j exp(s_ij), so dS_ij =
+    dlse_i * P_ij: the backward's dS = P * (dP - delta) with v = 0 (dP = 0) and delta = rowsum(
+    dout' * out') = -dlse (out is read for delta only). -dlse goes into out's dtype as a
+    two-term split (a value and its rounding error) where that dtype is narrower than float32."""
+    nl = -dlse.to(torch.float32 if out.dtype != torch.float64 else torch.float64)
+    do2, o2 = torch.zeros_like(out), torch.zeros_like(out)
+    hi = nl.to(out.dtype)
+    do2[..., 0] = 1
+    o2[..., 0] = hi
+    if out.shape[-1] > 1 and out.dtype not in (torch.float32, torch.float64):
+        do2[..., 1] = 1
+        o2[..., 1] = (nl - hi.to(nl.dtype)).to(out.dtype)
+    return do2, o2
+
+
+def _backward(ctx, dout, dlse):
+    """Gradients of (out, lse): dout's through the op's backward; dlse's (where lse was used:
+    merging partial attentions by their lse) through the same backward on the inputs of
+    ``_lse_backward_inputs`` (its dv is 0 and dropped). None for an unused output (no zeros
+    materialised: ctx.set_materialize_grads(False))."""
+    q, k, v, out, lse, inv_freq, key_lengths, rel_bias, gate = ctx.saved_tensors
+    rest = (lse, inv_freq, key_lengths, rel_bias, gate)
+    grads = None
+    if dout is not None:
+        grads = _run_backward(ctx, dout.contiguous(), q, k, v, out, *rest)
+    if dlse is not None:
+        do2, o2 = _lse_backward_inputs(out, dlse)
+        g2 = _run_backward(ctx, do2, q, k, torch.zeros_like(v), o2, *rest)
+        g2 = (g2[0], g2[1], torch.zeros_like(g2[2])) + tuple(g2[3:])
+        grads = g2 if grads is None else tuple(
+            None if a is None else a + b for a, b in zip(grads, g2))
+    if grads is None:                     # neither output reached the loss
+        return (None,) * ctx.n_inputs
+    dq, dk, dv, drel, dgate = grads
     return (dq, dk, dv, None, None, None if rel_bias is None else drel,
             None if gate is None else dgate) + (None,) * (ctx.n_inputs - N_TENSORS)
 
@@ -138,14 +174,10 @@ class _EagerTriton(torch.autograd.Function):
         output = run_forward(_triton.forward, *inputs)
         _setup_context(ctx, inputs, output)
         ctx.eager = True
-        # lse gets no gradient (the formula ignores dlse): no zeros materialised for it
-        ctx.set_materialize_grads(False)
         return output
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        if dout is None:      # only lse was used downstream
-            dout = torch.zeros_like(ctx.saved_tensors[3])
         return _backward(ctx, dout, dlse)
 
 
@@ -316,7 +348,11 @@ def interval_attention(q, k, v, *, mask=None, rope=None, key_lengths=None, q_off
     ``gate`` (B, Hq, Nq) or None scales it per query (WavLM's gated bias). Both get gradients.
     With ``mask.sink``: a sink key whose offset lies outside the table reads the nearest edge
     column, rel_bias[h, clamp(s - p - rel_offset, 0, L - 1)] (the saturated bucket rule, module
-    docstring); give a wider table for exact sink-key values."""
+    docstring); give a wider table for exact sink-key values.
+
+    ``return_lse``: also each row's log-sum-exp of its scaled scores, (B, Hq, Nq) float32
+    (float64 for float64 inputs; -inf for a row that sees no key); differentiable: a loss that
+    uses it (merging partial attentions by their lse) costs a second backward pass."""
     mask = as_mask(mask, block, lo_off, hi_off)
     _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale)
     mask.params  # noqa: B018  (raises for a frame-rate mask, naming cross_attention)

@@ -160,7 +160,7 @@ class _RelBias:
     def __init__(self, bias, q_offset, k_offset, B, Hk, g, cdt):
         rel_bias, gate, rel_offset = bias
         self.table = rel_bias.to(cdt)
-        self.gate = None if gate is None else gate.to(cdt).view(B, Hk, g, gate.shape[-1])
+        self.gate = None if gate is None else gate.to(cdt).reshape(B, Hk, g, gate.shape[-1])
         self.shift = k_offset - q_offset - rel_offset
         self.B, self.Hk, self.g = B, Hk, g
 
@@ -489,7 +489,7 @@ def _forward(q, k, v, inv_freq, key_lengths, mask, q_offset, k_offset, scale, in
         if j1 <= j0 and js == 0:
             continue
         tq = i1 - i0
-        qt = (queries.get(i0, i1) * scale).view(B * Hk, g * tq, D)
+        qt = (queries.get(i0, i1) * scale).reshape(B * Hk, g * tq, D)
         if ns == 0:
             bias = biases.get(i0, i1, j0, j1)
             s = tile_scores(qt, keys.get(j0, j1), bias, key_lengths, min_len, j0, j1, B, Hk)

@@ -97,4 +97,10 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
         out = torch.cat(outs, dim=2).to(q.dtype)
     else:
         out = torch.zeros(B, Hq, Nq, Dv, dtype=q.dtype, device=q.device)
+    grads = [t for t in (q, k, v) if t.requires_grad]
+    if grads and torch.is_grad_enabled() and not out.requires_grad:
+        # no query saw a key: the output is zeros, still a function of the inputs (zero
+        # gradients, as interval_attention gives), not a constant that backward cannot reach.
+        # An empty slice's sum is exactly 0 whatever the values (NaN included)
+        out = out + sum(t.narrow(-1, 0, 0).sum() for t in grads).to(out.dtype)
     return (out, keeps) if return_keep else out
