@@ -650,3 +650,52 @@ def test_causal_conv_refuses_nn_conv1d_arguments_it_does_not_take_by_their_names
     with pytest.raises(TypeError, match=r"CausalConv1d\.__init__\(\) got an unexpected keyword "
                                         r"argument 'kernel'"):
         CausalConv1d(4, 4, 3, kernel=3)
+
+
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_a_checkpoint_resumes_twice_to_the_same_outputs(name):
+    """load_state_dict kept the dict's tensors on the same device and the steps update a state
+    in place, so stepping a loaded state rewrote the caller's in-memory checkpoint: a second
+    resume from it (a rollback, two streams branched from one checkpoint) went 1.4 off."""
+    make, _, inp = PAIRS[name][:3]
+    torch.manual_seed(0)
+    m = make().eval()
+    x0, x1 = inp(2, 5), inp(2, 4)
+    with torch.no_grad():
+        st = m.init_state(2)
+        _feed(m, st, x0)
+        ckpt = st.state_dict()
+        saved = {k: v.clone() for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
+        outs = []
+        for _ in range(2):
+            s2 = m.init_state(2).load_state_dict(ckpt)
+            outs.append(m.step(x1, s2)[0])
+            if hasattr(m, "step_fixed"):
+                m.step_fixed(x1, s2)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    for k, v in saved.items():
+        assert torch.equal(ckpt[k], v), k
+
+
+@pytest.mark.parametrize("k, s", [(4, 1), (5, 2), (1, 1)])
+def test_conv_step_gradients_equal_offline_and_step_fixed_refuses_by_name(k, s):
+    """CausalConv1d.step at stride 1 ran the in-place update op, whose backward torch named as
+    "no autograd formula was registered"; step_fixed's backward failed with autograd's in-place
+    message. step now replaces its history where autograd records (gradients equal the offline
+    forward's), step_fixed says it is for inference."""
+    torch.manual_seed(0)
+    m = CausalConv1d(4, 4, k, stride=s, groups=2).double()
+    x = torch.randn(2, 4, 12, dtype=torch.float64, requires_grad=True)
+    st = m.init_state(2)
+    ys = []
+    for xc in x.split([4, 2, 6], -1):
+        y, st = m.step(xc, st)
+        ys.append(y)
+    g_stream = torch.autograd.grad(torch.cat(ys, -1).pow(2).sum(), (x, m.weight, m.bias))
+    g_off = torch.autograd.grad(m(x).pow(2).sum(), (x, m.weight, m.bias))
+    for a, b in zip(g_stream, g_off):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    y = m.step_fixed(x[..., :4], m.init_state(2))
+    with pytest.raises(RuntimeError, match=r"CausalConv1d\.step_fixed: backward through a "
+                                           r"streaming step is not supported"):
+        y.sum().backward()

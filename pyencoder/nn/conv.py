@@ -24,7 +24,7 @@ from ..ops.conv import causal_conv1d, causal_conv1d_update
 from ..streaming import state as _state
 from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
                                check_state, check_step_lengths, check_step_slots, ends_stream,
-                               fill_counter, stamp)
+                               fill_counter, inference_step, stamp)
 
 __all__ = ["CausalConv1d", "ConvState", "StridedConv1d"]
 
@@ -181,9 +181,13 @@ class CausalConv1d(StridedConv1d):
         x = x.to(state.hist.dtype)
         phase = torch.remainder(state.seen, s)
         uniform = B > 0 and bool((lengths == n).all()) and bool((phase == phase[0]).all())
+        # where autograd records, the history is replaced, not updated in place (the update op
+        # has no backward): the step stays differentiable, as the strided ones are
+        records = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, w, self.bias, state.hist))
         if uniform and n == 0:
             y = x.new_zeros(B, self.out_channels, 0)
-        elif uniform and s == 1 and k > 1:
+        elif uniform and s == 1 and k > 1 and not records:
             y = causal_conv1d_update(x, state.hist, w, self.bias, groups=self.groups,
                                      activation=self.activation)
         elif uniform:
@@ -218,11 +222,13 @@ class CausalConv1d(StridedConv1d):
         seen = state.seen
         return SteadyCheck(n // s, lambda: torch.remainder(seen, s) == 0, (seen,))
 
+    @inference_step
     def step_fixed(self, x, state, check=False):
         """CUDA-graph friendly step: every slot gets the same n samples, n a multiple of the
         stride, and every slot has seen a multiple of the stride (``check=True`` verifies that,
         a host synchronisation), or, with ``any_phase``, any number (each slot's window read
-        at its own phase on the device). State updated in place."""
+        at its own phase on the device). State updated in place: for inference (a backward
+        through it raises saying so; ``step`` is differentiable)."""
         k, s = self.k, self.s
         check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, n)", self.weight)
         check_state(self, state, ConvState)

@@ -36,7 +36,7 @@ from ..ops import _channel_norm_triton as _cn
 from ..ops import _running_norm_triton as _rn
 from ..streaming.state import (StreamState, advance_counter, check_init_args, check_state,
                                check_step_input, check_step_lengths, ends_stream, fill_counter,
-                               stamp)
+                               inference_step, stamp)
 
 __all__ = ["running_norm", "running_norm_torch", "RunningGroupNorm", "RunningNormState",
            "LayerNorm"]
@@ -174,6 +174,7 @@ class RunningGroupNorm(nn.Module):
         state.out_dtype = x.dtype
         return y, state
 
+    @inference_step
     def step_fixed(self, x, state, check=False, gelu=False):
         """CUDA-graph friendly step: every slot gets the same n frames; the statistics are
         updated in place, without host synchronisation (``check`` is accepted for the

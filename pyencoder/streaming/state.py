@@ -102,7 +102,8 @@ class StreamState:
         return out
 
     def load_state_dict(self, state_dict):
-        """Load a ``state_dict()`` onto this state's devices. It must come from a stream of the
+        """Load a copy of a ``state_dict()`` onto this state's devices (the dict stays the
+        checkpoint it was: resume it as often as you like). It must come from a stream of the
         same configuration (the recorded strings), batch size and dtypes; buffers may differ in
         length only where one grows (the ring of unbounded attention, leftover audio). Counters
         must be non-negative. Nothing is changed when a check fails. Returns self."""
@@ -149,7 +150,9 @@ class StreamState:
                                  f"holds {tuple(cur.shape)} (batch size {self.batch_size})")
             if not v.dtype.is_floating_point and v.numel() and int(v.min()) < 0:
                 raise ValueError(f"load_state_dict: {key} must be >= 0; got min {int(v.min())}")
-            new[key] = v.to(device=cur.device)
+            # a copy (as state_dict() gives one): the steps update a state in place, which
+            # rewrote the caller's checkpoint (a second resume from it went 1.4 off offline)
+            new[key] = v.to(device=cur.device, copy=True)
         old = {k: mine[k] for k in new}
         for key, v in new.items():
             self._set(key.split("."), v)
