@@ -699,3 +699,44 @@ def test_conv_step_gradients_equal_offline_and_step_fixed_refuses_by_name(k, s):
     with pytest.raises(RuntimeError, match=r"CausalConv1d\.step_fixed: backward through a "
                                            r"streaming step is not supported"):
         y.sum().backward()
+
+
+def test_hubert_positional_batch_norm_stays_causal_in_training():
+    """HuBERT's BatchNorm before the causal positional conv normalised with batch statistics over
+    every frame in training mode: a patched model's frame 0 (and CausalEncoder.from_hf's, the
+    distillation student) moved 0.15 / 0.23 when audio 3000 samples later changed, and training
+    computed another function than streaming. It reads its running statistics now (weight and
+    bias still train, the statistics stay the pretrained ones)."""
+    T = pytest.importorskip("transformers")
+    import pyencoder.hf as phf
+    torch.manual_seed(0)
+    cfg = T.HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, conv_dim=(16, 16), conv_kernel=(10, 3),
+                         conv_stride=(5, 2), num_conv_pos_embeddings=8,
+                         num_conv_pos_embedding_groups=2, conv_pos_batch_norm=True,
+                         hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                         feat_proj_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0)
+    hf = T.HubertModel(cfg)
+    with torch.no_grad():
+        bn = hf.encoder.pos_conv_embed.batch_norm
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    enc = CausalEncoder.from_hf(hf, lookahead=0, left=20, pos_conv="causal")
+    phf.apply_pyencoder_to_wav2vec2(hf, lookahead_frames=0, left_frames=20, pos_conv="causal")
+    x = torch.randn(2, 4000)
+    x2 = x.clone()
+    x2[:, 3000:] += 5.0 * torch.randn(2, 1000)
+    stats = (bn.running_mean.clone(), bn.running_var.clone())
+    for name, run in (("patched", lambda a: hf(a).last_hidden_state),
+                      ("from_hf", lambda a: enc(a).last_hidden_state)):
+        for mode in (False, True):
+            hf.train(mode)
+            enc.train(mode)
+            with torch.no_grad():
+                a, b = run(x), run(x2)
+            assert torch.equal(a[:, :10], b[:, :10]), (name, mode)
+            if mode:
+                torch.testing.assert_close(a, ev, rtol=1e-6, atol=1e-6)   # train == eval
+            else:
+                ev = a
+    assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])

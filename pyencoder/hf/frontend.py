@@ -20,7 +20,7 @@ Uses pyencoder.ops.causal_conv1d.
 """
 import torch
 
-from ..nn.norm import RunningNormState, running_norm
+from ..nn.norm import RunningNormState, frame_batch_norm, running_norm
 from ..ops.conv import causal_conv1d
 
 
@@ -41,7 +41,7 @@ def causal_pos_conv(pc, hidden_states):
     the same weights)."""
     x = hidden_states.transpose(1, 2)
     if getattr(pc, "batch_norm", None) is not None:
-        x = pc.batch_norm(x)
+        x = frame_batch_norm(pc.batch_norm, x)    # running statistics in training too: causal
     conv = pc.conv
     y = causal_conv1d(x.contiguous(), conv.weight, conv.bias, groups=conv.groups)
     return pc.activation(y).transpose(1, 2)

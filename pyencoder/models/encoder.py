@@ -59,6 +59,7 @@ from ..nn.attention import BandedSelfAttention, ChunkedSelfAttention
 from ..nn.conv import CausalConv1d
 from ..nn.layer import AttentionAdapter, TransformerLayer
 from ..nn.linear import Linear, skinny_view
+from ..nn.norm import frame_batch_norm
 from .._checks import check_bool
 from ..nn.relpos import WavLMSelfAttention, check_bucket_args
 from ..ops import _channel_norm_triton as _cn
@@ -380,7 +381,7 @@ class CausalEncoder(nn.Module):
             return torch.zeros_like(h)
         x = h.transpose(1, 2)
         if self.pos_conv_norm is not None:
-            x = self.pos_conv_norm(x)
+            x = frame_batch_norm(self.pos_conv_norm, x)
         return self.pos_conv(x).transpose(1, 2)
 
     def _pos(self, h):
@@ -519,7 +520,7 @@ class CausalEncoder(nn.Module):
         if self.pos_conv is not None:
             x = h.transpose(1, 2)
             if self.pos_conv_norm is not None:
-                x = self.pos_conv_norm(x)
+                x = frame_batch_norm(self.pos_conv_norm, x)
             p, state.pos = self.pos_conv.step(x, state.pos, fl)
             h = h + p.transpose(1, 2)
         if not self.config.norm_first:
@@ -599,7 +600,7 @@ class CausalEncoder(nn.Module):
             if self.pos_conv is not None:
                 x = h.transpose(1, 2)
                 if self.pos_conv_norm is not None:
-                    x = self.pos_conv_norm(x)
+                    x = frame_batch_norm(self.pos_conv_norm, x)
                 p = self.pos_conv.step_fixed(x, state.pos, check=check).transpose(1, 2)
                 if post_ln and _ring.residual_ok(h, p, h, 0):
                     # CUDA: the positional embedding's add and the LayerNorm after it in one

@@ -39,7 +39,7 @@ from ..streaming.state import (StreamState, advance_counter, check_init_args, ch
                                inference_step, stamp)
 
 __all__ = ["running_norm", "running_norm_torch", "RunningGroupNorm", "RunningNormState",
-           "LayerNorm"]
+           "LayerNorm", "frame_batch_norm"]
 
 BLOCK = 4096          # the largest block (CPU)
 _BLOCK_ELEMS = 1 << 17  # float64 elements per temporary (1 MiB: the CPU's cache)
@@ -213,6 +213,20 @@ class RunningGroupNorm(nn.Module):
         dt = getattr(state, "out_dtype", None) or (
             self.weight.dtype if self.weight is not None else torch.get_default_dtype())
         return state.total.new_zeros(B, self.num_channels, 0, dtype=dt), state
+
+
+def frame_batch_norm(bn, x):
+    """``bn`` (an ``nn.BatchNorm1d`` over the channels of x (B, C, T)) with its running statistics
+    in training mode too: per frame, so causal and the same offline, streaming and in training
+    (HuBERT's BatchNorm before the causal positional conv). In training mode BatchNorm normalises
+    with statistics over every frame of the batch, the future ones and the other clips included
+    (a patched model's frame 0 moved 0.15 when audio 3000 samples later changed); here its weight
+    and bias train and its statistics stay the pretrained ones (not updated)."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f"{type(bn).__name__}(track_running_stats=False) has no running "
+                         f"statistics: it normalises over time, which a causal model cannot")
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0,
+                        bn.eps)
 
 
 class LayerNorm(nn.LayerNorm):
