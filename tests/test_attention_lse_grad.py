@@ -122,8 +122,8 @@ def test_lse_gradient_triton_matches_the_reference_under_the_interpreter(dtype):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     rng = random.Random(7)
     for trial in range(2):
-        B, Hq, Hk, _, nq, nk, qo, ko, m, kl, rope, gated = _case(rng, ["inside", "beyond"][trial])
-        D, rope = 16, None
+        B, Hq, Hk, _, nq, nk, qo, ko, m, kl, _, _ = _case(rng, ["inside", "beyond"][trial])
+        D = 16
         q = torch.randn(B, Hq, nq, D, dtype=dtype, device=dev)
         k, v = (torch.randn(B, Hk, nk, D, dtype=dtype, device=dev) for _ in range(2))
         go = torch.randn(B, Hq, nq, D, dtype=torch.float64, device=dev)

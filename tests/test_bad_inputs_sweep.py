@@ -729,14 +729,13 @@ def test_hubert_positional_batch_norm_stays_causal_in_training():
     stats = (bn.running_mean.clone(), bn.running_var.clone())
     for name, run in (("patched", lambda a: hf(a).last_hidden_state),
                       ("from_hf", lambda a: enc(a).last_hidden_state)):
+        outs = []
         for mode in (False, True):
             hf.train(mode)
             enc.train(mode)
             with torch.no_grad():
                 a, b = run(x), run(x2)
             assert torch.equal(a[:, :10], b[:, :10]), (name, mode)
-            if mode:
-                torch.testing.assert_close(a, ev, rtol=1e-6, atol=1e-6)   # train == eval
-            else:
-                ev = a
+            outs.append(a)
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)   # train == eval
     assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
