@@ -104,6 +104,7 @@ NAME_OK = re.compile(r"^[A-Za-z0-9._-]+$")
 ATTENTION_TESTS = ["tests/test_attention_triton.py", "tests/test_attention_triton_ropetable.py",
                    "tests/test_attention_triton_prerot.py",
                    "tests/test_attention_sink.py", "tests/test_attention_sink_bias.py",
+                   "tests/test_attention_lse_grad.py",
                    "tests/test_call_programs_gpu.py"]
 STREAMING_TESTS = ["tests/test_streaming_decode_triton.py", "tests/test_streaming_fixed.py",
                    "tests/test_wavlm_step_fixed.py", "tests/test_streaming_fixed_sink.py",
