@@ -176,6 +176,22 @@ def test_dropout_op_keeps_the_graph_when_no_query_sees_a_key():
         assert all(torch.equal(g, torch.zeros_like(g)) for g in (gq, gk, gv))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_lse_pass_inputs_carry_large_and_small_dlse_in_half_precision(dtype):
+    """-dlse enters the second pass through out' and dout' in the input dtype: cast to float16
+    directly, a loss-scaled |dlse| > 65504 became inf (NaN rows). rowsum(dout' * out') in float32
+    (as the kernels form delta) equals -dlse to ~16 bits from 1e-8 to 1e9."""
+    from pyencoder.ops.attention import _lse_backward_inputs
+    dlse = torch.tensor([1e9, -7e5, 65536.0 * 3.3, 1.2345678, -3e-4, 5e-8, 0.0, -123456.789])
+    dlse = dlse.reshape(1, 1, 8).expand(2, 3, 8).contiguous()
+    do2, o2 = _lse_backward_inputs(torch.randn(2, 3, 8, 4).to(dtype), dlse)
+    assert do2.dtype == o2.dtype == dtype
+    delta = (do2.float() * o2.float()).sum(-1)
+    assert torch.isfinite(delta).all()
+    torch.testing.assert_close(delta, -dlse, rtol=2e-5 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-12)
+
+
 def gpu_quick(name, p):
     """The fast GPU tier (tests/conftest.py): the lse gradient once, in bf16."""
     return p.get("dtype") == torch.bfloat16

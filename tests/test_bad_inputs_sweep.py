@@ -739,3 +739,16 @@ def test_hubert_positional_batch_norm_stays_causal_in_training():
             outs.append(a)
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)   # train == eval
     assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
+
+
+def test_running_group_norm_keeps_a_copy_of_the_callers_lengths():
+    """step kept the caller's lengths tensor as out_lengths, and a later step_fixed filled it in
+    place: the caller's [3, 2] became [5, 5]."""
+    from pyencoder.nn import RunningGroupNorm
+    norm = RunningGroupNorm(4)
+    st = norm.init_state(2)
+    lengths = torch.tensor([3, 2])
+    with torch.no_grad():
+        norm.step(torch.randn(2, 4, 3), st, lengths)
+        norm.step_fixed(torch.randn(2, 4, 5), st)
+    assert lengths.tolist() == [3, 2] and st.out_lengths.tolist() == [5, 5]

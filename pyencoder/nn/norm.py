@@ -170,7 +170,9 @@ class RunningGroupNorm(nn.Module):
             state.total, state.total_sq = tot, tsq
         state.count = state.count + lengths
         if state.out_lengths is not None:
-            state.out_lengths = lengths
+            # a copy: the lengths may be the caller's own tensor, which step_fixed's in-place
+            # fill of out_lengths would otherwise overwrite
+            state.out_lengths = lengths.clone()
         state.out_dtype = x.dtype
         return y, state
 

@@ -118,16 +118,29 @@ def _run_backward(ctx, dout, q, k, v, out, lse, inv_freq, key_lengths, rel_bias,
 def _lse_backward_inputs(out, dlse):
     """(dout', out') for the gradient of lse alone. lse_i = log sum_j exp(s_ij), so dS_ij =
     dlse_i * P_ij: the backward's dS = P * (dP - delta) with v = 0 (dP = 0) and delta = rowsum(
-    dout' * out') = -dlse (out is read for delta only). -dlse goes into out's dtype as a
-    two-term split (a value and its rounding error) where that dtype is narrower than float32."""
-    nl = -dlse.to(torch.float32 if out.dtype != torch.float64 else torch.float64)
+    dout' * out') = -dlse (out is read for delta only, in float32). In float16 / bfloat16 -dlse
+    (float32, as large as a loss scale makes it) is written as 2**a * (hi + lo): a power of two
+    in dout' (a in [-14, 15], exact in both dtypes) times a two-term split of the rest in out'
+    (its value and its rounding error, ~16 bits), so |dlse| up to ~2**30 neither overflows nor
+    loses its precision to float16's range."""
+    if out.dtype in (torch.float32, torch.float64):
+        nl = -dlse.to(out.dtype)
+        do2, o2 = torch.zeros_like(out), torch.zeros_like(out)
+        do2[..., 0] = 1
+        o2[..., 0] = nl
+        return do2, o2
+    nl = -dlse.to(torch.float32)
+    m, e = torch.frexp(nl)                          # nl = m * 2**e, |m| in [0.5, 1)
+    a = e.clamp(-14, 15)
+    rest = torch.ldexp(m, e - a)                    # nl / 2**a
+    hi = rest.to(out.dtype)
+    scale = torch.ldexp(torch.ones_like(rest), a).to(out.dtype)
     do2, o2 = torch.zeros_like(out), torch.zeros_like(out)
-    hi = nl.to(out.dtype)
-    do2[..., 0] = 1
+    do2[..., 0] = scale
     o2[..., 0] = hi
-    if out.shape[-1] > 1 and out.dtype not in (torch.float32, torch.float64):
-        do2[..., 1] = 1
-        o2[..., 1] = (nl - hi.to(nl.dtype)).to(out.dtype)
+    if out.shape[-1] > 1:
+        do2[..., 1] = scale
+        o2[..., 1] = (rest - hi.to(torch.float32)).to(out.dtype)
     return do2, o2
 
 
