@@ -752,3 +752,52 @@ def test_running_group_norm_keeps_a_copy_of_the_callers_lengths():
         norm.step(torch.randn(2, 4, 3), st, lengths)
         norm.step_fixed(torch.randn(2, 4, 5), st)
     assert lengths.tolist() == [3, 2] and st.out_lengths.tolist() == [5, 5]
+
+
+def test_convnext_block_ragged_step_equals_each_slots_offline():
+    """ConvNeXtBlock.step with every slot's length below the step's width crashed (the conv
+    emits max(lengths) frames, the residual had n): a padded batch, or idle slots."""
+    torch.manual_seed(0)
+    blk = ConvNeXtBlock(8, 12, 5).double().eval()
+    xs = [torch.randn(1, 11, 8, dtype=torch.float64) for _ in range(2)]
+    plan = [([2, 3], 5), ([0, 0], 4), ([4, 1], 6), ([5, 7], 7)]     # (lengths, padded width)
+    st = blk.init_state(2)
+    pos, outs = [0, 0], [[], []]
+    with torch.no_grad():
+        for lengths, n in plan:
+            x = torch.randn(2, n, 8, dtype=torch.float64)           # padding: noise
+            for b in range(2):
+                x[b, :lengths[b]] = xs[b][0, pos[b]:pos[b] + lengths[b]]
+            y, st = blk.step(x, st, lengths)
+            for b in range(2):
+                outs[b].append(y[b, :int(st.out_lengths[b])])
+                pos[b] += lengths[b]
+        for b in range(2):
+            torch.testing.assert_close(torch.cat(outs[b], 0), blk(xs[b][:, :pos[b]])[0],
+                                       rtol=1e-12, atol=1e-12)
+
+
+def test_chain_with_running_group_norm_runs_its_steady_step_and_admits():
+    """RunningGroupNorm had step_fixed but no steady_check: a chain holding it never dispatched
+    its steady step and admit refused it ("has no steady step")."""
+    from pyencoder.nn import RunningGroupNorm
+    from pyencoder.streaming import run_stream
+    torch.manual_seed(0)
+    ch = StreamingSequential(CausalConv1d(4, 4, 3), RunningGroupNorm(4),
+                             CausalConv1d(4, 4, 4, stride=2)).double().eval()
+    x = torch.randn(2, 4, 64, dtype=torch.float64)
+    calls = []
+    norm = ch[1]
+    orig = norm.step_fixed
+    norm.step_fixed = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    with torch.no_grad():
+        torch.testing.assert_close(run_stream(ch, x, [8]), ch(x), rtol=1e-12, atol=1e-12)
+        assert calls, "the chain's steady step never ran"
+        st = ch.init_state(2)
+        ch.step(x[..., :8], st)
+        ch.step(x[..., 8:16], st)
+        new = torch.randn(1, 4, 24, dtype=torch.float64)          # a new stream in slot 0
+        admit(ch, st, 0, [new[..., :8], new[..., 8:16]], 8)
+        y, st = ch.step(torch.cat((new[..., 16:24], x[1:, :, 16:24])), st)
+        torch.testing.assert_close(y[1], ch(x[1:, :, :24])[0, :, 8:12], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(y[0], ch(new)[0, :, 8:12], rtol=1e-12, atol=1e-12)

@@ -190,7 +190,9 @@ class ConvNeXtBlock(nn.Module):
             state.out_lengths = torch.full_like(state.seen, n)
             return self._mlp(x, h, normed=True), state
         h, state = self.dwconv.step(x.transpose(1, 2), state, lengths)
-        return self._mlp(x, self._conv_norm(h), normed=True), state
+        # ragged lengths: the conv emits max(lengths) frames (slot b's first lengths[b]), the
+        # residual is x's first as many (it crashed on x's n where every slot had fewer)
+        return self._mlp(x[:, :h.shape[-1]], self._conv_norm(h), normed=True), state
 
     def steady_check(self, n, state):
         """pyencoder.streaming.state.SteadyCheck of a step of n >= 1 frames: always the fixed

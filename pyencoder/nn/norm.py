@@ -34,9 +34,9 @@ from torch import nn
 from .._checks import check_eps, check_int, check_module_input
 from ..ops import _channel_norm_triton as _cn
 from ..ops import _running_norm_triton as _rn
-from ..streaming.state import (StreamState, advance_counter, check_init_args, check_state,
-                               check_step_input, check_step_lengths, ends_stream, fill_counter,
-                               inference_step, stamp)
+from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
+                               check_state, check_step_input, check_step_lengths, ends_stream,
+                               fill_counter, inference_step, stamp)
 
 __all__ = ["running_norm", "running_norm_torch", "RunningGroupNorm", "RunningNormState",
            "LayerNorm", "frame_batch_norm"]
@@ -175,6 +175,14 @@ class RunningGroupNorm(nn.Module):
             state.out_lengths = lengths.clone()
         state.out_dtype = x.dtype
         return y, state
+
+    def steady_check(self, n, state):
+        """pyencoder.streaming.state.SteadyCheck of a step of n >= 1 frames per slot: always the
+        fixed step (no lookahead, no phase), nothing to check on the device. Without it a chain
+        holding the norm never ran its steady step and ``admit`` refused it."""
+        if n < 1 or state.count.shape[0] == 0:
+            return None
+        return SteadyCheck(n, lambda: None, ())
 
     @inference_step
     def step_fixed(self, x, state, check=False, gelu=False):
