@@ -22,7 +22,7 @@ from pyencoder.models import (CausalEncoder, ConvNeXtBlock, DecoderConfig, Encod
                               StreamingDecoder)
 from pyencoder.nn import (BandedSelfAttention, CausalConv1d, FrameCrossAttention, Refiner,
                           TransformerLayer, Transpose, WavLMSelfAttention)
-from pyencoder.streaming import StreamingSequential, admit, reset
+from pyencoder.streaming import StreamingSequential, admit, latency, reset
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
 from test_models import tiny_decoder_config, tiny_encoder_config  # noqa: E402
@@ -801,3 +801,43 @@ def test_chain_with_running_group_norm_runs_its_steady_step_and_admits():
         y, st = ch.step(torch.cat((new[..., 16:24], x[1:, :, 16:24])), st)
         torch.testing.assert_close(y[1], ch(x[1:, :, :24])[0, :, 8:12], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(y[0], ch(new)[0, :, 8:12], rtol=1e-12, atol=1e-12)
+
+
+def _measured_lookahead(m, x, time_last):
+    """Feed one input step at a time: the worst (input index at which output frame u is out) -
+    (last input of u's own hop), in input steps."""
+    st = m.init_state(1)
+    emit = []
+    with torch.no_grad():
+        for i in range(x.shape[-1] if time_last else x.shape[1]):
+            xi = x[..., i:i + 1] if time_last else x[:, i:i + 1]
+            _, st = m.step(xi, st)
+            emit += [i] * int(st.out_lengths[0])
+    H = latency(m).hop
+    return max(e - ((u + 1) * H - 1) for u, e in enumerate(emit))
+
+
+def test_latency_composes_refiners_and_padded_adapters_exactly():
+    """A Refiner declared only its worst frame (chunk - 1), so a chain of two chunk-periodic
+    modules added two worst cases that never meet (4 for Refiner(3) -> Refiner(3), which needs
+    2); a conv adapter whose window ends before its hop (k - p - s < 0) made CausalEncoder.latency
+    raise. Both declare last_input now; the walk equals the measured emission."""
+    from pyencoder.nn import ChunkedSelfAttention
+    torch.manual_seed(0)
+    chains = [StreamingSequential(Refiner(8, 3), Refiner(8, 3)),
+              StreamingSequential(ChunkedSelfAttention(8, 2, chunk_size=3, left_chunks=1),
+                                  Refiner(8, 3)),
+              StreamingSequential(Refiner(8, 2), ChunkedSelfAttention(8, 2, chunk_size=2,
+                                                                      left_chunks=1))]
+    for ch, want in zip(chains, (2, 2, 1)):
+        ch = ch.double().eval()
+        assert latency(ch).lookahead_samples == want
+        assert _measured_lookahead(ch, torch.randn(1, 24, 8, dtype=torch.float64), False) == want
+    enc = CausalEncoder(EncoderConfig(
+        conv_dim=(4,), conv_kernel=(2,), conv_stride=(2,), hidden_size=8, num_layers=1,
+        num_heads=2, ffn_dim=12, left=4, lookahead=1, add_adapter=True, num_adapter_layers=1,
+        adapter_kernel_size=3, adapter_stride=2, adapter_padding=2)).double().eval()
+    lat = enc.latency()
+    assert lat == latency(enc) and lat.hop == 4
+    assert lat.lookahead_samples == _measured_lookahead(
+        enc, torch.randn(1, 64, dtype=torch.float64), True) == 0

@@ -58,6 +58,11 @@ class PaddedConv1d(FeatureConv1d):
     def lookahead(self):
         return self.k - self.padding_frames - self.s
 
+    def last_input(self, u):
+        """The last input frame output frame u reads: u*s - p + k - 1 (exact latency
+        composition; its lookahead past its own hop, k - p - s, may be negative)."""
+        return u * self.s - self.padding_frames + self.k - 1
+
     def extra_repr(self):
         return super().extra_repr() + f", padding_frames={self.padding_frames}"
 
@@ -142,6 +147,9 @@ class ConvAdapterLayer(nn.Module):
     @property
     def lookahead(self):
         return self.conv.lookahead
+
+    def last_input(self, u):
+        return self.conv.last_input(u)
 
     def forward(self, x):
         return F.glu(self.conv(x), dim=1)

@@ -58,6 +58,17 @@ class Refiner(nn.Module):
 
     hop = 1
 
+    @property
+    def period(self):
+        return self.chunk_size
+
+    def last_input(self, t):
+        """The last frame that frame t needs: the end of its chunk (exact latency composition,
+        streaming.latency: declaring only the worst case, chunk - 1, overstated a chain of two
+        chunk-periodic modules, e.g. 4 frames for two Refiners of 3 that need 2)."""
+        c = self.chunk_size
+        return (t // c + 1) * c - 1
+
     def _refine(self, chunks):
         B, N, C, E = chunks.shape
         flat = chunks.reshape(B, N, C * E)

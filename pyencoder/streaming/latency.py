@@ -170,14 +170,15 @@ _FULL_CONTEXT = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.Transform
 
 
 def _declared(where, name, value, lo):
-    """A module's declared ``hop`` (lo=1) or ``lookahead`` (lo=0): an int >= lo."""
+    """A module's declared ``hop`` (lo=1) or ``lookahead`` (lo=0; None: any int, for a module
+    that also declares ``last_input``): an int >= lo."""
     try:
         v = operator.index(value)
     except TypeError:
         v = None
-    if v is None or isinstance(value, bool) or v < lo:
+    if v is None or isinstance(value, bool) or (lo is not None and v < lo):
         raise ValueError(f"{where} declares {name}={value!r}; a streaming module's {name} must be "
-                         f"an int >= {lo}")
+                         f"an int" + ("" if lo is None else f" >= {lo}"))
     return v
 
 
@@ -189,8 +190,11 @@ def _walk(name, m, rows):
     la = getattr(m, "lookahead", None)
     hop = getattr(m, "hop", None)
     if la is not None and hop is not None:
+        last = getattr(m, "last_input", None)
+        # a module composed frame by frame (last_input) may need nothing past its own hop: a
+        # padded strided conv's window can end before its hop does (negative lookahead)
         rows.append((name, type(m).__name__, _declared(where, "hop", hop, 1),
-                     _declared(where, "lookahead", la, 0), getattr(m, "last_input", None),
+                     _declared(where, "lookahead", la, None if callable(last) else 0), last,
                      _declared(where, "period", getattr(m, "period", 1), 1)))
         return
     # attention without a declared lookahead sees the whole sequence; its children (projections)
