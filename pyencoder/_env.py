@@ -10,6 +10,15 @@ _cache = {}
 _NAMES = {}     # name -> its key in os.environ's raw mapping
 
 
+def _tracing():
+    """Under torch.compile's tracing the caches here are read, never filled: Dynamo guards on
+    their contents, and an entry added while it traces failed its own guard ("Guard failed on
+    the same frame it was created") where a process's first pyencoder call was a compiled one.
+    Only the miss paths ask."""
+    import torch
+    return torch.compiler.is_compiling()
+
+
 def env_raw(name):
     """``os.environ.get(name)``, cheaper: on POSIX the mapping behind ``os.environ`` (``_data``,
     bytes to bytes, updated by every set / delete through os.environ: what os.environ.get reads)
@@ -22,7 +31,9 @@ def env_raw(name):
         return env.get(name)
     key = _NAMES.get(name)
     if key is None:
-        key = _NAMES[name] = env.encodekey(name)
+        key = env.encodekey(name)
+        if not _tracing():
+            _NAMES[name] = key
     raw = data.get(key)
     return None if raw is None else env.decodevalue(raw)
 
@@ -40,7 +51,9 @@ def env_snapshot(names):
         return tuple(env.get(n) for n in names)
     keys = _SNAP_KEYS.get(names)
     if keys is None:
-        keys = _SNAP_KEYS[names] = tuple(env.encodekey(n) for n in names)
+        keys = tuple(env.encodekey(n) for n in names)
+        if not _tracing():
+            _SNAP_KEYS[names] = keys
     return tuple(map(data.get, keys))
 
 
@@ -55,7 +68,8 @@ def env_choice(name, choices, default):
     if val not in choices:
         raise ValueError(f"environment variable {name} must be one of {', '.join(choices)} (or "
                          f"unset); got {raw!r}")
-    _cache[key] = val
+    if not _tracing():
+        _cache[key] = val
     return val
 
 
@@ -76,7 +90,8 @@ def env_flag(name, default):
         else:
             raise ValueError(f"environment variable {name} must be one of "
                              f"{', '.join(_TRUE + _FALSE)} (or unset); got {raw!r}")
-    _cache[key] = val
+    if not _tracing():
+        _cache[key] = val
     return val
 
 
@@ -96,7 +111,8 @@ def env_choice_or_int(name, choices, default, min_value=1):
         if val is None or val < min_value:
             raise ValueError(f"environment variable {name} must be one of {', '.join(choices)} or "
                              f"an integer >= {min_value}; got {raw!r}")
-    _cache[key] = val
+    if not _tracing():
+        _cache[key] = val
     return val
 
 

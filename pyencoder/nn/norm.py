@@ -83,8 +83,11 @@ def running_norm_torch(x, weight, bias, eps, count, total, total_sq):
         blk = max(32, min(_GPU_BLOCK, _GPU_BLOCK_ELEMS // max(1, B * C)))
     else:
         blk = max(32, min(BLOCK, _BLOCK_ELEMS // max(1, B * C)))
-    for t0 in range(0, T, blk):
-        t1 = min(T, t0 + blk)
+    # traced (torch.compile, export): one block, as a Python loop over blocks specialised the
+    # graph to T (a recompile per length); Dynamo shows a dynamic T as an int, hence the first
+    symbolic = torch.compiler.is_compiling() or isinstance(T, torch.SymInt)
+    for t0 in ((0,) if symbolic else range(0, T, blk)):
+        t1 = T if symbolic else min(T, t0 + blk)
         xd = x[..., t0:t1].to(torch.float64)
         s = torch.cumsum(torch.cat((total[..., None], xd), -1), -1)[..., 1:]
         ss = torch.cumsum(torch.cat((total_sq[..., None], xd * xd), -1), -1)[..., 1:]

@@ -95,7 +95,10 @@ def fake_forward(q, k, v, *_):
 
 
 def fake_backward(dout, q, k, v, out, lse, inv_freq, key_lengths, rel_bias, gate, *_):
-    """(dq, dk, dv, drel_bias, dgate) of the right shapes and dtypes."""
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            q.new_empty(0) if rel_bias is None else torch.empty_like(rel_bias),
-            q.new_empty(0) if gate is None else torch.empty_like(gate))
+    """(dq, dk, dv, drel_bias, dgate) of the right shapes and dtypes, contiguous as the
+    backends return them (torch.empty_like copied a transposed q's strides: a compiled module's
+    backward graph then viewed dq wrongly and failed)."""
+    fresh = lambda t: torch.empty(t.shape, dtype=t.dtype, device=t.device)  # noqa: E731
+    return (fresh(q), fresh(k), fresh(v),
+            q.new_empty(0) if rel_bias is None else fresh(rel_bias),
+            q.new_empty(0) if gate is None else fresh(gate))

@@ -77,8 +77,9 @@ _interval_attention_op.register_fake(fake_forward)
 @op_signature(backward=True, backend=True)
 def _interval_attention_bwd_op(*args):
     *args, backend, deterministic = args
-    return run_backward(_backend.get_entry("attention", backend, "backward"), *args,
-                        deterministic)
+    grads = run_backward(_backend.get_entry("attention", backend, "backward"), *args,
+                         deterministic)
+    return tuple(g.contiguous() for g in grads)      # as the fake says (fake_backward)
 
 
 _interval_attention_bwd_op.register_fake(fake_backward)

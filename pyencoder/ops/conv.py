@@ -66,15 +66,23 @@ def _causal_conv1d_bwd_op(grad_y: Tensor, grad_final_state: Optional[Tensor], x:
                          _act_from(activation))
     db = x.new_empty(0) if db is None else db
     ds = x.new_empty(0) if ds is None else ds
-    return dx, dw, db, ds
+    # contiguous, as the fake says (a backend may return a view; a copy only then)
+    return dx.contiguous(), dw.contiguous(), db.contiguous(), ds.contiguous()
+
+
+def _fresh(t):
+    """An empty contiguous tensor like t: the backward ops' gradients are contiguous whatever the
+    input's strides (torch.empty_like copied a transposed input's strides: the compiled backward
+    graph then viewed them wrongly and failed)."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
 @_causal_conv1d_bwd_op.register_fake
 def _(grad_y, grad_final_state, x, weight, bias, initial_state, stride, groups, activation,
       backend):
-    db = x.new_empty(0) if bias is None else torch.empty_like(bias)
-    ds = x.new_empty(0) if initial_state is None else torch.empty_like(initial_state)
-    return torch.empty_like(x), torch.empty_like(weight), db, ds
+    db = x.new_empty(0) if bias is None else _fresh(bias)
+    ds = x.new_empty(0) if initial_state is None else _fresh(initial_state)
+    return _fresh(x), _fresh(weight), db, ds
 
 
 def _setup_context(ctx, inputs, output):
