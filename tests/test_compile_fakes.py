@@ -117,3 +117,25 @@ def test_export_with_a_dynamic_length():
         x2 = torch.randn(*[17 if i == axis else s for i, s in enumerate(shape)])
         with torch.no_grad():
             torch.testing.assert_close(ep.module()(x2), m(x2), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_mode_ad_is_refused_not_a_silent_zero_tangent():
+    """torch gives a custom op without a forward formula a zero (torch.func.jvp) or no
+    (forward_ad) tangent without a word; the ops refuse a tangent by name. Without one (inside
+    a dual level, other tensors carry the tangent) they run."""
+    import torch.autograd.forward_ad as fwad
+    from pyencoder.ops import banded_attention, causal_conv1d, convnext_dwconv_ln
+    q = torch.randn(1, 2, 6, 8, dtype=torch.float64)
+    x, w = torch.randn(1, 4, 7, dtype=torch.float64), torch.randn(4, 1, 3, dtype=torch.float64)
+    calls = {"interval attention": lambda a: banded_attention(a, q, q, left=2, right=1),
+             "causal_conv1d": lambda a: causal_conv1d(a, w, groups=4),
+             "convnext_dwconv_ln": lambda a: convnext_dwconv_ln(a, w)}
+    for name, f in calls.items():
+        a = q if name == "interval attention" else x
+        with pytest.raises(NotImplementedError, match=f"pyencoder: {name} has no forward-mode AD"):
+            torch.func.jvp(f, (a,), (torch.randn_like(a),))
+        with fwad.dual_level():
+            with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                f(fwad.make_dual(a, torch.randn_like(a)))
+            fwad.make_dual(torch.ones(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
+            assert f(a).shape[0] == 1                        # no tangent on a: it runs

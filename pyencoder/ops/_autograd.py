@@ -1,4 +1,22 @@
 """Autograd helpers shared by the registered ops."""
+import torch
+import torch.autograd.forward_ad as _fwad
+
+
+def refuse_forward_ad(what, *tensors):
+    """Raise if forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) carries a
+    tangent into ``what``: the registered ops have no forward-mode formula, and torch then gives
+    their outputs a zero (torch.func.jvp) or no (forward_ad) tangent without a word. One module
+    attribute read outside forward-mode AD."""
+    if _fwad._current_level < 0:
+        return
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and _fwad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                f"pyencoder: {what} has no forward-mode AD (torch.func.jvp / jacfwd, "
+                f"torch.autograd.forward_ad): torch would give its output a zero tangent "
+                f"silently. Use reverse mode (backward(), torch.autograd.grad) or the plain-torch "
+                f"reference in pyencoder.reference")
 
 
 def forbid_double_backward(backward_op, what):

@@ -49,7 +49,7 @@ from . import _attention_triton as _triton
 from . import _triton_op
 from ._attention_op import (N_PARAMS, N_TENSORS, fake_backward, fake_forward, op_signature,
                             run_backward, run_forward)
-from ._autograd import forbid_double_backward
+from ._autograd import forbid_double_backward, refuse_forward_ad
 from ._call import call_custom, call_op, eager_ok
 from .._checks import (MAX_POSITION, check_bias_tensors, check_bool, check_float_dtype,
                       check_int, check_lengths, check_same, check_scale, check_tensor, passed,
@@ -295,6 +295,7 @@ def _attend(q, k, v, mask, rope, key_lengths, q_offset, k_offset, scale, backend
             rel_bias=None, gate=None, rel_offset=None):
     """Every interval attention after validation of q, k, v and the positions: one op call."""
     check_bool("return_lse", return_lse)
+    refuse_forward_ad("interval attention", q, k, v, rel_bias, gate)
     block, k_block, lo_off, hi_off = mask.frame_params
     sink = mask.sink
     # with sink keys: the saturated bucket rule (module docstring)

@@ -20,7 +20,7 @@ from .. import _backend
 from ..reference import conv as _reference
 from . import _conv_cuda as _cuda
 from . import _conv_triton as _triton
-from ._autograd import forbid_double_backward
+from ._autograd import forbid_double_backward, refuse_forward_ad
 from ._call import call_custom, call_op, call_triton, direct_ok
 from .._checks import (check_bool, check_float_dtype, check_int, check_same, check_tensor,
                       check_writable, value_checks_enabled)
@@ -170,6 +170,7 @@ def causal_conv1d(x, weight, bias=None, *, stride=1, groups=1, activation=None,
     backends launch the conv alone)."""
     check_tensor("x", x, 3)
     check_float_dtype("x", x)
+    refuse_forward_ad("causal_conv1d", x, weight, bias, initial_state)
     k = _check_weight(x, weight, bias, groups)
     check_int("stride", stride, min_value=1)
     if k < stride:
@@ -214,6 +215,7 @@ def causal_conv1d_update(x, state, weight, bias=None, *, groups=1, activation=No
     y (B, C_out, t), equal to the offline causal conv over the concatenated stream."""
     check_tensor("x", x, 3)
     check_float_dtype("x", x)
+    refuse_forward_ad("causal_conv1d_update", x, state, weight, bias)
     k = _check_weight(x, weight, bias, groups)
     _check_activation(activation)
     check_tensor("state", state, 3)

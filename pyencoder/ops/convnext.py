@@ -40,7 +40,7 @@ from ..reference.convnext import _cdtype, convnext_dwconv_ln_reference
 from . import _convnext_triton as _triton
 from . import conv  # noqa: F401  (the backward runs the conv family's registered backends)
 from .conv import _fresh
-from ._autograd import forbid_double_backward
+from ._autograd import forbid_double_backward, refuse_forward_ad
 from ._call import call_custom, call_op
 from .._checks import check_bool, check_eps, check_float_dtype, check_same, check_tensor
 
@@ -175,6 +175,8 @@ def convnext_dwconv_ln(x, conv_weight, conv_bias=None, ln_weight=None, ln_bias=N
     check_tensor("x", x, 3)
     check_bool("return_final_state", return_final_state)
     check_float_dtype("x", x)
+    refuse_forward_ad("convnext_dwconv_ln", x, conv_weight, conv_bias, ln_weight, ln_bias,
+                      initial_state)
     B, C, L = x.shape
     if C == 0:
         raise ValueError(f"x must have at least one channel (LayerNorm over C channels); got shape "
