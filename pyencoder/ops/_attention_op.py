@@ -26,6 +26,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._autograd import fresh
+
 __all__ = ["op_signature", "N_TENSORS", "N_PARAMS", "run_forward", "run_backward",
            "fake_forward", "fake_backward"]
 
@@ -96,9 +98,7 @@ def fake_forward(q, k, v, *_):
 
 def fake_backward(dout, q, k, v, out, lse, inv_freq, key_lengths, rel_bias, gate, *_):
     """(dq, dk, dv, drel_bias, dgate) of the right shapes and dtypes, contiguous as the
-    backends return them (torch.empty_like copied a transposed q's strides: a compiled module's
-    backward graph then viewed dq wrongly and failed)."""
-    fresh = lambda t: torch.empty(t.shape, dtype=t.dtype, device=t.device)  # noqa: E731
+    backends return them (pyencoder.ops._autograd.fresh)."""
     return (fresh(q), fresh(k), fresh(v),
             q.new_empty(0) if rel_bias is None else fresh(rel_bias),
             q.new_empty(0) if gate is None else fresh(gate))

@@ -3,6 +3,14 @@ import torch
 import torch.autograd.forward_ad as _fwad
 
 
+def fresh(t):
+    """An empty contiguous tensor of t's shape, dtype and device: what the fake kernels of the
+    backward ops return, as their backends return contiguous gradients whatever the inputs'
+    strides (torch.empty_like copied a transposed input's strides: a compiled module's backward
+    graph then viewed a gradient wrongly and failed)."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
 def refuse_forward_ad(what, *tensors):
     """Raise if forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) carries a
     tangent into ``what``: the registered ops have no forward-mode formula, and torch then gives

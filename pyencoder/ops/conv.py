@@ -20,7 +20,7 @@ from .. import _backend
 from ..reference import conv as _reference
 from . import _conv_cuda as _cuda
 from . import _conv_triton as _triton
-from ._autograd import forbid_double_backward, refuse_forward_ad
+from ._autograd import forbid_double_backward, fresh, refuse_forward_ad
 from ._call import call_custom, call_op, call_triton, direct_ok
 from .._checks import (check_bool, check_float_dtype, check_int, check_same, check_tensor,
                       check_writable, value_checks_enabled)
@@ -70,19 +70,12 @@ def _causal_conv1d_bwd_op(grad_y: Tensor, grad_final_state: Optional[Tensor], x:
     return dx.contiguous(), dw.contiguous(), db.contiguous(), ds.contiguous()
 
 
-def _fresh(t):
-    """An empty contiguous tensor like t: the backward ops' gradients are contiguous whatever the
-    input's strides (torch.empty_like copied a transposed input's strides: the compiled backward
-    graph then viewed them wrongly and failed)."""
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
-
-
 @_causal_conv1d_bwd_op.register_fake
 def _(grad_y, grad_final_state, x, weight, bias, initial_state, stride, groups, activation,
       backend):
-    db = x.new_empty(0) if bias is None else _fresh(bias)
-    ds = x.new_empty(0) if initial_state is None else _fresh(initial_state)
-    return _fresh(x), _fresh(weight), db, ds
+    db = x.new_empty(0) if bias is None else fresh(bias)
+    ds = x.new_empty(0) if initial_state is None else fresh(initial_state)
+    return fresh(x), fresh(weight), db, ds
 
 
 def _setup_context(ctx, inputs, output):

@@ -39,8 +39,7 @@ from ..reference import convnext as _reference
 from ..reference.convnext import _cdtype, convnext_dwconv_ln_reference
 from . import _convnext_triton as _triton
 from . import conv  # noqa: F401  (the backward runs the conv family's registered backends)
-from .conv import _fresh
-from ._autograd import forbid_double_backward, refuse_forward_ad
+from ._autograd import forbid_double_backward, fresh, refuse_forward_ad
 from ._call import call_custom, call_op
 from .._checks import check_bool, check_eps, check_float_dtype, check_same, check_tensor
 
@@ -75,14 +74,14 @@ def _convnext_bwd_op(grad_y: Tensor, grad_final_state: Optional[Tensor], x: Tens
                      eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = _backward_impl(grad_y, grad_final_state, x, conv_weight, conv_bias, ln_weight,
                            ln_bias, initial_state, eps)
-    # contiguous, as the fake says (pyencoder.ops.conv._fresh)
+    # contiguous, as the fake says (pyencoder.ops._autograd.fresh)
     return tuple(x.new_empty(0) if g is None else g.contiguous() for g in grads)
 
 
 @_convnext_bwd_op.register_fake
 def _(grad_y, grad_final_state, x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps):
-    like = lambda t: x.new_empty(0) if t is None else _fresh(t)  # noqa: E731
-    return (_fresh(x), _fresh(conv_weight), like(conv_bias), like(ln_weight), like(ln_bias),
+    like = lambda t: x.new_empty(0) if t is None else fresh(t)  # noqa: E731
+    return (fresh(x), fresh(conv_weight), like(conv_bias), like(ln_weight), like(ln_bias),
             like(initial_state))
 
 
