@@ -15,10 +15,9 @@ their kernels only when they launch, so ``import pyencoder`` stays light.
 """
 import contextlib
 import contextvars
-import os
 import threading
 
-from pyencoder._env import env_raw
+from pyencoder._env import env_choice, env_raw
 
 BACKENDS = ("reference", "triton", "cuda")
 
@@ -199,13 +198,9 @@ def requested_backend(family, backend=None):
     forced = _forced().get(family)
     if forced is not None:
         return forced
-    env = os.environ.get("PYENCODER_BACKEND")
-    if env and env.strip():           # unset, empty or blank: the default (as every switch)
-        val = env.strip().lower()
-        if val != "auto" and val not in BACKENDS:
-            raise ValueError(f"PYENCODER_BACKEND must be one of {BACKENDS + ('auto',)} (or "
-                             f"unset); got {env!r}")
-        return val
+    env = env_raw("PYENCODER_BACKEND")
+    if env and env.strip():           # unset, empty or blank: None (as every switch's default)
+        return env_choice("PYENCODER_BACKEND", BACKENDS + ("auto",), None)
     return None
 
 

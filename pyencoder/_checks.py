@@ -27,12 +27,12 @@ def is_int(x):
 def check_int(name, value, *, min_value=None, max_value=None, allow_none=False):
     if value is None and allow_none:
         return
-    if isinstance(value, torch.SymInt):
-        # a size-derived int under torch.export / torch.compile with dynamic shapes (a default
-        # rel_offset from N): no range test, which would guard on the symbol (the eager call of
-        # the same code checks it)
-        return
     if not is_int(value):
+        if isinstance(value, torch.SymInt):
+            # a size-derived int under torch.export with dynamic shapes (a default rel_offset
+            # from N): no range test, which would guard on the symbol (the eager call of the same
+            # code checks it)
+            return
         exp = "an int or None" if allow_none else "an int"
         raise TypeError(f"{name} must be {exp}; got {type(value).__name__} {value!r}")
     if min_value is not None and value < min_value:

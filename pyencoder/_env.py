@@ -4,21 +4,26 @@ silent on/off). Unset or empty means the default. Read at each use, so a change 
 the next call; parsed values are cached per raw string."""
 import os
 
+
+def _constant(fn):
+    """What ``torch.compiler.assume_constant_result(fn)`` does (it marks the function, no
+    wrapper: eager calls cost nothing more), without importing torch._dynamo (and triton) at
+    import; tests/test_compile_fakes.py checks that the public call sets the same mark. The
+    readers below are constants to torch.compile: Dynamo calls them at trace time and bakes the
+    value in, instead of tracing into the caches here and guarding on their contents. It did
+    trace them: a process whose first pyencoder call was a compiled one filled a cache while
+    Dynamo traced it and failed its own guard ("Guard failed on the same frame it was
+    created"), and an eager call that filled one later cost a recompile."""
+    fn._dynamo_marked_constant = True
+    return fn
+
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 _cache = {}
 _NAMES = {}     # name -> its key in os.environ's raw mapping
 
 
-def _tracing():
-    """Under torch.compile's tracing the caches here are read, never filled: Dynamo guards on
-    their contents, and an entry added while it traces failed its own guard ("Guard failed on
-    the same frame it was created") where a process's first pyencoder call was a compiled one.
-    Only the miss paths ask."""
-    import torch
-    return torch.compiler.is_compiling()
-
-
+@_constant
 def env_raw(name):
     """``os.environ.get(name)``, cheaper: on POSIX the mapping behind ``os.environ`` (``_data``,
     bytes to bytes, updated by every set / delete through os.environ: what os.environ.get reads)
@@ -31,9 +36,7 @@ def env_raw(name):
         return env.get(name)
     key = _NAMES.get(name)
     if key is None:
-        key = env.encodekey(name)
-        if not _tracing():
-            _NAMES[name] = key
+        key = _NAMES[name] = env.encodekey(name)
     raw = data.get(key)
     return None if raw is None else env.decodevalue(raw)
 
@@ -41,6 +44,7 @@ def env_raw(name):
 _SNAP_KEYS = {}  # names -> their keys in os.environ's raw mapping
 
 
+@_constant
 def env_snapshot(names):
     """A hashable summary of the raw values of the variables ``names`` (a tuple): equal for two
     calls iff every variable has the same raw value (unset included). Cheaper than reading each
@@ -51,12 +55,11 @@ def env_snapshot(names):
         return tuple(env.get(n) for n in names)
     keys = _SNAP_KEYS.get(names)
     if keys is None:
-        keys = tuple(env.encodekey(n) for n in names)
-        if not _tracing():
-            _SNAP_KEYS[names] = keys
+        keys = _SNAP_KEYS[names] = tuple(env.encodekey(n) for n in names)
     return tuple(map(data.get, keys))
 
 
+@_constant
 def env_choice(name, choices, default):
     """The value of ``name`` (stripped, lower-cased), one of ``choices``; ``default`` if unset."""
     raw = env_raw(name)
@@ -68,11 +71,11 @@ def env_choice(name, choices, default):
     if val not in choices:
         raise ValueError(f"environment variable {name} must be one of {', '.join(choices)} (or "
                          f"unset); got {raw!r}")
-    if not _tracing():
-        _cache[key] = val
+    _cache[key] = val
     return val
 
 
+@_constant
 def env_flag(name, default):
     """A boolean variable: 1/true/yes/on or 0/false/no/off; ``default`` (a bool) if unset."""
     raw = env_raw(name)
@@ -90,11 +93,11 @@ def env_flag(name, default):
         else:
             raise ValueError(f"environment variable {name} must be one of "
                              f"{', '.join(_TRUE + _FALSE)} (or unset); got {raw!r}")
-    if not _tracing():
-        _cache[key] = val
+    _cache[key] = val
     return val
 
 
+@_constant
 def env_choice_or_int(name, choices, default, min_value=1):
     """One of ``choices`` (a str) or an int >= ``min_value``; ``default`` if unset."""
     raw = env_raw(name)
@@ -111,8 +114,7 @@ def env_choice_or_int(name, choices, default, min_value=1):
         if val is None or val < min_value:
             raise ValueError(f"environment variable {name} must be one of {', '.join(choices)} or "
                              f"an integer >= {min_value}; got {raw!r}")
-    if not _tracing():
-        _cache[key] = val
+    _cache[key] = val
     return val
 
 

@@ -46,6 +46,10 @@ class Rope:
     def inv_freq(self, device=None):
         """float32 tensor (dim // 2,) on ``device``, cached per device."""
         device = torch.device("cpu") if device is None else torch.device(device)
+        if torch.compiler.is_compiling():
+            # traced: not through the cache, which Dynamo would guard on (an entry added during
+            # the trace, or by an eager call after it, cost a compiled module a recompile)
+            return self._inv_freq.to(device)
         key = str(device)
         t = self._cache.get(key)
         if t is None:

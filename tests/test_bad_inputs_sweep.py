@@ -841,3 +841,28 @@ def test_latency_composes_refiners_and_padded_adapters_exactly():
     assert lat == latency(enc) and lat.hop == 4
     assert lat.lookahead_samples == _measured_lookahead(
         enc, torch.randn(1, 64, dtype=torch.float64), True) == 0
+
+
+def test_review_mends_decoder_latency_wrapped_contains_and_feature_conv_kwargs():
+    """latency of a decoder held in a list / Sequential of one counted its frames as samples;
+    `"samples" in decoder.latency()` worked on the old dict; FeatureConv1d took no nn.Conv1d
+    keyword; RunningGroupNorm.step_fixed stays differentiable (its sums are not saved)."""
+    from pyencoder.models import FeatureConv1d
+    from pyencoder.nn import RunningGroupNorm
+    dec = StreamingDecoder(DecoderConfig(input_dim=8, dim=8, intermediate_dim=8, num_blocks=1,
+                                         samples_per_frame=4, num_attention_layers=1,
+                                         num_heads=2, attention_lookahead=3))
+    assert latency(dec).samples == latency([dec]).samples == \
+        latency(nn.Sequential(dec)).samples == 16
+    lat = dec.latency()
+    assert "samples" in lat and "samples_per_frame" in lat and "bogus" not in lat
+    FeatureConv1d(2, 2, 3, 1, dilation=1, padding_mode="zeros")
+    with pytest.raises(ValueError, match="FeatureConv1d: padding=1 is not supported"):
+        FeatureConv1d(2, 2, 3, 1, padding=1)
+    norm = RunningGroupNorm(4).double()
+    x = torch.randn(1, 4, 8, dtype=torch.float64, requires_grad=True)
+    st = norm.init_state(1)
+    y = torch.cat([norm.step_fixed(c, st) for c in x.split(4, -1)], -1)
+    g, = torch.autograd.grad(y.pow(2).sum(), x)
+    g_off, = torch.autograd.grad(norm(x).pow(2).sum(), x)
+    torch.testing.assert_close(g, g_off, rtol=1e-10, atol=1e-10)

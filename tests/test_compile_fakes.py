@@ -81,21 +81,27 @@ def test_compiled_module_first_call_forward_and_backward_equal_eager(make, empty
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_running_group_norm_one_graph_for_every_length():
-    """The blocked loop over time specialised a compiled graph to T: one recompile per length
-    (FailOnRecompileLimitHit after 8 with fullgraph=True); traced, the time is one block."""
+@pytest.mark.parametrize("make, shape", [
+    (lambda: pyencoder.nn.RunningGroupNorm(4), lambda T: (2, 4, T)),
+    (lambda: pyencoder.nn.BandedSelfAttention(16, 2, left=3, right=1, rope=True),
+     lambda T: (2, T, 16)),
+], ids=["running_norm", "banded_rope"])
+def test_one_compiled_graph_for_every_length(make, shape):
+    """The running norm's blocked loop over time specialised a compiled graph to T (a recompile
+    per length: FailOnRecompileLimitHit after 8 with fullgraph=True); traced, the time is one
+    block. A Rope filled its per-device cache while Dynamo traced: a recompile on the 2nd call."""
     from torch._dynamo.backends.registry import lookup_backend
     graphs = [0]
 
     def counting(gm, example):
         graphs[0] += 1
         return lookup_backend("aot_eager")(gm, example)
-    m = pyencoder.nn.RunningGroupNorm(4).double()
+    m = make().double()
     torch._dynamo.reset()
     try:
         cm = torch.compile(m, backend=counting, fullgraph=True, dynamic=True)
         for T in (5, 9, 14, 23):
-            x = torch.randn(2, 4, T, dtype=torch.float64)
+            x = torch.randn(*shape(T), dtype=torch.float64)
             torch.testing.assert_close(cm(x), m(x), rtol=1e-12, atol=1e-12)
     finally:
         torch._dynamo.reset()
@@ -139,3 +145,15 @@ def test_forward_mode_ad_is_refused_not_a_silent_zero_tangent():
                 f(fwad.make_dual(a, torch.randn_like(a)))
             fwad.make_dual(torch.ones(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
             assert f(a).shape[0] == 1                        # no tangent on a: it runs
+
+
+def test_env_readers_carry_dynamos_constant_mark():
+    """pyencoder._env marks its readers as torch.compiler.assume_constant_result does, without
+    importing torch._dynamo at import: the public call must still set that mark."""
+    def probe():
+        return 1
+    torch.compiler.assume_constant_result(probe)
+    assert probe.__dict__ == {"_dynamo_marked_constant": True}
+    for fn in (_env.env_raw, _env.env_flag, _env.env_choice, _env.env_choice_or_int,
+               _env.env_snapshot):
+        assert fn._dynamo_marked_constant is True

@@ -437,12 +437,15 @@ def test_torch_func_transforms_see_the_registered_op(spy, monkeypatch):
 def test_forward_ad_and_subclasses_take_the_op(spy):
     """Inside a forward-AD dual level, and with a tensor subclass argument, the registered op runs
     (the body's aten ops would otherwise propagate tangents / dispatch to the subclass where the
-    op does not)."""
+    op does not); an input that carries a tangent is refused by name (the op has no forward
+    formula: torch gave its output no tangent, silently)."""
     import torch.autograd.forward_ad as fwAD
     x, w = _r(2, 4, 9), _r(4, 1, 3)
     with fwAD.dual_level():
         assert _call.route((x, w, "reference")) == _call.OP
-        y = _conv_call(fwAD.make_dual(x, torch.randn_like(x)), w)
+        with pytest.raises(NotImplementedError, match="causal_conv1d has no forward-mode AD"):
+            _conv_call(fwAD.make_dual(x, torch.randn_like(x)), w)
+        y = _conv_call(x, w)
         assert fwAD.unpack_dual(y).tangent is None
     assert spy["op"] == ["causal_conv1d"] and spy["fast"] == []
 

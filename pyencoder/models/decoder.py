@@ -281,9 +281,10 @@ class StreamingDecoder(nn.Module):
                        breakdown=[(n, t, h, f, s * K) for n, t, h, f, s in frames.breakdown],
                        lookahead_frames=la)
 
-    # pyencoder.streaming.latency(decoder): this model's own accounting (its input is frames,
-    # its output waveform samples: a walk of its layers would count frames as samples)
-    own_latency = latency
+    def own_latency(self, sample_rate):
+        """pyencoder.streaming.latency(decoder): this model's own accounting (its input is
+        frames, its output waveform samples: a walk of its layers counted frames as samples)."""
+        return self.latency(sample_rate)
 
     def forward_frames(self, x):
         """x (B, T, input_dim) -> (B, T, K) samples per frame."""

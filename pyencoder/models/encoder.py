@@ -122,6 +122,8 @@ class EncoderConfig:
     max_bucket_distance: int = 800               # WavLM: distance of the last (log) bucket
     gated_rel_pos: bool = True                   # WavLM: per-query gate on the bias
     pos_conv_batch_norm: bool = False            # HuBERT: BatchNorm1d before the positional conv
+                                                 # (running statistics in training too: causal;
+                                                 # never updated, so from scratch it is affine)
     adapter_attn_dim: Optional[int] = None       # MMS attention adapters (pre-LN layers only)
     add_adapter: bool = False                    # conv adapter after the encoder
     adapter_hidden_size: Optional[int] = None    # its channels (None: hidden_size)

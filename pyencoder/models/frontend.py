@@ -70,9 +70,9 @@ class FeatureConv1d(StridedConv1d):
     state_type = FeatureConvState
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, bias=True, activation=None,
-                 causal=False):
+                 causal=False, **conv_kwargs):
         super().__init__(in_channels, out_channels, kernel_size, stride, bias=bias,
-                         activation=activation)
+                         activation=activation, **conv_kwargs)
         self.causal = causal
 
     @property

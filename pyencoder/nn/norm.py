@@ -36,7 +36,7 @@ from ..ops import _channel_norm_triton as _cn
 from ..ops import _running_norm_triton as _rn
 from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
                                check_state, check_step_input, check_step_lengths, ends_stream,
-                               fill_counter, inference_step, stamp)
+                               fill_counter, _no_condition, stamp)
 
 __all__ = ["running_norm", "running_norm_torch", "RunningGroupNorm", "RunningNormState",
            "LayerNorm", "frame_batch_norm"]
@@ -155,6 +155,7 @@ class RunningGroupNorm(nn.Module):
         check_state(self, state, RunningNormState)
         check_step_input(x, 1, self.num_channels, state.count.shape[0], state.total.device)
         B, C, n = x.shape
+        given = lengths
         lengths = check_step_lengths(lengths, B, n, x.device)
         if bool((lengths == n).all()):
             y, state.total, state.total_sq = running_norm(x, self.weight, self.bias, self.eps,
@@ -173,9 +174,9 @@ class RunningGroupNorm(nn.Module):
             state.total, state.total_sq = tot, tsq
         state.count = state.count + lengths
         if state.out_lengths is not None:
-            # a copy: the lengths may be the caller's own tensor, which step_fixed's in-place
-            # fill of out_lengths would otherwise overwrite
-            state.out_lengths = lengths.clone()
+            # the caller's own tensor is copied: step_fixed's in-place fill of out_lengths would
+            # otherwise overwrite it
+            state.out_lengths = lengths if given is None else lengths.clone()
         state.out_dtype = x.dtype
         return y, state
 
@@ -185,9 +186,8 @@ class RunningGroupNorm(nn.Module):
         holding the norm never ran its steady step and ``admit`` refused it."""
         if n < 1 or state.count.shape[0] == 0:
             return None
-        return SteadyCheck(n, lambda: None, ())
+        return SteadyCheck(n, _no_condition, ())
 
-    @inference_step
     def step_fixed(self, x, state, check=False, gelu=False):
         """CUDA-graph friendly step: every slot gets the same n frames; the statistics are
         updated in place, without host synchronisation (``check`` is accepted for the

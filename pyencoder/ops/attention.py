@@ -122,8 +122,9 @@ def _lse_backward_inputs(out, dlse):
     dout' * out') = -dlse (out is read for delta only, in float32). In float16 / bfloat16 -dlse
     (float32, as large as a loss scale makes it) is written as 2**a * (hi + lo): a power of two
     in dout' (a in [-14, 15], exact in both dtypes) times a two-term split of the rest in out'
-    (its value and its rounding error, ~16 bits), so |dlse| up to ~2**30 neither overflows nor
-    loses its precision to float16's range."""
+    (its value and its rounding error, ~16 bits; ~11 bits where the head dim is 1), so the
+    pass's inputs hold |dlse| up to ~2**30 (the float16 gradients it yields overflow as they
+    would for such a dout)."""
     if out.dtype in (torch.float32, torch.float64):
         nl = -dlse.to(out.dtype)
         do2, o2 = torch.zeros_like(out), torch.zeros_like(out)
@@ -158,9 +159,11 @@ def _backward(ctx, dout, dlse):
     if dlse is not None:
         do2, o2 = _lse_backward_inputs(out, dlse)
         g2 = _run_backward(ctx, do2, q, k, torch.zeros_like(v), o2, *rest)
-        g2 = (g2[0], g2[1], torch.zeros_like(g2[2])) + tuple(g2[3:])
-        grads = g2 if grads is None else tuple(
-            None if a is None else a + b for a, b in zip(grads, g2))
+        if grads is None:
+            grads = (g2[0], g2[1], torch.zeros_like(g2[2])) + tuple(g2[3:])
+        else:                              # v's gradient is dout's alone
+            grads = tuple(a if i == 2 or a is None else a + b
+                          for i, (a, b) in enumerate(zip(grads, g2)))
     if grads is None:                     # neither output reached the loss
         return (None,) * ctx.n_inputs
     dq, dk, dv, drel, dgate = grads
@@ -367,7 +370,10 @@ def interval_attention(q, k, v, *, mask=None, rope=None, key_lengths=None, q_off
 
     ``return_lse``: also each row's log-sum-exp of its scaled scores, (B, Hq, Nq) float32
     (float64 for float64 inputs; -inf for a row that sees no key); differentiable: a loss that
-    uses it (merging partial attentions by their lse) costs a second backward pass."""
+    uses it (merging partial attentions by their lse) costs a second backward pass. Under
+    torch.compile a compiled region that returns lse runs that pass at every backward (its
+    unused output gets a zero gradient there, not None): return ``lse.detach()`` from it when
+    lse is only logged."""
     mask = as_mask(mask, block, lo_off, hi_off)
     _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale)
     mask.params  # noqa: B018  (raises for a frame-rate mask, naming cross_attention)

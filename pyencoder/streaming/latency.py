@@ -117,6 +117,10 @@ class Latency:
             raise KeyError(key)
         return getattr(self, key)
 
+    def __contains__(self, key):
+        """``"samples" in lat``, as on the dicts it replaced: a field name or an old key."""
+        return isinstance(key, str) and (key in _LEGACY_KEYS or key in self.keys())
+
     def keys(self):
         return [f.name for f in dataclasses.fields(self) if not f.name.startswith("_")] + [
             "lookahead_ms", "attention_ms", "frontend_ms", "adapter_ms"]
@@ -271,6 +275,22 @@ def check_sample_rate(sample_rate):
                          f"{sample_rate!r}")
 
 
+def _own(model):
+    """The module with its own accounting (``own_latency``) that ``model`` is, or holds as its
+    only part (a list of one, an nn.Sequential / ModuleList of one); else None."""
+    while True:
+        if isinstance(model, (list, tuple)) and len(model) == 1:
+            model = model[0]
+        elif isinstance(model, (nn.Sequential, nn.ModuleList)) and len(model) == 1 and \
+                not callable(getattr(model, "own_latency", None)):
+            model = model[0]
+        else:
+            break
+    if isinstance(model, nn.Module) and callable(getattr(model, "own_latency", None)):
+        return model
+    return None
+
+
 def latency(model, sample_rate=16000):
     """Exact algorithmic latency of ``model`` (a module, or a list of modules in order) as a
     ``Latency`` (samples, ms, hop, lookahead_samples, per-module breakdown). Containers without
@@ -282,8 +302,9 @@ def latency(model, sample_rate=16000):
     (``own_latency(sample_rate)``: pyencoder.models.StreamingDecoder, frames in and waveform out)
     returns that."""
     check_sample_rate(sample_rate)
-    if isinstance(model, nn.Module) and callable(getattr(model, "own_latency", None)):
-        return model.own_latency(sample_rate)
+    own = _own(model)
+    if own is not None:
+        return own.own_latency(sample_rate)
     rows = []
     mods = model if isinstance(model, (list, tuple)) else [model]
     if not mods:

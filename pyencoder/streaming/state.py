@@ -711,8 +711,10 @@ def inference_step(fn):
     torch.no_grad / inference_mode."""
     @functools.wraps(fn)
     def wrapped(self, *args, **kwargs):
+        if not torch.is_grad_enabled():       # inference: the step itself, nothing more
+            return fn(self, *args, **kwargs)
         out = fn(self, *args, **kwargs)
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
             return out
         who = f"{type(self).__name__}.{fn.__name__}"
         if isinstance(out, tuple):
