@@ -866,3 +866,21 @@ def test_review_mends_decoder_latency_wrapped_contains_and_feature_conv_kwargs()
     g, = torch.autograd.grad(y.pow(2).sum(), x)
     g_off, = torch.autograd.grad(norm(x).pow(2).sum(), x)
     torch.testing.assert_close(g, g_off, rtol=1e-10, atol=1e-10)
+
+
+def test_running_norm_stream_saved_before_out_lengths_still_loads():
+    """RunningNormState gained out_lengths: a stream saved without it (an earlier release) loads,
+    keeping the fresh state's count of frames out; any other missing key is still refused."""
+    from pyencoder.nn import RunningGroupNorm
+    from pyencoder.streaming.state import StateKeyError
+    norm = RunningGroupNorm(4).double()
+    x = torch.randn(2, 4, 9, dtype=torch.float64)
+    with torch.no_grad():
+        st = norm.init_state(2)
+        norm.step(x[..., :5], st)
+        old = {k: v for k, v in st.state_dict().items() if k != "out_lengths"}
+        st2 = norm.init_state(2).load_state_dict(old)
+        y, _ = norm.step(x[..., 5:], st2)
+    torch.testing.assert_close(y, norm(x)[..., 5:], rtol=1e-12, atol=1e-12)
+    with pytest.raises(StateKeyError, match=r"missing \['count'\]"):
+        norm.init_state(2).load_state_dict({k: v for k, v in old.items() if k != "count"})

@@ -51,6 +51,7 @@ _GPU_BLOCK, _GPU_BLOCK_ELEMS = 1 << 16, 1 << 22
 @dataclasses.dataclass
 class RunningNormState(StreamState):
     stream_counters = ("count",)     # advanced by step_fixed (pyencoder.streaming.state)
+    _added_fields = ("out_lengths",)  # a stream saved before it existed still loads
     count: torch.Tensor      # (B,) int64 frames seen
     total: torch.Tensor      # (B, C) float64 sum
     total_sq: torch.Tensor   # (B, C) float64 sum of squares

@@ -47,6 +47,9 @@ class StreamState:
     config = None      # configuration string of the module that made it (set by ``stamp``)
     ended = False      # set by the module's flush: its streams ended (``ends_stream``)
     _growable = {}     # {field: dim} of buffers whose length may differ between two states
+    # fields added after states were first saved: a saved stream without one loads, keeping the
+    # fresh state's value (RunningNormState.out_lengths: only the last step's frame count)
+    _added_fields = ()
     # (B,) counters a step_fixed advances in place (``fresh_counters`` copies them, with
     # ``out_lengths``, before a general step runs as step_fixed); the fields present are taken
     stream_counters = ("pos", "seen")
@@ -114,7 +117,8 @@ class StreamState:
         cfgs = self.configs()
         states = self.states()
         ended = {p + ENDED_KEY for p in states}      # optional: present for a flushed stream
-        missing = sorted((set(mine) | set(cfgs)) - set(state_dict))
+        added = {p + f for p, st in states.items() for f in type(st)._added_fields}
+        missing = sorted((set(mine) | set(cfgs)) - set(state_dict) - added)
         extra = sorted(set(state_dict) - set(mine) - set(cfgs) - ended)
         if missing or extra:
             raise StateKeyError(f"load_state_dict: state keys do not match; missing {missing}, "
@@ -130,6 +134,8 @@ class StreamState:
                                  f"{state_dict[key]!r}")
         new = {}
         for key, cur in mine.items():
+            if key not in state_dict:            # an added field the saved stream predates
+                continue
             v = state_dict[key]
             if not isinstance(v, torch.Tensor):
                 raise TypeError(f"load_state_dict: {key} must be a torch.Tensor; got "
