@@ -1,10 +1,11 @@
 """FrameCrossAttention.step_fixed: the streaming cross-attention (video frames attending to audio
 features at their own rates) in lockstep steps of whole frames, CUDA-graph capturable.
 
-Checked (float64): bounded frame masks at 1:1, 1:2, 2:1, 16:3 and the chunked form, with and
-without RoPE; after general steps (independent chunkings first, then lockstep until steady),
-step_fixed (check once, then without host synchronisation) == the general step on a copy of the
-state (outputs, out_lengths, every state tensor, in place) and the stream == offline; the
+Checked (float64): bounded frame masks at 1:1, 1:2, 2:1, 16:3 and the chunked form, band and
+chunked masks with sink keys (resident in the state apart from the window), with and without
+RoPE; after general steps (independent chunkings first, then lockstep until steady), step_fixed
+(check once, then without host synchronisation) == the general step on a copy of the state
+(outputs, out_lengths, every state tensor, in place) and the stream == offline; the
 alignment record survives fixed steps and is dropped by load_state_dict and reset (then
 RuntimeError until check=True); clear errors for unbounded history, steps that are not whole
 frames in lockstep, a missing chunk, a state that is not steady; reset() of every slot starts
@@ -31,7 +32,8 @@ from pyencoder.streaming import admit, reset
 
 MASKS = [IntervalMask.frames(1, 1, 2, 1), IntervalMask.frames(1, 2, 1, 1, 1),
          IntervalMask.frames(2, 1, 2, 0), IntervalMask.frames(16, 3, 1, 0, 2),
-         IntervalMask.frame_chunked(2, 3, 2, 1, 1)]
+         IntervalMask.frame_chunked(2, 3, 2, 1, 1), IntervalMask.band(2, 1, sink=2),
+         IntervalMask.chunked(2, 1, 1, sink=3), IntervalMask.band(1, 0, sink=6)]
 
 
 def _module(mask, rope, seed=0, dtype=torch.float64):
@@ -248,29 +250,31 @@ def test_admit_refusals():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mask", [IntervalMask.frames(1, 2, 2, 1),
+                                  IntervalMask.band(2, 1, sink=2)], ids=repr)
 @pytest.mark.parametrize("rope", [False, True])
-def test_cuda_graph_cross_attention(rope):
-    mask = IntervalMask.frames(1, 2, 2, 1)
+def test_cuda_graph_cross_attention(rope, mask):
     m = _module(mask, rope, dtype=torch.float32).cuda()
     B, F = 2, 2
+    nq, nk = F * mask.block, F * mask.k_block
     xq = torch.randn(B, 200, 16, device="cuda")
     xkv = torch.randn(B, 400, 12, device="cuda")
     with torch.no_grad():
         st, _, tq, tk = _warm(m, xq, xkv, F, random.Random(5))
         eager = m.init_state(B)
         eager.load_state_dict(st.state_dict())
-        m.step_fixed(xq[:, tq:tq + F], xkv[:, tk:tk + 2 * F], eager, check=True)
-        qb, kb = xq[:, tq:tq + F].clone(), xkv[:, tk:tk + 2 * F].clone()
+        m.step_fixed(xq[:, tq:tq + nq], xkv[:, tk:tk + nk], eager, check=True)
+        qb, kb = xq[:, tq:tq + nq].clone(), xkv[:, tk:tk + nk].clone()
         m.step_fixed(qb, kb, st, check=True)
         g, yb = _capture(lambda: m.step_fixed(qb, kb, st))    # the warm-up ran one step
-        tq, tk = tq + F, tk + 2 * F
-        m.step_fixed(xq[:, tq:tq + F], xkv[:, tk:tk + 2 * F], eager)
+        tq, tk = tq + nq, tk + nk
+        m.step_fixed(xq[:, tq:tq + nq], xkv[:, tk:tk + nk], eager)
         for _ in range(6):
-            tq, tk = tq + F, tk + 2 * F
-            qb.copy_(xq[:, tq:tq + F])
-            kb.copy_(xkv[:, tk:tk + 2 * F])
+            tq, tk = tq + nq, tk + nk
+            qb.copy_(xq[:, tq:tq + nq])
+            kb.copy_(xkv[:, tk:tk + nk])
             g.replay()
-            ye = m.step_fixed(xq[:, tq:tq + F], xkv[:, tk:tk + 2 * F], eager)
+            ye = m.step_fixed(xq[:, tq:tq + nq], xkv[:, tk:tk + nk], eager)
             torch.cuda.synchronize()
             assert rel_err(yb, ye) <= 1e-5
 

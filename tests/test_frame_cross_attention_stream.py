@@ -1,8 +1,9 @@
 """pyencoder.nn.FrameCrossAttention (issue 15 item 3): offline forward against a plain-torch
 composition over the dense float64 oracle; streaming == offline over random chunkings of both
 streams (chunked independently), for frame ratios 1:1, 1:2, 2:1, 16:3, the chunked form,
-unbounded history and RoPE; a query frame is emitted exactly when the keys it needs have arrived
-(latency); state round trip and refusals."""
+unbounded history, sink keys (band / chunked, sinks inside and beyond the window) and RoPE; a
+query frame is emitted exactly when the keys it needs have arrived (latency, the last sink key);
+state round trip (also of a stream saved before the state held sink keys) and refusals."""
 import random
 
 import pytest
@@ -15,7 +16,9 @@ from oracle import dense_attention
 
 MASKS = [IntervalMask.frames(1, 1, 2, 1), IntervalMask.frames(1, 2, 1, 1, 1),
          IntervalMask.frames(2, 1, 2, 0), IntervalMask.frames(16, 3, 1, 0, 2),
-         IntervalMask.frame_chunked(2, 3, 2, 1, 1), IntervalMask.frames(3, 2, None, 1)]
+         IntervalMask.frame_chunked(2, 3, 2, 1, 1), IntervalMask.frames(3, 2, None, 1),
+         IntervalMask.band(2, 1, sink=2), IntervalMask.chunked(2, 1, 1, sink=3),
+         IntervalMask.band(1, 0, sink=6), IntervalMask.band(None, 1, sink=2)]
 
 
 def _chunks(rng, T):
@@ -138,12 +141,14 @@ def test_slots_at_different_positions_are_refused():
     assert y.shape[0] == 2 and torch.equal(st.q_pos, torch.tensor([4, 4]))
 
 
-def test_sink_keys_offline_only():
-    """A mask with sink keys: the offline forward takes it (the dense float64 oracle with the
-    sinks visible); streaming is refused (the stream drops keys below the window, sink keys
-    too: it gave outputs 0.77 away from offline before)."""
+def test_sink_keys_offline_and_streamed():
+    """A mask with sink keys: the offline forward against the dense float64 oracle with the sinks
+    visible; the stream keeps the sink keys resident once the window drops them (it gave outputs
+    0.77 away from offline when it dropped them, and was refused since) and equals offline, with
+    RoPE too; a query waits for the last sink key; a stream saved before the state held sink keys
+    (no sink_k / sink_v) still loads."""
     torch.manual_seed(3)
-    mask = IntervalMask.band(2, 1, sink=2)
+    mask = IntervalMask.band(2, 1, sink=4)
     m = FrameCrossAttention(8, 2, mask=mask).double()
     xq, xkv = torch.randn(1, 12, 8).double(), torch.randn(1, 12, 8).double()
     with torch.no_grad():
@@ -151,9 +156,51 @@ def test_sink_keys_offline_only():
         q, k, v = (m._heads(x, p) for x, p in ((xq, m.q_proj), (xkv, m.k_proj),
                                                (xkv, m.v_proj)))
         vis = mask.dense(12, 12)
-        assert vis[:, :2].all() and not vis[6:, 2:4].any()     # sinks seen, the gap not
+        assert vis[:, :4].all() and not vis[8:, 4:6].any()     # sinks seen, the gap not
         o = dense_attention(q, k, v, vis)
         want = m.out_proj(o.transpose(1, 2).reshape(1, 12, 8))
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    with pytest.raises(ValueError, match="cannot stream a mask with sink keys"):
-        m.init_state(1)
+    assert [m.last_key(p) for p in range(4)] == [3, 3, 3, 4] and m.latency() == 1
+    for rope in (False, True):
+        torch.manual_seed(4)
+        m = FrameCrossAttention(8, 2, mask=mask, rope=rope).double()
+        xq, xkv = torch.randn(2, 40, 8).double(), torch.randn(2, 40, 8).double()
+        with torch.no_grad():
+            ref = m(xq, xkv)
+            st = m.init_state(2, dtype=torch.float64)
+            y0, st = m.step(xq[:, :10], xkv[:, :3], st)        # the 4th sink key not here yet
+            assert y0.shape[1] == 0
+            y1, st = m.step(None, xkv[:, 3:20], st)
+            assert y1.shape[1] == 10 and int(st.k_pos[0]) - st.k.shape[2] > 4   # sinks apart
+            assert torch.equal(st.sink_k, m._heads(xkv[:, :4], m.k_proj))
+            y2, st = m.step(xq[:, 10:], xkv[:, 20:], st)
+            y3, st = m.flush(st)
+        torch.testing.assert_close(torch.cat([y0, y1, y2, y3], 1), ref, rtol=1e-10, atol=1e-10)
+    # a stream of a mask without sinks saved before the state had sink_k / sink_v
+    plain = FrameCrossAttention(8, 2, mask=IntervalMask.frames(1, 2, 1, 0))
+    st = plain.init_state(1)
+    _, st = plain.step(torch.randn(1, 3, 8), torch.randn(1, 5, 8), st)
+    old = {k: v for k, v in st.state_dict().items() if k not in ("sink_k", "sink_v")}
+    back = plain.init_state(1).load_state_dict(old)
+    assert back.sink_k.shape == (1, 2, 0, 4) and torch.equal(back.k, st.k)
+
+
+def test_step_fixed_waits_for_the_sink_keys_to_leave_the_window():
+    """step_fixed reads every sink key from the state: while the buffer still holds sink keys it
+    is refused by name (check=True), then it runs == the general step."""
+    torch.manual_seed(5)
+    m = FrameCrossAttention(8, 2, mask=IntervalMask.band(1, 0, sink=6)).double()
+    xq, xkv = torch.randn(1, 30, 8).double(), torch.randn(1, 30, 8).double()
+    st = m.init_state(1, dtype=torch.float64)
+    with torch.no_grad():
+        _, st = m.step(xq[:, :2], xkv[:, :2], st)
+        with pytest.raises(ValueError, match="still hold sink keys"):
+            m.step_fixed(xq[:, 2:4], xkv[:, 2:4], st, check=True)
+        t = 2
+        while int(st.k_pos[0]) - st.k.shape[2] < 6:
+            _, st = m.step(xq[:, t:t + 2], xkv[:, t:t + 2], st)
+            t += 2
+        ref = m.init_state(1, dtype=torch.float64).load_state_dict(st.state_dict())
+        y = m.step_fixed(xq[:, t:t + 2], xkv[:, t:t + 2], st, check=True)
+        y2, _ = m.step(xq[:, t:t + 2], xkv[:, t:t + 2], ref)
+    torch.testing.assert_close(y, y2, rtol=1e-12, atol=1e-12)

@@ -14,15 +14,22 @@ advances all slots of a batch together (one position; a state whose slots stand 
 refused); ``step_fixed`` (lockstep steps of whole frames, CUDA graphs) serves slots at different
 positions whose mask pattern agrees, so ``pyencoder.streaming.admit`` / ``CudaGraphStep.admit``
 start a new stream in one slot of a running batch (its first chunks as (x_q, x_kv) tuples, fed
-as the batch's streams were: whole frames of both streams in lockstep from its start). A mask
-with sink keys streams not at all (ValueError at ``init_state``; offline it works). Projected
+as the batch's streams were: whole frames of both streams in lockstep from its start). Projected
 queries wait (un-rotated) until every key they see has arrived: query
-p is emitted once ``mask.hi(p) + 1`` keys have arrived (``last_key(p)``), or by ``flush``; the
-emitted queries attend over the buffered keys with the same op as offline, at their absolute
-positions, so streamed output equals offline output up to summation order. Keys no pending or
-future query can see (below ``mask.lo`` of the oldest pending query) are dropped; with
-unbounded history (left=None) every key is kept, up to ``max_context`` keys, then ``step``
-raises.
+p is emitted once ``last_key(p) + 1`` keys have arrived (``mask.hi(p)``, or the last sink key
+where that is later), or by ``flush``; the emitted queries attend over the buffered keys with
+the same op as offline, at their absolute positions, so streamed output equals offline output up
+to summation order. Keys no pending or future query can see (below ``mask.lo`` of the oldest
+pending query) are dropped; with unbounded history (left=None) every key is kept, up to
+``max_context`` keys, then ``step`` raises.
+
+Sink keys (a mask with ``sink`` = S, query and key frames of one size): the keys at positions
+< S stay resident in ``state.sink_k`` / ``sink_v`` (a copy made as they arrive) when the window
+drops them. The emitted queries then attend over [the resident sink keys the window dropped,
+the buffered keys] in one op call: where the two are apart (keys S .. k_start - 1 dropped), the
+sink keys are placed just below the buffer, at positions k_start - S .. k_start - 1, under the
+same interval with ``sink`` = k_start (so exactly they are visible to every query, as the sink
+keys are offline), and RoPE rotates every key at its true position before the call.
 
 Latency (the streaming protocol's terms, pyencoder.streaming.latency): on the query stream the
 module is per-frame (``hop`` = 1, ``lookahead`` = 0: output p needs query p only); on the key
@@ -55,9 +62,12 @@ class CrossAttentionState(StreamState):
     q_pos: torch.Tensor        # (B,) int64 queries received so far
     k_pos: torch.Tensor        # (B,) int64 keys received so far
     out_lengths: torch.Tensor  # (B,) int64 frames emitted by the last step / flush
+    sink_k: torch.Tensor       # (B, H, sink, D) projected, un-rotated keys of positions < sink
+    sink_v: torch.Tensor       # (B, H, sink, D) (positions >= k_pos: not arrived yet, zeros)
 
     _growable = {"q": 2, "k": 2, "v": 2}
     _fresh_empty = True        # a fresh stream (admit's private state) buffers nothing
+    _added_fields = ("sink_k", "sink_v")   # saved before sink keys streamed: none (sink = 0)
 
     def reset(self, mask):
         """All slots at once (the general step gives them one position): back to a fresh stream,
@@ -74,6 +84,7 @@ class CrossAttentionState(StreamState):
         B, H, _, D = self.q.shape
         self.q = self.q.new_zeros(B, H, 0, D)
         self.k, self.v = self.k.new_zeros(B, H, 0, D), self.v.new_zeros(B, H, 0, D)
+        self.sink_k, self.sink_v = torch.zeros_like(self.sink_k), torch.zeros_like(self.sink_v)
         for t in (self.q_pos, self.k_pos, self.out_lengths):
             t.zero_()
         self.ended = False          # every slot restarts (a flushed state may stream again)
@@ -129,12 +140,20 @@ class FrameCrossAttention(nn.Module):
     # ---- latency ------------------------------------------------------------------------------
     def latency(self):
         """Key positions a query frame waits for past the end of its own key frame (worst case
-        over its rows): mask.hi_off - mask.k_block + 1."""
+        over its rows): mask.hi_off - mask.k_block + 1. With sink keys it is the same (as for
+        self-attention): only a stream's first queries wait longer, for the last sink key
+        (``last_key``)."""
         return self.mask.hi_off - self.mask.k_block + 1
 
     def last_key(self, p):
-        """The last key position query position p sees (p an int or an integer tensor)."""
-        return self.mask.hi(p)
+        """The last key position query position p waits for (p an int or an integer tensor):
+        mask.hi(p), or the last sink key where that is later."""
+        hi = self.mask.hi(p)
+        if not self.mask.sink:
+            return hi
+        if isinstance(hi, torch.Tensor):
+            return hi.clamp(min=self.mask.sink - 1)
+        return max(hi, self.mask.sink - 1)
 
     # ---- offline --------------------------------------------------------------------------------
     def _heads(self, x, proj):
@@ -145,6 +164,27 @@ class FrameCrossAttention(nn.Module):
         B, _, T, _ = q.shape
         o = cross_attention(q, k, v, mask=self.mask, rope=self.rope, key_lengths=key_lengths,
                             q_offset=q_offset, k_offset=k_offset)
+        return self.out_proj(o.transpose(1, 2).reshape(B, T, self.embed_dim))
+
+    def _attend_sinks(self, q, k, v, sink_k, sink_v, p0, k_start, q_positions, k_positions):
+        """The emitted queries q (positions ``q_positions``, the first at p0 for the mask) over
+        [the resident sink keys the window dropped, the buffered keys k from k_start]: one op
+        call, the sink keys placed just below the buffer and visible to every query (module
+        docstring); RoPE rotates at the true positions (``q_positions`` / ``k_positions``: (N,)
+        or (B, N)) before the call."""
+        S = self.mask.sink
+        ns = min(S, k_start)
+        ks, vs = sink_k[:, :, :ns], sink_v[:, :, :ns]
+        if self.rope is not None:
+            sp = torch.arange(ns, device=k.device)
+            if k_positions.dim() == 2:
+                sp = sp.expand(k.shape[0], ns)
+            q = self.rope.rotate(q, q_positions)
+            ks, k = self.rope.rotate(ks, sp), self.rope.rotate(k, k_positions)
+        B, _, T, _ = q.shape
+        o = cross_attention(q, torch.cat([ks, k], 2), torch.cat([vs, v], 2),
+                            mask=self.mask.with_sink(max(S, k_start)), rope=None, q_offset=p0,
+                            k_offset=k_start - ns)
         return self.out_proj(o.transpose(1, 2).reshape(B, T, self.embed_dim))
 
     def forward(self, x_q, x_kv, key_lengths=None):
@@ -162,20 +202,17 @@ class FrameCrossAttention(nn.Module):
 
     # ---- streaming ------------------------------------------------------------------------------
     def init_state(self, batch_size, *, device=None, dtype=None):
-        if self.mask.sink:
-            # the stream drops the keys below the oldest pending query's window, sink keys too
-            # (they would need a resident buffer apart from the window, at a gap in positions
-            # the op cannot express): refused rather than streamed wrong
-            raise ValueError(f"FrameCrossAttention cannot stream a mask with sink keys "
-                             f"({self.mask!r}); its offline forward takes it")
         check_init_args(batch_size, dtype, device, self)
         dev = self.q_proj.weight.device if device is None else device
         dt = self.q_proj.weight.dtype if dtype is None else dtype
         empty = torch.zeros(batch_size, self.num_heads, 0, self.head_dim, device=dev, dtype=dt)
+        sinks = torch.zeros(batch_size, self.num_heads, self.mask.sink, self.head_dim,
+                            device=dev, dtype=dt)
         zeros = torch.zeros(batch_size, dtype=torch.int64, device=dev)
         return stamp(self, CrossAttentionState(q=empty, k=empty.clone(), v=empty.clone(),
                                                q_pos=zeros, k_pos=zeros.clone(),
-                                               out_lengths=zeros.clone()))
+                                               out_lengths=zeros.clone(), sink_k=sinks,
+                                               sink_v=sinks.clone()))
 
     def _check_chunk(self, name, x, dim, B):
         if x is None:
@@ -190,6 +227,8 @@ class FrameCrossAttention(nn.Module):
         if final:
             return n_pending
         m = self.mask
+        if n_keys < m.sink:                 # every query waits for the last sink key
+            return 0
         need = n_keys - m.hi_off            # hi(p) < n_keys  <=>  (p // block) * k_block < need
         if need <= 0:
             return 0
@@ -212,6 +251,7 @@ class FrameCrossAttention(nn.Module):
         x_q = self._check_chunk("x_q", x_q, self.embed_dim, B)
         x_kv = self._check_chunk("x_kv", x_kv, self.kv_dim, B)
         q, k, v = state.q, state.k, state.v
+        sink_k, sink_v = state.sink_k, state.sink_v
         # one host read; slots at different positions (a state edited or copied per slot) would
         # all be stepped at slot 0's: refused
         q_pos, k_pos = _shared_positions(state)
@@ -219,8 +259,15 @@ class FrameCrossAttention(nn.Module):
             q = torch.cat([q, self._heads(x_q, self.q_proj).to(q.dtype)], 2)
             q_pos += x_q.shape[1]
         if x_kv is not None and x_kv.shape[1]:
-            k = torch.cat([k, self._heads(x_kv, self.k_proj).to(k.dtype)], 2)
-            v = torch.cat([v, self._heads(x_kv, self.v_proj).to(v.dtype)], 2)
+            kh = self._heads(x_kv, self.k_proj).to(k.dtype)
+            vh = self._heads(x_kv, self.v_proj).to(v.dtype)
+            k, v = torch.cat([k, kh], 2), torch.cat([v, vh], 2)
+            n_sink = min(self.mask.sink, k_pos + x_kv.shape[1]) - k_pos
+            if n_sink > 0:      # sink keys arriving: a resident copy (new tensors: the old
+                # state stays what it was)
+                sink_k, sink_v = (torch.cat([s[:, :, :k_pos], h[:, :, :n_sink],
+                                             s[:, :, k_pos + n_sink:]], 2)
+                                  for s, h in ((sink_k, kh), (sink_v, vh)))
             k_pos += x_kv.shape[1]
         if k.shape[2] > self.max_context:
             raise RuntimeError(f"FrameCrossAttention: {k.shape[2]} buffered keys exceed "
@@ -230,7 +277,12 @@ class FrameCrossAttention(nn.Module):
         k_start = k_pos - k.shape[2]
         e = self._emittable(p0, q.shape[2], k_pos, final)
         if e:
-            y = self._attend(q[:, :, :e], k, v, p0, k_start)
+            if self.mask.sink and k_start:
+                y = self._attend_sinks(q[:, :, :e], k, v, sink_k, sink_v, p0, k_start,
+                                       p0 + torch.arange(e, device=q.device),
+                                       torch.arange(k.shape[2], device=k.device) + k_start)
+            else:
+                y = self._attend(q[:, :, :e], k, v, p0, k_start)
             q = q[:, :, e:]
         else:
             y = q.new_zeros(B, 0, self.embed_dim)
@@ -240,7 +292,8 @@ class FrameCrossAttention(nn.Module):
         dev = state.q_pos.device
         full = lambda n: torch.full((B,), n, dtype=torch.int64, device=dev)  # noqa: E731
         new = stamp(self, CrossAttentionState(q=q, k=k, v=v, q_pos=full(q_pos), k_pos=full(k_pos),
-                                              out_lengths=full(e)))
+                                              out_lengths=full(e), sink_k=sink_k,
+                                              sink_v=sink_v))
         _record_align(new, q_pos - q.shape[2], k_pos - k.shape[2])
         return y, new
 
@@ -303,6 +356,8 @@ class FrameCrossAttention(nn.Module):
         queries from p0 and K keys from k_start emits n_q queries and keeps P and K (then every
         later lockstep step does too: the mask shifts by n_k keys per n_q queries)."""
         m = self.mask
+        if k_start < m.sink:    # sink keys still in the buffer: not every one resident apart
+            return False
         k_pos = k_start + K + n_k
         e = self._emittable(p0, P + n_q, k_pos, False)
         keep_from = min(max(m.lo(p0 + e), k_start), k_pos)
@@ -347,11 +402,13 @@ class FrameCrossAttention(nn.Module):
                                  f"serves the batch (admit streams fed whole frames of both "
                                  f"streams from their start)")
             if B and not self._steady_after(qp[0] - P, P, kp[0] - K, K, n_q, n_k):
-                raise ValueError(
-                    f"FrameCrossAttention.step_fixed needs a steady state: {P} pending queries "
-                    f"from {qp[0] - P} and {K} keys from {kp[0] - K} do not keep their counts "
-                    f"over a step of {n_q} queries and {n_k} keys (run general steps in "
-                    f"lockstep first)")
+                why = (f"the buffered keys from {kp[0] - K} still hold sink keys (the fixed step "
+                       f"reads all {m.sink} from the state, apart from the window)"
+                       if kp[0] - K < m.sink else
+                       f"{P} pending queries from {qp[0] - P} and {K} keys from {kp[0] - K} do "
+                       f"not keep their counts over a step of {n_q} queries and {n_k} keys")
+                raise ValueError(f"FrameCrossAttention.step_fixed needs a steady state: {why} "
+                                 f"(run general steps in lockstep first)")
             if B:
                 _record_align(state, qp[0] - P, kp[0] - K)
         align = _recorded_align(state)
@@ -366,14 +423,21 @@ class FrameCrossAttention(nn.Module):
         vcat = torch.cat([state.v, self._heads(x_kv, self.v_proj).to(dt)], 2)
         qe = qcat[:, :, :n_q]
         rope, ke = self.rope, kcat
-        if rope is not None:
-            # at the positions the device holds (the recorded alignment may be whole periods
-            # behind a graph's replays; the mask pattern is the same there, the rotation not)
+        # RoPE at the positions the device holds (the recorded alignment may be whole periods
+        # behind a graph's replays; the mask pattern is the same there, the rotation not)
+        if rope is not None or m.sink:
             ar = torch.arange(max(n_q, K + n_k), device=qcat.device)
-            qe = rope.rotate(qe, (state.q_pos - P)[:, None] + ar[None, :n_q])
-            ke = rope.rotate(kcat, (state.k_pos - K)[:, None] + ar[None, :K + n_k])
-        o = cross_attention(qe, ke, vcat, mask=m, rope=None, q_offset=p0, k_offset=k_start)
-        y = self.out_proj(o.transpose(1, 2).reshape(B, n_q, self.embed_dim))
+            qp = (state.q_pos - P)[:, None] + ar[None, :n_q]
+            kp = (state.k_pos - K)[:, None] + ar[None, :K + n_k]
+        if m.sink:
+            # steady: every sink key resident apart (k_start >= sink), read from the state
+            y = self._attend_sinks(qe, kcat, vcat, state.sink_k, state.sink_v, p0, k_start, qp,
+                                   kp)
+        else:
+            if rope is not None:
+                qe, ke = rope.rotate(qe, qp), rope.rotate(kcat, kp)
+            o = cross_attention(qe, ke, vcat, mask=m, rope=None, q_offset=p0, k_offset=k_start)
+            y = self.out_proj(o.transpose(1, 2).reshape(B, n_q, self.embed_dim))
         state.q.copy_(qcat[:, :, n_q:])
         state.k.copy_(kcat[:, :, n_k:])
         state.v.copy_(vcat[:, :, n_k:])
