@@ -101,7 +101,7 @@ class PaddedConv1d(FeatureConv1d):
         B = x.shape[0]
         if m == 0:                               # n == 0: nothing moves
             fill_counter(state, 0)
-            return x.new_zeros(B, self.out_channels, 0)
+            return self._empty(x, B)
         cat = torch.cat((state.buf, x), -1) if k > 1 else x
         win = self._gather_windows(cat, state.seen, (m - 1) * s + k)
         if self.activation is None:

@@ -98,7 +98,7 @@ class FeatureConv1d(StridedConv1d):
         B, C, L = x.shape
         n = (L - k) // s + 1 if L >= k else 0
         if n == 0:
-            return x.new_zeros(B, self.out_channels, 0)
+            return self._empty(x, B)
         x = x[..., :(n - 1) * s + k]
         init = x[..., :k - s].contiguous() if k > s else None
         return causal_conv1d(x[..., k - s:], self.weight, self.bias, stride=s, groups=self.groups,
@@ -186,7 +186,7 @@ class FeatureConv1d(StridedConv1d):
         x = x.to(state.buf.dtype)
         m = n // s
         if m == 0:
-            y = x.new_zeros(x.shape[0], self.out_channels, 0)
+            y = self._empty(x, x.shape[0])
         elif held == k - s and k - 1 <= n:
             # the general step's cat(buf tail, x) without the cat: the k - s held samples are the
             # conv's initial state (a strided view of the buffer, no copy kernel), x its input
@@ -211,7 +211,7 @@ class FeatureConv1d(StridedConv1d):
     def flush(self, state):
         check_state(self, state, FeatureConvState)
         state.out_lengths = torch.zeros_like(state.seen)
-        return state.buf.new_zeros(state.buf.shape[0], self.out_channels, 0), state
+        return self._empty(state.buf, state.buf.shape[0]), state
 
 
 class ChannelLayerNorm(nn.LayerNorm):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .._checks import check_int, check_module_input
-from ..ops.conv import causal_conv1d, causal_conv1d_update
+from ..ops.conv import autocast_dtype, causal_conv1d, causal_conv1d_update
 from ..streaming import state as _state
 from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
                                check_state, check_step_lengths, check_step_slots, ends_stream,
@@ -116,6 +116,11 @@ class StridedConv1d(nn.Conv1d):
             cache[(L, device)] = rows
         return rows
 
+    def _empty(self, like, B):
+        """No frames: (B, C_out, 0) on ``like``'s device, in the dtype a conv over it computes in
+        (under autocast the autocast dtype, as the frames of other steps)."""
+        return like.new_zeros(B, self.out_channels, 0, dtype=autocast_dtype(like))
+
     def _gather_windows(self, cat, seen, L):
         """Each slot's L samples of cat (B, C, T) from its own window start, read on the device
         from its ``seen`` (no host synchronisation): (B, C, L)."""
@@ -124,10 +129,11 @@ class StridedConv1d(nn.Conv1d):
         return torch.gather(cat, 2, rows[:, None, :].expand(B, C, L))
 
     def _stack_slots(self, ys, like):
-        """Per-slot outputs ys[b] (C_out, m_b) as one (B, C_out, max m_b) tensor of ``like``'s
-        dtype and device, zeros after slot b's m_b frames."""
+        """Per-slot outputs ys[b] (C_out, m_b) as one (B, C_out, max m_b) tensor on ``like``'s
+        device in the dtype a conv over it computes in (``autocast_dtype``), zeros after slot b's
+        m_b frames."""
         m = max(t.shape[-1] for t in ys)
-        y = like.new_zeros(len(ys), self.out_channels, m)
+        y = like.new_zeros(len(ys), self.out_channels, m, dtype=autocast_dtype(like))
         for b, yb in enumerate(ys):
             y[b, :, :yb.shape[-1]] = yb
         return y
@@ -186,8 +192,11 @@ class CausalConv1d(StridedConv1d):
         records = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, w, self.bias, state.hist))
         if uniform and n == 0:
-            y = x.new_zeros(B, self.out_channels, 0)
-        elif uniform and s == 1 and k > 1 and not records:
+            y = self._empty(x, B)
+        elif uniform and s == 1 and k > 1 and not records \
+                and autocast_dtype(state.hist) == state.hist.dtype:
+            # (under autocast, a history of another dtype: the cat path, which computes in the
+            # autocast dtype as the offline forward does; the update computes in the state's)
             y = causal_conv1d_update(x, state.hist, w, self.bias, groups=self.groups,
                                      activation=self.activation)
         elif uniform:
@@ -274,4 +283,4 @@ class CausalConv1d(StridedConv1d):
         check_state(self, state, ConvState)
         B = state.seen.shape[0]
         state.out_lengths = torch.zeros_like(state.seen)
-        return state.hist.new_zeros(B, self.out_channels, 0), state
+        return self._empty(state.hist, B), state

@@ -123,6 +123,30 @@ def _(x, state, weight, bias, state_indices, groups, activation, backend):
     return x.new_empty(x.shape[0], weight.shape[0], x.shape[-1])
 
 
+def autocast_dtype(t):
+    """The dtype a conv over ``t`` computes in: under autocast on t's device the autocast dtype
+    (F.conv1d's rule: floating tensors other than float64 are cast), else t's own."""
+    if _autocasting(t) and t.dtype != torch.float64 and t.dtype.is_floating_point:
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
+
+
+def _autocasting(x):
+    if not isinstance(x, torch.Tensor) or x.device.type == "meta":
+        return False
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:        # a device type autocast does not know
+        return False
+
+
+def _cast(dtype, *ts):
+    """``ts`` in ``dtype`` where they are floating tensors other than float64 (autocast's rule; a
+    differentiable cast, none where equal); anything else as given (the checks name it)."""
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype.is_floating_point
+                 and t.dtype not in (dtype, torch.float64) else t for t in ts)
+
+
 def _check_weight(x, weight, bias, groups):
     check_tensor("weight", weight, 3)
     check_same("weight", weight, "x", x)
@@ -160,10 +184,21 @@ def causal_conv1d(x, weight, bias=None, *, stride=1, groups=1, activation=None,
     the bias. With ``return_final_state`` returns (y, final_state), the state to pass as
     ``initial_state`` for the input that follows sample (L // stride) * stride; without it, an
     eager call that autograd does not record computes no final state (the cuda and triton
-    backends launch the conv alone)."""
+    backends launch the conv alone). Under autocast, as F.conv1d: x, weight, bias and
+    initial_state are cast to the autocast dtype (float64 ones kept), so is the output."""
     check_tensor("x", x, 3)
     check_float_dtype("x", x)
     refuse_forward_ad("causal_conv1d", x, weight, bias, initial_state)
+    if _autocasting(x):
+        # as F.conv1d: the floating inputs in the autocast dtype; the op then runs without
+        # autocast (the plain-torch backend's own ops would cast again, the kernels do not)
+        dev = x.device.type
+        x, weight, bias, initial_state = _cast(torch.get_autocast_dtype(dev), x, weight, bias,
+                                               initial_state)
+        with torch.autocast(dev, enabled=False):
+            return causal_conv1d(x, weight, bias, stride=stride, groups=groups,
+                                 activation=activation, initial_state=initial_state,
+                                 return_final_state=return_final_state, backend=backend)
     k = _check_weight(x, weight, bias, groups)
     check_int("stride", stride, min_value=1)
     if k < stride:
@@ -205,10 +240,21 @@ def causal_conv1d_update(x, state, weight, bias=None, *, groups=1, activation=No
     ``state_indices`` (B,) int, ``state`` is a pool (S, C_in, k - 1) and row b uses slot
     state_indices[b] (-1: padding, output zeros; other slots at most once). The index checks read
     the indices on the host, except under torch.compile and during CUDA graph capture. Returns
-    y (B, C_out, t), equal to the offline causal conv over the concatenated stream."""
+    y (B, C_out, t), equal to the offline causal conv over the concatenated stream. Under
+    autocast the step computes in ``state``'s dtype (the state is updated in place, so it is
+    not cast): x, weight and bias are cast to it."""
     check_tensor("x", x, 3)
     check_float_dtype("x", x)
     refuse_forward_ad("causal_conv1d_update", x, state, weight, bias)
+    if _autocasting(x) and isinstance(state, torch.Tensor):
+        # under autocast the step computes in its state's dtype (updated in place: not cast),
+        # without autocast (the plain-torch backend's own ops would cast)
+        dev = x.device.type
+        x, weight, bias = _cast(state.dtype, x, weight, bias)
+        with torch.autocast(dev, enabled=False):
+            return causal_conv1d_update(x, state, weight, bias, groups=groups,
+                                        activation=activation, state_indices=state_indices,
+                                        backend=backend)
     k = _check_weight(x, weight, bias, groups)
     _check_activation(activation)
     check_tensor("state", state, 3)
