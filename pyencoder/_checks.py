@@ -1,6 +1,7 @@
 """Input validation shared by the public ops: errors name the argument, what was expected and what
 was given."""
 import math
+import numbers
 import operator
 
 import torch
@@ -140,10 +141,14 @@ def check_eps(name, eps):
 
 
 def check_scale(scale):
+    """None or a finite non-zero real number (a Python or numpy int / float, not a bool or a
+    tensor: SDPA's ``scale`` is a float too)."""
     if scale is None:
         return
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
-            or scale == 0:
+    if isinstance(scale, (bool, torch.Tensor)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be None or a finite non-zero float; got "
+                        f"{type(scale).__name__} {scale!r}")
+    if not math.isfinite(scale) or scale == 0:
         raise ValueError(f"scale must be None or a finite non-zero float; got {scale!r}")
 
 

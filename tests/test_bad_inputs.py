@@ -137,7 +137,7 @@ def _attn_bad():
         ("q_offset bool", lambda be: band(be, q, k, v, q_offset=True), TypeError, ["q_offset"]),
         ("k_offset negative", lambda be: band(be, q, k, v, k_offset=-1), ValueError,
          ["k_offset"]),
-        ("scale str", lambda be: band(be, q, k, v, scale="1"), ValueError, ["scale"]),
+        ("scale str", lambda be: band(be, q, k, v, scale="1"), TypeError, ["scale"]),
         ("scale nan", lambda be: band(be, q, k, v, scale=float("nan")), ValueError, ["scale"]),
         ("rope type", lambda be: band(be, q, k, v, rope=8), TypeError, ["rope"]),
         ("rope dim", lambda be: band(be, q, k, v, rope=Rope(16)), ValueError, ["rope.dim"]),

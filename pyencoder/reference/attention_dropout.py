@@ -25,11 +25,13 @@ Non-finite inputs poison exactly the rows that see them (NaN rows, the rule of
 pyencoder.reference.attention; the keep-masks drawn are the same); autograd then gives those rows
 zero (not NaN) gradients, and a non-finite upstream gradient is not contained.
 """
+import math
+
 import torch
 
 from ..mask import IntervalMask
 from .attention import (key_limit, min_key_length, rotate, tile_bias, tile_scores, query_tiles,
-                        all_finite, finite_or_zero, nonfinite_rows, poisoned_rows,
+                        finite_or_zero, magnitudes, nonfinite_rows, poisoned_rows,
                         visible_key_ranges)
 
 
@@ -46,7 +48,7 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     mask = IntervalMask(block, lo_off, hi_off)
-    if not all_finite(q, k, v):
+    if not all(math.isfinite(m) for m in magnitudes(q, k, v)):
         ranges = visible_key_ranges(Nq, B, key_lengths, Nk, mask, q_offset, k_offset, q.device)
         bad = poisoned_rows(nonfinite_rows(q), nonfinite_rows(k) | nonfinite_rows(v), ranges, Hq)
         res = forward(finite_or_zero(q), finite_or_zero(k), finite_or_zero(v), inv_freq,
@@ -72,11 +74,18 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
         qt = rotate(q[:, :, i0:i1], q_offset + i0, inv_freq, interleaved, cdt) * scale
         qt = qt.reshape(B * Hk, g * tq, D)
         bias = tile_bias(i0, i1, j0, j1, mask, q_offset, k_offset, g, cdt, q.device)
-        s = tile_scores(qt, kr[:, j0:j1], bias, key_lengths, min_len, j0, j1, B, Hk)
+        # the mask filled in after the product (safe: a masked pair's score is -inf whatever the
+        # product; an overflowed one plus the -inf bias was NaN), and the masked probabilities
+        # filled with 0 again, so that autograd stops there: their gradient dout . v may overflow
+        # (dout is not known here to bound it), and 0 * inf in the softmax's backward was NaN
+        # for the whole row
+        s = tile_scores(qt, kr[:, j0:j1], bias, key_lengths, min_len, j0, j1, B, Hk,
+                        safe=True)
         with torch.no_grad():
             row_visible = torch.isfinite(s).any(-1, keepdim=True)
+            dead = torch.isneginf(s)
         lse = torch.logsumexp(torch.where(row_visible, s, torch.zeros_like(s)), -1, keepdim=True)
-        prob = torch.exp(s - lse)
+        prob = torch.exp(s - lse).masked_fill(dead, 0.0)
         if p_drop > 0.0:
             if p_drop >= 1.0:
                 noise = torch.zeros(B, Hq, tq, tk, dtype=cdt, device=q.device)

@@ -70,10 +70,11 @@ def ring_write(ring, values, positions, valid):
 def nonfinite_guard(s, v):
     """Scores s (B, H, M, cap) before masking (updated in place) and values v (B, H, cap, Dv) ->
     (s, v with non-finite entries zeroed). Every score that is non-finite, or whose v row is,
-    becomes NaN (s + s * 0 + rowsum(v) * 0: exact for finite ones), so after the mask the rows
-    that see one softmax to NaN and the others never meet it. A non-finite q or k entry makes
-    every score of its row / column non-finite, so s covers q and k. No host synchronisation."""
-    vz = v.sum(-1).mul_(0.0)
+    becomes NaN (s + s * 0 + rowsum(v * 0): exact for finite ones, also where a finite v row's
+    own sum would overflow), so after the mask the rows that see one softmax to NaN and the
+    others never meet it. A non-finite q or k entry makes every score of its row / column
+    non-finite, so s covers q and k. No host synchronisation."""
+    vz = v.mul(0.0).sum(-1)
     s.add_(torch.mul(s, 0.0).add_(vz[:, :, None, :]))
     return s, torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
 
