@@ -130,7 +130,8 @@ def main(argv=None):
     recs = run(args.seconds, args.layers, args.reps, quick=args.quick)
     for r in recs:
         # 4 significant digits, not 4 decimals: a difference of 1e-6 printed as 0.0 before
-        print({k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in r.items()})
+        print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in r.items()))
     path = write_jsonl("wavlm_bias", recs)
     print(f"-> {path}")
     return 0

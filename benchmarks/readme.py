@@ -230,7 +230,8 @@ def attention_ext(recs):
                      x(q, p, "fwd"), x(q, p, "fwdbwd")]
                     + ([_f(r.get("fwd_graph_ms"), 3), _f(r.get("fwdbwd_graph_ms"), 3),
                         x(q, p, "fwd_graph"), x(q, p, "fwdbwd_graph")] if graph else []))
-    return ("Interval attention's extensions (issue 15), B=8 H=12 D=64: `bias` = WavLM's gated "
+    return ("Interval attention's extensions (sinks, relative bias, frame-rate bands), B=8 H=12 "
+            "D=64: `bias` = WavLM's gated "
             "relative position bias fused in the kernels (vs Flex with a `score_mod` reading the "
             "same table and gate, and the plain-torch `unfused` path), `sink` = sink keys, `frame` = "
             "cross-attention between two frame rates (Flex with the equivalent `mask_mod`). Median "

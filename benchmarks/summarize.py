@@ -9,6 +9,7 @@ import argparse
 import glob
 import json
 import os
+import sys
 
 ENV_KEYS = {"device", "device_name", "torch", "triton", "cuda", "commit", "date", "time",
             "timestamp", "python", "platform", "bench", "hostname", "cpu", "cuda_version",
@@ -108,6 +109,8 @@ def plots(results_dir):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("plots: skipped, matplotlib is not installed (make bench installs it; or pip "
+              "install matplotlib); the JSON lines and summary.md are written", file=sys.stderr)
         return []
     made = []
     path = os.path.join(results_dir, "attention.jsonl")

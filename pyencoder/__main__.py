@@ -141,6 +141,9 @@ def build_parser():
 def main(argv=None):
     p, subs = build_parser()
     lat = subs["latency"]
+    if not (sys.argv[1:] if argv is None else argv):
+        p.print_help()          # no command: what there is to run (argparse said "cmd required")
+        return 2
     args = p.parse_args(argv)
     if args.cmd == "info":
         return _info(args)

@@ -118,6 +118,33 @@ def check_module_input(x, axis, size, layout, param, same_dtype=True, name="x"):
         raise TypeError(f"{name} must have the module's dtype ({param.dtype}); got {x.dtype}")
 
 
+def autocasting(x):
+    """Whether autocast is on for x's device (False for a non-tensor, meta, or a device type
+    autocast does not know)."""
+    if not isinstance(x, torch.Tensor) or x.device.type == "meta":
+        return False
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:        # a device type autocast does not know
+        return False
+
+
+def autocast_dtype(t):
+    """The dtype an autocast op (a conv, a Linear) over ``t`` computes in: under autocast on t's
+    device the autocast dtype (floating tensors other than float64 are cast), else t's own. The
+    dtype a module's empty outputs take, so that they match its other outputs."""
+    if t.dtype != torch.float64 and t.dtype.is_floating_point and autocasting(t):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
+
+
+def autocast_cast(dtype, *ts):
+    """``ts`` in ``dtype`` where they are floating tensors other than float64 (autocast's rule; a
+    differentiable cast, none where equal); anything else as given (the checks name it)."""
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype.is_floating_point
+                 and t.dtype not in (dtype, torch.float64) else t for t in ts)
+
+
 def check_float_dtype(name, t):
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have a floating dtype in "

@@ -48,7 +48,7 @@ def busy_warning(load, cores, where="below"):
     """A warning line when the 1-minute load average exceeds the usable cores, else None."""
     if load is None or load <= cores:
         return None
-    return (f"WARNING: this machine is busy (1-minute load average {load:.1f} > {cores} usable "
+    return (f"WARNING: this machine is busy (1-minute load average {load:.2f} > {cores} usable "
             f"cores): other processes compete for the CPU, so the times {where} are slower and "
             f"noisier than on a quiet machine.")
 
@@ -317,4 +317,7 @@ def main(args):
     if diff is not None and diff > 1e-4:
         print(f"FAILED: streamed output differs from offline by {diff:.2e} of its scale > 1e-4")
         return 1
+    if diff is not None:
+        print(f"PASSED: streamed output equals offline (max difference {diff:.1e} of the output "
+              f"scale, within 1e-4)")
     return 0

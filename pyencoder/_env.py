@@ -118,6 +118,21 @@ def env_choice_or_int(name, choices, default, min_value=1):
     return val
 
 
+def test_seed():
+    """PYENCODER_TEST_SEED: an int in [0, 2**32) (the tests' seed), or None when unset / empty."""
+    raw = env_raw("PYENCODER_TEST_SEED")
+    if raw is None or not raw.strip():
+        return None
+    try:
+        val = int(raw.strip())
+    except ValueError:
+        val = -1
+    if not 0 <= val < 2 ** 32:
+        raise ValueError(f"environment variable PYENCODER_TEST_SEED must be an integer in "
+                         f"[0, 2**32) (a failing test prints its seed); got {raw!r}")
+    return val
+
+
 def check_environment():
     """Every PYENCODER_* variable that is set, a runtime switch parsed as its use parses it:
     [(name, raw, error message or None, known)], in name order (``python -m pyencoder info``
@@ -141,6 +156,13 @@ def check_environment():
         "PYENCODER_CONV_ROW": lambda: env_choice("PYENCODER_CONV_ROW", ("0", "1"), "0"),
         "PYENCODER_CPU_THREADS": lambda: env_choice_or_int("PYENCODER_CPU_THREADS",
                                                            ("auto", "torch"), "auto"),
+        # the tests' and the compile test's (values as tests/conftest.py and
+        # tests/test_triton_compile.py parse them)
+        "PYENCODER_TEST_SEED": lambda: test_seed(),
+        "PYENCODER_COMPILE_MATRIX": lambda: env_choice("PYENCODER_COMPILE_MATRIX",
+                                                       ("sample", "quick", "full"), "sample"),
+        "PYENCODER_COMPILE_PTXAS": lambda: env_choice("PYENCODER_COMPILE_PTXAS", ("0", "1"),
+                                                      "0"),
     }
     for name, default in (("DETERMINISTIC", False), ("PIPELINE_MASKED", False),
                           ("FUSED_RING", True), ("STEADY_DISPATCH", True),
@@ -149,8 +171,7 @@ def check_environment():
         checks["PYENCODER_" + name] = (lambda n, d: lambda: env_flag(n, d))("PYENCODER_" + name,
                                                                             default)
     # read by the benchmarks, the tests and the build (not runtime switches)
-    other = ("PYENCODER_RESULTS_DIR", "PYENCODER_TEST_SEED", "PYENCODER_COMPILE_MATRIX",
-             "PYENCODER_COMPILE_CACHE", "PYENCODER_COMPILE_PTXAS", "PYENCODER_CPU_CORES",
+    other = ("PYENCODER_RESULTS_DIR", "PYENCODER_COMPILE_CACHE", "PYENCODER_CPU_CORES",
              "PYENCODER_COMMIT", "PYENCODER_CONV_GRP_TILE", "PYENCODER_CONV_TAP_MAJOR",
              "PYENCODER_TF_CACHE", "PYENCODER_TF_MODE", "PYENCODER_TF_REPORT")
     out = []

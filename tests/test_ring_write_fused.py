@@ -348,6 +348,9 @@ def test_residual_ok_conditions(monkeypatch):
     assert not RW.residual_ok(x, xg, res, 2)                        # autograd records a
     with torch.no_grad():
         assert RW.residual_ok(x, xg, res, 2)
+        # autocast: the torch ops promote the sum and run the LayerNorm in float32
+        with torch.autocast(_DEV, dtype=torch.bfloat16):
+            assert not RW.residual_ok(x, x, res, 2)
     monkeypatch.setenv("PYENCODER_FUSED_RING", "0")
     assert not RW.residual_ok(x, x, res, 2)
 

@@ -176,8 +176,13 @@ class ConvNeXtBlock(nn.Module):
     def init_state(self, batch_size, *, device=None, dtype=None, **_):
         return self.dwconv.init_state(batch_size, device=device, dtype=dtype)
 
-    def step(self, x, state, lengths=None):
+    def _check_state(self, state):
+        """The state is its depthwise conv's (a ConvState stamped by it); pyencoder.streaming's
+        admit calls this hook too (its own check wanted this module's stamp)."""
         check_state(self.dwconv, state, ConvState)
+
+    def step(self, x, state, lengths=None):
+        self._check_state(state)
         check_step_input(x, -1, self.dwconv.in_channels, state.seen.shape[0], state.hist.device)
         self._check_x(x)
         n = x.shape[1]
@@ -185,14 +190,18 @@ class ConvNeXtBlock(nn.Module):
             lengths = check_step_lengths(lengths, x.shape[0], n, x.device)
         uniform = lengths is None or bool((lengths == n).all())
         if uniform and n > 0 and self.dwconv.k > 1 and self._use_fused(x):
-            h, state.hist = self._fused(x.to(state.hist.dtype), state.hist)
+            h, hist = self._fused(x.to(state.hist.dtype), state.hist)
+            state.hist = hist.to(state.hist.dtype)     # (under autocast the op's is bf16)
             state.seen = state.seen + n
             state.out_lengths = torch.full_like(state.seen, n)
-            return self._mlp(x, h, normed=True), state
-        h, state = self.dwconv.step(x.transpose(1, 2), state, lengths)
-        # ragged lengths: the conv emits max(lengths) frames (slot b's first lengths[b]), the
-        # residual is x's first as many (it crashed on x's n where every slot had fewer)
-        return self._mlp(x[:, :h.shape[-1]], self._conv_norm(h), normed=True), state
+            y = self._mlp(x, h, normed=True)
+        else:
+            h, state = self.dwconv.step(x.transpose(1, 2), state, lengths)
+            # ragged lengths: the conv emits max(lengths) frames (slot b's first lengths[b]),
+            # the residual is x's first as many (it crashed on x's n where every slot had fewer)
+            y = self._mlp(x[:, :h.shape[-1]], self._conv_norm(h), normed=True)
+        state.out_dtype = y.dtype           # flush's empty output takes it
+        return y, state
 
     def steady_check(self, n, state):
         """pyencoder.streaming.state.SteadyCheck of a step of n >= 1 frames: always the fixed
@@ -205,7 +214,7 @@ class ConvNeXtBlock(nn.Module):
     def step_fixed(self, x, state, check=False):
         """CUDA-graph friendly step: x (B, n, C), every slot the same n frames; what ``step``
         returns, the state updated in place, no host synchronisation."""
-        check_state(self.dwconv, state, ConvState)
+        self._check_state(state)
         check_step_input(x, -1, self.dwconv.in_channels, state.seen.shape[0], state.hist.device)
         self._check_x(x)
         n = x.shape[1]
@@ -214,16 +223,21 @@ class ConvNeXtBlock(nn.Module):
             state.hist.copy_(hist)
             advance_counter(state.seen, n)
             fill_counter(state, n)
-            return self._mlp(x, h, normed=True)
-        h = self.dwconv.step_fixed(x.transpose(1, 2), state, check=check)
-        return self._mlp(x, self._conv_norm(h), normed=True)
+            y = self._mlp(x, h, normed=True)
+        else:
+            h = self.dwconv.step_fixed(x.transpose(1, 2), state, check=check)
+            y = self._mlp(x, self._conv_norm(h), normed=True)
+        state.out_dtype = y.dtype
+        return y
 
     @ends_stream
     def flush(self, state):
-        check_state(self.dwconv, state, ConvState)
+        self._check_state(state)
         B = state.seen.shape[0]
         state.out_lengths = torch.zeros_like(state.seen)
-        return state.hist.new_zeros(B, 0, self.dwconv.in_channels), state
+        # in the dtype of the steps' frames (the residual's: the input's), not the history's
+        dt = getattr(state, "out_dtype", None) or self.dwconv.weight.dtype
+        return state.hist.new_zeros(B, 0, self.dwconv.in_channels, dtype=dt), state
 
 
 class StreamingDecoder(nn.Module):

@@ -123,6 +123,9 @@ class FeatureConv1d(StridedConv1d):
         """Feed x (B, C_in, n); returns (y (B, C_out, m), state)."""
         check_state(self, state, FeatureConvState)
         check_step_input(x, 1, self.in_channels, state.seen.shape[0], state.buf.device)
+        # x of another dtype is refused as by the offline forward (outside autocast): it was
+        # cast to the state's silently
+        check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, n)", self.weight)
         B, C, n = x.shape
         k = self.k
         dev = x.device

@@ -45,7 +45,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from .._checks import check_module_input, is_int
+from .._checks import autocast_dtype, check_module_input, is_int
 from ..mask import IntervalMask
 from ..ops.attention import interval_attention
 from ..rope import apply_rope, as_rope
@@ -600,8 +600,8 @@ class IntervalSelfAttention(nn.Module):
                 hi = hi.clamp(min=self.mask.sink - 1)
             ready = ((i < np1[:, None]) & (hi <= (P1 - 1)[:, None])).sum(1)
         m = int(ready.max()) if B else 0
-        if m == 0:
-            y = x.new_zeros(B, 0, E)
+        if m == 0:      # in the dtype out_proj gives the frames of other steps (autocast)
+            y = x.new_zeros(B, 0, E, dtype=autocast_dtype(x))
         else:
             qpos = qp0[:, None] + torch.arange(m, device=dev)[None, :]
             extras = {name: getattr(state, name)[:, :, :m] for name in self._queued}

@@ -19,8 +19,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from .._checks import check_int, check_module_input
-from ..ops.conv import autocast_dtype, causal_conv1d, causal_conv1d_update
+from .._checks import autocast_dtype, check_int, check_module_input
+from ..ops.conv import causal_conv1d, causal_conv1d_update
 from ..streaming import state as _state
 from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
                                check_state, check_step_lengths, check_step_slots, ends_stream,

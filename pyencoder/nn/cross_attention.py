@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..mask import IntervalMask
-from .._checks import check_module_input
+from .._checks import autocast_dtype, check_module_input
 from ..ops.attention import cross_attention
 from ..rope import as_rope
 from ..streaming.state import (StreamState, SteadyCheck, ends_stream, _stamp, check_init_args,
@@ -285,7 +285,7 @@ class FrameCrossAttention(nn.Module):
                 y = self._attend(q[:, :, :e], k, v, p0, k_start)
             q = q[:, :, e:]
         else:
-            y = q.new_zeros(B, 0, self.embed_dim)
+            y = q.new_zeros(B, 0, self.embed_dim, dtype=autocast_dtype(q))    # out_proj's
         if self.mask.bounded:   # drop keys below lo of the oldest query still to come
             keep_from = min(max(self.mask.lo(p0 + e), k_start), k_pos)
             k, v = k[:, :, keep_from - k_start:], v[:, :, keep_from - k_start:]

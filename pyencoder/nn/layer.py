@@ -201,12 +201,13 @@ class TransformerLayer(nn.Module):
         elif keep:
             idx = fixed_index(state, "count", n, x.device)
             state.res[idx.bidx, idx.qidx] = x.to(state.res.dtype)
-            y = self._post(state.res[:, :n].to(a.dtype), a)
+            y = self._post(state.res[:, :n].to(x.dtype), a)
             shift_queue(state.res, n, keep, 1)
         else:
             # hi_off == 0: nothing is held back (count is 0 in the steady state), so the frames
             # released now are x itself (through the queue's dtype, as the queue would give them)
-            y = self._post(x.to(state.res.dtype).to(a.dtype), a)
+            y = self._post(x.to(state.res.dtype).to(x.dtype), a)
+        state.in_dtype = x.dtype
         # (a general step leaves out_lengths aliased to the attention's, filled just now)
         fill_counter(state, n, filled=state.attention.out_lengths)
         return y
@@ -264,7 +265,10 @@ class TransformerLayer(nn.Module):
         self._check_state(state)
         a, state.attention = self.attention.flush(state.attention)
         B = state.res.shape[0]
-        return self._release(state.res.new_zeros(B, 0, state.res.shape[2]), a, state, None)
+        # the held-back residuals come out in the dtype the steps' inputs had (_release)
+        dt = getattr(state, "in_dtype", None) or state.res.dtype
+        return self._release(state.res.new_zeros(B, 0, state.res.shape[2], dtype=dt), a, state,
+                             None)
 
     def _release(self, x, a, state, lengths):
         B, n, E = x.shape
@@ -278,7 +282,10 @@ class TransformerLayer(nn.Module):
             state.count = state.count + L
         r = state.attention.out_lengths
         m = a.shape[1]
-        y = self._post(state.res[:, :m].to(a.dtype), a)
+        # the residual in the dtype of the layer's input, as offline adds x (it was cast to the
+        # attention output's: under autocast a float32 input's residual was rounded to bf16)
+        y = self._post(state.res[:, :m].to(x.dtype), a)
+        state.in_dtype = x.dtype
         if m:
             cap = state.res.shape[1]
             idx = (torch.arange(cap, device=dev)[None, :] + r[:, None]).clamp(max=cap - 1)

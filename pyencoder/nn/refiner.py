@@ -105,6 +105,7 @@ class Refiner(nn.Module):
         self._check_dtype(x)
         if lengths is not None:
             lengths = check_step_lengths(lengths, x.shape[0], x.shape[1], x.device)
+        state.out_dtype = x.dtype     # frames come out in the input's dtype (flush's too)
         return self._run(x, state, lengths, final=False)
 
     def steady_check(self, n, state):
@@ -152,13 +153,18 @@ class Refiner(nn.Module):
         y = self._refine(seq[:, :n].reshape(B, n // C, C, E)).reshape(B, n, E)
         state.buf.copy_(torch.where(keep, seq[:, n:], 0))
         fill_counter(state, n)
+        state.out_dtype = x.dtype
         return y.to(x.dtype)
 
     @ends_stream
     def flush(self, state):
         check_state(self, state, RefinerState)
         B = state.buf.shape[0]
-        return self._run(state.buf.new_zeros(B, 0, self.embed_dim), state, None, final=True)
+        # in the dtype of the steps' frames (their inputs'; a state of another dtype, e.g. the
+        # autocast dtype, gave flush's frames that one)
+        dt = getattr(state, "out_dtype", None) or state.buf.dtype
+        return self._run(state.buf.new_zeros(B, 0, self.embed_dim, dtype=dt), state, None,
+                         final=True)
 
     def _run(self, x, state, lengths, final):
         B, n, E = x.shape

@@ -113,7 +113,10 @@ def residual_ok(x, a, res, keep):
     return (_device_ok(x) and (keep == 0 or _queue_fits(x.shape[1], keep))
             and a.shape == x.shape and a.device == x.device and res.shape[2] == x.shape[2]
             and all(t.dtype in _DTYPES for t in (x, a, res))
-            and not (torch.is_grad_enabled() and (x.requires_grad or a.requires_grad)))
+            and not (torch.is_grad_enabled() and (x.requires_grad or a.requires_grad))
+            # under autocast the torch ops promote the sum and run the LayerNorm in float32;
+            # the kernel sums in a's dtype
+            and not torch.is_autocast_enabled(x.device.type))
 
 
 # LayerNorm in the same launch: a program holds all E columns of a slot's rows (padded to powers

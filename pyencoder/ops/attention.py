@@ -51,7 +51,8 @@ from ._attention_op import (N_PARAMS, N_TENSORS, fake_backward, fake_forward, op
                             run_backward, run_forward)
 from ._autograd import forbid_double_backward, refuse_forward_ad
 from ._call import call_custom, call_op, eager_ok
-from .._checks import (MAX_POSITION, check_bias_tensors, check_bool, check_float_dtype,
+from .._checks import (MAX_POSITION, autocast_cast, autocasting, check_bias_tensors,
+                      check_bool, check_float_dtype,
                       check_int, check_lengths, check_same, check_scale, check_tensor, passed,
                       passed_key, remember_passed, value_checks_enabled)
 
@@ -353,6 +354,23 @@ def _attend(q, k, v, mask, rope, key_lengths, q_offset, k_offset, scale, backend
     return (out, lse) if return_lse else out
 
 
+class _without_autocast:
+    """``with _without_autocast(x) as dt``: autocast off for x's device inside, dt the autocast
+    dtype it had (the ops cast their inputs to it first, then run as given)."""
+
+    def __init__(self, x):
+        self.dev = x.device.type
+        self.ctx = torch.autocast(self.dev, enabled=False)
+
+    def __enter__(self):
+        dt = torch.get_autocast_dtype(self.dev)
+        self.ctx.__enter__()
+        return dt
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc)
+
+
 def interval_attention(q, k, v, *, mask=None, rope=None, key_lengths=None, q_offset=0,
                        k_offset=0, scale=None, backend=None, return_lse=False, block=None,
                        lo_off=None, hi_off=None, rel_bias=None, gate=None, rel_offset=None):
@@ -373,7 +391,18 @@ def interval_attention(q, k, v, *, mask=None, rope=None, key_lengths=None, q_off
     uses it (merging partial attentions by their lse) costs a second backward pass. Under
     torch.compile a compiled region that returns lse runs that pass at every backward (its
     unused output gets a zero gradient there, not None): return ``lse.detach()`` from it when
-    lse is only logged."""
+    lse is only logged.
+
+    Under autocast, as SDPA: q, k and v are cast to the autocast dtype (float64 kept), so is the
+    output; the op then runs without autocast (rel_bias / gate enter as float32 as always)."""
+    if autocasting(q):
+        with _without_autocast(q) as dt:
+            q, k, v = autocast_cast(dt, q, k, v)
+            return interval_attention(q, k, v, mask=mask, rope=rope, key_lengths=key_lengths,
+                                      q_offset=q_offset, k_offset=k_offset, scale=scale,
+                                      backend=backend, return_lse=return_lse, block=block,
+                                      lo_off=lo_off, hi_off=hi_off, rel_bias=rel_bias, gate=gate,
+                                      rel_offset=rel_offset)
     mask = as_mask(mask, block, lo_off, hi_off)
     _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale)
     mask.params  # noqa: B018  (raises for a frame-rate mask, naming cross_attention)
@@ -431,6 +460,12 @@ def cross_attention(q, k, v, *, mask, rope=None, key_lengths=None, q_offset=0, k
         return interval_attention(q, k, v, mask=mask, rope=rope, key_lengths=key_lengths,
                                   q_offset=q_offset, k_offset=k_offset, scale=scale,
                                   backend=backend, return_lse=return_lse)
+    if autocasting(q):          # as interval_attention
+        with _without_autocast(q) as dt:
+            q, k, v = autocast_cast(dt, q, k, v)
+            return cross_attention(q, k, v, mask=mask, rope=rope, key_lengths=key_lengths,
+                                   q_offset=q_offset, k_offset=k_offset, scale=scale,
+                                   backend=backend, return_lse=return_lse)
     _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale)
     return _attend(q, k, v, mask, rope, key_lengths, q_offset, k_offset, scale, backend,
                    return_lse)

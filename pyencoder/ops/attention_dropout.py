@@ -12,9 +12,10 @@ registered op (kernels included).
 """
 import torch
 
+from .._checks import autocast_cast, autocasting
 from ..reference import attention_dropout as _ref
 from ..mask import as_mask
-from .attention import _validate, interval_attention
+from .attention import _validate, _without_autocast, interval_attention
 
 __all__ = ["interval_attention_dropout"]
 
@@ -53,7 +54,15 @@ def interval_attention_dropout(q, k, v, *, mask=None, dropout_p, rope=None, key_
     Runs plain torch on every device (no kernel yet): correct on GPU, not kernel-fast. Memory
     O(N * W); autograd keeps every tile's probabilities for the backward. dropout_p == 0 without
     return_keep calls the registered op (pyencoder.ops.interval_attention) instead.
-    Returns (B, Hq, Nq, D) in q's dtype."""
+    Returns (B, Hq, Nq, D) in q's dtype. Under autocast q, k and v are cast to the autocast dtype
+    first, as in pyencoder.ops.interval_attention."""
+    if autocasting(q):
+        with _without_autocast(q) as dt:
+            q, k, v = autocast_cast(dt, q, k, v)
+            return interval_attention_dropout(
+                q, k, v, mask=mask, dropout_p=dropout_p, rope=rope, key_lengths=key_lengths,
+                q_offset=q_offset, k_offset=k_offset, scale=scale, generator=generator,
+                return_keep=return_keep, block=block, lo_off=lo_off, hi_off=hi_off)
     _validate(q, k, v, rope, key_lengths, q_offset, k_offset, scale)
     mask = as_mask(mask, block, lo_off, hi_off)
     block, lo_off, hi_off = mask.params

@@ -22,8 +22,8 @@ from . import _conv_cuda as _cuda
 from . import _conv_triton as _triton
 from ._autograd import forbid_double_backward, fresh, refuse_forward_ad
 from ._call import call_custom, call_op, call_triton, direct_ok
-from .._checks import (check_bool, check_float_dtype, check_int, check_same, check_tensor,
-                      check_writable, value_checks_enabled)
+from .._checks import (autocast_cast, autocasting, check_bool, check_float_dtype, check_int,
+                      check_same, check_tensor, check_writable, value_checks_enabled)
 
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
 
@@ -123,30 +123,6 @@ def _(x, state, weight, bias, state_indices, groups, activation, backend):
     return x.new_empty(x.shape[0], weight.shape[0], x.shape[-1])
 
 
-def autocast_dtype(t):
-    """The dtype a conv over ``t`` computes in: under autocast on t's device the autocast dtype
-    (F.conv1d's rule: floating tensors other than float64 are cast), else t's own."""
-    if _autocasting(t) and t.dtype != torch.float64 and t.dtype.is_floating_point:
-        return torch.get_autocast_dtype(t.device.type)
-    return t.dtype
-
-
-def _autocasting(x):
-    if not isinstance(x, torch.Tensor) or x.device.type == "meta":
-        return False
-    try:
-        return torch.is_autocast_enabled(x.device.type)
-    except RuntimeError:        # a device type autocast does not know
-        return False
-
-
-def _cast(dtype, *ts):
-    """``ts`` in ``dtype`` where they are floating tensors other than float64 (autocast's rule; a
-    differentiable cast, none where equal); anything else as given (the checks name it)."""
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype.is_floating_point
-                 and t.dtype not in (dtype, torch.float64) else t for t in ts)
-
-
 def _check_weight(x, weight, bias, groups):
     check_tensor("weight", weight, 3)
     check_same("weight", weight, "x", x)
@@ -189,12 +165,12 @@ def causal_conv1d(x, weight, bias=None, *, stride=1, groups=1, activation=None,
     check_tensor("x", x, 3)
     check_float_dtype("x", x)
     refuse_forward_ad("causal_conv1d", x, weight, bias, initial_state)
-    if _autocasting(x):
+    if autocasting(x):
         # as F.conv1d: the floating inputs in the autocast dtype; the op then runs without
         # autocast (the plain-torch backend's own ops would cast again, the kernels do not)
         dev = x.device.type
-        x, weight, bias, initial_state = _cast(torch.get_autocast_dtype(dev), x, weight, bias,
-                                               initial_state)
+        x, weight, bias, initial_state = autocast_cast(torch.get_autocast_dtype(dev), x, weight,
+                                                       bias, initial_state)
         with torch.autocast(dev, enabled=False):
             return causal_conv1d(x, weight, bias, stride=stride, groups=groups,
                                  activation=activation, initial_state=initial_state,
@@ -246,11 +222,11 @@ def causal_conv1d_update(x, state, weight, bias=None, *, groups=1, activation=No
     check_tensor("x", x, 3)
     check_float_dtype("x", x)
     refuse_forward_ad("causal_conv1d_update", x, state, weight, bias)
-    if _autocasting(x) and isinstance(state, torch.Tensor):
+    if autocasting(x) and isinstance(state, torch.Tensor):
         # under autocast the step computes in its state's dtype (updated in place: not cast),
         # without autocast (the plain-torch backend's own ops would cast)
         dev = x.device.type
-        x, weight, bias = _cast(state.dtype, x, weight, bias)
+        x, weight, bias = autocast_cast(state.dtype, x, weight, bias)
         with torch.autocast(dev, enabled=False):
             return causal_conv1d_update(x, state, weight, bias, groups=groups,
                                         activation=activation, state_indices=state_indices,

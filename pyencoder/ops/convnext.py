@@ -41,7 +41,8 @@ from . import _convnext_triton as _triton
 from . import conv  # noqa: F401  (the backward runs the conv family's registered backends)
 from ._autograd import forbid_double_backward, fresh, refuse_forward_ad
 from ._call import call_custom, call_op
-from .._checks import check_bool, check_eps, check_float_dtype, check_same, check_tensor
+from .._checks import (autocast_cast, autocasting, check_bool, check_eps, check_float_dtype,
+                      check_same, check_tensor)
 
 __all__ = ["convnext_dwconv_ln", "convnext_dwconv_ln_reference", "select_backend"]
 
@@ -170,10 +171,21 @@ def convnext_dwconv_ln(x, conv_weight, conv_bias=None, ln_weight=None, ln_bias=N
 
     x (B, C, L); conv_weight (C, 1, k); conv_bias, ln_weight, ln_bias (C,) or None;
     initial_state (B, C, k - 1) or None (zeros). Returns y (B, L, C), and with
-    ``return_final_state`` (y, final_state (B, C, k - 1))."""
+    ``return_final_state`` (y, final_state (B, C, k - 1)). Under autocast, as the composed
+    F.conv1d: the floating inputs (float64 aside) are cast to the autocast dtype, so are the
+    outputs (the LayerNorm's statistics stay float32 inside the op)."""
     check_tensor("x", x, 3)
     check_bool("return_final_state", return_final_state)
     check_float_dtype("x", x)
+    if autocasting(x):
+        dev = x.device.type
+        x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state = autocast_cast(
+            torch.get_autocast_dtype(dev), x, conv_weight, conv_bias, ln_weight, ln_bias,
+            initial_state)
+        with torch.autocast(dev, enabled=False):     # the plain-torch backend's ops: as given
+            return convnext_dwconv_ln(x, conv_weight, conv_bias, ln_weight, ln_bias, eps=eps,
+                                      initial_state=initial_state,
+                                      return_final_state=return_final_state, backend=backend)
     refuse_forward_ad("convnext_dwconv_ln", x, conv_weight, conv_bias, ln_weight, ln_bias,
                       initial_state)
     B, C, L = x.shape

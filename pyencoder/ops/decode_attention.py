@@ -48,8 +48,8 @@ never an op.
 import torch
 
 from .. import _backend
-from .._checks import (MAX_POSITION, check_bias_tensors, check_decode_inputs, check_int,
-                      check_same, check_tensor)
+from .._checks import (MAX_POSITION, autocasting, check_bias_tensors, check_decode_inputs,
+                      check_int, check_same, check_tensor)
 from ..reference import decode_attention as _reference
 from . import _decode_attention_triton as _triton
 from ._call import eager_ok
@@ -118,7 +118,16 @@ def _check_sinks(q, k_ring, v_ring, sink_k, sink_v):
 def decode_attention(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved, block,
                      lo_off, hi_off, scale, backend=None, *, rel_bias=None, gate=None,
                      rel_offset=None, sink_k=None, sink_v=None):
-    """(B, H, M, D) outputs of the M pending queries of each slot; see the module docstring."""
+    """(B, H, M, D) outputs of the M pending queries of each slot; see the module docstring.
+    Under autocast it computes in the ring's dtype (q of that dtype, as checked), as the offline
+    op does after its cast: without autocast (the plain-torch backend's products were cast
+    again)."""
+    if autocasting(q):
+        with torch.autocast(q.device.type, enabled=False):
+            return decode_attention(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq,
+                                    interleaved, block, lo_off, hi_off, scale, backend,
+                                    rel_bias=rel_bias, gate=gate, rel_offset=rel_offset,
+                                    sink_k=sink_k, sink_v=sink_v)
     check_decode_inputs(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved, block,
                         lo_off, hi_off, scale)
     rel_offset = _check_bias(q, k_ring, rel_bias, gate, rel_offset, block, lo_off, hi_off)

@@ -129,8 +129,8 @@ class Latency:
         rows = "\n".join(f"  {n or '<root>'} ({t}): hop {h}, lookahead {la} frames = {s} samples"
                          for n, t, h, la, s in self.breakdown if la or h != 1)
         head = (f"latency {self.samples} samples = {self.ms:.3f} ms at {self.sample_rate} Hz "
-                f"(hop {self.hop} + lookahead {self.lookahead_samples} samples = "
-                f"{self.lookahead_ms:.3f} ms)")
+                f"(a frame's own hop of {self.hop} samples + its lookahead: lookahead "
+                f"{self.lookahead_samples} samples = {self.lookahead_ms:.3f} ms)")
         if self.lookahead_frames is not None and self.frontend_lookahead_samples is None:
             head += f"\n  lookahead = {self.lookahead_frames} input frames of {self.hop} samples"
         elif self.lookahead_frames is not None:

@@ -14,6 +14,7 @@ each depth emitted, slot b's first ``state.layers[i].out_lengths[b]``; for ``flu
 every flush that reached that child, concatenated per slot): a model's hidden states.
 """
 import dataclasses
+import functools
 from typing import List
 
 import torch
@@ -285,7 +286,11 @@ def cat_time(outs, counts, state, time_last):
     ref = outs[-1]
     shape = list(ref.shape)
     shape[tdim] = M
-    y = ref.new_zeros(shape)
+    # the dtype of the pieces that hold frames (an empty last piece's dtype can differ, e.g.
+    # a module's empty output under autocast; it carried real frames into another dtype)
+    full = [o.dtype for o in outs if o.shape[tdim]]
+    y = ref.new_zeros(shape, dtype=functools.reduce(torch.promote_types, full)
+                      if full else ref.dtype)
     for b in range(B):
         t = 0
         for o, c in zip(outs, counts):
