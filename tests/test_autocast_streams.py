@@ -197,3 +197,53 @@ def test_feature_conv_steps_refuse_another_dtype_and_admit_takes_convnext():
             y = m.step_fixed(torch.cat([c[:, 4 * i:4 * i + 4], x[1:, 12 + 4 * i:16 + 4 * i]]), st)
             ys.append(y[:1])
         torch.testing.assert_close(torch.cat(ys, 1), m(c), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_under_autocast_fullgraph():
+    """The ops' autocast handling traces whole (the attention ops' first version entered the
+    autocast context by hand: Dynamo refused it, graph breaks and fullgraph failures)."""
+    torch.manual_seed(9)
+    att = BandedSelfAttention(16, 2, left=6, right=2)
+    blk = ConvNeXtBlock(8, 16, fused=True)
+    x, h = torch.randn(2, 20, 16), torch.randn(2, 12, 8)
+
+    def f(x, h):
+        with torch.autocast(**BF16):
+            return att(x), blk(h), cross_attention(x.view(2, 20, 2, 8).transpose(1, 2), x.view(
+                2, 20, 2, 8).transpose(1, 2), x.view(2, 20, 2, 8).transpose(1, 2),
+                mask=IntervalMask.frames(1, 1, 2, 0))
+    torch._dynamo.reset()
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(x, h)
+    want = f(x, h)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_a_resumed_stream_flushes_as_the_uninterrupted_one():
+    """The dtype a module records for its flush (the steps' input / output dtype, a Python
+    attribute of the state) travels in state_dict ('__in_dtype__' / '__out_dtype__' entries):
+    a stream saved and resumed flushes in the same dtype, to the same values; an entry that
+    names no floating dtype is refused, a saved stream without one loads (as a fresh state)."""
+    torch.manual_seed(10)
+    mods = [TransformerLayer(BandedSelfAttention(16, 2, left=6, right=2), 24).eval(),
+            Refiner(16, 4).eval(), ConvNeXtBlock(16, 24).eval()]
+    x = torch.randn(2, 11, 16)
+    for m in mods:
+        with torch.no_grad(), torch.autocast(**BF16):
+            st = m.init_state(2, dtype=torch.bfloat16)
+            _, st = m.step(x[:, :6], st)
+            saved = st.state_dict()
+            keys = [k for k in saved if k.endswith("_dtype__")]
+            assert keys and all(saved[k] == "float32" for k in keys), (type(m).__name__, keys)
+            want, _ = m.flush(st)
+            back = m.init_state(2, dtype=torch.bfloat16).load_state_dict(saved)
+            got, _ = m.flush(back)
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        with torch.autocast(**BF16):
+            fresh = m.init_state(2, dtype=torch.bfloat16)
+        bad = dict(saved, **{keys[0]: "int64"})
+        with pytest.raises(ValueError, match="must name a floating torch dtype"):
+            fresh.load_state_dict(bad)
+        fresh.load_state_dict({k: v for k, v in saved.items() if k not in keys})

@@ -157,8 +157,8 @@ class FeatureConv1d(StridedConv1d):
     def _check_fixed_input(self, x, state):
         """A fixed step's x (B, C_in, n) against the module and ``state`` (its slots), n a
         multiple of the stride. Returns n."""
-        check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, n)", self.weight,
-                           same_dtype=False)
+        # another dtype refused as by step and the offline forward (outside autocast)
+        check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, n)", self.weight)
         check_state(self, state, FeatureConvState)
         check_step_slots(x.shape[0], state.seen.shape[0])
         n = x.shape[-1]

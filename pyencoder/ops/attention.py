@@ -354,23 +354,6 @@ def _attend(q, k, v, mask, rope, key_lengths, q_offset, k_offset, scale, backend
     return (out, lse) if return_lse else out
 
 
-class _without_autocast:
-    """``with _without_autocast(x) as dt``: autocast off for x's device inside, dt the autocast
-    dtype it had (the ops cast their inputs to it first, then run as given)."""
-
-    def __init__(self, x):
-        self.dev = x.device.type
-        self.ctx = torch.autocast(self.dev, enabled=False)
-
-    def __enter__(self):
-        dt = torch.get_autocast_dtype(self.dev)
-        self.ctx.__enter__()
-        return dt
-
-    def __exit__(self, *exc):
-        return self.ctx.__exit__(*exc)
-
-
 def interval_attention(q, k, v, *, mask=None, rope=None, key_lengths=None, q_offset=0,
                        k_offset=0, scale=None, backend=None, return_lse=False, block=None,
                        lo_off=None, hi_off=None, rel_bias=None, gate=None, rel_offset=None):
@@ -396,8 +379,9 @@ def interval_attention(q, k, v, *, mask=None, rope=None, key_lengths=None, q_off
     Under autocast, as SDPA: q, k and v are cast to the autocast dtype (float64 kept), so is the
     output; the op then runs without autocast (rel_bias / gate enter as float32 as always)."""
     if autocasting(q):
-        with _without_autocast(q) as dt:
-            q, k, v = autocast_cast(dt, q, k, v)
+        dev = q.device.type
+        q, k, v = autocast_cast(torch.get_autocast_dtype(dev), q, k, v)
+        with torch.autocast(dev, enabled=False):
             return interval_attention(q, k, v, mask=mask, rope=rope, key_lengths=key_lengths,
                                       q_offset=q_offset, k_offset=k_offset, scale=scale,
                                       backend=backend, return_lse=return_lse, block=block,
@@ -461,8 +445,9 @@ def cross_attention(q, k, v, *, mask, rope=None, key_lengths=None, q_offset=0, k
                                   q_offset=q_offset, k_offset=k_offset, scale=scale,
                                   backend=backend, return_lse=return_lse)
     if autocasting(q):          # as interval_attention
-        with _without_autocast(q) as dt:
-            q, k, v = autocast_cast(dt, q, k, v)
+        dev = q.device.type
+        q, k, v = autocast_cast(torch.get_autocast_dtype(dev), q, k, v)
+        with torch.autocast(dev, enabled=False):
             return cross_attention(q, k, v, mask=mask, rope=rope, key_lengths=key_lengths,
                                    q_offset=q_offset, k_offset=k_offset, scale=scale,
                                    backend=backend, return_lse=return_lse)

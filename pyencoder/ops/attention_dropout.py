@@ -15,7 +15,7 @@ import torch
 from .._checks import autocast_cast, autocasting
 from ..reference import attention_dropout as _ref
 from ..mask import as_mask
-from .attention import _validate, _without_autocast, interval_attention
+from .attention import _validate, interval_attention
 
 __all__ = ["interval_attention_dropout"]
 
@@ -57,8 +57,9 @@ def interval_attention_dropout(q, k, v, *, mask=None, dropout_p, rope=None, key_
     Returns (B, Hq, Nq, D) in q's dtype. Under autocast q, k and v are cast to the autocast dtype
     first, as in pyencoder.ops.interval_attention."""
     if autocasting(q):
-        with _without_autocast(q) as dt:
-            q, k, v = autocast_cast(dt, q, k, v)
+        dev = q.device.type
+        q, k, v = autocast_cast(torch.get_autocast_dtype(dev), q, k, v)
+        with torch.autocast(dev, enabled=False):
             return interval_attention_dropout(
                 q, k, v, mask=mask, dropout_p=dropout_p, rope=rope, key_lengths=key_lengths,
                 q_offset=q_offset, k_offset=k_offset, scale=scale, generator=generator,

@@ -31,6 +31,10 @@ __all__ = ["StreamState", "reset", "ends_stream", "state_nbytes", "check_state",
 
 CONFIG_KEY = "__config__"
 ENDED_KEY = "__ended__"
+# dtypes a module records on its state as a plain attribute (the dtype of the frames its steps
+# returned, or took in: what flush's output takes), saved as "__<name>__": "float32" entries so
+# that a resumed stream flushes as the uninterrupted one would
+RECORDED_DTYPES = ("out_dtype", "in_dtype")
 
 
 class StateKeyError(KeyError, ValueError):
@@ -97,11 +101,17 @@ class StreamState:
 
     def state_dict(self):
         """{dotted name: tensor (detached clone)} plus the configuration strings (keys ending in
-        ``__config__``) and, for a flushed stream, ``__ended__`` flags: pass to torch.save
-        (``weights_only=True`` loads it)."""
+        ``__config__``), for a flushed stream ``__ended__`` flags, and the dtypes a module
+        recorded for its flush (``__out_dtype__`` / ``__in_dtype__``: "float32", ...): pass to
+        torch.save (``weights_only=True`` loads it)."""
         out = {k: v.detach().clone() for k, v in self.tensors().items()}
         out.update(self.configs())
         out.update({p + ENDED_KEY: True for p, st in self.states().items() if st.ended})
+        for p, st in self.states().items():
+            for name in RECORDED_DTYPES:
+                dt = st.__dict__.get(name)
+                if isinstance(dt, torch.dtype):
+                    out[f"{p}__{name}__"] = str(dt).replace("torch.", "")
         return out
 
     def load_state_dict(self, state_dict):
@@ -117,9 +127,10 @@ class StreamState:
         cfgs = self.configs()
         states = self.states()
         ended = {p + ENDED_KEY for p in states}      # optional: present for a flushed stream
+        dkeys = {f"{p}__{n}__": (p, n) for p in states for n in RECORDED_DTYPES}   # optional
         added = {p + f for p, st in states.items() for f in type(st)._added_fields}
         missing = sorted((set(mine) | set(cfgs)) - set(state_dict) - added)
-        extra = sorted(set(state_dict) - set(mine) - set(cfgs) - ended)
+        extra = sorted(set(state_dict) - set(mine) - set(cfgs) - ended - set(dkeys))
         if missing or extra:
             raise StateKeyError(f"load_state_dict: state keys do not match; missing {missing}, "
                                 f"unexpected {extra}")
@@ -132,6 +143,14 @@ class StreamState:
             if state_dict[key] is not True:
                 raise ValueError(f"load_state_dict: {key} must be True (a flushed stream); got "
                                  f"{state_dict[key]!r}")
+        dtypes = {}
+        for key in set(dkeys) & set(state_dict):
+            v = state_dict[key]
+            dt = getattr(torch, v, None) if isinstance(v, str) else None
+            if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+                raise ValueError(f"load_state_dict: {key} must name a floating torch dtype (as "
+                                 f"state_dict() writes it, e.g. 'float32'); got {v!r}")
+            dtypes[dkeys[key]] = dt
         new = {}
         for key, cur in mine.items():
             if key not in state_dict:            # an added field the saved stream predates
@@ -170,6 +189,11 @@ class StreamState:
                 raise ValueError(f"load_state_dict: {p or 'state'} is corrupt: {err}")
         for p, st in states.items():        # the saved stream's: ended where it had been flushed
             st.ended = p + ENDED_KEY in state_dict
+            for name in RECORDED_DTYPES:        # and its recorded dtypes (none: as a fresh one)
+                if (p, name) in dtypes:
+                    st.__dict__[name] = dtypes[(p, name)]
+                else:
+                    st.__dict__.pop(name, None)
         return self
 
     def _invalid(self):
