@@ -171,9 +171,11 @@ def convnext_dwconv_ln(x, conv_weight, conv_bias=None, ln_weight=None, ln_bias=N
 
     x (B, C, L); conv_weight (C, 1, k); conv_bias, ln_weight, ln_bias (C,) or None;
     initial_state (B, C, k - 1) or None (zeros). Returns y (B, L, C), and with
-    ``return_final_state`` (y, final_state (B, C, k - 1)). Under autocast, as the composed
-    F.conv1d: the floating inputs (float64 aside) are cast to the autocast dtype, so are the
-    outputs (the LayerNorm's statistics stay float32 inside the op)."""
+    ``return_final_state`` (y, final_state (B, C, k - 1)). Under autocast, as the conv it starts
+    with (F.conv1d): the floating inputs (float64 aside) are cast to the autocast dtype, so are
+    the outputs (the LayerNorm's statistics stay float32 inside the op; the composed LayerNorm
+    returns float32 under CUDA autocast, and the Linear after it casts to the autocast dtype
+    either way)."""
     check_tensor("x", x, 3)
     check_bool("return_final_state", return_final_state)
     check_float_dtype("x", x)
