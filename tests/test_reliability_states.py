@@ -349,3 +349,51 @@ def test_huge_windows_in_biased_and_dropout_attention():
     b = interval_attention_dropout(q, k, v, block=1, lo_off=2 ** 70, hi_off=sys.maxsize,
                                    dropout_p=0.3, generator=g)
     assert torch.equal(a, b)
+
+
+def test_ring_capacity_and_sink_fields_are_checked_on_load():
+    """A bounded attention ring is indexed by position % its capacity: a checkpoint whose ring
+    has another length (or k and v of different lengths) is refused, naming max_chunk (it
+    loaded and resumed 0.1-1 off); an unbounded ring may differ (it grows) but must hold every
+    key. A FrameCrossAttention checkpoint of a mask with sink keys that lacks sink_k / sink_v is
+    refused (it resumed on zero sink keys, 0.25 off); one of a mask without sinks may lack them
+    (saved before the fields existed)."""
+    from pyencoder import IntervalMask
+    from pyencoder.nn import FrameCrossAttention
+    from pyencoder.streaming.state import StateKeyError
+    torch.manual_seed(0)
+    m = _att()
+    x = torch.randn(1, 20, 16)
+    with torch.no_grad():
+        st = m.init_state(1, max_chunk=4)
+        _, st = m.step(x[:, :12], st)
+    sd = st.state_dict()
+    for cap in (4, 200):
+        d = dict(sd)
+        for key in ("k", "v"):
+            t = d[key]
+            d[key] = t[:, :, :cap].clone() if cap < t.shape[2] else torch.cat(
+                [t, t.new_zeros(*t.shape[:2], cap - t.shape[2], t.shape[3])], 2)
+        with pytest.raises(ValueError, match="max_chunk"):
+            m.init_state(1, max_chunk=4).load_state_dict(d)
+    with pytest.raises(ValueError, match="max_chunk"):
+        m.init_state(1, max_chunk=8).load_state_dict(sd)
+    un = _att(left=None)
+    with torch.no_grad():
+        _, su = un.step(x[:, :12], un.init_state(1))
+    sdu = su.state_dict()
+    big = {k: (torch.cat([v, v.new_zeros(*v.shape[:2], 100, v.shape[3])], 2)
+               if k in ("k", "v") else v) for k, v in sdu.items()}
+    un.init_state(1).load_state_dict(big)                       # a grown ring: taken
+    small = dict(sdu, k=sdu["k"][:, :, :5].clone(), v=sdu["v"][:, :, :5].clone())
+    with pytest.raises(ValueError, match="holds 5 keys, fewer than"):
+        un.init_state(1).load_state_dict(small)
+    odd = dict(sdu, v=big["v"])
+    with pytest.raises(ValueError, match="differ in shape"):
+        un.init_state(1).load_state_dict(odd)
+    xa = FrameCrossAttention(8, 2, mask=IntervalMask.band(2, 1, sink=3))
+    with torch.no_grad():
+        _, sa = xa.step(torch.randn(1, 12, 8), torch.randn(1, 12, 8), xa.init_state(1))
+    lack = {k: v for k, v in sa.state_dict().items() if k not in ("sink_k", "sink_v")}
+    with pytest.raises(StateKeyError, match="missing \\['sink_k', 'sink_v'\\]"):
+        xa.init_state(1).load_state_dict(lack)

@@ -70,10 +70,28 @@ class AttentionState(StreamState):
     pending: torch.Tensor     # (B,) int64 queries held back
     out_lengths: torch.Tensor  # (B,) int64 frames emitted by the last step / flush
 
-    _growable = {"k": 2, "v": 2}   # the ring of unbounded history grows up to max_context
+    @property
+    def _growable(self):
+        # the ring of unbounded history grows up to max_context (it holds every key: no wrap);
+        # a bounded ring is indexed by position % its capacity, which a checkpoint must keep
+        # (init_state's max_chunk sets it)
+        return {"k": 2, "v": 2} if self.__dict__.get("_ring_grows", True) else {}
+
+    def _shape_hint(self, name):
+        if name in ("k", "v", "q"):
+            return (": the ring and the query queue are sized by init_state's max_chunk (a "
+                    "bounded ring's capacity lo + hi + max_chunk, positions stored modulo it): "
+                    "make the state with the saved stream's max_chunk")
+        return ""
 
     def _invalid(self):
         qcap = self.q.shape[2]
+        if self.k.shape != self.v.shape:
+            return f"k {tuple(self.k.shape)} and v {tuple(self.v.shape)} differ in shape"
+        if self.__dict__.get("_ring_grows") and self.pos.numel() \
+                and int(self.pos.max()) > self.k.shape[2]:
+            return (f"the ring of unbounded history holds {self.k.shape[2]} keys, fewer than the "
+                    f"{self.pos.tolist()} received (it keeps every key)")
         if self.pending.numel() and int(self.pending.max()) > qcap:
             return f"pending {self.pending.tolist()} exceeds the query queue ({qcap})"
         if bool((self.pending > self.pos).any()):
@@ -312,9 +330,11 @@ class IntervalSelfAttention(nn.Module):
         H, D, B = self.num_heads, self.head_dim, batch_size
         z = lambda n: torch.zeros(B, H, n, D, device=device, dtype=dtype)  # noqa: E731
         zi = lambda: torch.zeros(B, dtype=torch.int64, device=device)  # noqa: E731
-        return stamp(self, self._state_cls(k=z(cap), v=z(cap), q=z(qcap), pos=zi(), pending=zi(),
-                                           out_lengths=zi(),
-                                           **self._extra_state(B, qcap, device, dtype)))
+        st = stamp(self, self._state_cls(k=z(cap), v=z(cap), q=z(qcap), pos=zi(), pending=zi(),
+                                         out_lengths=zi(),
+                                         **self._extra_state(B, qcap, device, dtype)))
+        st.__dict__["_ring_grows"] = self.lo_off < 0      # AttentionState._growable
+        return st
 
     _state_cls = AttentionState
 

@@ -69,6 +69,11 @@ class CrossAttentionState(StreamState):
     _fresh_empty = True        # a fresh stream (admit's private state) buffers nothing
     _added_fields = ("sink_k", "sink_v")   # saved before sink keys streamed: none (sink = 0)
 
+    def _may_lack(self):
+        # only a stream without sink keys predates the fields (a mask with sinks did not stream
+        # then): a sink stream's checkpoint without them would resume on zero keys
+        return self._added_fields if self.sink_k.shape[2] == 0 else ()
+
     def reset(self, mask):
         """All slots at once (the general step gives them one position): back to a fresh stream,
         empty buffers (new tensors: a graph captured on this state must be captured again). A

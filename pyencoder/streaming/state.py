@@ -54,6 +54,15 @@ class StreamState:
     # fields added after states were first saved: a saved stream without one loads, keeping the
     # fresh state's value (RunningNormState.out_lengths: only the last step's frame count)
     _added_fields = ()
+
+    def _shape_hint(self, name):
+        """More words for load_state_dict's shape refusal of field ``name`` ('' for none)."""
+        return ""
+
+    def _may_lack(self):
+        """The fields a saved stream may lack when it loads into this state (the fresh state's
+        value stands in): ``_added_fields``, unless a state says where that would be wrong."""
+        return type(self)._added_fields
     # (B,) counters a step_fixed advances in place (``fresh_counters`` copies them, with
     # ``out_lengths``, before a general step runs as step_fixed); the fields present are taken
     stream_counters = ("pos", "seen")
@@ -128,7 +137,7 @@ class StreamState:
         states = self.states()
         ended = {p + ENDED_KEY for p in states}      # optional: present for a flushed stream
         dkeys = {f"{p}__{n}__": (p, n) for p in states for n in RECORDED_DTYPES}   # optional
-        added = {p + f for p, st in states.items() for f in type(st)._added_fields}
+        added = {p + f for p, st in states.items() for f in st._may_lack()}
         missing = sorted((set(mine) | set(cfgs)) - set(state_dict) - added)
         extra = sorted(set(state_dict) - set(mine) - set(cfgs) - ended - set(dkeys))
         if missing or extra:
@@ -160,19 +169,22 @@ class StreamState:
                 raise TypeError(f"load_state_dict: {key} must be a torch.Tensor; got "
                                 f"{type(v).__name__}")
             if v.dtype != cur.dtype:
-                hint = (f": a stream of a {v.dtype} module loads into a state of the module "
-                        f"in that dtype (module.to({v.dtype}).init_state(...)), or cast the "
-                        f"saved tensors" if v.dtype.is_floating_point and
+                hint = (f": a {v.dtype} stream loads into a state of that dtype (the module "
+                        f"in it, module.to({v.dtype}).init_state(...), or under autocast "
+                        f"init_state(dtype={v.dtype}) where that is the autocast dtype or the "
+                        f"module's), or cast the saved tensors" if v.dtype.is_floating_point and
                         cur.dtype.is_floating_point else "")
                 raise ValueError(f"load_state_dict: {key} has dtype {v.dtype}; this state holds "
                                  f"{cur.dtype}{hint}")
             owner, name = key.rpartition(".")[0], key.rpartition(".")[2]
-            grow = states[owner + "." if owner else ""]._growable.get(name)
+            st = states[owner + "." if owner else ""]
+            grow = st._growable.get(name)
             same = v.dim() == cur.dim() and all(
                 a == b or d == grow for d, (a, b) in enumerate(zip(v.shape, cur.shape)))
             if not same:
                 raise ValueError(f"load_state_dict: {key} has shape {tuple(v.shape)}; this state "
-                                 f"holds {tuple(cur.shape)} (batch size {self.batch_size})")
+                                 f"holds {tuple(cur.shape)} (batch size {self.batch_size})"
+                                 f"{st._shape_hint(name)}")
             if not v.dtype.is_floating_point and v.numel() and int(v.min()) < 0:
                 raise ValueError(f"load_state_dict: {key} must be >= 0; got min {int(v.min())}")
             # a copy (as state_dict() gives one): the steps update a state in place, which
