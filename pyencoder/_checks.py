@@ -170,8 +170,8 @@ def check_eps(name, eps):
 def check_scale(scale):
     """None or a finite non-zero real number (a Python or numpy int / float, not a bool or a
     tensor: SDPA's ``scale`` is a float too)."""
-    if scale is None:
-        return
+    if scale is None or isinstance(scale, torch.SymFloat) or torch.compiler.is_compiling():
+        return      # traced (a dynamic float under torch.compile): checked in eager calls
     if isinstance(scale, (bool, torch.Tensor)) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be None or a finite non-zero float; got "
                         f"{type(scale).__name__} {scale!r}")

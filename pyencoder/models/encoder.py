@@ -226,6 +226,21 @@ class EncoderOutput:
     lengths: Optional[torch.Tensor]              # (B,) valid frames, or None
 
 
+def _register_pytree(cls):
+    """``cls`` (a dataclass of tensors) as a pytree node, so that torch.export returns it whole
+    ("Found EncoderOutput in output, which is not a known type" before); a torch without the
+    hook leaves it a plain dataclass."""
+    try:
+        from torch.utils._pytree import register_dataclass
+        register_dataclass(cls, serialized_type_name=f"pyencoder.models.{cls.__name__}")
+    except (ImportError, TypeError, ValueError):
+        pass
+    return cls
+
+
+_register_pytree(EncoderOutput)
+
+
 @dataclasses.dataclass
 class EncoderState(StreamState):
     frontend: FrontendState

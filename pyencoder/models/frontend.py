@@ -99,7 +99,10 @@ class FeatureConv1d(StridedConv1d):
         n = (L - k) // s + 1 if L >= k else 0
         if n == 0:
             return self._empty(x, B)
-        x = x[..., :(n - 1) * s + k]
+        # the samples past the last whole window (n - 1) * s + k are not cut off: the causal conv
+        # over x[k - s:] gives (L - k + s) // s = n frames, dropping them itself (a slice to
+        # that end made torch.compile / export guard on the length's residue: a recompile per
+        # residue class, and an export's length range unprovable)
         init = x[..., :k - s].contiguous() if k > s else None
         return causal_conv1d(x[..., k - s:], self.weight, self.bias, stride=s, groups=self.groups,
                              activation=self.activation, initial_state=init)

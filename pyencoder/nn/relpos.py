@@ -281,11 +281,18 @@ def sink_bias_columns(table, bucket_fn, nq, nk, *, block, lo_off, hi_off, sink, 
         s_lo = k_offset - (q_offset + nq - 1)
         s_hi = sink_end - 1 - q_offset
         band = r_min <= r_max
-        r_lo, r_hi = (min(r_min, s_lo), max(r_max, s_hi)) if band else (s_lo, s_hi)
+        # r_lo = min(r_min, s_lo) = s_lo: the band's r_min is k_offset - p_last or above (written
+        # so, and torch.sym_max: an exported length stays symbolic, no guard on which wins)
+        r_lo, r_hi = s_lo, (torch.sym_max(r_max, s_hi) if band else s_hi)
         idx = bucket_fn(torch.arange(r_lo, r_hi + 1, device=table.device))
         n = idx.numel()
         # offsets below the band / above it (no band key visible: all of them, one column kept)
         n_lo, n_hi = (r_min - r_lo, r_hi - r_max) if band else (n - 1, n - 1)
+        if torch.compiler.is_compiling():
+            # traced (torch.compile, export): no host read of the bucket values (the trimmed
+            # ends would be data-dependent sizes); the whole range's columns, every visible
+            # offset reading its own bucket: the same values, a wider table
+            return idx, r_lo
         # a, b: the columns dropped at either end (constant runs of the bucket, the band kept)
         a, b = (torch.stack([_leading_run(idx[:n_lo + 1]),
                              _leading_run(idx.flip(0)[:n_hi + 1])]) - 1).tolist()

@@ -1,0 +1,92 @@
+"""torch.compile / torch.export of the models as a user compiles them (found by a compile sweep):
+
+- a Python float ``scale`` traced as a SymFloat (dynamic=True; transformers passes
+  ``scaling=self.scaling``) failed fullgraph in check_scale (math.isfinite of a traced float):
+  every patched HF model under torch.compile(fullgraph=True, dynamic=True);
+- WavLM attention with sink keys trimmed its bias table by a host read (data-dependent sizes):
+  fullgraph failed, graph breaks, export failed; the coverage check guarded on min/max of the
+  length (1 - T <= max(-4, 1 - T), which an export range cannot prove);
+- CausalEncoder's valid strided convs sliced to the last whole window, which guarded on the
+  length's residue (a recompile per residue class, export failed); EncoderOutput was no pytree
+  node (export refused it).
+
+Checked on the aot_eager backend (what Inductor receives): values equal eager's exactly, one
+graph over the lengths (Dynamo's first-call restart aside), exports with a dynamic length.
+"""
+import pytest
+import torch
+from torch._dynamo.backends.registry import lookup_backend
+
+from pyencoder.models import CausalEncoder, EncoderConfig
+from pyencoder.nn import WavLMSelfAttention
+from pyencoder.ops import banded_attention
+
+
+def _counting():
+    graphs = []
+
+    def backend(gm, example):
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example)
+    return backend, graphs
+
+
+def test_symfloat_scale_compiles_fullgraph():
+    q = torch.randn(1, 2, 9, 8)
+
+    def f(q, s):
+        return banded_attention(q, q, q, left=2, right=1, scale=s)
+    torch._dynamo.reset()
+    cf = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
+    for s in (0.3, 0.25):
+        torch.testing.assert_close(cf(q, s), f(q, s), rtol=0, atol=0)
+
+
+def test_wavlm_sink_attention_compiles_and_exports():
+    torch.manual_seed(0)
+    m = WavLMSelfAttention(16, 2, left=4, right=1, num_buckets=16, max_distance=40,
+                           sink=2).eval()
+    backend, graphs = _counting()
+    torch._dynamo.reset()
+    cf = torch.compile(m, backend=backend, fullgraph=True, dynamic=True)
+    for T in (11, 14, 23):
+        x = torch.randn(2, T, 16)
+        torch.testing.assert_close(cf(x), m(x), rtol=0, atol=0)
+    assert len(graphs) <= 2, len(graphs)          # one graph (and Dynamo's restart)
+    from torch.export import Dim, export
+    ep = export(m, (torch.randn(2, 11, 16),), dynamic_shapes=({1: Dim("T", min=4, max=64)},),
+                strict=False)
+    x = torch.randn(2, 17, 16)
+    torch.testing.assert_close(ep.module()(x), m(x), rtol=0, atol=0)
+
+
+def test_encoder_one_graph_over_lengths_and_export():
+    torch.manual_seed(1)
+    m = CausalEncoder(EncoderConfig(conv_dim=(8, 8, 8), conv_kernel=(4, 3, 2),
+                                    conv_stride=(2, 2, 2), hidden_size=16, num_layers=1,
+                                    num_heads=2, ffn_dim=24, left=4, lookahead=1)).eval()
+    backend, graphs = _counting()
+    torch._dynamo.reset()
+    cf = torch.compile(lambda w: m(w).last_hidden_state, backend=backend, fullgraph=True,
+                       dynamic=True)
+    with torch.no_grad():
+        for L in range(100, 108):
+            w = torch.randn(1, L)
+            torch.testing.assert_close(cf(w), m(w).last_hidden_state, rtol=0, atol=0)
+    assert len(graphs) <= 2, len(graphs)
+    from torch.export import export
+    w = torch.randn(1, 101)
+    out = export(m, (w,), strict=False).module()(w)
+    assert type(out).__name__ == "EncoderOutput"
+    torch.testing.assert_close(out.last_hidden_state, m(w).last_hidden_state, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("L", [40, 41, 42, 43, 47])
+def test_valid_conv_drops_the_samples_past_the_last_window(L):
+    """FeatureConv1d's valid conv no longer slices to the last whole window: the same frames."""
+    from pyencoder.models import FeatureConv1d
+    torch.manual_seed(L)
+    c = FeatureConv1d(3, 4, 5, 3)
+    x = torch.randn(2, 3, L)
+    want = torch.nn.functional.conv1d(x, c.weight, c.bias, stride=3)
+    torch.testing.assert_close(c(x), want, rtol=1e-5, atol=1e-5)
