@@ -170,11 +170,16 @@ def check_eps(name, eps):
 def check_scale(scale):
     """None or a finite non-zero real number (a Python or numpy int / float, not a bool or a
     tensor: SDPA's ``scale`` is a float too)."""
-    if scale is None or isinstance(scale, torch.SymFloat) or torch.compiler.is_compiling():
-        return      # traced (a dynamic float under torch.compile): checked in eager calls
+    if scale is None or isinstance(scale, torch.SymFloat):
+        return
     if isinstance(scale, (bool, torch.Tensor)) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be None or a finite non-zero float; got "
                         f"{type(scale).__name__} {scale!r}")
+    if torch.compiler.is_compiling():
+        # the value may be traced (a dynamic float: math.isfinite cannot take it); zero still
+        # refused, at trace time for a constant, at run time for a traced one
+        torch._check(scale != 0, lambda: "scale must be None or a finite non-zero float; got 0")
+        return
     if not math.isfinite(scale) or scale == 0:
         raise ValueError(f"scale must be None or a finite non-zero float; got {scale!r}")
 

@@ -247,3 +247,11 @@ def test_a_resumed_stream_flushes_as_the_uninterrupted_one():
         with pytest.raises(ValueError, match="must name a floating torch dtype"):
             fresh.load_state_dict(bad)
         fresh.load_state_dict({k: v for k, v in saved.items() if k not in keys})
+    # a checkpoint without the entries keeps the state's own (RunningGroupNorm's fresh one)
+    from pyencoder.nn import RunningGroupNorm
+    norm = RunningGroupNorm(2, 4)
+    with torch.autocast(**BF16):
+        st = norm.init_state(1, dtype=torch.bfloat16)
+        old = {k: v for k, v in st.state_dict().items() if not k.endswith("_dtype__")}
+        back = norm.init_state(1, dtype=torch.bfloat16).load_state_dict(old)
+        assert norm.flush(back)[0].dtype == norm.flush(st)[0].dtype == torch.bfloat16

@@ -90,3 +90,17 @@ def test_valid_conv_drops_the_samples_past_the_last_window(L):
     x = torch.randn(2, 3, L)
     want = torch.nn.functional.conv1d(x, c.weight, c.bias, stride=3)
     torch.testing.assert_close(c(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_calls_still_refuse_bad_scale_and_narrow_bias():
+    """The traced-value allowances stay narrow: a zero or bool scale and a bias table that does
+    not cover the call's offsets are refused under torch.compile too (with fixed shapes the
+    coverage check runs; only symbolic lengths skip it)."""
+    q = torch.randn(1, 2, 8, 8)
+    for kw in (dict(scale=0.0), dict(scale=True),
+               dict(rel_bias=torch.randn(2, 2), rel_offset=0)):
+        torch._dynamo.reset()
+        f = torch.compile(lambda q: banded_attention(q, q, q, left=3, right=1, **kw),
+                          backend="aot_eager", fullgraph=True)
+        with pytest.raises(Exception, match="scale must be|rel_bias must cover"):
+            f(q)

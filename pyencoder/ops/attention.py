@@ -233,10 +233,10 @@ def _validate_bias(q, k, rel_bias, gate, rel_offset, block, lo_off, hi_off, q_of
         rel_offset = r_min
     check_int("rel_offset", rel_offset, min_value=-MAX_POSITION, max_value=MAX_POSITION)
     L = rel_bias.shape[1]
-    # (not while traced: the comparison of symbolic lengths would add guards that an exported
-    # length range cannot always prove, e.g. 1 - T <= max(-4, 1 - T); eager calls check it)
-    if not torch.compiler.is_compiling() and r_min <= r_max and (
-            rel_offset > r_min or rel_offset + L - 1 < r_max):
+    # (not over symbolic lengths: the comparison would add guards that an exported length
+    # range cannot always prove, e.g. 1 - T <= max(-4, 1 - T); concrete ones are checked)
+    symbolic = any(isinstance(t, torch.SymInt) for t in (r_min, r_max, L, rel_offset))
+    if not symbolic and r_min <= r_max and (rel_offset > r_min or rel_offset + L - 1 < r_max):
         raise ValueError(f"rel_bias must cover the relative offsets s - p in [{r_min}, {r_max}] "
                          f"of this call (relative_offsets()); got rel_offset={rel_offset} with "
                          f"{L} columns, covering [{rel_offset}, {rel_offset + L - 1}]")

@@ -201,11 +201,9 @@ class StreamState:
                 raise ValueError(f"load_state_dict: {p or 'state'} is corrupt: {err}")
         for p, st in states.items():        # the saved stream's: ended where it had been flushed
             st.ended = p + ENDED_KEY in state_dict
-            for name in RECORDED_DTYPES:        # and its recorded dtypes (none: as a fresh one)
-                if (p, name) in dtypes:
+            for name in RECORDED_DTYPES:        # and its recorded dtypes (none saved: the
+                if (p, name) in dtypes:         # state's own stands, e.g. a fresh one's)
                     st.__dict__[name] = dtypes[(p, name)]
-                else:
-                    st.__dict__.pop(name, None)
         return self
 
     def _invalid(self):
