@@ -335,7 +335,8 @@ def _flops(q, k, mask):
 def magnitudes(*tensors):
     """Each tensor's largest magnitude as a float (0.0 for None or empty; inf where it holds an
     inf, NaN where a NaN): one host synchronisation for all of them (aminmax: one vectorised
-    pass, ~30x faster on a CPU than an isfinite pass)."""
+    pass; on one CPU thread ~15-25x faster than an isfinite pass at 1-2k positions, ~1.7x at a
+    streaming step's size)."""
     live = [t for t in tensors if t is not None and t.numel()]
     if not live:
         return [0.0] * len(tensors)
