@@ -302,6 +302,8 @@ def check_decode_inputs(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, int
         check_float_dtype(name, t)
         if t.device != q.device:
             raise ValueError(f"{name} must be on q's device ({q.device}); got {t.device}")
+        if t.dtype != q.dtype:          # (it computed in q's dtype silently)
+            raise TypeError(f"{name} must have q's dtype ({q.dtype}); got {t.dtype}")
     Hk, cap = k_ring.shape[1], k_ring.shape[2]
     if k_ring.shape[0] != B or k_ring.shape[3] != D or cap < 1:
         raise ValueError(f"k_ring must have shape (B, Hk, cap >= 1, D) = ({B}, Hk, cap, {D}); "

@@ -255,3 +255,17 @@ def test_a_resumed_stream_flushes_as_the_uninterrupted_one():
         old = {k: v for k, v in st.state_dict().items() if not k.endswith("_dtype__")}
         back = norm.init_state(1, dtype=torch.bfloat16).load_state_dict(old)
         assert norm.flush(back)[0].dtype == norm.flush(st)[0].dtype == torch.bfloat16
+
+
+def test_decode_attention_refuses_mixed_dtypes():
+    """The decode op computed in q's dtype whatever the rings held: a ring of another dtype
+    than q is refused by name (the streaming modules always pass one dtype)."""
+    from pyencoder.ops import decode_attention
+    q = torch.randn(1, 2, 1, 8)
+    ring = torch.randn(1, 2, 6, 8)
+    args = (torch.tensor([[5]]), torch.tensor([1]), torch.tensor([6]), None, False, 1, 3, 0,
+            8 ** -0.5)
+    decode_attention(q, ring, ring.clone(), *args)
+    for k, v, name in ((ring.half(), ring, "k_ring"), (ring, ring.bfloat16(), "v_ring")):
+        with pytest.raises(TypeError, match=f"{name} must have q's dtype"):
+            decode_attention(q, k, v, *args)

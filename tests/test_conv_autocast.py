@@ -165,3 +165,31 @@ def test_causal_positional_conv_under_autocast():
             got = model(wav).last_hidden_state
     assert got.dtype == torch.bfloat16
     _close(got, want, 2 ** -4)
+
+
+def test_compat_layer_is_autocast_free_as_causal_conv1d():
+    """pyencoder.compat.causal_conv1d under autocast computes as causal-conv1d does (no
+    autocast: the promoted dtype, returned in x's): final states are x's values exactly (they
+    came back rounded to bf16), every update path gives one precision (the gathering path
+    computed in bf16, the in-place one in float32), and an fp16 update with float32 weights
+    under bf16 autocast runs (autocast's cat refused the mix)."""
+    from pyencoder.compat.causal_conv1d import causal_conv1d_fn, causal_conv1d_update as upd
+    torch.manual_seed(11)
+    x, w, b = torch.randn(2, 3, 9), torch.randn(3, 4), torch.randn(3)
+    with torch.autocast(**BF16):
+        y, fs = causal_conv1d_fn(x, w, b, return_final_states=True)
+    y_ref, fs_ref = causal_conv1d_fn(x, w, b, return_final_states=True)
+    assert y.dtype == fs.dtype == torch.float32
+    torch.testing.assert_close(fs, x[..., -3:], rtol=0, atol=0)
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    xs, st = torch.randn(2, 3, 1), torch.randn(2, 3, 3)
+    want = upd(xs, st.clone(), w, b)
+    with torch.autocast(**BF16):
+        fast = upd(xs, st.clone(), w, b)
+        longer = upd(xs, torch.cat([torch.randn(2, 3, 2), st], 2), w, b)   # gathering path
+        wg = w.clone().requires_grad_()
+        graph = upd(xs, st.clone(), wg, b)
+        half = upd(xs.half(), st.half(), w, b)
+    for got in (fast, longer, graph):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert half.dtype == torch.float16

@@ -35,7 +35,8 @@ conv_state_indices (batch,) int)
 Differences from causal-conv1d, all widening what it accepts: any width >= 1 (it: 2..4); float64;
 any layout for x, states and final_states_out (it: channel-last x for initial/final states and
 seq_idx); int64 index tensors as well as int32; weight/bias dtypes may differ from x's (computed
-in the promoted dtype, returned in x's). Bad arguments raise ValueError/TypeError naming the
+in the promoted dtype, returned in x's), under autocast too (as causal-conv1d, which does not
+autocast: the final states are x's values exactly, one precision on every update path). Bad arguments raise ValueError/TypeError naming the
 argument where causal-conv1d asserts (NotImplementedError for a bad activation becomes
 ValueError); so do duplicate slots in conv_state_indices (undefined there).
 
@@ -53,7 +54,7 @@ would skip the extra memory passes):
 import torch
 
 from .. import ops
-from .._checks import check_writable
+from .._checks import autocasting, check_writable
 
 __all__ = ["causal_conv1d_fn", "causal_conv1d_update"]
 
@@ -175,6 +176,10 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None,
     initial_states: (batch, dim, width - 1); final_states_out: (batch, dim, width - 1), written
     to; activation: None, "silu" or "swish". Returns out (batch, dim, seqlen), or
     (out, final_states) with ``return_final_states``. See the module docstring."""
+    if autocasting(x):      # as causal-conv1d (no autocast): the promoted dtype, exact states
+        with torch.autocast(x.device.type, enabled=False):
+            return causal_conv1d_fn(x, weight, bias, seq_idx, initial_states, return_final_states,
+                                    final_states_out, activation)
     act = _activation(activation)
     _tensor("x", x, 3)
     if x.dtype not in _FLOATS:
@@ -236,6 +241,10 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
     weight: (dim, width); bias: (dim,); cache_seqlens: (batch,) int (ring-buffer positions);
     conv_state_indices: (batch,) int (negative: padding row). Returns out shaped like x. See the
     module docstring."""
+    if autocasting(x):      # as causal-conv1d (no autocast): one precision on every path
+        with torch.autocast(x.device.type, enabled=False):
+            return causal_conv1d_update(x, conv_state, weight, bias, activation, cache_seqlens,
+                                        conv_state_indices)
     act = _activation(activation)
     _tensor("x", x, (2, 3))
     if x.dtype not in _FLOATS:
