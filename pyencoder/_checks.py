@@ -168,8 +168,8 @@ def check_eps(name, eps):
 
 
 def check_scale(scale):
-    """None or a finite non-zero real number (a Python or numpy int / float, not a bool or a
-    tensor: SDPA's ``scale`` is a float too)."""
+    """None or a finite non-zero real number (numbers.Real: Python and numpy ints and floats;
+    not a bool, not a tensor: the op takes a Python float)."""
     if scale is None or isinstance(scale, torch.SymFloat):
         return
     if isinstance(scale, (bool, torch.Tensor)) or not isinstance(scale, numbers.Real):

@@ -156,8 +156,8 @@ def check_environment():
         "PYENCODER_CONV_ROW": lambda: env_choice("PYENCODER_CONV_ROW", ("0", "1"), "0"),
         "PYENCODER_CPU_THREADS": lambda: env_choice_or_int("PYENCODER_CPU_THREADS",
                                                            ("auto", "torch"), "auto"),
-        # the tests' and the compile test's (values as tests/conftest.py and
-        # tests/test_triton_compile.py parse them)
+        # the tests' and the compile test's (the values they document; stricter than
+        # tests/test_triton_compile.py, which takes any PTXAS other than 1 for off)
         "PYENCODER_TEST_SEED": lambda: test_seed(),
         "PYENCODER_COMPILE_MATRIX": lambda: env_choice("PYENCODER_COMPILE_MATRIX",
                                                        ("sample", "quick", "full"), "sample"),

@@ -146,8 +146,8 @@ class FrameCrossAttention(nn.Module):
     def latency(self):
         """Key positions a query frame waits for past the end of its own key frame (worst case
         over its rows): mask.hi_off - mask.k_block + 1. With sink keys it is the same (as for
-        self-attention): only a stream's first queries wait longer, for the last sink key
-        (``last_key``)."""
+        self-attention): it leaves out the start-up wait of a stream's first queries for the last
+        sink key (``last_key``)."""
         return self.mask.hi_off - self.mask.k_block + 1
 
     def last_key(self, p):
