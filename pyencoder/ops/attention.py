@@ -52,9 +52,9 @@ from ._attention_op import (N_PARAMS, N_TENSORS, fake_backward, fake_forward, op
 from ._autograd import forbid_double_backward, refuse_forward_ad
 from ._call import call_custom, call_op, eager_ok
 from .._checks import (MAX_POSITION, autocast_cast, autocasting, check_bias_tensors,
-                      check_bool, check_float_dtype,
-                      check_int, check_lengths, check_same, check_scale, check_tensor, passed,
-                      passed_key, remember_passed, value_checks_enabled)
+                      check_bool, check_float_dtype, check_int, check_lengths, check_same,
+                      check_scale, check_tensor, passed, passed_key, remember_passed,
+                      value_checks_enabled)
 
 __all__ = ["banded_attention", "chunked_attention", "interval_attention", "cross_attention",
            "band_params", "chunked_params", "relative_offsets"]
