@@ -114,19 +114,24 @@ def check_module_input(x, axis, size, layout, param, same_dtype=True, name="x"):
         raise ValueError(f"{name} must be on the module's device ({param.device}); got "
                          f"{x.device}")
     if same_dtype and param is not None and x.dtype != param.dtype \
-            and not torch.is_autocast_enabled(x.device.type):
+            and not autocast_on(x.device.type):
         raise TypeError(f"{name} must have the module's dtype ({param.dtype}); got {x.dtype}")
 
 
-def autocasting(x):
-    """Whether autocast is on for x's device (False for a non-tensor, meta, or a device type
-    autocast does not know)."""
-    if not isinstance(x, torch.Tensor) or x.device.type == "meta":
+def autocast_on(device_type):
+    """Whether autocast is on for ``device_type`` (False for meta or a device type autocast does
+    not know: torch.is_autocast_enabled raises there)."""
+    if device_type == "meta":
         return False
     try:
-        return torch.is_autocast_enabled(x.device.type)
+        return torch.is_autocast_enabled(device_type)
     except RuntimeError:        # a device type autocast does not know
         return False
+
+
+def autocasting(x):
+    """Whether autocast is on for tensor x's device (False for a non-tensor)."""
+    return isinstance(x, torch.Tensor) and autocast_on(x.device.type)
 
 
 def autocast_dtype(t):

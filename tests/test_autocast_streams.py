@@ -269,3 +269,15 @@ def test_decode_attention_refuses_mixed_dtypes():
     for k, v, name in ((ring.half(), ring, "k_ring"), (ring, ring.bfloat16(), "v_ring")):
         with pytest.raises(TypeError, match=f"{name} must have q's dtype"):
             decode_attention(q, k, v, *args)
+
+
+def test_meta_tensors_meet_the_dtype_checks_by_name():
+    """The autocast test of the dtype checks asked torch about the meta device, which raises
+    ("unknown device type for autocast"): a meta input of another dtype got that instead of the
+    named refusal, and a meta module's init_state(dtype=) crashed; a meta module sizes a state in
+    any dtype, as init_state(device="meta") does."""
+    from pyencoder.nn import CausalConv1d
+    m = CausalConv1d(4, 4, 3).to("meta")
+    with pytest.raises(TypeError, match=r"x must have the module's dtype \(torch.float32\)"):
+        m(torch.empty(1, 4, 9, device="meta", dtype=torch.bfloat16))
+    assert m.init_state(1, dtype=torch.bfloat16).hist.dtype == torch.bfloat16

@@ -32,7 +32,7 @@ from torch import nn
 
 from .._cpu_threads import threads_for
 from ..models.encoder import CausalEncoder, EncoderState
-from .._checks import check_chunk_sizes
+from .._checks import autocasting, check_chunk_sizes
 from ..streaming.latency import NotStreamableError
 from ..streaming.state import check_state, ends_stream, stream_config
 from .patch import base_model, latency as _latency, unstreamable_reason
@@ -228,7 +228,6 @@ def _check_audio(audio, encoder):
         raise TypeError(f"audio must be a floating tensor (scale integer PCM to [-1, 1] first); "
                         f"got {audio.dtype}")
     p = next(encoder.parameters(), None)
-    if p is not None and audio.dtype != p.dtype and not torch.is_autocast_enabled(
-            audio.device.type):
+    if p is not None and audio.dtype != p.dtype and not autocasting(audio):
         raise TypeError(f"audio must have the model's dtype ({p.dtype}); got {audio.dtype} "
                         f"(convert it: audio.to({p.dtype}))")

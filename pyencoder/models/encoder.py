@@ -60,7 +60,7 @@ from ..nn.conv import CausalConv1d
 from ..nn.layer import AttentionAdapter, TransformerLayer
 from ..nn.linear import Linear, skinny_view
 from ..nn.norm import frame_batch_norm
-from .._checks import check_bool
+from .._checks import autocasting, check_bool
 from ..nn.relpos import WavLMSelfAttention, check_bucket_args
 from ..ops import _channel_norm_triton as _cn
 from ..ops import _ring_write_triton as _ring
@@ -423,8 +423,7 @@ class CausalEncoder(nn.Module):
             raise ValueError(f"wav must be on the model's device ({p.device}); got {wav.device}")
         # offline and streaming alike (a step cast float64 audio to the state's dtype silently;
         # transformers' own models refuse it too); autocast runs the model in its own dtypes
-        if p is not None and wav.dtype != p.dtype and not torch.is_autocast_enabled(
-                wav.device.type):
+        if p is not None and wav.dtype != p.dtype and not autocasting(wav):
             raise TypeError(f"wav must have the model's dtype ({p.dtype}); got {wav.dtype} "
                             f"(convert it: wav.to({p.dtype}))")
         return wav

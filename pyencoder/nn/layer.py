@@ -16,7 +16,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from .._checks import check_eps, check_int, check_module_input
+from .._checks import autocasting, check_eps, check_int, check_module_input
 from ..ops import _ring_write_triton as _ring
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
                                check_step_slots, ends_stream, fill_counter, fixed_index,
@@ -249,7 +249,7 @@ class TransformerLayer(nn.Module):
         if lin is None:
             return None
         w, b = lin.weight, lin.bias
-        if torch.is_autocast_enabled(a.device.type) or (torch.is_grad_enabled() and any(
+        if autocasting(a) or (torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (w, b))):
             return None
         E = a.shape[-1]

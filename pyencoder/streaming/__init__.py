@@ -20,7 +20,7 @@ import itertools
 
 import torch
 
-from .._checks import check_chunk_sizes
+from .._checks import autocasting, check_chunk_sizes
 from .protocol import time_last
 from .state import StreamState, batched_counters, reset, state_nbytes
 from .latency import Latency, NotStreamableError, latency
@@ -70,7 +70,7 @@ def run_stream(module, x, chunk_sizes, time_dim=None, **init_kwargs):
                         f"{', '.join(clash)} among the init_state keywords")
     T = x.shape[time_dim]
     # under autocast the state keeps the module's dtype (init_state refuses another one)
-    dtype = None if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dtype = None if autocasting(x) else x.dtype
     state = module.init_state(x.shape[0], device=x.device, dtype=dtype, **init_kwargs)
     outs, counts = [], []
     t = 0

@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
+from .._checks import autocast_on
 from .._env import env_flag
 
 __all__ = ["StreamState", "reset", "ends_stream", "state_nbytes", "check_state", "stamp",
@@ -351,12 +352,12 @@ def _check_state_matches_module(module, dtype, device):
         return
     who = type(module).__name__
     d = None if device is None else torch.device(device)
-    if d is not None and d.type == "meta":   # a state sized without memory (any dtype)
-        return
     dev_type = p.device.type if d is None else d.type
+    if dev_type == "meta":          # a state sized without memory (any dtype; a meta module's too)
+        return
     # under autocast the activations a state holds are in the autocast dtype: a state of it
     # (half the memory) is what the stream computes in
-    autocast = torch.is_autocast_enabled(dev_type) and \
+    autocast = autocast_on(dev_type) and \
         dtype == torch.get_autocast_dtype(dev_type)
     if dtype is not None and dtype != p.dtype and not autocast:
         raise TypeError(f"{who}.init_state: dtype ({dtype}) must be the module's parameter dtype "
