@@ -397,3 +397,34 @@ def test_ring_capacity_and_sink_fields_are_checked_on_load():
     lack = {k: v for k, v in sa.state_dict().items() if k not in ("sink_k", "sink_v")}
     with pytest.raises(StateKeyError, match="missing \\['sink_k', 'sink_v'\\]"):
         xa.init_state(1).load_state_dict(lack)
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_state_refused_after_module_converted(name):
+    """A module converted after init_state (.double(), .half(), .to(dtype), or its parameters
+    replaced by load_state_dict(assign=True)) refuses its old states by name: the attention
+    step cast the new keys into the float32 ring silently (3e-8 off a float64 stream) and the
+    convs failed in a kernel's dtype check naming neither the state nor the conversion."""
+    make_a, _, inp = PAIRS[name][:3]
+    torch.manual_seed(11 + len(name))
+    m = make_a().eval()
+    if not any(p.is_floating_point() for p in m.parameters()):
+        pytest.skip("no parameters: the state's dtype is its own")
+    x1, x2 = inp(2, 5), inp(2, 4)
+    st = m.init_state(2)
+    _, st = _feed(m, st, x1)
+    kept = copy.deepcopy(st)
+    msg = r"made when the module's parameters were torch.float32; they are torch.float64 now"
+    m.double()
+    with pytest.raises(ValueError, match=msg):
+        _feed(m, st, x2.double())
+    if hasattr(m, "flush"):
+        with pytest.raises(ValueError, match=msg):
+            m.flush(st)
+    m.float()                        # converted back: the state streams on as before
+    y, _ = _feed(m, st, x2)
+    y_ref, _ = _feed(m, kept, x2)
+    assert torch.equal(y, y_ref)
+    m.load_state_dict({k: v.double() for k, v in m.state_dict().items()}, assign=True)
+    with pytest.raises(ValueError, match=msg):
+        _feed(m, st, x2.double())

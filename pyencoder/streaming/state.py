@@ -279,9 +279,31 @@ def stream_config(module):
 
 
 def stamp(module, state):
-    """Record ``module``'s configuration in ``state`` (made by its init_state). Returns state."""
+    """Record ``module``'s configuration in ``state`` (made by its init_state), and the dtype of
+    its parameters then (``weights_dtype``: a module converted afterwards refuses the state).
+    Returns state."""
     state.config = stream_config(module)
+    p = _weights(module)
+    state.weights_dtype = None if p is None else p.dtype
     return state
+
+
+def _weights(module):
+    """``module``'s first floating parameter (None without one): the dtype its streams run in.
+    Where it lives (its owner module and name) is found once and kept in the module's
+    ``__dict__``; the parameter itself is read afresh (load_state_dict(assign=True) or a
+    conversion may replace it)."""
+    loc = module.__dict__.get("_weights_loc")
+    if loc is not None:
+        p = (loc[0] or module)._parameters.get(loc[1])
+        if p is not None:
+            return p
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None and p.is_floating_point():
+                module.__dict__["_weights_loc"] = (None if m is module else m, name)
+                return p
+    return None
 
 
 def ends_stream(flush):
@@ -318,6 +340,13 @@ def check_state(module, state, cls, config=None):
     if state.config is not want and state.config != want:
         raise ValueError(f"{who}: state was made by {state.config!r}, not by this module "
                          f"({want!r}); build it with this module's init_state")
+    made = state.__dict__.get("weights_dtype")
+    if made is not None:
+        p = _weights(module)
+        if p is not None and p.dtype != made:
+            raise ValueError(f"{who}: this state was made when the module's parameters were "
+                             f"{made}; they are {p.dtype} now (the module was converted after "
+                             f"init_state): make a new state with init_state")
 
 
 def check_init_args(batch_size, dtype=None, device=None, module=None):
@@ -347,7 +376,7 @@ def check_init_args(batch_size, dtype=None, device=None, module=None):
 
 
 def _check_state_matches_module(module, dtype, device):
-    p = next((t for t in module.parameters() if t.is_floating_point()), None)
+    p = _weights(module)
     if p is None:
         return
     who = type(module).__name__
