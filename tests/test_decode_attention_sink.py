@@ -266,3 +266,21 @@ def test_triton_kernel_sinks_skip_the_ring_and_poison_like_the_reference():
     assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.isnan(ref[0, 0]).all()
     ok = ~torch.isnan(ref)
     assert torch.allclose(out[ok], ref[ok], atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("dt", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_narrow_index_dtypes_give_the_int64_result(dt):
+    """The checks take any integer index tensor; the reference computed its bounds in the
+    indices' own dtype: uint8 wrapped (a row at position 1 with lo_off 3 saw no key, a padding
+    row's -1 bound became 255) and int8 overflowed near 127."""
+    torch.manual_seed(5)
+    q = torch.randn(2, 2, 3, 8)
+    kr, vr = torch.randn(2, 1, 16, 8), torch.randn(2, 1, 16, 8)
+    qp = torch.tensor([[120, 123, 125], [1, 2, 3]])
+    qc, nk = torch.tensor([3, 2]), torch.tensor([127, 4])
+    for lo, hi in ((3, 1), (3, 5), (-1, 0)):
+        want = decode_attention_reference(q, kr, vr, qp, qc, nk, None, False, 1, lo, hi, 0.3)
+        got = decode_attention(q, kr, vr, qp.to(dt), qc.to(dt), nk.to(dt), None, False, 1, lo,
+                               hi, 0.3, backend="reference")
+        assert torch.equal(got, want), (lo, hi)
+        assert got[1, :, 2].abs().max() == 0        # the padding row

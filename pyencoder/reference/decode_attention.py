@@ -91,6 +91,9 @@ def decode_attention_reference(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_fr
     docstring). Rows without a visible key output zeros."""
     B, H, M, D = q.shape
     cap = k_ring.shape[2]
+    # the bounds below in int64 (no copy when given so): uint8 / int8 indices wrapped (1 - lo_off
+    # became 254, a padding row's -1 became 255, a position near 127 overflowed)
+    q_pos, q_count, n_keys = (t.to(torch.int64) for t in (q_pos, q_count, n_keys))
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     qr = q.to(cdt)
     if inv_freq is not None and inv_freq.numel():
