@@ -295,7 +295,7 @@ def _weights(module):
     conversion may replace it)."""
     loc = module.__dict__.get("_weights_loc")
     if loc is not None:
-        p = (loc[0] or module)._parameters.get(loc[1])
+        p = (module if loc[0] is None else loc[0])._parameters.get(loc[1])
         if p is not None:
             return p
     for m in module.modules():
