@@ -170,3 +170,23 @@ def test_mms_load_adapter_offline_and_stream(tmp_path):
         hidden = _stream(model.wav2vec2, x)
         torch.testing.assert_close(hidden, model.wav2vec2(x).last_hidden_state, atol=1e-5,
                                    rtol=1e-5)
+
+
+def test_config_add_adapter_without_an_adapter_module():
+    """HubertModel ignores config.add_adapter (HuBERT has no conv adapter): such a model (a
+    HubertConfig built from a wav2vec2 config dict) runs in transformers, and was refused by the
+    patch, which decided from the config and blamed the transformers version. The model's
+    ``adapter`` module decides now, as its forward does: no adapter in latency or the stream."""
+    import transformers as T
+    cfg = T.HubertConfig(**dict(COMMON, **CONV_ADAPTER))
+    model = T.HubertModel(cfg).eval()
+    assert getattr(model, "adapter", None) is None
+    x = torch.randn(2, SAMPLES)
+    H.apply_pyencoder_to_wav2vec2(model, **BAND)
+    lat = H.latency(model)
+    assert lat.adapter_stride is None and lat.hop == 10 and not lat.adapter_lookahead_frames
+    with torch.no_grad():
+        want = _out(model, x)
+        got = _stream(model, x)
+    assert want.shape[-1] == COMMON["hidden_size"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

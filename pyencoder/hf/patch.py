@@ -135,17 +135,15 @@ def _check_model(base, family):
         if hasattr(base, name):
             _compat.fail(f"{type(base).__name__} already has an attribute {name!r}, which the "
                          f"patch uses for pyencoder.streaming.latency")
-    if getattr(base.config, "add_adapter", False):
-        _check_adapter(base, family)
+    if getattr(base, "adapter", None) is not None:   # the model's, as its forward decides (a
+        _check_adapter(base, family)                   # HuBERT config may say add_adapter)
 
 
 def _check_adapter(base, family):
     """The conv adapter after the encoder (config.add_adapter): optional proj + LayerNorm, then
     layers of Conv1d (zero padding on both sides) + GLU. It is left as is offline; latency() and
     the stream need its kernel, stride and padding."""
-    ad = getattr(base, "adapter", None)
-    if ad is None:
-        _compat.fail(f"{family}: config.add_adapter=True but the model has no `adapter` module")
+    ad = base.adapter
     _compat.require_attrs(ad, ["layers", "proj", "proj_layer_norm"], f"{family} adapter")
     try:
         hf_adapter_config(base)
@@ -517,7 +515,7 @@ def frame_ms(base):
 
 def adapter_geometry(base):
     """[(kernel, stride, padding)] of the conv adapter's layers; [] without one."""
-    cfg = hf_adapter_config(base) if getattr(base, "adapter", None) is not None else None
+    cfg = hf_adapter_config(base)
     if not cfg:
         return []
     return [(cfg["adapter_kernel_size"], cfg["adapter_stride"], cfg["adapter_padding"])] * \

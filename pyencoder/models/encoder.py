@@ -774,15 +774,15 @@ def find_hf_base(model, caller="from_hf"):
 
 
 def hf_adapter_config(base):
-    """EncoderConfig fields of the conv adapter (config.add_adapter), or None without one. Raises
-    with the reason where its conv is not the zero-padded strided Conv1d + GLU the stream
-    reproduces."""
-    if not getattr(base.config, "add_adapter", False):
-        return None
+    """EncoderConfig fields of the conv adapter (config.add_adapter), or None without one (the
+    model's ``adapter`` module decides, as its forward does: a HuBERT model ignores a config's
+    add_adapter). Raises with the reason where its conv is not the zero-padded strided Conv1d +
+    GLU the stream reproduces."""
     ad = getattr(base, "adapter", None)
-    if ad is None or not hasattr(ad, "layers") or not len(ad.layers):
-        raise NotImplementedError("config.add_adapter=True but the model has no `adapter` module "
-                                  "with conv layers")
+    if ad is None:
+        return None
+    if not hasattr(ad, "layers") or not len(ad.layers):
+        raise NotImplementedError("the model's `adapter` module has no conv layers")
     geo = set()
     for i, layer in enumerate(ad.layers):
         conv = getattr(layer, "conv", None)
