@@ -1,11 +1,19 @@
 # The README's two commands: `make demo` (the main job) and `make test`.
 # Both bootstrap a local virtualenv (.venv) and install what they need. On a machine without an
-# NVIDIA GPU, torch is pinned to the local CPU build (TORCH_CPU_SPEC) so pip never pulls the CUDA
+# NVIDIA GPU, torch is pinned to the CPU build (TORCH_CPU_SPEC) so pip never pulls the CUDA
 # wheels; with a GPU, an already installed torch is used (the venv sees system site-packages).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# PyPI's Linux torch is the CUDA build (a plain torch==2.13.0 pulls gigabytes of CUDA wheels
+# there): on Linux the pin names the CPU build's local version, found where pip finds it (a local
+# wheel, as on CI), else on PyTorch's CPU index. macOS's PyPI torch is the CPU build.
+ifeq ($(shell uname -s),Linux)
+TORCH_CPU_SPEC ?= torch==2.13.0+cpu
+else
 TORCH_CPU_SPEC ?= torch==2.13.0
+endif
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TRITON_SPEC ?= triton==3.6.0
 HF_SPEC ?= transformers==5.23.0
 PIP := $(PY) -m pip install -q --disable-pip-version-check
@@ -25,7 +33,8 @@ HF_NEWEST_SPEC ?= transformers>=5.23,<5.25
 $(VENV)/.ready: setup.py pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	@if ! $(PY) -c "import torch" >/dev/null 2>&1; then \
-	  if [ "$(HAS_GPU)" = "1" ]; then $(PIP) torch; else $(PIP) "$(TORCH_CPU_SPEC)"; fi; \
+	  if [ "$(HAS_GPU)" = "1" ]; then $(PIP) torch; else $(PIP) "$(TORCH_CPU_SPEC)" || \
+	    $(PIP) "$(TORCH_CPU_SPEC)" --index-url "$(TORCH_CPU_INDEX)"; fi; \
 	fi
 	@if [ "$$(uname -s)" = "Linux" ] && ! $(PY) -c "import triton" >/dev/null 2>&1; then \
 	  $(PIP) "$(TRITON_SPEC)"; fi
@@ -51,6 +60,9 @@ test-compile-full: $(VENV)/.ready
 
 $(NEWEST_VENV)/.ready: setup.py pyproject.toml
 	$(PYTHON) -m venv $(NEWEST_VENV)
+	$(NEWEST_PY) -m pip install -q --disable-pip-version-check "$(TORCH_CPU_SPEC)" || \
+	  $(NEWEST_PY) -m pip install -q --disable-pip-version-check "$(TORCH_CPU_SPEC)" \
+	  --index-url "$(TORCH_CPU_INDEX)"
 	$(NEWEST_PY) -m pip install -q --disable-pip-version-check "$(TORCH_CPU_SPEC)" \
 	  "$(TRITON_NEWEST_SPEC)" "$(HF_NEWEST_SPEC)" pytest hypothesis numpy setuptools wheel
 	$(NEWEST_PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .

@@ -94,8 +94,15 @@ def _extensions():
         print(f"pyencoder: building without the CUDA extension ({reason})", file=sys.stderr)
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
-    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
-    sources += sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    csrc = os.path.join(HERE, "csrc")
+    sources = sorted(glob.glob(os.path.join(csrc, "**", "*.cu"), recursive=True))
+    sources += sorted(glob.glob(os.path.join(csrc, "**", "*.cpp"), recursive=True))
+    if not sources:
+        raise SystemExit(f"pyencoder: the CUDA extension's sources are missing ({csrc} holds no "
+                         f".cu / .cpp); build from a git checkout or an sdist that has csrc/, or "
+                         f"set PYENCODER_BUILD_CUDA=0")
+    # relative to the setup directory, as setuptools wants them
+    sources = [os.path.relpath(p, HERE) for p in sources]
     ext = CUDAExtension(
         name="pyencoder._C",
         sources=sources,
@@ -133,13 +140,14 @@ setup(
     package_dir={"pyencoder.triton_kernels": "triton_kernels"},
     package_data={"pyencoder": ["data/*.wav"]},
     include_package_data=True,
+    # torch >= 2.6: torch.library.triton_op / wrap_triton register the Triton backend's ops;
+    # tested with torch 2.11 (GPU) and 2.13 (CPU)
     install_requires=[
-        "torch>=2.4",
-        "numpy",
+        "torch>=2.6",
     ],
     extras_require={
         "triton": [TRITON_SPEC + '; platform_system == "Linux"'],
-        "test": ["pytest", "hypothesis"],
+        "test": ["pytest", "hypothesis", "numpy"],
         "hf": [HF_SPEC],
         "bench": ["matplotlib", "tqdm"],
     },
