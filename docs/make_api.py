@@ -17,7 +17,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = ("pyencoder", "pyencoder.ops", "pyencoder.nn", "pyencoder.streaming",
-           "pyencoder.models", "pyencoder.hf", "pyencoder.distill")
+           "pyencoder.models", "pyencoder.hf", "pyencoder.distill",
+           "pyencoder.compat.causal_conv1d")
 
 
 def _public(mod):

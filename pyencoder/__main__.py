@@ -116,7 +116,8 @@ def build_parser():
     sub.add_parser("info", help="backends available on this machine and why not")
     d = sub.add_parser("demo", help="the main job: stream audio / run the kernels on this device")
     d.add_argument("--quick", action="store_true",
-                   help="a shorter run: a 3 s clip, smaller kernel shapes, fewer repeats")
+                   help="a shorter run: a 3 s clip (on a GPU also smaller kernel shapes and "
+                        "fewer repeats; on a CPU the kernel run is always the short one)")
     d.add_argument("--checkpoint", default=None, help="local HF wav2vec2 model directory")
     lat = sub.add_parser(
         "latency", help="algorithmic latency of an encoder configuration",

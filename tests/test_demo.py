@@ -97,3 +97,22 @@ def test_demo_checkpoint_must_be_a_local_model_directory(tmp_path):
         with pytest.raises(SystemExit, match="demo --checkpoint: .* is not a local Hugging Face "
                                              "model directory"):
             main(["demo", "--checkpoint", bad])
+
+
+def test_without_transformers_the_hf_paths_say_what_to_install(tmp_path, monkeypatch):
+    """`import pyencoder.hf` without transformers failed with a bare "No module named
+    'transformers'" from deep in register(); `demo --checkpoint DIR` without it printed "skipped"
+    and exited 0 although the user asked for their checkpoint."""
+    import sys
+
+    import pytest
+
+    import _subproc
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "try:\n    import pyencoder.hf\nexcept ImportError as e:\n    print('ERR', e)\n")
+    r = _subproc.run([sys.executable, "-c", code], timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "ERR pyencoder.hf needs transformers>=" in r.stdout and "pyencoder[hf]" in r.stdout
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(SystemExit, match=r"demo --checkpoint: transformers is not installed"):
+        _demo.streaming_demo(quick=True, checkpoint=str(tmp_path))

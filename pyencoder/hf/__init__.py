@@ -14,6 +14,12 @@ on when applied and raise PatchError naming the installed version if something i
 Importing this module registers the "pyencoder" attention implementation with transformers.
 """
 from ._compat import TESTED_SPEC, PatchError
+
+try:
+    import transformers  # noqa: F401
+except ImportError as e:       # a bare "No module named 'transformers'" from deep in register()
+    raise ImportError(f"pyencoder.hf needs transformers{TESTED_SPEC} (the tested range): pip "
+                      f"install 'pyencoder[hf]'") from e
 from .attention import LayerSpec
 from .registry import register
 from .patch import (apply_pyencoder_to_wav2vec2, from_pretrained, latency, patch_record,
