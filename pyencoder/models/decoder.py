@@ -352,7 +352,7 @@ class StreamingDecoder(nn.Module):
         """Whether this general step may run as ``step_fixed`` (the same result):
         pyencoder.streaming.state.steady_dispatch of ``steady_check``; not where autograd
         records (the fixed step writes the state in place)."""
-        if self.net._records_autograd(x):
+        if self.net._records_autograd(x, state.net):
             return False
         n = x.shape[1]
         return steady_dispatch(state, self.steady_check(n, state), lengths, n)

@@ -157,7 +157,7 @@ class StreamingSequential(nn.Sequential):
         n = x.shape[-1] if time_last(self) else x.shape[1]
         if lengths is not None:
             lengths = check_step_lengths(lengths, B, n, x.device)
-        if outputs is None and not self._records_autograd(x) and \
+        if outputs is None and not self._records_autograd(x, state) and \
                 self._fixed_ok(n, state, lengths):
             # the steady state: step_fixed, the same step without the children's host reads
             # (one here, none while the stream stays steady), on fresh counters
@@ -190,13 +190,15 @@ class StreamingSequential(nn.Sequential):
             n = c.n_out
         return all_steady(checks, n)
 
-    def _records_autograd(self, x):
-        """Grad mode on and x or a parameter requires grad: the general step then runs as is
-        (step_fixed writes the state in place, which tensors autograd saved must not see: a
-        stack of strided convs is differentiable through its general steps)."""
+    def _records_autograd(self, x, state):
+        """Grad mode on and x, a parameter or a tensor of the state (a history that earlier
+        differentiable steps wrote) requires grad: the general step then runs as is (step_fixed
+        writes the state in place, which tensors autograd saved must not see: a stack of strided
+        convs is differentiable through its general steps)."""
         if not torch.is_grad_enabled():
             return False
-        return x.requires_grad or any(p.requires_grad for p in self.parameters())
+        return x.requires_grad or any(p.requires_grad for p in self.parameters()) or any(
+            t.requires_grad for t in state.tensors().values())
 
     def _fixed_ok(self, n, state, lengths=None):
         """Whether this general step of n frames per slot may run as ``step_fixed``: every child

@@ -36,6 +36,9 @@ ENDED_KEY = "__ended__"
 # returned, or took in: what flush's output takes), saved as "__<name>__": "float32" entries so
 # that a resumed stream flushes as the uninterrupted one would
 RECORDED_DTYPES = ("out_dtype", "in_dtype")
+# per-state caches kept in a state's __dict__ (with the "_filled_<counter>" records): rebuilt when
+# missing, never copied (StreamState.__getstate__)
+_CACHES = ("_steady_record", "_fixed_index", "_graph_pinned", "_cross_align")
 
 
 class StateKeyError(KeyError, ValueError):
@@ -55,6 +58,16 @@ class StreamState:
     # fields added after states were first saved: a saved stream without one loads, keeping the
     # fresh state's value (RunningNormState.out_lengths: only the last step's frame count)
     _added_fields = ()
+
+    def __getstate__(self):
+        """What a copy (copy.deepcopy, copy.copy, pickle) takes: the fields and what init_state
+        recorded, not the per-state caches (``_CACHES``: the steady-dispatch record, the fixed
+        step's indices, fill records). Those identify counters by (tensor, version), and a
+        copied tensor's version restarts: a copy's record matched counters a reset() had
+        rewritten since, and the general step ran as step_fixed on a stream that was not
+        steady (wrong frames)."""
+        return {k: v for k, v in self.__dict__.items()
+                if k not in _CACHES and not k.startswith("_filled_")}
 
     def _shape_hint(self, name):
         """More words for load_state_dict's shape refusal of field ``name`` ('' for none)."""
