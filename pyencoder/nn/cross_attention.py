@@ -66,7 +66,6 @@ class CrossAttentionState(StreamState):
     sink_v: torch.Tensor       # (B, H, sink, D) (positions >= k_pos: not arrived yet, zeros)
 
     _growable = {"q": 2, "k": 2, "v": 2}
-    _fresh_empty = True        # a fresh stream (admit's private state) buffers nothing
     _added_fields = ("sink_k", "sink_v")   # saved before sink keys streamed: none (sink = 0)
 
     def _may_lack(self):

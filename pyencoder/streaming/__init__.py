@@ -6,12 +6,16 @@ its names are re-exported here.
 Protocol of every streaming module m::
 
     state = m.init_state(batch_size, device=..., dtype=...)
-    y, state = m.step(x_chunk, state)        # any chunk length >= 1; y may hold fewer frames
+    y, state = m.step(x_chunk, state)        # any chunk length >= 0; y may hold fewer frames
+    y, state = m.step(x_chunk, state, lengths)   # (B,) valid frames per slot
     y, state = m.flush(state)                # end of stream: the held-back frames
     reset(state, mask)                       # recycle slots (bool (B,)) for new streams
 
-What else a module declares (its chunks' time axis, being per-frame, swapping layouts) is in
-``pyencoder.streaming.protocol``. In the steady state, modules with ``step_fixed`` (attention,
+``state.out_lengths`` (B,) counts each slot's frames of y. What a module of your own provides to
+join a ``StreamingSequential`` (the exact signatures), and what else it declares (its chunks'
+time axis, being per-frame, swapping layouts), is in ``pyencoder.streaming.protocol``.
+
+In the steady state, modules with ``step_fixed`` (attention,
 conv, TransformerLayer, StreamingSequential, CausalEncoder) step without host synchronisation:
 ``CudaGraphStep(module, state, example)`` captures that step in a CUDA graph and replays it per
 chunk (pyencoder.streaming.graph).
@@ -87,13 +91,13 @@ def run_stream(module, x, chunk_sizes, time_dim=None, **init_kwargs):
     if y is not None:
         outs.append(y)
         counts.append(state.out_lengths.clone())
-    out_time_last = _out_time_last(module, time_dim)
+    out_time_last = _out_time_last(module, time_dim % x.dim() == x.dim() - 1)
     y, _ = cat_time(outs, counts, state, out_time_last)
     return y
 
 
-def _out_time_last(m, time_dim):
+def _out_time_last(m, in_time_last):
     fn = getattr(m, "out_time_last", None)
     if callable(fn):
         return fn()
-    return time_dim == -1
+    return in_time_last

@@ -36,25 +36,26 @@ __all__ = ["admit"]
 
 
 def _fresh_slot(st, slot):
-    """A batch-1 state shaped like slot ``slot`` of ``st``, every tensor zero (a fresh stream),
-    with the same configuration stamp."""
+    """A batch-1 state shaped like slot ``slot`` of ``st`` (what init_state recorded kept: the
+    configuration stamp, the weights' dtype, ...), made a fresh stream by its own ``reset`` (all
+    zeros, or what a state that overrides reset starts from: the cross-attention's empty
+    buffers)."""
+    return _slot_copy(st, slot).reset(torch.ones(1, dtype=torch.bool))
+
+
+def _slot_copy(st, slot):
     kw = {}
-    # a state whose fresh stream holds none of its growable buffers (the cross-attention's
-    # pending queries and keys): those start empty along their growing axis
-    empty = st._growable if getattr(type(st), "_fresh_empty", False) else {}
     for f in dataclasses.fields(st):
         v = getattr(st, f.name)
         if isinstance(v, torch.Tensor):
-            v = torch.zeros_like(v[slot:slot + 1])
-            if f.name in empty:
-                v = v.narrow(empty[f.name], 0, 0).clone()
+            v = v[slot:slot + 1].clone()
         elif isinstance(v, StreamState):
-            v = _fresh_slot(v, slot)
+            v = _slot_copy(v, slot)
         elif isinstance(v, (list, tuple)):
-            v = type(v)(_fresh_slot(s, slot) for s in v)
+            v = type(v)(_slot_copy(s, slot) for s in v)
         kw[f.name] = v
     out = type(st)(**kw)
-    out.config = st.config
+    out.__dict__.update({k: v for k, v in st.__getstate__().items() if k not in kw})
     return out
 
 

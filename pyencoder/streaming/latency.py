@@ -208,10 +208,20 @@ def _walk(name, m, rows):
                                  f"context: no bounded latency); use pyencoder.nn."
                                  f"BandedSelfAttention or ChunkedSelfAttention, or give it `hop` "
                                  f"and `lookahead` attributes if it is causal")
-    children = list(m.named_children())
+    if la is not None:
+        raise ValueError(f"{where} declares lookahead={la!r} but no hop; a streaming module "
+                         f"declares both (hop: input frames per output frame)")
+    # every registration in order: a module registered twice (tied weights) runs twice
+    children = [(cn, c) for cn, c in m._modules.items() if c is not None]
     if children:
+        first = len(rows)
         for cn, c in children:
             _walk(f"{name}.{cn}" if name else cn, c, rows)
+        if hop is not None:         # a declared hop alone: its children's composition
+            got = math.prod(r[2] for r in rows[first:])
+            if got != _declared(where, "hop", hop, 1):
+                raise ValueError(f"{where} declares hop={hop!r} but its children compose hop "
+                                 f"{got}; declare lookahead too, or the children's hops")
         return
     h, l = _leaf(name, m)
     rows.append((name, type(m).__name__, h, l, None, 1))

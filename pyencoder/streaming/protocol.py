@@ -1,8 +1,19 @@
 """What a module declares to take part in a stream (DESIGN.md, "Streaming").
 
 A streaming module has ``init_state`` / ``step`` / ``flush`` (``pyencoder.streaming``'s docstring)
-and reports ``hop`` and ``lookahead`` (``pyencoder.streaming.latency``). It may also declare, as
-class attributes:
+and reports ``hop`` and ``lookahead`` (``pyencoder.streaming.latency``: both, or neither and its
+children compose them; ``hop`` alone is checked against its children's). What a
+``StreamingSequential`` calls (each checked by name):
+
+- ``init_state(batch_size, *, device=None, dtype=None[, max_chunk=...])`` returns a
+  ``pyencoder.streaming.StreamState`` with ``out_lengths``, a (B,) int64 tensor: how many frames
+  of each slot the last step or flush emitted (max_chunk is passed where accepted);
+- ``step(x, state, lengths=None)`` returns ``(y, state)``: ``lengths`` None (every slot's whole
+  chunk) or (B,) int64, the valid frames of each slot (the rest is padding); slot b's first
+  ``state.out_lengths[b]`` frames of y are its output;
+- ``flush(state)`` returns ``(y or None, state)``: the held-back frames.
+
+It may also declare, as class attributes:
 
 - ``stream_time_axis``: the time axis of its input chunks, ``-1`` for the conv layout (B, C, T)
   (pyencoder.nn.CausalConv1d) or ``1`` for the sequence layout (B, T, C); absent means ``1``;

@@ -15,6 +15,7 @@ every flush that reached that child, concatenated per slot): a model's hidden st
 """
 import dataclasses
 import functools
+import inspect
 from typing import List
 
 import torch
@@ -51,6 +52,39 @@ def _holds_back(m):
     return getattr(m, "lookahead", None) != 0
 
 
+def _takes_positional(fn, n):
+    """Whether ``fn`` accepts n positional arguments (True where its signature is unknown)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    kinds = [p.kind for p in params]
+    return inspect.Parameter.VAR_POSITIONAL in kinds or sum(
+        k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        for k in kinds) >= n
+
+
+def _takes_keyword(fn, name):
+    """Whether ``fn`` accepts the keyword ``name`` (True where its signature is unknown)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind == inspect.Parameter.VAR_KEYWORD
+                                 for p in params.values())
+
+
+def _layout_after(m, t):
+    """Whether child ``m``'s outputs are time-last, its inputs being time-last where ``t``: a
+    per-frame module may swap the layout (Transpose), a streaming one may declare its outputs'
+    (``out_time_last()``: CausalEncoder, a nested stack ending in a Transpose)."""
+    if swaps_time_axis(m):
+        return not t
+    if is_streaming(m) and callable(getattr(m, "out_time_last", None)):
+        return bool(m.out_time_last())
+    return t
+
+
 class StreamingSequential(nn.Sequential):
     """``nn.Sequential`` of streaming and per-frame modules that also streams: ``init_state``,
     ``step`` and ``flush`` run the children in turn (module docstring); its latency is composed by
@@ -63,6 +97,11 @@ class StreamingSequential(nn.Sequential):
             if not (is_streaming(m) or is_pointwise(m)):
                 raise TypeError(f"StreamingSequential: child {i} ({type(m).__name__}) is neither a "
                                 f"streaming module (init_state/step/flush) nor a per-frame module")
+            if is_streaming(m) and not _takes_positional(m.step, 3):
+                raise TypeError(f"StreamingSequential: child {i} ({type(m).__name__}).step takes no "
+                                f"`lengths`: a stack calls step(x, state, lengths) (lengths None or "
+                                f"(B,) int64, the valid frames of each slot; "
+                                f"pyencoder.streaming.protocol)")
         self._check_layouts()
 
     def _check_layouts(self):
@@ -87,10 +126,7 @@ class StreamingSequential(nn.Sequential):
                 raise ValueError(f"StreamingSequential: child {i} ({type(m).__name__}) takes "
                                  f"{name[want]} chunks but gets {name[t]} chunks there; insert "
                                  f"pyencoder.nn.Transpose(1, 2) before it")
-            if swaps_time_axis(m):
-                t = not t
-            elif is_streaming(m) and callable(getattr(m, "out_time_last", None)):
-                t = bool(m.out_time_last())
+            t = _layout_after(m, t)
 
     def _stream_config(self):
         return f"StreamingSequential({', '.join(type(m).__name__ for m in self)})"
@@ -115,10 +151,18 @@ class StreamingSequential(nn.Sequential):
             else torch.device(device)
         dtype = (p.dtype if p is not None else torch.float32) if dtype is None else dtype
         layers = []
-        for m in self:
+        for i, m in enumerate(self):
             if is_streaming(m):
-                layers.append(m.init_state(batch_size, device=device, dtype=dtype,
-                                           max_chunk=max_chunk))
+                kw = {"max_chunk": max_chunk} if _takes_keyword(m.init_state, "max_chunk") else {}
+                st = m.init_state(batch_size, device=device, dtype=dtype, **kw)
+                if not isinstance(st, StreamState) or \
+                        not isinstance(getattr(st, "out_lengths", None), torch.Tensor):
+                    raise TypeError(f"StreamingSequential: child {i} ({type(m).__name__})"
+                                    f".init_state returned a {type(st).__name__} without an "
+                                    f"out_lengths tensor: a stack reads state.out_lengths, (B,) "
+                                    f"int64, the frames of each slot a step or flush emitted "
+                                    f"(pyencoder.streaming.protocol)")
+                layers.append(st)
             else:
                 layers.append(PassState(out_lengths=torch.zeros(batch_size, dtype=torch.int64,
                                                                 device=device)))
@@ -223,15 +267,16 @@ class StreamingSequential(nn.Sequential):
         t_last = time_last(self)
         with batched_counters():
             for m, st in zip(self, state.layers):
-                if hasattr(m, "step_fixed"):
+                per_frame = not hasattr(m, "step_fixed")
+                if not per_frame:
                     x = m.step_fixed(x, st, check=True) if check else m.step_fixed(x, st)
                     last = st
                 elif is_streaming(m):
                     raise TypeError(f"{type(m).__name__} has no step_fixed")
                 else:
                     x = m(x)
-                    if swaps_time_axis(m):
-                        t_last = not t_last
+                t_last = _layout_after(m, t_last)
+                if per_frame:
                     # the frames through here, as the general step counts them (once: a record)
                     fill_counter(st, x.shape[-1 if t_last else 1])
         fill_counter(state, x.shape[-1 if t_last else 1],
@@ -252,6 +297,8 @@ class StreamingSequential(nn.Sequential):
                 continue
             y, st = m.flush(state.layers[i])
             state.layers[i] = st
+            if y is None:                   # nothing held back (as run_stream takes it)
+                continue
             if collect is not None:
                 collect[i].append((y, st.out_lengths))
             y, lengths = self._from(i + 1, y, st.out_lengths, state, collect)
@@ -260,8 +307,7 @@ class StreamingSequential(nn.Sequential):
         if collect is not None:
             t = time_last(self)
             for i, (m, c) in enumerate(zip(self, collect)):
-                if swaps_time_axis(m):
-                    t = not t
+                t = _layout_after(m, t)
                 tmp = PassState(out_lengths=state.out_lengths.clone())
                 outputs.append(cat_time([o for o, _ in c], [n for _, n in c], tmp,
                                         time_last=t)[0])
@@ -272,8 +318,7 @@ class StreamingSequential(nn.Sequential):
         """True if the chain's outputs are time-last ((B, C, T))."""
         t = time_last(self)
         for m in self:
-            if swaps_time_axis(m):
-                t = not t
+            t = _layout_after(m, t)
         return t
 
 

@@ -240,18 +240,23 @@ class StreamState:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def reset(self, mask):
-        """Zero every tensor at the slots where ``mask`` (B,) bool is True (in place). A flushed
-        state (``ended``) must be reset in every slot: it starts fresh streams then."""
+        """Zero this state's tensors at the slots where ``mask`` (B,) bool is True (in place) and
+        reset its nested states through their own ``reset`` (a state whose fresh stream is not
+        all zeros overrides it; a stack's reset used to zero its tensors behind its back). A
+        flushed state (``ended``) must be reset in every slot: it starts fresh streams then."""
         mask = torch.as_tensor(mask)
-        ended = [st for st in self.states().values() if st.ended]
-        if ended and not bool(mask.all()):
+        if any(st.ended for st in self.states().values()) and not bool(mask.all()):
             raise ValueError("this state was flushed: every slot's stream ended; reset all of its "
                              "slots (or make a new state with init_state)")
-        for t in self.tensors().values():
-            m = mask.to(t.device).view(-1, *([1] * (t.dim() - 1)))
-            t.masked_fill_(m, 0)
-        for st in ended:
-            st.ended = False
+        for _, v in self._items():
+            if isinstance(v, torch.Tensor):
+                v.masked_fill_(mask.to(v.device).view(-1, *([1] * (v.dim() - 1))), 0)
+            elif isinstance(v, StreamState):
+                v.reset(mask)
+            elif isinstance(v, (list, tuple)):
+                for st in v:
+                    st.reset(mask)
+        self.ended = False
         return self
 
 
