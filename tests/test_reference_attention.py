@@ -56,6 +56,34 @@ def test_reference_matches_dense_oracle(case_seed):
         assert torch.isfinite(a).all()
 
 
+@pytest.mark.parametrize("rope,interleaved", [(8, False), (4, True)])
+def test_reference_beyond_one_rope_block_matches_dense_oracle(rope, interleaved):
+    """The reference rotates keys in blocks of 256 positions and pads keys per tile: the random
+    cases above stay below 82 keys, so a wrong position for the blocks after the first (every
+    key at index >= 256 rotated at the block's start) and an off-by-one in the padding bound
+    passed them. 3 rope blocks, key lengths across block and tile edges, offsets, GQA."""
+    torch.manual_seed(11)
+    B, Hq, Hk, D, Nq, Nk = 3, 4, 2, 8, 530, 600
+    q = torch.randn(B, Hq, Nq, D, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, Hk, Nk, D, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, Hk, Nk, D, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([257, 511, 600])
+    r = pyencoder.Rope(rope, interleaved=interleaved)
+    for block, lo, hi, qo, ko in ((1, 300, 7, 40, 3), (16, 64, 17, 0, 0), (1, -1, 0, 5, 5)):
+        out = interval_attention(q, k, v, block=block, lo_off=lo, hi_off=hi, rope=r,
+                                 key_lengths=lengths, q_offset=qo, k_offset=ko,
+                                 backend="reference")
+        mask = interval_mask(Nq, Nk, block, lo, hi, qo, ko, lengths, batch=B)
+        ref = dense_attention(q, k, v, mask, rope_dim=rope, interleaved=interleaved,
+                              q_offset=qo, k_offset=ko)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), g)
+        exp = torch.autograd.grad(ref, (q, k, v), g)
+        for a, b in zip(got, exp):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float16, 2e-3),
                                        (torch.bfloat16, 1.6e-2)])
 def test_reference_low_precision(dtype, tol):
