@@ -320,6 +320,11 @@ def test_hf_streaming_encoder_state_of_another_patch_refused():
         for bad in (0, 1.0, True):
             with pytest.raises((TypeError, ValueError), match="batch_size"):
                 a.init_state(bad)
+        st = a.init_state(1)                # the encoder's records travel to its state
+        assert st.weights_dtype == torch.float32 and st.config is not None
+        a.double()
+        with pytest.raises(ValueError, match=r"StreamingEncoder: this state was made when"):
+            a.step(x.double(), st)
 
 
 def test_counters_beyond_their_buffers_refused():
@@ -452,3 +457,18 @@ def test_reset_slot_streams_as_a_fresh_state(name):
         assert n == int(ws.out_lengths[b]) and n > 0, (b, n)
         torch.testing.assert_close(y[b].narrow(axis - 1 if axis > 0 else -1, 0, n),
                                    want[b].narrow(axis - 1 if axis > 0 else -1, 0, n))
+
+
+def test_converted_after_a_submodule_was_replaced():
+    """The first parameter's place is kept per module; a submodule swapped in afterwards is
+    followed (a kept owner reference read the detached old module: init_state refused the
+    float64 dtype of an all-float64 stack as 'not the module's (float32)')."""
+    stack = StreamingSequential(CausalConv1d(2, 4, 3), CausalConv1d(4, 4, 3)).eval()
+    stack.init_state(1)
+    stack[0] = CausalConv1d(2, 4, 3)
+    stack.double()
+    st = stack.init_state(1, dtype=torch.float64)
+    assert st.weights_dtype == torch.float64
+    stack.float()
+    with pytest.raises(ValueError, match="they are torch.float32 now"):
+        _feed(stack, st, torch.randn(1, 2, 5, dtype=torch.float64))

@@ -37,6 +37,9 @@ def test_latency_counts_a_child_registered_twice():
     conv = CausalConv1d(4, 4, 2, stride=2)
     m2 = StreamingSequential(conv, conv)
     assert latency(m2).hop == 4 and m2(torch.randn(1, 4, 16)).shape[-1] == 4
+    wrap = nn.Module()              # outside a container, a second name is an alias: once
+    wrap.enc, wrap.alias = conv, conv
+    assert latency(wrap).hop == 2
 
 
 class _Declares(nn.Module):

@@ -124,3 +124,17 @@ def test_frozen_stack_streams_differentiably():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         (g_got,) = torch.autograd.grad((got * w).sum(), first)
         torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-5)
+
+
+def test_admit_fresh_slot_holds_no_graph():
+    """admit's private batch-1 state is a slot copy reset by the state's own reset: where the
+    batch state's history carries an autograd graph (a differentiable stream), the copy must
+    not hold on to it."""
+    from pyencoder.streaming.admit import _fresh_slot
+    conv = CausalConv1d(3, 3, 3)
+    st = conv.init_state(2)
+    _, st = conv.step(torch.randn(2, 3, 4, requires_grad=True), st)
+    assert st.hist.requires_grad
+    fresh = _fresh_slot(st, 1)
+    assert not any(t.requires_grad for t in fresh.tensors().values())
+    assert all((t == 0).all() for t in fresh.tensors().values())

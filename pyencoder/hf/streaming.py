@@ -148,7 +148,7 @@ class StreamingEncoder(nn.Module):
         self._check_patch()
         st = self.encoder.init_state(batch_size, device=device, dtype=dtype, max_chunk=max_chunk)
         out = EncoderStreamState(**{k: getattr(st, k) for k in st.__dataclass_fields__})
-        out.config = st.config
+        out.__dict__.update(st.__getstate__())       # what init_state recorded (config, dtypes)
         return out
 
     def step(self, audio, state, lengths=None):

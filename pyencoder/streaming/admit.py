@@ -40,7 +40,8 @@ def _fresh_slot(st, slot):
     configuration stamp, the weights' dtype, ...), made a fresh stream by its own ``reset`` (all
     zeros, or what a state that overrides reset starts from: the cross-attention's empty
     buffers)."""
-    return _slot_copy(st, slot).reset(torch.ones(1, dtype=torch.bool))
+    dev = next(iter(st.tensors().values())).device
+    return _slot_copy(st, slot).reset(torch.ones(1, dtype=torch.bool, device=dev))
 
 
 def _slot_copy(st, slot):
@@ -48,7 +49,7 @@ def _slot_copy(st, slot):
     for f in dataclasses.fields(st):
         v = getattr(st, f.name)
         if isinstance(v, torch.Tensor):
-            v = v[slot:slot + 1].clone()
+            v = v[slot:slot + 1].detach().clone()   # (the batch's autograd graph stays there)
         elif isinstance(v, StreamState):
             v = _slot_copy(v, slot)
         elif isinstance(v, (list, tuple)):

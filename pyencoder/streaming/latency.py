@@ -211,8 +211,10 @@ def _walk(name, m, rows):
     if la is not None:
         raise ValueError(f"{where} declares lookahead={la!r} but no hop; a streaming module "
                          f"declares both (hop: input frames per output frame)")
-    # every registration in order: a module registered twice (tied weights) runs twice
-    children = [(cn, c) for cn, c in m._modules.items() if c is not None]
+    # a container runs every registration in order (a module registered twice, tied weights,
+    # runs twice); in another module a second name for a child is taken as an alias
+    children = [(cn, c) for cn, c in m._modules.items() if c is not None] \
+        if isinstance(m, (nn.Sequential, nn.ModuleList)) else list(m.named_children())
     if children:
         first = len(rows)
         for cn, c in children:

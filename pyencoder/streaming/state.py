@@ -250,7 +250,9 @@ class StreamState:
                              "slots (or make a new state with init_state)")
         for _, v in self._items():
             if isinstance(v, torch.Tensor):
-                v.masked_fill_(mask.to(v.device).view(-1, *([1] * (v.dim() - 1))), 0)
+                if mask.device != v.device:     # once per device: the nested resets get it
+                    mask = mask.to(v.device)
+                v.masked_fill_(mask.view(-1, *([1] * (v.dim() - 1))), 0)
             elif isinstance(v, StreamState):
                 v.reset(mask)
             elif isinstance(v, (list, tuple)):
@@ -308,18 +310,25 @@ def stamp(module, state):
 
 def _weights(module):
     """``module``'s first floating parameter (None without one): the dtype its streams run in.
-    Where it lives (its owner module and name) is found once and kept in the module's
-    ``__dict__``; the parameter itself is read afresh (load_state_dict(assign=True) or a
-    conversion may replace it)."""
-    loc = module.__dict__.get("_weights_loc")
-    if loc is not None:
-        p = (module if loc[0] is None else loc[0])._parameters.get(loc[1])
-        if p is not None:
-            return p
-    for m in module.modules():
+    Its path (submodule names, parameter name) is found once and kept in the module's
+    ``__dict__``; the path is followed afresh at every call (a replaced submodule, or a
+    parameter replaced by load_state_dict(assign=True) or a conversion, is the one read)."""
+    path = module.__dict__.get("_weights_path")
+    if path is not None:
+        m = module
+        for name in path[:-1]:
+            m = m._modules.get(name)
+            if m is None:
+                break
+        else:
+            p = m._parameters.get(path[-1])
+            if p is not None and p.is_floating_point():
+                return p
+    for prefix, m in module.named_modules(remove_duplicate=True):
         for name, p in m._parameters.items():
             if p is not None and p.is_floating_point():
-                module.__dict__["_weights_loc"] = (None if m is module else m, name)
+                module.__dict__["_weights_path"] = \
+                    tuple(prefix.split(".")) + (name,) if prefix else (name,)
                 return p
     return None
 
