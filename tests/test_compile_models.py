@@ -104,3 +104,27 @@ def test_compiled_calls_still_refuse_bad_scale_and_narrow_bias():
                           backend="aot_eager", fullgraph=True)
         with pytest.raises(Exception, match="scale must be|rel_bias must cover"):
             f(q)
+
+
+def test_running_norm_compiles_for_zero_frames():
+    """Traced, the running norm runs one block whatever the length (a loop over blocks
+    specialised the graph per length): with zero frames it indexed the empty sums' last column
+    (IndexError), so a compiled CausalEncoder on audio shorter than its first conv kernel, or a
+    compiled stream step of one sample, failed where eager returns no frames."""
+    from pyencoder.nn import RunningGroupNorm
+    torch.manual_seed(2)
+    m = RunningGroupNorm(8).eval()
+    torch._dynamo.reset()
+    cf = torch.compile(m, backend="aot_eager", fullgraph=True)
+    for T in (0, 5):
+        x = torch.randn(2, 8, T)
+        torch.testing.assert_close(cf(x), m(x), rtol=0, atol=0)
+    enc = CausalEncoder(EncoderConfig(conv_dim=(8, 8), conv_kernel=(10, 3), conv_stride=(5, 2),
+                                      hidden_size=16, num_layers=1, num_heads=2, ffn_dim=24,
+                                      left=4, lookahead=1, feat_extract_norm="group")).eval()
+    torch._dynamo.reset()
+    ce = torch.compile(lambda w: enc(w).last_hidden_state, backend="aot_eager")
+    with torch.no_grad():
+        for L in (5, 60):
+            w = torch.randn(2, L)
+            torch.testing.assert_close(ce(w), enc(w).last_hidden_state, rtol=0, atol=0)

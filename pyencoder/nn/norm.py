@@ -87,6 +87,8 @@ def running_norm_torch(x, weight, bias, eps, count, total, total_sq):
     # traced (torch.compile, export): one block, as a Python loop over blocks specialised the
     # graph to T (a recompile per length); Dynamo shows a dynamic T as an int, hence the first
     symbolic = torch.compiler.is_compiling() or isinstance(T, torch.SymInt)
+    if T == 0:      # no frames (the traced single block indexed the empty sums' last column)
+        return x.new_empty(x.shape), total, total_sq
     for t0 in ((0,) if symbolic else range(0, T, blk)):
         t1 = T if symbolic else min(T, t0 + blk)
         xd = x[..., t0:t1].to(torch.float64)
@@ -101,8 +103,6 @@ def running_norm_torch(x, weight, bias, eps, count, total, total_sq):
             y = y * weight[:, None] + bias[:, None]
         ys.append(y)
         total, total_sq = s[..., -1], ss[..., -1]
-    if not ys:
-        return x.new_empty(x.shape), total, total_sq
     return (ys[0] if len(ys) == 1 else torch.cat(ys, -1)), total, total_sq
 
 
