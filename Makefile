@@ -5,15 +5,17 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# PyPI's Linux torch is the CUDA build (a plain torch==2.13.0 pulls gigabytes of CUDA wheels
-# there): on Linux the pin names the CPU build's local version, found where pip finds it (a local
-# wheel, as on CI), else on PyTorch's CPU index. macOS's PyPI torch is the CPU build.
-ifeq ($(shell uname -s),Linux)
+# PyPI's x86-64 Linux torch is the CUDA build (a plain torch==2.13.0 pulls gigabytes of CUDA
+# wheels there): there the pin names the CPU build's local version, found where pip finds it (a
+# local wheel, as on CI), else on PyTorch's CPU index. PyPI's macOS and aarch64 Linux torch is
+# the CPU build.
+ifeq ($(shell uname -s)-$(shell uname -m),Linux-x86_64)
 TORCH_CPU_SPEC ?= torch==2.13.0+cpu
 else
 TORCH_CPU_SPEC ?= torch==2.13.0
 endif
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_CPU_FALLBACK = echo "pyencoder: $(TORCH_CPU_SPEC) not found where pip looks; trying PyTorch's CPU index $(TORCH_CPU_INDEX)"
 TRITON_SPEC ?= triton==3.6.0
 HF_SPEC ?= transformers==5.23.0
 PIP := $(PY) -m pip install -q --disable-pip-version-check
@@ -33,8 +35,8 @@ HF_NEWEST_SPEC ?= transformers>=5.23,<5.25
 $(VENV)/.ready: setup.py pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	@if ! $(PY) -c "import torch" >/dev/null 2>&1; then \
-	  if [ "$(HAS_GPU)" = "1" ]; then $(PIP) torch; else $(PIP) "$(TORCH_CPU_SPEC)" || \
-	    $(PIP) "$(TORCH_CPU_SPEC)" --index-url "$(TORCH_CPU_INDEX)"; fi; \
+	  if [ "$(HAS_GPU)" = "1" ]; then $(PIP) torch; else $(PIP) --retries 1 "$(TORCH_CPU_SPEC)" || \
+	    { $(TORCH_CPU_FALLBACK); $(PIP) "$(TORCH_CPU_SPEC)" --index-url "$(TORCH_CPU_INDEX)"; }; fi; \
 	fi
 	@if [ "$$(uname -s)" = "Linux" ] && ! $(PY) -c "import triton" >/dev/null 2>&1; then \
 	  $(PIP) "$(TRITON_SPEC)"; fi
@@ -60,9 +62,9 @@ test-compile-full: $(VENV)/.ready
 
 $(NEWEST_VENV)/.ready: setup.py pyproject.toml
 	$(PYTHON) -m venv $(NEWEST_VENV)
-	$(NEWEST_PY) -m pip install -q --disable-pip-version-check "$(TORCH_CPU_SPEC)" || \
-	  $(NEWEST_PY) -m pip install -q --disable-pip-version-check "$(TORCH_CPU_SPEC)" \
-	  --index-url "$(TORCH_CPU_INDEX)"
+	$(NEWEST_PY) -m pip install -q --disable-pip-version-check --retries 1 "$(TORCH_CPU_SPEC)" || \
+	  { $(TORCH_CPU_FALLBACK); $(NEWEST_PY) -m pip install -q --disable-pip-version-check \
+	  "$(TORCH_CPU_SPEC)" --index-url "$(TORCH_CPU_INDEX)"; }
 	$(NEWEST_PY) -m pip install -q --disable-pip-version-check "$(TORCH_CPU_SPEC)" \
 	  "$(TRITON_NEWEST_SPEC)" "$(HF_NEWEST_SPEC)" pytest hypothesis numpy setuptools wheel
 	$(NEWEST_PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .

@@ -32,6 +32,14 @@ TRITON_SPEC = "triton>=3.6,<3.10"
 HF_SPEC = "transformers>=5.23,<5.25"
 
 
+def _cuda_sources():
+    """The extension's sources, relative to the setup directory (as setuptools wants them)."""
+    csrc = os.path.join(HERE, "csrc")
+    found = sorted(glob.glob(os.path.join(csrc, "**", "*.cu"), recursive=True))
+    found += sorted(glob.glob(os.path.join(csrc, "**", "*.cpp"), recursive=True))
+    return [os.path.relpath(p, HERE) for p in found]
+
+
 def _want_cuda():
     mode = os.environ.get("PYENCODER_BUILD_CUDA", "auto").strip().lower()
     if mode not in ("auto", "0", "1"):
@@ -50,6 +58,9 @@ def _want_cuda():
         reason = f"torch {torch.__version__} is a CPU build"
     elif CUDA_HOME is None:
         reason = "no CUDA toolkit found (set CUDA_HOME)"
+    elif not _cuda_sources():
+        reason = (f"the CUDA sources are missing ({os.path.join(HERE, 'csrc')} holds no .cu / "
+                  f".cpp: build from a git checkout or a full sdist)")
     else:
         return True, ""
     if mode == "1":
@@ -94,15 +105,7 @@ def _extensions():
         print(f"pyencoder: building without the CUDA extension ({reason})", file=sys.stderr)
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
-    csrc = os.path.join(HERE, "csrc")
-    sources = sorted(glob.glob(os.path.join(csrc, "**", "*.cu"), recursive=True))
-    sources += sorted(glob.glob(os.path.join(csrc, "**", "*.cpp"), recursive=True))
-    if not sources:
-        raise SystemExit(f"pyencoder: the CUDA extension's sources are missing ({csrc} holds no "
-                         f".cu / .cpp); build from a git checkout or an sdist that has csrc/, or "
-                         f"set PYENCODER_BUILD_CUDA=0")
-    # relative to the setup directory, as setuptools wants them
-    sources = [os.path.relpath(p, HERE) for p in sources]
+    sources = _cuda_sources()
     ext = CUDAExtension(
         name="pyencoder._C",
         sources=sources,

@@ -18,6 +18,7 @@ causal distillation of WavLM).
   averaged gradient equals the gradient of one process on the concatenated batch, even when ranks
   hold different numbers of valid frames.
 """
+import inspect
 import math
 import sys
 import time
@@ -169,7 +170,12 @@ def hidden_states(model, wav, lengths=None):
     if lengths is not None:
         base = _unwrap(model)
         base = getattr(base, getattr(base, "base_model_prefix", ""), base) or base
-        frames = base._get_feat_extract_output_lengths(torch.as_tensor(lengths, device=wav.device))
+        lengths = torch.as_tensor(lengths, device=wav.device)
+        # the hidden states come before the conv adapter (config.add_adapter), whose strides
+        # transformers' length helper adds by default
+        fn = base._get_feat_extract_output_lengths          # (HuBERT's takes no add_adapter)
+        kw = {"add_adapter": False} if "add_adapter" in inspect.signature(fn).parameters else {}
+        frames = fn(lengths, **kw)
     return out.hidden_states, frames
 
 

@@ -190,3 +190,18 @@ def test_config_add_adapter_without_an_adapter_module():
         got = _stream(model, x)
     assert want.shape[-1] == COMMON["hidden_size"]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_distill_hidden_state_lengths_before_the_conv_adapter():
+    """distill.hidden_states reports each clip's frames of the hidden states, which come before
+    the conv adapter: transformers' length helper adds the adapter's strides by default (99
+    frames were reported as 25)."""
+    import transformers as T
+
+    from pyencoder.distill import hidden_states
+    x = torch.randn(2, SAMPLES)
+    lengths = torch.tensor([SAMPLES, 600])
+    for model in (_model(**CONV_ADAPTER), T.HubertModel(T.HubertConfig(**COMMON)).eval()):
+        with torch.no_grad():
+            hs, frames = hidden_states(model, x, lengths=lengths)
+        assert frames.tolist() == [hs[-1].shape[1], 59], type(model).__name__

@@ -19,7 +19,7 @@ try:
     import transformers  # noqa: F401
 except ImportError as e:       # a bare "No module named 'transformers'" from deep in register()
     raise ImportError(f"pyencoder.hf needs transformers{TESTED_SPEC} (the tested range): pip "
-                      f"install 'pyencoder[hf]'") from e
+                      f"install 'pyencoder[hf]' ({e})") from e
 from .attention import LayerSpec
 from .registry import register
 from .patch import (apply_pyencoder_to_wav2vec2, from_pretrained, latency, patch_record,

@@ -3,7 +3,8 @@
 A streaming module has ``init_state`` / ``step`` / ``flush`` (``pyencoder.streaming``'s docstring)
 and reports ``hop`` and ``lookahead`` (``pyencoder.streaming.latency``: both, or neither and its
 children compose them; ``hop`` alone is checked against its children's). What a
-``StreamingSequential`` calls (each checked by name):
+``StreamingSequential`` calls (checked when it is built and at its ``init_state``, naming the
+child):
 
 - ``init_state(batch_size, *, device=None, dtype=None[, max_chunk=...])`` returns a
   ``pyencoder.streaming.StreamState`` with ``out_lengths``, a (B,) int64 tensor: how many frames
