@@ -337,6 +337,7 @@ def check_decode_inputs(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, int
     check_int("block", block, min_value=1)
     check_int("lo_off", lo_off, min_value=-1)
     check_int("hi_off", hi_off)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
-            or scale == 0:
-        raise ValueError(f"scale must be a finite non-zero float; got {scale!r}")
+    if scale is None:
+        raise TypeError("scale must be a finite non-zero float (the decode has no default); "
+                        "got None")
+    check_scale(scale)

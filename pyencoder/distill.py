@@ -20,6 +20,7 @@ causal distillation of WavLM).
 """
 import inspect
 import math
+import numbers
 import sys
 import time
 from typing import Callable, Iterable, Optional, Sequence, Tuple
@@ -49,6 +50,11 @@ def layer_weights(n, schedule="uniform"):
             raise ValueError(f"schedule must be one of {SCHEDULES} or a sequence of {n} numbers; "
                              f"got {schedule!r}")
     else:
+        if not isinstance(schedule, (list, tuple, torch.Tensor)) or any(
+                isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.Tensor))
+                for x in schedule):
+            raise TypeError(f"schedule must be one of {SCHEDULES} or a sequence of {n} numbers; "
+                            f"got {type(schedule).__name__} {schedule!r}")
         w = [float(x) for x in schedule]
         if len(w) != n or any(x < 0 or not math.isfinite(x) for x in w) or sum(w) <= 0:
             raise ValueError(f"schedule must hold {n} non-negative finite numbers with a positive "
@@ -61,8 +67,27 @@ def frame_mask(lengths, T, device):
     """(B, T) bool: frame t of slot b is valid (all True when lengths is None)."""
     if lengths is None:
         return None
-    lengths = torch.as_tensor(lengths, device=device)
+    lengths = _check_lengths(lengths, device)
+    if isinstance(T, bool) or not isinstance(T, int) or T < 0:
+        raise ValueError(f"T must be an int >= 0 (frames); got {T!r}")
     return torch.arange(T, device=device)[None, :] < lengths[:, None]
+
+
+def _check_lengths(lengths, device, B=None):
+    """``lengths``: (B,) integer valid frames per slot (a tensor, or a list of ints)."""
+    if isinstance(lengths, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in lengths):
+        lengths = torch.tensor(list(lengths), dtype=torch.int64)
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"lengths must be None or a (B,) integer tensor (valid frames per slot); "
+                        f"got {type(lengths).__name__} {lengths!r}")
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must be integers; got dtype {lengths.dtype}")
+    if lengths.dim() != 1 or (B is not None and lengths.shape[0] != B):
+        # a (1,) or scalar lengths would broadcast over the batch: one slot's length for all
+        raise ValueError(f"lengths must have shape ({'B' if B is None else B},) (one per batch "
+                         f"slot); got {tuple(lengths.shape)}")
+    return lengths.to(device)
 
 
 def _is_dist():
@@ -95,6 +120,10 @@ def hidden_state_loss(student_hidden, teacher_hidden, weights="uniform", lengths
 
     Returns (loss, per_layer): loss = sum_i w_i * sum_valid ||s_i - t_i||^2 / (normalizer * E),
     per_layer the detached per-layer mean squared errors (list of floats is left to the caller)."""
+    for name, hs in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
+        if not isinstance(hs, (list, tuple)) or not all(isinstance(h, torch.Tensor) for h in hs):
+            raise TypeError(f"{name} must be a sequence of (B, T, E) tensors; got "
+                            f"{type(hs).__name__}")
     if len(student_hidden) != len(teacher_hidden) or not len(student_hidden):
         raise ValueError(f"student and teacher must give the same non-zero number of hidden states; "
                          f"got {len(student_hidden)} and {len(teacher_hidden)}")
@@ -104,14 +133,15 @@ def hidden_state_loss(student_hidden, teacher_hidden, weights="uniform", lengths
     if ref.dim() != 3:
         raise ValueError(f"hidden states must be (B, T, E); got shape {tuple(ref.shape)}")
     B, T, E = ref.shape
+    for i, (s, t) in enumerate(zip(student_hidden, teacher_hidden)):
+        # every pair as the first student state (a later layer of another width was divided by
+        # the first one's E: its per-layer error came out scaled)
+        if s.shape != ref.shape or t.shape != ref.shape:
+            raise ValueError(f"hidden states must all have the first student state's shape "
+                             f"{tuple(ref.shape)}; pair {i} has {tuple(s.shape)} (student) and "
+                             f"{tuple(t.shape)} (teacher)")
     if lengths is not None:
-        lengths = torch.as_tensor(lengths, device=ref.device)
-        if lengths.shape != (B,):
-            # a (1,) or scalar lengths would broadcast over the batch: one slot's length for all
-            raise ValueError(f"lengths must have shape ({B},) (one per batch slot); got "
-                             f"{tuple(lengths.shape)}")
-        if lengths.is_floating_point() or lengths.is_complex():
-            raise ValueError(f"lengths must be integers; got dtype {lengths.dtype}")
+        lengths = _check_lengths(lengths, ref.device, B)
         if B and bool(((lengths < 0) | (lengths > T)).any()):
             # frames, not samples: a waveform's lengths would mark every frame valid silently
             raise ValueError(f"lengths must lie in [0, {T}] (valid frames of the (B, T, E) "
@@ -127,9 +157,6 @@ def hidden_state_loss(student_hidden, teacher_hidden, weights="uniform", lengths
     total = ref.new_zeros(())
     per_layer = []
     for wi, s, t in zip(w, student_hidden, teacher_hidden):
-        if s.shape != t.shape:
-            raise ValueError(f"student and teacher hidden states differ in shape: "
-                             f"{tuple(s.shape)} vs {tuple(t.shape)}")
         diff = s - t.detach().to(s.dtype)
         if mask is not None:
             # select, not multiply: padded frames may hold inf / NaN (0 * inf = NaN)
@@ -145,6 +172,10 @@ def positional_embedding_loss(student_pos, teacher_pos, hidden, lengths=None, no
     """Causal positional-embedding distillation: mean squared error between
     ``student_pos(hidden)`` and ``teacher_pos(hidden)`` (callables (B, T, E) -> (B, T, E), e.g.
     ``student.positional_embedding`` and ``hf_model.encoder.pos_conv_embed``) on valid frames."""
+    for name, fn in (("student_pos", student_pos), ("teacher_pos", teacher_pos)):
+        if not callable(fn):
+            raise TypeError(f"{name} must be a callable (B, T, E) -> (B, T, E); got "
+                            f"{type(fn).__name__}")
     with torch.no_grad():
         t = teacher_pos(hidden)
     s = student_pos(hidden)
@@ -159,6 +190,9 @@ def _unwrap(model):
 def hidden_states(model, wav, lengths=None):
     """(hidden states tuple, frame lengths or None) of a CausalEncoder (possibly wrapped in
     DDP/FSDP: called through the wrapper) or a transformers wav2vec2-family model."""
+    if not isinstance(_unwrap(model), torch.nn.Module):
+        raise TypeError(f"model must be a CausalEncoder or a transformers wav2vec2-family model; "
+                        f"got {type(model).__name__}")
     if isinstance(_unwrap(model), CausalEncoder):
         out = model(wav, lengths=lengths, output_hidden_states=True)
         return out.hidden_states, out.lengths
@@ -198,11 +232,20 @@ def _check_batch_wav(student, wav):
 
 def _batch(item, device):
     if isinstance(item, dict):
+        if "wav" not in item:
+            raise ValueError(f"a data item dict must hold 'wav' (and optionally 'lengths'); got "
+                             f"keys {sorted(item)}")
         wav, lengths = item["wav"], item.get("lengths")
     elif isinstance(item, (tuple, list)):
+        if not 1 <= len(item) <= 2:
+            raise ValueError(f"a data item must be wav, (wav, lengths) or {{'wav', 'lengths'}}; "
+                             f"got a {type(item).__name__} of {len(item)} items")
         wav, lengths = item[0], (item[1] if len(item) > 1 else None)
     else:
         wav, lengths = item, None
+    if not isinstance(wav, torch.Tensor):
+        raise TypeError(f"a data item's wav must be a torch.Tensor (B, n); got "
+                        f"{type(wav).__name__}")
     wav = wav.to(device) if device is not None else wav
     if lengths is not None:
         lengths = torch.as_tensor(lengths, device=wav.device)
@@ -257,6 +300,23 @@ def distill(student, teacher, data: Iterable, optimizer, *, steps=None, weights=
     if pos_weight and not callable(teacher_pos):
         raise TypeError(f"teacher_pos must be a callable (B, T, E) -> (B, T, E); got "
                         f"{type(teacher_pos).__name__}")
+    # checked before any step: a bad one failed after optimizer.step() had changed the student
+    for name, obj, need in (("optimizer", optimizer, ("zero_grad", "step")),
+                            ("scheduler", scheduler, ("step",))):
+        if (obj is not None or name == "optimizer") and not all(
+                callable(getattr(obj, a, None)) for a in need):
+            raise TypeError(f"{name} must be {'None or ' if name == 'scheduler' else ''}an object "
+                            f"with {' and '.join(a + '()' for a in need)} (a torch optimizer / LR "
+                            f"scheduler); got {type(obj).__name__} {obj!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be None or a callable (step, record); got "
+                        f"{type(callback).__name__} {callback!r}")
+    if device is not None and not isinstance(device, torch.device):
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"device must be None or name a torch device (e.g. 'cuda:0'); got "
+                             f"{device!r}") from e
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

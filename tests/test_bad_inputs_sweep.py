@@ -884,3 +884,95 @@ def test_running_norm_stream_saved_before_out_lengths_still_loads():
     torch.testing.assert_close(y, norm(x)[..., 5:], rtol=1e-12, atol=1e-12)
     with pytest.raises(StateKeyError, match=r"missing \['count'\]"):
         norm.init_state(2).load_state_dict({k: v for k, v in old.items() if k != "count"})
+
+
+# ---- session 36's sweep of the newer surfaces ------------------------------------------------
+
+def _conv_state(B=2):
+    conv = CausalConv1d(4, 4, 3)
+    st = conv.init_state(B)
+    _, st = conv.step(torch.randn(B, 4, 5), st)
+    return conv, st
+
+
+def _session36_cases():
+    import numpy as np
+    m = IntervalMask.band(2, 1)
+    x, p = torch.randn(1, 2, 5, 4), torch.arange(5)
+    q = torch.randn(1, 2, 6, 4)
+    conv, st = _conv_state()
+    s, t = [torch.randn(2, 5, 4)] * 2, [torch.randn(2, 5, 8)] * 2
+    return [
+        # truthy non-bools were taken for True (inverse="no" rotated backwards silently)
+        (lambda: FrameCrossAttention(8, 2, mask=m, bias="no"), TypeError, r"bias must be True"),
+        (lambda: WavLMSelfAttention(8, 2, left=2, right=1, gated="no"), TypeError,
+         r"gated must be True or False"),
+        (lambda: WavLMSelfAttention(8, 2, left=2, right=1, has_relative_bias=None), TypeError,
+         r"has_relative_bias must be True or False"),
+        (lambda: pyencoder.Rope(4).rotate(x, p, inverse="no"), TypeError,
+         r"inverse must be True or False"),
+        (lambda: FrameCrossAttention(True, True, mask=m, kv_dim=4), ValueError,
+         r"embed_dim must be a positive multiple of num_heads; got embed_dim=True"),
+        # ignored silently (decode_attention refused it)
+        (lambda: pyencoder.ops.banded_attention(q, q, q, left=2, right=1, rel_offset=5),
+         ValueError, r"rel_offset needs rel_bias"),
+        # a (1,) mask or a bare bool broadcast over the batch: every slot reset
+        (lambda: st.reset(torch.tensor([True])), ValueError,
+         r"mask must be a bool tensor of shape \(2,\); got torch.bool \(1,\)"),
+        (lambda: st.reset(True), TypeError, r"mask must be a bool tensor of shape \(2,\)"),
+        (lambda: reset(st, "yes"), TypeError, r"mask must be a bool tensor"),
+        (lambda: admit(conv, st, 0, None, 1), TypeError, r"admit: chunks must be a list"),
+        (lambda: admit(conv, st, 1.0, [torch.randn(1, 4, 2)], 1), TypeError,
+         r"admit: slot must be an int in \[0, 2\); got float"),
+        (lambda: conv.init_state(2).load_state_dict(dict(
+            st.state_dict(), __config__=np.array([1, 2]))), ValueError, r"does not match"),
+        (lambda: conv.init_state(2).load_state_dict(dict(
+            st.state_dict(), seen=torch.full((2,), 1 << 60))), ValueError,
+         r"seen must be <= 4503599627370496"),
+        # distill: raw Python errors, or a silently wrong per-layer error (divided by the first
+        # layer's width)
+        (lambda: D.layer_weights(2, [True, False]), TypeError, r"schedule must be one of"),
+        (lambda: D.layer_weights(3, 5), TypeError, r"schedule must be one of"),
+        (lambda: D.hidden_state_loss([s[0], t[0]], [s[0], t[0]]), ValueError,
+         r"hidden states must all have the first student state's shape \(2, 5, 4\); pair 1"),
+        (lambda: D.hidden_state_loss(s, s, lengths=torch.tensor([True, False])), TypeError,
+         r"lengths must be integers"),
+        (lambda: D.frame_mask(torch.tensor([1.5, 2.0]), 4, "cpu"), TypeError,
+         r"lengths must be integers"),
+        (lambda: D.positional_embedding_loss(3, 4, s[0]), TypeError,
+         r"student_pos must be a callable"),
+    ]
+
+
+def test_session36_bad_inputs_are_named():
+    for call, exc, match in _session36_cases():
+        with pytest.raises(exc, match=match):
+            call()
+
+
+def test_decode_scale_takes_what_the_offline_op_takes():
+    import numpy as np
+    from pyencoder.ops import decode_attention
+    q, kr = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8)
+    idx = (torch.tensor([[5, 6, 7]]), torch.tensor([3]), torch.tensor([8]))
+    a = decode_attention(q, kr, kr, *idx, None, False, 1, 3, 1, 0.3)
+    b = decode_attention(q, kr, kr, *idx, None, False, 1, 3, 1, np.float32(0.3))
+    torch.testing.assert_close(a, b)
+    for bad in (True, "0.3", None):
+        with pytest.raises(TypeError, match="scale must be"):
+            decode_attention(q, kr, kr, *idx, None, False, 1, 3, 1, bad)
+
+
+@pytest.mark.parametrize("bad", ["scheduler", "callback", "optimizer", "device"])
+def test_distill_refuses_bad_objects_before_any_step(bad):
+    torch.manual_seed(0)
+    student = CausalEncoder(tiny_encoder_config())
+    teacher = CausalEncoder(tiny_encoder_config())
+    before = [p.detach().clone() for p in student.parameters()]
+    kw = dict(scheduler=None, callback=None, device=None,
+              optimizer=torch.optim.SGD(student.parameters(), lr=0.1))
+    kw[bad] = {"scheduler": "cosine", "callback": 3, "optimizer": None, "device": "junk"}[bad]
+    opt = kw.pop("optimizer")
+    with pytest.raises((TypeError, ValueError), match=bad):
+        D.distill(student, teacher, [torch.randn(2, 400)], opt, steps=1, progress=False, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))

@@ -202,8 +202,9 @@ def test_hidden_state_loss_rejects_lengths_that_would_broadcast():
     for bad in (torch.tensor([5]), torch.tensor(5), torch.tensor([[5, 5, 5]])):
         with pytest.raises(ValueError, match=r"lengths must have shape \(3,\)"):
             D.hidden_state_loss(s, t, lengths=bad)
-    with pytest.raises(ValueError, match="integers"):
-        D.hidden_state_loss(s, t, lengths=torch.tensor([5.0, 4.0, 3.0]))
+    for bad in (torch.tensor([5.0, 4.0, 3.0]), torch.tensor([True, False, True])):
+        with pytest.raises(TypeError, match="integers"):
+            D.hidden_state_loss(s, t, lengths=bad)
     with pytest.raises(ValueError, match=r"\(B, T, E\)"):
         D.hidden_state_loss([torch.randn(3, 5)], [torch.randn(3, 5)])
     # lists and tensors of the right shape keep working, and agree

@@ -44,11 +44,11 @@ import torch
 from torch import nn
 
 from ..mask import IntervalMask
-from .._checks import autocast_dtype, check_module_input
+from .._checks import autocast_dtype, check_bool, check_module_input, is_int
 from ..ops.attention import cross_attention
 from ..rope import as_rope
-from ..streaming.state import (StreamState, SteadyCheck, ends_stream, _stamp, check_init_args,
-                               check_state, fill_counter, inference_step, stamp)
+from ..streaming.state import (StreamState, SteadyCheck, ends_stream, _stamp, _check_reset_mask,
+                               check_init_args, check_state, fill_counter, inference_step, stamp)
 from .linear import Linear
 
 __all__ = ["FrameCrossAttention", "CrossAttentionState"]
@@ -78,7 +78,7 @@ class CrossAttentionState(StreamState):
         empty buffers (new tensors: a graph captured on this state must be captured again). A
         subset raises: make a state of its own for a stream that starts apart, or ``admit`` it
         into a slot of a batch that ``step_fixed`` advances."""
-        mask = mask.to(self.q_pos.device)
+        mask = _check_reset_mask(mask, self.q_pos.shape[0]).to(self.q_pos.device)
         if not bool(mask.all()):
             raise ValueError(f"FrameCrossAttention's general step advances the slots together "
                              f"(one position for the batch): reset every slot at once, give a "
@@ -115,10 +115,11 @@ class FrameCrossAttention(nn.Module):
     def __init__(self, embed_dim, num_heads, *, mask, kv_dim=None, rope=False, bias=True,
                  max_context=1 << 20):
         super().__init__()
-        if not isinstance(embed_dim, int) or not isinstance(num_heads, int) or num_heads < 1 \
+        if not is_int(embed_dim) or not is_int(num_heads) or num_heads < 1 \
                 or embed_dim < 1 or embed_dim % num_heads:
             raise ValueError(f"embed_dim must be a positive multiple of num_heads; got "
                              f"embed_dim={embed_dim!r}, num_heads={num_heads!r}")
+        check_bool("bias", bias)
         if not isinstance(mask, IntervalMask):
             raise TypeError(f"mask must be a pyencoder.IntervalMask; got {type(mask).__name__} "
                             f"{mask!r}")

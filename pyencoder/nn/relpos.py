@@ -70,8 +70,8 @@ import math
 import torch
 from torch import nn
 
-from .._checks import (check_module_input, clamp_window, passed, passed_key, remember_passed,
-                       value_checks_enabled)
+from .._checks import (check_bool, check_module_input, clamp_window, passed, passed_key,
+                       remember_passed, value_checks_enabled)
 from .._fifo import put
 from ..mask import IntervalMask
 from ..ops.attention import interval_attention, relative_offsets
@@ -475,10 +475,12 @@ class WavLMSelfAttention(IntervalSelfAttention):
         if sink:
             self._state_cls = RelPosSinkAttentionState
         check_bucket_args(num_buckets, max_distance)
+        check_bool("gated", gated)
+        check_bool("has_relative_bias", has_relative_bias)
         self.left, self.right = left, right
         self.chunk_size, self.left_chunks, self.chunk_lookahead = chunk_size, left_chunks, lookahead
         self.num_buckets, self.max_distance = num_buckets, max_distance
-        self.gated = bool(gated)
+        self.gated = gated
         H = num_heads
         if self.gated:
             self.gru_rel_pos_const = nn.Parameter(torch.ones(1, H, 1, 1))

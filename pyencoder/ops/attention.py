@@ -223,6 +223,9 @@ def _validate_bias(q, k, rel_bias, gate, rel_offset, block, lo_off, hi_off, q_of
         if gate is not None:
             raise ValueError("gate needs rel_bias (the gate scales the relative bias); got "
                              "gate without rel_bias")
+        if rel_offset is not None:      # (ignored silently before, as decode_attention refuses)
+            raise ValueError(f"rel_offset needs rel_bias (it places the bias table's columns); "
+                             f"got rel_offset={rel_offset!r} without rel_bias")
         return None
     B, Hq, Nq, _ = q.shape
     check_bias_tensors(q, rel_bias, gate, Hq, (B, Hq, Nq), "(B, Hq, Nq)", "Hq",

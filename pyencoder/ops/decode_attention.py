@@ -130,6 +130,7 @@ def decode_attention(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interl
                                     sink_k=sink_k, sink_v=sink_v)
     check_decode_inputs(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved, block,
                         lo_off, hi_off, scale)
+    scale = float(scale)        # a numpy float as the offline op takes it
     rel_offset = _check_bias(q, k_ring, rel_bias, gate, rel_offset, block, lo_off, hi_off)
     _check_sinks(q, k_ring, v_ring, sink_k, sink_v)
     args = dict(q=q, k_ring=k_ring)

@@ -94,11 +94,20 @@ def admit(module, state, slot, chunks, step):
     own = getattr(module, "_check_state", None)     # where a module checks its own way
     own(state) if callable(own) else check_state(module, state, type(state))
     B = state.batch_size
-    if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < B:
+    if isinstance(slot, bool) or not isinstance(slot, int):
+        raise TypeError(f"admit: slot must be an int in [0, {B}); got {type(slot).__name__} "
+                        f"{slot!r}")
+    if not 0 <= slot < B:
         raise ValueError(f"admit: slot must be an int in [0, {B}); got {slot!r}")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"admit: step must be an int >= 1 (the steady step's length); got "
+                        f"{type(step).__name__} {step!r}")
+    if step < 1:
         raise ValueError(f"admit: step must be an int >= 1 (the steady step's length); got "
                          f"{step!r}")
+    if not isinstance(chunks, (torch.Tensor, list, tuple)):
+        raise TypeError(f"admit: chunks must be a list of batch-1 tensors (the new stream's "
+                        f"first chunks); got {type(chunks).__name__} {chunks!r}")
     chunks = list(chunks) if not isinstance(chunks, torch.Tensor) else [chunks]
 
     def one(c):

@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
-from .._checks import autocast_on
+from .._checks import MAX_POSITION, autocast_on
 from .._env import env_flag
 
 __all__ = ["StreamState", "reset", "ends_stream", "state_nbytes", "check_state", "stamp",
@@ -159,7 +159,7 @@ class StreamState:
                                 f"unexpected {extra}")
         for key, want in cfgs.items():
             got = state_dict[key]
-            if got != want:
+            if not isinstance(got, str) or got != want:
                 raise ValueError(f"load_state_dict: {key} does not match: the saved stream was "
                                  f"made by {got!r}; this state belongs to {want!r}")
         for key in ended & set(state_dict):
@@ -201,6 +201,10 @@ class StreamState:
                                  f"{st._shape_hint(name)}")
             if not v.dtype.is_floating_point and v.numel() and int(v.min()) < 0:
                 raise ValueError(f"load_state_dict: {key} must be >= 0; got min {int(v.min())}")
+            if not v.dtype.is_floating_point and v.numel() and int(v.max()) > MAX_POSITION:
+                # a stream that far would have failed on its way (the ops' position bound)
+                raise ValueError(f"load_state_dict: {key} must be <= {MAX_POSITION} (2**52, the "
+                                 f"largest stream position); got max {int(v.max())}")
             # a copy (as state_dict() gives one): the steps update a state in place, which
             # rewrote the caller's checkpoint (a second resume from it went 1.4 off offline)
             new[key] = v.to(device=cur.device, copy=True)
@@ -244,7 +248,7 @@ class StreamState:
         reset its nested states through their own ``reset`` (a state whose fresh stream is not
         all zeros overrides it; a stack's reset used to zero its tensors behind its back). A
         flushed state (``ended``) must be reset in every slot: it starts fresh streams then."""
-        mask = torch.as_tensor(mask)
+        mask = _check_reset_mask(mask, self.batch_size)
         if any(st.ended for st in self.states().values()) and not bool(mask.all()):
             raise ValueError("this state was flushed: every slot's stream ended; reset all of its "
                              "slots (or make a new state with init_state)")
@@ -267,14 +271,24 @@ def reset(state, mask):
     position 0. Returns the state (modified in place)."""
     if not isinstance(state, StreamState):
         raise TypeError(f"state must be a StreamState; got {type(state).__name__}")
-    mask = torch.as_tensor(mask)
-    if mask.dtype != torch.bool or mask.dim() != 1 or mask.shape[0] != state.batch_size:
-        raise ValueError(f"mask must be a bool tensor of shape ({state.batch_size},); got "
-                         f"{mask.dtype} {tuple(mask.shape)}")
+    return state.reset(mask)
+
+
+def _check_reset_mask(mask, B):
+    """reset's ``mask``: a (B,) bool tensor (or a list of B bools). A (1,) mask or a bare bool
+    broadcast over the batch and reset every slot."""
+    if isinstance(mask, (list, tuple)) and all(isinstance(v, bool) for v in mask):
+        mask = torch.tensor(list(mask), dtype=torch.bool).reshape(len(mask))
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a bool tensor of shape ({B},) (True: reset that slot); "
+                        f"got {type(mask).__name__} {mask!r}")
+    if mask.dtype != torch.bool or mask.dim() != 1 or mask.shape[0] != B:
+        raise ValueError(f"mask must be a bool tensor of shape ({B},); got {mask.dtype} "
+                         f"{tuple(mask.shape)}")
     if mask.is_meta:
         raise ValueError("mask must hold values (on the CPU or the state's device); got a meta "
                          "tensor")
-    return state.reset(mask)
+    return mask
 
 
 def state_nbytes(state):
