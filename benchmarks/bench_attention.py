@@ -599,9 +599,11 @@ def main(argv=None):
                         else:
                             line = (f"fwd {rec['fwd_ms']:8.3f} ms  bwd {rec['bwd_ms']:8.3f} ms  "
                                     f"fwd+bwd {rec['fwdbwd_ms']:8.3f} ms  "
-                                    f"{rec['fwd_tflops']:6.1f} TFLOP/s fwd")
+                                    + (f"{rec['fwd_tflops']:6.1f} TFLOP/s fwd" if gpu else
+                                       f"{rec['fwd_tflops'] * 1e3:6.1f} GFLOP/s fwd"))
                             if "fwd_hbm_pct" in rec:
-                                line += f"  {rec['fwd_hbm_pct']:5.1f} % HBM fwd"
+                                line += (f"  {rec['fwd_hbm_pct']:5.1f} % "
+                                         f"{'HBM' if gpu else 'copy bandwidth'} fwd")
                             line += host_graph_text(rec)
                             if rec.get("fwdbwd_graph_ms") is not None:
                                 line += f"  fwd+bwd graph {rec['fwdbwd_graph_ms']:.3f} ms"

@@ -151,9 +151,14 @@ def _provider_fn(name, x, w, b, stride, groups, bwd=False):
     return "no backward for this provider"
 
 
-def _bytes(x, w, y_numel):
+def _bytes(x, w, y_numel, bwd=False):
+    """Bytes a forward moves: x and w read, y written; with ``bwd`` the backward's too (dy, x
+    and w read, dx and dw written)."""
     es = x.element_size()
-    return (x.numel() + y_numel + w.numel()) * es
+    n = x.numel() + y_numel + w.numel()
+    if bwd:
+        n += 2 * x.numel() + y_numel + 2 * w.numel()
+    return n * es
 
 
 def _record(suite, provider, shape, dtype, fn, nbytes, copy_bw, warmup, rep, extra=None,
@@ -313,7 +318,8 @@ def _grouped_rows(emit, providers, tiles, x, w, b, G, layout, dtype, copy_bw, wa
             fn = _provider_fn(prov, x, w, b, 1, G, bwd=mode != "fwd")
             rec = _record("grouped", prov, dict(B=B, C=C, L=L, k=k, groups=G, stride=1,
                                                 mode=mode, layout=layout),
-                          dtype, fn, _bytes(x, w, B * C * L), copy_bw, warmup, rep)
+                          dtype, fn, _bytes(x, w, B * C * L, bwd=mode != "fwd"), copy_bw,
+                          warmup, rep)
             if "median_ms" in rec:
                 mult = 1 if mode == "fwd" else 3
                 rec["tflops"] = mult * flops / (rec["median_ms"] * 1e-3) / 1e12

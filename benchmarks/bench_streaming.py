@@ -168,7 +168,8 @@ def _cpu_streams(model, args, chunk_ms=80, recs=None, base=None):
     recs.append(dict(base, mode="realtime_streams", chunk_ms=chunk_ms, step_ms=chunk_ms,
                      streams=found.streams, streams_upper=found.upper,
                      capped_at_max_batch=found.capped, target_streams=None))
-    print(f"concurrent real-time streams at {chunk_ms} ms chunks on this CPU: {found.streams}")
+    print(f"concurrent real-time streams at {chunk_ms} ms chunks on this CPU: {found.streams}"
+          + (" (capped at --cpu-max-batch: at least this many)" if found.capped else ""))
     return recs
 
 

@@ -240,7 +240,9 @@ def main(argv=None):
         cfg = dict(warm=1, calls=1, host_calls=1, host_repeats=1, bench_warmup=0, bench_rep=0)
     print(f"device {device_slug()}  {'CUDA' if cuda else 'CPU dry run (Triton interpreter)'}",
           flush=True)
-    rows = JsonlRows("profile_attention", write=not args.no_write)
+    # a rehearsal's rows say so: interpreter timings, which summaries leave out
+    rows = JsonlRows("profile_attention", write=not args.no_write,
+                     extra=dict(dry_run=True) if args.dry_run else None)
     trace_dir = results_dir() if args.trace else None
     t0 = time.monotonic()
     for label, m, rope in CASES:

@@ -330,15 +330,28 @@ def render():
     return "\n".join(parts)
 
 
-def main():
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.readme",
+        description="Rewrite README.md's measured-results section from the committed "
+                    "benchmarks/results/ (between its BEGIN / END markers).")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 if README.md's section is not what the results "
+                        "give")
+    args = p.parse_args(argv)
     path = os.path.join(ROOT, "README.md")
-    text = open(path).read()
-    a, b = text.index(BEGIN), text.index(END)
-    text = text[:a + len(BEGIN)] + "\n" + render() + "\n" + text[b:]
+    old = open(path).read()
+    a, b = old.index(BEGIN), old.index(END)
+    text = old[:a + len(BEGIN)] + "\n" + render() + "\n" + old[b:]
+    if args.check:
+        print(f"{path}: {'up to date' if text == old else 'out of date'}")
+        return 0 if text == old else 1
     with open(path, "w") as f:
         f.write(text)
     print(f"updated {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

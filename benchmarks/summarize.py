@@ -18,15 +18,19 @@ ENV_KEYS = {"device", "device_name", "torch", "triton", "cuda", "commit", "date"
 
 
 def load(path):
+    """The records of a JSON lines file, without a rehearsal's (``dry_run``: interpreter timings
+    of a --dry-run on a CPU, no results)."""
     recs = []
     with open(path) as f:
         for line in f:
             line = line.strip()
             if line:
                 try:
-                    recs.append(json.loads(line))
+                    rec = json.loads(line)
                 except json.JSONDecodeError:
-                    pass
+                    continue
+                if not (isinstance(rec, dict) and rec.get("dry_run")):
+                    recs.append(rec)
     return recs
 
 
@@ -76,6 +80,11 @@ def _fmt(v):
     return "" if v is None else str(v)
 
 
+def _nested(v):
+    return isinstance(v, dict) or (isinstance(v, (list, tuple)) and any(
+        isinstance(x, (dict, list, tuple)) for x in v))
+
+
 def table(recs, max_cols=12):
     recs = [r for r in recs if isinstance(r, dict)]
     if not recs:
@@ -83,13 +92,19 @@ def table(recs, max_cols=12):
     keys = []
     for r in recs:
         for k in r:
-            if k not in keys and k not in ENV_KEYS and not isinstance(r[k], dict):
+            # nested records (a profile's top ops) do not fit a cell; a column empty in every
+            # row says nothing
+            if k not in keys and k not in ENV_KEYS and not _nested(r[k]) and \
+                    any(x.get(k) is not None for x in recs):
                 keys.append(k)
     varying = [k for k in keys if len({json.dumps(r.get(k), sort_keys=True) for r in recs}) > 1
                or not isinstance(recs[0].get(k), (int, float, str))]
     cfg = [k for k in varying if all(not isinstance(r.get(k), float) for r in recs)]
     met = [k for k in varying if k not in cfg]
-    cols = (cfg + met)[:max_cols]
+    # the measurements before the configuration is cut to max_cols (a wide configuration
+    # pushed every time and ratio out of the table)
+    n_met = min(len(met), max(max_cols // 2, max_cols - len(cfg)))
+    cols = cfg[:max_cols - n_met] + met[:n_met]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in recs:
         lines.append("| " + " | ".join(_fmt(r.get(k)) for k in cols) + " |")

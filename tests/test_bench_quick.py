@@ -227,3 +227,32 @@ def test_convnext_step_rows(monkeypatch):
         [("composed", "step", 1, 4), ("fused", "step", 1, 4)]
     assert all("error" not in r and r["median_ms"] > 0 for r in rows)
     assert rows[1]["speedup_vs_composed"] == rows[0]["median_ms"] / rows[1]["median_ms"]
+
+
+def test_summary_table_keeps_the_measurements_and_skips_rehearsals(tmp_path):
+    """summary.md cut its tables at 12 columns after the configuration: the conv table lost
+    every time (a wide configuration plus columns None in every row on a CPU), the reference
+    table its speedup; a profile's nested fields filled cells; a --dry-run's interpreter timings
+    were summarised as results."""
+    from benchmarks.summarize import summarize, table
+    recs = [dict(bench="conv", provider=p, B=1, C=64 * i, L=1000, k=4, groups=i, stride=1,
+                 mode="fwd", dtype="float32", layout="ncl", host_us=None, graph_ms=None,
+                 extra_cfg=i, median_ms=0.5 * i + (p == "torch"), gb_per_s=10.0 * i,
+                 top_ops=[{"name": "x"}]) for i in (1, 2) for p in ("ours", "torch")]
+    head = table(recs).splitlines()[0]
+    assert "median_ms" in head and "gb_per_s" in head
+    assert "host_us" not in head and "graph_ms" not in head and "top_ops" not in head
+    path = tmp_path / "profile_attention.jsonl"
+    rows = [dict(bench="p", case="dry", ms=1.0, dry_run=True),
+            dict(bench="p", case="b1", ms=2.0), dict(bench="p", case="b2", ms=3.0)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    text = open(summarize(str(tmp_path))).read()
+    assert "| b1 |" in text and "| b2 |" in text
+    assert "dry" not in text.split("## profile_attention")[1]
+
+
+def test_readme_renderer_has_a_help_and_a_check():
+    """`python -m benchmarks.readme --help` rewrote README.md instead of printing help."""
+    r = _subproc.run([sys.executable, "-m", "benchmarks.readme", "--help"], cwd=ROOT,
+                     timeout=300)
+    assert r.returncode == 0 and "--check" in r.stdout
