@@ -31,9 +31,10 @@ thread whose first parallel op falls inside another thread's scope keeps the low
 the restore writes the calling thread's count into that default: a torch.set_num_threads made
 in another thread after this one started is undone for threads started later (torch offers no
 way to read the default apart from the calling thread's count). Set the count before starting
-threads, or PYENCODER_CPU_THREADS=torch if that matters. Outputs do not depend on the count beyond fp32
-rounding: the ops used here split work over rows and batch entries, not over a reduction, so they
-are usually bit-equal, but MKL does not promise bit-equality across thread counts.
+threads, or PYENCODER_CPU_THREADS=torch if that matters. Outputs do not depend on the count
+beyond fp32 rounding: the ops used here split work over rows and batch entries, not over a
+reduction, so they are usually bit-equal, but MKL does not promise bit-equality across thread
+counts.
 
 Limits: the load estimate sees the whole machine, not a cgroup CPU quota; it is Linux-only.
 """

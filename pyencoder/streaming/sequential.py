@@ -98,9 +98,9 @@ class StreamingSequential(nn.Sequential):
                 raise TypeError(f"StreamingSequential: child {i} ({type(m).__name__}) is neither a "
                                 f"streaming module (init_state/step/flush) nor a per-frame module")
             if is_streaming(m) and not _takes_positional(m.step, 3):
-                raise TypeError(f"StreamingSequential: child {i} ({type(m).__name__}).step takes no "
-                                f"`lengths`: a stack calls step(x, state, lengths) (lengths None or "
-                                f"(B,) int64, the valid frames of each slot; "
+                raise TypeError(f"StreamingSequential: child {i} ({type(m).__name__}).step takes "
+                                f"no `lengths`: a stack calls step(x, state, lengths) (lengths "
+                                f"None or (B,) int64, the valid frames of each slot; "
                                 f"pyencoder.streaming.protocol)")
         self._check_layouts()
 

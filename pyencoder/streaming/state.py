@@ -248,7 +248,7 @@ class StreamState:
         reset its nested states through their own ``reset`` (a state whose fresh stream is not
         all zeros overrides it; a stack's reset used to zero its tensors behind its back). A
         flushed state (``ended``) must be reset in every slot: it starts fresh streams then."""
-        mask = _check_reset_mask(mask, self.batch_size)
+        mask = _check_reset_mask(mask, self.batch_size or None)   # (None: a state of no tensor)
         if any(st.ended for st in self.states().values()) and not bool(mask.all()):
             raise ValueError("this state was flushed: every slot's stream ended; reset all of its "
                              "slots (or make a new state with init_state)")
@@ -275,16 +275,16 @@ def reset(state, mask):
 
 
 def _check_reset_mask(mask, B):
-    """reset's ``mask``: a (B,) bool tensor (or a list of B bools). A (1,) mask or a bare bool
-    broadcast over the batch and reset every slot."""
+    """reset's ``mask``: a (B,) bool tensor (or a list of B bools; B None: any length). A (1,)
+    mask or a bare bool broadcast over the batch and reset every slot."""
     if isinstance(mask, (list, tuple)) and all(isinstance(v, bool) for v in mask):
         mask = torch.tensor(list(mask), dtype=torch.bool).reshape(len(mask))
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a bool tensor of shape ({B},) (True: reset that slot); "
                         f"got {type(mask).__name__} {mask!r}")
-    if mask.dtype != torch.bool or mask.dim() != 1 or mask.shape[0] != B:
-        raise ValueError(f"mask must be a bool tensor of shape ({B},); got {mask.dtype} "
-                         f"{tuple(mask.shape)}")
+    if mask.dtype != torch.bool or mask.dim() != 1 or (B is not None and mask.shape[0] != B):
+        raise ValueError(f"mask must be a bool tensor of shape ({'B' if B is None else B},); "
+                         f"got {mask.dtype} {tuple(mask.shape)}")
     if mask.is_meta:
         raise ValueError("mask must hold values (on the CPU or the state's device); got a meta "
                          "tensor")
