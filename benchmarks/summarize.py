@@ -85,7 +85,13 @@ def _nested(v):
         isinstance(x, (dict, list, tuple)) for x in v))
 
 
-def table(recs, max_cols=12):
+def _minor(k):
+    """Sort key of a measurement column: spreads and extremes (p20 / p80, min / max, std) after
+    the main figures (times, rates, ratios)."""
+    return any(t in k for t in ("p20", "p80", "min", "max", "std", "mean"))
+
+
+def table(recs, max_cols=14):
     recs = [r for r in recs if isinstance(r, dict)]
     if not recs:
         return "(no records)\n"
@@ -99,12 +105,20 @@ def table(recs, max_cols=12):
                 keys.append(k)
     varying = [k for k in keys if len({json.dumps(r.get(k), sort_keys=True) for r in recs}) > 1
                or not isinstance(recs[0].get(k), (int, float, str))]
-    cfg = [k for k in varying if all(not isinstance(r.get(k), float) for r in recs)]
-    met = [k for k in varying if k not in cfg]
-    # the measurements before the configuration is cut to max_cols (a wide configuration
-    # pushed every time and ratio out of the table)
-    n_met = min(len(met), max(max_cols // 2, max_cols - len(cfg)))
-    cols = cfg[:max_cols - n_met] + met[:n_met]
+    cfg = [k for k in varying if all(not isinstance(r.get(k), float) for r in recs)
+           and k != "run_id"]
+    met = sorted((k for k in varying if k not in cfg and k != "run_id"), key=_minor)
+    # the configuration that tells the rows apart (in order, each column kept only if it
+    # separates rows the earlier ones did not), then the main measurements before spreads and
+    # extremes: cut at max_cols, a wide configuration pushed every time out of the table, a
+    # plain cut of the configuration merged rows (fwd and fwd+bwd)
+    cols, seen = [], {()}
+    for k in cfg:
+        keyed = {tuple(json.dumps(r.get(c), sort_keys=True) for c in cols + [k]) for r in recs}
+        if len(keyed) > len(seen):
+            cols.append(k)
+            seen = keyed
+    cols += met[:max(4, max_cols - len(cols))]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in recs:
         lines.append("| " + " | ".join(_fmt(r.get(k)) for k in cols) + " |")

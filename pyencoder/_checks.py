@@ -42,10 +42,17 @@ def check_int(name, value, *, min_value=None, max_value=None, allow_none=False):
         raise ValueError(f"{name} must be <= {max_value}; got {value}")
 
 
+def is_np_bool(v):
+    """numpy's bool scalar (np.bool_, named np.bool in numpy 2), without importing numpy."""
+    return type(v).__module__ == "numpy" and type(v).__name__ in ("bool_", "bool")
+
+
 def check_bool(name, value):
-    """A flag: True or False only (a truthy string such as "no" is not taken for True)."""
-    if not isinstance(value, bool):
+    """A flag: True or False (or numpy's bool) only: a truthy string such as "no" is not taken
+    for True. Returns it as a Python bool."""
+    if not isinstance(value, bool) and not is_np_bool(value):
         raise TypeError(f"{name} must be True or False; got {type(value).__name__} {value!r}")
+    return bool(value)
 
 
 def clamp_window(value):

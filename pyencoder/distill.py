@@ -50,12 +50,17 @@ def layer_weights(n, schedule="uniform"):
             raise ValueError(f"schedule must be one of {SCHEDULES} or a sequence of {n} numbers; "
                              f"got {schedule!r}")
     else:
-        if not isinstance(schedule, (list, tuple, torch.Tensor)) or any(
-                isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.Tensor))
-                for x in schedule):
-            raise TypeError(f"schedule must be one of {SCHEDULES} or a sequence of {n} numbers; "
-                            f"got {type(schedule).__name__} {schedule!r}")
-        w = [float(x) for x in schedule]
+        try:
+            items = list(schedule)
+        except TypeError:
+            items = None
+        if items is None or any(
+                isinstance(x, bool)
+                or (isinstance(x, torch.Tensor) and (x.numel() != 1 or x.dtype == torch.bool))
+                or not isinstance(x, (numbers.Real, torch.Tensor)) for x in items):
+            raise TypeError(f"schedule must be one of {SCHEDULES} or a sequence of {n} numbers "
+                            f"(not bools); got {type(schedule).__name__} {schedule!r}")
+        w = [float(x) for x in items]
         if len(w) != n or any(x < 0 or not math.isfinite(x) for x in w) or sum(w) <= 0:
             raise ValueError(f"schedule must hold {n} non-negative finite numbers with a positive "
                              f"sum; got {schedule!r}")
@@ -68,19 +73,19 @@ def frame_mask(lengths, T, device):
     if lengths is None:
         return None
     lengths = _check_lengths(lengths, device)
-    if isinstance(T, bool) or not isinstance(T, int) or T < 0:
+    if isinstance(T, bool) or not isinstance(T, numbers.Integral) or T < 0:
         raise ValueError(f"T must be an int >= 0 (frames); got {T!r}")
     return torch.arange(T, device=device)[None, :] < lengths[:, None]
 
 
 def _check_lengths(lengths, device, B=None):
     """``lengths``: (B,) integer valid frames per slot (a tensor, or a list of ints)."""
-    if isinstance(lengths, (list, tuple)) and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in lengths):
-        lengths = torch.tensor(list(lengths), dtype=torch.int64)
-    if not isinstance(lengths, torch.Tensor):
-        raise TypeError(f"lengths must be None or a (B,) integer tensor (valid frames per slot); "
-                        f"got {type(lengths).__name__} {lengths!r}")
+    if not isinstance(lengths, torch.Tensor):   # a list of ints, a numpy array
+        try:
+            lengths = torch.as_tensor(lengths)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"lengths must be None or a (B,) integer tensor (valid frames per "
+                            f"slot); got {type(lengths).__name__} {lengths!r}") from None
     if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
         raise TypeError(f"lengths must be integers; got dtype {lengths.dtype}")
     if lengths.dim() != 1 or (B is not None and lengths.shape[0] != B):
@@ -301,13 +306,13 @@ def distill(student, teacher, data: Iterable, optimizer, *, steps=None, weights=
         raise TypeError(f"teacher_pos must be a callable (B, T, E) -> (B, T, E); got "
                         f"{type(teacher_pos).__name__}")
     # checked before any step: a bad one failed after optimizer.step() had changed the student
-    for name, obj, need in (("optimizer", optimizer, ("zero_grad", "step")),
-                            ("scheduler", scheduler, ("step",))):
-        if (obj is not None or name == "optimizer") and not all(
-                callable(getattr(obj, a, None)) for a in need):
-            raise TypeError(f"{name} must be {'None or ' if name == 'scheduler' else ''}an object "
-                            f"with {' and '.join(a + '()' for a in need)} (a torch optimizer / LR "
-                            f"scheduler); got {type(obj).__name__} {obj!r}")
+    if not (callable(getattr(optimizer, "zero_grad", None))
+            and callable(getattr(optimizer, "step", None))):
+        raise TypeError(f"optimizer must have zero_grad() and step() (a torch optimizer); got "
+                        f"{type(optimizer).__name__} {optimizer!r}")
+    if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+        raise TypeError(f"scheduler must be None or have step() (a torch LR scheduler); got "
+                        f"{type(scheduler).__name__} {scheduler!r}")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be None or a callable (step, record); got "
                         f"{type(callback).__name__} {callback!r}")

@@ -12,6 +12,8 @@ import numbers
 
 import torch
 
+from ._checks import check_bool
+
 MAX_DIM = 1 << 16
 
 
@@ -70,9 +72,7 @@ class Rope:
     def rotate(self, x, positions, inverse=False):
         """Plain-torch rotation of x (..., N, D) at integer ``positions`` (N,) or (B, N)."""
         self._check_rotate(x, positions)
-        if not isinstance(inverse, bool):   # a truthy "no" rotated the other way silently
-            raise TypeError(f"inverse must be True or False; got {type(inverse).__name__} "
-                            f"{inverse!r}")
+        inverse = check_bool("inverse", inverse)   # a truthy "no" rotated backwards silently
         return apply_rope(x, positions, self.inv_freq(x.device), self.interleaved, inverse)
 
     def _check_rotate(self, x, positions):

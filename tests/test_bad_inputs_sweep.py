@@ -919,7 +919,7 @@ def _session36_cases():
         # a (1,) mask or a bare bool broadcast over the batch: every slot reset
         (lambda: st.reset(torch.tensor([True])), ValueError,
          r"mask must be a bool tensor of shape \(2,\); got torch.bool \(1,\)"),
-        (lambda: st.reset(True), TypeError, r"mask must be a bool tensor of shape \(2,\)"),
+        (lambda: st.reset(True), ValueError, r"mask must be a bool tensor of shape \(2,\)"),
         (lambda: reset(st, "yes"), TypeError, r"mask must be a bool tensor"),
         (lambda: admit(conv, st, 0, None, 1), TypeError, r"admit: chunks must be a list"),
         (lambda: admit(conv, st, 1.0, [torch.randn(1, 4, 2)], 1), TypeError,
@@ -976,3 +976,25 @@ def test_distill_refuses_bad_objects_before_any_step(bad):
     with pytest.raises((TypeError, ValueError), match=bad):
         D.distill(student, teacher, [torch.randn(2, 400)], opt, steps=1, progress=False, **kw)
     assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+def test_numpy_and_iterables_where_lists_and_bools_are_taken():
+    """The refusals above take numpy's arrays, bools and ints, and iterables, as before."""
+    import numpy as np
+    conv, st = _conv_state()
+    reset(st, np.array([True, False]))
+    st.reset([np.bool_(False), np.bool_(True)])
+    s = [torch.randn(2, 5, 4)] * 2
+    a = D.hidden_state_loss(s, s, lengths=np.array([3, 5]))[0]
+    b = D.hidden_state_loss(s, s, lengths=[np.int64(3), np.int64(5)])[0]
+    assert torch.equal(a, b)
+    assert D.frame_mask(np.array([1, 2]), np.int64(3), "cpu").tolist() == \
+        [[True, False, False], [True, True, False]]
+    assert D.layer_weights(3, np.array([1.0, 2.0, 1.0])) == [0.25, 0.5, 0.25]
+    assert D.layer_weights(3, range(1, 4)) == D.layer_weights(3, "linear")
+    assert WavLMSelfAttention(8, 2, left=2, right=1, gated=np.bool_(False)).gated is False
+    x, p = torch.randn(1, 2, 5, 4), torch.arange(5)
+    r = pyencoder.Rope(4)
+    assert torch.equal(r.rotate(x, p, inverse=np.bool_(True)), r.rotate(x, p, inverse=True))
+    rows = admit(conv, st, 0, (c for c in [torch.randn(1, 4, 2)] * 3), 1)   # a generator
+    assert len(rows) == 3

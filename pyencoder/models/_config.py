@@ -8,12 +8,7 @@ import operator
 
 import torch
 
-from .._checks import is_int
-
-
-def is_np_bool(v):
-    """numpy's bool scalar (np.bool_, named np.bool in numpy 2), without importing numpy."""
-    return type(v).__module__ == "numpy" and type(v).__name__ in ("bool_", "bool")
+from .._checks import is_int, is_np_bool
 
 
 def _where(cfg, name):

@@ -475,8 +475,8 @@ class WavLMSelfAttention(IntervalSelfAttention):
         if sink:
             self._state_cls = RelPosSinkAttentionState
         check_bucket_args(num_buckets, max_distance)
-        check_bool("gated", gated)
-        check_bool("has_relative_bias", has_relative_bias)
+        gated = check_bool("gated", gated)
+        has_relative_bias = check_bool("has_relative_bias", has_relative_bias)
         self.left, self.right = left, right
         self.chunk_size, self.left_chunks, self.chunk_lookahead = chunk_size, left_chunks, lookahead
         self.num_buckets, self.max_distance = num_buckets, max_distance

@@ -105,10 +105,11 @@ def admit(module, state, slot, chunks, step):
     if step < 1:
         raise ValueError(f"admit: step must be an int >= 1 (the steady step's length); got "
                          f"{step!r}")
-    if not isinstance(chunks, (torch.Tensor, list, tuple)):
+    try:
+        chunks = [chunks] if isinstance(chunks, torch.Tensor) else list(chunks)
+    except TypeError:
         raise TypeError(f"admit: chunks must be a list of batch-1 tensors (the new stream's "
-                        f"first chunks); got {type(chunks).__name__} {chunks!r}")
-    chunks = list(chunks) if not isinstance(chunks, torch.Tensor) else [chunks]
+                        f"first chunks); got {type(chunks).__name__} {chunks!r}") from None
 
     def one(c):
         return isinstance(c, torch.Tensor) and c.dim() >= 1 and c.shape[0] == 1

@@ -277,11 +277,12 @@ def reset(state, mask):
 def _check_reset_mask(mask, B):
     """reset's ``mask``: a (B,) bool tensor (or a list of B bools; B None: any length). A (1,)
     mask or a bare bool broadcast over the batch and reset every slot."""
-    if isinstance(mask, (list, tuple)) and all(isinstance(v, bool) for v in mask):
-        mask = torch.tensor(list(mask), dtype=torch.bool).reshape(len(mask))
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a bool tensor of shape ({B},) (True: reset that slot); "
-                        f"got {type(mask).__name__} {mask!r}")
+    if not isinstance(mask, torch.Tensor):      # a list of bools, a numpy array
+        try:
+            mask = torch.as_tensor(mask)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"mask must be a bool tensor of shape ({B},) (True: reset that "
+                            f"slot); got {type(mask).__name__} {mask!r}") from None
     if mask.dtype != torch.bool or mask.dim() != 1 or (B is not None and mask.shape[0] != B):
         raise ValueError(f"mask must be a bool tensor of shape ({'B' if B is None else B},); "
                          f"got {mask.dtype} {tuple(mask.shape)}")
