@@ -55,6 +55,18 @@ def check_bool(name, value):
     return bool(value)
 
 
+def tensor_arg(name, value, expected):
+    """``value`` as a tensor (a list, a numpy array: ``torch.as_tensor``), or a TypeError naming
+    ``name``, what was ``expected`` and what was given."""
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be {expected}; got {type(value).__name__} "
+                        f"{value!r}") from None
+
+
 def clamp_window(value):
     """A mask extent (an int >= 0) clamped to WINDOW_CAP: the same mask (see above)."""
     return min(value, WINDOW_CAP)

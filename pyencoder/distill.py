@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
 
+from ._checks import tensor_arg
 from .models.encoder import CausalEncoder
 
 __all__ = ["layer_weights", "hidden_state_loss", "positional_embedding_loss", "distill",
@@ -80,12 +81,8 @@ def frame_mask(lengths, T, device):
 
 def _check_lengths(lengths, device, B=None):
     """``lengths``: (B,) integer valid frames per slot (a tensor, or a list of ints)."""
-    if not isinstance(lengths, torch.Tensor):   # a list of ints, a numpy array
-        try:
-            lengths = torch.as_tensor(lengths)
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"lengths must be None or a (B,) integer tensor (valid frames per "
-                            f"slot); got {type(lengths).__name__} {lengths!r}") from None
+    lengths = tensor_arg("lengths", lengths, "None or a (B,) integer tensor (valid frames per "
+                         "slot)")
     if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
         raise TypeError(f"lengths must be integers; got dtype {lengths.dtype}")
     if lengths.dim() != 1 or (B is not None and lengths.shape[0] != B):

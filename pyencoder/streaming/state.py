@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
-from .._checks import MAX_POSITION, autocast_on
+from .._checks import MAX_POSITION, autocast_on, tensor_arg
 from .._env import env_flag
 
 __all__ = ["StreamState", "reset", "ends_stream", "state_nbytes", "check_state", "stamp",
@@ -277,12 +277,8 @@ def reset(state, mask):
 def _check_reset_mask(mask, B):
     """reset's ``mask``: a (B,) bool tensor (or a list of B bools; B None: any length). A (1,)
     mask or a bare bool broadcast over the batch and reset every slot."""
-    if not isinstance(mask, torch.Tensor):      # a list of bools, a numpy array
-        try:
-            mask = torch.as_tensor(mask)
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"mask must be a bool tensor of shape ({B},) (True: reset that "
-                            f"slot); got {type(mask).__name__} {mask!r}") from None
+    mask = tensor_arg("mask", mask, f"a bool tensor of shape ({'B' if B is None else B},) "
+                      f"(True: reset that slot)")
     if mask.dtype != torch.bool or mask.dim() != 1 or (B is not None and mask.shape[0] != B):
         raise ValueError(f"mask must be a bool tensor of shape ({'B' if B is None else B},); "
                          f"got {mask.dtype} {tuple(mask.shape)}")
