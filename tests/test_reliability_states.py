@@ -472,3 +472,35 @@ def test_converted_after_a_submodule_was_replaced():
     stack.float()
     with pytest.raises(ValueError, match="they are torch.float32 now"):
         _feed(stack, st, torch.randn(1, 2, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_state_made_under_inference_mode(name):
+    """A state made under torch.inference_mode holds inference tensors: stepped, reset or loaded
+    outside that mode it failed inside torch ("Inplace update to inference tensor", naming no
+    state). It is refused by name now; under inference_mode it streams as a no_grad state
+    does, and a copy made outside the mode (normal tensors) streams outside it."""
+    make_a, _, inp = PAIRS[name][:3]
+    torch.manual_seed(31 + len(name))
+    m = make_a().eval()
+    x1, x2 = inp(2, 5), inp(2, 4)
+    with torch.inference_mode():
+        st = m.init_state(2)
+        y1, st = m.step(x1, st)
+    ref = m.init_state(2)
+    y1_ref, ref = _feed(m, ref, x1)
+    torch.testing.assert_close(y1, y1_ref, rtol=0, atol=0)
+    msg = r"made under torch.inference_mode\(\)"
+    with pytest.raises(RuntimeError, match=msg):
+        _feed(m, st, x2)
+    with pytest.raises(RuntimeError, match=msg):
+        reset(st, torch.tensor([True, False]))
+    with pytest.raises(RuntimeError, match=msg):
+        st.load_state_dict(ref.state_dict())
+    copied = copy.deepcopy(st)                   # outside the mode: normal tensors
+    y2c, _ = _feed(m, copied, x2)
+    with torch.inference_mode():
+        y2, st = m.step(x2, st)
+    y2_ref, _ = _feed(m, ref, x2)
+    torch.testing.assert_close(y2, y2_ref, rtol=0, atol=0)
+    torch.testing.assert_close(y2c, y2_ref, rtol=0, atol=0)

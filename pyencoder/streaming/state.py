@@ -146,6 +146,7 @@ class StreamState:
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict (from StreamState.state_dict()); got "
                             f"{type(state_dict).__name__}")
+        check_inference_mode(self, "load_state_dict")
         mine = self.tensors()
         cfgs = self.configs()
         states = self.states()
@@ -249,6 +250,7 @@ class StreamState:
         all zeros overrides it; a stack's reset used to zero its tensors behind its back). A
         flushed state (``ended``) must be reset in every slot: it starts fresh streams then."""
         mask = _check_reset_mask(mask, self.batch_size or None)   # (None: a state of no tensor)
+        check_inference_mode(self, "reset")
         if any(st.ended for st in self.states().values()) and not bool(mask.all()):
             raise ValueError("this state was flushed: every slot's stream ended; reset all of its "
                              "slots (or make a new state with init_state)")
@@ -316,7 +318,26 @@ def stamp(module, state):
     state.config = stream_config(module)
     p = _weights(module)
     state.weights_dtype = None if p is None else p.dtype
+    if torch.is_inference_mode_enabled():
+        state.inference_made = True
     return state
+
+
+def check_inference_mode(state, who):
+    """A state made under torch.inference_mode holds inference tensors: outside that mode a step,
+    reset or load cannot update them in place (torch's message named no state). Raise a
+    RuntimeError saying what to do; a flag read and one C call per check. A copy made outside
+    the mode (copy.deepcopy, load_state_dict into a new state) holds normal tensors: the flag is
+    dropped there."""
+    if state.__dict__.get("inference_made") and not torch.is_inference_mode_enabled():
+        if not any(t.is_inference() for t in state.tensors().values()):
+            del state.__dict__["inference_made"]
+            return
+        raise RuntimeError(
+            f"{who}: this state was made under torch.inference_mode() (its tensors are inference "
+            f"tensors, which cannot be updated in place outside that mode): step, reset and load "
+            f"it under torch.inference_mode(), or make it with init_state outside it (then "
+            f"torch.no_grad() steps it)")
 
 
 def _weights(module):
@@ -371,6 +392,7 @@ def check_state(module, state, cls, config=None):
         raise ValueError(f"{who}: this state was flushed (its streams ended, the held-back frames "
                          f"were emitted without their lookahead); start new streams with "
                          f"pyencoder.streaming.reset(state, all slots) or init_state")
+    check_inference_mode(state, who)
     want = stream_config(module) if config is None else config
     if state.config is None:
         raise ValueError(f"{who}: this {type(state).__name__} records no configuration (it was "
