@@ -378,3 +378,43 @@ def test_backward_through_a_step_says_it_is_unsupported(what):
     with pytest.raises(RuntimeError, match="backward through a streaming step is not "
                                            "supported.*torch.no_grad"):
         sum(y.sum() for y in ys).backward()
+
+
+@pytest.mark.parametrize("what", ["attention", "chunked", "wavlm", "layer", "decoder"])
+def test_backward_through_a_flush_says_it_is_unsupported(what):
+    """flush emits the held-back frames through the same in-place ring and queues: a backward
+    through its output (alone, or concatenated with the steps' as run_stream does) raised
+    autograd's "modified by an inplace operation" from a node deep inside; it says what the
+    step's backward says now, and the flushed values are unchanged."""
+    from pyencoder.models import StreamingDecoder
+    from pyencoder.nn import ChunkedSelfAttention, WavLMSelfAttention
+    from test_models import tiny_decoder_config
+    from test_streaming_fixed import _banded
+    torch.manual_seed(19)
+    E = 16
+    if what == "attention":
+        m = _banded(right=2)
+    elif what == "chunked":
+        m = ChunkedSelfAttention(E, 2, chunk_size=3, left_chunks=1, lookahead=2)
+    elif what == "wavlm":
+        m = WavLMSelfAttention(E, 2, left=4, right=2)
+    elif what == "layer":
+        m = TransformerLayer(_banded(right=2), 32)
+    else:
+        m, E = StreamingDecoder(tiny_decoder_config(num_attention_layers=2)), 6
+    m = m.double().eval()
+    x = torch.randn(1, 10, E, dtype=torch.float64)
+
+    def stream(grad):
+        with torch.set_grad_enabled(grad):
+            y, st = m.step(x, m.init_state(1))
+            y2, _ = m.flush(st)
+        return y, y2
+    (y, y2), (r, r2) = stream(True), stream(False)
+    assert torch.equal(y.detach(), r) and torch.equal(y2.detach(), r2) and y2.numel()
+    msg = "flush: backward through a streaming step is not supported.*torch.no_grad"
+    with pytest.raises(RuntimeError, match=msg):
+        y2.sum().backward()
+    y, y2 = stream(True)
+    with pytest.raises(RuntimeError, match="backward through a streaming step is not supported"):
+        torch.cat([y, y2], 1).sum().backward()

@@ -542,6 +542,7 @@ class IntervalSelfAttention(nn.Module):
         return True
 
     @ends_stream
+    @inference_step
     def flush(self, state):
         """End of stream: emit every held-back query (its window is cut at the last frame)."""
         self._check_state(state)

@@ -261,6 +261,7 @@ class TransformerLayer(nn.Module):
         return w, b
 
     @ends_stream
+    @inference_step
     def flush(self, state):
         self._check_state(state)
         a, state.attention = self.attention.flush(state.attention)
