@@ -243,13 +243,24 @@ def check_lengths(name, lengths, batch, limit, device):
         # the value check reads the device (a host sync on a GPU): one read (min and max
         # together), and none for a tensor that already passed at this limit, unmodified since
         # (a model's layers share one key_lengths tensor per forward)
-        key = passed_key("lengths", lengths, limit)
-        if passed(key, lengths):
+        vals = plain_values(lengths)
+        key = passed_key("lengths", vals, limit)
+        if passed(key, vals):
             return
-        lo, hi = (int(x) for x in torch.stack(torch.aminmax(lengths)).tolist())
+        lo, hi = (int(x) for x in torch.stack(torch.aminmax(vals)).tolist())
         if lo < 0 or hi > limit:
             raise ValueError(f"{name} values must lie in [0, {limit}]; got min {lo}, max {hi}")
-        remember_passed(key, lengths)
+        remember_passed(key, vals)
+
+
+def plain_values(t):
+    """The tensor a value check reads for ``t``: ``t``, or under a torch.func transform (vmap,
+    grad) the plain tensor its wrappers hold (vmap's: every mapped entry at once). A wrapped
+    tensor has no storage: its data pointer and host reads raised from inside torch."""
+    f = torch._C._functorch
+    while f.is_functorch_wrapped_tensor(t):
+        t = f.get_unwrapped(t)
+    return t
 
 
 # Tensors that passed a value check: (check, id, version, data pointer, extra) -> the tensor. The
@@ -262,7 +273,8 @@ _PASSED_MAX = 32
 
 def passed_key(check, t, extra=None):
     """The key under which tensor ``t`` passing value check ``check`` is remembered, or None."""
-    if type(t) is not torch.Tensor or t.is_inference():
+    if type(t) is not torch.Tensor or t.is_inference() or \
+            torch._C._functorch.is_functorch_wrapped_tensor(t):
         return None
     return (check, id(t), t._version, t.data_ptr(), extra)
 

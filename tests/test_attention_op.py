@@ -186,3 +186,30 @@ def test_compile_fullgraph_triton(case):
     g = compiled_matches_eager(f("triton"), inputs(torch.float32), 1e-5)
     if not torch.cuda.is_available():
         assert "interval_attention_triton" in g
+
+
+def test_vmap_over_key_lengths_and_rel_bias():
+    """vmap with a batched key_lengths or rel_bias: the value checks read a storage-less
+    functorch wrapper (torch's "Cannot access data pointer"); they read the plain tensor the
+    wrapper holds now, so the call equals the loop and a bad mapped entry is still named."""
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(3, 2, 2, 11, 8, dtype=torch.float64) for _ in range(3))
+    kl = torch.tensor([[11, 4], [0, 7], [9, 11]])
+    rb = torch.randn(3, 2, 20, dtype=torch.float64)
+    mask = IntervalMask.band(3, 1)
+
+    def f(q, k, v, kl, rb):
+        return interval_attention(q, k, v, mask=mask, key_lengths=kl, rel_bias=rb,
+                                  rel_offset=-10)
+    y = torch.vmap(f)(q, k, v, kl, rb)
+    loop = torch.stack([f(q[i], k[i], v[i], kl[i], rb[i]) for i in range(3)])
+    torch.testing.assert_close(y, loop, rtol=0, atol=0)
+    bad = kl.clone()
+    bad[2, 1] = 12
+    with pytest.raises(ValueError, match=r"key_lengths values must lie in \[0, 11\]; got min 0, "
+                                         r"max 12"):
+        torch.vmap(f)(q, k, v, bad, rb)
+    nan = rb.clone()
+    nan[1, 0, 3] = float("nan")
+    with pytest.raises(ValueError, match="rel_bias must be finite"):
+        torch.vmap(f)(q, k, v, kl, nan)

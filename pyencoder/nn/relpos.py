@@ -288,10 +288,11 @@ def sink_bias_columns(table, bucket_fn, nq, nk, *, block, lo_off, hi_off, sink, 
         n = idx.numel()
         # offsets below the band / above it (no band key visible: all of them, one column kept)
         n_lo, n_hi = (r_min - r_lo, r_hi - r_max) if band else (n - 1, n - 1)
-        if torch.compiler.is_compiling():
-            # traced (torch.compile, export): no host read of the bucket values (the trimmed
-            # ends would be data-dependent sizes); the whole range's columns, every visible
-            # offset reading its own bucket: the same values, a wider table
+        if torch.compiler.is_compiling() or idx.is_meta:
+            # traced (torch.compile, export) or shapes only (meta): no host read of the bucket
+            # values (the trimmed ends would be data-dependent sizes); the whole range's
+            # columns, every visible offset reading its own bucket: the same values, a wider
+            # table
             return idx, r_lo
         # a, b: the columns dropped at either end (constant runs of the bucket, the band kept)
         a, b = (torch.stack([_leading_run(idx[:n_lo + 1]),

@@ -53,7 +53,7 @@ from ._autograd import forbid_double_backward, refuse_forward_ad
 from ._call import call_custom, call_op, eager_ok
 from .._checks import (MAX_POSITION, autocast_cast, autocasting, check_bias_tensors,
                       check_bool, check_float_dtype, check_int, check_lengths, check_same,
-                      check_scale, check_tensor, passed, passed_key, remember_passed,
+                      check_scale, check_tensor, passed, passed_key, plain_values, remember_passed,
                       value_checks_enabled)
 
 __all__ = ["banded_attention", "chunked_attention", "interval_attention", "cross_attention",
@@ -248,12 +248,13 @@ def _validate_bias(q, k, rel_bias, gate, rel_offset, block, lo_off, hi_off, q_of
                          f"key outside the table reads its edge column: the saturated bucket "
                          f"rule); got 0 columns with sink={sink}, k_offset={k_offset}")
     if value_checks_enabled() and rel_bias.numel() and not rel_bias.is_meta:
-        key = passed_key("finite", rel_bias)     # a host sync on a GPU: once per tensor
-        if not passed(key, rel_bias):
-            if not bool(torch.isfinite(rel_bias).all()):
+        vals = plain_values(rel_bias)
+        key = passed_key("finite", vals)         # a host sync on a GPU: once per tensor
+        if not passed(key, vals):
+            if not bool(torch.isfinite(vals).all()):
                 raise ValueError("rel_bias must be finite (a NaN / inf entry would poison every "
                                  "row that sees its offset); got a non-finite entry")
-            remember_passed(key, rel_bias)
+            remember_passed(key, vals)
     return rel_offset
 
 
