@@ -175,3 +175,42 @@ def test_output_attentions_warns_on_patched_model(family):
         warnings.filterwarnings("error", message="pyencoder attention: output_attentions")
         with torch.no_grad():
             assert model(x).last_hidden_state.shape == ref.last_hidden_state.shape
+
+
+@pytest.mark.parametrize("family", ["w2v2_post", "wavlm"])
+@pytest.mark.parametrize("head", [None, "ctc"])
+def test_patch_leaves_a_model_sharing_the_config_alone(tmp_path, family, head):
+    """transformers does not copy a config: a student built as ``cls(teacher.config)`` shares
+    the teacher's object. Patching the student wrote its attention switch and config.pyencoder
+    entry onto the never-patched teacher (output_attentions came back empty, and the teacher
+    saved as patched: pyencoder.hf.from_pretrained loaded it causal, 1.8 off). The patched model
+    takes a copy of the config now (head, base and layers alike); revert keeps the copy."""
+    teacher = make_model(family, head).eval()
+    cfg = teacher.config
+    student = type(teacher)(cfg).eval()
+    assert student.config is cfg
+    x = audio(1, 1000)
+    with torch.no_grad():
+        ref = teacher(x, output_attentions=True)
+    H.apply_pyencoder_to_wav2vec2(student, lookahead_frames=1, left_frames=3, pos_conv="causal")
+    base = H.patch.base_model(student)[0]
+    assert student.config is not cfg and base.config is student.config
+    assert all(m.config is student.config for m in student.modules() if "config" in m.__dict__)
+    assert not hasattr(cfg, "pyencoder") and cfg._attn_implementation != "pyencoder"
+    with torch.no_grad():
+        out = teacher(x, output_attentions=True)
+        torch.testing.assert_close(out.logits if head else out.last_hidden_state,
+                                   ref.logits if head else ref.last_hidden_state, rtol=0, atol=0)
+        assert len(out.attentions) == len(ref.attentions) == cfg.num_hidden_layers
+        y = student(x)
+    teacher.save_pretrained(tmp_path)
+    again = H.from_pretrained(type(teacher), tmp_path).eval()
+    assert H.patch_record(again) is None and not hasattr(again.config, "pyencoder")
+    student.save_pretrained(tmp_path / "student")
+    loaded = H.from_pretrained(type(teacher), tmp_path / "student").eval()
+    with torch.no_grad():
+        torch.testing.assert_close((loaded(x).logits if head else loaded(x).last_hidden_state),
+                                   y.logits if head else y.last_hidden_state, rtol=1e-6, atol=1e-6)
+    H.revert_pyencoder(student)
+    assert student.config is not cfg and not hasattr(student.config, "pyencoder")
+    assert student.config._attn_implementation == cfg._attn_implementation

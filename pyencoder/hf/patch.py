@@ -36,6 +36,7 @@ forward pre-hook then refuses to run a patched Wav2Vec2/HuBERT whose implementat
 Instance forwards and the pre-hook are module-level callables, so a patched model pickles (and
 deep-copies) as far as the HF model itself does.
 """
+import copy
 import functools
 import warnings
 from dataclasses import dataclass, field
@@ -314,7 +315,7 @@ def apply_pyencoder_to_wav2vec2(model, *, lookahead_frames=3, left_frames=None,
                       f"verify outputs on your model.", stacklevel=2)
     _check_model(base, family)
     install_switch_guard()
-    cfg = base.config
+    cfg = _own_config(model, base)
     att0 = base.encoder.layers[0].attention
     specs = build_specs(len(base.encoder.layers), att0.head_dim, lookahead_frames, left_frames,
                         lookahead_layers, rope, chunk_size, left_chunks, sink_frames)
@@ -372,6 +373,22 @@ def apply_pyencoder_to_wav2vec2(model, *, lookahead_frames=3, left_frames=None,
     else:
         base.not_streamable = why
     return model
+
+
+def _own_config(model, base):
+    """Give ``model`` (its modules that hold the base's config: the head, the base, the encoder,
+    the attention layers) a copy of that config, and return it. transformers does not copy a
+    config passed to a model, so a student built as ``Wav2Vec2Model(teacher.config)`` shares the
+    teacher's: the patch's ``_attn_implementation`` and ``config.pyencoder`` entry landed on the
+    never-patched teacher too (its output_attentions came back empty, and it saved as patched:
+    pyencoder.hf.from_pretrained loaded it causal). The copy stays after revert_pyencoder (equal
+    in content to the original, the patch's entries undone)."""
+    old = base.config
+    new = copy.deepcopy(old)
+    for m in model.modules():
+        if m.__dict__.get("config") is old:
+            m.config = new
+    return new
 
 
 def unstreamable_reason(record):
