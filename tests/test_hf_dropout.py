@@ -75,6 +75,30 @@ def test_same_rng_state_equals_eager(family):
         torch.testing.assert_close(g1[n], g0[n], atol=1e-5 * scale, rtol=1e-5, msg=n)
 
 
+@pytest.mark.filterwarnings("ignore:lookahead_layers='all'")
+@pytest.mark.parametrize("family", EAGER_FAMILIES + ("wavlm",))
+def test_hidden_dropout_same_rng_state_equals_eager(family):
+    """The layers' hidden / activation dropout (attention dropout off) draws on the attention's
+    output: with the same RNG state a full-context patch equals eager at batch 2. WavLM's
+    patched attention returned a (B, N, E)-contiguous output where eager's is a view of a
+    time-major one; the dropout drew its mask in memory order and dropped other elements
+    (1.9e-2 off at batch 2, equal at batch 1)."""
+    ref = make_model(family, hidden_dropout=P, activation_dropout=P).train()
+    pat = copy.deepcopy(ref)
+    H.apply_pyencoder_to_wav2vec2(pat, **FULL)
+    x = audio(2, SAMPLES)
+    w = torch.randn(2, 79, 32)
+    state = torch.get_rng_state()
+    y0, _, g0 = _fwd_bwd(ref, x, None, w)
+    torch.set_rng_state(state)
+    y1, _, g1 = _fwd_bwd(pat, x, None, w)
+    torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5)
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        scale = max(1.0, g0[n].abs().max().item())
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-5 * scale, rtol=1e-5, msg=n)
+
+
 def _record_keeps(monkeypatch):
     keeps = []
     real = HA.interval_attention_dropout

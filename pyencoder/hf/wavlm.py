@@ -91,8 +91,12 @@ def wavlm_forward(module, hidden_states, attention_mask=None, position_bias=None
     check_sink_dropout(spec, p)
     out = biased_interval_attention(q, k, v, gate, table, module._relative_positions_bucket,
                                     spec, key_lengths, module.scaling, dropout_p=p)
-    out = module.out_proj(out.transpose(1, 2).reshape(B, N, E))
-    return out, None, table
+    # time-major, as transformers' WavLMAttention computes it (F.multi_head_attention_forward on
+    # (N, B, E)) and returns it (a (B, N, E) view of that): the layer's dropout after it draws its
+    # mask in memory order, so a (B, N, E)-contiguous output dropped other elements than eager
+    # under the same seed (training runs differed from eager's at batch > 1)
+    out = module.out_proj(out.permute(2, 0, 1, 3).reshape(N, B, E))
+    return out.transpose(0, 1), None, table
 
 
 _DISPATCH_KWARG = "_pyencoder_wavlm_attention"
