@@ -47,7 +47,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import check_int, clamp_window
+from ._checks import WINDOW_CAP, check_int, clamp_window
 from ._fifo import put
 
 __all__ = ["IntervalMask"]
@@ -75,6 +75,9 @@ def _memo_put(key, mask):
     return mask
 
 
+_BASE_CAP = 4 * WINDOW_CAP      # IntervalMask.base's saturation on tensors (<= 2**55 + k_block)
+
+
 @dataclass(frozen=True)
 class IntervalMask:
     """Immutable, hashable interval mask (block, lo_off, hi_off, k_block, sink): see the module
@@ -91,7 +94,9 @@ class IntervalMask:
     def __post_init__(self):
         check_int("block", self.block, min_value=1)
         check_int("lo_off", self.lo_off, min_value=-1)
-        check_int("hi_off", self.hi_off)
+        # hi_off below -WINDOW_CAP would hide every key of every position a tensor can index
+        # (with lo_off >= 0 it is refused below anyway): refused, so bounds stay in int64
+        check_int("hi_off", self.hi_off, min_value=-WINDOW_CAP)
         check_int("k_block", self.k_block, min_value=1, allow_none=True)
         check_int("sink", self.sink, min_value=0)
         object.__setattr__(self, "sink", clamp_window(self.sink))
@@ -236,7 +241,13 @@ class IntervalMask:
 
     def base(self, p):
         """(p // block) * k_block (k_block = block unless a frame mask); p an int or an integer
-        tensor."""
+        tensor. On tensors it saturates at the first multiple of k_block >= _BASE_CAP: every key
+        position (< WINDOW_CAP) lies below base - lo_off and base + hi_off there (both extents
+        are within WINDOW_CAP), so a larger base shows the same keys (none with bounded history,
+        all without), and int64 never overflows (a frame mask's huge k_block times the query
+        block index wrapped: rows that saw every key saw none)."""
+        if isinstance(p, torch.Tensor):
+            return (p // self.block).clamp(max=-(-_BASE_CAP // self.k_block)) * self.k_block
         return (p // self.block) * self.k_block
 
     def lo(self, p):

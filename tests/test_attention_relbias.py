@@ -308,3 +308,24 @@ def test_hf_wavlm_chunked_patch_runs_the_fused_bias_and_matches_the_plain_tiles(
     torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-9, atol=1e-10)
     for n, a, b in zip(names, out[0][1], out[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9, msg=lambda s: f"{n}: {s}")
+
+
+@pytest.mark.parametrize("path", ["fused", "unfused", "dropout"])
+def test_biased_attention_where_no_query_sees_a_key_has_zero_gradients(path):
+    """Every row empty (the band ends before the first key): zeros out, and zero gradients for
+    q, k, v, the bucket table and the gate. The unfused and dropout tile paths built their empty
+    tiles with new_zeros: the output had no graph and a backward raised "element 0 of tensors
+    does not require grad" (a WavLM training batch whose keys are all padding)."""
+    from pyencoder.nn.relpos import biased_interval_attention, relative_position_bucket
+    torch.manual_seed(6)
+    q, k, v = (torch.randn(2, 2, 5, 4, requires_grad=True) for _ in range(3))
+    table = torch.randn(32, 2, requires_grad=True)
+    gate = torch.rand(2, 2, 5, requires_grad=True)
+    kw = dict(fused=path == "fused", dropout_p=0.2 if path == "dropout" else 0.0)
+    out = biased_interval_attention(q, k, v, gate, table,
+                                    lambda r: relative_position_bucket(r, 32, 100),
+                                    mask=pyencoder.IntervalMask.band(0, 0), k_offset=10, **kw)
+    assert torch.equal(out, torch.zeros_like(out)) and out.requires_grad
+    out.backward(torch.randn_like(out))
+    for t in (q, k, v, table, gate):
+        assert t.grad is not None and torch.equal(t.grad, torch.zeros_like(t)), path

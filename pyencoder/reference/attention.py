@@ -67,7 +67,7 @@ class Bias(NamedTuple):
 def _bounds(p, mask):
     """(lo, hi) of the query positions ``p`` (an int64 tensor): lo a large negative number for
     unbounded history (not clamped at 0, unlike IntervalMask.lo)."""
-    base = torch.div(p, mask.block, rounding_mode="floor") * mask.k_block
+    base = mask.base(p)               # (saturated: no int64 overflow for any mask)
     hi = base + mask.hi_off
     if mask.lo_off < 0:
         lo = torch.full_like(p, torch.iinfo(torch.int64).min // 4)

@@ -1,0 +1,119 @@
+"""Mask extents far beyond the positions of a call (sentinels such as right = 2**31 - 1, a frame
+mask's huge key block) give the mask's values on every path:
+
+- the Triton kernels compute bounds in int32: ``kernel_mask`` cuts every extent to what the
+  call's positions reach (exact), and a frame mask whose bounds would still pass 2**31 is not
+  taken by them (the reference runs it); a right = 2**31 - 1 band saw no key before;
+- the reference's int64 bounds saturate the base (IntervalMask.base): a frame mask with
+  k_frame = 2**52 overflowed int64 and rows that see every key saw none;
+- hi_off below -WINDOW_CAP is refused (it hides every key any tensor can index)."""
+import random
+
+import pytest
+import torch
+
+from pyencoder import IntervalMask
+from pyencoder._checks import WINDOW_CAP
+from pyencoder.ops import _attention_triton as tri
+from pyencoder.ops import cross_attention, interval_attention
+
+from conftest import has_triton
+
+needs_triton = pytest.mark.skipif(not has_triton(), reason="triton is not installed")
+
+
+def _visible(block, kb, lo_off, hi_off, p, s):
+    """The mask formula in Python ints (no overflow)."""
+    base = (p // block) * kb
+    return (lo_off < 0 or s >= base - lo_off) and s <= base + hi_off
+
+
+def test_kernel_mask_is_exact_and_fits_int32():
+    # ordinary extents reach the kernels unchanged (their integer specialisations, autotune keys)
+    assert tri.kernel_mask(1, None, 250, 3, 40, 40) == (1, 250, 3)
+    assert tri.kernel_mask(4, None, 512, 6, 40, 40) == (4, 512, 6)
+    assert tri.kernel_mask(2, 1, -1, 2 ** 25, 9, 5) == (2, -1, 2 ** 25)
+    rnd = random.Random(0)
+    big = [0, 1, 3, 17, 2 ** 20, 2 ** 31 - 1, 2 ** 40, WINDOW_CAP]
+    for _ in range(400):
+        block = rnd.choice([1, 2, 3, 5, 8, 2 ** 26, 2 ** 31 - 3])
+        kb = rnd.choice([None, None, 1, 2, 3, 7])
+        q_end, k_end = rnd.randint(1, 40), rnd.randint(1, 40)
+        lo = rnd.choice([-1] + big)
+        hi = rnd.choice(big + [-b for b in big[1:5]])
+        k = block if kb is None else kb
+        if lo >= 0 and lo + hi < 0:
+            continue
+        b2, lo2, hi2 = tri.kernel_mask(block, kb, lo, hi, q_end, k_end)
+        assert tri.kernel_mask(b2, kb, lo2, hi2, q_end, k_end) == (b2, lo2, hi2)
+        assert max(b2 if kb is None or kb == block else 0, lo2, abs(hi2)) <= 2 ** 25
+        for p in range(q_end):
+            for s in range(k_end):
+                assert _visible(block, k, lo, hi, p, s) == _visible(
+                    b2, k if kb not in (None, block) else b2, lo2, hi2, p, s), \
+                    (block, kb, lo, hi, p, s, (b2, lo2, hi2))
+
+
+@needs_triton
+@pytest.mark.parametrize("mask, qo, ko", [
+    (IntervalMask.band(5, 2 ** 31 - 1), 1, 0),
+    (IntervalMask.band(None, 2 ** 31 - 1), 1, 0),
+    (IntervalMask.band(2 ** 31 - 1, 0), 3, 0),
+    (IntervalMask.chunked(8, None, 2 ** 31 - 8), 8, 8),
+    (IntervalMask.chunked(2 ** 31 - 5, 1, 0), 4, 0),
+    (IntervalMask(1, -1, -(2 ** 31 - 3)), 0, 0),
+    (IntervalMask.frames(2, 1, None, 2 ** 31 - 1), 6, 0),
+])
+def test_triton_huge_extents_equal_reference(mask, qo, ko):
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 8, 16, requires_grad=True) for _ in range(3))
+    outs = []
+    for backend in ("reference", "triton"):
+        for t in (q, k, v):
+            t.grad = None
+        fn = cross_attention if mask.is_frame else interval_attention
+        y = fn(q, k, v, mask=mask, q_offset=qo, k_offset=ko, backend=backend)
+        y.backward(torch.ones_like(y))
+        outs.append([y.detach()] + [t.grad.clone() for t in (q, k, v)])
+    for got, want in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if not mask.is_frame and mask.lo_off >= -1 and mask.hi_off >= 0:
+        assert outs[0][0].abs().sum(-1).min() > 0     # every row sees a key: no zero rows
+
+
+def test_frame_mask_past_int32_is_not_taken_by_the_kernels():
+    """The kernels would wrap; auto runs the reference, which has the mask's values."""
+    q = torch.randn(1, 1, 4, 8)
+    reason = tri.supports_forward(q, q, q, block=1, kb=256, lo_off=-1, hi_off=255,
+                                  q_offset=2 ** 23 + 5, k_offset=0)
+    assert reason is not None and "2**31" in reason
+    assert tri.supports_forward(q, q, q, block=1, kb=256, lo_off=-1, hi_off=255,
+                                q_offset=5, k_offset=0) is None
+
+
+@pytest.mark.parametrize("mask, qo, ko", [
+    (IntervalMask.frames(1, 2 ** 52, None, 0), 3072, 0),
+    (IntervalMask.frames(1, 2 ** 52, None, 0), 4096, 0),
+    (IntervalMask.frames(2, 2 ** 40, None, 0), 2 ** 24, 5),
+    (IntervalMask.frames(1, 2 ** 50, 2, 0), 8193, 2 ** 40),
+])
+def test_reference_frame_mask_with_a_huge_key_block(mask, qo, ko):
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(1, 1, n, 4, dtype=torch.float64) for n in (3, 4, 4))
+    y = cross_attention(q, k, v, mask=mask, q_offset=qo, k_offset=ko)
+    block, kb, lo, hi = mask.frame_params
+    for i in range(3):
+        vis = torch.tensor([_visible(block, kb, lo, hi, qo + i, ko + j) for j in range(4)])
+        if vis.any():
+            s = (q[0, 0, i] @ k[0, 0].T) * 0.5
+            p = torch.softmax(s.masked_fill(~vis, float("-inf")), -1)
+            torch.testing.assert_close(y[0, 0, i], p @ v[0, 0])
+        else:
+            assert torch.equal(y[0, 0, i], torch.zeros(4, dtype=torch.float64))
+    assert IntervalMask(1, -1, 0, 2 ** 52).base(torch.tensor([2 ** 52])).item() > 0
+
+
+def test_hi_off_below_minus_window_cap_is_refused():
+    with pytest.raises(ValueError, match="hi_off"):
+        IntervalMask(1, -1, -WINDOW_CAP - 1)
+    IntervalMask(1, -1, -WINDOW_CAP)
