@@ -456,3 +456,41 @@ def test_triton_backend_slice():
             yu = causal_conv1d_update(xu, pool, w.detach(), b.detach(), "silu", seqlens, idx)
             assert_close(yu, y_ref, torch.float32, "update")
             assert torch.equal(pool, pool_ref)
+
+
+@pytest.mark.parametrize("ring", [False, True])
+def test_update_reads_a_state_that_requires_grad_without_gradient(ring):
+    """conv_state is read without gradient on every path: a state that requires grad (a leaf,
+    or the final states of a training graph) made the fast path's output require grad and its
+    backward failed inside torch ("no autograd formula was registered"), while the ring path
+    dropped the gradient. Both give the values of a detached state now, and update it."""
+    torch.manual_seed(8)
+    B, D, W = 2, 8, 4
+    w, x1 = torch.randn(D, W), torch.randn(B, D, 1)
+    S = W + 1 if ring else W - 1
+    kw = dict(cache_seqlens=torch.tensor([1, 2])) if ring else {}
+    st = torch.randn(B, D, S, requires_grad=True)
+    plain = st.detach().clone()
+    y = causal_conv1d_update(x1, st, w, **kw)
+    y_ref = causal_conv1d_update(x1, plain, w, **kw)
+    assert not y.requires_grad
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(st.detach(), plain, rtol=0, atol=0)
+    x0 = torch.randn(B, D, 6, requires_grad=True)
+    _, fs = causal_conv1d_fn(x0, w, return_final_states=True)
+    y = causal_conv1d_update(x1, fs, w)
+    assert not y.requires_grad
+
+
+def test_update_with_a_meta_pool_gives_shapes():
+    """A meta conv_state_indices with a ring or a longer state: torch.nonzero has no meta
+    kernel (NotImplementedError); the shapes come back as for the short state."""
+    D, W = 8, 4
+    x = torch.empty(2, D, 1, device="meta")
+    w = torch.empty(D, W, device="meta")
+    idx = torch.empty(2, dtype=torch.int32, device="meta")
+    for S, kw in ((W + 1, {}), (W - 1, dict(cache_seqlens=torch.empty(2, dtype=torch.int32,
+                                                                       device="meta")))):
+        st = torch.empty(3, D, S, device="meta")
+        y = causal_conv1d_update(x, st, w, conv_state_indices=idx, **kw)
+        assert y.shape == (2, D, 1) and y.is_meta

@@ -287,8 +287,11 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
     if L == 0:
         raise ValueError(f"x must hold at least one new frame; got shape {tuple(x.shape)}")
 
+    # conv_state is read without gradient on every path: a state that requires grad (the final
+    # states of a training graph) takes the general path, whose reads are detached (the fast
+    # path's op has no formula for it: its backward failed naming no argument)
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias))
+        t is not None and t.requires_grad for t in (x, weight, bias, conv_state))
     if (seqlens is None and S == h and h > 0 and cdt == x.dtype and not needs_grad):
         pool_idx = None if idx is None else idx.clamp(min=-1)
         y = ops.causal_conv1d_update(x3, conv_state, w3, b, groups=D, activation=act,
@@ -323,7 +326,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
             if idx is None:
                 if new is not conv_state:
                     conv_state.copy_(new)
-            else:
+            elif not idx.is_meta:         # (a meta index: shapes only, nothing to write)
                 sel = valid.nonzero().squeeze(-1)
                 if sel.numel():
                     conv_state.index_copy_(0, idx[sel], new[sel])
