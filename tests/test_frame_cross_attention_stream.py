@@ -204,3 +204,33 @@ def test_step_fixed_waits_for_the_sink_keys_to_leave_the_window():
         y = m.step_fixed(xq[:, t:t + 2], xkv[:, t:t + 2], st, check=True)
         y2, _ = m.step(xq[:, t:t + 2], xkv[:, t:t + 2], ref)
     torch.testing.assert_close(y, y2, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mask", [
+    IntervalMask.frames(1, 2, 2, 1), IntervalMask.frames(1, 2, 1, 1, 1),
+    IntervalMask.frames(2, 1, 1, 1), IntervalMask.frames(16, 3, 1, 0),
+    IntervalMask.frame_chunked(1, 2, 3, 1, 1), IntervalMask.frame_chunked(2, 3, 2, 1, 0),
+    IntervalMask.chunked(4, 1, 0), IntervalMask.chunked(3, None, 2)])
+def test_latency_is_the_measured_worst_wait(mask):
+    """Keys arrive one position at a time and each query frame with the last key of its own key
+    frame (frames: the finest the mask's blocks share, gcd(block, k_block)); the most key
+    positions any frame then waits past its own key frame is latency(). A chunked mask's first
+    frames wait for the whole chunk's keys: latency() counted the chunk as one frame (2 for
+    frame_chunked(1, 2, 3, 1, 1), which waits 6; 0 for chunked(4, 1, 0), which waits 3 and
+    whose self-attention reports 3)."""
+    import math
+    g = math.gcd(mask.block, mask.k_block)
+    qf, kf = mask.block // g, mask.k_block // g
+    m = FrameCrossAttention(8, 2, mask=mask, rope=False)
+    st = m.init_state(1)
+    frames, emitted, worst = 12, 0, 0
+    with torch.no_grad():
+        for s in range(frames * kf):
+            done = (s + 1) % kf == 0
+            y, st = m.step(torch.randn(1, qf, 8) if done else None, torch.randn(1, 1, 8), st)
+            assert y.shape[1] % qf == 0                  # whole query frames
+            for f in range(emitted, emitted + y.shape[1] // qf):
+                worst = max(worst, s - ((f + 1) * kf - 1))
+            emitted += y.shape[1] // qf
+    assert emitted > frames // 2
+    assert m.latency() == worst, (m.latency(), worst)

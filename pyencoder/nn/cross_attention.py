@@ -39,6 +39,7 @@ frame f), i.e. ``mask.hi_off - k_block + 1`` (frames(q, k, left, right, extra): 
 + extra); ``last_key(p)`` gives the exact last key position query p needs.
 """
 import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -144,11 +145,18 @@ class FrameCrossAttention(nn.Module):
 
     # ---- latency ------------------------------------------------------------------------------
     def latency(self):
-        """Key positions a query frame waits for past the end of its own key frame (worst case
-        over its rows): mask.hi_off - mask.k_block + 1. With sink keys it is the same (as for
-        self-attention): it leaves out the start-up wait of a stream's first queries for the last
-        sink key (``last_key``)."""
-        return self.mask.hi_off - self.mask.k_block + 1
+        """Key positions a query frame waits for past the end of its own key frame, worst case
+        (the first frame of a query block): mask.hi_off - k_frame + 1, where the frames are the
+        finest the mask's blocks share: g = gcd(block, k_block), a query frame of block / g
+        positions and a key frame of k_frame = k_block / g (``frames(q, k)``: q and k once
+        reduced; ``frame_chunked``: its frames; a same-rate ``chunked`` mask: single positions,
+        hi_off as the self-attention with that mask reports). It used to count a whole chunk as
+        one frame (hi_off - k_block + 1): a chunked mask's first frames wait (chunk frames - 1)
+        key frames longer than that said. With sink keys it is the same (as for self-attention):
+        it leaves out the start-up wait of a stream's first queries for the last sink key
+        (``last_key``)."""
+        m = self.mask
+        return m.hi_off - m.k_block // math.gcd(m.block, m.k_block) + 1
 
     def last_key(self, p):
         """The last key position query position p waits for (p an int or an integer tensor):
