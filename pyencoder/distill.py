@@ -195,9 +195,16 @@ def hidden_states(model, wav, lengths=None):
     if not isinstance(_unwrap(model), torch.nn.Module):
         raise TypeError(f"model must be a CausalEncoder or a transformers wav2vec2-family model; "
                         f"got {type(model).__name__}")
-    if isinstance(_unwrap(model), CausalEncoder):
+    enc = _unwrap(model)
+    if isinstance(enc, CausalEncoder):
         out = model(wav, lengths=lengths, output_hidden_states=True)
-        return out.hidden_states, out.lengths
+        frames = out.lengths
+        if frames is not None and enc.adapter is not None:
+            # the hidden states come before the conv adapter; out.lengths counts the frames
+            # after its strides (13 of 49 valid frames entered the loss)
+            frames = enc.frame_lengths(torch.as_tensor(lengths, device=wav.device)).clamp(
+                max=out.hidden_states[0].shape[1])
+        return out.hidden_states, frames
     mask = None
     if lengths is not None:
         mask = frame_mask(lengths, wav.shape[-1], wav.device).to(torch.long)
@@ -373,6 +380,12 @@ def distill(student, teacher, data: Iterable, optimizer, *, steps=None, weights=
             feats = smod.feature_extractor(wav)
             h, _ = smod._embed(feats)
             T2 = h.shape[1]
+            if frames is not None:
+                # as the encoders' own forwards do before their positional convs: the padded
+                # frames are zeros (the teacher's symmetric conv read them: a loss that
+                # depended on what the padding held)
+                valid = torch.arange(T2, device=h.device)[None, :] < frames[:, None]
+                h = h * valid[..., None].to(h.dtype)
             loss = loss + pos_weight * positional_embedding_loss(
                 smod.positional_embedding, tp, h, lengths=None if frames is None else
                 frames.clamp(max=T2), normalizer=norm)

@@ -2,6 +2,7 @@
 distill() loop (loss decreases) and DDP exactness: a 2-process gloo run on CPU gives the same
 gradients as one process on the concatenated batch, with ranks holding different numbers of valid
 frames (float64, 1e-10)."""
+import copy
 import os
 import tempfile
 
@@ -226,3 +227,44 @@ def test_distill_layers_are_validated():
             D.distill(student, teacher, [batch], opt, layers=layers, progress=False)
     hist = D.distill(student, teacher, [batch], opt, layers=[(-1, -1), (1, 1)], progress=False)
     assert len(hist) == 1 and len(hist[0]["per_layer"]) == 2
+
+
+def test_conv_adapter_student_counts_every_valid_frame():
+    """A CausalEncoder student with the conv adapter: its hidden states come before the adapter,
+    out.lengths counts the frames after its strides (13 of 49 valid frames entered the loss).
+    Full lengths give the loss without lengths, and the frame count is the hidden states'."""
+    torch.manual_seed(12)
+    teacher = CausalEncoder(tiny(lookahead=None))
+    student = CausalEncoder(tiny(add_adapter=True, num_adapter_layers=2))
+    wav = torch.randn(2, 1600)
+    full = torch.tensor([1600, 1600])
+    opt = torch.optim.SGD(student.parameters(), lr=0.0)
+    with_len = D.distill(student, teacher, [(wav, full)], opt, progress=False)[0]
+    without = D.distill(student, teacher, [wav], opt, progress=False)[0]
+    T = student.frame_lengths(1600)
+    assert with_len["frames"] == without["frames"] == 2 * T
+    assert abs(with_len["loss"] - without["loss"]) < 1e-6 * max(1.0, abs(without["loss"]))
+    hs, frames = D.hidden_states(student, wav, torch.tensor([1600, 900]))
+    assert frames.tolist() == [T, student.frame_lengths(900)] and hs[1].shape[1] == T
+
+
+def test_positional_loss_does_not_read_the_padding():
+    """pos_weight > 0: the positional convs see the padded frames as zeros, as the encoders'
+    own forwards do, so the loss does not depend on what the padding holds (the teacher's
+    symmetric conv read it)."""
+    torch.manual_seed(13)
+    teacher = CausalEncoder(tiny(lookahead=None))
+    target = torch.nn.Conv1d(16, 16, 5, padding=2, groups=4)      # symmetric teacher conv
+    teacher_pos = lambda h: target(h.transpose(1, 2)).transpose(1, 2)  # noqa: E731
+    student = CausalEncoder(tiny())
+    wav, lengths = torch.randn(2, 1600), torch.tensor([1600, 900])
+    wav[1, 900:] = 0
+    other = wav.clone()
+    other[1, 900:] = torch.randn(700)
+    losses = []
+    for w in (wav, other):
+        s = copy.deepcopy(student)
+        opt = torch.optim.SGD(s.parameters(), lr=0.0)
+        losses.append(D.distill(s, teacher, [(w, lengths)], opt, pos_weight=1.0,
+                                teacher_pos=teacher_pos, progress=False)[0]["loss"])
+    assert losses[0] == losses[1]

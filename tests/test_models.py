@@ -331,3 +331,7 @@ def test_from_hf_keeps_first_layers():
         ref = hf(wav, output_hidden_states=True).hidden_states
         out = enc(wav, output_hidden_states=True).hidden_states
     torch.testing.assert_close(out[1], ref[1], rtol=0, atol=1e-9)
+    # an int in [1, layers]: 2.7 built 2 layers and True 1
+    for bad, exc in ((2.7, TypeError), (True, TypeError), (0, ValueError), (99, ValueError)):
+        with pytest.raises(exc, match="num_layers must"):
+            CausalEncoder.from_hf(hf, lookahead=2, num_layers=bad)

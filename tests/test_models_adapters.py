@@ -204,3 +204,25 @@ def test_shared_weights_run_the_models_activations(family):
         torch.testing.assert_close(_stream(enc, x), want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(H.StreamingEncoder(model)(x, chunk_sizes=(13, 250)), want,
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["conv_post", "conv_pre_1layer_k5", "wavlm_conv"])
+def test_padded_batch_rows_equal_their_clips_through_the_conv_adapter(case):
+    """A padded batch's row gives what its clip alone (and its stream) gives on every frame
+    ``lengths`` counts: the adapter's convs read the padded encoder frames (non-zero layer
+    outputs) where the clip alone sees its zero padding (the last valid frame 0.17 off)."""
+    kw, adapter = CASES[case]
+    torch.manual_seed(9)
+    enc = CausalEncoder.from_hf(_model(**kw, **adapter), **OPTS).eval()
+    x = torch.randn(2, 1400)
+    lengths = torch.tensor([1400, 830])
+    with torch.no_grad():
+        out = enc(x, lengths=lengths)
+        for b in range(2):
+            n = int(out.lengths[b])
+            alone = enc(x[b:b + 1, :int(lengths[b])]).last_hidden_state
+            assert alone.shape[1] == n
+            torch.testing.assert_close(out.last_hidden_state[b, :n], alone[0], rtol=1e-5,
+                                       atol=1e-5)
+            torch.testing.assert_close(_stream(enc, x[b:b + 1, :int(lengths[b])]), alone,
+                                       rtol=1e-5, atol=1e-5)

@@ -224,10 +224,18 @@ class ConvAdapter(nn.Module):
             h = self.proj_layer_norm(self.proj(h))
         return h
 
-    def forward(self, h):
+    def forward(self, h, lengths=None):
+        """h (B, T, E) encoder frames -> (B, T', C). ``lengths`` (B,) valid frames per row (None:
+        all): each layer's input past its valid frames is zeroed, so a row gives what its clip
+        alone (and its stream) gives; the padded frames used to enter the last valid windows (a
+        padded batch's last frame 0.17 off its clip's). transformers' adapter reads them."""
         self._check_h(h)
         x = self._project(h).transpose(1, 2)
         for layer in self.layers:
+            if lengths is not None:
+                pad = torch.arange(x.shape[-1], device=x.device)[None, :] >= lengths[:, None]
+                x = x.masked_fill(pad[:, None, :], 0)
+                lengths = layer.conv.out_length(lengths + layer.conv.padding_frames)
             x = layer(x)
         return x.transpose(1, 2)
 

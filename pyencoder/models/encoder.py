@@ -60,7 +60,7 @@ from ..nn.conv import CausalConv1d
 from ..nn.layer import AttentionAdapter, TransformerLayer
 from ..nn.linear import Linear, skinny_view
 from ..nn.norm import frame_batch_norm
-from .._checks import autocasting, check_bool
+from .._checks import autocasting, check_bool, check_int
 from ..nn.relpos import WavLMSelfAttention, check_bucket_args
 from ..ops import _channel_norm_triton as _cn
 from ..ops import _ring_write_triton as _ring
@@ -458,7 +458,7 @@ class CausalEncoder(nn.Module):
         if self.config.norm_first:
             h = self.layer_norm(h)
         if self.adapter is not None:
-            h = self.adapter(h)
+            h = self.adapter(h, frames)
             frames = None if frames is None else self.adapter.out_length(frames)
         return EncoderOutput(h, tuple(hs) if hs is not None else None, ext, frames)
 
@@ -683,9 +683,10 @@ class CausalEncoder(nn.Module):
                                       f"(share_weights=True runs the model's own activation "
                                       f"modules); got hidden_act={hc.hidden_act!r}, "
                                       f"feat_extract_activation={hc.feat_extract_activation!r}")
+        # (an int: 2.7 built 2 layers and True 1)
+        check_int("num_layers", num_layers, min_value=1, max_value=hc.num_hidden_layers,
+                  allow_none=True)
         n_layers = hc.num_hidden_layers if num_layers is None else int(num_layers)
-        if not 1 <= n_layers <= hc.num_hidden_layers:
-            raise ValueError(f"num_layers must be in [1, {hc.num_hidden_layers}]; got {num_layers}")
         if chunk_size is not None and left is not None:
             raise ValueError("left is for the band mask; with chunk_size give left_chunks")
         if share_weights not in (True, False):
