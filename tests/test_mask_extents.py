@@ -117,3 +117,58 @@ def test_hi_off_below_minus_window_cap_is_refused():
     with pytest.raises(ValueError, match="hi_off"):
         IntervalMask(1, -1, -WINDOW_CAP - 1)
     IntervalMask(1, -1, -WINDOW_CAP)
+
+
+# ---- decode attention (the streaming step over the ring) ------------------------------------
+
+def _decode_args(n, qpos, cap, block, lo_off, hi_off, rope=None):
+    torch.manual_seed(14)
+    B, H, D = len(n), 2, 8
+    M = len(qpos[0])
+    q = torch.randn(B, H, M, D)
+    k, v = torch.randn(B, H, cap, D), torch.randn(B, H, cap, D)
+    inv = None if rope is None else rope.inv_freq("cpu")
+    return (q, k, v, torch.tensor(qpos), torch.full((B,), M), torch.tensor(n), inv, False,
+            block, lo_off, hi_off, D ** -0.5)
+
+
+def _with(args, block, lo_off, hi_off):
+    return args[:8] + (block, lo_off, hi_off) + args[11:]
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_decode_huge_extents_equal_their_saturated_masks(backend):
+    """Extents past every position give the mask's values: hi_off = 2**31 - 1 wrapped in the
+    Triton kernel's int32 bounds and 2**63 - 1 in the reference's int64 ones (rows that see
+    every key saw none); 2**64 failed as "int too big to convert", naming no argument."""
+    from pyencoder.ops import decode_attention
+    args = _decode_args([205, 12], [[200, 201], [9, 10]], 8, 1, 3, 0)
+    for ext in (2 ** 31 - 1, 2 ** 31 - 100, 2 ** 63 - 1, 2 ** 64):
+        for (b, lo, hi), same in (((1, 3, ext), (1, 3, 10 ** 6)),        # every later key
+                                  ((1, ext, 0), (1, -1, 0)),             # no lower bound
+                                  ((ext, 3, 0), (10 ** 9, 3, 0)),        # every query in block 0
+                                  ((1, -1, -ext), (1, -1, -10 ** 6))):   # no key at all
+            got = decode_attention(*_with(args, b, lo, hi), backend=backend)
+            want = decode_attention(*_with(args, *same), backend="reference")
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=str((ext, b, lo, hi)))
+
+
+@needs_triton
+@pytest.mark.parametrize("base", [2 ** 24 + 7, 2 ** 30 - 70, 2 ** 30 - 2])
+@pytest.mark.parametrize("mask", [(1, 3, 0), (1, -1, 0), (4, 8, 2), (1, 2 ** 31 - 1, 2 ** 31 - 1)])
+def test_triton_decode_at_large_positions_equals_reference(base, mask):
+    """The Triton decode kernel's bounds are int32: it takes positions below POSITION_LIMIT
+    (2**30, the README's limit), with every extent cut to it (a 2**31 - 1 extent wrapped)."""
+    from pyencoder.ops._decode_attention_triton import POSITION_LIMIT, kernel_extents
+    assert base < POSITION_LIMIT
+    assert kernel_extents(1, 250, 3) == (1, 250, 3)
+    from pyencoder.ops import decode_attention
+    block, lo, hi = mask
+    n = [base, base - 3]
+    qpos = [[base - 4, base - 3], [base - 6, base - 5]]
+    for cap in (6, 100):
+        args = _decode_args(n, qpos, cap, block, lo, hi, rope=None)
+        ref = decode_attention(*args, backend="reference")
+        out = decode_attention(*args, backend="triton")
+        assert ref.abs().sum() > 0
+        torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)

@@ -10,7 +10,8 @@ validated by pyencoder.ops.decode_attention. Positions are taken per slot from
 tensors, so slots at different positions share one launch and the step can be captured in a CUDA
 graph (no host synchronisation here).
 
-Limits: float16, bfloat16, float32; head_dim <= 256.
+Limits: float16, bfloat16, float32; head_dim <= 256; positions below POSITION_LIMIT (2**30: the
+kernel's bounds are int32).
 """
 from typing import Optional
 
@@ -30,6 +31,23 @@ def supports_forward(q=None, k_ring=None, **_):
     if q.shape[-1] > 256:
         return f"head_dim {q.shape[-1]} > 256"
     return None
+
+
+# The kernel's positions and bounds are int32: positions must lie below POSITION_LIMIT (2**30,
+# about 248 days of 20 ms frames), and the mask's extents are cut to it (kernel_extents).
+POSITION_LIMIT = 1 << 30
+
+
+def kernel_extents(block, lo_off, hi_off):
+    """(block, lo_off, hi_off) with every extent within POSITION_LIMIT: the same mask for
+    positions below it (a block past them puts each query in block 0, lo_off past them hides no
+    key, hi_off past them shows every key, or, negative, none), and base + hi_off cannot wrap in
+    int32 (hi_off = 2**31 - 1, a "no limit" sentinel, emptied every row). Ordinary extents pass
+    unchanged (the kernel's integer specialisations stay)."""
+    cap = POSITION_LIMIT
+    if lo_off > cap:
+        lo_off = cap
+    return min(block, cap), lo_off, max(-cap, min(hi_off, cap))
 
 
 def _index(t):
@@ -82,6 +100,7 @@ def decode_attention_triton(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq,
         sink_k, sink_v = sink_k.to(q.dtype), sink_v.to(q.dtype)
         sink = (sink_k, sink_v, sink_k.shape[2], *sink_k.stride(), *sink_v.stride())
         extra["HAS_SINK"] = True
+    block, lo_off, hi_off = kernel_extents(block, lo_off, hi_off)
     launch(_decode_attention_fwd_kernel)[grid](
         q, k_ring, v_ring, o, q_pos, q_count, n_keys, freq,
         *q.stride(), *k_ring.stride(), *v_ring.stride(), *o.stride(), *q_pos.stride(),
