@@ -1,8 +1,8 @@
 """Interval attention: pyencoder's Triton kernels against the named anchors, forward, backward
 and forward+backward, with RoPE (on every side) and without it (the attention kernel alone).
 
-Providers (GPU): pyencoder-triton (RoPE inside the kernels, cos/sin source as
-PYENCODER_ROPE_TABLE says: in-kernel by default); pyencoder-triton-ropetable (the same kernels with
+Providers (GPU): pyencoder-triton (RoPE as PYENCODER_ROPE_MODE says: auto by default, cos/sin
+tables for windows up to a 256-key bucket, q and k pre-rotated above); pyencoder-triton-ropetable (the same kernels with
 cos/sin loaded from float32 tables built once per call, PYENCODER_ROPE_TABLE=1 and
 PYENCODER_ROPE_MODE=table); pyencoder-triton-prerot (q and k rotated once by the rotation kernel,
 the attention kernels without RoPE: PYENCODER_ROPE_MODE=pre); pyencoder-triton-pipe (the
@@ -522,7 +522,7 @@ def _kill_group(proc):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--quick", action="store_true", help="a small subset (about a minute)")
     p.add_argument("--providers", nargs="*", default=None)
     p.add_argument("--n", nargs="*", type=int, default=None)

@@ -363,7 +363,7 @@ def _interpreting():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--suites", nargs="*", default=list(SUITES), choices=SUITES)
     p.add_argument("--n", nargs="*", type=int, default=None, help="key counts")
     p.add_argument("--providers", nargs="*", default=None)

@@ -327,7 +327,7 @@ def _grouped_rows(emit, providers, tiles, x, w, b, G, layout, dtype, copy_bw, wa
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--quick", action="store_true", help="a small subset")
     p.add_argument("--providers", nargs="*", default=None,
                    choices=PROVIDERS + tuple(CPU_ALIASES.values()),

@@ -195,7 +195,7 @@ def _steps(dtypes, warmup, rep, records, shapes=STEP_SHAPES, dev="cuda"):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--quick", action="store_true", help="one shape, forward only")
     p.add_argument("--dtypes", nargs="*", default=["bfloat16", "float32"],
                    choices=("float16", "bfloat16", "float32"))

@@ -114,7 +114,7 @@ def run_level(burners, sizes, reps):
 
 def main(argv=None):
     from benchmarks._common import write_jsonl
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--quick", action="store_true", help="N=1500 only, burners 0 and 1, 3 repeats")
     p.add_argument("--burners", type=int, nargs="*", default=None,
                    help="burner counts to run (default 0 1 2; quick: 0 1)")

@@ -44,7 +44,7 @@ def _per_call_us(fn, calls):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--calls", type=int, default=20000)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

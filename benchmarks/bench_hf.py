@@ -144,7 +144,7 @@ def streaming(args, device, dtype, recs=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--quick", action="store_true",
                    help="GPU: 10 s audio, fewer steps; CPU: 2 layers, 1 s audio, 3 steps after "
                         "0.5 s of warm-up (seconds, not minutes); records carry quick=true")

@@ -99,7 +99,7 @@ def candidates(weights, x):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--sets", default="warm,cold",
                     help="comma list of warm (one matrix, cache-resident) and cold (the model's "

@@ -91,7 +91,7 @@ def run_child(provider, n, reps, threads):
 
 def main(argv=None):
     from benchmarks._common import env_info, write_jsonl
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--dense-30k", action="store_true")

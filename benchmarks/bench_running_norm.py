@@ -132,7 +132,7 @@ def run(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--quick", action="store_true", help="offline T = 8000 (2.5 s of audio)")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--dry-run", action="store_true",

@@ -118,7 +118,7 @@ def run(seconds=10.0, layers=12, reps=3, quick=False):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--reps", type=int, default=3)

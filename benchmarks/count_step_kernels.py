@@ -365,7 +365,7 @@ def format_table(results):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--mask", choices=("banded", "chunked", "both"), default="both")
     ap.add_argument("--path", choices=PATHS + ("all",), default="all")
     ap.add_argument("--layers", type=int, default=12)

@@ -238,7 +238,7 @@ def evaluate(student, teacher, evalset, bs=16):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--audio", choices=("auto", "espeak", "synthetic"), default="auto")
     ap.add_argument("--quick", action="store_true", help="tiny run for smoke testing")
     ap.add_argument("--lookaheads", type=int, nargs="+", default=[0, 1, 2, 3])

@@ -869,7 +869,7 @@ def check_out(out):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_session",
-                                description=__doc__.split("\n")[0])
+                                description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--budget", type=float, default=480, help="total seconds (default 480)")
     p.add_argument("--dry-run", action="store_true", help="rehearse on CPU (TRITON_INTERPRET=1)")
     p.add_argument("--out", default=None, help="result folder (default $OUT)")

@@ -208,7 +208,7 @@ def profile_case(label, m, rope, mode, B, H, D, n, dtype, device, cfg, trace_dir
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--n", type=int, default=None, help="sequence length (GPU default 1500)")
     p.add_argument("--quick", action="store_true", help="5 profiled calls, shorter do_bench")
     p.add_argument("--dry-run", action="store_true",

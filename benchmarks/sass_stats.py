@@ -209,7 +209,7 @@ def collect(cases, arch, grad, tiles=False):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--case", action="append", choices=sorted(CASES),
                    help=f"(repeatable) default: {' '.join(DEFAULT_CASES)}")
     p.add_argument("--arch", choices=("sm90", "sm80"), default="sm90")

@@ -232,7 +232,7 @@ def summarize(results_dir, compare=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("results_dir")
     p.add_argument("--compare", default=None)
     a = p.parse_args(argv)

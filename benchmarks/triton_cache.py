@@ -1200,7 +1200,7 @@ def build(out, tier, pytest_args, jobs, autotune=False, target=TARGET, nice=0, b
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.triton_cache",
-                                description=__doc__.split("\n")[0])
+                                description=" ".join(__doc__.split("\n\n")[0].split()))
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="capture, compile and prune a cache folder")
     b.add_argument("--out", default=os.path.join(ROOT, ".triton-cache"))

@@ -75,6 +75,18 @@ def env_choice(name, choices, default):
     return val
 
 
+def env_exact(name, choices):
+    """A variable a compiled extension reads itself (``strcmp``): unset, or exactly one of
+    ``choices`` (no stripping or case folding, which the extension would not do: " 1" or "yes"
+    were silently off there). Returns the raw value (None if unset)."""
+    raw = env_raw(name)
+    if raw is not None and raw not in choices:
+        raise ValueError(f"environment variable {name} must be exactly one of "
+                         f"{', '.join(choices)} (or unset; the CUDA extension reads it as is); "
+                         f"got {raw!r}")
+    return raw
+
+
 @_constant
 def env_flag(name, default):
     """A boolean variable: 1/true/yes/on or 0/false/no/off; ``default`` (a bool) if unset."""
@@ -94,6 +106,32 @@ def env_flag(name, default):
             raise ValueError(f"environment variable {name} must be one of "
                              f"{', '.join(_TRUE + _FALSE)} (or unset); got {raw!r}")
     _cache[key] = val
+    return val
+
+
+@_constant
+def grp_tile():
+    """None, or (BLOCK_T, BLOCK_R, num_warps, num_stages) from PYENCODER_CONV_GRP_TILE (the
+    Triton grouped conv's tile A/B switch: pyencoder/ops/_conv_triton.py)."""
+    name = "PYENCODER_CONV_GRP_TILE"
+    raw = env_raw(name)
+    if raw is None or not raw.strip():
+        return None
+    key = (name, raw)
+    hit = _cache.get(key)
+    if hit is not None:
+        return hit
+    try:
+        t, r, w, st = (int(v) for v in raw.split(","))
+    except ValueError:
+        t = None
+    pow2 = lambda v: v >= 1 and v & (v - 1) == 0  # noqa: E731
+    if t is None or not (pow2(t) and pow2(r) and 16 <= t <= 512 and 16 <= r <= 256
+                         and w in (1, 2, 4, 8, 16) and 1 <= st <= 8):
+        raise ValueError(f"{name} must be 'BLOCK_T,BLOCK_R,WARPS,STAGES' with BLOCK_T a power of "
+                         f"two in [16, 512], BLOCK_R one in [16, 256], WARPS in 1, 2, 4, 8, 16 "
+                         f"and STAGES in [1, 8]; got {raw!r}")
+    _cache[key] = val = (t, r, w, st)
     return val
 
 
@@ -153,7 +191,11 @@ def check_environment():
         "PYENCODER_ROPE_MODE": lambda: env_choice("PYENCODER_ROPE_MODE", at._ROPE_MODES, "auto"),
         "PYENCODER_ROPE_TABLE": lambda: env_choice("PYENCODER_ROPE_TABLE", at._ROPE_TABLE_MODES,
                                                    "auto"),
-        "PYENCODER_CONV_ROW": lambda: env_choice("PYENCODER_CONV_ROW", ("0", "1"), "0"),
+        "PYENCODER_CONV_ROW": lambda: env_exact("PYENCODER_CONV_ROW", ("0", "1")),
+        # A/B switches of the Triton grouped conv (read per call on a GPU)
+        "PYENCODER_CONV_TAP_MAJOR": lambda: env_choice("PYENCODER_CONV_TAP_MAJOR", ("0", "1"),
+                                                       "0"),
+        "PYENCODER_CONV_GRP_TILE": lambda: grp_tile(),
         "PYENCODER_CPU_THREADS": lambda: env_choice_or_int("PYENCODER_CPU_THREADS",
                                                            ("auto", "torch"), "auto"),
         # the tests' and the compile test's (the values they document; stricter than
@@ -172,8 +214,7 @@ def check_environment():
                                                                             default)
     # read by the benchmarks, the tests and the build (not runtime switches)
     other = ("PYENCODER_RESULTS_DIR", "PYENCODER_COMPILE_CACHE", "PYENCODER_CPU_CORES",
-             "PYENCODER_COMMIT", "PYENCODER_CONV_GRP_TILE", "PYENCODER_CONV_TAP_MAJOR",
-             "PYENCODER_TF_CACHE", "PYENCODER_TF_MODE", "PYENCODER_TF_REPORT")
+             "PYENCODER_COMMIT", "PYENCODER_TF_CACHE", "PYENCODER_TF_MODE", "PYENCODER_TF_REPORT")
     out = []
     for name in sorted(n for n in os.environ if n.startswith("PYENCODER_")):
         raw, err = os.environ[name], None

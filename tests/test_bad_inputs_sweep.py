@@ -1002,3 +1002,55 @@ def test_numpy_and_iterables_where_lists_and_bools_are_taken():
     assert torch.equal(r.rotate(x, p, inverse=np.bool_(True)), r.rotate(x, p, inverse=True))
     rows = admit(conv, st, 0, (c for c in [torch.randn(1, 4, 2)] * 3), 1)   # a generator
     assert len(rows) == 3
+
+
+# ---- session 37 ---------------------------------------------------------------------------------
+
+def test_conv_ops_refuse_zero_channels():
+    """The README refuses zero channels by name: causal_conv1d of 0 input channels returned
+    (B, 0, L) whatever C_out said, and 0 output channels failed in torch's conv words."""
+    from pyencoder.ops import causal_conv1d, causal_conv1d_update
+    for call, match in (
+            (lambda: causal_conv1d(torch.randn(1, 0, 5), torch.randn(4, 0, 3)),
+             r"x must have at least one channel"),
+            (lambda: causal_conv1d(torch.randn(1, 4, 5), torch.randn(0, 4, 3)),
+             r"weight must have at least one output channel"),
+            (lambda: causal_conv1d_update(torch.randn(1, 0, 1), torch.randn(1, 0, 2),
+                                          torch.randn(4, 0, 3)),
+             r"x must have at least one channel"),
+            (lambda: causal_conv1d_update(torch.randn(1, 4, 1), torch.randn(1, 4, 2),
+                                          torch.randn(0, 4, 3)),
+             r"weight must have at least one output channel")):
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_load_state_dict_of_another_batch_names_the_batch():
+    """The refusal named init_state's max_chunk (the ring's capacity) for a checkpoint of another
+    batch size; it names the batch sizes now."""
+    m = BandedSelfAttention(16, 2, left=4, right=1)
+    with pytest.raises(ValueError, match=r"the saved stream has batch size 2 \(make the state "
+                                         r"with init_state\(2\)\)"):
+        m.init_state(1).load_state_dict(m.init_state(2).state_dict())
+    with pytest.raises(ValueError, match=r"sized by init_state's max_chunk"):
+        m.init_state(1, max_chunk=8).load_state_dict(m.init_state(1).state_dict())
+
+
+def test_conv_switches_are_checked(monkeypatch):
+    """PYENCODER_CONV_ROW is read by the CUDA extension as is ("yes" or " 1" were silently off
+    there); the Triton grouped conv's A/B switches were read with == "1" (TAP_MAJOR=yes silently
+    off) and `info` listed both as not runtime switches (a wrong value passed unreported)."""
+    from pyencoder._env import check_environment, env_exact
+    monkeypatch.setenv("PYENCODER_CONV_ROW", " 1")
+    with pytest.raises(ValueError, match=r"PYENCODER_CONV_ROW must be exactly one of 0, 1"):
+        env_exact("PYENCODER_CONV_ROW", ("0", "1"))
+    monkeypatch.setenv("PYENCODER_CONV_TAP_MAJOR", "yes")
+    monkeypatch.setenv("PYENCODER_CONV_GRP_TILE", "junk")
+    errs = {name: err for name, _, err, _ in check_environment()}
+    for name in ("PYENCODER_CONV_ROW", "PYENCODER_CONV_TAP_MAJOR", "PYENCODER_CONV_GRP_TILE"):
+        assert errs[name], name
+    monkeypatch.setenv("PYENCODER_CONV_ROW", "1")
+    monkeypatch.setenv("PYENCODER_CONV_TAP_MAJOR", "1")
+    monkeypatch.setenv("PYENCODER_CONV_GRP_TILE", "64,64,4,3")
+    errs = {name: err for name, _, err, _ in check_environment()}
+    assert not any(errs[n] for n in errs if n.startswith("PYENCODER_CONV_"))

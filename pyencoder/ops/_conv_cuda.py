@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
+from .._env import env_exact
 from ..reference import conv as _ref
 
 _ACT = {None: 0, "silu": 1, "gelu": 2}
@@ -93,6 +94,7 @@ def forward(x, weight, bias, initial_state, stride, groups, activation, need_fin
     causal_conv1d_fwd_y_cuda existed computes it anyway)."""
     if _kind(x, weight, stride, groups) == "cudnn":
         return _cudnn_forward(x, weight, bias, initial_state, stride, activation, need_final)
+    env_exact("PYENCODER_CONV_ROW", ("0", "1"))     # read by the extension as is (strcmp)
     ops = _ops()
     if not need_final and hasattr(ops, "causal_conv1d_fwd_y_cuda"):
         return ops.causal_conv1d_fwd_y_cuda(x, weight, _unit(bias), initial_state,

@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._env import env_raw
+from .._env import env_choice, grp_tile
 from ..reference.conv import _act_grad
 from . import _triton_op
 from ._triton_op import block_size, cdiv, launch, next_pow2, triton_op
@@ -79,35 +79,11 @@ def _grouped_tiles(n_c, n_t, n_r, groups, B):
 # a GPU, PYENCODER_CONV_GRP_TILE="BLOCK_T,BLOCK_R,WARPS,STAGES" overrides the time and reduction
 # blocks (still capped by the problem's size), the warps and the pipeline stages of that kernel
 # (benchmarks/bench_conv.py's pyencoder-triton-grp* providers). Unset: the default tile.
-_GRP_TILE_ENV = "PYENCODER_CONV_GRP_TILE"
 # PYENCODER_CONV_TAP_MAJOR=1: the same kernel walks its reduction tap by tap, channels fastest
 # (constexpr TAP_MAJOR), over a tap-major copy of the weight: for channel-last x (what a model's
 # (B, T, C) hidden states give the positional conv) both operand tiles are contiguous runs, where
 # the default (channel, tap) order gathers x element by element. Off until a GPU A/B says so.
 _TAP_ENV = "PYENCODER_CONV_TAP_MAJOR"
-_grp_tile_cache = {}
-
-
-def _grp_fwd_tile():
-    """None, or (BLOCK_T, BLOCK_R, num_warps, num_stages) from PYENCODER_CONV_GRP_TILE."""
-    raw = env_raw(_GRP_TILE_ENV)
-    if raw is None or not raw.strip():
-        return None
-    hit = _grp_tile_cache.get(raw)
-    if hit is not None:
-        return hit
-    try:
-        t, r, w, st = (int(v) for v in raw.split(","))
-    except ValueError:
-        t = None
-    pow2 = lambda v: v >= 1 and v & (v - 1) == 0  # noqa: E731
-    if t is None or not (pow2(t) and pow2(r) and 16 <= t <= 512 and 16 <= r <= 256
-                         and w in (1, 2, 4, 8, 16) and 1 <= st <= 8):
-        raise ValueError(f"{_GRP_TILE_ENV} must be 'BLOCK_T,BLOCK_R,WARPS,STAGES' with BLOCK_T a "
-                         f"power of two in [16, 512], BLOCK_R one in [16, 256], WARPS in 1, 2, "
-                         f"4, 8, 16 and STAGES in [1, 8]; got {raw!r}")
-    _grp_tile_cache[raw] = val = (t, r, w, st)
-    return val
 
 
 def _strides3(t):
@@ -142,8 +118,8 @@ def _launch_forward(x, weight, bias, state, state_indices, stride, groups, activ
     else:
         COG = Cout // groups
         BLOCK_CO, BLOCK_T, BLOCK_R, NCO, grid = _grouped_tiles(COG, T, CG * K, groups, B)
-        tile = _grp_fwd_tile()
-        tap = env_raw(_TAP_ENV) == "1"
+        tile = grp_tile()
+        tap = env_choice(_TAP_ENV, ("0", "1"), "0") == "1"
         opts = {}
         if tile is not None:
             BLOCK_T, BLOCK_R = block_size(T, 16, tile[0]), block_size(CG * K, 16, tile[1])

@@ -129,6 +129,14 @@ def _check_weight(x, weight, bias, groups):
     check_int("groups", groups, min_value=1)
     C = x.shape[1]
     Cout, Cg, k = weight.shape
+    # (zero channels: the output took x's 0 channels whatever C_out said, or torch's conv failed
+    # in its own words)
+    if C < 1:
+        raise ValueError(f"x must have at least one channel (B, C_in >= 1, L); got shape "
+                         f"{tuple(x.shape)}")
+    if Cout < 1:
+        raise ValueError(f"weight must have at least one output channel (C_out >= 1, C_in/groups, "
+                         f"k); got shape {tuple(weight.shape)}")
     if C % groups or Cout % groups:
         raise ValueError(f"groups ({groups}) must divide in_channels ({C}) and out_channels "
                          f"({Cout})")

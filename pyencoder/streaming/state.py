@@ -197,9 +197,14 @@ class StreamState:
             same = v.dim() == cur.dim() and all(
                 a == b or d == grow for d, (a, b) in enumerate(zip(v.shape, cur.shape)))
             if not same:
+                # every state tensor is batch-first (reset masks dim 0): a batch that differs is
+                # named as such (the hint about other dimensions would mislead)
+                other_batch = v.dim() == cur.dim() and v.dim() and v.shape[0] != cur.shape[0]
                 raise ValueError(f"load_state_dict: {key} has shape {tuple(v.shape)}; this state "
-                                 f"holds {tuple(cur.shape)} (batch size {self.batch_size})"
-                                 f"{st._shape_hint(name)}")
+                                 f"holds {tuple(cur.shape)} (batch size {self.batch_size})" + (
+                                     f": the saved stream has batch size {v.shape[0]} (make "
+                                     f"the state with init_state({v.shape[0]}))"
+                                     if other_batch else st._shape_hint(name)))
             if not v.dtype.is_floating_point and v.numel() and int(v.min()) < 0:
                 raise ValueError(f"load_state_dict: {key} must be >= 0; got min {int(v.min())}")
             if not v.dtype.is_floating_point and v.numel() and int(v.max()) > MAX_POSITION:
