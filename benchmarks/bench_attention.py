@@ -2,8 +2,8 @@
 and forward+backward, with RoPE (on every side) and without it (the attention kernel alone).
 
 Providers (GPU): pyencoder-triton (RoPE as PYENCODER_ROPE_MODE says: auto by default, cos/sin
-tables for windows up to a 256-key bucket, q and k pre-rotated above); pyencoder-triton-ropetable (the same kernels with
-cos/sin loaded from float32 tables built once per call, PYENCODER_ROPE_TABLE=1 and
+tables for windows up to a 256-key bucket, q and k pre-rotated above);
+pyencoder-triton-ropetable (the same kernels with cos/sin loaded from float32 tables built once per call, PYENCODER_ROPE_TABLE=1 and
 PYENCODER_ROPE_MODE=table); pyencoder-triton-prerot (q and k rotated once by the rotation kernel,
 the attention kernels without RoPE: PYENCODER_ROPE_MODE=pre); pyencoder-triton-pipe (the
 boundary-block loops software-pipelined, PYENCODER_PIPELINE_MASKED=1, RoPE mode auto: the A/B of
