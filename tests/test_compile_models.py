@@ -128,3 +128,30 @@ def test_running_norm_compiles_for_zero_frames():
         for L in (5, 60):
             w = torch.randn(2, L)
             torch.testing.assert_close(ce(w), enc(w).last_hidden_state, rtol=0, atol=0)
+
+
+def test_compiled_fixed_step_does_not_recompile_after_reset():
+    """reset() wrote ended = False into the state's __dict__: a compiled step guards on the
+    attribute's absence (the class default), so each reset cost a recompile. It goes back to the
+    class default now; values stay eager's."""
+    from pyencoder.nn import BandedSelfAttention
+    from pyencoder.streaming import reset
+    torch.manual_seed(2)
+    m = BandedSelfAttention(16, 2, left=4, right=1).eval()
+    backend, graphs = _counting()
+    torch._dynamo.reset()
+    step = torch.compile(m.step_fixed, backend=backend, fullgraph=True)
+    st, ref = m.init_state(2, max_chunk=4), m.init_state(2, max_chunk=4)
+    with torch.no_grad():
+        _, st = m.step(torch.randn(2, 4, 16), st)
+        ref.load_state_dict(st.state_dict())
+        for i in range(6):
+            x = torch.randn(2, 4, 16)
+            torch.testing.assert_close(step(x, st), m.step_fixed(x, ref), rtol=0, atol=0)
+            if i in (1, 3):
+                for s in (st, ref):
+                    reset(s, torch.tensor([True, False]))
+                    s.reset(torch.tensor([False, False]))
+                _, st = m.step(torch.randn(2, 4, 16), st)
+                ref.load_state_dict(st.state_dict())
+    assert len(graphs) == 1, len(graphs)

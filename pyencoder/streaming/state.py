@@ -224,7 +224,10 @@ class StreamState:
                     self._set(key.split("."), v)
                 raise ValueError(f"load_state_dict: {p or 'state'} is corrupt: {err}")
         for p, st in states.items():        # the saved stream's: ended where it had been flushed
-            st.ended = p + ENDED_KEY in state_dict
+            if p + ENDED_KEY in state_dict:
+                st.ended = True
+            else:
+                st.__dict__.pop("ended", None)
             for name in RECORDED_DTYPES:        # and its recorded dtypes (none saved: the
                 if (p, name) in dtypes:         # state's own stands, e.g. a fresh one's)
                     st.__dict__[name] = dtypes[(p, name)]
@@ -269,7 +272,9 @@ class StreamState:
             elif isinstance(v, (list, tuple)):
                 for st in v:
                     st.reset(mask)
-        self.ended = False
+        # back to the class default (False) rather than an instance False: a compiled step
+        # guards on the attribute's absence, so an instance entry cost a recompile per reset
+        self.__dict__.pop("ended", None)
         return self
 
 
