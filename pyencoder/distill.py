@@ -185,6 +185,29 @@ def positional_embedding_loss(student_pos, teacher_pos, hidden, lengths=None, no
     return loss
 
 
+def _check_not_shared(student, teacher):
+    """Refuse what freezing the teacher would break: a student whose every trainable parameter
+    is one of the teacher's (CausalEncoder.from_hf(teacher, share_weights=True): its backward
+    failed in torch's words), or a trainable student parameter that shares the storage of a
+    teacher's without being it (training it would move the teacher's targets). A student sharing
+    some of the teacher's parameters (a frozen common feature extractor) trains the rest."""
+    def ptr(p):
+        return p.untyped_storage().data_ptr() if p.numel() and not p.is_meta else 0
+    t_ids = {id(p) for p in teacher.parameters()}
+    t_ptrs = {ptr(p) for p in teacher.parameters()} - {0}
+    own = [(n, p) for n, p in student.named_parameters() if id(p) not in t_ids]
+    moved = [n for n, p in own if p.requires_grad and ptr(p) in t_ptrs]
+    if moved:
+        raise ValueError(f"the student's parameter {moved[0]!r} (and {len(moved) - 1} more) "
+                         f"shares storage with a teacher's: training it would change the "
+                         f"teacher's targets; give the student its own copies")
+    if not any(p.requires_grad for _, p in own):
+        raise ValueError("every trainable parameter of the student is one of the teacher's "
+                         "(e.g. CausalEncoder.from_hf(teacher, share_weights=True)); distill "
+                         "freezes the teacher's parameters, leaving nothing to train: give the "
+                         "student its own copies (from_hf copies unless share_weights=True)")
+
+
 def _unwrap(model):
     return getattr(model, "module", model)
 
@@ -326,6 +349,7 @@ def distill(student, teacher, data: Iterable, optimizer, *, steps=None, weights=
         except (RuntimeError, TypeError, ValueError) as e:
             raise ValueError(f"device must be None or name a torch device (e.g. 'cuda:0'); got "
                              f"{device!r}") from e
+    _check_not_shared(student, teacher)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

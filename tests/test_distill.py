@@ -268,3 +268,33 @@ def test_positional_loss_does_not_read_the_padding():
         losses.append(D.distill(s, teacher, [(w, lengths)], opt, pos_weight=1.0,
                                 teacher_pos=teacher_pos, progress=False)[0]["loss"])
     assert losses[0] == losses[1]
+
+
+def test_student_sharing_the_teachers_parameters():
+    """distill freezes the teacher's parameters: a student made of them had nothing left to train
+    (torch's "element 0 of tensors does not require grad"), and one sharing a parameter's storage
+    under another Parameter would move the teacher's targets: both refused by name. A student
+    sharing a frozen part (its feature extractor) trains the rest."""
+    torch.manual_seed(14)
+    teacher = CausalEncoder(tiny(lookahead=None))
+    opt = lambda m: torch.optim.SGD(m.parameters(), lr=0.1)  # noqa: E731
+    wav = [torch.randn(2, 1600)]
+    same = copy.deepcopy(teacher)
+    for (_, p), (_, q) in zip(same.named_parameters(), teacher.named_parameters()):
+        p.data = q.data                                       # storage only
+    with pytest.raises(ValueError, match=r"shares storage with a teacher's"):
+        D.distill(same, teacher, wav, opt(same), progress=False)
+    alias = CausalEncoder(tiny())
+    alias.load_state_dict(teacher.state_dict())
+    for name, p in teacher.named_parameters():
+        mod, _, leaf = name.rpartition(".")
+        setattr(alias.get_submodule(mod) if mod else alias, leaf, p)
+    with pytest.raises(ValueError, match=r"every trainable parameter of the student is one of "
+                                         r"the teacher's"):
+        D.distill(alias, teacher, wav, opt(alias), progress=False)
+    student = CausalEncoder(tiny())
+    student.feature_extractor = teacher.feature_extractor     # a shared frozen front end
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    D.distill(student, teacher, wav, opt(student), progress=False)
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and not any(n.startswith("feature_extractor.") for n in changed)
