@@ -4,6 +4,7 @@ The oracle is the float64 product; the skinny path's error must be within a smal
 F.linear's own fp32 error on the same inputs (both are one fp32 GEMM with different blocking)."""
 import pytest
 import torch
+import torch.nn.utils.prune  # noqa: F401
 import torch.nn.functional as F
 from torch import nn
 
@@ -322,3 +323,34 @@ def test_gpu_never_takes_skinny_path(monkeypatch):
         with torch.no_grad():
             assert torch.equal(m(x), F.linear(x, m.weight, m.bias))
         assert torch.equal(m(x), F.linear(x, m.weight, m.bias))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 6])
+def test_linear_view_runs_the_wrapped_modules_hooks_and_subclass(rows):
+    """LinearView computed the product itself for 1-5 rows, skipping the wrapped module's
+    forward hooks (a pruned projection's pre-hook keeps its weight current: a stream of a
+    from_hf(share_weights=True) encoder differed from offline by 3e-4) and an nn.Linear
+    subclass's own forward (QAT, LoRA); from 6 rows it called the module. Every row count gives
+    the module's output now."""
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 16)
+    hooked = nn.Linear(16, 8)
+    hooked.register_forward_hook(lambda m, i, o: o * 0 + 7)
+    pruned = nn.Linear(16, 8)
+    torch.nn.utils.prune.l1_unstructured(pruned, "weight", amount=0.5)
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+    for m in (hooked, pruned, Doubled(16, 8)):
+        view = L.LinearView(m)
+        with torch.no_grad():
+            if m is pruned:
+                m.weight_orig.mul_(3)            # the pre-hook recomputes weight at the call
+            torch.testing.assert_close(view(x), m(x), rtol=0, atol=0)
+
+
+def test_sparse_input_takes_f_linear():
+    x = torch.randn(2, 16).to_sparse()
+    m = Linear(16, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), F.linear(x, m.weight, m.bias))

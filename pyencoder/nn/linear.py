@@ -52,7 +52,8 @@ def _enabled():
 
 def uses_skinny_path(x, weight):
     """Whether ``linear(x, weight, ...)`` takes the transposed CPU product."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 \
+            or x.layout != torch.strided or weight.layout != torch.strided:
         return False
     if x.dim() == 0 or x.shape[-1] == 0 or torch.compiler.is_compiling() \
             or torch.is_autocast_enabled("cpu"):   # autocast decides F.linear's dtype
@@ -101,7 +102,8 @@ class LinearView(nn.Module):
     """Runs someone else's ``nn.Linear`` (e.g. a Hugging Face model's projection) through the
     skinny path: the wrapped module stays the owner of its parameters, which are read at call
     time (so ``.to()``, ``load_state_dict`` or in-place updates of the wrapped model are seen).
-    Elsewhere (GPU, >= 6 rows, ...) it calls the wrapped module itself."""
+    Elsewhere (GPU, >= 6 rows, an nn.Linear subclass, a module with forward hooks, ...) it calls
+    the wrapped module itself."""
 
     def __init__(self, linear):
         super().__init__()
@@ -126,10 +128,14 @@ class LinearView(nn.Module):
         return self.linear.out_features
 
     def forward(self, x):
-        w = self.linear.weight
-        if not uses_skinny_path(x, w):
-            return self.linear(x)
-        return _skinny(x, w, self.linear.bias)
+        # the wrapped module's own call where the product would not be its forward: a subclass
+        # (QAT, LoRA: another forward) or hooks (pruning's pre-hook keeps its weight current),
+        # which the product skipped for 1-5 rows (a stream differed from offline)
+        lin = self.linear
+        w = lin.weight
+        if type(lin) is not nn.Linear or has_hooks(lin) or not uses_skinny_path(x, w):
+            return lin(x)
+        return _skinny(x, w, lin.bias)
 
 
 def skinny_view(module):
