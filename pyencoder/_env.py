@@ -76,15 +76,15 @@ def env_choice(name, choices, default):
 
 
 def env_exact(name, choices):
-    """A variable a compiled extension reads itself (``strcmp``): unset, or exactly one of
-    ``choices`` (no stripping or case folding, which the extension would not do: " 1" or "yes"
-    were silently off there). Returns the raw value (None if unset)."""
+    """A variable a compiled extension reads itself (``strcmp``): unset, empty, or exactly one
+    of ``choices`` (no stripping or case folding, which the extension would not do: " 1" or
+    "yes" were silently off there). Returns the raw value (None if unset or empty)."""
     raw = env_raw(name)
-    if raw is not None and raw not in choices:
+    if raw is not None and raw != "" and raw not in choices:
         raise ValueError(f"environment variable {name} must be exactly one of "
-                         f"{', '.join(choices)} (or unset; the CUDA extension reads it as is); "
-                         f"got {raw!r}")
-    return raw
+                         f"{', '.join(choices)} (or unset / empty; the CUDA extension reads it "
+                         f"as is); got {raw!r}")
+    return raw or None
 
 
 @_constant

@@ -192,7 +192,13 @@ def _check_not_shared(student, teacher):
     teacher's without being it (training it would move the teacher's targets). A student sharing
     some of the teacher's parameters (a frozen common feature extractor) trains the rest."""
     def ptr(p):
-        return p.untyped_storage().data_ptr() if p.numel() and not p.is_meta else 0
+        p = p.to_local() if hasattr(p, "to_local") else p     # FSDP2's DTensor: its shard
+        if not p.numel() or p.is_meta:
+            return 0
+        try:
+            return (p.device, p.untyped_storage().data_ptr())
+        except RuntimeError:      # a tensor subclass without storage: identity only
+            return 0
     t_ids = {id(p) for p in teacher.parameters()}
     t_ptrs = {ptr(p) for p in teacher.parameters()} - {0}
     own = [(n, p) for n, p in student.named_parameters() if id(p) not in t_ids]

@@ -246,7 +246,10 @@ class IntervalMask:
         are within WINDOW_CAP), so a larger base shows the same keys (none with bounded history,
         all without), and int64 never overflows (a frame mask's huge k_block times the query
         block index wrapped: rows that saw every key saw none)."""
-        if isinstance(p, torch.Tensor):
+        if isinstance(p, torch.Tensor) and self.k_block > self.block and \
+                (WINDOW_CAP // self.block + 1) * self.k_block >= _BASE_CAP:
+            # (only a frame mask whose key block outgrows its query block can get there: a
+            # band's or chunk's base is at most p, and a clamp kernel per call costs a stream)
             return (p // self.block).clamp(max=-(-_BASE_CAP // self.k_block)) * self.k_block
         return (p // self.block) * self.k_block
 

@@ -232,3 +232,27 @@ def test_blank_backend_env_is_unset_like_every_switch(monkeypatch):
     with pytest.raises(ValueError, match=r"PYENCODER_BACKEND must be one of .* \(or unset\); "
                                          r"got 'trtion'"):
         requested_backend("attention")
+
+
+def test_convnext_backward_recomputes_on_the_forwards_conv_backend(monkeypatch):
+    """convnext_dwconv_ln's backward recomputes its conv; the conv backend was chosen at backward
+    time, from whatever block the backward ran in: a backend="reference" forward failed in a
+    use_backend(conv="cuda") backward, a forward in use_backend("reference") failed with
+    PYENCODER_BACKEND=triton outside it. It is the forward's call's choice now."""
+    from pyencoder.ops import convnext_dwconv_ln
+    torch.manual_seed(3)
+    x = torch.randn(1, 4, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 1, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(1, 6, 4, dtype=torch.float64)
+    want = torch.autograd.grad((convnext_dwconv_ln(x, w) * g).sum(), (x, w))
+    y = convnext_dwconv_ln(x, w, backend="reference")
+    with pyencoder.use_backend(conv="cuda"):
+        got = torch.autograd.grad((y * g).sum(), (x, w))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pyencoder.use_backend("reference"):
+        y = convnext_dwconv_ln(x, w)
+    monkeypatch.setenv("PYENCODER_BACKEND", "triton")
+    got = torch.autograd.grad((y * g).sum(), (x, w))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -277,7 +277,7 @@ def _conv_bad():
         ("weight meta", lambda be: cc(be, x, meta(w)), ValueError, ["weight"]),
         ("weight shape (grouped)", lambda be: cc(be, x, X(4, 3, 3), groups=2), ValueError,
          ["weight"]),
-        ("channels 0", lambda be: cc(be, x[:, :0], w[:0], groups=1), ValueError, ["weight"]),
+        ("channels 0", lambda be: cc(be, x[:, :0], w[:0], groups=1), ValueError, ["x"]),
         ("groups bool", lambda be: cc(be, x, w, groups=True), TypeError, ["groups"]),
         ("groups 0", lambda be: cc(be, x, w, groups=0), ValueError, ["groups"]),
         ("groups divides", lambda be: cc(be, x, w, groups=3), ValueError, ["groups"]),

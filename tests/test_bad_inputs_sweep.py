@@ -1049,6 +1049,8 @@ def test_conv_switches_are_checked(monkeypatch):
     errs = {name: err for name, _, err, _ in check_environment()}
     for name in ("PYENCODER_CONV_ROW", "PYENCODER_CONV_TAP_MAJOR", "PYENCODER_CONV_GRP_TILE"):
         assert errs[name], name
+    monkeypatch.setenv("PYENCODER_CONV_ROW", "")                # empty: unset, as everywhere
+    assert env_exact("PYENCODER_CONV_ROW", ("0", "1")) is None
     monkeypatch.setenv("PYENCODER_CONV_ROW", "1")
     monkeypatch.setenv("PYENCODER_CONV_TAP_MAJOR", "1")
     monkeypatch.setenv("PYENCODER_CONV_GRP_TILE", "64,64,4,3")

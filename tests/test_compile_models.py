@@ -155,3 +155,24 @@ def test_compiled_fixed_step_does_not_recompile_after_reset():
                 _, st = m.step(torch.randn(2, 4, 16), st)
                 ref.load_state_dict(st.state_dict())
     assert len(graphs) == 1, len(graphs)
+
+
+def test_compiled_fixed_step_of_a_state_made_under_inference_mode():
+    """The serving pattern: a state made and stepped under torch.inference_mode, the fixed step
+    compiled with fullgraph. The inference-mode check of check_state queried the mode, which
+    dynamo cannot trace (Unsupported); it is skipped while tracing."""
+    from pyencoder.nn import BandedSelfAttention
+    torch.manual_seed(2)
+    m = BandedSelfAttention(16, 2, left=4, right=1).eval()
+    backend, graphs = _counting()
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        st, ref = m.init_state(2, max_chunk=4), m.init_state(2, max_chunk=4)
+        x0 = torch.randn(2, 4, 16)
+        _, st = m.step(x0, st)
+        _, ref = m.step(x0, ref)
+        step = torch.compile(m.step_fixed, backend=backend, fullgraph=True)
+        for _ in range(3):
+            x = torch.randn(2, 4, 16)
+            torch.testing.assert_close(step(x, st), m.step_fixed(x, ref), rtol=0, atol=0)
+    assert len(graphs) == 1

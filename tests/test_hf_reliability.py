@@ -214,3 +214,27 @@ def test_patch_leaves_a_model_sharing_the_config_alone(tmp_path, family, head):
     H.revert_pyencoder(student)
     assert student.config is not cfg and not hasattr(student.config, "pyencoder")
     assert student.config._attn_implementation == cfg._attn_implementation
+
+
+def test_patching_a_heads_base_keeps_the_heads_config(tmp_path):
+    """Patching ``ctc.wav2vec2`` writes the config the head shares (the head saves as patched
+    and reloads patched); with a teacher sharing that config too, the student's head and base
+    take one copy together and the teacher keeps the original."""
+    x = audio(1, 1000)
+    ctc = make_model("w2v2_post", "ctc").eval()
+    H.apply_pyencoder_to_wav2vec2(ctc.wav2vec2, lookahead_frames=1, left_frames=3,
+                                  pos_conv="causal")
+    assert ctc.config is ctc.wav2vec2.config and hasattr(ctc.config, "pyencoder")
+    with torch.no_grad():
+        y = ctc(x).logits
+    ctc.save_pretrained(tmp_path)
+    again = H.from_pretrained(type(ctc), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, y, rtol=1e-6, atol=1e-6)
+    teacher = make_model("w2v2_post", "ctc").eval()
+    student = type(teacher)(teacher.config).eval()
+    H.apply_pyencoder_to_wav2vec2(student.wav2vec2, lookahead_frames=1, left_frames=3,
+                                  pos_conv="causal")
+    assert student.config is student.wav2vec2.config is not teacher.config
+    assert hasattr(student.config, "pyencoder") and not hasattr(teacher.config, "pyencoder")
+    assert all(m.config is teacher.config for m in teacher.modules() if "config" in m.__dict__)

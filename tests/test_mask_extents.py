@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from pyencoder import IntervalMask
+from pyencoder import IntervalMask, Rope
 from pyencoder._checks import WINDOW_CAP
 from pyencoder.ops import _attention_triton as tri
 from pyencoder.ops import cross_attention, interval_attention
@@ -30,9 +30,11 @@ def _visible(block, kb, lo_off, hi_off, p, s):
 
 def test_kernel_mask_is_exact_and_fits_int32():
     # ordinary extents reach the kernels unchanged (their integer specialisations, autotune keys)
-    assert tri.kernel_mask(1, None, 250, 3, 40, 40) == (1, 250, 3)
-    assert tri.kernel_mask(4, None, 512, 6, 40, 40) == (4, 512, 6)
-    assert tri.kernel_mask(2, 1, -1, 2 ** 25, 9, 5) == (2, -1, 2 ** 25)
+    assert tri.kernel_mask(1, None, 250, 3, 40, 40) == (1, None, 250, 3)
+    assert tri.kernel_mask(4, 4, 512, 6, 40, 40) == (4, 4, 512, 6)
+    assert tri.kernel_mask(2, 1, -1, 2 ** 25, 9, 5) == (2, 1, -1, 2 ** 25)
+    # a same-rate block cut to 2**25 keeps its key block equal (no frame-mask kernel variant)
+    assert tri.kernel_mask(2 ** 40, 2 ** 40, -1, 0, 9, 5) == (2 ** 25, 2 ** 25, -1, 0)
     rnd = random.Random(0)
     big = [0, 1, 3, 17, 2 ** 20, 2 ** 31 - 1, 2 ** 40, WINDOW_CAP]
     for _ in range(400):
@@ -44,14 +46,15 @@ def test_kernel_mask_is_exact_and_fits_int32():
         k = block if kb is None else kb
         if lo >= 0 and lo + hi < 0:
             continue
-        b2, lo2, hi2 = tri.kernel_mask(block, kb, lo, hi, q_end, k_end)
-        assert tri.kernel_mask(b2, kb, lo2, hi2, q_end, k_end) == (b2, lo2, hi2)
+        b2, kb2, lo2, hi2 = tri.kernel_mask(block, kb, lo, hi, q_end, k_end)
+        assert tri.kernel_mask(b2, kb2, lo2, hi2, q_end, k_end) == (b2, kb2, lo2, hi2)
         assert max(b2 if kb is None or kb == block else 0, lo2, abs(hi2)) <= 2 ** 25
+        assert (kb2 is None) == (kb is None) and (kb2 == b2) == (kb == block)
         for p in range(q_end):
             for s in range(k_end):
                 assert _visible(block, k, lo, hi, p, s) == _visible(
-                    b2, k if kb not in (None, block) else b2, lo2, hi2, p, s), \
-                    (block, kb, lo, hi, p, s, (b2, lo2, hi2))
+                    b2, b2 if kb2 is None else kb2, lo2, hi2, p, s), \
+                    (block, kb, lo, hi, p, s, (b2, kb2, lo2, hi2))
 
 
 @needs_triton
@@ -63,8 +66,14 @@ def test_kernel_mask_is_exact_and_fits_int32():
     (IntervalMask.chunked(2 ** 31 - 5, 1, 0), 4, 0),
     (IntervalMask(1, -1, -(2 ** 31 - 3)), 0, 0),
     (IntervalMask.frames(2, 1, None, 2 ** 31 - 1), 6, 0),
+    # chunks past 2**25 (and 2**31): the key block follows the cut block (it had become a
+    # frame-mask variant: K_BLOCK = 2**40 out of int32, sinks refused in the RoPE backward)
+    (IntervalMask.chunked(2 ** 40, None, 0), 3, 0),
+    (IntervalMask.chunked(2 ** 33, 1, 3), 3, 0),
+    (IntervalMask.chunked(2 ** 26, None, 0, sink=2), 3, 0),
 ])
-def test_triton_huge_extents_equal_reference(mask, qo, ko):
+@pytest.mark.parametrize("rope", [False, True])
+def test_triton_huge_extents_equal_reference(mask, qo, ko, rope):
     torch.manual_seed(3)
     q, k, v = (torch.randn(1, 2, 8, 16, requires_grad=True) for _ in range(3))
     outs = []
@@ -72,7 +81,8 @@ def test_triton_huge_extents_equal_reference(mask, qo, ko):
         for t in (q, k, v):
             t.grad = None
         fn = cross_attention if mask.is_frame else interval_attention
-        y = fn(q, k, v, mask=mask, q_offset=qo, k_offset=ko, backend=backend)
+        y = fn(q, k, v, mask=mask, q_offset=qo, k_offset=ko, backend=backend,
+               rope=Rope(16) if rope else None)
         y.backward(torch.ones_like(y))
         outs.append([y.detach()] + [t.grad.clone() for t in (q, k, v)])
     for got, want in zip(outs[1], outs[0]):
@@ -82,8 +92,12 @@ def test_triton_huge_extents_equal_reference(mask, qo, ko):
 
 
 def test_frame_mask_past_int32_is_not_taken_by_the_kernels():
-    """The kernels would wrap; auto runs the reference, which has the mask's values."""
+    """The kernels would wrap; auto runs the reference, which has the mask's values. The dk/dv
+    kernel's cdiv adds k_block - 1 to a key position plus the extent: counted too."""
     q = torch.randn(1, 1, 4, 8)
+    assert tri.supports_forward(q, torch.randn(1, 1, 64, 8), torch.randn(1, 1, 64, 8),
+                                block=2 ** 20, kb=2 ** 31 - 300, lo_off=0, hi_off=3, q_offset=1,
+                                k_offset=2 ** 24 - 300) is not None
     reason = tri.supports_forward(q, q, q, block=1, kb=256, lo_off=-1, hi_off=255,
                                   q_offset=2 ** 23 + 5, k_offset=0)
     assert reason is not None and "2**31" in reason

@@ -226,3 +226,14 @@ def test_padded_batch_rows_equal_their_clips_through_the_conv_adapter(case):
                                        atol=1e-5)
             torch.testing.assert_close(_stream(enc, x[b:b + 1, :int(lengths[b])]), alone,
                                        rtol=1e-5, atol=1e-5)
+
+
+def test_conv_adapter_lengths_are_checked():
+    ad = ConvAdapter(8, 8, 2, 3, 2)
+    h = torch.randn(2, 9, 8)
+    for bad in ([9, 9], torch.tensor([9.0, 9.0]), torch.tensor([9])):
+        with pytest.raises(ValueError, match=r"lengths must be None or an integer tensor of "
+                                             r"shape \(2,\)"):
+            ad(h, bad)
+    with torch.no_grad():
+        torch.testing.assert_close(ad(h, torch.tensor([9, 9])), ad(h), rtol=0, atol=0)

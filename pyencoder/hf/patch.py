@@ -38,6 +38,7 @@ deep-copies) as far as the HF model itself does.
 """
 import copy
 import functools
+import gc
 import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -376,19 +377,45 @@ def apply_pyencoder_to_wav2vec2(model, *, lookahead_frames=3, left_frames=None,
 
 
 def _own_config(model, base):
-    """Give ``model`` (its modules that hold the base's config: the head, the base, the encoder,
-    the attention layers) a copy of that config, and return it. transformers does not copy a
-    config passed to a model, so a student built as ``Wav2Vec2Model(teacher.config)`` shares the
-    teacher's: the patch's ``_attn_implementation`` and ``config.pyencoder`` entry landed on the
-    never-patched teacher too (its output_attentions came back empty, and it saved as patched:
+    """The config the patch writes to: the base's own, unless a module unrelated to ``model``
+    holds it too; then ``model``'s modules (and the modules ``model`` lies inside, e.g. the head
+    of a patched base) get a copy, returned. transformers does not copy a config passed to a
+    model, so a student built as ``Wav2Vec2Model(teacher.config)`` shares the teacher's: the
+    patch's ``_attn_implementation`` and ``config.pyencoder`` entry landed on the never-patched
+    teacher too (its output_attentions came back empty, and it saved as patched:
     pyencoder.hf.from_pretrained loaded it causal). The copy stays after revert_pyencoder (equal
-    in content to the original, the patch's entries undone)."""
+    in content to the original, the patch's entries undone). Finding the holders walks the
+    garbage collector's referrers once (patch time only)."""
     old = base.config
+    holders = _config_holders(old)
+    inside = {id(m) for m in model.modules()}
+    mine = [h for h in holders
+            if id(h) in inside or any(m is model for m in h.modules())]
+    if len(mine) == len(holders):
+        return old
     new = copy.deepcopy(old)
-    for m in model.modules():
+    for h in mine:
+        h.config = new
+    for m in model.modules():          # (a holder the collector did not report)
         if m.__dict__.get("config") is old:
             m.config = new
     return new
+
+
+def _config_holders(cfg):
+    """The nn.Modules whose ``config`` attribute is ``cfg``."""
+    found, dicts = {}, []
+    for r in gc.get_referrers(cfg):
+        if isinstance(r, nn.Module):           # an object whose attributes are stored inline
+            if r.__dict__.get("config") is cfg:
+                found[id(r)] = r
+        elif isinstance(r, dict) and r.get("config") is cfg:
+            dicts.append(r)
+    if dicts:
+        for r in gc.get_referrers(*dicts):
+            if isinstance(r, nn.Module) and r.__dict__.get("config") is cfg:
+                found[id(r)] = r
+    return list(found.values())
 
 
 def unstreamable_reason(record):

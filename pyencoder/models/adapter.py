@@ -230,6 +230,14 @@ class ConvAdapter(nn.Module):
         alone (and its stream) gives; the padded frames used to enter the last valid windows (a
         padded batch's last frame 0.17 off its clip's). transformers' adapter reads them."""
         self._check_h(h)
+        if lengths is not None and (
+                not isinstance(lengths, torch.Tensor) or lengths.dtype.is_floating_point
+                or lengths.dtype == torch.bool or tuple(lengths.shape) != (h.shape[0],)
+                or lengths.device != h.device):
+            # (shapes only: no value read, the encoder passes its own frame counts here)
+            raise ValueError(f"lengths must be None or an integer tensor of shape "
+                             f"({h.shape[0]},) on {h.device} (valid frames per row); got "
+                             f"{lengths!r}")
         x = self._project(h).transpose(1, 2)
         for layer in self.layers:
             if lengths is not None:

@@ -34,9 +34,12 @@ keys are offline), and RoPE rotates every key at its true position before the ca
 Latency (the streaming protocol's terms, pyencoder.streaming.latency): on the query stream the
 module is per-frame (``hop`` = 1, ``lookahead`` = 0: output p needs query p only); on the key
 stream, ``latency()`` is the number of key positions a query frame waits for past the end of its
-own key frame (the key frame at the same time: query frame f = p // q_frame lines up with key
-frame f), i.e. ``mask.hi_off - k_block + 1`` (frames(q, k, left, right, extra): right * k_frame
-+ extra); ``last_key(p)`` gives the exact last key position query p needs.
+own key frame (the key frame at the same time, frames being the finest the mask's blocks share:
+g = gcd(block, k_block), query frames of block / g positions line up with key frames of
+k_block / g), worst case over a block's frames, i.e. ``mask.hi_off - k_block / g + 1``
+(frames(q, k, left, right, extra) with q, k coprime: right * k + extra; a chunked mask's first
+frame waits for its whole chunk); ``last_key(p)`` gives the exact last key position query p
+needs.
 """
 import dataclasses
 import math

@@ -562,15 +562,16 @@ def _common_reason(q, k, v, inv_freq, q_offset, k_offset):
 
 
 def kernel_mask(block, kb, lo_off, hi_off, q_end, k_end):
-    """The mask ints (block, lo_off, hi_off) the kernels get for queries at positions < q_end and
-    keys < k_end (both < 2**24): an extent beyond 2**25 is cut to what those positions reach, so
-    the kernels' int32 arithmetic cannot wrap (a "right = 2**31 - 1" sentinel made base + hi_off
-    negative: rows that see every key saw none). Exact: lo_off above the largest base hides no
-    key (lo < 0 for every query), as base_max + 1 does; hi_off >= k_end shows every key, as k_end
-    does; hi_off below -(base_max + 1) shows none; a band / chunked block >= 2**25 puts every
-    query in block 0, as 2**25 does. Ordinary extents (below 2**25) pass unchanged: the kernels'
-    integer specialisations and autotune keys stay what they were. Idempotent (the backward
-    applies it again)."""
+    """The mask ints (block, kb, lo_off, hi_off) the kernels get for queries at positions < q_end
+    and keys < k_end (both < 2**24): an extent beyond 2**25 is cut to what those positions reach,
+    so the kernels' int32 arithmetic cannot wrap (a "right = 2**31 - 1" sentinel made base +
+    hi_off negative: rows that see every key saw none). Exact: lo_off above the largest base
+    hides no key (lo < 0 for every query), as base_max + 1 does; hi_off >= k_end shows every key,
+    as k_end does; hi_off below -(base_max + 1) shows none; a band / chunked block >= 2**25 puts
+    every query in block 0, as 2**25 does (kb, None or the block itself there, follows it: the
+    mask stays same-rate). Ordinary extents (below 2**25) pass unchanged: the kernels' integer
+    specialisations and autotune keys stay what they were. Idempotent (the backward applies it
+    again)."""
     cap = 1 << 25
     base_max = ((max(q_end, 1) - 1) // block) * (block if kb is None else kb)
     if lo_off > cap:
@@ -581,21 +582,22 @@ def kernel_mask(block, kb, lo_off, hi_off, q_end, k_end):
         hi_off = max(hi_off, -(base_max + 1))
     if (kb is None or kb == block) and block > cap:
         block = cap
-    return block, lo_off, hi_off
+        kb = None if kb is None else cap
+    return block, kb, lo_off, hi_off
 
 
 def _int32_reason(block, kb, lo_off, hi_off, q_end, k_end):
     """Why a frame-rate mask's bounds could pass int32 in the kernels at these positions (after
     kernel_mask), or None. Band and chunked masks always fit (their base is at most the query's
     position); a frame mask's base is the query block index times the key block, and the dk/dv
-    kernel inverts it (key position // k_block * block)."""
+    kernel inverts it (key position // k_block * block, after a cdiv that adds k_block - 1)."""
     if kb is None or kb == block:
         return None
-    block, lo_off, hi_off = kernel_mask(block, kb, lo_off, hi_off, q_end, k_end)
+    block, kb, lo_off, hi_off = kernel_mask(block, kb, lo_off, hi_off, q_end, k_end)
     ext = max(lo_off, abs(hi_off))
     base_max = ((max(q_end, 1) - 1) // block) * kb
     inverse = ((k_end + ext + 256) // kb + 2) * block
-    if max(base_max + ext + kb, inverse) >= 1 << 31:
+    if max(base_max + ext + kb, k_end + ext + 256 + kb, inverse) >= 1 << 31:
         return (f"this frame-rate mask (block={block}, k_block={kb}) reaches positions past "
                 f"2**31 at these offsets (queries < {q_end}, keys < {k_end}): the kernels' int32 "
                 f"bounds would wrap")
@@ -653,7 +655,8 @@ def _frame_const(consts, block, kb):
 
 def _require_supported(q, k, v, inv_freq, block, lo_off, hi_off, q_offset, k_offset, sink, kb,
                        rel_bias):
-    """Raise unless the kernels take this call; returns kernel_mask's (block, lo_off, hi_off)."""
+    """Raise unless the kernels take this call; returns kernel_mask's (block, kb, lo_off,
+    hi_off)."""
     reason = supports_forward(q, k, v, inv_freq, block=block, lo_off=lo_off, hi_off=hi_off,
                               q_offset=q_offset, k_offset=k_offset, sink=sink, kb=kb,
                               rel_bias=rel_bias)
@@ -677,8 +680,8 @@ def forward(q, k, v, inv_freq, key_lengths, block, lo_off, hi_off, q_offset, k_o
             res = prog.run(q, k, v, key_lengths, rel_bias, gate, rel_offset, sink)
             if res is not None:
                 return res
-    block, lo_off, hi_off = _require_supported(q, k, v, inv_freq, block, lo_off, hi_off,
-                                               q_offset, k_offset, sink, kb, rel_bias)
+    block, kb, lo_off, hi_off = _require_supported(q, k, v, inv_freq, block, lo_off, hi_off,
+                                                   q_offset, k_offset, sink, kb, rel_bias)
     win = _window_key(block if kb is None else kb, lo_off, hi_off, k.shape[2])
     pre = None
     if _prerotate(inv_freq, win) and q.numel() and k.numel():
@@ -732,8 +735,8 @@ def backward(dout, q, k, v, out, lse, inv_freq, key_lengths, block, lo_off, hi_o
             res = prog.run(dout, q, k, v, out, lse, key_lengths, rel_bias, gate, rel_offset)
             if res is not None:
                 return res
-    block, lo_off, hi_off = _require_supported(q, k, v, inv_freq, block, lo_off, hi_off,
-                                               q_offset, k_offset, sink, kb, rel_bias)
+    block, kb, lo_off, hi_off = _require_supported(q, k, v, inv_freq, block, lo_off, hi_off,
+                                                   q_offset, k_offset, sink, kb, rel_bias)
     win = _window_key(block if kb is None else kb, lo_off, hi_off, k.shape[2])
     if _prerotate(inv_freq, win) and q.numel() and k.numel():
         # the prerotate mode: the no-RoPE backward on rotated q and k, its dq and dk kept in

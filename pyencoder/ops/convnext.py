@@ -72,30 +72,33 @@ def _(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps, backend
 def _convnext_bwd_op(grad_y: Tensor, grad_final_state: Optional[Tensor], x: Tensor,
                      conv_weight: Tensor, conv_bias: Optional[Tensor], ln_weight: Optional[Tensor],
                      ln_bias: Optional[Tensor], initial_state: Optional[Tensor],
-                     eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     eps: float, conv_backend: str = "auto"
+                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = _backward_impl(grad_y, grad_final_state, x, conv_weight, conv_bias, ln_weight,
-                           ln_bias, initial_state, eps)
+                           ln_bias, initial_state, eps, conv_backend)
     # contiguous, as the fake says (pyencoder.ops._autograd.fresh)
     return tuple(x.new_empty(0) if g is None else g.contiguous() for g in grads)
 
 
 @_convnext_bwd_op.register_fake
-def _(grad_y, grad_final_state, x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps):
+def _(grad_y, grad_final_state, x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state, eps,
+      conv_backend="auto"):
     like = lambda t: x.new_empty(0) if t is None else fresh(t)  # noqa: E731
     return (fresh(x), fresh(conv_weight), like(conv_bias), like(ln_weight), like(ln_bias),
             like(initial_state))
 
 
 def _backward_impl(grad_y, grad_final_state, x, conv_weight, conv_bias, ln_weight, ln_bias,
-                   initial_state, eps):
+                   initial_state, eps, conv_backend="auto"):
     """(dx, dconv_weight, dconv_bias, dln_weight, dln_bias, dinitial_state), None where the input
-    is None. Recomputes h in fp32 (float64 for float64) with the conv family's backend."""
+    is None. Recomputes h in fp32 (float64 for float64) with the conv family's backend
+    ``conv_backend``: what the forward's call asked for (_setup_context)."""
     cdt = _cdtype(x.dtype)
     B, C, L = x.shape
     up = lambda t: None if t is None else t.to(cdt)  # noqa: E731
     xc, wc, cbc, sc = up(x), up(conv_weight), up(conv_bias), up(initial_state)
     args = dict(x=xc, weight=wc, bias=cbc, initial_state=sc, stride=1, groups=C, activation=None)
-    conv = _backend.select("conv", "backward", x.device.type, args, None)
+    conv = _backend.select("conv", "backward", x.device.type, args, conv_backend)
     h, _ = _backend.get_entry("conv", conv, "forward")(xc, wc, cbc, sc, 1, C, None)
     h = h.transpose(1, 2)
     mean = h.mean(-1, keepdim=True)
@@ -124,6 +127,14 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, conv_weight, conv_bias, ln_weight, ln_bias, initial_state)
     ctx.eps = eps
     ctx.n_inputs = len(inputs)
+    # the conv backend of the backward's recompute, decided here, under the forward's call: a
+    # reference forward recomputes on the reference conv; otherwise the conv family's request
+    # now (backend blocks, PYENCODER_BACKEND; "auto" if none). Chosen at backward time it
+    # followed whatever block the backward ran in (the autograd thread on CUDA has none): a
+    # backend="reference" forward failed in a use_backend(conv="cuda") backward
+    backend = inputs[7] if len(inputs) > 7 else "triton"
+    ctx.conv_backend = ("reference" if backend == "reference"
+                        else _backend.requested_backend("conv") or "auto")
 
 
 def _backward(ctx, grad_y, grad_final):
@@ -134,7 +145,7 @@ def _backward(ctx, grad_y, grad_final):
         grad_final = None
     dx, dw, dcb, dlnw, dlnb, ds = call_custom(_convnext_bwd_op, grad_y, grad_final, x, conv_weight,
                                               conv_bias, ln_weight, ln_bias, initial_state,
-                                              ctx.eps)
+                                              ctx.eps, ctx.conv_backend)
     pick = lambda g, t: None if t is None else g  # noqa: E731
     return (dx, dw, pick(dcb, conv_bias), pick(dlnw, ln_weight), pick(dlnb, ln_bias),
             pick(ds, initial_state)) + (None,) * (ctx.n_inputs - 6)

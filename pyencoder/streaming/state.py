@@ -199,7 +199,8 @@ class StreamState:
             if not same:
                 # every state tensor is batch-first (reset masks dim 0): a batch that differs is
                 # named as such (the hint about other dimensions would mislead)
-                other_batch = v.dim() == cur.dim() and v.dim() and v.shape[0] != cur.shape[0]
+                other_batch = v.dim() == cur.dim() and v.dim() and v.shape[0] != cur.shape[0] \
+                    and v.shape[1:] == cur.shape[1:]
                 raise ValueError(f"load_state_dict: {key} has shape {tuple(v.shape)}; this state "
                                  f"holds {tuple(cur.shape)} (batch size {self.batch_size})" + (
                                      f": the saved stream has batch size {v.shape[0]} (make "
@@ -339,7 +340,10 @@ def check_inference_mode(state, who):
     RuntimeError saying what to do; a flag read and one C call per check. A copy made outside
     the mode (copy.deepcopy, load_state_dict into a new state) holds normal tensors: the flag is
     dropped there."""
-    if state.__dict__.get("inference_made") and not torch.is_inference_mode_enabled():
+    # (not while dynamo traces: it cannot trace the mode query, and a compiled step of such a
+    # state made and run under inference_mode is the serving pattern)
+    if state.__dict__.get("inference_made") and not torch.compiler.is_compiling() and \
+            not torch.is_inference_mode_enabled():
         if not any(t.is_inference() for t in state.tensors().values()):
             del state.__dict__["inference_made"]
             return
