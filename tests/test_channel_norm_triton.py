@@ -271,3 +271,16 @@ def test_gpu_kernel_at_the_extractor_shapes(dt):
         w = (1 + 0.3 * torch.randn(512, device="cuda")).to(dt)
         b = (0.2 * torch.randn(512, device="cuda")).to(dt)
         _check(CN.channel_norm_act(x, w, b, 1e-5), _torch(x, w, b, 1e-5, True), dt)
+
+
+@NEEDS_TRITON_RUN
+def test_not_taken_under_autocast_for_half_inputs():
+    """autocast runs layer_norm in float32 (CUDA's list; a float32 output): the fused kernel
+    returns x's dtype, so a half input under autocast takes torch's layer_norm (the drop-in's
+    dtype), float32 inputs keep the kernel."""
+    x = torch.randn(1, 8, 5, dtype=torch.bfloat16, device=_DEV)
+    w = torch.ones(8, dtype=torch.bfloat16, device=_DEV)
+    assert CN.fused_ok(x, w, torch.zeros_like(w))
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        assert not CN.fused_ok(x, w, torch.zeros_like(w))
+        assert CN.fused_ok(x.float(), w.float(), torch.zeros_like(w).float())
