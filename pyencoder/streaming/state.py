@@ -329,7 +329,7 @@ def stamp(module, state):
     state.config = stream_config(module)
     p = _weights(module)
     state.weights_dtype = None if p is None else p.dtype
-    if torch.is_inference_mode_enabled():
+    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
         state.inference_made = True
     return state
 
