@@ -1056,3 +1056,11 @@ def test_conv_switches_are_checked(monkeypatch):
     monkeypatch.setenv("PYENCODER_CONV_GRP_TILE", "64,64,4,3")
     errs = {name: err for name, _, err, _ in check_environment()}
     assert not any(errs[n] for n in errs if n.startswith("PYENCODER_CONV_"))
+
+
+def test_convnext_block_takes_an_int_layer_scale():
+    """layer_scale_init=1 (an int, as DecoderConfig takes) made an int64 tensor that
+    nn.Parameter refused in torch's words."""
+    from pyencoder.models.decoder import ConvNeXtBlock
+    b = ConvNeXtBlock(8, 16, 3, layer_scale_init=1)
+    assert b.gamma.dtype == torch.float32 and torch.equal(b.gamma, torch.ones(8))

@@ -308,3 +308,44 @@ def test_refiner_index_built_once_per_count():
         y = ref.step_fixed(x, st)
         y2, oracle = ref.step(x, oracle)
         assert rel_err(y, y2) <= 1e-12 and torch.equal(st.buf, oracle.buf)
+
+
+def test_a_refused_fixed_step_leaves_no_silent_damage():
+    """A child of the stack refusing step_fixed after the children before it had taken the chunk
+    left them advanced: a caller who retried the chunk with step() got a stream 1.6 off offline,
+    silently. With check=True the device conditions of every child are read before any runs (the
+    state untouched: the retry equals offline); a refusal midway marks the streams inconsistent,
+    refused by name until every slot is reset."""
+    from pyencoder.models import DecoderConfig, StreamingDecoder
+    from pyencoder.streaming import reset
+    torch.manual_seed(15)
+    x = torch.randn(1, 16, 12, dtype=torch.float64)
+    # (b) attention not yet steady, check=True: refused before any child runs
+    dec = StreamingDecoder(DecoderConfig(
+        input_dim=12, dim=16, intermediate_dim=24, num_blocks=2, samples_per_frame=5,
+        num_attention_layers=1, num_heads=2, attention_lookahead=2,
+        attention_left=4)).double().eval()
+    with torch.no_grad():
+        ref = dec(x)
+        y0, st = dec.step(x[:, :1], dec.init_state(1))
+        with pytest.raises(ValueError, match="not every slot is steady"):
+            dec.step_fixed(x[:, 1:3], st, check=True)
+        y1, st = dec.step(x[:, 1:], st)
+        y2, st = dec.flush(st)
+    torch.testing.assert_close(torch.cat([y0, y1, y2], 1), ref, rtol=1e-12, atol=1e-12)
+    # (a) the Refiner refuses 4 frames (chunks of 3) after the blocks before it ran
+    dec = StreamingDecoder(DecoderConfig(
+        input_dim=12, dim=16, intermediate_dim=24, num_blocks=2, samples_per_frame=5,
+        refiner_chunk=3)).double().eval()
+    with torch.no_grad():
+        ref = dec(x)
+        _, st = dec.step(x[:, :3], dec.init_state(1))
+        with pytest.raises(ValueError, match="multiple of"):
+            dec.step_fixed(x[:, 3:7], st)
+        with pytest.raises(ValueError, match=r"streams are inconsistent \(StreamingSequential"
+                                             r"\.step_fixed failed at child"):
+            dec.step(x[:, 3:], st)
+        reset(st, torch.tensor([True]))
+        y0, st = dec.step(x, st)
+        y1, st = dec.flush(st)
+    torch.testing.assert_close(torch.cat([y0, y1], 1), ref, rtol=1e-12, atol=1e-12)

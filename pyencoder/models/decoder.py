@@ -124,7 +124,8 @@ class ConvNeXtBlock(nn.Module):
         self.pwconv1 = Linear(dim, intermediate_dim)
         self.act = nn.GELU()
         self.pwconv2 = Linear(intermediate_dim, dim)
-        self.gamma = nn.Parameter(torch.full((dim,), layer_scale_init)) \
+        # (float: an int made an int64 tensor, which nn.Parameter refused in torch's words)
+        self.gamma = nn.Parameter(torch.full((dim,), float(layer_scale_init))) \
             if layer_scale_init is not None else None
         self.fused = fused
 

@@ -25,7 +25,7 @@ from .._cpu_threads import threads_for
 from .protocol import is_pointwise, is_streaming, swaps_time_axis, time_last
 from .state import (StreamState, all_steady, batched_counters, check_init_args, check_state,
                     check_step_lengths, check_step_slots, ends_stream, fill_counter, fresh_counters,
-                    record_steady, stamp, steady_check, steady_dispatch)
+                    mark_broken, record_steady, stamp, steady_check, steady_dispatch)
 
 __all__ = ["StreamingSequential", "StackState", "PassState", "cat_time"]
 
@@ -265,20 +265,40 @@ class StreamingSequential(nn.Sequential):
         self._check_state(state)
         last = None
         t_last = time_last(self)
-        with batched_counters():
-            for m, st in zip(self, state.layers):
-                per_frame = not hasattr(m, "step_fixed")
-                if not per_frame:
-                    x = m.step_fixed(x, st, check=True) if check else m.step_fixed(x, st)
-                    last = st
-                elif is_streaming(m):
-                    raise TypeError(f"{type(m).__name__} has no step_fixed")
-                else:
-                    x = m(x)
-                t_last = _layout_after(m, t_last)
-                if per_frame:
-                    # the frames through here, as the general step counts them (once: a record)
-                    fill_counter(st, x.shape[-1 if t_last else 1])
+        if check:
+            # every child's device condition before any child runs (a child refusing after the
+            # ones before it had taken the chunk left them advanced: a caller who retried the
+            # chunk with step() fed it twice, silently)
+            c = self.steady_check(x.shape[-1] if t_last else x.shape[1], state)
+            ok = None if c is None else c.ok()
+            if ok is not None and not bool(ok.all()):
+                raise ValueError(f"{type(self).__name__}.step_fixed(check=True): not every slot is "
+                                 f"steady for this step (a child's condition: "
+                                 f"{ok.logical_not().nonzero().flatten().tolist()} are not); "
+                                 f"run the general step")
+        i = 0
+        try:
+            with batched_counters():
+                for i, (m, st) in enumerate(zip(self, state.layers)):
+                    per_frame = not hasattr(m, "step_fixed")
+                    if not per_frame:
+                        x = m.step_fixed(x, st, check=True) if check else m.step_fixed(x, st)
+                        last = st
+                    elif is_streaming(m):
+                        raise TypeError(f"{type(m).__name__} has no step_fixed")
+                    else:
+                        x = m(x)
+                    t_last = _layout_after(m, t_last)
+                    if per_frame:
+                        # the frames through here, as the general step counts them (once: a
+                        # record)
+                        fill_counter(st, x.shape[-1 if t_last else 1])
+        except Exception:
+            if i > 0:     # the children before i took the chunk: the streams are inconsistent
+                mark_broken(state, f"{type(self).__name__}.step_fixed failed at child {i} "
+                                   f"({type(self[i]).__name__}) after children 0..{i - 1} had "
+                                   f"taken the chunk")
+            raise
         fill_counter(state, x.shape[-1 if t_last else 1],
                      filled=None if last is None else last.out_lengths)
         return x

@@ -276,6 +276,7 @@ class StreamState:
         # back to the class default (False) rather than an instance False: a compiled step
         # guards on the attribute's absence, so an instance entry cost a recompile per reset
         self.__dict__.pop("ended", None)
+        self.__dict__.pop("broken", None)
         return self
 
 
@@ -395,6 +396,14 @@ def ends_stream(flush):
     return wrapper
 
 
+def mark_broken(state, why):
+    """A step that failed after changing part of ``state``: its streams are inconsistent (a
+    retried chunk would enter some children twice). Marked ended, with ``why``: every later
+    step / flush refuses it by name until every slot is reset."""
+    state.ended = True
+    state.broken = why
+
+
 def check_state(module, state, cls, config=None):
     """Raise unless ``state`` is a ``cls`` made by a module of ``module``'s configuration and its
     streams have not ended (``ends_stream``)."""
@@ -403,6 +412,11 @@ def check_state(module, state, cls, config=None):
         raise TypeError(f"{who}: state must be a {cls.__name__} made by {who}.init_state; got "
                         f"{type(state).__name__}")
     if state.ended:
+        why = state.__dict__.get("broken")
+        if why:
+            raise ValueError(f"{who}: this state's streams are inconsistent ({why}); start new "
+                             f"streams with pyencoder.streaming.reset(state, all slots) or "
+                             f"init_state")
         raise ValueError(f"{who}: this state was flushed (its streams ended, the held-back frames "
                          f"were emitted without their lookahead); start new streams with "
                          f"pyencoder.streaming.reset(state, all slots) or init_state")
