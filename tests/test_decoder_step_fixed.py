@@ -328,7 +328,7 @@ def test_a_refused_fixed_step_leaves_no_silent_damage():
     with torch.no_grad():
         ref = dec(x)
         y0, st = dec.step(x[:, :1], dec.init_state(1))
-        with pytest.raises(ValueError, match="not every slot is steady"):
+        with pytest.raises(ValueError, match="needs every slot in its steady state"):
             dec.step_fixed(x[:, 1:3], st, check=True)
         y1, st = dec.step(x[:, 1:], st)
         y2, st = dec.flush(st)

@@ -478,3 +478,26 @@ def test_general_step_not_dispatched(monkeypatch):
         for i in range(8):
             m.step(x[:, 7 + i * n:7 + (i + 1) * n], st)
     assert calls == []
+
+
+def test_encoder_refused_fixed_step_check_reads_every_condition_first():
+    """check=True reads the whole encoder's device conditions before any part runs (the
+    feature extractor took the chunk before a layer refused: a retried chunk entered it twice);
+    a refusal after the feature extractor ran marks the streams inconsistent."""
+    from pyencoder.streaming.state import mark_broken
+    torch.manual_seed(16)
+    m = _encoder("band_postln_valid").eval()
+    x = torch.randn(1, m.hop * 4 * 6, dtype=torch.float64)
+    with torch.no_grad():
+        ref = m(x).last_hidden_state
+        st = m.init_state(1, max_chunk=4)
+        y0, st = m.step(x[:, :m.hop], st)                   # not steady yet
+        with pytest.raises(ValueError, match="needs every slot in its steady state"):
+            m.step_fixed(x[:, m.hop:5 * m.hop], st, check=True)
+        y1, st = m.step(x[:, m.hop:], st)
+        y2, st = m.flush(st)
+        torch.testing.assert_close(torch.cat([y0, y1, y2], 1), ref, rtol=1e-9, atol=1e-9)
+        st = m.init_state(1)
+        mark_broken(st, "a test")
+        with pytest.raises(ValueError, match=r"streams are inconsistent \(a test\)"):
+            m.step(x[:, :m.hop], st)

@@ -69,8 +69,8 @@ from ..streaming.latency import NotStreamableError, latency as composed_latency
 from ..streaming.sequential import PassState, StreamingSequential, cat_time
 from ..streaming.state import (StreamState, all_steady, batched_counters, check_init_args,
                                check_state, check_step_lengths, check_step_slots, ends_stream,
-                               fill_counter, fresh_counters, record_steady, stamp, steady_check,
-                               steady_dispatch)
+                               fill_counter, fresh_counters, mark_broken, record_steady, stamp,
+                               steady_check, steady_dispatch)
 from ._config import _as_int, cfg_bool, cfg_choice, cfg_float, cfg_int, cfg_ints, is_np_bool
 from .adapter import ConvAdapter
 from .frontend import ConvFeatureExtractor, FrontendState
@@ -609,32 +609,49 @@ class CausalEncoder(nn.Module):
             raise ValueError(f"wav must be on the state's device ({state.out_lengths.device}); "
                              f"got {wav.device}")
         check_step_slots(wav.shape[0], state.out_lengths.shape[0])
-        with batched_counters():
-            feats = self.feature_extractor.step_fixed(wav, state.frontend, check=check)
-            h, _ = self._embed(feats)
-            post_ln = not self.config.norm_first
-            if self.pos_conv is not None:
-                x = h.transpose(1, 2)
-                if self.pos_conv_norm is not None:
-                    x = frame_batch_norm(self.pos_conv_norm, x)
-                p = self.pos_conv.step_fixed(x, state.pos, check=check).transpose(1, 2)
-                if post_ln and _ring.residual_ok(h, p, h, 0):
-                    # CUDA: the positional embedding's add and the LayerNorm after it in one
-                    # launch (the layers' residual kernel, without a queue)
-                    h = _ring.residual_step(h, None, h, p, 0, self.layer_norm,
-                                            need_sum=False)[1]
-                    post_ln = False
-                else:
-                    h = h + p
-            if post_ln:
-                h = self.layer_norm(h)
-            y = self.layers.step_fixed(h, state.layers, check=check)
-            if self.config.norm_first:
-                y = self.layer_norm(y)
-            last = state.layers.out_lengths
-            if self.adapter is not None:
-                y = self.adapter.step_fixed(y, state.adapter, check=check)
-                last = state.adapter.out_lengths
+        if check:
+            # every part's device condition before any part runs (as StreamingSequential does)
+            c = self.steady_check(wav.shape[-1], state)
+            ok = None if c is None else c.ok()
+            if ok is not None and not bool(ok.all()):
+                raise ValueError(f"CausalEncoder.step_fixed(check=True) needs every slot in its "
+                                 f"steady state for this step; slots "
+                                 f"{ok.logical_not().nonzero().flatten().tolist()} are not (run "
+                                 f"the general step until they are)")
+        ran = False
+        try:
+            with batched_counters():
+                feats = self.feature_extractor.step_fixed(wav, state.frontend, check=check)
+                ran = True
+                h, _ = self._embed(feats)
+                post_ln = not self.config.norm_first
+                if self.pos_conv is not None:
+                    x = h.transpose(1, 2)
+                    if self.pos_conv_norm is not None:
+                        x = frame_batch_norm(self.pos_conv_norm, x)
+                    p = self.pos_conv.step_fixed(x, state.pos, check=check).transpose(1, 2)
+                    if post_ln and _ring.residual_ok(h, p, h, 0):
+                        # CUDA: the positional embedding's add and the LayerNorm after it in one
+                        # launch (the layers' residual kernel, without a queue)
+                        h = _ring.residual_step(h, None, h, p, 0, self.layer_norm,
+                                                need_sum=False)[1]
+                        post_ln = False
+                    else:
+                        h = h + p
+                if post_ln:
+                    h = self.layer_norm(h)
+                y = self.layers.step_fixed(h, state.layers, check=check)
+                if self.config.norm_first:
+                    y = self.layer_norm(y)
+                last = state.layers.out_lengths
+                if self.adapter is not None:
+                    y = self.adapter.step_fixed(y, state.adapter, check=check)
+                    last = state.adapter.out_lengths
+        except Exception:
+            if ran:     # the feature extractor took the chunk: the streams are inconsistent
+                mark_broken(state, "CausalEncoder.step_fixed failed after the feature extractor "
+                                   "had taken the chunk")
+            raise
         fill_counter(state, y.shape[1], filled=last)
         return y
 

@@ -272,10 +272,10 @@ class StreamingSequential(nn.Sequential):
             c = self.steady_check(x.shape[-1] if t_last else x.shape[1], state)
             ok = None if c is None else c.ok()
             if ok is not None and not bool(ok.all()):
-                raise ValueError(f"{type(self).__name__}.step_fixed(check=True): not every slot is "
-                                 f"steady for this step (a child's condition: "
-                                 f"{ok.logical_not().nonzero().flatten().tolist()} are not); "
-                                 f"run the general step")
+                raise ValueError(f"{type(self).__name__}.step_fixed(check=True) needs every slot "
+                                 f"in its steady state for this step; slots "
+                                 f"{ok.logical_not().nonzero().flatten().tolist()} are not (run "
+                                 f"the general step until they are)")
         i = 0
         try:
             with batched_counters():
