@@ -213,3 +213,19 @@ def test_vmap_over_key_lengths_and_rel_bias():
     nan[1, 0, 3] = float("nan")
     with pytest.raises(ValueError, match="rel_bias must be finite"):
         torch.vmap(f)(q, k, v, kl, nan)
+
+
+def test_nested_vmap_over_key_lengths():
+    """Wrappers nest (vmap of vmap): the value check unwraps them all."""
+    torch.manual_seed(7)
+    q = torch.randn(2, 3, 1, 2, 6, 4, dtype=torch.float64)
+    kl = torch.randint(0, 7, (2, 3, 1))
+    f = lambda q, kl: interval_attention(q, q, q, mask=IntervalMask.band(2, 1),  # noqa: E731
+                                         key_lengths=kl)
+    y = torch.vmap(torch.vmap(f))(q, kl)
+    loop = torch.stack([torch.stack([f(q[i, j], kl[i, j]) for j in range(3)]) for i in range(2)])
+    torch.testing.assert_close(y, loop, rtol=0, atol=0)
+    bad = kl.clone()
+    bad[1, 2, 0] = 7
+    with pytest.raises(ValueError, match=r"key_lengths values must lie in \[0, 6\]"):
+        torch.vmap(torch.vmap(f))(q, bad)

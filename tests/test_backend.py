@@ -256,3 +256,9 @@ def test_convnext_backward_recomputes_on_the_forwards_conv_backend(monkeypatch):
     got = torch.autograd.grad((y * g).sum(), (x, w))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the environment forcing triton at the forward too: a reference forward still recomputes
+    # on the reference conv (float64, which triton cannot run)
+    y = convnext_dwconv_ln(x, w, backend="reference")
+    got = torch.autograd.grad((y * g).sum(), (x, w))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -1034,6 +1034,14 @@ def test_load_state_dict_of_another_batch_names_the_batch():
         m.init_state(1).load_state_dict(m.init_state(2).state_dict())
     with pytest.raises(ValueError, match=r"sized by init_state's max_chunk"):
         m.init_state(1, max_chunk=8).load_state_dict(m.init_state(1).state_dict())
+    # batch and ring both differ: the ring's hint (the batch alone does not explain it)
+    with pytest.raises(ValueError, match=r"sized by init_state's max_chunk"):
+        m.init_state(1, max_chunk=8).load_state_dict(m.init_state(2).state_dict())
+    # a loaded unflushed stream keeps ended at its class default (no instance entry: a
+    # compiled step guards on its absence)
+    st = m.init_state(1)
+    st.load_state_dict(m.init_state(1).state_dict())
+    assert "ended" not in st.__dict__ and not st.ended
 
 
 def test_conv_switches_are_checked(monkeypatch):

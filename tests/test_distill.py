@@ -292,6 +292,15 @@ def test_student_sharing_the_teachers_parameters():
     with pytest.raises(ValueError, match=r"every trainable parameter of the student is one of "
                                          r"the teacher's"):
         D.distill(alias, teacher, wav, opt(alias), progress=False)
+    # a frozen student parameter sharing a teacher's storage moves nothing: taken; so are
+    # zero-size parameters (no storage to compare)
+    frozen = copy.deepcopy(teacher)
+    frozen.layer_norm.weight.data = teacher.layer_norm.weight.data
+    frozen.layer_norm.weight.requires_grad_(False)
+    frozen.empty = torch.nn.Linear(4, 0)
+    teacher.empty = torch.nn.Linear(4, 0)
+    D.distill(frozen, teacher, wav, opt(frozen), progress=False)
+    del teacher.empty
     student = CausalEncoder(tiny())
     student.feature_extractor = teacher.feature_extractor     # a shared frozen front end
     before = {n: p.detach().clone() for n, p in student.named_parameters()}

@@ -186,3 +186,31 @@ def test_triton_decode_at_large_positions_equals_reference(base, mask):
         out = decode_attention(*args, backend="triton")
         assert ref.abs().sum() > 0
         torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+
+
+def test_int32_reason_counts_the_inverse_and_negative_extents():
+    """The dk/dv kernel inverts a frame mask's base (key position // k_block * block): a mask
+    whose inverse passes 2**31 is left to the reference, and a negative hi_off counts by its
+    size."""
+    q, k = torch.randn(1, 1, 8, 8), torch.randn(1, 1, 64, 8)
+    assert tri.supports_forward(q, k, k, block=2 ** 28, kb=1, lo_off=-1, hi_off=3) is not None
+    assert tri.supports_forward(q, k, k, block=2, kb=1, lo_off=-1, hi_off=3) is None
+    assert tri.supports_forward(q, k, k, block=1, kb=128, lo_off=-1, hi_off=-(2 ** 31 - 330),
+                                q_offset=2 ** 24 - 9) is not None
+
+
+def test_vmap_over_stacked_wavlm_parameters():
+    """vmap over modules' stacked parameters (torch.func.stack_module_state + functional_call):
+    the bias columns' memo read the storage-less table's data pointer."""
+    import copy
+    from torch.func import functional_call, stack_module_state
+    from pyencoder.nn import WavLMSelfAttention
+    torch.manual_seed(17)
+    ms = [WavLMSelfAttention(16, 2, left=4, right=1).eval() for _ in range(3)]
+    params, bufs = stack_module_state(ms)
+    base = copy.deepcopy(ms[0]).to("meta")
+    x = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        y = torch.vmap(lambda p, b, x: functional_call(base, (p, b), (x,)),
+                       in_dims=(0, 0, None))(params, bufs, x)
+        torch.testing.assert_close(y, torch.stack([m(x) for m in ms]))

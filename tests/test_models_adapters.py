@@ -231,7 +231,8 @@ def test_padded_batch_rows_equal_their_clips_through_the_conv_adapter(case):
 def test_conv_adapter_lengths_are_checked():
     ad = ConvAdapter(8, 8, 2, 3, 2)
     h = torch.randn(2, 9, 8)
-    for bad in ([9, 9], torch.tensor([9.0, 9.0]), torch.tensor([9])):
+    for bad in ([9, 9], torch.tensor([9.0, 9.0]), torch.tensor([9]), torch.tensor([True, True]),
+                torch.tensor([9, 9], device="meta")):
         with pytest.raises(ValueError, match=r"lengths must be None or an integer tensor of "
                                              r"shape \(2,\)"):
             ad(h, bad)

@@ -232,7 +232,8 @@ def _bucket_index(kind, bucket_fn, device, ints, build):
 
 
 def _columns_key(table, bucket_fn, ints):
-    if type(table) is not torch.Tensor or table.is_inference() or not _may_memo(table.device):
+    if type(table) is not torch.Tensor or table.is_inference() or not _may_memo(table.device) \
+            or torch._C._functorch.is_functorch_wrapped_tensor(table):   # (vmap: no storage)
         return None
     if table.requires_grad and torch.is_grad_enabled():
         return None
