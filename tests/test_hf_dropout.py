@@ -55,7 +55,16 @@ def test_same_rng_state_equals_eager(family):
     """One tile per layer (79 frames <= 256, full context, no padding): the keep-mask draw is
     eager's draw, so with the same RNG state the outputs and gradients agree to fp32 rounding
     (summation orders differ: ~1e-6)."""
-    ref = make_model(family, attention_dropout=P).train()
+    ref, x, y0, state = _same_rng_as_eager(make_model(family, attention_dropout=P).train())
+    with torch.no_grad():
+        torch.set_rng_state(state)
+        other = _out(ref.eval(), x)
+    assert not torch.allclose(y0, other, atol=1e-3)  # dropout did change eager's output
+
+
+def _same_rng_as_eager(ref):
+    """Eager ``ref`` and its full-context patch, forward + backward from one RNG state: outputs
+    and gradients to fp32 rounding. Returns (ref, x, eager output, the RNG state)."""
     pat = copy.deepcopy(ref)
     H.apply_pyencoder_to_wav2vec2(pat, **FULL)
     x = audio(2, SAMPLES)
@@ -64,15 +73,12 @@ def test_same_rng_state_equals_eager(family):
     y0, _, g0 = _fwd_bwd(ref, x, None, w)
     torch.set_rng_state(state)
     y1, _, g1 = _fwd_bwd(pat, x, None, w)
-    with torch.no_grad():
-        torch.set_rng_state(state)
-        other = _out(ref.eval(), x)
-    assert not torch.allclose(y0, other, atol=1e-3)  # dropout did change eager's output
     torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5)
     assert len(g0) > 10 and g0.keys() == g1.keys()
     for n in g0:
         scale = max(1.0, g0[n].abs().max().item())
         torch.testing.assert_close(g1[n], g0[n], atol=1e-5 * scale, rtol=1e-5, msg=n)
+    return ref, x, y0, state
 
 
 @pytest.mark.filterwarnings("ignore:lookahead_layers='all'")
@@ -83,20 +89,7 @@ def test_hidden_dropout_same_rng_state_equals_eager(family):
     patched attention returned a (B, N, E)-contiguous output where eager's is a view of a
     time-major one; the dropout drew its mask in memory order and dropped other elements
     (1.9e-2 off at batch 2, equal at batch 1)."""
-    ref = make_model(family, hidden_dropout=P, activation_dropout=P).train()
-    pat = copy.deepcopy(ref)
-    H.apply_pyencoder_to_wav2vec2(pat, **FULL)
-    x = audio(2, SAMPLES)
-    w = torch.randn(2, 79, 32)
-    state = torch.get_rng_state()
-    y0, _, g0 = _fwd_bwd(ref, x, None, w)
-    torch.set_rng_state(state)
-    y1, _, g1 = _fwd_bwd(pat, x, None, w)
-    torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5)
-    assert g0.keys() == g1.keys()
-    for n in g0:
-        scale = max(1.0, g0[n].abs().max().item())
-        torch.testing.assert_close(g1[n], g0[n], atol=1e-5 * scale, rtol=1e-5, msg=n)
+    _same_rng_as_eager(make_model(family, hidden_dropout=P, activation_dropout=P).train())
 
 
 def _record_keeps(monkeypatch):

@@ -69,8 +69,8 @@ from ..streaming.latency import NotStreamableError, latency as composed_latency
 from ..streaming.sequential import PassState, StreamingSequential, cat_time
 from ..streaming.state import (StreamState, all_steady, batched_counters, check_init_args,
                                check_state, check_step_lengths, check_step_slots, ends_stream,
-                               fill_counter, fresh_counters, mark_broken, record_steady, stamp,
-                               steady_check, steady_dispatch)
+                               fill_counter, fresh_counters, mark_broken, record_steady,
+                               require_steady, stamp, steady_check, steady_dispatch)
 from ._config import _as_int, cfg_bool, cfg_choice, cfg_float, cfg_int, cfg_ints, is_np_bool
 from .adapter import ConvAdapter
 from .frontend import ConvFeatureExtractor, FrontendState
@@ -609,15 +609,8 @@ class CausalEncoder(nn.Module):
             raise ValueError(f"wav must be on the state's device ({state.out_lengths.device}); "
                              f"got {wav.device}")
         check_step_slots(wav.shape[0], state.out_lengths.shape[0])
-        if check:
-            # every part's device condition before any part runs (as StreamingSequential does)
-            c = self.steady_check(wav.shape[-1], state)
-            ok = None if c is None else c.ok()
-            if ok is not None and not bool(ok.all()):
-                raise ValueError(f"CausalEncoder.step_fixed(check=True) needs every slot in its "
-                                 f"steady state for this step; slots "
-                                 f"{ok.logical_not().nonzero().flatten().tolist()} are not (run "
-                                 f"the general step until they are)")
+        if check:          # every part's device condition before any part runs
+            require_steady("CausalEncoder", self.steady_check(wav.shape[-1], state))
         ran = False
         try:
             with batched_counters():

@@ -25,7 +25,8 @@ from .._cpu_threads import threads_for
 from .protocol import is_pointwise, is_streaming, swaps_time_axis, time_last
 from .state import (StreamState, all_steady, batched_counters, check_init_args, check_state,
                     check_step_lengths, check_step_slots, ends_stream, fill_counter, fresh_counters,
-                    mark_broken, record_steady, stamp, steady_check, steady_dispatch)
+                    mark_broken, record_steady, require_steady, stamp, steady_check,
+                    steady_dispatch)
 
 __all__ = ["StreamingSequential", "StackState", "PassState", "cat_time"]
 
@@ -269,13 +270,8 @@ class StreamingSequential(nn.Sequential):
             # every child's device condition before any child runs (a child refusing after the
             # ones before it had taken the chunk left them advanced: a caller who retried the
             # chunk with step() fed it twice, silently)
-            c = self.steady_check(x.shape[-1] if t_last else x.shape[1], state)
-            ok = None if c is None else c.ok()
-            if ok is not None and not bool(ok.all()):
-                raise ValueError(f"{type(self).__name__}.step_fixed(check=True) needs every slot "
-                                 f"in its steady state for this step; slots "
-                                 f"{ok.logical_not().nonzero().flatten().tolist()} are not (run "
-                                 f"the general step until they are)")
+            require_steady(type(self).__name__,
+                           self.steady_check(x.shape[-1] if t_last else x.shape[1], state))
         i = 0
         try:
             with batched_counters():

@@ -396,6 +396,18 @@ def ends_stream(flush):
     return wrapper
 
 
+def require_steady(who, steady):
+    """check=True of a step_fixed made of parts: every part's device condition (``steady``, the
+    module's SteadyCheck of this step, or None) read once before any part runs, where a part
+    refusing after the ones before it had taken the chunk left them advanced. Raises unless
+    every slot is steady."""
+    ok = None if steady is None else steady.ok()
+    if ok is not None and not bool(ok.all()):
+        raise ValueError(f"{who}.step_fixed(check=True) needs every slot in its steady state for "
+                         f"this step; slots {ok.logical_not().nonzero().flatten().tolist()} are "
+                         f"not (run the general step until they are)")
+
+
 def mark_broken(state, why):
     """A step that failed after changing part of ``state``: its streams are inconsistent (a
     retried chunk would enter some children twice). Marked ended, with ``why``: every later
