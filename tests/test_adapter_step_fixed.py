@@ -217,3 +217,22 @@ def test_conv_adapter_bad_input_names_h():
     for call in calls[1:]:
         with pytest.raises(ValueError, match="h has batch 3 but the state holds 2 slots"):
             call(torch.randn(3, 4, 6))
+
+
+def test_adapter_check_reads_every_layer_before_the_first_runs():
+    """ConvAdapter.step_fixed(check=True): layer 0 took the chunk before layer 1 refused its
+    unsteady state (a retry 0.077 off offline, silently); every layer's condition is read
+    first now, the state untouched."""
+    from pyencoder.models.adapter import ConvAdapter
+    torch.manual_seed(20)
+    ad = ConvAdapter(8, 8, 2, 5, 2, padding=1).double().eval()
+    h = torch.randn(1, 24, 8, dtype=torch.float64)
+    with torch.no_grad():
+        ref = ad(h)
+        y0, st = ad.step(h[:, :4], ad.init_state(1, dtype=torch.float64))
+        with pytest.raises(ValueError, match="needs every slot in its steady state"):
+            ad.step_fixed(h[:, 4:8], st, check=True)
+        assert not st.ended
+        y1, st = ad.step(h[:, 4:], st)
+        y2, st = ad.flush(st)
+    torch.testing.assert_close(torch.cat([y0, y1, y2], 1), ref, rtol=1e-12, atol=1e-12)

@@ -162,5 +162,5 @@ def test_cuda_graph_step_replays(which, dtype):
         with pytest.raises(RuntimeError, match="replaced since capture"):
             g.check()
         model.flush(st)                             # the streams end: replays are refused
-        with pytest.raises(ValueError, match="CudaGraphStep: its state was flushed"):
+        with pytest.raises(ValueError, match="CudaGraphStep: this state was flushed"):
             g(x[..., :n])

@@ -349,3 +349,37 @@ def test_a_refused_fixed_step_leaves_no_silent_damage():
         y0, st = dec.step(x, st)
         y1, st = dec.flush(st)
     torch.testing.assert_close(torch.cat([y0, y1], 1), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_refusals_that_change_nothing_leave_the_stream_usable():
+    """Only a refusal after a streaming child took the chunk marks the streams inconsistent: a
+    chunk of another dtype refused by the first streaming child (behind a per-frame Transpose)
+    leaves the stream as it was (it was marked broken); the decoder's own state carries a mark
+    of its stack's (a CUDA graph step reads the top state's flag); a broken state refuses
+    state_dict and a partial reset by name, and a load clears the mark."""
+    from pyencoder.models import DecoderConfig, StreamingDecoder
+    from pyencoder.streaming import reset
+    torch.manual_seed(18)
+    x = torch.randn(1, 12, 12, dtype=torch.float64)
+    dec = StreamingDecoder(DecoderConfig(input_dim=12, dim=16, intermediate_dim=24, num_blocks=2,
+                                         samples_per_frame=5, refiner_chunk=3)).double().eval()
+    with torch.no_grad():
+        ref = dec(x)
+        y0, st = dec.step(x[:, :3], dec.init_state(1))
+        with pytest.raises((TypeError, ValueError)):
+            dec.step_fixed(x[:, 3:6].float(), st)
+        assert not st.ended and not st.net.ended
+        y1, st = dec.step(x[:, 3:], st)
+        y2, st = dec.flush(st)
+        torch.testing.assert_close(torch.cat([y0, y1, y2], 1), ref, rtol=1e-12, atol=1e-12)
+        _, st = dec.step(torch.cat([x[:, :3]] * 2), dec.init_state(2))
+        fresh = st.state_dict()
+        with pytest.raises(ValueError, match="multiple of"):
+            dec.step_fixed(torch.cat([x[:, 3:7]] * 2), st)
+        assert st.ended and "failed at child" in st.broken           # the top state too
+        with pytest.raises(ValueError, match="state_dict: this state's streams are inconsistent"):
+            st.state_dict()
+        with pytest.raises(ValueError, match="streams are inconsistent.*reset all of its slots"):
+            reset(st, torch.tensor([True, False]))
+        st.load_state_dict(fresh)
+        assert not st.ended and "broken" not in st.__dict__ and "broken" not in st.net.__dict__

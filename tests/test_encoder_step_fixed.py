@@ -501,3 +501,34 @@ def test_encoder_refused_fixed_step_check_reads_every_condition_first():
         mark_broken(st, "a test")
         with pytest.raises(ValueError, match=r"streams are inconsistent \(a test\)"):
             m.step(x[:, :m.hop], st)
+
+
+def test_encoder_refusals_after_the_front_end_are_decided_first(monkeypatch):
+    """A step the front end takes but the layers refuse whatever the state (more frames than
+    max_chunk) is refused on the host before the front end takes the chunk; so is nothing for
+    an empty chunk. A part failing after the front end ran marks the streams inconsistent."""
+    torch.manual_seed(19)
+    m = _encoder("band_postln_valid").eval()
+    x = torch.randn(1, m.hop * 40, dtype=torch.float64)
+    with torch.no_grad():
+        st = m.init_state(1, max_chunk=4)
+        for i in range(3):
+            _, st = m.step(x[:, i * 4 * m.hop:(i + 1) * 4 * m.hop], st)
+        keep = st.state_dict()
+        for check in (False, True):
+            with pytest.raises(ValueError, match="cannot be a fixed one for the layers"):
+                m.step_fixed(x[:, 12 * m.hop:18 * m.hop], st, check=check)
+            with pytest.raises(ValueError):
+                m.step_fixed(x[:, :0], st, check=check)
+            assert not st.ended
+        for k, v in st.state_dict().items():
+            assert torch.equal(v, keep[k]) if isinstance(v, torch.Tensor) else v == keep[k], k
+
+        def boom(*a, **kw):
+            raise RuntimeError("boom")
+        monkeypatch.setattr(m.layers, "step_fixed", boom)
+        with pytest.raises(RuntimeError, match="boom"):
+            m.step_fixed(x[:, 12 * m.hop:16 * m.hop], st)
+        assert "after the feature extractor" in st.broken
+        with pytest.raises(ValueError, match="streams are inconsistent"):
+            m.step(x[:, 12 * m.hop:16 * m.hop], st)

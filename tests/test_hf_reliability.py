@@ -225,8 +225,11 @@ def test_patching_a_heads_base_keeps_the_heads_config(tmp_path):
     cfg = ctc.config
     H.apply_pyencoder_to_wav2vec2(ctc.wav2vec2, lookahead_frames=1, left_frames=3,
                                   pos_conv="causal")
-    # shared with no other model: the patch writes the model's own config (no copy)
-    assert ctc.config is ctc.wav2vec2.config is cfg and hasattr(cfg, "pyencoder")
+    # the head and its base take one copy; the caller's config object is never written
+    assert ctc.config is ctc.wav2vec2.config is not cfg
+    assert hasattr(ctc.config, "pyencoder") and not hasattr(cfg, "pyencoder")
+    later = type(ctc)(cfg)                    # a model built from that config afterwards
+    assert later.config._attn_implementation != "pyencoder"
     with torch.no_grad():
         y = ctc(x).logits
     ctc.save_pretrained(tmp_path)

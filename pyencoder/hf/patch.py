@@ -377,26 +377,21 @@ def apply_pyencoder_to_wav2vec2(model, *, lookahead_frames=3, left_frames=None,
 
 
 def _own_config(model, base):
-    """The config the patch writes to: the base's own, unless a module unrelated to ``model``
-    holds it too; then ``model``'s modules (and the modules ``model`` lies inside, e.g. the head
-    of a patched base) get a copy, returned. transformers does not copy a config passed to a
-    model, so a student built as ``Wav2Vec2Model(teacher.config)`` shares the teacher's: the
-    patch's ``_attn_implementation`` and ``config.pyencoder`` entry landed on the never-patched
-    teacher too (its output_attentions came back empty, and it saved as patched:
+    """A copy of the base's config for ``model``'s modules and the modules ``model`` lies inside
+    (the head of a patched base), returned: the patch writes its entries there, never on the
+    caller's config object. transformers does not copy a config passed to a model, so a student
+    built as ``Wav2Vec2Model(teacher.config)`` shares the teacher's (or a teacher built later
+    from it): the patch's ``_attn_implementation`` and ``config.pyencoder`` entry landed on the
+    never-patched teacher too (its output_attentions came back empty, and it saved as patched:
     pyencoder.hf.from_pretrained loaded it causal). The copy stays after revert_pyencoder (equal
-    in content to the original, the patch's entries undone). Finding the holders walks the
-    garbage collector's referrers once (patch time only)."""
+    in content to the original, the patch's entries undone). Finding the head walks the garbage
+    collector's referrers once (patch time only)."""
     old = base.config
-    holders = _config_holders(old)
-    inside = {id(m) for m in model.modules()}
-    mine = [h for h in holders
-            if id(h) in inside or any(m is model for m in h.modules())]
-    if len(mine) == len(holders):
-        return old
     new = copy.deepcopy(old)
-    for h in mine:
-        h.config = new
-    for m in model.modules():          # (a holder the collector did not report)
+    for h in _config_holders(old):
+        if any(m is model for m in h.modules()):      # model itself, or a module holding it
+            h.config = new
+    for m in model.modules():
         if m.__dict__.get("config") is old:
             m.config = new
     return new

@@ -33,7 +33,7 @@ from ..streaming.sequential import cat_time
 from .._checks import check_module_input
 from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
                                check_state, check_step_lengths, check_step_slots, ends_stream,
-                               fill_counter, stamp, stream_config)
+                               fill_counter, mark_broken, require_steady, stamp, stream_config)
 from .frontend import FeatureConv1d, FeatureConvState
 
 __all__ = ["PaddedConv1d", "ConvAdapterLayer", "ConvAdapter", "AdapterState"]
@@ -304,9 +304,19 @@ class ConvAdapter(nn.Module):
         if n % self.stride:
             raise ValueError(f"ConvAdapter.step_fixed: the step length h.shape[1] ({n} frames) "
                              f"must be a multiple of the adapter's stride ({self.stride})")
+        if check:          # every layer's condition before layer 0 takes the chunk
+            require_steady("ConvAdapter", self.steady_check(n, state))
         x = self._project(h).transpose(1, 2)
-        for layer, st in zip(self.layers, state.layers):
-            x = layer.step_fixed(x, st, check=check)
+        ran = False
+        try:
+            for layer, st in zip(self.layers, state.layers):
+                x = layer.step_fixed(x, st, check=check)
+                ran = n > 0
+        except BaseException:
+            if ran:
+                mark_broken(state, "ConvAdapter.step_fixed failed after its first layer had "
+                                   "taken the chunk")
+            raise
         fill_counter(state, x.shape[-1], filled=state.layers[-1].out_lengths)
         return x.transpose(1, 2)
 

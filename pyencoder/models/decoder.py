@@ -41,7 +41,7 @@ from ._config import cfg_bool, cfg_float, cfg_int
 from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
                                check_state, check_step_input, check_step_lengths, check_step_slots,
                                ends_stream, fill_counter, fresh_counters, inference_step,
-                               record_steady, stamp, steady_dispatch)
+                               mark_broken, record_steady, stamp, steady_dispatch)
 
 __all__ = ["DecoderConfig", "ConvNeXtBlock", "StreamingDecoder", "DecoderState"]
 
@@ -379,7 +379,12 @@ class StreamingDecoder(nn.Module):
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
         check_state(self, state, DecoderState)
         check_step_slots(x.shape[0], state.out_lengths.shape[0])
-        y = self.net.step_fixed(x, state.net, check=check)
+        try:
+            y = self.net.step_fixed(x, state.net, check=check)
+        except BaseException:
+            if state.net.__dict__.get("broken"):      # the decoder's own flag too (CudaGraphStep
+                mark_broken(state, state.net.broken)  # reads the top state's)
+            raise
         fill_counter(state, y.shape[1] * self.samples_per_frame)
         return y.reshape(y.shape[0], y.shape[1] * y.shape[2])
 

@@ -609,13 +609,29 @@ class CausalEncoder(nn.Module):
             raise ValueError(f"wav must be on the state's device ({state.out_lengths.device}); "
                              f"got {wav.device}")
         check_step_slots(wav.shape[0], state.out_lengths.shape[0])
-        if check:          # every part's device condition before any part runs
-            require_steady("CausalEncoder", self.steady_check(wav.shape[-1], state))
+        n = wav.shape[-1]
+        if n == 0:
+            raise ValueError(f"CausalEncoder.step_fixed needs a step of at least one hop "
+                             f"({self.hop} samples); got 0 samples (the general step takes "
+                             f"empty chunks)")
+        if wav.shape[0] and self.feature_extractor.steady_check(n, state.frontend) is not None:
+            # a step the front end takes but a later part refuses whatever the state (n // hop
+            # frames past max_chunk or not whole mask blocks, unbounded left context): refused
+            # on the host before the front end takes the chunk
+            steady = self.steady_check(n, state)
+            if steady is None:
+                raise ValueError(f"CausalEncoder.step_fixed: a step of {n} samples cannot be a "
+                                 f"fixed one for the layers (they step n // hop frames: at most "
+                                 f"init_state's max_chunk, whole mask blocks, bounded left "
+                                 f"context; with the conv adapter a multiple of its stride); "
+                                 f"run the general step")
+            if check:      # every part's device condition before any part runs
+                require_steady("CausalEncoder", steady)
         ran = False
         try:
             with batched_counters():
                 feats = self.feature_extractor.step_fixed(wav, state.frontend, check=check)
-                ran = True
+                ran = n > 0
                 h, _ = self._embed(feats)
                 post_ln = not self.config.norm_first
                 if self.pos_conv is not None:
@@ -640,7 +656,7 @@ class CausalEncoder(nn.Module):
                 if self.adapter is not None:
                     y = self.adapter.step_fixed(y, state.adapter, check=check)
                     last = state.adapter.out_lengths
-        except Exception:
+        except BaseException:
             if ran:     # the feature extractor took the chunk: the streams are inconsistent
                 mark_broken(state, "CausalEncoder.step_fixed failed after the feature extractor "
                                    "had taken the chunk")

@@ -41,7 +41,7 @@ import torch
 
 from .admit import admit
 from .protocol import time_last
-from .state import StreamState, mirror_step_caches
+from .state import StreamState, ended_message, mirror_step_caches
 
 __all__ = ["CudaGraphStep"]
 
@@ -145,8 +145,8 @@ class CudaGraphStep:
                                  f"{want.dtype} on {want.device} (the captured step's input); "
                                  f"got {got}")
         if self.state.ended:       # a Python flag: no cost (a replay would go on past the flush)
-            raise ValueError("CudaGraphStep: its state was flushed (the streams ended); start "
-                             "new streams on a fresh state (init_state) and capture a new step")
+            raise ValueError(ended_message("CudaGraphStep", self.state) +
+                             " (and capture a new step)")
         if check:
             self.check()
         for x, buf in zip(xs, self.xs):

@@ -272,7 +272,7 @@ class StreamingSequential(nn.Sequential):
             # chunk with step() fed it twice, silently)
             require_steady(type(self).__name__,
                            self.steady_check(x.shape[-1] if t_last else x.shape[1], state))
-        i = 0
+        i, ran = 0, []
         try:
             with batched_counters():
                 for i, (m, st) in enumerate(zip(self, state.layers)):
@@ -280,6 +280,7 @@ class StreamingSequential(nn.Sequential):
                     if not per_frame:
                         x = m.step_fixed(x, st, check=True) if check else m.step_fixed(x, st)
                         last = st
+                        ran.append(i)
                     elif is_streaming(m):
                         raise TypeError(f"{type(m).__name__} has no step_fixed")
                     else:
@@ -289,11 +290,11 @@ class StreamingSequential(nn.Sequential):
                         # the frames through here, as the general step counts them (once: a
                         # record)
                         fill_counter(st, x.shape[-1 if t_last else 1])
-        except Exception:
-            if i > 0:     # the children before i took the chunk: the streams are inconsistent
+        except BaseException:
+            if ran:       # streaming children took the chunk: the streams are inconsistent
                 mark_broken(state, f"{type(self).__name__}.step_fixed failed at child {i} "
-                                   f"({type(self[i]).__name__}) after children 0..{i - 1} had "
-                                   f"taken the chunk")
+                                   f"({type(self[i]).__name__}) after children {ran} had taken "
+                                   f"the chunk")
             raise
         fill_counter(state, x.shape[-1 if t_last else 1],
                      filled=None if last is None else last.out_lengths)

@@ -127,6 +127,10 @@ class StreamState:
         ``__config__``), for a flushed stream ``__ended__`` flags, and the dtypes a module
         recorded for its flush (``__out_dtype__`` / ``__in_dtype__``: "float32", ...): pass to
         torch.save (``weights_only=True`` loads it)."""
+        broken = [st.broken for st in self.states().values() if st.__dict__.get("broken")]
+        if broken:
+            raise ValueError(f"state_dict: this state's streams are inconsistent ({broken[0]}): "
+                             f"nothing to resume; reset it or make a new one")
         out = {k: v.detach().clone() for k, v in self.tensors().items()}
         out.update(self.configs())
         out.update({p + ENDED_KEY: True for p, st in self.states().items() if st.ended})
@@ -225,6 +229,7 @@ class StreamState:
                     self._set(key.split("."), v)
                 raise ValueError(f"load_state_dict: {p or 'state'} is corrupt: {err}")
         for p, st in states.items():        # the saved stream's: ended where it had been flushed
+            st.__dict__.pop("broken", None)
             if p + ENDED_KEY in state_dict:
                 st.ended = True
             else:
@@ -261,8 +266,11 @@ class StreamState:
         mask = _check_reset_mask(mask, self.batch_size or None)   # (None: a state of no tensor)
         check_inference_mode(self, "reset")
         if any(st.ended for st in self.states().values()) and not bool(mask.all()):
-            raise ValueError("this state was flushed: every slot's stream ended; reset all of its "
-                             "slots (or make a new state with init_state)")
+            broken = [st.broken for st in self.states().values() if st.__dict__.get("broken")]
+            raise ValueError(f"this state's streams are inconsistent ({broken[0]}); reset all "
+                             f"of its slots (or make a new state with init_state)" if broken
+                             else "this state was flushed: every slot's stream ended; reset all "
+                             "of its slots (or make a new state with init_state)")
         for _, v in self._items():
             if isinstance(v, torch.Tensor):
                 if mask.device != v.device:     # once per device: the nested resets get it
@@ -411,9 +419,23 @@ def require_steady(who, steady):
 def mark_broken(state, why):
     """A step that failed after changing part of ``state``: its streams are inconsistent (a
     retried chunk would enter some children twice). Marked ended, with ``why``: every later
-    step / flush refuses it by name until every slot is reset."""
+    step / flush / state_dict refuses it by name until every slot is reset. Not while a CUDA
+    graph is captured (capture records kernels: the state's tensors have not changed)."""
+    if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        return
     state.ended = True
     state.broken = why
+
+
+def ended_message(who, state):
+    """Why a state whose ``ended`` flag is set refuses a step: flushed, or inconsistent."""
+    why = state.__dict__.get("broken")
+    if why:
+        return (f"{who}: this state's streams are inconsistent ({why}); start new streams with "
+                f"pyencoder.streaming.reset(state, all slots) or init_state")
+    return (f"{who}: this state was flushed (its streams ended, the held-back frames were "
+            f"emitted without their lookahead); start new streams with "
+            f"pyencoder.streaming.reset(state, all slots) or init_state")
 
 
 def check_state(module, state, cls, config=None):
@@ -424,14 +446,7 @@ def check_state(module, state, cls, config=None):
         raise TypeError(f"{who}: state must be a {cls.__name__} made by {who}.init_state; got "
                         f"{type(state).__name__}")
     if state.ended:
-        why = state.__dict__.get("broken")
-        if why:
-            raise ValueError(f"{who}: this state's streams are inconsistent ({why}); start new "
-                             f"streams with pyencoder.streaming.reset(state, all slots) or "
-                             f"init_state")
-        raise ValueError(f"{who}: this state was flushed (its streams ended, the held-back frames "
-                         f"were emitted without their lookahead); start new streams with "
-                         f"pyencoder.streaming.reset(state, all slots) or init_state")
+        raise ValueError(ended_message(who, state))
     check_inference_mode(state, who)
     want = stream_config(module) if config is None else config
     if state.config is None:
