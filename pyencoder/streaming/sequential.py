@@ -259,8 +259,10 @@ class StreamingSequential(nn.Sequential):
         CausalConv1d.step_fixed and BandedSelfAttention / ChunkedSelfAttention /
         WavLMSelfAttention.step_fixed);
         per-frame children as is. No host synchronisation; the state is updated in place.
-        ``check=True`` makes every child verify its preconditions first (host synchronisation:
-        once, outside graph capture). The children's stream counters (attention ``pos``, conv
+        ``check=True`` reads every child's device condition before any child runs, and makes
+        every child verify its preconditions (host synchronisations: call it once, outside graph
+        capture). A child refusing after a streaming child before it took the chunk marks the
+        state's streams inconsistent (``mark_broken``: refused by name until reset). The children's stream counters (attention ``pos``, conv
         ``seen``) advance together at the end (``batched_counters``: one kernel on CUDA, not one
         per child). ``state.out_lengths`` holds the frames of y. Returns y."""
         self._check_state(state)
