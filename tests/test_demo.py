@@ -31,7 +31,7 @@ def test_machine_line_and_report(capsys, monkeypatch):
     assert _demo.report_machine("end") is None
 
 
-def test_streaming_demo_graph_path_logic():
+def test_streaming_demo_graph_path_logic(capsys):
     """The demo's GPU streaming path (eager warm-up, then the captured step for the full chunks,
     the general step for the last partial one, flush) with an eager stand-in for CudaGraphStep
     on the CPU: the streamed output equals offline, the stand-in ran the steady chunks."""
@@ -56,9 +56,12 @@ def test_streaming_demo_graph_path_logic():
     model, _ = _demo._build_hf_model(None, 3, 250)
     torch.manual_seed(0)
     audio = torch.randn(1, 1280 * 9 + 640)
-    streamed, offline, times, _, how = _demo._stream_on(model, audio, 1280, 80, "cpu",
-                                                        graph_step=EagerGraph)
+    streamed, offline, times, t_flush, _, how = _demo._stream_on(model, audio, 1280, 80, "cpu",
+                                                                 graph_step=EagerGraph)
     assert how == "CUDA graph, CPU" and calls == [1280] * 5 and len(times) == 10
+    assert t_flush >= 0
+    out = capsys.readouterr().out            # the last chunk holds 640 samples: 40 ms of audio
+    assert "chunk   10/10" in out and "ms compute for 40 ms of audio" in out
     assert streamed.shape == offline.shape
     assert (streamed - offline).abs().max() <= 1e-4 * offline.abs().max()
 

@@ -3,6 +3,7 @@ attributes, never module classes of pyencoder.nn."""
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch import nn
 
@@ -57,3 +58,15 @@ def test_declared_modules_stream():
     assert y.shape == ref.shape == (2, 13, 5)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
     assert latency(m).lookahead_samples == 0
+
+
+def test_run_stream_names_a_module_of_several_inputs():
+    """run_stream feeds step(x, state): FrameCrossAttention's step(x_q, x_kv, state) failed
+    inside it ("missing 1 required positional argument: 'state'")."""
+    from pyencoder import IntervalMask
+    from pyencoder.nn import FrameCrossAttention
+    from pyencoder.streaming import run_stream
+    m = FrameCrossAttention(16, 2, mask=IntervalMask.band(2, 1))
+    with pytest.raises(TypeError, match=r"run_stream drives modules whose step takes one input.*"
+                                        r"FrameCrossAttention.step takes 2 \(x_q, x_kv\)"):
+        run_stream(m, torch.randn(1, 10, 16), [3])

@@ -20,6 +20,7 @@ conv, TransformerLayer, StreamingSequential, CausalEncoder) step without host sy
 ``CudaGraphStep(module, state, example)`` captures that step in a CUDA graph and replays it per
 chunk (pyencoder.streaming.graph).
 """
+import inspect
 import itertools
 
 import torch
@@ -39,6 +40,18 @@ __all__ = ["StreamState", "reset", "state_nbytes", "latency", "Latency", "NotStr
            "ring_positions", "run_stream", "batched_counters", "CudaGraphStep", "admit"]
 
 
+def _step_inputs(step):
+    """The names of the inputs (required positional parameters before the state) of a bound
+    ``step``, or None where its signature is unknown."""
+    try:
+        params = list(inspect.signature(step).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    req = [p.name for p in params if p.default is p.empty and p.kind in (
+        inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    return req[:-1]
+
+
 def run_stream(module, x, chunk_sizes, time_dim=None, **init_kwargs):
     """Stream ``x`` (batch 1 or more, all slots in lockstep) through ``module`` in chunks of the
     given sizes (ints >= 1, cycled) and return the concatenated step + flush outputs.
@@ -48,6 +61,12 @@ def run_stream(module, x, chunk_sizes, time_dim=None, **init_kwargs):
     if not all(callable(getattr(module, f, None)) for f in ("init_state", "step", "flush")):
         raise TypeError(f"module must be a streaming module (init_state, step, flush); got "
                         f"{type(module).__name__}")
+    inputs = _step_inputs(module.step)
+    if inputs is not None and len(inputs) > 1:
+        # (FrameCrossAttention: step(x_q, x_kv, state) failed inside with "missing 'state'")
+        raise TypeError(f"run_stream drives modules whose step takes one input, step(x, state); "
+                        f"{type(module).__name__}.step takes {len(inputs)} "
+                        f"({', '.join(inputs)}): call its step yourself")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
     if x.dim() < 2:
