@@ -72,6 +72,17 @@ def clamp_window(value):
     return min(value, WINDOW_CAP)
 
 
+def clamp_extents(block, lo_off, hi_off, cap):
+    """An interval mask's ints (block, lo_off, hi_off; lo_off -1: unbounded) with every extent
+    within ``cap``: the same mask for positions below cap (a block past them puts each query in
+    block 0, lo_off past them hides no key, hi_off past them shows every key, or, negative,
+    none), and bounds computed from them stay far from integer overflow. Ordinary extents pass
+    unchanged."""
+    if lo_off > cap:
+        lo_off = cap
+    return min(block, cap), lo_off, max(-cap, min(hi_off, cap))
+
+
 def check_chunk_sizes(name, chunk_sizes):
     """A non-empty sequence of ints >= 1 (chunk lengths of a stream driver, cycled); returns it as
     a tuple of Python ints."""

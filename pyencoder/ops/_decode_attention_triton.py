@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._checks import clamp_extents
 from ._triton_op import cdiv, launch, next_pow2, triton_op
 
 __all__ = ["decode_attention_triton", "supports_forward", "forward", "forward_op"]
@@ -39,15 +40,10 @@ POSITION_LIMIT = 1 << 30
 
 
 def kernel_extents(block, lo_off, hi_off):
-    """(block, lo_off, hi_off) with every extent within POSITION_LIMIT: the same mask for
-    positions below it (a block past them puts each query in block 0, lo_off past them hides no
-    key, hi_off past them shows every key, or, negative, none), and base + hi_off cannot wrap in
-    int32 (hi_off = 2**31 - 1, a "no limit" sentinel, emptied every row). Ordinary extents pass
-    unchanged (the kernel's integer specialisations stay)."""
-    cap = POSITION_LIMIT
-    if lo_off > cap:
-        lo_off = cap
-    return min(block, cap), lo_off, max(-cap, min(hi_off, cap))
+    """(block, lo_off, hi_off) with every extent within POSITION_LIMIT (``clamp_extents``): the
+    same mask for positions below it, and base + hi_off cannot wrap in int32 (hi_off = 2**31 - 1,
+    a "no limit" sentinel, emptied every row)."""
+    return clamp_extents(block, lo_off, hi_off, POSITION_LIMIT)
 
 
 def _index(t):

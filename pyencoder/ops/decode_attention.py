@@ -49,7 +49,7 @@ import torch
 
 from .. import _backend
 from .._checks import (MAX_POSITION, WINDOW_CAP, autocasting, check_bias_tensors,
-                      check_decode_inputs, check_int, check_same, check_tensor)
+                      check_decode_inputs, check_int, check_same, check_tensor, clamp_extents)
 from ..reference import decode_attention as _reference
 from . import _decode_attention_triton as _triton
 from ._call import eager_ok
@@ -63,18 +63,6 @@ def window_offsets(block, lo_off, hi_off):
     """(r_min, r_max): the relative offsets s - p a query of the interval mask (block, lo_off >= 0,
     hi_off) can see: lo(p) - p >= -(lo_off + block - 1), hi(p) - p <= hi_off."""
     return -(lo_off + block - 1), hi_off
-
-
-def _clamp_extents(block, lo_off, hi_off):
-    """The mask ints with every extent within WINDOW_CAP (2**53), the offline op's rule: the same
-    mask for positions below MAX_POSITION (2**52): a block past every position puts each query in
-    block 0, lo_off past it hides no key, hi_off past it shows every key (or, negative, none).
-    Bounds stay far from int64 overflow (hi_off = 2**63 - 1 wrapped in the reference: rows that
-    see every key saw none; 2**64 failed as "int too big to convert", naming no argument)."""
-    block = min(block, WINDOW_CAP)
-    if lo_off >= 0:
-        lo_off = min(lo_off, WINDOW_CAP)
-    return block, lo_off, max(-WINDOW_CAP, min(hi_off, WINDOW_CAP))
 
 
 def _check_bias(q, k_ring, rel_bias, gate, rel_offset, block, lo_off, hi_off):
@@ -143,7 +131,10 @@ def decode_attention(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interl
     check_decode_inputs(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved, block,
                         lo_off, hi_off, scale)
     scale = float(scale)        # a numpy float as the offline op takes it
-    block, lo_off, hi_off = _clamp_extents(block, lo_off, hi_off)
+    # extents within WINDOW_CAP (2**53), the offline op's rule (positions stay below 2**52):
+    # hi_off = 2**63 - 1 wrapped in the reference's int64 bounds (rows that see every key saw
+    # none); 2**64 failed as "int too big to convert", naming no argument
+    block, lo_off, hi_off = clamp_extents(block, lo_off, hi_off, WINDOW_CAP)
     rel_offset = _check_bias(q, k_ring, rel_bias, gate, rel_offset, block, lo_off, hi_off)
     _check_sinks(q, k_ring, v_ring, sink_k, sink_v)
     args = dict(q=q, k_ring=k_ring)
