@@ -1072,3 +1072,45 @@ def test_convnext_block_takes_an_int_layer_scale():
     from pyencoder.models.decoder import ConvNeXtBlock
     b = ConvNeXtBlock(8, 16, 3, layer_scale_init=1)
     assert b.gamma.dtype == torch.float32 and torch.equal(b.gamma, torch.ones(8))
+
+
+# ---- session 38 ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(num_layers=1.5), TypeError, r"num_layers must be an int; got float 1.5"),
+    (dict(num_layers=None), TypeError, r"num_layers must be an int; got NoneType"),
+    (dict(num_layers=True), TypeError, r"num_layers must be an int; got bool"),
+    (dict(num_layers=0), ValueError, r"num_layers must be >= 1; got 0"),
+    (dict(embed_dim=0), ValueError, r"embed_dim must be >= 1; got 0"),
+    (dict(embed_dim=2.5), TypeError, r"embed_dim must be an int; got float"),
+    (dict(channels=-3), ValueError, r"channels must be >= 1; got -3"),
+    (dict(eps=-1.0), ValueError, r"eps must be a finite float >= 0; got -1.0"),
+    (dict(eps=float("nan")), ValueError, r"eps must be a finite float >= 0; got nan"),
+    (dict(eps="a"), TypeError, r"eps must be a finite float >= 0; got str"),
+])
+def test_conv_adapter_arguments_are_named(kwargs, exc, match):
+    """ConvAdapter took eps=-1 / nan (a NaN output), eps='a' (a failure at first call), a float
+    or bool num_layers (True built 1 layer) and failed in torch's words on a bad embed_dim."""
+    from pyencoder.models.adapter import ConvAdapter
+    args = dict(embed_dim=6, channels=8, num_layers=1, kernel_size=3, stride=2)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        ConvAdapter(**args)
+
+
+def test_cross_attention_max_context_message_names_the_cause():
+    """A bounded mask whose key stream ran ahead of its queries was told to bound its (bounded)
+    left; a window wider than max_context is named as such."""
+    from pyencoder.nn import FrameCrossAttention
+
+    def overflow(mask, q_frames, kv_frames):
+        m = FrameCrossAttention(4, 1, mask=mask, max_context=16)
+        st = m.init_state(1)
+        with pytest.raises(RuntimeError, match=r"buffered keys exceed max_context=16") as e:
+            for _ in range(40):
+                _, st = m.step(torch.randn(1, q_frames, 4), torch.randn(1, kv_frames, 4), st)
+        return str(e.value)
+
+    assert "the key stream ran ahead of the query stream" in overflow(
+        IntervalMask.frames(1, 2, 1, 0), 0, 2)
+    assert "unbounded history" in overflow(IntervalMask.band(None, 0), 1, 1)
+    assert "one query sees up to 41 keys" in overflow(IntervalMask.band(40, 0), 1, 1)

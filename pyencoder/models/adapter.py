@@ -30,7 +30,7 @@ from torch import nn
 
 from ..nn.linear import Linear
 from ..streaming.sequential import cat_time
-from .._checks import check_module_input
+from .._checks import check_eps, check_int, check_module_input
 from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
                                check_state, check_step_lengths, check_step_slots, ends_stream,
                                fill_counter, mark_broken, require_steady, stamp, stream_config)
@@ -187,8 +187,10 @@ class ConvAdapter(nn.Module):
     def __init__(self, embed_dim, channels, num_layers, kernel_size, stride, padding=1,
                  eps=1e-5):
         super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1; got {num_layers}")
+        check_int("embed_dim", embed_dim, min_value=1)
+        check_int("channels", channels, min_value=1)
+        check_int("num_layers", num_layers, min_value=1)
+        check_eps("eps", eps)
         self.embed_dim = embed_dim
         if channels != embed_dim:
             self.proj = Linear(embed_dim, channels)

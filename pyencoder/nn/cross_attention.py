@@ -286,9 +286,17 @@ class FrameCrossAttention(nn.Module):
                                   for s, h in ((sink_k, kh), (sink_v, vh)))
             k_pos += x_kv.shape[1]
         if k.shape[2] > self.max_context:
+            w = self.mask.width()
+            if w is None:
+                why = "unbounded history keeps every key; raise max_context or bound the mask's left"
+            elif w > self.max_context:
+                why = f"one query sees up to {w} keys under this mask; raise max_context"
+            else:
+                why = (f"the key stream ran ahead of the query stream: {k_pos} keys arrived for "
+                       f"{q_pos} queries, and every key from mask.lo of the oldest pending query "
+                       f"on is kept; feed the queries, or raise max_context")
             raise RuntimeError(f"FrameCrossAttention: {k.shape[2]} buffered keys exceed "
-                               f"max_context={self.max_context} (unbounded history keeps every "
-                               f"key; raise max_context or bound the mask's left)")
+                               f"max_context={self.max_context} ({why})")
         p0 = q_pos - q.shape[2]
         k_start = k_pos - k.shape[2]
         e = self._emittable(p0, q.shape[2], k_pos, final)
