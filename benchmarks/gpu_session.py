@@ -99,6 +99,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 OUT_FILE_LIMIT = 16 * 2**20
 STAGE_LOG_CAP = 2 * 2**20          # per stage, in session.log (the full log is in logs.tgz)
+SESSION_LOG_CAP = 12 * 2**20       # session.log in all (a file over OUT_FILE_LIMIT never comes back)
 NAME_OK = re.compile(r"^[A-Za-z0-9._-]+$")
 
 ATTENTION_TESTS = ["tests/test_attention_triton.py", "tests/test_attention_triton_ropetable.py",
@@ -153,7 +154,7 @@ def csrc_hash(csrc=os.path.join(ROOT, "csrc")):
 def prebuilt_mismatch(info, torch_version, cuda_version, source_hash):
     """None when a prebuilt extension described by build_info.json `info` fits this torch, CUDA
     and csrc/ tree, else the reason (a readable sentence)."""
-    if not info or not info.get("cuda_built"):
+    if not isinstance(info, dict) or not info.get("cuda_built"):
         return "no prebuilt extension (.prebuilt/build_info.json missing or not a CUDA build)"
     if info.get("torch") != torch_version:
         return f"prebuilt for torch {info.get('torch')}, this is torch {torch_version}"
@@ -430,7 +431,10 @@ def run_group(argv, env, log, timeout):
         except subprocess.TimeoutExpired:
             pass
     _killpg(p.pid, signal.SIGKILL)
-    p.wait()
+    try:
+        p.wait(timeout=10)
+    except subprocess.TimeoutExpired:   # stuck in the driver (D state): the session goes on
+        log.write("[the process outlived SIGKILL by 10 s: left behind]\n")
     dt = time.monotonic() - t0
     log.write(f"[{'timeout' if rc is None else f'exit {rc}'} after {dt:.1f} s]\n")
     log.flush()
@@ -603,15 +607,21 @@ class Session:
 
     def _append_log(self, name, path):
         size = os.path.getsize(path)
+        self.session_log.flush()
+        # 2 MiB a stage, and session.log under SESSION_LOG_CAP in all (9 stages of 2 MiB passed
+        # the 16 MiB a file may have to come back)
+        cap = max(min(STAGE_LOG_CAP, SESSION_LOG_CAP - os.path.getsize(self.session_log.name)),
+                  64 * 2**10)
         self.session_log.write(f"\n======== {name} log ({size} bytes) ========\n")
-        with open(path, errors="replace") as f:
-            if size <= STAGE_LOG_CAP:
-                self.session_log.write(f.read())
+        with open(path, "rb") as f:
+            if size <= cap:
+                text = f.read()
             else:
-                head = f.read(STAGE_LOG_CAP // 4)
-                f.seek(size - 3 * STAGE_LOG_CAP // 4)
-                self.session_log.write(head + f"\n[... {size - STAGE_LOG_CAP} bytes cut: "
-                                       "full log in logs.tgz ...]\n" + f.read())
+                text = f.read(cap // 4) + (f"\n[... {size - cap} bytes cut: full log in "
+                                           "logs.tgz ...]\n").encode()
+                f.seek(size - 3 * cap // 4)
+                text += f.read()
+            self.session_log.write(text.decode(errors="replace"))
         self.session_log.write("\n")
         self.session_log.flush()
 
@@ -702,7 +712,17 @@ class Session:
         for name, t_gpu, t_dry, plan in STAGES:
             if name not in selected:
                 continue
-            self.run_stage(name, t_dry if self.dry else t_gpu, plan)
+            try:
+                self.run_stage(name, t_dry if self.dry else t_gpu, plan)
+            except Exception as e:    # a driver bug costs this stage, never the later ones
+                rec = self.summary["stages"][-1] if self.summary["stages"] and \
+                    self.summary["stages"][-1]["name"] == name else None
+                if rec is None:
+                    rec = {"name": name, "seconds": 0.0, "commands": []}
+                    self.summary["stages"].append(rec)
+                rec["status"] = "failed"
+                rec["driver_error"] = f"{type(e).__name__}: {e}"
+                self.say(f"stage {name}: driver error {type(e).__name__}: {e}")
             self.flush_out()
         bad = [s["name"] for s in self.summary["stages"] if s["status"] in ("failed", "timeout")]
         self.summary["failed_stages"] = bad
@@ -751,19 +771,28 @@ def setup_extension(work, dry):
     print(f"prebuilt extension: {'fits' if why is None else why}", flush=True)
     pkg = os.path.join(ROOT, "pyencoder")
     if why is None and not dry:
-        for f in glob.glob(os.path.join(pkg, "_C*.so")):
-            os.remove(f)
-        shutil.copy(os.path.join(pre, info["so"]), pkg)
-        keep = {k: info[k] for k in ("version", "cuda_built", "reason", "torch", "cuda")}
-        with open(os.path.join(pkg, "_build_info.py"), "w") as f:
-            f.write("# Written by benchmarks/gpu_session.py from .prebuilt/build_info.json.\n")
-            f.write(f"BUILD_INFO = {keep!r}\n")
-        rep["action"] = "prebuilt"
-        rc = _check_extension(rep)
-        if rc == 0:
-            _atomic_json(os.path.join(work, "extension.json"), rep)
-            return 0
-        print("the prebuilt extension does not load; building here", flush=True)
+        try:
+            so = os.path.join(pre, info["so"])
+            keep = {k: info[k] for k in ("version", "cuda_built", "reason", "torch", "cuda")}
+            if not os.path.isfile(so):
+                raise FileNotFoundError(f"{so} is missing")
+        except (KeyError, TypeError, FileNotFoundError) as e:
+            rep["prebuilt_error"] = f"{type(e).__name__}: {e}"
+            print(f"the prebuilt extension cannot be installed ({rep['prebuilt_error']}); "
+                  f"building here", flush=True)
+        else:
+            for f in glob.glob(os.path.join(pkg, "_C*.so")):
+                os.remove(f)
+            shutil.copy(so, pkg)
+            with open(os.path.join(pkg, "_build_info.py"), "w") as f:
+                f.write("# Written by benchmarks/gpu_session.py from .prebuilt/build_info.json.\n")
+                f.write(f"BUILD_INFO = {keep!r}\n")
+            rep["action"] = "prebuilt"
+            rc = _check_extension(rep)
+            if rc == 0:
+                _atomic_json(os.path.join(work, "extension.json"), rep)
+                return 0
+            print("the prebuilt extension does not load; building here", flush=True)
     if dry:
         rep["action"] = "none (dry run: no CUDA build here)"
         print("dry run: the device would " + ("load the prebuilt .so" if why is None else

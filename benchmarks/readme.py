@@ -105,7 +105,8 @@ def _conv_provider(r):
 
 def conv(recs):
     rows = [[r.get("suite", ""), _conv_provider(r), r.get("dtype", ""),
-             f"B={r['B']} C={r['C']} L={r['L']} k={r['k']} g={r['groups']} s={r['stride']}",
+             f"B={r['B']} C={r['C']} L={r['L']} k={r['k']} g={r['groups']} s={r['stride']}"
+             + (" channels-last" if r.get("layout") == "cl" else ""),
              r.get("mode", ""), _f(r.get("median_ms"), 4), _f(r.get("gb_per_s"), 1),
              _f(100 * r["frac_of_copy"], 0) if isinstance(r.get("frac_of_copy"), float) else "–"]
             for r in recs if "median_ms" in r]

@@ -36,15 +36,17 @@ def load(path):
 
 # what names a measured case (rows of one commit measured twice: the later one is kept)
 _CASE_KEYS = ("bench", "suite", "provider", "shape", "B", "H", "D", "N", "Nq", "Nk", "mask",
-              "rope", "dtype", "mode", "C", "L", "k", "groups", "stride", "batch", "chunk_ms",
-              "autotune", "triton_autotune", "layers", "threads", "op", "case", "burners", "sink", "name")
+              "rope", "rope_mode", "rope_table", "dtype", "mode", "C", "L", "k", "groups", "stride",
+              "layout", "batch", "chunk_ms", "autotune", "triton_autotune", "layers", "threads",
+              "op", "case", "burners", "sink", "name", "variant", "source", "model")
 
 
 def _latest_run(recs):
     """Keep the records of the newest run (files are appended across runs): those sharing the
     last record's commit when every record of it names one (a device session's calls all name
-    theirs: PYENCODER_COMMIT), else its run_id; a case measured more than once there keeps its
-    last row."""
+    theirs: PYENCODER_COMMIT), else its run_id. A case (the _CASE_KEYS fields) measured by more
+    than one run there keeps the rows of the last run that measured it (a run's own rows of one
+    case are all kept), in file order."""
     if not recs:
         return recs
     last = recs[-1]
@@ -54,16 +56,9 @@ def _latest_run(recs):
         run = [r for r in recs if r.get("run_id") == last["run_id"]]
     else:
         return recs  # no run id: show everything
-    keep, where = {}, {}
-    for i, r in enumerate(run):
-        case = tuple(repr(r.get(k)) for k in _CASE_KEYS)
-        old = where.get(case)
-        if old is not None and keep[old].get("run_id") != r.get("run_id"):
-            keep[old] = r              # a later run's row of the same case replaces it
-        else:
-            where[case] = i            # rows of one run are never merged
-            keep[i] = r
-    return list(keep.values())
+    cases = [tuple(repr(r.get(k)) for k in _CASE_KEYS) for r in run]
+    newest = {c: r.get("run_id") for c, r in zip(cases, run)}
+    return [r for c, r in zip(cases, run) if r.get("run_id") == newest[c]]
 
 
 def _fmt(v):

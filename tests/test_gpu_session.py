@@ -458,3 +458,100 @@ def test_a_failing_test_command_reruns_its_failures_without_fast_launch(tmp_path
     calls.clear()      # no time left in the stage: no rerun
     session._rerun_fast_launch_off({}, argv, {}, io.StringIO(), time.monotonic() + 1)
     assert not calls
+
+
+def test_setup_builds_when_the_prebuilt_so_is_missing(tmp_path, monkeypatch):
+    """A fitting build_info.json whose .so was not carried: the setup stage builds the extension
+    there (it deleted pyencoder/_C*.so, then failed in shutil.copy with no extension.json)."""
+    import torch
+    root = tmp_path / "repo"
+    (root / "csrc").mkdir(parents=True)
+    (root / "csrc" / "k.cu").write_text("__global__ void k() {}")
+    (root / "pyencoder").mkdir()
+    (root / ".prebuilt").mkdir()
+    info = {"version": "0.1.0", "cuda_built": True, "reason": "", "torch": torch.__version__,
+            "cuda": torch.version.cuda, "csrc_sha256": gs.csrc_hash(str(root / "csrc")),
+            "so": "_C.cpython-312-x86_64-linux-gnu.so"}
+    (root / ".prebuilt" / "build_info.json").write_text(json.dumps(info))
+    monkeypatch.setattr(gs, "ROOT", str(root))
+    monkeypatch.setattr(gs, "_check_extension", lambda rep: rep.update(load="loaded") or 0)
+    built = []
+    monkeypatch.setattr(gs.subprocess, "call", lambda argv, **kw: built.append(argv) or 0)
+    assert gs.setup_extension(str(tmp_path), dry=False) == 0
+    assert built and "build_ext" in built[0]
+    rep = json.load(open(tmp_path / "extension.json"))
+    assert rep["action"] == "built" and "is missing" in rep["prebuilt_error"]
+    assert gs.prebuilt_mismatch([1, 2], "2.11", "13.0", "x").startswith("no prebuilt")
+
+
+def test_session_log_stays_under_the_out_file_limit(tmp_path):
+    """Nine stages with logs over the 2 MiB per-stage cap made session.log ~18 MiB, over the
+    16 MiB a file may have to come back at all."""
+    session = gs.Session.__new__(gs.Session)
+    session.session_log = open(tmp_path / "session.log", "w")
+    big = tmp_path / "stage.log"
+    big.write_bytes(b"x" * (3 * 2**20))
+    for i in range(len(gs.STAGES) + 3):
+        session._append_log(f"stage{i}", str(big))
+    session.session_log.close()
+    size = os.path.getsize(tmp_path / "session.log")
+    assert size < gs.OUT_FILE_LIMIT and size <= gs.SESSION_LOG_CAP + 2**20
+
+
+def test_a_driver_error_in_one_stage_leaves_the_others(tmp_path, monkeypatch):
+    """An exception in the driver (not in a stage's command) failed that stage only: the later
+    stages ran and summary.json was written."""
+    import argparse
+    session = gs.Session.__new__(gs.Session)
+    session.args = argparse.Namespace(stages=None, budget=480)
+    session.dry, session.out, session.work = True, str(tmp_path), str(tmp_path)
+    session.ctx = {"xdist": False}
+    session.summary = {"stages": []}
+    session.t0 = time.monotonic()
+    session.session_log = open(tmp_path / "session.log", "w")
+    session.say = lambda msg: None
+    flushed = []
+    session.flush_out = lambda: flushed.append(len(session.summary["stages"]))
+    names = [s[0] for s in gs.STAGES]
+
+    def run_stage(name, timeout, plan):
+        session.summary["stages"].append({"name": name, "status": "ok", "seconds": 1.0,
+                                          "commands": []})
+        if name == names[1]:
+            raise KeyError("boom")
+    session.run_stage = run_stage
+    assert session.run() == 1
+    st = session.summary["stages"]
+    assert [s["name"] for s in st] == names
+    assert st[1]["status"] == "failed" and "KeyError" in st[1]["driver_error"]
+    assert session.summary["failed_stages"] == [names[1]] and len(flushed) == len(names) + 1
+
+
+def test_results_keep_the_newest_run_of_each_case():
+    """summarize._latest_run: two runs at one commit (a second call, a re-run stage) kept run 1's
+    rows beside run 2's (the streaming variants shared a case key); a channel-last grouped conv
+    row replaced the channel-first one (no layout in the key) and the README could not tell
+    them apart."""
+    from benchmarks import readme
+    from benchmarks.summarize import _latest_run
+    base = dict(bench="streaming", mode="step_latency", batch=1, chunk_ms=80, mask="chunked",
+                dtype="bfloat16", commit="abc")
+    rows = [dict(base, run_id=run, variant=v, p50_ms=p)
+            for run, p in (("R1", 1.0), ("R2", 2.0))
+            for v in (None, "conv-triton", "decoder", "encoder")]
+    kept = _latest_run(rows)
+    assert [(r["run_id"], r["variant"]) for r in kept] == [
+        ("R2", None), ("R2", "conv-triton"), ("R2", "decoder"), ("R2", "encoder")]
+    # a run's own repeated rows of one case are all kept; another commit's rows are not
+    rows2 = [dict(base, commit="old", run_id="R0")] + rows[4:] + [dict(rows[4], p50_ms=3.0)]
+    assert [r["p50_ms"] for r in _latest_run(rows2)] == [2.0, 2.0, 2.0, 2.0, 3.0]
+    common = dict(bench="conv", suite="grouped", dtype="float16", B=8, C=768, L=2048, k=128,
+                  groups=16, stride=1, mode="fwd", commit="abc")
+    conv = [dict(common, run_id="R1", provider=p, layout="cf", median_ms=1.0)
+            for p in ("pyencoder-triton", "cudnn")] + \
+           [dict(common, run_id="R2", provider=p, layout="cl", median_ms=5.0)
+            for p in ("pyencoder-triton", "cudnn")]
+    kept = _latest_run(conv)
+    assert [r["layout"] for r in kept] == ["cf", "cf", "cl", "cl"]
+    lines = readme.conv(kept).splitlines()
+    assert sum("channels-last" in line for line in lines) == 2
