@@ -222,9 +222,10 @@ def test_cuda_graph_decoder():
 @pytest.mark.parametrize("case", ["ragged", "not_whole_chunks", "autograd"])
 def test_decoder_dispatch_not_taken(monkeypatch, case):
     """The decoder's general step stays general for ragged lengths, steps that are not whole
-    Refiner chunks, and where autograd records (the stream is then differentiable up to the
-    inference-only steps inside, which say so)."""
-    m = _decoder("refiner_attention")
+    Refiner chunks, and where autograd records through a differentiable decoder (ConvNeXt
+    blocks only; one holding attention / Refiner steps records nothing and may dispatch:
+    test_grad_mode_steps_keep_no_graph)."""
+    m = _decoder("convnext" if case == "autograd" else "refiner_attention")
     calls = []
     monkeypatch.setattr(StreamingDecoder, "step_fixed", lambda *a, **k: calls.append(1))
     x = torch.randn(2, 60, 6, dtype=torch.float64)

@@ -149,6 +149,11 @@ def test_stack_dispatch_not_taken(monkeypatch, case):
                                     TransformerLayer(BandedSelfAttention(16, 2, left=None,
                                                                          right=1), 32)
                                     ).double().eval()
+    elif case == "autograd":   # autograd records through a differentiable stack (strided
+        # convs): general steps (a stack holding attention steps records nothing: it dispatches;
+        # test_grad_mode_steps_keep_no_graph)
+        model = StreamingSequential(CausalConv1d(1, 8, 4, stride=2),
+                                    CausalConv1d(8, 8, 3, stride=2)).double()
     else:
         model = _stack("chunked").double()
     x = torch.randn(2, 1, 400, dtype=torch.float64)
@@ -378,6 +383,63 @@ def test_backward_through_a_step_says_it_is_unsupported(what):
     with pytest.raises(RuntimeError, match="backward through a streaming step is not "
                                            "supported.*torch.no_grad"):
         sum(y.sum() for y in ys).backward()
+
+
+@pytest.mark.parametrize("what", ["attention", "stack", "encoder", "encoder_hidden", "decoder",
+                                  "hf"])
+def test_grad_mode_steps_keep_no_graph(what):
+    """Steps run with autograd on (no torch.no_grad: a common slip) recorded a graph that the
+    state kept (a running norm's sums, a conv's history, the attention ring): each step chained
+    to the last, memory grew without bound (a tiny wav2vec2 0.33 MB a step), for a backward that
+    is refused anyway. Such steps now record nothing: no state tensor requires grad, the outputs
+    equal the no-grad stream's exactly and still require grad, and a backward through them says
+    it is unsupported."""
+    from test_decoder_step_fixed import _decoder
+    from test_encoder_step_fixed import _encoder
+    from test_streaming_fixed import _banded
+    torch.manual_seed(23)
+    kw = {}
+    if what.startswith("encoder"):
+        m = _encoder("band_postln_valid")
+        x, step = torch.randn(2, m.hop * 4 * 8, dtype=torch.float64), m.hop * 4
+        kw = {"output_hidden_states": what == "encoder_hidden"}
+    elif what == "hf":
+        pytest.importorskip("transformers")
+        from test_hf import make_model
+        from pyencoder import hf as H
+        base = make_model("w2v2_post").double().eval()
+        H.apply_pyencoder_to_wav2vec2(base, lookahead_frames=1, left_frames=4)
+        m = H.StreamingEncoder(base)
+        x, step = torch.randn(2, 320 * 8, dtype=torch.float64), 320
+    elif what == "stack":
+        m = _stack("banded").double()
+        x, step = torch.randn(2, 1, 8 * 8, dtype=torch.float64), 8
+    elif what == "decoder":
+        m = _decoder("refiner_attention")
+        x, step = torch.randn(2, 6 * 8, 6, dtype=torch.float64), 6
+    else:
+        m = _banded(right=2).double()
+        x, step = torch.randn(2, 4 * 8, 16, dtype=torch.float64), 4
+    axis = -1 if what == "stack" else 1
+
+    def stream(grad):
+        st = m.init_state(2)
+        ys = []
+        with torch.set_grad_enabled(grad):
+            for i in range(8):
+                y, st = m.step(x.narrow(axis, i * step, step), st, **kw)
+                ys.append(y)
+        return ys, st
+    (ys, st), (ref, _) = stream(True), stream(False)
+    assert not [k for k, t in st.tensors().items() if t.requires_grad or t.grad_fn is not None]
+    if kw.get("output_hidden_states"):          # ((y, hidden_states), state) each
+        flat, flat_ref = ([t for y in got for t in (y[0], *y[1])] for got in (ys, ref))
+    else:
+        flat, flat_ref = ys, ref
+    for a, b in zip(flat, flat_ref):
+        assert torch.equal(a.detach(), b) and a.requires_grad
+    with pytest.raises(RuntimeError, match="backward through a streaming step is not supported"):
+        sum(y.sum() for y in flat).backward()
 
 
 @pytest.mark.parametrize("what", ["attention", "chunked", "wavlm", "layer", "decoder"])

@@ -40,8 +40,8 @@ from ..streaming.sequential import StreamingSequential
 from ._config import cfg_bool, cfg_float, cfg_int
 from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
                                check_state, check_step_input, check_step_lengths, check_step_slots,
-                               ends_stream, fill_counter, fresh_counters, inference_step,
-                               mark_broken, record_steady, stamp, steady_dispatch)
+                               ends_stream, fill_counter, fresh_counters, holds_in_place_step,
+                               inference_step, mark_broken, record_steady, stamp, steady_dispatch)
 
 __all__ = ["DecoderConfig", "ConvNeXtBlock", "StreamingDecoder", "DecoderState"]
 
@@ -329,6 +329,7 @@ class StreamingDecoder(nn.Module):
         state.out_lengths = state.net.out_lengths * K
         return y.reshape(B, -1), state
 
+    @inference_step(when=holds_in_place_step)
     def step(self, x, state, lengths=None):
         """Feed x (B, n, input_dim) frames; returns (wav (B, m * K), state). Slot b's new samples
         are the first ``state.out_lengths[b]``."""
@@ -366,6 +367,7 @@ class StreamingDecoder(nn.Module):
         return None if c is None else SteadyCheck(c.n_out * self.samples_per_frame, c.ok,
                                                   c.counters)
 
+    @inference_step(when=holds_in_place_step)
     def step_fixed(self, x, state, check=False):
         """CUDA-graph friendly steady-state step: x (B, n, input_dim), every slot the same n
         frames (n whole Refiner chunks; attention layers steady: StreamingSequential.step_fixed,

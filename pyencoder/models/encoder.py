@@ -69,8 +69,9 @@ from ..streaming.latency import NotStreamableError, latency as composed_latency
 from ..streaming.sequential import PassState, StreamingSequential, cat_time
 from ..streaming.state import (StreamState, all_steady, batched_counters, check_init_args,
                                check_state, check_step_lengths, check_step_slots, ends_stream,
-                               fill_counter, fresh_counters, mark_broken, record_steady,
-                               require_steady, stamp, steady_check, steady_dispatch)
+                               fill_counter, fresh_counters, holds_in_place_step,
+                               inference_step, mark_broken, record_steady, require_steady, stamp,
+                               steady_check, steady_dispatch)
 from ._config import _as_int, cfg_bool, cfg_choice, cfg_float, cfg_int, cfg_ints, is_np_bool
 from .adapter import ConvAdapter
 from .frontend import ConvFeatureExtractor, FrontendState
@@ -504,6 +505,7 @@ class CausalEncoder(nn.Module):
         state.out_lengths = state.adapter.out_lengths
         return y
 
+    @inference_step(when=holds_in_place_step)
     def step(self, wav, state, lengths=None, output_hidden_states=False):
         """Feed wav (B, n) samples (any n >= 0; ``lengths`` (B,) valid samples per slot). Returns
         (y (B, m, E), state): slot b's new frames are the first ``state.out_lengths[b]`` rows.
@@ -580,6 +582,7 @@ class CausalEncoder(nn.Module):
         n = wav.shape[-1]
         return steady_dispatch(state, self.steady_check(n, state), lengths, n)
 
+    @inference_step(when=holds_in_place_step)
     def step_fixed(self, wav, state, check=False):
         """CUDA-graph friendly steady-state step of the whole encoder: wav (B, n) (or (B, 1, n)),
         every slot the same n samples, n a multiple of ``hop``. Returns y (B, n // hop, E) (the

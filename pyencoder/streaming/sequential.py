@@ -25,8 +25,8 @@ from .._cpu_threads import threads_for
 from .protocol import is_pointwise, is_streaming, swaps_time_axis, time_last
 from .state import (StreamState, all_steady, batched_counters, check_init_args, check_state,
                     check_step_lengths, check_step_slots, ends_stream, fill_counter, fresh_counters,
-                    mark_broken, record_steady, require_steady, stamp, steady_check,
-                    steady_dispatch)
+                    holds_in_place_step, inference_step, mark_broken, record_steady,
+                    require_steady, stamp, steady_check, steady_dispatch)
 
 __all__ = ["StreamingSequential", "StackState", "PassState", "cat_time"]
 
@@ -190,6 +190,7 @@ class StreamingSequential(nn.Sequential):
                 collect[i].append((x, lengths))
         return x, lengths
 
+    @inference_step(when=holds_in_place_step)
     def step(self, x, state, lengths=None, outputs=None):
         self._check_state(state)
         if not isinstance(x, torch.Tensor):
@@ -254,6 +255,7 @@ class StreamingSequential(nn.Sequential):
         dispatched step (pyencoder.streaming.state.steady_dispatch)."""
         return steady_dispatch(state, self.steady_check(n, state), lengths, n)
 
+    @inference_step(when=holds_in_place_step)
     def step_fixed(self, x, state, check=False):
         """CUDA-graph friendly steady-state step: every child's ``step_fixed`` (preconditions:
         CausalConv1d.step_fixed and BandedSelfAttention / ChunkedSelfAttention /

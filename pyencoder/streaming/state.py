@@ -888,26 +888,50 @@ class _NoStepBackward(torch.autograd.Function):
             f"torch.inference_mode()")
 
 
-def inference_step(fn):
+def inference_step(fn=None, *, when=None):
     """Decorator of a module's ``step`` / ``step_fixed`` whose state updates in place make it
-    non-differentiable: where autograd records, the output carries a node whose backward raises
-    a RuntimeError that says so (before any node whose saved tensors a later step overwrote
-    fails with autograd's in-place message). Forward results are unchanged; no cost under
-    torch.no_grad / inference_mode."""
+    non-differentiable (with ``when``: a container's, when ``when(module)`` says its stream runs
+    through such a step, e.g. ``holds_in_place_step``). Where autograd records, the step runs
+    without recording (autograd history kept in the state would chain every step to the last
+    and grow without bound, for a backward that cannot run) and, when a parameter or an input
+    requires grad, its output carries a node whose backward raises a RuntimeError that says so.
+    Forward results are unchanged; no cost under torch.no_grad / inference_mode."""
+    if fn is None:
+        return functools.partial(inference_step, when=when)
+
     @functools.wraps(fn)
     def wrapped(self, *args, **kwargs):
         if not torch.is_grad_enabled():       # inference: the step itself, nothing more
             return fn(self, *args, **kwargs)
-        out = fn(self, *args, **kwargs)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or (when is not None and not when(self)):
+            return fn(self, *args, **kwargs)
+        wanted = any(isinstance(a, torch.Tensor) and a.requires_grad
+                     for a in (*args, *kwargs.values())) or \
+            any(p.requires_grad for p in self.parameters())
+        with torch.no_grad():
+            out = fn(self, *args, **kwargs)
+        if not wanted:
             return out
         who = f"{type(self).__name__}.{fn.__name__}"
-        if isinstance(out, tuple):
-            y = out[0]
-            if isinstance(y, torch.Tensor) and y.requires_grad:
-                return (_NoStepBackward.apply(y, who),) + tuple(out[1:])
-            return out
-        if isinstance(out, torch.Tensor) and out.requires_grad:
-            return _NoStepBackward.apply(out, who)
-        return out
+        if isinstance(out, tuple):        # (y, state); y may hold hidden states
+            return (_refusing(out[0], who),) + out[1:]
+        return _refusing(out, who)
+    wrapped.in_place = when is None
     return wrapped
+
+
+def _refusing(y, who):
+    """y's floating tensors (in nested tuples / lists too) as outputs whose backward raises
+    _NoStepBackward's message (y was computed without recording)."""
+    if isinstance(y, (tuple, list)):
+        return type(y)(_refusing(t, who) for t in y)
+    if isinstance(y, torch.Tensor) and (y.is_floating_point() or y.is_complex()):
+        return _NoStepBackward.apply(y.detach().requires_grad_(), who)
+    return y
+
+
+def holds_in_place_step(module):
+    """Whether ``module`` or a module below it steps in place (its ``step`` decorated with
+    inference_step): a container's stream through it cannot be differentiated either."""
+    return any(getattr(getattr(type(m), "step", None), "in_place", False)
+               for m in module.modules())
