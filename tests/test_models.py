@@ -335,3 +335,24 @@ def test_from_hf_keeps_first_layers():
     for bad, exc in ((2.7, TypeError), (True, TypeError), (0, ValueError), (99, ValueError)):
         with pytest.raises(exc, match="num_layers must"):
             CausalEncoder.from_hf(hf, lookahead=2, num_layers=bad)
+
+
+def test_models_keep_their_own_config():
+    """CausalEncoder / StreamingDecoder kept the caller's config object and read it at run time:
+    editing it to build a second model (a post-LN -> pre-LN sweep; the teacher as the student's
+    config with lookahead=None) changed the first model's output / made it unstreamable."""
+    torch.manual_seed(0)
+    cfg = tiny_encoder_config(lookahead=2)
+    a = CausalEncoder(cfg).double().eval()
+    wav = torch.randn(1, 1600, dtype=torch.float64)
+    with torch.no_grad():
+        y0 = a(wav).last_hidden_state
+        cfg.norm_first = not cfg.norm_first
+        cfg.lookahead = None
+        CausalEncoder(cfg)
+        assert torch.equal(a(wav).last_hidden_state, y0)
+        a.init_state(1)                          # still streamable (lookahead 2, not None)
+    assert a.config is not cfg and a.config.lookahead == 2
+    dcfg = tiny_decoder_config()
+    d = StreamingDecoder(dcfg)
+    assert d.config is not dcfg and d.config == dcfg

@@ -17,6 +17,7 @@ need (at the latest input frame f + R); without a Refiner every frame waits exac
 Streaming: ``init_state`` / ``step(x_chunk)`` / ``flush``: a StreamingSequential over the same
 modules; for any chunking step + flush outputs concatenate to the offline waveform.
 """
+import copy
 import dataclasses
 import math
 from typing import Optional
@@ -246,9 +247,12 @@ class StreamingDecoder(nn.Module):
     waveform (B, T * samples_per_frame), offline and streaming, with exact ``latency()``."""
     def __init__(self, config: DecoderConfig):
         super().__init__()
-        c = config
-        if not isinstance(c, DecoderConfig):
-            raise TypeError(f"config must be a DecoderConfig; got {type(c).__name__}")
+        if not isinstance(config, DecoderConfig):
+            raise TypeError(f"config must be a DecoderConfig; got "
+                            f"{type(config).__name__}")
+        # the model's own copy: it reads its config at run time (an edit of the caller's object,
+        # e.g. to build a second model from it, changed this one)
+        c = copy.deepcopy(config)
         c.validate()
         self.config = c
         ls = 1.0 / c.num_blocks if c.layer_scale_init is None and c.num_blocks else \

@@ -49,6 +49,7 @@ path (no ``step_fixed``). ``sink`` (band / chunked layers, WavLM's biased ones i
 ``sink`` frames are attention sinks every frame sees (IntervalMask sink keys), resident in the
 stream state; the layers' ``step_fixed`` covers them once every sink frame has arrived.
 """
+import copy
 import dataclasses
 from typing import Optional, Sequence, Tuple, Union
 
@@ -286,9 +287,12 @@ class CausalEncoder(nn.Module):
 
     def __init__(self, config: EncoderConfig):
         super().__init__()
-        c = config
-        if not isinstance(c, EncoderConfig):
-            raise TypeError(f"config must be an EncoderConfig; got {type(c).__name__}")
+        if not isinstance(config, EncoderConfig):
+            raise TypeError(f"config must be an EncoderConfig; got "
+                            f"{type(config).__name__}")
+        # the model's own copy: it reads its config at run time (an edit of the caller's object,
+        # e.g. to build a second model from it, changed this one)
+        c = copy.deepcopy(config)
         c.validate()
         if c.adapter_attn_dim is not None and not c.norm_first:
             raise ValueError(f"adapter_attn_dim ({c.adapter_attn_dim}): attention adapters follow "
