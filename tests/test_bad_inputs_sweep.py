@@ -496,6 +496,7 @@ def test_config_numpy_ints_are_taken_as_ints():
                               conv_dim=(np.int64(8), 12, 12), left=np.int64(6),
                               lookahead_layers=[np.int64(2), 0])
     m = CausalEncoder(cfg)
+    cfg = m.config                    # the model's own copy, normalised
     assert type(cfg.hidden_size) is int and cfg.conv_dim == (8, 12, 12)
     assert all(type(x) is int for x in cfg.conv_dim + tuple(cfg.lookahead_layers))
     assert "np." not in repr(cfg)
@@ -546,11 +547,10 @@ def test_config_numpy_scalars_of_every_kind():
     cfg = tiny_encoder_config(rope=np.int64(4), rope_base=np.float32(1e4),
                               norm_first=np.bool_(True), rel_pos_bias=True,
                               num_buckets=np.int64(8), max_bucket_distance=np.int64(16))
-    CausalEncoder(cfg)
+    cfg = CausalEncoder(cfg).config      # the model's own copy, normalised
     assert (type(cfg.rope), type(cfg.rope_base), type(cfg.norm_first), type(cfg.num_buckets)) \
         == (int, float, bool, int)
-    dcfg = tiny_decoder_config(layer_scale_init=np.float32(0.1))
-    StreamingDecoder(dcfg)
+    dcfg = StreamingDecoder(tiny_decoder_config(layer_scale_init=np.float32(0.1))).config
     assert type(dcfg.layer_scale_init) is float
 
 

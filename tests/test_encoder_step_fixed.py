@@ -532,3 +532,78 @@ def test_encoder_refusals_after_the_front_end_are_decided_first(monkeypatch):
         assert "after the feature extractor" in st.broken
         with pytest.raises(ValueError, match="streams are inconsistent"):
             m.step(x[:, 12 * m.hop:16 * m.hop], st)
+
+
+@pytest.mark.parametrize("where", ["encoder_layer", "encoder_hidden", "stack", "layer_split",
+                                   "attention_split", "adapter", "decoder"])
+def test_general_step_failing_midway_marks_the_streams(monkeypatch, where):
+    """The general step had no such mark: a later part failing (a CUDA OOM, an interrupt, a
+    layer converted to another dtype) after earlier parts took the chunk left the state
+    accepted, and a retried chunk entered those parts twice (the stream then 4.7 off offline,
+    or a frame short). The state is marked inconsistent (state_dict and steps refuse it by
+    name until reset); a failure before any part took the chunk leaves it usable."""
+    from pyencoder.models.adapter import ConvAdapter
+    from pyencoder.nn import BandedSelfAttention, TransformerLayer
+    from pyencoder.streaming import StreamingSequential
+    from test_decoder_step_fixed import _decoder
+    from test_streaming_fixed import _stack
+    torch.manual_seed(29)
+    kw, fail_first = {}, None
+    if where.startswith("encoder"):
+        m = _encoder("band_postln_valid").eval()
+        x, n = torch.randn(1, m.hop * 12, dtype=torch.float64), m.hop * 3      # not steady
+        kw = {"output_hidden_states": where == "encoder_hidden"}
+        target, fail_first = m.layers[1], m.feature_extractor
+    elif where == "stack":
+        m = _stack("banded").double()
+        x, n = torch.randn(1, 1, 8 * 6, dtype=torch.float64), 8
+        kw = {"lengths": torch.tensor([7])}                                    # ragged: general
+        target = next(c for c in m if isinstance(c, TransformerLayer))
+        fail_first = m[0]
+    elif where in ("layer_split", "attention_split"):
+        att = BandedSelfAttention(16, 2, left=3, right=1).double()
+        m = TransformerLayer(att, 32).double().eval() if where == "layer_split" else att
+        x, n = torch.randn(1, 12, 16, dtype=torch.float64), 12    # 12 frames > max_chunk 4
+        # the second sub-chunk fails (the layer's step: the outer call, then one per sub-chunk)
+        target = m
+    elif where == "adapter":
+        m = ConvAdapter(6, 4, 2, 3, 2, 1).double()
+        x, n = torch.randn(1, 12, 6, dtype=torch.float64), 5
+        target, fail_first = m.layers[1], m.layers[0]
+    else:
+        m = _decoder("refiner_attention")
+        x, n = torch.randn(1, 12, 6, dtype=torch.float64), 5
+        target = next(c for c in m.net.modules() if isinstance(c, TransformerLayer))
+        fail_first = next(c for c in m.net if hasattr(c, "step"))
+    axis = -1 if where == "stack" else 1
+    init = (lambda: m.init_state(1, max_chunk=4)) if where.endswith("split") else \
+        (lambda: m.init_state(1))
+    calls = {"n": 0}
+    real = type(target).step if not where == "attention_split" else type(target)._piece
+
+    def failing(self, *a, **k):
+        calls["n"] += 1
+        if self is target and (not where.endswith("split") or
+                               calls["n"] == (3 if where == "layer_split" else 2)):
+            raise RuntimeError("injected failure")
+        return real(self, *a, **k)
+    with torch.no_grad():
+        if fail_first is not None:          # a part refusing before any took the chunk
+            st = init()
+            monkeypatch.setattr(type(fail_first), "step", lambda *a, **k: (_ for _ in ()).throw(
+                RuntimeError("refused first")))
+            with pytest.raises(RuntimeError, match="refused first"):
+                m.step(x.narrow(axis, 0, n), st, **kw)
+            assert not st.ended
+            monkeypatch.undo()
+        st = init()
+        monkeypatch.setattr(type(target), "_piece" if where == "attention_split" else "step",
+                            failing)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            m.step(x.narrow(axis, 0, n), st, **kw)
+        monkeypatch.undo()
+        assert st.ended and "had taken the chunk" in st.broken, where
+        with pytest.raises(ValueError, match="streams are inconsistent"):
+            st.state_dict()
+        with pytest.raises(ValueError, match="streams are inconsistent"):
+            m.step(x.narrow(axis, 0, n), st, **kw)

@@ -504,3 +504,50 @@ def test_state_made_under_inference_mode(name):
     y2_ref, _ = _feed(m, ref, x2)
     torch.testing.assert_close(y2, y2_ref, rtol=0, atol=0)
     torch.testing.assert_close(y2c, y2_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["causal_conv", "feature_conv", "spectral", "encoder_pos_conv"])
+def test_hook_based_weight_norm_streams_the_current_weight(kind):
+    """torch.nn.utils.weight_norm / spectral_norm keep ``weight`` as an attribute their forward
+    pre-hook recomputes; a step is not a __call__, so it read the weight of the last forward (a
+    checkpoint loaded, an optimizer step: 5.0 off the forward; a .double() model: refused with
+    the wrong dtype named)."""
+    import warnings
+    from pyencoder.models.frontend import FeatureConv1d
+    from pyencoder.nn import CausalConv1d
+    from test_models import tiny_encoder_config
+    from pyencoder.models import CausalEncoder
+    torch.manual_seed(31)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if kind == "encoder_pos_conv":
+        m = CausalEncoder(tiny_encoder_config(lookahead=1)).double().eval()
+        m.pos_conv = torch.nn.utils.weight_norm(m.pos_conv, dim=2)
+        g = m.pos_conv.weight_g
+        x, n = torch.randn(1, m.hop * 12, dtype=torch.float64), m.hop * 3
+    else:
+        conv = FeatureConv1d(8, 8, 4, 2) if kind == "feature_conv" else \
+            CausalConv1d(8, 8, 4, groups=2)
+        if kind == "spectral":
+            m = torch.nn.utils.spectral_norm(conv).eval()
+            g = m.weight_orig
+        else:
+            m = torch.nn.utils.weight_norm(conv, dim=2)
+            g = m.weight_g
+        m = m.double()
+        x, n = torch.randn(2, 8, 40, dtype=torch.float64), 5
+    with torch.no_grad():
+        g.mul_(3.0)                          # new weights, no forward since
+        st = m.init_state(x.shape[0])
+        assert st.tensors() and all(t.dtype == torch.float64 for t in st.tensors().values()
+                                    if t.is_floating_point())
+        ys = []
+        for t in range(0, x.shape[-1], n):
+            y, st = m.step(x[..., t:t + n], st)
+            ys.append(y)
+        if kind == "encoder_pos_conv":
+            y, st = m.flush(st)
+            ys.append(y)
+            got, ref = torch.cat(ys, 1), m(x).last_hidden_state
+        else:
+            got, ref = torch.cat(ys, -1), m(x)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)

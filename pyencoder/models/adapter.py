@@ -33,7 +33,7 @@ from ..streaming.sequential import cat_time
 from .._checks import check_eps, check_int, check_module_input
 from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
                                check_state, check_step_lengths, check_step_slots, ends_stream,
-                               fill_counter, mark_broken, require_steady, stamp, stream_config)
+                               fill_counter, marks_partial, require_steady, stamp, stream_config)
 from .frontend import FeatureConv1d, FeatureConvState
 
 __all__ = ["PaddedConv1d", "ConvAdapterLayer", "ConvAdapter", "AdapterState"]
@@ -180,6 +180,10 @@ class AdapterState(StreamState):
     out_lengths: torch.Tensor
 
 
+def _layer_name(i):
+    return f"layer {i}"
+
+
 class ConvAdapter(nn.Module):
     """transformers' Wav2Vec2Adapter (same parameter names: proj, proj_layer_norm, layers.i.conv)
     on (B, T, E) encoder frames, streamable (module docstring)."""
@@ -259,11 +263,14 @@ class ConvAdapter(nn.Module):
         return stamp(self, AdapterState(layers=layers,
                                         out_lengths=torch.zeros_like(layers[0].seen)))
 
-    def _from(self, start, x, lengths, state):
-        for i in range(start, len(self.layers)):
-            x, st = self.layers[i].step(x, state.layers[i], lengths)
-            state.layers[i] = st
-            lengths = st.out_lengths
+    def _from(self, start, x, lengths, state, who="step"):
+        with marks_partial(state, f"ConvAdapter.{who}", _layer_name) as p:
+            for i in range(start, len(self.layers)):
+                p.at = i
+                x, st = self.layers[i].step(x, state.layers[i], lengths)
+                state.layers[i] = st
+                lengths = st.out_lengths
+                p.took.append(i)
         return x, lengths
 
     def step(self, h, state, lengths=None):
@@ -309,16 +316,12 @@ class ConvAdapter(nn.Module):
         if check:          # every layer's condition before layer 0 takes the chunk
             require_steady("ConvAdapter", self.steady_check(n, state))
         x = self._project(h).transpose(1, 2)
-        ran = False
-        try:
-            for layer, st in zip(self.layers, state.layers):
+        with marks_partial(state, "ConvAdapter.step_fixed", _layer_name) as p:
+            for i, (layer, st) in enumerate(zip(self.layers, state.layers)):
+                p.at = i
                 x = layer.step_fixed(x, st, check=check)
-                ran = n > 0
-        except BaseException:
-            if ran:
-                mark_broken(state, "ConvAdapter.step_fixed failed after its first layer had "
-                                   "taken the chunk")
-            raise
+                if n:
+                    p.took.append(i)
         fill_counter(state, x.shape[-1], filled=state.layers[-1].out_lengths)
         return x.transpose(1, 2)
 
@@ -330,7 +333,7 @@ class ConvAdapter(nn.Module):
         for i, layer in enumerate(self.layers):
             y, st = layer.flush(state.layers[i])
             state.layers[i] = st
-            y, lengths = self._from(i + 1, y, st.out_lengths, state)
+            y, lengths = self._from(i + 1, y, st.out_lengths, state, who="flush")
             outs.append(y)
             counts.append(lengths)
         y, state = cat_time(outs, counts, state, time_last=True)

@@ -242,6 +242,13 @@ class ConvNeXtBlock(nn.Module):
         return state.hist.new_zeros(B, 0, self.dwconv.in_channels, dtype=dt), state
 
 
+def _broken_with(state):
+    """The decoder's own flag where its stack's step marked the stack's streams inconsistent
+    (CudaGraphStep and the next step read the top state's)."""
+    if state.net.__dict__.get("broken"):
+        mark_broken(state, state.net.broken)
+
+
 class StreamingDecoder(nn.Module):
     """Vocos-style causal ConvNeXt decoder (``DecoderConfig``): frames (B, T, input_dim) ->
     waveform (B, T * samples_per_frame), offline and streaming, with exact ``latency()``."""
@@ -351,7 +358,11 @@ class StreamingDecoder(nn.Module):
             y = self.step_fixed(x, state)
             record_steady(state, self.steady_check(n, state))
             return y, state
-        y, state.net = self.net.step(x, state.net, lengths)
+        try:
+            y, state.net = self.net.step(x, state.net, lengths)
+        except BaseException:
+            _broken_with(state)
+            raise
         return self._wave(y, state)
 
     def _fixed_ok(self, x, state, lengths=None):
@@ -388,8 +399,7 @@ class StreamingDecoder(nn.Module):
         try:
             y = self.net.step_fixed(x, state.net, check=check)
         except BaseException:
-            if state.net.__dict__.get("broken"):      # the decoder's own flag too (CudaGraphStep
-                mark_broken(state, state.net.broken)  # reads the top state's)
+            _broken_with(state)
             raise
         fill_counter(state, y.shape[1] * self.samples_per_frame)
         return y.reshape(y.shape[0], y.shape[1] * y.shape[2])

@@ -71,7 +71,7 @@ from ..streaming.sequential import PassState, StreamingSequential, cat_time
 from ..streaming.state import (StreamState, all_steady, batched_counters, check_init_args,
                                check_state, check_step_lengths, check_step_slots, ends_stream,
                                fill_counter, fresh_counters, holds_in_place_step,
-                               inference_step, mark_broken, record_steady, require_steady, stamp,
+                               inference_step, marks_partial, record_steady, require_steady, stamp,
                                steady_check, steady_dispatch)
 from ._config import _as_int, cfg_bool, cfg_choice, cfg_float, cfg_int, cfg_ints, is_np_bool
 from .adapter import ConvAdapter
@@ -536,20 +536,23 @@ class CausalEncoder(nn.Module):
             y = self.step_fixed(wav, state)
             record_steady(state, self.steady_check(wav.shape[-1], state))
             return y, state
-        feats, state.frontend = self.feature_extractor.step(wav, state.frontend, lengths)
-        fl = state.frontend.out_lengths
-        h, _ = self._embed(feats)
-        if self.pos_conv is not None:
-            x = h.transpose(1, 2)
-            if self.pos_conv_norm is not None:
-                x = frame_batch_norm(self.pos_conv_norm, x)
-            p, state.pos = self.pos_conv.step(x, state.pos, fl)
-            h = h + p.transpose(1, 2)
-        if not self.config.norm_first:
-            h = self.layer_norm(h)
-        hidden = [] if output_hidden_states else None
-        y, state.layers = self.layers.step(h, state.layers, fl, outputs=hidden)
-        y = self._finish(y, state, state.layers.out_lengths, final=False)
+        with marks_partial(state, "CausalEncoder.step") as part:
+            feats, state.frontend = self.feature_extractor.step(wav, state.frontend, lengths)
+            if wav.shape[-1]:
+                part.took.append("the feature extractor")
+            fl = state.frontend.out_lengths
+            h, _ = self._embed(feats)
+            if self.pos_conv is not None:
+                x = h.transpose(1, 2)
+                if self.pos_conv_norm is not None:
+                    x = frame_batch_norm(self.pos_conv_norm, x)
+                p, state.pos = self.pos_conv.step(x, state.pos, fl)
+                h = h + p.transpose(1, 2)
+            if not self.config.norm_first:
+                h = self.layer_norm(h)
+            hidden = [] if output_hidden_states else None
+            y, state.layers = self.layers.step(h, state.layers, fl, outputs=hidden)
+            y = self._finish(y, state, state.layers.out_lengths, final=False)
         if hidden is not None:
             return (y, (h, *hidden)), state
         return y, state
@@ -634,40 +637,33 @@ class CausalEncoder(nn.Module):
                                  f"run the general step")
             if check:      # every part's device condition before any part runs
                 require_steady("CausalEncoder", steady)
-        ran = False
-        try:
-            with batched_counters():
-                feats = self.feature_extractor.step_fixed(wav, state.frontend, check=check)
-                ran = n > 0
-                h, _ = self._embed(feats)
-                post_ln = not self.config.norm_first
-                if self.pos_conv is not None:
-                    x = h.transpose(1, 2)
-                    if self.pos_conv_norm is not None:
-                        x = frame_batch_norm(self.pos_conv_norm, x)
-                    p = self.pos_conv.step_fixed(x, state.pos, check=check).transpose(1, 2)
-                    if post_ln and _ring.residual_ok(h, p, h, 0):
-                        # CUDA: the positional embedding's add and the LayerNorm after it in one
-                        # launch (the layers' residual kernel, without a queue)
-                        h = _ring.residual_step(h, None, h, p, 0, self.layer_norm,
-                                                need_sum=False)[1]
-                        post_ln = False
-                    else:
-                        h = h + p
-                if post_ln:
-                    h = self.layer_norm(h)
-                y = self.layers.step_fixed(h, state.layers, check=check)
-                if self.config.norm_first:
-                    y = self.layer_norm(y)
-                last = state.layers.out_lengths
-                if self.adapter is not None:
-                    y = self.adapter.step_fixed(y, state.adapter, check=check)
-                    last = state.adapter.out_lengths
-        except BaseException:
-            if ran:     # the feature extractor took the chunk: the streams are inconsistent
-                mark_broken(state, "CausalEncoder.step_fixed failed after the feature extractor "
-                                   "had taken the chunk")
-            raise
+        with marks_partial(state, "CausalEncoder.step_fixed") as part, batched_counters():
+            feats = self.feature_extractor.step_fixed(wav, state.frontend, check=check)
+            part.took.append("the feature extractor")
+            h, _ = self._embed(feats)
+            post_ln = not self.config.norm_first
+            if self.pos_conv is not None:
+                x = h.transpose(1, 2)
+                if self.pos_conv_norm is not None:
+                    x = frame_batch_norm(self.pos_conv_norm, x)
+                p = self.pos_conv.step_fixed(x, state.pos, check=check).transpose(1, 2)
+                if post_ln and _ring.residual_ok(h, p, h, 0):
+                    # CUDA: the positional embedding's add and the LayerNorm after it in one
+                    # launch (the layers' residual kernel, without a queue)
+                    h = _ring.residual_step(h, None, h, p, 0, self.layer_norm,
+                                            need_sum=False)[1]
+                    post_ln = False
+                else:
+                    h = h + p
+            if post_ln:
+                h = self.layer_norm(h)
+            y = self.layers.step_fixed(h, state.layers, check=check)
+            if self.config.norm_first:
+                y = self.layer_norm(y)
+            last = state.layers.out_lengths
+            if self.adapter is not None:
+                y = self.adapter.step_fixed(y, state.adapter, check=check)
+                last = state.adapter.out_lengths
         fill_counter(state, y.shape[1], filled=last)
         return y
 

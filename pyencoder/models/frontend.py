@@ -23,7 +23,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from ..nn.conv import StridedConv1d
+from ..nn.conv import StridedConv1d, refresh_hooked_weight
 from ..nn.norm import RunningGroupNorm, RunningNormState
 from ..ops import _channel_norm_triton as _cn
 from ..ops.conv import causal_conv1d
@@ -126,6 +126,7 @@ class FeatureConv1d(StridedConv1d):
         """Feed x (B, C_in, n); returns (y (B, C_out, m), state)."""
         check_state(self, state, FeatureConvState)
         check_step_input(x, 1, self.in_channels, state.seen.shape[0], state.buf.device)
+        refresh_hooked_weight(self)
         # x of another dtype is refused as by the offline forward (outside autocast): it was
         # cast to the state's silently
         check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, n)", self.weight)
@@ -160,6 +161,7 @@ class FeatureConv1d(StridedConv1d):
     def _check_fixed_input(self, x, state):
         """A fixed step's x (B, C_in, n) against the module and ``state`` (its slots), n a
         multiple of the stride. Returns n."""
+        refresh_hooked_weight(self)
         # another dtype refused as by step and the offline forward (outside autocast)
         check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, n)", self.weight)
         check_state(self, state, FeatureConvState)

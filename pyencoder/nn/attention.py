@@ -54,8 +54,8 @@ from ..ops.decode_attention import decode_attention
 from ..reference.decode_attention import ring_write
 from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
                                check_state, check_step_lengths, ends_stream, fill_counter,
-                               fixed_index, fresh_counters, inference_step, record_steady,
-                               shift_queue, stamp, steady_check, steady_dispatch)
+                               fixed_index, fresh_counters, inference_step, marks_partial,
+                               record_steady, shift_queue, stamp, steady_check, steady_dispatch)
 from .linear import Linear, linear, plain_linear
 
 __all__ = ["BandedSelfAttention", "ChunkedSelfAttention", "AttentionState"]
@@ -372,11 +372,14 @@ class IntervalSelfAttention(nn.Module):
         if n <= mc:
             return self._piece(x, lengths, state, final=False)
         outs, counts = [], []
-        for s in range(0, n, mc):
-            ln = (lengths - s).clamp(0, min(mc, n - s))
-            y, state = self._piece(x[:, s:s + mc], ln, state, final=False)
-            outs.append(y)
-            counts.append(state.out_lengths.clone())
+        with marks_partial(state, f"{type(self).__name__}.step",
+                           lambda s: f"frames {s}-{min(s + mc, n) - 1}") as p:
+            for s in range(0, n, mc):
+                ln = (lengths - s).clamp(0, min(mc, n - s))
+                y, state = self._piece(x[:, s:s + mc], ln, state, final=False)
+                outs.append(y)
+                counts.append(state.out_lengths.clone())
+                p.took.append(s)
         return concat_ragged(outs, counts, state)
 
     @inference_step

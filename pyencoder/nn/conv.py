@@ -18,6 +18,8 @@ import dataclasses
 
 import torch
 from torch import nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .._checks import autocast_dtype, check_int, check_module_input
 from ..ops.conv import causal_conv1d, causal_conv1d_update
@@ -28,12 +30,27 @@ from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_
 
 __all__ = ["CausalConv1d", "ConvState", "StridedConv1d"]
 
+_NORM_HOOKS = (WeightNorm, SpectralNorm)
+
 
 @dataclasses.dataclass
 class ConvState(StreamState):
     hist: torch.Tensor         # (B, C_in, k - 1) last padded-input samples
     seen: torch.Tensor         # (B,) int64 input samples seen
     out_lengths: torch.Tensor  # (B,) int64 frames emitted by the last step
+
+
+def refresh_hooked_weight(module):
+    """A hook-based weight norm / spectral norm (torch.nn.utils.weight_norm, spectral_norm) keeps
+    ``weight`` as a plain attribute that its forward pre-hook recomputes from weight_g / weight_v
+    on every ``__call__``; a streaming step is not a ``__call__``, so it read the weight of the
+    last forward (or of the hook's registration): recomputed here. (A parametrisation,
+    torch.nn.utils.parametrizations.weight_norm, recomputes on every read by itself.)"""
+    hooks = module._forward_pre_hooks
+    if hooks:
+        for h in list(hooks.values()):
+            if isinstance(h, _NORM_HOOKS):
+                h(module, None)
 
 
 class StridedConv1d(nn.Conv1d):
@@ -88,6 +105,7 @@ class StridedConv1d(nn.Conv1d):
         return self.stride[0]
 
     def init_state(self, batch_size, *, device=None, dtype=None, **_):
+        refresh_hooked_weight(self)
         check_init_args(batch_size, dtype, device, self)
         device = self.weight.device if device is None else torch.device(device)
         dtype = self.weight.dtype if dtype is None else dtype
@@ -176,6 +194,7 @@ class CausalConv1d(StridedConv1d):
 
     def step(self, x, state, lengths=None):
         """Feed x (B, C_in, n); returns (y (B, C_out, m), state)."""
+        refresh_hooked_weight(self)
         w = self.weight                      # read once per step (see forward)
         check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, n)", w)
         B, C, n = x.shape
@@ -239,6 +258,7 @@ class CausalConv1d(StridedConv1d):
         at its own phase on the device). State updated in place: for inference (a backward
         through it raises saying so; ``step`` is differentiable)."""
         k, s = self.k, self.s
+        refresh_hooked_weight(self)
         check_module_input(x, 1, self.in_channels, f"(B, {self.in_channels}, n)", self.weight)
         check_state(self, state, ConvState)
         check_step_slots(x.shape[0], state.seen.shape[0])

@@ -20,8 +20,8 @@ from .._checks import autocasting, check_eps, check_int, check_module_input
 from ..ops import _ring_write_triton as _ring
 from ..streaming.state import (StreamState, check_init_args, check_state, check_step_lengths,
                                check_step_slots, ends_stream, fill_counter, fixed_index,
-                               fresh_counters, inference_step, record_steady, shift_queue, stamp,
-                               steady_check)
+                               fresh_counters, inference_step, marks_partial, record_steady,
+                               shift_queue, stamp, steady_check)
 from .attention import IntervalSelfAttention, concat_ragged
 from .linear import Linear, has_hooks, plain_linear
 
@@ -167,10 +167,14 @@ class TransformerLayer(nn.Module):
             outs, counts = [], []
             L = torch.full((B,), n, dtype=torch.int64, device=x.device) if lengths is None \
                 else torch.as_tensor(lengths, device=x.device).to(torch.int64)
-            for s in range(0, n, mc):
-                y, state = self.step(x[:, s:s + mc], state, (L - s).clamp(0, min(mc, n - s)))
-                outs.append(y)
-                counts.append(state.out_lengths.clone())
+            with marks_partial(state, "TransformerLayer.step",
+                               lambda s: f"frames {s}-{min(s + mc, n) - 1}") as p:
+                for s in range(0, n, mc):
+                    y, state = self.step(x[:, s:s + mc], state,
+                                         (L - s).clamp(0, min(mc, n - s)))
+                    outs.append(y)
+                    counts.append(state.out_lengths.clone())
+                    p.took.append(s)
             return concat_ragged(outs, counts, state)
         h = self.layer_norm(x) if self.norm_first else x
         a, state.attention = self.attention.step(h, state.attention, lengths)

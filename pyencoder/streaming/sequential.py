@@ -25,7 +25,7 @@ from .._cpu_threads import threads_for
 from .protocol import is_pointwise, is_streaming, swaps_time_axis, time_last
 from .state import (StreamState, all_steady, batched_counters, check_init_args, check_state,
                     check_step_lengths, check_step_slots, ends_stream, fill_counter, fresh_counters,
-                    holds_in_place_step, inference_step, mark_broken, record_steady,
+                    holds_in_place_step, inference_step, marks_partial, record_steady,
                     require_steady, stamp, steady_check, steady_dispatch)
 
 __all__ = ["StreamingSequential", "StackState", "PassState", "cat_time"]
@@ -176,18 +176,24 @@ class StreamingSequential(nn.Sequential):
             raise ValueError(f"StreamingSequential: state has {len(state.layers)} layer states for "
                              f"{len(self)} children")
 
-    def _from(self, start, x, lengths, state, collect=None):
-        for i in range(start, len(self)):
-            m, st = self[i], state.layers[i]
-            if is_streaming(m):
-                x, st = m.step(x, st, lengths)
-                state.layers[i] = st
-                lengths = st.out_lengths
-            else:
-                x = m(x)
-                st.out_lengths = lengths.clone()
-            if collect is not None:
-                collect[i].append((x, lengths))
+    def _child_name(self, i):
+        return f"child {i} ({type(self[i]).__name__})"
+
+    def _from(self, start, x, lengths, state, collect=None, who="step"):
+        with marks_partial(state, f"{type(self).__name__}.{who}", self._child_name) as p:
+            for i in range(start, len(self)):
+                m, st = self[i], state.layers[i]
+                p.at = i
+                if is_streaming(m):
+                    x, st = m.step(x, st, lengths)
+                    state.layers[i] = st
+                    lengths = st.out_lengths
+                    p.took.append(i)
+                else:
+                    x = m(x)
+                    st.out_lengths = lengths.clone()
+                if collect is not None:
+                    collect[i].append((x, lengths))
         return x, lengths
 
     @inference_step(when=holds_in_place_step)
@@ -276,30 +282,23 @@ class StreamingSequential(nn.Sequential):
             # chunk with step() fed it twice, silently)
             require_steady(type(self).__name__,
                            self.steady_check(x.shape[-1] if t_last else x.shape[1], state))
-        i, ran = 0, []
-        try:
-            with batched_counters():
-                for i, (m, st) in enumerate(zip(self, state.layers)):
-                    per_frame = not hasattr(m, "step_fixed")
-                    if not per_frame:
-                        x = m.step_fixed(x, st, check=True) if check else m.step_fixed(x, st)
-                        last = st
-                        ran.append(i)
-                    elif is_streaming(m):
-                        raise TypeError(f"{type(m).__name__} has no step_fixed")
-                    else:
-                        x = m(x)
-                    t_last = _layout_after(m, t_last)
-                    if per_frame:
-                        # the frames through here, as the general step counts them (once: a
-                        # record)
-                        fill_counter(st, x.shape[-1 if t_last else 1])
-        except BaseException:
-            if ran:       # streaming children took the chunk: the streams are inconsistent
-                mark_broken(state, f"{type(self).__name__}.step_fixed failed at child {i} "
-                                   f"({type(self[i]).__name__}) after children {ran} had taken "
-                                   f"the chunk")
-            raise
+        with marks_partial(state, f"{type(self).__name__}.step_fixed", self._child_name) as p, \
+                batched_counters():
+            for i, (m, st) in enumerate(zip(self, state.layers)):
+                p.at = i
+                per_frame = not hasattr(m, "step_fixed")
+                if not per_frame:
+                    x = m.step_fixed(x, st, check=True) if check else m.step_fixed(x, st)
+                    last = st
+                    p.took.append(i)
+                elif is_streaming(m):
+                    raise TypeError(f"{type(m).__name__} has no step_fixed")
+                else:
+                    x = m(x)
+                t_last = _layout_after(m, t_last)
+                if per_frame:
+                    # the frames through here, as the general step counts them (once: a record)
+                    fill_counter(st, x.shape[-1 if t_last else 1])
         fill_counter(state, x.shape[-1 if t_last else 1],
                      filled=None if last is None else last.out_lengths)
         return x
@@ -322,7 +321,7 @@ class StreamingSequential(nn.Sequential):
                 continue
             if collect is not None:
                 collect[i].append((y, st.out_lengths))
-            y, lengths = self._from(i + 1, y, st.out_lengths, state, collect)
+            y, lengths = self._from(i + 1, y, st.out_lengths, state, collect, who="flush")
             outs.append(y)
             counts.append(lengths)
         if collect is not None:

@@ -427,6 +427,29 @@ def mark_broken(state, why):
     state.broken = why
 
 
+class marks_partial:
+    """``with marks_partial(state, who, name) as p:`` around a step made of parts: each part
+    that took the chunk is appended to ``p.took`` (``p.at``: the part running; ``name(part)``
+    words either, for the message only: nothing is formatted on the way); an exception after a
+    part took the chunk marks the state's streams inconsistent (``mark_broken``), where a retried
+    chunk would enter those parts twice. A refusal before any part took the chunk (a bad input)
+    leaves the state as it was."""
+    __slots__ = ("state", "who", "name", "took", "at")
+
+    def __init__(self, state, who, name=str):
+        self.state, self.who, self.name, self.took, self.at = state, who, name, [], None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is not None and self.took:
+            at = "" if self.at is None else f" at {self.name(self.at)}"
+            mark_broken(self.state, f"{self.who} failed{at} after "
+                                    f"{', '.join(map(self.name, self.took))} had taken the chunk")
+        return False
+
+
 def ended_message(who, state):
     """Why a state whose ``ended`` flag is set refuses a step: flushed, or inconsistent."""
     why = state.__dict__.get("broken")
