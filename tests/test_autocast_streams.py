@@ -281,3 +281,30 @@ def test_meta_tensors_meet_the_dtype_checks_by_name():
     with pytest.raises(TypeError, match=r"x must have the module's dtype \(torch.float32\)"):
         m(torch.empty(1, 4, 9, device="meta", dtype=torch.bfloat16))
     assert m.init_state(1, dtype=torch.bfloat16).hist.dtype == torch.bfloat16
+
+
+def test_an_autocast_state_stepped_outside_autocast_is_named():
+    """A state made under autocast with init_state(dtype=bfloat16), stepped once outside it,
+    failed inside the conv op naming neither the state nor autocast ("weight must have the
+    same dtype as x (torch.bfloat16)"); a state of the parameters' dtype made under autocast
+    steps anywhere, and the named refusal leaves the state usable under autocast."""
+    torch.manual_seed(6)
+    enc = CausalEncoder(EncoderConfig(conv_dim=(8,) * 7, hidden_size=16, num_layers=2,
+                                      num_heads=2, ffn_dim=24, left=20, lookahead=2)).eval()
+    att = BandedSelfAttention(16, 2, left=6, right=2).eval()
+    wav, x = torch.randn(1, 3200), torch.randn(1, 8, 16)
+    with torch.no_grad():
+        for m, inp in ((enc, wav[:, :640]), (att, x)):
+            with torch.autocast(**BF16):
+                st = m.init_state(1, dtype=torch.bfloat16)
+                plain = m.init_state(1)
+            with pytest.raises(ValueError, match=r"holds torch.bfloat16 activations \(made under "
+                                                 r"autocast.*step it under torch.autocast"):
+                m.step(inp, st)
+            with torch.autocast(device_type="cpu", dtype=torch.float16), \
+                    pytest.raises(ValueError, match="holds torch.bfloat16"):
+                m.step(inp, st)
+            assert not st.ended
+            with torch.autocast(**BF16):
+                y, st = m.step(inp, st)
+            m.step(inp, plain)                  # float32 state: no autocast needed

@@ -338,6 +338,12 @@ def stamp(module, state):
     state.config = stream_config(module)
     p = _weights(module)
     state.weights_dtype = None if p is None else p.dtype
+    if p is not None and autocast_on(p.device.type):
+        # a state holding the autocast dtype (init_state(dtype=...) under autocast): its steps
+        # must run under that autocast (recorded only then: nothing to read otherwise)
+        held = torch.get_autocast_dtype(p.device.type)
+        if held != p.dtype and any(t.dtype == held for t in state.tensors().values()):
+            state.autocast_dtype = held
     if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
         state.inference_made = True
     return state
@@ -485,6 +491,14 @@ def check_state(module, state, cls, config=None):
             raise ValueError(f"{who}: this state was made when the module's parameters were "
                              f"{made}; they are {p.dtype} now (the module was converted after "
                              f"init_state): make a new state with init_state")
+    held = state.__dict__.get("autocast_dtype")
+    if held is not None and not torch.compiler.is_compiling():
+        dev = next(iter(state.tensors().values())).device.type
+        if not autocast_on(dev) or torch.get_autocast_dtype(dev) != held:
+            raise ValueError(f"{who}: this state holds {held} activations (made under autocast "
+                             f"with init_state(dtype={held})); the module's parameters are "
+                             f"{made}: step it under torch.autocast({dev!r}, dtype={held}), or "
+                             f"make a state of the parameters' dtype")
 
 
 def check_init_args(batch_size, dtype=None, device=None, module=None):
