@@ -262,3 +262,33 @@ def test_admit_hf_streaming_encoder():
     torch.testing.assert_close(got, ref[:, :got.shape[1]], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="no steady step"):
         admit(H.StreamingEncoder(model, output_hidden_states=True), st, 0, [new[:, :n]], n)
+
+
+def test_admit_names_the_phase_and_hidden_states():
+    """admit told a new stream whose first chunks totalled off the hop (37 + 163 + 5 samples)
+    to pass more chunks (which never helps: steps of whole hops keep it out of phase), and an
+    encoder built with output_hidden_states=True that its step length was wrong."""
+    pytest.importorskip("transformers")
+    import pyencoder.hf as H
+    from test_hf import make_model
+    torch.manual_seed(17)
+    model = make_model("w2v2_post").eval()
+    H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=2, left_frames=6, pos_conv="causal")
+    enc = H.StreamingEncoder(model)
+    n = enc.hop * 4
+    new = torch.randn(1, n * 9)
+    with torch.no_grad():
+        st = enc.init_state(2)
+        for i in range(4):
+            _, st = enc.step(torch.randn(2, n), st)
+        snap = _snapshot(st)
+        odd = [new[:, :37], new[:, 37:200], new[:, 200:205]]
+        with pytest.raises(ValueError, match=rf"first chunks total 205 samples, not a multiple of "
+                                             rf"StreamingEncoder's hop \({enc.hop}\)"):
+            admit(enc, st, 1, odd, n)
+        with pytest.raises(ValueError, match="not yet in the steady state"):
+            admit(enc, st, 1, [new[:, :enc.hop]], n)      # in phase, too short: more chunks
+        _unchanged(st, snap)
+        hidden = H.StreamingEncoder(model, output_hidden_states=True)
+        with pytest.raises(ValueError, match="built with output_hidden_states=True"):
+            admit(hidden, hidden.init_state(2), 0, [new[:, :n]], n)

@@ -31,6 +31,7 @@ import torch
 
 from .protocol import is_streaming, time_last
 from .state import StreamState, _stamp, check_state, steady_check
+from .._checks import is_int
 
 __all__ = ["admit"]
 
@@ -132,9 +133,12 @@ def admit(module, state, slot, chunks, step):
                          + f"; got {got}")
     sub = _fresh_slot(state, slot)
     if steady_check(module, step, sub) is None:
-        raise ValueError(f"admit: {type(module).__name__} has no steady step of length {step} "
-                         f"(no steady_check, or {step} is not a whole number of its strides / "
-                         f"mask blocks, or a context it cannot hold in a fixed state)")
+        why = (" (it was built with output_hidden_states=True: its fixed step returns the last "
+               "hidden state only)") if getattr(module, "output_hidden_states", False) is True \
+            else (f" (no steady_check, or {step} is not a whole number of its strides / mask "
+                  f"blocks, or a context it cannot hold in a fixed state)")
+        raise ValueError(f"admit: {type(module).__name__} has no steady step of length "
+                         f"{step}{why}")
     axis = _out_axis(module)
     outs = []
     with torch.no_grad():
@@ -145,6 +149,13 @@ def admit(module, state, slot, chunks, step):
         check = steady_check(module, step, sub)
         ok = None if check is None else check.ok()
         if check is None or ok is not None and not bool(ok.all()):
+            hop = getattr(module, "hop", None)
+            fed = None if multi else sum(c.shape[-1 if time_last(module) else 1] for c in chunks)
+            if is_int(hop) and hop > 1 and fed is not None and fed % hop:
+                raise ValueError(f"admit: the new stream's first chunks total {fed} samples, not "
+                                 f"a multiple of {type(module).__name__}'s hop ({hop}): steps of "
+                                 f"{step} never bring it into phase with the batch; make their "
+                                 f"total a multiple of {hop}")
             raise ValueError(f"admit: after {len(chunks)} chunk(s) the new stream is not yet in "
                              f"the steady state for steps of {step} (its lookahead and first "
                              f"windows need more input): pass more of its first chunks")
