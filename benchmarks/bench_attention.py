@@ -343,7 +343,10 @@ def measure(name, *args, rope=True, compile_backend="inductor", grad=True):
         mode = os.environ.get("PYENCODER_TRITON_AUTOTUNE", "auto") or "auto"
         if mode not in ("0", "auto"):
             rec["triton_autotune"] = mode
-            rec["tiles"] = tuned_tiles()
+            try:       # Triton's autotuner internals: a change there costs this field only
+                rec["tiles"] = tuned_tiles()
+            except Exception as e:
+                rec["tiles"] = f"unknown ({type(e).__name__}: {e})"
     return rec
 
 
