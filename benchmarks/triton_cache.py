@@ -265,7 +265,12 @@ def setup(carried, cache_dir, report_path=None, inductor_dir=None):
         rep["differs"] = diff
         rep["verdict"] = "cache key matches" if not diff else \
             f"mismatch: compiling (differs: {', '.join(diff)})"
-        rep["installed"] = install(carried, cache_dir)
+        try:   # a broken archive costs its compiles, not the device's own entries below
+            rep["installed"] = install(carried, cache_dir)
+        except Exception as e:
+            rep["installed"] = 0
+            rep["install_error"] = f"{type(e).__name__}: {e}"
+            rep["verdict"] += f"; not installed ({rep['install_error']})"
         rep["carried_entries"] = (built or {}).get("entries")
     os.makedirs(cache_dir, exist_ok=True)
     dev = install_device(carried, cache_dir, inductor_dir)

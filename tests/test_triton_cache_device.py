@@ -310,6 +310,13 @@ def test_setup_installs_the_device_entries_and_inductor_files(tmp_path, monkeypa
                                      "on a NVIDIA H100 80GB HBM3 and miss on this NVIDIA H200")
     assert json.load(open(tmp_path / "rep.json"))["device_cache"]["installed"] == 2
     assert "2 entries, 2 Inductor files installed" in capsys.readouterr().out
+    # a broken carried archive: reported, the device's own entries still installed (it raised
+    # before install_device ran)
+    (carried / tc.ARCHIVE).write_bytes(b"not a tar")
+    rep = tc.setup(str(carried), str(tmp_path / "live1"), None, str(tmp_path / "ind1"))
+    assert rep["installed"] == 0 and "not installed" in rep["verdict"], rep
+    assert rep["device_cache"]["installed"] == 2
+    (carried / tc.ARCHIVE).unlink()
     # a broken device archive: reported, setup still succeeds
     (carried / tc.DEVICE_DIR / tc.ARCHIVE).write_bytes(b"not a tar")
     rep = tc.setup(str(carried), str(tmp_path / "live2"), None, str(tmp_path / "ind2"))
