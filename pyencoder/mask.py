@@ -287,9 +287,10 @@ class IntervalMask:
                         f"right={right}, extra={extra})")
             return (f"IntervalMask(block={self.block}, lo_off={self.lo_off}, "
                     f"hi_off={self.hi_off}, k_block={kb})")
-        if self.block == 1:
+        if self.block == 1 and self.hi_off >= 0:
             return f"IntervalMask.band(left={self.left}, right={self.hi_off}{sk})"
-        if self.lo_off < 0 or self.lo_off % self.block == 0:
+        if self.block > 1 and self.hi_off >= self.block - 1 and (
+                self.lo_off < 0 or self.lo_off % self.block == 0):
             lc = None if self.lo_off < 0 else self.lo_off // self.block
             return (f"IntervalMask.chunked(chunk_size={self.block}, left_chunks={lc}, "
                     f"lookahead={self.lookahead}{sk})")

@@ -68,6 +68,22 @@ def test_repr_is_readable_and_round_trips():
     assert repr(IntervalMask.band(None, 3)) == "IntervalMask.band(left=None, right=3)"
     assert repr(IntervalMask.chunked(4, 2, 1)) == \
         "IntervalMask.chunked(chunk_size=4, left_chunks=2, lookahead=1)"
+    # raw masks no constructor builds (hi_off below the block's end) printed as a band /
+    # chunked call that refuses its own arguments: every valid mask's repr reads back
+    raw = [IntervalMask(1, 4, -1), IntervalMask(4, 8, 1), IntervalMask(2, -1, 0),
+           IntervalMask(4, 8, 2, sink=3), IntervalMask(1, 3, -2, sink=2),
+           IntervalMask(2, 4, 0, k_block=3), IntervalMask(3, 6, 2, k_block=3)]
+    for b in range(1, 5):
+        for lo in range(-1, 9):
+            for hi in range(-3, 8):
+                for kb in (None, 1, 3):
+                    for sink in (0, 2):
+                        try:
+                            raw.append(IntervalMask(b, lo, hi, kb, sink))
+                        except ValueError:
+                            pass
+    for m in raw:
+        assert eval(repr(m), {"IntervalMask": IntervalMask}) == m, repr(m)
 
 
 @pytest.mark.parametrize("make, exc, match", [
