@@ -442,6 +442,78 @@ def test_grad_mode_steps_keep_no_graph(what):
         sum(y.sum() for y in flat).backward()
 
 
+def test_grad_mode_step_outputs_refuse_backward_and_take_in_place_edits():
+    """Under grad mode a stack holding attention runs without recording: the per-child outputs
+    ``step(outputs=[])`` appends came back not requiring grad (a loss through them backpropagated
+    silently, the stream's part missing); the refusing node's view made an in-place edit of a
+    step's output (zeroing the rows past out_lengths) raise in autograd's words."""
+    from test_decoder_step_fixed import _decoder
+    from test_encoder_step_fixed import _encoder
+    torch.manual_seed(37)
+    m = _stack("banded").double()
+    x = torch.randn(2, 1, 64, dtype=torch.float64)
+    outs = []
+    y, st = m.step(x[..., :8], m.init_state(2), outputs=outs)
+    assert len(outs) == len(m) and all(o.requires_grad for o in outs)
+    w = nn.Parameter(torch.ones((), dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="backward through a streaming step"):
+        (w * 2 + outs[-1].sum()).backward()
+    for model, inp in ((_encoder("band_postln_valid"), None), (_decoder("refiner_attention"),
+                                                               torch.randn(2, 6, 6,
+                                                                           dtype=torch.float64))):
+        if inp is None:
+            inp = torch.randn(2, model.hop * 4, dtype=torch.float64)
+        y, st = model.step(inp, model.init_state(2))
+        y[1, int(st.out_lengths[1]):] = 0          # an edit in place: taken
+        assert y.requires_grad
+
+
+def test_a_split_failing_midway_marks_the_stack_holding_it():
+    """A stack's first streaming child failing in the second of its max_chunk pieces marked the
+    child's state only: the stack's own flag (what CudaGraphStep and the decoder read) stayed
+    clean."""
+    from pyencoder.nn import TransformerLayer as TL
+    torch.manual_seed(41)
+    m = StreamingSequential(TL(BandedSelfAttention(16, 2, left=3, right=1), 32),
+                            TL(BandedSelfAttention(16, 2, left=3, right=1), 32)).double().eval()
+    st = m.init_state(1, max_chunk=4)
+    real, calls = TL.step, []
+
+    def failing(self, *a, **k):
+        if self is m[0]:
+            calls.append(1)
+            if len(calls) == 3:          # the outer call, piece 1, piece 2
+                raise RuntimeError("injected failure")
+        return real(self, *a, **k)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TL, "step", failing)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            m.step(torch.randn(1, 12, 16, dtype=torch.float64), st)
+    assert "TransformerLayer.step failed after frames 0-3" in st.layers[0].broken
+    assert st.ended and "at child 0 (TransformerLayer): TransformerLayer.step failed" in st.broken
+
+
+def test_fixed_step_check_names_a_step_no_child_can_take_before_any_runs():
+    """step_fixed(check=True) of a length a later child can never take as a fixed one (a
+    strided conv after another: 6 samples give it 3 frames) passed the check silently (the
+    SteadyCheck was None), then that child refused after the first had taken the chunk: the
+    streams marked inconsistent. It is named before any child runs."""
+    torch.manual_seed(43)
+    m = _stack("banded").double()
+    x = torch.randn(2, 1, 64, dtype=torch.float64)
+    with torch.no_grad():
+        st = m.init_state(2)
+        for i in range(4):
+            _, st = m.step(x[..., i * 8:(i + 1) * 8], st)
+        keep = {k: v.clone() for k, v in st.tensors().items()}
+        with pytest.raises(ValueError, match=r"step_fixed\(check=True\): child \d+ "
+                                             r"\(CausalConv1d\) cannot take a step of 3 frames"):
+            m.step_fixed(x[..., 32:38], st, check=True)
+        assert not st.ended
+        assert all(torch.equal(v, keep[k]) for k, v in st.tensors().items())
+        m.step_fixed(x[..., 32:40], st, check=True)
+
+
 @pytest.mark.parametrize("what", ["attention", "chunked", "wavlm", "layer", "decoder"])
 def test_backward_through_a_flush_says_it_is_unsupported(what):
     """flush emits the held-back frames through the same in-place ring and queues: a backward

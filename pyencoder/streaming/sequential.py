@@ -23,10 +23,10 @@ from torch import nn
 
 from .._cpu_threads import threads_for
 from .protocol import is_pointwise, is_streaming, swaps_time_axis, time_last
-from .state import (StreamState, all_steady, batched_counters, check_init_args, check_state,
-                    check_step_lengths, check_step_slots, ends_stream, fill_counter, fresh_counters,
-                    holds_in_place_step, inference_step, marks_partial, record_steady,
-                    require_steady, stamp, steady_check, steady_dispatch)
+from .state import (StreamState, _declared, all_steady, batched_counters, check_init_args,
+                    check_state, check_step_lengths, check_step_slots, ends_stream, fill_counter,
+                    fresh_counters, holds_in_place_step, inference_step, marks_partial,
+                    record_steady, require_steady, stamp, steady_check, steady_dispatch)
 
 __all__ = ["StreamingSequential", "StackState", "PassState", "cat_time"]
 
@@ -183,7 +183,7 @@ class StreamingSequential(nn.Sequential):
         with marks_partial(state, f"{type(self).__name__}.{who}", self._child_name) as p:
             for i in range(start, len(self)):
                 m, st = self[i], state.layers[i]
-                p.at = i
+                p.at, p.part = i, st
                 if is_streaming(m):
                     x, st = m.step(x, st, lengths)
                     state.layers[i] = st
@@ -242,6 +242,26 @@ class StreamingSequential(nn.Sequential):
             n = c.n_out
         return all_steady(checks, n)
 
+    def _refuse_unfixable(self, n, state):
+        """step_fixed(check=True) of n frames whose steady_check is None: the first child that
+        declares its conditions (or streams without a step_fixed) and cannot take its share as
+        a fixed step is named before any child runs; a child declaring nothing decides itself."""
+        for i, (m, st) in enumerate(zip(self, state.layers)):
+            c = steady_check(m, n, st)
+            if c is not None:
+                n = c.n_out
+                continue
+            if is_streaming(m) and not hasattr(m, "step_fixed"):
+                raise TypeError(f"{type(self).__name__}.step_fixed: child {i} "
+                                f"({type(m).__name__}) has no step_fixed")
+            if getattr(m, "steady_check", None) is not None and _declared(type(m)):
+                raise ValueError(f"{type(self).__name__}.step_fixed(check=True): child {i} "
+                                 f"({type(m).__name__}) cannot take a step of {n} frames as a "
+                                 f"fixed one (not whole strides / mask blocks / chunks, more "
+                                 f"than init_state's max_chunk, or unbounded context); run the "
+                                 f"general step")
+            return
+
     def _records_autograd(self, x, state):
         """Grad mode on and x, a parameter or a tensor of the state (a history that earlier
         differentiable steps wrote) requires grad: the general step then runs as is (step_fixed
@@ -279,9 +299,13 @@ class StreamingSequential(nn.Sequential):
         if check:
             # every child's device condition before any child runs (a child refusing after the
             # ones before it had taken the chunk left them advanced: a caller who retried the
-            # chunk with step() fed it twice, silently)
-            require_steady(type(self).__name__,
-                           self.steady_check(x.shape[-1] if t_last else x.shape[1], state))
+            # chunk with step() fed it twice, silently); a step no child declaring its
+            # conditions can take as a fixed one is named first too
+            n = x.shape[-1] if t_last else x.shape[1]
+            steady = self.steady_check(n, state)
+            if steady is None:
+                self._refuse_unfixable(n, state)
+            require_steady(type(self).__name__, steady)
         with marks_partial(state, f"{type(self).__name__}.step_fixed", self._child_name) as p, \
                 batched_counters():
             for i, (m, st) in enumerate(zip(self, state.layers)):

@@ -440,19 +440,24 @@ class marks_partial:
     part took the chunk marks the state's streams inconsistent (``mark_broken``), where a retried
     chunk would enter those parts twice. A refusal before any part took the chunk (a bad input)
     leaves the state as it was."""
-    __slots__ = ("state", "who", "name", "took", "at")
+    __slots__ = ("state", "who", "name", "took", "at", "part")
 
     def __init__(self, state, who, name=str):
         self.state, self.who, self.name, self.took, self.at = state, who, name, [], None
+        self.part = None        # the running part's state: marked by the part itself (a split)
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, exc, tb):
-        if kind is not None and self.took:
-            at = "" if self.at is None else f" at {self.name(self.at)}"
+        if kind is None:
+            return False
+        at = "" if self.at is None else f" at {self.name(self.at)}"
+        if self.took:
             mark_broken(self.state, f"{self.who} failed{at} after "
                                     f"{', '.join(map(self.name, self.took))} had taken the chunk")
+        elif self.part is not None and self.part.__dict__.get("broken"):
+            mark_broken(self.state, f"{self.who} failed{at}: {self.part.broken}")
         return False
 
 
@@ -913,7 +918,9 @@ class _NoStepBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, who):
         ctx.who = who
-        return y.view_as(y)
+        # a copy, not a view: a caller may edit a step's output in place (zero the rows past
+        # out_lengths), which autograd refuses on a custom Function's view
+        return y.clone()
 
     @staticmethod
     def backward(ctx, grad):
@@ -942,14 +949,18 @@ def inference_step(fn=None, *, when=None):
             return fn(self, *args, **kwargs)
         if torch.compiler.is_compiling() or (when is not None and not when(self)):
             return fn(self, *args, **kwargs)
-        wanted = any(isinstance(a, torch.Tensor) and a.requires_grad
-                     for a in (*args, *kwargs.values())) or \
+        given = (*args, *kwargs.values())
+        wanted = any(isinstance(a, torch.Tensor) and a.requires_grad for a in given) or \
             any(p.requires_grad for p in self.parameters())
+        # lists the step appends outputs to (StreamingSequential.step(outputs=[])): theirs too
+        lists = [(a, len(a)) for a in given if isinstance(a, list)] if wanted else ()
         with torch.no_grad():
             out = fn(self, *args, **kwargs)
         if not wanted:
             return out
         who = f"{type(self).__name__}.{fn.__name__}"
+        for a, n in lists:
+            a[n:] = _refusing(a[n:], who)
         if isinstance(out, tuple):        # (y, state); y may hold hidden states
             return (_refusing(out[0], who),) + out[1:]
         return _refusing(out, who)
