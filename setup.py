@@ -132,7 +132,7 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(
         os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=[
         "pyencoder", "pyencoder.data", "pyencoder.ops", "pyencoder.reference", "pyencoder.nn",
         "pyencoder.streaming", "pyencoder.models", "pyencoder.hf", "pyencoder.compat",
@@ -149,7 +149,8 @@ setup(
         "torch>=2.6",
     ],
     extras_require={
-        "triton": [TRITON_SPEC + '; platform_system == "Linux"'],
+        # numpy: Triton's interpreter (TRITON_INTERPRET=1, the kernels on a CPU) imports it
+        "triton": [TRITON_SPEC + '; platform_system == "Linux"', "numpy"],
         "test": ["pytest", "hypothesis", "numpy"],
         "hf": [HF_SPEC],
         "bench": ["matplotlib", "tqdm"],

@@ -18,9 +18,11 @@ def _info(_args):
         note = _backend.triton_version_note(triton.__version__)
         print(f"triton {triton.__version__}" + (f" (warning: {note})" if note else
                                                 f" (tested range {_backend.TRITON_SPEC})"))
-    except ImportError:
-        print("triton: not installed (optional: pip install 'pyencoder[triton]'; a CUDA torch "
-              "brings its own)")
+    except ImportError as e:
+        why = _backend.triton_import_reason(e)
+        print("triton: " + ("not installed (optional: pip install 'pyencoder[triton]'; a CUDA "
+                            "torch brings its own)" if why.startswith("triton is not installed")
+                            else why))
     if torch.cuda.is_available():
         print(f"device: {torch.cuda.get_device_name(0)}")
     else:

@@ -116,6 +116,19 @@ def _global_reason(backend):
     return _global_cache[key]
 
 
+def triton_import_reason(e):
+    """Why ``import triton`` failed with ImportError ``e``: triton absent, or installed but a
+    module it imports missing (its interpreter, TRITON_INTERPRET=1, imports numpy)."""
+    missing = getattr(e, "name", None)
+    if missing is not None and missing.split(".")[0] != "triton":
+        return (f"triton is installed but does not import ({e})"
+                + ("; its interpreter (TRITON_INTERPRET=1) needs numpy: pip install numpy"
+                   if missing == "numpy" else ""))
+    return (f"triton is not installed ({e}); a CUDA build of torch brings it, or pip install "
+            f"'pyencoder[triton]' (triton{TRITON_SPEC}, Linux; without a GPU it runs the "
+            f"kernels only under TRITON_INTERPRET=1)")
+
+
 def _compute_global_reason(backend):
     if backend == "reference":
         return None
@@ -123,9 +136,7 @@ def _compute_global_reason(backend):
         try:
             import triton  # noqa: F401
         except ImportError as e:
-            return (f"triton is not installed ({e}); a CUDA build of torch brings it, or "
-                    f"pip install 'pyencoder[triton]' (triton{TRITON_SPEC}, Linux; without a GPU "
-                    "it runs the kernels only under TRITON_INTERPRET=1)")
+            return triton_import_reason(e)
         import torch
         if not torch.cuda.is_available() and not _interpret():
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"

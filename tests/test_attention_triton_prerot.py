@@ -17,9 +17,11 @@ from conftest import has_triton
 
 pytestmark = pytest.mark.skipif(not has_triton(), reason="triton is not installed")
 
+# the case table: plain data, for the parametrize decorators (collected without Triton too)
+from test_attention_triton import _CASES, _case_id  # noqa: E402
 if has_triton():
     from pyencoder.ops import _attention_triton as tri
-    from test_attention_triton import _CASES, _case_id, _do_case, _fa_rule_case, _inputs
+    from test_attention_triton import _do_case, _fa_rule_case, _inputs
 from pyencoder import IntervalMask, Rope
 from pyencoder.rope import apply_rope
 

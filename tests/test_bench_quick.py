@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import _subproc
+from conftest import has_triton
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -210,6 +211,7 @@ def test_conv_row_provider_sets_the_flag_around_each_call(monkeypatch):
     assert "depthwise forward" in fake("pyencoder-cuda-row", x, w, None, 1, 4, True)
 
 
+@pytest.mark.skipif(not has_triton(), reason="triton is not installed")
 def test_convnext_step_rows(monkeypatch):
     """bench_convnext's streaming-step providers compute the same thing (y and the final state),
     and _steps writes a composed and a fused row with its speedup (Triton interpreter)."""

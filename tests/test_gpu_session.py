@@ -28,6 +28,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks import gpu_session as gs  # noqa: E402
+from conftest import has_triton  # noqa: E402
+
+# the dry run and the compile counters run Triton's interpreter / compiler
+needs_triton = pytest.mark.skipif(not has_triton(), reason="triton is not installed")
 
 
 def _run_killing_group(argv, timeout, **kw):
@@ -71,6 +75,7 @@ def _tiny_triton_cache(path):
     return key
 
 
+@needs_triton
 def test_dry_run_end_to_end(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     key = _tiny_triton_cache(tmp_path / "carried")
@@ -243,6 +248,7 @@ def test_stage_timeouts_fit_the_budget():
     assert 120 + call["timeout_s"] + 120 <= 15 * 60    # start, the call, a short second call
 
 
+@needs_triton
 def test_compile_counter_records_launch_keys():
     """tests/_count_compiles.py on the decode kernel test (fp16 and bf16: two keys, each launch
     recorded once per key)."""
@@ -278,6 +284,7 @@ print(json.dumps([sorted(u) for u in rec.keys.values()]))
 """
 
 
+@needs_triton
 def test_compile_counter_models_triton_specialisation(tmp_path):
     """Integers divisible by 16 share a key, other integers get another, 1 is a constant; a
     constexpr, a misaligned pointer or num_warps make new keys (Triton's cache key)."""
@@ -290,6 +297,7 @@ def test_compile_counter_models_triton_specialisation(tmp_path):
     assert json.loads(p.stdout.splitlines()[-1]) == [[0, 1], [2], [3], [4], [5], [6]]
 
 
+@needs_triton
 def test_gpu_quick_tier_covers_every_kernel_and_dtype():
     """The fast GPU tier (conftest's gpu_quick predicates) selects, per stage file, the tests the
     session relies on: every attention dtype, the CUDA conv widths 1..256 in every dtype, a

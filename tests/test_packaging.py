@@ -53,13 +53,26 @@ def _setup_constant(name):
     return m.group(1)
 
 
-def test_supported_ranges_agree():
-    """setup.py's [triton] and [hf] extras state the ranges the runtime checks and reports."""
-    from pyencoder import _backend
+def test_supported_hf_range_agrees():
+    """setup.py's [hf] extra states the range pyencoder.hf checks (skipped without transformers:
+    pyencoder.hf needs it to import)."""
+    pytest.importorskip("transformers")
     from pyencoder.hf import _compat
-    assert _setup_constant("TRITON_SPEC") == "triton" + _backend.TRITON_SPEC
     assert _setup_constant("HF_SPEC") == "transformers" + _compat.TESTED_SPEC
+    assert _compat.in_tested_range("5.23.0") and _compat.in_tested_range("5.24.0")
+    assert not _compat.in_tested_range("5.22.9") and not _compat.in_tested_range("5.25.0")
+
+
+def test_supported_ranges_agree():
+    """setup.py's [triton] extra states the range the runtime checks and reports (with numpy:
+    Triton's interpreter imports it); python_requires is what the extras resolve on."""
+    from pyencoder import _backend
+    assert _setup_constant("TRITON_SPEC") == "triton" + _backend.TRITON_SPEC
     src = open(os.path.join(ROOT, "setup.py")).read()
+    assert 'python_requires=">=3.10"' in src
+    assert "Python 3.10" in open(os.path.join(ROOT, "README.md")).read()
+    start = src.index('"triton": [')
+    assert '"numpy"' in src[start:src.index("]", start)]
     start = src.index("install_requires=[")
     assert "triton" not in src[start:src.index("]", start)], \
         "triton must be an extra: a CPU-only install cannot run its kernels (a CUDA torch brings it)"
@@ -67,8 +80,10 @@ def test_supported_ranges_agree():
     assert _backend.triton_version_note("3.9.1") is None
     assert "outside the tested range" in _backend.triton_version_note("3.5.0")
     assert "outside the tested range" in _backend.triton_version_note("3.10.0")
-    assert _compat.in_tested_range("5.23.0") and _compat.in_tested_range("5.24.0")
-    assert not _compat.in_tested_range("5.22.9") and not _compat.in_tested_range("5.25.0")
+    missing = ModuleNotFoundError("No module named 'numpy'", name="numpy")
+    assert "needs numpy: pip install numpy" in _backend.triton_import_reason(missing)
+    absent = ModuleNotFoundError("No module named 'triton'", name="triton")
+    assert _backend.triton_import_reason(absent).startswith("triton is not installed")
 
 
 def _git_status():
