@@ -139,5 +139,6 @@ def test_sdist_has_the_cuda_sources_and_the_test_helpers(tmp_path):
     for helper in ("tests/conftest.py", "tests/oracle.py", "tests/_subproc.py",
                    "tests/_stream_utils.py", "MANIFEST.in", "setup.py", "pyproject.toml",
                    "benchmarks/__init__.py", "benchmarks/gpu_prep.sh", "docs/make_api.py",
-                   "triton_kernels/interval_attention.py", "pyencoder/data/speech_16k.wav"):
+                   "triton_kernels/interval_attention.py", "pyencoder/data/speech_16k.wav",
+                   "docs/masks.png"):
         assert helper in names, helper
