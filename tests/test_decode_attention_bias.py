@@ -232,3 +232,29 @@ def test_triton_kernel_nonfinite_gate_and_gqa_without_bias():
     out = decode_attention_triton(*args)
     ref = decode_attention_reference(*args)
     assert torch.allclose(out, ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_decode_refuses_gradients_and_tangents_by_name(backend, monkeypatch):
+    """decode_attention is forward only: on the Triton path a gradient asked of it was dropped
+    silently (no grad_fn: a loss mixing it with other terms backpropagated 1.69 off the
+    offline op's), a jvp came back zero; on the reference autograd failed in its own words (an
+    in-place softmax). Both are refused by name; under no_grad it runs as before."""
+    if backend == "triton":
+        if not has_triton():
+            pytest.skip("triton is not installed")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(3)
+    B, H, M, D, cap = 1, 2, 2, 4, 6
+    q = torch.randn(B, H, M, D, requires_grad=True)
+    kr, vr = torch.randn(B, H, cap, D), torch.randn(B, H, cap, D, requires_grad=True)
+    args = (torch.tensor([[4, 5]]), torch.tensor([2]), torch.tensor([6]), None, False, 1, 3, 0,
+            D ** -0.5)
+    with pytest.raises(RuntimeError, match="decode_attention is forward only"):
+        decode_attention(q, kr, vr, *args, backend=backend)
+    with pytest.raises(NotImplementedError, match="decode_attention has no forward-mode AD"):
+        torch.func.jvp(lambda v: decode_attention(q.detach(), kr, v, *args, backend=backend),
+                       (vr.detach(),), (torch.ones_like(vr),))
+    with torch.no_grad():
+        y = decode_attention(q, kr, vr, *args, backend=backend)
+    assert y.shape == (B, H, M, D) and not y.requires_grad

@@ -53,6 +53,7 @@ from .._checks import (MAX_POSITION, WINDOW_CAP, autocasting, check_bias_tensors
 from ..reference import decode_attention as _reference
 from . import _decode_attention_triton as _triton
 from ._call import eager_ok
+from ._autograd import refuse_forward_ad
 
 __all__ = ["decode_attention", "window_offsets"]
 
@@ -115,6 +116,19 @@ def _check_sinks(q, k_ring, v_ring, sink_k, sink_v):
                              f"from {ring_name}, S from sink_k); got {tuple(t.shape)}")
 
 
+def _refuse_autograd(*tensors):
+    """The decode is forward only (a streaming step's; the Triton kernel has no backward, the
+    reference computes in place): a tangent or a gradient asked of it was dropped silently (the
+    Triton path: no grad_fn, a zero jvp) or failed in autograd's words (the reference)."""
+    refuse_forward_ad("decode_attention", *tensors)
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        raise RuntimeError("pyencoder: decode_attention is forward only (the streaming steps' "
+                           "decode: no backward); call it under torch.no_grad() / "
+                           "torch.inference_mode(), and take gradients from the offline op "
+                           "(pyencoder.ops.interval_attention), which equals it")
+
+
 def decode_attention(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved, block,
                      lo_off, hi_off, scale, backend=None, *, rel_bias=None, gate=None,
                      rel_offset=None, sink_k=None, sink_v=None):
@@ -130,6 +144,7 @@ def decode_attention(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interl
                                     sink_k=sink_k, sink_v=sink_v)
     check_decode_inputs(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interleaved, block,
                         lo_off, hi_off, scale)
+    _refuse_autograd(q, k_ring, v_ring, rel_bias, gate, sink_k, sink_v)
     scale = float(scale)        # a numpy float as the offline op takes it
     # extents within WINDOW_CAP (2**53), the offline op's rule (positions stay below 2**52):
     # hi_off = 2**63 - 1 wrapped in the reference's int64 bounds (rows that see every key saw
