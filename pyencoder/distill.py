@@ -290,6 +290,28 @@ def _batch(item, device):
     return wav, lengths
 
 
+def _default_teacher_pos(t):
+    """pos_weight's default teacher_pos: a CausalEncoder's positional_embedding, or a transformers
+    model's encoder.pos_conv_embed (of the model or, for a head such as ...ForCTC, of its base
+    model: ``base_model_prefix``); not one a pyencoder patch dropped (pos_conv="drop": it
+    returns a 0-d zero)."""
+    prefix = getattr(t, "base_model_prefix", None)
+    inner = getattr(t, prefix, None) if isinstance(prefix, str) and prefix else None
+    for cand in (t, inner):
+        if callable(getattr(cand, "positional_embedding", None)):
+            return cand.positional_embedding              # a CausalEncoder teacher
+        if hasattr(getattr(cand, "encoder", None), "pos_conv_embed"):
+            rec = getattr(cand, "_pyencoder_patch", None)
+            if getattr(rec, "pos_conv", None) == "drop":
+                raise ValueError(f"pos_weight > 0: the teacher's positional conv is dropped by "
+                                 f"its pyencoder patch (pos_conv='drop'): no embedding to match; "
+                                 f"patch it with pos_conv='keep' (or 'causal'), pass "
+                                 f"teacher_pos, or use pos_weight=0")
+            return cand.encoder.pos_conv_embed            # a transformers model
+    raise ValueError(f"pos_weight > 0 needs teacher_pos: the teacher ({type(t).__name__}) has "
+                     f"neither positional_embedding nor encoder.pos_conv_embed")
+
+
 def distill(student, teacher, data: Iterable, optimizer, *, steps=None, weights="uniform",
             layers: Optional[Sequence[Tuple[int, int]]] = None, pos_weight=0.0,
             teacher_pos: Optional[Callable] = None, scheduler=None, grad_clip=None,
@@ -326,15 +348,7 @@ def distill(student, teacher, data: Iterable, optimizer, *, steps=None, weights=
             not 0 <= pos_weight < math.inf:
         raise ValueError(f"pos_weight must be a finite float >= 0; got {pos_weight!r}")
     if pos_weight and teacher_pos is None:
-        t = _unwrap(teacher)
-        if callable(getattr(t, "positional_embedding", None)):
-            teacher_pos = t.positional_embedding          # a CausalEncoder teacher
-        elif hasattr(getattr(t, "encoder", None), "pos_conv_embed"):
-            teacher_pos = t.encoder.pos_conv_embed        # a transformers model
-        else:
-            raise ValueError(f"pos_weight > 0 needs teacher_pos: the teacher "
-                             f"({type(t).__name__}) has neither positional_embedding nor "
-                             f"encoder.pos_conv_embed")
+        teacher_pos = _default_teacher_pos(_unwrap(teacher))
     if pos_weight and not callable(teacher_pos):
         raise TypeError(f"teacher_pos must be a callable (B, T, E) -> (B, T, E); got "
                         f"{type(teacher_pos).__name__}")

@@ -142,6 +142,10 @@ def as_rope(rope, head_dim):
     """Normalise a module's ``rope`` argument: True (rotary over the whole head), False/None (no
     rotary), an int rotary dim, a Rope, or an object holding one as ``.rope`` (RotaryEmbedding)."""
     if rope is True:
+        if isinstance(head_dim, int) and (head_dim < 2 or head_dim % 2):
+            raise ValueError(f"rope=True rotates the whole head, and head_dim ({head_dim}) is "
+                             f"odd: pass " + (f"an even rotary dim below it (rope={head_dim - 1})"
+                                              f" or " if head_dim > 2 else "") + "rope=False")
         return Rope(head_dim)
     if rope is None or rope is False:
         return None

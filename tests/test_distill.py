@@ -307,3 +307,34 @@ def test_student_sharing_the_teachers_parameters():
     D.distill(student, teacher, wav, opt(student), progress=False)
     changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
     assert changed and not any(n.startswith("feature_extractor.") for n in changed)
+
+
+def test_pos_weight_finds_a_head_teachers_pos_conv_and_refuses_a_dropped_one():
+    """pos_weight's default teacher_pos looked at the teacher itself only: a ...ForCTC teacher
+    was refused ('has neither ... encoder.pos_conv_embed'); a teacher patched with
+    pos_conv='drop' (its conv returns a 0-d zero) failed later on a shape message."""
+    pytest.importorskip("transformers")
+    import pyencoder.hf as H
+    from test_hf import make_model
+    torch.manual_seed(47)
+    base = make_model("w2v2_post").eval()
+    head = D._default_teacher_pos
+    from transformers import Wav2Vec2ForCTC
+    ctc = Wav2Vec2ForCTC(base.config).eval()
+    assert head(ctc) is ctc.wav2vec2.encoder.pos_conv_embed
+    assert head(base) is base.encoder.pos_conv_embed
+    student = CausalEncoder.from_hf(base, lookahead=1, left=5, pos_conv="causal")
+    assert head(student) == student.positional_embedding
+    dropped = copy.deepcopy(base)
+    H.apply_pyencoder_to_wav2vec2(dropped, lookahead_frames=2, pos_conv="drop")
+    with pytest.raises(ValueError, match=r"positional conv is dropped by its pyencoder patch"):
+        D.distill(student, dropped, [(torch.randn(1, 800), None)],
+                  torch.optim.SGD(student.parameters(), lr=1e-3), pos_weight=0.5,
+                  progress=False)
+    with pytest.raises(ValueError, match="has neither positional_embedding"):
+        head(torch.nn.Linear(2, 2))
+    # a head teacher trains with the positional loss
+    hist = D.distill(student, ctc, [(torch.randn(1, 800), None)],
+                     torch.optim.SGD(student.parameters(), lr=1e-3), pos_weight=0.5,
+                     progress=False)
+    assert len(hist) == 1 and hist[0]["loss"] > 0

@@ -243,3 +243,21 @@ def test_patching_a_heads_base_keeps_the_heads_config(tmp_path):
     assert student.config is student.wav2vec2.config is not teacher.config
     assert hasattr(student.config, "pyencoder") and not hasattr(teacher.config, "pyencoder")
     assert all(m.config is teacher.config for m in teacher.modules() if "config" in m.__dict__)
+
+
+def test_a_refused_patch_leaves_the_model_and_names_an_odd_head_dim():
+    """apply_pyencoder_to_wav2vec2 swapped in its own config copy before checking its arguments:
+    a student built from the teacher's config (Wav2Vec2Model(teacher.config)) no longer shared it
+    after a refused patch. rope=True with an odd head_dim said 'Rope: dim must be a positive even
+    int; got 9' without naming the head or what to pass."""
+    from transformers import Wav2Vec2Model
+    teacher = make_model("w2v2_post")
+    student = Wav2Vec2Model(teacher.config)
+    with pytest.raises(ValueError, match="lookahead_frames must be >= 0"):
+        H.apply_pyencoder_to_wav2vec2(student, lookahead_frames=-1)
+    assert student.config is teacher.config and H.patch_record(student) is None
+    odd = make_model("w2v2_post", hidden_size=36, num_attention_heads=4, intermediate_size=40)
+    with pytest.raises(ValueError, match=r"head_dim \(9\) is odd: pass an even rotary dim below "
+                                         r"it \(rope=8\) or rope=False"):
+        H.apply_pyencoder_to_wav2vec2(odd, lookahead_frames=1)
+    assert H.patch_record(odd) is None

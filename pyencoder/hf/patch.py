@@ -315,11 +315,12 @@ def apply_pyencoder_to_wav2vec2(model, *, lookahead_frames=3, left_frames=None,
                       f"{_compat.transformers_version()}. The patch checks what it relies on, but "
                       f"verify outputs on your model.", stacklevel=2)
     _check_model(base, family)
-    install_switch_guard()
-    cfg = _own_config(model, base)
     att0 = base.encoder.layers[0].attention
+    # the arguments first: a refused patch leaves the model as it was (its config object too)
     specs = build_specs(len(base.encoder.layers), att0.head_dim, lookahead_frames, left_frames,
                         lookahead_layers, rope, chunk_size, left_chunks, sink_frames)
+    install_switch_guard()
+    cfg = _own_config(model, base)
     if lookahead_layers == "all" and lookahead_frames and len(specs) > 1:
         warnings.warn(f"lookahead_layers='all': lookahead compounds over {len(specs)} layers, "
                       f"total lookahead = {len(specs)} x {lookahead_frames} = "
