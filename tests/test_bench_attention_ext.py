@@ -13,6 +13,7 @@ import torch
 import _subproc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import has_triton  # noqa: E402
 be = pytest.importorskip("benchmarks.bench_attention_ext")
 
 
@@ -129,6 +130,7 @@ def test_masks_match_pyencoder_masks():
             assert torch.equal(got, want), spec
 
 
+@pytest.mark.skipif(not has_triton(), reason="triton is not installed")
 def test_triton_interpreter_case_is_checked(tmp_path):
     """Under TRITON_INTERPRET=1 the dry run adds pyencoder-triton at the first case of each suite,
     checked (output and every gradient) against the reference; in its own process, as the GPU

@@ -7,6 +7,7 @@ import types
 import pytest
 
 import _subproc
+from conftest import has_triton
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -42,8 +43,10 @@ def test_dry_run_gpu_path_on_cpu():
     assert _listing(results) == before
 
 
-@pytest.mark.parametrize("variant,interpret", [("conv-triton", True), ("encoder", False),
-                                              ("decoder", False)])
+@pytest.mark.parametrize("variant,interpret", [
+    pytest.param("conv-triton", True, marks=pytest.mark.skipif(
+        not has_triton(), reason="triton is not installed")),
+    ("encoder", False), ("decoder", False)])
 def test_dry_run_step_variant(variant, interpret):
     """--variants conv-triton: the chunked stack's 80 ms step with the feature extractor's convs
     on the triton backend (here interpreted); --variants encoder: the converted wav2vec2-base

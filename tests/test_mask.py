@@ -132,6 +132,7 @@ def test_interval_attention_with_a_mask_equals_the_loose_ints_bit_for_bit():
 
 
 def test_modules_and_hf_specs_carry_the_mask():
+    pytest.importorskip("transformers")
     from pyencoder.hf.patch import build_specs
     from pyencoder.nn import BandedSelfAttention, ChunkedSelfAttention
     a = BandedSelfAttention(16, 2, left=5, right=2)

@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks import gpu_session as gs  # noqa: E402
 from benchmarks import triton_cache as tc  # noqa: E402
+from conftest import has_triton  # noqa: E402
 
 FACTS = {"triton": "3.6.0", "triton_key_sha256": "a" * 64, "backend_hash": "ptxas 12.9-90",
          "env_vars": {}, "target": ["cuda", 90, 32], "python": "3.12.3"}
@@ -256,6 +257,7 @@ def test_merge_mirrors_device_into_the_committed_copy_and_seed_restores_it(tmp_p
     assert not (kept / tc.INDUCTOR_ARCHIVE).exists() and (kept / tc.ARCHIVE).exists()
 
 
+@pytest.mark.skipif(not has_triton(), reason="triton is not installed")
 def test_build_keeps_the_device_folder(tmp_path, monkeypatch, capsys):
     """build() replaces the cache folder with its new staging folder: device/ must move along."""
     out = tmp_path / ".triton-cache"
