@@ -225,17 +225,23 @@ def test_cuda_graph_step_admit():
     assert rel_err(got, ref[:, :got.shape[1]]) <= 1e-4
 
 
-def test_admit_hf_streaming_encoder():
-    """pyencoder.hf.StreamingEncoder (a patched transformers wav2vec2): admit then step_fixed
-    equals the model's offline forward for the new stream (float32)."""
+def _hf_encoder(seed):
+    """A tiny patched transformers wav2vec2 (band, 2 frames of lookahead, causal positional
+    conv) and its pyencoder.hf.StreamingEncoder."""
     pytest.importorskip("transformers")
     import pyencoder.hf as H
     from test_hf import make_model
-
-    torch.manual_seed(16)
+    torch.manual_seed(seed)
     model = make_model("w2v2_post").eval()
     H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=2, left_frames=6, pos_conv="causal")
-    enc = H.StreamingEncoder(model)
+    return model, H.StreamingEncoder(model)
+
+
+def test_admit_hf_streaming_encoder():
+    """pyencoder.hf.StreamingEncoder (a patched transformers wav2vec2): admit then step_fixed
+    equals the model's offline forward for the new stream (float32)."""
+    import pyencoder.hf as H
+    model, enc = _hf_encoder(16)
     n = enc.hop * 2
     xs = torch.randn(2, n * 10)
     new = torch.randn(1, n * 9)
@@ -268,13 +274,8 @@ def test_admit_names_the_phase_and_hidden_states():
     """admit told a new stream whose first chunks totalled off the hop (37 + 163 + 5 samples)
     to pass more chunks (which never helps: steps of whole hops keep it out of phase), and an
     encoder built with output_hidden_states=True that its step length was wrong."""
-    pytest.importorskip("transformers")
     import pyencoder.hf as H
-    from test_hf import make_model
-    torch.manual_seed(17)
-    model = make_model("w2v2_post").eval()
-    H.apply_pyencoder_to_wav2vec2(model, lookahead_frames=2, left_frames=6, pos_conv="causal")
-    enc = H.StreamingEncoder(model)
+    model, enc = _hf_encoder(17)
     n = enc.hop * 4
     new = torch.randn(1, n * 9)
     with torch.no_grad():
