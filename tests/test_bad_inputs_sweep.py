@@ -1114,3 +1114,37 @@ def test_cross_attention_max_context_message_names_the_cause():
         IntervalMask.frames(1, 2, 1, 0), 0, 2)
     assert "unbounded history" in overflow(IntervalMask.band(None, 0), 1, 1)
     assert "one query sees up to 41 keys" in overflow(IntervalMask.band(40, 0), 1, 1)
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(conv_kernel=(2,), conv_stride=(3,), conv_dim=(8,)),
+     r"EncoderConfig\.conv_stride\[0\] \(3\) exceeds conv_kernel\[0\] \(2\)"),
+    (dict(add_adapter=True, adapter_kernel_size=1, adapter_stride=3),
+     r"EncoderConfig\.adapter_stride \(3\) exceeds adapter_kernel_size \(1\)"),
+    (dict(hidden_size=6, num_heads=2, rope=True),
+     r"EncoderConfig\.rope=True rotates the whole head, and the head dim hidden_size // "
+     r"num_heads \(3\) is odd: give an even rotary dim below it \(rope=2\) or rope=False"),
+    (dict(hidden_size=6, num_heads=2, rope=4),
+     r"EncoderConfig\.rope: the rotary dim \(4\) must be <= the head dim"),
+    (dict(hidden_size=16, num_heads=3), r"EncoderConfig\.hidden_size \(16\) must be a multiple "
+                                        r"of num_heads \(3\)"),
+    (dict(sink=4, max_context=2), r"EncoderConfig\.sink \(4\) must be <= max_context \(2\)"),
+])
+def test_encoder_config_geometry_is_named_by_its_fields(over, match):
+    """A conv stride past its kernel, an odd head under rope=True, a rotary dim past the head,
+    sinks past max_context were refused in the inner modules' words ('kernel_size (2) must be
+    >= stride (3) for a causal conv' with causal_conv=False; 'Rope: dim must be a positive even
+    int; got 3'), naming no config field."""
+    with pytest.raises(ValueError, match=match):
+        CausalEncoder(tiny_encoder_config(**over))
+
+
+def test_decoder_config_attention_heads_are_named_by_its_fields():
+    """DecoderConfig has no rope field, yet an odd head was refused with 'pass rope=2 or
+    rope=False', and heads not dividing dim in the attention module's words."""
+    for dim, heads in ((6, 2), (6, 4)):
+        with pytest.raises(ValueError, match=rf"DecoderConfig\.dim \({dim}\) must be num_heads "
+                                             rf"\({heads}\) heads of an even size"):
+            StreamingDecoder(tiny_decoder_config(dim=dim, num_heads=heads,
+                                                 num_attention_layers=1))
+    StreamingDecoder(tiny_decoder_config(dim=6, num_heads=4, num_attention_layers=0))

@@ -81,6 +81,13 @@ class DecoderConfig:
         cfg_float(self, "layer_norm_eps", positive=False)
         cfg_float(self, "layer_scale_init", positive=None, allow_none=True)
         cfg_bool(self, "convnext_fused", allow_none=True)
+        if self.num_attention_layers:
+            # the attention layers rotate whole heads (RoPE): what they would refuse in their
+            # own words, named here by the config's fields
+            if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
+                raise ValueError(f"DecoderConfig.dim ({self.dim}) must be num_heads "
+                                 f"({self.num_heads}) heads of an even size (its attention "
+                                 f"layers rotate whole heads) with num_attention_layers > 0")
 
 
 @dataclasses.dataclass

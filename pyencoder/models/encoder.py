@@ -204,6 +204,37 @@ class EncoderConfig:
             for name in ("num_adapter_layers", "adapter_kernel_size", "adapter_stride"):
                 cfg_int(self, name, 1)
             cfg_int(self, "adapter_padding", 0)
+        self._check_geometry()
+
+    def _check_geometry(self):
+        """What the modules would refuse in their own words (a conv's kernel vs its stride, the
+        heads' rotary dim, the sink keys vs max_context), refused naming the config fields."""
+        for i, (k, s) in enumerate(zip(self.conv_kernel, self.conv_stride)):
+            if s > k:
+                raise ValueError(f"EncoderConfig.conv_stride[{i}] ({s}) exceeds conv_kernel[{i}] "
+                                 f"({k}): that conv skips samples, which a stream cannot "
+                                 f"reproduce")
+        if self.add_adapter and self.adapter_stride > self.adapter_kernel_size:
+            raise ValueError(f"EncoderConfig.adapter_stride ({self.adapter_stride}) exceeds "
+                             f"adapter_kernel_size ({self.adapter_kernel_size}): that conv skips "
+                             f"frames, which a stream cannot reproduce")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"EncoderConfig.hidden_size ({self.hidden_size}) must be a multiple "
+                             f"of num_heads ({self.num_heads})")
+        head = self.hidden_size // self.num_heads
+        rope = self.rope.dim if isinstance(self.rope, Rope) else head if self.rope is True \
+            else self.rope
+        if rope and rope > head:
+            raise ValueError(f"EncoderConfig.rope: the rotary dim ({rope}) must be <= the head dim "
+                             f"hidden_size // num_heads ({head})")
+        if rope and rope % 2:
+            raise ValueError(f"EncoderConfig.rope=True rotates the whole head, and the head dim "
+                             f"hidden_size // num_heads ({head}) is odd: give an even rotary dim "
+                             f"below it" + (f" (rope={head - 1})" if head > 2 else "")
+                             + " or rope=False")
+        if self.sink > self.max_context:
+            raise ValueError(f"EncoderConfig.sink ({self.sink}) must be <= max_context "
+                             f"({self.max_context}): the sink keys stay in the stream's key cache")
 
     def layer_lookaheads(self):
         """Per-layer lookahead frames (None for full-context layers)."""
@@ -298,9 +329,6 @@ class CausalEncoder(nn.Module):
             raise ValueError(f"adapter_attn_dim ({c.adapter_attn_dim}): attention adapters follow "
                              f"the feed-forward of pre-LN layers (norm_first=True); got "
                              f"norm_first=False")
-        if c.hidden_size % c.num_heads:
-            raise ValueError(f"hidden_size ({c.hidden_size}) must be a multiple of num_heads "
-                             f"({c.num_heads})")
         self.config = c
         self.feature_extractor = ConvFeatureExtractor(c.conv_dim, c.conv_kernel, c.conv_stride,
                                                       c.conv_bias, c.feat_extract_norm,
