@@ -1110,8 +1110,8 @@ def test_cross_attention_max_context_message_names_the_cause():
                 _, st = m.step(torch.randn(1, q_frames, 4), torch.randn(1, kv_frames, 4), st)
         return str(e.value)
 
-    assert "the key stream ran ahead of the query stream" in overflow(
-        IntervalMask.frames(1, 2, 1, 0), 0, 2)
+    assert "the key stream ran ahead of the query stream: 18 keys arrived for 0 queries" in \
+        overflow(IntervalMask.frames(1, 2, 1, 0), 0, 2)
     assert "unbounded history" in overflow(IntervalMask.band(None, 0), 1, 1)
     assert "one query sees up to 41 keys" in overflow(IntervalMask.band(40, 0), 1, 1)
 
@@ -1137,6 +1137,12 @@ def test_encoder_config_geometry_is_named_by_its_fields(over, match):
     int; got 3'), naming no config field."""
     with pytest.raises(ValueError, match=match):
         CausalEncoder(tiny_encoder_config(**over))
+
+
+def test_rope_true_on_a_head_of_one_suggests_no_rotary_dim():
+    from pyencoder.rope import as_rope
+    with pytest.raises(ValueError, match=r"head_dim \(1\) is odd: pass rope=False$"):
+        as_rope(True, 1)
 
 
 def test_decoder_config_attention_heads_are_named_by_its_fields():

@@ -607,3 +607,38 @@ def test_general_step_failing_midway_marks_the_streams(monkeypatch, where):
             st.state_dict()
         with pytest.raises(ValueError, match="streams are inconsistent"):
             m.step(x.narrow(axis, 0, n), st, **kw)
+
+
+def test_fixed_and_empty_steps_failing_midway(monkeypatch):
+    """ConvAdapter.step_fixed failing at its second layer marks its state; an empty step (no
+    part took anything) failing later does not, for the adapter's fixed step and the encoder's
+    general step."""
+    from pyencoder.models.adapter import ConvAdapter, ConvAdapterLayer
+    torch.manual_seed(61)
+    ad = ConvAdapter(6, 4, 2, 3, 2, 1).double()
+    h = torch.randn(1, 16, 6, dtype=torch.float64)
+    real = ConvAdapterLayer.step_fixed
+
+    def failing(self, *a, **k):
+        if self is ad.layers[1]:
+            raise RuntimeError("injected failure")
+        return real(self, *a, **k)
+    with torch.no_grad():
+        for n, marked in ((4, True), (0, False)):
+            st = ad.init_state(1)
+            _, st = ad.step(h[:, :8], st)
+            with monkeypatch.context() as mp:
+                mp.setattr(ConvAdapterLayer, "step_fixed", failing)
+                with pytest.raises(RuntimeError, match="injected failure"):
+                    ad.step_fixed(h[:, 8:8 + n], st)
+            assert st.ended == marked, n
+            if marked:
+                assert "ConvAdapter.step_fixed failed at layer 1 after layer 0" in st.broken
+        m = _encoder("band_postln_valid").eval()
+        st = m.init_state(1)
+        with monkeypatch.context() as mp:
+            mp.setattr(type(m.layers), "step", lambda *a, **k: (_ for _ in ()).throw(
+                RuntimeError("injected failure")))
+            with pytest.raises(RuntimeError, match="injected failure"):
+                m.step(torch.zeros(1, 0, dtype=torch.float64), st)
+        assert not st.ended

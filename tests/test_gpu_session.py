@@ -489,6 +489,10 @@ def test_setup_builds_when_the_prebuilt_so_is_missing(tmp_path, monkeypatch):
     assert built and "build_ext" in built[0]
     rep = json.load(open(tmp_path / "extension.json"))
     assert rep["action"] == "built" and "is missing" in rep["prebuilt_error"]
+    del info["so"]                               # a build_info without its .so's name
+    (root / ".prebuilt" / "build_info.json").write_text(json.dumps(info))
+    assert gs.setup_extension(str(tmp_path), dry=False) == 0
+    assert json.load(open(tmp_path / "extension.json"))["prebuilt_error"].startswith("KeyError")
     assert gs.prebuilt_mismatch([1, 2], "2.11", "13.0", "x").startswith("no prebuilt")
 
 
@@ -504,6 +508,9 @@ def test_session_log_stays_under_the_out_file_limit(tmp_path):
     session.session_log.close()
     size = os.path.getsize(tmp_path / "session.log")
     assert size < gs.OUT_FILE_LIMIT and size <= gs.SESSION_LOG_CAP + 2**20
+    text = (tmp_path / "session.log").read_text()
+    last = text[text.rindex("======== stage"):]      # past the cap: still its head and tail
+    assert 60 * 2**10 <= len(last) <= 70 * 2**10 and "bytes cut" in last
 
 
 def test_a_driver_error_in_one_stage_leaves_the_others(tmp_path, monkeypatch):
@@ -561,5 +568,9 @@ def test_results_keep_the_newest_run_of_each_case():
             for p in ("pyencoder-triton", "cudnn")]
     kept = _latest_run(conv)
     assert [r["layout"] for r in kept] == ["cf", "cf", "cl", "cl"]
+    att = dict(bench="attention", provider="pyencoder-triton", N=1500, mask="band(250,3)",
+               commit="abc")
+    modes = [dict(att, run_id="R1", rope_mode="fused"), dict(att, run_id="R2", rope_mode="pre")]
+    assert _latest_run(modes) == modes          # A/B rows of one case: both kept
     lines = readme.conv(kept).splitlines()
     assert sum("channels-last" in line for line in lines) == 2

@@ -68,6 +68,8 @@ def test_repr_is_readable_and_round_trips():
     assert repr(IntervalMask.band(None, 3)) == "IntervalMask.band(left=None, right=3)"
     assert repr(IntervalMask.chunked(4, 2, 1)) == \
         "IntervalMask.chunked(chunk_size=4, left_chunks=2, lookahead=1)"
+    assert repr(IntervalMask.chunked(4, 2)) == \
+        "IntervalMask.chunked(chunk_size=4, left_chunks=2, lookahead=0)"
     # raw masks no constructor builds (hi_off below the block's end) printed as a band /
     # chunked call that refuses its own arguments: every valid mask's repr reads back
     raw = [IntervalMask(1, 4, -1), IntervalMask(4, 8, 1), IntervalMask(2, -1, 0),

@@ -142,3 +142,23 @@ def test_sdist_has_the_cuda_sources_and_the_test_helpers(tmp_path):
                    "triton_kernels/interval_attention.py", "pyencoder/data/speech_16k.wav",
                    "docs/masks.png"):
         assert helper in names, helper
+
+
+@pytest.mark.parametrize("missing, says", [
+    ("numpy", "triton: triton is installed but does not import (No module named 'numpy'); its "
+              "interpreter (TRITON_INTERPRET=1) needs numpy: pip install numpy"),
+    ("triton", "triton: not installed (optional: pip install 'pyencoder[triton]'")])
+def test_info_tells_a_missing_triton_from_a_missing_numpy(missing, says, monkeypatch, capsys):
+    """`python -m pyencoder info` said "triton: not installed" where triton was installed and
+    its interpreter lacked numpy ([triton] extra without numpy)."""
+    import builtins
+    from pyencoder.__main__ import _info
+    real = builtins.__import__
+
+    def fake(name, *a, **k):
+        if name == "triton":
+            raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+        return real(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", fake)
+    _info(None)
+    assert says in capsys.readouterr().out

@@ -540,14 +540,29 @@ def test_hook_based_weight_norm_streams_the_current_weight(kind):
         st = m.init_state(x.shape[0])
         assert st.tensors() and all(t.dtype == torch.float64 for t in st.tensors().values()
                                     if t.is_floating_point())
-        ys = []
-        for t in range(0, x.shape[-1], n):
-            y, st = m.step(x[..., t:t + n], st)
-            ys.append(y)
+        g.mul_(0.5)                          # and again after init_state (which recomputed it)
         if kind == "encoder_pos_conv":
+            ys = []
+            for t in range(0, x.shape[-1], n):
+                y, st = m.step(x[..., t:t + n], st)
+                ys.append(y)
             y, st = m.flush(st)
             ys.append(y)
             got, ref = torch.cat(ys, 1), m(x).last_hidden_state
-        else:
-            got, ref = torch.cat(ys, -1), m(x)
-    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+            return
+        # a conv's output frame reads its own window only: general steps on the first half
+        # equal the forward with the weights then, fixed steps after a second change (an
+        # optimizer step mid-stream) the forward with the new ones
+        n = 4 if kind == "feature_conv" else n       # whole strides for step_fixed
+        half = x.shape[-1] // 2
+        first = [m.step(x[..., t:t + n], st)[0] for t in range(0, half, n)]
+        ref1 = m(x)
+        g.mul_(2.0)
+        second = [m.step_fixed(x[..., t:t + n], st, int(m.held_after(st.seen)[0]))
+                  if kind == "feature_conv" else m.step_fixed(x[..., t:t + n], st)
+                  for t in range(half, x.shape[-1], n)]
+        ref2 = m(x)
+        got1, got2 = torch.cat(first, -1), torch.cat(second, -1)
+    torch.testing.assert_close(got1, ref1[..., :got1.shape[-1]], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got2, ref2[..., got1.shape[-1]:], rtol=1e-10, atol=1e-10)

@@ -552,3 +552,53 @@ def test_backward_through_a_flush_says_it_is_unsupported(what):
     y, y2 = stream(True)
     with pytest.raises(RuntimeError, match="backward through a streaming step is not supported"):
         torch.cat([y, y2], 1).sum().backward()
+
+
+def test_fixed_step_check_lets_undeclared_children_decide_and_names_a_missing_step_fixed():
+    """_refuse_unfixable: a streaming child without step_fixed is named before any child runs
+    (the state stays usable); a child that declares no conditions decides itself (its own
+    step_fixed runs or refuses), even before a declared child that could not take the step."""
+    torch.manual_seed(53)
+    x = torch.randn(1, 1, 16, dtype=torch.float64)
+    m = StreamingSequential(CausalConv1d(1, 8, 4, stride=2), _Plain()).double()
+    with torch.no_grad():
+        st = m.init_state(1)
+        _, st = m.step(x[..., :8], st)
+        with pytest.raises(TypeError, match=r"child 1 \(_Plain\) has no step_fixed"):
+            m.step_fixed(x[..., 8:12], st, check=True)
+        assert not st.ended
+
+    class _Undeclared(CausalConv1d):
+        """step_fixed of the parent, no steady_check of its own (a subclass overriding step)."""
+        def step(self, x, state, lengths=None):
+            return super().step(x, state, lengths)
+    u = StreamingSequential(_Undeclared(1, 8, 3), CausalConv1d(8, 8, 4, stride=2)).double()
+    with torch.no_grad():
+        st = u.init_state(1)
+        _, st = u.step(x[..., :8], st)
+        # 3 samples: the strided child could never take them, but the undeclared first child
+        # decides (it runs), and the strided one refuses in its own words after it
+        with pytest.raises(ValueError, match=r"CausalConv1d\.step_fixed: the step length"):
+            u.step_fixed(x[..., 8:11], st, check=True)
+
+
+def test_fixed_steps_called_directly_under_grad_mode_keep_no_graph():
+    """step_fixed of a stack / encoder holding attention, called directly where autograd
+    records: no state tensor requires grad, and a backward names the call."""
+    from test_encoder_step_fixed import _encoder
+    torch.manual_seed(59)
+    for m, x, step in ((_stack("banded").double(), torch.randn(2, 1, 64, dtype=torch.float64),
+                        8), (None, None, None)):
+        if m is None:
+            m = _encoder("band_postln_valid")
+            x, step = torch.randn(2, m.hop * 4 * 8, dtype=torch.float64), m.hop * 4
+        with torch.no_grad():
+            st = m.init_state(2)
+            for i in range(4):
+                _, st = m.step(x[..., i * step:(i + 1) * step], st)
+        y = m.step_fixed(x[..., 4 * step:5 * step], st)
+        assert y.requires_grad
+        assert not [k for k, t in st.tensors().items() if t.requires_grad]
+        with pytest.raises(RuntimeError, match=rf"{type(m).__name__}\.step_fixed: backward "
+                                               rf"through a streaming step"):
+            y.sum().backward()
