@@ -544,7 +544,6 @@ def test_general_step_failing_midway_marks_the_streams(monkeypatch, where):
     name until reset); a failure before any part took the chunk leaves it usable."""
     from pyencoder.models.adapter import ConvAdapter
     from pyencoder.nn import BandedSelfAttention, TransformerLayer
-    from pyencoder.streaming import StreamingSequential
     from test_decoder_step_fixed import _decoder
     from test_streaming_fixed import _stack
     torch.manual_seed(29)
