@@ -120,7 +120,7 @@ def triton_import_reason(e):
     """Why ``import triton`` failed with ImportError ``e``: triton absent, or installed but a
     module it imports missing (its interpreter, TRITON_INTERPRET=1, imports numpy)."""
     missing = getattr(e, "name", None)
-    if missing is not None and missing.split(".")[0] != "triton":
+    if missing != "triton":     # triton itself found, a module it imports (or part of it) not
         return (f"triton is installed but does not import ({e})"
                 + ("; its interpreter (TRITON_INTERPRET=1) needs numpy: pip install numpy"
                    if missing == "numpy" else ""))

@@ -240,8 +240,8 @@ def _hf_encoder(seed):
 def test_admit_hf_streaming_encoder():
     """pyencoder.hf.StreamingEncoder (a patched transformers wav2vec2): admit then step_fixed
     equals the model's offline forward for the new stream (float32)."""
-    import pyencoder.hf as H
     model, enc = _hf_encoder(16)
+    import pyencoder.hf as H
     n = enc.hop * 2
     xs = torch.randn(2, n * 10)
     new = torch.randn(1, n * 9)
@@ -274,8 +274,8 @@ def test_admit_names_the_phase_and_hidden_states():
     """admit told a new stream whose first chunks totalled off the hop (37 + 163 + 5 samples)
     to pass more chunks (which never helps: steps of whole hops keep it out of phase), and an
     encoder built with output_hidden_states=True that its step length was wrong."""
-    import pyencoder.hf as H
     model, enc = _hf_encoder(17)
+    import pyencoder.hf as H
     n = enc.hop * 4
     new = torch.randn(1, n * 9)
     with torch.no_grad():

@@ -1137,6 +1137,8 @@ def test_encoder_config_geometry_is_named_by_its_fields(over, match):
     int; got 3'), naming no config field."""
     with pytest.raises(ValueError, match=match):
         CausalEncoder(tiny_encoder_config(**over))
+    if "sink" in over:      # a full-context teacher's config: its sink is unused (was taken)
+        CausalEncoder(tiny_encoder_config(**over, lookahead=None))
 
 
 def test_rope_true_on_a_head_of_one_suggests_no_rotary_dim():

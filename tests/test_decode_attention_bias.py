@@ -239,7 +239,8 @@ def test_decode_refuses_gradients_and_tangents_by_name(backend, monkeypatch):
     """decode_attention is forward only: on the Triton path a gradient asked of it was dropped
     silently (no grad_fn: a loss mixing it with other terms backpropagated 1.69 off the
     offline op's), a jvp came back zero; on the reference autograd failed in its own words (an
-    in-place softmax). Both are refused by name; under no_grad it runs as before."""
+    in-place softmax). Both are refused by name (a jvp of the reference, its torch ops, is
+    right); under no_grad it runs as before."""
     if backend == "triton":
         if not has_triton():
             pytest.skip("triton is not installed")
@@ -252,9 +253,16 @@ def test_decode_refuses_gradients_and_tangents_by_name(backend, monkeypatch):
             D ** -0.5)
     with pytest.raises(RuntimeError, match="decode_attention is forward only"):
         decode_attention(q, kr, vr, *args, backend=backend)
-    with pytest.raises(NotImplementedError, match="decode_attention has no forward-mode AD"):
-        torch.func.jvp(lambda v: decode_attention(q.detach(), kr, v, *args, backend=backend),
-                       (vr.detach(),), (torch.ones_like(vr),))
+    jvp = lambda: torch.func.jvp(  # noqa: E731
+        lambda v: decode_attention(q.detach(), kr, v, *args, backend=backend),
+        (vr.detach(),), (torch.ones_like(vr),))
+    if backend == "triton":        # no forward-mode formula: refused, not a zero tangent
+        with pytest.raises(NotImplementedError, match="decode_attention has no forward-mode AD"):
+            jvp()
+    else:                          # the reference's torch ops carry the tangent: linear in v
+        y, t = jvp()
+        torch.testing.assert_close(t, decode_attention(q.detach(), kr, torch.ones_like(vr),
+                                                       *args, backend=backend))
     with torch.no_grad():
         y = decode_attention(q, kr, vr, *args, backend=backend)
     assert y.shape == (B, H, M, D) and not y.requires_grad

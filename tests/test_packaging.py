@@ -84,6 +84,9 @@ def test_supported_ranges_agree():
     assert "needs numpy: pip install numpy" in _backend.triton_import_reason(missing)
     absent = ModuleNotFoundError("No module named 'triton'", name="triton")
     assert _backend.triton_import_reason(absent).startswith("triton is not installed")
+    for broken in ("triton.language", "triton._C.libtriton", None):    # installed, broken
+        e = ImportError("cannot import", name=broken)
+        assert _backend.triton_import_reason(e).startswith("triton is installed but does not")
 
 
 def _git_status():

@@ -232,7 +232,7 @@ class EncoderConfig:
                              f"hidden_size // num_heads ({head}) is odd: give an even rotary dim "
                              f"below it" + (f" (rope={head - 1})" if head > 2 else "")
                              + " or rope=False")
-        if self.sink > self.max_context:
+        if self.lookahead is not None and self.sink > self.max_context:    # (teachers: unused)
             raise ValueError(f"EncoderConfig.sink ({self.sink}) must be <= max_context "
                              f"({self.max_context}): the sink keys stay in the stream's key cache")
 

@@ -118,9 +118,9 @@ def _check_sinks(q, k_ring, v_ring, sink_k, sink_v):
 
 def _refuse_autograd(*tensors):
     """The decode is forward only (a streaming step's; the Triton kernel has no backward, the
-    reference computes in place): a tangent or a gradient asked of it was dropped silently (the
-    Triton path: no grad_fn, a zero jvp) or failed in autograd's words (the reference)."""
-    refuse_forward_ad("decode_attention", *tensors)
+    reference computes in place): a gradient asked of it was dropped silently (the Triton
+    path: no grad_fn) or failed in autograd's words (the reference). (Forward-mode AD: the
+    Triton path refuses it by name where it is selected; the reference's torch ops carry it.)"""
     if torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(
             isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
         raise RuntimeError("pyencoder: decode_attention is forward only (the streaming steps' "
@@ -154,6 +154,8 @@ def decode_attention(q, k_ring, v_ring, q_pos, q_count, n_keys, inv_freq, interl
     _check_sinks(q, k_ring, v_ring, sink_k, sink_v)
     args = dict(q=q, k_ring=k_ring)
     name = _backend.select("decode_attention", "forward", q.device.type, args, backend)
+    if name != "reference":     # no forward-mode formula: torch would give a zero tangent
+        refuse_forward_ad("decode_attention", q, k_ring, v_ring, rel_bias, gate, sink_k, sink_v)
     if name == "triton" and not eager_ok():
         # traced (torch.compile, make_fx, FakeTensor), a torch.func transform or forward AD:
         # the registered op, which they understand (pyencoder.ops._call.eager_ok)

@@ -117,7 +117,9 @@ class CudaGraphStep:
         call advances the new stream with the others. A step of several inputs takes a tuple
         per chunk (``FrameCrossAttention``: ``(video, audio)``, None where one stream brought
         nothing), and the new stream must share the batch's mask pattern (fed whole frames of
-        both streams from its start; else RuntimeError, nothing written)."""
+        both streams from its start; else RuntimeError, nothing written). A state made under
+        autocast (``init_state(dtype=torch.bfloat16)``) is admitted under that autocast, as its
+        general steps run (outside it the state is refused by name)."""
         n = len(self.xs)
         if n > 1 and (isinstance(chunks, torch.Tensor) or not all(
                 isinstance(c, tuple) and len(c) == n for c in chunks)):

@@ -344,6 +344,7 @@ def stamp(module, state):
         held = torch.get_autocast_dtype(p.device.type)
         if held != p.dtype and any(t.dtype == held for t in state.tensors().values()):
             state.autocast_dtype = held
+            state.autocast_device = p.device.type
     if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
         state.inference_made = True
     return state
@@ -498,7 +499,7 @@ def check_state(module, state, cls, config=None):
                              f"init_state): make a new state with init_state")
     held = state.__dict__.get("autocast_dtype")
     if held is not None and not torch.compiler.is_compiling():
-        dev = next(iter(state.tensors().values())).device.type
+        dev = state.autocast_device
         if not autocast_on(dev) or torch.get_autocast_dtype(dev) != held:
             raise ValueError(f"{who}: this state holds {held} activations (made under autocast "
                              f"with init_state(dtype={held})); the module's parameters are "
