@@ -354,3 +354,29 @@ def test_sparse_input_takes_f_linear():
     m = Linear(16, 8)
     with torch.no_grad():
         torch.testing.assert_close(m(x), F.linear(x, m.weight, m.bias))
+
+
+def test_jit_trace_of_a_one_row_call_runs_other_row_counts():
+    """A trace recorded the skinny path's 1-row branch (an expand to 2 rows): the traced Linear
+    failed on 3 rows, where nn.Linear's trace runs."""
+    import warnings
+    from pyencoder.nn import Linear
+    torch.manual_seed(67)
+    lin = Linear(8, 4).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(lin, torch.randn(1, 8))
+        x = torch.randn(3, 8)
+        torch.testing.assert_close(traced(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+
+
+def test_pack_qkv_refuses_tied_projections():
+    """With k_proj.weight tied to q_proj.weight, pack_qkv_ said it packed (the step still ran
+    three GEMMs), left v sharing the tied storage, and unpack_qkv_ could not undo it (safetensors
+    then refused the model)."""
+    from pyencoder.nn import BandedSelfAttention
+    a = BandedSelfAttention(8, 2, left=3, right=1)
+    a.k_proj.weight = a.q_proj.weight
+    ptrs = {n: p.untyped_storage().data_ptr() for n, p in a.named_parameters()}
+    assert a.pack_qkv_() is False and a._packed_qkv(a._qkv_modules()) is None
+    assert {n: p.untyped_storage().data_ptr() for n, p in a.named_parameters()} == ptrs

@@ -281,3 +281,22 @@ def test_benchmark_dry_run():
                 err = float(line[0].split("max |err|")[1])
                 assert err <= 1e-5, line
     assert "dry run: nothing written" in r.stdout
+
+
+def test_output_dtype_is_the_same_on_every_path():
+    """A half input with float32 parameters came back float32 from full steps and the forward
+    but float16 from an empty forward, a ragged step and flush (the stream mixed dtypes)."""
+    from pyencoder.nn.norm import RunningGroupNorm
+    torch.manual_seed(71)
+    m = RunningGroupNorm(4)
+    x = torch.randn(2, 4, 6).half()
+    with torch.no_grad():
+        dts = {m(x).dtype, m(x[..., :0]).dtype}
+        st = m.init_state(2)
+        y, st = m.step(x[..., :3], st)
+        dts.add(y.dtype)
+        y, st = m.step(x[..., 3:], st, lengths=torch.tensor([3, 1]))
+        dts.add(y.dtype)
+        dts.add(m.step_fixed(x[..., :2], st).dtype)
+        dts.add(m.flush(st)[0].dtype)
+    assert dts == {torch.float32}

@@ -200,9 +200,9 @@ class IntervalSelfAttention(nn.Module):
         becomes a view of the buffer; nothing is cached: the step reads the parameters' own
         memory, so every later edit is seen). Opt-in (worth it for a CUDA-graph step at small
         batch, which is launch-bound; on the CPU a step is bound by reading the weights, which one
-        GEMM does not change). It does nothing unless the
-        projections are plain Linear layers whose parameters each own their whole storage
-        (not views into a flat buffer, as FSDP's) on one device and dtype; ``.to()`` /
+        GEMM does not change). It does nothing unless the projections are plain Linear layers
+        whose parameters each own their whole storage (not views into a flat buffer, as FSDP's,
+        nor tied to each other) on one device and dtype; ``.to()`` /
         ``load_state_dict(assign=True)`` simply undo it (the step then runs three GEMMs), as
         does ``unpack_qkv_``. While packed, ``state_dict()`` holds three views of one storage:
         ``torch.save`` is unaffected; safetensors' ``save_model`` refuses shared storage (save
@@ -217,6 +217,8 @@ class IntervalSelfAttention(nn.Module):
         if (bs[0] is None) != (bs[1] is None) or (bs[0] is None) != (bs[2] is None):
             return False
         ts = ws + [b for b in bs if b is not None]
+        if len({t.untyped_storage().data_ptr() for t in ts}) < len(ts):
+            return False      # tied projections (shared q/k): one buffer cannot hold them apart
         if any(t.is_meta or t.device != ws[0].device or t.dtype != ws[0].dtype
                or t.storage_offset() or not t.is_contiguous()
                or t.untyped_storage().nbytes() != t.numel() * t.element_size() for t in ts):

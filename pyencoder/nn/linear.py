@@ -56,6 +56,7 @@ def uses_skinny_path(x, weight):
             or x.layout != torch.strided or weight.layout != torch.strided:
         return False
     if x.dim() == 0 or x.shape[-1] == 0 or torch.compiler.is_compiling() \
+            or torch.jit.is_tracing() \
             or torch.is_autocast_enabled("cpu"):   # autocast decides F.linear's dtype
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):

@@ -63,8 +63,8 @@ class RunningNormState(StreamState):
 
 def running_norm(x, weight, bias, eps, count, total, total_sq, gelu=False):
     """x (B, C, T), count (B,) int64, total / total_sq (B, C) float64 ->
-    (y (B, C, T) in x's dtype, new total, new total_sq). ``count`` is not advanced here. On CUDA,
-    where autograd does not record (inference, a frozen feature encoder), one Triton launch
+    (y (B, C, T) in out_dtype(x, weight), new total, new total_sq). ``count`` is not advanced
+    here. On CUDA, where autograd does not record (inference, a frozen feature encoder), one Triton launch
     (pyencoder.ops._running_norm_triton); else the torch ops of ``running_norm_torch``.
     ``gelu``: y is the exact GELU of the normalised values (in the same launch on CUDA)."""
     if _rn.fused_ok(x, weight, total):
@@ -74,6 +74,13 @@ def running_norm(x, weight, bias, eps, count, total, total_sq, gelu=False):
         return y, total, total_sq
     y, total, total_sq = running_norm_torch(x, weight, bias, eps, count, total, total_sq)
     return (F.gelu(y) if gelu else y), total, total_sq
+
+
+def out_dtype(x, weight):
+    """The dtype of y: x's, promoted with the affine parameters' (the normalised frames in x's
+    dtype times weight, plus bias: a half x with float32 parameters gives float32, as torch's
+    ops under autocast do), for every path (empty, ragged, flush) alike."""
+    return x.dtype if weight is None else torch.promote_types(x.dtype, weight.dtype)
 
 
 def running_norm_torch(x, weight, bias, eps, count, total, total_sq):
@@ -88,7 +95,7 @@ def running_norm_torch(x, weight, bias, eps, count, total, total_sq):
     # graph to T (a recompile per length); Dynamo shows a dynamic T as an int, hence the first
     symbolic = torch.compiler.is_compiling() or isinstance(T, torch.SymInt)
     if T == 0:      # no frames (the traced single block indexed the empty sums' last column)
-        return x.new_empty(x.shape), total, total_sq
+        return x.new_empty(x.shape, dtype=out_dtype(x, weight)), total, total_sq
     for t0 in ((0,) if symbolic else range(0, T, blk)):
         t1 = T if symbolic else min(T, t0 + blk)
         xd = x[..., t0:t1].to(torch.float64)
@@ -163,7 +170,7 @@ class RunningGroupNorm(nn.Module):
                                                           state.count, state.total,
                                                           state.total_sq, gelu=gelu)
         else:
-            y = torch.zeros_like(x)
+            y = torch.zeros(x.shape, dtype=out_dtype(x, self.weight), device=x.device)
             tot, tsq = state.total.clone(), state.total_sq.clone()
             for b in range(B):
                 L = int(lengths[b])
@@ -178,7 +185,7 @@ class RunningGroupNorm(nn.Module):
             # the caller's own tensor is copied: step_fixed's in-place fill of out_lengths would
             # otherwise overwrite it
             state.out_lengths = lengths if given is None else lengths.clone()
-        state.out_dtype = x.dtype
+        state.out_dtype = out_dtype(x, self.weight)
         return y, state
 
     def steady_check(self, n, state):
@@ -215,7 +222,7 @@ class RunningGroupNorm(nn.Module):
         advance_counter(state.count, x.shape[-1])
         if state.out_lengths is not None:
             fill_counter(state, x.shape[-1])
-        state.out_dtype = x.dtype
+        state.out_dtype = out_dtype(x, self.weight)
         return y
 
     @ends_stream
