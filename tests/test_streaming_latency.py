@@ -1,5 +1,6 @@
 """pyencoder.streaming.latency: exact composition and the non-streamable cases."""
 import pytest
+import torch
 from torch import nn
 
 from pyencoder.nn import (BandedSelfAttention, CausalConv1d, ChunkedSelfAttention, Refiner,
@@ -55,6 +56,51 @@ def test_groupnorm_over_time_raises():
 def test_symmetric_conv_raises():
     with pytest.raises(NotStreamableError, match="padded .non-causal. conv"):
         latency(nn.Sequential(nn.Conv1d(32, 32, 128, padding=64, groups=16)))
+
+
+@pytest.mark.parametrize("conv, ahead", [(nn.Conv1d(1, 1, 128, padding=64), 63),
+                                         (nn.Conv1d(1, 1, 5, padding=1), 3),
+                                         (nn.Conv1d(1, 1, 3, padding=2), 0),
+                                         (nn.Conv1d(1, 1, 5, padding="same"), 2),
+                                         (nn.Conv1d(1, 1, 4, padding="same", dilation=2), 3)])
+def test_padded_conv_names_how_far_it_reads_ahead(conv, ahead):
+    """The refusal said output t looked `padding` samples ahead (k=5, pad=1: "1", it reads t + 3;
+    k=128, pad=64: "64", t + 63)."""
+    with pytest.raises(NotStreamableError, match=rf"output t reads input t \+ {ahead},"):
+        latency(conv)
+    x = torch.randn(1, 1, 300)
+    y = conv(x)            # the figure: the first output that changes with input sample 200
+    x2 = x.clone()
+    x2[..., 200] += 1.0
+    first = int((conv(x2) - y).abs().flatten().nonzero()[0])
+    assert 200 - first == ahead
+
+
+def test_pointwise_same_conv_and_declared_per_frame_modules_stream():
+    """padding='same' with k=1 pads nothing; a user module declaring streaming_pointwise (how
+    the README says a per-frame module joins a stack) was refused as an unknown leaf."""
+    class Swish(nn.Module):
+        streaming_pointwise = True
+
+        def forward(self, x):
+            return x * torch.sigmoid(x)
+    lat = latency(nn.Sequential(CausalConv1d(1, 4, 2), nn.Conv1d(4, 4, 1, padding="same"),
+                                Swish()))
+    assert lat.hop == 1 and lat.lookahead_samples == 0
+
+
+def test_norms_without_running_statistics_are_not_streamable():
+    """A BatchNorm without running statistics uses the batch's over time in eval mode too:
+    latency() took it as per-frame (changing the last of 100 samples moved frame 0 by 0.045);
+    an InstanceNorm tracking running statistics in eval mode is per-frame (was refused)."""
+    with pytest.raises(NotStreamableError, match=r"without running statistics"):
+        latency(nn.Sequential(CausalConv1d(1, 4, 2),
+                              nn.BatchNorm1d(4, track_running_stats=False).eval()))
+    with pytest.raises(NotStreamableError, match=r"in training mode"):
+        latency(nn.BatchNorm1d(4).train())
+    assert latency(nn.InstanceNorm1d(4, track_running_stats=True).eval()).lookahead_samples == 0
+    with pytest.raises(NotStreamableError, match="normalises over time"):
+        latency(nn.InstanceNorm1d(4))
 
 
 def test_valid_conv_reports_its_lookahead():

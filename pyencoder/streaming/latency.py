@@ -29,7 +29,7 @@ from typing import List, Optional, Tuple
 
 from torch import nn
 
-from .protocol import ZERO_LATENCY
+from .protocol import ZERO_LATENCY, is_pointwise
 
 __all__ = ["latency", "Latency", "NotStreamableError"]
 
@@ -143,24 +143,36 @@ class Latency:
 def _leaf(name, m):
     """(hop, lookahead) of a module without streaming attributes, or raise."""
     where = f"{name or '<root>'} ({type(m).__name__})"
-    if isinstance(m, (nn.GroupNorm, nn.InstanceNorm1d)):
+    if is_pointwise(m):         # a per-frame module declared so (streaming_pointwise = True)
+        return 1, 0
+    running = isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.InstanceNorm1d)) and \
+        m.track_running_stats and not m.training
+    if isinstance(m, nn.GroupNorm) or isinstance(m, nn.InstanceNorm1d) and not running:
         raise NotStreamableError(
             f"{where} normalises over time: its output at frame t depends on the whole sequence. "
             f"Replace it (running statistics, LayerNorm over channels) or drop it.")
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        if m.training:
-            raise NotStreamableError(f"{where} in training mode uses batch statistics over time; "
-                                     f"call .eval() (running statistics are per-frame)")
+    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.InstanceNorm1d)):
+        if not running:       # training mode, or no running statistics: batch statistics
+            raise NotStreamableError(
+                f"{where} " + ("in training mode" if m.training else
+                               "without running statistics (track_running_stats=False)")
+                + " normalises with the batch's statistics over time; "
+                + ("call .eval() (running statistics are per-frame)" if m.training else
+                   "use one that tracks running statistics, in eval mode"))
         return 1, 0
     if isinstance(m, nn.Conv1d):
         k, s, d = m.kernel_size[0], m.stride[0], m.dilation[0]
         pad = m.padding if isinstance(m.padding, str) else m.padding[0]
-        if pad == "valid" or pad == 0:
+        if pad == "valid" or pad == 0 or (pad == "same" and d * (k - 1) == 0):
             return s, d * (k - 1) + 1 - s
+        if pad == "same":
+            ahead, end = d * (k - 1) - d * (k - 1) // 2, "its padded end"
+        else:
+            ahead, end = max(0, d * (k - 1) - pad), f"its {pad} padded samples past the end"
         raise NotStreamableError(
-            f"{where} is a padded (non-causal) conv, padding={m.padding}: output t looks "
-            f"{pad if isinstance(pad, int) else 'half the kernel'} samples ahead and the padded "
-            f"end is not available in a stream. Use pyencoder.nn.CausalConv1d.")
+            f"{where} is a padded (non-causal) conv, padding={m.padding}: output t reads input "
+            f"t + {ahead}, and {end} are not available in a stream. Use "
+            f"pyencoder.nn.CausalConv1d.")
     if isinstance(m, (nn.RNNBase,)) and m.bidirectional:
         raise NotStreamableError(f"{where} is bidirectional: it reads the whole sequence backwards")
     if isinstance(m, ZERO_LATENCY) or isinstance(m, nn.RNNBase):
