@@ -197,3 +197,25 @@ def test_protocol_signatures_are_checked_by_name():
     with pytest.raises(TypeError, match=r"child 1 \(_NoOutLengths\)\.init_state returned a "
                                         r"NoneType without an out_lengths tensor"):
         seq.init_state(1)
+
+
+@pytest.mark.parametrize("kind", ["gelu_conv", "dropout_conv", "transpose_linear"])
+def test_stack_input_layout_comes_from_the_first_child_declaring_one(kind):
+    """The stack took its input layout from its first child: a leading GELU / Dropout (layout
+    neutral) made a conv after it 'get (B, T, C) chunks' and the stack was refused, telling to
+    insert a Transpose that would change its input; Transpose + Linear (a head on a conv's
+    output) could not be built at all."""
+    from pyencoder.streaming import run_stream
+    torch.manual_seed(73)
+    if kind == "transpose_linear":
+        mods, x = (Transpose(), nn.Linear(4, 4), nn.GELU()), torch.randn(2, 4, 13,
+                                                                          dtype=torch.float64)
+    else:
+        first = nn.GELU() if kind == "gelu_conv" else nn.Dropout(0.1)
+        mods, x = (first, CausalConv1d(3, 4, 2)), torch.randn(2, 3, 13, dtype=torch.float64)
+    m = StreamingSequential(*mods).double().eval()
+    assert m.stream_time_axis == -1                  # (B, C, T) in, both
+    with torch.no_grad():
+        got = run_stream(m, x, [1, 4, 3])
+        ref = m(x)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)

@@ -4,7 +4,8 @@ Children are streaming modules (``init_state`` / ``step`` / ``flush``, e.g. Caus
 BandedSelfAttention, TransformerLayer, Refiner, a nested StreamingSequential) or stateless
 per-frame modules (``pyencoder.streaming.protocol``: nn.Linear, nn.LayerNorm over features,
 activations, dropout, identity, pyencoder.nn.Transpose) that are applied to each chunk as is. The
-chain's input layout is its first child's ``stream_time_axis``; each child declaring
+chain's input layout is the one its first child declaring a layout takes (through the Transposes
+before it; layout-neutral per-frame modules take either); each child declaring
 ``stream_swaps_time_axis`` flips the output layout. The per-slot valid lengths travel
 down the chain with the frames: each step's output is (B, ..., m) with slot b's frames first,
 ``state.out_lengths[b]`` of them; what follows them is padding. ``flush`` flushes the children in
@@ -75,6 +76,18 @@ def _takes_keyword(fn, name):
                                  for p in params.values())
 
 
+def _wants_time_last(m):
+    """The layout child ``m`` takes: True (B, C, T), False (B, T, C), None (either: a
+    layout-neutral per-frame module such as GELU, Dropout, Identity, a Transpose)."""
+    if is_streaming(m):
+        return time_last(m)
+    if isinstance(m, (nn.Linear, nn.LayerNorm)):
+        return False
+    if isinstance(m, nn.PReLU) and m.num_parameters > 1:
+        return True
+    return None
+
+
 def _layout_after(m, t):
     """Whether child ``m``'s outputs are time-last, its inputs being time-last where ``t``: a
     per-frame module may swap the layout (Transpose), a streaming one may declare its outputs'
@@ -114,15 +127,9 @@ class StreamingSequential(nn.Sequential):
         if not len(self):
             return
         name = {True: "(B, C, T)", False: "(B, T, C)"}
-        t = time_last(self[0])
+        t = self._input_time_last()
         for i, m in enumerate(self):
-            want = None
-            if is_streaming(m):
-                want = time_last(m)
-            elif isinstance(m, (nn.Linear, nn.LayerNorm)):
-                want = False
-            elif isinstance(m, nn.PReLU) and m.num_parameters > 1:
-                want = True
+            want = _wants_time_last(m)
             if want is not None and want != t:
                 raise ValueError(f"StreamingSequential: child {i} ({type(m).__name__}) takes "
                                  f"{name[want]} chunks but gets {name[t]} chunks there; insert "
@@ -329,7 +336,19 @@ class StreamingSequential(nn.Sequential):
 
     @property
     def stream_time_axis(self):
-        return -1 if time_last(self[0]) else 1
+        return -1 if self._input_time_last() else 1
+
+    def _input_time_last(self):
+        """The stack's input layout: the one its first child declaring a layout takes, through
+        the Transposes before it (layout-neutral leading children, e.g. GELU, Dropout, take
+        either); a stack of none: its first child's ``stream_time_axis`` (default (B, T, C))."""
+        swapped = False
+        for m in self:
+            want = _wants_time_last(m)
+            if want is not None:
+                return want != swapped
+            swapped ^= swaps_time_axis(m)
+        return time_last(self[0])
 
     @ends_stream
     def flush(self, state, outputs=None):
