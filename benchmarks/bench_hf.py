@@ -137,7 +137,7 @@ def streaming(args, device, dtype, recs=None):
                    model=_model_name(args), batch=args.batch, chunk_ms=chunk_ms,
                    chunk_samples=n, steps=args.steps, dtype=str(dtype).replace("torch.", ""),
                    left=LEFT, right=RIGHT, median_ms=q(0.5), p20_ms=q(0.2), p80_ms=q(0.8),
-                   latency_ms=H.latency(model).lookahead_ms)
+                   lookahead_ms=H.latency(model).lookahead_ms)
         print(f"stream step {chunk_ms} ms chunk: median {rec['median_ms']:.2f} ms")
         recs.append(rec)
     return recs

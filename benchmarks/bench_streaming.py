@@ -118,7 +118,9 @@ def _floor(model, x, t_off, chunk_ms=80):
     every weight once (batch 1: no reuse across steps, the weights do not fit in cache), at best at
     the measured read bandwidth (a 512 MB torch.sum), plus the conv extractor streamed alone
     (compute-bound, as much work as offline). Ratio to the offline compute."""
-    wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # the conv extractor's weights are read by its own streamed run (t_conv) below: not twice
+    wbytes = sum(p.numel() * p.element_size() for m in model if not isinstance(m, CausalConv1d)
+                 for p in m.parameters())
     buf = torch.randn(128 * 2 ** 20)  # distinct pages (a constant buffer reads faster on a VM)
     bw = buf.numel() * 4 / _time(buf.sum, 3)
     del buf

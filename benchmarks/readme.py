@@ -26,8 +26,18 @@ def _f(v, nd=1):
 
 def _meta(recs):
     r = recs[0]
+    quick = ", a `--quick` run (fewer steps / reps)" if all(x.get("quick") for x in recs) else ""
     return (f"*{r.get('device_name') or r.get('device')}, torch {r.get('torch')}, "
-            f"triton {r.get('triton')}, commit {r.get('commit')}, {str(r.get('date', ''))[:10]}*")
+            f"triton {r.get('triton')}, commit {r.get('commit')}, {str(r.get('date', ''))[:10]}"
+            f"{quick}*")
+
+
+def _full_runs(recs):
+    """A `--quick` run's rows beside a full run's of the same results: the full run's only (a
+    quick run at one commit replaced or joined the full rows: 2 layers and 1 s of audio under a
+    12-layer header)."""
+    full = [r for r in recs if not r.get("quick")]
+    return full if full and len(full) < len(recs) else recs
 
 
 def _table(header, rows):
@@ -143,6 +153,8 @@ def streaming(recs):
             got = str(r["streams"])
             if r.get("search_cut"):
                 got = f">= {got} (search cut short)"
+            elif r.get("capped_at_max_batch"):
+                got = f">= {got} (the search's largest batch)"
             elif r.get("streams_upper"):
                 got = f"{got} (< {r['streams_upper']})"
             rows.append([f"concurrent real-time streams ({r.get('step_ms', 20)} ms steps"
@@ -162,7 +174,8 @@ def streaming(recs):
     return (f"wav2vec2-base-sized stack ({r0.get('layers')} layers, {r0.get('dim')} dim, "
             f"{r0.get('heads')} heads, left={r0.get('left')}, {r0.get('lookahead_frames')} frames "
             f"lookahead in layer 0), {r0.get('dtype')}, {r0.get('threads', '')} threads.\n\n"
-            + _table(["mode", "ms compute per s of audio", "vs offline", "note"], rows))
+            + _table(["mode", "measured (ms compute per s of audio, unless stated)", "vs offline",
+                      "note"], rows))
 
 
 def hf(recs):
@@ -199,8 +212,11 @@ def cpu_contention(recs):
         if "median_ms" not in r or not str(r.get("op", "")).startswith("banded"):
             continue
         pol = r.get("policy")
-        label = (f"{r['provider']} auto ({r.get('threads')} thr)" if pol == "auto"
-                 else f"{r['provider']} {r.get('threads')} thr")
+        # auto: the count the policy chose (auto_threads), not torch's default (threads)
+        auto = r.get("auto_threads")
+        auto = "/".join(map(str, auto)) if isinstance(auto, (list, tuple)) else auto
+        label = (f"{r['provider']} auto ({auto if auto is not None else r.get('threads')} thr)"
+                 if pol == "auto" else f"{r['provider']} {r.get('threads')} thr")
         rows.append([str(r.get("burners")), r["op"], label, _f(r["median_ms"]),
                      _f(r.get("speedup_vs_sdpa_default"), 2)])
     return ("The CPU path on a quiet machine and beside 1-2 CPU burner processes "
@@ -317,7 +333,7 @@ def render():
             path = os.path.join(dev, name + ".jsonl")
             if not os.path.exists(path):
                 continue
-            recs = _latest_run(load(path))
+            recs = _full_runs(_latest_run(load(path)))
             if not recs:
                 continue
             try:

@@ -102,3 +102,20 @@ def test_readme_latency_output_matches_the_command():
     with contextlib.redirect_stdout(out):
         assert main(["latency", *m.group(1).split()]) == 0
     assert m.group(2).strip() in out.getvalue()
+
+
+def test_tables_show_what_ran():
+    """The contention table labelled the auto policy with torch's default thread count (2) where
+    the policy ran 1; a `--quick` run at the commit of a full one mixed its rows in (2 layers and
+    1 s of audio under a 12-layer header); an all-quick table did not say so."""
+    from benchmarks import readme
+    env = dict(device="cpu-x86-64", torch="2.13", commit="abc", run_id="R1")
+    rows = [dict(env, bench="cpu_contention", op="banded N=1500", provider="reference",
+                 policy="auto", threads=2, auto_threads=[1], burners=1, median_ms=61.5,
+                 speedup_vs_sdpa_default=1.86)]
+    assert "reference auto (1 thr)" in readme.cpu_contention(rows)
+    full = [dict(env, mode="offline", x=1), dict(env, mode="streaming", x=2)]
+    quick = [dict(env, run_id="R2", mode="offline", x=3, quick=True)]
+    assert readme._full_runs(full + quick) == full
+    assert readme._full_runs(quick) == quick
+    assert "`--quick` run" in readme._meta(quick) and "--quick" not in readme._meta(full)
