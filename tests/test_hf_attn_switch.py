@@ -185,3 +185,18 @@ def test_patched_switching_is_refused(family, head):
         assert model.config._attn_implementation == "sdpa"
         model.set_attn_implementation("eager")
         assert model.config._attn_implementation == "eager"
+
+
+def test_registry_refuses_a_score_bias_it_would_drop():
+    """attn_implementation="pyencoder" on a model whose attention adds transformers'
+    `position_bias` (T5, Conformer / Wav2Vec2-BERT relative positions) dropped the bias silently
+    (T5: 0.21 off eager); refused by name now."""
+    import transformers as T
+    import pyencoder.hf  # noqa: F401  (registers "pyencoder")
+    torch.manual_seed(79)
+    cfg = T.T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                     dropout_rate=0.0, attn_implementation="pyencoder")
+    m = T.T5EncoderModel(cfg).eval()
+    with torch.no_grad(), pytest.raises(NotImplementedError, match=r"T5Attention passes "
+                                                                   r"position_bias="):
+        m(input_ids=torch.randint(0, 50, (1, 7)))

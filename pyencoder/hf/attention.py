@@ -119,12 +119,25 @@ def run_spec(spec, q, k, v, key_lengths, scaling, dropout=0.0):
                               key_lengths=key_lengths, scale=scaling)
 
 
+# keyword arguments of transformers' attention interface that change what is computed (a bias
+# added to the scores, a soft cap, attention sinks' logits, a window): refused, never dropped
+_CHANGES_THE_FUNCTION = ("position_bias", "softcap", "s_aux", "sliding_window")
+
+
 def pyencoder_attention_forward(module, query, key, value, attention_mask, scaling=None,
                                 dropout=0.0, **kwargs):
     """AttentionInterface entry: returns (attn_output (B, N, H, D), None). With
     ``output_attentions=True`` the weights are None, as with transformers' sdpa and flash paths
     (the interval kernels never form the N x N probabilities: O(N * W) memory), and a
     UserWarning says so instead of leaving it silent."""
+    for name in _CHANGES_THE_FUNCTION:
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"pyencoder attention: {type(module).__name__} passes {name}= (a term eager / "
+                f"sdpa attention add to the scores or a window they apply), which the interval "
+                f"kernels do not take: this model's attention is not the plain softmax(q k^T) v "
+                f"the pyencoder implementation computes (T5 / Conformer / Wav2Vec2-BERT relative "
+                f"positions); use attn_implementation='eager' or 'sdpa' for it")
     if kwargs.get("output_attentions"):
         warnings.warn("pyencoder attention: output_attentions=True returns None attention weights "
                       "on a pyencoder-patched model (the interval kernels never form the N x N "
