@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Optional, Sequence, Tuple
 import torch
 
 from ._checks import tensor_arg
-from .models.encoder import CausalEncoder
+from .models.encoder import CausalEncoder, hf_inner
 
 __all__ = ["layer_weights", "hidden_state_loss", "positional_embedding_loss", "distill",
            "frame_mask", "hidden_states", "global_count"]
@@ -241,7 +241,7 @@ def hidden_states(model, wav, lengths=None):
     frames = None
     if lengths is not None:
         base = _unwrap(model)
-        base = getattr(base, getattr(base, "base_model_prefix", ""), base) or base
+        base = hf_inner(base) or base
         lengths = torch.as_tensor(lengths, device=wav.device)
         # the hidden states come before the conv adapter (config.add_adapter), whose strides
         # transformers' length helper adds by default
@@ -295,18 +295,16 @@ def _default_teacher_pos(t):
     model's encoder.pos_conv_embed (of the model or, for a head such as ...ForCTC, of its base
     model: ``base_model_prefix``); not one a pyencoder patch dropped (pos_conv="drop": it
     returns a 0-d zero)."""
-    prefix = getattr(t, "base_model_prefix", None)
-    inner = getattr(t, prefix, None) if isinstance(prefix, str) and prefix else None
-    for cand in (t, inner):
+    for cand in (t, hf_inner(t)):
         if callable(getattr(cand, "positional_embedding", None)):
             return cand.positional_embedding              # a CausalEncoder teacher
         if hasattr(getattr(cand, "encoder", None), "pos_conv_embed"):
             rec = getattr(cand, "_pyencoder_patch", None)
             if getattr(rec, "pos_conv", None) == "drop":
-                raise ValueError(f"pos_weight > 0: the teacher's positional conv is dropped by "
-                                 f"its pyencoder patch (pos_conv='drop'): no embedding to match; "
-                                 f"patch it with pos_conv='keep' (or 'causal'), pass "
-                                 f"teacher_pos, or use pos_weight=0")
+                raise ValueError("pos_weight > 0: the teacher's positional conv is dropped by "
+                                 "its pyencoder patch (pos_conv='drop'): no embedding to match; "
+                                 "patch it with pos_conv='keep' (or 'causal'), pass "
+                                 "teacher_pos, or use pos_weight=0")
             return cand.encoder.pos_conv_embed            # a transformers model
     raise ValueError(f"pos_weight > 0 needs teacher_pos: the teacher ({type(t).__name__}) has "
                      f"neither positional_embedding nor encoder.pos_conv_embed")

@@ -42,7 +42,7 @@ from ._config import cfg_bool, cfg_float, cfg_int
 from ..streaming.state import (StreamState, SteadyCheck, advance_counter, check_init_args,
                                check_state, check_step_input, check_step_lengths, check_step_slots,
                                ends_stream, fill_counter, fresh_counters, holds_in_place_step,
-                               inference_step, mark_broken, record_steady, stamp, steady_dispatch)
+                               inference_step, marks_partial, record_steady, stamp, steady_dispatch)
 
 __all__ = ["DecoderConfig", "ConvNeXtBlock", "StreamingDecoder", "DecoderState"]
 
@@ -249,13 +249,6 @@ class ConvNeXtBlock(nn.Module):
         return state.hist.new_zeros(B, 0, self.dwconv.in_channels, dtype=dt), state
 
 
-def _broken_with(state):
-    """The decoder's own flag where its stack's step marked the stack's streams inconsistent
-    (CudaGraphStep and the next step read the top state's)."""
-    if state.net.__dict__.get("broken"):
-        mark_broken(state, state.net.broken)
-
-
 class StreamingDecoder(nn.Module):
     """Vocos-style causal ConvNeXt decoder (``DecoderConfig``): frames (B, T, input_dim) ->
     waveform (B, T * samples_per_frame), offline and streaming, with exact ``latency()``."""
@@ -365,11 +358,11 @@ class StreamingDecoder(nn.Module):
             y = self.step_fixed(x, state)
             record_steady(state, self.steady_check(n, state))
             return y, state
-        try:
+        # the stack marks its own streams; the decoder's state (CudaGraphStep and the next step
+        # read the top one) carries the mark
+        with marks_partial(state, None) as p:
+            p.part = state.net
             y, state.net = self.net.step(x, state.net, lengths)
-        except BaseException:
-            _broken_with(state)
-            raise
         return self._wave(y, state)
 
     def _fixed_ok(self, x, state, lengths=None):
@@ -403,11 +396,9 @@ class StreamingDecoder(nn.Module):
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
         check_state(self, state, DecoderState)
         check_step_slots(x.shape[0], state.out_lengths.shape[0])
-        try:
+        with marks_partial(state, None) as p:
+            p.part = state.net
             y = self.net.step_fixed(x, state.net, check=check)
-        except BaseException:
-            _broken_with(state)
-            raise
         fill_counter(state, y.shape[1] * self.samples_per_frame)
         return y.reshape(y.shape[0], y.shape[1] * y.shape[2])
 

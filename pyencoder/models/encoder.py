@@ -815,15 +815,20 @@ def _hf_conv_norm_eps(base):
     return None
 
 
+def hf_inner(model):
+    """The base model a transformers head holds (its ``base_model_prefix`` attribute), or None
+    (no transformers import: duck-typed)."""
+    prefix = getattr(model, "base_model_prefix", None)
+    return getattr(model, prefix, None) if isinstance(prefix, str) and prefix else None
+
+
 def find_hf_base(model, caller="from_hf"):
     """(base model, family) of a transformers Wav2Vec2Model / HubertModel / WavLMModel, or of a
     model with one inside (a head: its ``base_model_prefix`` attribute). The one finder for
     pyencoder.models and pyencoder.hf."""
     from transformers import HubertModel, Wav2Vec2Model, WavLMModel
     fams = {"wav2vec2": Wav2Vec2Model, "hubert": HubertModel, "wavlm": WavLMModel}
-    prefix = getattr(model, "base_model_prefix", None)
-    inner = getattr(model, prefix, None) if isinstance(prefix, str) and prefix else None
-    for cand in (model, inner):
+    for cand in (model, hf_inner(model)):
         for fam, kls in fams.items():
             if isinstance(cand, kls):
                 return cand, fam

@@ -440,7 +440,8 @@ class marks_partial:
     words either, for the message only: nothing is formatted on the way); an exception after a
     part took the chunk marks the state's streams inconsistent (``mark_broken``), where a retried
     chunk would enter those parts twice. A refusal before any part took the chunk (a bad input)
-    leaves the state as it was."""
+    leaves the state as it was. ``p.part``: the running part's state, whose own mark (a split
+    inside it) marks this state too (with ``who`` None: its words as they are)."""
     __slots__ = ("state", "who", "name", "took", "at", "part")
 
     def __init__(self, state, who, name=str):
@@ -458,7 +459,9 @@ class marks_partial:
             mark_broken(self.state, f"{self.who} failed{at} after "
                                     f"{', '.join(map(self.name, self.took))} had taken the chunk")
         elif self.part is not None and self.part.__dict__.get("broken"):
-            mark_broken(self.state, f"{self.who} failed{at}: {self.part.broken}")
+            # who None: a wrapper of one part (the decoder's stack) carries its mark as is
+            mark_broken(self.state, self.part.broken if self.who is None else
+                        f"{self.who} failed{at}: {self.part.broken}")
         return False
 
 
